@@ -1,0 +1,112 @@
+"""vLLM quantization method ``superweight_rtn`` (registered on import; see ``vllm_superweight.register``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from ..format import QUANT_METHOD, FormatError, QuantConfig, check_super_weights_in_range, is_ignored, load_sidecar
+from .schemes import SWW8A8Scheme, SWWeightOnlyScheme
+
+DISABLE_ENV = "SUPERWEIGHT_DISABLE_CORRECTION"
+
+
+@register_quantization_config(QUANT_METHOD)
+class SuperWeightRTNConfig(QuantizationConfig):
+    """Config of a checkpoint written by ``superweight convert`` (config.json ``quantization_config``)."""
+
+    def __init__(self, qcfg: QuantConfig | None = None, raw: dict | None = None) -> None:
+        super().__init__()
+        self.qcfg = qcfg
+        self.raw = raw or {}
+        self.sidecar: dict | None = None
+        # Read in the frontend process and pickled to the workers with the config.
+        self.sparse_enabled = os.environ.get(DISABLE_ENV, "0") not in ("1", "true", "yes")
+        self.super_weights_by_module: dict[str, list[dict]] = {}
+
+    def __repr__(self) -> str:
+        return f"SuperWeightRTNConfig({self.raw})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "SuperWeightRTNConfig":
+        return cls(QuantConfig.from_dict(config), dict(config))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        if self.qcfg is None:
+            raise FormatError(
+                f"{model_name}: --quantization {QUANT_METHOD} needs a checkpoint written by `superweight convert` "
+                "(its config.json has no quantization_config)"
+            )
+        if not os.path.isdir(model_name):
+            raise FormatError(f"{QUANT_METHOD} serves local checkpoint directories; {model_name!r} is not one")
+        self.sidecar = load_sidecar(os.path.join(model_name, self.qcfg.sidecar))
+        text_cfg = getattr(hf_config, "text_config", None) or hf_config
+        shapes = {}
+        if text_cfg is not None:
+            hidden = getattr(text_cfg, "hidden_size", None)
+            inter = getattr(text_cfg, "intermediate_size", None)
+            for sw in self.sidecar["super_weights"]:
+                if sw["module"].endswith("mlp.down_proj") and hidden and inter:
+                    shapes[sw["module"]] = (int(hidden), int(inter))
+        check_super_weights_in_range(
+            {"super_weights": [sw for sw in self.sidecar["super_weights"] if sw["module"] in shapes]}, shapes
+        )
+        by: dict[str, list[dict]] = {}
+        for sw in self.sidecar["super_weights"]:
+            by.setdefault(sw["module"], []).append(sw)
+        self.super_weights_by_module = by
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None
+        if self.qcfg is None:
+            raise FormatError(f"--quantization {QUANT_METHOD} needs a checkpoint written by `superweight convert`")
+        if is_ignored(prefix, self.qcfg.ignore):
+            return UnquantizedLinearMethod()
+        return SuperWeightRTNLinearMethod(self, prefix)
+
+
+@register_weight_loader_v2_supported_method
+class SuperWeightRTNLinearMethod(LinearMethodBase):
+    def __init__(self, config: SuperWeightRTNConfig, prefix: str) -> None:
+        self.config = config
+        scheme_cls = SWW8A8Scheme if config.qcfg.activations != "none" else SWWeightOnlyScheme
+        self.scheme = scheme_cls(config.qcfg, prefix, config.sparse_enabled,
+                                 config.super_weights_by_module.get(prefix, []))
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        self.scheme.create_weights(layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                                   params_dtype, extra_weight_attrs["weight_loader"])
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.scheme.process_weights_after_loading(layer)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scheme.apply(layer, x, bias)

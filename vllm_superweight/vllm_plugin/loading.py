@@ -1,0 +1,195 @@
+"""Load-time transforms between the on-disk format and what vLLM's kernels take, and TP-aware sparse bookkeeping.
+
+Each parameter the schemes register gets a loader closure (``wrap_loader``) that turns the checkpoint tensor of
+ONE logical shard (q/k/v, gate/up, or the whole matrix) into the kernel layout **at full shard size**, then hands
+it to the layer's own vLLM loader, which does the tensor-parallel narrowing and the placement inside fused
+(qkv, gate_up) parameters. So all TP slicing is vLLM's; we only re-express blocks:
+
+* ``weight_packed``  CT pack-quantized at ``bits`` -> CT pack-quantized at 4 bits (bits <= 4) or 8 bits
+  (vLLM's uint4b8/uint4/uint8b128/uint8 types), or plain int8 for the W8A8 path;
+* ``weight_scale`` / ``weight_zero_point``: compact block grid [N/R, K/G] -> one entry per output row [N, K/G];
+* ``sparse_*`` / ``act_outlier_channels``: stashed per shard, then filtered/re-indexed for this rank in
+  ``finalize_sparse`` (column-parallel: by output row window; row-parallel: by input column window, so a super
+  weight of a row-parallel down_proj lives only on the rank owning its input column, before the all-reduce).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..format import BlockLayout, FormatError
+
+SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+def _unpack(v: torch.Tensor, bits: int, shape, dim: int) -> torch.Tensor:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    return unpack_from_int32(v, bits, torch.Size(shape), packed_dim=dim)
+
+
+def _pack(v: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(v.contiguous(), bits, packed_dim=dim).contiguous()
+
+
+def kernel_bits(bits: int) -> int:
+    """Bit width of the kernel's storage type for a checkpoint of ``bits`` (3-bit codes ride in 4-bit slots)."""
+    return 4 if bits <= 4 else 8
+
+
+def shard_rows(layer, shard_id) -> int:
+    """Full (unsharded) number of output rows of one logical shard of ``layer``."""
+    sizes = getattr(layer, "output_sizes", None)
+    if shard_id is None or sizes is None:
+        return int(layer.output_size)
+    idx = SHARD_INDEX.get(shard_id, shard_id)
+    return int(sizes[idx])
+
+
+def shard_offsets(layer, shard_id):
+    """(offset of the shard in this rank's fused output, rows of the shard on this rank, first global row kept)."""
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+
+    tp_rank, tp_size = layer.tp_rank, layer.tp_size
+    if isinstance(layer, QKVParallelLinear) and shard_id is not None:
+        off = layer._get_shard_offset_mapping(shard_id)
+        size = layer._get_shard_size_mapping(shard_id)
+        rank = tp_rank if shard_id == "q" else tp_rank // layer.num_kv_head_replicas
+        return off, size, size * rank
+    if isinstance(layer, MergedColumnParallelLinear) and shard_id is not None:
+        sizes = layer.output_sizes
+        off = sum(sizes[:shard_id]) // tp_size
+        size = sizes[shard_id] // tp_size
+        return off, size, size * tp_rank
+    return 0, layer.output_size_per_partition, layer.output_size_per_partition * tp_rank
+
+
+class LinearSpec:
+    """What one scheme instance knows about the checkpoint tensors of its layer."""
+
+    def __init__(self, prefix: str, bits: int, layout: BlockLayout, symmetric: bool, in_features: int):
+        self.prefix = prefix
+        self.bits = bits
+        self.layout = layout
+        self.symmetric = symmetric
+        self.k = in_features
+
+    def _err(self, name: str, msg: str) -> FormatError:
+        return FormatError(f"{self.prefix}.{name}: {msg}")
+
+    # --- transforms (checkpoint tensor of one shard -> kernel layout at full shard size) --------------------------
+    def unpack_weight(self, w: torch.Tensor, n: int) -> torch.Tensor:
+        pf = 32 // self.bits
+        want = (n, -(-self.k // pf))
+        if w.dtype != torch.int32 or tuple(w.shape) != want:
+            raise self._err(
+                "weight_packed",
+                f"has shape {tuple(w.shape)} {w.dtype}, but the config (bits={self.bits}, in_features={self.k}, "
+                f"out_features={n}) needs {want} int32 - the checkpoint and its config.json disagree",
+            )
+        return _unpack(w, self.bits, (n, self.k), 1)
+
+    def weight_for_kernel(self, w: torch.Tensor, n: int) -> torch.Tensor:
+        return _pack(self.unpack_weight(w, n), kernel_bits(self.bits), 1)
+
+    def grid_rows(self, t: torch.Tensor, n: int, name: str) -> torch.Tensor:
+        nb, ng = self.layout.grid(n, self.k)
+        if tuple(t.shape) != (nb, ng):
+            raise self._err(name, f"has shape {tuple(t.shape)}, expected {(nb, ng)} for block {self.layout} of [{n}, {self.k}]")
+        r = self.layout.rows_per_block(n)
+        return t.repeat_interleave(r, dim=0) if r > 1 else t
+
+    def scale_for_kernel(self, s: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.grid_rows(s, n, "weight_scale").to(dtype).contiguous()
+
+    def zero_for_kernel(self, z: torch.Tensor, n: int) -> torch.Tensor:
+        nb, ng = self.layout.grid(n, self.k)
+        want = (-(-nb // (32 // self.bits)), ng)
+        if z.dtype != torch.int32 or tuple(z.shape) != want:
+            raise self._err("weight_zero_point", f"has shape {tuple(z.shape)} {z.dtype}, expected {want} int32")
+        zz = _unpack(z, self.bits, (nb, ng), 0)
+        zz = self.grid_rows(zz, n, "weight_zero_point")
+        return _pack(zz, kernel_bits(self.bits), 0)
+
+
+def wrap_loader(layer_loader, transform):
+    """A param weight_loader: transform the shard's checkpoint tensor, then delegate to the layer's loader."""
+
+    def load(param, loaded_weight, shard_id=None):
+        w = transform(loaded_weight, shard_id)
+        if shard_id is None:
+            return layer_loader(param, w)
+        return layer_loader(param, w, shard_id)
+
+    return load
+
+
+def stash_loader(layer, key: str):
+    """Loader for variable-length tensors: keep the checkpoint tensor per shard on the layer (no TP here)."""
+
+    def load(param, loaded_weight, shard_id=None):
+        layer._sw_stash.setdefault(key, {})[shard_id] = loaded_weight.detach().clone()
+
+    return load
+
+
+def finalize_sparse(layer, n_full_shard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's held-out entries as (rows, cols, vals float32) in the layer's local [N_p, K_p] coordinates."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    idx_by = layer._sw_stash.get("sparse_index", {})
+    val_by = layer._sw_stash.get("sparse_value", {})
+    if set(idx_by) != set(val_by):
+        raise FormatError(f"{layer.prefix}: sparse_index and sparse_value are not both present for every shard")
+    k_full = layer.input_size
+    rows_l, cols_l, vals_l = [], [], []
+    for sid, idx in idx_by.items():
+        val = val_by[sid]
+        if idx.ndim != 2 or idx.shape[0] != 2 or val.ndim != 1 or val.shape[0] != idx.shape[1]:
+            raise FormatError(f"{layer.prefix}: sparse_index {tuple(idx.shape)} / sparse_value {tuple(val.shape)} malformed")
+        r, c = idx[0].long(), idx[1].long()
+        n_s = n_full_shard(sid)
+        if idx.numel() and (int(r.min()) < 0 or int(r.max()) >= n_s or int(c.min()) < 0 or int(c.max()) >= k_full):
+            raise FormatError(
+                f"{layer.prefix}: a held-out/super weight lies outside its matrix [{n_s}, {k_full}] "
+                f"(rows {int(r.min())}..{int(r.max())}, cols {int(c.min())}..{int(c.max())})"
+            )
+        if not torch.isfinite(val.float()).all():
+            raise FormatError(f"{layer.prefix}: sparse_value holds NaN/Inf")
+        if isinstance(layer, RowParallelLinear):
+            kp = layer.input_size_per_partition
+            lo = kp * layer.tp_rank
+            keep = (c >= lo) & (c < lo + kp)
+            r, c, v = r[keep], c[keep] - lo, val[keep]
+        else:
+            off, size, start = shard_offsets(layer, sid)
+            keep = (r >= start) & (r < start + size)
+            r, c, v = r[keep] - start + off, c[keep], val[keep]
+        rows_l.append(r)
+        cols_l.append(c)
+        vals_l.append(v.float())
+    if not rows_l:
+        z = torch.zeros(0, dtype=torch.long)
+        return z, z, torch.zeros(0)
+    rows, cols, vals = torch.cat(rows_l), torch.cat(cols_l), torch.cat(vals_l)
+    order = torch.argsort(rows * (k_full + 1) + cols)  # row-major order (CSR-friendly)
+    return rows[order], cols[order], vals[order]
+
+
+def finalize_outliers(layer) -> torch.Tensor:
+    """This rank's activation-outlier input channels (union over shards; local input coordinates)."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    by = layer._sw_stash.get("act_outlier_channels", {})
+    if not by:
+        return torch.zeros(0, dtype=torch.long)
+    ch = torch.unique(torch.cat([t.reshape(-1).long() for t in by.values()]))
+    if ch.numel() and (int(ch.min()) < 0 or int(ch.max()) >= layer.input_size):
+        raise FormatError(f"{layer.prefix}: act_outlier_channels outside [0, {layer.input_size})")
+    if isinstance(layer, RowParallelLinear):
+        kp = layer.input_size_per_partition
+        lo = kp * layer.tp_rank
+        ch = ch[(ch >= lo) & (ch < lo + kp)] - lo
+    return ch
