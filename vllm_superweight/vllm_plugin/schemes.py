@@ -267,7 +267,7 @@ class SWW8A8Scheme(SWScheme):
             weight_loader=loading.wrap_loader(
                 weight_loader, lambda t, sid: spec.scale_for_kernel(t, n_of(sid), torch.float32)),
         )
-        layer.register_parameter("weight", w)
+        layer.register_parameter("weight_packed", w)  # checkpoint name; unpacked int8 [N_p, K_p] here
         layer.register_parameter("weight_scale", s)
         layer.register_parameter("input_scale", None)
         layer.register_parameter("input_zero_point", None)
@@ -285,6 +285,8 @@ class SWW8A8Scheme(SWScheme):
 
     def process_weights_after_loading(self, layer) -> None:
         self._check_super_weights(layer)
+        w8 = layer._parameters.pop("weight_packed")
+        layer.register_parameter("weight", torch.nn.Parameter(w8.data, requires_grad=False))
         device = layer.weight.device
         self._finalize_sparse(layer, device)
         outl = loading.finalize_outliers(layer).to(device)
@@ -294,7 +296,7 @@ class SWW8A8Scheme(SWScheme):
         if layer.sw_n_outliers:
             # 16-bit side product for the outlier channels: W[:, S] dequantized (per-row scales).
             w_out = (layer.weight.data[:, outl].float() * layer.weight_scale.data.float()).to(layer.params_dtype)
-            layer.register_buffer("sw_outlier_idx", outl.to(torch.int32), persistent=False)
+            layer.register_buffer("sw_outlier_idx", outl.to(torch.long), persistent=False)
             layer.register_buffer("sw_outlier_w", w_out.t().contiguous(), persistent=False)  # [S, N]
         self.fused = False
         if self.kernel is not None:
