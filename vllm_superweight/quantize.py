@@ -94,21 +94,30 @@ def clip_thresholds(absb: torch.Tensor, method: str, thr: float | None) -> torch
     raise FormatError(f"unknown clip method {method!r}")
 
 
+def _round_up(s: torch.Tensor, sdtype: torch.dtype) -> torch.Tensor:
+    """Round positive scales to ``sdtype`` upwards (so the block range still fits in the code range)."""
+    r = s.to(sdtype)
+    low = r.float() < s
+    if low.any():
+        r = torch.where(low, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
+    return r.float()
+
+
 def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, sdtype: torch.dtype):
-    """Scales (rounded to the storage dtype, kept as float32) and unsigned integer zero points."""
+    """Scales (rounded up to the storage dtype, kept as float32) and unsigned integer zero points."""
     tiny = torch.finfo(sdtype).tiny if sdtype != torch.float32 else 1e-30
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         s = torch.maximum(hi.abs(), lo.abs()) / qmax
         s = torch.where(s > 0, s, torch.ones_like(s))
-        s = s.to(sdtype).float().clamp_min(tiny)
+        s = _round_up(s, sdtype).clamp_min(tiny)
         return s, None
     levels = 2**bits - 1
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
     s = (hi - lo) / levels
     s = torch.where(s > 0, s, torch.ones_like(s))
-    s = s.to(sdtype).float().clamp_min(tiny)
+    s = _round_up(s, sdtype).clamp_min(tiny)
     z = torch.round(-lo / s).clamp(0, levels)
     return s, z
 

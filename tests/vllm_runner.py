@@ -1,0 +1,48 @@
+"""Run one real vLLM engine in a subprocess and dump what the tests compare (JSON on stdout's last line).
+
+Usage: python tests/vllm_runner.py SPEC_JSON   where SPEC = {"model", "dtype", "tp", "prompts" (token id lists),
+"max_tokens", "prompt_logprobs": bool, "env": {...}}. A fresh process per engine keeps tests independent
+(vLLM's distributed state is process-global) and lets a test assert on a failing start-up's message.
+"""
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
+    for k, v in dict(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1",
+                     VLLM_CPU_KVCACHE_SPACE="1").items():
+        os.environ.setdefault(k, v)
+    tp = int(spec.get("tp", 1))
+    if tp == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    else:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp)))
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(model=spec["model"], max_model_len=spec.get("max_model_len", 512), enforce_eager=spec.get("eager", True),
+              seed=0, dtype=spec.get("dtype", "auto"), tensor_parallel_size=tp)
+    if spec.get("quantization"):
+        kw["quantization"] = spec["quantization"]
+    if tp > 1:
+        kw["distributed_executor_backend"] = "mp"
+    llm = LLM(**kw)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
+    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), ignore_eos=True,
+                        prompt_logprobs=0 if spec.get("prompt_logprobs") else None)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    res = []
+    for p, o in zip(spec["prompts"], outs):
+        r = {"tokens": list(o.outputs[0].token_ids)}
+        if spec.get("prompt_logprobs"):
+            r["prompt_logprobs"] = [o.prompt_logprobs[i][p[i]].logprob for i in range(1, len(p))]
+        res.append(r)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
