@@ -124,9 +124,18 @@ def read_config(source: Source) -> dict:
             raise SourceError(f"{source.path}/config.json is not valid JSON: {e}") from None
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file).to_dict()
+    try:
+        cfg = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file).to_dict()
+    except Exception as e:  # truncated / corrupt GGUF, unknown GGUF architecture, ...
+        raise SourceError(f"{source.path}: cannot read the GGUF metadata ({type(e).__name__}: {_short(e)})") from e
     cfg.pop("quantization_config", None)
     return cfg
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    """One line of an exception message (library errors can span many lines)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_architecture(cfg: dict) -> str:
@@ -141,24 +150,31 @@ def check_architecture(cfg: dict) -> str:
     return mt
 
 
-def load_model(source: Source | str, dtype=None):
-    """(model, tokenizer) through transformers, on CPU, eval mode. GGUF weights are dequantized to float."""
+def load_model(source: Source | str, dtype=None, cfg: dict | None = None):
+    """(model, tokenizer) through transformers, on CPU, eval mode. GGUF weights are dequantized to float.
+
+    ``cfg``: the source's config dict when the caller already read it (reading GGUF metadata is slow).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(source, str):
         source = resolve_source(source)
-    cfg = read_config(source)
+    if cfg is None:
+        cfg = read_config(source)
     check_architecture(cfg)
     kw = {}
     if source.kind == "gguf":
         kw["gguf_file"] = source.gguf_file
         dtype = dtype or torch.float32
-    tok = AutoTokenizer.from_pretrained(source.directory, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(source.directory, **kw)
+    except Exception as e:  # missing / corrupt tokenizer files
+        raise SourceError(f"could not load the tokenizer of {source.path}: {type(e).__name__}: {_short(e)}") from e
     try:
         model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype or "auto", **kw)
     except Exception as e:  # corrupt shards, missing tensors, ...
-        raise SourceError(f"could not load {source.path}: {type(e).__name__}: {e}") from e
+        raise SourceError(f"could not load {source.path}: {type(e).__name__}: {_short(e)}") from e
     model.eval()
     return model, tok
 
@@ -200,3 +216,66 @@ def source_hash(source: Source) -> str:
             h.update(f.encode())
             h.update(file_sha256(os.path.join(source.path, f)).encode())
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Safetensors headers (what the converter checks before it reads any weight)
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str | None  # absolute path of the shard (None: an in-memory state dict)
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype string ("BF16", "F32", ...) or torch dtype name
+
+
+def hf_weight_files(source: Source) -> list[str]:
+    """The safetensors shards of an HF directory (those of model.safetensors.index.json when it exists)."""
+    d = source.path
+    idx = os.path.join(d, "model.safetensors.index.json")
+    if os.path.exists(idx):
+        try:
+            with open(idx) as f:
+                wm = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SourceError(f"{idx}: not a valid safetensors index ({_short(e)})") from None
+        files = sorted(set(wm.values()))
+        for fn in files:
+            if not os.path.isfile(os.path.join(d, fn)):
+                raise SourceError(f"{d}: shard {fn} named in model.safetensors.index.json is missing")
+    else:
+        files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    if not files:
+        raise SourceError(f"{d}: no *.safetensors weights")
+    return [os.path.join(d, f) for f in files]
+
+
+def read_safetensors_headers(files: list[str]) -> dict[str, TensorInfo]:
+    """name -> TensorInfo over every shard; a corrupt / truncated shard or a duplicated tensor is an error."""
+    from safetensors import safe_open
+
+    out: dict[str, TensorInfo] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    info = TensorInfo(name, path, tuple(int(x) for x in sl.get_shape()), str(sl.get_dtype()))
+                    if name in out:
+                        raise SourceError(f"tensor {name} appears in both {out[name].file} and {path}")
+                    out[name] = info
+        except SourceError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError, OSError, ...
+            raise SourceError(f"{path}: corrupt or unreadable safetensors file ({_short(e)})") from None
+    return out
+
+
+def is_tied(cfg: dict) -> bool:
+    """Whether lm_head shares the input embedding (config's tie_word_embeddings, text_config for wrappers)."""
+    if "tie_word_embeddings" in cfg:
+        return bool(cfg["tie_word_embeddings"])
+    tc = cfg.get("text_config")
+    if isinstance(tc, dict) and "tie_word_embeddings" in tc:
+        return bool(tc["tie_word_embeddings"])
+    return False

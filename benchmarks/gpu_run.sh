@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The commands the lead runs on the GPU machine, stage by stage, from the repository root. Everything is logged
+# to $OUT/gpu_run-<stage>.log and results land in $OUT.
+#
+#   bash benchmarks/gpu_run.sh setup                       # ~20 s: plugin install check + environment report
+#   bash benchmarks/gpu_run.sh tests [pytest args]         # GPU kernel tests (pytest -m gpu), ~2-4 min
+#   bash benchmarks/gpu_run.sh kernels [kernel_bench args] # one-layer micro-benchmark -> $OUT/kernel_bench.json
+#   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
+#   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
+#
+# Every stage first sources .gpu-bundle/install.sh (vLLM 0.26 on PYTHONPATH; the bundle parts must have been
+# stashed, see ../shared/gpu/README.md) and makes sure this package and its vllm.general_plugins entry point
+# are installed (editable pip install, or a metadata shim when pip cannot build). Carry with every call:
+#   [".gpu-bundle/install.sh", ".gpu-bundle/tok"]
+# METHODS: lean (default) | all | baselines | w4 | comma list of bf16,awq,smoothquant,sw-w4-channel,sw-w4-g128,
+#          sw-w4-channel-nosw,sw-w4-g128-nosw,sw-w4-channel-holdout,sw-w8a8
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+STAGE=${1:-help}
+shift || true
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_run-$STAGE.log"
+exec > >(tee -a "$LOG") 2>&1
+ts() { date '+%H:%M:%S'; }
+echo "[$(ts)] gpu_run.sh $STAGE $* (OUT=$OUT)"
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
+export TOKENIZER_DIR=${TOKENIZER_DIR:-$PWD/.gpu-bundle/tok}
+export SW_BENCH_DIR=${SW_BENCH_DIR:-/root/swbench}
+PY=${PY:-python3}
+
+setup() {
+  if [ ! -f .gpu-bundle/install.sh ]; then
+    echo "missing .gpu-bundle/install.sh: carry it (and stash the bundle parts first)"; exit 2
+  fi
+  # shellcheck disable=SC1091
+  source .gpu-bundle/install.sh || { echo "bundle install failed"; exit 2; }
+  if ! $PY -c "import vllm" 2>/dev/null; then
+    echo "vLLM does not import: stash the three bundle parts first (../shared/gpu/README.md)"; exit 2
+  fi
+  if ! $PY - <<'EOF' 2>/dev/null
+import sys
+from importlib.metadata import entry_points
+eps = [e for e in entry_points(group="vllm.general_plugins") if e.name == "superweight_rtn"]
+import vllm_superweight, os
+sys.exit(0 if eps and os.path.dirname(vllm_superweight.__file__).startswith(os.getcwd()) else 1)
+EOF
+  then
+    echo "[$(ts)] installing this package (editable, no deps)"
+    if ! $PY -m pip install -q --no-deps --no-build-isolation -e . ; then
+      echo "[$(ts)] pip could not install; adding a metadata shim for the entry point"
+      SHIM=/tmp/sw-entrypoint
+      rm -rf "$SHIM" && mkdir -p "$SHIM/vllm_superweight-0.1.0.dist-info"
+      printf 'Metadata-Version: 2.1\nName: vllm-superweight\nVersion: 0.1.0\n' \
+        > "$SHIM/vllm_superweight-0.1.0.dist-info/METADATA"
+      printf '[vllm.general_plugins]\nsuperweight_rtn = vllm_superweight:register\n\n[console_scripts]\nsuperweight = vllm_superweight.cli:main\n' \
+        > "$SHIM/vllm_superweight-0.1.0.dist-info/entry_points.txt"
+      export PYTHONPATH=$PWD:$SHIM:${PYTHONPATH:-}
+    fi
+  fi
+  export PYTHONPATH=$PWD:${PYTHONPATH:-}
+  $PY - <<'EOF'
+import torch, triton, vllm, importlib.metadata as md
+import vllm_superweight.kernels as K
+eps = [e.value for e in md.entry_points(group="vllm.general_plugins") if e.name == "superweight_rtn"]
+print(f"torch {torch.__version__} (cuda {torch.version.cuda}) triton {triton.__version__} vllm {vllm.__version__}")
+print(f"plugin entry point: {eps or 'MISSING'}; kernels ops registered: {K._ops.TRITON_OK}")
+EOF
+  nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw,temperature.gpu \
+    --format=csv 2>/dev/null || true
+  df -h /root /tmp 2>/dev/null | sed 's/^/  /'
+}
+
+case "$STAGE" in
+  setup)
+    setup ;;
+  tests)
+    setup
+    echo "[$(ts)] GPU tests"
+    timeout 560 $PY -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+      tests/test_kernels.py tests/test_gpu_kernels.py "$@"
+    echo "[$(ts)] tests rc=$?" ;;
+  kernels)
+    setup
+    timeout 580 $PY benchmarks/kernel_bench.py --out "$OUT/kernel_bench.json" "$@"
+    echo "[$(ts)] kernel_bench rc=$?" ;;
+  kernels-quick)
+    setup
+    timeout 300 $PY benchmarks/kernel_bench.py --quick --out "$OUT/kernel_bench_quick.json" "$@"
+    echo "[$(ts)] kernel_bench --quick rc=$?" ;;
+  throughput)
+    setup
+    METHODS=${1:-lean}
+    shift || true
+    $PY benchmarks/throughput.py --methods "$METHODS" --workdir "$SW_BENCH_DIR" --out "$OUT/throughput.json" \
+      --tokenizer-dir "$TOKENIZER_DIR" --budget-s "${BUDGET_S:-570}" "$@"
+    echo "[$(ts)] throughput rc=$?"
+    cp -f "$OUT/throughput.json" "$OUT/throughput.partial.json" 2>/dev/null || true ;;
+  *)
+    sed -n '2,20p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,387 @@
+#!/usr/bin/env python3
+"""Throughput and latency of every serving method, built from ONE random Llama-2-7B-shaped model, in one lease.
+
+    python benchmarks/throughput.py --workdir /root/swbench --out $OUT/throughput.json \
+        [--methods lean|all|bf16,awq,...] [--tokenizer-dir .gpu-bundle/tok] [--budget-s 570]
+
+Stages (each in its own subprocess; progress lines carry timestamps):
+ 1. base models (benchmarks/make_random_llama.py, on the GPU): bf16 with a planted super weight, plus the
+    compressed-tensors AWQ-style W4A16 g128 and SmoothQuant-style W8A8 checkpoints (random codes);
+ 2. per superweight method: ``superweight convert BF16 DST <flags> --device cuda`` (the project's converter);
+ 3. per method: ONE vLLM engine (torch.compile + CUDA graphs, default -O level) that runs all measurements:
+    offline throughput (random token prompts, ignore_eos, like ``vllm bench throughput``) for every
+    ``--throughput-lens`` pair, and latency (like ``vllm bench latency``: a batch of random prompts generated to
+    completion, mean over iterations) for every ``--latency-batches`` size.
+Every record is appended to ``--out`` as soon as it is measured (a killed run keeps what finished). The
+``--budget-s`` guard skips a stage that would not finish in time (rerun with the remaining ``--methods``);
+converted checkpoints are deleted after their measurement (``--keep`` keeps them).
+
+Record: {"method", "bits", "block", "input_len", "output_len", "batch", "tokens_per_s", "output_tokens_per_s",
+"latency_s", "holdout", "gpu", "vllm"} plus "variant", "kind" (throughput|latency), "num_prompts",
+"requests_per_s", "activations", "engine_start_s", "time".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+T0 = time.time()
+
+# variant -> (record method, bits, block, holdout, activations, checkpoint source, converter flags)
+METHODS: dict[str, dict] = {
+    "bf16": dict(method="bf16", bits=16, block=None, holdout=0.0, activations="none", src="bf16"),
+    "awq": dict(method="awq", bits=4, block="128", holdout=0.0, activations="none", src="awq"),
+    "smoothquant": dict(method="smoothquant", bits=8, block="channel", holdout=0.0, activations="int8-token",
+                        src="smoothquant"),
+    "sw-w4-channel": dict(method="superweight_rtn", bits=4, block="channel", holdout=0.0, activations="none",
+                          src="convert", flags=["--bits", "4", "--asymmetric", "--block", "channel", "--holdout", "0",
+                                                "--super-weights", "@SW"]),
+    "sw-w4-g128": dict(method="superweight_rtn", bits=4, block="128", holdout=0.0, activations="none",
+                       src="convert", flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0",
+                                             "--super-weights", "@SW"]),
+    "sw-w4-channel-nosw": dict(method="superweight_rtn_no_sw", bits=4, block="channel", holdout=0.0,
+                               activations="none", src="convert",
+                               flags=["--bits", "4", "--asymmetric", "--block", "channel", "--holdout", "0",
+                                      "--super-weights", "none"]),
+    "sw-w4-g128-nosw": dict(method="superweight_rtn_no_sw", bits=4, block="128", holdout=0.0, activations="none",
+                            src="convert", flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0",
+                                                  "--super-weights", "none"]),
+    "sw-w4-channel-holdout": dict(method="superweight_rtn", bits=4, block="channel", holdout=0.001,
+                                  activations="none", src="convert",
+                                  flags=["--bits", "4", "--asymmetric", "--block", "channel", "--holdout", "0.001",
+                                         "--super-weights", "@SW"]),
+    "sw-default": dict(method="superweight_rtn", bits=4, block="64", holdout=0.001, activations="none",
+                       src="convert", flags=["--preset", "default", "--super-weights", "@SW"]),
+    "sw-w8a8": dict(method="superweight_rtn", bits=8, block="channel", holdout=0.0, activations="int8-token",
+                    src="convert", flags=["--bits", "8", "--symmetric", "--block", "channel", "--activations",
+                                          "int8-token", "--holdout", "0", "--super-weights", "@SW"]),
+}
+GROUPS = {
+    "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
+    "lean": ["bf16", "awq", "smoothquant", "sw-w4-channel", "sw-w4-g128", "sw-w4-channel-nosw",
+             "sw-w4-channel-holdout", "sw-w8a8"],
+    "all": list(METHODS),
+    "baselines": ["bf16", "awq", "smoothquant"],
+    "w4": ["sw-w4-channel", "sw-w4-g128", "sw-w4-channel-nosw", "sw-w4-g128-nosw", "sw-w4-channel-holdout"],
+}
+EST_ENGINE_S = 150.0  # first engine start + measurements (cold caches); refined from measured runs
+EST_CONVERT_S = 90.0
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    out = []
+    for p in text.split(","):
+        if p.strip():
+            a, b = p.lower().split("x")
+            out.append((int(a), int(b)))
+    return out
+
+
+def gpu_name() -> str:
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=30)
+        names = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
+        if names:
+            return names[0] + (f" x{len(names)}" if len(names) > 1 else "")
+    except Exception:  # noqa: BLE001
+        pass
+    return "unknown"
+
+
+def append_records(path: str, recs: list[dict]) -> None:
+    data = []
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, OSError):
+            os.replace(path, path + f".corrupt.{int(time.time())}")
+            data = []
+    data.extend(recs)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run_child(cmd: list[str], timeout: float, log_path: str, env: dict | None = None) -> int:
+    """Run a stage in its own process group; stream its output to our stdout and a log file; kill on timeout."""
+    log(f"$ {' '.join(cmd)}  (timeout {timeout:.0f}s, log {log_path})")
+    with open(log_path, "a") as lf:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                             env=env, start_new_session=True, cwd=ROOT)
+        deadline = time.time() + timeout
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(p.stdout, selectors.EVENT_READ)
+        killed = False
+        while True:
+            if time.time() > deadline and not killed:
+                log(f"stage timed out after {timeout:.0f}s: killing process group {p.pid}")
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                    time.sleep(5)
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed = True
+            if sel.select(timeout=1.0):
+                line = p.stdout.readline()
+                if not line:
+                    if p.poll() is not None:
+                        break
+                    continue
+                lf.write(line)
+                if not any(s in line for s in ("it/s]", "s/it]")):  # keep progress bars out of the console
+                    sys.stdout.write("    | " + line)
+                    sys.stdout.flush()
+            elif p.poll() is not None:
+                rest = p.stdout.read()
+                if rest:
+                    lf.write(rest)
+                    sys.stdout.write("".join("    | " + ln + "\n" for ln in rest.splitlines()))
+                break
+        p.wait()
+        return -9 if killed else p.returncode
+
+
+def wait_gpu_free(limit_mib: int = 3000, timeout: float = 30.0) -> None:
+    """After an engine exits, wait (briefly) until its GPU memory is released before starting the next one."""
+    if not shutil.which("nvidia-smi"):
+        return
+    t = time.time()
+    while time.time() - t < timeout:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True)
+        try:
+            if max(int(v) for v in r.stdout.split()) < limit_mib:
+                return
+        except ValueError:
+            return
+        time.sleep(2)
+    log(f"warning: GPU memory still in use after {timeout:.0f}s")
+
+
+def converter_cmd() -> list[str]:
+    exe = shutil.which("superweight")
+    if exe:
+        return [exe]
+    return [sys.executable, "-c", "import sys; from vllm_superweight.cli import main; sys.exit(main())"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# orchestrator
+# ------------------------------------------------------------------------------------------------------------
+def orchestrate(args) -> int:
+    names = []
+    for tok in args.methods.split(","):
+        tok = tok.strip()
+        names += GROUPS.get(tok, [tok] if tok else [])
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        log(f"unknown methods {unknown}; known: {', '.join(METHODS)} (groups: {', '.join(GROUPS)})")
+        return 2
+    names = list(dict.fromkeys(names))
+    os.makedirs(args.workdir, exist_ok=True)
+    logdir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "throughput_logs")
+    os.makedirs(logdir, exist_ok=True)
+    gpu = gpu_name()
+    deadline = T0 + args.budget_s
+    log(f"GPU {gpu}; methods {names}; workdir {args.workdir}; out {args.out}; budget {args.budget_s:.0f}s")
+    need = {METHODS[n]["src"] for n in names}
+    base_formats = [f for f in ("bf16", "awq", "smoothquant") if f in need or (f == "bf16" and "convert" in need)]
+    engine_s, convert_s = EST_ENGINE_S, EST_CONVERT_S
+    rc = 0
+    if base_formats:
+        missing = [f for f in base_formats if not os.path.exists(os.path.join(args.workdir, f, "config.json"))]
+        if missing:
+            log(f"stage: base checkpoints {missing}")
+            r = run_child([sys.executable, os.path.join(HERE, "make_random_llama.py"), "--out", args.workdir,
+                           "--formats", ",".join(missing), "--tokenizer-dir", args.tokenizer_dir, "--shape",
+                           args.shape, "--vocab", str(args.vocab), "--plant"],
+                          max(60.0, deadline - time.time()), os.path.join(logdir, "make_random_llama.log"))
+            if r != 0:
+                log(f"FAILED to build base checkpoints (rc={r})")
+                return 1
+    sw_json = os.path.join(args.workdir, "bf16", "planted_super_weights.json")
+    for name in names:
+        spec = METHODS[name]
+        left = deadline - time.time()
+        est = engine_s + (convert_s if spec["src"] == "convert" else 0)
+        if left < est:
+            log(f"SKIPPED {name}: {left:.0f}s left < estimated {est:.0f}s (rerun with --methods {name},...)")
+            rc = 3
+            continue
+        t_stage = time.time()
+        if spec["src"] == "convert":
+            ckpt = os.path.join(args.workdir, name)
+            if not os.path.exists(os.path.join(ckpt, "config.json")):
+                if os.path.exists(ckpt):
+                    shutil.rmtree(ckpt)
+                flags = [sw_json if f == "@SW" else f for f in spec["flags"]]
+                t = time.time()
+                r = run_child(converter_cmd() + ["convert", os.path.join(args.workdir, "bf16"), ckpt] + flags
+                              + ["--device", args.convert_device, "-q"], max(60.0, left - engine_s),
+                              os.path.join(logdir, f"convert-{name}.log"))
+                convert_s = max(30.0, time.time() - t)
+                if r != 0 or not os.path.exists(os.path.join(ckpt, "config.json")):
+                    log(f"FAILED conversion for {name} (rc={r}); see {logdir}/convert-{name}.log")
+                    rc = 1
+                    continue
+                log(f"converted {name} in {convert_s:.0f}s")
+        else:
+            ckpt = os.path.join(args.workdir, spec["src"])
+        left = deadline - time.time()
+        cmd = [sys.executable, os.path.abspath(__file__), "--_measure", "--variant", name, "--ckpt", ckpt,
+               "--out", args.out, "--gpu", gpu, "--throughput-lens", args.throughput_lens, "--num-prompts",
+               str(args.num_prompts), "--latency-batches", args.latency_batches, "--latency-lens",
+               args.latency_lens, "--latency-iters", str(args.latency_iters), "--max-model-len",
+               str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+               "--max-num-seqs", str(args.max_num_seqs)]
+        if args.capture_sizes:
+            cmd += ["--capture-sizes", args.capture_sizes]
+        if args.eager:
+            cmd += ["--eager"]
+        t = time.time()
+        r = run_child(cmd, max(60.0, left - 10), os.path.join(logdir, f"engine-{name}.log"))
+        wait_gpu_free()
+        engine_s = max(60.0, 0.5 * engine_s + 0.5 * (time.time() - t))
+        if r != 0:
+            log(f"FAILED measurement for {name} (rc={r}); see {logdir}/engine-{name}.log")
+            rc = 1
+        else:
+            log(f"done {name} in {time.time() - t_stage:.0f}s")
+        if spec["src"] == "convert" and not args.keep:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    log(f"finished (rc={rc}); results in {args.out}")
+    return rc
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one engine, all measurements (child process)
+# ------------------------------------------------------------------------------------------------------------
+def measure(args) -> int:
+    import numpy as np
+
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # only read by the CPU build (local smoke runs)
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec = METHODS[args.variant]
+    t0 = time.time()
+    kw = dict(model=args.ckpt, max_model_len=args.max_model_len, seed=0, enable_prefix_caching=False,
+              gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs)
+    if args.eager:
+        kw["enforce_eager"] = True
+    elif args.capture_sizes:
+        kw["compilation_config"] = {"cudagraph_capture_sizes": [int(v) for v in args.capture_sizes.split(",")]}
+    log(f"[{args.variant}] starting engine: {kw}")
+    llm = LLM(**kw)
+    start_s = time.time() - t0
+    log(f"[{args.variant}] engine ready in {start_s:.1f}s")
+    vocab = llm.get_tokenizer().vocab_size if hasattr(llm, "get_tokenizer") else 32000
+    hi = max(100, min(int(vocab), 30000))
+    rng = np.random.default_rng(0)
+    base = dict(method=spec["method"], bits=spec["bits"], block=spec["block"], holdout=spec["holdout"],
+                activations=spec["activations"], variant=args.variant, gpu=args.gpu, vllm=vllm.__version__,
+                engine_start_s=round(start_s, 1), max_model_len=args.max_model_len)
+
+    def prompts(n, length):
+        return [TokensPrompt(prompt_token_ids=rng.integers(10, hi, size=length).tolist()) for _ in range(n)]
+
+    def sp(out_len):
+        return SamplingParams(n=1, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=out_len,
+                              detokenize=False)
+
+    def gen(ps, out_len):
+        t = time.perf_counter()
+        outs = llm.generate(ps, sp(out_len), use_tqdm=False)
+        dt = time.perf_counter() - t
+        got = sum(len(o.outputs[0].token_ids) for o in outs)
+        if got != len(ps) * out_len:
+            raise RuntimeError(f"generated {got} tokens, expected {len(ps) * out_len}")
+        return dt
+
+    # warm-up: Triton/JIT kernels for prefill shapes not seen during capture
+    gen(prompts(min(16, args.num_prompts), 256), 8)
+    for in_len, out_len in parse_pairs(args.throughput_lens):
+        if in_len + out_len > args.max_model_len:
+            log(f"skip throughput {in_len}/{out_len}: exceeds max_model_len")
+            continue
+        n = args.num_prompts
+        dt = gen(prompts(n, in_len), out_len)
+        rec = dict(base, kind="throughput", input_len=in_len, output_len=out_len, batch=n, num_prompts=n,
+                   tokens_per_s=n * (in_len + out_len) / dt, output_tokens_per_s=n * out_len / dt,
+                   requests_per_s=n / dt, latency_s=dt, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+        append_records(args.out, [rec])
+        log(f"[{args.variant}] throughput in {in_len} / out {out_len} x {n}: {rec['tokens_per_s']:.0f} tok/s "
+            f"({rec['output_tokens_per_s']:.0f} out tok/s, {rec['requests_per_s']:.2f} req/s) in {dt:.1f}s")
+    for in_len, out_len in parse_pairs(args.latency_lens):
+        for b in [int(v) for v in args.latency_batches.split(",") if v.strip()]:
+            ps = prompts(b, in_len)
+            gen(ps, out_len)  # warm-up iteration
+            lat = [gen(ps, out_len) for _ in range(args.latency_iters)]
+            mean = float(np.mean(lat))
+            rec = dict(base, kind="latency", input_len=in_len, output_len=out_len, batch=b, num_prompts=b,
+                       tokens_per_s=b * (in_len + out_len) / mean, output_tokens_per_s=b * out_len / mean,
+                       latency_s=mean, ms_per_output_token=1000 * mean / out_len, latencies=lat,
+                       time=time.strftime("%Y-%m-%d %H:%M:%S"))
+            append_records(args.out, [rec])
+            log(f"[{args.variant}] latency batch {b} in {in_len} / out {out_len}: {mean:.3f}s "
+                f"({1000 * mean / out_len:.2f} ms/step)")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="lean", help=f"comma list of {list(METHODS)} or groups {list(GROUPS)}")
+    ap.add_argument("--workdir", default=os.environ.get("SW_BENCH_DIR", "/root/swbench"))
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", os.path.join(HERE, "results")),
+                                                  "throughput.json"))
+    ap.add_argument("--tokenizer-dir", default=os.environ.get("TOKENIZER_DIR", os.path.join(ROOT, ".gpu-bundle/tok")))
+    ap.add_argument("--shape", default="llama2-7b")
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--throughput-lens", default="1024x256,128x128", help="input x output pairs")
+    ap.add_argument("--num-prompts", type=int, default=100)
+    ap.add_argument("--latency-batches", default="1,8,64")
+    ap.add_argument("--latency-lens", default="128x256")
+    ap.add_argument("--latency-iters", type=int, default=2)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--capture-sizes", default="1,2,4,8,16,24,32,48,64,96,128,192,256",
+                    help="CUDA-graph capture sizes ('' = vLLM's default list)")
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (smoke tests only, never for numbers)")
+    ap.add_argument("--convert-device", default="cuda")
+    ap.add_argument("--budget-s", type=float, default=570.0, help="stop starting stages after this many seconds")
+    ap.add_argument("--keep", action="store_true", help="keep converted checkpoints")
+    ap.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--gpu", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._measure:
+        return measure(args)
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

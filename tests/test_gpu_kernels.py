@@ -1,0 +1,171 @@
+"""GPU-only: the serving schemes' math on real vLLM kernels vs a float reference (skipped without CUDA).
+
+* W4A16: vLLM's Machete / Marlin kernel classes on the plugin's parameter layout (channel-wise and g128,
+  symmetric and asymmetric) + our sparse correction == x @ (dequantized weight with held-out values restored).
+* W8A8: our fused split + ``cutlass_scaled_mm`` + outlier side product (both formulations) == reference; the
+  split with no outliers == vLLM's ``scaled_int8_quant``.
+* PDL launch of the sparse kernel after a GEMM, inside a CUDA graph == plain launch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+import vllm_superweight.kernels as K  # noqa: E402
+
+SELL_ORDER = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals", "ucols")
+
+
+def sp_args(sp):
+    return [sp[key] for key in SELL_ORDER] + [int(sp["nnz"].shape[0])]
+MS = [1, 3, 8, 17, 64, 100, 256, 1000, 4096]
+
+
+def _vl():
+    pytest.importorskip("vllm")
+    from vllm_superweight.kernels import vllm_linear as VL
+
+    return VL
+
+
+def _holdout(n, k, frac, seed, plant_sw=True):
+    g = torch.Generator().manual_seed(seed)
+    nnz = max(1, int(n * k * frac))
+    flat = torch.randperm(n * k, generator=g)[:nnz]
+    r, c = flat // k, flat % k
+    if plant_sw:  # one large "super weight"
+        r[0], c[0] = n // 2, k // 3
+    key = torch.unique(r * k + c)
+    r, c = key // k, key % k
+    v = torch.randn(r.numel(), generator=g) * 0.05
+    if plant_sw:
+        v[(r == n // 2) & (c == k // 3)] = -2.5
+    return r, c, v
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("kernel", ["machete", "marlin"])
+@pytest.mark.parametrize("group,sym", [(-1, False), (128, False), (-1, True), (128, True)])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (384, 640)])
+def test_w4_gemm_plus_correction(kernel, group, sym, n, k):
+    VL = _vl()
+    if kernel == "machete" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("Machete is SM90 only")
+    dev = "cuda"
+    r, c, v = _holdout(n, k, 0.001, seed=n + k)
+    w = VL.random_w4(n, k, group, sym, dev, holdout=(r, c), seed=n * 3 + k)
+    layer, kobj = VL.build_mp_layer(w, kernel)
+    w_ref = VL.dequant_w4(w)
+    w_ref[r.to(dev), c.to(dev)] = v.to(dev)  # restored exactly
+    sp = K.prepare_sparse(r, c, v, n, k, dev)
+    for m in MS:
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        y = kobj.apply_weights(layer, x)
+        y = K.sparse_correction(y, x, sp)
+        ref = x.float() @ w_ref.T
+        y_nocorr = kobj.apply_weights(layer, x)
+        e, e0 = _rel(y, ref), _rel(y_nocorr, ref)
+        assert e < 8e-3, (kernel, group, sym, n, k, m, e)
+        assert e0 > 2 * e, "the correction should matter"  # the planted super weight alone moves the output
+
+
+@pytest.mark.parametrize("s", [0, 1, 3, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 11008), (22016, 4096)])
+def test_w8a8_split_gemm_side_product(s, n, k):
+    VL = _vl()
+    from vllm import _custom_ops as ops
+
+    dev = "cuda"
+    w = VL.random_w8(n, k, dev, seed=s + n)
+    wd = VL.dequant_w8(w)
+    g = torch.Generator().manual_seed(s)
+    idx = torch.sort(torch.randperm(k, generator=g)[:s]).values.to(torch.int32)
+    prep = K.prepare_outliers(idx, k, dev)
+    w_out_t = wd[:, idx.long().to(dev)].to(torch.bfloat16).t().contiguous()  # [S, N] 16-bit side weights
+    rows, cols, vals = K.outlier_columns_as_entries(w_out_t.t().float(), idx.to(dev))
+    sp_fold = K.prepare_sparse(rows.cpu(), cols.cpu(), vals.cpu(), n, k, dev) if s else None
+    for m in MS:
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        if s:
+            x[:, idx.long()] *= 100.0
+        xq, xs, xo = K.int8_quant_outlier_split(x, prep["idx"] if s else None, True, prep["mask"] if s else None)
+        y = ops.cutlass_scaled_mm(xq, w["w_t"], scale_a=xs, scale_b=w["scale"], out_dtype=torch.bfloat16)
+        keep = torch.ones(k, dtype=torch.bool, device=dev)
+        keep[idx.long().to(dev)] = False
+        ref = (xq.float() * xs) @ wd.T + x.float()[:, ~keep] @ w_out_t.float()
+        y1 = K.add_outlier_side_product(y, xo, w_out_t)
+        assert _rel(y1, ref) < 5e-3, (m, s)
+        if s:
+            y2 = K.sparse_correction(y.clone(), x, sp_fold)
+            assert _rel(y2, ref) < 5e-3, (m, s)
+        # the whole thing approximates the float product (int8 error only on the non-outlier channels)
+        full = x.float() @ wd.T
+        assert _rel(y1, full) < 3e-2
+
+
+@pytest.mark.parametrize("k", [4096, 11008])
+def test_split_matches_vllm_scaled_int8_quant(k):
+    pytest.importorskip("vllm")
+    from vllm import _custom_ops as ops
+
+    for m in (1, 7, 64, 1000):
+        x = (torch.randn(m, k, device="cuda") * 3).to(torch.bfloat16)
+        q0, s0, _ = ops.scaled_int8_quant(x)
+        q1, s1, xo = K.int8_quant_outlier_split(x, None)
+        assert xo.shape == (m, 0)
+        torch.testing.assert_close(s1, s0, rtol=1e-6, atol=0)
+        d = (q1.int() - q0.int()).abs()
+        assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 1e-3
+
+
+def test_pdl_after_gemm_in_cuda_graph():
+    VL = _vl()
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs SM90+")
+    dev = "cuda"
+    n, k = 4096, 11008
+    r, c, v = _holdout(n, k, 0.001, seed=1)
+    w = VL.random_w4(n, k, 128, False, dev, holdout=(r, c))
+    kernel = "machete" if torch.cuda.get_device_capability()[0] == 9 else "marlin"
+    layer, kobj = VL.build_mp_layer(w, kernel)
+    sp = K.prepare_sparse(r, c, v, n, k, dev)
+    args = sp_args(sp)
+    for m in (1, 8, 64):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        outs = {}
+        for pdl in (False, True):
+            def step():
+                y = kobj.apply_weights(layer, x)
+                TS.sparse_correction_(y, x, *args, pdl=pdl)
+                return y
+
+            step()
+            torch.cuda.synchronize()
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                out = step()
+            for _ in range(3):
+                gr.replay()
+            torch.cuda.synchronize()
+            outs[pdl] = out.clone()
+        assert torch.equal(outs[False], outs[True]), m
+
+
+def test_sparse_is_deterministic():
+    dev = "cuda"
+    n, k = 11008, 4096
+    r, c, v = _holdout(n, k, 0.002, seed=5)
+    sp = K.prepare_sparse(r, c, v, n, k, dev)
+    x = torch.randn(333, k, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(333, n, device=dev, dtype=torch.bfloat16)
+    a = K.sparse_correction(y.clone(), x, sp)
+    b = K.sparse_correction(y.clone(), x, sp)
+    assert torch.equal(a, b)

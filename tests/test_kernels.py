@@ -1,0 +1,531 @@
+"""Kernels of the serving path: sparse correction y += S x^T and the int8 split with outlier channels.
+
+* CPU: the torch paths (COO and SELL layouts) against a float64 dense reference; layout building; the W8A8
+  side-product helpers; traceability with torch.compile(fullgraph=True).
+* Triton interpreter (TRITON_INTERPRET=1, run in a subprocess): the real Triton kernels on tiny shapes on CPU.
+* ``@pytest.mark.gpu`` (skipped without CUDA): the Triton kernels vs the reference over odd shapes and M up to
+  4096, inside torch.compile(fullgraph=True) and inside a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vllm_superweight.kernels as K
+from vllm_superweight.kernels import sparse_layout as SL
+
+HAS_CUDA = torch.cuda.is_available()
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+interp_only = pytest.mark.skipif(not INTERP, reason="runs inside the TRITON_INTERPRET=1 subprocess")
+SELL_ORDER = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals", "ucols")
+
+
+def sp_args(sp):
+    return [sp[key] for key in SELL_ORDER] + [int(sp["nnz"].shape[0])]
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-22}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------------
+def random_entries(n, k, nnz, gen, heavy_row=None, heavy_len=0, sort=False):
+    """Distinct (row, col) coordinates (optionally one long 'heavy' row) and float values."""
+    flat = torch.randperm(n * k, generator=gen)[:nnz]
+    r, c = flat // k, flat % k
+    if heavy_row is not None and heavy_len:
+        hl = min(heavy_len, k)
+        hc = torch.randperm(k, generator=gen)[:hl]
+        r = torch.cat([r, torch.full((hl,), heavy_row)])
+        c = torch.cat([c, hc])
+        key = torch.unique(r * k + c)
+        key = key[torch.randperm(key.numel(), generator=gen)]
+        r, c = key // k, key % k
+    if sort:
+        o = torch.argsort(r * k + c)
+        r, c = r[o], c[o]
+    v = torch.randn(r.numel(), generator=gen) * 4
+    return r, c, v
+
+
+def dense_reference(y, x, r, c, v, n, k):
+    s = torch.zeros(n, k, dtype=torch.float64)
+    s.index_put_((r.long().cpu(), c.long().cpu()), v.double().cpu(), accumulate=True)
+    ref = y.double().cpu() + x.double().cpu() @ s.T
+    mag = y.double().abs().cpu() + x.double().abs().cpu() @ s.abs().T
+    return ref, mag
+
+
+def assert_rounded_close(out, ref, mag, dtype):
+    """|out - ref| <= 1 ulp(dtype) * |ref| + fp32 summation slack (fp32 sums + one rounding give <= 0.5 ulp)."""
+    out = out.double().cpu()
+    tol = ULP[dtype] * ref.abs() + 1e-5 * mag + 1e-30
+    bad = (out - ref).abs() > tol
+    assert not torch.isnan(out).any(), "NaN in output"
+    assert not bad.any(), (f"{int(bad.sum())} elements off; worst abs err {float((out - ref).abs().max()):.3g}, "
+                           f"first at {bad.nonzero()[0].tolist()}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CPU: layouts and torch paths
+# ------------------------------------------------------------------------------------------------------------
+SHAPES = [(97, 61), (130, 250), (64, 64), (33, 1000)]
+
+
+@pytest.mark.parametrize("layout", ["coo", "sell"])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 17, 256])
+@pytest.mark.parametrize("nnz", [1, 7, 1000])
+def test_torch_paths_vs_dense(layout, n, k, m, nnz):
+    gen = torch.Generator().manual_seed(n * 1000 + k * 7 + m + nnz)
+    nnz = min(nnz, n * k // 2)
+    r, c, v = random_entries(n, k, nnz, gen, sort=(m % 2 == 1))
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout=layout)
+    out = K.sparse_correction(y.clone(), x, sp)
+    assert out.dtype == y.dtype and out.shape == y.shape
+    assert_rounded_close(out, ref, mag, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_torch_paths_dtypes_and_heavy_rows(dtype):
+    gen = torch.Generator().manual_seed(1)
+    n, k, m = 150, 300, 5
+    r, c, v = random_entries(n, k, 400, gen, heavy_row=77, heavy_len=250)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
+    st = K.layout_stats(sp)
+    assert st["heavy_rows"] >= 1 and st["light_nnz"] + st["heavy_nnz"] == r.numel()
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    y = torch.randn(m, n, generator=gen).to(dtype)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    for lay in (sp, K.prepare_sparse(r, c, v, n, k, "cpu", layout="coo")):
+        assert_rounded_close(K.sparse_correction(y.clone(), x, lay), ref, mag, dtype)
+
+
+def test_sell_layout_invariants():
+    gen = torch.Generator().manual_seed(2)
+    n, k = 200, 120
+    r, c, v = random_entries(n, k, 900, gen, heavy_row=3, heavy_len=100)
+    for lanes, depth in [(32, None), (16, None), (8, 2), (64, 40)]:
+        sp = SL.build_sell(r, c, v, n, k, "cpu", lanes=lanes, depth=depth)
+        s, d, ln = sp["ell_cols"].shape
+        assert ln == lanes and sp["ell_vals"].shape == (s, d, ln) and sp["ell_rb"].shape == (s,)
+        assert sp["ell_vals"].dtype == torch.float32 and sp["hvals"].dtype == torch.float32
+        # every entry appears exactly once: rebuild the dense matrix from the layout
+        dense = torch.zeros(n, k, dtype=torch.float64)
+        cols = sp["ell_cols"]
+        for si in range(s):
+            for lane in range(ln):
+                row = int(sp["ell_rb"][si]) * ln + lane
+                used = cols[si, :, lane] >= 0
+                # slots fill from 0 without gaps
+                assert used.int().diff().clamp_min(0).sum() == 0 if d > 1 else True
+                if used.any():
+                    dense[row, cols[si, used, lane].long()] += sp["ell_vals"][si, used, lane].double()
+        hp = sp["hptr"].long()
+        for h in range(sp["hrows"].numel()):
+            dense[int(sp["hrows"][h]), sp["hcols"][hp[h]:hp[h + 1]].long()] += sp["hvals"][hp[h]:hp[h + 1]].double()
+        want = torch.zeros(n, k, dtype=torch.float64)
+        want[r, c] = v.double()
+        assert torch.equal(dense, want)
+        assert torch.equal(sp["ucols"].long(), torch.unique(c))
+
+
+def test_duplicates_are_summed_and_empty_is_noop():
+    n, k = 40, 30
+    r = torch.tensor([3, 3, 5, 3])
+    c = torch.tensor([7, 7, 1, 2])
+    v = torch.tensor([1.5, 2.0, -1.0, 0.25])
+    x = torch.randn(4, k).to(torch.bfloat16)
+    y = torch.randn(4, n).to(torch.bfloat16)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    for layout in ("coo", "sell"):
+        sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout=layout)
+        assert_rounded_close(K.sparse_correction(y.clone(), x, sp), ref, mag, torch.bfloat16)
+    empty = K.prepare_sparse(torch.zeros(0), torch.zeros(0), torch.zeros(0), n, k, "cpu", layout="sell")
+    assert torch.equal(K.sparse_correction(y.clone(), x, empty), y)
+
+
+def test_prepare_rejects_bad_input():
+    with pytest.raises(ValueError, match="row index"):
+        K.prepare_sparse(torch.tensor([5]), torch.tensor([0]), torch.tensor([1.0]), 5, 5, "cpu")
+    with pytest.raises(ValueError, match="column index"):
+        K.prepare_sparse(torch.tensor([0]), torch.tensor([-1]), torch.tensor([1.0]), 5, 5, "cpu", layout="sell")
+    with pytest.raises(ValueError, match="NaN"):
+        K.prepare_sparse(torch.tensor([0]), torch.tensor([0]), torch.tensor([float("nan")]), 5, 5, "cpu")
+    with pytest.raises(ValueError, match="length"):
+        K.prepare_sparse(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0]), 5, 5, "cpu")
+
+
+def test_depth_choice():
+    counts = torch.tensor([0] * 10 + [1] * 90 + [50, 3, 3])
+    assert SL.choose_depth(counts, lanes=32) == 1  # the three longer rows go heavy
+    assert SL.choose_depth(counts, lanes=32, heavy_cost=1e9) == 50  # nothing heavy
+    uniform = torch.full((4096,), 6)
+    assert SL.choose_depth(uniform) == 6
+    one_long = torch.tensor([2] * 500 + [3000])
+    assert SL.choose_depth(one_long) == 2
+    assert SL.choose_depth(torch.zeros(5, dtype=torch.long)) == 0
+    # Poisson-like rows of a 0.1% hold-out: a small tail goes heavy
+    gen = torch.Generator().manual_seed(0)
+    pois = torch.poisson(torch.full((12288,), 4.1), generator=gen).long()
+    d = SL.choose_depth(pois)
+    assert 6 <= d <= 11 and (pois > d).float().mean() < 0.1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CPU: int8 split
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,k,s", [(1, 64, 0), (3, 100, 1), (17, 257, 4), (256, 96, 16)])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_int8_split_torch(m, k, s, per_token):
+    gen = torch.Generator().manual_seed(m * k + s)
+    x = (torch.randn(m, k, generator=gen) * 2).to(torch.bfloat16)
+    idx = torch.randperm(k, generator=gen)[:s].to(torch.int32)
+    if s:
+        x[:, idx.long()] *= 300  # massive channels must not set the scale
+    xq, sc, xo = K.int8_quant_outlier_split(x, idx if s else None, per_token)
+    assert xq.dtype == torch.int8 and xq.shape == (m, k)
+    assert sc.dtype == torch.float32 and sc.shape == ((m, 1) if per_token else (1, 1))
+    assert xo.dtype == x.dtype and xo.shape == (m, s)
+    keep = torch.ones(k, dtype=torch.bool)
+    keep[idx.long()] = False
+    xf = x.float()
+    amax = xf[:, keep].abs().amax(1, keepdim=True) if per_token else xf[:, keep].abs().amax().reshape(1, 1)
+    assert torch.equal(sc, amax / torch.full_like(amax, 127.0))
+    if s:
+        assert torch.equal(xo, x[:, idx.long()])
+        assert (xq[:, idx.long()] == 0).all()
+    # dequantized error within half a step on the kept channels
+    err = (xq.float() * sc - xf)[:, keep].abs()
+    assert (err <= sc * 0.5 + 1e-6).all()
+    assert xq.abs().max() <= 127
+
+
+def test_int8_split_zero_rows_and_empty_idx():
+    x = torch.zeros(3, 32, dtype=torch.bfloat16)
+    x[1, 5] = 2.0
+    xq, sc, xo = K.int8_quant_outlier_split(x, torch.tensor([5], dtype=torch.int32))
+    assert torch.equal(sc, torch.zeros(3, 1)) and (xq == 0).all() and xo[1, 0] == 2.0
+    xq2, sc2, xo2 = K.int8_quant_outlier_split(x, torch.zeros(0, dtype=torch.int32))
+    assert xo2.shape == (3, 0) and xq2[1, 5] == 127
+
+
+def test_side_product_helpers():
+    gen = torch.Generator().manual_seed(4)
+    m, n, k, s = 7, 50, 40, 3
+    idx = torch.tensor([4, 17, 33])
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+    ref = y.double() + x[:, idx].double() @ w[:, idx].double().T
+    out = K.add_outlier_side_product(y, x[:, idx], w[:, idx].T.contiguous())
+    assert_rounded_close(out, ref, ref.abs() + 1, torch.bfloat16)
+    rows, cols, vals = K.outlier_columns_as_entries(w[:, idx], idx)
+    sp = K.prepare_sparse(rows, cols, vals, n, k, "cpu", layout="sell")
+    assert K.layout_stats(sp)["depth"] == s and K.layout_stats(sp)["heavy_rows"] == 0
+    assert_rounded_close(K.sparse_correction(y.clone(), x, sp), ref, ref.abs() + 1, torch.bfloat16)
+
+
+def test_prepare_outliers():
+    p = K.prepare_outliers([9, 2, 9], 16, "cpu")
+    assert p["idx"].tolist() == [2, 9] and p["idx"].dtype == torch.int32
+    assert p["mask"].dtype == torch.int8 and p["mask"].nonzero().reshape(-1).tolist() == [2, 9]
+    with pytest.raises(ValueError):
+        K.prepare_outliers([16], 16, "cpu")
+
+
+def test_cpu_paths_trace_fullgraph():
+    """The CPU paths are plain torch: traceable by torch.compile(fullgraph=True) (aot_eager: no C++ needed)."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 64, 48
+    r, c, v = random_entries(n, k, 100, gen)
+    sps = {lay: K.prepare_sparse(r, c, v, n, k, "cpu", layout=lay) for lay in ("coo", "sell")}
+    idx = torch.tensor([3, 9], dtype=torch.int32)
+
+    def f(y, x, sp):
+        y = K.sparse_correction(y, x, sp)
+        xq, sc, xo = K.int8_quant_outlier_split(x, idx)
+        return y, xq, sc, xo
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+        for sp in sps.values():
+            want = f(y.clone(), x, sp)
+            got = cf(y.clone(), x, sp)
+            for a, b in zip(want, got):
+                assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton interpreter (real kernels on CPU); driven by a subprocess with TRITON_INTERPRET=1
+# ------------------------------------------------------------------------------------------------------------
+def test_triton_interpreter_subprocess():
+    if INTERP:
+        pytest.skip("already inside the interpreter run")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        "-k", "interp_"], env=env, capture_output=True, text=True, timeout=900)
+    out = p.stdout + p.stderr
+    if p.returncode == 5 or "no tests ran" in out:
+        pytest.skip("interpreter tests were not collected")
+    assert p.returncode == 0, out[-4000:]
+
+
+@interp_only
+@pytest.mark.parametrize("path", ["direct", "transposed"])
+@pytest.mark.parametrize("n,k,nnz,m", [(70, 50, 7, 3), (33, 64, 1, 1), (64, 40, 300, 17), (130, 90, 1000, 5),
+                                       (97, 61, 200, 33)])
+def test_interp_sparse_kernel(path, n, k, nnz, m):
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    gen = torch.Generator().manual_seed(n + k + nnz + m)
+    r, c, v = random_entries(n, k, min(nnz, n * k // 3), gen, heavy_row=5 if nnz > 100 else None,
+                             heavy_len=min(60, k))
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    for lanes in (32, 8):
+        sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", lanes=lanes)
+        y2 = y.clone()
+        TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path)
+        assert_rounded_close(y2, ref, mag, torch.bfloat16)
+    # public entry point (interpreter branch) and fp32 output
+    y3 = K.sparse_correction(y.float().clone(), x, K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell"))
+    ref32, mag32 = dense_reference(y.float(), x, r, c, v, n, k)
+    assert_rounded_close(y3, ref32, mag32, torch.float32)
+
+
+@interp_only
+def test_interp_sparse_kernel_noncontiguous_x():
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    gen = torch.Generator().manual_seed(11)
+    n, k, m = 40, 30, 20
+    r, c, v = random_entries(n, k, 200, gen)
+    big = torch.randn(m, 2 * k, generator=gen).to(torch.float16)
+    x = big[:, 5:5 + k]  # row stride 2k
+    y = torch.randn(m, n, generator=gen).to(torch.float16)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
+    for path in ("direct", "transposed"):
+        y2 = y.clone()
+        TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path)
+        assert_rounded_close(y2, ref, mag, torch.float16)
+
+
+@interp_only
+@pytest.mark.parametrize("m,k,s", [(3, 100, 2), (5, 300, 0), (4, 64, 3), (2, 20000, 3), (2, 17000, 9), (1, 7, 1)])
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_interp_quant_kernel(m, k, s, per_token, with_mask):
+    from vllm_superweight.kernels import triton_act_quant as TQ
+
+    gen = torch.Generator().manual_seed(m * k + s)
+    x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16)
+    idx = torch.sort(torch.randperm(k, generator=gen)[:s]).values.to(torch.int32)
+    if s:
+        x[:, idx.long()] *= 100
+    if m > 2:
+        x[0, :] = 0  # an all-zero row
+    mask = K.prepare_outliers(idx, k, "cpu")["mask"] if (with_mask and s) else None
+    want = SL.int8_split_torch(x, idx if s else None, per_token)
+    got = TQ.int8_quant_outlier_split(x, idx if s else None, per_token, mask)
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[2], want[2])
+    assert torch.equal(got[0], want[0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile for sm_90 (no GPU needed): catches what the interpreter does not (typing across
+# branches, layouts) and checks the register budget (no spills) of the variants the launchers pick.
+# ------------------------------------------------------------------------------------------------------------
+def _aot(fn, sig, consts, num_warps, div16):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return k, None
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return k, r.stderr
+
+
+@pytest.mark.skipif(INTERP, reason="compiles real kernels")
+def test_triton_kernels_compile_for_sm90():
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from vllm_superweight.kernels import triton_act_quant as TQ
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    sig = {"y_ptr": "*bf16", "x_ptr": "*bf16", "ecols_ptr": "*i32", "evals_ptr": "*fp32", "erb_ptr": "*i32",
+           "hrows_ptr": "*i32", "hptr_ptr": "*i32", "hcols_ptr": "*i32", "hvals_ptr": "*fp32", "M": "i32",
+           "N": "i32", "L": "i32", "n_slices": "i32", "stride_ym": "i32", "stride_xm": "i32", "stride_xk": "i32"}
+    for m, depth, trans, pdl in [(1, 16, False, False), (8, 8, False, False), (16, 8, False, True),
+                                 (4096, 16, True, False)]:
+        p = TS._blocks(m, 100, depth, 32, 10, trans)
+        consts = {"C": 32, "BM": p["BM"], "BJ": p["BJ"], "BE": p["BE"], "PDL": pdl,
+                  ("stride_xm" if trans else "stride_xk"): 1}
+        _, rep = _aot(TS._sell_spmm_kernel, sig, consts, p["num_warps"], range(9))
+        assert rep is None or "0 bytes spill stores" in rep, rep
+    tsig = {"x_ptr": "*bf16", "ucols_ptr": "*i32", "xt_ptr": "*bf16", "M": "i32", "U": "i32", "stride_xm": "i32",
+            "stride_xk": "i32"}
+    _aot(TS._gather_transpose_kernel, tsig, {"stride_xk": 1, "BU": 64, "BMT": 64}, 4, range(3))
+    qsig = {"x_ptr": "*bf16", "idx_ptr": "*i32", "mask_ptr": "*i8", "xq_ptr": "*i8", "scale_ptr": "*fp32",
+            "xo_ptr": "*bf16", "amax_ptr": "*fp32", "K": "i32", "S": "i32", "stride_xm": "i32", "stride_qm": "i32",
+            "stride_om": "i32"}
+    for k, s_pad, mode, mm in [(4096, 0, 0, 0), (4096, 4, 0, 1), (11008, 4, 0, 2), (20000, 4, 0, 1),
+                               (4096, 4, 1, 1), (4096, 4, 2, 1)]:
+        one, bk, warps = TQ._launch_cfg(k)
+        consts = {"BK": bk, "S_PAD": s_pad, "MODE": mode, "MASK_MODE": mm, "ONE_CHUNK": one}
+        k_, rep = _aot(TQ._act_quant_split_kernel, qsig, consts, warps, list(range(7)) + [7, 9, 10])
+        assert rep is None or "0 bytes spill stores" in rep, (k, rep)
+        # x is read with 16-byte vector loads
+        assert "ld.global.v4.b32" in k_.asm["ptx"] or bk < 1024
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA (GPU machine)
+# ------------------------------------------------------------------------------------------------------------
+GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (97, 61), (130, 250)]
+GPU_MS = [1, 2, 3, 7, 8, 16, 17, 33, 64, 100, 256, 1000, 4096]
+
+
+def _gpu_entries(n, k, nnz, seed, heavy=False):
+    gen = torch.Generator().manual_seed(seed)
+    return random_entries(n, k, min(nnz, n * k // 3), gen, heavy_row=n // 3 if heavy else None,
+                          heavy_len=min(k, 3000) if heavy else 0)
+
+
+def _check_cuda_case(n, k, m, r, c, v, dtype=torch.bfloat16, path=None):
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev).to(dtype)
+    y = torch.randn(m, n, device=dev).to(dtype)
+    sp = K.prepare_sparse(r, c, v, n, k, dev)
+    y2 = y.clone()
+    if path is None:
+        K.sparse_correction(y2, x, sp)
+    else:
+        TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path)
+    torch.cuda.synchronize()
+    # reference on the GPU in float64 over the touched rows only (dense S would be large)
+    rr, cc = r.to(dev).long(), c.to(dev).long()
+    contrib = x.double()[:, cc] * v.to(dev).double()
+    ref = y.double().index_add(1, rr, contrib)
+    mag = y.double().abs().index_add(1, rr, contrib.abs())
+    tol = ULP[dtype] * ref.abs() + 1e-5 * mag
+    bad = (y2.double() - ref).abs() > tol
+    assert not torch.isnan(y2).any()
+    assert not bad.any(), f"n={n} k={k} m={m} path={path}: {int(bad.sum())} off, max {float((y2.double() - ref).abs().max())}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+@pytest.mark.parametrize("kind", ["sw", "holdout", "heavy"])
+def test_cuda_sparse_vs_reference(n, k, kind):
+    nnz = {"sw": 2, "holdout": max(1, n * k // 1000), "heavy": max(1, n * k // 1000)}[kind]
+    r, c, v = _gpu_entries(n, k, nnz, seed=n + k, heavy=(kind == "heavy"))
+    for m in GPU_MS:
+        _check_cuda_case(n, k, m, r, c, v)
+    for m in (5, 64, 300):
+        for path in ("direct", "transposed"):
+            _check_cuda_case(n, k, m, r, c, v, path=path)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_sparse_dtypes(dtype):
+    r, c, v = _gpu_entries(1000, 700, 5000, seed=3, heavy=True)
+    for m in (1, 9, 129):
+        _check_cuda_case(1000, 700, m, r, c, v, dtype=dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("k,s", [(4096, 0), (4096, 2), (11008, 4), (11008, 16), (20000, 3), (61, 1)])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_cuda_split_vs_reference(k, s, per_token):
+    dev = "cuda"
+    idx = torch.sort(torch.randperm(k)[:s]).values.to(torch.int32).to(dev)
+    prep = K.prepare_outliers(idx.cpu(), k, dev)
+    for m in (1, 3, 17, 64, 1000, 4096):
+        x = (torch.randn(m, k, device=dev) * 2).to(torch.bfloat16)
+        if s:
+            x[:, idx.long()] *= 200
+        want = SL.int8_split_torch(x, idx if s else None, per_token)
+        for mask in (None, prep["mask"]):
+            got = K.int8_quant_outlier_split(x, idx if s else None, per_token, outlier_mask=mask)
+            torch.cuda.synchronize()
+            assert torch.equal(got[1], want[1]), (m, k, s)
+            assert torch.equal(got[2], want[2])
+            diff = (got[0].int() - want[0].int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-4, (m, k, s, int(diff.max()))
+
+
+@gpu
+@needs_cuda
+def test_cuda_ops_under_compile_and_cudagraph():
+    """Custom ops inside torch.compile(fullgraph=True) and a captured CUDA graph give the eager results."""
+    dev = "cuda"
+    n, k = 4096, 11008
+    r, c, v = _gpu_entries(n, k, n * k // 1000, seed=9, heavy=True)
+    sp = K.prepare_sparse(r, c, v, n, k, dev)
+    idx = torch.tensor([7, 2533, 7890], dtype=torch.int32, device=dev)
+    y0 = torch.randn(4096, n, device=dev, dtype=torch.bfloat16)
+
+    def f(x):
+        y = y0[: x.shape[0]] * 2.0  # a fresh tensor, like a GEMM output
+        y = K.sparse_correction(y, x, sp)
+        xq, sc, xo = K.int8_quant_outlier_split(x, idx)
+        return y, xq, sc, xo
+
+    cf = torch.compile(f, fullgraph=True, dynamic=False)
+    for m in (1, 8, 64, 256):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        want = f(x.clone())
+        got = cf(x.clone())
+        for a, b in zip(want, got):
+            assert torch.equal(a, b), m
+        # CUDA graph of the compiled function, replayed on new data
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                cf(static_x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = cf(static_x)
+        for _ in range(3):
+            static_x.copy_(torch.randn(m, k, device=dev, dtype=torch.bfloat16))
+            g.replay()
+            torch.cuda.synchronize()
+            want = f(static_x.clone())
+            for a, b in zip(want, static_out):
+                assert torch.equal(a, b), m

@@ -1,0 +1,144 @@
+"""Kernels of the superweight_rtn serving path (public API used by ``vllm_superweight.vllm_plugin``).
+
+    prepare_sparse(rows, cols, vals, out_features, in_features, device) -> dict[str, Tensor]
+    sparse_correction(y, x, sp) -> Tensor                      # y + S x^T (in place on CUDA)
+    int8_quant_outlier_split(x, outlier_idx, per_token=True)  -> (xq, scales, x_out)
+
+Extras (optional for the plugin):
+
+    prepare_outliers(idx, in_features, device) -> {"idx", "mask"}   # pass mask= to the split for speed
+    outlier_columns_as_entries(w_cols, idx) -> (rows, cols, vals)   # fold the W8A8 side product into sp
+    add_outlier_side_product(y, x_out, w_out_t) -> Tensor           # y + x_out @ w_out_t, Inductor-fusible
+
+CUDA: Triton kernels behind torch custom ops (``torch.ops.superweight.*``, fake impls; torch.compile and CUDA
+graph safe). CPU: vectorized torch (index_select / index_add_ in float32). Importing this package needs torch
+only (Triton optional, vLLM not needed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ops as _ops
+from .sparse_layout import (
+    build_coo,
+    build_sell,
+    coo_correction_torch,
+    int8_split_torch,
+    layout_stats,
+    sell_correction_torch,
+)
+
+__all__ = [
+    "prepare_sparse",
+    "sparse_correction",
+    "int8_quant_outlier_split",
+    "prepare_outliers",
+    "outlier_columns_as_entries",
+    "add_outlier_side_product",
+    "layout_stats",
+]
+
+
+def _is_cuda_device(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def prepare_sparse(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, out_features: int,
+                   in_features: int, device, *, layout: str | None = None, lanes: int = 32,
+                   depth: int | None = None) -> dict[str, torch.Tensor]:
+    """Load-time preprocessing of one Linear's held-out entries ``(rows[i], cols[i], vals[i])``.
+
+    Returns fixed-shape tensors for the plugin to register on the layer. ``layout``: ``"sell"`` (the Triton
+    kernel's layout; default on CUDA) or ``"coo"`` (default elsewhere). Values are kept in float32. Duplicate
+    coordinates are allowed and summed. Raises ValueError on out-of-range indices or non-finite values.
+    """
+    layout = layout or ("sell" if _is_cuda_device(device) and _ops.TRITON_OK else "coo")
+    if layout == "sell":
+        return build_sell(rows, cols, vals, int(out_features), int(in_features), device, lanes=lanes, depth=depth)
+    if layout == "coo":
+        return build_coo(rows, cols, vals, int(out_features), int(in_features), device)
+    raise ValueError(f"unknown sparse layout {layout!r}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``y + S x^T`` for y [M, N], x [M, K]: fp32 accumulation, one rounding into y's dtype.
+
+    CUDA + SELL layout: in place (returns ``y``). Otherwise returns a new tensor.
+    """
+    if "rows" in sp:
+        return coo_correction_torch(y, x, sp)
+    nnz = int(sp["nnz"].shape[0])  # a static shape: no device read
+    if y.is_cuda and _ops.TRITON_OK and y.stride(1) == 1:
+        torch.ops.superweight.sparse_correction_(y, x, sp["ell_cols"], sp["ell_vals"], sp["ell_rb"], sp["hrows"],
+                                                 sp["hptr"], sp["hcols"], sp["hvals"], sp["ucols"], nnz)
+        return y
+    if _interpreting() and _ops.TRITON_OK and y.stride(1) == 1:  # Triton interpreter on CPU tensors (tests)
+        _ops.triton_sparse.sparse_correction_(y, x, sp["ell_cols"], sp["ell_vals"], sp["ell_rb"], sp["hrows"],
+                                              sp["hptr"], sp["hcols"], sp["hvals"], sp["ucols"], nnz)
+        return y
+    return sell_correction_torch(y, x, sp)
+
+
+def int8_quant_outlier_split(x: torch.Tensor, outlier_idx: torch.Tensor | None, per_token: bool = True,
+                             outlier_mask: torch.Tensor | None = None):
+    """Dynamic symmetric int8 quantization of x [M, K] (16-bit) that skips the outlier channels.
+
+    Returns ``(xq int8 [M, K] with the outlier channels 0, scales float32 [M, 1] (per token) or [1, 1],
+    x_out [M, S] = x[:, outlier_idx] in x's dtype)``; scales = absmax / 127 over the non-outlier channels.
+    ``outlier_mask`` (int8 [K], 1 on outlier channels; see ``prepare_outliers``) is an optional speed-up.
+    """
+    if outlier_idx is not None and outlier_idx.numel() == 0:
+        outlier_idx = None
+    if outlier_idx is None:
+        outlier_mask = None
+    if x.is_cuda and _ops.TRITON_OK:
+        return torch.ops.superweight.int8_quant_outlier_split(x, outlier_idx, outlier_mask, per_token)
+    if _interpreting() and _ops.TRITON_OK:
+        return _ops.triton_act_quant.int8_quant_outlier_split(x.contiguous(), outlier_idx, per_token, outlier_mask)
+    return int8_split_torch(x, outlier_idx, per_token)
+
+
+def prepare_outliers(idx, in_features: int, device) -> dict[str, torch.Tensor]:
+    """{"idx": int32 [S] sorted unique, "mask": int8 [K] (1 = outlier channel)} on ``device``."""
+    idx = torch.unique(torch.as_tensor(idx).reshape(-1).to("cpu", torch.int64))
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= in_features):
+        raise ValueError(f"outlier channel outside [0, {in_features})")
+    mask = torch.zeros(in_features, dtype=torch.int8)
+    mask[idx] = 1
+    return {"idx": idx.to(torch.int32).to(device), "mask": mask.to(device)}
+
+
+def outlier_columns_as_entries(w_cols: torch.Tensor, idx: torch.Tensor):
+    """Entries (rows, cols, vals) of the dense outlier columns: ``w_cols[:, s]`` is column ``idx[s]`` of W [N, K].
+
+    Appending them to a layer's held-out entries turns the W8A8 side product ``x_out @ W[:, S]^T`` into part of
+    the one sparse-correction launch (every row gains S slots: the SELL layout takes them at full efficiency).
+    """
+    n, s = w_cols.shape
+    rows = torch.arange(n, device=w_cols.device).repeat_interleave(s)
+    cols = torch.as_tensor(idx, device=w_cols.device).reshape(1, s).expand(n, s).reshape(-1)
+    return rows, cols.long(), w_cols.reshape(-1).float()
+
+
+def add_outlier_side_product(y: torch.Tensor, x_out: torch.Tensor, w_out_t: torch.Tensor) -> torch.Tensor:
+    """``y + x_out @ w_out_t`` (y [M, N], x_out [M, S], w_out_t [S, N]) in float32 with one rounding.
+
+    Written as S unrolled multiply-adds so that under torch.compile Inductor fuses it into y's consumer (no extra
+    kernel, no extra pass over y); eagerly (S > 0) it is one addmm.
+    """
+    s = x_out.shape[1]
+    if s == 0:
+        return y
+    if torch.compiler.is_compiling() and s <= 16:
+        acc = y.float()
+        for i in range(s):
+            acc = acc + x_out[:, i:i + 1].float() * w_out_t[i:i + 1, :].float()
+        return acc.to(y.dtype)
+    return torch.addmm(y.float(), x_out.float(), w_out_t.float()).to(y.dtype)

@@ -1,0 +1,92 @@
+"""Torch custom ops wrapping the Triton kernels (CUDA), so that they are opaque, graph-safe nodes inside
+``torch.compile(fullgraph=True)`` and CUDA-graph capture.
+
+* ``torch.ops.superweight.sparse_correction_(y, x, <8 layout tensors>, nnz) -> ()``  mutates ``y``;
+* ``torch.ops.superweight.int8_quant_outlier_split(x, idx?, mask?, per_token) -> (xq, scales, x_out)``.
+
+Both have fake (meta) implementations. Registration uses vLLM's ``direct_register_custom_op`` when vLLM is
+already imported (the plugin), otherwise plain ``torch.library`` (same effect; keeps the converter and the tests
+free of a vLLM import). Registration touches no CUDA state (safe before vLLM forks its workers). The op bodies
+only read tensor shapes on the host: no ``.item()``, no syncs, no data-dependent output shapes.
+"""
+
+import sys
+from typing import Optional
+
+import torch
+
+NAMESPACE = "superweight"
+_LIB: Optional[torch.library.Library] = None
+TRITON_OK = True
+try:
+    from . import triton_act_quant, triton_sparse
+except Exception:  # pragma: no cover - no triton in this environment
+    TRITON_OK = False
+
+
+def _sparse_impl(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor, ell_vals: torch.Tensor,
+                 ell_rb: torch.Tensor, hrows: torch.Tensor, hptr: torch.Tensor, hcols: torch.Tensor,
+                 hvals: torch.Tensor, ucols: torch.Tensor, nnz: int) -> None:
+    triton_sparse.sparse_correction_(y, x, ell_cols, ell_vals, ell_rb, hrows, hptr, hcols, hvals, ucols, nnz)
+
+
+def _sparse_fake(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor, ell_vals: torch.Tensor,
+                 ell_rb: torch.Tensor, hrows: torch.Tensor, hptr: torch.Tensor, hcols: torch.Tensor,
+                 hvals: torch.Tensor, ucols: torch.Tensor, nnz: int) -> None:
+    return None
+
+
+def _split_impl(x: torch.Tensor, outlier_idx: Optional[torch.Tensor], outlier_mask: Optional[torch.Tensor],
+                per_token: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return triton_act_quant.int8_quant_outlier_split(x, outlier_idx, per_token, outlier_mask)
+
+
+def _split_fake(x: torch.Tensor, outlier_idx: Optional[torch.Tensor], outlier_mask: Optional[torch.Tensor],
+                per_token: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    s = 0 if outlier_idx is None else outlier_idx.shape[0]
+    xq = x.new_empty((m, k), dtype=torch.int8)
+    scales = x.new_empty((m, 1) if per_token else (1, 1), dtype=torch.float32)
+    xo = x.new_empty((m, s))
+    return xq, scales, xo
+
+
+def _register_one(lib, name, fn, mutates, fake) -> None:
+    if "vllm" in sys.modules:
+        try:
+            from vllm.utils.torch_utils import direct_register_custom_op
+
+            direct_register_custom_op(name, fn, mutates_args=mutates, fake_impl=fake, target_lib=lib,
+                                      dispatch_key="CUDA")
+            return
+        except ImportError:
+            pass
+    from torch._library.infer_schema import infer_schema
+
+    lib.define(name + infer_schema(fn, mutates_args=mutates))
+    lib.impl(name, fn, "CUDA")
+    lib._register_fake(name, fake)
+
+
+def register() -> bool:
+    """Define the ops once per process (idempotent). Returns False where Triton is unavailable."""
+    global _LIB
+    if not TRITON_OK:
+        return False
+    if _LIB is not None:
+        return True
+    try:  # already defined in this process (e.g. the module was re-imported)
+        torch.ops.superweight.sparse_correction_.default  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+    _register_one(lib, "sparse_correction_", _sparse_impl, ["y"], _sparse_fake)
+    _register_one(lib, "int8_quant_outlier_split", _split_impl, [], _split_fake)
+    _LIB = lib
+    return True
+
+
+register()

@@ -1,0 +1,204 @@
+"""Triton kernels of the sparse correction ``y[:, r] += v * x[:, c]`` over the SELL + heavy-CSR layout.
+
+One launch (two on the large-M path). Grid = (light slices + heavy rows, M blocks); program ``p``:
+
+* ``p < n_slices`` (light): owns the C consecutive rows of one row block. It loads a [BJ, C] tile of the slice's
+  column/value slots (coalesced: slot-major, lane-minor), gathers ``x[m, col]`` for its BM tokens as one
+  [BM, BJ, C] tile (all loads independent -> many in flight), multiplies in fp32, reduces over the BJ slots and
+  loops until the slice depth L is covered. Then ``y[m-block, rows] = round(y + acc)`` (one rounding; the y
+  load is issued before the loop so its latency hides behind the gathers).
+* ``p >= n_slices`` (heavy): one long row; [BM, BE] tiles of its CSR entries, reduced to one value per token.
+
+No two programs write the same element of y: no atomics, deterministic, exact fp32 sums.
+
+Large M (prefill): gathering ``x[m, col]`` token by token touches one 32-byte sector per element. When M is
+large and the entries reuse columns (``nnz >= 2 * distinct columns``), a first kernel writes
+``xt[c, m] = x[m, c]`` for the distinct columns only, and the main kernel reads ``xt`` with swapped strides:
+the BM tokens of one entry are then contiguous (128 B for BM = 64). The grid's fast axis is the slice, so all
+slices of one M block run together and the [K, BM] panel of xt stays in L2.
+
+Optional programmatic dependent launch (``SUPERWEIGHT_PDL=1``, Hopper+): the kernel is launched with the PDL
+attribute and waits (``griddepcontrol.wait``) only before it touches ``y``; the metadata loads and the x gathers
+(x was complete before the GEMM started) overlap the GEMM's tail and the launch latency.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # Hopper grid-dependency control (absent from the interpreter)
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except Exception:  # pragma: no cover
+    _gdc_wait = None
+
+TILE_ELEMS = int(os.environ.get("SUPERWEIGHT_SPARSE_TILE", "4096"))  # elements of the gather tile per iteration
+T_MIN_M = int(os.environ.get("SUPERWEIGHT_SPARSE_TRANSPOSE_MIN_M", "16"))  # smallest M for the transposed path
+USE_PDL = os.environ.get("SUPERWEIGHT_PDL", "0") == "1"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _np2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+@triton.jit(do_not_specialize=["M", "L", "n_slices"])
+def _sell_spmm_kernel(
+    y_ptr, x_ptr,
+    ecols_ptr, evals_ptr, erb_ptr,
+    hrows_ptr, hptr_ptr, hcols_ptr, hvals_ptr,
+    M, N, L, n_slices,
+    stride_ym, stride_xm, stride_xk,
+    C: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, BE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pm = tl.program_id(1)
+    offs_m = pm * BM + tl.arange(0, BM)
+    m_ok = offs_m < M
+    m64 = offs_m.to(tl.int64)
+    if pid < n_slices:
+        lanes = tl.arange(0, C)
+        rb = tl.load(erb_ptr + pid)
+        rows = rb * C + lanes
+        base = pid.to(tl.int64) * L * C
+        # a lane holds entries iff its first slot is used (slots fill from 0)
+        c0 = tl.load(ecols_ptr + base + lanes)
+        w_ok = m_ok[:, None] & ((c0 >= 0) & (rows < N))[None, :]
+        y_ptrs = y_ptr + m64[:, None] * stride_ym + rows[None, :]
+        if not PDL:
+            y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
+        acc = tl.zeros((BM, C), dtype=tl.float32)
+        jr = tl.arange(0, BJ)
+        for j0 in range(0, L, BJ):
+            jj = j0 + jr
+            e_off = base + jj[:, None] * C + lanes[None, :]
+            e_ok = (jj < L)[:, None]
+            cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
+            vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
+            x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
+            g_ok = m_ok[:, None, None] & (cc >= 0)[None, :, :]
+            xg = tl.load(x_ptrs, mask=g_ok, other=0.0)
+            acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
+        if PDL:
+            _gdc_wait()
+            y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
+        tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=w_ok)
+    else:
+        h = pid - n_slices
+        h_row = tl.load(hrows_ptr + h)
+        h_lo = tl.load(hptr_ptr + h)
+        h_hi = tl.load(hptr_ptr + h + 1)
+        h_yp = y_ptr + m64 * stride_ym + h_row
+        if not PDL:
+            h_old = tl.load(h_yp, mask=m_ok, other=0.0)
+        h_acc = tl.zeros((BM, BE), dtype=tl.float32)
+        h_er = tl.arange(0, BE)
+        for e0 in range(h_lo, h_hi, BE):
+            h_ee = e0 + h_er
+            h_eok = h_ee < h_hi
+            h_cc = tl.load(hcols_ptr + h_ee, mask=h_eok, other=0)
+            h_vv = tl.load(hvals_ptr + h_ee, mask=h_eok, other=0.0)
+            h_xp = x_ptr + m64[:, None] * stride_xm + h_cc.to(tl.int64)[None, :] * stride_xk
+            h_xg = tl.load(h_xp, mask=m_ok[:, None] & h_eok[None, :], other=0.0)
+            h_acc += h_xg.to(tl.float32) * h_vv[None, :]
+        h_tot = tl.sum(h_acc, axis=1)
+        if PDL:
+            _gdc_wait()
+            h_old = tl.load(h_yp, mask=m_ok, other=0.0)
+        tl.store(h_yp, (h_old.to(tl.float32) + h_tot).to(y_ptr.dtype.element_ty), mask=m_ok)
+
+
+@triton.jit(do_not_specialize=["M", "U"])
+def _gather_transpose_kernel(x_ptr, ucols_ptr, xt_ptr, M, U, stride_xm, stride_xk,
+                             BU: tl.constexpr, BMT: tl.constexpr):
+    """xt[c, m] = x[m, c] for the distinct columns c = ucols[u] (rows of xt not in ucols stay unwritten)."""
+    pu = tl.program_id(0)
+    pm = tl.program_id(1)
+    u = pu * BU + tl.arange(0, BU)
+    u_ok = u < U
+    c = tl.load(ucols_ptr + u, mask=u_ok, other=0).to(tl.int64)
+    m = pm * BMT + tl.arange(0, BMT)
+    m_ok = m < M
+    ok = m_ok[:, None] & u_ok[None, :]
+    v = tl.load(x_ptr + m.to(tl.int64)[:, None] * stride_xm + c[None, :] * stride_xk, mask=ok)
+    tl.store(xt_ptr + c[None, :] * M + m[:, None], v, mask=ok)
+
+
+def plan(m: int, k: int, sp_shapes: dict, nnz: int) -> dict:
+    """Launch plan from shapes only (host ints; no device reads). Exposed for tests and benchmarks.
+
+    The transposed path is taken for M >= T_MIN_M when the entries reuse columns (nnz >= 2 x distinct columns):
+    then one coalesced transpose of those columns replaces M-times-scattered gathers.
+    """
+    s, depth, lanes = sp_shapes["ell_cols"]
+    h = sp_shapes["hrows"][0]
+    u = sp_shapes["ucols"][0]
+    transposed = m >= T_MIN_M and u > 0 and nnz >= 2 * u
+    return _blocks(m, s, depth, lanes, h, transposed)
+
+
+def _blocks(m, s, depth, lanes, h, transposed):
+    bm = min(64 if transposed else 16, _np2(m))
+    bj = max(1, min(_np2(max(depth, 1)), TILE_ELEMS // (bm * lanes)))
+    be = max(16, min(1024, TILE_ELEMS // bm))
+    tile = max(bm * bj * lanes, bm * be)
+    warps = 4 if tile <= 2048 else 8
+    return {"transposed": transposed, "BM": bm, "BJ": bj, "BE": be, "num_warps": warps,
+            "grid": (s + h, triton.cdiv(m, bm)), "n_slices": s, "depth": depth, "lanes": lanes, "heavy": h}
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def sparse_correction_(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor, ell_vals: torch.Tensor,
+                       ell_rb: torch.Tensor, hrows: torch.Tensor, hptr: torch.Tensor, hcols: torch.Tensor,
+                       hvals: torch.Tensor, ucols: torch.Tensor, nnz: int | None = None,
+                       force_path: str | None = None, pdl: bool | None = None) -> None:
+    """In-place ``y += S x^T`` (y [M, N] with unit column stride, x [M, K]). ``nnz`` = number of entries
+    (default: the padded slot count, an over-estimate)."""
+    m, k = x.shape
+    n = y.shape[1]
+    if nnz is None:
+        nnz = ell_cols.numel() + hcols.numel()
+    s, depth, lanes = ell_cols.shape
+    h = hrows.shape[0]
+    if m == 0 or s + h == 0:
+        return
+    if force_path is None:
+        p = plan(m, k, {"ell_cols": (s, depth, lanes), "hrows": (h,), "ucols": (ucols.shape[0],)}, nnz)
+    else:
+        p = _blocks(m, s, depth, lanes, h, force_path == "transposed" and ucols.numel() > 0)
+    assert y.stride(1) == 1, "y must have unit column stride"
+    use_pdl = (USE_PDL if pdl is None else pdl) and not _interpreting() and _gdc_wait is not None
+    if use_pdl and (not y.is_cuda or _major(y.device.index if y.device.index is not None else 0) < 9):
+        use_pdl = False
+    # dummy (never dereferenced) pointers for empty parts
+    ec, ev, erb = (ell_cols, ell_vals, ell_rb) if ell_cols.numel() else (hcols, hvals, hrows)
+    hr, hp, hc, hv = (hrows, hptr, hcols, hvals) if hrows.numel() else (ell_rb, ell_rb, ell_cols, ell_vals)
+    if p["transposed"]:
+        xt = torch.empty((k, m), dtype=x.dtype, device=x.device)
+        u = ucols.numel()
+        _gather_transpose_kernel[(triton.cdiv(u, 64), triton.cdiv(m, 64))](
+            x, ucols, xt, m, u, x.stride(0), x.stride(1), BU=64, BMT=64, num_warps=4)
+        xs, sxm, sxk = xt, 1, m
+    else:
+        xs, sxm, sxk = x, x.stride(0), x.stride(1)
+    kw = {"num_warps": p["num_warps"]}
+    if use_pdl:
+        kw["launch_pdl"] = True
+    _sell_spmm_kernel[p["grid"]](
+        y, xs, ec, ev, erb, hr, hp, hc, hv,
+        m, n, p["depth"], p["n_slices"],
+        y.stride(0), sxm, sxk,
+        C=p["lanes"], BM=p["BM"], BJ=p["BJ"], BE=p["BE"], PDL=use_pdl, **kw,
+    )
