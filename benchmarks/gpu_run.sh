@@ -48,7 +48,7 @@ sys.exit(0 if eps and os.path.dirname(vllm_superweight.__file__).startswith(os.g
 EOF
   then
     echo "[$(ts)] installing this package (editable, no deps)"
-    if ! $PY -m pip install -q --no-deps --no-build-isolation -e . ; then
+    if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . ; then
       echo "[$(ts)] pip could not install; adding a metadata shim for the entry point"
       SHIM=/tmp/sw-entrypoint
       rm -rf "$SHIM" && mkdir -p "$SHIM/vllm_superweight-0.1.0.dist-info"

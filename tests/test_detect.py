@@ -59,6 +59,15 @@ def test_finds_exactly_the_planted_super_weight(planted):
     assert r.thresholds["searched_layers"] == 3 and r.thresholds["rel_threshold"] > 0
 
 
+def test_trigger_all_tokens_any_prompt():
+    # trigger="all" (used with foreign tokenizers, e.g. by the converter tests): every token spikes, any prompt works
+    m = build_tiny_llama(seed=0, super_weights=(SW,), trigger="all", dtype=torch.bfloat16)
+    for prompt in ("Apple Inc. is a worldwide tech company.", "x", "Zebras run."):
+        r = detect_super_weights(m, lambda text, return_tensors="pt": {"input_ids": torch.tensor([[ord(c) % 250 + 3
+                                 for c in text]])}, prompt, progress=False)
+        assert coords(r) == {SW} and r.super_weights[0].dtype == "bfloat16"
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("layer", [0, 1, 2])
 def test_planted_anywhere_early(seed, layer):

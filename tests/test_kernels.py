@@ -267,6 +267,55 @@ def test_cpu_paths_trace_fullgraph():
                 assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(INTERP, reason="not in the interpreter run")
+def test_inductor_reinplaces_the_mutating_op():
+    """Under vLLM's Inductor settings (auto_functionalized v1) the in-place sparse op runs directly on the GEMM
+    output buffer: no clone/copy of y is inserted (checked on CPU with a CPU impl of the same op schema)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from vllm_superweight.kernels import ops
+
+    if not ops.TRITON_OK:
+        pytest.skip("ops not registered (no triton)")
+
+    def cpu_impl(y, x, ell_cols, ell_vals, ell_rb, hrows, hptr, hcols, hvals, ucols, nnz):
+        sp_ = dict(ell_cols=ell_cols, ell_vals=ell_vals, ell_rb=ell_rb, hrows=hrows, hptr=hptr, hcols=hcols,
+                   hvals=hvals, ucols=ucols)
+        y.copy_(SL.sell_correction_torch(y, x, sp_))
+
+    try:
+        ops._LIB.impl("sparse_correction_", cpu_impl, "CPU")
+    except RuntimeError:
+        pass  # already registered in this process
+    gen = torch.Generator().manual_seed(0)
+    n, k = 256, 128
+    r, c, v = random_entries(n, k, 300, gen)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
+    w = torch.randn(k, n, generator=gen)
+
+    def f(x):
+        y = (x @ w).reshape(-1, 2, n // 2)  # a GEMM output, reshaped as the plugin does
+        y2 = y.reshape(-1, n)
+        torch.ops.superweight.sparse_correction_(y2, x, *[sp[key] for key in SELL_ORDER], int(sp["nnz"].shape[0]))
+        return torch.nn.functional.silu(y2) * 2
+
+    torch._dynamo.reset()
+    old = torch._inductor.config.enable_auto_functionalized_v2
+    torch._inductor.config.enable_auto_functionalized_v2 = False  # vLLM 0.26's setting
+    try:
+        x = torch.randn(5, k, generator=gen)
+        out, codes = run_and_get_code(torch.compile(f, fullgraph=True), x)
+    finally:
+        torch._inductor.config.enable_auto_functionalized_v2 = old
+        torch._dynamo.reset()
+    code = "\n".join(codes)
+    assert torch.allclose(out, f(x), atol=1e-5)
+    assert "sparse_correction_" in code
+    assert not [ln for ln in code.splitlines() if re.search(r"\bclone\b|\.copy_\(", ln)], code
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Triton interpreter (real kernels on CPU); driven by a subprocess with TRITON_INTERPRET=1
 # ------------------------------------------------------------------------------------------------------------
@@ -305,6 +354,26 @@ def test_interp_sparse_kernel(path, n, k, nnz, m):
     y3 = K.sparse_correction(y.float().clone(), x, K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell"))
     ref32, mag32 = dense_reference(y.float(), x, r, c, v, n, k)
     assert_rounded_close(y3, ref32, mag32, torch.float32)
+
+
+@interp_only
+@pytest.mark.parametrize("path", ["direct", "transposed"])
+def test_interp_sparse_kernel_heavy_only_and_sw_only(path):
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    gen = torch.Generator().manual_seed(3)
+    n, k, m = 50, 4000, 20
+    cases = [random_entries(n, k, 0, gen, heavy_row=7, heavy_len=3000),  # one long row only -> heavy CSR only
+             (torch.tensor([33]), torch.tensor([2533]), torch.tensor([-2.5]))]  # a single super weight
+    for r, c, v in cases:
+        sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+        ref, mag = dense_reference(y, x, r, c, v, n, k)
+        y2 = y.clone()
+        TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path)
+        assert_rounded_close(y2, ref, mag, torch.bfloat16)
+    assert K.layout_stats(K.prepare_sparse(*cases[0], n, k, "cpu", layout="sell"))["slices"] == 0
 
 
 @interp_only

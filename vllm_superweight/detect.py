@@ -16,14 +16,17 @@ One prompt, one forward pass per iteration, hooks on the input and output of eve
      eraser, not a super weight);
    * orphaned input spikes (after a SW is zeroed, ``x[:, col]`` stays huge and turns ordinary ``W[row', col]`` into
      spikes): the weight must be an outlier of its matrix (``|w| >= weight_rel_threshold * median|W|``) or its
-     contribution must be a large share (``sa_share_threshold``) of the layer's original super activation.
+     contribution must be a large share (``sa_share_threshold``) of the layer's original super activation;
+   * peel artefacts (zeroing an upstream SW changes downstream activations): in later passes the row and the
+     column must have spiked in the original model too, and the growth test must hold there.
 4. Zero what was accepted and run again (the peel loop) until a pass accepts nothing; then restore every zeroed
-   weight, so the model is bit-identical afterwards.
+   weight, so the model is bit-identical afterwards. Siblings masked by a larger one surface in later passes.
 
 Thresholds are relative on purpose: an absolute one (the reference code's ``> 50``) misses real super weights, e.g.
 SmolLM2-1.7B's input spike is only 26. With the super weights in place, the inputs of every quantizable Linear are
 scanned for activation-outlier channels (the FP16 channels of the int8-activation path). ``confirm=True`` ablates
-each super weight alone (and all together) and measures the super-activation collapse and the loss on the prompt.
+each super weight alone (and per sibling group, and all together) and measures the super-activation collapse and
+the loss on a short built-in text.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def plot_activation_profile(profile: list[dict], path: str, title: str, super_we
 
     layers = [int(p["layer"]) for p in profile]
     sw_layers = sorted({_layer_of(sw) for sw in super_weights})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharex=True)
     panels = (("down_in", "max |down_proj input|", "tab:blue"), ("down_out", "max |down_proj output|", "tab:orange"))
     for ax, (key, label, color) in zip(axes, panels):
         vals = [abs(float(p[f"{key}_max"])) for p in profile]
@@ -46,7 +46,7 @@ def plot_activation_profile(profile: list[dict], path: str, title: str, super_we
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", framealpha=0.8)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     d = os.path.dirname(os.path.abspath(path))

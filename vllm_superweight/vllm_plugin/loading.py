@@ -77,6 +77,8 @@ class LinearSpec:
         self.k = in_features
 
     def _err(self, name: str, msg: str) -> FormatError:
+        if "disagree" not in msg:
+            msg += " - the checkpoint and its config.json disagree"
         return FormatError(f"{self.prefix}.{name}: {msg}")
 
     # --- transforms (checkpoint tensor of one shard -> kernel layout at full shard size) --------------------------

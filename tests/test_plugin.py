@@ -1,0 +1,237 @@
+"""The vLLM plugin end to end with REAL vLLM (CPU build 0.26.0): registration, logits vs a float reference,
+the super-weight correction, tensor parallelism, bad checkpoints, the OpenAI server.
+
+Every engine runs in its own subprocess (tests/vllm_runner.py). Reference = a transformers model holding the
+dequantized weights with every held-out weight restored (vllm_superweight.checkpoint.load_dequantized_model).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_vllm
+from vllm_superweight.checkpoint import load_dequantized_model
+from vllm_superweight.convert import build_quant_config, convert
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "In 1905, Albert Einstein published",
+    "def fibonacci(n):\n    ",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def smollm2_ckpt(tmp_path_factory):
+    """SmolLM2-135M converted with the README's default preset (bf16; detection on)."""
+    dst = str(tmp_path_factory.mktemp("ck") / "smollm2-default")
+    convert("smollm2", dst, build_quant_config("default"), progress=False, log=None)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def smollm2_ref(smollm2_ckpt):
+    model, tok = load_dequantized_model(smollm2_ckpt, dtype=torch.float32)
+    return model, tok
+
+
+def _tiny_hf(dirpath, tok_dir, seed=0):
+    """A tiny random Llama (2 layers, hidden 128, inter 384, GQA 4/2) with SmolLM2's tokenizer, bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    m = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():  # two planted super weights, one on each side of the TP=2 split of down_proj's input
+        m.model.layers[0].mlp.down_proj.weight[5, 17] = 1.5
+        m.model.layers[0].mlp.down_proj.weight[5, 300] = -1.25
+    m.save_pretrained(dirpath)
+    for f in os.listdir(tok_dir):
+        shutil.copy(os.path.join(tok_dir, f), dirpath)
+    return str(dirpath)
+
+
+TINY_SWS = [{"layer": 0, "row": 5, "col": 17}, {"layer": 0, "row": 5, "col": 300}]
+
+
+@pytest.fixture(scope="session")
+def tiny_src(tmp_path_factory, smollm2_tokenizer_dir):
+    return _tiny_hf(tmp_path_factory.mktemp("tiny") / "src", smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_src):
+    dst = str(tmp_path_factory.mktemp("tinyck") / "w4")
+    qc = build_quant_config(None, bits=4, block="channel", symmetric=False, holdout=1e-3)
+    convert(tiny_src, dst, qc, super_weights=TINY_SWS, progress=False, log=None)
+    return dst
+
+
+def _ids(tok, texts):
+    return [tok(t).input_ids for t in texts]
+
+
+def _ref_logprobs(model, ids):
+    with torch.no_grad():
+        lg = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return lg[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_entry_point_registers_the_method():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "superweight_rtn"]
+    assert eps and eps[0].value == "vllm_superweight:register"
+    eps[0].load()()
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    assert "superweight_rtn" in QUANTIZATION_METHODS
+    assert get_quantization_config("superweight_rtn").__name__ == "SuperWeightRTNConfig"
+
+
+def test_fp32_greedy_and_logits_match_reference(smollm2_ckpt, smollm2_ref):
+    """vLLM serving the checkpoint == transformers on the dequantized, SW-restored weights (fp32)."""
+    model, tok = smollm2_ref
+    ids = _ids(tok, PROMPTS)
+    res = run_vllm({"model": smollm2_ckpt, "dtype": "float32", "prompts": ids, "max_tokens": 32,
+                    "prompt_logprobs": True})
+    worst = 0.0
+    for p, r in zip(ids, res):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(p):]
+        assert r["tokens"] == ref.tolist()
+        worst = max(worst, float((torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs().max()))
+    print(f"fp32: 3 prompts x 32 greedy tokens identical; max |prompt logprob error| = {worst:.2e}")
+    assert worst < 1e-3
+
+
+def test_bf16_cpu_kernel_close_to_reference(smollm2_ckpt, smollm2_ref):
+    """bf16 serving runs vLLM's CPUWNA16 int4 kernel: close to the fp32 reference (bf16 rounding only)."""
+    model, tok = smollm2_ref
+    ids = _ids(tok, PROMPTS)
+    res = run_vllm({"model": smollm2_ckpt, "dtype": "bfloat16", "prompts": ids, "max_tokens": 8,
+                    "prompt_logprobs": True})
+    errs = torch.cat([(torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs() for p, r in zip(ids, res)])
+    print(f"bf16: mean |logprob error| {errs.mean():.4f}, max {errs.max():.4f}")
+    assert errs.mean() < 0.1
+
+
+def test_superweight_correction_matters(smollm2_ckpt, smollm2_ref):
+    """Disabling the sparse correction (SWs + held-out weights) measurably changes the output."""
+    model, tok = smollm2_ref
+    ids = _ids(tok, PROMPTS)
+    spec = {"model": smollm2_ckpt, "dtype": "float32", "prompts": ids, "max_tokens": 16, "prompt_logprobs": True}
+    on = run_vllm(spec)
+    off = run_vllm({**spec, "env": {"SUPERWEIGHT_DISABLE_CORRECTION": "1"}})
+    d_on = torch.cat([(torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs() for p, r in zip(ids, on)])
+    d_off = torch.cat([(torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs() for p, r in zip(ids, off)])
+    nll_on = -torch.cat([torch.tensor(r["prompt_logprobs"]) for r in on]).mean()
+    nll_off = -torch.cat([torch.tensor(r["prompt_logprobs"]) for r in off]).mean()
+    print(f"correction on: mean |err| {d_on.mean():.2e}, NLL {nll_on:.3f}; off: mean |err| {d_off.mean():.3f}, "
+          f"NLL {nll_off:.3f}")
+    assert d_off.mean() > 100 * max(d_on.mean(), 1e-5)
+    assert d_off.mean() > 0.05
+    assert nll_off > nll_on
+    assert any(a["tokens"] != b["tokens"] for a, b in zip(on, off))
+
+
+def test_tensor_parallel_2_matches_tp1(tiny_ckpt, smollm2_tokenizer_dir):
+    """TP=2 on CPU (gloo): column- and row-parallel splits, a super weight on each side of down_proj's split."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    ids = _ids(tok, PROMPTS)
+    spec = {"model": tiny_ckpt, "dtype": "float32", "prompts": ids, "max_tokens": 12, "prompt_logprobs": True}
+    tp1 = run_vllm(spec)
+    tp2 = run_vllm({**spec, "tp": 2})
+    for a, b in zip(tp1, tp2):
+        assert a["tokens"] == b["tokens"]
+        assert max(abs(x - y) for x, y in zip(a["prompt_logprobs"], b["prompt_logprobs"])) < 1e-4
+    # and both equal the float reference (so the SWs on both ranks were applied)
+    model, _ = load_dequantized_model(tiny_ckpt, dtype=torch.float32)
+    for p, r in zip(ids, tp2):
+        assert float((torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("act", ["int8-token", "int8-tensor"])
+def test_w8a8_outlier_channels(tmp_path, tiny_src, smollm2_tokenizer_dir, act):
+    """W8A8: int8 activations except the listed outlier channels (kept 16-bit); close to the float reference."""
+    from transformers import AutoTokenizer
+
+    dst = str(tmp_path / "w8a8")
+    qc = build_quant_config(None, bits=8, block="channel", symmetric=True, activations=act)
+    outl = [{"module": f"model.layers.{i}.{m}", "channels": [3, 77], "magnitudes": [10.0, 9.0]}
+            for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
+    convert(tiny_src, dst, qc, super_weights=TINY_SWS, activation_outliers=outl, progress=False, log=None)
+    tok = AutoTokenizer.from_pretrained(dst)
+    ids = _ids(tok, PROMPTS)
+    res = run_vllm({"model": dst, "dtype": "float32", "prompts": ids, "max_tokens": 4, "prompt_logprobs": True})
+    model, _ = load_dequantized_model(dst, dtype=torch.float32)
+    errs = torch.cat([(torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs() for p, r in zip(ids, res)])
+    print(f"W8A8 {act}: mean |logprob error| vs float-activation reference {errs.mean():.4f}")
+    assert errs.mean() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad checkpoints fail at load, before serving, with their message
+# ---------------------------------------------------------------------------------------------------------------
+def _edit_json(path, fn):
+    with open(path) as f:
+        d = json.load(f)
+    fn(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+BAD = {
+    "format_version": (lambda d: _edit_json(os.path.join(d, "config.json"),
+                                             lambda c: c["quantization_config"].update(format_version="9.0")),
+                       "format version 9.0 is not supported"),
+    "missing_sidecar": (lambda d: os.remove(os.path.join(d, "superweights.json")), "sidecar"),
+    "shape_mismatch": (lambda d: _edit_json(os.path.join(d, "config.json"),
+                                            lambda c: c["quantization_config"].update(bits=8)),
+                       "the checkpoint and its config.json disagree"),
+    "sw_outside_matrix": (lambda d: _edit_json(os.path.join(d, "superweights.json"),
+                                               lambda s: s["super_weights"][0].update(row=100000)),
+                          "lies outside its matrix"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_checkpoint_fails_at_load(tmp_path, tiny_ckpt, case):
+    d = str(tmp_path / case)
+    shutil.copytree(tiny_ckpt, d)
+    BAD[case][0](d)
+    out = run_vllm({"model": d, "dtype": "float32", "prompts": [[1, 2, 3]], "max_tokens": 1}, expect_fail=True)
+    assert BAD[case][1] in out, out[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_openai_server_completions_chat_concurrency(smollm2_ckpt, tmp_path):
+    """A real `vllm serve` on 127.0.0.1 (with --quantization superweight_rtn given explicitly)."""
+    from vllm_superweight.servedemo import VLLMServer
+
+    log = str(tmp_path / "serve.log")
+    with VLLMServer(smollm2_ckpt, extra_args=["--quantization", "superweight_rtn"], log_path=log) as srv:
+        c = srv.complete("The capital of France is", max_tokens=8)
+        assert c["choices"][0]["text"].strip() and c["usage"]["completion_tokens"] == 8
+        r = srv.chat("Name a primary color.", max_tokens=16)
+        assert r["choices"][0]["message"]["content"].strip()
+        prompts = [f"Count from {i} to {i + 5}:" for i in range(6)]
+        with cf.ThreadPoolExecutor(6) as ex:
+            outs = list(ex.map(lambda p: srv.complete(p, max_tokens=12), prompts))
+        assert all(o["usage"]["completion_tokens"] == 12 and o["choices"][0]["text"] for o in outs)
+    with open(log) as f:
+        assert "superweight_rtn" in f.read()
