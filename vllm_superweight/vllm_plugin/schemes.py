@@ -23,16 +23,9 @@ from .loading import LinearSpec, kernel_bits
 
 
 def _kernels():
-    try:
-        from .. import kernels
+    from .. import kernels
 
-        if hasattr(kernels, "sparse_correction"):
-            return kernels
-    except ImportError:
-        pass
-    from . import _fallback
-
-    return _fallback
+    return kernels
 
 
 class SWScheme:
@@ -294,9 +287,14 @@ class SWW8A8Scheme(SWScheme):
         del layer._parameters["weight_shape"]
         layer.sw_n_outliers = int(outl.numel())
         if layer.sw_n_outliers:
-            # 16-bit side product for the outlier channels: W[:, S] dequantized (per-row scales).
+            # 16-bit side product for the outlier channels: W[:, S] dequantized (per-row scales), stored [S, N].
             w_out = (layer.weight.data[:, outl].float() * layer.weight_scale.data.float()).to(layer.params_dtype)
-            layer.register_buffer("sw_outlier_idx", outl.to(torch.long), persistent=False)
+            po = _kernels().prepare_outliers(outl, layer.input_size_per_partition, device)
+            layer.register_buffer("sw_outlier_idx", po["idx"], persistent=False)
+            layer.register_buffer("sw_outlier_mask", po["mask"], persistent=False)
+            keep = torch.ones(layer.input_size_per_partition, dtype=layer.params_dtype, device=device)
+            keep[outl] = 0
+            layer.register_buffer("sw_outlier_keep", keep, persistent=False)
             layer.register_buffer("sw_outlier_w", w_out.t().contiguous(), persistent=False)  # [S, N]
         self.fused = False
         if self.kernel is not None:
@@ -312,18 +310,19 @@ class SWW8A8Scheme(SWScheme):
 
     def _split(self, layer, x: torch.Tensor):
         if layer.sw_n_outliers:
-            return _kernels().int8_quant_outlier_split(x, layer.sw_outlier_idx, self.per_token)
+            return _kernels().int8_quant_outlier_split(x, layer.sw_outlier_idx, self.per_token,
+                                                       outlier_mask=layer.sw_outlier_mask)
         return _kernels().int8_quant_outlier_split(x, None, self.per_token)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        K = _kernels()
         x2 = x.reshape(-1, x.shape[-1])
         if self.kernel is not None and not self.fused:
-            xm = x2
-            if layer.sw_n_outliers:
-                xm = x2.index_fill(1, layer.sw_outlier_idx, 0)
+            # vLLM's own int8 kernel (oneDNN on CPU) quantizes per token itself: hand it x without the outliers.
+            xm = x2 * layer.sw_outlier_keep if layer.sw_n_outliers else x2
             y = self.kernel.apply_weights(layer, xm, bias)
             if layer.sw_n_outliers:
-                y = y + x2.index_select(1, layer.sw_outlier_idx) @ layer.sw_outlier_w
+                y = K.add_outlier_side_product(y, x2.index_select(1, layer.sw_outlier_idx), layer.sw_outlier_w)
         else:
             xq, xs, xo = self._split(layer, x2)
             if self.fused:
@@ -337,6 +336,6 @@ class SWW8A8Scheme(SWScheme):
                 if bias is not None:
                     y = y + bias
             if layer.sw_n_outliers:
-                y = y + xo @ layer.sw_outlier_w
+                y = K.add_outlier_side_product(y, xo, layer.sw_outlier_w)
         y = self._apply_sparse(layer, y, x2)
         return y.reshape(*x.shape[:-1], y.shape[-1])
