@@ -125,7 +125,7 @@ def test_bf16_cpu_kernel_close_to_reference(smollm2_ckpt, smollm2_ref):
                     "prompt_logprobs": True})
     errs = torch.cat([(torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs() for p, r in zip(ids, res)])
     print(f"bf16: mean |logprob error| {errs.mean():.4f}, max {errs.max():.4f}")
-    assert errs.mean() < 0.1
+    assert errs.mean() < 0.15  # measured 0.074 (bf16 activations vs the fp32 reference)
 
 
 def test_superweight_correction_matters(smollm2_ckpt, smollm2_ref):

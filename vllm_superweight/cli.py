@@ -192,15 +192,15 @@ def _print_sidecar(sc: dict) -> None:
         print(
             f"  {sw['module']}[{sw['row']}, {sw['col']}] = {sw['value']!r} ({sw['dtype']} 0x{sw['bits']})"
             f"  input spike {_fmt(sw.get('input_spike'))}, output spike {_fmt(sw.get('output_spike'))}"
-            f"{', confirmed' if sw.get('confirmed') else ''}{', restored' if sw.get('restored', True) else ', NOT restored'}"
+            f"{', confirmed' if sw.get('confirmed') else ''}"
+            f"{', restored' if sw.get('restored', True) else ', NOT restored'}"
         )
     ao = sc.get("activation_outliers", [])
     if ao:
         print(f"activation-outlier channels ({len(ao)} modules):")
         for e in ao[:12]:
-            chans = ", ".join(
-                f"{c} ({_fmt(m, '.3g')})" for c, m in zip(e["channels"], e.get("magnitudes") or [None] * len(e["channels"]))
-            )
+            mags = e.get("magnitudes") or [None] * len(e["channels"])
+            chans = ", ".join(f"{c} ({_fmt(m, '.3g')})" for c, m in zip(e["channels"], mags))
             print(f"  {e['module']}: {chans}")
         if len(ao) > 12:
             print(f"  ... and {len(ao) - 12} more modules")
@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "output, or a list of {layer, row, col}) or 'none'")
     c.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="output dtype of scales and unquantized tensors (default: the source's; bfloat16 for GGUF)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST (only once the new one is complete)")
     c.add_argument("--device", default="cpu", help="device for the quantization math: cpu (default) or cuda")
     c.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="output shard size (default: %(default)s)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

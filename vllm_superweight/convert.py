@@ -273,7 +273,8 @@ def _default_dtype(source: Source, cfg: dict) -> str:
 def _plan(source: Source, cfg: dict, tensors: dict[str, TensorInfo], qcfg: QuantConfig, out_dtype) -> Plan:
     mt = check_architecture(cfg)
     if cfg.get("quantization_config"):
-        qm = cfg["quantization_config"].get("quant_method", "?") if isinstance(cfg["quantization_config"], dict) else "?"
+        qc = cfg["quantization_config"]
+        qm = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
         raise ConversionError(
             f"{source.path} is already quantized (quantization_config.quant_method={qm!r}); convert a float model"
         )
@@ -382,6 +383,29 @@ def _iter_hf(plan: Plan, progress: bool, desc: str) -> Iterator[tuple[str, Any]]
             bar.close()
 
 
+_ELEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _source_bytes(plan: "Plan") -> tuple[int, bool]:
+    """(bytes of all input tensors, whether any is float32) from the safetensors headers."""
+    total, f32 = 0, False
+    for info in plan.tensors.values():
+        n = 1
+        for d in info.shape:
+            n *= d
+        total += n * _ELEM_BYTES.get(info.dtype, 4)
+        f32 = f32 or info.dtype == "F32"
+    return total, f32
+
+
+def _total_ram() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _iter_state_dict(sd: dict, progress: bool, desc: str) -> Iterator[tuple[str, Any]]:
     for name in _progress(sorted(sd), progress, desc=desc, unit="tensor"):
         yield name, sd[name]
@@ -397,6 +421,17 @@ def _check_finite(name: str, t) -> None:
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise ConversionError(f"tensor {name} holds {kind} values (first at index {bad}); refusing to convert")
+
+
+def _check_cast(name: str, t, out_dtype) -> None:
+    """A finite source tensor that overflows the output dtype (e.g. |w| > 65504 in float16) is an error."""
+    import torch
+
+    if t.numel() and not bool(torch.isfinite(torch.stack([t.amax().float(), t.amin().float()])).all()):
+        raise ConversionError(
+            f"tensor {name} overflows {dtype_name(out_dtype)} (values beyond its range); use --dtype bfloat16 "
+            "or float32"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -627,8 +662,15 @@ def convert(
         if model is None:
             from .models import load_model
 
+            det_dtype = None
+            nbytes, has_f32 = _source_bytes(plan)
+            ram = _total_ram()
+            if has_f32 and ram and nbytes > 0.6 * ram:
+                det_dtype = torch.bfloat16  # a float32 7B model (28 GB) would not fit: detect in bfloat16
+                log(f"the float32 source ({nbytes / 2**30:.1f} GiB) is large for this machine's "
+                    f"{ram / 2**30:.0f} GiB: detecting in bfloat16")
             log(f"loading {source.name} for super-weight detection ...")
-            model, tokenizer = load_model(source, cfg=cfg)
+            model, tokenizer = load_model(source, dtype=det_dtype, cfg=cfg)
         if device.startswith("cuda"):
             model.to(device)
         log("detecting super weights ...")
@@ -657,12 +699,17 @@ def convert(
         model = None  # free the float model before quantizing (streaming from here on)
         gc.collect()
     for sw in sws:
-        log(f"super weight: {sw.module}[{sw.row}, {sw.col}]" + ("" if qcfg.restore_super_weights else " (not restored)"))
+        note = "" if qcfg.restore_super_weights else " (not restored)"
+        log(f"super weight: {sw.module}[{sw.row}, {sw.col}]{note}")
     if not sws:
         log("warning: no super weights found/given; only the --holdout fraction is kept exact")
 
     # ---- 3./4. quantize + write into a temporary directory -------------------------------------------------
     os.makedirs(parent, exist_ok=True)
+    stale = sorted(f for f in os.listdir(parent) if f.startswith(os.path.basename(dst) + ".partial-"))
+    if stale:
+        log(f"note: leftover temporary directories of killed conversions in {parent}: {', '.join(stale)} "
+            "(safe to delete when no conversion is running)")
     tmp = f"{dst}.partial-{os.getpid()}"
     if os.path.lexists(tmp):
         shutil.rmtree(tmp) if os.path.isdir(tmp) and not os.path.islink(tmp) else os.remove(tmp)
@@ -760,10 +807,15 @@ def _write_checkpoint(plan, qcfg, tmp, sws, outliers, state_dict, model, tokeniz
         params_total += t.numel()
         mod = quantized_module(name, tuple(t.shape), plan.ignore)
         if mod is None or mod not in plan.quant:
-            writer.add(name, t.to(out_dtype) if t.is_floating_point() else t)
+            if t.is_floating_point() and t.dtype != out_dtype:
+                t = t.to(out_dtype)
+                _check_cast(name, t, out_dtype)
+            writer.add(name, t)
             continue
         t0 = time.perf_counter()
         w = t.to(out_dtype)
+        if t.dtype != out_dtype:
+            _check_cast(name, w, out_dtype)
         if device != "cpu":
             w = w.to(device)
         coords = [(sw.row, sw.col) for sw in sw_by_mod.get(mod, [])]
@@ -826,6 +878,8 @@ def _write_checkpoint(plan, qcfg, tmp, sws, outliers, state_dict, model, tokeniz
     cfg_out = _output_config(plan, qcfg, model)
     _write_json(os.path.join(tmp, "config.json"), cfg_out)
     copied = _copy_tokenizer_files(plan, tmp, tokenizer, model)
+    if not any(f in copied for f in ("tokenizer.json", "vocab.json")) and not any(f.endswith(".model") for f in copied):
+        log("warning: the source has no tokenizer files; serve the checkpoint with `vllm serve DST --tokenizer ...`")
 
     # per-layer summary of the per-module stats
     layers: dict[int, dict] = {}
