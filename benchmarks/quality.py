@@ -401,14 +401,16 @@ def write_markdown(recs: list[dict]) -> str:
             lines.append("")
         lines.append("All rows:")
         lines.append("")
-        lines.append("| method | variant | bits | block | act | SW restored | hold-out | clip | calibration | ppl | vs float |")
-        lines.append("|---|---|---:|---|---|---|---:|---|---|---:|---:|")
+        lines.append("| method | variant | bits | block | act | SW restored | hold-out | clip | calibration | ppl | vs float "
+                     "| transformers check |")
+        lines.append("|---|---|---:|---|---|---|---:|---|---|---:|---:|---:|")
         for r in rs:
             rel = f"{(r['ppl'] / ref - 1) * 100:+.1f}%" if ref and r["ppl"] and math.isfinite(r["ppl"]) else ""
             swr = "-" if r.get("sw_restored") is None else ("yes" if r["sw_restored"] else "no")
             lines.append(
                 f"| {r['method']} | {_variant(r)} | {r['bits']} | {_blk(r.get('block'))} | {r.get('act') or 'none'} | {swr} "
-                f"| {r.get('holdout') or 0:g} | {r.get('clip') or 'none'} | {r.get('calib') or '-'} | {_fmt_ppl(r['ppl'])} | {rel} |")
+                f"| {r.get('holdout') or 0:g} | {r.get('clip') or 'none'} | {r.get('calib') or '-'} | {_fmt_ppl(r['ppl'])} | {rel} "
+                f"| {_fmt_ppl(r['ppl_transformers']) if r.get('ppl_transformers') else ''} |")
         lines.append("")
         sws = next((r.get("super_weights") for r in rs if r.get("super_weights")), None)
         if sws:
@@ -418,6 +420,9 @@ def write_markdown(recs: list[dict]) -> str:
             if det:
                 lines.append(f"Detected by: {det}.")
             lines.append("")
+    lines += ["*transformers check*: the same perplexity (same text, windows and scored tokens) computed by plain "
+              "transformers on the dequantized weights (`--spot-check`; weight-only rows), as an independent check "
+              "of the serving path.", ""]
     lines += ["Calibration of AWQ / SmoothQuant: the English prose of Python's documentation shipped in the standard "
               "library (`pydoc_data.topics`), never WikiText-2. superweight_rtn and naive RTN use no data.", ""]
     text = "\n".join(lines)
@@ -519,6 +524,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--eval-timeout", type=int, default=3600)
     p.add_argument("--build-timeout", type=int, default=7200)
+    p.add_argument("--spot-check", default="", metavar="ROWS",
+                   help="comma list of row ids/globs whose checkpoints are also scored by plain transformers on the "
+                        "dequantized weights (same text and windows); stored as ppl_transformers in their records")
     p.add_argument("--list", action="store_true", help="list the row ids and exit")
     p.add_argument("--report-only", action="store_true", help="only regenerate quality.md / quality.png")
     p.add_argument("--keep-going", action="store_true", help="log a failed row and continue")
@@ -543,18 +551,28 @@ def main(argv=None) -> int:
             todo = [r for pt in pats for r in allrows if fnmatch.fnmatch(r.id, pt)]
             todo = [r for i, r in enumerate(todo) if r.id not in {x.id for x in todo[:i]}]
             sw_path = detector = None
+            pending = []
             for row in todo:
                 key = (m, row.id, args.window, args.max_tokens)
                 old = [r for r in recs if (r["model"], r["row"], r["window"], r.get("max_tokens")) == key]
                 if old and not args.force:
                     log(f"{m}/{row.id}: in the JSON (ppl {_fmt_ppl(old[0]['ppl'])}), skipped")
                     continue
+                pending.append(row)
+            if any(r.uses_sw for r in pending):
+                sw_path, detector = super_weights_json(m, args.workdir)
+                log(f"{m}: super weights {sw_list(sw_path)} ({detector})")
+            # Checkpoints are built one at a time in a background thread, ahead of the evaluations (which run one
+            # engine at a time in the foreground): conversion of the next row overlaps the scoring of this one.
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=1)
+            futures = {r.id: pool.submit(build, m, r, args.workdir, args, sw_path) for r in pending}
+            for row in pending:
+                key = (m, row.id, args.window, args.max_tokens)
                 try:
-                    if row.uses_sw and sw_path is None:
-                        sw_path, detector = super_weights_json(m, args.workdir)
-                        log(f"{m}: super weights {sw_list(sw_path)} ({detector})")
                     t0 = time.time()
-                    ckpt, extra = build(m, row, args.workdir, args, sw_path)
+                    ckpt, extra = futures[row.id].result()
                     res = evaluate(ckpt, args, os.path.join(args.workdir, m, row.id + ".eval.log"))
                 except Exception as e:  # noqa: BLE001
                     log(f"{m}/{row.id}: FAILED: {e}")
@@ -581,8 +599,34 @@ def main(argv=None) -> int:
                 log(f"{m}/{row.id}: ppl {_fmt_ppl(res['ppl'])} ({time.time() - t0:.0f} s)")
                 if args.cleanup and row.method not in ("float",):
                     shutil.rmtree(ckpt, ignore_errors=True)
+            pool.shutdown(wait=True)
         if failures:
             log("failed rows: " + ", ".join(failures))
+    if args.spot_check:
+        spats = [x.strip() for x in args.spot_check.split(",") if x.strip()]
+        for r in recs:
+            if r["model"] not in models or not any(fnmatch.fnmatch(r["row"], pt) for pt in spats):
+                continue
+            if r.get("act") not in (None, "none"):
+                log(f"{r['model']}/{r['row']}: activation-quantized row, no weight-only transformers check")
+                continue
+            ckpt = float_dir(r["model"], args.workdir) if r["method"] == "float" else os.path.join(
+                args.workdir, r["model"], r["row"])
+            out = os.path.join(args.workdir, r["model"], r["row"] + ".transformers.json")
+            # compressed-tensors baselines are read by the llm-compressor venv's transformers
+            py = args.llmc_python if r["method"] in ("awq", "smoothquant") else sys.executable
+            cmd = [py, "-m", "vllm_superweight.eval", ckpt, "--transformers-only", "--window", str(r["window"]),
+                   "--dtype", r.get("dtype") or args.dtype, "--json", out, "--data", args.data, "--no-progress"]
+            if r.get("max_tokens"):
+                cmd += ["--max-tokens", str(r["max_tokens"])]
+            env = dict(engine_env(), PYTHONPATH=ROOT)
+            run(cmd, timeout=args.eval_timeout, env=env, log_path=out.replace(".json", ".log"))
+            with open(out) as f:
+                t = json.load(f)
+            r["ppl_transformers"] = t["ppl"]
+            log(f"{r['model']}/{r['row']}: vLLM {r['ppl']:.4f} vs transformers {t['ppl']:.4f} "
+                f"({(r['ppl'] / t['ppl'] - 1) * 100:+.2f}%)")
+            save_records(recs)
     order = {m: i for i, m in enumerate(MODELS)}
     ids = {m: [r.id for r in rows_for(m)] for m in MODELS}
     recs.sort(key=lambda r: (order.get(r["model"], 99), ids.get(r["model"], []).index(r["row"])

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import types
 
 import pytest
@@ -114,13 +115,13 @@ def test_vllm_gathers_the_actual_token_logprob_first():
     import torch
     from vllm.v1.sample.sampler import Sampler
 
-    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0], [3.0, 0.5, 1.0, 0.0]])
     lps = Sampler.compute_logprobs(logits)
     target = torch.tensor([1, 3], dtype=torch.int64)
     ids, vals, ranks = Sampler.gather_logprobs(lps, 0, target)[:3]
     assert ids[:, 0].tolist() == [1, 3]
     assert vals[:, 0].tolist() == pytest.approx(lps.gather(-1, target[:, None])[:, 0].tolist())
-    assert ranks.tolist() == [3, 2]
+    assert ranks.tolist() == [3, 4]  # 1-based rank of the actual token
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,6 +176,7 @@ def test_main_rejects_missing_dir(tmp_path, capsys):
 def _quality_module():
     spec = importlib.util.spec_from_file_location("quality_bench", os.path.join(ROOT, "benchmarks", "quality.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve the module by name
     spec.loader.exec_module(mod)
     return mod
 
