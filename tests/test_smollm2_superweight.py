@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from vllm_superweight.detect import detect_super_weights, format_report
+from vllm_superweight.eval import default_text_path
 
 pytestmark = pytest.mark.slow
 
-WIKI = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
+WIKI = default_text_path()  # ../shared/data/wikitext-2-raw/wiki.test.raw beside the checkout
 WINDOW, N_WINDOWS = 512, 6  # 3072 tokens: ~25 s per perplexity on 2 idle cores
 
 
