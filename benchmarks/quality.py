@@ -405,7 +405,10 @@ def write_markdown(recs: list[dict]) -> str:
                      "| transformers check |")
         lines.append("|---|---|---:|---|---|---|---:|---|---|---:|---:|---:|")
         for r in rs:
-            rel = f"{(r['ppl'] / ref - 1) * 100:+.1f}%" if ref and r["ppl"] and math.isfinite(r["ppl"]) else ""
+            rel = ""
+            if ref and r["ppl"] and math.isfinite(r["ppl"]):
+                ratio = r["ppl"] / ref
+                rel = f"{(ratio - 1) * 100:+.1f}%" if ratio < 10 else f"x{ratio:.3g}"
             swr = "-" if r.get("sw_restored") is None else ("yes" if r["sw_restored"] else "no")
             lines.append(
                 f"| {r['method']} | {_variant(r)} | {r['bits']} | {_blk(r.get('block'))} | {r.get('act') or 'none'} | {swr} "
@@ -619,10 +622,17 @@ def main(argv=None) -> int:
                    "--dtype", r.get("dtype") or args.dtype, "--json", out, "--data", args.data, "--no-progress"]
             if r.get("max_tokens"):
                 cmd += ["--max-tokens", str(r["max_tokens"])]
-            env = dict(engine_env(), PYTHONPATH=ROOT)
-            run(cmd, timeout=args.eval_timeout, env=env, log_path=out.replace(".json", ".log"))
-            with open(out) as f:
-                t = json.load(f)
+            t = None
+            if os.path.exists(out) and not args.force:
+                with open(out) as f:
+                    t = json.load(f)
+                if (t.get("tokens"), t.get("window")) != (r["tokens"], r["window"]):
+                    t = None
+            if t is None:
+                env = dict(engine_env(), PYTHONPATH=ROOT)
+                run(cmd, timeout=args.eval_timeout, env=env, log_path=out.replace(".json", ".log"))
+                with open(out) as f:
+                    t = json.load(f)
             r["ppl_transformers"] = t["ppl"]
             log(f"{r['model']}/{r['row']}: vLLM {r['ppl']:.4f} vs transformers {t['ppl']:.4f} "
                 f"({(r['ppl'] / t['ppl'] - 1) * 100:+.2f}%)")
