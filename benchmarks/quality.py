@@ -249,6 +249,18 @@ def sw_list(sw_path: str) -> list[dict]:
     return out
 
 
+def no_sw_alias(row: Row) -> str | None:
+    """For a model without super weights: the row whose checkpoint this row's equals (itself if it differs from
+    every other row; None when the row has no meaning, i.e. zeroing a super weight that does not exist)."""
+    if row.method == "sw_zeroed":
+        return None
+    if row.id.startswith("nr-"):  # not restoring nothing == the restored twin
+        return "sw-" + row.id[3:]
+    if row.method == "superweight_rtn" and row.bits == 4 and row.clip == "none" and not row.holdout:
+        return "rtn-" + row.id[3:]  # nothing held out, nothing clipped: plain RTN
+    return row.id
+
+
 # ----------------------------------------------------------------------------------------------------------
 # building checkpoints
 # ----------------------------------------------------------------------------------------------------------
@@ -355,7 +367,9 @@ def _variant(r: dict) -> str:
 
 
 def _fmt_ppl(p) -> str:
-    if p is None or not math.isfinite(p):
+    if p is None:
+        return "n/a"
+    if not math.isfinite(p):
         return "inf"
     return f"{p:.2f}" if p < 1000 else f"{p:.4g}"
 
@@ -406,7 +420,7 @@ def write_markdown(recs: list[dict]) -> str:
         lines.append("|---|---|---:|---|---|---|---:|---|---|---:|---:|---:|")
         for r in rs:
             rel = ""
-            if ref and r["ppl"] and math.isfinite(r["ppl"]):
+            if ref and r["ppl"] is not None and math.isfinite(r["ppl"]):
                 ratio = r["ppl"] / ref
                 rel = f"{(ratio - 1) * 100:+.1f}%" if ratio < 10 else f"x{ratio:.3g}"
             swr = "-" if r.get("sw_restored") is None else ("yes" if r["sw_restored"] else "no")
@@ -416,6 +430,13 @@ def write_markdown(recs: list[dict]) -> str:
                 f"| {_fmt_ppl(r['ppl_transformers']) if r.get('ppl_transformers') else ''} |")
         lines.append("")
         sws = next((r.get("super_weights") for r in rs if r.get("super_weights")), None)
+        twins = [r for r in rs if r.get("identical_to") or (r["method"] == "sw_zeroed" and r["ppl"] is None)]
+        if twins:
+            lines.append("No super weight was detected in this model, so rows that differ only by super-weight handling "
+                         "are the same checkpoint and are not measured twice: " + ", ".join(
+                             f"`{r['row']}` = `{r['identical_to']}`" if r.get("identical_to") else f"`{r['row']}` (n/a)"
+                             for r in twins) + ".")
+            lines.append("")
         if sws:
             lines.append("Super weights used (held out / zeroed): " + ", ".join(
                 f"`{s['module']}[{s['row']}, {s['col']}]`" for s in sws) + ".")
@@ -487,7 +508,7 @@ def write_plot(recs: list[dict]) -> None:
         if fl:
             ax.axhline(fl["ppl"], color="black", ls="--", lw=1, label=f"float {fl['ppl']:.2f}")
         z = next((r for r in rs if r["method"] == "sw_zeroed"), None)
-        if z and math.isfinite(z["ppl"]):
+        if z and z["ppl"] is not None and math.isfinite(z["ppl"]):
             ax.axhline(z["ppl"], color="red", ls=":", lw=1, label=f"float, SW zeroed {_fmt_ppl(z['ppl'])}")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([n for n, _, _ in groups])
@@ -562,9 +583,17 @@ def main(argv=None) -> int:
                     log(f"{m}/{row.id}: in the JSON (ppl {_fmt_ppl(old[0]['ppl'])}), skipped")
                     continue
                 pending.append(row)
+            aliases: list[tuple[Row, str | None]] = []
             if any(r.uses_sw for r in pending):
                 sw_path, detector = super_weights_json(m, args.workdir)
                 log(f"{m}: super weights {sw_list(sw_path)} ({detector})")
+                if not sw_list(sw_path):
+                    # No super weight in this model: a row that differs from another only by its super-weight
+                    # handling builds the same checkpoint; it is recorded from that row instead of re-measured.
+                    aliases = [(r, no_sw_alias(r)) for r in pending if r.uses_sw and no_sw_alias(r) != r.id]
+                    pending = [r for r in pending if not (r.uses_sw and no_sw_alias(r) != r.id)]
+                    log(f"{m}: no super weight detected; recorded from their twins, not re-measured: "
+                        + ", ".join(f"{r.id}={t or 'n/a'}" for r, t in aliases))
             # Checkpoints are built one at a time in a background thread, ahead of the evaluations (which run one
             # engine at a time in the foreground): conversion of the next row overlaps the scoring of this one.
             from concurrent.futures import ThreadPoolExecutor
@@ -603,6 +632,30 @@ def main(argv=None) -> int:
                 if args.cleanup and row.method not in ("float",):
                     shutil.rmtree(ckpt, ignore_errors=True)
             pool.shutdown(wait=True)
+            for row, target in aliases:
+                key = (m, row.id, args.window, args.max_tokens)
+                note = ("no super weight detected in this model (" + (detector or "?") + "): ")
+                if target is None:
+                    rec = {"model": m, "method": row.method, "bits": row.bits, "block": row.block, "act": row.act,
+                           "sw_restored": row.sw_restored, "holdout": row.holdout, "clip": row.clip, "ppl": None,
+                           "tokens": None, "window": args.window, "row": row.id, "max_tokens": args.max_tokens,
+                           "calib": None, "note": note + "there is nothing to zero"}
+                else:
+                    src = [r for r in recs if (r["model"], r["row"], r["window"], r.get("max_tokens"))
+                           == (m, target, args.window, args.max_tokens)]
+                    if not src:
+                        log(f"{m}/{row.id}: its twin {target} is not measured yet; left for a later run")
+                        continue
+                    rec = dict(src[0], method=row.method, bits=row.bits, block=row.block, act=row.act,
+                               sw_restored=row.sw_restored, holdout=row.holdout, clip=row.clip, row=row.id,
+                               identical_to=target, seconds_build=0.0, seconds_eval=0.0,
+                               note=note + f"the checkpoint is the one of row {target}")
+                    rec.pop("ppl_transformers", None)
+                    if row.convert_args is not None:
+                        rec["convert_args"] = " ".join(row.convert_args + ["--super-weights", "<detected: none>"])
+                recs = [r for r in recs if (r["model"], r["row"], r["window"], r.get("max_tokens")) != key] + [rec]
+                save_records(recs)
+                log(f"{m}/{row.id}: recorded as {target or 'n/a'} ({rec['note']})")
         if failures:
             log("failed rows: " + ", ".join(failures))
     if args.spot_check:
