@@ -83,14 +83,23 @@ case "$STAGE" in
     echo "[$(ts)] tests rc=$?" ;;
   kernels)
     setup
-    timeout 580 $PY benchmarks/kernel_bench.py --out "$OUT/kernel_bench.json" "$@"
-    echo "[$(ts)] kernel_bench rc=$?" ;;
+    mkdir -p "$SW_BENCH_DIR"
+    timeout "${KB_TIMEOUT:-580}" $PY benchmarks/kernel_bench.py --out "$OUT/kernel_bench.json" \
+      --recommend-env "$SW_BENCH_DIR/recommend.env" "$@"
+    echo "[$(ts)] kernel_bench rc=$?"
+    cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true ;;
   kernels-quick)
     setup
     timeout 300 $PY benchmarks/kernel_bench.py --quick --out "$OUT/kernel_bench_quick.json" "$@"
     echo "[$(ts)] kernel_bench --quick rc=$?" ;;
   throughput)
     setup
+    # knobs measured by the kernels stage of this lease (Marlin/Machete threshold, sparse tiles), unless disabled
+    if [ -f "$SW_BENCH_DIR/recommend.env" ] && [ -z "${SW_NO_RECOMMEND:-}" ]; then
+      # shellcheck disable=SC1091
+      source "$SW_BENCH_DIR/recommend.env"
+      echo "[$(ts)] knobs from the kernel benchmark: $(tr '\n' ' ' < "$SW_BENCH_DIR/recommend.env")"
+    fi
     METHODS=${1:-lean}
     shift || true
     $PY benchmarks/throughput.py --methods "$METHODS" --workdir "$SW_BENCH_DIR" --out "$OUT/throughput.json" \

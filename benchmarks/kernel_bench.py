@@ -175,9 +175,9 @@ def section_w4(B: Bench):
     from vllm_superweight.kernels import vllm_linear as VL
 
     cap = (0, 0) if DRY else torch.cuda.get_device_capability()
-    kernels = ["cpu"] if DRY else (["machete"] if cap == (9, 0) else []) + ["marlin"]
+    kernels = ["cpu"] if DRY else (["machete", "dual"] if cap == (9, 0) else []) + ["marlin"]
     configs = [("channel-asym", -1, False), ("g128-asym", 128, False), ("channel-sym", -1, True)]
-    if B.args.quick:
+    if B.args.quick or B.args.w4_configs == 2:
         configs = configs[:2]
     nl = B.args.layers
     sps_hold, sps_sw = [], []
@@ -285,6 +285,106 @@ def section_sparse(B: Bench):
                           nnz=int(r.numel()), depth=st["depth"], heavy_rows=st["heavy_rows"],
                           auto_transposed=plan["transposed"],
                           bytes=meta_bytes + 2 * m * n * 2 + m * st["unique_cols"] * 2)
+    B.save()
+
+
+def section_w4sweep(B: Bench):
+    """GEMM alone, Machete vs Marlin, over a fine M sweep: where each kernel wins (the dual dispatch threshold)."""
+    from vllm_superweight.kernels import vllm_linear as VL
+
+    if DRY or torch.cuda.get_device_capability() != (9, 0):
+        B.add(section="w4sweep", config="-", note="needs an SM90 GPU (Machete)")
+        return
+    nl = B.args.layers
+    best = {}
+    for cname, group, sym in [("channel-asym", -1, False), ("g128-asym", 128, False)]:
+        times = {}
+        for kname in ("machete", "marlin"):
+            layers = [{name: VL.build_mp_layer(VL.random_w4(n, k, group, sym, B.dev, seed=li * 7 + n + k), kname)
+                       for name, (n, k) in SHAPES.items()} for li in range(nl)]
+            torch.cuda.synchronize()
+            for m in B.args.sweep_ms:
+                xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (n, k) in SHAPES.items()}
+
+                def f():
+                    for lay in layers:
+                        for name in SHAPES:
+                            layer, kobj = lay[name]
+                            kobj.apply_weights(layer, xs[name])
+
+                us = time_graph(f, iters=B.args.iters) / nl
+                times[(kname, m)] = us
+                B.add(section="w4sweep", config=f"{kname}-{cname}", variant="gemm", m=m, us=us)
+            del layers
+            torch.cuda.empty_cache()
+        # threshold: the largest M such that Marlin is faster at every swept M up to it
+        thr = 0
+        for m in B.args.sweep_ms:
+            if times[("marlin", m)] < times[("machete", m)]:
+                thr = m
+            else:
+                break
+        best[cname] = thr
+        for m in B.args.sweep_ms:
+            B.add(section="w4sweep", config=cname, variant="marlin_vs_machete", m=m,
+                  ratio=times[("marlin", m)] / times[("machete", m)])
+    B.meta["marlin_max_m_by_config"] = best
+    B.meta.setdefault("recommend", {})["SUPERWEIGHT_MARLIN_MAX_M"] = min(best.values())
+    log(f"w4sweep: Marlin faster up to M = {best}")
+    B.save()
+
+
+def section_sparsesweep(B: Bench):
+    """The transposed sparse path's tile knobs (tokens per program BM_T, gather tile) at medium M, summed over the
+    four 0.1%-hold-out linears of a layer. Leaves the best setting active for the sections that follow."""
+    import vllm_superweight.kernels as K
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    lay = {}
+    for name, (n, k) in SHAPES.items():
+        r, c, v = holdout_entries(n, k, 0.001, seed=len(lay))
+        lay[name] = (K.prepare_sparse(r, c, v, n, k, B.dev, layout="sell"), n, k)
+    ms = [16] if DRY else [16, 64, 256]
+    cfgs = [(bm, tile) for bm in (16, 32, 64) for tile in (2048, 4096, 8192, 16384)]
+    if DRY:
+        cfgs = [(16, 2048), (64, 4096)]
+    tot = {}
+    for m in ms:
+        xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (_, n, k) in lay.items()}
+        ys = {name: torch.randn(m, n, device=B.dev, dtype=torch.bfloat16) for name, (_, n, k) in lay.items()}
+        for direct in (True, False):
+            for bm, tile in ([(16, 4096)] if direct else cfgs):
+                TS.BM_T, TS.TILE_ELEMS = bm, tile
+
+                def f():
+                    for name, (sp, n, k) in lay.items():
+                        TS.sparse_correction_(ys[name], xs[name], *sp_args(sp),
+                                              force_path="direct" if direct else "transposed")
+
+                try:
+                    us = time_graph(f, iters=B.args.iters, reps_per_graph=5)
+                except Exception as e:  # noqa: BLE001
+                    B.add(section="sparsesweep", config=f"bm{bm}-tile{tile}", m=m, note=f"failed: {e}")
+                    continue
+                cfg = "direct" if direct else f"bm{bm}-tile{tile}"
+                B.add(section="sparsesweep", config=cfg, variant="4 linears", m=m, us=us)
+                tot.setdefault(cfg, {})[m] = us
+    TS.BM_T, TS.TILE_ELEMS = 64, 4096
+    full = {c: t for c, t in tot.items() if len(t) == len(ms) and c != "direct"}
+    if full:
+        best = min(full, key=lambda c: sum(full[c].values()))
+        bm, tile = (int(v) for v in best.replace("bm", "").split("-tile"))
+        TS.BM_T, TS.TILE_ELEMS = bm, tile
+        B.meta["sparse_best"] = {"config": best, "us_by_m": full[best], "default_us_by_m": full.get("bm64-tile4096")}
+        rec = B.meta.setdefault("recommend", {})
+        rec["SUPERWEIGHT_SPARSE_BM_T"], rec["SUPERWEIGHT_SPARSE_TILE"] = bm, tile
+        # smallest M where the transposed path (best knobs) beats the direct one
+        for m in ms:
+            if "direct" in tot and m in tot["direct"] and full[best][m] < tot["direct"][m]:
+                rec["SUPERWEIGHT_SPARSE_TRANSPOSE_MIN_M"] = m
+                TS.T_MIN_M = m
+                break
+        log(f"sparsesweep: best {best} {full[best]} (default bm64-tile4096: {full.get('bm64-tile4096')})")
     B.save()
 
 
@@ -448,9 +548,15 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--peak-bw", type=float, default=None, help="TB/s (default: from the device name)")
     ap.add_argument("--quick", action="store_true", help="M in {1, 64}, fewer variants (smoke test)")
+    ap.add_argument("--sweep-ms", default="1,2,4,8,12,16,24,32,48,64,96,128,192,256",
+                    help="M values of the w4sweep section")
+    ap.add_argument("--w4-configs", type=int, default=3, help="w4 section: first N of channel-asym, g128-asym, "
+                    "channel-sym")
+    ap.add_argument("--recommend-env", default="", help="also write the recommended knobs as KEY=VALUE lines here")
     ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.ms = [1, 64] if args.quick else [int(v) for v in args.ms.split(",")]
+    args.sweep_ms = [int(v) for v in args.sweep_ms.split(",")]
     global DRY
     DRY = args.dry_run_cpu
     if DRY:
@@ -474,7 +580,8 @@ def main() -> int:
     B.meta["copy_bw_tbs"] = float("nan") if DRY else copy_bandwidth()
     log(f"measured device-to-device copy bandwidth: {B.meta['copy_bw_tbs']:.2f} TB/s (read + write)")
     B.save()
-    funcs = {"w4": section_w4, "sparse": section_sparse, "quant": section_quant, "w8": section_w8}
+    funcs = {"w4": section_w4, "sparse": section_sparse, "quant": section_quant, "w8": section_w8,
+             "w4sweep": section_w4sweep, "sparsesweep": section_sparsesweep}
     rc = 0
     for sec in args.sections.split(","):
         log(f"section {sec}")
@@ -489,6 +596,11 @@ def main() -> int:
         torch.cuda.empty_cache()
     B.meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     B.save()
+    if args.recommend_env and B.meta.get("recommend"):
+        with open(args.recommend_env, "w") as f:
+            for k_, v_ in B.meta["recommend"].items():
+                f.write(f"export {k_}={v_}\n")
+        log(f"recommended knobs -> {args.recommend_env}: {B.meta['recommend']}")
     print("\n".join(summary(B)))
     log(f"wrote {args.out}")
     return rc

@@ -302,7 +302,8 @@ def measure(args) -> int:
     rng = np.random.default_rng(0)
     base = dict(method=spec["method"], bits=spec["bits"], block=spec["block"], holdout=spec["holdout"],
                 activations=spec["activations"], variant=args.variant, gpu=args.gpu, vllm=vllm.__version__,
-                engine_start_s=round(start_s, 1), max_model_len=args.max_model_len)
+                engine_start_s=round(start_s, 1), max_model_len=args.max_model_len,
+                knobs={k: v for k, v in sorted(os.environ.items()) if k.startswith("SUPERWEIGHT_")})
 
     def prompts(n, length):
         return [TokensPrompt(prompt_token_ids=rng.integers(10, hi, size=length).tolist()) for _ in range(n)]

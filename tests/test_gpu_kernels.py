@@ -169,3 +169,65 @@ def test_sparse_is_deterministic():
     a = K.sparse_correction(y.clone(), x, sp)
     b = K.sparse_correction(y.clone(), x, sp)
     assert torch.equal(a, b)
+
+
+# ---- per-batch W4 kernel choice (w4_dispatch.DualW4: Marlin for M <= max_m, Machete above) ---------------------
+def _sm90():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("Machete (the large-M kernel of the dual dispatch) is SM90 only")
+
+
+@pytest.mark.parametrize("group,sym", [(-1, False), (128, False), (128, True)])
+def test_dual_dispatch_is_bitwise_the_chosen_kernel(group, sym):
+    """For M <= max_m the dual op returns exactly Marlin's output, above it exactly Machete's; both near the
+    float reference. (The kernels differ in summation order, so they must not be bitwise equal to each other.)"""
+    VL = _vl()
+    _sm90()
+    dev, n, k, max_m = "cuda", 4096, 11008, 16
+    w = VL.random_w4(n, k, group, sym, dev, seed=11)
+    lay_d, kd = VL.build_mp_layer(w, "dual", max_m=max_m)
+    lay_ma, kma = VL.build_mp_layer(w, "machete")
+    lay_mr, kmr = VL.build_mp_layer(w, "marlin")
+    ref_w = VL.dequant_w4(w)
+    assert lay_d._sw_dual.describe() == "MacheteLinearKernel+MarlinLinearKernel(M<=16)"
+    for m in (1, 7, 16, 17, 64, 1000):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        y = kd.apply_weights(lay_d, x)
+        want = kmr.apply_weights(lay_mr, x) if m <= max_m else kma.apply_weights(lay_ma, x)
+        other = kma.apply_weights(lay_ma, x) if m <= max_m else kmr.apply_weights(lay_mr, x)
+        assert torch.equal(y, want), m
+        assert not torch.equal(y, other), m
+        assert _rel(y, x.float() @ ref_w.T) < 8e-3, m
+
+
+def test_dual_dispatch_with_bias_under_compile_and_cuda_graphs():
+    """The opaque op under torch.compile (dynamic M, fullgraph) and inside CUDA graphs captured at sizes on both
+    sides of the threshold gives the eager result; the bias reaches Marlin in Marlin's permuted layout."""
+    VL = _vl()
+    _sm90()
+    dev, n, k, max_m = "cuda", 12288, 4096, 32
+    w = VL.random_w4(n, k, 128, False, dev, seed=3)
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    # the bias is on the layer before the kernels process it (the plugin's order)
+    lay, kd = VL.build_mp_layer(w, "dual", max_m=max_m, bias=bias)
+    ref_w = VL.dequant_w4(w)
+
+    def f(x):
+        return torch.nn.functional.silu(kd.apply_weights(lay, x, lay.bias))
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    for m in (1, 32, 33, 300):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        eager = f(x)
+        ref = torch.nn.functional.silu(x.float() @ ref_w.T + bias.float())
+        assert _rel(eager, ref) < 1e-2, m
+        torch.testing.assert_close(cf(x), eager, rtol=0, atol=0)
+        x_static = x.clone()
+        f(x_static)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = f(x_static)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), m

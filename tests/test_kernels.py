@@ -357,6 +357,27 @@ def test_interp_sparse_kernel(path, n, k, nnz, m):
 
 
 @interp_only
+@pytest.mark.parametrize("bm,tile", [(16, 2048), (32, 16384), (64, 8192)])
+def test_interp_sparse_kernel_tile_knobs(monkeypatch, bm, tile):
+    """The transposed path's tile knobs (tuned by kernel_bench's sparsesweep) change blocking, never results."""
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    monkeypatch.setattr(TS, "BM_T", bm)
+    monkeypatch.setattr(TS, "TILE_ELEMS", tile)
+    gen = torch.Generator().manual_seed(bm + tile)
+    n, k, m = 97, 61, 70
+    r, c, v = random_entries(n, k, 400, gen, heavy_row=5, heavy_len=40)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
+    p = TS.plan(m, k, {key: tuple(sp[key].shape) for key in ("ell_cols", "hrows", "ucols")}, int(sp["nnz"].shape[0]))
+    assert p["transposed"] and p["BM"] == min(bm, 128)
+    TS.sparse_correction_(y, x, *sp_args(sp))
+    assert_rounded_close(y, ref, mag, torch.bfloat16)
+
+
+@interp_only
 @pytest.mark.parametrize("path", ["direct", "transposed"])
 def test_interp_sparse_kernel_heavy_only_and_sw_only(path):
     from vllm_superweight.kernels import triton_sparse as TS

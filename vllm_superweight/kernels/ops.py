@@ -2,7 +2,9 @@
 ``torch.compile(fullgraph=True)`` and CUDA-graph capture.
 
 * ``torch.ops.superweight.sparse_correction_(y, x, <8 layout tensors>, nnz) -> ()``  mutates ``y``;
-* ``torch.ops.superweight.int8_quant_outlier_split(x, idx?, mask?, per_token) -> (xq, scales, x_out)``.
+* ``torch.ops.superweight.int8_quant_outlier_split(x, idx?, mask?, per_token) -> (xq, scales, x_out)``;
+* ``torch.ops.superweight.w4_dual_mm(x, bias?, n, key) -> y``: the W4A16 GEMM of the layer registered under
+  ``key`` (``w4_dispatch.DualW4``), Marlin or Machete chosen from x's token count at run time.
 
 Both have fake (meta) implementations. Registration uses vLLM's ``direct_register_custom_op`` when vLLM is
 already imported (the plugin), otherwise plain ``torch.library`` (same effect; keeps the converter and the tests
@@ -53,6 +55,16 @@ def _split_fake(x: torch.Tensor, outlier_idx: Optional[torch.Tensor], outlier_ma
     return xq, scales, xo
 
 
+def _dual_impl(x: torch.Tensor, bias: Optional[torch.Tensor], n: int, key: str) -> torch.Tensor:
+    from . import w4_dispatch
+
+    return w4_dispatch.dual_mm_impl(x, bias, n, key)
+
+
+def _dual_fake(x: torch.Tensor, bias: Optional[torch.Tensor], n: int, key: str) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n))
+
+
 def _register_one(lib, name, fn, mutates, fake) -> None:
     if "vllm" in sys.modules:
         try:
@@ -85,6 +97,7 @@ def register() -> bool:
     lib = torch.library.Library(NAMESPACE, "FRAGMENT")
     _register_one(lib, "sparse_correction_", _sparse_impl, ["y"], _sparse_fake)
     _register_one(lib, "int8_quant_outlier_split", _split_impl, [], _split_fake)
+    _register_one(lib, "w4_dual_mm", _dual_impl, [], _dual_fake)
     _LIB = lib
     return True
 

@@ -39,6 +39,8 @@ except Exception:  # pragma: no cover
 TILE_ELEMS = int(os.environ.get("SUPERWEIGHT_SPARSE_TILE", "4096"))  # elements of the gather tile per iteration
 T_MIN_M = int(os.environ.get("SUPERWEIGHT_SPARSE_TRANSPOSE_MIN_M", "16"))  # smallest M for the transposed path
 USE_PDL = os.environ.get("SUPERWEIGHT_PDL", "0") == "1"
+BM_T = int(os.environ.get("SUPERWEIGHT_SPARSE_BM_T", "64"))  # tokens per program, transposed path
+BM_D = int(os.environ.get("SUPERWEIGHT_SPARSE_BM_D", "16"))  # tokens per program, direct path
 
 
 def _interpreting() -> bool:
@@ -146,7 +148,7 @@ def plan(m: int, k: int, sp_shapes: dict, nnz: int) -> dict:
 
 
 def _blocks(m, s, depth, lanes, h, transposed):
-    bm = min(64 if transposed else 16, _np2(m))
+    bm = min(BM_T if transposed else BM_D, _np2(m))
     bj = max(1, min(_np2(max(depth, 1)), TILE_ELEMS // (bm * lanes)))
     be = max(16, min(1024, TILE_ELEMS // bm))
     tile = max(bm * bj * lanes, bm * be)

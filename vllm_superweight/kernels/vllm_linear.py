@@ -59,8 +59,10 @@ def dequant_w4(w: dict) -> torch.Tensor:
     return ((q - z) * w["scales"].float()[..., None]).reshape(n, k)
 
 
-def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16):
-    """(layer, kernel_obj) with vLLM's MP kernel class ``kernel`` in {"machete", "marlin", "cpu", "auto"}."""
+def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16, max_m: int | None = None,
+                   bias: torch.Tensor | None = None):
+    """(layer, kernel_obj) with vLLM's MP kernel class ``kernel`` in {"machete", "marlin", "cpu", "auto"}, or
+    "dual" (Machete + Marlin dispatched per M by ``w4_dispatch.DualW4``, Marlin for M <= ``max_m``)."""
     _patch_tp_single_process()
     from vllm.model_executor.kernels.linear import MPLinearLayerConfig
     from vllm.model_executor.parameter import (
@@ -76,7 +78,7 @@ def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16):
     cfg = MPLinearLayerConfig(full_weight_shape=(k, n), partition_weight_shape=(k, n),
                               weight_type=scalar_types.uint4b8 if sym else scalar_types.uint4, act_type=act_dtype,
                               group_size=group, zero_points=not sym, has_g_idx=False)
-    if kernel == "machete":
+    if kernel in ("machete", "dual"):
         from vllm.model_executor.kernels.linear.mixed_precision.machete import MacheteLinearKernel as KC
     elif kernel == "marlin":
         from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel as KC
@@ -110,11 +112,42 @@ def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16):
             p = PackedvLLMParameter(data=zp, input_dim=1, output_dim=0, packed_dim=0, packed_factor=8,
                                     weight_loader=noop)
         layer.register_parameter("weight_zero_point", p)
-    kobj = KC(cfg, w_q_param_name="weight_packed", w_s_param_name="weight_scale",
-              w_zp_param_name="weight_zero_point", w_gidx_param_name="weight_g_idx")
+    if bias is not None:
+        layer.register_parameter("bias", torch.nn.Parameter(bias.clone().to(act_dtype), requires_grad=False))
+    names = dict(w_q_param_name="weight_packed", w_s_param_name="weight_scale",
+                 w_zp_param_name="weight_zero_point", w_gidx_param_name="weight_g_idx")
+    kobj = KC(cfg, **names)
     layer.to(dev)
+    if kernel == "dual":
+        from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel
+
+        from .w4_dispatch import DualW4
+
+        layer.output_size_per_partition = n
+        dual = DualW4(layer, kobj, MarlinLinearKernel(cfg, **names), ["weight_packed", "weight_scale",
+                                                                        "weight_zero_point"],
+                      max_m if max_m is not None else _default_max_m(), key=f"bench#{id(layer):x}")
+        kobj.process_weights_after_loading(layer)
+        layer._sw_dual = dual  # keeps it alive (the registry holds weak references)
+        return layer, _DualAsKernel(dual)
     kobj.process_weights_after_loading(layer)
     return layer, kobj
+
+
+def _default_max_m() -> int:
+    from .w4_dispatch import marlin_max_m
+
+    return marlin_max_m()
+
+
+class _DualAsKernel:
+    """``apply_weights(layer, x, bias)`` facade over a DualW4 (what benchmarks and tests call)."""
+
+    def __init__(self, dual):
+        self.dual = dual
+
+    def apply_weights(self, layer, x, bias=None):
+        return self.dual.apply(x, bias)
 
 
 def random_w8(n: int, k: int, device, seed: int = 0) -> dict:

@@ -156,6 +156,7 @@ class SWWeightOnlyScheme(SWScheme):
             kernel_type = None  # torch fallback (dequantize once at load)
         if kernel_type is not None and kernel_type.__name__ == "CPUWNA16LinearKernel" and params_dtype == torch.float32:
             kernel_type = None  # cpu_gemm_wna16 has no fp32 path
+        kernel_type, self.small_kernel_type = self._per_batch_kernels(kernel_type)
         self.kernel_type = kernel_type
 
         def n_of(sid):
@@ -190,9 +191,34 @@ class SWWeightOnlyScheme(SWScheme):
             "weight_shape", BasevLLMParameter(data=torch.empty(2, dtype=torch.int64), weight_loader=weight_loader)
         )
         self._register_extras(layer)
+        names = dict(w_q_param_name="weight_packed", w_s_param_name="weight_scale",
+                     w_zp_param_name="weight_zero_point", w_gidx_param_name="weight_g_idx")
         if kernel_type is not None:
-            self.kernel = kernel_type(self.mp_config, w_q_param_name="weight_packed", w_s_param_name="weight_scale",
-                                      w_zp_param_name="weight_zero_point", w_gidx_param_name="weight_g_idx")
+            self.kernel = kernel_type(self.mp_config, **names)
+        self.small_kernel = self.small_kernel_type(self.mp_config, **names) if self.small_kernel_type else None
+        self.dual = None
+
+    def _per_batch_kernels(self, kernel_type):
+        """(kernel for every M / for large M, kernel for small M or None) from SUPERWEIGHT_W4_KERNEL."""
+        from ..kernels import w4_dispatch
+
+        mode = w4_dispatch.kernel_mode()
+        if kernel_type is None or mode == "vllm":
+            return kernel_type, None
+        from vllm.model_executor.kernels.linear.mixed_precision.machete import MacheteLinearKernel
+        from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel
+
+        if kernel_type not in (MacheteLinearKernel, MarlinLinearKernel):
+            return kernel_type, None  # CPU, ROCm, ...: vLLM's choice
+        if mode in ("marlin", "machete"):
+            forced = MarlinLinearKernel if mode == "marlin" else MacheteLinearKernel
+            ok, why = forced.can_implement(self.mp_config)
+            if not ok:
+                raise FormatError(f"{self.prefix}: SUPERWEIGHT_W4_KERNEL={mode} cannot run this layer: {why}")
+            return forced, None
+        if kernel_type is MacheteLinearKernel and MarlinLinearKernel.can_implement(self.mp_config)[0]:
+            return kernel_type, MarlinLinearKernel  # auto / dual
+        return kernel_type, None
 
     def process_weights_after_loading(self, layer) -> None:
         self._check_super_weights(layer)
@@ -201,8 +227,17 @@ class SWWeightOnlyScheme(SWScheme):
         self._drop_placeholders(layer)
         del layer._parameters["weight_shape"]
         layer.sw_kernel = self.kernel_type.__name__ if self.kernel_type is not None else "torch-dequant"
+        if self.small_kernel is not None:
+            from ..kernels import w4_dispatch
+
+            # Marlin's copy is made from the loaded weights before Machete repacks them in place.
+            self.dual = w4_dispatch.DualW4(
+                layer, self.kernel, self.small_kernel, ["weight_packed", "weight_scale", "weight_zero_point"],
+                w4_dispatch.marlin_max_m(), key=self.prefix)
         if self.kernel_type is not None:
             self.kernel.process_weights_after_loading(layer)
+        if self.dual is not None:
+            layer.sw_kernel = self.dual.describe()
         else:
             self._dequantize_for_torch(layer)
 
@@ -225,7 +260,9 @@ class SWWeightOnlyScheme(SWScheme):
         layer.register_parameter("weight", torch.nn.Parameter(w, requires_grad=False))
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.kernel_type is not None:
+        if self.dual is not None:
+            y = self.dual.apply(x, bias)
+        elif self.kernel_type is not None:
             y = self.kernel.apply_weights(layer, x, bias)
         else:
             y = F.linear(x, layer.weight, bias)
