@@ -77,7 +77,22 @@ def _cpu_workarounds() -> None:
     cache.IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
-def build_recipe(method: str, group: int, smoothing: float, n_grid: int = 20):
+def smoothquant_mappings(model_type: str):
+    """SmoothQuant (balance layers, smoothed norm) pairs where llm-compressor's defaults are wrong, else None.
+
+    llm-compressor 0.13 maps Gemma-2/3 to its Llama defaults, which smooth gate/up_proj into
+    ``post_attention_layernorm``. In Gemma-2/3 that norm is applied to the attention OUTPUT (sandwich norms);
+    the MLP's input norm is ``pre_feedforward_layernorm``. Smoothing the wrong norm rescales the residual stream
+    and leaves the MLP input unscaled: the model breaks (measured: WikiText-2 ppl 1.1e11 on Gemma-3-270M)."""
+    if model_type.startswith(("gemma2", "gemma3")):
+        return [
+            [["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*input_layernorm"],
+            [["re:.*gate_proj", "re:.*up_proj"], "re:.*pre_feedforward_layernorm"],
+        ]
+    return None
+
+
+def build_recipe(method: str, group: int, smoothing: float, n_grid: int = 20, model_type: str = ""):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -96,8 +111,9 @@ def build_recipe(method: str, group: int, smoothing: float, n_grid: int = 20):
     if method == "smoothquant":
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
+        maps = smoothquant_mappings(model_type)
         return [
-            SmoothQuantModifier(smoothing_strength=smoothing),
+            SmoothQuantModifier(smoothing_strength=smoothing, **({"mappings": maps} if maps else {})),
             GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
         ]
     raise SystemExit(f"unknown method {method!r} (awq | smoothquant)")
@@ -133,7 +149,8 @@ def main(argv=None) -> int:
     model.eval()
     bos = default_bos(tok)
     ds, n_samples, calib_tokens = calibration_dataset(tok, args.samples, args.seqlen, bos)
-    recipe = build_recipe(args.method, args.group, args.smoothing, args.n_grid)
+    model_type = getattr(model.config, "model_type", "") or ""
+    recipe = build_recipe(args.method, args.group, args.smoothing, args.n_grid, model_type)
 
     tmp = args.out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -159,6 +176,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "smoothing_strength": args.smoothing if args.method == "smoothquant" else None,
         "recipe": [type(m).__name__ for m in recipe],
+        "smoothquant_mappings": smoothquant_mappings(model_type) if args.method == "smoothquant" else None,
         "scheme": (
             f"W4A16 asymmetric int4, group {args.group}, pack-quantized"
             if args.method == "awq"

@@ -23,7 +23,7 @@ import weakref
 import torch
 
 # Crossover measured by benchmarks/kernel_bench.py (section w4, M sweep) on an H100: see NOTES.md.
-DEFAULT_MARLIN_MAX_M = 32
+DEFAULT_MARLIN_MAX_M = 48
 MODES = ("auto", "dual", "vllm", "marlin", "machete")
 
 _REGISTRY: "weakref.WeakValueDictionary[str, DualW4]" = weakref.WeakValueDictionary()

@@ -236,10 +236,10 @@ class SWWeightOnlyScheme(SWScheme):
                 w4_dispatch.marlin_max_m(), key=self.prefix)
         if self.kernel_type is not None:
             self.kernel.process_weights_after_loading(layer)
-        if self.dual is not None:
-            layer.sw_kernel = self.dual.describe()
         else:
             self._dequantize_for_torch(layer)
+        if self.dual is not None:
+            layer.sw_kernel = self.dual.describe()
 
     def _dequantize_for_torch(self, layer) -> None:
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
