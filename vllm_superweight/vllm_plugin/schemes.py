@@ -22,6 +22,19 @@ from . import loading
 from .loading import LinearSpec, kernel_bits
 
 
+_LOGGED_KERNELS: set = set()
+
+
+def _log_kernel_once(kind: str, desc: str, prefix: str) -> None:
+    """One INFO line per distinct kernel choice in this process (which GEMM serves the layers)."""
+    if (kind, desc) in _LOGGED_KERNELS:
+        return
+    _LOGGED_KERNELS.add((kind, desc))
+    from vllm.logger import init_logger
+
+    init_logger("vllm_superweight").info("superweight_rtn %s linears: %s (first: %s)", kind, desc, prefix)
+
+
 def _kernels():
     from .. import kernels
 
@@ -240,6 +253,7 @@ class SWWeightOnlyScheme(SWScheme):
             self._dequantize_for_torch(layer)
         if self.dual is not None:
             layer.sw_kernel = self.dual.describe()
+        _log_kernel_once("W%d" % self.qcfg.bits, layer.sw_kernel, self.prefix)
 
     def _dequantize_for_torch(self, layer) -> None:
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -344,6 +358,7 @@ class SWW8A8Scheme(SWScheme):
             # per-tensor dynamic activations: torch int8 GEMM (torch._int_mm) on [K, N] weights.
             layer.weight = torch.nn.Parameter(layer.weight.data.t().contiguous(), requires_grad=False)
             layer.sw_kernel = "torch-int8-tensor"
+        _log_kernel_once("W8A8", layer.sw_kernel, self.prefix)
 
     def _split(self, layer, x: torch.Tensor):
         if layer.sw_n_outliers:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A real converted checkpoint (e.g. SmolLM2-135M from `superweight convert`) served on the GPU machine: WikiText-2
+# perplexity through vLLM (superweight eval, eager), with and without the exact corrections, to compare with the
+# CPU numbers in benchmarks/results/quality.json. The checkpoint travels split in parts (64 MiB per run):
+#   locally:  split -b 58000000 -d CKPT/model.safetensors .gpu-ckpt/part-  (parts in .gpu-ckpt/p1, p2; the small
+#             files + wiki.test.raw in .gpu-ckpt/meta)
+#   run 1:    carry [.gpu-ckpt/p1]                 command: bash benchmarks/gpu_eval_ckpt.sh stash
+#   run 2:    carry [.gpu-ckpt/p2, .gpu-ckpt/meta, .gpu-bundle/install.sh]
+#                                                  command: bash benchmarks/gpu_eval_ckpt.sh stash eval NAME
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-$PWD/gpu-out}
+CK=/root/sw-ckpt
+mkdir -p "$OUT" "$CK"
+if [ "${1:-}" = stash ]; then
+  for d in .gpu-ckpt/p1 .gpu-ckpt/p2 .gpu-ckpt/meta; do [ -d "$d" ] && cp -f "$d"/* "$CK"/; done
+  ls -la "$CK"
+  shift
+fi
+if [ "${1:-}" = eval ]; then
+  NAME=${2:-ckpt}
+  cat "$CK"/part-* > "$CK/model.safetensors" && rm -f "$CK"/part-*
+  bash benchmarks/gpu_run.sh setup > "$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 2; }
+  # shellcheck disable=SC1091
+  source .gpu-bundle/install.sh
+  export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1
+  for mode in on off; do
+    env $([ $mode = off ] && echo SUPERWEIGHT_DISABLE_CORRECTION=1) python3 -m vllm_superweight.eval "$CK" \
+      --window 512 --max-tokens 16384 --data "$CK/wiki.test.raw" --json "$OUT/gpu_eval_${NAME}_correction-$mode.json" \
+      --no-progress > "$OUT/gpu_eval_${NAME}_correction-$mode.log" 2>&1
+    echo "correction $mode: rc=$? $(grep -o '"ppl": [0-9.e+]*' "$OUT/gpu_eval_${NAME}_correction-$mode.json" 2>/dev/null)"
+    grep -i "superweight_rtn\|kernel\|Error" "$OUT/gpu_eval_${NAME}_correction-$mode.log" | grep -v "^$" | tail -4
+  done
+fi
