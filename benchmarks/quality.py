@@ -109,13 +109,46 @@ def load_records() -> list[dict]:
         return json.load(f)
 
 
-def save_records(recs: list[dict]) -> None:
+def _key(r: dict) -> tuple:
+    return (r["model"], r["row"], r["window"], r.get("max_tokens"))
+
+
+def _order(r: dict) -> tuple:
+    """Models in MODELS order, rows in rows_for order."""
+    models = list(MODELS)
+    ids = [x.id for x in rows_for(r["model"])] if r["model"] in MODELS else []
+    return (models.index(r["model"]) if r["model"] in MODELS else 99, ids.index(r["row"]) if r["row"] in ids else 999)
+
+
+def save_records(recs: list[dict], changed: set | None = None, sort: bool = False) -> list[dict]:
+    """Write the records, merged with what is on disk now (another quality.py may be running: e.g. a long build in
+    one, spot checks in another). Records of ``changed`` keys are this process's news and win (fields already on disk
+    for the same measurement, like ``ppl_transformers``, are kept); for every other key the disk's version wins.
+    Atomic (temp file + rename) under a lock. Returns the merged list."""
+    import fcntl
+
     os.makedirs(RESULTS, exist_ok=True)
-    tmp = JSON_PATH + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(recs, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, JSON_PATH)
+    changed = changed or set()
+    with open(JSON_PATH + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = load_records()
+        merged = {_key(d): d for d in disk}
+        for r in recs:
+            k = _key(r)
+            if k not in merged:
+                merged[k] = r
+            elif k in changed:
+                old = merged[k]
+                merged[k] = {**old, **r} if old.get("ppl") == r.get("ppl") else r
+        out = list(merged.values())
+        if sort:
+            out.sort(key=_order)
+        tmp = JSON_PATH + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, JSON_PATH)
+    return out
 
 
 def engine_env() -> dict:
@@ -627,7 +660,7 @@ def main(argv=None) -> int:
                     rec["super_weights"] = extra["super_weights"]
                     rec["detector"] = detector
                 recs = [r for r in recs if (r["model"], r["row"], r["window"], r.get("max_tokens")) != key] + [rec]
-                save_records(recs)
+                recs = save_records(recs, {key})
                 log(f"{m}/{row.id}: ppl {_fmt_ppl(res['ppl'])} ({time.time() - t0:.0f} s)")
                 if args.cleanup and row.method not in ("float",):
                     shutil.rmtree(ckpt, ignore_errors=True)
@@ -654,7 +687,7 @@ def main(argv=None) -> int:
                     if row.convert_args is not None:
                         rec["convert_args"] = " ".join(row.convert_args + ["--super-weights", "<detected: none>"])
                 recs = [r for r in recs if (r["model"], r["row"], r["window"], r.get("max_tokens")) != key] + [rec]
-                save_records(recs)
+                recs = save_records(recs, {key})
                 log(f"{m}/{row.id}: recorded as {target or 'n/a'} ({rec['note']})")
         if failures:
             log("failed rows: " + ", ".join(failures))
@@ -689,12 +722,8 @@ def main(argv=None) -> int:
             r["ppl_transformers"] = t["ppl"]
             log(f"{r['model']}/{r['row']}: vLLM {r['ppl']:.4f} vs transformers {t['ppl']:.4f} "
                 f"({(r['ppl'] / t['ppl'] - 1) * 100:+.2f}%)")
-            save_records(recs)
-    order = {m: i for i, m in enumerate(MODELS)}
-    ids = {m: [r.id for r in rows_for(m)] for m in MODELS}
-    recs.sort(key=lambda r: (order.get(r["model"], 99), ids.get(r["model"], []).index(r["row"])
-                             if r["row"] in ids.get(r["model"], []) else 999))
-    save_records(recs)
+            save_records(recs, {_key(r)})
+    recs = save_records(recs, sort=True)
     if recs:
         write_markdown(recs)
         write_plot(recs)

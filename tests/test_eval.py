@@ -217,6 +217,59 @@ def test_quality_report_from_records(tmp_path, monkeypatch):
     assert "+33.3%" in md and "inf" in md
     q.write_plot(recs)
     assert os.path.getsize(tmp_path / "q.png") > 1000
+    # a model without super weights: a twin row and an n/a sw_zeroed row render (and plot) without errors
+    g = dict(base, model="gemma3-270m")
+    recs2 = [dict(g, method="float", row="float", bits=16, block=None, sw_restored=None, ppl=22.0),
+             dict(g, method="rtn", row="rtn-w4-g128", bits=4, block="128", sw_restored=None, ppl=36.0),
+             dict(g, method="superweight_rtn", row="sw-w4-g128", bits=4, block="128", sw_restored=True, ppl=36.0,
+                  identical_to="rtn-w4-g128"),
+             dict(g, method="sw_zeroed", row="sw_zeroed", bits=16, block=None, sw_restored=False, ppl=None)]
+    md2 = q.write_markdown(recs2)
+    assert "`sw-w4-g128` = `rtn-w4-g128`" in md2 and "`sw_zeroed` (n/a)" in md2 and "| n/a |" in md2
+    q.write_plot(recs2)
+
+
+def test_quality_no_super_weight_twins():
+    """A model without super weights: rows differing only by SW handling point to their twin; sw_zeroed is n/a."""
+    q = _quality_module()
+    rows = {r.id: r for r in q.rows_for("gemma3-270m")}
+    assert q.no_sw_alias(rows["sw-w4-channel"]) == "rtn-w4-channel"
+    assert q.no_sw_alias(rows["nr-w4-tensor-clip"]) == "sw-w4-tensor-clip"
+    assert q.no_sw_alias(rows["sw_zeroed"]) is None
+    for rid in ("sw-w4-channel-clip", "sw-w4-g128-h1e-3", "sw-w8a8", "rtn-w4-g128", "awq-w4a16-g128"):
+        assert q.no_sw_alias(rows[rid]) == rid  # a different checkpoint: measured
+    # every alias target is itself measured (not an alias)
+    for r in rows.values():
+        t = q.no_sw_alias(r)
+        assert t is None or q.no_sw_alias(rows[t]) == t
+
+
+def test_quality_save_records_merges_concurrent_writers(tmp_path, monkeypatch):
+    """Two quality.py processes (e.g. a long build and spot checks) must not erase each other's results."""
+    q = _quality_module()
+    monkeypatch.setattr(q, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(q, "JSON_PATH", str(tmp_path / "quality.json"))
+    base = dict(model="smollm2", window=512, max_tokens=16384)
+    a = dict(base, row="rtn-w4-g64", ppl=40.0)
+    b = dict(base, row="float", ppl=30.0)
+    q.save_records([a, b], {q._key(a), q._key(b)})
+    stale = q.load_records()  # process 1 loads ...
+    spot = q.load_records()  # ... process 2 loads and adds a spot check to `float`
+    spot[1]["ppl_transformers"] = 30.01
+    q.save_records(spot, {q._key(spot[1])})
+    new = dict(base, row="sw-w4-g64", ppl=39.0)  # process 1 measures a new row from its stale list
+    q.save_records(stale + [new], {q._key(new)})
+    got = {r["row"]: r for r in q.load_records()}
+    assert set(got) == {"rtn-w4-g64", "float", "sw-w4-g64"}
+    assert got["float"]["ppl_transformers"] == 30.01
+    # re-measuring a row (new ppl) replaces it, stale fields of the old measurement go
+    q.save_records([dict(base, row="float", ppl=31.0)], {q._key(b)})
+    got = {r["row"]: r for r in q.load_records()}
+    assert got["float"]["ppl"] == 31.0 and "ppl_transformers" not in got["float"]
+    # same measurement again (e.g. the final sorted save) keeps the spot check fields
+    q.save_records([dict(base, row="float", ppl=31.0, ppl_transformers=31.02)], {q._key(b)})
+    q.save_records([dict(base, row="float", ppl=31.0)], {q._key(b)})
+    assert q.load_records()[[r["row"] for r in q.load_records()].index("float")]["ppl_transformers"] == 31.02
 
 
 # ----------------------------------------------------------------------------------------------------------
