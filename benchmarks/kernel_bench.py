@@ -345,16 +345,16 @@ def section_sparsesweep(B: Bench):
         r, c, v = holdout_entries(n, k, 0.001, seed=len(lay))
         lay[name] = (K.prepare_sparse(r, c, v, n, k, B.dev, layout="sell"), n, k)
     ms = [16] if DRY else [16, 64, 256]
-    cfgs = [(bm, tile) for bm in (16, 32, 64) for tile in (2048, 4096, 8192, 16384)]
+    cfgs = [(bm, tile, a3) for a3 in (False, True) for bm in (16, 32, 64) for tile in (2048, 4096, 8192, 16384)]
     if DRY:
-        cfgs = [(16, 2048), (64, 4096)]
+        cfgs = [(16, 2048, False), (64, 4096, True)]
     tot = {}
     for m in ms:
         xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (_, n, k) in lay.items()}
         ys = {name: torch.randn(m, n, device=B.dev, dtype=torch.bfloat16) for name, (_, n, k) in lay.items()}
         for direct in (True, False):
-            for bm, tile in ([(16, 4096)] if direct else cfgs):
-                TS.BM_T, TS.TILE_ELEMS = bm, tile
+            for bm, tile, a3 in ([(16, 4096, False)] if direct else cfgs):
+                TS.BM_T, TS.TILE_ELEMS, TS.ACC3 = bm, tile, a3
 
                 def f():
                     for name, (sp, n, k) in lay.items():
@@ -366,18 +366,20 @@ def section_sparsesweep(B: Bench):
                 except Exception as e:  # noqa: BLE001
                     B.add(section="sparsesweep", config=f"bm{bm}-tile{tile}", m=m, note=f"failed: {e}")
                     continue
-                cfg = "direct" if direct else f"bm{bm}-tile{tile}"
+                cfg = "direct" if direct else f"bm{bm}-tile{tile}" + ("-acc3" if a3 else "")
                 B.add(section="sparsesweep", config=cfg, variant="4 linears", m=m, us=us)
                 tot.setdefault(cfg, {})[m] = us
-    TS.BM_T, TS.TILE_ELEMS = 64, 4096
+    TS.BM_T, TS.TILE_ELEMS, TS.ACC3 = 64, 4096, False
     full = {c: t for c, t in tot.items() if len(t) == len(ms) and c != "direct"}
     if full:
         best = min(full, key=lambda c: sum(full[c].values()))
-        bm, tile = (int(v) for v in best.replace("bm", "").split("-tile"))
-        TS.BM_T, TS.TILE_ELEMS = bm, tile
+        a3 = best.endswith("-acc3")
+        bm, tile = (int(v) for v in best.replace("-acc3", "").replace("bm", "").split("-tile"))
+        TS.BM_T, TS.TILE_ELEMS, TS.ACC3 = bm, tile, a3
         B.meta["sparse_best"] = {"config": best, "us_by_m": full[best], "default_us_by_m": full.get("bm64-tile4096")}
         rec = B.meta.setdefault("recommend", {})
         rec["SUPERWEIGHT_SPARSE_BM_T"], rec["SUPERWEIGHT_SPARSE_TILE"] = bm, tile
+        rec["SUPERWEIGHT_SPARSE_ACC3"] = int(a3)
         # smallest M where the transposed path (best knobs) beats the direct one
         for m in ms:
             if "direct" in tot and m in tot["direct"] and full[best][m] < tot["direct"][m]:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -357,13 +358,15 @@ def test_interp_sparse_kernel(path, n, k, nnz, m):
 
 
 @interp_only
-@pytest.mark.parametrize("bm,tile", [(16, 2048), (32, 16384), (64, 8192)])
-def test_interp_sparse_kernel_tile_knobs(monkeypatch, bm, tile):
+@pytest.mark.parametrize("bm,tile,acc3", [(16, 2048, False), (32, 16384, False), (64, 8192, False),
+                                          (64, 4096, True), (16, 2048, True)])
+def test_interp_sparse_kernel_tile_knobs(monkeypatch, bm, tile, acc3):
     """The transposed path's tile knobs (tuned by kernel_bench's sparsesweep) change blocking, never results."""
     from vllm_superweight.kernels import triton_sparse as TS
 
     monkeypatch.setattr(TS, "BM_T", bm)
     monkeypatch.setattr(TS, "TILE_ELEMS", tile)
+    monkeypatch.setattr(TS, "ACC3", acc3)
     gen = torch.Generator().manual_seed(bm + tile)
     n, k, m = 97, 61, 70
     r, c, v = random_entries(n, k, 400, gen, heavy_row=5, heavy_len=40)
@@ -472,13 +475,18 @@ def test_triton_kernels_compile_for_sm90():
     sig = {"y_ptr": "*bf16", "x_ptr": "*bf16", "ecols_ptr": "*i32", "evals_ptr": "*fp32", "erb_ptr": "*i32",
            "hrows_ptr": "*i32", "hptr_ptr": "*i32", "hcols_ptr": "*i32", "hvals_ptr": "*fp32", "M": "i32",
            "N": "i32", "L": "i32", "n_slices": "i32", "stride_ym": "i32", "stride_xm": "i32", "stride_xk": "i32"}
-    for m, depth, trans, pdl in [(1, 16, False, False), (8, 8, False, False), (16, 8, False, True),
-                                 (4096, 16, True, False)]:
+    for m, depth, trans, pdl, acc3 in [(1, 16, False, False, False), (8, 8, False, False, False),
+                                       (16, 8, False, True, False), (4096, 16, True, False, False),
+                                       (64, 8, True, False, True), (4096, 16, True, False, True)]:
         p = TS._blocks(m, 100, depth, 32, 10, trans)
-        consts = {"C": 32, "BM": p["BM"], "BJ": p["BJ"], "BE": p["BE"], "PDL": pdl,
+        consts = {"C": 32, "BM": p["BM"], "BJ": p["BJ"], "BE": p["BE"], "PDL": pdl, "ACC3": acc3,
                   ("stride_xm" if trans else "stride_xk"): 1}
         _, rep = _aot(TS._sell_spmm_kernel, sig, consts, p["num_warps"], range(9))
-        assert rep is None or "0 bytes spill stores" in rep, rep
+        if acc3 and rep is not None:  # experimental variant: a few bytes of spill tolerated (see NOTES.md)
+            spill = int(re.search(r"(\d+) bytes spill stores", rep).group(1))
+            assert spill <= 16, rep
+        else:
+            assert rep is None or "0 bytes spill stores" in rep, rep
     tsig = {"x_ptr": "*bf16", "ucols_ptr": "*i32", "xt_ptr": "*bf16", "M": "i32", "U": "i32", "stride_xm": "i32",
             "stride_xk": "i32"}
     _aot(TS._gather_transpose_kernel, tsig, {"stride_xk": 1, "BU": 64, "BMT": 64}, 4, range(3))

@@ -41,6 +41,8 @@ T_MIN_M = int(os.environ.get("SUPERWEIGHT_SPARSE_TRANSPOSE_MIN_M", "16"))  # sma
 USE_PDL = os.environ.get("SUPERWEIGHT_PDL", "0") == "1"
 BM_T = int(os.environ.get("SUPERWEIGHT_SPARSE_BM_T", "64"))  # tokens per program, transposed path
 BM_D = int(os.environ.get("SUPERWEIGHT_SPARSE_BM_D", "16"))  # tokens per program, direct path
+# experimental (not yet timed on a GPU): reduce over the slots once after the loop instead of every iteration
+ACC3 = os.environ.get("SUPERWEIGHT_SPARSE_ACC3", "0") == "1"
 
 
 def _interpreting() -> bool:
@@ -59,7 +61,7 @@ def _sell_spmm_kernel(
     M, N, L, n_slices,
     stride_ym, stride_xm, stride_xk,
     C: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, BE: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, ACC3: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pm = tl.program_id(1)
@@ -77,18 +79,34 @@ def _sell_spmm_kernel(
         y_ptrs = y_ptr + m64[:, None] * stride_ym + rows[None, :]
         if not PDL:
             y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
-        acc = tl.zeros((BM, C), dtype=tl.float32)
         jr = tl.arange(0, BJ)
-        for j0 in range(0, L, BJ):
-            jj = j0 + jr
-            e_off = base + jj[:, None] * C + lanes[None, :]
-            e_ok = (jj < L)[:, None]
-            cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
-            vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
-            x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
-            g_ok = m_ok[:, None, None] & (cc >= 0)[None, :, :]
-            xg = tl.load(x_ptrs, mask=g_ok, other=0.0)
-            acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
+        if ACC3:
+            # accumulate the [BM, BJ, C] products across iterations and reduce over the slots once at the end: no
+            # cross-warp reduction (shared memory + barrier) inside the loop (BJ spans warps at large BM)
+            acc3 = tl.zeros((BM, BJ, C), dtype=tl.float32)
+            for j0 in range(0, L, BJ):
+                jj = j0 + jr
+                e_off = base + jj[:, None] * C + lanes[None, :]
+                e_ok = (jj < L)[:, None]
+                cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
+                vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
+                x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
+                g_ok = m_ok[:, None, None] & (cc >= 0)[None, :, :]
+                xg = tl.load(x_ptrs, mask=g_ok, other=0.0)
+                acc3 += xg.to(tl.float32) * vv[None, :, :]
+            acc = tl.sum(acc3, axis=1)
+        else:
+            acc = tl.zeros((BM, C), dtype=tl.float32)
+            for j0 in range(0, L, BJ):
+                jj = j0 + jr
+                e_off = base + jj[:, None] * C + lanes[None, :]
+                e_ok = (jj < L)[:, None]
+                cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
+                vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
+                x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
+                g_ok = m_ok[:, None, None] & (cc >= 0)[None, :, :]
+                xg = tl.load(x_ptrs, mask=g_ok, other=0.0)
+                acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
         if PDL:
             _gdc_wait()
             y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
@@ -202,5 +220,5 @@ def sparse_correction_(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor,
         y, xs, ec, ev, erb, hr, hp, hc, hv,
         m, n, p["depth"], p["n_slices"],
         y.stride(0), sxm, sxk,
-        C=p["lanes"], BM=p["BM"], BJ=p["BJ"], BE=p["BE"], PDL=use_pdl, **kw,
+        C=p["lanes"], BM=p["BM"], BJ=p["BJ"], BE=p["BE"], PDL=use_pdl, ACC3=ACC3, **kw,
     )
