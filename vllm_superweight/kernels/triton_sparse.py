@@ -82,7 +82,9 @@ def _sell_spmm_kernel(
         jr = tl.arange(0, BJ)
         if ACC3:
             # accumulate the [BM, BJ, C] products across iterations and reduce over the slots once at the end: no
-            # cross-warp reduction (shared memory + barrier) inside the loop (BJ spans warps at large BM)
+            # cross-warp reduction (shared memory + barrier) inside the loop (BJ spans warps at large BM).
+            # Experimental: the loop body repeats the measured one below on purpose (that one's code, and so its
+            # compiled kernel, stays exactly as timed); the GPU sweep decides which of the two stays.
             acc3 = tl.zeros((BM, BJ, C), dtype=tl.float32)
             for j0 in range(0, L, BJ):
                 jj = j0 + jr
