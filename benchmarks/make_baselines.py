@@ -32,6 +32,9 @@ import shutil
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vllm_superweight.eval import default_bos  # noqa: E402  (stdlib-only module: fine in the llm-compressor venv)
+
 CALIB_NAME = "python-stdlib pydoc_data.topics (Python documentation prose)"
 
 
@@ -54,14 +57,6 @@ def calibration_dataset(tokenizer, samples: int, seqlen: int, bos: int | None):
             chunk = [bos] + chunk
         rows.append({"input_ids": chunk, "attention_mask": [1] * len(chunk)})
     return Dataset.from_list(rows), samples, len(ids)
-
-
-def default_bos(tokenizer) -> int | None:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer("a").input_ids
-    return bos if ids and ids[0] == bos else None
 
 
 def _cpu_workarounds() -> None:

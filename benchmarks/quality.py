@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -282,7 +283,7 @@ def sw_list(sw_path: str) -> list[dict]:
     return out
 
 
-_LLMC_LOCK = __import__("threading").Lock()
+_LLMC_LOCK = threading.Lock()  # builds run in a worker thread
 
 
 def ensure_llmc_venv(python: str) -> None:

@@ -121,23 +121,17 @@ def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16, max_m: int | 
     if kernel == "dual":
         from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel
 
-        from .w4_dispatch import DualW4
+        from .w4_dispatch import DualW4, marlin_max_m
 
         layer.output_size_per_partition = n
         dual = DualW4(layer, kobj, MarlinLinearKernel(cfg, **names), ["weight_packed", "weight_scale",
                                                                         "weight_zero_point"],
-                      max_m if max_m is not None else _default_max_m(), key=f"bench#{id(layer):x}")
+                      max_m if max_m is not None else marlin_max_m(), key=f"bench#{id(layer):x}")
         kobj.process_weights_after_loading(layer)
         layer._sw_dual = dual  # keeps it alive (the registry holds weak references)
         return layer, _DualAsKernel(dual)
     kobj.process_weights_after_loading(layer)
     return layer, kobj
-
-
-def _default_max_m() -> int:
-    from .w4_dispatch import marlin_max_m
-
-    return marlin_max_m()
 
 
 class _DualAsKernel:
