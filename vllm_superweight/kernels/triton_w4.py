@@ -1,0 +1,871 @@
+"""Our own W4A16 GEMM (Triton) over ONE stored layout, with the held-out (sparse) correction fused in the K loop.
+
+    prep = prepare_w4(q, scales, zeros, group_size, sym, rows, cols, vals, n, k, device)   # load time
+    y    = w4_mm(x, prep, bias=None)                                                     # x [M, K] -> y [M, N]
+    ref  = w4_reference(x, prep)                                                         # float64 reference
+
+Layout (built once by ``prepare_w4``; every tensor has a fixed shape, so the launcher reads nothing from the device)
+----------------------------------------------------------------------------------------------------------------
+* ``qw`` int32 ``[N_pad/32, K_pad/8, 32]``: 8 unsigned 4-bit codes per word along K, stored in column slabs of 32
+  output rows ("K-major, transposed"): the 16 words x 32 columns of one 128-wide K block of a slab are 2 KB
+  contiguous, and a tile of BN columns reads BN/32 such runs per K step (16-byte loads, coalesced along N).
+  Inside each 128-wide K block the order is permuted: nibble ``j`` of word ``r`` holds ``k = 128*kb + 16*j + r``.
+  So the 8 nibble planes of a [16, BN] word tile are 8 dequantized [16, BN] operands whose x partners are the 8
+  contiguous 16-wide column chunks of the x tile (one ``tl.dot`` with K = 16 per plane), and one shift+mask per
+  plane unpacks all 16 words of it.
+* ``scale`` act dtype ``[NG_pad, N_pad]`` (one row per group, coalesced along N); ``zero`` uint8 ``[NG_pad, N_pad]``
+  (asymmetric only; integer zero point in the unsigned code domain, dequant ``(code - zero) * scale``; symmetric:
+  zero = 8). Memory for g128 asym: 0.5 + 2/128 + 1/128 bytes per weight = 1.0075x AWQ (0.5 + 2.5/128).
+* held-out entries (super weights + bulk hold-out): sorted by (128-wide K block, 16-row slice); ``sp_ptr`` int32
+  ``[K_pad/128 * N_pad/16 + 1]`` gives each (K block, slice) its range of ``sp_ent``, so the entries of one tile
+  in one K block are ONE contiguous range. ``sp_ent`` int32: bits 31..16 the exact value in the activation dtype
+  (bf16 or fp16 bits; a value that dtype cannot hold exactly is split into 2-3 terms at the same position),
+  bits 15..7 the row mod 512, bits 6..0 the column inside the K block. 4 bytes per entry + 4 bytes per
+  (K block, slice): ~1.2 % of the W4 bytes at a 0.1 % hold-out.
+
+Kernel (one ``@triton.jit``, specialized by constexprs; grid = (N tiles x M tiles, split-K))
+----------------------------------------------------------------------------------------
+* DOT (tensor cores, any M; BM >= 16): per K block, load the [16, BN] word tile, dequantize each nibble plane to
+  the activation dtype (plain Triton: mask + OR 2^23 magic + FADD; or ``ASM``: 4 LOP3 + bf16x2/f16x2 FMAs per
+  word, 8 weights per word, in inline PTX) and ``acc = tl.dot(x_chunk_j [BM, 16], plane_j [16, BN], acc)``.
+  ``SCALE_W``: the scale multiplies the weights (one rounding of (q - z) * s to the act dtype, as Marlin/Machete
+  do) or, when False, the exact integers (q - z) go through the MMA and the scale multiplies each group's fp32
+  partial sum (fewer ALU ops per weight, more accurate, one extra FMA pass over the [BM, BN] tile per group).
+* FMA (CUDA cores, BM = 1..4): same loop, (q - z) in fp32, ``acc3[BM, 16, BN] += x * w``, reduced once at the end.
+* Sparse correction, inside the same K loop (no extra launch, no pass over y): the tile's entries of the current
+  K block (one contiguous range, chunks of E) are gathered as ``x[m, 128*kb + col]`` -- columns of the x tile
+  the loop just read, so L1/L2 hits in at most two lines per token -- and scattered to their rows with a one-hot
+  [E, BN] operand: DOT ``acc = tl.dot(xg [BM, E], onehot(rows) * v [E, BN], acc)`` (exact: x and v are exact in
+  the act dtype, products exact in fp32); FMA the same as a [BM, E, BN] select-reduce. Heavy rows only add
+  chunks in the K blocks they touch (``NCH`` static chunks, each skipped at run time when empty).
+* Split-K (``SK`` > 1): each split adds its fp32 partial (the sparse entries of its own K blocks included: every
+  entry is in exactly one split) into a zeroed fp32 workspace with ``red.add``; a per-tile counter (acq_rel) lets
+  the last split read the sum (L1 bypass), add the bias, round once into y and re-zero the workspace and the
+  counter, so both stay zero between calls: no memset launch, CUDA-graph replay safe. The fp32 summation order of
+  the splits is not fixed (results may differ run to run by fp32 rounding before the one bf16 rounding).
+  The workspace/counters are per device and shared by all layers (one stream at a time, as in vLLM).
+
+Configs are chosen per M bucket from ``CONFIGS`` (a table filled from ``benchmarks/w4_fused_bench.py``); there is
+no autotuning at run time. ``w4_mm(..., config=...)`` overrides it (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_OK = True
+except Exception:  # pragma: no cover - torch-only environment
+    TRITON_OK = False
+
+SLAB = 32  # output rows per storage slab of qw
+PB = 128  # K block of the nibble permutation and of the sparse index
+SLICE = 16  # output rows per sparse-index slice
+ROW_MOD = 512  # rows are stored mod 512 in an entry (tiles have BN <= 256)
+MAX_NCH = 8  # more chunks than this per (K block, tile): runtime loop instead of static chunks
+
+# ------------------------------------------------------------------------------------------------------------
+# Heuristic config table: (max M of the bucket, config). Filled from benchmarks/w4_fused_bench.py (section
+# "sweep"); the values below are the pre-measurement guesses documented in kernels/NOTES.md.
+#   BM, BN: tile; DOT: tensor cores; SCALE_W: scale folded into the weights; ASM: inline-PTX dequant;
+#   warps/stages: launch; SK: split-K (0 = choose from the shape so that the grid covers ~2 waves).
+# ------------------------------------------------------------------------------------------------------------
+CONFIGS: list[tuple[int, dict]] = [
+    (1, dict(BM=16, BN=64, DOT=True, SCALE_W=False, ASM=True, warps=4, stages=3, SK=0)),
+    (4, dict(BM=16, BN=64, DOT=True, SCALE_W=False, ASM=True, warps=4, stages=3, SK=0)),
+    (16, dict(BM=16, BN=64, DOT=True, SCALE_W=False, ASM=True, warps=4, stages=3, SK=0)),
+    (32, dict(BM=32, BN=64, DOT=True, SCALE_W=False, ASM=True, warps=4, stages=3, SK=0)),
+    (64, dict(BM=64, BN=64, DOT=True, SCALE_W=True, ASM=True, warps=4, stages=3, SK=0)),
+    (128, dict(BM=64, BN=128, DOT=True, SCALE_W=True, ASM=True, warps=4, stages=3, SK=0)),
+    (1 << 30, dict(BM=128, BN=128, DOT=True, SCALE_W=True, ASM=True, warps=8, stages=3, SK=1)),
+]
+WS_MAX_M = 256  # split-K is used only for M <= this (workspace capacity)
+TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs: split-K grows until the grid has this many programs
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _np2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# load-time layout
+# ------------------------------------------------------------------------------------------------------------
+def _unpack_ct(packed: torch.Tensor, n_rows: int, n_cols: int, dim: int) -> torch.Tensor:
+    """compressed-tensors pack_to_int32 (4 bits, low bits first) -> unsigned codes 0..15 (int64)."""
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(8, dtype=torch.int64, device=p.device) * 4
+    if dim == 1:
+        u = (p[:, :, None] >> shifts) & 15  # [R, C/8, 8]
+        return u.reshape(p.shape[0], -1)[:n_rows, :n_cols]
+    u = (p[:, None, :] >> shifts[None, :, None]) & 15  # [R/8, 8, C]
+    return u.reshape(-1, p.shape[1])[:n_rows, :n_cols]
+
+
+def _value_terms(v: torch.Tensor, dtype: torch.dtype, max_terms: int = 3):
+    """Split float32/64 values into terms exactly representable in ``dtype`` (v = t0 + t1 + ...). Returns a list of
+    ``dtype`` tensors (the same length as v; trailing terms are 0 where not needed)."""
+    rest = v.double()
+    terms = []
+    for _ in range(max_terms):
+        t = rest.to(dtype)
+        terms.append(t)
+        rest = rest - t.double()
+        if not bool((rest != 0).any()):
+            break
+    return terms
+
+
+def _group_of(group_size) -> int:
+    """0 = channel-wise; else the group size (32, 64 or a multiple of 128)."""
+    if group_size is None:
+        return 0
+    g = int(group_size)
+    return 0 if g <= 0 else g
+
+
+def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+               group_size, sym: bool, rows=None, cols=None, vals=None, n: Optional[int] = None,
+               k: Optional[int] = None, device=None, act_dtype: Optional[torch.dtype] = None) -> dict:
+    """Repack one W4 Linear into the kernel layout (module docstring). Host code, run once at load time.
+
+    ``q_codes_or_packed``: unsigned codes 0..15 ``[N, K]`` (any integer dtype; code = signed value + 8), or the
+    compressed-tensors packing int32 ``[N, ceil(K/8)]``. ``scales`` ``[N, NG]`` (NG = K/G, 1 for channel-wise),
+    in the activation dtype unless ``act_dtype`` is given. ``zeros`` (asymmetric): integer zero points in the code
+    domain ``[N, NG]`` (0..15), or packed int32 ``[ceil(N/8), NG]`` as vLLM's uint4 layer holds them; ``None``
+    when ``sym``. ``group_size``: 32, 64, a multiple of 128, or -1/0/None for channel-wise. ``rows/cols/vals``:
+    held-out entries (their packed codes dequantize to 0; duplicates are summed). Returns fixed-shape tensors.
+    """
+    q = torch.as_tensor(q_codes_or_packed)
+    n = int(n if n is not None else q.shape[0])
+    if k is None:
+        raise ValueError("prepare_w4: k (in_features) is required")
+    k = int(k)
+    device = torch.device(device) if device is not None else q.device
+    act = act_dtype or scales.dtype
+    if act not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"prepare_w4: activation dtype must be bf16 or fp16, got {act}")
+    g = _group_of(group_size)
+    if g == k:
+        g = 0
+    if g and not (g in (32, 64) or g % PB == 0):
+        raise ValueError(f"prepare_w4: group size {g} not supported (32, 64, multiples of 128, or channel)")
+    if g and k % g:
+        raise ValueError(f"prepare_w4: K={k} is not a multiple of the group size {g}")
+    if k >= 1 << 24 or n >= 1 << 24:
+        raise ValueError("prepare_w4: matrix too large")
+
+    # --- codes [N, K] unsigned ------------------------------------------------------------------------------
+    q = q.to("cpu")
+    if q.dtype == torch.int32 and tuple(q.shape) == (n, _cdiv(k, 8)) and k != _cdiv(k, 8):
+        codes = _unpack_ct(q, n, k, 1)
+    elif tuple(q.shape) == (n, k):
+        codes = q.to(torch.int64)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+            raise ValueError("prepare_w4: codes must be unsigned 0..15 (signed value + 8)")
+    else:
+        raise ValueError(f"prepare_w4: codes have shape {tuple(q.shape)}, expected {(n, k)} or packed "
+                         f"{(n, _cdiv(k, 8))} int32")
+    ng = k // g if g else 1
+    s = torch.as_tensor(scales).to("cpu")
+    if s.dim() == 1:
+        s = s[:, None]
+    if tuple(s.shape) != (n, ng):
+        raise ValueError(f"prepare_w4: scales have shape {tuple(s.shape)}, expected {(n, ng)}")
+    if sym:
+        z = None
+    else:
+        if zeros is None:
+            raise ValueError("prepare_w4: asymmetric weights need zero points")
+        zt = torch.as_tensor(zeros).to("cpu")
+        if zt.dim() == 1:
+            zt = zt[:, None]
+        if tuple(zt.shape) == (n, ng):
+            z = zt.to(torch.int64)
+        elif zt.dtype == torch.int32 and tuple(zt.shape) == (_cdiv(n, 8), ng):
+            z = _unpack_ct(zt, n, ng, 0)
+        else:
+            raise ValueError(f"prepare_w4: zero points have shape {tuple(zt.shape)}, expected {(n, ng)} or "
+                             f"packed {(_cdiv(n, 8), ng)} int32")
+        if z.numel() and (int(z.min()) < 0 or int(z.max()) > 15):
+            raise ValueError("prepare_w4: integer zero points must be in the code domain 0..15")
+
+    k_pad = _cdiv(k, PB) * PB
+    n_pad = _cdiv(n, SLAB) * SLAB
+    nkb = k_pad // PB
+    # --- qw: [N_pad/32, K_pad/8, 32], nibble j of word r of block kb <-> k = 128 kb + 16 j + r -----------------
+    cp = torch.zeros(n_pad, k_pad, dtype=torch.int64)
+    cp[:n, :k] = codes
+    c5 = cp.reshape(n_pad // SLAB, SLAB, nkb, 8, 16)  # [slab, lane, kb, j, r]
+    shifts = (torch.arange(8, dtype=torch.int64) * 4).reshape(1, 1, 1, 8, 1)
+    words = (c5 << shifts).sum(3)  # [slab, lane, kb, r]
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    qw = words.permute(0, 2, 3, 1).reshape(n_pad // SLAB, nkb * 16, SLAB).contiguous()
+    # --- scales / zeros [NG_pad, N_pad] -----------------------------------------------------------------------
+    ng_pad = _cdiv(k_pad, g) if g else 1
+    sc = torch.zeros(ng_pad, n_pad, dtype=act)
+    sc[:ng, :n] = s.to(act).T
+    out = {"qw": qw, "scale": sc}
+    if z is not None:
+        zz = torch.zeros(ng_pad, n_pad, dtype=torch.uint8)
+        zz[:ng, :n] = z.T.to(torch.uint8)
+        out["zero"] = zz
+
+    # --- sparse entries ---------------------------------------------------------------------------------------
+    r_, c_, v_ = _entries(rows, cols, vals, n, k, act)
+    ns = n_pad // SLICE
+    key = (c_ // PB) * ns + (r_ // SLICE)
+    order = torch.argsort(key * (n_pad * k_pad) + r_ * k_pad + c_, stable=True)
+    r_, c_, v_, key = r_[order], c_[order], v_[order], key[order]
+    nseg = nkb * ns
+    cnt = torch.bincount(key, minlength=nseg) if key.numel() else torch.zeros(nseg, dtype=torch.int64)
+    ptr = torch.zeros(nseg + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(cnt, 0)
+    vbits = v_.view(torch.int16).to(torch.int64) & 0xFFFF
+    ent = (vbits << 16) | ((r_ % ROW_MOD) << 7) | (c_ % PB)
+    ent = torch.where(ent >= 2**31, ent - 2**32, ent).to(torch.int32)
+    nnz = int(ent.numel())
+    # largest number of entries of one (K block, tile) for each tile width (static chunk counts of the kernel)
+    maxc = []
+    for bn in (32, 64, 128, 256):
+        per = bn // SLICE
+        ns_t = _cdiv(ns, per)
+        c2 = torch.zeros(nkb, ns_t * per, dtype=torch.int64)
+        c2[:, :ns] = cnt.reshape(nkb, ns)
+        maxc.append(int(c2.reshape(nkb, ns_t, per).sum(2).max()) if nnz else 0)
+    out["sp_ptr"] = ptr.to(torch.int32)
+    out["sp_ent"] = ent if nnz else torch.zeros(1, dtype=torch.int32)
+    # zero-byte tensors whose shapes carry host ints (no device reads at run time)
+    out["sp_meta"] = torch.empty((nnz, *maxc, 0), dtype=torch.int8)
+    out["info"] = torch.empty((n, k, g, 1 if sym else 0, 0), dtype=torch.int8)
+    prep = {key_: t.contiguous().to(device) for key_, t in out.items()}
+    if device.type == "cuda":
+        _workspace(device, n_pad)  # allocate the shared split-K workspace now (never during graph capture)
+    return prep
+
+
+def _entries(rows, cols, vals, n, k, act):
+    if rows is None or vals is None or torch.as_tensor(vals).numel() == 0:
+        e = torch.zeros(0, dtype=torch.int64)
+        return e, e, torch.zeros(0, dtype=act)
+    r = torch.as_tensor(rows).reshape(-1).to("cpu", torch.int64)
+    c = torch.as_tensor(cols).reshape(-1).to("cpu", torch.int64)
+    v = torch.as_tensor(vals).reshape(-1).to("cpu")
+    if not (r.numel() == c.numel() == v.numel()):
+        raise ValueError("prepare_w4: rows/cols/vals differ in length")
+    if r.numel() and (int(r.min()) < 0 or int(r.max()) >= n or int(c.min()) < 0 or int(c.max()) >= k):
+        raise ValueError("prepare_w4: held-out index outside the matrix")
+    if not torch.isfinite(v.double()).all():
+        raise ValueError("prepare_w4: held-out values hold NaN/Inf")
+    terms = _value_terms(v, act)
+    rr, cc, vv = [], [], []
+    for t in terms:  # a value the act dtype cannot hold exactly becomes 2-3 entries at the same position
+        keep = t.double() != 0  # exact zeros contribute nothing
+        rr.append(r[keep]), cc.append(c[keep]), vv.append(t[keep])
+    if not torch.isfinite(torch.cat(vv).double()).all():
+        raise ValueError(f"prepare_w4: a held-out value overflows {act}")
+    return torch.cat(rr), torch.cat(cc), torch.cat(vv)
+
+
+def prep_info(prep: dict) -> dict:
+    """Host ints of a prepared layer (read from tensor shapes only)."""
+    n, k, g, sym, _ = prep["info"].shape
+    nnz, c32, c64, c128, c256, _ = prep["sp_meta"].shape
+    return {"n": n, "k": k, "group": g, "sym": bool(sym), "nnz": nnz,
+            "maxcnt": {32: c32, 64: c64, 128: c128, 256: c256},
+            "n_pad": prep["qw"].shape[0] * SLAB, "k_pad": prep["qw"].shape[1] * 8, "act_dtype": prep["scale"].dtype}
+
+
+def memory_bytes(prep: dict) -> dict:
+    """Bytes of the stored layout (base weights, sparse metadata)."""
+    base = sum(prep[x].numel() * prep[x].element_size() for x in ("qw", "scale", "zero") if x in prep)
+    sp = sum(prep[x].numel() * prep[x].element_size() for x in ("sp_ptr", "sp_ent"))
+    return {"base": base, "sparse": sp, "total": base + sp}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# references (float64 on the CPU)
+# ------------------------------------------------------------------------------------------------------------
+def dequant_prep(prep: dict) -> torch.Tensor:
+    """The served weight [N, K] (float64): (code - zero) * scale from the stored layout, plus every sparse entry."""
+    info = prep_info(prep)
+    n, k, g = info["n"], info["k"], info["group"]
+    qw = prep["qw"].cpu().to(torch.int64) & 0xFFFFFFFF  # [S, nkb*16, 32]
+    nsl, kw, _ = qw.shape
+    nkb = kw // 16
+    shifts = (torch.arange(8, dtype=torch.int64) * 4).reshape(1, 1, 1, 8, 1)
+    w5 = qw.reshape(nsl, nkb, 16, SLAB).permute(0, 3, 1, 2)[:, :, :, None, :]  # [S, lane, kb, 1, r]
+    codes = ((w5 >> shifts) & 15).reshape(nsl * SLAB, nkb * PB)[:n, :k].double()
+    sc = prep["scale"].cpu().double()[:, :n].T  # [n, NG_pad]
+    gidx = (torch.arange(k) // g) if g else torch.zeros(k, dtype=torch.int64)
+    s_full = sc[:, gidx]
+    if info["sym"]:
+        z_full = torch.full_like(s_full, 8.0)
+    else:
+        z_full = prep["zero"].cpu().double()[:, :n].T[:, gidx]
+    w = (codes - z_full) * s_full
+    r, c, v = decode_entries(prep)
+    w.index_put_((r, c), v, accumulate=True)
+    return w
+
+
+def decode_entries(prep: dict):
+    """(rows, cols, values float64) of the stored sparse entries (a value split into terms appears once per term)."""
+    info = prep_info(prep)
+    nnz = info["nnz"]
+    if nnz == 0:
+        e = torch.zeros(0, dtype=torch.int64)
+        return e, e, torch.zeros(0, dtype=torch.float64)
+    ent = prep["sp_ent"].cpu().to(torch.int64) & 0xFFFFFFFF
+    ptr = prep["sp_ptr"].cpu().to(torch.int64)
+    ns = info["n_pad"] // SLICE
+    seg = torch.repeat_interleave(torch.arange(ptr.numel() - 1), ptr[1:] - ptr[:-1])
+    kb, sl = seg // ns, seg % ns
+    rmod = (ent >> 7) & (ROW_MOD - 1)
+    base = (sl * SLICE) // ROW_MOD * ROW_MOD
+    row = base + rmod
+    col = kb * PB + (ent & (PB - 1))
+    vb = ((ent >> 16) & 0xFFFF).to(torch.int16)
+    val = vb.view(info["act_dtype"]).double()
+    return row, col, val
+
+
+def w4_reference(x: torch.Tensor, prep_or_inputs: dict, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float64 ``x @ W^T (+ bias)`` with W the dequantized weight with the held-out values restored. Accepts a
+    prepared layer or the raw inputs ``{"q", "scales", "zeros", "group_size", "sym", "rows", "cols", "vals"}``
+    (``q`` unsigned codes [N, K])."""
+    if "qw" in prep_or_inputs:
+        w = dequant_prep(prep_or_inputs)
+    else:
+        d = prep_or_inputs
+        q = torch.as_tensor(d["q"]).cpu().double()
+        n, k = q.shape
+        g = _group_of(d.get("group_size"))
+        g = g or k
+        s = torch.as_tensor(d["scales"]).cpu().double().reshape(n, -1).repeat_interleave(g, 1)
+        if d.get("sym"):
+            z = 8.0
+        else:
+            z = torch.as_tensor(d["zeros"]).cpu().double().reshape(n, -1).repeat_interleave(g, 1)
+        w = (q - z) * s
+        if d.get("rows") is not None and torch.as_tensor(d["rows"]).numel():
+            r = torch.as_tensor(d["rows"]).cpu().long()
+            c = torch.as_tensor(d["cols"]).cpu().long()
+            w.index_put_((r, c), torch.as_tensor(d["vals"]).cpu().double(), accumulate=True)
+    y = x.detach().cpu().double() @ w.T
+    if bias is not None:
+        y = y + bias.detach().cpu().double()
+    return y
+
+
+# ------------------------------------------------------------------------------------------------------------
+# shared split-K workspace (fp32, zero between calls) and per-tile counters (zero between calls)
+# ------------------------------------------------------------------------------------------------------------
+_WS: dict = {}
+WS_COUNTERS = 1 << 16
+
+
+def _workspace(device: torch.device, n_pad: int):
+    """(ws fp32 [WS_MAX_M * n_cap], counters int32) for ``device``; grown at prepare time only."""
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+    cur = _WS.get(key)
+    if cur is None or cur[2] < n_pad:
+        cap = max(n_pad, cur[2] if cur else 0)
+        ws = torch.zeros(WS_MAX_M * cap, dtype=torch.float32, device=device)
+        cnt = torch.zeros(WS_COUNTERS, dtype=torch.int32, device=device)
+        cur = (ws, cnt, cap)
+        _WS[key] = cur
+    return cur
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ------------------------------------------------------------------------------------------------------------
+if TRITON_OK:
+
+    @triton.jit
+    def _pairbits(lo, hi):
+        """int32 holding two 16-bit floats (lo in bits 0..15, hi in 16..31)."""
+        a = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        b = hi.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return a | (b << 16)
+
+    @triton.jit
+    def _dequant8_asm(wv, za, zb, sa, sb, F16: tl.constexpr, SCALE_W: tl.constexpr):
+        """8 nibble planes of an int32 word tile -> 8 tiles in the act dtype, (code - z) [* s], via inline PTX.
+
+        Per word: 3 shifts, 4 LOP3 (nibbles i and i+4 of the word become two 16-bit floats MAGIC + code), 4 packed
+        FMAs subtracting MAGIC + z (exact), [4 packed FMAs multiplying by s: one rounding]. ``za`` holds
+        -(MAGIC + z) for planes (0,4),(1,5) and ``zb`` for (2,6),(3,7) as packed pairs; ``sa``/``sb`` the scales.
+        """
+        if F16:
+            ty: tl.constexpr = tl.float16
+        else:
+            ty: tl.constexpr = tl.bfloat16
+        if SCALE_W:
+            mul: tl.constexpr = ("fma.rn.f16x2 t0, t0, $11, nz; fma.rn.f16x2 t1, t1, $11, nz; "
+                                 "fma.rn.f16x2 t2, t2, $12, nz; fma.rn.f16x2 t3, t3, $12, nz; ") if F16 else (
+                "fma.rn.bf16x2 t0, t0, $11, nz; fma.rn.bf16x2 t1, t1, $11, nz; "
+                "fma.rn.bf16x2 t2, t2, $12, nz; fma.rn.bf16x2 t3, t3, $12, nz; ")
+        else:
+            mul: tl.constexpr = ""
+        if F16:
+            head: tl.constexpr = ("{ .reg .b32 t0, t1, t2, t3, u1, u2, u3, one, nz; "
+                                  "mov.b32 one, 0x3C003C00; mov.b32 nz, 0x80008000; ")
+            lop: tl.constexpr = ("lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA; "
+                                 "lop3.b32 t1, u1, 0x000F000F, 0x64006400, 0xEA; "
+                                 "lop3.b32 t2, u2, 0x000F000F, 0x64006400, 0xEA; "
+                                 "lop3.b32 t3, u3, 0x000F000F, 0x64006400, 0xEA; ")
+            sub: tl.constexpr = ("fma.rn.f16x2 t0, t0, one, $9; fma.rn.f16x2 t1, t1, one, $9; "
+                                 "fma.rn.f16x2 t2, t2, one, $10; fma.rn.f16x2 t3, t3, one, $10; ")
+        else:
+            head: tl.constexpr = ("{ .reg .b32 t0, t1, t2, t3, u1, u2, u3, one, nz; "
+                                  "mov.b32 one, 0x3F803F80; mov.b32 nz, 0x80008000; ")
+            lop: tl.constexpr = ("lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA; "
+                                 "lop3.b32 t1, u1, 0x000F000F, 0x43004300, 0xEA; "
+                                 "lop3.b32 t2, u2, 0x000F000F, 0x43004300, 0xEA; "
+                                 "lop3.b32 t3, u3, 0x000F000F, 0x43004300, 0xEA; ")
+            sub: tl.constexpr = ("fma.rn.bf16x2 t0, t0, one, $9; fma.rn.bf16x2 t1, t1, one, $9; "
+                                 "fma.rn.bf16x2 t2, t2, one, $10; fma.rn.bf16x2 t3, t3, one, $10; ")
+        shf: tl.constexpr = "shr.u32 u1, $8, 4; shr.u32 u2, $8, 8; shr.u32 u3, $8, 12; "
+        tail: tl.constexpr = ("mov.b32 {$0, $4}, t0; mov.b32 {$1, $5}, t1; mov.b32 {$2, $6}, t2; "
+                              "mov.b32 {$3, $7}, t3; }")
+        asm: tl.constexpr = head + shf + lop + sub + mul + tail
+        p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+            asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [wv, za, zb, sa, sb],
+            dtype=(ty, ty, ty, ty, ty, ty, ty, ty), is_pure=True, pack=1)
+        return p0, p1, p2, p3, p4, p5, p6, p7
+
+    @triton.jit
+    def _mma(a, b, acc, INTERP: tl.constexpr):
+        """acc + a @ b on tensor cores. The interpreter (Triton 3.6) computes bf16 dots wrongly, so there the
+        operands -- already rounded to the act dtype -- are multiplied in fp32 (the same exact products)."""
+        if INTERP:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _plane(wv, j: tl.constexpr, zf, sv, SCALE_W: tl.constexpr):
+        """fp32 (code_j - z) [* s] of nibble plane j: (nibble | 2^23 bits) - (2^23 + z), exact."""
+        f = (((wv >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - zf
+        if SCALE_W:
+            f = f * sv
+        return f
+
+    @triton.jit
+    def _w4_kernel(
+        x_ptr, qw_ptr, sc_ptr, zp_ptr, bias_ptr, y_ptr, spp_ptr, spe_ptr, ws_ptr, cnt_ptr,
+        M, N, K, KW, NPAD, NKB, NS, KB_PER_SPLIT,
+        stride_xm, stride_xk, stride_ym,
+        G: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SP: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, SK: tl.constexpr, DOT: tl.constexpr, SCALE_W: tl.constexpr,
+        ASM: tl.constexpr, E: tl.constexpr, NCH: tl.constexpr, F16: tl.constexpr,
+        INTERP: tl.constexpr = False,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n_mt = tl.cdiv(M, BM)
+        pid_m = pid % n_mt
+        pid_n = pid // n_mt
+        n0 = pid_n * BN
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        m_ok = offs_m < M
+        m64 = offs_m.to(tl.int64)
+        offs_n = n0 + tl.arange(0, BN)
+        n_ok = offs_n < NPAD
+        n_store = offs_n < N
+        rr = tl.arange(0, 16)
+        # word pointers: slab (offs_n // 32) is KW*32 words; inside a slab word (row, lane) at row*32 + lane
+        w_col = (offs_n // 32).to(tl.int64) * KW * 32 + (offs_n % 32)
+        if F16:
+            act_ty: tl.constexpr = tl.float16
+        else:
+            act_ty: tl.constexpr = tl.bfloat16
+        if G == 0:
+            PPG: tl.constexpr = 8  # planes per group (channel: all)
+        elif G >= 128:
+            PPG: tl.constexpr = 8
+        else:
+            PPG: tl.constexpr = G // 16
+        if F16:
+            MAGIC: tl.constexpr = 1024.0
+        else:
+            MAGIC: tl.constexpr = 128.0
+
+        if DOT:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            acc3 = tl.zeros((BM, 16, BN), dtype=tl.float32)
+            corr = tl.zeros((BM, BN), dtype=tl.float32)
+
+        # channel-wise: one scale / zero row for the whole K loop
+        if G == 0:
+            s_row = tl.load(sc_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            if SYM:
+                z_row = tl.zeros((BN,), dtype=tl.float32) + 8.0
+            else:
+                z_row = tl.load(zp_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+
+        kb_lo = pid_k * KB_PER_SPLIT
+        kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
+        for kb in range(kb_lo, kb_hi):
+            wv = tl.load(qw_ptr + w_col[None, :] + (kb * 16 + rr)[:, None] * 32, mask=n_ok[None, :], other=0)
+            k0 = kb * 128
+            if ASM:
+                # scale / zero pairs for the inline-PTX dequant (planes (i, i+4) share one 32-bit register):
+                # A = planes 0,1 (low) / 4,5 (high), B = planes 2,3 / 6,7
+                if G == 0:
+                    sA = s_row
+                    sB = s_row
+                    sA2 = s_row
+                    sB2 = s_row
+                    zA = z_row
+                    zB = z_row
+                    zA2 = z_row
+                    zB2 = z_row
+                elif G >= 128:
+                    g0 = k0 // G
+                    sA = tl.load(sc_ptr + g0 * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                    sB = sA
+                    sA2 = sA
+                    sB2 = sA
+                    if SYM:
+                        zA = tl.zeros((BN,), dtype=tl.float32) + 8.0
+                    else:
+                        zA = tl.load(zp_ptr + g0 * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
+                    zB = zA
+                    zA2 = zA
+                    zB2 = zA
+                else:
+                    ga = (k0 + 0 * 16) // G
+                    gc = (k0 + 2 * 16) // G
+                    ge = (k0 + 4 * 16) // G
+                    gg = (k0 + 6 * 16) // G
+                    sA = tl.load(sc_ptr + ga * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                    sB = tl.load(sc_ptr + gc * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                    sA2 = tl.load(sc_ptr + ge * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                    sB2 = tl.load(sc_ptr + gg * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                    if SYM:
+                        zA = tl.zeros((BN,), dtype=tl.float32) + 8.0
+                        zB = zA
+                        zA2 = zA
+                        zB2 = zA
+                    else:
+                        zA = tl.load(zp_ptr + ga * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
+                        zB = tl.load(zp_ptr + gc * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
+                        zA2 = tl.load(zp_ptr + ge * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
+                        zB2 = tl.load(zp_ptr + gg * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
+                zpa = _pairbits((-(MAGIC + zA)).to(act_ty), (-(MAGIC + zA2)).to(act_ty))
+                zpb = _pairbits((-(MAGIC + zB)).to(act_ty), (-(MAGIC + zB2)).to(act_ty))
+                spa = _pairbits(sA.to(act_ty), sA2.to(act_ty))
+                spb = _pairbits(sB.to(act_ty), sB2.to(act_ty))
+                d0, d1, d2, d3, d4, d5, d6, d7 = _dequant8_asm(
+                    wv, tl.broadcast_to(zpa[None, :], (16, BN)), tl.broadcast_to(zpb[None, :], (16, BN)),
+                    tl.broadcast_to(spa[None, :], (16, BN)), tl.broadcast_to(spb[None, :], (16, BN)),
+                    F16, SCALE_W)
+            for j in tl.static_range(8):
+                # scale / zero of this plane's group
+                if j % PPG == 0:
+                    if G == 0:
+                        s_g = s_row
+                        zf = z_row + 8388608.0
+                    else:
+                        g_idx = (k0 + j * 16) // G
+                        if (not SCALE_W) or (not ASM) or (not DOT):
+                            s_g = tl.load(sc_ptr + g_idx * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                        if (not ASM) or (not DOT):
+                            if SYM:
+                                zf = tl.zeros((BN,), dtype=tl.float32) + (8388608.0 + 8.0)
+                            else:
+                                zf = tl.load(zp_ptr + g_idx * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32) \
+                                    + 8388608.0
+                    if not SCALE_W:
+                        if DOT:
+                            part = tl.zeros((BM, BN), dtype=tl.float32)
+                        else:
+                            part3 = tl.zeros((BM, 16, BN), dtype=tl.float32)
+                kk = k0 + j * 16 + rr
+                xj = tl.load(x_ptr + m64[:, None] * stride_xm + kk[None, :] * stride_xk,
+                             mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+                if DOT:
+                    if ASM:
+                        if j == 0:
+                            wj = d0
+                        elif j == 1:
+                            wj = d1
+                        elif j == 2:
+                            wj = d2
+                        elif j == 3:
+                            wj = d3
+                        elif j == 4:
+                            wj = d4
+                        elif j == 5:
+                            wj = d5
+                        elif j == 6:
+                            wj = d6
+                        else:
+                            wj = d7
+                    else:
+                        wj = _plane(wv, j, zf[None, :], s_g[None, :], SCALE_W).to(act_ty)
+                    if SCALE_W:
+                        acc = _mma(xj.to(act_ty), wj, acc, INTERP)
+                    else:
+                        part = _mma(xj.to(act_ty), wj, part, INTERP)
+                else:
+                    wj = _plane(wv, j, zf[None, :], s_g[None, :], SCALE_W)
+                    prod = xj.to(tl.float32)[:, :, None] * wj[None, :, :]
+                    if SCALE_W:
+                        acc3 += prod
+                    else:
+                        part3 += prod
+                if j % PPG == PPG - 1:
+                    if not SCALE_W:
+                        if DOT:
+                            acc += part * s_g[None, :]
+                        else:
+                            acc3 += part3 * s_g[None, None, :]
+
+            if HAS_SP:
+                # held-out entries of this tile in this K block: one contiguous range of sp_ent
+                pbase = kb * NS + n0 // 16
+                lo = tl.load(spp_ptr + pbase)
+                hi = tl.load(spp_ptr + pbase + BN // 16)
+                ee = tl.arange(0, E)
+                lanes = tl.arange(0, BN)
+                if NCH > 0:
+                    for c in tl.static_range(NCH):
+                        if lo + c * E < hi:
+                            e_idx = lo + c * E + ee
+                            e_ok = e_idx < hi
+                            ent = tl.load(spe_ptr + e_idx, mask=e_ok, other=0)
+                            col = k0 + (ent & 127)
+                            roff = ((ent >> 7) - n0) & 511
+                            if F16:
+                                v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+                            else:
+                                v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+                            xg = tl.load(x_ptr + m64[:, None] * stride_xm + col[None, :] * stride_xk,
+                                         mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+                            hit = roff[:, None] == lanes[None, :]
+                            if DOT:
+                                oh = tl.where(hit, v[:, None], 0.0).to(act_ty)
+                                acc = _mma(xg.to(act_ty), oh, acc, INTERP)
+                            else:
+                                oh = tl.where(hit, v.to(tl.float32)[:, None], 0.0)
+                                corr += tl.sum(xg.to(tl.float32)[:, :, None] * oh[None, :, :], axis=1)
+                else:
+                    for e0 in range(lo, hi, E):
+                        e_idx = e0 + ee
+                        e_ok = e_idx < hi
+                        ent = tl.load(spe_ptr + e_idx, mask=e_ok, other=0)
+                        col = k0 + (ent & 127)
+                        roff = ((ent >> 7) - n0) & 511
+                        if F16:
+                            v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+                        else:
+                            v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+                        xg = tl.load(x_ptr + m64[:, None] * stride_xm + col[None, :] * stride_xk,
+                                     mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+                        hit = roff[:, None] == lanes[None, :]
+                        if DOT:
+                            oh = tl.where(hit, v[:, None], 0.0).to(act_ty)
+                            acc = _mma(xg.to(act_ty), oh, acc, INTERP)
+                        else:
+                            oh = tl.where(hit, v.to(tl.float32)[:, None], 0.0)
+                            corr += tl.sum(xg.to(tl.float32)[:, :, None] * oh[None, :, :], axis=1)
+
+        if not DOT:
+            acc = tl.sum(acc3, axis=1) + corr
+
+        out_mask = m_ok[:, None] & n_store[None, :]
+        y_ptrs = y_ptr + m64[:, None] * stride_ym + offs_n[None, :]
+        if SK == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            ws_ptrs = ws_ptr + m64[:, None] * NPAD + offs_n[None, :]
+            tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
+            tl.debug_barrier()
+            tile = pid
+            done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if done == SK - 1:
+                tot = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    tot += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(ws_ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=out_mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# launcher
+# ------------------------------------------------------------------------------------------------------------
+def pick_config(m: int, table=None) -> dict:
+    for max_m, cfg in (table or CONFIGS):
+        if m <= max_m:
+            return dict(cfg)
+    return dict((table or CONFIGS)[-1][1])
+
+
+def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
+    """Launch plan from host ints only (shapes): tile counts, split-K, sparse chunking."""
+    bm, bn = int(cfg["BM"]), int(cfg["BN"])
+    dot = bool(cfg.get("DOT", True))
+    if dot and bm < 16:
+        raise ValueError("DOT configs need BM >= 16")
+    if bn not in (32, 64, 128, 256):
+        raise ValueError(f"BN must be 32, 64, 128 or 256, got {bn}")
+    nkb = info["k_pad"] // PB
+    n_t = _cdiv(info["n"], bn)
+    m_t = _cdiv(m, bm)
+    sk = int(cfg.get("SK", 0))
+    if sk <= 0:  # auto: enough programs for ~2 waves, at least 4 K blocks per split
+        sk = 1
+        while n_t * m_t * sk < TARGET_PROGRAMS and nkb // (sk * 2) >= 4:
+            sk *= 2
+    sk = max(1, min(sk, nkb))
+    if m > WS_MAX_M or n_t * m_t > WS_COUNTERS:
+        sk = 1
+    kbs = _cdiv(nkb, sk)
+    sk = _cdiv(nkb, kbs)  # no empty splits
+    nnz = info["nnz"]
+    e = int(cfg.get("E", 0)) or max(16, min(64, bn // 4))
+    maxc = info["maxcnt"][bn] if nnz else 0
+    nch = _cdiv(maxc, e) if maxc else 0
+    if nch > MAX_NCH:
+        nch = 0  # runtime chunk loop
+    return {"BM": bm, "BN": bn, "SK": sk, "KB_PER_SPLIT": kbs, "grid": (n_t * m_t, sk), "E": e, "NCH": nch,
+            "has_sp": nnz > 0, "DOT": dot, "SCALE_W": bool(cfg.get("SCALE_W", True)),
+            "ASM": bool(cfg.get("ASM", False)), "warps": int(cfg.get("warps", 4)),
+            "stages": int(cfg.get("stages", 2))}
+
+
+_SM_COUNT: dict = {}
+
+
+def _sms(device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+          table=None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T (+ bias), W the served weight (W4 + exact held-out values); fp32 accumulation,
+    one rounding into x's dtype. Tile config from ``config`` or the M-bucket table."""
+    if not TRITON_OK:
+        raise RuntimeError("triton is not available")
+    info = prep_info(prep)
+    x2 = x.reshape(-1, x.shape[-1])
+    m, k = x2.shape
+    n = info["n"]
+    if k != info["k"]:
+        raise ValueError(f"w4_mm: x has {k} features, the layer {info['k']}")
+    if x2.dtype != info["act_dtype"]:
+        raise ValueError(f"w4_mm: x is {x2.dtype}, the layer was prepared for {info['act_dtype']}")
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    cfg = dict(config) if config is not None else pick_config(m, table)
+    interp = _interpreting() or not x2.is_cuda
+    if interp:
+        cfg["ASM"] = False
+    p = plan(m, info, cfg, _sms(x2.device))
+    if p["SK"] > 1:
+        if x2.is_cuda:
+            ws, cnt, cap = _workspace(x2.device, info["n_pad"])
+        else:  # interpreter: a private zeroed workspace per call
+            ws = torch.zeros(WS_MAX_M * info["n_pad"], dtype=torch.float32, device=x2.device)
+            cnt = torch.zeros(WS_COUNTERS, dtype=torch.int32, device=x2.device)
+            cap = info["n_pad"]
+        if cap < info["n_pad"]:
+            raise RuntimeError("w4_mm: split-K workspace too small (prepare_w4 was not run on this device)")
+    else:
+        ws, cnt = prep["qw"], prep["sp_ptr"]  # never dereferenced
+    zp = prep.get("zero", prep["scale"])
+    bias_t = bias if bias is not None else prep["scale"]
+    _w4_kernel[p["grid"]](
+        x2, prep["qw"], prep["scale"], zp, bias_t, y, prep["sp_ptr"], prep["sp_ent"], ws, cnt,
+        m, n, k, prep["qw"].shape[1], info["n_pad"], info["k_pad"] // PB, info["n_pad"] // SLICE,
+        p["KB_PER_SPLIT"], x2.stride(0), x2.stride(1), y.stride(0),
+        G=info["group"], SYM=info["sym"], HAS_BIAS=bias is not None, HAS_SP=p["has_sp"],
+        BM=p["BM"], BN=p["BN"], SK=p["SK"], DOT=p["DOT"], SCALE_W=p["SCALE_W"], ASM=p["ASM"],
+        E=p["E"], NCH=p["NCH"], F16=x2.dtype == torch.float16, INTERP=_interpreting(),
+        num_warps=p["warps"], num_stages=p["stages"],
+    )
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch custom op superweight::w4_fused_mm (CUDA; opaque to torch.compile, with a fake impl)
+# ------------------------------------------------------------------------------------------------------------
+PREP_KEYS = ("qw", "scale", "zero", "sp_ptr", "sp_ent", "sp_meta", "info")
+_LIB = None
+
+
+def _op_impl(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+             sp_ptr: torch.Tensor, sp_ent: torch.Tensor, sp_meta: torch.Tensor, info: torch.Tensor,
+             bias: Optional[torch.Tensor]) -> torch.Tensor:
+    prep = {"qw": qw, "scale": scale, "sp_ptr": sp_ptr, "sp_ent": sp_ent, "sp_meta": sp_meta, "info": info}
+    if zero is not None:
+        prep["zero"] = zero
+    return w4_mm(x, prep, bias)
+
+
+def _op_fake(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+             sp_ptr: torch.Tensor, sp_ent: torch.Tensor, sp_meta: torch.Tensor, info: torch.Tensor,
+             bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty((x.shape[0], info.shape[0]))
+
+
+def register_op() -> bool:
+    """Define ``torch.ops.superweight.w4_fused_mm`` once per process (idempotent; False without Triton)."""
+    global _LIB
+    if not TRITON_OK:
+        return False
+    if _LIB is not None:
+        return True
+    try:
+        torch.ops.superweight.w4_fused_mm.default  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        pass
+    from torch._library.infer_schema import infer_schema
+
+    lib = torch.library.Library("superweight", "FRAGMENT")
+    lib.define("w4_fused_mm" + infer_schema(_op_impl, mutates_args=()))
+    lib.impl("w4_fused_mm", _op_impl, "CUDA")
+    lib._register_fake("w4_fused_mm", _op_fake)
+    _LIB = lib
+    return True
+
+
+def w4_fused_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``w4_mm`` through the custom op (CUDA; graph- and torch.compile-safe). x [..., K] -> [..., N]."""
+    register_op()
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.ops.superweight.w4_fused_mm(x2, prep["qw"], prep["scale"], prep.get("zero"), prep["sp_ptr"],
+                                          prep["sp_ent"], prep["sp_meta"], prep["info"], bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+register_op()
