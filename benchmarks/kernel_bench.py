@@ -32,6 +32,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/vllm_linear.py: one Linear outside an engine
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 COMPILED_MS = (1, 1024)  # torch.compile'd W8A8 epilogue comparison (each M is one Inductor compile)
@@ -172,7 +173,7 @@ def holdout_entries(n, k, frac, seed):
 def section_w4(B: Bench):
     import vllm_superweight.kernels as K
     from vllm_superweight.kernels import triton_sparse as TS
-    from vllm_superweight.kernels import vllm_linear as VL
+    import vllm_linear as VL  # tests/vllm_linear.py
 
     cap = (0, 0) if DRY else torch.cuda.get_device_capability()
     kernels = ["cpu"] if DRY else (["machete", "dual"] if cap == (9, 0) else []) + ["marlin"]
@@ -290,7 +291,7 @@ def section_sparse(B: Bench):
 
 def section_w4sweep(B: Bench):
     """GEMM alone, Machete vs Marlin, over a fine M sweep: where each kernel wins (the dual dispatch threshold)."""
-    from vllm_superweight.kernels import vllm_linear as VL
+    import vllm_linear as VL  # tests/vllm_linear.py
 
     if DRY or torch.cuda.get_device_capability() != (9, 0):
         B.add(section="w4sweep", config="-", note="needs an SM90 GPU (Machete)")
@@ -335,8 +336,10 @@ def section_w4sweep(B: Bench):
 
 
 def section_sparsesweep(B: Bench):
-    """The transposed sparse path's tile knobs (tokens per program BM_T, gather tile) at medium M, summed over the
-    four 0.1%-hold-out linears of a layer. Leaves the best setting active for the sections that follow."""
+    """The transposed sparse path's tile parameters (tokens per program, gather tile) at medium M, summed over
+    the four 0.1%-hold-out linears of a layer; records the best ``SparseTiles`` (a launcher argument)."""
+    import dataclasses
+
     import vllm_superweight.kernels as K
     from vllm_superweight.kernels import triton_sparse as TS
 
@@ -345,20 +348,20 @@ def section_sparsesweep(B: Bench):
         r, c, v = holdout_entries(n, k, 0.001, seed=len(lay))
         lay[name] = (K.prepare_sparse(r, c, v, n, k, B.dev, layout="sell"), n, k)
     ms = [16] if DRY else [16, 64, 256]
-    cfgs = [(bm, tile, a3) for a3 in (False, True) for bm in (16, 32, 64) for tile in (2048, 4096, 8192, 16384)]
+    cfgs = [(bm, tile) for bm in (16, 32, 64) for tile in (2048, 4096, 8192, 16384)]
     if DRY:
-        cfgs = [(16, 2048, False), (64, 4096, True)]
+        cfgs = [(16, 2048), (64, 4096)]
     tot = {}
     for m in ms:
         xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (_, n, k) in lay.items()}
         ys = {name: torch.randn(m, n, device=B.dev, dtype=torch.bfloat16) for name, (_, n, k) in lay.items()}
         for direct in (True, False):
-            for bm, tile, a3 in ([(16, 4096, False)] if direct else cfgs):
-                TS.BM_T, TS.TILE_ELEMS, TS.ACC3 = bm, tile, a3
+            for bm, tile in ([(16, 4096)] if direct else cfgs):
+                tiles = TS.SparseTiles(tile_elems=tile, bm_transposed=bm)
 
-                def f():
+                def f(tiles=tiles, direct=direct):
                     for name, (sp, n, k) in lay.items():
-                        TS.sparse_correction_(ys[name], xs[name], *sp_args(sp),
+                        TS.sparse_correction_(ys[name], xs[name], *sp_args(sp), tiles=tiles,
                                               force_path="direct" if direct else "transposed")
 
                 try:
@@ -366,26 +369,21 @@ def section_sparsesweep(B: Bench):
                 except Exception as e:  # noqa: BLE001
                     B.add(section="sparsesweep", config=f"bm{bm}-tile{tile}", m=m, note=f"failed: {e}")
                     continue
-                cfg = "direct" if direct else f"bm{bm}-tile{tile}" + ("-acc3" if a3 else "")
+                cfg = "direct" if direct else f"bm{bm}-tile{tile}"
                 B.add(section="sparsesweep", config=cfg, variant="4 linears", m=m, us=us)
                 tot.setdefault(cfg, {})[m] = us
-    TS.BM_T, TS.TILE_ELEMS, TS.ACC3 = 64, 4096, False
     full = {c: t for c, t in tot.items() if len(t) == len(ms) and c != "direct"}
     if full:
         best = min(full, key=lambda c: sum(full[c].values()))
-        a3 = best.endswith("-acc3")
-        bm, tile = (int(v) for v in best.replace("-acc3", "").replace("bm", "").split("-tile"))
-        TS.BM_T, TS.TILE_ELEMS, TS.ACC3 = bm, tile, a3
-        B.meta["sparse_best"] = {"config": best, "us_by_m": full[best], "default_us_by_m": full.get("bm64-tile4096")}
-        rec = B.meta.setdefault("recommend", {})
-        rec["SUPERWEIGHT_SPARSE_BM_T"], rec["SUPERWEIGHT_SPARSE_TILE"] = bm, tile
-        rec["SUPERWEIGHT_SPARSE_ACC3"] = int(a3)
-        # smallest M where the transposed path (best knobs) beats the direct one
+        bm, tile = (int(v) for v in best.replace("bm", "").split("-tile"))
+        tiles = TS.SparseTiles(tile_elems=tile, bm_transposed=bm)
+        # smallest M where the transposed path (best tiles) beats the direct one
         for m in ms:
             if "direct" in tot and m in tot["direct"] and full[best][m] < tot["direct"][m]:
-                rec["SUPERWEIGHT_SPARSE_TRANSPOSE_MIN_M"] = m
-                TS.T_MIN_M = m
+                tiles = dataclasses.replace(tiles, transpose_min_m=m)
                 break
+        B.meta["sparse_best"] = {"config": best, "us_by_m": full[best], "default_us_by_m": full.get("bm64-tile4096")}
+        B.meta.setdefault("recommend", {})["SparseTiles"] = dataclasses.asdict(tiles)
         log(f"sparsesweep: best {best} {full[best]} (default bm64-tile4096: {full.get('bm64-tile4096')})")
     B.save()
 
@@ -411,13 +409,9 @@ def section_quant(B: Bench):
                 B.add(section="quant", config=f"K{k}", variant=f"split_S{s}{'_mask' if use_mask else ''}", m=m,
                       us=us, bytes=nbytes + m * s * 2)
                 if s == 4 and use_mask:  # the two-pass chunked variant (row re-read from L1/L2), 4096 per chunk
-                    old = (TQ.MAX_ONE_CHUNK, TQ.CHUNK)
-                    TQ.MAX_ONE_CHUNK, TQ.CHUNK = 2048, 4096
-                    try:
-                        us = time_graph(lambda: K.int8_quant_outlier_split(x, i_, True, m_), iters=B.args.iters,
-                                        reps_per_graph=20)
-                    finally:
-                        TQ.MAX_ONE_CHUNK, TQ.CHUNK = old
+                    us = time_graph(lambda: TQ.int8_quant_outlier_split(x, i_, True, m_, max_one_chunk=2048,
+                                                                        chunk=4096),
+                                    iters=B.args.iters, reps_per_graph=20)
                     B.add(section="quant", config=f"K{k}", variant="split_S4_mask_chunked4096", m=m, us=us,
                           bytes=nbytes + m * s * 2)
     B.save()
@@ -427,7 +421,7 @@ def section_w8(B: Bench):
     import torch.nn.functional as F
 
     import vllm_superweight.kernels as K
-    from vllm_superweight.kernels import vllm_linear as VL
+    import vllm_linear as VL  # tests/vllm_linear.py
 
     ops = vllm_ops()
     nl = B.args.layers

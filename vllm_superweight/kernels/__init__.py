@@ -17,8 +17,6 @@ only (Triton optional, vLLM not needed).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import ops as _ops
@@ -27,6 +25,7 @@ from .sparse_layout import (
     build_sell,
     coo_correction_torch,
     int8_split_torch,
+    interpreting,
     layout_stats,
     sell_correction_torch,
 )
@@ -63,9 +62,6 @@ def prepare_sparse(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, o
     raise ValueError(f"unknown sparse layout {layout!r}")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tensor]) -> torch.Tensor:
     """``y + S x^T`` for y [M, N], x [M, K]: fp32 accumulation, one rounding into y's dtype.
@@ -79,7 +75,7 @@ def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tens
         torch.ops.superweight.sparse_correction_(y, x, sp["ell_cols"], sp["ell_vals"], sp["ell_rb"], sp["hrows"],
                                                  sp["hptr"], sp["hcols"], sp["hvals"], sp["ucols"], nnz)
         return y
-    if _interpreting() and _ops.TRITON_OK and y.stride(1) == 1:  # Triton interpreter on CPU tensors (tests)
+    if interpreting() and _ops.TRITON_OK and y.stride(1) == 1:  # Triton interpreter on CPU tensors (tests)
         _ops.triton_sparse.sparse_correction_(y, x, sp["ell_cols"], sp["ell_vals"], sp["ell_rb"], sp["hrows"],
                                               sp["hptr"], sp["hcols"], sp["hvals"], sp["ucols"], nnz)
         return y
@@ -100,7 +96,7 @@ def int8_quant_outlier_split(x: torch.Tensor, outlier_idx: torch.Tensor | None, 
         outlier_mask = None
     if x.is_cuda and _ops.TRITON_OK:
         return torch.ops.superweight.int8_quant_outlier_split(x, outlier_idx, outlier_mask, per_token)
-    if _interpreting() and _ops.TRITON_OK:
+    if interpreting() and _ops.TRITON_OK:
         return _ops.triton_act_quant.int8_quant_outlier_split(x.contiguous(), outlier_idx, per_token, outlier_mask)
     return int8_split_torch(x, outlier_idx, per_token)
 

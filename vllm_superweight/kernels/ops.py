@@ -4,7 +4,7 @@
 * ``torch.ops.superweight.sparse_correction_(y, x, <8 layout tensors>, nnz) -> ()``  mutates ``y``;
 * ``torch.ops.superweight.int8_quant_outlier_split(x, idx?, mask?, per_token) -> (xq, scales, x_out)``;
 * ``torch.ops.superweight.w4_dual_mm(x, bias?, n, key) -> y``: the W4A16 GEMM of the layer registered under
-  ``key`` (``w4_dispatch.DualW4``), Marlin or Machete chosen from x's token count at run time.
+  ``key`` (``kernels.linear.weight_only.DualMarlinMacheteKernel``), Marlin or Machete chosen from x's token count at run time.
 
 Both have fake (meta) implementations. Registration uses vLLM's ``direct_register_custom_op`` when vLLM is
 already imported (the plugin), otherwise plain ``torch.library`` (same effect; keeps the converter and the tests
@@ -56,9 +56,9 @@ def _split_fake(x: torch.Tensor, outlier_idx: Optional[torch.Tensor], outlier_ma
 
 
 def _dual_impl(x: torch.Tensor, bias: Optional[torch.Tensor], n: int, key: str) -> torch.Tensor:
-    from . import w4_dispatch
+    from .linear import weight_only
 
-    return w4_dispatch.dual_mm_impl(x, bias, n, key)
+    return weight_only.dual_mm_impl(x, bias, n, key)
 
 
 def _dual_fake(x: torch.Tensor, bias: Optional[torch.Tensor], n: int, key: str) -> torch.Tensor:

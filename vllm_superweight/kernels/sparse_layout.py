@@ -30,8 +30,11 @@ import os
 import torch
 
 DEFAULT_LANES = 32
-# Cost of one heavy-row program in slot units when choosing the slice depth (default: lanes).
-HEAVY_COST = os.environ.get("SUPERWEIGHT_SPARSE_HEAVY_COST")
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``: the tests run the Triton kernels on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 COO_KEYS = ("rows", "cols", "vals")
 SELL_KEYS = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals", "ucols", "nnz")
@@ -99,7 +102,7 @@ def build_sell(rows, cols, vals, n: int, k: int, device, lanes: int = DEFAULT_LA
     r, c, v = _validate(rows, cols, vals, n, k)
     nnz = r.numel()
     counts = torch.bincount(r, minlength=n) if nnz else torch.zeros(n, dtype=torch.int64)
-    L = choose_depth(counts, lanes, None if HEAVY_COST is None else float(HEAVY_COST)) if depth is None else int(depth)
+    L = choose_depth(counts, lanes) if depth is None else int(depth)
     heavy_row = counts > L
     row_start = torch.cumsum(counts, 0) - counts
     slot = torch.arange(nnz, dtype=torch.int64) - row_start[r]  # position of each entry inside its row

@@ -16,20 +16,17 @@ into the rounding add), then the float32 round-half-even trick ``(v + 1.5*2^23) 
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 # rows up to MAX_ONE_CHUNK elements are held in registers (one read of x); longer rows go in CHUNK pieces
-MAX_ONE_CHUNK = int(os.environ.get("SUPERWEIGHT_QUANT_ONE_CHUNK_MAX", "16384"))
-CHUNK = int(os.environ.get("SUPERWEIGHT_QUANT_CHUNK", "8192"))
+# (launcher arguments ``max_one_chunk`` / ``chunk``; kernel_bench's quant section times the chunked variant)
+MAX_ONE_CHUNK = 16384
+CHUNK = 8192
 _MAGIC = 12582912.0  # 1.5 * 2**23
 
-
-def _np2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
 
 
 @triton.jit
@@ -119,16 +116,17 @@ def _act_quant_split_kernel(
                 tl.store(qrow + offs, _quantize(v, inv), mask=k_ok)
 
 
-def _launch_cfg(k: int):
-    one = k <= MAX_ONE_CHUNK
-    bk = _np2(k) if one else CHUNK
+def _launch_cfg(k: int, max_one_chunk: int = MAX_ONE_CHUNK, chunk: int = CHUNK):
+    one = k <= max_one_chunk
+    bk = triton.next_power_of_2(k) if one else chunk
     bk = max(bk, 128)
     warps = 4 if bk <= 2048 else (8 if bk <= 4096 else 16)
     return one, bk, warps
 
 
 def int8_quant_outlier_split(x: torch.Tensor, outlier_idx: torch.Tensor | None, per_token: bool = True,
-                             outlier_mask: torch.Tensor | None = None):
+                             outlier_mask: torch.Tensor | None = None, max_one_chunk: int = MAX_ONE_CHUNK,
+                             chunk: int = CHUNK):
     """Triton implementation (x [M, K] with unit column stride). See the module docstring."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be 2-D with unit column stride"
     m, k = x.shape
@@ -148,8 +146,8 @@ def int8_quant_outlier_split(x: torch.Tensor, outlier_idx: torch.Tensor | None, 
         mask_mode, mptr = 2, idx
     else:
         mask_mode, mptr = 0, xq
-    s_pad = _np2(s) if s else 0
-    one, bk, warps = _launch_cfg(k)
+    s_pad = triton.next_power_of_2(s) if s else 0
+    one, bk, warps = _launch_cfg(k, max_one_chunk, chunk)
     common = dict(BK=bk, S_PAD=s_pad, MASK_MODE=mask_mode, ONE_CHUNK=one, num_warps=warps)
     xo_stride = xo.stride(0) if s else 0
     if per_token:

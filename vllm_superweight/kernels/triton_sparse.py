@@ -17,40 +17,43 @@ large and the entries reuse columns (``nnz >= 2 * distinct columns``), a first k
 the BM tokens of one entry are then contiguous (128 B for BM = 64). The grid's fast axis is the slice, so all
 slices of one M block run together and the [K, BM] panel of xt stays in L2.
 
-Optional programmatic dependent launch (``SUPERWEIGHT_PDL=1``, Hopper+): the kernel is launched with the PDL
+Optional programmatic dependent launch (``pdl=True``, Hopper+): the kernel is launched with the PDL
 attribute and waits (``griddepcontrol.wait``) only before it touches ``y``; the metadata loads and the x gathers
 (x was complete before the GEMM started) overlap the GEMM's tail and the launch latency.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .sparse_layout import interpreting
 
 try:  # Hopper grid-dependency control (absent from the interpreter)
     from triton.language.extra.cuda import gdc_wait as _gdc_wait
 except Exception:  # pragma: no cover
     _gdc_wait = None
 
-TILE_ELEMS = int(os.environ.get("SUPERWEIGHT_SPARSE_TILE", "4096"))  # elements of the gather tile per iteration
-T_MIN_M = int(os.environ.get("SUPERWEIGHT_SPARSE_TRANSPOSE_MIN_M", "16"))  # smallest M for the transposed path
-USE_PDL = os.environ.get("SUPERWEIGHT_PDL", "0") == "1"
-BM_T = int(os.environ.get("SUPERWEIGHT_SPARSE_BM_T", "64"))  # tokens per program, transposed path
-BM_D = int(os.environ.get("SUPERWEIGHT_SPARSE_BM_D", "16"))  # tokens per program, direct path
-# experimental (not yet timed on a GPU): reduce over the slots once after the loop instead of every iteration
-ACC3 = os.environ.get("SUPERWEIGHT_SPARSE_ACC3", "0") == "1"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+@dataclasses.dataclass(frozen=True)
+class SparseTiles:
+    """Launch parameters of the sparse correction (defaults: the best of benchmarks/kernel_bench.py's
+    ``sparsesweep`` on an H100, which found nothing better than these)."""
+
+    tile_elems: int = 4096  # elements of the gather tile per iteration
+    transpose_min_m: int = 16  # smallest M for the transposed path
+    bm_transposed: int = 64  # tokens per program, transposed path
+    bm_direct: int = 16  # tokens per program, direct path
 
 
-def _np2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
+DEFAULT_TILES = SparseTiles()
+
+
 
 
 @triton.jit(do_not_specialize=["M", "L", "n_slices"])
@@ -61,7 +64,7 @@ def _sell_spmm_kernel(
     M, N, L, n_slices,
     stride_ym, stride_xm, stride_xk,
     C: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, BE: tl.constexpr,
-    PDL: tl.constexpr, ACC3: tl.constexpr = False,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pm = tl.program_id(1)
@@ -80,35 +83,17 @@ def _sell_spmm_kernel(
         if not PDL:
             y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
         jr = tl.arange(0, BJ)
-        if ACC3:
-            # accumulate the [BM, BJ, C] products across iterations and reduce over the slots once at the end: no
-            # cross-warp reduction (shared memory + barrier) inside the loop (BJ spans warps at large BM).
-            # Experimental: the loop body repeats the measured one below on purpose (that one's code, and so its
-            # compiled kernel, stays exactly as timed); the GPU sweep decides which of the two stays.
-            acc3 = tl.zeros((BM, BJ, C), dtype=tl.float32)
-            for j0 in range(0, L, BJ):
-                jj = j0 + jr
-                e_off = base + jj[:, None] * C + lanes[None, :]
-                e_ok = (jj < L)[:, None]
-                cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
-                vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
-                x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
-                g_ok = m_ok[:, None, None] & (cc >= 0)[None, :, :]
-                xg = tl.load(x_ptrs, mask=g_ok, other=0.0)
-                acc3 += xg.to(tl.float32) * vv[None, :, :]
-            acc = tl.sum(acc3, axis=1)
-        else:
-            acc = tl.zeros((BM, C), dtype=tl.float32)
-            for j0 in range(0, L, BJ):
-                jj = j0 + jr
-                e_off = base + jj[:, None] * C + lanes[None, :]
-                e_ok = (jj < L)[:, None]
-                cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
-                vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
-                x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
-                g_ok = m_ok[:, None, None] & (cc >= 0)[None, :, :]
-                xg = tl.load(x_ptrs, mask=g_ok, other=0.0)
-                acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
+        acc = tl.zeros((BM, C), dtype=tl.float32)
+        for j0 in range(0, L, BJ):
+            jj = j0 + jr
+            e_off = base + jj[:, None] * C + lanes[None, :]
+            e_ok = (jj < L)[:, None]
+            cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
+            vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
+            x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
+            g_ok = m_ok[:, None, None] & (cc >= 0)[None, :, :]
+            xg = tl.load(x_ptrs, mask=g_ok, other=0.0)
+            acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
         if PDL:
             _gdc_wait()
             y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
@@ -154,23 +139,23 @@ def _gather_transpose_kernel(x_ptr, ucols_ptr, xt_ptr, M, U, stride_xm, stride_x
     tl.store(xt_ptr + c[None, :] * M + m[:, None], v, mask=ok)
 
 
-def plan(m: int, k: int, sp_shapes: dict, nnz: int) -> dict:
+def plan(m: int, k: int, sp_shapes: dict, nnz: int, tiles: SparseTiles = DEFAULT_TILES) -> dict:
     """Launch plan from shapes only (host ints; no device reads). Exposed for tests and benchmarks.
 
-    The transposed path is taken for M >= T_MIN_M when the entries reuse columns (nnz >= 2 x distinct columns):
+    The transposed path is taken for M >= ``tiles.transpose_min_m`` when the entries reuse columns (nnz >= 2 x distinct columns):
     then one coalesced transpose of those columns replaces M-times-scattered gathers.
     """
     s, depth, lanes = sp_shapes["ell_cols"]
     h = sp_shapes["hrows"][0]
     u = sp_shapes["ucols"][0]
-    transposed = m >= T_MIN_M and u > 0 and nnz >= 2 * u
-    return _blocks(m, s, depth, lanes, h, transposed)
+    transposed = m >= tiles.transpose_min_m and u > 0 and nnz >= 2 * u
+    return _blocks(m, s, depth, lanes, h, transposed, tiles)
 
 
-def _blocks(m, s, depth, lanes, h, transposed):
-    bm = min(BM_T if transposed else BM_D, _np2(m))
-    bj = max(1, min(_np2(max(depth, 1)), TILE_ELEMS // (bm * lanes)))
-    be = max(16, min(1024, TILE_ELEMS // bm))
+def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILES):
+    bm = min(tiles.bm_transposed if transposed else tiles.bm_direct, triton.next_power_of_2(m))
+    bj = max(1, min(triton.next_power_of_2(max(depth, 1)), tiles.tile_elems // (bm * lanes)))
+    be = max(16, min(1024, tiles.tile_elems // bm))
     tile = max(bm * bj * lanes, bm * be)
     warps = 4 if tile <= 2048 else 8
     return {"transposed": transposed, "BM": bm, "BJ": bj, "BE": be, "num_warps": warps,
@@ -185,7 +170,8 @@ def _major(index: int) -> int:
 def sparse_correction_(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor, ell_vals: torch.Tensor,
                        ell_rb: torch.Tensor, hrows: torch.Tensor, hptr: torch.Tensor, hcols: torch.Tensor,
                        hvals: torch.Tensor, ucols: torch.Tensor, nnz: int | None = None,
-                       force_path: str | None = None, pdl: bool | None = None) -> None:
+                       force_path: str | None = None, pdl: bool = False,
+                       tiles: SparseTiles = DEFAULT_TILES) -> None:
     """In-place ``y += S x^T`` (y [M, N] with unit column stride, x [M, K]). ``nnz`` = number of entries
     (default: the padded slot count, an over-estimate)."""
     m, k = x.shape
@@ -197,11 +183,11 @@ def sparse_correction_(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor,
     if m == 0 or s + h == 0:
         return
     if force_path is None:
-        p = plan(m, k, {"ell_cols": (s, depth, lanes), "hrows": (h,), "ucols": (ucols.shape[0],)}, nnz)
+        p = plan(m, k, {"ell_cols": (s, depth, lanes), "hrows": (h,), "ucols": (ucols.shape[0],)}, nnz, tiles)
     else:
-        p = _blocks(m, s, depth, lanes, h, force_path == "transposed" and ucols.numel() > 0)
+        p = _blocks(m, s, depth, lanes, h, force_path == "transposed" and ucols.numel() > 0, tiles)
     assert y.stride(1) == 1, "y must have unit column stride"
-    use_pdl = (USE_PDL if pdl is None else pdl) and not _interpreting() and _gdc_wait is not None
+    use_pdl = pdl and not interpreting() and _gdc_wait is not None
     if use_pdl and (not y.is_cuda or _major(y.device.index if y.device.index is not None else 0) < 9):
         use_pdl = False
     # dummy (never dereferenced) pointers for empty parts
@@ -222,5 +208,5 @@ def sparse_correction_(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor,
         y, xs, ec, ev, erb, hr, hp, hc, hv,
         m, n, p["depth"], p["n_slices"],
         y.stride(0), sxm, sxk,
-        C=p["lanes"], BM=p["BM"], BJ=p["BJ"], BE=p["BE"], PDL=use_pdl, ACC3=ACC3, **kw,
+        C=p["lanes"], BM=p["BM"], BJ=p["BJ"], BE=p["BE"], PDL=use_pdl, **kw,
     )

@@ -16,9 +16,8 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from ..format import QUANT_METHOD, FormatError, QuantConfig, check_super_weights_in_range, is_ignored, load_sidecar
-from .schemes import SWW8A8Scheme, SWWeightOnlyScheme
-
-DISABLE_ENV = "SUPERWEIGHT_DISABLE_CORRECTION"
+from .. import envs
+from .schemes import SWLinearScheme
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -31,7 +30,7 @@ class SuperWeightRTNConfig(QuantizationConfig):
         self.raw = raw or {}
         self.sidecar: dict | None = None
         # Read in the frontend process and pickled to the workers with the config.
-        self.sparse_enabled = os.environ.get(DISABLE_ENV, "0") not in ("1", "true", "yes")
+        self.sparse_enabled = not envs.disable_correction()
         self.super_weights_by_module: dict[str, list[dict]] = {}
 
     def __repr__(self) -> str:
@@ -96,9 +95,8 @@ class SuperWeightRTNConfig(QuantizationConfig):
 class SuperWeightRTNLinearMethod(LinearMethodBase):
     def __init__(self, config: SuperWeightRTNConfig, prefix: str) -> None:
         self.config = config
-        scheme_cls = SWW8A8Scheme if config.qcfg.activations != "none" else SWWeightOnlyScheme
-        self.scheme = scheme_cls(config.qcfg, prefix, config.sparse_enabled,
-                                 config.super_weights_by_module.get(prefix, []))
+        self.scheme = SWLinearScheme(config.qcfg, prefix, config.sparse_enabled,
+                                     config.super_weights_by_module.get(prefix, []))
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:

@@ -48,15 +48,24 @@ def shard_rows(layer, shard_id) -> int:
     return int(sizes[idx])
 
 
+def qkv_shard_window(layer, shard_id: str) -> tuple[int, int]:
+    """(offset, rows) of the q / k / v shard inside this rank's fused QKV output (from the layer's public head
+    counts: ``num_heads`` / ``num_kv_heads`` are per rank in vLLM)."""
+    hq, hkv = int(layer.num_heads), int(layer.num_kv_heads)
+    hd = int(layer.head_size)
+    vd = int(getattr(layer, "v_head_size", hd) or hd)
+    return {"q": (0, hq * hd), "k": (hq * hd, hkv * hd), "v": ((hq + hkv) * hd, hkv * vd)}[shard_id]
+
+
 def shard_offsets(layer, shard_id):
     """(offset of the shard in this rank's fused output, rows of the shard on this rank, first global row kept)."""
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 
-    tp_rank, tp_size = layer.tp_rank, layer.tp_size
+    tp_rank, tp_size = int(layer.tp_rank), int(layer.tp_size)
     if isinstance(layer, QKVParallelLinear) and shard_id is not None:
-        off = layer._get_shard_offset_mapping(shard_id)
-        size = layer._get_shard_size_mapping(shard_id)
-        rank = tp_rank if shard_id == "q" else tp_rank // layer.num_kv_head_replicas
+        off, size = qkv_shard_window(layer, shard_id)
+        replicas = int(getattr(layer, "num_kv_head_replicas", 1) or 1)
+        rank = tp_rank if shard_id == "q" else tp_rank // replicas
         return off, size, size * rank
     if isinstance(layer, MergedColumnParallelLinear) and shard_id is not None:
         sizes = layer.output_sizes
@@ -64,6 +73,36 @@ def shard_offsets(layer, shard_id):
         size = sizes[shard_id] // tp_size
         return off, size, size * tp_rank
     return 0, layer.output_size_per_partition, layer.output_size_per_partition * tp_rank
+
+
+def expected_shards(layer) -> set:
+    """Shard ids the checkpoint's loader must deliver for every parameter of ``layer``."""
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+
+    if isinstance(layer, QKVParallelLinear):
+        return {"q", "k", "v"}
+    if isinstance(layer, MergedColumnParallelLinear):
+        return set(range(len(layer.output_sizes)))
+    return {None}
+
+
+def mark_loaded(layer, name: str, shard_id) -> None:
+    layer.__dict__.setdefault("_sw_loaded", {}).setdefault(name, set()).add(shard_id)
+
+
+def check_loaded(layer, prefix: str, required: list[str]) -> None:
+    """Every required parameter was delivered for every shard (vLLM skips its own "weights not initialized"
+    check for quantized models: a tensor missing from the checkpoint would otherwise serve uninitialized memory).
+    A fused layer stored fused on disk (Phi-3's qkv_proj) arrives in one piece (shard id None)."""
+    want = expected_shards(layer)
+    loaded = layer.__dict__.get("_sw_loaded", {})
+    for name in required:
+        got = loaded.get(name, set())
+        if got == want or got == {None}:
+            continue
+        missing = sorted(str(s) for s in want - got) if got else []
+        what = f" (shards {', '.join(missing)})" if missing else ""
+        raise FormatError(f"{prefix}.{name}: missing from the checkpoint{what}; the checkpoint is incomplete")
 
 
 class LinearSpec:
@@ -116,14 +155,16 @@ class LinearSpec:
         return _pack(zz, kernel_bits(self.bits), 0)
 
 
-def wrap_loader(layer_loader, transform):
+def wrap_loader(layer, name: str, layer_loader, transform):
     """A param weight_loader: transform the shard's checkpoint tensor, then delegate to the layer's loader."""
 
     def load(param, loaded_weight, shard_id=None):
         w = transform(loaded_weight, shard_id)
         if shard_id is None:
-            return layer_loader(param, w)
-        return layer_loader(param, w, shard_id)
+            layer_loader(param, w)
+        else:
+            layer_loader(param, w, shard_id)
+        mark_loaded(layer, name, shard_id)
 
     return load
 
@@ -133,6 +174,7 @@ def stash_loader(layer, key: str):
 
     def load(param, loaded_weight, shard_id=None):
         layer._sw_stash.setdefault(key, {})[shard_id] = loaded_weight.detach().clone()
+        mark_loaded(layer, key, shard_id)
 
     return load
 
@@ -160,6 +202,12 @@ def finalize_sparse(layer, n_full_shard) -> tuple[torch.Tensor, torch.Tensor, to
             )
         if not torch.isfinite(val.float()).all():
             raise FormatError(f"{layer.prefix}: sparse_value holds NaN/Inf")
+        if idx.numel() and torch.unique(r * k_full + c).numel() != r.numel():
+            raise FormatError(
+                f"{layer.prefix}: sparse_index lists the same (row, col) more than once"
+                + (f" in shard {sid}" if sid is not None else "")
+                + "; every held-out weight must appear once (duplicates would be summed)"
+            )
         if isinstance(layer, RowParallelLinear):
             kp = layer.input_size_per_partition
             lo = kp * layer.tp_rank

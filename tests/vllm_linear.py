@@ -1,9 +1,9 @@
-"""Stand-alone vLLM linear kernels for tests and micro-benchmarks (outside an engine).
+"""Test and benchmark harness: one Linear outside an engine, through the plugin's kernel classes.
 
 Builds one layer's parameters exactly as the plugin registers them (vLLM parameter classes, compressed-tensors
-packing along K) and runs vLLM's own kernel classes on them: ``MacheteLinearKernel`` / ``MarlinLinearKernel``
-(CUDA) or ``CPUWNA16LinearKernel`` (CPU build) for W4A16, ``cutlass_scaled_mm`` + ``scaled_int8_quant`` for
-W8A8. Also the float reference (dequantized weights). Needs vLLM; not used on the serving path.
+packing along K) and runs one of our kernels (``vllm_superweight.kernels.linear``) on them; also random W4/W8
+weights and their float references. Used by tests/test_gpu_kernels.py, tests/kernels/ and
+benchmarks/kernel_bench.py (which puts tests/ on sys.path). Needs vLLM.
 """
 
 from __future__ import annotations
@@ -11,12 +11,33 @@ from __future__ import annotations
 import torch
 
 
-def _patch_tp_single_process() -> None:
-    """vLLM parameters read the TP rank at construction; outside an engine pretend to be rank 0 of 1."""
-    import vllm.model_executor.parameter as P
+_TP_READY = False
 
-    P.get_tensor_model_parallel_rank = lambda: 0
-    P.get_tensor_model_parallel_world_size = lambda: 1
+
+def single_process_tp() -> None:
+    """vLLM's parameter classes read the tensor-parallel rank at construction: outside an engine, set up vLLM's
+    own single-process distributed state (world size 1, gloo) once, through its public API."""
+    global _TP_READY
+    if _TP_READY:
+        return
+    import socket
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+    )
+
+    if not model_parallel_is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with set_current_vllm_config(VllmConfig()):
+            init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                         local_rank=0, backend="gloo")
+            initialize_model_parallel(1, 1)
+    _TP_READY = True
 
 
 def pack_int32(v: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -59,38 +80,38 @@ def dequant_w4(w: dict) -> torch.Tensor:
     return ((q - z) * w["scales"].float()[..., None]).reshape(n, k)
 
 
+KERNELS = ("machete", "marlin", "cpu", "dual", "torch", "auto")
+
+
 def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16, max_m: int | None = None,
-                   bias: torch.Tensor | None = None):
-    """(layer, kernel_obj) with vLLM's MP kernel class ``kernel`` in {"machete", "marlin", "cpu", "auto"}, or
-    "dual" (Machete + Marlin dispatched per M by ``w4_dispatch.DualW4``, Marlin for M <= ``max_m``)."""
-    _patch_tp_single_process()
-    from vllm.model_executor.kernels.linear import MPLinearLayerConfig
+                   bias: torch.Tensor | None = None, sparse: tuple | None = None):
+    """(layer, kernel) with the plugin's parameters and one of OUR kernel classes (kernels/linear):
+    ``kernel`` in {"machete", "marlin", "cpu" (CPUWNA16), "dual" (Marlin for M <= ``max_m``, Machete above),
+    "torch" (dequantize-once fallback), "auto" (the priority list)}. ``sparse`` = (rows, cols, vals) attaches
+    held-out entries (the kernel's own sparse correction). ``kernel.apply_weights(layer, x, bias)`` runs it."""
+    single_process_tp()
     from vllm.model_executor.parameter import (
         ChannelQuantScaleParameter,
         GroupQuantScaleParameter,
         PackedColumnParameter,
         PackedvLLMParameter,
     )
-    from vllm.scalar_type import scalar_types
+
+    from vllm_superweight.kernels.linear import SWLinearConfig, choose_kernel
+    from vllm_superweight.kernels.linear import weight_only as WO
 
     n, k, group, sym = w["n"], w["k"], w["group"], w["symmetric"]
     dev = w["q"].device
-    cfg = MPLinearLayerConfig(full_weight_shape=(k, n), partition_weight_shape=(k, n),
-                              weight_type=scalar_types.uint4b8 if sym else scalar_types.uint4, act_type=act_dtype,
-                              group_size=group, zero_points=not sym, has_g_idx=False)
-    if kernel in ("machete", "dual"):
-        from vllm.model_executor.kernels.linear.mixed_precision.machete import MacheteLinearKernel as KC
-    elif kernel == "marlin":
-        from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel as KC
-    elif kernel == "cpu":
-        from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel as KC
-    else:
-        from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
-
-        KC = choose_mp_linear_kernel(cfg)
-    ok, why = KC.can_implement(cfg)
-    if not ok:
-        raise RuntimeError(f"{KC.__name__} cannot implement {cfg}: {why}")
+    cfg = SWLinearConfig(prefix=f"bench#{id(w):x}.{kernel}", bits=4, symmetric=sym, group_size=group,
+                         activations="none", act_dtype=act_dtype, full_shape=(k, n), partition_shape=(k, n),
+                         device_type=dev.type)
+    classes = {"machete": WO.MacheteKernel, "marlin": WO.MarlinKernel, "cpu": WO.CPUWNA16Kernel,
+               "dual": WO.DualMarlinMacheteKernel, "torch": WO.TorchDequantKernel}
+    KC = choose_kernel(cfg) if kernel == "auto" else classes[kernel]
+    if kernel != "dual":
+        ok, why = KC.can_implement(cfg)
+        if not ok:
+            raise RuntimeError(f"{KC.__name__} cannot implement {cfg}: {why}")
 
     def noop(*a, **kw):
         return None
@@ -114,34 +135,13 @@ def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16, max_m: int | 
         layer.register_parameter("weight_zero_point", p)
     if bias is not None:
         layer.register_parameter("bias", torch.nn.Parameter(bias.clone().to(act_dtype), requires_grad=False))
-    names = dict(w_q_param_name="weight_packed", w_s_param_name="weight_scale",
-                 w_zp_param_name="weight_zero_point", w_gidx_param_name="weight_g_idx")
-    kobj = KC(cfg, **names)
     layer.to(dev)
-    if kernel == "dual":
-        from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel
-
-        from .w4_dispatch import DualW4, marlin_max_m
-
-        layer.output_size_per_partition = n
-        dual = DualW4(layer, kobj, MarlinLinearKernel(cfg, **names), ["weight_packed", "weight_scale",
-                                                                        "weight_zero_point"],
-                      max_m if max_m is not None else marlin_max_m(), key=f"bench#{id(layer):x}")
-        kobj.process_weights_after_loading(layer)
-        layer._sw_dual = dual  # keeps it alive (the registry holds weak references)
-        return layer, _DualAsKernel(dual)
+    kobj = WO.DualMarlinMacheteKernel(cfg, max_m=max_m) if kernel == "dual" else KC(cfg)
     kobj.process_weights_after_loading(layer)
+    if sparse is not None:
+        kobj.set_sparse(layer, *sparse)
+    layer._sw_kernel = kobj  # keeps it alive (the dual registry holds weak references)
     return layer, kobj
-
-
-class _DualAsKernel:
-    """``apply_weights(layer, x, bias)`` facade over a DualW4 (what benchmarks and tests call)."""
-
-    def __init__(self, dual):
-        self.dual = dual
-
-    def apply_weights(self, layer, x, bias=None):
-        return self.dual.apply(x, bias)
 
 
 def random_w8(n: int, k: int, device, seed: int = 0) -> dict:

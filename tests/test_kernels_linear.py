@@ -1,0 +1,241 @@
+"""The kernel layer (vllm_superweight/kernels/linear): selection by what the machine really has, the fallbacks'
+numbers, the per-batch dispatch rule. CPU; the CUDA kernels' numbers are in tests/test_gpu_kernels.py.
+
+vLLM's AVX2 CPU build has no ``cpu_gemm_wna16`` (its AVX-512 build has): the "op missing" case is forced here
+by hiding the op, so CI covers both paths on either kind of CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm_superweight import envs  # noqa: E402
+from vllm_superweight.kernels.linear import (  # noqa: E402
+    W8A8_KERNELS,
+    WEIGHT_ONLY_KERNELS,
+    NoKernelError,
+    SWLinearConfig,
+    base,
+    choose_kernel,
+    explain,
+)
+from vllm_superweight.kernels.linear import weight_only as WO  # noqa: E402
+from vllm_superweight.kernels.linear import w8a8 as W8  # noqa: E402
+
+
+def cfg(dtype=torch.bfloat16, acts="none", bits=4, group=64, sym=False, k=256, n=128):
+    return SWLinearConfig(prefix="model.layers.0.mlp.down_proj", bits=bits, symmetric=sym, group_size=group,
+                          activations=acts, act_dtype=dtype, full_shape=(k, n), partition_shape=(k, n),
+                          device_type="cpu")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for v in (envs.W4_KERNEL, envs.MARLIN_MAX_M, "VLLM_DISABLED_KERNELS"):
+        monkeypatch.delenv(v, raising=False)
+
+
+def hide_ops(monkeypatch, *names):
+    real = base.has_op
+    monkeypatch.setattr(base, "has_op", lambda name, namespace="_C": name not in names and real(name, namespace))
+
+
+# ---- selection ------------------------------------------------------------------------------------------------
+def test_priority_lists_end_in_a_universal_fallback():
+    assert WEIGHT_ONLY_KERNELS[-1] is WO.TorchDequantKernel and W8A8_KERNELS[-1] is W8.TorchInt8Kernel
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert WO.TorchDequantKernel.can_implement(cfg(dt, group=96, k=96 * 3, n=40))[0]
+        assert W8.TorchInt8Kernel.can_implement(cfg(dt, acts="int8-tensor", bits=8, group=-1, sym=True))[0]
+
+
+def test_bf16_on_this_cpu_takes_the_vllm_kernel_only_if_its_op_exists(clean_env):
+    want = WO.CPUWNA16Kernel if base.has_op("cpu_gemm_wna16") else WO.TorchDequantKernel
+    assert choose_kernel(cfg()) is want
+    why = dict((n, w) for n, _, w in explain(cfg()))
+    if want is WO.TorchDequantKernel:  # an AVX2 machine: the reason names the op
+        assert "cpu_gemm_wna16" in why["CPUWNA16Kernel"]
+
+
+def test_missing_op_falls_back_to_torch_dequant(clean_env, monkeypatch):
+    hide_ops(monkeypatch, "cpu_gemm_wna16")
+    assert choose_kernel(cfg()) is WO.TorchDequantKernel
+    ok, why = WO.CPUWNA16Kernel.can_implement(cfg())
+    assert not ok and "cpu_gemm_wna16" in why
+
+
+def test_w8a8_missing_onednn_falls_back(clean_env, monkeypatch):
+    c = cfg(acts="int8-token", bits=8, group=-1, sym=True)
+    assert choose_kernel(c) is (W8.VllmInt8Kernel if base.has_op("onednn_scaled_mm") else W8.TorchInt8Kernel)
+    hide_ops(monkeypatch, "onednn_scaled_mm")
+    assert choose_kernel(c) is W8.TorchInt8Kernel
+    # per-tensor activations: vLLM's kernels quantize per token only
+    assert choose_kernel(cfg(acts="int8-tensor", bits=8, group=-1, sym=True)) is W8.TorchInt8Kernel
+
+
+def test_float32_never_reaches_a_16bit_kernel(clean_env):
+    c = cfg(torch.float32)
+    assert choose_kernel(c) is WO.TorchDequantKernel
+    for k in (WO.MacheteKernel, WO.MarlinKernel, WO.CPUWNA16Kernel, WO.VllmMPKernel):
+        ok, why = k.can_implement(c)
+        assert not ok and "16-bit" in why
+
+
+def test_forcing_and_disabling(clean_env, monkeypatch):
+    monkeypatch.setenv(envs.W4_KERNEL, "torch")
+    assert choose_kernel(cfg()) is WO.TorchDequantKernel
+    monkeypatch.setenv(envs.W4_KERNEL, "marlin")  # no CUDA here
+    with pytest.raises(NoKernelError, match="SUPERWEIGHT_W4_KERNEL=marlin cannot run model.layers.0.mlp.down_proj"):
+        choose_kernel(cfg())
+    monkeypatch.setenv(envs.W4_KERNEL, "exllama")
+    with pytest.raises(ValueError, match="SUPERWEIGHT_W4_KERNEL"):
+        choose_kernel(cfg())
+    monkeypatch.delenv(envs.W4_KERNEL)
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "CPUWNA16LinearKernel")  # vLLM's class name works too
+    assert choose_kernel(cfg()) is WO.TorchDequantKernel
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "TorchDequantKernel,CPUWNA16Kernel")
+    with pytest.raises(NoKernelError, match="disabled by VLLM_DISABLED_KERNELS"):
+        choose_kernel(cfg())
+
+
+def test_knobs(monkeypatch):
+    monkeypatch.delenv(envs.W4_KERNEL, raising=False)
+    monkeypatch.delenv(envs.MARLIN_MAX_M, raising=False)
+    assert envs.w4_kernel() == "auto" and envs.marlin_max_m() == envs.DEFAULT_MARLIN_MAX_M
+    monkeypatch.setenv(envs.W4_KERNEL, "Dual")
+    monkeypatch.setenv(envs.MARLIN_MAX_M, "16")
+    assert envs.w4_kernel() == "auto" and envs.marlin_max_m() == 16
+    monkeypatch.setenv(envs.MARLIN_MAX_M, "many")
+    with pytest.raises(ValueError, match="not an integer"):
+        envs.marlin_max_m()
+    monkeypatch.setenv(envs.DISABLE_CORRECTION, "yes")
+    assert envs.disable_correction()
+
+
+# ---- numbers --------------------------------------------------------------------------------------------------
+def _entries(n, k, nnz, seed):
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(n * k, generator=g)[:nnz]
+    return flat // k, flat % k, torch.randn(nnz, generator=g)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "cpu"])
+@pytest.mark.parametrize("group,sym", [(-1, False), (64, False), (32, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_only_kernels_match_the_dequantized_reference(kernel, group, sym, dtype):
+    import vllm_linear as VL
+
+    if kernel == "cpu" and (dtype == torch.float32 or not base.has_op("cpu_gemm_wna16")):
+        pytest.skip("CPUWNA16 needs 16-bit activations and the AVX-512 build's cpu_gemm_wna16")
+    n, k = 96, 192
+    r, c, v = _entries(n, k, 20, seed=group + 7)
+    w = VL.random_w4(n, k, group, sym, "cpu", dtype=dtype, holdout=(r, c), seed=3)
+    bias = torch.randn(n)
+    layer, kern = VL.build_mp_layer(w, kernel, act_dtype=dtype, bias=bias, sparse=(r, c, v))
+    assert kern.describe().startswith({"torch": "TorchDequantKernel", "cpu": "CPUWNA16Kernel"}[kernel])
+    w_ref = VL.dequant_w4(w)
+    w_ref[r, c] = v  # the held-out weights come back exactly
+    for m in (1, 5, 33):
+        x = torch.randn(2, m, k).to(dtype)
+        y = kern.apply_weights(layer, x, layer.bias)
+        ref = x.float() @ w_ref.T + bias.to(dtype).float()
+        assert y.shape == (2, m, n) and y.dtype == dtype
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        assert float((y.float() - ref).norm() / ref.norm()) < tol, m
+        y0 = kern.apply_gemm(layer, x.reshape(-1, k), layer.bias)  # without the correction
+        assert float((y0.float() - ref.reshape(-1, n)).norm() / ref.norm()) > 10 * tol
+
+
+@pytest.mark.parametrize("kernel_cls", [W8.TorchInt8Kernel, W8.VllmInt8Kernel])
+@pytest.mark.parametrize("acts", ["int8-token", "int8-tensor"])
+def test_w8a8_kernels_keep_outlier_channels_in_16_bit(kernel_cls, acts):
+    if not kernel_cls.can_implement(cfg(acts=acts, bits=8, group=-1, sym=True))[0]:
+        pytest.skip(f"{kernel_cls.__name__} cannot run {acts} here")
+    import vllm_linear as VL
+
+    VL.single_process_tp()
+    n, k = 64, 128
+    g = torch.Generator().manual_seed(0)
+    w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, 1, generator=g) * 1e-2 + 1e-3
+    outl = torch.tensor([3, 77])
+    c = SWLinearConfig("l", 8, True, -1, acts, torch.bfloat16, (k, n), (k, n), "cpu")
+    layer = torch.nn.Module()
+    layer.register_parameter("weight_packed", torch.nn.Parameter(w8.clone(), requires_grad=False))
+    layer.register_parameter("weight_scale", torch.nn.Parameter(scale.clone(), requires_grad=False))
+    layer.logical_widths = [n]
+    kern = kernel_cls(c)
+    kern.set_outliers(layer, outl)
+    kern.process_weights_after_loading(layer)
+    x = torch.randn(9, k, generator=g).to(torch.bfloat16)
+    x[:, 3] *= 300.0  # a super-activation channel: int8 with it in range would crush the rest
+    y = kern.apply_weights(layer, x)
+    wd = w8.float() * scale
+    ref = x.float() @ wd.T
+    err = float((y.float() - ref).norm() / ref.norm())
+    assert err < 2e-2, err
+
+
+# ---- the per-batch pair (logic only; the real Marlin/Machete pair runs in tests/test_gpu_kernels.py) -------------
+class _Recording(WO.TorchDequantKernel):
+    """Stands in for Marlin/Machete: repacks the weight in place at load (scaled) and records the batch sizes."""
+
+    def __init__(self, config, scale):
+        super().__init__(config)
+        self.scale, self.calls = scale, []
+
+    def process_weights_after_loading(self, layer):
+        layer.weight_packed.data = layer.weight_packed.data * self.scale
+        if self.scale == 7.0 and getattr(layer, "bias", None) is not None:
+            layer.bias.data = layer.bias.data.flip(0)  # Marlin permutes the bias into its layout
+
+    def apply_gemm(self, layer, x, bias=None):
+        self.calls.append(x.shape[0])
+        y = x @ (layer.weight_packed.data / self.scale).t()
+        if bias is not None:
+            y = y + (bias.flip(0) if self.scale == 7.0 else bias)
+        return y
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dual_dispatch_rule_and_independent_copies(with_bias):
+    c = SWLinearConfig("test.layer", 4, False, -1, "none", torch.float32, (5, 6), (5, 6), "cpu")
+    layer = torch.nn.Module()
+    w = torch.randn(6, 5)
+    layer.weight_packed = torch.nn.Parameter(w.clone(), requires_grad=False)
+    bias = torch.randn(6) if with_bias else None
+    if with_bias:
+        layer.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    large, small = _Recording(c, 3.0), _Recording(c, 7.0)
+    d = WO.DualMarlinMacheteKernel(c, large=large, small=small, max_m=4)
+    d.process_weights_after_loading(layer)
+    assert WO.lookup("test.layer") is d
+    assert not any("shadow" in n for n, _ in layer.named_parameters())  # the copy is not a registered submodule
+    for m in (1, 4, 5, 64):
+        x = torch.randn(m, 5)
+        y = d.apply_weights(layer, x, layer.bias if with_bias else None)
+        torch.testing.assert_close(y, x @ w.t() + (bias if with_bias else 0), rtol=1e-5, atol=1e-5)
+    assert small.calls == [1, 4] and large.calls == [5, 64]
+    y3 = d.apply_weights(layer, torch.randn(2, 3, 5), None)  # 3-D input: dispatch counts tokens
+    assert y3.shape == (2, 3, 6) and large.calls[-1] == 6
+    with pytest.raises(RuntimeError, match="no layer registered"):
+        WO.lookup("no.such.layer")
+
+
+def test_clone_param_keeps_the_vllm_class_and_layout():
+    import vllm_linear as VL
+
+    VL.single_process_tp()
+    from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
+
+    p = PackedvLLMParameter(data=torch.arange(12, dtype=torch.int32).view(3, 4), input_dim=1, output_dim=0,
+                            packed_dim=1, packed_factor=8, weight_loader=lambda *a: None)
+    q = WO.clone_param(p)
+    assert type(q) is PackedvLLMParameter
+    assert (q.input_dim, q.output_dim, q.packed_dim, q.packed_factor) == (1, 0, 1, 8)
+    assert torch.equal(q.data, p.data) and q.data.data_ptr() != p.data.data_ptr()
+    s = GroupQuantScaleParameter(data=torch.ones(3, 2), output_dim=0, input_dim=1, weight_loader=lambda *a: None)
+    t = WO.clone_param(s)
+    assert type(t) is GroupQuantScaleParameter and (t.input_dim, t.output_dim) == (1, 0)

@@ -1,0 +1,58 @@
+"""Every environment knob of vllm-superweight, in one place, read lazily (at the call, never at import).
+
+Only what users need is a knob:
+
+=================================  =========================================================================
+``SUPERWEIGHT_DISABLE_CORRECTION``  ``1``: serve without the exact sparse correction (super weights and held-out
+                                    weights stay 0): an ablation switch, read by the engine's front end.
+``SUPERWEIGHT_W4_KERNEL``           weight-only GEMM choice: ``auto`` (default: the first kernel of the priority
+                                    list in ``kernels/linear`` that this machine can run), ``vllm`` (vLLM's single
+                                    kernel, never the per-batch pair), ``marlin``, ``machete``, ``torch`` (the
+                                    dequantize-once fallback). A forced kernel that cannot run a layer is an error.
+``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).
+=================================  =========================================================================
+
+vLLM's own ``VLLM_DISABLED_KERNELS`` (comma-separated class names) is honoured too: naming one of our kernel
+classes (or the vLLM kernel it wraps) skips it in the priority list.
+"""
+
+from __future__ import annotations
+
+import os
+
+DISABLE_CORRECTION = "SUPERWEIGHT_DISABLE_CORRECTION"
+W4_KERNEL = "SUPERWEIGHT_W4_KERNEL"
+MARLIN_MAX_M = "SUPERWEIGHT_MARLIN_MAX_M"
+
+W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch")
+DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (section w4sweep) on an H100
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def disable_correction() -> bool:
+    return _flag(DISABLE_CORRECTION)
+
+
+def w4_kernel() -> str:
+    mode = os.environ.get(W4_KERNEL, "auto").strip().lower() or "auto"
+    if mode not in W4_KERNEL_MODES:
+        raise ValueError(f"{W4_KERNEL}={mode!r}: choose one of {', '.join(W4_KERNEL_MODES)}")
+    return "auto" if mode == "dual" else mode
+
+
+def marlin_max_m() -> int:
+    v = os.environ.get(MARLIN_MAX_M, "").strip()
+    if not v:
+        return DEFAULT_MARLIN_MAX_M
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{MARLIN_MAX_M}={v!r} is not an integer") from None
+
+
+def disabled_kernels() -> set[str]:
+    """Class names listed in vLLM's ``VLLM_DISABLED_KERNELS``."""
+    return {s.strip() for s in os.environ.get("VLLM_DISABLED_KERNELS", "").split(",") if s.strip()}

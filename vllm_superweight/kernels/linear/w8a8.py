@@ -1,0 +1,182 @@
+"""W8A8 int8 kernels with 16-bit activation-outlier channels, in priority order (see ``kernels.linear``):
+
+    y = W · Q(x with the outlier channels S set to 0) + W[:, S] · x[:, S]
+
+* ``CutlassSplitInt8Kernel`` (CUDA): our fused Triton quantize-with-outlier-split (one pass over x) + vLLM's
+  CUTLASS ``cutlass_scaled_mm``; per token or per tensor.
+* ``VllmInt8Kernel`` (per token): vLLM's own int8 kernel for this platform (oneDNN on x86 CPUs), which quantizes
+  the activations itself: it is handed x with the outlier channels zeroed. Used only if its ops exist.
+* ``TorchInt8Kernel``: every platform and dtype: our split + ``torch._int_mm`` (CPU) or an exact-enough float
+  GEMM of the int8 operands (elsewhere).
+
+The scheme registers ``weight_packed`` as int8 ``[N, K]`` (unpacked at load) and ``weight_scale`` float32
+``[N, 1]``; ``set_outliers`` gives the kernel this rank's outlier input channels before the weights are processed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import SIXTEEN_BIT, W_PACKED, W_SCALE, SWLinearConfig, SWLinearKernel, missing_ops, replace_parameter
+
+
+class _Int8Base(SWLinearKernel):
+    def __init__(self, config: SWLinearConfig) -> None:
+        super().__init__(config)
+        self.per_token = config.activations == "int8-token"
+        self.n_outliers = 0
+
+    @classmethod
+    def _int8_config(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        if c.activations not in ("int8-token", "int8-tensor"):
+            return False, "weight-only layer"
+        return True, None
+
+    def set_outliers(self, layer: torch.nn.Module, idx: torch.Tensor) -> None:
+        """Register this rank's outlier channels: the 16-bit side product ``W[:, S]`` (dequantized with the
+        per-row scales, stored [S, N]) and the masks the activation split uses."""
+        from .. import prepare_outliers
+
+        self.n_outliers = int(idx.numel())
+        if not self.n_outliers:
+            return
+        w8 = getattr(layer, W_PACKED).data  # int8 [N, K]
+        device = w8.device
+        idx = idx.to(device)
+        w_out = (w8[:, idx].float() * getattr(layer, W_SCALE).data.float()).to(self.config.act_dtype)
+        po = prepare_outliers(idx, self.config.partition_shape[0], device)
+        layer.register_buffer("sw_outlier_idx", po["idx"], persistent=False)
+        layer.register_buffer("sw_outlier_mask", po["mask"], persistent=False)
+        keep = torch.ones(self.config.partition_shape[0], dtype=self.config.act_dtype, device=device)
+        keep[idx] = 0
+        layer.register_buffer("sw_outlier_keep", keep, persistent=False)
+        layer.register_buffer("sw_outlier_w", w_out.t().contiguous(), persistent=False)  # [S, N]
+
+    def _split(self, layer: torch.nn.Module, x: torch.Tensor):
+        from .. import int8_quant_outlier_split
+
+        if self.n_outliers:
+            return int8_quant_outlier_split(x, layer.sw_outlier_idx, self.per_token, outlier_mask=layer.sw_outlier_mask)
+        return int8_quant_outlier_split(x, None, self.per_token)
+
+    def _add_outliers(self, layer: torch.nn.Module, y: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+        if not self.n_outliers:
+            return y
+        from .. import add_outlier_side_product
+
+        return add_outlier_side_product(y, x_out, layer.sw_outlier_w)
+
+
+class CutlassSplitInt8Kernel(_Int8Base):
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        ok, why = cls._int8_config(c)
+        if not ok:
+            return ok, why
+        if c.device_type != "cuda":
+            return False, "CUDA only"
+        if c.act_dtype not in SIXTEEN_BIT:
+            return False, f"cutlass_scaled_mm writes 16-bit outputs only, not {c.act_dtype}"
+        k_p, n_p = c.partition_shape
+        if k_p % 16 or n_p % 16:
+            return False, f"CUTLASS int8 needs K and N multiples of 16 (got {k_p}, {n_p})"
+        from .. import ops as _ops
+
+        if not _ops.TRITON_OK:
+            return False, "Triton is not available (the activation split)"
+        missing = missing_ops("cutlass_scaled_mm")
+        if missing:
+            return False, f"this vLLM build has no {missing[0]}"
+        return True, None
+
+    def describe(self) -> str:
+        return "CutlassSplitInt8Kernel(triton split + cutlass_scaled_mm)"
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        w8 = getattr(layer, W_PACKED).data
+        replace_parameter(layer, W_PACKED, None)
+        replace_parameter(layer, "weight", w8.t())  # [K, N] column-major view: what CUTLASS takes
+
+    def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from vllm import _custom_ops as ops
+
+        xq, xs, xo = self._split(layer, x)
+        y = ops.cutlass_scaled_mm(xq, layer.weight, scale_a=xs, scale_b=layer.weight_scale, out_dtype=x.dtype,
+                                  bias=bias)
+        return self._add_outliers(layer, y, xo)
+
+
+class VllmInt8Kernel(_Int8Base):
+    """vLLM's int8 ScaledMM kernel for this platform (per-token dynamic activations, symmetric)."""
+
+    @classmethod
+    def _ops_for_platform(cls) -> tuple[str, ...]:
+        from .base import platform
+
+        if platform().is_cpu():
+            return ("create_onednn_scaled_mm_handler", "onednn_scaled_mm", "dynamic_scaled_int8_quant")
+        return ()
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        ok, why = cls._int8_config(c)
+        if not ok:
+            return ok, why
+        if c.activations != "int8-token":
+            return False, "vLLM's int8 kernels quantize per token only here"
+        missing = missing_ops(*cls._ops_for_platform())
+        if missing:
+            return False, f"this vLLM build has no {', '.join(missing)}"
+        return True, None
+
+    def __init__(self, config: SWLinearConfig) -> None:
+        super().__init__(config)
+        from vllm.model_executor.kernels.linear import init_int8_linear_kernel
+
+        self.impl = init_int8_linear_kernel(is_channelwise=True, is_static_input_scheme=False, input_symmetric=True,
+                                            module_name=config.prefix)
+        self.wraps = type(self.impl).__name__
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        w8 = getattr(layer, W_PACKED).data
+        replace_parameter(layer, W_PACKED, None)
+        replace_parameter(layer, "weight", w8)
+        for name in ("input_scale", "input_zero_point", "azp_adj"):
+            if not hasattr(layer, name):
+                layer.register_parameter(name, None)
+        self.impl.process_weights_after_loading(layer)
+
+    def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        xm = x * layer.sw_outlier_keep if self.n_outliers else x
+        y = self.impl.apply_weights(layer, xm, bias)
+        if self.n_outliers:
+            from .. import add_outlier_side_product
+
+            y = add_outlier_side_product(y, x.index_select(1, layer.sw_outlier_idx), layer.sw_outlier_w)
+        return y
+
+
+class TorchInt8Kernel(_Int8Base):
+    """Any platform and dtype: our activation split, then ``torch._int_mm`` on CPU, elsewhere a float GEMM of the
+    int8 operands (products and sums of int8 are exact in fp32 up to K*127^2 < 2^24, i.e. K <= 1040; beyond
+    that the fp32 rounding is ~1e-7 relative)."""
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        return cls._int8_config(c)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        w8 = getattr(layer, W_PACKED).data
+        replace_parameter(layer, W_PACKED, None)
+        replace_parameter(layer, "weight", w8.t().contiguous())  # [K, N]
+
+    def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        xq, xs, xo = self._split(layer, x)
+        if xq.is_cuda:
+            acc = xq.float() @ layer.weight.float()
+        else:
+            acc = torch._int_mm(xq, layer.weight).float()
+        y = (acc * xs * layer.weight_scale.view(1, -1)).to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        return self._add_outliers(layer, y, xo)

@@ -1,0 +1,285 @@
+"""Weight-only (W3/W4/W8, 16-bit activations) kernels, in priority order (see ``kernels.linear``):
+
+* ``DualMarlinMacheteKernel`` (CUDA, Hopper): Marlin for batches of up to ``SUPERWEIGHT_MARLIN_MAX_M`` tokens,
+  Machete above, chosen per batch inside one opaque custom op (``torch.ops.superweight.w4_dual_mm``), so each
+  CUDA graph vLLM captures records the kernel of its size. Costs a second copy of the W4 weights.
+* ``MacheteKernel``, ``MarlinKernel`` (CUDA), ``CPUWNA16Kernel`` (CPU): vLLM's own kernels, used only when the
+  ops they call exist in this vLLM build (the AVX2 CPU build has no ``cpu_gemm_wna16``) and the activation
+  dtype is 16-bit (none of them has a float32 path).
+* ``VllmMPKernel``: whatever else vLLM's mixed-precision selection offers on this platform (ROCm, XPU, ...).
+* ``TorchDequantKernel``: every platform, dtype and shape: the weights are dequantized ONCE at load into the
+  activation dtype (4x the memory of W4 in 16-bit) and the GEMM is ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ... import envs
+from .base import (
+    SIXTEEN_BIT,
+    W_PACKED,
+    W_SCALE,
+    W_ZERO,
+    SWLinearConfig,
+    SWLinearKernel,
+    missing_ops,
+    platform,
+    replace_parameter,
+)
+
+_PARAM_NAMES = dict(
+    w_q_param_name=W_PACKED, w_s_param_name=W_SCALE, w_zp_param_name=W_ZERO, w_gidx_param_name="weight_g_idx"
+)
+
+
+class _VllmMixedPrecision(SWLinearKernel):
+    """Delegates the GEMM to one of vLLM's ``MPLinearKernel`` classes (``vllm_class``)."""
+
+    #: ops of ``torch.ops._C`` the vLLM kernel calls
+    required_ops: tuple[str, ...] = ()
+
+    @classmethod
+    def vllm_class(cls) -> type:
+        raise NotImplementedError
+
+    @classmethod
+    def ops_for(cls, c: SWLinearConfig) -> tuple[str, ...]:
+        return cls.required_ops
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        if c.act_dtype not in SIXTEEN_BIT:
+            return False, f"{cls.__name__} has no {c.act_dtype} path (16-bit activations only)"
+        try:
+            vcls = cls.vllm_class()
+        except ImportError as e:
+            return False, f"vLLM kernel unavailable ({e})"
+        cap = platform().get_device_capability()
+        if cap is not None and vcls.get_min_capability() > cap.to_int():
+            return False, f"{vcls.__name__} needs compute capability {vcls.get_min_capability()}"
+        ok, why = vcls.can_implement(c.mp_config())
+        if not ok:
+            return False, why
+        missing = missing_ops(*cls.ops_for(c))
+        if missing:
+            return False, f"this vLLM build has no {', '.join(missing)} (CPU ISA / build without the op)"
+        return True, None
+
+    def __init__(self, config: SWLinearConfig) -> None:
+        super().__init__(config)
+        vcls = self.vllm_class()
+        self.wraps = vcls.__name__
+        self.impl = vcls(config.mp_config(), **_PARAM_NAMES)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.impl.process_weights_after_loading(layer)
+
+    def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.impl.apply_weights(layer, x, bias)
+
+
+class MacheteKernel(_VllmMixedPrecision):
+    required_ops = ("machete_mm", "machete_prepack_B")
+
+    @classmethod
+    def vllm_class(cls) -> type:
+        from vllm.model_executor.kernels.linear.mixed_precision.machete import MacheteLinearKernel
+
+        return MacheteLinearKernel
+
+
+class MarlinKernel(_VllmMixedPrecision):
+    required_ops = ("marlin_gemm", "gptq_marlin_repack")
+
+    @classmethod
+    def vllm_class(cls) -> type:
+        from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel
+
+        return MarlinLinearKernel
+
+
+class CPUWNA16Kernel(_VllmMixedPrecision):
+    required_ops = ("cpu_gemm_wna16",)
+
+    @classmethod
+    def vllm_class(cls) -> type:
+        from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+
+        return CPUWNA16LinearKernel
+
+    @classmethod
+    def ops_for(cls, c: SWLinearConfig) -> tuple[str, ...]:
+        from vllm import envs as venvs
+
+        # the same condition as vLLM's kernel: its W4A8 path (AMX / RISC-V, opt-in) calls two more ops
+        if venvs.VLLM_CPU_INT4_W4A8 and c.act_dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
+            return cls.required_ops + ("int4_scaled_mm_cpu", "convert_weight_packed_scale_zp")
+        return cls.required_ops
+
+
+_WRAPPED = (MacheteKernel, MarlinKernel, CPUWNA16Kernel)
+
+
+class VllmMPKernel(_VllmMixedPrecision):
+    """vLLM's own mixed-precision choice on platforms whose kernels we do not wrap one by one."""
+
+    @classmethod
+    def _choose(cls, c: SWLinearConfig) -> type:
+        from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
+
+        return choose_mp_linear_kernel(c.mp_config())
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        if c.act_dtype not in SIXTEEN_BIT:
+            return False, "16-bit activations only"
+        try:
+            vcls = cls._choose(c)
+        except (ValueError, ImportError) as e:
+            return False, str(e).splitlines()[0]
+        if any(vcls is w.vllm_class() for w in _WRAPPED):
+            return False, f"vLLM's choice {vcls.__name__} is covered (and was declined) above"
+        return True, None
+
+    def __init__(self, config: SWLinearConfig) -> None:
+        SWLinearKernel.__init__(self, config)
+        vcls = self._choose(config)
+        self.wraps = vcls.__name__
+        self.impl = vcls(config.mp_config(), **_PARAM_NAMES)
+
+
+class TorchDequantKernel(SWLinearKernel):
+    """Any platform, dtype or shape: dequantize once at load, then ``F.linear`` in the activation dtype."""
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        return True, None
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        c = self.config
+        kb = c.kernel_bits
+        k_p, n_p = c.partition_shape
+        q = unpack_from_int32(getattr(layer, W_PACKED).data, kb, torch.Size((n_p, k_p)), packed_dim=1).float()
+        s = getattr(layer, W_SCALE).data.float()
+        ng = s.shape[1]
+        q = q.view(n_p, ng, k_p // ng)
+        if not c.symmetric:
+            z = unpack_from_int32(getattr(layer, W_ZERO).data, kb, torch.Size((n_p, ng)), packed_dim=0).float()
+            q = q - z[..., None]
+        w = (q * s[..., None]).reshape(n_p, k_p).to(c.act_dtype)
+        for name in (W_PACKED, W_SCALE, W_ZERO):
+            replace_parameter(layer, name, None)
+        replace_parameter(layer, "weight", w)
+
+    def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-batch pair on Hopper
+# ----------------------------------------------------------------------------------------------------------
+_REGISTRY: weakref.WeakValueDictionary[str, DualMarlinMacheteKernel] = weakref.WeakValueDictionary()
+
+
+def clone_param(p: torch.nn.Parameter) -> torch.nn.Parameter:
+    """A parameter of the same class and attributes (vLLM's layout properties) over a copy of the data."""
+    q = torch.Tensor._make_subclass(type(p), p.data.clone(), False)
+    q.__dict__.update(p.__dict__)
+    return q
+
+
+class DualMarlinMacheteKernel(SWLinearKernel):
+    """Marlin for M <= ``max_m`` tokens, Machete above, over two copies of the W4 weights (Hopper).
+
+    Measured (benchmarks/results/kernel_bench.json, section w4sweep, one Llama-2-7B layer on an H100): Marlin
+    takes 0.76x Machete's time for M <= 8, 0.89-0.93x at 48 and 1.17x at 64.
+    """
+
+    wraps = "MacheteLinearKernel+MarlinLinearKernel"
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        if envs.w4_kernel() != "auto":
+            return False, f"{envs.W4_KERNEL}={envs.w4_kernel()}"
+        for k in (MacheteKernel, MarlinKernel):
+            ok, why = k.can_implement(c)
+            if not ok:
+                return False, f"{k.__name__}: {why}"
+        return True, None
+
+    def __init__(self, config: SWLinearConfig, large: SWLinearKernel | None = None,
+                 small: SWLinearKernel | None = None, max_m: int | None = None) -> None:
+        super().__init__(config)
+        self.large = large if large is not None else MacheteKernel(config)
+        self.small = small if small is not None else MarlinKernel(config)
+        self.max_m = envs.marlin_max_m() if max_m is None else int(max_m)
+        # The key is baked into compiled graphs (vLLM caches them on disk), so it must be stable across runs:
+        # the layer's module name, like vLLM's attention layers. A later engine in the same process re-registers
+        # the same names (the newest layers win).
+        self.key = config.prefix
+        self.n = config.partition_shape[1]
+        self.shadow = torch.nn.Module()  # the second copy; owned here, not a submodule (vLLM must not see it)
+        self.has_bias = False
+        self._layer: weakref.ref | None = None
+
+    def describe(self) -> str:
+        return f"Machete+Marlin(M<={self.max_m})"
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # Marlin's copy is taken from the loaded weights before Machete repacks them in place.
+        for name in (W_PACKED, W_SCALE, W_ZERO):
+            p = getattr(layer, name, None)
+            if isinstance(p, torch.nn.Parameter):
+                self.shadow.register_parameter(name, clone_param(p))
+        self.has_bias = getattr(layer, "bias", None) is not None
+        if self.has_bias:  # Marlin permutes the bias into its own layout: the shadow gets its own copy
+            self.shadow.register_parameter("bias", torch.nn.Parameter(layer.bias.data.clone(), requires_grad=False))
+        self.small.process_weights_after_loading(self.shadow)
+        self.large.process_weights_after_loading(layer)
+        self._layer = weakref.ref(layer)
+        _REGISTRY[self.key] = self
+
+    @property
+    def layer(self) -> torch.nn.Module:
+        lay = self._layer() if self._layer is not None else None
+        if lay is None:
+            raise RuntimeError(f"{self.key}: the layer was freed")
+        return lay
+
+    def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Eager dispatch on the token count (the body of the custom op)."""
+        if x.shape[0] <= self.max_m:
+            b = self.shadow.bias if (bias is not None and self.has_bias) else bias
+            return self.small.apply_gemm(self.shadow, x, b)
+        return self.large.apply_gemm(self.layer, x, bias)
+
+    def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda and _dual_op_available():
+            return torch.ops.superweight.w4_dual_mm(x, bias, self.n, self.key)
+        return self.run(x, bias)
+
+
+def lookup(key: str) -> DualMarlinMacheteKernel:
+    d = _REGISTRY.get(key)
+    if d is None:
+        raise RuntimeError(f"superweight.w4_dual_mm: no layer registered under {key!r}")
+    return d
+
+
+def _dual_op_available() -> bool:
+    try:
+        torch.ops.superweight.w4_dual_mm.default  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def dual_mm_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
+    """Body of ``torch.ops.superweight.w4_dual_mm`` (registered with its fake by ``kernels.ops``)."""
+    return lookup(key).run(x, bias)
