@@ -130,7 +130,7 @@ def test_convert_interrupt_inprocess(tiny, tmp_path, capsys, monkeypatch):
 
 
 def test_convert_with_stubbed_detection(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(conv, "run_detection", lambda model, tok, prompt, progress=True, **kw: fake_detection())
+    monkeypatch.setattr(conv.pipeline, "run_detection", lambda model, tok, prompt, progress=True, **kw: fake_detection())
     dst = tmp_path / "out"
     rc, out, err = main(["convert", tiny, str(dst), "--preset", "w8a8-int8-token", "--no-restore", "-q"], capsys)
     assert rc == 0, err

@@ -283,7 +283,7 @@ def test_detection_path_stubbed(tiny, tmp_path, monkeypatch):
         assert hasattr(model, "model") and callable(tok)
         return fake_detection()
 
-    monkeypatch.setattr(conv, "run_detection", fake)
+    monkeypatch.setattr(conv.pipeline, "run_detection", fake)
     dst = tmp_path / "out"
     rep = run(tiny, dst, QuantConfig(), super_weights=None, prompt="hello")
     assert calls == ["hello"]
@@ -350,13 +350,17 @@ def test_no_super_weights(tiny, tmp_path):
     assert not any(k.endswith("sparse_index") for k in load_all(dst))
 
 
-def test_overwrite_replaces(tiny, tmp_path):
+def test_overwrite_replaces_only_a_checkpoint(tiny, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "old.txt").write_text("old")
-    run(tiny, dst, QuantConfig(), overwrite=True)
-    assert not (dst / "old.txt").exists() and (dst / "config.json").exists()
-    assert sorted(os.listdir(tmp_path)) == ["out"]
+    with pytest.raises(FormatError, match="is not a superweight_rtn checkpoint"):  # a user's directory: kept
+        run(tiny, dst, QuantConfig(), overwrite=True)
+    assert os.listdir(dst) == ["old.txt"]
+    os.remove(dst / "old.txt")
+    run(tiny, dst, QuantConfig(bits=8), overwrite=True)  # an empty directory
+    run(tiny, dst, QuantConfig(), overwrite=True)  # one of our checkpoints
+    assert (dst / "config.json").exists() and sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_presets_and_options():

@@ -13,7 +13,8 @@ import signal
 import sys
 
 from . import __version__
-from .format import ACT_SCHEMES, CLIP_METHODS, SUPPORTED_BITS, FormatError
+from .checkpoint import is_checkpoint
+from .format import ACT_SCHEMES, CLIP_METHODS, SUPPORTED_BITS, FormatError, Sidecar
 
 PROG = "superweight"
 
@@ -140,19 +141,13 @@ def cmd_detect(args) -> int:
 def cmd_convert(args) -> int:
     from .convert import build_quant_config, convert, parse_clip, parse_size, read_super_weights_json
 
-    clip = clip_thr = None
-    if args.clip is not None:
-        clip, clip_thr = parse_clip(args.clip)
-    symmetric = True if args.symmetric else (False if args.asymmetric else None)
-    overrides = dict(bits=args.bits, block=args.block, symmetric=symmetric, clip=clip, holdout=args.holdout,
-                     activations=args.activations)
-    if args.clip is not None:
-        overrides["clip_threshold"] = clip_thr
+    overrides: dict = dict(bits=args.bits, block=args.block, holdout=args.holdout, activations=args.activations,
+                           symmetric=True if args.symmetric else (False if args.asymmetric else None))
+    if args.clip is not None:  # a method without threshold: its default, not the preset's
+        overrides["clip"], overrides["clip_threshold"] = parse_clip(args.clip)
     if args.no_restore:
         overrides["restore_super_weights"] = False
     qcfg = build_quant_config(args.preset, **overrides)
-    if args.clip is not None and clip_thr is None:
-        qcfg.clip_threshold = None  # method given without threshold: its default, not the preset's
     sws = outliers = None
     if args.super_weights is not None:
         if args.super_weights.lower() == "none":
@@ -172,39 +167,25 @@ def cmd_convert(args) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # inspect
 # ----------------------------------------------------------------------------------------------------------
-def _is_checkpoint(path: str) -> bool:
-    cfgp = os.path.join(path, "config.json")
-    if not (os.path.isdir(path) and os.path.isfile(cfgp)):
-        return False
-    try:
-        with open(cfgp) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    qc = cfg.get("quantization_config")
-    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "superweight_rtn"
-
-
-def _print_sidecar(sc: dict) -> None:
-    sws = sc.get("super_weights", [])
-    print(f"super weights ({len(sws)}):")
-    for sw in sws:
+def _print_sidecar(sc: Sidecar) -> None:
+    print(f"super weights ({len(sc.super_weights)}):")
+    for sw in sc.super_weights:
         print(
-            f"  {sw['module']}[{sw['row']}, {sw['col']}] = {sw['value']!r} ({sw['dtype']} 0x{sw['bits']})"
-            f"  input spike {_fmt(sw.get('input_spike'))}, output spike {_fmt(sw.get('output_spike'))}"
-            f"{', confirmed' if sw.get('confirmed') else ''}"
-            f"{', restored' if sw.get('restored', True) else ', NOT restored'}"
+            f"  {sw.module}[{sw.row}, {sw.col}] = {sw.value!r} ({sw.dtype} 0x{sw.bits})"
+            f"  input spike {_fmt(sw.input_spike)}, output spike {_fmt(sw.output_spike)}"
+            f"{', confirmed' if sw.confirmed else ''}"
+            f"{', restored' if sw.restored else ', NOT restored'}"
         )
-    ao = sc.get("activation_outliers", [])
+    ao = sc.activation_outliers
     if ao:
         print(f"activation-outlier channels ({len(ao)} modules):")
         for e in ao[:12]:
-            mags = e.get("magnitudes") or [None] * len(e["channels"])
-            chans = ", ".join(f"{c} ({_fmt(m, '.3g')})" for c, m in zip(e["channels"], mags))
-            print(f"  {e['module']}: {chans}")
+            mags = e.magnitudes or (None,) * len(e.channels)
+            chans = ", ".join(f"{c} ({_fmt(m, '.3g')})" for c, m in zip(e.channels, mags, strict=True))
+            print(f"  {e.module}: {chans}")
         if len(ao) > 12:
             print(f"  ... and {len(ao) - 12} more modules")
-    prov = sc.get("provenance", {})
+    prov = sc.provenance
     if prov:
         pm = prov.get("published_match")
         print(f"provenance: source {prov.get('source')} (sha256 {str(prov.get('source_sha256', ''))[:16]}...), "
@@ -242,18 +223,15 @@ def cmd_inspect(args) -> int:
     plot_path = args.plot or f"{os.path.basename(os.path.normpath(path)) or 'model'}-activations.png"
     detect = _detect_module()
     prompt = args.prompt if args.prompt is not None else detect.DEFAULT_PROMPT
-    if _is_checkpoint(path):
+    if is_checkpoint(path):
         import torch
 
-        from .format import load_sidecar
+        from .checkpoint import load_dequantized_model, read_config, validate_checkpoint
 
-        try:
-            from .checkpoint import load_dequantized_model, read_quant_config
-        except ImportError as e:
-            raise CLIError(f"cannot read checkpoints here ({e})") from None
-        cfg, qc = read_quant_config(path)
-        sc = load_sidecar(os.path.join(path, qc.sidecar))
-        print(f"checkpoint {path}: {qc.quant_method} format {qc.format_version}")
+        qc, sc = validate_checkpoint(path)
+        cfg = read_config(path)
+        cid = f", conversion {qc.conversion_id}" if qc.conversion_id else ""
+        print(f"checkpoint {path}: {qc.quant_method} format {qc.format_version}{cid}")
         clip = qc.clip + (f":{qc.clip_threshold}" if qc.clip_threshold is not None else "")
         print(
             f"  bits {qc.bits}, block {qc.layout}, {'symmetric' if qc.symmetric else 'asymmetric'}, clip {clip}, "
@@ -270,7 +248,7 @@ def cmd_inspect(args) -> int:
                 print(f"warning: cannot read {rep_path}: {e}", file=sys.stderr)
         model, tok = load_dequantized_model(path, restore=True, dtype=torch.float32)
         profile = detect.activation_profile(model, tok, prompt)
-        sw_list = sc.get("super_weights", [])
+        sw_list = list(sc.super_weights)
         title = f"{os.path.basename(os.path.normpath(path))} (dequantized, SW restored)"
     else:
         from .models import load_model, read_config, resolve_source
@@ -289,7 +267,7 @@ def cmd_inspect(args) -> int:
         profile = result.profile
         sw_list = result.super_weights
         title = f"{source.name}"
-    print_profile(profile, {(s["layer"] if isinstance(s, dict) else s.layer) for s in sw_list})
+    print_profile(profile, {s.layer for s in sw_list})
     _plot(profile, plot_path, f"{title}: down_proj max |activation| per layer", super_weights=sw_list)
     return 0
 
@@ -441,6 +419,8 @@ def _sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script (``argv`` None: the process's command line) and the in-process entry (tests)."""
+    command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     old_handler = None
     try:
@@ -448,10 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not in the main thread
         pass
     try:
-        return _main(argv)
+        rc = _main(argv)
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
+    if command_line and argv and argv[0] == "eval":
+        from .eval import exit_now
+
+        exit_now(rc)  # after a vLLM engine: leave without the interpreter teardown that can abort (status 134)
+    return rc
 
 
 def _main(argv: list[str]) -> int:
@@ -477,6 +462,11 @@ def _main(argv: list[str]) -> int:
         return 1
     except MemoryError:
         _err("out of memory")
+        return 1
+    except Exception as e:  # a bug or an unexpected library error: still one line (SUPERWEIGHT_DEBUG=1: traceback)
+        if os.environ.get("SUPERWEIGHT_DEBUG"):
+            raise
+        _err(f"internal error: {type(e).__name__}: {e} (SUPERWEIGHT_DEBUG=1 shows the traceback)")
         return 1
 
 

