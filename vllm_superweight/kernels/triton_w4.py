@@ -73,18 +73,18 @@ MAX_NCH = 8  # more chunks than this per (K block, tile): runtime loop instead o
 
 # ------------------------------------------------------------------------------------------------------------
 # Heuristic config table: (max M of the bucket, config). Filled from benchmarks/w4_fused_bench.py (section
-# "sweep"); the values below are the pre-measurement guesses documented in kernels/NOTES.md.
-#   BM, BN: tile; DOT: tensor cores; SCALE_W: scale folded into the weights; ASM: inline-PTX dequant;
-#   warps/stages: launch; SK: split-K (0 = choose from the shape so that the grid covers ~2 waves).
+# "sweep"); the values below are the pre-measurement choices of kernels/NOTES.md (SASS instruction counts).
+#   BM, BN: tile (the MMA computes the [BN, BM] tile y^T = W x^T: weights are the wgmma A operand in registers)
+#   DOT: tensor cores (else CUDA-core FMA, BM <= 4); SCALE_W: scale folded into the bf16 weights (else applied to
+#   each group's fp32 partial); ASM: 2 = inline-PTX dequant, 0 = plain Triton; SP: held-out correction 2 = atomic
+#   scatter into the workspace, 1 = one-hot MMA; warps/stages: launch; SK: split-K (0 = from the shape).
 # ------------------------------------------------------------------------------------------------------------
 CONFIGS: list[tuple[int, dict]] = [
-    (1, dict(BM=16, BN=64, DOT=True, SCALE_W=False, ASM=True, warps=4, stages=3, SK=0)),
-    (4, dict(BM=16, BN=64, DOT=True, SCALE_W=False, ASM=True, warps=4, stages=3, SK=0)),
-    (16, dict(BM=16, BN=64, DOT=True, SCALE_W=False, ASM=True, warps=4, stages=3, SK=0)),
-    (32, dict(BM=32, BN=64, DOT=True, SCALE_W=False, ASM=True, warps=4, stages=3, SK=0)),
-    (64, dict(BM=64, BN=64, DOT=True, SCALE_W=True, ASM=True, warps=4, stages=3, SK=0)),
-    (128, dict(BM=64, BN=128, DOT=True, SCALE_W=True, ASM=True, warps=4, stages=3, SK=0)),
-    (1 << 30, dict(BM=128, BN=128, DOT=True, SCALE_W=True, ASM=True, warps=8, stages=3, SK=1)),
+    (16, dict(BM=16, BN=128, DOT=True, SCALE_W=False, ASM=2, SP=2, warps=4, stages=4, SK=0)),
+    (32, dict(BM=32, BN=128, DOT=True, SCALE_W=False, ASM=2, SP=2, warps=4, stages=4, SK=0)),
+    (64, dict(BM=64, BN=128, DOT=True, SCALE_W=True, ASM=2, SP=2, warps=4, stages=3, SK=0)),
+    (256, dict(BM=128, BN=128, DOT=True, SCALE_W=True, ASM=2, SP=1, warps=8, stages=3, SK=0)),
+    (1 << 30, dict(BM=128, BN=256, DOT=True, SCALE_W=True, ASM=2, SP=1, warps=8, stages=3, SK=1)),
 ]
 WS_MAX_M = 256  # split-K is used only for M <= this (workspace capacity)
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs: split-K grows until the grid has this many programs
@@ -398,57 +398,57 @@ def _workspace(device: torch.device, n_pad: int):
 if TRITON_OK:
 
     @triton.jit
-    def _pairbits(lo, hi):
-        """int32 holding two 16-bit floats (lo in bits 0..15, hi in 16..31)."""
-        a = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        b = hi.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        return a | (b << 16)
+    def _dequant8_asm(wv, z0, z1, z2, z3, s0, s1, s2, s3, F16: tl.constexpr, SCALE_W: tl.constexpr):
+        """The 8 nibble planes of an int32 word tile -> 8 tiles of (code - z) [* s] in the act dtype, inline PTX.
 
-    @triton.jit
-    def _dequant8_asm(wv, za, zb, sa, sb, F16: tl.constexpr, SCALE_W: tl.constexpr):
-        """8 nibble planes of an int32 word tile -> 8 tiles in the act dtype, (code - z) [* s], via inline PTX.
-
-        Per word: 3 shifts, 4 LOP3 (nibbles i and i+4 of the word become two 16-bit floats MAGIC + code), 4 packed
-        FMAs subtracting MAGIC + z (exact), [4 packed FMAs multiplying by s: one rounding]. ``za`` holds
-        -(MAGIC + z) for planes (0,4),(1,5) and ``zb`` for (2,6),(3,7) as packed pairs; ``sa``/``sb`` the scales.
-        """
+        ``pack=2``: one asm instance takes two words A, B and first interleaves their bytes (2 PRMT) so that each
+        LOP3 (with the 16-bit-float magic MAGIC = 128 bf16 / 1024 fp16 OR-ed in) yields one plane of BOTH words as
+        a 16-bit pair -- when Triton pairs two consecutive K rows this is directly the MMA operand register (no
+        split / repack). Then one packed FMA subtracts MAGIC + z exactly and [SCALE_W] one multiplies by s (one
+        rounding). Correct for any pairing (elementwise). Per 16 weights: 2 PRMT + 6 SHF + 8 LOP3 + 8 (+8) HFMA2.
+        ``z*``/``s*``: 16-bit tensors with -(MAGIC + z) and s for planes 2q, 2q+1 (q = 0..3)."""
         if F16:
-            ty: tl.constexpr = tl.float16
+            head: tl.constexpr = ("{ .reg .b32 xl, xh, t, one, nz; mov.b32 one, 0x3C003C00; mov.b32 nz, 0x80008000; "
+                                  "prmt.b32 xl, $8, $9, 0x5410; prmt.b32 xh, $8, $9, 0x7632; ")
+            lop: tl.constexpr = ", 0x000F000F, 0x64006400, 0xEA; "
+            fma: tl.constexpr = "fma.rn.f16x2 "
         else:
-            ty: tl.constexpr = tl.bfloat16
+            head: tl.constexpr = ("{ .reg .b32 xl, xh, t, one, nz; mov.b32 one, 0x3F803F80; mov.b32 nz, 0x80008000; "
+                                  "prmt.b32 xl, $8, $9, 0x5410; prmt.b32 xh, $8, $9, 0x7632; ")
+            lop: tl.constexpr = ", 0x000F000F, 0x43004300, 0xEA; "
+            fma: tl.constexpr = "fma.rn.bf16x2 "
+        # plane j = i (from xl) or i + 4 (from xh), shifted by 4 i; zero operand $10 + j // 2, scale $14 + j // 2
         if SCALE_W:
-            mul: tl.constexpr = ("fma.rn.f16x2 t0, t0, $11, nz; fma.rn.f16x2 t1, t1, $11, nz; "
-                                 "fma.rn.f16x2 t2, t2, $12, nz; fma.rn.f16x2 t3, t3, $12, nz; ") if F16 else (
-                "fma.rn.bf16x2 t0, t0, $11, nz; fma.rn.bf16x2 t1, t1, $11, nz; "
-                "fma.rn.bf16x2 t2, t2, $12, nz; fma.rn.bf16x2 t3, t3, $12, nz; ")
+            p0: tl.constexpr = "lop3.b32 t, xl" + lop + fma + "t, t, one, $10; " + fma + "$0, t, $14, nz; "
+            p1: tl.constexpr = "shr.u32 t, xl, 4; lop3.b32 t, t" + lop + fma + "t, t, one, $10; " + fma + "$1, t, $14, nz; "
+            p2: tl.constexpr = "shr.u32 t, xl, 8; lop3.b32 t, t" + lop + fma + "t, t, one, $11; " + fma + "$2, t, $15, nz; "
+            p3: tl.constexpr = "shr.u32 t, xl, 12; lop3.b32 t, t" + lop + fma + "t, t, one, $11; " + fma + "$3, t, $15, nz; "
+            p4: tl.constexpr = "lop3.b32 t, xh" + lop + fma + "t, t, one, $12; " + fma + "$4, t, $16, nz; "
+            p5: tl.constexpr = "shr.u32 t, xh, 4; lop3.b32 t, t" + lop + fma + "t, t, one, $12; " + fma + "$5, t, $16, nz; "
+            p6: tl.constexpr = "shr.u32 t, xh, 8; lop3.b32 t, t" + lop + fma + "t, t, one, $13; " + fma + "$6, t, $17, nz; "
+            p7: tl.constexpr = "shr.u32 t, xh, 12; lop3.b32 t, t" + lop + fma + "t, t, one, $13; " + fma + "$7, t, $17, nz; "
         else:
-            mul: tl.constexpr = ""
+            p0: tl.constexpr = "lop3.b32 t, xl" + lop + fma + "$0, t, one, $10; "
+            p1: tl.constexpr = "shr.u32 t, xl, 4; lop3.b32 t, t" + lop + fma + "$1, t, one, $10; "
+            p2: tl.constexpr = "shr.u32 t, xl, 8; lop3.b32 t, t" + lop + fma + "$2, t, one, $11; "
+            p3: tl.constexpr = "shr.u32 t, xl, 12; lop3.b32 t, t" + lop + fma + "$3, t, one, $11; "
+            p4: tl.constexpr = "lop3.b32 t, xh" + lop + fma + "$4, t, one, $12; "
+            p5: tl.constexpr = "shr.u32 t, xh, 4; lop3.b32 t, t" + lop + fma + "$5, t, one, $12; "
+            p6: tl.constexpr = "shr.u32 t, xh, 8; lop3.b32 t, t" + lop + fma + "$6, t, one, $13; "
+            p7: tl.constexpr = "shr.u32 t, xh, 12; lop3.b32 t, t" + lop + fma + "$7, t, one, $13; "
+        asm: tl.constexpr = head + p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7 + "}"
+        cons: tl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r"
         if F16:
-            head: tl.constexpr = ("{ .reg .b32 t0, t1, t2, t3, u1, u2, u3, one, nz; "
-                                  "mov.b32 one, 0x3C003C00; mov.b32 nz, 0x80008000; ")
-            lop: tl.constexpr = ("lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA; "
-                                 "lop3.b32 t1, u1, 0x000F000F, 0x64006400, 0xEA; "
-                                 "lop3.b32 t2, u2, 0x000F000F, 0x64006400, 0xEA; "
-                                 "lop3.b32 t3, u3, 0x000F000F, 0x64006400, 0xEA; ")
-            sub: tl.constexpr = ("fma.rn.f16x2 t0, t0, one, $9; fma.rn.f16x2 t1, t1, one, $9; "
-                                 "fma.rn.f16x2 t2, t2, one, $10; fma.rn.f16x2 t3, t3, one, $10; ")
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                asm, cons, [wv, z0, z1, z2, z3, s0, s1, s2, s3],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                       tl.float16), is_pure=True, pack=2)
         else:
-            head: tl.constexpr = ("{ .reg .b32 t0, t1, t2, t3, u1, u2, u3, one, nz; "
-                                  "mov.b32 one, 0x3F803F80; mov.b32 nz, 0x80008000; ")
-            lop: tl.constexpr = ("lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA; "
-                                 "lop3.b32 t1, u1, 0x000F000F, 0x43004300, 0xEA; "
-                                 "lop3.b32 t2, u2, 0x000F000F, 0x43004300, 0xEA; "
-                                 "lop3.b32 t3, u3, 0x000F000F, 0x43004300, 0xEA; ")
-            sub: tl.constexpr = ("fma.rn.bf16x2 t0, t0, one, $9; fma.rn.bf16x2 t1, t1, one, $9; "
-                                 "fma.rn.bf16x2 t2, t2, one, $10; fma.rn.bf16x2 t3, t3, one, $10; ")
-        shf: tl.constexpr = "shr.u32 u1, $8, 4; shr.u32 u2, $8, 8; shr.u32 u3, $8, 12; "
-        tail: tl.constexpr = ("mov.b32 {$0, $4}, t0; mov.b32 {$1, $5}, t1; mov.b32 {$2, $6}, t2; "
-                              "mov.b32 {$3, $7}, t3; }")
-        asm: tl.constexpr = head + shf + lop + sub + mul + tail
-        p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
-            asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [wv, za, zb, sa, sb],
-            dtype=(ty, ty, ty, ty, ty, ty, ty, ty), is_pure=True, pack=1)
-        return p0, p1, p2, p3, p4, p5, p6, p7
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                asm, cons, [wv, z0, z1, z2, z3, s0, s1, s2, s3],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                       tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+        return q0, q1, q2, q3, q4, q5, q6, q7
 
     @triton.jit
     def _mma(a, b, acc, INTERP: tl.constexpr):
@@ -468,15 +468,26 @@ if TRITON_OK:
         return f
 
     @triton.jit
+    def _gs(sc_ptr, zp_ptr, g, NPAD, offs_n, n_ok, SYM: tl.constexpr):
+        """(scale, zero) fp32 [BN] of group row g."""
+        s = tl.load(sc_ptr + g * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if SYM:
+            z = tl.zeros_like(s) + 8.0
+        else:
+            z = tl.load(zp_ptr + g * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
+        return s, z
+
+    @triton.jit
     def _w4_kernel(
         x_ptr, qw_ptr, sc_ptr, zp_ptr, bias_ptr, y_ptr, spp_ptr, spe_ptr, ws_ptr, cnt_ptr,
         M, N, K, KW, NPAD, NKB, NS, KB_PER_SPLIT,
         stride_xm, stride_xk, stride_ym,
-        G: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SP: tl.constexpr,
+        G: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr, SP_MODE: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, SK: tl.constexpr, DOT: tl.constexpr, SCALE_W: tl.constexpr,
         ASM: tl.constexpr, E: tl.constexpr, NCH: tl.constexpr, F16: tl.constexpr,
-        INTERP: tl.constexpr = False,
+        INTERP: tl.constexpr = False, K16: tl.constexpr = True,
     ):
+        # SP_MODE: 0 no held-out entries, 1 one-hot MMA / select (exact per tile), 2 atomic scatter into the workspace
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         n_mt = tl.cdiv(M, BM)
@@ -490,120 +501,103 @@ if TRITON_OK:
         n_ok = offs_n < NPAD
         n_store = offs_n < N
         rr = tl.arange(0, 16)
-        # word pointers: slab (offs_n // 32) is KW*32 words; inside a slab word (row, lane) at row*32 + lane
+        # word (row, column n) of qw: slab n // 32 holds KW*32 words, row-major [KW, 32]
         w_col = (offs_n // 32).to(tl.int64) * KW * 32 + (offs_n % 32)
         if F16:
             act_ty: tl.constexpr = tl.float16
+            MAGIC: tl.constexpr = 1024.0
         else:
             act_ty: tl.constexpr = tl.bfloat16
+            MAGIC: tl.constexpr = 128.0
         if G == 0:
-            PPG: tl.constexpr = 8  # planes per group (channel: all)
+            PPG: tl.constexpr = 8  # nibble planes (16 K rows each) per scale group
         elif G >= 128:
             PPG: tl.constexpr = 8
         else:
             PPG: tl.constexpr = G // 16
-        if F16:
-            MAGIC: tl.constexpr = 1024.0
-        else:
-            MAGIC: tl.constexpr = 128.0
+        USE_WS: tl.constexpr = (SK > 1) or (SP_MODE == 2)
 
+        # DOT: acc is the transposed tile y^T [BN, BM] = W x^T (dequantized weights = wgmma A operand, registers)
         if DOT:
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+            corr = tl.zeros((1, 1), dtype=tl.float32)  # unused
         else:
             acc3 = tl.zeros((BM, 16, BN), dtype=tl.float32)
             corr = tl.zeros((BM, BN), dtype=tl.float32)
+            acc = tl.zeros((1, 1), dtype=tl.float32)  # unused until the end
 
-        # channel-wise: one scale / zero row for the whole K loop
-        if G == 0:
-            s_row = tl.load(sc_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            if SYM:
-                z_row = tl.zeros((BN,), dtype=tl.float32) + 8.0
-            else:
-                z_row = tl.load(zp_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        if G == 0:  # channel-wise: one scale / zero row for the whole K loop
+            s_row, z_row = _gs(sc_ptr, zp_ptr, 0, NPAD, offs_n, n_ok, SYM)
 
         kb_lo = pid_k * KB_PER_SPLIT
         kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
         for kb in range(kb_lo, kb_hi):
             wv = tl.load(qw_ptr + w_col[None, :] + (kb * 16 + rr)[:, None] * 32, mask=n_ok[None, :], other=0)
             k0 = kb * 128
-            if ASM:
-                # scale / zero pairs for the inline-PTX dequant (planes (i, i+4) share one 32-bit register):
-                # A = planes 0,1 (low) / 4,5 (high), B = planes 2,3 / 6,7
+            if ASM != 0:
+                # scale / zero of the plane pairs q = j // 2 (K offsets 32 q .. 32 q + 31)
                 if G == 0:
-                    sA = s_row
-                    sB = s_row
-                    sA2 = s_row
-                    sB2 = s_row
-                    zA = z_row
-                    zB = z_row
-                    zA2 = z_row
-                    zB2 = z_row
+                    sq0 = s_row
+                    sq1 = s_row
+                    sq2 = s_row
+                    sq3 = s_row
+                    zq0 = z_row
+                    zq1 = z_row
+                    zq2 = z_row
+                    zq3 = z_row
                 elif G >= 128:
-                    g0 = k0 // G
-                    sA = tl.load(sc_ptr + g0 * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                    sB = sA
-                    sA2 = sA
-                    sB2 = sA
-                    if SYM:
-                        zA = tl.zeros((BN,), dtype=tl.float32) + 8.0
-                    else:
-                        zA = tl.load(zp_ptr + g0 * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
-                    zB = zA
-                    zA2 = zA
-                    zB2 = zA
+                    sq0, zq0 = _gs(sc_ptr, zp_ptr, k0 // G, NPAD, offs_n, n_ok, SYM)
+                    sq1 = sq0
+                    sq2 = sq0
+                    sq3 = sq0
+                    zq1 = zq0
+                    zq2 = zq0
+                    zq3 = zq0
+                elif G == 64:
+                    sq0, zq0 = _gs(sc_ptr, zp_ptr, k0 // 64, NPAD, offs_n, n_ok, SYM)
+                    sq2, zq2 = _gs(sc_ptr, zp_ptr, k0 // 64 + 1, NPAD, offs_n, n_ok, SYM)
+                    sq1 = sq0
+                    zq1 = zq0
+                    sq3 = sq2
+                    zq3 = zq2
                 else:
-                    ga = (k0 + 0 * 16) // G
-                    gc = (k0 + 2 * 16) // G
-                    ge = (k0 + 4 * 16) // G
-                    gg = (k0 + 6 * 16) // G
-                    sA = tl.load(sc_ptr + ga * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                    sB = tl.load(sc_ptr + gc * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                    sA2 = tl.load(sc_ptr + ge * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                    sB2 = tl.load(sc_ptr + gg * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                    if SYM:
-                        zA = tl.zeros((BN,), dtype=tl.float32) + 8.0
-                        zB = zA
-                        zA2 = zA
-                        zB2 = zA
-                    else:
-                        zA = tl.load(zp_ptr + ga * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
-                        zB = tl.load(zp_ptr + gc * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
-                        zA2 = tl.load(zp_ptr + ge * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
-                        zB2 = tl.load(zp_ptr + gg * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32)
-                zpa = _pairbits((-(MAGIC + zA)).to(act_ty), (-(MAGIC + zA2)).to(act_ty))
-                zpb = _pairbits((-(MAGIC + zB)).to(act_ty), (-(MAGIC + zB2)).to(act_ty))
-                spa = _pairbits(sA.to(act_ty), sA2.to(act_ty))
-                spb = _pairbits(sB.to(act_ty), sB2.to(act_ty))
+                    sq0, zq0 = _gs(sc_ptr, zp_ptr, k0 // G, NPAD, offs_n, n_ok, SYM)
+                    sq1, zq1 = _gs(sc_ptr, zp_ptr, k0 // G + 1, NPAD, offs_n, n_ok, SYM)
+                    sq2, zq2 = _gs(sc_ptr, zp_ptr, k0 // G + 2, NPAD, offs_n, n_ok, SYM)
+                    sq3, zq3 = _gs(sc_ptr, zp_ptr, k0 // G + 3, NPAD, offs_n, n_ok, SYM)
                 d0, d1, d2, d3, d4, d5, d6, d7 = _dequant8_asm(
-                    wv, tl.broadcast_to(zpa[None, :], (16, BN)), tl.broadcast_to(zpb[None, :], (16, BN)),
-                    tl.broadcast_to(spa[None, :], (16, BN)), tl.broadcast_to(spb[None, :], (16, BN)),
+                    wv,
+                    tl.broadcast_to((-(MAGIC + zq0)).to(act_ty)[None, :], (16, BN)),
+                    tl.broadcast_to((-(MAGIC + zq1)).to(act_ty)[None, :], (16, BN)),
+                    tl.broadcast_to((-(MAGIC + zq2)).to(act_ty)[None, :], (16, BN)),
+                    tl.broadcast_to((-(MAGIC + zq3)).to(act_ty)[None, :], (16, BN)),
+                    tl.broadcast_to(sq0.to(act_ty)[None, :], (16, BN)),
+                    tl.broadcast_to(sq1.to(act_ty)[None, :], (16, BN)),
+                    tl.broadcast_to(sq2.to(act_ty)[None, :], (16, BN)),
+                    tl.broadcast_to(sq3.to(act_ty)[None, :], (16, BN)),
                     F16, SCALE_W)
             for j in tl.static_range(8):
-                # scale / zero of this plane's group
-                if j % PPG == 0:
+                if j % PPG == 0:  # this plane starts a scale group
                     if G == 0:
                         s_g = s_row
                         zf = z_row + 8388608.0
                     else:
-                        g_idx = (k0 + j * 16) // G
-                        if (not SCALE_W) or (not ASM) or (not DOT):
-                            s_g = tl.load(sc_ptr + g_idx * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                        if (not ASM) or (not DOT):
-                            if SYM:
-                                zf = tl.zeros((BN,), dtype=tl.float32) + (8388608.0 + 8.0)
-                            else:
-                                zf = tl.load(zp_ptr + g_idx * NPAD + offs_n, mask=n_ok, other=0).to(tl.float32) \
-                                    + 8388608.0
+                        if (not SCALE_W) or (ASM == 0) or (not DOT):
+                            s_g, z_g = _gs(sc_ptr, zp_ptr, (k0 + j * 16) // G, NPAD, offs_n, n_ok, SYM)
+                            zf = z_g + 8388608.0
                     if not SCALE_W:
                         if DOT:
-                            part = tl.zeros((BM, BN), dtype=tl.float32)
+                            part = tl.zeros((BN, BM), dtype=tl.float32)
                         else:
                             part3 = tl.zeros((BM, 16, BN), dtype=tl.float32)
                 kk = k0 + j * 16 + rr
-                xj = tl.load(x_ptr + m64[:, None] * stride_xm + kk[None, :] * stride_xk,
-                             mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+                if K16:  # chunk-uniform mask: keeps the load vectorized, so the pipeliner makes it a cp.async
+                    x_mask = m_ok[:, None] & (k0 + j * 16 < K)
+                else:
+                    x_mask = m_ok[:, None] & (kk < K)[None, :]
+                xj = tl.load(x_ptr + m64[:, None] * stride_xm + kk[None, :] * stride_xk, mask=x_mask, other=0.0)
                 if DOT:
-                    if ASM:
+                    if ASM != 0:
                         if j == 0:
                             wj = d0
                         elif j == 1:
@@ -623,9 +617,9 @@ if TRITON_OK:
                     else:
                         wj = _plane(wv, j, zf[None, :], s_g[None, :], SCALE_W).to(act_ty)
                     if SCALE_W:
-                        acc = _mma(xj.to(act_ty), wj, acc, INTERP)
+                        acc = _mma(tl.trans(wj), tl.trans(xj.to(act_ty)), acc, INTERP)
                     else:
-                        part = _mma(xj.to(act_ty), wj, part, INTERP)
+                        part = _mma(tl.trans(wj), tl.trans(xj.to(act_ty)), part, INTERP)
                 else:
                     wj = _plane(wv, j, zf[None, :], s_g[None, :], SCALE_W)
                     prod = xj.to(tl.float32)[:, :, None] * wj[None, :, :]
@@ -636,81 +630,87 @@ if TRITON_OK:
                 if j % PPG == PPG - 1:
                     if not SCALE_W:
                         if DOT:
-                            acc += part * s_g[None, :]
+                            acc += part * s_g[:, None]
                         else:
                             acc3 += part3 * s_g[None, None, :]
 
-            if HAS_SP:
-                # held-out entries of this tile in this K block: one contiguous range of sp_ent
+            if SP_MODE != 0:
+                # held-out entries of this tile in this K block: one contiguous range of sp_ent; their columns
+                # lie in the x chunk this iteration just read (<= 2 lines per token, L1/L2 hits)
                 pbase = kb * NS + n0 // 16
                 lo = tl.load(spp_ptr + pbase)
                 hi = tl.load(spp_ptr + pbase + BN // 16)
-                ee = tl.arange(0, E)
-                lanes = tl.arange(0, BN)
                 if NCH > 0:
                     for c in tl.static_range(NCH):
                         if lo + c * E < hi:
-                            e_idx = lo + c * E + ee
-                            e_ok = e_idx < hi
-                            ent = tl.load(spe_ptr + e_idx, mask=e_ok, other=0)
-                            col = k0 + (ent & 127)
-                            roff = ((ent >> 7) - n0) & 511
-                            if F16:
-                                v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-                            else:
-                                v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
-                            xg = tl.load(x_ptr + m64[:, None] * stride_xm + col[None, :] * stride_xk,
-                                         mask=m_ok[:, None] & e_ok[None, :], other=0.0)
-                            hit = roff[:, None] == lanes[None, :]
-                            if DOT:
-                                oh = tl.where(hit, v[:, None], 0.0).to(act_ty)
-                                acc = _mma(xg.to(act_ty), oh, acc, INTERP)
-                            else:
-                                oh = tl.where(hit, v.to(tl.float32)[:, None], 0.0)
-                                corr += tl.sum(xg.to(tl.float32)[:, :, None] * oh[None, :, :], axis=1)
+                            acc, corr = _sp_chunk(acc, corr, x_ptr, spe_ptr, ws_ptr, lo + c * E, hi, k0, n0,
+                                                  m64, m_ok, stride_xm, stride_xk, NPAD,
+                                                  BM, BN, E, DOT, SP_MODE, F16, INTERP)
                 else:
                     for e0 in range(lo, hi, E):
-                        e_idx = e0 + ee
-                        e_ok = e_idx < hi
-                        ent = tl.load(spe_ptr + e_idx, mask=e_ok, other=0)
-                        col = k0 + (ent & 127)
-                        roff = ((ent >> 7) - n0) & 511
-                        if F16:
-                            v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-                        else:
-                            v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
-                        xg = tl.load(x_ptr + m64[:, None] * stride_xm + col[None, :] * stride_xk,
-                                     mask=m_ok[:, None] & e_ok[None, :], other=0.0)
-                        hit = roff[:, None] == lanes[None, :]
-                        if DOT:
-                            oh = tl.where(hit, v[:, None], 0.0).to(act_ty)
-                            acc = _mma(xg.to(act_ty), oh, acc, INTERP)
-                        else:
-                            oh = tl.where(hit, v.to(tl.float32)[:, None], 0.0)
-                            corr += tl.sum(xg.to(tl.float32)[:, :, None] * oh[None, :, :], axis=1)
+                        acc, corr = _sp_chunk(acc, corr, x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0,
+                                              m64, m_ok, stride_xm, stride_xk, NPAD,
+                                              BM, BN, E, DOT, SP_MODE, F16, INTERP)
 
-        if not DOT:
+        if DOT:
+            acc = tl.trans(acc)  # [BM, BN]
+        else:
             acc = tl.sum(acc3, axis=1) + corr
 
         out_mask = m_ok[:, None] & n_store[None, :]
         y_ptrs = y_ptr + m64[:, None] * stride_ym + offs_n[None, :]
-        if SK == 1:
+        if not USE_WS:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
         else:
+            # every program of this tile adds its partial into the zeroed fp32 workspace; the last one to arrive
+            # (per-tile counter, acq_rel) reads the sum bypassing L1, rounds once into y, re-zeroes both
             ws_ptrs = ws_ptr + m64[:, None] * NPAD + offs_n[None, :]
             tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
             tl.debug_barrier()
-            tile = pid
-            done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
             if done == SK - 1:
                 tot = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     tot += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=out_mask)
                 tl.store(ws_ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=out_mask)
-                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+                tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+
+    @triton.jit
+    def _sp_chunk(acc, corr, x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, m64, m_ok, stride_xm, stride_xk, NPAD,
+                  BM: tl.constexpr, BN: tl.constexpr, E: tl.constexpr, DOT: tl.constexpr, SP_MODE: tl.constexpr,
+                  F16: tl.constexpr, INTERP: tl.constexpr):
+        """E held-out entries (e0 .. e0+E, those < hi): y[m, row] += v * x[m, col]. Returns (acc, corr)."""
+        e_idx = e0 + tl.arange(0, E)
+        e_ok = e_idx < hi
+        ent = tl.load(spe_ptr + e_idx, mask=e_ok, other=0)
+        col = k0 + (ent & 127)
+        roff = ((ent >> 7) - n0) & 511  # row - n0 (rows are stored mod 512, tiles are <= 256 rows)
+        if F16:
+            v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        else:
+            v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+        g_ok = m_ok[:, None] & e_ok[None, :]
+        # [BM, E]: entries along the fast axis, so one warp load reads one token's x row (<= 2 lines)
+        xg = tl.load(x_ptr + m64[:, None] * stride_xm + col[None, :] * stride_xk, mask=g_ok, other=0.0)
+        if SP_MODE == 2:
+            tl.atomic_add(ws_ptr + m64[:, None] * NPAD + (n0 + roff)[None, :],
+                          xg.to(tl.float32) * v.to(tl.float32)[None, :], mask=g_ok, sem="relaxed")
+        else:
+            hit = roff[:, None] == tl.arange(0, BN)[None, :]  # [E, BN] one-hot rows, scaled by v
+            if DOT:
+                if F16:
+                    oh = tl.where(hit, v[:, None], 0.0).to(tl.float16)
+                    acc = _mma(tl.trans(oh), tl.trans(xg.to(tl.float16)), acc, INTERP)
+                else:
+                    oh = tl.where(hit, v[:, None], 0.0).to(tl.bfloat16)
+                    acc = _mma(tl.trans(oh), tl.trans(xg.to(tl.bfloat16)), acc, INTERP)
+            else:
+                oh = tl.where(hit, v.to(tl.float32)[:, None], 0.0)
+                corr += tl.sum(xg.to(tl.float32)[:, :, None] * oh[None, :, :], axis=1)
+        return acc, corr
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -745,14 +745,15 @@ def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     kbs = _cdiv(nkb, sk)
     sk = _cdiv(nkb, kbs)  # no empty splits
     nnz = info["nnz"]
-    e = int(cfg.get("E", 0)) or max(16, min(64, bn // 4))
+    sp_mode = (int(cfg.get("SP", 2)) or 2) if nnz else 0
+    e = int(cfg.get("E", 0)) or (max(16, min(64, bn // 4)) if sp_mode == 1 else max(16, min(64, bn // 8)))
     maxc = info["maxcnt"][bn] if nnz else 0
     nch = _cdiv(maxc, e) if maxc else 0
     if nch > MAX_NCH:
         nch = 0  # runtime chunk loop
     return {"BM": bm, "BN": bn, "SK": sk, "KB_PER_SPLIT": kbs, "grid": (n_t * m_t, sk), "E": e, "NCH": nch,
-            "has_sp": nnz > 0, "DOT": dot, "SCALE_W": bool(cfg.get("SCALE_W", True)),
-            "ASM": bool(cfg.get("ASM", False)), "warps": int(cfg.get("warps", 4)),
+            "SP_MODE": sp_mode, "DOT": dot, "SCALE_W": bool(cfg.get("SCALE_W", True)),
+            "ASM": int(cfg.get("ASM", 0)) if dot else 0, "warps": int(cfg.get("warps", 4)),
             "stages": int(cfg.get("stages", 2))}
 
 
@@ -788,9 +789,11 @@ def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, conf
     cfg = dict(config) if config is not None else pick_config(m, table)
     interp = _interpreting() or not x2.is_cuda
     if interp:
-        cfg["ASM"] = False
+        cfg["ASM"] = 0
     p = plan(m, info, cfg, _sms(x2.device))
-    if p["SK"] > 1:
+    if p["SK"] > 1 or p["SP_MODE"] == 2:
+        if m > WS_MAX_M:
+            raise ValueError(f"w4_mm: M={m} > {WS_MAX_M} needs a config without split-K and with SP=1")
         if x2.is_cuda:
             ws, cnt, cap = _workspace(x2.device, info["n_pad"])
         else:  # interpreter: a private zeroed workspace per call
@@ -807,9 +810,9 @@ def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, conf
         x2, prep["qw"], prep["scale"], zp, bias_t, y, prep["sp_ptr"], prep["sp_ent"], ws, cnt,
         m, n, k, prep["qw"].shape[1], info["n_pad"], info["k_pad"] // PB, info["n_pad"] // SLICE,
         p["KB_PER_SPLIT"], x2.stride(0), x2.stride(1), y.stride(0),
-        G=info["group"], SYM=info["sym"], HAS_BIAS=bias is not None, HAS_SP=p["has_sp"],
+        G=info["group"], SYM=info["sym"], HAS_BIAS=bias is not None, SP_MODE=p["SP_MODE"],
         BM=p["BM"], BN=p["BN"], SK=p["SK"], DOT=p["DOT"], SCALE_W=p["SCALE_W"], ASM=p["ASM"],
-        E=p["E"], NCH=p["NCH"], F16=x2.dtype == torch.float16, INTERP=_interpreting(),
+        E=p["E"], NCH=p["NCH"], F16=x2.dtype == torch.float16, INTERP=_interpreting(), K16=k % 16 == 0,
         num_warps=p["warps"], num_stages=p["stages"],
     )
     return y.reshape(*x.shape[:-1], n)
@@ -869,3 +872,58 @@ def w4_fused_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None
 
 
 register_op()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ahead-of-time compile for sm_90 (no GPU needed): registers / spills / shared memory of a config
+# ------------------------------------------------------------------------------------------------------------
+def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = True, f16: bool = False,
+                 bias: bool = False, nch: int = 1, keep_asm: bool = False) -> dict:
+    """Compile ``_w4_kernel`` for sm_90 with the constexprs a launch of ``cfg`` would use and run ptxas on it.
+    Returns {"regs", "spill_stores", "spill_loads", "stack", "smem", "ptxas"} (+ "asm" dict if ``keep_asm``)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ty = "*fp16" if f16 else "*bf16"
+    sig = {"x_ptr": ty, "qw_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*u8", "bias_ptr": ty, "y_ptr": ty,
+           "spp_ptr": "*i32", "spe_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+           "M": "i32", "N": "i32", "K": "i32", "KW": "i32", "NPAD": "i32", "NKB": "i32", "NS": "i32",
+           "KB_PER_SPLIT": "i32", "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32"}
+    bn = int(cfg["BN"])
+    sp_mode = (int(cfg.get("SP", 2)) or 2) if has_sp else 0
+    consts = {"G": int(group), "SYM": bool(sym), "HAS_BIAS": bool(bias), "SP_MODE": sp_mode,
+              "BM": int(cfg["BM"]), "BN": bn, "SK": int(cfg.get("SK", 1)) or 2, "DOT": bool(cfg.get("DOT", True)),
+              "SCALE_W": bool(cfg.get("SCALE_W", True)),
+              "ASM": int(cfg.get("ASM", 0)) if cfg.get("DOT", True) else 0,
+              "E": int(cfg.get("E", 0)) or (max(16, min(64, bn // 4)) if sp_mode == 1 else max(16, min(64, bn // 8))),
+              "NCH": int(nch), "F16": bool(f16),
+              "INTERP": False, "K16": True, "stride_xk": 1}
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    # pointers 16-byte aligned; KW, NPAD, NS multiples of 16 (as the launcher's shapes give: Triton specializes)
+    div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 16, 18, 20]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
+    k = triton.compile(ASTSource(_w4_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": int(cfg.get("warps", 4)), "num_stages": int(cfg.get("stages", 2))})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    if r.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {r.stderr[-3000:]}")
+    rep = r.stderr
+
+    def num(pat):
+        mm = re.search(pat, rep)
+        return int(mm.group(1)) if mm else None
+
+    out = {"regs": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
+           "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame"),
+           "smem": k.metadata.shared, "ptxas": rep.strip().splitlines()[-3:]}
+    if keep_asm:
+        out["asm"] = {key: k.asm[key] for key in ("ttgir", "ptx") if key in k.asm}
+    return out
