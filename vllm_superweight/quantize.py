@@ -26,6 +26,7 @@ from .format import (
     BlockLayout,
     FormatError,
 )
+from .grid import GRID_METHODS, fit_grid_chunked
 
 DEFAULT_CLIP_THRESHOLD = {"zscore": 9.0, "block_pct": 1e-5, "tensor_pct": 1e-6, "iqr": 3.0, "mse": 0.5}
 
@@ -136,12 +137,18 @@ def _deq(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tens
     return (q - z[..., None]) * s[..., None]
 
 
-def select_holdout(w: torch.Tensor, fraction: float, extra: list[tuple[int, int]] = ()) -> torch.Tensor:
-    """Boolean mask [N, K] of weights kept exact: the top ``fraction`` by |w| plus the ``extra`` coordinates."""
+def select_holdout(
+    w: torch.Tensor, fraction: float, extra: list[tuple[int, int]] = (), count: int | None = None
+) -> torch.Tensor:
+    """Boolean mask [N, K] of weights kept exact: the top ``fraction`` by |w| plus the ``extra`` coordinates.
+
+    ``count``: the number of largest-|w| weights instead of ``ceil(fraction * N * K)`` (the per-matrix budget).
+    """
     n, k = w.shape
     mask = torch.zeros(n, k, dtype=torch.bool, device=w.device)
-    if fraction > 0:
-        cnt = max(1, int(math.ceil(fraction * n * k)))
+    cnt = int(count) if count is not None else (max(1, int(math.ceil(fraction * n * k))) if fraction > 0 else 0)
+    cnt = min(cnt, n * k)
+    if cnt > 0:
         a = w.abs().float().reshape(-1)
         # deterministic top-k: kth value threshold, ties broken by flat index order
         thr = _kth_largest(a.unsqueeze(0), cnt)[0]
@@ -165,8 +172,18 @@ def quantize_weight(
     clip_threshold: float | None = None,
     holdout_mask: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.float16,
+    grid: str = "minmax",
+    grid_params: dict | None = None,
 ) -> QuantizedLinear:
-    """RTN-quantize one [N, K] weight. Held-out positions are excluded from ranges and kept exact."""
+    """RTN-quantize one [N, K] weight. Held-out positions are excluded from ranges and kept exact.
+
+    ``grid``: how each block's scale / zero point are chosen. ``"minmax"`` (default): the block's range (after
+    clipping). ``"hqq"``: fitted to the block's weights by half-quadratic splitting, integer zero points
+    (``grid.fit_grid``; ``grid_params`` overrides its iters / lp / beta / kappa), starting from the min/max grid
+    and never worse than it under the fit's norm. Held-out weights are excluded from the fit either way.
+    """
+    if grid not in GRID_METHODS:
+        raise FormatError(f"unknown grid method {grid!r}; one of {', '.join(GRID_METHODS)}")
     if isinstance(layout, str):
         layout = BlockLayout.parse(layout)
     if w.ndim != 2:
@@ -207,8 +224,18 @@ def quantize_weight(
             hi = torch.minimum(hi, t)
 
     s, z = _scale_zero(lo, hi, bits, symmetric, scale_dtype)
+    grid_info = None
+    if grid == "hqq":
+        held = None
+        if holdout_mask is not None and holdout_mask.any():
+            held = _blocks(holdout_mask, layout).sum(-1)
+        s, z, grid_info = fit_grid_chunked(b, s, z, bits, scale_dtype, held, **(grid_params or {}))
     qf = _rtn(b, s, z, bits)
-    deq = _unblocks(_deq(qf, s, z), n, k)
+    dq = _deq(qf, s, z)
+    if grid != "minmax":
+        clipped = int(((dq - b).abs() > 0.5001 * s[..., None]).sum())
+    deq = _unblocks(dq, n, k)
+    del dq
     if symmetric:
         q = qf.to(torch.int8)
         zero = None
@@ -237,6 +264,9 @@ def quantize_weight(
         "held_out": int(rows.numel()),
         "w_absmax": float(orig.float().abs().max()),
     }
+    if grid_info is not None:
+        stats["grid"] = grid
+        stats.update(grid_info)
     return QuantizedLinear(q, s, zero, rows, cols, vals, bits, layout, symmetric, stats)
 
 

@@ -1,0 +1,335 @@
+"""Grid-solver and hold-out-budget study (issue #11): data-free W4/W3 against AWQ, in memory, plain transformers.
+
+For each configuration every decoder Linear of the float model is quantized with ``vllm_superweight.quantize``
+(held-out mask from ``select_holdout`` with the detected super weights as extra coordinates, or from the budget),
+dequantized, held-out weights restored exactly, rounded to bf16 (what the served bf16 kernels compute), written
+back into the model, and perplexity is computed with a plain transformers forward pass (fp32 activations; every
+parameter rounded to bf16 first, as vLLM serves it) on
+
+* ``pydoc``: the English prose of Python's documentation (``pydoc_data.topics``, sorted keys, joined with
+  blank lines -- the AWQ calibration text of make_baselines.py), first ``--pydoc-tokens`` tokens: SELECTION;
+* ``wiki``: WikiText-2 raw test, first 16,384 tokens, the protocol of ``vllm_superweight.eval``: REPORT ONLY.
+
+Windows of 512, non-overlapping, BOS rule and scored positions as ``eval.perplexity_transformers``.
+Effective bits = bytes of every format tensor of the quantized Linears (packed codes, scales, packed zero points,
+sparse index int32 x 2 + values, shape) x 8 / number of quantized weights.
+
+    python benchmarks/grid_study.py prepare smollm2
+    python benchmarks/grid_study.py run smollm2 --config 'bits=4,block=64,grid=hqq,holdout=1e-3' --texts pydoc
+    python benchmarks/grid_study.py report
+
+Caches (git-ignored): runs/grid_study/<model>/ (float model, detection, token ids, prompt activation scales).
+Results: benchmarks/results/grid_study.json (one record per model x config x text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from vllm_superweight import eval as sw_eval  # noqa: E402
+from vllm_superweight import grid as sw_grid  # noqa: E402
+from vllm_superweight.convert import quantized_module  # noqa: E402
+from vllm_superweight.format import DEFAULT_IGNORE, BlockLayout  # noqa: E402
+from vllm_superweight.quantize import dequantize, quantize_weight, select_holdout, to_tensors  # noqa: E402
+
+CACHE = os.path.join(ROOT, "runs", "grid_study")
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "grid_study.json")
+WINDOW = 512
+WIKI_TOKENS = 16384
+
+
+def cache_dir(model: str) -> str:
+    d = os.path.join(CACHE, model)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prepare: float model, detection, token ids, one-prompt activation scales
+# ----------------------------------------------------------------------------------------------------------
+def prepare(model: str) -> None:
+    from transformers import AutoTokenizer
+
+    d = cache_dir(model)
+    fdir = os.path.join(d, "float")
+    if not os.path.exists(os.path.join(fdir, "config.json")):
+        t0 = time.time()
+        sw_eval.write_float_checkpoint(model, fdir, dtype="float32")
+        print(f"[prepare] float model -> {fdir} ({time.time() - t0:.0f} s)")
+    tok = AutoTokenizer.from_pretrained(fdir)
+    ids_path = os.path.join(d, "ids.json")
+    if not os.path.exists(ids_path):
+        wiki = sw_eval.tokenize_text(tok, sw_eval.load_text(sw_eval.default_text_path()))[:WIKI_TOKENS]
+        pyd = sw_eval.tokenize_text(tok, pydoc_text())
+        with open(ids_path, "w") as f:
+            json.dump({"wiki": wiki, "pydoc": pyd, "bos": sw_eval.default_bos(tok)}, f)
+        print(f"[prepare] tokens: wiki {len(wiki)}, pydoc {len(pyd)}")
+    det_path = os.path.join(d, "detection.json")
+    m = None
+    if not os.path.exists(det_path):
+        from vllm_superweight.detect import detect_super_weights
+
+        m = load_float(model)
+        res = detect_super_weights(m, tok, progress=False)
+        sws = [{"module": s.module, "row": s.row, "col": s.col, "value": s.value} for s in res.super_weights]
+        with open(det_path, "w") as f:
+            json.dump({"super_weights": sws, "prompt": res.prompt}, f, indent=1)
+        print(f"[prepare] {len(sws)} super weights: {sws}")
+    act_path = os.path.join(d, "prompt_act.pt")
+    if not os.path.exists(act_path):
+        from vllm_superweight.detect import DEFAULT_PROMPT
+
+        m = m or load_float(model)
+        torch.save(sw_grid.prompt_input_rms(m, tok, DEFAULT_PROMPT, _linears(m)), act_path)
+        print(f"[prepare] prompt activation scales -> {act_path}")
+
+
+def load_float(model: str):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(os.path.join(cache_dir(model), "float"), dtype=torch.float32)
+    m.eval()
+    return m
+
+
+def _linears(m) -> dict[str, torch.nn.Module]:
+    out = {}
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear) and quantized_module(name + ".weight", tuple(mod.weight.shape),
+                                                                 DEFAULT_IGNORE):
+            out[name] = mod
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# perplexity
+# ----------------------------------------------------------------------------------------------------------
+def perplexity(m, ids: list[int], bos: int | None, max_tokens: int, batch: int = 4) -> dict:
+    windows = sw_eval.make_windows(ids, WINDOW, max_tokens)
+    prompts, n_ctx = sw_eval.build_prompts(windows, bos)
+    nll, count = 0.0, 0
+    t0 = time.time()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch):
+            x = torch.tensor(prompts[i : i + batch], dtype=torch.long)
+            logits = m(input_ids=x).logits
+            lp = torch.log_softmax(logits[:, n_ctx - 1 : -1].float(), dim=-1)
+            tgt = x[:, n_ctx:]
+            nll -= float(lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().sum())
+            count += tgt.numel()
+    return {"ppl": math.exp(nll / count), "tokens": count, "seconds": round(time.time() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one configuration
+# ----------------------------------------------------------------------------------------------------------
+def parse_config(text: str) -> dict:
+    cfg = {"bits": 4, "block": "64", "grid": "minmax", "holdout": 0.0, "budget": "uniform", "sw": True,
+           "iters": None, "lp": None, "beta": None, "kappa": None, "score_p": None, "metric": "rel_out",
+           "bgrid": "minmax"}
+    if text in ("float",):
+        return {"float": True}
+    for part in filter(None, text.split(",")):
+        k, v = part.split("=", 1)
+        k = k.strip()
+        if k not in cfg:
+            raise SystemExit(f"unknown config key {k!r}")
+        if k in ("bits", "iters"):
+            cfg[k] = int(v)
+        elif k in ("holdout", "lp", "beta", "kappa", "score_p"):
+            cfg[k] = float(v)
+        elif k == "sw":
+            cfg[k] = v.lower() in ("1", "true", "yes")
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def config_key(cfg: dict) -> str:
+    if cfg.get("float"):
+        return "float"
+    return ",".join(f"{k}={cfg[k]}" for k in sorted(cfg) if cfg[k] is not None)
+
+
+def grid_params(cfg: dict) -> dict | None:
+    gp = {k: cfg[k] for k in ("iters", "lp", "beta", "kappa", "score_p") if cfg.get(k) is not None}
+    return gp or None
+
+
+def quantize_model(model: str, m, cfg: dict, log=print) -> dict:
+    """Quantize every decoder Linear of ``m`` in place (dequantized + restored, bf16-rounded); return stats."""
+    d = cache_dir(model)
+    with open(os.path.join(d, "detection.json")) as f:
+        sws = json.load(f)["super_weights"]
+    sw_by_mod: dict[str, list] = {}
+    for s in sws:
+        sw_by_mod.setdefault(s["module"], []).append((s["row"], s["col"]))
+    lins = _linears(m)
+    layout = BlockLayout.parse(cfg["block"])
+    weights = {n: mod.weight.detach().to(torch.bfloat16) for n, mod in lins.items()}
+    extras = {n: (sw_by_mod.get(n, []) if cfg["sw"] else []) for n in lins}
+    t0 = time.time()
+    counts = None
+    if cfg["holdout"] > 0 and cfg["budget"] != "uniform":
+        act = torch.load(os.path.join(d, "prompt_act.pt")) if cfg["metric"] in ("rel_out", "out") else None
+        counts = sw_grid.holdout_budget(
+            weights, cfg["holdout"], cfg["bits"], layout, extras=extras, metric=cfg["metric"], act_rms=act,
+            scheme=cfg["budget"], grid=cfg["bgrid"], scale_dtype=torch.bfloat16)
+    t_budget = time.time() - t0
+    bits_total = 0
+    numel = 0
+    held = 0
+    t_q = 0.0
+    per = {}
+    for n, mod in lins.items():
+        w = weights[n]
+        if counts is not None:
+            mask = select_holdout(w, 0.0, extras[n], count=counts[n])
+        else:
+            mask = select_holdout(w, cfg["holdout"], extras[n])
+        t1 = time.time()
+        ql = quantize_weight(w, cfg["bits"], layout, False, holdout_mask=mask, scale_dtype=torch.bfloat16,
+                             grid=cfg["grid"], grid_params=grid_params(cfg))
+        t_q += time.time() - t1
+        ts = to_tensors(ql, torch.bfloat16)
+        bits_total += sum(t.numel() * t.element_size() * 8 for t in ts.values())
+        numel += w.numel()
+        held += ql.stats["held_out"]
+        deq = dequantize(ql.q, ql.scale, ql.zero, layout)
+        if ql.sparse_rows.numel():
+            deq[ql.sparse_rows, ql.sparse_cols] = ql.sparse_vals.float()
+        with torch.no_grad():
+            mod.weight.copy_(deq.to(torch.bfloat16).float())
+        per[n] = {"held_out": ql.stats["held_out"], "rel_fro_err": ql.stats["rel_fro_err"],
+                  "clipped": ql.stats["clipped"]}
+    return {"effective_bits": bits_total / numel, "quantized_params": numel, "held_out": held,
+            "held_out_fraction": held / numel, "seconds_quantize": round(t_q, 1),
+            "seconds_budget": round(t_budget, 1), "params_per_s": round(numel / max(t_q, 1e-9)), "per_module": per}
+
+
+def _bf16_round_(m) -> None:
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+
+
+def load_results() -> list[dict]:
+    if not os.path.exists(RESULTS):
+        return []
+    with open(RESULTS) as f:
+        return json.load(f)
+
+
+def save_record(rec: dict) -> None:
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS + ".lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        recs = load_results()
+        recs = [r for r in recs if not (r["model"] == rec["model"] and r["config"] == rec["config"]
+                                        and r["text"] == rec["text"])]
+        recs.append(rec)
+        recs.sort(key=lambda r: (r["model"], r["text"], r["config"]))
+        tmp = RESULTS + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(recs, f, indent=1)
+        os.replace(tmp, RESULTS)
+
+
+def run(model: str, configs: list[str], texts: list[str], pydoc_tokens: int, force: bool, threads: int) -> None:
+    torch.set_num_threads(threads)
+    d = cache_dir(model)
+    with open(os.path.join(d, "ids.json")) as f:
+        ids = json.load(f)
+    # the selection text's label carries its length when it is not the default 8,192 tokens
+    texts = [t if t != "pydoc" or pydoc_tokens == 8192 else f"pydoc{pydoc_tokens}" for t in texts]
+    done = {(r["config"], r["text"]) for r in load_results() if r["model"] == model}
+    base = None
+    for text_cfg in configs:
+        cfg = parse_config(text_cfg)
+        key = config_key(cfg)
+        todo = [t for t in texts if force or (key, t) not in done]
+        if not todo:
+            print(f"[{model}] {key}: done")
+            continue
+        if base is None:
+            base = load_float(model)
+            _bf16_round_(base)
+            orig = {n: mod.weight.detach().clone() for n, mod in _linears(base).items()}
+        else:
+            with torch.no_grad():
+                for n, mod in _linears(base).items():
+                    mod.weight.copy_(orig[n])
+        st = {"effective_bits": 16.0} if cfg.get("float") else quantize_model(model, base, cfg)
+        for t in todo:
+            tok_ids = ids["wiki" if t == "wiki" else "pydoc"]
+            mt = WIKI_TOKENS if t == "wiki" else pydoc_tokens
+            res = perplexity(base, tok_ids, ids["bos"], mt)
+            rec = {"model": model, "config": key, "text": t, "ppl": res["ppl"], "tokens": res["tokens"],
+                   "effective_bits": st["effective_bits"], "cfg": cfg,
+                   "stats": {k: v for k, v in st.items() if k != "per_module"},
+                   "seconds_eval": res["seconds"], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            save_record(rec)
+            extra = "" if cfg.get("float") else f" held {st['held_out_fraction']:.2e} q {st['seconds_quantize']}s"
+            print(f"[{model}] {t:5s} ppl {res['ppl']:8.3f}  bits {st['effective_bits']:.3f}  {key}{extra}",
+                  flush=True)
+        if not cfg.get("float") and os.environ.get("GRID_STUDY_PER_MODULE"):
+            with open(os.path.join(d, "per_module_" + str(abs(hash(key))) + ".json"), "w") as f:
+                json.dump(st["per_module"], f, indent=1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prepare")
+    a.add_argument("model")
+    b = sub.add_parser("run")
+    b.add_argument("model")
+    b.add_argument("--config", action="append", required=True, help="k=v,... (bits, block, grid, holdout, budget,"
+                   " sw, iters, lp, beta, kappa, score_p, metric, bgrid) or 'float'")
+    b.add_argument("--texts", default="pydoc", help="pydoc,wiki")
+    b.add_argument("--pydoc-tokens", type=int, default=8192)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--force", action="store_true")
+    sub.add_parser("report")
+    args = p.parse_args(argv)
+    if args.cmd == "prepare":
+        prepare(args.model)
+    elif args.cmd == "run":
+        run(args.model, args.config, args.texts.split(","), args.pydoc_tokens, args.force, args.threads)
+    else:
+        report()
+    return 0
+
+
+def report() -> None:
+    recs = load_results()
+    rows: dict[tuple, dict] = {}
+    for r in recs:
+        rows.setdefault((r["model"], r["config"]), {})[r["text"]] = r
+    for (model, key), tx in sorted(rows.items()):
+        bits = next(iter(tx.values()))["effective_bits"]
+        pyd = (tx.get("pydoc") or tx.get("pydoc4096") or {}).get("ppl")
+        wk = tx.get("wiki", {}).get("ppl")
+        print(f"{model:12s} {key:90s} pydoc {pyd if pyd is None else round(pyd, 3)!s:>8}  "
+              f"wiki {wk if wk is None else round(wk, 3)!s:>8}  bits {bits:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
