@@ -485,7 +485,7 @@ if TRITON_OK:
         G: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr, SP_MODE: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, SK: tl.constexpr, DOT: tl.constexpr, SCALE_W: tl.constexpr,
         ASM: tl.constexpr, E: tl.constexpr, NCH: tl.constexpr, F16: tl.constexpr,
-        INTERP: tl.constexpr = False, K16: tl.constexpr = True,
+        INTERP: tl.constexpr = False, K16: tl.constexpr = True, SP_BM: tl.constexpr = 16,
     ):
         # SP_MODE: 0 no held-out entries, 1 one-hot MMA / select (exact per tile), 2 atomic scatter into the workspace
         pid = tl.program_id(0)
@@ -639,18 +639,32 @@ if TRITON_OK:
                 # lie in the x chunk this iteration just read (<= 2 lines per token, L1/L2 hits)
                 pbase = kb * NS + n0 // 16
                 lo = tl.load(spp_ptr + pbase)
-                hi = tl.load(spp_ptr + pbase + BN // 16)
-                if NCH > 0:
+                hi = tl.load(spp_ptr + pbase + tl.minimum(BN // 16, NS - n0 // 16))  # last tile may pass N_pad
+                if SP_MODE == 2:
+                    # atomic scatter: SP_BM token rows at a time (M = 1 does not pay for BM - 1 masked rows)
+                    for t in tl.static_range(BM // SP_BM):
+                        if pid_m * BM + t * SP_BM < M:
+                            offs_ms = pid_m * BM + t * SP_BM + tl.arange(0, SP_BM)
+                            if NCH > 0:
+                                for c in tl.static_range(NCH):
+                                    if lo + c * E < hi:
+                                        _sp_scatter(x_ptr, spe_ptr, ws_ptr, lo + c * E, hi, k0, n0, offs_ms, M,
+                                                    stride_xm, stride_xk, NPAD, BN, E, F16)
+                            else:
+                                for e0 in range(lo, hi, E):
+                                    _sp_scatter(x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, offs_ms, M,
+                                                stride_xm, stride_xk, NPAD, BN, E, F16)
+                elif NCH > 0:
                     for c in tl.static_range(NCH):
                         if lo + c * E < hi:
-                            acc, corr = _sp_chunk(acc, corr, x_ptr, spe_ptr, ws_ptr, lo + c * E, hi, k0, n0,
-                                                  m64, m_ok, stride_xm, stride_xk, NPAD,
-                                                  BM, BN, E, DOT, SP_MODE, F16, INTERP)
+                            acc, corr = _sp_chunk(acc, corr, x_ptr, spe_ptr, lo + c * E, hi, k0, n0,
+                                                  m64, m_ok, stride_xm, stride_xk,
+                                                  BM, BN, E, DOT, F16, INTERP)
                 else:
                     for e0 in range(lo, hi, E):
-                        acc, corr = _sp_chunk(acc, corr, x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0,
-                                              m64, m_ok, stride_xm, stride_xk, NPAD,
-                                              BM, BN, E, DOT, SP_MODE, F16, INTERP)
+                        acc, corr = _sp_chunk(acc, corr, x_ptr, spe_ptr, e0, hi, k0, n0,
+                                              m64, m_ok, stride_xm, stride_xk,
+                                              BM, BN, E, DOT, F16, INTERP)
 
         if DOT:
             acc = tl.trans(acc)  # [BM, BN]
@@ -679,37 +693,50 @@ if TRITON_OK:
                 tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
 
     @triton.jit
-    def _sp_chunk(acc, corr, x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, m64, m_ok, stride_xm, stride_xk, NPAD,
-                  BM: tl.constexpr, BN: tl.constexpr, E: tl.constexpr, DOT: tl.constexpr, SP_MODE: tl.constexpr,
-                  F16: tl.constexpr, INTERP: tl.constexpr):
-        """E held-out entries (e0 .. e0+E, those < hi): y[m, row] += v * x[m, col]. Returns (acc, corr)."""
+    def _sp_decode(spe_ptr, e0, hi, k0, n0, E: tl.constexpr, F16: tl.constexpr):
+        """Entries e0 .. e0+E (those < hi) -> (valid, column, row - n0, value in the act dtype)."""
         e_idx = e0 + tl.arange(0, E)
         e_ok = e_idx < hi
         ent = tl.load(spe_ptr + e_idx, mask=e_ok, other=0)
         col = k0 + (ent & 127)
-        roff = ((ent >> 7) - n0) & 511  # row - n0 (rows are stored mod 512, tiles are <= 256 rows)
+        roff = ((ent >> 7) - n0) & 511  # rows are stored mod 512, tiles are <= 256 rows
         if F16:
             v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
         else:
             v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+        return e_ok, col, roff, v
+
+    @triton.jit
+    def _sp_scatter(x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, offs_ms, M, stride_xm, stride_xk, NPAD,
+                    BN: tl.constexpr, E: tl.constexpr, F16: tl.constexpr):
+        """ws[m, row] += v * x[m, col] for E entries and the token rows offs_ms (fp32 red.add, fire and forget)."""
+        e_ok, col, roff, v = _sp_decode(spe_ptr, e0, hi, k0, n0, E, F16)
+        g_ok = (offs_ms < M)[:, None] & (e_ok & (roff < BN))[None, :]
+        # [SP_BM, E]: entries along the fast axis, so one warp load reads one token's x row (<= 2 lines)
+        xg = tl.load(x_ptr + offs_ms[:, None] * stride_xm + col[None, :] * stride_xk, mask=g_ok, other=0.0)
+        tl.atomic_add(ws_ptr + offs_ms[:, None] * NPAD + (n0 + roff)[None, :],
+                      xg.to(tl.float32) * v.to(tl.float32)[None, :], mask=g_ok, sem="relaxed")
+
+    @triton.jit
+    def _sp_chunk(acc, corr, x_ptr, spe_ptr, e0, hi, k0, n0, m64, m_ok, stride_xm, stride_xk,
+                  BM: tl.constexpr, BN: tl.constexpr, E: tl.constexpr, DOT: tl.constexpr,
+                  F16: tl.constexpr, INTERP: tl.constexpr):
+        """One-hot form (exact inside the tile, no atomics): y[m, row] += v * x[m, col] as an MMA with a [BN, E]
+        one-hot operand (DOT) or a [BM, E, BN] select-reduce (FMA). Returns (acc, corr)."""
+        e_ok, col, roff, v = _sp_decode(spe_ptr, e0, hi, k0, n0, E, F16)
         g_ok = m_ok[:, None] & e_ok[None, :]
-        # [BM, E]: entries along the fast axis, so one warp load reads one token's x row (<= 2 lines)
         xg = tl.load(x_ptr + m64[:, None] * stride_xm + col[None, :] * stride_xk, mask=g_ok, other=0.0)
-        if SP_MODE == 2:
-            tl.atomic_add(ws_ptr + m64[:, None] * NPAD + (n0 + roff)[None, :],
-                          xg.to(tl.float32) * v.to(tl.float32)[None, :], mask=g_ok, sem="relaxed")
-        else:
-            hit = roff[:, None] == tl.arange(0, BN)[None, :]  # [E, BN] one-hot rows, scaled by v
-            if DOT:
-                if F16:
-                    oh = tl.where(hit, v[:, None], 0.0).to(tl.float16)
-                    acc = _mma(tl.trans(oh), tl.trans(xg.to(tl.float16)), acc, INTERP)
-                else:
-                    oh = tl.where(hit, v[:, None], 0.0).to(tl.bfloat16)
-                    acc = _mma(tl.trans(oh), tl.trans(xg.to(tl.bfloat16)), acc, INTERP)
+        hit = roff[:, None] == tl.arange(0, BN)[None, :]  # [E, BN] one-hot rows, scaled by v
+        if DOT:
+            if F16:
+                oh = tl.where(hit, v[:, None], 0.0).to(tl.float16)
+                acc = _mma(tl.trans(oh), tl.trans(xg.to(tl.float16)), acc, INTERP)
             else:
-                oh = tl.where(hit, v.to(tl.float32)[:, None], 0.0)
-                corr += tl.sum(xg.to(tl.float32)[:, :, None] * oh[None, :, :], axis=1)
+                oh = tl.where(hit, v[:, None], 0.0).to(tl.bfloat16)
+                acc = _mma(tl.trans(oh), tl.trans(xg.to(tl.bfloat16)), acc, INTERP)
+        else:
+            oh = tl.where(hit, v.to(tl.float32)[:, None], 0.0)
+            corr += tl.sum(xg.to(tl.float32)[:, :, None] * oh[None, :, :], axis=1)
         return acc, corr
 
 
@@ -752,7 +779,7 @@ def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     if nch > MAX_NCH:
         nch = 0  # runtime chunk loop
     return {"BM": bm, "BN": bn, "SK": sk, "KB_PER_SPLIT": kbs, "grid": (n_t * m_t, sk), "E": e, "NCH": nch,
-            "SP_MODE": sp_mode, "DOT": dot, "SCALE_W": bool(cfg.get("SCALE_W", True)),
+            "SP_MODE": sp_mode, "SP_BM": max(1, min(bm, _np2(int(cfg.get("SP_BM", 0)) or bm))), "DOT": dot, "SCALE_W": bool(cfg.get("SCALE_W", True)),
             "ASM": int(cfg.get("ASM", 0)) if dot else 0, "warps": int(cfg.get("warps", 4)),
             "stages": int(cfg.get("stages", 2))}
 
@@ -812,7 +839,7 @@ def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, conf
         p["KB_PER_SPLIT"], x2.stride(0), x2.stride(1), y.stride(0),
         G=info["group"], SYM=info["sym"], HAS_BIAS=bias is not None, SP_MODE=p["SP_MODE"],
         BM=p["BM"], BN=p["BN"], SK=p["SK"], DOT=p["DOT"], SCALE_W=p["SCALE_W"], ASM=p["ASM"],
-        E=p["E"], NCH=p["NCH"], F16=x2.dtype == torch.float16, INTERP=_interpreting(), K16=k % 16 == 0,
+        E=p["E"], NCH=p["NCH"], F16=x2.dtype == torch.float16, INTERP=_interpreting(), K16=k % 16 == 0, SP_BM=p["SP_BM"],
         num_warps=p["warps"], num_stages=p["stages"],
     )
     return y.reshape(*x.shape[:-1], n)
@@ -901,7 +928,8 @@ def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = 
               "ASM": int(cfg.get("ASM", 0)) if cfg.get("DOT", True) else 0,
               "E": int(cfg.get("E", 0)) or (max(16, min(64, bn // 4)) if sp_mode == 1 else max(16, min(64, bn // 8))),
               "NCH": int(nch), "F16": bool(f16),
-              "INTERP": False, "K16": True, "stride_xk": 1}
+              "INTERP": False, "K16": True, "stride_xk": 1,
+              "SP_BM": max(1, min(int(cfg["BM"]), _np2(int(cfg.get("SP_BM", 0)) or int(cfg["BM"]))))}
     sig = dict(sig, **{k: "constexpr" for k in consts})
     # pointers 16-byte aligned; KW, NPAD, NS multiples of 16 (as the launcher's shapes give: Triton specializes)
     div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 16, 18, 20]
