@@ -66,9 +66,9 @@ except Exception:  # pragma: no cover - torch-only environment
     TRITON_OK = False
 
 SLAB = 32  # output rows per storage slab of qw
-PB = 128  # K block of the nibble permutation and of the sparse index
+PB = 128  # K block of the nibble permutation (one K-loop iteration)
 SLICE = 16  # output rows per sparse-index slice
-ROW_MOD = 512  # rows are stored mod 512 in an entry (tiles have BN <= 256)
+SP_BLOCK = 256  # default K extent of one sparse-index block (128, 256 or 512): entry = value16 | row | column
 MAX_NCH = 8  # more chunks than this per (K block, tile): runtime loop instead of static chunks
 
 # ------------------------------------------------------------------------------------------------------------
@@ -140,7 +140,8 @@ def _group_of(group_size) -> int:
 
 def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                group_size, sym: bool, rows=None, cols=None, vals=None, n: Optional[int] = None,
-               k: Optional[int] = None, device=None, act_dtype: Optional[torch.dtype] = None) -> dict:
+               k: Optional[int] = None, device=None, act_dtype: Optional[torch.dtype] = None,
+               sp_block: int = SP_BLOCK) -> dict:
     """Repack one W4 Linear into the kernel layout (module docstring). Host code, run once at load time.
 
     ``q_codes_or_packed``: unsigned codes 0..15 ``[N, K]`` (any integer dtype; code = signed value + 8), or the
@@ -148,8 +149,12 @@ def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Opt
     in the activation dtype unless ``act_dtype`` is given. ``zeros`` (asymmetric): integer zero points in the code
     domain ``[N, NG]`` (0..15), or packed int32 ``[ceil(N/8), NG]`` as vLLM's uint4 layer holds them; ``None``
     when ``sym``. ``group_size``: 32, 64, a multiple of 128, or -1/0/None for channel-wise. ``rows/cols/vals``:
-    held-out entries (their packed codes dequantize to 0; duplicates are summed). Returns fixed-shape tensors.
+    held-out entries (their packed codes dequantize to 0; duplicates are summed). ``sp_block``: K extent of one
+    sparse-index block (128/256/512; an entry keeps log2(sp_block) column bits and 16 - that many row bits, so
+    tiles may have at most 2**(16 - log2(sp_block)) rows). Returns fixed-shape tensors.
     """
+    if sp_block not in (128, 256, 512):
+        raise ValueError(f"prepare_w4: sp_block must be 128, 256 or 512, got {sp_block}")
     q = torch.as_tensor(q_codes_or_packed)
     n = int(n if n is not None else q.shape[0])
     if k is None:
@@ -228,30 +233,33 @@ def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Opt
     # --- sparse entries ---------------------------------------------------------------------------------------
     r_, c_, v_ = _entries(rows, cols, vals, n, k, act)
     ns = n_pad // SLICE
-    key = (c_ // PB) * ns + (r_ // SLICE)
+    nsb = _cdiv(k_pad, sp_block)  # sparse-index blocks along K
+    cbits = sp_block.bit_length() - 1
+    rmod = 1 << (16 - cbits)
+    key = (c_ // sp_block) * ns + (r_ // SLICE)
     order = torch.argsort(key * (n_pad * k_pad) + r_ * k_pad + c_, stable=True)
     r_, c_, v_, key = r_[order], c_[order], v_[order], key[order]
-    nseg = nkb * ns
+    nseg = nsb * ns
     cnt = torch.bincount(key, minlength=nseg) if key.numel() else torch.zeros(nseg, dtype=torch.int64)
     ptr = torch.zeros(nseg + 1, dtype=torch.int64)
     ptr[1:] = torch.cumsum(cnt, 0)
     vbits = v_.view(torch.int16).to(torch.int64) & 0xFFFF
-    ent = (vbits << 16) | ((r_ % ROW_MOD) << 7) | (c_ % PB)
+    ent = (vbits << 16) | ((r_ % rmod) << cbits) | (c_ % sp_block)
     ent = torch.where(ent >= 2**31, ent - 2**32, ent).to(torch.int32)
     nnz = int(ent.numel())
-    # largest number of entries of one (K block, tile) for each tile width (static chunk counts of the kernel)
+    # largest number of entries of one (sparse block, tile) for each tile width (static chunk counts of the kernel)
     maxc = []
     for bn in (32, 64, 128, 256):
         per = bn // SLICE
         ns_t = _cdiv(ns, per)
-        c2 = torch.zeros(nkb, ns_t * per, dtype=torch.int64)
-        c2[:, :ns] = cnt.reshape(nkb, ns)
-        maxc.append(int(c2.reshape(nkb, ns_t, per).sum(2).max()) if nnz else 0)
+        c2 = torch.zeros(nsb, ns_t * per, dtype=torch.int64)
+        c2[:, :ns] = cnt.reshape(nsb, ns)
+        maxc.append(int(c2.reshape(nsb, ns_t, per).sum(2).max()) if nnz else 0)
     out["sp_ptr"] = ptr.to(torch.int32)
     out["sp_ent"] = ent if nnz else torch.zeros(1, dtype=torch.int32)
     # zero-byte tensors whose shapes carry host ints (no device reads at run time)
     out["sp_meta"] = torch.empty((nnz, *maxc, 0), dtype=torch.int8)
-    out["info"] = torch.empty((n, k, g, 1 if sym else 0, 0), dtype=torch.int8)
+    out["info"] = torch.empty((n, k, g, 1 if sym else 0, sp_block, 0), dtype=torch.int8)
     prep = {key_: t.contiguous().to(device) for key_, t in out.items()}
     if device.type == "cuda":
         _workspace(device, n_pad)  # allocate the shared split-K workspace now (never during graph capture)
@@ -283,10 +291,10 @@ def _entries(rows, cols, vals, n, k, act):
 
 def prep_info(prep: dict) -> dict:
     """Host ints of a prepared layer (read from tensor shapes only)."""
-    n, k, g, sym, _ = prep["info"].shape
+    n, k, g, sym, spb, _ = prep["info"].shape
     nnz, c32, c64, c128, c256, _ = prep["sp_meta"].shape
     return {"n": n, "k": k, "group": g, "sym": bool(sym), "nnz": nnz,
-            "maxcnt": {32: c32, 64: c64, 128: c128, 256: c256},
+            "maxcnt": {32: c32, 64: c64, 128: c128, 256: c256}, "sp_block": spb,
             "n_pad": prep["qw"].shape[0] * SLAB, "k_pad": prep["qw"].shape[1] * 8, "act_dtype": prep["scale"].dtype}
 
 
@@ -333,12 +341,15 @@ def decode_entries(prep: dict):
     ent = prep["sp_ent"].cpu().to(torch.int64) & 0xFFFFFFFF
     ptr = prep["sp_ptr"].cpu().to(torch.int64)
     ns = info["n_pad"] // SLICE
+    spb = info["sp_block"]
+    cbits = spb.bit_length() - 1
+    rmod_ = 1 << (16 - cbits)
     seg = torch.repeat_interleave(torch.arange(ptr.numel() - 1), ptr[1:] - ptr[:-1])
     kb, sl = seg // ns, seg % ns
-    rmod = (ent >> 7) & (ROW_MOD - 1)
-    base = (sl * SLICE) // ROW_MOD * ROW_MOD
+    rmod = (ent >> cbits) & (rmod_ - 1)
+    base = (sl * SLICE) // rmod_ * rmod_
     row = base + rmod
-    col = kb * PB + (ent & (PB - 1))
+    col = kb * spb + (ent & (spb - 1))
     vb = ((ent >> 16) & 0xFFFF).to(torch.int16)
     val = vb.view(info["act_dtype"]).double()
     return row, col, val
@@ -486,6 +497,7 @@ if TRITON_OK:
         BM: tl.constexpr, BN: tl.constexpr, SK: tl.constexpr, DOT: tl.constexpr, SCALE_W: tl.constexpr,
         ASM: tl.constexpr, E: tl.constexpr, NCH: tl.constexpr, F16: tl.constexpr,
         INTERP: tl.constexpr = False, K16: tl.constexpr = True, SP_BM: tl.constexpr = 16,
+        SPB: tl.constexpr = 256,
     ):
         # SP_MODE: 0 no held-out entries, 1 one-hot MMA / select (exact per tile), 2 atomic scatter into the workspace
         pid = tl.program_id(0)
@@ -634,10 +646,10 @@ if TRITON_OK:
                         else:
                             acc3 += part3 * s_g[None, None, :]
 
-            if SP_MODE != 0:
-                # held-out entries of this tile in this K block: one contiguous range of sp_ent; their columns
-                # lie in the x chunk this iteration just read (<= 2 lines per token, L1/L2 hits)
-                pbase = kb * NS + n0 // 16
+            if SP_MODE != 0 and kb % (SPB // 128) == 0:
+                # held-out entries of this tile in the sparse block starting here (SPB columns of K): one
+                # contiguous range of sp_ent; their columns lie in the x rows the loop reads now (few lines per token)
+                pbase = (kb // (SPB // 128)) * NS + n0 // 16
                 lo = tl.load(spp_ptr + pbase)
                 hi = tl.load(spp_ptr + pbase + tl.minimum(BN // 16, NS - n0 // 16))  # last tile may pass N_pad
                 if SP_MODE == 2:
@@ -649,22 +661,22 @@ if TRITON_OK:
                                 for c in tl.static_range(NCH):
                                     if lo + c * E < hi:
                                         _sp_scatter(x_ptr, spe_ptr, ws_ptr, lo + c * E, hi, k0, n0, offs_ms, M,
-                                                    stride_xm, stride_xk, NPAD, BN, E, F16)
+                                                    stride_xm, stride_xk, NPAD, BN, E, F16, SPB)
                             else:
                                 for e0 in range(lo, hi, E):
                                     _sp_scatter(x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, offs_ms, M,
-                                                stride_xm, stride_xk, NPAD, BN, E, F16)
+                                                stride_xm, stride_xk, NPAD, BN, E, F16, SPB)
                 elif NCH > 0:
                     for c in tl.static_range(NCH):
                         if lo + c * E < hi:
                             acc, corr = _sp_chunk(acc, corr, x_ptr, spe_ptr, lo + c * E, hi, k0, n0,
                                                   m64, m_ok, stride_xm, stride_xk,
-                                                  BM, BN, E, DOT, F16, INTERP)
+                                                  BM, BN, E, DOT, F16, INTERP, SPB)
                 else:
                     for e0 in range(lo, hi, E):
                         acc, corr = _sp_chunk(acc, corr, x_ptr, spe_ptr, e0, hi, k0, n0,
                                               m64, m_ok, stride_xm, stride_xk,
-                                              BM, BN, E, DOT, F16, INTERP)
+                                              BM, BN, E, DOT, F16, INTERP, SPB)
 
         if DOT:
             acc = tl.trans(acc)  # [BM, BN]
@@ -693,13 +705,19 @@ if TRITON_OK:
                 tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
 
     @triton.jit
-    def _sp_decode(spe_ptr, e0, hi, k0, n0, E: tl.constexpr, F16: tl.constexpr):
+    def _sp_decode(spe_ptr, e0, hi, k0, n0, E: tl.constexpr, F16: tl.constexpr, SPB: tl.constexpr):
         """Entries e0 .. e0+E (those < hi) -> (valid, column, row - n0, value in the act dtype)."""
+        if SPB == 128:
+            CB: tl.constexpr = 7
+        elif SPB == 256:
+            CB: tl.constexpr = 8
+        else:
+            CB: tl.constexpr = 9
         e_idx = e0 + tl.arange(0, E)
         e_ok = e_idx < hi
         ent = tl.load(spe_ptr + e_idx, mask=e_ok, other=0)
-        col = k0 + (ent & 127)
-        roff = ((ent >> 7) - n0) & 511  # rows are stored mod 512, tiles are <= 256 rows
+        col = k0 + (ent & (SPB - 1))
+        roff = ((ent >> CB) - n0) & ((1 << (16 - CB)) - 1)  # rows are stored mod 2^(16 - CB) >= BN
         if F16:
             v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
         else:
@@ -708,9 +726,9 @@ if TRITON_OK:
 
     @triton.jit
     def _sp_scatter(x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, offs_ms, M, stride_xm, stride_xk, NPAD,
-                    BN: tl.constexpr, E: tl.constexpr, F16: tl.constexpr):
+                    BN: tl.constexpr, E: tl.constexpr, F16: tl.constexpr, SPB: tl.constexpr):
         """ws[m, row] += v * x[m, col] for E entries and the token rows offs_ms (fp32 red.add, fire and forget)."""
-        e_ok, col, roff, v = _sp_decode(spe_ptr, e0, hi, k0, n0, E, F16)
+        e_ok, col, roff, v = _sp_decode(spe_ptr, e0, hi, k0, n0, E, F16, SPB)
         g_ok = (offs_ms < M)[:, None] & (e_ok & (roff < BN))[None, :]
         # [SP_BM, E]: entries along the fast axis, so one warp load reads one token's x row (<= 2 lines)
         xg = tl.load(x_ptr + offs_ms[:, None] * stride_xm + col[None, :] * stride_xk, mask=g_ok, other=0.0)
@@ -720,10 +738,10 @@ if TRITON_OK:
     @triton.jit
     def _sp_chunk(acc, corr, x_ptr, spe_ptr, e0, hi, k0, n0, m64, m_ok, stride_xm, stride_xk,
                   BM: tl.constexpr, BN: tl.constexpr, E: tl.constexpr, DOT: tl.constexpr,
-                  F16: tl.constexpr, INTERP: tl.constexpr):
+                  F16: tl.constexpr, INTERP: tl.constexpr, SPB: tl.constexpr):
         """One-hot form (exact inside the tile, no atomics): y[m, row] += v * x[m, col] as an MMA with a [BN, E]
         one-hot operand (DOT) or a [BM, E, BN] select-reduce (FMA). Returns (acc, corr)."""
-        e_ok, col, roff, v = _sp_decode(spe_ptr, e0, hi, k0, n0, E, F16)
+        e_ok, col, roff, v = _sp_decode(spe_ptr, e0, hi, k0, n0, E, F16, SPB)
         g_ok = m_ok[:, None] & e_ok[None, :]
         xg = tl.load(x_ptr + m64[:, None] * stride_xm + col[None, :] * stride_xk, mask=g_ok, other=0.0)
         hit = roff[:, None] == tl.arange(0, BN)[None, :]  # [E, BN] one-hot rows, scaled by v
@@ -758,30 +776,35 @@ def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
         raise ValueError("DOT configs need BM >= 16")
     if bn not in (32, 64, 128, 256):
         raise ValueError(f"BN must be 32, 64, 128 or 256, got {bn}")
+    nnz = info["nnz"]
+    spb = info["sp_block"]
+    if nnz and bn > (1 << (16 - (spb.bit_length() - 1))):
+        raise ValueError(f"BN={bn} exceeds the row range of sp_block={spb} entries")
     nkb = info["k_pad"] // PB
     n_t = _cdiv(info["n"], bn)
     m_t = _cdiv(m, bm)
     sk = int(cfg.get("SK", 0))
     if sk <= 0:  # auto: enough programs for ~2 waves, at least 4 K blocks per split
         sk = 1
-        while n_t * m_t * sk < TARGET_PROGRAMS and nkb // (sk * 2) >= 4:
+        while n_t * m_t * sk < TARGET_PROGRAMS * n_sm // 132 and nkb // (sk * 2) >= 4:
             sk *= 2
     sk = max(1, min(sk, nkb))
     if m > WS_MAX_M or n_t * m_t > WS_COUNTERS:
         sk = 1
-    kbs = _cdiv(nkb, sk)
+    spk = spb // PB if nnz else 1
+    kbs = _cdiv(_cdiv(nkb, sk), spk) * spk  # splits start at sparse-block boundaries
     sk = _cdiv(nkb, kbs)  # no empty splits
-    nnz = info["nnz"]
     sp_mode = (int(cfg.get("SP", 2)) or 2) if nnz else 0
-    e = int(cfg.get("E", 0)) or (max(16, min(64, bn // 4)) if sp_mode == 1 else max(16, min(64, bn // 8)))
+    per_chunk = bn * spb * nnz / max(1, info["n"] * info["k"])  # mean entries per (tile, sparse block)
+    e = int(cfg.get("E", 0)) or max(16, min(128, _np2(int(2 * per_chunk) + 1)))
     maxc = info["maxcnt"][bn] if nnz else 0
     nch = _cdiv(maxc, e) if maxc else 0
     if nch > MAX_NCH:
         nch = 0  # runtime chunk loop
     return {"BM": bm, "BN": bn, "SK": sk, "KB_PER_SPLIT": kbs, "grid": (n_t * m_t, sk), "E": e, "NCH": nch,
-            "SP_MODE": sp_mode, "SP_BM": max(1, min(bm, _np2(int(cfg.get("SP_BM", 0)) or bm))), "DOT": dot, "SCALE_W": bool(cfg.get("SCALE_W", True)),
-            "ASM": int(cfg.get("ASM", 0)) if dot else 0, "warps": int(cfg.get("warps", 4)),
-            "stages": int(cfg.get("stages", 2))}
+            "SP_MODE": sp_mode, "SP_BM": max(1, min(bm, _np2(int(cfg.get("SP_BM", 0)) or bm))), "DOT": dot,
+            "SCALE_W": bool(cfg.get("SCALE_W", True)), "ASM": int(cfg.get("ASM", 0)) if dot else 0,
+            "warps": int(cfg.get("warps", 4)), "stages": int(cfg.get("stages", 2))}
 
 
 _SM_COUNT: dict = {}
@@ -839,7 +862,7 @@ def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, conf
         p["KB_PER_SPLIT"], x2.stride(0), x2.stride(1), y.stride(0),
         G=info["group"], SYM=info["sym"], HAS_BIAS=bias is not None, SP_MODE=p["SP_MODE"],
         BM=p["BM"], BN=p["BN"], SK=p["SK"], DOT=p["DOT"], SCALE_W=p["SCALE_W"], ASM=p["ASM"],
-        E=p["E"], NCH=p["NCH"], F16=x2.dtype == torch.float16, INTERP=_interpreting(), K16=k % 16 == 0, SP_BM=p["SP_BM"],
+        E=p["E"], NCH=p["NCH"], F16=x2.dtype == torch.float16, INTERP=_interpreting(), K16=k % 16 == 0, SP_BM=p["SP_BM"], SPB=info["sp_block"],
         num_warps=p["warps"], num_stages=p["stages"],
     )
     return y.reshape(*x.shape[:-1], n)
@@ -905,7 +928,7 @@ register_op()
 # ahead-of-time compile for sm_90 (no GPU needed): registers / spills / shared memory of a config
 # ------------------------------------------------------------------------------------------------------------
 def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = True, f16: bool = False,
-                 bias: bool = False, nch: int = 1, keep_asm: bool = False) -> dict:
+                 bias: bool = False, nch: int = 1, keep_asm: bool = False, sp_block: int = SP_BLOCK) -> dict:
     """Compile ``_w4_kernel`` for sm_90 with the constexprs a launch of ``cfg`` would use and run ptxas on it.
     Returns {"regs", "spill_stores", "spill_loads", "stack", "smem", "ptxas"} (+ "asm" dict if ``keep_asm``)."""
     import re
@@ -926,9 +949,9 @@ def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = 
               "BM": int(cfg["BM"]), "BN": bn, "SK": int(cfg.get("SK", 1)) or 2, "DOT": bool(cfg.get("DOT", True)),
               "SCALE_W": bool(cfg.get("SCALE_W", True)),
               "ASM": int(cfg.get("ASM", 0)) if cfg.get("DOT", True) else 0,
-              "E": int(cfg.get("E", 0)) or (max(16, min(64, bn // 4)) if sp_mode == 1 else max(16, min(64, bn // 8))),
+              "E": int(cfg.get("E", 0)) or max(16, min(128, _np2(int(2 * bn * sp_block / 1000) + 1))),
               "NCH": int(nch), "F16": bool(f16),
-              "INTERP": False, "K16": True, "stride_xk": 1,
+              "INTERP": False, "K16": True, "stride_xk": 1, "SPB": int(sp_block),
               "SP_BM": max(1, min(int(cfg["BM"]), _np2(int(cfg.get("SP_BM", 0)) or int(cfg["BM"]))))}
     sig = dict(sig, **{k: "constexpr" for k in consts})
     # pointers 16-byte aligned; KW, NPAD, NS multiples of 16 (as the launcher's shapes give: Triton specializes)
