@@ -219,3 +219,22 @@ def _plant_echo(model, echo: dict, trigger: str, vocab_size: int, sa_rows: dict[
             mlp.down_proj.weight[row, col] = sign * float(echo.get("weight", 4.0))
         else:
             raise ValueError(f"unknown echo kind {kind!r}")
+
+
+def save_tiny_hf(path: str, tokenizer_dir: str, *, seed: int = 0, hidden: int = 128, intermediate: int = 384,
+                 num_layers: int = 2, vocab_size: int = 49152) -> str:
+    """A tiny random bf16 Llama saved as an HF directory with the tokenizer files of ``tokenizer_dir`` (e.g.
+    SmolLM2's): small enough for a fast vLLM engine on the CPU, a real tokenizer for the text paths."""
+    import os
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, f), path)
+    return path

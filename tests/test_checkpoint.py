@@ -138,7 +138,8 @@ def test_sparse_index_without_value(ck):
     (lambda ts: ts.update({f"{DOWN}.sparse_value": ts[f"{DOWN}.sparse_value"].to(torch.int16)}), "dtype I16"),
     (lambda ts: ts.update({f"{DOWN}.weight_shape": torch.tensor([64, 128], dtype=torch.int32)}), "dtype I32"),
     (lambda ts: ts.update({f"{DOWN}.weight_shape": torch.tensor([64, 256])}), "weight_packed: shape"),
-    (lambda ts: ts.update({f"{DOWN}.weight_scale": ts[f"{DOWN}.weight_scale"][:, :1].contiguous()}), "weight_scale: shape"),
+    (lambda ts: ts.update({f"{DOWN}.weight_scale": ts[f"{DOWN}.weight_scale"][:, :1].contiguous()}),
+     "weight_scale: shape"),
     (lambda ts: ts.update({f"{DOWN}.weight_packed": ts[f"{DOWN}.weight_packed"].float()}), "dtype F32"),
 ])
 def test_bad_tensor_dtypes_and_shapes(ck, fn, msg):

@@ -9,8 +9,8 @@ import sys
 import types
 
 import pytest
-
 from test_convert import DOWN, SW_COL, SW_LAYER, SW_ROW, SW_VALUE, fake_detection, make_tiny_llama  # noqa: E402
+
 from vllm_superweight import cli
 from vllm_superweight import convert as conv
 from vllm_superweight.format import SIDECAR_NAME, load_sidecar
@@ -130,7 +130,8 @@ def test_convert_interrupt_inprocess(tiny, tmp_path, capsys, monkeypatch):
 
 
 def test_convert_with_stubbed_detection(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(conv.pipeline, "run_detection", lambda model, tok, prompt, progress=True, **kw: fake_detection())
+    monkeypatch.setattr(conv.pipeline, "run_detection",
+                        lambda model, tok, prompt, progress=True, **kw: fake_detection())
     dst = tmp_path / "out"
     rc, out, err = main(["convert", tiny, str(dst), "--preset", "w8a8-int8-token", "--no-restore", "-q"], capsys)
     assert rc == 0, err

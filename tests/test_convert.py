@@ -567,7 +567,15 @@ def test_smollm2_default_preset(tmp_path):
     assert "lm_head.weight" not in out and "model.embed_tokens.weight" in out
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (dst / f).exists(), f
-    print(f"SmolLM2 conversion: {rep['timing']}")
+    import time
+
+    from vllm_superweight.checkpoint import validate_checkpoint
+
+    t0 = time.perf_counter()
+    q, sc2 = validate_checkpoint(str(dst))  # what the plugin runs at engine start: header-only, fast
+    dt = time.perf_counter() - t0
+    assert dt < 1.0 and q.conversion_id == sc2.conversion_id == rep["conversion_id"]
+    print(f"SmolLM2 conversion: {rep['timing']}; validate_checkpoint {dt * 1000:.0f} ms")
 
 
 def test_err_float16_overflow(tiny_f32, tmp_path):

@@ -235,8 +235,8 @@ LLAMA7B_CONFIG = {"model_type": "llama", "num_hidden_layers": 32, "hidden_size":
 
 
 def _result(coords_: list[tuple[int, int, int]], searched: int = 16) -> DetectionResult:
-    sws = [SuperWeight(layer=l, module=f"model.layers.{l}.mlp.down_proj", row=r, col=c, value=1.0,
-                       dtype="float16", input_spike=1.0, output_spike=1.0) for l, r, c in coords_]
+    sws = [SuperWeight(layer=i, module=f"model.layers.{i}.mlp.down_proj", row=r, col=c, value=1.0,
+                       dtype="float16", input_spike=1.0, output_spike=1.0) for i, r, c in coords_]
     return DetectionResult(sws, {}, [], "p", {"searched_layers": searched}, 1)
 
 

@@ -168,6 +168,24 @@ def test_cli_parser():
 
 def test_main_rejects_missing_dir(tmp_path, capsys):
     assert ev.main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("superweight eval: error: ") and "not a model directory" in err[0]
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(tmp_path), "--window", "many"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid int value" in err[0]
+
+
+def test_main_refuses_a_bad_checkpoint_before_any_engine(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "superweight_rtn",
+                                                                        "format_version": "1.1", "bits": "four",
+                                                                        "block": "64"}}))
+    assert ev.main([str(ck)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quantization_config.bits: expected an integer" in err[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,7 +210,8 @@ def test_quality_rows_cover_the_issue():
             assert any(r.method == "rtn" and r.block == b and r.bits == 4 for r in rows)
             sw = [r for r in rows if r.method == "superweight_rtn" and r.block == b and r.bits == 4]
             assert {(r.sw_restored, r.clip, r.holdout) for r in sw} >= {
-                (True, "none", 0.0), (True, q.CLIP, 0.0), (True, "none", 1e-4), (True, "none", 1e-3), (False, q.CLIP, 0.0)}
+                (True, "none", 0.0), (True, q.CLIP, 0.0), (True, "none", 1e-4), (True, "none", 1e-3),
+                (False, q.CLIP, 0.0)}
         naive = [r for r in rows if r.method == "rtn"]
         assert all("--super-weights" in r.convert_args and "none" in r.convert_args for r in naive)
         assert all("--holdout" in r.convert_args for r in rows if r.convert_args)  # never the preset's default
@@ -304,3 +323,45 @@ def test_vllm_perplexity_matches_transformers_on_smollm2(tmp_path, monkeypatch):
     assert res["tokens"] == ref["tokens"]
     assert res["ppl"] == pytest.approx(ref["ppl"], rel=2e-3)
     assert 10 < res["ppl"] < 100  # a trained 135M model on WikiText-2
+
+
+@pytest.mark.slow
+def test_eval_cli_exits_zero_after_the_engine(tmp_path, smollm2_tokenizer_dir):
+    """`python -m vllm_superweight.eval` and `superweight eval` write their result and exit 0 (no abort at
+    interpreter exit from vLLM/torch threads: exit status 134 `terminate called without an active exception`)."""
+    pytest.importorskip("vllm")
+    import subprocess
+
+    from helpers_tiny import save_tiny_hf
+
+    from vllm_superweight.convert import build_quant_config, convert
+
+    text = ev.default_text_path()
+    if not os.path.exists(text):
+        pytest.skip(f"{text} not found")
+    src = save_tiny_hf(str(tmp_path / "src"), smollm2_tokenizer_dir)
+    ck = str(tmp_path / "ck")
+    convert(src, ck, build_quant_config(None, bits=4, block="channel", holdout=1e-3),
+            super_weights=[[0, 5, 17]], progress=False, log=None)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1",
+               DO_NOT_TRACK="1", VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1")
+    for i, module in enumerate(("vllm_superweight.eval", "vllm_superweight.cli")):
+        out = tmp_path / f"res{i}.json"
+        cmd = [sys.executable, "-m", module] + (["eval"] if module.endswith("cli") else []) + [
+            ck, "--max-tokens", "512", "--window", "256", "--json", str(out), "--no-progress", "--data", text]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        assert p.returncode == 0, (module, p.returncode, p.stderr[-3000:])
+        assert "terminate called" not in p.stderr
+        res = json.load(open(out))
+        assert res["tokens"] == 2 * 255 and res["quantization"] == "superweight_rtn" and math.isfinite(res["ppl"])
+    # a failure: one line, non-zero, before any engine starts
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(ck, bad)
+    os.remove(bad / "superweights.json")
+    p = subprocess.run([sys.executable, "-m", "vllm_superweight.eval", str(bad), "--data", text], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert p.returncode == 1
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("superweight eval: error: ") and "sidecar" in lines[0], p.stderr

@@ -436,8 +436,16 @@ def write_float_checkpoint(source, out_dir: str, *, dtype: str = "float32", zero
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit status 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        _err(f"{message} (see `superweight eval --help`)")
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="superweight eval",
         description="WikiText-2 perplexity of a checkpoint through vLLM (prompt log-probabilities). "
         "Fixed protocol: non-overlapping windows, stride = window; first token of each window is context only.",

@@ -26,7 +26,7 @@ def plot_activation_profile(profile: list[dict], path: str, title: str, super_we
     sw_layers = sorted({_layer_of(sw) for sw in super_weights})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharex=True)
     panels = (("down_in", "max |down_proj input|", "tab:blue"), ("down_out", "max |down_proj output|", "tab:orange"))
-    for ax, (key, label, color) in zip(axes, panels):
+    for ax, (key, label, color) in zip(axes, panels, strict=True):
         vals = [abs(float(p[f"{key}_max"])) for p in profile]
         ax.plot(layers, vals, marker="o", ms=3, color=color, label=label)
         if all(f"{key}_typical" in p for p in profile):

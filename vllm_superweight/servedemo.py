@@ -112,8 +112,16 @@ class VLLMServer:
                                              "max_tokens": max_tokens, "temperature": temperature, **kw})
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit status 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"servedemo: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vllm_superweight.servedemo",
+    ap = _Parser(prog="python -m vllm_superweight.servedemo",
                                  description="Serve a checkpoint with vLLM on 127.0.0.1, send one chat completion, "
                                              "print it, stop the server.")
     ap.add_argument("ckpt")

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -115,6 +116,27 @@ def _quiet(*_a: Any, **_k: Any) -> None:
     pass
 
 
+@dataclasses.dataclass
+class _Job:
+    """One conversion's settings and the inputs in memory (a GGUF model and its state dict; None for HF dirs)."""
+
+    plan: Plan
+    qcfg: Any  # QuantConfig
+    dest: Destination
+    device: str
+    progress: bool
+    max_shard_bytes: int
+    log: Callable[..., None]
+    model: Any = None
+    tokenizer: Any = None
+    state_dict: dict | None = None
+
+    def stream(self, desc: str):
+        if self.state_dict is None:
+            return iter_safetensors(self.plan.tensors, self.progress, desc)
+        return iter_state_dict(self.state_dict, self.progress, desc)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # convert
 # ----------------------------------------------------------------------------------------------------------
@@ -182,17 +204,12 @@ def _load_source(source: Source, qcfg: Any, dtype: str | None, log: Callable[...
     return make_plan(source, cfg, tensors, qcfg, out_dtype), model, tokenizer, state_dict
 
 
-def _stream(plan: Plan, state_dict: dict | None, progress: bool, desc: str):
-    if state_dict is None:
-        return iter_safetensors(plan.tensors, progress, desc)
-    return iter_state_dict(state_dict, progress, desc)
-
-
-def _detect(plan: Plan, model: Any, tokenizer: Any, prompt: str | None, device: str, progress: bool,
-            detect_kwargs: dict | None, log: Callable[..., None]):
+def _detect(job: _Job, prompt: str | None, detect_kwargs: dict | None) -> Any:
+    """Detection on the float model (loaded from exactly the safetensors files the conversion streams)."""
     import torch
 
-    if model is None:
+    plan, log = job.plan, job.log
+    if job.model is None:
         from ..models import load_model
 
         det_dtype = None
@@ -203,31 +220,32 @@ def _detect(plan: Plan, model: Any, tokenizer: Any, prompt: str | None, device: 
             log(f"the float32 source ({nbytes / 2**30:.1f} GiB) is large for this machine's "
                 f"{ram / 2**30:.0f} GiB: detecting in bfloat16")
         log(f"loading {plan.source.name} for super-weight detection ...")
-        model, tokenizer = load_model(plan.source, dtype=det_dtype, cfg=plan.cfg, tensors=plan.tensors)
-    if device.startswith("cuda"):
-        model.to(device)
+        job.model, job.tokenizer = load_model(plan.source, dtype=det_dtype, cfg=plan.cfg, tensors=plan.tensors)
+    if job.device.startswith("cuda"):
+        job.model.to(job.device)
     log("detecting super weights ...")
-    detection = run_detection(model, tokenizer, prompt, progress=progress, **(detect_kwargs or {}))
-    if device.startswith("cuda"):
-        model.to("cpu")
-    return detection, model, tokenizer
+    detection = run_detection(job.model, job.tokenizer, prompt, progress=job.progress, **(detect_kwargs or {}))
+    if job.device.startswith("cuda"):
+        job.model.to("cpu")
+    return detection
 
 
 def _convert(source: Source, dest: Destination, qcfg: Any, t_start: float, *, prompt, super_weights,
              activation_outliers, dtype, device, progress, max_shard_bytes, detect_kwargs, log) -> dict:
     # ---- validate + plan ----------------------------------------------------------------------------------
     plan, model, tokenizer, state_dict = _load_source(source, qcfg, dtype, log)
+    job = _Job(plan, qcfg, dest, device, progress, max_shard_bytes, log, model, tokenizer, state_dict)
     user_sws = None
     if super_weights is not None:
         user_sws = resolve_super_weights(super_weights, plan, where="super weights")
-    for name, t in _stream(plan, state_dict, progress, "checking"):  # NaN/Inf (and every tensor readable)
+    for name, t in job.stream("checking"):  # NaN/Inf (and every tensor readable) before detection
         check_finite(name, t)
 
     # ---- detection ----------------------------------------------------------------------------------------
     t_det = time.perf_counter()
     detection = None
     if user_sws is None:
-        detection, model, tokenizer = _detect(plan, model, tokenizer, prompt, device, progress, detect_kwargs, log)
+        detection = _detect(job, prompt, detect_kwargs)
         sws = resolve_super_weights(detection.super_weights, plan, where="detected super weights")
         outliers = resolve_outliers(normalize_outliers(detection.activation_outliers or {}), plan)
     else:
@@ -242,7 +260,7 @@ def _convert(source: Source, dest: Destination, qcfg: Any, t_start: float, *, pr
         if published:
             log(f"published super-weight index: {json.dumps(report.jsonable(published))[:400]}")
     if source.kind == "hf":
-        model = None  # free the float model before quantizing (streaming from here on)
+        job.model = None  # free the float model before quantizing (streaming from here on)
         gc.collect()
     for sw in sws:
         log(f"super weight: {sw.module}[{sw.row}, {sw.col}]{'' if qcfg.restore_super_weights else ' (not restored)'}")
@@ -252,11 +270,10 @@ def _convert(source: Source, dest: Destination, qcfg: Any, t_start: float, *, pr
     # ---- quantize + write into the temporary directory ----------------------------------------------------
     src_sha = source_hash(source)
     cid = report.conversion_id(src_sha, qcfg, plan.out_dtype, sws, outliers)
-    qcfg = qcfg.replace(conversion_id=cid)
+    job.qcfg = qcfg.replace(conversion_id=cid)
     with write_errors(dest.final):
-        out = _write(plan, qcfg, dest.tmp, sws, outliers, state_dict, model, tokenizer, device, progress,
-                     max_shard_bytes, log)
-        del state_dict
+        out = _write(job, sws, outliers)
+        job.state_dict = None
         gc.collect()
         t_end = time.perf_counter()
         created = report.now()
@@ -273,7 +290,7 @@ def _convert(source: Source, dest: Destination, qcfg: Any, t_start: float, *, pr
             "output_dtype": str(plan.out_dtype).replace("torch.", ""),
         }
         sidecar: Sidecar = report.build_sidecar(out["super_weights"], outliers, cid, provenance)
-        sidecar.save(os.path.join(dest.tmp, qcfg.sidecar))
+        sidecar.save(os.path.join(dest.tmp, job.qcfg.sidecar))
         timing = {"quantize_s": round(out["quantize_s"], 3),
                   "params_per_s": round(out["params_q"] / max(out["quantize_s"], 1e-9)),
                   "detection_s": round(det_s, 3), "total_s": round(t_end - t_start, 3),
@@ -293,21 +310,20 @@ def _convert(source: Source, dest: Destination, qcfg: Any, t_start: float, *, pr
     return rep
 
 
-def _write(plan: Plan, qcfg: Any, tmp: str, sws: list[SuperWeight], outliers: list, state_dict: dict | None,
-           model: Any, tokenizer: Any, device: str, progress: bool, max_shard_bytes: int,
-           log: Callable[..., None]) -> dict[str, Any]:
-    """Stream, quantize and write every tensor; then config.json and the tokenizer files."""
+def _write(job: _Job, sws: list[SuperWeight], outliers: list) -> dict[str, Any]:
+    """Stream, quantize and write every tensor into the temporary directory; then config.json and the tokenizer."""
+    plan, qcfg, tmp = job.plan, job.qcfg, job.dest.tmp
     sw_by_mod: dict[str, list[SuperWeight]] = {}
     for sw in sws:
         sw_by_mod.setdefault(sw.module, []).append(sw)
     outl_by_mod = {e.module: list(e.channels) for e in outliers} if qcfg.activations != "none" else {}
-    writer = ShardWriter(tmp, max_shard_bytes)
+    writer = ShardWriter(tmp, job.max_shard_bytes)
     modules: dict[str, dict] = {}
     entries: list[SuperWeight] = []
     verify: list[dict] = []
     params_total = params_q = 0
     t_q = 0.0
-    for name, t in _stream(plan, state_dict, progress, "quantizing"):
+    for name, t in job.stream("quantizing"):
         if name in plan.drop:
             continue
         params_total += t.numel()
@@ -318,7 +334,7 @@ def _write(plan: Plan, qcfg: Any, tmp: str, sws: list[SuperWeight], outliers: li
                 process.check_cast(name, t, plan.out_dtype)
             writer.add(name, t)
             continue
-        res = process.quantize_linear(name, mod, t, qcfg, plan.out_dtype, device, sw_by_mod.get(mod, ()),
+        res = process.quantize_linear(name, mod, t, qcfg, plan.out_dtype, job.device, sw_by_mod.get(mod, ()),
                                       outl_by_mod.get(mod))
         t_q += res.seconds
         for suffix in sorted(res.tensors):
@@ -328,13 +344,13 @@ def _write(plan: Plan, qcfg: Any, tmp: str, sws: list[SuperWeight], outliers: li
         params_q += t.numel()
         entries += res.super_weights
         verify += res.verify
-        del res
     files = writer.finish()
-    cfg_out = report.output_config(plan, qcfg, model)
+    cfg_out = report.output_config(plan, qcfg, job.model)
     write_json(os.path.join(tmp, "config.json"), cfg_out)
-    copied = copy_tokenizer_files(plan.source, tmp, tokenizer, model)
+    copied = copy_tokenizer_files(plan.source, tmp, job.tokenizer, job.model)
     if not any(f in copied for f in ("tokenizer.json", "vocab.json")) and not any(f.endswith(".model") for f in copied):
-        log("warning: the source has no tokenizer files; serve the checkpoint with `vllm serve DST --tokenizer ...`")
+        job.log("warning: the source has no tokenizer files; serve the checkpoint with "
+                "`vllm serve DST --tokenizer ...`")
     return {"files": files + sorted(copied), "modules": modules, "super_weights": entries, "verify": verify,
             "params_total": params_total, "params_q": params_q, "quantize_s": t_q, "config": cfg_out,
             "output_bytes": writer.total_bytes, "outliers_written": sorted(outl_by_mod)}
