@@ -143,7 +143,7 @@ def perplexity(m, ids: list[int], bos: int | None, max_tokens: int, batch: int =
 def parse_config(text: str) -> dict:
     cfg = {"bits": 4, "block": "64", "grid": "minmax", "holdout": 0.0, "budget": "uniform", "sw": True,
            "iters": None, "lp": None, "beta": None, "kappa": None, "score_p": None, "metric": "rel_out",
-           "bgrid": "minmax"}
+           "bgrid": "minmax", "fitw": "none", "sel": "abs", "damp": None}
     if text in ("float",):
         return {"float": True}
     for part in filter(None, text.split(",")):
@@ -153,7 +153,7 @@ def parse_config(text: str) -> dict:
             raise SystemExit(f"unknown config key {k!r}")
         if k in ("bits", "iters"):
             cfg[k] = int(v)
-        elif k in ("holdout", "lp", "beta", "kappa", "score_p"):
+        elif k in ("holdout", "lp", "beta", "kappa", "score_p", "damp"):
             cfg[k] = float(v)
         elif k == "sw":
             cfg[k] = v.lower() in ("1", "true", "yes")
@@ -185,6 +185,19 @@ def quantize_model(model: str, m, cfg: dict, log=print) -> dict:
     layout = BlockLayout.parse(cfg["block"])
     weights = {n: mod.weight.detach().to(torch.bfloat16) for n, mod in lins.items()}
     extras = {n: (sw_by_mod.get(n, []) if cfg["sw"] else []) for n in lins}
+    act = None
+    if cfg["fitw"] != "none" or cfg["sel"] != "abs":
+        act = {n: v["skip_first"] for n, v in torch.load(os.path.join(d, "prompt_act.pt")).items()}
+
+    def col_weight(n):
+        # importance of each input column in the fit: prompt RMS ^ power, damped towards its mean
+        if cfg["fitw"] == "none":
+            return None
+        pw = {"act1": 1.0, "act2": 2.0, "acth": 0.5}[cfg["fitw"]]
+        a = act[n].float().clamp_min(1e-12).pow(pw)
+        a = a / a.mean()
+        return a + (cfg["damp"] or 0.0)
+
     t0 = time.time()
     counts = None
     if cfg["holdout"] > 0 and cfg["budget"] != "uniform":
@@ -200,13 +213,14 @@ def quantize_model(model: str, m, cfg: dict, log=print) -> dict:
     per = {}
     for n, mod in lins.items():
         w = weights[n]
+        cs = act[n] if cfg["sel"] == "act" else None
         if counts is not None:
-            mask = select_holdout(w, 0.0, extras[n], count=counts[n])
+            mask = select_holdout(w, 0.0, extras[n], count=counts[n], col_scale=cs)
         else:
-            mask = select_holdout(w, cfg["holdout"], extras[n])
+            mask = select_holdout(w, cfg["holdout"], extras[n], col_scale=cs)
         t1 = time.time()
         ql = quantize_weight(w, cfg["bits"], layout, False, holdout_mask=mask, scale_dtype=torch.bfloat16,
-                             grid=cfg["grid"], grid_params=grid_params(cfg))
+                             grid=cfg["grid"], grid_params=grid_params(cfg), col_weight=col_weight(n))
         t_q += time.time() - t1
         ts = to_tensors(ql, torch.bfloat16)
         bits_total += sum(t.numel() * t.element_size() * 8 for t in ts.values())
@@ -323,12 +337,14 @@ def report() -> None:
     rows: dict[tuple, dict] = {}
     for r in recs:
         rows.setdefault((r["model"], r["config"]), {})[r["text"]] = r
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    print(f"{'model':12s} {'config':100s} {'pydoc4k':>8} {'pydoc8k':>8} {'wiki':>8} {'bits':>6}")
     for (model, key), tx in sorted(rows.items()):
         bits = next(iter(tx.values()))["effective_bits"]
-        pyd = (tx.get("pydoc") or tx.get("pydoc4096") or {}).get("ppl")
-        wk = tx.get("wiki", {}).get("ppl")
-        print(f"{model:12s} {key:90s} pydoc {pyd if pyd is None else round(pyd, 3)!s:>8}  "
-              f"wiki {wk if wk is None else round(wk, 3)!s:>8}  bits {bits:.3f}")
+        vals = [tx.get(t, {}).get("ppl") for t in ("pydoc4096", "pydoc", "wiki")]
+        print(f"{model:12s} {key:100s} {fmt(vals[0]):>8} {fmt(vals[1]):>8} {fmt(vals[2]):>8} {bits:6.3f}")
 
 
 if __name__ == "__main__":

@@ -163,3 +163,30 @@ def test_hqq_cuda_matches_cpu_closely():
     b = quantize_weight(w.cuda(), 4, "64", holdout_mask=mask.cuda(), scale_dtype=torch.bfloat16, grid="hqq")
     assert b.q.is_cuda
     assert abs(a.stats["rel_fro_err"] - b.stats["rel_fro_err"]) < 1e-3 * a.stats["rel_fro_err"] + 1e-6
+
+
+def test_weighted_fit_lowers_weighted_error():
+    w = _heavy(n=128, k=576, seed=9)
+    g = torch.Generator().manual_seed(1)
+    cw = torch.rand(576, generator=g) ** 4 * 10
+    m = select_holdout(w, 1e-3)
+    cwn = cw / cw.mean()
+
+    def err(ql):
+        d = dequantize(ql.q, ql.scale, ql.zero, "64")
+        d[m] = w[m].float()
+        return float(((d - w.float()).abs() ** 0.7 @ cwn).sum())
+
+    a = quantize_weight(w, 4, "64", holdout_mask=m, scale_dtype=torch.bfloat16, grid="hqq")
+    b = quantize_weight(w, 4, "64", holdout_mask=m, scale_dtype=torch.bfloat16, grid="hqq", col_weight=cw)
+    c = quantize_weight(w, 4, "64", holdout_mask=m, scale_dtype=torch.bfloat16, grid="hqq", col_weight=torch.ones(576))
+    assert err(b) < err(a)
+    assert torch.equal(a.q, c.q) and torch.equal(a.scale, c.scale)  # uniform weights = unweighted
+    assert (dequantize(b.q, b.scale, b.zero, "64")[m] == 0).all()
+
+
+def test_select_holdout_col_scale():
+    w = torch.ones(4, 8)
+    cs = torch.arange(8, dtype=torch.float32)
+    m = select_holdout(w, 0.0, count=4, col_scale=cs)
+    assert m[:, 7].all() and int(m.sum()) == 4

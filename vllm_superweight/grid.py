@@ -50,6 +50,8 @@ def fit_grid(
     beta: float = DEFAULT_GRID_PARAMS["beta"],
     kappa: float = DEFAULT_GRID_PARAMS["kappa"],
     score_p: float | None = None,
+    weight: torch.Tensor | None = None,
+    held_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Fit per-block scales and integer zero points to the blocks ``b`` [NB, NG, E] (float32).
 
@@ -61,6 +63,9 @@ def fit_grid(
     ``beta`` is relative to the block's min/max step (shrink threshold |r|^(p-1) / beta with the residual r in
     min/max steps), so the fit does not depend on the matrix's scale. ``score_p``: the norm that picks each
     block's best iterate (default ``lp``).
+    ``weight`` (optional, broadcastable to ``b``, > 0): per-entry importance (e.g. the squared RMS of the input
+    channel over one prompt): the objective becomes sum weight |r|^p and the least squares are weighted;
+    ``held_weight`` [NB, NG]: the sum of ``weight`` over each block's held-out entries.
     Returns (s, z, info): s rounded to ``scale_dtype`` (kept as float32), z integer-valued or None.
     """
     sym = z is None
@@ -77,6 +82,12 @@ def fit_grid(
     unit = s.clone()  # residuals are measured in min/max steps
     bn = b / unit[..., None]
     sum_b = bn.sum(-1)
+    om = None
+    if weight is not None:
+        om = weight.to(b.dtype).clamp_min(1e-12)
+        k = torch.zeros_like(s) if held_weight is None else held_weight.to(s.dtype)
+        n = (om.expand_as(b).sum(-1) - k).clamp_min(1e-12)
+        sum_b = torch.linalg.vecdot(om, bn)
     sc = torch.ones_like(s)  # current scale, in units of `unit`
     s_abs = s.clone()  # current scale as stored (exact in scale_dtype)
     zc = torch.zeros_like(s) if sym else z.clone()
@@ -98,14 +109,17 @@ def fit_grid(
         if p != 1.0 or score_p not in (1.0, 2.0):
             torch.clamp(a, min=1e-12, out=g)
             g.pow_(p - 1.0)
+        aw = a if om is None else a * om
         if score_p == 2.0:
-            cur = torch.linalg.vecdot(a, a)
+            cur = torch.linalg.vecdot(aw, a)
         elif score_p == 1.0:
-            cur = a.sum(-1)
+            cur = aw.sum(-1)
         elif score_p == p:
-            cur = torch.linalg.vecdot(a, g)
+            cur = torch.linalg.vecdot(aw, g)
         else:
-            cur = a.clamp_min(1e-30).pow_(score_p).sum(-1)
+            ap = a.clamp_min(1e-30).pow_(score_p)
+            cur = ap.sum(-1) if om is None else torch.linalg.vecdot(ap, om.expand_as(ap))
+        del aw
         if it == 0:
             cur = cur * (1.0 - 1e-6)  # min/max wins ties
         better = cur < best
@@ -117,16 +131,29 @@ def fit_grid(
         if it == int(iters):
             break
         # sparse part of the error: e = sign(r) * max(|r| - |r|^(p-1) / beta, 0); the grid fits t = bn - e
+        # (weighted, the prox of weight_i |e|^p: the threshold of entry i is weight_i |r|^(p-1) / beta)
         if p == 1.0:
-            a.sub_(1.0 / bt)
+            if om is None:
+                a.sub_(1.0 / bt)
+            else:
+                a.sub_(om / bt)
         else:
+            if om is not None:
+                g.mul_(om)
             a.sub_(g, alpha=1.0 / bt)
         a.clamp_(min=0.0)
         e = torch.copysign(a, r, out=g)
-        sq = q.sum(-1) - k * zc
-        sqq = torch.linalg.vecdot(q, q) - k * zc * zc
-        st = sum_b - e.sum(-1)
-        sqt = torch.linalg.vecdot(q, bn) - torch.linalg.vecdot(q, e)
+        if om is None:
+            sq = q.sum(-1) - k * zc
+            sqq = torch.linalg.vecdot(q, q) - k * zc * zc
+            st = sum_b - e.sum(-1)
+            sqt = torch.linalg.vecdot(q, bn) - torch.linalg.vecdot(q, e)
+        else:
+            qw = torch.mul(q, om, out=r)
+            sq = qw.sum(-1) - k * zc
+            sqq = torch.linalg.vecdot(qw, q) - k * zc * zc
+            st = sum_b - torch.linalg.vecdot(om, e)
+            sqt = torch.linalg.vecdot(qw, bn) - torch.linalg.vecdot(qw, e)
         if sym:
             zn = zc
         else:
@@ -159,10 +186,14 @@ def fit_grid_chunked(b, s, z, bits, scale_dtype, held=None, *, chunk_elems: int 
     rows = max(1, int(chunk_elems) // max(per_row, 1))
     if rows >= nb:
         return fit_grid(b, s, z, bits, scale_dtype, held, **kw)
+
     ss, zs, imp, tot = [], [], 0, 0
+    wt, hw = kw.pop("weight", None), kw.pop("held_weight", None)
     for i in range(0, nb, rows):
+        wi = None if wt is None else (wt if wt.shape[0] == 1 else wt[i : i + rows])
         si, zi, info = fit_grid(b[i : i + rows], s[i : i + rows], None if z is None else z[i : i + rows], bits,
-                                scale_dtype, None if held is None else held[i : i + rows], **kw)
+                                scale_dtype, None if held is None else held[i : i + rows], weight=wi,
+                                held_weight=None if hw is None else hw[i : i + rows], **kw)
         ss.append(si)
         zs.append(zi)
         imp += info["blocks_improved"]

@@ -138,18 +138,26 @@ def _deq(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tens
 
 
 def select_holdout(
-    w: torch.Tensor, fraction: float, extra: list[tuple[int, int]] = (), count: int | None = None
+    w: torch.Tensor,
+    fraction: float,
+    extra: list[tuple[int, int]] = (),
+    count: int | None = None,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask [N, K] of weights kept exact: the top ``fraction`` by |w| plus the ``extra`` coordinates.
 
     ``count``: the number of largest-|w| weights instead of ``ceil(fraction * N * K)`` (the per-matrix budget).
+    ``col_scale`` [K]: rank by |w| * col_scale[col] instead (e.g. the input RMS of one prompt: output impact).
     """
     n, k = w.shape
     mask = torch.zeros(n, k, dtype=torch.bool, device=w.device)
     cnt = int(count) if count is not None else (max(1, int(math.ceil(fraction * n * k))) if fraction > 0 else 0)
     cnt = min(cnt, n * k)
     if cnt > 0:
-        a = w.abs().float().reshape(-1)
+        a = w.abs().float()
+        if col_scale is not None:
+            a = a * col_scale.to(device=w.device, dtype=torch.float32).reshape(1, k)
+        a = a.reshape(-1)
         # deterministic top-k: kth value threshold, ties broken by flat index order
         thr = _kth_largest(a.unsqueeze(0), cnt)[0]
         above = (a > thr).nonzero().reshape(-1)
@@ -174,6 +182,7 @@ def quantize_weight(
     scale_dtype: torch.dtype = torch.float16,
     grid: str = "minmax",
     grid_params: dict | None = None,
+    col_weight: torch.Tensor | None = None,
 ) -> QuantizedLinear:
     """RTN-quantize one [N, K] weight. Held-out positions are excluded from ranges and kept exact.
 
@@ -181,6 +190,8 @@ def quantize_weight(
     clipping). ``"hqq"``: fitted to the block's weights by half-quadratic splitting, integer zero points
     (``grid.fit_grid``; ``grid_params`` overrides its iters / lp / beta / kappa), starting from the min/max grid
     and never worse than it under the fit's norm. Held-out weights are excluded from the fit either way.
+    ``col_weight`` [K] (``grid="hqq"`` only): importance of each input column in the fit (e.g. the squared input
+    RMS of one prompt); None: every weight counts the same (data-free).
     """
     if grid not in GRID_METHODS:
         raise FormatError(f"unknown grid method {grid!r}; one of {', '.join(GRID_METHODS)}")
@@ -227,9 +238,22 @@ def quantize_weight(
     grid_info = None
     if grid == "hqq":
         held = None
-        if holdout_mask is not None and holdout_mask.any():
+        has_held = holdout_mask is not None and bool(holdout_mask.any())
+        if has_held:
             held = _blocks(holdout_mask, layout).sum(-1)
-        s, z, grid_info = fit_grid_chunked(b, s, z, bits, scale_dtype, held, **(grid_params or {}))
+        gkw = dict(grid_params or {})
+        if col_weight is not None:
+            cw = col_weight.to(device=b.device, dtype=torch.float32).reshape(1, k)
+            cw = cw / cw.mean().clamp_min(1e-30)
+            if layout.kind in ("group", "channel"):
+                gkw["weight"] = cw.reshape(1, ng, k // ng)
+            else:
+                gkw["weight"] = _blocks(cw.expand(n, k).contiguous(), layout)
+            if has_held:
+                hw = torch.zeros(n, k, device=b.device)
+                hw[holdout_mask] = cw.expand(n, k)[holdout_mask]
+                gkw["held_weight"] = _blocks(hw, layout).sum(-1)
+        s, z, grid_info = fit_grid_chunked(b, s, z, bits, scale_dtype, held, **gkw)
     qf = _rtn(b, s, z, bits)
     dq = _deq(qf, s, z)
     if grid != "minmax":
