@@ -200,8 +200,8 @@ def _safetensors_view(source: Source, tensors: dict[str, TensorInfo]) -> Iterato
     """A temporary model directory whose only weights are the given safetensors files (symbolic links + an index
     naming exactly their tensors), so that transformers loads what the converter quantizes and nothing else."""
     with tempfile.TemporaryDirectory(prefix="superweight-src-") as d:
-        for fn in sorted(os.listdir(source.path)):
-            if fn.endswith(".json") and fn != "model.safetensors.index.json":  # config, generation config, ...
+        for fn in ("config.json", "generation_config.json"):  # nothing else (no adapter, no custom code)
+            if os.path.isfile(os.path.join(source.path, fn)):
                 os.symlink(os.path.join(source.path, fn), os.path.join(d, fn))
         links: dict[str, str] = {}
         weight_map: dict[str, str] = {}
