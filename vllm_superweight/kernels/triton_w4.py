@@ -79,10 +79,15 @@ MAX_NCH = 8  # more chunks than this per (K block, tile): runtime loop instead o
 #   each group's fp32 partial); ASM: 2 = inline-PTX dequant, 0 = plain Triton; SP: held-out correction 2 = atomic
 #   scatter into the workspace, 1 = one-hot MMA; warps/stages: launch; SK: split-K (0 = from the shape).
 # ------------------------------------------------------------------------------------------------------------
+_SMALL = dict(BM=16, BN=128, DOT=True, SCALE_W=False, ASM=2, SP=2, warps=4, stages=4, SK=0)
 CONFIGS: list[tuple[int, dict]] = [
-    (16, dict(BM=16, BN=128, DOT=True, SCALE_W=False, ASM=2, SP=2, warps=4, stages=4, SK=0)),
-    (32, dict(BM=32, BN=128, DOT=True, SCALE_W=False, ASM=2, SP=2, warps=4, stages=4, SK=0)),
-    (64, dict(BM=64, BN=128, DOT=True, SCALE_W=True, ASM=2, SP=2, warps=4, stages=3, SK=0)),
+    (1, dict(_SMALL, SP_BM=1)),
+    (2, dict(_SMALL, SP_BM=2)),
+    (4, dict(_SMALL, SP_BM=4)),
+    (8, dict(_SMALL, SP_BM=8)),
+    (16, dict(_SMALL, SP_BM=16)),
+    (32, dict(BM=32, BN=128, DOT=True, SCALE_W=False, ASM=2, SP=2, SP_BM=8, E=16, warps=4, stages=4, SK=0)),
+    (64, dict(BM=64, BN=128, DOT=True, SCALE_W=True, ASM=2, SP=2, SP_BM=8, E=16, warps=4, stages=3, SK=0)),
     (256, dict(BM=128, BN=128, DOT=True, SCALE_W=True, ASM=2, SP=1, warps=8, stages=3, SK=0)),
     (1 << 30, dict(BM=128, BN=256, DOT=True, SCALE_W=True, ASM=2, SP=1, warps=8, stages=3, SK=1)),
 ]
@@ -396,7 +401,7 @@ def _workspace(device: torch.device, n_pad: int):
     cur = _WS.get(key)
     if cur is None or cur[2] < n_pad:
         cap = max(n_pad, cur[2] if cur else 0)
-        ws = torch.zeros(WS_MAX_M * cap, dtype=torch.float32, device=device)
+        ws = torch.zeros(WS_MAX_M * cap + 512, dtype=torch.float32, device=device)  # slack: see _sp_scatter
         cnt = torch.zeros(WS_COUNTERS, dtype=torch.int32, device=device)
         cur = (ws, cnt, cap)
         _WS[key] = cur
@@ -727,13 +732,34 @@ if TRITON_OK:
     @triton.jit
     def _sp_scatter(x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, offs_ms, M, stride_xm, stride_xk, NPAD,
                     BN: tl.constexpr, E: tl.constexpr, F16: tl.constexpr, SPB: tl.constexpr):
-        """ws[m, row] += v * x[m, col] for E entries and the token rows offs_ms (fp32 red.add, fire and forget)."""
-        e_ok, col, roff, v = _sp_decode(spe_ptr, e0, hi, k0, n0, E, F16, SPB)
-        g_ok = (offs_ms < M)[:, None] & (e_ok & (roff < BN))[None, :]
-        # [SP_BM, E]: entries along the fast axis, so one warp load reads one token's x row (<= 2 lines)
-        xg = tl.load(x_ptr + offs_ms[:, None] * stride_xm + col[None, :] * stride_xk, mask=g_ok, other=0.0)
-        tl.atomic_add(ws_ptr + offs_ms[:, None] * NPAD + (n0 + roff)[None, :],
-                      xg.to(tl.float32) * v.to(tl.float32)[None, :], mask=g_ok, sem="relaxed")
+        """ws[m, row] += v * x[m, col] for E entries and the token rows offs_ms (fp32 red.add, fire and forget).
+
+        Built as [SP_BM, E] tensors from the start (entries along the fast axis: one warp load reads one token's
+        x row, a few lines) and with an UNMASKED red: a masked one compiles to a branch per element. Lanes with no
+        entry add 0.0 to their own word of the tile (distinct addresses, no contention); token rows >= M exist in
+        the workspace (WS_MAX_M rows) and stay zero."""
+        if SPB == 128:
+            CB: tl.constexpr = 7
+        elif SPB == 256:
+            CB: tl.constexpr = 8
+        else:
+            CB: tl.constexpr = 9
+        lane = tl.arange(0, E)
+        e_idx = (e0 + lane)[None, :] + tl.zeros_like(offs_ms)[:, None]  # [SP_BM, E]
+        e_ok = e_idx < hi
+        ent = tl.load(spe_ptr + e_idx, mask=e_ok, other=0)
+        col = k0 + (ent & (SPB - 1))
+        roff = ((ent >> CB) - n0) & ((1 << (16 - CB)) - 1)
+        ok = e_ok & (roff < BN)
+        if F16:
+            v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            v = (ent & -65536).to(tl.float32, bitcast=True)
+        m2 = offs_ms[:, None] + tl.zeros_like(lane)[None, :]
+        xg = tl.load(x_ptr + m2.to(tl.int64) * stride_xm + col * stride_xk, mask=ok & (m2 < M), other=0.0)
+        dst = n0 + tl.where(ok, roff, lane[None, :] % BN)
+        tl.atomic_add(ws_ptr + m2.to(tl.int64) * NPAD + dst, tl.where(ok, xg.to(tl.float32) * v, 0.0),
+                      sem="relaxed")
 
     @triton.jit
     def _sp_chunk(acc, corr, x_ptr, spe_ptr, e0, hi, k0, n0, m64, m_ok, stride_xm, stride_xk,
@@ -795,14 +821,17 @@ def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     kbs = _cdiv(_cdiv(nkb, sk), spk) * spk  # splits start at sparse-block boundaries
     sk = _cdiv(nkb, kbs)  # no empty splits
     sp_mode = (int(cfg.get("SP", 2)) or 2) if nnz else 0
+    if sp_mode == 2 and m > WS_MAX_M:
+        sp_mode = 1  # the atomic scatter needs the workspace; large M uses the one-hot MMA
     per_chunk = bn * spb * nnz / max(1, info["n"] * info["k"])  # mean entries per (tile, sparse block)
-    e = int(cfg.get("E", 0)) or max(16, min(128, _np2(int(2 * per_chunk) + 1)))
+    e = int(cfg.get("E", 0)) or max(16, min(128 if sp_mode == 2 else 32, _np2(int(2 * per_chunk) + 1)))
+    sp_bm = max(1, min(bm, _np2(int(cfg.get("SP_BM", 0)) or bm), max(1, 512 // e)))
     maxc = info["maxcnt"][bn] if nnz else 0
     nch = _cdiv(maxc, e) if maxc else 0
     if nch > MAX_NCH:
         nch = 0  # runtime chunk loop
     return {"BM": bm, "BN": bn, "SK": sk, "KB_PER_SPLIT": kbs, "grid": (n_t * m_t, sk), "E": e, "NCH": nch,
-            "SP_MODE": sp_mode, "SP_BM": max(1, min(bm, _np2(int(cfg.get("SP_BM", 0)) or bm))), "DOT": dot,
+            "SP_MODE": sp_mode, "SP_BM": sp_bm, "DOT": dot,
             "SCALE_W": bool(cfg.get("SCALE_W", True)), "ASM": int(cfg.get("ASM", 0)) if dot else 0,
             "warps": int(cfg.get("warps", 4)), "stages": int(cfg.get("stages", 2))}
 
@@ -847,7 +876,7 @@ def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, conf
         if x2.is_cuda:
             ws, cnt, cap = _workspace(x2.device, info["n_pad"])
         else:  # interpreter: a private zeroed workspace per call
-            ws = torch.zeros(WS_MAX_M * info["n_pad"], dtype=torch.float32, device=x2.device)
+            ws = torch.zeros(WS_MAX_M * info["n_pad"] + 512, dtype=torch.float32, device=x2.device)
             cnt = torch.zeros(WS_COUNTERS, dtype=torch.int32, device=x2.device)
             cap = info["n_pad"]
         if cap < info["n_pad"]:
@@ -949,10 +978,13 @@ def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = 
               "BM": int(cfg["BM"]), "BN": bn, "SK": int(cfg.get("SK", 1)) or 2, "DOT": bool(cfg.get("DOT", True)),
               "SCALE_W": bool(cfg.get("SCALE_W", True)),
               "ASM": int(cfg.get("ASM", 0)) if cfg.get("DOT", True) else 0,
-              "E": int(cfg.get("E", 0)) or max(16, min(128, _np2(int(2 * bn * sp_block / 1000) + 1))),
+              "E": int(cfg.get("E", 0)) or max(16, min(128 if sp_mode == 2 else 32,
+                                                        _np2(int(2 * bn * sp_block / 1000) + 1))),
               "NCH": int(nch), "F16": bool(f16),
               "INTERP": False, "K16": True, "stride_xk": 1, "SPB": int(sp_block),
-              "SP_BM": max(1, min(int(cfg["BM"]), _np2(int(cfg.get("SP_BM", 0)) or int(cfg["BM"]))))}
+              "SP_BM": 1}
+    e_ = consts["E"]
+    consts["SP_BM"] = max(1, min(int(cfg["BM"]), _np2(int(cfg.get("SP_BM", 0)) or int(cfg["BM"])), max(1, 512 // e_)))
     sig = dict(sig, **{k: "constexpr" for k in consts})
     # pointers 16-byte aligned; KW, NPAD, NS multiples of 16 (as the launcher's shapes give: Triton specializes)
     div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 16, 18, 20]
