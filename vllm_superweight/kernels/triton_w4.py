@@ -180,7 +180,7 @@ def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Opt
         raise ValueError("prepare_w4: matrix too large")
 
     # --- codes [N, K] unsigned ------------------------------------------------------------------------------
-    q = q.to("cpu")
+    wd = q.device  # the repack runs where the codes are (CPU at load time; the GPU in benchmarks)
     if q.dtype == torch.int32 and tuple(q.shape) == (n, _cdiv(k, 8)) and k != _cdiv(k, 8):
         codes = _unpack_ct(q, n, k, 1)
     elif tuple(q.shape) == (n, k):
@@ -191,7 +191,7 @@ def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Opt
         raise ValueError(f"prepare_w4: codes have shape {tuple(q.shape)}, expected {(n, k)} or packed "
                          f"{(n, _cdiv(k, 8))} int32")
     ng = k // g if g else 1
-    s = torch.as_tensor(scales).to("cpu")
+    s = torch.as_tensor(scales).to(wd)
     if s.dim() == 1:
         s = s[:, None]
     if tuple(s.shape) != (n, ng):
@@ -201,7 +201,7 @@ def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Opt
     else:
         if zeros is None:
             raise ValueError("prepare_w4: asymmetric weights need zero points")
-        zt = torch.as_tensor(zeros).to("cpu")
+        zt = torch.as_tensor(zeros).to(wd)
         if zt.dim() == 1:
             zt = zt[:, None]
         if tuple(zt.shape) == (n, ng):
@@ -218,20 +218,20 @@ def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Opt
     n_pad = _cdiv(n, SLAB) * SLAB
     nkb = k_pad // PB
     # --- qw: [N_pad/32, K_pad/8, 32], nibble j of word r of block kb <-> k = 128 kb + 16 j + r -----------------
-    cp = torch.zeros(n_pad, k_pad, dtype=torch.int64)
+    cp = torch.zeros(n_pad, k_pad, dtype=torch.int64, device=wd)
     cp[:n, :k] = codes
     c5 = cp.reshape(n_pad // SLAB, SLAB, nkb, 8, 16)  # [slab, lane, kb, j, r]
-    shifts = (torch.arange(8, dtype=torch.int64) * 4).reshape(1, 1, 1, 8, 1)
+    shifts = (torch.arange(8, dtype=torch.int64, device=wd) * 4).reshape(1, 1, 1, 8, 1)
     words = (c5 << shifts).sum(3)  # [slab, lane, kb, r]
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     qw = words.permute(0, 2, 3, 1).reshape(n_pad // SLAB, nkb * 16, SLAB).contiguous()
     # --- scales / zeros [NG_pad, N_pad] -----------------------------------------------------------------------
     ng_pad = _cdiv(k_pad, g) if g else 1
-    sc = torch.zeros(ng_pad, n_pad, dtype=act)
+    sc = torch.zeros(ng_pad, n_pad, dtype=act, device=wd)
     sc[:ng, :n] = s.to(act).T
     out = {"qw": qw, "scale": sc}
     if z is not None:
-        zz = torch.zeros(ng_pad, n_pad, dtype=torch.uint8)
+        zz = torch.zeros(ng_pad, n_pad, dtype=torch.uint8, device=wd)
         zz[:ng, :n] = z.T.to(torch.uint8)
         out["zero"] = zz
 
@@ -292,6 +292,15 @@ def _entries(rows, cols, vals, n, k, act):
     if not torch.isfinite(torch.cat(vv).double()).all():
         raise ValueError(f"prepare_w4: a held-out value overflows {act}")
     return torch.cat(rr), torch.cat(cc), torch.cat(vv)
+
+
+def without_sparse(prep: dict) -> dict:
+    """The same layer with no held-out entries (shares the base tensors; benchmarks / ablations)."""
+    out = dict(prep)
+    out["sp_ptr"] = torch.zeros_like(prep["sp_ptr"])
+    out["sp_ent"] = torch.zeros(1, dtype=torch.int32, device=prep["sp_ent"].device)
+    out["sp_meta"] = torch.empty((0, 0, 0, 0, 0, 0), dtype=torch.int8, device=prep["sp_meta"].device)
+    return out
 
 
 def prep_info(prep: dict) -> dict:
@@ -496,10 +505,10 @@ if TRITON_OK:
     @triton.jit
     def _w4_kernel(
         x_ptr, qw_ptr, sc_ptr, zp_ptr, bias_ptr, y_ptr, spp_ptr, spe_ptr, ws_ptr, cnt_ptr,
-        M, N, K, KW, NPAD, NKB, NS, KB_PER_SPLIT,
+        M, N, K, KW, NPAD, NKB, NS, KB_PER_SPLIT, SK,
         stride_xm, stride_xk, stride_ym,
         G: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr, SP_MODE: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, SK: tl.constexpr, DOT: tl.constexpr, SCALE_W: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, USE_WS: tl.constexpr, DOT: tl.constexpr, SCALE_W: tl.constexpr,
         ASM: tl.constexpr, E: tl.constexpr, NCH: tl.constexpr, F16: tl.constexpr,
         INTERP: tl.constexpr = False, K16: tl.constexpr = True, SP_BM: tl.constexpr = 16,
         SPB: tl.constexpr = 256,
@@ -532,7 +541,6 @@ if TRITON_OK:
             PPG: tl.constexpr = 8
         else:
             PPG: tl.constexpr = G // 16
-        USE_WS: tl.constexpr = (SK > 1) or (SP_MODE == 2)
 
         # DOT: acc is the transposed tile y^T [BN, BM] = W x^T (dequantized weights = wgmma A operand, registers)
         if DOT:
@@ -826,10 +834,12 @@ def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     per_chunk = bn * spb * nnz / max(1, info["n"] * info["k"])  # mean entries per (tile, sparse block)
     e = int(cfg.get("E", 0)) or max(16, min(128 if sp_mode == 2 else 32, _np2(int(2 * per_chunk) + 1)))
     sp_bm = max(1, min(bm, _np2(int(cfg.get("SP_BM", 0)) or bm), max(1, 512 // e)))
-    maxc = info["maxcnt"][bn] if nnz else 0
-    nch = _cdiv(maxc, e) if maxc else 0
-    if nch > MAX_NCH:
-        nch = 0  # runtime chunk loop
+    nch = 0  # runtime chunk loop (one compile for every shape; keeps the K loop pipelined)
+    if int(cfg.get("NCH", 0)) < 0:  # static guarded chunks sized from the layer's largest (tile, block) count
+        maxc = info["maxcnt"][bn] if nnz else 0
+        nch = _cdiv(maxc, e) if maxc else 0
+        if nch > MAX_NCH:
+            nch = 0
     return {"BM": bm, "BN": bn, "SK": sk, "KB_PER_SPLIT": kbs, "grid": (n_t * m_t, sk), "E": e, "NCH": nch,
             "SP_MODE": sp_mode, "SP_BM": sp_bm, "DOT": dot,
             "SCALE_W": bool(cfg.get("SCALE_W", True)), "ASM": int(cfg.get("ASM", 0)) if dot else 0,
@@ -888,9 +898,9 @@ def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, conf
     _w4_kernel[p["grid"]](
         x2, prep["qw"], prep["scale"], zp, bias_t, y, prep["sp_ptr"], prep["sp_ent"], ws, cnt,
         m, n, k, prep["qw"].shape[1], info["n_pad"], info["k_pad"] // PB, info["n_pad"] // SLICE,
-        p["KB_PER_SPLIT"], x2.stride(0), x2.stride(1), y.stride(0),
+        p["KB_PER_SPLIT"], p["SK"], x2.stride(0), x2.stride(1), y.stride(0),
         G=info["group"], SYM=info["sym"], HAS_BIAS=bias is not None, SP_MODE=p["SP_MODE"],
-        BM=p["BM"], BN=p["BN"], SK=p["SK"], DOT=p["DOT"], SCALE_W=p["SCALE_W"], ASM=p["ASM"],
+        BM=p["BM"], BN=p["BN"], USE_WS=p["SK"] > 1 or p["SP_MODE"] == 2, DOT=p["DOT"], SCALE_W=p["SCALE_W"], ASM=p["ASM"],
         E=p["E"], NCH=p["NCH"], F16=x2.dtype == torch.float16, INTERP=_interpreting(), K16=k % 16 == 0, SP_BM=p["SP_BM"], SPB=info["sp_block"],
         num_warps=p["warps"], num_stages=p["stages"],
     )
@@ -957,7 +967,7 @@ register_op()
 # ahead-of-time compile for sm_90 (no GPU needed): registers / spills / shared memory of a config
 # ------------------------------------------------------------------------------------------------------------
 def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = True, f16: bool = False,
-                 bias: bool = False, nch: int = 1, keep_asm: bool = False, sp_block: int = SP_BLOCK) -> dict:
+                 bias: bool = False, nch: int = 0, keep_asm: bool = False, sp_block: int = SP_BLOCK) -> dict:
     """Compile ``_w4_kernel`` for sm_90 with the constexprs a launch of ``cfg`` would use and run ptxas on it.
     Returns {"regs", "spill_stores", "spill_loads", "stack", "smem", "ptxas"} (+ "asm" dict if ``keep_asm``)."""
     import re
@@ -971,11 +981,12 @@ def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = 
     sig = {"x_ptr": ty, "qw_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*u8", "bias_ptr": ty, "y_ptr": ty,
            "spp_ptr": "*i32", "spe_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
            "M": "i32", "N": "i32", "K": "i32", "KW": "i32", "NPAD": "i32", "NKB": "i32", "NS": "i32",
-           "KB_PER_SPLIT": "i32", "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32"}
+           "KB_PER_SPLIT": "i32", "SK": "i32", "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32"}
     bn = int(cfg["BN"])
     sp_mode = (int(cfg.get("SP", 2)) or 2) if has_sp else 0
     consts = {"G": int(group), "SYM": bool(sym), "HAS_BIAS": bool(bias), "SP_MODE": sp_mode,
-              "BM": int(cfg["BM"]), "BN": bn, "SK": int(cfg.get("SK", 1)) or 2, "DOT": bool(cfg.get("DOT", True)),
+              "BM": int(cfg["BM"]), "BN": bn, "USE_WS": (int(cfg.get("SK", 1)) != 1) or sp_mode == 2,
+              "DOT": bool(cfg.get("DOT", True)),
               "SCALE_W": bool(cfg.get("SCALE_W", True)),
               "ASM": int(cfg.get("ASM", 0)) if cfg.get("DOT", True) else 0,
               "E": int(cfg.get("E", 0)) or max(16, min(128 if sp_mode == 2 else 32,
@@ -987,7 +998,7 @@ def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = 
     consts["SP_BM"] = max(1, min(int(cfg["BM"]), _np2(int(cfg.get("SP_BM", 0)) or int(cfg["BM"])), max(1, 512 // e_)))
     sig = dict(sig, **{k: "constexpr" for k in consts})
     # pointers 16-byte aligned; KW, NPAD, NS multiples of 16 (as the launcher's shapes give: Triton specializes)
-    div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 16, 18, 20]
+    div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 16, 19, 21]
     attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
     k = triton.compile(ASTSource(_w4_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": int(cfg.get("warps", 4)), "num_stages": int(cfg.get("stages", 2))})
