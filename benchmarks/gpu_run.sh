@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_run.sh kernels [kernel_bench args] # one-layer micro-benchmark -> $OUT/kernel_bench.json
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
-#   bash benchmarks/gpu_run.sh tp                          # 2-GPU kind only: TP 2 vs TP 1 through vLLM
+#   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
+#   bash benchmarks/gpu_run.sh coldstart [cold_start args]   # vllm serve time-to-ready, cold and warm caches
 #
 # Every stage first sources .gpu-bundle/install.sh (vLLM 0.26 on PYTHONPATH; the bundle parts must have been
 # stashed, see ../shared/gpu/README.md) and makes sure this package and its vllm.general_plugins entry point
@@ -79,15 +80,18 @@ case "$STAGE" in
   tests)
     setup
     echo "[$(ts)] GPU tests"
-    timeout 560 $PY -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+    timeout 560 $PY -m pytest -q -m gpu -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests.xml" \
       tests/test_kernels.py tests/test_gpu_kernels.py "$@"
     echo "[$(ts)] tests rc=$?" ;;
-  tp)
-    # needs a 2-GPU kind (nvidia-h200-x2): TP 2 == TP 1 through the real engine, SWs on both sides of the split
+  parallel)
+    # needs a 2-GPU kind (nvidia-h200-x2): TP 2 / PP 2 == TP 1 through real engines, SWs on both sides of the split
     setup
-    SUPERWEIGHT_TEST_TOKENIZER_DIR="$TOKENIZER_DIR" timeout 560 $PY -m pytest -q -p no:cacheprovider \
-      --junitxml="$OUT/gpu_tp_tests.xml" tests/test_plugin.py -k "tensor_parallel" "$@"
-    echo "[$(ts)] tp tests rc=$?" ;;
+    timeout 580 $PY benchmarks/gpu_parallel.py --out "$OUT/gpu_parallel.json" --tokenizer-dir "$TOKENIZER_DIR" "$@"
+    echo "[$(ts)] parallel rc=$?" ;;
+  coldstart)
+    setup
+    timeout 590 $PY benchmarks/cold_start.py --out "$OUT/cold_start.json" "$@"
+    echo "[$(ts)] coldstart rc=$?" ;;
   kernels)
     setup
     mkdir -p "$SW_BENCH_DIR"

@@ -231,3 +231,74 @@ def test_dual_dispatch_with_bias_under_compile_and_cuda_graphs():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager), m
+
+
+# ---- the kernel layer on CUDA: selection and every kernel with its own sparse correction -------------------------
+def _cfg(dtype, acts="none", bits=4, group=128, sym=False, k=4096, n=4096):
+    from vllm_superweight.kernels.linear import SWLinearConfig
+
+    return SWLinearConfig(prefix="gpu.test", bits=bits, symmetric=sym, group_size=group, activations=acts,
+                          act_dtype=dtype, full_shape=(k, n), partition_shape=(k, n), device_type="cuda")
+
+
+def test_choose_kernel_on_cuda(monkeypatch):
+    pytest.importorskip("vllm")
+    from vllm_superweight.kernels.linear import choose_kernel
+    from vllm_superweight.kernels.linear import w8a8 as W8
+    from vllm_superweight.kernels.linear import weight_only as WO
+
+    for v in ("SUPERWEIGHT_W4_KERNEL", "VLLM_DISABLED_KERNELS"):
+        monkeypatch.delenv(v, raising=False)
+    sm90 = torch.cuda.get_device_capability()[0] == 9
+    assert choose_kernel(_cfg(torch.bfloat16)) is (WO.DualMarlinMacheteKernel if sm90 else WO.MarlinKernel)
+    assert choose_kernel(_cfg(torch.float32)) is WO.TorchDequantKernel  # Machete/Marlin have no fp32 path
+    assert choose_kernel(_cfg(torch.bfloat16, group=96, k=96 * 40)) is WO.TorchDequantKernel
+    w8 = dict(acts="int8-token", bits=8, group=-1, sym=True)
+    assert choose_kernel(_cfg(torch.bfloat16, **w8)) is W8.CutlassSplitInt8Kernel
+    assert choose_kernel(_cfg(torch.float32, **w8)) is W8.TorchInt8Kernel
+    monkeypatch.setenv("SUPERWEIGHT_W4_KERNEL", "vllm")
+    assert choose_kernel(_cfg(torch.bfloat16)) is (WO.MacheteKernel if sm90 else WO.MarlinKernel)
+
+
+@pytest.mark.parametrize("kernel,dtype", [("auto", torch.bfloat16), ("marlin", torch.float16),
+                                          ("torch", torch.bfloat16), ("auto", torch.float32)])
+def test_kernel_classes_apply_their_sparse_correction(kernel, dtype):
+    VL = _vl()
+    dev, n, k = "cuda", 4096, 11008
+    r, c, v = _holdout(n, k, 0.001, seed=7)
+    w = VL.random_w4(n, k, 128, False, dev, dtype=dtype, holdout=(r, c), seed=5)
+    layer, kobj = VL.build_mp_layer(w, kernel, act_dtype=dtype, sparse=(r, c, v))
+    w_ref = VL.dequant_w4(w)
+    w_ref[r.to(dev), c.to(dev)] = v.to(dev)
+    for m in (1, 16, 17, 300):
+        x = torch.randn(m, k, device=dev, dtype=dtype)
+        y = kobj.apply_weights(layer, x)
+        assert y.dtype == dtype
+        e = _rel(y, x.float() @ w_ref.T)
+        assert e < (1e-5 if dtype == torch.float32 else 8e-3), (kernel, m, e)
+
+
+def test_w8a8_kernel_classes_on_cuda():
+    VL = _vl()
+    VL.single_process_tp()
+    from vllm_superweight.kernels.linear import w8a8 as W8
+
+    dev, n, k = "cuda", 4096, 4096
+    w = VL.random_w8(n, k, dev, seed=1)
+    outl = torch.tensor([5, 1000, 3001])
+    for cls, dtype, acts in [(W8.CutlassSplitInt8Kernel, torch.bfloat16, "int8-token"),
+                             (W8.CutlassSplitInt8Kernel, torch.float16, "int8-tensor"),
+                             (W8.TorchInt8Kernel, torch.float32, "int8-token")]:
+        c = _cfg(dtype, acts=acts, bits=8, group=-1, sym=True, k=k, n=n)
+        assert cls.can_implement(c)[0]
+        layer = torch.nn.Module()
+        layer.register_parameter("weight_packed", torch.nn.Parameter(w["w"].clone(), requires_grad=False))
+        layer.register_parameter("weight_scale", torch.nn.Parameter(w["scale"].clone(), requires_grad=False))
+        kern = cls(c)
+        kern.set_outliers(layer, outl)
+        kern.process_weights_after_loading(layer)
+        x = torch.randn(64, k, device=dev, dtype=dtype)
+        x[:, 1000] *= 200.0  # a super-activation channel kept in 16 bit
+        y = kern.apply_weights(layer, x)
+        e = _rel(y, x.float() @ VL.dequant_w8(w).T)
+        assert y.dtype == dtype and e < 2e-2, (cls.__name__, dtype, acts, e)

@@ -15,7 +15,8 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from ..format import QUANT_METHOD, FormatError, QuantConfig, check_super_weights_in_range, is_ignored, load_sidecar
+from ..checkpoint import validate_checkpoint
+from ..format import QUANT_METHOD, FormatError, QuantConfig, SuperWeight, is_ignored
 from .. import envs
 from .schemes import SWLinearScheme
 
@@ -28,10 +29,10 @@ class SuperWeightRTNConfig(QuantizationConfig):
         super().__init__()
         self.qcfg = qcfg
         self.raw = raw or {}
-        self.sidecar: dict | None = None
+        self.sidecar = None  # format.Sidecar, read in maybe_update_config
         # Read in the frontend process and pickled to the workers with the config.
         self.sparse_enabled = not envs.disable_correction()
-        self.super_weights_by_module: dict[str, list[dict]] = {}
+        self.super_weights_by_module: dict[str, list[SuperWeight]] = {}
 
     def __repr__(self) -> str:
         return f"SuperWeightRTNConfig({self.raw})"
@@ -64,22 +65,11 @@ class SuperWeightRTNConfig(QuantizationConfig):
             )
         if not os.path.isdir(model_name):
             raise FormatError(f"{QUANT_METHOD} serves local checkpoint directories; {model_name!r} is not one")
-        self.sidecar = load_sidecar(os.path.join(model_name, self.qcfg.sidecar))
-        text_cfg = getattr(hf_config, "text_config", None) or hf_config
-        shapes = {}
-        if text_cfg is not None:
-            hidden = getattr(text_cfg, "hidden_size", None)
-            inter = getattr(text_cfg, "intermediate_size", None)
-            for sw in self.sidecar["super_weights"]:
-                if sw["module"].endswith("mlp.down_proj") and hidden and inter:
-                    shapes[sw["module"]] = (int(hidden), int(inter))
-        check_super_weights_in_range(
-            {"super_weights": [sw for sw in self.sidecar["super_weights"] if sw["module"] in shapes]}, shapes
-        )
-        by: dict[str, list[dict]] = {}
-        for sw in self.sidecar["super_weights"]:
-            by.setdefault(sw["module"], []).append(sw)
-        self.super_weights_by_module = by
+        # config.json, the sidecar (inside the checkpoint only), every tensor header: refused here, before any
+        # weight is read, with one message naming the module/tensor/field (vllm_superweight.checkpoint)
+        _, sidecar = validate_checkpoint(model_name)
+        self.sidecar = sidecar
+        self.super_weights_by_module = sidecar.by_module()
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if not isinstance(layer, LinearBase):

@@ -31,13 +31,13 @@ def _log_kernel_once(kind: str, desc: str, prefix: str) -> None:
     _LOGGED_KERNELS.add((kind, desc))
     from vllm.logger import init_logger
 
-    init_logger("vllm_superweight").info("superweight_rtn %s linears: %s (first: %s)", kind, desc, prefix)
+    init_logger("vllm.superweight_rtn").info("superweight_rtn %s linears: %s (first: %s)", kind, desc, prefix)
 
 
 class SWLinearScheme:
     """One quantized Linear: ``create_weights`` (parameters + loaders), checks at load, then the kernel."""
 
-    def __init__(self, qcfg, prefix: str, sparse_enabled: bool, super_weights: list[dict]):
+    def __init__(self, qcfg, prefix: str, sparse_enabled: bool, super_weights: list):
         self.qcfg = qcfg
         self.prefix = prefix
         self.layout = qcfg.layout
@@ -167,18 +167,18 @@ class SWLinearScheme:
                 entries[(r, c)] = v
         n_full, k_full = int(layer.output_size), int(layer.input_size)
         for sw in self.super_weights:
-            r, c = int(sw["row"]), int(sw["col"])
+            r, c = sw.row, sw.col
             if not (0 <= r < n_full and 0 <= c < k_full):
                 raise FormatError(f"super weight {self.prefix}[{r}, {c}] lies outside its matrix [{n_full}, {k_full}]")
-            if sw.get("restored", True) and self.qcfg.restore_super_weights:
+            if sw.restored and self.qcfg.restore_super_weights:
                 if (r, c) not in entries:
                     raise FormatError(
                         f"super weight {self.prefix}[{r}, {c}] is listed in the sidecar but missing from the "
                         "checkpoint's sparse_index: the checkpoint is inconsistent"
                     )
-                if entries[(r, c)] != float(sw["value"]):
+                if entries[(r, c)] != sw.value:
                     raise FormatError(
-                        f"super weight {self.prefix}[{r}, {c}]: sidecar value {sw['value']!r} differs from the "
+                        f"super weight {self.prefix}[{r}, {c}]: sidecar value {sw.value!r} differs from the "
                         f"checkpoint's held-out value {entries[(r, c)]!r}"
                     )
 

@@ -124,6 +124,8 @@ class VllmInt8Kernel(_Int8Base):
             return ok, why
         if c.activations != "int8-token":
             return False, "vLLM's int8 kernels quantize per token only here"
+        if c.device_type != "cpu" and c.act_dtype not in SIXTEEN_BIT:
+            return False, f"vLLM's GPU int8 kernels write 16-bit outputs only, not {c.act_dtype}"
         missing = missing_ops(*cls._ops_for_platform())
         if missing:
             return False, f"this vLLM build has no {', '.join(missing)}"

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Time-to-ready of ``vllm serve`` (cold and warm caches), ours beside AWQ, on the GPU machine.
+
+    python benchmarks/cold_start.py --out $OUT/cold_start.json --ckpt awq-7b=/root/swbench/awq \
+        --ckpt sw-7b=/root/swbench/sw-w4-g128 [--modes cold,warm] [--timeout 420] [-- extra vllm serve args]
+
+For each checkpoint and mode one ``vllm serve CKPT --host 127.0.0.1`` is started with its caches (vLLM's compile
+cache, Inductor's, Triton's) in a directory of its own: ``cold`` empties it first (a fresh machine), ``warm``
+reuses what the cold start left (a restart). Measured: seconds from the process start to ``/health`` answering
+200 (``ready_s``) and to the first completion of 16 tokens (``first_completion_s``), plus what vLLM's log says
+the time went to (weights loading, torch.compile, CUDA-graph capture, engine init). Records are appended to
+``--out`` as they come.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+T0 = time.time()
+PATTERNS = {
+    "load_s": r"Model loading took [\d.]+ Gi?B (?:memory )?and ([\d.]+) seconds",
+    "load_gib": r"Model loading took ([\d.]+) Gi?B",
+    "compile_s": r"torch\.compile take[s]? ([\d.]+) s in total",
+    "graph_capture_s": r"Graph capturing finished in ([\d.]+) secs",
+    "engine_init_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) seconds",
+    "kv_cache_tokens": r"GPU KV cache size: ([\d,]+) tokens",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def complete(port: int, model: str) -> float:
+    body = json.dumps({"model": model, "prompt": "The capital of France is", "max_tokens": 16,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    t = time.time()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        json.load(r)
+    return time.time() - t
+
+
+def parse_log(path: str) -> dict:
+    with open(path, errors="replace") as f:
+        text = f.read()
+    out = {}
+    for key, pat in PATTERNS.items():
+        m = re.findall(pat, text)
+        if m:
+            vals = [float(v.replace(",", "")) for v in m]
+            out[key] = max(vals) if key != "kv_cache_tokens" else min(vals)
+    out["superweight_kernels"] = sorted({ln.split("superweight_rtn", 1)[1].strip()[:120]
+                                         for ln in text.splitlines() if "superweight_rtn W" in ln})
+    return out
+
+
+def serve_once(name: str, ckpt: str, mode: str, cache: str, timeout: float, extra: list[str], logdir: str) -> dict:
+    if mode == "cold":
+        shutil.rmtree(cache, ignore_errors=True)
+    os.makedirs(cache, exist_ok=True)
+    env = dict(os.environ, VLLM_CACHE_ROOT=os.path.join(cache, "vllm"), TRITON_CACHE_DIR=os.path.join(cache, "triton"),
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpt, "--host", "127.0.0.1", "--port",
+           str(port), "--served-model-name", name] + extra
+    lp = os.path.join(logdir, f"cold_start-{name}-{mode}.log")
+    rec = dict(name=name, ckpt=ckpt, mode=mode, cmd=" ".join(cmd[2:]))
+    t0 = time.time()
+    with open(lp, "w") as lf:
+        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            while time.time() - t0 < timeout:
+                if p.poll() is not None:
+                    rec["status"] = f"exited rc={p.returncode}"
+                    break
+                if get(f"http://127.0.0.1:{port}/health") == 200:
+                    rec["ready_s"] = round(time.time() - t0, 1)
+                    rec["first_request_s"] = round(complete(port, name), 2)
+                    rec["first_completion_s"] = round(time.time() - t0, 1)
+                    rec["status"] = "ok"
+                    break
+                time.sleep(0.5)
+            else:
+                rec["status"] = f"not ready after {timeout:.0f}s"
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=30)
+            except Exception:  # noqa: BLE001
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    rec.update(parse_log(lp))
+    return rec
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "cold_start.json"))
+    ap.add_argument("--ckpt", action="append", required=True, help="NAME=PATH (repeatable)")
+    ap.add_argument("--modes", default="cold,warm")
+    ap.add_argument("--workdir", default="/root/coldstart")
+    ap.add_argument("--timeout", type=float, default=420.0)
+    ap.add_argument("--budget-s", type=float, default=570.0)
+    args = ap.parse_args(argv)
+    logdir = os.path.dirname(os.path.abspath(args.out))
+    recs = []
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            recs = json.load(f)
+    for item in args.ckpt:
+        name, _, path = item.partition("=")
+        for mode in args.modes.split(","):
+            left = args.budget_s - (time.time() - T0)
+            if left < 60:
+                log(f"skip {name}/{mode}: {left:.0f}s left")
+                continue
+            log(f"{name} ({path}) {mode}")
+            rec = serve_once(name, path, mode, os.path.join(args.workdir, name), min(args.timeout, left - 20), extra,
+                             logdir)
+            rec["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                        capture_output=True, text=True).stdout.strip().splitlines()[:1]
+            recs.append(rec)
+            with open(args.out + ".tmp", "w") as f:
+                json.dump(recs, f, indent=1)
+            os.replace(args.out + ".tmp", args.out)
+            log(f"  -> {json.dumps(rec)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
