@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""Micro-benchmark of the fused W4A16 GEMM (``kernels/triton_w4.py``) on one GPU (H200 / H100).
+
+Four Llama-2-7B layer GEMMs (TP 1): qkv 12288x4096, o 4096x4096, gate_up 22016x4096, down 4096x11008, g128
+asymmetric. ``--layers`` (default 2) distinct layers run back to back inside one CUDA graph (2 x 101 MB of W4
+weights > the 60 MB L2), timed with CUDA events over graph replays (median of ``--iters``); times are per layer.
+
+Sections (each written to the JSON as soon as it finishes; ``--budget-s`` skips what would not fit):
+  meta      device, versions, measured device-to-device copy bandwidth, layout bytes vs AWQ
+  check     our kernel vs a float reference on the GPU (M = 1, 16, 256): relative error, with and without hold-out
+  main      per M in --ms: ours without / with a 0.1 % random hold-out (+ one super weight in down_proj),
+            vLLM's Marlin and Machete (if vLLM imports), Machete / Marlin + the existing separate sparse kernel;
+            us per layer, achieved TB/s and fraction of the peak (4.8 TB/s H200, or --peak-bw), ratios
+  m1        M = 1 per linear: us, TB/s, % of peak for each of the four GEMMs (ours and Marlin / Machete)
+  spsweep   correction variants at M = 1, 16, 64: SP mode (atomic / one-hot), token rows per scatter, entries
+            per chunk, sparse-index block (128 / 256 / 512): cost over the same kernel without hold-out
+  sweep     small config sweep per M bucket (BN, BM, warps, stages, split-K, dequant, scale placement), no
+            hold-out; the best per M is re-timed with the hold-out; writes "best_table" (paste into CONFIGS)
+  prefill   main section for M = 512..4096
+
+Usage: python benchmarks/w4_fused_bench.py --out $OUT/w4_fused_bench.json [--budget-s 420] [--quick]
+       python benchmarks/w4_fused_bench.py --dry-run-cpu      # tiny shapes through the Triton interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/vllm_linear.py (vLLM kernel harness)
+
+if "--dry-run-cpu" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+DECODE_MS = [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256]
+PREFILL_MS = [512, 1024, 2048, 4096]
+PEAK_TBS = {"H200": 4.8, "H100 SXM": 3.35, "H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9}
+T0 = time.time()
+DRY = False
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------------------
+def time_graph(fn, iters: int = 30) -> float:
+    """Median us of one ``fn()`` over replays of a CUDA graph holding it (warm-up and compile outside)."""
+    if DRY:
+        fn()
+        return 1.0
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1000.0)
+    del g
+    return statistics.median(ts)
+
+
+def copy_bandwidth() -> float:
+    if DRY:
+        return float("nan")
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = time_graph(lambda: b.copy_(a), iters=10)
+    del a, b
+    return 2 * n / (us * 1e-6) / 1e12
+
+
+# ------------------------------------------------------------------------------------------------------------
+# parallel JIT warm-up: every (config, hold-out, sparse block) the run will launch is compiled first in worker
+# processes on small layers with the same argument specializations (multiples of 16), filling Triton's on-disk
+# cache; the timed process then loads the binaries instead of compiling ~90 variants one after the other.
+# ------------------------------------------------------------------------------------------------------------
+_WARM_LAYERS: dict = {}
+
+
+def _warm_one(job):
+    cfg, sp, spb = job
+    t = time.time()
+    try:
+        from vllm_superweight.kernels import triton_w4 as T
+
+        key = (sp, spb)
+        if key not in _WARM_LAYERS:
+            n, k = 256, 1024
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32, device="cuda")
+            s = (torch.rand(n, k // 128, generator=g, device="cuda") * 0.01 + 0.002).to(torch.bfloat16)
+            z = torch.randint(0, 16, (n, k // 128), generator=g, dtype=torch.int32, device="cuda")
+            gc = torch.Generator().manual_seed(1)
+            flat = torch.randperm(n * k, generator=gc)[:max(1, n * k // 1000)]
+            r, c = flat // k, flat % k
+            v = torch.randn(r.numel(), generator=gc) * 0.05
+            prep = T.prepare_w4(q, s, z, 128, False, r, c, v, n, k, "cuda", sp_block=spb)
+            _WARM_LAYERS[key] = prep if sp else T.without_sparse(prep)
+        prep = _WARM_LAYERS[key]
+        ms = (1, 300) if cfg.get("BM", 16) >= 128 else (1,)
+        for m in ms:
+            x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+            sks = (1, 2) if not (sp and cfg.get("SP", 2) == 2) else (2,)
+            for sk in sks:  # both epilogues (direct store / workspace) unless the atomic correction forces one
+                T.w4_mm(x, prep, config=dict(cfg, SK=sk))
+        torch.cuda.synchronize()
+        return None, time.time() - t
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e)[:300]}", time.time() - t
+
+
+def warm_compile(jobs, workers: int):
+    import multiprocessing as mp
+
+    uniq, seen = [], set()
+    for cfg, sp, spb in jobs:
+        key = json.dumps([cfg, sp, spb], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            uniq.append((cfg, sp, spb))
+    t = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        res = pool.map(_warm_one, uniq, chunksize=1)
+    errs = [(j, e) for j, (e, _) in zip(uniq, res) if e]
+    log(f"warm-up: {len(uniq)} variants compiled by {workers} workers in {time.time() - t:.0f} s "
+        f"(sum of compile times {sum(d for _, d in res):.0f} s), {len(errs)} errors")
+    return {"variants": len(uniq), "wall_s": time.time() - t, "cpu_s": sum(d for _, d in res),
+            "errors": [[j[0], j[1], j[2], e] for j, e in errs][:10]}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the benchmark
+# ------------------------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args):
+        from vllm_superweight.kernels import triton_w4 as T
+
+        self.T = T
+        self.args = args
+        self.dev = torch.device("cpu" if DRY else "cuda")
+        if DRY:
+            self.name, sms, cap = "cpu-dry-run", 0, [0, 0]
+        else:
+            p = torch.cuda.get_device_properties(self.dev)
+            self.name, sms, cap = p.name, p.multi_processor_count, list(torch.cuda.get_device_capability())
+        self.peak = args.peak_bw or next((v for key, v in PEAK_TBS.items() if key.lower() in self.name.lower()),
+                                         float("nan"))
+        import triton
+
+        self.meta = {"device": self.name, "sm_count": sms, "capability": cap, "peak_bw_tbs": self.peak,
+                     "torch": torch.__version__, "triton": triton.__version__, "layers": args.layers,
+                     "shapes": SHAPES if not DRY else "tiny (dry run)", "holdout_frac": args.holdout, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "table": [[m, c] for m, c in T.CONFIGS]}
+        self.rows: list[dict] = []
+        self.vl = None  # tests/vllm_linear (vLLM) or None
+        try:
+            if args.no_vllm or DRY:
+                raise ImportError("disabled")
+            import vllm  # noqa: F401
+
+            import vllm_linear as VL
+
+            self.vl = VL
+            self.meta["vllm"] = vllm.__version__
+        except Exception as e:  # noqa: BLE001
+            self.meta["vllm"] = f"unavailable: {type(e).__name__}: {e}"
+            log(f"vLLM unavailable ({e}): Marlin / Machete columns skipped")
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+    def left(self) -> float:
+        return self.args.budget_s - (time.time() - T0)
+
+    def add(self, **rec) -> None:
+        if rec.get("bytes") and rec.get("us"):
+            rec["tbs"] = rec["bytes"] / (rec["us"] * 1e-6) / 1e12
+            if self.peak == self.peak:
+                rec["frac_peak"] = rec["tbs"] / self.peak
+        self.rows.append(rec)
+        keys = ("section", "kernel", "shape", "m", "us", "tbs", "frac_peak", "ratio", "note")
+        log("  " + " ".join(f"{k}={rec[k]:.4g}" if isinstance(rec.get(k), float) else f"{k}={rec[k]}"
+                            for k in keys if k in rec))
+
+    def save(self) -> None:
+        out = os.path.abspath(self.args.out)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        self.meta["elapsed_s"] = time.time() - T0
+        with open(out + ".tmp", "w") as f:
+            json.dump({"meta": self.meta, "results": self.rows}, f, indent=1, default=str)
+        os.replace(out + ".tmp", out)
+
+    # -- layers -----------------------------------------------------------------------------------------------
+    def build(self):
+        """Random g128 asym W4 layers (codes, scales, zeros on the device), 0.1 % hold-out + a super weight in
+        down_proj; our prepared layouts (with / without entries) and, with vLLM, Marlin and Machete layers."""
+        T, dev = self.T, self.dev
+        self.layers = []
+        for li in range(self.args.layers):
+            d = {}
+            for name, (n, k) in self.shapes.items():
+                g = torch.Generator(device=dev).manual_seed(1000 * li + n + k)
+                q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32, device=dev)
+                s = (torch.rand(n, k // 128, generator=g, device=dev) * 0.01 + 0.002).to(torch.bfloat16)
+                z = torch.randint(0, 16, (n, k // 128), generator=g, dtype=torch.int32, device=dev)
+                gc = torch.Generator().manual_seed(li * 10 + len(d))
+                nnz = max(1, int(round(n * k * self.args.holdout)))
+                flat = torch.randperm(n * k, generator=gc)[:nnz]
+                if name == "down":  # one planted super weight
+                    flat = torch.unique(torch.cat([flat, torch.tensor([(n // 2) * k + k // 3])]))
+                r, c = flat // k, flat % k
+                v = (torch.randn(r.numel(), generator=gc) * 0.05).to(torch.bfloat16).float()
+                if name == "down":
+                    v[(r == n // 2) & (c == k // 3)] = -2.5
+                q[r.to(dev), c.to(dev)] = z[r.to(dev), (c // 128).to(dev)]  # held-out codes dequantize to 0
+                prep = T.prepare_w4(q, s, z, 128, False, r, c, v, n, k, dev)
+                ent = {"q": q, "s": s, "z": z, "r": r, "c": c, "v": v, "prep": prep,
+                       "prep0": T.without_sparse(prep)}
+                if self.vl is not None:
+                    w = {"q": q, "scales": s, "zeros": z, "group": 128, "symmetric": False, "n": n, "k": k}
+                    for kname in ("machete", "marlin"):
+                        try:
+                            ent[kname] = self.vl.build_mp_layer(w, kname)
+                        except Exception as e:  # noqa: BLE001
+                            ent[kname] = None
+                            self.meta.setdefault("vllm_build_errors", {})[kname] = f"{type(e).__name__}: {e}"
+                    import vllm_superweight.kernels as K
+
+                    ent["sell"] = K.prepare_sparse(r, c, v, n, k, dev, layout="sell")
+                d[name] = ent
+            self.layers.append(d)
+        if not DRY:
+            torch.cuda.synchronize()
+        mem = {name: T.memory_bytes(self.layers[0][name]["prep"]) for name in self.shapes}
+        awq = {name: n * k // 2 + n * (k // 128) * 2 + n * (k // 128) // 2 for name, (n, k) in self.shapes.items()}
+        self.meta["layout_bytes"] = mem
+        self.meta["awq_bytes"] = awq
+        self.meta["bytes_vs_awq"] = sum(m["total"] for m in mem.values()) / sum(awq.values())
+        self.meta["bytes_vs_awq_no_holdout"] = sum(m["base"] for m in mem.values()) / sum(awq.values())
+        self.meta["holdout_nnz"] = {name: T.prep_info(self.layers[0][name]["prep"])["nnz"] for name in self.shapes}
+        log(f"layers built; our bytes / AWQ = {self.meta['bytes_vs_awq']:.4f} (base only "
+            f"{self.meta['bytes_vs_awq_no_holdout']:.4f})")
+
+    def wbytes(self, kind: str, names=None) -> int:
+        names = names or list(self.shapes)
+        tot = 0
+        for name in names:
+            n, k = self.shapes[name]
+            if kind in ("ours", "ours_sp"):
+                mem = self.T.memory_bytes(self.layers[0][name]["prep"])
+                tot += mem["total"] if kind == "ours_sp" else mem["base"]
+            else:  # vLLM: packed codes + bf16 scales + packed zeros
+                tot += n * k // 2 + n * (k // 128) * 2 + n * (k // 128) // 2
+        return tot
+
+    def iobytes(self, m: int, names=None) -> int:
+        return sum(m * k * 2 + m * n * 2 for name, (n, k) in self.shapes.items() if name in (names or self.shapes))
+
+    def xs(self, m: int):
+        g = torch.Generator(device=self.dev).manual_seed(m)
+        return {name: torch.randn(m, k, generator=g, device=self.dev).to(torch.bfloat16)
+                for name, (n, k) in self.shapes.items()}
+
+    def runner(self, kind: str, xs: dict, config=None, names=None, prep_key=None):
+        """fn() running ``kind`` over every layer and linear in ``names``."""
+        T = self.T
+        names = names or list(self.shapes)
+        import vllm_superweight.kernels as K
+
+        def f():
+            for lay in self.layers:
+                for name in names:
+                    e, x = lay[name], xs[name]
+                    if kind in ("ours", "ours_sp"):
+                        T.w4_mm(x, e[prep_key or ("prep" if kind == "ours_sp" else "prep0")], config=config)
+                    else:
+                        base, sp = kind.split("+") if "+" in kind else (kind, None)
+                        layer, kobj = e[base]
+                        y = kobj.apply_weights(layer, x)
+                        if sp:
+                            K.sparse_correction(y, x, e["sell"])
+        return f
+
+    def timed(self, kind, m, xs, config=None, names=None, prep_key=None):
+        try:
+            return time_graph(self.runner(kind, xs, config, names, prep_key), self.args.iters) / len(self.layers)
+        except Exception as e:  # noqa: BLE001
+            self.add(section="error", kernel=kind, m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
+            if self.args.verbose:
+                traceback.print_exc()
+            return None
+
+    # -- sections ---------------------------------------------------------------------------------------------
+    def section_check(self):
+        T = self.T
+        for m in (1, 16, 256):
+            xs = self.xs(m)
+            for name in self.shapes:
+                e, x = self.layers[0][name], xs[name]
+                w = ((e["q"].float() - e["z"].float().repeat_interleave(128, 1)) *
+                     e["s"].float().repeat_interleave(128, 1))
+                ref0 = x.float() @ w.T
+                w[e["r"].to(self.dev), e["c"].to(self.dev)] = e["v"].to(self.dev)
+                ref = x.float() @ w.T
+                del w
+                for kind, key, want in (("ours_sp", "prep", ref), ("ours", "prep0", ref0)):
+                    y = T.w4_mm(x, e[key]).float()
+                    rel = float((y - want).norm() / want.norm())
+                    self.add(section="check", kernel=kind, shape=name, m=m, rel_err=rel,
+                             note="OK" if rel < 1e-2 else "TOO LARGE")
+                if self.vl is not None and e.get("machete") is not None:
+                    layer, kobj = e["machete"]
+                    y = kobj.apply_weights(layer, x).float()
+                    self.add(section="check", kernel="machete", shape=name, m=m,
+                             rel_err=float((y - ref0).norm() / ref0.norm()))
+        self.save()
+
+    def kinds(self):
+        ks = ["ours", "ours_sp"]
+        if self.vl is not None:
+            for base in ("machete", "marlin"):
+                if self.layers[0]["o"].get(base) is not None:
+                    ks += [base, base + "+sparse"]
+        return ks
+
+    def section_main(self, ms, section="main"):
+        for m in ms:
+            if self.left() < 20:
+                self.add(section=section, m=m, note="skipped: time budget")
+                continue
+            xs = self.xs(m)
+            res = {}
+            for kind in self.kinds():
+                us = self.timed(kind, m, xs)
+                if us is None:
+                    continue
+                res[kind] = us
+                wb = self.wbytes("ours_sp" if kind == "ours_sp" else ("ours" if kind == "ours" else "vllm"))
+                self.add(section=section, kernel=kind, m=m, us=us, bytes=wb + self.iobytes(m))
+            base = [res[k] for k in ("machete", "marlin") if k in res]
+            summ = {"section": section + "_ratio", "m": m}
+            if base:
+                best = min(base)
+                summ.update(best_vllm_us=best, ours_speedup_vs_best_vllm=best / res["ours"] if "ours" in res else None,
+                            ours_sp_speedup_vs_best_vllm_sp=(min(res[k] for k in ("machete+sparse", "marlin+sparse")
+                                                                 if k in res) / res["ours_sp"])
+                            if "ours_sp" in res and any(k in res for k in ("machete+sparse", "marlin+sparse"))
+                            else None)
+                if "machete" in res and "ours" in res:
+                    summ["ours_speedup_vs_machete(AWQ)"] = res["machete"] / res["ours"]
+            if "ours" in res and "ours_sp" in res:
+                summ["holdout_cost"] = res["ours_sp"] / res["ours"] - 1.0
+            self.rows.append(summ)
+            log("  " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summ.items()}))
+            self.save()
+
+    def section_m1(self):
+        xs = self.xs(1)
+        for name in self.shapes:
+            for kind in self.kinds():
+                if "+" in kind:
+                    continue
+                us = self.timed(kind, 1, xs, names=[name])
+                if us is None:
+                    continue
+                wb = self.wbytes("ours_sp" if kind == "ours_sp" else ("ours" if kind == "ours" else "vllm"), [name])
+                self.add(section="m1", kernel=kind, shape=name, m=1, us=us, bytes=wb + self.iobytes(1, [name]))
+        self.save()
+
+    def section_spsweep(self):
+        """Correction variants (cost over the same kernel with no entries)."""
+        T = self.T
+        extra = {}
+        for spb in (128, 512):  # other sparse-index blocks: re-prepare the first layer's entries (device repack)
+            if self.left() < 60:
+                break
+            for li, lay in enumerate(self.layers):
+                for name, e in lay.items():
+                    n, k = self.shapes[name]
+                    e[f"prep_spb{spb}"] = T.prepare_w4(e["q"], e["s"], e["z"], 128, False, e["r"], e["c"], e["v"],
+                                                        n, k, self.dev, sp_block=spb)
+            extra[spb] = f"prep_spb{spb}"
+        for m in ((1,) if DRY else (1, 16, 64)):
+            if self.left() < 30:
+                break
+            xs = self.xs(m)
+            base_cfg = T.pick_config(m)
+            us0 = self.timed("ours", m, xs, config=base_cfg)
+            variants = [("default", base_cfg, None), ("SP=1 one-hot", dict(base_cfg, SP=1), None),
+                        ("E=16", dict(base_cfg, E=16), None), ("E=64", dict(base_cfg, E=64), None),
+                        ("static chunks", dict(base_cfg, NCH=-1), None)]
+            if m > 1:
+                variants.append(("SP_BM=1..", dict(base_cfg, SP_BM=max(1, base_cfg.get("SP_BM", 16) // 4)), None))
+            for spb, key in extra.items():
+                variants.append((f"sp_block={spb}", dict(base_cfg, BN=min(base_cfg["BN"], 1 << (16 - (spb.bit_length() - 1)))), key))
+            for label, cfg, key in variants:
+                if self.left() < 15:
+                    break
+                us = self.timed("ours_sp", m, xs, config=cfg, prep_key=key)
+                if us is None or us0 is None:
+                    continue
+                self.add(section="spsweep", kernel=label, m=m, us=us, us_without=us0, ratio=us / us0,
+                         config=cfg)
+            self.save()
+
+    def candidates(self, m: int):
+        T = self.T
+        base = T.pick_config(m)
+        c = [("table", base)]
+        if m <= 16:
+            c += [("BN256", dict(base, BN=256)), ("BN64", dict(base, BN=64)), ("w8", dict(base, warps=8)),
+                  ("stages3", dict(base, stages=3)), ("stages2", dict(base, stages=2)), ("SK1", dict(base, SK=1)),
+                  ("plain-dequant", dict(base, ASM=0)), ("scale_w", dict(base, SCALE_W=True))]
+            if m <= 2:
+                c += [("FMA BM1", dict(BM=1, BN=64, DOT=False, SCALE_W=False, SP=2, warps=4, stages=3, SK=0)),
+                      ("SK x2", dict(base, SK=2 * max(1, T.plan(m, T.prep_info(self.layers[0]["o"]["prep"]),
+                                                                  base)["SK"])))]
+        elif m <= 64:
+            c += [("BM16", dict(base, BM=16)), ("BM32", dict(base, BM=32)), ("BN64", dict(base, BN=64)),
+                  ("BN256", dict(base, BN=256)), ("w8", dict(base, warps=8)), ("SK1", dict(base, SK=1)),
+                  ("scale_w flip", dict(base, SCALE_W=not base.get("SCALE_W", True)))]
+        elif m <= 256:
+            c += [("BM64 BN128 w4", dict(base, BM=64, BN=128, warps=4)), ("BM128 BN256", dict(base, BN=256)),
+                  ("BM64 BN256 w8", dict(base, BM=64, BN=256)), ("stages4", dict(base, stages=4)),
+                  ("SK2", dict(base, SK=2))]
+        else:
+            c += [("BN128", dict(base, BN=128)), ("BM64", dict(base, BM=64)), ("stages4", dict(base, stages=4)),
+                  ("stages2", dict(base, stages=2)), ("w4", dict(base, warps=4))]
+        return c
+
+    def section_sweep(self):
+        best = {}
+        for m in self.args.sweep_ms:
+            if self.left() < 30:
+                self.add(section="sweep", m=m, note="skipped: time budget")
+                continue
+            xs = self.xs(m)
+            times = {}
+            for label, cfg in self.candidates(m):
+                if self.left() < 15:
+                    break
+                us = self.timed("ours", m, xs, config=cfg)
+                if us is None:
+                    continue
+                times[label] = (us, cfg)
+                self.add(section="sweep", kernel=label, m=m, us=us, bytes=self.wbytes("ours") + self.iobytes(m),
+                         config=cfg)
+            if not times:
+                continue
+            label, (us, cfg) = min(times.items(), key=lambda kv: kv[1][0])
+            us_sp = self.timed("ours_sp", m, xs, config=cfg) if self.left() > 15 else None
+            best[m] = {"label": label, "us": us, "us_holdout": us_sp, "config": cfg,
+                       "table_us": times.get("table", (None,))[0]}
+            self.add(section="sweep_best", kernel=label, m=m, us=us, us_holdout=us_sp,
+                     ratio=(us_sp / us) if us_sp else None, config=cfg)
+            self.meta["best_table"] = best
+            self.save()
+
+    def warm_jobs(self):
+        T = self.T
+        jobs = []
+        ms = sorted(set(self.args.ms + self.args.prefill_ms + self.args.sweep_ms + [1, 16, 64]))
+        for m in ms:
+            base = T.pick_config(m)
+            jobs += [(base, False, 256), (base, True, 256)]
+        if "spsweep" in self.args.sections:
+            for m in (1, 16, 64):
+                base = T.pick_config(m)
+                for cfg in (dict(base, SP=1), dict(base, E=16), dict(base, E=64),
+                            dict(base, SP_BM=max(1, base.get("SP_BM", 16) // 4))):
+                    jobs.append((cfg, True, 256))
+                jobs += [(base, True, 128), (base, True, 512)]
+        if "sweep" in self.args.sections:
+            for m in self.args.sweep_ms:
+                for _, cfg in self.candidates(m):
+                    jobs.append((cfg, False, 256))
+        return jobs
+
+    def run(self):
+        args = self.args
+        if not DRY:
+            self.meta["copy_bw_tbs"] = copy_bandwidth()
+            log(f"device {self.name}: copy bandwidth {self.meta['copy_bw_tbs']:.2f} TB/s (read + write)")
+        self.shapes = SHAPES if not DRY else {"qkv": (192, 256), "o": (64, 256), "gate_up": (344, 256),
+                                              "down": (64, 384)}
+        self.build()
+        self.save()
+        if args.warm_workers > 0 and not DRY:
+            try:
+                self.meta["warmup"] = warm_compile(self.warm_jobs(), args.warm_workers)
+            except Exception as e:  # noqa: BLE001
+                self.meta["warmup"] = f"failed: {type(e).__name__}: {e}"
+                log(f"warm-up failed ({e}); compiling on first use")
+            self.save()
+        for sec in args.sections:
+            if self.left() < 10:
+                self.meta.setdefault("skipped_sections", []).append(sec)
+                continue
+            log(f"section {sec} ({self.left():.0f} s left)")
+            try:
+                if sec == "check":
+                    self.section_check()
+                elif sec == "main":
+                    self.section_main(args.ms)
+                elif sec == "m1":
+                    self.section_m1()
+                elif sec == "spsweep":
+                    self.section_spsweep()
+                elif sec == "sweep":
+                    self.section_sweep()
+                elif sec == "prefill":
+                    self.section_main(args.prefill_ms, section="prefill")
+            except Exception as e:  # noqa: BLE001
+                self.add(section=sec, note=f"section failed: {type(e).__name__}: {str(e)[:500]}")
+                traceback.print_exc()
+            self.save()
+        self.summary()
+        self.save()
+
+    def summary(self):
+        print("\n=== fused W4 GEMM, one Llama-2-7B layer (4 GEMMs), us per layer ===")
+        kinds = self.kinds()
+        print(f"{'M':>5} " + " ".join(f"{k:>15}" for k in kinds) + f" {'ours/AWQ':>9} {'holdout':>8}")
+        for sec in ("main", "prefill"):
+            by_m = {}
+            for r in self.rows:
+                if r.get("section") == sec and r.get("us"):
+                    by_m.setdefault(r["m"], {})[r["kernel"]] = r["us"]
+            for m in sorted(by_m):
+                d = by_m[m]
+                sp = (d["ours_sp"] / d["ours"] - 1) if "ours" in d and "ours_sp" in d else float("nan")
+                awq = (d["machete"] / d["ours"]) if "machete" in d and "ours" in d else float("nan")
+                print(f"{m:>5} " + " ".join(f"{d.get(k, float('nan')):>15.1f}" for k in kinds)
+                      + f" {awq:>8.2f}x {sp * 100:>7.1f}%")
+        m1 = [r for r in self.rows if r.get("section") == "m1" and r.get("frac_peak") is not None]
+        if m1:
+            print("\nM = 1 per GEMM: " + "; ".join(f"{r['kernel']} {r['shape']} {r['us']:.1f} us "
+                                                 f"{r['frac_peak'] * 100:.0f}%" for r in m1))
+        if self.meta.get("best_table"):
+            print("\nbest config per M (sweep): " + json.dumps({m: v["label"] for m, v in
+                                                               self.meta["best_table"].items()}))
+
+
+def main():
+    global DRY
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "w4_fused_bench.json"))
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--holdout", type=float, default=1e-3)
+    ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=DECODE_MS)
+    ap.add_argument("--prefill-ms", type=lambda s: [int(v) for v in s.split(",")], default=PREFILL_MS)
+    ap.add_argument("--sweep-ms", type=lambda s: [int(v) for v in s.split(",")],
+                    default=[1, 16, 32, 64, 128, 256, 1024, 4096])
+    ap.add_argument("--sections", type=lambda s: s.split(","),
+                    default=["check", "main", "m1", "spsweep", "sweep", "prefill"])
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new work after this many s")
+    ap.add_argument("--peak-bw", type=float, default=None, help="TB/s (default: by device name; H200 4.8)")
+    ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--warm-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)),
+                    help="processes pre-compiling the kernel variants in parallel (0: compile on first use)")
+    ap.add_argument("--quick", action="store_true", help="layers=1, iters=10, fewer M")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.iters = 1, 10
+        args.ms, args.prefill_ms, args.sweep_ms = [1, 16, 64, 256], [1024], [1, 16, 64, 256]
+    if args.dry_run_cpu:
+        DRY = True
+        args.layers, args.iters = 1, 1
+        args.ms, args.prefill_ms, args.sweep_ms = [1, 3], [40], [1, 20]
+        args.budget_s = max(args.budget_s, 1800.0)
+    B = Bench(args)
+    B.run()
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
