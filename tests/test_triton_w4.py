@@ -214,6 +214,25 @@ def test_plan_is_shape_only_and_split_aligned():
     assert T.plan(1, info, T.pick_config(1))["SK"] > 1  # small N at M = 1: split-K fills the GPU
 
 
+@not_interp
+def test_custom_op_registered_fake_and_traceable():
+    """``superweight::w4_fused_mm`` is defined once (idempotent), its fake impl gives [M, N], and
+    torch.compile(fullgraph=True) traces through ``w4_fused_mm`` to the op (CUDA kernel only: on CPU the traced
+    graph then fails at dispatch, not at tracing)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert T.register_op() and T.register_op()
+    assert "superweight::w4_fused_mm" in str(torch.ops.superweight.w4_fused_mm.default._schema)
+    inputs, prep = make_layer(64, 256, 128, False, nnz=5, seed=0)
+    with FakeTensorMode() as fm:
+        fp = {key: fm.from_tensor(v) for key, v in prep.items()}
+        y = T.w4_fused_mm(torch.empty(5, 256, dtype=torch.bfloat16), fp)
+        assert y.shape == (5, 64) and y.dtype == torch.bfloat16
+    cf = torch.compile(lambda x: T.w4_fused_mm(x, prep) * 2, fullgraph=True, backend="eager", dynamic=True)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        cf(torch.randn(3, 256).to(torch.bfloat16))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Triton interpreter
 # ------------------------------------------------------------------------------------------------------------

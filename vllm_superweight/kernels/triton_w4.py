@@ -914,6 +914,7 @@ def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, conf
 # ------------------------------------------------------------------------------------------------------------
 PREP_KEYS = ("qw", "scale", "zero", "sp_ptr", "sp_ent", "sp_meta", "info")
 _LIB = None
+_REGISTERED = False
 
 
 def _op_impl(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
@@ -933,13 +934,14 @@ def _op_fake(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, zero: Optio
 
 def register_op() -> bool:
     """Define ``torch.ops.superweight.w4_fused_mm`` once per process (idempotent; False without Triton)."""
-    global _LIB
+    global _LIB, _REGISTERED
     if not TRITON_OK:
         return False
-    if _LIB is not None:
+    if _REGISTERED:
         return True
     try:
         torch.ops.superweight.w4_fused_mm.default  # noqa: B018
+        _REGISTERED = True
         return True
     except (AttributeError, RuntimeError):
         pass
@@ -950,12 +952,14 @@ def register_op() -> bool:
     lib.impl("w4_fused_mm", _op_impl, "CUDA")
     lib._register_fake("w4_fused_mm", _op_fake)
     _LIB = lib
+    _REGISTERED = True
     return True
 
 
 def w4_fused_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``w4_mm`` through the custom op (CUDA; graph- and torch.compile-safe). x [..., K] -> [..., N]."""
-    register_op()
+    if not _REGISTERED:  # registered at import; a plain flag keeps this traceable by Dynamo
+        register_op()
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.ops.superweight.w4_fused_mm(x2, prep["qw"], prep["scale"], prep.get("zero"), prep["sp_ptr"],
                                           prep["sp_ent"], prep["sp_meta"], prep["info"], bias)
