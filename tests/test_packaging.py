@@ -78,3 +78,18 @@ def test_wheel_install_finds_presets(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = json.load(open(work / "out" / "config.json"))["quantization_config"]
     assert (cfg["bits"], cfg["block"], cfg["holdout"]) == (4, "64", 0.001)
+
+
+def test_cpu_lock_pins_every_requirement_by_hash():
+    """requirements/cpu-lock.txt is installed with --require-hashes: every requirement is an exact pin followed by
+    at least one sha256 (scripts/hash-lock.py writes them), and setup-env.sh asks pip to enforce them."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "requirements", "cpu-lock.txt")).read()
+    entries = [e for e in re.split(r"\n(?=\S)", text) if e.strip() and not e.startswith("#")]
+    assert len(entries) > 150
+    for e in entries:
+        assert re.match(r"^[A-Za-z0-9_.\-]+==\S+ \\\n", e), e
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", e), e
+    assert "--require-hashes" in open(os.path.join(root, "scripts", "setup-env.sh")).read()

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Serving cost on the CPU (vLLM CPU build): weight memory and decode speed of checkpoints, one engine each.
+
+    python benchmarks/cpu_serving.py --out benchmarks/results/cpu_serving.json NAME=CKPT [NAME=CKPT ...]
+
+Each checkpoint is served in its own process (offline ``LLM``, in-process engine, bf16, eager, 1 OMP thread as
+vLLM binds it on this 2-core machine): the weight memory vLLM reports ("Model loading took X GiB"), the kernel the
+plugin chose, and greedy decode throughput for 64 new tokens after a 64-token prompt at batch 1 and 8 (best of
+3). Records carry the CPU's ISA (AVX2 / AVX-512), which decides the weight-only kernel (vLLM's AVX2 build has no
+``cpu_gemm_wna16``: the plugin then dequantizes once at load and serves ``F.linear``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+CHILD = r"""
+import json, os, sys, time
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+llm = LLM(model=sys.argv[1], dtype="bfloat16", enforce_eager=True, max_model_len=512, seed=0)
+sp = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+res = {}
+for batch in (1, 8):
+    ps = [TokensPrompt(prompt_token_ids=[1 + (7 * i + j) % 5000 for j in range(64)]) for i in range(batch)]
+    llm.generate(ps, sp, use_tqdm=False)  # warm-up
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        llm.generate(ps, sp, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    res[f"decode_tok_s_b{batch}"] = round(batch * 64 / min(times), 1)
+print("RESULT " + json.dumps(res), flush=True)
+"""
+
+
+def isa() -> str:
+    flags = open("/proc/cpuinfo").read()
+    return "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "other")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ckpts", nargs="+", help="NAME=CHECKPOINT_DIR")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_serving.json"))
+    args = ap.parse_args()
+    recs = []
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            recs = json.load(f)
+    for item in args.ckpts:
+        name, _, path = item.partition("=")
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+                   HF_HUB_OFFLINE="1", VLLM_HOST_IP="127.0.0.1")
+        t = time.time()
+        p = subprocess.run([sys.executable, "-c", CHILD, path], capture_output=True, text=True, env=env)
+        out = p.stdout + p.stderr
+        rec = {"name": name, "ckpt": path, "cpu": isa(), "cores": os.cpu_count(), "seconds": round(time.time() - t, 1),
+               "date": time.strftime("%Y-%m-%d")}
+        m = re.search(r"Model loading took ([\d.]+) Gi?B", out)
+        if m:
+            rec["weights_gib"] = float(m.group(1))
+        k = sorted({ln.split("superweight_rtn", 1)[1].strip() for ln in out.splitlines() if "superweight_rtn W" in ln})
+        rec["kernels"] = k or ["(unquantized)"]
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode != 0 or not lines:
+            rec["status"] = f"failed rc={p.returncode}: {out[-500:]}"
+        else:
+            rec.update(json.loads(lines[-1][7:]))
+            rec["status"] = "ok"
+        print(json.dumps(rec), flush=True)
+        recs.append(rec)
+        with open(args.out, "w") as f:
+            json.dump(recs, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
