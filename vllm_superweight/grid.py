@@ -315,6 +315,47 @@ def matrix_error(w: torch.Tensor, deq: torch.Tensor, metric: str, act: torch.Ten
     return e
 
 
+def fit_weight_from_rms(rms: torch.Tensor, power: float = 2.0, damp: float = 0.1) -> torch.Tensor:
+    """Per-input-column importance for ``quantize_weight(col_weight=...)`` from one prompt's input RMS [K]:
+    ``rms^power`` normalised to mean 1, plus ``damp`` (so that no column is ignored)."""
+    a = rms.float().clamp_min(1e-12).pow(power)
+    return a / a.mean() + float(damp)
+
+
+def budget_curve(
+    w: torch.Tensor,
+    fraction: float,
+    bits: int,
+    layout,
+    *,
+    extra=(),
+    metric: str = "rel_out",
+    act: torch.Tensor | None = None,
+    grid: str = "minmax",
+    grid_params: dict | None = None,
+    multipliers=BUDGET_MULTIPLIERS,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    col_scale: torch.Tensor | None = None,
+    col_weight: torch.Tensor | None = None,
+) -> list[tuple[int, float]]:
+    """One matrix's error (``matrix_error``) with ``m x ceil(fraction * numel)`` largest-|w| weights held out,
+    for every m of ``multipliers`` (the input of ``allocate_budget``; one streaming pass of the converter)."""
+    from .quantize import dequantize, quantize_weight, select_holdout
+
+    base = int(math.ceil(fraction * w.numel()))
+    pts = []
+    for mlt in multipliers:
+        c = min(int(round(mlt * base)), w.numel() // 4)
+        mask = select_holdout(w, 0.0, extra, count=c, col_scale=col_scale)
+        ql = quantize_weight(w, bits, layout, False, holdout_mask=mask, scale_dtype=scale_dtype, grid=grid,
+                             grid_params=grid_params, col_weight=col_weight if grid != "minmax" else None)
+        deq = dequantize(ql.q, ql.scale, ql.zero, layout)
+        if ql.sparse_rows.numel():
+            deq[ql.sparse_rows, ql.sparse_cols] = ql.sparse_vals.float()
+        pts.append((c, matrix_error(w, deq, metric, act)))
+    return pts
+
+
 def holdout_budget(
     weights: dict[str, torch.Tensor],
     fraction: float,
@@ -330,6 +371,7 @@ def holdout_budget(
     grid_params: dict | None = None,
     multipliers=BUDGET_MULTIPLIERS,
     scale_dtype: torch.dtype = torch.bfloat16,
+    col_scales: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """Per-matrix hold-out counts (largest |w| of each matrix) summing to at most the uniform budget.
 
@@ -337,25 +379,15 @@ def holdout_budget(
     ``matrix_error``) is measured at ``multipliers`` x its uniform count (quantized with ``grid``), and the
     counts are chosen by equal marginal error reduction per held-out entry (``allocate_budget``).
     """
-    from .quantize import dequantize, quantize_weight, select_holdout
-
+    if scheme != "greedy":
+        raise ValueError(f"unknown budget scheme {scheme!r}")
     extras = extras or {}
     total = sum(int(math.ceil(fraction * w.numel())) for w in weights.values())
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for name, w in weights.items():
-        base = int(math.ceil(fraction * w.numel()))
-        pts = []
-        for mlt in multipliers:
-            c = min(int(round(mlt * base)), w.numel() // 4)
-            mask = select_holdout(w, 0.0, extras.get(name, ()), count=c)
-            ql = quantize_weight(w, bits, layout, False, holdout_mask=mask, scale_dtype=scale_dtype, grid=grid,
-                                 grid_params=grid_params)
-            deq = dequantize(ql.q, ql.scale, ql.zero, layout)
-            if ql.sparse_rows.numel():
-                deq[ql.sparse_rows, ql.sparse_cols] = ql.sparse_vals.float()
-            act = None
-            if metric in ("rel_out", "out"):
-                act = act_rms[name][act_key]
-            pts.append((c, matrix_error(w, deq, metric, act)))
-        curves[name] = pts
+    curves = {
+        name: budget_curve(w, fraction, bits, layout, extra=extras.get(name, ()), metric=metric,
+                           act=None if metric not in ("rel_out", "out") else act_rms[name][act_key], grid=grid,
+                           grid_params=grid_params, multipliers=multipliers, scale_dtype=scale_dtype,
+                           col_scale=None if col_scales is None else col_scales[name])
+        for name, w in weights.items()
+    }
     return allocate_budget(curves, total)
