@@ -89,7 +89,7 @@ CONFIGS: list[tuple[int, dict]] = [
     (32, dict(BM=32, BN=128, DOT=True, SCALE_W=False, ASM=2, SP=2, SP_BM=8, E=16, warps=4, stages=4, SK=0)),
     (64, dict(BM=64, BN=128, DOT=True, SCALE_W=True, ASM=2, SP=2, SP_BM=8, E=16, warps=4, stages=3, SK=0)),
     (256, dict(BM=128, BN=128, DOT=True, SCALE_W=True, ASM=2, SP=1, warps=8, stages=3, SK=0)),
-    (1 << 30, dict(BM=128, BN=256, DOT=True, SCALE_W=True, ASM=2, SP=1, warps=8, stages=3, SK=1)),
+    (1 << 30, dict(BM=128, BN=256, DOT=True, SCALE_W=True, ASM=2, SP=1, E=16, warps=8, stages=3, SK=1)),
 ]
 WS_MAX_M = 256  # split-K is used only for M <= this (workspace capacity)
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs: split-K grows until the grid has this many programs
@@ -511,7 +511,7 @@ if TRITON_OK:
         BM: tl.constexpr, BN: tl.constexpr, USE_WS: tl.constexpr, DOT: tl.constexpr, SCALE_W: tl.constexpr,
         ASM: tl.constexpr, E: tl.constexpr, NCH: tl.constexpr, F16: tl.constexpr,
         INTERP: tl.constexpr = False, K16: tl.constexpr = True, SP_BM: tl.constexpr = 16,
-        SPB: tl.constexpr = 256,
+        SPB: tl.constexpr = 256, I64: tl.constexpr = False,  # I64: 64-bit offsets in the scatter
     ):
         # SP_MODE: 0 no held-out entries, 1 one-hot MMA / select (exact per tile), 2 atomic scatter into the workspace
         pid = tl.program_id(0)
@@ -522,7 +522,7 @@ if TRITON_OK:
         n0 = pid_n * BN
         offs_m = pid_m * BM + tl.arange(0, BM)
         m_ok = offs_m < M
-        m64 = offs_m.to(tl.int64)
+        m64 = offs_m.to(tl.int64)  # (int32 here makes the large-BM wgmma variants spill: measured with ptxas)
         offs_n = n0 + tl.arange(0, BN)
         n_ok = offs_n < NPAD
         n_store = offs_n < N
@@ -557,6 +557,7 @@ if TRITON_OK:
         kb_lo = pid_k * KB_PER_SPLIT
         kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
         for kb in range(kb_lo, kb_hi):
+            # (pointer + loop-invariant part) + K offset: Triton hoists the first add out of the K loop
             wv = tl.load(qw_ptr + w_col[None, :] + (kb * 16 + rr)[:, None] * 32, mask=n_ok[None, :], other=0)
             k0 = kb * 128
             if ASM != 0:
@@ -667,18 +668,19 @@ if TRITON_OK:
                 hi = tl.load(spp_ptr + pbase + tl.minimum(BN // 16, NS - n0 // 16))  # last tile may pass N_pad
                 if SP_MODE == 2:
                     # atomic scatter: SP_BM token rows at a time (M = 1 does not pay for BM - 1 masked rows)
-                    for t in tl.static_range(BM // SP_BM):
-                        if pid_m * BM + t * SP_BM < M:
-                            offs_ms = pid_m * BM + t * SP_BM + tl.arange(0, SP_BM)
-                            if NCH > 0:
-                                for c in tl.static_range(NCH):
-                                    if lo + c * E < hi:
-                                        _sp_scatter(x_ptr, spe_ptr, ws_ptr, lo + c * E, hi, k0, n0, offs_ms, M,
-                                                    stride_xm, stride_xk, NPAD, BN, E, F16, SPB)
-                            else:
-                                for e0 in range(lo, hi, E):
-                                    _sp_scatter(x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, offs_ms, M,
-                                                stride_xm, stride_xk, NPAD, BN, E, F16, SPB)
+                    # runtime loop over the live token rows only (a static unroll of BM / SP_BM copies costs
+                    # ~40 registers at SP_BM = 1)
+                    for mt in range(pid_m * BM, tl.minimum(pid_m * BM + BM, M), SP_BM):
+                        offs_ms = mt + tl.arange(0, SP_BM)
+                        if NCH > 0:
+                            for c in tl.static_range(NCH):
+                                if lo + c * E < hi:
+                                    _sp_scatter(x_ptr, spe_ptr, ws_ptr, lo + c * E, hi, k0, n0, offs_ms, M,
+                                                stride_xm, stride_xk, NPAD, BN, E, F16, SPB, I64)
+                        else:
+                            for e0 in range(lo, hi, E):
+                                _sp_scatter(x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, offs_ms, M,
+                                            stride_xm, stride_xk, NPAD, BN, E, F16, SPB, I64)
                 elif NCH > 0:
                     for c in tl.static_range(NCH):
                         if lo + c * E < hi:
@@ -739,7 +741,8 @@ if TRITON_OK:
 
     @triton.jit
     def _sp_scatter(x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, offs_ms, M, stride_xm, stride_xk, NPAD,
-                    BN: tl.constexpr, E: tl.constexpr, F16: tl.constexpr, SPB: tl.constexpr):
+                    BN: tl.constexpr, E: tl.constexpr, F16: tl.constexpr, SPB: tl.constexpr,
+                    I64: tl.constexpr):
         """ws[m, row] += v * x[m, col] for E entries and the token rows offs_ms (fp32 red.add, fire and forget).
 
         Built as [SP_BM, E] tensors from the start (entries along the fast axis: one warp load reads one token's
@@ -764,10 +767,12 @@ if TRITON_OK:
         else:
             v = (ent & -65536).to(tl.float32, bitcast=True)
         m2 = offs_ms[:, None] + tl.zeros_like(lane)[None, :]
-        xg = tl.load(x_ptr + m2.to(tl.int64) * stride_xm + col * stride_xk, mask=ok & (m2 < M), other=0.0)
+        if I64:
+            m2 = m2.to(tl.int64)
+        # offsets summed before the pointer add: one 64-bit add per element instead of two (registers)
+        xg = tl.load(x_ptr + (m2 * stride_xm + col * stride_xk), mask=ok & (m2 < M), other=0.0)
         dst = n0 + tl.where(ok, roff, lane[None, :] % BN)
-        tl.atomic_add(ws_ptr + m2.to(tl.int64) * NPAD + dst, tl.where(ok, xg.to(tl.float32) * v, 0.0),
-                      sem="relaxed")
+        tl.atomic_add(ws_ptr + (m2 * NPAD + dst), tl.where(ok, xg.to(tl.float32) * v, 0.0), sem="relaxed")
 
     @triton.jit
     def _sp_chunk(acc, corr, x_ptr, spe_ptr, e0, hi, k0, n0, m64, m_ok, stride_xm, stride_xk,
@@ -904,6 +909,8 @@ def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, conf
         G=info["group"], SYM=info["sym"], HAS_BIAS=bias is not None, SP_MODE=p["SP_MODE"],
         BM=p["BM"], BN=p["BN"], USE_WS=p["SK"] > 1 or p["SP_MODE"] == 2, DOT=p["DOT"], SCALE_W=p["SCALE_W"], ASM=p["ASM"],
         E=p["E"], NCH=p["NCH"], F16=x2.dtype == torch.float16, INTERP=_interpreting(), K16=k % 16 == 0, SP_BM=p["SP_BM"], SPB=info["sp_block"],
+        I64=max(m * max(x2.stride(0), info["n_pad"], y.stride(0)), prep["qw"].numel(), WS_MAX_M * info["n_pad"] + 512)
+        >= 2**31 - 1,
         num_warps=p["warps"], num_stages=p["stages"],
     )
     return y.reshape(*x.shape[:-1], n)
@@ -998,7 +1005,7 @@ def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = 
               "E": int(cfg.get("E", 0)) or max(16, min(128 if sp_mode == 2 else 32,
                                                         _np2(int(2 * bn * sp_block / 1000) + 1))),
               "NCH": int(nch), "F16": bool(f16),
-              "INTERP": False, "K16": True, "stride_xk": 1, "SPB": int(sp_block),
+              "INTERP": False, "K16": True, "stride_xk": 1, "SPB": int(sp_block), "I64": False,
               "SP_BM": 1}
     e_ = consts["E"]
     consts["SP_BM"] = max(1, min(int(cfg["BM"]), _np2(int(cfg.get("SP_BM", 0)) or int(cfg["BM"])), max(1, 512 // e_)))
