@@ -261,7 +261,8 @@ def test_choose_kernel_on_cuda(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel,dtype", [("auto", torch.bfloat16), ("marlin", torch.float16),
-                                          ("torch", torch.bfloat16), ("auto", torch.float32)])
+                                          ("torch", torch.bfloat16), ("auto", torch.float32),
+                                          ("fused", torch.bfloat16), ("fused", torch.float16)])
 def test_kernel_classes_apply_their_sparse_correction(kernel, dtype):
     VL = _vl()
     dev, n, k = "cuda", 4096, 11008

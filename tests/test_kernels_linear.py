@@ -75,6 +75,15 @@ def test_w8a8_missing_onednn_falls_back(clean_env, monkeypatch):
     assert choose_kernel(cfg(acts="int8-tensor", bits=8, group=-1, sym=True)) is W8.TorchInt8Kernel
 
 
+def test_fused_triton_kernel_is_opt_in_and_cuda_only(clean_env, monkeypatch):
+    assert WO.FusedTritonW4Kernel not in WEIGHT_ONLY_KERNELS  # untimed on a GPU: not chosen automatically
+    ok, why = WO.FusedTritonW4Kernel.can_implement(cfg())
+    assert not ok and "CUDA" in why
+    monkeypatch.setenv(envs.W4_KERNEL, "fused")
+    with pytest.raises(NoKernelError, match="SUPERWEIGHT_W4_KERNEL=fused cannot run"):
+        choose_kernel(cfg())
+
+
 def test_float32_never_reaches_a_16bit_kernel(clean_env):
     c = cfg(torch.float32)
     assert choose_kernel(c) is WO.TorchDequantKernel

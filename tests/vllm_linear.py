@@ -80,14 +80,15 @@ def dequant_w4(w: dict) -> torch.Tensor:
     return ((q - z) * w["scales"].float()[..., None]).reshape(n, k)
 
 
-KERNELS = ("machete", "marlin", "cpu", "dual", "torch", "auto")
+KERNELS = ("machete", "marlin", "cpu", "dual", "torch", "fused", "auto")
 
 
 def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16, max_m: int | None = None,
                    bias: torch.Tensor | None = None, sparse: tuple | None = None):
     """(layer, kernel) with the plugin's parameters and one of OUR kernel classes (kernels/linear):
     ``kernel`` in {"machete", "marlin", "cpu" (CPUWNA16), "dual" (Marlin for M <= ``max_m``, Machete above),
-    "torch" (dequantize-once fallback), "auto" (the priority list)}. ``sparse`` = (rows, cols, vals) attaches
+    "torch" (dequantize-once fallback), "fused" (our Triton W4 GEMM, correction inside), "auto" (the priority
+    list)}. ``sparse`` = (rows, cols, vals) attaches
     held-out entries (the kernel's own sparse correction). ``kernel.apply_weights(layer, x, bias)`` runs it."""
     single_process_tp()
     from vllm.model_executor.parameter import (
@@ -106,7 +107,7 @@ def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16, max_m: int | 
                          activations="none", act_dtype=act_dtype, full_shape=(k, n), partition_shape=(k, n),
                          device_type=dev.type)
     classes = {"machete": WO.MacheteKernel, "marlin": WO.MarlinKernel, "cpu": WO.CPUWNA16Kernel,
-               "dual": WO.DualMarlinMacheteKernel, "torch": WO.TorchDequantKernel}
+               "dual": WO.DualMarlinMacheteKernel, "torch": WO.TorchDequantKernel, "fused": WO.FusedTritonW4Kernel}
     KC = choose_kernel(cfg) if kernel == "auto" else classes[kernel]
     if kernel != "dual":
         ok, why = KC.can_implement(cfg)
@@ -138,8 +139,10 @@ def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16, max_m: int | 
     layer.to(dev)
     kobj = WO.DualMarlinMacheteKernel(cfg, max_m=max_m) if kernel == "dual" else KC(cfg)
     kobj.process_weights_after_loading(layer)
-    if sparse is not None:
-        kobj.set_sparse(layer, *sparse)
+    if sparse is None:  # the plugin always attaches the (possibly empty) held-out entries after processing
+        z = torch.zeros(0, dtype=torch.long)
+        sparse = (z, z, torch.zeros(0))
+    kobj.set_sparse(layer, *sparse)
     layer._sw_kernel = kobj  # keeps it alive (the dual registry holds weak references)
     return layer, kobj
 

@@ -8,7 +8,9 @@ Only what users need is a knob:
 ``SUPERWEIGHT_W4_KERNEL``           weight-only GEMM choice: ``auto`` (default: the first kernel of the priority
                                     list in ``kernels/linear`` that this machine can run), ``vllm`` (vLLM's single
                                     kernel, never the per-batch pair), ``marlin``, ``machete``, ``torch`` (the
-                                    dequantize-once fallback). A forced kernel that cannot run a layer is an error.
+                                    dequantize-once fallback), ``fused`` (our Triton W4 GEMM with the held-out
+                                    correction inside; opt-in until timed). A forced kernel that cannot run a
+                                    layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).
 =================================  =========================================================================
 
@@ -24,7 +26,7 @@ DISABLE_CORRECTION = "SUPERWEIGHT_DISABLE_CORRECTION"
 W4_KERNEL = "SUPERWEIGHT_W4_KERNEL"
 MARLIN_MAX_M = "SUPERWEIGHT_MARLIN_MAX_M"
 
-W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch")
+W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused")
 DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (section w4sweep) on an H100
 
 

@@ -11,6 +11,7 @@ from .w8a8 import CutlassSplitInt8Kernel, TorchInt8Kernel, VllmInt8Kernel
 from .weight_only import (
     CPUWNA16Kernel,
     DualMarlinMacheteKernel,
+    FusedTritonW4Kernel,
     MacheteKernel,
     MarlinKernel,
     TorchDequantKernel,
@@ -39,7 +40,7 @@ WEIGHT_ONLY_KERNELS: list[type[SWLinearKernel]] = [
 W8A8_KERNELS: list[type[SWLinearKernel]] = [CutlassSplitInt8Kernel, VllmInt8Kernel, TorchInt8Kernel]
 
 # SUPERWEIGHT_W4_KERNEL=<mode> forcing one weight-only kernel
-FORCED = {"marlin": MarlinKernel, "machete": MacheteKernel, "torch": TorchDequantKernel}
+FORCED = {"marlin": MarlinKernel, "machete": MacheteKernel, "torch": TorchDequantKernel, "fused": FusedTritonW4Kernel}
 
 
 class NoKernelError(ValueError):

@@ -9,6 +9,10 @@
 * ``VllmMPKernel``: whatever else vLLM's mixed-precision selection offers on this platform (ROCm, XPU, ...).
 * ``TorchDequantKernel``: every platform, dtype and shape: the weights are dequantized ONCE at load into the
   activation dtype (4x the memory of W4 in 16-bit) and the GEMM is ``F.linear``.
+
+Opt-in (``SUPERWEIGHT_W4_KERNEL=fused``, not yet in the priority list: untimed on a GPU so far):
+``FusedTritonW4Kernel``, our Triton W4A16 GEMM over one stored layout with the held-out correction inside the K
+loop (``kernels/triton_w4.py``).
 """
 
 from __future__ import annotations
@@ -179,6 +183,62 @@ class TorchDequantKernel(SWLinearKernel):
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
+
+
+class FusedTritonW4Kernel(SWLinearKernel):
+    """Our Triton W4A16 GEMM (``kernels/triton_w4.py``): one stored layout for every batch size, the held-out
+    correction (super weights + ``holdout``) inside the GEMM's K loop, no second launch and no pass over y."""
+
+    _KEYS = ("qw", "scale", "zero", "sp_ptr", "sp_ent", "sp_meta", "info")
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        from .. import triton_w4
+
+        if c.device_type != "cuda":
+            return False, "CUDA only"
+        if not triton_w4.TRITON_OK:
+            return False, "Triton is not available"
+        if c.act_dtype not in SIXTEEN_BIT:
+            return False, f"16-bit activations only, not {c.act_dtype}"
+        if c.kernel_bits != 4:
+            return False, "4-bit (and 3-bit) codes only"
+        g = c.group_size
+        if g not in (-1, 32, 64) and (g <= 0 or g % 128):
+            return False, f"group size {g} (32, 64, multiples of 128 or channel-wise)"
+        cap = platform().get_device_capability()
+        if cap is None or cap.to_int() < 90:
+            return False, "needs Hopper (wgmma)"
+        return True, None
+
+    def describe(self) -> str:
+        return "FusedTritonW4Kernel(one layout, correction in the GEMM)"
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        pass  # the repack needs the held-out entries: done in set_sparse, which the scheme always calls
+
+    def set_sparse(self, layer: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
+        from ..triton_w4 import prepare_w4
+
+        c = self.config
+        k_p, n_p = c.partition_shape
+        zero = None if c.symmetric else getattr(layer, W_ZERO).data
+        prep = prepare_w4(getattr(layer, W_PACKED).data, getattr(layer, W_SCALE).data, zero, c.group_size,
+                          c.symmetric, rows, cols, vals, n=n_p, k=k_p, device=getattr(layer, W_PACKED).device,
+                          act_dtype=c.act_dtype)
+        for name in (W_PACKED, W_SCALE, W_ZERO):
+            replace_parameter(layer, name, None)
+        self.sparse_keys = [key for key in self._KEYS if key in prep]
+        for key in self.sparse_keys:
+            layer.register_buffer(f"sw_w4_{key}", prep[key], persistent=False)
+
+    def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from ..triton_w4 import w4_fused_mm
+
+        return w4_fused_mm(x, {key: getattr(layer, f"sw_w4_{key}") for key in self.sparse_keys}, bias)
+
+    def apply_sparse(self, layer: torch.nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y  # inside the GEMM
 
 
 # ----------------------------------------------------------------------------------------------------------
