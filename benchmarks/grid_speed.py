@@ -63,14 +63,17 @@ except ImportError:  # the GPU machine's image lacks it: same work in plain torc
     PACKER = "torch fallback"
 
 
-def time_setting(mats, block, grid, gp, holdout, device):
+def time_setting(mats, block, grid, gp, holdout, device, weighted=False):
     sync(device)
     t0 = time.perf_counter()
     n = 0
     for w in mats:
         mask = select_holdout(w, holdout)
+        cw = None
+        if weighted and grid != "minmax":
+            cw = torch.rand(w.shape[1], device=w.device) ** 4 + 0.1  # stands in for fit_weight_from_rms(...)
         ql = quantize_weight(w, 4, block, False, holdout_mask=mask, scale_dtype=torch.bfloat16, grid=grid,
-                             grid_params=gp)
+                             grid_params=gp, col_weight=cw)
         ts = to_tensors(ql, torch.bfloat16)
         for t in ts.values():
             t.cpu()  # what the converter writes
@@ -88,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", default="0,2,4,8,20")
     ap.add_argument("--holdout", type=float, default=1e-3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--weighted", default="0,1", help="0: data-free fit, 1: prompt-weighted fit (col_weight)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,14 +108,17 @@ def main(argv=None) -> int:
     time_setting(mats[:1], "128", "hqq", {"iters": 1}, args.holdout, dev)
     for block in args.blocks.split(","):
         for it in [int(x) for x in args.iters.split(",")]:
-            grid, gp = ("minmax", None) if it == 0 else ("hqq", {"iters": it})
-            n, dt = time_setting(mats, block, grid, gp, args.holdout, dev)
-            rate = n / dt
-            rec = {"block": block, "grid": grid, "iters": it, "params_per_s": rate,
-                   "llama2_7b_minutes": PARAMS_7B / rate / 60}
-            out["results"].append(rec)
-            print(f"{dev} block {block:8s} {grid:6s} iters {it:3d}: {rate / 1e6:8.2f} M params/s -> Llama-2-7B "
-                  f"quantization {PARAMS_7B / rate / 60:7.2f} min", flush=True)
+            for wtd in [int(x) for x in args.weighted.split(",")]:
+                if it == 0 and wtd:
+                    continue
+                grid, gp = ("minmax", None) if it == 0 else ("hqq", {"iters": it})
+                n, dt = time_setting(mats, block, grid, gp, args.holdout, dev, bool(wtd))
+                rate = n / dt
+                rec = {"block": block, "grid": grid, "iters": it, "weighted": bool(wtd), "params_per_s": rate,
+                       "llama2_7b_minutes": PARAMS_7B / rate / 60}
+                out["results"].append(rec)
+                print(f"{dev} block {block:8s} {grid:6s} iters {it:3d} weighted {wtd}: {rate / 1e6:8.2f} M params/s"
+                      f" -> Llama-2-7B quantization {PARAMS_7B / rate / 60:7.2f} min", flush=True)
     del layer_params
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

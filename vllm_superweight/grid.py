@@ -19,12 +19,20 @@ code range, re-fits the scale for that integer zero point, and rounds the scale 
 objective on the codes it actually produces and each block keeps its best iterate, min/max included, so the fit
 never ends worse than min/max RTN under the chosen norm.
 
-Held-out weights (super weights and the ``holdout`` fraction) are excluded from the fit (``fit_mask``) and are
-still coded as ``q = z`` (dequantizes to exactly 0): an integer zero point in ``[0, 2^bits - 1]`` guarantees it.
+Also unlike HQQ, ``beta`` is relative to the block's min/max step (HQQ's absolute beta = 10 on raw weights of
+|w| ~ 1e-2 makes the shrink threshold exceed every residual, i.e. a plain least-squares zero-point fit).
 
-``holdout_budget``: spend a total hold-out count (the same as a uniform fraction over all quantized matrices)
-where the marginal error reduction is largest, data-free from the weights alone, optionally weighting input
-channels by the activation scale of one prompt (the detector's forward pass).
+Held-out weights (super weights and the ``holdout`` fraction) are excluded from the fit (``held`` counts per
+block; they are 0 in the blocks) and are still coded as ``q = z`` (dequantizes to exactly 0): an integer zero point in ``[0, 2^bits - 1]`` guarantees it.
+
+``col_weight`` (optional): the fit's error weighted per input column, e.g. by the squared input RMS of ONE
+prompt -- the forward pass the super-weight detector already runs (``prompt_input_rms`` +
+``fit_weight_from_rms``); no calibration set. Without it the fit sees the weights only.
+
+Hold-out budget (``budget_curve`` per matrix, streaming, then ``allocate_budget``; ``holdout_budget`` for a dict
+of weights): spend the uniform total ``sum(ceil(fraction * numel))`` where the marginal error reduction per
+held-out entry is largest. The error is the relative output error of the prompt's inputs (``rel_out``) or the
+relative weight error (``rel_w``, weights only).
 """
 
 from __future__ import annotations
