@@ -157,6 +157,22 @@ def test_weight_only_kernels_match_the_dequantized_reference(kernel, group, sym,
         assert float((y0.float() - ref.reshape(-1, n)).norm() / ref.norm()) > 10 * tol
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_torch_fallback_computes_in_fp32_where_the_cpu_emulates_bf16(monkeypatch, native):
+    import vllm_linear as VL
+
+    monkeypatch.setattr(WO, "_cpu_has_16bit_gemm", lambda: native)
+    n, k = 64, 128
+    w = VL.random_w4(n, k, 64, False, "cpu", seed=1)
+    layer, kern = VL.build_mp_layer(w, "torch", act_dtype=torch.bfloat16)
+    assert layer.weight.dtype == (torch.bfloat16 if native else torch.float32)
+    assert kern.describe() == ("TorchDequantKernel" if native else "TorchDequantKernel(float32)")
+    x = torch.randn(3, k).to(torch.bfloat16)
+    y = kern.apply_weights(layer, x)
+    ref = x.float() @ VL.dequant_w4(w).to(torch.bfloat16).float().T  # weights rounded to bf16 either way
+    assert y.dtype == torch.bfloat16 and float((y.float() - ref).norm() / ref.norm()) < 1e-2
+
+
 @pytest.mark.parametrize("kernel_cls", [W8.TorchInt8Kernel, W8.VllmInt8Kernel])
 @pytest.mark.parametrize("acts", ["int8-token", "int8-tensor"])
 def test_w8a8_kernels_keep_outlier_channels_in_16_bit(kernel_cls, acts):
