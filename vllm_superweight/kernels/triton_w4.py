@@ -73,7 +73,7 @@ MAX_NCH = 8  # more chunks than this per (K block, tile): runtime loop instead o
 
 # ------------------------------------------------------------------------------------------------------------
 # Heuristic config table: (max M of the bucket, config). Filled from benchmarks/w4_fused_bench.py (section
-# "sweep"); the values below are the pre-measurement choices of kernels/NOTES.md (SASS instruction counts).
+# "sweep"); the values below are the pre-measurement choices of benchmarks/KERNEL_NOTES.md (SASS instruction counts).
 #   BM, BN: tile (the MMA computes the [BN, BM] tile y^T = W x^T: weights are the wgmma A operand in registers)
 #   DOT: tensor cores (else CUDA-core FMA, BM <= 4); SCALE_W: scale folded into the bf16 weights (else applied to
 #   each group's fp32 partial); ASM: 2 = inline-PTX dequant, 0 = plain Triton; SP: held-out correction 2 = atomic
