@@ -206,6 +206,23 @@ def _edit_json(path, fn):
         json.dump(d, f)
 
 
+def _edit_tensors(d, fn):
+    """Rewrite the checkpoint's (single) safetensors file through ``fn(dict of tensors)``."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(d, "model.safetensors")
+    ts = load_file(path)
+    fn(ts)
+    save_file(ts, path, metadata={"format": "pt"})
+
+
+def _duplicate_entry(ts):
+    name = next(k for k in sorted(ts) if k.endswith("sparse_index") and ts[k].shape[1] >= 2)
+    idx, val = ts[name].clone(), ts[name.replace("sparse_index", "sparse_value")]
+    idx[:, 1] = idx[:, 0]
+    ts[name] = idx
+
+
 BAD = {
     "format_version": (lambda d: _edit_json(os.path.join(d, "config.json"),
                                              lambda c: c["quantization_config"].update(format_version="9.0")),
@@ -217,6 +234,11 @@ BAD = {
     "sw_outside_matrix": (lambda d: _edit_json(os.path.join(d, "superweights.json"),
                                                lambda s: s["super_weights"][0].update(row=100000)),
                           "lies outside its matrix"),
+    "missing_tensor": (lambda d: _edit_tensors(d, lambda ts: ts.pop("model.layers.1.mlp.up_proj.weight_scale")),
+                       "model.layers.1.mlp.up_proj"),
+    "duplicate_sparse_entry": (lambda d: _edit_tensors(d, _duplicate_entry), "more than once"),
+    "sidecar_path_escapes": (lambda d: _edit_json(os.path.join(d, "config.json"), lambda c: c[
+        "quantization_config"].update(sidecar="../../../../etc/passwd")), "leads out of the checkpoint"),
 }
 
 
