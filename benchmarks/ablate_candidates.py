@@ -70,8 +70,16 @@ def main() -> int:
         print(f"{name}: {res[name]:.4f} ({(res[name] / res['base'] - 1) * 100:+.2f}%)", flush=True)
     out = args.out or os.path.join(HERE, "results", f"{args.model.replace('/', '_')}_ablation.json")
     with open(out, "w") as f:
-        json.dump({"model": args.model, "text": f"WikiText-2 test, first {args.max_tokens} tokens, windows 512, "
-                   "transformers on the dequantized weights", "ppl": res}, f, indent=1)
+        json.dump(
+            {
+                "model": args.model,
+                "text": f"WikiText-2 test, first {args.max_tokens} tokens, windows 512, "
+                "transformers on the dequantized weights",
+                "ppl": res,
+            },
+            f,
+            indent=1,
+        )
     print(f"wrote {out}")
     return 0
 

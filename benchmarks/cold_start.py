@@ -56,10 +56,12 @@ def get(url: str, timeout: float = 2.0) -> int:
 
 
 def complete(port: int, model: str) -> float:
-    body = json.dumps({"model": model, "prompt": "The capital of France is", "max_tokens": 16,
-                       "temperature": 0}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {"model": model, "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
+    ).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     t = time.time()
     with urllib.request.urlopen(req, timeout=300) as r:
         json.load(r)
@@ -75,8 +77,9 @@ def parse_log(path: str) -> dict:
         if m:
             vals = [float(v.replace(",", "")) for v in m]
             out[key] = max(vals) if key != "kv_cache_tokens" else min(vals)
-    out["superweight_kernels"] = sorted({ln.split("superweight_rtn", 1)[1].strip()[:120]
-                                         for ln in text.splitlines() if "superweight_rtn W" in ln})
+    out["superweight_kernels"] = sorted(
+        {ln.split("superweight_rtn", 1)[1].strip()[:120] for ln in text.splitlines() if "superweight_rtn W" in ln}
+    )
     return out
 
 
@@ -84,11 +87,28 @@ def serve_once(name: str, ckpt: str, mode: str, cache: str, timeout: float, extr
     if mode == "cold":
         shutil.rmtree(cache, ignore_errors=True)
     os.makedirs(cache, exist_ok=True)
-    env = dict(os.environ, VLLM_CACHE_ROOT=os.path.join(cache, "vllm"), TRITON_CACHE_DIR=os.path.join(cache, "triton"),
-               TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    env = dict(
+        os.environ,
+        VLLM_CACHE_ROOT=os.path.join(cache, "vllm"),
+        TRITON_CACHE_DIR=os.path.join(cache, "triton"),
+        TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+    )
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpt, "--host", "127.0.0.1", "--port",
-           str(port), "--served-model-name", name] + extra
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        ckpt,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        name,
+    ] + extra
     lp = os.path.join(logdir, f"cold_start-{name}-{mode}.log")
     rec = dict(name=name, ckpt=ckpt, mode=mode, cmd=" ".join(cmd[2:]))
     t0 = time.time()
@@ -126,7 +146,7 @@ def main() -> int:
     extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+        argv, extra = argv[:i], argv[i + 1 :]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "cold_start.json"))
     ap.add_argument("--ckpt", action="append", required=True, help="NAME=PATH (repeatable)")
@@ -148,10 +168,16 @@ def main() -> int:
                 log(f"skip {name}/{mode}: {left:.0f}s left")
                 continue
             log(f"{name} ({path}) {mode}")
-            rec = serve_once(name, path, mode, os.path.join(args.workdir, name), min(args.timeout, left - 20), extra,
-                             logdir)
-            rec["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip().splitlines()[:1]
+            rec = serve_once(
+                name, path, mode, os.path.join(args.workdir, name), min(args.timeout, left - 20), extra, logdir
+            )
+            rec["gpu"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+                )
+                .stdout.strip()
+                .splitlines()[:1]
+            )
             recs.append(rec)
             with open(args.out + ".tmp", "w") as f:
                 json.dump(recs, f, indent=1)

@@ -29,8 +29,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 T0 = time.time()
-PROMPTS = ["The capital of France is", "In 1905, Albert Einstein published", "def fibonacci(n):\n    ",
-           "Water boils at a temperature of"]
+PROMPTS = [
+    "The capital of France is",
+    "In 1905, Albert Einstein published",
+    "def fibonacci(n):\n    ",
+    "Water boils at a temperature of",
+]
 TINY_SWS = [{"layer": 0, "row": 5, "col": 17}, {"layer": 0, "row": 5, "col": 700}]
 RUNS = {  # name -> engine spec overrides
     "tp1": dict(tp=1, pp=1, dtype="bfloat16", eager=True),
@@ -58,9 +62,18 @@ def build_tiny(workdir: str, tok_dir: str) -> str:
     if os.path.exists(os.path.join(dst, "config.json")):
         return dst
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     m = LlamaForCausalLM(cfg).to(torch.bfloat16)
     with torch.no_grad():
         for sw in TINY_SWS:
@@ -91,8 +104,13 @@ def reference_logprobs(ckpt: str, ids: list[list[int]]) -> list[list[float]]:
 def run_engine(spec: dict, log_path: str, timeout: float) -> tuple[list | None, float, str]:
     t = time.time()
     with open(log_path, "w") as lf:
-        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "vllm_runner.py"), json.dumps(spec)],
-                             stdout=subprocess.PIPE, stderr=lf, text=True, start_new_session=True)
+        p = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "vllm_runner.py"), json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            stderr=lf,
+            text=True,
+            start_new_session=True,
+        )
         try:
             stdout, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -103,7 +121,7 @@ def run_engine(spec: dict, log_path: str, timeout: float) -> tuple[list | None, 
     lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         return None, time.time() - t, f"rc={p.returncode}"
-    return json.loads(lines[-1][len("RESULT "):]), time.time() - t, "ok"
+    return json.loads(lines[-1][len("RESULT ") :]), time.time() - t, "ok"
 
 
 def kernel_lines(log_path: str) -> list[str]:
@@ -150,13 +168,19 @@ def main() -> int:
             if left < 60:
                 log(f"skip {model}/{run}: budget")
                 continue
-            spec = dict(model=ckpt, prompts=ids, max_tokens=16, prompt_logprobs=True, hang_dump_s=args.hang_dump,
-                        gpu_memory_utilization=0.3, **RUNS[run])
+            spec = dict(
+                model=ckpt,
+                prompts=ids,
+                max_tokens=16,
+                prompt_logprobs=True,
+                hang_dump_s=args.hang_dump,
+                gpu_memory_utilization=0.3,
+                **RUNS[run],
+            )
             lp = os.path.join(logdir, f"parallel-{model}-{run}.log")
             log(f"{model}/{run}: {RUNS[run]}")
             res, dt, status = run_engine(spec, lp, min(args.timeout, left - 10))
-            rec = dict(model=model, run=run, **RUNS[run], seconds=round(dt, 1), status=status,
-                       kernels=kernel_lines(lp))
+            rec = dict(model=model, run=run, **RUNS[run], seconds=round(dt, 1), status=status, kernels=kernel_lines(lp))
             if res is not None:
                 err = [abs(a - b) for r, rr in zip(res, ref) for a, b in zip(r["prompt_logprobs"], rr)]
                 rec["mean_abs_err_vs_fp32_reference"] = sum(err) / len(err)
@@ -168,14 +192,15 @@ def main() -> int:
                 else:
                     b = base[key]
                     rec["tokens_equal_tp1"] = all(x["tokens"] == y["tokens"] for x, y in zip(res, b))
-                    rec["max_abs_dlogprob_vs_tp1"] = max(abs(u - v) for x, y in zip(res, b)
-                                                         for u, v in zip(x["prompt_logprobs"], y["prompt_logprobs"]))
+                    rec["max_abs_dlogprob_vs_tp1"] = max(
+                        abs(u - v) for x, y in zip(res, b) for u, v in zip(x["prompt_logprobs"], y["prompt_logprobs"])
+                    )
                 rec["tokens"] = [r["tokens"] for r in res]
             results.append(rec)
             with open(args.out + ".tmp", "w") as f:
                 json.dump(results, f, indent=1)
             os.replace(args.out + ".tmp", args.out)
-            log(f"  -> {status} in {dt:.0f}s; " + json.dumps({k: v for k, v in rec.items() if k not in ('tokens',)}))
+            log(f"  -> {status} in {dt:.0f}s; " + json.dumps({k: v for k, v in rec.items() if k not in ("tokens",)}))
     return 0
 
 

@@ -42,8 +42,19 @@ SELL_ORDER = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals
 def sp_args(sp):
     """Positional arguments of triton_sparse.sparse_correction_ for a layout (the 8 tensors + nnz)."""
     return [sp[key] for key in SELL_ORDER] + [int(sp["nnz"].shape[0])]
-PEAK_TBS = {"H100 SXM": 3.35, "H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200": 4.8,
-            "A100-SXM4-80GB": 2.04, "A100 80GB PCIe": 1.94, "A100-SXM4-40GB": 1.56, "L40S": 0.864}
+
+
+PEAK_TBS = {
+    "H100 SXM": 3.35,
+    "H100 80GB HBM3": 3.35,
+    "H100 PCIe": 2.0,
+    "H100 NVL": 3.9,
+    "H200": 4.8,
+    "A100-SXM4-80GB": 2.04,
+    "A100 80GB PCIe": 1.94,
+    "A100-SXM4-40GB": 1.56,
+    "L40S": 0.864,
+}
 T0 = time.time()
 DRY = False  # --dry-run-cpu: exercise every code path on the CPU (no timing), to catch script bugs off the GPU
 
@@ -124,7 +135,7 @@ def copy_bandwidth() -> float:
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     us = time_graph(lambda: b.copy_(a), iters=10)
-    del a, b
+
     return 2 * n / (us * 1e-6) / 1e12
 
 
@@ -140,9 +151,17 @@ class Bench:
             props = torch.cuda.get_device_properties(self.dev)
             self.name, sms, cap = props.name, props.multi_processor_count, list(torch.cuda.get_device_capability())
         self.peak = peak_bw(self.name, args.peak_bw)
-        self.meta = {"device": self.name, "sm_count": sms, "capability": cap, "peak_bw_tbs": self.peak,
-                     "torch": torch.__version__, "vllm": vllm.__version__, "ms": args.ms, "layers": args.layers,
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.meta = {
+            "device": self.name,
+            "sm_count": sms,
+            "capability": cap,
+            "peak_bw_tbs": self.peak,
+            "torch": torch.__version__,
+            "vllm": vllm.__version__,
+            "ms": args.ms,
+            "layers": args.layers,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         self.rows: list[dict] = []
 
     def add(self, **rec) -> None:
@@ -151,8 +170,12 @@ class Bench:
             rec["frac_peak"] = rec["bw_tbs"] / self.peak if self.peak == self.peak else None
         self.rows.append(rec)
         keys = ("section", "config", "variant", "m", "us", "bw_tbs", "frac_peak", "note")
-        log("  " + " ".join(f"{k}={rec[k]:.4g}" if isinstance(rec.get(k), float) else f"{k}={rec[k]}"
-                            for k in keys if k in rec))
+        log(
+            "  "
+            + " ".join(
+                f"{k}={rec[k]:.4g}" if isinstance(rec.get(k), float) else f"{k}={rec[k]}" for k in keys if k in rec
+            )
+        )
 
     def save(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.args.out)), exist_ok=True)
@@ -171,9 +194,10 @@ def holdout_entries(n, k, frac, seed):
 
 
 def section_w4(B: Bench):
+    import vllm_linear as VL  # tests/vllm_linear.py
+
     import vllm_superweight.kernels as K
     from vllm_superweight.kernels import triton_sparse as TS
-    import vllm_linear as VL  # tests/vllm_linear.py
 
     cap = (0, 0) if DRY else torch.cuda.get_device_capability()
     kernels = ["cpu"] if DRY else (["machete", "dual"] if cap == (9, 0) else []) + ["marlin"]
@@ -189,8 +213,11 @@ def section_w4(B: Bench):
             d[name] = K.prepare_sparse(r, c, v, n, k, B.dev, layout="sell")
         sps_hold.append(d)
         nd, kd = SHAPES["down"]
-        sps_sw.append(K.prepare_sparse(torch.tensor([2533 % nd]), torch.tensor([7890 % kd]), torch.tensor([-2.5]),
-                                       nd, kd, B.dev, layout="sell"))
+        sps_sw.append(
+            K.prepare_sparse(
+                torch.tensor([2533 % nd]), torch.tensor([7890 % kd]), torch.tensor([-2.5]), nd, kd, B.dev, layout="sell"
+            )
+        )
     B.meta["holdout_layout"] = {name: K.layout_stats(sps_hold[0][name]) for name in SHAPES}
     for kname in kernels:
         for cname, group, sym in configs:
@@ -227,6 +254,7 @@ def section_w4(B: Bench):
                                 elif mode == "sw" and name == "down":
                                     sp = sps_sw[li]
                                     TS.sparse_correction_(y, x, *sp_args(sp), pdl=pdl)
+
                     return f
 
                 base = None
@@ -236,19 +264,30 @@ def section_w4(B: Bench):
                     try:
                         us = time_graph(run(mode, pdl), iters=B.args.iters) / nl
                     except Exception as e:  # noqa: BLE001
-                        B.add(section="w4", config=f"{kname}-{cname}", variant=mode, m=m,
-                              note=f"failed: {type(e).__name__}: {e}")
+                        B.add(
+                            section="w4",
+                            config=f"{kname}-{cname}",
+                            variant=mode,
+                            m=m,
+                            note=f"failed: {type(e).__name__}: {e}",
+                        )
                         continue
-                    rec = dict(section="w4", config=f"{kname}-{cname}", variant=mode + ("+pdl" if pdl else ""),
-                               m=m, us=us, bytes=wbytes + iobytes)
+                    rec = dict(
+                        section="w4",
+                        config=f"{kname}-{cname}",
+                        variant=mode + ("+pdl" if pdl else ""),
+                        m=m,
+                        us=us,
+                        bytes=wbytes + iobytes,
+                    )
                     if mode == "gemm":
                         base = us
                     elif base:
                         rec["extra_us_per_layer"] = us - base
                         rec["extra_frac_of_gemm"] = (us - base) / base
                     B.add(**rec)
-                del xs
-            del layers
+                xs = {}  # frees the device memory of this size (closures above are done with it)
+            layers = []  # frees the device memory (closures above are done with it)
             torch.cuda.empty_cache()
         B.save()
 
@@ -269,23 +308,42 @@ def section_sparse(B: Bench):
                     continue
                 x = torch.randn(m, k, device=B.dev, dtype=torch.bfloat16)
                 y = torch.randn(m, n, device=B.dev, dtype=torch.bfloat16)
-                plan = TS.plan(m, k, {"ell_cols": tuple(sp["ell_cols"].shape), "hrows": tuple(sp["hrows"].shape),
-                                      "ucols": tuple(sp["ucols"].shape)}, int(sp["nnz"].shape[0]))
+                plan = TS.plan(
+                    m,
+                    k,
+                    {
+                        "ell_cols": tuple(sp["ell_cols"].shape),
+                        "hrows": tuple(sp["hrows"].shape),
+                        "ucols": tuple(sp["ucols"].shape),
+                    },
+                    int(sp["nnz"].shape[0]),
+                )
                 for path in ("auto", "direct", "transposed"):
                     if lanes != 32 and path != "auto":
                         continue
                     fp = None if path == "auto" else path
                     try:
-                        us = time_graph(lambda: TS.sparse_correction_(y, x, *args_, force_path=fp),
-                                        iters=B.args.iters, reps_per_graph=20)
+                        us = time_graph(
+                            lambda: TS.sparse_correction_(y, x, *args_, force_path=fp),
+                            iters=B.args.iters,
+                            reps_per_graph=20,
+                        )
                     except Exception as e:  # noqa: BLE001
                         B.add(section="sparse", config=f"{name}-L{lanes}", variant=path, m=m, note=f"failed: {e}")
                         continue
                     meta_bytes = st["bytes"]
-                    B.add(section="sparse", config=f"{name}-L{lanes}", variant=path, m=m, us=us,
-                          nnz=int(r.numel()), depth=st["depth"], heavy_rows=st["heavy_rows"],
-                          auto_transposed=plan["transposed"],
-                          bytes=meta_bytes + 2 * m * n * 2 + m * st["unique_cols"] * 2)
+                    B.add(
+                        section="sparse",
+                        config=f"{name}-L{lanes}",
+                        variant=path,
+                        m=m,
+                        us=us,
+                        nnz=int(r.numel()),
+                        depth=st["depth"],
+                        heavy_rows=st["heavy_rows"],
+                        auto_transposed=plan["transposed"],
+                        bytes=meta_bytes + 2 * m * n * 2 + m * st["unique_cols"] * 2,
+                    )
     B.save()
 
 
@@ -301,8 +359,13 @@ def section_w4sweep(B: Bench):
     for cname, group, sym in [("channel-asym", -1, False), ("g128-asym", 128, False)]:
         times = {}
         for kname in ("machete", "marlin"):
-            layers = [{name: VL.build_mp_layer(VL.random_w4(n, k, group, sym, B.dev, seed=li * 7 + n + k), kname)
-                       for name, (n, k) in SHAPES.items()} for li in range(nl)]
+            layers = [
+                {
+                    name: VL.build_mp_layer(VL.random_w4(n, k, group, sym, B.dev, seed=li * 7 + n + k), kname)
+                    for name, (n, k) in SHAPES.items()
+                }
+                for li in range(nl)
+            ]
             torch.cuda.synchronize()
             for m in B.args.sweep_ms:
                 xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (n, k) in SHAPES.items()}
@@ -316,7 +379,7 @@ def section_w4sweep(B: Bench):
                 us = time_graph(f, iters=B.args.iters) / nl
                 times[(kname, m)] = us
                 B.add(section="w4sweep", config=f"{kname}-{cname}", variant="gemm", m=m, us=us)
-            del layers
+            layers = []  # frees the device memory (closures above are done with it)
             torch.cuda.empty_cache()
         # threshold: the largest M such that Marlin is faster at every swept M up to it
         thr = 0
@@ -327,8 +390,13 @@ def section_w4sweep(B: Bench):
                 break
         best[cname] = thr
         for m in B.args.sweep_ms:
-            B.add(section="w4sweep", config=cname, variant="marlin_vs_machete", m=m,
-                  ratio=times[("marlin", m)] / times[("machete", m)])
+            B.add(
+                section="w4sweep",
+                config=cname,
+                variant="marlin_vs_machete",
+                m=m,
+                ratio=times[("marlin", m)] / times[("machete", m)],
+            )
     B.meta["marlin_max_m_by_config"] = best
     B.meta.setdefault("recommend", {})["SUPERWEIGHT_MARLIN_MAX_M"] = min(best.values())
     log(f"w4sweep: Marlin faster up to M = {best}")
@@ -356,13 +424,18 @@ def section_sparsesweep(B: Bench):
         xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (_, n, k) in lay.items()}
         ys = {name: torch.randn(m, n, device=B.dev, dtype=torch.bfloat16) for name, (_, n, k) in lay.items()}
         for direct in (True, False):
-            for bm, tile in ([(16, 4096)] if direct else cfgs):
+            for bm, tile in [(16, 4096)] if direct else cfgs:
                 tiles = TS.SparseTiles(tile_elems=tile, bm_transposed=bm)
 
                 def f(tiles=tiles, direct=direct):
-                    for name, (sp, n, k) in lay.items():
-                        TS.sparse_correction_(ys[name], xs[name], *sp_args(sp), tiles=tiles,
-                                              force_path="direct" if direct else "transposed")
+                    for name, (sp, _n, _k) in lay.items():
+                        TS.sparse_correction_(
+                            ys[name],
+                            xs[name],
+                            *sp_args(sp),
+                            tiles=tiles,
+                            force_path="direct" if direct else "transposed",
+                        )
 
                 try:
                     us = time_graph(f, iters=B.args.iters, reps_per_graph=5)
@@ -397,31 +470,51 @@ def section_quant(B: Bench):
         for m in B.args.ms:
             x = (torch.randn(m, k, device=B.dev) * 2).to(torch.bfloat16)
             nbytes = m * k * 3 + m * 4
-            B.add(section="quant", config=f"K{k}", variant="vllm_scaled_int8_quant", m=m,
-                  us=time_graph(lambda: ops.scaled_int8_quant(x), iters=B.args.iters, reps_per_graph=20),
-                  bytes=nbytes)
+            B.add(
+                section="quant",
+                config=f"K{k}",
+                variant="vllm_scaled_int8_quant",
+                m=m,
+                us=time_graph(lambda: ops.scaled_int8_quant(x), iters=B.args.iters, reps_per_graph=20),
+                bytes=nbytes,
+            )
             for s, use_mask in [(0, False), (4, True), (4, False), (16, True)]:
                 idx = torch.sort(torch.randperm(k)[:s]).values
                 prep = K.prepare_outliers(idx, k, B.dev)
                 i_, m_ = (prep["idx"], prep["mask"] if use_mask else None) if s else (None, None)
-                us = time_graph(lambda: K.int8_quant_outlier_split(x, i_, True, m_), iters=B.args.iters,
-                                reps_per_graph=20)
-                B.add(section="quant", config=f"K{k}", variant=f"split_S{s}{'_mask' if use_mask else ''}", m=m,
-                      us=us, bytes=nbytes + m * s * 2)
+                us = time_graph(
+                    lambda: K.int8_quant_outlier_split(x, i_, True, m_), iters=B.args.iters, reps_per_graph=20
+                )
+                B.add(
+                    section="quant",
+                    config=f"K{k}",
+                    variant=f"split_S{s}{'_mask' if use_mask else ''}",
+                    m=m,
+                    us=us,
+                    bytes=nbytes + m * s * 2,
+                )
                 if s == 4 and use_mask:  # the two-pass chunked variant (row re-read from L1/L2), 4096 per chunk
-                    us = time_graph(lambda: TQ.int8_quant_outlier_split(x, i_, True, m_, max_one_chunk=2048,
-                                                                        chunk=4096),
-                                    iters=B.args.iters, reps_per_graph=20)
-                    B.add(section="quant", config=f"K{k}", variant="split_S4_mask_chunked4096", m=m, us=us,
-                          bytes=nbytes + m * s * 2)
+                    us = time_graph(
+                        lambda: TQ.int8_quant_outlier_split(x, i_, True, m_, max_one_chunk=2048, chunk=4096),
+                        iters=B.args.iters,
+                        reps_per_graph=20,
+                    )
+                    B.add(
+                        section="quant",
+                        config=f"K{k}",
+                        variant="split_S4_mask_chunked4096",
+                        m=m,
+                        us=us,
+                        bytes=nbytes + m * s * 2,
+                    )
     B.save()
 
 
 def section_w8(B: Bench):
     import torch.nn.functional as F
+    import vllm_linear as VL  # tests/vllm_linear.py
 
     import vllm_superweight.kernels as K
-    import vllm_linear as VL  # tests/vllm_linear.py
 
     ops = vllm_ops()
     nl = B.args.layers
@@ -453,12 +546,14 @@ def section_w8(B: Bench):
                             xq, xsc, _ = ops.scaled_int8_quant(x)
                         else:
                             xq, xsc, xo = K.int8_quant_outlier_split(x, prep["idx"], True, prep["mask"])
-                        y = ops.cutlass_scaled_mm(xq, w["w_t"], scale_a=xsc, scale_b=w["scale"],
-                                                  out_dtype=torch.bfloat16)
+                        y = ops.cutlass_scaled_mm(
+                            xq, w["w_t"], scale_a=xsc, scale_b=w["scale"], out_dtype=torch.bfloat16
+                        )
                         if mode == "split+addmm":
                             y = K.add_outlier_side_product(y, xo, w_out_t)
                         elif mode == "split+folded_sparse":
                             y = K.sparse_correction(y, x, sp)
+
             return f
 
         base = None
@@ -477,7 +572,7 @@ def section_w8(B: Bench):
 
         # gate_up + SiLU*up consumer, compiled: the side product rides in the consumer's fused kernel
         if m not in COMPILED_MS:
-            del xs
+            xs = {}  # frees the device memory of this size (closures above are done with it)
             continue
         n, k = SHAPES["gate_up"]
         w, prep, w_out_t, sp = layers[0]["gate_up"]
@@ -506,14 +601,20 @@ def section_w8(B: Bench):
             except Exception as e:  # noqa: BLE001
                 B.add(section="w8", config="gate_up+silu compiled", variant=nm, m=m, note=f"failed: {e}")
                 continue
-            rec = dict(section="w8", config="gate_up+silu compiled", variant=nm, m=m, us=us,
-                       bytes=n * k + m * k * 3 + m * n * 2)
+            rec = dict(
+                section="w8",
+                config="gate_up+silu compiled",
+                variant=nm,
+                m=m,
+                us=us,
+                bytes=n * k + m * k * 3 + m * n * 2,
+            )
             if base is None:
                 base = us
             else:
                 rec["ratio_vs_smoothquant"] = base / us
             B.add(**rec)
-        del xs
+        xs = {}  # frees the device memory of this size (closures above are done with it)
     B.save()
 
 
@@ -530,8 +631,10 @@ def summary(B: Bench) -> list[str]:
             extra = f"+{r['extra_us_per_layer']:.1f}us/layer ({100 * r['extra_frac_of_gemm']:.1f}% of GEMM)"
         if "ratio_vs_smoothquant" in r:
             extra = f"{r['ratio_vs_smoothquant']:.3f}x SmoothQuant"
-        lines.append(f"{sec:8} {cfg:26} {str(var):26} {m:>5} {r['us']:9.1f} {r.get('bw_tbs', 0):6.2f} "
-                     f"{100 * (r.get('frac_peak') or 0):5.1f}% {extra}")
+        lines.append(
+            f"{sec:8} {cfg:26} {str(var):26} {m:>5} {r['us']:9.1f} {r.get('bw_tbs', 0):6.2f} "
+            f"{100 * (r.get('frac_peak') or 0):5.1f}% {extra}"
+        )
     return lines
 
 
@@ -544,10 +647,12 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--peak-bw", type=float, default=None, help="TB/s (default: from the device name)")
     ap.add_argument("--quick", action="store_true", help="M in {1, 64}, fewer variants (smoke test)")
-    ap.add_argument("--sweep-ms", default="1,2,4,8,12,16,24,32,48,64,96,128,192,256",
-                    help="M values of the w4sweep section")
-    ap.add_argument("--w4-configs", type=int, default=3, help="w4 section: first N of channel-asym, g128-asym, "
-                    "channel-sym")
+    ap.add_argument(
+        "--sweep-ms", default="1,2,4,8,12,16,24,32,48,64,96,128,192,256", help="M values of the w4sweep section"
+    )
+    ap.add_argument(
+        "--w4-configs", type=int, default=3, help="w4 section: first N of channel-asym, g128-asym, channel-sym"
+    )
     ap.add_argument("--recommend-env", default="", help="also write the recommended knobs as KEY=VALUE lines here")
     ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -576,8 +681,14 @@ def main() -> int:
     B.meta["copy_bw_tbs"] = float("nan") if DRY else copy_bandwidth()
     log(f"measured device-to-device copy bandwidth: {B.meta['copy_bw_tbs']:.2f} TB/s (read + write)")
     B.save()
-    funcs = {"w4": section_w4, "sparse": section_sparse, "quant": section_quant, "w8": section_w8,
-             "w4sweep": section_w4sweep, "sparsesweep": section_sparsesweep}
+    funcs = {
+        "w4": section_w4,
+        "sparse": section_sparse,
+        "quant": section_quant,
+        "w8": section_w8,
+        "w4sweep": section_w4sweep,
+        "sparsesweep": section_sparsesweep,
+    }
     rc = 0
     for sec in args.sections.split(","):
         log(f"section {sec}")

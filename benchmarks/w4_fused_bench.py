@@ -93,7 +93,7 @@ def copy_bandwidth() -> float:
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     us = time_graph(lambda: b.copy_(a), iters=10)
-    del a, b
+
     return 2 * n / (us * 1e-6) / 1e12
 
 
@@ -119,7 +119,7 @@ def _warm_one(job):
             s = (torch.rand(n, k // 128, generator=g, device="cuda") * 0.01 + 0.002).to(torch.bfloat16)
             z = torch.randint(0, 16, (n, k // 128), generator=g, dtype=torch.int32, device="cuda")
             gc = torch.Generator().manual_seed(1)
-            flat = torch.randperm(n * k, generator=gc)[:max(1, n * k // 1000)]
+            flat = torch.randperm(n * k, generator=gc)[: max(1, n * k // 1000)]
             r, c = flat // k, flat % k
             v = torch.randn(r.numel(), generator=gc) * 0.05
             prep = T.prepare_w4(q, s, z, 128, False, r, c, v, n, k, "cuda", sp_block=spb)
@@ -150,10 +150,16 @@ def warm_compile(jobs, workers: int):
     with mp.get_context("spawn").Pool(workers) as pool:
         res = pool.map(_warm_one, uniq, chunksize=1)
     errs = [(j, e) for j, (e, _) in zip(uniq, res) if e]
-    log(f"warm-up: {len(uniq)} variants compiled by {workers} workers in {time.time() - t:.0f} s "
-        f"(sum of compile times {sum(d for _, d in res):.0f} s), {len(errs)} errors")
-    return {"variants": len(uniq), "wall_s": time.time() - t, "cpu_s": sum(d for _, d in res),
-            "errors": [[j[0], j[1], j[2], e] for j, e in errs][:10]}
+    log(
+        f"warm-up: {len(uniq)} variants compiled by {workers} workers in {time.time() - t:.0f} s "
+        f"(sum of compile times {sum(d for _, d in res):.0f} s), {len(errs)} errors"
+    )
+    return {
+        "variants": len(uniq),
+        "wall_s": time.time() - t,
+        "cpu_s": sum(d for _, d in res),
+        "errors": [[j[0], j[1], j[2], e] for j, e in errs][:10],
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -171,21 +177,30 @@ class Bench:
         else:
             p = torch.cuda.get_device_properties(self.dev)
             self.name, sms, cap = p.name, p.multi_processor_count, list(torch.cuda.get_device_capability())
-        self.peak = args.peak_bw or next((v for key, v in PEAK_TBS.items() if key.lower() in self.name.lower()),
-                                         float("nan"))
+        self.peak = args.peak_bw or next(
+            (v for key, v in PEAK_TBS.items() if key.lower() in self.name.lower()), float("nan")
+        )
         import triton
 
-        self.meta = {"device": self.name, "sm_count": sms, "capability": cap, "peak_bw_tbs": self.peak,
-                     "torch": torch.__version__, "triton": triton.__version__, "layers": args.layers,
-                     "shapes": SHAPES if not DRY else "tiny (dry run)", "holdout_frac": args.holdout, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                     "table": [[m, c] for m, c in T.CONFIGS]}
+        self.meta = {
+            "device": self.name,
+            "sm_count": sms,
+            "capability": cap,
+            "peak_bw_tbs": self.peak,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "layers": args.layers,
+            "shapes": SHAPES if not DRY else "tiny (dry run)",
+            "holdout_frac": args.holdout,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "table": [[m, c] for m, c in T.CONFIGS],
+        }
         self.rows: list[dict] = []
         self.vl = None  # tests/vllm_linear (vLLM) or None
         try:
             if args.no_vllm or DRY:
                 raise ImportError("disabled")
             import vllm  # noqa: F401
-
             import vllm_linear as VL
 
             self.vl = VL
@@ -205,8 +220,12 @@ class Bench:
                 rec["frac_peak"] = rec["tbs"] / self.peak
         self.rows.append(rec)
         keys = ("section", "kernel", "shape", "m", "us", "tbs", "frac_peak", "ratio", "note")
-        log("  " + " ".join(f"{k}={rec[k]:.4g}" if isinstance(rec.get(k), float) else f"{k}={rec[k]}"
-                            for k in keys if k in rec))
+        log(
+            "  "
+            + " ".join(
+                f"{k}={rec[k]:.4g}" if isinstance(rec.get(k), float) else f"{k}={rec[k]}" for k in keys if k in rec
+            )
+        )
 
     def save(self) -> None:
         out = os.path.abspath(self.args.out)
@@ -240,8 +259,7 @@ class Bench:
                     v[(r == n // 2) & (c == k // 3)] = -2.5
                 q[r.to(dev), c.to(dev)] = z[r.to(dev), (c // 128).to(dev)]  # held-out codes dequantize to 0
                 prep = T.prepare_w4(q, s, z, 128, False, r, c, v, n, k, dev)
-                ent = {"q": q, "s": s, "z": z, "r": r, "c": c, "v": v, "prep": prep,
-                       "prep0": T.without_sparse(prep)}
+                ent = {"q": q, "s": s, "z": z, "r": r, "c": c, "v": v, "prep": prep, "prep0": T.without_sparse(prep)}
                 if self.vl is not None:
                     w = {"q": q, "scales": s, "zeros": z, "group": 128, "symmetric": False, "n": n, "k": k}
                     for kname in ("machete", "marlin"):
@@ -264,8 +282,10 @@ class Bench:
         self.meta["bytes_vs_awq"] = sum(m["total"] for m in mem.values()) / sum(awq.values())
         self.meta["bytes_vs_awq_no_holdout"] = sum(m["base"] for m in mem.values()) / sum(awq.values())
         self.meta["holdout_nnz"] = {name: T.prep_info(self.layers[0][name]["prep"])["nnz"] for name in self.shapes}
-        log(f"layers built; our bytes / AWQ = {self.meta['bytes_vs_awq']:.4f} (base only "
-            f"{self.meta['bytes_vs_awq_no_holdout']:.4f})")
+        log(
+            f"layers built; our bytes / AWQ = {self.meta['bytes_vs_awq']:.4f} (base only "
+            f"{self.meta['bytes_vs_awq_no_holdout']:.4f})"
+        )
 
     def wbytes(self, kind: str, names=None) -> int:
         names = names or list(self.shapes)
@@ -284,8 +304,10 @@ class Bench:
 
     def xs(self, m: int):
         g = torch.Generator(device=self.dev).manual_seed(m)
-        return {name: torch.randn(m, k, generator=g, device=self.dev).to(torch.bfloat16)
-                for name, (n, k) in self.shapes.items()}
+        return {
+            name: torch.randn(m, k, generator=g, device=self.dev).to(torch.bfloat16)
+            for name, (n, k) in self.shapes.items()
+        }
 
     def runner(self, kind: str, xs: dict, config=None, names=None, prep_key=None):
         """fn() running ``kind`` over every layer and linear in ``names``."""
@@ -305,6 +327,7 @@ class Bench:
                         y = kobj.apply_weights(layer, x)
                         if sp:
                             K.sparse_correction(y, x, e["sell"])
+
         return f
 
     def timed(self, kind, m, xs, config=None, names=None, prep_key=None):
@@ -323,8 +346,9 @@ class Bench:
             xs = self.xs(m)
             for name in self.shapes:
                 e, x = self.layers[0][name], xs[name]
-                w = ((e["q"].float() - e["z"].float().repeat_interleave(128, 1)) *
-                     e["s"].float().repeat_interleave(128, 1))
+                w = (e["q"].float() - e["z"].float().repeat_interleave(128, 1)) * e["s"].float().repeat_interleave(
+                    128, 1
+                )
                 ref0 = x.float() @ w.T
                 w[e["r"].to(self.dev), e["c"].to(self.dev)] = e["v"].to(self.dev)
                 ref = x.float() @ w.T
@@ -332,13 +356,24 @@ class Bench:
                 for kind, key, want in (("ours_sp", "prep", ref), ("ours", "prep0", ref0)):
                     y = T.w4_mm(x, e[key]).float()
                     rel = float((y - want).norm() / want.norm())
-                    self.add(section="check", kernel=kind, shape=name, m=m, rel_err=rel,
-                             note="OK" if rel < 1e-2 else "TOO LARGE")
+                    self.add(
+                        section="check",
+                        kernel=kind,
+                        shape=name,
+                        m=m,
+                        rel_err=rel,
+                        note="OK" if rel < 1e-2 else "TOO LARGE",
+                    )
                 if self.vl is not None and e.get("machete") is not None:
                     layer, kobj = e["machete"]
                     y = kobj.apply_weights(layer, x).float()
-                    self.add(section="check", kernel="machete", shape=name, m=m,
-                             rel_err=float((y - ref0).norm() / ref0.norm()))
+                    self.add(
+                        section="check",
+                        kernel="machete",
+                        shape=name,
+                        m=m,
+                        rel_err=float((y - ref0).norm() / ref0.norm()),
+                    )
         self.save()
 
     def kinds(self):
@@ -367,11 +402,15 @@ class Bench:
             summ = {"section": section + "_ratio", "m": m}
             if base:
                 best = min(base)
-                summ.update(best_vllm_us=best, ours_speedup_vs_best_vllm=best / res["ours"] if "ours" in res else None,
-                            ours_sp_speedup_vs_best_vllm_sp=(min(res[k] for k in ("machete+sparse", "marlin+sparse")
-                                                                 if k in res) / res["ours_sp"])
-                            if "ours_sp" in res and any(k in res for k in ("machete+sparse", "marlin+sparse"))
-                            else None)
+                summ.update(
+                    best_vllm_us=best,
+                    ours_speedup_vs_best_vllm=best / res["ours"] if "ours" in res else None,
+                    ours_sp_speedup_vs_best_vllm_sp=(
+                        min(res[k] for k in ("machete+sparse", "marlin+sparse") if k in res) / res["ours_sp"]
+                    )
+                    if "ours_sp" in res and any(k in res for k in ("machete+sparse", "marlin+sparse"))
+                    else None,
+                )
                 if "machete" in res and "ours" in res:
                     summ["ours_speedup_vs_machete(AWQ)"] = res["machete"] / res["ours"]
             if "ours" in res and "ours_sp" in res:
@@ -400,33 +439,39 @@ class Bench:
         for spb in (128, 512):  # other sparse-index blocks: re-prepare the first layer's entries (device repack)
             if self.left() < 60:
                 break
-            for li, lay in enumerate(self.layers):
+            for lay in self.layers:
                 for name, e in lay.items():
                     n, k = self.shapes[name]
-                    e[f"prep_spb{spb}"] = T.prepare_w4(e["q"], e["s"], e["z"], 128, False, e["r"], e["c"], e["v"],
-                                                        n, k, self.dev, sp_block=spb)
+                    e[f"prep_spb{spb}"] = T.prepare_w4(
+                        e["q"], e["s"], e["z"], 128, False, e["r"], e["c"], e["v"], n, k, self.dev, sp_block=spb
+                    )
             extra[spb] = f"prep_spb{spb}"
-        for m in ((1,) if DRY else (1, 16, 64)):
+        for m in (1,) if DRY else (1, 16, 64):
             if self.left() < 30:
                 break
             xs = self.xs(m)
             base_cfg = T.pick_config(m)
             us0 = self.timed("ours", m, xs, config=base_cfg)
-            variants = [("default", base_cfg, None), ("SP=1 one-hot", dict(base_cfg, SP=1), None),
-                        ("E=16", dict(base_cfg, E=16), None), ("E=64", dict(base_cfg, E=64), None),
-                        ("static chunks", dict(base_cfg, NCH=-1), None)]
+            variants = [
+                ("default", base_cfg, None),
+                ("SP=1 one-hot", dict(base_cfg, SP=1), None),
+                ("E=16", dict(base_cfg, E=16), None),
+                ("E=64", dict(base_cfg, E=64), None),
+                ("static chunks", dict(base_cfg, NCH=-1), None),
+            ]
             if m > 1:
                 variants.append(("SP_BM=1..", dict(base_cfg, SP_BM=max(1, base_cfg.get("SP_BM", 16) // 4)), None))
             for spb, key in extra.items():
-                variants.append((f"sp_block={spb}", dict(base_cfg, BN=min(base_cfg["BN"], 1 << (16 - (spb.bit_length() - 1)))), key))
+                variants.append(
+                    (f"sp_block={spb}", dict(base_cfg, BN=min(base_cfg["BN"], 1 << (16 - (spb.bit_length() - 1)))), key)
+                )
             for label, cfg, key in variants:
                 if self.left() < 15:
                     break
                 us = self.timed("ours_sp", m, xs, config=cfg, prep_key=key)
                 if us is None or us0 is None:
                     continue
-                self.add(section="spsweep", kernel=label, m=m, us=us, us_without=us0, ratio=us / us0,
-                         config=cfg)
+                self.add(section="spsweep", kernel=label, m=m, us=us, us_without=us0, ratio=us / us0, config=cfg)
             self.save()
 
     def candidates(self, m: int):
@@ -434,24 +479,50 @@ class Bench:
         base = T.pick_config(m)
         c = [("table", base)]
         if m <= 16:
-            c += [("BN256", dict(base, BN=256)), ("BN64", dict(base, BN=64)), ("w8", dict(base, warps=8)),
-                  ("stages3", dict(base, stages=3)), ("stages2", dict(base, stages=2)), ("SK1", dict(base, SK=1)),
-                  ("plain-dequant", dict(base, ASM=0)), ("scale_w", dict(base, SCALE_W=True))]
+            c += [
+                ("BN256", dict(base, BN=256)),
+                ("BN64", dict(base, BN=64)),
+                ("w8", dict(base, warps=8)),
+                ("stages3", dict(base, stages=3)),
+                ("stages2", dict(base, stages=2)),
+                ("SK1", dict(base, SK=1)),
+                ("plain-dequant", dict(base, ASM=0)),
+                ("scale_w", dict(base, SCALE_W=True)),
+            ]
             if m <= 2:
-                c += [("FMA BM1", dict(BM=1, BN=64, DOT=False, SCALE_W=False, SP=2, warps=4, stages=3, SK=0)),
-                      ("SK x2", dict(base, SK=2 * max(1, T.plan(m, T.prep_info(self.layers[0]["o"]["prep"]),
-                                                                  base)["SK"])))]
+                c += [
+                    ("FMA BM1", dict(BM=1, BN=64, DOT=False, SCALE_W=False, SP=2, warps=4, stages=3, SK=0)),
+                    (
+                        "SK x2",
+                        dict(base, SK=2 * max(1, T.plan(m, T.prep_info(self.layers[0]["o"]["prep"]), base)["SK"])),
+                    ),
+                ]
         elif m <= 64:
-            c += [("BM16", dict(base, BM=16)), ("BM32", dict(base, BM=32)), ("BN64", dict(base, BN=64)),
-                  ("BN256", dict(base, BN=256)), ("w8", dict(base, warps=8)), ("SK1", dict(base, SK=1)),
-                  ("scale_w flip", dict(base, SCALE_W=not base.get("SCALE_W", True)))]
+            c += [
+                ("BM16", dict(base, BM=16)),
+                ("BM32", dict(base, BM=32)),
+                ("BN64", dict(base, BN=64)),
+                ("BN256", dict(base, BN=256)),
+                ("w8", dict(base, warps=8)),
+                ("SK1", dict(base, SK=1)),
+                ("scale_w flip", dict(base, SCALE_W=not base.get("SCALE_W", True))),
+            ]
         elif m <= 256:
-            c += [("BM64 BN128 w4", dict(base, BM=64, BN=128, warps=4)), ("BM128 BN256", dict(base, BN=256)),
-                  ("BM64 BN256 w8", dict(base, BM=64, BN=256)), ("stages4", dict(base, stages=4)),
-                  ("SK2", dict(base, SK=2))]
+            c += [
+                ("BM64 BN128 w4", dict(base, BM=64, BN=128, warps=4)),
+                ("BM128 BN256", dict(base, BN=256)),
+                ("BM64 BN256 w8", dict(base, BM=64, BN=256)),
+                ("stages4", dict(base, stages=4)),
+                ("SK2", dict(base, SK=2)),
+            ]
         else:
-            c += [("BN128", dict(base, BN=128)), ("BM64", dict(base, BM=64)), ("stages4", dict(base, stages=4)),
-                  ("stages2", dict(base, stages=2)), ("w4", dict(base, warps=4))]
+            c += [
+                ("BN128", dict(base, BN=128)),
+                ("BM64", dict(base, BM=64)),
+                ("stages4", dict(base, stages=4)),
+                ("stages2", dict(base, stages=2)),
+                ("w4", dict(base, warps=4)),
+            ]
         return c
 
     def section_sweep(self):
@@ -469,16 +540,29 @@ class Bench:
                 if us is None:
                     continue
                 times[label] = (us, cfg)
-                self.add(section="sweep", kernel=label, m=m, us=us, bytes=self.wbytes("ours") + self.iobytes(m),
-                         config=cfg)
+                self.add(
+                    section="sweep", kernel=label, m=m, us=us, bytes=self.wbytes("ours") + self.iobytes(m), config=cfg
+                )
             if not times:
                 continue
             label, (us, cfg) = min(times.items(), key=lambda kv: kv[1][0])
             us_sp = self.timed("ours_sp", m, xs, config=cfg) if self.left() > 15 else None
-            best[m] = {"label": label, "us": us, "us_holdout": us_sp, "config": cfg,
-                       "table_us": times.get("table", (None,))[0]}
-            self.add(section="sweep_best", kernel=label, m=m, us=us, us_holdout=us_sp,
-                     ratio=(us_sp / us) if us_sp else None, config=cfg)
+            best[m] = {
+                "label": label,
+                "us": us,
+                "us_holdout": us_sp,
+                "config": cfg,
+                "table_us": times.get("table", (None,))[0],
+            }
+            self.add(
+                section="sweep_best",
+                kernel=label,
+                m=m,
+                us=us,
+                us_holdout=us_sp,
+                ratio=(us_sp / us) if us_sp else None,
+                config=cfg,
+            )
             self.meta["best_table"] = best
             self.save()
 
@@ -492,8 +576,12 @@ class Bench:
         if "spsweep" in self.args.sections:
             for m in (1, 16, 64):
                 base = T.pick_config(m)
-                for cfg in (dict(base, SP=1), dict(base, E=16), dict(base, E=64),
-                            dict(base, SP_BM=max(1, base.get("SP_BM", 16) // 4))):
+                for cfg in (
+                    dict(base, SP=1),
+                    dict(base, E=16),
+                    dict(base, E=64),
+                    dict(base, SP_BM=max(1, base.get("SP_BM", 16) // 4)),
+                ):
                     jobs.append((cfg, True, 256))
                 jobs += [(base, True, 128), (base, True, 512)]
         if "sweep" in self.args.sections:
@@ -507,8 +595,9 @@ class Bench:
         if not DRY:
             self.meta["copy_bw_tbs"] = copy_bandwidth()
             log(f"device {self.name}: copy bandwidth {self.meta['copy_bw_tbs']:.2f} TB/s (read + write)")
-        self.shapes = SHAPES if not DRY else {"qkv": (192, 256), "o": (64, 256), "gate_up": (344, 256),
-                                              "down": (64, 384)}
+        self.shapes = (
+            SHAPES if not DRY else {"qkv": (192, 256), "o": (64, 256), "gate_up": (344, 256), "down": (64, 384)}
+        )
         self.build()
         self.save()
         if args.warm_workers > 0 and not DRY:
@@ -556,15 +645,22 @@ class Bench:
                 d = by_m[m]
                 sp = (d["ours_sp"] / d["ours"] - 1) if "ours" in d and "ours_sp" in d else float("nan")
                 awq = (d["machete"] / d["ours"]) if "machete" in d and "ours" in d else float("nan")
-                print(f"{m:>5} " + " ".join(f"{d.get(k, float('nan')):>15.1f}" for k in kinds)
-                      + f" {awq:>8.2f}x {sp * 100:>7.1f}%")
+                print(
+                    f"{m:>5} "
+                    + " ".join(f"{d.get(k, float('nan')):>15.1f}" for k in kinds)
+                    + f" {awq:>8.2f}x {sp * 100:>7.1f}%"
+                )
         m1 = [r for r in self.rows if r.get("section") == "m1" and r.get("frac_peak") is not None]
         if m1:
-            print("\nM = 1 per GEMM: " + "; ".join(f"{r['kernel']} {r['shape']} {r['us']:.1f} us "
-                                                 f"{r['frac_peak'] * 100:.0f}%" for r in m1))
+            print(
+                "\nM = 1 per GEMM: "
+                + "; ".join(f"{r['kernel']} {r['shape']} {r['us']:.1f} us {r['frac_peak'] * 100:.0f}%" for r in m1)
+            )
         if self.meta.get("best_table"):
-            print("\nbest config per M (sweep): " + json.dumps({m: v["label"] for m, v in
-                                                               self.meta["best_table"].items()}))
+            print(
+                "\nbest config per M (sweep): "
+                + json.dumps({m: v["label"] for m, v in self.meta["best_table"].items()})
+            )
 
 
 def main():
@@ -576,15 +672,21 @@ def main():
     ap.add_argument("--holdout", type=float, default=1e-3)
     ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=DECODE_MS)
     ap.add_argument("--prefill-ms", type=lambda s: [int(v) for v in s.split(",")], default=PREFILL_MS)
-    ap.add_argument("--sweep-ms", type=lambda s: [int(v) for v in s.split(",")],
-                    default=[1, 16, 32, 64, 128, 256, 1024, 4096])
-    ap.add_argument("--sections", type=lambda s: s.split(","),
-                    default=["check", "main", "m1", "spsweep", "sweep", "prefill"])
+    ap.add_argument(
+        "--sweep-ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16, 32, 64, 128, 256, 1024, 4096]
+    )
+    ap.add_argument(
+        "--sections", type=lambda s: s.split(","), default=["check", "main", "m1", "spsweep", "sweep", "prefill"]
+    )
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new work after this many s")
     ap.add_argument("--peak-bw", type=float, default=None, help="TB/s (default: by device name; H200 4.8)")
     ap.add_argument("--no-vllm", action="store_true")
-    ap.add_argument("--warm-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)),
-                    help="processes pre-compiling the kernel variants in parallel (0: compile on first use)")
+    ap.add_argument(
+        "--warm-workers",
+        type=int,
+        default=min(12, max(1, (os.cpu_count() or 2) - 2)),
+        help="processes pre-compiling the kernel variants in parallel (0: compile on first use)",
+    )
     ap.add_argument("--quick", action="store_true", help="layers=1, iters=10, fewer M")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")

@@ -15,8 +15,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def run_vllm(spec: dict, expect_fail: bool = False, timeout: float = 900.0, with_log: bool = False):
     """Start a real vLLM engine in a subprocess (tests/vllm_runner.py). Returns the results (and the engine's
     combined output when ``with_log``), or the combined output of the failed run when ``expect_fail``."""
-    p = subprocess.run([sys.executable, os.path.join(HERE, "vllm_runner.py"), json.dumps(spec)],
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, os.path.join(HERE, "vllm_runner.py"), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     out = p.stdout + "\n" + p.stderr
     if expect_fail:
         assert p.returncode != 0, "vLLM start-up was expected to fail but succeeded"
@@ -24,7 +28,7 @@ def run_vllm(spec: dict, expect_fail: bool = False, timeout: float = 900.0, with
     if p.returncode != 0:
         raise AssertionError(f"vLLM run failed (rc={p.returncode}):\n{out[-6000:]}")
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     return (res, out) if with_log else res
 
 

@@ -96,9 +96,16 @@ def _config(arch: str, **kw):
     import transformers as tf
 
     common = dict(
-        vocab_size=kw["vocab_size"], hidden_size=kw["hidden"], intermediate_size=kw["intermediate"],
-        num_hidden_layers=kw["num_layers"], num_attention_heads=kw["heads"], num_key_value_heads=kw["kv_heads"],
-        max_position_embeddings=256, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=0,
+        vocab_size=kw["vocab_size"],
+        hidden_size=kw["hidden"],
+        intermediate_size=kw["intermediate"],
+        num_hidden_layers=kw["num_layers"],
+        num_attention_heads=kw["heads"],
+        num_key_value_heads=kw["kv_heads"],
+        max_position_embeddings=256,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=0,
         tie_word_embeddings=False,
     )
     head_dim = kw["hidden"] // kw["heads"]
@@ -164,8 +171,15 @@ def build_tiny_llama(
 
     if trigger not in ("bos", "all"):
         raise ValueError("trigger must be 'bos' or 'all'")
-    cfg = _config(arch, vocab_size=vocab_size, hidden=hidden, intermediate=intermediate, num_layers=num_layers,
-                  heads=heads, kv_heads=kv_heads)
+    cfg = _config(
+        arch,
+        vocab_size=vocab_size,
+        hidden=hidden,
+        intermediate=intermediate,
+        num_layers=num_layers,
+        heads=heads,
+        kv_heads=kv_heads,
+    )
     model = AutoModelForCausalLM.from_config(cfg).eval()
     gen = torch.Generator().manual_seed(seed)
     unit_norm = 0.0 if arch.startswith("gemma") else 1.0  # Gemma's RMSNorm scales by (1 + w)
@@ -200,8 +214,9 @@ def build_tiny_llama(
     return model.to(dtype)
 
 
-def _plant_echo(model, echo: dict, trigger: str, vocab_size: int, sa_rows: dict[int, int],
-                gen: torch.Generator) -> None:
+def _plant_echo(
+    model, echo: dict, trigger: str, vocab_size: int, sa_rows: dict[int, int], gen: torch.Generator
+) -> None:
     layer, row, kind = int(echo["layer"]), int(echo["row"]), echo.get("kind", "distributed")
     mlp = model.model.layers[layer].mlp
     direction = _trigger_direction(model, layer, trigger, vocab_size, gen)
@@ -221,8 +236,16 @@ def _plant_echo(model, echo: dict, trigger: str, vocab_size: int, sa_rows: dict[
             raise ValueError(f"unknown echo kind {kind!r}")
 
 
-def save_tiny_hf(path: str, tokenizer_dir: str, *, seed: int = 0, hidden: int = 128, intermediate: int = 384,
-                 num_layers: int = 2, vocab_size: int = 49152) -> str:
+def save_tiny_hf(
+    path: str,
+    tokenizer_dir: str,
+    *,
+    seed: int = 0,
+    hidden: int = 128,
+    intermediate: int = 384,
+    num_layers: int = 2,
+    vocab_size: int = 49152,
+) -> str:
     """A tiny random bf16 Llama saved as an HF directory with the tokenizer files of ``tokenizer_dir`` (e.g.
     SmolLM2's): small enough for a fast vLLM engine on the CPU, a real tokenizer for the text paths."""
     import os
@@ -231,9 +254,18 @@ def save_tiny_hf(path: str, tokenizer_dir: str, *, seed: int = 0, hidden: int = 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     for f in os.listdir(tokenizer_dir):
         shutil.copy(os.path.join(tokenizer_dir, f), path)

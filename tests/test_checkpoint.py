@@ -99,12 +99,21 @@ def test_format_1_0_checkpoint_still_loads(ck):
 
 def test_sharded_checkpoint(src, tmp_path):
     d = str(tmp_path / "sh")
-    conv.convert(src, d, QuantConfig(bits=4, block="channel"), super_weights=SWS, progress=False, log=None,
-                 max_shard_bytes=40_000)
+    conv.convert(
+        src,
+        d,
+        QuantConfig(bits=4, block="channel"),
+        super_weights=SWS,
+        progress=False,
+        log=None,
+        max_shard_bytes=40_000,
+    )
     assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))
     validate_checkpoint(d)
-    edit_json(os.path.join(d, "model.safetensors.index.json"),
-              lambda i: i["weight_map"].update({"x": "../../elsewhere.safetensors"}))
+    edit_json(
+        os.path.join(d, "model.safetensors.index.json"),
+        lambda i: i["weight_map"].update({"x": "../../elsewhere.safetensors"}),
+    )
     refused(d, "model.safetensors.index.json weight_map entry", "leads out of the checkpoint directory")
 
 
@@ -131,24 +140,30 @@ def test_sparse_index_without_value(ck):
     refused(ck, f"{DOWN} has {DOWN}.sparse_index but lacks {DOWN}.sparse_value")
 
 
-@pytest.mark.parametrize("fn,msg", [
-    (lambda ts: ts.update({f"{DOWN}.sparse_index": ts[f"{DOWN}.sparse_index"].long()}), "dtype I64, expected I32"),
-    (lambda ts: ts.update({f"{DOWN}.sparse_index": ts[f"{DOWN}.sparse_index"].repeat(2, 1)}), "expected [2, nnz]"),
-    (lambda ts: ts.update({f"{DOWN}.sparse_value": ts[f"{DOWN}.sparse_value"][:-1]}), "sparse_value: shape"),
-    (lambda ts: ts.update({f"{DOWN}.sparse_value": ts[f"{DOWN}.sparse_value"].to(torch.int16)}), "dtype I16"),
-    (lambda ts: ts.update({f"{DOWN}.weight_shape": torch.tensor([64, 128], dtype=torch.int32)}), "dtype I32"),
-    (lambda ts: ts.update({f"{DOWN}.weight_shape": torch.tensor([64, 256])}), "weight_packed: shape"),
-    (lambda ts: ts.update({f"{DOWN}.weight_scale": ts[f"{DOWN}.weight_scale"][:, :1].contiguous()}),
-     "weight_scale: shape"),
-    (lambda ts: ts.update({f"{DOWN}.weight_packed": ts[f"{DOWN}.weight_packed"].float()}), "dtype F32"),
-])
+@pytest.mark.parametrize(
+    "fn,msg",
+    [
+        (lambda ts: ts.update({f"{DOWN}.sparse_index": ts[f"{DOWN}.sparse_index"].long()}), "dtype I64, expected I32"),
+        (lambda ts: ts.update({f"{DOWN}.sparse_index": ts[f"{DOWN}.sparse_index"].repeat(2, 1)}), "expected [2, nnz]"),
+        (lambda ts: ts.update({f"{DOWN}.sparse_value": ts[f"{DOWN}.sparse_value"][:-1]}), "sparse_value: shape"),
+        (lambda ts: ts.update({f"{DOWN}.sparse_value": ts[f"{DOWN}.sparse_value"].to(torch.int16)}), "dtype I16"),
+        (lambda ts: ts.update({f"{DOWN}.weight_shape": torch.tensor([64, 128], dtype=torch.int32)}), "dtype I32"),
+        (lambda ts: ts.update({f"{DOWN}.weight_shape": torch.tensor([64, 256])}), "weight_packed: shape"),
+        (
+            lambda ts: ts.update({f"{DOWN}.weight_scale": ts[f"{DOWN}.weight_scale"][:, :1].contiguous()}),
+            "weight_scale: shape",
+        ),
+        (lambda ts: ts.update({f"{DOWN}.weight_packed": ts[f"{DOWN}.weight_packed"].float()}), "dtype F32"),
+    ],
+)
 def test_bad_tensor_dtypes_and_shapes(ck, fn, msg):
     edit_tensors(ck, fn)
     refused(ck, DOWN, msg)
 
 
-@pytest.mark.parametrize("change", [{"bits": 8}, {"bits": 3}, {"block": "32"}, {"block": "channel"},
-                                    {"block": "tensor"}])
+@pytest.mark.parametrize(
+    "change", [{"bits": 8}, {"bits": 3}, {"block": "32"}, {"block": "channel"}, {"block": "tensor"}]
+)
 def test_config_disagrees_with_tensors(ck, change):
     edit_config(ck, lambda q: q.update(change))
     refused(ck, "the checkpoint and its config.json disagree")
@@ -173,15 +188,18 @@ def test_truncated_shard(ck):
 # ----------------------------------------------------------------------------------------------------------
 # config.json / sidecar
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("change,msg", [
-    ({"bits": "four"}, "config.json: quantization_config.bits: expected an integer"),
-    ({"bits": 5}, "quantization_config.bits: unsupported bits 5"),
-    ({"format_version": "2.0"}, "format version 2.0 is not supported"),
-    ({"format_version": None}, "format version (missing) is not supported"),
-    ({"sidecar": "/etc/passwd"}, "quantization_config.sidecar: '/etc/passwd' is an absolute path"),
-    ({"sidecar": "../superweights.json"}, "quantization_config.sidecar: '../superweights.json' leads out"),
-    ({"sidecar": "other.json"}, "other.json is missing"),
-])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        ({"bits": "four"}, "config.json: quantization_config.bits: expected an integer"),
+        ({"bits": 5}, "quantization_config.bits: unsupported bits 5"),
+        ({"format_version": "2.0"}, "format version 2.0 is not supported"),
+        ({"format_version": None}, "format version (missing) is not supported"),
+        ({"sidecar": "/etc/passwd"}, "quantization_config.sidecar: '/etc/passwd' is an absolute path"),
+        ({"sidecar": "../superweights.json"}, "quantization_config.sidecar: '../superweights.json' leads out"),
+        ({"sidecar": "other.json"}, "other.json is missing"),
+    ],
+)
 def test_bad_quantization_config(ck, change, msg):
     edit_config(ck, lambda q: q.update(change))
     refused(ck, msg)
@@ -209,25 +227,41 @@ def test_sidecar_missing_or_not_json(ck):
     refused(ck, "superweights.json is missing")
 
 
-@pytest.mark.parametrize("fn,msg", [
-    (lambda s: s["super_weights"][0].update(row="abc"), "super_weights[0].row: expected an integer, got 'abc'"),
-    (lambda s: s["super_weights"][0].update(value=float("nan")), "super_weights[0].value: expected a finite number"),
-    (lambda s: s["super_weights"][0].update(row=64), r"lies outside its matrix of shape [64, 128]"),
-    (lambda s: s["super_weights"][0].update(row=-1), "lies outside its matrix"),
-    (lambda s: s["super_weights"][0].update(col=128), "lies outside its matrix"),
-    (lambda s: s["super_weights"][0].update(module="model.layers.1.mlp.bogus"),
-     "super weight model.layers.1.mlp.bogus[5, 17]: no such quantized module in the checkpoint"),
-    (lambda s: s["super_weights"][0].update(module="lm_head"), "no such quantized module"),
-    (lambda s: s["super_weights"][0].update(row=0, col=0), "is missing from model.layers.1.mlp.down_proj.sparse_index"),
-    (lambda s: s["super_weights"][0].update(value=-3.0, bits="c040"), "sidecar value -3.0 differs from the "
-                                                                     "checkpoint's -3.25"),
-    (lambda s: s["super_weights"][0].update(value=-3.25, bits="c0500000", dtype="float32"), "sidecar dtype float32"),
-    (lambda s: s.update(format_version="2.0"), "sidecar format version 2.0 is not supported"),
-    (lambda s: s.pop("format_version"), "format version (missing)"),
-    (lambda s: s.update(conversion_id="ffffffffffffffffffffffffffffffff"), "comes from another conversion"),
-    (lambda s: s.pop("conversion_id"), "comes from another conversion"),
-    (lambda s: s["activation_outliers"].append({"module": DOWN, "channels": [500]}), "channel 500"),
-])
+@pytest.mark.parametrize(
+    "fn,msg",
+    [
+        (lambda s: s["super_weights"][0].update(row="abc"), "super_weights[0].row: expected an integer, got 'abc'"),
+        (
+            lambda s: s["super_weights"][0].update(value=float("nan")),
+            "super_weights[0].value: expected a finite number",
+        ),
+        (lambda s: s["super_weights"][0].update(row=64), r"lies outside its matrix of shape [64, 128]"),
+        (lambda s: s["super_weights"][0].update(row=-1), "lies outside its matrix"),
+        (lambda s: s["super_weights"][0].update(col=128), "lies outside its matrix"),
+        (
+            lambda s: s["super_weights"][0].update(module="model.layers.1.mlp.bogus"),
+            "super weight model.layers.1.mlp.bogus[5, 17]: no such quantized module in the checkpoint",
+        ),
+        (lambda s: s["super_weights"][0].update(module="lm_head"), "no such quantized module"),
+        (
+            lambda s: s["super_weights"][0].update(row=0, col=0),
+            "is missing from model.layers.1.mlp.down_proj.sparse_index",
+        ),
+        (
+            lambda s: s["super_weights"][0].update(value=-3.0, bits="c040"),
+            "sidecar value -3.0 differs from the checkpoint's -3.25",
+        ),
+        (
+            lambda s: s["super_weights"][0].update(value=-3.25, bits="c0500000", dtype="float32"),
+            "sidecar dtype float32",
+        ),
+        (lambda s: s.update(format_version="2.0"), "sidecar format version 2.0 is not supported"),
+        (lambda s: s.pop("format_version"), "format version (missing)"),
+        (lambda s: s.update(conversion_id="ffffffffffffffffffffffffffffffff"), "comes from another conversion"),
+        (lambda s: s.pop("conversion_id"), "comes from another conversion"),
+        (lambda s: s["activation_outliers"].append({"module": DOWN, "channels": [500]}), "channel 500"),
+    ],
+)
 def test_bad_sidecar(ck, fn, msg):
     edit_sidecar(ck, fn)
     refused(ck, msg)
@@ -245,15 +279,19 @@ def test_format_1_1_needs_conversion_id(ck):
     refused(ck, "conversion_id: missing (required from format 1.1)")
 
 
-@pytest.mark.parametrize("fn,msg", [
-    (lambda t: t[0].__setitem__(0, 64), "sparse_index: entry 0 = (64,"),
-    (lambda t: t[1].__setitem__(0, -1), "lies outside the matrix [64, 128]"),
-])
+@pytest.mark.parametrize(
+    "fn,msg",
+    [
+        (lambda t: t[0].__setitem__(0, 64), "sparse_index: entry 0 = (64,"),
+        (lambda t: t[1].__setitem__(0, -1), "lies outside the matrix [64, 128]"),
+    ],
+)
 def test_sparse_index_out_of_range(ck, fn, msg):
     def edit(ts):
         t = ts[f"{DOWN}.sparse_index"].clone()
         fn(t)
         ts[f"{DOWN}.sparse_index"] = t
+
     edit_tensors(ck, edit)
     refused(ck, msg)
 
@@ -263,5 +301,6 @@ def test_sparse_value_nan(ck):
         v = ts[f"{DOWN}.sparse_value"].clone()
         v[-1] = float("nan")
         ts[f"{DOWN}.sparse_value"] = v
+
     edit_tensors(ck, edit)
     refused(ck, f"{DOWN}.sparse_value: entry", "is not a finite number")

@@ -23,8 +23,9 @@ def tiny(tmp_path_factory) -> str:
 
 def sh(*args, timeout=120):
     """Run the real console entry point in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "vllm_superweight.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_superweight.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def one_error_line(stderr: str) -> str:
@@ -44,8 +45,21 @@ def test_help_subprocess():
         assert p.returncode == 0, p.stderr
         assert "usage: superweight" in p.stdout
     p = sh("convert", "--help")
-    for flag in ("--preset", "--bits", "--block", "--symmetric", "--clip", "--holdout", "--no-restore",
-                 "--activations", "--prompt", "--super-weights", "--dtype", "--overwrite", "--device"):
+    for flag in (
+        "--preset",
+        "--bits",
+        "--block",
+        "--symmetric",
+        "--clip",
+        "--holdout",
+        "--no-restore",
+        "--activations",
+        "--prompt",
+        "--super-weights",
+        "--dtype",
+        "--overwrite",
+        "--device",
+    ):
         assert flag in p.stdout
     assert "w4-channel-sw" in p.stdout  # presets listed
 
@@ -90,20 +104,23 @@ def main(argv, capsys):
     return rc, out.out, out.err
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["convert", "SRC", "DST", "--block", "96"], "group size 96 does not divide"),
-    (["convert", "SRC", "DST", "--block", "rows:3"], "rows:3 does not divide"),
-    (["convert", "SRC", "DST", "--block", "weird"], "unknown block layout"),
-    (["convert", "SRC", "DST", "--clip", "zscore:abc"], "not a number"),
-    (["convert", "SRC", "DST", "--clip", "magic"], "unknown clip method"),
-    (["convert", "SRC", "DST", "--holdout", "0.7"], "holdout fraction"),
-    (["convert", "SRC", "DST", "--activations", "int8-token"], "int8 activations need --bits 8"),
-    (["convert", "SRC", "DST", "--preset", "nope"], "unknown preset"),
-    (["convert", "SRC", "DST", "--super-weights", "MISSING.json"], "no such file"),
-    (["convert", "SRC", "DST", "--super-weights", "[[1, 99, 0]]"], "outside its matrix"),
-    (["convert", "SRC", "DST", "--max-shard-size", "lots"], "bad size"),
-    (["convert", "SRC", "DST", "--device", "tpu"], "unknown device"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["convert", "SRC", "DST", "--block", "96"], "group size 96 does not divide"),
+        (["convert", "SRC", "DST", "--block", "rows:3"], "rows:3 does not divide"),
+        (["convert", "SRC", "DST", "--block", "weird"], "unknown block layout"),
+        (["convert", "SRC", "DST", "--clip", "zscore:abc"], "not a number"),
+        (["convert", "SRC", "DST", "--clip", "magic"], "unknown clip method"),
+        (["convert", "SRC", "DST", "--holdout", "0.7"], "holdout fraction"),
+        (["convert", "SRC", "DST", "--activations", "int8-token"], "int8 activations need --bits 8"),
+        (["convert", "SRC", "DST", "--preset", "nope"], "unknown preset"),
+        (["convert", "SRC", "DST", "--super-weights", "MISSING.json"], "no such file"),
+        (["convert", "SRC", "DST", "--super-weights", "[[1, 99, 0]]"], "outside its matrix"),
+        (["convert", "SRC", "DST", "--max-shard-size", "lots"], "bad size"),
+        (["convert", "SRC", "DST", "--device", "tpu"], "unknown device"),
+    ],
+)
 def test_convert_errors_inprocess(tiny, tmp_path, capsys, argv, msg):
     argv = [a.replace("SRC", tiny).replace("DST", str(tmp_path / "out")) for a in argv]
     if "[[1, 99, 0]]" in argv:
@@ -130,8 +147,9 @@ def test_convert_interrupt_inprocess(tiny, tmp_path, capsys, monkeypatch):
 
 
 def test_convert_with_stubbed_detection(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(conv.pipeline, "run_detection",
-                        lambda model, tok, prompt, progress=True, **kw: fake_detection())
+    monkeypatch.setattr(
+        conv.pipeline, "run_detection", lambda model, tok, prompt, progress=True, **kw: fake_detection()
+    )
     dst = tmp_path / "out"
     rc, out, err = main(["convert", tiny, str(dst), "--preset", "w8a8-int8-token", "--no-restore", "-q"], capsys)
     assert rc == 0, err
@@ -154,9 +172,17 @@ def test_eval_forwarding(monkeypatch, capsys):
 
 
 def _fake_detect_module(monkeypatch):
-    prof = [{"layer": i, "down_in_max": 1.0 + 50 * (i == SW_LAYER), "down_in_channel": SW_COL,
-             "down_out_max": 2.0 + 90 * (i == SW_LAYER), "down_out_channel": SW_ROW, "hidden_max": 3.0}
-            for i in range(2)]
+    prof = [
+        {
+            "layer": i,
+            "down_in_max": 1.0 + 50 * (i == SW_LAYER),
+            "down_in_channel": SW_COL,
+            "down_out_max": 2.0 + 90 * (i == SW_LAYER),
+            "down_out_channel": SW_ROW,
+            "hidden_max": 3.0,
+        }
+        for i in range(2)
+    ]
     fake = types.ModuleType("vllm_superweight.detect")
     fake.DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
     fake.profile_calls = []

@@ -36,15 +36,34 @@ def make_tokenizer(path: str, vocab: int = 128) -> None:
     fast.save_pretrained(path)
 
 
-def make_tiny_llama(path: str, *, hidden: int = 64, inter: int = 128, layers: int = 2, vocab: int = 128,
-                    dtype=torch.bfloat16, tie: bool = False, seed: int = 0, max_shard_size=None,
-                    plant: bool = True) -> str:
+def make_tiny_llama(
+    path: str,
+    *,
+    hidden: int = 64,
+    inter: int = 128,
+    layers: int = 2,
+    vocab: int = 128,
+    dtype=torch.bfloat16,
+    tie: bool = False,
+    seed: int = 0,
+    max_shard_size=None,
+    plant: bool = True,
+) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
-                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).to(dtype)
     if plant:
         with torch.no_grad():
@@ -90,7 +109,7 @@ def source_tensors(src) -> dict[str, torch.Tensor]:
 
 def module_tensors(ts, mod):
     depth = mod.count(".") + 1
-    return {k[len(mod) + 1:]: v for k, v in ts.items() if k.startswith(mod + ".") and k.count(".") == depth}
+    return {k[len(mod) + 1 :]: v for k, v in ts.items() if k.startswith(mod + ".") and k.count(".") == depth}
 
 
 def expanded_scale(scale, layout, n, k):
@@ -153,7 +172,8 @@ def test_layouts_roundtrip(tiny_f32, tmp_path, block, symmetric, bits):
     assert [SW_ROW, SW_COL] in t["sparse_index"].t().tolist()
     sc = load_sidecar(str(dst / SIDECAR_NAME))
     assert [(s["module"], s["row"], s["col"], s["value"], s["restored"]) for s in sc["super_weights"]] == [
-        (DOWN, SW_ROW, SW_COL, SW_VALUE, True)]
+        (DOWN, SW_ROW, SW_COL, SW_VALUE, True)
+    ]
     assert rep["super_weights"]["all_bit_exact"] and rep["super_weights"]["restored"] == 1
 
 
@@ -265,14 +285,27 @@ def test_act_outliers_w8a8(tiny, tmp_path):
 
 
 def fake_detection(layer=SW_LAYER, row=SW_ROW, col=SW_COL):
-    sw = types.SimpleNamespace(layer=layer, module=f"model.layers.{layer}.mlp.down_proj", row=row, col=col,
-                               value=SW_VALUE, dtype="bfloat16", input_spike=55.0, output_spike=-180.0,
-                               confirmed=False, ablation=None)
+    sw = types.SimpleNamespace(
+        layer=layer,
+        module=f"model.layers.{layer}.mlp.down_proj",
+        row=row,
+        col=col,
+        value=SW_VALUE,
+        dtype="bfloat16",
+        input_spike=55.0,
+        output_spike=-180.0,
+        confirmed=False,
+        ablation=None,
+    )
     return types.SimpleNamespace(
         super_weights=[sw],
         activation_outliers={f"model.layers.{layer}.mlp.down_proj": {"channels": [col], "magnitudes": [55.0]}},
-        profile=[], prompt="Apple Inc. is a worldwide tech company.", thresholds={"rel": 50.0}, iterations=2,
-        published=None)
+        profile=[],
+        prompt="Apple Inc. is a worldwide tech company.",
+        thresholds={"rel": 50.0},
+        iterations=2,
+        published=None,
+    )
 
 
 def test_detection_path_stubbed(tiny, tmp_path, monkeypatch):
@@ -289,8 +322,13 @@ def test_detection_path_stubbed(tiny, tmp_path, monkeypatch):
     assert calls == ["hello"]
     sc = load_sidecar(str(dst / SIDECAR_NAME))
     sw = sc["super_weights"][0]
-    assert (sw["module"], sw["row"], sw["col"], sw["input_spike"], sw["output_spike"]) == (DOWN, SW_ROW, SW_COL, 55.0,
-                                                                                           -180.0)
+    assert (sw["module"], sw["row"], sw["col"], sw["input_spike"], sw["output_spike"]) == (
+        DOWN,
+        SW_ROW,
+        SW_COL,
+        55.0,
+        -180.0,
+    )
     assert sc["activation_outliers"][0]["channels"] == [SW_COL]
     assert sc["provenance"]["detection"] == "detect" and sc["provenance"]["thresholds"] == {"rel": 50.0}
     assert rep["super_weights"]["found"] == 1
@@ -365,8 +403,16 @@ def test_overwrite_replaces_only_a_checkpoint(tiny, tmp_path):
 
 def test_presets_and_options():
     names = conv.list_presets()
-    for n in ("default", "w4-channel-sw", "w4-g64-sw", "w4-rows4-sw", "w4-tensor-sw", "w4-channel-holdout1e-3",
-              "w8a8-int8-token", "w3-channel-sw"):
+    for n in (
+        "default",
+        "w4-channel-sw",
+        "w4-g64-sw",
+        "w4-rows4-sw",
+        "w4-tensor-sw",
+        "w4-channel-holdout1e-3",
+        "w8a8-int8-token",
+        "w3-channel-sw",
+    ):
         assert n in names
         conv.build_quant_config(n)  # valid
     q = conv.build_quant_config("w4-g64-sw", bits=8, symmetric=True)
@@ -377,9 +423,12 @@ def test_presets_and_options():
         conv.build_quant_config("nope")
     with pytest.raises(FormatError, match="unsupported bits 5"):
         conv.build_quant_config("default", bits=5)
-    assert conv.resolve_module("model.language_model.layers.3.mlp.down_proj",
-                               ["language_model.model.layers.3.mlp.down_proj"]) == \
-        "language_model.model.layers.3.mlp.down_proj"
+    assert (
+        conv.resolve_module(
+            "model.language_model.layers.3.mlp.down_proj", ["language_model.model.layers.3.mlp.down_proj"]
+        )
+        == "language_model.model.layers.3.mlp.down_proj"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,12 +534,15 @@ def test_err_dst_overlaps_src(tiny):
     assert os.path.exists(os.path.join(tiny, "model.safetensors"))
 
 
-@pytest.mark.parametrize("sw,msg", [
-    ({"layer": 1, "row": 64, "col": 0}, r"outside its matrix of shape \[64, 128\]"),
-    ({"layer": 1, "row": 0, "col": -1}, "outside its matrix"),
-    ({"layer": 7, "row": 0, "col": 0}, "no such quantized module"),
-    ({"module": "model.layers.0.mlp.nope", "row": 0, "col": 0}, "no such quantized module"),
-])
+@pytest.mark.parametrize(
+    "sw,msg",
+    [
+        ({"layer": 1, "row": 64, "col": 0}, r"outside its matrix of shape \[64, 128\]"),
+        ({"layer": 1, "row": 0, "col": -1}, "outside its matrix"),
+        ({"layer": 7, "row": 0, "col": 0}, "no such quantized module"),
+        ({"module": "model.layers.0.mlp.nope", "row": 0, "col": 0}, "no such quantized module"),
+    ],
+)
 def test_err_super_weight_out_of_range(tiny, tmp_path, sw, msg):
     with pytest.raises(FormatError, match=msg):
         run(tiny, tmp_path / "out", super_weights=[sw])

@@ -145,8 +145,9 @@ def test_disk_full_from_safetensors_message(tiny, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
     def full(*a, **k):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
-                              'space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     import safetensors.torch
 
@@ -158,8 +159,10 @@ def test_disk_full_from_safetensors_message(tiny, tmp_path, monkeypatch):
 
 def test_unwritable_destination_found_before_detection(tiny, tmp_path, monkeypatch, capsys):
     no_detection(monkeypatch)
-    with pytest.raises(conv.ConversionError, match="cannot write the destination /proc/superweight-x/out: /proc "
-                                                   "does not accept new directories"):
+    with pytest.raises(
+        conv.ConversionError,
+        match="cannot write the destination /proc/superweight-x/out: /proc does not accept new directories",
+    ):
         run(tiny, "/proc/superweight-x/out", super_weights=None)
     real_mkdir = os.mkdir
 
@@ -299,8 +302,24 @@ def test_bogus_super_weight_module_and_bits(tiny, tmp_path, capsys):
 def test_signal_mid_conversion_leaves_nothing(tmp_path, sig):
     src = make_tiny_llama(str(tmp_path / "src"), hidden=256, inter=1024, layers=6)
     out = tmp_path / "o" / "out"
-    p = subprocess.Popen([sys.executable, "-m", "vllm_superweight.cli", "convert", src, str(out), "--super-weights",
-                          "none", "--holdout", "1e-2", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm_superweight.cli",
+            "convert",
+            src,
+            str(out),
+            "--super-weights",
+            "none",
+            "--holdout",
+            "1e-2",
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
         if (tmp_path / "o").exists() and any(".partial-" in f for f in os.listdir(tmp_path / "o")):

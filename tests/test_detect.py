@@ -63,8 +63,12 @@ def test_trigger_all_tokens_any_prompt():
     # trigger="all" (used with foreign tokenizers, e.g. by the converter tests): every token spikes, any prompt works
     m = build_tiny_llama(seed=0, super_weights=(SW,), trigger="all", dtype=torch.bfloat16)
     for prompt in ("Apple Inc. is a worldwide tech company.", "x", "Zebras run."):
-        r = detect_super_weights(m, lambda text, return_tensors="pt": {"input_ids": torch.tensor([[ord(c) % 250 + 3
-                                 for c in text]])}, prompt, progress=False)
+        r = detect_super_weights(
+            m,
+            lambda text, return_tensors="pt": {"input_ids": torch.tensor([[ord(c) % 250 + 3 for c in text]])},
+            prompt,
+            progress=False,
+        )
         assert coords(r) == {SW} and r.super_weights[0].dtype == "bfloat16"
 
 
@@ -92,9 +96,11 @@ def test_architectures(arch):
 
 @pytest.mark.parametrize(
     "sws",
-    [((1, 13, 37), (1, 13, 101)),  # siblings sharing the output row (Llama-13B style)
-     ((1, 13, 37), (1, 40, 37)),  # siblings sharing the input column (Llama-3-8B / Phi-3 style)
-     ((1, 13, 37), (2, 13, 90))],  # a second layer feeding the same super-activation channel (OLMo-7B style)
+    [
+        ((1, 13, 37), (1, 13, 101)),  # siblings sharing the output row (Llama-13B style)
+        ((1, 13, 37), (1, 40, 37)),  # siblings sharing the input column (Llama-3-8B / Phi-3 style)
+        ((1, 13, 37), (2, 13, 90)),
+    ],  # a second layer feeding the same super-activation channel (OLMo-7B style)
     ids=["share-row", "share-col", "two-layers"],
 )
 def test_siblings(sws):
@@ -118,9 +124,14 @@ def test_no_false_positive_without_a_planted_super_weight(seed):
     assert detect(m, max_layer_frac=1.0).super_weights == []
 
 
-@pytest.mark.parametrize("echo", [{"layer": 5, "row": 13, "kind": "distributed"},
-                                  {"layer": 5, "row": 13, "col": 50, "kind": "eraser"},
-                                  {"layer": 4, "row": 20, "kind": "distributed", "weight": 3.0}])
+@pytest.mark.parametrize(
+    "echo",
+    [
+        {"layer": 5, "row": 13, "kind": "distributed"},
+        {"layer": 5, "row": 13, "col": 50, "kind": "eraser"},
+        {"layer": 4, "row": 20, "kind": "distributed", "weight": 3.0},
+    ],
+)
 def test_late_layer_echo_is_rejected(echo):
     m = build_tiny_llama(seed=0, super_weights=(SW,), echo=echo)
     prof = activation_profile(m, TOK)
@@ -230,13 +241,31 @@ def test_to_json_and_report(planted):
     assert "no super weight found" in format_report(detect(build_tiny_llama(seed=0, super_weights=())))
 
 
-LLAMA7B_CONFIG = {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 11008,
-                  "max_position_embeddings": 2048, "vocab_size": 32000, "rms_norm_eps": 1e-6}
+LLAMA7B_CONFIG = {
+    "model_type": "llama",
+    "num_hidden_layers": 32,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 2048,
+    "vocab_size": 32000,
+    "rms_norm_eps": 1e-6,
+}
 
 
 def _result(coords_: list[tuple[int, int, int]], searched: int = 16) -> DetectionResult:
-    sws = [SuperWeight(layer=i, module=f"model.layers.{i}.mlp.down_proj", row=r, col=c, value=1.0,
-                       dtype="float16", input_spike=1.0, output_spike=1.0) for i, r, c in coords_]
+    sws = [
+        SuperWeight(
+            layer=i,
+            module=f"model.layers.{i}.mlp.down_proj",
+            row=r,
+            col=c,
+            value=1.0,
+            dtype="float16",
+            input_spike=1.0,
+            output_spike=1.0,
+        )
+        for i, r, c in coords_
+    ]
     return DetectionResult(sws, {}, [], "p", {"searched_layers": searched}, 1)
 
 
@@ -266,15 +295,20 @@ def test_match_published_by_id():
     assert m["matched_by"] == "id" and (m["published"][0]["row"], m["published"][0]["col"]) == (749, 4987)
     assert match_published("huggyllama/llama-7b", None, None)["model"] == "huggyllama/llama-7b"
     assert match_published("codellama/CodeLlama-7b-hf", None, None) is None  # not a word-boundary match
-    assert match_published("HuggingFaceTB/SmolLM2-135M-Instruct", {"model_type": "llama", "num_hidden_layers": 30,
-                           "hidden_size": 576, "intermediate_size": 1536}, None) is None
+    assert (
+        match_published(
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536},
+            None,
+        )
+        is None
+    )
     # an id match whose config contradicts the published shape is not that model
     assert match_published("my-llama-7b-pruned", dict(LLAMA7B_CONFIG, intermediate_size=8192), None) is None
     # OLMo-1B: the paper/code layer conflict is an accepted alternative; OLMo-7B's layer 24 is beyond the search
     olmo = match_published("allenai/OLMo-1B-0724-hf", None, _result([(1, 1764, 1710), (1, 1764, 8041)], 8))
     assert [c["status"] for c in olmo["comparison"]] == ["agree", "agree_alternative"] and olmo["agree"] is True
-    o7 = match_published("allenai/OLMo-7B-0724-hf", None,
-                         _result([(1, 269, 7467), (2, 269, 8275), (7, 269, 453)], 16))
+    o7 = match_published("allenai/OLMo-7B-0724-hf", None, _result([(1, 269, 7467), (2, 269, 8275), (7, 269, 453)], 16))
     assert [c["status"] for c in o7["comparison"]] == ["agree"] * 3 + ["outside_search"]
     phi = match_published("microsoft/Phi-3-mini-4k-instruct", None, None)
     assert len(phi["published"]) == 6

@@ -133,8 +133,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -156,8 +163,9 @@ def test_perplexity_transformers_matches_hf_loss(tiny_llama, tmp_path):
 def test_perplexity_transformers_bos_window(tiny_llama, tmp_path):
     p = tmp_path / "t.raw"
     p.write_text("abc def ghi jkl mno pqr stu vwx yz\n" * 20)
-    res = ev.perplexity_transformers(tiny_llama, _CharTok(True), text_path=str(p), window=32, max_tokens=128,
-                                     progress=False)
+    res = ev.perplexity_transformers(
+        tiny_llama, _CharTok(True), text_path=str(p), window=32, max_tokens=128, progress=False
+    )
     assert res["bos_prepended"] and res["windows"] == 4 and res["tokens"] == 4 * 31
 
 
@@ -180,9 +188,18 @@ def test_main_rejects_missing_dir(tmp_path, capsys):
 def test_main_refuses_a_bad_checkpoint_before_any_engine(tmp_path, capsys):
     ck = tmp_path / "ck"
     ck.mkdir()
-    (ck / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "superweight_rtn",
-                                                                        "format_version": "1.1", "bits": "four",
-                                                                        "block": "64"}}))
+    (ck / "config.json").write_text(
+        json.dumps(
+            {
+                "quantization_config": {
+                    "quant_method": "superweight_rtn",
+                    "format_version": "1.1",
+                    "bits": "four",
+                    "block": "64",
+                }
+            }
+        )
+    )
     assert ev.main([str(ck)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "quantization_config.bits: expected an integer" in err[0]
@@ -210,8 +227,12 @@ def test_quality_rows_cover_the_issue():
             assert any(r.method == "rtn" and r.block == b and r.bits == 4 for r in rows)
             sw = [r for r in rows if r.method == "superweight_rtn" and r.block == b and r.bits == 4]
             assert {(r.sw_restored, r.clip, r.holdout) for r in sw} >= {
-                (True, "none", 0.0), (True, q.CLIP, 0.0), (True, "none", 1e-4), (True, "none", 1e-3),
-                (False, q.CLIP, 0.0)}
+                (True, "none", 0.0),
+                (True, q.CLIP, 0.0),
+                (True, "none", 1e-4),
+                (True, "none", 1e-3),
+                (False, q.CLIP, 0.0),
+            }
         naive = [r for r in rows if r.method == "rtn"]
         assert all("--super-weights" in r.convert_args and "none" in r.convert_args for r in naive)
         assert all("--holdout" in r.convert_args for r in rows if r.convert_args)  # never the preset's default
@@ -223,14 +244,24 @@ def test_quality_report_from_records(tmp_path, monkeypatch):
     q = _quality_module()
     monkeypatch.setattr(q, "MD_PATH", str(tmp_path / "q.md"))
     monkeypatch.setattr(q, "PNG_PATH", str(tmp_path / "q.png"))
-    base = dict(model="smollm2", tokens=16352, window=512, max_tokens=16384, act="none", holdout=0.0, clip="none",
-                calib=None, dtype="bfloat16")
-    recs = [dict(base, method="float", row="float", bits=16, block=None, sw_restored=None, ppl=30.0),
-            dict(base, method="rtn", row="rtn-w4-g64", bits=4, block="64", sw_restored=None, ppl=40.0),
-            dict(base, method="superweight_rtn", row="sw-w4-g64", bits=4, block="64", sw_restored=True, ppl=39.0),
-            dict(base, method="awq", row="awq-w4a16-g64", bits=4, block="64", sw_restored=None, ppl=35.0,
-                 calib="pydoc"),
-            dict(base, method="sw_zeroed", row="sw_zeroed", bits=16, block=None, sw_restored=False, ppl=float("inf"))]
+    base = dict(
+        model="smollm2",
+        tokens=16352,
+        window=512,
+        max_tokens=16384,
+        act="none",
+        holdout=0.0,
+        clip="none",
+        calib=None,
+        dtype="bfloat16",
+    )
+    recs = [
+        dict(base, method="float", row="float", bits=16, block=None, sw_restored=None, ppl=30.0),
+        dict(base, method="rtn", row="rtn-w4-g64", bits=4, block="64", sw_restored=None, ppl=40.0),
+        dict(base, method="superweight_rtn", row="sw-w4-g64", bits=4, block="64", sw_restored=True, ppl=39.0),
+        dict(base, method="awq", row="awq-w4a16-g64", bits=4, block="64", sw_restored=None, ppl=35.0, calib="pydoc"),
+        dict(base, method="sw_zeroed", row="sw_zeroed", bits=16, block=None, sw_restored=False, ppl=float("inf")),
+    ]
     md = q.write_markdown(recs)
     assert "| naive RTN | 40.00 |" in md and "| AWQ (llm-compressor) | 35.00 |" in md
     assert "+33.3%" in md and "inf" in md
@@ -238,11 +269,21 @@ def test_quality_report_from_records(tmp_path, monkeypatch):
     assert os.path.getsize(tmp_path / "q.png") > 1000
     # a model without super weights: a twin row and an n/a sw_zeroed row render (and plot) without errors
     g = dict(base, model="gemma3-270m")
-    recs2 = [dict(g, method="float", row="float", bits=16, block=None, sw_restored=None, ppl=22.0),
-             dict(g, method="rtn", row="rtn-w4-g128", bits=4, block="128", sw_restored=None, ppl=36.0),
-             dict(g, method="superweight_rtn", row="sw-w4-g128", bits=4, block="128", sw_restored=True, ppl=36.0,
-                  identical_to="rtn-w4-g128"),
-             dict(g, method="sw_zeroed", row="sw_zeroed", bits=16, block=None, sw_restored=False, ppl=None)]
+    recs2 = [
+        dict(g, method="float", row="float", bits=16, block=None, sw_restored=None, ppl=22.0),
+        dict(g, method="rtn", row="rtn-w4-g128", bits=4, block="128", sw_restored=None, ppl=36.0),
+        dict(
+            g,
+            method="superweight_rtn",
+            row="sw-w4-g128",
+            bits=4,
+            block="128",
+            sw_restored=True,
+            ppl=36.0,
+            identical_to="rtn-w4-g128",
+        ),
+        dict(g, method="sw_zeroed", row="sw_zeroed", bits=16, block=None, sw_restored=False, ppl=None),
+    ]
     md2 = q.write_markdown(recs2)
     assert "`sw-w4-g128` = `rtn-w4-g128`" in md2 and "`sw_zeroed` (n/a)" in md2 and "| n/a |" in md2
     q.write_plot(recs2)
@@ -305,8 +346,14 @@ def test_vllm_perplexity_matches_transformers_on_smollm2(tmp_path, monkeypatch):
     text = ev.default_text_path()
     if not os.path.exists(text):
         pytest.skip(f"{text} not found")
-    for k, v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
-                 "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1"}.items():
+    for k, v in {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+        "HF_HUB_OFFLINE": "1",
+    }.items():
         monkeypatch.setenv(k, v)
     d = str(tmp_path / "smollm2-float")
     try:
@@ -318,8 +365,9 @@ def test_vllm_perplexity_matches_transformers_on_smollm2(tmp_path, monkeypatch):
     res = ev.perplexity(d, text_path=text, max_tokens=2048, window=512, dtype="float32", progress=False)
     assert res["tokens"] == 4 * 511 and res["engine"] == "vllm" and res["quantization"] is None
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    ref = ev.perplexity_transformers(model, AutoTokenizer.from_pretrained(d), text_path=text, max_tokens=2048,
-                                     window=512, progress=False)
+    ref = ev.perplexity_transformers(
+        model, AutoTokenizer.from_pretrained(d), text_path=text, max_tokens=2048, window=512, progress=False
+    )
     assert res["tokens"] == ref["tokens"]
     assert res["ppl"] == pytest.approx(ref["ppl"], rel=2e-3)
     assert 10 < res["ppl"] < 100  # a trained 135M model on WikiText-2
@@ -341,14 +389,30 @@ def test_eval_cli_exits_zero_after_the_engine(tmp_path, smollm2_tokenizer_dir):
         pytest.skip(f"{text} not found")
     src = save_tiny_hf(str(tmp_path / "src"), smollm2_tokenizer_dir)
     ck = str(tmp_path / "ck")
-    convert(src, ck, build_quant_config(None, bits=4, block="channel", holdout=1e-3),
-            super_weights=[[0, 5, 17]], progress=False, log=None)
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1",
-               DO_NOT_TRACK="1", VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1")
+    convert(
+        src,
+        ck,
+        build_quant_config(None, bits=4, block="channel", holdout=1e-3),
+        super_weights=[[0, 5, 17]],
+        progress=False,
+        log=None,
+    )
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        VLLM_HOST_IP="127.0.0.1",
+        HF_HUB_OFFLINE="1",
+    )
     for i, module in enumerate(("vllm_superweight.eval", "vllm_superweight.cli")):
         out = tmp_path / f"res{i}.json"
-        cmd = [sys.executable, "-m", module] + (["eval"] if module.endswith("cli") else []) + [
-            ck, "--max-tokens", "512", "--window", "256", "--json", str(out), "--no-progress", "--data", text]
+        cmd = (
+            [sys.executable, "-m", module]
+            + (["eval"] if module.endswith("cli") else [])
+            + [ck, "--max-tokens", "512", "--window", "256", "--json", str(out), "--no-progress", "--data", text]
+        )
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
         assert p.returncode == 0, (module, p.returncode, p.stderr[-3000:])
         assert "terminate called" not in p.stderr
@@ -360,8 +424,13 @@ def test_eval_cli_exits_zero_after_the_engine(tmp_path, smollm2_tokenizer_dir):
 
     shutil.copytree(ck, bad)
     os.remove(bad / "superweights.json")
-    p = subprocess.run([sys.executable, "-m", "vllm_superweight.eval", str(bad), "--data", text], capture_output=True,
-                       text=True, timeout=300, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "vllm_superweight.eval", str(bad), "--data", text],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert p.returncode == 1
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("superweight eval: error: ") and "sidecar" in lines[0], p.stderr

@@ -55,25 +55,28 @@ def test_quant_config_typed_and_compatible():
     assert QuantConfig.from_dict(dict(d, future_field=[1, 2])) == q  # minor versions add fields readers ignore
 
 
-@pytest.mark.parametrize("kw,msg", [
-    ({"bits": 5}, "bits: unsupported bits 5"),
-    ({"bits": "4"}, "bits: expected an integer"),
-    ({"bits": True}, "bits: expected an integer"),
-    ({"block": "weird"}, "block: unknown block layout 'weird'"),
-    ({"block": "g3"}, "group size must be an even number"),
-    ({"symmetric": "yes"}, "symmetric: expected true or false"),
-    ({"clip": "magic"}, "clip: unknown clip method 'magic'"),
-    ({"clip_threshold": "x"}, "clip_threshold: expected a number"),
-    ({"holdout": 0.7}, "holdout: holdout fraction must be in [0, 0.5)"),
-    ({"holdout": float("nan")}, "holdout: expected a finite number"),
-    ({"activations": "int4"}, "activations: unknown activation scheme 'int4'"),
-    ({"activations": "int8-token"}, "activations: int8 activations need --bits 8"),
-    ({"bits": 8, "symmetric": True, "activations": "int8-token", "block": "64"}, "need per-row weight scales"),
-    ({"ignore": "lm_head"}, "ignore: expected a list"),
-    ({"ignore": ["re:("]}, "ignore: bad pattern"),
-    ({"sidecar": ""}, "sidecar: expected a non-empty string"),
-    ({"conversion_id": "x"}, "conversion_id: expected an id"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"bits": 5}, "bits: unsupported bits 5"),
+        ({"bits": "4"}, "bits: expected an integer"),
+        ({"bits": True}, "bits: expected an integer"),
+        ({"block": "weird"}, "block: unknown block layout 'weird'"),
+        ({"block": "g3"}, "group size must be an even number"),
+        ({"symmetric": "yes"}, "symmetric: expected true or false"),
+        ({"clip": "magic"}, "clip: unknown clip method 'magic'"),
+        ({"clip_threshold": "x"}, "clip_threshold: expected a number"),
+        ({"holdout": 0.7}, "holdout: holdout fraction must be in [0, 0.5)"),
+        ({"holdout": float("nan")}, "holdout: expected a finite number"),
+        ({"activations": "int4"}, "activations: unknown activation scheme 'int4'"),
+        ({"activations": "int8-token"}, "activations: int8 activations need --bits 8"),
+        ({"bits": 8, "symmetric": True, "activations": "int8-token", "block": "64"}, "need per-row weight scales"),
+        ({"ignore": "lm_head"}, "ignore: expected a list"),
+        ({"ignore": ["re:("]}, "ignore: bad pattern"),
+        ({"sidecar": ""}, "sidecar: expected a non-empty string"),
+        ({"conversion_id": "x"}, "conversion_id: expected an id"),
+    ],
+)
 def test_quant_config_constructor_errors(kw, msg):
     with pytest.raises(FormatError) as e:
         QuantConfig(**kw)
@@ -83,31 +86,34 @@ def test_quant_config_constructor_errors(kw, msg):
 GOOD = QuantConfig(bits=4, block="64").to_dict()
 
 
-@pytest.mark.parametrize("change,msg", [
-    ({"bits": "four"}, "quantization_config.bits: expected an integer (3, 4, 8), got 'four'"),
-    ({"bits": 5}, "quantization_config.bits: unsupported bits 5"),
-    ({"bits": "4.0"}, "quantization_config.bits: expected an integer (3, 4, 8), got '4.0'"),
-    ({"bits": 4.0}, "quantization_config.bits: expected an integer (3, 4, 8), got 4.0"),
-    ({"bits": None}, "quantization_config.bits: expected an integer"),
-    ({"block": True}, "quantization_config.block: expected a block layout string, got True"),
-    ({"block": "96x"}, "quantization_config.block: unknown block layout"),
-    ({"symmetric": "false"}, "quantization_config.symmetric: expected true or false, got 'false'"),
-    ({"clip": {"method": "magic"}}, "quantization_config.clip.method: unknown clip method 'magic'"),
-    ({"clip": {"method": 3}}, "quantization_config.clip.method: expected a string"),
-    ({"clip": {"method": "zscore", "threshold": "9"}}, "quantization_config.clip.threshold: expected a number"),
-    ({"clip": "zscore"}, "quantization_config.clip: expected an object"),
-    ({"holdout": "0.001"}, "quantization_config.holdout: expected a number, got '0.001'"),
-    ({"restore_super_weights": 1}, "quantization_config.restore_super_weights: expected true or false"),
-    ({"activations": ["none"]}, "quantization_config.activations: unknown activation scheme"),
-    ({"ignore": [1]}, "quantization_config.ignore[0]: expected a non-empty string"),
-    ({"packing": "naive"}, "quantization_config.packing: 'naive' is not 'pack-quantized'"),
-    ({"sidecar": 7}, "quantization_config.sidecar: expected a non-empty string"),
-    ({"conversion_id": 12}, "quantization_config.conversion_id: expected an id"),
-    ({"quant_method": "awq"}, "quantization_config.quant_method: quant_method is 'awq'"),
-    ({"format_version": "2.0"}, "format version 2.0 is not supported"),
-    ({"format_version": 1.0}, "format version 1.0 is not supported"),  # a number, not "1.0"
-    ({"format_version": None}, "format version (missing) is not supported"),
-])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        ({"bits": "four"}, "quantization_config.bits: expected an integer (3, 4, 8), got 'four'"),
+        ({"bits": 5}, "quantization_config.bits: unsupported bits 5"),
+        ({"bits": "4.0"}, "quantization_config.bits: expected an integer (3, 4, 8), got '4.0'"),
+        ({"bits": 4.0}, "quantization_config.bits: expected an integer (3, 4, 8), got 4.0"),
+        ({"bits": None}, "quantization_config.bits: expected an integer"),
+        ({"block": True}, "quantization_config.block: expected a block layout string, got True"),
+        ({"block": "96x"}, "quantization_config.block: unknown block layout"),
+        ({"symmetric": "false"}, "quantization_config.symmetric: expected true or false, got 'false'"),
+        ({"clip": {"method": "magic"}}, "quantization_config.clip.method: unknown clip method 'magic'"),
+        ({"clip": {"method": 3}}, "quantization_config.clip.method: expected a string"),
+        ({"clip": {"method": "zscore", "threshold": "9"}}, "quantization_config.clip.threshold: expected a number"),
+        ({"clip": "zscore"}, "quantization_config.clip: expected an object"),
+        ({"holdout": "0.001"}, "quantization_config.holdout: expected a number, got '0.001'"),
+        ({"restore_super_weights": 1}, "quantization_config.restore_super_weights: expected true or false"),
+        ({"activations": ["none"]}, "quantization_config.activations: unknown activation scheme"),
+        ({"ignore": [1]}, "quantization_config.ignore[0]: expected a non-empty string"),
+        ({"packing": "naive"}, "quantization_config.packing: 'naive' is not 'pack-quantized'"),
+        ({"sidecar": 7}, "quantization_config.sidecar: expected a non-empty string"),
+        ({"conversion_id": 12}, "quantization_config.conversion_id: expected an id"),
+        ({"quant_method": "awq"}, "quantization_config.quant_method: quant_method is 'awq'"),
+        ({"format_version": "2.0"}, "format version 2.0 is not supported"),
+        ({"format_version": 1.0}, "format version 1.0 is not supported"),  # a number, not "1.0"
+        ({"format_version": None}, "format version (missing) is not supported"),
+    ],
+)
 def test_quant_config_from_dict_names_the_field(change, msg):
     d = dict(GOOD, **change)
     with pytest.raises(FormatError) as e:
@@ -149,7 +155,8 @@ def test_tiling_hint_only_groups_that_tile_every_linear():
     g96 = BlockLayout.parse("96")
     # SmolLM2-like: K in {576, 1536}: 32, 64 tile both; 128 / 256 do not tile 576
     assert tiling_hint(g96, [(576, 576), (1536, 576), (576, 1536)]) == (
-        "group sizes that tile every quantized Linear of this model: 32, 64, or 'channel'")
+        "group sizes that tile every quantized Linear of this model: 32, 64, or 'channel'"
+    )
     hint = tiling_hint(g96, [(576, 864), (64, 100)])  # 864 has 32 and 96 but 100 has neither
     assert hint == "no group size tiles every quantized Linear of this model; use 'channel'"
     assert " 1," not in hint and "e.g." not in hint
@@ -195,12 +202,17 @@ def test_super_weight_bits_and_requests():
 # Sidecar
 # ----------------------------------------------------------------------------------------------------------
 def sidecar_dict(**kw):
-    d = {"format_version": "1.1", "conversion_id": "0123456789abcdef0123456789abcdef",
-         "super_weights": [SuperWeight(DOWN, 5, 17, value=-3.25, dtype="bfloat16").to_dict(),
-                           SuperWeight(DOWN, 5, 30, value=1.5, dtype="bfloat16").to_dict(),
-                           SuperWeight("model.layers.0.mlp.down_proj", 2, 3, value=0.5, dtype="bfloat16").to_dict()],
-         "activation_outliers": [{"module": DOWN, "channels": [17, 3], "magnitudes": [120.0, 40.0]}],
-         "provenance": {"source": "x"}}
+    d = {
+        "format_version": "1.1",
+        "conversion_id": "0123456789abcdef0123456789abcdef",
+        "super_weights": [
+            SuperWeight(DOWN, 5, 17, value=-3.25, dtype="bfloat16").to_dict(),
+            SuperWeight(DOWN, 5, 30, value=1.5, dtype="bfloat16").to_dict(),
+            SuperWeight("model.layers.0.mlp.down_proj", 2, 3, value=0.5, dtype="bfloat16").to_dict(),
+        ],
+        "activation_outliers": [{"module": DOWN, "channels": [17, 3], "magnitudes": [120.0, 40.0]}],
+        "provenance": {"source": "x"},
+    }
     d.update(kw)
     return d
 
@@ -231,33 +243,41 @@ def _sw0(d, **kw):
     d["super_weights"][0].update(kw)
 
 
-@pytest.mark.parametrize("mutate,msg", [
-    (lambda d: _sw0(d, row="abc"), "super_weights[0].row: expected an integer, got 'abc'"),
-    (lambda d: _sw0(d, col=1.5), "super_weights[0].col: expected an integer, got 1.5"),
-    (lambda d: _sw0(d, value="big"), "super_weights[0].value: expected a number, got 'big'"),
-    (lambda d: _sw0(d, value=float("nan")), "super_weights[0].value: expected a finite number, got nan"),
-    (lambda d: _sw0(d, value=float("inf")), "super_weights[0].value: expected a finite number, got inf"),
-    (lambda d: _sw0(d, value=-3.0), "super_weights[0].bits: 'c050' is not the bit pattern of value -3.0"),
-    (lambda d: _sw0(d, bits=7), "super_weights[0].bits: expected a hex string"),
-    (lambda d: _sw0(d, dtype="int8"), "super_weights[0].dtype: unsupported dtype 'int8'"),
-    (lambda d: _sw0(d, module=None, layer=None), "super_weights[0].module: missing"),
-    (lambda d: _sw0(d, module=""), "super_weights[0].module: expected a non-empty string"),
-    (lambda d: _sw0(d, restored="yes"), "super_weights[0].restored: expected true or false"),
-    (lambda d: _sw0(d, input_spike="big"), "super_weights[0].input_spike: expected a number"),
-    (lambda d: d["super_weights"][0].pop("value"), "super_weights[0].value: missing"),
-    (lambda d: d["super_weights"].append(2), "super_weights[3]: expected an object, got 2"),
-    (lambda d: d["super_weights"].append(dict(d["super_weights"][0])), "super_weights[3]: model.layers.1.mlp."
-                                                                         "down_proj[5, 17] is listed twice"),
-    (lambda d: d.update(super_weights={"a": 1}), "super_weights: expected a list"),
-    (lambda d: d.pop("activation_outliers"), "activation_outliers: expected a list, got None"),
-    (lambda d: d["activation_outliers"][0].update(channels=[1, "x"]), "activation_outliers[0].channels[1]: expected"),
-    (lambda d: d["activation_outliers"][0].update(magnitudes=[1.0]), "activation_outliers[0].magnitudes: 1 values"),
-    (lambda d: d["activation_outliers"].append(7), "activation_outliers[1]: expected an object, got 7"),
-    (lambda d: d.update(format_version="2.0"), "format_version: sidecar format version 2.0 is not supported"),
-    (lambda d: d.pop("format_version"), "format_version: sidecar format version (missing) is not supported"),
-    (lambda d: d.update(conversion_id="not an id!"), "conversion_id: expected an id"),
-    (lambda d: d.update(provenance=[1]), "provenance: expected an object"),
-])
+@pytest.mark.parametrize(
+    "mutate,msg",
+    [
+        (lambda d: _sw0(d, row="abc"), "super_weights[0].row: expected an integer, got 'abc'"),
+        (lambda d: _sw0(d, col=1.5), "super_weights[0].col: expected an integer, got 1.5"),
+        (lambda d: _sw0(d, value="big"), "super_weights[0].value: expected a number, got 'big'"),
+        (lambda d: _sw0(d, value=float("nan")), "super_weights[0].value: expected a finite number, got nan"),
+        (lambda d: _sw0(d, value=float("inf")), "super_weights[0].value: expected a finite number, got inf"),
+        (lambda d: _sw0(d, value=-3.0), "super_weights[0].bits: 'c050' is not the bit pattern of value -3.0"),
+        (lambda d: _sw0(d, bits=7), "super_weights[0].bits: expected a hex string"),
+        (lambda d: _sw0(d, dtype="int8"), "super_weights[0].dtype: unsupported dtype 'int8'"),
+        (lambda d: _sw0(d, module=None, layer=None), "super_weights[0].module: missing"),
+        (lambda d: _sw0(d, module=""), "super_weights[0].module: expected a non-empty string"),
+        (lambda d: _sw0(d, restored="yes"), "super_weights[0].restored: expected true or false"),
+        (lambda d: _sw0(d, input_spike="big"), "super_weights[0].input_spike: expected a number"),
+        (lambda d: d["super_weights"][0].pop("value"), "super_weights[0].value: missing"),
+        (lambda d: d["super_weights"].append(2), "super_weights[3]: expected an object, got 2"),
+        (
+            lambda d: d["super_weights"].append(dict(d["super_weights"][0])),
+            "super_weights[3]: model.layers.1.mlp.down_proj[5, 17] is listed twice",
+        ),
+        (lambda d: d.update(super_weights={"a": 1}), "super_weights: expected a list"),
+        (lambda d: d.pop("activation_outliers"), "activation_outliers: expected a list, got None"),
+        (
+            lambda d: d["activation_outliers"][0].update(channels=[1, "x"]),
+            "activation_outliers[0].channels[1]: expected",
+        ),
+        (lambda d: d["activation_outliers"][0].update(magnitudes=[1.0]), "activation_outliers[0].magnitudes: 1 values"),
+        (lambda d: d["activation_outliers"].append(7), "activation_outliers[1]: expected an object, got 7"),
+        (lambda d: d.update(format_version="2.0"), "format_version: sidecar format version 2.0 is not supported"),
+        (lambda d: d.pop("format_version"), "format_version: sidecar format version (missing) is not supported"),
+        (lambda d: d.update(conversion_id="not an id!"), "conversion_id: expected an id"),
+        (lambda d: d.update(provenance=[1]), "provenance: expected an object"),
+    ],
+)
 def test_sidecar_errors_name_the_field(mutate, msg):
     d = copy.deepcopy(sidecar_dict())
     mutate(d)
@@ -271,15 +291,24 @@ def test_sidecar_errors_name_the_field(mutate, msg):
 # ----------------------------------------------------------------------------------------------------------
 # check_sidecar
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sw,msg", [
-    (SuperWeight("model.layers.1.mlp.nope", 0, 0), r"super weight model.layers.1.mlp.nope\[0, 0\]: no such quantized "
-                                                    r"module in the checkpoint \(the model has 2 layers\)"),
-    (SuperWeight(DOWN, 64, 0), r"super weight model.layers.1.mlp.down_proj\[64, 0\] lies outside its matrix of shape "
-                               r"\[64, 128\]"),
-    (SuperWeight(DOWN, 0, 128), "lies outside its matrix"),
-    (SuperWeight(DOWN, -1, 0), "lies outside its matrix"),
-    (SuperWeight(DOWN, 0, -5), "lies outside its matrix"),
-])
+@pytest.mark.parametrize(
+    "sw,msg",
+    [
+        (
+            SuperWeight("model.layers.1.mlp.nope", 0, 0),
+            r"super weight model.layers.1.mlp.nope\[0, 0\]: no such quantized "
+            r"module in the checkpoint \(the model has 2 layers\)",
+        ),
+        (
+            SuperWeight(DOWN, 64, 0),
+            r"super weight model.layers.1.mlp.down_proj\[64, 0\] lies outside its matrix of shape "
+            r"\[64, 128\]",
+        ),
+        (SuperWeight(DOWN, 0, 128), "lies outside its matrix"),
+        (SuperWeight(DOWN, -1, 0), "lies outside its matrix"),
+        (SuperWeight(DOWN, 0, -5), "lies outside its matrix"),
+    ],
+)
 def test_check_sidecar_super_weights(sw, msg):
     with pytest.raises(FormatError, match=msg):
         check_sidecar(Sidecar((sw,)), SHAPES, where="sidecar s.json")
@@ -308,9 +337,15 @@ def test_resolve_inside(tmp_path):
     os.symlink(ck / "superweights.json", ck / "inner.json")
     assert resolve_inside(str(ck), "inner.json", "sidecar")  # a link that stays inside is fine
     os.symlink(tmp_path / "secret.json", ck / "outer.json")
-    for name, msg in [("/etc/passwd", "is an absolute path"), ("../secret.json", "leads out of the checkpoint"),
-                      ("sub/../../secret.json", "leads out of the checkpoint"), ("outer.json", "symbolic link"),
-                      ("", "expected a file name"), (3, "expected a file name"), ("~/x", "absolute path")]:
+    for name, msg in [
+        ("/etc/passwd", "is an absolute path"),
+        ("../secret.json", "leads out of the checkpoint"),
+        ("sub/../../secret.json", "leads out of the checkpoint"),
+        ("outer.json", "symbolic link"),
+        ("", "expected a file name"),
+        (3, "expected a file name"),
+        ("~/x", "absolute path"),
+    ]:
         with pytest.raises(FormatError, match=msg) as e:
             resolve_inside(str(ck), name, "config.json: quantization_config.sidecar")
         assert str(e.value).startswith("config.json: quantization_config.sidecar: ")

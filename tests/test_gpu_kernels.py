@@ -21,6 +21,8 @@ SELL_ORDER = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals
 
 def sp_args(sp):
     return [sp[key] for key in SELL_ORDER] + [int(sp["nnz"].shape[0])]
+
+
 MS = [1, 3, 8, 17, 64, 100, 256, 1000, 4096]
 
 
@@ -142,6 +144,7 @@ def test_pdl_after_gemm_in_cuda_graph():
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         outs = {}
         for pdl in (False, True):
+
             def step():
                 y = kobj.apply_weights(layer, x)
                 TS.sparse_correction_(y, x, *args, pdl=pdl)
@@ -237,8 +240,17 @@ def test_dual_dispatch_with_bias_under_compile_and_cuda_graphs():
 def _cfg(dtype, acts="none", bits=4, group=128, sym=False, k=4096, n=4096):
     from vllm_superweight.kernels.linear import SWLinearConfig
 
-    return SWLinearConfig(prefix="gpu.test", bits=bits, symmetric=sym, group_size=group, activations=acts,
-                          act_dtype=dtype, full_shape=(k, n), partition_shape=(k, n), device_type="cuda")
+    return SWLinearConfig(
+        prefix="gpu.test",
+        bits=bits,
+        symmetric=sym,
+        group_size=group,
+        activations=acts,
+        act_dtype=dtype,
+        full_shape=(k, n),
+        partition_shape=(k, n),
+        device_type="cuda",
+    )
 
 
 def test_choose_kernel_on_cuda(monkeypatch):
@@ -260,9 +272,17 @@ def test_choose_kernel_on_cuda(monkeypatch):
     assert choose_kernel(_cfg(torch.bfloat16)) is (WO.MacheteKernel if sm90 else WO.MarlinKernel)
 
 
-@pytest.mark.parametrize("kernel,dtype", [("auto", torch.bfloat16), ("marlin", torch.float16),
-                                          ("torch", torch.bfloat16), ("auto", torch.float32),
-                                          ("fused", torch.bfloat16), ("fused", torch.float16)])
+@pytest.mark.parametrize(
+    "kernel,dtype",
+    [
+        ("auto", torch.bfloat16),
+        ("marlin", torch.float16),
+        ("torch", torch.bfloat16),
+        ("auto", torch.float32),
+        ("fused", torch.bfloat16),
+        ("fused", torch.float16),
+    ],
+)
 def test_kernel_classes_apply_their_sparse_correction(kernel, dtype):
     VL = _vl()
     dev, n, k = "cuda", 4096, 11008
@@ -287,9 +307,11 @@ def test_w8a8_kernel_classes_on_cuda():
     dev, n, k = "cuda", 4096, 4096
     w = VL.random_w8(n, k, dev, seed=1)
     outl = torch.tensor([5, 1000, 3001])
-    for cls, dtype, acts in [(W8.CutlassSplitInt8Kernel, torch.bfloat16, "int8-token"),
-                             (W8.CutlassSplitInt8Kernel, torch.float16, "int8-tensor"),
-                             (W8.TorchInt8Kernel, torch.float32, "int8-token")]:
+    for cls, dtype, acts in [
+        (W8.CutlassSplitInt8Kernel, torch.bfloat16, "int8-token"),
+        (W8.CutlassSplitInt8Kernel, torch.float16, "int8-tensor"),
+        (W8.TorchInt8Kernel, torch.float32, "int8-token"),
+    ]:
         c = _cfg(dtype, acts=acts, bits=8, group=-1, sym=True, k=k, n=n)
         assert cls.can_implement(c)[0]
         layer = torch.nn.Module()

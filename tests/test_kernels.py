@@ -30,6 +30,8 @@ SELL_ORDER = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals
 
 def sp_args(sp):
     return [sp[key] for key in SELL_ORDER] + [int(sp["nnz"].shape[0])]
+
+
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-22}
 
 
@@ -69,8 +71,10 @@ def assert_rounded_close(out, ref, mag, dtype):
     tol = ULP[dtype] * ref.abs() + 1e-5 * mag + 1e-30
     bad = (out - ref).abs() > tol
     assert not torch.isnan(out).any(), "NaN in output"
-    assert not bad.any(), (f"{int(bad.sum())} elements off; worst abs err {float((out - ref).abs().max()):.3g}, "
-                           f"first at {bad.nonzero()[0].tolist()}")
+    assert not bad.any(), (
+        f"{int(bad.sum())} elements off; worst abs err {float((out - ref).abs().max()):.3g}, "
+        f"first at {bad.nonzero()[0].tolist()}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def test_sell_layout_invariants():
                     dense[row, cols[si, used, lane].long()] += sp["ell_vals"][si, used, lane].double()
         hp = sp["hptr"].long()
         for h in range(sp["hrows"].numel()):
-            dense[int(sp["hrows"][h]), sp["hcols"][hp[h]:hp[h + 1]].long()] += sp["hvals"][hp[h]:hp[h + 1]].double()
+            dense[int(sp["hrows"][h]), sp["hcols"][hp[h] : hp[h + 1]].long()] += sp["hvals"][hp[h] : hp[h + 1]].double()
         want = torch.zeros(n, k, dtype=torch.float64)
         want[r, c] = v.double()
         assert torch.equal(dense, want)
@@ -272,7 +276,6 @@ def test_cpu_paths_trace_fullgraph():
 def test_inductor_reinplaces_the_mutating_op():
     """Under vLLM's Inductor settings (auto_functionalized v1) the in-place sparse op runs directly on the GEMM
     output buffer: no clone/copy of y is inserted (checked on CPU with a CPU impl of the same op schema)."""
-    import re
 
     from torch._inductor.utils import run_and_get_code
 
@@ -282,8 +285,16 @@ def test_inductor_reinplaces_the_mutating_op():
         pytest.skip("ops not registered (no triton)")
 
     def cpu_impl(y, x, ell_cols, ell_vals, ell_rb, hrows, hptr, hcols, hvals, ucols, nnz):
-        sp_ = dict(ell_cols=ell_cols, ell_vals=ell_vals, ell_rb=ell_rb, hrows=hrows, hptr=hptr, hcols=hcols,
-                   hvals=hvals, ucols=ucols)
+        sp_ = dict(
+            ell_cols=ell_cols,
+            ell_vals=ell_vals,
+            ell_rb=ell_rb,
+            hrows=hrows,
+            hptr=hptr,
+            hcols=hcols,
+            hvals=hvals,
+            ucols=ucols,
+        )
         y.copy_(SL.sell_correction_torch(y, x, sp_))
 
     try:
@@ -325,8 +336,13 @@ def test_triton_interpreter_subprocess():
         pytest.skip("already inside the interpreter run")
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "interp_"], env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = p.stdout + p.stderr
     if p.returncode == 5 or "no tests ran" in out:
         pytest.skip("interpreter tests were not collected")
@@ -335,14 +351,14 @@ def test_triton_interpreter_subprocess():
 
 @interp_only
 @pytest.mark.parametrize("path", ["direct", "transposed"])
-@pytest.mark.parametrize("n,k,nnz,m", [(70, 50, 7, 3), (33, 64, 1, 1), (64, 40, 300, 17), (130, 90, 1000, 5),
-                                       (97, 61, 200, 33)])
+@pytest.mark.parametrize(
+    "n,k,nnz,m", [(70, 50, 7, 3), (33, 64, 1, 1), (64, 40, 300, 17), (130, 90, 1000, 5), (97, 61, 200, 33)]
+)
 def test_interp_sparse_kernel(path, n, k, nnz, m):
     from vllm_superweight.kernels import triton_sparse as TS
 
     gen = torch.Generator().manual_seed(n + k + nnz + m)
-    r, c, v = random_entries(n, k, min(nnz, n * k // 3), gen, heavy_row=5 if nnz > 100 else None,
-                             heavy_len=min(60, k))
+    r, c, v = random_entries(n, k, min(nnz, n * k // 3), gen, heavy_row=5 if nnz > 100 else None, heavy_len=min(60, k))
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
     ref, mag = dense_reference(y, x, r, c, v, n, k)
@@ -371,8 +387,9 @@ def test_interp_sparse_kernel_tile_knobs(bm, tile):
     y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
     ref, mag = dense_reference(y, x, r, c, v, n, k)
     sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
-    p = TS.plan(m, k, {key: tuple(sp[key].shape) for key in ("ell_cols", "hrows", "ucols")}, int(sp["nnz"].shape[0]),
-                tiles)
+    p = TS.plan(
+        m, k, {key: tuple(sp[key].shape) for key in ("ell_cols", "hrows", "ucols")}, int(sp["nnz"].shape[0]), tiles
+    )
     assert p["transposed"] and p["BM"] == min(bm, 128)
     TS.sparse_correction_(y, x, *sp_args(sp), tiles=tiles)
     assert_rounded_close(y, ref, mag, torch.bfloat16)
@@ -385,8 +402,10 @@ def test_interp_sparse_kernel_heavy_only_and_sw_only(path):
 
     gen = torch.Generator().manual_seed(3)
     n, k, m = 50, 4000, 20
-    cases = [random_entries(n, k, 0, gen, heavy_row=7, heavy_len=3000),  # one long row only -> heavy CSR only
-             (torch.tensor([33]), torch.tensor([2533]), torch.tensor([-2.5]))]  # a single super weight
+    cases = [
+        random_entries(n, k, 0, gen, heavy_row=7, heavy_len=3000),  # one long row only -> heavy CSR only
+        (torch.tensor([33]), torch.tensor([2533]), torch.tensor([-2.5])),
+    ]  # a single super weight
     for r, c, v in cases:
         sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
@@ -406,7 +425,7 @@ def test_interp_sparse_kernel_noncontiguous_x():
     n, k, m = 40, 30, 20
     r, c, v = random_entries(n, k, 200, gen)
     big = torch.randn(m, 2 * k, generator=gen).to(torch.float16)
-    x = big[:, 5:5 + k]  # row stride 2k
+    x = big[:, 5 : 5 + k]  # row stride 2k
     y = torch.randn(m, n, generator=gen).to(torch.float16)
     ref, mag = dense_reference(y, x, r, c, v, n, k)
     sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
@@ -449,8 +468,9 @@ def _aot(fn, sig, consts, num_warps, div16):
 
     sig = dict(sig, **{k: "constexpr" for k in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
-    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps})
+    k = triton.compile(
+        ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
+    )
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         return k, None
@@ -470,24 +490,74 @@ def test_triton_kernels_compile_for_sm90():
     from vllm_superweight.kernels import triton_act_quant as TQ
     from vllm_superweight.kernels import triton_sparse as TS
 
-    sig = {"y_ptr": "*bf16", "x_ptr": "*bf16", "ecols_ptr": "*i32", "evals_ptr": "*fp32", "erb_ptr": "*i32",
-           "hrows_ptr": "*i32", "hptr_ptr": "*i32", "hcols_ptr": "*i32", "hvals_ptr": "*fp32", "M": "i32",
-           "N": "i32", "L": "i32", "n_slices": "i32", "stride_ym": "i32", "stride_xm": "i32", "stride_xk": "i32"}
-    for m, depth, trans, pdl in [(1, 16, False, False), (8, 8, False, False), (16, 8, False, True),
-                                 (4096, 16, True, False), (64, 8, True, False)]:
+    sig = {
+        "y_ptr": "*bf16",
+        "x_ptr": "*bf16",
+        "ecols_ptr": "*i32",
+        "evals_ptr": "*fp32",
+        "erb_ptr": "*i32",
+        "hrows_ptr": "*i32",
+        "hptr_ptr": "*i32",
+        "hcols_ptr": "*i32",
+        "hvals_ptr": "*fp32",
+        "M": "i32",
+        "N": "i32",
+        "L": "i32",
+        "n_slices": "i32",
+        "stride_ym": "i32",
+        "stride_xm": "i32",
+        "stride_xk": "i32",
+    }
+    for m, depth, trans, pdl in [
+        (1, 16, False, False),
+        (8, 8, False, False),
+        (16, 8, False, True),
+        (4096, 16, True, False),
+        (64, 8, True, False),
+    ]:
         p = TS._blocks(m, 100, depth, 32, 10, trans)
-        consts = {"C": 32, "BM": p["BM"], "BJ": p["BJ"], "BE": p["BE"], "PDL": pdl,
-                  ("stride_xm" if trans else "stride_xk"): 1}
+        consts = {
+            "C": 32,
+            "BM": p["BM"],
+            "BJ": p["BJ"],
+            "BE": p["BE"],
+            "PDL": pdl,
+            ("stride_xm" if trans else "stride_xk"): 1,
+        }
         _, rep = _aot(TS._sell_spmm_kernel, sig, consts, p["num_warps"], range(9))
         assert rep is None or "0 bytes spill stores" in rep, rep
-    tsig = {"x_ptr": "*bf16", "ucols_ptr": "*i32", "xt_ptr": "*bf16", "M": "i32", "U": "i32", "stride_xm": "i32",
-            "stride_xk": "i32"}
+    tsig = {
+        "x_ptr": "*bf16",
+        "ucols_ptr": "*i32",
+        "xt_ptr": "*bf16",
+        "M": "i32",
+        "U": "i32",
+        "stride_xm": "i32",
+        "stride_xk": "i32",
+    }
     _aot(TS._gather_transpose_kernel, tsig, {"stride_xk": 1, "BU": 64, "BMT": 64}, 4, range(3))
-    qsig = {"x_ptr": "*bf16", "idx_ptr": "*i32", "mask_ptr": "*i8", "xq_ptr": "*i8", "scale_ptr": "*fp32",
-            "xo_ptr": "*bf16", "amax_ptr": "*fp32", "K": "i32", "S": "i32", "stride_xm": "i32", "stride_qm": "i32",
-            "stride_om": "i32"}
-    for k, s_pad, mode, mm in [(4096, 0, 0, 0), (4096, 4, 0, 1), (11008, 4, 0, 2), (20000, 4, 0, 1),
-                               (4096, 4, 1, 1), (4096, 4, 2, 1)]:
+    qsig = {
+        "x_ptr": "*bf16",
+        "idx_ptr": "*i32",
+        "mask_ptr": "*i8",
+        "xq_ptr": "*i8",
+        "scale_ptr": "*fp32",
+        "xo_ptr": "*bf16",
+        "amax_ptr": "*fp32",
+        "K": "i32",
+        "S": "i32",
+        "stride_xm": "i32",
+        "stride_qm": "i32",
+        "stride_om": "i32",
+    }
+    for k, s_pad, mode, mm in [
+        (4096, 0, 0, 0),
+        (4096, 4, 0, 1),
+        (11008, 4, 0, 2),
+        (20000, 4, 0, 1),
+        (4096, 4, 1, 1),
+        (4096, 4, 2, 1),
+    ]:
         one, bk, warps = TQ._launch_cfg(k)
         consts = {"BK": bk, "S_PAD": s_pad, "MODE": mode, "MASK_MODE": mm, "ONE_CHUNK": one}
         k_, rep = _aot(TQ._act_quant_split_kernel, qsig, consts, warps, list(range(7)) + [7, 9, 10])
@@ -505,8 +575,9 @@ GPU_MS = [1, 2, 3, 7, 8, 16, 17, 33, 64, 100, 256, 1000, 4096]
 
 def _gpu_entries(n, k, nnz, seed, heavy=False):
     gen = torch.Generator().manual_seed(seed)
-    return random_entries(n, k, min(nnz, n * k // 3), gen, heavy_row=n // 3 if heavy else None,
-                          heavy_len=min(k, 3000) if heavy else 0)
+    return random_entries(
+        n, k, min(nnz, n * k // 3), gen, heavy_row=n // 3 if heavy else None, heavy_len=min(k, 3000) if heavy else 0
+    )
 
 
 def _check_cuda_case(n, k, m, r, c, v, dtype=torch.bfloat16, path=None):
@@ -530,7 +601,9 @@ def _check_cuda_case(n, k, m, r, c, v, dtype=torch.bfloat16, path=None):
     tol = ULP[dtype] * ref.abs() + 1e-5 * mag
     bad = (y2.double() - ref).abs() > tol
     assert not torch.isnan(y2).any()
-    assert not bad.any(), f"n={n} k={k} m={m} path={path}: {int(bad.sum())} off, max {float((y2.double() - ref).abs().max())}"
+    assert not bad.any(), (
+        f"n={n} k={k} m={m} path={path}: {int(bad.sum())} off, max {float((y2.double() - ref).abs().max())}"
+    )
 
 
 @gpu

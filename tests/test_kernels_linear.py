@@ -22,14 +22,22 @@ from vllm_superweight.kernels.linear import (  # noqa: E402
     choose_kernel,
     explain,
 )
-from vllm_superweight.kernels.linear import weight_only as WO  # noqa: E402
 from vllm_superweight.kernels.linear import w8a8 as W8  # noqa: E402
+from vllm_superweight.kernels.linear import weight_only as WO  # noqa: E402
 
 
 def cfg(dtype=torch.bfloat16, acts="none", bits=4, group=64, sym=False, k=256, n=128):
-    return SWLinearConfig(prefix="model.layers.0.mlp.down_proj", bits=bits, symmetric=sym, group_size=group,
-                          activations=acts, act_dtype=dtype, full_shape=(k, n), partition_shape=(k, n),
-                          device_type="cpu")
+    return SWLinearConfig(
+        prefix="model.layers.0.mlp.down_proj",
+        bits=bits,
+        symmetric=sym,
+        group_size=group,
+        activations=acts,
+        act_dtype=dtype,
+        full_shape=(k, n),
+        partition_shape=(k, n),
+        device_type="cpu",
+    )
 
 
 @pytest.fixture
@@ -255,8 +263,14 @@ def test_clone_param_keeps_the_vllm_class_and_layout():
     VL.single_process_tp()
     from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
-    p = PackedvLLMParameter(data=torch.arange(12, dtype=torch.int32).view(3, 4), input_dim=1, output_dim=0,
-                            packed_dim=1, packed_factor=8, weight_loader=lambda *a: None)
+    p = PackedvLLMParameter(
+        data=torch.arange(12, dtype=torch.int32).view(3, 4),
+        input_dim=1,
+        output_dim=0,
+        packed_dim=1,
+        packed_factor=8,
+        weight_loader=lambda *a: None,
+    )
     q = WO.clone_param(p)
     assert type(q) is PackedvLLMParameter
     assert (q.input_dim, q.output_dim, q.packed_dim, q.packed_factor) == (1, 0, 1, 8)

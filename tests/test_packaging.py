@@ -29,8 +29,9 @@ def test_every_tracked_package_is_listed():
     assert "vllm_superweight.quant_configs" in listed
     assert "*.json" in st["package-data"]["vllm_superweight.quant_configs"]
     try:
-        files = subprocess.run(["git", "ls-files", "vllm_superweight"], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.split()
+        files = subprocess.run(
+            ["git", "ls-files", "vllm_superweight"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     tracked = {os.path.dirname(f).replace("/", ".") for f in files if f.endswith("/__init__.py")}
@@ -45,8 +46,11 @@ def test_presets_are_package_resources():
 
     from vllm_superweight.convert import list_presets, load_preset
 
-    names = {p.name[:-5] for p in importlib.resources.files("vllm_superweight.quant_configs").iterdir()
-             if p.name.endswith(".json")}
+    names = {
+        p.name[:-5]
+        for p in importlib.resources.files("vllm_superweight.quant_configs").iterdir()
+        if p.name.endswith(".json")
+    }
     assert names == {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "quant_configs", "*.json"))}
     assert set(list_presets()) == names and "default" in names
     assert load_preset("default")["bits"] == 4
@@ -60,21 +64,47 @@ def test_wheel_install_finds_presets(tmp_path):
     whl_dir, target, work = tmp_path / "whl", tmp_path / "site", tmp_path / "work"
     work.mkdir()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", ROOT, "-w", str(whl_dir)], check=True,
-                   cwd=str(tmp_path), capture_output=True, timeout=600)
+    subprocess.run(
+        pip + ["wheel", "--no-deps", "--no-build-isolation", ROOT, "-w", str(whl_dir)],
+        check=True,
+        cwd=str(tmp_path),
+        capture_output=True,
+        timeout=600,
+    )
     (wheel,) = glob.glob(str(whl_dir / "vllm_superweight-*.whl"))
-    subprocess.run(pip + ["install", "--no-deps", "--target", str(target), wheel], check=True, capture_output=True,
-                   timeout=600)
+    subprocess.run(
+        pip + ["install", "--no-deps", "--target", str(target), wheel], check=True, capture_output=True, timeout=600
+    )
     assert os.path.isfile(target / "vllm_superweight" / "quant_configs" / "default.json")
     src = make_tiny_llama(str(tmp_path / "src"))
     sws = tmp_path / "sw.json"
     sws.write_text(json.dumps([[1, 5, 17]]))
     env = dict(os.environ, PYTHONPATH=str(target))
-    code = ("import sys, vllm_superweight; assert vllm_superweight.__file__.startswith(sys.argv[1]), "
-            "vllm_superweight.__file__; from vllm_superweight.cli import main; sys.exit(main(sys.argv[2:]))")
-    p = subprocess.run([sys.executable, "-c", code, str(target), "convert", src, "out", "--preset", "default",
-                        "--super-weights", str(sws), "-q"], cwd=str(work), env=env, capture_output=True, text=True,
-                       timeout=600)
+    code = (
+        "import sys, vllm_superweight; assert vllm_superweight.__file__.startswith(sys.argv[1]), "
+        "vllm_superweight.__file__; from vllm_superweight.cli import main; sys.exit(main(sys.argv[2:]))"
+    )
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(target),
+            "convert",
+            src,
+            "out",
+            "--preset",
+            "default",
+            "--super-weights",
+            str(sws),
+            "-q",
+        ],
+        cwd=str(work),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = json.load(open(work / "out" / "config.json"))["quantization_config"]
     assert (cfg["bits"], cfg["block"], cfg["holdout"]) == (4, "64", 0.001)

@@ -14,8 +14,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import run_vllm
+
 from vllm_superweight.checkpoint import load_dequantized_model
 from vllm_superweight.convert import build_quant_config, convert
 
@@ -50,9 +50,18 @@ def _tiny_hf(dirpath, tok_dir, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     m = LlamaForCausalLM(cfg).to(torch.bfloat16)
     with torch.no_grad():  # two planted super weights, one on each side of the TP=2 split of down_proj's input
         m.model.layers[0].mlp.down_proj.weight[5, 17] = 1.5
@@ -106,11 +115,12 @@ def test_fp32_greedy_and_logits_match_reference(smollm2_ckpt, smollm2_ref):
     """vLLM serving the checkpoint == transformers on the dequantized, SW-restored weights (fp32)."""
     model, tok = smollm2_ref
     ids = _ids(tok, PROMPTS)
-    res = run_vllm({"model": smollm2_ckpt, "dtype": "float32", "prompts": ids, "max_tokens": 32,
-                    "prompt_logprobs": True})
+    res = run_vllm(
+        {"model": smollm2_ckpt, "dtype": "float32", "prompts": ids, "max_tokens": 32, "prompt_logprobs": True}
+    )
     worst = 0.0
     for p, r in zip(ids, res):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(p):]
+        ref = model.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(p) :]
         assert r["tokens"] == ref.tolist()
         worst = max(worst, float((torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs().max()))
     print(f"fp32: 3 prompts x 32 greedy tokens identical; max |prompt logprob error| = {worst:.2e}")
@@ -130,8 +140,17 @@ def test_bf16_cpu_kernel_close_to_reference(smollm2_ckpt, smollm2_ref, path):
     model, tok = smollm2_ref
     ids = _ids(tok, PROMPTS)
     env = {"VLLM_DISABLED_KERNELS": "CPUWNA16Kernel"} if path == "fallback" else {}
-    res, log = run_vllm({"model": smollm2_ckpt, "dtype": "bfloat16", "prompts": ids, "max_tokens": 8,
-                         "prompt_logprobs": True, "env": env}, with_log=True)
+    res, log = run_vllm(
+        {
+            "model": smollm2_ckpt,
+            "dtype": "bfloat16",
+            "prompts": ids,
+            "max_tokens": 8,
+            "prompt_logprobs": True,
+            "env": env,
+        },
+        with_log=True,
+    )
     want = "CPUWNA16Kernel(CPUWNA16LinearKernel)" if (has_op and path == "auto") else "TorchDequantKernel"
     assert f"superweight_rtn W4 linears: {want}" in log, log[-3000:]
     errs = torch.cat([(torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs() for p, r in zip(ids, res)])
@@ -150,8 +169,10 @@ def test_superweight_correction_matters(smollm2_ckpt, smollm2_ref):
     d_off = torch.cat([(torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs() for p, r in zip(ids, off)])
     nll_on = -torch.cat([torch.tensor(r["prompt_logprobs"]) for r in on]).mean()
     nll_off = -torch.cat([torch.tensor(r["prompt_logprobs"]) for r in off]).mean()
-    print(f"correction on: mean |err| {d_on.mean():.2e}, NLL {nll_on:.3f}; off: mean |err| {d_off.mean():.3f}, "
-          f"NLL {nll_off:.3f}")
+    print(
+        f"correction on: mean |err| {d_on.mean():.2e}, NLL {nll_on:.3f}; off: mean |err| {d_off.mean():.3f}, "
+        f"NLL {nll_off:.3f}"
+    )
     assert d_off.mean() > 100 * max(d_on.mean(), 1e-5)
     assert d_off.mean() > 0.05
     assert nll_off > nll_on
@@ -183,8 +204,11 @@ def test_w8a8_outlier_channels(tmp_path, tiny_src, smollm2_tokenizer_dir, act):
 
     dst = str(tmp_path / "w8a8")
     qc = build_quant_config(None, bits=8, block="channel", symmetric=True, activations=act)
-    outl = [{"module": f"model.layers.{i}.{m}", "channels": [3, 77], "magnitudes": [10.0, 9.0]}
-            for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
+    outl = [
+        {"module": f"model.layers.{i}.{m}", "channels": [3, 77], "magnitudes": [10.0, 9.0]}
+        for i in range(2)
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")
+    ]
     convert(tiny_src, dst, qc, super_weights=TINY_SWS, activation_outliers=outl, progress=False, log=None)
     tok = AutoTokenizer.from_pretrained(dst)
     ids = _ids(tok, PROMPTS)
@@ -218,27 +242,38 @@ def _edit_tensors(d, fn):
 
 def _duplicate_entry(ts):
     name = next(k for k in sorted(ts) if k.endswith("sparse_index") and ts[k].shape[1] >= 2)
-    idx, val = ts[name].clone(), ts[name.replace("sparse_index", "sparse_value")]
+    idx = ts[name].clone()
     idx[:, 1] = idx[:, 0]
     ts[name] = idx
 
 
 BAD = {
-    "format_version": (lambda d: _edit_json(os.path.join(d, "config.json"),
-                                             lambda c: c["quantization_config"].update(format_version="9.0")),
-                       "format version 9.0 is not supported"),
+    "format_version": (
+        lambda d: _edit_json(
+            os.path.join(d, "config.json"), lambda c: c["quantization_config"].update(format_version="9.0")
+        ),
+        "format version 9.0 is not supported",
+    ),
     "missing_sidecar": (lambda d: os.remove(os.path.join(d, "superweights.json")), "sidecar"),
-    "shape_mismatch": (lambda d: _edit_json(os.path.join(d, "config.json"),
-                                            lambda c: c["quantization_config"].update(bits=8)),
-                       "the checkpoint and its config.json disagree"),
-    "sw_outside_matrix": (lambda d: _edit_json(os.path.join(d, "superweights.json"),
-                                               lambda s: s["super_weights"][0].update(row=100000)),
-                          "lies outside its matrix"),
-    "missing_tensor": (lambda d: _edit_tensors(d, lambda ts: ts.pop("model.layers.1.mlp.up_proj.weight_scale")),
-                       "model.layers.1.mlp.up_proj"),
+    "shape_mismatch": (
+        lambda d: _edit_json(os.path.join(d, "config.json"), lambda c: c["quantization_config"].update(bits=8)),
+        "the checkpoint and its config.json disagree",
+    ),
+    "sw_outside_matrix": (
+        lambda d: _edit_json(os.path.join(d, "superweights.json"), lambda s: s["super_weights"][0].update(row=100000)),
+        "lies outside its matrix",
+    ),
+    "missing_tensor": (
+        lambda d: _edit_tensors(d, lambda ts: ts.pop("model.layers.1.mlp.up_proj.weight_scale")),
+        "model.layers.1.mlp.up_proj",
+    ),
     "duplicate_sparse_entry": (lambda d: _edit_tensors(d, _duplicate_entry), "more than once"),
-    "sidecar_path_escapes": (lambda d: _edit_json(os.path.join(d, "config.json"), lambda c: c[
-        "quantization_config"].update(sidecar="../../../../etc/passwd")), "leads out of the checkpoint"),
+    "sidecar_path_escapes": (
+        lambda d: _edit_json(
+            os.path.join(d, "config.json"), lambda c: c["quantization_config"].update(sidecar="../../../../etc/passwd")
+        ),
+        "leads out of the checkpoint",
+    ),
 }
 
 

@@ -45,8 +45,10 @@ def dense(rows, cols, vals, n, k):
 
 
 def stash(layer, by_shard):
-    layer._sw_stash = {"sparse_index": {s: i for s, (i, _) in by_shard.items()},
-                       "sparse_value": {s: v for s, (_, v) in by_shard.items()}}
+    layer._sw_stash = {
+        "sparse_index": {s: i for s, (i, _) in by_shard.items()},
+        "sparse_value": {s: v for s, (_, v) in by_shard.items()},
+    }
 
 
 @pytest.mark.parametrize("tp,total_kv", [(1, 2), (2, 2), (2, 1), (4, 2)])
@@ -58,19 +60,34 @@ def test_qkv_entries_land_in_the_rank_slice_of_the_fused_output(tp, total_kv):
     for rank in range(tp):
         kv_local = max(1, total_kv // tp)
         replicas = max(1, tp // total_kv)
-        layer = fake(QKVParallelLinear, prefix="qkv", tp_rank=rank, tp_size=tp, num_heads=heads // tp,
-                     num_kv_heads=kv_local, head_size=hd, v_head_size=hd, num_kv_head_replicas=replicas,
-                     input_size=k, output_sizes=[sizes["q"], sizes["k"], sizes["v"]],
-                     output_size_per_partition=(heads // tp + 2 * kv_local) * hd, input_size_per_partition=k)
+        layer = fake(
+            QKVParallelLinear,
+            prefix="qkv",
+            tp_rank=rank,
+            tp_size=tp,
+            num_heads=heads // tp,
+            num_kv_heads=kv_local,
+            head_size=hd,
+            v_head_size=hd,
+            num_kv_head_replicas=replicas,
+            input_size=k,
+            output_sizes=[sizes["q"], sizes["k"], sizes["v"]],
+            output_size_per_partition=(heads // tp + 2 * kv_local) * hd,
+            input_size_per_partition=k,
+        )
         stash(layer, shards)
         r, c, v = loading.finalize_sparse(layer, lambda sid: sizes[sid])
         got = dense(r, c, v, layer.output_size_per_partition, k)
         q_rows = heads // tp * hd
         kv_rows = kv_local * hd
         kv_rank = rank // replicas
-        want = torch.cat([full["q"][rank * q_rows:(rank + 1) * q_rows],
-                          full["k"][kv_rank * kv_rows:(kv_rank + 1) * kv_rows],
-                          full["v"][kv_rank * kv_rows:(kv_rank + 1) * kv_rows]])
+        want = torch.cat(
+            [
+                full["q"][rank * q_rows : (rank + 1) * q_rows],
+                full["k"][kv_rank * kv_rows : (kv_rank + 1) * kv_rows],
+                full["v"][kv_rank * kv_rows : (kv_rank + 1) * kv_rows],
+            ]
+        )
         assert torch.equal(got, want), (tp, rank)
 
 
@@ -80,36 +97,68 @@ def test_merged_gate_up_and_row_parallel_down(tp):
     gate, up = entries(inter, hidden, 30, 1), entries(inter, hidden, 30, 2)
     down = entries(hidden, inter, 50, 3)
     for rank in range(tp):
-        mlp = fake(MergedColumnParallelLinear, prefix="gate_up", tp_rank=rank, tp_size=tp, input_size=hidden,
-                   output_sizes=[inter, inter], output_size_per_partition=2 * inter // tp,
-                   input_size_per_partition=hidden)
+        mlp = fake(
+            MergedColumnParallelLinear,
+            prefix="gate_up",
+            tp_rank=rank,
+            tp_size=tp,
+            input_size=hidden,
+            output_sizes=[inter, inter],
+            output_size_per_partition=2 * inter // tp,
+            input_size_per_partition=hidden,
+        )
         stash(mlp, {0: gate, 1: up})
         got = dense(*loading.finalize_sparse(mlp, lambda sid: inter), 2 * inter // tp, hidden)
         w = inter // tp
-        want = torch.cat([dense(*gate[0], gate[1], inter, hidden)[rank * w:(rank + 1) * w],
-                          dense(*up[0], up[1], inter, hidden)[rank * w:(rank + 1) * w]])
+        want = torch.cat(
+            [
+                dense(*gate[0], gate[1], inter, hidden)[rank * w : (rank + 1) * w],
+                dense(*up[0], up[1], inter, hidden)[rank * w : (rank + 1) * w],
+            ]
+        )
         assert torch.equal(got, want)
-        row = fake(RowParallelLinear, prefix="down", tp_rank=rank, tp_size=tp, input_size=inter,
-                   output_size=hidden, output_size_per_partition=hidden, input_size_per_partition=inter // tp)
+        row = fake(
+            RowParallelLinear,
+            prefix="down",
+            tp_rank=rank,
+            tp_size=tp,
+            input_size=inter,
+            output_size=hidden,
+            output_size_per_partition=hidden,
+            input_size_per_partition=inter // tp,
+        )
         stash(row, {None: down})
         got = dense(*loading.finalize_sparse(row, lambda sid: hidden), hidden, inter // tp)
         # row-parallel: the rank owning input column c keeps the entry (before the all-reduce); rows are global
-        assert torch.equal(got, dense(*down[0], down[1], hidden, inter)[:, rank * inter // tp:(rank + 1) * inter // tp])
+        assert torch.equal(
+            got, dense(*down[0], down[1], hidden, inter)[:, rank * inter // tp : (rank + 1) * inter // tp]
+        )
 
 
 def _row_layer():
-    return fake(RowParallelLinear, prefix="model.layers.0.mlp.down_proj", tp_rank=0, tp_size=1, input_size=16,
-                output_size=8, output_size_per_partition=8, input_size_per_partition=16)
+    return fake(
+        RowParallelLinear,
+        prefix="model.layers.0.mlp.down_proj",
+        tp_rank=0,
+        tp_size=1,
+        input_size=16,
+        output_size=8,
+        output_size_per_partition=8,
+        input_size_per_partition=16,
+    )
 
 
-@pytest.mark.parametrize("case,msg", [
-    ("duplicate", "same \\(row, col\\) more than once"),
-    ("out_of_range", "outside its matrix"),
-    ("negative", "outside its matrix"),
-    ("nan", "NaN"),
-    ("short", "malformed"),
-    ("no_values", "not both present"),
-])
+@pytest.mark.parametrize(
+    "case,msg",
+    [
+        ("duplicate", "same \\(row, col\\) more than once"),
+        ("out_of_range", "outside its matrix"),
+        ("negative", "outside its matrix"),
+        ("nan", "NaN"),
+        ("short", "malformed"),
+        ("no_values", "not both present"),
+    ],
+)
 def test_bad_sparse_entries_are_refused(case, msg):
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int32)
     val = torch.tensor([0.5, -1.0, 2.0])

@@ -105,9 +105,11 @@ def test_zeroing_the_super_weight_is_catastrophic(smollm2, detection, windows):
     finally:
         with torch.no_grad():
             W.copy_(before)
-    print(f"\nSmolLM2-135M WikiText-2 ({N_WINDOWS}x{WINDOW} tokens): float {ppl_ref:.2f}; "
-          f"zero SW L{p.layer}[{p.row}, {p.col}]={p.value:.4f}: {ppl_sw:.2f}; "
-          f"zero L{p.layer}[{r2}, {c2}]={float(before[r2, c2]):.4f}: {ppl_other:.2f}")
+    print(
+        f"\nSmolLM2-135M WikiText-2 ({N_WINDOWS}x{WINDOW} tokens): float {ppl_ref:.2f}; "
+        f"zero SW L{p.layer}[{p.row}, {p.col}]={p.value:.4f}: {ppl_sw:.2f}; "
+        f"zero L{p.layer}[{r2}, {c2}]={float(before[r2, c2]):.4f}: {ppl_other:.2f}"
+    )
     assert ppl_sw > 4.0 * ppl_ref
     assert ppl_sw > 3.0 * ppl_other
     assert ppl_other < 1.5 * ppl_ref

@@ -34,8 +34,9 @@ not_interp = pytest.mark.skipif(INTERP, reason="not in the interpreter run")
 # ------------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------------
-def make_layer(n, k, group, sym, nnz=0, heavy=0, sw=False, seed=0, dtype=torch.bfloat16, device="cpu",
-               value_dtype=None, **prep_kw):
+def make_layer(
+    n, k, group, sym, nnz=0, heavy=0, sw=False, seed=0, dtype=torch.bfloat16, device="cpu", value_dtype=None, **prep_kw
+):
     """Random codes / scales / zeros with held-out entries whose codes dequantize to exactly 0; returns
     (inputs dict for w4_reference, prepared layer)."""
     g = torch.Generator().manual_seed(seed)
@@ -65,8 +66,9 @@ def make_layer(n, k, group, sym, nnz=0, heavy=0, sw=False, seed=0, dtype=torch.b
         r = c = v = None
     inputs = {"q": q, "scales": s, "zeros": z, "group_size": group, "sym": sym, "rows": r, "cols": c, "vals": v}
     dev = torch.device(device)
-    prep = T.prepare_w4(q.to(dev), s.to(dev), None if z is None else z.to(dev), group, sym, r, c, v, n, k, dev,
-                        **prep_kw)  # repacked on the device the codes are on
+    prep = T.prepare_w4(
+        q.to(dev), s.to(dev), None if z is None else z.to(dev), group, sym, r, c, v, n, k, dev, **prep_kw
+    )  # repacked on the device the codes are on
     if dev.type == "cuda":  # dense fp32 served weight on the GPU for fast references
         inputs["dense"] = _dense(inputs).float().to(dev)
     return inputs, prep
@@ -92,8 +94,10 @@ def check_close(y, x, inputs, bias=None, tag=""):
     assert not torch.isnan(yd).any(), f"NaN {tag}"
     tol = 2.0**-7 * ref.abs() + 2.0**-8 * mag + 1e-6
     bad = (yd - ref).abs() > tol
-    assert not bad.any(), (f"{tag}: {int(bad.sum())} of {bad.numel()} off, worst {float((yd - ref).abs().max()):.3g}"
-                           f" at {bad.nonzero()[0].tolist()}")
+    assert not bad.any(), (
+        f"{tag}: {int(bad.sum())} of {bad.numel()} off, worst {float((yd - ref).abs().max()):.3g}"
+        f" at {bad.nonzero()[0].tolist()}"
+    )
     rel = float((yd - ref).norm() / ref.norm().clamp_min(1e-30))
     assert rel < 8e-3, (tag, rel)
     return rel
@@ -122,12 +126,22 @@ def test_helpers_reference_matches_prep():
 # CPU: layout
 # ------------------------------------------------------------------------------------------------------------
 @not_interp
-@pytest.mark.parametrize("n,k,group,sym", [(70, 256, 128, False), (40, 200, -1, False), (48, 192, 32, True),
-                                           (33, 384, 64, False), (64, 512, 256, True), (65, 100, -1, True)])
+@pytest.mark.parametrize(
+    "n,k,group,sym",
+    [
+        (70, 256, 128, False),
+        (40, 200, -1, False),
+        (48, 192, 32, True),
+        (33, 384, 64, False),
+        (64, 512, 256, True),
+        (65, 100, -1, True),
+    ],
+)
 @pytest.mark.parametrize("sp_block", [128, 256, 512])
 def test_prepare_roundtrip(n, k, group, sym, sp_block):
-    inputs, prep = make_layer(n, k, group, sym, nnz=n * k // 200 + 1, heavy=min(k, 90), sw=True, seed=n + k,
-                              sp_block=sp_block)
+    inputs, prep = make_layer(
+        n, k, group, sym, nnz=n * k // 200 + 1, heavy=min(k, 90), sw=True, seed=n + k, sp_block=sp_block
+    )
     w = T.dequant_prep(prep)
     want = _dense(inputs)
     assert torch.equal(w, want)
@@ -170,8 +184,9 @@ def test_prepare_packed_inputs_and_exact_value_terms():
     # codes packed along K (compressed-tensors layout) and zero points packed along N (vLLM's uint4 layer)
     packed = pack_int32(inputs["q"], 4, 1)
     zp = pack_int32(inputs["zeros"], 4, 0)
-    prep2 = T.prepare_w4(packed, inputs["scales"], zp, g, False, inputs["rows"], inputs["cols"], inputs["vals"],
-                         n, k, "cpu")
+    prep2 = T.prepare_w4(
+        packed, inputs["scales"], zp, g, False, inputs["rows"], inputs["cols"], inputs["vals"], n, k, "cpu"
+    )
     for key in ("qw", "scale", "zero", "sp_ptr", "sp_ent"):
         assert torch.equal(prep[key], prep2[key]), key
     # float32 values a bf16 cannot hold: split into exact bf16 terms at the same position
@@ -253,8 +268,13 @@ def test_custom_op_registered_fake_and_traceable():
 @not_interp
 def test_triton_interpreter_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "interp_"], env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if p.returncode == 5:
         pytest.skip("interpreter tests were not collected")
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
@@ -327,8 +347,12 @@ def test_compile_sm90_decode_config():
 @pytest.mark.parametrize("bucket", range(len(T.CONFIGS)))
 def test_compile_sm90_table(bucket):
     cfg = T.CONFIGS[bucket][1]
-    for group, sym, sp, f16 in [(128, False, True, False), (128, False, False, False), (32, False, True, False),
-                                (0, True, True, True)]:
+    for group, sym, sp, f16 in [
+        (128, False, True, False),
+        (128, False, False, False),
+        (32, False, True, False),
+        (0, True, True, True),
+    ]:
         _compile_ok(cfg, group=group, sym=sym, has_sp=sp, f16=f16)
 
 
@@ -345,9 +369,18 @@ def _gpu_layer(n, k, group, sym, frac=1e-3, seed=0, dtype=torch.bfloat16, **kw):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("n,k,group,sym", [(4096, 4096, 128, False), (12288, 4096, 128, False),
-                                           (4096, 11008, 128, False), (22016, 4096, 32, True),
-                                           (4096, 4096, -1, False), (1000, 1536, 64, True), (130, 256, 128, False)])
+@pytest.mark.parametrize(
+    "n,k,group,sym",
+    [
+        (4096, 4096, 128, False),
+        (12288, 4096, 128, False),
+        (4096, 11008, 128, False),
+        (22016, 4096, 32, True),
+        (4096, 4096, -1, False),
+        (1000, 1536, 64, True),
+        (130, 256, 128, False),
+    ],
+)
 def test_gpu_vs_reference(n, k, group, sym):
     inputs, prep = _gpu_layer(n, k, group, sym, seed=n + k)
     for m in GPU_MS:
@@ -384,8 +417,9 @@ def test_gpu_every_table_config(bucket):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_fp16_heavy_rows_and_no_entries():
-    inputs, prep = make_layer(4096, 4096, 128, False, nnz=16000, heavy=3000, sw=True, seed=5,
-                              dtype=torch.float16, device="cuda")
+    inputs, prep = make_layer(
+        4096, 4096, 128, False, nnz=16000, heavy=3000, sw=True, seed=5, dtype=torch.float16, device="cuda"
+    )
     for m in (1, 16, 64, 512):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
         check_close(T.w4_mm(x, prep), x, inputs, tag=f"fp16 heavy M{m}")
@@ -443,8 +477,15 @@ def test_gpu_vs_vllm_marlin():
 
     n, k = 4096, 4096
     inputs, prep = _gpu_layer(n, k, 128, False, frac=0.0, seed=12)  # only the planted super weight
-    w = {"q": inputs["q"].cuda().to(torch.int32), "scales": inputs["scales"].cuda(),
-         "zeros": inputs["zeros"].cuda().to(torch.int32), "group": 128, "symmetric": False, "n": n, "k": k}
+    w = {
+        "q": inputs["q"].cuda().to(torch.int32),
+        "scales": inputs["scales"].cuda(),
+        "zeros": inputs["zeros"].cuda().to(torch.int32),
+        "group": 128,
+        "symmetric": False,
+        "n": n,
+        "k": k,
+    }
     layer, kobj = VL.build_mp_layer(w, "marlin")
     for m in (1, 16, 128):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

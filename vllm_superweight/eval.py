@@ -456,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="vLLM dtype (default bfloat16)")
     p.add_argument("--quantization", default=None, help="force vLLM's quantization method (default: from config)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the result record to this JSON file")
-    p.add_argument("--data", metavar="PATH", default=None,
-                   help=f"wiki.test.raw (default: ${TEXT_ENV} or ../shared/data)")
+    p.add_argument(
+        "--data", metavar="PATH", default=None, help=f"wiki.test.raw (default: ${TEXT_ENV} or ../shared/data)"
+    )
     p.add_argument("--batch-windows", type=int, default=16, help="windows per vLLM generate call (progress step)")
     p.add_argument("--compile", action="store_true", help="let vLLM use torch.compile / CUDA graphs (default eager)")
     p.add_argument("--no-progress", action="store_true")
@@ -530,8 +531,10 @@ def _main(args) -> int:
         res = _transformers_check(args.ckpt, args)
         res["model_dir"] = os.path.abspath(args.ckpt)
         res["quantization"] = _config_quant_method(args.ckpt)
-        print(f"{args.ckpt}: transformers ({res['dtype']}) perplexity {res['ppl']:.4f} over {res['tokens']} scored "
-              f"tokens ({res['windows']} windows of {res['window']}, stride {res['stride']})")
+        print(
+            f"{args.ckpt}: transformers ({res['dtype']}) perplexity {res['ppl']:.4f} over {res['tokens']} scored "
+            f"tokens ({res['windows']} windows of {res['window']}, stride {res['stride']})"
+        )
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:

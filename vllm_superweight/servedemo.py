@@ -41,8 +41,15 @@ def vllm_cmd() -> list[str]:
 class VLLMServer:
     """``with VLLMServer(ckpt) as srv: srv.chat(...)`` - a real ``vllm serve`` process on 127.0.0.1."""
 
-    def __init__(self, model: str, port: int | None = None, extra_args: list[str] | None = None,
-                 log_path: str | None = None, startup_timeout: float = 600.0, env: dict | None = None):
+    def __init__(
+        self,
+        model: str,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        log_path: str | None = None,
+        startup_timeout: float = 600.0,
+        env: dict | None = None,
+    ):
         self.model = model
         self.port = port or free_port()
         self.extra_args = extra_args or []
@@ -58,16 +65,32 @@ class VLLMServer:
         for k, v in CPU_ENV.items():
             env.setdefault(k, v)
         env.update(self.env)
-        cmd = vllm_cmd() + ["serve", self.model, "--host", "127.0.0.1", "--port", str(self.port),
-                            "--max-model-len", "2048", "--served-model-name", "superweight-demo"] + self.extra_args
+        cmd = (
+            vllm_cmd()
+            + [
+                "serve",
+                self.model,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--max-model-len",
+                "2048",
+                "--served-model-name",
+                "superweight-demo",
+            ]
+            + self.extra_args
+        )
         self._log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"vllm serve exited with code {self.proc.returncode} during start-up"
-                                   + (f" (log: {self.log_path})" if self.log_path else ""))
+                raise RuntimeError(
+                    f"vllm serve exited with code {self.proc.returncode} during start-up"
+                    + (f" (log: {self.log_path})" if self.log_path else "")
+                )
             try:
                 with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -97,19 +120,28 @@ class VLLMServer:
             self._log = None
 
     def post(self, path: str, body: dict, timeout: float = 300.0) -> dict:
-        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
 
     def chat(self, content: str, max_tokens: int = 64, temperature: float = 0.0) -> dict:
-        return self.post("/v1/chat/completions", {
-            "model": "superweight-demo", "messages": [{"role": "user", "content": content}],
-            "max_tokens": max_tokens, "temperature": temperature})
+        return self.post(
+            "/v1/chat/completions",
+            {
+                "model": "superweight-demo",
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+            },
+        )
 
     def complete(self, prompt: str, max_tokens: int = 32, temperature: float = 0.0, **kw) -> dict:
-        return self.post("/v1/completions", {"model": "superweight-demo", "prompt": prompt,
-                                             "max_tokens": max_tokens, "temperature": temperature, **kw})
+        return self.post(
+            "/v1/completions",
+            {"model": "superweight-demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, **kw},
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,9 +153,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="python -m vllm_superweight.servedemo",
-                                 description="Serve a checkpoint with vLLM on 127.0.0.1, send one chat completion, "
-                                             "print it, stop the server.")
+    ap = _Parser(
+        prog="python -m vllm_superweight.servedemo",
+        description="Serve a checkpoint with vLLM on 127.0.0.1, send one chat completion, print it, stop the server.",
+    )
     ap.add_argument("ckpt")
     ap.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -143,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             r = srv.chat(args.prompt, max_tokens=args.max_tokens)
             msg = r["choices"][0]["message"]["content"]
             print(f"[demo] user: {args.prompt}")
-            print(f"[demo] assistant ({r['usage']['completion_tokens']} tokens, {time.time() - t1:.1f} s): {msg}",
-                  flush=True)
+            print(
+                f"[demo] assistant ({r['usage']['completion_tokens']} tokens, {time.time() - t1:.1f} s): {msg}",
+                flush=True,
+            )
     except KeyboardInterrupt:
         print("servedemo: error: interrupted (server stopped)", file=sys.stderr)
         return 130

@@ -17,8 +17,19 @@ from ..format import DTYPES, QuantConfig
 from .errors import ConversionError
 
 PRESET_PACKAGE = "vllm_superweight.quant_configs"
-PRESET_KEYS = frozenset({"bits", "block", "symmetric", "clip", "clip_threshold", "holdout", "restore_super_weights",
-                         "activations", "ignore"})
+PRESET_KEYS = frozenset(
+    {
+        "bits",
+        "block",
+        "symmetric",
+        "clip",
+        "clip_threshold",
+        "holdout",
+        "restore_super_weights",
+        "activations",
+        "ignore",
+    }
+)
 
 
 def _preset_files() -> dict[str, Any]:
@@ -127,8 +138,16 @@ def torch_dtype(name: str) -> Any:
     """torch dtype of an output dtype name."""
     import torch
 
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+    }
     if name not in table:
         raise ConversionError(f"unsupported dtype {name!r}; one of {', '.join(DTYPES)}")
     return table[name]

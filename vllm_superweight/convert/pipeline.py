@@ -169,9 +169,21 @@ def convert(
     dest = Destination(dst, source.path, overwrite)
     dest.prepare(log)
     try:
-        rep = _convert(source, dest, qcfg, t_start, prompt=prompt, super_weights=super_weights,
-                       activation_outliers=activation_outliers, dtype=dtype, device=device, progress=progress,
-                       max_shard_bytes=max_shard_bytes, detect_kwargs=detect_kwargs, log=log)
+        rep = _convert(
+            source,
+            dest,
+            qcfg,
+            t_start,
+            prompt=prompt,
+            super_weights=super_weights,
+            activation_outliers=activation_outliers,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+            max_shard_bytes=max_shard_bytes,
+            detect_kwargs=detect_kwargs,
+            log=log,
+        )
     except BaseException:
         dest.abort()
         raise
@@ -199,8 +211,9 @@ def _load_source(source: Source, qcfg: Any, dtype: str | None, log: Callable[...
     log(f"loading {source.name} (GGUF, dequantized by transformers) ...")
     model, tokenizer = load_model(source, cfg=cfg)
     state_dict = dict(model.state_dict())
-    tensors = {k: TensorInfo(k, None, tuple(v.shape), str(v.dtype).replace("torch.", ""))
-               for k, v in state_dict.items()}
+    tensors = {
+        k: TensorInfo(k, None, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in state_dict.items()
+    }
     return make_plan(source, cfg, tensors, qcfg, out_dtype), model, tokenizer, state_dict
 
 
@@ -217,8 +230,10 @@ def _detect(job: _Job, prompt: str | None, detect_kwargs: dict | None) -> Any:
         ram = total_ram()
         if has_f32 and ram and nbytes > 0.6 * ram:
             det_dtype = torch.bfloat16  # a float32 7B model (28 GB) would not fit: detect in bfloat16
-            log(f"the float32 source ({nbytes / 2**30:.1f} GiB) is large for this machine's "
-                f"{ram / 2**30:.0f} GiB: detecting in bfloat16")
+            log(
+                f"the float32 source ({nbytes / 2**30:.1f} GiB) is large for this machine's "
+                f"{ram / 2**30:.0f} GiB: detecting in bfloat16"
+            )
         log(f"loading {plan.source.name} for super-weight detection ...")
         job.model, job.tokenizer = load_model(plan.source, dtype=det_dtype, cfg=plan.cfg, tensors=plan.tensors)
     if job.device.startswith("cuda"):
@@ -230,8 +245,22 @@ def _detect(job: _Job, prompt: str | None, detect_kwargs: dict | None) -> Any:
     return detection
 
 
-def _convert(source: Source, dest: Destination, qcfg: Any, t_start: float, *, prompt, super_weights,
-             activation_outliers, dtype, device, progress, max_shard_bytes, detect_kwargs, log) -> dict:
+def _convert(
+    source: Source,
+    dest: Destination,
+    qcfg: Any,
+    t_start: float,
+    *,
+    prompt,
+    super_weights,
+    activation_outliers,
+    dtype,
+    device,
+    progress,
+    max_shard_bytes,
+    detect_kwargs,
+    log,
+) -> dict:
     # ---- validate + plan ----------------------------------------------------------------------------------
     plan, model, tokenizer, state_dict = _load_source(source, qcfg, dtype, log)
     job = _Job(plan, qcfg, dest, device, progress, max_shard_bytes, log, model, tokenizer, state_dict)
@@ -291,16 +320,30 @@ def _convert(source: Source, dest: Destination, qcfg: Any, t_start: float, *, pr
         }
         sidecar: Sidecar = report.build_sidecar(out["super_weights"], outliers, cid, provenance)
         sidecar.save(os.path.join(dest.tmp, job.qcfg.sidecar))
-        timing = {"quantize_s": round(out["quantize_s"], 3),
-                  "params_per_s": round(out["params_q"] / max(out["quantize_s"], 1e-9)),
-                  "detection_s": round(det_s, 3), "total_s": round(t_end - t_start, 3),
-                  "params_per_s_total": round(out["params_total"] / max(t_end - t_start, 1e-9))}
+        timing = {
+            "quantize_s": round(out["quantize_s"], 3),
+            "params_per_s": round(out["params_q"] / max(out["quantize_s"], 1e-9)),
+            "detection_s": round(det_s, 3),
+            "total_s": round(t_end - t_start, 3),
+            "params_per_s_total": round(out["params_total"] / max(t_end - t_start, 1e-9)),
+        }
         rep = report.build_report(
-            qcfg_dict=out["config"]["quantization_config"], out_dtype=plan.out_dtype, device=device,
-            files=out["files"], modules=out["modules"], params_total=out["params_total"],
-            output_bytes=out["output_bytes"], super_weights_found=len(sws), verify=out["verify"], outliers=outliers,
-            outliers_written=out["outliers_written"], timing=timing, source=provenance["source"], created=created,
-            conversion_id=cid)
+            qcfg_dict=out["config"]["quantization_config"],
+            out_dtype=plan.out_dtype,
+            device=device,
+            files=out["files"],
+            modules=out["modules"],
+            params_total=out["params_total"],
+            output_bytes=out["output_bytes"],
+            super_weights_found=len(sws),
+            verify=out["verify"],
+            outliers=outliers,
+            outliers_written=out["outliers_written"],
+            timing=timing,
+            source=provenance["source"],
+            created=created,
+            conversion_id=cid,
+        )
         write_json(os.path.join(dest.tmp, REPORT_NAME), rep)
         try:
             validate_checkpoint(dest.tmp)  # the reader's checks on what was just written
@@ -334,8 +377,9 @@ def _write(job: _Job, sws: list[SuperWeight], outliers: list) -> dict[str, Any]:
                 process.check_cast(name, t, plan.out_dtype)
             writer.add(name, t)
             continue
-        res = process.quantize_linear(name, mod, t, qcfg, plan.out_dtype, job.device, sw_by_mod.get(mod, ()),
-                                      outl_by_mod.get(mod))
+        res = process.quantize_linear(
+            name, mod, t, qcfg, plan.out_dtype, job.device, sw_by_mod.get(mod, ()), outl_by_mod.get(mod)
+        )
         t_q += res.seconds
         for suffix in sorted(res.tensors):
             writer.add(f"{mod}.{suffix}", res.tensors[suffix])
@@ -349,8 +393,18 @@ def _write(job: _Job, sws: list[SuperWeight], outliers: list) -> dict[str, Any]:
     write_json(os.path.join(tmp, "config.json"), cfg_out)
     copied = copy_tokenizer_files(plan.source, tmp, job.tokenizer, job.model)
     if not any(f in copied for f in ("tokenizer.json", "vocab.json")) and not any(f.endswith(".model") for f in copied):
-        job.log("warning: the source has no tokenizer files; serve the checkpoint with "
-                "`vllm serve DST --tokenizer ...`")
-    return {"files": files + sorted(copied), "modules": modules, "super_weights": entries, "verify": verify,
-            "params_total": params_total, "params_q": params_q, "quantize_s": t_q, "config": cfg_out,
-            "output_bytes": writer.total_bytes, "outliers_written": sorted(outl_by_mod)}
+        job.log(
+            "warning: the source has no tokenizer files; serve the checkpoint with `vllm serve DST --tokenizer ...`"
+        )
+    return {
+        "files": files + sorted(copied),
+        "modules": modules,
+        "super_weights": entries,
+        "verify": verify,
+        "params_total": params_total,
+        "params_q": params_q,
+        "quantize_s": t_q,
+        "config": cfg_out,
+        "output_bytes": writer.total_bytes,
+        "outliers_written": sorted(outl_by_mod),
+    }

@@ -80,7 +80,7 @@ def resolve_module(name: str, modules: Iterable[str]) -> str | None:
     ms = list(_LAYER_RE.finditer(name))
     if not ms:
         return None
-    tail = name[ms[-1].start():].lstrip(".")
+    tail = name[ms[-1].start() :].lstrip(".")
     cands = [x for x in modules if x == tail or x.endswith("." + tail)]
     return cands[0] if len(cands) == 1 else None
 

@@ -23,9 +23,16 @@ class LinearResult:
     seconds: float
 
 
-def quantize_linear(name: str, mod: str, t: Any, qcfg: QuantConfig, out_dtype: Any, device: str = "cpu",
-                    super_weights: Sequence[SuperWeight] = (), outlier_channels: Sequence[int] | None = None
-                    ) -> LinearResult:
+def quantize_linear(
+    name: str,
+    mod: str,
+    t: Any,
+    qcfg: QuantConfig,
+    out_dtype: Any,
+    device: str = "cpu",
+    super_weights: Sequence[SuperWeight] = (),
+    outlier_channels: Sequence[int] | None = None,
+) -> LinearResult:
     """Quantize the weight ``t`` of Linear ``mod`` (tensor ``name``): super weights (and the ``holdout`` fraction)
     held out and restored exactly, unless ``qcfg.restore_super_weights`` is false (then quantized like any weight).
     """
@@ -43,8 +50,9 @@ def quantize_linear(name: str, mod: str, t: Any, qcfg: QuantConfig, out_dtype: A
         for r, c in coords:  # ablation: the super weight is quantized like any other weight
             mask[r, c] = False
     try:
-        ql = quantize.quantize_weight(w, qcfg.bits, qcfg.layout, qcfg.symmetric, qcfg.clip.value,
-                                      qcfg.clip_threshold, mask, scale_dtype=out_dtype)
+        ql = quantize.quantize_weight(
+            w, qcfg.bits, qcfg.layout, qcfg.symmetric, qcfg.clip.value, qcfg.clip_threshold, mask, scale_dtype=out_dtype
+        )
     except FormatError as e:
         raise ConversionError(f"{name}: {e}") from None
     ts = {k: v.detach().cpu() for k, v in quantize.to_tensors(ql, out_dtype).items()}
@@ -59,8 +67,9 @@ def quantize_linear(name: str, mod: str, t: Any, qcfg: QuantConfig, out_dtype: A
     return LinearResult(ts, st, entries, verify, seconds)
 
 
-def _verify_super_weights(mod: str, w: Any, ts: dict[str, Any], qcfg: QuantConfig, out_dtype: Any,
-                          super_weights: Sequence[SuperWeight]) -> tuple[list[SuperWeight], list[dict[str, Any]]]:
+def _verify_super_weights(
+    mod: str, w: Any, ts: dict[str, Any], qcfg: QuantConfig, out_dtype: Any, super_weights: Sequence[SuperWeight]
+) -> tuple[list[SuperWeight], list[dict[str, Any]]]:
     import torch
 
     if not super_weights:
@@ -79,11 +88,26 @@ def _verify_super_weights(mod: str, w: Any, ts: dict[str, Any], qcfg: QuantConfi
         exact = bool(got.view(bits_view) == orig.view(bits_view))
         restored = (sw.row, sw.col) in held
         if qcfg.restore_super_weights and not (restored and exact):
-            raise ConversionError(f"internal error: super weight {mod}[{sw.row}, {sw.col}] does not come back "
-                                  f"bit-exact ({float(got)} != {float(orig)})")
+            raise ConversionError(
+                f"internal error: super weight {mod}[{sw.row}, {sw.col}] does not come back "
+                f"bit-exact ({float(got)} != {float(orig)})"
+            )
         value = float(orig)
-        entries.append(dataclasses.replace(sw, module=mod, layer=layer_of(mod), value=value, dtype=dn, bits=None,
-                                           restored=restored))
-        verify.append({"module": mod, "row": sw.row, "col": sw.col, "value": value, "dequantized": float(got),
-                       "restored": restored, "bit_exact": exact, "abs_err": abs(float(got) - value)})
+        entries.append(
+            dataclasses.replace(
+                sw, module=mod, layer=layer_of(mod), value=value, dtype=dn, bits=None, restored=restored
+            )
+        )
+        verify.append(
+            {
+                "module": mod,
+                "row": sw.row,
+                "col": sw.col,
+                "value": value,
+                "dequantized": float(got),
+                "restored": restored,
+                "bit_exact": exact,
+                "abs_err": abs(float(got) - value),
+            }
+        )
     return entries, verify

@@ -34,8 +34,13 @@ def jsonable(x: Any) -> Any:
     return str(x)
 
 
-def conversion_id(source_sha256: str, qcfg: QuantConfig, out_dtype: Any, super_weights: Sequence[SuperWeight],
-                  outliers: Sequence[ActivationOutliers]) -> str:
+def conversion_id(
+    source_sha256: str,
+    qcfg: QuantConfig,
+    out_dtype: Any,
+    super_weights: Sequence[SuperWeight],
+    outliers: Sequence[ActivationOutliers],
+) -> str:
     """A content id of the conversion (32 hex digits): the source weights' sha256, the quantization options, the
     output dtype and the super-weight / outlier lists. Deterministic: the same inputs give the same checkpoint."""
     payload = {
@@ -70,8 +75,12 @@ def output_config(plan: Any, qcfg: QuantConfig, model: Any = None) -> dict[str, 
     return cfg
 
 
-def build_sidecar(super_weights: Sequence[SuperWeight], outliers: Sequence[ActivationOutliers], cid: str,
-                  provenance: Mapping[str, Any]) -> Sidecar:
+def build_sidecar(
+    super_weights: Sequence[SuperWeight],
+    outliers: Sequence[ActivationOutliers],
+    cid: str,
+    provenance: Mapping[str, Any],
+) -> Sidecar:
     sws = sorted(super_weights, key=lambda e: (e.layer or 0, e.module, e.row, e.col))
     return Sidecar(tuple(sws), tuple(outliers), dict(provenance), cid, FORMAT_VERSION)
 
@@ -79,8 +88,19 @@ def build_sidecar(super_weights: Sequence[SuperWeight], outliers: Sequence[Activ
 def per_layer_summary(modules: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     layers: dict[int, dict[str, Any]] = {}
     for st in modules.values():
-        L = layers.setdefault(st["layer"], {"layer": st["layer"], "modules": 0, "params": 0, "sq_err": 0.0,
-                                            "max_abs_err": 0.0, "max_rel_fro_err": 0.0, "clipped": 0, "held_out": 0})
+        L = layers.setdefault(
+            st["layer"],
+            {
+                "layer": st["layer"],
+                "modules": 0,
+                "params": 0,
+                "sq_err": 0.0,
+                "max_abs_err": 0.0,
+                "max_rel_fro_err": 0.0,
+                "clipped": 0,
+                "held_out": 0,
+            },
+        )
         n = st["shape"][0] * st["shape"][1]
         L["modules"] += 1
         L["params"] += n
@@ -97,11 +117,24 @@ def per_layer_summary(modules: Mapping[str, Mapping[str, Any]]) -> list[dict[str
     return out
 
 
-def build_report(*, qcfg_dict: Mapping[str, Any], out_dtype: Any, device: str, files: list[str],
-                 modules: Mapping[str, Mapping[str, Any]], params_total: int, output_bytes: int,
-                 super_weights_found: int, verify: list[dict[str, Any]], outliers: Sequence[ActivationOutliers],
-                 outliers_written: list[str], timing: Mapping[str, Any], source: str, created: str,
-                 conversion_id: str) -> dict[str, Any]:
+def build_report(
+    *,
+    qcfg_dict: Mapping[str, Any],
+    out_dtype: Any,
+    device: str,
+    files: list[str],
+    modules: Mapping[str, Mapping[str, Any]],
+    params_total: int,
+    output_bytes: int,
+    super_weights_found: int,
+    verify: list[dict[str, Any]],
+    outliers: Sequence[ActivationOutliers],
+    outliers_written: list[str],
+    timing: Mapping[str, Any],
+    source: str,
+    created: str,
+    conversion_id: str,
+) -> dict[str, Any]:
     params_q = sum(st["shape"][0] * st["shape"][1] for st in modules.values())
     held = sum(st["held_out"] for st in modules.values())
     bytes_q_out = sum(st["bytes"] for st in modules.values())
@@ -135,6 +168,8 @@ def build_report(*, qcfg_dict: Mapping[str, Any], out_dtype: Any, device: str, f
         "activation_outliers": {"modules": len(outliers), "written": sorted(outliers_written)},
         "timing": dict(timing),
         "per_layer": per_layer_summary(modules),
-        "modules": {k: {kk: vv for kk, vv in v.items() if kk != "bytes_in"}
-                    for k, v in sorted(modules.items(), key=lambda kv: (kv[1]["layer"], kv[0]))},
+        "modules": {
+            k: {kk: vv for kk, vv in v.items() if kk != "bytes_in"}
+            for k, v in sorted(modules.items(), key=lambda kv: (kv[1]["layer"], kv[0]))
+        },
     }

@@ -63,8 +63,10 @@ def write_errors(dst: str) -> Iterator[None]:
         if ose is None:
             raise
         if ose.errno in _NO_SPACE:
-            raise ConversionError(f"no space left on device while writing {dst}; nothing was written (the "
-                                  "partial output is removed) - free some space or choose another DST") from None
+            raise ConversionError(
+                f"no space left on device while writing {dst}; nothing was written (the "
+                "partial output is removed) - free some space or choose another DST"
+            ) from None
         raise ConversionError(f"cannot write {dst}: {ose.strerror or ose}") from None
 
 
@@ -117,8 +119,11 @@ class Destination:
     # -- checks -------------------------------------------------------------------------------------------
     def _check(self, source_path: str) -> None:
         real = os.path.realpath(self.final)
-        for what, path in (("the root directory", "/"), ("the current directory", os.getcwd()),
-                           ("a home directory", os.path.expanduser("~"))):
+        for what, path in (
+            ("the root directory", "/"),
+            ("the current directory", os.getcwd()),
+            ("a home directory", os.path.expanduser("~")),
+        ):
             p = os.path.realpath(path)
             if _contains(real, p):
                 which = what if real == p else f"a directory holding {what} {p}"
@@ -214,8 +219,9 @@ class Destination:
         """Move the finished checkpoint into place (an old DST is replaced only now)."""
         if os.path.lexists(self.final):
             if not self.overwrite:
-                raise ConversionError(f"{self.final} appeared during the conversion; not replacing it "
-                                      "(use --overwrite)")
+                raise ConversionError(
+                    f"{self.final} appeared during the conversion; not replacing it (use --overwrite)"
+                )
             self._check_replaceable()  # it may have changed since the start
             old = f"{self.final}.old-{os.getpid()}"
             os.replace(self.final, old)
@@ -299,8 +305,10 @@ class ShardWriter:
             names.append(final)
             for t in tnames:
                 weight_map[t] = final
-        write_json(os.path.join(self.dir, "model.safetensors.index.json"),
-                   {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+        write_json(
+            os.path.join(self.dir, "model.safetensors.index.json"),
+            {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))},
+        )
         return names
 
 

@@ -45,9 +45,18 @@ def _is_cuda_device(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def prepare_sparse(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, out_features: int,
-                   in_features: int, device, *, layout: str | None = None, lanes: int = 32,
-                   depth: int | None = None) -> dict[str, torch.Tensor]:
+def prepare_sparse(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    vals: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    device,
+    *,
+    layout: str | None = None,
+    lanes: int = 32,
+    depth: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Load-time preprocessing of one Linear's held-out entries ``(rows[i], cols[i], vals[i])``.
 
     Returns fixed-shape tensors for the plugin to register on the layer. ``layout``: ``"sell"`` (the Triton
@@ -62,7 +71,6 @@ def prepare_sparse(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, o
     raise ValueError(f"unknown sparse layout {layout!r}")
 
 
-
 def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tensor]) -> torch.Tensor:
     """``y + S x^T`` for y [M, N], x [M, K]: fp32 accumulation, one rounding into y's dtype.
 
@@ -72,18 +80,41 @@ def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tens
         return coo_correction_torch(y, x, sp)
     nnz = int(sp["nnz"].shape[0])  # a static shape: no device read
     if y.is_cuda and _ops.TRITON_OK and y.stride(1) == 1:
-        torch.ops.superweight.sparse_correction_(y, x, sp["ell_cols"], sp["ell_vals"], sp["ell_rb"], sp["hrows"],
-                                                 sp["hptr"], sp["hcols"], sp["hvals"], sp["ucols"], nnz)
+        torch.ops.superweight.sparse_correction_(
+            y,
+            x,
+            sp["ell_cols"],
+            sp["ell_vals"],
+            sp["ell_rb"],
+            sp["hrows"],
+            sp["hptr"],
+            sp["hcols"],
+            sp["hvals"],
+            sp["ucols"],
+            nnz,
+        )
         return y
     if interpreting() and _ops.TRITON_OK and y.stride(1) == 1:  # Triton interpreter on CPU tensors (tests)
-        _ops.triton_sparse.sparse_correction_(y, x, sp["ell_cols"], sp["ell_vals"], sp["ell_rb"], sp["hrows"],
-                                              sp["hptr"], sp["hcols"], sp["hvals"], sp["ucols"], nnz)
+        _ops.triton_sparse.sparse_correction_(
+            y,
+            x,
+            sp["ell_cols"],
+            sp["ell_vals"],
+            sp["ell_rb"],
+            sp["hrows"],
+            sp["hptr"],
+            sp["hcols"],
+            sp["hvals"],
+            sp["ucols"],
+            nnz,
+        )
         return y
     return sell_correction_torch(y, x, sp)
 
 
-def int8_quant_outlier_split(x: torch.Tensor, outlier_idx: torch.Tensor | None, per_token: bool = True,
-                             outlier_mask: torch.Tensor | None = None):
+def int8_quant_outlier_split(
+    x: torch.Tensor, outlier_idx: torch.Tensor | None, per_token: bool = True, outlier_mask: torch.Tensor | None = None
+):
     """Dynamic symmetric int8 quantization of x [M, K] (16-bit) that skips the outlier channels.
 
     Returns ``(xq int8 [M, K] with the outlier channels 0, scales float32 [M, 1] (per token) or [1, 1],
@@ -135,6 +166,6 @@ def add_outlier_side_product(y: torch.Tensor, x_out: torch.Tensor, w_out_t: torc
     if torch.compiler.is_compiling() and s <= 16:
         acc = y.float()
         for i in range(s):
-            acc = acc + x_out[:, i:i + 1].float() * w_out_t[i:i + 1, :].float()
+            acc = acc + x_out[:, i : i + 1].float() * w_out_t[i : i + 1, :].float()
         return acc.to(y.dtype)
     return torch.addmm(y.float(), x_out.float(), w_out_t.float()).to(y.dtype)

@@ -4,7 +4,8 @@
 * ``torch.ops.superweight.sparse_correction_(y, x, <8 layout tensors>, nnz) -> ()``  mutates ``y``;
 * ``torch.ops.superweight.int8_quant_outlier_split(x, idx?, mask?, per_token) -> (xq, scales, x_out)``;
 * ``torch.ops.superweight.w4_dual_mm(x, bias?, n, key) -> y``: the W4A16 GEMM of the layer registered under
-  ``key`` (``kernels.linear.weight_only.DualMarlinMacheteKernel``), Marlin or Machete chosen from x's token count at run time.
+  ``key`` (``kernels.linear.weight_only.DualMarlinMacheteKernel``), Marlin or Machete chosen from x's token count
+  at run time.
 
 Both have fake (meta) implementations. Registration uses vLLM's ``direct_register_custom_op`` when vLLM is
 already imported (the plugin), otherwise plain ``torch.library`` (same effect; keeps the converter and the tests
@@ -13,12 +14,11 @@ only read tensor shapes on the host: no ``.item()``, no syncs, no data-dependent
 """
 
 import sys
-from typing import Optional
 
 import torch
 
 NAMESPACE = "superweight"
-_LIB: Optional[torch.library.Library] = None
+_LIB: torch.library.Library | None = None
 TRITON_OK = True
 try:
     from . import triton_act_quant, triton_sparse
@@ -26,27 +26,49 @@ except Exception:  # pragma: no cover - no triton in this environment
     TRITON_OK = False
 
 
-def _sparse_impl(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor, ell_vals: torch.Tensor,
-                 ell_rb: torch.Tensor, hrows: torch.Tensor, hptr: torch.Tensor, hcols: torch.Tensor,
-                 hvals: torch.Tensor, ucols: torch.Tensor, nnz: int) -> None:
+def _sparse_impl(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    ell_cols: torch.Tensor,
+    ell_vals: torch.Tensor,
+    ell_rb: torch.Tensor,
+    hrows: torch.Tensor,
+    hptr: torch.Tensor,
+    hcols: torch.Tensor,
+    hvals: torch.Tensor,
+    ucols: torch.Tensor,
+    nnz: int,
+) -> None:
     triton_sparse.sparse_correction_(y, x, ell_cols, ell_vals, ell_rb, hrows, hptr, hcols, hvals, ucols, nnz)
 
 
-def _sparse_fake(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor, ell_vals: torch.Tensor,
-                 ell_rb: torch.Tensor, hrows: torch.Tensor, hptr: torch.Tensor, hcols: torch.Tensor,
-                 hvals: torch.Tensor, ucols: torch.Tensor, nnz: int) -> None:
+def _sparse_fake(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    ell_cols: torch.Tensor,
+    ell_vals: torch.Tensor,
+    ell_rb: torch.Tensor,
+    hrows: torch.Tensor,
+    hptr: torch.Tensor,
+    hcols: torch.Tensor,
+    hvals: torch.Tensor,
+    ucols: torch.Tensor,
+    nnz: int,
+) -> None:
     return None
 
 
-def _split_impl(x: torch.Tensor, outlier_idx: Optional[torch.Tensor], outlier_mask: Optional[torch.Tensor],
-                per_token: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_impl(
+    x: torch.Tensor, outlier_idx: torch.Tensor | None, outlier_mask: torch.Tensor | None, per_token: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x.stride(1) != 1:
         x = x.contiguous()
     return triton_act_quant.int8_quant_outlier_split(x, outlier_idx, per_token, outlier_mask)
 
 
-def _split_fake(x: torch.Tensor, outlier_idx: Optional[torch.Tensor], outlier_mask: Optional[torch.Tensor],
-                per_token: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_fake(
+    x: torch.Tensor, outlier_idx: torch.Tensor | None, outlier_mask: torch.Tensor | None, per_token: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k = x.shape
     s = 0 if outlier_idx is None else outlier_idx.shape[0]
     xq = x.new_empty((m, k), dtype=torch.int8)
@@ -55,13 +77,13 @@ def _split_fake(x: torch.Tensor, outlier_idx: Optional[torch.Tensor], outlier_ma
     return xq, scales, xo
 
 
-def _dual_impl(x: torch.Tensor, bias: Optional[torch.Tensor], n: int, key: str) -> torch.Tensor:
+def _dual_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
     from .linear import weight_only
 
     return weight_only.dual_mm_impl(x, bias, n, key)
 
 
-def _dual_fake(x: torch.Tensor, bias: Optional[torch.Tensor], n: int, key: str) -> torch.Tensor:
+def _dual_fake(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
     return x.new_empty((x.shape[0], n))
 
 
@@ -70,8 +92,9 @@ def _register_one(lib, name, fn, mutates, fake) -> None:
         try:
             from vllm.utils.torch_utils import direct_register_custom_op
 
-            direct_register_custom_op(name, fn, mutates_args=mutates, fake_impl=fake, target_lib=lib,
-                                      dispatch_key="CUDA")
+            direct_register_custom_op(
+                name, fn, mutates_args=mutates, fake_impl=fake, target_lib=lib, dispatch_key="CUDA"
+            )
             return
         except ImportError:
             pass

@@ -24,7 +24,6 @@ CUDA op reads no device memory on the host: no syncs, CUDA-graph and torch.compi
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -35,6 +34,7 @@ DEFAULT_LANES = 32
 def interpreting() -> bool:
     """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``: the tests run the Triton kernels on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 COO_KEYS = ("rows", "cols", "vals")
 SELL_KEYS = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals", "ucols", "nnz")
@@ -94,8 +94,9 @@ def choose_depth(counts: torch.Tensor, lanes: int = DEFAULT_LANES, heavy_cost: f
     return int(torch.argmin(cost))
 
 
-def build_sell(rows, cols, vals, n: int, k: int, device, lanes: int = DEFAULT_LANES,
-               depth: int | None = None) -> dict[str, torch.Tensor]:
+def build_sell(
+    rows, cols, vals, n: int, k: int, device, lanes: int = DEFAULT_LANES, depth: int | None = None
+) -> dict[str, torch.Tensor]:
     """The sliced-ELL + heavy-CSR layout described in the module docstring (tensors on ``device``)."""
     if lanes < 1 or lanes & (lanes - 1):
         raise ValueError(f"lanes must be a power of two, got {lanes}")
@@ -149,13 +150,24 @@ def layout_stats(sp: dict[str, torch.Tensor]) -> dict:
     if "ell_cols" in sp:
         s, depth, lanes = sp["ell_cols"].shape
         light = int((sp["ell_cols"] >= 0).sum())
-        return {"layout": "sell", "nnz": int(sp["nnz"].shape[0]), "slices": s, "depth": depth, "lanes": lanes,
-                "light_nnz": light,
-                "heavy_rows": int(sp["hrows"].numel()), "heavy_nnz": int(sp["hcols"].numel()),
-                "unique_cols": int(sp["ucols"].numel()), "padded_slots": s * depth * lanes,
-                "bytes": sum(t.numel() * t.element_size() for t in sp.values())}
-    return {"layout": "coo", "nnz": int(sp["rows"].numel()),
-            "bytes": sum(t.numel() * t.element_size() for t in sp.values())}
+        return {
+            "layout": "sell",
+            "nnz": int(sp["nnz"].shape[0]),
+            "slices": s,
+            "depth": depth,
+            "lanes": lanes,
+            "light_nnz": light,
+            "heavy_rows": int(sp["hrows"].numel()),
+            "heavy_nnz": int(sp["hcols"].numel()),
+            "unique_cols": int(sp["ucols"].numel()),
+            "padded_slots": s * depth * lanes,
+            "bytes": sum(t.numel() * t.element_size() for t in sp.values()),
+        }
+    return {
+        "layout": "coo",
+        "nnz": int(sp["rows"].numel()),
+        "bytes": sum(t.numel() * t.element_size() for t in sp.values()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ into the rounding add), then the float32 round-half-even trick ``(v + 1.5*2^23) 
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -26,7 +25,6 @@ import triton.language as tl
 MAX_ONE_CHUNK = 16384
 CHUNK = 8192
 _MAGIC = 12582912.0  # 1.5 * 2**23
-
 
 
 @triton.jit
@@ -50,9 +48,22 @@ def _quantize(v, inv):
 
 @triton.jit
 def _act_quant_split_kernel(
-    x_ptr, idx_ptr, mask_ptr, xq_ptr, scale_ptr, xo_ptr, amax_ptr,
-    K, S, stride_xm, stride_qm, stride_om,
-    BK: tl.constexpr, S_PAD: tl.constexpr, MODE: tl.constexpr, MASK_MODE: tl.constexpr,
+    x_ptr,
+    idx_ptr,
+    mask_ptr,
+    xq_ptr,
+    scale_ptr,
+    xo_ptr,
+    amax_ptr,
+    K,
+    S,
+    stride_xm,
+    stride_qm,
+    stride_om,
+    BK: tl.constexpr,
+    S_PAD: tl.constexpr,
+    MODE: tl.constexpr,
+    MASK_MODE: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
 ):
     # MODE 0: per-token (absmax + quantize + scale); 1: per-tensor pass 1 (row absmax -> amax_ptr);
@@ -124,9 +135,14 @@ def _launch_cfg(k: int, max_one_chunk: int = MAX_ONE_CHUNK, chunk: int = CHUNK):
     return one, bk, warps
 
 
-def int8_quant_outlier_split(x: torch.Tensor, outlier_idx: torch.Tensor | None, per_token: bool = True,
-                             outlier_mask: torch.Tensor | None = None, max_one_chunk: int = MAX_ONE_CHUNK,
-                             chunk: int = CHUNK):
+def int8_quant_outlier_split(
+    x: torch.Tensor,
+    outlier_idx: torch.Tensor | None,
+    per_token: bool = True,
+    outlier_mask: torch.Tensor | None = None,
+    max_one_chunk: int = MAX_ONE_CHUNK,
+    chunk: int = CHUNK,
+):
     """Triton implementation (x [M, K] with unit column stride). See the module docstring."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be 2-D with unit column stride"
     m, k = x.shape
@@ -139,7 +155,7 @@ def int8_quant_outlier_split(x: torch.Tensor, outlier_idx: torch.Tensor | None, 
         if not per_token:
             scales.zero_()
         return xq, scales, xo
-    idx = outlier_idx if s else xq  # dummy pointer when there are no outliers
+    idx = outlier_idx if (s and outlier_idx is not None) else xq  # dummy pointer when there are no outliers
     if s and outlier_mask is not None:
         mask_mode, mptr = 1, outlier_mask
     elif s:
@@ -151,13 +167,16 @@ def int8_quant_outlier_split(x: torch.Tensor, outlier_idx: torch.Tensor | None, 
     common = dict(BK=bk, S_PAD=s_pad, MASK_MODE=mask_mode, ONE_CHUNK=one, num_warps=warps)
     xo_stride = xo.stride(0) if s else 0
     if per_token:
-        _act_quant_split_kernel[(m,)](x, idx, mptr, xq, scales, xo, scales, k, s, x.stride(0), xq.stride(0),
-                                      xo_stride, MODE=0, **common)
+        _act_quant_split_kernel[(m,)](
+            x, idx, mptr, xq, scales, xo, scales, k, s, x.stride(0), xq.stride(0), xo_stride, MODE=0, **common
+        )
     else:
         amax = torch.empty((m,), dtype=torch.float32, device=dev)
-        _act_quant_split_kernel[(m,)](x, idx, mptr, xq, scales, xo, amax, k, s, x.stride(0), xq.stride(0),
-                                      xo_stride, MODE=1, **common)
+        _act_quant_split_kernel[(m,)](
+            x, idx, mptr, xq, scales, xo, amax, k, s, x.stride(0), xq.stride(0), xo_stride, MODE=1, **common
+        )
         gmax = amax.amax().reshape(1)  # pass 2's program 0 writes scales = gmax / 127 (IEEE division)
-        _act_quant_split_kernel[(m,)](x, idx, mptr, xq, scales, xo, gmax, k, s, x.stride(0), xq.stride(0),
-                                      xo_stride, MODE=2, **common)
+        _act_quant_split_kernel[(m,)](
+            x, idx, mptr, xq, scales, xo, gmax, k, s, x.stride(0), xq.stride(0), xo_stride, MODE=2, **common
+        )
     return xq, scales, xo

@@ -39,7 +39,6 @@ except Exception:  # pragma: no cover
     _gdc_wait = None
 
 
-
 @dataclasses.dataclass(frozen=True)
 class SparseTiles:
     """Launch parameters of the sparse correction (defaults: the best of benchmarks/kernel_bench.py's
@@ -54,16 +53,28 @@ class SparseTiles:
 DEFAULT_TILES = SparseTiles()
 
 
-
-
 @triton.jit(do_not_specialize=["M", "L", "n_slices"])
 def _sell_spmm_kernel(
-    y_ptr, x_ptr,
-    ecols_ptr, evals_ptr, erb_ptr,
-    hrows_ptr, hptr_ptr, hcols_ptr, hvals_ptr,
-    M, N, L, n_slices,
-    stride_ym, stride_xm, stride_xk,
-    C: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, BE: tl.constexpr,
+    y_ptr,
+    x_ptr,
+    ecols_ptr,
+    evals_ptr,
+    erb_ptr,
+    hrows_ptr,
+    hptr_ptr,
+    hcols_ptr,
+    hvals_ptr,
+    M,
+    N,
+    L,
+    n_slices,
+    stride_ym,
+    stride_xm,
+    stride_xk,
+    C: tl.constexpr,
+    BM: tl.constexpr,
+    BJ: tl.constexpr,
+    BE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -124,8 +135,7 @@ def _sell_spmm_kernel(
 
 
 @triton.jit(do_not_specialize=["M", "U"])
-def _gather_transpose_kernel(x_ptr, ucols_ptr, xt_ptr, M, U, stride_xm, stride_xk,
-                             BU: tl.constexpr, BMT: tl.constexpr):
+def _gather_transpose_kernel(x_ptr, ucols_ptr, xt_ptr, M, U, stride_xm, stride_xk, BU: tl.constexpr, BMT: tl.constexpr):
     """xt[c, m] = x[m, c] for the distinct columns c = ucols[u] (rows of xt not in ucols stay unwritten)."""
     pu = tl.program_id(0)
     pm = tl.program_id(1)
@@ -142,7 +152,8 @@ def _gather_transpose_kernel(x_ptr, ucols_ptr, xt_ptr, M, U, stride_xm, stride_x
 def plan(m: int, k: int, sp_shapes: dict, nnz: int, tiles: SparseTiles = DEFAULT_TILES) -> dict:
     """Launch plan from shapes only (host ints; no device reads). Exposed for tests and benchmarks.
 
-    The transposed path is taken for M >= ``tiles.transpose_min_m`` when the entries reuse columns (nnz >= 2 x distinct columns):
+    The transposed path is taken for M >= ``tiles.transpose_min_m`` when the entries reuse columns (nnz >= 2 x
+    distinct columns):
     then one coalesced transpose of those columns replaces M-times-scattered gathers.
     """
     s, depth, lanes = sp_shapes["ell_cols"]
@@ -158,20 +169,41 @@ def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILE
     be = max(16, min(1024, tiles.tile_elems // bm))
     tile = max(bm * bj * lanes, bm * be)
     warps = 4 if tile <= 2048 else 8
-    return {"transposed": transposed, "BM": bm, "BJ": bj, "BE": be, "num_warps": warps,
-            "grid": (s + h, triton.cdiv(m, bm)), "n_slices": s, "depth": depth, "lanes": lanes, "heavy": h}
+    return {
+        "transposed": transposed,
+        "BM": bm,
+        "BJ": bj,
+        "BE": be,
+        "num_warps": warps,
+        "grid": (s + h, triton.cdiv(m, bm)),
+        "n_slices": s,
+        "depth": depth,
+        "lanes": lanes,
+        "heavy": h,
+    }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def sparse_correction_(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor, ell_vals: torch.Tensor,
-                       ell_rb: torch.Tensor, hrows: torch.Tensor, hptr: torch.Tensor, hcols: torch.Tensor,
-                       hvals: torch.Tensor, ucols: torch.Tensor, nnz: int | None = None,
-                       force_path: str | None = None, pdl: bool = False,
-                       tiles: SparseTiles = DEFAULT_TILES) -> None:
+def sparse_correction_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    ell_cols: torch.Tensor,
+    ell_vals: torch.Tensor,
+    ell_rb: torch.Tensor,
+    hrows: torch.Tensor,
+    hptr: torch.Tensor,
+    hcols: torch.Tensor,
+    hvals: torch.Tensor,
+    ucols: torch.Tensor,
+    nnz: int | None = None,
+    force_path: str | None = None,
+    pdl: bool = False,
+    tiles: SparseTiles = DEFAULT_TILES,
+) -> None:
     """In-place ``y += S x^T`` (y [M, N] with unit column stride, x [M, K]). ``nnz`` = number of entries
     (default: the padded slot count, an over-estimate)."""
     m, k = x.shape
@@ -197,7 +229,8 @@ def sparse_correction_(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor,
         xt = torch.empty((k, m), dtype=x.dtype, device=x.device)
         u = ucols.numel()
         _gather_transpose_kernel[(triton.cdiv(u, 64), triton.cdiv(m, 64))](
-            x, ucols, xt, m, u, x.stride(0), x.stride(1), BU=64, BMT=64, num_warps=4)
+            x, ucols, xt, m, u, x.stride(0), x.stride(1), BU=64, BMT=64, num_warps=4
+        )
         xs, sxm, sxk = xt, 1, m
     else:
         xs, sxm, sxk = x, x.stride(0), x.stride(1)
@@ -205,8 +238,26 @@ def sparse_correction_(y: torch.Tensor, x: torch.Tensor, ell_cols: torch.Tensor,
     if use_pdl:
         kw["launch_pdl"] = True
     _sell_spmm_kernel[p["grid"]](
-        y, xs, ec, ev, erb, hr, hp, hc, hv,
-        m, n, p["depth"], p["n_slices"],
-        y.stride(0), sxm, sxk,
-        C=p["lanes"], BM=p["BM"], BJ=p["BJ"], BE=p["BE"], PDL=use_pdl, **kw,
+        y,
+        xs,
+        ec,
+        ev,
+        erb,
+        hr,
+        hp,
+        hc,
+        hv,
+        m,
+        n,
+        p["depth"],
+        p["n_slices"],
+        y.stride(0),
+        sxm,
+        sxk,
+        C=p["lanes"],
+        BM=p["BM"],
+        BJ=p["BJ"],
+        BE=p["BE"],
+        PDL=use_pdl,
+        **kw,
     )

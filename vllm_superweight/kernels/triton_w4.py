@@ -51,9 +51,7 @@ no autotuning at run time. ``w4_mm(..., config=...)`` overrides it (benchmarks, 
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Optional
 
 import torch
 
@@ -143,10 +141,21 @@ def _group_of(group_size) -> int:
     return 0 if g <= 0 else g
 
 
-def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-               group_size, sym: bool, rows=None, cols=None, vals=None, n: Optional[int] = None,
-               k: Optional[int] = None, device=None, act_dtype: Optional[torch.dtype] = None,
-               sp_block: int = SP_BLOCK) -> dict:
+def prepare_w4(
+    q_codes_or_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size,
+    sym: bool,
+    rows=None,
+    cols=None,
+    vals=None,
+    n: int | None = None,
+    k: int | None = None,
+    device=None,
+    act_dtype: torch.dtype | None = None,
+    sp_block: int = SP_BLOCK,
+) -> dict:
     """Repack one W4 Linear into the kernel layout (module docstring). Host code, run once at load time.
 
     ``q_codes_or_packed``: unsigned codes 0..15 ``[N, K]`` (any integer dtype; code = signed value + 8), or the
@@ -188,8 +197,9 @@ def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Opt
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
             raise ValueError("prepare_w4: codes must be unsigned 0..15 (signed value + 8)")
     else:
-        raise ValueError(f"prepare_w4: codes have shape {tuple(q.shape)}, expected {(n, k)} or packed "
-                         f"{(n, _cdiv(k, 8))} int32")
+        raise ValueError(
+            f"prepare_w4: codes have shape {tuple(q.shape)}, expected {(n, k)} or packed {(n, _cdiv(k, 8))} int32"
+        )
     ng = k // g if g else 1
     s = torch.as_tensor(scales).to(wd)
     if s.dim() == 1:
@@ -209,8 +219,10 @@ def prepare_w4(q_codes_or_packed: torch.Tensor, scales: torch.Tensor, zeros: Opt
         elif zt.dtype == torch.int32 and tuple(zt.shape) == (_cdiv(n, 8), ng):
             z = _unpack_ct(zt, n, ng, 0)
         else:
-            raise ValueError(f"prepare_w4: zero points have shape {tuple(zt.shape)}, expected {(n, ng)} or "
-                             f"packed {(_cdiv(n, 8), ng)} int32")
+            raise ValueError(
+                f"prepare_w4: zero points have shape {tuple(zt.shape)}, expected {(n, ng)} or "
+                f"packed {(_cdiv(n, 8), ng)} int32"
+            )
         if z.numel() and (int(z.min()) < 0 or int(z.max()) > 15):
             raise ValueError("prepare_w4: integer zero points must be in the code domain 0..15")
 
@@ -288,7 +300,9 @@ def _entries(rows, cols, vals, n, k, act):
     rr, cc, vv = [], [], []
     for t in terms:  # a value the act dtype cannot hold exactly becomes 2-3 entries at the same position
         keep = t.double() != 0  # exact zeros contribute nothing
-        rr.append(r[keep]), cc.append(c[keep]), vv.append(t[keep])
+        rr.append(r[keep])
+        cc.append(c[keep])
+        vv.append(t[keep])
     if not torch.isfinite(torch.cat(vv).double()).all():
         raise ValueError(f"prepare_w4: a held-out value overflows {act}")
     return torch.cat(rr), torch.cat(cc), torch.cat(vv)
@@ -307,9 +321,18 @@ def prep_info(prep: dict) -> dict:
     """Host ints of a prepared layer (read from tensor shapes only)."""
     n, k, g, sym, spb, _ = prep["info"].shape
     nnz, c32, c64, c128, c256, _ = prep["sp_meta"].shape
-    return {"n": n, "k": k, "group": g, "sym": bool(sym), "nnz": nnz,
-            "maxcnt": {32: c32, 64: c64, 128: c128, 256: c256}, "sp_block": spb,
-            "n_pad": prep["qw"].shape[0] * SLAB, "k_pad": prep["qw"].shape[1] * 8, "act_dtype": prep["scale"].dtype}
+    return {
+        "n": n,
+        "k": k,
+        "group": g,
+        "sym": bool(sym),
+        "nnz": nnz,
+        "maxcnt": {32: c32, 64: c64, 128: c128, 256: c256},
+        "sp_block": spb,
+        "n_pad": prep["qw"].shape[0] * SLAB,
+        "k_pad": prep["qw"].shape[1] * 8,
+        "act_dtype": prep["scale"].dtype,
+    }
 
 
 def memory_bytes(prep: dict) -> dict:
@@ -369,7 +392,7 @@ def decode_entries(prep: dict):
     return row, col, val
 
 
-def w4_reference(x: torch.Tensor, prep_or_inputs: dict, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def w4_reference(x: torch.Tensor, prep_or_inputs: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
     """float64 ``x @ W^T (+ bias)`` with W the dequantized weight with the held-out values restored. Accepts a
     prepared layer or the raw inputs ``{"q", "scales", "zeros", "group_size", "sym", "rows", "cols", "vals"}``
     (``q`` unsigned codes [N, K])."""
@@ -382,6 +405,7 @@ def w4_reference(x: torch.Tensor, prep_or_inputs: dict, bias: Optional[torch.Ten
         g = _group_of(d.get("group_size"))
         g = g or k
         s = torch.as_tensor(d["scales"]).cpu().double().reshape(n, -1).repeat_interleave(g, 1)
+        z: float | torch.Tensor
         if d.get("sym"):
             z = 8.0
         else:
@@ -433,25 +457,41 @@ if TRITON_OK:
         rounding). Correct for any pairing (elementwise). Per 16 weights: 2 PRMT + 6 SHF + 8 LOP3 + 8 (+8) HFMA2.
         ``z*``/``s*``: 16-bit tensors with -(MAGIC + z) and s for planes 2q, 2q+1 (q = 0..3)."""
         if F16:
-            head: tl.constexpr = ("{ .reg .b32 xl, xh, t, one, nz; mov.b32 one, 0x3C003C00; mov.b32 nz, 0x80008000; "
-                                  "prmt.b32 xl, $8, $9, 0x5410; prmt.b32 xh, $8, $9, 0x7632; ")
+            head: tl.constexpr = (
+                "{ .reg .b32 xl, xh, t, one, nz; mov.b32 one, 0x3C003C00; mov.b32 nz, 0x80008000; "
+                "prmt.b32 xl, $8, $9, 0x5410; prmt.b32 xh, $8, $9, 0x7632; "
+            )
             lop: tl.constexpr = ", 0x000F000F, 0x64006400, 0xEA; "
             fma: tl.constexpr = "fma.rn.f16x2 "
         else:
-            head: tl.constexpr = ("{ .reg .b32 xl, xh, t, one, nz; mov.b32 one, 0x3F803F80; mov.b32 nz, 0x80008000; "
-                                  "prmt.b32 xl, $8, $9, 0x5410; prmt.b32 xh, $8, $9, 0x7632; ")
+            head: tl.constexpr = (
+                "{ .reg .b32 xl, xh, t, one, nz; mov.b32 one, 0x3F803F80; mov.b32 nz, 0x80008000; "
+                "prmt.b32 xl, $8, $9, 0x5410; prmt.b32 xh, $8, $9, 0x7632; "
+            )
             lop: tl.constexpr = ", 0x000F000F, 0x43004300, 0xEA; "
             fma: tl.constexpr = "fma.rn.bf16x2 "
         # plane j = i (from xl) or i + 4 (from xh), shifted by 4 i; zero operand $10 + j // 2, scale $14 + j // 2
         if SCALE_W:
             p0: tl.constexpr = "lop3.b32 t, xl" + lop + fma + "t, t, one, $10; " + fma + "$0, t, $14, nz; "
-            p1: tl.constexpr = "shr.u32 t, xl, 4; lop3.b32 t, t" + lop + fma + "t, t, one, $10; " + fma + "$1, t, $14, nz; "
-            p2: tl.constexpr = "shr.u32 t, xl, 8; lop3.b32 t, t" + lop + fma + "t, t, one, $11; " + fma + "$2, t, $15, nz; "
-            p3: tl.constexpr = "shr.u32 t, xl, 12; lop3.b32 t, t" + lop + fma + "t, t, one, $11; " + fma + "$3, t, $15, nz; "
+            p1: tl.constexpr = (
+                "shr.u32 t, xl, 4; lop3.b32 t, t" + lop + fma + "t, t, one, $10; " + fma + "$1, t, $14, nz; "
+            )
+            p2: tl.constexpr = (
+                "shr.u32 t, xl, 8; lop3.b32 t, t" + lop + fma + "t, t, one, $11; " + fma + "$2, t, $15, nz; "
+            )
+            p3: tl.constexpr = (
+                "shr.u32 t, xl, 12; lop3.b32 t, t" + lop + fma + "t, t, one, $11; " + fma + "$3, t, $15, nz; "
+            )
             p4: tl.constexpr = "lop3.b32 t, xh" + lop + fma + "t, t, one, $12; " + fma + "$4, t, $16, nz; "
-            p5: tl.constexpr = "shr.u32 t, xh, 4; lop3.b32 t, t" + lop + fma + "t, t, one, $12; " + fma + "$5, t, $16, nz; "
-            p6: tl.constexpr = "shr.u32 t, xh, 8; lop3.b32 t, t" + lop + fma + "t, t, one, $13; " + fma + "$6, t, $17, nz; "
-            p7: tl.constexpr = "shr.u32 t, xh, 12; lop3.b32 t, t" + lop + fma + "t, t, one, $13; " + fma + "$7, t, $17, nz; "
+            p5: tl.constexpr = (
+                "shr.u32 t, xh, 4; lop3.b32 t, t" + lop + fma + "t, t, one, $12; " + fma + "$5, t, $16, nz; "
+            )
+            p6: tl.constexpr = (
+                "shr.u32 t, xh, 8; lop3.b32 t, t" + lop + fma + "t, t, one, $13; " + fma + "$6, t, $17, nz; "
+            )
+            p7: tl.constexpr = (
+                "shr.u32 t, xh, 12; lop3.b32 t, t" + lop + fma + "t, t, one, $13; " + fma + "$7, t, $17, nz; "
+            )
         else:
             p0: tl.constexpr = "lop3.b32 t, xl" + lop + fma + "$0, t, one, $10; "
             p1: tl.constexpr = "shr.u32 t, xl, 4; lop3.b32 t, t" + lop + fma + "$1, t, one, $10; "
@@ -465,14 +505,31 @@ if TRITON_OK:
         cons: tl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r"
         if F16:
             q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                asm, cons, [wv, z0, z1, z2, z3, s0, s1, s2, s3],
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                       tl.float16), is_pure=True, pack=2)
+                asm,
+                cons,
+                [wv, z0, z1, z2, z3, s0, s1, s2, s3],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+                is_pure=True,
+                pack=2,
+            )
         else:
             q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                asm, cons, [wv, z0, z1, z2, z3, s0, s1, s2, s3],
-                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                       tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+                asm,
+                cons,
+                [wv, z0, z1, z2, z3, s0, s1, s2, s3],
+                dtype=(
+                    tl.bfloat16,
+                    tl.bfloat16,
+                    tl.bfloat16,
+                    tl.bfloat16,
+                    tl.bfloat16,
+                    tl.bfloat16,
+                    tl.bfloat16,
+                    tl.bfloat16,
+                ),
+                is_pure=True,
+                pack=2,
+            )
         return q0, q1, q2, q3, q4, q5, q6, q7
 
     @triton.jit
@@ -504,14 +561,46 @@ if TRITON_OK:
 
     @triton.jit(do_not_specialize=["M", "NKB", "KB_PER_SPLIT", "SK"])  # one compile serves every M and K
     def _w4_kernel(
-        x_ptr, qw_ptr, sc_ptr, zp_ptr, bias_ptr, y_ptr, spp_ptr, spe_ptr, ws_ptr, cnt_ptr,
-        M, N, K, KW, NPAD, NKB, NS, KB_PER_SPLIT, SK,
-        stride_xm, stride_xk, stride_ym,
-        G: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr, SP_MODE: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, USE_WS: tl.constexpr, DOT: tl.constexpr, SCALE_W: tl.constexpr,
-        ASM: tl.constexpr, E: tl.constexpr, NCH: tl.constexpr, F16: tl.constexpr,
-        INTERP: tl.constexpr = False, K16: tl.constexpr = True, SP_BM: tl.constexpr = 16,
-        SPB: tl.constexpr = 256, I64: tl.constexpr = False,  # I64: 64-bit offsets in the scatter
+        x_ptr,
+        qw_ptr,
+        sc_ptr,
+        zp_ptr,
+        bias_ptr,
+        y_ptr,
+        spp_ptr,
+        spe_ptr,
+        ws_ptr,
+        cnt_ptr,
+        M,
+        N,
+        K,
+        KW,
+        NPAD,
+        NKB,
+        NS,
+        KB_PER_SPLIT,
+        SK,
+        stride_xm,
+        stride_xk,
+        stride_ym,
+        G: tl.constexpr,
+        SYM: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        SP_MODE: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        USE_WS: tl.constexpr,
+        DOT: tl.constexpr,
+        SCALE_W: tl.constexpr,
+        ASM: tl.constexpr,
+        E: tl.constexpr,
+        NCH: tl.constexpr,
+        F16: tl.constexpr,
+        INTERP: tl.constexpr = False,
+        K16: tl.constexpr = True,
+        SP_BM: tl.constexpr = 16,
+        SPB: tl.constexpr = 256,
+        I64: tl.constexpr = False,  # I64: 64-bit offsets in the scatter
     ):
         # SP_MODE: 0 no held-out entries, 1 one-hot MMA / select (exact per tile), 2 atomic scatter into the workspace
         pid = tl.program_id(0)
@@ -601,7 +690,9 @@ if TRITON_OK:
                     tl.broadcast_to(sq1.to(act_ty)[None, :], (16, BN)),
                     tl.broadcast_to(sq2.to(act_ty)[None, :], (16, BN)),
                     tl.broadcast_to(sq3.to(act_ty)[None, :], (16, BN)),
-                    F16, SCALE_W)
+                    F16,
+                    SCALE_W,
+                )
             for j in tl.static_range(8):
                 if j % PPG == 0:  # this plane starts a scale group
                     if G == 0:
@@ -675,23 +766,93 @@ if TRITON_OK:
                         if NCH > 0:
                             for c in tl.static_range(NCH):
                                 if lo + c * E < hi:
-                                    _sp_scatter(x_ptr, spe_ptr, ws_ptr, lo + c * E, hi, k0, n0, offs_ms, M,
-                                                stride_xm, stride_xk, NPAD, BN, E, F16, SPB, I64)
+                                    _sp_scatter(
+                                        x_ptr,
+                                        spe_ptr,
+                                        ws_ptr,
+                                        lo + c * E,
+                                        hi,
+                                        k0,
+                                        n0,
+                                        offs_ms,
+                                        M,
+                                        stride_xm,
+                                        stride_xk,
+                                        NPAD,
+                                        BN,
+                                        E,
+                                        F16,
+                                        SPB,
+                                        I64,
+                                    )
                         else:
                             for e0 in range(lo, hi, E):
-                                _sp_scatter(x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, offs_ms, M,
-                                            stride_xm, stride_xk, NPAD, BN, E, F16, SPB, I64)
+                                _sp_scatter(
+                                    x_ptr,
+                                    spe_ptr,
+                                    ws_ptr,
+                                    e0,
+                                    hi,
+                                    k0,
+                                    n0,
+                                    offs_ms,
+                                    M,
+                                    stride_xm,
+                                    stride_xk,
+                                    NPAD,
+                                    BN,
+                                    E,
+                                    F16,
+                                    SPB,
+                                    I64,
+                                )
                 elif NCH > 0:
                     for c in tl.static_range(NCH):
                         if lo + c * E < hi:
-                            acc, corr = _sp_chunk(acc, corr, x_ptr, spe_ptr, lo + c * E, hi, k0, n0,
-                                                  m64, m_ok, stride_xm, stride_xk,
-                                                  BM, BN, E, DOT, F16, INTERP, SPB)
+                            acc, corr = _sp_chunk(
+                                acc,
+                                corr,
+                                x_ptr,
+                                spe_ptr,
+                                lo + c * E,
+                                hi,
+                                k0,
+                                n0,
+                                m64,
+                                m_ok,
+                                stride_xm,
+                                stride_xk,
+                                BM,
+                                BN,
+                                E,
+                                DOT,
+                                F16,
+                                INTERP,
+                                SPB,
+                            )
                 else:
                     for e0 in range(lo, hi, E):
-                        acc, corr = _sp_chunk(acc, corr, x_ptr, spe_ptr, e0, hi, k0, n0,
-                                              m64, m_ok, stride_xm, stride_xk,
-                                              BM, BN, E, DOT, F16, INTERP, SPB)
+                        acc, corr = _sp_chunk(
+                            acc,
+                            corr,
+                            x_ptr,
+                            spe_ptr,
+                            e0,
+                            hi,
+                            k0,
+                            n0,
+                            m64,
+                            m_ok,
+                            stride_xm,
+                            stride_xk,
+                            BM,
+                            BN,
+                            E,
+                            DOT,
+                            F16,
+                            INTERP,
+                            SPB,
+                        )
 
         if DOT:
             acc = tl.trans(acc)  # [BM, BN]
@@ -740,9 +901,25 @@ if TRITON_OK:
         return e_ok, col, roff, v
 
     @triton.jit
-    def _sp_scatter(x_ptr, spe_ptr, ws_ptr, e0, hi, k0, n0, offs_ms, M, stride_xm, stride_xk, NPAD,
-                    BN: tl.constexpr, E: tl.constexpr, F16: tl.constexpr, SPB: tl.constexpr,
-                    I64: tl.constexpr):
+    def _sp_scatter(
+        x_ptr,
+        spe_ptr,
+        ws_ptr,
+        e0,
+        hi,
+        k0,
+        n0,
+        offs_ms,
+        M,
+        stride_xm,
+        stride_xk,
+        NPAD,
+        BN: tl.constexpr,
+        E: tl.constexpr,
+        F16: tl.constexpr,
+        SPB: tl.constexpr,
+        I64: tl.constexpr,
+    ):
         """ws[m, row] += v * x[m, col] for E entries and the token rows offs_ms (fp32 red.add, fire and forget).
 
         Built as [SP_BM, E] tensors from the start (entries along the fast axis: one warp load reads one token's
@@ -775,9 +952,27 @@ if TRITON_OK:
         tl.atomic_add(ws_ptr + (m2 * NPAD + dst), tl.where(ok, xg.to(tl.float32) * v, 0.0), sem="relaxed")
 
     @triton.jit
-    def _sp_chunk(acc, corr, x_ptr, spe_ptr, e0, hi, k0, n0, m64, m_ok, stride_xm, stride_xk,
-                  BM: tl.constexpr, BN: tl.constexpr, E: tl.constexpr, DOT: tl.constexpr,
-                  F16: tl.constexpr, INTERP: tl.constexpr, SPB: tl.constexpr):
+    def _sp_chunk(
+        acc,
+        corr,
+        x_ptr,
+        spe_ptr,
+        e0,
+        hi,
+        k0,
+        n0,
+        m64,
+        m_ok,
+        stride_xm,
+        stride_xk,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        E: tl.constexpr,
+        DOT: tl.constexpr,
+        F16: tl.constexpr,
+        INTERP: tl.constexpr,
+        SPB: tl.constexpr,
+    ):
         """One-hot form (exact inside the tile, no atomics): y[m, row] += v * x[m, col] as an MMA with a [BN, E]
         one-hot operand (DOT) or a [BM, E, BN] select-reduce (FMA). Returns (acc, corr)."""
         e_ok, col, roff, v = _sp_decode(spe_ptr, e0, hi, k0, n0, E, F16, SPB)
@@ -801,7 +996,7 @@ if TRITON_OK:
 # launcher
 # ------------------------------------------------------------------------------------------------------------
 def pick_config(m: int, table=None) -> dict:
-    for max_m, cfg in (table or CONFIGS):
+    for max_m, cfg in table or CONFIGS:
         if m <= max_m:
             return dict(cfg)
     return dict((table or CONFIGS)[-1][1])
@@ -847,10 +1042,22 @@ def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
             nch = 0
     if sp_mode == 0:
         e, nch, sp_bm = 16, 0, 1  # unused: canonical values, so the no-entry variant compiles once
-    return {"BM": bm, "BN": bn, "SK": sk, "KB_PER_SPLIT": kbs, "grid": (n_t * m_t, sk), "E": e, "NCH": nch,
-            "SP_MODE": sp_mode, "SP_BM": sp_bm, "DOT": dot,
-            "SCALE_W": bool(cfg.get("SCALE_W", True)), "ASM": int(cfg.get("ASM", 0)) if dot else 0,
-            "warps": int(cfg.get("warps", 4)), "stages": int(cfg.get("stages", 2))}
+    return {
+        "BM": bm,
+        "BN": bn,
+        "SK": sk,
+        "KB_PER_SPLIT": kbs,
+        "grid": (n_t * m_t, sk),
+        "E": e,
+        "NCH": nch,
+        "SP_MODE": sp_mode,
+        "SP_BM": sp_bm,
+        "DOT": dot,
+        "SCALE_W": bool(cfg.get("SCALE_W", True)),
+        "ASM": int(cfg.get("ASM", 0)) if dot else 0,
+        "warps": int(cfg.get("warps", 4)),
+        "stages": int(cfg.get("stages", 2)),
+    }
 
 
 _SM_COUNT: dict = {}
@@ -865,8 +1072,9 @@ def _sms(device) -> int:
     return _SM_COUNT[idx]
 
 
-def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, config: Optional[dict] = None,
-          table=None) -> torch.Tensor:
+def w4_mm(
+    x: torch.Tensor, prep: dict, bias: torch.Tensor | None = None, config: dict | None = None, table=None
+) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W^T (+ bias), W the served weight (W4 + exact held-out values); fp32 accumulation,
     one rounding into x's dtype. Tile config from ``config`` or the M-bucket table."""
     if not TRITON_OK:
@@ -903,15 +1111,49 @@ def w4_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None, conf
     zp = prep.get("zero", prep["scale"])
     bias_t = bias if bias is not None else prep["scale"]
     _w4_kernel[p["grid"]](
-        x2, prep["qw"], prep["scale"], zp, bias_t, y, prep["sp_ptr"], prep["sp_ent"], ws, cnt,
-        m, n, k, prep["qw"].shape[1], info["n_pad"], info["k_pad"] // PB, info["n_pad"] // SLICE,
-        p["KB_PER_SPLIT"], p["SK"], x2.stride(0), x2.stride(1), y.stride(0),
-        G=info["group"], SYM=info["sym"], HAS_BIAS=bias is not None, SP_MODE=p["SP_MODE"],
-        BM=p["BM"], BN=p["BN"], USE_WS=p["SK"] > 1 or p["SP_MODE"] == 2, DOT=p["DOT"], SCALE_W=p["SCALE_W"], ASM=p["ASM"],
-        E=p["E"], NCH=p["NCH"], F16=x2.dtype == torch.float16, INTERP=_interpreting(), K16=k % 16 == 0, SP_BM=p["SP_BM"], SPB=info["sp_block"],
+        x2,
+        prep["qw"],
+        prep["scale"],
+        zp,
+        bias_t,
+        y,
+        prep["sp_ptr"],
+        prep["sp_ent"],
+        ws,
+        cnt,
+        m,
+        n,
+        k,
+        prep["qw"].shape[1],
+        info["n_pad"],
+        info["k_pad"] // PB,
+        info["n_pad"] // SLICE,
+        p["KB_PER_SPLIT"],
+        p["SK"],
+        x2.stride(0),
+        x2.stride(1),
+        y.stride(0),
+        G=info["group"],
+        SYM=info["sym"],
+        HAS_BIAS=bias is not None,
+        SP_MODE=p["SP_MODE"],
+        BM=p["BM"],
+        BN=p["BN"],
+        USE_WS=p["SK"] > 1 or p["SP_MODE"] == 2,
+        DOT=p["DOT"],
+        SCALE_W=p["SCALE_W"],
+        ASM=p["ASM"],
+        E=p["E"],
+        NCH=p["NCH"],
+        F16=x2.dtype == torch.float16,
+        INTERP=_interpreting(),
+        K16=k % 16 == 0,
+        SP_BM=p["SP_BM"],
+        SPB=info["sp_block"],
         I64=max(m * max(x2.stride(0), info["n_pad"], y.stride(0)), prep["qw"].numel(), WS_MAX_M * info["n_pad"] + 512)
         >= 2**31 - 1,
-        num_warps=p["warps"], num_stages=p["stages"],
+        num_warps=p["warps"],
+        num_stages=p["stages"],
     )
     return y.reshape(*x.shape[:-1], n)
 
@@ -924,18 +1166,34 @@ _LIB = None
 _REGISTERED = False
 
 
-def _op_impl(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-             sp_ptr: torch.Tensor, sp_ent: torch.Tensor, sp_meta: torch.Tensor, info: torch.Tensor,
-             bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _op_impl(
+    x: torch.Tensor,
+    qw: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    sp_ptr: torch.Tensor,
+    sp_ent: torch.Tensor,
+    sp_meta: torch.Tensor,
+    info: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     prep = {"qw": qw, "scale": scale, "sp_ptr": sp_ptr, "sp_ent": sp_ent, "sp_meta": sp_meta, "info": info}
     if zero is not None:
         prep["zero"] = zero
     return w4_mm(x, prep, bias)
 
 
-def _op_fake(x: torch.Tensor, qw: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-             sp_ptr: torch.Tensor, sp_ent: torch.Tensor, sp_meta: torch.Tensor, info: torch.Tensor,
-             bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _op_fake(
+    x: torch.Tensor,
+    qw: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    sp_ptr: torch.Tensor,
+    sp_ent: torch.Tensor,
+    sp_meta: torch.Tensor,
+    info: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     return x.new_empty((x.shape[0], info.shape[0]))
 
 
@@ -963,13 +1221,22 @@ def register_op() -> bool:
     return True
 
 
-def w4_fused_mm(x: torch.Tensor, prep: dict, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def w4_fused_mm(x: torch.Tensor, prep: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``w4_mm`` through the custom op (CUDA; graph- and torch.compile-safe). x [..., K] -> [..., N]."""
     if not _REGISTERED:  # registered at import; a plain flag keeps this traceable by Dynamo
         register_op()
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch.ops.superweight.w4_fused_mm(x2, prep["qw"], prep["scale"], prep.get("zero"), prep["sp_ptr"],
-                                          prep["sp_ent"], prep["sp_meta"], prep["info"], bias)
+    y = torch.ops.superweight.w4_fused_mm(
+        x2,
+        prep["qw"],
+        prep["scale"],
+        prep.get("zero"),
+        prep["sp_ptr"],
+        prep["sp_ent"],
+        prep["sp_meta"],
+        prep["info"],
+        bias,
+    )
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -979,8 +1246,17 @@ register_op()
 # ------------------------------------------------------------------------------------------------------------
 # ahead-of-time compile for sm_90 (no GPU needed): registers / spills / shared memory of a config
 # ------------------------------------------------------------------------------------------------------------
-def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = True, f16: bool = False,
-                 bias: bool = False, nch: int = 0, keep_asm: bool = False, sp_block: int = SP_BLOCK) -> dict:
+def compile_sm90(
+    cfg: dict,
+    group: int = 128,
+    sym: bool = False,
+    has_sp: bool = True,
+    f16: bool = False,
+    bias: bool = False,
+    nch: int = 0,
+    keep_asm: bool = False,
+    sp_block: int = SP_BLOCK,
+) -> dict:
     """Compile ``_w4_kernel`` for sm_90 with the constexprs a launch of ``cfg`` would use and run ptxas on it.
     Returns {"regs", "spill_stores", "spill_loads", "stack", "smem", "ptxas"} (+ "asm" dict if ``keep_asm``)."""
     import re
@@ -991,30 +1267,64 @@ def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = 
     from triton.compiler import ASTSource
 
     ty = "*fp16" if f16 else "*bf16"
-    sig = {"x_ptr": ty, "qw_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*u8", "bias_ptr": ty, "y_ptr": ty,
-           "spp_ptr": "*i32", "spe_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-           "M": "i32", "N": "i32", "K": "i32", "KW": "i32", "NPAD": "i32", "NKB": "i32", "NS": "i32",
-           "KB_PER_SPLIT": "i32", "SK": "i32", "stride_xm": "i32", "stride_xk": "i32", "stride_ym": "i32"}
+    sig = {
+        "x_ptr": ty,
+        "qw_ptr": "*i32",
+        "sc_ptr": ty,
+        "zp_ptr": "*u8",
+        "bias_ptr": ty,
+        "y_ptr": ty,
+        "spp_ptr": "*i32",
+        "spe_ptr": "*i32",
+        "ws_ptr": "*fp32",
+        "cnt_ptr": "*i32",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+        "KW": "i32",
+        "NPAD": "i32",
+        "NKB": "i32",
+        "NS": "i32",
+        "KB_PER_SPLIT": "i32",
+        "SK": "i32",
+        "stride_xm": "i32",
+        "stride_xk": "i32",
+        "stride_ym": "i32",
+    }
     bn = int(cfg["BN"])
     sp_mode = (int(cfg.get("SP", 2)) or 2) if has_sp else 0
-    consts = {"G": int(group), "SYM": bool(sym), "HAS_BIAS": bool(bias), "SP_MODE": sp_mode,
-              "BM": int(cfg["BM"]), "BN": bn, "USE_WS": (int(cfg.get("SK", 1)) != 1) or sp_mode == 2,
-              "DOT": bool(cfg.get("DOT", True)),
-              "SCALE_W": bool(cfg.get("SCALE_W", True)),
-              "ASM": int(cfg.get("ASM", 0)) if cfg.get("DOT", True) else 0,
-              "E": int(cfg.get("E", 0)) or max(16, min(128 if sp_mode == 2 else 32,
-                                                        _np2(int(2 * bn * sp_block / 1000) + 1))),
-              "NCH": int(nch), "F16": bool(f16),
-              "INTERP": False, "K16": True, "stride_xk": 1, "SPB": int(sp_block), "I64": False,
-              "SP_BM": 1}
+    consts = {
+        "G": int(group),
+        "SYM": bool(sym),
+        "HAS_BIAS": bool(bias),
+        "SP_MODE": sp_mode,
+        "BM": int(cfg["BM"]),
+        "BN": bn,
+        "USE_WS": (int(cfg.get("SK", 1)) != 1) or sp_mode == 2,
+        "DOT": bool(cfg.get("DOT", True)),
+        "SCALE_W": bool(cfg.get("SCALE_W", True)),
+        "ASM": int(cfg.get("ASM", 0)) if cfg.get("DOT", True) else 0,
+        "E": int(cfg.get("E", 0)) or max(16, min(128 if sp_mode == 2 else 32, _np2(int(2 * bn * sp_block / 1000) + 1))),
+        "NCH": int(nch),
+        "F16": bool(f16),
+        "INTERP": False,
+        "K16": True,
+        "stride_xk": 1,
+        "SPB": int(sp_block),
+        "I64": False,
+        "SP_BM": 1,
+    }
     e_ = consts["E"]
     consts["SP_BM"] = max(1, min(int(cfg["BM"]), _np2(int(cfg.get("SP_BM", 0)) or int(cfg["BM"])), max(1, 512 // e_)))
     sig = dict(sig, **{k: "constexpr" for k in consts})
     # pointers 16-byte aligned; KW, NPAD, NS multiples of 16 (as the launcher's shapes give: Triton specializes)
     div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 16, 19, 21]
     attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
-    k = triton.compile(ASTSource(_w4_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": int(cfg.get("warps", 4)), "num_stages": int(cfg.get("stages", 2))})
+    k = triton.compile(
+        ASTSource(_w4_kernel, sig, consts, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": int(cfg.get("warps", 4)), "num_stages": int(cfg.get("stages", 2))},
+    )
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
@@ -1028,9 +1338,14 @@ def compile_sm90(cfg: dict, group: int = 128, sym: bool = False, has_sp: bool = 
         mm = re.search(pat, rep)
         return int(mm.group(1)) if mm else None
 
-    out = {"regs": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
-           "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame"),
-           "smem": k.metadata.shared, "ptxas": rep.strip().splitlines()[-3:]}
+    out = {
+        "regs": num(r"Used (\d+) registers"),
+        "spill_stores": num(r"(\d+) bytes spill stores"),
+        "spill_loads": num(r"(\d+) bytes spill loads"),
+        "stack": num(r"(\d+) bytes stack frame"),
+        "smem": k.metadata.shared,
+        "ptxas": rep.strip().splitlines()[-3:],
+    }
     if keep_asm:
         out["asm"] = {key: k.asm[key] for key in ("ttgir", "ptx") if key in k.asm}
     return out

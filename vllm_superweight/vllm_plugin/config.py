@@ -15,9 +15,9 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
+from .. import envs
 from ..checkpoint import validate_checkpoint
 from ..format import QUANT_METHOD, FormatError, QuantConfig, SuperWeight, is_ignored
-from .. import envs
 from .schemes import SWLinearScheme
 
 
@@ -54,7 +54,7 @@ class SuperWeightRTNConfig(QuantizationConfig):
         return []
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "SuperWeightRTNConfig":
+    def from_config(cls, config: dict[str, Any]) -> SuperWeightRTNConfig:
         return cls(QuantConfig.from_dict(config), dict(config))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
@@ -85,13 +85,29 @@ class SuperWeightRTNConfig(QuantizationConfig):
 class SuperWeightRTNLinearMethod(LinearMethodBase):
     def __init__(self, config: SuperWeightRTNConfig, prefix: str) -> None:
         self.config = config
-        self.scheme = SWLinearScheme(config.qcfg, prefix, config.sparse_enabled,
-                                     config.super_weights_by_module.get(prefix, []))
+        self.scheme = SWLinearScheme(
+            config.qcfg, prefix, config.sparse_enabled, config.super_weights_by_module.get(prefix, [])
+        )
 
-    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
-                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
-        self.scheme.create_weights(layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-                                   params_dtype, extra_weight_attrs["weight_loader"])
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        self.scheme.create_weights(
+            layer,
+            input_size_per_partition,
+            output_partition_sizes,
+            input_size,
+            output_size,
+            params_dtype,
+            extra_weight_attrs["weight_loader"],
+        )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.scheme.process_weights_after_loading(layer)

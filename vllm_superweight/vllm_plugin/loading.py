@@ -138,7 +138,9 @@ class LinearSpec:
     def grid_rows(self, t: torch.Tensor, n: int, name: str) -> torch.Tensor:
         nb, ng = self.layout.grid(n, self.k)
         if tuple(t.shape) != (nb, ng):
-            raise self._err(name, f"has shape {tuple(t.shape)}, expected {(nb, ng)} for block {self.layout} of [{n}, {self.k}]")
+            raise self._err(
+                name, f"has shape {tuple(t.shape)}, expected {(nb, ng)} for block {self.layout} of [{n}, {self.k}]"
+            )
         r = self.layout.rows_per_block(n)
         return t.repeat_interleave(r, dim=0) if r > 1 else t
 
@@ -192,7 +194,9 @@ def finalize_sparse(layer, n_full_shard) -> tuple[torch.Tensor, torch.Tensor, to
     for sid, idx in idx_by.items():
         val = val_by[sid]
         if idx.ndim != 2 or idx.shape[0] != 2 or val.ndim != 1 or val.shape[0] != idx.shape[1]:
-            raise FormatError(f"{layer.prefix}: sparse_index {tuple(idx.shape)} / sparse_value {tuple(val.shape)} malformed")
+            raise FormatError(
+                f"{layer.prefix}: sparse_index {tuple(idx.shape)} / sparse_value {tuple(val.shape)} malformed"
+            )
         r, c = idx[0].long(), idx[1].long()
         n_s = n_full_shard(sid)
         if idx.numel() and (int(r.min()) < 0 or int(r.max()) >= n_s or int(c.min()) < 0 or int(c.max()) >= k_full):

@@ -49,24 +49,38 @@ class SWLinearScheme:
         self.required: list[str] = []
 
     # ---- create_weights --------------------------------------------------------------------------------------
-    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-                       params_dtype, weight_loader) -> None:
+    def create_weights(
+        self,
+        layer,
+        input_size_per_partition,
+        output_partition_sizes,
+        input_size,
+        output_size,
+        params_dtype,
+        weight_loader,
+    ) -> None:
         from vllm.model_executor.parameter import BasevLLMParameter
 
         qc = self.qcfg
         n_p, k_p = sum(output_partition_sizes), input_size_per_partition
         group = self.layout.kind == "group"
         if group and k_p % self.layout.size:
-            raise FormatError(f"{self.prefix}: group size {self.layout.size} does not divide this rank's input "
-                              f"size {k_p}")
+            raise FormatError(
+                f"{self.prefix}: group size {self.layout.size} does not divide this rank's input size {k_p}"
+            )
         layer.params_dtype = params_dtype
         layer.logical_widths = output_partition_sizes
         layer.input_size_per_partition = k_p
         layer.output_size_per_partition = n_p
         config = SWLinearConfig(
-            prefix=self.prefix, bits=qc.bits, symmetric=qc.symmetric if self.weight_only else True,
-            group_size=self.layout.size if group else -1, activations=self.activations,
-            act_dtype=params_dtype, full_shape=(input_size, output_size), partition_shape=(k_p, n_p),
+            prefix=self.prefix,
+            bits=qc.bits,
+            symmetric=qc.symmetric if self.weight_only else True,
+            group_size=self.layout.size if group else -1,
+            activations=self.activations,
+            act_dtype=params_dtype,
+            full_shape=(input_size, output_size),
+            partition_shape=(k_p, n_p),
             device_type=_target_device_type(),
         )
         try:
@@ -78,9 +92,13 @@ class SWLinearScheme:
             self._create_weight_only(layer, n_p, k_p, params_dtype, weight_loader)
         else:
             self._create_w8a8(layer, n_p, k_p, weight_loader)
-        layer.register_parameter("weight_shape", BasevLLMParameter(
-            data=torch.empty(2, dtype=torch.int64), weight_loader=self._loader(layer, "weight_shape", weight_loader,
-                                                                              lambda t, sid: t)))
+        layer.register_parameter(
+            "weight_shape",
+            BasevLLMParameter(
+                data=torch.empty(2, dtype=torch.int64),
+                weight_loader=self._loader(layer, "weight_shape", weight_loader, lambda t, sid: t),
+            ),
+        )
         self.required.append("weight_shape")
         for name in _EXTRAS:
             from vllm.model_executor.utils import set_weight_attrs
@@ -111,13 +129,22 @@ class SWLinearScheme:
             raise FormatError(f"{self.prefix}: output size {n_p} per rank is not a multiple of {pf}")
         group = self.layout.kind == "group"
         ng_p = k_p // self.layout.size if group else 1
-        layer.register_parameter("weight_packed", PackedvLLMParameter(
-            input_dim=1, output_dim=0, packed_dim=1, packed_factor=pf,
-            data=torch.empty(n_p, k_p // pf, dtype=torch.int32),
-            weight_loader=self._loader(layer, "weight_packed", weight_loader,
-                                       lambda w, sid: spec.weight_for_kernel(w, n_of(sid)))))
-        s_loader = self._loader(layer, "weight_scale", weight_loader,
-                                lambda s, sid: spec.scale_for_kernel(s, n_of(sid), params_dtype))
+        layer.register_parameter(
+            "weight_packed",
+            PackedvLLMParameter(
+                input_dim=1,
+                output_dim=0,
+                packed_dim=1,
+                packed_factor=pf,
+                data=torch.empty(n_p, k_p // pf, dtype=torch.int32),
+                weight_loader=self._loader(
+                    layer, "weight_packed", weight_loader, lambda w, sid: spec.weight_for_kernel(w, n_of(sid))
+                ),
+            ),
+        )
+        s_loader = self._loader(
+            layer, "weight_scale", weight_loader, lambda s, sid: spec.scale_for_kernel(s, n_of(sid), params_dtype)
+        )
         sdata = torch.empty(n_p, ng_p, dtype=params_dtype)
         if group:
             scale = GroupQuantScaleParameter(output_dim=0, input_dim=1, data=sdata, weight_loader=s_loader)
@@ -126,15 +153,18 @@ class SWLinearScheme:
         layer.register_parameter("weight_scale", scale)
         self.required += ["weight_packed", "weight_scale"]
         if not self.qcfg.symmetric:
-            z_loader = self._loader(layer, "weight_zero_point", weight_loader,
-                                    lambda z, sid: spec.zero_for_kernel(z, n_of(sid)))
+            z_loader = self._loader(
+                layer, "weight_zero_point", weight_loader, lambda z, sid: spec.zero_for_kernel(z, n_of(sid))
+            )
             zdata = torch.zeros(n_p // pf, ng_p, dtype=torch.int32)
             if group:
-                zp = PackedvLLMParameter(input_dim=1, output_dim=0, packed_dim=0, packed_factor=pf, data=zdata,
-                                         weight_loader=z_loader)
+                zp = PackedvLLMParameter(
+                    input_dim=1, output_dim=0, packed_dim=0, packed_factor=pf, data=zdata, weight_loader=z_loader
+                )
             else:
-                zp = PackedColumnParameter(output_dim=0, packed_dim=0, packed_factor=pf, data=zdata,
-                                           weight_loader=z_loader)
+                zp = PackedColumnParameter(
+                    output_dim=0, packed_dim=0, packed_factor=pf, data=zdata, weight_loader=z_loader
+                )
             layer.register_parameter("weight_zero_point", zp)
             self.required.append("weight_zero_point")
 
@@ -142,14 +172,30 @@ class SWLinearScheme:
         from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter
 
         spec, n_of = self.spec, self._n_of(layer)
-        layer.register_parameter("weight_packed", ModelWeightParameter(  # checkpoint name; int8 [N_p, K_p] here
-            input_dim=1, output_dim=0, data=torch.empty(n_p, k_p, dtype=torch.int8),
-            weight_loader=self._loader(layer, "weight_packed", weight_loader,
-                                       lambda t, sid: spec.unpack_weight(t, n_of(sid)))))
-        layer.register_parameter("weight_scale", ChannelQuantScaleParameter(
-            output_dim=0, data=torch.empty(n_p, 1, dtype=torch.float32),
-            weight_loader=self._loader(layer, "weight_scale", weight_loader,
-                                       lambda t, sid: spec.scale_for_kernel(t, n_of(sid), torch.float32))))
+        layer.register_parameter(
+            "weight_packed",
+            ModelWeightParameter(  # checkpoint name; int8 [N_p, K_p] here
+                input_dim=1,
+                output_dim=0,
+                data=torch.empty(n_p, k_p, dtype=torch.int8),
+                weight_loader=self._loader(
+                    layer, "weight_packed", weight_loader, lambda t, sid: spec.unpack_weight(t, n_of(sid))
+                ),
+            ),
+        )
+        layer.register_parameter(
+            "weight_scale",
+            ChannelQuantScaleParameter(
+                output_dim=0,
+                data=torch.empty(n_p, 1, dtype=torch.float32),
+                weight_loader=self._loader(
+                    layer,
+                    "weight_scale",
+                    weight_loader,
+                    lambda t, sid: spec.scale_for_kernel(t, n_of(sid), torch.float32),
+                ),
+            ),
+        )
         self.required += ["weight_packed", "weight_scale"]
 
     # ---- after loading ---------------------------------------------------------------------------------------
@@ -201,7 +247,7 @@ class SWLinearScheme:
         self.kernel.set_sparse(layer, rows, cols, vals)
         layer.sw_nnz = int(rows.numel())
         layer.sw_kernel = self.kernel.describe()
-        _log_kernel_once("W%d" % self.qcfg.bits if self.weight_only else "W8A8", layer.sw_kernel, self.prefix)
+        _log_kernel_once(f"W{self.qcfg.bits}" if self.weight_only else "W8A8", layer.sw_kernel, self.prefix)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.kernel.apply_weights(layer, x, bias)  # type: ignore[union-attr]

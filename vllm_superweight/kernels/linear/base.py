@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -177,6 +177,11 @@ def _param_device(layer: torch.nn.Module) -> torch.device:
     for b in layer.buffers(recurse=False):
         return b.device
     return torch.device("cpu")
+
+
+def tensor(layer: torch.nn.Module, name: str) -> torch.Tensor:
+    """``layer.<name>`` as a tensor (a registered parameter or buffer; typed for mypy, no runtime check)."""
+    return cast(torch.Tensor, getattr(layer, name))
 
 
 def replace_parameter(layer: torch.nn.Module, name: str, data: torch.Tensor | None) -> None:

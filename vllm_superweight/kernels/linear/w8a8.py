@@ -17,7 +17,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import SIXTEEN_BIT, W_PACKED, W_SCALE, SWLinearConfig, SWLinearKernel, missing_ops, replace_parameter
+from .base import (
+    SIXTEEN_BIT,
+    W_PACKED,
+    W_SCALE,
+    SWLinearConfig,
+    SWLinearKernel,
+    missing_ops,
+    replace_parameter,
+    tensor,
+)
 
 
 class _Int8Base(SWLinearKernel):
@@ -56,7 +65,7 @@ class _Int8Base(SWLinearKernel):
         from .. import int8_quant_outlier_split
 
         if self.n_outliers:
-            return int8_quant_outlier_split(x, layer.sw_outlier_idx, self.per_token, outlier_mask=layer.sw_outlier_mask)
+            return int8_quant_outlier_split(x, tensor(layer, "sw_outlier_idx"), self.per_token, outlier_mask=tensor(layer, "sw_outlier_mask"))
         return int8_quant_outlier_split(x, None, self.per_token)
 
     def _add_outliers(self, layer: torch.nn.Module, y: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
@@ -64,7 +73,7 @@ class _Int8Base(SWLinearKernel):
             return y
         from .. import add_outlier_side_product
 
-        return add_outlier_side_product(y, x_out, layer.sw_outlier_w)
+        return add_outlier_side_product(y, x_out, tensor(layer, "sw_outlier_w"))
 
 
 class CutlassSplitInt8Kernel(_Int8Base):
@@ -101,8 +110,9 @@ class CutlassSplitInt8Kernel(_Int8Base):
         from vllm import _custom_ops as ops
 
         xq, xs, xo = self._split(layer, x)
-        y = ops.cutlass_scaled_mm(xq, layer.weight, scale_a=xs, scale_b=layer.weight_scale, out_dtype=x.dtype,
-                                  bias=bias)
+        y = ops.cutlass_scaled_mm(
+            xq, tensor(layer, "weight"), scale_a=xs, scale_b=tensor(layer, "weight_scale"), out_dtype=x.dtype, bias=bias
+        )
         return self._add_outliers(layer, y, xo)
 
 
@@ -135,8 +145,9 @@ class VllmInt8Kernel(_Int8Base):
         super().__init__(config)
         from vllm.model_executor.kernels.linear import init_int8_linear_kernel
 
-        self.impl = init_int8_linear_kernel(is_channelwise=True, is_static_input_scheme=False, input_symmetric=True,
-                                            module_name=config.prefix)
+        self.impl = init_int8_linear_kernel(
+            is_channelwise=True, is_static_input_scheme=False, input_symmetric=True, module_name=config.prefix
+        )
         self.wraps = type(self.impl).__name__
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -149,12 +160,12 @@ class VllmInt8Kernel(_Int8Base):
         self.impl.process_weights_after_loading(layer)
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        xm = x * layer.sw_outlier_keep if self.n_outliers else x
+        xm = x * tensor(layer, "sw_outlier_keep") if self.n_outliers else x
         y = self.impl.apply_weights(layer, xm, bias)
         if self.n_outliers:
             from .. import add_outlier_side_product
 
-            y = add_outlier_side_product(y, x.index_select(1, layer.sw_outlier_idx), layer.sw_outlier_w)
+            y = add_outlier_side_product(y, x.index_select(1, tensor(layer, "sw_outlier_idx")), tensor(layer, "sw_outlier_w"))
         return y
 
 
@@ -175,10 +186,10 @@ class TorchInt8Kernel(_Int8Base):
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         xq, xs, xo = self._split(layer, x)
         if xq.is_cuda:
-            acc = xq.float() @ layer.weight.float()
+            acc = xq.float() @ tensor(layer, "weight").float()
         else:
-            acc = torch._int_mm(xq, layer.weight).float()
-        y = (acc * xs * layer.weight_scale.view(1, -1)).to(x.dtype)
+            acc = torch._int_mm(xq, tensor(layer, "weight")).float()
+        y = (acc * xs * tensor(layer, "weight_scale").view(1, -1)).to(x.dtype)
         if bias is not None:
             y = y + bias
         return self._add_outliers(layer, y, xo)

@@ -18,6 +18,7 @@ loop (``kernels/triton_w4.py``).
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from .base import (
     missing_ops,
     platform,
     replace_parameter,
+    tensor,
 )
 
 _PARAM_NAMES = dict(
@@ -59,7 +61,7 @@ class _VllmMixedPrecision(SWLinearKernel):
         if c.act_dtype not in SIXTEEN_BIT:
             return False, f"{cls.__name__} has no {c.act_dtype} path (16-bit activations only)"
         try:
-            vcls = cls.vllm_class()
+            vcls: Any = cls.vllm_class()
         except ImportError as e:
             return False, f"vLLM kernel unavailable ({e})"
         cap = platform().get_device_capability()
@@ -199,7 +201,7 @@ class TorchDequantKernel(SWLinearKernel):
         replace_parameter(layer, "weight", w)
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        w: torch.Tensor = layer.weight  # type: ignore[assignment]
+        w = tensor(layer, "weight")
         if w.dtype == x.dtype:
             return F.linear(x, w, bias)
         return F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype)).to(x.dtype)
@@ -248,9 +250,20 @@ class FusedTritonW4Kernel(SWLinearKernel):
         c = self.config
         k_p, n_p = c.partition_shape
         zero = None if c.symmetric else getattr(layer, W_ZERO).data
-        prep = prepare_w4(getattr(layer, W_PACKED).data, getattr(layer, W_SCALE).data, zero, c.group_size,
-                          c.symmetric, rows, cols, vals, n=n_p, k=k_p, device=getattr(layer, W_PACKED).device,
-                          act_dtype=c.act_dtype)
+        prep = prepare_w4(
+            getattr(layer, W_PACKED).data,
+            getattr(layer, W_SCALE).data,
+            zero,
+            c.group_size,
+            c.symmetric,
+            rows,
+            cols,
+            vals,
+            n=n_p,
+            k=k_p,
+            device=getattr(layer, W_PACKED).device,
+            act_dtype=c.act_dtype,
+        )
         for name in (W_PACKED, W_SCALE, W_ZERO):
             replace_parameter(layer, name, None)
         self.sparse_keys = [key for key in self._KEYS if key in prep]
@@ -298,8 +311,13 @@ class DualMarlinMacheteKernel(SWLinearKernel):
                 return False, f"{k.__name__}: {why}"
         return True, None
 
-    def __init__(self, config: SWLinearConfig, large: SWLinearKernel | None = None,
-                 small: SWLinearKernel | None = None, max_m: int | None = None) -> None:
+    def __init__(
+        self,
+        config: SWLinearConfig,
+        large: SWLinearKernel | None = None,
+        small: SWLinearKernel | None = None,
+        max_m: int | None = None,
+    ) -> None:
         super().__init__(config)
         self.large = large if large is not None else MacheteKernel(config)
         self.small = small if small is not None else MarlinKernel(config)
@@ -324,7 +342,8 @@ class DualMarlinMacheteKernel(SWLinearKernel):
                 self.shadow.register_parameter(name, clone_param(p))
         self.has_bias = getattr(layer, "bias", None) is not None
         if self.has_bias:  # Marlin permutes the bias into its own layout: the shadow gets its own copy
-            self.shadow.register_parameter("bias", torch.nn.Parameter(layer.bias.data.clone(), requires_grad=False))
+            bias = tensor(layer, "bias").data.clone()
+            self.shadow.register_parameter("bias", torch.nn.Parameter(bias, requires_grad=False))
         self.small.process_weights_after_loading(self.shadow)
         self.large.process_weights_after_loading(layer)
         self._layer = weakref.ref(layer)
@@ -340,7 +359,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Eager dispatch on the token count (the body of the custom op)."""
         if x.shape[0] <= self.max_m:
-            b = self.shadow.bias if (bias is not None and self.has_bias) else bias
+            b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
             return self.small.apply_gemm(self.shadow, x, b)
         return self.large.apply_gemm(self.layer, x, bias)
 
