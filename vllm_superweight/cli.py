@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from . import __version__
+from . import __version__, envs
 from .checkpoint import is_checkpoint
 from .format import ACT_SCHEMES, CLIP_METHODS, SUPPORTED_BITS, FormatError, Sidecar
 
@@ -537,7 +537,7 @@ def _main(argv: list[str]) -> int:
         _err("out of memory")
         return 1
     except Exception as e:  # a bug or an unexpected library error: still one line (SUPERWEIGHT_DEBUG=1: traceback)
-        if os.environ.get("SUPERWEIGHT_DEBUG"):
+        if envs.debug():
             raise
         _err(f"internal error: {type(e).__name__}: {e} (SUPERWEIGHT_DEBUG=1 shows the traceback)")
         return 1

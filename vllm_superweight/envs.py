@@ -12,6 +12,8 @@ Only what users need is a knob:
                                     correction inside; opt-in until timed). A forced kernel that cannot run a
                                     layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).
+``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
+``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
 
 vLLM's own ``VLLM_DISABLED_KERNELS`` (comma-separated class names) is honoured too: naming one of our kernel
@@ -23,6 +25,8 @@ from __future__ import annotations
 import os
 
 DISABLE_CORRECTION = "SUPERWEIGHT_DISABLE_CORRECTION"
+WIKITEXT = "SUPERWEIGHT_WIKITEXT"
+DEBUG = "SUPERWEIGHT_DEBUG"
 W4_KERNEL = "SUPERWEIGHT_W4_KERNEL"
 MARLIN_MAX_M = "SUPERWEIGHT_MARLIN_MAX_M"
 
@@ -58,3 +62,11 @@ def marlin_max_m() -> int:
 def disabled_kernels() -> set[str]:
     """Class names listed in vLLM's ``VLLM_DISABLED_KERNELS``."""
     return {s.strip() for s in os.environ.get("VLLM_DISABLED_KERNELS", "").split(",") if s.strip()}
+
+
+def wikitext_path() -> str | None:
+    return os.environ.get(WIKITEXT) or None
+
+
+def debug() -> bool:
+    return _flag(DEBUG)

@@ -29,15 +29,16 @@ import os
 import sys
 import time
 
+from . import envs
 from .models import file_sha256
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT_ENV = "SUPERWEIGHT_WIKITEXT"
+TEXT_ENV = envs.WIKITEXT
 
 
 def default_text_path() -> str:
     """$SUPERWEIGHT_WIKITEXT, else ../shared/data/wikitext-2-raw/wiki.test.raw beside the repository."""
-    env = os.environ.get(TEXT_ENV)
+    env = envs.wikitext_path()
     if env:
         return env
     for base in (os.path.join(REPO_ROOT, "..", "shared"), os.path.join(REPO_ROOT, "shared")):
@@ -516,7 +517,7 @@ def main(argv=None) -> int:
         _err(str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"{e.filename}: not found")
         return 1
     except Exception as e:  # vLLM / torch failures: one line (their own log is above)
-        if os.environ.get("SUPERWEIGHT_DEBUG"):
+        if envs.debug():
             raise
         _err(f"{type(e).__name__}: {e}")
         return 1
