@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", type=float, default=1e-3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--weighted", default="0,1", help="0: data-free fit, 1: prompt-weighted fit (col_weight)")
+    ap.add_argument("--budget", action="store_true", help="also time the hold-out budget's first pass "
+                    "(grid.budget_curve, min/max, rel_out, 7 points per matrix)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +121,22 @@ def main(argv=None) -> int:
                 out["results"].append(rec)
                 print(f"{dev} block {block:8s} {grid:6s} iters {it:3d} weighted {wtd}: {rate / 1e6:8.2f} M params/s"
                       f" -> Llama-2-7B quantization {PARAMS_7B / rate / 60:7.2f} min", flush=True)
+    if args.budget:
+        from vllm_superweight.grid import budget_curve
+
+        for block in args.blocks.split(","):
+            sync(dev)
+            t0 = time.perf_counter()
+            for w in mats:
+                act = torch.rand(w.shape[1], device=w.device) + 0.1
+                budget_curve(w, args.holdout, 4, block, metric="rel_out", act=act)
+            sync(dev)
+            dt = time.perf_counter() - t0
+            rate = sum(w.numel() for w in mats) / dt
+            rec = {"block": block, "budget_pass": True, "params_per_s": rate, "llama2_7b_minutes": PARAMS_7B / rate / 60}
+            out["results"].append(rec)
+            print(f"{dev} block {block:8s} budget first pass (7 min/max points): {rate / 1e6:8.2f} M params/s -> "
+                  f"Llama-2-7B {PARAMS_7B / rate / 60:7.2f} min", flush=True)
     del layer_params
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
