@@ -55,6 +55,7 @@ def _pack_fallback(v: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 try:
     import compressed_tensors  # noqa: F401
+
     PACKER = "compressed-tensors"
 except ImportError:  # the GPU machine's image lacks it: same work in plain torch
     import vllm_superweight.quantize as _q
@@ -72,8 +73,9 @@ def time_setting(mats, block, grid, gp, holdout, device, weighted=False):
         cw = None
         if weighted and grid != "minmax":
             cw = torch.rand(w.shape[1], device=w.device) ** 4 + 0.1  # stands in for fit_weight_from_rms(...)
-        ql = quantize_weight(w, 4, block, False, holdout_mask=mask, scale_dtype=torch.bfloat16, grid=grid,
-                             grid_params=gp, col_weight=cw)
+        ql = quantize_weight(
+            w, 4, block, False, holdout_mask=mask, scale_dtype=torch.bfloat16, grid=grid, grid_params=gp, col_weight=cw
+        )
         ts = to_tensors(ql, torch.bfloat16)
         for t in ts.values():
             t.cpu()  # what the converter writes
@@ -92,8 +94,11 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", type=float, default=1e-3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--weighted", default="0,1", help="0: data-free fit, 1: prompt-weighted fit (col_weight)")
-    ap.add_argument("--budget", action="store_true", help="also time the hold-out budget's first pass "
-                    "(grid.budget_curve, min/max, rel_out, 7 points per matrix)")
+    ap.add_argument(
+        "--budget",
+        action="store_true",
+        help="also time the hold-out budget's first pass (grid.budget_curve, min/max, rel_out, 7 points per matrix)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,9 +108,14 @@ def main(argv=None) -> int:
     # for a fraction of a layer, keep the layer's mix of shapes (largest first)
     mats = [heavy(n, k, i, dev) for i, (n, k) in enumerate(shapes)]
     layer_params = sum(n * k for n, k in SHAPES)
-    out = {"device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-           "torch": torch.__version__, "packer": PACKER, "params_7b": PARAMS_7B, "timed_params": sum(w.numel() for w in mats),
-           "results": []}
+    out = {
+        "device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "packer": PACKER,
+        "params_7b": PARAMS_7B,
+        "timed_params": sum(w.numel() for w in mats),
+        "results": [],
+    }
     # warm-up (CUDA context, allocator)
     time_setting(mats[:1], "128", "hqq", {"iters": 1}, args.holdout, dev)
     for block in args.blocks.split(","):
@@ -116,11 +126,20 @@ def main(argv=None) -> int:
                 grid, gp = ("minmax", None) if it == 0 else ("hqq", {"iters": it})
                 n, dt = time_setting(mats, block, grid, gp, args.holdout, dev, bool(wtd))
                 rate = n / dt
-                rec = {"block": block, "grid": grid, "iters": it, "weighted": bool(wtd), "params_per_s": rate,
-                       "llama2_7b_minutes": PARAMS_7B / rate / 60}
+                rec = {
+                    "block": block,
+                    "grid": grid,
+                    "iters": it,
+                    "weighted": bool(wtd),
+                    "params_per_s": rate,
+                    "llama2_7b_minutes": PARAMS_7B / rate / 60,
+                }
                 out["results"].append(rec)
-                print(f"{dev} block {block:8s} {grid:6s} iters {it:3d} weighted {wtd}: {rate / 1e6:8.2f} M params/s"
-                      f" -> Llama-2-7B quantization {PARAMS_7B / rate / 60:7.2f} min", flush=True)
+                print(
+                    f"{dev} block {block:8s} {grid:6s} iters {it:3d} weighted {wtd}: {rate / 1e6:8.2f} M params/s"
+                    f" -> Llama-2-7B quantization {PARAMS_7B / rate / 60:7.2f} min",
+                    flush=True,
+                )
     if args.budget:
         from vllm_superweight.grid import budget_curve
 
@@ -133,10 +152,18 @@ def main(argv=None) -> int:
             sync(dev)
             dt = time.perf_counter() - t0
             rate = sum(w.numel() for w in mats) / dt
-            rec = {"block": block, "budget_pass": True, "params_per_s": rate, "llama2_7b_minutes": PARAMS_7B / rate / 60}
+            rec = {
+                "block": block,
+                "budget_pass": True,
+                "params_per_s": rate,
+                "llama2_7b_minutes": PARAMS_7B / rate / 60,
+            }
             out["results"].append(rec)
-            print(f"{dev} block {block:8s} budget first pass (7 min/max points): {rate / 1e6:8.2f} M params/s -> "
-                  f"Llama-2-7B {PARAMS_7B / rate / 60:7.2f} min", flush=True)
+            print(
+                f"{dev} block {block:8s} budget first pass (7 min/max points): {rate / 1e6:8.2f} M params/s -> "
+                f"Llama-2-7B {PARAMS_7B / rate / 60:7.2f} min",
+                flush=True,
+            )
     del layer_params
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -112,8 +112,9 @@ def load_float(model: str):
 def _linears(m) -> dict[str, torch.nn.Module]:
     out = {}
     for name, mod in m.named_modules():
-        if isinstance(mod, torch.nn.Linear) and quantized_module(name + ".weight", tuple(mod.weight.shape),
-                                                                 DEFAULT_IGNORE):
+        if isinstance(mod, torch.nn.Linear) and quantized_module(
+            name + ".weight", tuple(mod.weight.shape), DEFAULT_IGNORE
+        ):
             out[name] = mod
     return out
 
@@ -141,9 +142,24 @@ def perplexity(m, ids: list[int], bos: int | None, max_tokens: int, batch: int =
 # one configuration
 # ----------------------------------------------------------------------------------------------------------
 def parse_config(text: str) -> dict:
-    cfg = {"bits": 4, "block": "64", "grid": "minmax", "holdout": 0.0, "budget": "uniform", "sw": True,
-           "iters": None, "lp": None, "beta": None, "kappa": None, "score_p": None, "metric": "rel_out",
-           "bgrid": "minmax", "fitw": "none", "sel": "abs", "damp": None}
+    cfg = {
+        "bits": 4,
+        "block": "64",
+        "grid": "minmax",
+        "holdout": 0.0,
+        "budget": "uniform",
+        "sw": True,
+        "iters": None,
+        "lp": None,
+        "beta": None,
+        "kappa": None,
+        "score_p": None,
+        "metric": "rel_out",
+        "bgrid": "minmax",
+        "fitw": "none",
+        "sel": "abs",
+        "damp": None,
+    }
     if text in ("float",):
         return {"float": True}
     for part in filter(None, text.split(",")):
@@ -203,9 +219,18 @@ def quantize_model(model: str, m, cfg: dict, log=print) -> dict:
     if cfg["holdout"] > 0 and cfg["budget"] != "uniform":
         act_all = torch.load(os.path.join(d, "prompt_act.pt")) if cfg["metric"] in ("rel_out", "out") else None
         counts = sw_grid.holdout_budget(
-            weights, cfg["holdout"], cfg["bits"], layout, extras=extras, metric=cfg["metric"], act_rms=act_all,
-            scheme=cfg["budget"], grid=cfg["bgrid"], scale_dtype=torch.bfloat16,
-            col_scales=(act if cfg["sel"] == "act" else None))
+            weights,
+            cfg["holdout"],
+            cfg["bits"],
+            layout,
+            extras=extras,
+            metric=cfg["metric"],
+            act_rms=act_all,
+            scheme=cfg["budget"],
+            grid=cfg["bgrid"],
+            scale_dtype=torch.bfloat16,
+            col_scales=(act if cfg["sel"] == "act" else None),
+        )
     t_budget = time.time() - t0
     bits_total = 0
     numel = 0
@@ -220,8 +245,17 @@ def quantize_model(model: str, m, cfg: dict, log=print) -> dict:
         else:
             mask = select_holdout(w, cfg["holdout"], extras[n], col_scale=cs)
         t1 = time.time()
-        ql = quantize_weight(w, cfg["bits"], layout, False, holdout_mask=mask, scale_dtype=torch.bfloat16,
-                             grid=cfg["grid"], grid_params=grid_params(cfg), col_weight=col_weight(n))
+        ql = quantize_weight(
+            w,
+            cfg["bits"],
+            layout,
+            False,
+            holdout_mask=mask,
+            scale_dtype=torch.bfloat16,
+            grid=cfg["grid"],
+            grid_params=grid_params(cfg),
+            col_weight=col_weight(n),
+        )
         t_q += time.time() - t1
         ts = to_tensors(ql, torch.bfloat16)
         bits_total += sum(t.numel() * t.element_size() * 8 for t in ts.values())
@@ -232,11 +266,21 @@ def quantize_model(model: str, m, cfg: dict, log=print) -> dict:
             deq[ql.sparse_rows, ql.sparse_cols] = ql.sparse_vals.float()
         with torch.no_grad():
             mod.weight.copy_(deq.to(torch.bfloat16).float())
-        per[n] = {"held_out": ql.stats["held_out"], "rel_fro_err": ql.stats["rel_fro_err"],
-                  "clipped": ql.stats["clipped"]}
-    return {"effective_bits": bits_total / numel, "quantized_params": numel, "held_out": held,
-            "held_out_fraction": held / numel, "seconds_quantize": round(t_q, 1),
-            "seconds_budget": round(t_budget, 1), "params_per_s": round(numel / max(t_q, 1e-9)), "per_module": per}
+        per[n] = {
+            "held_out": ql.stats["held_out"],
+            "rel_fro_err": ql.stats["rel_fro_err"],
+            "clipped": ql.stats["clipped"],
+        }
+    return {
+        "effective_bits": bits_total / numel,
+        "quantized_params": numel,
+        "held_out": held,
+        "held_out_fraction": held / numel,
+        "seconds_quantize": round(t_q, 1),
+        "seconds_budget": round(t_budget, 1),
+        "params_per_s": round(numel / max(t_q, 1e-9)),
+        "per_module": per,
+    }
 
 
 def _bf16_round_(m) -> None:
@@ -257,8 +301,11 @@ def save_record(rec: dict) -> None:
     with open(RESULTS + ".lock", "w") as lk:
         fcntl.flock(lk, fcntl.LOCK_EX)
         recs = load_results()
-        recs = [r for r in recs if not (r["model"] == rec["model"] and r["config"] == rec["config"]
-                                        and r["text"] == rec["text"])]
+        recs = [
+            r
+            for r in recs
+            if not (r["model"] == rec["model"] and r["config"] == rec["config"] and r["text"] == rec["text"])
+        ]
         recs.append(rec)
         recs.sort(key=lambda r: (r["model"], r["text"], r["config"]))
         tmp = RESULTS + ".tmp"
@@ -267,8 +314,9 @@ def save_record(rec: dict) -> None:
         os.replace(tmp, RESULTS)
 
 
-def run(model: str, configs: list[str], texts: list[str], pydoc_tokens: int, force: bool, threads: int,
-        batch: int = 4) -> None:
+def run(
+    model: str, configs: list[str], texts: list[str], pydoc_tokens: int, force: bool, threads: int, batch: int = 4
+) -> None:
     torch.set_num_threads(threads)
     d = cache_dir(model)
     with open(os.path.join(d, "ids.json")) as f:
@@ -297,14 +345,21 @@ def run(model: str, configs: list[str], texts: list[str], pydoc_tokens: int, for
             tok_ids = ids["wiki" if t == "wiki" else "pydoc"]
             mt = WIKI_TOKENS if t == "wiki" else pydoc_tokens
             res = perplexity(base, tok_ids, ids["bos"], mt, batch=batch)
-            rec = {"model": model, "config": key, "text": t, "ppl": res["ppl"], "tokens": res["tokens"],
-                   "effective_bits": st["effective_bits"], "cfg": cfg,
-                   "stats": {k: v for k, v in st.items() if k != "per_module"},
-                   "seconds_eval": res["seconds"], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            rec = {
+                "model": model,
+                "config": key,
+                "text": t,
+                "ppl": res["ppl"],
+                "tokens": res["tokens"],
+                "effective_bits": st["effective_bits"],
+                "cfg": cfg,
+                "stats": {k: v for k, v in st.items() if k != "per_module"},
+                "seconds_eval": res["seconds"],
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
             save_record(rec)
             extra = "" if cfg.get("float") else f" held {st['held_out_fraction']:.2e} q {st['seconds_quantize']}s"
-            print(f"[{model}] {t:5s} ppl {res['ppl']:8.3f}  bits {st['effective_bits']:.3f}  {key}{extra}",
-                  flush=True)
+            print(f"[{model}] {t:5s} ppl {res['ppl']:8.3f}  bits {st['effective_bits']:.3f}  {key}{extra}", flush=True)
         if not cfg.get("float") and os.environ.get("GRID_STUDY_PER_MODULE"):
             with open(os.path.join(d, "per_module_" + str(abs(hash(key))) + ".json"), "w") as f:
                 json.dump(st["per_module"], f, indent=1)
@@ -317,8 +372,13 @@ def main(argv=None) -> int:
     a.add_argument("model")
     b = sub.add_parser("run")
     b.add_argument("model")
-    b.add_argument("--config", action="append", required=True, help="k=v,... (bits, block, grid, holdout, budget,"
-                   " sw, iters, lp, beta, kappa, score_p, metric, bgrid) or 'float'")
+    b.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        help="k=v,... (bits, block, grid, holdout, budget,"
+        " sw, iters, lp, beta, kappa, score_p, metric, bgrid) or 'float'",
+    )
     b.add_argument("--texts", default="pydoc", help="pydoc,wiki")
     b.add_argument("--pydoc-tokens", type=int, default=8192)
     b.add_argument("--threads", type=int, default=1)
@@ -337,7 +397,8 @@ def main(argv=None) -> int:
 
 
 LABELS = {
-    "grid=minmax": "min/max", "grid=hqq": "HQQ-int fit",
+    "grid=minmax": "min/max",
+    "grid=hqq": "HQQ-int fit",
 }
 
 
@@ -350,8 +411,10 @@ def describe(cfg: dict) -> str:
         gp = ", ".join(f"{k} {cfg[k]:g}" for k in ("iters", "lp", "beta") if cfg.get(k) is not None)
         parts.append("HQQ-int fit" + (f" ({gp})" if gp else ""))
         if cfg.get("fitw", "none") != "none":
-            parts.append(f"fit weighted by prompt RMS^{ {'act1': 1, 'act2': 2, 'acth': 0.5}[cfg['fitw']]}"
-                         + (f" + {cfg['damp']:g}" if cfg.get("damp") else ""))
+            parts.append(
+                f"fit weighted by prompt RMS^{ {'act1': 1, 'act2': 2, 'acth': 0.5}[cfg['fitw']] }"
+                + (f" + {cfg['damp']:g}" if cfg.get("damp") else "")
+            )
     else:
         parts.append("min/max")
     if not cfg["sw"]:
@@ -379,21 +442,29 @@ def report(md_path: str | None = None) -> None:
     def fmt(x):
         return "" if x is None else f"{x:.2f}"
 
-    lines = ["# Grid solver and hold-out budget study (issue #11)", "",
-             "Generated by `python benchmarks/grid_study.py report` from `grid_study.json`. Plain transformers, fp32 "
-             "activations, every weight bf16-rounded (as served); quantized Linears dequantized with their held-out "
-             "weights restored. `pydoc4k` / `pydoc8k`: first 4,096 / 8,192 tokens of the English prose of Python's "
-             "docs (`pydoc_data.topics`) -- the SELECTION text. `wiki`: WikiText-2 raw test, first 16,384 tokens, "
-             "windows of 512 (the quality table's protocol) -- REPORT only. Effective bits: every stored tensor of "
-             "the quantized Linears (packed codes, bf16 scales, packed int zero points, sparse index 2 x int32 + bf16 "
-             "values) over the number of quantized weights. Through vLLM (quality.md, same wiki protocol): SmolLM2 "
-             "float 28.14, RTN g64 37.53, g64 + hold-out 1e-3 36.53, AWQ g64 34.07, channel + hold-out 1e-3 40.97, "
-             "naive channel 48.51; Gemma-3-270M float 22.60, RTN g128 36.37, + hold-out 1e-3 34.39, AWQ g128 30.34, "
-             "channel + hold-out 1e-3 43.29, naive channel 53.64 (this harness reproduces SmolLM2 float / RTN g64 / "
-             "hold-out: 28.13 / 37.51 / 36.52).", ""]
+    lines = [
+        "# Grid solver and hold-out budget study (issue #11)",
+        "",
+        "Generated by `python benchmarks/grid_study.py report` from `grid_study.json`. Plain transformers, fp32 "
+        "activations, every weight bf16-rounded (as served); quantized Linears dequantized with their held-out "
+        "weights restored. `pydoc4k` / `pydoc8k`: first 4,096 / 8,192 tokens of the English prose of Python's "
+        "docs (`pydoc_data.topics`) -- the SELECTION text. `wiki`: WikiText-2 raw test, first 16,384 tokens, "
+        "windows of 512 (the quality table's protocol) -- REPORT only. Effective bits: every stored tensor of "
+        "the quantized Linears (packed codes, bf16 scales, packed int zero points, sparse index 2 x int32 + bf16 "
+        "values) over the number of quantized weights. Through vLLM (quality.md, same wiki protocol): SmolLM2 "
+        "float 28.14, RTN g64 37.53, g64 + hold-out 1e-3 36.53, AWQ g64 34.07, channel + hold-out 1e-3 40.97, "
+        "naive channel 48.51; Gemma-3-270M float 22.60, RTN g128 36.37, + hold-out 1e-3 34.39, AWQ g128 30.34, "
+        "channel + hold-out 1e-3 43.29, naive channel 53.64 (this harness reproduces SmolLM2 float / RTN g64 / "
+        "hold-out: 28.13 / 37.51 / 36.52).",
+        "",
+    ]
     for model in sorted({m for m, _ in rows}):
-        lines += [f"## {model}", "", "| configuration | pydoc4k | pydoc8k | wiki | eff. bits | config key |",
-                  "|---|---:|---:|---:|---:|---|"]
+        lines += [
+            f"## {model}",
+            "",
+            "| configuration | pydoc4k | pydoc8k | wiki | eff. bits | config key |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
         items = []
         for (m, key), tx in rows.items():
             if m != model:
@@ -401,9 +472,11 @@ def report(md_path: str | None = None) -> None:
             r0 = next(iter(tx.values()))
             vals = [tx.get(t, {}).get("ppl") for t in ("pydoc4096", "pydoc", "wiki")]
             items.append((r0["effective_bits"] if not r0["cfg"].get("float") else 99, key, r0, vals))
-        for bits, key, r0, vals in sorted(items, key=lambda x: (-x[0] if x[0] == 99 else x[0], x[1])):
-            lines.append(f"| {describe(r0['cfg'])} | {fmt(vals[0])} | {fmt(vals[1])} | {fmt(vals[2])} | "
-                         f"{r0['effective_bits']:.3f} | `{key}` |")
+        for _bits, key, r0, vals in sorted(items, key=lambda x: (-x[0] if x[0] == 99 else x[0], x[1])):
+            lines.append(
+                f"| {describe(r0['cfg'])} | {fmt(vals[0])} | {fmt(vals[1])} | {fmt(vals[2])} | "
+                f"{r0['effective_bits']:.3f} | `{key}` |"
+            )
         lines.append("")
     text = "\n".join(lines)
     print(text)

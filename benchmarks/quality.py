@@ -54,8 +54,9 @@ MODELS = {
         "group": 64,
         "label": "SmolLM2-135M-Instruct",
         "note": "hidden 576 is not a multiple of 128: g64 wherever the issue says g128",
+        "hqq_holdout": 1e-3,
     },
-    "gemma3-270m": {"source": "gemma3-270m", "group": 128, "label": "Gemma-3-270M", "note": ""},
+    "gemma3-270m": {"source": "gemma3-270m", "group": 128, "label": "Gemma-3-270M", "note": "", "hqq_holdout": 3e-3},
 }
 
 
@@ -71,6 +72,8 @@ class Row:
     clip: str
     convert_args: list[str] | None = None  # superweight convert flags (None: not a converter row)
     uses_sw: bool = False  # needs the detected super weights (converter --super-weights or zeroing)
+    grid: str = "minmax"  # minmax | hqq (fitted grid, issue 11)
+    label: str | None = None  # the grid table's row name
 
 
 def rows_for(model: str) -> list[Row]:
@@ -129,6 +132,7 @@ def rows_for(model: str) -> list[Row]:
                 uses_sw=True,
             )
         )
+    rows += grid_rows(model)
     rows.append(Row(f"awq-w4a16-g{g}", "awq", 4, g, "none", None, 0.0, "none"))
     rows.append(Row("smoothquant-w8a8", "smoothquant", 8, "channel", "int8-token", None, 0.0, "none"))
     w8 = [
@@ -147,6 +151,157 @@ def rows_for(model: str) -> list[Row]:
     rows.append(Row("rtn-w8a8", "rtn", 8, "channel", "int8-token", None, 0.0, "none", w8 + ["--super-weights", "none"]))
     rows.append(Row("sw-w8a8", "superweight_rtn", 8, "channel", "int8-token", True, 0.0, "none", w8, uses_sw=True))
     rows.append(Row("sw_zeroed", "sw_zeroed", 16, None, "none", False, 0.0, "none", uses_sw=True))
+    return rows
+
+
+def grid_rows(model: str) -> list[Row]:
+    """Issue 11: the data-free fitted grid (HQQ-style, integer zero points; ``prompt``: fit weighted by the
+    detection prompt's input activations) and the budgeted hold-out, beside naive RTN at 3 bits. Settings chosen on
+    Python-docs prose (benchmarks/results/grid_study.md), reported here on WikiText-2 through vLLM."""
+    g = str(MODELS[model]["group"])
+    hqq = ["--grid", "hqq", "--grid-weight", "prompt"]
+    rows = [
+        Row(
+            f"hqq-w4-g{g}",
+            "superweight_rtn",
+            4,
+            g,
+            "none",
+            True,
+            float(MODELS[model]["hqq_holdout"]),
+            "none",
+            ["--preset", f"w4-g{g}-hqq"],
+            uses_sw=True,
+            grid="hqq",
+            label=f"g{g}, fit weighted by the prompt, hold-out {MODELS[model]['hqq_holdout']:g} (preset w4-g{g}-hqq)",
+        ),
+        Row(
+            f"hqq-w4-g{g}-weights-only",
+            "superweight_rtn",
+            4,
+            g,
+            "none",
+            True,
+            1e-3,
+            "none",
+            [
+                "--bits",
+                "4",
+                "--asymmetric",
+                "--block",
+                g,
+                "--grid",
+                "hqq",
+                "--grid-weight",
+                "none",
+                "--grid-params",
+                "iters=8,beta=30",
+                "--holdout",
+                "1e-3",
+            ],
+            uses_sw=True,
+            grid="hqq",
+            label=f"g{g}, fit on the weights only, hold-out 1e-3",
+        ),
+        Row(
+            "hqq-w4-channel-budget",
+            "superweight_rtn",
+            4,
+            "channel",
+            "none",
+            True,
+            1e-3,
+            "none",
+            ["--preset", "w4-channel-hqq"],
+            uses_sw=True,
+            grid="hqq",
+            label="channel, fit weighted by the prompt, hold-out 1e-3 budgeted (preset w4-channel-hqq)",
+        ),
+        Row(
+            "hqq-w4-rows4-budget",
+            "superweight_rtn",
+            4,
+            "rows:4",
+            "none",
+            True,
+            1e-3,
+            "none",
+            [
+                "--bits",
+                "4",
+                "--asymmetric",
+                "--block",
+                "rows:4",
+                *hqq,
+                "--grid-params",
+                "iters=8,beta=10",
+                "--holdout",
+                "1e-3",
+                "--holdout-budget",
+                "rel_out",
+            ],
+            uses_sw=True,
+            grid="hqq",
+            label="rows:4, fit weighted by the prompt, hold-out 1e-3 budgeted",
+        ),
+    ]
+    for b in (g, "channel"):
+        bid = f"g{b}" if b.isdigit() else b
+        rows.append(
+            Row(
+                f"rtn-w3-{bid}",
+                "rtn",
+                3,
+                b,
+                "none",
+                None,
+                0.0,
+                "none",
+                [
+                    "--bits",
+                    "3",
+                    "--asymmetric",
+                    "--block",
+                    b,
+                    "--clip",
+                    "none",
+                    "--holdout",
+                    "0",
+                    "--super-weights",
+                    "none",
+                ],
+                label=f"W3 {bid}, naive RTN",
+            )
+        )
+        extra = ["--holdout-budget", "rel_out"] if b == "channel" else []
+        rows.append(
+            Row(
+                f"hqq-w3-{bid}",
+                "superweight_rtn",
+                3,
+                b,
+                "none",
+                True,
+                1e-3,
+                "none",
+                [
+                    "--bits",
+                    "3",
+                    "--asymmetric",
+                    "--block",
+                    b,
+                    *hqq,
+                    "--grid-params",
+                    "iters=8,beta=" + ("10" if b == "channel" else "30"),
+                    "--holdout",
+                    "1e-3",
+                    *extra,
+                ],
+                uses_sw=True,
+                grid="hqq",
+                label=f"W3 {bid}, fit weighted by the prompt, hold-out 1e-3" + (" budgeted" if extra else ""),
+            )
+        )
     return rows
 
 
@@ -484,6 +639,11 @@ def build(model: str, row: Row, workdir: str, args, sw_path: str | None) -> tupl
         t0 = time.time()
         run(cmd, timeout=args.build_timeout, env=engine_env(), log_path=d + ".build.log")
         extra["seconds_build"] = round(time.time() - t0, 1)
+    try:  # effective bits: every stored tensor of the quantized Linears over their weights (the converter's count)
+        with open(os.path.join(d, "conversion_report.json")) as f:
+            extra["eff_bits"] = round(json.load(f)["totals"]["bits_per_weight"], 4)
+    except (OSError, KeyError, ValueError):
+        pass
     if row.uses_sw:
         extra["super_weights"] = sw_list(sw_path)
     extra["calib"] = None
@@ -519,6 +679,52 @@ def evaluate(ckpt: str, args, log_path: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # report: markdown table + plot, from the JSON only
 # ----------------------------------------------------------------------------------------------------------
+def _ci(r: dict) -> str:
+    ci = r.get("ppl_ci95_bootstrap")
+    return f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else ""
+
+
+def grid_table(m: str, rs: list[dict], ref: float | None) -> list[str]:
+    """Issue 11's rows: the fitted grid / budgeted hold-out beside naive RTN, min/max + hold-out and AWQ, with the
+    effective bits of each checkpoint and the 95% bootstrap interval over windows."""
+    g = str(MODELS[m]["group"])
+    names = {row.id: row.label for row in grid_rows(m)}
+    names.update(
+        {
+            f"rtn-w4-g{g}": f"g{g}, naive RTN",
+            f"sw-w4-g{g}-h1e-3": f"g{g}, min/max, hold-out 1e-3",
+            "rtn-w4-channel": "channel, naive RTN",
+            "sw-w4-channel-h1e-3": "channel, min/max, hold-out 1e-3",
+            "rtn-w4-rows4": "rows:4, naive RTN",
+            "sw-w4-rows4-h1e-3": "rows:4, min/max, hold-out 1e-3",
+            f"awq-w4a16-g{g}": f"AWQ g{g} (calibrated, llm-compressor)",
+        }
+    )
+    hits = [(names[r["row"]], r) for r in rs if r["row"] in names]
+    if not any(r.get("grid") == "hqq" for _, r in hits):
+        return []
+    hits.sort(key=lambda h: (h[1]["bits"], list(names).index(h[1]["row"]) if h[1]["row"] in names else 0))
+    out = [
+        "Data-free fitted grid (issue 11; `grid: hqq`, integer zero points) and budgeted hold-out, beside naive RTN,",
+        "min/max + hold-out and AWQ. Effective bits: every stored tensor of the quantized Linears (packed codes,",
+        "scales, zero points, sparse index + values) per quantized weight. Interval: 95% bootstrap over windows.",
+        "",
+        "| configuration | ppl | 95% interval | vs float | effective bits |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for name, r in hits:
+        rel = ""
+        if ref and r["ppl"] is not None and math.isfinite(r["ppl"]):
+            rel = f"{(r['ppl'] / ref - 1) * 100:+.1f}%"
+        bits = f"{r['eff_bits']:.3f}" if r.get("eff_bits") else ""
+        out.append(
+            f"| {'W3 ' if r['bits'] == 3 and not name.startswith('W3') else ''}{name} | {_fmt_ppl(r['ppl'])} "
+            f"| {_ci(r)} | {rel} | {bits} |"
+        )
+    out.append("")
+    return out
+
+
 def _blk(b) -> str:
     if b is None:
         return "-"
@@ -607,7 +813,7 @@ def write_markdown(recs: list[dict]) -> str:
             ),
             ("AWQ (llm-compressor)", lambda r: r["method"] == "awq"),
         ]
-        w4 = [r for r in rs if r["bits"] == 4]
+        w4 = [r for r in rs if r["bits"] == 4 and r.get("grid", "minmax") == "minmax"]
         if w4:
             lines.append(f"W4 weight-only (asymmetric), perplexity by block (float reference {_fmt_ppl(ref)}):")
             lines.append("")
@@ -621,6 +827,7 @@ def write_markdown(recs: list[dict]) -> str:
                 if any(cells):
                     lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
+        lines += grid_table(m, rs, ref)
         lines.append("All rows:")
         lines.append("")
         lines.append(
@@ -900,6 +1107,11 @@ def main(argv=None) -> int:
                     "seconds_eval": res["seconds_wall"],
                     "tokens_per_s": res.get("tokens_per_s"),
                     "protocol": res["protocol"],
+                    "grid": row.grid,
+                    "eff_bits": extra.get("eff_bits"),
+                    "nll_stderr_windows": res.get("nll_stderr_windows"),
+                    "ppl_ci95_bootstrap": res.get("ppl_ci95_bootstrap"),
+                    "window_nll": res.get("window_nll"),
                 }
                 if row.convert_args is not None:
                     rec["convert_args"] = " ".join(

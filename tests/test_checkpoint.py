@@ -15,7 +15,7 @@ from test_convert import DOWN, SW_COL, SW_ROW, SWS, make_tiny_llama
 
 from vllm_superweight import convert as conv
 from vllm_superweight.checkpoint import read_safetensors_header, validate_checkpoint
-from vllm_superweight.format import FormatError, QuantConfig, Sidecar
+from vllm_superweight.format import FORMAT_VERSION, FormatError, QuantConfig, Sidecar
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_good_checkpoints_validate_fast(asym, sym):
         q, sc = validate_checkpoint(ck)
         assert time.perf_counter() - t0 < 1.0
         assert isinstance(q, QuantConfig) and isinstance(sc, Sidecar)
-        assert q.conversion_id and q.conversion_id == sc.conversion_id and q.format_version == "1.1"
+        assert q.conversion_id and q.conversion_id == sc.conversion_id and q.format_version == FORMAT_VERSION
         assert [(s.module, s.row, s.col) for s in sc.super_weights] == [(DOWN, SW_ROW, SW_COL)]
 
 

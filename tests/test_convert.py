@@ -644,3 +644,54 @@ def test_err_float16_overflow(tiny_f32, tmp_path):
         run(str(src), tmp_path / "out", dtype="float16")
     assert_nothing_written(tmp_path)
     run(str(src), tmp_path / "out", dtype="bfloat16")  # fine in bfloat16
+
+
+# ---- issue 11: fitted grid, prompt-weighted fit, hold-out budget -------------------------------------------------
+def _rel_err(ckpt, src, mod):
+    t = module_tensors(load_all(ckpt), mod)
+    qc = QuantConfig.from_dict(json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"])
+    deq = quantize.dequantize_tensors(t, qc.bits, qc.symmetric, qc.layout, restore=True)
+    w = source_tensors(src)[mod + ".weight"].float()
+    return float((deq - w).norm() / w.norm())
+
+
+def test_fitted_grid_prompt_weight_and_budget(tmp_path):
+    """grid hqq (+ the detection prompt's activations, + a rel_out budget) converts end to end: the config records
+    it, the weight error is no worse than min/max, the budget keeps the uniform total, the SW stays bit-exact."""
+    src = make_planted_dir(str(tmp_path / "src"))
+    mm = QuantConfig(block="channel", holdout=1e-2)
+    run(src, tmp_path / "minmax", mm, super_weights=[{"layer": 1, "row": 13, "col": 37}])
+    fit = mm.replace(grid="hqq", grid_params={"iters": 4, "beta": 10}, grid_weight="prompt", holdout_budget="rel_out")
+    rep = run(src, tmp_path / "hqq", fit, super_weights=[{"layer": 1, "row": 13, "col": 37}])
+    cfg = json.load(open(tmp_path / "hqq" / "config.json"))["quantization_config"]
+    assert cfg["grid"] == {"method": "hqq", "params": {"beta": 10.0, "iters": 4}, "weight": "prompt"}
+    assert cfg["holdout_budget"] == "rel_out" and cfg["format_version"] == "1.2"
+    assert QuantConfig.from_dict(cfg).grid == "hqq"
+    prov = json.load(open(tmp_path / "hqq" / SIDECAR_NAME))["provenance"]
+    assert prov["fit_prompt"]  # the one prompt whose activations weighted the fit
+    assert rep["super_weights"]["all_bit_exact"]
+    rep_mm = json.load(open(tmp_path / "minmax" / REPORT_NAME))
+    # budget: the same total (up to the rounding of every matrix's count), spread unevenly over the matrices
+    assert abs(rep["totals"]["held_out"] - rep_mm["totals"]["held_out"]) <= rep["totals"]["modules_quantized"]
+    assert len({m["held_out"] for m in rep["modules"].values()}) > 1
+    # the fit took effect: other scales than min/max, and a matrix whose error the fit did not make much worse
+    a, b = load_all(tmp_path / "minmax"), load_all(tmp_path / "hqq")
+    assert not torch.equal(a[f"{DOWN}.weight_scale"], b[f"{DOWN}.weight_scale"])
+    assert _rel_err(tmp_path / "hqq", src, DOWN) < 2 * _rel_err(tmp_path / "minmax", src, DOWN)
+
+
+def test_grid_options_are_validated_and_parsed():
+    assert conv.parse_grid_params("iters=8, beta=30") == {"iters": 8.0, "beta": 30.0}
+    with pytest.raises(conv.ConversionError, match="KEY=VALUE"):
+        conv.parse_grid_params("iters")
+    with pytest.raises(conv.ConversionError, match="not a number"):
+        conv.parse_grid_params("beta=high")
+    with pytest.raises(FormatError, match="grid_params.foo: unknown parameter"):
+        QuantConfig(grid="hqq", grid_params={"foo": 1})
+    with pytest.raises(FormatError, match="need grid 'hqq'"):
+        QuantConfig(grid_weight="prompt")
+    with pytest.raises(FormatError, match="holdout_budget"):
+        QuantConfig(holdout_budget="everywhere")
+    for name in ("w4-g64-hqq", "w4-g128-hqq", "w4-channel-hqq"):
+        qc = conv.build_quant_config(name)
+        assert qc.grid == "hqq" and qc.grid_weight == "prompt" and qc.bits == 4

@@ -60,8 +60,9 @@ def test_hqq_never_worse_than_minmax_in_its_norm(layout, lp):
     w = _heavy(seed=1)
     mask = select_holdout(w, 1e-3)
     mm = quantize_weight(w, 4, layout, holdout_mask=mask, scale_dtype=torch.bfloat16)
-    hq = quantize_weight(w, 4, layout, holdout_mask=mask, scale_dtype=torch.bfloat16, grid="hqq",
-                         grid_params={"lp": lp, "iters": 6})
+    hq = quantize_weight(
+        w, 4, layout, holdout_mask=mask, scale_dtype=torch.bfloat16, grid="hqq", grid_params={"lp": lp, "iters": 6}
+    )
     lay = BlockLayout.parse(layout)
     e_mm = _lp_err(w, dequantize(mm.q, mm.scale, mm.zero, lay).masked_fill(mask, 0) + w.float() * mask, lp, layout)
     e_hq = _lp_err(w, dequantize(hq.q, hq.scale, hq.zero, lay).masked_fill(mask, 0) + w.float() * mask, lp, layout)

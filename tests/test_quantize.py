@@ -82,16 +82,26 @@ def test_packing_is_compressed_tensors():
 def test_clipping_methods_run_and_count(clip):
     w = _w(dtype=torch.float32)
     w[3, 5] = 5.0
-    ql = quantize_weight(w, 4, "channel", False, clip=clip, clip_threshold={"zscore": 3.0, "block_pct": 0.02,
-                         "tensor_pct": 1e-3, "iqr": 1.5, "mse": 0.5}[clip])
+    ql = quantize_weight(
+        w,
+        4,
+        "channel",
+        False,
+        clip=clip,
+        clip_threshold={"zscore": 3.0, "block_pct": 0.02, "tensor_pct": 1e-3, "iqr": 1.5, "mse": 0.5}[clip],
+    )
     assert ql.stats["clipped"] > 0
     assert torch.isfinite(ql.scale).all()
 
 
 def test_deterministic_bytes():
     w = _w()
-    a = to_tensors(quantize_weight(w, 4, "rows:4", False, clip="mse", holdout_mask=select_holdout(w, 1e-3)), torch.bfloat16)
-    b = to_tensors(quantize_weight(w, 4, "rows:4", False, clip="mse", holdout_mask=select_holdout(w, 1e-3)), torch.bfloat16)
+    a = to_tensors(
+        quantize_weight(w, 4, "rows:4", False, clip="mse", holdout_mask=select_holdout(w, 1e-3)), torch.bfloat16
+    )
+    b = to_tensors(
+        quantize_weight(w, 4, "rows:4", False, clip="mse", holdout_mask=select_holdout(w, 1e-3)), torch.bfloat16
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -14,7 +14,16 @@ import sys
 
 from . import __version__, envs
 from .checkpoint import is_checkpoint
-from .format import ACT_SCHEMES, CLIP_METHODS, SUPPORTED_BITS, FormatError, Sidecar
+from .format import (
+    ACT_SCHEMES,
+    CLIP_METHODS,
+    GRID_METHODS,
+    GRID_WEIGHTS,
+    HOLDOUT_BUDGETS,
+    SUPPORTED_BITS,
+    FormatError,
+    Sidecar,
+)
 
 PROG = "superweight"
 
@@ -145,7 +154,14 @@ def cmd_detect(args) -> int:
 # convert
 # ----------------------------------------------------------------------------------------------------------
 def cmd_convert(args) -> int:
-    from .convert import build_quant_config, convert, parse_clip, parse_size, read_super_weights_json
+    from .convert import (
+        build_quant_config,
+        convert,
+        parse_clip,
+        parse_grid_params,
+        parse_size,
+        read_super_weights_json,
+    )
 
     overrides: dict = dict(
         bits=args.bits,
@@ -158,6 +174,16 @@ def cmd_convert(args) -> int:
         overrides["clip"], overrides["clip_threshold"] = parse_clip(args.clip)
     if args.no_restore:
         overrides["restore_super_weights"] = False
+    if args.grid is not None:
+        overrides["grid"] = args.grid
+        if args.grid == "minmax":  # nothing to fit: drop the preset's fit settings
+            overrides["grid_params"], overrides["grid_weight"] = {}, "none"
+    if args.grid_params is not None:
+        overrides["grid_params"] = parse_grid_params(args.grid_params)
+    if args.grid_weight is not None:
+        overrides["grid_weight"] = args.grid_weight
+    if args.holdout_budget is not None:
+        overrides["holdout_budget"] = args.holdout_budget
     qcfg = build_quant_config(args.preset, **overrides)
     sws = outliers = None
     if args.super_weights is not None:
@@ -415,6 +441,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="FRACTION",
         help="also keep the largest-|w| FRACTION of every matrix exact (e.g. 1e-3)",
+    )
+    c.add_argument(
+        "--grid",
+        choices=GRID_METHODS,
+        help="block scale/zero point: minmax (the block's range) or hqq (fitted to the weights: half-quadratic, "
+        "integer zero points)",
+    )
+    c.add_argument("--grid-params", metavar="K=V,...", help="hqq fit: iters, lp, beta, kappa (e.g. iters=8,beta=30)")
+    c.add_argument(
+        "--grid-weight",
+        choices=GRID_WEIGHTS,
+        help="hqq fit weighting: none (weights only) or prompt (input channels weighted by the detection prompt's "
+        "activations: one forward pass, no calibration set)",
+    )
+    c.add_argument(
+        "--holdout-budget",
+        choices=HOLDOUT_BUDGETS,
+        help="spread the --holdout total over the matrices: uniform, rel_out (where the prompt's output error "
+        "drops most) or rel_w (where the weight error drops most)",
     )
     c.add_argument(
         "--no-restore",

@@ -133,7 +133,60 @@ def _prepare(tokenizer, text_path: str, window: int, max_tokens: int | None):
     return ids, windows, bos, prompts, n_ctx
 
 
-def _result(nll: float, count: int, *, ids, windows, bos, window, text_path, extra: dict) -> dict:
+BOOTSTRAP_REPS = 1000
+
+
+def window_spread(per_window: list[tuple[float, int]], reps: int = BOOTSTRAP_REPS, seed: int = 0) -> dict:
+    """How much the perplexity depends on which windows were scored: the standard error of the mean NLL over
+    windows and a 95% bootstrap interval of the perplexity (windows resampled with replacement, seeded). Two
+    checkpoints scored on the same windows are compared better by ``paired_bootstrap`` on their ``window_nll``."""
+    import numpy as np
+
+    s = np.array([w[0] for w in per_window], dtype=np.float64)
+    c = np.array([w[1] for w in per_window], dtype=np.float64)
+    if len(s) < 2:
+        return {}
+    per = s / c
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(s), size=(reps, len(s)))
+    boot = s[idx].sum(1) / c[idx].sum(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {
+        "nll_stderr_windows": float(per.std(ddof=1) / math.sqrt(len(per))),
+        "ppl_ci95_bootstrap": [float(math.exp(min(lo, 700))), float(math.exp(min(hi, 700)))],
+        "bootstrap_reps": reps,
+    }
+
+
+def paired_bootstrap(a: list[list[float]], b: list[list[float]], reps: int = BOOTSTRAP_REPS, seed: int = 0) -> dict:
+    """Relative perplexity difference ppl(b) / ppl(a) - 1 of two evaluations of the SAME windows (their
+    ``window_nll`` lists of [nll_sum, tokens]) with a 95% paired bootstrap interval: a difference whose interval
+    excludes 0 is not window noise."""
+    import numpy as np
+
+    sa, ca = np.array([w[0] for w in a]), np.array([w[1] for w in a], dtype=np.float64)
+    sb, cb = np.array([w[0] for w in b]), np.array([w[1] for w in b], dtype=np.float64)
+    if len(sa) != len(sb) or not np.array_equal(ca, cb):
+        raise ValueError("paired_bootstrap needs the same windows on both sides")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(sa), size=(reps, len(sa)))
+    d = np.exp((sb[idx].sum(1) - sa[idx].sum(1)) / ca[idx].sum(1)) - 1
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return {"rel_diff": float(math.exp((sb.sum() - sa.sum()) / ca.sum()) - 1), "ci95": [float(lo), float(hi)]}
+
+
+def _result(
+    nll: float,
+    count: int,
+    *,
+    ids,
+    windows,
+    bos,
+    window,
+    text_path,
+    extra: dict,
+    per_window: list[tuple[float, int]] | None = None,
+) -> dict:
     mean = nll / count
     ppl = math.exp(mean) if mean < 700 else float("inf")
     out = {
@@ -149,6 +202,9 @@ def _result(nll: float, count: int, *, ids, windows, bos, window, text_path, ext
         "text_sha256": file_sha256(text_path),
         "protocol": PROTOCOL.format(window=window, scored=window - 1),
     }
+    if per_window:
+        out.update(window_spread(per_window))
+        out["window_nll"] = [[round(s, 6), c] for s, c in per_window]
     out.update(extra)
     return out
 
@@ -226,6 +282,7 @@ def perplexity(
     sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
 
     nll, count = 0.0, 0
+    per_window: list[tuple[float, int]] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -238,6 +295,7 @@ def perplexity(
             s, c = nll_sum_from_prompt_logprobs(p, o.prompt_logprobs, n_ctx)
             nll += s
             count += c
+            per_window.append((s, c))
         if bar is not None:
             bar.update(len(batch))
             bar.set_postfix(ppl=f"{math.exp(min(nll / max(count, 1), 700)):.3f}")
@@ -258,6 +316,7 @@ def perplexity(
         bos=bos,
         window=window,
         text_path=text_path,
+        per_window=per_window,
         extra={
             "engine": "vllm",
             "vllm_version": getattr(vllm, "__version__", "?"),
@@ -343,6 +402,7 @@ def perplexity_transformers(
     ids, windows, bos, prompts, n_ctx = _prepare(tokenizer, text_path, window, max_tokens)
     dev = next(model.parameters()).device
     nll, count = 0.0, 0
+    per_window: list[tuple[float, int]] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -358,6 +418,8 @@ def perplexity_transformers(
             tok_lp = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
             nll -= float(tok_lp.double().sum())
             count += tgt.numel()
+            for row in tok_lp.double():
+                per_window.append((-float(row.sum()), int(row.numel())))
             if bar is not None:
                 bar.update(x.shape[0])
     if bar is not None:
@@ -370,6 +432,7 @@ def perplexity_transformers(
         bos=bos,
         window=window,
         text_path=text_path,
+        per_window=per_window,
         extra={
             "engine": "transformers",
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),

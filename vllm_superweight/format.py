@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 QUANT_METHOD = "superweight_rtn"
-FORMAT_VERSION = "1.1"  # 1.1: conversion_id in quantization_config and in the sidecar (1.0 checkpoints still load)
+FORMAT_VERSION = "1.2"  # 1.1: conversion_id in config + sidecar; 1.2: grid / holdout_budget fields (informational)
 FORMAT_MAJOR = FORMAT_VERSION.split(".")[0]
 SIDECAR_NAME = "superweights.json"
 REPORT_NAME = "conversion_report.json"
@@ -64,7 +64,27 @@ class ClipMethod(_StrEnum):
     MSE = "mse"
 
 
+class GridMethod(_StrEnum):
+    MINMAX = "minmax"  # the block's range (after clipping)
+    HQQ = "hqq"  # fitted to the block's weights (half-quadratic splitting, integer zero points: grid.fit_grid)
+
+
+class GridWeight(_StrEnum):
+    NONE = "none"  # every weight of a block counts the same in the fit (weights only)
+    PROMPT = "prompt"  # weighted per input column by one prompt's input RMS^2 (the detector's forward pass)
+
+
+class HoldoutBudget(_StrEnum):
+    UNIFORM = "uniform"  # ceil(holdout * N * K) largest-|w| weights of every matrix
+    REL_OUT = "rel_out"  # the same total spent where one prompt's relative output error drops most
+    REL_W = "rel_w"  # the same total spent where the relative weight error drops most
+
+
+GRID_PARAM_KEYS = ("iters", "lp", "beta", "kappa")
 ACT_SCHEMES = tuple(a.value for a in ActScheme)
+GRID_METHODS = tuple(g.value for g in GridMethod)
+GRID_WEIGHTS = tuple(g.value for g in GridWeight)
+HOLDOUT_BUDGETS = tuple(b.value for b in HoldoutBudget)
 CLIP_METHODS = tuple(c.value for c in ClipMethod)
 
 # Tensor suffixes of one quantized Linear ``<prefix>.<suffix>`` in the safetensors shards.
@@ -319,6 +339,10 @@ class QuantConfig:
     format_version: str
     quant_method: str
     conversion_id: str | None  # format >= 1.1: the id shared with the sidecar (None: not converted yet / 1.0)
+    grid: GridMethod  # how block scales / zero points are chosen (the stored tensors are the same either way)
+    grid_params: tuple[tuple[str, float], ...]  # overrides of grid.DEFAULT_GRID_PARAMS (hqq), sorted
+    grid_weight: GridWeight
+    holdout_budget: HoldoutBudget
 
     def __init__(
         self,
@@ -337,6 +361,10 @@ class QuantConfig:
         conversion_id: str | None = None,
         *,
         layout: BlockLayout | str | None = None,
+        grid: str | GridMethod = "minmax",
+        grid_params: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+        grid_weight: str | GridWeight = "none",
+        holdout_budget: str | HoldoutBudget = "uniform",
     ) -> None:
         if block is not None and layout is not None:
             raise FormatError("block: give block or layout, not both")
@@ -369,6 +397,17 @@ class QuantConfig:
             raise FormatError(f"quant_method: {quant_method!r} is not {QUANT_METHOD!r}")
         if conversion_id is not None:
             _conversion_id(conversion_id, "conversion_id")
+        gm = _enum(GridMethod, grid, "grid", "grid method")
+        gw = _enum(GridWeight, grid_weight, "grid_weight", "grid weighting")
+        hb = _enum(HoldoutBudget, holdout_budget, "holdout_budget", "hold-out budget")
+        gp_items = dict(grid_params.items() if isinstance(grid_params, Mapping) else (grid_params or ()))
+        for key, v in gp_items.items():
+            if key not in GRID_PARAM_KEYS:
+                raise FormatError(f"grid_params.{key}: unknown parameter; one of {', '.join(GRID_PARAM_KEYS)}")
+            gp_items[key] = _int(v, f"grid_params.{key}") if key == "iters" else _num(v, f"grid_params.{key}")
+        gp = tuple(sorted(gp_items.items()))
+        if gm == GridMethod.MINMAX and (gp or gw != GridWeight.NONE):
+            raise FormatError("grid: grid_params / grid_weight need grid 'hqq' (min/max has nothing to fit)")
         if act != ActScheme.NONE:
             if int(bits) != 8 or not sym:
                 raise FormatError("activations: int8 activations need --bits 8 --symmetric (int8 x int8 GEMM)")
@@ -390,6 +429,10 @@ class QuantConfig:
             ("format_version", format_version),
             ("quant_method", quant_method),
             ("conversion_id", conversion_id),
+            ("grid", gm),
+            ("grid_params", gp),
+            ("grid_weight", gw),
+            ("holdout_budget", hb),
         ):
             object.__setattr__(self, name, value)
 
@@ -421,6 +464,9 @@ class QuantConfig:
         }
         if self.conversion_id is not None:
             d["conversion_id"] = self.conversion_id
+        if self.grid != GridMethod.MINMAX or self.holdout_budget != HoldoutBudget.UNIFORM:
+            d["grid"] = {"method": self.grid.value, "params": dict(self.grid_params), "weight": self.grid_weight.value}
+            d["holdout_budget"] = self.holdout_budget.value
         return d
 
     @classmethod
@@ -454,6 +500,8 @@ class QuantConfig:
             for i, pat in enumerate(_list(ignore, "ignore")):
                 _str(pat, f"ignore[{i}]")
             cid = d.get("conversion_id")
+            grid = _obj(d.get("grid") or {"method": "minmax"}, "grid")
+            gparams = _obj(grid.get("params") or {}, "grid.params")
             try:
                 return cls(
                     bits=bits,
@@ -468,12 +516,23 @@ class QuantConfig:
                     sidecar=d.get("sidecar", SIDECAR_NAME),
                     format_version=ver,
                     conversion_id=cid,
+                    grid=grid.get("method", "minmax"),
+                    grid_params=gparams,
+                    grid_weight=grid.get("weight", "none"),
+                    holdout_budget=d.get("holdout_budget", "uniform"),
                 )
             except FormatError as e:
                 if str(e).startswith("clip_threshold:"):
                     raise FormatError(f"clip.threshold{str(e)[len('clip_threshold') :]}") from None
                 if str(e).startswith("clip:"):
                     raise FormatError(f"clip.method{str(e)[len('clip') :]}") from None
+                for ours, theirs in (
+                    ("grid_params.", "grid.params."),
+                    ("grid_weight:", "grid.weight:"),
+                    ("grid:", "grid.method:"),
+                ):
+                    if str(e).startswith(ours):
+                        raise FormatError(theirs + str(e)[len(ours) :]) from None
                 raise
 
 

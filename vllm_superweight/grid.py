@@ -23,7 +23,8 @@ Also unlike HQQ, ``beta`` is relative to the block's min/max step (HQQ's absolut
 |w| ~ 1e-2 makes the shrink threshold exceed every residual, i.e. a plain least-squares zero-point fit).
 
 Held-out weights (super weights and the ``holdout`` fraction) are excluded from the fit (``held`` counts per
-block; they are 0 in the blocks) and are still coded as ``q = z`` (dequantizes to exactly 0): an integer zero point in ``[0, 2^bits - 1]`` guarantees it.
+block; they are 0 in the blocks) and are still coded as ``q = z`` (dequantizes to exactly 0):
+an integer zero point in ``[0, 2^bits - 1]`` guarantees it.
 
 ``col_weight`` (optional): the fit's error weighted per input column, e.g. by the squared input RMS of ONE
 prompt -- the forward pass the super-weight detector already runs (``prompt_input_rms`` +
@@ -42,7 +43,7 @@ import math
 import torch
 
 GRID_METHODS = ("minmax", "hqq")
-DEFAULT_GRID_PARAMS = {"iters": 8, "lp": 0.7, "beta": 10.0, "kappa": 1.01}
+DEFAULT_GRID_PARAMS: dict[str, float] = {"iters": 8, "lp": 0.7, "beta": 10.0, "kappa": 1.01}
 
 
 def fit_grid(
@@ -53,7 +54,7 @@ def fit_grid(
     scale_dtype: torch.dtype,
     held: torch.Tensor | None = None,
     *,
-    iters: int = DEFAULT_GRID_PARAMS["iters"],
+    iters: int = int(DEFAULT_GRID_PARAMS["iters"]),
     lp: float = DEFAULT_GRID_PARAMS["lp"],
     beta: float = DEFAULT_GRID_PARAMS["beta"],
     kappa: float = DEFAULT_GRID_PARAMS["kappa"],
@@ -98,7 +99,7 @@ def fit_grid(
         sum_b = torch.linalg.vecdot(om, bn)
     sc = torch.ones_like(s)  # current scale, in units of `unit`
     s_abs = s.clone()  # current scale as stored (exact in scale_dtype)
-    zc = torch.zeros_like(s) if sym else z.clone()
+    zc = torch.zeros_like(s) if (sym or z is None) else z.clone()
     best_s, best_z = s.clone(), zc.clone()
     best = torch.full_like(s, float("inf"))
     improved = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
@@ -195,15 +196,26 @@ def fit_grid_chunked(b, s, z, bits, scale_dtype, held=None, *, chunk_elems: int 
     if rows >= nb:
         return fit_grid(b, s, z, bits, scale_dtype, held, **kw)
 
-    ss, zs, imp, tot = [], [], 0, 0
+    ss: list[torch.Tensor] = []
+    zs: list[torch.Tensor] = []
+    imp, tot = 0, 0
     wt, hw = kw.pop("weight", None), kw.pop("held_weight", None)
     for i in range(0, nb, rows):
         wi = None if wt is None else (wt if wt.shape[0] == 1 else wt[i : i + rows])
-        si, zi, info = fit_grid(b[i : i + rows], s[i : i + rows], None if z is None else z[i : i + rows], bits,
-                                scale_dtype, None if held is None else held[i : i + rows], weight=wi,
-                                held_weight=None if hw is None else hw[i : i + rows], **kw)
+        si, zi, info = fit_grid(
+            b[i : i + rows],
+            s[i : i + rows],
+            None if z is None else z[i : i + rows],
+            bits,
+            scale_dtype,
+            None if held is None else held[i : i + rows],
+            weight=wi,
+            held_weight=None if hw is None else hw[i : i + rows],
+            **kw,
+        )
         ss.append(si)
-        zs.append(zi)
+        if zi is not None:
+            zs.append(zi)
         imp += info["blocks_improved"]
         tot += info["blocks"]
     return torch.cat(ss), (None if z is None else torch.cat(zs)), {"blocks_improved": imp, "blocks": tot}
@@ -282,8 +294,11 @@ def prompt_input_rms(model, tokenizer, prompt: str, linears: dict[str, torch.nn.
     def hook(name):
         def f(mod, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            out[name] = {"all": x.pow(2).mean(0).sqrt().cpu(),
-                         "skip_first": (x[1:] if x.shape[0] > 1 else x).pow(2).mean(0).sqrt().cpu()}
+            out[name] = {
+                "all": x.pow(2).mean(0).sqrt().cpu(),
+                "skip_first": (x[1:] if x.shape[0] > 1 else x).pow(2).mean(0).sqrt().cpu(),
+            }
+
         return f
 
     for name, mod in linears.items():
@@ -312,6 +327,8 @@ def matrix_error(w: torch.Tensor, deq: torch.Tensor, metric: str, act: torch.Ten
     d = (deq - w.float()).pow_(2)
     wf = w.float().pow(2)
     if metric in ("rel_out", "out"):
+        if act is None:
+            raise ValueError(f"matrix_error: metric {metric!r} needs the prompt's input RMS (act)")
         a2 = act.float().to(w.device).pow(2)
         e = float(d.sum(0) @ a2)
         ref = float(wf.sum(0) @ a2)
@@ -355,8 +372,17 @@ def budget_curve(
     for mlt in multipliers:
         c = min(int(round(mlt * base)), w.numel() // 4)
         mask = select_holdout(w, 0.0, extra, count=c, col_scale=col_scale)
-        ql = quantize_weight(w, bits, layout, False, holdout_mask=mask, scale_dtype=scale_dtype, grid=grid,
-                             grid_params=grid_params, col_weight=col_weight if grid != "minmax" else None)
+        ql = quantize_weight(
+            w,
+            bits,
+            layout,
+            False,
+            holdout_mask=mask,
+            scale_dtype=scale_dtype,
+            grid=grid,
+            grid_params=grid_params,
+            col_weight=col_weight if grid != "minmax" else None,
+        )
         deq = dequantize(ql.q, ql.scale, ql.zero, layout)
         if ql.sparse_rows.numel():
             deq[ql.sparse_rows, ql.sparse_cols] = ql.sparse_vals.float()
@@ -392,10 +418,20 @@ def holdout_budget(
     extras = extras or {}
     total = sum(int(math.ceil(fraction * w.numel())) for w in weights.values())
     curves = {
-        name: budget_curve(w, fraction, bits, layout, extra=extras.get(name, ()), metric=metric,
-                           act=None if metric not in ("rel_out", "out") else act_rms[name][act_key], grid=grid,
-                           grid_params=grid_params, multipliers=multipliers, scale_dtype=scale_dtype,
-                           col_scale=None if col_scales is None else col_scales[name])
+        name: budget_curve(
+            w,
+            fraction,
+            bits,
+            layout,
+            extra=extras.get(name, ()),
+            metric=metric,
+            act=None if metric not in ("rel_out", "out") or act_rms is None else act_rms[name][act_key],
+            grid=grid,
+            grid_params=grid_params,
+            multipliers=multipliers,
+            scale_dtype=scale_dtype,
+            col_scale=None if col_scales is None else col_scales[name],
+        )
         for name, w in weights.items()
     }
     return allocate_budget(curves, total)

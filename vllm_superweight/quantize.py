@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -140,7 +141,7 @@ def _deq(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tens
 def select_holdout(
     w: torch.Tensor,
     fraction: float,
-    extra: list[tuple[int, int]] = (),
+    extra: Sequence[tuple[int, int]] = (),
     count: int | None = None,
     col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -239,7 +240,7 @@ def quantize_weight(
     if grid == "hqq":
         held = None
         has_held = holdout_mask is not None and bool(holdout_mask.any())
-        if has_held:
+        if holdout_mask is not None and has_held:
             held = _blocks(holdout_mask, layout).sum(-1)
         gkw = dict(grid_params or {})
         if col_weight is not None:
@@ -341,7 +342,9 @@ def unpack_tensors(t: dict[str, torch.Tensor], bits: int, symmetric: bool, layou
     return q, t[W_SCALE].float(), zero
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, layout: BlockLayout | str) -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, layout: BlockLayout | str
+) -> torch.Tensor:
     """float32 [N, K] from signed codes and the block grid."""
     if isinstance(layout, str):
         layout = BlockLayout.parse(layout)
@@ -351,7 +354,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     return _unblocks(_deq(b, scale.float(), zz), n, k)
 
 
-def dequantize_tensors(t: dict[str, torch.Tensor], bits: int, symmetric: bool, layout, restore: bool = True) -> torch.Tensor:
+def dequantize_tensors(
+    t: dict[str, torch.Tensor], bits: int, symmetric: bool, layout, restore: bool = True
+) -> torch.Tensor:
     """Dequantized float32 weight of one Linear of a checkpoint, held-out weights restored exactly if asked."""
     q, s, z = unpack_tensors(t, bits, symmetric, layout)
     w = dequantize(q, s, z, layout)

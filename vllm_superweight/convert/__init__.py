@@ -2,6 +2,7 @@
 
 * ``plan``: validate the source and plan the conversion (quantized Linears, tiling, super weights, NaN/Inf);
 * ``process``: quantize one Linear (its tensors, statistics, verified super weights);
+* ``prompt``: what the detection prompt's forward pass tells the quantizer (grid-fit weights, hold-out budget);
 * ``save``: the destination (overwrite rules, temporary directory, atomic commit), the shard writer;
 * ``report``: config.json, the sidecar, the conversion report, the conversion id;
 * ``options``: presets (package data) and option parsing;
@@ -13,7 +14,16 @@ Input streaming (safetensors shards, GGUF state dicts) lives beside the model so
 from __future__ import annotations
 
 from .errors import ConversionError
-from .options import PRESET_KEYS, build_quant_config, list_presets, load_preset, parse_clip, parse_size, torch_dtype
+from .options import (
+    PRESET_KEYS,
+    build_quant_config,
+    list_presets,
+    load_preset,
+    parse_clip,
+    parse_grid_params,
+    parse_size,
+    torch_dtype,
+)
 from .pipeline import convert, published_match, read_super_weights_json, run_detection
 from .plan import Plan, make_plan, normalize_outliers, quantized_module, resolve_module
 from .save import DEFAULT_MAX_SHARD_BYTES, TOKENIZER_FILES, Destination, ShardWriter
@@ -33,6 +43,7 @@ __all__ = [
     "make_plan",
     "normalize_outliers",
     "parse_clip",
+    "parse_grid_params",
     "parse_size",
     "published_match",
     "quantized_module",

@@ -28,6 +28,10 @@ PRESET_KEYS = frozenset(
         "restore_super_weights",
         "activations",
         "ignore",
+        "grid",
+        "grid_params",
+        "grid_weight",
+        "holdout_budget",
     }
 )
 
@@ -103,6 +107,20 @@ def parse_clip(text: str) -> tuple[str, float | None]:
         return method, float(thr)
     except ValueError:
         raise ConversionError(f"--clip {text!r}: threshold {thr!r} is not a number") from None
+
+
+def parse_grid_params(text: str) -> dict[str, float]:
+    """``"iters=8,beta=30"`` -> {"iters": 8.0, "beta": 30.0} (the keys are checked by QuantConfig)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ConversionError(f"--grid-params {text!r}: expected KEY=VALUE pairs, e.g. iters=8,beta=30")
+        try:
+            out[key.strip()] = float(val)
+        except ValueError:
+            raise ConversionError(f"--grid-params {text!r}: {key.strip()}={val!r} is not a number") from None
+    return out
 
 
 def build_quant_config(preset: str | None = "default", **overrides: Any) -> QuantConfig:

@@ -39,6 +39,7 @@ from ..models import (
     total_ram,
 )
 from . import process, report
+from . import prompt as prompt_stats
 from .errors import ConversionError
 from .options import torch_dtype
 from .plan import (
@@ -130,6 +131,9 @@ class _Job:
     model: Any = None
     tokenizer: Any = None
     state_dict: dict | None = None
+    input_rms: dict[str, Any] | None = None  # one prompt's per-channel input RMS of every quantized Linear
+    holdout_counts: dict[str, int] | None = None  # per-matrix hold-out budget (None: uniform fraction)
+    rms_prompt: str | None = None  # the prompt of input_rms
 
     def stream(self, desc: str):
         if self.state_dict is None:
@@ -217,8 +221,8 @@ def _load_source(source: Source, qcfg: Any, dtype: str | None, log: Callable[...
     return make_plan(source, cfg, tensors, qcfg, out_dtype), model, tokenizer, state_dict
 
 
-def _detect(job: _Job, prompt: str | None, detect_kwargs: dict | None) -> Any:
-    """Detection on the float model (loaded from exactly the safetensors files the conversion streams)."""
+def _load_float_model(job: _Job) -> None:
+    """The float model, loaded from exactly the safetensors files the conversion streams (never a pickle)."""
     import torch
 
     plan, log = job.plan, job.log
@@ -236,12 +240,31 @@ def _detect(job: _Job, prompt: str | None, detect_kwargs: dict | None) -> Any:
             )
         log(f"loading {plan.source.name} for super-weight detection ...")
         job.model, job.tokenizer = load_model(plan.source, dtype=det_dtype, cfg=plan.cfg, tensors=plan.tensors)
+
+
+def _detect(job: _Job, prompt: str | None, detect_kwargs: dict | None, detect: bool) -> Any:
+    """Detection on the float model (when ``detect``) and, if the config asks for it, the same prompt's
+    per-channel input RMS of every quantized Linear (one more forward pass)."""
+    need_rms = prompt_stats.needs_prompt(job.qcfg)
+    if not (detect or need_rms):
+        return None
+    _load_float_model(job)
     if job.device.startswith("cuda"):
         job.model.to(job.device)
-    log("detecting super weights ...")
-    detection = run_detection(job.model, job.tokenizer, prompt, progress=job.progress, **(detect_kwargs or {}))
-    if job.device.startswith("cuda"):
-        job.model.to("cpu")
+    detection = None
+    try:
+        if detect:
+            job.log("detecting super weights ...")
+            detection = run_detection(job.model, job.tokenizer, prompt, progress=job.progress, **(detect_kwargs or {}))
+        if need_rms:
+            from ..detect import DEFAULT_PROMPT
+
+            text = getattr(detection, "prompt", None) or prompt or DEFAULT_PROMPT
+            job.input_rms = prompt_stats.input_rms(job.model, job.tokenizer, text, job.plan)
+            job.rms_prompt = text
+    finally:
+        if job.device.startswith("cuda"):
+            job.model.to("cpu")
     return detection
 
 
@@ -272,9 +295,8 @@ def _convert(
 
     # ---- detection ----------------------------------------------------------------------------------------
     t_det = time.perf_counter()
-    detection = None
+    detection = _detect(job, prompt, detect_kwargs, detect=user_sws is None)
     if user_sws is None:
-        detection = _detect(job, prompt, detect_kwargs)
         sws = resolve_super_weights(detection.super_weights, plan, where="detected super weights")
         outliers = resolve_outliers(normalize_outliers(detection.activation_outliers or {}), plan)
     else:
@@ -291,6 +313,12 @@ def _convert(
     if source.kind == "hf":
         job.model = None  # free the float model before quantizing (streaming from here on)
         gc.collect()
+    sw_by_mod: dict[str, list[SuperWeight]] = {}
+    for sw in sws:
+        sw_by_mod.setdefault(sw.module, []).append(sw)
+    job.holdout_counts = prompt_stats.holdout_counts(
+        qcfg, plan, job.stream("hold-out budget"), sw_by_mod, job.input_rms, device, log
+    )
     for sw in sws:
         log(f"super weight: {sw.module}[{sw.row}, {sw.col}]{'' if qcfg.restore_super_weights else ' (not restored)'}")
     if not sws:
@@ -310,7 +338,8 @@ def _convert(
             "source": source.name if source.kind == "gguf" else source.path,
             "source_kind": source.kind,
             "source_sha256": src_sha,
-            "prompt": getattr(detection, "prompt", prompt) if detection is not None else None,
+            "prompt": getattr(detection, "prompt", prompt) if detection is not None else job.rms_prompt,
+            "fit_prompt": job.rms_prompt,  # the one prompt whose input RMS weighted the grid fit / budget, if any
             "thresholds": report.jsonable(getattr(detection, "thresholds", None)) if detection is not None else None,
             "detection": "detect" if detection is not None else ("user" if super_weights else "none"),
             "tool": f"vllm-superweight {__version__}",
@@ -378,7 +407,16 @@ def _write(job: _Job, sws: list[SuperWeight], outliers: list) -> dict[str, Any]:
             writer.add(name, t)
             continue
         res = process.quantize_linear(
-            name, mod, t, qcfg, plan.out_dtype, job.device, sw_by_mod.get(mod, ()), outl_by_mod.get(mod)
+            name,
+            mod,
+            t,
+            qcfg,
+            plan.out_dtype,
+            job.device,
+            sw_by_mod.get(mod, ()),
+            outl_by_mod.get(mod),
+            holdout_count=None if job.holdout_counts is None else job.holdout_counts.get(mod),
+            fit_weight=prompt_stats.fit_weight(qcfg, job.input_rms, mod),
         )
         t_q += res.seconds
         for suffix in sorted(res.tensors):

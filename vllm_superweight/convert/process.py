@@ -32,9 +32,13 @@ def quantize_linear(
     device: str = "cpu",
     super_weights: Sequence[SuperWeight] = (),
     outlier_channels: Sequence[int] | None = None,
+    holdout_count: int | None = None,
+    fit_weight: Any = None,
 ) -> LinearResult:
-    """Quantize the weight ``t`` of Linear ``mod`` (tensor ``name``): super weights (and the ``holdout`` fraction)
-    held out and restored exactly, unless ``qcfg.restore_super_weights`` is false (then quantized like any weight).
+    """Quantize the weight ``t`` of Linear ``mod`` (tensor ``name``): super weights (and the ``holdout`` fraction,
+    or ``holdout_count`` largest weights under a budget) held out and restored exactly, unless
+    ``qcfg.restore_super_weights`` is false (then quantized like any weight). ``fit_weight`` [K]: per-input-column
+    weight of the grid fit (``grid: hqq``, ``grid_weight: prompt``).
     """
     import torch
 
@@ -45,13 +49,25 @@ def quantize_linear(
     if device != "cpu":
         w = w.to(device)
     coords = [(sw.row, sw.col) for sw in super_weights]
-    mask = quantize.select_holdout(w, qcfg.holdout, extra=coords if qcfg.restore_super_weights else ())
+    mask = quantize.select_holdout(
+        w, qcfg.holdout, extra=coords if qcfg.restore_super_weights else [], count=holdout_count
+    )
     if not qcfg.restore_super_weights:
         for r, c in coords:  # ablation: the super weight is quantized like any other weight
             mask[r, c] = False
     try:
         ql = quantize.quantize_weight(
-            w, qcfg.bits, qcfg.layout, qcfg.symmetric, qcfg.clip.value, qcfg.clip_threshold, mask, scale_dtype=out_dtype
+            w,
+            qcfg.bits,
+            qcfg.layout,
+            qcfg.symmetric,
+            qcfg.clip.value,
+            qcfg.clip_threshold,
+            mask,
+            scale_dtype=out_dtype,
+            grid=qcfg.grid.value,
+            grid_params=dict(qcfg.grid_params) or None,
+            col_weight=None if fit_weight is None else fit_weight.to(w.device),
         )
     except FormatError as e:
         raise ConversionError(f"{name}: {e}") from None

@@ -65,7 +65,9 @@ class _Int8Base(SWLinearKernel):
         from .. import int8_quant_outlier_split
 
         if self.n_outliers:
-            return int8_quant_outlier_split(x, tensor(layer, "sw_outlier_idx"), self.per_token, outlier_mask=tensor(layer, "sw_outlier_mask"))
+            return int8_quant_outlier_split(
+                x, tensor(layer, "sw_outlier_idx"), self.per_token, outlier_mask=tensor(layer, "sw_outlier_mask")
+            )
         return int8_quant_outlier_split(x, None, self.per_token)
 
     def _add_outliers(self, layer: torch.nn.Module, y: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
@@ -165,7 +167,9 @@ class VllmInt8Kernel(_Int8Base):
         if self.n_outliers:
             from .. import add_outlier_side_product
 
-            y = add_outlier_side_product(y, x.index_select(1, tensor(layer, "sw_outlier_idx")), tensor(layer, "sw_outlier_w"))
+            y = add_outlier_side_product(
+                y, x.index_select(1, tensor(layer, "sw_outlier_idx")), tensor(layer, "sw_outlier_w")
+            )
         return y
 
 
