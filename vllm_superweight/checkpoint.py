@@ -39,26 +39,10 @@ from .format import (
     packed_cols,
     resolve_inside,
 )
+from .models import SAFETENSORS_ELEM_BYTES
 
 INDEX_NAME = "model.safetensors.index.json"
 _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
-_ELEM_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "BF16": 2,
-    "F16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
-}
 _MAX_HEADER = 100 * 2**20
 
 
@@ -115,7 +99,11 @@ def read_safetensors_header(path: str) -> dict[str, TensorHeader]:
             raise FormatError(f"{fn}: corrupt safetensors header entry for {name}") from None
         if end > data_len:
             raise FormatError(f"{fn}: truncated (tensor {name} ends at byte {base + end}, the file has {size})")
-        if dtype not in _ELEM_BYTES or begin < 0 or end - begin != math.prod(shape) * _ELEM_BYTES[dtype]:
+        if (
+            dtype not in SAFETENSORS_ELEM_BYTES
+            or begin < 0
+            or end - begin != math.prod(shape) * SAFETENSORS_ELEM_BYTES[dtype]
+        ):
             raise FormatError(f"{fn}: corrupt safetensors header entry for {name}")
         out[name] = TensorHeader(name, path, dtype, shape, base + begin, end - begin)
     return out

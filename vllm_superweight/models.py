@@ -366,7 +366,7 @@ def iter_state_dict(sd: dict[str, Any], progress: bool = False, desc: str = "") 
         yield name, sd[name]
 
 
-_ELEM_BYTES = {
+SAFETENSORS_ELEM_BYTES = {  # bytes per element of each safetensors dtype
     "F64": 8,
     "F32": 4,
     "BF16": 2,
@@ -379,6 +379,9 @@ _ELEM_BYTES = {
     "BOOL": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
 
 
@@ -389,7 +392,7 @@ def source_bytes(tensors: dict[str, TensorInfo]) -> tuple[int, bool]:
         n = 1
         for d in info.shape:
             n *= d
-        total += n * _ELEM_BYTES.get(info.dtype, 4)
+        total += n * SAFETENSORS_ELEM_BYTES.get(info.dtype, 4)
         f32 = f32 or info.dtype == "F32"
     return total, f32
 

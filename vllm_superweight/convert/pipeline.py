@@ -239,7 +239,16 @@ def _load_float_model(job: _Job) -> None:
                 f"{ram / 2**30:.0f} GiB: detecting in bfloat16"
             )
         log(f"loading {plan.source.name} for super-weight detection ...")
-        job.model, job.tokenizer = load_model(plan.source, dtype=det_dtype, cfg=plan.cfg, tensors=plan.tensors)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not job.progress:  # -q: transformers' own loading bar too
+            hf_logging.disable_progress_bar()
+        try:
+            job.model, job.tokenizer = load_model(plan.source, dtype=det_dtype, cfg=plan.cfg, tensors=plan.tensors)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 def _detect(job: _Job, prompt: str | None, detect_kwargs: dict | None, detect: bool) -> Any:
