@@ -65,13 +65,14 @@ def pydoc_text() -> str:
 # prepare: float model, detection, token ids, one-prompt activation scales
 # ----------------------------------------------------------------------------------------------------------
 def prepare(model: str) -> None:
+    from float_checkpoint import write_float_checkpoint
     from transformers import AutoTokenizer
 
     d = cache_dir(model)
     fdir = os.path.join(d, "float")
     if not os.path.exists(os.path.join(fdir, "config.json")):
         t0 = time.time()
-        sw_eval.write_float_checkpoint(model, fdir, dtype="float32")
+        write_float_checkpoint(model, fdir, dtype="float32")
         print(f"[prepare] float model -> {fdir} ({time.time() - t0:.0f} s)")
     tok = AutoTokenizer.from_pretrained(fdir)
     ids_path = os.path.join(d, "ids.json")

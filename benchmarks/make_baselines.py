@@ -7,7 +7,7 @@ serving venv; see benchmarks/requirements-llmcompressor.txt):
     .venv-llmc/bin/python benchmarks/make_baselines.py awq FLOAT_DIR OUT_DIR --group 64
     .venv-llmc/bin/python benchmarks/make_baselines.py smoothquant FLOAT_DIR OUT_DIR
 
-FLOAT_DIR is the HF directory of the dequantized float model (``vllm_superweight.eval.write_float_checkpoint``).
+FLOAT_DIR is the HF directory of the dequantized float model (``benchmarks/float_checkpoint.py``).
 The output is a compressed-tensors checkpoint that vLLM serves directly (``quant_method: compressed-tensors``).
 
 * ``awq``: AWQ scaling search (llm-compressor ``AWQModifier``, default Llama/Gemma mappings, duo_scaling "both")

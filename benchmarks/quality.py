@@ -362,14 +362,10 @@ def save_records(recs: list[dict], changed: set | None = None, sort: bool = Fals
 
 
 def engine_env() -> dict:
-    env = dict(os.environ)
+    from vllm_superweight.envs import setdefault_vllm_env
+
+    env = setdefault_vllm_env(dict(os.environ))
     for k, v in {
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "VLLM_HOST_IP": "127.0.0.1",
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
         # in-process engine: one process, half the memory, faster start (docs: cpu-vllm.md)
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CACHE_ROOT": os.path.join(ROOT, ".cache", "vllm"),
@@ -571,7 +567,7 @@ def no_sw_alias(row: Row) -> str | None:
 def float_dir(model: str, workdir: str) -> str:
     d = os.path.join(workdir, model, "float")
     if not os.path.exists(os.path.join(d, "config.json")):
-        from vllm_superweight.eval import write_float_checkpoint
+        from float_checkpoint import write_float_checkpoint
 
         log(f"{model}: writing the dequantized float reference {d}")
         write_float_checkpoint(MODELS[model]["source"], d, dtype="float32")
@@ -588,7 +584,7 @@ def build(model: str, row: Row, workdir: str, args, sw_path: str | None) -> tupl
         sws = sw_list(sw_path)
         extra["super_weights"] = sws
         if not os.path.exists(os.path.join(d, "config.json")):
-            from vllm_superweight.eval import write_float_checkpoint
+            from float_checkpoint import write_float_checkpoint
 
             write_float_checkpoint(MODELS[model]["source"], d, dtype="float32", zero=sws)
         return d, extra

@@ -18,6 +18,9 @@ import pytest
 
 from vllm_superweight import eval as ev
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from float_checkpoint import write_float_checkpoint  # noqa: E402  (benchmark scaffolding)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -235,7 +238,12 @@ def test_quality_rows_cover_the_issue():
             }
         naive = [r for r in rows if r.method == "rtn"]
         assert all("--super-weights" in r.convert_args and "none" in r.convert_args for r in naive)
-        assert all("--holdout" in r.convert_args for r in rows if r.convert_args)  # never the preset's default
+        # never the default preset's hold-out by accident: explicit, or a named preset
+        assert all("--holdout" in r.convert_args or "--preset" in r.convert_args for r in rows if r.convert_args)
+        # issue 11: the fitted grid at the small block, the budgeted large blocks, W3 beside naive RTN
+        hqq = {(r.bits, r.block) for r in rows if r.grid == "hqq"}
+        assert {(4, g), (4, "channel"), (4, "rows:4"), (3, g), (3, "channel")} <= hqq
+        assert {(3, g), (3, "channel")} <= {(r.bits, r.block) for r in rows if r.method == "rtn"}
         assert any(r.method == "awq" and r.block == g for r in rows)
         assert any(r.method == "superweight_rtn" and r.act == "int8-token" for r in rows)
 
@@ -357,7 +365,7 @@ def test_vllm_perplexity_matches_transformers_on_smollm2(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     d = str(tmp_path / "smollm2-float")
     try:
-        ev.write_float_checkpoint("smollm2", d, dtype="float32")
+        write_float_checkpoint("smollm2", d, dtype="float32")
     except SourceError as e:
         pytest.skip(str(e))
     with open(os.path.join(d, "config.json")) as f:

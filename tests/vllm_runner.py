@@ -17,14 +17,9 @@ import time
 def main() -> None:
     spec = json.loads(sys.argv[1])
     os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
-    for k, v in dict(
-        VLLM_NO_USAGE_STATS="1",
-        DO_NOT_TRACK="1",
-        VLLM_HOST_IP="127.0.0.1",
-        HF_HUB_OFFLINE="1",
-        VLLM_CPU_KVCACHE_SPACE="1",
-    ).items():
-        os.environ.setdefault(k, v)
+    from vllm_superweight.envs import setdefault_vllm_env
+
+    setdefault_vllm_env()
     if spec.get("hang_dump_s"):
         faulthandler.dump_traceback_later(float(spec["hang_dump_s"]), repeat=True, file=sys.stderr)
     tp, pp = int(spec.get("tp", 1)), int(spec.get("pp", 1))

@@ -298,13 +298,15 @@ def quantize_weight(
 # ----------------------------------------------------------------------------------------------------------
 # (de)serialisation of one Linear into the format's tensors
 # ----------------------------------------------------------------------------------------------------------
-def _pack(v: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+def pack_codes(v: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Signed codes -> compressed-tensors ``pack_to_int32`` along ``dim`` (the format's packing)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     return pack_to_int32(v.contiguous(), bits, packed_dim=dim).contiguous()
 
 
-def _unpack(v: torch.Tensor, bits: int, shape, dim: int) -> torch.Tensor:
+def unpack_codes(v: torch.Tensor, bits: int, shape, dim: int) -> torch.Tensor:
+    """compressed-tensors ``unpack_from_int32`` (signed codes of ``shape``), the inverse of ``pack_codes``."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     return unpack_from_int32(v, bits, torch.Size(shape), packed_dim=dim)
@@ -313,12 +315,12 @@ def _unpack(v: torch.Tensor, bits: int, shape, dim: int) -> torch.Tensor:
 def to_tensors(ql: QuantizedLinear, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The format's tensors for one Linear (suffix -> tensor)."""
     out = {
-        W_PACKED: _pack(ql.q, ql.bits, 1),
+        W_PACKED: pack_codes(ql.q, ql.bits, 1),
         W_SCALE: ql.scale.to(scale_dtype).contiguous(),
         W_SHAPE: torch.tensor(list(ql.shape), dtype=torch.int64),
     }
     if ql.zero is not None:
-        out[W_ZERO] = _pack(ql.zero, ql.bits, 0)
+        out[W_ZERO] = pack_codes(ql.zero, ql.bits, 0)
     if ql.sparse_rows.numel():
         out[SPARSE_INDEX] = torch.stack([ql.sparse_rows, ql.sparse_cols]).to(torch.int32).contiguous()
         out[SPARSE_VALUE] = ql.sparse_vals.contiguous()
@@ -333,12 +335,12 @@ def unpack_tensors(t: dict[str, torch.Tensor], bits: int, symmetric: bool, layou
     nb, ng = layout.grid(n, k)
     if tuple(t[W_SCALE].shape) != (nb, ng):
         raise FormatError(f"weight_scale has shape {tuple(t[W_SCALE].shape)}, expected {(nb, ng)} for block {layout}")
-    q = _unpack(t[W_PACKED], bits, (n, k), 1)
+    q = unpack_codes(t[W_PACKED], bits, (n, k), 1)
     zero = None
     if not symmetric:
         if W_ZERO not in t:
             raise FormatError("asymmetric checkpoint lacks weight_zero_point")
-        zero = _unpack(t[W_ZERO], bits, (nb, ng), 0)
+        zero = unpack_codes(t[W_ZERO], bits, (nb, ng), 0)
     return q, t[W_SCALE].float(), zero
 
 

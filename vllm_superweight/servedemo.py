@@ -18,13 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
-CPU_ENV = {
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "VLLM_HOST_IP": "127.0.0.1",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-}
+from . import envs
 
 
 def free_port() -> int:
@@ -61,9 +55,7 @@ class VLLMServer:
         self._log = None
 
     def __enter__(self) -> VLLMServer:
-        env = dict(os.environ)
-        for k, v in CPU_ENV.items():
-            env.setdefault(k, v)
+        env = envs.setdefault_vllm_env(dict(os.environ))
         env.update(self.env)
         cmd = (
             vllm_cmd()

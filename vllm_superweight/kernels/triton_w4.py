@@ -55,6 +55,8 @@ import os
 
 import torch
 
+from .sparse_layout import interpreting
+
 try:
     import triton
     import triton.language as tl
@@ -91,10 +93,6 @@ CONFIGS: list[tuple[int, dict]] = [
 ]
 WS_MAX_M = 256  # split-K is used only for M <= this (workspace capacity)
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs: split-K grows until the grid has this many programs
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -1091,7 +1089,7 @@ def w4_mm(
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     cfg = dict(config) if config is not None else pick_config(m, table)
-    interp = _interpreting() or not x2.is_cuda
+    interp = interpreting() or not x2.is_cuda
     if interp:
         cfg["ASM"] = 0
     p = plan(m, info, cfg, _sms(x2.device))
@@ -1146,7 +1144,7 @@ def w4_mm(
         E=p["E"],
         NCH=p["NCH"],
         F16=x2.dtype == torch.float16,
-        INTERP=_interpreting(),
+        INTERP=interpreting(),
         K16=k % 16 == 0,
         SP_BM=p["SP_BM"],
         SPB=info["sp_block"],

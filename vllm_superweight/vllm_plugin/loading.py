@@ -18,20 +18,9 @@ from __future__ import annotations
 import torch
 
 from ..format import BlockLayout, FormatError
+from ..quantize import pack_codes, unpack_codes
 
 SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
-
-
-def _unpack(v: torch.Tensor, bits: int, shape, dim: int) -> torch.Tensor:
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    return unpack_from_int32(v, bits, torch.Size(shape), packed_dim=dim)
-
-
-def _pack(v: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-    return pack_to_int32(v.contiguous(), bits, packed_dim=dim).contiguous()
 
 
 def kernel_bits(bits: int) -> int:
@@ -130,10 +119,10 @@ class LinearSpec:
                 f"has shape {tuple(w.shape)} {w.dtype}, but the config (bits={self.bits}, in_features={self.k}, "
                 f"out_features={n}) needs {want} int32 - the checkpoint and its config.json disagree",
             )
-        return _unpack(w, self.bits, (n, self.k), 1)
+        return unpack_codes(w, self.bits, (n, self.k), 1)
 
     def weight_for_kernel(self, w: torch.Tensor, n: int) -> torch.Tensor:
-        return _pack(self.unpack_weight(w, n), kernel_bits(self.bits), 1)
+        return pack_codes(self.unpack_weight(w, n), kernel_bits(self.bits), 1)
 
     def grid_rows(self, t: torch.Tensor, n: int, name: str) -> torch.Tensor:
         nb, ng = self.layout.grid(n, self.k)
@@ -152,9 +141,9 @@ class LinearSpec:
         want = (-(-nb // (32 // self.bits)), ng)
         if z.dtype != torch.int32 or tuple(z.shape) != want:
             raise self._err("weight_zero_point", f"has shape {tuple(z.shape)} {z.dtype}, expected {want} int32")
-        zz = _unpack(z, self.bits, (nb, ng), 0)
+        zz = unpack_codes(z, self.bits, (nb, ng), 0)
         zz = self.grid_rows(zz, n, "weight_zero_point")
-        return _pack(zz, kernel_bits(self.bits), 0)
+        return pack_codes(zz, kernel_bits(self.bits), 0)
 
 
 def wrap_loader(layer, name: str, layer_loader, transform):
