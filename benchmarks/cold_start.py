@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -26,15 +25,10 @@ import sys
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vllm_log import parse_file  # noqa: E402
+
 T0 = time.time()
-PATTERNS = {
-    "load_s": r"Model loading took [\d.]+ Gi?B (?:memory )?and ([\d.]+) seconds",
-    "load_gib": r"Model loading took ([\d.]+) Gi?B",
-    "compile_s": r"torch\.compile take[s]? ([\d.]+) s in total",
-    "graph_capture_s": r"Graph capturing finished in ([\d.]+) secs",
-    "engine_init_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) seconds",
-    "kv_cache_tokens": r"GPU KV cache size: ([\d,]+) tokens",
-}
 
 
 def log(msg: str) -> None:
@@ -69,18 +63,7 @@ def complete(port: int, model: str) -> float:
 
 
 def parse_log(path: str) -> dict:
-    with open(path, errors="replace") as f:
-        text = f.read()
-    out = {}
-    for key, pat in PATTERNS.items():
-        m = re.findall(pat, text)
-        if m:
-            vals = [float(v.replace(",", "")) for v in m]
-            out[key] = max(vals) if key != "kv_cache_tokens" else min(vals)
-    out["superweight_kernels"] = sorted(
-        {ln.split("superweight_rtn", 1)[1].strip()[:120] for ln in text.splitlines() if "superweight_rtn W" in ln}
-    )
-    return out
+    return parse_file(path)
 
 
 def serve_once(name: str, ckpt: str, mode: str, cache: str, timeout: float, extra: list[str], logdir: str) -> dict:

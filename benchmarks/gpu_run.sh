@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
 #   bash benchmarks/gpu_run.sh coldstart [cold_start args]   # vllm serve time-to-ready, cold and warm caches
+#   bash benchmarks/gpu_run.sh pair "CMD0" "CMD1"          # 2-GPU kind: CMD0 on GPU 0 and CMD1 on GPU 1 at once
+#                                                          # (each a shell line; logs $OUT/pair-gpu{0,1}.log)
 #
 # Every stage first sources .gpu-bundle/install.sh (vLLM 0.26 on PYTHONPATH; the bundle parts must have been
 # stashed, see ../shared/gpu/README.md) and makes sure this package and its vllm.general_plugins entry point
@@ -117,6 +119,19 @@ case "$STAGE" in
       --tokenizer-dir "$TOKENIZER_DIR" --budget-s "${BUDGET_S:-570}" "$@"
     echo "[$(ts)] throughput rc=$?"
     cp -f "$OUT/throughput.json" "$OUT/throughput.partial.json" 2>/dev/null || true ;;
+  pair)
+    # two independent single-GPU jobs side by side (one per GPU of a 2-GPU machine), after one shared setup
+    setup
+    export PY OUT TOKENIZER_DIR SW_BENCH_DIR
+    i=0
+    for cmd in "$@"; do
+      echo "[$(ts)] GPU $i: $cmd"
+      CUDA_VISIBLE_DEVICES=$i bash -c "$cmd" > "$OUT/pair-gpu$i.log" 2>&1 &
+      i=$((i + 1))
+    done
+    wait
+    for j in $(seq 0 $((i - 1))); do echo "--- GPU $j (tail)"; tail -n 25 "$OUT/pair-gpu$j.log"; done
+    echo "[$(ts)] pair done" ;;
   *)
     sed -n '2,20p' "$0"; exit 2 ;;
 esac

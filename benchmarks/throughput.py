@@ -32,6 +32,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vllm_log  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 T0 = time.time()
@@ -97,6 +100,38 @@ METHODS: dict[str, dict] = {
         src="convert",
         flags=["--preset", "default", "--super-weights", "@SW"],
     ),
+    "sw-w4-g128-holdout": dict(
+        method="superweight_rtn",
+        bits=4,
+        block="128",
+        holdout=0.001,
+        activations="none",
+        src="convert",
+        flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0.001", "--super-weights", "@SW"],
+    ),
+    # the same two checkpoints served by our Triton W4 GEMM (one stored layout, correction inside the GEMM)
+    "sw-w4-g128-fused": dict(
+        method="superweight_rtn",
+        bits=4,
+        block="128",
+        holdout=0.0,
+        activations="none",
+        src="convert",
+        ckpt="sw-w4-g128",
+        env={"SUPERWEIGHT_W4_KERNEL": "fused"},
+        flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0", "--super-weights", "@SW"],
+    ),
+    "sw-w4-g128-holdout-fused": dict(
+        method="superweight_rtn",
+        bits=4,
+        block="128",
+        holdout=0.001,
+        activations="none",
+        src="convert",
+        ckpt="sw-w4-g128-holdout",
+        env={"SUPERWEIGHT_W4_KERNEL": "fused"},
+        flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0.001", "--super-weights", "@SW"],
+    ),
     "sw-w8a8": dict(
         method="superweight_rtn",
         bits=8,
@@ -133,6 +168,7 @@ GROUPS = {
     ],
     "all": list(METHODS),
     "baselines": ["bf16", "awq", "smoothquant"],
+    "fused": ["awq", "sw-w4-g128-fused", "sw-w4-g128-holdout-fused", "sw-w4-g128", "sw-w4-g128-holdout"],
     "w4": ["sw-w4-channel", "sw-w4-g128", "sw-w4-channel-nosw", "sw-w4-g128-nosw", "sw-w4-channel-holdout"],
 }
 EST_ENGINE_S = 150.0  # first engine start + measurements (cold caches); refined from measured runs
@@ -249,6 +285,28 @@ def wait_gpu_free(limit_mib: int = 3000, timeout: float = 30.0) -> None:
     log(f"warning: GPU memory still in use after {timeout:.0f}s")
 
 
+def add_log_fields(path: str, variant: str, tp: int, fields: dict) -> None:
+    """Fill ``weights_gib`` / ``kv_cache_tokens`` (and the start-up breakdown) of the records this engine just
+    appended, from vLLM's own log of that engine."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        data = json.load(f)
+    keep = {k: v for k, v in fields.items() if k != "superweight_kernels"}
+    keep["kernels"] = fields.get("superweight_kernels", [])
+    changed = False
+    for rec in data:
+        if rec.get("variant") == variant and rec.get("tp", 1) == tp and "weights_gib" not in rec:
+            rec.update(keep)
+            changed = True
+    if changed:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    log(f"[{variant}] vLLM log: " + ", ".join(f"{k}={v}" for k, v in keep.items()))
+
+
 def converter_cmd() -> list[str]:
     exe = shutil.which("superweight")
     if exe:
@@ -316,7 +374,7 @@ def orchestrate(args) -> int:
             continue
         t_stage = time.time()
         if spec["src"] == "convert":
-            ckpt = os.path.join(args.workdir, name)
+            ckpt = os.path.join(args.workdir, spec.get("ckpt", name))
             if not os.path.exists(os.path.join(ckpt, "config.json")):
                 if os.path.exists(ckpt):
                     shutil.rmtree(ckpt)
@@ -372,8 +430,13 @@ def orchestrate(args) -> int:
             cmd += ["--capture-sizes", args.capture_sizes]
         if args.eager:
             cmd += ["--eager"]
+        cmd += ["--tp", str(args.tp)]
         t = time.time()
-        r = run_child(cmd, max(60.0, left - 10), os.path.join(logdir, f"engine-{name}.log"))
+        engine_log = os.path.join(logdir, f"engine-{name}-tp{args.tp}.log")
+        offset = os.path.getsize(engine_log) if os.path.exists(engine_log) else 0
+        env = dict(os.environ, **spec.get("env", {}))
+        r = run_child(cmd, max(60.0, left - 10), engine_log, env=env)
+        add_log_fields(args.out, name, args.tp, vllm_log.parse_file(engine_log, offset))
         wait_gpu_free()
         engine_s = max(60.0, 0.5 * engine_s + 0.5 * (time.time() - t))
         if r != 0:
@@ -381,7 +444,10 @@ def orchestrate(args) -> int:
             rc = 1
         else:
             log(f"done {name} in {time.time() - t_stage:.0f}s")
-        if spec["src"] == "convert" and not args.keep:
+        later = names[names.index(name) + 1 :]
+        mine = spec.get("ckpt", name)
+        reused = any(METHODS[n]["src"] == "convert" and METHODS[n].get("ckpt", n) == mine for n in later)
+        if spec["src"] == "convert" and not args.keep and not reused:
             shutil.rmtree(ckpt, ignore_errors=True)
     log(f"finished (rc={rc}); results in {args.out}")
     return rc
@@ -410,6 +476,9 @@ def measure(args) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
     )
+    if args.tp > 1:
+        kw["tensor_parallel_size"] = args.tp
+        kw["distributed_executor_backend"] = "mp"
     if args.eager:
         kw["enforce_eager"] = True
     elif args.capture_sizes:
@@ -431,6 +500,7 @@ def measure(args) -> int:
         gpu=args.gpu,
         vllm=vllm.__version__,
         engine_start_s=round(start_s, 1),
+        tp=args.tp,
         max_model_len=args.max_model_len,
         knobs={k: v for k, v in sorted(os.environ.items()) if k.startswith("SUPERWEIGHT_")},
     )
@@ -527,6 +597,7 @@ def main() -> int:
         default="1,2,4,8,16,24,32,48,64,96,128,192,256",
         help="CUDA-graph capture sizes ('' = vLLM's default list)",
     )
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every engine")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (smoke tests only, never for numbers)")
     ap.add_argument("--convert-device", default="cuda")
     ap.add_argument("--budget-s", type=float, default=570.0, help="stop starting stages after this many seconds")

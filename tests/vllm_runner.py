@@ -1,8 +1,9 @@
 """Run one real vLLM engine in a subprocess and dump what the tests compare (JSON on stdout's last line).
 
 Usage: python tests/vllm_runner.py SPEC_JSON   where SPEC = {"model", "dtype", "tp", "pp", "prompts" (token id
-lists), "max_tokens", "prompt_logprobs": bool, "eager": bool, "env": {...}, "hang_dump_s": seconds (print every
-thread's stack if the run is still going then, and again each period: finds hangs)}.
+lists), "max_tokens", "prompt_logprobs": bool, "eager": bool, "env": {...}, "engine_kwargs": {...} (more LLM(...)
+arguments), "hang_dump_s": seconds (print every thread's stack if the run is still going then, and again each
+period: finds hangs)}.
 A fresh process per engine keeps tests independent
 (vLLM's distributed state is process-global) and lets a test assert on a failing start-up's message.
 """
@@ -45,6 +46,7 @@ def main() -> None:
         kw["quantization"] = spec["quantization"]
     if tp * pp > 1:
         kw["distributed_executor_backend"] = "mp"
+    kw.update(spec.get("engine_kwargs", {}))
     if spec.get("gpu_memory_utilization"):
         kw["gpu_memory_utilization"] = float(spec["gpu_memory_utilization"])
     t0 = time.time()
