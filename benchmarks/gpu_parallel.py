@@ -191,7 +191,9 @@ def main() -> int:
             )
             lp = os.path.join(logdir, f"parallel-{model}-{run}.log")
             log(f"{model}/{run}: {RUNS[run]}")
-            res, dt, status = run_engine(spec, lp, min(args.timeout, left - 10))
+            # torch.compile of two workers + graph capture takes longer than an eager start
+            limit = args.timeout * (2 if not RUNS[run].get("eager", True) else 1)
+            res, dt, status = run_engine(spec, lp, min(limit, left - 10))
             rec = dict(model=model, run=run, **RUNS[run], seconds=round(dt, 1), status=status, kernels=kernel_lines(lp))
             if res is not None and use_src:
                 rec["tokens"] = [r["tokens"] for r in res]  # another model: nothing to compare with

@@ -258,12 +258,20 @@ def run_child(cmd: list[str], timeout: float, log_path: str, env: dict | None = 
                     sys.stdout.write("    | " + line)
                     sys.stdout.flush()
             elif p.poll() is not None:
-                rest = p.stdout.read()
-                if rest:
-                    lf.write(rest)
-                    sys.stdout.write("".join("    | " + ln + "\n" for ln in rest.splitlines()))
                 break
         p.wait()
+        # whatever the stage left running in its session (vLLM's engine core, compile workers) holds our pipe
+        # open: a read to EOF would wait for ever (two 2-GPU calls of 2026-11-30 ran into their time limit so)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        while sel.select(timeout=0.5):
+            line = p.stdout.readline()
+            if not line:
+                break
+            lf.write(line)
+        p.stdout.close()
         return -9 if killed else p.returncode
 
 

@@ -681,7 +681,11 @@ def test_fitted_grid_prompt_weight_and_budget(tmp_path):
 
 
 def test_grid_options_are_validated_and_parsed():
-    assert conv.parse_grid_params("iters=8, beta=30") == {"iters": 8.0, "beta": 30.0}
+    got = conv.parse_grid_params("iters=8, beta=30.5")
+    assert got == {"iters": 8, "beta": 30.5} and isinstance(got["iters"], int)
+    # what the CLI parses, the config accepts (iters=8 was once refused as "expected an integer, got 8.0")
+    qc = conv.build_quant_config("w4-g64-hqq", grid_params=got)
+    assert dict(qc.grid_params)["iters"] == 8
     with pytest.raises(conv.ConversionError, match="KEY=VALUE"):
         conv.parse_grid_params("iters")
     with pytest.raises(conv.ConversionError, match="not a number"):

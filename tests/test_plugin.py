@@ -111,6 +111,39 @@ def test_entry_point_registers_the_method():
     assert get_quantization_config("superweight_rtn").__name__ == "SuperWeightRTNConfig"
 
 
+def test_graph_knobs_are_in_vllms_compile_cache_key(tiny_ckpt, monkeypatch):
+    """vLLM keys its torch.compile/AOT cache on ModelConfig.compute_hash(): switching the kernel or the correction
+    off must give another key, or a restart loads a graph compiled for the other setting (a KeyError on a missing
+    sparse buffer at best, the old kernel choice silently at worst)."""
+    from vllm.config import ModelConfig
+
+    import vllm_superweight
+
+    vllm_superweight.register()
+
+    def key(**env):
+        for k in ("SUPERWEIGHT_DISABLE_CORRECTION", "SUPERWEIGHT_W4_KERNEL", "SUPERWEIGHT_MARLIN_MAX_M"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        mc = ModelConfig(model=tiny_ckpt, dtype="float32")
+        assert mc.quantization == "superweight_rtn"
+        return mc.compute_hash()
+
+    base = key()
+    assert key() == base  # deterministic: a plain restart reuses the cache
+    assert key(SUPERWEIGHT_DISABLE_CORRECTION="1") != base
+    assert key(SUPERWEIGHT_W4_KERNEL="torch") != base
+    assert key(SUPERWEIGHT_MARLIN_MAX_M="16") != base
+    # the knobs live only in memory: the checkpoint on disk is untouched and the plugin parses it as before
+    with open(os.path.join(tiny_ckpt, "config.json")) as f:
+        assert "_serving_knobs" not in json.load(f)["quantization_config"]
+    from vllm_superweight.vllm_plugin.config import SuperWeightRTNConfig
+
+    cfg = SuperWeightRTNConfig.from_config(dict(ModelConfig(model=tiny_ckpt).hf_config.quantization_config))
+    assert "_serving_knobs" not in cfg.raw
+
+
 def test_fp32_greedy_and_logits_match_reference(smollm2_ckpt, smollm2_ref):
     """vLLM serving the checkpoint == transformers on the dequantized, SW-restored weights (fp32)."""
     model, tok = smollm2_ref

@@ -389,8 +389,10 @@ def test_gpu_vs_reference(n, k, group, sym):
         y = T.w4_mm(x, prep, b)
         torch.cuda.synchronize()
         check_close(y, x, inputs, b, tag=f"{n}x{k} g{group} sym{sym} M{m}")
-        y2 = T.w4_mm(x, prep, b)  # the workspace and counters were left clean
-        assert torch.allclose(y, y2, rtol=2.0**-7, atol=1e-3)
+        # the workspace and counters were left clean: a second call is as close to the reference (split-K partial
+        # sums may add in another order, so not bitwise equal: 22016x4096 g32 differed by one bf16 ulp on an H200)
+        y2 = T.w4_mm(x, prep, b)
+        check_close(y2, x, inputs, b, tag=f"{n}x{k} g{group} sym{sym} M{m} (second call)")
 
 
 @pytest.mark.gpu

@@ -59,6 +59,23 @@ def marlin_max_m() -> int:
         raise ValueError(f"{MARLIN_MAX_M}={v!r} is not an integer") from None
 
 
+#: key under which the plugin copies the graph-changing knobs into the in-memory ``quantization_config``
+SERVING_KNOBS_KEY = "_serving_knobs"
+
+
+def graph_knobs() -> dict[str, str]:
+    """The knobs that change what the served forward pass computes or which buffers it reads. vLLM keys its
+    torch.compile / AOT cache on the model config, not on our environment, so the plugin adds these to the config
+    it hashes: a restart with another kernel choice or with the correction off must never load a graph compiled
+    for the other setting (seen on a 2x H200: ``KeyError: 'sw_sp_ell_cols'``)."""
+    return {
+        DISABLE_CORRECTION: "1" if disable_correction() else "0",
+        W4_KERNEL: w4_kernel(),
+        MARLIN_MAX_M: str(marlin_max_m()),
+        "VLLM_DISABLED_KERNELS": ",".join(sorted(disabled_kernels())),
+    }
+
+
 def disabled_kernels() -> set[str]:
     """Class names listed in vLLM's ``VLLM_DISABLED_KERNELS``."""
     return {s.strip() for s in os.environ.get("VLLM_DISABLED_KERNELS", "").split(",") if s.strip()}

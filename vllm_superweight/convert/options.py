@@ -109,17 +109,21 @@ def parse_clip(text: str) -> tuple[str, float | None]:
         raise ConversionError(f"--clip {text!r}: threshold {thr!r} is not a number") from None
 
 
-def parse_grid_params(text: str) -> dict[str, float]:
-    """``"iters=8,beta=30"`` -> {"iters": 8.0, "beta": 30.0} (the keys are checked by QuantConfig)."""
-    out: dict[str, float] = {}
+def parse_grid_params(text: str) -> dict[str, float | int]:
+    """``"iters=8,beta=30.5"`` -> {"iters": 8, "beta": 30.5}: integers stay integers (``iters`` must be one); the
+    keys and ranges are checked by QuantConfig."""
+    out: dict[str, float | int] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, eq, val = item.partition("=")
         if not eq:
             raise ConversionError(f"--grid-params {text!r}: expected KEY=VALUE pairs, e.g. iters=8,beta=30")
         try:
-            out[key.strip()] = float(val)
+            out[key.strip()] = int(val)
         except ValueError:
-            raise ConversionError(f"--grid-params {text!r}: {key.strip()}={val!r} is not a number") from None
+            try:
+                out[key.strip()] = float(val)
+            except ValueError:
+                raise ConversionError(f"--grid-params {text!r}: {key.strip()}={val!r} is not a number") from None
     return out
 
 

@@ -55,7 +55,21 @@ class SuperWeightRTNConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SuperWeightRTNConfig:
-        return cls(QuantConfig.from_dict(config), dict(config))
+        config = {k: v for k, v in config.items() if k != envs.SERVING_KNOBS_KEY}
+        return cls(QuantConfig.from_dict(config), config)
+
+    @classmethod
+    def override_quantization_method(
+        cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None
+    ) -> None:
+        """Never overrides another method; for our checkpoints, records the graph-changing knobs
+        (``envs.graph_knobs``) in the model's in-memory ``quantization_config``, which vLLM's compile-cache hash
+        covers (``ModelConfig.compute_hash`` hashes the HF config). Nothing is written to disk."""
+        if hf_quant_cfg.get("quant_method") == QUANT_METHOD and hf_config is not None:
+            qc = getattr(hf_config, "quantization_config", None)
+            if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
+                qc[envs.SERVING_KNOBS_KEY] = envs.graph_knobs()
+        return None
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         if self.qcfg is None:
