@@ -124,12 +124,16 @@ case "$STAGE" in
     setup
     export PY OUT TOKENIZER_DIR SW_BENCH_DIR
     i=0
+    pids=()
     for cmd in "$@"; do
       echo "[$(ts)] GPU $i: $cmd"
       CUDA_VISIBLE_DEVICES=$i bash -c "$cmd" > "$OUT/pair-gpu$i.log" 2>&1 &
+      pids+=($!)
       i=$((i + 1))
     done
-    wait
+    # wait for these jobs only: a bare `wait` also waits for the `>(tee ...)` above, which ends only when this
+    # script does (both pair calls of 2026-11-30 sat idle until the device's time limit so)
+    wait "${pids[@]}"
     for j in $(seq 0 $((i - 1))); do echo "--- GPU $j (tail)"; tail -n 25 "$OUT/pair-gpu$j.log"; done
     echo "[$(ts)] pair done" ;;
   *)
