@@ -47,6 +47,12 @@ RUNS = {  # name -> engine spec overrides
         tp=2, pp=1, dtype="bfloat16", eager=False, engine_kwargs={"disable_custom_all_reduce": True}
     ),
     "tp2-graphs-nocorr": dict(tp=2, pp=1, dtype="bfloat16", eager=False, env={"SUPERWEIGHT_DISABLE_CORRECTION": "1"}),
+    # vLLM's torch symmetric-memory all-reduce (two-shot for 2 GPUs; on by default, not switched off by
+    # disable_custom_all_reduce) is the prime suspect: the first crash surfaced in CUDASymmetricMemory
+    "tp2-graphs-nosymm": dict(tp=2, pp=1, dtype="bfloat16", eager=False, env={"VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}),
+    "tp2-graphs-float-nosymm": dict(
+        tp=2, pp=1, dtype="bfloat16", eager=False, use_src=True, env={"VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
+    ),
     "tp2-graphs-blocking": dict(tp=2, pp=1, dtype="bfloat16", eager=False, env={"CUDA_LAUNCH_BLOCKING": "1"}),
     "fp32": dict(tp=1, pp=1, dtype="float32", eager=True),  # no 16-bit kernel: the torch fallback
     "fp32-tp2": dict(tp=2, pp=1, dtype="float32", eager=True),
@@ -156,6 +162,15 @@ def main() -> int:
     if os.path.exists(args.out):
         with open(args.out) as f:
             results = json.load(f)
+    try:  # how the GPUs reach each other decides which all-reduce vLLM can use
+        import torch
+
+        if torch.cuda.device_count() >= 2:
+            p2p = torch.cuda.can_device_access_peer(0, 1)
+            log(f"GPUs: {torch.cuda.device_count()}; peer access 0<->1: {p2p}")
+            results.append(dict(run="machine", gpus=torch.cuda.device_count(), peer_access_0_1=bool(p2p)))
+    except Exception as e:  # noqa: BLE001
+        log(f"peer-access check failed: {e}")
     for model in args.models.split(","):
         if model == "tiny":
             ckpt = build_tiny(args.workdir, args.tokenizer_dir)
