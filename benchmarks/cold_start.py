@@ -143,9 +143,10 @@ def main() -> int:
     if os.path.exists(args.out):
         with open(args.out) as f:
             recs = json.load(f)
-    for item in args.ckpt:
-        name, _, path = item.partition("=")
-        for mode in args.modes.split(","):
+    # every checkpoint cold first, then every one warm: a run cut short by the budget still compares cold starts
+    for mode in args.modes.split(","):
+        for item in args.ckpt:
+            name, _, path = item.partition("=")
             left = args.budget_s - (time.time() - T0)
             if left < 60:
                 log(f"skip {name}/{mode}: {left:.0f}s left")

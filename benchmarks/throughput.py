@@ -404,6 +404,9 @@ def orchestrate(args) -> int:
                 log(f"converted {name} in {convert_s:.0f}s")
         else:
             ckpt = os.path.join(args.workdir, spec["src"])
+        if args.build_only:
+            log(f"built {name}: {ckpt}")
+            continue
         left = deadline - time.time()
         cmd = [
             sys.executable,
@@ -610,6 +613,9 @@ def main() -> int:
     ap.add_argument("--convert-device", default="cuda")
     ap.add_argument("--budget-s", type=float, default=570.0, help="stop starting stages after this many seconds")
     ap.add_argument("--keep", action="store_true", help="keep converted checkpoints")
+    ap.add_argument(
+        "--build-only", action="store_true", help="build the methods' checkpoints in --workdir and stop (cold_start.py)"
+    )
     ap.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
