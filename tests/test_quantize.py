@@ -137,3 +137,21 @@ def test_config_roundtrip_and_version_check():
 def test_sidecar_bits_roundtrip(dtype):
     v = float(torch.tensor(-1.9268).to(getattr(torch, dtype)))
     assert float_from_bits_hex(float_bits_hex(v, dtype), dtype) == v
+
+
+def test_kth_largest_fast_path_is_exact():
+    """The sampled pre-filter of a whole matrix's hold-out threshold gives exactly kthvalue's answer, with heavy
+    tails, with ties at the threshold, and where the sample misleads (the full search then runs)."""
+    from vllm_superweight.quantize import _kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    heavy = (torch.randn(1 << 21, generator=g) / (torch.rand(1 << 21, generator=g) + 0.05)).abs()
+    ties = torch.randint(0, 50, (1 << 21,), generator=g).float()
+    skew = torch.zeros(1 << 21)
+    skew[1::61] = 1.0  # every sampled position is large, the rest tiny: the sample over-estimates the rank
+    skew[::61] = 0.0
+    skew[5] = 2.0
+    for a in (heavy, ties, skew):
+        for kk in (1, 7, 2097, 50_000):
+            want = torch.kthvalue(a, a.numel() - kk + 1).values
+            assert _kth_largest(a.unsqueeze(0), kk).item() == want.item()
