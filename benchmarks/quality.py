@@ -229,7 +229,7 @@ def grid_rows(model: str) -> list[Row]:
             ["--preset", "w4-channel-hqq", "--holdout", "2e-3"],
             uses_sw=True,
             grid="hqq",
-            label="channel, fit weighted by the prompt, hold-out 2e-3 budgeted (chosen on Python-docs prose)",
+            label="channel, fit weighted by the prompt, hold-out 2e-3 budgeted (chosen for Gemma on Python-docs prose)",
         ),
         Row(
             "hqq-w4-rows4-budget",
