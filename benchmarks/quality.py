@@ -1133,7 +1133,10 @@ def main(argv=None) -> int:
                 recs = [r for r in recs if (r["model"], r["row"], r["window"], r.get("max_tokens")) != key] + [rec]
                 recs = save_records(recs, {key})
                 log(f"{m}/{row.id}: ppl {_fmt_ppl(res['ppl'])} ({time.time() - t0:.0f} s)")
-                if args.cleanup and row.method not in ("float",):
+                spot = args.spot_check and any(
+                    fnmatch.fnmatch(row.id, pt.strip()) for pt in args.spot_check.split(",") if pt.strip()
+                )
+                if args.cleanup and row.method not in ("float",) and not spot:  # a spot check reads it later
                     shutil.rmtree(ckpt, ignore_errors=True)
             pool.shutdown(wait=True)
             for row, target in aliases:
