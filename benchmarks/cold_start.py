@@ -62,10 +62,6 @@ def complete(port: int, model: str) -> float:
     return time.time() - t
 
 
-def parse_log(path: str) -> dict:
-    return parse_file(path)
-
-
 def serve_once(name: str, ckpt: str, mode: str, cache: str, timeout: float, extra: list[str], logdir: str) -> dict:
     if mode == "cold":
         shutil.rmtree(cache, ignore_errors=True)
@@ -120,7 +116,7 @@ def serve_once(name: str, ckpt: str, mode: str, cache: str, timeout: float, extr
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-    rec.update(parse_log(lp))
+    rec.update(parse_file(lp))
     return rec
 
 

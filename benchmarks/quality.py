@@ -154,12 +154,18 @@ def rows_for(model: str) -> list[Row]:
     return rows
 
 
+def _hqq_flags(bits: int, block: str, weight: str, beta: int, budget: bool = False) -> list[str]:
+    """Converter flags of a fitted-grid row (asymmetric, 8 iterations, hold-out 1e-3, optionally budgeted)."""
+    flags = ["--bits", str(bits), "--asymmetric", "--block", block, "--grid", "hqq", "--grid-weight", weight]
+    flags += ["--grid-params", f"iters=8,beta={beta}", "--holdout", "1e-3"]
+    return flags + (["--holdout-budget", "rel_out"] if budget else [])
+
+
 def grid_rows(model: str) -> list[Row]:
     """Issue 11: the data-free fitted grid (HQQ-style, integer zero points; ``prompt``: fit weighted by the
     detection prompt's input activations) and the budgeted hold-out, beside naive RTN at 3 bits. Settings chosen on
     Python-docs prose (benchmarks/results/grid_study.md), reported here on WikiText-2 through vLLM."""
     g = str(MODELS[model]["group"])
-    hqq = ["--grid", "hqq", "--grid-weight", "prompt"]
     rows = [
         Row(
             f"hqq-w4-g{g}",
@@ -184,21 +190,7 @@ def grid_rows(model: str) -> list[Row]:
             True,
             1e-3,
             "none",
-            [
-                "--bits",
-                "4",
-                "--asymmetric",
-                "--block",
-                g,
-                "--grid",
-                "hqq",
-                "--grid-weight",
-                "none",
-                "--grid-params",
-                "iters=8,beta=30",
-                "--holdout",
-                "1e-3",
-            ],
+            _hqq_flags(4, g, "none", 30),
             uses_sw=True,
             grid="hqq",
             label=f"g{g}, fit on the weights only, hold-out 1e-3",
@@ -240,20 +232,7 @@ def grid_rows(model: str) -> list[Row]:
             True,
             1e-3,
             "none",
-            [
-                "--bits",
-                "4",
-                "--asymmetric",
-                "--block",
-                "rows:4",
-                *hqq,
-                "--grid-params",
-                "iters=8,beta=10",
-                "--holdout",
-                "1e-3",
-                "--holdout-budget",
-                "rel_out",
-            ],
+            _hqq_flags(4, "rows:4", "prompt", 10, budget=True),
             uses_sw=True,
             grid="hqq",
             label="rows:4, fit weighted by the prompt, hold-out 1e-3 budgeted",
@@ -287,7 +266,6 @@ def grid_rows(model: str) -> list[Row]:
                 label=f"W3 {bid}, naive RTN",
             )
         )
-        extra = ["--holdout-budget", "rel_out"] if b == "channel" else []
         rows.append(
             Row(
                 f"hqq-w3-{bid}",
@@ -298,22 +276,10 @@ def grid_rows(model: str) -> list[Row]:
                 True,
                 1e-3,
                 "none",
-                [
-                    "--bits",
-                    "3",
-                    "--asymmetric",
-                    "--block",
-                    b,
-                    *hqq,
-                    "--grid-params",
-                    "iters=8,beta=" + ("10" if b == "channel" else "30"),
-                    "--holdout",
-                    "1e-3",
-                    *extra,
-                ],
+                _hqq_flags(3, b, "prompt", 10 if b == "channel" else 30, budget=b == "channel"),
                 uses_sw=True,
                 grid="hqq",
-                label=f"W3 {bid}, fit weighted by the prompt, hold-out 1e-3" + (" budgeted" if extra else ""),
+                label=f"W3 {bid}, fit weighted by the prompt, hold-out 1e-3" + (" budgeted" if b == "channel" else ""),
             )
         )
     return rows

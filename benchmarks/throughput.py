@@ -109,29 +109,6 @@ METHODS: dict[str, dict] = {
         src="convert",
         flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0.001", "--super-weights", "@SW"],
     ),
-    # the same two checkpoints served by our Triton W4 GEMM (one stored layout, correction inside the GEMM)
-    "sw-w4-g128-fused": dict(
-        method="superweight_rtn",
-        bits=4,
-        block="128",
-        holdout=0.0,
-        activations="none",
-        src="convert",
-        ckpt="sw-w4-g128",
-        env={"SUPERWEIGHT_W4_KERNEL": "fused"},
-        flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0", "--super-weights", "@SW"],
-    ),
-    "sw-w4-g128-holdout-fused": dict(
-        method="superweight_rtn",
-        bits=4,
-        block="128",
-        holdout=0.001,
-        activations="none",
-        src="convert",
-        ckpt="sw-w4-g128-holdout",
-        env={"SUPERWEIGHT_W4_KERNEL": "fused"},
-        flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0.001", "--super-weights", "@SW"],
-    ),
     "sw-w8a8": dict(
         method="superweight_rtn",
         bits=8,
@@ -154,6 +131,10 @@ METHODS: dict[str, dict] = {
         ],
     ),
 }
+# the same checkpoints served by our Triton W4 GEMM (one stored layout, correction inside the GEMM): the base
+# variant's spec, its checkpoint reused, the kernel forced
+for _base in ("sw-w4-g128", "sw-w4-g128-holdout"):
+    METHODS[_base + "-fused"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "fused"})
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
     "lean": [
