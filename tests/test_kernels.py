@@ -693,3 +693,21 @@ def test_cuda_ops_under_compile_and_cudagraph():
             want = f(static_x.clone())
             for a, b in zip(want, static_out):
                 assert torch.equal(a, b), m
+
+
+def test_pdl_never_on_the_transposed_path(monkeypatch):
+    """PDL lets the main kernel read its x operand before griddepcontrol.wait; on the transposed path that operand
+    is written by the gather-transpose launched just before it, so PDL must be off there (found on the H200)."""
+    from types import SimpleNamespace
+
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    monkeypatch.setattr(TS, "_gdc_wait", object())
+    monkeypatch.setattr(TS, "interpreting", lambda: False)
+    monkeypatch.setattr(TS, "_major", lambda index: 9)
+    y = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+    assert TS.pdl_allowed(True, False, y)
+    assert not TS.pdl_allowed(True, True, y)
+    assert not TS.pdl_allowed(False, False, y)
+    monkeypatch.setattr(TS, "_major", lambda index: 8)
+    assert not TS.pdl_allowed(True, False, y)

@@ -200,3 +200,23 @@ def test_every_registered_parameter_must_be_loaded():
     loading.check_loaded(down, "down", ["weight_packed"])
     with pytest.raises(FormatError, match="down.weight_scale"):
         loading.check_loaded(down, "down", ["weight_packed", "weight_scale"])
+
+
+@pytest.mark.parametrize("bits,k", [(4, 64), (8, 64), (3, 64), (4, 36)])
+def test_weight_for_kernel_equals_the_unpack_repack_round_trip(bits, k):
+    """The pass-through of packed weights whose packing the kernel shares is exactly the round trip it replaced,
+    and a tensor of the wrong shape is still refused with the format's message."""
+    from vllm_superweight.format import BlockLayout
+    from vllm_superweight.quantize import pack_codes, unpack_codes
+
+    n = 24
+    spec = loading.LinearSpec("model.layers.0.mlp.down_proj", bits, BlockLayout.parse("channel"), False, k)
+    g = torch.Generator().manual_seed(bits * 100 + k)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    w = pack_codes(torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int8), bits, 1)
+    ref = pack_codes(unpack_codes(w, bits, (n, k), 1), loading.kernel_bits(bits), 1)
+    assert torch.equal(spec.weight_for_kernel(w, n), ref)
+    with pytest.raises(FormatError, match="weight_packed"):
+        spec.weight_for_kernel(w[:, :-1].contiguous(), n)
+    with pytest.raises(FormatError, match="weight_packed"):
+        spec.weight_for_kernel(w.to(torch.int64), n)

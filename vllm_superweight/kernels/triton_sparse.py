@@ -17,9 +17,10 @@ large and the entries reuse columns (``nnz >= 2 * distinct columns``), a first k
 the BM tokens of one entry are then contiguous (128 B for BM = 64). The grid's fast axis is the slice, so all
 slices of one M block run together and the [K, BM] panel of xt stays in L2.
 
-Optional programmatic dependent launch (``pdl=True``, Hopper+): the kernel is launched with the PDL
-attribute and waits (``griddepcontrol.wait``) only before it touches ``y``; the metadata loads and the x gathers
-(x was complete before the GEMM started) overlap the GEMM's tail and the launch latency.
+Optional programmatic dependent launch (``pdl=True``, Hopper+, direct path only): the kernel is launched with
+the PDL attribute and waits (``griddepcontrol.wait``) only before it touches ``y``; the metadata loads and the x
+gathers (x was complete before the GEMM started) overlap the GEMM's tail and the launch latency. The transposed
+path reads ``xt``, written by the kernel just before it, so it is launched without PDL.
 """
 
 from __future__ import annotations
@@ -188,6 +189,16 @@ def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def pdl_allowed(pdl: bool, transposed: bool, y: torch.Tensor) -> bool:
+    """Whether the main kernel may be launched with PDL. Never on the transposed path: there the kernel right
+    before it in the stream is the gather-transpose that writes ``xt``, and the main kernel reads its x operand
+    before ``griddepcontrol.wait`` - a read of ``xt`` racing its writer (the H200 GPU test
+    ``test_pdl_after_gemm_in_cuda_graph`` saw different sums at M = 64)."""
+    if not pdl or transposed or interpreting() or _gdc_wait is None or not y.is_cuda:
+        return False
+    return _major(y.device.index if y.device.index is not None else 0) >= 9
+
+
 def sparse_correction_(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -219,9 +230,7 @@ def sparse_correction_(
     else:
         p = _blocks(m, s, depth, lanes, h, force_path == "transposed" and ucols.numel() > 0, tiles)
     assert y.stride(1) == 1, "y must have unit column stride"
-    use_pdl = pdl and not interpreting() and _gdc_wait is not None
-    if use_pdl and (not y.is_cuda or _major(y.device.index if y.device.index is not None else 0) < 9):
-        use_pdl = False
+    use_pdl = pdl_allowed(pdl, p["transposed"], y)
     # dummy (never dereferenced) pointers for empty parts
     ec, ev, erb = (ell_cols, ell_vals, ell_rb) if ell_cols.numel() else (hcols, hvals, hrows)
     hr, hp, hc, hv = (hrows, hptr, hcols, hvals) if hrows.numel() else (ell_rb, ell_rb, ell_cols, ell_vals)
