@@ -85,7 +85,14 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d"),
         }
         k = sorted({ln.split("superweight_rtn", 1)[1].strip() for ln in out.splitlines() if "superweight_rtn W" in ln})
-        rec["kernels"] = k or ["(unquantized)"]
+        if not k:  # not ours: say what vLLM serves it with (its own method, or none)
+            try:
+                with open(os.path.join(path, "config.json")) as f:
+                    qm = json.load(f).get("quantization_config", {}).get("quant_method")
+            except (OSError, ValueError):
+                qm = None
+            k = [f"vLLM {qm}" if qm else "(unquantized)"]
+        rec["kernels"] = k
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode != 0 or not lines:
             rec["status"] = f"failed rc={p.returncode}: {out[-500:]}"

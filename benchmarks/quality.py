@@ -151,6 +151,12 @@ def rows_for(model: str) -> list[Row]:
     rows.append(Row("rtn-w8a8", "rtn", 8, "channel", "int8-token", None, 0.0, "none", w8 + ["--super-weights", "none"]))
     rows.append(Row("sw-w8a8", "superweight_rtn", 8, "channel", "int8-token", True, 0.0, "none", w8, uses_sw=True))
     rows.append(Row("sw_zeroed", "sw_zeroed", 16, None, "none", False, 0.0, "none", uses_sw=True))
+    # Say the grid of every converted row: the converter's defaults come from preset `default`, whose grid is the
+    # fitted one since issue 11, so a "naive RTN" row without --grid was silently built with the fit (the W3 rows of
+    # 2026-11-30 were: 68.66 "naive" vs 88.89 for true min/max).
+    for r in rows:
+        if r.convert_args and "--grid" not in r.convert_args and "--preset" not in r.convert_args:
+            r.convert_args = r.convert_args + ["--grid", r.grid]
     return rows
 
 

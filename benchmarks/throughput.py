@@ -131,6 +131,12 @@ METHODS: dict[str, dict] = {
         ],
     ),
 }
+# the named RTN variants are min/max RTN: the converter's defaults come from preset `default`, whose grid is the
+# fitted one (issue 11), so say it (the grid does not change the kernels, only what the checkpoint holds)
+for _spec in METHODS.values():
+    _flags = _spec.get("flags")
+    if _flags and "--preset" not in _flags and "--grid" not in _flags:
+        _spec["flags"] = _flags + ["--grid", "minmax"]
 # the same checkpoints served by our Triton W4 GEMM (one stored layout, correction inside the GEMM): the base
 # variant's spec, its checkpoint reused, the kernel forced
 for _base in ("sw-w4-g128", "sw-w4-g128-holdout"):

@@ -238,6 +238,15 @@ def test_quality_rows_cover_the_issue():
             }
         naive = [r for r in rows if r.method == "rtn"]
         assert all("--super-weights" in r.convert_args and "none" in r.convert_args for r in naive)
+        # never the default preset's grid by accident: what each converter row is built with is what it says
+        # (the W3 "naive RTN" rows of 2026-11-30 were silently built with the default preset's fitted grid)
+        from vllm_superweight.cli import build_parser, quant_config_from_args
+
+        for r in rows:
+            if r.convert_args and r.method in ("rtn", "superweight_rtn"):
+                qc = quant_config_from_args(build_parser().parse_args(["convert", "SRC", "DST", *r.convert_args]))
+                assert qc.grid.value == r.grid, (r.id, qc.grid, r.grid)
+                assert qc.bits == r.bits and qc.holdout == r.holdout, r.id
         # never the default preset's hold-out by accident: explicit, or a named preset
         assert all("--holdout" in r.convert_args or "--preset" in r.convert_args for r in rows if r.convert_args)
         # issue 11: the fitted grid at the small block, the budgeted large blocks, W3 beside naive RTN

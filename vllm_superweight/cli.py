@@ -153,15 +153,10 @@ def cmd_detect(args) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # convert
 # ----------------------------------------------------------------------------------------------------------
-def cmd_convert(args) -> int:
-    from .convert import (
-        build_quant_config,
-        convert,
-        parse_clip,
-        parse_grid_params,
-        parse_size,
-        read_super_weights_json,
-    )
+def quant_config_from_args(args):
+    """The QuantConfig that ``superweight convert`` builds from its arguments: the preset (``default`` unless
+    ``--preset``) with every explicit option on top."""
+    from .convert import build_quant_config, parse_clip, parse_grid_params
 
     overrides: dict = dict(
         bits=args.bits,
@@ -184,7 +179,13 @@ def cmd_convert(args) -> int:
         overrides["grid_weight"] = args.grid_weight
     if args.holdout_budget is not None:
         overrides["holdout_budget"] = args.holdout_budget
-    qcfg = build_quant_config(args.preset, **overrides)
+    return build_quant_config(args.preset, **overrides)
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert, parse_size, read_super_weights_json
+
+    qcfg = quant_config_from_args(args)
     sws = outliers = None
     if args.super_weights is not None:
         if args.super_weights.lower() == "none":
