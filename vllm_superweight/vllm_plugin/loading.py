@@ -110,26 +110,26 @@ class LinearSpec:
         return FormatError(f"{self.prefix}.{name}: {msg}")
 
     # --- transforms (checkpoint tensor of one shard -> kernel layout at full shard size) --------------------------
-    def unpack_weight(self, w: torch.Tensor, n: int) -> torch.Tensor:
-        pf = 32 // self.bits
-        want = (n, -(-self.k // pf))
+    def check_packed(self, w: torch.Tensor, n: int) -> None:
+        """Refuse a ``weight_packed`` tensor whose shape/dtype the config does not predict."""
+        want = (n, -(-self.k // (32 // self.bits)))
         if w.dtype != torch.int32 or tuple(w.shape) != want:
             raise self._err(
                 "weight_packed",
                 f"has shape {tuple(w.shape)} {w.dtype}, but the config (bits={self.bits}, in_features={self.k}, "
                 f"out_features={n}) needs {want} int32 - the checkpoint and its config.json disagree",
             )
+
+    def unpack_weight(self, w: torch.Tensor, n: int) -> torch.Tensor:
+        self.check_packed(w, n)
         return unpack_codes(w, self.bits, (n, self.k), 1)
 
     def weight_for_kernel(self, w: torch.Tensor, n: int) -> torch.Tensor:
-        pf = 32 // self.bits
-        if kernel_bits(self.bits) == self.bits and self.k % pf == 0:
+        if kernel_bits(self.bits) == self.bits and self.k % (32 // self.bits) == 0:
             # Same packing in the checkpoint and the kernel: pass the tensor through (after the shape check). The
             # unpack + repack round trip it replaces is the identity here and took 24 s of a 7B model's load on the
             # H200 host (106 s on 2 CPU cores).
-            want = (n, self.k // pf)
-            if w.dtype != torch.int32 or tuple(w.shape) != want:
-                self.unpack_weight(w, n)  # raises the shape/dtype error
+            self.check_packed(w, n)
             return w
         return pack_codes(self.unpack_weight(w, n), kernel_bits(self.bits), 1)
 
