@@ -17,6 +17,8 @@ Sections (each written to the JSON as soon as it finishes; ``--budget-s`` skips 
   sweep     small config sweep per M bucket (BN, BM, warps, stages, split-K, dequant, scale placement), no
             hold-out; the best per M is re-timed with the hold-out; writes "best_table" (paste into CONFIGS)
   prefill   main section for M = 512..4096
+  paths     the one-layout paths per M (GEMV variants, MMA table, dequantize + cuBLAS), with / without hold-out,
+            beside cuBLAS on dense bf16 weights; writes "path_table" (the fastest path per M, with hold-out)
 
 Usage: python benchmarks/w4_fused_bench.py --out $OUT/w4_fused_bench.json [--budget-s 420] [--quick]
        python benchmarks/w4_fused_bench.py --dry-run-cpu      # tiny shapes through the Triton interpreter
@@ -47,6 +49,14 @@ PREFILL_MS = [512, 1024, 2048, 4096]
 PEAK_TBS = {"H200": 4.8, "H100 SXM": 3.35, "H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9}
 T0 = time.time()
 DRY = False
+GEMV_VARIANTS = [
+    ("gemv bn128 w1", dict(PATH="gemv", BN=128, warps=1, KU=1)),
+    ("gemv bn128 w1 ku2", dict(PATH="gemv", BN=128, warps=1, KU=2)),
+    ("gemv bn256 w2", dict(PATH="gemv", BN=256, warps=2, KU=1)),
+    ("gemv bn128 w1 waves32", dict(PATH="gemv", BN=128, warps=1, KU=1, WAVES=32)),
+    ("gemv bn128 w1 waves16", dict(PATH="gemv", BN=128, warps=1, KU=1, WAVES=16)),
+    ("gemv bn128 w1 waves4", dict(PATH="gemv", BN=128, warps=1, KU=1, WAVES=4)),
+]
 
 
 def log(msg: str) -> None:
@@ -126,6 +136,10 @@ def _warm_one(job):
             _WARM_LAYERS[key] = prep if sp else T.without_sparse(prep)
         prep = _WARM_LAYERS[key]
         ms = (1, 300) if cfg.get("BM", 16) >= 128 else (1,)
+        if cfg.get("PATH") == "gemv":
+            ms = (1, 2, 3)  # BM = 1, 2, 4
+        elif cfg.get("PATH") == "deq":
+            ms = (300,)
         for m in ms:
             x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
             sks = (1, 2) if not (sp and cfg.get("SP", 2) == 2) else (2,)
@@ -566,10 +580,74 @@ class Bench:
             self.meta["best_table"] = best
             self.save()
 
+    def section_paths(self):
+        """The one-layout paths side by side per M, with and without the 0.1 % hold-out: the CUDA-core GEMV
+        (variants), the MMA kernel (table), dequantize-into-scratch + cuBLAS; plus cuBLAS on dense bf16 weights
+        (no W4) and the dequantization alone. Records the fastest path per M (with hold-out) as ``path_table``."""
+        T = self.T
+        dense = {}
+        if not DRY:
+            for name in self.shapes:
+                dense[name] = [T.dequant_into(lay[name]["prep0"]).clone() for lay in self.layers]
+        gemv_cfgs = GEMV_VARIANTS
+        best: dict = {}
+        for m in self.args.paths_ms:
+            if self.left() < 20:
+                self.add(section="paths", m=m, note="skipped: time budget")
+                continue
+            xs = self.xs(m)
+            cands = []
+            if m <= T.GEMV_MAX_M:
+                cands += gemv_cfgs if m <= 2 else gemv_cfgs[:1]
+            if m <= 512:
+                cands.append(("mma table", dict(T.pick_config(m), PATH="mma")))
+            if m >= 16:
+                cands.append(("deq+cublas", dict(PATH="deq")))
+            for label, cfg in cands:
+                us0 = self.timed("ours", m, xs, config=cfg)
+                us1 = self.timed("ours_sp", m, xs, config=cfg)
+                if us0 is None or us1 is None:
+                    continue
+                self.add(
+                    section="paths", kernel=label, m=m, us=us1, us_without=us0, ratio=us1 / us0,
+                    bytes=self.wbytes("ours_sp") + self.iobytes(m), config=cfg,
+                )  # fmt: skip
+                if m not in best or us1 < best[m][1]:
+                    best[m] = (label, us1, us0, cfg)
+            if dense:
+
+                def fd(xs=xs):
+                    for li in range(len(self.layers)):
+                        for name in self.shapes:
+                            torch.nn.functional.linear(xs[name], dense[name][li])
+
+                us = time_graph(fd, self.args.iters) / len(self.layers)
+                self.add(section="paths", kernel="cublas dense bf16", m=m, us=us)
+            self.save()
+        if not DRY:
+
+            def fq():
+                for lay in self.layers:
+                    for name in self.shapes:
+                        T.dequant_into(lay[name]["prep"], T._deq_scratch(self.dev, torch.bfloat16, 22016 * 4096))
+
+            self.add(
+                section="paths",
+                kernel="dequant only (+entries)",
+                m=0,
+                us=time_graph(fq, self.args.iters) / len(self.layers),
+            )
+        self.meta["path_table"] = {
+            str(m): {"label": b[0], "us_holdout": b[1], "us": b[2], "config": b[3]} for m, b in best.items()
+        }
+        log("best path per M (with hold-out): " + ", ".join(f"{m}: {b[0]} {b[1]:.1f}us" for m, b in best.items()))
+
     def warm_jobs(self):
         T = self.T
         jobs = []
         ms = sorted(set(self.args.ms + self.args.prefill_ms + self.args.sweep_ms + [1, 16, 64]))
+        if not {"main", "prefill", "check", "sweep", "spsweep", "m1"} & set(self.args.sections):
+            ms = []
         for m in ms:
             base = T.pick_config(m)
             jobs += [(base, False, 256), (base, True, 256)]
@@ -584,6 +662,14 @@ class Bench:
                 ):
                     jobs.append((cfg, True, 256))
                 jobs += [(base, True, 128), (base, True, 512)]
+        if "paths" in self.args.sections:
+            for _, cfg in GEMV_VARIANTS:
+                jobs += [(cfg, False, 256), (cfg, True, 256)]
+            jobs += [(dict(PATH="deq"), False, 256), (dict(PATH="deq"), True, 256)]
+            for m in self.args.paths_ms:
+                if m <= 512:
+                    base = dict(T.pick_config(m), PATH="mma")
+                    jobs += [(base, False, 256), (base, True, 256)]
         if "sweep" in self.args.sections:
             for m in self.args.sweep_ms:
                 for _, cfg in self.candidates(m):
@@ -625,6 +711,8 @@ class Bench:
                     self.section_sweep()
                 elif sec == "prefill":
                     self.section_main(args.prefill_ms, section="prefill")
+                elif sec == "paths":
+                    self.section_paths()
             except Exception as e:  # noqa: BLE001
                 self.add(section=sec, note=f"section failed: {type(e).__name__}: {str(e)[:500]}")
                 traceback.print_exc()
@@ -686,6 +774,11 @@ def main():
         type=int,
         default=min(12, max(1, (os.cpu_count() or 2) - 2)),
         help="processes pre-compiling the kernel variants in parallel (0: compile on first use)",
+    )
+    ap.add_argument(
+        "--paths-ms",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
     )
     ap.add_argument("--quick", action="store_true", help="layers=1, iters=10, fewer M")
     ap.add_argument("--verbose", action="store_true")

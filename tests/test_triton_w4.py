@@ -295,6 +295,14 @@ INTERP_CASES = [
     (70, 256, 128, False, 3, 40, 40, True, FMA1, True, 256),
     (40, 200, -1, False, 1, 30, 0, True, FMA2, False, 128),
     (48, 192, 32, True, 3, 20, 50, False, FMA2, True, 512),
+    # the CUDA-core GEMV (M <= 4, entries scattered once per tile and split) and dequantize + dense GEMM paths
+    (70, 256, 128, False, 1, 40, 40, True, dict(PATH="gemv", BN=128, warps=1, KU=2), True, 256),
+    (40, 200, -1, False, 2, 30, 0, True, dict(PATH="gemv", BN=128, warps=1, SK=1), False, 128),
+    (48, 192, 32, True, 4, 20, 50, False, dict(PATH="gemv", BN=128, warps=1), True, 512),
+    (33, 384, 64, False, 3, 0, 0, False, dict(PATH="gemv", BN=128, warps=1, KU=2), False, 256),
+    (70, 256, 128, False, 20, 40, 40, True, dict(PATH="deq"), True, 256),
+    (40, 200, -1, False, 17, 30, 0, True, dict(PATH="deq"), False, 128),
+    (48, 192, 32, True, 3, 20, 50, True, dict(PATH="deq"), False, 512),
 ]
 
 
@@ -315,6 +323,23 @@ def test_interp_kernel(case):
         e0 = float((T.w4_reference(x, no_sp, b) - ref).norm() / ref.norm())
         e = float((y.double() - ref).norm() / ref.norm())
         assert e0 > 2 * e, (e0, e)
+
+
+@interp_only
+def test_interp_value_terms_on_every_path():
+    """Held-out values the act dtype cannot hold (float32 values, served in bf16) are stored as 2-3 exact terms:
+    the GEMV adds every term; the dequantize path sums them in fp32 and rounds the restored weight once."""
+    inputs, prep = make_layer(64, 256, 128, False, nnz=30, sw=True, seed=9, value_dtype=torch.float32)
+    assert T.prep_info(prep)["nnz"] > 30  # some values were split
+    x = torch.randn(4, 256).to(torch.bfloat16)
+    for cfg in (dict(PATH="gemv", BN=128, warps=1), dict(PATH="deq"), dict(PATH="mma", **T.pick_config(4))):
+        check_close(T.w4_mm(x, prep, config=cfg), x, inputs, tag=str(cfg))
+    w = T.dequant_into(prep).double()
+    ref = T.dequant_prep(prep).to(torch.bfloat16).double()  # the served weight, rounded once
+    # (the interpreter's fp32 -> bf16 conversion truncates: one ulp; the GPU test checks bit equality)
+    assert torch.allclose(w, ref, rtol=2.0**-7, atol=0)
+    r, c, _ = T.decode_entries(prep)
+    assert torch.allclose(w[r, c], ref[r, c], rtol=2.0**-7, atol=0)
 
 
 @interp_only
@@ -393,6 +418,49 @@ def test_gpu_vs_reference(n, k, group, sym):
         # sums may add in another order, so not bitwise equal: 22016x4096 g32 differed by one bf16 ulp on an H200)
         y2 = T.w4_mm(x, prep, b)
         check_close(y2, x, inputs, b, tag=f"{n}x{k} g{group} sym{sym} M{m} (second call)")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "n,k,group,sym",
+    [(4096, 4096, 128, False), (4096, 11008, 128, False), (22016, 4096, 32, True), (1000, 1536, 64, True),
+     (130, 256, -1, False)],
+)  # fmt: skip
+def test_gpu_gemv_and_dequant_paths(n, k, group, sym):
+    """The GEMV (M <= 4) and dequantize + cuBLAS paths against the reference, twice (the workspace stays clean),
+    and the dequantized scratch equals the served weight exactly."""
+    inputs, prep = _gpu_layer(n, k, group, sym, seed=n + k + 1)
+    for m in (1, 2, 3, 4):
+        for cfg in (dict(PATH="gemv", BN=128, warps=1), dict(PATH="gemv", BN=256, warps=2, KU=2)):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if m % 2 else None
+            for call in range(2):
+                check_close(T.w4_mm(x, prep, b, config=cfg), x, inputs, b, tag=f"gemv {cfg} M{m} call {call}")
+    for m in (16, 300, 4096):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        check_close(T.w4_mm(x, prep, config=dict(PATH="deq")), x, inputs, tag=f"deq M{m}")
+    w = T.dequant_into(prep)
+    assert torch.equal(w.float(), inputs["dense"].to(torch.bfloat16).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_paths_in_cuda_graphs():
+    inputs, prep = _gpu_layer(4096, 11008, 128, False, seed=19)
+    for m, path in ((1, "gemv"), (3, "gemv"), (512, "deq")):
+        x = torch.randn(m, 11008, device="cuda", dtype=torch.bfloat16)
+        cfg = dict(PATH=path, BN=128, warps=1)
+        T.w4_mm(x, prep, config=cfg)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = T.w4_mm(x, prep, config=cfg)
+        for _ in range(3):
+            g.replay()
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        check_close(out, x, inputs, tag=f"graph {path} M{m}")
 
 
 @pytest.mark.gpu

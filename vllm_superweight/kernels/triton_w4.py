@@ -278,6 +278,8 @@ def prepare_w4(
     prep = {key_: t.contiguous().to(device) for key_, t in out.items()}
     if device.type == "cuda":
         _workspace(device, n_pad)  # allocate the shared split-K workspace now (never during graph capture)
+        key = _deq_key(device, act)
+        _DEQ_NEED[key] = max(_DEQ_NEED.get(key, 0), n * k)
     return prep
 
 
@@ -991,6 +993,381 @@ if TRITON_OK:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# small-M path: CUDA-core GEMV over the same layout, held-out entries scattered once per (tile, split)
+# ------------------------------------------------------------------------------------------------------------
+if TRITON_OK:
+
+    @triton.jit
+    def _plane16(wv, j: tl.constexpr, ASM: tl.constexpr):
+        """fp32 1 + code_j / 16 of nibble plane j (exact): the code moved to mantissa bits 19..22 and OR-ed into 1.0
+        -- one shift and one LOP3 per weight (inline PTX: ptxas does not merge the AND and the OR of two
+        immediates into one LOP3 by itself), no int-to-float conversion."""
+        if ASM:
+            if j == 0:
+                sh: tl.constexpr = "shl.b32 t, $1, 19; "
+            elif j == 1:
+                sh: tl.constexpr = "shl.b32 t, $1, 15; "
+            elif j == 2:
+                sh: tl.constexpr = "shl.b32 t, $1, 11; "
+            elif j == 3:
+                sh: tl.constexpr = "shl.b32 t, $1, 7; "
+            elif j == 4:
+                sh: tl.constexpr = "shl.b32 t, $1, 3; "
+            elif j == 5:
+                sh: tl.constexpr = "shr.u32 t, $1, 1; "
+            elif j == 6:
+                sh: tl.constexpr = "shr.u32 t, $1, 5; "
+            else:
+                sh: tl.constexpr = "shr.u32 t, $1, 9; "
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; " + sh + "lop3.b32 $0, t, 0x780000, 0x3F800000, 0xEA; }",
+                "=r,r",
+                [wv],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            if 4 * j <= 19:
+                t = (wv << (19 - 4 * j)) & 0x780000
+            else:
+                t = (wv >> (4 * j - 19)) & 0x780000
+            return (t | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _gs_ok(sc_ptr, zp_ptr, g, NPAD, offs_n, ok, SYM: tl.constexpr):
+        """(scale, zero) fp32 of group row g, in the shape (and layout) of ``offs_n``."""
+        s = tl.load(sc_ptr + g * NPAD + offs_n, mask=ok, other=0.0).to(tl.float32)
+        if SYM:
+            z = tl.zeros_like(s) + 8.0
+        else:
+            z = tl.load(zp_ptr + g * NPAD + offs_n, mask=ok, other=0).to(tl.float32)
+        return s, z
+
+    @triton.jit
+    def _gemv_x(x_ptr, m, M, kk, K, kc, ok, stride_xm, stride_xk, K16: tl.constexpr):
+        """x[m, kk] in fp32 ([1, 16, 1], the word tile's layout); 0 for m >= M, k >= K or a block outside the split."""
+        if K16:
+            x_ok = (m < M) & (kc < K) & ok
+        else:
+            x_ok = (m < M) & (kk < K) & ok
+        return tl.load(x_ptr + m * stride_xm + kk * stride_xk, mask=x_ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _gemv_block(
+        a0, a1, a2, a3, s0, s1, s2, s3, wv, kb, ok, x_ptr, sc_ptr, zp_ptr, M, K, NPAD, n3, n_ok3,
+        stride_xm, stride_xk, G: tl.constexpr, SYM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        K16: tl.constexpr, ASM: tl.constexpr,
+    ):  # fmt: skip
+        """One 128-wide K block for up to 4 tokens (one accumulator each: a per-token tensor keeps the word tile's
+        layout, where a token axis would not): a_t[0, 0, n] += sum_{j, r} x[t, 16 j + r] * (code - z) * s, with
+        the codes as 1 + q/16 (exact) and the scale applied once per group to the partial sums:
+        (q - z) s = 16 s (1 + q/16) - (16 + z) s. Per weight one shift and one LOP3, plus one FMA per token. All
+        16 r of a column sit in one thread (BN >= 128 * warps), so the sums over r are FMA chains."""
+        if G == 0:
+            PPG: tl.constexpr = 8
+        elif G >= 128:
+            PPG: tl.constexpr = 8
+        else:
+            PPG: tl.constexpr = G // 16
+        r3 = tl.arange(0, 16)[None, :, None]
+        k0 = kb * 128
+        g0 = tl.zeros((1, 1, BN), dtype=tl.float32)
+        g1 = tl.zeros((1, 1, BN), dtype=tl.float32)
+        g2 = tl.zeros((1, 1, BN), dtype=tl.float32)
+        g3 = tl.zeros((1, 1, BN), dtype=tl.float32)
+        x0s = tl.zeros((1, 1, 1), dtype=tl.float32)
+        x1s = tl.zeros((1, 1, 1), dtype=tl.float32)
+        x2s = tl.zeros((1, 1, 1), dtype=tl.float32)
+        x3s = tl.zeros((1, 1, 1), dtype=tl.float32)
+        for j in tl.static_range(8):
+            kk = k0 + j * 16 + r3
+            kc = k0 + j * 16
+            f = _plane16(wv, j, ASM)
+            x0 = _gemv_x(x_ptr, 0, M, kk, K, kc, ok, stride_xm, stride_xk, K16)
+            g0 += tl.sum(x0 * f, axis=1, keep_dims=True)
+            x0s += tl.sum(x0, axis=1, keep_dims=True)
+            if BM > 1:
+                x1 = _gemv_x(x_ptr, 1, M, kk, K, kc, ok, stride_xm, stride_xk, K16)
+                g1 += tl.sum(x1 * f, axis=1, keep_dims=True)
+                x1s += tl.sum(x1, axis=1, keep_dims=True)
+            if BM > 2:
+                x2 = _gemv_x(x_ptr, 2, M, kk, K, kc, ok, stride_xm, stride_xk, K16)
+                g2 += tl.sum(x2 * f, axis=1, keep_dims=True)
+                x2s += tl.sum(x2, axis=1, keep_dims=True)
+                x3 = _gemv_x(x_ptr, 3, M, kk, K, kc, ok, stride_xm, stride_xk, K16)
+                g3 += tl.sum(x3 * f, axis=1, keep_dims=True)
+                x3s += tl.sum(x3, axis=1, keep_dims=True)
+            if j % PPG == PPG - 1:
+                if G == 0:  # channel-wise: the scale is applied once at the end
+                    a0 += g0
+                    s0 += x0s
+                    if BM > 1:
+                        a1 += g1
+                        s1 += x1s
+                    if BM > 2:
+                        a2 += g2
+                        s2 += x2s
+                        a3 += g3
+                        s3 += x3s
+                else:
+                    s, z = _gs_ok(sc_ptr, zp_ptr, (k0 + j * 16) // G, NPAD, n3, n_ok3 & ok, SYM)
+                    sa = 16.0 * s
+                    sb = -(16.0 + z) * s
+                    a0 += g0 * sa + x0s * sb
+                    if BM > 1:
+                        a1 += g1 * sa + x1s * sb
+                    if BM > 2:
+                        a2 += g2 * sa + x2s * sb
+                        a3 += g3 * sa + x3s * sb
+                if j < 7:
+                    g0 = tl.zeros((1, 1, BN), dtype=tl.float32)
+                    g1 = tl.zeros((1, 1, BN), dtype=tl.float32)
+                    g2 = tl.zeros((1, 1, BN), dtype=tl.float32)
+                    g3 = tl.zeros((1, 1, BN), dtype=tl.float32)
+                    x0s = tl.zeros((1, 1, 1), dtype=tl.float32)
+                    x1s = tl.zeros((1, 1, 1), dtype=tl.float32)
+                    x2s = tl.zeros((1, 1, 1), dtype=tl.float32)
+                    x3s = tl.zeros((1, 1, 1), dtype=tl.float32)
+        return a0, a1, a2, a3, s0, s1, s2, s3
+
+    @triton.jit(do_not_specialize=["M", "NKB", "KB_PER_SPLIT", "SK"])
+    def _w4_gemv_kernel(
+        x_ptr,
+        qw_ptr,
+        sc_ptr,
+        zp_ptr,
+        bias_ptr,
+        y_ptr,
+        spp_ptr,
+        spe_ptr,
+        ws_ptr,
+        cnt_ptr,
+        M,
+        N,
+        K,
+        KW,
+        NPAD,
+        NKB,
+        NS,
+        KB_PER_SPLIT,
+        SK,
+        stride_xm,
+        stride_xk,
+        stride_ym,
+        G: tl.constexpr,
+        SYM: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_SP: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        KU: tl.constexpr,
+        USE_WS: tl.constexpr,
+        E: tl.constexpr,
+        F16: tl.constexpr,
+        SPB: tl.constexpr,
+        I64: tl.constexpr,
+        K16: tl.constexpr = True,
+        ASM: tl.constexpr = False,
+    ):
+        """y[m, n] for M <= BM tokens (BM = 1, 2 or 4) on CUDA cores; grid (N tiles, split-K). Held-out entries are
+        applied ONCE per (tile, split) after the K loop -- the tile's entries of one sparse block are one contiguous
+        range -- as fp32 red.adds into the split-K workspace, which the last split of the tile rounds once into y."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n0 = pid_n * BN
+        offs_n = n0 + tl.arange(0, BN)
+        n3 = offs_n[None, None, :]
+        n_ok3 = n3 < NPAD
+        offs_m = tl.arange(0, BM)
+        r3 = tl.arange(0, 16)[None, :, None]
+        if I64:
+            w_col = (n3 // 32).to(tl.int64) * KW * 32 + (n3 % 32)
+        else:
+            w_col = (n3 // 32) * (KW * 32) + (n3 % 32)
+        a0 = tl.zeros((1, 1, BN), dtype=tl.float32)
+        a1 = tl.zeros((1, 1, BN), dtype=tl.float32)
+        a2 = tl.zeros((1, 1, BN), dtype=tl.float32)
+        a3 = tl.zeros((1, 1, BN), dtype=tl.float32)
+        s0 = tl.zeros((1, 1, 1), dtype=tl.float32)
+        s1 = tl.zeros((1, 1, 1), dtype=tl.float32)
+        s2 = tl.zeros((1, 1, 1), dtype=tl.float32)
+        s3 = tl.zeros((1, 1, 1), dtype=tl.float32)
+        kb_lo = pid_k * KB_PER_SPLIT
+        kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
+        for kb in range(kb_lo, kb_hi, KU):
+            wv0 = tl.load(qw_ptr + w_col + (kb * 16 + r3) * 32, mask=n_ok3, other=0)
+            if KU == 2:  # both blocks' loads in flight before either is used
+                ok1 = kb + 1 < kb_hi
+                wv1 = tl.load(qw_ptr + w_col + ((kb + 1) * 16 + r3) * 32, mask=n_ok3 & ok1, other=0)
+            a0, a1, a2, a3, s0, s1, s2, s3 = _gemv_block(
+                a0, a1, a2, a3, s0, s1, s2, s3, wv0, kb, True, x_ptr, sc_ptr, zp_ptr, M, K, NPAD, n3, n_ok3,
+                stride_xm, stride_xk, G, SYM, BM, BN, K16, ASM,
+            )  # fmt: skip
+            if KU == 2:
+                a0, a1, a2, a3, s0, s1, s2, s3 = _gemv_block(
+                    a0, a1, a2, a3, s0, s1, s2, s3, wv1, kb + 1, ok1, x_ptr, sc_ptr, zp_ptr, M, K, NPAD, n3, n_ok3,
+                    stride_xm, stride_xk, G, SYM, BM, BN, K16, ASM,
+                )  # fmt: skip
+        if G == 0:
+            s, z = _gs_ok(sc_ptr, zp_ptr, 0, NPAD, n3, n_ok3, SYM)
+            sa = 16.0 * s
+            sb = -(16.0 + z) * s
+            a0 = a0 * sa + s0 * sb
+            a1 = a1 * sa + s1 * sb
+            a2 = a2 * sa + s2 * sb
+            a3 = a3 * sa + s3 * sb
+        # [BM, BN] from the per-token rows
+        mm = offs_m[:, None]
+        acc = tl.where(mm == 0, tl.sum(a0, axis=1), 0.0)
+        if BM > 1:
+            acc = tl.where(mm == 1, tl.sum(a1, axis=1), acc)
+        if BM > 2:
+            acc = tl.where(mm == 2, tl.sum(a2, axis=1), acc)
+            acc = tl.where(mm == 3, tl.sum(a3, axis=1), acc)
+        out = acc
+
+        if HAS_SP:
+            SPK: tl.constexpr = SPB // 128
+            for sb in range(kb_lo // SPK, tl.cdiv(kb_hi, SPK)):
+                pbase = sb * NS + n0 // 16
+                lo = tl.load(spp_ptr + pbase)
+                hi = tl.load(spp_ptr + pbase + tl.minimum(BN // 16, NS - n0 // 16))
+                for e0 in range(lo, hi, E):
+                    _sp_scatter(
+                        x_ptr, spe_ptr, ws_ptr, e0, hi, sb * SPB, n0, offs_m, M, stride_xm, stride_xk, NPAD,
+                        BN, E, F16, SPB, I64,
+                    )  # fmt: skip
+
+        m_ok = offs_m < M
+        n_store = offs_n < N
+        out_mask = m_ok[:, None] & n_store[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        if not USE_WS:
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            ws_ptrs = ws_ptr + offs_m[:, None] * NPAD + offs_n[None, :]
+            tl.atomic_add(ws_ptrs, out, mask=out_mask, sem="relaxed")
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if done == SK - 1:
+                tot = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    tot += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(ws_ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=out_mask)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+
+    # --------------------------------------------------------------------------------------------------------
+    # large-M path: the served weight (W4 dequantized, held-out values restored) written once per call into a
+    # shared scratch, then one dense GEMM (cuBLAS): the correction rides inside the weights, no pass over y
+    # --------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _w4_dequant_kernel(
+        qw_ptr,
+        sc_ptr,
+        zp_ptr,
+        w_ptr,
+        N,
+        K,
+        KW,
+        NPAD,
+        G: tl.constexpr,
+        SYM: tl.constexpr,
+        BN: tl.constexpr,
+        I64: tl.constexpr,
+    ):
+        """w[n, k] = (code - z) * s rounded once to w's dtype (as Marlin / Machete), one 128-wide K block x BN rows
+        per program."""
+        pid_n = tl.program_id(0)
+        kb = tl.program_id(1)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < NPAD
+        n_st = offs_n < N
+        rr = tl.arange(0, 16)
+        if I64:
+            w_col = (offs_n // 32).to(tl.int64) * KW * 32 + (offs_n % 32)
+            row = offs_n.to(tl.int64) * K
+        else:
+            w_col = (offs_n // 32) * (KW * 32) + (offs_n % 32)
+            row = offs_n * K
+        wv = tl.load(qw_ptr + w_col[None, :] + (kb * 16 + rr)[:, None] * 32, mask=n_ok[None, :], other=0)
+        k0 = kb * 128
+        for j in tl.static_range(8):
+            if G == 0:
+                s, z = _gs_ok(sc_ptr, zp_ptr, 0, NPAD, offs_n, n_ok, SYM)
+            else:
+                s, z = _gs_ok(sc_ptr, zp_ptr, (k0 + j * 16) // G, NPAD, offs_n, n_ok, SYM)
+            f = (((wv >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[None, :]
+            kk = k0 + j * 16 + rr
+            tl.store(
+                w_ptr + row[None, :] + kk[:, None],
+                (f * s[None, :]).to(w_ptr.dtype.element_ty),
+                mask=n_st[None, :] & (kk < K)[:, None],
+            )
+
+    @triton.jit
+    def _w4_entries_kernel(
+        spp_ptr,
+        spe_ptr,
+        w_ptr,
+        N,
+        K,
+        NS,
+        E: tl.constexpr,
+        TS: tl.constexpr,
+        F16: tl.constexpr,
+        SPB: tl.constexpr,
+        I64: tl.constexpr,
+    ):
+        """w[row, col] += held-out value (its 1-3 exact terms summed in fp32, rounded once) for the entries of one
+        (sparse block, TS slices); runs after ``_w4_dequant_kernel``, where those positions hold exactly 0."""
+        if SPB == 128:
+            CB: tl.constexpr = 7
+        elif SPB == 256:
+            CB: tl.constexpr = 8
+        else:
+            CB: tl.constexpr = 9
+        sb = tl.program_id(0)
+        s0 = tl.program_id(1) * TS
+        s1 = tl.minimum(s0 + TS, NS)
+        lo = tl.load(spp_ptr + sb * NS + s0)
+        hi = tl.load(spp_ptr + sb * NS + s1)
+        n0 = s0 * 16
+        for e0 in range(lo, hi, E):
+            idx = e0 + tl.arange(0, E)
+            ok = idx < hi
+            ent = tl.load(spe_ptr + idx, mask=ok, other=0)
+            prv = tl.load(spe_ptr + idx - 1, mask=ok & (idx > lo), other=0)
+            nx1 = tl.load(spe_ptr + idx + 1, mask=idx + 1 < hi, other=0)
+            nx2 = tl.load(spe_ptr + idx + 2, mask=idx + 2 < hi, other=0)
+            pos = ent & 0xFFFF
+            first = ok & ((idx == lo) | ((prv & 0xFFFF) != pos))  # terms of one value are consecutive
+            t1 = (idx + 1 < hi) & ((nx1 & 0xFFFF) == pos)
+            t2 = t1 & (idx + 2 < hi) & ((nx2 & 0xFFFF) == pos)
+            if F16:
+                v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                v1 = ((nx1 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                v2 = ((nx2 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            else:
+                v = (ent & -65536).to(tl.float32, bitcast=True)
+                v1 = (nx1 & -65536).to(tl.float32, bitcast=True)
+                v2 = (nx2 & -65536).to(tl.float32, bitcast=True)
+            v = v + tl.where(t1, v1, 0.0) + tl.where(t2, v2, 0.0)
+            row = n0 + (((ent >> CB) - n0) & ((1 << (16 - CB)) - 1))
+            col = sb * SPB + (ent & (SPB - 1))
+            keep = first & (row < N) & (col < K)
+            if I64:
+                off = row.to(tl.int64) * K + col
+            else:
+                off = row * K + col
+            cur = tl.load(w_ptr + off, mask=keep, other=0.0).to(tl.float32)
+            tl.store(w_ptr + off, (cur + v).to(w_ptr.dtype.element_ty), mask=keep)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # launcher
 # ------------------------------------------------------------------------------------------------------------
 def pick_config(m: int, table=None) -> dict:
@@ -1089,6 +1466,13 @@ def w4_mm(
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     cfg = dict(config) if config is not None else pick_config(m, table)
+    path = cfg.get("PATH", "mma")
+    if path == "gemv" and m <= GEMV_MAX_M:
+        return _gemv(x2, prep, info, bias, y, cfg).reshape(*x.shape[:-1], n)
+    if path == "deq":
+        return _deq_mm(x2, prep, info, bias).reshape(*x.shape[:-1], n)
+    if path == "gemv":  # more tokens than the GEMV takes: the MMA kernel's table entry for M
+        cfg = pick_config(m, [(mm, c) for mm, c in (table or CONFIGS) if c.get("PATH", "mma") == "mma"] or None)
     interp = interpreting() or not x2.is_cuda
     if interp:
         cfg["ASM"] = 0
@@ -1154,6 +1538,204 @@ def w4_mm(
         num_stages=p["stages"],
     )
     return y.reshape(*x.shape[:-1], n)
+
+
+GEMV_MAX_M = 4  # the CUDA-core GEMV takes up to this many tokens
+GEMV_TARGET_WAVES = 8  # split-K grows until the GEMV grid has this many programs per SM
+
+
+def plan_gemv(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
+    """Launch plan of the GEMV path (host ints only)."""
+    bn = int(cfg.get("BN", 128))
+    if bn not in (32, 64, 128, 256):
+        raise ValueError(f"BN must be 32, 64, 128 or 256, got {bn}")
+    if m > GEMV_MAX_M:
+        raise ValueError(f"the GEMV path takes M <= {GEMV_MAX_M}, got {m}")
+    nnz = info["nnz"]
+    spb = info["sp_block"]
+    if nnz and bn > (1 << (16 - (spb.bit_length() - 1))):
+        raise ValueError(f"BN={bn} exceeds the row range of sp_block={spb} entries")
+    ku = int(cfg.get("KU", 1))
+    warps = int(cfg.get("warps", 1))
+    if bn < 128 * warps:
+        raise ValueError(f"the GEMV needs BN >= 128 * warps (all 16 K rows of a column in one thread): {bn}, {warps}")
+    nkb = info["k_pad"] // PB
+    n_t = _cdiv(info["n"], bn)
+    spk = spb // PB if nnz else 1
+    step = max(spk, ku)  # a split covers whole sparse blocks and whole KU steps
+    sk = int(cfg.get("SK", 0))
+    if sk <= 0:
+        sk = 1
+        while n_t * sk < int(cfg.get("WAVES", GEMV_TARGET_WAVES)) * n_sm and _cdiv(nkb, sk * 2) >= int(
+            cfg.get("MIN_KB", 2)
+        ):
+            sk *= 2
+    sk = max(1, min(sk, nkb))
+    if n_t > WS_COUNTERS:
+        sk = 1
+    kbs = _cdiv(_cdiv(nkb, sk), step) * step
+    sk = _cdiv(nkb, kbs)
+    return {
+        "BM": _np2(m),
+        "BN": bn,
+        "KU": ku,
+        "SK": sk,
+        "KB_PER_SPLIT": kbs,
+        "grid": (n_t, sk),
+        "E": int(cfg.get("E", 32)),
+        "HAS_SP": bool(nnz),
+        "USE_WS": sk > 1 or bool(nnz),
+        "warps": warps,
+        "stages": int(cfg.get("stages", 1)),
+        "ASM": int(cfg.get("ASM", 1)),
+    }
+
+
+def _i64(m: int, x2: torch.Tensor, prep: dict, info: dict, y: torch.Tensor) -> bool:
+    return (
+        max(m * max(x2.stride(0), info["n_pad"], y.stride(0)), prep["qw"].numel(), WS_MAX_M * info["n_pad"] + 512)
+        >= 2**31 - 1
+    )
+
+
+def _gemv(x2: torch.Tensor, prep: dict, info: dict, bias, y: torch.Tensor, cfg: dict) -> torch.Tensor:
+    m = x2.shape[0]
+    p = plan_gemv(m, info, cfg, _sms(x2.device))
+    if p["USE_WS"]:
+        if x2.is_cuda:
+            ws, cnt, cap = _workspace(x2.device, info["n_pad"])
+        else:
+            ws = torch.zeros(WS_MAX_M * info["n_pad"] + 512, dtype=torch.float32, device=x2.device)
+            cnt = torch.zeros(WS_COUNTERS, dtype=torch.int32, device=x2.device)
+            cap = info["n_pad"]
+        if cap < info["n_pad"]:
+            raise RuntimeError("w4_mm: split-K workspace too small (prepare_w4 was not run on this device)")
+    else:
+        ws, cnt = prep["qw"], prep["sp_ptr"]  # never dereferenced
+    _w4_gemv_kernel[p["grid"]](
+        x2,
+        prep["qw"],
+        prep["scale"],
+        prep.get("zero", prep["scale"]),
+        bias if bias is not None else prep["scale"],
+        y,
+        prep["sp_ptr"],
+        prep["sp_ent"],
+        ws,
+        cnt,
+        m,
+        info["n"],
+        info["k"],
+        prep["qw"].shape[1],
+        info["n_pad"],
+        info["k_pad"] // PB,
+        info["n_pad"] // SLICE,
+        p["KB_PER_SPLIT"],
+        p["SK"],
+        x2.stride(0),
+        x2.stride(1),
+        y.stride(0),
+        G=info["group"],
+        SYM=info["sym"],
+        HAS_BIAS=bias is not None,
+        HAS_SP=p["HAS_SP"],
+        BM=p["BM"],
+        BN=p["BN"],
+        KU=p["KU"],
+        USE_WS=p["USE_WS"],
+        E=p["E"],
+        F16=x2.dtype == torch.float16,
+        SPB=info["sp_block"],
+        I64=_i64(m, x2, prep, info, y),
+        K16=info["k"] % 16 == 0,
+        ASM=bool(p["ASM"]) and x2.is_cuda and not interpreting(),
+        num_warps=p["warps"],
+        num_stages=p["stages"],
+    )
+    return y
+
+
+# shared dequantization scratch of the large-M path: one per (device, dtype), sized for the largest layer
+# prepared there, allocated at the first large-M call (vLLM's profiling run: counted as activation memory, not
+# as weights)
+_DEQ: dict = {}
+_DEQ_NEED: dict = {}
+
+
+def _deq_key(device: torch.device, dtype: torch.dtype):
+    idx = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    return (device.type, idx, dtype)
+
+
+def deq_scratch_bytes() -> dict:
+    """Bytes of each allocated large-M scratch (benchmarks / memory reports)."""
+    return {str(k): v.numel() * v.element_size() for k, v in _DEQ.items()}
+
+
+def _deq_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    key = _deq_key(device, dtype)
+    cur = _DEQ.get(key)
+    if cur is None or cur.numel() < numel:
+        need = max(numel, _DEQ_NEED.get(key, 0))
+        _DEQ.pop(key, None)
+        cur = torch.empty(need, dtype=dtype, device=device)
+        _DEQ[key] = cur
+    return cur
+
+
+def dequant_into(prep: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The served weight [N, K] (act dtype): W4 dequantized, held-out values restored (their terms summed in fp32,
+    rounded once). Into ``out`` (a flat scratch of >= N*K elements) or a new tensor."""
+    info = prep_info(prep)
+    n, k = info["n"], info["k"]
+    dev = prep["qw"].device
+    flat = out if out is not None else torch.empty(n * k, dtype=info["act_dtype"], device=dev)
+    w = flat[: n * k].view(n, k)
+    i64 = max(n * k, prep["qw"].numel()) >= 2**31 - 1
+    bn = 128
+    _w4_dequant_kernel[(_cdiv(info["n_pad"], bn), info["k_pad"] // PB)](
+        prep["qw"],
+        prep["scale"],
+        prep.get("zero", prep["scale"]),
+        w,
+        n,
+        k,
+        prep["qw"].shape[1],
+        info["n_pad"],
+        G=info["group"],
+        SYM=info["sym"],
+        BN=bn,
+        I64=i64,
+        num_warps=4,
+    )
+    if info["nnz"]:
+        spb = info["sp_block"]
+        ts = min(16, (1 << (16 - (spb.bit_length() - 1))) // SLICE)
+        ns = info["n_pad"] // SLICE
+        _w4_entries_kernel[(_cdiv(info["k_pad"], spb), _cdiv(ns, ts))](
+            prep["sp_ptr"],
+            prep["sp_ent"],
+            w,
+            n,
+            k,
+            ns,
+            E=64,
+            TS=ts,
+            F16=info["act_dtype"] == torch.float16,
+            SPB=spb,
+            I64=i64,
+            num_warps=2,
+        )
+    return w
+
+
+def _deq_mm(x2: torch.Tensor, prep: dict, info: dict, bias) -> torch.Tensor:
+    n, k = info["n"], info["k"]
+    if x2.is_cuda:
+        w = dequant_into(prep, _deq_scratch(x2.device, x2.dtype, n * k))
+    else:
+        w = dequant_into(prep)
+    return torch.nn.functional.linear(x2, w, bias)
 
 
 # ------------------------------------------------------------------------------------------------------------
