@@ -50,12 +50,14 @@ PEAK_TBS = {"H200": 4.8, "H100 SXM": 3.35, "H100 80GB HBM3": 3.35, "H100 PCIe": 
 T0 = time.time()
 DRY = False
 GEMV_VARIANTS = [
-    ("gemv bn128 w1", dict(PATH="gemv", BN=128, warps=1, KU=1)),
-    ("gemv bn128 w1 ku2", dict(PATH="gemv", BN=128, warps=1, KU=2)),
-    ("gemv bn256 w2", dict(PATH="gemv", BN=256, warps=2, KU=1)),
-    ("gemv bn128 w1 waves32", dict(PATH="gemv", BN=128, warps=1, KU=1, WAVES=32)),
-    ("gemv bn128 w1 waves16", dict(PATH="gemv", BN=128, warps=1, KU=1, WAVES=16)),
-    ("gemv bn128 w1 waves4", dict(PATH="gemv", BN=128, warps=1, KU=1, WAVES=4)),
+    ("gemv bn128 w1", dict(PATH="gemv", BN=128, warps=1)),
+    ("gemv bn128 w1 st2", dict(PATH="gemv", BN=128, warps=1, stages=2)),
+    ("gemv bn128 w1 st3", dict(PATH="gemv", BN=128, warps=1, stages=3)),
+    ("gemv bn128 w1 r128", dict(PATH="gemv", BN=128, warps=1, maxnreg=128)),
+    ("gemv bn128 w1 st2 r128", dict(PATH="gemv", BN=128, warps=1, stages=2, maxnreg=128)),
+    ("gemv bn128 w1 st2 waves32", dict(PATH="gemv", BN=128, warps=1, stages=2, WAVES=32)),
+    ("gemv bn256 w2 st2", dict(PATH="gemv", BN=256, warps=2, stages=2)),
+    ("gemv bn256 w2", dict(PATH="gemv", BN=256, warps=2)),
 ]
 
 
@@ -588,7 +590,7 @@ class Bench:
         dense = {}
         if not DRY:
             for name in self.shapes:
-                dense[name] = [T.dequant_into(lay[name]["prep0"]).clone() for lay in self.layers]
+                dense[name] = [T.dequant_into(lay[name]["prep0"]).T.contiguous() for lay in self.layers]
         gemv_cfgs = GEMV_VARIANTS
         best: dict = {}
         for m in self.args.paths_ms:

@@ -334,7 +334,7 @@ def test_interp_value_terms_on_every_path():
     x = torch.randn(4, 256).to(torch.bfloat16)
     for cfg in (dict(PATH="gemv", BN=128, warps=1), dict(PATH="deq"), dict(PATH="mma", **T.pick_config(4))):
         check_close(T.w4_mm(x, prep, config=cfg), x, inputs, tag=str(cfg))
-    w = T.dequant_into(prep).double()
+    w = T.dequant_into(prep).T.double()
     ref = T.dequant_prep(prep).to(torch.bfloat16).double()  # the served weight, rounded once
     # (the interpreter's fp32 -> bf16 conversion truncates: one ulp; the GPU test checks bit equality)
     assert torch.allclose(w, ref, rtol=2.0**-7, atol=0)
@@ -440,7 +440,7 @@ def test_gpu_gemv_and_dequant_paths(n, k, group, sym):
     for m in (16, 300, 4096):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         check_close(T.w4_mm(x, prep, config=dict(PATH="deq")), x, inputs, tag=f"deq M{m}")
-    w = T.dequant_into(prep)
+    w = T.dequant_into(prep).T
     assert torch.equal(w.float(), inputs["dense"].to(torch.bfloat16).float())
 
 

@@ -1169,6 +1169,7 @@ if TRITON_OK:
         I64: tl.constexpr,
         K16: tl.constexpr = True,
         ASM: tl.constexpr = False,
+        STAGES: tl.constexpr = 1,
     ):
         """y[m, n] for M <= BM tokens (BM = 1, 2 or 4) on CUDA cores; grid (N tiles, split-K). Held-out entries are
         applied ONCE per (tile, split) after the K loop -- the tile's entries of one sparse block are one contiguous
@@ -1195,7 +1196,7 @@ if TRITON_OK:
         s3 = tl.zeros((1, 1, 1), dtype=tl.float32)
         kb_lo = pid_k * KB_PER_SPLIT
         kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, NKB)
-        for kb in range(kb_lo, kb_hi, KU):
+        for kb in tl.range(kb_lo, kb_hi, KU, num_stages=STAGES):
             wv0 = tl.load(qw_ptr + w_col + (kb * 16 + r3) * 32, mask=n_ok3, other=0)
             if KU == 2:  # both blocks' loads in flight before either is used
                 ok1 = kb + 1 < kb_hi
@@ -1269,30 +1270,37 @@ if TRITON_OK:
         qw_ptr,
         sc_ptr,
         zp_ptr,
+        spp_ptr,
+        spe_ptr,
         w_ptr,
         N,
         K,
         KW,
         NPAD,
+        NS,
         G: tl.constexpr,
         SYM: tl.constexpr,
         BN: tl.constexpr,
+        HAS_SP: tl.constexpr,
+        E: tl.constexpr,
+        F16: tl.constexpr,
+        SPB: tl.constexpr,
         I64: tl.constexpr,
     ):
-        """w[n, k] = (code - z) * s rounded once to w's dtype (as Marlin / Machete), one 128-wide K block x BN rows
-        per program."""
+        """wT[k, n] = (code - z) * s rounded once to wT's dtype (as Marlin / Machete), for one 128-wide K block x BN
+        rows per program (stored K-major, coalesced along n); then the held-out values of that region are written
+        over their positions (where the codes give exactly 0): their 1-3 exact terms summed in fp32, rounded once."""
         pid_n = tl.program_id(0)
         kb = tl.program_id(1)
-        offs_n = pid_n * BN + tl.arange(0, BN)
+        n0 = pid_n * BN
+        offs_n = n0 + tl.arange(0, BN)
         n_ok = offs_n < NPAD
         n_st = offs_n < N
         rr = tl.arange(0, 16)
         if I64:
             w_col = (offs_n // 32).to(tl.int64) * KW * 32 + (offs_n % 32)
-            row = offs_n.to(tl.int64) * K
         else:
             w_col = (offs_n // 32) * (KW * 32) + (offs_n % 32)
-            row = offs_n * K
         wv = tl.load(qw_ptr + w_col[None, :] + (kb * 16 + rr)[:, None] * 32, mask=n_ok[None, :], other=0)
         k0 = kb * 128
         for j in tl.static_range(8):
@@ -1302,69 +1310,55 @@ if TRITON_OK:
                 s, z = _gs_ok(sc_ptr, zp_ptr, (k0 + j * 16) // G, NPAD, offs_n, n_ok, SYM)
             f = (((wv >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[None, :]
             kk = k0 + j * 16 + rr
+            if I64:
+                row = kk.to(tl.int64) * N
+            else:
+                row = kk * N
             tl.store(
-                w_ptr + row[None, :] + kk[:, None],
+                w_ptr + row[:, None] + offs_n[None, :],
                 (f * s[None, :]).to(w_ptr.dtype.element_ty),
                 mask=n_st[None, :] & (kk < K)[:, None],
             )
-
-    @triton.jit
-    def _w4_entries_kernel(
-        spp_ptr,
-        spe_ptr,
-        w_ptr,
-        N,
-        K,
-        NS,
-        E: tl.constexpr,
-        TS: tl.constexpr,
-        F16: tl.constexpr,
-        SPB: tl.constexpr,
-        I64: tl.constexpr,
-    ):
-        """w[row, col] += held-out value (its 1-3 exact terms summed in fp32, rounded once) for the entries of one
-        (sparse block, TS slices); runs after ``_w4_dequant_kernel``, where those positions hold exactly 0."""
-        if SPB == 128:
-            CB: tl.constexpr = 7
-        elif SPB == 256:
-            CB: tl.constexpr = 8
-        else:
-            CB: tl.constexpr = 9
-        sb = tl.program_id(0)
-        s0 = tl.program_id(1) * TS
-        s1 = tl.minimum(s0 + TS, NS)
-        lo = tl.load(spp_ptr + sb * NS + s0)
-        hi = tl.load(spp_ptr + sb * NS + s1)
-        n0 = s0 * 16
-        for e0 in range(lo, hi, E):
-            idx = e0 + tl.arange(0, E)
-            ok = idx < hi
-            ent = tl.load(spe_ptr + idx, mask=ok, other=0)
-            prv = tl.load(spe_ptr + idx - 1, mask=ok & (idx > lo), other=0)
-            nx1 = tl.load(spe_ptr + idx + 1, mask=idx + 1 < hi, other=0)
-            nx2 = tl.load(spe_ptr + idx + 2, mask=idx + 2 < hi, other=0)
-            pos = ent & 0xFFFF
-            first = ok & ((idx == lo) | ((prv & 0xFFFF) != pos))  # terms of one value are consecutive
-            t1 = (idx + 1 < hi) & ((nx1 & 0xFFFF) == pos)
-            t2 = t1 & (idx + 2 < hi) & ((nx2 & 0xFFFF) == pos)
-            if F16:
-                v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                v1 = ((nx1 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                v2 = ((nx2 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        if HAS_SP:
+            if SPB == 128:
+                CB: tl.constexpr = 7
+            elif SPB == 256:
+                CB: tl.constexpr = 8
             else:
-                v = (ent & -65536).to(tl.float32, bitcast=True)
-                v1 = (nx1 & -65536).to(tl.float32, bitcast=True)
-                v2 = (nx2 & -65536).to(tl.float32, bitcast=True)
-            v = v + tl.where(t1, v1, 0.0) + tl.where(t2, v2, 0.0)
-            row = n0 + (((ent >> CB) - n0) & ((1 << (16 - CB)) - 1))
-            col = sb * SPB + (ent & (SPB - 1))
-            keep = first & (row < N) & (col < K)
-            if I64:
-                off = row.to(tl.int64) * K + col
-            else:
-                off = row * K + col
-            cur = tl.load(w_ptr + off, mask=keep, other=0.0).to(tl.float32)
-            tl.store(w_ptr + off, (cur + v).to(w_ptr.dtype.element_ty), mask=keep)
+                CB: tl.constexpr = 9
+            tl.debug_barrier()  # the tile's stores before the entries' (same CTA)
+            sb = k0 // SPB
+            pbase = sb * NS + n0 // 16
+            lo = tl.load(spp_ptr + pbase)
+            hi = tl.load(spp_ptr + pbase + tl.minimum(BN // 16, NS - n0 // 16))
+            for e0 in range(lo, hi, E):
+                idx = e0 + tl.arange(0, E)
+                ok = idx < hi
+                ent = tl.load(spe_ptr + idx, mask=ok, other=0)
+                prv = tl.load(spe_ptr + idx - 1, mask=ok & (idx > lo), other=0)
+                nx1 = tl.load(spe_ptr + idx + 1, mask=idx + 1 < hi, other=0)
+                nx2 = tl.load(spe_ptr + idx + 2, mask=idx + 2 < hi, other=0)
+                pos = ent & 0xFFFF
+                first = ok & ((idx == lo) | ((prv & 0xFFFF) != pos))  # terms of one value are consecutive
+                t1 = (idx + 1 < hi) & ((nx1 & 0xFFFF) == pos)
+                t2 = t1 & (idx + 2 < hi) & ((nx2 & 0xFFFF) == pos)
+                if F16:
+                    v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    v1 = ((nx1 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    v2 = ((nx2 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                else:
+                    v = (ent & -65536).to(tl.float32, bitcast=True)
+                    v1 = (nx1 & -65536).to(tl.float32, bitcast=True)
+                    v2 = (nx2 & -65536).to(tl.float32, bitcast=True)
+                v = v + tl.where(t1, v1, 0.0) + tl.where(t2, v2, 0.0)
+                row = n0 + (((ent >> CB) - n0) & ((1 << (16 - CB)) - 1))
+                col = sb * SPB + (ent & (SPB - 1))
+                keep = first & (row < N) & (col < K) & (col >= k0) & (col < k0 + 128)
+                if I64:
+                    off = col.to(tl.int64) * N + row
+                else:
+                    off = col * N + row
+                tl.store(w_ptr + off, v.to(w_ptr.dtype.element_ty), mask=keep)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1588,6 +1582,7 @@ def plan_gemv(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
         "warps": warps,
         "stages": int(cfg.get("stages", 1)),
         "ASM": int(cfg.get("ASM", 1)),
+        "maxnreg": int(cfg.get("maxnreg", 0)),
     }
 
 
@@ -1649,8 +1644,9 @@ def _gemv(x2: torch.Tensor, prep: dict, info: dict, bias, y: torch.Tensor, cfg: 
         I64=_i64(m, x2, prep, info, y),
         K16=info["k"] % 16 == 0,
         ASM=bool(p["ASM"]) and x2.is_cuda and not interpreting(),
+        STAGES=p["stages"],
         num_warps=p["warps"],
-        num_stages=p["stages"],
+        **({"maxnreg": p["maxnreg"]} if p["maxnreg"] else {}),
     )
     return y
 
@@ -1684,58 +1680,52 @@ def _deq_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.
 
 
 def dequant_into(prep: dict, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The served weight [N, K] (act dtype): W4 dequantized, held-out values restored (their terms summed in fp32,
-    rounded once). Into ``out`` (a flat scratch of >= N*K elements) or a new tensor."""
+    """The served weight, TRANSPOSED: wT [K, N] (act dtype) = W4 dequantized with the held-out values restored
+    (their terms summed in fp32, rounded once), in one kernel. Into ``out`` (a flat scratch of >= N*K elements)
+    or a new tensor. ``dequant_into(prep).T`` is W [N, K]."""
     info = prep_info(prep)
     n, k = info["n"], info["k"]
     dev = prep["qw"].device
     flat = out if out is not None else torch.empty(n * k, dtype=info["act_dtype"], device=dev)
-    w = flat[: n * k].view(n, k)
-    i64 = max(n * k, prep["qw"].numel()) >= 2**31 - 1
+    wt = flat[: n * k].view(k, n)
     bn = 128
+    spb = info["sp_block"]
+    if info["nnz"] and bn > (1 << (16 - (spb.bit_length() - 1))):
+        raise ValueError(f"sp_block={spb} entries address fewer rows than a dequantization tile")
     _w4_dequant_kernel[(_cdiv(info["n_pad"], bn), info["k_pad"] // PB)](
         prep["qw"],
         prep["scale"],
         prep.get("zero", prep["scale"]),
-        w,
+        prep["sp_ptr"],
+        prep["sp_ent"],
+        wt,
         n,
         k,
         prep["qw"].shape[1],
         info["n_pad"],
+        info["n_pad"] // SLICE,
         G=info["group"],
         SYM=info["sym"],
         BN=bn,
-        I64=i64,
+        HAS_SP=bool(info["nnz"]),
+        E=64,
+        F16=info["act_dtype"] == torch.float16,
+        SPB=spb,
+        I64=max(n * k, prep["qw"].numel()) >= 2**31 - 1,
         num_warps=4,
     )
-    if info["nnz"]:
-        spb = info["sp_block"]
-        ts = min(16, (1 << (16 - (spb.bit_length() - 1))) // SLICE)
-        ns = info["n_pad"] // SLICE
-        _w4_entries_kernel[(_cdiv(info["k_pad"], spb), _cdiv(ns, ts))](
-            prep["sp_ptr"],
-            prep["sp_ent"],
-            w,
-            n,
-            k,
-            ns,
-            E=64,
-            TS=ts,
-            F16=info["act_dtype"] == torch.float16,
-            SPB=spb,
-            I64=i64,
-            num_warps=2,
-        )
-    return w
+    return wt
 
 
 def _deq_mm(x2: torch.Tensor, prep: dict, info: dict, bias) -> torch.Tensor:
     n, k = info["n"], info["k"]
     if x2.is_cuda:
-        w = dequant_into(prep, _deq_scratch(x2.device, x2.dtype, n * k))
+        wt = dequant_into(prep, _deq_scratch(x2.device, x2.dtype, n * k))
     else:
-        w = dequant_into(prep)
-    return torch.nn.functional.linear(x2, w, bias)
+        wt = dequant_into(prep)
+    if bias is None:
+        return torch.mm(x2, wt)
+    return torch.addmm(bias, x2, wt)
 
 
 # ------------------------------------------------------------------------------------------------------------
