@@ -1311,11 +1311,11 @@ if TRITON_OK:
             f = (((wv >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[None, :]
             kk = k0 + j * 16 + rr
             if I64:
-                row = kk.to(tl.int64) * N
+                krow = kk.to(tl.int64) * N
             else:
-                row = kk * N
+                krow = kk * N
             tl.store(
-                w_ptr + row[:, None] + offs_n[None, :],
+                w_ptr + krow[:, None] + offs_n[None, :],
                 (f * s[None, :]).to(w_ptr.dtype.element_ty),
                 mask=n_st[None, :] & (kk < K)[:, None],
             )
@@ -1351,13 +1351,13 @@ if TRITON_OK:
                     v1 = (nx1 & -65536).to(tl.float32, bitcast=True)
                     v2 = (nx2 & -65536).to(tl.float32, bitcast=True)
                 v = v + tl.where(t1, v1, 0.0) + tl.where(t2, v2, 0.0)
-                row = n0 + (((ent >> CB) - n0) & ((1 << (16 - CB)) - 1))
-                col = sb * SPB + (ent & (SPB - 1))
-                keep = first & (row < N) & (col < K) & (col >= k0) & (col < k0 + 128)
+                erow = n0 + (((ent >> CB) - n0) & ((1 << (16 - CB)) - 1))
+                ecol = sb * SPB + (ent & (SPB - 1))
+                keep = first & (erow < N) & (ecol < K) & (ecol >= k0) & (ecol < k0 + 128)
                 if I64:
-                    off = col.to(tl.int64) * N + row
+                    off = ecol.to(tl.int64) * N + erow
                 else:
-                    off = col * N + row
+                    off = ecol * N + erow
                 tl.store(w_ptr + off, v.to(w_ptr.dtype.element_ty), mask=keep)
 
 
