@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -236,6 +238,44 @@ def test_dual_dispatch_with_bias_under_compile_and_cuda_graphs():
         assert torch.equal(out, eager), m
 
 
+def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths():
+    """MarlinDequantKernel: below the threshold Marlin + the separate correction, from it on the dequantized weights
+    (held-out values restored in the scratch) through cuBLAS; both against the float reference of the restored
+    weights, with bias, eagerly, under torch.compile and inside CUDA graphs on both sides of the threshold."""
+    VL = _vl()
+    dev, n, k, max_m = "cuda", 4096, 11008, 32
+    g = torch.Generator().manual_seed(5)
+    flat = torch.randperm(n * k, generator=g)[: n * k // 1000]
+    rows, cols = flat // k, flat % k
+    vals = (torch.randn(rows.numel(), generator=g) * 0.05).to(torch.bfloat16).float()
+    vals[0] = -2.5  # a super weight
+    w = VL.random_w4(n, k, 128, False, dev, seed=21, holdout=(rows, cols))  # their codes dequantize to 0
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    lay, kd = VL.build_mp_layer(w, "marlin-deq", max_m=max_m, bias=bias, sparse=(rows, cols, vals))
+    ref_w = VL.dequant_w4(w)
+    ref_w[rows.to(dev), cols.to(dev)] = vals.to(dev)
+    assert kd.describe() == f"Marlin(M<{max_m + 1})+dequant/cuBLAS"
+
+    def f(x):
+        return kd.apply_weights(lay, x, lay.bias)
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    for m in (1, 32, 33, 600):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        eager = f(x)
+        assert _rel(eager, x.float() @ ref_w.T + bias.float()) < 8e-3, m
+        no_sp = x.float() @ VL.dequant_w4(w).T + bias.float()
+        assert _rel(eager, no_sp) > 2 * _rel(eager, x.float() @ ref_w.T + bias.float()), m  # the correction is there
+        torch.testing.assert_close(cf(x), eager, rtol=2.0**-7, atol=1e-2)
+        g2 = torch.cuda.CUDAGraph()
+        xs = x.clone()
+        with torch.cuda.graph(g2):
+            out = f(xs)
+        g2.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, eager, rtol=2.0**-7, atol=1e-2)
+
+
 # ---- the kernel layer on CUDA: selection and every kernel with its own sparse correction -------------------------
 def _cfg(dtype, acts="none", bits=4, group=128, sym=False, k=4096, n=4096):
     from vllm_superweight.kernels.linear import SWLinearConfig
@@ -268,8 +308,11 @@ def test_choose_kernel_on_cuda(monkeypatch):
     w8 = dict(acts="int8-token", bits=8, group=-1, sym=True)
     assert choose_kernel(_cfg(torch.bfloat16, **w8)) is W8.CutlassSplitInt8Kernel
     assert choose_kernel(_cfg(torch.float32, **w8)) is W8.TorchInt8Kernel
+    held = dataclasses.replace(_cfg(torch.bfloat16), holdout=1e-3)
+    assert choose_kernel(held) is WO.MarlinDequantKernel  # a bulk hold-out: Marlin + dequantize pair
     monkeypatch.setenv("SUPERWEIGHT_W4_KERNEL", "vllm")
     assert choose_kernel(_cfg(torch.bfloat16)) is (WO.MacheteKernel if sm90 else WO.MarlinKernel)
+    assert choose_kernel(held) is (WO.MacheteKernel if sm90 else WO.MarlinKernel)
 
 
 @pytest.mark.parametrize(

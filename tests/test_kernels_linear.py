@@ -278,3 +278,23 @@ def test_clone_param_keeps_the_vllm_class_and_layout():
     s = GroupQuantScaleParameter(data=torch.ones(3, 2), output_dim=0, input_dim=1, weight_loader=lambda *a: None)
     t = WO.clone_param(s)
     assert type(t) is GroupQuantScaleParameter and (t.input_dim, t.output_dim) == (1, 0)
+
+
+def test_marlin_dequant_pair_only_for_bulk_holdout_on_cuda(clean_env, monkeypatch):
+    """The Marlin + dequantize pair is offered only for checkpoints with a bulk hold-out, on CUDA; the reasons say
+    why not (the explain() list names it first)."""
+    import dataclasses
+
+    ok, why = WO.MarlinDequantKernel.can_implement(cfg())
+    assert not ok and "hold-out 0" in why
+    held = dataclasses.replace(cfg(), holdout=1e-3)
+    ok, why = WO.MarlinDequantKernel.can_implement(held)
+    assert not ok and "CUDA" in why  # this machine: CPU
+    ok, why = WO.MarlinDequantKernel.can_implement(dataclasses.replace(held, device_type="cuda", group_size=96))
+    assert not ok and ("group size 96" in why or "CUDA" in why)
+    assert explain(held)[0][0] == "MarlinDequantKernel"
+    monkeypatch.setenv(envs.DEQUANT_MIN_M, "x")
+    with pytest.raises(ValueError, match="SUPERWEIGHT_DEQUANT_MIN_M"):
+        envs.dequant_min_m()
+    monkeypatch.setenv(envs.DEQUANT_MIN_M, "200")
+    assert envs.dequant_min_m() == 200 and envs.graph_knobs()[envs.DEQUANT_MIN_M] == "200"

@@ -88,7 +88,7 @@ def dequant_w4(w: dict) -> torch.Tensor:
     return ((q - z) * w["scales"].float()[..., None]).reshape(n, k)
 
 
-KERNELS = ("machete", "marlin", "cpu", "dual", "torch", "fused", "auto")
+KERNELS = ("machete", "marlin", "cpu", "dual", "marlin-deq", "torch", "fused", "auto")
 
 
 def build_mp_layer(
@@ -101,6 +101,7 @@ def build_mp_layer(
 ):
     """(layer, kernel) with the plugin's parameters and one of OUR kernel classes (kernels/linear):
     ``kernel`` in {"machete", "marlin", "cpu" (CPUWNA16), "dual" (Marlin for M <= ``max_m``, Machete above),
+    "marlin-deq" (Marlin + separate correction for M <= ``max_m``, dequantize + cuBLAS above),
     "torch" (dequantize-once fallback), "fused" (our Triton W4 GEMM, correction inside), "auto" (the priority
     list)}. ``sparse`` = (rows, cols, vals) attaches
     held-out entries (the kernel's own sparse correction). ``kernel.apply_weights(layer, x, bias)`` runs it."""
@@ -136,8 +137,9 @@ def build_mp_layer(
         "torch": WO.TorchDequantKernel,
         "fused": WO.FusedTritonW4Kernel,
     }
+    classes["marlin-deq"] = WO.MarlinDequantKernel
     KC = choose_kernel(cfg) if kernel == "auto" else classes[kernel]
-    if kernel != "dual":
+    if kernel not in ("dual", "marlin-deq"):
         ok, why = KC.can_implement(cfg)
         if not ok:
             raise RuntimeError(f"{KC.__name__} cannot implement {cfg}: {why}")
@@ -171,7 +173,12 @@ def build_mp_layer(
     if bias is not None:
         layer.register_parameter("bias", torch.nn.Parameter(bias.clone().to(act_dtype), requires_grad=False))
     layer.to(dev)
-    kobj = WO.DualMarlinMacheteKernel(cfg, max_m=max_m) if kernel == "dual" else KC(cfg)
+    if kernel == "dual":
+        kobj = WO.DualMarlinMacheteKernel(cfg, max_m=max_m)
+    elif kernel == "marlin-deq":
+        kobj = WO.MarlinDequantKernel(cfg, min_m=None if max_m is None else max_m + 1)
+    else:
+        kobj = KC(cfg)
     kobj.process_weights_after_loading(layer)
     if sparse is None:  # the plugin always attaches the (possibly empty) held-out entries after processing
         z = torch.zeros(0, dtype=torch.long)

@@ -12,6 +12,8 @@ Only what users need is a knob:
                                     correction inside; opt-in until timed). A forced kernel that cannot run a
                                     layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).
+``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the Marlin + dequantize pair of held-out checkpoints
+                                    serves by dequantizing into a scratch and one cuBLAS GEMM (default 96).
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -29,9 +31,11 @@ WIKITEXT = "SUPERWEIGHT_WIKITEXT"
 DEBUG = "SUPERWEIGHT_DEBUG"
 W4_KERNEL = "SUPERWEIGHT_W4_KERNEL"
 MARLIN_MAX_M = "SUPERWEIGHT_MARLIN_MAX_M"
+DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 
 W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused")
 DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (section w4sweep) on an H100
+DEFAULT_DEQUANT_MIN_M = 96  # Marlin + separate correction vs dequantize + cuBLAS, 0.1 % hold-out, H200
 
 
 def _flag(name: str) -> bool:
@@ -49,14 +53,22 @@ def w4_kernel() -> str:
     return "auto" if mode == "dual" else mode
 
 
-def marlin_max_m() -> int:
-    v = os.environ.get(MARLIN_MAX_M, "").strip()
+def _int(name: str, default: int) -> int:
+    v = os.environ.get(name, "").strip()
     if not v:
-        return DEFAULT_MARLIN_MAX_M
+        return default
     try:
         return int(v)
     except ValueError:
-        raise ValueError(f"{MARLIN_MAX_M}={v!r} is not an integer") from None
+        raise ValueError(f"{name}={v!r} is not an integer") from None
+
+
+def marlin_max_m() -> int:
+    return _int(MARLIN_MAX_M, DEFAULT_MARLIN_MAX_M)
+
+
+def dequant_min_m() -> int:
+    return _int(DEQUANT_MIN_M, DEFAULT_DEQUANT_MIN_M)
 
 
 #: key under which the plugin copies the graph-changing knobs into the in-memory ``quantization_config``
@@ -72,6 +84,7 @@ def graph_knobs() -> dict[str, str]:
         DISABLE_CORRECTION: "1" if disable_correction() else "0",
         W4_KERNEL: w4_kernel(),
         MARLIN_MAX_M: str(marlin_max_m()),
+        DEQUANT_MIN_M: str(dequant_min_m()),
         "VLLM_DISABLED_KERNELS": ",".join(sorted(disabled_kernels())),
     }
 

@@ -82,6 +82,7 @@ class SWLinearScheme:
             full_shape=(input_size, output_size),
             partition_shape=(k_p, n_p),
             device_type=_target_device_type(),
+            holdout=float(qc.holdout) if self.sparse_enabled else 0.0,
         )
         try:
             kernel_cls = choose_kernel(config)

@@ -13,6 +13,7 @@ from .weight_only import (
     DualMarlinMacheteKernel,
     FusedTritonW4Kernel,
     MacheteKernel,
+    MarlinDequantKernel,
     MarlinKernel,
     TorchDequantKernel,
     VllmMPKernel,
@@ -30,6 +31,7 @@ __all__ = [
 
 # in priority order (fastest first); the last one of each list can implement every layer
 WEIGHT_ONLY_KERNELS: list[type[SWLinearKernel]] = [
+    MarlinDequantKernel,
     DualMarlinMacheteKernel,
     MacheteKernel,
     MarlinKernel,

@@ -38,6 +38,7 @@ class SWLinearConfig:
     full_shape: tuple[int, int]  # (K, N) of the whole layer
     partition_shape: tuple[int, int]  # (K_p, N_p) of this rank
     device_type: str = "cpu"  # where the weights live ("cuda", "cpu", ...)
+    holdout: float = 0.0  # fraction of weights held out exactly (besides super weights); 0 when the correction is off
 
     @property
     def kernel_bits(self) -> int:

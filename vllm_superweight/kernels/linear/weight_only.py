@@ -1,5 +1,9 @@
 """Weight-only (W3/W4/W8, 16-bit activations) kernels, in priority order (see ``kernels.linear``):
 
+* ``MarlinDequantKernel`` (CUDA, checkpoints with a bulk hold-out): Marlin (+ the separate sparse correction)
+  for batches below ``SUPERWEIGHT_DEQUANT_MIN_M`` tokens; above, the layer is dequantized from our one-copy
+  layout (``kernels/triton_w4.py``) into a shared scratch WITH the held-out values restored in the same kernel,
+  then one cuBLAS GEMM: no correction pass over y, which made a 0.1 % hold-out cost 25 % of saturated throughput.
 * ``DualMarlinMacheteKernel`` (CUDA, Hopper): Marlin for batches of up to ``SUPERWEIGHT_MARLIN_MAX_M`` tokens,
   Machete above, chosen per batch inside one opaque custom op (``torch.ops.superweight.w4_dual_mm``), so each
   CUDA graph vLLM captures records the kernel of its size. Costs a second copy of the W4 weights.
@@ -367,6 +371,107 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         if x.is_cuda and _dual_op_available():
             return torch.ops.superweight.w4_dual_mm(x, bias, self.n, self.key)
         return self.run(x, bias)
+
+
+class MarlinDequantKernel(DualMarlinMacheteKernel):
+    """Marlin (+ the separate sparse correction) for M < ``min_m`` tokens; from ``min_m`` on, W4 dequantized into a
+    shared scratch with the held-out values restored (one Triton kernel over ``triton_w4``'s layout), then one
+    cuBLAS GEMM. Chosen for checkpoints with a bulk hold-out, where the separate correction's pass over y is what
+    large batches pay for (H200, one Llama-2-7B layer, 0.1 % hold-out, us: M=1024 Machete + correction 1,299 vs
+    716; M=4096 4,989 vs 2,527; ``benchmarks/results/w4_paths_h200.json``). Two copies of the W4 weights, like
+    the Marlin / Machete pair (Marlin's and ours), plus a scratch of the largest layer in the activation dtype."""
+
+    wraps = "MarlinLinearKernel+dequant/cuBLAS"
+    MIN_HOLDOUT = 1e-4  # below this the correction is a few entries per layer and Machete is faster
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        from .. import triton_w4
+
+        if envs.w4_kernel() != "auto":
+            return False, f"{envs.W4_KERNEL}={envs.w4_kernel()}"
+        if c.holdout < cls.MIN_HOLDOUT:
+            return False, f"hold-out {c.holdout:g} < {cls.MIN_HOLDOUT:g} (the separate correction costs little)"
+        if c.device_type != "cuda" or not triton_w4.TRITON_OK:
+            return False, "CUDA + Triton only"
+        if c.kernel_bits != 4:
+            return False, "4-bit (and 3-bit) codes only"
+        g = c.group_size
+        if g not in (-1, 32, 64) and (g <= 0 or g % 128):
+            return False, f"group size {g} (32, 64, multiples of 128 or channel-wise)"
+        ok, why = MarlinKernel.can_implement(c)
+        if not ok:
+            return False, f"MarlinKernel: {why}"
+        return True, None
+
+    def __init__(self, config: SWLinearConfig, min_m: int | None = None) -> None:
+        SWLinearKernel.__init__(self, config)
+        self.small = MarlinKernel(config)
+        self.min_m = envs.dequant_min_m() if min_m is None else int(min_m)
+        self.max_m = self.min_m - 1  # (the pair's dispatch rule: the small kernel up to max_m)
+        self.key = config.prefix
+        self.n = config.partition_shape[1]
+        self.shadow = torch.nn.Module()
+        self.has_bias = False
+        self._layer = None
+        self.prep_keys: list[str] = []
+
+    def describe(self) -> str:
+        return f"Marlin(M<{self.min_m})+dequant/cuBLAS"
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # Marlin repacks a copy; the checkpoint tensors stay until set_sparse builds our layout from them
+        for name in (W_PACKED, W_SCALE, W_ZERO):
+            p = getattr(layer, name, None)
+            if isinstance(p, torch.nn.Parameter):
+                self.shadow.register_parameter(name, clone_param(p))
+        self.has_bias = getattr(layer, "bias", None) is not None
+        if self.has_bias:
+            self.shadow.register_parameter(
+                "bias", torch.nn.Parameter(tensor(layer, "bias").data.clone(), requires_grad=False)
+            )
+        self.small.process_weights_after_loading(self.shadow)
+        self._layer = weakref.ref(layer)
+        _REGISTRY[self.key] = self
+
+    def set_sparse(self, layer: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
+        from ..triton_w4 import prepare_w4
+
+        SWLinearKernel.set_sparse(self, self.shadow, rows, cols, vals)  # Marlin's separate correction
+        c = self.config
+        k_p, n_p = c.partition_shape
+        prep = prepare_w4(
+            getattr(layer, W_PACKED).data,
+            getattr(layer, W_SCALE).data,
+            None if c.symmetric else getattr(layer, W_ZERO).data,
+            c.group_size,
+            c.symmetric,
+            rows,
+            cols,
+            vals,
+            n=n_p,
+            k=k_p,
+            device=getattr(layer, W_PACKED).device,
+            act_dtype=c.act_dtype,
+        )
+        for name in (W_PACKED, W_SCALE, W_ZERO):
+            replace_parameter(layer, name, None)
+        for key, t in prep.items():
+            layer.register_buffer(f"sw_w4_{key}", t, persistent=False)
+        self.prep_keys = list(prep)
+
+    def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] < self.min_m:
+            b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
+            y = self.small.apply_gemm(self.shadow, x, b)
+            return SWLinearKernel.apply_sparse(self, self.shadow, y, x)
+        from ..triton_w4 import w4_mm
+
+        lay = self.layer
+        return w4_mm(x, {key: getattr(lay, f"sw_w4_{key}") for key in self.prep_keys}, bias, config={"PATH": "deq"})
+
+    def apply_sparse(self, layer: torch.nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y  # inside run(), on both paths
 
 
 def lookup(key: str) -> DualMarlinMacheteKernel:
