@@ -281,18 +281,23 @@ def test_clone_param_keeps_the_vllm_class_and_layout():
 
 
 def test_marlin_dequant_pair_only_for_bulk_holdout_on_cuda(clean_env, monkeypatch):
-    """The Marlin + dequantize pair is offered only for checkpoints with a bulk hold-out, on CUDA; the reasons say
-    why not (the explain() list names it first)."""
+    """The Marlin + dequantize pair is opt-in (SUPERWEIGHT_W4_KERNEL=marlin-deq) and only for checkpoints with a
+    bulk hold-out, on CUDA; the reasons say why not, and forcing it where it cannot run is a clear error."""
     import dataclasses
 
+    held = dataclasses.replace(cfg(), holdout=1e-3)
+    ok, why = WO.MarlinDequantKernel.can_implement(held)
+    assert not ok and "opt-in" in why
+    assert explain(held)[0][0] == "MarlinDequantKernel" and choose_kernel(held) is not WO.MarlinDequantKernel
+    monkeypatch.setenv(envs.W4_KERNEL, "marlin-deq")
     ok, why = WO.MarlinDequantKernel.can_implement(cfg())
     assert not ok and "hold-out 0" in why
-    held = dataclasses.replace(cfg(), holdout=1e-3)
     ok, why = WO.MarlinDequantKernel.can_implement(held)
     assert not ok and "CUDA" in why  # this machine: CPU
     ok, why = WO.MarlinDequantKernel.can_implement(dataclasses.replace(held, device_type="cuda", group_size=96))
     assert not ok and ("group size 96" in why or "CUDA" in why)
-    assert explain(held)[0][0] == "MarlinDequantKernel"
+    with pytest.raises(NoKernelError, match="SUPERWEIGHT_W4_KERNEL=marlin-deq cannot run"):
+        choose_kernel(held)
     monkeypatch.setenv(envs.DEQUANT_MIN_M, "x")
     with pytest.raises(ValueError, match="SUPERWEIGHT_DEQUANT_MIN_M"):
         envs.dequant_min_m()

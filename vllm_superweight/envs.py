@@ -9,11 +9,13 @@ Only what users need is a knob:
                                     list in ``kernels/linear`` that this machine can run), ``vllm`` (vLLM's single
                                     kernel, never the per-batch pair), ``marlin``, ``machete``, ``torch`` (the
                                     dequantize-once fallback), ``fused`` (our Triton W4 GEMM with the held-out
-                                    correction inside; opt-in until timed). A forced kernel that cannot run a
-                                    layer is an error.
+                                    correction inside; opt-in until timed), ``marlin-deq`` (held-out
+                                    checkpoints: Marlin for small batches, dequantize + cuBLAS with the held-out
+                                    values restored for large ones; opt-in until measured end to end). A forced
+                                    kernel that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).
-``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the Marlin + dequantize pair of held-out checkpoints
-                                    serves by dequantizing into a scratch and one cuBLAS GEMM (default 96).
+``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a
+                                    scratch and one cuBLAS GEMM (default 96).
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -33,7 +35,7 @@ W4_KERNEL = "SUPERWEIGHT_W4_KERNEL"
 MARLIN_MAX_M = "SUPERWEIGHT_MARLIN_MAX_M"
 DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 
-W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused")
+W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused", "marlin-deq")
 DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (section w4sweep) on an H100
 DEFAULT_DEQUANT_MIN_M = 96  # Marlin + separate correction vs dequantize + cuBLAS, 0.1 % hold-out, H200
 

@@ -91,6 +91,15 @@ CONFIGS: list[tuple[int, dict]] = [
     (256, dict(BM=128, BN=128, DOT=True, SCALE_W=True, ASM=2, SP=1, warps=8, stages=3, SK=0)),
     (1 << 30, dict(BM=128, BN=256, DOT=True, SCALE_W=True, ASM=2, SP=1, E=16, warps=8, stages=3, SK=1)),
 ]
+# Path per M bucket when no config is given (H200, one Llama-2-7B layer, 0.1 % hold-out, us per layer,
+# benchmarks/results/w4_paths_h200.json / w4_gemv_h200.json): the CUDA-core GEMV at M = 1 (98 vs 129 for the
+# MMA kernel), the MMA kernel (CONFIGS) up to 32 tokens, dequantize + cuBLAS from 64 on (270 vs 385 at M = 64,
+# 2,567 vs 14,360 at M = 4096).
+PATHS: list[tuple[int, dict]] = [
+    (1, dict(PATH="gemv", BN=128, warps=1, WAVES=32)),
+    (32, dict(PATH="mma")),
+    (1 << 30, dict(PATH="deq")),
+]
 WS_MAX_M = 256  # split-K is used only for M <= this (workspace capacity)
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs: split-K grows until the grid has this many programs
 
@@ -1445,7 +1454,8 @@ def w4_mm(
     x: torch.Tensor, prep: dict, bias: torch.Tensor | None = None, config: dict | None = None, table=None
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W^T (+ bias), W the served weight (W4 + exact held-out values); fp32 accumulation,
-    one rounding into x's dtype. Tile config from ``config`` or the M-bucket table."""
+    one rounding into x's dtype (the dequantize path rounds the weights once, then cuBLAS). Path and tile config
+    from ``config``, or ``table``, or the M buckets of ``PATHS`` (MMA tiles from ``CONFIGS``)."""
     if not TRITON_OK:
         raise RuntimeError("triton is not available")
     info = prep_info(prep)
@@ -1459,7 +1469,14 @@ def w4_mm(
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    cfg = dict(config) if config is not None else pick_config(m, table)
+    if config is not None:
+        cfg = dict(config)
+    elif table is not None:
+        cfg = pick_config(m, table)
+    else:
+        cfg = pick_config(m, PATHS)
+        if cfg["PATH"] == "mma":
+            cfg = dict(pick_config(m), PATH="mma")
     path = cfg.get("PATH", "mma")
     if path == "gemv" and m <= GEMV_MAX_M:
         return _gemv(x2, prep, info, bias, y, cfg).reshape(*x.shape[:-1], n)

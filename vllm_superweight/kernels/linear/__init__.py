@@ -42,7 +42,13 @@ WEIGHT_ONLY_KERNELS: list[type[SWLinearKernel]] = [
 W8A8_KERNELS: list[type[SWLinearKernel]] = [CutlassSplitInt8Kernel, VllmInt8Kernel, TorchInt8Kernel]
 
 # SUPERWEIGHT_W4_KERNEL=<mode> forcing one weight-only kernel
-FORCED = {"marlin": MarlinKernel, "machete": MacheteKernel, "torch": TorchDequantKernel, "fused": FusedTritonW4Kernel}
+FORCED = {
+    "marlin": MarlinKernel,
+    "machete": MacheteKernel,
+    "torch": TorchDequantKernel,
+    "fused": FusedTritonW4Kernel,
+    "marlin-deq": MarlinDequantKernel,
+}
 
 
 class NoKernelError(ValueError):

@@ -1,6 +1,7 @@
 """Weight-only (W3/W4/W8, 16-bit activations) kernels, in priority order (see ``kernels.linear``):
 
-* ``MarlinDequantKernel`` (CUDA, checkpoints with a bulk hold-out): Marlin (+ the separate sparse correction)
+* ``MarlinDequantKernel`` (CUDA, checkpoints with a bulk hold-out; opt-in, ``SUPERWEIGHT_W4_KERNEL=marlin-deq``,
+  until measured end to end): Marlin (+ the separate sparse correction)
   for batches below ``SUPERWEIGHT_DEQUANT_MIN_M`` tokens; above, the layer is dequantized from our one-copy
   layout (``kernels/triton_w4.py``) into a shared scratch WITH the held-out values restored in the same kernel,
   then one cuBLAS GEMM: no correction pass over y, which made a 0.1 % hold-out cost 25 % of saturated throughput.
@@ -376,10 +377,11 @@ class DualMarlinMacheteKernel(SWLinearKernel):
 class MarlinDequantKernel(DualMarlinMacheteKernel):
     """Marlin (+ the separate sparse correction) for M < ``min_m`` tokens; from ``min_m`` on, W4 dequantized into a
     shared scratch with the held-out values restored (one Triton kernel over ``triton_w4``'s layout), then one
-    cuBLAS GEMM. Chosen for checkpoints with a bulk hold-out, where the separate correction's pass over y is what
-    large batches pay for (H200, one Llama-2-7B layer, 0.1 % hold-out, us: M=1024 Machete + correction 1,299 vs
-    716; M=4096 4,989 vs 2,527; ``benchmarks/results/w4_paths_h200.json``). Two copies of the W4 weights, like
-    the Marlin / Machete pair (Marlin's and ours), plus a scratch of the largest layer in the activation dtype."""
+    cuBLAS GEMM. For checkpoints with a bulk hold-out, where the separate correction's pass over y is what large
+    batches pay for (H200, one Llama-2-7B layer, 0.1 % hold-out, same lease, us: M=1024 Machete + correction
+    1,277 vs 677; M=4096 5,010 vs 2,567; but M=96-128 239-249 vs 276-278; ``benchmarks/results/w4_paths*.json``).
+    Two copies of the W4 weights, like the Marlin / Machete pair (Marlin's and ours), plus a scratch of the largest
+    layer in the activation dtype (allocated at the first large batch: vLLM's profiling run)."""
 
     wraps = "MarlinLinearKernel+dequant/cuBLAS"
     MIN_HOLDOUT = 1e-4  # below this the correction is a few entries per layer and Machete is faster
@@ -388,8 +390,8 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
         from .. import triton_w4
 
-        if envs.w4_kernel() != "auto":
-            return False, f"{envs.W4_KERNEL}={envs.w4_kernel()}"
+        if envs.w4_kernel() != "marlin-deq":
+            return False, f"opt-in ({envs.W4_KERNEL}=marlin-deq) until measured end to end"
         if c.holdout < cls.MIN_HOLDOUT:
             return False, f"hold-out {c.holdout:g} < {cls.MIN_HOLDOUT:g} (the separate correction costs little)"
         if c.device_type != "cuda" or not triton_w4.TRITON_OK:
