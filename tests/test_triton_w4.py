@@ -343,6 +343,17 @@ def test_interp_value_terms_on_every_path():
 
 
 @interp_only
+def test_interp_default_paths_by_batch_size():
+    """Without a config the batch size picks the path (``PATHS``): GEMV at M = 1, the MMA kernel up to 32 tokens,
+    dequantize + dense GEMM above; each against the reference, with the super weight restored."""
+    assert [T.pick_config(m, T.PATHS)["PATH"] for m in (1, 2, 32, 33, 4096)] == ["gemv", "mma", "mma", "deq", "deq"]
+    inputs, prep = make_layer(96, 256, 64, False, nnz=40, sw=True, seed=13)
+    for m in (1, 5, 40):
+        x = torch.randn(m, 256).to(torch.bfloat16)
+        check_close(T.w4_mm(x, prep), x, inputs, tag=f"default path M{m}")
+
+
+@interp_only
 def test_interp_fp16_and_table_config():
     inputs, prep = make_layer(64, 256, 64, False, nnz=30, sw=True, seed=7, dtype=torch.float16)
     x = torch.randn(2, 256).to(torch.float16)

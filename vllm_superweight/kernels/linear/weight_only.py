@@ -15,9 +15,10 @@
 * ``TorchDequantKernel``: every platform, dtype and shape: the weights are dequantized ONCE at load into the
   activation dtype (4x the memory of W4 in 16-bit) and the GEMM is ``F.linear``.
 
-Opt-in (``SUPERWEIGHT_W4_KERNEL=fused``, not yet in the priority list: untimed on a GPU so far):
-``FusedTritonW4Kernel``, our Triton W4A16 GEMM over one stored layout with the held-out correction inside the K
-loop (``kernels/triton_w4.py``).
+Opt-in (``SUPERWEIGHT_W4_KERNEL=fused``; timed on an H200, slower than AWQ for 8-256 tokens): ``FusedTritonW4Kernel``,
+our Triton W4A16 paths over one stored layout (``kernels/triton_w4.py``, ``PATHS``): a CUDA-core GEMV at M = 1,
+the MMA kernel with the correction in its K loop up to 32 tokens, dequantize (held-out values restored) + cuBLAS
+above.
 """
 
 from __future__ import annotations
@@ -218,8 +219,9 @@ def _cpu_has_16bit_gemm() -> bool:
 
 
 class FusedTritonW4Kernel(SWLinearKernel):
-    """Our Triton W4A16 GEMM (``kernels/triton_w4.py``): one stored layout for every batch size, the held-out
-    correction (super weights + ``holdout``) inside the GEMM's K loop, no second launch and no pass over y."""
+    """Our Triton W4A16 paths (``kernels/triton_w4.py``): one stored layout for every batch size, the held-out
+    correction (super weights + ``holdout``) inside every path -- the GEMV's epilogue, the MMA kernel's K loop, the
+    dequantized weights -- so no second launch and no pass over y."""
 
     _KEYS = ("qw", "scale", "zero", "sp_ptr", "sp_ent", "sp_meta", "info")
 
