@@ -1673,6 +1673,7 @@ def _gemv(x2: torch.Tensor, prep: dict, info: dict, bias, y: torch.Tensor, cfg: 
 # as weights)
 _DEQ: dict = {}
 _DEQ_NEED: dict = {}
+_DEQ_RETIRED: list = []
 
 
 def _deq_key(device: torch.device, dtype: torch.dtype):
@@ -1690,7 +1691,8 @@ def _deq_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.
     cur = _DEQ.get(key)
     if cur is None or cur.numel() < numel:
         need = max(numel, _DEQ_NEED.get(key, 0))
-        _DEQ.pop(key, None)
+        if cur is not None:  # a larger layer prepared later: the old scratch stays alive (graphs may point at it)
+            _DEQ_RETIRED.append(cur)
         cur = torch.empty(need, dtype=dtype, device=device)
         _DEQ[key] = cur
     return cur
