@@ -753,6 +753,49 @@ class Bench:
             )
 
 
+def paths_table(files: list[str], ms=(1, 64, 128, 256, 1024, 4096)) -> str:
+    """The README's table of the one-layout paths (markdown) from result JSONs: for each M and column the first
+    file (in the order given) that measured it; the M = 1 dequantize columns hold the GEMV (the path used there)."""
+    recs = []
+    for f in files:
+        with open(f) as fh:
+            recs.append(json.load(fh)["results"])
+
+    def best(m, pred):
+        for rows in recs:
+            hits = [r for r in rows if r.get("m") == m and r.get("us") and pred(r)]
+            if hits:
+                return min(hits, key=lambda r: r["us"])
+        return {}
+
+    def pick(m, pred, key="us"):
+        return best(m, pred).get(key)
+
+    def fmt(v, ref=None):
+        if v is None:
+            return ""
+        txt = f"{v:,.1f}"
+        return f"**{txt} ({ref / v:.2f}×)**" if ref and ref / v > 1.05 else txt
+
+    lines = [
+        "| M | Machete (AWQ) | Machete + separate correction | Marlin + separate correction "
+        "| ours, hold-out inside (dequantize + cuBLAS; M = 1: GEMV) | same, no hold-out | cuBLAS on dense bf16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in ms:
+        main = {k: pick(m, lambda r, k=k: r["section"] in ("main", "prefill") and r.get("kernel") == k)
+                for k in ("machete", "machete+sparse", "marlin+sparse")}  # fmt: skip
+        ours_kind = (lambda r: str(r.get("kernel", "")).startswith("gemv")) if m == 1 else (
+            lambda r: r.get("kernel") == "deq+cublas")  # fmt: skip
+        rec = best(m, lambda r: r["section"] == "paths" and ours_kind(r))  # the fastest variant, with hold-out
+        ours, ours0 = rec.get("us"), rec.get("us_without")
+        dense = pick(m, lambda r: r["section"] == "paths" and r.get("kernel") == "cublas dense bf16")
+        cells = [fmt(main["machete"]), fmt(main["machete+sparse"]), fmt(main["marlin+sparse"]),
+                 fmt(ours, main["machete+sparse"]), fmt(ours0), fmt(dense)]  # fmt: skip
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     global DRY
     ap = argparse.ArgumentParser()
@@ -785,7 +828,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="layers=1, iters=10, fewer M")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
+    ap.add_argument(
+        "--paths-table",
+        nargs="+",
+        metavar="JSON",
+        help="write the README's one-layout paths table from these result files to --out (markdown) and exit",
+    )
     args = ap.parse_args()
+    if args.paths_table:
+        with open(args.out, "w") as f:
+            f.write(paths_table(args.paths_table))
+        log(f"wrote {args.out}")
+        return
     if args.quick:
         args.layers, args.iters = 1, 10
         args.ms, args.prefill_ms, args.sweep_ms = [1, 16, 64, 256], [1024], [1, 16, 64, 256]

@@ -92,7 +92,7 @@ CONFIGS: list[tuple[int, dict]] = [
     (1 << 30, dict(BM=128, BN=256, DOT=True, SCALE_W=True, ASM=2, SP=1, E=16, warps=8, stages=3, SK=1)),
 ]
 # Path per M bucket when no config is given (H200, one Llama-2-7B layer, 0.1 % hold-out, us per layer,
-# benchmarks/results/w4_paths_h200.json / w4_gemv_h200.json): the CUDA-core GEMV at M = 1 (98 vs 129 for the
+# benchmarks/results/w4_paths_first_h200.json, w4_paths_h200.json): the CUDA-core GEMV at M = 1 (98 vs 129 for the
 # MMA kernel), the MMA kernel (CONFIGS) up to 32 tokens, dequantize + cuBLAS from 64 on (270 vs 385 at M = 64,
 # 2,567 vs 14,360 at M = 4096).
 PATHS: list[tuple[int, dict]] = [
@@ -560,7 +560,7 @@ if TRITON_OK:
 
     @triton.jit
     def _gs(sc_ptr, zp_ptr, g, NPAD, offs_n, n_ok, SYM: tl.constexpr):
-        """(scale, zero) fp32 [BN] of group row g."""
+        """(scale, zero) fp32 of group row g, in the shape (and layout) of ``offs_n``; masked by ``n_ok``."""
         s = tl.load(sc_ptr + g * NPAD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if SYM:
             z = tl.zeros_like(s) + 8.0
@@ -868,26 +868,45 @@ if TRITON_OK:
         else:
             acc = tl.sum(acc3, axis=1) + corr
 
+        _store_tile(
+            acc, m64, m_ok, offs_n, n_store, y_ptr, stride_ym, bias_ptr, ws_ptr, cnt_ptr, pid, NPAD, SK,
+            HAS_BIAS, USE_WS, BM, BN,
+        )  # fmt: skip
+
+    @triton.jit
+    def _store_tile(
+        acc, offs_m, m_ok, offs_n, n_store, y_ptr, stride_ym, bias_ptr, ws_ptr, cnt_ptr, tile, NPAD, SK,
+        HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        """y[offs_m, offs_n] = acc (+ bias), rounded once. With split-K (``USE_WS``) every program of the tile adds
+        its partial into the zeroed fp32 workspace; the last one to arrive (per-tile counter, acq_rel) reads the sum
+        bypassing L1, rounds once into y and re-zeroes both, so they stay zero between calls (no memset launch)."""
         out_mask = m_ok[:, None] & n_store[None, :]
-        y_ptrs = y_ptr + m64[:, None] * stride_ym + offs_n[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         if not USE_WS:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
         else:
-            # every program of this tile adds its partial into the zeroed fp32 workspace; the last one to arrive
-            # (per-tile counter, acq_rel) reads the sum bypassing L1, rounds once into y, re-zeroes both
-            ws_ptrs = ws_ptr + m64[:, None] * NPAD + offs_n[None, :]
+            ws_ptrs = ws_ptr + offs_m[:, None] * NPAD + offs_n[None, :]
             tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
             tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
             if done == SK - 1:
                 tot = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     tot += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=out_mask)
                 tl.store(ws_ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=out_mask)
-                tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+
+    @triton.jit
+    def _ent_val(ent, F16: tl.constexpr):
+        """fp32 value of held-out entries (bits 31..16: the exact act-dtype bits)."""
+        if F16:
+            return ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            return (ent & -65536).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _sp_decode(spe_ptr, e0, hi, k0, n0, E: tl.constexpr, F16: tl.constexpr, SPB: tl.constexpr):
@@ -948,10 +967,7 @@ if TRITON_OK:
         col = k0 + (ent & (SPB - 1))
         roff = ((ent >> CB) - n0) & ((1 << (16 - CB)) - 1)
         ok = e_ok & (roff < BN)
-        if F16:
-            v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        else:
-            v = (ent & -65536).to(tl.float32, bitcast=True)
+        v = _ent_val(ent, F16)
         m2 = offs_ms[:, None] + tl.zeros_like(lane)[None, :]
         if I64:
             m2 = m2.to(tl.int64)
@@ -1044,16 +1060,6 @@ if TRITON_OK:
             return (t | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _gs_ok(sc_ptr, zp_ptr, g, NPAD, offs_n, ok, SYM: tl.constexpr):
-        """(scale, zero) fp32 of group row g, in the shape (and layout) of ``offs_n``."""
-        s = tl.load(sc_ptr + g * NPAD + offs_n, mask=ok, other=0.0).to(tl.float32)
-        if SYM:
-            z = tl.zeros_like(s) + 8.0
-        else:
-            z = tl.load(zp_ptr + g * NPAD + offs_n, mask=ok, other=0).to(tl.float32)
-        return s, z
-
-    @triton.jit
     def _gemv_x(x_ptr, m, M, kk, K, kc, ok, stride_xm, stride_xk, K16: tl.constexpr):
         """x[m, kk] in fp32 ([1, 16, 1], the word tile's layout); 0 for m >= M, k >= K or a block outside the split."""
         if K16:
@@ -1120,7 +1126,7 @@ if TRITON_OK:
                         a3 += g3
                         s3 += x3s
                 else:
-                    s, z = _gs_ok(sc_ptr, zp_ptr, (k0 + j * 16) // G, NPAD, n3, n_ok3 & ok, SYM)
+                    s, z = _gs(sc_ptr, zp_ptr, (k0 + j * 16) // G, NPAD, n3, n_ok3 & ok, SYM)
                     sa = 16.0 * s
                     sb = -(16.0 + z) * s
                     a0 += g0 * sa + x0s * sb
@@ -1220,7 +1226,7 @@ if TRITON_OK:
                     stride_xm, stride_xk, G, SYM, BM, BN, K16, ASM,
                 )  # fmt: skip
         if G == 0:
-            s, z = _gs_ok(sc_ptr, zp_ptr, 0, NPAD, n3, n_ok3, SYM)
+            s, z = _gs(sc_ptr, zp_ptr, 0, NPAD, n3, n_ok3, SYM)
             sa = 16.0 * s
             sb = -(16.0 + z) * s
             a0 = a0 * sa + s0 * sb
@@ -1249,26 +1255,10 @@ if TRITON_OK:
                         BN, E, F16, SPB, I64,
                     )  # fmt: skip
 
-        m_ok = offs_m < M
-        n_store = offs_n < N
-        out_mask = m_ok[:, None] & n_store[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        if not USE_WS:
-            if HAS_BIAS:
-                out += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            ws_ptrs = ws_ptr + offs_m[:, None] * NPAD + offs_n[None, :]
-            tl.atomic_add(ws_ptrs, out, mask=out_mask, sem="relaxed")
-            tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if done == SK - 1:
-                tot = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    tot += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
-                tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=out_mask)
-                tl.store(ws_ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=out_mask)
-                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+        _store_tile(
+            out, offs_m, offs_m < M, offs_n, offs_n < N, y_ptr, stride_ym, bias_ptr, ws_ptr, cnt_ptr, pid_n, NPAD,
+            SK, HAS_BIAS, USE_WS, BM, BN,
+        )  # fmt: skip
 
     # --------------------------------------------------------------------------------------------------------
     # large-M path: the served weight (W4 dequantized, held-out values restored) written once per call into a
@@ -1314,9 +1304,9 @@ if TRITON_OK:
         k0 = kb * 128
         for j in tl.static_range(8):
             if G == 0:
-                s, z = _gs_ok(sc_ptr, zp_ptr, 0, NPAD, offs_n, n_ok, SYM)
+                s, z = _gs(sc_ptr, zp_ptr, 0, NPAD, offs_n, n_ok, SYM)
             else:
-                s, z = _gs_ok(sc_ptr, zp_ptr, (k0 + j * 16) // G, NPAD, offs_n, n_ok, SYM)
+                s, z = _gs(sc_ptr, zp_ptr, (k0 + j * 16) // G, NPAD, offs_n, n_ok, SYM)
             f = (((wv >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[None, :]
             kk = k0 + j * 16 + rr
             if I64:
@@ -1351,15 +1341,7 @@ if TRITON_OK:
                 first = ok & ((idx == lo) | ((prv & 0xFFFF) != pos))  # terms of one value are consecutive
                 t1 = (idx + 1 < hi) & ((nx1 & 0xFFFF) == pos)
                 t2 = t1 & (idx + 2 < hi) & ((nx2 & 0xFFFF) == pos)
-                if F16:
-                    v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    v1 = ((nx1 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    v2 = ((nx2 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                else:
-                    v = (ent & -65536).to(tl.float32, bitcast=True)
-                    v1 = (nx1 & -65536).to(tl.float32, bitcast=True)
-                    v2 = (nx2 & -65536).to(tl.float32, bitcast=True)
-                v = v + tl.where(t1, v1, 0.0) + tl.where(t2, v2, 0.0)
+                v = _ent_val(ent, F16) + tl.where(t1, _ent_val(nx1, F16), 0.0) + tl.where(t2, _ent_val(nx2, F16), 0.0)
                 erow = n0 + (((ent >> CB) - n0) & ((1 << (16 - CB)) - 1))
                 ecol = sb * SPB + (ent & (SPB - 1))
                 keep = first & (erow < N) & (ecol < K) & (ecol >= k0) & (ecol < k0 + 128)
@@ -1380,18 +1362,31 @@ def pick_config(m: int, table=None) -> dict:
     return dict((table or CONFIGS)[-1][1])
 
 
+def _check_tile_width(bn: int, info: dict) -> None:
+    """A tile of BN output rows must be one the kernels take and within the rows a sparse entry can address."""
+    if bn not in (32, 64, 128, 256):
+        raise ValueError(f"BN must be 32, 64, 128 or 256, got {bn}")
+    spb = info["sp_block"]
+    if info["nnz"] and bn > (1 << (16 - (spb.bit_length() - 1))):
+        raise ValueError(f"BN={bn} exceeds the row range of sp_block={spb} entries")
+
+
+def _aligned_splits(nkb: int, sk: int, step: int) -> tuple[int, int]:
+    """(splits, K blocks per split) for ``sk`` requested splits of ``nkb`` K blocks: every split starts at a
+    multiple of ``step`` blocks (sparse-block / unroll boundaries) and none is empty."""
+    kbs = _cdiv(_cdiv(nkb, sk), step) * step
+    return _cdiv(nkb, kbs), kbs
+
+
 def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     """Launch plan from host ints only (shapes): tile counts, split-K, sparse chunking."""
     bm, bn = int(cfg["BM"]), int(cfg["BN"])
     dot = bool(cfg.get("DOT", True))
     if dot and bm < 16:
         raise ValueError("DOT configs need BM >= 16")
-    if bn not in (32, 64, 128, 256):
-        raise ValueError(f"BN must be 32, 64, 128 or 256, got {bn}")
+    _check_tile_width(bn, info)
     nnz = info["nnz"]
     spb = info["sp_block"]
-    if nnz and bn > (1 << (16 - (spb.bit_length() - 1))):
-        raise ValueError(f"BN={bn} exceeds the row range of sp_block={spb} entries")
     nkb = info["k_pad"] // PB
     n_t = _cdiv(info["n"], bn)
     m_t = _cdiv(m, bm)
@@ -1404,8 +1399,7 @@ def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     if m > WS_MAX_M or n_t * m_t > WS_COUNTERS:
         sk = 1
     spk = spb // PB if nnz else 1
-    kbs = _cdiv(_cdiv(nkb, sk), spk) * spk  # splits start at sparse-block boundaries
-    sk = _cdiv(nkb, kbs)  # no empty splits
+    sk, kbs = _aligned_splits(nkb, sk, spk)
     sp_mode = (int(cfg.get("SP", 2)) or 2) if nnz else 0
     if sp_mode == 2 and m > WS_MAX_M:
         sp_mode = 1  # the atomic scatter needs the workspace; large M uses the one-hot MMA
@@ -1491,16 +1485,7 @@ def w4_mm(
     if p["SK"] > 1 or p["SP_MODE"] == 2:
         if m > WS_MAX_M:
             raise ValueError(f"w4_mm: M={m} > {WS_MAX_M} needs a config without split-K and with SP=1")
-        if x2.is_cuda:
-            ws, cnt, cap = _workspace(x2.device, info["n_pad"])
-        else:  # interpreter: a private zeroed workspace per call
-            ws = torch.zeros(WS_MAX_M * info["n_pad"] + 512, dtype=torch.float32, device=x2.device)
-            cnt = torch.zeros(WS_COUNTERS, dtype=torch.int32, device=x2.device)
-            cap = info["n_pad"]
-        if cap < info["n_pad"]:
-            raise RuntimeError("w4_mm: split-K workspace too small (prepare_w4 was not run on this device)")
-    else:
-        ws, cnt = prep["qw"], prep["sp_ptr"]  # never dereferenced
+    ws, cnt = _split_k_buffers(x2, prep, info, p["SK"] > 1 or p["SP_MODE"] == 2)
     zp = prep.get("zero", prep["scale"])
     bias_t = bias if bias is not None else prep["scale"]
     _w4_kernel[p["grid"]](
@@ -1543,8 +1528,7 @@ def w4_mm(
         K16=k % 16 == 0,
         SP_BM=p["SP_BM"],
         SPB=info["sp_block"],
-        I64=max(m * max(x2.stride(0), info["n_pad"], y.stride(0)), prep["qw"].numel(), WS_MAX_M * info["n_pad"] + 512)
-        >= 2**31 - 1,
+        I64=_i64(m, x2, prep, info, y),
         num_warps=p["warps"],
         num_stages=p["stages"],
     )
@@ -1558,14 +1542,11 @@ GEMV_TARGET_WAVES = 8  # split-K grows until the GEMV grid has this many program
 def plan_gemv(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     """Launch plan of the GEMV path (host ints only)."""
     bn = int(cfg.get("BN", 128))
-    if bn not in (32, 64, 128, 256):
-        raise ValueError(f"BN must be 32, 64, 128 or 256, got {bn}")
     if m > GEMV_MAX_M:
         raise ValueError(f"the GEMV path takes M <= {GEMV_MAX_M}, got {m}")
+    _check_tile_width(bn, info)
     nnz = info["nnz"]
     spb = info["sp_block"]
-    if nnz and bn > (1 << (16 - (spb.bit_length() - 1))):
-        raise ValueError(f"BN={bn} exceeds the row range of sp_block={spb} entries")
     ku = int(cfg.get("KU", 1))
     warps = int(cfg.get("warps", 1))
     if bn < 128 * warps:
@@ -1584,8 +1565,7 @@ def plan_gemv(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     sk = max(1, min(sk, nkb))
     if n_t > WS_COUNTERS:
         sk = 1
-    kbs = _cdiv(_cdiv(nkb, sk), step) * step
-    sk = _cdiv(nkb, kbs)
+    sk, kbs = _aligned_splits(nkb, sk, step)
     return {
         "BM": _np2(m),
         "BN": bn,
@@ -1603,7 +1583,22 @@ def plan_gemv(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     }
 
 
+def _split_k_buffers(x2: torch.Tensor, prep: dict, info: dict, used: bool):
+    """(workspace, counters) for a launch: the shared per-device pair (CUDA), a private zeroed pair (interpreter),
+    or placeholders never dereferenced when the launch does not use them."""
+    if not used:
+        return prep["qw"], prep["sp_ptr"]
+    if x2.is_cuda:
+        ws, cnt, cap = _workspace(x2.device, info["n_pad"])
+        if cap < info["n_pad"]:
+            raise RuntimeError("w4_mm: split-K workspace too small (prepare_w4 was not run on this device)")
+        return ws, cnt
+    ws = torch.zeros(WS_MAX_M * info["n_pad"] + 512, dtype=torch.float32, device=x2.device)
+    return ws, torch.zeros(WS_COUNTERS, dtype=torch.int32, device=x2.device)
+
+
 def _i64(m: int, x2: torch.Tensor, prep: dict, info: dict, y: torch.Tensor) -> bool:
+    """64-bit offsets needed (some offset of the launch reaches 2^31)?"""
     return (
         max(m * max(x2.stride(0), info["n_pad"], y.stride(0)), prep["qw"].numel(), WS_MAX_M * info["n_pad"] + 512)
         >= 2**31 - 1
@@ -1613,17 +1608,7 @@ def _i64(m: int, x2: torch.Tensor, prep: dict, info: dict, y: torch.Tensor) -> b
 def _gemv(x2: torch.Tensor, prep: dict, info: dict, bias, y: torch.Tensor, cfg: dict) -> torch.Tensor:
     m = x2.shape[0]
     p = plan_gemv(m, info, cfg, _sms(x2.device))
-    if p["USE_WS"]:
-        if x2.is_cuda:
-            ws, cnt, cap = _workspace(x2.device, info["n_pad"])
-        else:
-            ws = torch.zeros(WS_MAX_M * info["n_pad"] + 512, dtype=torch.float32, device=x2.device)
-            cnt = torch.zeros(WS_COUNTERS, dtype=torch.int32, device=x2.device)
-            cap = info["n_pad"]
-        if cap < info["n_pad"]:
-            raise RuntimeError("w4_mm: split-K workspace too small (prepare_w4 was not run on this device)")
-    else:
-        ws, cnt = prep["qw"], prep["sp_ptr"]  # never dereferenced
+    ws, cnt = _split_k_buffers(x2, prep, info, p["USE_WS"])
     _w4_gemv_kernel[p["grid"]](
         x2,
         prep["qw"],

@@ -223,8 +223,6 @@ class FusedTritonW4Kernel(SWLinearKernel):
     correction (super weights + ``holdout``) inside every path -- the GEMV's epilogue, the MMA kernel's K loop, the
     dequantized weights -- so no second launch and no pass over y."""
 
-    _KEYS = ("qw", "scale", "zero", "sp_ptr", "sp_ent", "sp_meta", "info")
-
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
         from .. import triton_w4
@@ -252,38 +250,49 @@ class FusedTritonW4Kernel(SWLinearKernel):
         pass  # the repack needs the held-out entries: done in set_sparse, which the scheme always calls
 
     def set_sparse(self, layer: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
-        from ..triton_w4 import prepare_w4
-
-        c = self.config
-        k_p, n_p = c.partition_shape
-        zero = None if c.symmetric else getattr(layer, W_ZERO).data
-        prep = prepare_w4(
-            getattr(layer, W_PACKED).data,
-            getattr(layer, W_SCALE).data,
-            zero,
-            c.group_size,
-            c.symmetric,
-            rows,
-            cols,
-            vals,
-            n=n_p,
-            k=k_p,
-            device=getattr(layer, W_PACKED).device,
-            act_dtype=c.act_dtype,
-        )
-        for name in (W_PACKED, W_SCALE, W_ZERO):
-            replace_parameter(layer, name, None)
-        self.sparse_keys = [key for key in self._KEYS if key in prep]
-        for key in self.sparse_keys:
-            layer.register_buffer(f"sw_w4_{key}", prep[key], persistent=False)
+        self.sparse_keys = to_w4_layout(self.config, layer, rows, cols, vals)
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from ..triton_w4 import w4_fused_mm
 
-        return w4_fused_mm(x, {key: getattr(layer, f"sw_w4_{key}") for key in self.sparse_keys}, bias)
+        return w4_fused_mm(x, w4_layout(layer, self.sparse_keys), bias)
 
     def apply_sparse(self, layer: torch.nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return y  # inside the GEMM
+
+
+def to_w4_layout(
+    c: SWLinearConfig, layer: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor
+) -> list[str]:
+    """Repack the layer's checkpoint tensors (and its held-out entries) into ``triton_w4``'s one stored layout, held
+    as ``sw_w4_<key>`` buffers of the layer; the checkpoint tensors are dropped. Returns the keys."""
+    from ..triton_w4 import prepare_w4
+
+    k_p, n_p = c.partition_shape
+    prep = prepare_w4(
+        getattr(layer, W_PACKED).data,
+        getattr(layer, W_SCALE).data,
+        None if c.symmetric else getattr(layer, W_ZERO).data,
+        c.group_size,
+        c.symmetric,
+        rows,
+        cols,
+        vals,
+        n=n_p,
+        k=k_p,
+        device=getattr(layer, W_PACKED).device,
+        act_dtype=c.act_dtype,
+    )
+    for name in (W_PACKED, W_SCALE, W_ZERO):
+        replace_parameter(layer, name, None)
+    for key, t in prep.items():
+        layer.register_buffer(f"sw_w4_{key}", t, persistent=False)
+    return list(prep)
+
+
+def w4_layout(layer: torch.nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The ``triton_w4`` layout held by ``layer`` (see ``to_w4_layout``)."""
+    return {key: getattr(layer, f"sw_w4_{key}") for key in keys}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,13 +336,17 @@ class DualMarlinMacheteKernel(SWLinearKernel):
     ) -> None:
         super().__init__(config)
         self.large = large if large is not None else MacheteKernel(config)
-        self.small = small if small is not None else MarlinKernel(config)
+        self._init_pair(small if small is not None else MarlinKernel(config))
         self.max_m = envs.marlin_max_m() if max_m is None else int(max_m)
+
+    def _init_pair(self, small: SWLinearKernel) -> None:
+        """State of a pair behind the opaque op: the small-batch kernel with its own copy (``shadow``)."""
+        self.small = small
         # The key is baked into compiled graphs (vLLM caches them on disk), so it must be stable across runs:
         # the layer's module name, like vLLM's attention layers. A later engine in the same process re-registers
         # the same names (the newest layers win).
-        self.key = config.prefix
-        self.n = config.partition_shape[1]
+        self.key = self.config.prefix
+        self.n = self.config.partition_shape[1]
         self.shadow = torch.nn.Module()  # the second copy; owned here, not a submodule (vLLM must not see it)
         self.has_bias = False
         self._layer: weakref.ref | None = None
@@ -343,6 +356,13 @@ class DualMarlinMacheteKernel(SWLinearKernel):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Marlin's copy is taken from the loaded weights before Machete repacks them in place.
+        self._small_copy(layer)
+        self.large.process_weights_after_loading(layer)
+        self._layer = weakref.ref(layer)
+        _REGISTRY[self.key] = self
+
+    def _small_copy(self, layer: torch.nn.Module) -> None:
+        """The small-batch kernel's own copy of the loaded weights (and bias) in ``self.shadow``, processed."""
         for name in (W_PACKED, W_SCALE, W_ZERO):
             p = getattr(layer, name, None)
             if isinstance(p, torch.nn.Parameter):
@@ -352,9 +372,6 @@ class DualMarlinMacheteKernel(SWLinearKernel):
             bias = tensor(layer, "bias").data.clone()
             self.shadow.register_parameter("bias", torch.nn.Parameter(bias, requires_grad=False))
         self.small.process_weights_after_loading(self.shadow)
-        self.large.process_weights_after_loading(layer)
-        self._layer = weakref.ref(layer)
-        _REGISTRY[self.key] = self
 
     @property
     def layer(self) -> torch.nn.Module:
@@ -410,14 +427,8 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
 
     def __init__(self, config: SWLinearConfig, min_m: int | None = None) -> None:
         SWLinearKernel.__init__(self, config)
-        self.small = MarlinKernel(config)
+        self._init_pair(MarlinKernel(config))
         self.min_m = envs.dequant_min_m() if min_m is None else int(min_m)
-        self.max_m = self.min_m - 1  # (the pair's dispatch rule: the small kernel up to max_m)
-        self.key = config.prefix
-        self.n = config.partition_shape[1]
-        self.shadow = torch.nn.Module()
-        self.has_bias = False
-        self._layer = None
         self.prep_keys: list[str] = []
 
     def describe(self) -> str:
@@ -425,44 +436,13 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Marlin repacks a copy; the checkpoint tensors stay until set_sparse builds our layout from them
-        for name in (W_PACKED, W_SCALE, W_ZERO):
-            p = getattr(layer, name, None)
-            if isinstance(p, torch.nn.Parameter):
-                self.shadow.register_parameter(name, clone_param(p))
-        self.has_bias = getattr(layer, "bias", None) is not None
-        if self.has_bias:
-            self.shadow.register_parameter(
-                "bias", torch.nn.Parameter(tensor(layer, "bias").data.clone(), requires_grad=False)
-            )
-        self.small.process_weights_after_loading(self.shadow)
+        self._small_copy(layer)
         self._layer = weakref.ref(layer)
         _REGISTRY[self.key] = self
 
     def set_sparse(self, layer: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
-        from ..triton_w4 import prepare_w4
-
         SWLinearKernel.set_sparse(self, self.shadow, rows, cols, vals)  # Marlin's separate correction
-        c = self.config
-        k_p, n_p = c.partition_shape
-        prep = prepare_w4(
-            getattr(layer, W_PACKED).data,
-            getattr(layer, W_SCALE).data,
-            None if c.symmetric else getattr(layer, W_ZERO).data,
-            c.group_size,
-            c.symmetric,
-            rows,
-            cols,
-            vals,
-            n=n_p,
-            k=k_p,
-            device=getattr(layer, W_PACKED).device,
-            act_dtype=c.act_dtype,
-        )
-        for name in (W_PACKED, W_SCALE, W_ZERO):
-            replace_parameter(layer, name, None)
-        for key, t in prep.items():
-            layer.register_buffer(f"sw_w4_{key}", t, persistent=False)
-        self.prep_keys = list(prep)
+        self.prep_keys = to_w4_layout(self.config, layer, rows, cols, vals)
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] < self.min_m:
@@ -471,8 +451,7 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
             return SWLinearKernel.apply_sparse(self, self.shadow, y, x)
         from ..triton_w4 import w4_mm
 
-        lay = self.layer
-        return w4_mm(x, {key: getattr(lay, f"sw_w4_{key}") for key in self.prep_keys}, bias, config={"PATH": "deq"})
+        return w4_mm(x, w4_layout(self.layer, self.prep_keys), bias, config={"PATH": "deq"})
 
     def apply_sparse(self, layer: torch.nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return y  # inside run(), on both paths
