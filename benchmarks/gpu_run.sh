@@ -101,7 +101,7 @@ case "$STAGE" in
     # converter's number for a 7B model), built while later calls stash the rest; needs no vLLM
     METHODS=${1:-awq,sw-w4-g128,sw-default}
     mkdir -p "$STASH_DIR"
-    setsid nohup env PYTHONPATH="$PWD" $PY benchmarks/throughput.py --methods "$METHODS" --build-only \
+    setsid nohup env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $PY benchmarks/throughput.py --methods "$METHODS" --build-only \
       --workdir "$SW_BENCH_DIR" --out "$STASH_DIR/build.json" --tokenizer-dir "$TOKENIZER_DIR" --budget-s 1200 \
       > "$STASH_DIR/build.log" 2>&1 < /dev/null &
     echo "[$(ts)] building $METHODS in the background (pid $!): $STASH_DIR/build.log" ;;

@@ -185,7 +185,9 @@ def _sm90():
 @pytest.mark.parametrize("group,sym", [(-1, False), (128, False), (128, True)])
 def test_dual_dispatch_is_bitwise_the_chosen_kernel(group, sym):
     """For M <= max_m the dual op returns exactly Marlin's output, above it exactly Machete's; both near the
-    float reference. (The kernels differ in summation order, so they must not be bitwise equal to each other.)"""
+    float reference. The kernels differ in summation order, so on each side of max_m some batch must tell them
+    apart (else the equality proves nothing); one batch may not: at M = 1 every bf16 output can round alike
+    (H200, group 128 sym, once)."""
     VL = _vl()
     _sm90()
     dev, n, k, max_m = "cuda", 4096, 11008, 16
@@ -195,14 +197,16 @@ def test_dual_dispatch_is_bitwise_the_chosen_kernel(group, sym):
     lay_mr, kmr = VL.build_mp_layer(w, "marlin")
     ref_w = VL.dequant_w4(w)
     assert kd.describe() == "Machete+Marlin(M<=16)"
+    told_apart = {True: 0, False: 0}  # per side of max_m: batches where Marlin and Machete differ
     for m in (1, 7, 16, 17, 64, 1000):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         y = kd.apply_weights(lay_d, x)
         want = kmr.apply_weights(lay_mr, x) if m <= max_m else kma.apply_weights(lay_ma, x)
         other = kma.apply_weights(lay_ma, x) if m <= max_m else kmr.apply_weights(lay_mr, x)
         assert torch.equal(y, want), m
-        assert not torch.equal(y, other), m
+        told_apart[m <= max_m] += int(not torch.equal(y, other))
         assert _rel(y, x.float() @ ref_w.T) < 8e-3, m
+    assert told_apart[True] >= 1 and told_apart[False] >= 1, told_apart
 
 
 def test_dual_dispatch_with_bias_under_compile_and_cuda_graphs():

@@ -897,6 +897,10 @@ if TRITON_OK:
                 if HAS_BIAS:
                     tot += tl.load(bias_ptr + offs_n, mask=n_store, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=out_mask)
+                # every thread has read its sums before any thread zeroes: the zeroing store takes the layout of
+                # the adds, not of the read, so without this barrier a fast warp zeroed words a slow one had yet
+                # to read (H200: the last token row of some tiles lost its sums in 5-50 % of calls at M = 2..3)
+                tl.debug_barrier()
                 tl.store(ws_ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=out_mask)
                 tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
 
