@@ -2,10 +2,12 @@
 """Plot + table from the throughput records (benchmarks/throughput.py).
 
     python benchmarks/plot_throughput.py [benchmarks/results/throughput.json] [--out-dir benchmarks/results]
+        [--name throughput]
 
-Writes ``throughput.png`` (left: offline throughput per method for each input/output pair; right: latency per
-method at each batch size) and ``throughput.md`` (tables naming the GPU and vLLM version, ratios vs bf16 / AWQ /
-SmoothQuant). When a (variant, config) was measured more than once, the latest record wins.
+Writes ``<name>.png`` (left: offline throughput per method for each input/output pair; right: latency per
+method at each batch size) and ``<name>.md`` (tables naming the GPU and vLLM version, ratios vs bf16 / AWQ /
+SmoothQuant, the W4 kernel and the weight memory / KV-cache tokens read from vLLM's log). When a (variant, config)
+was measured more than once, the latest record wins.
 """
 
 from __future__ import annotations
@@ -41,6 +43,24 @@ LABEL = {
     "sw-default": "SW-RTN default (W4 g64 +0.1% hold-out)",
     "sw-w8a8": "SW-RTN W8A8 + outlier ch.",
 }
+
+
+KERNEL_SUFFIX = {"-mdeq": " → Marlin + dequantize pair", "-dual": " → Marlin/Machete pair", "-fused": " → fused"}
+
+
+def label(v: str) -> str:
+    for suf, text in KERNEL_SUFFIX.items():
+        if v.endswith(suf) and v not in LABEL:
+            return LABEL.get(v[: -len(suf)], v[: -len(suf)]) + text
+    return LABEL.get(v, v)
+
+
+def kernel_of(r: dict) -> str:
+    """The W4 kernel vLLM's log named for the engine ("Machete+Marlin(M<=48)"), or "–"."""
+    for k in r.get("kernels") or []:
+        if k.startswith("W4 linears: "):
+            return k[len("W4 linears: ") :].split(" (first:")[0]
+    return "–"
 
 
 def variant_of(r: dict) -> str:
@@ -95,8 +115,10 @@ def table(recs):
         pairs = sorted({(r["input_len"], r["output_len"]) for r in thr}, key=lambda p: -p[0])
         n_prompts = {(r["input_len"], r["output_len"]): r["num_prompts"] for r in reversed(thr)}
         lines += ["## Offline throughput (total tokens/s; random prompts, ignore_eos)", ""]
+        mem = any(r.get("weights_gib") for r in thr)
         hdr = (
             "| method | bits | block | hold-out | "
+            + ("W4 kernel | weights (GiB) | KV-cache tokens | " if mem else "")
             + " | ".join(f"in {a} / out {b} (n={n_prompts[(a, b)]})" for a, b in pairs)
             + " | vs AWQ | vs SmoothQuant |"
         )
@@ -113,9 +135,13 @@ def table(recs):
                     if r and rb:
                         acc.append(r["tokens_per_s"] / rb["tokens_per_s"])
             fmt = lambda xs: " / ".join(f"{x:.2f}×" for x in xs) or "–"  # noqa: E731
+            extra = ""
+            if mem:
+                kv = row.get("kv_cache_tokens")
+                extra = f"{kernel_of(row)} | {row.get('weights_gib') or '–'} | " + (f"{kv:,}" if kv else "–") + " | "
             lines.append(
-                f"| {LABEL.get(v, v)} | {row.get('bits')} | {row.get('block') or '–'} | "
-                f"{row.get('holdout') or 0:g} | " + " | ".join(cells) + f" | {fmt(ratios_awq)} | "
+                f"| {label(v)} | {row.get('bits')} | {row.get('block') or '–'} | "
+                f"{row.get('holdout') or 0:g} | " + extra + " | ".join(cells) + f" | {fmt(ratios_awq)} | "
                 f"{fmt(ratios_sq)} |"
             )
         lines.append("")
@@ -138,7 +164,7 @@ def table(recs):
                     if r1["latency_s"] < ra["latency_s"]
                     else f"{r1['latency_s'] / ra['latency_s']:.2f}× slower"
                 )
-            lines.append(f"| {LABEL.get(v, v)} | " + " | ".join(cells) + f" | {ratio} |")
+            lines.append(f"| {label(v)} | " + " | ".join(cells) + f" | {ratio} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -189,7 +215,7 @@ def plot(recs, png: str) -> None:
                 if r:
                     xs.append(j + (i - (len(variants) - 1) / 2) * width)
                     ys.append(r[key])
-            ax.bar(xs, ys, width, label=LABEL.get(v, v))
+            ax.bar(xs, ys, width, label=label(v))
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, fontsize=8)
         ax.set_title(f"{title} — {gpus}")
@@ -212,6 +238,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("json", nargs="?", default=os.path.join(HERE, "results", "throughput.json"))
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--name", default="throughput", help="file stem of the table and plot")
     args = ap.parse_args()
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.json))
     recs = load(args.json)
@@ -220,11 +247,11 @@ def main() -> int:
         return 1
     os.makedirs(out_dir, exist_ok=True)
     md = table(recs)
-    with open(os.path.join(out_dir, "throughput.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{args.name}.md"), "w") as f:
         f.write(md)
-    plot(recs, os.path.join(out_dir, "throughput.png"))
+    plot(recs, os.path.join(out_dir, f"{args.name}.png"))
     print(md)
-    print(f"wrote {out_dir}/throughput.md and throughput.png")
+    print(f"wrote {out_dir}/{args.name}.md and {args.name}.png")
     return 0
 
 

@@ -141,10 +141,11 @@ for _spec in METHODS.values():
 # variant's spec, its checkpoint reused, the kernel forced
 for _base in ("sw-w4-g128", "sw-w4-g128-holdout"):
     METHODS[_base + "-fused"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "fused"})
-# held-out checkpoints served by the Marlin + dequantize pair (issue 12: hold-out restored inside the weights for
-# large batches), beside the default pair on the same checkpoint
+# held-out checkpoints: forced onto the Marlin + dequantize pair (-mdeq; their default since 2026-12-01, H200:
+# saturated 1.22-1.65x the Marlin / Machete pair's) or onto that earlier pair (-dual), same checkpoint
 for _base in ("sw-w4-g128-holdout", "sw-default"):
     METHODS[_base + "-mdeq"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq"})
+    METHODS[_base + "-dual"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "dual"})
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
     "lean": [

@@ -123,7 +123,7 @@ def test_knobs(monkeypatch):
     assert envs.w4_kernel() == "auto" and envs.marlin_max_m() == envs.DEFAULT_MARLIN_MAX_M
     monkeypatch.setenv(envs.W4_KERNEL, "Dual")
     monkeypatch.setenv(envs.MARLIN_MAX_M, "16")
-    assert envs.w4_kernel() == "auto" and envs.marlin_max_m() == 16
+    assert envs.w4_kernel() == "dual" and envs.marlin_max_m() == 16  # the pair, never the dequantize pair
     monkeypatch.setenv(envs.MARLIN_MAX_M, "many")
     with pytest.raises(ValueError, match="not an integer"):
         envs.marlin_max_m()
@@ -281,14 +281,25 @@ def test_clone_param_keeps_the_vllm_class_and_layout():
 
 
 def test_marlin_dequant_pair_only_for_bulk_holdout_on_cuda(clean_env, monkeypatch):
-    """The Marlin + dequantize pair is opt-in (SUPERWEIGHT_W4_KERNEL=marlin-deq) and only for checkpoints with a
-    bulk hold-out, on CUDA; the reasons say why not, and forcing it where it cannot run is a clear error."""
+    """The Marlin + dequantize pair comes first for checkpoints with a bulk hold-out, on CUDA (auto, or forced by
+    SUPERWEIGHT_W4_KERNEL=marlin-deq); =dual keeps the Marlin / Machete pair and =vllm vLLM's kernel for them. The
+    reasons say why not, and forcing it where it cannot run is a clear error."""
     import dataclasses
 
     held = dataclasses.replace(cfg(), holdout=1e-3)
+    assert explain(held)[0][0] == "MarlinDequantKernel"
     ok, why = WO.MarlinDequantKernel.can_implement(held)
-    assert not ok and "opt-in" in why
-    assert explain(held)[0][0] == "MarlinDequantKernel" and choose_kernel(held) is not WO.MarlinDequantKernel
+    assert not ok and "CUDA" in why  # auto: only this machine (a CPU) rules it out
+    assert choose_kernel(held) is not WO.MarlinDequantKernel
+    for mode in ("dual", "vllm", "fused"):
+        monkeypatch.setenv(envs.W4_KERNEL, mode)
+        ok, why = WO.MarlinDequantKernel.can_implement(held)
+        assert not ok and f"SUPERWEIGHT_W4_KERNEL={mode}" in why
+    monkeypatch.setenv(envs.W4_KERNEL, "dual")
+    ok, why = WO.DualMarlinMacheteKernel.can_implement(held)
+    assert not ok and "SUPERWEIGHT_W4_KERNEL" not in why  # dual is allowed; only the missing CUDA ops say no
+    with pytest.raises(NoKernelError, match="SUPERWEIGHT_W4_KERNEL=dual cannot run"):
+        choose_kernel(held)
     monkeypatch.setenv(envs.W4_KERNEL, "marlin-deq")
     ok, why = WO.MarlinDequantKernel.can_implement(cfg())
     assert not ok and "hold-out 0" in why

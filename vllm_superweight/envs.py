@@ -6,13 +6,15 @@ Only what users need is a knob:
 ``SUPERWEIGHT_DISABLE_CORRECTION``  ``1``: serve without the exact sparse correction (super weights and held-out
                                     weights stay 0): an ablation switch, read by the engine's front end.
 ``SUPERWEIGHT_W4_KERNEL``           weight-only GEMM choice: ``auto`` (default: the first kernel of the priority
-                                    list in ``kernels/linear`` that this machine can run), ``vllm`` (vLLM's single
-                                    kernel, never the per-batch pair), ``marlin``, ``machete``, ``torch`` (the
-                                    dequantize-once fallback), ``fused`` (our Triton W4 GEMM with the held-out
-                                    correction inside; opt-in until timed), ``marlin-deq`` (held-out
-                                    checkpoints: Marlin for small batches, dequantize + cuBLAS with the held-out
-                                    values restored for large ones; opt-in until measured end to end). A forced
-                                    kernel that cannot run a layer is an error.
+                                    list in ``kernels/linear`` that this machine can run: the ``marlin-deq``
+                                    pair for checkpoints with a hold-out >= 1e-4, the ``dual`` pair for the
+                                    others, on CUDA), ``vllm`` (vLLM's single kernel, never a per-batch pair),
+                                    ``dual`` (Marlin for small batches, Machete above, correction separate),
+                                    ``marlin-deq`` (Marlin for small batches, dequantize + cuBLAS with the
+                                    held-out values restored for large ones), ``marlin``, ``machete``, ``torch``
+                                    (the dequantize-once fallback), ``fused`` (our Triton W4 GEMM with the
+                                    held-out correction inside; opt-in: slower than AWQ at 8-256 tokens). A
+                                    forced kernel that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a
                                     scratch and one cuBLAS GEMM (default 96).
@@ -52,7 +54,7 @@ def w4_kernel() -> str:
     mode = os.environ.get(W4_KERNEL, "auto").strip().lower() or "auto"
     if mode not in W4_KERNEL_MODES:
         raise ValueError(f"{W4_KERNEL}={mode!r}: choose one of {', '.join(W4_KERNEL_MODES)}")
-    return "auto" if mode == "dual" else mode
+    return mode
 
 
 def _int(name: str, default: int) -> int:

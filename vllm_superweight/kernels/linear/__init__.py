@@ -48,6 +48,7 @@ FORCED = {
     "torch": TorchDequantKernel,
     "fused": FusedTritonW4Kernel,
     "marlin-deq": MarlinDequantKernel,
+    "dual": DualMarlinMacheteKernel,
 }
 
 
