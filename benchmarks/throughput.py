@@ -364,6 +364,7 @@ def orchestrate(args) -> int:
                 log(f"FAILED to build base checkpoints (rc={r})")
                 return 1
     sw_json = os.path.join(args.workdir, "bf16", "planted_super_weights.json")
+    converted: set[str] = set()  # checkpoints this run converted: the only ones it may delete
     for name in names:
         spec = METHODS[name]
         left = deadline - time.time()
@@ -394,6 +395,7 @@ def orchestrate(args) -> int:
                     rc = 1
                     continue
                 log(f"converted {name} in {convert_s:.0f}s")
+                converted.add(ckpt)
         else:
             ckpt = os.path.join(args.workdir, spec["src"])
         if args.build_only:
@@ -450,8 +452,8 @@ def orchestrate(args) -> int:
         later = names[names.index(name) + 1 :]
         mine = spec.get("ckpt", name)
         reused = any(METHODS[n]["src"] == "convert" and METHODS[n].get("ckpt", n) == mine for n in later)
-        if spec["src"] == "convert" and not args.keep and not reused:
-            shutil.rmtree(ckpt, ignore_errors=True)
+        if spec["src"] == "convert" and ckpt in converted and not args.keep and not reused:
+            shutil.rmtree(ckpt, ignore_errors=True)  # (one built earlier, e.g. by `gpu_run.sh build-bg`, stays)
     log(f"finished (rc={rc}); results in {args.out}")
     return rc
 
@@ -604,7 +606,11 @@ def main() -> int:
     ap.add_argument("--eager", action="store_true", help="enforce_eager (smoke tests only, never for numbers)")
     ap.add_argument("--convert-device", default="cuda")
     ap.add_argument("--budget-s", type=float, default=570.0, help="stop starting stages after this many seconds")
-    ap.add_argument("--keep", action="store_true", help="keep converted checkpoints")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the checkpoints this run converts (those found already built are always kept)",
+    )
     ap.add_argument(
         "--build-only", action="store_true", help="build the methods' checkpoints in --workdir and stop (cold_start.py)"
     )
