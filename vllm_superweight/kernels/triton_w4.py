@@ -254,7 +254,29 @@ def prepare_w4(
         zz[:ng, :n] = z.T.to(torch.uint8)
         out["zero"] = zz
 
-    # --- sparse entries ---------------------------------------------------------------------------------------
+    out.update(sparse_index(rows, cols, vals, n, k, act, sp_block))
+    out["info"] = torch.empty((n, k, g, 1 if sym else 0, sp_block, 0), dtype=torch.int8)
+    prep = {key_: t.contiguous().to(device) for key_, t in out.items()}
+    if device.type == "cuda":
+        _workspace(device, n_pad)  # allocate the shared split-K workspace now (never during graph capture)
+        need_deq_scratch(device, act, n * k)
+    return prep
+
+
+def need_deq_scratch(device: torch.device, act: torch.dtype, numel: int) -> None:
+    """Register a layer of ``numel`` weights for the shared dequantization scratch (sized at its first use)."""
+    key = _deq_key(device, act)
+    _DEQ_NEED[key] = max(_DEQ_NEED.get(key, 0), numel)
+
+
+def sparse_index(rows, cols, vals, n: int, k: int, act: torch.dtype, sp_block: int = SP_BLOCK) -> dict:
+    """Held-out entries (CPU tensors) sorted into segments of (K block of ``sp_block``, 16-row slice) over the
+    padded shape (N to 32, K to 128): ``sp_ptr`` (segment starts), ``sp_ent`` (value16 | row | column words,
+    the terms of one value consecutive) and ``sp_meta`` (zero-byte; its shape carries nnz and the largest entry
+    count of one (block, tile) per tile width)."""
+    k_pad = _cdiv(k, PB) * PB
+    n_pad = _cdiv(n, SLAB) * SLAB
+    out: dict[str, torch.Tensor] = {}
     r_, c_, v_ = _entries(rows, cols, vals, n, k, act)
     ns = n_pad // SLICE
     nsb = _cdiv(k_pad, sp_block)  # sparse-index blocks along K
@@ -283,13 +305,7 @@ def prepare_w4(
     out["sp_ent"] = ent if nnz else torch.zeros(1, dtype=torch.int32)
     # zero-byte tensors whose shapes carry host ints (no device reads at run time)
     out["sp_meta"] = torch.empty((nnz, *maxc, 0), dtype=torch.int8)
-    out["info"] = torch.empty((n, k, g, 1 if sym else 0, sp_block, 0), dtype=torch.int8)
-    prep = {key_: t.contiguous().to(device) for key_, t in out.items()}
-    if device.type == "cuda":
-        _workspace(device, n_pad)  # allocate the shared split-K workspace now (never during graph capture)
-        key = _deq_key(device, act)
-        _DEQ_NEED[key] = max(_DEQ_NEED.get(key, 0), n * k)
-    return prep
+    return out
 
 
 def _entries(rows, cols, vals, n, k, act):
@@ -1323,37 +1339,46 @@ if TRITON_OK:
                 mask=n_st[None, :] & (kk < K)[:, None],
             )
         if HAS_SP:
-            if SPB == 128:
-                CB: tl.constexpr = 7
-            elif SPB == 256:
-                CB: tl.constexpr = 8
-            else:
-                CB: tl.constexpr = 9
             tl.debug_barrier()  # the tile's stores before the entries' (same CTA)
-            sb = k0 // SPB
-            pbase = sb * NS + n0 // 16
-            lo = tl.load(spp_ptr + pbase)
-            hi = tl.load(spp_ptr + pbase + tl.minimum(BN // 16, NS - n0 // 16))
-            for e0 in range(lo, hi, E):
-                idx = e0 + tl.arange(0, E)
-                ok = idx < hi
-                ent = tl.load(spe_ptr + idx, mask=ok, other=0)
-                prv = tl.load(spe_ptr + idx - 1, mask=ok & (idx > lo), other=0)
-                nx1 = tl.load(spe_ptr + idx + 1, mask=idx + 1 < hi, other=0)
-                nx2 = tl.load(spe_ptr + idx + 2, mask=idx + 2 < hi, other=0)
-                pos = ent & 0xFFFF
-                first = ok & ((idx == lo) | ((prv & 0xFFFF) != pos))  # terms of one value are consecutive
-                t1 = (idx + 1 < hi) & ((nx1 & 0xFFFF) == pos)
-                t2 = t1 & (idx + 2 < hi) & ((nx2 & 0xFFFF) == pos)
-                v = _ent_val(ent, F16) + tl.where(t1, _ent_val(nx1, F16), 0.0) + tl.where(t2, _ent_val(nx2, F16), 0.0)
-                erow = n0 + (((ent >> CB) - n0) & ((1 << (16 - CB)) - 1))
-                ecol = sb * SPB + (ent & (SPB - 1))
-                keep = first & (erow < N) & (ecol < K) & (ecol >= k0) & (ecol < k0 + 128)
-                if I64:
-                    off = ecol.to(tl.int64) * N + erow
-                else:
-                    off = ecol * N + erow
-                tl.store(w_ptr + off, v.to(w_ptr.dtype.element_ty), mask=keep)
+            _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, k0, BN, E, F16, SPB, I64)
+
+    @triton.jit
+    def _restore_entries(
+        spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, k0,
+        BN: tl.constexpr, E: tl.constexpr, F16: tl.constexpr, SPB: tl.constexpr, I64: tl.constexpr,
+    ):  # fmt: skip
+        """wT[col, row] = the exact held-out value of every entry of rows n0..n0+BN, columns k0..k0+128 (its 1-3
+        terms, consecutive in the index, summed in fp32 and rounded once), over the dequantized codes."""
+        if SPB == 128:
+            CB: tl.constexpr = 7
+        elif SPB == 256:
+            CB: tl.constexpr = 8
+        else:
+            CB: tl.constexpr = 9
+        sb = k0 // SPB
+        pbase = sb * NS + n0 // 16
+        lo = tl.load(spp_ptr + pbase)
+        hi = tl.load(spp_ptr + pbase + tl.minimum(BN // 16, NS - n0 // 16))
+        for e0 in range(lo, hi, E):
+            idx = e0 + tl.arange(0, E)
+            ok = idx < hi
+            ent = tl.load(spe_ptr + idx, mask=ok, other=0)
+            prv = tl.load(spe_ptr + idx - 1, mask=ok & (idx > lo), other=0)
+            nx1 = tl.load(spe_ptr + idx + 1, mask=idx + 1 < hi, other=0)
+            nx2 = tl.load(spe_ptr + idx + 2, mask=idx + 2 < hi, other=0)
+            pos = ent & 0xFFFF
+            first = ok & ((idx == lo) | ((prv & 0xFFFF) != pos))  # terms of one value are consecutive
+            t1 = (idx + 1 < hi) & ((nx1 & 0xFFFF) == pos)
+            t2 = t1 & (idx + 2 < hi) & ((nx2 & 0xFFFF) == pos)
+            v = _ent_val(ent, F16) + tl.where(t1, _ent_val(nx1, F16), 0.0) + tl.where(t2, _ent_val(nx2, F16), 0.0)
+            erow = n0 + (((ent >> CB) - n0) & ((1 << (16 - CB)) - 1))
+            ecol = sb * SPB + (ent & (SPB - 1))
+            keep = first & (erow < N) & (ecol < K) & (ecol >= k0) & (ecol < k0 + 128)
+            if I64:
+                off = ecol.to(tl.int64) * N + erow
+            else:
+                off = ecol * N + erow
+            tl.store(w_ptr + off, v.to(w_ptr.dtype.element_ty), mask=keep)
 
 
 # ------------------------------------------------------------------------------------------------------------
