@@ -242,10 +242,12 @@ def test_dual_dispatch_with_bias_under_compile_and_cuda_graphs():
         assert torch.equal(out, eager), m
 
 
-def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths():
-    """MarlinDequantKernel: below the threshold Marlin + the separate correction, from it on the dequantized weights
-    (held-out values restored in the scratch) through cuBLAS; both against the float reference of the restored
-    weights, with bias, eagerly, under torch.compile and inside CUDA graphs on both sides of the threshold."""
+@pytest.mark.parametrize("kernel", ["marlin-deq", "marlin-deq1"])
+def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel):
+    """MarlinDequantKernel (and its one-copy form, dequantizing from Marlin's tensors): below the threshold Marlin +
+    the separate correction, from it on the dequantized weights (held-out values restored in the scratch) through
+    cuBLAS; both against the float reference of the restored weights, with bias, eagerly, under torch.compile and
+    inside CUDA graphs on both sides of the threshold. The one-copy form holds no W4 tensor besides Marlin's."""
     VL = _vl()
     dev, n, k, max_m = "cuda", 4096, 11008, 32
     g = torch.Generator().manual_seed(5)
@@ -255,10 +257,19 @@ def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths():
     vals[0] = -2.5  # a super weight
     w = VL.random_w4(n, k, 128, False, dev, seed=21, holdout=(rows, cols))  # their codes dequantize to 0
     bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
-    lay, kd = VL.build_mp_layer(w, "marlin-deq", max_m=max_m, bias=bias, sparse=(rows, cols, vals))
+    lay, kd = VL.build_mp_layer(w, kernel, max_m=max_m, bias=bias, sparse=(rows, cols, vals))
     ref_w = VL.dequant_w4(w)
     ref_w[rows.to(dev), cols.to(dev)] = vals.to(dev)
-    assert kd.describe() == f"Marlin(M<{max_m + 1})+dequant/cuBLAS"
+    if kernel == "marlin-deq":
+        assert kd.describe() == f"Marlin(M<{max_m + 1})+dequant/cuBLAS"
+    else:
+        assert kd.describe() == f"Marlin(M<{max_m + 1})+dequant(Marlin layout)/cuBLAS"
+        own = sum(t.numel() * t.element_size() for t in [*lay.parameters(), *lay.buffers()])
+        marlin = sum(t.numel() * t.element_size() for t in [*kd.shadow.parameters(), *kd.shadow.buffers()])
+        extra = sum(t.numel() * t.element_size() for t in kd.deq.values())
+        awq = n * k // 2 + (n * k // 128) * 2 + (n * k // 128) // 2  # codes + bf16 scales + packed zero points
+        assert own <= 2 * n * 2  # the bias only
+        assert (own + marlin + extra) <= 1.03 * awq + 2 * n * 2, (own, marlin, extra, awq)
 
     def f(x):
         return kd.apply_weights(lay, x, lay.bias)

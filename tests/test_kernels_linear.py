@@ -314,3 +314,24 @@ def test_marlin_dequant_pair_only_for_bulk_holdout_on_cuda(clean_env, monkeypatc
         envs.dequant_min_m()
     monkeypatch.setenv(envs.DEQUANT_MIN_M, "200")
     assert envs.dequant_min_m() == 200 and envs.graph_knobs()[envs.DEQUANT_MIN_M] == "200"
+
+
+def test_one_copy_marlin_dequant_pair_is_opt_in(clean_env, monkeypatch):
+    """MarlinDequantOneCopyKernel (dequantizing from Marlin's own copy) is never chosen by auto -- not in the priority
+    list, and its can_implement says it is opt-in -- and SUPERWEIGHT_W4_KERNEL=marlin-deq1 forces it where CUDA
+    and Marlin can run (here, a CPU, a clear error)."""
+    import dataclasses
+
+    held = dataclasses.replace(cfg(), holdout=1e-3)
+    assert WO.MarlinDequantOneCopyKernel not in WEIGHT_ONLY_KERNELS
+    ok, why = WO.MarlinDequantOneCopyKernel.can_implement(dataclasses.replace(held, device_type="cuda"))
+    assert not ok and "opt-in" in why
+    monkeypatch.setenv(envs.W4_KERNEL, "marlin-deq1")
+    ok, why = WO.MarlinDequantOneCopyKernel.can_implement(held)
+    assert not ok and "CUDA" in why
+    ok, why = WO.MarlinDequantKernel.can_implement(held)
+    assert not ok and "marlin-deq1" in why  # the two-copy pair steps aside
+    with pytest.raises(NoKernelError, match="SUPERWEIGHT_W4_KERNEL=marlin-deq1 cannot run"):
+        choose_kernel(held)
+    ok, why = WO.MarlinDequantOneCopyKernel.can_implement(dataclasses.replace(held, act_dtype=torch.float32))
+    assert not ok

@@ -88,7 +88,7 @@ def dequant_w4(w: dict) -> torch.Tensor:
     return ((q - z) * w["scales"].float()[..., None]).reshape(n, k)
 
 
-KERNELS = ("machete", "marlin", "cpu", "dual", "marlin-deq", "torch", "fused", "auto")
+KERNELS = ("machete", "marlin", "cpu", "dual", "marlin-deq", "marlin-deq1", "torch", "fused", "auto")
 
 
 def build_mp_layer(
@@ -101,7 +101,8 @@ def build_mp_layer(
 ):
     """(layer, kernel) with the plugin's parameters and one of OUR kernel classes (kernels/linear):
     ``kernel`` in {"machete", "marlin", "cpu" (CPUWNA16), "dual" (Marlin for M <= ``max_m``, Machete above),
-    "marlin-deq" (Marlin + separate correction for M <= ``max_m``, dequantize + cuBLAS above),
+    "marlin-deq" (Marlin + separate correction for M <= ``max_m``, dequantize + cuBLAS above), "marlin-deq1" (the
+    same, dequantizing from Marlin's own copy),
     "torch" (dequantize-once fallback), "fused" (our Triton W4 GEMM, correction inside), "auto" (the priority
     list)}. ``sparse`` = (rows, cols, vals) attaches
     held-out entries (the kernel's own sparse correction). ``kernel.apply_weights(layer, x, bias)`` runs it."""
@@ -138,8 +139,9 @@ def build_mp_layer(
         "fused": WO.FusedTritonW4Kernel,
     }
     classes["marlin-deq"] = WO.MarlinDequantKernel
+    classes["marlin-deq1"] = WO.MarlinDequantOneCopyKernel
     KC = choose_kernel(cfg) if kernel == "auto" else classes[kernel]
-    if kernel not in ("dual", "marlin-deq"):
+    if kernel not in ("dual", "marlin-deq", "marlin-deq1"):
         ok, why = KC.can_implement(cfg)
         if not ok:
             raise RuntimeError(f"{KC.__name__} cannot implement {cfg}: {why}")
@@ -175,8 +177,8 @@ def build_mp_layer(
     layer.to(dev)
     if kernel == "dual":
         kobj = WO.DualMarlinMacheteKernel(cfg, max_m=max_m)
-    elif kernel == "marlin-deq":
-        kobj = WO.MarlinDequantKernel(cfg, min_m=None if max_m is None else max_m + 1)
+    elif kernel in ("marlin-deq", "marlin-deq1"):
+        kobj = classes[kernel](cfg, min_m=None if max_m is None else max_m + 1)
     else:
         kobj = KC(cfg)
     kobj.process_weights_after_loading(layer)

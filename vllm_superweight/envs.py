@@ -11,7 +11,9 @@ Only what users need is a knob:
                                     others, on CUDA), ``vllm`` (vLLM's single kernel, never a per-batch pair),
                                     ``dual`` (Marlin for small batches, Machete above, correction separate),
                                     ``marlin-deq`` (Marlin for small batches, dequantize + cuBLAS with the
-                                    held-out values restored for large ones), ``marlin``, ``machete``, ``torch``
+                                    held-out values restored for large ones), ``marlin-deq1`` (the same pair
+                                    over ONE copy of the W4 weights: large batches dequantize from Marlin's
+                                    layout; opt-in, not yet run on a GPU), ``marlin``, ``machete``, ``torch``
                                     (the dequantize-once fallback), ``fused`` (our Triton W4 GEMM with the
                                     held-out correction inside; opt-in: slower than AWQ at 8-256 tokens). A
                                     forced kernel that cannot run a layer is an error.
@@ -37,7 +39,7 @@ W4_KERNEL = "SUPERWEIGHT_W4_KERNEL"
 MARLIN_MAX_M = "SUPERWEIGHT_MARLIN_MAX_M"
 DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 
-W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused", "marlin-deq")
+W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused", "marlin-deq", "marlin-deq1")
 DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (section w4sweep) on an H100
 DEFAULT_DEQUANT_MIN_M = 96  # Marlin + separate correction vs dequantize + cuBLAS, 0.1 % hold-out, H200
 

@@ -14,6 +14,7 @@ from .weight_only import (
     FusedTritonW4Kernel,
     MacheteKernel,
     MarlinDequantKernel,
+    MarlinDequantOneCopyKernel,
     MarlinKernel,
     TorchDequantKernel,
     VllmMPKernel,
@@ -48,6 +49,7 @@ FORCED = {
     "torch": TorchDequantKernel,
     "fused": FusedTritonW4Kernel,
     "marlin-deq": MarlinDequantKernel,
+    "marlin-deq1": MarlinDequantOneCopyKernel,
     "dual": DualMarlinMacheteKernel,
 }
 

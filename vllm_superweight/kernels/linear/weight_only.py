@@ -362,12 +362,15 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         self._layer = weakref.ref(layer)
         _REGISTRY[self.key] = self
 
-    def _small_copy(self, layer: torch.nn.Module) -> None:
-        """The small-batch kernel's own copy of the loaded weights (and bias) in ``self.shadow``, processed."""
+    def _small_copy(self, layer: torch.nn.Module, move: bool = False) -> None:
+        """The small-batch kernel's own copy of the loaded weights (and bias) in ``self.shadow``, processed. With
+        ``move`` the checkpoint tensors themselves go there (and leave ``layer``): one copy."""
         for name in (W_PACKED, W_SCALE, W_ZERO):
             p = getattr(layer, name, None)
             if isinstance(p, torch.nn.Parameter):
-                self.shadow.register_parameter(name, clone_param(p))
+                self.shadow.register_parameter(name, p if move else clone_param(p))
+                if move:
+                    replace_parameter(layer, name, None)
         self.has_bias = getattr(layer, "bias", None) is not None
         if self.has_bias:  # Marlin permutes the bias into its own layout: the shadow gets its own copy
             bias = tensor(layer, "bias").data.clone()
@@ -456,6 +459,67 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
 
     def apply_sparse(self, layer: torch.nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return y  # inside run(), on both paths
+
+
+class MarlinDequantOneCopyKernel(MarlinDequantKernel):
+    """The Marlin + dequantize pair over ONE copy of the W4 weights: Marlin's. Large batches dequantize straight
+    from Marlin's repacked tensors (``kernels/triton_marlin_deq.py``; held-out values restored in the same kernel),
+    so the layer holds Marlin's weights, a ~4-byte-per-entry restore index and the separate correction's index for
+    small batches -- weight memory about AWQ's (issue 12), instead of two W4 copies. Opt-in
+    (``SUPERWEIGHT_W4_KERNEL=marlin-deq1``) until its speed is measured on a GPU: the mapping is checked against
+    vLLM's reference layout on the CPU (Triton interpreter), the kernel has not run on a GPU yet."""
+
+    wraps = "MarlinLinearKernel+dequant(Marlin layout)/cuBLAS"
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        from .. import triton_w4
+
+        if envs.w4_kernel() != "marlin-deq1":
+            return False, f"opt-in: {envs.W4_KERNEL}=marlin-deq1 (is {envs.w4_kernel()})"
+        if c.device_type != "cuda" or not triton_w4.TRITON_OK:
+            return False, "CUDA + Triton only"
+        if c.kernel_bits != 4:
+            return False, "4-bit codes only"
+        if c.act_dtype not in SIXTEEN_BIT:
+            return False, f"16-bit activations only, not {c.act_dtype}"
+        ok, why = MarlinKernel.can_implement(c)
+        if not ok:
+            return False, f"MarlinKernel: {why}"
+        return True, None
+
+    def __init__(self, config: SWLinearConfig, min_m: int | None = None) -> None:
+        super().__init__(config, min_m)
+        self.deq: dict[str, torch.Tensor] = {}
+
+    def describe(self) -> str:
+        return f"Marlin(M<{self.min_m})+dequant(Marlin layout)/cuBLAS"
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # the checkpoint tensors MOVE into Marlin's module (no copy) and are repacked there; the layer keeps its bias
+        self._small_copy(layer, move=True)
+        self._layer = weakref.ref(layer)
+        _REGISTRY[self.key] = self
+
+    def set_sparse(self, layer: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
+        from ..triton_marlin_deq import marlin_deq_layout
+
+        SWLinearKernel.set_sparse(self, self.shadow, rows, cols, vals)  # Marlin's separate correction
+        c = self.config
+        k_p, n_p = c.partition_shape
+        self.deq = marlin_deq_layout(
+            rows, cols, vals, n_p, k_p, c.group_size, c.symmetric, c.act_dtype, tensor(self.shadow, W_SCALE).device
+        )
+
+    def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] < self.min_m:
+            b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
+            y = self.small.apply_gemm(self.shadow, x, b)
+            return SWLinearKernel.apply_sparse(self, self.shadow, y, x)
+        from ..triton_marlin_deq import marlin_deq_mm
+
+        zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
+        return marlin_deq_mm(x, tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE), zero, self.deq, bias)
 
 
 def lookup(key: str) -> DualMarlinMacheteKernel:

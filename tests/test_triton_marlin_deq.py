@@ -1,0 +1,301 @@
+"""Dequantizing W4 from vLLM's Marlin layout (``kernels/triton_marlin_deq.py``): the one-copy large-batch path.
+
+* CPU: the inverse mapping (``marlin_dequant_reference``) reads back exactly the codes, scales and zero points that
+  vLLM's own python reference of the Marlin layout (``marlin_weights`` / ``get_weight_perm``,
+  ``marlin_permute_scales``, ``marlin_zero_points``, with ``marlin_padded_nk`` padding) stored, for grouped,
+  channel-wise and one-group layers, symmetric and asymmetric, padded and unpadded shapes; shape checks.
+* Triton interpreter (``TRITON_INTERPRET=1``, subprocess, ``-k interp_``): the kernel's output is bitwise the
+  output of ``triton_w4.dequant_into`` on the same layer (our own layout, held-out values restored), in bf16 and
+  fp16, and ``marlin_deq_mm`` matches the float64 reference.
+* ``@pytest.mark.gpu``: the same against vLLM's CUDA repack (``gptq_marlin_repack``) on Llama-2-7B shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_triton_w4 import check_close, make_layer  # noqa: E402
+
+from vllm_superweight.kernels import triton_marlin_deq as MD  # noqa: E402
+from vllm_superweight.kernels import triton_w4 as T  # noqa: E402
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+interp_only = pytest.mark.skipif(not INTERP, reason="runs inside the TRITON_INTERPRET=1 subprocess")
+not_interp = pytest.mark.skipif(INTERP, reason="not in the interpreter run")
+HAS_CUDA = torch.cuda.is_available()
+
+
+def marlin_layout(inputs: dict, n: int, k: int, group: int, device="cpu"):
+    """(qm, scale, zero) as vLLM's Marlin kernel holds the layer (python reference of the repack, or the CUDA
+    repack itself on a GPU), from the unsigned codes / scales / zero points of ``make_layer``."""
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+        marlin_padded_nk,
+        marlin_permute_scales,
+        marlin_zero_points,
+    )
+    from vllm.model_executor.layers.quantization.utils.marlin_utils_test import get_weight_perm, marlin_weights
+
+    g = group if group and group > 0 else -1
+    np_, kp = marlin_padded_nk(n, k, g)
+    q = inputs["q"]
+    qk = torch.zeros(kp, np_, dtype=torch.int64)
+    qk[:k, :n] = q.T
+    s = inputs["scales"]
+    ng = s.shape[1]
+    ngp = kp // g if g > 0 else 1
+    sp = torch.zeros(ngp, np_, dtype=s.dtype)
+    sp[:ng, :n] = s.T
+    if device != "cpu":
+        from vllm import _custom_ops as ops
+
+        qg = torch.zeros(kp // 8, np_, dtype=torch.int64)  # GPTQ packing: 8 codes along K per int32
+        for i in range(8):
+            qg |= qk[i::8] << (4 * i)
+        qg = torch.where(qg >= 2**31, qg - 2**32, qg).to(torch.int32).to(device)
+        empty = torch.empty(0, dtype=torch.int32, device=device)
+        qm = ops.gptq_marlin_repack(qg, perm=empty, size_k=kp, size_n=np_, num_bits=4)
+    else:
+        qm = marlin_weights(qk, kp, np_, 4, get_weight_perm(4))
+    ms = marlin_permute_scales(sp, kp, np_, g)
+    mz = None
+    if not inputs["sym"]:
+        zp = torch.zeros(ngp, np_, dtype=torch.int32)
+        zp[:ng, :n] = inputs["zeros"].T.to(torch.int32)
+        mz = marlin_zero_points(zp, ngp, np_, 4)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(qm), to(ms), to(mz)
+
+
+def dense_codes(inputs: dict) -> torch.Tensor:
+    q = inputs["q"].double()
+    n, k = q.shape
+    g = inputs["group_size"]
+    gs = k if g in (-1, 0, None) else g
+    s = inputs["scales"].double().reshape(n, -1).repeat_interleave(gs, 1)
+    z = 8.0 if inputs["sym"] else inputs["zeros"].double().reshape(n, -1).repeat_interleave(gs, 1)
+    return (q - z) * s
+
+
+# (n, k, group, sym): unpadded, N padded to 64, K padded to 128 (SmolLM2's 576), channel-wise, one group = K
+SHAPES = [
+    (192, 256, 128, False),
+    (128, 384, 64, True),
+    (70, 256, 64, False),
+    (64, 576, 64, False),
+    (128, 200, -1, False),
+    (64, 128, 128, True),
+    (96, 192, 32, False),
+]
+
+
+@not_interp
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_reference_inverts_vllm_marlin_layout(shape):
+    n, k, group, sym = shape
+    inputs, _ = make_layer(n, k, group, sym, seed=n + k)
+    qm, ms, mz = marlin_layout(inputs, n, k, group)
+    got = MD.marlin_dequant_reference(qm, ms, mz, n, k, group if group > 0 else 0, sym)
+    assert torch.equal(got, dense_codes(inputs))
+
+
+@not_interp
+def test_mapping_is_a_bijection_on_each_tile():
+    """Every (word, nibble) of a 16 x 64 Marlin tile is hit by exactly one weight (no two weights share a code)."""
+    kk = torch.arange(16)[:, None]
+    nn = torch.arange(64)[None, :]
+    _, w, b = MD.word_nibble(kk, nn)
+    slots = (w * 8 + b).flatten()
+    assert torch.equal(torch.sort(slots).values, torch.arange(1024))
+    for single in (False, True):
+        cols = MD.scale_col(torch.arange(128), single)
+        assert torch.equal(torch.sort(cols).values, torch.arange(128))
+    zw, zb = MD.zero_word_nibble(torch.arange(128))
+    assert torch.equal(torch.sort(zw * 8 + zb).values, torch.arange(128))
+
+
+@not_interp
+def test_shape_checks():
+    n, k, group = 128, 256, 128
+    inputs, _ = make_layer(n, k, group, False, seed=3)
+    qm, ms, mz = marlin_layout(inputs, n, k, group)
+    lay = MD.marlin_deq_layout(None, None, None, n, k, group, False, torch.bfloat16, "cpu")
+    c = MD.check_marlin_tensors(qm, ms, mz, lay)
+    assert (c["kp"], c["np"], c["single"]) == (256, 128, False)
+    with pytest.raises(ValueError, match="zero points"):
+        MD.check_marlin_tensors(qm, ms, None, lay)
+    with pytest.raises(ValueError, match="scales"):
+        MD.check_marlin_tensors(qm, ms[:1], mz, lay)
+    wide = MD.marlin_deq_layout(None, None, None, 256, k, group, False, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="does not hold"):
+        MD.check_marlin_tensors(qm, ms, mz, wide)
+    with pytest.raises(ValueError, match="group"):
+        MD.marlin_deq_layout(None, None, None, n, k, 24, False, torch.bfloat16, "cpu")
+    assert MD.memory_bytes(lay) == lay["sp_ptr"].numel() * 4 + 4
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton interpreter
+# ------------------------------------------------------------------------------------------------------------
+@not_interp
+def test_triton_interpreter_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if p.returncode == 5:
+        pytest.skip("interpreter tests were not collected")
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+
+
+# (n, k, group, sym, nnz, heavy, sw, dtype, sp_block)
+INTERP_CASES = [
+    (192, 256, 128, False, 40, 0, True, torch.bfloat16, 256),
+    (70, 256, 64, True, 30, 60, False, torch.bfloat16, 128),
+    (64, 576, 64, False, 50, 0, True, torch.float16, 512),
+    (128, 200, -1, False, 20, 30, True, torch.bfloat16, 256),
+    (64, 128, 128, True, 0, 0, False, torch.bfloat16, 256),
+    (96, 192, 32, False, 25, 0, False, torch.float16, 256),
+]
+
+
+@interp_only
+@pytest.mark.parametrize("case", range(len(INTERP_CASES)), ids=[str(c) for c in INTERP_CASES])
+def test_interp_equals_own_layout_dequant(case):
+    n, k, group, sym, nnz, heavy, sw, dtype, spb = INTERP_CASES[case]
+    inputs, prep = make_layer(n, k, group, sym, nnz=nnz, heavy=heavy, sw=sw, seed=case, dtype=dtype, sp_block=spb)
+    qm, ms, mz = marlin_layout(inputs, n, k, group)
+    lay = MD.marlin_deq_layout(
+        inputs["rows"], inputs["cols"], inputs["vals"], n, k, group, sym, dtype, "cpu", sp_block=spb
+    )
+    got = MD.dequant_marlin_into(qm, ms, mz, lay)
+    want = T.dequant_into(prep)
+    assert got.shape == (k, n) and got.dtype == dtype
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), case
+    if nnz or sw:  # the restored values are really there
+        r, c = inputs["rows"], inputs["cols"]
+        assert torch.equal(got[c, r].float(), inputs["vals"].to(dtype).float())
+
+
+@interp_only
+def test_interp_mm_matches_reference():
+    n, k, group = 70, 256, 64
+    inputs, _ = make_layer(n, k, group, False, nnz=40, heavy=20, sw=True, seed=11)
+    qm, ms, mz = marlin_layout(inputs, n, k, group)
+    lay = MD.marlin_deq_layout(
+        inputs["rows"], inputs["cols"], inputs["vals"], n, k, group, False, torch.bfloat16, "cpu"
+    )
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(19, k, generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16)
+    y = MD.marlin_deq_mm(x, qm, ms, mz, lay, b)
+    assert y.shape == (19, n)
+    check_close(y, x, inputs, b, tag="marlin_deq_mm")
+
+
+class PyMarlin:
+    """Test double for vLLM's Marlin on a CPU (its CUDA repack and GEMM cannot run here): the repack by vLLM's own
+    python reference of the layout (``marlin_layout``), the GEMM over the weights read back from it."""
+
+    def __init__(self, n: int, k: int, group: int, sym: bool) -> None:
+        self.n, self.k, self.group, self.sym = n, k, group, sym
+
+    def process_weights_after_loading(self, shadow: torch.nn.Module) -> None:
+        from vllm_superweight.kernels.linear.base import replace_parameter
+
+        n, k, g = self.n, self.k, self.group
+        codes = T._unpack_ct(shadow.weight_packed.data, n, k, 1)
+        s = shadow.weight_scale.data
+        z = None if self.sym else T._unpack_ct(shadow.weight_zero_point.data, n, s.shape[1], 0)
+        inputs = {"q": codes, "scales": s, "zeros": z, "sym": self.sym}
+        qm, ms, mz = marlin_layout(inputs, n, k, g)
+        replace_parameter(shadow, "weight_packed", qm)
+        replace_parameter(shadow, "weight_scale", ms)
+        if mz is not None:
+            replace_parameter(shadow, "weight_zero_point", mz)
+
+    def apply_gemm(self, shadow, x, bias):
+        zero = None if self.sym else shadow.weight_zero_point
+        w = MD.marlin_dequant_reference(
+            shadow.weight_packed, shadow.weight_scale, zero, self.n, self.k, max(self.group, 0), self.sym
+        )
+        y = x.double() @ w.T
+        return (y if bias is None else y + bias.double()).to(x.dtype)
+
+
+@interp_only
+@pytest.mark.parametrize("group,sym", [(64, False), (-1, True)])
+def test_interp_one_copy_kernel_class(monkeypatch, group, sym):
+    """MarlinDequantOneCopyKernel: the checkpoint tensors MOVE into Marlin's module (the layer keeps no W4 tensor of
+    its own: one copy); small batches run Marlin + the separate correction, large ones dequantize from Marlin's
+    tensors with the held-out values restored; both match the float64 reference of the restored weights, with
+    bias."""
+    from vllm_linear import pack_int32
+
+    from vllm_superweight.kernels.linear import SWLinearConfig
+    from vllm_superweight.kernels.linear import weight_only as WO
+
+    n, k = 96, 256
+    inputs, _ = make_layer(n, k, group, sym, nnz=30, heavy=10, sw=True, seed=7)
+    cfg = SWLinearConfig(
+        prefix="t.one_copy",
+        bits=4,
+        symmetric=sym,
+        group_size=group,
+        activations="none",
+        act_dtype=torch.bfloat16,
+        full_shape=(k, n),
+        partition_shape=(k, n),
+        device_type="cpu",
+        holdout=1e-3,
+    )
+    layer = torch.nn.Module()
+    P = torch.nn.Parameter
+    layer.register_parameter("weight_packed", P(pack_int32(inputs["q"], 4, 1), requires_grad=False))
+    layer.register_parameter("weight_scale", P(inputs["scales"].clone(), requires_grad=False))
+    if not sym:
+        layer.register_parameter("weight_zero_point", P(pack_int32(inputs["zeros"], 4, 0), requires_grad=False))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    layer.register_parameter("bias", P(bias.clone(), requires_grad=False))
+    monkeypatch.setattr(WO, "MarlinKernel", lambda c: PyMarlin(n, k, group, sym))
+    kd = WO.MarlinDequantOneCopyKernel(cfg, min_m=8)
+    kd.process_weights_after_loading(layer)
+    assert not {"weight_packed", "weight_scale", "weight_zero_point"} & set(layer._parameters)
+    assert kd.shadow.weight_packed.shape == (k // 16, 2 * 128)  # N padded to 128 in Marlin's copy
+    kd.set_sparse(layer, inputs["rows"], inputs["cols"], inputs["vals"])
+    gen = torch.Generator().manual_seed(2)
+    for m in (3, 8, 21):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        y = kd.apply_weights(layer, x, layer.bias)
+        check_close(y, x, inputs, bias, tag=f"M={m}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU: vLLM's CUDA repack
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "shape", [(4096, 4096, 128, False), (11008, 4096, 128, True), (4096, 11008, -1, False), (576, 576, 64, False)]
+)
+def test_gpu_vs_vllm_repack(shape):
+    n, k, group, sym = shape
+    inputs, prep = make_layer(n, k, group, sym, nnz=n * k // 1000, sw=True, seed=1, device="cuda")
+    qm, ms, mz = marlin_layout(inputs, n, k, group, device="cuda")
+    lay = MD.marlin_deq_layout(inputs["rows"], inputs["cols"], inputs["vals"], n, k, group, sym, torch.bfloat16, "cuda")
+    got = MD.dequant_marlin_into(qm, ms, mz, lay)
+    want = T.dequant_into(prep)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16)
+    y = MD.marlin_deq_mm(x, qm, ms, mz, lay)
+    torch.testing.assert_close(y, x @ want, rtol=0, atol=0)

@@ -1,0 +1,307 @@
+"""Dequantize a W4 layer straight from the layout vLLM's Marlin kernel holds: one stored copy of the weights.
+
+The Marlin + dequantize pair (``MarlinDequantKernel``) serves small batches with Marlin and large ones by writing
+the served weight (W4 dequantized, held-out values restored) into a shared scratch, then one cuBLAS GEMM. Its first
+form read a second copy of the W4 weights in ``triton_w4``'s layout. This module reads Marlin's own tensors instead
+(after ``gptq_marlin_repack`` / ``marlin_permute_scales`` / ``marlin_zero_points``), so the layer keeps ONE copy
+of the W4 weights (+ ~4 bytes per held-out entry for the restore index).
+
+    lay = marlin_deq_layout(rows, cols, vals, n, k, group, sym, act, device)       # load time (index only)
+    wT  = dequant_marlin_into(qm, scale, zero, lay, out)                           # [K, N], act dtype
+    y   = marlin_deq_mm(x, qm, scale, zero, lay, bias)                             # x [M, K] -> [M, N]
+
+Marlin's layout (facts read from vLLM 0.26's python reference ``marlin_utils_test.marlin_weights`` /
+``get_weight_perm`` and ``marlin_utils.marlin_permute_scales`` / ``marlin_zero_points``; vLLM's own repack test
+asserts the CUDA repack equals that reference), over the padded shape ``Np x Kp`` (``marlin_padded_nk``):
+
+* ``qm`` int32 ``[Kp/16, 2 Np]``: row ``r`` holds k = 16 r .. 16 r + 15; each 64 output columns own 128
+  consecutive words. Inverting the tile permutation, weight ``(k, n)`` (kl = k mod 16) is nibble
+  ``2 ((n mod 16) div 8) + (kl div 8) + 4 (kl mod 2)`` of word
+  ``128 (n div 64) + 16 (n mod 8) + 4 ((kl mod 8) div 2) + (n mod 64) div 16`` of row ``k div 16``.
+* ``scale`` ``[Gp, Np]`` (act dtype), columns permuted in blocks of 64 (grouped: Marlin's ``scale_perm``) -- n at
+  ``64 (n div 64) + 8 (n mod 8) + (n mod 64) div 8`` -- or, channel-wise / one group, in blocks of 32
+  (``scale_perm_single``) -- n at ``32 (n div 32) + 8 ((n mod 32) div 2 mod 4) + 2 ((n mod 32) div 8) + n mod 2``.
+* ``zero`` int32 ``[Gp, Np/8]`` (asymmetric): the ``scale_perm`` position p of n, then interleaved in groups of 8
+  (``[0, 2, 4, 6, 1, 3, 5, 7]``): nibble ``p' mod 8`` of word ``p' div 8``, p' = 8 (p div 8) + (p mod 8) div 2 +
+  4 (p mod 2). Symmetric (``uint4b8``): zero point 8.
+
+The value is ``(code - zero) * scale`` in fp32 rounded once to the act dtype (as ``triton_w4.dequant_into`` and
+Marlin / Machete do), then every held-out entry's exact value is written over its position (its code dequantizes to
+exactly 0). GPU status: written and checked under the Triton interpreter against vLLM's reference layout; its speed
+on the GPU is not measured yet, hence opt-in (``SUPERWEIGHT_W4_KERNEL=marlin-deq1``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import triton_w4 as _w4
+from .triton_w4 import SP_BLOCK, TRITON_OK, _cdiv, _deq_scratch, need_deq_scratch, sparse_index
+
+LAYOUT_KEYS = ("sp_ptr", "sp_ent", "sp_meta", "info")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the inverse mapping (host / reference); the kernel computes the same expressions
+# ------------------------------------------------------------------------------------------------------------
+def word_nibble(k: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, word in row, nibble) of weight (k, n) in Marlin's packed W4 layout (broadcasting int64 tensors)."""
+    kl = k % 16
+    word = 128 * (n // 64) + 16 * (n % 8) + 4 * ((kl % 8) // 2) + (n % 64) // 16
+    nib = 2 * ((n % 16) // 8) + kl // 8 + 4 * (kl % 2)
+    return k // 16, word, nib
+
+
+def scale_col(n: torch.Tensor, single: bool) -> torch.Tensor:
+    """Column of output n in Marlin's permuted scales."""
+    if single:
+        m = n % 32
+        return 32 * (n // 32) + 8 * ((m // 2) % 4) + 2 * (m // 8) + m % 2
+    return 64 * (n // 64) + 8 * (n % 8) + (n % 64) // 8
+
+
+def zero_word_nibble(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(word, nibble) of output n's zero point in a row of Marlin's packed zero points."""
+    p = scale_col(n, single=False)
+    p2 = 8 * (p // 8) + (p % 8) // 2 + 4 * (p % 2)
+    return p2 // 8, p2 % 8
+
+
+def uses_single_scale_perm(group: int, kp: int) -> bool:
+    """Marlin permutes scales with ``scale_perm_single`` when channel-wise or one group spans the padded K."""
+    return not (group > 0 and group < kp)
+
+
+def marlin_dequant_reference(
+    qm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, n: int, k: int, group: int, sym: bool
+) -> torch.Tensor:
+    """The W4 weight [N, K] (float64, no held-out values) read from Marlin's tensors on the CPU."""
+    kp, np_ = qm.shape[0] * 16, qm.shape[1] // 2
+    g = group if group > 0 else 0
+    kk = torch.arange(k)[None, :]
+    nn = torch.arange(n)[:, None]
+    r, w, b = word_nibble(kk, nn)
+    words = qm.cpu().to(torch.int64) & 0xFFFFFFFF
+    codes = (words[r, w] >> (4 * b)) & 15
+    gi = (kk // g) if g and g < kp else torch.zeros_like(kk)
+    sc = scale.cpu().double()[gi, scale_col(nn, uses_single_scale_perm(g, kp))]
+    if sym:
+        z: torch.Tensor | float = 8.0
+    else:
+        assert zero is not None
+        zw, zb = zero_word_nibble(nn)
+        zt = zero.cpu().to(torch.int64) & 0xFFFFFFFF
+        z = ((zt[gi, zw] >> (4 * zb)) & 15).double()
+    del np_
+    return (codes.double() - z) * sc
+
+
+# ------------------------------------------------------------------------------------------------------------
+# load time: the restore index of the held-out entries (the W4 tensors stay Marlin's)
+# ------------------------------------------------------------------------------------------------------------
+def marlin_deq_layout(
+    rows,
+    cols,
+    vals,
+    n: int,
+    k: int,
+    group: int,
+    sym: bool,
+    act: torch.dtype,
+    device,
+    sp_block: int = SP_BLOCK,
+) -> dict[str, torch.Tensor]:
+    """The held-out entries as ``triton_w4``'s sparse index (``sp_ptr`` / ``sp_ent`` / ``sp_meta``) plus an
+    ``info`` tensor whose shape carries (n, k, group, sym, sp_block). Registers the layer for the shared scratch."""
+    if act not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"marlin_deq_layout: activation dtype must be bf16 or fp16, got {act}")
+    g = group if group and group > 0 else 0
+    if g and (g % 16 or k % g):
+        raise ValueError(f"marlin_deq_layout: group {g} must be a multiple of 16 dividing K={k}")
+    out = sparse_index(rows, cols, vals, n, k, act, sp_block)
+    out["info"] = torch.empty((n, k, g, 1 if sym else 0, sp_block, 0), dtype=torch.int8)
+    device = torch.device(device)
+    lay = {key: t.contiguous().to(device) for key, t in out.items()}
+    if device.type == "cuda":
+        need_deq_scratch(device, act, n * k)
+    return lay
+
+
+def layout_info(lay: dict) -> dict:
+    n, k, g, sym, spb, _ = lay["info"].shape
+    return {"n": n, "k": k, "group": g, "sym": bool(sym), "nnz": lay["sp_meta"].shape[0], "sp_block": spb}
+
+
+def check_marlin_tensors(qm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, lay: dict) -> dict:
+    """Shapes of Marlin's tensors against the layer (host ints only); returns kp, np, single."""
+    info = layout_info(lay)
+    n, k, g = info["n"], info["k"], info["group"]
+    kp, np_ = qm.shape[0] * 16, qm.shape[1] // 2
+    if qm.dtype != torch.int32 or qm.dim() != 2 or kp < k or np_ < n or np_ % 64:
+        raise ValueError(f"Marlin W4 tensor {tuple(qm.shape)} {qm.dtype} does not hold a [{n}, {k}] layer")
+    single = uses_single_scale_perm(g, kp)
+    gp = 1 if (g == 0 or g >= kp) else kp // g
+    if tuple(scale.shape) != (gp, np_):
+        raise ValueError(f"Marlin scales {tuple(scale.shape)}, expected {(gp, np_)}")
+    if not info["sym"] and (zero is None or tuple(zero.shape) != (gp, np_ // 8)):
+        raise ValueError(f"Marlin zero points {None if zero is None else tuple(zero.shape)}, expected {(gp, np_ // 8)}")
+    return {"kp": kp, "np": np_, "single": single, **info}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the kernel
+# ------------------------------------------------------------------------------------------------------------
+if TRITON_OK:
+    import triton
+    import triton.language as tl
+
+    _restore_entries = _w4._restore_entries
+
+    @triton.jit
+    def _marlin_dequant_kernel(
+        qm_ptr,
+        sc_ptr,
+        zp_ptr,
+        spp_ptr,
+        spe_ptr,
+        w_ptr,
+        N,
+        K,
+        NP,
+        NS,
+        G: tl.constexpr,
+        SYM: tl.constexpr,
+        SINGLE: tl.constexpr,
+        BN: tl.constexpr,
+        HAS_SP: tl.constexpr,
+        E: tl.constexpr,
+        F16: tl.constexpr,
+        SPB: tl.constexpr,
+        I64: tl.constexpr,
+    ):
+        """wT[k, n] for one 128-wide K block x BN outputs per program (stored K-major, coalesced along n), read
+        from Marlin's tensors (module docstring), then the held-out values of the region written over it."""
+        pid_n = tl.program_id(0)
+        kb = tl.program_id(1)
+        n0 = pid_n * BN
+        offs_n = n0 + tl.arange(0, BN)
+        n_st = offs_n < N
+        n64 = offs_n % 64
+        wcol = 128 * (offs_n // 64) + 16 * (offs_n % 8) + n64 // 16
+        nib_n = 2 * ((offs_n % 16) // 8)
+        if SINGLE:
+            m32 = offs_n % 32
+            scol = 32 * (offs_n // 32) + 8 * ((m32 // 2) % 4) + 2 * (m32 // 8) + m32 % 2
+        else:
+            scol = 64 * (offs_n // 64) + 8 * (offs_n % 8) + n64 // 8
+        if not SYM:
+            zp = 64 * (offs_n // 64) + 8 * (offs_n % 8) + n64 // 8
+            zp = 8 * (zp // 8) + (zp % 8) // 2 + 4 * (zp % 2)
+            zword = zp // 8
+            zshift = 4 * (zp % 8)
+        kl = tl.arange(0, 16)
+        wrow = 4 * ((kl % 8) // 2)
+        shift = 4 * (nib_n[None, :] + (kl // 8 + 4 * (kl % 2))[:, None])
+        k0 = kb * 128
+        for j in tl.static_range(8):
+            r = kb * 8 + j
+            kk = r * 16 + kl
+            k_ok = kk < K
+            if I64:
+                rbase = r.to(tl.int64) * (2 * NP)
+            else:
+                rbase = r * (2 * NP)
+            words = tl.load(qm_ptr + rbase + wcol[None, :] + wrow[:, None], mask=n_st[None, :] & k_ok[:, None], other=0)
+            code = (words >> shift) & 15
+            if G == 0:
+                grp = 0
+            else:
+                grp = (r * 16) // G
+            s = tl.load(sc_ptr + grp * NP + scol, mask=n_st, other=0.0).to(tl.float32)
+            if SYM:
+                f = code.to(tl.float32) - 8.0
+            else:
+                zw = tl.load(zp_ptr + grp * (NP // 8) + zword, mask=n_st, other=0)
+                f = code.to(tl.float32) - ((zw >> zshift) & 15).to(tl.float32)[None, :]
+            if I64:
+                krow = kk.to(tl.int64) * N
+            else:
+                krow = kk * N
+            tl.store(
+                w_ptr + krow[:, None] + offs_n[None, :],
+                (f * s[None, :]).to(w_ptr.dtype.element_ty),
+                mask=n_st[None, :] & k_ok[:, None],
+            )
+        if HAS_SP:
+            tl.debug_barrier()  # the region's stores before the entries' (same CTA)
+            _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, k0, BN, E, F16, SPB, I64)
+
+
+def dequant_marlin_into(
+    qm: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    lay: dict,
+    out: torch.Tensor | None = None,
+    act: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The served weight, TRANSPOSED: wT [K, N] in ``act`` (default: the scales' dtype), read from Marlin's tensors
+    with the held-out values restored, in one kernel. Into ``out`` (a flat scratch of >= N*K elements) or new."""
+    if not TRITON_OK:
+        raise RuntimeError("dequant_marlin_into needs Triton")
+    c = check_marlin_tensors(qm, scale, zero, lay)
+    n, k, g, spb = c["n"], c["k"], c["group"], c["sp_block"]
+    dtype = act or (out.dtype if out is not None else scale.dtype)
+    flat = out if out is not None else torch.empty(n * k, dtype=dtype, device=qm.device)
+    wt = flat[: n * k].view(k, n)
+    bn = 128
+    if c["nnz"] and bn > (1 << (16 - (spb.bit_length() - 1))):
+        raise ValueError(f"sp_block={spb} entries address fewer rows than a dequantization tile")
+    n_pad = _cdiv(n, _w4.SLAB) * _w4.SLAB  # the sparse index's row padding
+    _marlin_dequant_kernel[(_cdiv(n, bn), _cdiv(k, _w4.PB))](
+        qm,
+        scale,
+        zero if zero is not None and zero.numel() else qm,
+        lay["sp_ptr"],
+        lay["sp_ent"],
+        wt,
+        n,
+        k,
+        c["np"],
+        n_pad // _w4.SLICE,
+        G=0 if c["single"] else g,
+        SYM=c["sym"],
+        SINGLE=c["single"],
+        BN=bn,
+        HAS_SP=bool(c["nnz"]),
+        E=64,
+        F16=dtype == torch.float16,
+        SPB=spb,
+        I64=max(n * k, qm.numel()) >= 2**31 - 1,
+        num_warps=4,
+    )
+    return wt
+
+
+def marlin_deq_mm(
+    x2: torch.Tensor,
+    qm: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    lay: dict,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x2 [M, K] @ W^T (+ bias)`` with W dequantized from Marlin's tensors into the shared scratch (CUDA) or a
+    new tensor, held-out values restored, then one dense GEMM."""
+    info = layout_info(lay)
+    numel = info["n"] * info["k"]
+    out = _deq_scratch(x2.device, x2.dtype, numel) if x2.is_cuda else None
+    wt = dequant_marlin_into(qm, scale, zero, lay, out, act=x2.dtype)
+    if bias is None:
+        return torch.mm(x2, wt)
+    return torch.addmm(bias, x2, wt)
+
+
+def memory_bytes(lay: dict) -> int:
+    """Bytes of the restore index (the only tensors this path adds to Marlin's)."""
+    return sum(lay[x].numel() * lay[x].element_size() for x in ("sp_ptr", "sp_ent"))
