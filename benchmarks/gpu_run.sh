@@ -23,9 +23,9 @@
 # are installed (editable pip install, or a metadata shim when pip cannot build). Carry with every call:
 #   [".gpu-bundle/install.sh", ".gpu-bundle/tok"]
 # METHODS: lean (default) | all | baselines | w4 | comma list of bf16,awq,smoothquant,sw-w4-channel,sw-w4-g128,
-#          sw-w4-channel-nosw,sw-w4-g128-nosw,sw-w4-channel-holdout,sw-w8a8, sw-default (+ -mdeq / -dual: the
-#          same held-out checkpoint forced onto the Marlin + dequantize pair (its default) / the Marlin + Machete
-#          pair), sw-w4-g128(-holdout)-fused
+#          sw-w4-channel-nosw,sw-w4-g128-nosw,sw-w4-channel-holdout,sw-w8a8, sw-default (+ -mdeq / -mdeq1 / -dual:
+#          the same held-out checkpoint forced onto the Marlin + dequantize pair (its default) / that pair over one
+#          W4 copy / the Marlin + Machete pair), sw-w4-g128(-holdout)-fused
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STAGE=${1:-help}

@@ -45,7 +45,12 @@ LABEL = {
 }
 
 
-KERNEL_SUFFIX = {"-mdeq": " → Marlin + dequantize pair", "-dual": " → Marlin/Machete pair", "-fused": " → fused"}
+KERNEL_SUFFIX = {
+    "-mdeq1": " → Marlin + dequantize pair, one copy",
+    "-mdeq": " → Marlin + dequantize pair",
+    "-dual": " → Marlin/Machete pair",
+    "-fused": " → fused",
+}
 
 
 def label(v: str) -> str:

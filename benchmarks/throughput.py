@@ -146,6 +146,8 @@ for _base in ("sw-w4-g128", "sw-w4-g128-holdout"):
 for _base in ("sw-w4-g128-holdout", "sw-default"):
     METHODS[_base + "-mdeq"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq"})
     METHODS[_base + "-dual"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "dual"})
+    # the same pair over one W4 copy (large batches dequantize from Marlin's layout; opt-in, 2026-12-01)
+    METHODS[_base + "-mdeq1"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"})
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
     "lean": [

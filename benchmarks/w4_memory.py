@@ -62,7 +62,7 @@ def layer_bytes(n: int, k: int, group: int, holdout: float, seed: int) -> dict:
         "k": k,
         "nnz": nnz,
         "awq": marlin,
-        "marlin-deq1": marlin + sell + deq1,
+        "marlin-deq1": marlin + deq1,  # one index for both paths
         "marlin-deq": marlin + sell + ours,
         "fused": ours,
         "parts": {"marlin": marlin, "sell_index": sell, "restore_index": deq1, "triton_w4_layout": ours},

@@ -203,6 +203,36 @@ def test_interp_mm_matches_reference():
     check_close(y, x, inputs, b, tag="marlin_deq_mm")
 
 
+@interp_only
+@pytest.mark.parametrize(
+    "n,k,m,dtype,spb,value_dtype",
+    [
+        (70, 256, 1, torch.bfloat16, 256, None),
+        (96, 576, 17, torch.float16, 512, None),
+        (200, 384, 5, torch.bfloat16, 128, torch.float32),  # values the act dtype cannot hold: 2-3 terms each
+    ],
+)
+def test_interp_index_correction(n, k, m, dtype, spb, value_dtype):
+    """The small-batch correction from the restore index: y + x S^T with fp32 accumulation, one rounding, rows
+    without entries left bitwise as they were."""
+    inputs, _ = make_layer(n, k, 64, False, nnz=60, heavy=40, sw=True, seed=m, dtype=dtype, value_dtype=value_dtype)
+    r, c, v = inputs["rows"], inputs["cols"], inputs["vals"]
+    lay = MD.marlin_deq_layout(r, c, v, n, k, 64, False, dtype, "cpu", sp_block=spb)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    y0 = torch.randn(m, n, generator=gen).to(dtype)
+    y = MD.index_correction_(y0.clone(), x, lay)
+    s = torch.zeros(n, k, dtype=torch.float64)
+    s.index_put_((r, c), v.double(), accumulate=True)
+    ref = y0.double() + x.double() @ s.T
+    tol = 2.0**-7 * ref.abs() + 1e-6
+    assert ((y.double() - ref).abs() <= tol).all()
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[r] = False
+    assert torch.equal(y[:, untouched], y0[:, untouched])
+    assert not torch.equal(y[:, ~untouched], y0[:, ~untouched])
+
+
 class PyMarlin:
     """Test double for vLLM's Marlin on a CPU (its CUDA repack and GEMM cannot run here): the repack by vLLM's own
     python reference of the layout (``marlin_layout``), the GEMM over the weights read back from it."""

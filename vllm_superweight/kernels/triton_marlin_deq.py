@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_w4 as _w4
+from .sparse_layout import interpreting
 from .triton_w4 import SP_BLOCK, TRITON_OK, _cdiv, _deq_scratch, need_deq_scratch, sparse_index
 
 LAYOUT_KEYS = ("sp_ptr", "sp_ent", "sp_meta", "info")
@@ -156,6 +157,8 @@ if TRITON_OK:
     import triton.language as tl
 
     _restore_entries = _w4._restore_entries
+    _sp_decode = _w4._sp_decode
+    _mma = _w4._mma
 
     @triton.jit
     def _marlin_dequant_kernel(
@@ -235,6 +238,92 @@ if TRITON_OK:
         if HAS_SP:
             tl.debug_barrier()  # the region's stores before the entries' (same CTA)
             _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, k0, BN, E, F16, SPB, I64)
+
+    @triton.jit
+    def _index_correction_kernel(
+        x_ptr,
+        y_ptr,
+        spp_ptr,
+        spe_ptr,
+        M,
+        N,
+        NS,
+        NSB,
+        stride_xm,
+        stride_ym,
+        BM: tl.constexpr,
+        BR: tl.constexpr,
+        E: tl.constexpr,
+        F16: tl.constexpr,
+        SPB: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):
+        """y[m, r] += sum of v * x[m, c] over the held-out entries (r, c, v) of rows n0..n0+BR, read from the
+        restore index (every K block of the rows' slices), fp32 accumulation (exact act-dtype products through a
+        one-hot MMA), one rounding into y; only rows that hold entries are read and written."""
+        pid_r = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        n0 = pid_r * BR
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        m_ok = offs_m < M
+        rr = tl.arange(0, BR)
+        acc = tl.zeros([BM, BR], dtype=tl.float32)
+        touched = tl.zeros([BR], dtype=tl.int32)
+        nsl = tl.minimum(BR // 16, NS - n0 // 16)
+        for sb in range(0, NSB):
+            lo = tl.load(spp_ptr + sb * NS + n0 // 16)
+            hi = tl.load(spp_ptr + sb * NS + n0 // 16 + nsl)
+            for e0 in range(lo, hi, E):
+                e_ok, col, roff, v = _sp_decode(spe_ptr, e0, hi, sb * SPB, n0, E, F16, SPB)
+                xg = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0
+                )
+                hit = (roff[:, None] == rr[None, :]) & e_ok[:, None]
+                oh = tl.where(hit, v[:, None], 0.0).to(xg.dtype)
+                acc = _mma(xg, oh, acc, INTERP)
+                touched = tl.maximum(touched, tl.max(hit.to(tl.int32), axis=0))
+        rows = n0 + rr
+        ok = m_ok[:, None] & ((rows < N) & (touched > 0))[None, :]
+        yp = y_ptr + offs_m[:, None] * stride_ym + rows[None, :]
+        yv = tl.load(yp, mask=ok, other=0.0)
+        tl.store(yp, (yv.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16, br: int = 32) -> torch.Tensor:
+    """In place: ``y [M, N] += x [M, K] @ S^T`` for the held-out entries S of the restore index ``lay`` (the
+    small-batch correction of the one-copy pair: no second sparse layout). Returns y."""
+    if not TRITON_OK:
+        raise RuntimeError("index_correction_ needs Triton")
+    info = layout_info(lay)
+    n, k, spb = info["n"], info["k"], info["sp_block"]
+    if not info["nnz"]:
+        return y
+    m = x.shape[0]
+    if tuple(y.shape) != (m, n) or x.shape[1] != k or x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError(f"index_correction_: y {tuple(y.shape)}, x {tuple(x.shape)} for a [{n}, {k}] layer")
+    if br > (1 << (16 - (spb.bit_length() - 1))) or br % 16:
+        raise ValueError(f"index_correction_: {br} rows per program with sp_block={spb}")
+    n_pad = _cdiv(n, _w4.SLAB) * _w4.SLAB
+    _index_correction_kernel[(_cdiv(n, br), _cdiv(m, bm))](
+        x,
+        y,
+        lay["sp_ptr"],
+        lay["sp_ent"],
+        m,
+        n,
+        n_pad // _w4.SLICE,
+        _cdiv(_cdiv(k, _w4.PB) * _w4.PB, spb),
+        x.stride(0),
+        y.stride(0),
+        BM=bm,
+        BR=br,
+        E=32,
+        F16=x.dtype == torch.float16,
+        SPB=spb,
+        INTERP=interpreting(),
+        num_warps=4,
+    )
+    return y
 
 
 def dequant_marlin_into(

@@ -464,8 +464,9 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
 class MarlinDequantOneCopyKernel(MarlinDequantKernel):
     """The Marlin + dequantize pair over ONE copy of the W4 weights: Marlin's. Large batches dequantize straight
     from Marlin's repacked tensors (``kernels/triton_marlin_deq.py``; held-out values restored in the same kernel),
-    so the layer holds Marlin's weights, a ~4-byte-per-entry restore index and the separate correction's index for
-    small batches -- weight memory about AWQ's (issue 12), instead of two W4 copies. Opt-in
+    so the layer holds Marlin's weights and one ~4-byte-per-entry index of the held-out entries, which both paths
+    read: restored into the dequantized weights for large batches, added after Marlin for small ones
+    (``index_correction_``) -- weight memory about AWQ's (issue 12), instead of two W4 copies. Opt-in
     (``SUPERWEIGHT_W4_KERNEL=marlin-deq1``) until its speed is measured on a GPU: the mapping is checked against
     vLLM's reference layout on the CPU (Triton interpreter), the kernel has not run on a GPU yet."""
 
@@ -504,19 +505,19 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
     def set_sparse(self, layer: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
         from ..triton_marlin_deq import marlin_deq_layout
 
-        SWLinearKernel.set_sparse(self, self.shadow, rows, cols, vals)  # Marlin's separate correction
         c = self.config
         k_p, n_p = c.partition_shape
+        # one index for both paths: restored into the dequantized weights, or the small batches' separate correction
         self.deq = marlin_deq_layout(
             rows, cols, vals, n_p, k_p, c.group_size, c.symmetric, c.act_dtype, tensor(self.shadow, W_SCALE).device
         )
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from ..triton_marlin_deq import index_correction_, marlin_deq_mm
+
         if x.shape[0] < self.min_m:
             b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
-            y = self.small.apply_gemm(self.shadow, x, b)
-            return SWLinearKernel.apply_sparse(self, self.shadow, y, x)
-        from ..triton_marlin_deq import marlin_deq_mm
+            return index_correction_(self.small.apply_gemm(self.shadow, x, b), x, self.deq)
 
         zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
         return marlin_deq_mm(x, tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE), zero, self.deq, bias)
