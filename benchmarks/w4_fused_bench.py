@@ -19,6 +19,9 @@ Sections (each written to the JSON as soon as it finishes; ``--budget-s`` skips 
   prefill   main section for M = 512..4096
   paths     the one-layout paths per M (GEMV variants, MMA table, dequantize + cuBLAS), with / without hold-out,
             beside cuBLAS on dense bf16 weights; writes "path_table" (the fastest path per M, with hold-out)
+  onecopy   the Marlin + dequantize pair over two W4 copies vs one (--sections onecopy; needs vLLM): Marlin +
+            the SELL correction vs + the restore-index correction (small M), dequantize from our layout vs from
+            Marlin's + cuBLAS (large M)
 
 Usage: python benchmarks/w4_fused_bench.py --out $OUT/w4_fused_bench.json [--budget-s 420] [--quick]
        python benchmarks/w4_fused_bench.py --dry-run-cpu      # tiny shapes through the Triton interpreter
@@ -287,6 +290,8 @@ class Bench:
                     import vllm_superweight.kernels as K
 
                     ent["sell"] = K.prepare_sparse(r, c, v, n, k, dev, layout="sell")
+                if "onecopy" in self.args.sections:
+                    self.add_onecopy(ent, n, k)
                 d[name] = ent
             self.layers.append(d)
         if not DRY:
@@ -582,6 +587,86 @@ class Bench:
             self.meta["best_table"] = best
             self.save()
 
+    def add_onecopy(self, ent: dict, n: int, k: int) -> None:
+        """The one-copy pair's inputs: Marlin's tensors (vLLM's processed layer; without vLLM, in the dry run, vLLM's
+        python reference of the layout) and the restore index of the held-out entries."""
+        from vllm_superweight.kernels import triton_marlin_deq as MD
+
+        ent["mdeq1"] = MD.marlin_deq_layout(ent["r"], ent["c"], ent["v"], n, k, 128, False, torch.bfloat16, self.dev)
+        if ent.get("marlin") is not None:
+            layer = ent["marlin"][0]
+            ent["mq"] = (layer.weight_packed, layer.weight_scale, layer.weight_zero_point)
+        elif DRY:
+            from test_triton_marlin_deq import marlin_layout
+
+            inputs = {"q": ent["q"].cpu(), "scales": ent["s"].cpu(), "zeros": ent["z"].cpu(), "sym": False}
+            ent["mq"] = marlin_layout(inputs, n, k, 128)
+
+    def section_onecopy(self):
+        """The Marlin + dequantize pair over two W4 copies vs one (issue 12), per M: small batches Marlin + the
+        separate correction from the SELL layout vs from the one-copy restore index; large batches dequantized from
+        our layout vs from Marlin's (both + cuBLAS); Marlin without correction and the dequantization alone for
+        scale. us per layer (4 GEMMs)."""
+        from vllm_superweight.kernels import triton_marlin_deq as MD
+
+        if "mq" not in self.layers[0]["o"]:
+            self.add(section="onecopy", note="skipped: no Marlin layer (vLLM unavailable)")
+            return
+        import vllm_superweight.kernels as K
+
+        def run(kind, xs):
+            def f():
+                for lay in self.layers:
+                    for name in self.shapes:
+                        e, x = lay[name], xs[name]
+                        if kind == "deq ours+cublas":
+                            self.T.w4_mm(x, e["prep"], config={"PATH": "deq"})
+                        elif kind == "deq marlin+cublas":
+                            MD.marlin_deq_mm(x, *e["mq"], e["mdeq1"])
+                        else:
+                            if e.get("marlin") is not None:
+                                layer, kobj = e["marlin"]
+                                y = kobj.apply_weights(layer, x)
+                            else:  # dry run: no Marlin GEMM on a CPU
+                                y = torch.zeros(x.shape[0], e["mdeq1"]["info"].shape[0], dtype=x.dtype)
+                            if kind == "marlin+sell":
+                                K.sparse_correction(y, x, e["sell"])
+                            elif kind == "marlin+index":
+                                MD.index_correction_(y, x, e["mdeq1"])
+
+            return f
+
+        for m in self.args.onecopy_ms:
+            if self.left() < 20:
+                self.add(section="onecopy", m=m, note="skipped: time budget")
+                continue
+            xs = self.xs(m)
+            kinds = ["marlin", "marlin+sell", "marlin+index"] if m <= 256 else []
+            kinds += ["deq ours+cublas", "deq marlin+cublas"] if m >= 64 else []
+            base = None
+            for kind in kinds:
+                try:
+                    us = time_graph(run(kind, xs), self.args.iters) / len(self.layers)
+                except Exception as e:  # noqa: BLE001
+                    self.add(section="error", kernel=kind, m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
+                    continue
+                base = us if kind == "marlin" else base
+                self.add(section="onecopy", kernel=kind, m=m, us=us, ratio=(us / base) if base else None)
+            self.save()
+        if not DRY:
+            scratch = self.T._deq_scratch(self.dev, torch.bfloat16, 22016 * 4096)
+            for label, fn in (
+                ("dequant only, ours", lambda e: self.T.dequant_into(e["prep"], scratch)),
+                ("dequant only, Marlin's", lambda e: MD.dequant_marlin_into(*e["mq"], e["mdeq1"], scratch)),
+            ):
+
+                def fq(fn=fn):
+                    for lay in self.layers:
+                        for name in self.shapes:
+                            fn(lay[name])
+
+                self.add(section="onecopy", kernel=label, m=0, us=time_graph(fq, self.args.iters) / len(self.layers))
+
     def section_paths(self):
         """The one-layout paths side by side per M, with and without the 0.1 % hold-out: the CUDA-core GEMV
         (variants), the MMA kernel (table), dequantize-into-scratch + cuBLAS; plus cuBLAS on dense bf16 weights
@@ -715,6 +800,8 @@ class Bench:
                     self.section_main(args.prefill_ms, section="prefill")
                 elif sec == "paths":
                     self.section_paths()
+                elif sec == "onecopy":
+                    self.section_onecopy()
             except Exception as e:  # noqa: BLE001
                 self.add(section=sec, note=f"section failed: {type(e).__name__}: {str(e)[:500]}")
                 traceback.print_exc()
@@ -825,6 +912,11 @@ def main():
         type=lambda s: [int(v) for v in s.split(",")],
         default=[1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
     )
+    ap.add_argument(
+        "--onecopy-ms",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[1, 8, 32, 64, 95, 96, 128, 256, 1024, 4096],
+    )
     ap.add_argument("--quick", action="store_true", help="layers=1, iters=10, fewer M")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
@@ -847,6 +939,7 @@ def main():
         DRY = True
         args.layers, args.iters = 1, 1
         args.ms, args.prefill_ms, args.sweep_ms = [1, 3], [40], [1, 20]
+        args.onecopy_ms = [1, 70]
         args.budget_s = max(args.budget_s, 1800.0)
     B = Bench(args)
     B.run()
