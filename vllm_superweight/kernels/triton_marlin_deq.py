@@ -157,7 +157,6 @@ if TRITON_OK:
     import triton.language as tl
 
     _restore_entries = _w4._restore_entries
-    _sp_decode = _w4._sp_decode
     _mma = _w4._mma
 
     @triton.jit
@@ -251,6 +250,7 @@ if TRITON_OK:
         NSB,
         stride_xm,
         stride_ym,
+        NSB_P: tl.constexpr,
         BM: tl.constexpr,
         BR: tl.constexpr,
         E: tl.constexpr,
@@ -270,18 +270,41 @@ if TRITON_OK:
         acc = tl.zeros([BM, BR], dtype=tl.float32)
         touched = tl.zeros([BR], dtype=tl.int32)
         nsl = tl.minimum(BR // 16, NS - n0 // 16)
-        for sb in range(0, NSB):
-            lo = tl.load(spp_ptr + sb * NS + n0 // 16)
-            hi = tl.load(spp_ptr + sb * NS + n0 // 16 + nsl)
-            for e0 in range(lo, hi, E):
-                e_ok, col, roff, v = _sp_decode(spe_ptr, e0, hi, sb * SPB, n0, E, F16, SPB)
-                xg = tl.load(
-                    x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0
-                )
-                hit = (roff[:, None] == rr[None, :]) & e_ok[:, None]
-                oh = tl.where(hit, v[:, None], 0.0).to(xg.dtype)
-                acc = _mma(xg, oh, acc, INTERP)
-                touched = tl.maximum(touched, tl.max(hit.to(tl.int32), axis=0))
+        # the tile's entry ranges in every K block, enumerated as ONE sequence (few serial iterations, not one
+        # per K block): entry j lies in block seg(j) = #{blocks whose inclusive prefix count <= j}
+        sbs = tl.arange(0, NSB_P)
+        sb_ok = sbs < NSB
+        lo = tl.load(spp_ptr + sbs * NS + n0 // 16, mask=sb_ok, other=0)
+        hi = tl.load(spp_ptr + sbs * NS + n0 // 16 + nsl, mask=sb_ok, other=0)
+        cnt = hi - lo
+        cum = tl.cumsum(cnt, axis=0)
+        first = lo - (cum - cnt)  # index of entry j = first[seg] + j
+        total = tl.sum(cnt, axis=0)
+        if SPB == 128:
+            CB: tl.constexpr = 7
+        elif SPB == 256:
+            CB: tl.constexpr = 8
+        else:
+            CB: tl.constexpr = 9
+        for j0 in range(0, total, E):
+            jj = j0 + tl.arange(0, E)
+            e_ok = jj < total
+            seg = tl.sum((cum[None, :] <= jj[:, None]).to(tl.int32), axis=1)
+            base = tl.sum(tl.where(sbs[None, :] == seg[:, None], first[None, :], 0), axis=1)
+            ent = tl.load(spe_ptr + base + jj, mask=e_ok, other=0)
+            col = seg * SPB + (ent & (SPB - 1))
+            roff = ((ent >> CB) - n0) & ((1 << (16 - CB)) - 1)
+            if F16:
+                v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            else:
+                v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+            xg = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0
+            )
+            hit = (roff[:, None] == rr[None, :]) & e_ok[:, None]
+            oh = tl.where(hit, v[:, None], 0.0).to(xg.dtype)
+            acc = _mma(xg, oh, acc, INTERP)
+            touched = tl.maximum(touched, tl.max(hit.to(tl.int32), axis=0))
         rows = n0 + rr
         ok = m_ok[:, None] & ((rows < N) & (touched > 0))[None, :]
         yp = y_ptr + offs_m[:, None] * stride_ym + rows[None, :]
@@ -289,7 +312,7 @@ if TRITON_OK:
         tl.store(yp, (yv.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16, br: int = 32) -> torch.Tensor:
+def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16, br: int = 16) -> torch.Tensor:
     """In place: ``y [M, N] += x [M, K] @ S^T`` for the held-out entries S of the restore index ``lay`` (the
     small-batch correction of the one-copy pair: no second sparse layout). Returns y."""
     if not TRITON_OK:
@@ -304,6 +327,7 @@ def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16,
     if br > (1 << (16 - (spb.bit_length() - 1))) or br % 16:
         raise ValueError(f"index_correction_: {br} rows per program with sp_block={spb}")
     n_pad = _cdiv(n, _w4.SLAB) * _w4.SLAB
+    nsb = _cdiv(_cdiv(k, _w4.PB) * _w4.PB, spb)  # the index's K blocks
     _index_correction_kernel[(_cdiv(n, br), _cdiv(m, bm))](
         x,
         y,
@@ -312,12 +336,13 @@ def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16,
         m,
         n,
         n_pad // _w4.SLICE,
-        _cdiv(_cdiv(k, _w4.PB) * _w4.PB, spb),
+        nsb,
         x.stride(0),
         y.stride(0),
+        NSB_P=_w4._np2(nsb),
         BM=bm,
         BR=br,
-        E=32,
+        E=64,
         F16=x.dtype == torch.float16,
         SPB=spb,
         INTERP=interpreting(),
