@@ -256,6 +256,7 @@ if TRITON_OK:
         E: tl.constexpr,
         F16: tl.constexpr,
         SPB: tl.constexpr,
+        CB: tl.constexpr,
         INTERP: tl.constexpr,
     ):
         """y[m, r] += sum of v * x[m, c] over the held-out entries (r, c, v) of rows n0..n0+BR, read from the
@@ -280,12 +281,6 @@ if TRITON_OK:
         cum = tl.cumsum(cnt, axis=0)
         first = lo - (cum - cnt)  # index of entry j = first[seg] + j
         total = tl.sum(cnt, axis=0)
-        if SPB == 128:
-            CB: tl.constexpr = 7
-        elif SPB == 256:
-            CB: tl.constexpr = 8
-        else:
-            CB: tl.constexpr = 9
         for j0 in range(0, total, E):
             jj = j0 + tl.arange(0, E)
             e_ok = jj < total
@@ -345,6 +340,7 @@ def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16,
         E=64,
         F16=x.dtype == torch.float16,
         SPB=spb,
+        CB=spb.bit_length() - 1,  # column bits of an entry
         INTERP=interpreting(),
         num_warps=4,
     )
