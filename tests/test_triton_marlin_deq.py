@@ -140,6 +140,24 @@ def test_shape_checks():
     assert MD.memory_bytes(lay) == lay["sp_ptr"].numel() * 4 + 4
 
 
+@not_interp
+@pytest.mark.parametrize(
+    "which,sym,single,f16,nsb_p",
+    [
+        ("dequant", False, False, False, 64),
+        ("dequant", True, True, True, 64),
+        ("correction", False, False, False, 64),  # K <= 16384 at the default sparse block of 256
+        ("correction", False, False, True, 128),  # up to 32768 (70B's down_proj: 28672)
+    ],
+)
+def test_compile_sm90_without_spills(which, sym, single, f16, nsb_p):
+    """Both kernels lower for sm_90 and ptxas takes them without spills (no GPU here: this is what the
+    interpreter cannot check -- e.g. the cumsum-enumerated entry loop of the correction)."""
+    r = MD.compile_sm90(which, sym=sym, single=single, f16=f16, nsb_p=nsb_p)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+    assert r["regs"] is not None and r["regs"] <= 255, r
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Triton interpreter
 # ------------------------------------------------------------------------------------------------------------

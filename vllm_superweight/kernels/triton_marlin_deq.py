@@ -307,6 +307,11 @@ if TRITON_OK:
         tl.store(yp, (yv.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)
 
 
+def _correction_warps(nsb_p: int) -> int:
+    """sm_90 ptxas, 32 entries per chunk: 150 registers at 64 K blocks with 4 warps; 8 warps above (no spills)."""
+    return 4 if nsb_p <= 64 else 8
+
+
 def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16, br: int = 16) -> torch.Tensor:
     """In place: ``y [M, N] += x [M, K] @ S^T`` for the held-out entries S of the restore index ``lay`` (the
     small-batch correction of the one-copy pair: no second sparse layout). Returns y."""
@@ -323,6 +328,7 @@ def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16,
         raise ValueError(f"index_correction_: {br} rows per program with sp_block={spb}")
     n_pad = _cdiv(n, _w4.SLAB) * _w4.SLAB
     nsb = _cdiv(_cdiv(k, _w4.PB) * _w4.PB, spb)  # the index's K blocks
+    nsb_p = _w4._np2(nsb)
     _index_correction_kernel[(_cdiv(n, br), _cdiv(m, bm))](
         x,
         y,
@@ -334,15 +340,15 @@ def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16,
         nsb,
         x.stride(0),
         y.stride(0),
-        NSB_P=_w4._np2(nsb),
+        NSB_P=nsb_p,
         BM=bm,
         BR=br,
-        E=64,
+        E=32,
         F16=x.dtype == torch.float16,
         SPB=spb,
         CB=spb.bit_length() - 1,  # column bits of an entry
         INTERP=interpreting(),
-        num_warps=4,
+        num_warps=_correction_warps(nsb_p),
     )
     return y
 
@@ -415,3 +421,37 @@ def marlin_deq_mm(
 def memory_bytes(lay: dict) -> int:
     """Bytes of the restore index (the only tensors this path adds to Marlin's)."""
     return sum(lay[x].numel() * lay[x].element_size() for x in ("sp_ptr", "sp_ent"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sm_90 ahead-of-time compile (no GPU needed): the kernels lower and ptxas accepts them, without spills
+# ------------------------------------------------------------------------------------------------------------
+def compile_sm90(
+    which: str, sym: bool = False, single: bool = False, f16: bool = False, nsb_p: int = 64, keep_asm: bool = False
+):
+    """Compile ``_marlin_dequant_kernel`` (``which="dequant"``) or ``_index_correction_kernel`` (``"correction"``)
+    for sm_90 with the constexprs a launch uses; returns ``triton_w4.sm90_report``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ty = "*fp16" if f16 else "*bf16"
+    if which == "dequant":
+        fn = _marlin_dequant_kernel
+        sig = {"qm_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*i32", "spp_ptr": "*i32", "spe_ptr": "*i32", "w_ptr": ty}
+        sig.update({"N": "i32", "K": "i32", "NP": "i32", "NS": "i32"})
+        consts = dict(G=0 if single else 128, SYM=sym, SINGLE=single, BN=128, HAS_SP=True, E=64, F16=f16, SPB=256)
+        consts["I64"] = False
+    elif which == "correction":
+        fn = _index_correction_kernel
+        sig = {"x_ptr": ty, "y_ptr": ty, "spp_ptr": "*i32", "spe_ptr": "*i32"}
+        sig.update({"M": "i32", "N": "i32", "NS": "i32", "NSB": "i32", "stride_xm": "i32", "stride_ym": "i32"})
+        consts = dict(NSB_P=nsb_p, BM=16, BR=16, E=32, F16=f16, SPB=256, CB=8, INTERP=False)
+    else:
+        raise ValueError(which)
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(6 if which == "dequant" else 4)}
+    warps = _correction_warps(nsb_p) if which == "correction" else 4
+    k = triton.compile(
+        ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+    )
+    return _w4.sm90_report(k, keep_asm)

@@ -1862,10 +1862,6 @@ def compile_sm90(
 ) -> dict:
     """Compile ``_w4_kernel`` for sm_90 with the constexprs a launch of ``cfg`` would use and run ptxas on it.
     Returns {"regs", "spill_stores", "spill_loads", "stack", "smem", "ptxas"} (+ "asm" dict if ``keep_asm``)."""
-    import re
-    import subprocess
-    import tempfile
-
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -1928,6 +1924,15 @@ def compile_sm90(
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": int(cfg.get("warps", 4)), "num_stages": int(cfg.get("stages", 2))},
     )
+    return sm90_report(k, keep_asm)
+
+
+def sm90_report(k, keep_asm: bool = False) -> dict:
+    """ptxas (sm_90a) over a kernel compiled for sm_90: registers, spills, stack, shared memory (+ "asm")."""
+    import re
+    import subprocess
+    import tempfile
+
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
