@@ -128,7 +128,7 @@ case "$STAGE" in
     setup
     echo "[$(ts)] GPU tests"
     timeout 560 $PY -m pytest -q -m gpu -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests.xml" \
-      tests/test_kernels.py tests/test_gpu_kernels.py "$@"
+      tests/test_kernels.py tests/test_gpu_kernels.py tests/test_triton_marlin_deq.py "$@"
     echo "[$(ts)] tests rc=$?" ;;
   parallel)
     # needs a 2-GPU kind (nvidia-h200-x2): TP 2 / PP 2 == TP 1 through real engines, SWs on both sides of the split
