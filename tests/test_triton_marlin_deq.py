@@ -348,4 +348,4 @@ def test_gpu_vs_vllm_repack(shape):
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16)
     y = MD.marlin_deq_mm(x, qm, ms, mz, lay)
-    torch.testing.assert_close(y, x @ want, rtol=0, atol=0)
+    torch.testing.assert_close(y, x @ want, rtol=2.0**-7, atol=1e-2)  # the same weights; cuBLAS may differ in order
