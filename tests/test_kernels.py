@@ -12,19 +12,17 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
+from triton_interp import INTERP, interp_only, run_interp_tests
 
 import vllm_superweight.kernels as K
 from vllm_superweight.kernels import sparse_layout as SL
 
 HAS_CUDA = torch.cuda.is_available()
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-interp_only = pytest.mark.skipif(not INTERP, reason="runs inside the TRITON_INTERPRET=1 subprocess")
 SELL_ORDER = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals", "ucols")
 
 
@@ -335,18 +333,7 @@ def test_triton_interpreter_subprocess():
     if INTERP:
         pytest.skip("already inside the interpreter run")
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    out = p.stdout + p.stderr
-    if p.returncode == 5 or "no tests ran" in out:
-        pytest.skip("interpreter tests were not collected")
-    assert p.returncode == 0, out[-4000:]
+    run_interp_tests(__file__)
 
 
 @interp_only

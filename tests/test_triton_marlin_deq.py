@@ -12,23 +12,17 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from test_triton_w4 import check_close, make_layer  # noqa: E402
+from triton_interp import interp_only, not_interp, run_interp_tests  # noqa: E402
 
 from vllm_superweight.kernels import triton_marlin_deq as MD  # noqa: E402
 from vllm_superweight.kernels import triton_w4 as T  # noqa: E402
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-interp_only = pytest.mark.skipif(not INTERP, reason="runs inside the TRITON_INTERPRET=1 subprocess")
-not_interp = pytest.mark.skipif(INTERP, reason="not in the interpreter run")
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -163,17 +157,7 @@ def test_compile_sm90_without_spills(which, sym, single, f16, nsb_p):
 # ------------------------------------------------------------------------------------------------------------
 @not_interp
 def test_triton_interpreter_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if p.returncode == 5:
-        pytest.skip("interpreter tests were not collected")
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    run_interp_tests(__file__)
 
 
 # (n, k, group, sym, nnz, heavy, sw, dtype, sp_block)

@@ -157,6 +157,7 @@ if TRITON_OK:
     import triton.language as tl
 
     _restore_entries = _w4._restore_entries
+    _store_wt = _w4._store_wt
     _mma = _w4._mma
 
     @triton.jit
@@ -225,15 +226,7 @@ if TRITON_OK:
             else:
                 zw = tl.load(zp_ptr + grp * (NP // 8) + zword, mask=n_st, other=0)
                 f = code.to(tl.float32) - ((zw >> zshift) & 15).to(tl.float32)[None, :]
-            if I64:
-                krow = kk.to(tl.int64) * N
-            else:
-                krow = kk * N
-            tl.store(
-                w_ptr + krow[:, None] + offs_n[None, :],
-                (f * s[None, :]).to(w_ptr.dtype.element_ty),
-                mask=n_st[None, :] & k_ok[:, None],
-            )
+            _store_wt(w_ptr, kk, offs_n, f, s, n_st, K, N, I64)
         if HAS_SP:
             tl.debug_barrier()  # the region's stores before the entries' (same CTA)
             _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, k0, BN, E, F16, SPB, I64)

@@ -1328,19 +1328,23 @@ if TRITON_OK:
             else:
                 s, z = _gs(sc_ptr, zp_ptr, (k0 + j * 16) // G, NPAD, offs_n, n_ok, SYM)
             f = (((wv >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[None, :]
-            kk = k0 + j * 16 + rr
-            if I64:
-                krow = kk.to(tl.int64) * N
-            else:
-                krow = kk * N
-            tl.store(
-                w_ptr + krow[:, None] + offs_n[None, :],
-                (f * s[None, :]).to(w_ptr.dtype.element_ty),
-                mask=n_st[None, :] & (kk < K)[:, None],
-            )
+            _store_wt(w_ptr, k0 + j * 16 + rr, offs_n, f, s, n_st, K, N, I64)
         if HAS_SP:
             tl.debug_barrier()  # the tile's stores before the entries' (same CTA)
             _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, k0, BN, E, F16, SPB, I64)
+
+    @triton.jit
+    def _store_wt(w_ptr, kk, offs_n, f, s, n_st, K, N, I64: tl.constexpr):
+        """wT[kk, offs_n] = (f * s) rounded once to wT's dtype (f [16, BN] = code - zero in fp32, s [BN] fp32)."""
+        if I64:
+            krow = kk.to(tl.int64) * N
+        else:
+            krow = kk * N
+        tl.store(
+            w_ptr + krow[:, None] + offs_n[None, :],
+            (f * s[None, :]).to(w_ptr.dtype.element_ty),
+            mask=n_st[None, :] & (kk < K)[:, None],
+        )
 
     @triton.jit
     def _restore_entries(

@@ -411,12 +411,18 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
-        from .. import triton_w4
-
         if envs.w4_kernel() not in ("auto", "marlin-deq"):
             return False, f"{envs.W4_KERNEL}={envs.w4_kernel()}"
         if c.holdout < cls.MIN_HOLDOUT:
             return False, f"hold-out {c.holdout:g} < {cls.MIN_HOLDOUT:g} (the separate correction costs little)"
+        return cls.machine_can(c)
+
+    @classmethod
+    def machine_can(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        """What the pair needs of the machine and the layer: CUDA + Triton, 4-bit codes, a group size both the
+        dequantizer and Marlin take, and Marlin itself."""
+        from .. import triton_w4
+
         if c.device_type != "cuda" or not triton_w4.TRITON_OK:
             return False, "CUDA + Triton only"
         if c.kernel_bits != 4:
@@ -474,20 +480,9 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
-        from .. import triton_w4
-
         if envs.w4_kernel() != "marlin-deq1":
             return False, f"opt-in: {envs.W4_KERNEL}=marlin-deq1 (is {envs.w4_kernel()})"
-        if c.device_type != "cuda" or not triton_w4.TRITON_OK:
-            return False, "CUDA + Triton only"
-        if c.kernel_bits != 4:
-            return False, "4-bit codes only"
-        if c.act_dtype not in SIXTEEN_BIT:
-            return False, f"16-bit activations only, not {c.act_dtype}"
-        ok, why = MarlinKernel.can_implement(c)
-        if not ok:
-            return False, f"MarlinKernel: {why}"
-        return True, None
+        return cls.machine_can(c)
 
     def __init__(self, config: SWLinearConfig, min_m: int | None = None) -> None:
         super().__init__(config, min_m)
