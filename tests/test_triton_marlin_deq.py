@@ -320,16 +320,54 @@ def test_interp_one_copy_kernel_class(monkeypatch, group, sym):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize(
-    "shape", [(4096, 4096, 128, False), (11008, 4096, 128, True), (4096, 11008, -1, False), (576, 576, 64, False)]
+    "shape",
+    [
+        (4096, 4096, 128, False, 1e-3),
+        (11008, 4096, 128, True, 1e-3),
+        (4096, 11008, -1, False, 1e-3),
+        (576, 576, 64, False, 1e-3),  # SmolLM2's shape: Marlin pads K to 640
+        (4096, 4096, 128, False, 0.0),  # no hold-out: nothing restored, nothing corrected
+    ],
 )
 def test_gpu_vs_vllm_repack(shape):
-    n, k, group, sym = shape
-    inputs, prep = make_layer(n, k, group, sym, nnz=n * k // 1000, sw=True, seed=1, device="cuda")
+    """On vLLM's CUDA repack: the dequantized weights bitwise those of our own layout's dequantizer, the dense GEMM
+    over them for M = 300 / 4096, and Marlin's output + the index correction for M = 1 / 7 / 95, all against the
+    float reference of the restored weights."""
+    n, k, group, sym, h = shape
+    inputs, prep = make_layer(n, k, group, sym, nnz=int(n * k * h), sw=h > 0, seed=1, device="cuda")
     qm, ms, mz = marlin_layout(inputs, n, k, group, device="cuda")
     lay = MD.marlin_deq_layout(inputs["rows"], inputs["cols"], inputs["vals"], n, k, group, sym, torch.bfloat16, "cuda")
     got = MD.dequant_marlin_into(qm, ms, mz, lay)
     want = T.dequant_into(prep)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
-    x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16)
-    y = MD.marlin_deq_mm(x, qm, ms, mz, lay)
-    torch.testing.assert_close(y, x @ want, rtol=2.0**-7, atol=1e-2)  # the same weights; cuBLAS may differ in order
+    for m in (300, 4096):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = MD.marlin_deq_mm(x, qm, ms, mz, lay)
+        check_close(y, x, inputs, tag=f"deq M={m}")
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+        apply_gptq_marlin_linear,
+        marlin_make_workspace_new,
+    )
+    from vllm.scalar_type import scalar_types
+
+    empty = torch.empty(0, dtype=torch.int32, device="cuda")
+    for m in (1, 7, 95):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = apply_gptq_marlin_linear(
+            input=x,
+            weight=qm,
+            weight_scale=ms,
+            weight_zp=empty if sym else mz,
+            g_idx=empty,
+            g_idx_sort_indices=empty,
+            workspace=marlin_make_workspace_new(x.device),
+            wtype=scalar_types.uint4b8 if sym else scalar_types.uint4,
+            input_size_per_partition=k,
+            output_size_per_partition=n,
+            is_k_full=True,
+        )
+        y0 = y.clone()
+        MD.index_correction_(y, x, lay)
+        check_close(y, x, inputs, tag=f"marlin+index M={m}")
+        if h:
+            assert not torch.equal(y, y0)
