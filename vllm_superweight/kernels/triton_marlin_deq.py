@@ -315,7 +315,9 @@ def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16,
     if not info["nnz"]:
         return y
     m = x.shape[0]
-    if tuple(y.shape) != (m, n) or x.shape[1] != k or x.stride(1) != 1 or y.stride(1) != 1:
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if tuple(y.shape) != (m, n) or x.shape[1] != k or y.stride(1) != 1:
         raise ValueError(f"index_correction_: y {tuple(y.shape)}, x {tuple(x.shape)} for a [{n}, {k}] layer")
     if br > (1 << (16 - (spb.bit_length() - 1))) or br % 16:
         raise ValueError(f"index_correction_: {br} rows per program with sp_block={spb}")
