@@ -175,6 +175,9 @@ def test_perplexity_transformers_bos_window(tiny_llama, tmp_path):
 def test_cli_parser():
     a = ev.build_parser().parse_args(["CK", "--window", "256", "--max-tokens", "4096", "--json", "o.json"])
     assert (a.ckpt, a.window, a.max_tokens, a.json, a.dtype) == ("CK", 256, 4096, "o.json", "bfloat16")
+    assert ev.build_parser().parse_args(["CK", "--max-tokens", "0"]).max_tokens is None  # 0: the whole text
+    with pytest.raises(SystemExit):
+        ev.build_parser().parse_args(["CK", "--max-tokens", "-5"])
 
 
 def test_main_rejects_missing_dir(tmp_path, capsys):

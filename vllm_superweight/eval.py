@@ -452,7 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ckpt", metavar="CKPT", help="model directory (superweight_rtn, compressed-tensors or float HF dir)")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="window = stride in tokens (default 512)")
-    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N text tokens (default: all)")
+    p.add_argument(
+        "--max-tokens",
+        type=_max_tokens,
+        default=None,
+        help="use only the first N text tokens (default, or 0: the whole text)",
+    )
     p.add_argument("--dtype", default="bfloat16", help="vLLM dtype (default bfloat16)")
     p.add_argument("--quantization", default=None, help="force vLLM's quantization method (default: from config)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the result record to this JSON file")
@@ -493,6 +498,14 @@ def _transformers_check(ckpt: str, args) -> dict:
     return perplexity_transformers(
         model, tok, text_path=args.data, max_tokens=args.max_tokens, window=args.window, progress=not args.no_progress
     )
+
+
+def _max_tokens(v: str) -> int | None:
+    """``--max-tokens``: a positive count, or 0 for the whole text (as ``benchmarks/quality.py`` takes it)."""
+    n = int(v)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n or None
 
 
 def _err(msg: str) -> None:
