@@ -22,7 +22,7 @@
 # stashed, see ../shared/gpu/README.md) and makes sure this package and its vllm.general_plugins entry point
 # are installed (editable pip install, or a metadata shim when pip cannot build). Carry with every call:
 #   [".gpu-bundle/install.sh", ".gpu-bundle/tok"]
-# METHODS: lean (default) | all | baselines | w4 | comma list of bf16,awq,smoothquant,sw-w4-channel,sw-w4-g128,
+# METHODS: lean (default) | all | baselines | w4 | onecopy | comma list of bf16,awq,smoothquant,sw-w4-channel,sw-w4-g128,
 #          sw-w4-channel-nosw,sw-w4-g128-nosw,sw-w4-channel-holdout,sw-w8a8, sw-default (+ -mdeq / -mdeq1 / -dual:
 #          the same held-out checkpoint forced onto the Marlin + dequantize pair (its default) / that pair over one
 #          W4 copy / the Marlin + Machete pair), sw-w4-g128(-holdout)-fused

@@ -164,6 +164,9 @@ GROUPS = {
     "baselines": ["bf16", "awq", "smoothquant"],
     "fused": ["awq", "sw-w4-g128-fused", "sw-w4-g128-holdout-fused", "sw-w4-g128", "sw-w4-g128-holdout"],
     "w4": ["sw-w4-channel", "sw-w4-g128", "sw-w4-channel-nosw", "sw-w4-g128-nosw", "sw-w4-channel-holdout"],
+    # issue 12's hold-out target compares THE SAME checkpoint with and without the 0.1 % hold-out (g128 both; the
+    # default preset is g64): two-copy vs one-copy Marlin + dequantize pair, AWQ beside
+    "onecopy": ["awq", "sw-w4-g128", "sw-w4-g128-holdout-mdeq", "sw-w4-g128-holdout-mdeq1", "sw-default-mdeq1"],
 }
 EST_ENGINE_S = 150.0  # first engine start + measurements (cold caches); refined from measured runs
 EST_CONVERT_S = 90.0
