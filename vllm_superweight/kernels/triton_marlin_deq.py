@@ -8,7 +8,12 @@ of the W4 weights (+ ~4 bytes per held-out entry for the restore index).
 
     lay = marlin_deq_layout(rows, cols, vals, n, k, group, sym, act, device)       # load time (index only)
     wT  = dequant_marlin_into(qm, scale, zero, lay, out)                           # [K, N], act dtype
-    y   = marlin_deq_mm(x, qm, scale, zero, lay, bias)                             # x [M, K] -> [M, N]
+    y   = marlin_deq_mm(x, qm, scale, zero, lay, bias)                             # large M: x [M, K] -> [M, N]
+    index_correction_(y_marlin, x, lay)                                            # small M: after Marlin's GEMM
+
+The one index of the held-out entries (``triton_w4.sparse_index``: 4 bytes an entry, sorted by K block and 16-row
+slice) serves both paths: restored into the dequantized weights, or added to Marlin's output by
+``index_correction_`` (fp32 accumulation through a one-hot MMA, one rounding into y).
 
 Marlin's layout (facts read from vLLM 0.26's python reference ``marlin_utils_test.marlin_weights`` /
 ``get_weight_perm`` and ``marlin_utils.marlin_permute_scales`` / ``marlin_zero_points``; vLLM's own repack test
@@ -38,8 +43,6 @@ import torch
 from . import triton_w4 as _w4
 from .sparse_layout import interpreting
 from .triton_w4 import SP_BLOCK, TRITON_OK, _cdiv, _deq_scratch, need_deq_scratch, sparse_index
-
-LAYOUT_KEYS = ("sp_ptr", "sp_ent", "sp_meta", "info")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -77,7 +80,7 @@ def marlin_dequant_reference(
     qm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, n: int, k: int, group: int, sym: bool
 ) -> torch.Tensor:
     """The W4 weight [N, K] (float64, no held-out values) read from Marlin's tensors on the CPU."""
-    kp, np_ = qm.shape[0] * 16, qm.shape[1] // 2
+    kp = qm.shape[0] * 16
     g = group if group > 0 else 0
     kk = torch.arange(k)[None, :]
     nn = torch.arange(n)[:, None]
@@ -93,7 +96,6 @@ def marlin_dequant_reference(
         zw, zb = zero_word_nibble(nn)
         zt = zero.cpu().to(torch.int64) & 0xFFFFFFFF
         z = ((zt[gi, zw] >> (4 * zb)) & 15).double()
-    del np_
     return (codes.double() - z) * sc
 
 
