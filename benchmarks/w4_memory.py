@@ -99,8 +99,31 @@ def main(argv=None) -> int:
     with open(args.out + ".tmp", "w") as f:
         json.dump(recs, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out}")
+    md = os.path.splitext(args.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(table(recs))
+    print(f"wrote {args.out} and {md}")
     return 0
+
+
+LABELS = {
+    "awq": "AWQ (W4 codes + bf16 scales + packed zero points)",
+    "marlin-deq": "Marlin + dequantize pair, two copies (`marlin-deq`)",
+    "marlin-deq1": "**Marlin + dequantize pair, one copy (`marlin-deq1`)**",
+    "fused": "our Triton layout (`fused`)",
+}
+
+
+def table(recs: list[dict]) -> str:
+    """The README's table: quantized-Linear GiB per path and hold-out, and the ratio to AWQ at the largest one."""
+    hs = [r["holdout"] for r in recs]
+    last = recs[-1]
+    head = "| path | " + " | ".join(f"hold-out {h:g}" for h in hs) + f" | vs AWQ ({last['holdout']:g}) |"
+    lines = [head, "|---|" + "---:|" * (len(hs) + 1)]
+    for pth, label in LABELS.items():
+        cells = [f"{r['linears_gib'][pth]:.3f} GiB" for r in recs]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {last['vs_awq_linears'][pth]:.4f}x |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
