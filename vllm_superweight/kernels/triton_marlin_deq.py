@@ -163,6 +163,26 @@ if TRITON_OK:
     _mma = _w4._mma
 
     @triton.jit
+    def _marlin_scales_zeros(sc_ptr, zp_ptr, grp, NP, nb, ok, SYM: tl.constexpr, SINGLE: tl.constexpr):
+        """Scales (fp32) and zero points (fp32; 8 if symmetric) of output columns ``nb`` in Marlin's permuted
+        rows ``grp`` (module docstring)."""
+        n64 = nb % 64
+        if SINGLE:
+            m32 = nb % 32
+            scol = 32 * (nb // 32) + 8 * ((m32 // 2) % 4) + 2 * (m32 // 8) + m32 % 2
+        else:
+            scol = 64 * (nb // 64) + 8 * (nb % 8) + n64 // 8
+        s = tl.load(sc_ptr + grp * NP + scol, mask=ok, other=0.0).to(tl.float32)
+        if SYM:
+            z = tl.full(nb.shape, 8.0, tl.float32)
+        else:
+            p = 64 * (nb // 64) + 8 * (nb % 8) + n64 // 8
+            p = 8 * (p // 8) + (p % 8) // 2 + 4 * (p % 2)
+            zw = tl.load(zp_ptr + grp * (NP // 8) + p // 8, mask=ok, other=0)
+            z = ((zw >> (4 * (p % 8))) & 15).to(tl.float32)
+        return s, z
+
+    @triton.jit
     def _marlin_dequant_kernel(
         qm_ptr,
         sc_ptr,
@@ -184,54 +204,62 @@ if TRITON_OK:
         SPB: tl.constexpr,
         I64: tl.constexpr,
     ):
-        """wT[k, n] for one 128-wide K block x BN outputs per program (stored K-major, coalesced along n), read
-        from Marlin's tensors (module docstring), then the held-out values of the region written over it."""
+        """wT[k, n] for one 128-row K block x BN outputs per program (stored K-major), read from Marlin's tensors
+        (module docstring), then the held-out values of the region written over it.
+
+        Every packed word is loaded once: with n mod 64 = 16 a + 8 b + c and k mod 16 = 8 d + 2 e + f, weight
+        (k, n) is nibble 2 b + d + 4 f of word 16 c + 4 e + a of its 64-column tile. A 16-row step loads the words
+        as [e, A, c] (A = the program's 16-column groups) and stores the 8 (b, d, f) nibble planes, each a
+        [4 rows, BN/2 columns] slab whose runs of 8 consecutive columns (c) are one 16-byte store."""
         pid_n = tl.program_id(0)
         kb = tl.program_id(1)
         n0 = pid_n * BN
-        offs_n = n0 + tl.arange(0, BN)
-        n_st = offs_n < N
-        n64 = offs_n % 64
-        wcol = 128 * (offs_n // 64) + 16 * (offs_n % 8) + n64 // 16
-        nib_n = 2 * ((offs_n % 16) // 8)
-        if SINGLE:
-            m32 = offs_n % 32
-            scol = 32 * (offs_n // 32) + 8 * ((m32 // 2) % 4) + 2 * (m32 // 8) + m32 % 2
+        TA: tl.constexpr = BN // 16
+        ee = tl.arange(0, 4)
+        aa = tl.arange(0, TA)
+        cc = tl.arange(0, 8)
+        wofs = 2 * n0 + (128 * (aa // 4) + aa % 4)[None, :, None] + 16 * cc[None, None, :] + 4 * ee[:, None, None]
+        tile_ok = (n0 + 64 * (aa // 4) < NP)[None, :, None]
+        nb0 = n0 + 16 * aa[:, None] + cc[None, :]  # [A, c] output columns of b = 0; b = 1 is nb0 + 8
+        nb1 = nb0 + 8
+        ok0 = nb0 < N
+        ok1 = nb1 < N
+        # a 128-row K block lies in one group (G | 128 rows: reload at group starts; else every 16 rows)
+        RELOAD: tl.constexpr = 0 if (G == 0 or G % 128 == 0) else (G // 16 if 128 % G == 0 else 1)
+        if G == 0:
+            s0, z0 = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nb0, ok0, SYM, SINGLE)
+            s1, z1 = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nb1, ok1, SYM, SINGLE)
         else:
-            scol = 64 * (offs_n // 64) + 8 * (offs_n % 8) + n64 // 8
-        if not SYM:
-            zp = 64 * (offs_n // 64) + 8 * (offs_n % 8) + n64 // 8
-            zp = 8 * (zp // 8) + (zp % 8) // 2 + 4 * (zp % 2)
-            zword = zp // 8
-            zshift = 4 * (zp % 8)
-        kl = tl.arange(0, 16)
-        wrow = 4 * ((kl % 8) // 2)
-        shift = 4 * (nib_n[None, :] + (kl // 8 + 4 * (kl % 2))[:, None])
-        k0 = kb * 128
+            s0, z0 = _marlin_scales_zeros(sc_ptr, zp_ptr, (kb * 128) // G, NP, nb0, ok0, SYM, SINGLE)
+            s1, z1 = _marlin_scales_zeros(sc_ptr, zp_ptr, (kb * 128) // G, NP, nb1, ok1, SYM, SINGLE)
         for j in tl.static_range(8):
             r = kb * 8 + j
-            kk = r * 16 + kl
-            k_ok = kk < K
+            if RELOAD > 0:
+                if j > 0 and j % RELOAD == 0:
+                    s0, z0 = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb0, ok0, SYM, SINGLE)
+                    s1, z1 = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb1, ok1, SYM, SINGLE)
             if I64:
                 rbase = r.to(tl.int64) * (2 * NP)
             else:
                 rbase = r * (2 * NP)
-            words = tl.load(qm_ptr + rbase + wcol[None, :] + wrow[:, None], mask=n_st[None, :] & k_ok[:, None], other=0)
-            code = (words >> shift) & 15
-            if G == 0:
-                grp = 0
-            else:
-                grp = (r * 16) // G
-            s = tl.load(sc_ptr + grp * NP + scol, mask=n_st, other=0.0).to(tl.float32)
-            if SYM:
-                f = code.to(tl.float32) - 8.0
-            else:
-                zw = tl.load(zp_ptr + grp * (NP // 8) + zword, mask=n_st, other=0)
-                f = code.to(tl.float32) - ((zw >> zshift) & 15).to(tl.float32)[None, :]
-            _store_wt(w_ptr, kk, offs_n, f, s, n_st, K, N, I64)
+            words = tl.load(qm_ptr + rbase + wofs, mask=tile_ok & (r * 16 < K), other=0)
+            for d in tl.static_range(2):
+                for f in tl.static_range(2):
+                    kk = r * 16 + 8 * d + 2 * ee + f
+                    if I64:
+                        krow = (kk.to(tl.int64) * N)[:, None, None]
+                    else:
+                        krow = (kk * N)[:, None, None]
+                    k_ok = (kk < K)[:, None, None]
+                    c0 = ((words >> (4 * (d + 4 * f))) & 15).to(tl.float32)
+                    c1 = ((words >> (4 * (2 + d + 4 * f))) & 15).to(tl.float32)
+                    v0 = ((c0 - z0[None, :, :]) * s0[None, :, :]).to(w_ptr.dtype.element_ty)
+                    v1 = ((c1 - z1[None, :, :]) * s1[None, :, :]).to(w_ptr.dtype.element_ty)
+                    tl.store(w_ptr + krow + nb0[None, :, :], v0, mask=k_ok & ok0[None, :, :])
+                    tl.store(w_ptr + krow + nb1[None, :, :], v1, mask=k_ok & ok1[None, :, :])
         if HAS_SP:
             tl.debug_barrier()  # the region's stores before the entries' (same CTA)
-            _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, k0, BN, E, F16, SPB, I64)
+            _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, kb * 128, BN, E, F16, SPB, I64)
 
     @triton.jit
     def _index_correction_kernel(
@@ -301,21 +329,102 @@ if TRITON_OK:
         yv = tl.load(yp, mask=ok, other=0.0)
         tl.store(yp, (yv.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _index_correction_2d_kernel(
+        x_ptr,
+        y_ptr,
+        spp_ptr,
+        spe_ptr,
+        M,
+        N,
+        NS,
+        NSB,
+        stride_xm,
+        stride_ym,
+        NSB_P: tl.constexpr,
+        BM: tl.constexpr,
+        BR: tl.constexpr,
+        D: tl.constexpr,
+        F16: tl.constexpr,
+        SPB: tl.constexpr,
+        CB: tl.constexpr,
+        INTERP: tl.constexpr,
+    ):
+        """As ``_index_correction_kernel``, but the rows' entries of EVERY K block are read at once, D per block
+        (an [NSB_P, D] gather: slot (b, d) is entry lo_b + d), so no entry-to-block search and usually one step:
+        steps = the largest entry count of one K block over D."""
+        pid_r = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        n0 = pid_r * BR
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        m_ok = offs_m < M
+        rr = tl.arange(0, BR)
+        acc = tl.zeros([BM, BR], dtype=tl.float32)
+        touched = tl.zeros([BR], dtype=tl.int32)
+        nsl = tl.minimum(BR // 16, NS - n0 // 16)
+        sbs = tl.arange(0, NSB_P)
+        sb_ok = sbs < NSB
+        lo = tl.load(spp_ptr + sbs * NS + n0 // 16, mask=sb_ok, other=0)
+        hi = tl.load(spp_ptr + sbs * NS + n0 // 16 + nsl, mask=sb_ok, other=0)
+        cnt = hi - lo
+        most = tl.max(cnt, axis=0)
+        dd = tl.arange(0, D)
+        cbase = tl.reshape(tl.broadcast_to(sbs[:, None] * SPB, (NSB_P, D)), (NSB_P * D,))
+        for d0 in range(0, most, D):
+            ok2 = (d0 + dd)[None, :] < cnt[:, None]
+            ent2 = tl.load(spe_ptr + lo[:, None] + d0 + dd[None, :], mask=ok2, other=0)
+            ent = tl.reshape(ent2, (NSB_P * D,))
+            e_ok = tl.reshape(ok2, (NSB_P * D,))
+            col = cbase + (ent & (SPB - 1))
+            roff = ((ent >> CB) - n0) & ((1 << (16 - CB)) - 1)
+            if F16:
+                v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            else:
+                v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+            xg = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0
+            )
+            hit = (roff[:, None] == rr[None, :]) & e_ok[:, None]
+            oh = tl.where(hit, v[:, None], 0.0).to(xg.dtype)
+            acc = _mma(xg, oh, acc, INTERP)
+            touched = tl.maximum(touched, tl.max(hit.to(tl.int32), axis=0))
+        rows = n0 + rr
+        ok = m_ok[:, None] & ((rows < N) & (touched > 0))[None, :]
+        yp = y_ptr + offs_m[:, None] * stride_ym + rows[None, :]
+        yv = tl.load(yp, mask=ok, other=0.0)
+        tl.store(yp, (yv.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# launch configurations: the dequantizer's (tile width, warps); the correction's (kernel, rows per program,
+# entries per chunk ("seq") or slots per step ("2d"), warps or 0 = by registers)
+DEQ_CONFIG: tuple[int, int] = (256, 2)
+CORR_CONFIG: tuple[str, int, int, int] = ("2d", 16, 128, 4)
+# the variants the micro-benchmark times (w4_fused_bench.py --sections onecopy); all compile for sm_90 without
+# spills (tests), 8 bf16 per thread in the dequantizer's 16-byte stores where the tile allows
+DEQ_VARIANTS = [(128, 4), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]
+CORR_VARIANTS = [("seq", 16, 32, 0), ("2d", 16, 64, 2), ("2d", 16, 128, 4), ("2d", 16, 256, 8)]
+
 
 def _correction_warps(nsb_p: int) -> int:
     """sm_90 ptxas, 32 entries per chunk: 150 registers at 64 K blocks with 4 warps; 8 warps above (no spills)."""
     return 4 if nsb_p <= 64 else 8
 
 
-def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16, br: int = 16) -> torch.Tensor:
+def index_correction_(
+    y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16, br: int | None = None, config: tuple | None = None
+) -> torch.Tensor:
     """In place: ``y [M, N] += x [M, K] @ S^T`` for the held-out entries S of the restore index ``lay`` (the
-    small-batch correction of the one-copy pair: no second sparse layout). Returns y."""
+    small-batch correction of the one-copy pair: no second sparse layout). Returns y.
+    ``config``: (rows per program, entries per chunk, warps or 0 = by registers), default ``CORR_CONFIG``;
+    ``br`` overrides its rows per program."""
     if not TRITON_OK:
         raise RuntimeError("index_correction_ needs Triton")
     info = layout_info(lay)
     n, k, spb = info["n"], info["k"], info["sp_block"]
     if not info["nnz"]:
         return y
+    mode, br_c, e, warps = config or CORR_CONFIG
+    br = br or br_c
     m = x.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -326,27 +435,18 @@ def index_correction_(y: torch.Tensor, x: torch.Tensor, lay: dict, bm: int = 16,
     n_pad = _cdiv(n, _w4.SLAB) * _w4.SLAB
     nsb = _cdiv(_cdiv(k, _w4.PB) * _w4.PB, spb)  # the index's K blocks
     nsb_p = _w4._np2(nsb)
-    _index_correction_kernel[(_cdiv(n, br), _cdiv(m, bm))](
-        x,
-        y,
-        lay["sp_ptr"],
-        lay["sp_ent"],
-        m,
-        n,
-        n_pad // _w4.SLICE,
-        nsb,
-        x.stride(0),
-        y.stride(0),
-        NSB_P=nsb_p,
-        BM=bm,
-        BR=br,
-        E=32,
-        F16=x.dtype == torch.float16,
-        SPB=spb,
-        CB=spb.bit_length() - 1,  # column bits of an entry
-        INTERP=interpreting(),
-        num_warps=_correction_warps(nsb_p),
-    )
+    args = (x, y, lay["sp_ptr"], lay["sp_ent"], m, n, n_pad // _w4.SLICE, nsb, x.stride(0), y.stride(0))
+    common = dict(NSB_P=nsb_p, BM=bm, BR=br, F16=x.dtype == torch.float16, SPB=spb, CB=spb.bit_length() - 1)
+    grid = (_cdiv(n, br), _cdiv(m, bm))
+    if mode == "2d":
+        d = max(1, e // nsb_p)
+        _index_correction_2d_kernel[grid](*args, **common, D=d, INTERP=interpreting(), num_warps=warps or 4)
+    elif mode == "seq":
+        _index_correction_kernel[grid](
+            *args, **common, E=e, INTERP=interpreting(), num_warps=warps or _correction_warps(nsb_p)
+        )
+    else:
+        raise ValueError(f"index_correction_: unknown kernel {mode!r}")
     return y
 
 
@@ -357,9 +457,11 @@ def dequant_marlin_into(
     lay: dict,
     out: torch.Tensor | None = None,
     act: torch.dtype | None = None,
+    config: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The served weight, TRANSPOSED: wT [K, N] in ``act`` (default: the scales' dtype), read from Marlin's tensors
-    with the held-out values restored, in one kernel. Into ``out`` (a flat scratch of >= N*K elements) or new."""
+    with the held-out values restored, in one kernel. Into ``out`` (a flat scratch of >= N*K elements) or new.
+    ``config``: (tile width, warps), default ``DEQ_CONFIG``."""
     if not TRITON_OK:
         raise RuntimeError("dequant_marlin_into needs Triton")
     c = check_marlin_tensors(qm, scale, zero, lay)
@@ -367,8 +469,13 @@ def dequant_marlin_into(
     dtype = act or (out.dtype if out is not None else scale.dtype)
     flat = out if out is not None else torch.empty(n * k, dtype=dtype, device=qm.device)
     wt = flat[: n * k].view(k, n)
-    bn = 128
-    if c["nnz"] and bn > (1 << (16 - (spb.bit_length() - 1))):
+    bn, warps = config or DEQ_CONFIG
+    if bn % 64 or bn > 512:
+        raise ValueError(f"dequant_marlin_into: tile width {bn} must be a multiple of 64, at most 512")
+    rows_addressed = 1 << (16 - (spb.bit_length() - 1))  # an entry's row field spans this many rows
+    if c["nnz"] and bn > rows_addressed:  # narrower tiles, the same work per thread
+        warps, bn = max(1, warps * rows_addressed // bn), rows_addressed
+    if c["nnz"] and bn % 64:
         raise ValueError(f"sp_block={spb} entries address fewer rows than a dequantization tile")
     n_pad = _cdiv(n, _w4.SLAB) * _w4.SLAB  # the sparse index's row padding
     _marlin_dequant_kernel[(_cdiv(n, bn), _cdiv(k, _w4.PB))](
@@ -391,7 +498,7 @@ def dequant_marlin_into(
         F16=dtype == torch.float16,
         SPB=spb,
         I64=max(n * k, qm.numel()) >= 2**31 - 1,
-        num_warps=4,
+        num_warps=warps,
     )
     return wt
 
@@ -424,30 +531,46 @@ def memory_bytes(lay: dict) -> int:
 # sm_90 ahead-of-time compile (no GPU needed): the kernels lower and ptxas accepts them, without spills
 # ------------------------------------------------------------------------------------------------------------
 def compile_sm90(
-    which: str, sym: bool = False, single: bool = False, f16: bool = False, nsb_p: int = 64, keep_asm: bool = False
+    which: str,
+    sym: bool = False,
+    single: bool = False,
+    f16: bool = False,
+    nsb_p: int = 64,
+    keep_asm: bool = False,
+    config: tuple | None = None,
 ):
-    """Compile ``_marlin_dequant_kernel`` (``which="dequant"``) or ``_index_correction_kernel`` (``"correction"``)
-    for sm_90 with the constexprs a launch uses; returns ``triton_w4.sm90_report``."""
+    """Compile ``_marlin_dequant_kernel`` (``which="dequant"``, ``config`` = (tile width, warps)) or
+    a correction kernel (``"correction"``, ``config`` = ``CORR_CONFIG``'s form) for sm_90
+    with the constexprs a launch uses (integer sizes a multiple of 16 where a 7B-shaped launch has them, as Triton
+    specializes them at run time); returns ``triton_w4.sm90_report``."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     ty = "*fp16" if f16 else "*bf16"
     if which == "dequant":
+        bn, warps = config or DEQ_CONFIG
         fn = _marlin_dequant_kernel
         sig = {"qm_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*i32", "spp_ptr": "*i32", "spe_ptr": "*i32", "w_ptr": ty}
         sig.update({"N": "i32", "K": "i32", "NP": "i32", "NS": "i32"})
-        consts = dict(G=0 if single else 128, SYM=sym, SINGLE=single, BN=128, HAS_SP=True, E=64, F16=f16, SPB=256)
+        consts = dict(G=0 if single else 128, SYM=sym, SINGLE=single, BN=bn, HAS_SP=True, E=64, F16=f16, SPB=256)
         consts["I64"] = False
+        div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8]
     elif which == "correction":
-        fn = _index_correction_kernel
+        mode, br, e, warps = config or CORR_CONFIG
         sig = {"x_ptr": ty, "y_ptr": ty, "spp_ptr": "*i32", "spe_ptr": "*i32"}
         sig.update({"M": "i32", "N": "i32", "NS": "i32", "NSB": "i32", "stride_xm": "i32", "stride_ym": "i32"})
-        consts = dict(NSB_P=nsb_p, BM=16, BR=16, E=32, F16=f16, SPB=256, CB=8, INTERP=False)
+        consts = dict(NSB_P=nsb_p, BM=16, BR=br, F16=f16, SPB=256, CB=8, INTERP=False)
+        if mode == "2d":
+            fn, warps = _index_correction_2d_kernel, warps or 4
+            consts["D"] = max(1, e // nsb_p)
+        else:
+            fn, warps = _index_correction_kernel, warps or _correction_warps(nsb_p)
+            consts["E"] = e
+        div16 = [0, 1, 2, 3, 5, 8, 9]
     else:
         raise ValueError(which)
     sig = dict(sig, **{k: "constexpr" for k in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(6 if which == "dequant" else 4)}
-    warps = _correction_warps(nsb_p) if which == "correction" else 4
+    attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
     k = triton.compile(
         ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
     )
