@@ -694,6 +694,12 @@ class Bench:
             if deq_us:
                 best = min(deq_us, key=deq_us.get)
                 self.meta["onecopy_best_dequant"] = {"config": list(best), "us": deq_us[best]}
+            parts = []
+            if "onecopy_best_dequant" in self.meta:
+                parts.append("deq=" + ":".join(str(v) for v in self.meta["onecopy_best_dequant"]["config"]))
+            if "onecopy_best_correction" in self.meta:
+                parts.append("corr=" + ":".join(str(v) for v in self.meta["onecopy_best_correction"]["config"]))
+            self.meta["onecopy_env"] = ",".join(parts)  # SUPERWEIGHT_ONECOPY_CONFIG for the engine runs
             self.save()
 
     def section_paths(self):

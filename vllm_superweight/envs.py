@@ -20,6 +20,9 @@ Only what users need is a knob:
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a
                                     scratch and one cuBLAS GEMM (default 96).
+``SUPERWEIGHT_ONECOPY_CONFIG``      launch configurations of the ``marlin-deq1`` kernels, as the micro-benchmark
+                                    found them best on this GPU (``w4_fused_bench.py --sections onecopy``):
+                                    ``deq=BN:WARPS,corr=KIND:ROWS:SLOTS:WARPS`` (either part may be left out).
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -30,6 +33,7 @@ classes (or the vLLM kernel it wraps) skips it in the priority list.
 
 from __future__ import annotations
 
+import functools
 import os
 
 DISABLE_CORRECTION = "SUPERWEIGHT_DISABLE_CORRECTION"
@@ -39,6 +43,7 @@ W4_KERNEL = "SUPERWEIGHT_W4_KERNEL"
 MARLIN_MAX_M = "SUPERWEIGHT_MARLIN_MAX_M"
 DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 
+ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused", "marlin-deq", "marlin-deq1")
 DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (section w4sweep) on an H100
 DEFAULT_DEQUANT_MIN_M = 96  # Marlin + separate correction vs dequantize + cuBLAS, 0.1 % hold-out, H200
@@ -127,3 +132,27 @@ def setdefault_vllm_env(env: dict | None = None) -> dict:
     for k, v in VLLM_ENV_DEFAULTS.items():
         target.setdefault(k, v)
     return target  # type: ignore[return-value]
+
+
+def onecopy_config() -> dict[str, tuple]:
+    """``SUPERWEIGHT_ONECOPY_CONFIG`` parsed: {"deq": (BN, WARPS), "corr": (KIND, ROWS, SLOTS, WARPS)}, parts given."""
+    return _parse_onecopy(os.environ.get(ONECOPY_CONFIG, "").strip())
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_onecopy(raw: str) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        key, _, val = part.partition("=")
+        fields = val.split(":")
+        try:
+            if key == "deq" and len(fields) == 2:
+                out["deq"] = (int(fields[0]), int(fields[1]))
+                continue
+            if key == "corr" and len(fields) == 4 and fields[0] in ("seq", "2d"):
+                out["corr"] = (fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
+                continue
+        except ValueError:
+            pass
+        raise ValueError(f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS,corr=KIND:ROWS:SLOTS:WARPS")
+    return out

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import envs
 from . import triton_w4 as _w4
 from .sparse_layout import interpreting
 from .triton_w4 import SP_BLOCK, TRITON_OK, _cdiv, _deq_scratch, need_deq_scratch, sparse_index
@@ -423,7 +424,7 @@ def index_correction_(
     n, k, spb = info["n"], info["k"], info["sp_block"]
     if not info["nnz"]:
         return y
-    mode, br_c, e, warps = config or CORR_CONFIG
+    mode, br_c, e, warps = config or envs.onecopy_config().get("corr") or CORR_CONFIG
     br = br or br_c
     m = x.shape[0]
     if x.stride(1) != 1:
@@ -469,7 +470,7 @@ def dequant_marlin_into(
     dtype = act or (out.dtype if out is not None else scale.dtype)
     flat = out if out is not None else torch.empty(n * k, dtype=dtype, device=qm.device)
     wt = flat[: n * k].view(k, n)
-    bn, warps = config or DEQ_CONFIG
+    bn, warps = config or envs.onecopy_config().get("deq") or DEQ_CONFIG
     if bn % 64 or bn > 512:
         raise ValueError(f"dequant_marlin_into: tile width {bn} must be a multiple of 64, at most 512")
     rows_addressed = 1 << (16 - (spb.bit_length() - 1))  # an entry's row field spans this many rows
@@ -548,7 +549,7 @@ def compile_sm90(
 
     ty = "*fp16" if f16 else "*bf16"
     if which == "dequant":
-        bn, warps = config or DEQ_CONFIG
+        bn, warps = config or envs.onecopy_config().get("deq") or DEQ_CONFIG
         fn = _marlin_dequant_kernel
         sig = {"qm_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*i32", "spp_ptr": "*i32", "spe_ptr": "*i32", "w_ptr": ty}
         sig.update({"N": "i32", "K": "i32", "NP": "i32", "NS": "i32"})
