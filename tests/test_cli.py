@@ -52,6 +52,7 @@ def test_help_subprocess():
         "--symmetric",
         "--clip",
         "--holdout",
+        "--holdout-rank",
         "--no-restore",
         "--activations",
         "--prompt",
@@ -102,6 +103,25 @@ def main(argv, capsys):
     rc = cli.main(argv)
     out = capsys.readouterr()
     return rc, out.out, out.err
+
+
+def test_holdout_rank_option(capsys):
+    """--holdout-rank reaches the QuantConfig on top of any preset; other values are refused by the parser."""
+    p = cli.build_parser()
+    qc = cli.quant_config_from_args(p.parse_args(["convert", "S", "D", "--holdout-rank", "prompt"]))
+    assert qc.holdout_rank == "prompt" and qc.holdout == conv.build_quant_config("default").holdout
+    qc = cli.quant_config_from_args(p.parse_args(["convert", "S", "D", "--preset", "w4-channel-sw"]))
+    assert qc.holdout_rank == "abs"  # a preset without the key
+    assert cli.quant_config_from_args(p.parse_args(["convert", "S", "D"])).holdout_rank == "abs"  # default preset
+    qc = cli.quant_config_from_args(p.parse_args(["convert", "S", "D", "--preset", "w4-g128-hqq"]))
+    assert qc.holdout_rank == "prompt"  # measured on Python-docs prose for Gemma-3-270M
+    qc = cli.quant_config_from_args(
+        p.parse_args(["convert", "S", "D", "--preset", "w4-g128-hqq", "--holdout-rank", "abs"])
+    )
+    assert qc.holdout_rank == "abs" and qc.holdout == 0.003
+    with pytest.raises(SystemExit):
+        p.parse_args(["convert", "S", "D", "--holdout-rank", "act"])
+    assert "invalid choice: 'act'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -665,7 +665,7 @@ def test_fitted_grid_prompt_weight_and_budget(tmp_path):
     rep = run(src, tmp_path / "hqq", fit, super_weights=[{"layer": 1, "row": 13, "col": 37}])
     cfg = json.load(open(tmp_path / "hqq" / "config.json"))["quantization_config"]
     assert cfg["grid"] == {"method": "hqq", "params": {"beta": 10.0, "iters": 4}, "weight": "prompt"}
-    assert cfg["holdout_budget"] == "rel_out" and cfg["format_version"] == "1.2"
+    assert cfg["holdout_budget"] == "rel_out" and cfg["format_version"] == "1.3"
     assert QuantConfig.from_dict(cfg).grid == "hqq"
     prov = json.load(open(tmp_path / "hqq" / SIDECAR_NAME))["provenance"]
     assert prov["fit_prompt"]  # the one prompt whose activations weighted the fit
@@ -678,6 +678,56 @@ def test_fitted_grid_prompt_weight_and_budget(tmp_path):
     a, b = load_all(tmp_path / "minmax"), load_all(tmp_path / "hqq")
     assert not torch.equal(a[f"{DOWN}.weight_scale"], b[f"{DOWN}.weight_scale"])
     assert _rel_err(tmp_path / "hqq", src, DOWN) < 2 * _rel_err(tmp_path / "minmax", src, DOWN)
+
+
+def _held(ckpt) -> dict[str, set[tuple[int, int]]]:
+    ts = load_all(ckpt)
+    return {
+        k[: -len(".sparse_index")]: set(zip(v[0].tolist(), v[1].tolist(), strict=True))
+        for k, v in ts.items()
+        if k.endswith(".sparse_index")
+    }
+
+
+def test_holdout_rank_prompt_end_to_end(tmp_path):
+    """holdout_rank prompt: the config records it, every matrix holds out as many weights as with abs but other
+    ones -- exactly the top |w| x input RMS of the detection prompt's one forward pass (skipping the first token,
+    the same RMS as the fit weight) -- the super weight stays bit-exact; without the key a checkpoint reads as abs."""
+    from vllm_superweight.checkpoint import validate_checkpoint
+    from vllm_superweight.detect import DEFAULT_PROMPT
+    from vllm_superweight.grid import prompt_input_rms
+    from vllm_superweight.models import load_model
+
+    src = make_planted_dir(str(tmp_path / "src"))
+    sws = [{"layer": 1, "row": 13, "col": 37}]
+    base = QuantConfig(block="channel", holdout=2e-2)
+    run(src, tmp_path / "abs", base, super_weights=sws)
+    rep = run(src, tmp_path / "prompt", base.replace(holdout_rank="prompt"), super_weights=sws)
+    cfg = json.load(open(tmp_path / "prompt" / "config.json"))["quantization_config"]
+    assert cfg["holdout_rank"] == "prompt" and cfg["format_version"] == "1.3"
+    assert json.load(open(tmp_path / "abs" / "config.json"))["quantization_config"]["holdout_rank"] == "abs"
+    assert json.load(open(tmp_path / "prompt" / SIDECAR_NAME))["provenance"]["fit_prompt"] == DEFAULT_PROMPT
+    assert rep["super_weights"]["all_bit_exact"]
+    held_abs, held_prompt = _held(tmp_path / "abs"), _held(tmp_path / "prompt")
+    assert held_abs.keys() == held_prompt.keys() and len(held_abs) == rep["totals"]["modules_quantized"]
+    assert all(len(held_abs[m]) == len(held_prompt[m]) for m in held_abs)
+    assert sum(held_abs[m] != held_prompt[m] for m in held_abs) >= len(held_abs) // 2
+    # the expected sets, from the primitives: the model's one forward pass on the detector's prompt
+    model, tok = load_model(src)
+    lins = {n: m for n, m in model.named_modules() if n in held_abs}
+    rms = prompt_input_rms(model, tok, DEFAULT_PROMPT, lins)
+    ws = source_tensors(src)
+    for m in held_abs:
+        extra = [(13, 37)] if m == "model.layers.1.mlp.down_proj" else []
+        want = quantize.select_holdout(ws[m + ".weight"], 2e-2, extra, col_scale=rms[m]["skip_first"])
+        assert set(map(tuple, want.nonzero().tolist())) == held_prompt[m], m
+    # a checkpoint written before format 1.3 (no holdout_rank key) reads as abs
+    p = tmp_path / "abs" / "config.json"
+    old = json.load(open(p))
+    del old["quantization_config"]["holdout_rank"]
+    old["quantization_config"]["format_version"] = "1.2"
+    p.write_text(json.dumps(old))
+    assert validate_checkpoint(str(tmp_path / "abs"))[0].holdout_rank == "abs"
 
 
 def test_grid_options_are_validated_and_parsed():

@@ -18,6 +18,7 @@ from vllm_superweight.format import (
     BlockLayout,
     ClipMethod,
     FormatError,
+    HoldoutRank,
     QuantConfig,
     Sidecar,
     SuperWeight,
@@ -112,6 +113,8 @@ GOOD = QuantConfig(bits=4, block="64").to_dict()
         ({"format_version": "2.0"}, "format version 2.0 is not supported"),
         ({"format_version": 1.0}, "format version 1.0 is not supported"),  # a number, not "1.0"
         ({"format_version": None}, "format version (missing) is not supported"),
+        ({"holdout_rank": "random"}, "quantization_config.holdout_rank: unknown hold-out ranking 'random'"),
+        ({"holdout_rank": 1}, "quantization_config.holdout_rank: unknown hold-out ranking 1"),
     ],
 )
 def test_quant_config_from_dict_names_the_field(change, msg):
@@ -119,6 +122,23 @@ def test_quant_config_from_dict_names_the_field(change, msg):
     with pytest.raises(FormatError) as e:
         QuantConfig.from_dict(d)
     assert msg in str(e.value)
+
+
+def test_holdout_rank_roundtrip_and_old_configs():
+    """holdout_rank (format 1.3) is written, read back, and a config written before it existed reads as abs."""
+    q = QuantConfig(bits=4, block="64", holdout=1e-3, holdout_rank="prompt")
+    assert q.holdout_rank == "prompt" and q.holdout_rank is HoldoutRank.PROMPT
+    d = q.to_dict()
+    assert d["holdout_rank"] == "prompt" and json.loads(json.dumps(d)) == d
+    assert QuantConfig.from_dict(d) == q and QuantConfig.from_dict(d).to_dict() == d
+    assert QuantConfig(holdout=1e-3).to_dict()["holdout_rank"] == "abs"  # the choice is recorded either way
+    old = {k: v for k, v in d.items() if k != "holdout_rank"}
+    for version in ("1.0", "1.1", "1.2"):
+        got = QuantConfig.from_dict(dict(old, format_version=version))
+        assert got.holdout_rank == "abs" and got.replace(format_version=FORMAT_VERSION) == q.replace(holdout_rank="abs")
+    assert QuantConfig(holdout_rank="PROMPT").holdout_rank == "prompt"
+    with pytest.raises(FormatError, match="holdout_rank: unknown hold-out ranking 'act'; one of abs, prompt"):
+        QuantConfig(holdout_rank="act")
 
 
 def test_quant_config_from_dict_missing_and_not_object():

@@ -68,6 +68,30 @@ def test_holdout_fraction_takes_the_largest():
     assert w.abs()[m].min() >= w.abs()[~m].max()
 
 
+def test_holdout_ranked_by_column_scale():
+    """col_scale ranks by |w| x col_scale[col]: a small weight in a loud input column beats a larger one in a quiet
+    column; the count is unchanged, extra coordinates are still added, and a constant scale changes nothing."""
+    w = torch.zeros(4, 6)
+    w[0, 0], w[1, 1], w[2, 2] = 1.0, 0.9, 0.8  # largest |w| in quiet columns 0..2
+    w[3, 4], w[2, 5] = 0.2, 0.15  # small |w| in loud columns 4, 5
+    scale = torch.tensor([1.0, 1.0, 1.0, 1.0, 10.0, 10.0])
+    by_abs = select_holdout(w, 0.0, count=2)
+    by_act = select_holdout(w, 0.0, count=2, col_scale=scale)
+    assert by_abs.nonzero().tolist() == [[0, 0], [1, 1]]
+    assert by_act.nonzero().tolist() == [[2, 5], [3, 4]]  # scores 1.5 and 2.0 beat 1.0, 0.9, 0.8
+    with_sw = select_holdout(w, 0.0, [(1, 3)], count=2, col_scale=scale)
+    assert with_sw.nonzero().tolist() == [[1, 3], [2, 5], [3, 4]]
+    # the fraction path, a random matrix: same count, a different set; a constant scale is the |w| ranking
+    g = torch.Generator().manual_seed(1)
+    wr = _w(dtype=torch.float32)
+    cs = torch.rand(wr.shape[1], generator=g) * 4
+    a, b = select_holdout(wr, 1e-2), select_holdout(wr, 1e-2, col_scale=cs)
+    assert int(a.sum()) == int(b.sum()) == math.ceil(1e-2 * wr.numel()) and not torch.equal(a, b)
+    score = wr.abs() * cs
+    assert score[b].min() >= score[~b].max()
+    assert torch.equal(select_holdout(wr, 1e-2, col_scale=torch.full((wr.shape[1],), 3.0)), a)
+
+
 def test_packing_is_compressed_tensors():
     w = _w()
     ql = quantize_weight(w, 4, "64", False)

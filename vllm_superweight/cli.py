@@ -20,6 +20,7 @@ from .format import (
     GRID_METHODS,
     GRID_WEIGHTS,
     HOLDOUT_BUDGETS,
+    HOLDOUT_RANKS,
     SUPPORTED_BITS,
     FormatError,
     Sidecar,
@@ -179,6 +180,8 @@ def quant_config_from_args(args):
         overrides["grid_weight"] = args.grid_weight
     if args.holdout_budget is not None:
         overrides["holdout_budget"] = args.holdout_budget
+    if args.holdout_rank is not None:
+        overrides["holdout_rank"] = args.holdout_rank
     return build_quant_config(args.preset, **overrides)
 
 
@@ -284,7 +287,8 @@ def cmd_inspect(args) -> int:
         clip = qc.clip + (f":{qc.clip_threshold}" if qc.clip_threshold is not None else "")
         print(
             f"  bits {qc.bits}, block {qc.layout}, {'symmetric' if qc.symmetric else 'asymmetric'}, clip {clip}, "
-            f"holdout {qc.holdout:g}, super weights {'restored' if qc.restore_super_weights else 'NOT restored'}, "
+            f"holdout {qc.holdout:g} (by {qc.holdout_rank}), "
+            f"super weights {'restored' if qc.restore_super_weights else 'NOT restored'}, "
             f"activations {qc.activations}, dtype {cfg.get('dtype') or cfg.get('torch_dtype')}"
         )
         _print_sidecar(sc)
@@ -461,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=HOLDOUT_BUDGETS,
         help="spread the --holdout total over the matrices: uniform, rel_out (where the prompt's output error "
         "drops most) or rel_w (where the weight error drops most)",
+    )
+    c.add_argument(
+        "--holdout-rank",
+        choices=HOLDOUT_RANKS,
+        help="which weights --holdout keeps exact: abs (the largest |w|) or prompt (the largest |w| x the column's "
+        "input RMS over the detection prompt: the same forward pass, no calibration set)",
     )
     c.add_argument(
         "--no-restore",

@@ -29,7 +29,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 QUANT_METHOD = "superweight_rtn"
-FORMAT_VERSION = "1.2"  # 1.1: conversion_id in config + sidecar; 1.2: grid / holdout_budget fields (informational)
+FORMAT_VERSION = "1.3"  # 1.1: conversion_id in config + sidecar; 1.2: grid / holdout_budget; 1.3: holdout_rank
+# (1.2 and 1.3 add informational fields only: the tensors and their meaning are unchanged)
 FORMAT_MAJOR = FORMAT_VERSION.split(".")[0]
 SIDECAR_NAME = "superweights.json"
 REPORT_NAME = "conversion_report.json"
@@ -80,11 +81,17 @@ class HoldoutBudget(_StrEnum):
     REL_W = "rel_w"  # the same total spent where the relative weight error drops most
 
 
+class HoldoutRank(_StrEnum):
+    ABS = "abs"  # the largest |w| of a matrix are held out (absent from a config: this)
+    PROMPT = "prompt"  # the largest |w| x the column's input RMS over one prompt (the detector's forward pass)
+
+
 GRID_PARAM_KEYS = ("iters", "lp", "beta", "kappa")
 ACT_SCHEMES = tuple(a.value for a in ActScheme)
 GRID_METHODS = tuple(g.value for g in GridMethod)
 GRID_WEIGHTS = tuple(g.value for g in GridWeight)
 HOLDOUT_BUDGETS = tuple(b.value for b in HoldoutBudget)
+HOLDOUT_RANKS = tuple(r.value for r in HoldoutRank)
 CLIP_METHODS = tuple(c.value for c in ClipMethod)
 
 # Tensor suffixes of one quantized Linear ``<prefix>.<suffix>`` in the safetensors shards.
@@ -331,7 +338,7 @@ class QuantConfig:
     symmetric: bool
     clip: ClipMethod
     clip_threshold: float | None
-    holdout: float  # fraction of the largest-|w| weights of every matrix kept exact (besides super weights)
+    holdout: float  # fraction of the weights of every matrix kept exact (besides super weights; holdout_rank)
     restore_super_weights: bool
     activations: ActScheme
     ignore: tuple[str, ...]
@@ -343,6 +350,7 @@ class QuantConfig:
     grid_params: tuple[tuple[str, float], ...]  # overrides of grid.DEFAULT_GRID_PARAMS (hqq), sorted
     grid_weight: GridWeight
     holdout_budget: HoldoutBudget
+    holdout_rank: HoldoutRank  # which weights the hold-out keeps (format >= 1.3; absent: abs)
 
     def __init__(
         self,
@@ -365,6 +373,7 @@ class QuantConfig:
         grid_params: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
         grid_weight: str | GridWeight = "none",
         holdout_budget: str | HoldoutBudget = "uniform",
+        holdout_rank: str | HoldoutRank = "abs",
     ) -> None:
         if block is not None and layout is not None:
             raise FormatError("block: give block or layout, not both")
@@ -400,6 +409,7 @@ class QuantConfig:
         gm = _enum(GridMethod, grid, "grid", "grid method")
         gw = _enum(GridWeight, grid_weight, "grid_weight", "grid weighting")
         hb = _enum(HoldoutBudget, holdout_budget, "holdout_budget", "hold-out budget")
+        hr = _enum(HoldoutRank, holdout_rank, "holdout_rank", "hold-out ranking")
         gp_items = dict(grid_params.items() if isinstance(grid_params, Mapping) else (grid_params or ()))
         for key, v in gp_items.items():
             if key not in GRID_PARAM_KEYS:
@@ -433,6 +443,7 @@ class QuantConfig:
             ("grid_params", gp),
             ("grid_weight", gw),
             ("holdout_budget", hb),
+            ("holdout_rank", hr),
         ):
             object.__setattr__(self, name, value)
 
@@ -467,6 +478,7 @@ class QuantConfig:
         if self.grid != GridMethod.MINMAX or self.holdout_budget != HoldoutBudget.UNIFORM:
             d["grid"] = {"method": self.grid.value, "params": dict(self.grid_params), "weight": self.grid_weight.value}
             d["holdout_budget"] = self.holdout_budget.value
+        d["holdout_rank"] = self.holdout_rank.value
         return d
 
     @classmethod
@@ -520,6 +532,7 @@ class QuantConfig:
                     grid_params=gparams,
                     grid_weight=grid.get("weight", "none"),
                     holdout_budget=d.get("holdout_budget", "uniform"),
+                    holdout_rank=d.get("holdout_rank", "abs"),
                 )
             except FormatError as e:
                 if str(e).startswith("clip_threshold:"):

@@ -2,7 +2,8 @@
 
 * ``plan``: validate the source and plan the conversion (quantized Linears, tiling, super weights, NaN/Inf);
 * ``process``: quantize one Linear (its tensors, statistics, verified super weights);
-* ``prompt``: what the detection prompt's forward pass tells the quantizer (grid-fit weights, hold-out budget);
+* ``prompt``: what the detection prompt's forward pass tells the quantizer (grid-fit weights, hold-out budget and
+  ranking);
 * ``save``: the destination (overwrite rules, temporary directory, atomic commit), the shard writer;
 * ``report``: config.json, the sidecar, the conversion report, the conversion id;
 * ``options``: presets (package data) and option parsing;

@@ -32,6 +32,7 @@ PRESET_KEYS = frozenset(
         "grid_params",
         "grid_weight",
         "holdout_budget",
+        "holdout_rank",
     }
 )
 

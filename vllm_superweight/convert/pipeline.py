@@ -271,6 +271,12 @@ def _detect(job: _Job, prompt: str | None, detect_kwargs: dict | None, detect: b
             text = getattr(detection, "prompt", None) or prompt or DEFAULT_PROMPT
             job.input_rms = prompt_stats.input_rms(job.model, job.tokenizer, text, job.plan)
             job.rms_prompt = text
+            missing = prompt_stats.missing_rms(job.qcfg, job.input_rms, job.plan)
+            if missing:
+                job.log(
+                    f"warning: the prompt's forward pass did not reach {len(missing)} quantized Linears (e.g. "
+                    f"{missing[0]}): their fit / hold-out use the weights alone"
+                )
     finally:
         if job.device.startswith("cuda"):
             job.model.to("cpu")
@@ -348,7 +354,7 @@ def _convert(
             "source_kind": source.kind,
             "source_sha256": src_sha,
             "prompt": getattr(detection, "prompt", prompt) if detection is not None else job.rms_prompt,
-            "fit_prompt": job.rms_prompt,  # the one prompt whose input RMS weighted the grid fit / budget, if any
+            "fit_prompt": job.rms_prompt,  # the one prompt whose input RMS weighted the fit / budget / ranking, if any
             "thresholds": report.jsonable(getattr(detection, "thresholds", None)) if detection is not None else None,
             "detection": "detect" if detection is not None else ("user" if super_weights else "none"),
             "tool": f"vllm-superweight {__version__}",
@@ -426,6 +432,7 @@ def _write(job: _Job, sws: list[SuperWeight], outliers: list) -> dict[str, Any]:
             outl_by_mod.get(mod),
             holdout_count=None if job.holdout_counts is None else job.holdout_counts.get(mod),
             fit_weight=prompt_stats.fit_weight(qcfg, job.input_rms, mod),
+            holdout_scale=prompt_stats.holdout_scale(qcfg, job.input_rms, mod),
         )
         t_q += res.seconds
         for suffix in sorted(res.tensors):

@@ -34,11 +34,13 @@ def quantize_linear(
     outlier_channels: Sequence[int] | None = None,
     holdout_count: int | None = None,
     fit_weight: Any = None,
+    holdout_scale: Any = None,
 ) -> LinearResult:
     """Quantize the weight ``t`` of Linear ``mod`` (tensor ``name``): super weights (and the ``holdout`` fraction,
     or ``holdout_count`` largest weights under a budget) held out and restored exactly, unless
     ``qcfg.restore_super_weights`` is false (then quantized like any weight). ``fit_weight`` [K]: per-input-column
-    weight of the grid fit (``grid: hqq``, ``grid_weight: prompt``).
+    weight of the grid fit (``grid: hqq``, ``grid_weight: prompt``). ``holdout_scale`` [K]: rank the hold-out by
+    ``|w| x holdout_scale[col]`` instead of ``|w|`` (``holdout_rank: prompt``: the prompt's input RMS).
     """
     import torch
 
@@ -50,7 +52,11 @@ def quantize_linear(
         w = w.to(device)
     coords = [(sw.row, sw.col) for sw in super_weights]
     mask = quantize.select_holdout(
-        w, qcfg.holdout, extra=coords if qcfg.restore_super_weights else [], count=holdout_count
+        w,
+        qcfg.holdout,
+        extra=coords if qcfg.restore_super_weights else [],
+        count=holdout_count,
+        col_scale=holdout_scale,
     )
     if not qcfg.restore_super_weights:
         for r, c in coords:  # ablation: the super weight is quantized like any other weight

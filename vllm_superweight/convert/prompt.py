@@ -1,6 +1,7 @@
 """What one prompt's forward pass tells the quantizer (no calibration set): per-input-channel RMS of every
-quantized Linear's input, used to weight the grid fit (``grid_weight: prompt``) and to spend the hold-out budget
-where the prompt's output error drops most (``holdout_budget: rel_out``).
+quantized Linear's input, used to weight the grid fit (``grid_weight: prompt``), to spend the hold-out budget
+where the prompt's output error drops most (``holdout_budget: rel_out``) and to rank the weights the hold-out keeps
+by ``|w| x rms[col]`` (``holdout_rank: prompt``).
 
 The prompt is the super-weight detector's (``detect.DEFAULT_PROMPT`` unless ``--prompt`` is given), so a
 conversion still runs ONE kind of forward pass on ONE fixed sentence; the sidecar's provenance records it.
@@ -12,7 +13,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..format import HoldoutBudget, QuantConfig, SuperWeight
+from ..format import HoldoutBudget, HoldoutRank, QuantConfig, SuperWeight
 from .plan import Plan, quantized_module, resolve_module
 
 # the fit weight of input column c is rms[c]^POWER normalised to mean 1, plus DAMP (no column ignored); chosen on
@@ -21,7 +22,15 @@ FIT_POWER, FIT_DAMP = 2.0, 0.1
 
 
 def needs_prompt(qcfg: QuantConfig) -> bool:
-    return str(qcfg.grid_weight) == "prompt" or qcfg.holdout_budget == HoldoutBudget.REL_OUT
+    return (
+        str(qcfg.grid_weight) == "prompt"
+        or qcfg.holdout_budget == HoldoutBudget.REL_OUT
+        or (ranks_by_prompt(qcfg) and qcfg.holdout > 0)
+    )
+
+
+def ranks_by_prompt(qcfg: QuantConfig) -> bool:
+    return qcfg.holdout_rank == HoldoutRank.PROMPT
 
 
 def input_rms(model: Any, tokenizer: Any, prompt: str, plan: Plan) -> dict[str, Any]:
@@ -50,6 +59,22 @@ def fit_weight(qcfg: QuantConfig, rms: dict[str, Any] | None, mod: str) -> Any:
     return fit_weight_from_rms(rms[mod], FIT_POWER, FIT_DAMP)
 
 
+def holdout_scale(qcfg: QuantConfig, rms: dict[str, Any] | None, mod: str) -> Any:
+    """The per-input-column factor [K] of ``mod``'s hold-out ranking (``select_holdout(col_scale=...)``: the
+    prompt's input RMS), or None (rank by |w|)."""
+    if not ranks_by_prompt(qcfg) or rms is None:
+        return None
+    return rms.get(mod)
+
+
+def missing_rms(qcfg: QuantConfig, rms: dict[str, Any] | None, plan: Plan) -> list[str]:
+    """Quantized modules the prompt's forward pass did not reach although the config needs their input RMS
+    (their fit / hold-out ranking fall back to the weights alone)."""
+    if rms is None or not needs_prompt(qcfg):
+        return []
+    return sorted(m for m in plan.quant if m not in rms)
+
+
 def holdout_counts(
     qcfg: QuantConfig,
     plan: Plan,
@@ -62,7 +87,7 @@ def holdout_counts(
     """Per-matrix hold-out counts spending the uniform total ``sum(ceil(holdout * N * K))`` where the error
     (``holdout_budget``: the prompt's relative output error, or the relative weight error) drops most per held-out
     weight; None for the uniform budget. One extra pass over the weights (min/max grid: the curves rank matrices,
-    they need not be the final grid)."""
+    they need not be the final grid); each curve holds out the weights ``holdout_rank`` picks."""
     if qcfg.holdout_budget == HoldoutBudget.UNIFORM or qcfg.holdout <= 0:
         return None
     from ..grid import allocate_budget, budget_curve
@@ -81,6 +106,7 @@ def holdout_counts(
         curves[mod] = budget_curve(
             w, qcfg.holdout, qcfg.bits, qcfg.layout, extra=coords, metric=metric,
             act=None if rms is None else rms.get(mod), scale_dtype=plan.out_dtype,
+            col_scale=holdout_scale(qcfg, rms, mod),
         )  # fmt: skip
         total += int(math.ceil(qcfg.holdout * w.numel()))
     counts = allocate_budget(curves, total)
