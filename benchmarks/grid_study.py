@@ -16,7 +16,11 @@ sparse index int32 x 2 + values, shape) x 8 / number of quantized weights.
 
     python benchmarks/grid_study.py prepare smollm2
     python benchmarks/grid_study.py run smollm2 --config 'bits=4,block=64,grid=hqq,holdout=1e-3' --texts pydoc
+    python benchmarks/grid_study.py ckpt gemma3-270m runs/x/ckpt --label 'w4-g128-hqq --holdout-rank prompt'
     python benchmarks/grid_study.py report
+
+``ckpt``: a checkpoint written by ``superweight convert`` (dequantized, held-out weights restored, every weight
+bf16-rounded as above) on the same cached texts: the converter's own path against this in-memory harness.
 
 Caches (git-ignored): runs/grid_study/<model>/ (float model, detection, token ids, prompt activation scales).
 Results: benchmarks/results/grid_study.json (one record per model x config x text).
@@ -315,6 +319,57 @@ def save_record(rec: dict) -> None:
         os.replace(tmp, RESULTS)
 
 
+def eval_checkpoint(
+    model: str, ckpt: str, label: str, texts: list[str], pydoc_tokens: int, threads: int, batch: int = 4
+) -> None:
+    """Perplexity of a converter checkpoint on the cached texts (record config ``ckpt:<label>``)."""
+    from safetensors import safe_open
+
+    from vllm_superweight.checkpoint import load_dequantized_model, read_quant_config
+    from vllm_superweight.format import LINEAR_SUFFIXES, W_SHAPE
+
+    torch.set_num_threads(threads)
+    with open(os.path.join(cache_dir(model), "ids.json")) as f:
+        ids = json.load(f)
+    _, qc = read_quant_config(ckpt)
+    bits_total = numel = held = 0
+    for fn in sorted(os.listdir(ckpt)):
+        if not fn.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(ckpt, fn), framework="pt") as f:
+            for name in f.keys():
+                suffix = name.rpartition(".")[2]
+                if suffix not in LINEAR_SUFFIXES:
+                    continue
+                t = f.get_tensor(name)
+                bits_total += t.numel() * t.element_size() * 8
+                if suffix == W_SHAPE:
+                    numel += int(t[0]) * int(t[1])
+                elif suffix == "sparse_value":
+                    held += t.numel()
+    m, _ = load_dequantized_model(ckpt, restore=True, dtype=torch.float32)
+    _bf16_round_(m)
+    texts = [t if t != "pydoc" or pydoc_tokens == 8192 else f"pydoc{pydoc_tokens}" for t in texts]
+    for t in texts:
+        res = perplexity(
+            m, ids["wiki" if t == "wiki" else "pydoc"], ids["bos"], WIKI_TOKENS if t == "wiki" else pydoc_tokens, batch
+        )
+        rec = {
+            "model": model,
+            "config": f"ckpt:{label}",
+            "text": t,
+            "ppl": res["ppl"],
+            "tokens": res["tokens"],
+            "effective_bits": bits_total / numel,
+            "cfg": {"ckpt": label, "quantization_config": qc.to_dict()},
+            "stats": {"held_out": held, "held_out_fraction": held / numel, "quantized_params": numel},
+            "seconds_eval": res["seconds"],
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        save_record(rec)
+        print(f"[{model}] {t:5s} ppl {res['ppl']:8.3f}  bits {bits_total / numel:.3f}  ckpt:{label}", flush=True)
+
+
 def run(
     model: str, configs: list[str], texts: list[str], pydoc_tokens: int, force: bool, threads: int, batch: int = 4
 ) -> None:
@@ -385,6 +440,14 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--force", action="store_true")
     b.add_argument("--batch", type=int, default=4, help="windows per forward pass")
+    e = sub.add_parser("ckpt", help="perplexity of a `superweight convert` checkpoint on the cached texts")
+    e.add_argument("model")
+    e.add_argument("ckpt")
+    e.add_argument("--label", required=True, help="the record's name (e.g. the convert options)")
+    e.add_argument("--texts", default="pydoc", help="pydoc,wiki")
+    e.add_argument("--pydoc-tokens", type=int, default=8192)
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     c = sub.add_parser("report")
     c.add_argument("--md", default=os.path.join(ROOT, "benchmarks", "results", "grid_study.md"))
     args = p.parse_args(argv)
@@ -392,6 +455,10 @@ def main(argv=None) -> int:
         prepare(args.model)
     elif args.cmd == "run":
         run(args.model, args.config, args.texts.split(","), args.pydoc_tokens, args.force, args.threads, args.batch)
+    elif args.cmd == "ckpt":
+        eval_checkpoint(
+            args.model, args.ckpt, args.label, args.texts.split(","), args.pydoc_tokens, args.threads, args.batch
+        )
     else:
         report(args.md)
     return 0
@@ -407,6 +474,8 @@ def describe(cfg: dict) -> str:
     """A short human label of one configuration."""
     if cfg.get("float"):
         return "float reference"
+    if cfg.get("ckpt"):
+        return f"converter checkpoint: `superweight convert {cfg['ckpt']}`"
     parts = [f"W{cfg['bits']} {'g' + cfg['block'] if cfg['block'].isdigit() else cfg['block']}"]
     if cfg["grid"] == "hqq":
         gp = ", ".join(f"{k} {cfg[k]:g}" for k in ("iters", "lp", "beta") if cfg.get(k) is not None)
@@ -436,9 +505,10 @@ def report(md_path: str | None = None) -> None:
     defaults = parse_config("")
     for r in recs:
         # records written before a config key existed carry its default: merge them under today's key
-        cfg = r["cfg"] if r["cfg"].get("float") else {**defaults, **r["cfg"]}
+        cfg = r["cfg"] if r["cfg"].get("float") or r["cfg"].get("ckpt") else {**defaults, **r["cfg"]}
         r = dict(r, cfg=cfg)
-        rows.setdefault((r["model"], config_key(cfg)), {})[r["text"]] = r
+        key = r["config"] if cfg.get("ckpt") else config_key(cfg)
+        rows.setdefault((r["model"], key), {})[r["text"]] = r
 
     def fmt(x):
         return "" if x is None else f"{x:.2f}"
@@ -456,7 +526,9 @@ def report(md_path: str | None = None) -> None:
         "float 28.14, RTN g64 37.53, g64 + hold-out 1e-3 36.53, AWQ g64 34.07, channel + hold-out 1e-3 40.97, "
         "naive channel 48.51; Gemma-3-270M float 22.60, RTN g128 36.37, + hold-out 1e-3 34.39, AWQ g128 30.34, "
         "channel + hold-out 1e-3 43.29, naive channel 53.64 (this harness reproduces SmolLM2 float / RTN g64 / "
-        "hold-out: 28.13 / 37.51 / 36.52).",
+        "hold-out: 28.13 / 37.51 / 36.52). `converter checkpoint` rows: `superweight convert` of the cached float "
+        "model (runs/grid_study/<model>/float), evaluated by `grid_study.py ckpt` in this harness (the converter's own "
+        "path; it reproduces the in-memory rows of the same settings exactly).",
         "",
     ]
     for model in sorted({m for m, _ in rows}):
