@@ -918,6 +918,38 @@ def paths_table(files: list[str], ms=(1, 64, 128, 256, 1024, 4096)) -> str:
     return "\n".join(lines) + "\n"
 
 
+def onecopy_table(first: str, second: str) -> str:
+    """The README's one-copy table (markdown, us per 7B layer) from two ``--sections onecopy`` result files: the
+    first form of the one-copy kernels (``first``) and the second (``second``, with its variants)."""
+
+    def load(path):
+        with open(path) as fh:
+            rows = json.load(fh)["results"]
+        return {(r["kernel"], r.get("m")): r["us"] for r in rows if r.get("section") == "onecopy" and "us" in r}
+
+    a, b = load(first), load(second)
+    corr = "marlin+index ('2d', 16, 64, 2)"
+    cols = [
+        ("Marlin alone", b, "marlin"),
+        ("+ SELL correction (two-copy pair)", b, "marlin+sell"),
+        ("+ index correction, first form", a, "marlin+index"),
+        ("+ index correction, 2-D (now default)", b, corr),
+        ("dequant ours + cuBLAS (two-copy pair)", b, "deq ours+cublas"),
+        ("dequant Marlin's + cuBLAS, first form", a, "deq marlin+cublas"),
+        ("dequant Marlin's + cuBLAS, second form", b, "deq marlin+cublas"),
+    ]
+    ms = sorted({m for (_, m) in b if m})
+    out = ["| M | " + " | ".join(c[0] for c in cols) + " |", "|---:|" + "---:|" * len(cols)]
+    for m in ms:
+        out.append(f"| {m} | " + " | ".join(f"{d[(k, m)]:.1f}" if (k, m) in d else "–" for _, d, k in cols) + " |")
+    deq = [("ours (two-copy pair)", b.get(("dequant only, ours", 0)))]
+    deq.append(("Marlin's, first form", a.get(("dequant only, Marlin's", 0))))
+    deq += [(f"Marlin's, {k.split(' ', 3)[-1]}", v) for (k, m), v in b.items() if k.startswith("dequant only, Marlin")]
+    out += ["", "| dequantization alone (4 GEMMs' weights, us) | " + " | ".join(n for n, _ in deq) + " |"]
+    out += ["|---|" + "---:|" * len(deq), "| H200 | " + " | ".join(f"{v:.1f}" for _, v in deq if v) + " |"]
+    return "\n".join(out) + "\n"
+
+
 def main():
     global DRY
     ap = argparse.ArgumentParser()
@@ -956,12 +988,23 @@ def main():
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
     ap.add_argument(
+        "--onecopy-table",
+        nargs=2,
+        metavar=("FIRST_JSON", "SECOND_JSON"),
+        help="write the README's one-copy table from two onecopy result files to --out (markdown) and exit",
+    )
+    ap.add_argument(
         "--paths-table",
         nargs="+",
         metavar="JSON",
         help="write the README's one-layout paths table from these result files to --out (markdown) and exit",
     )
     args = ap.parse_args()
+    if args.onecopy_table:
+        with open(args.out, "w") as f:
+            f.write(onecopy_table(*args.onecopy_table))
+        log(f"wrote {args.out}")
+        return
     if args.paths_table:
         with open(args.out, "w") as f:
             f.write(paths_table(args.paths_table))

@@ -143,19 +143,6 @@ def test_compile_sm90_without_spills(which, sym, single, f16, nsb_p):
         assert r["regs"] is not None and r["regs"] <= 255, (config, r)
 
 
-@not_interp
-def test_default_dequant_stores_16_bytes():
-    """The default dequantizer writes the weights in 16-byte stores (8 bf16 a thread) -- the narrow scalar
-    stores of its first form made it 1.9x slower than dequantizing our own layout on the H200."""
-    import re
-
-    r = MD.compile_sm90("dequant", keep_asm=True)
-    ptx = str(r["asm"]["ptx"] if isinstance(r["asm"], dict) else r["asm"])
-    stores = re.findall(r"st\.global(?:\.v(\d))?\.b(\d+)", ptx)
-    wide = sum(1 for v, b in stores if v == "4" and b == "32")
-    assert wide >= 64 and wide >= 0.9 * len(stores), stores
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Triton interpreter
 # ------------------------------------------------------------------------------------------------------------
@@ -410,3 +397,20 @@ def test_gpu_vs_vllm_repack(shape):
         check_close(y, x, inputs, tag=f"marlin+index M={m}")
         if h:
             assert not torch.equal(y, y0)
+
+
+def test_onecopy_config_env(monkeypatch):
+    """SUPERWEIGHT_ONECOPY_CONFIG (the micro-benchmark's pick) parses into the launch configurations; a malformed
+    value is refused with the expected form, not ignored."""
+    from vllm_superweight import envs
+
+    monkeypatch.setenv(envs.ONECOPY_CONFIG, "deq=512:4,corr=seq:16:32:0")
+    assert envs.onecopy_config() == {"deq": (512, 4), "corr": ("seq", 16, 32, 0)}
+    monkeypatch.setenv(envs.ONECOPY_CONFIG, "corr=2d:16:64:2")
+    assert envs.onecopy_config() == {"corr": ("2d", 16, 64, 2)}
+    for bad in ("deq=128", "corr=fast:16:64:2", "deq=a:b", "warp=4"):
+        monkeypatch.setenv(envs.ONECOPY_CONFIG, bad)
+        with pytest.raises(ValueError, match="expected deq="):
+            envs.onecopy_config()
+    monkeypatch.delenv(envs.ONECOPY_CONFIG)
+    assert envs.onecopy_config() == {}

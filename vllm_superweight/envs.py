@@ -13,8 +13,9 @@ Only what users need is a knob:
                                     ``marlin-deq`` (Marlin for small batches, dequantize + cuBLAS with the
                                     held-out values restored for large ones), ``marlin-deq1`` (the same pair
                                     over ONE copy of the W4 weights: large batches dequantize from Marlin's
-                                    layout; opt-in, not yet run on a GPU), ``marlin``, ``machete``, ``torch``
-                                    (the dequantize-once fallback), ``fused`` (our Triton W4 GEMM with the
+                                    layout; opt-in: AWQ's weight memory but slower, H200), ``marlin``,
+                                    ``machete``, ``torch`` (the dequantize-once fallback), ``fused`` (our
+                                    Triton W4 GEMM with the
                                     held-out correction inside; opt-in: slower than AWQ at 8-256 tokens). A
                                     forced kernel that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).

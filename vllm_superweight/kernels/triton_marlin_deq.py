@@ -32,8 +32,9 @@ asserts the CUDA repack equals that reference), over the padded shape ``Np x Kp`
 
 The value is ``(code - zero) * scale`` in fp32 rounded once to the act dtype (as ``triton_w4.dequant_into`` and
 Marlin / Machete do), then every held-out entry's exact value is written over its position (its code dequantizes to
-exactly 0). GPU status: written and checked under the Triton interpreter against vLLM's reference layout; its speed
-on the GPU is not measured yet, hence opt-in (``SUPERWEIGHT_W4_KERNEL=marlin-deq1``).
+exactly 0). GPU status (H200, session 8): GPU-tested against vLLM's CUDA repack; slower than the two-copy pair it
+replaces (7B layer: dequantization 254 us vs 148 from our own layout; the index correction after Marlin +35 us at
+M = 1 vs +13 for the SELL one), hence opt-in (``SUPERWEIGHT_W4_KERNEL=marlin-deq1``).
 """
 
 from __future__ import annotations
@@ -211,7 +212,9 @@ if TRITON_OK:
         Every packed word is loaded once: with n mod 64 = 16 a + 8 b + c and k mod 16 = 8 d + 2 e + f, weight
         (k, n) is nibble 2 b + d + 4 f of word 16 c + 4 e + a of its 64-column tile. A 16-row step loads the words
         as [e, A, c] (A = the program's 16-column groups) and stores the 8 (b, d, f) nibble planes, each a
-        [4 rows, BN/2 columns] slab whose runs of 8 consecutive columns (c) are one 16-byte store."""
+        [4 rows, BN/2 columns] slab of runs of 8 consecutive columns (c). Triton moves the values from the load's
+        register layout to the store's through shared memory (on the H200 this form is 10% faster than per-element
+        gathers, still 1.7x slower than dequantizing our own layout, whose words need no reordering)."""
         pid_n = tl.program_id(0)
         kb = tl.program_id(1)
         n0 = pid_n * BN
@@ -397,11 +400,12 @@ if TRITON_OK:
 
 
 # launch configurations: the dequantizer's (tile width, warps); the correction's (kernel, rows per program,
-# entries per chunk ("seq") or slots per step ("2d"), warps or 0 = by registers)
-DEQ_CONFIG: tuple[int, int] = (256, 2)
-CORR_CONFIG: tuple[str, int, int, int] = ("2d", 16, 128, 4)
-# the variants the micro-benchmark times (w4_fused_bench.py --sections onecopy); all compile for sm_90 without
-# spills (tests), 8 bf16 per thread in the dequantizer's 16-byte stores where the tile allows
+# entries per chunk ("seq") or slots per step ("2d"), warps or 0 = by registers). Defaults: the fastest of the
+# variants on the H200 (w4_fused_bench.py --sections onecopy, benchmarks/results/w4_onecopy_h200.json: dequantizer
+# 254-270 us per 7B layer over all six, the 2-D correction 12-16% under the sequence one at M = 1-8)
+DEQ_CONFIG: tuple[int, int] = (128, 4)
+CORR_CONFIG: tuple[str, int, int, int] = ("2d", 16, 64, 2)
+# the variants the micro-benchmark times; all compile for sm_90 without spills (tests)
 DEQ_VARIANTS = [(128, 4), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]
 CORR_VARIANTS = [("seq", 16, 32, 0), ("2d", 16, 64, 2), ("2d", 16, 128, 4), ("2d", 16, 256, 8)]
 
