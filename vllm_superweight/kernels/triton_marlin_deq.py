@@ -266,6 +266,31 @@ if TRITON_OK:
             _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, kb * 128, BN, E, F16, SPB, I64)
 
     @triton.jit
+    def _add_entries(
+        x_ptr, offs_m, m_ok, stride_xm, ent, col, e_ok, n0, rr, acc, touched,
+        CB: tl.constexpr, F16: tl.constexpr, INTERP: tl.constexpr,
+    ):  # fmt: skip
+        """acc [BM, BR] += x[:, col] (one-hot rows of the entries ``ent``) in fp32 through a one-hot MMA (exact
+        act-dtype products); touched marks the rows the entries hit."""
+        roff = ((ent >> CB) - n0) & ((1 << (16 - CB)) - 1)
+        if F16:
+            v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        else:
+            v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+        xg = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+        hit = (roff[:, None] == rr[None, :]) & e_ok[:, None]
+        oh = tl.where(hit, v[:, None], 0.0).to(xg.dtype)
+        return _mma(xg, oh, acc, INTERP), tl.maximum(touched, tl.max(hit.to(tl.int32), axis=0))
+
+    @triton.jit
+    def _add_rows_into_y(y_ptr, offs_m, m_ok, stride_ym, rows, N, acc, touched):
+        """y[:, rows] += acc, rounded once, for the rows the entries touched (the others are not read)."""
+        ok = m_ok[:, None] & ((rows < N) & (touched > 0))[None, :]
+        yp = y_ptr + offs_m[:, None] * stride_ym + rows[None, :]
+        yv = tl.load(yp, mask=ok, other=0.0)
+        tl.store(yp, (yv.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _index_correction_kernel(
         x_ptr,
         y_ptr,
@@ -315,23 +340,10 @@ if TRITON_OK:
             base = tl.sum(tl.where(sbs[None, :] == seg[:, None], first[None, :], 0), axis=1)
             ent = tl.load(spe_ptr + base + jj, mask=e_ok, other=0)
             col = seg * SPB + (ent & (SPB - 1))
-            roff = ((ent >> CB) - n0) & ((1 << (16 - CB)) - 1)
-            if F16:
-                v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-            else:
-                v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
-            xg = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0
+            acc, touched = _add_entries(
+                x_ptr, offs_m, m_ok, stride_xm, ent, col, e_ok, n0, rr, acc, touched, CB, F16, INTERP
             )
-            hit = (roff[:, None] == rr[None, :]) & e_ok[:, None]
-            oh = tl.where(hit, v[:, None], 0.0).to(xg.dtype)
-            acc = _mma(xg, oh, acc, INTERP)
-            touched = tl.maximum(touched, tl.max(hit.to(tl.int32), axis=0))
-        rows = n0 + rr
-        ok = m_ok[:, None] & ((rows < N) & (touched > 0))[None, :]
-        yp = y_ptr + offs_m[:, None] * stride_ym + rows[None, :]
-        yv = tl.load(yp, mask=ok, other=0.0)
-        tl.store(yp, (yv.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)
+        _add_rows_into_y(y_ptr, offs_m, m_ok, stride_ym, n0 + rr, N, acc, touched)
 
     @triton.jit
     def _index_correction_2d_kernel(
@@ -380,23 +392,10 @@ if TRITON_OK:
             ent = tl.reshape(ent2, (NSB_P * D,))
             e_ok = tl.reshape(ok2, (NSB_P * D,))
             col = cbase + (ent & (SPB - 1))
-            roff = ((ent >> CB) - n0) & ((1 << (16 - CB)) - 1)
-            if F16:
-                v = ((ent >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-            else:
-                v = (ent & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
-            xg = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0
+            acc, touched = _add_entries(
+                x_ptr, offs_m, m_ok, stride_xm, ent, col, e_ok, n0, rr, acc, touched, CB, F16, INTERP
             )
-            hit = (roff[:, None] == rr[None, :]) & e_ok[:, None]
-            oh = tl.where(hit, v[:, None], 0.0).to(xg.dtype)
-            acc = _mma(xg, oh, acc, INTERP)
-            touched = tl.maximum(touched, tl.max(hit.to(tl.int32), axis=0))
-        rows = n0 + rr
-        ok = m_ok[:, None] & ((rows < N) & (touched > 0))[None, :]
-        yp = y_ptr + offs_m[:, None] * stride_ym + rows[None, :]
-        yv = tl.load(yp, mask=ok, other=0.0)
-        tl.store(yp, (yv.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)
+        _add_rows_into_y(y_ptr, offs_m, m_ok, stride_ym, n0 + rr, N, acc, touched)
 
 
 # launch configurations: the dequantizer's (tile width, warps); the correction's (kernel, rows per program,
