@@ -266,6 +266,16 @@ if TRITON_OK:
             _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, kb * 128, BN, E, F16, SPB, I64)
 
     @triton.jit
+    def _tile_ranges(spp_ptr, NS, NSB, n0, BR: tl.constexpr, NSB_P: tl.constexpr):
+        """(K blocks, first entry, entry count) of rows n0..n0+BR in every K block of the restore index."""
+        nsl = tl.minimum(BR // 16, NS - n0 // 16)
+        sbs = tl.arange(0, NSB_P)
+        sb_ok = sbs < NSB
+        lo = tl.load(spp_ptr + sbs * NS + n0 // 16, mask=sb_ok, other=0)
+        hi = tl.load(spp_ptr + sbs * NS + n0 // 16 + nsl, mask=sb_ok, other=0)
+        return sbs, lo, hi - lo
+
+    @triton.jit
     def _add_entries(
         x_ptr, offs_m, m_ok, stride_xm, ent, col, e_ok, n0, rr, acc, touched,
         CB: tl.constexpr, F16: tl.constexpr, INTERP: tl.constexpr,
@@ -322,14 +332,9 @@ if TRITON_OK:
         rr = tl.arange(0, BR)
         acc = tl.zeros([BM, BR], dtype=tl.float32)
         touched = tl.zeros([BR], dtype=tl.int32)
-        nsl = tl.minimum(BR // 16, NS - n0 // 16)
         # the tile's entry ranges in every K block, enumerated as ONE sequence (few serial iterations, not one
         # per K block): entry j lies in block seg(j) = #{blocks whose inclusive prefix count <= j}
-        sbs = tl.arange(0, NSB_P)
-        sb_ok = sbs < NSB
-        lo = tl.load(spp_ptr + sbs * NS + n0 // 16, mask=sb_ok, other=0)
-        hi = tl.load(spp_ptr + sbs * NS + n0 // 16 + nsl, mask=sb_ok, other=0)
-        cnt = hi - lo
+        sbs, lo, cnt = _tile_ranges(spp_ptr, NS, NSB, n0, BR, NSB_P)
         cum = tl.cumsum(cnt, axis=0)
         first = lo - (cum - cnt)  # index of entry j = first[seg] + j
         total = tl.sum(cnt, axis=0)
@@ -377,12 +382,7 @@ if TRITON_OK:
         rr = tl.arange(0, BR)
         acc = tl.zeros([BM, BR], dtype=tl.float32)
         touched = tl.zeros([BR], dtype=tl.int32)
-        nsl = tl.minimum(BR // 16, NS - n0 // 16)
-        sbs = tl.arange(0, NSB_P)
-        sb_ok = sbs < NSB
-        lo = tl.load(spp_ptr + sbs * NS + n0 // 16, mask=sb_ok, other=0)
-        hi = tl.load(spp_ptr + sbs * NS + n0 // 16 + nsl, mask=sb_ok, other=0)
-        cnt = hi - lo
+        sbs, lo, cnt = _tile_ranges(spp_ptr, NS, NSB, n0, BR, NSB_P)
         most = tl.max(cnt, axis=0)
         dd = tl.arange(0, D)
         cbase = tl.reshape(tl.broadcast_to(sbs[:, None] * SPB, (NSB_P, D)), (NSB_P * D,))
