@@ -23,7 +23,8 @@ Only what users need is a knob:
                                     scratch and one cuBLAS GEMM (default 96).
 ``SUPERWEIGHT_ONECOPY_CONFIG``      launch configurations of the ``marlin-deq1`` kernels, as the micro-benchmark
                                     found them best on this GPU (``w4_fused_bench.py --sections onecopy``):
-                                    ``deq=BN:WARPS,corr=KIND:ROWS:SLOTS:WARPS`` (either part may be left out).
+                                    ``deq=BN:WARPS[:SCATTER],corr=KIND:ROWS:SLOTS:WARPS`` (either part may be
+                                    left out).
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -136,7 +137,8 @@ def setdefault_vllm_env(env: dict | None = None) -> dict:
 
 
 def onecopy_config() -> dict[str, tuple]:
-    """``SUPERWEIGHT_ONECOPY_CONFIG`` parsed: {"deq": (BN, WARPS), "corr": (KIND, ROWS, SLOTS, WARPS)}, parts given."""
+    """``SUPERWEIGHT_ONECOPY_CONFIG`` parsed: {"deq": (BN, WARPS[, SCATTER]), "corr": (KIND, ROWS, SLOTS, WARPS)},
+    the parts given."""
     return _parse_onecopy(os.environ.get(ONECOPY_CONFIG, "").strip())
 
 
@@ -147,13 +149,13 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
         key, _, val = part.partition("=")
         fields = val.split(":")
         try:
-            if key == "deq" and len(fields) == 2:
-                out["deq"] = (int(fields[0]), int(fields[1]))
+            if key == "deq" and len(fields) in (2, 3):
+                out["deq"] = tuple(int(f) for f in fields)
                 continue
             if key == "corr" and len(fields) == 4 and fields[0] in ("seq", "2d"):
                 out["corr"] = (fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
                 continue
         except ValueError:
             pass
-        raise ValueError(f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS,corr=KIND:ROWS:SLOTS:WARPS")
+        raise ValueError(f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=KIND:ROWS:SLOTS:WARPS")
     return out

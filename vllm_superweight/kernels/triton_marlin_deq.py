@@ -196,6 +196,7 @@ if TRITON_OK:
         K,
         NP,
         NS,
+        hide,
         G: tl.constexpr,
         SYM: tl.constexpr,
         SINGLE: tl.constexpr,
@@ -205,6 +206,7 @@ if TRITON_OK:
         F16: tl.constexpr,
         SPB: tl.constexpr,
         I64: tl.constexpr,
+        SCATTER: tl.constexpr,
     ):
         """wT[k, n] for one 128-row K block x BN outputs per program (stored K-major), read from Marlin's tensors
         (module docstring), then the held-out values of the region written over it.
@@ -221,7 +223,10 @@ if TRITON_OK:
         TA: tl.constexpr = BN // 16
         ee = tl.arange(0, 4)
         aa = tl.arange(0, TA)
-        cc = tl.arange(0, 8)
+        if SCATTER:  # hide the columns' contiguity (x ^ 0 at run time): load and store keep one register layout
+            cc = tl.arange(0, 8) ^ hide
+        else:
+            cc = tl.arange(0, 8)
         wofs = 2 * n0 + (128 * (aa // 4) + aa % 4)[None, :, None] + 16 * cc[None, None, :] + 4 * ee[:, None, None]
         tile_ok = (n0 + 64 * (aa // 4) < NP)[None, :, None]
         nb0 = n0 + 16 * aa[:, None] + cc[None, :]  # [A, c] output columns of b = 0; b = 1 is nb0 + 8
@@ -402,10 +407,11 @@ if TRITON_OK:
 # entries per chunk ("seq") or slots per step ("2d"), warps or 0 = by registers). Defaults: the fastest of the
 # variants on the H200 (w4_fused_bench.py --sections onecopy, benchmarks/results/w4_onecopy_h200.json: dequantizer
 # 254-270 us per 7B layer over all six, the 2-D correction 12-16% under the sequence one at M = 1-8)
-DEQ_CONFIG: tuple[int, int] = (128, 4)
+DEQ_CONFIG: tuple[int, ...] = (128, 4)
 CORR_CONFIG: tuple[str, int, int, int] = ("2d", 16, 64, 2)
 # the variants the micro-benchmark times; all compile for sm_90 without spills (tests)
-DEQ_VARIANTS = [(128, 4), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]
+DEQ_VARIANTS: list[tuple[int, ...]] = [(128, 4), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]
+DEQ_VARIANTS += [(128, 4, 1), (128, 8, 1)]  # scatter: no shared-memory reorder (sm_90 PTX: none; tests)
 CORR_VARIANTS = [("seq", 16, 32, 0), ("2d", 16, 64, 2), ("2d", 16, 128, 4), ("2d", 16, 256, 8)]
 
 
@@ -465,7 +471,8 @@ def dequant_marlin_into(
 ) -> torch.Tensor:
     """The served weight, TRANSPOSED: wT [K, N] in ``act`` (default: the scales' dtype), read from Marlin's tensors
     with the held-out values restored, in one kernel. Into ``out`` (a flat scratch of >= N*K elements) or new.
-    ``config``: (tile width, warps), default ``DEQ_CONFIG``."""
+    ``config``: (tile width, warps[, scatter]), default ``DEQ_CONFIG``; scatter 1: element stores in the load's
+    register layout (no shared-memory reorder)."""
     if not TRITON_OK:
         raise RuntimeError("dequant_marlin_into needs Triton")
     c = check_marlin_tensors(qm, scale, zero, lay)
@@ -473,7 +480,8 @@ def dequant_marlin_into(
     dtype = act or (out.dtype if out is not None else scale.dtype)
     flat = out if out is not None else torch.empty(n * k, dtype=dtype, device=qm.device)
     wt = flat[: n * k].view(k, n)
-    bn, warps = config or envs.onecopy_config().get("deq") or DEQ_CONFIG
+    bn, warps, *rest = config or envs.onecopy_config().get("deq") or DEQ_CONFIG
+    scatter = bool(rest and rest[0])
     if bn % 64 or bn > 512:
         raise ValueError(f"dequant_marlin_into: tile width {bn} must be a multiple of 64, at most 512")
     rows_addressed = 1 << (16 - (spb.bit_length() - 1))  # an entry's row field spans this many rows
@@ -493,6 +501,7 @@ def dequant_marlin_into(
         k,
         c["np"],
         n_pad // _w4.SLICE,
+        0,
         G=0 if c["single"] else g,
         SYM=c["sym"],
         SINGLE=c["single"],
@@ -502,6 +511,7 @@ def dequant_marlin_into(
         F16=dtype == torch.float16,
         SPB=spb,
         I64=max(n * k, qm.numel()) >= 2**31 - 1,
+        SCATTER=scatter,
         num_warps=warps,
     )
     return wt
@@ -552,13 +562,13 @@ def compile_sm90(
 
     ty = "*fp16" if f16 else "*bf16"
     if which == "dequant":
-        bn, warps = config or envs.onecopy_config().get("deq") or DEQ_CONFIG
+        bn, warps, *rest = config or DEQ_CONFIG
         fn = _marlin_dequant_kernel
         sig = {"qm_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*i32", "spp_ptr": "*i32", "spe_ptr": "*i32", "w_ptr": ty}
-        sig.update({"N": "i32", "K": "i32", "NP": "i32", "NS": "i32"})
+        sig.update({"N": "i32", "K": "i32", "NP": "i32", "NS": "i32", "hide": "i32"})
         consts = dict(G=0 if single else 128, SYM=sym, SINGLE=single, BN=bn, HAS_SP=True, E=64, F16=f16, SPB=256)
-        consts["I64"] = False
-        div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8]
+        consts.update(I64=False, SCATTER=bool(rest and rest[0]))
+        div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]
     elif which == "correction":
         mode, br, e, warps = config or CORR_CONFIG
         sig = {"x_ptr": ty, "y_ptr": ty, "spp_ptr": "*i32", "spe_ptr": "*i32"}
