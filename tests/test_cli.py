@@ -114,7 +114,7 @@ def test_holdout_rank_option(capsys):
     assert qc.holdout_rank == "abs"  # a preset without the key
     assert cli.quant_config_from_args(p.parse_args(["convert", "S", "D"])).holdout_rank == "abs"  # default preset
     qc = cli.quant_config_from_args(p.parse_args(["convert", "S", "D", "--preset", "w4-g128-hqq"]))
-    assert qc.holdout_rank == "prompt"  # measured on Python-docs prose for Gemma-3-270M
+    assert qc.holdout_rank == "prompt" and qc.holdout_budget == "rel_out"  # Python-docs prose, Gemma-3-270M
     qc = cli.quant_config_from_args(
         p.parse_args(["convert", "S", "D", "--preset", "w4-g128-hqq", "--holdout-rank", "abs"])
     )
