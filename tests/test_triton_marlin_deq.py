@@ -144,19 +144,22 @@ def test_compile_sm90_without_spills(which, sym, single, f16, nsb_p):
 
 
 @not_interp
-def test_scatter_variants_store_without_shared_memory():
-    """The scatter variants keep the loaded words' register layout to the stores (the reorder through shared
-    memory that the other variants get from Triton is the suspected cost of dequantizing Marlin's layout: 254 us
-    vs 148 for our own layout on the H200); the others do reorder."""
+def test_flat_dequant_variants_use_no_shared_memory():
+    """The flat variants (scatter 2) keep one register layout from the loaded words to the stores: no shared
+    memory in the sm_90 PTX (st/ld.shared, stmatrix, ldmatrix) and one barrier (before the held-out values). The
+    plane forms reorder through shared memory -- the suspected cost of dequantizing Marlin's layout (254 us vs
+    148 for our own layout on the H200); scatter 1 only swapped ld/st.shared for stmatrix / ldmatrix."""
     import re
 
     def smem_ops(config):
         r = MD.compile_sm90("dequant", keep_asm=True, config=config)
-        return len(re.findall(r"\b(?:ld|st)\.shared", str(r["asm"]["ptx"])))
+        ptx = str(r["asm"]["ptx"])
+        return len(re.findall(r"\.shared\b|\.shared\.", ptx)), len(re.findall(r"\bbar\.sync", ptx)), r["smem"]
 
-    scatter = [c for c in MD.DEQ_VARIANTS if len(c) > 2 and c[2]]
-    assert scatter and all(smem_ops(c) == 0 for c in scatter)
-    assert smem_ops(MD.DEQ_CONFIG) > 0
+    flat = [c for c in MD.DEQ_VARIANTS if len(c) > 2 and c[2] >= 2]
+    assert flat and all(smem_ops(c) == (0, 1, 0) for c in flat), [smem_ops(c) for c in flat]
+    assert smem_ops(MD.DEQ_CONFIG)[0] > 0
+    assert smem_ops((128, 4, 1))[0] > 0  # stmatrix / ldmatrix
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -187,10 +190,11 @@ def test_interp_equals_own_layout_dequant(case):
     lay = MD.marlin_deq_layout(
         inputs["rows"], inputs["cols"], inputs["vals"], n, k, group, sym, dtype, "cpu", sp_block=spb
     )
-    got = MD.dequant_marlin_into(qm, ms, mz, lay)
     want = T.dequant_into(prep)
-    assert got.shape == (k, n) and got.dtype == dtype
-    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), case
+    for config in (MD.DEQ_CONFIG, (64, 2, 2), (128, 4, 3)):  # planes, flat, flat pairs: sym / single / fp16 too
+        got = MD.dequant_marlin_into(qm, ms, mz, lay, config=config)
+        assert got.shape == (k, n) and got.dtype == dtype
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (case, config)
     if nnz or sw:  # the restored values are really there
         r, c = inputs["rows"], inputs["cols"]
         assert torch.equal(got[c, r].float(), inputs["vals"].to(dtype).float())

@@ -221,6 +221,123 @@ if TRITON_OK:
         kb = tl.program_id(1)
         n0 = pid_n * BN
         TA: tl.constexpr = BN // 16
+        # a 128-row K block lies in one group (G | 128 rows: reload at group starts; else every 16 rows)
+        RELOAD: tl.constexpr = 0 if (G == 0 or G % 128 == 0) else (G // 16 if 128 % G == 0 else 1)
+        if SCATTER == 2:
+            _dequant_flat(qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64)
+        elif SCATTER == 3:
+            _dequant_flat_pairs(
+                qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64
+            )
+        else:
+            _dequant_planes(qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64,
+                            SCATTER)
+        if HAS_SP:
+            tl.debug_barrier()  # the region's stores before the entries' (same CTA)
+            _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, kb * 128, BN, E, F16, SPB, I64)
+
+    @triton.jit
+    def _dequant_flat(
+        qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0,
+        G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, TA: tl.constexpr, RELOAD: tl.constexpr,
+        I64: tl.constexpr,
+    ):  # fmt: skip
+        """The flat form (``SCATTER=2``): every tensor is 1-D over (c, b, a, e), c fastest, so the load, the
+        arithmetic and the stores share ONE register layout (no shared-memory reorder, no barrier). A thread
+        loads the word of (e, a, c) -- the two threads of b = 0 / 1 the same one, merged in the warp -- and stores
+        its four (d, f) values at column 16 a + 8 b + c: 16 consecutive threads fill one 32-byte sector per store.
+        The columns' contiguity is hidden (``hide`` = 0 at run time) so Triton does not vectorize the stores into
+        a second layout."""
+        i = tl.arange(0, 64 * TA)
+        c = (i ^ hide) % 8
+        b = (i // 8) % 2
+        a = (i // 16) % TA
+        e = i // (16 * TA)
+        wofs = 2 * n0 + 128 * (a // 4) + a % 4 + 16 * c + 4 * e
+        tile_ok = n0 + 64 * (a // 4) < NP
+        nb = n0 + 16 * a + 8 * b + c
+        ok = nb < N
+        shift = 4 * (2 * b)
+        if G == 0:
+            s, z = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nb, ok, SYM, SINGLE)
+        else:
+            s, z = _marlin_scales_zeros(sc_ptr, zp_ptr, (kb * 128) // G, NP, nb, ok, SYM, SINGLE)
+        for j in tl.static_range(8):
+            r = kb * 8 + j
+            if RELOAD > 0:
+                if j > 0 and j % RELOAD == 0:
+                    s, z = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb, ok, SYM, SINGLE)
+            if I64:
+                rbase = r.to(tl.int64) * (2 * NP)
+            else:
+                rbase = r * (2 * NP)
+            words = tl.load(qm_ptr + rbase + wofs, mask=tile_ok & (r * 16 < K), other=0)
+            for d in tl.static_range(2):
+                for f in tl.static_range(2):
+                    kk = r * 16 + 8 * d + 2 * e + f
+                    if I64:
+                        off = kk.to(tl.int64) * N + nb
+                    else:
+                        off = kk * N + nb
+                    code = ((words >> (shift + 4 * (d + 4 * f))) & 15).to(tl.float32)
+                    tl.store(w_ptr + off, ((code - z) * s).to(w_ptr.dtype.element_ty), mask=ok & (kk < K))
+
+    @triton.jit
+    def _dequant_flat_pairs(
+        qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0,
+        G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, TA: tl.constexpr, RELOAD: tl.constexpr,
+        I64: tl.constexpr,
+    ):  # fmt: skip
+        """The flat form over column PAIRS (``SCATTER=3``): a thread loads the words of columns c = 2 p and 2 p + 1
+        and stores each (row, pair) as one 32-bit word (two act-dtype values packed by bit operations), so the
+        stores are half as many and 4 bytes wide, still in the load's 1-D layout (N is a multiple of 64)."""
+        i = tl.arange(0, 32 * TA)
+        p = (i ^ hide) % 4
+        b = (i // 4) % 2
+        a = (i // 8) % TA
+        e = i // (8 * TA)
+        wofs = 2 * n0 + 128 * (a // 4) + a % 4 + 32 * p + 4 * e
+        tile_ok = n0 + 64 * (a // 4) < NP
+        nb = n0 + 16 * a + 8 * b + 2 * p
+        ok = nb < N
+        shift = 4 * (2 * b)
+        gq = 0 if G == 0 else (kb * 128) // G
+        s_lo, z_lo = _marlin_scales_zeros(sc_ptr, zp_ptr, gq, NP, nb, ok, SYM, SINGLE)
+        s_hi, z_hi = _marlin_scales_zeros(sc_ptr, zp_ptr, gq, NP, nb + 1, ok, SYM, SINGLE)
+        w32 = w_ptr.to(tl.pointer_type(tl.int32))
+        for j in tl.static_range(8):
+            r = kb * 8 + j
+            if RELOAD > 0:
+                if j > 0 and j % RELOAD == 0:
+                    s_lo, z_lo = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb, ok, SYM, SINGLE)
+                    s_hi, z_hi = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb + 1, ok, SYM, SINGLE)
+            if I64:
+                rbase = r.to(tl.int64) * (2 * NP)
+            else:
+                rbase = r * (2 * NP)
+            w_lo = tl.load(qm_ptr + rbase + wofs, mask=tile_ok & (r * 16 < K), other=0)
+            w_hi = tl.load(qm_ptr + rbase + wofs + 16, mask=tile_ok & (r * 16 < K), other=0)
+            for d in tl.static_range(2):
+                for f in tl.static_range(2):
+                    kk = r * 16 + 8 * d + 2 * e + f
+                    if I64:
+                        off = (kk.to(tl.int64) * N + nb) // 2
+                    else:
+                        off = (kk * N + nb) // 2
+                    sh = shift + 4 * (d + 4 * f)
+                    v_lo = (((w_lo >> sh) & 15).to(tl.float32) - z_lo) * s_lo
+                    v_hi = (((w_hi >> sh) & 15).to(tl.float32) - z_hi) * s_hi
+                    b_lo = v_lo.to(w_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                    b_hi = v_hi.to(w_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32)
+                    tl.store(w32 + off, b_lo | (b_hi << 16), mask=ok & (kk < K))
+
+    @triton.jit
+    def _dequant_planes(
+        qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0,
+        G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, TA: tl.constexpr, RELOAD: tl.constexpr,
+        I64: tl.constexpr, SCATTER: tl.constexpr,
+    ):  # fmt: skip
+        """The plane forms (``SCATTER`` 0 / 1): words loaded as [e, A, c], the 8 nibble planes stored as slabs."""
         ee = tl.arange(0, 4)
         aa = tl.arange(0, TA)
         if SCATTER:  # hide the columns' contiguity (x ^ 0 at run time): load and store keep one register layout
@@ -233,8 +350,6 @@ if TRITON_OK:
         nb1 = nb0 + 8
         ok0 = nb0 < N
         ok1 = nb1 < N
-        # a 128-row K block lies in one group (G | 128 rows: reload at group starts; else every 16 rows)
-        RELOAD: tl.constexpr = 0 if (G == 0 or G % 128 == 0) else (G // 16 if 128 % G == 0 else 1)
         if G == 0:
             s0, z0 = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nb0, ok0, SYM, SINGLE)
             s1, z1 = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nb1, ok1, SYM, SINGLE)
@@ -266,9 +381,6 @@ if TRITON_OK:
                     v1 = ((c1 - z1[None, :, :]) * s1[None, :, :]).to(w_ptr.dtype.element_ty)
                     tl.store(w_ptr + krow + nb0[None, :, :], v0, mask=k_ok & ok0[None, :, :])
                     tl.store(w_ptr + krow + nb1[None, :, :], v1, mask=k_ok & ok1[None, :, :])
-        if HAS_SP:
-            tl.debug_barrier()  # the region's stores before the entries' (same CTA)
-            _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, kb * 128, BN, E, F16, SPB, I64)
 
     @triton.jit
     def _tile_ranges(spp_ptr, NS, NSB, n0, BR: tl.constexpr, NSB_P: tl.constexpr):
@@ -411,7 +523,12 @@ DEQ_CONFIG: tuple[int, ...] = (128, 4)
 CORR_CONFIG: tuple[str, int, int, int] = ("2d", 16, 64, 2)
 # the variants the micro-benchmark times; all compile for sm_90 without spills (tests)
 DEQ_VARIANTS: list[tuple[int, ...]] = [(128, 4), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]
-DEQ_VARIANTS += [(128, 4, 1), (128, 8, 1)]  # scatter: no shared-memory reorder (sm_90 PTX: none; tests)
+# scatter 1: the columns' contiguity hidden in the [e, A, c] form -- Triton still reorders, through stmatrix /
+# ldmatrix (sm_90 PTX; session 8's test looked for ld/st.shared only); flat (2): one 1-D layout for the load, the
+# arithmetic and the stores, no shared memory at all (tests)
+DEQ_VARIANTS += [(128, 4, 1), (128, 8, 1), (64, 2, 2), (128, 4, 2), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
+# flat over column pairs (3): 32-bit stores of two packed values, same single layout
+DEQ_VARIANTS += [(128, 2, 3), (128, 4, 3), (256, 4, 3), (256, 8, 3)]
 CORR_VARIANTS = [("seq", 16, 32, 0), ("2d", 16, 64, 2), ("2d", 16, 128, 4), ("2d", 16, 256, 8)]
 
 
@@ -481,7 +598,7 @@ def dequant_marlin_into(
     flat = out if out is not None else torch.empty(n * k, dtype=dtype, device=qm.device)
     wt = flat[: n * k].view(k, n)
     bn, warps, *rest = config or envs.onecopy_config().get("deq") or DEQ_CONFIG
-    scatter = bool(rest and rest[0])
+    scatter = int(rest[0]) if rest else 0
     if bn % 64 or bn > 512:
         raise ValueError(f"dequant_marlin_into: tile width {bn} must be a multiple of 64, at most 512")
     rows_addressed = 1 << (16 - (spb.bit_length() - 1))  # an entry's row field spans this many rows
@@ -567,7 +684,7 @@ def compile_sm90(
         sig = {"qm_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*i32", "spp_ptr": "*i32", "spe_ptr": "*i32", "w_ptr": ty}
         sig.update({"N": "i32", "K": "i32", "NP": "i32", "NS": "i32", "hide": "i32"})
         consts = dict(G=0 if single else 128, SYM=sym, SINGLE=single, BN=bn, HAS_SP=True, E=64, F16=f16, SPB=256)
-        consts.update(I64=False, SCATTER=bool(rest and rest[0]))
+        consts.update(I64=False, SCATTER=int(rest[0]) if rest else 0)
         div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]
     elif which == "correction":
         mode, br, e, warps = config or CORR_CONFIG
