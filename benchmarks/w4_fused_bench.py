@@ -589,10 +589,14 @@ class Bench:
 
     def add_onecopy(self, ent: dict, n: int, k: int) -> None:
         """The one-copy pair's inputs: Marlin's tensors (vLLM's processed layer; without vLLM, in the dry run, vLLM's
-        python reference of the layout) and the restore index of the held-out entries."""
+        python reference of the layout), the restore index of the held-out entries and their packed SELL slots."""
+        import vllm_superweight.kernels as K
         from vllm_superweight.kernels import triton_marlin_deq as MD
 
         ent["mdeq1"] = MD.marlin_deq_layout(ent["r"], ent["c"], ent["v"], n, k, 128, False, torch.bfloat16, self.dev)
+        ent["psell"] = K.prepare_sparse(
+            ent["r"], ent["c"], ent["v"], n, k, self.dev, layout="sell", pack=torch.bfloat16
+        )
         if ent.get("marlin") is not None:
             layer = ent["marlin"][0]
             ent["mq"] = (layer.weight_packed, layer.weight_scale, layer.weight_zero_point)
@@ -631,6 +635,8 @@ class Bench:
                                 y = torch.zeros(x.shape[0], e["mdeq1"]["info"].shape[0], dtype=x.dtype)
                             if kind == "marlin+sell":
                                 K.sparse_correction(y, x, e["sell"])
+                            elif kind == "marlin+packed sell":
+                                K.sparse_correction(y, x, e["psell"])
                             elif kind.startswith("marlin+index"):
                                 MD.index_correction_(y, x, e["mdeq1"], config=cfg)
 
@@ -646,6 +652,7 @@ class Bench:
                 continue
             xs = self.xs(m)
             kinds: list = [("marlin", None), ("marlin+sell", None)] if m <= 256 else []
+            kinds += [("marlin+packed sell", ("sell",))] if m <= 256 else []
             kinds += [(f"marlin+index {c}", c) for c in corr_cfgs] if m <= 256 else []
             kinds += [("deq ours+cublas", None), ("deq marlin+cublas", None)] if m >= 64 else []
             base = None

@@ -51,6 +51,9 @@ def layer_bytes(n: int, k: int, group: int, holdout: float, seed: int) -> dict:
     vals = (torch.randn(nnz, generator=g) * 0.05).to(torch.bfloat16).float()
     sell = nbytes(prepare_sparse(rows, cols, vals, n, k, "cpu", layout="sell").values()) if nnz else 0
     deq1 = MD.memory_bytes(MD.marlin_deq_layout(rows, cols, vals, n, k, group, False, torch.bfloat16, "cpu"))
+    packed = (
+        nbytes(prepare_sparse(rows, cols, vals, n, k, "cpu", layout="sell", pack=torch.bfloat16).values()) if nnz else 0
+    )
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int64)
     codes[rows, cols] = 8
     scales = torch.full((n, ng), 0.01, dtype=torch.bfloat16)
@@ -62,10 +65,16 @@ def layer_bytes(n: int, k: int, group: int, holdout: float, seed: int) -> dict:
         "k": k,
         "nnz": nnz,
         "awq": marlin,
-        "marlin-deq1": marlin + deq1,  # one index for both paths
+        "marlin-deq1": marlin + deq1 + packed,  # restore index (large M) + packed SELL slots (small M)
         "marlin-deq": marlin + sell + ours,
         "fused": ours,
-        "parts": {"marlin": marlin, "sell_index": sell, "restore_index": deq1, "triton_w4_layout": ours},
+        "parts": {
+            "marlin": marlin,
+            "sell_index": sell,
+            "packed_sell": packed,
+            "restore_index": deq1,
+            "triton_w4_layout": ours,
+        },
     }
 
 

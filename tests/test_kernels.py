@@ -113,6 +113,46 @@ def test_torch_paths_dtypes_and_heavy_rows(dtype):
         assert_rounded_close(K.sparse_correction(y.clone(), x, lay), ref, mag, dtype)
 
 
+@pytest.mark.parametrize("pack", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5])
+def test_packed_sell_vs_dense(pack, m):
+    """Packed slots (one int32: the value's bits in the act dtype | 16-bit column): float32 values the dtype cannot
+    hold become exact terms, so the correction still equals the float64 reference within one rounding; a packed
+    layout takes about half the bytes; K beyond 16 bits and a non-16-bit dtype are refused."""
+    gen = torch.Generator().manual_seed(7 + m)
+    n, k = 150, 300
+    r, c, v = random_entries(n, k, 900, gen, heavy_row=77, heavy_len=250)
+    x = torch.randn(m, k, generator=gen).to(pack)
+    y = torch.randn(m, n, generator=gen).to(pack)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=pack)
+    assert SL.packed_dtype(sp) == pack and sp["ell_cols"].dtype == torch.int32 and sp["ell_vals"].numel() == 0
+    st = K.layout_stats(sp)
+    assert st["layout"].startswith("sell-packed") and st["light_nnz"] + st["heavy_nnz"] > r.numel()  # terms
+    assert_rounded_close(K.sparse_correction(y.clone(), x, sp), ref, mag, pack)
+    exact = v.to(pack).float()  # values the dtype holds: one slot each, half the bytes of the float32 layout
+    sp1 = K.prepare_sparse(r, c, exact, n, k, "cpu", layout="sell", pack=pack)
+    sp0 = K.prepare_sparse(r, c, exact, n, k, "cpu", layout="sell")
+    assert K.layout_stats(sp1)["light_nnz"] + K.layout_stats(sp1)["heavy_nnz"] == r.numel()
+    assert K.layout_stats(sp1)["bytes"] < 0.6 * K.layout_stats(sp0)["bytes"]
+    with pytest.raises(ValueError, match="K <= 65536"):
+        K.prepare_sparse(r, c, v, n, 70000, "cpu", layout="sell", pack=pack)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        SL.build_sell(r, c, exact, n, k, "cpu", pack=torch.float32)
+    with pytest.raises(ValueError, match="not exact"):
+        SL.build_sell(r, c, v, n, k, "cpu", pack=pack)
+
+
+def test_pack_slots_round_trip():
+    cols = torch.tensor([[0, 5, -1], [65535, 3, -1]])
+    vals = torch.tensor([[-2.5, 1.0, 0.0], [3.0e4, -0.0078125, 0.0]])
+    for dt in (torch.bfloat16, torch.float16):
+        w = SL.pack_slots(cols, vals, dt)
+        assert w.dtype == torch.int32 and int(w[0, 2]) == 0 and int(w[1, 2]) == 0
+        c2, v2 = SL.unpack_slots(w, dt)
+        assert torch.equal(c2, cols) and torch.equal(v2, vals.to(dt).float())
+
+
 def test_sell_layout_invariants():
     gen = torch.Generator().manual_seed(2)
     n, k = 200, 120
@@ -405,6 +445,29 @@ def test_interp_sparse_kernel_heavy_only_and_sw_only(path):
 
 
 @interp_only
+@pytest.mark.parametrize("path", ["direct", "transposed"])
+@pytest.mark.parametrize("pack", [torch.bfloat16, torch.float16])
+def test_interp_packed_sparse_kernel(path, pack):
+    """The kernel over packed slots (light slices, a heavy row, value terms, the empty-slot sentinel 0)."""
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    gen = torch.Generator().manual_seed(5)
+    n, k, m = 97, 300, 19
+    r, c, v = random_entries(n, k, 500, gen, heavy_row=5, heavy_len=120)
+    x = torch.randn(m, k, generator=gen).to(pack)
+    y = torch.randn(m, n, generator=gen).to(pack)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=pack)
+    assert K.layout_stats(sp)["heavy_rows"] >= 1 and (sp["ell_cols"] == 0).any()
+    y2 = y.clone()
+    TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path)
+    assert_rounded_close(y2, ref, mag, pack)
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[r] = False
+    assert torch.equal(y2[:, untouched], y[:, untouched])
+
+
+@interp_only
 def test_interp_sparse_kernel_noncontiguous_x():
     from vllm_superweight.kernels import triton_sparse as TS
 
@@ -495,12 +558,15 @@ def test_triton_kernels_compile_for_sm90():
         "stride_xm": "i32",
         "stride_xk": "i32",
     }
-    for m, depth, trans, pdl in [
-        (1, 16, False, False),
-        (8, 8, False, False),
-        (16, 8, False, True),
-        (4096, 16, True, False),
-        (64, 8, True, False),
+    for m, depth, trans, pdl, pack in [
+        (1, 16, False, False, 0),
+        (8, 8, False, False, 0),
+        (16, 8, False, True, 0),
+        (4096, 16, True, False, 0),
+        (64, 8, True, False, 0),
+        (1, 16, False, False, 1),
+        (8, 8, False, False, 2),
+        (64, 8, True, False, 1),
     ]:
         p = TS._blocks(m, 100, depth, 32, 10, trans)
         consts = {
@@ -509,6 +575,7 @@ def test_triton_kernels_compile_for_sm90():
             "BJ": p["BJ"],
             "BE": p["BE"],
             "PDL": pdl,
+            "PACK": pack,
             ("stride_xm" if trans else "stride_xk"): 1,
         }
         _, rep = _aot(TS._sell_spmm_kernel, sig, consts, p["num_warps"], range(9))
@@ -567,13 +634,17 @@ def _gpu_entries(n, k, nnz, seed, heavy=False):
     )
 
 
-def _check_cuda_case(n, k, m, r, c, v, dtype=torch.bfloat16, path=None):
+def _check_cuda_case(n, k, m, r, c, v, dtype=torch.bfloat16, path=None, pack=False):
     from vllm_superweight.kernels import triton_sparse as TS
 
     dev = "cuda"
     x = torch.randn(m, k, device=dev).to(dtype)
     y = torch.randn(m, n, device=dev).to(dtype)
-    sp = K.prepare_sparse(r, c, v, n, k, dev)
+    sp = (
+        K.prepare_sparse(r, c, v, n, k, dev, layout="sell", pack=dtype)
+        if pack
+        else K.prepare_sparse(r, c, v, n, k, dev)
+    )
     y2 = y.clone()
     if path is None:
         K.sparse_correction(y2, x, sp)
@@ -605,6 +676,9 @@ def test_cuda_sparse_vs_reference(n, k, kind):
     for m in (5, 64, 300):
         for path in ("direct", "transposed"):
             _check_cuda_case(n, k, m, r, c, v, path=path)
+    for m in (1, 8, 64, 300):  # packed slots (the one-copy pair's small-batch correction)
+        _check_cuda_case(n, k, m, r, c, v, pack=True)
+        _check_cuda_case(n, k, m, r, c, v, dtype=torch.float16, pack=True)
 
 
 @gpu

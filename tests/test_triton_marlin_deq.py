@@ -353,11 +353,17 @@ def test_interp_one_copy_kernel_class(monkeypatch, group, sym):
     assert not {"weight_packed", "weight_scale", "weight_zero_point"} & set(layer._parameters)
     assert kd.shadow.weight_packed.shape == (k // 16, 2 * 128)  # N padded to 128 in Marlin's copy
     kd.set_sparse(layer, inputs["rows"], inputs["cols"], inputs["vals"])
+    from vllm_superweight.kernels.sparse_layout import packed_dtype
+
+    assert packed_dtype(kd.sp) == torch.bfloat16  # small batches: the packed SELL correction
     gen = torch.Generator().manual_seed(2)
     for m in (3, 8, 21):
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
         y = kd.apply_weights(layer, x, layer.bias)
         check_close(y, x, inputs, bias, tag=f"M={m}")
+    monkeypatch.setenv("SUPERWEIGHT_ONECOPY_CONFIG", "corr=2d:16:64:2")  # the restore index's correction instead
+    x = torch.randn(5, k, generator=gen).to(torch.bfloat16)
+    check_close(kd.apply_weights(layer, x, layer.bias), x, inputs, bias, tag="index correction")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -430,6 +436,8 @@ def test_onecopy_config_env(monkeypatch):
     assert envs.onecopy_config() == {"deq": (128, 4, 1)}
     monkeypatch.setenv(envs.ONECOPY_CONFIG, "corr=2d:16:64:2")
     assert envs.onecopy_config() == {"corr": ("2d", 16, 64, 2)}
+    monkeypatch.setenv(envs.ONECOPY_CONFIG, "deq=128:4:3,corr=sell")
+    assert envs.onecopy_config() == {"deq": (128, 4, 3), "corr": ("sell",)}
     for bad in ("deq=128", "corr=fast:16:64:2", "deq=a:b", "warp=4"):
         monkeypatch.setenv(envs.ONECOPY_CONFIG, bad)
         with pytest.raises(ValueError, match="expected deq="):

@@ -23,8 +23,9 @@ Only what users need is a knob:
                                     scratch and one cuBLAS GEMM (default 96).
 ``SUPERWEIGHT_ONECOPY_CONFIG``      launch configurations of the ``marlin-deq1`` kernels, as the micro-benchmark
                                     found them best on this GPU (``w4_fused_bench.py --sections onecopy``):
-                                    ``deq=BN:WARPS[:SCATTER],corr=KIND:ROWS:SLOTS:WARPS`` (either part may be
-                                    left out).
+                                    ``deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS`` (either part
+                                    may be left out; ``corr=sell``: the packed SELL correction, the default
+                                    where K <= 65536; the other kinds read the restore index).
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -152,10 +153,13 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
             if key == "deq" and len(fields) in (2, 3):
                 out["deq"] = tuple(int(f) for f in fields)
                 continue
+            if key == "corr" and fields == ["sell"]:
+                out["corr"] = ("sell",)
+                continue
             if key == "corr" and len(fields) == 4 and fields[0] in ("seq", "2d"):
                 out["corr"] = (fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
                 continue
         except ValueError:
             pass
-        raise ValueError(f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=KIND:ROWS:SLOTS:WARPS")
+        raise ValueError(f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS")
     return out

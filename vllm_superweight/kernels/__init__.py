@@ -56,14 +56,22 @@ def prepare_sparse(
     layout: str | None = None,
     lanes: int = 32,
     depth: int | None = None,
+    pack: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load-time preprocessing of one Linear's held-out entries ``(rows[i], cols[i], vals[i])``.
 
     Returns fixed-shape tensors for the plugin to register on the layer. ``layout``: ``"sell"`` (the Triton
     kernel's layout; default on CUDA) or ``"coo"`` (default elsewhere). Values are kept in float32. Duplicate
     coordinates are allowed and summed. Raises ValueError on out-of-range indices or non-finite values.
+    ``pack`` (bf16 / fp16, SELL only, K <= 65536): 4-byte slots (value bits | 16-bit column) instead of 8; a value
+    the dtype cannot hold exactly becomes 2-3 exact terms at the same position.
     """
     layout = layout or ("sell" if _is_cuda_device(device) and _ops.TRITON_OK else "coo")
+    if layout == "sell" and pack is not None:
+        from .triton_w4 import _entries  # values the dtype cannot hold -> 2-3 exact terms at the same position
+
+        r, c, v = _entries(rows, cols, vals, int(out_features), int(in_features), pack)
+        return build_sell(r, c, v.float(), int(out_features), int(in_features), device, lanes, depth, pack=pack)
     if layout == "sell":
         return build_sell(rows, cols, vals, int(out_features), int(in_features), device, lanes=lanes, depth=depth)
     if layout == "coo":

@@ -94,13 +94,62 @@ def choose_depth(counts: torch.Tensor, lanes: int = DEFAULT_LANES, heavy_cost: f
     return int(torch.argmin(cost))
 
 
+PACK_DTYPES = (torch.bfloat16, torch.float16)
+PACK_MAX_K = 1 << 16  # a packed slot's column field is 16 bits
+
+
+def pack_slots(cols: torch.Tensor, vals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed slots: ``value bits (dtype) << 16 | column`` as int32; empty slots (column -1) become 0."""
+    bits = vals.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    word = (bits << 16) | cols.to(torch.int64).clamp_min(0)
+    word = torch.where(cols >= 0, word, torch.zeros_like(word))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack_slots(words: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns int64 with -1 for empty slots, values float32) of packed slots."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    bits = (w >> 16).to(torch.int32).to(torch.int16)  # wraps to the 16-bit pattern
+    vals = bits.view(dtype).float()
+    cols = torch.where(w != 0, w & 0xFFFF, torch.full_like(w, -1))
+    return cols, torch.where(w != 0, vals, torch.zeros_like(vals))
+
+
+def packed_dtype(sp: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The value dtype of a packed SELL layout (its ``ell_vals`` is an empty marker of that dtype), else None."""
+    v = sp.get("ell_vals")
+    return v.dtype if v is not None and v.dtype in PACK_DTYPES else None
+
+
 def build_sell(
-    rows, cols, vals, n: int, k: int, device, lanes: int = DEFAULT_LANES, depth: int | None = None
+    rows,
+    cols,
+    vals,
+    n: int,
+    k: int,
+    device,
+    lanes: int = DEFAULT_LANES,
+    depth: int | None = None,
+    pack: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The sliced-ELL + heavy-CSR layout described in the module docstring (tensors on ``device``)."""
+    """The sliced-ELL + heavy-CSR layout described in the module docstring (tensors on ``device``).
+
+    ``pack`` (bf16 / fp16): every slot is ONE int32, the value's bits in that dtype above a 16-bit column (K <=
+    65536), 0 for an empty slot; ``ell_vals`` / ``hvals`` are then empty markers of that dtype. Every value must be
+    exact in ``pack`` (split a value the dtype cannot hold into exact terms at the same position first:
+    ``prepare_sparse(..., pack=...)`` does); zero values are dropped (they add nothing)."""
     if lanes < 1 or lanes & (lanes - 1):
         raise ValueError(f"lanes must be a power of two, got {lanes}")
     r, c, v = _validate(rows, cols, vals, n, k)
+    if pack is not None:
+        if pack not in PACK_DTYPES:
+            raise ValueError(f"packed slots hold bf16 or fp16 values, not {pack}")
+        if k > PACK_MAX_K:
+            raise ValueError(f"packed slots address K <= {PACK_MAX_K} columns, the layer has {k}")
+        if not torch.equal(v.to(pack).float(), v):
+            raise ValueError(f"a held-out value is not exact in {pack}: split it into exact terms first")
+        keep = v != 0
+        r, c, v = r[keep], c[keep], v[keep]
     nnz = r.numel()
     counts = torch.bincount(r, minlength=n) if nnz else torch.zeros(n, dtype=torch.int64)
     L = choose_depth(counts, lanes) if depth is None else int(depth)
@@ -131,6 +180,9 @@ def build_sell(
     hcols, hvals = c[is_heavy], v[is_heavy]  # already ordered by (row, col)
 
     ucols = torch.unique(c) if nnz else torch.zeros(0, dtype=torch.int64)
+    if pack is not None:
+        ell_cols, ell_vals = pack_slots(ell_cols, ell_vals, pack), torch.zeros(0, dtype=pack)
+        hcols, hvals = pack_slots(hcols, hvals, pack), torch.zeros(0, dtype=pack)
     out = {
         "ell_cols": ell_cols,
         "ell_vals": ell_vals,
@@ -149,9 +201,10 @@ def layout_stats(sp: dict[str, torch.Tensor]) -> dict:
     """Sizes of a layout (for reports / benchmarks)."""
     if "ell_cols" in sp:
         s, depth, lanes = sp["ell_cols"].shape
-        light = int((sp["ell_cols"] >= 0).sum())
+        pk = packed_dtype(sp)
+        light = int((sp["ell_cols"] != 0).sum()) if pk is not None else int((sp["ell_cols"] >= 0).sum())
         return {
-            "layout": "sell",
+            "layout": "sell" if pk is None else f"sell-packed-{str(pk).removeprefix('torch.')}",
             "nnz": int(sp["nnz"].shape[0]),
             "slices": s,
             "depth": depth,
@@ -184,18 +237,23 @@ def sell_correction_torch(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.
     """Same result from the SELL layout (vectorized; used on CPU tensors and as the kernel's reference)."""
     m, n = y.shape
     acc = y.float()
-    cols = sp["ell_cols"]
+    pk = packed_dtype(sp)
+    if pk is not None:
+        cols, ell_vals = unpack_slots(sp["ell_cols"], pk)
+        hcols, hvals = unpack_slots(sp["hcols"], pk)
+    else:
+        cols, ell_vals, hcols, hvals = sp["ell_cols"], sp["ell_vals"], sp["hcols"], sp["hvals"]
     s, depth, lanes = cols.shape
     if s and depth:
         xg = x.index_select(1, cols.clamp_min(0).reshape(-1).long()).reshape(m, s, depth, lanes)
-        part = (xg.float() * sp["ell_vals"]).sum(2)  # padding slots carry value 0
+        part = (xg.float() * ell_vals).sum(2)  # padding slots carry value 0
         rows = (sp["ell_rb"].long()[:, None] * lanes + torch.arange(lanes, device=y.device)).reshape(-1)
         acc.index_add_(1, rows.clamp_max(n - 1), part.reshape(m, s * lanes))  # rows >= n only add zeros
     h = sp["hrows"].numel()
     if h:
         cnt = sp["hptr"][1:].long() - sp["hptr"][:-1].long()
-        hr = torch.repeat_interleave(sp["hrows"].long(), cnt, output_size=sp["hcols"].numel())
-        acc.index_add_(1, hr, x.index_select(1, sp["hcols"].long()).float() * sp["hvals"])
+        hr = torch.repeat_interleave(sp["hrows"].long(), cnt, output_size=hcols.numel())
+        acc.index_add_(1, hr, x.index_select(1, hcols.long()).float() * hvals)
     return acc.to(y.dtype)
 
 

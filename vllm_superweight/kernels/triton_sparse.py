@@ -54,6 +54,17 @@ class SparseTiles:
 DEFAULT_TILES = SparseTiles()
 
 
+@triton.jit
+def _unpack(w, PACK: tl.constexpr):
+    """(column, value fp32, used) of packed slots (``PACK`` 1: bf16 values, 2: fp16; 0 = empty slot)."""
+    col = w & 0xFFFF
+    if PACK == 1:
+        val = (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        val = ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return col, val, w != 0
+
+
 @triton.jit(do_not_specialize=["M", "L", "n_slices"])
 def _sell_spmm_kernel(
     y_ptr,
@@ -77,6 +88,7 @@ def _sell_spmm_kernel(
     BJ: tl.constexpr,
     BE: tl.constexpr,
     PDL: tl.constexpr,
+    PACK: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     pm = tl.program_id(1)
@@ -90,7 +102,11 @@ def _sell_spmm_kernel(
         base = pid.to(tl.int64) * L * C
         # a lane holds entries iff its first slot is used (slots fill from 0)
         c0 = tl.load(ecols_ptr + base + lanes)
-        w_ok = m_ok[:, None] & ((c0 >= 0) & (rows < N))[None, :]
+        if PACK:
+            used0 = c0 != 0
+        else:
+            used0 = c0 >= 0
+        w_ok = m_ok[:, None] & (used0 & (rows < N))[None, :]
         y_ptrs = y_ptr + m64[:, None] * stride_ym + rows[None, :]
         if not PDL:
             y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
@@ -100,10 +116,15 @@ def _sell_spmm_kernel(
             jj = j0 + jr
             e_off = base + jj[:, None] * C + lanes[None, :]
             e_ok = (jj < L)[:, None]
-            cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
-            vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
+            if PACK:
+                pw = tl.load(ecols_ptr + e_off, mask=e_ok, other=0)
+                cc, vv, used = _unpack(pw, PACK)
+            else:
+                cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
+                vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
+                used = cc >= 0
             x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
-            g_ok = m_ok[:, None, None] & (cc >= 0)[None, :, :]
+            g_ok = m_ok[:, None, None] & used[None, :, :]
             xg = tl.load(x_ptrs, mask=g_ok, other=0.0)
             acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
         if PDL:
@@ -123,8 +144,12 @@ def _sell_spmm_kernel(
         for e0 in range(h_lo, h_hi, BE):
             h_ee = e0 + h_er
             h_eok = h_ee < h_hi
-            h_cc = tl.load(hcols_ptr + h_ee, mask=h_eok, other=0)
-            h_vv = tl.load(hvals_ptr + h_ee, mask=h_eok, other=0.0)
+            if PACK:
+                h_pw = tl.load(hcols_ptr + h_ee, mask=h_eok, other=0)
+                h_cc, h_vv, h_used = _unpack(h_pw, PACK)
+            else:
+                h_cc = tl.load(hcols_ptr + h_ee, mask=h_eok, other=0)
+                h_vv = tl.load(hvals_ptr + h_ee, mask=h_eok, other=0.0)
             h_xp = x_ptr + m64[:, None] * stride_xm + h_cc.to(tl.int64)[None, :] * stride_xk
             h_xg = tl.load(h_xp, mask=m_ok[:, None] & h_eok[None, :], other=0.0)
             h_acc += h_xg.to(tl.float32) * h_vv[None, :]
@@ -231,9 +256,13 @@ def sparse_correction_(
         p = _blocks(m, s, depth, lanes, h, force_path == "transposed" and ucols.numel() > 0, tiles)
     assert y.stride(1) == 1, "y must have unit column stride"
     use_pdl = pdl_allowed(pdl, p["transposed"], y)
+    # packed slots (one int32: value bits << 16 | column): ell_vals / hvals are empty markers of the value dtype
+    pack = {torch.bfloat16: 1, torch.float16: 2}.get(ell_vals.dtype, 0) if ell_vals.numel() == 0 else 0
     # dummy (never dereferenced) pointers for empty parts
     ec, ev, erb = (ell_cols, ell_vals, ell_rb) if ell_cols.numel() else (hcols, hvals, hrows)
     hr, hp, hc, hv = (hrows, hptr, hcols, hvals) if hrows.numel() else (ell_rb, ell_rb, ell_cols, ell_vals)
+    if pack:  # the empty value markers are never read
+        ev, hv = ec, hc
     if p["transposed"]:
         xt = torch.empty((k, m), dtype=x.dtype, device=x.device)
         u = ucols.numel()
@@ -268,5 +297,6 @@ def sparse_correction_(
         BJ=p["BJ"],
         BE=p["BE"],
         PDL=use_pdl,
+        PACK=pack,
         **kw,
     )

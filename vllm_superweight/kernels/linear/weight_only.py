@@ -470,11 +470,12 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
 class MarlinDequantOneCopyKernel(MarlinDequantKernel):
     """The Marlin + dequantize pair over ONE copy of the W4 weights: Marlin's. Large batches dequantize straight
     from Marlin's repacked tensors (``kernels/triton_marlin_deq.py``; held-out values restored in the same kernel),
-    so the layer holds Marlin's weights and one ~4-byte-per-entry index of the held-out entries, which both paths
-    read: restored into the dequantized weights for large batches, added after Marlin for small ones
-    (``index_correction_``) -- weight memory about AWQ's (issue 12), instead of two W4 copies. Opt-in
-    (``SUPERWEIGHT_W4_KERNEL=marlin-deq1``) until its speed is measured on a GPU: the mapping is checked against
-    vLLM's reference layout on the CPU (Triton interpreter), the kernel has not run on a GPU yet."""
+    so the layer holds Marlin's weights, a ~4-byte-per-entry restore index of the held-out entries (written into
+    the dequantized weights of large batches) and, for small batches, the SELL correction after Marlin over 4-byte
+    packed slots (``sparse_layout.build_sell(pack=...)``; the restore index's ``index_correction_`` where K
+    needs more than 16 bits) -- weight memory about AWQ's (issue 12: 1.025x at 0.1%), not two W4 copies. Opt-in
+    (``SUPERWEIGHT_W4_KERNEL=marlin-deq1``): its first form (gathering dequantizer, index correction) was slower
+    than the two copies on the H200 (benchmarks/KERNEL_NOTES.md, session 8)."""
 
     wraps = "MarlinLinearKernel+dequant(Marlin layout)/cuBLAS"
 
@@ -487,6 +488,7 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
     def __init__(self, config: SWLinearConfig, min_m: int | None = None) -> None:
         super().__init__(config, min_m)
         self.deq: dict[str, torch.Tensor] = {}
+        self.sp: dict[str, torch.Tensor] = {}  # packed SELL slots of the small batches' correction
 
     def describe(self) -> str:
         return f"Marlin(M<{self.min_m})+dequant(Marlin layout)/cuBLAS"
@@ -498,21 +500,32 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
         _REGISTRY[self.key] = self
 
     def set_sparse(self, layer: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
+        from .. import prepare_sparse
+        from ..sparse_layout import PACK_MAX_K
         from ..triton_marlin_deq import marlin_deq_layout
 
         c = self.config
         k_p, n_p = c.partition_shape
-        # one index for both paths: restored into the dequantized weights, or the small batches' separate correction
-        self.deq = marlin_deq_layout(
-            rows, cols, vals, n_p, k_p, c.group_size, c.symmetric, c.act_dtype, tensor(self.shadow, W_SCALE).device
-        )
+        device = tensor(self.shadow, W_SCALE).device
+        # the restore index: written into the dequantized weights of large batches (4 bytes an entry)
+        self.deq = marlin_deq_layout(rows, cols, vals, n_p, k_p, c.group_size, c.symmetric, c.act_dtype, device)
+        # small batches: the SELL correction over 4-byte packed slots (value bits | column); where K needs more
+        # than 16 bits, the correction reads the restore index instead
+        self.sp = {}
+        if rows.numel() and k_p <= PACK_MAX_K:
+            self.sp = prepare_sparse(rows, cols, vals, n_p, k_p, device, layout="sell", pack=c.act_dtype)
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from .. import sparse_correction
         from ..triton_marlin_deq import index_correction_, marlin_deq_mm
 
         if x.shape[0] < self.min_m:
             b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
-            return index_correction_(self.small.apply_gemm(self.shadow, x, b), x, self.deq)
+            y = self.small.apply_gemm(self.shadow, x, b)
+            corr = envs.onecopy_config().get("corr")
+            if self.sp and (corr is None or corr[0] == "sell"):
+                return sparse_correction(y, x, self.sp)
+            return index_correction_(y, x, self.deq, config=corr if corr and corr[0] != "sell" else None)
 
         zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
         return marlin_deq_mm(x, tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE), zero, self.deq, bias)
