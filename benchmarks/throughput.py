@@ -148,6 +148,11 @@ for _base in ("sw-w4-g128-holdout", "sw-default"):
     METHODS[_base + "-dual"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "dual"})
     # the same pair over one W4 copy (large batches dequantize from Marlin's layout; opt-in, 2026-12-01)
     METHODS[_base + "-mdeq1"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"})
+# the checkpoint without hold-out over one W4 copy too (Marlin below 96 tokens, dequantized from Marlin's layout
+# above): what serving every checkpoint from one copy would cost against the two-copy Marlin / Machete pair
+METHODS["sw-w4-g128-mdeq1"] = dict(
+    METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"}
+)
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
     "lean": [
@@ -166,7 +171,7 @@ GROUPS = {
     "w4": ["sw-w4-channel", "sw-w4-g128", "sw-w4-channel-nosw", "sw-w4-g128-nosw", "sw-w4-channel-holdout"],
     # issue 12's hold-out target compares THE SAME checkpoint with and without the 0.1 % hold-out (g128 both; the
     # default preset is g64): two-copy vs one-copy Marlin + dequantize pair, AWQ beside
-    "onecopy": ["awq", "sw-w4-g128", "sw-w4-g128-holdout-mdeq", "sw-w4-g128-holdout-mdeq1", "sw-default-mdeq1"],
+    "onecopy": ["awq", "sw-w4-g128", "sw-w4-g128-holdout-mdeq", "sw-w4-g128-holdout-mdeq1", "sw-w4-g128-mdeq1"],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)

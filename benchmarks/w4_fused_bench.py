@@ -52,6 +52,7 @@ PREFILL_MS = [512, 1024, 2048, 4096]
 PEAK_TBS = {"H200": 4.8, "H100 SXM": 3.35, "H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9}
 T0 = time.time()
 DRY = False
+SELL_ORDER = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals", "ucols")
 GEMV_VARIANTS = [
     ("gemv bn128 w1", dict(PATH="gemv", BN=128, warps=1)),
     ("gemv bn128 w1 st2", dict(PATH="gemv", BN=128, warps=1, stages=2)),
@@ -594,9 +595,10 @@ class Bench:
         from vllm_superweight.kernels import triton_marlin_deq as MD
 
         ent["mdeq1"] = MD.marlin_deq_layout(ent["r"], ent["c"], ent["v"], n, k, 128, False, torch.bfloat16, self.dev)
-        ent["psell"] = K.prepare_sparse(
-            ent["r"], ent["c"], ent["v"], n, k, self.dev, layout="sell", pack=torch.bfloat16
-        )
+        r, c, v = ent["r"], ent["c"], ent["v"]
+        ent["psell"] = K.prepare_sparse(r, c, v, n, k, self.dev, layout="sell", pack=torch.bfloat16)
+        if "sell" not in ent:  # the two-copy pair's SELL layout (built with vLLM's layers; the dry run has none)
+            ent["sell"] = K.prepare_sparse(r, c, v, n, k, self.dev, layout="sell")
         if ent.get("marlin") is not None:
             layer = ent["marlin"][0]
             ent["mq"] = (layer.weight_packed, layer.weight_scale, layer.weight_zero_point)
@@ -616,7 +618,6 @@ class Bench:
         if "mq" not in self.layers[0]["o"]:
             self.add(section="onecopy", note="skipped: no Marlin layer (vLLM unavailable)")
             return
-        import vllm_superweight.kernels as K
 
         def run(kind, xs, cfg=None):
             def f():
@@ -633,10 +634,11 @@ class Bench:
                                 y = kobj.apply_weights(layer, x)
                             else:  # dry run: no Marlin GEMM on a CPU
                                 y = torch.zeros(x.shape[0], e["mdeq1"]["info"].shape[0], dtype=x.dtype)
-                            if kind == "marlin+sell":
-                                K.sparse_correction(y, x, e["sell"])
-                            elif kind == "marlin+packed sell":
-                                K.sparse_correction(y, x, e["psell"])
+                            if kind.startswith("marlin+sell") or kind.startswith("marlin+packed sell"):
+                                sp = e["psell"] if "packed" in kind else e["sell"]
+                                tiles = TS.SparseTiles(bm_direct=cfg[1], transpose_min_m=cfg[2]) if cfg else None
+                                args = [sp[key] for key in SELL_ORDER]
+                                TS.sparse_correction_(y, x, *args, int(sp["nnz"].shape[0]), tiles=tiles)
                             elif kind.startswith("marlin+index"):
                                 MD.index_correction_(y, x, e["mdeq1"], config=cfg)
 
@@ -645,6 +647,12 @@ class Bench:
         # every correction configuration of the one-copy index (the default first), at the batches Marlin serves
         corr_cfgs = [MD.CORR_CONFIG] + [c for c in MD.CORR_VARIANTS if c != MD.CORR_CONFIG]
         corr_us: dict = {}
+        tiles_us: dict = {}  # SELL launch parameters (bm_direct, transpose_min_m), packed slots
+        from vllm_superweight.kernels import triton_sparse as TS
+
+        d = TS.DEFAULT_TILES
+        tile_cfgs = [("sell", d.bm_direct, d.transpose_min_m)]
+        tile_cfgs += [("sell", b, t) for b, t in ((1, 16), (2, 16), (4, 16), (2, 128), (4, 128), (8, 128))]
 
         for m in self.args.onecopy_ms:
             if self.left() < 20:
@@ -652,7 +660,8 @@ class Bench:
                 continue
             xs = self.xs(m)
             kinds: list = [("marlin", None), ("marlin+sell", None)] if m <= 256 else []
-            kinds += [("marlin+packed sell", ("sell",))] if m <= 256 else []
+            kinds += [(f"marlin+packed sell {c[1:]}", c) for c in tile_cfgs] if m <= 256 else []
+            kinds += [(f"marlin+sell {c[1:]}", c) for c in tile_cfgs[1:]] if m < 96 else []
             kinds += [(f"marlin+index {c}", c) for c in corr_cfgs] if m <= 256 else []
             kinds += [("deq ours+cublas", None), ("deq marlin+cublas", None)] if m >= 64 else []
             base = None
@@ -663,13 +672,31 @@ class Bench:
                     self.add(section="error", kernel=kind, m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
                     continue
                 base = us if kind == "marlin" else base
-                if cfg is not None and m < 96:
+                if cfg is not None and m < 96 and not kind.startswith("marlin+sell"):
                     corr_us.setdefault(cfg, []).append(us)
+                if cfg is not None and m < 96 and cfg[0] == "sell":
+                    tiles_us.setdefault((kind.startswith("marlin+packed"), cfg), []).append(us)
                 self.add(section="onecopy", kernel=kind, m=m, us=us, ratio=(us / base) if base else None)
             self.save()
         if corr_us:
             best = min(corr_us, key=lambda c: sum(corr_us[c]))
             self.meta["onecopy_best_correction"] = {"config": list(best), "us_sum_m_below_96": sum(corr_us[best])}
+            if best[0] == "sell":  # the packed SELL kernel: only its kind goes into the one-copy config
+                self.meta["onecopy_best_correction"]["config"] = ["sell"]
+        if tiles_us:  # the fastest SELL tiles per layout (sum over the batches below 96) -> SUPERWEIGHT_SPARSE_TILES
+            for packed in (True, False):
+                cand = {c: sum(v) for (p, c), v in tiles_us.items() if p == packed}
+                if cand:
+                    b = min(cand, key=cand.get)
+                    self.meta["sparse_tiles_best_" + ("packed" if packed else "sell")] = {
+                        "bmd": b[1],
+                        "tmin": b[2],
+                        "us_sum_m_below_96": cand[b],
+                        "all": {str(c[1:]): u for c, u in cand.items()},
+                    }
+            bp = self.meta.get("sparse_tiles_best_packed")
+            if bp:
+                self.meta["sparse_tiles_env"] = f"bmd={bp['bmd']},tmin={bp['tmin']}"
         if not DRY:
             scratch = self.T._deq_scratch(self.dev, torch.bfloat16, 22016 * 4096)
             deq_cfgs = [MD.DEQ_CONFIG] + [c for c in MD.DEQ_VARIANTS if c != MD.DEQ_CONFIG]

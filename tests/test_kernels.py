@@ -772,3 +772,24 @@ def test_pdl_never_on_the_transposed_path(monkeypatch):
     assert not TS.pdl_allowed(False, False, y)
     monkeypatch.setattr(TS, "_major", lambda index: 8)
     assert not TS.pdl_allowed(True, False, y)
+
+
+def test_sparse_tiles_env(monkeypatch):
+    """SUPERWEIGHT_SPARSE_TILES (the micro-benchmark's pick) overrides the SELL launch parameters; malformed values
+    are refused, not ignored; the plan follows it (direct path up to tmin, BM tokens per program)."""
+    from vllm_superweight import envs
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    monkeypatch.setenv(envs.SPARSE_TILES, "bmd=4,tmin=128")
+    t = TS.env_tiles()
+    assert (t.bm_direct, t.transpose_min_m, t.bm_transposed) == (4, 128, TS.DEFAULT_TILES.bm_transposed)
+    shapes = {"ell_cols": (10, 8, 32), "hrows": (0,), "ucols": (100,)}
+    p = TS.plan(64, 4096, shapes, 1000, t)
+    assert not p["transposed"] and p["BM"] == 4 and p["grid"] == (10, 16)
+    assert TS.plan(64, 4096, shapes, 1000)["transposed"]  # the defaults: transposed from 16 tokens
+    for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0"):
+        monkeypatch.setenv(envs.SPARSE_TILES, bad)
+        with pytest.raises(ValueError, match="SUPERWEIGHT_SPARSE_TILES"):
+            TS.env_tiles()
+    monkeypatch.delenv(envs.SPARSE_TILES)
+    assert TS.env_tiles() is TS.DEFAULT_TILES

@@ -389,9 +389,10 @@ def test_gpu_vs_vllm_repack(shape):
     inputs, prep = make_layer(n, k, group, sym, nnz=int(n * k * h), sw=h > 0, seed=1, device="cuda")
     qm, ms, mz = marlin_layout(inputs, n, k, group, device="cuda")
     lay = MD.marlin_deq_layout(inputs["rows"], inputs["cols"], inputs["vals"], n, k, group, sym, torch.bfloat16, "cuda")
-    got = MD.dequant_marlin_into(qm, ms, mz, lay)
     want = T.dequant_into(prep)
-    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    for config in MD.DEQ_VARIANTS:  # every variant the micro-benchmark may pick, bitwise
+        got = MD.dequant_marlin_into(qm, ms, mz, lay, config=config)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), config
     for m in (300, 4096):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         y = MD.marlin_deq_mm(x, qm, ms, mz, lay)
@@ -423,6 +424,13 @@ def test_gpu_vs_vllm_repack(shape):
         check_close(y, x, inputs, tag=f"marlin+index M={m}")
         if h:
             assert not torch.equal(y, y0)
+            import vllm_superweight.kernels as K
+
+            sp = K.prepare_sparse(inputs["rows"], inputs["cols"], inputs["vals"], n, k, "cuda", layout="sell",
+                                  pack=torch.bfloat16)  # fmt: skip
+            y2 = y0.clone()
+            K.sparse_correction(y2, x, sp)  # the packed SELL correction (the one-copy pair's default)
+            check_close(y2, x, inputs, tag=f"marlin+packed sell M={m}")
 
 
 def test_onecopy_config_env(monkeypatch):

@@ -26,6 +26,11 @@ Only what users need is a knob:
                                     ``deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS`` (either part
                                     may be left out; ``corr=sell``: the packed SELL correction, the default
                                     where K <= 65536; the other kinds read the restore index).
+``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
+                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS`` (any subset): tokens
+                                    per program on the direct path, the smallest M of the transposed path,
+                                    tokens per program there, gathered elements per step; from
+                                    ``w4_fused_bench.py --sections onecopy`` (its ``sparse_tiles_env``).
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -47,6 +52,8 @@ MARLIN_MAX_M = "SUPERWEIGHT_MARLIN_MAX_M"
 DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 
 ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
+SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
+_TILE_KEYS = {"bmd": "bm_direct", "tmin": "transpose_min_m", "bmt": "bm_transposed", "tile": "tile_elems"}
 W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused", "marlin-deq", "marlin-deq1")
 DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (section w4sweep) on an H100
 DEFAULT_DEQUANT_MIN_M = 96  # Marlin + separate correction vs dequantize + cuBLAS, 0.1 % hold-out, H200
@@ -162,4 +169,20 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
         except ValueError:
             pass
         raise ValueError(f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS")
+    return out
+
+
+def sparse_tiles() -> dict[str, int]:
+    """``SUPERWEIGHT_SPARSE_TILES`` parsed into ``triton_sparse.SparseTiles`` field overrides (the parts given)."""
+    return _parse_tiles(os.environ.get(SPARSE_TILES, "").strip())
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_tiles(raw: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        key, _, val = part.partition("=")
+        if key not in _TILE_KEYS or not val.isdigit() or int(val) < 1 or int(val) & (int(val) - 1):
+            raise ValueError(f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile= with powers of two")
+        out[_TILE_KEYS[key]] = int(val)
     return out

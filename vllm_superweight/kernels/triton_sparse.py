@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import envs
 from .sparse_layout import interpreting
 
 try:  # Hopper grid-dependency control (absent from the interpreter)
@@ -52,6 +53,12 @@ class SparseTiles:
 
 
 DEFAULT_TILES = SparseTiles()
+
+
+def env_tiles() -> SparseTiles:
+    """``DEFAULT_TILES`` with the overrides of ``SUPERWEIGHT_SPARSE_TILES`` (parsed once per value)."""
+    over = envs.sparse_tiles()
+    return dataclasses.replace(DEFAULT_TILES, **over) if over else DEFAULT_TILES
 
 
 @triton.jit
@@ -238,10 +245,13 @@ def sparse_correction_(
     nnz: int | None = None,
     force_path: str | None = None,
     pdl: bool = False,
-    tiles: SparseTiles = DEFAULT_TILES,
+    tiles: SparseTiles | None = None,
 ) -> None:
     """In-place ``y += S x^T`` (y [M, N] with unit column stride, x [M, K]). ``nnz`` = number of entries
-    (default: the padded slot count, an over-estimate)."""
+    (default: the padded slot count, an over-estimate). ``tiles``: default ``DEFAULT_TILES`` with the overrides of
+    ``SUPERWEIGHT_SPARSE_TILES``."""
+    if tiles is None:
+        tiles = env_tiles()
     m, k = x.shape
     n = y.shape[1]
     if nnz is None:
