@@ -40,14 +40,15 @@ LABEL = {
     "sw-w4-g128": "SW-RTN W4 g128",
     "sw-w4-g128-nosw": "SW-RTN W4 g128 (no SW)",
     "sw-w4-channel-holdout": "SW-RTN W4 channel +0.1% hold-out",
+    "sw-w4-g128-holdout": "SW-RTN W4 g128 +0.1% hold-out",
     "sw-default": "SW-RTN default (W4 g64 +0.1% hold-out)",
     "sw-w8a8": "SW-RTN W8A8 + outlier ch.",
 }
 
 
 KERNEL_SUFFIX = {
-    "-mdeq1": " → Marlin + dequantize pair, one copy",
-    "-mdeq": " → Marlin + dequantize pair",
+    "-mdeq1": " → Marlin + dequantize pair, one W4 copy",
+    "-mdeq": " → Marlin + dequantize pair, two W4 copies",
     "-dual": " → Marlin/Machete pair",
     "-fused": " → fused",
 }

@@ -141,12 +141,12 @@ for _spec in METHODS.values():
 # variant's spec, its checkpoint reused, the kernel forced
 for _base in ("sw-w4-g128", "sw-w4-g128-holdout"):
     METHODS[_base + "-fused"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "fused"})
-# held-out checkpoints: forced onto the Marlin + dequantize pair (-mdeq; their default since 2026-12-01, H200:
-# saturated 1.22-1.65x the Marlin / Machete pair's) or onto that earlier pair (-dual), same checkpoint
+# held-out checkpoints: forced onto the Marlin + dequantize pair over two W4 copies (-mdeq; H200: saturated
+# 1.22-1.65x the Marlin / Machete pair's) or onto that earlier pair (-dual), same checkpoint
 for _base in ("sw-w4-g128-holdout", "sw-default"):
     METHODS[_base + "-mdeq"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq"})
     METHODS[_base + "-dual"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "dual"})
-    # the same pair over one W4 copy (large batches dequantize from Marlin's layout; opt-in, 2026-12-01)
+    # the same pair over one W4 copy (large batches dequantize from Marlin's layout; their default since session 9)
     METHODS[_base + "-mdeq1"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"})
 # the checkpoint without hold-out over one W4 copy too (Marlin below 96 tokens, dequantized from Marlin's layout
 # above): what serving every checkpoint from one copy would cost against the two-copy Marlin / Machete pair

@@ -984,6 +984,39 @@ def onecopy_table(first: str, second: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def onecopy_table2(sweep: str, flat: str) -> str:
+    """The README's session-9 one-copy table (markdown, us per 7B layer): small batches' corrections and large
+    batches' dequantize + cuBLAS from the ``--sections onecopy`` sweep (``sweep``: plane-form dequantizer as the
+    default then) and a second run with the flat dequantizer as the default (``flat``), then every dequantizer
+    variant alone."""
+
+    def load(path):
+        with open(path) as fh:
+            rows = json.load(fh)["results"]
+        return {(r["kernel"], r.get("m")): r["us"] for r in rows if r.get("section") == "onecopy" and "us" in r}
+
+    a, b = load(sweep), load(flat)
+    cols = [
+        ("Marlin alone", a, "marlin"),
+        ("+ SELL, 8-byte slots (two-copy pair)", a, "marlin+sell"),
+        ("+ SELL, packed 4-byte slots (one copy)", a, "marlin+packed sell (2, 16)"),
+        ("+ index correction 2-D (one copy, session 8)", a, "marlin+index ('2d', 16, 64, 2)"),
+        ("dequant ours + cuBLAS (two-copy pair)", b, "deq ours+cublas"),
+        ("dequant Marlin's, plane form + cuBLAS (session 8)", a, "deq marlin+cublas"),
+        ("dequant Marlin's, flat form + cuBLAS (one copy)", b, "deq marlin+cublas"),
+    ]
+    ms = sorted({m for (_, m) in a if m} | {m for (_, m) in b if m})
+    out = ["| M | " + " | ".join(c[0] for c in cols) + " |", "|---:|" + "---:|" * len(cols)]
+    for m in ms:
+        out.append(f"| {m} | " + " | ".join(f"{d[(k, m)]:.1f}" if (k, m) in d else "–" for _, d, k in cols) + " |")
+    deq = [("ours", a.get(("dequant only, ours", 0)))]
+    deq += [(k.split(" ", 3)[-1], v) for (k, m), v in a.items() if k.startswith("dequant only, Marlin")]
+    out += ["", "| dequantization alone, us per layer (tile width, warps, form: -/0 planes, 1 scatter, 2 flat, "
+            "3 flat pairs) | " + " | ".join(n for n, _ in deq) + " |"]  # fmt: skip
+    out += ["|---|" + "---:|" * len(deq), "| H200 | " + " | ".join(f"{v:.1f}" for _, v in deq if v) + " |"]
+    return "\n".join(out) + "\n"
+
+
 def main():
     global DRY
     ap = argparse.ArgumentParser()
@@ -1033,7 +1066,18 @@ def main():
         metavar="JSON",
         help="write the README's one-layout paths table from these result files to --out (markdown) and exit",
     )
+    ap.add_argument(
+        "--onecopy-table2",
+        nargs=2,
+        metavar=("SWEEP_JSON", "FLAT_JSON"),
+        help="write the README's session-9 one-copy table from the sweep and the flat-default run to --out and exit",
+    )
     args = ap.parse_args()
+    if args.onecopy_table2:
+        with open(args.out, "w") as f:
+            f.write(onecopy_table2(*args.onecopy_table2))
+        log(f"wrote {args.out}")
+        return
     if args.onecopy_table:
         with open(args.out, "w") as f:
             f.write(onecopy_table(*args.onecopy_table))

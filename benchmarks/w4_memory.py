@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 LABELS = {
     "awq": "AWQ (W4 codes + bf16 scales + packed zero points)",
     "marlin-deq": "Marlin + dequantize pair, two copies (`marlin-deq`)",
-    "marlin-deq1": "**Marlin + dequantize pair, one copy (`marlin-deq1`)**",
+    "marlin-deq1": "**Marlin + dequantize pair, one copy (`marlin-deq1`, default for held-out checkpoints)**",
     "fused": "our Triton layout (`fused`)",
 }
 

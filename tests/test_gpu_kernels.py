@@ -325,8 +325,8 @@ def test_choose_kernel_on_cuda(monkeypatch):
     assert choose_kernel(_cfg(torch.bfloat16, **w8)) is W8.CutlassSplitInt8Kernel
     assert choose_kernel(_cfg(torch.float32, **w8)) is W8.TorchInt8Kernel
     held = dataclasses.replace(_cfg(torch.bfloat16), holdout=1e-3)
-    assert choose_kernel(held) is WO.MarlinDequantKernel  # bulk hold-out: the Marlin + dequantize pair first
-    monkeypatch.setenv("SUPERWEIGHT_W4_KERNEL", "marlin-deq")
+    assert choose_kernel(held) is WO.MarlinDequantOneCopyKernel  # bulk hold-out: the one-copy pair first
+    monkeypatch.setenv("SUPERWEIGHT_W4_KERNEL", "marlin-deq")  # two copies: opt-in
     assert choose_kernel(held) is WO.MarlinDequantKernel
     if sm90:
         monkeypatch.setenv("SUPERWEIGHT_W4_KERNEL", "dual")

@@ -289,7 +289,7 @@ def test_marlin_dequant_pair_only_for_bulk_holdout_on_cuda(clean_env, monkeypatc
     import dataclasses
 
     held = dataclasses.replace(cfg(), holdout=1e-3)
-    assert explain(held)[0][0] == "MarlinDequantKernel"
+    assert explain(held)[1][0] == "MarlinDequantKernel"  # after its one-copy form
     ok, why = WO.MarlinDequantKernel.can_implement(held)
     assert not ok and "CUDA" in why  # auto: only this machine (a CPU) rules it out
     assert choose_kernel(held) is not WO.MarlinDequantKernel
@@ -318,17 +318,27 @@ def test_marlin_dequant_pair_only_for_bulk_holdout_on_cuda(clean_env, monkeypatc
     assert envs.dequant_min_m() == 200 and envs.graph_knobs()[envs.DEQUANT_MIN_M] == "200"
 
 
-def test_one_copy_marlin_dequant_pair_is_opt_in(clean_env, monkeypatch):
-    """MarlinDequantOneCopyKernel (dequantizing from Marlin's own copy) is never chosen by auto -- not in the priority
-    list, and its can_implement says it is opt-in -- and SUPERWEIGHT_W4_KERNEL=marlin-deq1 forces it where CUDA
-    and Marlin can run (here, a CPU, a clear error)."""
+def test_one_copy_marlin_dequant_pair_is_the_default_for_held_out_checkpoints(clean_env, monkeypatch):
+    """MarlinDequantOneCopyKernel (dequantizing from Marlin's own copy) heads the priority list: auto takes it for
+    checkpoints with a bulk hold-out on CUDA (here, a CPU: its reason says CUDA), not for those without one (the
+    Marlin / Machete pair is faster there); SUPERWEIGHT_W4_KERNEL=marlin-deq1 forces it (any hold-out), other
+    modes rule it out, and forcing it where it cannot run is a clear error."""
     import dataclasses
 
     held = dataclasses.replace(cfg(), holdout=1e-3)
-    assert WO.MarlinDequantOneCopyKernel not in WEIGHT_ONLY_KERNELS
-    ok, why = WO.MarlinDequantOneCopyKernel.can_implement(dataclasses.replace(held, device_type="cuda"))
-    assert not ok and "opt-in" in why
+    assert WEIGHT_ONLY_KERNELS[0] is WO.MarlinDequantOneCopyKernel
+    assert explain(held)[0][0] == "MarlinDequantOneCopyKernel"
+    ok, why = WO.MarlinDequantOneCopyKernel.can_implement(held)
+    assert not ok and "CUDA" in why  # auto: only this machine (a CPU) rules it out
+    ok, why = WO.MarlinDequantOneCopyKernel.can_implement(dataclasses.replace(cfg(), device_type="cuda"))
+    assert not ok and "hold-out 0" in why
+    for mode in ("dual", "vllm", "marlin-deq"):
+        monkeypatch.setenv(envs.W4_KERNEL, mode)
+        ok, why = WO.MarlinDequantOneCopyKernel.can_implement(held)
+        assert not ok and f"SUPERWEIGHT_W4_KERNEL={mode}" in why
     monkeypatch.setenv(envs.W4_KERNEL, "marlin-deq1")
+    ok, why = WO.MarlinDequantOneCopyKernel.can_implement(dataclasses.replace(cfg(), device_type="cuda"))
+    assert not ok and "hold-out" not in why  # forced: any hold-out; only Marlin itself is missing here
     ok, why = WO.MarlinDequantOneCopyKernel.can_implement(held)
     assert not ok and "CUDA" in why
     ok, why = WO.MarlinDequantKernel.can_implement(held)

@@ -158,7 +158,8 @@ def test_flat_dequant_variants_use_no_shared_memory():
 
     flat = [c for c in MD.DEQ_VARIANTS if len(c) > 2 and c[2] >= 2]
     assert flat and all(smem_ops(c) == (0, 1, 0) for c in flat), [smem_ops(c) for c in flat]
-    assert smem_ops(MD.DEQ_CONFIG)[0] > 0
+    assert MD.DEQ_CONFIG in flat  # the default
+    assert smem_ops((128, 4))[0] > 0  # the plane form reorders
     assert smem_ops((128, 4, 1))[0] > 0  # stmatrix / ldmatrix
 
 
@@ -390,7 +391,7 @@ def test_gpu_vs_vllm_repack(shape):
     qm, ms, mz = marlin_layout(inputs, n, k, group, device="cuda")
     lay = MD.marlin_deq_layout(inputs["rows"], inputs["cols"], inputs["vals"], n, k, group, sym, torch.bfloat16, "cuda")
     want = T.dequant_into(prep)
-    for config in MD.DEQ_VARIANTS:  # every variant the micro-benchmark may pick, bitwise
+    for config in (MD.DEQ_CONFIG, (128, 4, 3), (128, 4)):  # the default (flat), flat pairs, planes: bitwise
         got = MD.dequant_marlin_into(qm, ms, mz, lay, config=config)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), config
     for m in (300, 4096):

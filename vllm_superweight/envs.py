@@ -6,18 +6,18 @@ Only what users need is a knob:
 ``SUPERWEIGHT_DISABLE_CORRECTION``  ``1``: serve without the exact sparse correction (super weights and held-out
                                     weights stay 0): an ablation switch, read by the engine's front end.
 ``SUPERWEIGHT_W4_KERNEL``           weight-only GEMM choice: ``auto`` (default: the first kernel of the priority
-                                    list in ``kernels/linear`` that this machine can run: the ``marlin-deq``
-                                    pair for checkpoints with a hold-out >= 1e-4, the ``dual`` pair for the
-                                    others, on CUDA), ``vllm`` (vLLM's single kernel, never a per-batch pair),
-                                    ``dual`` (Marlin for small batches, Machete above, correction separate),
-                                    ``marlin-deq`` (Marlin for small batches, dequantize + cuBLAS with the
-                                    held-out values restored for large ones), ``marlin-deq1`` (the same pair
-                                    over ONE copy of the W4 weights: large batches dequantize from Marlin's
-                                    layout; opt-in: AWQ's weight memory but slower, H200), ``marlin``,
-                                    ``machete``, ``torch`` (the dequantize-once fallback), ``fused`` (our
-                                    Triton W4 GEMM with the
-                                    held-out correction inside; opt-in: slower than AWQ at 8-256 tokens). A
-                                    forced kernel that cannot run a layer is an error.
+                                    list in ``kernels/linear`` that this machine can run: on CUDA the
+                                    ``marlin-deq1`` pair for checkpoints with a hold-out >= 1e-4, the ``dual``
+                                    pair for the others), ``vllm`` (vLLM's single kernel, never a per-batch
+                                    pair: one W4 copy), ``dual`` (Marlin for small batches, Machete above, two
+                                    W4 copies, correction separate), ``marlin-deq1`` (Marlin + the packed SELL
+                                    correction for small batches; large ones dequantize from Marlin's own copy
+                                    with the held-out values restored, then cuBLAS: ONE W4 copy), ``marlin-deq``
+                                    (the same pair over a second W4 copy in our own layout: H200, saturated
+                                    +3.5-4%, twice the weight memory), ``marlin``, ``machete``, ``torch`` (the
+                                    dequantize-once fallback), ``fused`` (our Triton W4 GEMM with the held-out
+                                    correction inside; opt-in: slower than AWQ at 8-256 tokens). A forced
+                                    kernel that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a
                                     scratch and one cuBLAS GEMM (default 96).

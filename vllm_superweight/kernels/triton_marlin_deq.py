@@ -32,9 +32,12 @@ asserts the CUDA repack equals that reference), over the padded shape ``Np x Kp`
 
 The value is ``(code - zero) * scale`` in fp32 rounded once to the act dtype (as ``triton_w4.dequant_into`` and
 Marlin / Machete do), then every held-out entry's exact value is written over its position (its code dequantizes to
-exactly 0). GPU status (H200, session 8): GPU-tested against vLLM's CUDA repack; slower than the two-copy pair it
-replaces (7B layer: dequantization 254 us vs 148 from our own layout; the index correction after Marlin +35 us at
-M = 1 vs +13 for the SELL one), hence opt-in (``SUPERWEIGHT_W4_KERNEL=marlin-deq1``).
+exactly 0). GPU status (H200): GPU-tested against vLLM's CUDA repack (every dequantizer form bitwise equal to
+dequantizing our own layout). Session 8's plane forms took 254 us per 7B layer (our own layout: 148) -- Triton
+reorders the values between the load's and the store's register layouts through shared memory; the flat forms of
+session 9 keep one 1-D layout from the loaded word to the stores (no shared memory): 164-170 us, the default.
+The small batches of the one-copy pair (``MarlinDequantOneCopyKernel``, the default for held-out checkpoints)
+use the packed SELL correction; ``index_correction_`` (79 vs 102 us per layer at M = 1) stays for K > 65536.
 """
 
 from __future__ import annotations
@@ -514,11 +517,13 @@ if TRITON_OK:
         _add_rows_into_y(y_ptr, offs_m, m_ok, stride_ym, n0 + rr, N, acc, touched)
 
 
-# launch configurations: the dequantizer's (tile width, warps); the correction's (kernel, rows per program,
-# entries per chunk ("seq") or slots per step ("2d"), warps or 0 = by registers). Defaults: the fastest of the
-# variants on the H200 (w4_fused_bench.py --sections onecopy, benchmarks/results/w4_onecopy_h200.json: dequantizer
-# 254-270 us per 7B layer over all six, the 2-D correction 12-16% under the sequence one at M = 1-8)
-DEQ_CONFIG: tuple[int, ...] = (128, 4)
+# launch configurations: the dequantizer's (tile width, warps[, form]); the index correction's (kernel, rows per
+# program, entries per chunk ("seq") or slots per step ("2d"), warps or 0 = by registers). Defaults: the fastest
+# on the H200 (w4_fused_bench.py --sections onecopy; benchmarks/results/w4_onecopy_sweep_s9_h200.json: the flat
+# dequantizer 164-170 us per 7B layer (our own layout: 149), the plane forms 254-266, scatter 1 1,316-1,735; the
+# 2-D index correction 12-16% under the sequence one at M = 1-8 -- but the one-copy pair's small batches use the
+# packed SELL correction, 79.1 us at M = 1 vs 102.1 for the 2-D index one)
+DEQ_CONFIG: tuple[int, ...] = (64, 2, 2)
 CORR_CONFIG: tuple[str, int, int, int] = ("2d", 16, 64, 2)
 # the variants the micro-benchmark times; all compile for sm_90 without spills (tests)
 DEQ_VARIANTS: list[tuple[int, ...]] = [(128, 4), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]

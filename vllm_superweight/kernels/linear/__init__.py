@@ -32,6 +32,7 @@ __all__ = [
 
 # in priority order (fastest first); the last one of each list can implement every layer
 WEIGHT_ONLY_KERNELS: list[type[SWLinearKernel]] = [
+    MarlinDequantOneCopyKernel,
     MarlinDequantKernel,
     DualMarlinMacheteKernel,
     MacheteKernel,

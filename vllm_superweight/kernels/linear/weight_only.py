@@ -473,16 +473,21 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
     so the layer holds Marlin's weights, a ~4-byte-per-entry restore index of the held-out entries (written into
     the dequantized weights of large batches) and, for small batches, the SELL correction after Marlin over 4-byte
     packed slots (``sparse_layout.build_sell(pack=...)``; the restore index's ``index_correction_`` where K
-    needs more than 16 bits) -- weight memory about AWQ's (issue 12: 1.025x at 0.1%), not two W4 copies. Opt-in
-    (``SUPERWEIGHT_W4_KERNEL=marlin-deq1``): its first form (gathering dequantizer, index correction) was slower
-    than the two copies on the H200 (benchmarks/KERNEL_NOTES.md, session 8)."""
+    needs more than 16 bits) -- weight memory about AWQ's (issue 12: 1.025x at 0.1%), not two W4 copies. The
+    default for checkpoints with a bulk hold-out (>= 1e-4) since session 9 (H200, 7B shape, same lease as the
+    two-copy pair: weights 4.02 vs 7.48 GiB, batch 1 / 64 equal, batch 8 +4%, saturated -3.5% / -4.2%;
+    ``SUPERWEIGHT_W4_KERNEL=marlin-deq`` keeps the two copies). Its first form (gathering dequantizer, index
+    correction) was slower (benchmarks/KERNEL_NOTES.md, session 8)."""
 
     wraps = "MarlinLinearKernel+dequant(Marlin layout)/cuBLAS"
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
-        if envs.w4_kernel() != "marlin-deq1":
-            return False, f"opt-in: {envs.W4_KERNEL}=marlin-deq1 (is {envs.w4_kernel()})"
+        mode = envs.w4_kernel()
+        if mode not in ("auto", "marlin-deq1"):
+            return False, f"{envs.W4_KERNEL}={mode}"
+        if mode == "auto" and c.holdout < cls.MIN_HOLDOUT:
+            return False, f"hold-out {c.holdout:g} < {cls.MIN_HOLDOUT:g} (the Marlin / Machete pair is faster)"
         return cls.machine_can(c)
 
     def __init__(self, config: SWLinearConfig, min_m: int | None = None) -> None:
