@@ -167,6 +167,16 @@ def _hqq_flags(bits: int, block: str, weight: str, beta: int, budget: bool = Fal
     return flags + (["--holdout-budget", "rel_out"] if budget else [])
 
 
+def _preset_note(preset: str) -> str:
+    """How a preset ranks and spreads its hold-out, from the converter's own parser (the label says what is built)."""
+    from vllm_superweight.cli import build_parser, quant_config_from_args
+
+    qc = quant_config_from_args(build_parser().parse_args(["convert", "SRC", "DST", "--preset", preset]))
+    rank = ", ranked by abs(w) x prompt RMS" if qc.holdout_rank.value == "prompt" else ""
+    budget = ", budgeted" if qc.holdout_budget.value != "uniform" else ""
+    return rank + budget
+
+
 def grid_rows(model: str) -> list[Row]:
     """Issue 11: the data-free fitted grid (HQQ-style, integer zero points; ``prompt``: fit weighted by the
     detection prompt's input activations) and the budgeted hold-out, beside naive RTN at 3 bits. Settings chosen on
@@ -185,7 +195,8 @@ def grid_rows(model: str) -> list[Row]:
             ["--preset", f"w4-g{g}-hqq"],
             uses_sw=True,
             grid="hqq",
-            label=f"g{g}, fit weighted by the prompt, hold-out {MODELS[model]['hqq_holdout']:g} (preset w4-g{g}-hqq)",
+            label=f"g{g}, fit weighted by the prompt, hold-out {MODELS[model]['hqq_holdout']:g}"
+            + f"{_preset_note(f'w4-g{g}-hqq')} (preset w4-g{g}-hqq)",
         ),
         Row(
             f"hqq-w4-g{g}-weights-only",
