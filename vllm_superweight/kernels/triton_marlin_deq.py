@@ -228,12 +228,8 @@ if TRITON_OK:
         RELOAD: tl.constexpr = 0 if (G == 0 or G % 128 == 0) else (G // 16 if 128 % G == 0 else 1)
         if SCATTER == 2:
             _dequant_flat(qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64)
-        elif SCATTER == 3:
-            _dequant_flat_pairs(qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64)
         else:
-            _dequant_planes(
-                qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64, SCATTER
-            )
+            _dequant_planes(qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64)
         if HAS_SP:
             tl.debug_barrier()  # the region's stores before the entries' (same CTA)
             _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, kb * 128, BN, E, F16, SPB, I64)
@@ -285,67 +281,19 @@ if TRITON_OK:
                     tl.store(w_ptr + off, ((code - z) * s).to(w_ptr.dtype.element_ty), mask=ok & (kk < K))
 
     @triton.jit
-    def _dequant_flat_pairs(
-        qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0,
+    def _dequant_planes(
+        qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, kb, n0,
         G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, TA: tl.constexpr, RELOAD: tl.constexpr,
         I64: tl.constexpr,
     ):  # fmt: skip
-        """The flat form over column PAIRS (``SCATTER=3``): a thread loads the words of columns c = 2 p and 2 p + 1
-        and stores each (row, pair) as one 32-bit word (two act-dtype values packed by bit operations), so the
-        stores are half as many and 4 bytes wide, still in the load's 1-D layout (N is a multiple of 64)."""
-        i = tl.arange(0, 32 * TA)
-        p = (i ^ hide) % 4
-        b = (i // 4) % 2
-        a = (i // 8) % TA
-        e = i // (8 * TA)
-        wofs = 2 * n0 + 128 * (a // 4) + a % 4 + 32 * p + 4 * e
-        tile_ok = n0 + 64 * (a // 4) < NP
-        nb = n0 + 16 * a + 8 * b + 2 * p
-        ok = nb < N
-        shift = 4 * (2 * b)
-        gq = 0 if G == 0 else (kb * 128) // G
-        s_lo, z_lo = _marlin_scales_zeros(sc_ptr, zp_ptr, gq, NP, nb, ok, SYM, SINGLE)
-        s_hi, z_hi = _marlin_scales_zeros(sc_ptr, zp_ptr, gq, NP, nb + 1, ok, SYM, SINGLE)
-        w32 = w_ptr.to(tl.pointer_type(tl.int32))
-        for j in tl.static_range(8):
-            r = kb * 8 + j
-            if RELOAD > 0:
-                if j > 0 and j % RELOAD == 0:
-                    s_lo, z_lo = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb, ok, SYM, SINGLE)
-                    s_hi, z_hi = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb + 1, ok, SYM, SINGLE)
-            if I64:
-                rbase = r.to(tl.int64) * (2 * NP)
-            else:
-                rbase = r * (2 * NP)
-            w_lo = tl.load(qm_ptr + rbase + wofs, mask=tile_ok & (r * 16 < K), other=0)
-            w_hi = tl.load(qm_ptr + rbase + wofs + 16, mask=tile_ok & (r * 16 < K), other=0)
-            for d in tl.static_range(2):
-                for f in tl.static_range(2):
-                    kk = r * 16 + 8 * d + 2 * e + f
-                    if I64:
-                        off = (kk.to(tl.int64) * N + nb) // 2
-                    else:
-                        off = (kk * N + nb) // 2
-                    sh = shift + 4 * (d + 4 * f)
-                    v_lo = (((w_lo >> sh) & 15).to(tl.float32) - z_lo) * s_lo
-                    v_hi = (((w_hi >> sh) & 15).to(tl.float32) - z_hi) * s_hi
-                    b_lo = v_lo.to(w_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                    b_hi = v_hi.to(w_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32)
-                    tl.store(w32 + off, b_lo | (b_hi << 16), mask=ok & (kk < K))
-
-    @triton.jit
-    def _dequant_planes(
-        qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0,
-        G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, TA: tl.constexpr, RELOAD: tl.constexpr,
-        I64: tl.constexpr, SCATTER: tl.constexpr,
-    ):  # fmt: skip
-        """The plane forms (``SCATTER`` 0 / 1): words loaded as [e, A, c], the 8 nibble planes stored as slabs."""
+        """The plane form (``SCATTER=0``, session 8): words loaded as [e, A, c], the 8 nibble planes stored as slabs
+        (Triton reorders between the two register layouts through shared memory: 254 us per 7B layer on the H200
+        against the flat form's 164). Session 9 also measured hiding the columns' contiguity here (the reorder then
+        went through stmatrix / ldmatrix: 1,316 us) and a flat form storing column pairs as 32-bit words (168 us);
+        both were removed."""
         ee = tl.arange(0, 4)
         aa = tl.arange(0, TA)
-        if SCATTER:  # hide the columns' contiguity (x ^ 0 at run time): load and store keep one register layout
-            cc = tl.arange(0, 8) ^ hide
-        else:
-            cc = tl.arange(0, 8)
+        cc = tl.arange(0, 8)
         wofs = 2 * n0 + (128 * (aa // 4) + aa % 4)[None, :, None] + 16 * cc[None, None, :] + 4 * ee[:, None, None]
         tile_ok = (n0 + 64 * (aa // 4) < NP)[None, :, None]
         nb0 = n0 + 16 * aa[:, None] + cc[None, :]  # [A, c] output columns of b = 0; b = 1 is nb0 + 8
@@ -520,19 +468,16 @@ if TRITON_OK:
 # launch configurations: the dequantizer's (tile width, warps[, form]); the index correction's (kernel, rows per
 # program, entries per chunk ("seq") or slots per step ("2d"), warps or 0 = by registers). Defaults: the fastest
 # on the H200 (w4_fused_bench.py --sections onecopy; benchmarks/results/w4_onecopy_sweep_s9_h200.json: the flat
-# dequantizer 164-170 us per 7B layer (our own layout: 149), the plane forms 254-266, scatter 1 1,316-1,735; the
+# dequantizer 164-185 us per 7B layer (our own layout: 149), the plane forms 254-266 (removed forms: KERNEL_NOTES); the
 # 2-D index correction 12-16% under the sequence one at M = 1-8 -- but the one-copy pair's small batches use the
 # packed SELL correction, 79.1 us at M = 1 vs 102.1 for the 2-D index one)
 DEQ_CONFIG: tuple[int, ...] = (64, 2, 2)
 CORR_CONFIG: tuple[str, int, int, int] = ("2d", 16, 64, 2)
 # the variants the micro-benchmark times; all compile for sm_90 without spills (tests)
 DEQ_VARIANTS: list[tuple[int, ...]] = [(128, 4), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]
-# scatter 1: the columns' contiguity hidden in the [e, A, c] form -- Triton still reorders, through stmatrix /
-# ldmatrix (sm_90 PTX; session 8's test looked for ld/st.shared only); flat (2): one 1-D layout for the load, the
-# arithmetic and the stores, no shared memory at all (tests)
-DEQ_VARIANTS += [(128, 4, 1), (128, 8, 1), (64, 2, 2), (128, 4, 2), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
-# flat over column pairs (3): 32-bit stores of two packed values, same single layout
-DEQ_VARIANTS += [(128, 2, 3), (128, 4, 3), (256, 4, 3), (256, 8, 3)]
+# flat (form 2): one 1-D layout for the load, the arithmetic and the stores, no shared memory at all (tests)
+DEQ_VARIANTS += [(64, 2, 2), (128, 4, 2), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
+DEQ_FORMS = (0, 2)  # planes, flat
 CORR_VARIANTS = [("seq", 16, 32, 0), ("2d", 16, 64, 2), ("2d", 16, 128, 4), ("2d", 16, 256, 8)]
 
 
@@ -592,8 +537,7 @@ def dequant_marlin_into(
 ) -> torch.Tensor:
     """The served weight, TRANSPOSED: wT [K, N] in ``act`` (default: the scales' dtype), read from Marlin's tensors
     with the held-out values restored, in one kernel. Into ``out`` (a flat scratch of >= N*K elements) or new.
-    ``config``: (tile width, warps[, scatter]), default ``DEQ_CONFIG``; scatter 1: element stores in the load's
-    register layout (no shared-memory reorder)."""
+    ``config``: (tile width, warps[, form]), default ``DEQ_CONFIG``; form 0: planes, 2: flat (no shared memory)."""
     if not TRITON_OK:
         raise RuntimeError("dequant_marlin_into needs Triton")
     c = check_marlin_tensors(qm, scale, zero, lay)
@@ -603,6 +547,8 @@ def dequant_marlin_into(
     wt = flat[: n * k].view(k, n)
     bn, warps, *rest = config or envs.onecopy_config().get("deq") or DEQ_CONFIG
     scatter = int(rest[0]) if rest else 0
+    if scatter not in DEQ_FORMS:
+        raise ValueError(f"dequant_marlin_into: form {scatter} (0: planes, 2: flat)")
     if bn % 64 or bn > 512:
         raise ValueError(f"dequant_marlin_into: tile width {bn} must be a multiple of 64, at most 512")
     rows_addressed = 1 << (16 - (spb.bit_length() - 1))  # an entry's row field spans this many rows
