@@ -9,10 +9,12 @@ of the W4 weights (+ ~4 bytes per held-out entry for the restore index).
     lay = marlin_deq_layout(rows, cols, vals, n, k, group, sym, act, device)       # load time (index only)
     wT  = dequant_marlin_into(qm, scale, zero, lay, out)                           # [K, N], act dtype
     y   = marlin_deq_mm(x, qm, scale, zero, lay, bias)                             # large M: x [M, K] -> [M, N]
-    index_correction_(y_marlin, x, lay)                                            # small M: after Marlin's GEMM
+    index_correction_(y_marlin, x, lay)                                            # small M, K > 65536 only
 
-The one index of the held-out entries (``triton_w4.sparse_index``: 4 bytes an entry, sorted by K block and 16-row
-slice) serves both paths: restored into the dequantized weights, or added to Marlin's output by
+(Small batches normally get the packed SELL correction after Marlin, ``sparse_layout.build_sell(pack=...)``; see
+``kernels.linear.weight_only.MarlinDequantOneCopyKernel``.) The index of the held-out entries
+(``triton_w4.sparse_index``: 4 bytes an entry, sorted by K block and 16-row slice) can serve both paths: restored
+into the dequantized weights, or added to Marlin's output by
 ``index_correction_`` (fp32 accumulation through a one-hot MMA, one rounding into y).
 
 Marlin's layout (facts read from vLLM 0.26's python reference ``marlin_utils_test.marlin_weights`` /
