@@ -34,10 +34,10 @@ asserts the CUDA repack equals that reference), over the padded shape ``Np x Kp`
 
 The value is ``(code - zero) * scale`` in fp32 rounded once to the act dtype (as ``triton_w4.dequant_into`` and
 Marlin / Machete do), then every held-out entry's exact value is written over its position (its code dequantizes to
-exactly 0). GPU status (H200): GPU-tested against vLLM's CUDA repack (every dequantizer form bitwise equal to
-dequantizing our own layout). Session 8's plane forms took 254 us per 7B layer (our own layout: 148) -- Triton
-reorders the values between the load's and the store's register layouts through shared memory; the flat forms of
-session 9 keep one 1-D layout from the loaded word to the stores (no shared memory): 164-170 us, the default.
+exactly 0). GPU status (H200): GPU-tested against vLLM's CUDA repack (bitwise equal to dequantizing our own
+layout). Session 8's plane forms took 254 us per 7B layer (our own layout: 148) -- Triton reorders the values between
+the load's and the store's register layouts through shared memory; the flat form of session 9 keeps one 1-D layout
+from the loaded word to the stores (no shared memory): 164-170 us, the only form kept.
 The small batches of the one-copy pair (``MarlinDequantOneCopyKernel``, the default for held-out checkpoints)
 use the packed SELL correction; ``index_correction_`` (79 vs 102 us per layer at M = 1) stays for K > 65536.
 """
@@ -211,27 +211,23 @@ if TRITON_OK:
         F16: tl.constexpr,
         SPB: tl.constexpr,
         I64: tl.constexpr,
-        SCATTER: tl.constexpr,
     ):
         """wT[k, n] for one 128-row K block x BN outputs per program (stored K-major), read from Marlin's tensors
         (module docstring), then the held-out values of the region written over it.
 
-        Every packed word is loaded once: with n mod 64 = 16 a + 8 b + c and k mod 16 = 8 d + 2 e + f, weight
-        (k, n) is nibble 2 b + d + 4 f of word 16 c + 4 e + a of its 64-column tile. A 16-row step loads the words
-        as [e, A, c] (A = the program's 16-column groups) and stores the 8 (b, d, f) nibble planes, each a
-        [4 rows, BN/2 columns] slab of runs of 8 consecutive columns (c). Triton moves the values from the load's
-        register layout to the store's through shared memory (on the H200 this form is 10% faster than per-element
-        gathers, still 1.7x slower than dequantizing our own layout, whose words need no reordering)."""
+        With n mod 64 = 16 a + 8 b + c and k mod 16 = 8 d + 2 e + f, weight (k, n) is nibble 2 b + d + 4 f of word
+        16 c + 4 e + a of its 64-column tile (``_dequant_flat``). H200, 7B layer: 164 us (our own layout: 149).
+        Removed forms (benchmarks/KERNEL_NOTES.md): per-element gathers (283 us), words as [e, A, c] with the 8
+        nibble planes stored as slabs (254 us: Triton reorders between the load's and the store's register layouts
+        through shared memory), the same with the columns' contiguity hidden (1,316 us: stmatrix / ldmatrix) and
+        the flat form over column pairs (168 us)."""
         pid_n = tl.program_id(0)
         kb = tl.program_id(1)
         n0 = pid_n * BN
         TA: tl.constexpr = BN // 16
         # a 128-row K block lies in one group (G | 128 rows: reload at group starts; else every 16 rows)
         RELOAD: tl.constexpr = 0 if (G == 0 or G % 128 == 0) else (G // 16 if 128 % G == 0 else 1)
-        if SCATTER == 2:
-            _dequant_flat(qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64)
-        else:
-            _dequant_planes(qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64)
+        _dequant_flat(qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64)
         if HAS_SP:
             tl.debug_barrier()  # the region's stores before the entries' (same CTA)
             _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, kb * 128, BN, E, F16, SPB, I64)
@@ -242,7 +238,7 @@ if TRITON_OK:
         G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, TA: tl.constexpr, RELOAD: tl.constexpr,
         I64: tl.constexpr,
     ):  # fmt: skip
-        """The flat form (``SCATTER=2``): every tensor is 1-D over (c, b, a, e), c fastest, so the load, the
+        """The flat form: every tensor is 1-D over (c, b, a, e), c fastest, so the load, the
         arithmetic and the stores share ONE register layout (no shared-memory reorder, no barrier). A thread
         loads the word of (e, a, c) -- the two threads of b = 0 / 1 the same one, merged in the warp -- and stores
         its four (d, f) values at column 16 a + 8 b + c: 16 consecutive threads fill one 32-byte sector per store.
@@ -281,58 +277,6 @@ if TRITON_OK:
                         off = kk * N + nb
                     code = ((words >> (shift + 4 * (d + 4 * f))) & 15).to(tl.float32)
                     tl.store(w_ptr + off, ((code - z) * s).to(w_ptr.dtype.element_ty), mask=ok & (kk < K))
-
-    @triton.jit
-    def _dequant_planes(
-        qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, kb, n0,
-        G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, TA: tl.constexpr, RELOAD: tl.constexpr,
-        I64: tl.constexpr,
-    ):  # fmt: skip
-        """The plane form (``SCATTER=0``, session 8): words loaded as [e, A, c], the 8 nibble planes stored as slabs
-        (Triton reorders between the two register layouts through shared memory: 254 us per 7B layer on the H200
-        against the flat form's 164). Session 9 also measured hiding the columns' contiguity here (the reorder then
-        went through stmatrix / ldmatrix: 1,316 us) and a flat form storing column pairs as 32-bit words (168 us);
-        both were removed."""
-        ee = tl.arange(0, 4)
-        aa = tl.arange(0, TA)
-        cc = tl.arange(0, 8)
-        wofs = 2 * n0 + (128 * (aa // 4) + aa % 4)[None, :, None] + 16 * cc[None, None, :] + 4 * ee[:, None, None]
-        tile_ok = (n0 + 64 * (aa // 4) < NP)[None, :, None]
-        nb0 = n0 + 16 * aa[:, None] + cc[None, :]  # [A, c] output columns of b = 0; b = 1 is nb0 + 8
-        nb1 = nb0 + 8
-        ok0 = nb0 < N
-        ok1 = nb1 < N
-        if G == 0:
-            s0, z0 = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nb0, ok0, SYM, SINGLE)
-            s1, z1 = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nb1, ok1, SYM, SINGLE)
-        else:
-            s0, z0 = _marlin_scales_zeros(sc_ptr, zp_ptr, (kb * 128) // G, NP, nb0, ok0, SYM, SINGLE)
-            s1, z1 = _marlin_scales_zeros(sc_ptr, zp_ptr, (kb * 128) // G, NP, nb1, ok1, SYM, SINGLE)
-        for j in tl.static_range(8):
-            r = kb * 8 + j
-            if RELOAD > 0:
-                if j > 0 and j % RELOAD == 0:
-                    s0, z0 = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb0, ok0, SYM, SINGLE)
-                    s1, z1 = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb1, ok1, SYM, SINGLE)
-            if I64:
-                rbase = r.to(tl.int64) * (2 * NP)
-            else:
-                rbase = r * (2 * NP)
-            words = tl.load(qm_ptr + rbase + wofs, mask=tile_ok & (r * 16 < K), other=0)
-            for d in tl.static_range(2):
-                for f in tl.static_range(2):
-                    kk = r * 16 + 8 * d + 2 * ee + f
-                    if I64:
-                        krow = (kk.to(tl.int64) * N)[:, None, None]
-                    else:
-                        krow = (kk * N)[:, None, None]
-                    k_ok = (kk < K)[:, None, None]
-                    c0 = ((words >> (4 * (d + 4 * f))) & 15).to(tl.float32)
-                    c1 = ((words >> (4 * (2 + d + 4 * f))) & 15).to(tl.float32)
-                    v0 = ((c0 - z0[None, :, :]) * s0[None, :, :]).to(w_ptr.dtype.element_ty)
-                    v1 = ((c1 - z1[None, :, :]) * s1[None, :, :]).to(w_ptr.dtype.element_ty)
-                    tl.store(w_ptr + krow + nb0[None, :, :], v0, mask=k_ok & ok0[None, :, :])
-                    tl.store(w_ptr + krow + nb1[None, :, :], v1, mask=k_ok & ok1[None, :, :])
 
     @triton.jit
     def _tile_ranges(spp_ptr, NS, NSB, n0, BR: tl.constexpr, NSB_P: tl.constexpr):
@@ -473,13 +417,10 @@ if TRITON_OK:
 # dequantizer 164-185 us per 7B layer (our own layout: 149), the plane forms 254-266 (removed forms: KERNEL_NOTES); the
 # 2-D index correction 12-16% under the sequence one at M = 1-8 -- but the one-copy pair's small batches use the
 # packed SELL correction, 79.1 us at M = 1 vs 102.1 for the 2-D index one)
-DEQ_CONFIG: tuple[int, ...] = (64, 2, 2)
+DEQ_CONFIG: tuple[int, ...] = (64, 2)
 CORR_CONFIG: tuple[str, int, int, int] = ("2d", 16, 64, 2)
 # the variants the micro-benchmark times; all compile for sm_90 without spills (tests)
-DEQ_VARIANTS: list[tuple[int, ...]] = [(128, 4), (128, 1), (128, 2), (256, 2), (256, 4), (512, 4)]
-# flat (form 2): one 1-D layout for the load, the arithmetic and the stores, no shared memory at all (tests)
-DEQ_VARIANTS += [(64, 2, 2), (128, 4, 2), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
-DEQ_FORMS = (0, 2)  # planes, flat
+DEQ_VARIANTS: list[tuple[int, ...]] = [(64, 2), (128, 4), (128, 8), (256, 4), (256, 8)]
 CORR_VARIANTS = [("seq", 16, 32, 0), ("2d", 16, 64, 2), ("2d", 16, 128, 4), ("2d", 16, 256, 8)]
 
 
@@ -539,7 +480,8 @@ def dequant_marlin_into(
 ) -> torch.Tensor:
     """The served weight, TRANSPOSED: wT [K, N] in ``act`` (default: the scales' dtype), read from Marlin's tensors
     with the held-out values restored, in one kernel. Into ``out`` (a flat scratch of >= N*K elements) or new.
-    ``config``: (tile width, warps[, form]), default ``DEQ_CONFIG``; form 0: planes, 2: flat (no shared memory)."""
+    ``config``: (tile width, warps), default ``DEQ_CONFIG`` (a third field 2, the flat form's number in session 9's
+    records, is accepted)."""
     if not TRITON_OK:
         raise RuntimeError("dequant_marlin_into needs Triton")
     c = check_marlin_tensors(qm, scale, zero, lay)
@@ -548,9 +490,8 @@ def dequant_marlin_into(
     flat = out if out is not None else torch.empty(n * k, dtype=dtype, device=qm.device)
     wt = flat[: n * k].view(k, n)
     bn, warps, *rest = config or envs.onecopy_config().get("deq") or DEQ_CONFIG
-    scatter = int(rest[0]) if rest else 0
-    if scatter not in DEQ_FORMS:
-        raise ValueError(f"dequant_marlin_into: form {scatter} (0: planes, 2: flat)")
+    if rest and rest != [2]:  # (BN, WARPS, 2): session 9's name of the flat form, the only one kept
+        raise ValueError(f"dequant_marlin_into: form {rest[0]} was removed (session 9: only the flat form, 2)")
     if bn % 64 or bn > 512:
         raise ValueError(f"dequant_marlin_into: tile width {bn} must be a multiple of 64, at most 512")
     rows_addressed = 1 << (16 - (spb.bit_length() - 1))  # an entry's row field spans this many rows
@@ -580,7 +521,6 @@ def dequant_marlin_into(
         F16=dtype == torch.float16,
         SPB=spb,
         I64=max(n * k, qm.numel()) >= 2**31 - 1,
-        SCATTER=scatter,
         num_warps=warps,
     )
     return wt
@@ -631,12 +571,12 @@ def compile_sm90(
 
     ty = "*fp16" if f16 else "*bf16"
     if which == "dequant":
-        bn, warps, *rest = config or DEQ_CONFIG
+        bn, warps, *_ = config or DEQ_CONFIG
         fn = _marlin_dequant_kernel
         sig = {"qm_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*i32", "spp_ptr": "*i32", "spe_ptr": "*i32", "w_ptr": ty}
         sig.update({"N": "i32", "K": "i32", "NP": "i32", "NS": "i32", "hide": "i32"})
         consts = dict(G=0 if single else 128, SYM=sym, SINGLE=single, BN=bn, HAS_SP=True, E=64, F16=f16, SPB=256)
-        consts.update(I64=False, SCATTER=int(rest[0]) if rest else 0)
+        consts.update(I64=False)
         div16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]
     elif which == "correction":
         mode, br, e, warps = config or CORR_CONFIG
