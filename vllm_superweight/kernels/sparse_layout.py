@@ -115,10 +115,16 @@ def unpack_slots(words: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     return cols, torch.where(w != 0, vals, torch.zeros_like(vals))
 
 
+def marker_dtype(ell_vals: torch.Tensor) -> torch.dtype | None:
+    """The value dtype of packed slots, read from a SELL layout's ``ell_vals`` (an empty marker of that dtype when
+    the slots are packed; float32 values otherwise -> None). Shapes and dtypes only: no device read."""
+    return ell_vals.dtype if ell_vals.numel() == 0 and ell_vals.dtype in PACK_DTYPES else None
+
+
 def packed_dtype(sp: dict[str, torch.Tensor]) -> torch.dtype | None:
-    """The value dtype of a packed SELL layout (its ``ell_vals`` is an empty marker of that dtype), else None."""
+    """The value dtype of a packed SELL layout, else None."""
     v = sp.get("ell_vals")
-    return v.dtype if v is not None and v.dtype in PACK_DTYPES else None
+    return None if v is None else marker_dtype(v)
 
 
 def build_sell(

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .. import envs
-from .sparse_layout import interpreting
+from .sparse_layout import PACK_DTYPES, interpreting, marker_dtype
 
 try:  # Hopper grid-dependency control (absent from the interpreter)
     from triton.language.extra.cuda import gdc_wait as _gdc_wait
@@ -154,7 +154,7 @@ def _sell_spmm_kernel(
             h_eok = h_ee < h_hi
             if PACK:
                 h_pw = tl.load(hcols_ptr + h_ee, mask=h_eok, other=0)
-                h_cc, h_vv, h_used = _unpack(h_pw, PACK)
+                h_cc, h_vv, _ = _unpack(h_pw, PACK)
             else:
                 h_cc = tl.load(hcols_ptr + h_ee, mask=h_eok, other=0)
                 h_vv = tl.load(hvals_ptr + h_ee, mask=h_eok, other=0.0)
@@ -268,7 +268,8 @@ def sparse_correction_(
     assert y.stride(1) == 1, "y must have unit column stride"
     use_pdl = pdl_allowed(pdl, p["transposed"], y)
     # packed slots (one int32: value bits << 16 | column): ell_vals / hvals are empty markers of the value dtype
-    pack = {torch.bfloat16: 1, torch.float16: 2}.get(ell_vals.dtype, 0) if ell_vals.numel() == 0 else 0
+    pk = marker_dtype(ell_vals)
+    pack = 0 if pk is None else PACK_DTYPES.index(pk) + 1  # the kernel's PACK: 1 bf16, 2 fp16
     # dummy (never dereferenced) pointers for empty parts
     ec, ev, erb = (ell_cols, ell_vals, ell_rb) if ell_cols.numel() else (hcols, hvals, hrows)
     hr, hp, hc, hv = (hrows, hptr, hcols, hvals) if hrows.numel() else (ell_rb, ell_rb, ell_cols, ell_vals)
