@@ -22,6 +22,8 @@ Sections (each written to the JSON as soon as it finishes; ``--budget-s`` skips 
   onecopy   the Marlin + dequantize pair over two W4 copies vs one (--sections onecopy; needs vLLM): Marlin +
             the SELL correction vs + the restore-index correction (small M), dequantize from our layout vs from
             Marlin's + cuBLAS (large M)
+  gemv      M <= 4 (--gemv-ms): the GEMV over Marlin's layout with the correction in its epilogue, every launch
+            variant and column-group split, vs Marlin and Marlin + the packed SELL correction; "gemv_best"
 
 Usage: python benchmarks/w4_fused_bench.py --out $OUT/w4_fused_bench.json [--budget-s 420] [--quick]
        python benchmarks/w4_fused_bench.py --dry-run-cpu      # tiny shapes through the Triton interpreter
@@ -291,7 +293,7 @@ class Bench:
                     import vllm_superweight.kernels as K
 
                     ent["sell"] = K.prepare_sparse(r, c, v, n, k, dev, layout="sell")
-                if "onecopy" in self.args.sections:
+                if {"onecopy", "gemv"} & set(self.args.sections):
                     self.add_onecopy(ent, n, k)
                 d[name] = ent
             self.layers.append(d)
@@ -607,6 +609,71 @@ class Bench:
 
             inputs = {"q": ent["q"].cpu(), "scales": ent["s"].cpu(), "zeros": ent["z"].cpu(), "sym": False}
             ent["mq"] = marlin_layout(inputs, n, k, 128)
+        if "mq" in ent:
+            from vllm_superweight.kernels import triton_marlin_gemv as MG
+
+            ent["gmaps"] = MG.gemv_maps(ent["psell"], ent["mq"][0].shape[1] // 2)
+
+    def section_gemv(self):
+        """The small-batch GEMV over Marlin's layout with the held-out correction in its epilogue (issue 12) vs
+        Marlin alone and Marlin + the packed SELL correction (today's one-copy default), per M <= 4 and per
+        launch variant / column-group split; us per layer (4 GEMMs), TB/s of the W4 bytes (AWQ's count)."""
+        from vllm_superweight.kernels import triton_marlin_gemv as MG
+        from vllm_superweight.kernels import triton_sparse as TS
+
+        if "mq" not in self.layers[0]["o"]:
+            self.add(section="gemv", note="skipped: no Marlin layer (vLLM unavailable)")
+            return
+
+        def run(kind, xs, cfg=None, gs=None):
+            def f():
+                for lay in self.layers:
+                    for name, (n, k) in self.shapes.items():
+                        e, x = lay[name], xs[name]
+                        if kind.startswith("gemv"):
+                            sp = None if kind.startswith("gemv no hold-out") else e["psell"]
+                            MG.marlin_gemv(x, *e["mq"], n, k, 128, False, sp, e["gmaps"], config=cfg, gs=gs)
+                            continue
+                        if e.get("marlin") is not None:
+                            layer, kobj = e["marlin"]
+                            y = kobj.apply_weights(layer, x)
+                        else:  # dry run: no Marlin GEMM on a CPU
+                            y = torch.zeros(x.shape[0], n, dtype=x.dtype)
+                        if kind == "marlin+packed sell":
+                            sp = e["psell"]
+                            TS.sparse_correction_(y, x, *[sp[key] for key in SELL_ORDER], int(sp["nnz"].shape[0]))
+
+            return f
+
+        wb = self.wbytes("awq")
+        best: dict = {}
+        for m in self.args.gemv_ms:
+            if self.left() < 15:
+                self.add(section="gemv", m=m, note="skipped: time budget")
+                continue
+            xs = self.xs(m)
+            bm = MG._bm(m)
+            cfgs = [MG.GEMV_CONFIGS[bm]] + [c for c in MG.GEMV_VARIANTS if c != MG.GEMV_CONFIGS[bm]]
+            kinds: list = [("marlin", None, None), ("marlin+packed sell", None, None)]
+            kinds += [("gemv no hold-out", None, None), ("gemv", None, None)]
+            kinds += [(f"gemv {c} gs{g}", c, g) for c in cfgs for g in (1, 2, 4, 8)]
+            base = None
+            for kind, cfg, gs in kinds:
+                if self.left() < 8:
+                    break
+                try:
+                    us = time_graph(run(kind, xs, cfg, gs), self.args.iters) / len(self.layers)
+                except Exception as e:  # noqa: BLE001
+                    self.add(section="error", kernel=kind, m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
+                    continue
+                base = us if kind == "marlin" else base
+                self.add(section="gemv", kernel=kind, m=m, us=us, bytes=wb, ratio=(us / base) if base else None)
+                if cfg is not None:
+                    b = best.setdefault(str(m), {"us": float("inf")})
+                    if us < b["us"]:
+                        best[str(m)] = {"us": us, "config": list(cfg), "gs": gs}
+            self.meta["gemv_best"] = best
+            self.save()
 
     def section_onecopy(self):
         """The Marlin + dequantize pair over two W4 copies vs one (issue 12), per M: small batches Marlin + the
@@ -871,6 +938,8 @@ class Bench:
                     self.section_paths()
                 elif sec == "onecopy":
                     self.section_onecopy()
+                elif sec == "gemv":
+                    self.section_gemv()
             except Exception as e:  # noqa: BLE001
                 self.add(section=sec, note=f"section failed: {type(e).__name__}: {str(e)[:500]}")
                 traceback.print_exc()
@@ -1051,6 +1120,7 @@ def main():
         type=lambda s: [int(v) for v in s.split(",")],
         default=[1, 8, 32, 64, 96, 128, 256, 1024, 4096],
     )
+    ap.add_argument("--gemv-ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4])
     ap.add_argument("--quick", action="store_true", help="layers=1, iters=10, fewer M")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
@@ -1096,6 +1166,7 @@ def main():
         args.layers, args.iters = 1, 1
         args.ms, args.prefill_ms, args.sweep_ms = [1, 3], [40], [1, 20]
         args.onecopy_ms = [1, 70]
+        args.gemv_ms = [1, 3]
         args.budget_s = max(args.budget_s, 1800.0)
     B = Bench(args)
     B.run()

@@ -242,13 +242,17 @@ def test_dual_dispatch_with_bias_under_compile_and_cuda_graphs():
         assert torch.equal(out, eager), m
 
 
-@pytest.mark.parametrize("kernel", ["marlin-deq", "marlin-deq1"])
-def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel):
+@pytest.mark.parametrize("kernel", ["marlin-deq", "marlin-deq1", "marlin-deq1-gemv"])
+def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel, monkeypatch):
     """MarlinDequantKernel (and its one-copy form, dequantizing from Marlin's tensors): below the threshold Marlin +
     the separate correction, from it on the dequantized weights (held-out values restored in the scratch) through
     cuBLAS; both against the float reference of the restored weights, with bias, eagerly, under torch.compile and
-    inside CUDA graphs on both sides of the threshold. The one-copy form holds no W4 tensor besides Marlin's."""
+    inside CUDA graphs on both sides of the threshold. The one-copy form holds no W4 tensor besides Marlin's;
+    with ``gemv=4`` its batches of <= 4 tokens run the GEMV over Marlin's layout, correction in the epilogue."""
     VL = _vl()
+    gemv = kernel.endswith("-gemv")
+    monkeypatch.setenv("SUPERWEIGHT_ONECOPY_CONFIG", "gemv=4" if gemv else "gemv=0")
+    kernel = kernel.removesuffix("-gemv")
     dev, n, k, max_m = "cuda", 4096, 11008, 32
     g = torch.Generator().manual_seed(5)
     flat = torch.randperm(n * k, generator=g)[: n * k // 1000]
@@ -263,10 +267,12 @@ def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel):
     if kernel == "marlin-deq":
         assert kd.describe() == f"Marlin(M<{max_m + 1})+dequant/cuBLAS"
     else:
-        assert kd.describe() == f"Marlin(M<{max_m + 1})+dequant(Marlin layout)/cuBLAS"
+        small = "GEMV+corr(M<=4)/" if gemv else ""
+        assert kd.describe() == f"{small}Marlin(M<{max_m + 1})+dequant(Marlin layout)/cuBLAS"
         own = sum(t.numel() * t.element_size() for t in [*lay.parameters(), *lay.buffers()])
         marlin = sum(t.numel() * t.element_size() for t in [*kd.shadow.parameters(), *kd.shadow.buffers()])
-        extra = sum(t.numel() * t.element_size() for t in [*kd.deq.values(), *kd.sp.values()])
+        extra = sum(t.numel() * t.element_size() for t in [*kd.deq.values(), *kd.sp.values(), *kd.gmaps.values()])
+        assert bool(kd.gmaps) == gemv
         assert kd.sp and kd.sp["ell_vals"].numel() == 0  # packed SELL slots for the small batches
         awq = n * k // 2 + (n * k // 128) * 2 + (n * k // 128) // 2  # codes + bf16 scales + packed zero points
         assert own <= 2 * n * 2  # the bias only
@@ -276,7 +282,7 @@ def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel):
         return kd.apply_weights(lay, x, lay.bias)
 
     cf = torch.compile(f, fullgraph=True, dynamic=True)
-    for m in (1, 32, 33, 600):
+    for m in (1, 3, 4, 5, 32, 33, 600):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         eager = f(x)
         assert _rel(eager, x.float() @ ref_w.T + bias.float()) < 8e-3, m

@@ -317,12 +317,14 @@ class PyMarlin:
 
 
 @interp_only
-@pytest.mark.parametrize("group,sym", [(64, False), (-1, True)])
-def test_interp_one_copy_kernel_class(monkeypatch, group, sym):
+@pytest.mark.parametrize("group,sym,gemv", [(64, False, 0), (-1, True, 0), (64, False, 4), (-1, True, 2)])
+def test_interp_one_copy_kernel_class(monkeypatch, group, sym, gemv):
     """MarlinDequantOneCopyKernel: the checkpoint tensors MOVE into Marlin's module (the layer keeps no W4 tensor of
-    its own: one copy); small batches run Marlin + the separate correction, large ones dequantize from Marlin's
-    tensors with the held-out values restored; both match the float64 reference of the restored weights, with
+    its own: one copy); small batches run Marlin + the separate correction (or, ``gemv=MAX_M``, up to MAX_M tokens
+    the GEMV over Marlin's tensors with the correction in its epilogue), large ones dequantize from Marlin's
+    tensors with the held-out values restored; all match the float64 reference of the restored weights, with
     bias."""
+    monkeypatch.setenv("SUPERWEIGHT_ONECOPY_CONFIG", f"gemv={gemv}")
     from vllm_linear import pack_int32
 
     from vllm_superweight.kernels.linear import SWLinearConfig
@@ -359,6 +361,14 @@ def test_interp_one_copy_kernel_class(monkeypatch, group, sym):
     from vllm_superweight.kernels.sparse_layout import packed_dtype
 
     assert packed_dtype(kd.sp) == torch.bfloat16  # small batches: the packed SELL correction
+    assert bool(kd.gmaps) == bool(gemv) and kd.describe().startswith("GEMV" if gemv else "Marlin")
+    if gemv:  # the GEMV serves these batches: Marlin (the test double) must not run
+        monkeypatch.setattr(kd.small, "apply_gemm", None)
+        gen = torch.Generator().manual_seed(3)
+        for m in range(1, gemv + 1):
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+            check_close(kd.apply_weights(layer, x, layer.bias), x, inputs, bias, tag=f"GEMV M={m}")
+        return
     gen = torch.Generator().manual_seed(2)
     for m in (3, 8, 21):
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
@@ -447,9 +457,9 @@ def test_onecopy_config_env(monkeypatch):
     assert envs.onecopy_config() == {"deq": (128, 4, 2)}
     monkeypatch.setenv(envs.ONECOPY_CONFIG, "corr=2d:16:64:2")
     assert envs.onecopy_config() == {"corr": ("2d", 16, 64, 2)}
-    monkeypatch.setenv(envs.ONECOPY_CONFIG, "deq=64:2:2,corr=sell")
-    assert envs.onecopy_config() == {"deq": (64, 2, 2), "corr": ("sell",)}
-    for bad in ("deq=128", "corr=fast:16:64:2", "deq=a:b", "warp=4"):
+    monkeypatch.setenv(envs.ONECOPY_CONFIG, "deq=64:2:2,corr=sell,gemv=4")
+    assert envs.onecopy_config() == {"deq": (64, 2, 2), "corr": ("sell",), "gemv": (4,)}
+    for bad in ("deq=128", "corr=fast:16:64:2", "deq=a:b", "warp=4", "gemv=5", "gemv=x", "gemv=1:2"):
         monkeypatch.setenv(envs.ONECOPY_CONFIG, bad)
         with pytest.raises(ValueError, match="expected deq="):
             envs.onecopy_config()

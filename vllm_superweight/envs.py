@@ -23,9 +23,11 @@ Only what users need is a knob:
                                     scratch and one cuBLAS GEMM (default 96).
 ``SUPERWEIGHT_ONECOPY_CONFIG``      launch configurations of the ``marlin-deq1`` kernels, as the micro-benchmark
                                     found them best on this GPU (``w4_fused_bench.py --sections onecopy``):
-                                    ``deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS`` (either part
-                                    may be left out; ``corr=sell``: the packed SELL correction, the default
-                                    where K <= 65536; the other kinds read the restore index).
+                                    ``deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=MAX_M``
+                                    (any part may be left out; ``corr=sell``: the packed SELL correction, the
+                                    default where K <= 65536; the other kinds read the restore index;
+                                    ``gemv=MAX_M`` (<= 4): batches of up to MAX_M tokens run the GEMV over
+                                    Marlin's layout with the correction in its epilogue, ``gemv=0`` never).
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
                                     batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS`` (any subset): tokens
                                     per program on the direct path, the smallest M of the transposed path,
@@ -145,8 +147,8 @@ def setdefault_vllm_env(env: dict | None = None) -> dict:
 
 
 def onecopy_config() -> dict[str, tuple]:
-    """``SUPERWEIGHT_ONECOPY_CONFIG`` parsed: {"deq": (BN, WARPS[, SCATTER]), "corr": (KIND, ROWS, SLOTS, WARPS)},
-    the parts given."""
+    """``SUPERWEIGHT_ONECOPY_CONFIG`` parsed: {"deq": (BN, WARPS[, SCATTER]), "corr": (KIND, ROWS, SLOTS, WARPS),
+    "gemv": (MAX_M,)}, the parts given."""
     return _parse_onecopy(os.environ.get(ONECOPY_CONFIG, "").strip())
 
 
@@ -166,9 +168,14 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
             if key == "corr" and len(fields) == 4 and fields[0] in ("seq", "2d"):
                 out["corr"] = (fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
                 continue
+            if key == "gemv" and len(fields) == 1 and 0 <= int(fields[0]) <= 4:
+                out["gemv"] = (int(fields[0]),)
+                continue
         except ValueError:
             pass
-        raise ValueError(f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS")
+        raise ValueError(
+            f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=0..4"
+        )
     return out
 
 

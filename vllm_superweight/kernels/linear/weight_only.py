@@ -467,6 +467,9 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
         return y  # inside run(), on both paths
 
 
+GEMV_DEFAULT_MAX_M = 0  # the GEMV over Marlin's layout is opt-in (SUPERWEIGHT_ONECOPY_CONFIG=gemv=4) until measured
+
+
 class MarlinDequantOneCopyKernel(MarlinDequantKernel):
     """The Marlin + dequantize pair over ONE copy of the W4 weights: Marlin's. Large batches dequantize straight
     from Marlin's repacked tensors (``kernels/triton_marlin_deq.py``; held-out values restored in the same kernel),
@@ -494,9 +497,13 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
         super().__init__(config, min_m)
         self.deq: dict[str, torch.Tensor] = {}
         self.sp: dict[str, torch.Tensor] = {}  # packed SELL slots of the small batches' correction
+        self.gmaps: dict[str, torch.Tensor] = {}  # the GEMV's index into those slots
+        gemv = envs.onecopy_config().get("gemv")
+        self.gemv_max_m = GEMV_DEFAULT_MAX_M if gemv is None else gemv[0]
 
     def describe(self) -> str:
-        return f"Marlin(M<{self.min_m})+dequant(Marlin layout)/cuBLAS"
+        small = f"GEMV+corr(M<={self.gemv_max_m})/" if self.gemv_max_m else ""
+        return f"{small}Marlin(M<{self.min_m})+dequant(Marlin layout)/cuBLAS"
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # the checkpoint tensors MOVE into Marlin's module (no copy) and are repacked there; the layer keeps its bias
@@ -519,11 +526,25 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
         self.sp = {}
         if rows.numel() and k_p <= PACK_MAX_K:
             self.sp = prepare_sparse(rows, cols, vals, n_p, k_p, device, layout="sell", pack=c.act_dtype)
+        elif rows.numel():
+            self.gemv_max_m = 0  # the GEMV reads packed slots only (16-bit columns)
+        if self.sp and self.gemv_max_m:
+            from ..triton_marlin_gemv import gemv_maps
+
+            self.gmaps = gemv_maps(self.sp, tensor(self.shadow, W_PACKED).shape[1] // 2)
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from .. import sparse_correction
         from ..triton_marlin_deq import index_correction_, marlin_deq_mm
 
+        if x.shape[0] <= self.gemv_max_m:  # the correction inside the GEMV's epilogue: one kernel
+            from ..triton_marlin_gemv import marlin_gemv
+
+            c = self.config
+            k_p, n_p = c.partition_shape
+            zp = None if c.symmetric else tensor(self.shadow, W_ZERO)
+            qm, sc = tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE)
+            return marlin_gemv(x, qm, sc, zp, n_p, k_p, c.group_size, c.symmetric, self.sp, self.gmaps, bias)
         if x.shape[0] < self.min_m:
             b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
             y = self.small.apply_gemm(self.shadow, x, b)

@@ -1,0 +1,441 @@
+"""Small-batch W4 GEMV straight from Marlin's layout, with the held-out correction in its epilogue (issue 12).
+
+The one-copy pair (``MarlinDequantOneCopyKernel``) serves small batches with vLLM's Marlin and then a second kernel,
+the packed SELL correction, which re-reads and re-writes y: +11 us per 7B layer at M = 1 on the H200 (+13 % end to
+end at batch 1). This kernel reads the same tensors Marlin holds (``triton_marlin_deq``'s docstring has the layout)
+and the same packed SELL slots, so nothing is stored twice, and adds the held-out terms before its single rounding:
+
+    maps = gemv_maps(sp, n_pad)                                               # load time: 2 small int32 maps
+    y = marlin_gemv(x, qm, scale, zero, n, k, group, sym, sp, maps, bias)     # x [M <= 4, K] -> [M, N]
+
+Work split. A program owns the output columns of ``GS`` of the 8 column groups of one 64-column Marlin tile (word
+``128 (n div 64) + 16 (n mod 8) + 4 t + u`` of each 16-row K tile holds columns n, n + 8 of the 16 u-column stride
+and k = 8 kh + 2 t + kp: 8 codes of 2 columns x 4 K values), and all of K: no split-K, no atomics, one rounding.
+Its tensors are 5-D ``[RT, WR, GS, 4 (t), 4 (u)]``: the 4 words u (16 bytes) and ``RT`` K tiles in one thread,
+threads over (GS, t), warps over WR rows of threads. Each word needs 4 x values per token, shared by its 4 u words,
+so x costs ~1/8 load per weight (the session-5 GEMV over our own layout loaded one x per weight). Codes are
+extracted as the exact fp32 ``1 + q/16`` (one shift, one LOP3, ``triton_w4._plane16``), summed against x in fp32
+over the 4 codes of one column and the RT K tiles of the thread (in registers), then scaled once per group:
+``(q - z) s = 16 s (1 + q/16) - (16 + z) s``. At the end the sums over the warps and t are taken once, the packed
+SELL slots of the program's rows (plus any heavy row's CSR range) are gathered against x (fp32), the bias added,
+and y rounded once. Legal in CUDA graphs and torch.compile (shapes only on the host, no sync).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sparse_layout import DEFAULT_LANES, interpreting, packed_dtype
+from .triton_w4 import TRITON_OK, _cdiv
+
+GEMV_MAX_M = 4  # tokens of one program (separate accumulators per token)
+# tokens -> (RT: K tiles per thread, warps); GS (column groups per program) is chosen per layer by ``_groups``
+GEMV_CONFIGS: dict[int, tuple[int, int]] = {1: (8, 4), 2: (4, 4), 4: (2, 4)}
+GEMV_VARIANTS: list[tuple[int, int]] = [(8, 4), (4, 4), (2, 4), (8, 8), (4, 8), (2, 8)]
+
+
+def _bm(m: int) -> int:
+    return 1 if m <= 1 else (2 if m <= 2 else 4)
+
+
+def _rt(rt: int, bm: int, group: int) -> int:
+    """K tiles per thread: at most 8 / tokens (registers: RT 8 with 4 tokens spills on sm_90) and G / 16 (a
+    thread's tiles lie in one group)."""
+    rt = min(rt, 8 // bm)
+    return min(rt, group // 16) if group else rt
+
+
+def _groups(np_: int, n_sm: int, gs: int | None = None) -> int:
+    """Column groups per program: the largest GS in 8, 4, 2, 1 that still gives >= 2 programs per SM."""
+    if gs:
+        return gs
+    for g in (8, 4, 2):
+        if (np_ // 64) * (8 // g) >= 2 * n_sm:
+            return g
+    return 1
+
+
+def gemv_maps(sp: dict[str, torch.Tensor], n_pad: int) -> dict[str, torch.Tensor]:
+    """Two int32 maps over the 32-row blocks of ``n_pad`` rows that let a program find its rows' packed SELL
+    slots: ``rb2s`` (row block -> slice, -1 if none) and ``hrng`` (row block -> first heavy row, n_blocks + 1
+    entries). ``sp``: ``sparse_layout.build_sell(pack=...)`` with 32 lanes (on any device)."""
+    if packed_dtype(sp) is None:
+        raise ValueError("gemv_maps: the GEMV reads packed SELL slots (build_sell(pack=act))")
+    lanes = sp["ell_cols"].shape[2] if sp["ell_cols"].dim() == 3 and sp["ell_cols"].shape[0] else DEFAULT_LANES
+    if lanes != DEFAULT_LANES:
+        raise ValueError(f"gemv_maps: {lanes} lanes per slice, the GEMV reads {DEFAULT_LANES}")
+    nb = _cdiv(n_pad, DEFAULT_LANES)
+    dev = sp["ell_rb"].device
+    rb2s = torch.full((nb,), -1, dtype=torch.int32, device=dev)
+    rbs = sp["ell_rb"].long()
+    rb2s[rbs] = torch.arange(rbs.numel(), dtype=torch.int32, device=dev)
+    starts = torch.arange(nb + 1, dtype=torch.int64, device=dev) * DEFAULT_LANES
+    hrng = torch.searchsorted(sp["hrows"].long().contiguous(), starts).to(torch.int32)
+    return {"rb2s": rb2s, "hrng": hrng}
+
+
+def memory_bytes(maps: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in maps.values())
+
+
+if TRITON_OK:
+    import triton
+    import triton.language as tl
+
+    from .triton_marlin_deq import _marlin_scales_zeros
+    from .triton_w4 import _plane16
+
+    @triton.jit
+    def _slot_val(slot, F16: tl.constexpr):
+        """fp32 value of packed SELL slots (bits 31..16 the act-dtype value)."""
+        if F16:
+            return ((slot >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return (slot & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _correction(
+        x_ptr, m, M, stride_xm, n2, n_ok, ell_ptr, rb2s_ptr, hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr, blk,
+        L: tl.constexpr, HAS_HEAVY: tl.constexpr, EH: tl.constexpr, F16: tl.constexpr,
+    ):  # fmt: skip
+        """sum over held-out entries (r, c, v) with r in ``n2`` of v * x[m, c], fp32 (shape of n2)."""
+        c = tl.zeros(n2.shape, dtype=tl.float32)
+        m_ok = m < M
+        if L > 0:
+            sl = tl.load(rb2s_ptr + n2 // 32, mask=n_ok, other=-1)
+            has = (sl >= 0) & n_ok
+            base = sl * (L * 32) + n2 % 32
+            for d in tl.static_range(L):  # every slot's load in flight at once (no dependence between them)
+                slot = tl.load(ell_ptr + base + d * 32, mask=has, other=0)
+                xv = tl.load(x_ptr + m * stride_xm + (slot & 0xFFFF), mask=(slot != 0) & m_ok, other=0.0)
+                c += _slot_val(slot, F16) * xv.to(tl.float32)
+        if HAS_HEAVY:  # rows longer than the slice depth: their CSR ranges (the program's two 32-row blocks)
+            lo = tl.load(hrng_ptr + 2 * blk)
+            hi = tl.load(hrng_ptr + 2 * blk + 2)
+            offs = tl.arange(0, EH)
+            for h in range(lo, hi):
+                row = tl.load(hrows_ptr + h)
+                e0 = tl.load(hptr_ptr + h)
+                e1 = tl.load(hptr_ptr + h + 1)
+                part = tl.zeros((EH,), dtype=tl.float32)
+                for e in range(e0, e1, EH):
+                    ok = e + offs < e1
+                    ent = tl.load(hent_ptr + e + offs, mask=ok, other=0)
+                    xh = tl.load(x_ptr + m * stride_xm + (ent & 0xFFFF), mask=ok & (ent != 0) & m_ok, other=0.0)
+                    part += _slot_val(ent, F16) * xh.to(tl.float32)
+                c = tl.where(n2 == row, c + tl.sum(part, axis=0), c)
+        return c
+
+    @triton.jit
+    def _finish(
+        acc0, acc1, x_ptr, m, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, blk, g0, ell_ptr, rb2s_ptr, hrng_ptr,
+        hrows_ptr, hptr_ptr, hent_ptr, GS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SP: tl.constexpr,
+        L: tl.constexpr, HAS_HEAVY: tl.constexpr, EH: tl.constexpr, F16: tl.constexpr,
+    ):  # fmt: skip
+        """Sum over warps and t, add the correction and the bias, round once, store token m's columns."""
+        g2 = tl.arange(0, GS)[:, None]
+        u2 = tl.arange(0, 4)[None, :]
+        for b in tl.static_range(2):
+            if b == 0:
+                v = tl.sum(tl.sum(acc0, axis=0), axis=1)  # [t, GS, WR, u] -> [GS, u]
+            else:
+                v = tl.sum(tl.sum(acc1, axis=0), axis=1)
+            n2 = 64 * blk + g0 + g2 + 8 * b + 16 * u2
+            n_ok = n2 < N
+            if HAS_SP:
+                v += _correction(
+                    x_ptr, m, M, stride_xm, n2, n_ok, ell_ptr, rb2s_ptr, hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr,
+                    blk, L, HAS_HEAVY, EH, F16,
+                )  # fmt: skip
+            if HAS_BIAS:
+                v += tl.load(bias_ptr + n2, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + m * stride_ym + n2, v.to(y_ptr.dtype.element_ty), mask=n_ok & (m < M))
+
+    @triton.jit
+    def _xk(x_ptr, m, kk, K, stride_xm, MASK: tl.constexpr):
+        if MASK:
+            return tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+        return tl.load(x_ptr + m * stride_xm + kk).to(tl.float32)
+
+    @triton.jit
+    def _tok_sums(w, x_ptr, m, kb, K, stride_xm, MASK: tl.constexpr, ASM: tl.constexpr):
+        """One token's (sum over the RT tiles of sum_kh,kp (1 + q/16) x) for b = 0 / 1, and the sum of its x.
+        ``kb`` [t, GS, WR, RT, 1]: the first K index of each word's (t, tile)."""
+        x00 = _xk(x_ptr, m, kb, K, stride_xm, MASK)
+        x01 = _xk(x_ptr, m, kb + 1, K, stride_xm, MASK)
+        x10 = _xk(x_ptr, m, kb + 8, K, stride_xm, MASK)
+        x11 = _xk(x_ptr, m, kb + 9, K, stride_xm, MASK)
+        # nibble p = 2 b + kh + 4 kp
+        p0 = _plane16(w, 0, ASM) * x00 + _plane16(w, 1, ASM) * x10 + _plane16(w, 4, ASM) * x01
+        p0 += _plane16(w, 5, ASM) * x11
+        p1 = _plane16(w, 2, ASM) * x00 + _plane16(w, 3, ASM) * x10 + _plane16(w, 6, ASM) * x01
+        p1 += _plane16(w, 7, ASM) * x11
+        return tl.sum(p0, axis=3), tl.sum(p1, axis=3), tl.sum(x00 + x01 + x10 + x11, axis=3)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _marlin_gemv_kernel(
+        x_ptr, qm_ptr, sc_ptr, zp_ptr, bias_ptr, y_ptr, ell_ptr, rb2s_ptr, hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr,
+        M, N, K, KT, NP, stride_xm, stride_ym,
+        G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+        RT: tl.constexpr, WR: tl.constexpr, GS: tl.constexpr, HAS_SP: tl.constexpr, L: tl.constexpr,
+        HAS_HEAVY: tl.constexpr, EH: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, I64: tl.constexpr,
+        KFULL: tl.constexpr,
+    ):  # fmt: skip
+        """y[m, n] for m < M <= BM (1, 2 or 4) tokens; grid (NP / (8 GS),) (module docstring).
+
+        Tensor dims are [t, GS, WR, RT, u]: Triton orders a layout's dims by pointer contiguity, ties by dim index,
+        so the words (contiguous along u) get threads over (t, GS, WR) with u (16 bytes) and the RT tiles in one
+        thread, and every other tensor (x, scales: no contiguity) the same thread mapping -- no layout
+        conversion inside the K loop (checked in the TTGIR by a test)."""
+        pid = tl.program_id(0)
+        NG: tl.constexpr = 8 // GS
+        blk = pid // NG
+        g0 = (pid % NG) * GS
+        t5 = tl.arange(0, 4)[:, None, None, None, None]
+        g5 = tl.arange(0, GS)[None, :, None, None, None]
+        w5 = tl.arange(0, WR)[None, None, :, None, None]
+        i5 = tl.arange(0, RT)[None, None, None, :, None]
+        u5 = tl.arange(0, 4)[None, None, None, None, :]
+        wofs = 128 * blk + 16 * (g0 + g5) + 4 * t5 + u5
+        rloc = w5 * RT + i5
+        xrow = rloc + 0 * g5  # x is gathered per (t, g, w, i): the words' thread mapping
+        ROWS: tl.constexpr = RT * WR
+        # scales / zero points of acc's elements [t, GS, WR, u] (t broadcast): column 64 blk + g0 + g + 8 b + 16 u
+        t4 = tl.arange(0, 4)[:, None, None, None]
+        w4 = tl.arange(0, WR)[None, None, :, None]
+        nc0 = 64 * blk + g0 + tl.arange(0, GS)[None, :, None, None] + 16 * tl.arange(0, 4)[None, None, None, :]
+        nc0 = nc0 + 0 * t4 + 0 * w4
+        nc1 = nc0 + 8
+        a00 = tl.zeros((4, GS, WR, 4), dtype=tl.float32)
+        a01 = tl.zeros((4, GS, WR, 4), dtype=tl.float32)
+        a10 = tl.zeros((4, GS, WR, 4), dtype=tl.float32)
+        a11 = tl.zeros((4, GS, WR, 4), dtype=tl.float32)
+        a20 = tl.zeros((4, GS, WR, 4), dtype=tl.float32)
+        a21 = tl.zeros((4, GS, WR, 4), dtype=tl.float32)
+        a30 = tl.zeros((4, GS, WR, 4), dtype=tl.float32)
+        a31 = tl.zeros((4, GS, WR, 4), dtype=tl.float32)
+        sx0 = tl.zeros((4, GS, WR, 1), dtype=tl.float32)
+        sx1 = tl.zeros((4, GS, WR, 1), dtype=tl.float32)
+        sx2 = tl.zeros((4, GS, WR, 1), dtype=tl.float32)
+        sx3 = tl.zeros((4, GS, WR, 1), dtype=tl.float32)
+        for r0 in range(0, KT, ROWS):
+            row = r0 + rloc
+            if I64:
+                wp = qm_ptr + row.to(tl.int64) * (2 * NP) + wofs
+            else:
+                wp = qm_ptr + row * (2 * NP) + wofs
+            if KFULL:  # K = 16 KT and the loop never passes KT: no masks
+                w = tl.load(wp)
+            else:
+                w = tl.load(wp, mask=row < KT, other=0)
+            kb = (r0 + xrow) * 16 + 2 * t5
+            # x rows past M are never read: tokens m >= M get row M - 1 (their results are not stored)
+            p00, p01, q0 = _tok_sums(w, x_ptr, 0, kb, K, stride_xm, not KFULL, ASM)
+            if BM > 1:
+                p10, p11, q1 = _tok_sums(w, x_ptr, tl.minimum(1, M - 1), kb, K, stride_xm, not KFULL, ASM)
+            if BM > 2:
+                p20, p21, q2 = _tok_sums(w, x_ptr, tl.minimum(2, M - 1), kb, K, stride_xm, not KFULL, ASM)
+                p30, p31, q3 = _tok_sums(w, x_ptr, tl.minimum(3, M - 1), kb, K, stride_xm, not KFULL, ASM)
+            if G == 0:  # one scale per column: applied once after the loop
+                a00 += p00
+                a01 += p01
+                sx0 += q0
+                if BM > 1:
+                    a10 += p10
+                    a11 += p11
+                    sx1 += q1
+                if BM > 2:
+                    a20 += p20
+                    a21 += p21
+                    sx2 += q2
+                    a30 += p30
+                    a31 += p31
+                    sx3 += q3
+            else:
+                r_w = r0 + w4 * RT  # a thread's RT tiles lie in one group (RT divides G / 16)
+                ok = r_w < KT
+                grp = (r_w * 16) // G
+                s0, z0 = _marlin_scales_zeros(sc_ptr, zp_ptr, grp, NP, nc0, ok, SYM, SINGLE)
+                s1, z1 = _marlin_scales_zeros(sc_ptr, zp_ptr, grp, NP, nc1, ok, SYM, SINGLE)
+                c0 = -(16.0 + z0) * s0
+                c1 = -(16.0 + z1) * s1
+                s0 = 16.0 * s0
+                s1 = 16.0 * s1
+                a00 += s0 * p00 + c0 * q0
+                a01 += s1 * p01 + c1 * q0
+                if BM > 1:
+                    a10 += s0 * p10 + c0 * q1
+                    a11 += s1 * p11 + c1 * q1
+                if BM > 2:
+                    a20 += s0 * p20 + c0 * q2
+                    a21 += s1 * p21 + c1 * q2
+                    a30 += s0 * p30 + c0 * q3
+                    a31 += s1 * p31 + c1 * q3
+        if G == 0:
+            ok0 = nc0 < NP
+            s0, z0 = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nc0, ok0, SYM, SINGLE)
+            s1, z1 = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nc1, ok0, SYM, SINGLE)
+            c0 = -(16.0 + z0) * s0
+            c1 = -(16.0 + z1) * s1
+            s0 = 16.0 * s0
+            s1 = 16.0 * s1
+            a00 = s0 * a00 + c0 * sx0
+            a01 = s1 * a01 + c1 * sx0
+            a10 = s0 * a10 + c0 * sx1
+            a11 = s1 * a11 + c1 * sx1
+            a20 = s0 * a20 + c0 * sx2
+            a21 = s1 * a21 + c1 * sx2
+            a30 = s0 * a30 + c0 * sx3
+            a31 = s1 * a31 + c1 * sx3
+        _finish(
+            a00, a01, x_ptr, 0, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, blk, g0, ell_ptr, rb2s_ptr, hrng_ptr,
+            hrows_ptr, hptr_ptr, hent_ptr, GS, HAS_BIAS, HAS_SP, L, HAS_HEAVY, EH, F16,
+        )  # fmt: skip
+        if BM > 1:
+            _finish(
+                a10, a11, x_ptr, 1, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, blk, g0, ell_ptr, rb2s_ptr,
+                hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr, GS, HAS_BIAS, HAS_SP, L, HAS_HEAVY, EH, F16,
+            )  # fmt: skip
+        if BM > 2:
+            _finish(
+                a20, a21, x_ptr, 2, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, blk, g0, ell_ptr, rb2s_ptr,
+                hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr, GS, HAS_BIAS, HAS_SP, L, HAS_HEAVY, EH, F16,
+            )  # fmt: skip
+            _finish(
+                a30, a31, x_ptr, 3, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, blk, g0, ell_ptr, rb2s_ptr,
+                hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr, GS, HAS_BIAS, HAS_SP, L, HAS_HEAVY, EH, F16,
+            )  # fmt: skip
+
+
+def _launch_args(
+    x2: torch.Tensor,
+    qm: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    n: int,
+    k: int,
+    group: int,
+    sym: bool,
+    sp: dict[str, torch.Tensor] | None,
+    maps: dict[str, torch.Tensor] | None,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    config: tuple[int, int] | None,
+    gs: int | None,
+    n_sm: int,
+):
+    """(grid, positional args, constexprs, warps) of one launch; shapes only (no device reads)."""
+    from .triton_marlin_deq import uses_single_scale_perm
+
+    m = x2.shape[0]
+    kp, np_ = qm.shape[0] * 16, qm.shape[1] // 2
+    if m > GEMV_MAX_M:
+        raise ValueError(f"marlin_gemv: {m} tokens, at most {GEMV_MAX_M}")
+    if qm.dtype != torch.int32 or kp < k or np_ < n or np_ % 64 or x2.shape[1] != k:
+        raise ValueError(f"marlin_gemv: Marlin tensor {tuple(qm.shape)} / x {tuple(x2.shape)} for a [{n}, {k}] layer")
+    single = uses_single_scale_perm(group if group > 0 else 0, kp)
+    g = 0 if single else group
+    bm = _bm(m)
+    rt, warps = config or GEMV_CONFIGS[bm]
+    rt = _rt(rt, bm, g)
+    gsz = _groups(np_, n_sm, gs)
+    wr = warps * 32 // (4 * gsz)
+    if wr < 1:
+        raise ValueError(f"marlin_gemv: {warps} warps cannot cover {gsz} column groups")
+    has_sp = sp is not None and bool(sp) and sp["nnz"].shape[0] > 0
+    if has_sp:
+        assert sp is not None and maps is not None
+        ell, hrows, hptr, hent = sp["ell_cols"], sp["hrows"], sp["hptr"], sp["hcols"]
+        depth = ell.shape[1] if ell.dim() == 3 and ell.shape[0] else 0
+        rb2s, hrng = maps["rb2s"], maps["hrng"]
+        if rb2s.numel() * DEFAULT_LANES < np_:
+            raise ValueError("marlin_gemv: the SELL maps were built for fewer rows than Marlin's padded N")
+    else:
+        ell = hrows = hptr = hent = rb2s = hrng = qm
+        depth = 0
+    f16 = x2.dtype == torch.float16
+    args = (
+        x2, qm, scale, zero if zero is not None and zero.numel() else qm, bias if bias is not None else y, y,
+        ell, rb2s, hrng, hrows, hptr, hent, m, n, k, kp // 16, np_, x2.stride(0), y.stride(0),
+    )  # fmt: skip
+    consts = dict(
+        G=g, SYM=sym, SINGLE=single, HAS_BIAS=bias is not None, BM=bm, RT=rt, WR=wr, GS=gsz, HAS_SP=has_sp,
+        L=depth, HAS_HEAVY=has_sp and hrows.numel() > 0, EH=32, F16=f16, ASM=not interpreting(),
+        I64=qm.numel() >= 2**31 - 1, KFULL=k == kp and (kp // 16) % (rt * wr) == 0,
+    )  # fmt: skip
+    return (np_ // (8 * gsz),), args, consts, warps
+
+
+def marlin_gemv(
+    x2: torch.Tensor,
+    qm: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    n: int,
+    k: int,
+    group: int,
+    sym: bool,
+    sp: dict[str, torch.Tensor] | None = None,
+    maps: dict[str, torch.Tensor] | None = None,
+    bias: torch.Tensor | None = None,
+    config: tuple[int, int] | None = None,
+    gs: int | None = None,
+) -> torch.Tensor:
+    """``x2 [M, K] @ W^T (+ held-out terms) (+ bias)`` for M <= 4 from Marlin's tensors and packed SELL slots.
+    ``config``: (K tiles per thread, warps), default by tokens (``GEMV_CONFIGS``); ``gs``: column groups per
+    program (default: by N and the SM count)."""
+    if not TRITON_OK:
+        raise RuntimeError("marlin_gemv needs Triton")
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((x2.shape[0], n), dtype=x2.dtype, device=x2.device)
+    if x2.shape[0] == 0:
+        return y
+    n_sm = _sms(x2.device)
+    grid, args, consts, warps = _launch_args(x2, qm, scale, zero, n, k, group, sym, sp, maps, bias, y, config, gs, n_sm)
+    _marlin_gemv_kernel[grid](*args, **consts, num_warps=warps)
+    return y
+
+
+def _sms(device: torch.device) -> int:
+    from .triton_w4 import _sms as sms
+
+    return sms(device)
+
+
+def compile_sm90(
+    bm: int = 1,
+    config: tuple[int, int] | None = None,
+    gs: int = 2,
+    group: int = 128,
+    sym: bool = False,
+    depth: int = 8,
+    heavy: bool = True,
+    f16: bool = False,
+    keep_asm: bool = False,
+    kfull: bool = True,
+):
+    """Compile ``_marlin_gemv_kernel`` for sm_90 (no GPU) with a launch's constexprs; ``triton_w4.sm90_report``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton_w4 import sm90_report
+
+    ty = "*fp16" if f16 else "*bf16"
+    rt, warps = config or GEMV_CONFIGS[bm]
+    rt = _rt(rt, bm, group)
+    sig = {"x_ptr": ty, "qm_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*i32", "bias_ptr": ty, "y_ptr": ty}
+    sig.update({k: "*i32" for k in ("ell_ptr", "rb2s_ptr", "hrng_ptr", "hrows_ptr", "hptr_ptr", "hent_ptr")})
+    sig.update({k: "i32" for k in ("M", "N", "K", "KT", "NP", "stride_xm", "stride_ym")})
+    consts = dict(
+        G=group, SYM=sym, SINGLE=group == 0, HAS_BIAS=False, BM=bm, RT=rt, WR=warps * 32 // (4 * gs), GS=gs,
+        HAS_SP=depth > 0 or heavy, L=depth, HAS_HEAVY=heavy, EH=32, F16=f16, ASM=True, I64=False, KFULL=kfull,
+    )  # fmt: skip
+    sig.update({k: "constexpr" for k in consts})
+    div16 = list(range(12)) + [13, 14, 15, 16, 17, 18]  # pointers; N, K, KT, NP, strides as a 7B launch has them
+    attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
+    kern = triton.compile(
+        ASTSource(_marlin_gemv_kernel, sig, consts, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": warps},
+    )
+    return sm90_report(kern, keep_asm)
