@@ -24,7 +24,7 @@ if [ "${1:-}" = eval ]; then
   # shellcheck disable=SC1091
   source .gpu-bundle/install.sh
   export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1
-  for mode in on off; do
+  for mode in ${MODES:-on off}; do
     env $([ $mode = off ] && echo SUPERWEIGHT_DISABLE_CORRECTION=1) python3 -m vllm_superweight.eval "$CK" \
       --window 512 --max-tokens 16384 --data "$CK/wiki.test.raw" --json "$OUT/gpu_eval_${NAME}_correction-$mode.json" \
       --no-progress > "$OUT/gpu_eval_${NAME}_correction-$mode.log" 2>&1

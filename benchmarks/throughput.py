@@ -153,6 +153,17 @@ for _base in ("sw-w4-g128-holdout", "sw-default"):
 METHODS["sw-w4-g128-mdeq1"] = dict(
     METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"}
 )
+# the one-copy pair with the GEMV over Marlin's layout for batches of <= 4 tokens (the held-out correction in its
+# epilogue: no second kernel at batch 1), with and without hold-out
+for _base in ("sw-w4-g128-holdout", "sw-default"):
+    METHODS[_base + "-gemv"] = dict(
+        METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "gemv=4"}
+    )
+METHODS["sw-w4-g128-gemv"] = dict(
+    METHODS["sw-w4-g128"],
+    ckpt="sw-w4-g128",
+    env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "gemv=4"},
+)
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
     "lean": [
@@ -172,6 +183,7 @@ GROUPS = {
     # issue 12's hold-out target compares THE SAME checkpoint with and without the 0.1 % hold-out (g128 both; the
     # default preset is g64): two-copy vs one-copy Marlin + dequantize pair, AWQ beside
     "onecopy": ["awq", "sw-w4-g128", "sw-w4-g128-holdout-mdeq", "sw-w4-g128-holdout-mdeq1", "sw-w4-g128-mdeq1"],
+    "gemv": ["awq", "sw-w4-g128-holdout-gemv", "sw-w4-g128-holdout", "sw-w4-g128", "sw-w4-g128-gemv"],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)

@@ -653,10 +653,11 @@ class Bench:
                 continue
             xs = self.xs(m)
             bm = MG._bm(m)
-            cfgs = [MG.GEMV_CONFIGS[bm]] + [c for c in MG.GEMV_VARIANTS if c != MG.GEMV_CONFIGS[bm]]
+            dflt = MG.GEMV_CONFIGS[bm]
             kinds: list = [("marlin", None, None), ("marlin+packed sell", None, None)]
             kinds += [("gemv no hold-out", None, None), ("gemv", None, None)]
-            kinds += [(f"gemv {c} gs{g}", c, g) for c in cfgs for g in (1, 2, 4, 8)]
+            kinds += [(f"gemv {dflt} gs{g}", dflt, g) for g in (1, 2, 4, 8)]  # column groups per program
+            kinds += [(f"gemv {c} auto", c, None) for c in MG.GEMV_VARIANTS if c != dflt]  # tiles / warps
             base = None
             for kind, cfg, gs in kinds:
                 if self.left() < 8:
@@ -668,10 +669,10 @@ class Bench:
                     continue
                 base = us if kind == "marlin" else base
                 self.add(section="gemv", kernel=kind, m=m, us=us, bytes=wb, ratio=(us / base) if base else None)
-                if cfg is not None:
+                if kind.startswith("gemv") and "no hold-out" not in kind:
                     b = best.setdefault(str(m), {"us": float("inf")})
                     if us < b["us"]:
-                        best[str(m)] = {"us": us, "config": list(cfg), "gs": gs}
+                        best[str(m)] = {"us": us, "config": list(cfg or dflt), "gs": gs, "kernel": kind}
             self.meta["gemv_best"] = best
             self.save()
 
