@@ -67,9 +67,9 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="Marlin tensor"):
         MG._launch_args(x[:1, :64], qm, ms, mz, n, k, 64, False, None, None, None, x, None, None, 132)
     grid, _, consts, warps = MG._launch_args(x[:3], qm, ms, mz, n, k, 64, False, None, None, None, x, None, None, 132)
-    assert consts["BM"] == 4 and consts["RT"] == min(MG.GEMV_CONFIGS[4][0], 4) and not consts["HAS_SP"]
+    assert consts["BM"] == 4 and consts["RT"] == MG._rt(MG.GEMV_CONFIGS[4][0], 4, 64) and not consts["HAS_SP"]
     assert grid == (64 // (8 * consts["GS"]),) and consts["WR"] * 4 * consts["GS"] == warps * 32
-    assert MG._groups(22016, 132) == 8 and MG._groups(12288, 132) == 4 and MG._groups(4096, 132) == 1
+    assert MG._groups(22016, 132) == 2 and MG._groups(4096, 132) == 2 and MG._groups(576, 132) == 1
 
 
 # ------------------------------------------------------------------------------------------------------------

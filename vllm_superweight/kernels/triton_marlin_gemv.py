@@ -26,12 +26,15 @@ from __future__ import annotations
 import torch
 
 from .sparse_layout import DEFAULT_LANES, interpreting, packed_dtype
-from .triton_w4 import TRITON_OK, _cdiv
+from .triton_w4 import TRITON_OK, _cdiv, _np2
 
 GEMV_MAX_M = 4  # tokens of one program (separate accumulators per token)
-# tokens -> (RT: K tiles per thread, warps); GS (column groups per program) is chosen per layer by ``_groups``
-GEMV_CONFIGS: dict[int, tuple[int, int]] = {1: (8, 4), 2: (4, 4), 4: (2, 4)}
-GEMV_VARIANTS: list[tuple[int, int]] = [(8, 4), (4, 4), (2, 4), (8, 8), (4, 8), (2, 8)]
+# tokens -> (RT: K tiles per thread, warps, PF: prefetch the next tiles' words); GS (column groups per program):
+# ``_groups``. H200, first form (no prefetch, one 7B layer, M = 1): RT 8 / 4 warps best, GS 2 best on all four
+# shapes (96 us with the hold-out; GS 1 / 4 / 8: 138 / 107 / 144).
+GEMV_CONFIGS: dict[int, tuple[int, int, int]] = {1: (4, 4, 1), 2: (2, 4, 1), 4: (1, 4, 1)}
+GEMV_VARIANTS: list[tuple[int, int, int]] = [(8, 4, 0), (4, 4, 1), (4, 8, 1), (2, 4, 1), (8, 8, 0), (2, 8, 1)]
+GEMV_GS = 2
 
 
 def _bm(m: int) -> int:
@@ -46,13 +49,12 @@ def _rt(rt: int, bm: int, group: int) -> int:
 
 
 def _groups(np_: int, n_sm: int, gs: int | None = None) -> int:
-    """Column groups per program: the largest GS in 8, 4, 2, 1 that still gives >= 2 programs per SM."""
-    if gs:
-        return gs
-    for g in (8, 4, 2):
-        if (np_ // 64) * (8 // g) >= 2 * n_sm:
-            return g
-    return 1
+    """Column groups per program: ``gs``, else ``GEMV_GS`` (measured best on every 7B shape), fewer where that
+    would leave SMs idle."""
+    g = gs or GEMV_GS
+    while not gs and g > 1 and (np_ // 64) * (8 // g) < n_sm:
+        g //= 2
+    return g
 
 
 def gemv_maps(sp: dict[str, torch.Tensor], n_pad: int) -> dict[str, torch.Tensor]:
@@ -93,62 +95,68 @@ if TRITON_OK:
         return (slot & -65536).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _correction(
-        x_ptr, m, M, stride_xm, n2, n_ok, ell_ptr, rb2s_ptr, hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr, blk,
-        L: tl.constexpr, HAS_HEAVY: tl.constexpr, EH: tl.constexpr, F16: tl.constexpr,
+    def _cols(blk, g0, GS: tl.constexpr):
+        """The program's output columns as [GS, 4 (u), 2 (b)]: 64 blk + g0 + g + 16 u + 8 b."""
+        g3 = tl.arange(0, GS)[:, None, None]
+        u3 = tl.arange(0, 4)[None, :, None]
+        b3 = tl.arange(0, 2)[None, None, :]
+        return 64 * blk + g0 + g3 + 16 * u3 + 8 * b3
+
+    @triton.jit
+    def _slots(ell_ptr, rb2s_ptr, n3, N, L: tl.constexpr, LP: tl.constexpr):
+        """The packed SELL slots of the columns ``n3`` as [LP, GS, 4, 2] (0 where empty): loaded before the K
+        loop, so their latency hides behind it."""
+        ok = n3 < N
+        sl = tl.load(rb2s_ptr + n3 // 32, mask=ok, other=-1)
+        d = tl.arange(0, LP)[:, None, None, None]
+        base = (sl * (L * 32) + n3 % 32)[None, :, :, :]
+        return tl.load(ell_ptr + base + d * 32, mask=((sl >= 0) & ok)[None, :, :, :] & (d < L), other=0)
+
+    @triton.jit
+    def _heavy(
+        x_ptr, m, stride_xm, n3, hlo, hhi, hrows_ptr, hptr_ptr, hent_ptr, HR: tl.constexpr, EH: tl.constexpr,
+        F16: tl.constexpr,
     ):  # fmt: skip
-        """sum over held-out entries (r, c, v) with r in ``n2`` of v * x[m, c], fp32 (shape of n2)."""
-        c = tl.zeros(n2.shape, dtype=tl.float32)
-        m_ok = m < M
-        if L > 0:
-            sl = tl.load(rb2s_ptr + n2 // 32, mask=n_ok, other=-1)
-            has = (sl >= 0) & n_ok
-            base = sl * (L * 32) + n2 % 32
-            for d in tl.static_range(L):  # every slot's load in flight at once (no dependence between them)
-                slot = tl.load(ell_ptr + base + d * 32, mask=has, other=0)
-                xv = tl.load(x_ptr + m * stride_xm + (slot & 0xFFFF), mask=(slot != 0) & m_ok, other=0.0)
-                c += _slot_val(slot, F16) * xv.to(tl.float32)
-        if HAS_HEAVY:  # rows longer than the slice depth: their CSR ranges (the program's two 32-row blocks)
-            lo = tl.load(hrng_ptr + 2 * blk)
-            hi = tl.load(hrng_ptr + 2 * blk + 2)
-            offs = tl.arange(0, EH)
-            for h in range(lo, hi):
-                row = tl.load(hrows_ptr + h)
-                e0 = tl.load(hptr_ptr + h)
-                e1 = tl.load(hptr_ptr + h + 1)
-                part = tl.zeros((EH,), dtype=tl.float32)
-                for e in range(e0, e1, EH):
-                    ok = e + offs < e1
-                    ent = tl.load(hent_ptr + e + offs, mask=ok, other=0)
-                    xh = tl.load(x_ptr + m * stride_xm + (ent & 0xFFFF), mask=ok & (ent != 0) & m_ok, other=0.0)
-                    part += _slot_val(ent, F16) * xh.to(tl.float32)
-                c = tl.where(n2 == row, c + tl.sum(part, axis=0), c)
+        """sum of v * x[m, c] over the entries of the heavy rows hlo..hhi (CSR) that fall in ``n3``: HR rows and EH
+        entries of each at a time (one gather per step, not one chain of loads per row)."""
+        c = tl.zeros(n3.shape, dtype=tl.float32)
+        for h0 in range(hlo, hhi, HR):
+            hh = h0 + tl.arange(0, HR)
+            h_ok = hh < hhi
+            row = tl.load(hrows_ptr + hh, mask=h_ok, other=-1)
+            e0 = tl.load(hptr_ptr + hh, mask=h_ok, other=0)
+            cnt = tl.load(hptr_ptr + hh + 1, mask=h_ok, other=0) - e0
+            part = tl.zeros((HR,), dtype=tl.float32)
+            j = tl.arange(0, EH)[None, :]
+            for j0 in range(0, tl.max(cnt, axis=0), EH):
+                ok = (j0 + j) < cnt[:, None]
+                ent = tl.load(hent_ptr + e0[:, None] + j0 + j, mask=ok, other=0)
+                xv = tl.load(x_ptr + m * stride_xm + (ent & 0xFFFF), mask=ok & (ent != 0), other=0.0)
+                part += tl.sum(_slot_val(ent, F16) * xv.to(tl.float32), axis=1)
+            hit = n3[None, :, :, :] == row[:, None, None, None]
+            c += tl.sum(tl.where(hit, part[:, None, None, None], 0.0), axis=0)
         return c
 
     @triton.jit
     def _finish(
-        acc0, acc1, x_ptr, m, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, blk, g0, ell_ptr, rb2s_ptr, hrng_ptr,
-        hrows_ptr, hptr_ptr, hent_ptr, GS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SP: tl.constexpr,
-        L: tl.constexpr, HAS_HEAVY: tl.constexpr, EH: tl.constexpr, F16: tl.constexpr,
+        acc0, acc1, slots, x_ptr, m, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrows_ptr,
+        hptr_ptr, hent_ptr, HAS_BIAS: tl.constexpr, L: tl.constexpr, HAS_HEAVY: tl.constexpr, HR: tl.constexpr,
+        EH: tl.constexpr, F16: tl.constexpr,
     ):  # fmt: skip
-        """Sum over warps and t, add the correction and the bias, round once, store token m's columns."""
-        g2 = tl.arange(0, GS)[:, None]
-        u2 = tl.arange(0, 4)[None, :]
-        for b in tl.static_range(2):
-            if b == 0:
-                v = tl.sum(tl.sum(acc0, axis=0), axis=1)  # [t, GS, WR, u] -> [GS, u]
-            else:
-                v = tl.sum(tl.sum(acc1, axis=0), axis=1)
-            n2 = 64 * blk + g0 + g2 + 8 * b + 16 * u2
-            n_ok = n2 < N
-            if HAS_SP:
-                v += _correction(
-                    x_ptr, m, M, stride_xm, n2, n_ok, ell_ptr, rb2s_ptr, hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr,
-                    blk, L, HAS_HEAVY, EH, F16,
-                )  # fmt: skip
-            if HAS_BIAS:
-                v += tl.load(bias_ptr + n2, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(y_ptr + m * stride_ym + n2, v.to(y_ptr.dtype.element_ty), mask=n_ok & (m < M))
+        """Sum over t and the warps, add the held-out terms (fp32; x is in L1 after the K loop) and the bias, round
+        once, store token m's columns ``n3`` [GS, 4, 2]."""
+        v0 = tl.sum(tl.sum(acc0, axis=0), axis=1)  # [t, GS, WR, u] -> [GS, u]
+        v1 = tl.sum(tl.sum(acc1, axis=0), axis=1)
+        v = tl.join(v0, v1)  # [GS, u, b]
+        n_ok = n3 < N
+        if L > 0:
+            xv = tl.load(x_ptr + m * stride_xm + (slots & 0xFFFF), mask=slots != 0, other=0.0)
+            v += tl.sum(_slot_val(slots, F16) * xv.to(tl.float32), axis=0)
+        if HAS_HEAVY:
+            v += _heavy(x_ptr, m, stride_xm, n3, hlo, hhi, hrows_ptr, hptr_ptr, hent_ptr, HR, EH, F16)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + n3, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + n3, v.to(y_ptr.dtype.element_ty), mask=n_ok & (m < M))
 
     @triton.jit
     def _xk(x_ptr, m, kk, K, stride_xm, MASK: tl.constexpr):
@@ -178,7 +186,7 @@ if TRITON_OK:
         G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
         RT: tl.constexpr, WR: tl.constexpr, GS: tl.constexpr, HAS_SP: tl.constexpr, L: tl.constexpr,
         HAS_HEAVY: tl.constexpr, EH: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, I64: tl.constexpr,
-        KFULL: tl.constexpr,
+        KFULL: tl.constexpr, LP: tl.constexpr = 1, HR: tl.constexpr = 16, PF: tl.constexpr = True,
     ):  # fmt: skip
         """y[m, n] for m < M <= BM (1, 2 or 4) tokens; grid (NP / (8 GS),) (module docstring).
 
@@ -217,16 +225,38 @@ if TRITON_OK:
         sx1 = tl.zeros((4, GS, WR, 1), dtype=tl.float32)
         sx2 = tl.zeros((4, GS, WR, 1), dtype=tl.float32)
         sx3 = tl.zeros((4, GS, WR, 1), dtype=tl.float32)
+        if I64:
+            wp0 = qm_ptr + rloc.to(tl.int64) * (2 * NP) + wofs
+        else:
+            wp0 = qm_ptr + rloc * (2 * NP) + wofs
+        if PF:  # the first tiles' words in flight before anything else
+            w_next = tl.load(wp0, mask=rloc < KT, other=0)
+        # the held-out slots / heavy-row range of the program's columns: issued now, used after the K loop
+        n3 = _cols(blk, g0, GS)
+        if HAS_SP and L > 0:
+            slots = _slots(ell_ptr, rb2s_ptr, n3, N, L, LP)
+        else:
+            slots = tl.zeros((1, GS, 4, 2), dtype=tl.int32)
+        hlo = 0
+        hhi = 0
+        if HAS_SP and HAS_HEAVY:
+            hlo = tl.load(hrng_ptr + 2 * blk)
+            hhi = tl.load(hrng_ptr + 2 * blk + 2)
         for r0 in range(0, KT, ROWS):
             row = r0 + rloc
             if I64:
-                wp = qm_ptr + row.to(tl.int64) * (2 * NP) + wofs
+                wofs_next = tl.cast(r0 + ROWS, tl.int64) * (2 * NP)
+                wofs_cur = tl.cast(r0, tl.int64) * (2 * NP)
             else:
-                wp = qm_ptr + row * (2 * NP) + wofs
-            if KFULL:  # K = 16 KT and the loop never passes KT: no masks
-                w = tl.load(wp)
+                wofs_next = (r0 + ROWS) * (2 * NP)
+                wofs_cur = r0 * (2 * NP)
+            if PF:  # register double buffering: the next tiles' loads are issued before this one's arithmetic
+                w = w_next
+                w_next = tl.load(wp0 + wofs_next, mask=(row + ROWS) < KT, other=0)
+            elif KFULL:  # K = 16 KT and the loop never passes KT: no masks
+                w = tl.load(wp0 + wofs_cur)
             else:
-                w = tl.load(wp, mask=row < KT, other=0)
+                w = tl.load(wp0 + wofs_cur, mask=row < KT, other=0)
             kb = (r0 + xrow) * 16 + 2 * t5
             # x rows past M are never read: tokens m >= M get row M - 1 (their results are not stored)
             p00, p01, q0 = _tok_sums(w, x_ptr, 0, kb, K, stride_xm, not KFULL, ASM)
@@ -287,22 +317,22 @@ if TRITON_OK:
             a30 = s0 * a30 + c0 * sx3
             a31 = s1 * a31 + c1 * sx3
         _finish(
-            a00, a01, x_ptr, 0, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, blk, g0, ell_ptr, rb2s_ptr, hrng_ptr,
-            hrows_ptr, hptr_ptr, hent_ptr, GS, HAS_BIAS, HAS_SP, L, HAS_HEAVY, EH, F16,
+            a00, a01, slots, x_ptr, 0, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrows_ptr,
+            hptr_ptr, hent_ptr, HAS_BIAS, L if HAS_SP else 0, HAS_SP and HAS_HEAVY, HR, EH, F16,
         )  # fmt: skip
         if BM > 1:
             _finish(
-                a10, a11, x_ptr, 1, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, blk, g0, ell_ptr, rb2s_ptr,
-                hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr, GS, HAS_BIAS, HAS_SP, L, HAS_HEAVY, EH, F16,
+                a10, a11, slots, x_ptr, 1, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrows_ptr,
+                hptr_ptr, hent_ptr, HAS_BIAS, L if HAS_SP else 0, HAS_SP and HAS_HEAVY, HR, EH, F16,
             )  # fmt: skip
         if BM > 2:
             _finish(
-                a20, a21, x_ptr, 2, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, blk, g0, ell_ptr, rb2s_ptr,
-                hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr, GS, HAS_BIAS, HAS_SP, L, HAS_HEAVY, EH, F16,
+                a20, a21, slots, x_ptr, 2, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrows_ptr,
+                hptr_ptr, hent_ptr, HAS_BIAS, L if HAS_SP else 0, HAS_SP and HAS_HEAVY, HR, EH, F16,
             )  # fmt: skip
             _finish(
-                a30, a31, x_ptr, 3, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, blk, g0, ell_ptr, rb2s_ptr,
-                hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr, GS, HAS_BIAS, HAS_SP, L, HAS_HEAVY, EH, F16,
+                a30, a31, slots, x_ptr, 3, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrows_ptr,
+                hptr_ptr, hent_ptr, HAS_BIAS, L if HAS_SP else 0, HAS_SP and HAS_HEAVY, HR, EH, F16,
             )  # fmt: skip
 
 
@@ -319,7 +349,7 @@ def _launch_args(
     maps: dict[str, torch.Tensor] | None,
     bias: torch.Tensor | None,
     y: torch.Tensor,
-    config: tuple[int, int] | None,
+    config: tuple[int, ...] | None,
     gs: int | None,
     n_sm: int,
 ):
@@ -335,8 +365,11 @@ def _launch_args(
     single = uses_single_scale_perm(group if group > 0 else 0, kp)
     g = 0 if single else group
     bm = _bm(m)
-    rt, warps = config or GEMV_CONFIGS[bm]
+    rt, warps, *rest = config or GEMV_CONFIGS[bm]
     rt = _rt(rt, bm, g)
+    pf = bool(rest[0]) if rest else True
+    if pf and rt * bm > 4:  # the prefetched words would spill (sm_90 ptxas)
+        pf = False
     gsz = _groups(np_, n_sm, gs)
     wr = warps * 32 // (4 * gsz)
     if wr < 1:
@@ -360,7 +393,8 @@ def _launch_args(
     consts = dict(
         G=g, SYM=sym, SINGLE=single, HAS_BIAS=bias is not None, BM=bm, RT=rt, WR=wr, GS=gsz, HAS_SP=has_sp,
         L=depth, HAS_HEAVY=has_sp and hrows.numel() > 0, EH=32, F16=f16, ASM=not interpreting(),
-        I64=qm.numel() >= 2**31 - 1, KFULL=k == kp and (kp // 16) % (rt * wr) == 0,
+        I64=qm.numel() >= 2**31 - 1, KFULL=k == kp and (kp // 16) % (rt * wr) == 0, LP=_np2(max(depth, 1)), HR=16,
+        PF=pf,
     )  # fmt: skip
     return (np_ // (8 * gsz),), args, consts, warps
 
@@ -377,12 +411,12 @@ def marlin_gemv(
     sp: dict[str, torch.Tensor] | None = None,
     maps: dict[str, torch.Tensor] | None = None,
     bias: torch.Tensor | None = None,
-    config: tuple[int, int] | None = None,
+    config: tuple[int, ...] | None = None,
     gs: int | None = None,
 ) -> torch.Tensor:
     """``x2 [M, K] @ W^T (+ held-out terms) (+ bias)`` for M <= 4 from Marlin's tensors and packed SELL slots.
-    ``config``: (K tiles per thread, warps), default by tokens (``GEMV_CONFIGS``); ``gs``: column groups per
-    program (default: by N and the SM count)."""
+    ``config``: (K tiles per thread, warps[, prefetch 0/1]), default by tokens (``GEMV_CONFIGS``); ``gs``: column
+    groups per program (default: ``GEMV_GS``)."""
     if not TRITON_OK:
         raise RuntimeError("marlin_gemv needs Triton")
     if x2.stride(1) != 1:
@@ -404,7 +438,7 @@ def _sms(device: torch.device) -> int:
 
 def compile_sm90(
     bm: int = 1,
-    config: tuple[int, int] | None = None,
+    config: tuple[int, ...] | None = None,
     gs: int = 2,
     group: int = 128,
     sym: bool = False,
@@ -421,14 +455,18 @@ def compile_sm90(
     from .triton_w4 import sm90_report
 
     ty = "*fp16" if f16 else "*bf16"
-    rt, warps = config or GEMV_CONFIGS[bm]
+    rt, warps, *rest = config or GEMV_CONFIGS[bm]
     rt = _rt(rt, bm, group)
+    pf = bool(rest[0]) if rest else True
+    if pf and rt * bm > 4:
+        pf = False
     sig = {"x_ptr": ty, "qm_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*i32", "bias_ptr": ty, "y_ptr": ty}
     sig.update({k: "*i32" for k in ("ell_ptr", "rb2s_ptr", "hrng_ptr", "hrows_ptr", "hptr_ptr", "hent_ptr")})
     sig.update({k: "i32" for k in ("M", "N", "K", "KT", "NP", "stride_xm", "stride_ym")})
     consts = dict(
         G=group, SYM=sym, SINGLE=group == 0, HAS_BIAS=False, BM=bm, RT=rt, WR=warps * 32 // (4 * gs), GS=gs,
         HAS_SP=depth > 0 or heavy, L=depth, HAS_HEAVY=heavy, EH=32, F16=f16, ASM=True, I64=False, KFULL=kfull,
+        LP=_np2(max(depth, 1)), HR=16, PF=pf,
     )  # fmt: skip
     sig.update({k: "constexpr" for k in consts})
     div16 = list(range(12)) + [13, 14, 15, 16, 17, 18]  # pointers; N, K, KT, NP, strides as a 7B launch has them
