@@ -42,10 +42,8 @@ def test_maps_index_the_layout():
     n, k = 200, 256
     inputs, _ = make_layer(n, k, 64, False, nnz=60, heavy=40, sw=True, seed=1)
     sp, maps = _sparse(inputs, n, 256, k, torch.bfloat16)
-    assert maps["rb2s"].shape == (8,) and maps["hrng"].shape == (9,)
-    for s, rb in enumerate(sp["ell_rb"].tolist()):
-        assert maps["rb2s"][rb] == s
-    assert int((maps["rb2s"] >= 0).sum()) == sp["ell_rb"].numel()
+    assert set(maps) == {"hrng"} and maps["hrng"].shape == (9,)
+    assert torch.equal(sp["ell_rb"], torch.arange(7, dtype=torch.int32))  # dense slices: block b is slice b
     hr = sp["hrows"].long()
     assert hr.numel() >= 1  # the heavy row of make_layer
     for rb in range(8):

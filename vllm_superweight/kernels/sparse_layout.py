@@ -141,7 +141,9 @@ def build_sell(
     """The sliced-ELL + heavy-CSR layout described in the module docstring (tensors on ``device``).
 
     ``pack`` (bf16 / fp16): every slot is ONE int32, the value's bits in that dtype above a 16-bit column (K <=
-    65536), 0 for an empty slot; ``ell_vals`` / ``hvals`` are then empty markers of that dtype. Every value must be
+    65536), 0 for an empty slot; ``ell_vals`` / ``hvals`` are then empty markers of that dtype, and the slices are
+    dense (every 32-row block owns one, ``ell_rb`` = 0, 1, ...: the GEMV over Marlin's layout computes a slot's
+    address from its row, without a lookup; at a 0.1 % hold-out every block holds entries anyway). Every value must be
     exact in ``pack`` (split a value the dtype cannot hold into exact terms at the same position first:
     ``prepare_sparse(..., pack=...)`` does); zero values are dropped (they add nothing)."""
     if lanes < 1 or lanes & (lanes - 1):
@@ -166,7 +168,10 @@ def build_sell(
 
     # light part: slices over row blocks that hold at least one light entry
     lr, lc, lv, ls = r[~is_heavy], c[~is_heavy], v[~is_heavy], slot[~is_heavy]
-    blocks = torch.unique(lr // lanes) if lr.numel() else torch.zeros(0, dtype=torch.int64)
+    if pack is not None:  # dense slices
+        blocks = torch.arange(-(-n // lanes), dtype=torch.int64) if nnz else torch.zeros(0, dtype=torch.int64)
+    else:
+        blocks = torch.unique(lr // lanes) if lr.numel() else torch.zeros(0, dtype=torch.int64)
     n_slices = int(blocks.numel())
     sidx = torch.full((max(1, -(-n // lanes)),), -1, dtype=torch.int64)
     sidx[blocks] = torch.arange(n_slices)

@@ -5,7 +5,7 @@ the packed SELL correction, which re-reads and re-writes y: +11 us per 7B layer 
 end at batch 1). This kernel reads the same tensors Marlin holds (``triton_marlin_deq``'s docstring has the layout)
 and the same packed SELL slots, so nothing is stored twice, and adds the held-out terms before its single rounding:
 
-    maps = gemv_maps(sp, n_pad)                                               # load time: 2 small int32 maps
+    maps = gemv_maps(sp, n_pad)                                               # load time: one small int32 map
     y = marlin_gemv(x, qm, scale, zero, n, k, group, sym, sp, maps, bias)     # x [M <= 4, K] -> [M, N]
 
 Work split. A program owns the output columns of ``GS`` of the 8 column groups of one 64-column Marlin tile (word
@@ -58,22 +58,19 @@ def _groups(np_: int, n_sm: int, gs: int | None = None) -> int:
 
 
 def gemv_maps(sp: dict[str, torch.Tensor], n_pad: int) -> dict[str, torch.Tensor]:
-    """Two int32 maps over the 32-row blocks of ``n_pad`` rows that let a program find its rows' packed SELL
-    slots: ``rb2s`` (row block -> slice, -1 if none) and ``hrng`` (row block -> first heavy row, n_blocks + 1
-    entries). ``sp``: ``sparse_layout.build_sell(pack=...)`` with 32 lanes (on any device)."""
+    """``hrng``: the first heavy row of every 32-row block of ``n_pad`` rows (n_blocks + 1 int32), which lets a
+    program find the heavy rows among its columns. ``sp``: ``sparse_layout.build_sell(pack=...)`` (dense slices of
+    32 lanes), on any device."""
     if packed_dtype(sp) is None:
         raise ValueError("gemv_maps: the GEMV reads packed SELL slots (build_sell(pack=act))")
-    lanes = sp["ell_cols"].shape[2] if sp["ell_cols"].dim() == 3 and sp["ell_cols"].shape[0] else DEFAULT_LANES
-    if lanes != DEFAULT_LANES:
-        raise ValueError(f"gemv_maps: {lanes} lanes per slice, the GEMV reads {DEFAULT_LANES}")
+    ell = sp["ell_cols"]
+    dense = torch.equal(sp["ell_rb"].cpu(), torch.arange(ell.shape[0], dtype=torch.int32))
+    if ell.shape[0] and (ell.shape[2] != DEFAULT_LANES or not dense):
+        raise ValueError(f"gemv_maps: the GEMV reads dense slices of {DEFAULT_LANES} lanes")
     nb = _cdiv(n_pad, DEFAULT_LANES)
     dev = sp["ell_rb"].device
-    rb2s = torch.full((nb,), -1, dtype=torch.int32, device=dev)
-    rbs = sp["ell_rb"].long()
-    rb2s[rbs] = torch.arange(rbs.numel(), dtype=torch.int32, device=dev)
     starts = torch.arange(nb + 1, dtype=torch.int64, device=dev) * DEFAULT_LANES
-    hrng = torch.searchsorted(sp["hrows"].long().contiguous(), starts).to(torch.int32)
-    return {"rb2s": rb2s, "hrng": hrng}
+    return {"hrng": torch.searchsorted(sp["hrows"].long().contiguous(), starts).to(torch.int32)}
 
 
 def memory_bytes(maps: dict[str, torch.Tensor]) -> int:
@@ -103,48 +100,56 @@ if TRITON_OK:
         return 64 * blk + g0 + g3 + 16 * u3 + 8 * b3
 
     @triton.jit
-    def _slots(ell_ptr, rb2s_ptr, n3, N, L: tl.constexpr, LP: tl.constexpr):
-        """The packed SELL slots of the columns ``n3`` as [LP, GS, 4, 2] (0 where empty): loaded before the K
-        loop, so their latency hides behind it."""
+    def _slots(ell_ptr, n3, N, L: tl.constexpr, LP: tl.constexpr):
+        """The packed SELL slots of the columns ``n3`` as [LP, GS, 4, 2] (0 where empty): dense slices, so the
+        addresses follow from the rows (no lookup) and the loads are issued before the K loop."""
         ok = n3 < N
-        sl = tl.load(rb2s_ptr + n3 // 32, mask=ok, other=-1)
         d = tl.arange(0, LP)[:, None, None, None]
-        base = (sl * (L * 32) + n3 % 32)[None, :, :, :]
-        return tl.load(ell_ptr + base + d * 32, mask=((sl >= 0) & ok)[None, :, :, :] & (d < L), other=0)
+        base = ((n3 // 32) * (L * 32) + n3 % 32)[None, :, :, :]
+        return tl.load(ell_ptr + base + d * 32, mask=ok[None, :, :, :] & (d < L), other=0)
 
     @triton.jit
-    def _heavy(
-        x_ptr, m, stride_xm, n3, hlo, hhi, hrows_ptr, hptr_ptr, hent_ptr, HR: tl.constexpr, EH: tl.constexpr,
-        F16: tl.constexpr,
+    def _heavy_rows(hrows_ptr, hptr_ptr, hh, hhi):
+        """(row, first entry, entry count) of heavy rows ``hh`` (< hhi)."""
+        h_ok = hh < hhi
+        row = tl.load(hrows_ptr + hh, mask=h_ok, other=-1)
+        e0 = tl.load(hptr_ptr + hh, mask=h_ok, other=0)
+        return row, e0, tl.load(hptr_ptr + hh + 1, mask=h_ok, other=0) - e0
+
+    @triton.jit
+    def _heavy_add(c, x_ptr, m, stride_xm, n3, row, ent, F16: tl.constexpr):
+        """c += the heavy entries ``ent`` [HR, EH] of rows ``row`` [HR] that fall in ``n3``."""
+        xv = tl.load(x_ptr + m * stride_xm + (ent & 0xFFFF), mask=ent != 0, other=0.0)
+        part = tl.sum(_slot_val(ent, F16) * xv.to(tl.float32), axis=1)
+        hit = n3[None, :, :, :] == row[:, None, None, None]
+        return c + tl.sum(tl.where(hit, part[:, None, None, None], 0.0), axis=0)
+
+    @triton.jit
+    def _heavy_rest(
+        c, x_ptr, m, stride_xm, n3, hlo, hhi, row0, e00, cnt0, hrows_ptr, hptr_ptr, hent_ptr, HR: tl.constexpr,
+        EH: tl.constexpr, F16: tl.constexpr,
     ):  # fmt: skip
-        """sum of v * x[m, c] over the entries of the heavy rows hlo..hhi (CSR) that fall in ``n3``: HR rows and EH
-        entries of each at a time (one gather per step, not one chain of loads per row)."""
-        c = tl.zeros(n3.shape, dtype=tl.float32)
-        for h0 in range(hlo, hhi, HR):
-            hh = h0 + tl.arange(0, HR)
-            h_ok = hh < hhi
-            row = tl.load(hrows_ptr + hh, mask=h_ok, other=-1)
-            e0 = tl.load(hptr_ptr + hh, mask=h_ok, other=0)
-            cnt = tl.load(hptr_ptr + hh + 1, mask=h_ok, other=0) - e0
-            part = tl.zeros((HR,), dtype=tl.float32)
-            j = tl.arange(0, EH)[None, :]
+        """The heavy entries the prefetched tile [HR rows, EH entries] did not hold: entries past EH of its rows,
+        then rows past HR (rare: a block with > HR heavy rows or a row with > L + EH entries)."""
+        j = tl.arange(0, EH)[None, :]
+        for j0 in range(EH, tl.max(cnt0, axis=0), EH):
+            ent = tl.load(hent_ptr + e00[:, None] + j0 + j, mask=(j0 + j) < cnt0[:, None], other=0)
+            c = _heavy_add(c, x_ptr, m, stride_xm, n3, row0, ent, F16)
+        for h0 in range(hlo + HR, hhi, HR):
+            row, e0, cnt = _heavy_rows(hrows_ptr, hptr_ptr, h0 + tl.arange(0, HR), hhi)
             for j0 in range(0, tl.max(cnt, axis=0), EH):
-                ok = (j0 + j) < cnt[:, None]
-                ent = tl.load(hent_ptr + e0[:, None] + j0 + j, mask=ok, other=0)
-                xv = tl.load(x_ptr + m * stride_xm + (ent & 0xFFFF), mask=ok & (ent != 0), other=0.0)
-                part += tl.sum(_slot_val(ent, F16) * xv.to(tl.float32), axis=1)
-            hit = n3[None, :, :, :] == row[:, None, None, None]
-            c += tl.sum(tl.where(hit, part[:, None, None, None], 0.0), axis=0)
+                ent = tl.load(hent_ptr + e0[:, None] + j0 + j, mask=(j0 + j) < cnt[:, None], other=0)
+                c = _heavy_add(c, x_ptr, m, stride_xm, n3, row, ent, F16)
         return c
 
     @triton.jit
     def _finish(
-        acc0, acc1, slots, x_ptr, m, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrows_ptr,
-        hptr_ptr, hent_ptr, HAS_BIAS: tl.constexpr, L: tl.constexpr, HAS_HEAVY: tl.constexpr, HR: tl.constexpr,
-        EH: tl.constexpr, F16: tl.constexpr,
+        acc0, acc1, slots, x_ptr, m, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrow, he0, hcnt,
+        hent, hrows_ptr, hptr_ptr, hent_ptr, HAS_BIAS: tl.constexpr, L: tl.constexpr, HAS_HEAVY: tl.constexpr,
+        HR: tl.constexpr, EH: tl.constexpr, F16: tl.constexpr,
     ):  # fmt: skip
-        """Sum over t and the warps, add the held-out terms (fp32; x is in L1 after the K loop) and the bias, round
-        once, store token m's columns ``n3`` [GS, 4, 2]."""
+        """Sum over t and the warps, add the held-out terms (fp32; their slots were loaded before the K loop, x is
+        in L1 after it) and the bias, round once, store token m's columns ``n3`` [GS, 4, 2]."""
         v0 = tl.sum(tl.sum(acc0, axis=0), axis=1)  # [t, GS, WR, u] -> [GS, u]
         v1 = tl.sum(tl.sum(acc1, axis=0), axis=1)
         v = tl.join(v0, v1)  # [GS, u, b]
@@ -153,7 +158,10 @@ if TRITON_OK:
             xv = tl.load(x_ptr + m * stride_xm + (slots & 0xFFFF), mask=slots != 0, other=0.0)
             v += tl.sum(_slot_val(slots, F16) * xv.to(tl.float32), axis=0)
         if HAS_HEAVY:
-            v += _heavy(x_ptr, m, stride_xm, n3, hlo, hhi, hrows_ptr, hptr_ptr, hent_ptr, HR, EH, F16)
+            v = _heavy_add(v, x_ptr, m, stride_xm, n3, hrow, hent, F16)
+            v = _heavy_rest(
+                v, x_ptr, m, stride_xm, n3, hlo, hhi, hrow, he0, hcnt, hrows_ptr, hptr_ptr, hent_ptr, HR, EH, F16
+            )
         if HAS_BIAS:
             v += tl.load(bias_ptr + n3, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_ym + n3, v.to(y_ptr.dtype.element_ty), mask=n_ok & (m < M))
@@ -181,7 +189,7 @@ if TRITON_OK:
 
     @triton.jit(do_not_specialize=["M"])
     def _marlin_gemv_kernel(
-        x_ptr, qm_ptr, sc_ptr, zp_ptr, bias_ptr, y_ptr, ell_ptr, rb2s_ptr, hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr,
+        x_ptr, qm_ptr, sc_ptr, zp_ptr, bias_ptr, y_ptr, ell_ptr, hrng_ptr, hrows_ptr, hptr_ptr, hent_ptr,
         M, N, K, KT, NP, stride_xm, stride_ym,
         G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
         RT: tl.constexpr, WR: tl.constexpr, GS: tl.constexpr, HAS_SP: tl.constexpr, L: tl.constexpr,
@@ -232,16 +240,25 @@ if TRITON_OK:
         if PF:  # the first tiles' words in flight before anything else
             w_next = tl.load(wp0, mask=rloc < KT, other=0)
         # the held-out slots / heavy-row range of the program's columns: issued now, used after the K loop
+        LS: tl.constexpr = L if HAS_SP else 0
+        HH: tl.constexpr = HAS_SP and HAS_HEAVY
         n3 = _cols(blk, g0, GS)
         if HAS_SP and L > 0:
-            slots = _slots(ell_ptr, rb2s_ptr, n3, N, L, LP)
+            slots = _slots(ell_ptr, n3, N, L, LP)
         else:
             slots = tl.zeros((1, GS, 4, 2), dtype=tl.int32)
         hlo = 0
         hhi = 0
-        if HAS_SP and HAS_HEAVY:
+        hrow = tl.zeros((HR,), dtype=tl.int32)
+        he0 = tl.zeros((HR,), dtype=tl.int32)
+        hcnt = tl.zeros((HR,), dtype=tl.int32)
+        hent = tl.zeros((HR, EH), dtype=tl.int32)
+        if HAS_SP and HAS_HEAVY:  # the first HR heavy rows' first EH entries, before the K loop too
             hlo = tl.load(hrng_ptr + 2 * blk)
             hhi = tl.load(hrng_ptr + 2 * blk + 2)
+            hrow, he0, hcnt = _heavy_rows(hrows_ptr, hptr_ptr, hlo + tl.arange(0, HR), hhi)
+            jj = tl.arange(0, EH)[None, :]
+            hent = tl.load(hent_ptr + he0[:, None] + jj, mask=jj < hcnt[:, None], other=0)
         for r0 in range(0, KT, ROWS):
             row = r0 + rloc
             if I64:
@@ -317,22 +334,22 @@ if TRITON_OK:
             a30 = s0 * a30 + c0 * sx3
             a31 = s1 * a31 + c1 * sx3
         _finish(
-            a00, a01, slots, x_ptr, 0, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrows_ptr,
-            hptr_ptr, hent_ptr, HAS_BIAS, L if HAS_SP else 0, HAS_SP and HAS_HEAVY, HR, EH, F16,
+            a00, a01, slots, x_ptr, 0, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrow, he0, hcnt,
+            hent, hrows_ptr, hptr_ptr, hent_ptr, HAS_BIAS, LS, HH, HR, EH, F16,
         )  # fmt: skip
         if BM > 1:
             _finish(
-                a10, a11, slots, x_ptr, 1, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrows_ptr,
-                hptr_ptr, hent_ptr, HAS_BIAS, L if HAS_SP else 0, HAS_SP and HAS_HEAVY, HR, EH, F16,
+                a10, a11, slots, x_ptr, 1, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrow, he0,
+                hcnt, hent, hrows_ptr, hptr_ptr, hent_ptr, HAS_BIAS, LS, HH, HR, EH, F16,
             )  # fmt: skip
         if BM > 2:
             _finish(
-                a20, a21, slots, x_ptr, 2, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrows_ptr,
-                hptr_ptr, hent_ptr, HAS_BIAS, L if HAS_SP else 0, HAS_SP and HAS_HEAVY, HR, EH, F16,
+                a20, a21, slots, x_ptr, 2, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrow, he0,
+                hcnt, hent, hrows_ptr, hptr_ptr, hent_ptr, HAS_BIAS, LS, HH, HR, EH, F16,
             )  # fmt: skip
             _finish(
-                a30, a31, slots, x_ptr, 3, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrows_ptr,
-                hptr_ptr, hent_ptr, HAS_BIAS, L if HAS_SP else 0, HAS_SP and HAS_HEAVY, HR, EH, F16,
+                a30, a31, slots, x_ptr, 3, M, y_ptr, stride_xm, stride_ym, bias_ptr, N, n3, hlo, hhi, hrow, he0,
+                hcnt, hent, hrows_ptr, hptr_ptr, hent_ptr, HAS_BIAS, LS, HH, HR, EH, F16,
             )  # fmt: skip
 
 
@@ -379,16 +396,16 @@ def _launch_args(
         assert sp is not None and maps is not None
         ell, hrows, hptr, hent = sp["ell_cols"], sp["hrows"], sp["hptr"], sp["hcols"]
         depth = ell.shape[1] if ell.dim() == 3 and ell.shape[0] else 0
-        rb2s, hrng = maps["rb2s"], maps["hrng"]
-        if rb2s.numel() * DEFAULT_LANES < np_:
+        hrng = maps["hrng"]
+        if (hrng.numel() - 1) * DEFAULT_LANES < np_:
             raise ValueError("marlin_gemv: the SELL maps were built for fewer rows than Marlin's padded N")
     else:
-        ell = hrows = hptr = hent = rb2s = hrng = qm
+        ell = hrows = hptr = hent = hrng = qm
         depth = 0
     f16 = x2.dtype == torch.float16
     args = (
         x2, qm, scale, zero if zero is not None and zero.numel() else qm, bias if bias is not None else y, y,
-        ell, rb2s, hrng, hrows, hptr, hent, m, n, k, kp // 16, np_, x2.stride(0), y.stride(0),
+        ell, hrng, hrows, hptr, hent, m, n, k, kp // 16, np_, x2.stride(0), y.stride(0),
     )  # fmt: skip
     consts = dict(
         G=g, SYM=sym, SINGLE=single, HAS_BIAS=bias is not None, BM=bm, RT=rt, WR=wr, GS=gsz, HAS_SP=has_sp,
@@ -461,7 +478,7 @@ def compile_sm90(
     if pf and rt * bm > 4:
         pf = False
     sig = {"x_ptr": ty, "qm_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*i32", "bias_ptr": ty, "y_ptr": ty}
-    sig.update({k: "*i32" for k in ("ell_ptr", "rb2s_ptr", "hrng_ptr", "hrows_ptr", "hptr_ptr", "hent_ptr")})
+    sig.update({k: "*i32" for k in ("ell_ptr", "hrng_ptr", "hrows_ptr", "hptr_ptr", "hent_ptr")})
     sig.update({k: "i32" for k in ("M", "N", "K", "KT", "NP", "stride_xm", "stride_ym")})
     consts = dict(
         G=group, SYM=sym, SINGLE=group == 0, HAS_BIAS=False, BM=bm, RT=rt, WR=warps * 32 // (4 * gs), GS=gs,
@@ -469,7 +486,7 @@ def compile_sm90(
         LP=_np2(max(depth, 1)), HR=16, PF=pf,
     )  # fmt: skip
     sig.update({k: "constexpr" for k in consts})
-    div16 = list(range(12)) + [13, 14, 15, 16, 17, 18]  # pointers; N, K, KT, NP, strides as a 7B launch has them
+    div16 = list(range(11)) + [12, 13, 14, 15, 16, 17]  # pointers; N, K, KT, NP, strides as a 7B launch has them
     attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
     kern = triton.compile(
         ASTSource(_marlin_gemv_kernel, sig, consts, attrs),
