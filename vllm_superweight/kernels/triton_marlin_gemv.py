@@ -18,7 +18,17 @@ extracted as the exact fp32 ``1 + q/16`` (one shift, one LOP3, ``triton_w4._plan
 over the 4 codes of one column and the RT K tiles of the thread (in registers), then scaled once per group:
 ``(q - z) s = 16 s (1 + q/16) - (16 + z) s``. At the end the sums over the warps and t are taken once, the packed
 SELL slots of the program's rows (plus any heavy row's CSR range) are gathered against x (fp32), the bias added,
-and y rounded once. Legal in CUDA graphs and torch.compile (shapes only on the host, no sync).
+and y rounded once. Legal in CUDA graphs and torch.compile (shapes only on the host, no sync). The slots' and the
+first heavy rows' loads are issued before the K loop (packed SELL slices are dense, so a slot's address follows from
+its row), so only the x gathers (L1: the loop has just read all of x) and the sums remain after it.
+
+Measured (H200, one Llama-2-7B layer = 4 GEMMs, 0.1 % hold-out, ``w4_fused_bench.py --sections gemv``,
+``benchmarks/results/w4_gemv_s10_h200.json``), M = 1: without hold-out 69.4 us (Marlin 68.1: 32 % of HBM peak,
+5.4 SASS instructions per weight in the main loop), with the hold-out **78.3 us vs Marlin + packed SELL 79.7**
+(-1.8 %; the first form, correction loads after the K loop, took 104 us). M = 2 / 4: 1.9-3.4x Marlin (the extraction
+is shared, the x handling and FMAs per token are not: CUDA cores at ~10 instructions per weight). So it is opt-in
+(``SUPERWEIGHT_ONECOPY_CONFIG=gemv=1``): the held-out terms still cost ~9 us per layer at M = 1 (2 us per GEMM:
+the x gathers and sums after the loop, the heavy rows) and the main loop only matches Marlin.
 """
 
 from __future__ import annotations

@@ -467,7 +467,9 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
         return y  # inside run(), on both paths
 
 
-GEMV_DEFAULT_MAX_M = 0  # the GEMV over Marlin's layout is opt-in (SUPERWEIGHT_ONECOPY_CONFIG=gemv=4) until measured
+# The GEMV over Marlin's layout (correction in its epilogue) is opt-in (SUPERWEIGHT_ONECOPY_CONFIG=gemv=1): H200, 7B
+# layer, M = 1: 78.3 us vs Marlin + packed SELL 79.7 (-1.8 %), M = 2 / 4 1.9-3.4x slower (triton_marlin_gemv.py)
+GEMV_DEFAULT_MAX_M = 0
 
 
 class MarlinDequantOneCopyKernel(MarlinDequantKernel):
