@@ -153,16 +153,16 @@ for _base in ("sw-w4-g128-holdout", "sw-default"):
 METHODS["sw-w4-g128-mdeq1"] = dict(
     METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"}
 )
-# the one-copy pair with the GEMV over Marlin's layout for batches of <= 4 tokens (the held-out correction in its
+# the one-copy pair with the GEMV over Marlin's layout for batch 1 (the held-out correction in its
 # epilogue: no second kernel at batch 1), with and without hold-out
 for _base in ("sw-w4-g128-holdout", "sw-default"):
     METHODS[_base + "-gemv"] = dict(
-        METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "gemv=4"}
+        METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "gemv=1"}
     )
 METHODS["sw-w4-g128-gemv"] = dict(
     METHODS["sw-w4-g128"],
     ckpt="sw-w4-g128",
-    env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "gemv=4"},
+    env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "gemv=1"},
 )
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
