@@ -1087,6 +1087,37 @@ def onecopy_table2(sweep: str, flat: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def gemv_table(path: str) -> str:
+    """The README's GEMV table (markdown, us per 7B layer at M = 1 / 2 / 4) from ``w4_gemv_s10_h200.json`` (runs of
+    successive forms of the kernel, each beside Marlin and Marlin + packed SELL measured in the same process)."""
+    with open(path) as f:
+        d = json.load(f)
+    lines = [
+        "| form | M | Marlin | Marlin + packed SELL | GEMV, no hold-out | GEMV + correction (default config) "
+        "| best GEMV variant | GEMV + corr. / Marlin + SELL |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, run in d["runs"].items():
+        by_m: dict = {}
+        for r in run["rows"]:
+            by_m.setdefault(r["m"], {})[r["kernel"]] = r["us"]
+        for m in sorted(by_m):
+            k = by_m[m]
+            var = {n: u for n, u in k.items() if n.startswith("gemv") and "no hold-out" not in n}
+            best = min(var, key=var.get) if var else None
+            nan = float("nan")
+            ratio = k.get("gemv", nan) / k.get("marlin+packed sell", nan)
+            lines.append(
+                f"| {label} | {m} | {k.get('marlin', nan):.1f} | {k.get('marlin+packed sell', nan):.1f} "
+                f"| {k.get('gemv no hold-out', nan):.1f} | {k.get('gemv', nan):.1f} "
+                f"| {var[best]:.1f} ({best.removeprefix('gemv ') if best != 'gemv' else 'default'}) | {ratio:.3f} |"
+                if best
+                else f"| {label} | {m} | – | – | – | – | – | – |"
+            )
+    forms = "; ".join(f"**{label}**: {run['form']}" for label, run in d["runs"].items())
+    return "\n".join(lines) + "\n\nForms: " + forms + ".\n"
+
+
 def main():
     global DRY
     ap = argparse.ArgumentParser()
@@ -1143,7 +1174,13 @@ def main():
         metavar=("SWEEP_JSON", "FLAT_JSON"),
         help="write the README's session-9 one-copy table from the sweep and the flat-default run to --out and exit",
     )
+    ap.add_argument("--gemv-table", metavar="JSON", help="write the README's GEMV table from JSON to --out and exit")
     args = ap.parse_args()
+    if args.gemv_table:
+        with open(args.out, "w") as f:
+            f.write(gemv_table(args.gemv_table))
+        log(f"wrote {args.out}")
+        return
     if args.onecopy_table2:
         with open(args.out, "w") as f:
             f.write(onecopy_table2(*args.onecopy_table2))
