@@ -13,11 +13,11 @@ Two layouts, built once at load time (host code, no GPU needed):
   padded to a uniform depth ``L`` with the sentinel column ``-1`` (value 0). Storage is ``[n_slices, L, C]``
   (slot-major, lane-minor) so one slot of a slice is one coalesced 128-byte load. Only row blocks holding entries
   get a slice (``rb`` maps slice -> row block), except in the packed form (``pack=``), where every block has one
-  (dense: the GEMV over Marlin's layout addresses a row's slots without a lookup). Rows longer than ``L`` ("heavy" rows: e.g. an outlier row held
-  out almost entirely) are kept in a separate CSR (``hrows``/``hptr``/``hcols``/``hvals``) and get one program
-  each. Every output row is owned by exactly one program: no atomics, a fixed fp32 summation order
-  (deterministic), one rounding into ``y``. ``ucols`` (the distinct columns) drives the large-M path, which
-  first transposes only those columns of ``x``.
+  (dense: the GEMV over Marlin's layout addresses a row's slots without a lookup). Rows longer than ``L`` ("heavy"
+  rows: e.g. an outlier row held out almost entirely) are kept in a separate CSR (``hrows``/``hptr``/``hcols``/
+  ``hvals``) and get one program each. Every output row is owned by exactly one program: no atomics, a fixed
+  fp32 summation order (deterministic), one rounding into ``y``. ``ucols`` (the distinct columns) drives the
+  large-M path, which first transposes only those columns of ``x``.
 
 All sizes the kernels need are tensor *shapes* (``L``, ``C``, ``n_slices``, ``H``, ``U``), never values, so the
 CUDA op reads no device memory on the host: no syncs, CUDA-graph and torch.compile safe.

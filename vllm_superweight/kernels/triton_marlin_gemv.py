@@ -58,6 +58,15 @@ def _rt(rt: int, bm: int, group: int) -> int:
     return min(rt, group // 16) if group else rt
 
 
+def _tile_config(config: tuple[int, ...] | None, bm: int, group: int) -> tuple[int, int, bool]:
+    """(K tiles per thread, warps, prefetch) of a launch for ``bm`` tokens: ``config`` or the default, clipped to
+    what compiles without spills on sm_90 (the prefetched words of RT * tokens > 4 tiles spill)."""
+    rt, warps, *rest = config or GEMV_CONFIGS[bm]
+    rt = _rt(rt, bm, group)
+    pf = bool(rest[0]) if rest else True
+    return rt, warps, pf and rt * bm <= 4
+
+
 def _groups(np_: int, n_sm: int, gs: int | None = None) -> int:
     """Column groups per program: ``gs``, else ``GEMV_GS`` (measured best on every 7B shape), fewer where that
     would leave SMs idle."""
@@ -392,11 +401,7 @@ def _launch_args(
     single = uses_single_scale_perm(group if group > 0 else 0, kp)
     g = 0 if single else group
     bm = _bm(m)
-    rt, warps, *rest = config or GEMV_CONFIGS[bm]
-    rt = _rt(rt, bm, g)
-    pf = bool(rest[0]) if rest else True
-    if pf and rt * bm > 4:  # the prefetched words would spill (sm_90 ptxas)
-        pf = False
+    rt, warps, pf = _tile_config(config, bm, g)
     gsz = _groups(np_, n_sm, gs)
     wr = warps * 32 // (4 * gsz)
     if wr < 1:
@@ -482,11 +487,7 @@ def compile_sm90(
     from .triton_w4 import sm90_report
 
     ty = "*fp16" if f16 else "*bf16"
-    rt, warps, *rest = config or GEMV_CONFIGS[bm]
-    rt = _rt(rt, bm, group)
-    pf = bool(rest[0]) if rest else True
-    if pf and rt * bm > 4:
-        pf = False
+    rt, warps, pf = _tile_config(config, bm, group)
     sig = {"x_ptr": ty, "qm_ptr": "*i32", "sc_ptr": ty, "zp_ptr": "*i32", "bias_ptr": ty, "y_ptr": ty}
     sig.update({k: "*i32" for k in ("ell_ptr", "hrng_ptr", "hrows_ptr", "hptr_ptr", "hent_ptr")})
     sig.update({k: "i32" for k in ("M", "N", "K", "KT", "NP", "stride_xm", "stride_ym")})

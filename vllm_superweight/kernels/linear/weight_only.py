@@ -482,7 +482,9 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
     default for checkpoints with a bulk hold-out (>= 1e-4) since session 9 (H200, 7B shape, same lease as the
     two-copy pair: weights 4.02 vs 7.48 GiB, batch 1 / 64 equal, batch 8 +4%, saturated -3.5% / -4.2%;
     ``SUPERWEIGHT_W4_KERNEL=marlin-deq`` keeps the two copies). Its first form (gathering dequantizer, index
-    correction) was slower (benchmarks/KERNEL_NOTES.md, session 8)."""
+    correction) was slower (benchmarks/KERNEL_NOTES.md, session 8). ``SUPERWEIGHT_ONECOPY_CONFIG=gemv=N`` serves
+    batches of up to N <= 4 tokens with the GEMV over Marlin's tensors that adds the held-out terms in its epilogue
+    (``kernels/triton_marlin_gemv.py``; opt-in: H200, M = 1 -1.8 % vs Marlin + SELL, slower from M = 2)."""
 
     wraps = "MarlinLinearKernel+dequant(Marlin layout)/cuBLAS"
 
