@@ -632,6 +632,10 @@ class Bench:
                         e, x = lay[name], xs[name]
                         if kind.startswith("gemv"):
                             sp = None if kind.startswith("gemv no hold-out") else e["psell"]
+                            if kind == "gemv slots only":  # where the correction's cost sits (diagnostic)
+                                sp = dict(sp, hrows=sp["hrows"][:0])
+                            elif kind == "gemv heavy rows only":
+                                sp = dict(sp, ell_cols=sp["ell_cols"][:, :0])
                             MG.marlin_gemv(x, *e["mq"], n, k, 128, False, sp, e["gmaps"], config=cfg, gs=gs)
                             continue
                         if e.get("marlin") is not None:
@@ -656,6 +660,8 @@ class Bench:
             dflt = MG.GEMV_CONFIGS[bm]
             kinds: list = [("marlin", None, None), ("marlin+packed sell", None, None)]
             kinds += [("gemv no hold-out", None, None), ("gemv", None, None)]
+            if m == 1:
+                kinds += [("gemv slots only", None, None), ("gemv heavy rows only", None, None)]
             kinds += [(f"gemv {dflt} gs{g}", dflt, g) for g in (1, 4)]  # column groups per program (default 2)
             kinds += [(f"gemv {c} auto", c, None) for c in MG.GEMV_VARIANTS if c != dflt]  # tiles / warps
             base = None
@@ -669,7 +675,7 @@ class Bench:
                     continue
                 base = us if kind == "marlin" else base
                 self.add(section="gemv", kernel=kind, m=m, us=us, bytes=wb, ratio=(us / base) if base else None)
-                if kind.startswith("gemv") and "no hold-out" not in kind:
+                if kind.startswith("gemv") and "no hold-out" not in kind and " only" not in kind:
                     b = best.setdefault(str(m), {"us": float("inf")})
                     if us < b["us"]:
                         best[str(m)] = {"us": us, "config": list(cfg or dflt), "gs": gs, "kernel": kind}

@@ -39,11 +39,12 @@ from .sparse_layout import DEFAULT_LANES, interpreting, packed_dtype
 from .triton_w4 import TRITON_OK, _cdiv, _np2
 
 GEMV_MAX_M = 4  # tokens of one program (separate accumulators per token)
-# tokens -> (RT: K tiles per thread, warps, PF: prefetch the next tiles' words); GS (column groups per program):
+# tokens -> (RT: K tiles per thread, warps, PF: iterations of words prefetched into registers, 0-2); GS (column
+# groups per program):
 # ``_groups``. H200, first form (no prefetch, one 7B layer, M = 1): RT 8 / 4 warps best, GS 2 best on all four
 # shapes (96 us with the hold-out; GS 1 / 4 / 8: 138 / 107 / 144).
 GEMV_CONFIGS: dict[int, tuple[int, int, int]] = {1: (4, 4, 1), 2: (2, 4, 1), 4: (1, 4, 1)}
-GEMV_VARIANTS: list[tuple[int, int, int]] = [(8, 4, 0), (4, 4, 1), (4, 8, 1), (2, 4, 1), (8, 8, 0), (2, 8, 1)]
+GEMV_VARIANTS: list[tuple[int, int, int]] = [(8, 4, 0), (4, 4, 1), (4, 4, 2), (2, 4, 2), (4, 8, 1), (2, 4, 1)]
 GEMV_GS = 2
 
 
@@ -58,13 +59,15 @@ def _rt(rt: int, bm: int, group: int) -> int:
     return min(rt, group // 16) if group else rt
 
 
-def _tile_config(config: tuple[int, ...] | None, bm: int, group: int) -> tuple[int, int, bool]:
-    """(K tiles per thread, warps, prefetch) of a launch for ``bm`` tokens: ``config`` or the default, clipped to
-    what compiles without spills on sm_90 (the prefetched words of RT * tokens > 4 tiles spill)."""
+def _tile_config(config: tuple[int, ...] | None, bm: int, group: int) -> tuple[int, int, int]:
+    """(K tiles per thread, warps, prefetch depth) of a launch for ``bm`` tokens: ``config`` or the default, clipped
+    to what compiles without spills on sm_90 (RT * tokens * (depth + 1) <= 12 word tiles: 16 spills at 8 groups)."""
     rt, warps, *rest = config or GEMV_CONFIGS[bm]
     rt = _rt(rt, bm, group)
-    pf = bool(rest[0]) if rest else True
-    return rt, warps, pf and rt * bm <= 4
+    pf = min(max(int(rest[0]), 0), 2) if rest else 1
+    while pf and rt * bm * (pf + 1) > 12:
+        pf -= 1
+    return rt, warps, pf
 
 
 def _groups(np_: int, n_sm: int, gs: int | None = None) -> int:
@@ -213,7 +216,7 @@ if TRITON_OK:
         G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
         RT: tl.constexpr, WR: tl.constexpr, GS: tl.constexpr, HAS_SP: tl.constexpr, L: tl.constexpr,
         HAS_HEAVY: tl.constexpr, EH: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, I64: tl.constexpr,
-        KFULL: tl.constexpr, LP: tl.constexpr = 1, HR: tl.constexpr = 16, PF: tl.constexpr = True,
+        KFULL: tl.constexpr, LP: tl.constexpr = 1, HR: tl.constexpr = 16, PF: tl.constexpr = 1,
     ):  # fmt: skip
         """y[m, n] for m < M <= BM (1, 2 or 4) tokens; grid (NP / (8 GS),) (module docstring).
 
@@ -256,8 +259,10 @@ if TRITON_OK:
             wp0 = qm_ptr + rloc.to(tl.int64) * (2 * NP) + wofs
         else:
             wp0 = qm_ptr + rloc * (2 * NP) + wofs
-        if PF:  # the first tiles' words in flight before anything else
+        if PF > 0:  # the first tiles' words in flight before anything else (PF iterations ahead)
             w_next = tl.load(wp0, mask=rloc < KT, other=0)
+        if PF > 1:
+            w_next2 = tl.load(wp0 + ROWS * (2 * NP), mask=(rloc + ROWS) < KT, other=0)
         # the held-out slots / heavy-row range of the program's columns: issued now, used after the K loop
         LS: tl.constexpr = L if HAS_SP else 0
         HH: tl.constexpr = HAS_SP and HAS_HEAVY
@@ -281,14 +286,18 @@ if TRITON_OK:
         for r0 in range(0, KT, ROWS):
             row = r0 + rloc
             if I64:
-                wofs_next = tl.cast(r0 + ROWS, tl.int64) * (2 * NP)
+                wofs_next = tl.cast(r0 + PF * ROWS, tl.int64) * (2 * NP)
                 wofs_cur = tl.cast(r0, tl.int64) * (2 * NP)
             else:
-                wofs_next = (r0 + ROWS) * (2 * NP)
+                wofs_next = (r0 + PF * ROWS) * (2 * NP)
                 wofs_cur = r0 * (2 * NP)
-            if PF:  # register double buffering: the next tiles' loads are issued before this one's arithmetic
+            if PF == 1:  # register double buffering: the next tiles' loads are issued before this one's arithmetic
                 w = w_next
                 w_next = tl.load(wp0 + wofs_next, mask=(row + ROWS) < KT, other=0)
+            elif PF == 2:  # two iterations ahead
+                w = w_next
+                w_next = w_next2
+                w_next2 = tl.load(wp0 + wofs_next, mask=(row + 2 * ROWS) < KT, other=0)
             elif KFULL:  # K = 16 KT and the loop never passes KT: no masks
                 w = tl.load(wp0 + wofs_cur)
             else:
