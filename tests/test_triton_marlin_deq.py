@@ -465,3 +465,42 @@ def test_onecopy_config_env(monkeypatch):
             envs.onecopy_config()
     monkeypatch.delenv(envs.ONECOPY_CONFIG)
     assert envs.onecopy_config() == {}
+
+
+@not_interp
+@pytest.mark.parametrize(
+    "nnz,env,arg,want", [(0, None, None, 256), (3, None, None, 256), (40, None, None, 96), (0, "64", None, 64),
+                         (0, None, 8, 8)],
+)  # fmt: skip
+def test_one_copy_threshold_by_hold_out(monkeypatch, nnz, env, arg, want):
+    """The one-copy pair keeps Marlin up to 256 tokens for layers without a bulk hold-out (Marlin + a few entries
+    beats dequantize + cuBLAS there: H200, 7B layer, M = 128: 200 vs 298 us), the dequantize path from
+    ``min_m`` on where the hold-out is >= 1e-4; an explicit threshold (argument or SUPERWEIGHT_DEQUANT_MIN_M)
+    is never changed."""
+    from vllm_linear import pack_int32
+
+    from vllm_superweight.kernels.linear import SWLinearConfig
+    from vllm_superweight.kernels.linear import weight_only as WO
+
+    if env is None:
+        monkeypatch.delenv("SUPERWEIGHT_DEQUANT_MIN_M", raising=False)
+    else:
+        monkeypatch.setenv("SUPERWEIGHT_DEQUANT_MIN_M", env)
+    n, k = 128, 256  # 1e-4 of 32768 weights: 3.3 entries
+    inputs, _ = make_layer(n, k, 64, False, nnz=nnz, seed=3)
+    cfg = SWLinearConfig(
+        prefix="t.threshold", bits=4, symmetric=False, group_size=64, activations="none", act_dtype=torch.bfloat16,
+        full_shape=(k, n), partition_shape=(k, n), device_type="cpu", holdout=1e-3,
+    )  # fmt: skip
+    layer = torch.nn.Module()
+    P = torch.nn.Parameter
+    layer.register_parameter("weight_packed", P(pack_int32(inputs["q"], 4, 1), requires_grad=False))
+    layer.register_parameter("weight_scale", P(inputs["scales"].clone(), requires_grad=False))
+    layer.register_parameter("weight_zero_point", P(pack_int32(inputs["zeros"], 4, 0), requires_grad=False))
+    monkeypatch.setattr(WO, "MarlinKernel", lambda c: PyMarlin(n, k, 64, False))
+    kd = WO.MarlinDequantOneCopyKernel(cfg, min_m=arg)
+    kd.process_weights_after_loading(layer)
+    empty = torch.zeros(0, dtype=torch.int64)
+    r, c, v = (inputs["rows"], inputs["cols"], inputs["vals"]) if nnz else (empty, empty, torch.zeros(0))
+    kd.set_sparse(layer, r, c, v)
+    assert kd.min_m == want and f"Marlin(M<{want})" in kd.describe()

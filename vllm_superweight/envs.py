@@ -20,7 +20,8 @@ Only what users need is a knob:
                                     kernel that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a
-                                    scratch and one cuBLAS GEMM (default 96).
+                                    scratch and one cuBLAS GEMM (default 96; the one-copy pair uses 256 for
+                                    layers with a hold-out below 1e-4, where Marlin is faster up to there).
 ``SUPERWEIGHT_ONECOPY_CONFIG``      launch configurations of the ``marlin-deq1`` kernels, as the micro-benchmark
                                     found them best on this GPU (``w4_fused_bench.py --sections onecopy``):
                                     ``deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=MAX_M``
@@ -92,6 +93,11 @@ def marlin_max_m() -> int:
 
 def dequant_min_m() -> int:
     return _int(DEQUANT_MIN_M, DEFAULT_DEQUANT_MIN_M)
+
+
+def dequant_min_m_given() -> bool:
+    """Whether the user set ``SUPERWEIGHT_DEQUANT_MIN_M`` (then no kernel adapts it per layer)."""
+    return bool(os.environ.get(DEQUANT_MIN_M, "").strip())
 
 
 #: key under which the plugin copies the graph-changing knobs into the in-memory ``quantization_config``

@@ -467,6 +467,9 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
         return y  # inside run(), on both paths
 
 
+# Layers with (almost) no held-out entries: Marlin + their few-entry correction beats dequantize + cuBLAS up to 256
+# tokens (H200, 7B layer, us, w4_onecopy_s9.md: M = 96 203 vs 297, 128 200 vs 298, 256 319 vs 331)
+LIGHT_DEQUANT_MIN_M = 256
 # The GEMV over Marlin's layout (correction in its epilogue) is opt-in (SUPERWEIGHT_ONECOPY_CONFIG=gemv=1): H200, 7B
 # layer, M = 1: 78.3 us vs Marlin + packed SELL 79.7 (-1.8 %), M = 2 / 4 1.9-3.4x slower (triton_marlin_gemv.py)
 GEMV_DEFAULT_MAX_M = 0
@@ -499,6 +502,7 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
 
     def __init__(self, config: SWLinearConfig, min_m: int | None = None) -> None:
         super().__init__(config, min_m)
+        self._min_m_given = min_m is not None or envs.dequant_min_m_given()
         self.deq: dict[str, torch.Tensor] = {}
         self.sp: dict[str, torch.Tensor] = {}  # packed SELL slots of the small batches' correction
         self.gmaps: dict[str, torch.Tensor] = {}  # the GEMV's index into those slots
@@ -527,6 +531,8 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
         self.deq = marlin_deq_layout(rows, cols, vals, n_p, k_p, c.group_size, c.symmetric, c.act_dtype, device)
         # small batches: the SELL correction over 4-byte packed slots (value bits | column); where K needs more
         # than 16 bits, the correction reads the restore index instead
+        if not self._min_m_given and rows.numel() < self.MIN_HOLDOUT * n_p * k_p:
+            self.min_m = max(self.min_m, LIGHT_DEQUANT_MIN_M)  # Marlin wins up to 256 tokens without a bulk hold-out
         self.sp = {}
         if rows.numel() and k_p <= PACK_MAX_K:
             self.sp = prepare_sparse(rows, cols, vals, n_p, k_p, device, layout="sell", pack=c.act_dtype)
