@@ -11,8 +11,8 @@ and the same packed SELL slots, so nothing is stored twice, and adds the held-ou
 Work split. A program owns the output columns of ``GS`` of the 8 column groups of one 64-column Marlin tile (word
 ``128 (n div 64) + 16 (n mod 8) + 4 t + u`` of each 16-row K tile holds columns n, n + 8 of the 16 u-column stride
 and k = 8 kh + 2 t + kp: 8 codes of 2 columns x 4 K values), and all of K: no split-K, no atomics, one rounding.
-Its tensors are 5-D ``[RT, WR, GS, 4 (t), 4 (u)]``: the 4 words u (16 bytes) and ``RT`` K tiles in one thread,
-threads over (GS, t), warps over WR rows of threads. Each word needs 4 x values per token, shared by its 4 u words,
+Its tensors are 5-D ``[4 (t), GS, WR, RT, 4 (u)]``: the 4 words u (16 bytes) and ``RT`` K tiles in one thread,
+threads over (t, GS, WR), warps over WR. Each word needs 4 x values per token, shared by its 4 u words,
 so x costs ~1/8 load per weight (the session-5 GEMV over our own layout loaded one x per weight). Codes are
 extracted as the exact fp32 ``1 + q/16`` (one shift, one LOP3, ``triton_w4._plane16``), summed against x in fp32
 over the 4 codes of one column and the RT K tiles of the thread (in registers), then scaled once per group:
@@ -40,9 +40,8 @@ from .triton_w4 import TRITON_OK, _cdiv, _np2
 
 GEMV_MAX_M = 4  # tokens of one program (separate accumulators per token)
 # tokens -> (RT: K tiles per thread, warps, PF: iterations of words prefetched into registers, 0-2); GS (column
-# groups per program):
-# ``_groups``. H200, first form (no prefetch, one 7B layer, M = 1): RT 8 / 4 warps best, GS 2 best on all four
-# shapes (96 us with the hold-out; GS 1 / 4 / 8: 138 / 107 / 144).
+# groups per program): ``_groups``. H200, first form (no prefetch, one 7B layer, M = 1): RT 8 / 4 warps best, GS 2
+# best on all four shapes (96 us with the hold-out; GS 1 / 4 / 8: 138 / 107 / 144); with prefetch (4, 4, 1).
 GEMV_CONFIGS: dict[int, tuple[int, int, int]] = {1: (4, 4, 1), 2: (2, 4, 1), 4: (1, 4, 1)}
 GEMV_VARIANTS: list[tuple[int, int, int]] = [(8, 4, 0), (4, 4, 1), (4, 4, 2), (2, 4, 2), (4, 8, 1), (2, 4, 1)]
 GEMV_GS = 2
