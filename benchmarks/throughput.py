@@ -183,7 +183,9 @@ GROUPS = {
     # issue 12's hold-out target compares THE SAME checkpoint with and without the 0.1 % hold-out (g128 both; the
     # default preset is g64): two-copy vs one-copy Marlin + dequantize pair, AWQ beside
     "onecopy": ["awq", "sw-w4-g128", "sw-w4-g128-holdout-mdeq", "sw-w4-g128-holdout-mdeq1", "sw-w4-g128-mdeq1"],
-    "gemv": ["awq", "sw-w4-g128-holdout-gemv", "sw-w4-g128-holdout", "sw-w4-g128", "sw-w4-g128-gemv"],
+    # session 10's open questions, one lease: the GEMV at batch 1 (held-out), one copy without hold-out (Marlin up to
+    # 256 tokens now) against the two-copy pair, AWQ beside
+    "gemv": ["awq", "sw-w4-g128", "sw-w4-g128-mdeq1", "sw-w4-g128-holdout", "sw-w4-g128-holdout-gemv"],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)
