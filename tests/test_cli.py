@@ -166,6 +166,35 @@ def test_convert_interrupt_inprocess(tiny, tmp_path, capsys, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_signal_swallowed_by_a_library_still_reports_interrupted(tiny, tmp_path, capsys, monkeypatch):
+    """A SIGTERM / SIGINT whose KeyboardInterrupt a library turns into another error (seen in CI: safetensors'
+    get_tensor came back with "could not determine the shape of object type 'torch.storage.UntypedStorage'") is
+    still reported as the interruption (130), with nothing written; without a signal the same error is status 1."""
+    import signal
+
+    from vllm_superweight import quantize
+
+    def interrupted_inside_a_library(*a, **k):
+        try:
+            cli._on_signal(signal.SIGTERM, None)  # what the handler does when the signal lands here ...
+        except KeyboardInterrupt:
+            pass  # ... swallowed by library code, which then fails its own way
+        raise RuntimeError("could not determine the shape of object type")
+
+    def library_error(*a, **k):
+        raise RuntimeError("could not determine the shape of object type")
+
+    argv = ["convert", tiny, str(tmp_path / "out"), "--super-weights", "none", "-q"]
+    monkeypatch.setattr(quantize, "quantize_weight", interrupted_inside_a_library)
+    rc, out, err = main(argv, capsys)
+    assert rc == 130 and "interrupted" in one_error_line(err), err
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(quantize, "quantize_weight", library_error)
+    rc, out, err = main(argv, capsys)
+    assert rc == 1 and "could not determine" in one_error_line(err), err
+    assert os.listdir(tmp_path) == []
+
+
 def test_convert_with_stubbed_detection(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
         conv.pipeline, "run_detection", lambda model, tok, prompt, progress=True, **kw: fake_detection()

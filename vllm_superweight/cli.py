@@ -543,7 +543,11 @@ def _preset_help() -> str:
         return "(unavailable)"
 
 
-def _sigterm(signum, frame):
+_SIGNALLED: list[int] = []  # the signals received during this command (SIGINT / SIGTERM)
+
+
+def _on_signal(signum, frame):
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt
 
 
@@ -551,21 +555,34 @@ def main(argv: list[str] | None = None) -> int:
     """The console script (``argv`` None: the process's command line) and the in-process entry (tests)."""
     command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    old_handler = None
-    try:
-        old_handler = signal.signal(signal.SIGTERM, _sigterm)  # so an interrupted convert removes its temp dir
-    except ValueError:  # not in the main thread
-        pass
+    old_handlers = {}
+    _SIGNALLED.clear()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # so an interrupted convert removes its temp dir
+        try:
+            old_handlers[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not in the main thread
+            pass
     try:
         rc = _main(argv)
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
     if command_line and argv and argv[0] == "eval":
         from .eval import exit_now
 
         exit_now(rc)  # after a vLLM engine: leave without the interpreter teardown that can abort (status 134)
     return rc
+
+
+def _fail(msg: str) -> int:
+    """One error line and status 1 -- or, when a signal arrived, "interrupted" and 130: a signal's KeyboardInterrupt
+    raised inside library code (a safetensors read, a torch call) can come back as another error (the clean-up ran
+    on the way out either way)."""
+    if _SIGNALLED:
+        _err("interrupted (nothing was written)")
+        return 130
+    _err(msg)
+    return 1
 
 
 def _main(argv: list[str]) -> int:
@@ -578,25 +595,19 @@ def _main(argv: list[str]) -> int:
         _err("interrupted (nothing was written)")
         return 130
     except FormatError as e:  # includes SourceError, ConversionError, CLIError
-        _err(str(e))
-        return 1
+        return _fail(str(e))
     except FileNotFoundError as e:
-        _err(f"{e.filename or ''}: no such file or directory" if e.filename else str(e))
-        return 1
+        return _fail(f"{e.filename or ''}: no such file or directory" if e.filename else str(e))
     except PermissionError as e:
-        _err(f"permission denied: {e.filename or e}")
-        return 1
+        return _fail(f"permission denied: {e.filename or e}")
     except OSError as e:
-        _err(f"{type(e).__name__}: {e}")
-        return 1
+        return _fail(f"{type(e).__name__}: {e}")
     except MemoryError:
-        _err("out of memory")
-        return 1
+        return _fail("out of memory")
     except Exception as e:  # a bug or an unexpected library error: still one line (SUPERWEIGHT_DEBUG=1: traceback)
         if envs.debug():
             raise
-        _err(f"internal error: {type(e).__name__}: {e} (SUPERWEIGHT_DEBUG=1 shows the traceback)")
-        return 1
+        return _fail(f"internal error: {type(e).__name__}: {e} (SUPERWEIGHT_DEBUG=1 shows the traceback)")
 
 
 if __name__ == "__main__":
