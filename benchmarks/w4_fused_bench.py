@@ -184,6 +184,14 @@ def warm_compile(jobs, workers: int):
     }
 
 
+def marlin_out(e: dict, x: torch.Tensor, n: int) -> torch.Tensor:
+    """vLLM's Marlin GEMM of layer ``e`` (zeros in the dry run: no Marlin on a CPU)."""
+    if e.get("marlin") is None:
+        return torch.zeros(x.shape[0], n, dtype=x.dtype)
+    layer, kobj = e["marlin"]
+    return kobj.apply_weights(layer, x)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the benchmark
 # ------------------------------------------------------------------------------------------------------------
@@ -618,8 +626,8 @@ class Bench:
         """The small-batch GEMV over Marlin's layout with the held-out correction in its epilogue (issue 12) vs
         Marlin alone and Marlin + the packed SELL correction (today's one-copy default), per M <= 4 and per
         launch variant / column-group split; us per layer (4 GEMMs), TB/s of the W4 bytes (AWQ's count)."""
+        import vllm_superweight.kernels as K
         from vllm_superweight.kernels import triton_marlin_gemv as MG
-        from vllm_superweight.kernels import triton_sparse as TS
 
         if "mq" not in self.layers[0]["o"]:
             self.add(section="gemv", note="skipped: no Marlin layer (vLLM unavailable)")
@@ -638,14 +646,9 @@ class Bench:
                                 sp = dict(sp, ell_cols=sp["ell_cols"][:, :0])
                             MG.marlin_gemv(x, *e["mq"], n, k, 128, False, sp, e["gmaps"], config=cfg, gs=gs)
                             continue
-                        if e.get("marlin") is not None:
-                            layer, kobj = e["marlin"]
-                            y = kobj.apply_weights(layer, x)
-                        else:  # dry run: no Marlin GEMM on a CPU
-                            y = torch.zeros(x.shape[0], n, dtype=x.dtype)
+                        y = marlin_out(e, x, n)
                         if kind == "marlin+packed sell":
-                            sp = e["psell"]
-                            TS.sparse_correction_(y, x, *[sp[key] for key in SELL_ORDER], int(sp["nnz"].shape[0]))
+                            K.sparse_correction(y, x, e["psell"])
 
             return f
 
@@ -703,11 +706,7 @@ class Bench:
                         elif kind == "deq marlin+cublas":
                             MD.marlin_deq_mm(x, *e["mq"], e["mdeq1"])
                         else:
-                            if e.get("marlin") is not None:
-                                layer, kobj = e["marlin"]
-                                y = kobj.apply_weights(layer, x)
-                            else:  # dry run: no Marlin GEMM on a CPU
-                                y = torch.zeros(x.shape[0], e["mdeq1"]["info"].shape[0], dtype=x.dtype)
+                            y = marlin_out(e, x, e["mdeq1"]["info"].shape[0])
                             if kind.startswith("marlin+sell") or kind.startswith("marlin+packed sell"):
                                 sp = e["psell"] if "packed" in kind else e["sell"]
                                 tiles = TS.SparseTiles(bm_direct=cfg[1], transpose_min_m=cfg[2]) if cfg else None

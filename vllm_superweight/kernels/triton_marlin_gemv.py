@@ -36,7 +36,8 @@ from __future__ import annotations
 import torch
 
 from .sparse_layout import DEFAULT_LANES, interpreting, packed_dtype
-from .triton_w4 import TRITON_OK, _cdiv, _np2
+from .triton_marlin_deq import uses_single_scale_perm
+from .triton_w4 import TRITON_OK, _cdiv, _np2, _sms
 
 GEMV_MAX_M = 4  # tokens of one program (separate accumulators per token)
 # tokens -> (RT: K tiles per thread, warps, PF: iterations of words prefetched into registers, 0-2); GS (column
@@ -398,8 +399,6 @@ def _launch_args(
     n_sm: int,
 ):
     """(grid, positional args, constexprs, warps) of one launch; shapes only (no device reads)."""
-    from .triton_marlin_deq import uses_single_scale_perm
-
     m = x2.shape[0]
     kp, np_ = qm.shape[0] * 16, qm.shape[1] // 2
     if m > GEMV_MAX_M:
@@ -468,12 +467,6 @@ def marlin_gemv(
     grid, args, consts, warps = _launch_args(x2, qm, scale, zero, n, k, group, sym, sp, maps, bias, y, config, gs, n_sm)
     _marlin_gemv_kernel[grid](*args, **consts, num_warps=warps)
     return y
-
-
-def _sms(device: torch.device) -> int:
-    from .triton_w4 import _sms as sms
-
-    return sms(device)
 
 
 def compile_sm90(
