@@ -51,6 +51,7 @@ KERNEL_SUFFIX = {
     "-mdeq": " → Marlin + dequantize pair, two W4 copies",
     "-dual": " → Marlin/Machete pair",
     "-fused": " → fused",
+    "-gemv": " → GEMV + correction at batch 1",
 }
 
 
@@ -164,11 +165,11 @@ def table(recs):
             ratio = "–"
             a, b, c = cfgs[0]
             r1, ra = by.get((v, a, b, 1, "latency")), by.get(("awq", a, b, 1, "latency"))
-            if r1 and ra:
+            if r1 and ra and v != "awq":
                 ratio = (
-                    f"{ra['latency_s'] / r1['latency_s']:.2f}× faster"
+                    f"{ra['latency_s'] / r1['latency_s']:.3f}× faster"
                     if r1["latency_s"] < ra["latency_s"]
-                    else f"{r1['latency_s'] / ra['latency_s']:.2f}× slower"
+                    else f"{r1['latency_s'] / ra['latency_s']:.3f}× slower"
                 )
             lines.append(f"| {label(v)} | " + " | ".join(cells) + f" | {ratio} |")
         lines.append("")
