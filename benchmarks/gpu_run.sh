@@ -14,7 +14,10 @@
 #   bash benchmarks/gpu_run.sh stash                       # keep carried parts outside the checkout (no vLLM needed):
 #                                                          # bundle parts, .gpu-bundle/tok, .gpu-data/* -> /root/stash
 #   bash benchmarks/gpu_run.sh build-bg [METHODS]          # 7B-shaped checkpoints built in the background (setsid, so
-#                                                          # it outlives the call; log /root/stash/build.log)
+#                                                          # it outlives the call; log /root/stash/build.log); after
+#                                                          # all bundle parts are stashed (the converter needs
+#                                                          # compressed-tensors). Wait with pgrep -f '[b]uild-only'
+#                                                          # (the bracket keeps pgrep from matching its own shell)
 #   bash benchmarks/gpu_run.sh quality ROWS [quality args] # benchmarks/quality.py on SmolLM2 from the GGUF carried in
 #                                                          # parts (.gpu-data/smollm2.gguf.xz.*) -> $OUT/quality_gpu.json
 #
@@ -99,9 +102,17 @@ case "$STAGE" in
     ls -la "$STASH_DIR" ;;
   build-bg)
     # the checkpoints of `coldstart`/`throughput` (+ the default preset, whose conversion time on the GPU is the
-    # converter's number for a 7B model), built while later calls stash the rest; needs no vLLM
+    # converter's number for a 7B model), built in the background while later stages run; needs the bundle
     METHODS=${1:-awq,sw-w4-g128,sw-default}
     mkdir -p "$STASH_DIR"
+    # the converter packs with compressed-tensors, which comes with the bundle: stash all three parts first
+    # (session 11: started after the first part, every superweight conversion failed in the background)
+    # shellcheck disable=SC1091
+    [ -f .gpu-bundle/install.sh ] && source .gpu-bundle/install.sh >/dev/null 2>&1
+    if ! $PY -c "import compressed_tensors" 2>/dev/null; then
+      echo "[$(ts)] build-bg: compressed-tensors does not import (stash all bundle parts first); nothing started"
+      exit 2
+    fi
     setsid nohup env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $PY benchmarks/throughput.py --methods "$METHODS" --build-only \
       --workdir "$SW_BENCH_DIR" --out "$STASH_DIR/build.json" --tokenizer-dir "$TOKENIZER_DIR" --budget-s 1200 \
       > "$STASH_DIR/build.log" 2>&1 < /dev/null &
