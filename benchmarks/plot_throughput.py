@@ -43,6 +43,7 @@ LABEL = {
     "sw-w4-g128-holdout": "SW-RTN W4 g128 +0.1% hold-out",
     "sw-default": "SW-RTN default (W4 g64 +0.1% hold-out)",
     "sw-w8a8": "SW-RTN W8A8 + outlier ch.",
+    "sw-w8a8-azp": "SW-RTN W8A8 + outlier ch., first in the zero-point epilogue",
 }
 
 

@@ -394,3 +394,53 @@ def test_w8a8_kernel_classes_on_cuda():
         y = kern.apply_weights(layer, x)
         e = _rel(y, x.float() @ VL.dequant_w8(w).T)
         assert y.dtype == dtype and e < 2e-2, (cls.__name__, dtype, acts, e)
+
+
+def test_w8a8_azp_epilogue_on_cuda(monkeypatch):
+    """SUPERWEIGHT_W8A8_AZP=1: the first outlier channel through CUTLASS's per-token zero-point epilogue (the others
+    as a side product) matches the float reference as closely as the side-product path, eagerly and replayed from
+    a CUDA graph, with one and with three outlier channels."""
+    monkeypatch.setenv("SUPERWEIGHT_W8A8_AZP", "1")
+    VL = _vl()
+    VL.single_process_tp()
+    from vllm_superweight.kernels.linear import w8a8 as W8
+
+    dev, n, k = "cuda", 4096, 4096
+    w = VL.random_w8(n, k, dev, seed=2)
+    w_ref = VL.dequant_w8(w)
+    c = _cfg(torch.bfloat16, acts="int8-token", bits=8, group=-1, sym=True, k=k, n=n)
+
+    def build(outl, azp):
+        monkeypatch.setenv("SUPERWEIGHT_W8A8_AZP", "1" if azp else "0")
+        layer = torch.nn.Module()
+        layer.register_parameter("weight_packed", torch.nn.Parameter(w["w"].clone(), requires_grad=False))
+        layer.register_parameter("weight_scale", torch.nn.Parameter(w["scale"].clone(), requires_grad=False))
+        kern = W8.CutlassSplitInt8Kernel(c)
+        assert kern.azp is azp and ("azp" in kern.describe()) is azp
+        kern.set_outliers(layer, outl)
+        kern.process_weights_after_loading(layer)
+        return layer, kern
+
+    for outl in (torch.tensor([1000]), torch.tensor([5, 1000, 3001])):
+        la, ka = build(outl, True)
+        lb, kb = build(outl, False)
+        for m in (1, 7, 64, 300):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            x[:, 1000] *= 2000.0  # a super activation: far beyond the rest's int8 range
+            if m > 1:
+                x[0] = 0
+                x[0, 1000] = 5.0  # only the outlier is non-zero
+            ref = x.float() @ w_ref.T
+            ea, eb = _rel(ka.apply_weights(la, x), ref), _rel(kb.apply_weights(lb, x), ref)
+            assert ea < 2e-2 and ea < 1.5 * eb + 1e-3, (outl.tolist(), m, ea, eb)
+        x = torch.randn(8, k, device=dev, dtype=torch.bfloat16)
+        x[:, 1000] *= 2000.0
+        ka.apply_weights(la, x)  # warm up (Triton compile) outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = ka.apply_weights(la, x)
+        x.copy_(torch.randn_like(x))
+        x[:, 1000] *= 2000.0
+        g.replay()
+        torch.cuda.synchronize()
+        assert _rel(y, x.float() @ w_ref.T) < 2e-2

@@ -507,6 +507,94 @@ def test_interp_quant_kernel(m, k, s, per_token, with_mask):
     assert torch.equal(got[0], want[0])
 
 
+@interp_only
+@pytest.mark.parametrize("m,k,s", [(3, 100, 2), (4, 64, 1), (2, 20000, 3), (1, 7, 1)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_interp_quant_kernel_azp(m, k, s, with_mask):
+    """The split's zero-point output (first outlier channel on the token's step) equals the torch reference,
+    bit for bit, incl. a row whose other channels are 0 and an outlier beyond AZP_MAX steps."""
+    from vllm_superweight.kernels import triton_act_quant as TQ
+
+    gen = torch.Generator().manual_seed(7 * m + k + s)
+    x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16)
+    idx = torch.sort(torch.randperm(k, generator=gen)[:s]).values.to(torch.int32)
+    x[:, idx.long()] *= 300
+    if m > 2:
+        x[0, :] = 0
+        x[0, idx[0]] = 2.5  # only the outlier is non-zero
+        x[1, idx[0]] = 1e12  # far beyond AZP_MAX steps of the rest
+    mask = K.prepare_outliers(idx, k, "cpu")["mask"] if with_mask else None
+    want = SL.int8_split_azp_torch(x, idx)
+    got = TQ.int8_quant_outlier_split(x, idx, True, mask, azp=True)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    assert int(got[3].abs().max()) <= SL.AZP_MAX
+
+
+def _azp_epilogue(xq, xs, azp, w8, ws, c0):
+    """vLLM's per-token zero-point epilogue in exact integers: xs * ws * (xq @ w8^T - azp * w8[:, c0])."""
+    acc = xq.long() @ w8.long().T - azp.long().unsqueeze(1) * w8[:, c0].long().unsqueeze(0)
+    assert int(acc.abs().max()) < 2**31  # what CUTLASS's int32 epilogue holds
+    return acc.double() * xs.double() * ws.double().reshape(1, -1)
+
+
+def test_azp_reference_carries_the_outlier_at_the_tokens_step():
+    """Through the exact epilogue, the outlier channel's product is as accurate as the float side product (error
+    <= half a step of the rest per weight), where clamped int8 would lose it entirely."""
+    gen = torch.Generator().manual_seed(3)
+    m, n, k = 6, 48, 256
+    w8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    ws = torch.rand(n, generator=gen) * 0.01 + 0.001
+    x = torch.randn(m, k, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+    idx = torch.tensor([17, 200], dtype=torch.int32)
+    x[:, 17] *= 2000.0  # a super activation
+    x[:, 200] *= 40.0
+    x[2, :] = 0
+    x[2, 17] = -3.0
+    ref = x.double() @ (w8.double() * ws.double().unsqueeze(1)).T
+    xq, xs, xo, azp = SL.int8_split_azp_torch(x, idx)
+    y = (
+        _azp_epilogue(xq, xs, azp, w8, ws, 17)
+        + xo[:, 1:].double() @ (w8[:, 200:201].double() * ws.double().unsqueeze(1)).T
+    )
+    # the plain split + float side product for both channels: the accuracy to match
+    xq2, xs2, xo2 = SL.int8_split_torch(x, idx)
+    y2 = (xq2.long() @ w8.long().T).double() * xs2.double() * ws.double().reshape(1, -1)
+    y2 = y2 + xo2.double() @ (w8[:, idx.long()].double() * ws.double().unsqueeze(1)).T
+    err, err2 = (y - ref).abs().amax(dim=1), (y2 - ref).abs().amax(dim=1)
+    step_bound = xs.double().reshape(-1) * 0.5 * (w8.double().abs() * ws.double().unsqueeze(1)).sum(dim=1).max()
+    assert torch.all(err <= step_bound + 1e-9)
+    assert torch.all(err <= 2 * err2 + 1e-9), (err, err2)
+    assert float(err[2]) < 1e-3 * float(ref[2].abs().max())  # rest all 0: the outlier alone, still exact-ish
+    # clamped int8 (no split) loses the super activation: the error is orders larger
+    xq3, xs3, _ = SL.int8_split_torch(x, None)
+    y3 = (xq3.long() @ w8.long().T).double() * xs3.double() * ws.double().reshape(1, -1)
+    assert float((y3 - ref).abs().max()) > 20 * float(err.max())
+
+
+def test_azp_bound_keeps_the_int32_epilogue_safe_at_the_largest_k():
+    """Worst case at K = AZP_K_MAX: every other channel at the int8 limit, weights at +-127/-128 with the sign of
+    x, and an outlier at the zero-point bound: accumulator minus the zero-point term still fits int32."""
+    k = SL.AZP_K_MAX
+    x = torch.full((1, k), 1.0)
+    x[0, 0] = -1e30  # clamped to AZP_MAX steps by the raised absmax
+    xq, xs, _, azp = SL.int8_split_azp_torch(x.to(torch.bfloat16), torch.tensor([0]))
+    assert int(azp.abs().max()) == SL.AZP_MAX
+    w = torch.full((1, k), 127, dtype=torch.int64)
+    w[0, 0] = -128
+    acc = xq.long() @ w.T - azp.long().unsqueeze(1) * w[:, 0]
+    assert int(acc.abs().max()) < 2**31
+
+
+def test_w8a8_azp_knob(monkeypatch):
+    from vllm_superweight import envs
+
+    monkeypatch.delenv(envs.W8A8_AZP, raising=False)
+    assert envs.w8a8_azp() is False and envs.graph_knobs()[envs.W8A8_AZP] == "0"
+    monkeypatch.setenv(envs.W8A8_AZP, "1")
+    assert envs.w8a8_azp() is True and envs.graph_knobs()[envs.W8A8_AZP] == "1"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile for sm_90 (no GPU needed): catches what the interpreter does not (typing across
 # branches, layouts) and checks the register budget (no spills) of the variants the launchers pick.
@@ -598,23 +686,27 @@ def test_triton_kernels_compile_for_sm90():
         "scale_ptr": "*fp32",
         "xo_ptr": "*bf16",
         "amax_ptr": "*fp32",
+        "azp_ptr": "*i32",
         "K": "i32",
         "S": "i32",
         "stride_xm": "i32",
         "stride_qm": "i32",
         "stride_om": "i32",
     }
-    for k, s_pad, mode, mm in [
-        (4096, 0, 0, 0),
-        (4096, 4, 0, 1),
-        (11008, 4, 0, 2),
-        (20000, 4, 0, 1),
-        (4096, 4, 1, 1),
-        (4096, 4, 2, 1),
+    for k, s_pad, mode, mm, azp in [
+        (4096, 0, 0, 0, False),
+        (4096, 4, 0, 1, False),
+        (11008, 4, 0, 2, False),
+        (20000, 4, 0, 1, False),
+        (4096, 4, 1, 1, False),
+        (4096, 4, 2, 1, False),
+        (4096, 4, 0, 1, True),
+        (11008, 4, 0, 2, True),
+        (20000, 4, 0, 1, True),
     ]:
         one, bk, warps = TQ._launch_cfg(k)
-        consts = {"BK": bk, "S_PAD": s_pad, "MODE": mode, "MASK_MODE": mm, "ONE_CHUNK": one}
-        k_, rep = _aot(TQ._act_quant_split_kernel, qsig, consts, warps, list(range(7)) + [7, 9, 10])
+        consts = {"BK": bk, "S_PAD": s_pad, "MODE": mode, "MASK_MODE": mm, "ONE_CHUNK": one, "AZP": azp}
+        k_, rep = _aot(TQ._act_quant_split_kernel, qsig, consts, warps, list(range(8)) + [8, 10, 11])
         assert rep is None or "0 bytes spill stores" in rep, (k, rep)
         # x is read with 16-byte vector loads
         assert "ld.global.v4.b32" in k_.asm["ptx"] or bk < 1024

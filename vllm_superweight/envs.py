@@ -34,6 +34,10 @@ Only what users need is a knob:
                                     per program on the direct path, the smallest M of the transposed path,
                                     tokens per program there, gathered elements per step; from
                                     ``w4_fused_bench.py --sections onecopy`` (its ``sparse_tiles_env``).
+``SUPERWEIGHT_W8A8_AZP``            ``1``: CUDA W8A8 layers with per-token activations carry their first outlier
+                                    channel through vLLM's CUTLASS per-token zero-point epilogue
+                                    (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
+                                    a side product). Opt-in until measured against SmoothQuant (``0``).
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -55,6 +59,7 @@ MARLIN_MAX_M = "SUPERWEIGHT_MARLIN_MAX_M"
 DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 
 ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
+W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 _TILE_KEYS = {"bmd": "bm_direct", "tmin": "transpose_min_m", "bmt": "bm_transposed", "tile": "tile_elems"}
 W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused", "marlin-deq", "marlin-deq1")
@@ -68,6 +73,10 @@ def _flag(name: str) -> bool:
 
 def disable_correction() -> bool:
     return _flag(DISABLE_CORRECTION)
+
+
+def w8a8_azp() -> bool:
+    return _flag(W8A8_AZP)
 
 
 def w4_kernel() -> str:
@@ -114,6 +123,7 @@ def graph_knobs() -> dict[str, str]:
         W4_KERNEL: w4_kernel(),
         MARLIN_MAX_M: str(marlin_max_m()),
         DEQUANT_MIN_M: str(dequant_min_m()),
+        W8A8_AZP: "1" if w8a8_azp() else "0",
         "VLLM_DISABLED_KERNELS": ",".join(sorted(disabled_kernels())),
     }
 

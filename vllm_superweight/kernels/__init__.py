@@ -3,6 +3,7 @@
     prepare_sparse(rows, cols, vals, out_features, in_features, device) -> dict[str, Tensor]
     sparse_correction(y, x, sp) -> Tensor                      # y + S x^T (in place on CUDA)
     int8_quant_outlier_split(x, outlier_idx, per_token=True)  -> (xq, scales, x_out)
+    int8_quant_outlier_split_azp(x, outlier_idx, mask)        -> (xq, scales, x_out, azp)  # per token
 
 Extras (optional for the plugin):
 
@@ -24,6 +25,7 @@ from .sparse_layout import (
     build_coo,
     build_sell,
     coo_correction_torch,
+    int8_split_azp_torch,
     int8_split_torch,
     interpreting,
     layout_stats,
@@ -34,6 +36,7 @@ __all__ = [
     "prepare_sparse",
     "sparse_correction",
     "int8_quant_outlier_split",
+    "int8_quant_outlier_split_azp",
     "prepare_outliers",
     "outlier_columns_as_entries",
     "add_outlier_side_product",
@@ -138,6 +141,17 @@ def int8_quant_outlier_split(
     if interpreting() and _ops.TRITON_OK:
         return _ops.triton_act_quant.int8_quant_outlier_split(x.contiguous(), outlier_idx, per_token, outlier_mask)
     return int8_split_torch(x, outlier_idx, per_token)
+
+
+def int8_quant_outlier_split_azp(x: torch.Tensor, outlier_idx: torch.Tensor, outlier_mask: torch.Tensor | None = None):
+    """Per-token ``int8_quant_outlier_split`` that also returns ``azp`` (int32 [M]): the first outlier channel
+    ``outlier_idx[0]`` as an integer on the token's step, for ``cutlass_scaled_mm_azp`` (see
+    ``sparse_layout.int8_split_azp_torch``, the reference). One kernel on CUDA, like the plain split."""
+    if x.is_cuda and _ops.TRITON_OK:
+        return torch.ops.superweight.int8_quant_outlier_split_azp(x, outlier_idx, outlier_mask)
+    if interpreting() and _ops.TRITON_OK:
+        return _ops.triton_act_quant.int8_quant_outlier_split(x.contiguous(), outlier_idx, True, outlier_mask, azp=True)
+    return int8_split_azp_torch(x, outlier_idx)
 
 
 def prepare_outliers(idx, in_features: int, device) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 
 * ``torch.ops.superweight.sparse_correction_(y, x, <8 layout tensors>, nnz) -> ()``  mutates ``y``;
 * ``torch.ops.superweight.int8_quant_outlier_split(x, idx?, mask?, per_token) -> (xq, scales, x_out)``;
+* ``torch.ops.superweight.int8_quant_outlier_split_azp(x, idx, mask?) -> (xq, scales, x_out, azp)`` (per token);
 * ``torch.ops.superweight.w4_dual_mm(x, bias?, n, key) -> y``: the W4A16 GEMM of the layer registered under
   ``key`` (``kernels.linear.weight_only.DualMarlinMacheteKernel``), Marlin or Machete chosen from x's token count
   at run time.
@@ -77,6 +78,21 @@ def _split_fake(
     return xq, scales, xo
 
 
+def _split_azp_impl(
+    x: torch.Tensor, outlier_idx: torch.Tensor, outlier_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return triton_act_quant.int8_quant_outlier_split(x, outlier_idx, True, outlier_mask, azp=True)
+
+
+def _split_azp_fake(
+    x: torch.Tensor, outlier_idx: torch.Tensor, outlier_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    xq, scales, xo = _split_fake(x, outlier_idx, outlier_mask, True)
+    return xq, scales, xo, x.new_empty((x.shape[0],), dtype=torch.int32)
+
+
 def _dual_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
     from .linear import weight_only
 
@@ -120,6 +136,7 @@ def register() -> bool:
     lib = torch.library.Library(NAMESPACE, "FRAGMENT")
     _register_one(lib, "sparse_correction_", _sparse_impl, ["y"], _sparse_fake)
     _register_one(lib, "int8_quant_outlier_split", _split_impl, [], _split_fake)
+    _register_one(lib, "int8_quant_outlier_split_azp", _split_azp_impl, [], _split_azp_fake)
     _register_one(lib, "w4_dual_mm", _dual_impl, [], _dual_fake)
     _LIB = lib
     return True

@@ -288,3 +288,27 @@ def int8_split_torch(x: torch.Tensor, outlier_idx: torch.Tensor | None, per_toke
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax.clamp_min(1e-30), torch.zeros_like(amax))
     xq = torch.round((xf * inv).clamp(-128.0, 127.0)).to(torch.int8)
     return xq, amax / torch.full_like(amax, 127.0), xo
+
+
+#: bound of the per-token zero point (``int8_split_azp_torch``): 127 * AZP_MAX + K * 128 * 127 < 2**31 for
+#: K <= AZP_K_MAX, so CUTLASS's int32 epilogue ``accum - azp * azp_adj`` cannot overflow
+AZP_MAX = 1 << 22
+AZP_K_MAX = 65536
+
+
+def int8_split_azp_torch(x: torch.Tensor, outlier_idx: torch.Tensor):
+    """Per-token ``int8_split_torch`` plus ``azp`` (int32 [M]): the first outlier channel on the token's own step,
+    ``azp = -floor(x[:, idx[0]] / scale + 0.5)``, for vLLM's per-token zero-point epilogue (``cutlass_scaled_mm_azp``
+    subtracts ``azp[m] * azp_adj[n]`` from the int32 accumulator, with ``azp_adj = W_int8[:, idx[0]]``). The
+    token's absmax is raised to ``|x0| * 127 / AZP_MAX`` where the outlier would exceed AZP_MAX steps (or the rest
+    is 0). Returns (xq, scales [M, 1], x[:, outlier_idx], azp)."""
+    idx = outlier_idx.long()
+    if idx.numel() == 0:
+        raise ValueError("azp needs at least one outlier channel")
+    xf = x.float().index_fill(1, idx, 0.0)
+    x0 = x[:, idx[0]].float().unsqueeze(1)
+    amax = torch.maximum(xf.abs().amax(dim=1, keepdim=True), x0.abs() * (127.0 / AZP_MAX))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax.clamp_min(1e-30), torch.zeros_like(amax))
+    xq = torch.round((xf * inv).clamp(-128.0, 127.0)).to(torch.int8)
+    a = torch.floor(x0 * inv + 0.5).clamp(-float(AZP_MAX), float(AZP_MAX))
+    return xq, amax / torch.full_like(amax, 127.0), x.index_select(1, idx), (-a).reshape(-1).to(torch.int32)

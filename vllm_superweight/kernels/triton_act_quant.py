@@ -9,6 +9,14 @@ Outlier channels are excluded either with a per-channel int8 mask (``outlier_mas
 from cache: cheapest) or, without a mask, by comparing the channel index with each of the S outlier indices
 (S selects per element; fine for the usual S <= 8).
 
+With ``azp=True`` (per token only) the kernel also writes ``azp[m] = -floor(x[m, idx[0]] / scale[m] + 0.5)``
+(int32, clamped to +-AZP_MAX): the first outlier channel as an integer on the token's own step, for vLLM's
+CUTLASS per-token zero-point epilogue (``cutlass_scaled_mm_azp``), which subtracts ``azp[m] * azp_adj[n]`` from
+the int32 accumulator: the outlier's product joins the GEMM's epilogue instead of a side product. Its step is the
+rest's (error <= scale / 2, like every other channel, but never clamped at 127), and the token's absmax is raised
+to ``|x0| * 127 / AZP_MAX`` when the outlier is more than AZP_MAX / 127 times the rest (also when the rest is 0),
+so the int32 epilogue cannot overflow for K <= ``sparse_layout.AZP_K_MAX``.
+
 Per-tensor dynamic scale: pass 1 writes each row's absmax (and x_out), a torch max makes the scale, pass 2
 quantizes. Rounding: clamp to [-128, 127] first (this also keeps the compiler from contracting the multiply
 into the rounding add), then the float32 round-half-even trick ``(v + 1.5*2^23) - 1.5*2^23``.
@@ -20,11 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse_layout import AZP_MAX
+
 # rows up to MAX_ONE_CHUNK elements are held in registers (one read of x); longer rows go in CHUNK pieces
 # (launcher arguments ``max_one_chunk`` / ``chunk``; kernel_bench's quant section times the chunked variant)
 MAX_ONE_CHUNK = 16384
 CHUNK = 8192
 _MAGIC = 12582912.0  # 1.5 * 2**23
+_AZP_STEP = tl.constexpr(127.0 / AZP_MAX)  # exact in float32 (127 * 2**-22)
+_AZP_BOUND = tl.constexpr(float(AZP_MAX))
 
 
 @triton.jit
@@ -47,6 +59,17 @@ def _quantize(v, inv):
 
 
 @triton.jit
+def _azp_store(xrow, idx_ptr, azp_ptr, row, amax):
+    """Raise the token's absmax so the first outlier fits in +-AZP_MAX steps, store its integer; return the absmax."""
+    x0 = tl.load(xrow + tl.load(idx_ptr)).to(tl.float32)
+    amax = tl.maximum(amax, tl.abs(x0) * _AZP_STEP)
+    inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, 1e-30)), 0.0)
+    a = tl.minimum(tl.maximum(tl.floor(x0 * inv + 0.5), -_AZP_BOUND), _AZP_BOUND)
+    tl.store(azp_ptr + row, (-a).to(tl.int32))
+    return amax
+
+
+@triton.jit
 def _act_quant_split_kernel(
     x_ptr,
     idx_ptr,
@@ -55,6 +78,7 @@ def _act_quant_split_kernel(
     scale_ptr,
     xo_ptr,
     amax_ptr,
+    azp_ptr,
     K,
     S,
     stride_xm,
@@ -65,7 +89,9 @@ def _act_quant_split_kernel(
     MODE: tl.constexpr,
     MASK_MODE: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
+    AZP: tl.constexpr = False,
 ):
+    # AZP (MODE 0 only): also write azp[row] = -floor(x[row, idx[0]] * 127 / absmax + 0.5) (module docstring)
     # MODE 0: per-token (absmax + quantize + scale); 1: per-tensor pass 1 (row absmax -> amax_ptr);
     # 2: per-tensor pass 2 (quantize with the global absmax at amax_ptr[0])
     row = tl.program_id(0).to(tl.int64)
@@ -91,6 +117,8 @@ def _act_quant_split_kernel(
         if MODE == 1:
             tl.store(amax_ptr + row, amax)
         else:
+            if AZP:
+                amax = _azp_store(xrow, idx_ptr, azp_ptr, row, amax)
             inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, 1e-30)), 0.0)
             if MODE == 0:
                 tl.store(scale_ptr + row, tl.math.div_rn(amax, 127.0))
@@ -113,6 +141,8 @@ def _act_quant_split_kernel(
         if MODE == 1:
             tl.store(amax_ptr + row, amax)
         else:
+            if AZP:
+                amax = _azp_store(xrow, idx_ptr, azp_ptr, row, amax)
             inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, 1e-30)), 0.0)
             if MODE == 0:
                 tl.store(scale_ptr + row, tl.math.div_rn(amax, 127.0))
@@ -142,19 +172,24 @@ def int8_quant_outlier_split(
     outlier_mask: torch.Tensor | None = None,
     max_one_chunk: int = MAX_ONE_CHUNK,
     chunk: int = CHUNK,
+    azp: bool = False,
 ):
-    """Triton implementation (x [M, K] with unit column stride). See the module docstring."""
+    """Triton implementation (x [M, K] with unit column stride). See the module docstring. ``azp=True`` (per
+    token, at least one outlier channel) returns a fourth tensor, int32 [M]."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be 2-D with unit column stride"
     m, k = x.shape
     s = 0 if outlier_idx is None else int(outlier_idx.numel())
+    if azp and (not per_token or not s):
+        raise ValueError("azp needs per-token scales and at least one outlier channel")
     dev = x.device
     xq = torch.empty((m, k), dtype=torch.int8, device=dev)
     xo = torch.empty((m, s), dtype=x.dtype, device=dev)
     scales = torch.empty((m, 1) if per_token else (1, 1), dtype=torch.float32, device=dev)
+    azp_t = torch.empty((m,), dtype=torch.int32, device=dev) if azp else scales
     if m == 0:
         if not per_token:
             scales.zero_()
-        return xq, scales, xo
+        return (xq, scales, xo, azp_t) if azp else (xq, scales, xo)
     idx = outlier_idx if (s and outlier_idx is not None) else xq  # dummy pointer when there are no outliers
     if s and outlier_mask is not None:
         mask_mode, mptr = 1, outlier_mask
@@ -168,15 +203,18 @@ def int8_quant_outlier_split(
     xo_stride = xo.stride(0) if s else 0
     if per_token:
         _act_quant_split_kernel[(m,)](
-            x, idx, mptr, xq, scales, xo, scales, k, s, x.stride(0), xq.stride(0), xo_stride, MODE=0, **common
-        )
+            x, idx, mptr, xq, scales, xo, scales, azp_t, k, s, x.stride(0), xq.stride(0), xo_stride, MODE=0, AZP=azp,
+            **common,
+        )  # fmt: skip
+        if azp:
+            return xq, scales, xo, azp_t
     else:
         amax = torch.empty((m,), dtype=torch.float32, device=dev)
         _act_quant_split_kernel[(m,)](
-            x, idx, mptr, xq, scales, xo, amax, k, s, x.stride(0), xq.stride(0), xo_stride, MODE=1, **common
+            x, idx, mptr, xq, scales, xo, amax, xq, k, s, x.stride(0), xq.stride(0), xo_stride, MODE=1, **common
         )
         gmax = amax.amax().reshape(1)  # pass 2's program 0 writes scales = gmax / 127 (IEEE division)
         _act_quant_split_kernel[(m,)](
-            x, idx, mptr, xq, scales, xo, gmax, k, s, x.stride(0), xq.stride(0), xo_stride, MODE=2, **common
+            x, idx, mptr, xq, scales, xo, gmax, xq, k, s, x.stride(0), xq.stride(0), xo_stride, MODE=2, **common
         )
     return xq, scales, xo

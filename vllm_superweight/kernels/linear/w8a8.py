@@ -3,7 +3,10 @@
     y = W · Q(x with the outlier channels S set to 0) + W[:, S] · x[:, S]
 
 * ``CutlassSplitInt8Kernel`` (CUDA): our fused Triton quantize-with-outlier-split (one pass over x) + vLLM's
-  CUTLASS ``cutlass_scaled_mm``; per token or per tensor.
+  CUTLASS ``cutlass_scaled_mm``; per token or per tensor. With ``SUPERWEIGHT_W8A8_AZP=1`` (per token) the first
+  outlier channel rides CUTLASS's per-token zero-point epilogue (``cutlass_scaled_mm_azp``): the split also
+  writes it as an int32 on the token's step (``azp``), the epilogue subtracts ``azp[m] * W_int8[n, c0]`` from
+  the int32 accumulator, so one channel needs no side product (``kernels.sparse_layout.int8_split_azp_torch``).
 * ``VllmInt8Kernel`` (per token): vLLM's own int8 kernel for this platform (oneDNN on x86 CPUs), which quantizes
   the activations itself: it is handed x with the outlier channels zeroed. Used only if its ops exist.
 * ``TorchInt8Kernel``: every platform and dtype: our split + ``torch._int_mm`` (CPU) or an exact-enough float
@@ -100,8 +103,33 @@ class CutlassSplitInt8Kernel(_Int8Base):
             return False, f"this vLLM build has no {missing[0]}"
         return True, None
 
+    def __init__(self, config: SWLinearConfig) -> None:
+        super().__init__(config)
+        from ... import envs
+        from ..sparse_layout import AZP_K_MAX
+
+        self.azp = (
+            envs.w8a8_azp()
+            and self.per_token
+            and config.partition_shape[0] <= AZP_K_MAX
+            and not missing_ops("cutlass_scaled_mm_azp")
+        )
+
     def describe(self) -> str:
+        if self.azp:
+            return "CutlassSplitInt8Kernel(triton split + cutlass_scaled_mm_azp: first outlier channel in the epilogue)"
         return "CutlassSplitInt8Kernel(triton split + cutlass_scaled_mm)"
+
+    def set_outliers(self, layer: torch.nn.Module, idx: torch.Tensor) -> None:
+        super().set_outliers(layer, idx)
+        if not (self.azp and self.n_outliers):
+            return
+        # the first (sorted) outlier channel goes to the epilogue: azp_adj = its int8 weight column, [1, N] int32;
+        # the side product keeps the others
+        c0 = tensor(layer, "sw_outlier_idx")[:1].long()
+        w8 = getattr(layer, W_PACKED).data
+        layer.register_buffer("sw_outlier_azp_adj", w8.index_select(1, c0).t().to(torch.int32).contiguous(), False)
+        layer.register_buffer("sw_outlier_w", tensor(layer, "sw_outlier_w")[1:].contiguous(), persistent=False)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         w8 = getattr(layer, W_PACKED).data
@@ -111,6 +139,23 @@ class CutlassSplitInt8Kernel(_Int8Base):
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from vllm import _custom_ops as ops
 
+        if self.azp and self.n_outliers:
+            from .. import add_outlier_side_product, int8_quant_outlier_split_azp
+
+            xq, xs, xo, azp = int8_quant_outlier_split_azp(
+                x, tensor(layer, "sw_outlier_idx"), tensor(layer, "sw_outlier_mask")
+            )
+            y = ops.cutlass_scaled_mm_azp(
+                xq,
+                tensor(layer, "weight"),
+                scale_a=xs,
+                scale_b=tensor(layer, "weight_scale"),
+                out_dtype=x.dtype,
+                azp_adj=tensor(layer, "sw_outlier_azp_adj"),
+                azp=azp,
+                bias=bias,
+            )
+            return add_outlier_side_product(y, xo[:, 1:], tensor(layer, "sw_outlier_w"))
         xq, xs, xo = self._split(layer, x)
         y = ops.cutlass_scaled_mm(
             xq, tensor(layer, "weight"), scale_a=xs, scale_b=tensor(layer, "weight_scale"), out_dtype=x.dtype, bias=bias
