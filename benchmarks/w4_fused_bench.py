@@ -1097,6 +1097,8 @@ def gemv_table(path: str) -> str:
     successive forms of the kernel, each beside Marlin and Marlin + packed SELL measured in the same process)."""
     with open(path) as f:
         d = json.load(f)
+    if "runs" not in d:  # one run as this script writes it (session 11 on: the final form, diagnostics included)
+        d = {"runs": {"c": {"form": "final form (" + d["meta"].get("started", "?") + ")", "rows": d["results"]}}}
     lines = [
         "| form | M | Marlin | Marlin + packed SELL | GEMV, no hold-out | GEMV + correction (default config) "
         "| best GEMV variant | GEMV + corr. / Marlin + SELL |",
@@ -1108,7 +1110,7 @@ def gemv_table(path: str) -> str:
             by_m.setdefault(r["m"], {})[r["kernel"]] = r["us"]
         for m in sorted(by_m):
             k = by_m[m]
-            var = {n: u for n, u in k.items() if n.startswith("gemv") and "no hold-out" not in n}
+            var = {n: u for n, u in k.items() if n.startswith("gemv") and "no hold-out" not in n and "only" not in n}
             best = min(var, key=var.get) if var else None
             nan = float("nan")
             ratio = k.get("gemv", nan) / k.get("marlin+packed sell", nan)
@@ -1120,7 +1122,14 @@ def gemv_table(path: str) -> str:
                 else f"| {label} | {m} | – | – | – | – | – | – |"
             )
     forms = "; ".join(f"**{label}**: {run['form']}" for label, run in d["runs"].items())
-    return "\n".join(lines) + "\n\nForms: " + forms + ".\n"
+    diag = [
+        f"{r['kernel'].removeprefix('gemv ')} {r['us']:.1f}"
+        for run in d["runs"].values()
+        for r in run["rows"]
+        if r["kernel"].endswith(" only")
+    ]
+    tail = f" Correction diagnostics (M = 1, us): {', '.join(diag)}." if diag else ""
+    return "\n".join(lines) + "\n\nForms: " + forms + "." + tail + "\n"
 
 
 def main():
