@@ -984,6 +984,12 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="re-evaluate rows already in the JSON")
     p.add_argument("--rebuild", action="store_true", help="rebuild checkpoints that exist")
     p.add_argument("--cleanup", action="store_true", help="delete each quantized checkpoint after its evaluation")
+    p.add_argument(
+        "--build-only",
+        action="store_true",
+        help="only build the rows' checkpoints (also rows already in the JSON) and print their directories: for "
+        "evaluations outside this table (e.g. `superweight eval CKPT --data OTHER_TEXT`)",
+    )
     p.add_argument("--workdir", default=DEFAULT_WORKDIR)
     p.add_argument(
         "--llmc-python",
@@ -1034,6 +1040,13 @@ def main(argv=None) -> int:
             todo = [r for pt in pats for r in allrows if fnmatch.fnmatch(r.id, pt)]
             todo = [r for i, r in enumerate(todo) if r.id not in {x.id for x in todo[:i]}]
             sw_path = detector = None
+            if args.build_only:
+                if any(r.uses_sw for r in todo):
+                    sw_path, _ = super_weights_json(m, args.workdir)
+                for row in todo:
+                    ckpt, _ = build(m, row, args.workdir, args, sw_path)
+                    log(f"{m}/{row.id}: built {ckpt}")
+                continue
             pending = []
             for row in todo:
                 key = (m, row.id, args.window, args.max_tokens)
