@@ -352,6 +352,24 @@ def test_quality_save_records_merges_concurrent_writers(tmp_path, monkeypatch):
     assert q.load_records()[[r["row"] for r in q.load_records()].index("float")]["ppl_transformers"] == 31.02
 
 
+def test_quality_build_only_builds_and_measures_nothing(tmp_path, monkeypatch):
+    """``--build-only`` builds the row's checkpoint (here the dequantized float reference of the real SmolLM2 GGUF),
+    even for a row already in the JSON, and adds no record."""
+    pytest.importorskip("gguf")
+    q = _quality_module()
+    monkeypatch.setattr(q, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(q, "JSON_PATH", str(tmp_path / "quality.json"))
+    q.save_records([dict(model="smollm2", window=512, max_tokens=16384, row="float", ppl=28.14)], set())
+    before = q.load_records()
+    try:
+        rc = q.main(["--models", "smollm2", "--rows", "float", "--build-only", "--workdir", str(tmp_path / "w")])
+    except SystemExit as e:  # noqa: PT017
+        rc = e.code
+    if not os.path.exists(tmp_path / "w" / "smollm2" / "float" / "config.json"):
+        pytest.fail(f"--build-only built nothing (rc {rc})")
+    assert q.load_records() == before
+
+
 # ----------------------------------------------------------------------------------------------------------
 # slow: the real model through a real vLLM engine
 # ----------------------------------------------------------------------------------------------------------
