@@ -621,6 +621,16 @@ class Bench:
             from vllm_superweight.kernels import triton_marlin_gemv as MG
 
             ent["gmaps"] = MG.gemv_maps(ent["psell"], ent["mq"][0].shape[1] // 2)
+            # deeper packed slices than the chosen depth L: fewer (or no) heavy rows, more padded slots -- session
+            # 11 found the heavy-row list to be the whole cost of the GEMV's correction (diagnostic kinds below)
+            counts = torch.bincount(r.long().cpu(), minlength=n)
+            depth = int(ent["psell"]["ell_cols"].shape[1])
+            ent["psell_deep"], ent["gmaps_deep"] = {}, {}
+            for tag, d in (("+2", depth + 2), ("+4", depth + 4), (" max", int(counts.max()))):
+                if d > depth and tag.strip() not in ent["psell_deep"]:
+                    sp = K.prepare_sparse(r, c, v, n, k, self.dev, layout="sell", pack=torch.bfloat16, depth=d)
+                    ent["psell_deep"][tag.strip()] = sp
+                    ent["gmaps_deep"][tag.strip()] = MG.gemv_maps(sp, ent["mq"][0].shape[1] // 2)
 
     def section_gemv(self):
         """The small-batch GEMV over Marlin's layout with the held-out correction in its epilogue (issue 12) vs
@@ -638,17 +648,22 @@ class Bench:
                 for lay in self.layers:
                     for name, (n, k) in self.shapes.items():
                         e, x = lay[name], xs[name]
+                        deep = kind.rsplit(" depth", 1)[1].strip() if " depth" in kind else None
+                        if deep is not None and deep not in e["psell_deep"]:
+                            deep = None  # this shape's chosen depth is already the deepest: the default layout
+                        psell = e["psell_deep"][deep] if deep is not None else e["psell"]
                         if kind.startswith("gemv"):
-                            sp = None if kind.startswith("gemv no hold-out") else e["psell"]
+                            sp = None if kind.startswith("gemv no hold-out") else psell
                             if kind == "gemv slots only":  # where the correction's cost sits (diagnostic)
                                 sp = dict(sp, hrows=sp["hrows"][:0])
                             elif kind == "gemv heavy rows only":
                                 sp = dict(sp, ell_cols=sp["ell_cols"][:, :0])
-                            MG.marlin_gemv(x, *e["mq"], n, k, 128, False, sp, e["gmaps"], config=cfg, gs=gs)
+                            maps = e["gmaps_deep"][deep] if deep is not None else e["gmaps"]
+                            MG.marlin_gemv(x, *e["mq"], n, k, 128, False, sp, maps, config=cfg, gs=gs)
                             continue
                         y = marlin_out(e, x, n)
-                        if kind == "marlin+packed sell":
-                            K.sparse_correction(y, x, e["psell"])
+                        if kind.startswith("marlin+packed sell"):
+                            K.sparse_correction(y, x, psell)
 
             return f
 
@@ -665,6 +680,8 @@ class Bench:
             kinds += [("gemv no hold-out", None, None), ("gemv", None, None)]
             if m == 1:
                 kinds += [("gemv slots only", None, None), ("gemv heavy rows only", None, None)]
+                for d in ("+2", "+4", "max"):  # deeper slices, fewer heavy rows (both correction paths)
+                    kinds += [(f"gemv depth {d}", None, None), (f"marlin+packed sell depth {d}", None, None)]
             kinds += [(f"gemv {dflt} gs{g}", dflt, g) for g in (1, 4)]  # column groups per program (default 2)
             kinds += [(f"gemv {c} auto", c, None) for c in MG.GEMV_VARIANTS if c != dflt]  # tiles / warps
             base = None
@@ -677,8 +694,32 @@ class Bench:
                     self.add(section="error", kernel=kind, m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
                     continue
                 base = us if kind == "marlin" else base
-                self.add(section="gemv", kernel=kind, m=m, us=us, bytes=wb, ratio=(us / base) if base else None)
-                if kind.startswith("gemv") and "no hold-out" not in kind and " only" not in kind:
+                extra = {}
+                if " depth" in kind:  # the packed slots' bytes over the layer's four matrices (memory price)
+                    tag = kind.rsplit(" depth", 1)[1].strip()
+                    extra["sparse_bytes"] = sum(
+                        int(sp["ell_cols"].numel() + sp["hcols"].numel()) * 4
+                        for sp in (
+                            self.layers[0][nm]["psell_deep"].get(tag, self.layers[0][nm]["psell"]) for nm in self.shapes
+                        )
+                    )
+                    extra["sparse_bytes_default"] = sum(
+                        int(
+                            self.layers[0][nm]["psell"]["ell_cols"].numel()
+                            + self.layers[0][nm]["psell"]["hcols"].numel()
+                        )
+                        * 4
+                        for nm in self.shapes
+                    )
+                self.add(
+                    section="gemv", kernel=kind, m=m, us=us, bytes=wb, ratio=(us / base) if base else None, **extra
+                )
+                if (
+                    kind.startswith("gemv")
+                    and "no hold-out" not in kind
+                    and " only" not in kind
+                    and " depth" not in kind
+                ):
                     b = best.setdefault(str(m), {"us": float("inf")})
                     if us < b["us"]:
                         best[str(m)] = {"us": us, "config": list(cfg or dflt), "gs": gs, "kernel": kind}

@@ -141,6 +141,26 @@ def test_interp_every_variant_and_split(config):
         check_close(y, x, inputs, tag=f"gemv {config} gs {gs}")
 
 
+@interp_only
+def test_interp_deep_slices_without_heavy_rows():
+    """Slices as deep as the longest row (the micro-benchmark's `depth max` layouts): no heavy rows at all, every
+    held-out entry in a slot; the GEMV and the packed SELL correction both still match the reference."""
+    from vllm_superweight.kernels import sparse_correction
+
+    n, k, group = 130, 384, 128
+    inputs, _ = make_layer(n, k, group, False, nnz=120, heavy=50, sw=True, seed=8)
+    qm, ms, mz = marlin_layout(inputs, n, k, group)
+    deepest = int(torch.bincount(inputs["rows"].long(), minlength=n).max())
+    sp, maps = _sparse(inputs, n, qm.shape[1] // 2, k, torch.bfloat16, depth=deepest)
+    assert sp["hrows"].numel() == 0 and sp["ell_cols"].shape[1] == deepest
+    gen = torch.Generator().manual_seed(4)
+    for m in (1, 3):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        check_close(MG.marlin_gemv(x, qm, ms, mz, n, k, group, False, sp, maps), x, inputs, tag=f"deep gemv m {m}")
+        y0 = MG.marlin_gemv(x, qm, ms, mz, n, k, group, False, None, None)  # Marlin's product alone
+        check_close(sparse_correction(y0.clone(), x, sp), x, inputs, tag=f"deep packed sell m {m}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA only")
 @pytest.mark.parametrize("shape", [(4096, 4096, 128), (12288, 4096, 128), (4096, 11008, 128), (576, 576, 64)])
