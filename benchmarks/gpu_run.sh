@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_run.sh tests [pytest args]         # GPU kernel tests (pytest -m gpu), ~2-4 min
 #   bash benchmarks/gpu_run.sh kernels [kernel_bench args] # one-layer micro-benchmark -> $OUT/kernel_bench.json
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
+#   bash benchmarks/gpu_run.sh owed                        # session 11's owed GPU work (see the stage), then
+#                                                          # BUDGET_S=560 ... throughput w8a8
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
 #   bash benchmarks/gpu_run.sh coldstart [cold_start args]   # vllm serve time-to-ready, cold and warm caches
@@ -164,6 +166,19 @@ case "$STAGE" in
       --recommend-env "$SW_BENCH_DIR/recommend.env" "$@"
     echo "[$(ts)] kernel_bench rc=$?"
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true ;;
+  owed)
+    # what session 11 left for the next lease, in one call after the three stash calls (~4 min): the W8A8 checkpoints
+    # built in the background, the W8A8 zero-point path's GPU tests meanwhile, then (build done: quiet GPU) the GEMV's
+    # deeper-slice diagnostics. Next call: `BUDGET_S=560 bash benchmarks/gpu_run.sh throughput w8a8`
+    setup
+    bash "$0" build-bg smoothquant,sw-w8a8
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py -k "w8a8" \
+      --junitxml="$OUT/gpu_tests_owed.xml" 2>&1 | tail -5
+    for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
+    tail -2 "$STASH_DIR/build.log"
+    timeout 100 $PY benchmarks/w4_fused_bench.py --sections gemv --gemv-ms 1 --budget-s 80 \
+      --out "$OUT/w4_gemv_owed.json" 2>&1 | grep -E "section=gemv kernel=(marlin|gemv)" || true
+    echo "[$(ts)] owed done" ;;
   kernels-quick)
     setup
     timeout 300 $PY benchmarks/kernel_bench.py --quick --out "$OUT/kernel_bench_quick.json" "$@"
