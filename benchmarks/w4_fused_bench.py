@@ -643,22 +643,31 @@ class Bench:
             self.add(section="gemv", note="skipped: no Marlin layer (vLLM unavailable)")
             return
 
+        def slots(e, deep):
+            """(packed SELL layout, GEMV maps) of one matrix: the deeper-slice variant ``deep`` ("+2", "+4", "max")
+            where it exists (the chosen depth may already be the deepest), else the default."""
+            if deep is not None and deep in e["psell_deep"]:
+                return e["psell_deep"][deep], e["gmaps_deep"][deep]
+            return e["psell"], e["gmaps"]
+
+        def slot_bytes(deep):  # the packed slots' bytes over one layer's four matrices (4 B a slot)
+            sps = [slots(self.layers[0][nm], deep)[0] for nm in self.shapes]
+            return sum(int(sp["ell_cols"].numel() + sp["hcols"].numel()) * 4 for sp in sps)
+
         def run(kind, xs, cfg=None, gs=None):
+            deep = kind.rsplit(" depth", 1)[1].strip() if " depth" in kind else None
+
             def f():
                 for lay in self.layers:
                     for name, (n, k) in self.shapes.items():
                         e, x = lay[name], xs[name]
-                        deep = kind.rsplit(" depth", 1)[1].strip() if " depth" in kind else None
-                        if deep is not None and deep not in e["psell_deep"]:
-                            deep = None  # this shape's chosen depth is already the deepest: the default layout
-                        psell = e["psell_deep"][deep] if deep is not None else e["psell"]
+                        psell, maps = slots(e, deep)
                         if kind.startswith("gemv"):
                             sp = None if kind.startswith("gemv no hold-out") else psell
                             if kind == "gemv slots only":  # where the correction's cost sits (diagnostic)
                                 sp = dict(sp, hrows=sp["hrows"][:0])
                             elif kind == "gemv heavy rows only":
                                 sp = dict(sp, ell_cols=sp["ell_cols"][:, :0])
-                            maps = e["gmaps_deep"][deep] if deep is not None else e["gmaps"]
                             MG.marlin_gemv(x, *e["mq"], n, k, 128, False, sp, maps, config=cfg, gs=gs)
                             continue
                         y = marlin_out(e, x, n)
@@ -695,22 +704,9 @@ class Bench:
                     continue
                 base = us if kind == "marlin" else base
                 extra = {}
-                if " depth" in kind:  # the packed slots' bytes over the layer's four matrices (memory price)
-                    tag = kind.rsplit(" depth", 1)[1].strip()
-                    extra["sparse_bytes"] = sum(
-                        int(sp["ell_cols"].numel() + sp["hcols"].numel()) * 4
-                        for sp in (
-                            self.layers[0][nm]["psell_deep"].get(tag, self.layers[0][nm]["psell"]) for nm in self.shapes
-                        )
-                    )
-                    extra["sparse_bytes_default"] = sum(
-                        int(
-                            self.layers[0][nm]["psell"]["ell_cols"].numel()
-                            + self.layers[0][nm]["psell"]["hcols"].numel()
-                        )
-                        * 4
-                        for nm in self.shapes
-                    )
+                if " depth" in kind:  # the memory price of the deeper slices
+                    extra["sparse_bytes"] = slot_bytes(kind.rsplit(" depth", 1)[1].strip())
+                    extra["sparse_bytes_default"] = slot_bytes(None)
                 self.add(
                     section="gemv", kernel=kind, m=m, us=us, bytes=wb, ratio=(us / base) if base else None, **extra
                 )

@@ -579,10 +579,14 @@ def _fail(msg: str) -> int:
     raised inside library code (a safetensors read, a torch call) can come back as another error (the clean-up ran
     on the way out either way)."""
     if _SIGNALLED:
-        _err("interrupted (nothing was written)")
-        return 130
+        return _interrupted()
     _err(msg)
     return 1
+
+
+def _interrupted() -> int:
+    _err("interrupted (nothing was written)")
+    return 130
 
 
 def _main(argv: list[str]) -> int:
@@ -592,8 +596,7 @@ def _main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        _err("interrupted (nothing was written)")
-        return 130
+        return _interrupted()
     except FormatError as e:  # includes SourceError, ConversionError, CLIError
         return _fail(str(e))
     except FileNotFoundError as e:

@@ -284,10 +284,17 @@ def int8_split_torch(x: torch.Tensor, outlier_idx: torch.Tensor | None, per_toke
     else:
         xo = x.new_empty((m, 0))
     amax = xf.abs().amax(dim=1, keepdim=True) if per_token else xf.abs().amax().reshape(1, 1)
+    xq, scales, _ = _quantize_by_absmax(xf, amax)
+    return xq, scales, xo
+
+
+def _quantize_by_absmax(xf: torch.Tensor, amax: torch.Tensor):
+    """(int8 round-half-even of ``xf * 127 / amax`` clamped to [-128, 127], scales ``amax / 127``, ``127 / amax``
+    (0 where amax is 0)) -- the Triton split's arithmetic."""
     # tensor / tensor: an IEEE division (``127.0 / t`` may be computed as 127 * (1 / t) on CPU)
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax.clamp_min(1e-30), torch.zeros_like(amax))
     xq = torch.round((xf * inv).clamp(-128.0, 127.0)).to(torch.int8)
-    return xq, amax / torch.full_like(amax, 127.0), xo
+    return xq, amax / torch.full_like(amax, 127.0), inv
 
 
 #: bound of the per-token zero point (``int8_split_azp_torch``): 127 * AZP_MAX + K * 128 * 127 < 2**31 for
@@ -308,7 +315,6 @@ def int8_split_azp_torch(x: torch.Tensor, outlier_idx: torch.Tensor):
     xf = x.float().index_fill(1, idx, 0.0)
     x0 = x[:, idx[0]].float().unsqueeze(1)
     amax = torch.maximum(xf.abs().amax(dim=1, keepdim=True), x0.abs() * (127.0 / AZP_MAX))
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax.clamp_min(1e-30), torch.zeros_like(amax))
-    xq = torch.round((xf * inv).clamp(-128.0, 127.0)).to(torch.int8)
+    xq, scales, inv = _quantize_by_absmax(xf, amax)
     a = torch.floor(x0 * inv + 0.5).clamp(-float(AZP_MAX), float(AZP_MAX))
-    return xq, amax / torch.full_like(amax, 127.0), x.index_select(1, idx), (-a).reshape(-1).to(torch.int32)
+    return xq, scales, x.index_select(1, idx), (-a).reshape(-1).to(torch.int32)
