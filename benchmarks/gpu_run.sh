@@ -167,17 +167,19 @@ case "$STAGE" in
     echo "[$(ts)] kernel_bench rc=$?"
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true ;;
   owed)
-    # what session 11 left for the next lease, in one call after the three stash calls (~4 min): the W8A8 checkpoints
-    # built in the background, the W8A8 zero-point path's GPU tests meanwhile, then (build done: quiet GPU) the GEMV's
-    # deeper-slice diagnostics. Next call: `BUDGET_S=560 bash benchmarks/gpu_run.sh throughput w8a8`
+    # the GPU work owed at the start of session 12, in one call after the three stash calls (~7-8 min): the W8A8
+    # and g128 checkpoints built in the background, meanwhile the GPU tests of the W8A8 zero-point path and of the
+    # correction beside Marlin (side stream); then (build done: quiet GPU) the GEMV's deeper-slice diagnostics and
+    # the side-stream micro-benchmark. Next calls: `BUDGET_S=560 bash benchmarks/gpu_run.sh throughput overlap`
+    # (if the micro-benchmark says the side stream wins) and `... throughput w8a8`
     setup
-    bash "$0" build-bg smoothquant,sw-w8a8
-    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py -k "w8a8" \
-      --junitxml="$OUT/gpu_tests_owed.xml" 2>&1 | tail -5
+    bash "$0" build-bg smoothquant,sw-w8a8,sw-w4-g128,sw-w4-g128-holdout
+    timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "w8a8 or beside or (marlin_dequant_pair and overlap)" --junitxml="$OUT/gpu_tests_owed.xml" 2>&1 | tail -5
     for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
-    tail -2 "$STASH_DIR/build.log"
-    timeout 100 $PY benchmarks/w4_fused_bench.py --sections gemv --gemv-ms 1 --budget-s 80 \
-      --out "$OUT/w4_gemv_owed.json" 2>&1 | grep -E "section=gemv kernel=(marlin|gemv)" || true
+    tail -3 "$STASH_DIR/build.log"
+    timeout 200 $PY benchmarks/w4_fused_bench.py --sections overlap,gemv --gemv-ms 1 --budget-s 170 \
+      --out "$OUT/w4_overlap_owed.json" 2>&1 | grep -E "section=(gemv|overlap) kernel=|overlap:" || true
     echo "[$(ts)] owed done" ;;
   kernels-quick)
     setup

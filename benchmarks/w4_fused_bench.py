@@ -24,6 +24,8 @@ Sections (each written to the JSON as soon as it finishes; ``--budget-s`` skips 
             Marlin's + cuBLAS (large M)
   gemv      M <= 4 (--gemv-ms): the GEMV over Marlin's layout with the correction in its epilogue, every launch
             variant and column-group split, vs Marlin and Marlin + the packed SELL correction; "gemv_best"
+  overlap   M < 96 (--overlap-ms): Marlin + the packed SELL correction serial vs the correction on a side stream
+            beside Marlin (one y += z after the join); "overlap_gain"
 
 Usage: python benchmarks/w4_fused_bench.py --out $OUT/w4_fused_bench.json [--budget-s 420] [--quick]
        python benchmarks/w4_fused_bench.py --dry-run-cpu      # tiny shapes through the Triton interpreter
@@ -301,7 +303,7 @@ class Bench:
                     import vllm_superweight.kernels as K
 
                     ent["sell"] = K.prepare_sparse(r, c, v, n, k, dev, layout="sell")
-                if {"onecopy", "gemv"} & set(self.args.sections):
+                if {"onecopy", "gemv", "overlap"} & set(self.args.sections):
                     self.add_onecopy(ent, n, k)
                 d[name] = ent
             self.layers.append(d)
@@ -722,6 +724,59 @@ class Bench:
             self.meta["gemv_best"] = best
             self.save()
 
+    def section_overlap(self):
+        """Marlin + the packed SELL correction (the one-copy default below 256 tokens) serial vs the correction on a
+        side stream beside Marlin (``kernels.sparse_correction_beside``: fp32 buffer, one ``y += z`` after the
+        join), per M (--overlap-ms); with the correction alone and Marlin + the join's add alone for scale. us per
+        layer (4 GEMMs); "overlap_gain" in meta: serial / overlapped per M."""
+        import vllm_superweight.kernels as K
+
+        if "mq" not in self.layers[0]["o"]:
+            self.add(section="overlap", note="skipped: no Marlin layer (vLLM unavailable)")
+            return
+
+        def run(kind, xs, ys, zs):
+            def f():
+                for lay in self.layers:
+                    for name, (n, _k) in self.shapes.items():
+                        e, x = lay[name], xs[name]
+                        if kind == "packed sell alone":
+                            K.sparse_correction(ys[name], x, e["psell"])
+                        elif kind == "marlin || packed sell" and not DRY:
+                            K.sparse_correction_beside(lambda e=e, x=x, n=n: marlin_out(e, x, n), x, e["psell"], n)
+                        else:
+                            y = marlin_out(e, x, n)
+                            if kind.startswith("marlin+packed sell") or kind == "marlin || packed sell":
+                                K.sparse_correction(y, x, e["psell"])
+                            elif kind == "marlin + add":
+                                y.add_(zs[name])
+
+            return f
+
+        gain = {}
+        for m in self.args.overlap_ms:
+            if self.left() < 15:
+                self.add(section="overlap", m=m, note="skipped: time budget")
+                continue
+            xs = self.xs(m)
+            ys = {nm: torch.zeros(m, n, dtype=torch.bfloat16, device=self.dev) for nm, (n, _) in self.shapes.items()}
+            zs = {nm: torch.zeros(m, n, dtype=torch.float32, device=self.dev) for nm, (n, _) in self.shapes.items()}
+            res = {}
+            for kind in ("marlin", "marlin+packed sell", "marlin || packed sell", "packed sell alone", "marlin + add"):
+                try:
+                    us = time_graph(run(kind, xs, ys, zs), self.args.iters) / len(self.layers)
+                except Exception as e:  # noqa: BLE001
+                    self.add(section="error", kernel=kind, m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
+                    continue
+                res[kind] = us
+                base = res.get("marlin")
+                self.add(section="overlap", kernel=kind, m=m, us=us, ratio=(us / base) if base else None)
+            if "marlin+packed sell" in res and "marlin || packed sell" in res:
+                gain[str(m)] = res["marlin+packed sell"] / res["marlin || packed sell"]
+            self.meta["overlap_gain"] = gain
+            self.save()
+        log("overlap: serial / side stream per M: " + ", ".join(f"{m}: {g:.3f}" for m, g in gain.items()))
+
     def section_onecopy(self):
         """The Marlin + dequantize pair over two W4 copies vs one (issue 12), per M: small batches Marlin + the
         separate correction from the SELL layout vs from the one-copy restore index; large batches dequantized from
@@ -983,6 +1038,8 @@ class Bench:
                     self.section_onecopy()
                 elif sec == "gemv":
                     self.section_gemv()
+                elif sec == "overlap":
+                    self.section_overlap()
             except Exception as e:  # noqa: BLE001
                 self.add(section=sec, note=f"section failed: {type(e).__name__}: {str(e)[:500]}")
                 traceback.print_exc()
@@ -1204,6 +1261,9 @@ def main():
         default=[1, 8, 32, 64, 96, 128, 256, 1024, 4096],
     )
     ap.add_argument("--gemv-ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4])
+    ap.add_argument(
+        "--overlap-ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32, 48, 64, 95]
+    )
     ap.add_argument("--quick", action="store_true", help="layers=1, iters=10, fewer M")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
@@ -1256,6 +1316,7 @@ def main():
         args.ms, args.prefill_ms, args.sweep_ms = [1, 3], [40], [1, 20]
         args.onecopy_ms = [1, 70]
         args.gemv_ms = [1, 3]
+        args.overlap_ms = [1, 20]
         args.budget_s = max(args.budget_s, 1800.0)
     B = Bench(args)
     B.run()

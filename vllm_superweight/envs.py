@@ -24,11 +24,14 @@ Only what users need is a knob:
                                     layers with a hold-out below 1e-4, where Marlin is faster up to there).
 ``SUPERWEIGHT_ONECOPY_CONFIG``      launch configurations of the ``marlin-deq1`` kernels, as the micro-benchmark
                                     found them best on this GPU (``w4_fused_bench.py --sections onecopy``):
-                                    ``deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=MAX_M``
+                                    ``deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=MAX_M,``
+                                    ``overlap=0|1``
                                     (any part may be left out; ``corr=sell``: the packed SELL correction, the
                                     default where K <= 65536; the other kinds read the restore index;
                                     ``gemv=MAX_M`` (<= 4): batches of up to MAX_M tokens run the GEMV over
-                                    Marlin's layout with the correction in its epilogue, ``gemv=0`` never).
+                                    Marlin's layout with the correction in its epilogue, ``gemv=0`` never;
+                                    ``overlap=1``: the small batches' SELL correction runs on a side stream
+                                    beside Marlin, then one ``y += z`` -- bitwise the serial result).
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
                                     batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS`` (any subset): tokens
                                     per program on the direct path, the smallest M of the transposed path,
@@ -164,7 +167,7 @@ def setdefault_vllm_env(env: dict | None = None) -> dict:
 
 def onecopy_config() -> dict[str, tuple]:
     """``SUPERWEIGHT_ONECOPY_CONFIG`` parsed: {"deq": (BN, WARPS[, SCATTER]), "corr": (KIND, ROWS, SLOTS, WARPS),
-    "gemv": (MAX_M,)}, the parts given."""
+    "gemv": (MAX_M,), "overlap": (0 | 1,)}, the parts given."""
     return _parse_onecopy(os.environ.get(ONECOPY_CONFIG, "").strip())
 
 
@@ -187,10 +190,14 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
             if key == "gemv" and len(fields) == 1 and 0 <= int(fields[0]) <= 4:
                 out["gemv"] = (int(fields[0]),)
                 continue
+            if key == "overlap" and fields in (["0"], ["1"]):
+                out["overlap"] = (int(fields[0]),)
+                continue
         except ValueError:
             pass
         raise ValueError(
-            f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=0..4"
+            f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=0..4,"
+            "overlap=0|1"
         )
     return out
 
