@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
 #   bash benchmarks/gpu_run.sh owed                        # session 11's owed GPU work (see the stage), then
 #                                                          # BUDGET_S=560 ... throughput w8a8
+#   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
 #   bash benchmarks/gpu_run.sh coldstart [cold_start args]   # vllm serve time-to-ready, cold and warm caches
@@ -167,20 +168,40 @@ case "$STAGE" in
     echo "[$(ts)] kernel_bench rc=$?"
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true ;;
   owed)
-    # the GPU work owed at the start of session 12, in one call after the three stash calls (~7-8 min): the W8A8
-    # and g128 checkpoints built in the background, meanwhile the GPU tests of the W8A8 zero-point path and of the
-    # correction beside Marlin (side stream); then (build done: quiet GPU) the GEMV's deeper-slice diagnostics and
-    # the side-stream micro-benchmark. Next calls: `BUDGET_S=560 bash benchmarks/gpu_run.sh throughput overlap`
-    # (if the micro-benchmark says the side stream wins) and `... throughput w8a8`
+    # session 12's first call after the three stash calls (5.6 min on the H200): the W8A8 and g128 checkpoints
+    # built in the background, meanwhile the GPU tests of the W8A8 zero-point path (and of session 12's side-stream
+    # experiment, since removed); then (build done: quiet GPU) the side-stream micro-benchmark and the GEMV's
+    # deeper-slice diagnostics. Next call: `BUDGET_S=560 bash benchmarks/gpu_run.sh throughput w8a8`
     setup
     bash "$0" build-bg smoothquant,sw-w8a8,sw-w4-g128,sw-w4-g128-holdout
     timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
-      -k "w8a8 or beside or (marlin_dequant_pair and overlap)" --junitxml="$OUT/gpu_tests_owed.xml" 2>&1 | tail -5
+      -k "w8a8" --junitxml="$OUT/gpu_tests_owed.xml" 2>&1 | tail -5
     for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     tail -3 "$STASH_DIR/build.log"
     timeout 200 $PY benchmarks/w4_fused_bench.py --sections overlap,gemv --gemv-ms 1 --budget-s 170 \
       --out "$OUT/w4_overlap_owed.json" 2>&1 | grep -E "section=(gemv|overlap) kernel=|overlap:" || true
     echo "[$(ts)] owed done" ;;
+  unroll)
+    # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and
+    # without hold-out) built in the background; meanwhile the GPU tests of the SELL correction (unrolled form
+    # included); then (build done) the unrolled-vs-looped micro-benchmark. Its pick goes to $SW_BENCH_DIR/unroll.env
+    # (SW_UNROLL_TILES) for `BUDGET_S=... bash benchmarks/gpu_run.sh throughput unroll`
+    setup
+    bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout
+    timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu -k "cuda_sparse" \
+      --junitxml="$OUT/gpu_tests_unroll.xml" 2>&1 | tail -4
+    for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
+    tail -3 "$STASH_DIR/build.log"
+    timeout 240 $PY benchmarks/w4_fused_bench.py --sections unroll --budget-s 200 --overlap-ms 1,2,4,8,16,24,32,48,64 \
+      --out "$OUT/w4_unroll.json" 2>&1 | grep -E "section=unroll kernel=|unroll:" || true
+    $PY - "$OUT/w4_unroll.json" "$SW_BENCH_DIR/unroll.env" <<'EOF'
+import json, sys
+best = json.load(open(sys.argv[1]))["meta"].get("unroll_best")
+if best:
+    open(sys.argv[2], "w").write(f"export SW_UNROLL_TILES={best['env']}\n")
+    print("unroll pick:", best["variant"], best["env"])
+EOF
+    echo "[$(ts)] unroll done" ;;
   kernels-quick)
     setup
     timeout 300 $PY benchmarks/kernel_bench.py --quick --out "$OUT/kernel_bench_quick.json" "$@"
@@ -188,6 +209,8 @@ case "$STAGE" in
   throughput)
     setup
     # knobs measured by the kernels stage of this lease (Marlin/Machete threshold, sparse tiles), unless disabled
+    # shellcheck disable=SC1091
+    [ -f "$SW_BENCH_DIR/unroll.env" ] && source "$SW_BENCH_DIR/unroll.env"
     if [ -f "$SW_BENCH_DIR/recommend.env" ] && [ -z "${SW_NO_RECOMMEND:-}" ]; then
       # shellcheck disable=SC1091
       source "$SW_BENCH_DIR/recommend.env"

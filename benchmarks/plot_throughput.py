@@ -44,6 +44,7 @@ LABEL = {
     "sw-default": "SW-RTN default (W4 g64 +0.1% hold-out)",
     "sw-w8a8": "SW-RTN W8A8 + outlier ch.",
     "sw-w8a8-azp": "SW-RTN W8A8 + outlier ch., first in the zero-point epilogue",
+    "sw-w8a8-noazp": "SW-RTN W8A8 + outlier ch., all as a side product",
 }
 
 

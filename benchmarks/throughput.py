@@ -165,16 +165,16 @@ METHODS["sw-w4-g128-gemv"] = dict(
     env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "gemv=1"},
 )
 # the W8A8 checkpoint with its first outlier channel in CUTLASS's per-token zero-point epilogue (no side product for
-# it): the open question of issue 12's W8A8 target, measured beside SmoothQuant
+# it; the default since session 12) named explicitly, and without it (every outlier channel a side product)
 METHODS["sw-w8a8-azp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "1"})
-# the held-out checkpoint with the small batches' correction on a side stream beside Marlin (overlap=1): the
-# correction's latency hidden behind the GEMM, one y += z after the join
-for _base in ("sw-w4-g128-holdout", "sw-default"):
-    METHODS[_base + "-ov"] = dict(
-        METHODS[_base],
-        ckpt=_base,
-        env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "overlap=1"},
-    )
+METHODS["sw-w8a8-noazp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "0"})
+# the held-out checkpoint with the small batches' SELL correction in its unrolled form (SW_UNROLL_TILES: the
+# micro-benchmark's pick, w4_fused_bench.py --sections unroll)
+METHODS["sw-w4-g128-holdout-unroll"] = dict(
+    METHODS["sw-w4-g128-holdout"],
+    ckpt="sw-w4-g128-holdout",
+    env={"SUPERWEIGHT_SPARSE_TILES": os.environ.get("SW_UNROLL_TILES", "unroll=1")},
+)
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
     "lean": [
@@ -197,11 +197,10 @@ GROUPS = {
     # session 10's open questions, one lease: the GEMV at batch 1 (held-out), one copy without hold-out (Marlin up to
     # 256 tokens now) against the two-copy pair, AWQ beside
     "gemv": ["awq", "sw-w4-g128", "sw-w4-g128-mdeq1", "sw-w4-g128-holdout", "sw-w4-g128-holdout-gemv"],
-    # W8A8 against SmoothQuant, with the zero-point epilogue and without
-    "w8a8": ["smoothquant", "sw-w8a8-azp", "sw-w8a8"],
-    # issue 12's hold-out target: the same g128 checkpoint without hold-out (two copies) and with it, the correction
-    # after Marlin (default) and beside it on a side stream
-    "overlap": ["sw-w4-g128-holdout-ov", "sw-w4-g128-holdout", "sw-w4-g128"],
+    # W8A8 against SmoothQuant, with the zero-point epilogue (default) and without
+    "w8a8": ["smoothquant", "sw-w8a8", "sw-w8a8-noazp"],
+    # issue 12's hold-out target with the unrolled correction: the same g128 checkpoint with hold-out and without
+    "unroll": ["sw-w4-g128-holdout-unroll", "sw-w4-g128"],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)

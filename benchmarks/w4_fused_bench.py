@@ -26,6 +26,8 @@ Sections (each written to the JSON as soon as it finishes; ``--budget-s`` skips 
             variant and column-group split, vs Marlin and Marlin + the packed SELL correction; "gemv_best"
   overlap   M < 96 (--overlap-ms): Marlin + the packed SELL correction serial vs the correction on a side stream
             beside Marlin (one y += z after the join); "overlap_gain"
+  unroll    M < 96 (--overlap-ms): Marlin + the packed SELL correction, looped form vs unrolled form (+ tile
+            variants); "unroll_best" (its SUPERWEIGHT_SPARSE_TILES)
 
 Usage: python benchmarks/w4_fused_bench.py --out $OUT/w4_fused_bench.json [--budget-s 420] [--quick]
        python benchmarks/w4_fused_bench.py --dry-run-cpu      # tiny shapes through the Triton interpreter
@@ -186,6 +188,27 @@ def warm_compile(jobs, workers: int):
     }
 
 
+_SIDE: dict = {}
+
+
+def correction_beside(gemm, x: torch.Tensor, sp: dict, n: int) -> torch.Tensor:
+    """``gemm() + S x^T`` with the SELL correction on a side stream WHILE the GEMM runs (session 12's experiment;
+    not on the serving path: H200, 7B layer, 0.86-0.91x the serial pair at M = 1..64): the side stream zeroes an
+    fp32 z and adds S x^T into it, then, after the join, one ``y += z`` (bitwise the serial result)."""
+    import vllm_superweight.kernels as K
+
+    cur = torch.cuda.current_stream(x.device)
+    side = _SIDE.setdefault(x.device.index, torch.cuda.Stream(device=x.device))
+    z = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        z.zero_()
+        K.sparse_correction(z, x, sp)
+    y = gemm()
+    cur.wait_stream(side)
+    return y.add_(z)
+
+
 def marlin_out(e: dict, x: torch.Tensor, n: int) -> torch.Tensor:
     """vLLM's Marlin GEMM of layer ``e`` (zeros in the dry run: no Marlin on a CPU)."""
     if e.get("marlin") is None:
@@ -303,7 +326,7 @@ class Bench:
                     import vllm_superweight.kernels as K
 
                     ent["sell"] = K.prepare_sparse(r, c, v, n, k, dev, layout="sell")
-                if {"onecopy", "gemv", "overlap"} & set(self.args.sections):
+                if {"onecopy", "gemv", "overlap", "unroll"} & set(self.args.sections):
                     self.add_onecopy(ent, n, k)
                 d[name] = ent
             self.layers.append(d)
@@ -726,9 +749,9 @@ class Bench:
 
     def section_overlap(self):
         """Marlin + the packed SELL correction (the one-copy default below 256 tokens) serial vs the correction on a
-        side stream beside Marlin (``kernels.sparse_correction_beside``: fp32 buffer, one ``y += z`` after the
-        join), per M (--overlap-ms); with the correction alone and Marlin + the join's add alone for scale. us per
-        layer (4 GEMMs); "overlap_gain" in meta: serial / overlapped per M."""
+        side stream beside Marlin (``correction_beside``: fp32 buffer, one ``y += z`` after the join), per M
+        (--overlap-ms); with the correction alone and Marlin + the join's add alone for scale. us per layer (4
+        GEMMs); "overlap_gain" in meta: serial / overlapped per M."""
         import vllm_superweight.kernels as K
 
         if "mq" not in self.layers[0]["o"]:
@@ -743,7 +766,7 @@ class Bench:
                         if kind == "packed sell alone":
                             K.sparse_correction(ys[name], x, e["psell"])
                         elif kind == "marlin || packed sell" and not DRY:
-                            K.sparse_correction_beside(lambda e=e, x=x, n=n: marlin_out(e, x, n), x, e["psell"], n)
+                            correction_beside(lambda e=e, x=x, n=n: marlin_out(e, x, n), x, e["psell"], n)
                         else:
                             y = marlin_out(e, x, n)
                             if kind.startswith("marlin+packed sell") or kind == "marlin || packed sell":
@@ -776,6 +799,85 @@ class Bench:
             self.meta["overlap_gain"] = gain
             self.save()
         log("overlap: serial / side stream per M: " + ", ".join(f"{m}: {g:.3f}" for m, g in gain.items()))
+
+    def section_unroll(self):
+        """The packed SELL correction after Marlin (the one-copy pair's small batches) in its looped form (default
+        tiles) vs the unrolled form (``SparseTiles(unroll=1)``: the slice depth as one straight-line pass, no
+        cross-slot reductions; the transposed path's xt padded to whole M blocks, 16-byte gathers), with the
+        transposed path from fewer tokens (tmin) and fewer tokens per program (bmt); per M (--overlap-ms), us per
+        layer (4 GEMMs). meta "unroll_best": the fastest tiles over M < 96 and their SUPERWEIGHT_SPARSE_TILES."""
+        import dataclasses
+
+        from vllm_superweight.kernels import triton_sparse as TS
+
+        if "mq" not in self.layers[0]["o"]:
+            self.add(section="unroll", note="skipped: no Marlin layer (vLLM unavailable)")
+            return
+        d = TS.DEFAULT_TILES
+        u = dataclasses.replace(d, unroll=1)
+        variants = {
+            "default": d,
+            "unroll": u,
+            "unroll tmin4": dataclasses.replace(u, transpose_min_m=4),
+            "unroll tmin8": dataclasses.replace(u, transpose_min_m=8),
+            "unroll bmt32": dataclasses.replace(u, bm_transposed=32),
+            "unroll bmt16": dataclasses.replace(u, bm_transposed=16),
+            "unroll bmd4": dataclasses.replace(u, bm_direct=4),
+            "unroll bmd1": dataclasses.replace(u, bm_direct=1),
+        }
+
+        def run(tiles, xs, alone, ys):
+            def f():
+                for lay in self.layers:
+                    for name, (n, _k) in self.shapes.items():
+                        e, x = lay[name], xs[name]
+                        sp = e["psell"]
+                        y = ys[name] if alone else marlin_out(e, x, n)
+                        args = [sp[key] for key in SELL_ORDER]
+                        TS.sparse_correction_(y, x, *args, int(sp["nnz"].shape[0]), tiles=tiles)
+
+            return f
+
+        sums: dict = {}
+        for m in self.args.overlap_ms:
+            if self.left() < 15:
+                self.add(section="unroll", m=m, note="skipped: time budget")
+                continue
+            xs = self.xs(m)
+            ys = {nm: torch.zeros(m, n, dtype=torch.bfloat16, device=self.dev) for nm, (n, _) in self.shapes.items()}
+            base = None
+            try:
+                base = time_graph(
+                    lambda xs=xs: [
+                        marlin_out(lay[nm], xs[nm], n) for lay in self.layers for nm, (n, _) in self.shapes.items()
+                    ],
+                    self.args.iters,
+                )
+                base /= len(self.layers)
+                self.add(section="unroll", kernel="marlin", m=m, us=base, ratio=1.0)
+            except Exception as e:  # noqa: BLE001
+                self.add(section="error", kernel="marlin", m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
+            for label, tiles in variants.items():
+                for alone in (False, True):
+                    if alone and label not in ("default", "unroll"):
+                        continue
+                    kind = ("packed sell alone " if alone else "marlin+packed sell ") + label
+                    try:
+                        us = time_graph(run(tiles, xs, alone, ys), self.args.iters) / len(self.layers)
+                    except Exception as e:  # noqa: BLE001
+                        self.add(section="error", kernel=kind, m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
+                        continue
+                    self.add(section="unroll", kernel=kind, m=m, us=us, ratio=(us / base) if base else None)
+                    if not alone and m < 96:
+                        sums.setdefault(label, 0.0)
+                        sums[label] += us
+            self.save()
+        if sums:
+            best = min(sums, key=sums.get)
+            t = variants[best]
+            env = f"bmd={t.bm_direct},tmin={t.transpose_min_m},bmt={t.bm_transposed},unroll={t.unroll}"
+            self.meta["unroll_best"] = {"variant": best, "us_sum": sums[best], "all": sums, "env": env}
+            log(f"unroll: best {best} ({sums[best]:.1f} us summed over M; default {sums.get('default', 0):.1f})")
 
     def section_onecopy(self):
         """The Marlin + dequantize pair over two W4 copies vs one (issue 12), per M: small batches Marlin + the
@@ -1040,6 +1142,8 @@ class Bench:
                     self.section_gemv()
                 elif sec == "overlap":
                     self.section_overlap()
+                elif sec == "unroll":
+                    self.section_unroll()
             except Exception as e:  # noqa: BLE001
                 self.add(section=sec, note=f"section failed: {type(e).__name__}: {str(e)[:500]}")
                 traceback.print_exc()

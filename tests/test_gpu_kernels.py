@@ -164,39 +164,6 @@ def test_pdl_after_gemm_in_cuda_graph():
         assert torch.equal(outs[False], outs[True]), m
 
 
-@pytest.mark.parametrize("m", [1, 8, 17, 64, 95])
-def test_correction_beside_marlin_is_bitwise_the_serial_one(m):
-    """``sparse_correction_beside`` (the correction on a side stream while Marlin runs, one ``y += z`` after the
-    join) equals Marlin then the in-place correction bitwise, eagerly and replayed from a CUDA graph (the side
-    stream joins the capture), on both SELL paths (direct below 16 tokens, transposed from 16)."""
-    VL = _vl()
-    dev, n, k = "cuda", 4096, 11008
-    r, c, v = _holdout(n, k, 0.001, seed=3)
-    w = VL.random_w4(n, k, 128, False, dev, holdout=(r, c))
-    layer, kobj = VL.build_mp_layer(w, "marlin")
-    sp = K.prepare_sparse(r, c, v, n, k, dev, layout="sell", pack=torch.bfloat16)
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-
-    def serial():
-        return K.sparse_correction(kobj.apply_weights(layer, x), x, sp)
-
-    def beside():
-        return K.sparse_correction_beside(lambda: kobj.apply_weights(layer, x), x, sp, n)
-
-    want = serial()
-    assert not torch.equal(want, kobj.apply_weights(layer, x))  # the correction changes y
-    assert torch.equal(beside(), want)
-    beside()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = beside()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, want)
-
-
 def test_sparse_is_deterministic():
     dev = "cuda"
     n, k = 11008, 4096
@@ -275,7 +242,7 @@ def test_dual_dispatch_with_bias_under_compile_and_cuda_graphs():
         assert torch.equal(out, eager), m
 
 
-@pytest.mark.parametrize("kernel", ["marlin-deq", "marlin-deq1", "marlin-deq1-gemv", "marlin-deq1-overlap"])
+@pytest.mark.parametrize("kernel", ["marlin-deq", "marlin-deq1", "marlin-deq1-gemv"])
 def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel, monkeypatch):
     """MarlinDequantKernel (and its one-copy form, dequantizing from Marlin's tensors): below the threshold Marlin +
     the separate correction, from it on the dequantized weights (held-out values restored in the scratch) through
@@ -284,11 +251,8 @@ def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel, mon
     with ``gemv=4`` its batches of <= 4 tokens run the GEMV over Marlin's layout, correction in the epilogue."""
     VL = _vl()
     gemv = kernel.endswith("-gemv")
-    overlap = kernel.endswith("-overlap")  # the correction on a side stream beside Marlin
-    monkeypatch.setenv(
-        "SUPERWEIGHT_ONECOPY_CONFIG", ("gemv=4" if gemv else "gemv=0") + (",overlap=1" if overlap else "")
-    )
-    kernel = kernel.removesuffix("-gemv").removesuffix("-overlap")
+    monkeypatch.setenv("SUPERWEIGHT_ONECOPY_CONFIG", "gemv=4" if gemv else "gemv=0")
+    kernel = kernel.removesuffix("-gemv")
     dev, n, k, max_m = "cuda", 4096, 11008, 32
     g = torch.Generator().manual_seed(5)
     flat = torch.randperm(n * k, generator=g)[: n * k // 1000]

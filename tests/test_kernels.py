@@ -468,6 +468,38 @@ def test_interp_packed_sparse_kernel(path, pack):
 
 
 @interp_only
+@pytest.mark.parametrize("path", ["direct", "transposed"])
+@pytest.mark.parametrize("pack", [None, torch.bfloat16])
+def test_interp_sparse_kernel_unrolled(path, pack):
+    """``SparseTiles(unroll=1)``: the light slices as one unrolled pass over the slice depth (a [BM, C] tile per
+    slot, no reductions across slots) -- same sums as the looped form up to fp32 order, heavy rows unchanged, rows
+    without entries untouched."""
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    gen = torch.Generator().manual_seed(11)
+    n, k, m = 97, 300, 21
+    dt = pack or torch.bfloat16
+    r, c, v = random_entries(n, k, 500, gen, heavy_row=5, heavy_len=120)
+    x = torch.randn(m, k, generator=gen).to(dt)
+    y = torch.randn(m, n, generator=gen).to(dt)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=pack)
+    assert K.layout_stats(sp)["heavy_rows"] >= 1
+    shapes = {key: tuple(sp[key].shape) for key in ("ell_cols", "hrows", "ucols")}
+    tiles = TS.SparseTiles(unroll=1)
+    assert TS.plan(m, k, shapes, int(sp["nnz"].shape[0]), tiles)["unroll"] == sp["ell_cols"].shape[1]
+    y2 = y.clone()
+    TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path, tiles=tiles)
+    assert_rounded_close(y2, ref, mag, dt)
+    y3 = y.clone()
+    TS.sparse_correction_(y3, x, *sp_args(sp), force_path=path)  # the looped form
+    assert (y2.float() - y3.float()).abs().max() <= 2 * mag.max() * 2.0**-7
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[r] = False
+    assert torch.equal(y2[:, untouched], y[:, untouched])
+
+
+@interp_only
 def test_interp_sparse_kernel_noncontiguous_x():
     from vllm_superweight.kernels import triton_sparse as TS
 
@@ -589,7 +621,9 @@ def test_azp_bound_keeps_the_int32_epilogue_safe_at_the_largest_k():
 def test_w8a8_azp_knob(monkeypatch):
     from vllm_superweight import envs
 
-    monkeypatch.delenv(envs.W8A8_AZP, raising=False)
+    monkeypatch.delenv(envs.W8A8_AZP, raising=False)  # on by default since session 12's H200 measurement
+    assert envs.w8a8_azp() is True and envs.graph_knobs()[envs.W8A8_AZP] == "1"
+    monkeypatch.setenv(envs.W8A8_AZP, "0")
     assert envs.w8a8_azp() is False and envs.graph_knobs()[envs.W8A8_AZP] == "0"
     monkeypatch.setenv(envs.W8A8_AZP, "1")
     assert envs.w8a8_azp() is True and envs.graph_knobs()[envs.W8A8_AZP] == "1"
@@ -655,8 +689,15 @@ def test_triton_kernels_compile_for_sm90():
         (1, 16, False, False, 1),
         (8, 8, False, False, 2),
         (64, 8, True, False, 1),
+        (64, 17, True, False, -1),  # unrolled over the slice depth (down_proj's), packed
+        (8, 8, False, False, -2),
+        (32, 8, True, False, -1),
     ]:
-        p = TS._blocks(m, 100, depth, 32, 10, trans)
+        unroll = pack < 0
+        pack = abs(pack)
+        tiles = TS.SparseTiles(unroll=1) if unroll else TS.DEFAULT_TILES
+        p = TS._blocks(m, 100, depth, 32, 10, trans, tiles)
+        assert p["unroll"] == (depth if unroll else 0)
         consts = {
             "C": 32,
             "BM": p["BM"],
@@ -664,10 +705,15 @@ def test_triton_kernels_compile_for_sm90():
             "BE": p["BE"],
             "PDL": pdl,
             "PACK": pack,
+            "UNROLL": p["unroll"],
+            "EVEN_M": unroll and trans,
             ("stride_xm" if trans else "stride_xk"): 1,
         }
-        _, rep = _aot(TS._sell_spmm_kernel, sig, consts, p["num_warps"], range(9))
+        # as launched: pointers and (transposed) xt's padded row stride divisible by 16
+        k_, rep = _aot(TS._sell_spmm_kernel, sig, consts, p["num_warps"], [*range(9), *([15] if trans else [])])
         assert rep is None or "0 bytes spill stores" in rep, rep
+        if unroll and trans:  # the token-mask-free gathers of the padded xt are 16-byte vector loads
+            assert "ld.global.v4.b32" in k_.asm["ptx"] or "ld.global.v4.b16" in k_.asm["ptx"], (m, depth)
     tsig = {
         "x_ptr": "*bf16",
         "ucols_ptr": "*i32",
@@ -676,6 +722,7 @@ def test_triton_kernels_compile_for_sm90():
         "U": "i32",
         "stride_xm": "i32",
         "stride_xk": "i32",
+        "stride_t": "i32",
     }
     _aot(TS._gather_transpose_kernel, tsig, {"stride_xk": 1, "BU": 64, "BMT": 64}, 4, range(3))
     qsig = {
@@ -726,7 +773,7 @@ def _gpu_entries(n, k, nnz, seed, heavy=False):
     )
 
 
-def _check_cuda_case(n, k, m, r, c, v, dtype=torch.bfloat16, path=None, pack=False):
+def _check_cuda_case(n, k, m, r, c, v, dtype=torch.bfloat16, path=None, pack=False, tiles=None):
     from vllm_superweight.kernels import triton_sparse as TS
 
     dev = "cuda"
@@ -738,10 +785,10 @@ def _check_cuda_case(n, k, m, r, c, v, dtype=torch.bfloat16, path=None, pack=Fal
         else K.prepare_sparse(r, c, v, n, k, dev)
     )
     y2 = y.clone()
-    if path is None:
+    if path is None and tiles is None:
         K.sparse_correction(y2, x, sp)
     else:
-        TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path)
+        TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path, tiles=tiles)
     torch.cuda.synchronize()
     # reference on the GPU in float64 over the touched rows only (dense S would be large)
     rr, cc = r.to(dev).long(), c.to(dev).long()
@@ -771,6 +818,13 @@ def test_cuda_sparse_vs_reference(n, k, kind):
     for m in (1, 8, 64, 300):  # packed slots (the one-copy pair's small-batch correction)
         _check_cuda_case(n, k, m, r, c, v, pack=True)
         _check_cuda_case(n, k, m, r, c, v, dtype=torch.float16, pack=True)
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    unrolled = TS.SparseTiles(unroll=1)
+    for m in (1, 3, 8, 24, 48, 64, 95):  # the unrolled form (padded xt on the transposed path), packed and not
+        for path in ("direct", "transposed"):
+            _check_cuda_case(n, k, m, r, c, v, pack=True, path=path, tiles=unrolled)
+        _check_cuda_case(n, k, m, r, c, v, tiles=unrolled)
 
 
 @gpu
@@ -879,7 +933,11 @@ def test_sparse_tiles_env(monkeypatch):
     p = TS.plan(64, 4096, shapes, 1000, t)
     assert not p["transposed"] and p["BM"] == 4 and p["grid"] == (10, 16)
     assert TS.plan(64, 4096, shapes, 1000)["transposed"]  # the defaults: transposed from 16 tokens
-    for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0"):
+    monkeypatch.setenv(envs.SPARSE_TILES, "unroll=1,bmt=32")
+    assert (TS.env_tiles().unroll, TS.env_tiles().bm_transposed) == (1, 32)
+    assert TS.plan(64, 4096, shapes, 1000, TS.env_tiles())["unroll"] == 8  # the slice depth, one pass
+    assert TS.plan(64, 4096, shapes, 1000)["unroll"] == 0
+    for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x"):
         monkeypatch.setenv(envs.SPARSE_TILES, bad)
         with pytest.raises(ValueError, match="SUPERWEIGHT_SPARSE_TILES"):
             TS.env_tiles()

@@ -24,23 +24,22 @@ Only what users need is a knob:
                                     layers with a hold-out below 1e-4, where Marlin is faster up to there).
 ``SUPERWEIGHT_ONECOPY_CONFIG``      launch configurations of the ``marlin-deq1`` kernels, as the micro-benchmark
                                     found them best on this GPU (``w4_fused_bench.py --sections onecopy``):
-                                    ``deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=MAX_M,``
-                                    ``overlap=0|1``
+                                    ``deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=MAX_M``
                                     (any part may be left out; ``corr=sell``: the packed SELL correction, the
                                     default where K <= 65536; the other kinds read the restore index;
                                     ``gemv=MAX_M`` (<= 4): batches of up to MAX_M tokens run the GEMV over
-                                    Marlin's layout with the correction in its epilogue, ``gemv=0`` never;
-                                    ``overlap=1``: the small batches' SELL correction runs on a side stream
-                                    beside Marlin, then one ``y += z`` -- bitwise the serial result).
+                                    Marlin's layout with the correction in its epilogue, ``gemv=0`` never).
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
-                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS`` (any subset): tokens
-                                    per program on the direct path, the smallest M of the transposed path,
-                                    tokens per program there, gathered elements per step; from
-                                    ``w4_fused_bench.py --sections onecopy`` (its ``sparse_tiles_env``).
-``SUPERWEIGHT_W8A8_AZP``            ``1``: CUDA W8A8 layers with per-token activations carry their first outlier
-                                    channel through vLLM's CUTLASS per-token zero-point epilogue
+                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS,unroll=0|1`` (any
+                                    subset): tokens per program on the direct path, the smallest M of the
+                                    transposed path, tokens per program there, gathered elements per step, the
+                                    slice depth as one unrolled pass; from ``w4_fused_bench.py --sections
+                                    onecopy`` (its ``sparse_tiles_env``) and ``--sections overlap``.
+``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
+                                    outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
-                                    a side product). Opt-in until measured against SmoothQuant (``0``).
+                                    a side product); ``0``: every outlier channel as a side product. H200, 7B
+                                    shape, same lease: +0.8-2.4% at every batch over ``0`` (session 12).
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -64,7 +63,13 @@ DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
-_TILE_KEYS = {"bmd": "bm_direct", "tmin": "transpose_min_m", "bmt": "bm_transposed", "tile": "tile_elems"}
+_TILE_KEYS = {
+    "bmd": "bm_direct",
+    "tmin": "transpose_min_m",
+    "bmt": "bm_transposed",
+    "tile": "tile_elems",
+    "unroll": "unroll",
+}
 W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused", "marlin-deq", "marlin-deq1")
 DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (section w4sweep) on an H100
 DEFAULT_DEQUANT_MIN_M = 96  # Marlin + separate correction vs dequantize + cuBLAS, 0.1 % hold-out, H200
@@ -79,7 +84,8 @@ def disable_correction() -> bool:
 
 
 def w8a8_azp() -> bool:
-    return _flag(W8A8_AZP)
+    """On by default (H200, session 12: +0.8-2.4% over the plain split at every batch, same lease); ``0`` off."""
+    return os.environ.get(W8A8_AZP, "1").strip().lower() in ("1", "true", "yes", "on")
 
 
 def w4_kernel() -> str:
@@ -167,7 +173,7 @@ def setdefault_vllm_env(env: dict | None = None) -> dict:
 
 def onecopy_config() -> dict[str, tuple]:
     """``SUPERWEIGHT_ONECOPY_CONFIG`` parsed: {"deq": (BN, WARPS[, SCATTER]), "corr": (KIND, ROWS, SLOTS, WARPS),
-    "gemv": (MAX_M,), "overlap": (0 | 1,)}, the parts given."""
+    "gemv": (MAX_M,)}, the parts given."""
     return _parse_onecopy(os.environ.get(ONECOPY_CONFIG, "").strip())
 
 
@@ -190,14 +196,10 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
             if key == "gemv" and len(fields) == 1 and 0 <= int(fields[0]) <= 4:
                 out["gemv"] = (int(fields[0]),)
                 continue
-            if key == "overlap" and fields in (["0"], ["1"]):
-                out["overlap"] = (int(fields[0]),)
-                continue
         except ValueError:
             pass
         raise ValueError(
-            f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=0..4,"
-            "overlap=0|1"
+            f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=0..4"
         )
     return out
 
@@ -212,7 +214,10 @@ def _parse_tiles(raw: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in raw.split(","))):
         key, _, val = part.partition("=")
-        if key not in _TILE_KEYS or not val.isdigit() or int(val) < 1 or int(val) & (int(val) - 1):
-            raise ValueError(f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile= with powers of two")
+        if key == "unroll" and val in ("0", "1"):
+            out["unroll"] = int(val)
+            continue
+        if key not in _TILE_KEYS or key == "unroll" or not val.isdigit() or int(val) < 1 or int(val) & (int(val) - 1):
+            raise ValueError(f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile= with powers of two, unroll=0|1")
         out[_TILE_KEYS[key]] = int(val)
     return out

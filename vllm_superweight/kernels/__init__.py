@@ -123,40 +123,6 @@ def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tens
     return sell_correction_torch(y, x, sp)
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per CUDA device, shared by every layer (each call joins it back before returning)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    s = _SIDE_STREAMS.get(index)
-    if s is None:
-        s = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return s
-
-
-def sparse_correction_beside(gemm, x: torch.Tensor, sp: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-    """``gemm() + S x^T`` with the correction computed on a side stream WHILE the GEMM runs (CUDA, SELL layout).
-
-    The correction's cost after a small-batch GEMM is latency (dependent loads of slots and x; session 9-11:
-    +11 us per 7B layer at M = 1, +30 at 8, +72 at 64), not bandwidth, so it can hide beside a GEMM that is
-    bandwidth-bound. The side stream zeroes an fp32 buffer z and adds S x^T into it (the same kernel, the same fp32
-    sums); after the join one elementwise ``y += z`` rounds once, so the result is bitwise the serial
-    ``sparse_correction(gemm(), x, sp)``. Fork and join are stream waits: legal inside CUDA-graph capture (the
-    side stream joins the capture) and opaque to torch.compile inside the custom op. Costs the extra pass over y
-    (6 bytes read, 2 written per element of y)."""
-    cur = torch.cuda.current_stream(x.device)
-    side = _side_stream(x.device)
-    z = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
-    side.wait_stream(cur)  # x (and z's memory) are ready on the side stream
-    with torch.cuda.stream(side):
-        z.zero_()
-        sparse_correction(z, x, sp)
-    y = gemm()
-    cur.wait_stream(side)  # z complete before the add; z is freed on cur after it (no record_stream needed)
-    return y.add_(z)
-
-
 def int8_quant_outlier_split(
     x: torch.Tensor, outlier_idx: torch.Tensor | None, per_token: bool = True, outlier_mask: torch.Tensor | None = None
 ):

@@ -51,9 +51,11 @@ class SparseTiles:
     transpose_min_m: int = 16  # smallest M for the transposed path
     bm_transposed: int = 64  # tokens per program, transposed path
     bm_direct: int = 2  # tokens per program, direct path
+    unroll: int = 0  # 1: light slices as ONE unrolled pass over the slice depth, no cross-slot reductions
 
 
 DEFAULT_TILES = SparseTiles()
+MAX_UNROLL = 64  # deepest slice the unrolled form takes (deeper: the looped form)
 
 
 def env_tiles() -> SparseTiles:
@@ -97,6 +99,8 @@ def _sell_spmm_kernel(
     BE: tl.constexpr,
     PDL: tl.constexpr,
     PACK: tl.constexpr = 0,
+    UNROLL: tl.constexpr = 0,
+    EVEN_M: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pm = tl.program_id(1)
@@ -118,23 +122,45 @@ def _sell_spmm_kernel(
         y_ptrs = y_ptr + m64[:, None] * stride_ym + rows[None, :]
         if not PDL:
             y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
-        jr = tl.arange(0, BJ)
         acc = tl.zeros((BM, C), dtype=tl.float32)
-        for j0 in range(0, L, BJ):
-            jj = j0 + jr
-            e_off = base + jj[:, None] * C + lanes[None, :]
-            e_ok = (jj < L)[:, None]
-            if PACK:
-                pw = tl.load(ecols_ptr + e_off, mask=e_ok, other=0)
-                cc, vv, used = _unpack(pw, PACK)
-            else:
-                cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
-                vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
-                used = cc >= 0
-            x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
-            g_ok = m_ok[:, None, None] & used[None, :, :]
-            xg = tl.load(x_ptrs, mask=g_ok, other=0.0)
-            acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
+        if UNROLL > 0:
+            # the whole depth (UNROLL == L) as one straight-line pass: [BM, C] per slot, every slot's load and
+            # gather independent of the others (all can be in flight), products summed in registers -- no
+            # reduction across threads per step (the looped form reduces its [BM, BJ, C] tile over BJ each step)
+            for j in tl.static_range(UNROLL):
+                e_off = base + j * C + lanes
+                if PACK:
+                    pw = tl.load(ecols_ptr + e_off)
+                    cc, vv, used = _unpack(pw, PACK)
+                else:
+                    cc = tl.load(ecols_ptr + e_off)
+                    vv = tl.load(evals_ptr + e_off)
+                    used = cc >= 0
+                x_ptrs = x_ptr + m64[:, None] * stride_xm + cc.to(tl.int64)[None, :] * stride_xk
+                if EVEN_M:  # x rows padded to the M blocks: a mask constant along m (vector loads)
+                    xg = tl.load(x_ptrs, mask=used[None, :], other=0.0)
+                else:
+                    xg = tl.load(x_ptrs, mask=m_ok[:, None] & used[None, :], other=0.0)
+                acc += xg.to(tl.float32) * vv[None, :]
+        else:
+            jr = tl.arange(0, BJ)
+            for j0 in range(0, L, BJ):
+                jj = j0 + jr
+                e_off = base + jj[:, None] * C + lanes[None, :]
+                e_ok = (jj < L)[:, None]
+                if PACK:
+                    pw = tl.load(ecols_ptr + e_off, mask=e_ok, other=0)
+                    cc, vv, used = _unpack(pw, PACK)
+                else:
+                    cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
+                    vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
+                    used = cc >= 0
+                x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
+                if EVEN_M:
+                    xg = tl.load(x_ptrs, mask=used[None, :, :], other=0.0)
+                else:
+                    xg = tl.load(x_ptrs, mask=m_ok[:, None, None] & used[None, :, :], other=0.0)
+                acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
         if PDL:
             _gdc_wait()
             y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
@@ -159,7 +185,10 @@ def _sell_spmm_kernel(
                 h_cc = tl.load(hcols_ptr + h_ee, mask=h_eok, other=0)
                 h_vv = tl.load(hvals_ptr + h_ee, mask=h_eok, other=0.0)
             h_xp = x_ptr + m64[:, None] * stride_xm + h_cc.to(tl.int64)[None, :] * stride_xk
-            h_xg = tl.load(h_xp, mask=m_ok[:, None] & h_eok[None, :], other=0.0)
+            if EVEN_M:
+                h_xg = tl.load(h_xp, mask=h_eok[None, :], other=0.0)
+            else:
+                h_xg = tl.load(h_xp, mask=m_ok[:, None] & h_eok[None, :], other=0.0)
             h_acc += h_xg.to(tl.float32) * h_vv[None, :]
         h_tot = tl.sum(h_acc, axis=1)
         if PDL:
@@ -169,8 +198,11 @@ def _sell_spmm_kernel(
 
 
 @triton.jit(do_not_specialize=["M", "U"])
-def _gather_transpose_kernel(x_ptr, ucols_ptr, xt_ptr, M, U, stride_xm, stride_xk, BU: tl.constexpr, BMT: tl.constexpr):
-    """xt[c, m] = x[m, c] for the distinct columns c = ucols[u] (rows of xt not in ucols stay unwritten)."""
+def _gather_transpose_kernel(
+    x_ptr, ucols_ptr, xt_ptr, M, U, stride_xm, stride_xk, stride_t, BU: tl.constexpr, BMT: tl.constexpr
+):
+    """xt[c, m] = x[m, c] for the distinct columns c = ucols[u] (rows of xt not in ucols stay unwritten; row
+    stride ``stride_t`` >= M: the columns m >= M of a padded xt stay unwritten too)."""
     pu = tl.program_id(0)
     pm = tl.program_id(1)
     u = pu * BU + tl.arange(0, BU)
@@ -180,7 +212,7 @@ def _gather_transpose_kernel(x_ptr, ucols_ptr, xt_ptr, M, U, stride_xm, stride_x
     m_ok = m < M
     ok = m_ok[:, None] & u_ok[None, :]
     v = tl.load(x_ptr + m.to(tl.int64)[:, None] * stride_xm + c[None, :] * stride_xk, mask=ok)
-    tl.store(xt_ptr + c[None, :] * M + m[:, None], v, mask=ok)
+    tl.store(xt_ptr + c[None, :] * stride_t + m[:, None], v, mask=ok)
 
 
 def plan(m: int, k: int, sp_shapes: dict, nnz: int, tiles: SparseTiles = DEFAULT_TILES) -> dict:
@@ -203,6 +235,10 @@ def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILE
     be = max(16, min(1024, tiles.tile_elems // bm))
     tile = max(bm * bj * lanes, bm * be)
     warps = 4 if tile <= 2048 else 8
+    unroll = depth if (tiles.unroll and 0 < depth <= MAX_UNROLL) else 0
+    if unroll:  # a [BM, C] tile per slot, <= 8 values a thread; heavy rows in [BM, BE] tiles of the same size
+        warps = max(1, min(8, bm * lanes // 256))
+        be = max(16, min(1024, warps * 256 // bm))
     return {
         "transposed": transposed,
         "BM": bm,
@@ -214,6 +250,7 @@ def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILE
         "depth": depth,
         "lanes": lanes,
         "heavy": h,
+        "unroll": unroll,
     }
 
 
@@ -275,13 +312,18 @@ def sparse_correction_(
     hr, hp, hc, hv = (hrows, hptr, hcols, hvals) if hrows.numel() else (ell_rb, ell_rb, ell_cols, ell_vals)
     if pack:  # the empty value markers are never read
         ev, hv = ec, hc
+    even_m = False
     if p["transposed"]:
-        xt = torch.empty((k, m), dtype=x.dtype, device=x.device)
+        # unrolled form: xt's rows padded to whole M blocks (the padding is never written; the rows it feeds are
+        # never stored), so the gathers need no token mask and load 16-byte vectors
+        even_m = bool(p["unroll"])
+        mp = triton.cdiv(m, p["BM"]) * p["BM"] if even_m else m
+        xt = torch.empty((k, mp), dtype=x.dtype, device=x.device)
         u = ucols.numel()
         _gather_transpose_kernel[(triton.cdiv(u, 64), triton.cdiv(m, 64))](
-            x, ucols, xt, m, u, x.stride(0), x.stride(1), BU=64, BMT=64, num_warps=4
+            x, ucols, xt, m, u, x.stride(0), x.stride(1), mp, BU=64, BMT=64, num_warps=4
         )
-        xs, sxm, sxk = xt, 1, m
+        xs, sxm, sxk = xt, 1, mp
     else:
         xs, sxm, sxk = x, x.stride(0), x.stride(1)
     kw = {"num_warps": p["num_warps"]}
@@ -310,5 +352,7 @@ def sparse_correction_(
         BE=p["BE"],
         PDL=use_pdl,
         PACK=pack,
+        UNROLL=p["unroll"],
+        EVEN_M=even_m,
         **kw,
     )

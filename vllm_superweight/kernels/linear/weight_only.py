@@ -473,9 +473,6 @@ LIGHT_DEQUANT_MIN_M = 256
 # The GEMV over Marlin's layout (correction in its epilogue) is opt-in (SUPERWEIGHT_ONECOPY_CONFIG=gemv=1): H200, 7B
 # layer, M = 1: 78.3 us vs Marlin + packed SELL 79.7 (-1.8 %), M = 2 / 4 1.9-3.4x slower (triton_marlin_gemv.py)
 GEMV_DEFAULT_MAX_M = 0
-# The small batches' SELL correction on a side stream beside Marlin (SUPERWEIGHT_ONECOPY_CONFIG=overlap=1):
-# opt-in until the micro-benchmark (w4_fused_bench.py --sections overlap) and an engine run say it is faster
-OVERLAP_DEFAULT = 0
 
 
 class MarlinDequantOneCopyKernel(MarlinDequantKernel):
@@ -560,16 +557,9 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
             return marlin_gemv(x, qm, sc, zp, n_p, k_p, c.group_size, c.symmetric, self.sp, self.gmaps, bias)
         if x.shape[0] < self.min_m:
             b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
-            cfg = envs.onecopy_config()
-            corr = cfg.get("corr")
-            sell = bool(self.sp) and (corr is None or corr[0] == "sell")
-            if sell and x.is_cuda and cfg.get("overlap", (OVERLAP_DEFAULT,))[0]:
-                from .. import sparse_correction_beside
-
-                n_p = self.config.partition_shape[1]
-                return sparse_correction_beside(lambda: self.small.apply_gemm(self.shadow, x, b), x, self.sp, n_p)
             y = self.small.apply_gemm(self.shadow, x, b)
-            if sell:
+            corr = envs.onecopy_config().get("corr")
+            if self.sp and (corr is None or corr[0] == "sell"):
                 return sparse_correction(y, x, self.sp)
             return index_correction_(y, x, self.deq, config=corr if corr and corr[0] != "sell" else None)
 
