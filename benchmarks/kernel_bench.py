@@ -416,16 +416,18 @@ def section_sparsesweep(B: Bench):
         r, c, v = holdout_entries(n, k, 0.001, seed=len(lay))
         lay[name] = (K.prepare_sparse(r, c, v, n, k, B.dev, layout="sell"), n, k)
     ms = [16] if DRY else [16, 64, 256]
-    cfgs = [(bm, tile) for bm in (16, 32, 64) for tile in (2048, 4096, 8192, 16384)]
+    # the looped form's (BM, gather tile) grid, then the unrolled form (session 12's default; no gather tile)
+    cfgs = [(bm, tile, 0) for bm in (16, 32, 64) for tile in (2048, 4096, 8192, 16384)]
+    cfgs += [(bm, 4096, 1) for bm in (16, 32, 64)]
     if DRY:
-        cfgs = [(16, 2048), (64, 4096)]
+        cfgs = [(16, 2048, 0), (64, 4096, 0), (16, 4096, 1)]
     tot = {}
     for m in ms:
         xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (_, n, k) in lay.items()}
         ys = {name: torch.randn(m, n, device=B.dev, dtype=torch.bfloat16) for name, (_, n, k) in lay.items()}
         for direct in (True, False):
-            for bm, tile in [(16, 4096)] if direct else cfgs:
-                tiles = TS.SparseTiles(tile_elems=tile, bm_transposed=bm)
+            for bm, tile, unroll in [(16, 4096, 1)] if direct else cfgs:
+                tiles = TS.SparseTiles(tile_elems=tile, bm_transposed=bm, unroll=unroll)
 
                 def f(tiles=tiles, direct=direct):
                     for name, (sp, _n, _k) in lay.items():
@@ -440,24 +442,29 @@ def section_sparsesweep(B: Bench):
                 try:
                     us = time_graph(f, iters=B.args.iters, reps_per_graph=5)
                 except Exception as e:  # noqa: BLE001
-                    B.add(section="sparsesweep", config=f"bm{bm}-tile{tile}", m=m, note=f"failed: {e}")
+                    B.add(section="sparsesweep", config=f"bm{bm}-tile{tile}-u{unroll}", m=m, note=f"failed: {e}")
                     continue
-                cfg = "direct" if direct else f"bm{bm}-tile{tile}"
+                cfg = "direct" if direct else f"bm{bm}-tile{tile}-u{unroll}"
                 B.add(section="sparsesweep", config=cfg, variant="4 linears", m=m, us=us)
                 tot.setdefault(cfg, {})[m] = us
     full = {c: t for c, t in tot.items() if len(t) == len(ms) and c != "direct"}
     if full:
         best = min(full, key=lambda c: sum(full[c].values()))
-        bm, tile = (int(v) for v in best.replace("bm", "").split("-tile"))
-        tiles = TS.SparseTiles(tile_elems=tile, bm_transposed=bm)
+        bm, tile, unroll = (int(v) for v in best.replace("bm", "").replace("-u", "-tile").split("-tile"))
+        tiles = TS.SparseTiles(tile_elems=tile, bm_transposed=bm, unroll=unroll)
         # smallest M where the transposed path (best tiles) beats the direct one
         for m in ms:
             if "direct" in tot and m in tot["direct"] and full[best][m] < tot["direct"][m]:
                 tiles = dataclasses.replace(tiles, transpose_min_m=m)
                 break
-        B.meta["sparse_best"] = {"config": best, "us_by_m": full[best], "default_us_by_m": full.get("bm64-tile4096")}
-        B.meta.setdefault("recommend", {})["SparseTiles"] = dataclasses.asdict(tiles)
-        log(f"sparsesweep: best {best} {full[best]} (default bm64-tile4096: {full.get('bm64-tile4096')})")
+        dflt = TS.DEFAULT_TILES
+        dkey = f"bm{dflt.bm_transposed}-tile{dflt.tile_elems}-u{dflt.unroll}"
+        B.meta["sparse_best"] = {"config": best, "us_by_m": full[best], "default_us_by_m": full.get(dkey)}
+        B.meta.setdefault("recommend", {})["SUPERWEIGHT_SPARSE_TILES"] = (
+            f"bmd={tiles.bm_direct},tmin={tiles.transpose_min_m},bmt={tiles.bm_transposed},"
+            f"tile={tiles.tile_elems},unroll={tiles.unroll}"
+        )  # an environment line the engine runs source (was the dataclass as a dict: not a valid export)
+        log(f"sparsesweep: best {best} {full[best]} (default {dkey}: {full.get(dkey)})")
     B.save()
 
 

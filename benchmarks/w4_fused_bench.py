@@ -813,10 +813,9 @@ class Bench:
         if "mq" not in self.layers[0]["o"]:
             self.add(section="unroll", note="skipped: no Marlin layer (vLLM unavailable)")
             return
-        d = TS.DEFAULT_TILES
-        u = dataclasses.replace(d, unroll=1)
-        variants = {
-            "default": d,
+        u = dataclasses.replace(TS.DEFAULT_TILES, unroll=1, bm_transposed=64)
+        variants = {  # "default": the looped form, the default up to session 11 (session 12's runs: same tiles)
+            "default": dataclasses.replace(u, unroll=0),
             "unroll": u,
             "unroll tmin4": dataclasses.replace(u, transpose_min_m=4),
             "unroll tmin8": dataclasses.replace(u, transpose_min_m=8),

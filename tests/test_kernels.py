@@ -406,7 +406,7 @@ def test_interp_sparse_kernel_tile_knobs(bm, tile):
     """The transposed path's tile parameters (tuned by kernel_bench's sparsesweep) change blocking, never results."""
     from vllm_superweight.kernels import triton_sparse as TS
 
-    tiles = TS.SparseTiles(tile_elems=tile, bm_transposed=bm)
+    tiles = TS.SparseTiles(tile_elems=tile, bm_transposed=bm, unroll=0)  # the looped form's gather tile
     gen = torch.Generator().manual_seed(bm + tile)
     n, k, m = 97, 61, 70
     r, c, v = random_entries(n, k, 400, gen, heavy_row=5, heavy_len=40)
@@ -492,7 +492,7 @@ def test_interp_sparse_kernel_unrolled(path, pack):
     TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path, tiles=tiles)
     assert_rounded_close(y2, ref, mag, dt)
     y3 = y.clone()
-    TS.sparse_correction_(y3, x, *sp_args(sp), force_path=path)  # the looped form
+    TS.sparse_correction_(y3, x, *sp_args(sp), force_path=path, tiles=TS.SparseTiles(unroll=0))  # looped form
     assert (y2.float() - y3.float()).abs().max() <= 2 * mag.max() * 2.0**-7
     untouched = torch.ones(n, dtype=torch.bool)
     untouched[r] = False
@@ -695,7 +695,7 @@ def test_triton_kernels_compile_for_sm90():
     ]:
         unroll = pack < 0
         pack = abs(pack)
-        tiles = TS.SparseTiles(unroll=1) if unroll else TS.DEFAULT_TILES
+        tiles = TS.SparseTiles(unroll=1) if unroll else TS.SparseTiles(unroll=0)
         p = TS._blocks(m, 100, depth, 32, 10, trans, tiles)
         assert p["unroll"] == (depth if unroll else 0)
         consts = {
@@ -820,11 +820,12 @@ def test_cuda_sparse_vs_reference(n, k, kind):
         _check_cuda_case(n, k, m, r, c, v, dtype=torch.float16, pack=True)
     from vllm_superweight.kernels import triton_sparse as TS
 
-    unrolled = TS.SparseTiles(unroll=1)
-    for m in (1, 3, 8, 24, 48, 64, 95):  # the unrolled form (padded xt on the transposed path), packed and not
+    looped = TS.SparseTiles(unroll=0, bm_transposed=64)  # the form before session 12 (the default is unrolled)
+    for m in (1, 3, 8, 24, 48, 64, 95):  # both forms (unrolled: padded xt on the transposed path), packed and not
         for path in ("direct", "transposed"):
-            _check_cuda_case(n, k, m, r, c, v, pack=True, path=path, tiles=unrolled)
-        _check_cuda_case(n, k, m, r, c, v, tiles=unrolled)
+            _check_cuda_case(n, k, m, r, c, v, pack=True, path=path, tiles=looped)
+            _check_cuda_case(n, k, m, r, c, v, pack=True, path=path, tiles=TS.DEFAULT_TILES)
+        _check_cuda_case(n, k, m, r, c, v, tiles=looped)
 
 
 @gpu
@@ -933,10 +934,10 @@ def test_sparse_tiles_env(monkeypatch):
     p = TS.plan(64, 4096, shapes, 1000, t)
     assert not p["transposed"] and p["BM"] == 4 and p["grid"] == (10, 16)
     assert TS.plan(64, 4096, shapes, 1000)["transposed"]  # the defaults: transposed from 16 tokens
-    monkeypatch.setenv(envs.SPARSE_TILES, "unroll=1,bmt=32")
-    assert (TS.env_tiles().unroll, TS.env_tiles().bm_transposed) == (1, 32)
-    assert TS.plan(64, 4096, shapes, 1000, TS.env_tiles())["unroll"] == 8  # the slice depth, one pass
-    assert TS.plan(64, 4096, shapes, 1000)["unroll"] == 0
+    monkeypatch.setenv(envs.SPARSE_TILES, "unroll=0,bmt=32")
+    assert (TS.env_tiles().unroll, TS.env_tiles().bm_transposed) == (0, 32)
+    assert TS.plan(64, 4096, shapes, 1000, TS.env_tiles())["unroll"] == 0  # the looped form
+    assert TS.plan(64, 4096, shapes, 1000)["unroll"] == 8  # default: the slice depth in one unrolled pass
     for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x"):
         monkeypatch.setenv(envs.SPARSE_TILES, bad)
         with pytest.raises(ValueError, match="SUPERWEIGHT_SPARSE_TILES"):

@@ -43,15 +43,17 @@ except Exception:  # pragma: no cover
 
 @dataclasses.dataclass(frozen=True)
 class SparseTiles:
-    """Launch parameters of the sparse correction (defaults: the best of benchmarks/kernel_bench.py's
-    ``sparsesweep`` on an H100, which found nothing better than these; ``bm_direct`` from the H200 onecopy sweep
-    of session 9: 2 tokens per program, -3% at M = 8, the rest within noise)."""
+    """Launch parameters of the sparse correction. Defaults: the unrolled form with 16 tokens per program on the
+    transposed path, the fastest of ``w4_fused_bench.py --sections unroll`` on the H200 (session 12; after Marlin,
+    7B layer, us: M = 8 85.9 vs 98.4 for the looped form, 24 114.4 vs 233.2, 64 176.2 vs 196.9, M = 1 78.2 vs
+    79.8); ``bm_direct`` from the H200 onecopy sweep of session 9 (2 tokens per program); ``tile_elems`` and
+    ``transpose_min_m`` from kernel_bench.py's H100 ``sparsesweep`` (the looped form's gather tile)."""
 
-    tile_elems: int = 4096  # elements of the gather tile per iteration
+    tile_elems: int = 4096  # elements of the gather tile per iteration (looped form)
     transpose_min_m: int = 16  # smallest M for the transposed path
-    bm_transposed: int = 64  # tokens per program, transposed path
+    bm_transposed: int = 16  # tokens per program, transposed path
     bm_direct: int = 2  # tokens per program, direct path
-    unroll: int = 0  # 1: light slices as ONE unrolled pass over the slice depth, no cross-slot reductions
+    unroll: int = 1  # 1: light slices as ONE unrolled pass over the slice depth, no cross-slot reductions
 
 
 DEFAULT_TILES = SparseTiles()
