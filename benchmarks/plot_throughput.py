@@ -54,6 +54,7 @@ KERNEL_SUFFIX = {
     "-dual": " → Marlin/Machete pair",
     "-fused": " → fused",
     "-gemv": " → GEMV + correction at batch 1",
+    "-unroll": " → unrolled SELL correction (session 12's default)",
 }
 
 

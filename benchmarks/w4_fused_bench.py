@@ -1329,6 +1329,23 @@ def gemv_table(path: str) -> str:
     return "\n".join(lines) + "\n\nForms: " + forms + "." + tail + "\n"
 
 
+def section_table(path: str, section: str) -> str:
+    """A section's rows as markdown (one row per kernel, one column per M; us per 7B layer), e.g. ``overlap`` or
+    ``unroll`` of ``w4_unroll_s12_h200.json``."""
+    with open(path) as f:
+        d = json.load(f)
+    by_kernel: dict = {}
+    for r in d["results"]:
+        if r.get("section") == section and r.get("us") is not None:
+            by_kernel.setdefault(r["kernel"], {})[r["m"]] = r["us"]
+    ms = sorted({m for v in by_kernel.values() for m in v})
+    lines = ["| us per 7B layer (4 GEMMs) | " + " | ".join(f"M = {m}" for m in ms) + " |"]
+    lines.append("|---|" + "---:|" * len(ms))
+    for kernel, v in by_kernel.items():
+        lines.append(f"| {kernel} | " + " | ".join(f"{v[m]:.1f}" if m in v else "–" for m in ms) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     global DRY
     ap = argparse.ArgumentParser()
@@ -1389,7 +1406,18 @@ def main():
         help="write the README's session-9 one-copy table from the sweep and the flat-default run to --out and exit",
     )
     ap.add_argument("--gemv-table", metavar="JSON", help="write the README's GEMV table from JSON to --out and exit")
+    ap.add_argument(
+        "--section-table",
+        nargs=2,
+        metavar=("JSON", "SECTION"),
+        help="write one section's rows (kernel x M, us per layer) as markdown to --out and exit",
+    )
     args = ap.parse_args()
+    if args.section_table:
+        with open(args.out, "w") as f:
+            f.write(section_table(*args.section_table))
+        log(f"wrote {args.out}")
+        return
     if args.gemv_table:
         with open(args.out, "w") as f:
             f.write(gemv_table(args.gemv_table))

@@ -2,11 +2,12 @@
 
 One launch (two on the large-M path). Grid = (light slices + heavy rows, M blocks); program ``p``:
 
-* ``p < n_slices`` (light): owns the C consecutive rows of one row block. It loads a [BJ, C] tile of the slice's
-  column/value slots (coalesced: slot-major, lane-minor), gathers ``x[m, col]`` for its BM tokens as one
-  [BM, BJ, C] tile (all loads independent -> many in flight), multiplies in fp32, reduces over the BJ slots and
-  loops until the slice depth L is covered. Then ``y[m-block, rows] = round(y + acc)`` (one rounding; the y
-  load is issued before the loop so its latency hides behind the gathers).
+* ``p < n_slices`` (light): owns the C consecutive rows of one row block. Unrolled form (the default since
+  session 12, ``SparseTiles.unroll``): one straight-line pass over the slice depth L, per slot a [C] load of the
+  slot words (coalesced: slot-major, lane-minor) and a [BM, C] gather of ``x[m, col]``, products summed in fp32
+  registers -- every load independent, no reduction across threads. Looped form: [BJ, C] slot tiles and
+  [BM, BJ, C] gathers, reduced over BJ per step, until L is covered. Then ``y[m-block, rows] = round(y + acc)``
+  (one rounding; the y load is issued before the loop so its latency hides behind the gathers).
 * ``p >= n_slices`` (heavy): one long row; [BM, BE] tiles of its CSR entries, reduced to one value per token.
 
 No two programs write the same element of y: no atomics, deterministic, exact fp32 sums.
@@ -15,7 +16,9 @@ Large M (prefill): gathering ``x[m, col]`` token by token touches one 32-byte se
 large and the entries reuse columns (``nnz >= 2 * distinct columns``), a first kernel writes
 ``xt[c, m] = x[m, c]`` for the distinct columns only, and the main kernel reads ``xt`` with swapped strides:
 the BM tokens of one entry are then contiguous (128 B for BM = 64). The grid's fast axis is the slice, so all
-slices of one M block run together and the [K, BM] panel of xt stays in L2.
+slices of one M block run together and the [K, BM] panel of xt stays in L2. In the unrolled form xt's rows are
+padded to whole BM blocks (the padding is never written, and the token rows it feeds are never stored), so the
+gathers carry no token mask and load 16-byte vectors.
 
 Optional programmatic dependent launch (``pdl=True``, Hopper+, direct path only): the kernel is launched with
 the PDL attribute and waits (``griddepcontrol.wait``) only before it touches ``y``; the metadata loads and the x
