@@ -396,6 +396,17 @@ class Bench:
                 traceback.print_exc()
             return None
 
+    def time_kind(self, section: str, kind: str, m: int, fn, base: float | None = None) -> float | None:
+        """us per layer of ``fn`` (CUDA-graph replays), recorded under ``section`` with its ratio to ``base``; a
+        failure is recorded as an error row and gives None."""
+        try:
+            us = time_graph(fn, self.args.iters) / len(self.layers)
+        except Exception as e:  # noqa: BLE001
+            self.add(section="error", kernel=kind, m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
+            return None
+        self.add(section=section, kernel=kind, m=m, us=us, ratio=(us / base) if base else None)
+        return us
+
     # -- sections ---------------------------------------------------------------------------------------------
     def section_check(self):
         T = self.T
@@ -786,14 +797,9 @@ class Bench:
             zs = {nm: torch.zeros(m, n, dtype=torch.float32, device=self.dev) for nm, (n, _) in self.shapes.items()}
             res = {}
             for kind in ("marlin", "marlin+packed sell", "marlin || packed sell", "packed sell alone", "marlin + add"):
-                try:
-                    us = time_graph(run(kind, xs, ys, zs), self.args.iters) / len(self.layers)
-                except Exception as e:  # noqa: BLE001
-                    self.add(section="error", kernel=kind, m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
-                    continue
-                res[kind] = us
-                base = res.get("marlin")
-                self.add(section="overlap", kernel=kind, m=m, us=us, ratio=(us / base) if base else None)
+                us = self.time_kind("overlap", kind, m, run(kind, xs, ys, zs), res.get("marlin"))
+                if us is not None:
+                    res[kind] = us
             if "marlin+packed sell" in res and "marlin || packed sell" in res:
                 gain[str(m)] = res["marlin+packed sell"] / res["marlin || packed sell"]
             self.meta["overlap_gain"] = gain
@@ -844,30 +850,15 @@ class Bench:
                 continue
             xs = self.xs(m)
             ys = {nm: torch.zeros(m, n, dtype=torch.bfloat16, device=self.dev) for nm, (n, _) in self.shapes.items()}
-            base = None
-            try:
-                base = time_graph(
-                    lambda xs=xs: [
-                        marlin_out(lay[nm], xs[nm], n) for lay in self.layers for nm, (n, _) in self.shapes.items()
-                    ],
-                    self.args.iters,
-                )
-                base /= len(self.layers)
-                self.add(section="unroll", kernel="marlin", m=m, us=base, ratio=1.0)
-            except Exception as e:  # noqa: BLE001
-                self.add(section="error", kernel="marlin", m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
+            marlins = [(lay[nm], xs[nm], n) for lay in self.layers for nm, (n, _) in self.shapes.items()]
+            base = self.time_kind("unroll", "marlin", m, lambda: [marlin_out(e, x, n) for e, x, n in marlins])
             for label, tiles in variants.items():
                 for alone in (False, True):
                     if alone and label not in ("default", "unroll"):
                         continue
                     kind = ("packed sell alone " if alone else "marlin+packed sell ") + label
-                    try:
-                        us = time_graph(run(tiles, xs, alone, ys), self.args.iters) / len(self.layers)
-                    except Exception as e:  # noqa: BLE001
-                        self.add(section="error", kernel=kind, m=m, note=f"{type(e).__name__}: {str(e)[:300]}")
-                        continue
-                    self.add(section="unroll", kernel=kind, m=m, us=us, ratio=(us / base) if base else None)
-                    if not alone and m < 96:
+                    us = self.time_kind("unroll", kind, m, run(tiles, xs, alone, ys), base)
+                    if us is not None and not alone and m < 96:
                         sums.setdefault(label, 0.0)
                         sums[label] += us
             self.save()

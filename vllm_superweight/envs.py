@@ -34,7 +34,7 @@ Only what users need is a knob:
                                     subset): tokens per program on the direct path, the smallest M of the
                                     transposed path, tokens per program there, gathered elements per step, the
                                     slice depth as one unrolled pass; from ``w4_fused_bench.py --sections
-                                    onecopy`` (its ``sparse_tiles_env``) and ``--sections overlap``.
+                                    onecopy`` (its ``sparse_tiles_env``) and ``--sections unroll``.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
                                     outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
@@ -75,8 +75,8 @@ DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (s
 DEFAULT_DEQUANT_MIN_M = 96  # Marlin + separate correction vs dequantize + cuBLAS, 0.1 % hold-out, H200
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+def _flag(name: str, default: str = "0") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
 
 
 def disable_correction() -> bool:
@@ -85,7 +85,7 @@ def disable_correction() -> bool:
 
 def w8a8_azp() -> bool:
     """On by default (H200, session 12: +0.8-2.4% over the plain split at every batch, same lease); ``0`` off."""
-    return os.environ.get(W8A8_AZP, "1").strip().lower() in ("1", "true", "yes", "on")
+    return _flag(W8A8_AZP, default="1")
 
 
 def w4_kernel() -> str:
