@@ -185,8 +185,8 @@ case "$STAGE" in
   unroll)
     # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and
     # without hold-out) built in the background; meanwhile the GPU tests of the SELL correction (unrolled form
-    # included); then (build done) the unrolled-vs-looped micro-benchmark. Its pick goes to $SW_BENCH_DIR/unroll.env
-    # (SW_UNROLL_TILES) for `BUDGET_S=... bash benchmarks/gpu_run.sh throughput unroll`
+    # included); then (build done) the unrolled-vs-looped micro-benchmark, whose pick (meta "unroll_best") is the
+    # default since then (session 12's engine run passed it as SUPERWEIGHT_SPARSE_TILES)
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout
     timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu -k "cuda_sparse" \
@@ -195,13 +195,8 @@ case "$STAGE" in
     tail -3 "$STASH_DIR/build.log"
     timeout 240 $PY benchmarks/w4_fused_bench.py --sections unroll --budget-s 200 --overlap-ms 1,2,4,8,16,24,32,48,64 \
       --out "$OUT/w4_unroll.json" 2>&1 | grep -E "section=unroll kernel=|unroll:" || true
-    $PY - "$OUT/w4_unroll.json" "$SW_BENCH_DIR/unroll.env" <<'EOF'
-import json, sys
-best = json.load(open(sys.argv[1]))["meta"].get("unroll_best")
-if best:
-    open(sys.argv[2], "w").write(f"export SW_UNROLL_TILES={best['env']}\n")
-    print("unroll pick:", best["variant"], best["env"])
-EOF
+    $PY -c 'import json, sys; print("unroll pick:", json.load(open(sys.argv[1]))["meta"].get("unroll_best"))' \
+      "$OUT/w4_unroll.json"
     echo "[$(ts)] unroll done" ;;
   kernels-quick)
     setup
@@ -210,8 +205,6 @@ EOF
   throughput)
     setup
     # knobs measured by the kernels stage of this lease (Marlin/Machete threshold, sparse tiles), unless disabled
-    # shellcheck disable=SC1091
-    [ -f "$SW_BENCH_DIR/unroll.env" ] && source "$SW_BENCH_DIR/unroll.env"
     if [ -f "$SW_BENCH_DIR/recommend.env" ] && [ -z "${SW_NO_RECOMMEND:-}" ]; then
       # shellcheck disable=SC1091
       source "$SW_BENCH_DIR/recommend.env"

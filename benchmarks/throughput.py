@@ -168,13 +168,6 @@ METHODS["sw-w4-g128-gemv"] = dict(
 # it; the default since session 12) named explicitly, and without it (every outlier channel a side product)
 METHODS["sw-w8a8-azp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "1"})
 METHODS["sw-w8a8-noazp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "0"})
-# the held-out checkpoint with the small batches' SELL correction in its unrolled form (SW_UNROLL_TILES: the
-# micro-benchmark's pick, w4_fused_bench.py --sections unroll)
-METHODS["sw-w4-g128-holdout-unroll"] = dict(
-    METHODS["sw-w4-g128-holdout"],
-    ckpt="sw-w4-g128-holdout",
-    env={"SUPERWEIGHT_SPARSE_TILES": os.environ.get("SW_UNROLL_TILES", "unroll=1")},
-)
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
     "lean": [
@@ -199,8 +192,6 @@ GROUPS = {
     "gemv": ["awq", "sw-w4-g128", "sw-w4-g128-mdeq1", "sw-w4-g128-holdout", "sw-w4-g128-holdout-gemv"],
     # W8A8 against SmoothQuant, with the zero-point epilogue (default) and without
     "w8a8": ["smoothquant", "sw-w8a8", "sw-w8a8-noazp"],
-    # issue 12's hold-out target with the unrolled correction: the same g128 checkpoint with hold-out and without
-    "unroll": ["sw-w4-g128-holdout-unroll", "sw-w4-g128"],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)

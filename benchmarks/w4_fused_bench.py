@@ -366,6 +366,17 @@ class Bench:
             for name, (n, k) in self.shapes.items()
         }
 
+    def zeros(self, m: int, dtype=torch.bfloat16) -> dict:
+        """An [M, N] output of each matrix, zeroed (a correction's target outside any GEMM)."""
+        return {name: torch.zeros(m, n, dtype=dtype, device=self.dev) for name, (n, _) in self.shapes.items()}
+
+    def fits(self, section: str, m: int, need_s: float) -> bool:
+        """Whether ``need_s`` seconds of the budget are left for batch ``m``; if not, the skip is recorded."""
+        if self.left() < need_s:
+            self.add(section=section, m=m, note="skipped: time budget")
+            return False
+        return True
+
     def runner(self, kind: str, xs: dict, config=None, names=None, prep_key=None):
         """fn() running ``kind`` over every layer and linear in ``names``."""
         T = self.T
@@ -454,8 +465,7 @@ class Bench:
 
     def section_main(self, ms, section="main"):
         for m in ms:
-            if self.left() < 20:
-                self.add(section=section, m=m, note="skipped: time budget")
+            if not self.fits(section, m, 20):
                 continue
             xs = self.xs(m)
             res = {}
@@ -596,8 +606,7 @@ class Bench:
     def section_sweep(self):
         best = {}
         for m in self.args.sweep_ms:
-            if self.left() < 30:
-                self.add(section="sweep", m=m, note="skipped: time budget")
+            if not self.fits("sweep", m, 30):
                 continue
             xs = self.xs(m)
             times = {}
@@ -715,8 +724,7 @@ class Bench:
         wb = self.wbytes("awq")
         best: dict = {}
         for m in self.args.gemv_ms:
-            if self.left() < 15:
-                self.add(section="gemv", m=m, note="skipped: time budget")
+            if not self.fits("gemv", m, 15):
                 continue
             xs = self.xs(m)
             bm = MG._bm(m)
@@ -789,12 +797,10 @@ class Bench:
 
         gain = {}
         for m in self.args.overlap_ms:
-            if self.left() < 15:
-                self.add(section="overlap", m=m, note="skipped: time budget")
+            if not self.fits("overlap", m, 15):
                 continue
             xs = self.xs(m)
-            ys = {nm: torch.zeros(m, n, dtype=torch.bfloat16, device=self.dev) for nm, (n, _) in self.shapes.items()}
-            zs = {nm: torch.zeros(m, n, dtype=torch.float32, device=self.dev) for nm, (n, _) in self.shapes.items()}
+            ys, zs = self.zeros(m), self.zeros(m, torch.float32)
             res = {}
             for kind in ("marlin", "marlin+packed sell", "marlin || packed sell", "packed sell alone", "marlin + add"):
                 us = self.time_kind("overlap", kind, m, run(kind, xs, ys, zs), res.get("marlin"))
@@ -845,11 +851,10 @@ class Bench:
 
         sums: dict = {}
         for m in self.args.overlap_ms:
-            if self.left() < 15:
-                self.add(section="unroll", m=m, note="skipped: time budget")
+            if not self.fits("unroll", m, 15):
                 continue
             xs = self.xs(m)
-            ys = {nm: torch.zeros(m, n, dtype=torch.bfloat16, device=self.dev) for nm, (n, _) in self.shapes.items()}
+            ys = self.zeros(m)
             marlins = [(lay[nm], xs[nm], n) for lay in self.layers for nm, (n, _) in self.shapes.items()]
             base = self.time_kind("unroll", "marlin", m, lambda: [marlin_out(e, x, n) for e, x, n in marlins])
             for label, tiles in variants.items():
@@ -912,8 +917,7 @@ class Bench:
         tile_cfgs += [("sell", b, t) for b, t in ((1, 16), (2, 16), (4, 16), (2, 128), (4, 128), (8, 128))]
 
         for m in self.args.onecopy_ms:
-            if self.left() < 20:
-                self.add(section="onecopy", m=m, note="skipped: time budget")
+            if not self.fits("onecopy", m, 20):
                 continue
             xs = self.xs(m)
             kinds: list = [("marlin", None), ("marlin+sell", None)] if m <= 256 else []
@@ -1005,8 +1009,7 @@ class Bench:
         gemv_cfgs = GEMV_VARIANTS
         best: dict = {}
         for m in self.args.paths_ms:
-            if self.left() < 20:
-                self.add(section="paths", m=m, note="skipped: time budget")
+            if not self.fits("paths", m, 20):
                 continue
             xs = self.xs(m)
             cands = []
