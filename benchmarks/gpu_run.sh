@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_run.sh tests [pytest args]         # GPU kernel tests (pytest -m gpu), ~2-4 min
 #   bash benchmarks/gpu_run.sh kernels [kernel_bench args] # one-layer micro-benchmark -> $OUT/kernel_bench.json
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
-#   bash benchmarks/gpu_run.sh owed                        # the GPU work session 12 left (see the stage), then
-#                                                          # BUDGET_S=560 ... throughput awq,sw-w4-g128,...
+#   bash benchmarks/gpu_run.sh owed                        # the GPU work sessions 12-13 left (see the stage),
+#                                                          # then BUDGET_S=560 ... throughput smoothquant,...
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
@@ -168,16 +168,16 @@ case "$STAGE" in
     echo "[$(ts)] kernel_bench rc=$?"
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true ;;
   owed)
-    # what session 12 left for the next lease, one call after the three stash calls (~5 min): the g128 checkpoints
-    # (with / without hold-out) and AWQ built in the background; meanwhile the GPU tests of the SELL correction's
-    # unrolled default at 16 tokens per program (session 12 ran the unrolled form at 64); then (build done: quiet
-    # GPU) the W8A8 micro-benchmark that locates the gap to SmoothQuant (zero-point epilogue alone, split + it with
-    # 1 / 4 outlier channels). Next call: `BUDGET_S=560 bash benchmarks/gpu_run.sh throughput
-    # awq,sw-w4-g128,sw-w4-g128-holdout` (the hold-out's cost with the unrolled default, AWQ in the same lease)
+    # session 13's first lease, one call after the three stash calls (~5 min): the SmoothQuant and W8A8 checkpoints
+    # built in the background; meanwhile the GPU tests of the SELL correction's unrolled default at 16 tokens per
+    # program (session 12 ran it at 64) and of the W8A8 kernels (vLLM's quant on layers without outlier channels
+    # included); then (build done: quiet GPU) the W8A8 micro-benchmark that locates the gap to SmoothQuant
+    # (zero-point epilogue alone, split + it with 1 / 4 outlier channels, our split without outliers). Next call:
+    # `BUDGET_S=560 bash benchmarks/gpu_run.sh throughput smoothquant,sw-w8a8,sw-w8a8-vq`
     setup
-    bash "$0" build-bg awq,sw-w4-g128,sw-w4-g128-holdout
-    timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -m gpu -k "cuda_sparse" \
-      --junitxml="$OUT/gpu_tests_owed.xml" 2>&1 | tail -4
+    bash "$0" build-bg smoothquant,sw-w8a8
+    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_kernels.py -m gpu \
+      -k "cuda_sparse or w8a8" --junitxml="$OUT/gpu_tests_owed.xml" 2>&1 | tail -4
     for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     tail -3 "$STASH_DIR/build.log"
     KB_TIMEOUT=200 bash "$0" kernels --sections w8 --ms 1,8,64 2>&1 | grep -E "section=w8|rc=" || true

@@ -580,6 +580,8 @@ def section_w8(B: Bench):
                             xq, xsc, _ = ops.scaled_int8_quant(x)
                         elif mode == "split S=1":
                             xq, xsc, xo = K.int8_quant_outlier_split(x, prep1["idx"], True, prep1["mask"])
+                        elif mode == "split S=0":  # a layer without outlier channels (o_proj, most down_proj)
+                            xq, xsc, xo = K.int8_quant_outlier_split(x, None, True)
                         else:
                             xq, xsc, xo = K.int8_quant_outlier_split(x, prep["idx"], True, prep["mask"])
                         y = ops.cutlass_scaled_mm(
@@ -599,6 +601,8 @@ def section_w8(B: Bench):
         # where session 12's 1-8% gap to SmoothQuant sits: the zero-point epilogue alone, and our split + it with one
         # outlier channel (no side product) or four (three as a side product); one channel + side product beside
         modes += ("smoothquant+azp_gemm", "split_azp S=1", "split_azp S=4", "split S=1")
+        # a layer without outlier channels: our split vs vLLM's scaled_int8_quant (= smoothquant), session 13
+        modes += ("split S=0",)
         for mode in modes:
             try:
                 us = time_graph(run(mode), iters=B.args.iters) / nl

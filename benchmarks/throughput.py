@@ -168,6 +168,8 @@ METHODS["sw-w4-g128-gemv"] = dict(
 # it; the default since session 12) named explicitly, and without it (every outlier channel a side product)
 METHODS["sw-w8a8-azp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "1"})
 METHODS["sw-w8a8-noazp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "0"})
+# layers without outlier channels on vLLM's scaled_int8_quant (SmoothQuant's kernels) instead of our split
+METHODS["sw-w8a8-vq"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_VLLM_QUANT": "1"})
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
     "lean": [
@@ -191,7 +193,7 @@ GROUPS = {
     # 256 tokens now) against the two-copy pair, AWQ beside
     "gemv": ["awq", "sw-w4-g128", "sw-w4-g128-mdeq1", "sw-w4-g128-holdout", "sw-w4-g128-holdout-gemv"],
     # W8A8 against SmoothQuant, with the zero-point epilogue (default) and without
-    "w8a8": ["smoothquant", "sw-w8a8", "sw-w8a8-noazp"],
+    "w8a8": ["smoothquant", "sw-w8a8", "sw-w8a8-vq"],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)

@@ -40,6 +40,11 @@ Only what users need is a knob:
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
                                     a side product); ``0``: every outlier channel as a side product. H200, 7B
                                     shape, same lease: +0.8-2.4% at every batch over ``0`` (session 12).
+``SUPERWEIGHT_W8A8_VLLM_QUANT``     ``1``: CUDA W8A8 layers with per-token activations and no outlier channel (in a
+                                    typical checkpoint most of them: ``o_proj``, ``down_proj`` after the
+                                    super-weight layer) quantize their activations with vLLM's own
+                                    ``scaled_int8_quant``, i.e. run exactly SmoothQuant's kernels; ``0``
+                                    (default): our Triton split kernel (one read of x) for them too.
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -62,6 +67,7 @@ DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 
 ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
+W8A8_VLLM_QUANT = "SUPERWEIGHT_W8A8_VLLM_QUANT"
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 _TILE_KEYS = {
     "bmd": "bm_direct",
@@ -86,6 +92,11 @@ def disable_correction() -> bool:
 def w8a8_azp() -> bool:
     """On by default (H200, session 12: +0.8-2.4% over the plain split at every batch, same lease); ``0`` off."""
     return _flag(W8A8_AZP, default="1")
+
+
+def w8a8_vllm_quant() -> bool:
+    """Off by default until measured against the Triton split on the GPU (``kernel_bench --sections w8``)."""
+    return _flag(W8A8_VLLM_QUANT)
 
 
 def w4_kernel() -> str:
@@ -133,6 +144,7 @@ def graph_knobs() -> dict[str, str]:
         MARLIN_MAX_M: str(marlin_max_m()),
         DEQUANT_MIN_M: str(dequant_min_m()),
         W8A8_AZP: "1" if w8a8_azp() else "0",
+        W8A8_VLLM_QUANT: "1" if w8a8_vllm_quant() else "0",
         "VLLM_DISABLED_KERNELS": ",".join(sorted(disabled_kernels())),
     }
 

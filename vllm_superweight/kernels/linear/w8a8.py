@@ -7,6 +7,8 @@
   outlier channel rides CUTLASS's per-token zero-point epilogue (``cutlass_scaled_mm_azp``): the split also
   writes it as an int32 on the token's step (``azp``), the epilogue subtracts ``azp[m] * W_int8[n, c0]`` from
   the int32 accumulator, so one channel needs no side product (``kernels.sparse_layout.int8_split_azp_torch``).
+  With ``SUPERWEIGHT_W8A8_VLLM_QUANT=1`` a per-token layer without outlier channels uses vLLM's
+  ``scaled_int8_quant`` instead of the split: SmoothQuant's two kernels exactly.
 * ``VllmInt8Kernel`` (per token): vLLM's own int8 kernel for this platform (oneDNN on x86 CPUs), which quantizes
   the activations itself: it is handed x with the outlier channels zeroed. Used only if its ops exist.
 * ``TorchInt8Kernel``: every platform and dtype: our split + ``torch._int_mm`` (CPU) or an exact-enough float
@@ -114,11 +116,21 @@ class CutlassSplitInt8Kernel(_Int8Base):
             and config.partition_shape[0] <= AZP_K_MAX
             and not missing_ops("cutlass_scaled_mm_azp")
         )
+        self.vllm_quant = envs.w8a8_vllm_quant() and self.per_token and not missing_ops("dynamic_scaled_int8_quant")
+
+    def _split(self, layer: torch.nn.Module, x: torch.Tensor):
+        if self.vllm_quant and not self.n_outliers:
+            from vllm import _custom_ops as ops
+
+            xq, xs, _ = ops.scaled_int8_quant(x)
+            return xq, xs, None
+        return super()._split(layer, x)
 
     def describe(self) -> str:
+        quant = "triton split, vLLM scaled_int8_quant without outliers" if self.vllm_quant else "triton split"
         if self.azp:
-            return "CutlassSplitInt8Kernel(triton split + cutlass_scaled_mm_azp: first outlier channel in the epilogue)"
-        return "CutlassSplitInt8Kernel(triton split + cutlass_scaled_mm)"
+            return f"CutlassSplitInt8Kernel({quant} + cutlass_scaled_mm_azp: first outlier channel in the epilogue)"
+        return f"CutlassSplitInt8Kernel({quant} + cutlass_scaled_mm)"
 
     def set_outliers(self, layer: torch.nn.Module, idx: torch.Tensor) -> None:
         super().set_outliers(layer, idx)
