@@ -168,19 +168,20 @@ case "$STAGE" in
     echo "[$(ts)] kernel_bench rc=$?"
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true ;;
   owed)
-    # session 13's first lease, one call after the three stash calls (~5 min): the SmoothQuant and W8A8 checkpoints
-    # built in the background; meanwhile the GPU tests of the SELL correction's unrolled default at 16 tokens per
-    # program (session 12 ran it at 64) and of the W8A8 kernels (vLLM's quant on layers without outlier channels
-    # included); then (build done: quiet GPU) the W8A8 micro-benchmark that locates the gap to SmoothQuant
-    # (zero-point epilogue alone, split + it with 1 / 4 outlier channels, our split without outliers). Next call:
-    # `BUDGET_S=560 bash benchmarks/gpu_run.sh throughput smoothquant,sw-w8a8,sw-w8a8-vq`
+    # session 13's second lease, one call after the three stash calls (~5 min): the SmoothQuant and W8A8 checkpoints
+    # built in the background; meanwhile the GPU tests of the Triton small-batch W8A8 GEMM (outlier channels in
+    # its epilogue) and the W8A8 kernel classes; then (build done: quiet GPU) the W8A8 micro-benchmark with the
+    # Triton configuration sweep, whose pick (recommend.env: SUPERWEIGHT_W8A8_TRITON) the next call serves:
+    # `BUDGET_S=560 bash benchmarks/gpu_run.sh throughput smoothquant,sw-w8a8,sw-w8a8-cutlass`
+    # (session 13's first lease ran this stage's previous form: SELL unrolled GPU tests, W8A8 gap micro-benchmark)
     setup
     bash "$0" build-bg smoothquant,sw-w8a8
-    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_kernels.py -m gpu \
-      -k "cuda_sparse or w8a8" --junitxml="$OUT/gpu_tests_owed.xml" 2>&1 | tail -4
+    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_triton_int8_mm.py tests/test_gpu_kernels.py -m gpu \
+      -k "int8 or w8a8" --junitxml="$OUT/gpu_tests_owed.xml" 2>&1 | tail -6
     for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     tail -3 "$STASH_DIR/build.log"
-    KB_TIMEOUT=200 bash "$0" kernels --sections w8 --ms 1,8,64 2>&1 | grep -E "section=w8|rc=" || true
+    KB_TIMEOUT=240 bash "$0" kernels --sections w8 --ms 1,2,4,8,16,32,64 2>&1 | grep -E "layer|rc=|recommend" || true
+    cat "$SW_BENCH_DIR/recommend.env" 2>/dev/null
     echo "[$(ts)] owed done" ;;
   unroll)
     # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and

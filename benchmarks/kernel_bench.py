@@ -524,6 +524,66 @@ def section_quant(B: Bench):
     B.save()
 
 
+def _w8_triton(B: Bench, layers, xs, m: int, nl: int, nbytes: int, base: float | None) -> dict | None:
+    """Sweep ``triton_int8_mm.SWEEP`` over one layer (split + GEMM, one outlier channel per matrix); record each,
+    then the best configuration without outlier channels. Returns {"config", "us", "us_s0"} of the best."""
+    import vllm_superweight.kernels as K
+    from vllm_superweight.kernels import triton_int8_mm as TI
+
+    def run(cfg, with_outlier: bool):
+        def f():
+            for lay in layers:
+                for name in SHAPES:
+                    w, _, w_out_t, _, _, prep1 = lay[name]
+                    if with_outlier:
+                        xq, xsc, xo = K.int8_quant_outlier_split(xs[name], prep1["idx"], True, prep1["mask"])
+                        TI.int8_mm_outliers(xq, w["w"], xsc, w["scale"], xo, w_out_t[:1], None, torch.bfloat16, cfg)
+                    else:
+                        xq, xsc, _ = K.int8_quant_outlier_split(xs[name], None, True)
+                        TI.int8_mm_outliers(xq, w["w"], xsc, w["scale"], None, None, None, torch.bfloat16, cfg)
+
+        return f
+
+    best = None
+    for cfg in TI.SWEEP:
+        try:
+            us = time_graph(run(cfg, True), iters=B.args.iters) / nl
+        except Exception as e:  # noqa: BLE001
+            B.add(section="w8", config="triton sweep", variant=cfg.key(), m=m, note=f"failed: {type(e).__name__}: {e}")
+            continue
+        rec = dict(section="w8", config="triton sweep", variant=cfg.key(), m=m, us=us, bytes=nbytes)
+        if base:
+            rec["ratio_vs_smoothquant"] = base / us
+        B.add(**rec)
+        if best is None or us < best["us"]:
+            best = {"config": cfg.key(), "us": us, "cfg": cfg}
+    if best is None:
+        return None
+    for variant, with_outlier in (("triton S=1", True), ("triton S=0", False)):
+        us = time_graph(run(best["cfg"], with_outlier), iters=B.args.iters) / nl
+        rec = dict(section="w8", config="layer", variant=variant, m=m, us=us, bytes=nbytes, tiles=best["config"])
+        if base:
+            rec["ratio_vs_smoothquant"] = base / us
+        B.add(**rec)
+        best["us_s0" if not with_outlier else "us_s1"] = us
+    best.pop("cfg")
+    return best
+
+
+def w8_triton_recommend(B: Bench) -> None:
+    """``SUPERWEIGHT_W8A8_TRITON``: the largest measured M up to which (from M = 1 on) our Triton layer with one
+    outlier channel beats the CUTLASS zero-point path, with the best configuration per measured M."""
+    tri = B.meta.get("w8_triton_best") or {}
+    azp = {r["m"]: r["us"] for r in B.rows if r.get("variant") == "split_azp S=1" and r.get("us")}
+    max_m, parts = 0, []
+    for m in sorted(int(k) for k in tri):
+        if m not in azp or tri[str(m)]["us_s1"] >= azp[m]:
+            break
+        max_m = m
+        parts.append(f"{m}:{tri[str(m)]['config']}")
+    B.meta.setdefault("recommend", {})["SUPERWEIGHT_W8A8_TRITON"] = f"{max_m}@{';'.join(parts)}" if max_m else "0"
+
+
 def section_w8(B: Bench):
     import torch.nn.functional as F
     import vllm_linear as VL  # tests/vllm_linear.py
@@ -616,6 +676,12 @@ def section_w8(B: Bench):
                 rec["ratio_vs_smoothquant"] = base / us
             B.add(**rec)
 
+        # our Triton int8 GEMM with every outlier channel in its epilogue (session 13): the configuration sweep over
+        # the whole layer (split + GEMM, one outlier channel per matrix), then the best one without outliers
+        tri = _w8_triton(B, layers, xs, m, nl, wbytes + iobytes, base)
+        if tri:
+            B.meta.setdefault("w8_triton_best", {})[str(m)] = tri
+
         # gate_up + SiLU*up consumer, compiled: the side product rides in the consumer's fused kernel
         if m not in COMPILED_MS:
             xs = {}  # frees the device memory of this size (closures above are done with it)
@@ -661,6 +727,7 @@ def section_w8(B: Bench):
                 rec["ratio_vs_smoothquant"] = base / us
             B.add(**rec)
         xs = {}  # frees the device memory of this size (closures above are done with it)
+    w8_triton_recommend(B)
     B.save()
 
 

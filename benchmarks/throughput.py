@@ -170,6 +170,8 @@ METHODS["sw-w8a8-azp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEI
 METHODS["sw-w8a8-noazp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "0"})
 # layers without outlier channels on vLLM's scaled_int8_quant (SmoothQuant's kernels) instead of our split
 METHODS["sw-w8a8-vq"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_VLLM_QUANT": "1"})
+# CUTLASS at every batch (no Triton small-batch GEMM, whatever the kernel benchmark recommended)
+METHODS["sw-w8a8-cutlass"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_TRITON": "0"})
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
     "lean": [
@@ -193,7 +195,7 @@ GROUPS = {
     # 256 tokens now) against the two-copy pair, AWQ beside
     "gemv": ["awq", "sw-w4-g128", "sw-w4-g128-mdeq1", "sw-w4-g128-holdout", "sw-w4-g128-holdout-gemv"],
     # W8A8 against SmoothQuant, with the zero-point epilogue (default) and without
-    "w8a8": ["smoothquant", "sw-w8a8", "sw-w8a8-vq"],
+    "w8a8": ["smoothquant", "sw-w8a8", "sw-w8a8-cutlass"],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)

@@ -45,6 +45,11 @@ Only what users need is a knob:
                                     super-weight layer) quantize their activations with vLLM's own
                                     ``scaled_int8_quant``, i.e. run exactly SmoothQuant's kernels; ``0``
                                     (default): our Triton split kernel (one read of x) for them too.
+``SUPERWEIGHT_W8A8_TRITON``         ``MAX_M[@M1:bn=..,bk=..,warps=..,stages=..;M2:...]``: CUDA W8A8 batches of up to
+                                    MAX_M tokens run our Triton int8 GEMM with every outlier channel in its
+                                    epilogue (``kernels.triton_int8_mm``), larger ones CUTLASS; after ``@``,
+                                    launch configurations per M bucket (bucket = the smallest listed M >= the
+                                    batch; from ``kernel_bench.py --sections w8``). ``0`` (default): CUTLASS only.
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -68,6 +73,8 @@ DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
 W8A8_VLLM_QUANT = "SUPERWEIGHT_W8A8_VLLM_QUANT"
+W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
+_INT8_MM_KEYS = ("bn", "bk", "warps", "stages")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 _TILE_KEYS = {
     "bmd": "bm_direct",
@@ -97,6 +104,37 @@ def w8a8_azp() -> bool:
 def w8a8_vllm_quant() -> bool:
     """Off by default until measured against the Triton split on the GPU (``kernel_bench --sections w8``)."""
     return _flag(W8A8_VLLM_QUANT)
+
+
+def w8a8_triton() -> tuple[int, dict[int, dict[str, int]]]:
+    """``SUPERWEIGHT_W8A8_TRITON`` parsed: (MAX_M, {bucket M: {bn, bk, warps, stages} given}); (0, {}) = off."""
+    return _parse_w8a8_triton(os.environ.get(W8A8_TRITON, "").strip())
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_w8a8_triton(raw: str) -> tuple[int, dict[int, dict[str, int]]]:
+    if not raw:
+        return 0, {}
+    head, _, rest = raw.partition("@")
+    table: dict[int, dict[str, int]] = {}
+    try:
+        max_m = int(head)
+        for entry in filter(None, (e.strip() for e in rest.split(";"))):
+            bucket, _, fields = entry.partition(":")
+            cfg = {}
+            for part in filter(None, (p.strip() for p in fields.split(","))):
+                key, _, val = part.partition("=")
+                if key not in _INT8_MM_KEYS or int(val) < 1:
+                    raise ValueError(part)
+                cfg[key] = int(val)
+            table[int(bucket)] = cfg
+    except ValueError:
+        raise ValueError(
+            f"{W8A8_TRITON}={raw!r}: expected MAX_M[@M:bn=..,bk=..,warps=..,stages=..;M:...] (integers >= 1)"
+        ) from None
+    if max_m < 0 or any(b < 1 for b in table) or any(c.get("bk", 32) % 32 for c in table.values()):
+        raise ValueError(f"{W8A8_TRITON}={raw!r}: MAX_M >= 0, buckets >= 1, bk a multiple of 32")
+    return max_m, table
 
 
 def w4_kernel() -> str:
@@ -145,6 +183,7 @@ def graph_knobs() -> dict[str, str]:
         DEQUANT_MIN_M: str(dequant_min_m()),
         W8A8_AZP: "1" if w8a8_azp() else "0",
         W8A8_VLLM_QUANT: "1" if w8a8_vllm_quant() else "0",
+        W8A8_TRITON: os.environ.get(W8A8_TRITON, "").strip() or "0",
         "VLLM_DISABLED_KERNELS": ",".join(sorted(disabled_kernels())),
     }
 

@@ -4,6 +4,8 @@
 * ``torch.ops.superweight.sparse_correction_(y, x, <8 layout tensors>, nnz) -> ()``  mutates ``y``;
 * ``torch.ops.superweight.int8_quant_outlier_split(x, idx?, mask?, per_token) -> (xq, scales, x_out)``;
 * ``torch.ops.superweight.int8_quant_outlier_split_azp(x, idx, mask?) -> (xq, scales, x_out, azp)`` (per token);
+* ``torch.ops.superweight.w8a8_mm(x, bias?, n, key) -> y``: the W8A8 layer registered under ``key``
+  (``kernels.linear.w8a8.CutlassSplitInt8Kernel``), our Triton GEMM or CUTLASS chosen from x's token count;
 * ``torch.ops.superweight.w4_dual_mm(x, bias?, n, key) -> y``: the W4A16 GEMM of the layer registered under
   ``key`` (``kernels.linear.weight_only.DualMarlinMacheteKernel``), Marlin or Machete chosen from x's token count
   at run time.
@@ -22,7 +24,7 @@ NAMESPACE = "superweight"
 _LIB: torch.library.Library | None = None
 TRITON_OK = True
 try:
-    from . import triton_act_quant, triton_sparse
+    from . import triton_act_quant, triton_int8_mm, triton_sparse  # noqa: F401
 except Exception:  # pragma: no cover - no triton in this environment
     TRITON_OK = False
 
@@ -103,6 +105,12 @@ def _dual_fake(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> 
     return x.new_empty((x.shape[0], n))
 
 
+def _w8a8_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
+    from .linear import w8a8
+
+    return w8a8.w8a8_mm_impl(x, bias, n, key)
+
+
 def _register_one(lib, name, fn, mutates, fake) -> None:
     if "vllm" in sys.modules:
         try:
@@ -138,6 +146,7 @@ def register() -> bool:
     _register_one(lib, "int8_quant_outlier_split", _split_impl, [], _split_fake)
     _register_one(lib, "int8_quant_outlier_split_azp", _split_azp_impl, [], _split_azp_fake)
     _register_one(lib, "w4_dual_mm", _dual_impl, [], _dual_fake)
+    _register_one(lib, "w8a8_mm", _w8a8_impl, [], _dual_fake)
     _LIB = lib
     return True
 

@@ -9,6 +9,9 @@
   the int32 accumulator, so one channel needs no side product (``kernels.sparse_layout.int8_split_azp_torch``).
   With ``SUPERWEIGHT_W8A8_VLLM_QUANT=1`` a per-token layer without outlier channels uses vLLM's
   ``scaled_int8_quant`` instead of the split: SmoothQuant's two kernels exactly.
+  With ``SUPERWEIGHT_W8A8_TRITON=MAX_M`` batches of up to MAX_M tokens run our Triton int8 GEMM instead
+  (``kernels.triton_int8_mm``: every outlier channel in its epilogue, no zero point, no side product) behind one
+  opaque op (``torch.ops.superweight.w8a8_mm``) that picks the kernel from the token count at run time.
 * ``VllmInt8Kernel`` (per token): vLLM's own int8 kernel for this platform (oneDNN on x86 CPUs), which quantizes
   the activations itself: it is handed x with the outlier channels zeroed. Used only if its ops exist.
 * ``TorchInt8Kernel``: every platform and dtype: our split + ``torch._int_mm`` (CPU) or an exact-enough float
@@ -19,6 +22,8 @@ The scheme registers ``weight_packed`` as int8 ``[N, K]`` (unpacked at load) and
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -117,6 +122,10 @@ class CutlassSplitInt8Kernel(_Int8Base):
             and not missing_ops("cutlass_scaled_mm_azp")
         )
         self.vllm_quant = envs.w8a8_vllm_quant() and self.per_token and not missing_ops("dynamic_scaled_int8_quant")
+        self.tri_max_m, self.tri_table = envs.w8a8_triton()
+        self.key = config.prefix  # stable across runs: it is baked into compiled graphs (see weight_only)
+        self.n = config.partition_shape[1]
+        self._layer: weakref.ref | None = None
 
     def _split(self, layer: torch.nn.Module, x: torch.Tensor):
         if self.vllm_quant and not self.n_outliers:
@@ -128,9 +137,11 @@ class CutlassSplitInt8Kernel(_Int8Base):
 
     def describe(self) -> str:
         quant = "triton split, vLLM scaled_int8_quant without outliers" if self.vllm_quant else "triton split"
+        tri = f"; M<={self.tri_max_m}: triton int8 GEMM, outliers in its epilogue" if self.tri_max_m else ""
         if self.azp:
-            return f"CutlassSplitInt8Kernel({quant} + cutlass_scaled_mm_azp: first outlier channel in the epilogue)"
-        return f"CutlassSplitInt8Kernel({quant} + cutlass_scaled_mm)"
+            gemm = "cutlass_scaled_mm_azp: first outlier channel in the epilogue"
+            return f"CutlassSplitInt8Kernel({quant} + {gemm}{tri})"
+        return f"CutlassSplitInt8Kernel({quant} + cutlass_scaled_mm{tri})"
 
     def set_outliers(self, layer: torch.nn.Module, idx: torch.Tensor) -> None:
         super().set_outliers(layer, idx)
@@ -141,14 +152,48 @@ class CutlassSplitInt8Kernel(_Int8Base):
         c0 = tensor(layer, "sw_outlier_idx")[:1].long()
         w8 = getattr(layer, W_PACKED).data
         layer.register_buffer("sw_outlier_azp_adj", w8.index_select(1, c0).t().to(torch.int32).contiguous(), False)
-        layer.register_buffer("sw_outlier_w", tensor(layer, "sw_outlier_w")[1:].contiguous(), persistent=False)
+        # sw_outlier_w keeps every channel ([S, N]): the zero-point path reads rows 1.. (a contiguous view), the
+        # Triton GEMM all of them
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         w8 = getattr(layer, W_PACKED).data
         replace_parameter(layer, W_PACKED, None)
         replace_parameter(layer, "weight", w8.t())  # [K, N] column-major view: what CUTLASS takes
+        if self.tri_max_m:
+            self._layer = weakref.ref(layer)
+            _REGISTRY[self.key] = self
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.tri_max_m and x.is_cuda:
+            return torch.ops.superweight.w8a8_mm(x, bias, self.n, self.key)
+        return self._cutlass(layer, x, bias)
+
+    def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Eager dispatch on the token count (the body of ``torch.ops.superweight.w8a8_mm``)."""
+        layer = self._layer() if self._layer is not None else None
+        if layer is None:
+            raise RuntimeError(f"{self.key}: the layer was freed")
+        if x.shape[0] > self.tri_max_m:
+            return self._cutlass(layer, x, bias)
+        from .. import ops as _ops
+
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        if self.n_outliers:
+            xq, xs, xo = _ops.triton_act_quant.int8_quant_outlier_split(
+                x, tensor(layer, "sw_outlier_idx"), self.per_token, tensor(layer, "sw_outlier_mask")
+            )
+            w_out = tensor(layer, "sw_outlier_w")
+        else:
+            xq, xs, xo = _ops.triton_act_quant.int8_quant_outlier_split(x, None, self.per_token)
+            xo = w_out = None
+        w_nk = tensor(layer, "weight").t()  # the checkpoint's [N, K] row-major int8
+        cfg = _ops.triton_int8_mm.config_for(x.shape[0], self.n, w_nk.shape[1], self.tri_table)
+        return _ops.triton_int8_mm.int8_mm_outliers(
+            xq, w_nk, xs, tensor(layer, "weight_scale"), xo, w_out, bias, x.dtype, cfg
+        )
+
+    def _cutlass(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from vllm import _custom_ops as ops
 
         if self.azp and self.n_outliers:
@@ -167,12 +212,23 @@ class CutlassSplitInt8Kernel(_Int8Base):
                 azp=azp,
                 bias=bias,
             )
-            return add_outlier_side_product(y, xo[:, 1:], tensor(layer, "sw_outlier_w"))
+            return add_outlier_side_product(y, xo[:, 1:], tensor(layer, "sw_outlier_w")[1:])
         xq, xs, xo = self._split(layer, x)
         y = ops.cutlass_scaled_mm(
             xq, tensor(layer, "weight"), scale_a=xs, scale_b=tensor(layer, "weight_scale"), out_dtype=x.dtype, bias=bias
         )
         return self._add_outliers(layer, y, xo)
+
+
+_REGISTRY: weakref.WeakValueDictionary[str, CutlassSplitInt8Kernel] = weakref.WeakValueDictionary()
+
+
+def w8a8_mm_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
+    """Body of ``torch.ops.superweight.w8a8_mm`` (registered with its fake by ``kernels.ops``)."""
+    kern = _REGISTRY.get(key)
+    if kern is None:
+        raise RuntimeError(f"superweight.w8a8_mm: no layer registered under {key!r}")
+    return kern.run(x, bias)
 
 
 class VllmInt8Kernel(_Int8Base):

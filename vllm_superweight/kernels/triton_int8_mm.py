@@ -1,0 +1,198 @@
+"""W8A8 GEMM for small batches with the 16-bit outlier channels in its epilogue (Triton, CUDA).
+
+    y[m, n] = sa[m] * sb[n] * sum_k xq[m, k] * w[n, k]  +  sum_s x_out[m, s] * w_out[s, n]  (+ bias[n])
+
+``xq`` int8 [M, K] (the activation split: outlier channels 0), ``w`` int8 [N, K] row-major (the checkpoint's
+layout; read once per M tile), ``sa`` float32 per token [M] (or one per-tensor scale), ``sb`` float32 [N],
+``x_out`` [M, S] the outlier channels in 16 bit, ``w_out`` [S, N] their 16-bit weight columns. The int8 products
+accumulate exactly in int32 (tensor cores, ``tl.dot``); the epilogue works in float32 and rounds once into y's
+dtype. So every outlier channel rides the GEMM itself: no zero-point epilogue (vLLM's ``cutlass_scaled_mm_azp``
+costs ~9 % over the plain ``cutlass_scaled_mm`` on an H200, session 13) and no side product.
+
+Why a kernel of our own for small M: decode batches read the whole weight for a handful of tokens, so the GEMM is
+a weight stream. One program owns ``BN`` output rows (``BN * K`` weight bytes, contiguous rows) and all of an M
+tile; ``num_stages`` keeps several ``[BN, BK]`` tiles in flight per program. M is padded to the tensor-core tile
+(16) inside the kernel (masked loads), which costs compute, not bandwidth.
+
+Launch configurations (``Int8MMConfig``) are per M bucket; ``SUPERWEIGHT_W8A8_TRITON`` (``envs``) sets the
+largest M routed here and may override the configuration (``kernel_bench.py --sections w8`` sweeps them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class Int8MMConfig:
+    bn: int = 32  # output rows per program
+    bk: int = 256  # K elements per step (multiple of 32)
+    warps: int = 4
+    stages: int = 4
+
+    def key(self) -> str:
+        return f"bn={self.bn},bk={self.bk},warps={self.warps},stages={self.stages}"
+
+
+# what ``kernel_bench.py --sections w8`` sweeps (each fits sm_90's shared memory at the largest M tile, 64)
+SWEEP = (
+    Int8MMConfig(16, 256, 4, 4),
+    Int8MMConfig(16, 512, 4, 4),
+    Int8MMConfig(16, 1024, 4, 2),
+    Int8MMConfig(16, 256, 2, 6),
+    Int8MMConfig(32, 256, 4, 4),
+    Int8MMConfig(32, 512, 4, 3),
+    Int8MMConfig(32, 128, 4, 6),
+    Int8MMConfig(64, 256, 4, 3),
+    Int8MMConfig(64, 128, 8, 4),
+)
+
+
+def default_config(m: int, n: int, k: int) -> Int8MMConfig:
+    """A starting point per M bucket; the micro-benchmark's sweep replaces it where it measures better."""
+    bn = 16 if n <= 8192 else 32
+    return Int8MMConfig(bn=bn, bk=256 if k % 256 == 0 else 128, warps=4, stages=4)
+
+
+def config_for(m: int, n: int, k: int, table: dict[int, dict[str, int]] | None = None) -> Int8MMConfig:
+    """The configuration of a batch of ``m`` tokens: the smallest bucket of ``table`` (``envs.w8a8_triton``) at
+    or above ``m`` over ``default_config``'s fields; ``default_config`` where no bucket covers ``m``."""
+    base = default_config(m, n, k)
+    for bucket in sorted(table or {}):
+        if m <= bucket:
+            return Int8MMConfig(**{**base.__dict__, **(table or {})[bucket]})
+    return base
+
+
+@triton.jit
+def _int8_mm_kernel(
+    xq_ptr,
+    w_ptr,
+    sa_ptr,
+    sb_ptr,
+    xo_ptr,
+    wo_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    stride_won,
+    stride_ym,
+    stride_sa,
+    S: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok = rm < M
+    n_ok = rn < N
+    xp = xq_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
+    wp = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(xp, mask=m_ok[:, None], other=0)
+            b = tl.load(wp, mask=n_ok[:, None], other=0)
+        else:
+            k_ok = (k0 + rk) < K
+            a = tl.load(xp, mask=m_ok[:, None] & k_ok[None, :], other=0)
+            b = tl.load(wp, mask=n_ok[:, None] & k_ok[None, :], other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        xp += BK
+        wp += BK
+    sa = tl.load(sa_ptr + rm * stride_sa, mask=m_ok, other=0.0)
+    sb = tl.load(sb_ptr + rn, mask=n_ok, other=0.0)
+    out = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    for s in tl.static_range(S):
+        xo = tl.load(xo_ptr + rm * stride_om + s, mask=m_ok, other=0.0).to(tl.float32)
+        wo = tl.load(wo_ptr + s * stride_won + rn, mask=n_ok, other=0.0).to(tl.float32)
+        out += xo[:, None] * wo[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    yp = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _bm(m: int) -> int:
+    return 16 if m <= 16 else (32 if m <= 32 else 64)
+
+
+def int8_mm_outliers(
+    xq: torch.Tensor,
+    w: torch.Tensor,
+    sa: torch.Tensor,
+    sb: torch.Tensor,
+    x_out: torch.Tensor | None,
+    w_out: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: Int8MMConfig | None = None,
+) -> torch.Tensor:
+    """See the module docstring. ``xq`` [M, K] int8 (unit column stride), ``w`` [N, K] int8 (unit column stride),
+    ``sa`` float32 with M or 1 elements, ``sb`` float32 with N elements, ``x_out`` [M, S] / ``w_out`` [S, N] (S may
+    be 0 or both None), ``bias`` [N] or None. Returns y [M, N] in ``out_dtype``."""
+    m, k = xq.shape
+    n, k2 = w.shape
+    if k2 != k or xq.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(f"int8_mm_outliers: xq {tuple(xq.shape)} / w {tuple(w.shape)} need the same K, unit stride")
+    s = 0 if x_out is None else int(x_out.shape[1])
+    if s and (x_out is None or w_out is None or x_out.stride(1) != 1 or w_out.stride(1) != 1):
+        raise ValueError("int8_mm_outliers: x_out [M, S] and w_out [S, N] need unit column stride")
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return y
+    cfg = config or default_config(m, n, k)
+    bm = _bm(m)
+    sa = sa.reshape(-1)
+    sb = sb.reshape(-1)
+    xo = x_out if (s and x_out is not None) else y  # dummy pointers when unused
+    wo = w_out if (s and w_out is not None) else y
+    grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, bm))
+    _int8_mm_kernel[grid](
+        xq, w, sa, sb, xo, wo, bias if bias is not None else y, y,
+        m, n, k,
+        xq.stride(0), w.stride(0), xo.stride(0), wo.stride(0), y.stride(0),
+        1 if sa.numel() > 1 else 0,
+        S=s, HAS_BIAS=bias is not None, EVEN_K=k % cfg.bk == 0, BM=bm, BN=cfg.bn, BK=cfg.bk,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+    return y
+
+
+def compile_sm90(m: int = 1, config: Int8MMConfig | None = None, s: int = 1, bias: bool = False, even_k: bool = True):
+    """Compile ``_int8_mm_kernel`` for sm_90 (no GPU) with a launch's constexprs; ``triton_w4.sm90_report``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton_w4 import sm90_report
+
+    cfg = config or default_config(m, 4096, 4096)
+    sig = {"xq_ptr": "*i8", "w_ptr": "*i8", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "xo_ptr": "*bf16"}
+    sig.update({"wo_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16"})
+    sig.update({k: "i32" for k in ("M", "N", "K", "stride_xm", "stride_wn", "stride_om", "stride_won")})
+    sig.update({k: "i32" for k in ("stride_ym", "stride_sa")})
+    consts = dict(S=s, HAS_BIAS=bias, EVEN_K=even_k, BM=_bm(m), BN=cfg.bn, BK=cfg.bk)
+    sig.update({k: "constexpr" for k in consts})
+    div16 = list(range(8)) + [9, 10, 11, 12, 14]  # pointers; N, K and the weight / x / y strides of a 7B launch
+    attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
+    kern = triton.compile(
+        ASTSource(_int8_mm_kernel, sig, consts, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": cfg.warps, "num_stages": cfg.stages},
+    )
+    return sm90_report(kern, keep_asm=True)
