@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -819,7 +820,7 @@ def main() -> int:
     if args.recommend_env and B.meta.get("recommend"):
         with open(args.recommend_env, "w") as f:
             for k_, v_ in B.meta["recommend"].items():
-                f.write(f"export {k_}={v_}\n")
+                f.write(f"export {k_}={shlex.quote(str(v_))}\n")  # values may hold ';' (W8A8 configs)
         log(f"recommended knobs -> {args.recommend_env}: {B.meta['recommend']}")
     print("\n".join(summary(B)))
     log(f"wrote {args.out}")

@@ -45,7 +45,6 @@ LABEL = {
     "sw-w8a8": "SW-RTN W8A8 + outlier ch.",
     "sw-w8a8-azp": "SW-RTN W8A8 + outlier ch., first in the zero-point epilogue",
     "sw-w8a8-noazp": "SW-RTN W8A8 + outlier ch., all as a side product",
-    "sw-w8a8-vq": "SW-RTN W8A8 + outlier ch., vLLM's quant where none",
     "sw-w8a8-cutlass": "SW-RTN W8A8 + outlier ch., CUTLASS at every batch",
 }
 

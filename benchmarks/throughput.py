@@ -168,8 +168,6 @@ METHODS["sw-w4-g128-gemv"] = dict(
 # it; the default since session 12) named explicitly, and without it (every outlier channel a side product)
 METHODS["sw-w8a8-azp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "1"})
 METHODS["sw-w8a8-noazp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "0"})
-# layers without outlier channels on vLLM's scaled_int8_quant (SmoothQuant's kernels) instead of our split
-METHODS["sw-w8a8-vq"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_VLLM_QUANT": "1"})
 # CUTLASS at every batch (no Triton small-batch GEMM, whatever the kernel benchmark recommended)
 METHODS["sw-w8a8-cutlass"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_TRITON": "0"})
 GROUPS = {

@@ -629,15 +629,6 @@ def test_w8a8_azp_knob(monkeypatch):
     assert envs.w8a8_azp() is True and envs.graph_knobs()[envs.W8A8_AZP] == "1"
 
 
-def test_w8a8_vllm_quant_knob(monkeypatch):
-    from vllm_superweight import envs
-
-    monkeypatch.delenv(envs.W8A8_VLLM_QUANT, raising=False)
-    assert envs.w8a8_vllm_quant() is False and envs.graph_knobs()[envs.W8A8_VLLM_QUANT] == "0"
-    monkeypatch.setenv(envs.W8A8_VLLM_QUANT, "1")
-    assert envs.w8a8_vllm_quant() is True and envs.graph_knobs()[envs.W8A8_VLLM_QUANT] == "1"
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile for sm_90 (no GPU needed): catches what the interpreter does not (typing across
 # branches, layouts) and checks the register budget (no spills) of the variants the launchers pick.

@@ -67,8 +67,11 @@ def assert_close(y, ref, mag, dtype, tag=""):
 # ------------------------------------------------------------------------------------------------------------
 @not_interp
 def test_knob_parsing_and_config_lookup(monkeypatch):
-    monkeypatch.delenv(envs.W8A8_TRITON, raising=False)
-    assert envs.w8a8_triton() == (0, {}) and envs.graph_knobs()[envs.W8A8_TRITON] == "0"
+    monkeypatch.delenv(envs.W8A8_TRITON, raising=False)  # unset: on for Hopper (measured there), off elsewhere
+    assert envs.w8a8_triton(hopper=True) == (envs.DEFAULT_W8A8_TRITON_MAX_M, {}) and envs.DEFAULT_W8A8_TRITON_MAX_M
+    assert envs.w8a8_triton(hopper=False) == (0, {}) and envs.graph_knobs()[envs.W8A8_TRITON] == "default"
+    monkeypatch.setenv(envs.W8A8_TRITON, "0")
+    assert envs.w8a8_triton(hopper=True) == (0, {}) and envs.graph_knobs()[envs.W8A8_TRITON] == "0"
     raw = "32@1:bn=16,bk=512,warps=4,stages=6;16:bn=64"
     monkeypatch.setenv(envs.W8A8_TRITON, raw)
     max_m, table = envs.w8a8_triton()
@@ -78,7 +81,8 @@ def test_knob_parsing_and_config_lookup(monkeypatch):
     base = TI.default_config(8, 4096, 4096)
     assert TI.config_for(8, 4096, 4096, table) == TI.Int8MMConfig(64, base.bk, base.warps, base.stages)
     assert TI.config_for(17, 4096, 4096, table) == TI.default_config(17, 4096, 4096)  # no bucket covers 17
-    assert TI.default_config(1, 4096, 11000).bk == 128  # K not a multiple of 256
+    # the measured defaults grow K per step with M, then narrow it (sweep on an H200)
+    assert [TI.default_config(m, 4096, 4096).bk for m in (1, 16, 32, 64)] == [256, 256, 512, 128]
     for bad in ("x", "16@1:bq=3", "16@1:bk=48", "16@0:bn=16", "-1"):
         monkeypatch.setenv(envs.W8A8_TRITON, bad)
         with pytest.raises(ValueError, match=envs.W8A8_TRITON):

@@ -40,16 +40,13 @@ Only what users need is a knob:
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
                                     a side product); ``0``: every outlier channel as a side product. H200, 7B
                                     shape, same lease: +0.8-2.4% at every batch over ``0`` (session 12).
-``SUPERWEIGHT_W8A8_VLLM_QUANT``     ``1``: CUDA W8A8 layers with per-token activations and no outlier channel (in a
-                                    typical checkpoint most of them: ``o_proj``, ``down_proj`` after the
-                                    super-weight layer) quantize their activations with vLLM's own
-                                    ``scaled_int8_quant``, i.e. run exactly SmoothQuant's kernels; ``0``
-                                    (default): our Triton split kernel (one read of x) for them too.
 ``SUPERWEIGHT_W8A8_TRITON``         ``MAX_M[@M1:bn=..,bk=..,warps=..,stages=..;M2:...]``: CUDA W8A8 batches of up to
                                     MAX_M tokens run our Triton int8 GEMM with every outlier channel in its
                                     epilogue (``kernels.triton_int8_mm``), larger ones CUTLASS; after ``@``,
                                     launch configurations per M bucket (bucket = the smallest listed M >= the
-                                    batch; from ``kernel_bench.py --sections w8``). ``0`` (default): CUTLASS only.
+                                    batch; from ``kernel_bench.py --sections w8``); ``0``: CUTLASS only. Unset:
+                                    32 on Hopper (H200, session 13: 1.05-1.07x SmoothQuant's layer at M <= 16,
+                                    batch-1 latency 1.055x), 0 on other GPUs (not measured there).
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -72,7 +69,6 @@ DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 
 ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
-W8A8_VLLM_QUANT = "SUPERWEIGHT_W8A8_VLLM_QUANT"
 W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
 _INT8_MM_KEYS = ("bn", "bk", "warps", "stages")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
@@ -101,14 +97,16 @@ def w8a8_azp() -> bool:
     return _flag(W8A8_AZP, default="1")
 
 
-def w8a8_vllm_quant() -> bool:
-    """Off by default until measured against the Triton split on the GPU (``kernel_bench --sections w8``)."""
-    return _flag(W8A8_VLLM_QUANT)
+DEFAULT_W8A8_TRITON_MAX_M = 32  # Hopper; the H200 micro-benchmark's crossover to CUTLASS (session 13)
 
 
-def w8a8_triton() -> tuple[int, dict[int, dict[str, int]]]:
-    """``SUPERWEIGHT_W8A8_TRITON`` parsed: (MAX_M, {bucket M: {bn, bk, warps, stages} given}); (0, {}) = off."""
-    return _parse_w8a8_triton(os.environ.get(W8A8_TRITON, "").strip())
+def w8a8_triton(hopper: bool = True) -> tuple[int, dict[int, dict[str, int]]]:
+    """``SUPERWEIGHT_W8A8_TRITON`` parsed: (MAX_M, {bucket M: {bn, bk, warps, stages} given}); (0, {}) = off.
+    Unset: ``DEFAULT_W8A8_TRITON_MAX_M`` where ``hopper`` (the GPU it was measured on), else off."""
+    raw = os.environ.get(W8A8_TRITON, "").strip()
+    if not raw:
+        return (DEFAULT_W8A8_TRITON_MAX_M if hopper else 0), {}
+    return _parse_w8a8_triton(raw)
 
 
 @functools.lru_cache(maxsize=8)
@@ -182,8 +180,7 @@ def graph_knobs() -> dict[str, str]:
         MARLIN_MAX_M: str(marlin_max_m()),
         DEQUANT_MIN_M: str(dequant_min_m()),
         W8A8_AZP: "1" if w8a8_azp() else "0",
-        W8A8_VLLM_QUANT: "1" if w8a8_vllm_quant() else "0",
-        W8A8_TRITON: os.environ.get(W8A8_TRITON, "").strip() or "0",
+        W8A8_TRITON: os.environ.get(W8A8_TRITON, "").strip() or "default",
         "VLLM_DISABLED_KERNELS": ",".join(sorted(disabled_kernels())),
     }
 

@@ -7,9 +7,7 @@
   outlier channel rides CUTLASS's per-token zero-point epilogue (``cutlass_scaled_mm_azp``): the split also
   writes it as an int32 on the token's step (``azp``), the epilogue subtracts ``azp[m] * W_int8[n, c0]`` from
   the int32 accumulator, so one channel needs no side product (``kernels.sparse_layout.int8_split_azp_torch``).
-  With ``SUPERWEIGHT_W8A8_VLLM_QUANT=1`` a per-token layer without outlier channels uses vLLM's
-  ``scaled_int8_quant`` instead of the split: SmoothQuant's two kernels exactly.
-  With ``SUPERWEIGHT_W8A8_TRITON=MAX_M`` batches of up to MAX_M tokens run our Triton int8 GEMM instead
+  Batches of up to ``SUPERWEIGHT_W8A8_TRITON`` tokens (32 on Hopper by default) run our Triton int8 GEMM instead
   (``kernels.triton_int8_mm``: every outlier channel in its epilogue, no zero point, no side product) behind one
   opaque op (``torch.ops.superweight.w8a8_mm``) that picks the kernel from the token count at run time.
 * ``VllmInt8Kernel`` (per token): vLLM's own int8 kernel for this platform (oneDNN on x86 CPUs), which quantizes
@@ -121,22 +119,14 @@ class CutlassSplitInt8Kernel(_Int8Base):
             and config.partition_shape[0] <= AZP_K_MAX
             and not missing_ops("cutlass_scaled_mm_azp")
         )
-        self.vllm_quant = envs.w8a8_vllm_quant() and self.per_token and not missing_ops("dynamic_scaled_int8_quant")
-        self.tri_max_m, self.tri_table = envs.w8a8_triton()
+        hopper = config.device_type == "cuda" and torch.cuda.is_available() and _capability()[0] == 9
+        self.tri_max_m, self.tri_table = envs.w8a8_triton(hopper=hopper)
         self.key = config.prefix  # stable across runs: it is baked into compiled graphs (see weight_only)
         self.n = config.partition_shape[1]
         self._layer: weakref.ref | None = None
 
-    def _split(self, layer: torch.nn.Module, x: torch.Tensor):
-        if self.vllm_quant and not self.n_outliers:
-            from vllm import _custom_ops as ops
-
-            xq, xs, _ = ops.scaled_int8_quant(x)
-            return xq, xs, None
-        return super()._split(layer, x)
-
     def describe(self) -> str:
-        quant = "triton split, vLLM scaled_int8_quant without outliers" if self.vllm_quant else "triton split"
+        quant = "triton split"
         tri = f"; M<={self.tri_max_m}: triton int8 GEMM, outliers in its epilogue" if self.tri_max_m else ""
         if self.azp:
             gemm = "cutlass_scaled_mm_azp: first outlier channel in the epilogue"
@@ -218,6 +208,10 @@ class CutlassSplitInt8Kernel(_Int8Base):
             xq, tensor(layer, "weight"), scale_a=xs, scale_b=tensor(layer, "weight_scale"), out_dtype=x.dtype, bias=bias
         )
         return self._add_outliers(layer, y, xo)
+
+
+def _capability() -> tuple[int, int]:
+    return torch.cuda.get_device_capability()
 
 
 _REGISTRY: weakref.WeakValueDictionary[str, CutlassSplitInt8Kernel] = weakref.WeakValueDictionary()
