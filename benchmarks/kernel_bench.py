@@ -752,7 +752,38 @@ def summary(B: Bench) -> list[str]:
     return lines
 
 
+W8_TABLE_ROWS = (
+    ("smoothquant", "SmoothQuant (vLLM quant + cutlass_scaled_mm)"),
+    ("smoothquant+azp_gemm", "the same, GEMM with the zero-point epilogue"),
+    ("split_azp S=1", "ours, CUTLASS zero point (default until session 13)"),
+    ("triton S=1", "ours, Triton GEMM, outlier in its epilogue (default M <= 32)"),
+    ("split S=0", "ours without outliers, CUTLASS"),
+    ("triton S=0", "ours without outliers, Triton GEMM"),
+)
+
+
+def w8_table(paths: list[str]) -> str:
+    """Markdown: us per 7B layer (4 GEMMs) of the w8 section's layer variants by M, from one or more result files
+    (later files fill the M values earlier ones lack)."""
+    us: dict[str, dict[int, float]] = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["results"]:
+                if r.get("section") == "w8" and r.get("config") == "layer" and r.get("us"):
+                    us.setdefault(r["variant"], {}).setdefault(int(r["m"]), r["us"])
+    ms = sorted({m for v in us.values() for m in v})
+    lines = ["| us per 7B layer (4 GEMMs) | " + " | ".join(f"M = {m}" for m in ms) + " |"]
+    lines.append("|---|" + "---:|" * len(ms))
+    for key, label in W8_TABLE_ROWS:
+        if key in us:
+            lines.append(f"| {label} | " + " | ".join(f"{us[key][m]:.1f}" if m in us[key] else "–" for m in ms) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
+    if "--w8-table" in sys.argv:  # python benchmarks/kernel_bench.py --w8-table A.json [B.json ...]: print the table
+        print(w8_table([a for a in sys.argv[1:] if a != "--w8-table"]), end="")
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernel_bench.json"))
     ap.add_argument("--ms", default="1,8,64,256,1024,4096")
