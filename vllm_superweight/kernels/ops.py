@@ -101,7 +101,8 @@ def _dual_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> 
     return weight_only.dual_mm_impl(x, bias, n, key)
 
 
-def _dual_fake(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
+def _mm_fake(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
+    """The fake of both keyed GEMM ops (``w4_dual_mm``, ``w8a8_mm``): y [M, n] in x's dtype."""
     return x.new_empty((x.shape[0], n))
 
 
@@ -145,8 +146,8 @@ def register() -> bool:
     _register_one(lib, "sparse_correction_", _sparse_impl, ["y"], _sparse_fake)
     _register_one(lib, "int8_quant_outlier_split", _split_impl, [], _split_fake)
     _register_one(lib, "int8_quant_outlier_split_azp", _split_azp_impl, [], _split_azp_fake)
-    _register_one(lib, "w4_dual_mm", _dual_impl, [], _dual_fake)
-    _register_one(lib, "w8a8_mm", _w8a8_impl, [], _dual_fake)
+    _register_one(lib, "w4_dual_mm", _dual_impl, [], _mm_fake)
+    _register_one(lib, "w8a8_mm", _w8a8_impl, [], _mm_fake)
     _LIB = lib
     return True
 

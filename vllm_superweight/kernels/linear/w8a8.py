@@ -126,12 +126,9 @@ class CutlassSplitInt8Kernel(_Int8Base):
         self._layer: weakref.ref | None = None
 
     def describe(self) -> str:
-        quant = "triton split"
+        gemm = "cutlass_scaled_mm_azp: first outlier channel in the epilogue" if self.azp else "cutlass_scaled_mm"
         tri = f"; M<={self.tri_max_m}: triton int8 GEMM, outliers in its epilogue" if self.tri_max_m else ""
-        if self.azp:
-            gemm = "cutlass_scaled_mm_azp: first outlier channel in the epilogue"
-            return f"CutlassSplitInt8Kernel({quant} + {gemm}{tri})"
-        return f"CutlassSplitInt8Kernel({quant} + cutlass_scaled_mm{tri})"
+        return f"CutlassSplitInt8Kernel(triton split + {gemm}{tri})"
 
     def set_outliers(self, layer: torch.nn.Module, idx: torch.Tensor) -> None:
         super().set_outliers(layer, idx)
