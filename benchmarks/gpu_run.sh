@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_run.sh tests [pytest args]         # GPU kernel tests (pytest -m gpu), ~2-4 min
 #   bash benchmarks/gpu_run.sh kernels [kernel_bench args] # one-layer micro-benchmark -> $OUT/kernel_bench.json
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
-#   bash benchmarks/gpu_run.sh owed                        # the GPU work sessions 12-13 left (see the stage),
-#                                                          # then BUDGET_S=560 ... throughput smoothquant,...
+#   bash benchmarks/gpu_run.sh owed                        # the GPU work session 13 left (see the stage), then
+#                                                          # two BUDGET_S=560 ... throughput calls
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
@@ -142,7 +142,7 @@ case "$STAGE" in
     setup
     echo "[$(ts)] GPU tests"
     timeout 560 $PY -m pytest -q -m gpu -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests.xml" \
-      tests/test_kernels.py tests/test_gpu_kernels.py tests/test_triton_marlin_deq.py "$@"
+      tests/test_kernels.py tests/test_gpu_kernels.py tests/test_triton_marlin_deq.py tests/test_triton_int8_mm.py "$@"
     echo "[$(ts)] tests rc=$?" ;;
   parallel)
     # needs a 2-GPU kind (nvidia-h200-x2): TP 2 / PP 2 == TP 1 through real engines, SWs on both sides of the split
@@ -168,20 +168,20 @@ case "$STAGE" in
     echo "[$(ts)] kernel_bench rc=$?"
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true ;;
   owed)
-    # session 13's second lease, one call after the three stash calls (~5 min): the SmoothQuant and W8A8 checkpoints
-    # built in the background; meanwhile the GPU tests of the Triton small-batch W8A8 GEMM (outlier channels in
-    # its epilogue) and the W8A8 kernel classes; then (build done: quiet GPU) the W8A8 micro-benchmark with the
-    # Triton configuration sweep, whose pick (recommend.env: SUPERWEIGHT_W8A8_TRITON) the next call serves:
-    # `BUDGET_S=560 bash benchmarks/gpu_run.sh throughput smoothquant,sw-w8a8,sw-w8a8-cutlass`
-    # (session 13's first lease ran this stage's previous form: SELL unrolled GPU tests, W8A8 gap micro-benchmark)
+    # what session 13 left for the next lease, one call after the three stash calls (~8 min): all five 7B checkpoints
+    # of the two owed same-lease comparisons built in the background (W8A8 pair first); meanwhile the whole GPU test
+    # suite of the final code (session 13 ran the W8A8 / int8 / SELL subsets); then wait for the build. Next calls:
+    #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput smoothquant,sw-w8a8 --latency-iters 5
+    #     (batch 8 moved +-4% at two iterations: settle W8A8 vs SmoothQuant with the Triton small-batch default)
+    #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput awq,sw-w4-g128,sw-w4-g128-holdout
+    #     (the hold-out's cost with session 12's unrolled correction, AWQ in the same lease)
     setup
-    bash "$0" build-bg smoothquant,sw-w8a8
-    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_triton_int8_mm.py tests/test_gpu_kernels.py -m gpu \
-      -k "int8 or w8a8" --junitxml="$OUT/gpu_tests_owed.xml" 2>&1 | tail -6
-    for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
-    tail -3 "$STASH_DIR/build.log"
-    KB_TIMEOUT=240 bash "$0" kernels --sections w8 --ms 1,2,4,8,16,32,64 2>&1 | grep -E "layer|rc=|recommend" || true
-    cat "$SW_BENCH_DIR/recommend.env" 2>/dev/null
+    bash "$0" build-bg smoothquant,sw-w8a8,awq,sw-w4-g128,sw-w4-g128-holdout
+    timeout 420 $PY -m pytest -q -m gpu -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_owed.xml" \
+      tests/test_kernels.py tests/test_gpu_kernels.py tests/test_triton_marlin_deq.py tests/test_triton_int8_mm.py \
+      2>&1 | tail -8
+    for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
+    tail -4 "$STASH_DIR/build.log"
     echo "[$(ts)] owed done" ;;
   int8-final)
     # session 13's third lease (~4 min after the stash calls): the GPU tests of the W8A8 path with its defaults (the
