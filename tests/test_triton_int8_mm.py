@@ -72,18 +72,18 @@ def test_knob_parsing_and_config_lookup(monkeypatch):
     assert envs.w8a8_triton(hopper=False) == (0, {}) and envs.graph_knobs()[envs.W8A8_TRITON] == "default"
     monkeypatch.setenv(envs.W8A8_TRITON, "0")
     assert envs.w8a8_triton(hopper=True) == (0, {}) and envs.graph_knobs()[envs.W8A8_TRITON] == "0"
-    raw = "32@1:bn=16,bk=512,warps=4,stages=6;16:bn=64"
+    raw = "32@1:bn=16,bk=512,warps=4,stages=6;16:bn=64,swap=1"
     monkeypatch.setenv(envs.W8A8_TRITON, raw)
     max_m, table = envs.w8a8_triton()
-    assert max_m == 32 and table == {1: dict(bn=16, bk=512, warps=4, stages=6), 16: dict(bn=64)}
+    assert max_m == 32 and table == {1: dict(bn=16, bk=512, warps=4, stages=6), 16: dict(bn=64, swap=1)}
     assert envs.graph_knobs()[envs.W8A8_TRITON] == raw  # a restart with other tiles recompiles
     assert TI.config_for(1, 4096, 4096, table) == TI.Int8MMConfig(16, 512, 4, 6)
     base = TI.default_config(8, 4096, 4096)
-    assert TI.config_for(8, 4096, 4096, table) == TI.Int8MMConfig(64, base.bk, base.warps, base.stages)
+    assert TI.config_for(8, 4096, 4096, table) == TI.Int8MMConfig(64, base.bk, base.warps, base.stages, swap=1)
     assert TI.config_for(17, 4096, 4096, table) == TI.default_config(17, 4096, 4096)  # no bucket covers 17
     # the measured defaults grow K per step with M, then narrow it (sweep on an H200)
     assert [TI.default_config(m, 4096, 4096).bk for m in (1, 16, 32, 64)] == [256, 256, 512, 128]
-    for bad in ("x", "16@1:bq=3", "16@1:bk=48", "16@0:bn=16", "-1"):
+    for bad in ("x", "16@1:bq=3", "16@1:bk=48", "16@0:bn=16", "-1", "16@1:swap=2", "16@1:bn=0"):
         monkeypatch.setenv(envs.W8A8_TRITON, bad)
         with pytest.raises(ValueError, match=envs.W8A8_TRITON):
             envs.w8a8_triton()
@@ -112,6 +112,9 @@ def test_compile_sm90_without_spills():
                 # the tiles stream through 16-byte asynchronous copies (8-byte ones only for a tiny x tile)
                 copies = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]+\], \[[^]]+\], (0x\w+)", ptx)
                 assert "0x10" in copies and set(copies) <= {"0x10", "0x8"}, (m, cfg, set(copies))
+                # swapped operands put the weight tile on the MMA's M side: Hopper's wgmma from 64 rows
+                if cfg.swap:
+                    assert "wgmma" in ptx, (m, cfg)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -139,7 +142,7 @@ def test_interp_matches_reference(case):
     m, n, k, s, bias, per_token, dtype = INTERP_CASES[case]
     xq, w, sa, sb, xo, wo, b = make_case(m, n, k, s, bias, per_token, dtype, seed=case)
     ref, mag = reference(xq, w, sa, sb, xo, wo, b)
-    for cfg in (TI.Int8MMConfig(16, 32, 4, 1), TI.Int8MMConfig(32, 64, 4, 2), None):
+    for cfg in (TI.Int8MMConfig(16, 32, 4, 1), TI.Int8MMConfig(32, 64, 4, 2), TI.Int8MMConfig(32, 64, 4, 2, 1), None):
         y = TI.int8_mm_outliers(xq, w, sa, sb, xo if s else None, wo if s else None, b, dtype, cfg)
         assert y.dtype == dtype and y.shape == (m, n)
         assert_close(y, ref, mag, dtype, tag=(INTERP_CASES[case], cfg))
@@ -157,7 +160,7 @@ def test_gpu_kernel_vs_reference(shape):
         for s, bias in ((0, False), (1, True), (4, False)):
             xq, w, sa, sb, xo, wo, b = make_case(m, n, k, s, bias, True, seed=m + s, device="cuda")
             ref, mag = reference(xq, w, sa, sb, xo, wo, b)
-            for cfg in (None, TI.SWEEP[1], TI.SWEEP[-1]):  # the default and two far apart (compile time)
+            for cfg in (None, TI.SWEEP[1], TI.SWEEP[-1]):  # the default, plain and swapped operands (compile time)
                 y = TI.int8_mm_outliers(xq, w, sa, sb, xo if s else None, wo if s else None, b, torch.bfloat16, cfg)
                 assert_close(y, ref, mag, torch.bfloat16, tag=(shape, m, s, cfg))
 

@@ -40,13 +40,13 @@ Only what users need is a knob:
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
                                     a side product); ``0``: every outlier channel as a side product. H200, 7B
                                     shape, same lease: +0.8-2.4% at every batch over ``0`` (session 12).
-``SUPERWEIGHT_W8A8_TRITON``         ``MAX_M[@M1:bn=..,bk=..,warps=..,stages=..;M2:...]``: CUDA W8A8 batches of up to
-                                    MAX_M tokens run our Triton int8 GEMM with every outlier channel in its
-                                    epilogue (``kernels.triton_int8_mm``), larger ones CUTLASS; after ``@``,
-                                    launch configurations per M bucket (bucket = the smallest listed M >= the
-                                    batch; from ``kernel_bench.py --sections w8``); ``0``: CUTLASS only. Unset:
-                                    32 on Hopper (H200, session 13: 1.05-1.07x SmoothQuant's layer at M <= 16,
-                                    batch-1 latency 1.055x), 0 on other GPUs (not measured there).
+``SUPERWEIGHT_W8A8_TRITON``         ``MAX_M[@M1:KEY=V,..;M2:...]`` (keys bn, bk, warps, stages, swap): CUDA W8A8
+                                    batches of up to MAX_M tokens run our Triton int8 GEMM with every outlier
+                                    channel in its epilogue (``kernels.triton_int8_mm``), larger ones CUTLASS;
+                                    after ``@``, launch configurations per M bucket (bucket = the smallest listed M
+                                    >= the batch; from ``kernel_bench.py --sections w8``); ``0``: CUTLASS only.
+                                    Unset: 32 on Hopper (H200, session 13: 1.05-1.07x SmoothQuant's layer at
+                                    M <= 16, batch-1 latency 1.055x), 0 on other GPUs (not measured there).
 ``SUPERWEIGHT_WIKITEXT``            the WikiText-2 raw test file ``superweight eval`` reads by default.
 ``SUPERWEIGHT_DEBUG``               ``1``: the CLIs print the traceback of an internal error, not one line.
 =================================  =========================================================================
@@ -70,7 +70,7 @@ DEQUANT_MIN_M = "SUPERWEIGHT_DEQUANT_MIN_M"
 ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
 W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
-_INT8_MM_KEYS = ("bn", "bk", "warps", "stages")
+_INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 _TILE_KEYS = {
     "bmd": "bm_direct",
@@ -122,16 +122,20 @@ def _parse_w8a8_triton(raw: str) -> tuple[int, dict[int, dict[str, int]]]:
             cfg = {}
             for part in filter(None, (p.strip() for p in fields.split(","))):
                 key, _, val = part.partition("=")
-                if key not in _INT8_MM_KEYS or int(val) < 1:
+                if key not in _INT8_MM_KEYS or int(val) < (0 if key == "swap" else 1):
                     raise ValueError(part)
                 cfg[key] = int(val)
             table[int(bucket)] = cfg
     except ValueError:
         raise ValueError(
-            f"{W8A8_TRITON}={raw!r}: expected MAX_M[@M:bn=..,bk=..,warps=..,stages=..;M:...] (integers >= 1)"
+            f"{W8A8_TRITON}={raw!r}: expected MAX_M[@M:bn=..,bk=..,warps=..,stages=..,swap=0|1;M:...] (integers)"
         ) from None
-    if max_m < 0 or any(b < 1 for b in table) or any(c.get("bk", 32) % 32 for c in table.values()):
-        raise ValueError(f"{W8A8_TRITON}={raw!r}: MAX_M >= 0, buckets >= 1, bk a multiple of 32")
+    if (
+        max_m < 0
+        or any(b < 1 for b in table)
+        or any(c.get("bk", 32) % 32 or c.get("swap", 1) > 1 for c in table.values())
+    ):
+        raise ValueError(f"{W8A8_TRITON}={raw!r}: MAX_M >= 0, buckets >= 1, bk a multiple of 32, swap 0 or 1")
     return max_m, table
 
 

@@ -33,9 +33,11 @@ class Int8MMConfig:
     bk: int = 256  # K elements per step (multiple of 32)
     warps: int = 4
     stages: int = 4
+    swap: int = 0  # 1: the weight tile is the MMA's M side ([BN, BK] x [BK, tokens]; wgmma from BN = 64 on sm_90)
 
     def key(self) -> str:
-        return f"bn={self.bn},bk={self.bk},warps={self.warps},stages={self.stages}"
+        tail = ",swap=1" if self.swap else ""
+        return f"bn={self.bn},bk={self.bk},warps={self.warps},stages={self.stages}{tail}"
 
 
 # what ``kernel_bench.py --sections w8`` sweeps (each fits sm_90's shared memory at the largest M tile, 64)
@@ -52,6 +54,11 @@ SWEEP = (
     Int8MMConfig(32, 256, 8, 4),
     Int8MMConfig(64, 128, 4, 4),
     Int8MMConfig(64, 256, 4, 3),
+    # swapped operands (session 13, not yet measured): fewer reloads of the x tile per weight byte at M = 32-64
+    Int8MMConfig(64, 128, 4, 4, swap=1),
+    Int8MMConfig(64, 256, 4, 3, swap=1),
+    Int8MMConfig(128, 128, 4, 4, swap=1),
+    Int8MMConfig(128, 128, 8, 3, swap=1),
 )
 
 
@@ -102,6 +109,7 @@ def _int8_mm_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    SWAP: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -112,7 +120,10 @@ def _int8_mm_kernel(
     n_ok = rn < N
     xp = xq_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
     wp = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    if SWAP:
+        acc_t = tl.zeros((BN, BM), dtype=tl.int32)
+    else:
+        acc_t = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
         if EVEN_K:
             a = tl.load(xp, mask=m_ok[:, None], other=0)
@@ -121,9 +132,16 @@ def _int8_mm_kernel(
             k_ok = (k0 + rk) < K
             a = tl.load(xp, mask=m_ok[:, None] & k_ok[None, :], other=0)
             b = tl.load(wp, mask=n_ok[:, None] & k_ok[None, :], other=0)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        if SWAP:
+            acc_t = tl.dot(b, tl.trans(a), acc_t, out_dtype=tl.int32)
+        else:
+            acc_t = tl.dot(a, tl.trans(b), acc_t, out_dtype=tl.int32)
         xp += BK
         wp += BK
+    if SWAP:
+        acc = tl.trans(acc_t)
+    else:
+        acc = acc_t
     sa = tl.load(sa_ptr + rm * stride_sa, mask=m_ok, other=0.0)
     sb = tl.load(sb_ptr + rn, mask=n_ok, other=0.0)
     out = acc.to(tl.float32) * sa[:, None] * sb[None, :]
@@ -177,7 +195,7 @@ def int8_mm_outliers(
         m, n, k,
         xq.stride(0), w.stride(0), xo.stride(0), wo.stride(0), y.stride(0),
         1 if sa.numel() > 1 else 0,
-        S=s, HAS_BIAS=bias is not None, EVEN_K=k % cfg.bk == 0, BM=bm, BN=cfg.bn, BK=cfg.bk,
+        S=s, HAS_BIAS=bias is not None, EVEN_K=k % cfg.bk == 0, BM=bm, BN=cfg.bn, BK=cfg.bk, SWAP=bool(cfg.swap),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     return y
@@ -195,7 +213,7 @@ def compile_sm90(m: int = 1, config: Int8MMConfig | None = None, s: int = 1, bia
     sig.update({"wo_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16"})
     sig.update({k: "i32" for k in ("M", "N", "K", "stride_xm", "stride_wn", "stride_om", "stride_won")})
     sig.update({k: "i32" for k in ("stride_ym", "stride_sa")})
-    consts = dict(S=s, HAS_BIAS=bias, EVEN_K=even_k, BM=_bm(m), BN=cfg.bn, BK=cfg.bk)
+    consts = dict(S=s, HAS_BIAS=bias, EVEN_K=even_k, BM=_bm(m), BN=cfg.bn, BK=cfg.bk, SWAP=bool(cfg.swap))
     sig.update({k: "constexpr" for k in consts})
     div16 = list(range(8)) + [9, 10, 11, 12, 14]  # pointers; N, K and the weight / x / y strides of a 7B launch
     attrs = {(i,): [["tt.divisibility", 16]] for i in div16}
