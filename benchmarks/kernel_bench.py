@@ -531,10 +531,10 @@ def _w8_triton(B: Bench, layers, xs, m: int, nl: int, nbytes: int, base: float |
     import vllm_superweight.kernels as K
     from vllm_superweight.kernels import triton_int8_mm as TI
 
-    def run(cfg, with_outlier: bool):
+    def run(cfg, with_outlier: bool, names=tuple(SHAPES)):
         def f():
             for lay in layers:
-                for name in SHAPES:
+                for name in names:
                     w, _, w_out_t, _, _, prep1 = lay[name]
                     if with_outlier:
                         xq, xsc, xo = K.int8_quant_outlier_split(xs[name], prep1["idx"], True, prep1["mask"])
@@ -568,6 +568,22 @@ def _w8_triton(B: Bench, layers, xs, m: int, nl: int, nbytes: int, base: float |
         B.add(**rec)
         best["us_s0" if not with_outlier else "us_s1"] = us
     best.pop("cfg")
+    # each matrix on its own (session 13: o / down have N = 4096, i.e. a quarter of gate_up's programs): the best
+    # tiles per shape, for a per-shape default
+    by_shape = {}
+    for name in SHAPES:
+        for cfg in TI.SWEEP:
+            tag = dict(section="w8", config="triton sweep shape", variant=f"{name} {cfg.key()}", m=m)
+            try:
+                us = time_graph(run(cfg, True, (name,)), iters=B.args.iters) / nl
+            except Exception as e:  # noqa: BLE001
+                B.add(**tag, note=f"failed: {type(e).__name__}: {e}")
+                continue
+            B.add(**tag, us=us)
+            if name not in by_shape or us < by_shape[name]["us"]:
+                by_shape[name] = {"config": cfg.key(), "us": us}
+    best["by_shape"] = by_shape
+    best["us_by_shape_sum"] = sum(v["us"] for v in by_shape.values())
     return best
 
 
