@@ -175,6 +175,8 @@ case "$STAGE" in
     #     (batch 8 moved +-4% at two iterations: settle W8A8 vs SmoothQuant with the Triton small-batch default)
     #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput awq,sw-w4-g128,sw-w4-g128-holdout
     #     (the hold-out's cost with session 12's unrolled correction, AWQ in the same lease)
+    #   KB_TIMEOUT=400 bash benchmarks/gpu_run.sh kernels --sections w8 --ms 1,8,16,32,48,64
+    #     (if budget is left: the swapped-operand tiles and the per-matrix sweep; adopt what beats the defaults)
     setup
     bash "$0" build-bg smoothquant,sw-w8a8,awq,sw-w4-g128,sw-w4-g128-holdout
     timeout 420 $PY -m pytest -q -m gpu -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_owed.xml" \
