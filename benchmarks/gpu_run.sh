@@ -171,8 +171,8 @@ case "$STAGE" in
     # what session 13 left for the next lease, one call after the three stash calls (~8 min): all five 7B checkpoints
     # of the two owed same-lease comparisons built in the background (W8A8 pair first); meanwhile the whole GPU test
     # suite of the final code (session 13 ran the W8A8 / int8 / SELL subsets); then wait for the build. Next calls:
-    #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput smoothquant,sw-w8a8 --latency-iters 5
-    #     (batch 8 moved +-4% at two iterations: settle W8A8 vs SmoothQuant with the Triton small-batch default)
+    #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput smoothquant,sw-w8a8
+    #     (batch 8 moved +-4% at two iterations, now 5 and their median: settle W8A8 vs SmoothQuant)
     #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput awq,sw-w4-g128,sw-w4-g128-holdout
     #     (the hold-out's cost with session 12's unrolled correction, AWQ in the same lease)
     #   KB_TIMEOUT=400 bash benchmarks/gpu_run.sh kernels --sections w8 --ms 1,8,16,32,48,64
