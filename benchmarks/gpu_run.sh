@@ -185,15 +185,6 @@ case "$STAGE" in
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     tail -4 "$STASH_DIR/build.log"
     echo "[$(ts)] owed done" ;;
-  int8-final)
-    # session 13's third lease (~4 min after the stash calls): the GPU tests of the W8A8 path with its defaults (the
-    # Triton GEMM on for M <= 32 on Hopper), then the W8A8 micro-benchmark at M = 24, 48, 64 with the widened
-    # configuration sweep (whether the Triton GEMM can serve batches above 32 too)
-    setup
-    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_triton_int8_mm.py tests/test_gpu_kernels.py -m gpu \
-      -k "int8 or w8a8" --junitxml="$OUT/gpu_tests_int8_final.xml" 2>&1 | tail -6
-    KB_TIMEOUT=150 bash "$0" kernels --sections w8 --ms 24,48,64 2>&1 | grep -E "layer|rc=|recommend" || true
-    echo "[$(ts)] int8-final done" ;;
   unroll)
     # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and
     # without hold-out) built in the background; meanwhile the GPU tests of the SELL correction (unrolled form

@@ -111,8 +111,6 @@ def w8a8_triton(hopper: bool = True) -> tuple[int, dict[int, dict[str, int]]]:
 
 @functools.lru_cache(maxsize=8)
 def _parse_w8a8_triton(raw: str) -> tuple[int, dict[int, dict[str, int]]]:
-    if not raw:
-        return 0, {}
     head, _, rest = raw.partition("@")
     table: dict[int, dict[str, int]] = {}
     try:

@@ -32,6 +32,7 @@ from .base import (
     SWLinearConfig,
     SWLinearKernel,
     missing_ops,
+    platform,
     replace_parameter,
     tensor,
 )
@@ -119,7 +120,8 @@ class CutlassSplitInt8Kernel(_Int8Base):
             and config.partition_shape[0] <= AZP_K_MAX
             and not missing_ops("cutlass_scaled_mm_azp")
         )
-        hopper = config.device_type == "cuda" and torch.cuda.is_available() and _capability()[0] == 9
+        cap = platform().get_device_capability() if config.device_type == "cuda" else None
+        hopper = cap is not None and cap.major == 9
         self.tri_max_m, self.tri_table = envs.w8a8_triton(hopper=hopper)
         self.key = config.prefix  # stable across runs: it is baked into compiled graphs (see weight_only)
         self.n = config.partition_shape[1]
@@ -164,16 +166,8 @@ class CutlassSplitInt8Kernel(_Int8Base):
             return self._cutlass(layer, x, bias)
         from .. import ops as _ops
 
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        if self.n_outliers:
-            xq, xs, xo = _ops.triton_act_quant.int8_quant_outlier_split(
-                x, tensor(layer, "sw_outlier_idx"), self.per_token, tensor(layer, "sw_outlier_mask")
-            )
-            w_out = tensor(layer, "sw_outlier_w")
-        else:
-            xq, xs, xo = _ops.triton_act_quant.int8_quant_outlier_split(x, None, self.per_token)
-            xo = w_out = None
+        xq, xs, xo = self._split(layer, x)
+        w_out = tensor(layer, "sw_outlier_w") if self.n_outliers else None
         w_nk = tensor(layer, "weight").t()  # the checkpoint's [N, K] row-major int8
         cfg = _ops.triton_int8_mm.config_for(x.shape[0], self.n, w_nk.shape[1], self.tri_table)
         return _ops.triton_int8_mm.int8_mm_outliers(
@@ -207,10 +201,6 @@ class CutlassSplitInt8Kernel(_Int8Base):
         return self._add_outliers(layer, y, xo)
 
 
-def _capability() -> tuple[int, int]:
-    return torch.cuda.get_device_capability()
-
-
 _REGISTRY: weakref.WeakValueDictionary[str, CutlassSplitInt8Kernel] = weakref.WeakValueDictionary()
 
 
@@ -227,8 +217,6 @@ class VllmInt8Kernel(_Int8Base):
 
     @classmethod
     def _ops_for_platform(cls) -> tuple[str, ...]:
-        from .base import platform
-
         if platform().is_cpu():
             return ("create_onednn_scaled_mm_handler", "onednn_scaled_mm", "dynamic_scaled_int8_quant")
         return ()
