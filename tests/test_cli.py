@@ -195,6 +195,34 @@ def test_signal_swallowed_by_a_library_still_reports_interrupted(tiny, tmp_path,
     assert os.listdir(tmp_path) == []
 
 
+def test_interrupt_through_embedded_python_still_exits_130(tiny, tmp_path):
+    """CI 2026-12-02: SIGINT mid-convert under ``python -m`` came back as status -2 although the CLI printed
+    "interrupted" -- the KeyboardInterrupt had passed out of a library's embedded ``PyRun_String`` call, after which
+    CPython kills itself with SIGINT at exit. Here a real conversion is interrupted the same way (the quantizer runs a
+    snippet through ``PyRun_String`` that raises) in a ``python -m`` process: the status must be 130, nothing left."""
+    mod = tmp_path / "pkg_run_interrupted.py"
+    out = tmp_path / "o" / "out"
+    mod.write_text(
+        "import ctypes, sys\n"
+        "from vllm_superweight import cli, quantize\n"
+        "run = ctypes.pythonapi.PyRun_String\n"
+        "run.restype = ctypes.py_object\n"
+        "run.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]\n"
+        "def quantize_weight(*a, **k):\n"
+        "    run(b'raise KeyboardInterrupt', 257, {}, {})  # 257 = Py_file_input\n"
+        "quantize.quantize_weight = quantize_weight\n"
+        f"sys.argv = ['superweight', 'convert', {tiny!r}, {str(out)!r}, '--super-weights', 'none', '-q']\n"
+        "sys.exit(cli.main())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run(
+        [sys.executable, "-m", "pkg_run_interrupted"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
+    assert "interrupted" in one_error_line(p.stderr)
+    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+
+
 def test_convert_with_stubbed_detection(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
         conv.pipeline, "run_detection", lambda model, tok, prompt, progress=True, **kw: fake_detection()
