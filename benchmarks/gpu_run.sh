@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_run.sh tests [pytest args]         # GPU kernel tests (pytest -m gpu), ~2-4 min
 #   bash benchmarks/gpu_run.sh kernels [kernel_bench args] # one-layer micro-benchmark -> $OUT/kernel_bench.json
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
-#   bash benchmarks/gpu_run.sh owed                        # the GPU work session 13 left (see the stage), then
+#   bash benchmarks/gpu_run.sh owed                        # the GPU work sessions 13-14 left (see the stage), then
 #                                                          # two BUDGET_S=560 ... throughput calls
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
@@ -168,17 +168,18 @@ case "$STAGE" in
     echo "[$(ts)] kernel_bench rc=$?"
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true ;;
   owed)
-    # what session 13 left for the next lease, one call after the three stash calls (~8 min): all five 7B checkpoints
+    # what sessions 13-14 left for the next lease, one call after the three stash calls (~8 min): all five 7B checkpoints
     # of the two owed same-lease comparisons built in the background (W8A8 pair first); meanwhile the whole GPU test
     # suite of the final code (session 13 ran the W8A8 / int8 / SELL subsets); then wait for the build. Next calls:
     #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput smoothquant,sw-w8a8
     #     (batch 8 moved +-4% at two iterations, now 5 and their median: settle W8A8 vs SmoothQuant)
-    #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput awq,sw-w4-g128,sw-w4-g128-holdout
-    #     (the hold-out's cost with session 12's unrolled correction, AWQ in the same lease)
+    #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput holdout
+    #     (the hold-out's cost with session 12's unrolled correction, AWQ in the same lease, and the same 0.1 %
+    #     spent in q/k/v only: one corrected GEMM per layer instead of four, session 14)
     #   KB_TIMEOUT=400 bash benchmarks/gpu_run.sh kernels --sections w8 --ms 1,8,16,32,48,64
     #     (if budget is left: the swapped-operand tiles and the per-matrix sweep; adopt what beats the defaults)
     setup
-    bash "$0" build-bg smoothquant,sw-w8a8,awq,sw-w4-g128,sw-w4-g128-holdout
+    bash "$0" build-bg smoothquant,sw-w8a8,awq,sw-w4-g128,sw-w4-g128-holdout,sw-w4-g128-holdout-qkv
     timeout 420 $PY -m pytest -q -m gpu -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_owed.xml" \
       tests/test_kernels.py tests/test_gpu_kernels.py tests/test_triton_marlin_deq.py tests/test_triton_int8_mm.py \
       2>&1 | tail -8

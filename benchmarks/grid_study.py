@@ -164,6 +164,7 @@ def parse_config(text: str) -> dict:
         "fitw": "none",
         "sel": "abs",
         "damp": None,
+        "only": None,
     }
     if text in ("float",):
         return {"float": True}
@@ -236,6 +237,18 @@ def quantize_model(model: str, m, cfg: dict, log=print) -> dict:
             scale_dtype=torch.bfloat16,
             col_scales=(act if cfg["sel"] == "act" else None),
         )
+    if cfg["holdout"] > 0 and cfg.get("only"):
+        # the same total hold-out (a fraction of ALL quantized weights) spent only in the matrices whose names contain
+        # one of the '+'-separated parts, in proportion to their sizes; the others keep just their super weights
+        if counts is not None:
+            raise SystemExit("only= takes the uniform budget")
+        parts = cfg["only"].split("+")
+        chosen = [n for n in lins if any(p in n for p in parts)]
+        if not chosen:
+            raise SystemExit(f"only={cfg['only']}: no matrix matches")
+        total = cfg["holdout"] * sum(w.numel() for w in weights.values())
+        size = sum(weights[n].numel() for n in chosen)
+        counts = {n: (round(total * weights[n].numel() / size) if n in chosen else 0) for n in lins}
     t_budget = time.time() - t0
     bits_total = 0
     numel = 0
@@ -495,6 +508,8 @@ def describe(cfg: dict) -> str:
             h += f" budgeted ({cfg['metric']})"
         if cfg.get("sel", "abs") != "abs":
             h += ", ranked by abs(w) x prompt RMS"
+        if cfg.get("only"):
+            h += f", all in {cfg['only'].replace('+', ' + ')}"
         parts.append(h)
     return ", ".join(parts)
 

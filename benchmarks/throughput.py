@@ -109,6 +109,18 @@ METHODS: dict[str, dict] = {
         src="convert",
         flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0.001", "--super-weights", "@SW"],
     ),
+    # the same 0.1 % total spent in q/k/v only (one corrected GEMM per layer, qkv_proj, instead of four): as good as
+    # every matrix on SmolLM2 / Gemma-3 (benchmarks/results/grid_study.md, session 14)
+    "sw-w4-g128-holdout-qkv": dict(
+        method="superweight_rtn",
+        bits=4,
+        block="128",
+        holdout=0.001,
+        activations="none",
+        src="convert",
+        flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0.001"]
+        + ["--holdout-modules", "q_proj,k_proj,v_proj", "--super-weights", "@SW"],
+    ),
     "sw-w8a8": dict(
         method="superweight_rtn",
         bits=8,
@@ -194,6 +206,8 @@ GROUPS = {
     "gemv": ["awq", "sw-w4-g128", "sw-w4-g128-mdeq1", "sw-w4-g128-holdout", "sw-w4-g128-holdout-gemv"],
     # W8A8 against SmoothQuant, with the zero-point epilogue (default) and without
     "w8a8": ["smoothquant", "sw-w8a8", "sw-w8a8-cutlass"],
+    # issue 12's hold-out target with the hold-out placed in q/k/v only (session 14), beside every matrix and none
+    "holdout": ["awq", "sw-w4-g128", "sw-w4-g128-holdout", "sw-w4-g128-holdout-qkv"],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)

@@ -13,7 +13,7 @@ from test_convert import DOWN, SW_COL, SW_LAYER, SW_ROW, SW_VALUE, fake_detectio
 
 from vllm_superweight import cli
 from vllm_superweight import convert as conv
-from vllm_superweight.format import SIDECAR_NAME, load_sidecar
+from vllm_superweight.format import SIDECAR_NAME, FormatError, load_sidecar
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,20 @@ def test_holdout_rank_option(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["convert", "S", "D", "--holdout-rank", "act"])
     assert "invalid choice: 'act'" in capsys.readouterr().err
+
+
+def test_holdout_modules_option():
+    """--holdout-modules: a comma list reaches the QuantConfig on top of a preset; 'all' (or empty) means every
+    matrix; with --holdout 0 it is refused (the list would name where nothing is spent)."""
+    p = cli.build_parser()
+    qc = cli.quant_config_from_args(p.parse_args(["convert", "S", "D", "--holdout-modules", "q_proj, k_proj,v_proj"]))
+    assert qc.holdout_modules == ("q_proj", "k_proj", "v_proj") and qc.holdout == 1e-3
+    assert cli.quant_config_from_args(p.parse_args(["convert", "S", "D"])).holdout_modules == ()
+    for every in ("all", ""):
+        args = p.parse_args(["convert", "S", "D", "--holdout-modules", every])
+        assert cli.quant_config_from_args(args).holdout_modules == ()
+    with pytest.raises(FormatError, match="it needs holdout > 0"):
+        cli.quant_config_from_args(p.parse_args(["convert", "S", "D", "--holdout", "0", "--holdout-modules", "q_proj"]))
 
 
 @pytest.mark.parametrize(

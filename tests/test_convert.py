@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from vllm_superweight import convert as conv
 from vllm_superweight import quantize
-from vllm_superweight.format import REPORT_NAME, SIDECAR_NAME, FormatError, QuantConfig, load_sidecar
+from vllm_superweight.format import FORMAT_VERSION, REPORT_NAME, SIDECAR_NAME, FormatError, QuantConfig, load_sidecar
 from vllm_superweight.models import SourceError
 
 # planted super weight of the tiny model: layers[1].mlp.down_proj.weight[ROW, COL]
@@ -665,7 +665,7 @@ def test_fitted_grid_prompt_weight_and_budget(tmp_path):
     rep = run(src, tmp_path / "hqq", fit, super_weights=[{"layer": 1, "row": 13, "col": 37}])
     cfg = json.load(open(tmp_path / "hqq" / "config.json"))["quantization_config"]
     assert cfg["grid"] == {"method": "hqq", "params": {"beta": 10.0, "iters": 4}, "weight": "prompt"}
-    assert cfg["holdout_budget"] == "rel_out" and cfg["format_version"] == "1.3"
+    assert cfg["holdout_budget"] == "rel_out" and cfg["format_version"] == FORMAT_VERSION
     assert QuantConfig.from_dict(cfg).grid == "hqq"
     prov = json.load(open(tmp_path / "hqq" / SIDECAR_NAME))["provenance"]
     assert prov["fit_prompt"]  # the one prompt whose activations weighted the fit
@@ -704,7 +704,7 @@ def test_holdout_rank_prompt_end_to_end(tmp_path):
     run(src, tmp_path / "abs", base, super_weights=sws)
     rep = run(src, tmp_path / "prompt", base.replace(holdout_rank="prompt"), super_weights=sws)
     cfg = json.load(open(tmp_path / "prompt" / "config.json"))["quantization_config"]
-    assert cfg["holdout_rank"] == "prompt" and cfg["format_version"] == "1.3"
+    assert cfg["holdout_rank"] == "prompt" and cfg["format_version"] == FORMAT_VERSION
     assert json.load(open(tmp_path / "abs" / "config.json"))["quantization_config"]["holdout_rank"] == "abs"
     assert json.load(open(tmp_path / "prompt" / SIDECAR_NAME))["provenance"]["fit_prompt"] == DEFAULT_PROMPT
     assert rep["super_weights"]["all_bit_exact"]
@@ -728,6 +728,51 @@ def test_holdout_rank_prompt_end_to_end(tmp_path):
     old["quantization_config"]["format_version"] = "1.2"
     p.write_text(json.dumps(old))
     assert validate_checkpoint(str(tmp_path / "abs"))[0].holdout_rank == "abs"
+
+
+def test_holdout_modules_end_to_end(tmp_path):
+    """holdout_modules: the uniform total of the whole model is spent in the named matrices only (in proportion to
+    their sizes; with a rel_out budget, unevenly among them), every other matrix keeps just its super weights, the
+    super weight stays bit-exact, the config records the list; a list that matches no matrix is refused before
+    anything is written."""
+    src = make_planted_dir(str(tmp_path / "src"))
+    sws = [{"layer": 1, "row": 13, "col": 37}]
+    qkv = ["q_proj", "k_proj", "v_proj"]
+    base = QuantConfig(block="channel", holdout=1e-2)
+    rep_all = run(src, tmp_path / "all", base, super_weights=sws)
+    rep = run(src, tmp_path / "qkv", base.replace(holdout_modules=qkv), super_weights=sws)
+    cfg = json.load(open(tmp_path / "qkv" / "config.json"))["quantization_config"]
+    assert cfg["holdout_modules"] == qkv and cfg["format_version"] == FORMAT_VERSION
+    assert rep["super_weights"]["all_bit_exact"]
+    held = _held(tmp_path / "qkv")
+    sw_mod = "model.layers.1.mlp.down_proj"
+    chosen = {m for m in rep["modules"] if m.rsplit(".", 1)[1] in qkv}
+    assert chosen and all(len(held.get(m, ())) > 0 for m in chosen)
+    others = {m: held.get(m, set()) for m in rep["modules"] if m not in chosen}
+    assert others[sw_mod] == {(13, 37)} and all(not v for m, v in others.items() if m != sw_mod)
+    # the same total as every matrix at 1e-2 (up to the rounding of each count), shared by size among q / k / v
+    n_all = rep_all["totals"]["held_out"]
+    assert abs(rep["totals"]["held_out"] - n_all) <= rep["totals"]["modules_quantized"]
+    ws = source_tensors(src)
+    size = sum(ws[m + ".weight"].numel() for m in chosen)
+    for m in chosen:
+        assert abs(len(held[m]) - (n_all - 1) * ws[m + ".weight"].numel() / size) <= 2, m
+    # the largest |w| of each chosen matrix, as many as its share
+    for m in chosen:
+        want = quantize.select_holdout(ws[m + ".weight"], 0.0, [], count=len(held[m]))
+        assert set(map(tuple, want.nonzero().tolist())) == held[m], m
+    # with the rel_out budget: only the chosen matrices, the same total, not in proportion to size
+    rep_b = run(
+        src, tmp_path / "budget", base.replace(holdout_modules=qkv, holdout_budget="rel_out"), super_weights=sws
+    )
+    held_b = _held(tmp_path / "budget")
+    assert {m for m, v in held_b.items() if v and m != sw_mod} <= chosen
+    # (each matrix takes one of its curve's counts: the greedy split may leave a little of the total unspent)
+    assert 0.9 * n_all <= rep_b["totals"]["held_out"] <= n_all + rep_b["totals"]["modules_quantized"]
+    assert any(len(held_b.get(m, ())) != len(held[m]) for m in chosen)
+    with pytest.raises(conv.ConversionError, match="holdout_modules o_prj: no quantized matrix matches"):
+        run(src, tmp_path / "none", base.replace(holdout_modules=["o_prj"]), super_weights=sws)
+    assert not (tmp_path / "none").exists()
 
 
 def test_grid_options_are_validated_and_parsed():

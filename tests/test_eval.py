@@ -260,6 +260,27 @@ def test_quality_rows_cover_the_issue():
         assert any(r.method == "superweight_rtn" and r.act == "int8-token" for r in rows)
 
 
+def test_throughput_rows_build_what_they_say():
+    """Every converter row of benchmarks/throughput.py parses through the CLI into the bits / block / hold-out its
+    record states; the q/k/v hold-out row differs from the every-matrix row only in where the hold-out goes."""
+    spec = importlib.util.spec_from_file_location("throughput_bench", os.path.join(ROOT, "benchmarks", "throughput.py"))
+    t = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(t)
+    from vllm_superweight.cli import build_parser, quant_config_from_args
+
+    built = {}
+    for name, row in t.METHODS.items():
+        if row.get("src") != "convert" or "ckpt" in row:
+            continue
+        flags = ["[]" if f == "@SW" else f for f in row["flags"]]
+        qc = quant_config_from_args(build_parser().parse_args(["convert", "SRC", "DST", *flags]))
+        assert qc.bits == row["bits"] and qc.holdout == row["holdout"] and str(qc.layout) == row["block"], name
+        built[name] = qc
+    assert built["sw-w4-g128-holdout-qkv"].holdout_modules == ("q_proj", "k_proj", "v_proj")
+    assert built["sw-w4-g128-holdout-qkv"].replace(holdout_modules=()) == built["sw-w4-g128-holdout"]
+    assert set(t.GROUPS["holdout"]) <= set(t.METHODS)
+
+
 def test_quality_report_from_records(tmp_path, monkeypatch):
     q = _quality_module()
     monkeypatch.setattr(q, "MD_PATH", str(tmp_path / "q.md"))

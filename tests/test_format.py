@@ -26,6 +26,7 @@ from vllm_superweight.format import (
     check_super_weights_in_range,
     layer_of,
     load_sidecar,
+    matches_any,
     resolve_inside,
     tiling_hint,
 )
@@ -115,6 +116,10 @@ GOOD = QuantConfig(bits=4, block="64").to_dict()
         ({"format_version": None}, "format version (missing) is not supported"),
         ({"holdout_rank": "random"}, "quantization_config.holdout_rank: unknown hold-out ranking 'random'"),
         ({"holdout_rank": 1}, "quantization_config.holdout_rank: unknown hold-out ranking 1"),
+        ({"holdout_modules": "q_proj"}, "quantization_config.holdout_modules: expected a list"),
+        ({"holdout_modules": ["q_proj", 3]}, "quantization_config.holdout_modules[1]: expected a non-empty string"),
+        ({"holdout_modules": ["re:(q"]}, "quantization_config.holdout_modules: bad pattern 're:(q'"),
+        ({"holdout": 0.0, "holdout_modules": ["q_proj"]}, "quantization_config.holdout_modules: names the matrices"),
     ],
 )
 def test_quant_config_from_dict_names_the_field(change, msg):
@@ -139,6 +144,32 @@ def test_holdout_rank_roundtrip_and_old_configs():
     assert QuantConfig(holdout_rank="PROMPT").holdout_rank == "prompt"
     with pytest.raises(FormatError, match="holdout_rank: unknown hold-out ranking 'act'; one of abs, prompt"):
         QuantConfig(holdout_rank="act")
+
+
+def test_holdout_modules_roundtrip_and_old_configs():
+    """holdout_modules (format 1.4) is written only when set, read back, and a config without it (any 1.x) reads as
+    every matrix (); a string instead of a list is refused rather than read letter by letter."""
+    q = QuantConfig(bits=4, block="64", holdout=1e-3, holdout_modules=["q_proj", "k_proj", "re:.*v_proj"])
+    assert q.holdout_modules == ("q_proj", "k_proj", "re:.*v_proj")
+    d = q.to_dict()
+    assert d["holdout_modules"] == ["q_proj", "k_proj", "re:.*v_proj"] and json.loads(json.dumps(d)) == d
+    assert QuantConfig.from_dict(d) == q and QuantConfig.from_dict(d).to_dict() == d
+    assert "holdout_modules" not in QuantConfig(holdout=1e-3).to_dict()
+    old = {k: v for k, v in d.items() if k != "holdout_modules"}
+    for version in ("1.0", "1.3"):
+        got = QuantConfig.from_dict(dict(old, format_version=version))
+        assert got.holdout_modules == () and got.replace(format_version=FORMAT_VERSION) == q.replace(holdout_modules=())
+    with pytest.raises(FormatError, match="holdout_modules: expected a list of module names"):
+        QuantConfig(holdout=1e-3, holdout_modules="q_proj")
+    with pytest.raises(FormatError, match="it needs holdout > 0"):
+        QuantConfig(holdout_modules=["q_proj"])
+
+
+def test_matches_any():
+    name = "model.layers.3.self_attn.q_proj"
+    assert matches_any(name, ["q_proj"]) and matches_any(name, [name]) and matches_any(name, ["re:.*attn\\.q_.*"])
+    assert not matches_any(name, ["proj"]) and not matches_any(name, ["re:q_proj"]) and not matches_any(name, [])
+    assert not matches_any("model.layers.3.self_attn.xq_proj", ["q_proj"])
 
 
 def test_quant_config_from_dict_missing_and_not_object():

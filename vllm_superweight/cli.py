@@ -182,6 +182,9 @@ def quant_config_from_args(args):
         overrides["holdout_budget"] = args.holdout_budget
     if args.holdout_rank is not None:
         overrides["holdout_rank"] = args.holdout_rank
+    if args.holdout_modules is not None:  # "" or "all": every matrix (drops a preset's list)
+        mods = [p.strip() for p in args.holdout_modules.split(",") if p.strip()]
+        overrides["holdout_modules"] = [] if mods in ([], ["all"]) else mods
     return build_quant_config(args.preset, **overrides)
 
 
@@ -287,7 +290,8 @@ def cmd_inspect(args) -> int:
         clip = qc.clip + (f":{qc.clip_threshold}" if qc.clip_threshold is not None else "")
         print(
             f"  bits {qc.bits}, block {qc.layout}, {'symmetric' if qc.symmetric else 'asymmetric'}, clip {clip}, "
-            f"holdout {qc.holdout:g} (by {qc.holdout_rank}), "
+            f"holdout {qc.holdout:g} (by {qc.holdout_rank}"
+            f"{', in ' + ','.join(qc.holdout_modules) if qc.holdout_modules else ''}), "
             f"super weights {'restored' if qc.restore_super_weights else 'NOT restored'}, "
             f"activations {qc.activations}, dtype {cfg.get('dtype') or cfg.get('torch_dtype')}"
         )
@@ -471,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=HOLDOUT_RANKS,
         help="which weights --holdout keeps exact: abs (the largest |w|) or prompt (the largest |w| x the column's "
         "input RMS over the detection prompt: the same forward pass, no calibration set)",
+    )
+    c.add_argument(
+        "--holdout-modules",
+        metavar="NAMES",
+        help="spend the --holdout total (a fraction of ALL quantized weights) only in these matrices: comma-separated "
+        "module names or name suffixes (q_proj,k_proj,v_proj) or re:REGEX; the others keep their super weights only "
+        "(fewer corrected GEMMs when serving); 'all': every matrix",
     )
     c.add_argument(
         "--no-restore",

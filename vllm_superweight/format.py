@@ -29,8 +29,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 QUANT_METHOD = "superweight_rtn"
-FORMAT_VERSION = "1.3"  # 1.1: conversion_id in config + sidecar; 1.2: grid / holdout_budget; 1.3: holdout_rank
-# (1.2 and 1.3 add informational fields only: the tensors and their meaning are unchanged)
+FORMAT_VERSION = "1.4"  # 1.1: conversion_id in config + sidecar; 1.2: grid / holdout_budget; 1.3: holdout_rank;
+# 1.4: holdout_modules (1.2-1.4 add informational fields only: the tensors and their meaning are unchanged)
 FORMAT_MAJOR = FORMAT_VERSION.split(".")[0]
 SIDECAR_NAME = "superweights.json"
 REPORT_NAME = "conversion_report.json"
@@ -313,7 +313,13 @@ def packed_cols(k: int, bits: int) -> int:
 
 
 def is_ignored(name: str, ignore: Iterable[str]) -> bool:
-    for pat in ignore:
+    return matches_any(name, ignore)
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """``name`` is one of ``patterns``: a module name, a suffix of it after a dot (``q_proj``), or ``re:REGEX``
+    matching the whole name (the syntax of ``ignore`` and ``holdout_modules``)."""
+    for pat in patterns:
         if pat.startswith("re:"):
             if re.fullmatch(pat[3:], name):
                 return True
@@ -351,6 +357,9 @@ class QuantConfig:
     grid_weight: GridWeight
     holdout_budget: HoldoutBudget
     holdout_rank: HoldoutRank  # which weights the hold-out keeps (format >= 1.3; absent: abs)
+    # the matrices the hold-out is spent in (format >= 1.4; empty / absent: every matrix): the total stays
+    # ``holdout`` x all quantized weights; the others keep their super weights only
+    holdout_modules: tuple[str, ...]
 
     def __init__(
         self,
@@ -374,6 +383,7 @@ class QuantConfig:
         grid_weight: str | GridWeight = "none",
         holdout_budget: str | HoldoutBudget = "uniform",
         holdout_rank: str | HoldoutRank = "abs",
+        holdout_modules: Iterable[str] | None = None,
     ) -> None:
         if block is not None and layout is not None:
             raise FormatError("block: give block or layout, not both")
@@ -391,15 +401,10 @@ class QuantConfig:
             raise FormatError(f"holdout: holdout fraction must be in [0, 0.5), got {holdout}")
         rsw = _bool(restore_super_weights, "restore_super_weights")
         act = _enum(ActScheme, activations, "activations", "activation scheme")
-        ign = tuple(DEFAULT_IGNORE if ignore is None else ignore)
-        if isinstance(ignore, str) or not all(isinstance(p, str) and p for p in ign):
-            raise FormatError(f"ignore: expected a list of module names / 're:' patterns, got {ignore!r}")
-        for p in ign:
-            if p.startswith("re:"):
-                try:
-                    re.compile(p[3:])
-                except re.error as e:
-                    raise FormatError(f"ignore: bad pattern {p!r} ({e})") from None
+        ign = _patterns(DEFAULT_IGNORE if ignore is None else ignore, "ignore")
+        hmods = _patterns(holdout_modules or (), "holdout_modules")
+        if hmods and ho <= 0:
+            raise FormatError("holdout_modules: names the matrices a hold-out is spent in; it needs holdout > 0")
         sc = _str(sidecar, "sidecar")
         _version(format_version, "format_version", "checkpoint")
         if quant_method != QUANT_METHOD:
@@ -444,6 +449,7 @@ class QuantConfig:
             ("grid_weight", gw),
             ("holdout_budget", hb),
             ("holdout_rank", hr),
+            ("holdout_modules", hmods),
         ):
             object.__setattr__(self, name, value)
 
@@ -479,6 +485,8 @@ class QuantConfig:
             d["grid"] = {"method": self.grid.value, "params": dict(self.grid_params), "weight": self.grid_weight.value}
             d["holdout_budget"] = self.holdout_budget.value
         d["holdout_rank"] = self.holdout_rank.value
+        if self.holdout_modules:
+            d["holdout_modules"] = list(self.holdout_modules)
         return d
 
     @classmethod
@@ -511,6 +519,9 @@ class QuantConfig:
             ignore = d.get("ignore", list(DEFAULT_IGNORE))
             for i, pat in enumerate(_list(ignore, "ignore")):
                 _str(pat, f"ignore[{i}]")
+            hmods = d.get("holdout_modules") or []
+            for i, pat in enumerate(_list(hmods, "holdout_modules")):
+                _str(pat, f"holdout_modules[{i}]")
             cid = d.get("conversion_id")
             grid = _obj(d.get("grid") or {"method": "minmax"}, "grid")
             gparams = _obj(grid.get("params") or {}, "grid.params")
@@ -533,6 +544,7 @@ class QuantConfig:
                     grid_weight=grid.get("weight", "none"),
                     holdout_budget=d.get("holdout_budget", "uniform"),
                     holdout_rank=d.get("holdout_rank", "abs"),
+                    holdout_modules=hmods,
                 )
             except FormatError as e:
                 if str(e).startswith("clip_threshold:"):
@@ -547,6 +559,20 @@ class QuantConfig:
                     if str(e).startswith(ours):
                         raise FormatError(theirs + str(e)[len(ours) :]) from None
                 raise
+
+
+def _patterns(pats: Any, field: str) -> tuple[str, ...]:
+    """A validated tuple of module names / name suffixes / ``re:`` patterns (``ignore``, ``holdout_modules``)."""
+    out = tuple(pats) if not isinstance(pats, str) else (pats,)
+    if isinstance(pats, str) or not all(isinstance(p, str) and p for p in out):
+        raise FormatError(f"{field}: expected a list of module names / 're:' patterns, got {pats!r}")
+    for p in out:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise FormatError(f"{field}: bad pattern {p!r} ({e})") from None
+    return out
 
 
 def _conversion_id(v: Any, field: str) -> str:

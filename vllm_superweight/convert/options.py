@@ -33,6 +33,7 @@ PRESET_KEYS = frozenset(
         "grid_weight",
         "holdout_budget",
         "holdout_rank",
+        "holdout_modules",
     }
 )
 

@@ -13,7 +13,8 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..format import HoldoutBudget, HoldoutRank, QuantConfig, SuperWeight
+from ..format import HoldoutBudget, HoldoutRank, QuantConfig, SuperWeight, matches_any
+from .errors import ConversionError
 from .plan import Plan, quantized_module, resolve_module
 
 # the fit weight of input column c is rms[c]^POWER normalised to mean 1, plus DAMP (no column ignored); chosen on
@@ -84,19 +85,38 @@ def holdout_counts(
     device: str,
     log: Callable[..., None],
 ) -> dict[str, int] | None:
-    """Per-matrix hold-out counts spending the uniform total ``sum(ceil(holdout * N * K))`` where the error
-    (``holdout_budget``: the prompt's relative output error, or the relative weight error) drops most per held-out
-    weight; None for the uniform budget. One extra pass over the weights (min/max grid: the curves rank matrices,
-    they need not be the final grid); each curve holds out the weights ``holdout_rank`` picks."""
-    if qcfg.holdout_budget == HoldoutBudget.UNIFORM or qcfg.holdout <= 0:
+    """Per-matrix hold-out counts, or None for the uniform fraction of every matrix. The total is always
+    ``sum(ceil(holdout * N * K))`` over ALL quantized matrices. ``holdout_modules`` restricts where it is spent
+    (the others get 0: super weights only); ``holdout_budget`` other than uniform spends it where the error (the
+    prompt's relative output error, or the relative weight error) drops most per held-out weight -- one extra pass
+    over the weights (min/max grid: the curves rank matrices, they need not be the final grid); each curve holds
+    out the weights ``holdout_rank`` picks. Without a budget the chosen matrices share the total by size."""
+    if qcfg.holdout <= 0 or (qcfg.holdout_budget == HoldoutBudget.UNIFORM and not qcfg.holdout_modules):
         return None
+    total = sum(int(math.ceil(qcfg.holdout * n * k)) for n, k in plan.quant.values())
+    chosen = [m for m in plan.quant if not qcfg.holdout_modules or matches_any(m, qcfg.holdout_modules)]
+    if not chosen:
+        raise ConversionError(
+            f"holdout_modules {','.join(qcfg.holdout_modules)}: no quantized matrix matches (e.g. "
+            f"{', '.join(sorted(plan.quant)[:3])})"
+        )
+    size = sum(plan.quant[m][0] * plan.quant[m][1] for m in chosen)
+    where = f" in {len(chosen)} of {len(plan.quant)} matrices ({','.join(qcfg.holdout_modules)})"
+    if qcfg.holdout_budget == HoldoutBudget.UNIFORM:
+        counts = {m: 0 for m in plan.quant}
+        for m in chosen:
+            n, k = plan.quant[m]
+            counts[m] = min(int(round(total * n * k / size)), n * k // 4)
+        log(f"hold-out: {sum(counts.values()):,} of {total:,} weights{where}")
+        return counts
     from ..grid import allocate_budget, budget_curve
 
+    # the chosen matrices' curves span multiples of their share of the total (the whole total when all are chosen)
+    frac = min(qcfg.holdout * sum(n * k for n, k in plan.quant.values()) / size, 0.25)
     curves: dict[str, list[tuple[int, float]]] = {}
-    total = 0
     for name, t in stream:
         mod = quantized_module(name, tuple(t.shape), plan.ignore)
-        if mod is None or mod not in plan.quant:
+        if mod is None or mod not in plan.quant or mod not in chosen:
             continue
         w = t.to(plan.out_dtype)
         if device != "cpu":
@@ -104,12 +124,12 @@ def holdout_counts(
         coords = [(sw.row, sw.col) for sw in super_weights.get(mod, ())] if qcfg.restore_super_weights else []
         metric = qcfg.holdout_budget.value
         curves[mod] = budget_curve(
-            w, qcfg.holdout, qcfg.bits, qcfg.layout, extra=coords, metric=metric,
+            w, frac, qcfg.bits, qcfg.layout, extra=coords, metric=metric,
             act=None if rms is None else rms.get(mod), scale_dtype=plan.out_dtype,
             col_scale=holdout_scale(qcfg, rms, mod),
         )  # fmt: skip
-        total += int(math.ceil(qcfg.holdout * w.numel()))
-    counts = allocate_budget(curves, total)
+    counts = {m: 0 for m in plan.quant}
+    counts.update(allocate_budget(curves, total))
     spent = sum(counts.values())
-    log(f"hold-out budget ({qcfg.holdout_budget.value}): {spent:,} of {total:,} weights over {len(counts)} matrices")
+    log(f"hold-out budget ({qcfg.holdout_budget.value}): {spent:,} of {total:,} weights over {len(curves)} matrices")
     return counts
