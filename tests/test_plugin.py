@@ -230,6 +230,26 @@ def test_tensor_parallel_2_matches_tp1(tiny_ckpt, smollm2_tokenizer_dir):
         assert float((torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs().max()) < 1e-4
 
 
+def test_holdout_modules_checkpoint_served(tmp_path, tiny_src):
+    """A checkpoint whose hold-out sits in q/k/v only (format 1.4 holdout_modules): the merged qkv_proj carries all
+    held-out entries, the other Linears only the super weights, and vLLM's output equals the float reference of the
+    restored weights (without the qkv correction the 2% largest weights of q/k/v would read as 0)."""
+    dst = str(tmp_path / "qkv")
+    qc = build_quant_config(None, bits=4, block="channel", symmetric=False, holdout=2e-2)
+    qc = qc.replace(holdout_modules=["q_proj", "k_proj", "v_proj"])
+    rep = convert(tiny_src, dst, qc, super_weights=TINY_SWS, progress=False, log=None)
+    held = {m: r["held_out"] for m, r in rep["modules"].items()}
+    assert all(v > 0 for m, v in held.items() if m.endswith(("q_proj", "k_proj", "v_proj")))
+    assert held["model.layers.0.mlp.down_proj"] == 2 and sum(held.values()) - 2 == sum(
+        v for m, v in held.items() if m.endswith(("q_proj", "k_proj", "v_proj"))
+    )
+    model, tok = load_dequantized_model(dst, dtype=torch.float32)
+    ids = _ids(tok, PROMPTS)
+    res = run_vllm({"model": dst, "dtype": "float32", "prompts": ids, "max_tokens": 8, "prompt_logprobs": True})
+    for p, r in zip(ids, res):
+        assert float((torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs().max()) < 1e-4
+
+
 @pytest.mark.parametrize("act", ["int8-token", "int8-tensor"])
 def test_w8a8_outlier_channels(tmp_path, tiny_src, smollm2_tokenizer_dir, act):
     """W8A8: int8 activations except the listed outlier channels (kept 16-bit); close to the float reference."""
