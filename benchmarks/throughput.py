@@ -109,18 +109,6 @@ METHODS: dict[str, dict] = {
         src="convert",
         flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0.001", "--super-weights", "@SW"],
     ),
-    # the same 0.1 % total spent in q/k/v only (one corrected GEMM per layer, qkv_proj, instead of four): as good as
-    # every matrix on SmolLM2 / Gemma-3 (benchmarks/results/grid_study.md, session 14)
-    "sw-w4-g128-holdout-qkv": dict(
-        method="superweight_rtn",
-        bits=4,
-        block="128",
-        holdout=0.001,
-        activations="none",
-        src="convert",
-        flags=["--bits", "4", "--asymmetric", "--block", "128", "--holdout", "0.001"]
-        + ["--holdout-modules", "q_proj,k_proj,v_proj", "--super-weights", "@SW"],
-    ),
     "sw-w8a8": dict(
         method="superweight_rtn",
         bits=8,
@@ -149,6 +137,12 @@ for _spec in METHODS.values():
     _flags = _spec.get("flags")
     if _flags and "--preset" not in _flags and "--grid" not in _flags:
         _spec["flags"] = _flags + ["--grid", "minmax"]
+# the same 0.1 % total spent in q/k/v only (one corrected GEMM per layer, qkv_proj, instead of four): as good as
+# every matrix on SmolLM2 / Gemma-3 (benchmarks/results/grid_study.md, session 14); its own checkpoint
+METHODS["sw-w4-g128-holdout-qkv"] = dict(
+    METHODS["sw-w4-g128-holdout"],
+    flags=METHODS["sw-w4-g128-holdout"]["flags"] + ["--holdout-modules", "q_proj,k_proj,v_proj"],
+)
 # the same checkpoints served by our Triton W4 GEMM (one stored layout, correction inside the GEMM): the base
 # variant's spec, its checkpoint reused, the kernel forced
 for _base in ("sw-w4-g128", "sw-w4-g128-holdout"):
