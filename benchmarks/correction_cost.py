@@ -16,7 +16,6 @@ machine. Records: {name, ckpt, device, m, corrected_gemms, entries, ms_per_step}
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -27,6 +26,8 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vllm_superweight.checkpoint import weight_files  # noqa: E402
+from vllm_superweight.format import SPARSE_INDEX, SPARSE_VALUE, W_SHAPE, layer_of  # noqa: E402
 from vllm_superweight.kernels import prepare_sparse, sparse_correction  # noqa: E402
 
 MERGED = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
@@ -34,10 +35,10 @@ MERGED = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
 
 def _tensors(ckpt: str) -> dict[str, torch.Tensor]:
     out = {}
-    for fn in sorted(glob.glob(os.path.join(ckpt, "*.safetensors"))):
+    for fn in weight_files(ckpt):
         with safe_open(fn, "pt") as f:
             for k in f.keys():
-                if k.endswith((".sparse_index", ".sparse_value", ".weight_shape")):
+                if k.rpartition(".")[2] in (SPARSE_INDEX, SPARSE_VALUE, W_SHAPE):
                     out[k] = f.get_tensor(k)
     return out
 
@@ -45,8 +46,8 @@ def _tensors(ckpt: str) -> dict[str, torch.Tensor]:
 def served_corrections(ckpt: str, device: str) -> list[tuple[dict, int, int, int]]:
     """(prepared entries, N, K, entries) of every served Linear that holds any, in layer order."""
     ts = _tensors(ckpt)
-    mods = sorted({k.rsplit(".", 1)[0] for k in ts if k.endswith(".weight_shape")})
-    layers = sorted({m.rsplit(".", 2)[0] for m in mods}, key=lambda p: int(p.rsplit(".", 1)[1]))
+    mods = sorted({k.rpartition(".")[0] for k in ts if k.endswith("." + W_SHAPE)})
+    layers = sorted({m.rsplit(".", 2)[0] for m in mods}, key=lambda p: layer_of(p + "."))
     out = []
     for lay in layers:
         for group in MERGED:
@@ -55,12 +56,12 @@ def served_corrections(ckpt: str, device: str) -> list[tuple[dict, int, int, int
                 continue
             rows, cols, vals, off, k = [], [], [], 0, 0
             for m in parts:
-                n, k = (int(v) for v in ts[m + ".weight_shape"].tolist())
-                if m + ".sparse_index" in ts:
-                    idx = ts[m + ".sparse_index"].long()
+                n, k = (int(v) for v in ts[f"{m}.{W_SHAPE}"].tolist())
+                if f"{m}.{SPARSE_INDEX}" in ts:
+                    idx = ts[f"{m}.{SPARSE_INDEX}"].long()
                     rows.append(idx[0] + off)
                     cols.append(idx[1])
-                    vals.append(ts[m + ".sparse_value"].float())
+                    vals.append(ts[f"{m}.{SPARSE_VALUE}"].float())
                 off += n
             if rows:
                 r, c, v = torch.cat(rows), torch.cat(cols), torch.cat(vals)

@@ -578,25 +578,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
-    if command_line and rc == 130:
-        _exit_interrupted()
-    if command_line and argv and argv[0] == "eval":
+    if command_line and (rc == 130 or (argv and argv[0] == "eval")):
         from .eval import exit_now
 
-        exit_now(rc)  # after a vLLM engine: leave without the interpreter teardown that can abort (status 134)
+        # eval: after a vLLM engine, leave without the interpreter teardown that can abort (status 134).
+        # Interrupted (the clean-up ran): a plain sys.exit(130) is not enough under ``python -m``: when the signal's
+        # KeyboardInterrupt once passed out of a library's embedded ``PyRun_*`` snippet, CPython keeps a flag that
+        # makes it kill itself with SIGINT at exit (status -2) though we handled the interrupt (CI, 2026-12-02).
+        exit_now(rc, hard=rc == 130)
     return rc
-
-
-def _exit_interrupted() -> None:
-    """Leave with status 130 now that the clean-up ran. A plain ``sys.exit(130)`` is not enough under ``python -m``:
-    when the signal's KeyboardInterrupt once passed out of a library's embedded ``PyRun_*`` snippet, CPython keeps a
-    flag that makes it kill itself with SIGINT at exit (status -2) though we handled the interrupt (CI, 2026-12-02)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # pragma: no cover - a closed pipe
-            pass
-    os._exit(130)
 
 
 def _fail(msg: str) -> int:

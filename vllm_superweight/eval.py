@@ -347,16 +347,16 @@ def shutdown_engine(llm) -> None:
     gc.collect()
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int, hard: bool = False) -> None:
     """Leave the process with ``code`` after flushing stdout/stderr. After a vLLM engine ran, C++ threads of
     vLLM/torch can abort a normal interpreter exit (exit status 134) although every result is written: skip the
-    interpreter's teardown then (``os._exit``)."""
+    interpreter's teardown then (``os._exit``), or whenever ``hard``."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # pragma: no cover
             pass
-    if ENGINE_STARTED:
+    if hard or ENGINE_STARTED:
         os._exit(code)
     sys.exit(code)
 

@@ -563,7 +563,7 @@ class QuantConfig:
 
 def _patterns(pats: Any, field: str) -> tuple[str, ...]:
     """A validated tuple of module names / name suffixes / ``re:`` patterns (``ignore``, ``holdout_modules``)."""
-    out = tuple(pats) if not isinstance(pats, str) else (pats,)
+    out = () if isinstance(pats, str) else tuple(pats)
     if isinstance(pats, str) or not all(isinstance(p, str) and p for p in out):
         raise FormatError(f"{field}: expected a list of module names / 're:' patterns, got {pats!r}")
     for p in out:

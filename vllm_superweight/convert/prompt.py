@@ -94,6 +94,7 @@ def holdout_counts(
     if qcfg.holdout <= 0 or (qcfg.holdout_budget == HoldoutBudget.UNIFORM and not qcfg.holdout_modules):
         return None
     total = sum(int(math.ceil(qcfg.holdout * n * k)) for n, k in plan.quant.values())
+    all_size = sum(n * k for n, k in plan.quant.values())
     chosen = [m for m in plan.quant if not qcfg.holdout_modules or matches_any(m, qcfg.holdout_modules)]
     if not chosen:
         raise ConversionError(
@@ -112,7 +113,7 @@ def holdout_counts(
     from ..grid import allocate_budget, budget_curve
 
     # the chosen matrices' curves span multiples of their share of the total (the whole total when all are chosen)
-    frac = min(qcfg.holdout * sum(n * k for n, k in plan.quant.values()) / size, 0.25)
+    frac = min(qcfg.holdout * all_size / size, 0.25)
     curves: dict[str, list[tuple[int, float]]] = {}
     for name, t in stream:
         mod = quantized_module(name, tuple(t.shape), plan.ignore)
