@@ -41,6 +41,7 @@ LABEL = {
     "sw-w4-g128-nosw": "SW-RTN W4 g128 (no SW)",
     "sw-w4-channel-holdout": "SW-RTN W4 channel +0.1% hold-out",
     "sw-w4-g128-holdout": "SW-RTN W4 g128 +0.1% hold-out",
+    "sw-w4-g128-holdout-qkv": "SW-RTN W4 g128 +0.1% hold-out, all of it in q/k/v",
     "sw-default": "SW-RTN default (W4 g64 +0.1% hold-out)",
     "sw-w8a8": "SW-RTN W8A8 + outlier ch.",
     "sw-w8a8-azp": "SW-RTN W8A8 + outlier ch., first in the zero-point epilogue",
@@ -67,11 +68,16 @@ def label(v: str) -> str:
 
 
 def kernel_of(r: dict) -> str:
-    """The W4 kernel vLLM's log named for the engine ("Machete+Marlin(M<=48)"), or "–"."""
+    """The W4 kernels vLLM's log named for the engine ("Machete+Marlin(M<=48)"), each with the first layer that
+    took it when the engine chose more than one (e.g. q/k/v with a hold-out, the others without), or "–"."""
+    found = []
     for k in r.get("kernels") or []:
         if k.startswith("W4 linears: "):
-            return k[len("W4 linears: ") :].split(" (first:")[0]
-    return "–"
+            kernel, _, first = k[len("W4 linears: ") :].partition(" (first: ")
+            found.append((kernel, first.rstrip(")").rsplit(".", 1)[-1]))
+    if len(found) == 1:
+        return found[0][0]
+    return " / ".join(f"{kernel} ({where})" for kernel, where in found) or "–"
 
 
 def variant_of(r: dict) -> str:
