@@ -154,9 +154,13 @@ def rows_for(model: str) -> list[Row]:
     # Say the grid of every converted row: the converter's defaults come from preset `default`, whose grid is the
     # fitted one since issue 11, so a "naive RTN" row without --grid was silently built with the fit (the W3 rows of
     # 2026-11-30 were: 68.66 "naive" vs 88.89 for true min/max).
+    # Likewise where the hold-out goes: since session 15 preset `default` spends it in q/k/v only, so the rows built
+    # on the converter's defaults say "every matrix", as they were measured.
     for r in rows:
         if r.convert_args and "--grid" not in r.convert_args and "--preset" not in r.convert_args:
             r.convert_args = r.convert_args + ["--grid", r.grid]
+        if r.convert_args and "--preset" not in r.convert_args and "--holdout-modules" not in r.convert_args:
+            r.convert_args = r.convert_args + ["--holdout-modules", "all"]
     return rows
 
 
@@ -197,6 +201,22 @@ def grid_rows(model: str) -> list[Row]:
             grid="hqq",
             label=f"g{g}, fit weighted by the prompt, hold-out {MODELS[model]['hqq_holdout']:g}"
             + f"{_preset_note(f'w4-g{g}-hqq')} (preset w4-g{g}-hqq)",
+        ),
+        Row(
+            f"hqq-w4-g{g}-qkv",
+            "superweight_rtn",
+            4,
+            g,
+            "none",
+            True,
+            float(MODELS[model]["hqq_holdout"]),
+            "none",
+            ["--preset", f"w4-g{g}-hqq", "--holdout-modules", "q_proj,k_proj,v_proj"],
+            uses_sw=True,
+            grid="hqq",
+            label=f"g{g}, fit weighted by the prompt, hold-out {MODELS[model]['hqq_holdout']:g}"
+            + f"{_preset_note(f'w4-g{g}-hqq')}, all of it in q/k/v"
+            + f" (preset w4-g{g}-hqq --holdout-modules q_proj,k_proj,v_proj)",
         ),
         Row(
             f"hqq-w4-g{g}-weights-only",

@@ -133,15 +133,19 @@ METHODS: dict[str, dict] = {
 }
 # the named RTN variants are min/max RTN: the converter's defaults come from preset `default`, whose grid is the
 # fitted one (issue 11), so say it (the grid does not change the kernels, only what the checkpoint holds)
+# (and, since preset `default` spends its hold-out in q/k/v only (session 15), the named hold-out rows say "every
+# matrix", as they were measured)
 for _spec in METHODS.values():
     _flags = _spec.get("flags")
     if _flags and "--preset" not in _flags and "--grid" not in _flags:
-        _spec["flags"] = _flags + ["--grid", "minmax"]
+        _spec["flags"] = _flags = _flags + ["--grid", "minmax"]
+    if _flags and "--preset" not in _flags and _spec["holdout"] > 0:
+        _spec["flags"] = _flags + ["--holdout-modules", "all"]
 # the same 0.1 % total spent in q/k/v only (one corrected GEMM per layer, qkv_proj, instead of four): as good as
 # every matrix on SmolLM2 / Gemma-3 (benchmarks/results/grid_study.md, session 14); its own checkpoint
 METHODS["sw-w4-g128-holdout-qkv"] = dict(
     METHODS["sw-w4-g128-holdout"],
-    flags=METHODS["sw-w4-g128-holdout"]["flags"] + ["--holdout-modules", "q_proj,k_proj,v_proj"],
+    flags=[f if f != "all" else "q_proj,k_proj,v_proj" for f in METHODS["sw-w4-g128-holdout"]["flags"]],
 )
 # the same checkpoints served by our Triton W4 GEMM (one stored layout, correction inside the GEMM): the base
 # variant's spec, its checkpoint reused, the kernel forced

@@ -126,16 +126,28 @@ def test_holdout_rank_option(capsys):
 
 def test_holdout_modules_option():
     """--holdout-modules: a comma list reaches the QuantConfig on top of a preset; 'all' (or empty) means every
-    matrix; with --holdout 0 it is refused (the list would name where nothing is spent)."""
+    matrix; with --holdout 0 it is refused (the list would name where nothing is spent). The default preset spends
+    its hold-out in the attention input projections; its list gives way to --holdout 0 and to blocks that are not
+    groups (there every matrix keeps more of the gain), never to an explicit list."""
     p = cli.build_parser()
-    qc = cli.quant_config_from_args(p.parse_args(["convert", "S", "D", "--holdout-modules", "q_proj, k_proj,v_proj"]))
+
+    def qc_of(*flags):
+        return cli.quant_config_from_args(p.parse_args(["convert", "S", "D", *flags]))
+
+    qc = qc_of("--holdout-modules", "q_proj, k_proj,v_proj")
     assert qc.holdout_modules == ("q_proj", "k_proj", "v_proj") and qc.holdout == 1e-3
-    assert cli.quant_config_from_args(p.parse_args(["convert", "S", "D"])).holdout_modules == ()
+    default = qc_of().holdout_modules
+    assert {"q_proj", "k_proj", "v_proj", "qkv_proj"} <= set(default) and "o_proj" not in default
+    assert qc_of("--preset", "w4-g64-hqq").holdout_modules == ()
     for every in ("all", ""):
-        args = p.parse_args(["convert", "S", "D", "--holdout-modules", every])
-        assert cli.quant_config_from_args(args).holdout_modules == ()
+        assert qc_of("--holdout-modules", every).holdout_modules == ()
+    assert qc_of("--holdout", "0").holdout_modules == () and qc_of("--holdout", "0").holdout == 0
+    for block in ("channel", "rows:4", "tensor"):
+        assert qc_of("--block", block).holdout_modules == (), block
+    assert qc_of("--block", "128").holdout_modules == default
+    assert qc_of("--block", "channel", "--holdout-modules", "q_proj").holdout_modules == ("q_proj",)
     with pytest.raises(FormatError, match="it needs holdout > 0"):
-        cli.quant_config_from_args(p.parse_args(["convert", "S", "D", "--holdout", "0", "--holdout-modules", "q_proj"]))
+        qc_of("--holdout", "0", "--holdout-modules", "q_proj")
 
 
 @pytest.mark.parametrize(

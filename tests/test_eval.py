@@ -278,7 +278,30 @@ def test_throughput_rows_build_what_they_say():
         built[name] = qc
     assert built["sw-w4-g128-holdout-qkv"].holdout_modules == ("q_proj", "k_proj", "v_proj")
     assert built["sw-w4-g128-holdout-qkv"].replace(holdout_modules=()) == built["sw-w4-g128-holdout"]
+    # the named hold-out rows stay "every matrix" although preset `default` (their base) spends it in q/k/v now
+    assert built["sw-w4-g128-holdout"].holdout_modules == () == built["sw-w4-channel-holdout"].holdout_modules
+    assert "q_proj" in built["sw-default"].holdout_modules
     assert set(t.GROUPS["holdout"]) <= set(t.METHODS)
+
+
+def test_quality_rows_spend_the_hold_out_where_they_say():
+    """Rows built on the converter's defaults (no --preset) hold out in every matrix, as their labels and the
+    recorded numbers mean; only the q/k/v rows name q/k/v."""
+    from vllm_superweight.cli import build_parser, quant_config_from_args
+
+    q = _quality_module()
+    seen = set()
+    for model in q.MODELS:
+        for row in q.rows_for(model):
+            if not row.convert_args:
+                continue
+            qc = quant_config_from_args(build_parser().parse_args(["convert", "SRC", "DST", *row.convert_args]))
+            if row.id.endswith("-qkv"):
+                assert qc.holdout_modules == ("q_proj", "k_proj", "v_proj"), row.id
+                seen.add(model)
+            else:
+                assert qc.holdout_modules == (), row.id
+    assert seen == set(q.MODELS)
 
 
 def test_quality_report_from_records(tmp_path, monkeypatch):

@@ -481,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAMES",
         help="spend the --holdout total (a fraction of ALL quantized weights) only in these matrices: comma-separated "
         "module names or name suffixes (q_proj,k_proj,v_proj) or re:REGEX; the others keep their super weights only "
-        "(fewer corrected GEMMs when serving); 'all': every matrix",
+        "(fewer corrected GEMMs when serving); 'all': every matrix. Preset default: the attention input projections "
+        "(q/k/v), dropped by --holdout 0 or a --block that is not a group size",
     )
     c.add_argument(
         "--no-restore",

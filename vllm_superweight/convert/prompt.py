@@ -99,7 +99,7 @@ def holdout_counts(
     if not chosen:
         raise ConversionError(
             f"holdout_modules {','.join(qcfg.holdout_modules)}: no quantized matrix matches (e.g. "
-            f"{', '.join(sorted(plan.quant)[:3])})"
+            f"{', '.join(sorted(plan.quant)[:3])}); name the matrices with --holdout-modules, or 'all' for every one"
         )
     size = sum(plan.quant[m][0] * plan.quant[m][1] for m in chosen)
     where = f" in {len(chosen)} of {len(plan.quant)} matrices ({','.join(qcfg.holdout_modules)})"
