@@ -770,7 +770,9 @@ def test_holdout_modules_end_to_end(tmp_path):
     # (each matrix takes one of its curve's counts: the greedy split may leave a little of the total unspent)
     assert 0.9 * n_all <= rep_b["totals"]["held_out"] <= n_all + rep_b["totals"]["modules_quantized"]
     assert any(len(held_b.get(m, ())) != len(held[m]) for m in chosen)
-    with pytest.raises(conv.ConversionError, match="holdout_modules o_prj: no quantized matrix matches .*'all' for every one"):
+    with pytest.raises(
+        conv.ConversionError, match="holdout_modules o_prj: no quantized matrix matches .*'all' for every one"
+    ):
         run(src, tmp_path / "none", base.replace(holdout_modules=["o_prj"]), super_weights=sws)
     assert not (tmp_path / "none").exists()
 
