@@ -13,7 +13,7 @@ import os
 import re
 from typing import Any
 
-from ..format import DTYPES, QuantConfig
+from ..format import DTYPES, BlockLayout, FormatError, QuantConfig
 from .errors import ConversionError
 
 PRESET_PACKAGE = "vllm_superweight.quant_configs"
@@ -153,8 +153,10 @@ def _preset_places_wrongly(fields: dict[str, Any]) -> bool:
     only kept 34% (SmolLM2) and 88% (Gemma-3) of what every matrix gains (session 14), so every matrix it is."""
     if float(fields.get("holdout") or 0) <= 0:
         return True
-    block = str(fields.get("block", "")).strip().lower()
-    return not block.isdigit()
+    try:
+        return BlockLayout.parse(fields.get("block")).kind != "group"
+    except FormatError:  # QuantConfig says what is wrong with the block
+        return False
 
 
 def parse_size(text: str) -> int:
