@@ -9,7 +9,6 @@
 #   bash benchmarks/gpu_run.sh owed                        # the GPU work session 15 left (see the stage), then
 #                                                          # a BUDGET_S=560 ... throughput call
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
-#   bash benchmarks/gpu_run.sh merge                       # line-merged SELL slices: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
 #   bash benchmarks/gpu_run.sh coldstart [cold_start args]   # vllm serve time-to-ready, cold and warm caches
@@ -190,23 +189,6 @@ case "$STAGE" in
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     tail -4 "$STASH_DIR/build.log"
     echo "[$(ts)] owed done" ;;
-  merge)
-    # session 16, one call after the three stash calls (~8 min): the checkpoints of the `merge` throughput group
-    # built in the background; meanwhile the GPU tests of the SELL correction (line-merged slices are now the
-    # default layout, so every sparse GPU test runs them); then (build done, GPU idle) the line-merged vs row-order
-    # micro-benchmark with the default preset's placement (the layer's 0.1 % in q/k/v). Next calls:
-    #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput sw-w4-g128,sw-w4-g128-holdout-qkv,awq
-    #   bash benchmarks/gpu_eval_ckpt.sh stash eval default; BUDGET_S=... gpu_run.sh throughput sw-w4-g128-holdout-qkv-rowsell
-    setup
-    bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
-    timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_merge_test_kernels.xml" \
-      tests/test_kernels.py 2>&1 | tail -4
-    for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
-    tail -4 "$STASH_DIR/build.log"
-    timeout 280 $PY benchmarks/w4_fused_bench.py --sections merge --holdout-modules qkv --budget-s 250 \
-      --overlap-ms 1,2,4,8,16,32,48,64 --warm-workers 0 --out "$OUT/w4_merge_qkv.json" 2>&1 \
-      | grep -E "kernel=marlin\+sell (row|auto|w4|w2|w1) |merge:" || true
-    echo "[$(ts)] merge done" ;;
   unroll)
     # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and
     # without hold-out) built in the background; meanwhile the GPU tests of the SELL correction (unrolled form

@@ -147,10 +147,6 @@ METHODS["sw-w4-g128-holdout-qkv"] = dict(
     METHODS["sw-w4-g128-holdout"],
     flags=[f if f != "all" else "q_proj,k_proj,v_proj" for f in METHODS["sw-w4-g128-holdout"]["flags"]],
 )
-# the q/k/v hold-out's SELL slices in row order (before session 16 the only order; now line-merged by default)
-METHODS["sw-w4-g128-holdout-qkv-rowsell"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_SPARSE_TILES": "merge=0"}
-)
 # the same checkpoints served by our Triton W4 GEMM (one stored layout, correction inside the GEMM): the base
 # variant's spec, its checkpoint reused, the kernel forced
 for _base in ("sw-w4-g128", "sw-w4-g128-holdout"):
@@ -210,8 +206,6 @@ GROUPS = {
     "w8a8": ["smoothquant", "sw-w8a8", "sw-w8a8-cutlass"],
     # issue 12's hold-out target with the hold-out placed in q/k/v only (session 14), beside every matrix and none
     "holdout": ["awq", "sw-w4-g128", "sw-w4-g128-holdout", "sw-w4-g128-holdout-qkv"],
-    # session 16: the q/k/v hold-out with line-merged SELL slices (default) and in row order, beside none and AWQ
-    "merge": ["sw-w4-g128", "sw-w4-g128-holdout-qkv", "awq", "sw-w4-g128-holdout-qkv-rowsell"],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)

@@ -291,18 +291,6 @@ class Bench:
         os.replace(out + ".tmp", out)
 
     # -- layers -----------------------------------------------------------------------------------------------
-    def holdout_frac(self, name: str) -> float:
-        """Hold-out fraction of matrix ``name``: ``--holdout`` of every matrix, or (``--holdout-modules``) the
-        layer's whole ``--holdout`` total spent in the named matrices only (the converter's placement)."""
-        mods = self.args.holdout_modules
-        if mods == "all":
-            return self.args.holdout
-        names = set(mods.split(","))
-        if name not in names:
-            return 0.0
-        size = {nm: n * k for nm, (n, k) in self.shapes.items()}
-        return self.args.holdout * sum(size.values()) / sum(size[nm] for nm in names)
-
     def build(self):
         """Random g128 asym W4 layers (codes, scales, zeros on the device), 0.1 % hold-out + a super weight in
         down_proj; our prepared layouts (with / without entries) and, with vLLM, Marlin and Machete layers."""
@@ -316,14 +304,13 @@ class Bench:
                 s = (torch.rand(n, k // 128, generator=g, device=dev) * 0.01 + 0.002).to(torch.bfloat16)
                 z = torch.randint(0, 16, (n, k // 128), generator=g, dtype=torch.int32, device=dev)
                 gc = torch.Generator().manual_seed(li * 10 + len(d))
-                frac = self.holdout_frac(name)
-                nnz = int(round(n * k * frac)) if frac else 0
+                nnz = max(1, int(round(n * k * self.args.holdout)))
                 flat = torch.randperm(n * k, generator=gc)[:nnz]
-                if name == "down" and frac:  # one planted super weight
+                if name == "down":  # one planted super weight
                     flat = torch.unique(torch.cat([flat, torch.tensor([(n // 2) * k + k // 3])]))
                 r, c = flat // k, flat % k
                 v = (torch.randn(r.numel(), generator=gc) * 0.05).to(torch.bfloat16).float()
-                if name == "down" and frac:
+                if name == "down":
                     v[(r == n // 2) & (c == k // 3)] = -2.5
                 q[r.to(dev), c.to(dev)] = z[r.to(dev), (c // 128).to(dev)]  # held-out codes dequantize to 0
                 prep = T.prepare_w4(q, s, z, 128, False, r, c, v, n, k, dev)
@@ -339,7 +326,7 @@ class Bench:
                     import vllm_superweight.kernels as K
 
                     ent["sell"] = K.prepare_sparse(r, c, v, n, k, dev, layout="sell")
-                if {"onecopy", "gemv", "overlap", "unroll", "merge"} & set(self.args.sections):
+                if {"onecopy", "gemv", "overlap", "unroll"} & set(self.args.sections):
                     self.add_onecopy(ent, n, k)
                 d[name] = ent
             self.layers.append(d)
@@ -887,94 +874,6 @@ class Bench:
             self.meta["unroll_best"] = {"variant": best, "us_sum": sums[best], "all": sums, "env": env}
             log(f"unroll: best {best} ({sums[best]:.1f} us summed over M; default {sums.get('default', 0):.1f})")
 
-    def section_merge(self):
-        """Line-merged SELL slices (``build_sell(merge=W)``: each slot step gathers x from W adjacent lines) vs row
-        order, after Marlin (the one-copy pair's small batches) and alone, per M (--overlap-ms), us per layer; with
-        the transposed path from 4 / 8 tokens and other tokens per program. With ``--holdout-modules qkv`` this is
-        the default preset's placement (the layer's 0.1 % in q/k/v: ~16 entries a row, where the gathers of x, not
-        the launch, grow with M). meta "merge_best": the fastest variant summed over M < 96."""
-        import dataclasses
-
-        import vllm_superweight.kernels as K
-        from vllm_superweight.kernels import triton_sparse as TS
-
-        if "mq" not in self.layers[0]["o"]:
-            self.add(section="merge", note="skipped: no Marlin layer (vLLM unavailable)")
-            return
-        windows = {"row": 0, "auto": "auto", "w4": 4, "w2": 2, "w1": 1}
-        stats = {}
-        for lay in self.layers:
-            for name, (n, k) in self.shapes.items():
-                e = lay[name]
-                e["merged"] = {}
-                if e["r"].numel() == 0:
-                    continue
-                for label, w in windows.items():
-                    sp = K.prepare_sparse(
-                        e["r"], e["c"], e["v"], n, k, self.dev, layout="sell", pack=torch.bfloat16, merge=w
-                    )
-                    e["merged"][label] = sp
-                    stats.setdefault(name, {})[label] = K.layout_stats(sp)
-        self.meta["merge_layouts"] = stats
-        d = TS.DEFAULT_TILES
-        variants = [  # (label, layout, tiles, deepest unrolled slice)
-            ("row", "row", d, 64),
-            ("auto", "auto", d, 64),
-            ("w4", "w4", d, 128),
-            ("w2", "w2", d, 128),
-            ("w1", "w1", d, 128),
-            ("row tmin4", "row", dataclasses.replace(d, transpose_min_m=4), 64),
-            ("row tmin8", "row", dataclasses.replace(d, transpose_min_m=8), 64),
-            ("auto tmin4", "auto", dataclasses.replace(d, transpose_min_m=4), 64),
-            ("auto tmin8", "auto", dataclasses.replace(d, transpose_min_m=8), 64),
-            ("w4 tmin8", "w4", dataclasses.replace(d, transpose_min_m=8), 128),
-            ("auto bmd1", "auto", dataclasses.replace(d, bm_direct=1), 64),
-            ("auto bmd4", "auto", dataclasses.replace(d, bm_direct=4), 64),
-            ("auto bmd8", "auto", dataclasses.replace(d, bm_direct=8), 64),
-            ("w2 bmd4", "w2", dataclasses.replace(d, bm_direct=4), 128),
-        ]
-
-        def run(label, tiles, xs, alone, ys, max_unroll):
-            def f():
-                TS.MAX_UNROLL = max_unroll  # read by the launch plan (host side, at capture)
-                for lay in self.layers:
-                    for name, (n, _k) in self.shapes.items():
-                        e, x = lay[name], xs[name]
-                        sp = e["merged"].get(label)
-                        if sp is None:
-                            if not alone:
-                                marlin_out(e, x, n)
-                            continue
-                        y = ys[name] if alone else marlin_out(e, x, n)
-                        args = [sp[key] for key in SELL_ORDER]
-                        TS.sparse_correction_(y, x, *args, int(sp["nnz"].shape[0]), tiles=tiles)
-                TS.MAX_UNROLL = 64
-
-            return f
-
-        sums: dict = {}
-        for m in self.args.overlap_ms:
-            if not self.fits("merge", m, 15):
-                continue
-            xs = self.xs(m)
-            ys = self.zeros(m)
-            marlins = [(lay[nm], xs[nm], n) for lay in self.layers for nm, (n, _) in self.shapes.items()]
-            base = self.time_kind("merge", "marlin", m, lambda: [marlin_out(e, x, n) for e, x, n in marlins])
-            for label, lay_key, tiles, mu in variants:
-                for alone in (False, True):
-                    if alone and label not in ("row", "auto", "w4", "w2"):
-                        continue
-                    kind = ("sell alone " if alone else "marlin+sell ") + label
-                    us = self.time_kind("merge", kind, m, run(lay_key, tiles, xs, alone, ys, mu), base)
-                    if us is not None and not alone and m < 96:
-                        sums[label] = sums.get(label, 0.0) + us
-            self.save()
-        TS.MAX_UNROLL = 64
-        if sums:
-            best = min(sums, key=sums.get)
-            self.meta["merge_best"] = {"variant": best, "us_sum": sums[best], "all": sums}
-            log(f"merge: best {best} ({sums[best]:.1f} us summed over M; row {sums.get('row', 0):.1f})")
-
     def section_onecopy(self):
         """The Marlin + dequantize pair over two W4 copies vs one (issue 12), per M: small batches Marlin + the
         separate correction from the SELL layout vs from the one-copy restore index; large batches dequantized from
@@ -1238,8 +1137,6 @@ class Bench:
                     self.section_overlap()
                 elif sec == "unroll":
                     self.section_unroll()
-                elif sec == "merge":
-                    self.section_merge()
             except Exception as e:  # noqa: BLE001
                 self.add(section=sec, note=f"section failed: {type(e).__name__}: {str(e)[:500]}")
                 traceback.print_exc()
@@ -1450,11 +1347,6 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--holdout", type=float, default=1e-3)
-    ap.add_argument(
-        "--holdout-modules",
-        default="all",
-        help="'all' (--holdout of every matrix) or a comma list of qkv,o,gate_up,down holding the layer's total",
-    )
     ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=DECODE_MS)
     ap.add_argument("--prefill-ms", type=lambda s: [int(v) for v in s.split(",")], default=PREFILL_MS)
     ap.add_argument(
