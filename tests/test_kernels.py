@@ -182,94 +182,6 @@ def test_sell_layout_invariants():
         assert torch.equal(sp["ucols"].long(), torch.unique(c))
 
 
-def _sell_entries(sp, n):
-    """(row, col, value, slot) of every light entry of an unpacked SELL layout, and the heavy rows' entries."""
-    cols, vals = sp["ell_cols"], sp["ell_vals"]
-    s, d, ln = cols.shape
-    si, slot, lane = torch.nonzero(cols >= 0, as_tuple=True)
-    rows = sp["ell_rb"].long()[si] * ln + lane
-    return rows, cols[si, slot, lane].long(), vals[si, slot, lane], si, slot, lane
-
-
-@pytest.mark.parametrize("merge", [1, 2, 8, "auto"])
-def test_sell_line_merged_layout(merge):
-    """Line-merged slices (``merge=``): every entry exactly once, each lane's entries still in column order (so a
-    row's fp32 sum keeps its order: the torch path gives the row-order layout's result bit for bit), every slot
-    step of a slice gathers from at most ``window`` adjacent 64-column lines of x, lanes may start after slot 0,
-    the heavy rows are the row-order layout's; ``"auto"`` stays within ``merge_budget`` and gathers from fewer
-    lines per step than row order."""
-    gen = torch.Generator().manual_seed(7)
-    n, k = 150, 4096
-    r, c, v = random_entries(n, k, 2400, gen, heavy_row=3, heavy_len=300)
-    row = SL.build_sell(r, c, v, n, k, "cpu")
-    sp = SL.build_sell(r, c, v, n, k, "cpu", merge=merge)
-    rows, cols, vals, si, slot, lane = _sell_entries(sp, n)
-    assert torch.equal(sp["hrows"], row["hrows"]) and torch.equal(sp["hcols"], row["hcols"])
-    dense = torch.zeros(n, k, dtype=torch.float64)
-    dense[rows, cols] += vals.double()
-    hp = sp["hptr"].long()
-    for h in range(sp["hrows"].numel()):
-        dense[int(sp["hrows"][h]), sp["hcols"][hp[h] : hp[h + 1]].long()] += sp["hvals"][hp[h] : hp[h + 1]].double()
-    want = torch.zeros(n, k, dtype=torch.float64)
-    want[r, c] = v.double()
-    assert torch.equal(dense, want) and rows.numel() + sp["hcols"].numel() == r.numel()
-    key = (si * 64 + lane) * 4096 + slot  # lane-major, then slot: columns must rise along the slots of a lane
-    o = torch.argsort(key)
-    same_lane = (si[o][1:] == si[o][:-1]) & (lane[o][1:] == lane[o][:-1])
-    assert (cols[o][1:] > cols[o][:-1])[same_lane].all()
-    window = 8 if merge == "auto" else merge
-    line = cols // 64
-    for s_, t_ in {(int(a), int(b)) for a, b in zip(si, slot)}:
-        ls = line[(si == s_) & (slot == t_)]
-        assert int(ls.max() - ls.min()) < window
-    first = torch.full((sp["ell_cols"].shape[0], sp["ell_cols"].shape[2]), 10**6)
-    first.index_put_((si, lane), slot, accumulate=False)
-    assert (sp["ell_cols"][:, 0, :] < 0).logical_and((sp["ell_cols"] >= 0).any(1)).any()  # lanes start late
-    x = torch.randn(5, k, generator=gen).to(torch.bfloat16)
-    y = torch.randn(5, n, generator=gen).to(torch.bfloat16)
-    assert torch.equal(SL.sell_correction_torch(y, x, sp), SL.sell_correction_torch(y, x, row))
-    if merge == "auto":
-        d_row, d = row["ell_cols"].shape[1], sp["ell_cols"].shape[1]
-        assert d_row < d <= SL.merge_budget(d_row)
-
-        def lines_per_step(layout):
-            cl, u = layout["ell_cols"], layout["ell_cols"] >= 0
-            steps = [(a, b) for a in range(cl.shape[0]) for b in range(cl.shape[1])]
-            return sum(len(set((cl[a, b][u[a, b]] // 64).tolist())) for a, b in steps)
-
-        assert lines_per_step(sp) < 0.8 * lines_per_step(row)
-
-
-def test_sell_line_merged_packed_and_default(monkeypatch):
-    """``prepare_sparse`` line-merges SELL slices by default (packed too) and keeps row order with
-    ``SUPERWEIGHT_SPARSE_TILES=merge=0``; the packed slots decode to the same entries either way."""
-    from vllm_superweight import envs
-
-    gen = torch.Generator().manual_seed(8)
-    n, k = 96, 2048
-    r, c, v = random_entries(n, k, 1500, gen)
-    v = v.to(torch.bfloat16).float()
-    merged = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=torch.bfloat16)
-    monkeypatch.setenv(envs.SPARSE_TILES, "merge=0")
-    row = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=torch.bfloat16)
-    assert merged["ell_cols"].shape[1] > row["ell_cols"].shape[1]
-    for sp in (merged, row):
-        cols, vals = SL.unpack_slots(sp["ell_cols"], torch.bfloat16)
-        got = torch.zeros(n, k)
-        rows = (sp["ell_rb"].long()[:, None, None] * 32 + torch.arange(32)).expand_as(cols)
-        u = cols >= 0
-        got[rows[u], cols[u]] = vals[u]
-        hc, hv = SL.unpack_slots(sp["hcols"], torch.bfloat16)
-        hrow = torch.repeat_interleave(sp["hrows"].long(), sp["hptr"].long().diff())
-        got[hrow, hc] = hv
-        want = torch.zeros(n, k)
-        want[r, c] = v
-        assert torch.equal(got, want)
-    first_used = SL.unpack_slots(row["ell_cols"][:, 0, :], torch.bfloat16)[0] >= 0
-    any_used = (SL.unpack_slots(row["ell_cols"], torch.bfloat16)[0] >= 0).any(1)
-    assert torch.equal(first_used, any_used)  # row order fills from slot 0
-
-
 def test_duplicates_are_summed_and_empty_is_noop():
     n, k = 40, 30
     r = torch.tensor([3, 3, 5, 3])
@@ -585,41 +497,6 @@ def test_interp_sparse_kernel_unrolled(path, pack):
     untouched = torch.ones(n, dtype=torch.bool)
     untouched[r] = False
     assert torch.equal(y2[:, untouched], y[:, untouched])
-
-
-@interp_only
-@pytest.mark.parametrize("path", ["direct", "transposed"])
-@pytest.mark.parametrize("pack", [None, torch.float16])
-def test_interp_sparse_kernel_line_merged(path, pack):
-    """Line-merged slices through the kernel: a lane whose first slot is empty is still stored (the store mask
-    is "any slot used"), rows without entries untouched; the unrolled form gives the row-order layout's y bit
-    for bit (each lane's fp32 sum in the same order), the looped form within rounding."""
-    from vllm_superweight.kernels import triton_sparse as TS
-
-    gen = torch.Generator().manual_seed(13)
-    n, k, m = 70, 1024, 18
-    dt = pack or torch.bfloat16
-    r, c, v = random_entries(n, k, 900, gen, heavy_row=9, heavy_len=200)
-    v = v.to(dt).float()
-    x = torch.randn(m, k, generator=gen).to(dt)
-    y = torch.randn(m, n, generator=gen).to(dt)
-    ref, mag = dense_reference(y, x, r, c, v, n, k)
-    row = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=pack, merge=0)
-    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=pack, merge=2)
-    first = sp["ell_cols"][:, 0, :]
-    empty_first = (first == 0) if pack else (first < 0)
-    assert empty_first.any() and sp["ell_cols"].shape[1] > row["ell_cols"].shape[1]
-    outs = {}
-    for name, layout in (("row", row), ("merged", sp)):
-        for unroll in (1, 0):
-            y2 = y.clone()
-            TS.sparse_correction_(y2, x, *sp_args(layout), force_path=path, tiles=TS.SparseTiles(unroll=unroll))
-            assert_rounded_close(y2, ref, mag, dt)
-            outs[name, unroll] = y2
-    assert torch.equal(outs["merged", 1], outs["row", 1])
-    untouched = torch.ones(n, dtype=torch.bool)
-    untouched[r] = False
-    assert torch.equal(outs["merged", 0][:, untouched], y[:, untouched])
 
 
 @interp_only
@@ -1078,9 +955,7 @@ def test_sparse_tiles_env(monkeypatch):
     assert (TS.env_tiles().unroll, TS.env_tiles().bm_transposed) == (0, 32)
     assert TS.plan(64, 4096, shapes, 1000, TS.env_tiles())["unroll"] == 0  # the looped form
     assert TS.plan(64, 4096, shapes, 1000)["unroll"] == 8  # default: the slice depth in one unrolled pass
-    monkeypatch.setenv(envs.SPARSE_TILES, "merge=0")
-    assert TS.env_tiles().merge == 0 and TS.DEFAULT_TILES.merge == 1
-    for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x", "merge=2"):
+    for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x"):
         monkeypatch.setenv(envs.SPARSE_TILES, bad)
         with pytest.raises(ValueError, match="SUPERWEIGHT_SPARSE_TILES"):
             TS.env_tiles()

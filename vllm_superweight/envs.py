@@ -30,12 +30,11 @@ Only what users need is a knob:
                                     ``gemv=MAX_M`` (<= 4): batches of up to MAX_M tokens run the GEMV over
                                     Marlin's layout with the correction in its epilogue, ``gemv=0`` never).
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
-                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS,unroll=0|1,merge=0|1``
-                                    (any subset): tokens per program on the direct path, the smallest M of the
+                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS,unroll=0|1`` (any
+                                    subset): tokens per program on the direct path, the smallest M of the
                                     transposed path, tokens per program there, gathered elements per step, the
-                                    slice depth as one unrolled pass, line-merged slices (read at load time);
-                                    from ``w4_fused_bench.py --sections onecopy`` (its ``sparse_tiles_env``),
-                                    ``--sections unroll`` and ``--sections merge``.
+                                    slice depth as one unrolled pass; from ``w4_fused_bench.py --sections
+                                    onecopy`` (its ``sparse_tiles_env``) and ``--sections unroll``.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
                                     outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
@@ -79,7 +78,6 @@ _TILE_KEYS = {
     "bmt": "bm_transposed",
     "tile": "tile_elems",
     "unroll": "unroll",
-    "merge": "merge",
 }
 W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused", "marlin-deq", "marlin-deq1")
 DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (section w4sweep) on an H100
@@ -266,13 +264,10 @@ def _parse_tiles(raw: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in raw.split(","))):
         key, _, val = part.partition("=")
-        if key in ("unroll", "merge") and val in ("0", "1"):
-            out[key] = int(val)
+        if key == "unroll" and val in ("0", "1"):
+            out["unroll"] = int(val)
             continue
-        flag = key in ("unroll", "merge")
-        if key not in _TILE_KEYS or flag or not val.isdigit() or int(val) < 1 or int(val) & (int(val) - 1):
-            raise ValueError(
-                f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile= with powers of two, unroll=0|1, merge=0|1"
-            )
+        if key not in _TILE_KEYS or key == "unroll" or not val.isdigit() or int(val) < 1 or int(val) & (int(val) - 1):
+            raise ValueError(f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile= with powers of two, unroll=0|1")
         out[_TILE_KEYS[key]] = int(val)
     return out

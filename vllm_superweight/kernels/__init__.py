@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import envs
 from . import ops as _ops
 from .sparse_layout import (
-    DEFAULT_MERGE,
     build_coo,
     build_sell,
     coo_correction_torch,
@@ -62,7 +60,6 @@ def prepare_sparse(
     lanes: int = 32,
     depth: int | None = None,
     pack: torch.dtype | None = None,
-    merge: int | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load-time preprocessing of one Linear's held-out entries ``(rows[i], cols[i], vals[i])``.
 
@@ -70,23 +67,16 @@ def prepare_sparse(
     kernel's layout; default on CUDA) or ``"coo"`` (default elsewhere). Values are kept in float32. Duplicate
     coordinates are allowed and summed. Raises ValueError on out-of-range indices or non-finite values.
     ``pack`` (bf16 / fp16, SELL only, K <= 65536): 4-byte slots (value bits | 16-bit column) instead of 8; a value
-    the dtype cannot hold exactly becomes 2-3 exact terms at the same position. ``merge`` (SELL only): the slot
-    order of ``build_sell`` (default: line-merged ``"auto"`` unless ``SUPERWEIGHT_SPARSE_TILES`` says ``merge=0``).
+    the dtype cannot hold exactly becomes 2-3 exact terms at the same position.
     """
     layout = layout or ("sell" if _is_cuda_device(device) and _ops.TRITON_OK else "coo")
-    if merge is None:
-        merge = "auto" if envs.sparse_tiles().get("merge", DEFAULT_MERGE) else 0
     if layout == "sell" and pack is not None:
         from .triton_w4 import _entries  # values the dtype cannot hold -> 2-3 exact terms at the same position
 
         r, c, v = _entries(rows, cols, vals, int(out_features), int(in_features), pack)
-        return build_sell(
-            r, c, v.float(), int(out_features), int(in_features), device, lanes, depth, pack=pack, merge=merge
-        )
+        return build_sell(r, c, v.float(), int(out_features), int(in_features), device, lanes, depth, pack=pack)
     if layout == "sell":
-        return build_sell(
-            rows, cols, vals, int(out_features), int(in_features), device, lanes=lanes, depth=depth, merge=merge
-        )
+        return build_sell(rows, cols, vals, int(out_features), int(in_features), device, lanes=lanes, depth=depth)
     if layout == "coo":
         return build_coo(rows, cols, vals, int(out_features), int(in_features), device)
     raise ValueError(f"unknown sparse layout {layout!r}")

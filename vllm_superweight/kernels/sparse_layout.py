@@ -9,10 +9,8 @@ Two layouts, built once at load time (host code, no GPU needed):
   ``index_select`` + ``index_add_`` in float32 (vectorized, legal under torch.compile).
 
 * ``sell`` (CUDA, the Triton kernel): a *sliced ELL* over blocks of ``C`` consecutive output rows ("slices").
-  Inside a slice every lane is one row; the row's entries occupy slots ``0..len-1`` of that lane (row order) or,
-  line-merged (``merge=``), slots chosen so that each slot step gathers from few cache lines of ``x``, and the
-  slice is padded to a uniform depth ``L`` with the sentinel column ``-1`` (value 0); a lane's entries stay in
-  column order either way. Storage is ``[n_slices, L, C]``
+  Inside a slice every lane is one row; the row's entries occupy slots ``0..len-1`` of that lane and the slice is
+  padded to a uniform depth ``L`` with the sentinel column ``-1`` (value 0). Storage is ``[n_slices, L, C]``
   (slot-major, lane-minor) so one slot of a slice is one coalesced 128-byte load. Only row blocks holding entries
   get a slice (``rb`` maps slice -> row block), except in the packed form (``pack=``), where every block has one
   (dense: the GEMV over Marlin's layout addresses a row's slots without a lookup). Rows longer than ``L`` ("heavy"
@@ -140,7 +138,6 @@ def build_sell(
     lanes: int = DEFAULT_LANES,
     depth: int | None = None,
     pack: torch.dtype | None = None,
-    merge: int | str = 0,
 ) -> dict[str, torch.Tensor]:
     """The sliced-ELL + heavy-CSR layout described in the module docstring (tensors on ``device``).
 
@@ -149,13 +146,7 @@ def build_sell(
     dense (every 32-row block owns one, ``ell_rb`` = 0, 1, ...: the GEMV over Marlin's layout computes a slot's
     address from its row, without a lookup; at a 0.1 % hold-out every block holds entries anyway). Every value must be
     exact in ``pack`` (split a value the dtype cannot hold into exact terms at the same position first:
-    ``prepare_sparse(..., pack=...)`` does); zero values are dropped (they add nothing).
-
-    ``merge``: the order of a lane's entries along the slice depth. ``0``: slots ``0..len-1`` (row order). ``W >= 1``
-    or ``"auto"``: line-merged (``merge_steps``): a slot step holds only entries whose columns lie in W adjacent
-    128-byte lines of ``x``, so one gather of a step touches few lines; deeper slices (more padding) for fewer
-    gathered lines per token. ``"auto"``: the smallest window whose depth stays within ``merge_budget(L)``. The
-    fp32 sums of every row keep their order (a lane's entries stay in column order): same results bit for bit."""
+    ``prepare_sparse(..., pack=...)`` does); zero values are dropped (they add nothing)."""
     if lanes < 1 or lanes & (lanes - 1):
         raise ValueError(f"lanes must be a power of two, got {lanes}")
     r, c, v = _validate(rows, cols, vals, n, k)
@@ -186,20 +177,6 @@ def build_sell(
     sidx = torch.full((max(1, -(-n // lanes)),), -1, dtype=torch.int64)
     sidx[blocks] = torch.arange(n_slices)
     depth_eff = L if n_slices else 0
-    if lr.numel() and merge != 0:
-        line_cols = 64  # a 128-byte line of 2-byte activations (bf16 / fp16, what serving runs)
-        key = sidx[lr // lanes] * lanes + lr % lanes
-        if merge == "auto":
-            budget = merge_budget(L)
-            for w in MERGE_WINDOWS:
-                steps, t = merge_steps(key, lc // line_cols, n_slices * lanes, lanes, w)
-                if t <= budget:
-                    break
-            if t > budget:  # no window fits: row order
-                steps, t = ls, depth_eff
-        else:
-            steps, t = merge_steps(key, lc // line_cols, n_slices * lanes, lanes, int(merge))
-        ls, depth_eff = steps, t
     ell_cols = torch.full((n_slices, depth_eff, lanes), -1, dtype=torch.int32)
     ell_vals = torch.zeros((n_slices, depth_eff, lanes), dtype=torch.float32)
     if lr.numel():
@@ -230,44 +207,6 @@ def build_sell(
         "nnz": torch.empty((nnz, 0), dtype=torch.int8),  # zero bytes; its shape carries nnz to the launcher
     }
     return {key: t.contiguous().to(device) for key, t in out.items()}
-
-
-DEFAULT_MERGE = 1  # line-merged slices unless SUPERWEIGHT_SPARSE_TILES says merge=0
-MERGE_WINDOWS = (1, 2, 4, 8, 16, 32, 64)
-MERGE_MAX_DEPTH = 64  # the unrolled correction's deepest slice (triton_sparse.MAX_UNROLL)
-
-
-def merge_budget(depth: int) -> int:
-    """Deepest line-merged slice ``merge="auto"`` accepts for a row-order depth ``depth``: twice the slots (at a
-    0.1 % hold-out the slots are ~1 % of a W4 layer's bytes, so at most ~1 % more), within the unrolled form."""
-    return max(depth, min(MERGE_MAX_DEPTH, 2 * depth))
-
-
-def merge_steps(key: torch.Tensor, line: torch.Tensor, n_keys: int, lanes: int, window: int):
-    """Greedy line-merged slot steps (vectorized over every slice at once).
-
-    ``key`` = slice * lanes + lane of each entry, entries grouped by key and in column order inside a key;
-    ``line`` = the x cache line of each entry's column. Step t of a slice takes, in every lane, the lane's next
-    entry if its line is below ``first + window``, where ``first`` is the lowest next line among the slice's
-    lanes. Returns (step of each entry, number of steps = the deepest slice)."""
-    cnt = torch.bincount(key, minlength=n_keys)
-    start = torch.cumsum(cnt, 0) - cnt
-    ptr = torch.zeros_like(cnt)
-    steps = torch.empty_like(key)
-    big = int(line.max()) + window + 1 if line.numel() else 1
-    t = 0
-    while True:
-        live = ptr < cnt
-        if not bool(live.any()):
-            break
-        idx = torch.where(live, start + ptr, torch.zeros_like(ptr))
-        nxt = torch.where(live, line[idx], torch.full_like(ptr, big))
-        first = nxt.view(-1, lanes).amin(1).repeat_interleave(lanes)
-        take = live & (nxt < first + window)
-        steps[idx[take]] = t
-        ptr += take.to(ptr.dtype)
-        t += 1
-    return steps, t
 
 
 def layout_stats(sp: dict[str, torch.Tensor]) -> dict:

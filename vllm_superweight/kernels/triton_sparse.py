@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .. import envs
-from .sparse_layout import DEFAULT_MERGE, MERGE_MAX_DEPTH, PACK_DTYPES, interpreting, marker_dtype
+from .sparse_layout import PACK_DTYPES, interpreting, marker_dtype
 
 try:  # Hopper grid-dependency control (absent from the interpreter)
     from triton.language.extra.cuda import gdc_wait as _gdc_wait
@@ -57,11 +57,10 @@ class SparseTiles:
     bm_transposed: int = 16  # tokens per program, transposed path
     bm_direct: int = 2  # tokens per program, direct path
     unroll: int = 1  # 1: light slices as ONE unrolled pass over the slice depth, no cross-slot reductions
-    merge: int = DEFAULT_MERGE  # 1: line-merged slices (load time, ``build_sell(merge="auto")``); 0: row order
 
 
 DEFAULT_TILES = SparseTiles()
-MAX_UNROLL = MERGE_MAX_DEPTH  # deepest slice the unrolled form takes (deeper: the looped form)
+MAX_UNROLL = 64  # deepest slice the unrolled form takes (deeper: the looped form)
 
 
 def env_tiles() -> SparseTiles:
@@ -118,14 +117,17 @@ def _sell_spmm_kernel(
         rb = tl.load(erb_ptr + pid)
         rows = rb * C + lanes
         base = pid.to(tl.int64) * L * C
-        # a lane is stored iff any of its slots is used (line-merged slices need not fill from slot 0); y of the
-        # slice's rows is read before the gathers (its latency hides behind them), the unused lanes' values unused
-        r_ok = m_ok[:, None] & (rows < N)[None, :]
+        # a lane holds entries iff its first slot is used (slots fill from 0)
+        c0 = tl.load(ecols_ptr + base + lanes)
+        if PACK:
+            used0 = c0 != 0
+        else:
+            used0 = c0 >= 0
+        w_ok = m_ok[:, None] & (used0 & (rows < N))[None, :]
         y_ptrs = y_ptr + m64[:, None] * stride_ym + rows[None, :]
         if not PDL:
-            y_old = tl.load(y_ptrs, mask=r_ok, other=0.0)
+            y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
         acc = tl.zeros((BM, C), dtype=tl.float32)
-        n_used = tl.zeros((C,), dtype=tl.int32)
         if UNROLL > 0:
             # the whole depth (UNROLL == L) as one straight-line pass: [BM, C] per slot, every slot's load and
             # gather independent of the others (all can be in flight), products summed in registers -- no
@@ -145,7 +147,6 @@ def _sell_spmm_kernel(
                 else:
                     xg = tl.load(x_ptrs, mask=m_ok[:, None] & used[None, :], other=0.0)
                 acc += xg.to(tl.float32) * vv[None, :]
-                n_used += used.to(tl.int32)
         else:
             jr = tl.arange(0, BJ)
             for j0 in range(0, L, BJ):
@@ -165,8 +166,6 @@ def _sell_spmm_kernel(
                 else:
                     xg = tl.load(x_ptrs, mask=m_ok[:, None, None] & used[None, :, :], other=0.0)
                 acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
-                n_used += tl.sum(used.to(tl.int32), axis=0)
-        w_ok = r_ok & (n_used > 0)[None, :]
         if PDL:
             _gdc_wait()
             y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)

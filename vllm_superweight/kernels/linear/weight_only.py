@@ -535,9 +535,7 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
             self.min_m = max(self.min_m, LIGHT_DEQUANT_MIN_M)  # Marlin wins up to 256 tokens without a bulk hold-out
         self.sp = {}
         if rows.numel() and k_p <= PACK_MAX_K:
-            # the GEMV addresses a row's slots from slot 0 on: row order there, line-merged (the default) otherwise
-            merge = 0 if self.gemv_max_m else None
-            self.sp = prepare_sparse(rows, cols, vals, n_p, k_p, device, layout="sell", pack=c.act_dtype, merge=merge)
+            self.sp = prepare_sparse(rows, cols, vals, n_p, k_p, device, layout="sell", pack=c.act_dtype)
         elif rows.numel():
             self.gemv_max_m = 0  # the GEMV reads packed slots only (16-bit columns)
         if self.sp and self.gemv_max_m:
