@@ -167,6 +167,53 @@ def test_weight_only_kernels_match_the_dequantized_reference(kernel, group, sym,
         assert err0 > tol and err0 > 10 * err, (m, err0, err)  # the correction is what brings the error down
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_cpu_int4_kernel_never_takes_vllms_w4a8_path(monkeypatch, amx):
+    """vLLM's CPU int4 kernel quantizes activations to int8 per token (W4A8) on AMX CPUs unless
+    VLLM_CPU_INT4_W4A8=0 (its default is on); a super activation then costs the rest of its token its precision
+    (a Xeon with AMX: SmolLM2 perplexity 33.51 vs 32.51). Our weight-only layers are prepared for the 16-bit path
+    with the variable at its default, AMX or not (AMX is faked here, so the GEMM is not run under the fake);
+    vLLM's module keeps its own setting for other models."""
+    if not base.has_op("cpu_gemm_wna16"):
+        pytest.skip("this CPU's vLLM build has no cpu_gemm_wna16 (the torch fallback serves W4)")
+    import vllm_linear as VL
+    from vllm.model_executor.kernels.linear.mixed_precision import cpu as vcpu
+
+    monkeypatch.delenv("VLLM_CPU_INT4_W4A8", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    envs_before = vcpu.envs
+    assert envs_before.VLLM_CPU_INT4_W4A8  # vLLM's default: its W4A8 path wherever the CPU has AMX
+    for group in (64, -1):
+        w = VL.random_w4(128, 256, group, False, "cpu", dtype=torch.bfloat16, seed=4)
+        layer, kern = VL.build_mp_layer(w, "cpu", act_dtype=torch.bfloat16, bias=torch.zeros(128))
+        assert isinstance(kern, WO.CPUWNA16Kernel) and layer.use_w4a8 is False
+        assert layer.isa_hint == ("amx" if amx else "vec")  # the 16-bit path still uses AMX tiles where present
+    assert vcpu.envs is envs_before
+
+
+def test_cpu_int4_kernel_keeps_a_super_activation_exact_enough():
+    """On this machine, for real: a token with one channel 100x the others (a super activation) through the CPU
+    int4 kernel is as accurate as the bf16 torch fallback (W4A8's per-token int8 would be ~25x worse, measured)."""
+    if not base.has_op("cpu_gemm_wna16"):
+        pytest.skip("this CPU's vLLM build has no cpu_gemm_wna16 (the torch fallback serves W4)")
+    import vllm_linear as VL
+
+    n, k = 192, 576
+    w = VL.random_w4(n, k, 64, False, "cpu", dtype=torch.bfloat16, seed=5)
+    w_ref = VL.dequant_w4(w)
+    errs = {}
+    for kernel in ("cpu", "torch"):
+        layer, kern = VL.build_mp_layer(w, kernel, act_dtype=torch.bfloat16, bias=torch.zeros(n))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(9, k, generator=g)
+        x[:, 37] *= 100.0
+        x = x.to(torch.bfloat16)
+        ref = x.float() @ w_ref.T
+        y = kern.apply_weights(layer, x, layer.bias)
+        errs[kernel] = float((y.float() - ref).norm() / ref.norm())
+    assert errs["cpu"] < 3 * errs["torch"] + 1e-3, errs
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_torch_fallback_computes_in_fp32_where_the_cpu_emulates_bf16(monkeypatch, native):
     import vllm_linear as VL
