@@ -386,6 +386,9 @@ def engine_env() -> dict:
         # in-process engine: one process, half the memory, faster start (docs: cpu-vllm.md)
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CACHE_ROOT": os.path.join(ROOT, ".cache", "vllm"),
+        # the W4 baselines (AWQ / GPTQ, compressed-tensors) weight-only, as on a GPU: on CPUs with AMX vLLM 0.26
+        # would quantize their activations to int8 per token (our own W4 layers never take that path)
+        "VLLM_CPU_INT4_W4A8": "0",
     }.items():
         env.setdefault(k, v)
     return env

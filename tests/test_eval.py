@@ -260,6 +260,16 @@ def test_quality_rows_cover_the_issue():
         assert any(r.method == "superweight_rtn" and r.act == "int8-token" for r in rows)
 
 
+def test_quality_engines_keep_w4_baselines_weight_only(monkeypatch):
+    """AWQ / GPTQ rows through vLLM's CPU int4 kernel stay W4A16 on CPUs with AMX too (vLLM would quantize their
+    activations to int8 there): the comparison with our weight-only rows is the GPU's."""
+    q = _quality_module()
+    monkeypatch.delenv("VLLM_CPU_INT4_W4A8", raising=False)
+    assert q.engine_env()["VLLM_CPU_INT4_W4A8"] == "0"
+    monkeypatch.setenv("VLLM_CPU_INT4_W4A8", "1")  # an explicit choice is the user's
+    assert q.engine_env()["VLLM_CPU_INT4_W4A8"] == "1"
+
+
 def test_throughput_rows_build_what_they_say():
     """Every converter row of benchmarks/throughput.py parses through the CLI into the bits / block / hold-out its
     record states; the q/k/v hold-out row differs from the every-matrix row only in where the hold-out goes."""
