@@ -206,6 +206,9 @@ GROUPS = {
     "w8a8": ["smoothquant", "sw-w8a8", "sw-w8a8-cutlass"],
     # issue 12's hold-out target with the hold-out placed in q/k/v only (session 14), beside every matrix and none
     "holdout": ["awq", "sw-w4-g128", "sw-w4-g128-holdout", "sw-w4-g128-holdout-qkv"],
+    # where the q/k/v hold-out's batch-8 cost comes from (session 16's open question): the same checkpoint without
+    # hold-out on two W4 copies (its default) and on one (the held-out checkpoint's kernel pair), then with hold-out
+    "split": ["sw-w4-g128", "sw-w4-g128-mdeq1", "sw-w4-g128-holdout-qkv", "awq"],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)
