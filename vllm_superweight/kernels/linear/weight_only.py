@@ -134,9 +134,10 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
     on CPUs with AMX (bf16) unless ``VLLM_CPU_INT4_W4A8=0``. A super activation (hundreds of times the other
     channels) then leaves the rest of its token a few int8 steps: measured on a Xeon with AMX (session 16), the
     q/k/v-default SmolLM2 checkpoint's WikiText-2 perplexity 33.51 against 32.51 with the torch fallback and 32.54
-    on the H200, and 24x the relative error of a bf16 GEMM on a layer with one 100x channel; channel-wise
-    checkpoints did not even load there (its weight repack assumes groups). Our W4 checkpoints are weight-only,
-    so their layers are prepared for the W4A16 path whatever that variable says (other models keep vLLM's choice).
+    on the H200, and 24x the relative error of a bf16 GEMM on a layer with one 100x channel; a channel-wise layer
+    with K = 576 (SmolLM2's hidden size) did not even load there (that path's repack blocks K by 128). Our W4
+    checkpoints are weight-only, so their layers are prepared for the W4A16 path whatever that variable says
+    (other models keep vLLM's choice).
     """
 
     required_ops = ("cpu_gemm_wna16",)
