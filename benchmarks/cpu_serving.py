@@ -6,7 +6,7 @@
 Each checkpoint is served in its own process (offline ``LLM``, in-process engine, bf16, eager, 1 OMP thread as
 vLLM binds it on this 2-core machine): the bytes of the served model's parameters and buffers (what the kernels
 hold after load), the kernel the plugin chose, and greedy decode throughput for 64 new tokens after a 64-token
-prompt at batch 1 and 8 (best of 3). Records carry the CPU's ISA (AVX2 / AVX-512), which decides the weight-only
+prompt at batch 1 and 8 (best of 3). Records carry the CPU's ISA (AVX2 / AVX-512 / AVX-512+AMX), which decides the weight-only
 kernel (vLLM's AVX2 build has no ``cpu_gemm_wna16``: the plugin then dequantizes once at load and serves
 ``F.linear``, in float32 where the CPU emulates bf16).
 """
@@ -51,7 +51,9 @@ print("RESULT " + json.dumps(res), flush=True)
 
 def isa() -> str:
     flags = open("/proc/cpuinfo").read()
-    return "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "other")
+    if "avx512f" in flags:  # AMX (bf16 tiles): vLLM's int4 kernel uses them; ours keep 16-bit activations there
+        return "AVX-512+AMX" if "amx_bf16" in flags else "AVX-512"
+    return "AVX2" if "avx2" in flags else "other"
 
 
 def main() -> int:
