@@ -6,9 +6,9 @@
 Each checkpoint is served in its own process (offline ``LLM``, in-process engine, bf16, eager, 1 OMP thread as
 vLLM binds it on this 2-core machine): the bytes of the served model's parameters and buffers (what the kernels
 hold after load), the kernel the plugin chose, and greedy decode throughput for 64 new tokens after a 64-token
-prompt at batch 1 and 8 (best of 3). Records carry the CPU's ISA (AVX2 / AVX-512 / AVX-512+AMX), which decides the weight-only
-kernel (vLLM's AVX2 build has no ``cpu_gemm_wna16``: the plugin then dequantizes once at load and serves
-``F.linear``, in float32 where the CPU emulates bf16).
+prompt at batch 1 and 8 (best of 3). Records carry the CPU's ISA (AVX2 / AVX-512 / AVX-512+AMX), which decides
+the weight-only kernel (vLLM's AVX2 build has no ``cpu_gemm_wna16``: the plugin then dequantizes once at load and
+serves ``F.linear``, in float32 where the CPU emulates bf16).
 """
 
 from __future__ import annotations

@@ -214,6 +214,31 @@ def test_cpu_int4_kernel_keeps_a_super_activation_exact_enough():
     assert errs["cpu"] < 3 * errs["torch"] + 1e-3, errs
 
 
+def test_cpu_int4_kernel_runs_as_the_first_op_of_a_fresh_process():
+    """Where vLLM's CPU int4 kernel picks AMX tiles, the process needs the OS's permission for tile data first;
+    vLLM's worker asks at start-up, so a layer used outside a worker (a script, a benchmark) with no other matrix
+    op before it died of SIGILL at its first GEMM on a Xeon with AMX. The kernel asks itself now (a fresh process
+    whose first op is ours: exits 0; it was killed by SIGILL before)."""
+    if not base.has_op("cpu_gemm_wna16"):
+        pytest.skip("this CPU's vLLM build has no cpu_gemm_wna16 (the torch fallback serves W4)")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import vllm_linear as VL\n"
+        "w = VL.random_w4(128, 256, 64, False, 'cpu', dtype=torch.bfloat16, seed=3)\n"
+        "layer, kern = VL.build_mp_layer(w, 'cpu', act_dtype=torch.bfloat16, bias=torch.zeros(128))\n"
+        "y = kern.apply_gemm(layer, torch.ones(2, 256, dtype=torch.bfloat16), None)\n"
+        "print('ISA', layer.isa_hint, tuple(y.shape), bool(torch.isfinite(y).all()))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert "(2, 128) True" in p.stdout, p.stdout[-500:]
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_torch_fallback_computes_in_fp32_where_the_cpu_emulates_bf16(monkeypatch, native):
     import vllm_linear as VL

@@ -159,6 +159,13 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
             vcpu.envs = saved
         if getattr(layer, "use_w4a8", False):  # vLLM moved the decision elsewhere: refuse rather than serve it
             raise RuntimeError(f"{self.wraps} prepared a W4A8 layer (int8 activations) for a weight-only checkpoint")
+        if getattr(layer, "isa_hint", None) == "amx":
+            # AMX tile data needs the kernel's per-process permission (arch_prctl XCOMP_PERM); vLLM's CPU worker asks
+            # for it at start-up, but a layer used outside a worker died of SIGILL at its first GEMM (session 16):
+            # ask here too (torch's own request; idempotent)
+            init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+            if init is None or not init():
+                raise RuntimeError(f"{self.wraps} chose AMX tiles but this process may not use them")
 
 
 _WRAPPED = (MacheteKernel, MarlinKernel, CPUWNA16Kernel)
