@@ -167,27 +167,29 @@ def test_weight_only_kernels_match_the_dequantized_reference(kernel, group, sym,
         assert err0 > tol and err0 > 10 * err, (m, err0, err)  # the correction is what brings the error down
 
 
-@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("amx", ["yes", "no", "refused"])
 def test_cpu_int4_kernel_never_takes_vllms_w4a8_path(monkeypatch, amx):
     """vLLM's CPU int4 kernel quantizes activations to int8 per token (W4A8) on AMX CPUs unless
     VLLM_CPU_INT4_W4A8=0 (its default is on); a super activation then costs the rest of its token its precision
     (a Xeon with AMX: SmolLM2 perplexity 33.51 vs 32.51). Our weight-only layers are prepared for the 16-bit path
     with the variable at its default, AMX or not (AMX is faked here, so the GEMM is not run under the fake);
-    vLLM's module keeps its own setting for other models."""
+    vLLM's module keeps its own setting for other models. AMX tiles stay in use on the 16-bit path, unless the OS
+    refuses the process their state ("refused"): then the AVX-512 path over the same weights."""
     if not base.has_op("cpu_gemm_wna16"):
         pytest.skip("this CPU's vLLM build has no cpu_gemm_wna16 (the torch fallback serves W4)")
     import vllm_linear as VL
     from vllm.model_executor.kernels.linear.mixed_precision import cpu as vcpu
 
     monkeypatch.delenv("VLLM_CPU_INT4_W4A8", raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx != "no")
+    monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: amx == "yes")
     envs_before = vcpu.envs
     assert envs_before.VLLM_CPU_INT4_W4A8  # vLLM's default: its W4A8 path wherever the CPU has AMX
     for group in (64, -1):
         w = VL.random_w4(128, 256, group, False, "cpu", dtype=torch.bfloat16, seed=4)
         layer, kern = VL.build_mp_layer(w, "cpu", act_dtype=torch.bfloat16, bias=torch.zeros(128))
         assert isinstance(kern, WO.CPUWNA16Kernel) and layer.use_w4a8 is False
-        assert layer.isa_hint == ("amx" if amx else "vec")  # the 16-bit path still uses AMX tiles where present
+        assert layer.isa_hint == ("amx" if amx == "yes" else "vec")
     assert vcpu.envs is envs_before
 
 

@@ -162,10 +162,11 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
         if getattr(layer, "isa_hint", None) == "amx":
             # AMX tile data needs the kernel's per-process permission (arch_prctl XCOMP_PERM); vLLM's CPU worker asks
             # for it at start-up, but a layer used outside a worker died of SIGILL at its first GEMM (session 16):
-            # ask here too (torch's own request; idempotent)
+            # ask here too (torch's own request; idempotent). Refused (an OS without it): the AVX-512 path, which
+            # reads the same repacked weights.
             init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
             if init is None or not init():
-                raise RuntimeError(f"{self.wraps} chose AMX tiles but this process may not use them")
+                layer.isa_hint = "vec"
 
 
 _WRAPPED = (MacheteKernel, MarlinKernel, CPUWNA16Kernel)
