@@ -166,7 +166,7 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
             # reads the same repacked weights.
             init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
             if init is None or not init():
-                layer.isa_hint = "vec"
+                setattr(layer, "isa_hint", "vec")  # noqa: B010 (a plain attribute vLLM's kernel reads)
 
 
 _WRAPPED = (MacheteKernel, MarlinKernel, CPUWNA16Kernel)
