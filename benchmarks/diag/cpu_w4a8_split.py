@@ -1,0 +1,132 @@
+"""Experiment, not the serving path: on CPUs with AMX, vLLM's fast int4 path quantizes activations to int8 per token
+(W4A8). Our plugin never serves weight-only checkpoints that way (session 16: SmolLM2 33.51 vs 32.51). This asks
+what the product's own recipe would give there: the sidecar's activation-outlier channels taken out of the int8
+quantization (zeroed in the int8 operand) and added back as a 16-bit product with those weight columns. One
+checkpoint, WikiText-2 perplexity and eval time, three ways, each in its own process (in-process engine):
+
+* ``w4a16``: what the plugin serves (16-bit activations);
+* ``w4a8``: vLLM's W4A8 as it is;
+* ``w4a8-split``: W4A8 with the outlier channels in 16-bit.
+
+    python benchmarks/diag/cpu_w4a8_split.py CKPT --data WIKI.raw --out benchmarks/results/cpu_w4a8_split_amx.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+MODES = ("w4a16", "w4a8", "w4a8-split")
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def outlier_channels(ckpt: str) -> dict[str, list[int]]:
+    """The sidecar's activation-outlier input channels by vLLM module name (fused modules: the union)."""
+    with open(os.path.join(ckpt, "superweights.json")) as f:
+        side = json.load(f)
+    by = {o["module"]: [int(c) for c in o["channels"]] for o in side.get("activation_outliers", [])}
+    out = dict(by)
+    for mod in list(by):
+        parent, _, leaf = mod.rpartition(".")
+        for fused, parts in FUSED.items():
+            if leaf in parts:
+                out.setdefault(f"{parent}.{fused}", [])
+                out[f"{parent}.{fused}"] = sorted(set(out[f"{parent}.{fused}"]) | set(by[mod]))
+    return out
+
+
+def patch(mode: str, ckpt: str) -> None:
+    """Replace our CPU int4 kernel's preparation (and, split, its GEMM) in this process."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from vllm_superweight.kernels.linear import weight_only as WO
+    from vllm_superweight.kernels.linear.base import W_PACKED, W_SCALE, W_ZERO
+
+    if mode == "w4a16":
+        return
+    chans = outlier_channels(ckpt) if mode == "w4a8-split" else {}
+
+    def process(self, layer):
+        c = self.config
+        s_idx = chans.get(c.prefix, [])
+        self.split = None
+        if s_idx:  # dequantize the outlier channels' weight columns before vLLM repacks the int4 codes
+            k_p, n_p = c.partition_shape
+            q = unpack_from_int32(getattr(layer, W_PACKED).data, 4, torch.Size((n_p, k_p)), packed_dim=1).float()
+            s = getattr(layer, W_SCALE).data.float()
+            ng = s.shape[1]
+            q = q.view(n_p, ng, k_p // ng)
+            if not c.symmetric:
+                z = unpack_from_int32(getattr(layer, W_ZERO).data, 4, torch.Size((n_p, ng)), packed_dim=0).float()
+                q = q - z[..., None]
+            w = (q * s[..., None]).reshape(n_p, k_p).to(c.act_dtype)
+            idx = torch.tensor(s_idx, dtype=torch.long)
+            self.split = (idx, w[:, idx].t().contiguous())  # [S, N]
+        self.impl.process_weights_after_loading(layer)  # vLLM's own choice: W4A8 where the CPU has AMX
+
+    def gemm(self, layer, x, bias):
+        if self.split is None:
+            return self.impl.apply_weights(layer, x, bias)
+        idx, cols = self.split
+        x8 = x.clone()
+        x8[..., idx] = 0
+        y = self.impl.apply_weights(layer, x8, bias)
+        return (y.float() + x[..., idx].float() @ cols.float()).to(y.dtype)
+
+    WO.CPUWNA16Kernel.process_weights_after_loading = process
+    WO.CPUWNA16Kernel.apply_gemm = gemm
+
+
+def child(args) -> int:
+    patch(args.mode, args.ckpt)
+    from vllm_superweight import eval as ev
+
+    return ev.main(
+        [args.ckpt, "--window", "512", "--max-tokens", str(args.max_tokens), "--data", args.data]
+        + ["--json", args.json, "--no-progress"]
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ckpt")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", default="cpu_w4a8_split.json")
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mode:
+        return child(args)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    recs = []
+    for mode in MODES:
+        tmp = f"{args.out}.{mode}.tmp"
+        t0 = time.time()
+        cmd = [sys.executable, __file__, args.ckpt, "--data", args.data, "--mode", mode, "--json", tmp]
+        p = subprocess.run(cmd + ["--max-tokens", str(args.max_tokens)], env=env, capture_output=True, text=True)
+        rec = {"mode": mode, "rc": p.returncode, "wall_s": round(time.time() - t0, 1)}
+        if p.returncode == 0:
+            with open(tmp) as f:
+                r = json.load(f)
+            os.remove(tmp)
+            keys = ("ppl", "ppl_ci95_bootstrap", "tokens", "seconds_scoring", "tokens_per_s")
+            rec.update({k: r[k] for k in keys if k in r})
+        else:
+            rec["error"] = (p.stderr or p.stdout)[-800:]
+        kern = [ln for ln in (p.stdout + p.stderr).splitlines() if "W4 linears" in ln]
+        rec["kernel"] = kern[0].split("W4 linears: ")[-1] if kern else None
+        print(json.dumps(rec), flush=True)
+        recs.append(rec)
+    with open(args.out, "w") as f:
+        json.dump({"ckpt": args.ckpt, "max_tokens": args.max_tokens, "records": recs}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
