@@ -26,9 +26,10 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 
 def outlier_channels(ckpt: str) -> dict[str, list[int]]:
     """The sidecar's activation-outlier input channels by vLLM module name (fused modules: the union)."""
-    with open(os.path.join(ckpt, "superweights.json")) as f:
-        side = json.load(f)
-    by = {o["module"]: [int(c) for c in o["channels"]] for o in side.get("activation_outliers", [])}
+    from vllm_superweight.format import SIDECAR_NAME, Sidecar
+
+    side = Sidecar.load(os.path.join(ckpt, SIDECAR_NAME))
+    by = {o.module: list(o.channels) for o in side.activation_outliers}
     out = dict(by)
     for mod in list(by):
         parent, _, leaf = mod.rpartition(".")
@@ -42,10 +43,8 @@ def outlier_channels(ckpt: str) -> dict[str, list[int]]:
 def patch(mode: str, ckpt: str) -> None:
     """Replace our CPU int4 kernel's preparation (and, split, its GEMM) in this process."""
     import torch
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     from vllm_superweight.kernels.linear import weight_only as WO
-    from vllm_superweight.kernels.linear.base import W_PACKED, W_SCALE, W_ZERO
 
     if mode == "w4a16":
         return
@@ -56,15 +55,7 @@ def patch(mode: str, ckpt: str) -> None:
         s_idx = chans.get(c.prefix, [])
         self.split = None
         if s_idx:  # dequantize the outlier channels' weight columns before vLLM repacks the int4 codes
-            k_p, n_p = c.partition_shape
-            q = unpack_from_int32(getattr(layer, W_PACKED).data, 4, torch.Size((n_p, k_p)), packed_dim=1).float()
-            s = getattr(layer, W_SCALE).data.float()
-            ng = s.shape[1]
-            q = q.view(n_p, ng, k_p // ng)
-            if not c.symmetric:
-                z = unpack_from_int32(getattr(layer, W_ZERO).data, 4, torch.Size((n_p, ng)), packed_dim=0).float()
-                q = q - z[..., None]
-            w = (q * s[..., None]).reshape(n_p, k_p).to(c.act_dtype)
+            w = WO.dequantize_checkpoint_w4(layer, c)
             idx = torch.tensor(s_idx, dtype=torch.long)
             self.split = (idx, w[:, idx].t().contiguous())  # [S, N]
         self.impl.process_weights_after_loading(layer)  # vLLM's own choice: W4A8 where the CPU has AMX

@@ -224,20 +224,8 @@ class TorchDequantKernel(SWLinearKernel):
         return "TorchDequantKernel" + ("" if cd == self.config.act_dtype else f"({str(cd).replace('torch.', '')})")
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
         c = self.config
-        kb = c.kernel_bits
-        k_p, n_p = c.partition_shape
-        q = unpack_from_int32(getattr(layer, W_PACKED).data, kb, torch.Size((n_p, k_p)), packed_dim=1).float()
-        s = getattr(layer, W_SCALE).data.float()
-        ng = s.shape[1]
-        q = q.view(n_p, ng, k_p // ng)
-        if not c.symmetric:
-            z = unpack_from_int32(getattr(layer, W_ZERO).data, kb, torch.Size((n_p, ng)), packed_dim=0).float()
-            q = q - z[..., None]
-        # (q - z) * s rounded to the activation dtype first: the served weights are those of every other kernel
-        w = (q * s[..., None]).reshape(n_p, k_p).to(c.act_dtype).to(self.compute_dtype(c))
+        w = dequantize_checkpoint_w4(layer, c).to(self.compute_dtype(c))
         for name in (W_PACKED, W_SCALE, W_ZERO):
             replace_parameter(layer, name, None)
         replace_parameter(layer, "weight", w)
@@ -247,6 +235,23 @@ class TorchDequantKernel(SWLinearKernel):
         if w.dtype == x.dtype:
             return F.linear(x, w, bias)
         return F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype)).to(x.dtype)
+
+
+def dequantize_checkpoint_w4(layer: torch.nn.Module, c: SWLinearConfig) -> torch.Tensor:
+    """The layer's [N, K] weights from its checkpoint tensors (packed codes, scales, zero points; before any kernel
+    repacks them): ``(q - z) * s`` rounded once to the activation dtype, the weights every other kernel serves."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    kb = c.kernel_bits
+    k_p, n_p = c.partition_shape
+    q = unpack_from_int32(getattr(layer, W_PACKED).data, kb, torch.Size((n_p, k_p)), packed_dim=1).float()
+    s = getattr(layer, W_SCALE).data.float()
+    ng = s.shape[1]
+    q = q.view(n_p, ng, k_p // ng)
+    if not c.symmetric:
+        z = unpack_from_int32(getattr(layer, W_ZERO).data, kb, torch.Size((n_p, ng)), packed_dim=0).float()
+        q = q - z[..., None]
+    return (q * s[..., None]).reshape(n_p, k_p).to(c.act_dtype)
 
 
 def _cpu_has_16bit_gemm() -> bool:
