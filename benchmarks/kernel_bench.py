@@ -10,6 +10,7 @@ back to back (~400 MB of W4 weights, > L2) inside one CUDA graph, timed with CUD
           linear / + hold-out with PDL launch. Achieved memory bandwidth vs the device's peak.
   sparse  the sparse-correction kernel alone: direct vs transposed path, lane counts, per linear shape.
   quant   vLLM's scaled_int8_quant vs our fused split (S = 0, 4 with/without mask, 16).
+  machete_sched  Machete with each compiled schedule per shape and M vs Machete's own pick and Marlin (g128)
   w8      W8A8 per layer: SmoothQuant path (scaled_int8_quant + cutlass_scaled_mm) vs ours (split + CUTLASS +
           side product as addmm / folded into the sparse kernel); and the gate_up linear with its consumer
           (SiLU * up) under torch.compile, where the side product is fused into the consumer by Inductor.
@@ -408,6 +409,102 @@ def section_w4sweep(B: Bench):
     B.meta["marlin_max_m_by_config"] = best
     B.meta.setdefault("recommend", {})["SUPERWEIGHT_MARLIN_MAX_M"] = min(best.values())
     log(f"w4sweep: Marlin faster up to M = {best}")
+    B.save()
+
+
+def section_machete_sched(B: Bench):
+    """Machete with each of its compiled schedules, per GEMM shape and M, beside Machete's own pick and Marlin
+    (g128 asymmetric, the 7B shapes). Question (issue 12, one copy): does some Machete schedule come close to Marlin
+    at small M? Then the three matrices without a hold-out could keep ONE copy in Machete's layout (fast at
+    saturation) instead of Marlin's. Records per (shape, M) the fastest schedule; meta ``machete_sched_best``."""
+    import vllm_linear as VL  # tests/vllm_linear.py
+    from vllm import _custom_ops as ops
+
+    if DRY or torch.cuda.get_device_capability() != (9, 0):
+        B.add(section="machete_sched", config="-", note="needs an SM90 GPU (Machete)")
+        return
+    nl = B.args.layers
+    ms = B.args.sched_ms
+    budget_end = time.time() + B.args.sched_budget_s
+    builds = {}
+    for kname in ("machete", "marlin"):
+        builds[kname] = [
+            {
+                name: VL.build_mp_layer(VL.random_w4(n, k, 128, False, B.dev, seed=li * 7 + n + k), kname)
+                for name, (n, k) in SHAPES.items()
+            }
+            for li in range(nl)
+        ]  # fmt: skip
+    torch.cuda.synchronize()
+    _layer0, k0 = builds["machete"][0]["qkv"]
+    wtype = k0.impl.config.weight_type
+    scheds = ops.machete_supported_schedules(
+        torch.bfloat16, wtype, torch.bfloat16, torch.bfloat16, None, None, torch.bfloat16
+    )
+    B.meta["machete_schedules"] = list(scheds)
+    log(f"machete_sched: {len(scheds)} schedules")
+
+    def mm(name, m, sched, x):
+        def f():
+            for lay in builds["machete"]:
+                layer, kobj = lay[name]
+                w_q, w_s, w_zp, _ = kobj.impl._get_weight_params(layer)
+                ops.machete_mm(
+                    a=x, b_q=w_q, b_type=wtype, b_group_zeros=w_zp, b_group_scales=w_s, b_group_size=128,
+                    schedule=sched,
+                )  # fmt: skip
+
+        return f
+
+    best: dict = {}
+    for m in ms:
+        for name, (_n, k) in SHAPES.items():
+            if time.time() > budget_end:
+                B.add(section="machete_sched", config=name, m=m, note="budget: skipped")
+                continue
+            x = torch.randn(m, k, device=B.dev, dtype=torch.bfloat16)
+
+            def marlin(x=x, name=name):
+                for lay in builds["marlin"]:
+                    layer, kobj = lay[name]
+                    kobj.apply_weights(layer, x)
+
+            t_marlin = time_graph(marlin, iters=B.args.iters) / nl
+            t_default = time_graph(mm(name, m, None, x), iters=B.args.iters) / nl
+            B.add(section="machete_sched", config=name, variant="marlin", m=m, us=t_marlin)
+            B.add(section="machete_sched", config=name, variant="machete default", m=m, us=t_default)
+            times = {}
+            for s in scheds:
+                try:
+                    times[s] = time_graph(mm(name, m, s, x), iters=max(10, B.args.iters // 2)) / nl
+                except Exception as e:  # noqa: BLE001
+                    B.rows.append(dict(section="machete_sched", config=name, variant=s, m=m, note=str(e)[:200]))
+            for s, us in times.items():
+                B.rows.append(dict(section="machete_sched", config=name, variant=s, m=m, us=us))
+            if times:
+                s_best = min(times, key=times.get)
+                best[f"{name}@{m}"] = {
+                    "schedule": s_best,
+                    "us": times[s_best],
+                    "default_us": t_default,
+                    "marlin_us": t_marlin,
+                }
+                log(
+                    f"  {name} M={m}: Marlin {t_marlin:.1f}, Machete default {t_default:.1f}, "
+                    f"best {times[s_best]:.1f} ({s_best})"
+                )
+            torch.cuda.synchronize()
+        B.meta["machete_sched_best"] = best
+        B.save()
+    # per M, the layer sums (4 GEMMs): Marlin, Machete's pick, the fastest schedule of each shape
+    summ = {}
+    for m in ms:
+        keys = [f"{name}@{m}" for name in SHAPES]
+        if all(kk in best for kk in keys):
+            summ[str(m)] = {f: sum(best[kk][f] for kk in keys) for f in ("marlin_us", "default_us", "us")}
+            log(f"machete_sched M={m}: layer Marlin {summ[str(m)]['marlin_us']:.1f}, Machete default "
+                f"{summ[str(m)]['default_us']:.1f}, tuned {summ[str(m)]['us']:.1f} us")  # fmt: skip
+    B.meta["machete_sched_layer"] = summ
     B.save()
 
 
@@ -811,6 +908,8 @@ def main() -> int:
     ap.add_argument(
         "--sweep-ms", default="1,2,4,8,12,16,24,32,48,64,96,128,192,256", help="M values of the w4sweep section"
     )
+    ap.add_argument("--sched-ms", default="1,2,4,8,16,32,48,64,96,128,192,256", help="M values of machete_sched")
+    ap.add_argument("--sched-budget-s", type=float, default=400.0, help="machete_sched stops timing after this")
     ap.add_argument(
         "--w4-configs", type=int, default=3, help="w4 section: first N of channel-asym, g128-asym, channel-sym"
     )
@@ -819,6 +918,7 @@ def main() -> int:
     args = ap.parse_args()
     args.ms = [1, 64] if args.quick else [int(v) for v in args.ms.split(",")]
     args.sweep_ms = [int(v) for v in args.sweep_ms.split(",")]
+    args.sched_ms = [int(v) for v in args.sched_ms.split(",")]
     global DRY
     DRY = args.dry_run_cpu
     if DRY:
@@ -849,6 +949,7 @@ def main() -> int:
         "w8": section_w8,
         "w4sweep": section_w4sweep,
         "sparsesweep": section_sparsesweep,
+        "machete_sched": section_machete_sched,
     }
     rc = 0
     for sec in args.sections.split(","):
