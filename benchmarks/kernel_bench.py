@@ -10,6 +10,7 @@ back to back (~400 MB of W4 weights, > L2) inside one CUDA graph, timed with CUD
           linear / + hold-out with PDL launch. Achieved memory bandwidth vs the device's peak.
   sparse  the sparse-correction kernel alone: direct vs transposed path, lane counts, per linear shape.
   quant   vLLM's scaled_int8_quant vs our fused split (S = 0, 4 with/without mask, 16).
+  pairs   the W4 kernel pairs as served (two-copy Marlin / Machete, one-copy Marlin + dequantize, Marlin alone)
   machete_sched  Machete with each compiled schedule per shape and M vs Machete's own pick and Marlin (g128)
   w8      W8A8 per layer: SmoothQuant path (scaled_int8_quant + cutlass_scaled_mm) vs ours (split + CUTLASS +
           side product as addmm / folded into the sparse kernel); and the gate_up linear with its consumer
@@ -508,6 +509,43 @@ def section_machete_sched(B: Bench):
     B.save()
 
 
+def section_pairs(B: Bench):
+    """The W4 kernel pairs as served, through the plugin's kernel classes and their custom op, no hold-out, g128
+    asymmetric: the two-copy Marlin / Machete pair (``dual``) vs the one-copy Marlin + dequantize pair
+    (``marlin-deq1``, Marlin below 256 tokens for layers without entries) vs Marlin alone. Question (session 17): the
+    one copy was 6% slower end to end at batch 8 although both pairs run Marlin at M = 8 -- is it the kernels?"""
+    import vllm_linear as VL  # tests/vllm_linear.py
+
+    if DRY or torch.cuda.get_device_capability() != (9, 0):
+        B.add(section="pairs", config="-", note="needs an SM90 GPU (Machete)")
+        return
+    nl = B.args.layers
+    for kname in ("dual", "marlin-deq1", "marlin"):
+        layers = [
+            {
+                name: VL.build_mp_layer(VL.random_w4(n, k, 128, False, B.dev, seed=li * 7 + n + k), kname)
+                for name, (n, k) in SHAPES.items()
+            }
+            for li in range(nl)
+        ]
+        torch.cuda.synchronize()
+        B.meta.setdefault("pairs_describe", {})[kname] = layers[0]["qkv"][1].describe()
+        for m in B.args.pairs_ms:
+            xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (n, k) in SHAPES.items()}
+
+            def f(layers=layers, xs=xs):
+                for lay in layers:
+                    for name in SHAPES:
+                        layer, kobj = lay[name]
+                        kobj.apply_weights(layer, xs[name])
+
+            us = time_graph(f, iters=B.args.iters) / nl
+            B.add(section="pairs", config=kname, variant="g128-asym", m=m, us=us)
+        layers = []
+        torch.cuda.empty_cache()
+    B.save()
+
+
 def section_sparsesweep(B: Bench):
     """The transposed sparse path's tile parameters (tokens per program, gather tile) at medium M, summed over
     the four 0.1%-hold-out linears of a layer; records the best ``SparseTiles`` (a launcher argument)."""
@@ -909,6 +947,7 @@ def main() -> int:
         "--sweep-ms", default="1,2,4,8,12,16,24,32,48,64,96,128,192,256", help="M values of the w4sweep section"
     )
     ap.add_argument("--sched-ms", default="1,2,4,8,16,32,48,64,96,128,192,256", help="M values of machete_sched")
+    ap.add_argument("--pairs-ms", default="1,8,16,48,64,128,256,1024", help="M values of the pairs section")
     ap.add_argument("--sched-budget-s", type=float, default=400.0, help="machete_sched stops timing after this")
     ap.add_argument(
         "--w4-configs", type=int, default=3, help="w4 section: first N of channel-asym, g128-asym, channel-sym"
@@ -919,6 +958,7 @@ def main() -> int:
     args.ms = [1, 64] if args.quick else [int(v) for v in args.ms.split(",")]
     args.sweep_ms = [int(v) for v in args.sweep_ms.split(",")]
     args.sched_ms = [int(v) for v in args.sched_ms.split(",")]
+    args.pairs_ms = [int(v) for v in args.pairs_ms.split(",")]
     global DRY
     DRY = args.dry_run_cpu
     if DRY:
@@ -950,6 +990,7 @@ def main() -> int:
         "w4sweep": section_w4sweep,
         "sparsesweep": section_sparsesweep,
         "machete_sched": section_machete_sched,
+        "pairs": section_pairs,
     }
     rc = 0
     for sec in args.sections.split(","):
