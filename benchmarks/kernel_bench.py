@@ -521,13 +521,13 @@ def section_pairs(B: Bench):
         return
     nl = B.args.layers
     for kname in ("dual", "marlin-deq1", "marlin"):
-        layers = [
-            {
-                name: VL.build_mp_layer(VL.random_w4(n, k, 128, False, B.dev, seed=li * 7 + n + k), kname)
-                for name, (n, k) in SHAPES.items()
-            }
+        # the weight dicts stay alive: a pair registers its layer under a key made from id(w), reused once freed
+        ws = {
+            (li, name): VL.random_w4(n, k, 128, False, B.dev, seed=li * 7 + n + k)
             for li in range(nl)
-        ]
+            for name, (n, k) in SHAPES.items()
+        }
+        layers = [{name: VL.build_mp_layer(ws[(li, name)], kname) for name in SHAPES} for li in range(nl)]
         torch.cuda.synchronize()
         B.meta.setdefault("pairs_describe", {})[kname] = layers[0]["qkv"][1].describe()
         for m in B.args.pairs_ms:
@@ -541,7 +541,7 @@ def section_pairs(B: Bench):
 
             us = time_graph(f, iters=B.args.iters) / nl
             B.add(section="pairs", config=kname, variant="g128-asym", m=m, us=us)
-        layers = []
+        layers, ws = [], {}
         torch.cuda.empty_cache()
     B.save()
 
