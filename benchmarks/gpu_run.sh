@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_run.sh tests [pytest args]         # GPU kernel tests (pytest -m gpu), ~2-4 min
 #   bash benchmarks/gpu_run.sh kernels [kernel_bench args] # one-layer micro-benchmark -> $OUT/kernel_bench.json
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
-#   bash benchmarks/gpu_run.sh owed                        # the GPU work session 16 left (see the stage), then
-#                                                          # a BUDGET_S=560 ... throughput call
+#   bash benchmarks/gpu_run.sh owed                        # checkpoints + GPU tests for a lease (see the stage), then
+#                                                          # the throughput calls it names
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
@@ -168,15 +168,15 @@ case "$STAGE" in
     echo "[$(ts)] kernel_bench rc=$?"
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true ;;
   owed)
-    # what session 16 left for the next lease, one call after the three stash calls (~8 min): the `split` group's
-    # checkpoints built in the background; meanwhile the GPU tests file by file (session 16's test_kernels run beside
-    # a build was cut by its 240 s limit after 9 tests: Triton compiles compete with the converter for the CPU), then
-    # the sparse case that failed once in session 15 three more times. Next calls (two, ~170 s an engine):
-    #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput sw-w4-g128,sw-w4-g128-mdeq1,sw-w4-g128-holdout-qkv
-    #   BUDGET_S=300 bash benchmarks/gpu_run.sh throughput awq
-    #     (group `split`: how much of the q/k/v hold-out's +12% at batch 8 is the one-copy kernel pair and how much
-    #     the correction; the micro-benchmark of session 16 puts the correction at ~7.6 us per layer at M = 8, the
-    #     end-to-end difference was ~14)
+    # the GPU work for a lease after three stash calls (~8 min): the `split` group's checkpoints built in the
+    # background; meanwhile the GPU tests file by file (Triton compiles compete with the converter for the CPU, so
+    # each file gets its own limit), then the sparse case that failed once in session 15 three more times (session
+    # 17: 3 x 18 passed). Session 17 ran it, then `throughput` for sw-w4-g128,sw-w4-g128-mdeq1,sw-w4-g128-holdout-qkv
+    # and awq (throughput_h200_s17_split.json). Left for the next lease (two calls after this one):
+    #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput sw-w4-g128-mdeq1,sw-w4-g128 --latency-lens 4x256 \
+    #     --latency-batches 1,8,64 --throughput-lens 128x128
+    #     (engine order swapped, decode steps alone: is one copy's batch-8 gap of sessions 9 and 17, 0.958 vs 0.905 s,
+    #     real? the kernels are equal at M = 8, kernel_bench_pairs_s17_h200.json)
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     for f in test_triton_int8_mm test_gpu_kernels test_triton_marlin_deq test_kernels; do
