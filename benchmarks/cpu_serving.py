@@ -85,6 +85,7 @@ def main() -> int:
             "cores": os.cpu_count(),
             "seconds": round(time.time() - t, 1),
             "date": time.strftime("%Y-%m-%d"),
+            "knobs": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SUPERWEIGHT_")},
         }
         k = sorted({ln.split("superweight_rtn", 1)[1].strip() for ln in out.splitlines() if "superweight_rtn W" in ln})
         if not k:  # not ours: say what vLLM serves it with (its own method, or none)

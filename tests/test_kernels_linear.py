@@ -216,6 +216,62 @@ def test_cpu_int4_kernel_keeps_a_super_activation_exact_enough():
     assert errs["cpu"] < 3 * errs["torch"] + 1e-3, errs
 
 
+def _amx_granted() -> bool:
+    init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+    return bool(torch.cpu._is_amx_tile_supported() and init is not None and init())
+
+
+def test_cpu_w4a8_opt_in_keeps_the_outlier_channels_in_16_bit(monkeypatch):
+    """``SUPERWEIGHT_CPU_W4A8=1`` on this machine, for real (AMX CPUs): vLLM's W4A8 GEMM with the layer's outlier
+    channel zeroed in the int8 operand and added back in 16-bit is within 3x the 16-bit path's error; the same
+    W4A8 GEMM without the channel list is > 5x worse (so the split is what keeps it, and W4A8 really ran)."""
+    if not base.has_op("cpu_gemm_wna16") or not _amx_granted():
+        pytest.skip("needs vLLM's int4 CPU op and AMX (vLLM's W4A8 path)")
+    import vllm_linear as VL
+
+    n, k = 192, 576
+    w = VL.random_w4(n, k, 64, False, "cpu", dtype=torch.bfloat16, seed=5)
+    w_ref = VL.dequant_w4(w)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, k, generator=g)
+    x[:, 37] *= 100.0
+    x = x.to(torch.bfloat16)
+    ref = x.float() @ w_ref.T
+    errs, kinds = {}, {}
+    for name, knob, chans in (("w4a16", "0", [37]), ("split", "1", [37]), ("w4a8", "1", [])):
+        monkeypatch.setenv(envs.CPU_W4A8, knob)
+        layer, kern = VL.build_mp_layer(w, "cpu", act_dtype=torch.bfloat16, bias=torch.zeros(n), act_outliers=chans)
+        y = kern.apply_weights(layer, x, layer.bias)
+        assert y.dtype == torch.bfloat16 and y.shape == (9, n)
+        errs[name] = float((y.float() - ref).norm() / ref.norm())
+        kinds[name] = (kern.w4a8, kern.split is not None, kern.describe())
+    assert kinds["w4a16"][:2] == (False, False) and "W4A8" not in kinds["w4a16"][2]
+    assert kinds["split"][:2] == (True, True) and "outlier channels in 16-bit" in kinds["split"][2]
+    assert kinds["w4a8"][:2] == (True, False)
+    assert errs["split"] < 3 * errs["w4a16"] + 1e-3, errs
+    assert errs["w4a8"] > 5 * errs["split"], errs
+
+
+@pytest.mark.parametrize("amx", ["no", "refused"])
+def test_cpu_w4a8_opt_in_needs_amx(monkeypatch, amx):
+    """Without AMX (or without the OS's permission for its tile state) the opt-in is ignored: the 16-bit path, as
+    on every CPU by default (AMX faked here; runs on any CPU whose vLLM build has the int4 op)."""
+    if not base.has_op("cpu_gemm_wna16"):
+        pytest.skip("this CPU's vLLM build has no cpu_gemm_wna16 (the torch fallback serves W4)")
+    import vllm_linear as VL
+
+    monkeypatch.setenv(envs.CPU_W4A8, "1")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx != "no")
+    monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: False)
+    w = VL.random_w4(128, 256, 64, False, "cpu", dtype=torch.bfloat16, seed=4)
+    layer, kern = VL.build_mp_layer(w, "cpu", act_dtype=torch.bfloat16, bias=torch.zeros(128), act_outliers=[3])
+    assert layer.use_w4a8 is False and kern.w4a8 is False and kern.split is None
+    assert "W4A8" not in kern.describe()
+    y = kern.apply_weights(layer, torch.ones(2, 256, dtype=torch.bfloat16), layer.bias)
+    ref = torch.ones(2, 256) @ VL.dequant_w4(w).T
+    assert float((y.float() - ref).norm() / ref.norm()) < 2e-2
+
+
 def test_cpu_int4_kernel_runs_as_the_first_op_of_a_fresh_process():
     """Where vLLM's CPU int4 kernel picks AMX tiles, the process needs the OS's permission for tile data first;
     vLLM's worker asks at start-up, so a layer used outside a worker (a script, a benchmark) with no other matrix

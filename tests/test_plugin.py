@@ -191,6 +191,24 @@ def test_bf16_cpu_kernel_close_to_reference(smollm2_ckpt, smollm2_ref, path):
     assert errs.mean() < 0.15  # measured 0.074 with CPUWNA16 (bf16 activations vs the fp32 reference)
 
 
+def test_cpu_w4a8_opt_in_serves_the_sidecar_outlier_channels_in_16_bit(smollm2_ckpt, smollm2_ref):
+    """``SUPERWEIGHT_CPU_W4A8=1``: on a CPU with AMX the W4 layers take vLLM's W4A8 GEMM, and the layers the sidecar
+    lists outlier channels for (fused q/k/v first: SmolLM2's channel 471) keep them in 16-bit; close to the fp32
+    reference. Without AMX the knob is ignored (the 16-bit path, as by default)."""
+    from vllm_superweight.kernels.linear import base
+
+    model, tok = smollm2_ref
+    ids = _ids(tok, PROMPTS)
+    spec = {"model": smollm2_ckpt, "dtype": "bfloat16", "prompts": ids, "max_tokens": 8, "prompt_logprobs": True}
+    res, log = run_vllm({**spec, "env": {"SUPERWEIGHT_CPU_W4A8": "1"}}, with_log=True)
+    amx = base.has_op("cpu_gemm_wna16") and torch.cpu._is_amx_tile_supported()
+    split = "W4A8, outlier channels in 16-bit (first: model.layers.0.self_attn.qkv_proj)"
+    assert (split in log) == amx, log[-3000:]
+    errs = torch.cat([(torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs() for p, r in zip(ids, res)])
+    print(f"SUPERWEIGHT_CPU_W4A8=1 (AMX: {amx}): mean |logprob error| {errs.mean():.4f}, max {errs.max():.4f}")
+    assert errs.mean() < 0.2
+
+
 def test_superweight_correction_matters(smollm2_ckpt, smollm2_ref):
     """Disabling the sparse correction (SWs + held-out weights) measurably changes the output."""
     model, tok = smollm2_ref

@@ -220,3 +220,45 @@ def test_weight_for_kernel_equals_the_unpack_repack_round_trip(bits, k):
         spec.weight_for_kernel(w[:, :-1].contiguous(), n)
     with pytest.raises(FormatError, match="weight_packed"):
         spec.weight_for_kernel(w.to(torch.int64), n)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_sidecar_outlier_channels_per_module_and_rank(tp):
+    """Weight-only checkpoints list their activation-outlier channels in the sidecar only (for
+    ``SUPERWEIGHT_CPU_W4A8``): a fused module gets the union of its parts' channels (they share one input), a
+    row-parallel rank only the channels of its input window, in local coordinates."""
+    from vllm_superweight.vllm_plugin.config import SuperWeightRTNConfig
+
+    cfg = SuperWeightRTNConfig()
+    cfg.act_outliers_by_module = {
+        "model.layers.0.self_attn.q_proj": (471, 12),
+        "model.layers.0.self_attn.k_proj": (471,),
+        "model.layers.0.self_attn.v_proj": (3,),
+        "model.layers.0.mlp.down_proj": (1194, 196, 5),
+        "model.layers.1.mlp.up_proj": (9,),
+    }
+    assert cfg.act_outliers_for("model.layers.0.self_attn.qkv_proj") == [3, 12, 471]
+    assert cfg.act_outliers_for("model.layers.0.self_attn.o_proj") == []
+    assert cfg.act_outliers_for("model.layers.1.mlp.gate_up_proj") == [9]
+    cfg.packed_modules_mapping = {"gate_up_proj": ["gate_proj"]}  # the model's own mapping wins
+    assert cfg.act_outliers_for("model.layers.1.mlp.gate_up_proj") == []
+    chans = torch.tensor(cfg.act_outliers_for("model.layers.0.mlp.down_proj"))
+    inter = 1536
+    got = []
+    for rank in range(tp):
+        row = fake(
+            RowParallelLinear,
+            prefix="model.layers.0.mlp.down_proj",
+            tp_rank=rank,
+            tp_size=tp,
+            input_size=inter,
+            output_size=576,
+            output_size_per_partition=576,
+            input_size_per_partition=inter // tp,
+        )
+        local = loading.local_channels(row, chans)
+        assert bool(((local >= 0) & (local < inter // tp)).all())
+        got += (local + rank * inter // tp).tolist()
+    assert sorted(got) == [5, 196, 1194]  # each channel on exactly one rank
+    with pytest.raises(FormatError, match="outside"):
+        loading.local_channels(row, torch.tensor([inter]))

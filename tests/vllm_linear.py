@@ -98,6 +98,7 @@ def build_mp_layer(
     max_m: int | None = None,
     bias: torch.Tensor | None = None,
     sparse: tuple | None = None,
+    act_outliers: list[int] | None = None,
 ):
     """(layer, kernel) with the plugin's parameters and one of OUR kernel classes (kernels/linear):
     ``kernel`` in {"machete", "marlin", "cpu" (CPUWNA16), "dual" (Marlin for M <= ``max_m``, Machete above),
@@ -105,7 +106,9 @@ def build_mp_layer(
     same, dequantizing from Marlin's own copy),
     "torch" (dequantize-once fallback), "fused" (our Triton W4 GEMM, correction inside), "auto" (the priority
     list)}. ``sparse`` = (rows, cols, vals) attaches
-    held-out entries (the kernel's own sparse correction). ``kernel.apply_weights(layer, x, bias)`` runs it."""
+    held-out entries (the kernel's own sparse correction); ``act_outliers`` hands the kernel the layer's
+    activation-outlier input channels before processing, as the plugin does from the sidecar (kernels that take
+    them). ``kernel.apply_weights(layer, x, bias)`` runs it."""
     single_process_tp()
     from vllm.model_executor.parameter import (
         ChannelQuantScaleParameter,
@@ -181,6 +184,8 @@ def build_mp_layer(
         kobj = classes[kernel](cfg, min_m=None if max_m is None else max_m + 1)
     else:
         kobj = KC(cfg)
+    if act_outliers is not None:
+        kobj.set_act_outliers(layer, torch.tensor(act_outliers, dtype=torch.long))
     kobj.process_weights_after_loading(layer)
     if sparse is None:  # the plugin always attaches the (possibly empty) held-out entries after processing
         z = torch.zeros(0, dtype=torch.long)

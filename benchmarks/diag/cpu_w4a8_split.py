@@ -1,8 +1,9 @@
-"""Experiment, not the serving path: on CPUs with AMX, vLLM's fast int4 path quantizes activations to int8 per token
-(W4A8). Our plugin never serves weight-only checkpoints that way (session 16: SmolLM2 33.51 vs 32.51). This asks
-what the product's own recipe would give there: the sidecar's activation-outlier channels taken out of the int8
-quantization (zeroed in the int8 operand) and added back as a 16-bit product with those weight columns. One
-checkpoint, WikiText-2 perplexity and eval time, three ways, each in its own process (in-process engine):
+"""Experiment (session 16; its third mode became the opt-in ``SUPERWEIGHT_CPU_W4A8=1`` in session 17): on CPUs with
+AMX, vLLM's fast int4 path quantizes activations to int8 per token (W4A8). Our plugin serves weight-only
+checkpoints that way only on request (session 16: SmolLM2 33.51 vs 32.51 as vLLM does it). This asks what the
+product's own recipe gives there: the sidecar's activation-outlier channels taken out of the int8 quantization
+(zeroed in the int8 operand) and added back as a 16-bit product with those weight columns. One checkpoint,
+WikiText-2 perplexity and eval time, three ways, each in its own process (in-process engine):
 
 * ``w4a16``: what the plugin serves (16-bit activations);
 * ``w4a8``: vLLM's W4A8 as it is;
@@ -21,56 +22,20 @@ import sys
 import time
 
 MODES = ("w4a16", "w4a8", "w4a8-split")
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def outlier_channels(ckpt: str) -> dict[str, list[int]]:
-    """The sidecar's activation-outlier input channels by vLLM module name (fused modules: the union)."""
-    from vllm_superweight.format import SIDECAR_NAME, Sidecar
-
-    side = Sidecar.load(os.path.join(ckpt, SIDECAR_NAME))
-    by = {o.module: list(o.channels) for o in side.activation_outliers}
-    out = dict(by)
-    for mod in list(by):
-        parent, _, leaf = mod.rpartition(".")
-        for fused, parts in FUSED.items():
-            if leaf in parts:
-                out.setdefault(f"{parent}.{fused}", [])
-                out[f"{parent}.{fused}"] = sorted(set(out[f"{parent}.{fused}"]) | set(by[mod]))
-    return out
 
 
 def patch(mode: str, ckpt: str) -> None:
-    """Replace our CPU int4 kernel's preparation (and, split, its GEMM) in this process."""
-    import torch
-
+    """The mode in this process: ``w4a8-split`` is the plugin's opt-in (``SUPERWEIGHT_CPU_W4A8=1``, session 17);
+    ``w4a8`` the same with the outlier channels withheld from the kernel (vLLM's W4A8 as it is)."""
+    from vllm_superweight import envs
     from vllm_superweight.kernels.linear import weight_only as WO
 
     if mode == "w4a16":
+        os.environ[envs.CPU_W4A8] = "0"
         return
-    chans = outlier_channels(ckpt) if mode == "w4a8-split" else {}
-
-    def process(self, layer):
-        c = self.config
-        s_idx = chans.get(c.prefix, [])
-        self.split = None
-        if s_idx:  # dequantize the outlier channels' weight columns before vLLM repacks the int4 codes
-            w = WO.dequantize_checkpoint_w4(layer, c)
-            idx = torch.tensor(s_idx, dtype=torch.long)
-            self.split = (idx, w[:, idx].t().contiguous())  # [S, N]
-        self.impl.process_weights_after_loading(layer)  # vLLM's own choice: W4A8 where the CPU has AMX
-
-    def gemm(self, layer, x, bias):
-        if self.split is None:
-            return self.impl.apply_weights(layer, x, bias)
-        idx, cols = self.split
-        x8 = x.clone()
-        x8[..., idx] = 0
-        y = self.impl.apply_weights(layer, x8, bias)
-        return (y.float() + x[..., idx].float() @ cols.float()).to(y.dtype)
-
-    WO.CPUWNA16Kernel.process_weights_after_loading = process
-    WO.CPUWNA16Kernel.apply_gemm = gemm
+    os.environ[envs.CPU_W4A8] = "1"
+    if mode == "w4a8":
+        WO.CPUWNA16Kernel.set_act_outliers = lambda self, layer, channels: None  # type: ignore[method-assign]
 
 
 def child(args) -> int:

@@ -20,6 +20,9 @@ from ..checkpoint import validate_checkpoint
 from ..format import QUANT_METHOD, FormatError, QuantConfig, SuperWeight, is_ignored
 from .schemes import SWLinearScheme
 
+#: vLLM's fused linears of the Llama-style models, where a model class names none
+DEFAULT_PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
 
 @register_quantization_config(QUANT_METHOD)
 class SuperWeightRTNConfig(QuantizationConfig):
@@ -33,6 +36,7 @@ class SuperWeightRTNConfig(QuantizationConfig):
         # Read in the frontend process and pickled to the workers with the config.
         self.sparse_enabled = not envs.disable_correction()
         self.super_weights_by_module: dict[str, list[SuperWeight]] = {}
+        self.act_outliers_by_module: dict[str, tuple[int, ...]] = {}
 
     def __repr__(self) -> str:
         return f"SuperWeightRTNConfig({self.raw})"
@@ -84,6 +88,18 @@ class SuperWeightRTNConfig(QuantizationConfig):
         _, sidecar = validate_checkpoint(model_name)
         self.sidecar = sidecar
         self.super_weights_by_module = sidecar.by_module()
+        self.act_outliers_by_module = {ao.module: ao.channels for ao in sidecar.activation_outliers}
+
+    def act_outliers_for(self, prefix: str) -> list[int]:
+        """The sidecar's activation-outlier input channels of vLLM module ``prefix`` (full input coordinates); a
+        fused module (``qkv_proj``, ``gate_up_proj``: the model's ``packed_modules_mapping``) gets the union of its
+        parts' (they share one input)."""
+        parent, _, leaf = prefix.rpartition(".")
+        parts = (self.packed_modules_mapping or DEFAULT_PACKED_MODULES).get(leaf, [leaf])
+        chans: set[int] = set(self.act_outliers_by_module.get(prefix, ()))
+        for part in parts:
+            chans.update(self.act_outliers_by_module.get(f"{parent}.{part}" if parent else part, ()))
+        return sorted(chans)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if not isinstance(layer, LinearBase):
@@ -100,7 +116,11 @@ class SuperWeightRTNLinearMethod(LinearMethodBase):
     def __init__(self, config: SuperWeightRTNConfig, prefix: str) -> None:
         self.config = config
         self.scheme = SWLinearScheme(
-            config.qcfg, prefix, config.sparse_enabled, config.super_weights_by_module.get(prefix, [])
+            config.qcfg,
+            prefix,
+            config.sparse_enabled,
+            config.super_weights_by_module.get(prefix, []),
+            config.act_outliers_for(prefix),
         )
 
     def create_weights(

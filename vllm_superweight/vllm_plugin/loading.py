@@ -232,12 +232,18 @@ def finalize_sparse(layer, n_full_shard) -> tuple[torch.Tensor, torch.Tensor, to
 
 def finalize_outliers(layer) -> torch.Tensor:
     """This rank's activation-outlier input channels (union over shards; local input coordinates)."""
-    from vllm.model_executor.layers.linear import RowParallelLinear
-
     by = layer._sw_stash.get("act_outlier_channels", {})
     if not by:
         return torch.zeros(0, dtype=torch.long)
-    ch = torch.unique(torch.cat([t.reshape(-1).long() for t in by.values()]))
+    return local_channels(layer, torch.cat([t.reshape(-1).long() for t in by.values()]))
+
+
+def local_channels(layer, channels: torch.Tensor) -> torch.Tensor:
+    """Input channels of ``layer`` (full coordinates, any order, repeats allowed) as this rank sees them: unique,
+    sorted; a row-parallel layer keeps the ones of its input window, shifted to local coordinates."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    ch = torch.unique(channels.reshape(-1).long())
     if ch.numel() and (int(ch.min()) < 0 or int(ch.max()) >= layer.input_size):
         raise FormatError(f"{layer.prefix}: act_outlier_channels outside [0, {layer.input_size})")
     if isinstance(layer, RowParallelLinear):

@@ -37,7 +37,9 @@ def _log_kernel_once(kind: str, desc: str, prefix: str) -> None:
 class SWLinearScheme:
     """One quantized Linear: ``create_weights`` (parameters + loaders), checks at load, then the kernel."""
 
-    def __init__(self, qcfg, prefix: str, sparse_enabled: bool, super_weights: list):
+    def __init__(
+        self, qcfg, prefix: str, sparse_enabled: bool, super_weights: list, act_outliers: list[int] | None = None
+    ):
         self.qcfg = qcfg
         self.prefix = prefix
         self.layout = qcfg.layout
@@ -45,6 +47,9 @@ class SWLinearScheme:
         self.weight_only = self.activations == "none"
         self.sparse_enabled = sparse_enabled
         self.super_weights = super_weights  # sidecar entries of this module
+        # the sidecar's activation-outlier channels (weight-only checkpoints; W8A8 ones carry them as tensors):
+        # for kernels that quantize activations after all (``SUPERWEIGHT_CPU_W4A8``)
+        self.act_outliers = list(act_outliers or [])
         self.kernel: SWLinearKernel | None = None
         self.required: list[str] = []
 
@@ -244,6 +249,9 @@ class SWLinearScheme:
         layer._sw_stash = {}
         if outliers is not None:
             self.kernel.set_outliers(layer, outliers)  # type: ignore[attr-defined]
+        elif self.act_outliers and hasattr(self.kernel, "set_act_outliers"):
+            ch = loading.local_channels(layer, torch.tensor(self.act_outliers, dtype=torch.long))
+            self.kernel.set_act_outliers(layer, ch)
         self.kernel.process_weights_after_loading(layer)
         self.kernel.set_sparse(layer, rows, cols, vals)
         layer.sw_nnz = int(rows.numel())

@@ -115,20 +115,23 @@ class MarlinKernel(_VllmMixedPrecision):
         return MarlinLinearKernel
 
 
-class _EnvsWithoutW4A8:
-    """``vllm.envs`` as vLLM's CPU int4 kernel reads it while it prepares OUR layers: its W4A8 path off."""
+class _EnvsW4A8:
+    """``vllm.envs`` as vLLM's CPU int4 kernel reads it while it prepares OUR layers: its W4A8 path set by us."""
+
+    def __init__(self, on: bool) -> None:
+        self._on = on
 
     def __getattr__(self, name: str) -> Any:
         if name == "VLLM_CPU_INT4_W4A8":
-            return False
+            return self._on
         from vllm import envs as venvs
 
         return getattr(venvs, name)
 
 
 class CPUWNA16Kernel(_VllmMixedPrecision):
-    """vLLM's CPU int4 GEMM (``cpu_gemm_wna16``: AVX-512 builds; AMX tiles for bf16 where the CPU has them), always
-    with 16-bit activations.
+    """vLLM's CPU int4 GEMM (``cpu_gemm_wna16``: AVX-512 builds; AMX tiles for bf16 where the CPU has them), with
+    16-bit activations unless ``SUPERWEIGHT_CPU_W4A8=1``.
 
     vLLM 0.26 switches this kernel to W4A8 -- activations quantized to int8 per token (``int4_scaled_mm_cpu``) --
     on CPUs with AMX (bf16) unless ``VLLM_CPU_INT4_W4A8=0``. A super activation (hundreds of times the other
@@ -138,6 +141,11 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
     with K = 576 (SmolLM2's hidden size) did not even load there (that path's repack blocks K by 128). Our W4
     checkpoints are weight-only, so their layers are prepared for the W4A16 path whatever that variable says
     (other models keep vLLM's choice).
+
+    ``SUPERWEIGHT_CPU_W4A8=1`` (opt-in, AMX CPUs, bf16) takes the W4A8 path the paper's way: the layer's
+    activation-outlier input channels (the sidecar's list, ``set_act_outliers``) are zeroed in the int8 operand and
+    added back as a 16-bit product with their dequantized weight columns (a [S, N] tensor: S is 1-4 for most
+    layers). SmolLM2 q/k/v default, session 16's experiment: WikiText-2 32.88 (W4A16 32.51, plain W4A8 33.51).
     """
 
     required_ops = ("cpu_gemm_wna16",)
@@ -148,18 +156,51 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
 
         return CPUWNA16LinearKernel
 
+    def __init__(self, config: SWLinearConfig) -> None:
+        super().__init__(config)
+        self.act_outliers = torch.zeros(0, dtype=torch.long)
+        self.split: tuple[torch.Tensor, torch.Tensor] | None = None  # (channels [S], weight columns [S, N])
+        self.w4a8 = False  # decided at processing (vLLM's ``layer.use_w4a8``)
+
+    def describe(self) -> str:
+        name = super().describe()
+        if not self.w4a8:
+            return name
+        return name + (" W4A8, outlier channels in 16-bit" if self.split is not None else " W4A8")
+
+    def set_act_outliers(self, layer: torch.nn.Module, channels: torch.Tensor) -> None:
+        """This rank's activation-outlier input channels of the layer (local coordinates); before processing."""
+        self.act_outliers = channels.reshape(-1).long()
+
+    def _want_w4a8(self) -> bool:
+        """The opt-in W4A8 path where vLLM's kernel would take it (AMX, bf16) and the OS grants the tile state."""
+        if not envs.cpu_w4a8() or self.config.act_dtype != torch.bfloat16:
+            return False
+        if not torch.cpu._is_amx_tile_supported():
+            return False
+        init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+        return bool(init is not None and init())
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         from vllm.model_executor.kernels.linear.mixed_precision import cpu as vcpu
 
+        want = self._want_w4a8()
+        if want and self.act_outliers.numel():
+            # the outlier channels' weight columns, dequantized before vLLM repacks the int4 codes
+            w = dequantize_checkpoint_w4(layer, self.config)
+            self.split = (self.act_outliers.clone(), w[:, self.act_outliers].t().contiguous())
         saved = vcpu.envs
-        vcpu.envs = _EnvsWithoutW4A8()  # type: ignore[assignment]
+        vcpu.envs = _EnvsW4A8(want)  # type: ignore[assignment]
         try:
             self.impl.process_weights_after_loading(layer)
         finally:
             vcpu.envs = saved
-        if getattr(layer, "use_w4a8", False):  # vLLM moved the decision elsewhere: refuse rather than serve it
+        self.w4a8 = bool(getattr(layer, "use_w4a8", False))
+        if self.w4a8 and not want:  # vLLM moved the decision elsewhere: refuse rather than serve it
             raise RuntimeError(f"{self.wraps} prepared a W4A8 layer (int8 activations) for a weight-only checkpoint")
-        if getattr(layer, "isa_hint", None) == "amx":
+        if not self.w4a8:
+            self.split = None
+        if getattr(layer, "isa_hint", None) == "amx" and not self.w4a8:
             # AMX tile data needs the kernel's per-process permission (arch_prctl XCOMP_PERM); vLLM's CPU worker asks
             # for it at start-up, but a layer used outside a worker died of SIGILL at its first GEMM (session 16):
             # ask here too (torch's own request; idempotent). Refused (an OS without it): the AVX-512 path, which
@@ -167,6 +208,13 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
             init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
             if init is None or not init():
                 setattr(layer, "isa_hint", "vec")  # noqa: B010 (a plain attribute vLLM's kernel reads)
+
+    def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.split is None:
+            return self.impl.apply_weights(layer, x, bias)
+        idx, cols = self.split
+        y = self.impl.apply_weights(layer, x.index_fill(-1, idx, 0), bias)  # int8 without the outlier channels
+        return y.addmm_(x.index_select(-1, idx), cols)  # + those channels' product in 16-bit
 
 
 _WRAPPED = (MacheteKernel, MarlinKernel, CPUWNA16Kernel)
