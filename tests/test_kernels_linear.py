@@ -250,6 +250,16 @@ def test_cpu_w4a8_opt_in_keeps_the_outlier_channels_in_16_bit(monkeypatch):
     assert kinds["w4a8"][:2] == (True, False)
     assert errs["split"] < 3 * errs["w4a16"] + 1e-3, errs
     assert errs["w4a8"] > 5 * errs["split"], errs
+    # groups vLLM's W4A8 repack cannot block by 128 (channel-wise K = 576: SmolLM2's hidden size; g192) keep the
+    # 16-bit path instead of failing to load
+    monkeypatch.setenv(envs.CPU_W4A8, "1")
+    for group in (-1, 192):
+        w = VL.random_w4(n, k, group, False, "cpu", dtype=torch.bfloat16, seed=6)
+        layer, kern = VL.build_mp_layer(w, "cpu", act_dtype=torch.bfloat16, bias=torch.zeros(n), act_outliers=[37])
+        assert kern.w4a8 is False and kern.split is None
+        y = kern.apply_weights(layer, x, layer.bias)
+        ref = x.float() @ VL.dequant_w4(w).T
+        assert float((y.float() - ref).norm() / ref.norm()) < 1e-2, group
 
 
 @pytest.mark.parametrize("amx", ["no", "refused"])

@@ -173,8 +173,13 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
         self.act_outliers = channels.reshape(-1).long()
 
     def _want_w4a8(self) -> bool:
-        """The opt-in W4A8 path where vLLM's kernel would take it (AMX, bf16) and the OS grants the tile state."""
-        if not envs.cpu_w4a8() or self.config.act_dtype != torch.bfloat16:
+        """The opt-in W4A8 path where vLLM's kernel would take it (AMX, bf16), its repack takes the layer's groups, and
+        the OS grants the tile state; otherwise the layer keeps the 16-bit path."""
+        c = self.config
+        if not envs.cpu_w4a8() or c.act_dtype != torch.bfloat16:
+            return False
+        g = c.partition_shape[0] if c.group_size == -1 else c.group_size
+        if 128 % g and g % 128:  # vLLM's W4A8 repack blocks K by 128 (a channel-wise K = 576 failed to load)
             return False
         if not torch.cpu._is_amx_tile_supported():
             return False
