@@ -117,16 +117,7 @@ def test_merged_gate_up_and_row_parallel_down(tp):
             ]
         )
         assert torch.equal(got, want)
-        row = fake(
-            RowParallelLinear,
-            prefix="down",
-            tp_rank=rank,
-            tp_size=tp,
-            input_size=inter,
-            output_size=hidden,
-            output_size_per_partition=hidden,
-            input_size_per_partition=inter // tp,
-        )
+        row = _row_layer(rank, tp, inputs=inter, outputs=hidden)
         stash(row, {None: down})
         got = dense(*loading.finalize_sparse(row, lambda sid: hidden), hidden, inter // tp)
         # row-parallel: the rank owning input column c keeps the entry (before the all-reduce); rows are global
@@ -135,16 +126,16 @@ def test_merged_gate_up_and_row_parallel_down(tp):
         )
 
 
-def _row_layer():
+def _row_layer(rank=0, tp=1, inputs=16, outputs=8):
     return fake(
         RowParallelLinear,
         prefix="model.layers.0.mlp.down_proj",
-        tp_rank=0,
-        tp_size=1,
-        input_size=16,
-        output_size=8,
-        output_size_per_partition=8,
-        input_size_per_partition=16,
+        tp_rank=rank,
+        tp_size=tp,
+        input_size=inputs,
+        output_size=outputs,
+        output_size_per_partition=outputs,
+        input_size_per_partition=inputs // tp,
     )
 
 
@@ -246,16 +237,7 @@ def test_sidecar_outlier_channels_per_module_and_rank(tp):
     inter = 1536
     got = []
     for rank in range(tp):
-        row = fake(
-            RowParallelLinear,
-            prefix="model.layers.0.mlp.down_proj",
-            tp_rank=rank,
-            tp_size=tp,
-            input_size=inter,
-            output_size=576,
-            output_size_per_partition=576,
-            input_size_per_partition=inter // tp,
-        )
+        row = _row_layer(rank, tp, inputs=inter, outputs=576)
         local = loading.local_channels(row, chans)
         assert bool(((local >= 0) & (local < inter // tp)).all())
         got += (local + rank * inter // tp).tolist()

@@ -249,7 +249,7 @@ class SWLinearScheme:
         layer._sw_stash = {}
         if outliers is not None:
             self.kernel.set_outliers(layer, outliers)  # type: ignore[attr-defined]
-        elif self.act_outliers and hasattr(self.kernel, "set_act_outliers"):
+        elif self.act_outliers:
             ch = loading.local_channels(layer, torch.tensor(self.act_outliers, dtype=torch.long))
             self.kernel.set_act_outliers(layer, ch)
         self.kernel.process_weights_after_loading(layer)

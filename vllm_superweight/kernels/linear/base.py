@@ -143,6 +143,11 @@ class SWLinearKernel(ABC):
     def describe(self) -> str:
         return type(self).__name__ + (f"({self.wraps})" if self.wraps else "")
 
+    def set_act_outliers(self, layer: torch.nn.Module, channels: torch.Tensor) -> None:
+        """The layer's activation-outlier input channels (this rank's, local coordinates), before processing. Only
+        kernels that quantize the activations of a weight-only layer themselves use them; the rest ignore them."""
+        return None
+
     # ---- sparse correction ---------------------------------------------------------------------------------
     def set_sparse(self, layer: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
         """Attach this rank's held-out entries (local coordinates, unique) to ``layer``; empty = no correction."""

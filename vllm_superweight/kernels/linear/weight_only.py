@@ -169,7 +169,6 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
         return name + (" W4A8, outlier channels in 16-bit" if self.split is not None else " W4A8")
 
     def set_act_outliers(self, layer: torch.nn.Module, channels: torch.Tensor) -> None:
-        """This rank's activation-outlier input channels of the layer (local coordinates); before processing."""
         self.act_outliers = channels.reshape(-1).long()
 
     def _want_w4a8(self) -> bool:
@@ -181,10 +180,7 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
         g = c.partition_shape[0] if c.group_size == -1 else c.group_size
         if 128 % g and g % 128:  # vLLM's W4A8 repack blocks K by 128 (a channel-wise K = 576 failed to load)
             return False
-        if not torch.cpu._is_amx_tile_supported():
-            return False
-        init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-        return bool(init is not None and init())
+        return bool(torch.cpu._is_amx_tile_supported()) and _amx_granted()
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         from vllm.model_executor.kernels.linear.mixed_precision import cpu as vcpu
@@ -192,8 +188,8 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
         want = self._want_w4a8()
         if want and self.act_outliers.numel():
             # the outlier channels' weight columns, dequantized before vLLM repacks the int4 codes
-            w = dequantize_checkpoint_w4(layer, self.config)
-            self.split = (self.act_outliers.clone(), w[:, self.act_outliers].t().contiguous())
+            cols = dequantize_checkpoint_w4(layer, self.config, cols=self.act_outliers)
+            self.split = (self.act_outliers, cols.t().contiguous())
         saved = vcpu.envs
         vcpu.envs = _EnvsW4A8(want)  # type: ignore[assignment]
         try:
@@ -210,8 +206,7 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
             # for it at start-up, but a layer used outside a worker died of SIGILL at its first GEMM (session 16):
             # ask here too (torch's own request; idempotent). Refused (an OS without it): the AVX-512 path, which
             # reads the same repacked weights.
-            init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-            if init is None or not init():
+            if not _amx_granted():
                 setattr(layer, "isa_hint", "vec")  # noqa: B010 (a plain attribute vLLM's kernel reads)
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -290,21 +285,36 @@ class TorchDequantKernel(SWLinearKernel):
         return F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype)).to(x.dtype)
 
 
-def dequantize_checkpoint_w4(layer: torch.nn.Module, c: SWLinearConfig) -> torch.Tensor:
+def dequantize_checkpoint_w4(
+    layer: torch.nn.Module, c: SWLinearConfig, cols: torch.Tensor | None = None
+) -> torch.Tensor:
     """The layer's [N, K] weights from its checkpoint tensors (packed codes, scales, zero points; before any kernel
-    repacks them): ``(q - z) * s`` rounded once to the activation dtype, the weights every other kernel serves."""
+    repacks them): ``(q - z) * s`` rounded once to the activation dtype, the weights every other kernel serves.
+    ``cols``: only those input columns, [N, len(cols)] (the float work for them alone)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     kb = c.kernel_bits
     k_p, n_p = c.partition_shape
-    q = unpack_from_int32(getattr(layer, W_PACKED).data, kb, torch.Size((n_p, k_p)), packed_dim=1).float()
+    q = unpack_from_int32(getattr(layer, W_PACKED).data, kb, torch.Size((n_p, k_p)), packed_dim=1)
     s = getattr(layer, W_SCALE).data.float()
     ng = s.shape[1]
-    q = q.view(n_p, ng, k_p // ng)
+    z = None
     if not c.symmetric:
         z = unpack_from_int32(getattr(layer, W_ZERO).data, kb, torch.Size((n_p, ng)), packed_dim=0).float()
-        q = q - z[..., None]
-    return (q * s[..., None]).reshape(n_p, k_p).to(c.act_dtype)
+    if cols is not None:  # per column: its group's scale and zero point
+        g = cols.long() // (k_p // ng)
+        qc = q[:, cols.long()].float()
+        return ((qc if z is None else qc - z[:, g]) * s[:, g]).to(c.act_dtype)
+    qg = q.float().view(n_p, ng, k_p // ng)
+    if z is not None:
+        qg = qg - z[..., None]
+    return (qg * s[..., None]).reshape(n_p, k_p).to(c.act_dtype)
+
+
+def _amx_granted() -> bool:
+    """Ask the OS for this process's AMX tile state (torch's own request; idempotent): whether it was granted."""
+    init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+    return bool(init is not None and init())
 
 
 def _cpu_has_16bit_gemm() -> bool:
