@@ -12,6 +12,7 @@ back to back (~400 MB of W4 weights, > L2) inside one CUDA graph, timed with CUD
   quant   vLLM's scaled_int8_quant vs our fused split (S = 0, 4 with/without mask, 16).
   pairs   the W4 kernel pairs as served (two-copy Marlin / Machete, one-copy Marlin + dequantize, Marlin alone)
   machete_sched  Machete with each compiled schedule per shape and M vs Machete's own pick and Marlin (g128)
+  gemlite gemlite's A16W4 Triton kernels (one layout, kernel per M) vs Marlin and Machete on the same weights
   w8      W8A8 per layer: SmoothQuant path (scaled_int8_quant + cutlass_scaled_mm) vs ours (split + CUTLASS +
           side product as addmm / folded into the sparse kernel); and the gate_up linear with its consumer
           (SiLU * up) under torch.compile, where the side product is fused into the consumer by Inductor.
@@ -546,6 +547,136 @@ def section_pairs(B: Bench):
     B.save()
 
 
+def _gemlite_import(B: Bench):
+    """gemlite (PyPI, pure Python + Triton) from ``--gemlite-path`` (an unpacked wheel: no dist-info, so its own
+    ``vllm.general_plugins`` entry point stays out of any engine) or the environment."""
+    if B.args.gemlite_path:
+        sys.path.insert(0, os.path.abspath(B.args.gemlite_path))
+    import gemlite
+    from gemlite.core import GemLiteLinearTriton
+
+    return gemlite, GemLiteLinearTriton
+
+
+def section_gemlite(B: Bench):
+    """gemlite's A16W4 (one packed layout, its kernel picked per M: GEMV_REVSPLITK <= 4 tokens, GEMM_SPLITK below
+    64, GEMM above) against Marlin and Machete on the same weights (g128 asymmetric, bf16), in one process. Question
+    (issue 12, one stored layout): does one Triton layout come near Marlin at M <= 16 AND Machete at 64-256?
+    gemlite autotunes per (M bucket, shape) on first use (its H100 table has no Llama-2-7B shapes, and H200 has no
+    table): the autotune time is recorded, the tuned table written to ``--gemlite-cache`` for later runs. Rows:
+    ``gemlite`` (W = (q - z) * s, our format's rounding; W_group_mode 3), ``gemlite-fma`` (gemlite's default
+    W = q * s + (-z * s)), ``gemlite:<KIND>`` (a kernel kind forced at an M where another is picked); each with the
+    max |error| against the float dequantized weight at the first M of each kind."""
+    import vllm_linear as VL  # tests/vllm_linear.py
+
+    if DRY:
+        B.add(section="gemlite", config="-", note="needs CUDA (gemlite imports CUDA at module level)")
+        return
+    gemlite, GL = _gemlite_import(B)
+    from gemlite.dtypes import DType
+
+    B.meta["gemlite_version"] = getattr(gemlite, "__version__", "?")
+    if B.args.gemlite_cache and os.path.exists(B.args.gemlite_cache):
+        GL.load_config(B.args.gemlite_cache)
+        log(f"gemlite: loaded tuned table {B.args.gemlite_cache}")
+    nl = B.args.layers
+    budget_end = time.time() + B.args.gemlite_budget_s
+    ws = {
+        (li, name): VL.random_w4(n, k, 128, False, B.dev, seed=li * 7 + n + k)
+        for li in range(nl)
+        for name, (n, k) in SHAPES.items()
+    }
+
+    def gl_layer(w, fma):
+        lin = GL(4, group_size=128, in_features=w["k"], out_features=w["n"], input_dtype=DType.BF16,
+                 output_dtype=DType.BF16)  # fmt: skip
+        z = w["zeros"].to(torch.bfloat16)  # exact small integers; mode 3 keeps them, mode 4 folds -z * s
+        lin.pack(w["q"].to(torch.uint8), w["scales"].to(torch.bfloat16), z, bias=None, fma_mode=fma)
+        return lin
+
+    variants = {"gemlite": False}
+    if B.args.gemlite_fma:
+        variants["gemlite-fma"] = True
+    gls = {v: [{name: gl_layer(ws[(li, name)], fma) for name in SHAPES} for li in range(nl)]
+           for v, fma in variants.items()}  # fmt: skip
+    refs = {}
+    for kname in ("marlin", "machete"):
+        refs[kname] = [{name: VL.build_mp_layer(ws[(li, name)], kname) for name in SHAPES} for li in range(nl)]
+    torch.cuda.synchronize()
+    wbytes = {name: gls["gemlite"][0][name].W_q.numel() * gls["gemlite"][0][name].W_q.element_size()
+              + gls["gemlite"][0][name].scales.numel() * 2 + gls["gemlite"][0][name].zeros.numel() * 2
+              for name in SHAPES}  # fmt: skip
+    B.meta["gemlite_layer_bytes"] = wbytes
+    dq = {name: VL.dequant_w4(ws[(0, name)]) for name in SHAPES}
+    kinds_seen: set = set()
+    forced = {32: "GEMM", 48: "GEMM", 64: "GEMM_SPLITK", 96: "GEMM_SPLITK", 8: "GEMV_REVSPLITK"}
+    from gemlite.core import get_matmul_type
+
+    for m in B.args.gemlite_ms:
+        if time.time() > budget_end:
+            B.add(section="gemlite", config="-", m=m, note="budget: stopped")
+            break
+        xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (n, k) in SHAPES.items()}
+        kind = get_matmul_type(m, 4)
+        for v in variants:
+            # autotune (first call per M bucket and shape) outside the timed graphs
+            t0 = time.time()
+            errs = {}
+            for name in SHAPES:
+                y = gls[v][0][name].forward_auto_no_warmup(xs[name])
+                if kind not in kinds_seen or m == B.args.gemlite_ms[0]:
+                    ref = xs[name].float() @ dq[name].t()
+                    errs[name] = float((y.float() - ref).abs().max() / ref.abs().max())
+            torch.cuda.synchronize()
+            tune_s = time.time() - t0
+
+            def f(v=v, xs=xs):
+                for lay in gls[v]:
+                    for name in SHAPES:
+                        lay[name].forward_auto_no_warmup(xs[name])
+
+            us = time_graph(f, iters=B.args.iters) / nl
+            B.add(section="gemlite", config=v, variant=kind, m=m, us=us, tune_s=round(tune_s, 1),
+                  rel_err=errs or None, bytes=sum(wbytes.values()))  # fmt: skip
+        kinds_seen.add(kind)
+        for kname in ("marlin", "machete"):
+
+            def g(kname=kname, xs=xs):
+                for lay in refs[kname]:
+                    for name in SHAPES:
+                        layer, kobj = lay[name]
+                        kobj.apply_weights(layer, xs[name])
+
+            B.add(section="gemlite", config=kname, variant="vllm", m=m, us=time_graph(g, iters=B.args.iters) / nl)
+        fk = forced.get(m)
+        if fk and time.time() < budget_end - 60:
+            t0 = time.time()
+            for name in SHAPES:
+                gls["gemlite"][0][name].forward_manual(xs[name], fk)
+            torch.cuda.synchronize()
+            tune_s = time.time() - t0
+
+            def h(xs=xs, fk=fk):
+                for lay in gls["gemlite"]:
+                    for name in SHAPES:
+                        lay[name].forward_manual(xs[name], fk)
+
+            B.add(section="gemlite", config="gemlite:" + fk, variant=fk, m=m,
+                  us=time_graph(h, iters=B.args.iters) / nl, tune_s=round(tune_s, 1))  # fmt: skip
+        B.save()
+        if B.args.gemlite_cache_out:
+            GL.cache_config(B.args.gemlite_cache_out)
+    # per M: gemlite / Marlin / Machete per layer
+    table = {}
+    for r in B.rows:
+        if r.get("section") == "gemlite" and r.get("us"):
+            table.setdefault(str(r["m"]), {})[r["config"]] = round(r["us"], 1)
+    B.meta["gemlite_layer_us"] = table
+    for m, row in table.items():
+        log(f"gemlite M={m}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    B.save()
+
+
 def section_sparsesweep(B: Bench):
     """The transposed sparse path's tile parameters (tokens per program, gather tile) at medium M, summed over
     the four 0.1%-hold-out linears of a layer; records the best ``SparseTiles`` (a launcher argument)."""
@@ -948,6 +1079,12 @@ def main() -> int:
     )
     ap.add_argument("--sched-ms", default="1,2,4,8,16,32,48,64,96,128,192,256", help="M values of machete_sched")
     ap.add_argument("--pairs-ms", default="1,8,16,48,64,128,256,1024", help="M values of the pairs section")
+    ap.add_argument("--gemlite-ms", default="1,2,4,8,16,32,48,64,96,128,192,256,1024", help="M of gemlite")
+    ap.add_argument("--gemlite-path", default="", help="directory holding an unpacked gemlite wheel")
+    ap.add_argument("--gemlite-cache", default="", help="gemlite tuned table (JSON) to load first")
+    ap.add_argument("--gemlite-cache-out", default="", help="write gemlite's tuned table here after each M")
+    ap.add_argument("--gemlite-budget-s", type=float, default=420.0, help="gemlite stops starting new M after this")
+    ap.add_argument("--gemlite-fma", action="store_true", help="also time gemlite's default fma dequant (mode 4)")
     ap.add_argument("--sched-budget-s", type=float, default=400.0, help="machete_sched stops timing after this")
     ap.add_argument(
         "--w4-configs", type=int, default=3, help="w4 section: first N of channel-asym, g128-asym, channel-sym"
@@ -959,6 +1096,7 @@ def main() -> int:
     args.sweep_ms = [int(v) for v in args.sweep_ms.split(",")]
     args.sched_ms = [int(v) for v in args.sched_ms.split(",")]
     args.pairs_ms = [int(v) for v in args.pairs_ms.split(",")]
+    args.gemlite_ms = [int(v) for v in args.gemlite_ms.split(",")]
     global DRY
     DRY = args.dry_run_cpu
     if DRY:
@@ -991,6 +1129,7 @@ def main() -> int:
         "sparsesweep": section_sparsesweep,
         "machete_sched": section_machete_sched,
         "pairs": section_pairs,
+        "gemlite": section_gemlite,
     }
     rc = 0
     for sec in args.sections.split(","):
