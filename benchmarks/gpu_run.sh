@@ -31,7 +31,7 @@
 # METHODS: lean (default) | all | baselines | w4 | onecopy | comma list of bf16,awq,smoothquant,sw-w4-channel,sw-w4-g128,
 #          sw-w4-channel-nosw,sw-w4-g128-nosw,sw-w4-channel-holdout,sw-w8a8, sw-default (+ -mdeq / -mdeq1 / -dual:
 #          the same held-out checkpoint forced onto the Marlin + dequantize pair (its default) / that pair over one
-#          W4 copy / the Marlin + Machete pair), sw-w4-g128(-holdout)-fused
+#          W4 copy / the Marlin + Machete pair), sw-w4-g128(-holdout)-fused, sw-w4-g128-marlin (vLLM's Marlin alone, one copy)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STAGE=${1:-help}
@@ -175,8 +175,11 @@ case "$STAGE" in
     # and awq (throughput_h200_s17_split.json). Left for the next lease (two calls after this one):
     #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput sw-w4-g128-mdeq1,sw-w4-g128 --latency-lens 4x256 \
     #     --latency-batches 1,8,64 --throughput-lens 128x128
-    #     (engine order swapped, decode steps alone: is one copy's batch-8 gap of sessions 9 and 17, 0.958 vs 0.905 s,
-    #     real? the kernels are equal at M = 8, kernel_bench_pairs_s17_h200.json)
+    #     (session 18 ran it after `build-bg sw-w4-g128`: the gap is real on decode alone, b8 1.060 vs 0.867 s;
+    #     throughput_h200_s18_decode.json). Next, after `build-bg sw-w4-g128` (~80 s):
+    #   BUDGET_S=500 bash benchmarks/gpu_run.sh throughput sw-w4-g128-mdeq1,sw-w4-g128-marlin --latency-lens 4x256 \
+    #     --latency-batches 8,16,4 --latency-iters 10 --throughput-lens ""
+    #     (vLLM's Marlin alone over the same one copy: the pair's code path or the copy?)
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     for f in test_triton_int8_mm test_gpu_kernels test_triton_marlin_deq test_kernels; do

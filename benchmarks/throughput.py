@@ -163,6 +163,9 @@ for _base in ("sw-w4-g128-holdout", "sw-default"):
 METHODS["sw-w4-g128-mdeq1"] = dict(
     METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"}
 )
+# Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
+# decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?
+METHODS["sw-w4-g128-marlin"] = dict(METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin"})
 # the one-copy pair with the GEMV over Marlin's layout for batch 1 (the held-out correction in its
 # epilogue: no second kernel at batch 1), with and without hold-out
 for _base in ("sw-w4-g128-holdout", "sw-default"):
