@@ -563,10 +563,11 @@ def section_gemlite(B: Bench):
     64, GEMM above) against Marlin and Machete on the same weights (g128 asymmetric, bf16), in one process. Question
     (issue 12, one stored layout): does one Triton layout come near Marlin at M <= 16 AND Machete at 64-256?
     gemlite autotunes per (M bucket, shape) on first use (its H100 table has no Llama-2-7B shapes, and H200 has no
-    table): the autotune time is recorded, the tuned table written to ``--gemlite-cache`` for later runs. Rows:
-    ``gemlite`` (W = (q - z) * s, our format's rounding; W_group_mode 3), ``gemlite-fma`` (gemlite's default
-    W = q * s + (-z * s)), ``gemlite:<KIND>`` (a kernel kind forced at an M where another is picked); each with the
-    max |error| against the float dequantized weight at the first M of each kind."""
+    table): the autotune time is recorded, the tuned table written to ``--gemlite-cache-out`` (read back by
+    ``--gemlite-cache``). Rows: ``gemlite`` (W = (q - z) * s, our format's rounding; W_group_mode 3),
+    ``gemlite-fma`` (gemlite's default W = q * s + (-z * s)), ``gemlite:<KIND>`` (a kernel kind forced at an M
+    where another is picked); each with the max |error| against the float dequantized weight at the first M of
+    each kind."""
     import vllm_linear as VL  # tests/vllm_linear.py
 
     if DRY:
