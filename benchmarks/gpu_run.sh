@@ -177,9 +177,11 @@ case "$STAGE" in
     #     --latency-batches 1,8,64 --throughput-lens 128x128
     #     (session 18 ran it after `build-bg sw-w4-g128`: the gap is real on decode alone, b8 1.060 vs 0.867 s;
     #     throughput_h200_s18_decode.json). Next, after `build-bg sw-w4-g128` (~80 s):
-    #   BUDGET_S=500 bash benchmarks/gpu_run.sh throughput sw-w4-g128-mdeq1,sw-w4-g128-marlin --latency-lens 4x256 \
-    #     --latency-batches 8,16,4 --latency-iters 10 --throughput-lens ""
-    #     (vLLM's Marlin alone over the same one copy: the pair's code path or the copy?)
+    #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput sw-w4-g128,sw-w4-g128-marlin,sw-w4-g128-mdeq1 \
+    #     --latency-lens 4x256 --latency-batches 8 --latency-iters 10 --throughput-lens ""
+    #   then, next call, the same with the order sw-w4-g128-mdeq1,sw-w4-g128,sw-w4-g128-marlin
+    #     (the first engine of a lease has been disturbed twice: compare the engines that ran second and third; vLLM's
+    #     Marlin alone over the same one copy tells the pair's code path from the copy)
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     for f in test_triton_int8_mm test_gpu_kernels test_triton_marlin_deq test_kernels; do
