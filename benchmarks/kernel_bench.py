@@ -13,6 +13,7 @@ back to back (~400 MB of W4 weights, > L2) inside one CUDA graph, timed with CUD
   pairs   the W4 kernel pairs as served (two-copy Marlin / Machete, one-copy Marlin + dequantize, Marlin alone)
   machete_sched  Machete with each compiled schedule per shape and M vs Machete's own pick and Marlin (g128)
   gemlite gemlite's A16W4 Triton kernels (one layout, kernel per M) vs Marlin and Machete on the same weights
+  humming vLLM's Humming backend (humming-kernels, JIT wgmma kernels, one layout) vs Marlin and Machete, same weights
   w8      W8A8 per layer: SmoothQuant path (scaled_int8_quant + cutlass_scaled_mm) vs ours (split + CUTLASS +
           side product as addmm / folded into the sparse kernel); and the gate_up linear with its consumer
           (SiLU * up) under torch.compile, where the side product is fused into the consumer by Inductor.
@@ -547,6 +548,36 @@ def section_pairs(B: Bench):
     B.save()
 
 
+def _random_g128(nl: int, dev) -> dict:
+    """The same random g128 asymmetric W4 weights per (layer, shape) for every kernel compared."""
+    import vllm_linear as VL  # tests/vllm_linear.py
+
+    return {
+        (li, name): VL.random_w4(n, k, 128, False, dev, seed=li * 7 + n + k)
+        for li in range(nl)
+        for name, (n, k) in SHAPES.items()
+    }
+
+
+def _kernel_layers(ws: dict, nl: int, kname: str) -> list[dict]:
+    """``nl`` layers of (layer, kernel) per shape, built through the plugin's kernel classes (``kname``)."""
+    import vllm_linear as VL  # tests/vllm_linear.py
+
+    return [{name: VL.build_mp_layer(ws[(li, name)], kname) for name in SHAPES} for li in range(nl)]
+
+
+def _apply_all(layers: list[dict], xs: dict):
+    """One call over every layer and shape (the timed unit of the per-layer sections)."""
+
+    def f():
+        for lay in layers:
+            for name in SHAPES:
+                layer, kobj = lay[name]
+                kobj.apply_weights(layer, xs[name])
+
+    return f
+
+
 def _gemlite_import(B: Bench):
     """gemlite (PyPI, pure Python + Triton) from ``--gemlite-path`` (an unpacked wheel: no dist-info, so its own
     ``vllm.general_plugins`` entry point stays out of any engine) or the environment."""
@@ -582,11 +613,7 @@ def section_gemlite(B: Bench):
         log(f"gemlite: loaded tuned table {B.args.gemlite_cache}")
     nl = B.args.layers
     budget_end = time.time() + B.args.gemlite_budget_s
-    ws = {
-        (li, name): VL.random_w4(n, k, 128, False, B.dev, seed=li * 7 + n + k)
-        for li in range(nl)
-        for name, (n, k) in SHAPES.items()
-    }
+    ws = _random_g128(nl, B.dev)
 
     def gl_layer(w, fma):
         lin = GL(4, group_size=128, in_features=w["k"], out_features=w["n"], input_dtype=DType.BF16,
@@ -600,9 +627,7 @@ def section_gemlite(B: Bench):
         variants["gemlite-fma"] = True
     gls = {v: [{name: gl_layer(ws[(li, name)], fma) for name in SHAPES} for li in range(nl)]
            for v, fma in variants.items()}  # fmt: skip
-    refs = {}
-    for kname in ("marlin", "machete"):
-        refs[kname] = [{name: VL.build_mp_layer(ws[(li, name)], kname) for name in SHAPES} for li in range(nl)]
+    refs = {kname: _kernel_layers(ws, nl, kname) for kname in ("marlin", "machete")}
     torch.cuda.synchronize()
     wbytes = {name: gls["gemlite"][0][name].W_q.numel() * gls["gemlite"][0][name].W_q.element_size()
               + gls["gemlite"][0][name].scales.numel() * 2 + gls["gemlite"][0][name].zeros.numel() * 2
@@ -641,14 +666,8 @@ def section_gemlite(B: Bench):
                   rel_err=errs or None, bytes=sum(wbytes.values()))  # fmt: skip
         kinds_seen.add(kind)
         for kname in ("marlin", "machete"):
-
-            def g(kname=kname, xs=xs):
-                for lay in refs[kname]:
-                    for name in SHAPES:
-                        layer, kobj = lay[name]
-                        kobj.apply_weights(layer, xs[name])
-
-            B.add(section="gemlite", config=kname, variant="vllm", m=m, us=time_graph(g, iters=B.args.iters) / nl)
+            us = time_graph(_apply_all(refs[kname], xs), iters=B.args.iters) / nl
+            B.add(section="gemlite", config=kname, variant="vllm", m=m, us=us)
         fk = forced.get(m)
         if fk and time.time() < budget_end - 60:
             t0 = time.time()
@@ -676,6 +695,62 @@ def section_gemlite(B: Bench):
     for m, row in table.items():
         log(f"gemlite M={m}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
     B.save()
+
+
+def section_humming(B: Bench):
+    """vLLM's Humming backend (``humming-kernels``: Hopper wgmma / TMA / warp-specialized kernels, JIT-compiled with
+    nvcc per tile configuration on first use; one repacked copy for every batch size) against Marlin and Machete
+    on the same g128 asymmetric weights, through the plugin's kernel classes (``HummingKernel``). Question (issue
+    12, one stored layout): does it come near Marlin at M <= 16 AND Machete at 64-256? Records per M the first
+    call's time (the JIT compiles), the max error against the float dequantized weight, and µs per layer."""
+    import vllm_linear as VL  # tests/vllm_linear.py
+
+    if DRY:
+        B.add(section="humming", config="-", note="needs CUDA and the humming-kernels package")
+        return
+    import humming  # on sys.path from --humming-path (main(), before vLLM probes for it)
+
+    B.meta["humming_version"] = getattr(humming, "__version__", "?")
+    nl = B.args.layers
+    budget_end = time.time() + B.args.humming_budget_s
+    ws = _random_g128(nl, B.dev)
+    t0 = time.time()
+    hm = _kernel_layers(ws, nl, "humming")
+    torch.cuda.synchronize()
+    B.meta["humming_prepare_s"] = round(time.time() - t0, 1)
+    refs = {kname: _kernel_layers(ws, nl, kname) for kname in ("marlin", "machete")}
+    dq = {name: VL.dequant_w4(ws[(0, name)]) for name in SHAPES}
+    table: dict = {}
+    for m in B.args.humming_ms:
+        if time.time() > budget_end:
+            B.add(section="humming", config="-", m=m, note="budget: stopped")
+            break
+        xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (n, k) in SHAPES.items()}
+        t0 = time.time()
+        errs = {}
+        try:
+            for name in SHAPES:  # the first call JIT-compiles this M's tile configuration
+                layer, kobj = hm[0][name]
+                y = kobj.apply_weights(layer, xs[name])
+                ref = xs[name].float() @ dq[name].t()
+                errs[name] = float((y.float() - ref).abs().max() / ref.abs().max())
+            torch.cuda.synchronize()
+            jit_s = time.time() - t0
+            us = time_graph(_apply_all(hm, xs), iters=B.args.iters) / nl
+        except Exception as e:  # noqa: BLE001
+            B.add(section="humming", config="humming", m=m, note=f"failed: {type(e).__name__}: {str(e)[:300]}")
+            B.save()
+            continue
+        B.add(section="humming", config="humming", variant="vllm", m=m, us=us, jit_s=round(jit_s, 1), rel_err=errs)
+        row = {"humming": round(us, 1)}
+        for kname in ("marlin", "machete"):
+            row[kname] = round(time_graph(_apply_all(refs[kname], xs), iters=B.args.iters) / nl, 1)
+            B.add(section="humming", config=kname, variant="vllm", m=m, us=row[kname])
+        table[str(m)] = row
+        B.meta["humming_layer_us"] = table
+        B.save()
+    for m, row in table.items():
+        log(f"humming M={m}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
 
 
 def section_sparsesweep(B: Bench):
@@ -1086,6 +1161,9 @@ def main() -> int:
     ap.add_argument("--gemlite-cache-out", default="", help="write gemlite's tuned table here after each M")
     ap.add_argument("--gemlite-budget-s", type=float, default=420.0, help="gemlite stops starting new M after this")
     ap.add_argument("--gemlite-fma", action="store_true", help="also time gemlite's default fma dequant (mode 4)")
+    ap.add_argument("--humming-ms", default="64,1,128,8,256,16,32,48,96,192,1024", help="M of humming, in order")
+    ap.add_argument("--humming-path", default="", help="a pip --target directory holding humming-kernels")
+    ap.add_argument("--humming-budget-s", type=float, default=300.0, help="humming stops starting new M after this")
     ap.add_argument("--sched-budget-s", type=float, default=400.0, help="machete_sched stops timing after this")
     ap.add_argument(
         "--w4-configs", type=int, default=3, help="w4 section: first N of channel-asym, g128-asym, channel-sym"
@@ -1098,6 +1176,9 @@ def main() -> int:
     args.sched_ms = [int(v) for v in args.sched_ms.split(",")]
     args.pairs_ms = [int(v) for v in args.pairs_ms.split(",")]
     args.gemlite_ms = [int(v) for v in args.gemlite_ms.split(",")]
+    args.humming_ms = [int(v) for v in args.humming_ms.split(",")]
+    if args.humming_path:  # appended: the image's own packages win over the carried ones; before vLLM's import
+        sys.path.append(os.path.abspath(args.humming_path))
     global DRY
     DRY = args.dry_run_cpu
     if DRY:
@@ -1131,6 +1212,7 @@ def main() -> int:
         "machete_sched": section_machete_sched,
         "pairs": section_pairs,
         "gemlite": section_gemlite,
+        "humming": section_humming,
     }
     rc = 0
     for sec in args.sections.split(","):

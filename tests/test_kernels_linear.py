@@ -92,6 +92,15 @@ def test_fused_triton_kernel_is_opt_in_and_cuda_only(clean_env, monkeypatch):
         choose_kernel(cfg())
 
 
+def test_humming_kernel_is_measured_not_chosen(clean_env):
+    # vLLM's Humming backend wrapped for the kernel benchmark only: never picked by the priority list, and it says
+    # why it cannot run here (CPU; or the optional package missing)
+    assert WO.HummingKernel not in WEIGHT_ONLY_KERNELS
+    ok, why = WO.HummingKernel.can_implement(cfg())
+    assert not ok and ("CUDA" in why or "not installed" in why)
+    assert choose_kernel(cfg()) is not WO.HummingKernel
+
+
 def test_float32_never_reaches_a_16bit_kernel(clean_env):
     c = cfg(torch.float32)
     assert choose_kernel(c) is WO.TorchDequantKernel

@@ -88,7 +88,7 @@ def dequant_w4(w: dict) -> torch.Tensor:
     return ((q - z) * w["scales"].float()[..., None]).reshape(n, k)
 
 
-KERNELS = ("machete", "marlin", "cpu", "dual", "marlin-deq", "marlin-deq1", "torch", "fused", "auto")
+KERNELS = ("machete", "marlin", "cpu", "dual", "marlin-deq", "marlin-deq1", "torch", "fused", "humming", "auto")
 
 
 def build_mp_layer(
@@ -104,8 +104,8 @@ def build_mp_layer(
     ``kernel`` in {"machete", "marlin", "cpu" (CPUWNA16), "dual" (Marlin for M <= ``max_m``, Machete above),
     "marlin-deq" (Marlin + separate correction for M <= ``max_m``, dequantize + cuBLAS above), "marlin-deq1" (the
     same, dequantizing from Marlin's own copy),
-    "torch" (dequantize-once fallback), "fused" (our Triton W4 GEMM, correction inside), "auto" (the priority
-    list)}. ``sparse`` = (rows, cols, vals) attaches
+    "torch" (dequantize-once fallback), "fused" (our Triton W4 GEMM, correction inside), "humming" (vLLM's
+    Humming backend, if installed), "auto" (the priority list)}. ``sparse`` = (rows, cols, vals) attaches
     held-out entries (the kernel's own sparse correction); ``act_outliers`` hands the kernel the layer's
     activation-outlier input channels before processing, as the plugin does from the sidecar (kernels that take
     them). ``kernel.apply_weights(layer, x, bias)`` runs it."""
@@ -140,6 +140,7 @@ def build_mp_layer(
         "dual": WO.DualMarlinMacheteKernel,
         "torch": WO.TorchDequantKernel,
         "fused": WO.FusedTritonW4Kernel,
+        "humming": WO.HummingKernel,
     }
     classes["marlin-deq"] = WO.MarlinDequantKernel
     classes["marlin-deq1"] = WO.MarlinDequantOneCopyKernel
@@ -153,6 +154,10 @@ def build_mp_layer(
         return None
 
     layer = torch.nn.Module()
+    # what vLLM's LinearBase carries and some of its kernels read (Humming's repack)
+    layer.input_size = layer.input_size_per_partition = k
+    layer.output_size, layer.output_partition_sizes = n, [n]
+    layer.params_dtype, layer.has_bias = act_dtype, bias is not None
     layer.register_parameter(
         "weight_packed",
         PackedvLLMParameter(

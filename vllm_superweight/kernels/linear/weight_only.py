@@ -115,6 +115,19 @@ class MarlinKernel(_VllmMixedPrecision):
         return MarlinLinearKernel
 
 
+class HummingKernel(_VllmMixedPrecision):
+    """vLLM's Humming backend (the optional ``humming-kernels`` package: Hopper wgmma / TMA kernels JIT-compiled
+    with nvcc at first use per tile configuration; one repacked copy serves every batch size). Not in the priority
+    list: measured first (``benchmarks/kernel_bench.py --sections humming``) as a candidate for issue 12's one
+    stored layout."""
+
+    @classmethod
+    def vllm_class(cls) -> type:
+        from vllm.model_executor.kernels.linear.mixed_precision.humming import HummingLinearKernel
+
+        return HummingLinearKernel
+
+
 class _EnvsW4A8:
     """``vllm.envs`` as vLLM's CPU int4 kernel reads it while it prepares OUR layers: its W4A8 path set by us."""
 
