@@ -24,6 +24,10 @@
 #   bash benchmarks/gpu_run.sh quality ROWS [quality args] # benchmarks/quality.py on SmolLM2 from the GGUF carried in
 #                                                          # parts (.gpu-data/smollm2.gguf.xz.*) -> $OUT/quality_gpu.json
 #
+# vLLM's Humming backend (optional) needs, carried once as .gpu-bundle/humming (~0.4 MB; build it with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     -d .gpu-bundle/humming humming-kernels==0.1.10 pyelftools
+# -- vLLM 0.26 pins 0.1.10); the setup of any stage installs it under the stash.
 # Every stage first sources .gpu-bundle/install.sh (vLLM 0.26 on PYTHONPATH; the bundle parts must have been
 # stashed, see ../shared/gpu/README.md) and makes sure this package and its vllm.general_plugins entry point
 # are installed (editable pip install, or a metadata shim when pip cannot build). Carry with every call:
@@ -31,7 +35,8 @@
 # METHODS: lean (default) | all | baselines | w4 | onecopy | comma list of bf16,awq,smoothquant,sw-w4-channel,sw-w4-g128,
 #          sw-w4-channel-nosw,sw-w4-g128-nosw,sw-w4-channel-holdout,sw-w8a8, sw-default (+ -mdeq / -mdeq1 / -dual:
 #          the same held-out checkpoint forced onto the Marlin + dequantize pair (its default) / that pair over one
-#          W4 copy / the Marlin + Machete pair), sw-w4-g128(-holdout)-fused, sw-w4-g128-marlin (vLLM's Marlin alone, one copy)
+#          W4 copy / the Marlin + Machete pair), sw-w4-g128(-holdout)-fused, sw-w4-g128-marlin (vLLM's Marlin alone, one copy),
+#          humming (group) | sw-w4-g128-humming, sw-w4-g128-mhum, sw-w4-g128-holdout-qkv-humming
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STAGE=${1:-help}
@@ -82,6 +87,14 @@ EOF
     fi
   fi
   export PYTHONPATH=$PWD:${PYTHONPATH:-}
+  # vLLM's Humming backend (optional; the `humming` kernel modes, kernel_bench section humming): its wheel and
+  # pyelftools carried in .gpu-bundle/humming (the image has its other requirements), installed once under the
+  # stash, appended to the path (the image's packages first)
+  if [ -d .gpu-bundle/humming ] && [ ! -d "$STASH_DIR/hm-site/humming" ]; then
+    $PY -m pip install -q --no-index --no-deps --target "$STASH_DIR/hm-site" .gpu-bundle/humming/*.whl \
+      || echo "[$(ts)] humming-kernels: install failed"
+  fi
+  if [ -d "$STASH_DIR/hm-site/humming" ]; then export PYTHONPATH=$PYTHONPATH:$STASH_DIR/hm-site; fi
   $PY - <<'EOF'
 import torch, triton, vllm, importlib.metadata as md
 import vllm_superweight.kernels as K

@@ -163,6 +163,14 @@ for _base in ("sw-w4-g128-holdout", "sw-default"):
 METHODS["sw-w4-g128-mdeq1"] = dict(
     METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"}
 )
+# vLLM's Humming backend (humming-kernels, optional; session 18 kernels: within 10% of Marlin at 1-32 tokens,
+# 0.80-0.91x Machete's time at 64-192): alone over ONE copy (+ the separate correction where a hold-out is), and
+# above Marlin's batches (two copies)
+for _base in ("sw-w4-g128", "sw-w4-g128-holdout-qkv"):
+    METHODS[_base + "-humming"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "humming"})
+METHODS["sw-w4-g128-mhum"] = dict(
+    METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-humming"}
+)
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?
 METHODS["sw-w4-g128-marlin"] = dict(METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin"})
@@ -212,6 +220,15 @@ GROUPS = {
     # where the q/k/v hold-out's batch-8 cost comes from (session 16's open question): the same checkpoint without
     # hold-out on two W4 copies (its default) and on one (the held-out checkpoint's kernel pair), then with hold-out
     "split": ["sw-w4-g128", "sw-w4-g128-mdeq1", "sw-w4-g128-holdout-qkv", "awq"],
+    # issue 12's one layout from vLLM's Humming backend (needs humming-kernels importable in the engines)
+    "humming": [
+        "sw-w4-g128-humming",
+        "sw-w4-g128",
+        "sw-w4-g128-mhum",
+        "sw-w4-g128-holdout-qkv-humming",
+        "sw-w4-g128-holdout-qkv",
+        "awq",
+    ],
 }
 EST_ENGINE_S = float(os.environ.get("SW_EST_ENGINE_S", 150.0))  # first engine start + measurements (cold
 # caches); refined from measured runs (SW_EST_ENGINE_S: a lease's last call, when the time left is known to fit)

@@ -183,20 +183,23 @@ def _sm90():
 
 
 @pytest.mark.parametrize("group,sym", [(-1, False), (128, False), (128, True)])
-def test_dual_dispatch_is_bitwise_the_chosen_kernel(group, sym):
-    """For M <= max_m the dual op returns exactly Marlin's output, above it exactly Machete's; both near the
-    float reference. The kernels differ in summation order, so on each side of max_m some batch must tell them
-    apart (else the equality proves nothing); one batch may not: at M = 1 every bf16 output can round alike
-    (H200, group 128 sym, once)."""
+@pytest.mark.parametrize("pair,large,label", [("dual", "machete", "Machete"), ("marlin-humming", "humming", "Humming")])
+def test_dual_dispatch_is_bitwise_the_chosen_kernel(group, sym, pair, large, label):
+    """For M <= max_m the pair's op returns exactly Marlin's output, above it exactly the large kernel's (Machete,
+    or Humming); both near the float reference. The kernels differ in summation order, so on each side of max_m
+    some batch must tell them apart (else the equality proves nothing); one batch may not: at M = 1 every bf16
+    output can round alike (H200, group 128 sym, once)."""
     VL = _vl()
     _sm90()
+    if large == "humming":
+        pytest.importorskip("humming")
     dev, n, k, max_m = "cuda", 4096, 11008, 16
     w = VL.random_w4(n, k, group, sym, dev, seed=11)
-    lay_d, kd = VL.build_mp_layer(w, "dual", max_m=max_m)
-    lay_ma, kma = VL.build_mp_layer(w, "machete")
+    lay_d, kd = VL.build_mp_layer(w, pair, max_m=max_m)
+    lay_ma, kma = VL.build_mp_layer(w, large)
     lay_mr, kmr = VL.build_mp_layer(w, "marlin")
     ref_w = VL.dequant_w4(w)
-    assert kd.describe() == "Machete+Marlin(M<=16)"
+    assert kd.describe() == f"{label}+Marlin(M<=16)"
     told_apart = {True: 0, False: 0}  # per side of max_m: batches where Marlin and Machete differ
     for m in (1, 7, 16, 17, 64, 1000):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -350,10 +353,14 @@ def test_choose_kernel_on_cuda(monkeypatch):
         ("auto", torch.float32),
         ("fused", torch.bfloat16),
         ("fused", torch.float16),
+        ("humming", torch.bfloat16),
+        ("marlin-humming", torch.bfloat16),
     ],
 )
 def test_kernel_classes_apply_their_sparse_correction(kernel, dtype):
     VL = _vl()
+    if "humming" in kernel:  # the optional humming-kernels package (vLLM's Humming backend)
+        pytest.importorskip("humming")
     dev, n, k = "cuda", 4096, 11008
     r, c, v = _holdout(n, k, 0.001, seed=7)
     w = VL.random_w4(n, k, 128, False, dev, dtype=dtype, holdout=(r, c), seed=5)

@@ -92,13 +92,23 @@ def test_fused_triton_kernel_is_opt_in_and_cuda_only(clean_env, monkeypatch):
         choose_kernel(cfg())
 
 
-def test_humming_kernel_is_measured_not_chosen(clean_env):
-    # vLLM's Humming backend wrapped for the kernel benchmark only: never picked by the priority list, and it says
-    # why it cannot run here (CPU; or the optional package missing)
-    assert WO.HummingKernel not in WEIGHT_ONLY_KERNELS
+def test_humming_kernels_are_opt_in_and_say_why_they_cannot_run(clean_env, monkeypatch):
+    # vLLM's Humming backend (alone: one copy; or above Marlin's batches: two copies) is never picked by the
+    # priority list; forced on a machine without CUDA (or without the optional package) it is a clear error
+    assert WO.HummingKernel not in WEIGHT_ONLY_KERNELS and WO.DualMarlinHummingKernel not in WEIGHT_ONLY_KERNELS
     ok, why = WO.HummingKernel.can_implement(cfg())
     assert not ok and ("CUDA" in why or "not installed" in why)
-    assert choose_kernel(cfg()) is not WO.HummingKernel
+    ok, why = WO.DualMarlinHummingKernel.can_implement(cfg())
+    assert not ok and "SUPERWEIGHT_W4_KERNEL=auto" in why  # the pair only when asked for
+    assert choose_kernel(cfg()) not in (WO.HummingKernel, WO.DualMarlinHummingKernel)
+    for mode in ("humming", "marlin-humming"):
+        monkeypatch.setenv(envs.W4_KERNEL, mode)
+        with pytest.raises(NoKernelError, match=f"SUPERWEIGHT_W4_KERNEL={mode} cannot run"):
+            choose_kernel(cfg())
+    monkeypatch.setenv(envs.W4_KERNEL, "marlin-humming")
+    assert envs.marlin_max_m(envs.DEFAULT_HUMMING_MARLIN_MAX_M) == 32
+    monkeypatch.setenv(envs.MARLIN_MAX_M, "40")
+    assert envs.marlin_max_m(envs.DEFAULT_HUMMING_MARLIN_MAX_M) == 40
 
 
 def test_float32_never_reaches_a_16bit_kernel(clean_env):

@@ -88,7 +88,19 @@ def dequant_w4(w: dict) -> torch.Tensor:
     return ((q - z) * w["scales"].float()[..., None]).reshape(n, k)
 
 
-KERNELS = ("machete", "marlin", "cpu", "dual", "marlin-deq", "marlin-deq1", "torch", "fused", "humming", "auto")
+KERNELS = (
+    "machete",
+    "marlin",
+    "cpu",
+    "dual",
+    "marlin-deq",
+    "marlin-deq1",
+    "torch",
+    "fused",
+    "humming",
+    "marlin-humming",
+    "auto",
+)
 
 
 def build_mp_layer(
@@ -105,9 +117,10 @@ def build_mp_layer(
     "marlin-deq" (Marlin + separate correction for M <= ``max_m``, dequantize + cuBLAS above), "marlin-deq1" (the
     same, dequantizing from Marlin's own copy),
     "torch" (dequantize-once fallback), "fused" (our Triton W4 GEMM, correction inside), "humming" (vLLM's
-    Humming backend, if installed), "auto" (the priority list)}. ``sparse`` = (rows, cols, vals) attaches
-    held-out entries (the kernel's own sparse correction); ``act_outliers`` hands the kernel the layer's
-    activation-outlier input channels before processing, as the plugin does from the sidecar (kernels that take
+    Humming backend, if installed), "marlin-humming" (Marlin for M <= ``max_m``, Humming above), "auto" (the
+    priority list)}. ``sparse`` = (rows, cols, vals) attaches held-out entries (the kernel's own sparse
+    correction); ``act_outliers`` hands the kernel the layer's activation-outlier input channels before
+    processing, as the plugin does from the sidecar (kernels that take
     them). ``kernel.apply_weights(layer, x, bias)`` runs it."""
     single_process_tp()
     from vllm.model_executor.parameter import (
@@ -141,11 +154,12 @@ def build_mp_layer(
         "torch": WO.TorchDequantKernel,
         "fused": WO.FusedTritonW4Kernel,
         "humming": WO.HummingKernel,
+        "marlin-humming": WO.DualMarlinHummingKernel,
     }
     classes["marlin-deq"] = WO.MarlinDequantKernel
     classes["marlin-deq1"] = WO.MarlinDequantOneCopyKernel
     KC = choose_kernel(cfg) if kernel == "auto" else classes[kernel]
-    if kernel not in ("dual", "marlin-deq", "marlin-deq1"):
+    if kernel not in ("dual", "marlin-deq", "marlin-deq1", "marlin-humming"):
         ok, why = KC.can_implement(cfg)
         if not ok:
             raise RuntimeError(f"{KC.__name__} cannot implement {cfg}: {why}")
@@ -183,8 +197,8 @@ def build_mp_layer(
     if bias is not None:
         layer.register_parameter("bias", torch.nn.Parameter(bias.clone().to(act_dtype), requires_grad=False))
     layer.to(dev)
-    if kernel == "dual":
-        kobj = WO.DualMarlinMacheteKernel(cfg, max_m=max_m)
+    if kernel in ("dual", "marlin-humming"):
+        kobj = classes[kernel](cfg, max_m=max_m)
     elif kernel in ("marlin-deq", "marlin-deq1"):
         kobj = classes[kernel](cfg, min_m=None if max_m is None else max_m + 1)
     else:

@@ -16,9 +16,16 @@ Only what users need is a knob:
                                     (the same pair over a second W4 copy in our own layout: H200, saturated
                                     +3.5-4%, twice the weight memory), ``marlin``, ``machete``, ``torch`` (the
                                     dequantize-once fallback), ``fused`` (our Triton W4 GEMM with the held-out
-                                    correction inside; opt-in: slower than AWQ at 8-256 tokens). A forced
+                                    correction inside; opt-in: slower than AWQ at 8-256 tokens), ``humming``
+                                    (vLLM's Humming backend, ONE copy for every batch, correction separate;
+                                    needs the optional ``humming-kernels`` package and nvcc at run time: it
+                                    JIT-compiles at the first batch), ``marlin-humming`` (Marlin for small
+                                    batches, Humming above: two copies). The Humming modes are opt-in until
+                                    measured end to end (H200 kernels, 7B layer: Humming within 10% of Marlin
+                                    at 1-32 tokens, 0.88x Machete's time at 64, 0.80-0.91x at 96-192). A forced
                                     kernel that cannot run a layer is an error.
-``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48).
+``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48; 32 for
+                                    ``marlin-humming``).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a
                                     scratch and one cuBLAS GEMM (default 96; the one-copy pair uses 256 for
                                     layers with a hold-out below 1e-4, where Marlin is faster up to there).
@@ -85,7 +92,22 @@ _TILE_KEYS = {
     "tile": "tile_elems",
     "unroll": "unroll",
 }
-W4_KERNEL_MODES = ("auto", "dual", "vllm", "marlin", "machete", "torch", "fused", "marlin-deq", "marlin-deq1")
+W4_KERNEL_MODES = (
+    "auto",
+    "dual",
+    "vllm",
+    "marlin",
+    "machete",
+    "torch",
+    "fused",
+    "marlin-deq",
+    "marlin-deq1",
+    "humming",
+    "marlin-humming",
+)
+# Marlin / Humming crossover (benchmarks/results/kernel_bench_humming_s18_h200.json, 7B layer, us: M = 32 82.1 vs
+# 83.1, M = 48 98.8 vs 89.0)
+DEFAULT_HUMMING_MARLIN_MAX_M = 32
 DEFAULT_MARLIN_MAX_M = 48  # crossover measured by benchmarks/kernel_bench.py (section w4sweep) on an H100
 DEFAULT_DEQUANT_MIN_M = 96  # Marlin + separate correction vs dequantize + cuBLAS, 0.1 % hold-out, H200
 
@@ -165,8 +187,8 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name}={v!r} is not an integer") from None
 
 
-def marlin_max_m() -> int:
-    return _int(MARLIN_MAX_M, DEFAULT_MARLIN_MAX_M)
+def marlin_max_m(default: int = DEFAULT_MARLIN_MAX_M) -> int:
+    return _int(MARLIN_MAX_M, default)
 
 
 def dequant_min_m() -> int:

@@ -10,8 +10,10 @@ from .base import SWLinearConfig, SWLinearKernel, has_op, missing_ops
 from .w8a8 import CutlassSplitInt8Kernel, TorchInt8Kernel, VllmInt8Kernel
 from .weight_only import (
     CPUWNA16Kernel,
+    DualMarlinHummingKernel,
     DualMarlinMacheteKernel,
     FusedTritonW4Kernel,
+    HummingKernel,
     MacheteKernel,
     MarlinDequantKernel,
     MarlinDequantOneCopyKernel,
@@ -52,6 +54,8 @@ FORCED = {
     "marlin-deq": MarlinDequantKernel,
     "marlin-deq1": MarlinDequantOneCopyKernel,
     "dual": DualMarlinMacheteKernel,
+    "humming": HummingKernel,
+    "marlin-humming": DualMarlinHummingKernel,
 }
 
 

@@ -117,9 +117,10 @@ class MarlinKernel(_VllmMixedPrecision):
 
 class HummingKernel(_VllmMixedPrecision):
     """vLLM's Humming backend (the optional ``humming-kernels`` package: Hopper wgmma / TMA kernels JIT-compiled
-    with nvcc at first use per tile configuration; one repacked copy serves every batch size). Not in the priority
-    list: measured first (``benchmarks/kernel_bench.py --sections humming``) as a candidate for issue 12's one
-    stored layout."""
+    with nvcc at the first batch; one repacked copy serves every batch size). Not in the priority list yet
+    (``SUPERWEIGHT_W4_KERNEL=humming``): its kernels (``kernel_bench.py --sections humming``, H200, 7B layer, us)
+    take 71 at M = 1 (Marlin 65, Machete 88), 94 at 64 (122 / 107), 118 at 128 (200 / 134), 196 at 256 (319 /
+    193), 690 at 1,024 (1,189 / 717) -- one layout for every batch size, but not yet served end to end."""
 
     @classmethod
     def vllm_class(cls) -> type:
@@ -511,6 +512,32 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         if x.is_cuda and _dual_op_available():
             return torch.ops.superweight.w4_dual_mm(x, bias, self.n, self.key)
         return self.run(x, bias)
+
+
+class DualMarlinHummingKernel(DualMarlinMacheteKernel):
+    """Marlin for M <= ``max_m`` tokens (default 32), vLLM's Humming backend above, over two copies (Marlin's and
+    Humming's), chosen per batch inside the same opaque op as the Marlin / Machete pair. Humming's kernels took
+    0.80-0.91x Machete's time at 64-192 tokens on an H200 (7B layer) and Marlin stays faster up to 32; opt-in
+    (``SUPERWEIGHT_W4_KERNEL=marlin-humming``) until measured end to end."""
+
+    wraps = "HummingLinearKernel+MarlinLinearKernel"
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        if envs.w4_kernel() != "marlin-humming":
+            return False, f"{envs.W4_KERNEL}={envs.w4_kernel()}"
+        for k in (HummingKernel, MarlinKernel):
+            ok, why = k.can_implement(c)
+            if not ok:
+                return False, f"{k.__name__}: {why}"
+        return True, None
+
+    def __init__(self, config: SWLinearConfig, max_m: int | None = None) -> None:
+        max_m = envs.marlin_max_m(envs.DEFAULT_HUMMING_MARLIN_MAX_M) if max_m is None else max_m
+        super().__init__(config, large=HummingKernel(config), max_m=max_m)
+
+    def describe(self) -> str:
+        return f"Humming+Marlin(M<={self.max_m})"
 
 
 class MarlinDequantKernel(DualMarlinMacheteKernel):
