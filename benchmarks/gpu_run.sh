@@ -193,6 +193,11 @@ case "$STAGE" in
     #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput sw-w4-g128,sw-w4-g128-marlin,sw-w4-g128-mdeq1 \
     #     --latency-lens 4x256 --latency-batches 8 --latency-iters 10 --throughput-lens ""
     #   then, next call, the same with the order sw-w4-g128-mdeq1,sw-w4-g128,sw-w4-g128-marlin
+    # First, though (session 18 found vLLM's Humming backend near the best kernel at every M from one copy): carry
+    # .gpu-bundle/humming with the third stash call, then
+    #   timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py -k humming \
+    #     > $OUT/gpu_tests_humming.log 2>&1   (a file, not a pipe: a killed call keeps it; JIT compiles take minutes)
+    #   build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq; then BUDGET_S=560 ... throughput humming (two calls)
     #     (the first engine of a lease has been disturbed twice: compare the engines that ran second and third; vLLM's
     #     Marlin alone over the same one copy tells the pair's code path from the copy)
     setup
