@@ -434,12 +434,15 @@ class DualMarlinMacheteKernel(SWLinearKernel):
     """
 
     wraps = "MacheteLinearKernel+MarlinLinearKernel"
+    #: the ``SUPERWEIGHT_W4_KERNEL`` modes that pick this pair, and the kernels it pairs (large, small)
+    MODES: tuple[str, ...] = ("auto", "dual")
+    PARTS: tuple[type[SWLinearKernel], ...] = (MacheteKernel, MarlinKernel)
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
-        if envs.w4_kernel() not in ("auto", "dual"):
+        if envs.w4_kernel() not in cls.MODES:
             return False, f"{envs.W4_KERNEL}={envs.w4_kernel()}"
-        for k in (MacheteKernel, MarlinKernel):
+        for k in cls.PARTS:
             ok, why = k.can_implement(c)
             if not ok:
                 return False, f"{k.__name__}: {why}"
@@ -521,16 +524,8 @@ class DualMarlinHummingKernel(DualMarlinMacheteKernel):
     (``SUPERWEIGHT_W4_KERNEL=marlin-humming``) until measured end to end."""
 
     wraps = "HummingLinearKernel+MarlinLinearKernel"
-
-    @classmethod
-    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
-        if envs.w4_kernel() != "marlin-humming":
-            return False, f"{envs.W4_KERNEL}={envs.w4_kernel()}"
-        for k in (HummingKernel, MarlinKernel):
-            ok, why = k.can_implement(c)
-            if not ok:
-                return False, f"{k.__name__}: {why}"
-        return True, None
+    MODES = ("marlin-humming",)
+    PARTS = (HummingKernel, MarlinKernel)
 
     def __init__(self, config: SWLinearConfig, max_m: int | None = None) -> None:
         max_m = envs.marlin_max_m(envs.DEFAULT_HUMMING_MARLIN_MAX_M) if max_m is None else max_m
