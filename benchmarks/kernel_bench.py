@@ -687,10 +687,10 @@ def section_gemlite(B: Bench):
         if B.args.gemlite_cache_out:
             GL.cache_config(B.args.gemlite_cache_out)
     # per M: gemlite / Marlin / Machete per layer
-    table = {}
-    for r in B.rows:
-        if r.get("section") == "gemlite" and r.get("us"):
-            table.setdefault(str(r["m"]), {})[r["config"]] = round(r["us"], 1)
+    table: dict = {}
+    for config, row in layer_us(B.rows, "gemlite").items():
+        for m, us in row.items():
+            table.setdefault(str(m), {})[config] = round(us, 1)
     B.meta["gemlite_layer_us"] = table
     for m, row in table.items():
         log(f"gemlite M={m}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
@@ -1138,7 +1138,55 @@ def w8_table(paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def layer_us(rows: list[dict], section: str) -> dict[str, dict[int, float]]:
+    """{config: {M: us per 7B layer}} of one per-layer section's timed rows (gemlite, humming)."""
+    us: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r.get("section") == section and r.get("us"):
+            us.setdefault(r["config"], {})[int(r["m"])] = r["us"]
+    return us
+
+
+def layer_table(path: str, section: str, png: str | None = None) -> str:
+    """Markdown (and, with ``png``, a log-log plot) of a per-layer section from its result file: us per 7B layer
+    (4 GEMMs) by M, one row per kernel, the fastest of each M in bold."""
+    with open(path) as f:
+        us = layer_us(json.load(f)["results"], section)
+    ms = sorted({m for v in us.values() for m in v})
+    best = {m: min(v[m] for v in us.values() if m in v) for m in ms}
+    lines = ["| us per 7B layer (4 GEMMs) | " + " | ".join(f"M = {m}" for m in ms) + " |"]
+    lines.append("|---|" + "---:|" * len(ms))
+    for key, row in us.items():
+        cells = [("–" if m not in row else f"**{row[m]:.1f}**" if row[m] == best[m] else f"{row[m]:.1f}") for m in ms]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        for key, row in us.items():
+            xs = sorted(row)
+            ax.plot(xs, [row[m] for m in xs], marker="o", ms=3, label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per GEMM (M)")
+        ax.set_ylabel("us per 7B layer (4 GEMMs)")
+        ax.set_title(f"kernel_bench section {section}: {os.path.basename(path)}", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
+    if "--layer-table" in sys.argv:  # kernel_bench.py --layer-table SECTION RESULT.json [PLOT.png]: print the table
+        a = sys.argv[sys.argv.index("--layer-table") + 1 :]
+        print(layer_table(a[1], a[0], a[2] if len(a) > 2 else None), end="")
+        return 0
     if "--w8-table" in sys.argv:  # python benchmarks/kernel_bench.py --w8-table A.json [B.json ...]: print the table
         print(w8_table([a for a in sys.argv[1:] if a != "--w8-table"]), end="")
         return 0
