@@ -516,7 +516,6 @@ def section_pairs(B: Bench):
     asymmetric: the two-copy Marlin / Machete pair (``dual``) vs the one-copy Marlin + dequantize pair
     (``marlin-deq1``, Marlin below 256 tokens for layers without entries) vs Marlin alone. Question (session 17): the
     one copy was 6% slower end to end at batch 8 although both pairs run Marlin at M = 8 -- is it the kernels?"""
-    import vllm_linear as VL  # tests/vllm_linear.py
 
     if DRY or torch.cuda.get_device_capability() != (9, 0):
         B.add(section="pairs", config="-", note="needs an SM90 GPU (Machete)")
@@ -524,24 +523,14 @@ def section_pairs(B: Bench):
     nl = B.args.layers
     for kname in ("dual", "marlin-deq1", "marlin"):
         # the weight dicts stay alive: a pair registers its layer under a key made from id(w), reused once freed
-        ws = {
-            (li, name): VL.random_w4(n, k, 128, False, B.dev, seed=li * 7 + n + k)
-            for li in range(nl)
-            for name, (n, k) in SHAPES.items()
-        }
-        layers = [{name: VL.build_mp_layer(ws[(li, name)], kname) for name in SHAPES} for li in range(nl)]
+        ws = _random_g128(nl, B.dev)
+        layers = _kernel_layers(ws, nl, kname)
         torch.cuda.synchronize()
         B.meta.setdefault("pairs_describe", {})[kname] = layers[0]["qkv"][1].describe()
         for m in B.args.pairs_ms:
             xs = {name: torch.randn(m, k, device=B.dev, dtype=torch.bfloat16) for name, (n, k) in SHAPES.items()}
 
-            def f(layers=layers, xs=xs):
-                for lay in layers:
-                    for name in SHAPES:
-                        layer, kobj = lay[name]
-                        kobj.apply_weights(layer, xs[name])
-
-            us = time_graph(f, iters=B.args.iters) / nl
+            us = time_graph(_apply_all(layers, xs), iters=B.args.iters) / nl
             B.add(section="pairs", config=kname, variant="g128-asym", m=m, us=us)
         layers, ws = [], {}
         torch.cuda.empty_cache()

@@ -434,9 +434,12 @@ class DualMarlinMacheteKernel(SWLinearKernel):
     """
 
     wraps = "MacheteLinearKernel+MarlinLinearKernel"
-    #: the ``SUPERWEIGHT_W4_KERNEL`` modes that pick this pair, and the kernels it pairs (large, small)
+    #: the ``SUPERWEIGHT_W4_KERNEL`` modes that pick this pair, the kernels it pairs (large, small), the large
+    #: one's name in ``describe`` and the default of ``SUPERWEIGHT_MARLIN_MAX_M`` (their measured crossover)
     MODES: tuple[str, ...] = ("auto", "dual")
-    PARTS: tuple[type[SWLinearKernel], ...] = (MacheteKernel, MarlinKernel)
+    PARTS: tuple[type[SWLinearKernel], type[SWLinearKernel]] = (MacheteKernel, MarlinKernel)
+    LARGE_NAME = "Machete"
+    DEFAULT_MAX_M = envs.DEFAULT_MARLIN_MAX_M
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
@@ -456,9 +459,9 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         max_m: int | None = None,
     ) -> None:
         super().__init__(config)
-        self.large = large if large is not None else MacheteKernel(config)
-        self._init_pair(small if small is not None else MarlinKernel(config))
-        self.max_m = envs.marlin_max_m() if max_m is None else int(max_m)
+        self.large = large if large is not None else self.PARTS[0](config)
+        self._init_pair(small if small is not None else self.PARTS[1](config))
+        self.max_m = envs.marlin_max_m(self.DEFAULT_MAX_M) if max_m is None else int(max_m)
 
     def _init_pair(self, small: SWLinearKernel) -> None:
         """State of a pair behind the opaque op: the small-batch kernel with its own copy (``shadow``)."""
@@ -473,7 +476,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         self._layer: weakref.ref | None = None
 
     def describe(self) -> str:
-        return f"Machete+Marlin(M<={self.max_m})"
+        return f"{self.LARGE_NAME}+Marlin(M<={self.max_m})"
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Marlin's copy is taken from the loaded weights before Machete repacks them in place.
@@ -526,13 +529,8 @@ class DualMarlinHummingKernel(DualMarlinMacheteKernel):
     wraps = "HummingLinearKernel+MarlinLinearKernel"
     MODES = ("marlin-humming",)
     PARTS = (HummingKernel, MarlinKernel)
-
-    def __init__(self, config: SWLinearConfig, max_m: int | None = None) -> None:
-        max_m = envs.marlin_max_m(envs.DEFAULT_HUMMING_MARLIN_MAX_M) if max_m is None else max_m
-        super().__init__(config, large=HummingKernel(config), max_m=max_m)
-
-    def describe(self) -> str:
-        return f"Humming+Marlin(M<={self.max_m})"
+    LARGE_NAME = "Humming"
+    DEFAULT_MAX_M = envs.DEFAULT_HUMMING_MARLIN_MAX_M
 
 
 class MarlinDequantKernel(DualMarlinMacheteKernel):
