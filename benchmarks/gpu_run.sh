@@ -154,7 +154,7 @@ case "$STAGE" in
   tests)
     setup
     echo "[$(ts)] GPU tests"
-    timeout 560 $PY -m pytest -q -m gpu -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests.xml" \
+    timeout 560 $PY -u -m pytest -q -m gpu -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests.xml" \
       tests/test_kernels.py tests/test_gpu_kernels.py tests/test_triton_marlin_deq.py tests/test_triton_int8_mm.py "$@"
     echo "[$(ts)] tests rc=$?" ;;
   parallel)
@@ -193,13 +193,15 @@ case "$STAGE" in
     #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput sw-w4-g128,sw-w4-g128-marlin,sw-w4-g128-mdeq1 \
     #     --latency-lens 4x256 --latency-batches 8 --latency-iters 10 --throughput-lens ""
     #   then, next call, the same with the order sw-w4-g128-mdeq1,sw-w4-g128,sw-w4-g128-marlin
-    # First, though (session 18 found vLLM's Humming backend near the best kernel at every M from one copy): carry
-    # .gpu-bundle/humming with the third stash call, then
-    #   timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py -k humming \
-    #     > $OUT/gpu_tests_humming.log 2>&1   (a file, not a pipe: a killed call keeps it; JIT compiles take minutes)
-    #   build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq; then BUDGET_S=560 ... throughput humming (two calls)
-    #     (the first engine of a lease has been disturbed twice: compare the engines that ran second and third; vLLM's
-    #     Marlin alone over the same one copy tells the pair's code path from the copy)
+    # Session 19 ran the Humming tests (`test_gpu_kernels.py -k humming`: the correction tests passed; the dispatch
+    # test, rewritten since, failed on Humming's run-to-run differences at M <= 64; channel-wise hung: now refused)
+    # and one engine, sw-w4-g128-humming (throughput_h200_s19_humming.json). Left, in one lease: fire the three
+    # stash calls back to back (a machine is released ~30 s after a call's reply), then in ONE call
+    #   build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq; wait for it (pgrep -f '[b]uild-only');
+    #   BUDGET_S=470 throughput sw-w4-g128,sw-w4-g128-humming,awq   (the first engine of a lease is disturbed)
+    # and at once the next: BUDGET_S=560 throughput sw-w4-g128-holdout-qkv-humming,sw-w4-g128-holdout-qkv; then
+    #   timeout 300 python3 -u -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py -k humming
+    #     > $OUT/gpu_tests_humming.log 2>&1   (-u: a call killed by its timeout keeps what was written)
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     for f in test_triton_int8_mm test_gpu_kernels test_triton_marlin_deq test_kernels; do

@@ -57,6 +57,9 @@ KERNEL_SUFFIX = {
     "-fused": " → fused",
     "-gemv": " → GEMV + correction at batch 1",
     "-unroll": " → unrolled SELL correction (session 12's default)",
+    "-humming": " → vLLM's Humming backend, one W4 copy",
+    "-mhum": " → Marlin/Humming pair, two W4 copies",
+    "-marlin": " → vLLM's Marlin alone, one W4 copy",
 }
 
 

@@ -185,29 +185,52 @@ def _sm90():
 @pytest.mark.parametrize("group,sym", [(-1, False), (128, False), (128, True)])
 @pytest.mark.parametrize("pair,large,label", [("dual", "machete", "Machete"), ("marlin-humming", "humming", "Humming")])
 def test_dual_dispatch_is_bitwise_the_chosen_kernel(group, sym, pair, large, label):
-    """For M <= max_m the pair's op returns exactly Marlin's output, above it exactly the large kernel's (Machete,
-    or Humming); both near the float reference. The kernels differ in summation order, so on each side of max_m
-    some batch must tell them apart (else the equality proves nothing); one batch may not: at M = 1 every bf16
-    output can round alike (H200, group 128 sym, once)."""
+    """For M <= max_m the pair's op runs Marlin, above it the large kernel (Machete, or Humming) -- exactly one of
+    them, seen through the parts' own entry points -- and returns exactly that kernel's output wherever the kernel
+    is reproducible (Humming is not for M <= 64: session 19, H200); everywhere near the float reference. The
+    kernels differ in summation order, so on each side of max_m some reproducible batch must tell them apart (else
+    the equality proves nothing); one batch may not: at M = 1 every bf16 output can round alike (H200, group 128
+    sym, once)."""
     VL = _vl()
     _sm90()
     if large == "humming":
         pytest.importorskip("humming")
+        if group == -1:  # refused: a channel-wise layer's first batch did not return in 195 s (session 19)
+            from vllm_superweight.kernels.linear import weight_only as WO
+
+            assert not WO.HummingKernel.can_implement(_cfg(torch.bfloat16, group=-1))[0]
+            return
     dev, n, k, max_m = "cuda", 4096, 11008, 16
     w = VL.random_w4(n, k, group, sym, dev, seed=11)
     lay_d, kd = VL.build_mp_layer(w, pair, max_m=max_m)
     lay_ma, kma = VL.build_mp_layer(w, large)
     lay_mr, kmr = VL.build_mp_layer(w, "marlin")
     ref_w = VL.dequant_w4(w)
-    assert kd.describe() == f"{label}+Marlin(M<=16)"
-    told_apart = {True: 0, False: 0}  # per side of max_m: batches where Marlin and Machete differ
+    assert kd.describe() == f"{label}+Marlin(M<={max_m})"
+    ran: list[str] = []  # which part the op dispatched to
+
+    def spy(part, name):
+        inner = part.apply_gemm
+
+        def wrapped(*a, **kw):
+            ran.append(name)
+            return inner(*a, **kw)
+
+        part.apply_gemm = wrapped
+
+    spy(kd.small, "small")
+    spy(kd.large, "large")
+    told_apart = {True: 0, False: 0}  # per side of max_m: reproducible batches where Marlin and the other differ
     for m in (1, 7, 16, 17, 64, 1000):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        ran.clear()
         y = kd.apply_weights(lay_d, x)
-        want = kmr.apply_weights(lay_mr, x) if m <= max_m else kma.apply_weights(lay_ma, x)
-        other = kma.apply_weights(lay_ma, x) if m <= max_m else kmr.apply_weights(lay_mr, x)
-        assert torch.equal(y, want), m
-        told_apart[m <= max_m] += int(not torch.equal(y, other))
+        assert ran == (["small"] if m <= max_m else ["large"]), (m, ran)
+        chosen, ch_lay, other, ot_lay = (kmr, lay_mr, kma, lay_ma) if m <= max_m else (kma, lay_ma, kmr, lay_mr)
+        want = chosen.apply_weights(ch_lay, x)
+        if torch.equal(want, chosen.apply_weights(ch_lay, x)):  # reproducible at this M
+            assert torch.equal(y, want), m
+            told_apart[m <= max_m] += int(not torch.equal(y, other.apply_weights(ot_lay, x)))
         assert _rel(y, x.float() @ ref_w.T) < 8e-3, m
     assert told_apart[True] >= 1 and told_apart[False] >= 1, told_apart
 

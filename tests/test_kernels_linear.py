@@ -98,6 +98,8 @@ def test_humming_kernels_are_opt_in_and_say_why_they_cannot_run(clean_env, monke
     assert WO.HummingKernel not in WEIGHT_ONLY_KERNELS and WO.DualMarlinHummingKernel not in WEIGHT_ONLY_KERNELS
     ok, why = WO.HummingKernel.can_implement(cfg())
     assert not ok and ("CUDA" in why or "not installed" in why)
+    ok, why = WO.HummingKernel.can_implement(cfg(group=-1))  # channel-wise: refused on any machine (its first
+    assert not ok and "channel-wise" in why  # batch hung on an H200, session 19)
     ok, why = WO.DualMarlinHummingKernel.can_implement(cfg())
     assert not ok and "SUPERWEIGHT_W4_KERNEL=auto" in why  # the pair only when asked for
     assert choose_kernel(cfg()) not in (WO.HummingKernel, WO.DualMarlinHummingKernel)
