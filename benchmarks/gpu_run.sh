@@ -202,6 +202,8 @@ case "$STAGE" in
     # and at once the next: BUDGET_S=560 throughput sw-w4-g128-holdout-qkv-humming,sw-w4-g128-holdout-qkv; then
     #   timeout 300 python3 -u -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py -k humming
     #     > $OUT/gpu_tests_humming.log 2>&1   (-u: a call killed by its timeout keeps what was written)
+    #   and VLLM_BATCH_INVARIANT=1 bash benchmarks/gpu_run.sh kernels --sections humming  (Humming without stream-K:
+    #   reproducible at every M; what does it cost?)
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     for f in test_triton_int8_mm test_gpu_kernels test_triton_marlin_deq test_kernels; do

@@ -367,6 +367,25 @@ def test_choose_kernel_on_cuda(monkeypatch):
     assert choose_kernel(_cfg(torch.bfloat16)) is (WO.MacheteKernel if sm90 else WO.MarlinKernel)
 
 
+def test_humming_is_reproducible_in_vllms_batch_invariant_mode(monkeypatch):
+    """Humming's stream-K makes reruns differ by a bf16 step at M <= 64 (session 19); vLLM's VLLM_BATCH_INVARIANT=1
+    hands it the mode without stream-K: every rerun bitwise equal, near the float reference."""
+    VL = _vl()
+    _sm90()
+    pytest.importorskip("humming")
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    dev, n, k = "cuda", 4096, 11008
+    w = VL.random_w4(n, k, 128, False, dev, seed=13)
+    layer, kern = VL.build_mp_layer(w, "humming")
+    assert '"use_batch_invariant": true' in layer.compute_config
+    ref_w = VL.dequant_w4(w)
+    for m in (1, 7, 17, 64, 300):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        y = kern.apply_weights(layer, x)
+        assert all(torch.equal(y, kern.apply_weights(layer, x)) for _ in range(3)), m
+        assert _rel(y, x.float() @ ref_w.T) < 8e-3, m
+
+
 @pytest.mark.parametrize(
     "kernel,dtype",
     [

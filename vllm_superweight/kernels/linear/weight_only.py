@@ -126,7 +126,8 @@ class HummingKernel(_VllmMixedPrecision):
     2.083 s, 15,993 / 17,125 tok/s, session 17) but behind the Marlin pairs at batch 1 and 8.
 
     Two limits measured there: its output is not bitwise reproducible for M <= 64 (the same layer and input give
-    results one bf16 step apart from call to call; deterministic at M = 1,000), and a channel-wise layer's first
+    results one bf16 step apart from call to call -- its stream-K split of K; deterministic at M = 1,000; vLLM's
+    ``VLLM_BATCH_INVARIANT=1`` turns stream-K off, cost unmeasured), and a channel-wise layer's first
     batch did not return within 195 s (a group-128 layer: 25 s, JIT included) -- channel-wise layers are refused
     here until that is understood."""
 
