@@ -196,10 +196,12 @@ case "$STAGE" in
     # Session 19 ran the Humming tests (`test_gpu_kernels.py -k humming`: the correction tests passed; the dispatch
     # test, rewritten since, failed on Humming's run-to-run differences at M <= 64; channel-wise hung: now refused)
     # and one engine, sw-w4-g128-humming (throughput_h200_s19_humming.json). Left, in one lease: fire the three
-    # stash calls back to back (a machine is released ~30 s after a call's reply), then in ONE call
+    # stash calls and the calls below as ONE batch of tool calls (a machine is released ~30 s after a call's
+    # reply; calls of one batch run back to back), then in ONE call
     #   build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq; wait for it (pgrep -f '[b]uild-only');
-    #   BUDGET_S=470 throughput sw-w4-g128,sw-w4-g128-humming,awq   (the first engine of a lease is disturbed)
-    # and at once the next: BUDGET_S=560 throughput sw-w4-g128-holdout-qkv-humming,sw-w4-g128-holdout-qkv; then
+    #   BUDGET_S=470 throughput sw-w4-g128,sw-w4-g128-humming   (s19: the first engine of a lease took 270 s,
+    #   cold compile and Humming's JIT; later ones ~120-150 s)
+    # next call: BUDGET_S=560 throughput awq,sw-w4-g128-holdout-qkv-humming,sw-w4-g128-holdout-qkv; then
     #   timeout 300 python3 -u -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py -k humming
     #     > $OUT/gpu_tests_humming.log 2>&1   (-u: a call killed by its timeout keeps what was written)
     #   and VLLM_BATCH_INVARIANT=1 bash benchmarks/gpu_run.sh kernels --sections humming  (Humming without stream-K:
