@@ -700,8 +700,10 @@ def section_humming(B: Bench):
     import humming  # on sys.path from --humming-path (main(), before vLLM probes for it)
 
     B.meta["humming_version"] = getattr(humming, "__version__", "?")
-    # vLLM hands Humming its batch-invariant mode (no stream-K: reproducible at every M) under VLLM_BATCH_INVARIANT=1
-    B.meta["humming_batch_invariant"] = os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"
+    from vllm import envs as venvs
+
+    # the batch-invariant mode (no stream-K: reproducible at every M) vLLM hands Humming, as vLLM parses it
+    B.meta["humming_batch_invariant"] = bool(venvs.VLLM_BATCH_INVARIANT)
     nl = B.args.layers
     budget_end = time.time() + B.args.humming_budget_s
     ws = _random_g128(nl, B.dev)
