@@ -19,11 +19,15 @@ if [ "${1:-}" = stash ]; then
 fi
 if [ "${1:-}" = eval ]; then
   NAME=${2:-ckpt}
-  cat "$CK"/part-* > "$CK/model.safetensors" && rm -f "$CK"/part-*
+  # the parts joined once (a second eval in the same lease finds them joined)
+  if ls "$CK"/part-* >/dev/null 2>&1; then cat "$CK"/part-* > "$CK/model.safetensors" && rm -f "$CK"/part-*; fi
   bash benchmarks/gpu_run.sh setup > "$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 2; }
   # shellcheck disable=SC1091
   source .gpu-bundle/install.sh
   export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1
+  # vLLM's Humming backend where setup installed it (.gpu-bundle/humming carried once): the priority list's
+  # choice for checkpoints without hold-out, as on a user's machine with vllm-superweight[humming]
+  [ -d /root/stash/hm-site/humming ] && export PYTHONPATH=$PYTHONPATH:/root/stash/hm-site
   for mode in ${MODES:-on off}; do
     env $([ $mode = off ] && echo SUPERWEIGHT_DISABLE_CORRECTION=1) python3 -m vllm_superweight.eval "$CK" \
       --window 512 --max-tokens 16384 --data "$CK/wiki.test.raw" --json "$OUT/gpu_eval_${NAME}_correction-$mode.json" \

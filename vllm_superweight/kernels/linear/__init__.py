@@ -36,6 +36,7 @@ __all__ = [
 WEIGHT_ONLY_KERNELS: list[type[SWLinearKernel]] = [
     MarlinDequantOneCopyKernel,
     MarlinDequantKernel,
+    HummingKernel,
     DualMarlinMacheteKernel,
     MacheteKernel,
     MarlinKernel,
