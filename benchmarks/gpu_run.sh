@@ -193,19 +193,15 @@ case "$STAGE" in
     #   BUDGET_S=560 bash benchmarks/gpu_run.sh throughput sw-w4-g128,sw-w4-g128-marlin,sw-w4-g128-mdeq1 \
     #     --latency-lens 4x256 --latency-batches 8 --latency-iters 10 --throughput-lens ""
     #   then, next call, the same with the order sw-w4-g128-mdeq1,sw-w4-g128,sw-w4-g128-marlin
-    # Session 19 ran the Humming tests (`test_gpu_kernels.py -k humming`: the correction tests passed; the dispatch
-    # test, rewritten since, failed on Humming's run-to-run differences at M <= 64; channel-wise hung: now refused)
-    # and one engine, sw-w4-g128-humming (throughput_h200_s19_humming.json). Left, in one lease: fire the three
-    # stash calls and the calls below as ONE batch of tool calls (a machine is released ~30 s after a call's
-    # reply; calls of one batch run back to back), then in ONE call
-    #   build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq; wait for it (pgrep -f '[b]uild-only');
-    #   BUDGET_S=470 throughput sw-w4-g128,sw-w4-g128-humming   (s19: the first engine of a lease took 270 s,
-    #   cold compile and Humming's JIT; later ones ~120-150 s)
-    # next call: BUDGET_S=560 throughput awq,sw-w4-g128-holdout-qkv-humming,sw-w4-g128-holdout-qkv; then
-    #   timeout 300 python3 -u -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py -k humming
-    #     > $OUT/gpu_tests_humming.log 2>&1   (-u: a call killed by its timeout keeps what was written)
-    #   and VLLM_BATCH_INVARIANT=1 bash benchmarks/gpu_run.sh kernels --sections humming  (Humming without stream-K:
-    #   reproducible at every M; what does it cost?)
+    # Session 19 ran the Humming tests and one engine, sw-w4-g128-humming (throughput_h200_s19_humming.json).
+    # Session 20 (fire the three stash calls and the calls after them as ONE batch of tool calls: a machine is
+    # released ~30 s after a call's reply) ran `build-bg sw-w4-g128,awq` beside `pytest -k humming` (6 passed),
+    # then `throughput sw-w4-g128-humming,awq` (throughput_h200_s20_humming_awq.json) and
+    # `VLLM_BATCH_INVARIANT=1 kernels --sections humming` (2.1-2.5x slower). Left for the next lease:
+    #   the real SmolLM2 checkpoint without hold-out under Humming (benchmarks/gpu_eval_ckpt.sh, parts in
+    #   .gpu-ckpt; its eval needs > 200 s there: give the call 400 s): GPU perplexity vs the CPU's 33.02;
+    #   BUDGET_S=560 throughput sw-w4-g128-holdout-qkv-humming,sw-w4-g128-holdout-qkv (after build-bg
+    #   sw-w4-g128-holdout-qkv): the q/k/v hold-out on one Humming copy vs the one-copy default
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     for f in test_triton_int8_mm test_gpu_kernels test_triton_marlin_deq test_kernels; do

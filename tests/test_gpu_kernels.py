@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
@@ -351,10 +350,7 @@ def test_choose_kernel_on_cuda(monkeypatch):
     for v in ("SUPERWEIGHT_W4_KERNEL", "VLLM_DISABLED_KERNELS"):
         monkeypatch.delenv(v, raising=False)
     sm90 = torch.cuda.get_device_capability()[0] == 9
-    humming = sm90 and importlib.util.find_spec("humming") is not None  # the optional humming-kernels package
-    pair = WO.DualMarlinMacheteKernel if sm90 else WO.MarlinKernel
-    assert choose_kernel(_cfg(torch.bfloat16)) is (WO.HummingKernel if humming else pair)  # one copy where it can
-    assert choose_kernel(_cfg(torch.bfloat16, group=-1)) is pair  # Humming refuses channel-wise layers
+    assert choose_kernel(_cfg(torch.bfloat16)) is (WO.DualMarlinMacheteKernel if sm90 else WO.MarlinKernel)
     assert choose_kernel(_cfg(torch.float32)) is WO.TorchDequantKernel  # Machete/Marlin have no fp32 path
     assert choose_kernel(_cfg(torch.bfloat16, group=96, k=96 * 40)) is WO.TorchDequantKernel
     w8 = dict(acts="int8-token", bits=8, group=-1, sym=True)

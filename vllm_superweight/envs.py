@@ -7,27 +7,25 @@ Only what users need is a knob:
                                     weights stay 0): an ablation switch, read by the engine's front end.
 ``SUPERWEIGHT_W4_KERNEL``           weight-only GEMM choice: ``auto`` (default: the first kernel of the priority
                                     list in ``kernels/linear`` that this machine can run: on CUDA the
-                                    ``marlin-deq1`` pair for checkpoints with a hold-out >= 1e-4; for the
-                                    others ``humming`` where ``humming-kernels`` is installed (group-quantized
-                                    layers on Hopper), else the ``dual`` pair), ``vllm`` (vLLM's single
-                                    kernel, never a per-batch pair: one W4 copy), ``dual`` (Marlin for small
-                                    batches, Machete above, two W4 copies, correction separate; H200: 7-8%
-                                    faster than ``humming`` at batch 1 for 1.8x the weights),
-                                    ``marlin-deq1`` (Marlin + the packed SELL
-                                    correction for small batches; large ones dequantize from Marlin's own copy
-                                    with the held-out values restored, then cuBLAS: ONE W4 copy), ``marlin-deq``
-                                    (the same pair over a second W4 copy in our own layout: H200, saturated
-                                    +3.5-4%, twice the weight memory), ``marlin``, ``machete``, ``torch`` (the
-                                    dequantize-once fallback), ``fused`` (our Triton W4 GEMM with the held-out
-                                    correction inside; opt-in: slower than AWQ at 8-256 tokens), ``humming``
-                                    (vLLM's Humming backend, ONE copy for every batch, correction separate;
-                                    needs the optional ``humming-kernels`` package, ``pip install
-                                    vllm-superweight[humming]``, and nvcc at run time: it JIT-compiles at the
-                                    first batch and caches the kernels on disk; not bitwise reproducible at
-                                    <= 64 tokens unless ``VLLM_BATCH_INVARIANT=1``, which costs 2.2-2.6x in its
-                                    kernels), ``marlin-humming`` (Marlin for small batches, Humming above: two
-                                    copies; opt-in, not measured end to end). A forced kernel that cannot run
-                                    a layer is an error.
+                                    ``marlin-deq1`` pair for checkpoints with a hold-out >= 1e-4, the ``dual``
+                                    pair for the others), ``vllm`` (vLLM's single kernel, never a per-batch pair:
+                                    one W4 copy), ``dual`` (Marlin for small batches, Machete above, two W4 copies,
+                                    correction separate), ``marlin-deq1`` (Marlin + the packed SELL correction for
+                                    small batches; large ones dequantize from Marlin's own copy with the held-out
+                                    values restored, then cuBLAS: ONE W4 copy), ``marlin-deq`` (the same pair over a
+                                    second W4 copy in our own layout: H200, saturated +3.5-4%, twice the weight
+                                    memory), ``marlin``, ``machete``, ``torch`` (the dequantize-once fallback),
+                                    ``fused`` (our Triton W4 GEMM with the held-out correction inside; opt-in:
+                                    slower than AWQ at 8-256 tokens), ``humming`` (vLLM's Humming backend, ONE copy
+                                    for every batch, correction separate; opt-in: needs the optional
+                                    ``humming-kernels`` package, ``pip install vllm-superweight[humming]``, and nvcc
+                                    at run time; H200, 7B shape, same lease: 1.17x / 1.13x / 1.07x AWQ at batch 1 /
+                                    8 / 64, 1.06-1.07x saturated from 0.985x AWQ's weights (the ``dual`` pair: 7-8%
+                                    faster at batch 1 from 1.8x); JIT-compiles its kernels at the first batches; not
+                                    bitwise reproducible at <= 64 tokens unless ``VLLM_BATCH_INVARIANT=1``, which
+                                    costs 2.1-2.5x in its kernels), ``marlin-humming`` (Marlin for small batches,
+                                    Humming above: two copies; opt-in, not measured end to end). A forced kernel
+                                    that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48; 32 for
                                     ``marlin-humming``).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a

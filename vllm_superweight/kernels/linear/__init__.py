@@ -36,7 +36,6 @@ __all__ = [
 WEIGHT_ONLY_KERNELS: list[type[SWLinearKernel]] = [
     MarlinDequantOneCopyKernel,
     MarlinDequantKernel,
-    HummingKernel,
     DualMarlinMacheteKernel,
     MacheteKernel,
     MarlinKernel,

@@ -6,9 +6,6 @@
   correction) for batches below ``SUPERWEIGHT_DEQUANT_MIN_M`` tokens; above, the layer is dequantized from our one-copy
   layout (``kernels/triton_w4.py``) into a shared scratch WITH the held-out values restored in the same kernel,
   then one cuBLAS GEMM: no correction pass over y, which made a 0.1 % hold-out cost 25 % of saturated throughput.
-* ``HummingKernel`` (CUDA, Hopper, group-quantized layers, where the optional ``humming-kernels`` package is
-  installed): vLLM's Humming backend, ONE W4 copy for every batch size, correction separate; ahead of AWQ at every
-  measured batch from 0.985x its weight memory (H200, same lease).
 * ``DualMarlinMacheteKernel`` (CUDA, Hopper): Marlin for batches of up to ``SUPERWEIGHT_MARLIN_MAX_M`` tokens,
   Machete above, chosen per batch inside one opaque custom op (``torch.ops.superweight.w4_dual_mm``), so each
   CUDA graph vLLM captures records the kernel of its size. Costs a second copy of the W4 weights.
@@ -120,30 +117,30 @@ class MarlinKernel(_VllmMixedPrecision):
 
 class HummingKernel(_VllmMixedPrecision):
     """vLLM's Humming backend (the optional ``humming-kernels`` package, ``pip install vllm-superweight[humming]``:
-    Hopper wgmma / TMA kernels JIT-compiled with nvcc at the first batch, cached on disk; ONE repacked copy serves
-    every batch size). In the priority list since session 20, after the one-copy pair of held-out checkpoints and
-    before the two-copy Marlin / Machete pair, wherever the package is installed: same lease as AWQ (H200, 7B shape,
-    no hold-out, 3.94 GiB of weights, 0.985x AWQ's): batch 1 / 8 / 64 (in 128 / out 256) 0.834 / 0.957 / 1.944 s
-    vs AWQ 0.977 / 1.084 / 2.081 s (1.17x / 1.13x / 1.07x), saturated 16,907 / 18,193 tok/s vs 16,011 / 16,956
-    (1.06x / 1.07x). The two-copy pair is 7-8% faster at batch 1 for 1.8x the weights (``SUPERWEIGHT_W4_KERNEL=dual``
-    keeps it). Its kernels (``kernel_bench.py --sections humming``, H200, 7B layer, us): 71 at M = 1 (Marlin 65,
-    Machete 88), 94 at 64 (122 / 107), 118 at 128 (200 / 134), 196 at 256 (319 / 193), 690 at 1,024.
+    Hopper wgmma / TMA kernels JIT-compiled with nvcc at the first batches, cached on disk; ONE repacked copy serves
+    every batch size). Opt-in (``SUPERWEIGHT_W4_KERNEL=humming``), not in the priority list. Same lease as AWQ
+    (H200, session 20, 7B shape, no hold-out, 3.94 GiB of weights = 0.985x AWQ's): batch 1 / 8 / 64 (in 128 / out
+    256) 0.834 / 0.957 / 1.944 s vs AWQ 0.977 / 1.084 / 2.081 s (1.17x / 1.13x / 1.07x), saturated 16,907 / 18,193
+    tok/s vs 16,011 / 16,956 (1.06x / 1.07x); the two-copy pair is 7-8% faster at batch 1 for 1.8x the weights. Its
+    kernels (``kernel_bench.py --sections humming``, H200, 7B layer, us): 71 at M = 1 (Marlin 65, Machete 88), 94 at
+    64 (122 / 107), 118 at 128 (200 / 134), 196 at 256 (319 / 193), 690 at 1,024.
 
-    Limits measured on the H200: (1) its output is not bitwise reproducible for M <= 64 (one bf16 step from call to
-    call: stream-K splits K; deterministic at M = 1,000); ``VLLM_BATCH_INVARIANT=1`` hands it its mode without
-    stream-K, reproducible at every M (GPU test) but 2.2-2.6x slower (M = 1 158 us, 64 231 us, session 20) -- the
-    price of batch invariance, which the per-batch pairs cannot give at all (their kernel changes with the batch).
-    (2) A channel-wise layer's first batch never returned (195 s in session 19; 60 s under
+    Why it is not the default (all measured on the H200): (1) its output is not bitwise reproducible for M <= 64
+    (one bf16 step from call to call: stream-K splits K; deterministic at M = 1,000); ``VLLM_BATCH_INVARIANT=1``
+    hands it its mode without stream-K, reproducible at every M (GPU test) but 2.1-2.5x slower up to 128 tokens (M =
+    1 158 us, 64 231 us, session 20). (2) Not yet verified on a real checkpoint: SmolLM2-135M (no hold-out, g64)
+    took Humming for every Linear, but its GPU perplexity run did not finish within the call's 200 s (55 s of
+    profile run, then over 110 s of warm-up JIT; the default preset's run on the Marlin kernels took 178 s in
+    session 16); as the head of the list (tried in session 20) one GPU assertion of the selection test failed, which
+    one unknown (the call ran out of device time; likely a group-96 layer, which Humming takes and Marlin / Machete
+    do not). (3) A channel-wise layer's first batch never returned (195 s in session 19; 60 s under
     ``VLLM_BATCH_INVARIANT=1`` in session 20; a group-128 layer: 14-25 s with its JIT): channel-wise layers are
-    refused. ``SUPERWEIGHT_W4_KERNEL=humming`` forces it; ``vllm`` (vLLM's own pick) passes it over, as vLLM ranks
-    Humming last."""
+    refused. (4) vLLM 0.26 ranks it last and does not install it."""
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
         if c.group_size == -1:
             return False, "Humming: channel-wise layers refused (their first batch never returned on an H200)"
-        if envs.w4_kernel() == "vllm":
-            return False, f"{envs.W4_KERNEL}=vllm: vLLM's own pick, which ranks Humming last"
         return super().can_implement(c)
 
     @classmethod
@@ -255,7 +252,7 @@ class CPUWNA16Kernel(_VllmMixedPrecision):
         return y.addmm_(x.index_select(-1, idx), cols)  # + those channels' product in 16-bit
 
 
-_WRAPPED = (MacheteKernel, MarlinKernel, HummingKernel, CPUWNA16Kernel)
+_WRAPPED = (MacheteKernel, MarlinKernel, CPUWNA16Kernel)
 
 
 class VllmMPKernel(_VllmMixedPrecision):
