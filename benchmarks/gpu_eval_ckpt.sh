@@ -25,8 +25,8 @@ if [ "${1:-}" = eval ]; then
   # shellcheck disable=SC1091
   source .gpu-bundle/install.sh
   export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1
-  # vLLM's Humming backend where setup installed it (.gpu-bundle/humming carried once): the priority list's
-  # choice for checkpoints without hold-out, as on a user's machine with vllm-superweight[humming]
+  # vLLM's Humming backend where setup installed it (.gpu-bundle/humming carried once), as on a user's machine
+  # with vllm-superweight[humming]: taken with SUPERWEIGHT_W4_KERNEL=humming
   [ -d /root/stash/hm-site/humming ] && export PYTHONPATH=$PYTHONPATH:/root/stash/hm-site
   for mode in ${MODES:-on off}; do
     env $([ $mode = off ] && echo SUPERWEIGHT_DISABLE_CORRECTION=1) python3 -m vllm_superweight.eval "$CK" \

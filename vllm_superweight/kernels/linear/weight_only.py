@@ -127,10 +127,11 @@ class HummingKernel(_VllmMixedPrecision):
 
     Why it is not the default (all measured on the H200): (1) its output is not bitwise reproducible for M <= 64
     (one bf16 step from call to call: stream-K splits K; deterministic at M = 1,000); ``VLLM_BATCH_INVARIANT=1``
-    hands it its mode without stream-K, reproducible at every M (GPU test) but 2.1-2.5x slower up to 128 tokens (M =
-    1 158 us, 64 231 us, session 20). (2) Not yet verified on a real checkpoint: SmolLM2-135M (no hold-out, g64)
-    took Humming for every Linear, but its GPU perplexity run did not finish within the call's 200 s (55 s of
-    profile run, then over 110 s of warm-up JIT; the default preset's run on the Marlin kernels took 178 s in
+    hands it its mode without stream-K, reproducible at every M (GPU test) but 2.1-2.5x slower up to 128 tokens (158
+    us per 7B layer at one token, 231 at 64; session 20). (2) Not yet verified on a real checkpoint: SmolLM2-135M
+    (no hold-out, g64) took Humming for every Linear, but its GPU perplexity run did not finish within the call's
+    200 s (55 s in the profile run, then no output for over 110 s after the KV cache was sized, as the 7B engine
+    under Humming was for ~100 s (its JIT, presumably); the default preset's run on the Marlin kernels took 178 s in
     session 16); as the head of the list (tried in session 20) one GPU assertion of the selection test failed, which
     one unknown (the call ran out of device time; likely a group-96 layer, which Humming takes and Marlin / Machete
     do not). (3) A channel-wise layer's first batch never returned (195 s in session 19; 60 s under
