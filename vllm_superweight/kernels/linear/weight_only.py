@@ -131,12 +131,14 @@ class HummingKernel(_VllmMixedPrecision):
     us per 7B layer at one token, 231 at 64; session 20). (2) Not yet verified on a real checkpoint: SmolLM2-135M
     (no hold-out, g64) took Humming for every Linear, but its GPU perplexity run did not finish within the call's
     200 s (55 s in the profile run, then no output for over 110 s after the KV cache was sized, as the 7B engine
-    under Humming was for ~100 s (its JIT, presumably); the default preset's run on the Marlin kernels took 178 s in
-    session 16); as the head of the list (tried in session 20) one GPU assertion of the selection test failed, which
-    one unknown (the call ran out of device time; likely a group-96 layer, which Humming takes and Marlin / Machete
-    do not). (3) A channel-wise layer's first batch never returned (195 s in session 19; 60 s under
-    ``VLLM_BATCH_INVARIANT=1`` in session 20; a group-128 layer: 14-25 s with its JIT): channel-wise layers are
-    refused. (4) vLLM 0.26 ranks it last and does not install it."""
+    under Humming was for ~100 s: humming-kernels 0.1.10's SM90 heuristics give each layer shape a list of tile
+    configurations over batch sizes up to 8,192 tokens, the M tile in steps of 8 tokens up to 176, and compile the
+    whole list with nvcc (16 threads) at the shape's first batch, cached on disk; the default preset's run on the
+    Marlin kernels took 178 s in session 16); as the head of the list (tried in session 20) one GPU assertion of the
+    selection test failed, which one unknown (the call ran out of device time; likely a group-96 layer, which
+    Humming takes and Marlin / Machete do not). (3) A channel-wise layer's first batch never returned (195 s in
+    session 19; 60 s under ``VLLM_BATCH_INVARIANT=1`` in session 20; a group-128 layer: 14-25 s with its JIT):
+    channel-wise layers are refused. (4) vLLM 0.26 ranks it last and does not install it."""
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
