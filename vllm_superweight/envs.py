@@ -17,15 +17,11 @@ Only what users need is a knob:
                                     memory), ``marlin``, ``machete``, ``torch`` (the dequantize-once fallback),
                                     ``fused`` (our Triton W4 GEMM with the held-out correction inside; opt-in:
                                     slower than AWQ at 8-256 tokens), ``humming`` (vLLM's Humming backend, ONE copy
-                                    for every batch, correction separate; opt-in: needs the optional
-                                    ``humming-kernels`` package, ``pip install vllm-superweight[humming]``, and nvcc
-                                    at run time; H200, 7B shape, same lease: 1.17x / 1.13x / 1.07x AWQ at batch 1 /
-                                    8 / 64, 1.06-1.07x saturated from 0.985x AWQ's weights (the ``dual`` pair: 7-8%
-                                    faster at batch 1 from 1.8x); JIT-compiles its kernels at the first batches; not
-                                    bitwise reproducible at <= 64 tokens unless ``VLLM_BATCH_INVARIANT=1``, which
-                                    costs 2.1-2.5x in its kernels), ``marlin-humming`` (Marlin for small batches,
-                                    Humming above: two copies; opt-in, not measured end to end). A forced kernel
-                                    that cannot run a layer is an error.
+                                    for every batch, correction separate; opt-in, needs ``pip install
+                                    vllm-superweight[humming]`` and nvcc at run time: measurements and limits in
+                                    ``kernels.linear.weight_only.HummingKernel``), ``marlin-humming`` (Marlin for
+                                    small batches, Humming above: two copies; opt-in, not measured end to end). A
+                                    forced kernel that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48; 32 for
                                     ``marlin-humming``).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a

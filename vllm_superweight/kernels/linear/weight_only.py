@@ -117,28 +117,13 @@ class MarlinKernel(_VllmMixedPrecision):
 
 class HummingKernel(_VllmMixedPrecision):
     """vLLM's Humming backend (the optional ``humming-kernels`` package, ``pip install vllm-superweight[humming]``:
-    Hopper wgmma / TMA kernels JIT-compiled with nvcc at the first batches, cached on disk; ONE repacked copy serves
-    every batch size). Opt-in (``SUPERWEIGHT_W4_KERNEL=humming``), not in the priority list. Same lease as AWQ
-    (H200, session 20, 7B shape, no hold-out, 3.94 GiB of weights = 0.985x AWQ's): batch 1 / 8 / 64 (in 128 / out
-    256) 0.834 / 0.957 / 1.944 s vs AWQ 0.977 / 1.084 / 2.081 s (1.17x / 1.13x / 1.07x), saturated 16,907 / 18,193
-    tok/s vs 16,011 / 16,956 (1.06x / 1.07x); the two-copy pair is 7-8% faster at batch 1 for 1.8x the weights. Its
-    kernels (``kernel_bench.py --sections humming``, H200, 7B layer, us): 71 at M = 1 (Marlin 65, Machete 88), 94 at
-    64 (122 / 107), 118 at 128 (200 / 134), 196 at 256 (319 / 193), 690 at 1,024.
-
-    Why it is not the default (all measured on the H200): (1) its output is not bitwise reproducible for M <= 64
-    (one bf16 step from call to call: stream-K splits K; deterministic at M = 1,000); ``VLLM_BATCH_INVARIANT=1``
-    hands it its mode without stream-K, reproducible at every M (GPU test) but 2.1-2.5x slower up to 128 tokens (158
-    us per 7B layer at one token, 231 at 64; session 20). (2) Not yet verified on a real checkpoint: SmolLM2-135M
-    (no hold-out, g64) took Humming for every Linear, but its GPU perplexity run did not finish within the call's
-    200 s (55 s in the profile run, then no output for over 110 s after the KV cache was sized, as the 7B engine
-    under Humming was for ~100 s: humming-kernels 0.1.10's SM90 heuristics give each layer shape a list of tile
-    configurations over batch sizes up to 8,192 tokens, the M tile in steps of 8 tokens up to 176, and compile the
-    whole list with nvcc (16 threads) at the shape's first batch, cached on disk; the default preset's run on the
-    Marlin kernels took 178 s in session 16); as the head of the list (tried in session 20) one GPU assertion of the
-    selection test failed, which one unknown (the call ran out of device time; likely a group-96 layer, which
-    Humming takes and Marlin / Machete do not). (3) A channel-wise layer's first batch never returned (195 s in
-    session 19; 60 s under ``VLLM_BATCH_INVARIANT=1`` in session 20; a group-128 layer: 14-25 s with its JIT):
-    channel-wise layers are refused. (4) vLLM 0.26 ranks it last and does not install it."""
+    Hopper wgmma / TMA kernels compiled with nvcc at each layer shape's first batch, cached on disk; ONE repacked
+    copy serves every batch size). Opt-in (``SUPERWEIGHT_W4_KERNEL=humming``), not in the priority list. H200, 7B
+    shape, same lease as AWQ: 1.17x / 1.13x / 1.07x AWQ at batch 1 / 8 / 64 and 1.06x / 1.07x saturated from 0.985x
+    its weights. Not the default because (README, issue 12, sessions 19-20): its output is not bitwise reproducible
+    at M <= 64 (stream-K) unless ``VLLM_BATCH_INVARIANT=1``, which costs 2.1-2.5x in its kernels; a real
+    checkpoint's GPU perplexity under it is not yet measured; vLLM 0.26 ranks it last and does not install it.
+    Channel-wise layers are refused: their first batch never returned on an H200."""
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
