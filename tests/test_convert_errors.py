@@ -19,6 +19,7 @@ from test_convert import assert_nothing_written, load_all, make_planted_dir, mak
 
 from vllm_superweight import cli
 from vllm_superweight import convert as conv
+from vllm_superweight.checkpoint import validate_checkpoint as conv_validate
 from vllm_superweight.format import SIDECAR_NAME, FormatError, QuantConfig, Sidecar
 
 
@@ -330,6 +331,64 @@ def test_signal_mid_conversion_leaves_nothing(tmp_path, sig):
     if p.returncode == 0:
         pytest.skip("the conversion finished before the signal arrived")
     assert p.returncode == 130, err
-    assert "interrupted" in one_error_line(err)
+    line = one_error_line(err)
+    assert "interrupted" in line
+    if "was written complete" in line:  # the signal landed just after the rename: the checkpoint is whole
+        conv_validate(str(out))
+        assert sorted(os.listdir(tmp_path / "o")) == ["out"]
+        pytest.skip("the signal arrived after the checkpoint was in place (reported so, checkpoint valid)")
+    assert "nothing was written" in line
     assert not (tmp_path / "o").exists()
     assert_nothing_written(tmp_path, "o")
+
+
+def test_interrupt_right_after_a_directory_is_created_removes_it(tiny, tmp_path, capsys, monkeypatch):
+    """A signal landing just after ``mkdir`` (of a missing parent, of the temporary directory) and before the
+    directory is recorded: the clean-up still removes it (CI, 2026-12-03: ``o/`` was left behind)."""
+    real_mkdir = conv.Destination._mkdir
+    made = []
+
+    def mkdir_then_signal(self, path):
+        real_mkdir(self, path)
+        made.append(path)
+        if len(made) == n:
+            cli._on_signal(signal.SIGINT, None)
+
+    monkeypatch.setattr(conv.Destination, "_mkdir", mkdir_then_signal)
+    for n in (1, 2, 3):  # o, o/p, o/p/out.partial-PID
+        made.clear()
+        rc = cli.main(["convert", tiny, str(tmp_path / "o" / "p" / "out"), "--super-weights", "none", "-q"])
+        err = capsys.readouterr().err
+        assert rc == 130, err
+        assert "nothing was written" in one_error_line(err)
+        assert len(made) == n
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupt_at_the_rename_keeps_the_whole_checkpoint_and_says_so(tiny, tmp_path, capsys, monkeypatch, existing):
+    """A signal landing while the finished checkpoint is renamed into place: it is kept, complete and valid, and
+    the error line says it was written (not "nothing was written"); an old DST is replaced, not lost."""
+    from vllm_superweight.convert import save
+
+    out = tmp_path / "out"
+    argv = ["convert", tiny, str(out), "--super-weights", "none", "-q"]
+    if existing:
+        assert cli.main(argv) == 0
+        capsys.readouterr()
+        argv.append("--overwrite")
+    real_replace = os.replace
+
+    def replace_then_signal(a, b):
+        real_replace(a, b)
+        if os.path.basename(a) == f"out.partial-{os.getpid()}":  # the rename of the finished checkpoint
+            cli._on_signal(signal.SIGTERM, None)
+
+    monkeypatch.setattr(save.os, "replace", replace_then_signal)
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    line = one_error_line(err)
+    assert f"after {out} was written complete" in line
+    conv_validate(str(out))
+    assert sorted(os.listdir(tmp_path)) == ["out"]

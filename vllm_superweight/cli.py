@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from . import __version__, envs
+from . import __version__, envs, interrupts
 from .checkpoint import is_checkpoint
 from .format import (
     ACT_SCHEMES,
@@ -560,7 +560,7 @@ _SIGNALLED: list[int] = []  # the signals received during this command (SIGINT /
 
 def _on_signal(signum, frame):
     _SIGNALLED.append(signum)
-    raise KeyboardInterrupt
+    interrupts.interrupt()  # KeyboardInterrupt now, or at the end of a step that must finish as a whole
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -600,8 +600,8 @@ def _fail(msg: str) -> int:
     return 1
 
 
-def _interrupted() -> int:
-    _err("interrupted (nothing was written)")
+def _interrupted(detail: str = "") -> int:
+    _err(f"interrupted ({detail or 'nothing was written'})")
     return 130
 
 
@@ -611,8 +611,8 @@ def _main(argv: list[str]) -> int:
             return cmd_eval(argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return _interrupted()
+    except KeyboardInterrupt as e:  # its text, where set, says what was written before it (convert)
+        return _interrupted(str(e))
     except FormatError as e:  # includes SourceError, ConversionError, CLIError
         return _fail(str(e))
     except FileNotFoundError as e:

@@ -171,8 +171,8 @@ def convert(
     check_device(device)
     source = resolve_source(src)
     dest = Destination(dst, source.path, overwrite)
-    dest.prepare(log)
     try:
+        dest.prepare(log)
         rep = _convert(
             source,
             dest,
@@ -188,16 +188,21 @@ def convert(
             detect_kwargs=detect_kwargs,
             log=log,
         )
+        t = rep["timing"]
+        log(
+            f"wrote {dest.final}: {rep['totals']['modules_quantized']} Linear modules, "
+            f"{rep['totals']['params_quantized']:,} parameters quantized in {t['quantize_s']:.1f} s "
+            f"({t['params_per_s']:,.0f} params/s); total {t['total_s']:.1f} s; "
+            f"{rep['totals']['output_bytes'] / 1e6:.1f} MB"
+        )
+    except KeyboardInterrupt:
+        if dest.committed:  # the checkpoint went into place just before the interrupt: say so, keep it
+            raise KeyboardInterrupt(f"after {dest.final} was written complete") from None
+        dest.abort()
+        raise
     except BaseException:
         dest.abort()
         raise
-    t = rep["timing"]
-    log(
-        f"wrote {dest.final}: {rep['totals']['modules_quantized']} Linear modules, "
-        f"{rep['totals']['params_quantized']:,} parameters quantized in {t['quantize_s']:.1f} s "
-        f"({t['params_per_s']:,.0f} params/s); total {t['total_s']:.1f} s; "
-        f"{rep['totals']['output_bytes'] / 1e6:.1f} MB"
-    )
     return rep
 
 

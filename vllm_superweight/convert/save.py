@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
+from .. import interrupts
 from ..format import QUANT_METHOD, SIDECAR_NAME, FormatError, resolve_inside
 from .errors import ConversionError
 
@@ -114,6 +115,7 @@ class Destination:
         self.overwrite = overwrite
         self.tmp = f"{self.final}.partial-{os.getpid()}"
         self._created: list[str] = []  # parent directories this conversion created
+        self.committed = False  # the finished checkpoint is at ``final`` (nothing to clean up any more)
         self._check(source_path)
 
     # -- checks -------------------------------------------------------------------------------------------
@@ -159,19 +161,24 @@ class Destination:
 
     # -- temporary directory ------------------------------------------------------------------------------
     def prepare(self, log: Any = None) -> None:
-        """Create the parent (if needed) and the temporary directory; remove leftovers of killed conversions."""
+        """Create the parent (if needed) and the temporary directory; remove leftovers of killed conversions.
+
+        Each directory is created and recorded with interrupts held back, so :meth:`abort` (call it however this
+        ends) removes exactly what was created."""
         missing = []
         p = self.parent
         while not os.path.lexists(p):
             missing.append(p)
             p = os.path.dirname(p)
         for d in reversed(missing):
-            self._mkdir(d)
-            self._created.append(d)
+            with interrupts.critical():
+                self._mkdir(d)
+                self._created.append(d)
         self._remove_stale(log)
         if os.path.lexists(self.tmp):  # our own pid: a previous run in this process that was killed
             shutil.rmtree(self.tmp) if os.path.isdir(self.tmp) and not os.path.islink(self.tmp) else os.remove(self.tmp)
-        self._mkdir(self.tmp)
+        with interrupts.critical():
+            self._mkdir(self.tmp)
 
     def _mkdir(self, path: str) -> None:
         try:
@@ -216,7 +223,12 @@ class Destination:
 
     # -- end ----------------------------------------------------------------------------------------------
     def commit(self) -> None:
-        """Move the finished checkpoint into place (an old DST is replaced only now)."""
+        """Move the finished checkpoint into place (an old DST is replaced only now). Interrupts are held back
+        until it is in place and ``committed`` is set: one that arrived meanwhile is raised after that."""
+        with interrupts.critical():
+            self._commit()
+
+    def _commit(self) -> None:
         if os.path.lexists(self.final):
             if not self.overwrite:
                 raise ConversionError(
@@ -234,14 +246,19 @@ class Destination:
         else:
             os.replace(self.tmp, self.final)
         self._created = []
+        self.committed = True
 
     def abort(self) -> None:
-        """Remove the temporary directory and the parent directories this conversion created."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        for d in reversed(self._created):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        self._created = []
+        """Remove the temporary directory and the parent directories this conversion created (a further
+        interrupt waits until that is done); nothing once committed."""
+        if self.committed:
+            return
+        with interrupts.critical():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            for d in reversed(self._created):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+            self._created = []
 
 
 # ----------------------------------------------------------------------------------------------------------
