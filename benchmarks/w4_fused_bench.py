@@ -1176,7 +1176,7 @@ class Bench:
 
 
 def paths_table(files: list[str], ms=(1, 64, 128, 256, 1024, 4096)) -> str:
-    """The README's table of the one-layout paths (markdown) from result JSONs: for each M and column the first
+    """The ISSUE12_LOG's table of the one-layout paths (markdown) from result JSONs: for each M and column the first
     file (in the order given) that measured it; the M = 1 dequantize columns hold the GEMV (the path used there)."""
     recs = []
     for f in files:
@@ -1219,7 +1219,7 @@ def paths_table(files: list[str], ms=(1, 64, 128, 256, 1024, 4096)) -> str:
 
 
 def onecopy_table(first: str, second: str) -> str:
-    """The README's one-copy table (markdown, us per 7B layer) from two ``--sections onecopy`` result files: the
+    """The ISSUE12_LOG's one-copy table (markdown, us per 7B layer) from two ``--sections onecopy`` result files: the
     first form of the one-copy kernels (``first``) and the second (``second``, with its variants)."""
 
     def load(path):
@@ -1251,7 +1251,7 @@ def onecopy_table(first: str, second: str) -> str:
 
 
 def onecopy_table2(sweep: str, flat: str) -> str:
-    """The README's session-9 one-copy table (markdown, us per 7B layer): small batches' corrections and large
+    """The ISSUE12_LOG's session-9 one-copy table (markdown, us per 7B layer): small batches' corrections and large
     batches' dequantize + cuBLAS from the ``--sections onecopy`` sweep (``sweep``: plane-form dequantizer as the
     default then) and a second run with the flat dequantizer as the default (``flat``), then every dequantizer
     variant alone."""
@@ -1284,7 +1284,7 @@ def onecopy_table2(sweep: str, flat: str) -> str:
 
 
 def gemv_table(path: str) -> str:
-    """The README's GEMV table (markdown, us per 7B layer at M = 1 / 2 / 4) from ``w4_gemv_s10_h200.json`` (runs of
+    """The ISSUE12_LOG's GEMV table (markdown, us per 7B layer at M = 1 / 2 / 4) from ``w4_gemv_s10_h200.json`` (runs of
     successive forms of the kernel, each beside Marlin and Marlin + packed SELL measured in the same process)."""
     with open(path) as f:
         d = json.load(f)
@@ -1385,21 +1385,21 @@ def main():
         "--onecopy-table",
         nargs=2,
         metavar=("FIRST_JSON", "SECOND_JSON"),
-        help="write the README's one-copy table from two onecopy result files to --out (markdown) and exit",
+        help="write the ISSUE12_LOG's one-copy table from two onecopy result files to --out (markdown) and exit",
     )
     ap.add_argument(
         "--paths-table",
         nargs="+",
         metavar="JSON",
-        help="write the README's one-layout paths table from these result files to --out (markdown) and exit",
+        help="write the ISSUE12_LOG's one-layout paths table from these result files to --out (markdown) and exit",
     )
     ap.add_argument(
         "--onecopy-table2",
         nargs=2,
         metavar=("SWEEP_JSON", "FLAT_JSON"),
-        help="write the README's session-9 one-copy table from the sweep and the flat-default run to --out and exit",
+        help="write the ISSUE12_LOG's session-9 one-copy table (sweep, flat-default run) to --out and exit",
     )
-    ap.add_argument("--gemv-table", metavar="JSON", help="write the README's GEMV table from JSON to --out and exit")
+    ap.add_argument("--gemv-table", metavar="JSON", help="write the ISSUE12_LOG's GEMV table to --out and exit")
     ap.add_argument(
         "--section-table",
         nargs=2,
