@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command (and what .ci/run calls): set up (once), the linters (ruff check, ruff format --check,
-# mypy on format/quantize/kernels: configured in pyproject.toml), then the whole CPU test suite, slow tests (real
+# mypy on the modules pyproject.toml lists), then the whole CPU test suite, slow tests (real
 # SmolLM2, real vLLM engines and servers) included. GPU tests are skipped here (no CUDA).
 #   bash scripts/test.sh [pytest args]    e.g. -m "not slow" for the fast subset
 set -euo pipefail
