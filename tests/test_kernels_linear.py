@@ -60,18 +60,28 @@ def test_priority_lists_end_in_a_universal_fallback():
 
 
 def test_bf16_on_this_cpu_takes_the_vllm_kernel_only_if_its_op_exists(clean_env):
-    want = WO.CPUWNA16Kernel if base.has_op("cpu_gemm_wna16") else WO.TorchDequantKernel
+    want = WO.CPUWNA16Kernel if base.has_op("cpu_gemm_wna16") else WO.AtenInt4CPUKernel
     assert choose_kernel(cfg()) is want
     why = dict((n, w) for n, _, w in explain(cfg()))
-    if want is WO.TorchDequantKernel:  # an AVX2 machine: the reason names the op
+    if want is WO.AtenInt4CPUKernel:  # an AVX2 machine: the reason names the op
         assert "cpu_gemm_wna16" in why["CPUWNA16Kernel"]
 
 
-def test_missing_op_falls_back_to_torch_dequant(clean_env, monkeypatch):
+def test_missing_op_takes_torchs_int4_gemm_then_the_dequantize_fallback(clean_env, monkeypatch):
+    """vLLM's AVX2 build (no cpu_gemm_wna16): torch's own int4 GEMM keeps the layer 4-bit; what it cannot take
+    (N not a multiple of 16, a group size that is not a multiple of 32) falls to the dequantize-once kernel."""
     hide_ops(monkeypatch, "cpu_gemm_wna16")
-    assert choose_kernel(cfg()) is WO.TorchDequantKernel
     ok, why = WO.CPUWNA16Kernel.can_implement(cfg())
     assert not ok and "cpu_gemm_wna16" in why
+    for c in (cfg(), cfg(torch.float16), cfg(group=-1, k=288), cfg(group=96, k=288), cfg(sym=True, group=256, k=512)):
+        assert choose_kernel(c) is WO.AtenInt4CPUKernel, c
+    assert WO.AtenInt4CPUKernel.kernel_group(cfg(group=-1, k=288)) == 32  # channel-wise over K = 9 x 32
+    assert WO.AtenInt4CPUKernel.kernel_group(cfg(group=-1, k=1536)) == 256
+    assert WO.AtenInt4CPUKernel.kernel_group(cfg(group=96, k=288)) == 32
+    for c, reason in ((cfg(n=40), "multiple of 16"), (cfg(group=-1, k=40), "multiple of 32"), (cfg(bits=8), "4-bit")):
+        assert choose_kernel(c) is WO.TorchDequantKernel, c
+        ok, why = WO.AtenInt4CPUKernel.can_implement(c)
+        assert not ok and reason in why
 
 
 def test_w8a8_missing_onednn_falls_back(clean_env, monkeypatch):
@@ -116,7 +126,7 @@ def test_humming_kernels_are_opt_in_and_say_why_they_cannot_run(clean_env, monke
 def test_float32_never_reaches_a_16bit_kernel(clean_env):
     c = cfg(torch.float32)
     assert choose_kernel(c) is WO.TorchDequantKernel
-    for k in (WO.MacheteKernel, WO.MarlinKernel, WO.CPUWNA16Kernel, WO.VllmMPKernel):
+    for k in (WO.MacheteKernel, WO.MarlinKernel, WO.CPUWNA16Kernel, WO.AtenInt4CPUKernel, WO.VllmMPKernel):
         ok, why = k.can_implement(c)
         assert not ok and "16-bit" in why
 
@@ -131,9 +141,14 @@ def test_forcing_and_disabling(clean_env, monkeypatch):
     with pytest.raises(ValueError, match="SUPERWEIGHT_W4_KERNEL"):
         choose_kernel(cfg())
     monkeypatch.delenv(envs.W4_KERNEL)
+    monkeypatch.setenv(envs.W4_KERNEL, "cpu-int4")
+    assert choose_kernel(cfg()) is WO.AtenInt4CPUKernel
+    monkeypatch.delenv(envs.W4_KERNEL)
     monkeypatch.setenv("VLLM_DISABLED_KERNELS", "CPUWNA16LinearKernel")  # vLLM's class name works too
+    assert choose_kernel(cfg()) is WO.AtenInt4CPUKernel
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "CPUWNA16Kernel,AtenInt4CPUKernel")
     assert choose_kernel(cfg()) is WO.TorchDequantKernel
-    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "TorchDequantKernel,CPUWNA16Kernel")
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "TorchDequantKernel,CPUWNA16Kernel,AtenInt4CPUKernel")
     with pytest.raises(NoKernelError, match="disabled by VLLM_DISABLED_KERNELS"):
         choose_kernel(cfg())
 
@@ -159,20 +174,23 @@ def _entries(n, k, nnz, seed):
     return flat // k, flat % k, torch.randn(nnz, generator=g)
 
 
-@pytest.mark.parametrize("kernel", ["torch", "cpu"])
-@pytest.mark.parametrize("group,sym", [(-1, False), (64, False), (32, True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["torch", "cpu", "cpu-int4"])
+@pytest.mark.parametrize("group,sym", [(-1, False), (64, False), (32, True), (96, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_weight_only_kernels_match_the_dequantized_reference(kernel, group, sym, dtype):
     import vllm_linear as VL
 
-    if kernel == "cpu" and (dtype == torch.float32 or not base.has_op("cpu_gemm_wna16")):
-        pytest.skip("CPUWNA16 needs 16-bit activations and the AVX-512 build's cpu_gemm_wna16")
+    if kernel == "cpu" and (dtype != torch.bfloat16 or not base.has_op("cpu_gemm_wna16")):
+        pytest.skip("CPUWNA16 needs bf16 activations here and the AVX-512 build's cpu_gemm_wna16")
+    if kernel == "cpu-int4" and dtype == torch.float32:
+        pytest.skip("the CPU int4 GEMM serves 16-bit activations")
     n, k = 96, 192
     r, c, v = _entries(n, k, 20, seed=group + 7)
     w = VL.random_w4(n, k, group, sym, "cpu", dtype=dtype, holdout=(r, c), seed=3)
     bias = torch.randn(n)
     layer, kern = VL.build_mp_layer(w, kernel, act_dtype=dtype, bias=bias, sparse=(r, c, v))
-    assert kern.describe().startswith({"torch": "TorchDequantKernel", "cpu": "CPUWNA16Kernel"}[kernel])
+    want = {"torch": "TorchDequantKernel", "cpu": "CPUWNA16Kernel", "cpu-int4": "AtenInt4CPUKernel"}[kernel]
+    assert kern.describe().startswith(want)
     w_ref = VL.dequant_w4(w)
     w_ref[r, c] = v  # the held-out weights come back exactly
     for m in (1, 5, 33):

@@ -160,19 +160,21 @@ def test_fp32_greedy_and_logits_match_reference(smollm2_ckpt, smollm2_ref):
     assert worst < 1e-3
 
 
-@pytest.mark.parametrize("path", ["auto", "fallback"])
+@pytest.mark.parametrize("path", ["auto", "avx2", "fallback"])
 def test_bf16_cpu_kernel_close_to_reference(smollm2_ckpt, smollm2_ref, path):
-    """bf16 serving: vLLM's CPUWNA16 int4 kernel where this CPU's vLLM build has its op (AVX-512), else the
-    dequantize-once torch fallback (AVX2 builds lack cpu_gemm_wna16); "fallback" forces the latter through
-    vLLM's VLLM_DISABLED_KERNELS so CI on either kind of CPU serves both. Close to the fp32 reference."""
+    """bf16 serving: vLLM's CPUWNA16 int4 kernel where this CPU's vLLM build has its op (AVX-512), else torch's own
+    int4 GEMM (AVX2 builds lack cpu_gemm_wna16), and the dequantize-once fallback behind both. "avx2" disables
+    CPUWNA16 through vLLM's VLLM_DISABLED_KERNELS (what an AVX2 build serves), "fallback" both int4 kernels, so CI
+    on either kind of CPU serves all three. Close to the fp32 reference."""
     from vllm_superweight.kernels.linear import base
 
     has_op = base.has_op("cpu_gemm_wna16")
-    if path == "fallback" and not has_op:
-        pytest.skip("this CPU's vLLM build has no cpu_gemm_wna16: the 'auto' case already serves the fallback")
+    if path == "avx2" and not has_op:
+        pytest.skip("this CPU's vLLM build has no cpu_gemm_wna16: the 'auto' case already serves torch's int4 GEMM")
     model, tok = smollm2_ref
     ids = _ids(tok, PROMPTS)
-    env = {"VLLM_DISABLED_KERNELS": "CPUWNA16Kernel"} if path == "fallback" else {}
+    disabled = {"auto": "", "avx2": "CPUWNA16Kernel", "fallback": "CPUWNA16Kernel,AtenInt4CPUKernel"}[path]
+    env = {"VLLM_DISABLED_KERNELS": disabled} if disabled else {}
     res, log = run_vllm(
         {
             "model": smollm2_ckpt,
@@ -184,7 +186,10 @@ def test_bf16_cpu_kernel_close_to_reference(smollm2_ckpt, smollm2_ref, path):
         },
         with_log=True,
     )
-    want = "CPUWNA16Kernel(CPUWNA16LinearKernel)" if (has_op and path == "auto") else "TorchDequantKernel"
+    if path == "fallback":
+        want = "TorchDequantKernel"
+    else:
+        want = "CPUWNA16Kernel(CPUWNA16LinearKernel)" if (has_op and path == "auto") else "AtenInt4CPUKernel"
     assert f"superweight_rtn W4 linears: {want}" in log, log[-3000:]
     errs = torch.cat([(torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs() for p, r in zip(ids, res)])
     print(f"bf16 ({want}): mean |logprob error| {errs.mean():.4f}, max {errs.max():.4f}")

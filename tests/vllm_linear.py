@@ -116,7 +116,8 @@ def build_mp_layer(
     ``kernel`` in {"machete", "marlin", "cpu" (CPUWNA16), "dual" (Marlin for M <= ``max_m``, Machete above),
     "marlin-deq" (Marlin + separate correction for M <= ``max_m``, dequantize + cuBLAS above), "marlin-deq1" (the
     same, dequantizing from Marlin's own copy),
-    "torch" (dequantize-once fallback), "fused" (our Triton W4 GEMM, correction inside), "humming" (vLLM's
+    "torch" (dequantize-once fallback), "cpu-int4" (torch's CPU int4 GEMM), "fused" (our Triton W4 GEMM,
+    correction inside), "humming" (vLLM's
     Humming backend, if installed), "marlin-humming" (Marlin for M <= ``max_m``, Humming above), "auto" (the
     priority list)}. ``sparse`` = (rows, cols, vals) attaches held-out entries (the kernel's own sparse
     correction); ``act_outliers`` hands the kernel the layer's activation-outlier input channels before
@@ -152,6 +153,7 @@ def build_mp_layer(
         "cpu": WO.CPUWNA16Kernel,
         "dual": WO.DualMarlinMacheteKernel,
         "torch": WO.TorchDequantKernel,
+        "cpu-int4": WO.AtenInt4CPUKernel,
         "fused": WO.FusedTritonW4Kernel,
         "humming": WO.HummingKernel,
         "marlin-humming": WO.DualMarlinHummingKernel,

@@ -15,10 +15,12 @@ Only what users need is a knob:
                                     values restored, then cuBLAS: ONE W4 copy), ``marlin-deq`` (the same pair over a
                                     second W4 copy in our own layout: H200, saturated +3.5-4%, twice the weight
                                     memory), ``marlin``, ``machete``, ``torch`` (the dequantize-once fallback),
-                                    ``fused`` (our Triton W4 GEMM with the held-out correction inside; opt-in:
-                                    slower than AWQ at 8-256 tokens), ``humming`` (vLLM's Humming backend, ONE copy
-                                    for every batch, correction separate; opt-in, needs ``pip install
-                                    vllm-superweight[humming]`` and nvcc at run time: measurements and limits in
+                                    ``cpu-int4`` (torch's own CPU int4 GEMM; the default where vLLM's build has
+                                    no ``cpu_gemm_wna16``), ``fused`` (our Triton W4 GEMM with the held-out
+                                    correction inside; opt-in: slower than AWQ at 8-256 tokens), ``humming``
+                                    (vLLM's Humming backend, ONE copy for every batch, correction separate;
+                                    opt-in, needs ``pip install vllm-superweight[humming]`` and nvcc at run
+                                    time: measurements and limits in
                                     ``kernels.linear.weight_only.HummingKernel``), ``marlin-humming`` (Marlin for
                                     small batches, Humming above: two copies; opt-in, not measured end to end). A
                                     forced kernel that cannot run a layer is an error.
@@ -97,6 +99,7 @@ W4_KERNEL_MODES = (
     "marlin",
     "machete",
     "torch",
+    "cpu-int4",
     "fused",
     "marlin-deq",
     "marlin-deq1",

@@ -9,6 +9,7 @@ from ... import envs
 from .base import SWLinearConfig, SWLinearKernel, has_op, missing_ops
 from .w8a8 import CutlassSplitInt8Kernel, TorchInt8Kernel, VllmInt8Kernel
 from .weight_only import (
+    AtenInt4CPUKernel,
     CPUWNA16Kernel,
     DualMarlinHummingKernel,
     DualMarlinMacheteKernel,
@@ -40,6 +41,7 @@ WEIGHT_ONLY_KERNELS: list[type[SWLinearKernel]] = [
     MacheteKernel,
     MarlinKernel,
     CPUWNA16Kernel,
+    AtenInt4CPUKernel,
     VllmMPKernel,
     TorchDequantKernel,
 ]
@@ -50,6 +52,7 @@ FORCED = {
     "marlin": MarlinKernel,
     "machete": MacheteKernel,
     "torch": TorchDequantKernel,
+    "cpu-int4": AtenInt4CPUKernel,
     "fused": FusedTritonW4Kernel,
     "marlin-deq": MarlinDequantKernel,
     "marlin-deq1": MarlinDequantOneCopyKernel,

@@ -12,6 +12,8 @@
 * ``MacheteKernel``, ``MarlinKernel`` (CUDA), ``CPUWNA16Kernel`` (CPU): vLLM's own kernels, used only when the
   ops they call exist in this vLLM build (the AVX2 CPU build has no ``cpu_gemm_wna16``) and the activation
   dtype is 16-bit (none of them has a float32 path).
+* ``AtenInt4CPUKernel`` (CPU, 16-bit activations): torch's own int4 GEMM, where vLLM's build has no
+  ``cpu_gemm_wna16`` (its AVX2 build): the W4 weights stay 4-bit instead of the fallback's float32 copy.
 * ``VllmMPKernel``: whatever else vLLM's mixed-precision selection offers on this platform (ROCm, XPU, ...).
 * ``TorchDequantKernel``: every platform, dtype and shape: the weights are dequantized ONCE at load into the
   activation dtype (4x the memory of W4 in 16-bit) and the GEMM is ``F.linear``.
@@ -269,6 +271,73 @@ class VllmMPKernel(_VllmMixedPrecision):
         vcls = self._choose(config)
         self.wraps = vcls.__name__
         self.impl = vcls(config.mp_config(), **_PARAM_NAMES)
+
+
+class AtenInt4CPUKernel(SWLinearKernel):
+    """torch's own CPU int4 GEMM (``aten._weight_int4pack_mm_for_cpu``, vectorized per ISA by ATen: AVX2 and
+    AVX-512 alike) for 16-bit activations: the W4 layers of CPUs whose vLLM build has no ``cpu_gemm_wna16`` (vLLM's
+    AVX2 build) stay 4-bit in memory instead of being dequantized to float32 (8x the W4 bytes).
+
+    The op computes ``w = (u - 8) * s + zf`` per group of 32, 64, 128 or 256 input channels, with scales and
+    float zero terms in the activation dtype: a checkpoint's ``(q - z) * s`` maps to ``zf = (8 - z) * s`` (0 when
+    symmetric), and a larger group (or a channel-wise layer) repeats its scale over the kernel's groups. ``zf`` is
+    rounded to the activation dtype (bf16: within 1/64 of a quantization step). Needs N % 16 == 0 and a group size
+    that is a multiple of 32; the held-out correction stays the separate sparse kernel.
+    """
+
+    GROUPS = (256, 128, 64, 32)  # what the op accepts, largest first
+
+    @classmethod
+    def kernel_group(cls, c: SWLinearConfig) -> int | None:
+        """The op's group size for this layer: the largest it accepts that divides the layer's group (or K)."""
+        k = c.partition_shape[0]
+        gs = k if c.group_size == -1 else c.group_size
+        return next((g for g in cls.GROUPS if gs % g == 0 and k % g == 0), None)
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        if c.device_type != "cpu":
+            return False, "CPU only"
+        if c.kernel_bits != 4:
+            return False, "4-bit codes only"
+        if c.act_dtype not in SIXTEEN_BIT:
+            return False, "16-bit activations only (float32 keeps the exactly dequantized weights)"
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return False, "this torch has no aten._weight_int4pack_mm_for_cpu"
+        n = c.partition_shape[1]
+        if n % 16:
+            return False, f"N = {n} is not a multiple of 16 (the op's packing)"
+        if cls.kernel_group(c) is None:
+            return False, f"group size {c.group_size} of K = {c.partition_shape[0]} is not a multiple of 32"
+        return True, None
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        c = self.config
+        k, n = c.partition_shape
+        g = self.kernel_group(c)
+        assert g is not None
+        q = unpack_from_int32(getattr(layer, W_PACKED).data, 4, torch.Size((n, k)), packed_dim=1)
+        s = getattr(layer, W_SCALE).data.float()  # [N, groups of the checkpoint]
+        rep = k // g // s.shape[1]  # kernel groups per checkpoint group
+        if c.symmetric:
+            zf = torch.zeros_like(s)
+        else:
+            z = unpack_from_int32(getattr(layer, W_ZERO).data, 4, torch.Size((n, s.shape[1])), packed_dim=0)
+            zf = -z.float() * s  # (q - z) s = (u - 8) s + (8 - u_z) s, with q = u - 8 and z = u_z - 8 (signed codes)
+        sz = torch.stack([s, zf], dim=-1).repeat_interleave(rep, dim=1)  # [N, K / g, 2]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
+        replace_parameter(layer, W_PACKED, packed)
+        replace_parameter(layer, W_SCALE, sz.transpose(0, 1).contiguous().to(c.act_dtype))
+        replace_parameter(layer, W_ZERO, None)
+        self.group = g
+
+    def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.contiguous(), tensor(layer, W_PACKED), self.group, tensor(layer, W_SCALE)
+        )
+        return y if bias is None else y.add_(bias)
 
 
 class TorchDequantKernel(SWLinearKernel):
