@@ -7,8 +7,9 @@ Each checkpoint is served in its own process (offline ``LLM``, in-process engine
 vLLM binds it on this 2-core machine): the bytes of the served model's parameters and buffers (what the kernels
 hold after load), the kernel the plugin chose, and greedy decode throughput for 64 new tokens after a 64-token
 prompt at batch 1 and 8 (best of 3). Records carry the CPU's ISA (AVX2 / AVX-512 / AVX-512+AMX), which decides
-the weight-only kernel (vLLM's AVX2 build has no ``cpu_gemm_wna16``: the plugin then dequantizes once at load and
-serves ``F.linear``, in float32 where the CPU emulates bf16).
+the weight-only kernel (vLLM's AVX2 build has no ``cpu_gemm_wna16``: the plugin then serves torch's own int4 GEMM,
+``AtenInt4CPUKernel``, or where that cannot run dequantizes once at load and serves ``F.linear``, in float32 where
+the CPU emulates bf16). ``--emulate-avx2`` measures the AVX2 choice on an AVX-512 machine.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import time
 CHILD = r"""
 import json, os, sys, time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+if os.environ.get("SW_BENCH_EMULATE_AVX2") == "1":  # choose kernels as on vLLM's AVX2 build of a CPU without bf16
+    from vllm_superweight.kernels.linear import base, weight_only
+    _has_op = base.has_op
+    base.has_op = lambda name, namespace="_C": name != "cpu_gemm_wna16" and _has_op(name, namespace)
+    weight_only._cpu_has_16bit_gemm = lambda: False
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 llm = LLM(model=sys.argv[1], dtype="bfloat16", enforce_eager=True, max_model_len=512, seed=0)
@@ -60,7 +66,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpts", nargs="+", help="NAME=CHECKPOINT_DIR")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_serving.json"))
+    ap.add_argument(
+        "--emulate-avx2",
+        action="store_true",
+        help="on an AVX-512 CPU: kernels chosen as on an AVX2 one (no cpu_gemm_wna16, no native bf16) and torch's "
+        "ATen, oneDNN and MKL held to AVX2 (vLLM's own ops, e.g. attention, keep AVX-512)",
+    )
     args = ap.parse_args()
+    emulate = {}
+    if args.emulate_avx2:  # its own inductor cache: kernels compiled under these settings crashed a native run
+        emulate = dict(
+            SW_BENCH_EMULATE_AVX2="1",
+            ATEN_CPU_CAPABILITY="avx2",
+            ONEDNN_MAX_CPU_ISA="AVX2",
+            MKL_ENABLE_INSTRUCTIONS="AVX2",
+            TORCHINDUCTOR_CACHE_DIR=os.path.join(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/inductor"), "avx2"),
+        )
     recs = []
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -74,6 +95,7 @@ def main() -> int:
             DO_NOT_TRACK="1",
             HF_HUB_OFFLINE="1",
             VLLM_HOST_IP="127.0.0.1",
+            **emulate,
         )
         t = time.time()
         p = subprocess.run([sys.executable, "-c", CHILD, path], capture_output=True, text=True, env=env)
@@ -81,11 +103,11 @@ def main() -> int:
         rec = {
             "name": name,
             "ckpt": path,
-            "cpu": isa(),
+            "cpu": isa() + (" (AVX2 emulated: kernel choice, ATen, oneDNN, MKL)" if emulate else ""),
             "cores": os.cpu_count(),
             "seconds": round(time.time() - t, 1),
             "date": time.strftime("%Y-%m-%d"),
-            "knobs": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SUPERWEIGHT_")},
+            "knobs": {k: v for k, v in sorted(env.items()) if k.startswith(("SUPERWEIGHT_", "VLLM_DISABLED_KERNELS"))},
         }
         k = sorted({ln.split("superweight_rtn", 1)[1].strip() for ln in out.splitlines() if "superweight_rtn W" in ln})
         if not k:  # not ours: say what vLLM serves it with (its own method, or none)

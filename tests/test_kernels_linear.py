@@ -59,12 +59,29 @@ def test_priority_lists_end_in_a_universal_fallback():
         assert W8.TorchInt8Kernel.can_implement(cfg(dt, acts="int8-tensor", bits=8, group=-1, sym=True))[0]
 
 
-def test_bf16_on_this_cpu_takes_the_vllm_kernel_only_if_its_op_exists(clean_env):
-    want = WO.CPUWNA16Kernel if base.has_op("cpu_gemm_wna16") else WO.AtenInt4CPUKernel
-    assert choose_kernel(cfg()) is want
+def test_bf16_on_this_cpu_takes_vllms_int4_kernel_only_on_amx(clean_env):
+    """torch's int4 GEMM first (1.5x vLLM's CPUWNA16 on an AVX-512 EPYC; the only int4 kernel of vLLM's AVX2
+    build), except on CPUs with AMX tiles where vLLM's kernel can run (not measured against each other there)."""
+    vllm_first = base.has_op("cpu_gemm_wna16") and torch.cpu._is_amx_tile_supported()
+    assert choose_kernel(cfg()) is (WO.CPUWNA16Kernel if vllm_first else WO.AtenInt4CPUKernel)
     why = dict((n, w) for n, _, w in explain(cfg()))
-    if want is WO.AtenInt4CPUKernel:  # an AVX2 machine: the reason names the op
+    if not base.has_op("cpu_gemm_wna16"):  # an AVX2 machine: the reason names the op
         assert "cpu_gemm_wna16" in why["CPUWNA16Kernel"]
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_amx_cpus_keep_vllms_int4_kernel_first(clean_env, monkeypatch, amx):
+    if not base.has_op("cpu_gemm_wna16"):
+        pytest.skip("this CPU's vLLM build has no cpu_gemm_wna16 (torch's int4 GEMM serves W4 whatever the CPU)")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert choose_kernel(cfg()) is (WO.CPUWNA16Kernel if amx else WO.AtenInt4CPUKernel)
+    ok, why = WO.AtenInt4CPUKernel.can_implement(cfg())
+    assert ok is (not amx) and (not amx or "AMX" in why)
+    monkeypatch.setenv(envs.W4_KERNEL, "cpu-int4")  # forced: served on any CPU
+    assert choose_kernel(cfg()) is WO.AtenInt4CPUKernel
+    monkeypatch.delenv(envs.W4_KERNEL)
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "AtenInt4CPUKernel")  # vLLM's kernel behind it
+    assert choose_kernel(cfg()) is WO.CPUWNA16Kernel
 
 
 def test_missing_op_takes_torchs_int4_gemm_then_the_dequantize_fallback(clean_env, monkeypatch):
@@ -144,9 +161,7 @@ def test_forcing_and_disabling(clean_env, monkeypatch):
     monkeypatch.setenv(envs.W4_KERNEL, "cpu-int4")
     assert choose_kernel(cfg()) is WO.AtenInt4CPUKernel
     monkeypatch.delenv(envs.W4_KERNEL)
-    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "CPUWNA16LinearKernel")  # vLLM's class name works too
-    assert choose_kernel(cfg()) is WO.AtenInt4CPUKernel
-    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "CPUWNA16Kernel,AtenInt4CPUKernel")
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "AtenInt4CPUKernel,CPUWNA16LinearKernel")  # vLLM's class name too
     assert choose_kernel(cfg()) is WO.TorchDequantKernel
     monkeypatch.setenv("VLLM_DISABLED_KERNELS", "TorchDequantKernel,CPUWNA16Kernel,AtenInt4CPUKernel")
     with pytest.raises(NoKernelError, match="disabled by VLLM_DISABLED_KERNELS"):

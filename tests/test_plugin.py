@@ -160,20 +160,20 @@ def test_fp32_greedy_and_logits_match_reference(smollm2_ckpt, smollm2_ref):
     assert worst < 1e-3
 
 
-@pytest.mark.parametrize("path", ["auto", "avx2", "fallback"])
+@pytest.mark.parametrize("path", ["auto", "vllm-int4", "fallback"])
 def test_bf16_cpu_kernel_close_to_reference(smollm2_ckpt, smollm2_ref, path):
-    """bf16 serving: vLLM's CPUWNA16 int4 kernel where this CPU's vLLM build has its op (AVX-512), else torch's own
-    int4 GEMM (AVX2 builds lack cpu_gemm_wna16), and the dequantize-once fallback behind both. "avx2" disables
-    CPUWNA16 through vLLM's VLLM_DISABLED_KERNELS (what an AVX2 build serves), "fallback" both int4 kernels, so CI
-    on either kind of CPU serves all three. Close to the fp32 reference."""
+    """bf16 serving: torch's own int4 GEMM (vLLM's CPUWNA16 first on CPUs with AMX where its op exists; AVX2
+    builds lack it), and the dequantize-once fallback behind both. "vllm-int4" disables torch's kernel through
+    vLLM's VLLM_DISABLED_KERNELS (CPUWNA16 where the op exists), "fallback" both int4 kernels, so CI on either kind
+    of CPU serves every one it can. Close to the fp32 reference."""
     from vllm_superweight.kernels.linear import base
 
     has_op = base.has_op("cpu_gemm_wna16")
-    if path == "avx2" and not has_op:
-        pytest.skip("this CPU's vLLM build has no cpu_gemm_wna16: the 'auto' case already serves torch's int4 GEMM")
+    if path == "vllm-int4" and not has_op:
+        pytest.skip("this CPU's vLLM build has no cpu_gemm_wna16 (vLLM's AVX2 build)")
     model, tok = smollm2_ref
     ids = _ids(tok, PROMPTS)
-    disabled = {"auto": "", "avx2": "CPUWNA16Kernel", "fallback": "CPUWNA16Kernel,AtenInt4CPUKernel"}[path]
+    disabled = {"auto": "", "vllm-int4": "AtenInt4CPUKernel", "fallback": "CPUWNA16Kernel,AtenInt4CPUKernel"}[path]
     env = {"VLLM_DISABLED_KERNELS": disabled} if disabled else {}
     res, log = run_vllm(
         {
@@ -186,10 +186,11 @@ def test_bf16_cpu_kernel_close_to_reference(smollm2_ckpt, smollm2_ref, path):
         },
         with_log=True,
     )
+    vllm_first = has_op and (path == "vllm-int4" or torch.cpu._is_amx_tile_supported())
     if path == "fallback":
         want = "TorchDequantKernel"
     else:
-        want = "CPUWNA16Kernel(CPUWNA16LinearKernel)" if (has_op and path == "auto") else "AtenInt4CPUKernel"
+        want = "CPUWNA16Kernel(CPUWNA16LinearKernel)" if vllm_first else "AtenInt4CPUKernel"
     assert f"superweight_rtn W4 linears: {want}" in log, log[-3000:]
     errs = torch.cat([(torch.tensor(r["prompt_logprobs"]) - _ref_logprobs(model, p)).abs() for p, r in zip(ids, res)])
     print(f"bf16 ({want}): mean |logprob error| {errs.mean():.4f}, max {errs.max():.4f}")

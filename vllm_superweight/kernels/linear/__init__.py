@@ -40,8 +40,8 @@ WEIGHT_ONLY_KERNELS: list[type[SWLinearKernel]] = [
     DualMarlinMacheteKernel,
     MacheteKernel,
     MarlinKernel,
-    CPUWNA16Kernel,
     AtenInt4CPUKernel,
+    CPUWNA16Kernel,
     VllmMPKernel,
     TorchDequantKernel,
 ]

@@ -9,11 +9,13 @@
 * ``DualMarlinMacheteKernel`` (CUDA, Hopper): Marlin for batches of up to ``SUPERWEIGHT_MARLIN_MAX_M`` tokens,
   Machete above, chosen per batch inside one opaque custom op (``torch.ops.superweight.w4_dual_mm``), so each
   CUDA graph vLLM captures records the kernel of its size. Costs a second copy of the W4 weights.
-* ``MacheteKernel``, ``MarlinKernel`` (CUDA), ``CPUWNA16Kernel`` (CPU): vLLM's own kernels, used only when the
-  ops they call exist in this vLLM build (the AVX2 CPU build has no ``cpu_gemm_wna16``) and the activation
-  dtype is 16-bit (none of them has a float32 path).
-* ``AtenInt4CPUKernel`` (CPU, 16-bit activations): torch's own int4 GEMM, where vLLM's build has no
-  ``cpu_gemm_wna16`` (its AVX2 build): the W4 weights stay 4-bit instead of the fallback's float32 copy.
+* ``MacheteKernel``, ``MarlinKernel`` (CUDA): vLLM's own kernels.
+* ``AtenInt4CPUKernel`` (CPU, 16-bit activations; not on AMX CPUs where ``CPUWNA16`` can run): torch's own int4
+  GEMM: 1.5x vLLM's ``CPUWNA16`` on an AVX-512 EPYC, and on vLLM's AVX2 build (no ``cpu_gemm_wna16``) the W4
+  weights stay 4-bit instead of the fallback's float32 copy.
+* ``CPUWNA16Kernel`` (CPU): vLLM's own kernel. vLLM's kernels are used only when the ops they call exist in this
+  vLLM build (the AVX2 CPU build has no ``cpu_gemm_wna16``) and the activation dtype is 16-bit (none of them has a
+  float32 path).
 * ``VllmMPKernel``: whatever else vLLM's mixed-precision selection offers on this platform (ROCm, XPU, ...).
 * ``TorchDequantKernel``: every platform, dtype and shape: the weights are dequantized ONCE at load into the
   activation dtype (4x the memory of W4 in 16-bit) and the GEMM is ``F.linear``.
@@ -275,8 +277,12 @@ class VllmMPKernel(_VllmMixedPrecision):
 
 class AtenInt4CPUKernel(SWLinearKernel):
     """torch's own CPU int4 GEMM (``aten._weight_int4pack_mm_for_cpu``, vectorized per ISA by ATen: AVX2 and
-    AVX-512 alike) for 16-bit activations: the W4 layers of CPUs whose vLLM build has no ``cpu_gemm_wna16`` (vLLM's
-    AVX2 build) stay 4-bit in memory instead of being dequantized to float32 (8x the W4 bytes).
+    AVX-512 alike) for 16-bit activations. Where vLLM's build has no ``cpu_gemm_wna16`` (its AVX2 build) the W4
+    layers stay 4-bit in memory instead of being dequantized to float32 (8x the W4 bytes); on AVX-512 CPUs without
+    AMX it is ahead of vLLM's ``CPUWNA16`` too (SmolLM2-135M on a 2-core EPYC: decode 1.55x at batch 1, 1.52x at
+    8; ``benchmarks/results/cpu_serving_avx512_s21.json``). On CPUs with AMX tiles vLLM's kernel (AMX, and the
+    ``SUPERWEIGHT_CPU_W4A8`` opt-in) stays first: the two were not measured against each other there
+    (``SUPERWEIGHT_W4_KERNEL=cpu-int4`` forces this one).
 
     The op computes ``w = (u - 8) * s + zf`` per group of 32, 64, 128 or 256 input channels, with scales and
     float zero terms in the activation dtype: a checkpoint's ``(q - z) * s`` maps to ``zf = (8 - z) * s`` (0 when
@@ -304,6 +310,8 @@ class AtenInt4CPUKernel(SWLinearKernel):
             return False, "16-bit activations only (float32 keeps the exactly dequantized weights)"
         if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             return False, "this torch has no aten._weight_int4pack_mm_for_cpu"
+        if envs.w4_kernel() != "cpu-int4" and torch.cpu._is_amx_tile_supported() and not missing_ops("cpu_gemm_wna16"):
+            return False, "a CPU with AMX: vLLM's CPUWNA16 (AMX tiles) comes first there (not measured against it)"
         n = c.partition_shape[1]
         if n % 16:
             return False, f"N = {n} is not a multiple of 16 (the op's packing)"
