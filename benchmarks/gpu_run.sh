@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
 #   bash benchmarks/gpu_run.sh owed                        # checkpoints + GPU tests for a lease (see the stage), then
 #                                                          # the throughput calls it names
+#   bash benchmarks/gpu_run.sh cudagemv                    # the CUDA GEMV over Marlin's layout: its GPU tests, then (the
+#                                                          # build-bg checkpoints done) cuda_gemv_bench.py --sweep
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
@@ -218,6 +220,26 @@ case "$STAGE" in
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     tail -4 "$STASH_DIR/build.log"
     echo "[$(ts)] owed done" ;;
+  cudagemv)
+    # session 22, one call after the three stash calls: the 7B-shaped checkpoints of the `cudagemv` throughput group
+    # built in the background while the GEMV's GPU tests run (not timed), then the micro-benchmark once the build is
+    # done (nothing else on the GPU); $STASH_DIR/cg_verdict says whether the GEMV beat Marlin at M = 1 (the next
+    # call's throughput run checks it)
+    setup
+    bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
+    timeout 220 $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_cudagemv.xml" \
+      tests/test_cuda_marlin_gemv.py 2>&1 | tee "$OUT/pytest_cudagemv.log" | tail -30
+    for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
+    tail -3 "$STASH_DIR/build.log"
+    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv.json" --sweep \
+      --budget-s $((570 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
+    $PY - "$OUT/cuda_gemv.json" > "$STASH_DIR/cg_verdict" <<'EOF2'
+import json, sys
+r = {(x.get("kernel"), x.get("m")): x.get("us") for x in json.load(open(sys.argv[1]))["results"] if x.get("part") == "main"}
+ok = r.get(("cuda", 1)) and r.get(("marlin", 1)) and r[("cuda", 1)] < 0.95 * r[("marlin", 1)]
+print("go" if ok else "no")
+EOF2
+    echo "[$(ts)] cudagemv verdict: $(cat "$STASH_DIR/cg_verdict")" ;;
   unroll)
     # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and
     # without hold-out) built in the background; meanwhile the GPU tests of the SELL correction (unrolled form

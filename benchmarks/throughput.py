@@ -185,6 +185,16 @@ METHODS["sw-w4-g128-gemv"] = dict(
     ckpt="sw-w4-g128",
     env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "gemv=1"},
 )
+# our CUDA-core GEMV over Marlin's tensors for single-token batches (SUPERWEIGHT_CUDA_GEMV=1, session 22: 0.90x
+# Marlin's kernel time at M = 1, slower from 2): the held-out checkpoint's default one-copy pair (-cg), the checkpoint
+# without hold-out on that one copy (-cg1) and on its two-copy default (-cg)
+METHODS["sw-w4-g128-holdout-qkv-cg"] = dict(
+    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "1"}
+)
+METHODS["sw-w4-g128-cg"] = dict(METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_CUDA_GEMV": "1"})
+METHODS["sw-w4-g128-cg1"] = dict(
+    METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_CUDA_GEMV": "1"}
+)
 # the W8A8 checkpoint with its first outlier channel in CUTLASS's per-token zero-point epilogue (no side product for
 # it; the default since session 12) named explicitly, and without it (every outlier channel a side product)
 METHODS["sw-w8a8-azp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "1"})
@@ -220,6 +230,8 @@ GROUPS = {
     # where the q/k/v hold-out's batch-8 cost comes from (session 16's open question): the same checkpoint without
     # hold-out on two W4 copies (its default) and on one (the held-out checkpoint's kernel pair), then with hold-out
     "split": ["sw-w4-g128", "sw-w4-g128-mdeq1", "sw-w4-g128-holdout-qkv", "awq"],
+    # the CUDA GEMV at batch 1 (session 22): the held-out default, one copy without hold-out, AWQ beside
+    "cudagemv": ["sw-w4-g128-holdout-qkv-cg", "sw-w4-g128-holdout-qkv", "awq", "sw-w4-g128-cg1", "sw-w4-g128"],
     # issue 12's one layout from vLLM's Humming backend (needs humming-kernels importable in the engines)
     "humming": [
         "sw-w4-g128-humming",

@@ -541,3 +541,64 @@ def test_one_copy_marlin_dequant_pair_is_the_default_for_held_out_checkpoints(cl
         choose_kernel(held)
     ok, why = WO.MarlinDequantOneCopyKernel.can_implement(dataclasses.replace(held, act_dtype=torch.float32))
     assert not ok
+
+
+# ---- the CUDA GEMV over Marlin's tensors (SUPERWEIGHT_CUDA_GEMV) ----------------------------------------------
+def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
+    monkeypatch.delenv(envs.CUDA_GEMV, raising=False)
+    assert envs.cuda_gemv_max_m() == envs.DEFAULT_CUDA_GEMV_MAX_M == 0
+    monkeypatch.setenv(envs.CUDA_GEMV, "1")
+    assert envs.cuda_gemv_max_m() == 1
+    for bad in ("5", "-1", "one"):
+        monkeypatch.setenv(envs.CUDA_GEMV, bad)
+        with pytest.raises(ValueError, match=envs.CUDA_GEMV):
+            envs.cuda_gemv_max_m()
+
+
+def _pair_with_marlin_copy(n=128, k=256, device="cpu"):
+    """A one-copy Marlin + dequantize pair as process_weights_after_loading leaves it (Marlin's tensors in the
+    shadow module), without running vLLM's Marlin repack (CPU)."""
+    kern = WO.MarlinDequantOneCopyKernel.__new__(WO.MarlinDequantOneCopyKernel)
+    base.SWLinearKernel.__init__(kern, cfg(n=n, k=k, group=64, sym=True))
+    kern._init_pair(WO.MarlinKernel.__new__(WO.MarlinKernel))
+    kern.gemv_max_m, kern.min_m = 0, 96
+    qm = torch.zeros(k // 16, 2 * n, dtype=torch.int32, device=device)
+    kern.shadow.register_parameter(base.W_PACKED, torch.nn.Parameter(qm, requires_grad=False))
+    sc = torch.ones(k // 64, n, dtype=torch.bfloat16, device=device)
+    kern.shadow.register_parameter(base.W_SCALE, torch.nn.Parameter(sc, requires_grad=False))
+    return kern
+
+
+def test_cuda_gemv_stays_off_unless_asked_and_says_why_it_cannot_run(monkeypatch, caplog):
+    monkeypatch.delenv(envs.CUDA_GEMV, raising=False)
+    kern = _pair_with_marlin_copy()
+    kern._plan_cuda_gemv()
+    assert kern.cgemv is None and kern.cgemv_max_m == 0
+    assert "CUDA-GEMV" not in kern.describe()
+    monkeypatch.setenv(envs.CUDA_GEMV, "1")
+    monkeypatch.setattr(WO, "_NOT_PLANNED", {})
+    with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
+        kern._plan_cuda_gemv()
+    assert kern.cgemv is None and kern.cgemv_max_m == 0  # Marlin's tensors are not on CUDA here
+    assert "stays on Marlin: not on CUDA" in caplog.text
+    assert kern.describe().startswith("CUDA-GEMV(M<=1)/")
+
+
+def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch):
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
+    kern = _pair_with_marlin_copy()
+    kern.cgemv, kern.cgemv_max_m = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu"), 1
+    calls = []
+    monkeypatch.setattr(CG, "marlin_gemv_cuda", lambda x, qm, s, z, p, bias: calls.append(("gemv", x.shape[0], bias)))
+
+    class FakeMarlin:
+        def apply_gemm(self, layer, x, bias):
+            calls.append(("marlin", x.shape[0], bias))
+
+    kern.small = FakeMarlin()
+    bias = torch.zeros(128)
+    kern._small_gemm(torch.zeros(1, 256), bias)
+    kern._small_gemm(torch.zeros(2, 256), None)
+    assert calls[0][:2] == ("gemv", 1) and calls[0][2] is bias  # the layer's own bias, not Marlin's permuted one
+    assert calls[1] == ("marlin", 2, None)

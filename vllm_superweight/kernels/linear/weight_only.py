@@ -28,6 +28,7 @@ above.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any
 
@@ -512,6 +513,9 @@ def clone_param(p: torch.nn.Parameter) -> torch.nn.Parameter:
     return q
 
 
+_NOT_PLANNED: dict[str, str] = {}  # why a layer could not take the CUDA GEMV -> the first such layer
+
+
 class DualMarlinMacheteKernel(SWLinearKernel):
     """Marlin for M <= ``max_m`` tokens, Machete above, over two copies of the W4 weights (Hopper).
 
@@ -560,9 +564,16 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         self.shadow = torch.nn.Module()  # the second copy; owned here, not a submodule (vLLM must not see it)
         self.has_bias = False
         self._layer: weakref.ref | None = None
+        self.cgemv: Any = None  # launch plan (GemvPlan) of the CUDA GEMV over Marlin's tensors (SUPERWEIGHT_CUDA_GEMV)
+        self.cgemv_max_m = 0
 
     def describe(self) -> str:
-        return f"{self.LARGE_NAME}+Marlin(M<={self.max_m})"
+        return f"{self._cuda_gemv_name()}{self.LARGE_NAME}+Marlin(M<={self.max_m})"
+
+    @staticmethod
+    def _cuda_gemv_name() -> str:
+        m = envs.cuda_gemv_max_m()
+        return f"CUDA-GEMV(M<={m})/" if m else ""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Marlin's copy is taken from the loaded weights before Machete repacks them in place.
@@ -585,6 +596,47 @@ class DualMarlinMacheteKernel(SWLinearKernel):
             bias = tensor(layer, "bias").data.clone()
             self.shadow.register_parameter("bias", torch.nn.Parameter(bias, requires_grad=False))
         self.small.process_weights_after_loading(self.shadow)
+        self._plan_cuda_gemv()
+
+    def _plan_cuda_gemv(self) -> None:
+        """With ``SUPERWEIGHT_CUDA_GEMV=MAX_M``, batches of up to MAX_M tokens that would go to Marlin run the
+        CUDA-core GEMV over Marlin's own tensors (``kernels/cuda_marlin_gemv.py``) where it can read the layer."""
+        max_m = envs.cuda_gemv_max_m()
+        if not max_m or not isinstance(self.small, MarlinKernel):
+            return
+        from .. import cuda_marlin_gemv as CG
+
+        c = self.config
+        k_p, n_p = c.partition_shape
+        qm = tensor(self.shadow, W_PACKED)
+        ok, why = CG.available() if qm.is_cuda else (False, "not on CUDA")
+        if ok and qm.shape[1] != 2 * n_p:
+            ok, why = False, f"Marlin padded N {n_p} to {qm.shape[1] // 2}"
+        if ok:
+            try:
+                self.cgemv = CG.gemv_plan(n_p, k_p, c.group_size, c.symmetric, c.act_dtype, qm.device)
+                self.cgemv_max_m = max_m
+                return
+            except ValueError as e:
+                why = str(e)
+        why = why or "unknown"
+        if why not in _NOT_PLANNED:  # each reason once, with the first layer it kept on Marlin
+            _NOT_PLANNED[why] = c.prefix
+            logging.getLogger("vllm.superweight_rtn").warning(
+                "%s=%d: %s (and any like it) stays on Marlin: %s", envs.CUDA_GEMV, max_m, c.prefix, why
+            )
+
+    def _small_gemm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The small-batch GEMM over Marlin's copy: the CUDA GEMV where planned and the batch fits it, else
+        Marlin (which reads its own permuted copy of the bias)."""
+        if self.cgemv is not None and x.shape[0] <= self.cgemv_max_m:
+            from ..cuda_marlin_gemv import marlin_gemv_cuda
+
+            zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
+            qm, scale = tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE)
+            return marlin_gemv_cuda(x, qm, scale, zero, self.cgemv, bias)
+        b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
+        return self.small.apply_gemm(self.shadow, x, b)
 
     @property
     def layer(self) -> torch.nn.Module:
@@ -596,8 +648,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Eager dispatch on the token count (the body of the custom op)."""
         if x.shape[0] <= self.max_m:
-            b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
-            return self.small.apply_gemm(self.shadow, x, b)
+            return self._small_gemm(x, bias)
         return self.large.apply_gemm(self.layer, x, bias)
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -664,7 +715,7 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
         self.prep_keys: list[str] = []
 
     def describe(self) -> str:
-        return f"Marlin(M<{self.min_m})+dequant/cuBLAS"
+        return f"{self._cuda_gemv_name()}Marlin(M<{self.min_m})+dequant/cuBLAS"
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Marlin repacks a copy; the checkpoint tensors stay until set_sparse builds our layout from them
@@ -678,8 +729,7 @@ class MarlinDequantKernel(DualMarlinMacheteKernel):
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] < self.min_m:
-            b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
-            y = self.small.apply_gemm(self.shadow, x, b)
+            y = self._small_gemm(x, bias)
             return SWLinearKernel.apply_sparse(self, self.shadow, y, x)
         from ..triton_w4 import w4_mm
 
@@ -733,7 +783,7 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
 
     def describe(self) -> str:
         small = f"GEMV+corr(M<={self.gemv_max_m})/" if self.gemv_max_m else ""
-        return f"{small}Marlin(M<{self.min_m})+dequant(Marlin layout)/cuBLAS"
+        return f"{small}{self._cuda_gemv_name()}Marlin(M<{self.min_m})+dequant(Marlin layout)/cuBLAS"
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # the checkpoint tensors MOVE into Marlin's module (no copy) and are repacked there; the layer keeps its bias
@@ -778,8 +828,7 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
             qm, sc = tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE)
             return marlin_gemv(x, qm, sc, zp, n_p, k_p, c.group_size, c.symmetric, self.sp, self.gmaps, bias)
         if x.shape[0] < self.min_m:
-            b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
-            y = self.small.apply_gemm(self.shadow, x, b)
+            y = self._small_gemm(x, bias)
             corr = envs.onecopy_config().get("corr")
             if self.sp and (corr is None or corr[0] == "sell"):
                 return sparse_correction(y, x, self.sp)

@@ -1,0 +1,332 @@
+"""Micro-benchmark: the CUDA-core GEMV over Marlin's layout (``kernels/cuda_marlin_gemv.py``) against vLLM's Marlin
+on Llama-2-7B-shaped W4 layers (issue 12's M = 1 target: >= 60 % of HBM peak), with and without the 0.1 % hold-out's
+separate SELL correction, M = 1..4, plus a sweep of the GEMV's launch configurations at M = 1.
+
+    python benchmarks/cuda_gemv_bench.py --out $OUT/cuda_gemv.json [--layers 4] [--sweep]
+
+Layers: random g128 asymmetric codes (speed does not depend on values), each a ``marlin-deq1`` kernel object (the
+one-copy default for held-out checkpoints) built by ``tests/vllm_linear.build_mp_layer`` with a 0.1 % hold-out and
+one planted super weight in down_proj; every GEMV reads that object's own Marlin tensors. Timing: the median of
+CUDA-graph replays over ``--layers`` copies of one decoder layer's four GEMMs (qkv, o, gate_up, down; 4 copies =
+~430 MB, beyond the 60 MB L2), reported per layer. Bytes: packed codes + bf16 scales + packed zeros + x + y.
+Writes JSON (results + meta) after every part and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+PEAK_TBS = {"H200": 4.8, "H100": 3.35}
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def time_graph(fn, iters: int) -> float:
+    """Median us of one ``fn()`` over CUDA-graph replays (warm-up outside the graph)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1000.0)
+    del g
+    return statistics.median(ts)
+
+
+def read_tbs(dev: torch.device) -> float:
+    """A read-only pass over 1 GiB (torch's sum of fp32, 4 bytes read an element)."""
+    src = torch.ones(1 << 28, dtype=torch.float32, device=dev)
+    us = time_graph(lambda: torch.sum(src), 10)
+    return round(4 * src.numel() / (us * 1e-6) / 1e12, 3)
+
+
+def copy_tbs(dev: torch.device) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    us = time_graph(lambda: dst.copy_(src), 10)
+    return round(2 * src.numel() / (us * 1e-6) / 1e12, 3)
+
+
+# (rows a chunk, warps a block, warps per SM wanted, ring stages, min blocks per SM for the registers, lean decoding)
+SWEEP = [(4, 4, 24, 4, 1, 0), (4, 4, 24, 4, 1, 1), (4, 8, 24, 2, 1, 0), (4, 8, 24, 2, 1, 1), (4, 4, 48, 2, 8, 1)]
+SWEEP += [(4, 4, 48, 2, 6, 1), (4, 8, 48, 2, 4, 1), (8, 4, 24, 2, 6, 1), (4, 4, 96, 2, 8, 1), (2, 4, 48, 3, 8, 1)]
+SWEEP += [(4, 4, 48, 3, 1, 1), (8, 4, 48, 2, 1, 1), (4, 8, 64, 2, 4, 1), (4, 2, 48, 4, 8, 1)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--ms", default="1,2,3,4")
+    ap.add_argument("--holdout", type=float, default=1e-3)
+    ap.add_argument("--sweep", action="store_true", help="launch configurations at M = 1")
+    ap.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="what bounds M = 1: a read-only reduction over 1 GiB (torch), the GEMV's loads alone (no decoding) and "
+        "each GEMM of the layer alone, Marlin and the GEMV",
+    )
+    ap.add_argument("--budget-s", type=float, default=500)
+    ap.add_argument(
+        "--no-vllm",
+        action="store_true",
+        help="random words as Marlin's tensors (speed does not depend on values): the GEMV alone, no vLLM needed",
+    )
+    args = ap.parse_args()
+
+    import vllm_superweight.kernels as K
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+    from vllm_superweight.kernels.linear.base import W_PACKED, W_SCALE, W_ZERO, tensor
+
+    dev = torch.device("cuda")
+    p = torch.cuda.get_device_properties(dev)
+    peak = next((v for key, v in PEAK_TBS.items() if key in p.name), float("nan"))
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    meta = {
+        "device": p.name,
+        "sm_count": p.multi_processor_count,
+        "peak_tbs": peak,
+        "torch": torch.__version__,
+        "layers": args.layers,
+        "shapes": SHAPES,
+        "holdout": args.holdout,
+        "default_config": CG.DEFAULT_CONFIG,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    rows: list[dict] = []
+
+    def save() -> None:
+        meta["elapsed_s"] = round(time.time() - T0, 1)
+        with open(out + ".tmp", "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1, default=str)
+        os.replace(out + ".tmp", out)
+
+    # copy bandwidth (read + write) as the machine's practical ceiling
+    meta["copy_tbs"] = copy_tbs(dev)
+    if args.ceiling:
+        meta["read_tbs"] = read_tbs(dev)
+    log(f"{p.name}: copy {meta['copy_tbs']} TB/s, peak {peak}")
+
+    layers = []
+    for li in range(args.layers):
+        d = {}
+        for name, (n, k) in SHAPES.items():
+            g = torch.Generator(device=dev).manual_seed(1000 * li + n + k)
+            q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32, device=dev)
+            s = (torch.rand(n, k // 128, generator=g, device=dev) * 0.01 + 0.002).to(torch.bfloat16)
+            z = torch.randint(0, 16, (n, k // 128), generator=g, dtype=torch.int32, device=dev)
+            gc = torch.Generator().manual_seed(li * 10 + len(d))
+            nnz = max(1, int(round(n * k * args.holdout)))
+            flat = torch.randperm(n * k, generator=gc)[:nnz]
+            if name == "down":
+                flat = torch.unique(torch.cat([flat, torch.tensor([(n // 2) * k + k // 3])]))
+            r, c = flat // k, flat % k
+            v = (torch.randn(r.numel(), generator=gc) * 0.05).to(torch.bfloat16).float()
+            q[r.to(dev), c.to(dev)] = z[r.to(dev), (c // 128).to(dev)]
+            if args.no_vllm:
+                i32 = torch.iinfo(torch.int32)
+                ent = {
+                    "k": None,
+                    "qm": torch.randint(i32.min, i32.max, (k // 16, 2 * n), generator=g, dtype=torch.int32, device=dev),
+                    "sc": s.t().contiguous(),
+                    "zp": torch.randint(
+                        i32.min, i32.max, (k // 128, n // 8), generator=g, dtype=torch.int32, device=dev
+                    ),
+                }
+            else:
+                import vllm_linear as VL
+
+                w = {"q": q, "scales": s, "zeros": z, "group": 128, "symmetric": False, "n": n, "k": k}
+                layer, kobj = VL.build_mp_layer(w, "marlin-deq1", sparse=(r, c, v))
+                sh = kobj.shadow
+                ent = {"layer": layer, "k": kobj, "qm": tensor(sh, W_PACKED), "sc": tensor(sh, W_SCALE)}
+                ent["zp"] = tensor(sh, W_ZERO)
+            ent.update(
+                {
+                    "plan": CG.gemv_plan(n, k, 128, False, torch.bfloat16, dev),
+                    "bytes": n * k // 2 + n * (k // 128) * 2 + n * (k // 128) // 2,
+                }
+            )
+            del q
+            d[name] = ent
+        layers.append(d)
+    torch.cuda.synchronize()
+    meta["plans"] = {name: vars(layers[0][name]["plan"]) for name in SHAPES}
+    log(f"built {args.layers} layers; plans {meta['plans']}")
+
+    ms = [int(m) for m in args.ms.split(",")]
+    gx = torch.Generator(device=dev).manual_seed(7)
+    bf = torch.bfloat16
+    xs = {m: {nm: torch.randn(m, k, generator=gx, device=dev).to(bf) for nm, (n, k) in SHAPES.items()} for m in ms}
+    ys = {m: {nm: torch.empty(m, n, device=dev, dtype=bf) for nm, (n, k) in SHAPES.items()} for m in ms}
+
+    # correctness first: the GEMV against Marlin (the same tensors), per shape and M
+    for m in ms if not args.no_vllm else []:
+        for name in SHAPES:
+            e, x = layers[0][name], xs[m][name]
+            ym = e["k"].small.apply_gemm(e["k"].shadow, x, None)
+            yc = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], e["plan"])
+            rel = float((yc.float() - ym.float()).norm() / ym.float().norm())
+            rows.append({"part": "check", "shape": name, "m": m, "rel_vs_marlin": rel})
+            if rel > 1e-2:
+                log(f"  CHECK FAILED {name} M={m}: rel {rel:.3g}")
+    if not args.no_vllm:
+        log("check: max rel vs Marlin " + f"{max(r['rel_vs_marlin'] for r in rows if r['part'] == 'check'):.3g}")
+    save()
+
+    def wbytes(m: int, only: str | None = None) -> int:
+        names = [only] if only else list(SHAPES)
+        return sum(layers[0][nm]["bytes"] + m * sum(SHAPES[nm]) * 2 for nm in names)
+
+    def run(kind: str, m: int, config=None, only: str | None = None):
+        plans = None
+        if config is not None:
+            plans = {
+                name: CG.gemv_plan(n, k, 128, False, torch.bfloat16, dev, config=config)
+                for name, (n, k) in SHAPES.items()
+            }
+
+        def f():
+            for lay in layers:
+                for name, e in lay.items():
+                    if only and name != only:
+                        continue
+                    x = xs[m][name]
+                    if kind == "marlin":
+                        e["k"].small.apply_gemm(e["k"].shadow, x, None)
+                    elif kind == "marlin+sell":
+                        y = e["k"].small.apply_gemm(e["k"].shadow, x, None)
+                        K.sparse_correction(y, x, e["k"].sp)
+                    elif kind in ("cuda", "cuda+sell", "cuda-loads"):
+                        plan = plans[name] if plans else e["plan"]
+                        ro = kind == "cuda-loads"
+                        y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name], _readonly=ro)
+                        if kind == "cuda+sell":
+                            K.sparse_correction(y, x, e["k"].sp)
+
+        return f
+
+    def timed(kind: str, m: int, config=None, part="main", only: str | None = None) -> float | None:
+        if time.time() - T0 > args.budget_s:
+            rows.append({"part": part, "kernel": kind, "m": m, "note": "budget"})
+            return None
+        try:
+            us = time_graph(run(kind, m, config, only), args.iters) / len(layers)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            note = f"{type(e).__name__}: {e}"[:300]
+            rows.append({"part": part, "kernel": kind, "m": m, "config": config, "note": note})
+            return None
+        tbs = wbytes(m, only) / (us * 1e-6) / 1e12
+        rec = {"part": part, "kernel": kind, "m": m, "us": round(us, 2), "tbs": round(tbs, 3), "shape": only or "layer"}
+        rec["frac_peak"] = round(tbs / peak, 4)
+        if config is not None:
+            rec["config"] = list(config)
+        rows.append(rec)
+        log(f"  {part} {kind:12s} {only or 'layer'} M={m} cfg={config} {us:8.2f} us  {tbs:.2f} TB/s  {tbs / peak:.1%}")
+        save()
+        return us
+
+    kinds = ("cuda",) if args.no_vllm else ("marlin", "cuda", "marlin+sell", "cuda+sell")
+    for m in ms:
+        for kind in kinds:
+            timed(kind, m)
+    if args.ceiling:
+        timed("cuda-loads", 1, part="ceiling")
+        for name in SHAPES:
+            for kind in ("cuda", "cuda-loads") if args.no_vllm else ("marlin", "cuda", "cuda-loads"):
+                timed(kind, 1, part="ceiling", only=name)
+    if args.sweep:
+        e, x = layers[0]["down"], xs[1]["down"]
+        ref = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], e["plan"]).float()
+        n_, k_ = SHAPES["down"]
+        for cfg in SWEEP:
+            us = timed("cuda", 1, cfg, part="sweep")
+            if us is not None:  # each form against the default one (down_proj: split-K over 11 blocks)
+                plan = CG.gemv_plan(n_, k_, 128, False, torch.bfloat16, dev, config=cfg)
+                y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan).float()
+                rows[-1]["rel_vs_default"] = float((y - ref).norm() / ref.norm())
+    save()
+    write_table(out)
+    log(f"done -> {out}")
+
+
+def write_table(path: str) -> None:
+    d = json.load(open(path))
+    rows = [r for r in d["results"] if r.get("part") == "main" and "us" in r]
+    by = {(r["kernel"], r["m"]): r for r in rows}
+    ms = sorted({r["m"] for r in rows})
+    lines = [
+        f"# CUDA GEMV over Marlin's layout vs Marlin ({d['meta']['device']}, us per Llama-2-7B layer, 4 GEMMs, "
+        f"% of {d['meta']['peak_tbs']} TB/s)",
+        "",
+        "| M | Marlin | CUDA GEMV | ratio | Marlin + SELL | CUDA GEMV + SELL | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(kind, m):
+        r = by.get((kind, m))
+        return f"{r['us']:.1f} ({r['frac_peak']:.0%})" if r else "—"
+
+    def ratio(a, b, m):
+        ra, rb = by.get((a, m)), by.get((b, m))
+        return f"{rb['us'] / ra['us']:.2f}" if ra and rb else "—"
+
+    for m in ms:
+        lines.append(
+            f"| {m} | {cell('marlin', m)} | {cell('cuda', m)} | {ratio('marlin', 'cuda', m)} "
+            f"| {cell('marlin+sell', m)} | {cell('cuda+sell', m)} | {ratio('marlin+sell', 'cuda+sell', m)} |"
+        )
+    ce = [r for r in d["results"] if r.get("part") == "ceiling" and "us" in r]
+    if ce:
+        lines += [
+            "",
+            f"What bounds M = 1 (copy {d['meta'].get('copy_tbs')} TB/s, read-only sum "
+            f"{d['meta'].get('read_tbs')} TB/s):",
+            "",
+        ]
+        lines += [f"* {r['shape']} {r['kernel']}: {r['us']:.1f} us, {r['tbs']:.2f} TB/s" for r in ce]
+    sw = [r for r in d["results"] if r.get("part") == "sweep" and "us" in r]
+    if sw:
+        lines += ["", "Sweep at M = 1 (rows a chunk, warps a block, warps per SM wanted, ring stages):", ""]
+        for r in sorted(sw, key=lambda r: r["us"]):
+            lines.append(f"* {tuple(r['config'])}: {r['us']:.1f} us ({r['frac_peak']:.0%})")
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

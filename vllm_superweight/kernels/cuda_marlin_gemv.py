@@ -1,0 +1,510 @@
+"""A CUDA-core W4 GEMV for 1-4 tokens straight from vLLM's Marlin layout (issue 12: one stored layout, M = 1 near
+the memory bound).
+
+Marlin serves one token at ~32 % of the H200's HBM peak (66.9 us for a Llama-2-7B layer's four GEMMs) and our
+Triton GEMV over the same tensors (``triton_marlin_gemv``) only matched it: it issued ~5.4 SASS instructions per
+weight. This kernel is written in CUDA C (compiled at first use by torch's own NVRTC and loaded through the driver,
+as ``torch.cuda._compile_kernel`` does: no nvcc, no ninja, no CUDA headers) so the inner loop is what we choose:
+
+* a warp owns one 64-column Marlin tile and a run of 16-row K tiles; lane ``4 c + t`` loads the 16 bytes (4 words)
+  of its (c, t) from each row -- 512 contiguous bytes a warp a row, ``U`` rows in flight before any arithmetic;
+* word ``u`` of that load holds columns ``16 u + c`` and ``16 u + 8 + c`` at k = ``2 t, 2 t + 1, 8 + 2 t, 9 + 2 t``
+  (``triton_marlin_deq``'s docstring has the layout), so all 8 columns of a lane share 4 x values a row;
+* a code becomes the exact float ``128 + q`` with one shift and one LOP3 (the nibble moved to bits 16-19 under the
+  exponent of 128.0), then one FFMA with x in fp32: 23 instructions per word of 8 weights. The offset is removed
+  per group with the lane's sum of x: ``sum (q - z) x s = s (sum (128 + q) x - (128 + z) sum x)``;
+* the warps of a block take consecutive row runs of one tile and are summed through shared memory; the blocks of
+  a tile (split-K) write fp32 partials, and the last block to finish (a per-tile counter) adds them in a fixed
+  order, adds the bias and writes y once, then re-arms the counter: one launch, deterministic, no host sync, legal
+  in CUDA graphs (the counters and partials live in a per-device workspace reserved at load time).
+
+    plan = gemv_plan(n, k, group, sym, act_dtype, device)      # load time: checks, grid, workspace reserved
+    y = marlin_gemv_cuda(x, qm, scale, zero, plan, bias)       # x [M <= 4, K] -> [M, N]
+
+The held-out correction stays a separate kernel after it (``sparse_correction``).
+
+Measured (H200, one Llama-2-7B layer = 4 GEMMs, g128 asymmetric, the same process as vLLM's Marlin on the same
+tensors; ``benchmarks/cuda_gemv_bench.py``, ``benchmarks/results/cuda_gemv_s22*_h200.{json,md}``): M = 1
+**59.9 us vs Marlin's 66.3** (1.76 TB/s, 36.6 % of the 4.8 TB/s peak; with the 0.1 % hold-out's separate SELL
+correction 71.1 vs 77.0), but M = 2 / 4 1.23x / 1.94x Marlin's time (CUDA cores: every token adds its FFMAs), so it
+serves one token only (``SUPERWEIGHT_CUDA_GEMV=1``, opt-in: not yet measured end to end). What bounds it: the loads
+alone (no decoding, same grid) take 47.0 us (2.24 TB/s) -- single-wave grids of short warps whose loads and
+arithmetic barely overlap, and 4-8 MB GEMMs too small to ramp (o_proj's loads reach 1.43 TB/s, gate_up's 2.70) --
+while a 1 GiB read-only reduction reaches 4.2 TB/s on the same GPU. The first form (exact nibbles, 4 warps, 4
+stages) took 69.7 us; the lean decoding and 8 warps a block with 2 stages brought it to 59.9.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+MAX_M = 4
+TILE_N = 64
+
+_SRC = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#ifndef SW_MT
+#define SW_MT 1
+#endif
+
+__device__ __forceinline__ float act2f(u16 h) {
+#if SW_BF16
+  return __uint_as_float(((u32)h) << 16);
+#else
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+#endif
+}
+__device__ __forceinline__ u16 f2act(float f) {
+  u16 h;
+#if SW_BF16
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+// the nibble at bits 16..19 of w under the exponent of 128.0: the exact float 128 + q. The mask and the exponent
+// come in as kernel parameters (0x000F0000, 0x43000000): as literals ptxas re-materializes one of the two LOP3
+// operands before every use (a MOV per nibble)
+__device__ __forceinline__ float nib(u32 w, u32 km, u32 ke) { return __uint_as_float((w & km) | ke); }
+
+// 16 bytes global -> shared, asynchronously (no registers held while in flight)
+__device__ __forceinline__ void cp16(const void* smem, const void* g) {
+  const u32 sa = (u32)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(g));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(SW_ST - 1)); }
+
+// one word u of a lane's load: columns i = 2u (a = 0) and 2u + 1 (a = 1), k = 2t, 2t+1, 8+2t, 9+2t
+__device__ __forceinline__ void word_fma(u32 w, const float (&xa)[SW_MT], const float (&xb)[SW_MT],
+                                         const float (&xc)[SW_MT], const float (&xd)[SW_MT],
+                                         float (&ga)[SW_MT][8], int u, u32 km, u32 ke) {
+  const float f0 = nib(w << 16, km, ke), f4 = nib(w, km, ke), f1 = nib(w << 12, km, ke), f5 = nib(w >> 4, km, ke);
+  const float f2 = nib(w << 8, km, ke), f6 = nib(w >> 8, km, ke), f3 = nib(w << 4, km, ke), f7 = nib(w >> 12, km, ke);
+#pragma unroll
+  for (int m = 0; m < SW_MT; ++m) {
+    ga[m][2 * u] = fmaf(f0, xa[m], fmaf(f4, xb[m], fmaf(f1, xc[m], fmaf(f5, xd[m], ga[m][2 * u]))));
+    ga[m][2 * u + 1] = fmaf(f2, xa[m], fmaf(f6, xb[m], fmaf(f3, xc[m], fmaf(f7, xd[m], ga[m][2 * u + 1]))));
+  }
+}
+
+// the lean form (SW_LEAN): one LOP3 gives two nibbles under two exponents of 128 (km = 0x000F000F, ke = 0x43004300);
+// the low one becomes its exact float by a shift, the high one is read in place as the float
+// 128 + q_hi + (0x4300 + q_lo) / 65536: its constant 0x4300 / 65536 = 0.26171875 is removed with the sum of the x it
+// multiplies, and q_lo / 65536 stays (at most 15 / 65536 of a quantization step): 11 instructions a word, not 15
+__device__ __forceinline__ void word_fma_lean(u32 w, const float (&xa)[SW_MT], const float (&xb)[SW_MT],
+                                              const float (&xc)[SW_MT], const float (&xd)[SW_MT],
+                                              float (&ga)[SW_MT][8], int u, u32 km, u32 ke) {
+  const u32 t0 = (w & km) | ke, t1 = ((w >> 4) & km) | ke, t2 = ((w >> 8) & km) | ke, t3 = ((w >> 12) & km) | ke;
+  const float f0 = __uint_as_float(t0 << 16), f4 = __uint_as_float(t0);
+  const float f1 = __uint_as_float(t1 << 16), f5 = __uint_as_float(t1);
+  const float f2 = __uint_as_float(t2 << 16), f6 = __uint_as_float(t2);
+  const float f3 = __uint_as_float(t3 << 16), f7 = __uint_as_float(t3);
+#pragma unroll
+  for (int m = 0; m < SW_MT; ++m) {
+    ga[m][2 * u] = fmaf(f0, xa[m], fmaf(f4, xb[m], fmaf(f1, xc[m], fmaf(f5, xd[m], ga[m][2 * u]))));
+    ga[m][2 * u + 1] = fmaf(f2, xa[m], fmaf(f6, xb[m], fmaf(f3, xc[m], fmaf(f7, xd[m], ga[m][2 * u + 1]))));
+  }
+}
+
+#if SW_LEAN
+#define SW_WORD word_fma_lean
+#else
+#define SW_WORD word_fma
+#endif
+
+extern "C" __global__ void __launch_bounds__(SW_WARPS * 32, SW_MINB)
+sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u16* __restrict__ sc,
+               const u32* __restrict__ zp, const u16* __restrict__ bias, u16* __restrict__ y,
+               float* __restrict__ ws, u32* __restrict__ cnt,
+               int M, int N, int R, int xs, int ys, int rpw, int has_bias, u32 km, u32 ke) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int c = lane >> 2, t = lane & 3;
+  const int tile = blockIdx.x, S = gridDim.y;
+  const int r0 = (blockIdx.y * SW_WARPS + warp) * rpw;
+  const int r1 = min(r0 + rpw, R);
+  const size_t rs = (size_t)N / 2;  // uint4s a row (2 N words)
+  const uint4* qp = qm + (size_t)tile * 32 + lane;
+
+  float acc[SW_MT][8], ga[SW_MT][8], sx[SW_MT], sxh[SW_MT];
+#pragma unroll
+  for (int m = 0; m < SW_MT; ++m) {
+    sx[m] = 0.f;
+    sxh[m] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { acc[m][i] = 0.f; ga[m][i] = 0.f; }
+  }
+
+  // this lane's scales / zero points of one group (the grouped scale permutation puts them at 8 c .. 8 c + 7)
+  auto flush = [&](int g) {
+    float s[8], z[8];
+#if SW_GROWS > 0
+    const uint4 sv = *reinterpret_cast<const uint4*>(sc + (size_t)g * N + tile * 64 + 8 * c);
+    const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { s[2 * i] = act2f((u16)(sw[i] & 0xFFFF)); s[2 * i + 1] = act2f((u16)(sw[i] >> 16)); }
+#else
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {  // channel-wise: Marlin's single permutation, column by column
+      const int n = tile * 64 + 16 * (i >> 1) + 8 * (i & 1) + c, mm = n & 31;
+      s[i] = act2f(sc[32 * (n >> 5) + 8 * ((mm >> 1) & 3) + 2 * (mm >> 3) + (mm & 1)]);
+    }
+#endif
+#if SW_ZERO
+    const u32 zw = zp[(size_t)g * (N / 8) + tile * 8 + c];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) z[i] = 128.f + (float)((zw >> (4 * ((i >> 1) + 4 * (i & 1)))) & 15u);
+#else
+#pragma unroll
+    for (int i = 0; i < 8; ++i) z[i] = 136.f;
+#endif
+#pragma unroll
+    for (int m = 0; m < SW_MT; ++m) {
+#pragma unroll
+      const float off = SW_LEAN ? 0.26171875f * sxh[m] : 0.f;  // the lean form's constant in the high nibbles
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        acc[m][i] = fmaf(s[i], fmaf(-z[i], sx[m], ga[m][i] - off), acc[m][i]);
+        ga[m][i] = 0.f;
+      }
+      sx[m] = 0.f;
+      sxh[m] = 0.f;
+    }
+  };
+
+  // every lane copies its own 16 bytes of each row into its own shared slots (no other lane reads them): a
+  // ring of SW_ST chunks of SW_U rows, SW_ST - 1 chunks in flight while one is summed
+  __shared__ uint4 buf[SW_WARPS][SW_ST][SW_U][32];
+  const int nch = (r1 - r0) / SW_U;  // r1 - r0 is a multiple of SW_U (the host picks SW_U dividing K / 16)
+#pragma unroll
+  for (int q = 0; q < SW_ST - 1; ++q) {
+    if (q < nch)
+#pragma unroll
+      for (int j = 0; j < SW_U; ++j) cp16(&buf[warp][q][j][lane], qp + (size_t)(r0 + q * SW_U + j) * rs);
+    cp_commit();
+  }
+  for (int ci = 0; ci < nch; ++ci) {
+    const int nx = ci + SW_ST - 1;
+    if (nx < nch)
+#pragma unroll
+      for (int j = 0; j < SW_U; ++j) cp16(&buf[warp][nx % SW_ST][j][lane], qp + (size_t)(r0 + nx * SW_U + j) * rs);
+    cp_commit();
+    cp_wait();
+    const int r = r0 + ci * SW_U, st = ci % SW_ST;
+#pragma unroll
+    for (int j = 0; j < SW_U; ++j) {
+      const uint4 wv = buf[warp][st][j][lane];
+      float xa[SW_MT], xb[SW_MT], xc[SW_MT], xd[SW_MT];
+#pragma unroll
+      for (int m = 0; m < SW_MT; ++m) {
+        const u16* xr = x + (size_t)m * xs + 16 * (r + j) + 2 * t;
+        const u32 lo = __ldg(reinterpret_cast<const u32*>(xr));
+        const u32 hi = __ldg(reinterpret_cast<const u32*>(xr + 8));
+        xa[m] = act2f((u16)(lo & 0xFFFF)); xb[m] = act2f((u16)(lo >> 16));
+        xc[m] = act2f((u16)(hi & 0xFFFF)); xd[m] = act2f((u16)(hi >> 16));
+        sx[m] += (xa[m] + xb[m]) + (xc[m] + xd[m]);
+#if SW_LEAN
+        sxh[m] += xb[m] + xd[m];
+#endif
+      }
+#if SW_READONLY  // diagnostics (benchmarks/cuda_gemv_bench.py --ceiling): the loads alone, no decoding
+      ga[0][0] += __uint_as_float((wv.x ^ wv.y ^ wv.z ^ wv.w) & 0x3FFFFFFFu);
+#else
+      SW_WORD(wv.x, xa, xb, xc, xd, ga, 0, km, ke);
+      SW_WORD(wv.y, xa, xb, xc, xd, ga, 1, km, ke);
+      SW_WORD(wv.z, xa, xb, xc, xd, ga, 2, km, ke);
+      SW_WORD(wv.w, xa, xb, xc, xd, ga, 3, km, ke);
+#endif
+#if SW_GROWS > 0 && SW_GROWS < SW_U
+      if (((j + 1) % SW_GROWS) == 0) flush((r + j) / SW_GROWS);
+#endif
+    }
+#if SW_GROWS >= SW_U
+    if (((r + SW_U) % SW_GROWS) == 0) flush((r + SW_U - 1) / SW_GROWS);
+#endif
+  }
+#if SW_GROWS == 0
+  flush(0);
+#elif SW_GROWS >= SW_U
+  if (r1 > r0 && (r1 % SW_GROWS) != 0) flush((r1 - 1) / SW_GROWS);
+#endif
+
+  // the 4 lanes t of a column group hold partial sums of the same 8 columns
+#pragma unroll
+  for (int m = 0; m < SW_MT; ++m)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float v = acc[m][i];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      acc[m][i] = v;
+    }
+  __shared__ float red[SW_WARPS][SW_MT * 64];
+  __shared__ int last;
+  if (t == 0) {
+#pragma unroll
+    for (int m = 0; m < SW_MT; ++m)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) red[warp][m * 64 + 16 * (i >> 1) + 8 * (i & 1) + c] = acc[m][i];
+  }
+  __syncthreads();
+  const int nb = tile * 64;
+  for (int e = threadIdx.x; e < SW_MT * 64; e += SW_WARPS * 32) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < SW_WARPS; ++w) v += red[w][e];
+    red[0][e] = v;
+  }
+  if (S == 1) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < M * 64; e += SW_WARPS * 32) {
+      const int m = e >> 6, n = nb + (e & 63);
+      float v = red[0][e];
+      if (has_bias) v += act2f(bias[n]);
+      y[(size_t)m * ys + n] = f2act(v);
+    }
+    return;
+  }
+  // split-K: partials to the workspace; the tile's last block adds them in split order
+  for (int e = threadIdx.x; e < M * 64; e += SW_WARPS * 32) {
+    const int m = e >> 6, n = nb + (e & 63);
+    ws[((size_t)blockIdx.y * M + m) * N + n] = red[0][e];
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = (atomicAdd(cnt + tile, 1u) == (u32)(S - 1));
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < M * 64; e += SW_WARPS * 32) {
+    const int m = e >> 6, n = nb + (e & 63);
+    float v = 0.f;
+    for (int s = 0; s < S; ++s) v += __ldcg(ws + ((size_t)s * M + m) * N + n);
+    if (has_bias) v += act2f(bias[n]);
+    y[(size_t)m * ys + n] = f2act(v);
+  }
+  if (threadIdx.x == 0) cnt[tile] = 0u;
+}
+"""
+
+_lock = threading.Lock()
+_kernels: dict[tuple, object] = {}
+_ws: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+# (rows a chunk, warps a block, warps per SM wanted over the grid, chunks in a warp's shared ring, blocks per SM the
+# registers are limited for, lean decoding): the best of benchmarks/cuda_gemv_bench.py --sweep on an H200 (one 7B
+# layer at M = 1: 59.7 us against 72.6 for the first form (4, 4, 24, 4, 1, 0); cuda_gemv_s22b.json)
+DEFAULT_CONFIG = (4, 8, 24, 2, 1, 1)
+
+
+def available() -> tuple[bool, str | None]:
+    """Whether this torch can compile and load the kernel here (CUDA; torch's NVRTC and module loader)."""
+    if not torch.cuda.is_available():
+        return False, "needs CUDA"
+    if torch.version.hip:
+        return False, "CUDA only (the kernel uses PTX)"
+    try:
+        from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library  # noqa: F401
+    except ImportError:
+        return False, "this torch has no NVRTC loader (torch.cuda._utils)"
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return False, "needs sm_80+ (bf16 conversions)"
+    return True, None
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    n: int
+    k: int
+    grows: int  # 16-row K tiles a group (0: channel-wise / one group)
+    has_zero: bool
+    bf16: bool
+    u: int  # rows a load batch
+    warps: int  # warps a block
+    stages: int  # chunks of u rows in a warp's shared ring (stages - 1 in flight)
+    rpw: int  # rows a warp
+    splits: int  # blocks a tile (split-K)
+    minb: int = 1  # blocks an SM the registers are limited for (__launch_bounds__)
+    lean: bool = False  # the lean decoding (see the kernel source)
+
+    @property
+    def tiles(self) -> int:
+        return self.n // TILE_N
+
+
+def _pick_u(rows: int, grows: int, u: int) -> int:
+    while u > 1 and (rows % u or (grows and grows % u and u % grows)):
+        u //= 2
+    return u
+
+
+def gemv_plan(
+    n: int,
+    k: int,
+    group: int,
+    sym: bool,
+    act_dtype: torch.dtype,
+    device: torch.device | str,
+    config: tuple[int, ...] | None = None,
+) -> GemvPlan:
+    """The launch shape of one layer (Marlin's unpadded layout only: N a multiple of 64, K of 16, a group a power
+    of two dividing K); reserves the per-device workspace its split-K needs. Raises ValueError where it cannot run."""
+    if act_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"cuda GEMV: activations must be bf16 or fp16, got {act_dtype}")
+    if n % TILE_N or k % 16:
+        raise ValueError(f"cuda GEMV: needs N % 64 == 0 and K % 16 == 0 (Marlin unpadded), got N={n} K={k}")
+    g = group if group and 0 < group < k else 0
+    if g and (g % 16 or k % g or (g // 16) & (g // 16 - 1)):
+        raise ValueError(f"cuda GEMV: group {group} must be 16 times a power of two dividing K={k}")
+    u_want, warps, per_sm, stages, *rest = config or DEFAULT_CONFIG
+    minb = int(rest[0]) if rest else 1
+    lean = bool(rest[1]) if len(rest) > 1 else False
+    if warps * stages * u_want * 512 + warps * MAX_M * 256 > 48 * 1024:
+        raise ValueError(f"cuda GEMV: config {config} needs more than 48 KB of static shared memory")
+    rows, grows = k // 16, g // 16
+    u = _pick_u(rows, grows, u_want)
+    dev = _dev(device)
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+    tiles = n // TILE_N
+    target = n_sm * per_sm  # warps wanted over the grid
+    rpw = u
+    while tiles * -(-rows // rpw) > target and rpw < rows:
+        rpw += u
+    splits = -(-rows // (rpw * warps))
+    if dev.type == "cuda" and splits > 1:
+        reserve(dev, splits * MAX_M * n, tiles)
+    return GemvPlan(n, k, grows, not sym, act_dtype == torch.bfloat16, u, warps, stages, rpw, splits, minb, lean)
+
+
+def _dev(device: torch.device | str) -> torch.device:
+    d = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+
+
+def reserve(device: torch.device, floats: int, tiles: int) -> None:
+    """Grow the device's split-K workspace (fp32 partials, per-tile counters kept at zero between launches)."""
+    with _lock:
+        cur = _ws.get(device)
+        if cur is not None and cur["ws"].numel() >= floats and cur["cnt"].numel() >= tiles:
+            return
+        f = max(floats, cur["ws"].numel() if cur else 0)
+        t = max(tiles, cur["cnt"].numel() if cur else 0)
+        _ws[device] = {
+            "ws": torch.empty(f, dtype=torch.float32, device=device),
+            "cnt": torch.zeros(t, dtype=torch.int32, device=device),
+        }
+
+
+def nvrtc_cubin(src: str, arch: str, lib=None) -> bytes:
+    """Compile ``src`` for ``sm_<arch>`` with NVRTC (torch's own libnvrtc unless ``lib`` is given): machine code,
+    no CUDA headers, no toolkit needed."""
+    import ctypes
+
+    if lib is None:
+        from torch.cuda._utils import _get_gpu_rtc_library
+
+        lib = _get_gpu_rtc_library()
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"sw_gemv.cu", 0, None, None):
+        raise RuntimeError("cuda GEMV: nvrtcCreateProgram failed")
+    try:
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", b"--use_fast_math"]
+        res = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        if res:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"cuda GEMV: NVRTC failed:\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, buf)
+        return buf.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _compile(src: str, name: str):
+    from torch.cuda._utils import _cuda_load_module
+
+    major, minor = torch.cuda.get_device_capability()
+    kernels = _cuda_load_module(nvrtc_cubin(src, f"{major}{minor}"), [name])
+    assert isinstance(kernels, dict)
+    return kernels[name]
+
+
+def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
+    key = (mt, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, readonly, plan.minb, plan.lean)
+    kern = _kernels.get(key)
+    if kern is None:
+        ok, why = available()
+        if not ok:
+            raise RuntimeError(f"cuda GEMV: {why}")
+        defs = (
+            f"#define SW_MT {mt}\n#define SW_BF16 {int(plan.bf16)}\n#define SW_GROWS {plan.grows}\n"
+            f"#define SW_ZERO {int(plan.has_zero)}\n#define SW_U {plan.u}\n#define SW_WARPS {plan.warps}\n"
+            f"#define SW_ST {plan.stages}\n#define SW_READONLY {int(readonly)}\n"
+            f"#define SW_MINB {plan.minb}\n#define SW_LEAN {int(plan.lean)}\n"
+        )
+        with _lock:
+            kern = _kernels.get(key)
+            if kern is None:
+                kern = _compile(defs + _SRC, "sw_marlin_gemv")
+                _kernels[key] = kern
+    return kern
+
+
+def marlin_gemv_cuda(
+    x: torch.Tensor,
+    qm: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    plan: GemvPlan,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    _readonly: bool = False,
+) -> torch.Tensor:
+    """y = x W^T (+ bias) for x [M <= 4, K] from Marlin's tensors ``qm`` [K/16, 2 N], ``scale`` [G, N],
+    ``zero`` [G, N/8] (asymmetric) -- the weights as Marlin serves them (no held-out values)."""
+    m = x.shape[0]
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"cuda GEMV: 1..{MAX_M} tokens, got {m}")
+    if x.shape[1] != plan.k or x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:
+        x = x.contiguous()
+    y = out if out is not None else torch.empty((m, plan.n), dtype=x.dtype, device=x.device)
+    ws = _ws.get(_dev(x.device)) if plan.splits > 1 else None
+    if plan.splits > 1 and ws is None:
+        raise RuntimeError("cuda GEMV: no workspace reserved on this device (gemv_plan reserves it at load time)")
+    dummy = qm
+    _kernel(plan, m, _readonly)(
+        grid=(plan.tiles, plan.splits, 1),
+        block=(plan.warps * 32, 1, 1),
+        args=[
+            qm,
+            x,
+            scale,
+            zero if zero is not None else dummy,
+            bias if bias is not None else dummy,
+            y,
+            ws["ws"] if ws else dummy,
+            ws["cnt"] if ws else dummy,
+            m,
+            plan.n,
+            plan.k // 16,
+            x.stride(0),
+            y.stride(0),
+            plan.rpw,
+            int(bias is not None),
+            0x000F000F if plan.lean else 0x000F0000,
+            0x43004300 if plan.lean else 0x43000000,
+        ],
+    )
+    return y
