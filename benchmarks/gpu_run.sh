@@ -204,6 +204,11 @@ case "$STAGE" in
     #   .gpu-ckpt; its eval needs > 200 s there: give the call 400 s): GPU perplexity vs the CPU's 33.02;
     #   BUDGET_S=560 throughput sw-w4-g128-holdout-qkv-humming,sw-w4-g128-holdout-qkv (after build-bg
     #   sw-w4-g128-holdout-qkv): the q/k/v hold-out on one Humming copy vs the one-copy default
+    # Session 22 ran the SmolLM2 eval under Humming (32.53 vs CPU 32.51) and the `cudagemv` stage (the CUDA GEMV over
+    # Marlin's tensors: 0.90x Marlin's time at M = 1). Left, first call after `build-bg
+    # sw-w4-g128,sw-w4-g128-holdout-qkv,awq`:
+    #   BUDGET_S=560 throughput sw-w4-g128-holdout-qkv-cg,sw-w4-g128-holdout-qkv,awq --latency-batches 1,8
+    #   (then sw-w4-g128-cg1,sw-w4-g128): batch 1 with SUPERWEIGHT_CUDA_GEMV=1 against AWQ, same lease
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     for f in test_triton_int8_mm test_gpu_kernels test_triton_marlin_deq test_kernels; do
