@@ -602,3 +602,35 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch)
     kern._small_gemm(torch.zeros(2, 256), None)
     assert calls[0][:2] == ("gemv", 1) and calls[0][2] is bias  # the layer's own bias, not Marlin's permuted one
     assert calls[1] == ("marlin", 2, None)
+
+
+@pytest.mark.parametrize("compiles", [True, False])
+def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, caplog, compiles):
+    """The plan and NVRTC's compile happen in process_weights_after_loading: a machine whose torch cannot compile the
+    kernel keeps Marlin (with the reason logged) instead of failing in the first forward."""
+    import types
+
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
+    kern = _pair_with_marlin_copy()
+    fake_qm = types.SimpleNamespace(is_cuda=True, shape=(256 // 16, 2 * 128), device=torch.device("cpu"))
+    monkeypatch.setattr(WO, "tensor", lambda mod, name: fake_qm)
+    monkeypatch.setattr(CG, "available", lambda: (True, None))
+    compiled = []
+
+    def prepare(plan, max_m):
+        if not compiles:
+            raise RuntimeError("cuda GEMV: NVRTC failed: (test)")
+        compiled.append(max_m)
+
+    monkeypatch.setattr(CG, "prepare", prepare)
+    monkeypatch.setattr(WO, "_NOT_PLANNED", {})
+    monkeypatch.setenv(envs.CUDA_GEMV, "2")
+    with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
+        kern._plan_cuda_gemv()
+    if compiles:
+        assert compiled == [2] and kern.cgemv is not None and kern.cgemv_max_m == 2
+        assert kern.cgemv.n == 128 and kern.cgemv.k == 256 and kern.cgemv.grows == 4
+    else:
+        assert kern.cgemv is None and kern.cgemv_max_m == 0
+        assert "stays on Marlin: RuntimeError: cuda GEMV: NVRTC failed" in caplog.text

@@ -462,6 +462,13 @@ def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
     return kern
 
 
+def prepare(plan: GemvPlan, max_m: int) -> None:
+    """Compile (NVRTC) and load the kernels of 1..``max_m`` tokens for ``plan`` now -- at load time, so a machine
+    whose torch cannot compile them fails here, where the caller can stay on Marlin, not in the first forward."""
+    for mt in range(1, max_m + 1):
+        _kernel(plan, mt)
+
+
 def marlin_gemv_cuda(
     x: torch.Tensor,
     qm: torch.Tensor,

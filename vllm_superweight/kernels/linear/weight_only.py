@@ -614,11 +614,12 @@ class DualMarlinMacheteKernel(SWLinearKernel):
             ok, why = False, f"Marlin padded N {n_p} to {qm.shape[1] // 2}"
         if ok:
             try:
-                self.cgemv = CG.gemv_plan(n_p, k_p, c.group_size, c.symmetric, c.act_dtype, qm.device)
-                self.cgemv_max_m = max_m
+                plan = CG.gemv_plan(n_p, k_p, c.group_size, c.symmetric, c.act_dtype, qm.device)
+                CG.prepare(plan, max_m)  # compiled at load: a failure keeps Marlin, never breaks a forward
+                self.cgemv, self.cgemv_max_m = plan, max_m
                 return
-            except ValueError as e:
-                why = str(e)
+            except (ValueError, RuntimeError, OSError) as e:
+                why = f"{type(e).__name__}: {e}"
         why = why or "unknown"
         if why not in _NOT_PLANNED:  # each reason once, with the first layer it kept on Marlin
             _NOT_PLANNED[why] = c.prefix
