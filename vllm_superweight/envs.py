@@ -38,7 +38,7 @@ Only what users need is a knob:
                                     Marlin's layout with the correction in its epilogue, ``gemv=0`` never).
 ``SUPERWEIGHT_CUDA_GEMV``           ``MAX_M`` (0-4): CUDA batches of up to MAX_M tokens that the per-batch pairs send
                                     to Marlin run our CUDA-core GEMV over Marlin's own tensors instead
-                                    (``kernels.cuda_marlin_gemv``; compiled at first use by torch's NVRTC); the
+                                    (``kernels.cuda_marlin_gemv``; compiled at load by torch's NVRTC); the
                                     held-out correction stays the separate kernel after it. ``0`` (default): Marlin.
                                     ``1`` is the measured choice (H200, 7B layer: 0.90x Marlin's time at one token,
                                     1.23x at two); opt-in until measured end to end.

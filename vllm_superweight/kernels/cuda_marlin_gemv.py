@@ -3,8 +3,9 @@ the memory bound).
 
 Marlin serves one token at ~32 % of the H200's HBM peak (66.9 us for a Llama-2-7B layer's four GEMMs) and our
 Triton GEMV over the same tensors (``triton_marlin_gemv``) only matched it: it issued ~5.4 SASS instructions per
-weight. This kernel is written in CUDA C (compiled at first use by torch's own NVRTC and loaded through the driver,
-as ``torch.cuda._compile_kernel`` does: no nvcc, no ninja, no CUDA headers) so the inner loop is what we choose:
+weight. This kernel is written in CUDA C (compiled when a layer is loaded, by torch's own NVRTC, and loaded through
+the driver, as ``torch.cuda._compile_kernel`` does: no nvcc, no ninja, no CUDA headers), so the inner loop is what
+we choose:
 
 * a warp owns one 64-column Marlin tile and a run of 16-row K tiles; lane ``4 c + t`` loads the 16 bytes (4 words)
   of its (c, t) from each row -- 512 contiguous bytes a warp a row, ``U`` rows in flight before any arithmetic;
