@@ -22,12 +22,13 @@ import subprocess
 import sys
 import time
 
+from cpu_serving import AVX2_ENV  # the same AVX2 limits as the serving benchmark
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = {  # (N, K) of a decoder layer's four GEMMs
     "smollm2-135m": [(960, 576), (576, 576), (3072, 576), (576, 1536)],
     "llama-1b-like": [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)],
 }
-AVX2_ENV = dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
 
 
 def _bench(fn, iters: int) -> float:

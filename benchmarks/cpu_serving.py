@@ -21,6 +21,9 @@ import subprocess
 import sys
 import time
 
+# torch's ATen, oneDNN and MKL held to AVX2: what an AVX2-only CPU runs (read at process start-up)
+AVX2_ENV = dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+
 CHILD = r"""
 import json, os, sys, time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -76,10 +79,8 @@ def main() -> int:
     emulate = {}
     if args.emulate_avx2:  # its own inductor cache: kernels compiled under these settings crashed a native run
         emulate = dict(
+            AVX2_ENV,
             SW_BENCH_EMULATE_AVX2="1",
-            ATEN_CPU_CAPABILITY="avx2",
-            ONEDNN_MAX_CPU_ISA="AVX2",
-            MKL_ENABLE_INSTRUCTIONS="AVX2",
             TORCHINDUCTOR_CACHE_DIR=os.path.join(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/inductor"), "avx2"),
         )
     recs = []
