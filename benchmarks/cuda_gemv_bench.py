@@ -1,6 +1,7 @@
 """Micro-benchmark: the CUDA-core GEMV over Marlin's layout (``kernels/cuda_marlin_gemv.py``) against vLLM's Marlin
 on Llama-2-7B-shaped W4 layers (issue 12's M = 1 target: >= 60 % of HBM peak), with and without the 0.1 % hold-out's
-separate SELL correction, M = 1..4, plus a sweep of the GEMV's launch configurations at M = 1.
+separate SELL correction and with it in the GEMV's epilogue (``cuda-fused``), M = 1..4, plus a sweep of the GEMV's
+launch configurations at M = 1.
 
     python benchmarks/cuda_gemv_bench.py --out $OUT/cuda_gemv.json [--layers 4] [--sweep]
 
@@ -149,6 +150,7 @@ def main() -> None:
                 sh = kobj.shadow
                 ent = {"layer": layer, "k": kobj, "qm": tensor(sh, W_PACKED), "sc": tensor(sh, W_SCALE)}
                 ent["zp"] = tensor(sh, W_ZERO)
+                ent["maps"] = CG.sparse_maps(kobj.sp, n)  # the epilogue's view of the packed SELL slots
             ent.update(
                 {
                     "plan": CG.gemv_plan(n, k, 128, False, torch.bfloat16, dev),
@@ -178,6 +180,13 @@ def main() -> None:
             rows.append({"part": "check", "shape": name, "m": m, "rel_vs_marlin": rel})
             if rel > 1e-2:
                 log(f"  CHECK FAILED {name} M={m}: rel {rel:.3g}")
+            # the held-out terms in the epilogue against the same terms added by the separate correction
+            yf = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], e["plan"], sparse=e["k"].sp, maps=e["maps"])
+            ys_ = K.sparse_correction(yc.clone(), x, e["k"].sp)
+            relf = float((yf.float() - ys_.float()).norm() / ys_.float().norm())
+            rows[-1]["rel_fused_vs_separate"] = relf
+            if relf > 1e-2:
+                log(f"  CHECK FAILED (epilogue) {name} M={m}: rel {relf:.3g}")
     if not args.no_vllm:
         log("check: max rel vs Marlin " + f"{max(r['rel_vs_marlin'] for r in rows if r['part'] == 'check'):.3g}")
     save()
@@ -205,6 +214,10 @@ def main() -> None:
                     elif kind == "marlin+sell":
                         y = e["k"].small.apply_gemm(e["k"].shadow, x, None)
                         K.sparse_correction(y, x, e["k"].sp)
+                    elif kind == "cuda-fused":
+                        CG.marlin_gemv_cuda(
+                            x, e["qm"], e["sc"], e["zp"], e["plan"], out=ys[m][name], sparse=e["k"].sp, maps=e["maps"]
+                        )
                     elif kind in ("cuda", "cuda+sell", "cuda-loads"):
                         plan = plans[name] if plans else e["plan"]
                         ro = kind == "cuda-loads"
@@ -235,7 +248,7 @@ def main() -> None:
         save()
         return us
 
-    kinds = ("cuda",) if args.no_vllm else ("marlin", "cuda", "marlin+sell", "cuda+sell")
+    kinds = ("cuda",) if args.no_vllm else ("marlin", "cuda", "marlin+sell", "cuda+sell", "cuda-fused")
     for m in ms:
         for kind in kinds:
             timed(kind, m)
@@ -268,8 +281,8 @@ def write_table(path: str) -> None:
         f"# CUDA GEMV over Marlin's layout vs Marlin ({d['meta']['device']}, us per Llama-2-7B layer, 4 GEMMs, "
         f"% of {d['meta']['peak_tbs']} TB/s)",
         "",
-        "| M | Marlin | CUDA GEMV | ratio | Marlin + SELL | CUDA GEMV + SELL | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| M | Marlin | CUDA GEMV | ratio | Marlin + SELL | CUDA GEMV + SELL | ratio | GEMV, SELL inside | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(kind, m):
@@ -283,7 +296,8 @@ def write_table(path: str) -> None:
     for m in ms:
         lines.append(
             f"| {m} | {cell('marlin', m)} | {cell('cuda', m)} | {ratio('marlin', 'cuda', m)} "
-            f"| {cell('marlin+sell', m)} | {cell('cuda+sell', m)} | {ratio('marlin+sell', 'cuda+sell', m)} |"
+            f"| {cell('marlin+sell', m)} | {cell('cuda+sell', m)} | {ratio('marlin+sell', 'cuda+sell', m)} "
+            f"| {cell('cuda-fused', m)} | {ratio('marlin+sell', 'cuda-fused', m)} |"
         )
     ce = [r for r in d["results"] if r.get("part") == "ceiling" and "us" in r]
     if ce:

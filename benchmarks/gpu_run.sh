@@ -10,6 +10,8 @@
 #                                                          # the throughput calls it names
 #   bash benchmarks/gpu_run.sh cudagemv                    # the CUDA GEMV over Marlin's layout: its GPU tests, then (the
 #                                                          # build-bg checkpoints done) cuda_gemv_bench.py --sweep
+#   bash benchmarks/gpu_run.sh epilogue                    # the held-out terms in the CUDA GEMV's epilogue: GPU tests,
+#                                                          # then (build-bg done) cuda_gemv_bench.py --ms 1,2
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
@@ -245,6 +247,24 @@ ok = r.get(("cuda", 1)) and r.get(("marlin", 1)) and r[("cuda", 1)] < 0.95 * r[(
 print("go" if ok else "no")
 EOF2
     echo "[$(ts)] cudagemv verdict: $(cat "$STASH_DIR/cg_verdict")" ;;
+  epilogue)
+    # session 23, one call after the three stash calls: the held-out terms in the CUDA GEMV's epilogue (single
+    # tokens of the one-copy pair; SUPERWEIGHT_CUDA_GEMV=1 is the default since then). The `cudagemv` group's
+    # checkpoints built in the background while the GEMV's GPU tests and the one-copy pair's class tests run (not
+    # timed), then the micro-benchmark (nothing else on the GPU): cuda-fused vs cuda+sell vs marlin+sell, M = 1, 2.
+    # Next call: BUDGET_S=560 throughput sw-w4-g128-holdout-qkv,awq,sw-w4-g128-cg1 --latency-batches 1,8,64
+    #   --throughput-lens ""   (the held-out default vs AWQ, and vs the same weights without hold-out on one copy)
+    setup
+    bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
+    timeout 240 $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_epilogue.xml" \
+      tests/test_cuda_marlin_gemv.py "tests/test_gpu_kernels.py::test_marlin_dequant_pair_restores_held_out_weights_on_both_paths" \
+      "tests/test_gpu_kernels.py::test_dual_dispatch_with_bias_under_compile_and_cuda_graphs" 2>&1 \
+      | tee "$OUT/pytest_epilogue.log" | tail -25
+    for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
+    tail -3 "$STASH_DIR/build.log"
+    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_epilogue.json" --ms 1,2 \
+      --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -20
+    echo "[$(ts)] epilogue done" ;;
   unroll)
     # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and
     # without hold-out) built in the background; meanwhile the GPU tests of the SELL correction (unrolled form

@@ -191,6 +191,10 @@ METHODS["sw-w4-g128-gemv"] = dict(
 METHODS["sw-w4-g128-holdout-qkv-cg"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "1"}
 )
+# the held-out default with Marlin for single tokens too (the default before session 23)
+METHODS["sw-w4-g128-holdout-qkv-nocg"] = dict(
+    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "0"}
+)
 METHODS["sw-w4-g128-cg"] = dict(METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_CUDA_GEMV": "1"})
 METHODS["sw-w4-g128-cg1"] = dict(
     METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_CUDA_GEMV": "1"}

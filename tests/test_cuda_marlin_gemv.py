@@ -62,6 +62,47 @@ def test_channelwise_and_one_group_layers_plan_without_groups():
     assert CG.gemv_plan(4096, 4096, 128, True, torch.float16, "cpu").grows == 8
 
 
+def test_compiled_kernels_are_cached_on_disk_and_a_bad_cache_is_skipped(monkeypatch, tmp_path):
+    """The cubin is compiled once per (source, architecture, NVRTC version) and read back after; an empty file is
+    recompiled and replaced; a cache that cannot be written still returns the compiled code."""
+    compiled = []
+
+    def fake_nvrtc(src, arch, lib=None):
+        compiled.append((src, arch))
+        return f"cubin:{arch}:{len(src)}".encode()
+
+    monkeypatch.setattr(CG, "nvrtc_cubin", fake_nvrtc)
+    monkeypatch.setattr(CG, "_nvrtc_version", lambda lib: "13.0")
+    root = str(tmp_path / "cache")
+    a = CG.cached_cubin("src-a", "90", lib=object(), root=root)
+    assert a == b"cubin:90:5" and len(compiled) == 1
+    assert CG.cached_cubin("src-a", "90", lib=object(), root=root) == a and len(compiled) == 1  # from disk
+    files = sorted((tmp_path / "cache" / "cubin").iterdir())
+    assert len(files) == 1 and files[0].read_bytes() == a and not list((tmp_path / "cache" / "cubin").glob("*partial*"))
+    CG.cached_cubin("src-a", "100", lib=object(), root=root)  # another architecture: its own entry
+    CG.cached_cubin("src-b", "90", lib=object(), root=root)  # another source
+    assert len(compiled) == 3
+    monkeypatch.setattr(CG, "_nvrtc_version", lambda lib: "13.1")  # another compiler
+    CG.cached_cubin("src-a", "90", lib=object(), root=root)
+    assert len(compiled) == 4
+    files[0].write_bytes(b"")  # a truncated entry is compiled again
+    monkeypatch.setattr(CG, "_nvrtc_version", lambda lib: "13.0")
+    assert CG.cached_cubin("src-a", "90", lib=object(), root=root) == a and len(compiled) == 5
+    assert files[0].read_bytes() == a
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert CG.cached_cubin("src-a", "90", lib=object(), root=str(blocker)) == a and len(compiled) == 6
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from vllm_superweight import envs
+
+    monkeypatch.setenv(envs.CACHE_DIR, str(tmp_path))
+    assert envs.cache_dir() == str(tmp_path)
+    monkeypatch.delenv(envs.CACHE_DIR)
+    assert envs.cache_dir().endswith(".cache/vllm-superweight")
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU answer")
 def test_not_available_without_cuda():
     ok, why = CG.available()
@@ -182,3 +223,83 @@ def test_gemv_close_to_vllm_marlin_on_7b_shapes(n, k):
         y = CG.marlin_gemv_cuda(x, tensor(src, W_PACKED), tensor(src, W_SCALE), tensor(src, W_ZERO), plan)
         rel = float((y.float() - ym.float()).norm() / ym.float().norm())
         assert rel < 5e-3, rel
+
+
+def _held_out(n, k, dtype, seed):
+    """Held-out entries over a light spread and two heavy rows (so both the slices and the CSR part are read),
+    values exact in ``dtype`` and not, plus their dense [N, K] float64 matrix."""
+    g = torch.Generator().manual_seed(seed)
+    nnz = max(8, n * k // 1000)
+    rows = torch.cat([torch.randint(0, n, (nnz,), generator=g), torch.full((40,), 3), torch.full((70,), n - 1)])
+    cols = torch.cat(
+        [
+            torch.randint(0, k, (nnz,), generator=g),
+            torch.randperm(k, generator=g)[:40],
+            torch.randperm(k, generator=g)[:70],
+        ]
+    )
+    vals = torch.randn(rows.numel(), generator=g) * 0.5
+    dense = torch.zeros(n, k, dtype=torch.float64)
+    dense.index_put_((rows, cols), vals.double(), accumulate=True)
+    return rows, cols, vals, dense
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n,k,group,sym", CASES[:5], ids=[f"{n}x{k}-g{g}" for n, k, g, s in CASES[:5]])
+def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
+    """y = x (W + S)^T + b with S's packed SELL slots read in the epilogue equals the float64 reference of the
+    dequantized weights plus the held-out values (light slices and heavy CSR rows, split-K and not, M = 1..4), and
+    the separate correction after the plain GEMV within one rounding of y."""
+    from vllm_superweight.kernels import prepare_sparse, sparse_correction
+
+    qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=7)
+    rows, cols, vals, dense = _held_out(n, k, dtype, seed=n + k)
+    sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
+    assert sp["hcols"].numel() > 0  # the heavy rows went to the CSR part
+    maps = CG.sparse_maps(sp, n)
+    plan = CG.gemv_plan(n, k, group, sym, dtype, "cuda")
+    g = torch.Generator().manual_seed(2)
+    bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
+    for m in (1, 2, 4):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        ref = x.double() @ (w + dense).T + bias.double()
+        y = CG.marlin_gemv_cuda(x.cuda(), qm, ms, mz, plan, bias.cuda(), sparse=sp, maps=maps)
+        _close(y, ref, dtype)
+        sep = sparse_correction(CG.marlin_gemv_cuda(x.cuda(), qm, ms, mz, plan, bias.cuda()), x.cuda(), sp)
+        step = ref.abs().max().item() * (2**-7 if dtype == torch.bfloat16 else 2**-10)
+        assert (y.double() - sep.double()).abs().max().item() <= 2 * step
+    with pytest.raises(ValueError, match="packed SELL"):
+        CG.marlin_gemv_cuda(x.cuda(), qm, ms, mz, plan, sparse=sp)  # no maps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gemv_epilogue_is_graph_safe_and_reproducible():
+    n, k, dtype = 4096, 11008, torch.bfloat16
+    qm, ms, mz, w = _layer(n, k, 128, False, dtype, seed=5)
+    from vllm_superweight.kernels import prepare_sparse
+
+    rows, cols, vals, dense = _held_out(n, k, dtype, seed=9)
+    sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
+    maps = CG.sparse_maps(sp, n)
+    plan = CG.gemv_plan(n, k, 128, False, dtype, "cuda")
+    assert plan.splits > 1
+    x = torch.randn(1, k, device="cuda").to(dtype)
+    first = CG.marlin_gemv_cuda(x, qm, ms, mz, plan, sparse=sp, maps=maps)
+    _close(first, x.double().cpu() @ (w + dense).T, dtype)
+    out = torch.empty_like(first)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        CG.marlin_gemv_cuda(x, qm, ms, mz, plan, out=out, sparse=sp, maps=maps)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        CG.marlin_gemv_cuda(x, qm, ms, mz, plan, out=out, sparse=sp, maps=maps)
+    out.zero_()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)

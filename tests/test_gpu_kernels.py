@@ -184,7 +184,7 @@ def _sm90():
 
 @pytest.mark.parametrize("group,sym", [(-1, False), (128, False), (128, True)])
 @pytest.mark.parametrize("pair,large,label", [("dual", "machete", "Machete"), ("marlin-humming", "humming", "Humming")])
-def test_dual_dispatch_is_bitwise_the_chosen_kernel(group, sym, pair, large, label):
+def test_dual_dispatch_is_bitwise_the_chosen_kernel(group, sym, pair, large, label, monkeypatch):
     """For M <= max_m the pair's op runs Marlin, above it the large kernel (Machete, or Humming) -- exactly one of
     them, seen through the parts' own entry points -- and returns exactly that kernel's output wherever the kernel
     is reproducible (Humming is not for M <= 64: session 19, H200); everywhere near the float reference. The
@@ -193,6 +193,7 @@ def test_dual_dispatch_is_bitwise_the_chosen_kernel(group, sym, pair, large, lab
     sym, once)."""
     VL = _vl()
     _sm90()
+    monkeypatch.setenv("SUPERWEIGHT_CUDA_GEMV", "0")  # Marlin itself for single tokens (the GEMV: its own tests)
     if large == "humming":
         pytest.importorskip("humming")
         if group == -1:  # refused: a channel-wise layer's first batch did not return in 195 s (session 19)
@@ -268,17 +269,19 @@ def test_dual_dispatch_with_bias_under_compile_and_cuda_graphs():
         assert torch.equal(out, eager), m
 
 
-@pytest.mark.parametrize("kernel", ["marlin-deq", "marlin-deq1", "marlin-deq1-gemv"])
+@pytest.mark.parametrize("kernel", ["marlin-deq", "marlin-deq1", "marlin-deq1-gemv", "marlin-deq1-cg"])
 def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel, monkeypatch):
     """MarlinDequantKernel (and its one-copy form, dequantizing from Marlin's tensors): below the threshold Marlin +
     the separate correction, from it on the dequantized weights (held-out values restored in the scratch) through
     cuBLAS; both against the float reference of the restored weights, with bias, eagerly, under torch.compile and
     inside CUDA graphs on both sides of the threshold. The one-copy form holds no W4 tensor besides Marlin's;
-    with ``gemv=4`` its batches of <= 4 tokens run the GEMV over Marlin's layout, correction in the epilogue."""
+    with ``gemv=4`` its batches of <= 4 tokens run the Triton GEMV over Marlin's layout, correction in the epilogue;
+    ``-cg`` (the default since session 23): single tokens run the CUDA GEMV, correction in its epilogue."""
     VL = _vl()
-    gemv = kernel.endswith("-gemv")
+    gemv, cg = kernel.endswith("-gemv"), kernel.endswith("-cg")
     monkeypatch.setenv("SUPERWEIGHT_ONECOPY_CONFIG", "gemv=4" if gemv else "gemv=0")
-    kernel = kernel.removesuffix("-gemv")
+    monkeypatch.setenv("SUPERWEIGHT_CUDA_GEMV", "1" if cg else "0")
+    kernel = kernel.removesuffix("-gemv").removesuffix("-cg")
     dev, n, k, max_m = "cuda", 4096, 11008, 32
     g = torch.Generator().manual_seed(5)
     flat = torch.randperm(n * k, generator=g)[: n * k // 1000]
@@ -293,8 +296,9 @@ def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel, mon
     if kernel == "marlin-deq":
         assert kd.describe() == f"Marlin(M<{max_m + 1})+dequant/cuBLAS"
     else:
-        small = "GEMV+corr(M<=4)/" if gemv else ""
+        small = "GEMV+corr(M<=4)/" if gemv else "CUDA-GEMV(M<=1)/" if cg else ""
         assert kd.describe() == f"{small}Marlin(M<{max_m + 1})+dequant(Marlin layout)/cuBLAS"
+        assert (kd.cgemv is not None and kd.cmaps is not None and kd.cgemv_fused) == cg
         own = sum(t.numel() * t.element_size() for t in [*lay.parameters(), *lay.buffers()])
         marlin = sum(t.numel() * t.element_size() for t in [*kd.shadow.parameters(), *kd.shadow.buffers()])
         extra = sum(t.numel() * t.element_size() for t in [*kd.deq.values(), *kd.sp.values(), *kd.gmaps.values()])

@@ -7,6 +7,8 @@ by hiding the op, so CI covers both paths on either kind of CPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -480,7 +482,6 @@ def test_marlin_dequant_pair_only_for_bulk_holdout_on_cuda(clean_env, monkeypatc
     """The Marlin + dequantize pair comes first for checkpoints with a bulk hold-out, on CUDA (auto, or forced by
     SUPERWEIGHT_W4_KERNEL=marlin-deq); =dual keeps the Marlin / Machete pair and =vllm vLLM's kernel for them. The
     reasons say why not, and forcing it where it cannot run is a clear error."""
-    import dataclasses
 
     held = dataclasses.replace(cfg(), holdout=1e-3)
     assert explain(held)[1][0] == "MarlinDequantKernel"  # after its one-copy form
@@ -517,7 +518,6 @@ def test_one_copy_marlin_dequant_pair_is_the_default_for_held_out_checkpoints(cl
     checkpoints with a bulk hold-out on CUDA (here, a CPU: its reason says CUDA), not for those without one (the
     Marlin / Machete pair is faster there); SUPERWEIGHT_W4_KERNEL=marlin-deq1 forces it (any hold-out), other
     modes rule it out, and forcing it where it cannot run is a clear error."""
-    import dataclasses
 
     held = dataclasses.replace(cfg(), holdout=1e-3)
     assert WEIGHT_ONLY_KERNELS[0] is WO.MarlinDequantOneCopyKernel
@@ -546,9 +546,11 @@ def test_one_copy_marlin_dequant_pair_is_the_default_for_held_out_checkpoints(cl
 # ---- the CUDA GEMV over Marlin's tensors (SUPERWEIGHT_CUDA_GEMV) ----------------------------------------------
 def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
     monkeypatch.delenv(envs.CUDA_GEMV, raising=False)
-    assert envs.cuda_gemv_max_m() == envs.DEFAULT_CUDA_GEMV_MAX_M == 0
-    monkeypatch.setenv(envs.CUDA_GEMV, "1")
-    assert envs.cuda_gemv_max_m() == 1
+    assert envs.cuda_gemv_max_m() == envs.DEFAULT_CUDA_GEMV_MAX_M == 1  # single-token batches (measured end to end)
+    monkeypatch.setenv(envs.CUDA_GEMV, "0")
+    assert envs.cuda_gemv_max_m() == 0
+    monkeypatch.setenv(envs.CUDA_GEMV, "4")
+    assert envs.cuda_gemv_max_m() == 4
     for bad in ("5", "-1", "one"):
         monkeypatch.setenv(envs.CUDA_GEMV, bad)
         with pytest.raises(ValueError, match=envs.CUDA_GEMV):
@@ -557,11 +559,11 @@ def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
 
 def _pair_with_marlin_copy(n=128, k=256, device="cpu"):
     """A one-copy Marlin + dequantize pair as process_weights_after_loading leaves it (Marlin's tensors in the
-    shadow module), without running vLLM's Marlin repack (CPU)."""
+    shadow module), without running vLLM's Marlin repack (a CUDA layer's config, CPU tensors)."""
     kern = WO.MarlinDequantOneCopyKernel.__new__(WO.MarlinDequantOneCopyKernel)
-    base.SWLinearKernel.__init__(kern, cfg(n=n, k=k, group=64, sym=True))
+    base.SWLinearKernel.__init__(kern, dataclasses.replace(cfg(n=n, k=k, group=64, sym=True), device_type="cuda"))
     kern._init_pair(WO.MarlinKernel.__new__(WO.MarlinKernel))
-    kern.gemv_max_m, kern.min_m = 0, 96
+    kern.gemv_max_m, kern.min_m, kern._min_m_given = 0, 96, True
     qm = torch.zeros(k // 16, 2 * n, dtype=torch.int32, device=device)
     kern.shadow.register_parameter(base.W_PACKED, torch.nn.Parameter(qm, requires_grad=False))
     sc = torch.ones(k // 64, n, dtype=torch.bfloat16, device=device)
@@ -569,8 +571,8 @@ def _pair_with_marlin_copy(n=128, k=256, device="cpu"):
     return kern
 
 
-def test_cuda_gemv_stays_off_unless_asked_and_says_why_it_cannot_run(monkeypatch, caplog):
-    monkeypatch.delenv(envs.CUDA_GEMV, raising=False)
+def test_cuda_gemv_stays_off_when_turned_off_and_says_why_it_cannot_run(monkeypatch, caplog):
+    monkeypatch.setenv(envs.CUDA_GEMV, "0")
     kern = _pair_with_marlin_copy()
     kern._plan_cuda_gemv()
     assert kern.cgemv is None and kern.cgemv_max_m == 0
@@ -582,6 +584,13 @@ def test_cuda_gemv_stays_off_unless_asked_and_says_why_it_cannot_run(monkeypatch
     assert kern.cgemv is None and kern.cgemv_max_m == 0  # Marlin's tensors are not on CUDA here
     assert "stays on Marlin: not on CUDA" in caplog.text
     assert kern.describe().startswith("CUDA-GEMV(M<=1)/")
+    kern.config = dataclasses.replace(kern.config, device_type="cpu")  # a CPU layer: silent, not advertised
+    caplog.clear()
+    monkeypatch.setattr(WO, "_NOT_PLANNED", {})
+    kern._plan_cuda_gemv()
+    assert kern.cgemv is None and not caplog.text and kern.describe().startswith("Marlin(")
+    monkeypatch.setenv(envs.CUDA_GEMV, "0")
+    assert kern.describe().startswith("Marlin(")
 
 
 def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch):
@@ -590,7 +599,9 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch)
     kern = _pair_with_marlin_copy()
     kern.cgemv, kern.cgemv_max_m = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu"), 1
     calls = []
-    monkeypatch.setattr(CG, "marlin_gemv_cuda", lambda x, qm, s, z, p, bias: calls.append(("gemv", x.shape[0], bias)))
+    monkeypatch.setattr(
+        CG, "marlin_gemv_cuda", lambda x, qm, s, z, p, bias, sparse, maps: calls.append(("gemv", x.shape[0], bias))
+    )
 
     class FakeMarlin:
         def apply_gemm(self, layer, x, bias):
@@ -602,6 +613,65 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch)
     kern._small_gemm(torch.zeros(2, 256), None)
     assert calls[0][:2] == ("gemv", 1) and calls[0][2] is bias  # the layer's own bias, not Marlin's permuted one
     assert calls[1] == ("marlin", 2, None)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_one_copy_pair_adds_its_held_out_terms_in_the_cuda_gemv_epilogue(monkeypatch, packed):
+    """Single-token batches of the one-copy pair: ONE call, the GEMV given the packed SELL slots and their maps (no
+    separate correction after it); two tokens: Marlin, then the separate correction. Where the slots cannot be
+    packed (K beyond 16-bit columns) the GEMV runs alone and the correction follows it."""
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
+    kern = _pair_with_marlin_copy()
+    kern.cgemv, kern.cgemv_max_m = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu"), 1
+    kern.sp = {"ell_cols": torch.ones(4, 1, 32, dtype=torch.int32)} if packed else {}
+    kern.cmaps = {"hrng": torch.zeros(5, dtype=torch.int32)} if packed else None
+    kern.cgemv_fused = packed
+    kern.deq = {}
+    calls = []
+
+    def gemv(x, qm, s, z, p, bias, sparse, maps):
+        calls.append(("gemv", x.shape[0], sparse, maps))
+        return torch.zeros(x.shape[0], 128)
+
+    class FakeMarlin:
+        def apply_gemm(self, layer, x, bias):
+            calls.append(("marlin", x.shape[0]))
+            return torch.zeros(x.shape[0], 128)
+
+    kern.small = FakeMarlin()
+    monkeypatch.setattr(CG, "marlin_gemv_cuda", gemv)
+    import vllm_superweight.kernels as K
+    import vllm_superweight.kernels.triton_marlin_deq as TMD
+
+    monkeypatch.setattr(K, "sparse_correction", lambda y, x, sp: calls.append(("sell", x.shape[0])) or y)
+    monkeypatch.setattr(
+        TMD, "index_correction_", lambda y, x, deq, config=None: calls.append(("index", x.shape[0])) or y
+    )
+    kern.run(torch.zeros(1, 256), None)
+    kern.run(torch.zeros(2, 256), None)
+    if packed:
+        assert calls[0] == ("gemv", 1, kern.sp, kern.cmaps) and calls[1:] == [("marlin", 2), ("sell", 2)]
+    else:
+        assert calls == [("gemv", 1, None, None), ("index", 1), ("marlin", 2), ("index", 2)]
+
+
+def test_one_copy_pair_plans_the_epilogue_terms_only_for_packed_slots():
+    """set_sparse gives the planned GEMV the maps of packed slots; a layer whose K needs more than 16-bit columns
+    keeps the correction after the GEMV."""
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
+    rows, cols = torch.tensor([0, 5, 5, 100]), torch.tensor([1, 2, 200, 3])
+    vals = torch.tensor([0.5, -2.0, 1.0, 3.0])
+    for k in (256, 65536 + 256):
+        kern = _pair_with_marlin_copy(k=k)
+        kern.cgemv, kern.cgemv_max_m = CG.gemv_plan(128, k, 64, True, torch.bfloat16, "cpu"), 1
+        kern.set_sparse(torch.nn.Module(), rows, cols, vals)
+        if k <= 65536:
+            assert kern.cgemv_fused and kern.sp and kern.cmaps is not None
+            assert kern.cmaps["hrng"].shape == (128 // 32 + 1,)
+        else:
+            assert not kern.cgemv_fused and not kern.sp
 
 
 @pytest.mark.parametrize("compiles", [True, False])

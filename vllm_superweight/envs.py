@@ -38,10 +38,13 @@ Only what users need is a knob:
                                     Marlin's layout with the correction in its epilogue, ``gemv=0`` never).
 ``SUPERWEIGHT_CUDA_GEMV``           ``MAX_M`` (0-4): CUDA batches of up to MAX_M tokens that the per-batch pairs send
                                     to Marlin run our CUDA-core GEMV over Marlin's own tensors instead
-                                    (``kernels.cuda_marlin_gemv``; compiled at load by torch's NVRTC); the
-                                    held-out correction stays the separate kernel after it. ``0`` (default): Marlin.
-                                    ``1`` is the measured choice (H200, 7B layer: 0.90x Marlin's time at one token,
-                                    1.23x at two); opt-in until measured end to end.
+                                    (``kernels.cuda_marlin_gemv``; compiled at load by torch's NVRTC, cached on
+                                    disk); the one-copy pair's held-out terms are added in its epilogue (no second
+                                    kernel). ``1`` (default): single-token batches (H200, 7B layer: 0.90x Marlin's
+                                    time at one token, 1.23x at two; end to end, 0.1 % hold-out, one copy: batch 1
+                                    0.751 s vs Marlin's 0.807, AWQ 0.981). ``0``: Marlin.
+``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
+                                    ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
                                     batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS,unroll=0|1`` (any
                                     subset): tokens per program on the direct path, the smallest M of the
@@ -92,7 +95,8 @@ W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
 _INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 CUDA_GEMV = "SUPERWEIGHT_CUDA_GEMV"
-DEFAULT_CUDA_GEMV_MAX_M = 0
+DEFAULT_CUDA_GEMV_MAX_M = 1
+CACHE_DIR = "SUPERWEIGHT_CACHE_DIR"
 _TILE_KEYS = {
     "bmd": "bm_direct",
     "tmin": "transpose_min_m",
@@ -209,6 +213,11 @@ def cuda_gemv_max_m() -> int:
     if not 0 <= v <= 4:
         raise ValueError(f"{CUDA_GEMV}={v}: 0 (Marlin) to 4 tokens")
     return v
+
+
+def cache_dir() -> str:
+    """Root of what the package caches on disk (``SUPERWEIGHT_CACHE_DIR``, default ``~/.cache/vllm-superweight``)."""
+    return os.environ.get(CACHE_DIR, "").strip() or os.path.join(os.path.expanduser("~"), ".cache", "vllm-superweight")
 
 
 def dequant_min_m_given() -> bool:

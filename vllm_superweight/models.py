@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from . import envs
 from .format import FormatError
 
 # Decoder architectures the converter handles (HF model_type -> notes). All keep their MLP down projection at
@@ -74,7 +75,7 @@ def smollm2_gguf() -> str:
 
 
 def gemma3_gguf(cache_dir: str | None = None) -> str:
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "vllm-superweight")
+    cache_dir = cache_dir or envs.cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
     out = os.path.join(cache_dir, "gemma-3-270m-Q4_K_M.gguf")
     if not os.path.exists(out):

@@ -22,7 +22,8 @@ we choose:
     plan = gemv_plan(n, k, group, sym, act_dtype, device)      # load time: checks, grid, workspace reserved
     y = marlin_gemv_cuda(x, qm, scale, zero, plan, bias)       # x [M <= 4, K] -> [M, N]
 
-The held-out correction stays a separate kernel after it (``sparse_correction``).
+With ``sparse=`` (packed SELL slots, ``sparse_maps``) the held-out terms are added in the epilogue, beside the bias,
+before the one rounding into y: no second kernel, no second pass over y.
 
 Measured (H200, one Llama-2-7B layer = 4 GEMMs, g128 asymmetric, the same process as vLLM's Marlin on the same
 tensors; ``benchmarks/cuda_gemv_bench.py``, ``benchmarks/results/cuda_gemv_s22*_h200.{json,md}``): M = 1
@@ -37,10 +38,15 @@ stages) took 69.7 us; the lean decoding and 8 warps a block with 2 stages brough
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import threading
 from dataclasses import dataclass
 
 import torch
+
+from .. import envs
 
 MAX_M = 4
 TILE_N = 64
@@ -114,6 +120,30 @@ __device__ __forceinline__ void word_fma_lean(u32 w, const float (&xa)[SW_MT], c
   }
 }
 
+// the held-out terms of output column n for token m, from packed SELL slots (value bits above a 16-bit column, 0 =
+// empty; ``sparse_layout.build_sell(pack=...)``): the dense slice of n's 32-column block (a light row's slots are
+// filled from depth 0 on), then n's CSR run if n is one of the block's heavy rows (hrng: the block's range of them)
+__device__ __forceinline__ float sp_term(const u32* __restrict__ ell, int L, const int* __restrict__ hrng,
+                                         const int* __restrict__ hrows, const int* __restrict__ hptr,
+                                         const u32* __restrict__ hcols, const u16* __restrict__ xr, int n) {
+  float v = 0.f;
+  const int blk = n >> 5;
+  const u32* e = ell + (size_t)blk * L * 32 + (n & 31);
+  for (int d = 0; d < L; ++d) {
+    const u32 s = __ldg(e + 32 * d);
+    if (!s) break;
+    v = fmaf(act2f((u16)(s >> 16)), act2f(xr[s & 0xFFFFu]), v);
+  }
+  for (int h = __ldg(hrng + blk), h1 = __ldg(hrng + blk + 1); h < h1; ++h) {
+    if (__ldg(hrows + h) != n) continue;
+    for (int j = __ldg(hptr + h), j1 = __ldg(hptr + h + 1); j < j1; ++j) {
+      const u32 s = __ldg(hcols + j);
+      v = fmaf(act2f((u16)(s >> 16)), act2f(xr[s & 0xFFFFu]), v);
+    }
+  }
+  return v;
+}
+
 #if SW_LEAN
 #define SW_WORD word_fma_lean
 #else
@@ -124,7 +154,9 @@ extern "C" __global__ void __launch_bounds__(SW_WARPS * 32, SW_MINB)
 sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u16* __restrict__ sc,
                const u32* __restrict__ zp, const u16* __restrict__ bias, u16* __restrict__ y,
                float* __restrict__ ws, u32* __restrict__ cnt,
-               int M, int N, int R, int xs, int ys, int rpw, int has_bias, u32 km, u32 ke) {
+               int M, int N, int R, int xs, int ys, int rpw, int has_bias, u32 km, u32 ke,
+               const u32* __restrict__ ell, int L, const int* __restrict__ hrng, const int* __restrict__ hrows,
+               const int* __restrict__ hptr, const u32* __restrict__ hcols, int has_sp) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x, S = gridDim.y;
@@ -267,6 +299,7 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
     for (int e = threadIdx.x; e < M * 64; e += SW_WARPS * 32) {
       const int m = e >> 6, n = nb + (e & 63);
       float v = red[0][e];
+      if (has_sp) v += sp_term(ell, L, hrng, hrows, hptr, hcols, x + (size_t)m * xs, n);
       if (has_bias) v += act2f(bias[n]);
       y[(size_t)m * ys + n] = f2act(v);
     }
@@ -287,6 +320,7 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
     const int m = e >> 6, n = nb + (e & 63);
     float v = 0.f;
     for (int s = 0; s < S; ++s) v += __ldcg(ws + ((size_t)s * M + m) * N + n);
+    if (has_sp) v += sp_term(ell, L, hrng, hrows, hptr, hcols, x + (size_t)m * xs, n);
     if (has_bias) v += act2f(bias[n]);
     y[(size_t)m * ys + n] = f2act(v);
   }
@@ -433,11 +467,52 @@ def nvrtc_cubin(src: str, arch: str, lib=None) -> bytes:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
+def _nvrtc_version(lib) -> str:
+    import ctypes
+
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    if lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)):
+        return "unknown"
+    return f"{major.value}.{minor.value}"
+
+
+def cached_cubin(src: str, arch: str, lib=None, root: str | None = None) -> bytes:
+    """``nvrtc_cubin`` through a disk cache (``SUPERWEIGHT_CACHE_DIR``/cubin, keyed by the source, the
+    architecture and the NVRTC version): a compile costs seconds per layer kind, every engine start would pay it.
+    Written under a temporary name and renamed (a reader never sees half a file); a cache that cannot be read or
+    written is skipped, never an error."""
+    if lib is None:
+        from torch.cuda._utils import _get_gpu_rtc_library
+
+        lib = _get_gpu_rtc_library()
+    key = hashlib.sha256(f"{arch}\0{_nvrtc_version(lib)}\0{src}".encode()).hexdigest()[:32]
+    d = os.path.join(root or envs.cache_dir(), "cubin")
+    path = os.path.join(d, f"sw_gemv-sm{arch}-{key}.cubin")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data:
+            return data
+    except OSError:
+        pass
+    data = nvrtc_cubin(src, arch, lib)
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        os.makedirs(d, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return data
+
+
 def _compile(src: str, name: str):
     from torch.cuda._utils import _cuda_load_module
 
     major, minor = torch.cuda.get_device_capability()
-    kernels = _cuda_load_module(nvrtc_cubin(src, f"{major}{minor}"), [name])
+    kernels = _cuda_load_module(cached_cubin(src, f"{major}{minor}"), [name])
     assert isinstance(kernels, dict)
     return kernels[name]
 
@@ -478,15 +553,24 @@ def marlin_gemv_cuda(
     plan: GemvPlan,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    sparse: dict[str, torch.Tensor] | None = None,
+    maps: dict[str, torch.Tensor] | None = None,
     _readonly: bool = False,
 ) -> torch.Tensor:
     """y = x W^T (+ bias) for x [M <= 4, K] from Marlin's tensors ``qm`` [K/16, 2 N], ``scale`` [G, N],
-    ``zero`` [G, N/8] (asymmetric) -- the weights as Marlin serves them (no held-out values)."""
+    ``zero`` [G, N/8] (asymmetric) -- the weights as Marlin serves them. ``sparse`` (packed SELL slots in x's dtype,
+    ``prepare_sparse(..., layout="sell", pack=x.dtype)``) with ``maps`` (``sparse_maps``): the held-out terms are
+    added in the epilogue, in fp32 with the bias, before the one rounding into y."""
     m = x.shape[0]
     if not 1 <= m <= MAX_M:
         raise ValueError(f"cuda GEMV: 1..{MAX_M} tokens, got {m}")
     if x.shape[1] != plan.k or x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:
         x = x.contiguous()
+    ell = hr = hp = hc = hg = None
+    if sparse is not None and sparse["ell_cols"].numel() + sparse["hcols"].numel():
+        if maps is None or sparse["ell_vals"].dtype != x.dtype:
+            raise ValueError("cuda GEMV: the held-out terms need packed SELL slots in x's dtype and their sparse_maps")
+        ell, hr, hp, hc, hg = sparse["ell_cols"], sparse["hrows"], sparse["hptr"], sparse["hcols"], maps["hrng"]
     y = out if out is not None else torch.empty((m, plan.n), dtype=x.dtype, device=x.device)
     ws = _ws.get(_dev(x.device)) if plan.splits > 1 else None
     if plan.splits > 1 and ws is None:
@@ -513,6 +597,22 @@ def marlin_gemv_cuda(
             int(bias is not None),
             0x000F000F if plan.lean else 0x000F0000,
             0x43004300 if plan.lean else 0x43000000,
+            ell if ell is not None else dummy,
+            ell.shape[1] if ell is not None else 0,
+            hg if hg is not None else dummy,
+            hr if hr is not None else dummy,
+            hp if hp is not None else dummy,
+            hc if hc is not None else dummy,
+            int(ell is not None),
         ],
     )
     return y
+
+
+def sparse_maps(sp: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Load time: what the epilogue needs beside the packed SELL slots ``sp`` of an N-column layer (the range of
+    heavy rows of every 32-column block). Raises ValueError for slots the epilogue cannot read (unpacked, or
+    sparse slices)."""
+    from .triton_marlin_gemv import gemv_maps
+
+    return gemv_maps(sp, n)

@@ -566,13 +566,16 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         self._layer: weakref.ref | None = None
         self.cgemv: Any = None  # launch plan (GemvPlan) of the CUDA GEMV over Marlin's tensors (SUPERWEIGHT_CUDA_GEMV)
         self.cgemv_max_m = 0
+        self.cgemv_fused = True  # the one-copy pair: its held-out terms in the GEMV's epilogue (where packed)
+        self.cmaps: dict[str, torch.Tensor] | None = None
 
     def describe(self) -> str:
         return f"{self._cuda_gemv_name()}{self.LARGE_NAME}+Marlin(M<={self.max_m})"
 
-    @staticmethod
-    def _cuda_gemv_name() -> str:
-        m = envs.cuda_gemv_max_m()
+    def _cuda_gemv_name(self) -> str:
+        """What the layer's single-token batches are meant to run (logged before the weights are loaded: a layer
+        whose plan then fails says so in its own warning)."""
+        m = envs.cuda_gemv_max_m() if self.config.device_type == "cuda" else 0
         return f"CUDA-GEMV(M<={m})/" if m else ""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -602,7 +605,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         """With ``SUPERWEIGHT_CUDA_GEMV=MAX_M``, batches of up to MAX_M tokens that would go to Marlin run the
         CUDA-core GEMV over Marlin's own tensors (``kernels/cuda_marlin_gemv.py``) where it can read the layer."""
         max_m = envs.cuda_gemv_max_m()
-        if not max_m or not isinstance(self.small, MarlinKernel):
+        if not max_m or self.config.device_type != "cuda" or not isinstance(self.small, MarlinKernel):
             return
         from .. import cuda_marlin_gemv as CG
 
@@ -627,15 +630,22 @@ class DualMarlinMacheteKernel(SWLinearKernel):
                 "%s=%d: %s (and any like it) stays on Marlin: %s", envs.CUDA_GEMV, max_m, c.prefix, why
             )
 
-    def _small_gemm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The small-batch GEMM over Marlin's copy: the CUDA GEMV where planned and the batch fits it, else
-        Marlin (which reads its own permuted copy of the bias)."""
+    def _small_gemm(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        sparse: dict[str, torch.Tensor] | None = None,
+        maps: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The small-batch GEMM over Marlin's copy: the CUDA GEMV where planned and the batch fits it (with
+        ``sparse``: the held-out terms added in its epilogue), else Marlin (which reads its own permuted copy of
+        the bias)."""
         if self.cgemv is not None and x.shape[0] <= self.cgemv_max_m:
             from ..cuda_marlin_gemv import marlin_gemv_cuda
 
             zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
             qm, scale = tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE)
-            return marlin_gemv_cuda(x, qm, scale, zero, self.cgemv, bias)
+            return marlin_gemv_cuda(x, qm, scale, zero, self.cgemv, bias, sparse=sparse, maps=maps)
         b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
         return self.small.apply_gemm(self.shadow, x, b)
 
@@ -815,6 +825,13 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
             from ..triton_marlin_gemv import gemv_maps
 
             self.gmaps = gemv_maps(self.sp, tensor(self.shadow, W_PACKED).shape[1] // 2)
+        self.cmaps = None
+        if self.cgemv is not None and self.sp:  # the CUDA GEMV adds these terms in its epilogue
+            from ..cuda_marlin_gemv import sparse_maps
+
+            self.cmaps = sparse_maps(self.sp, n_p)
+        elif self.cgemv is not None and rows.numel():  # K beyond packed columns: the index correction after it
+            self.cgemv_fused = False
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from .. import sparse_correction
@@ -829,6 +846,8 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
             qm, sc = tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE)
             return marlin_gemv(x, qm, sc, zp, n_p, k_p, c.group_size, c.symmetric, self.sp, self.gmaps, bias)
         if x.shape[0] < self.min_m:
+            if self.cgemv_fused and x.shape[0] <= self.cgemv_max_m and self.cgemv is not None:
+                return self._small_gemm(x, bias, self.sp or None, self.cmaps)  # the held-out terms in its epilogue
             y = self._small_gemm(x, bias)
             corr = envs.onecopy_config().get("corr")
             if self.sp and (corr is None or corr[0] == "sell"):
