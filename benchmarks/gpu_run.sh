@@ -252,8 +252,11 @@ EOF2
     # tokens of the one-copy pair; SUPERWEIGHT_CUDA_GEMV=1 is the default since then). The `cudagemv` group's
     # checkpoints built in the background while the GEMV's GPU tests and the one-copy pair's class tests run (not
     # timed), then the micro-benchmark (nothing else on the GPU): cuda-fused vs cuda+sell vs marlin+sell, M = 1, 2.
-    # Next call: BUDGET_S=560 throughput sw-w4-g128-holdout-qkv,awq,sw-w4-g128-cg1 --latency-batches 1,8,64
-    #   --throughput-lens ""   (the held-out default vs AWQ, and vs the same weights without hold-out on one copy)
+    # Session 23 ran it with the first epilogue form (per-column serial loads after the main loop): 96.1 us per layer
+    # vs 69.1 with the correction after the GEMV (cuda_gemv_s23_epilogue_h200.md), end to end batch 1 0.873 s vs 0.751
+    # (throughput_h200_s23_*.json) -> corr=inside made opt-in and rewritten (slots loaded before the main loop, 4
+    # lanes a column, only the first split-K block). Next lease: this stage again, then
+    #   BUDGET_S=560 throughput epilogue --latency-batches 1,8,64 --throughput-lens ""
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     timeout 240 $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_epilogue.xml" \

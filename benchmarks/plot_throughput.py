@@ -60,6 +60,11 @@ KERNEL_SUFFIX = {
     "-humming": " → vLLM's Humming backend, one W4 copy",
     "-mhum": " → Marlin/Humming pair, two W4 copies",
     "-marlin": " → vLLM's Marlin alone, one W4 copy",
+    "-cg": " → CUDA GEMV at batch 1, correction after it",
+    "-cg1": " → one W4 copy, CUDA GEMV at batch 1",
+    "-cgfused": " → CUDA GEMV at batch 1, correction in its epilogue (s23 first form)",
+    "-nocg": " → Marlin at batch 1",
+    "-cgin": " → CUDA GEMV at batch 1, correction in its epilogue",
 }
 
 

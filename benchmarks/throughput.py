@@ -191,6 +191,12 @@ METHODS["sw-w4-g128-gemv"] = dict(
 METHODS["sw-w4-g128-holdout-qkv-cg"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "1"}
 )
+# the held-out default with its single-token correction in the CUDA GEMV's epilogue (opt-in since session 23: the
+# first epilogue form was slower end to end, batch 1 0.873 s vs 0.751 with the correction after the GEMV; the
+# second form -- slots loaded before the main loop, 4 lanes a column -- not yet measured)
+METHODS["sw-w4-g128-holdout-qkv-cgin"] = dict(
+    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_ONECOPY_CONFIG": "corr=inside"}
+)
 # the held-out default with Marlin for single tokens too (the default before session 23)
 METHODS["sw-w4-g128-holdout-qkv-nocg"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "0"}
@@ -236,6 +242,8 @@ GROUPS = {
     "split": ["sw-w4-g128", "sw-w4-g128-mdeq1", "sw-w4-g128-holdout-qkv", "awq"],
     # the CUDA GEMV at batch 1 (session 22): the held-out default, one copy without hold-out, AWQ beside
     "cudagemv": ["sw-w4-g128-holdout-qkv-cg", "sw-w4-g128-holdout-qkv", "awq", "sw-w4-g128-cg1", "sw-w4-g128"],
+    # the held-out terms in the CUDA GEMV's epilogue (session 23's second form) against after it, and without hold-out
+    "epilogue": ["sw-w4-g128-holdout-qkv-cgin", "sw-w4-g128-holdout-qkv", "awq", "sw-w4-g128-cg1"],
     # issue 12's one layout from vLLM's Humming backend (needs humming-kernels importable in the engines)
     "humming": [
         "sw-w4-g128-humming",

@@ -269,19 +269,22 @@ def test_dual_dispatch_with_bias_under_compile_and_cuda_graphs():
         assert torch.equal(out, eager), m
 
 
-@pytest.mark.parametrize("kernel", ["marlin-deq", "marlin-deq1", "marlin-deq1-gemv", "marlin-deq1-cg"])
+@pytest.mark.parametrize(
+    "kernel", ["marlin-deq", "marlin-deq1", "marlin-deq1-gemv", "marlin-deq1-cg", "marlin-deq1-cgin"]
+)
 def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel, monkeypatch):
     """MarlinDequantKernel (and its one-copy form, dequantizing from Marlin's tensors): below the threshold Marlin +
     the separate correction, from it on the dequantized weights (held-out values restored in the scratch) through
     cuBLAS; both against the float reference of the restored weights, with bias, eagerly, under torch.compile and
     inside CUDA graphs on both sides of the threshold. The one-copy form holds no W4 tensor besides Marlin's;
     with ``gemv=4`` its batches of <= 4 tokens run the Triton GEMV over Marlin's layout, correction in the epilogue;
-    ``-cg`` (the default since session 23): single tokens run the CUDA GEMV, correction in its epilogue."""
+    ``-cg`` (the default since session 23): single tokens run the CUDA GEMV, the correction after it; ``-cgin``: in
+    its epilogue (``corr=inside``)."""
     VL = _vl()
-    gemv, cg = kernel.endswith("-gemv"), kernel.endswith("-cg")
-    monkeypatch.setenv("SUPERWEIGHT_ONECOPY_CONFIG", "gemv=4" if gemv else "gemv=0")
+    gemv, cg, cgin = kernel.endswith("-gemv"), kernel.endswith(("-cg", "-cgin")), kernel.endswith("-cgin")
+    monkeypatch.setenv("SUPERWEIGHT_ONECOPY_CONFIG", "gemv=4" if gemv else "corr=inside,gemv=0" if cgin else "gemv=0")
     monkeypatch.setenv("SUPERWEIGHT_CUDA_GEMV", "1" if cg else "0")
-    kernel = kernel.removesuffix("-gemv").removesuffix("-cg")
+    kernel = kernel.removesuffix("-gemv").removesuffix("-cgin").removesuffix("-cg")
     dev, n, k, max_m = "cuda", 4096, 11008, 32
     g = torch.Generator().manual_seed(5)
     flat = torch.randperm(n * k, generator=g)[: n * k // 1000]
@@ -298,7 +301,7 @@ def test_marlin_dequant_pair_restores_held_out_weights_on_both_paths(kernel, mon
     else:
         small = "GEMV+corr(M<=4)/" if gemv else "CUDA-GEMV(M<=1)/" if cg else ""
         assert kd.describe() == f"{small}Marlin(M<{max_m + 1})+dequant(Marlin layout)/cuBLAS"
-        assert (kd.cgemv is not None and kd.cmaps is not None and kd.cgemv_fused) == cg
+        assert (kd.cgemv is not None and kd.cmaps is not None) == cg
         own = sum(t.numel() * t.element_size() for t in [*lay.parameters(), *lay.buffers()])
         marlin = sum(t.numel() * t.element_size() for t in [*kd.shadow.parameters(), *kd.shadow.buffers()])
         extra = sum(t.numel() * t.element_size() for t in [*kd.deq.values(), *kd.sp.values(), *kd.gmaps.values()])

@@ -615,23 +615,37 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch)
     assert calls[1] == ("marlin", 2, None)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_one_copy_pair_adds_its_held_out_terms_in_the_cuda_gemv_epilogue(monkeypatch, packed):
-    """Single-token batches of the one-copy pair: ONE call, the GEMV given the packed SELL slots and their maps (no
-    separate correction after it); two tokens: Marlin, then the separate correction. Where the slots cannot be
-    packed (K beyond 16-bit columns) the GEMV runs alone and the correction follows it."""
+@pytest.mark.parametrize(
+    "corr,packed,want1",
+    [
+        # default: the GEMV, then the separate SELL correction (H200: faster than the first epilogue form, s23)
+        (None, True, [("gemv", 1, False), ("sell", 1)]),
+        # corr=inside: ONE call, the GEMV given the packed slots and their maps
+        ("inside", True, [("gemv", 1, True)]),
+        # slots that cannot be packed (K beyond 16-bit columns): the GEMV alone, the index correction after it
+        ("inside", False, [("gemv", 1, False), ("index", 1)]),
+        (None, False, [("gemv", 1, False), ("index", 1)]),
+    ],
+)
+def test_one_copy_pair_routes_its_held_out_terms(monkeypatch, corr, packed, want1):
+    """Single-token batches of the one-copy pair run the CUDA GEMV with the held-out terms after it (default) or in
+    its epilogue (``SUPERWEIGHT_ONECOPY_CONFIG=corr=inside``); two tokens: Marlin, then the separate correction."""
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
 
+    if corr:
+        monkeypatch.setenv(envs.ONECOPY_CONFIG, f"corr={corr}")
+    else:
+        monkeypatch.delenv(envs.ONECOPY_CONFIG, raising=False)
     kern = _pair_with_marlin_copy()
     kern.cgemv, kern.cgemv_max_m = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu"), 1
     kern.sp = {"ell_cols": torch.ones(4, 1, 32, dtype=torch.int32)} if packed else {}
     kern.cmaps = {"hrng": torch.zeros(5, dtype=torch.int32)} if packed else None
-    kern.cgemv_fused = packed
-    kern.deq = {}
+    kern.held, kern.deq = 4, {}
     calls = []
 
     def gemv(x, qm, s, z, p, bias, sparse, maps):
-        calls.append(("gemv", x.shape[0], sparse, maps))
+        assert (sparse is None) == (maps is None) and (sparse is None or (sparse is kern.sp and maps is kern.cmaps))
+        calls.append(("gemv", x.shape[0], sparse is not None))
         return torch.zeros(x.shape[0], 128)
 
     class FakeMarlin:
@@ -649,16 +663,15 @@ def test_one_copy_pair_adds_its_held_out_terms_in_the_cuda_gemv_epilogue(monkeyp
         TMD, "index_correction_", lambda y, x, deq, config=None: calls.append(("index", x.shape[0])) or y
     )
     kern.run(torch.zeros(1, 256), None)
+    assert calls == want1
+    calls.clear()
     kern.run(torch.zeros(2, 256), None)
-    if packed:
-        assert calls[0] == ("gemv", 1, kern.sp, kern.cmaps) and calls[1:] == [("marlin", 2), ("sell", 2)]
-    else:
-        assert calls == [("gemv", 1, None, None), ("index", 1), ("marlin", 2), ("index", 2)]
+    assert calls == [("marlin", 2), ("sell" if packed else "index", 2)]
 
 
 def test_one_copy_pair_plans_the_epilogue_terms_only_for_packed_slots():
     """set_sparse gives the planned GEMV the maps of packed slots; a layer whose K needs more than 16-bit columns
-    keeps the correction after the GEMV."""
+    has none (its correction stays after the GEMV)."""
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
 
     rows, cols = torch.tensor([0, 5, 5, 100]), torch.tensor([1, 2, 200, 3])
@@ -667,11 +680,20 @@ def test_one_copy_pair_plans_the_epilogue_terms_only_for_packed_slots():
         kern = _pair_with_marlin_copy(k=k)
         kern.cgemv, kern.cgemv_max_m = CG.gemv_plan(128, k, 64, True, torch.bfloat16, "cpu"), 1
         kern.set_sparse(torch.nn.Module(), rows, cols, vals)
+        assert kern.held == 4
         if k <= 65536:
-            assert kern.cgemv_fused and kern.sp and kern.cmaps is not None
+            assert kern.sp and kern.cmaps is not None
             assert kern.cmaps["hrng"].shape == (128 // 32 + 1,)
         else:
-            assert not kern.cgemv_fused and not kern.sp
+            assert not kern.sp and kern.cmaps is None
+
+
+def test_onecopy_config_takes_corr_inside(monkeypatch):
+    monkeypatch.setenv(envs.ONECOPY_CONFIG, "corr=inside,gemv=0")
+    assert envs.onecopy_config() == {"corr": ("inside",), "gemv": (0,)}
+    monkeypatch.setenv(envs.ONECOPY_CONFIG, "corr=outside")
+    with pytest.raises(ValueError, match="sell|inside"):
+        envs.onecopy_config()
 
 
 @pytest.mark.parametrize("compiles", [True, False])

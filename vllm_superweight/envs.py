@@ -31,18 +31,21 @@ Only what users need is a knob:
                                     layers with a hold-out below 1e-4, where Marlin is faster up to there).
 ``SUPERWEIGHT_ONECOPY_CONFIG``      launch configurations of the ``marlin-deq1`` kernels, as the micro-benchmark
                                     found them best on this GPU (``w4_fused_bench.py --sections onecopy``):
-                                    ``deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=MAX_M``
+                                    ``deq=BN:WARPS[:SCATTER],corr=sell|inside|KIND:ROWS:SLOTS:WARPS,gemv=MAX_M``
                                     (any part may be left out; ``corr=sell``: the packed SELL correction, the
-                                    default where K <= 65536; the other kinds read the restore index;
+                                    default where K <= 65536; ``corr=inside``: the same slots read in the CUDA
+                                    GEMV's epilogue where it serves the batch (opt-in, see SUPERWEIGHT_CUDA_GEMV),
+                                    the SELL kernel elsewhere; the other kinds read the restore index;
                                     ``gemv=MAX_M`` (<= 4): batches of up to MAX_M tokens run the GEMV over
                                     Marlin's layout with the correction in its epilogue, ``gemv=0`` never).
 ``SUPERWEIGHT_CUDA_GEMV``           ``MAX_M`` (0-4): CUDA batches of up to MAX_M tokens that the per-batch pairs send
                                     to Marlin run our CUDA-core GEMV over Marlin's own tensors instead
                                     (``kernels.cuda_marlin_gemv``; compiled at load by torch's NVRTC, cached on
-                                    disk); the one-copy pair's held-out terms are added in its epilogue (no second
-                                    kernel). ``1`` (default): single-token batches (H200, 7B layer: 0.90x Marlin's
-                                    time at one token, 1.23x at two; end to end, 0.1 % hold-out, one copy: batch 1
-                                    0.751 s vs Marlin's 0.807, AWQ 0.981). ``0``: Marlin.
+                                    disk); the held-out correction stays the separate kernel after it unless
+                                    ``SUPERWEIGHT_ONECOPY_CONFIG=corr=inside``. ``1`` (default): single-token
+                                    batches (H200, 7B layer: 0.90x Marlin's time at one token, 1.23x at two; end to
+                                    end, 0.1 % hold-out, one copy: batch 1 0.751 s vs Marlin's 0.807, AWQ 0.981).
+                                    ``0``: Marlin.
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
@@ -296,8 +299,8 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
             if key == "deq" and len(fields) in (2, 3):
                 out["deq"] = tuple(int(f) for f in fields)
                 continue
-            if key == "corr" and fields == ["sell"]:
-                out["corr"] = ("sell",)
+            if key == "corr" and fields in (["sell"], ["inside"]):
+                out["corr"] = (fields[0],)
                 continue
             if key == "corr" and len(fields) == 4 and fields[0] in ("seq", "2d"):
                 out["corr"] = (fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
@@ -308,7 +311,8 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
         except ValueError:
             pass
         raise ValueError(
-            f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],corr=sell|KIND:ROWS:SLOTS:WARPS,gemv=0..4"
+            f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],"
+            "corr=sell|inside|KIND:ROWS:SLOTS:WARPS,gemv=0..4"
         )
     return out
 

@@ -120,28 +120,24 @@ __device__ __forceinline__ void word_fma_lean(u32 w, const float (&xa)[SW_MT], c
   }
 }
 
-// the held-out terms of output column n for token m, from packed SELL slots (value bits above a 16-bit column, 0 =
-// empty; ``sparse_layout.build_sell(pack=...)``): the dense slice of n's 32-column block (a light row's slots are
-// filled from depth 0 on), then n's CSR run if n is one of the block's heavy rows (hrng: the block's range of them)
-__device__ __forceinline__ float sp_term(const u32* __restrict__ ell, int L, const int* __restrict__ hrng,
-                                         const int* __restrict__ hrows, const int* __restrict__ hptr,
-                                         const u32* __restrict__ hcols, const u16* __restrict__ xr, int n) {
-  float v = 0.f;
-  const int blk = n >> 5;
-  const u32* e = ell + (size_t)blk * L * 32 + (n & 31);
-  for (int d = 0; d < L; ++d) {
-    const u32 s = __ldg(e + 32 * d);
-    if (!s) break;
-    v = fmaf(act2f((u16)(s >> 16)), act2f(xr[s & 0xFFFFu]), v);
-  }
-  for (int h = __ldg(hrng + blk), h1 = __ldg(hrng + blk + 1); h < h1; ++h) {
-    if (__ldg(hrows + h) != n) continue;
-    for (int j = __ldg(hptr + h), j1 = __ldg(hptr + h + 1); j < j1; ++j) {
-      const u32 s = __ldg(hcols + j);
-      v = fmaf(act2f((u16)(s >> 16)), act2f(xr[s & 0xFFFFu]), v);
-    }
-  }
-  return v;
+// The held-out terms (packed SELL slots: value bits above a 16-bit column, 0 = empty; ``sparse_layout.build_sell(
+// pack=...)``, dense slices of 32 columns, a light row's slots from depth 0 on; heavy rows in CSR, ``hrng`` the range
+// of them a 32-column block holds). Lane 4 cc + q of a warp owns column cb + cc of the tile and the slots q, q + 4, ...
+// of it: its first SW_SPD slots are loaded into registers before the main loop (their latency hidden behind it), the
+// x gathers and FMAs come after it, the 4 lanes of a column are summed by shuffles. Only the tile's first split-K
+// block adds them (into its fp32 partial): once per output, one rounding with the rest.
+#ifndef SW_SPD
+#define SW_SPD 4
+#endif
+#define SW_CG ((64 + SW_WARPS * 8 - 1) / (SW_WARPS * 8))
+
+__device__ __forceinline__ void sp_gather(const u32 s, const u16* __restrict__ x, int xs, int M, float (&v)[SW_MT]) {
+  if (!s) return;
+  const float w = act2f((u16)(s >> 16));
+  const int col = (int)(s & 0xFFFFu);
+#pragma unroll
+  for (int m = 0; m < SW_MT; ++m)
+    if (m < M) v[m] = fmaf(w, act2f(__ldg(x + (size_t)m * xs + col)), v[m]);
 }
 
 #if SW_LEAN
@@ -199,7 +195,6 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 #endif
 #pragma unroll
     for (int m = 0; m < SW_MT; ++m) {
-#pragma unroll
       const float off = SW_LEAN ? 0.26171875f * sxh[m] : 0.f;  // the lean form's constant in the high nibbles
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -221,6 +216,19 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 #pragma unroll
       for (int j = 0; j < SW_U; ++j) cp16(&buf[warp][q][j][lane], qp + (size_t)(r0 + q * SW_U + j) * rs);
     cp_commit();
+  }
+  // the held-out slots of this lane's columns, loaded now and used after the main loop
+  const bool do_sp = has_sp && blockIdx.y == 0;
+  u32 pre[SW_CG][SW_SPD];
+#pragma unroll
+  for (int g = 0; g < SW_CG; ++g) {
+    const int n = tile * 64 + (g * SW_WARPS + warp) * 8 + c;
+#pragma unroll
+    for (int d = 0; d < SW_SPD; ++d) {
+      const int dd = t + 4 * d;
+      pre[g][d] = (do_sp && (g * SW_WARPS + warp) * 8 < 64 && dd < L)
+                      ? __ldg(ell + ((size_t)(n >> 5) * L + dd) * 32 + (n & 31)) : 0u;
+    }
   }
   for (int ci = 0; ci < nch; ++ci) {
     const int nx = ci + SW_ST - 1;
@@ -279,6 +287,7 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       acc[m][i] = v;
     }
   __shared__ float red[SW_WARPS][SW_MT * 64];
+  __shared__ float spv[SW_MT * 64];
   __shared__ int last;
   if (t == 0) {
 #pragma unroll
@@ -286,12 +295,39 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 #pragma unroll
       for (int i = 0; i < 8; ++i) red[warp][m * 64 + 16 * (i >> 1) + 8 * (i & 1) + c] = acc[m][i];
   }
+  if (do_sp) {
+#pragma unroll
+    for (int g = 0; g < SW_CG; ++g) {
+      const int cb = (g * SW_WARPS + warp) * 8;
+      if (cb >= 64) break;
+      const int n = tile * 64 + cb + c, blk = n >> 5;
+      float v[SW_MT];
+#pragma unroll
+      for (int m = 0; m < SW_MT; ++m) v[m] = 0.f;
+#pragma unroll
+      for (int d = 0; d < SW_SPD; ++d) sp_gather(pre[g][d], x, xs, M, v);
+      for (int dd = t + 4 * SW_SPD; dd < L; dd += 4)  // deeper slices than the registers hold
+        sp_gather(__ldg(ell + ((size_t)blk * L + dd) * 32 + (n & 31)), x, xs, M, v);
+      for (int h = __ldg(hrng + blk), h1 = __ldg(hrng + blk + 1); h < h1; ++h) {
+        if (__ldg(hrows + h) != n) continue;
+        for (int j = __ldg(hptr + h) + t, j1 = __ldg(hptr + h + 1); j < j1; j += 4)
+          sp_gather(__ldg(hcols + j), x, xs, M, v);
+      }
+#pragma unroll
+      for (int m = 0; m < SW_MT; ++m) {
+        v[m] += __shfl_xor_sync(0xffffffffu, v[m], 1);
+        v[m] += __shfl_xor_sync(0xffffffffu, v[m], 2);
+        if (t == 0) spv[m * 64 + cb + c] = v[m];
+      }
+    }
+  }
   __syncthreads();
   const int nb = tile * 64;
   for (int e = threadIdx.x; e < SW_MT * 64; e += SW_WARPS * 32) {
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < SW_WARPS; ++w) v += red[w][e];
+    if (do_sp) v += spv[e];
     red[0][e] = v;
   }
   if (S == 1) {
@@ -299,7 +335,6 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
     for (int e = threadIdx.x; e < M * 64; e += SW_WARPS * 32) {
       const int m = e >> 6, n = nb + (e & 63);
       float v = red[0][e];
-      if (has_sp) v += sp_term(ell, L, hrng, hrows, hptr, hcols, x + (size_t)m * xs, n);
       if (has_bias) v += act2f(bias[n]);
       y[(size_t)m * ys + n] = f2act(v);
     }
@@ -320,7 +355,6 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
     const int m = e >> 6, n = nb + (e & 63);
     float v = 0.f;
     for (int s = 0; s < S; ++s) v += __ldcg(ws + ((size_t)s * M + m) * N + n);
-    if (has_sp) v += sp_term(ell, L, hrng, hrows, hptr, hcols, x + (size_t)m * xs, n);
     if (has_bias) v += act2f(bias[n]);
     y[(size_t)m * ys + n] = f2act(v);
   }
@@ -401,7 +435,7 @@ def gemv_plan(
     u_want, warps, per_sm, stages, *rest = config or DEFAULT_CONFIG
     minb = int(rest[0]) if rest else 1
     lean = bool(rest[1]) if len(rest) > 1 else False
-    if warps * stages * u_want * 512 + warps * MAX_M * 256 > 48 * 1024:
+    if warps * stages * u_want * 512 + (warps + 1) * MAX_M * 256 > 48 * 1024:
         raise ValueError(f"cuda GEMV: config {config} needs more than 48 KB of static shared memory")
     rows, grows = k // 16, g // 16
     u = _pick_u(rows, grows, u_want)

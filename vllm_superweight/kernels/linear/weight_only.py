@@ -566,8 +566,8 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         self._layer: weakref.ref | None = None
         self.cgemv: Any = None  # launch plan (GemvPlan) of the CUDA GEMV over Marlin's tensors (SUPERWEIGHT_CUDA_GEMV)
         self.cgemv_max_m = 0
-        self.cgemv_fused = True  # the one-copy pair: its held-out terms in the GEMV's epilogue (where packed)
-        self.cmaps: dict[str, torch.Tensor] | None = None
+        self.cmaps: dict[str, torch.Tensor] | None = None  # the GEMV epilogue's view of packed held-out slots
+        self.held = 0  # held-out entries of the layer (set_sparse)
 
     def describe(self) -> str:
         return f"{self._cuda_gemv_name()}{self.LARGE_NAME}+Marlin(M<={self.max_m})"
@@ -825,13 +825,11 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
             from ..triton_marlin_gemv import gemv_maps
 
             self.gmaps = gemv_maps(self.sp, tensor(self.shadow, W_PACKED).shape[1] // 2)
-        self.cmaps = None
-        if self.cgemv is not None and self.sp:  # the CUDA GEMV adds these terms in its epilogue
+        self.held, self.cmaps = int(rows.numel()), None
+        if self.cgemv is not None and self.sp:  # the CUDA GEMV can add these terms in its epilogue (corr=inside)
             from ..cuda_marlin_gemv import sparse_maps
 
             self.cmaps = sparse_maps(self.sp, n_p)
-        elif self.cgemv is not None and rows.numel():  # K beyond packed columns: the index correction after it
-            self.cgemv_fused = False
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from .. import sparse_correction
@@ -846,13 +844,15 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
             qm, sc = tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE)
             return marlin_gemv(x, qm, sc, zp, n_p, k_p, c.group_size, c.symmetric, self.sp, self.gmaps, bias)
         if x.shape[0] < self.min_m:
-            if self.cgemv_fused and x.shape[0] <= self.cgemv_max_m and self.cgemv is not None:
-                return self._small_gemm(x, bias, self.sp or None, self.cmaps)  # the held-out terms in its epilogue
-            y = self._small_gemm(x, bias)
             corr = envs.onecopy_config().get("corr")
-            if self.sp and (corr is None or corr[0] == "sell"):
+            inside = self.cmaps is not None or not self.held  # packed slots the epilogue reads, or nothing held out
+            if corr == ("inside",) and inside and self.cgemv is not None and x.shape[0] <= self.cgemv_max_m:
+                return self._small_gemm(x, bias, self.sp or None, self.cmaps)  # the terms in its epilogue
+            y = self._small_gemm(x, bias)
+            if self.sp and (corr is None or corr[0] in ("sell", "inside")):
                 return sparse_correction(y, x, self.sp)
-            return index_correction_(y, x, self.deq, config=corr if corr and corr[0] != "sell" else None)
+            kind = corr if corr and corr[0] not in ("sell", "inside") else None
+            return index_correction_(y, x, self.deq, config=kind)
 
         zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
         return marlin_deq_mm(x, tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE), zero, self.deq, bias)
