@@ -22,18 +22,25 @@ we choose:
     plan = gemv_plan(n, k, group, sym, act_dtype, device)      # load time: checks, grid, workspace reserved
     y = marlin_gemv_cuda(x, qm, scale, zero, plan, bias)       # x [M <= 4, K] -> [M, N]
 
-With ``sparse=`` (packed SELL slots, ``sparse_maps``) the held-out terms are added in the epilogue, beside the bias,
-before the one rounding into y: no second kernel, no second pass over y.
+With ``sparse=`` (packed SELL slots, ``sparse_maps``) the held-out terms are added inside the kernel, into the fp32
+sum before the one rounding into y: no second kernel, no second pass over y (opt-in, see below).
 
 Measured (H200, one Llama-2-7B layer = 4 GEMMs, g128 asymmetric, the same process as vLLM's Marlin on the same
-tensors; ``benchmarks/cuda_gemv_bench.py``, ``benchmarks/results/cuda_gemv_s22*_h200.{json,md}``): M = 1
-**59.9 us vs Marlin's 66.3** (1.76 TB/s, 36.6 % of the 4.8 TB/s peak; with the 0.1 % hold-out's separate SELL
-correction 71.1 vs 77.0), but M = 2 / 4 1.23x / 1.94x Marlin's time (CUDA cores: every token adds its FFMAs), so it
-serves one token only (``SUPERWEIGHT_CUDA_GEMV=1``, opt-in: not yet measured end to end). What bounds it: the loads
+tensors; ``benchmarks/cuda_gemv_bench.py``, ``benchmarks/results/cuda_gemv_s2{2,3}*_h200.{json,md}``): M = 1
+**58.4-59.9 us vs Marlin's 65.5-66.3** (1.80 TB/s, 37.6 % of the 4.8 TB/s peak; with the 0.1 % hold-out's separate
+SELL correction 69.1 vs 76.5), but M = 2 / 4 1.2x / 1.9x Marlin's time (CUDA cores: every token adds its FFMAs), so
+it serves one token (``SUPERWEIGHT_CUDA_GEMV=1``, the default since session 23: end to end, 7B shape, 0.1 % q/k/v
+hold-out on one copy, batch 1 0.751 s vs 0.807 with Marlin, AWQ 0.981 in the same lease). What bounds it: the loads
 alone (no decoding, same grid) take 47.0 us (2.24 TB/s) -- single-wave grids of short warps whose loads and
 arithmetic barely overlap, and 4-8 MB GEMMs too small to ramp (o_proj's loads reach 1.43 TB/s, gate_up's 2.70) --
 while a 1 GiB read-only reduction reaches 4.2 TB/s on the same GPU. The first form (exact nibbles, 4 warps, 4
 stages) took 69.7 us; the lean decoding and 8 warps a block with 2 stages brought it to 59.9.
+
+The held-out terms in the epilogue (``sparse=``; the one-copy pair with ``SUPERWEIGHT_ONECOPY_CONFIG=corr=inside``)
+are opt-in: the first form, one thread a column walking its slots after the main loop in the tile's last block, took
+96.1 us a layer against 69.1 with the SELL kernel after the GEMV (session 23); this second form loads each lane's
+slots before the main loop and sums them after it, 4 lanes a column, in the tile's first split-K block only (not
+yet measured on a GPU).
 """
 
 from __future__ import annotations
