@@ -58,6 +58,9 @@ def copy_tbs(dev: torch.device) -> float:
 SWEEP = [(4, 4, 24, 4, 1, 0), (4, 4, 24, 4, 1, 1), (4, 8, 24, 2, 1, 0), (4, 8, 24, 2, 1, 1), (4, 4, 48, 2, 8, 1)]
 SWEEP += [(4, 4, 48, 2, 6, 1), (4, 8, 48, 2, 4, 1), (8, 4, 24, 2, 6, 1), (4, 4, 96, 2, 8, 1), (2, 4, 48, 3, 8, 1)]
 SWEEP += [(4, 4, 48, 3, 1, 1), (8, 4, 48, 2, 1, 1), (4, 8, 64, 2, 4, 1), (4, 2, 48, 4, 8, 1)]
+# the tensor-core form (7th field 1): rows a chunk, warps a block, warps per SM wanted, ring stages, blocks per SM
+MMA_SWEEP = [(4, 4, 24, 2, 1, 0, 1), (4, 4, 24, 3, 1, 0, 1), (4, 4, 48, 2, 4, 0, 1), (8, 4, 24, 2, 1, 0, 1)]
+MMA_SWEEP += [(4, 2, 48, 4, 8, 0, 1), (2, 4, 48, 3, 4, 0, 1), (4, 4, 96, 2, 8, 0, 1)]
 
 
 def main() -> None:
@@ -65,9 +68,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--ms", default="1,2,3,4")
+    ap.add_argument("--ms", default="1,2,4,8")
     ap.add_argument("--holdout", type=float, default=1e-3)
     ap.add_argument("--sweep", action="store_true", help="launch configurations at M = 1")
+    ap.add_argument("--mma-sweep", action="store_true", help="the tensor-core form's configurations at M = 1, 8")
     ap.add_argument(
         "--ceiling",
         action="store_true",
@@ -154,6 +158,7 @@ def main() -> None:
             ent.update(
                 {
                     "plan": CG.gemv_plan(n, k, 128, False, torch.bfloat16, dev),
+                    "plan_mma": CG.gemv_plan(n, k, 128, False, torch.bfloat16, dev, config=CG.MMA_CONFIG),
                     "bytes": n * k // 2 + n * (k // 128) * 2 + n * (k // 128) // 2,
                 }
             )
@@ -175,9 +180,14 @@ def main() -> None:
         for name in SHAPES:
             e, x = layers[0][name], xs[m][name]
             ym = e["k"].small.apply_gemm(e["k"].shadow, x, None)
-            yc = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], e["plan"])
+            plan = e["plan"] if m <= e["plan"].max_m else e["plan_mma"]
+            yc = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan)
             rel = float((yc.float() - ym.float()).norm() / ym.float().norm())
-            rows.append({"part": "check", "shape": name, "m": m, "rel_vs_marlin": rel})
+            ymm = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], e["plan_mma"])
+            relm = float((ymm.float() - ym.float()).norm() / ym.float().norm())
+            rows.append({"part": "check", "shape": name, "m": m, "rel_vs_marlin": rel, "rel_mma_vs_marlin": relm})
+            if relm > 1e-2:
+                log(f"  CHECK FAILED (tensor-core form) {name} M={m}: rel {relm:.3g}")
             if rel > 1e-2:
                 log(f"  CHECK FAILED {name} M={m}: rel {rel:.3g}")
             # the held-out terms in the epilogue against the same terms added by the separate correction
@@ -218,6 +228,11 @@ def main() -> None:
                         CG.marlin_gemv_cuda(
                             x, e["qm"], e["sc"], e["zp"], e["plan"], out=ys[m][name], sparse=e["k"].sp, maps=e["maps"]
                         )
+                    elif kind in ("mma", "mma+sell"):
+                        plan = plans[name] if plans else e["plan_mma"]
+                        y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name])
+                        if kind == "mma+sell":
+                            K.sparse_correction(y, x, e["k"].sp)
                     elif kind in ("cuda", "cuda+sell", "cuda-loads"):
                         plan = plans[name] if plans else e["plan"]
                         ro = kind == "cuda-loads"
@@ -248,10 +263,17 @@ def main() -> None:
         save()
         return us
 
-    kinds = ("cuda",) if args.no_vllm else ("marlin", "cuda", "marlin+sell", "cuda+sell", "cuda-fused")
+    kinds = ("cuda", "mma") if args.no_vllm else ("marlin", "cuda", "mma", "marlin+sell", "cuda+sell", "cuda-fused")
+    kinds += ("mma+sell",) if not args.no_vllm else ()
     for m in ms:
         for kind in kinds:
+            if kind.startswith("cuda") and m > CG.MAX_M_FFMA:
+                continue
             timed(kind, m)
+    if args.mma_sweep:  # the tensor-core form's launch configurations at 1 and 8 tokens
+        for cfg in MMA_SWEEP:
+            for m in (1, 8):
+                timed("mma", m, cfg, part="mma-sweep")
     if args.ceiling:
         timed("cuda-loads", 1, part="ceiling")
         for name in SHAPES:
@@ -281,7 +303,8 @@ def write_table(path: str) -> None:
         f"# CUDA GEMV over Marlin's layout vs Marlin ({d['meta']['device']}, us per Llama-2-7B layer, 4 GEMMs, "
         f"% of {d['meta']['peak_tbs']} TB/s)",
         "",
-        "| M | Marlin | CUDA GEMV | ratio | Marlin + SELL | CUDA GEMV + SELL | ratio | GEMV, SELL inside | ratio |",
+        "| M | Marlin | CUDA GEMV | tensor-core GEMV | ratio (best) | Marlin + SELL | CUDA GEMV + SELL "
+        "| tensor-core + SELL | GEMV, SELL inside |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -289,15 +312,12 @@ def write_table(path: str) -> None:
         r = by.get((kind, m))
         return f"{r['us']:.1f} ({r['frac_peak']:.0%})" if r else "—"
 
-    def ratio(a, b, m):
-        ra, rb = by.get((a, m)), by.get((b, m))
-        return f"{rb['us'] / ra['us']:.2f}" if ra and rb else "—"
-
     for m in ms:
+        ours = [r["us"] for kind in ("cuda", "mma") if (r := by.get((kind, m)))]
+        best = f"{min(ours) / by[('marlin', m)]['us']:.2f}" if ours and ("marlin", m) in by else "—"
         lines.append(
-            f"| {m} | {cell('marlin', m)} | {cell('cuda', m)} | {ratio('marlin', 'cuda', m)} "
-            f"| {cell('marlin+sell', m)} | {cell('cuda+sell', m)} | {ratio('marlin+sell', 'cuda+sell', m)} "
-            f"| {cell('cuda-fused', m)} | {ratio('marlin+sell', 'cuda-fused', m)} |"
+            f"| {m} | {cell('marlin', m)} | {cell('cuda', m)} | {cell('mma', m)} | {best} "
+            f"| {cell('marlin+sell', m)} | {cell('cuda+sell', m)} | {cell('mma+sell', m)} | {cell('cuda-fused', m)} |"
         )
     ce = [r for r in d["results"] if r.get("part") == "ceiling" and "us" in r]
     if ce:
@@ -313,6 +333,13 @@ def write_table(path: str) -> None:
         lines += ["", "Sweep at M = 1 (rows a chunk, warps a block, warps per SM wanted, ring stages):", ""]
         for r in sorted(sw, key=lambda r: r["us"]):
             lines.append(f"* {tuple(r['config'])}: {r['us']:.1f} us ({r['frac_peak']:.0%})")
+    ms_ = [r for r in d["results"] if r.get("part") == "mma-sweep" and "us" in r]
+    if ms_:
+        lines += ["", "Tensor-core form's sweep (config: us at M = 1 / 8):", ""]
+        cfgs = sorted({tuple(r["config"]) for r in ms_})
+        at = {(tuple(r["config"]), r["m"]): r["us"] for r in ms_}
+        for cfg in sorted(cfgs, key=lambda c: at.get((c, 8), 1e9)):
+            lines.append(f"* {cfg}: {at.get((cfg, 1), float('nan')):.1f} / {at.get((cfg, 8), float('nan')):.1f} us")
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

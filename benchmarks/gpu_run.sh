@@ -255,18 +255,21 @@ EOF2
     # Session 23 ran it with the first epilogue form (per-column serial loads after the main loop): 96.1 us per layer
     # vs 69.1 with the correction after the GEMV (cuda_gemv_s23_epilogue_h200.md), end to end batch 1 0.873 s vs 0.751
     # (throughput_h200_s23_*.json) -> corr=inside made opt-in and rewritten (slots loaded before the main loop, 4
-    # lanes a column, only the first split-K block). Next lease: this stage again, then
-    #   BUDGET_S=560 throughput epilogue --latency-batches 1,8,64 --throughput-lens ""
+    # lanes a column, only the first split-K block) and the GEMV's tensor-core form (2-8 tokens, SUPERWEIGHT_CUDA_GEMV
+    # up to 8) added, both compiled here with NVRTC 12.9, neither yet run on a GPU. Next lease: this stage again (now
+    # also the tensor-core form's tests, M = 1, 2, 4, 8 and its sweep), then, by what the micro-benchmark shows,
+    #   BUDGET_S=560 throughput mma --latency-batches 1,8,64 --throughput-lens ""      (tensor-core form up to 8)
+    #   BUDGET_S=560 throughput epilogue --latency-batches 1,8,64 --throughput-lens ""  (corr=inside)
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
-    timeout 240 $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_epilogue.xml" \
+    timeout 300 $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_epilogue.xml" \
       tests/test_cuda_marlin_gemv.py "tests/test_gpu_kernels.py::test_marlin_dequant_pair_restores_held_out_weights_on_both_paths" \
       "tests/test_gpu_kernels.py::test_dual_dispatch_with_bias_under_compile_and_cuda_graphs" 2>&1 \
       | tee "$OUT/pytest_epilogue.log" | tail -25
     for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     tail -3 "$STASH_DIR/build.log"
-    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_epilogue.json" --ms 1,2 \
-      --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -20
+    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_epilogue.json" \
+      --ms 1,2,4,8 --mma-sweep --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
     echo "[$(ts)] epilogue done" ;;
   unroll)
     # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and

@@ -197,6 +197,14 @@ METHODS["sw-w4-g128-holdout-qkv-cg"] = dict(
 METHODS["sw-w4-g128-holdout-qkv-cgin"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_ONECOPY_CONFIG": "corr=inside"}
 )
+# the GEMV's tensor-core form for 2-8 tokens too (SUPERWEIGHT_CUDA_GEMV=8; session 23, not yet on a GPU): batch 8's
+# decode steps off Marlin, with and without the hold-out, both one copy
+METHODS["sw-w4-g128-holdout-qkv-cg8"] = dict(
+    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "8"}
+)
+METHODS["sw-w4-g128-cg8"] = dict(
+    METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_CUDA_GEMV": "8"}
+)
 # the held-out default with Marlin for single tokens too (the default before session 23)
 METHODS["sw-w4-g128-holdout-qkv-nocg"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "0"}
@@ -244,6 +252,8 @@ GROUPS = {
     "cudagemv": ["sw-w4-g128-holdout-qkv-cg", "sw-w4-g128-holdout-qkv", "awq", "sw-w4-g128-cg1", "sw-w4-g128"],
     # the held-out terms in the CUDA GEMV's epilogue (session 23's second form) against after it, and without hold-out
     "epilogue": ["sw-w4-g128-holdout-qkv-cgin", "sw-w4-g128-holdout-qkv", "awq", "sw-w4-g128-cg1"],
+    # the GEMV's tensor-core form up to 8 tokens (session 23's second kernel), one copy, AWQ beside
+    "mma": ["sw-w4-g128-holdout-qkv-cg8", "sw-w4-g128-holdout-qkv", "awq", "sw-w4-g128-cg8"],
     # issue 12's one layout from vLLM's Humming backend (needs humming-kernels importable in the engines)
     "humming": [
         "sw-w4-g128-humming",

@@ -1,11 +1,13 @@
-"""The CUDA-core GEMV over Marlin's layout (``kernels/cuda_marlin_gemv.py``).
+"""Our GEMV over Marlin's layout (``kernels/cuda_marlin_gemv.py``), CUDA-core and tensor-core forms.
 
-* CPU: launch planning (split-K, chunk size, shared-memory budget) and the shapes it refuses, with reasons; the
-  kernel is not offered without CUDA.
+* CPU: launch planning (split-K, chunk size, shared-memory budget, token limits of each form) and the shapes it
+  refuses, with reasons; the kernel is not offered without CUDA; compiled kernels are cached on disk.
 * ``@pytest.mark.gpu``: y = x W^T from vLLM's CUDA repack of random codes equals the float64 reference of the same
-  Marlin tensors (``marlin_dequant_reference``) for M = 1..4, bf16 and fp16, grouped (32 / 64 / 128), channel-wise
-  and one-group layers, symmetric and asymmetric, with and without bias, with and without split-K; bitwise
-  reproducible run to run; inside a CUDA graph equal to eager; and close to vLLM's Marlin on Llama-2-7B shapes.
+  Marlin tensors (``marlin_dequant_reference``) for M = 1..4 (CUDA-core form) and 1..8 (tensor-core form), bf16
+  and fp16, grouped (16 / 32 / 64 / 128), channel-wise and one-group layers, symmetric and asymmetric, with and
+  without bias, with and without split-K; the held-out terms read inside the kernel equal the reference of the
+  restored weights; bitwise reproducible run to run; inside a CUDA graph equal to eager; and close to vLLM's
+  Marlin on Llama-2-7B shapes.
 """
 
 from __future__ import annotations
@@ -54,6 +56,22 @@ def test_plan_covers_every_row_once_and_keeps_groups_whole(n, k, group):
     assert p.tiles == n // 64 and p.has_zero and p.bf16
     # the grid asks for about the warps wanted (132 SMs assumed off the GPU), never fewer rows than one chunk
     assert p.tiles * -(-rows // p.rpw) <= max(132 * CG.DEFAULT_CONFIG[2], p.tiles * -(-rows // p.u))
+
+
+def test_tensor_core_form_plans_up_to_eight_tokens():
+    mma = CG.gemv_plan(4096, 11008, 128, False, torch.bfloat16, "cpu", config=CG.MMA_CONFIG)
+    one = CG.gemv_plan(4096, 11008, 128, False, torch.bfloat16, "cpu")
+    assert mma.mma and mma.max_m == CG.MAX_M == 8 and not mma.lean
+    assert not one.mma and one.max_m == CG.MAX_M_FFMA == 4
+    with pytest.raises(ValueError, match="no lean decoding"):
+        CG.gemv_plan(4096, 4096, 128, True, torch.bfloat16, "cpu", config=(4, 4, 24, 2, 1, 1, 1))
+    with pytest.raises(ValueError, match="48 KB"):  # 8 warps: the ring and an 8-token reduction do not fit
+        CG.gemv_plan(4096, 4096, 128, True, torch.bfloat16, "cpu", config=(4, 8, 24, 2, 1, 0, 1))
+    x = torch.zeros(9, 11008, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="1..8 tokens"):
+        CG.marlin_gemv_cuda(x, None, None, None, mma)
+    with pytest.raises(ValueError, match="1..4 tokens"):
+        CG.marlin_gemv_cuda(x[:5], None, None, None, one)
 
 
 def test_channelwise_and_one_group_layers_plan_without_groups():
@@ -155,27 +173,30 @@ CASES = [
 @pytest.mark.parametrize("n,k,group,sym", CASES, ids=[f"{n}x{k}-g{g}-{'sym' if s else 'asym'}" for n, k, g, s in CASES])
 def test_gemv_equals_float_reference(n, k, group, sym, dtype):
     qm, ms, mz, w = _layer(n, k, group, sym, dtype)
-    # the default (lean) form and the exact first form, 4 warps a block
-    plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in (None, (4, 4, 24, 4, 1, 0))]
+    # the default (lean) form, the exact first form (4 warps a block) and the tensor-core form (1-8 tokens)
+    cfgs = (None, (4, 4, 24, 4, 1, 0), CG.MMA_CONFIG, (2, 4, 16, 3, 1, 0, 1))
+    plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in cfgs]
     g = torch.Generator().manual_seed(1)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
-    for m in (1, 2, 3, 4):
+    for m in (1, 2, 3, 4, 5, 8):
         x = torch.randn(m, k, generator=g).to(dtype)
         for b in (None, bias):
             ref = x.double() @ w.T + (0 if b is None else b.double())
             for plan in plans:
-                y = CG.marlin_gemv_cuda(x.cuda(), qm, ms, mz, plan, None if b is None else b.cuda())
-                _close(y, ref, dtype)
+                if m <= plan.max_m:
+                    y = CG.marlin_gemv_cuda(x.cuda(), qm, ms, mz, plan, None if b is None else b.cuda())
+                    _close(y, ref, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_gemv_reproducible_and_graph_safe():
+@pytest.mark.parametrize("form,m", [("cuda-core", 1), ("tensor-core", 8)])
+def test_gemv_reproducible_and_graph_safe(form, m):
     n, k = 4096, 11008
     qm, ms, mz, w = _layer(n, k, 128, False, torch.bfloat16, seed=3)
-    plan = CG.gemv_plan(n, k, 128, False, torch.bfloat16, "cuda")
+    plan = CG.gemv_plan(n, k, 128, False, torch.bfloat16, "cuda", config=CG.MMA_CONFIG if m > 1 else None)
     assert plan.splits > 1  # the split-K path with the tile counters
-    x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     first = CG.marlin_gemv_cuda(x, qm, ms, mz, plan)
     for _ in range(20):
         assert torch.equal(CG.marlin_gemv_cuda(x, qm, ms, mz, plan), first)
@@ -216,11 +237,12 @@ def test_gemv_close_to_vllm_marlin_on_7b_shapes(n, k):
     from vllm_superweight.kernels.linear.base import W_PACKED, W_SCALE, W_ZERO, tensor
 
     plan = CG.gemv_plan(n, k, 128, False, torch.bfloat16, "cuda")
-    for m in (1, 4):
+    mma = CG.gemv_plan(n, k, 128, False, torch.bfloat16, "cuda", config=CG.MMA_CONFIG)
+    for m, p in ((1, plan), (4, plan), (1, mma), (8, mma)):
         x = torch.randn(m, k, generator=g).to(torch.bfloat16).cuda()
         ym = kobj.apply_weights(layer, x)
         src = getattr(kobj, "shadow", layer)
-        y = CG.marlin_gemv_cuda(x, tensor(src, W_PACKED), tensor(src, W_SCALE), tensor(src, W_ZERO), plan)
+        y = CG.marlin_gemv_cuda(x, tensor(src, W_PACKED), tensor(src, W_SCALE), tensor(src, W_ZERO), p)
         rel = float((y.float() - ym.float()).norm() / ym.float().norm())
         assert rel < 5e-3, rel
 
@@ -259,17 +281,20 @@ def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
     assert sp["hcols"].numel() > 0  # the heavy rows went to the CSR part
     maps = CG.sparse_maps(sp, n)
-    plan = CG.gemv_plan(n, k, group, sym, dtype, "cuda")
+    plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in (None, CG.MMA_CONFIG)]
     g = torch.Generator().manual_seed(2)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
-    for m in (1, 2, 4):
+    for m in (1, 2, 4, 8):
         x = torch.randn(m, k, generator=g).to(dtype)
         ref = x.double() @ (w + dense).T + bias.double()
-        y = CG.marlin_gemv_cuda(x.cuda(), qm, ms, mz, plan, bias.cuda(), sparse=sp, maps=maps)
-        _close(y, ref, dtype)
-        sep = sparse_correction(CG.marlin_gemv_cuda(x.cuda(), qm, ms, mz, plan, bias.cuda()), x.cuda(), sp)
-        step = ref.abs().max().item() * (2**-7 if dtype == torch.bfloat16 else 2**-10)
-        assert (y.double() - sep.double()).abs().max().item() <= 2 * step
+        for plan in plans:
+            if m > plan.max_m:
+                continue
+            y = CG.marlin_gemv_cuda(x.cuda(), qm, ms, mz, plan, bias.cuda(), sparse=sp, maps=maps)
+            _close(y, ref, dtype)
+            sep = sparse_correction(CG.marlin_gemv_cuda(x.cuda(), qm, ms, mz, plan, bias.cuda()), x.cuda(), sp)
+            step = ref.abs().max().item() * (2**-7 if dtype == torch.bfloat16 else 2**-10)
+            assert (y.double() - sep.double()).abs().max().item() <= 2 * step
     with pytest.raises(ValueError, match="packed SELL"):
         CG.marlin_gemv_cuda(x.cuda(), qm, ms, mz, plan, sparse=sp)  # no maps
 

@@ -551,7 +551,9 @@ def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
     assert envs.cuda_gemv_max_m() == 0
     monkeypatch.setenv(envs.CUDA_GEMV, "4")
     assert envs.cuda_gemv_max_m() == 4
-    for bad in ("5", "-1", "one"):
+    monkeypatch.setenv(envs.CUDA_GEMV, "8")
+    assert envs.cuda_gemv_max_m() == 8
+    for bad in ("9", "-1", "one"):
         monkeypatch.setenv(envs.CUDA_GEMV, bad)
         with pytest.raises(ValueError, match=envs.CUDA_GEMV):
             envs.cuda_gemv_max_m()
@@ -597,10 +599,14 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch)
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
 
     kern = _pair_with_marlin_copy()
-    kern.cgemv, kern.cgemv_max_m = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu"), 1
+    one = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu")
+    mma = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu", config=CG.MMA_CONFIG)
+    kern.cgemv, kern.cgemv_mma, kern.cgemv_max_m = one, mma, 6
     calls = []
     monkeypatch.setattr(
-        CG, "marlin_gemv_cuda", lambda x, qm, s, z, p, bias, sparse, maps: calls.append(("gemv", x.shape[0], bias))
+        CG,
+        "marlin_gemv_cuda",
+        lambda x, qm, s, z, p, bias, sparse, maps: calls.append(("gemv", x.shape[0], bias, p.mma)),
     )
 
     class FakeMarlin:
@@ -609,10 +615,12 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch)
 
     kern.small = FakeMarlin()
     bias = torch.zeros(128)
-    kern._small_gemm(torch.zeros(1, 256), bias)
-    kern._small_gemm(torch.zeros(2, 256), None)
+    for m in (1, 2, 6, 7):
+        kern._small_gemm(torch.zeros(m, 256), bias if m == 1 else None)
     assert calls[0][:2] == ("gemv", 1) and calls[0][2] is bias  # the layer's own bias, not Marlin's permuted one
-    assert calls[1] == ("marlin", 2, None)
+    assert calls[0][3] is False  # one token: the CUDA-core form
+    assert calls[1:3] == [("gemv", 2, None, True), ("gemv", 6, None, True)]  # 2..MAX_M: the tensor-core form
+    assert calls[3] == ("marlin", 7, None)
 
 
 @pytest.mark.parametrize(
@@ -710,10 +718,10 @@ def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, c
     monkeypatch.setattr(CG, "available", lambda: (True, None))
     compiled = []
 
-    def prepare(plan, max_m):
+    def prepare(plan, max_m, min_m=1):
         if not compiles:
             raise RuntimeError("cuda GEMV: NVRTC failed: (test)")
-        compiled.append(max_m)
+        compiled.append((plan.mma, min_m, max_m))
 
     monkeypatch.setattr(CG, "prepare", prepare)
     monkeypatch.setattr(WO, "_NOT_PLANNED", {})
@@ -721,8 +729,10 @@ def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, c
     with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
         kern._plan_cuda_gemv()
     if compiles:
-        assert compiled == [2] and kern.cgemv is not None and kern.cgemv_max_m == 2
-        assert kern.cgemv.n == 128 and kern.cgemv.k == 256 and kern.cgemv.grows == 4
+        # the single-token form, then the tensor-core form for 2 tokens, both compiled at load
+        assert compiled == [(False, 1, 1), (True, 2, 2)] and kern.cgemv_max_m == 2
+        assert kern.cgemv.n == 128 and kern.cgemv.k == 256 and kern.cgemv.grows == 4 and not kern.cgemv.mma
+        assert kern.cgemv_mma.mma and kern.cgemv_mma.warps == CG.MMA_CONFIG[1]
     else:
         assert kern.cgemv is None and kern.cgemv_max_m == 0
         assert "stays on Marlin: RuntimeError: cuda GEMV: NVRTC failed" in caplog.text

@@ -38,14 +38,15 @@ Only what users need is a knob:
                                     the SELL kernel elsewhere; the other kinds read the restore index;
                                     ``gemv=MAX_M`` (<= 4): batches of up to MAX_M tokens run the GEMV over
                                     Marlin's layout with the correction in its epilogue, ``gemv=0`` never).
-``SUPERWEIGHT_CUDA_GEMV``           ``MAX_M`` (0-4): CUDA batches of up to MAX_M tokens that the per-batch pairs send
-                                    to Marlin run our CUDA-core GEMV over Marlin's own tensors instead
+``SUPERWEIGHT_CUDA_GEMV``           ``MAX_M`` (0-8): CUDA batches of up to MAX_M tokens that the per-batch pairs send
+                                    to Marlin run our GEMV over Marlin's own tensors instead
                                     (``kernels.cuda_marlin_gemv``; compiled at load by torch's NVRTC, cached on
                                     disk); the held-out correction stays the separate kernel after it unless
-                                    ``SUPERWEIGHT_ONECOPY_CONFIG=corr=inside``. ``1`` (default): single-token
-                                    batches (H200, 7B layer: 0.90x Marlin's time at one token, 1.23x at two; end to
-                                    end, 0.1 % hold-out, one copy: batch 1 0.751 s vs Marlin's 0.807, AWQ 0.981).
-                                    ``0``: Marlin.
+                                    ``SUPERWEIGHT_ONECOPY_CONFIG=corr=inside``. ``1`` (default): single tokens,
+                                    its CUDA-core form (H200, 7B layer: 0.89x Marlin's time; end to end, 0.1 %
+                                    hold-out, one copy: batch 1 0.751 s vs Marlin's 0.807, AWQ 0.981). ``2``-``8``:
+                                    also 2..MAX_M tokens, through its tensor-core form (opt-in: not yet measured
+                                    on a GPU). ``0``: Marlin.
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
@@ -213,8 +214,8 @@ def dequant_min_m() -> int:
 
 def cuda_gemv_max_m() -> int:
     v = _int(CUDA_GEMV, DEFAULT_CUDA_GEMV_MAX_M)
-    if not 0 <= v <= 4:
-        raise ValueError(f"{CUDA_GEMV}={v}: 0 (Marlin) to 4 tokens")
+    if not 0 <= v <= 8:
+        raise ValueError(f"{CUDA_GEMV}={v}: 0 (Marlin) to 8 tokens")
     return v
 
 

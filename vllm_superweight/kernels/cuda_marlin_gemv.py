@@ -22,6 +22,16 @@ we choose:
     plan = gemv_plan(n, k, group, sym, act_dtype, device)      # load time: checks, grid, workspace reserved
     y = marlin_gemv_cuda(x, qm, scale, zero, plan, bias)       # x [M <= 4, K] -> [M, N]
 
+The tensor-core form (``gemv_plan(..., config=MMA_CONFIG)``, 1-8 tokens; the layers use it for 2..MAX_M tokens
+with ``SUPERWEIGHT_CUDA_GEMV=MAX_M``) keeps the loads, the ring, the split-K and the epilogue, and replaces the
+FFMAs: a lane's word of a row is, once decoded, exactly its A fragment of one ``mma.m16n8k16`` over the columns
+16 u + {c, c + 8} (Marlin packs its words for its own B fragments, which are these transposed), and the lane's x
+words of token c are the B fragment, so y^T = W x^T with the tokens as the MMA's N (zero beyond M). A nibble
+becomes 128 + q (bf16; 1024 + q for fp16) by one LOP3 and q - z by one exact FMA, the tensor cores sum (q - z) x in
+fp32, and the group scale is applied per group in fp32: ~12 instructions a word whatever the token count, where
+the CUDA-core form pays 8 FFMAs a word a token. Compiled for sm_80 and sm_90 with NVRTC 12.9 (63-119 registers,
+no spills); not yet run on a GPU, so opt-in.
+
 With ``sparse=`` (packed SELL slots, ``sparse_maps``) the held-out terms are added inside the kernel, into the fp32
 sum before the one rounding into y: no second kernel, no second pass over y (opt-in, see below).
 
@@ -55,7 +65,8 @@ import torch
 
 from .. import envs
 
-MAX_M = 4
+MAX_M = 8  # tokens a launch: the tensor-core form (``mma``); the CUDA-core form takes up to MAX_M_FFMA
+MAX_M_FFMA = 4
 TILE_N = 64
 
 _SRC = r"""
@@ -147,6 +158,51 @@ __device__ __forceinline__ void sp_gather(const u32 s, const u16* __restrict__ x
     if (m < M) v[m] = fmaf(w, act2f(__ldg(x + (size_t)m * xs + col)), v[m]);
 }
 
+#ifndef SW_MMA
+#define SW_MMA 0
+#endif
+#if SW_MMA
+// The tensor-core form (SW_MMA, 1-8 tokens): a lane's 32-bit word of a row is, decoded, exactly its A fragment of
+// one mma.m16n8k16 over the 16 output columns 16 u + {c, c + 8} and the row's 16 k (a0 / a2: column c at k = 2t,
+// 2t + 1 / 8 + 2t, 9 + 2t; a1 / a3: column c + 8), and its x words (token c, same k) are the B fragment: y^T = W x^T
+// with the tokens as the MMA's N (8, zero-padded). Nibbles become 128 + q (bf16) / 1024 + q (fp16) by one LOP3,
+// minus (128 + z) by one exact FMA (small integers), so the tensor cores sum (q - z) x exactly in fp32; the group
+// scale is applied per group in fp32, as in the CUDA-core form.
+#if SW_BF16
+#define SW_KE 0x43004300u
+#define SW_ONE2 0x3F803F80u
+#else
+#define SW_KE 0x64006400u
+#define SW_ONE2 0x3C003C00u
+#endif
+__device__ __forceinline__ u32 sub_z(u32 a, u32 nz) {
+  u32 d;
+#if SW_BF16
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(SW_ONE2), "r"(nz));
+#else
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(SW_ONE2), "r"(nz));
+#endif
+  return d;
+}
+__device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if SW_BF16
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+// one word (16 columns x 16 k of the tile's row block u) into its group accumulator
+__device__ __forceinline__ void word_mma(u32 w, const u32 (&nz)[2], u32 b0, u32 b1, float (&d)[4]) {
+  const u32 a0 = sub_z((w & 0x000F000Fu) | SW_KE, nz[0]), a2 = sub_z(((w >> 4) & 0x000F000Fu) | SW_KE, nz[0]);
+  const u32 a1 = sub_z(((w >> 8) & 0x000F000Fu) | SW_KE, nz[1]), a3 = sub_z(((w >> 12) & 0x000F000Fu) | SW_KE, nz[1]);
+  mma16816(d, a0, a1, a2, a3, b0, b1);
+}
+#endif
+
 #if SW_LEAN
 #define SW_WORD word_fma_lean
 #else
@@ -168,18 +224,9 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
   const size_t rs = (size_t)N / 2;  // uint4s a row (2 N words)
   const uint4* qp = qm + (size_t)tile * 32 + lane;
 
-  float acc[SW_MT][8], ga[SW_MT][8], sx[SW_MT], sxh[SW_MT];
-#pragma unroll
-  for (int m = 0; m < SW_MT; ++m) {
-    sx[m] = 0.f;
-    sxh[m] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) { acc[m][i] = 0.f; ga[m][i] = 0.f; }
-  }
-
-  // this lane's scales / zero points of one group (the grouped scale permutation puts them at 8 c .. 8 c + 7)
-  auto flush = [&](int g) {
-    float s[8], z[8];
+  // this lane's scales of one group: columns 16 (i >> 1) + 8 (i & 1) + c of the tile (the grouped scale permutation
+  // puts them at 8 c .. 8 c + 7)
+  auto load_scales = [&](int g, float (&s)[8]) {
 #if SW_GROWS > 0
     const uint4 sv = *reinterpret_cast<const uint4*>(sc + (size_t)g * N + tile * 64 + 8 * c);
     const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w};
@@ -192,6 +239,57 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       s[i] = act2f(sc[32 * (n >> 5) + 8 * ((mm >> 1) & 3) + 2 * (mm >> 3) + (mm & 1)]);
     }
 #endif
+  };
+#if SW_MMA
+  // C fragments of row block u: columns 16 u + c (0, 1) / 16 u + 8 + c (2, 3), tokens 2 t (0, 2) / 2 t + 1 (1, 3)
+  float gacc[4][4], tot[4][4];
+  u32 nz[4][2];  // -(128 + z) of this group's columns 16 u + c / 16 u + 8 + c, both halves
+  int cur_g = -1;
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { gacc[u][i] = 0.f; tot[u][i] = 0.f; }
+  auto load_zero = [&](int g) {
+#if SW_ZERO
+    const u32 zw = zp[(size_t)g * (N / 8) + tile * 8 + c];
+#endif
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#if SW_ZERO
+      const u32 z = (zw >> (4 * ((i >> 1) + 4 * (i & 1)))) & 15u;
+#else
+      const u32 z = 8u;
+#endif
+      const u32 h = ((SW_KE & 0xFFFFu) | z) | 0x8000u;  // -(128 + z) (bf16) / -(1024 + z) (fp16)
+      nz[i >> 1][i & 1] = h | (h << 16);
+    }
+  };
+  auto flush = [&](int g) {
+    float s[8];
+    load_scales(g, s);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      tot[u][0] = fmaf(s[2 * u], gacc[u][0], tot[u][0]);
+      tot[u][1] = fmaf(s[2 * u], gacc[u][1], tot[u][1]);
+      tot[u][2] = fmaf(s[2 * u + 1], gacc[u][2], tot[u][2]);
+      tot[u][3] = fmaf(s[2 * u + 1], gacc[u][3], tot[u][3]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) gacc[u][i] = 0.f;
+    }
+  };
+#else
+  float acc[SW_MT][8], ga[SW_MT][8], sx[SW_MT], sxh[SW_MT];
+#pragma unroll
+  for (int m = 0; m < SW_MT; ++m) {
+    sx[m] = 0.f;
+    sxh[m] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { acc[m][i] = 0.f; ga[m][i] = 0.f; }
+  }
+
+  auto flush = [&](int g) {
+    float s[8], z[8];
+    load_scales(g, s);
 #if SW_ZERO
     const u32 zw = zp[(size_t)g * (N / 8) + tile * 8 + c];
 #pragma unroll
@@ -212,6 +310,7 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       sxh[m] = 0.f;
     }
   };
+#endif
 
   // every lane copies its own 16 bytes of each row into its own shared slots (no other lane reads them): a
   // ring of SW_ST chunks of SW_U rows, SW_ST - 1 chunks in flight while one is summed
@@ -248,6 +347,26 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 #pragma unroll
     for (int j = 0; j < SW_U; ++j) {
       const uint4 wv = buf[warp][st][j][lane];
+#if SW_MMA
+      {
+        const int row = r + j;
+#if SW_GROWS > 0
+        if (row / SW_GROWS != cur_g) { cur_g = row / SW_GROWS; load_zero(cur_g); }
+#else
+        if (cur_g < 0) { cur_g = 0; load_zero(0); }
+#endif
+        u32 b0 = 0u, b1 = 0u;  // token c's x at k = 2t, 2t + 1 / 8 + 2t, 9 + 2t (zero beyond M)
+        if (c < SW_MT) {
+          const u16* xr = x + (size_t)c * xs + 16 * row + 2 * t;
+          b0 = __ldg(reinterpret_cast<const u32*>(xr));
+          b1 = __ldg(reinterpret_cast<const u32*>(xr + 8));
+        }
+        word_mma(wv.x, nz[0], b0, b1, gacc[0]);
+        word_mma(wv.y, nz[1], b0, b1, gacc[1]);
+        word_mma(wv.z, nz[2], b0, b1, gacc[2]);
+        word_mma(wv.w, nz[3], b0, b1, gacc[3]);
+      }
+#else
       float xa[SW_MT], xb[SW_MT], xc[SW_MT], xd[SW_MT];
 #pragma unroll
       for (int m = 0; m < SW_MT; ++m) {
@@ -269,6 +388,7 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       SW_WORD(wv.z, xa, xb, xc, xd, ga, 2, km, ke);
       SW_WORD(wv.w, xa, xb, xc, xd, ga, 3, km, ke);
 #endif
+#endif  // SW_MMA
 #if SW_GROWS > 0 && SW_GROWS < SW_U
       if (((j + 1) % SW_GROWS) == 0) flush((r + j) / SW_GROWS);
 #endif
@@ -283,6 +403,18 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
   if (r1 > r0 && (r1 % SW_GROWS) != 0) flush((r1 - 1) / SW_GROWS);
 #endif
 
+  __shared__ float red[SW_WARPS][SW_MT * 64];
+  __shared__ float spv[SW_MT * 64];
+  __shared__ int last;
+#if SW_MMA
+  // every lane holds whole sums (over its rows) of columns 16 u + c, 16 u + 8 + c for tokens 2 t, 2 t + 1
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int n0 = 16 * u + c, k0 = 2 * t;
+    if (k0 < SW_MT) { red[warp][k0 * 64 + n0] = tot[u][0]; red[warp][k0 * 64 + n0 + 8] = tot[u][2]; }
+    if (k0 + 1 < SW_MT) { red[warp][(k0 + 1) * 64 + n0] = tot[u][1]; red[warp][(k0 + 1) * 64 + n0 + 8] = tot[u][3]; }
+  }
+#else
   // the 4 lanes t of a column group hold partial sums of the same 8 columns
 #pragma unroll
   for (int m = 0; m < SW_MT; ++m)
@@ -293,15 +425,13 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       v += __shfl_xor_sync(0xffffffffu, v, 2);
       acc[m][i] = v;
     }
-  __shared__ float red[SW_WARPS][SW_MT * 64];
-  __shared__ float spv[SW_MT * 64];
-  __shared__ int last;
   if (t == 0) {
 #pragma unroll
     for (int m = 0; m < SW_MT; ++m)
 #pragma unroll
       for (int i = 0; i < 8; ++i) red[warp][m * 64 + 16 * (i >> 1) + 8 * (i & 1) + c] = acc[m][i];
   }
+#endif
   if (do_sp) {
 #pragma unroll
     for (int g = 0; g < SW_CG; ++g) {
@@ -377,6 +507,8 @@ _ws: dict[torch.device, dict[str, torch.Tensor]] = {}
 # registers are limited for, lean decoding): the best of benchmarks/cuda_gemv_bench.py --sweep on an H200 (one 7B
 # layer at M = 1: 59.7 us against 72.6 for the first form (4, 4, 24, 4, 1, 0); cuda_gemv_s22b.json)
 DEFAULT_CONFIG = (4, 8, 24, 2, 1, 1)
+# the tensor-core form's starting point (not yet swept on a GPU): 4 warps a block (its shared reduction holds 8 tokens)
+MMA_CONFIG = (4, 4, 24, 2, 1, 0, 1)
 
 
 def available() -> tuple[bool, str | None]:
@@ -409,6 +541,11 @@ class GemvPlan:
     splits: int  # blocks a tile (split-K)
     minb: int = 1  # blocks an SM the registers are limited for (__launch_bounds__)
     lean: bool = False  # the lean decoding (see the kernel source)
+    mma: bool = False  # the tensor-core form (1-8 tokens)
+
+    @property
+    def max_m(self) -> int:
+        return MAX_M if self.mma else MAX_M_FFMA
 
     @property
     def tiles(self) -> int:
@@ -442,7 +579,11 @@ def gemv_plan(
     u_want, warps, per_sm, stages, *rest = config or DEFAULT_CONFIG
     minb = int(rest[0]) if rest else 1
     lean = bool(rest[1]) if len(rest) > 1 else False
-    if warps * stages * u_want * 512 + (warps + 1) * MAX_M * 256 > 48 * 1024:
+    mma = bool(rest[2]) if len(rest) > 2 else False
+    if mma and lean:
+        raise ValueError(f"cuda GEMV: config {config}: the tensor-core form has no lean decoding")
+    max_m = MAX_M if mma else MAX_M_FFMA
+    if warps * stages * u_want * 512 + (warps + 1) * max_m * 256 > 48 * 1024:
         raise ValueError(f"cuda GEMV: config {config} needs more than 48 KB of static shared memory")
     rows, grows = k // 16, g // 16
     u = _pick_u(rows, grows, u_want)
@@ -455,8 +596,9 @@ def gemv_plan(
         rpw += u
     splits = -(-rows // (rpw * warps))
     if dev.type == "cuda" and splits > 1:
-        reserve(dev, splits * MAX_M * n, tiles)
-    return GemvPlan(n, k, grows, not sym, act_dtype == torch.bfloat16, u, warps, stages, rpw, splits, minb, lean)
+        reserve(dev, splits * max_m * n, tiles)
+    bf16 = act_dtype == torch.bfloat16
+    return GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma)
 
 
 def _dev(device: torch.device | str) -> torch.device:
@@ -559,7 +701,8 @@ def _compile(src: str, name: str):
 
 
 def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
-    key = (mt, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, readonly, plan.minb, plan.lean)
+    key: tuple = (mt, readonly, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, plan.minb)
+    key += (plan.lean, plan.mma)
     kern = _kernels.get(key)
     if kern is None:
         ok, why = available()
@@ -569,7 +712,7 @@ def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
             f"#define SW_MT {mt}\n#define SW_BF16 {int(plan.bf16)}\n#define SW_GROWS {plan.grows}\n"
             f"#define SW_ZERO {int(plan.has_zero)}\n#define SW_U {plan.u}\n#define SW_WARPS {plan.warps}\n"
             f"#define SW_ST {plan.stages}\n#define SW_READONLY {int(readonly)}\n"
-            f"#define SW_MINB {plan.minb}\n#define SW_LEAN {int(plan.lean)}\n"
+            f"#define SW_MINB {plan.minb}\n#define SW_LEAN {int(plan.lean)}\n#define SW_MMA {int(plan.mma)}\n"
         )
         with _lock:
             kern = _kernels.get(key)
@@ -579,10 +722,11 @@ def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
     return kern
 
 
-def prepare(plan: GemvPlan, max_m: int) -> None:
-    """Compile (NVRTC) and load the kernels of 1..``max_m`` tokens for ``plan`` now -- at load time, so a machine
-    whose torch cannot compile them fails here, where the caller can stay on Marlin, not in the first forward."""
-    for mt in range(1, max_m + 1):
+def prepare(plan: GemvPlan, max_m: int, min_m: int = 1) -> None:
+    """Compile (NVRTC) and load the kernels of ``min_m``..``max_m`` tokens for ``plan`` now -- at load time, so a
+    machine whose torch cannot compile them fails here, where the caller can stay on Marlin, not in the first
+    forward."""
+    for mt in range(min_m, max_m + 1):
         _kernel(plan, mt)
 
 
@@ -603,8 +747,10 @@ def marlin_gemv_cuda(
     ``prepare_sparse(..., layout="sell", pack=x.dtype)``) with ``maps`` (``sparse_maps``): the held-out terms are
     added in the epilogue, in fp32 with the bias, before the one rounding into y."""
     m = x.shape[0]
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"cuda GEMV: 1..{MAX_M} tokens, got {m}")
+    if not 1 <= m <= plan.max_m:
+        raise ValueError(f"cuda GEMV: 1..{plan.max_m} tokens for this form, got {m}")
+    if _readonly and plan.mma:
+        raise ValueError("cuda GEMV: the loads-only diagnostic is a CUDA-core form")
     if x.shape[1] != plan.k or x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:
         x = x.contiguous()
     ell = hr = hp = hc = hg = None

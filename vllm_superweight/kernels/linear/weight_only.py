@@ -565,6 +565,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         self.has_bias = False
         self._layer: weakref.ref | None = None
         self.cgemv: Any = None  # launch plan (GemvPlan) of the CUDA GEMV over Marlin's tensors (SUPERWEIGHT_CUDA_GEMV)
+        self.cgemv_mma: Any = None  # its tensor-core form's plan, for 2..cgemv_max_m tokens
         self.cgemv_max_m = 0
         self.cmaps: dict[str, torch.Tensor] | None = None  # the GEMV epilogue's view of packed held-out slots
         self.held = 0  # held-out entries of the layer (set_sparse)
@@ -602,8 +603,9 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         self._plan_cuda_gemv()
 
     def _plan_cuda_gemv(self) -> None:
-        """With ``SUPERWEIGHT_CUDA_GEMV=MAX_M``, batches of up to MAX_M tokens that would go to Marlin run the
-        CUDA-core GEMV over Marlin's own tensors (``kernels/cuda_marlin_gemv.py``) where it can read the layer."""
+        """With ``SUPERWEIGHT_CUDA_GEMV=MAX_M``, batches of up to MAX_M tokens that would go to Marlin run our GEMV
+        over Marlin's own tensors (``kernels/cuda_marlin_gemv.py``; one token: its CUDA-core form, 2..MAX_M: its
+        tensor-core form) where it can read the layer."""
         max_m = envs.cuda_gemv_max_m()
         if not max_m or self.config.device_type != "cuda" or not isinstance(self.small, MarlinKernel):
             return
@@ -617,9 +619,14 @@ class DualMarlinMacheteKernel(SWLinearKernel):
             ok, why = False, f"Marlin padded N {n_p} to {qm.shape[1] // 2}"
         if ok:
             try:
-                plan = CG.gemv_plan(n_p, k_p, c.group_size, c.symmetric, c.act_dtype, qm.device)
-                CG.prepare(plan, max_m)  # compiled at load: a failure keeps Marlin, never breaks a forward
-                self.cgemv, self.cgemv_max_m = plan, max_m
+                args = (n_p, k_p, c.group_size, c.symmetric, c.act_dtype, qm.device)
+                plan = CG.gemv_plan(*args)  # single tokens: the CUDA-core form
+                CG.prepare(plan, 1)  # compiled at load: a failure keeps Marlin, never breaks a forward
+                mma = None
+                if max_m > 1:  # 2..max_m tokens: the tensor-core form
+                    mma = CG.gemv_plan(*args, config=CG.MMA_CONFIG)
+                    CG.prepare(mma, max_m, min_m=2)
+                self.cgemv, self.cgemv_mma, self.cgemv_max_m = plan, mma, max_m
                 return
             except (ValueError, RuntimeError, OSError) as e:
                 why = f"{type(e).__name__}: {e}"
@@ -645,7 +652,8 @@ class DualMarlinMacheteKernel(SWLinearKernel):
 
             zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
             qm, scale = tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE)
-            return marlin_gemv_cuda(x, qm, scale, zero, self.cgemv, bias, sparse=sparse, maps=maps)
+            plan = self.cgemv if x.shape[0] == 1 else self.cgemv_mma
+            return marlin_gemv_cuda(x, qm, scale, zero, plan, bias, sparse=sparse, maps=maps)
         b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
         return self.small.apply_gemm(self.shadow, x, b)
 
