@@ -121,6 +121,114 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert envs.cache_dir().endswith(".cache/vllm-superweight")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# CPU: the kernel's lane algebra, emulated on vLLM's own Marlin layout
+# ---------------------------------------------------------------------------------------------------------------
+def _lane_words(qm: torch.Tensor, n: int) -> torch.Tensor:
+    """[R, tiles, 32 lanes, 4 words] uint32 (as int64): the 16 bytes lane ``L`` of tile ``T`` loads from row ``r``
+    (``qp = qm + T * 32 + L`` over uint4s)."""
+    return (qm.to(torch.int64) & 0xFFFFFFFF).view(qm.shape[0], n // 64, 32, 4)
+
+
+def _nib(w: torch.Tensor, b: int) -> torch.Tensor:
+    return (w >> (4 * b)) & 15
+
+
+def _codes_cuda_core(words: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The codes [N, K] as the CUDA-core form reads them (``word_fma``: column 16 u + c takes nibbles 0 / 4 / 1 / 5 at
+    k = 2t / 2t + 1 / 2t + 8 / 2t + 9 of its row tile, column 16 u + 8 + c nibbles 2 / 6 / 3 / 7)."""
+    q = torch.full((n, k), -1, dtype=torch.int64)
+    for lane in range(32):
+        c, t = lane >> 2, lane & 3
+        for u in range(4):
+            w = words[:, :, lane, u]  # [R, tiles]
+            for col, bits in ((16 * u + c, (0, 4, 1, 5)), (16 * u + 8 + c, (2, 6, 3, 7))):
+                for kk, b in zip((2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9), bits, strict=True):
+                    q[col::64, kk::16] = _nib(w, b).T
+    return q
+
+
+def _codes_tensor_core(words: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The codes [N, K] as the tensor-core form feeds them to ``mma.m16n8k16`` (PTX fragment rule for A, 16 x 16,
+    row-major: a0 = rows g, cols 2t, 2t + 1; a1 = rows g + 8; a2 = cols + 8; a3 = both; the low half of a register
+    is the lower column), with A's row i the output column 16 u + i and A's column the k of the row tile; the
+    kernel makes a0 / a2 / a1 / a3 from the word shifted by 0 / 4 / 8 / 12, nibbles at bits 0-3 and 16-19."""
+    q = torch.full((n, k), -1, dtype=torch.int64)
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for u in range(4):
+            w = words[:, :, lane, u]
+            for shift, row, kcol in ((0, g, 2 * t), (4, g, 2 * t + 8), (8, g + 8, 2 * t), (12, g + 8, 2 * t + 8)):
+                a = w >> shift
+                q[16 * u + row :: 64, kcol::16] = (a & 15).T  # low half: the lower column
+                q[16 * u + row :: 64, kcol + 1 :: 16] = ((a >> 16) & 15).T
+    return q
+
+
+def _lane_scales_zeros(ms: torch.Tensor, mz: torch.Tensor | None, n: int, groups: int):
+    """[G, N] scales and zero points as a lane reads them (``load_scales`` / ``load_zero``: lane c's eight values at
+    8 c .. 8 c + 7 of its tile, i-th for column 16 (i >> 1) + 8 (i & 1) + c)."""
+    s = torch.zeros(groups, n, dtype=torch.float64)
+    z = torch.full((groups, n), 8, dtype=torch.int64)
+    for tile in range(n // 64):
+        for c in range(8):
+            for i in range(8):
+                col = tile * 64 + 16 * (i >> 1) + 8 * (i & 1) + c
+                s[:, col] = ms[:, tile * 64 + 8 * c + i].double()
+                if mz is not None:
+                    zw = mz[:, tile * 8 + c].to(torch.int64) & 0xFFFFFFFF
+                    z[:, col] = (zw >> (4 * ((i >> 1) + 4 * (i & 1)))) & 15
+    return s, z
+
+
+@pytest.mark.parametrize("n,k,group,sym", [(128, 256, 64, False), (192, 512, 128, True), (64, 384, 128, False)])
+def test_both_forms_read_vllms_marlin_layout(n, k, group, sym):
+    """On vLLM's own (python reference) Marlin repack of random codes: the CUDA-core form's nibble map (verified on
+    the H200 against float64, session 22) and the tensor-core form's A-fragment map give the same codes, and both
+    are the layer's codes; each lane's scales and zero points are its columns'; and the tensor-core form's whole
+    arithmetic (exact q - z, one MMA per word and row tile with the tokens as N, fp32 group scaling, C fragment to
+    columns / tokens) equals x W^T for 1-8 tokens."""
+    pytest.importorskip("vllm")
+    from test_triton_marlin_deq import marlin_layout
+
+    g = torch.Generator().manual_seed(n + k)
+    ng = k // group
+    inputs = {
+        "q": torch.randint(0, 16, (n, k), generator=g),
+        "scales": (torch.rand(n, ng, generator=g) * 0.01 + 0.002).to(torch.bfloat16),
+        "zeros": None if sym else torch.randint(0, 16, (n, ng), generator=g),
+        "sym": sym,
+    }
+    qm, ms, mz = marlin_layout(inputs, n, k, group)
+    assert tuple(qm.shape) == (k // 16, 2 * n)  # unpadded: what gemv_plan accepts
+    words = _lane_words(qm, n)
+    assert torch.equal(_codes_cuda_core(words, n, k), inputs["q"])
+    assert torch.equal(_codes_tensor_core(words, n, k), inputs["q"])
+    s, z = _lane_scales_zeros(ms, mz, n, ng)
+    assert torch.equal(s, inputs["scales"].T.double())
+    assert torch.equal(z, inputs["zeros"].T if not sym else torch.full((ng, n), 8))
+
+    # the tensor-core form's arithmetic, fragment by fragment
+    zeros = torch.full((n, ng), 8) if sym else inputs["zeros"]
+    w_ref = (inputs["q"] - zeros.repeat_interleave(group, 1)).double()
+    w_ref *= inputs["scales"].double().repeat_interleave(group, 1)
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16).double()
+        xb = torch.zeros(8, k, dtype=torch.float64)
+        xb[:m] = x  # B: token c's x, zero beyond M
+        y = torch.zeros(8, n, dtype=torch.float64)
+        for tile in range(n // 64):
+            for u in range(4):
+                cols = tile * 64 + 16 * u + torch.arange(16)
+                for gi in range(ng):
+                    acc = torch.zeros(16, 8, dtype=torch.float64)  # D: 16 columns x 8 tokens
+                    for r in range(gi * group // 16, (gi + 1) * group // 16):
+                        a = inputs["q"][cols, 16 * r : 16 * r + 16].double() - z[gi, cols].double()[:, None]
+                        acc += a @ xb[:, 16 * r : 16 * r + 16].T
+                    y[:, cols] += (s[gi, cols][:, None] * acc).T
+        torch.testing.assert_close(y[:m], x @ w_ref.T, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU answer")
 def test_not_available_without_cuda():
     ok, why = CG.available()
