@@ -229,6 +229,67 @@ def test_both_forms_read_vllms_marlin_layout(n, k, group, sym):
         torch.testing.assert_close(y[:m], x @ w_ref.T, rtol=1e-12, atol=1e-12)
 
 
+def _epilogue_terms(sp, maps, x: torch.Tensor, n: int, warps: int, spd: int = 4) -> torch.Tensor:
+    """The held-out terms [M, N] as the kernel's lanes gather them (fp64): lane 4 c + t of warp w owns column
+    (g * warps + w) * 8 + c of each tile, its slots t + 4 d (d < spd from the registers, then the rest of the slice
+    from memory), its heavy row's CSR run from hptr + t in steps of 4; the 4 lanes of a column summed."""
+    ell = sp["ell_cols"].to(torch.int64) & 0xFFFFFFFF  # [blocks, L, 32]
+    L = ell.shape[1]
+    flat = ell.reshape(-1)
+    hrng, hrows = maps["hrng"].tolist(), sp["hrows"].tolist()
+    hptr, hcols = sp["hptr"].tolist(), (sp["hcols"].to(torch.int64) & 0xFFFFFFFF).tolist()
+    dt = sp["ell_vals"].dtype
+
+    def val(slot: int) -> float:
+        return torch.tensor([slot >> 16], dtype=torch.int32).to(torch.int16).view(dt).double().item()
+
+    out = torch.zeros(x.shape[0], n, dtype=torch.float64)
+    groups = -(-64 // (warps * 8))
+    for tile in range(n // 64):
+        for g in range(groups):
+            for w in range(warps):
+                cb = (g * warps + w) * 8
+                if cb >= 64:
+                    continue
+                for lane in range(32):
+                    c, t = lane >> 2, lane & 3
+                    col = tile * 64 + cb + c
+                    blk = col >> 5
+                    at = lambda dd, blk=blk, col=col: flat[(blk * L + dd) * 32 + (col & 31)].item()  # noqa: E731
+                    slots = [at(t + 4 * d) for d in range(spd) if t + 4 * d < L]
+                    slots += [at(dd) for dd in range(t + 4 * spd, L, 4)]
+                    for h in range(hrng[blk], hrng[blk + 1]):
+                        if hrows[h] == col:
+                            slots += [hcols[j] for j in range(hptr[h] + t, hptr[h + 1], 4)]
+                    for sl in filter(None, slots):
+                        out[:, col] += val(sl) * x[:, sl & 0xFFFF].double()
+    return out
+
+
+@pytest.mark.parametrize("warps", [8, 4, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_epilogue_lanes_gather_every_held_out_term_once(warps, dtype):
+    """The held-out terms as the kernel's lanes would gather them from ``prepare_sparse(pack=...)`` slots (light
+    slices deeper than the registers hold, two heavy rows, values split into exact terms) equal S x for every
+    column, whatever the warps a block (one or two column groups a warp)."""
+    from vllm_superweight.kernels import prepare_sparse
+
+    n, k = 128, 512
+    rows, cols, vals, dense = _held_out(n, k, dtype, seed=4)
+    extra = torch.arange(24)  # one light row 24 deep: slots beyond the 16 the registers hold
+    rows = torch.cat([rows, torch.full((24,), 77)])
+    cols, vals = torch.cat([cols, extra * 7]), torch.cat([vals, torch.linspace(-1, 1, 24)])
+    dense = torch.zeros(n, k, dtype=torch.float64)
+    dense.index_put_((rows, cols), vals.double(), accumulate=True)
+    sp = prepare_sparse(rows, cols, vals, n, k, "cpu", layout="sell", pack=dtype, depth=32)
+    assert sp["ell_cols"].shape[1] > 16 and sp["hcols"].numel() > 0  # both the deep slices and the CSR part
+    maps = CG.sparse_maps(sp, n)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = _epilogue_terms(sp, maps, x, n, warps)
+    want = x.double() @ dense.T
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU answer")
 def test_not_available_without_cuda():
     ok, why = CG.available()
