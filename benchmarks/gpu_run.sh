@@ -258,8 +258,8 @@ EOF2
     # lanes a column, only the first split-K block) and the GEMV's tensor-core form (2-8 tokens, SUPERWEIGHT_CUDA_GEMV
     # up to 8) added, both compiled here with NVRTC 12.9, neither yet run on a GPU. Next lease: this stage again (now
     # also the tensor-core form's tests, M = 1, 2, 4, 8 and its sweep), then, by what the micro-benchmark shows,
-    #   BUDGET_S=560 throughput mma --latency-batches 1,8,64 --throughput-lens ""      (tensor-core form up to 8)
-    #   BUDGET_S=560 throughput epilogue --latency-batches 1,8,64 --throughput-lens ""  (corr=inside)
+    #   BUDGET_S=560 throughput mma --latency-batches 1,8,64 --throughput-lens ""   (up to 8 tokens, corr inside/after)
+    #   BUDGET_S=560 throughput mma2 --latency-batches 1,8,64 --throughput-lens ""  (no hold-out; the default)
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     timeout 300 $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_epilogue.xml" \

@@ -66,6 +66,7 @@ KERNEL_SUFFIX = {
     "-nocg": " → Marlin at batch 1",
     "-cgin": " → CUDA GEMV at batch 1, correction in its epilogue",
     "-cg8": " → one W4 copy, our GEMV up to 8 tokens (tensor cores from 2)",
+    "-cg8in": " → our GEMV up to 8 tokens, correction inside it",
 }
 
 

@@ -202,6 +202,12 @@ METHODS["sw-w4-g128-holdout-qkv-cgin"] = dict(
 METHODS["sw-w4-g128-holdout-qkv-cg8"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "8"}
 )
+# both: 1-8 tokens through our GEMV with the held-out terms read inside it (session 23's two opt-in kernels)
+METHODS["sw-w4-g128-holdout-qkv-cg8in"] = dict(
+    METHODS["sw-w4-g128-holdout-qkv"],
+    ckpt="sw-w4-g128-holdout-qkv",
+    env={"SUPERWEIGHT_CUDA_GEMV": "8", "SUPERWEIGHT_ONECOPY_CONFIG": "corr=inside"},
+)
 METHODS["sw-w4-g128-cg8"] = dict(
     METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_CUDA_GEMV": "8"}
 )
@@ -252,8 +258,10 @@ GROUPS = {
     "cudagemv": ["sw-w4-g128-holdout-qkv-cg", "sw-w4-g128-holdout-qkv", "awq", "sw-w4-g128-cg1", "sw-w4-g128"],
     # the held-out terms in the CUDA GEMV's epilogue (session 23's second form) against after it, and without hold-out
     "epilogue": ["sw-w4-g128-holdout-qkv-cgin", "sw-w4-g128-holdout-qkv", "awq", "sw-w4-g128-cg1"],
-    # the GEMV's tensor-core form up to 8 tokens (session 23's second kernel), one copy, AWQ beside
-    "mma": ["sw-w4-g128-holdout-qkv-cg8", "sw-w4-g128-holdout-qkv", "awq", "sw-w4-g128-cg8"],
+    # the GEMV's tensor-core form up to 8 tokens (session 23's second kernel), with the held-out terms inside it or
+    # after it, AWQ beside (one call); then the same without hold-out and the default (a second call)
+    "mma": ["sw-w4-g128-holdout-qkv-cg8in", "sw-w4-g128-holdout-qkv-cg8", "awq"],
+    "mma2": ["sw-w4-g128-cg8", "sw-w4-g128-holdout-qkv", "awq"],
     # issue 12's one layout from vLLM's Humming backend (needs humming-kernels importable in the engines)
     "humming": [
         "sw-w4-g128-humming",
