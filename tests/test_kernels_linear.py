@@ -584,7 +584,7 @@ def test_cuda_gemv_stays_off_when_turned_off_and_says_why_it_cannot_run(monkeypa
     with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
         kern._plan_cuda_gemv()
     assert kern.cgemv is None and kern.cgemv_max_m == 0  # Marlin's tensors are not on CUDA here
-    assert "stays on Marlin: not on CUDA" in caplog.text
+    assert "stays on Marlin for 1 token: not on CUDA" in caplog.text
     assert kern.describe().startswith("CUDA-GEMV(M<=1)/")
     kern.config = dataclasses.replace(kern.config, device_type="cpu")  # a CPU layer: silent, not advertised
     caplog.clear()
@@ -704,10 +704,11 @@ def test_onecopy_config_takes_corr_inside(monkeypatch):
         envs.onecopy_config()
 
 
-@pytest.mark.parametrize("compiles", [True, False])
+@pytest.mark.parametrize("compiles", [True, False, "one-token-only"])
 def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, caplog, compiles):
     """The plan and NVRTC's compile happen in process_weights_after_loading: a machine whose torch cannot compile the
-    kernel keeps Marlin (with the reason logged) instead of failing in the first forward."""
+    kernel keeps Marlin (with the reason logged) instead of failing in the first forward; where only the
+    tensor-core form fails, single tokens keep the GEMV and 2..MAX_M tokens Marlin."""
     import types
 
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
@@ -719,7 +720,7 @@ def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, c
     compiled = []
 
     def prepare(plan, max_m, min_m=1):
-        if not compiles:
+        if not compiles or (compiles == "one-token-only" and plan.mma):
             raise RuntimeError("cuda GEMV: NVRTC failed: (test)")
         compiled.append((plan.mma, min_m, max_m))
 
@@ -728,11 +729,15 @@ def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, c
     monkeypatch.setenv(envs.CUDA_GEMV, "2")
     with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
         kern._plan_cuda_gemv()
-    if compiles:
+    if compiles == "one-token-only":
+        assert compiled == [(False, 1, 1)] and kern.cgemv is not None and kern.cgemv_mma is None
+        assert kern.cgemv_max_m == 1
+        assert "stays on Marlin for 2 tokens: its tensor-core form: RuntimeError" in caplog.text
+    elif compiles:
         # the single-token form, then the tensor-core form for 2 tokens, both compiled at load
         assert compiled == [(False, 1, 1), (True, 2, 2)] and kern.cgemv_max_m == 2
         assert kern.cgemv.n == 128 and kern.cgemv.k == 256 and kern.cgemv.grows == 4 and not kern.cgemv.mma
         assert kern.cgemv_mma.mma and kern.cgemv_mma.warps == CG.MMA_CONFIG[1]
     else:
         assert kern.cgemv is None and kern.cgemv_max_m == 0
-        assert "stays on Marlin: RuntimeError: cuda GEMV: NVRTC failed" in caplog.text
+        assert "stays on Marlin for 1-2 tokens: RuntimeError: cuda GEMV: NVRTC failed" in caplog.text

@@ -623,19 +623,19 @@ class DualMarlinMacheteKernel(SWLinearKernel):
                 plan = CG.gemv_plan(*args)  # single tokens: the CUDA-core form
                 CG.prepare(plan, 1)  # compiled at load: a failure keeps Marlin, never breaks a forward
                 mma = None
-                if max_m > 1:  # 2..max_m tokens: the tensor-core form
-                    mma = CG.gemv_plan(*args, config=CG.MMA_CONFIG)
-                    CG.prepare(mma, max_m, min_m=2)
+                if max_m > 1:  # 2..max_m tokens: the tensor-core form; if it cannot run, one token still can
+                    try:
+                        mma = CG.gemv_plan(*args, config=CG.MMA_CONFIG)
+                        CG.prepare(mma, max_m, min_m=2)
+                    except (ValueError, RuntimeError, OSError) as e:
+                        span = f"2-{max_m} tokens" if max_m > 2 else "2 tokens"
+                        _warn_once(f"its tensor-core form: {type(e).__name__}: {e}", c.prefix, span)
+                        mma, max_m = None, 1
                 self.cgemv, self.cgemv_mma, self.cgemv_max_m = plan, mma, max_m
                 return
             except (ValueError, RuntimeError, OSError) as e:
                 why = f"{type(e).__name__}: {e}"
-        why = why or "unknown"
-        if why not in _NOT_PLANNED:  # each reason once, with the first layer it kept on Marlin
-            _NOT_PLANNED[why] = c.prefix
-            logging.getLogger("vllm.superweight_rtn").warning(
-                "%s=%d: %s (and any like it) stays on Marlin: %s", envs.CUDA_GEMV, max_m, c.prefix, why
-            )
+        _warn_once(why or "unknown", c.prefix, f"1-{max_m} tokens" if max_m > 1 else "1 token")
 
     def _small_gemm(
         self,
@@ -674,6 +674,16 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         if x.is_cuda and _dual_op_available():
             return torch.ops.superweight.w4_dual_mm(x, bias, self.n, self.key)
         return self.run(x, bias)
+
+
+def _warn_once(why: str, prefix: str, span: str) -> None:
+    """Each reason the CUDA GEMV cannot serve a layer's batches of ``span`` once, with the first layer it kept on
+    Marlin for them."""
+    if why not in _NOT_PLANNED:
+        _NOT_PLANNED[why] = prefix
+        logging.getLogger("vllm.superweight_rtn").warning(
+            "%s: %s (and any like it) stays on Marlin for %s: %s", envs.CUDA_GEMV, prefix, span, why
+        )
 
 
 class DualMarlinHummingKernel(DualMarlinMacheteKernel):
