@@ -1,9 +1,10 @@
 """Micro-benchmark: the CUDA-core GEMV over Marlin's layout (``kernels/cuda_marlin_gemv.py``) against vLLM's Marlin
 on Llama-2-7B-shaped W4 layers (issue 12's M = 1 target: >= 60 % of HBM peak), with and without the 0.1 % hold-out's
-separate SELL correction and with it in the GEMV's epilogue (``cuda-fused``), M = 1..4, plus a sweep of the GEMV's
-launch configurations at M = 1.
+separate SELL correction and with it in the GEMV's epilogue (``cuda-fused``), M = 1..8 (the CUDA-core form ``cuda``
+up to 4 tokens, the tensor-core form ``mma`` / ``mma+sell`` up to 8), plus sweeps of each form's launch
+configurations (``--sweep``: CUDA-core at M = 1; ``--mma-sweep``: tensor-core at M = 1 and 8).
 
-    python benchmarks/cuda_gemv_bench.py --out $OUT/cuda_gemv.json [--layers 4] [--sweep]
+    python benchmarks/cuda_gemv_bench.py --out $OUT/cuda_gemv.json [--layers 4] [--ms 1,2,4,8] [--sweep] [--mma-sweep]
 
 Layers: random g128 asymmetric codes (speed does not depend on values), each a ``marlin-deq1`` kernel object (the
 one-copy default for held-out checkpoints) built by ``tests/vllm_linear.build_mp_layer`` with a 0.1 % hold-out and
