@@ -704,7 +704,33 @@ def test_onecopy_config_takes_corr_inside(monkeypatch):
         envs.onecopy_config()
 
 
-@pytest.mark.parametrize("compiles", [True, False, "one-token-only"])
+@pytest.mark.parametrize("error", [0.0, 0.3, float("nan")])
+def test_tensor_core_form_is_checked_against_the_cuda_core_form_at_load(monkeypatch, error):
+    """The load-time check runs the tensor-core form on MAX_M random tokens and the CUDA-core form one token at a
+    time on the layer's own tensors; it passes when they agree and raises on a mismatch (or NaN)."""
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
+    kern = _pair_with_marlin_copy()
+    one = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu")
+    mma = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu", config=CG.MMA_CONFIG)
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def gemv(x, qm, s, z, plan):
+        seen.append((plan.mma, x.shape[0]))
+        y = x.float() @ w.T
+        return y + error * y.abs().mean() if plan.mma else y
+
+    monkeypatch.setattr(CG, "marlin_gemv_cuda", gemv)
+    if error == 0.0:
+        kern._check_mma(CG, one, mma, 5)
+    else:
+        with pytest.raises(RuntimeError, match="differs from the CUDA-core form"):
+            kern._check_mma(CG, one, mma, 5)
+    assert seen == [(True, 5)] + [(False, 1)] * 5
+
+
+@pytest.mark.parametrize("compiles", [True, False, "one-token-only", "mma-mismatch"])
 def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, caplog, compiles):
     """The plan and NVRTC's compile happen in process_weights_after_loading: a machine whose torch cannot compile the
     kernel keeps Marlin (with the reason logged) instead of failing in the first forward; where only the
@@ -724,13 +750,18 @@ def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, c
             raise RuntimeError("cuda GEMV: NVRTC failed: (test)")
         compiled.append((plan.mma, min_m, max_m))
 
+    def check(CG_, one, mma, max_m):
+        if compiles == "mma-mismatch":
+            raise RuntimeError("its tensor-core form differs from the CUDA-core form by 0.7 (relative)")
+
     monkeypatch.setattr(CG, "prepare", prepare)
+    monkeypatch.setattr(kern, "_check_mma", check)
     monkeypatch.setattr(WO, "_NOT_PLANNED", {})
     monkeypatch.setenv(envs.CUDA_GEMV, "2")
     with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
         kern._plan_cuda_gemv()
-    if compiles == "one-token-only":
-        assert compiled == [(False, 1, 1)] and kern.cgemv is not None and kern.cgemv_mma is None
+    if compiles in ("one-token-only", "mma-mismatch"):
+        assert compiled[0] == (False, 1, 1) and kern.cgemv is not None and kern.cgemv_mma is None
         assert kern.cgemv_max_m == 1
         assert "stays on Marlin for 2 tokens: its tensor-core form: RuntimeError" in caplog.text
     elif compiles:

@@ -30,7 +30,8 @@ words of token c are the B fragment, so y^T = W x^T with the tokens as the MMA's
 becomes 128 + q (bf16; 1024 + q for fp16) by one LOP3 and q - z by one exact FMA, the tensor cores sum (q - z) x in
 fp32, and the group scale is applied per group in fp32: ~12 instructions a word whatever the token count, where
 the CUDA-core form pays 8 FFMAs a word a token. Compiled for sm_80 and sm_90 with NVRTC 12.9 (63-119 registers,
-no spills); not yet run on a GPU, so opt-in.
+no spills); not yet run on a GPU, so opt-in, and checked at load on each layer's own weights against the CUDA-core
+form (a mismatch leaves 2..MAX_M tokens on Marlin, logged).
 
 With ``sparse=`` (packed SELL slots, ``sparse_maps``) the held-out terms are added inside the kernel, into the fp32
 sum before the one rounding into y: no second kernel, no second pass over y (opt-in, see below).

@@ -627,6 +627,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
                     try:
                         mma = CG.gemv_plan(*args, config=CG.MMA_CONFIG)
                         CG.prepare(mma, max_m, min_m=2)
+                        self._check_mma(CG, plan, mma, max_m)
                     except (ValueError, RuntimeError, OSError) as e:
                         span = f"2-{max_m} tokens" if max_m > 2 else "2 tokens"
                         _warn_once(f"its tensor-core form: {type(e).__name__}: {e}", c.prefix, span)
@@ -636,6 +637,21 @@ class DualMarlinMacheteKernel(SWLinearKernel):
             except (ValueError, RuntimeError, OSError) as e:
                 why = f"{type(e).__name__}: {e}"
         _warn_once(why or "unknown", c.prefix, f"1-{max_m} tokens" if max_m > 1 else "1 token")
+
+    def _check_mma(self, CG: Any, one: Any, mma: Any, max_m: int) -> None:
+        """Load time, this layer's own weights: the tensor-core form on ``max_m`` random tokens against the CUDA-core
+        form (measured on the H200 against float64) one token at a time; a mismatch raises RuntimeError, which
+        leaves 2..max_m tokens on Marlin. Both forms sum in fp32 over the same bf16 / fp16 inputs, so they agree to
+        ~1e-3; a wrong fragment mapping is off by O(1)."""
+        qm, scale = tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE)
+        zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
+        gen = torch.Generator(device=qm.device).manual_seed(0)
+        x = torch.randn(max_m, one.k, generator=gen, device=qm.device).to(self.config.act_dtype)
+        y = CG.marlin_gemv_cuda(x, qm, scale, zero, mma).float()
+        ref = torch.cat([CG.marlin_gemv_cuda(x[i : i + 1], qm, scale, zero, one) for i in range(max_m)]).float()
+        rel = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not rel < 1e-2:  # NaN fails too
+            raise RuntimeError(f"its tensor-core form differs from the CUDA-core form by {rel:.3g} (relative)")
 
     def _small_gemm(
         self,
