@@ -192,7 +192,7 @@ def main() -> None:
             if rel > 1e-2:
                 log(f"  CHECK FAILED {name} M={m}: rel {rel:.3g}")
             # the held-out terms in the epilogue against the same terms added by the separate correction
-            yf = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], e["plan"], sparse=e["k"].sp, maps=e["maps"])
+            yf = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan, sparse=e["k"].sp, maps=e["maps"])
             ys_ = K.sparse_correction(yc.clone(), x, e["k"].sp)
             relf = float((yf.float() - ys_.float()).norm() / ys_.float().norm())
             rows[-1]["rel_fused_vs_separate"] = relf
