@@ -256,10 +256,13 @@ EOF2
     # vs 69.1 with the correction after the GEMV (cuda_gemv_s23_epilogue_h200.md), end to end batch 1 0.873 s vs 0.751
     # (throughput_h200_s23_*.json) -> corr=inside made opt-in and rewritten (slots loaded before the main loop, 4
     # lanes a column, only the first split-K block) and the GEMV's tensor-core form (2-8 tokens, SUPERWEIGHT_CUDA_GEMV
-    # up to 8) added, both compiled here with NVRTC 12.9, neither yet run on a GPU. Next lease: this stage again (now
-    # also the tensor-core form's tests, M = 1, 2, 4, 8 and its sweep), then, by what the micro-benchmark shows,
-    #   BUDGET_S=560 throughput mma --latency-batches 1,8,64 --throughput-lens ""   (up to 8 tokens, corr inside/after)
-    #   BUDGET_S=560 throughput mma2 --latency-batches 1,8,64 --throughput-lens ""  (no hold-out; the default)
+    # up to 8) added. Session 24 ran this stage (58 passed; the fifth one-copy class parameter hit dynamo's recompile
+    # limit, 5 passed with it raised; cuda_gemv_s24_h200.md): the second epilogue form 66.4 us vs 71.6 with the SELL
+    # kernel after the GEMV -> the default; the tensor-core form 78-90 us at 2-8 tokens vs Marlin's 66 -> opt-in; then
+    #   BUDGET_S=560 throughput sw-w4-g128-holdout-qkv-cgin,sw-w4-g128-holdout-qkv,awq --latency-batches 1,8,64 \
+    #     --throughput-lens ""          (throughput_h200_s24_corr.json)
+    #   the same with sw-w4-g128-cg1,sw-w4-g128-holdout-qkv-cgin,awq, then both held-out / one-copy engines saturated
+    #   (--latency-batches "", throughput_h200_s24_onecopy.json)
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     timeout 300 $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_epilogue.xml" \

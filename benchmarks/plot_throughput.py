@@ -65,6 +65,7 @@ KERNEL_SUFFIX = {
     "-cgfused": " → CUDA GEMV at batch 1, correction in its epilogue (s23 first form)",
     "-nocg": " → Marlin at batch 1",
     "-cgin": " → CUDA GEMV at batch 1, correction in its epilogue",
+    "-cgsell": " → CUDA GEMV at batch 1, correction after it",
     "-cg8": " → one W4 copy, our GEMV up to 8 tokens (tensor cores from 2)",
     "-cg8in": " → our GEMV up to 8 tokens, correction inside it",
 }

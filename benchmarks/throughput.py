@@ -189,16 +189,21 @@ METHODS["sw-w4-g128-gemv"] = dict(
 # Marlin's kernel time at M = 1, slower from 2): the held-out checkpoint's default one-copy pair (-cg), the checkpoint
 # without hold-out on that one copy (-cg1) and on its two-copy default (-cg)
 METHODS["sw-w4-g128-holdout-qkv-cg"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "1"}
+    METHODS["sw-w4-g128-holdout-qkv"],
+    ckpt="sw-w4-g128-holdout-qkv",
+    env={"SUPERWEIGHT_CUDA_GEMV": "1", "SUPERWEIGHT_ONECOPY_CONFIG": "corr=sell"},  # as session 23 measured it
 )
-# the held-out default with its single-token correction in the CUDA GEMV's epilogue (opt-in since session 23: the
-# first epilogue form was slower end to end, batch 1 0.873 s vs 0.751 with the correction after the GEMV; the
-# second form -- slots loaded before the main loop, 4 lanes a column -- not yet measured)
+# the held-out default with its single-token correction in the CUDA GEMV's epilogue, named explicitly (the default
+# since session 24: its second form took 66.4 us a 7B layer vs 71.6 with the SELL kernel after the GEMV; the first
+# form was slower, batch 1 0.873 s vs 0.751, session 23) and with the correction after the GEMV (-cgsell)
 METHODS["sw-w4-g128-holdout-qkv-cgin"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_ONECOPY_CONFIG": "corr=inside"}
 )
-# the GEMV's tensor-core form for 2-8 tokens too (SUPERWEIGHT_CUDA_GEMV=8; session 23, not yet on a GPU): batch 8's
-# decode steps off Marlin, with and without the hold-out, both one copy
+METHODS["sw-w4-g128-holdout-qkv-cgsell"] = dict(
+    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_ONECOPY_CONFIG": "corr=sell"}
+)
+# the GEMV's tensor-core form for 2-8 tokens too (SUPERWEIGHT_CUDA_GEMV=8; session 24, H200, 7B layer: 78-90 us at
+# 2-8 tokens vs Marlin's 66, so opt-in): batch 8's decode steps off Marlin, with and without the hold-out, one copy
 METHODS["sw-w4-g128-holdout-qkv-cg8"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "8"}
 )

@@ -32,21 +32,22 @@ Only what users need is a knob:
 ``SUPERWEIGHT_ONECOPY_CONFIG``      launch configurations of the ``marlin-deq1`` kernels, as the micro-benchmark
                                     found them best on this GPU (``w4_fused_bench.py --sections onecopy``):
                                     ``deq=BN:WARPS[:SCATTER],corr=sell|inside|KIND:ROWS:SLOTS:WARPS,gemv=MAX_M``
-                                    (any part may be left out; ``corr=sell``: the packed SELL correction, the
-                                    default where K <= 65536; ``corr=inside``: the same slots read in the CUDA
-                                    GEMV's epilogue where it serves the batch (opt-in, see SUPERWEIGHT_CUDA_GEMV),
-                                    the SELL kernel elsewhere; the other kinds read the restore index;
+                                    (any part may be left out; ``corr=inside`` (default where K <= 65536): the
+                                    packed slots read in the CUDA GEMV's epilogue where it serves the batch (see
+                                    SUPERWEIGHT_CUDA_GEMV; H200, 7B layer: 66.4 us vs 71.6 after it), the packed
+                                    SELL correction kernel elsewhere; ``corr=sell``: that kernel after the GEMV
+                                    too; the other kinds read the restore index;
                                     ``gemv=MAX_M`` (<= 4): batches of up to MAX_M tokens run the GEMV over
                                     Marlin's layout with the correction in its epilogue, ``gemv=0`` never).
 ``SUPERWEIGHT_CUDA_GEMV``           ``MAX_M`` (0-8): CUDA batches of up to MAX_M tokens that the per-batch pairs send
                                     to Marlin run our GEMV over Marlin's own tensors instead
                                     (``kernels.cuda_marlin_gemv``; compiled at load by torch's NVRTC, cached on
-                                    disk); the held-out correction stays the separate kernel after it unless
-                                    ``SUPERWEIGHT_ONECOPY_CONFIG=corr=inside``. ``1`` (default): single tokens,
-                                    its CUDA-core form (H200, 7B layer: 0.89x Marlin's time; end to end, 0.1 %
+                                    disk); the one-copy pair adds its held-out terms in the GEMV's epilogue
+                                    (``SUPERWEIGHT_ONECOPY_CONFIG=corr=sell``: after it). ``1`` (default): single
+                                    tokens, its CUDA-core form (H200, 7B layer: 0.89x Marlin's time; end to end, 0.1 %
                                     hold-out, one copy: batch 1 0.751 s vs Marlin's 0.807, AWQ 0.981). ``2``-``8``:
-                                    also 2..MAX_M tokens, through its tensor-core form (opt-in: not yet measured
-                                    on a GPU). ``0``: Marlin.
+                                    also 2..MAX_M tokens, through its tensor-core form (opt-in: correct on the
+                                    H200 but 78-90 us a 7B layer at 2-8 tokens vs Marlin's 66). ``0``: Marlin.
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small

@@ -47,11 +47,16 @@ arithmetic barely overlap, and 4-8 MB GEMMs too small to ramp (o_proj's loads re
 while a 1 GiB read-only reduction reaches 4.2 TB/s on the same GPU. The first form (exact nibbles, 4 warps, 4
 stages) took 69.7 us; the lean decoding and 8 warps a block with 2 stages brought it to 59.9.
 
-The held-out terms in the epilogue (``sparse=``; the one-copy pair with ``SUPERWEIGHT_ONECOPY_CONFIG=corr=inside``)
-are opt-in: the first form, one thread a column walking its slots after the main loop in the tile's last block, took
-96.1 us a layer against 69.1 with the SELL kernel after the GEMV (session 23); this second form loads each lane's
-slots before the main loop and sums them after it, 4 lanes a column, in the tile's first split-K block only (not
-yet measured on a GPU).
+The held-out terms in the epilogue (``sparse=``; the one-copy pair's default since session 24,
+``SUPERWEIGHT_ONECOPY_CONFIG=corr=sell`` puts the SELL kernel after the GEMV instead): this second form loads each
+lane's slots before the main loop and sums them after it, 4 lanes a column, in the tile's first split-K block only:
+66.4 us a 7B layer with the 0.1 % hold-out against 71.6 with the SELL kernel after the GEMV and 77.0 with Marlin +
+SELL (H200, session 24, ``cuda_gemv_s24_h200.md``); end to end, batch 1 0.766 s vs 0.771. The first form, one
+thread a column walking its slots after the main loop in the tile's last block, took 96.1 us (session 23).
+
+The tensor-core form (2-8 tokens, ``SUPERWEIGHT_CUDA_GEMV=2..8``) passes its GPU tests but stays opt-in: 73.1 us at
+M = 1, 78.3 / 84.2 / 89.9 at 2 / 4 / 8 against Marlin's flat 66 (every configuration of ``--mma-sweep`` within 3 %
+of the default at M = 8), so 2-8 tokens stay on Marlin.
 """
 
 from __future__ import annotations
