@@ -62,6 +62,27 @@ SWEEP += [(4, 4, 48, 3, 1, 1), (8, 4, 48, 2, 1, 1), (4, 8, 64, 2, 4, 1), (4, 2, 
 # the tensor-core form (7th field 1): rows a chunk, warps a block, warps per SM wanted, ring stages, blocks per SM
 MMA_SWEEP = [(4, 4, 24, 2, 1, 0, 1), (4, 4, 24, 3, 1, 0, 1), (4, 4, 48, 2, 4, 0, 1), (8, 4, 24, 2, 1, 0, 1)]
 MMA_SWEEP += [(4, 2, 48, 4, 8, 0, 1), (2, 4, 48, 3, 4, 0, 1), (4, 4, 96, 2, 8, 0, 1)]
+# --pf: both forms with their group constants prefetched through the ring (8th field 1) against the same configuration
+# without (the defaults, then a few ring shapes the prefetch may favour: more stages, longer chunks)
+DEFAULT = (4, 8, 24, 2, 1, 1)  # cuda_marlin_gemv.DEFAULT_CONFIG
+PF_PAIRS = [
+    ("cuda", DEFAULT, (1, 2, 4)),
+    ("cuda-fused", DEFAULT, (1,)),
+    ("mma", (4, 4, 24, 2, 1, 0, 1), (1, 2, 4, 8)),
+]
+PF_SWEEP = [
+    ("cuda", (4, 8, 32, 2, 1, 1, 0, 1)),
+    ("cuda", (8, 4, 24, 2, 1, 1, 0, 1)),
+    ("cuda", (4, 4, 24, 4, 1, 1, 0, 1)),
+    ("mma", (4, 4, 24, 3, 1, 0, 1, 1)),
+    ("mma", (8, 4, 24, 2, 1, 0, 1, 1)),
+    ("mma", (2, 4, 24, 3, 1, 0, 1, 1)),
+]
+
+
+def with_pf(cfg: tuple) -> tuple:
+    """``cfg`` (6 or 7 fields) with the prefetch flag set (the 7th field, the tensor-core flag, padded with 0)."""
+    return tuple(cfg) + (0,) * (7 - len(cfg)) + (1,)
 
 
 def main() -> None:
@@ -73,6 +94,7 @@ def main() -> None:
     ap.add_argument("--holdout", type=float, default=1e-3)
     ap.add_argument("--sweep", action="store_true", help="launch configurations at M = 1")
     ap.add_argument("--mma-sweep", action="store_true", help="the tensor-core form's configurations at M = 1, 8")
+    ap.add_argument("--pf", action="store_true", help="group constants prefetched through the ring vs not (SW_PF)")
     ap.add_argument(
         "--ceiling",
         action="store_true",
@@ -226,8 +248,9 @@ def main() -> None:
                         y = e["k"].small.apply_gemm(e["k"].shadow, x, None)
                         K.sparse_correction(y, x, e["k"].sp)
                     elif kind == "cuda-fused":
+                        plan = plans[name] if plans else e["plan"]
                         CG.marlin_gemv_cuda(
-                            x, e["qm"], e["sc"], e["zp"], e["plan"], out=ys[m][name], sparse=e["k"].sp, maps=e["maps"]
+                            x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name], sparse=e["k"].sp, maps=e["maps"]
                         )
                     elif kind in ("mma", "mma+sell"):
                         plan = plans[name] if plans else e["plan_mma"]
@@ -275,6 +298,31 @@ def main() -> None:
         for cfg in MMA_SWEEP:
             for m in (1, 8):
                 timed("mma", m, cfg, part="mma-sweep")
+    if args.pf:  # bitwise check first (the prefetch moves where constants come from, not the arithmetic)
+        for kind, cfg, pms in PF_PAIRS:
+            for m in pms:
+                for name, (n_, k_) in SHAPES.items():
+                    e, x = layers[0][name], xs[m][name]
+                    sp = {"sparse": e["k"].sp, "maps": e["maps"]} if kind == "cuda-fused" and not args.no_vllm else {}
+                    outs = [
+                        CG.marlin_gemv_cuda(
+                            x, e["qm"], e["sc"], e["zp"], CG.gemv_plan(n_, k_, 128, False, bf, dev, config=c), **sp
+                        )
+                        for c in (cfg, with_pf(cfg))
+                    ]
+                    same = bool(torch.equal(outs[0], outs[1]))
+                    rows.append({"part": "pf-check", "kernel": kind, "m": m, "shape": name, "bitwise_equal": same})
+                    if not same:
+                        log(f"  CHECK FAILED (prefetch) {kind} {name} M={m}: not bitwise equal")
+        for kind, cfg, pms in PF_PAIRS:
+            if args.no_vllm and kind == "cuda-fused":
+                continue
+            for m in pms:
+                timed(kind, m, cfg, part="pf")
+                timed(kind, m, with_pf(cfg), part="pf")
+        for kind, cfg in PF_SWEEP:
+            for m in (1, 8) if kind == "mma" else (1,):
+                timed(kind, m, cfg, part="pf-sweep")
     if args.ceiling:
         timed("cuda-loads", 1, part="ceiling")
         for name in SHAPES:
@@ -341,6 +389,18 @@ def write_table(path: str) -> None:
         at = {(tuple(r["config"]), r["m"]): r["us"] for r in ms_}
         for cfg in sorted(cfgs, key=lambda c: at.get((c, 8), 1e9)):
             lines.append(f"* {cfg}: {at.get((cfg, 1), float('nan')):.1f} / {at.get((cfg, 8), float('nan')):.1f} us")
+    pf = [r for r in d["results"] if r.get("part") in ("pf", "pf-sweep") and "us" in r]
+    if pf:
+        chk = [r for r in d["results"] if r.get("part") == "pf-check"]
+        ok = sum(r["bitwise_equal"] for r in chk)
+        lines += [
+            "",
+            f"Group constants prefetched through the ring (SW_PF; bitwise equal to without: {ok}/{len(chk)}):",
+            "",
+        ]
+        lines += ["| kernel | config | M | us | % of peak |", "|---|---|---|---|---|"]
+        for r in pf:
+            lines.append(f"| {r['kernel']} | {tuple(r['config'])} | {r['m']} | {r['us']:.1f} | {r['frac_peak']:.0%} |")
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -74,6 +74,21 @@ def test_tensor_core_form_plans_up_to_eight_tokens():
         CG.marlin_gemv_cuda(x[:5], None, None, None, one)
 
 
+def test_prefetch_plans_group_wise_layers_within_shared_memory():
+    """The 8th config field prefetches a chunk's group constants through the ring: planned for group-wise layers
+    (channel-wise ones read their one set after the loop) where its shared slots fit beside the ring in 48 KB (a
+    chunk of 4 rows over 16-row groups needs 4 sets): a speed option, dropped where it cannot apply."""
+    pf = CG.DEFAULT_CONFIG + (0, 1)
+    assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=pf).pf
+    assert not CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu").pf
+    assert not CG.gemv_plan(4096, 4096, -1, False, torch.bfloat16, "cpu", config=pf).pf
+    assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.MMA_CONFIG + (1,)).mma
+    assert CG.gemv_plan(4096, 4096, 16, True, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG).grows == 1
+    # 8 warps x 2 stages x 4 sets of constants do not fit beside the ring and the 4-token reduction: no prefetch
+    assert not CG.gemv_plan(4096, 4096, 16, True, torch.bfloat16, "cpu", config=pf).pf
+    assert CG.gemv_plan(4096, 4096, 16, True, torch.bfloat16, "cpu", config=(4, 4, 24, 2, 1, 1, 0, 1)).pf
+
+
 def test_channelwise_and_one_group_layers_plan_without_groups():
     assert CG.gemv_plan(4096, 4096, -1, True, torch.float16, "cpu").grows == 0
     assert CG.gemv_plan(4096, 4096, 4096, True, torch.float16, "cpu").grows == 0
@@ -342,8 +357,10 @@ CASES = [
 @pytest.mark.parametrize("n,k,group,sym", CASES, ids=[f"{n}x{k}-g{g}-{'sym' if s else 'asym'}" for n, k, g, s in CASES])
 def test_gemv_equals_float_reference(n, k, group, sym, dtype):
     qm, ms, mz, w = _layer(n, k, group, sym, dtype)
-    # the default (lean) form, the exact first form (4 warps a block) and the tensor-core form (1-8 tokens)
+    # the default (lean) form, the exact first form (4 warps a block) and the tensor-core form (1-8 tokens); with
+    # the group constants prefetched through the ring: a chunk within a group, a chunk of several groups (8 rows)
     cfgs = (None, (4, 4, 24, 4, 1, 0), CG.MMA_CONFIG, (2, 4, 16, 3, 1, 0, 1))
+    cfgs += ((4, 4, 24, 2, 1, 1, 0, 1), (8, 4, 24, 2, 1, 0, 0, 1), CG.MMA_CONFIG + (1,), (8, 2, 24, 3, 1, 0, 1, 1))
     plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in cfgs]
     g = torch.Generator().manual_seed(1)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
@@ -450,7 +467,8 @@ def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
     assert sp["hcols"].numel() > 0  # the heavy rows went to the CSR part
     maps = CG.sparse_maps(sp, n)
-    plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in (None, CG.MMA_CONFIG)]
+    cfgs = (None, CG.MMA_CONFIG, CG.DEFAULT_CONFIG + (0, 1), CG.MMA_CONFIG + (1,))  # the last two: prefetch
+    plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in cfgs]
     g = torch.Generator().manual_seed(2)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
     for m in (1, 2, 4, 8):
@@ -497,3 +515,30 @@ def test_gemv_epilogue_is_graph_safe_and_reproducible():
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, first)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n,k,group,sym", CASES, ids=[f"{n}x{k}-g{g}" for n, k, g, s in CASES])
+def test_prefetched_group_constants_change_nothing(n, k, group, sym):
+    """The prefetch (8th config field) moves where a group's scales and zero points are read from (shared memory,
+    copied with the chunk's rows), not the arithmetic: bitwise the same y as without it, both forms, every M, with
+    the held-out terms in the epilogue or not, split-K or not."""
+    from vllm_superweight.kernels import prepare_sparse
+
+    dtype = torch.bfloat16
+    qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=11)
+    rows, cols, vals, _ = _held_out(n, k, dtype, seed=n + 3)
+    sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
+    maps = CG.sparse_maps(sp, n)
+    g = torch.Generator().manual_seed(4)
+    for base in (CG.DEFAULT_CONFIG, (8, 4, 24, 2, 1, 0), CG.MMA_CONFIG, (8, 2, 24, 3, 1, 0, 1)):
+        off = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=base)
+        on = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=tuple(base) + (0,) * (7 - len(base)) + (1,))
+        assert on.pf == (off.grows > 0)  # (these configurations leave room for the prefetch's slots)
+        for m in range(1, off.max_m + 1):
+            x = torch.randn(m, k, generator=g).to(dtype).cuda()
+            for kw in ({}, {"sparse": sp, "maps": maps}):
+                a = CG.marlin_gemv_cuda(x, qm, ms, mz, off, **kw)
+                b = CG.marlin_gemv_cuda(x, qm, ms, mz, on, **kw)
+                assert torch.equal(a, b), (base, m, bool(kw))

@@ -109,6 +109,11 @@ __device__ __forceinline__ void cp16(const void* smem, const void* g) {
   const u32 sa = (u32)__cvta_generic_to_shared(smem);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(g));
 }
+// 4 bytes global -> shared (the prefetched zero-point words, SW_PF)
+__device__ __forceinline__ void cp4(const void* smem, const void* g) {
+  const u32 sa = (u32)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(sa), "l"(g));
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(SW_ST - 1)); }
 
@@ -166,6 +171,19 @@ __device__ __forceinline__ void sp_gather(const u32 s, const u16* __restrict__ x
 
 #ifndef SW_MMA
 #define SW_MMA 0
+#endif
+// SW_PF: a chunk's group constants (the lane's 8 scales, its zero-point word) travel through the ring with the
+// chunk's rows (cp.async, issued by lane t = 0 of each column group), so a group's scaling reads shared memory
+// instead of stalling on a global load with SW_ST - 1 chunks in flight; SW_NG groups a chunk (U and GROWS divide
+// one another)
+#ifndef SW_PF
+#define SW_PF 0
+#endif
+#if SW_PF && SW_GROWS > 0
+#define SW_PFG 1
+#define SW_NG ((SW_U + SW_GROWS - 1) / SW_GROWS)
+#else
+#define SW_PFG 0
 #endif
 #if SW_MMA
 // The tensor-core form (SW_MMA, 1-8 tokens): a lane's 32-bit word of a row is, decoded, exactly its A fragment of
@@ -232,8 +250,18 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 
   // this lane's scales of one group: columns 16 (i >> 1) + 8 (i & 1) + c of the tile (the grouped scale permutation
   // puts them at 8 c .. 8 c + 7)
-  auto load_scales = [&](int g, float (&s)[8]) {
-#if SW_GROWS > 0
+#if SW_PFG
+  __shared__ uint4 sbuf[SW_WARPS][SW_ST][SW_NG][8];
+  __shared__ u32 zbuf[SW_WARPS][SW_ST][SW_NG][8];
+#endif
+  // slot / e: where SW_PF put group g's constants (the ring slot of the chunk being summed, the chunk's e-th group)
+  auto load_scales = [&](int g, float (&s)[8], int slot, int e) {
+#if SW_PFG
+    const uint4 sv = sbuf[warp][slot][e][c];
+    const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { s[2 * i] = act2f((u16)(sw[i] & 0xFFFF)); s[2 * i + 1] = act2f((u16)(sw[i] >> 16)); }
+#elif SW_GROWS > 0
     const uint4 sv = *reinterpret_cast<const uint4*>(sc + (size_t)g * N + tile * 64 + 8 * c);
     const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w};
 #pragma unroll
@@ -246,6 +274,15 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
     }
 #endif
   };
+  auto zero_word = [&](int g, int slot, int e) -> u32 {
+#if SW_PFG && SW_ZERO
+    return zbuf[warp][slot][e][c];
+#elif SW_ZERO
+    return zp[(size_t)g * (N / 8) + tile * 8 + c];
+#else
+    return 0u;
+#endif
+  };
 #if SW_MMA
   // C fragments of row block u: columns 16 u + c (0, 1) / 16 u + 8 + c (2, 3), tokens 2 t (0, 2) / 2 t + 1 (1, 3)
   float gacc[4][4], tot[4][4];
@@ -255,9 +292,9 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
   for (int u = 0; u < 4; ++u)
 #pragma unroll
     for (int i = 0; i < 4; ++i) { gacc[u][i] = 0.f; tot[u][i] = 0.f; }
-  auto load_zero = [&](int g) {
+  auto load_zero = [&](int g, int slot, int e) {
 #if SW_ZERO
-    const u32 zw = zp[(size_t)g * (N / 8) + tile * 8 + c];
+    const u32 zw = zero_word(g, slot, e);
 #endif
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -270,9 +307,9 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       nz[i >> 1][i & 1] = h | (h << 16);
     }
   };
-  auto flush = [&](int g) {
+  auto flush = [&](int g, int slot, int e) {
     float s[8];
-    load_scales(g, s);
+    load_scales(g, s, slot, e);
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       tot[u][0] = fmaf(s[2 * u], gacc[u][0], tot[u][0]);
@@ -293,11 +330,11 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
     for (int i = 0; i < 8; ++i) { acc[m][i] = 0.f; ga[m][i] = 0.f; }
   }
 
-  auto flush = [&](int g) {
+  auto flush = [&](int g, int slot, int e) {
     float s[8], z[8];
-    load_scales(g, s);
+    load_scales(g, s, slot, e);
 #if SW_ZERO
-    const u32 zw = zp[(size_t)g * (N / 8) + tile * 8 + c];
+    const u32 zw = zero_word(g, slot, e);
 #pragma unroll
     for (int i = 0; i < 8; ++i) z[i] = 128.f + (float)((zw >> (4 * ((i >> 1) + 4 * (i & 1)))) & 15u);
 #else
@@ -322,11 +359,26 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
   // ring of SW_ST chunks of SW_U rows, SW_ST - 1 chunks in flight while one is summed
   __shared__ uint4 buf[SW_WARPS][SW_ST][SW_U][32];
   const int nch = (r1 - r0) / SW_U;  // r1 - r0 is a multiple of SW_U (the host picks SW_U dividing K / 16)
+  auto issue = [&](int q) {  // chunk q (rows r0 + q U ...) into its ring slot
+    const int slot = q % SW_ST;
+#pragma unroll
+    for (int j = 0; j < SW_U; ++j) cp16(&buf[warp][slot][j][lane], qp + (size_t)(r0 + q * SW_U + j) * rs);
+#if SW_PFG
+    if (t == 0) {
+      const int g0 = (r0 + q * SW_U) / SW_GROWS;
+#pragma unroll
+      for (int e = 0; e < SW_NG; ++e) {
+        cp16(&sbuf[warp][slot][e][c], sc + (size_t)(g0 + e) * N + tile * 64 + 8 * c);
+#if SW_ZERO
+        cp4(&zbuf[warp][slot][e][c], zp + (size_t)(g0 + e) * (N / 8) + tile * 8 + c);
+#endif
+      }
+    }
+#endif
+  };
 #pragma unroll
   for (int q = 0; q < SW_ST - 1; ++q) {
-    if (q < nch)
-#pragma unroll
-      for (int j = 0; j < SW_U; ++j) cp16(&buf[warp][q][j][lane], qp + (size_t)(r0 + q * SW_U + j) * rs);
+    if (q < nch) issue(q);
     cp_commit();
   }
   // the held-out slots of this lane's columns, loaded now and used after the main loop
@@ -344,11 +396,15 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
   }
   for (int ci = 0; ci < nch; ++ci) {
     const int nx = ci + SW_ST - 1;
-    if (nx < nch)
-#pragma unroll
-      for (int j = 0; j < SW_U; ++j) cp16(&buf[warp][nx % SW_ST][j][lane], qp + (size_t)(r0 + nx * SW_U + j) * rs);
+#if SW_PFG
+    __syncwarp();  // every lane is done with the slot lane t = 0 refills (the group constants are shared)
+#endif
+    if (nx < nch) issue(nx);
     cp_commit();
     cp_wait();
+#if SW_PFG
+    __syncwarp();  // lane t = 0's copies are visible to its column group
+#endif
     const int r = r0 + ci * SW_U, st = ci % SW_ST;
 #pragma unroll
     for (int j = 0; j < SW_U; ++j) {
@@ -357,9 +413,9 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       {
         const int row = r + j;
 #if SW_GROWS > 0
-        if (row / SW_GROWS != cur_g) { cur_g = row / SW_GROWS; load_zero(cur_g); }
+        if (row / SW_GROWS != cur_g) { cur_g = row / SW_GROWS; load_zero(cur_g, st, row / SW_GROWS - r / SW_GROWS); }
 #else
-        if (cur_g < 0) { cur_g = 0; load_zero(0); }
+        if (cur_g < 0) { cur_g = 0; load_zero(0, 0, 0); }
 #endif
         u32 b0 = 0u, b1 = 0u;  // token c's x at k = 2t, 2t + 1 / 8 + 2t, 9 + 2t (zero beyond M)
         if (c < SW_MT) {
@@ -396,17 +452,17 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 #endif
 #endif  // SW_MMA
 #if SW_GROWS > 0 && SW_GROWS < SW_U
-      if (((j + 1) % SW_GROWS) == 0) flush((r + j) / SW_GROWS);
+      if (((j + 1) % SW_GROWS) == 0) flush((r + j) / SW_GROWS, st, j / SW_GROWS);
 #endif
     }
 #if SW_GROWS >= SW_U
-    if (((r + SW_U) % SW_GROWS) == 0) flush((r + SW_U - 1) / SW_GROWS);
+    if (((r + SW_U) % SW_GROWS) == 0) flush((r + SW_U - 1) / SW_GROWS, st, 0);
 #endif
   }
 #if SW_GROWS == 0
-  flush(0);
+  flush(0, 0, 0);
 #elif SW_GROWS >= SW_U
-  if (r1 > r0 && (r1 % SW_GROWS) != 0) flush((r1 - 1) / SW_GROWS);
+  if (r1 > r0 && (r1 % SW_GROWS) != 0) flush((r1 - 1) / SW_GROWS, (nch - 1) % SW_ST, 0);  // the last chunk's slot
 #endif
 
   __shared__ float red[SW_WARPS][SW_MT * 64];
@@ -548,6 +604,7 @@ class GemvPlan:
     minb: int = 1  # blocks an SM the registers are limited for (__launch_bounds__)
     lean: bool = False  # the lean decoding (see the kernel source)
     mma: bool = False  # the tensor-core form (1-8 tokens)
+    pf: bool = False  # group constants prefetched through the ring (SW_PF; group-wise layers only)
 
     @property
     def max_m(self) -> int:
@@ -586,13 +643,18 @@ def gemv_plan(
     minb = int(rest[0]) if rest else 1
     lean = bool(rest[1]) if len(rest) > 1 else False
     mma = bool(rest[2]) if len(rest) > 2 else False
+    pf = bool(rest[3]) if len(rest) > 3 else False
     if mma and lean:
         raise ValueError(f"cuda GEMV: config {config}: the tensor-core form has no lean decoding")
     max_m = MAX_M if mma else MAX_M_FFMA
-    if warps * stages * u_want * 512 + (warps + 1) * max_m * 256 > 48 * 1024:
-        raise ValueError(f"cuda GEMV: config {config} needs more than 48 KB of static shared memory")
     rows, grows = k // 16, g // 16
     u = _pick_u(rows, grows, u_want)
+    smem = warps * stages * u_want * 512 + (warps + 1) * max_m * 256
+    if smem > 48 * 1024:
+        raise ValueError(f"cuda GEMV: config {config} needs more than 48 KB of static shared memory")
+    # the prefetch is a speed option: dropped for channel-wise layers (one set of constants, read once after the
+    # loop) and where its shared slots would not fit beside the ring
+    pf = pf and grows > 0 and smem + warps * stages * max(1, u // grows) * 8 * 20 <= 48 * 1024
     dev = _dev(device)
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     tiles = n // TILE_N
@@ -604,7 +666,7 @@ def gemv_plan(
     if dev.type == "cuda" and splits > 1:
         reserve(dev, splits * max_m * n, tiles)
     bf16 = act_dtype == torch.bfloat16
-    return GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma)
+    return GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf)
 
 
 def _dev(device: torch.device | str) -> torch.device:
@@ -708,7 +770,7 @@ def _compile(src: str, name: str):
 
 def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
     key: tuple = (mt, readonly, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, plan.minb)
-    key += (plan.lean, plan.mma)
+    key += (plan.lean, plan.mma, plan.pf)
     kern = _kernels.get(key)
     if kern is None:
         ok, why = available()
@@ -719,6 +781,7 @@ def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
             f"#define SW_ZERO {int(plan.has_zero)}\n#define SW_U {plan.u}\n#define SW_WARPS {plan.warps}\n"
             f"#define SW_ST {plan.stages}\n#define SW_READONLY {int(readonly)}\n"
             f"#define SW_MINB {plan.minb}\n#define SW_LEAN {int(plan.lean)}\n#define SW_MMA {int(plan.mma)}\n"
+            f"#define SW_PF {int(plan.pf)}\n"
         )
         with _lock:
             kern = _kernels.get(key)
