@@ -77,6 +77,12 @@ PF_SWEEP = [
     ("mma", (4, 4, 24, 3, 1, 0, 1, 1)),
     ("mma", (8, 4, 24, 2, 1, 0, 1, 1)),
     ("mma", (2, 4, 24, 3, 1, 0, 1, 1)),
+    # fewer warps over the grid = fewer split-K blocks a tile: at 8 tokens their fp32 partials are ~12 % of the
+    # weight bytes (qkv: 4 splits x 8 x 12288 x 4 B, written and read) and the last block sums them serially;
+    # session 24's sweep got slower with more warps (per_sm 48: 94.5 us, 96: 106.7 vs 24: 89.7)
+    ("mma", (4, 4, 12, 2, 1, 0, 1, 1)),
+    ("mma", (4, 4, 16, 2, 1, 0, 1, 1)),
+    ("mma", (8, 4, 12, 2, 1, 0, 1, 1)),
 ]
 
 
@@ -193,6 +199,8 @@ def main() -> None:
     log(f"built {args.layers} layers; plans {meta['plans']}")
 
     ms = [int(m) for m in args.ms.split(",")]
+    if args.pf:  # its pairs run 1, 2, 4 and 8 tokens
+        ms = sorted(set(ms) | {1, 2, 4, 8})
     gx = torch.Generator(device=dev).manual_seed(7)
     bf = torch.bfloat16
     xs = {m: {nm: torch.randn(m, k, generator=gx, device=dev).to(bf) for nm, (n, k) in SHAPES.items()} for m in ms}

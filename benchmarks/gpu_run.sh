@@ -12,6 +12,8 @@
 #                                                          # build-bg checkpoints done) cuda_gemv_bench.py --sweep
 #   bash benchmarks/gpu_run.sh epilogue                    # the held-out terms in the CUDA GEMV's epilogue: GPU tests,
 #                                                          # then (build-bg done) cuda_gemv_bench.py --ms 1,2
+#   bash benchmarks/gpu_run.sh prefetch                    # the GEMV's group constants through its ring: GPU tests,
+#                                                          # then (build-bg done) cuda_gemv_bench.py --pf
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
@@ -274,6 +276,23 @@ EOF2
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_epilogue.json" \
       --ms 1,2,4,8 --mma-sweep --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
     echo "[$(ts)] epilogue done" ;;
+  prefetch)
+    # session 24 (written, compiled with NVRTC 12.9 for sm_90, not yet run on a GPU): the GEMV's group constants
+    # through the cp.async ring (8th config field). One call after the three stash calls: the checkpoints of the
+    # engine runs built in the background, the GEMV's GPU tests (float reference with the prefetch, bitwise equal to
+    # without, the epilogue) and the one-copy class tests, then cuda_gemv_bench.py --pf (nothing else on the GPU).
+    # If the prefetch wins: DEFAULT_CONFIG / MMA_CONFIG get the flag, then (the tensor-core form under Marlin's 66 us
+    # at 8 tokens?) BUDGET_S=560 throughput sw-w4-g128-cg1,sw-w4-g128-holdout-qkv,awq --latency-batches 1,8,64
+    # --throughput-lens "" and, for the tensor-core form, the `mma` group.
+    setup
+    bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
+    timeout 330 $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_prefetch.xml" \
+      tests/test_cuda_marlin_gemv.py "tests/test_gpu_kernels.py::test_marlin_dequant_pair_restores_held_out_weights_on_both_paths" \
+      2>&1 | grep -v DEBUG | tee "$OUT/pytest_prefetch.log" | tail -12
+    for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
+    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_prefetch.json" \
+      --ms 1,2,4,8 --pf --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
+    echo "[$(ts)] prefetch done" ;;
   unroll)
     # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and
     # without hold-out) built in the background; meanwhile the GPU tests of the SELL correction (unrolled form
