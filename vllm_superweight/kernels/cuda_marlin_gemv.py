@@ -57,6 +57,13 @@ thread a column walking its slots after the main loop in the tile's last block, 
 The tensor-core form (2-8 tokens, ``SUPERWEIGHT_CUDA_GEMV=2..8``) passes its GPU tests but stays opt-in: 73.1 us at
 M = 1, 78.3 / 84.2 / 89.9 at 2 / 4 / 8 against Marlin's flat 66 (every configuration of ``--mma-sweep`` within 3 %
 of the default at M = 8), so 2-8 tokens stay on Marlin.
+
+A configuration's 8th field (``SW_PF``) copies each chunk's group constants (the lane's 8 scales, its zero-point
+word) through the same ``cp.async`` ring as the chunk's rows, issued by lane t = 0 of each column group, so a group's
+scaling reads shared memory instead of waiting on a global load with only ``SW_ST - 1`` chunks in flight (the
+tensor-core form waits twice a group: zero points at its first row, scales at its flush). Same arithmetic, so the
+same bits as without (GPU test); dropped for channel-wise layers and where its slots do not fit beside the ring.
+Opt-in until measured (session 24: compiled for sm_90, no spills; ``benchmarks/cuda_gemv_bench.py --pf``).
 """
 
 from __future__ import annotations
