@@ -12,8 +12,8 @@
 #                                                          # build-bg checkpoints done) cuda_gemv_bench.py --sweep
 #   bash benchmarks/gpu_run.sh epilogue                    # the held-out terms in the CUDA GEMV's epilogue: GPU tests,
 #                                                          # then (build-bg done) cuda_gemv_bench.py --ms 1,2
-#   bash benchmarks/gpu_run.sh prefetch                    # the GEMV's group constants through its ring: GPU tests,
-#                                                          # then (build-bg done) cuda_gemv_bench.py --pf
+#   bash benchmarks/gpu_run.sh prefetch                    # the GEMV's group constants through its ring: GPU tests
+#   bash benchmarks/gpu_run.sh prefetch-bench              # then (build-bg done) cuda_gemv_bench.py --pf
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
@@ -284,15 +284,21 @@ EOF2
     # If the prefetch wins: DEFAULT_CONFIG / MMA_CONFIG get the flag, then (the tensor-core form under Marlin's 66 us
     # at 8 tokens?) BUDGET_S=560 throughput sw-w4-g128-cg1,sw-w4-g128-holdout-qkv,awq --latency-batches 1,8,64
     # --throughput-lens "" and, for the tensor-core form, the `mma` group.
+    # Two calls: `prefetch` (build-bg + the GPU tests: ~400 kernels to compile, cached on disk for later calls),
+    # then `prefetch-bench` (the micro-benchmark alone on the GPU).
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
-    timeout 330 $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_prefetch.xml" \
+    timeout $((585 - SECONDS)) $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_prefetch.xml" \
       tests/test_cuda_marlin_gemv.py "tests/test_gpu_kernels.py::test_marlin_dequant_pair_restores_held_out_weights_on_both_paths" \
       2>&1 | grep -v DEBUG | tee "$OUT/pytest_prefetch.log" | tail -12
+    cp "$OUT/pytest_prefetch.log" "$STASH_DIR/pf.txt"
+    echo "[$(ts)] prefetch tests done" ;;
+  prefetch-bench)
+    setup
     for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_prefetch.json" \
       --ms 1,2,4,8 --pf --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
-    echo "[$(ts)] prefetch done" ;;
+    echo "[$(ts)] prefetch-bench done" ;;
   unroll)
     # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and
     # without hold-out) built in the background; meanwhile the GPU tests of the SELL correction (unrolled form
