@@ -455,11 +455,12 @@ def _held_out(n, k, dtype, seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("n,k,group,sym", CASES[:5], ids=[f"{n}x{k}-g{g}" for n, k, g, s in CASES[:5]])
+@pytest.mark.parametrize("n,k,group,sym", CASES, ids=[f"{n}x{k}-g{g}" for n, k, g, s in CASES])
 def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     """y = x (W + S)^T + b with S's packed SELL slots read in the epilogue equals the float64 reference of the
-    dequantized weights plus the held-out values (light slices and heavy CSR rows, split-K and not, M = 1..4), and
-    the separate correction after the plain GEMV within one rounding of y."""
+    dequantized weights plus the held-out values (light slices and heavy CSR rows, split-K and not, every group kind
+    incl. channel-wise: the one-copy pair's default since session 24; M = 1..8), and the separate correction after
+    the plain GEMV within one rounding of y."""
     from vllm_superweight.kernels import prepare_sparse, sparse_correction
 
     qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=7)
