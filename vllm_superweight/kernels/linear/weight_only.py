@@ -803,8 +803,11 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
     two-copy pair: weights 4.02 vs 7.48 GiB, batch 1 / 64 equal, batch 8 +4%, saturated -3.5% / -4.2%;
     ``SUPERWEIGHT_W4_KERNEL=marlin-deq`` keeps the two copies). Its first form (gathering dequantizer, index
     correction) was slower (benchmarks/KERNEL_NOTES.md, session 8). ``SUPERWEIGHT_ONECOPY_CONFIG=gemv=N`` serves
-    batches of up to N <= 4 tokens with the GEMV over Marlin's tensors that adds the held-out terms in its epilogue
-    (``kernels/triton_marlin_gemv.py``; opt-in: H200, M = 1 -1.8 % vs Marlin + SELL, slower from M = 2)."""
+    batches of up to N <= 4 tokens with the Triton GEMV over Marlin's tensors that adds the held-out terms in its
+    epilogue (``kernels/triton_marlin_gemv.py``; opt-in: H200, M = 1 -1.8 % vs Marlin + SELL, slower from M = 2).
+    On CUDA, the batches our CUDA GEMV serves (``SUPERWEIGHT_CUDA_GEMV``, single tokens by default) get the held-out
+    terms in that GEMV's epilogue (the default since session 24: 66.4 us a 7B layer vs 71.6 with the SELL kernel
+    after it; ``SUPERWEIGHT_ONECOPY_CONFIG=corr=sell`` keeps the separate kernel)."""
 
     wraps = "MarlinLinearKernel+dequant(Marlin layout)/cuBLAS"
 
