@@ -278,10 +278,10 @@ EOF2
     echo "[$(ts)] epilogue done" ;;
   prefetch)
     # session 24 (written, compiled with NVRTC 12.9 for sm_90, not yet run on a GPU): the GEMV's group constants
-    # through the cp.async ring (8th config field). One call after the three stash calls: the checkpoints of the
-    # engine runs built in the background, the GEMV's GPU tests (float reference with the prefetch, bitwise equal to
-    # without, the epilogue) and the one-copy class tests, then cuda_gemv_bench.py --pf (nothing else on the GPU).
-    # If the prefetch wins: DEFAULT_CONFIG / MMA_CONFIG get the flag, then (the tensor-core form under Marlin's 66 us
+    # through the cp.async ring (8th config field). After the three stash calls: the checkpoints of the engine runs
+    # built in the background and the GEMV's GPU tests (float reference with the prefetch, bitwise equal to without,
+    # the epilogue over every group kind) with the one-copy class tests; the next call, `prefetch-bench`, runs
+    # cuda_gemv_bench.py --pf (nothing else on the GPU). If the prefetch wins: DEFAULT_CONFIG / MMA_CONFIG get the flag, then (the tensor-core form under Marlin's 66 us
     # at 8 tokens?) BUDGET_S=560 throughput sw-w4-g128-cg1,sw-w4-g128-holdout-qkv,awq --latency-batches 1,8,64
     # --throughput-lens "" and, for the tensor-core form, the `mma` group.
     # Two calls: `prefetch` (build-bg + the GPU tests: ~400 kernels to compile, cached on disk for later calls),
