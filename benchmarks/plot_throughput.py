@@ -207,6 +207,9 @@ def plot(recs, png: str) -> None:
     lat = [r for r in recs if r["kind"] == "latency"]
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
     gpus = ", ".join(sorted({r.get("gpu", "?") for r in recs}))
+    # one colour per method in both panels (a method measured in only one of them keeps its colour)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {v: palette[i % len(palette)] for i, v in enumerate(ordered(r["variant"] for r in recs))}
     for ax, rs, key, title, ylabel, group in (
         (
             axes[0],
@@ -243,7 +246,7 @@ def plot(recs, png: str) -> None:
                 if r:
                     xs.append(j + (i - (len(variants) - 1) / 2) * width)
                     ys.append(r[key])
-            ax.bar(xs, ys, width, label=label(v))
+            ax.bar(xs, ys, width, label=label(v), color=colour[v])
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, fontsize=8)
         ax.set_title(f"{title} — {gpus}")
