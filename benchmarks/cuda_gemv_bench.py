@@ -2,7 +2,9 @@
 on Llama-2-7B-shaped W4 layers (issue 12's M = 1 target: >= 60 % of HBM peak), with and without the 0.1 % hold-out's
 separate SELL correction and with it in the GEMV's epilogue (``cuda-fused``), M = 1..8 (the CUDA-core form ``cuda``
 up to 4 tokens, the tensor-core form ``mma`` / ``mma+sell`` up to 8), plus sweeps of each form's launch
-configurations (``--sweep``: CUDA-core at M = 1; ``--mma-sweep``: tensor-core at M = 1 and 8).
+configurations (``--sweep``: CUDA-core at M = 1; ``--mma-sweep``: tensor-core at M = 1 and 8), the group constants
+through the ring against without (``--pf``) and the programmatic dependent launch against a plain one, each GEMM
+after a small kernel that writes its x as in a decoder layer (``--pdl``).
 
     python benchmarks/cuda_gemv_bench.py --out $OUT/cuda_gemv.json [--layers 4] [--ms 1,2,4,8] [--sweep] [--mma-sweep]
 
@@ -86,6 +88,20 @@ PF_SWEEP = [
 ]
 
 
+# --pdl: the GEMV launched as a programmatic dependent (9th field) against a plain launch, each GEMM after a small
+# kernel that writes its x (as vLLM's norms and activations do: kind "-dep"), and back to back
+PDL_CASES = [
+    ("cuda-dep", DEFAULT + (0, 0)),
+    ("cuda-dep", DEFAULT + (0, 1)),
+    ("cuda", DEFAULT + (0, 0)),
+    ("cuda-fused-dep", DEFAULT + (0, 0)),
+]
+
+
+def with_pdl(cfg: tuple) -> tuple:
+    return tuple(cfg) + (0,) * (8 - len(cfg)) + (1,)
+
+
 def with_pf(cfg: tuple) -> tuple:
     """``cfg`` (6 or 7 fields) with the prefetch flag set (the 7th field, the tensor-core flag, padded with 0)."""
     return tuple(cfg) + (0,) * (7 - len(cfg)) + (1,)
@@ -101,6 +117,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="launch configurations at M = 1")
     ap.add_argument("--mma-sweep", action="store_true", help="the tensor-core form's configurations at M = 1, 8")
     ap.add_argument("--pf", action="store_true", help="group constants prefetched through the ring vs not (SW_PF)")
+    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch vs plain (SW_PDL), M = 1")
     ap.add_argument(
         "--ceiling",
         action="store_true",
@@ -250,12 +267,14 @@ def main() -> None:
                     if only and name != only:
                         continue
                     x = xs[m][name]
-                    if kind == "marlin":
+                    if kind.endswith("-dep"):  # a kernel before the GEMM that writes its x (values unchanged)
+                        x.mul_(1.0)
+                    if kind in ("marlin", "marlin-dep"):
                         e["k"].small.apply_gemm(e["k"].shadow, x, None)
                     elif kind == "marlin+sell":
                         y = e["k"].small.apply_gemm(e["k"].shadow, x, None)
                         K.sparse_correction(y, x, e["k"].sp)
-                    elif kind == "cuda-fused":
+                    elif kind in ("cuda-fused", "cuda-fused-dep"):
                         plan = plans[name] if plans else e["plan"]
                         CG.marlin_gemv_cuda(
                             x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name], sparse=e["k"].sp, maps=e["maps"]
@@ -265,7 +284,7 @@ def main() -> None:
                         y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name])
                         if kind == "mma+sell":
                             K.sparse_correction(y, x, e["k"].sp)
-                    elif kind in ("cuda", "cuda+sell", "cuda-loads"):
+                    elif kind in ("cuda", "cuda+sell", "cuda-loads", "cuda-dep"):
                         plan = plans[name] if plans else e["plan"]
                         ro = kind == "cuda-loads"
                         y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name], _readonly=ro)
@@ -331,6 +350,23 @@ def main() -> None:
         for kind, cfg in PF_SWEEP:
             for m in (1, 8) if kind == "mma" else (1,):
                 timed(kind, m, cfg, part="pf-sweep")
+    if args.pdl:  # bitwise check, then each case plain and as a programmatic dependent
+        for name, (n_, k_) in SHAPES.items():
+            e, x = layers[0][name], xs[1][name]
+            outs = [
+                CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], CG.gemv_plan(n_, k_, 128, False, bf, dev, config=c))
+                for c in (DEFAULT, with_pdl(DEFAULT))
+            ]
+            same = bool(torch.equal(outs[0], outs[1]))
+            rows.append({"part": "pdl-check", "kernel": "cuda", "m": 1, "shape": name, "bitwise_equal": same})
+            if not same:
+                log(f"  CHECK FAILED (PDL) {name}: not bitwise equal")
+        timed("marlin-dep", 1, part="pdl")
+        for kind, cfg in PDL_CASES:
+            if args.no_vllm and kind.startswith("cuda-fused"):
+                continue
+            timed(kind, 1, cfg, part="pdl")
+            timed(kind, 1, with_pdl(cfg), part="pdl")
     if args.ceiling:
         timed("cuda-loads", 1, part="ceiling")
         for name in SHAPES:
@@ -397,6 +433,13 @@ def write_table(path: str) -> None:
         at = {(tuple(r["config"]), r["m"]): r["us"] for r in ms_}
         for cfg in sorted(cfgs, key=lambda c: at.get((c, 8), 1e9)):
             lines.append(f"* {cfg}: {at.get((cfg, 1), float('nan')):.1f} / {at.get((cfg, 8), float('nan')):.1f} us")
+    pd = [r for r in d["results"] if r.get("part") == "pdl" and "us" in r]
+    if pd:
+        chk = [r for r in d["results"] if r.get("part") == "pdl-check"]
+        ok = sum(r["bitwise_equal"] for r in chk)
+        lines += ["", f"Programmatic dependent launch (SW_PDL; bitwise equal to a plain launch: {ok}/{len(chk)}):", ""]
+        lines += ["| kernel | config | us a layer |", "|---|---|---|"]
+        lines += [f"| {r['kernel']} | {tuple(r.get('config') or ())} | {r['us']:.1f} |" for r in pd]
     pf = [r for r in d["results"] if r.get("part") in ("pf", "pf-sweep") and "us" in r]
     if pf:
         chk = [r for r in d["results"] if r.get("part") == "pf-check"]

@@ -13,7 +13,7 @@
 #   bash benchmarks/gpu_run.sh epilogue                    # the held-out terms in the CUDA GEMV's epilogue: GPU tests,
 #                                                          # then (build-bg done) cuda_gemv_bench.py --ms 1,2
 #   bash benchmarks/gpu_run.sh prefetch                    # the GEMV's group constants through its ring: GPU tests
-#   bash benchmarks/gpu_run.sh prefetch-bench              # then (build-bg done) cuda_gemv_bench.py --pf
+#   bash benchmarks/gpu_run.sh prefetch-bench              # then (build-bg done) cuda_gemv_bench.py --pf --pdl
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
@@ -297,7 +297,7 @@ EOF2
     setup
     for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_prefetch.json" \
-      --ms 1,2,4,8 --pf --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
+      --ms 1,2,4,8 --pf --pdl --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -50
     echo "[$(ts)] prefetch-bench done" ;;
   unroll)
     # session 12's second lease, one call after the three stash calls (~5 min): the g128 checkpoints (with and

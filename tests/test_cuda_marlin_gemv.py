@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -87,6 +89,15 @@ def test_prefetch_plans_group_wise_layers_within_shared_memory():
     # 8 warps x 2 stages x 4 sets of constants do not fit beside the ring and the 4-token reduction: no prefetch
     assert not CG.gemv_plan(4096, 4096, 16, True, torch.bfloat16, "cpu", config=pf).pf
     assert CG.gemv_plan(4096, 4096, 16, True, torch.bfloat16, "cpu", config=(4, 4, 24, 2, 1, 1, 0, 1)).pf
+
+
+def test_programmatic_dependent_launch_is_a_plan_field():
+    assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG + (0, 0, 1)).pdl
+    assert not CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG + (0, 1)).pdl
+    assert not CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu").pdl
+    # the launch configuration handed to cuLaunchKernelEx has the driver's layout (x86-64)
+    assert ctypes.sizeof(CG._LaunchConfig) == 56 and CG._LaunchConfig.stream.offset == 32
+    assert ctypes.sizeof(CG._LaunchAttr) == 72 and CG._LaunchAttr.value.offset == 8
 
 
 def test_channelwise_and_one_group_layers_plan_without_groups():
@@ -543,3 +554,50 @@ def test_prefetched_group_constants_change_nothing(n, k, group, sym):
                 a = CG.marlin_gemv_cuda(x, qm, ms, mz, off, **kw)
                 b = CG.marlin_gemv_cuda(x, qm, ms, mz, on, **kw)
                 assert torch.equal(a, b), (base, m, bool(kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_programmatic_dependent_launch_reads_what_the_kernels_before_it_wrote():
+    """Launched as a programmatic dependent (9th config field, sm_90+; elsewhere a plain launch), the GEMV requests
+    its weights before ``griddepcontrol.wait`` and reads x, the split-K workspace and y only after it: inside a CUDA
+    graph whose first kernel rewrites x and whose two GEMVs (split-K, one workspace) follow back to back, every replay
+    equals the plain launches on the new x, bitwise."""
+    from vllm_superweight.kernels import prepare_sparse
+
+    n, k, dtype = 4096, 11008, torch.bfloat16
+    qm, ms, mz, w = _layer(n, k, 128, False, dtype, seed=13)
+    rows, cols, vals, _ = _held_out(n, k, dtype, seed=17)
+    sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
+    maps = CG.sparse_maps(sp, n)
+    plain = CG.gemv_plan(n, k, 128, False, dtype, "cuda")
+    pdl = CG.gemv_plan(n, k, 128, False, dtype, "cuda", config=CG.DEFAULT_CONFIG + (0, 0, 1))
+    assert pdl.pdl and pdl.splits > 1
+    src = torch.empty(1, k, device="cuda", dtype=dtype)
+    x = torch.empty_like(src)
+    y1 = torch.empty(1, n, device="cuda", dtype=dtype)
+    y2 = torch.empty_like(y1)
+
+    def step():
+        x.copy_(src)  # the kernel before: writes x
+        CG.marlin_gemv_cuda(x, qm, ms, mz, pdl, out=y1)
+        CG.marlin_gemv_cuda(x, qm, ms, mz, pdl, out=y2, sparse=sp, maps=maps)  # right after: the same workspace
+
+    src.normal_()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for i in range(4):
+        src.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(i)).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y1, CG.marlin_gemv_cuda(src, qm, ms, mz, plain)), i
+        assert torch.equal(y2, CG.marlin_gemv_cuda(src, qm, ms, mz, plain, sparse=sp, maps=maps)), i
+        step()  # eagerly too
+        torch.cuda.synchronize()
+        assert torch.equal(y1, CG.marlin_gemv_cuda(src, qm, ms, mz, plain)), i

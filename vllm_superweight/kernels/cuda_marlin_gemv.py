@@ -64,11 +64,19 @@ scaling reads shared memory instead of waiting on a global load with only ``SW_S
 tensor-core form waits twice a group: zero points at its first row, scales at its flush). Same arithmetic, so the
 same bits as without (GPU test); dropped for channel-wise layers and where its slots do not fit beside the ring.
 Opt-in until measured (session 24: compiled for sm_90, no spills; ``benchmarks/cuda_gemv_bench.py --pf``).
+
+The 9th field (``SW_PDL``) launches the kernel as a programmatic dependent (``cuLaunchKernelEx`` with programmatic
+stream serialization, sm_90+; a plain launch elsewhere): it requests its first weight chunks, their constants and the
+held-out slots (static tensors) before ``griddepcontrol.wait`` and touches x, the split-K workspace and y only after
+it, so its ramp can overlap the end of the kernel before it (s22's fit: ~6 us of fixed cost a GEMM). Opt-in until
+measured (GPU test: inside a CUDA graph after a kernel that rewrites x, two launches sharing the workspace, bitwise
+equal to plain launches; ``cuda_gemv_bench.py --pdl``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import threading
@@ -185,6 +193,12 @@ __device__ __forceinline__ void sp_gather(const u32 s, const u16* __restrict__ x
 // one another)
 #ifndef SW_PF
 #define SW_PF 0
+#endif
+// SW_PDL: launched as a programmatic dependent (cuLaunchKernelEx, Hopper+): the weight ring's first chunks, their
+// group constants and the held-out slots (static tensors) are requested before griddepcontrol.wait; x, the split-K
+// workspace and y (which the kernels before it may write or read) only after it
+#ifndef SW_PDL
+#define SW_PDL 0
 #endif
 #if SW_PF && SW_GROWS > 0
 #define SW_PFG 1
@@ -401,6 +415,9 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
                       ? __ldg(ell + ((size_t)(n >> 5) * L + dd) * 32 + (n & 31)) : 0u;
     }
   }
+#if SW_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // the kernels before this one are done and visible
+#endif
   for (int ci = 0; ci < nch; ++ci) {
     const int nx = ci + SW_ST - 1;
 #if SW_PFG
@@ -612,6 +629,7 @@ class GemvPlan:
     lean: bool = False  # the lean decoding (see the kernel source)
     mma: bool = False  # the tensor-core form (1-8 tokens)
     pf: bool = False  # group constants prefetched through the ring (SW_PF; group-wise layers only)
+    pdl: bool = False  # launched as a programmatic dependent (SW_PDL; sm_90+, else a plain launch)
 
     @property
     def max_m(self) -> int:
@@ -651,6 +669,7 @@ def gemv_plan(
     lean = bool(rest[1]) if len(rest) > 1 else False
     mma = bool(rest[2]) if len(rest) > 2 else False
     pf = bool(rest[3]) if len(rest) > 3 else False
+    pdl = bool(rest[4]) if len(rest) > 4 else False
     if mma and lean:
         raise ValueError(f"cuda GEMV: config {config}: the tensor-core form has no lean decoding")
     max_m = MAX_M if mma else MAX_M_FFMA
@@ -673,7 +692,7 @@ def gemv_plan(
     if dev.type == "cuda" and splits > 1:
         reserve(dev, splits * max_m * n, tiles)
     bf16 = act_dtype == torch.bfloat16
-    return GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf)
+    return GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl)
 
 
 def _dev(device: torch.device | str) -> torch.device:
@@ -777,7 +796,7 @@ def _compile(src: str, name: str):
 
 def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
     key: tuple = (mt, readonly, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, plan.minb)
-    key += (plan.lean, plan.mma, plan.pf)
+    key += (plan.lean, plan.mma, plan.pf, plan.pdl)
     kern = _kernels.get(key)
     if kern is None:
         ok, why = available()
@@ -788,7 +807,7 @@ def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
             f"#define SW_ZERO {int(plan.has_zero)}\n#define SW_U {plan.u}\n#define SW_WARPS {plan.warps}\n"
             f"#define SW_ST {plan.stages}\n#define SW_READONLY {int(readonly)}\n"
             f"#define SW_MINB {plan.minb}\n#define SW_LEAN {int(plan.lean)}\n#define SW_MMA {int(plan.mma)}\n"
-            f"#define SW_PF {int(plan.pf)}\n"
+            f"#define SW_PF {int(plan.pf)}\n#define SW_PDL {int(plan.pdl)}\n"
         )
         with _lock:
             kern = _kernels.get(key)
@@ -796,6 +815,68 @@ def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
                 kern = _compile(defs + _SRC, "sw_marlin_gemv")
                 _kernels[key] = kern
     return kern
+
+
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: an enum id, padding to 8 bytes, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("shared_mem", ctypes.c_uint),
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttr)),
+        ("num_attrs", ctypes.c_uint),
+    ]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_pdl_ok: dict[int, bool] = {}
+
+
+def _pdl_device(index: int) -> bool:
+    ok = _pdl_ok.get(index)
+    if ok is None:
+        ok = _pdl_ok[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return ok
+
+
+def _launch(kern, pdl: bool, grid: tuple, block: tuple, args: list) -> None:
+    """Launch ``kern`` on the current stream: plainly (torch's launcher), or with ``pdl`` on sm_90+ as a
+    programmatic dependent of the work before it (``cuLaunchKernelEx``; the kernel waits with
+    ``griddepcontrol.wait`` before it touches anything that work may write). Captured into CUDA graphs like any
+    launch."""
+    stream = torch.cuda.current_stream()
+    if not pdl or not _pdl_device(stream.device.index):
+        kern(grid=grid, block=block, args=args)
+        return
+    from torch.cuda._utils import _get_gpu_runtime_library
+
+    keep: list = []  # the C values must outlive the call
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            keep.append(ctypes.c_void_p(a.data_ptr()))
+        elif isinstance(a, int):
+            keep.append(ctypes.c_int(a))
+        else:
+            raise TypeError(f"cuda GEMV: unsupported kernel argument {type(a).__name__}")
+    params = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in keep])
+    attr = _LaunchAttr()
+    attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
+    ctypes.memmove(attr.value, ctypes.byref(ctypes.c_int(1)), 4)  # programmaticStreamSerializationAllowed = 1
+    cfg = _LaunchConfig()
+    cfg.grid[:] = grid
+    cfg.block[:] = block
+    cfg.shared_mem = 0
+    cfg.stream = ctypes.c_void_p(stream.cuda_stream)
+    cfg.attrs = ctypes.pointer(attr)
+    cfg.num_attrs = 1
+    lib = _get_gpu_runtime_library()
+    res = lib.cuLaunchKernelEx(ctypes.byref(cfg), kern.func, params, None)
+    if res:
+        raise RuntimeError(f"cuda GEMV: cuLaunchKernelEx failed (CUresult {res})")
 
 
 def prepare(plan: GemvPlan, max_m: int, min_m: int = 1) -> None:
@@ -839,7 +920,9 @@ def marlin_gemv_cuda(
     if plan.splits > 1 and ws is None:
         raise RuntimeError("cuda GEMV: no workspace reserved on this device (gemv_plan reserves it at load time)")
     dummy = qm
-    _kernel(plan, m, _readonly)(
+    _launch(
+        _kernel(plan, m, _readonly),
+        plan.pdl,
         grid=(plan.tiles, plan.splits, 1),
         block=(plan.warps * 32, 1, 1),
         args=[
