@@ -281,7 +281,7 @@ EOF2
     # through the cp.async ring (8th config field). After the three stash calls: the checkpoints of the engine runs
     # built in the background and the GEMV's GPU tests (float reference with the prefetch, bitwise equal to without,
     # the epilogue over every group kind) with the one-copy class tests; the next call, `prefetch-bench`, runs
-    # cuda_gemv_bench.py --pf (nothing else on the GPU). If the prefetch wins: DEFAULT_CONFIG / MMA_CONFIG get the flag, then (the tensor-core form under Marlin's 66 us
+    # cuda_gemv_bench.py --pf --pdl (nothing else on the GPU; PDL: the 9th field, the same way). If the prefetch wins: DEFAULT_CONFIG / MMA_CONFIG get the flag, then (the tensor-core form under Marlin's 66 us
     # at 8 tokens?) BUDGET_S=560 throughput sw-w4-g128-cg1,sw-w4-g128-holdout-qkv,awq --latency-batches 1,8,64
     # --throughput-lens "" and, for the tensor-core form, the `mma` group.
     # Two calls: `prefetch` (build-bg + the GPU tests: ~400 kernels to compile, cached on disk for later calls),
