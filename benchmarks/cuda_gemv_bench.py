@@ -64,6 +64,8 @@ SWEEP += [(4, 4, 48, 3, 1, 1), (8, 4, 48, 2, 1, 1), (4, 8, 64, 2, 4, 1), (4, 2, 
 # the tensor-core form (7th field 1): rows a chunk, warps a block, warps per SM wanted, ring stages, blocks per SM
 MMA_SWEEP = [(4, 4, 24, 2, 1, 0, 1), (4, 4, 24, 3, 1, 0, 1), (4, 4, 48, 2, 4, 0, 1), (8, 4, 24, 2, 1, 0, 1)]
 MMA_SWEEP += [(4, 2, 48, 4, 8, 0, 1), (2, 4, 48, 3, 4, 0, 1), (4, 4, 96, 2, 8, 0, 1)]
+# 8 warps a block (their partial sums in the ring's slots; session 24): half the split-K blocks of 4 warps
+MMA_SWEEP += [(4, 8, 24, 2, 1, 0, 1), (4, 8, 16, 2, 1, 0, 1)]
 # --pf: both forms with their group constants prefetched through the ring (8th field 1) against the same configuration
 # without (the defaults, then a few ring shapes the prefetch may favour: more stages, longer chunks)
 DEFAULT = (4, 8, 24, 2, 1, 1)  # cuda_marlin_gemv.DEFAULT_CONFIG
@@ -85,6 +87,8 @@ PF_SWEEP = [
     ("mma", (4, 4, 12, 2, 1, 0, 1, 1)),
     ("mma", (4, 4, 16, 2, 1, 0, 1, 1)),
     ("mma", (8, 4, 12, 2, 1, 0, 1, 1)),
+    ("mma", (4, 8, 24, 2, 1, 0, 1, 1)),
+    ("mma", (4, 8, 16, 2, 1, 0, 1, 1)),
 ]
 
 

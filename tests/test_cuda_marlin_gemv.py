@@ -67,8 +67,12 @@ def test_tensor_core_form_plans_up_to_eight_tokens():
     assert not one.mma and one.max_m == CG.MAX_M_FFMA == 4
     with pytest.raises(ValueError, match="no lean decoding"):
         CG.gemv_plan(4096, 4096, 128, True, torch.bfloat16, "cpu", config=(4, 4, 24, 2, 1, 1, 1))
-    with pytest.raises(ValueError, match="48 KB"):  # 8 warps: the ring and an 8-token reduction do not fit
-        CG.gemv_plan(4096, 4096, 128, True, torch.bfloat16, "cpu", config=(4, 8, 24, 2, 1, 0, 1))
+    # 8 warps: the ring and a separate 8-token reduction do not fit in 48 KB, so the warps' partial sums take their
+    # own ring slots after the main loop; a ring of 8-row chunks does not fit even then
+    wide = CG.gemv_plan(4096, 4096, 128, True, torch.bfloat16, "cpu", config=(4, 8, 24, 2, 1, 0, 1))
+    assert wide.ralias and wide.warps == 8 and not mma.ralias and not one.ralias
+    with pytest.raises(ValueError, match="48 KB"):
+        CG.gemv_plan(4096, 4096, 128, True, torch.bfloat16, "cpu", config=(8, 8, 24, 2, 1, 0, 1))
     x = torch.zeros(9, 11008, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="1..8 tokens"):
         CG.marlin_gemv_cuda(x, None, None, None, mma)
@@ -372,7 +376,14 @@ def test_gemv_equals_float_reference(n, k, group, sym, dtype):
     # the group constants prefetched through the ring: a chunk within a group, a chunk of several groups (8 rows)
     cfgs = (None, (4, 4, 24, 4, 1, 0), CG.MMA_CONFIG, (2, 4, 16, 3, 1, 0, 1))
     cfgs += ((4, 4, 24, 2, 1, 1, 0, 1), (8, 4, 24, 2, 1, 0, 0, 1), CG.MMA_CONFIG + (1,), (8, 2, 24, 3, 1, 0, 1, 1))
-    plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in cfgs]
+    # the tensor-core form with 8 warps: its partial sums in the ring's slots (ralias), with and without the prefetch
+    cfgs += ((4, 8, 24, 2, 1, 0, 1), (4, 8, 24, 2, 1, 0, 1, 1))
+    plans = []
+    for c in cfgs:
+        try:
+            plans.append(CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c))
+        except ValueError as e:  # K = 528: one-row chunks, whose slots cannot hold 8 warps' 8-token sums
+            assert "48 KB" in str(e) and c[1] == 8 and k // 16 % 2, (c, e)
     g = torch.Generator().manual_seed(1)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
     for m in (1, 2, 3, 4, 5, 8):
@@ -480,6 +491,8 @@ def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     assert sp["hcols"].numel() > 0  # the heavy rows went to the CSR part
     maps = CG.sparse_maps(sp, n)
     cfgs = (None, CG.MMA_CONFIG, CG.DEFAULT_CONFIG + (0, 1), CG.MMA_CONFIG + (1,))  # the last two: prefetch
+    if k // 16 % 2 == 0:  # the tensor-core form with 8 warps, its partial sums in the ring's slots
+        cfgs += ((4, 8, 24, 2, 1, 0, 1),)
     plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in cfgs]
     g = torch.Generator().manual_seed(2)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype)

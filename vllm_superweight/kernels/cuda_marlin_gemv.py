@@ -71,6 +71,11 @@ held-out slots (static tensors) before ``griddepcontrol.wait`` and touches x, th
 it, so its ramp can overlap the end of the kernel before it (s22's fit: ~6 us of fixed cost a GEMM). Opt-in until
 measured (GPU test: inside a CUDA graph after a kernel that rewrites x, two launches sharing the workspace, bitwise
 equal to plain launches; ``cuda_gemv_bench.py --pdl``).
+
+Where the ring and a separate reduction buffer would not fit in 48 KB (the tensor-core form with 8 warps a block:
+half the split-K blocks of 4 warps, whose fp32 partials at 8 tokens are ~12 % of the weight bytes), each warp's
+partial sums go into its own ring slots once the main loop is done (``GemvPlan.ralias``); planned only there, so the
+configurations measured so far compile as before.
 """
 
 from __future__ import annotations
@@ -489,7 +494,16 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
   if (r1 > r0 && (r1 % SW_GROWS) != 0) flush((r1 - 1) / SW_GROWS, (nch - 1) % SW_ST, 0);  // the last chunk's slot
 #endif
 
+#ifndef SW_RALIAS
+#define SW_RALIAS 0
+#endif
+#if SW_RALIAS
+  // (configurations whose separate reduction would not fit in 48 KB) the ring is dead after the main loop (every copy
+  // waited for, each warp's slots its own): a warp's partial sums go into its own slots
+  float(*red)[SW_ST * SW_U * 128] = reinterpret_cast<float(*)[SW_ST * SW_U * 128]>(&buf[0][0][0][0]);
+#else
   __shared__ float red[SW_WARPS][SW_MT * 64];
+#endif
   __shared__ float spv[SW_MT * 64];
   __shared__ int last;
 #if SW_MMA
@@ -630,6 +644,7 @@ class GemvPlan:
     mma: bool = False  # the tensor-core form (1-8 tokens)
     pf: bool = False  # group constants prefetched through the ring (SW_PF; group-wise layers only)
     pdl: bool = False  # launched as a programmatic dependent (SW_PDL; sm_90+, else a plain launch)
+    ralias: bool = False  # the warps' partial sums in their own ring slots (SW_RALIAS; where 48 KB needs it)
 
     @property
     def max_m(self) -> int:
@@ -675,7 +690,13 @@ def gemv_plan(
     max_m = MAX_M if mma else MAX_M_FFMA
     rows, grows = k // 16, g // 16
     u = _pick_u(rows, grows, u_want)
-    smem = warps * stages * u_want * 512 + (warps + 1) * max_m * 256
+    ring = warps * stages * u_want * 512
+    smem = ring + (warps + 1) * max_m * 256  # the ring, the warps' partial sums, the held-out terms' sums
+    # where that does not fit, the partial sums can take the ring's place after the main loop (a warp's slots hold
+    # its own max_m x 64 floats when stages x u x 512 >= max_m x 256): e.g. the tensor-core form with 8 warps
+    ralias = smem > 48 * 1024 and stages * u * 512 >= max_m * 256
+    if ralias:
+        smem = ring + max_m * 256
     if smem > 48 * 1024:
         raise ValueError(f"cuda GEMV: config {config} needs more than 48 KB of static shared memory")
     # the prefetch is a speed option: dropped for channel-wise layers (one set of constants, read once after the
@@ -692,7 +713,7 @@ def gemv_plan(
     if dev.type == "cuda" and splits > 1:
         reserve(dev, splits * max_m * n, tiles)
     bf16 = act_dtype == torch.bfloat16
-    return GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl)
+    return GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl, ralias)
 
 
 def _dev(device: torch.device | str) -> torch.device:
@@ -796,7 +817,7 @@ def _compile(src: str, name: str):
 
 def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
     key: tuple = (mt, readonly, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, plan.minb)
-    key += (plan.lean, plan.mma, plan.pf, plan.pdl)
+    key += (plan.lean, plan.mma, plan.pf, plan.pdl, plan.ralias)
     kern = _kernels.get(key)
     if kern is None:
         ok, why = available()
@@ -807,7 +828,7 @@ def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
             f"#define SW_ZERO {int(plan.has_zero)}\n#define SW_U {plan.u}\n#define SW_WARPS {plan.warps}\n"
             f"#define SW_ST {plan.stages}\n#define SW_READONLY {int(readonly)}\n"
             f"#define SW_MINB {plan.minb}\n#define SW_LEAN {int(plan.lean)}\n#define SW_MMA {int(plan.mma)}\n"
-            f"#define SW_PF {int(plan.pf)}\n#define SW_PDL {int(plan.pdl)}\n"
+            f"#define SW_PF {int(plan.pf)}\n#define SW_PDL {int(plan.pdl)}\n#define SW_RALIAS {int(plan.ralias)}\n"
         )
         with _lock:
             kern = _kernels.get(key)
