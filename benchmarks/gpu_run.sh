@@ -284,10 +284,12 @@ EOF2
     # cuda_gemv_bench.py --pf --pdl (nothing else on the GPU; PDL: the 9th field, the same way). If the prefetch wins: DEFAULT_CONFIG / MMA_CONFIG get the flag, then (the tensor-core form under Marlin's 66 us
     # at 8 tokens?) BUDGET_S=560 throughput sw-w4-g128-cg1,sw-w4-g128-holdout-qkv,awq --latency-batches 1,8,64
     # --throughput-lens "" and, for the tensor-core form, the `mma` group.
-    # Two calls: `prefetch` (build-bg + the GPU tests: ~400 kernels to compile, cached on disk for later calls),
-    # then `prefetch-bench` (the micro-benchmark alone on the GPU).
+    # Two calls: `prefetch` (build-bg, the kernels compiled in parallel into the disk cache, the GPU tests), then
+    # `prefetch-bench` (the micro-benchmark alone on the GPU).
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
+    # ~1,100 distinct kernels for the tests and the micro-benchmark: compiled one process a core into the disk cache
+    timeout 240 $PY benchmarks/gemv_precompile.py || echo "[$(ts)] precompile incomplete (the tests compile the rest)"
     timeout $((585 - SECONDS)) $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_prefetch.xml" \
       tests/test_cuda_marlin_gemv.py "tests/test_gpu_kernels.py::test_marlin_dequant_pair_restores_held_out_weights_on_both_paths" \
       2>&1 | grep -v DEBUG | tee "$OUT/pytest_prefetch.log" | tail -12

@@ -104,6 +104,49 @@ def test_programmatic_dependent_launch_is_a_plan_field():
     assert ctypes.sizeof(CG._LaunchAttr) == 72 and CG._LaunchAttr.value.offset == 8
 
 
+def _nvrtc_or_skip():
+    try:
+        from torch.cuda._utils import _get_gpu_rtc_library
+
+        return _get_gpu_rtc_library()
+    except Exception as e:  # noqa: BLE001  (a CPU-only torch: no libnvrtc)
+        pytest.skip(f"this torch has no NVRTC: {e}")
+
+
+@pytest.mark.parametrize("arch", ["90", "80"])
+def test_kernel_sources_compile_without_a_gpu(arch):
+    """torch's own NVRTC (no GPU, no toolkit) compiles the kernel for Hopper and Ampere: the defaults, the tensor-core
+    form with the prefetch and the PDL launch, with 8 warps (partial sums in the ring's slots), a channel-wise layer,
+    a ring chunk over several groups."""
+    lib = _nvrtc_or_skip()
+    cases = [
+        (None, 128, False, (1, 4)),
+        (CG.MMA_CONFIG + (1, 1), 128, False, (8,)),
+        ((4, 8, 24, 2, 1, 0, 1, 1), 128, True, (8,)),
+        (CG.DEFAULT_CONFIG + (0, 0, 1), -1, False, (1,)),
+        ((8, 4, 24, 2, 1, 0, 0, 1), 32, False, (2,)),
+    ]
+    for cfg, group, sym, mts in cases:
+        plan = CG.gemv_plan(4096, 4096, group, sym, torch.bfloat16, "cpu", config=cfg)
+        for mt in mts:
+            assert CG.nvrtc_cubin(CG.kernel_source(plan, mt), arch, lib)[:4] == b"\x7fELF", (cfg, mt)
+    wide = CG.gemv_plan(4096, 4096, 128, True, torch.bfloat16, "cpu", config=(4, 8, 24, 2, 1, 0, 1, 1))
+    assert wide.ralias and wide.pf and "#define SW_RALIAS 1" in CG.kernel_source(wide, 8)
+
+
+def test_precompile_fills_the_disk_cache_in_parallel(monkeypatch, tmp_path):
+    """Sources compiled by worker processes land in the cubin cache (each distinct source once), and a later load
+    reads them from there without compiling."""
+    lib = _nvrtc_or_skip()
+    monkeypatch.setenv("SUPERWEIGHT_CACHE_DIR", str(tmp_path))
+    plan = CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu")
+    srcs = [CG.kernel_source(plan, 1), CG.kernel_source(plan, 2)]
+    assert CG.precompile(srcs + srcs[:1], "90", workers=2) == 2
+    assert len(list((tmp_path / "cubin").glob("*.cubin"))) == 2
+    monkeypatch.setattr(CG, "nvrtc_cubin", lambda *a, **k: pytest.fail("compiled again"))
+    assert CG.cached_cubin(srcs[1], "90", lib)[:4] == b"\x7fELF"
+
+
 def test_channelwise_and_one_group_layers_plan_without_groups():
     assert CG.gemv_plan(4096, 4096, -1, True, torch.float16, "cpu").grows == 0
     assert CG.gemv_plan(4096, 4096, 4096, True, torch.float16, "cpu").grows == 0
@@ -354,6 +397,22 @@ def _close(y, ref, dtype):
     assert err <= tol, f"max |err| {err:.3g} > {tol:.3g}"
 
 
+# the launch configurations the float-reference GPU test runs besides the default (lean) one: the exact first form
+# (4 warps a block), the tensor-core form (1-8 tokens; also 2-row chunks, 3 stages); with the group constants
+# prefetched through the ring (a chunk within a group, a chunk of several groups: 8 rows); the tensor-core form with
+# 8 warps, its partial sums in the ring's slots (ralias), with and without the prefetch
+GPU_CONFIGS = (
+    (4, 4, 24, 4, 1, 0),
+    CG.MMA_CONFIG,
+    (2, 4, 16, 3, 1, 0, 1),
+    (4, 4, 24, 2, 1, 1, 0, 1),
+    (8, 4, 24, 2, 1, 0, 0, 1),
+    CG.MMA_CONFIG + (1,),
+    (8, 2, 24, 3, 1, 0, 1, 1),
+    (4, 8, 24, 2, 1, 0, 1),
+    (4, 8, 24, 2, 1, 0, 1, 1),
+)
+
 CASES = [
     # n, k, group, sym: split-K and not, every group kind, asymmetric zero points
     (4096, 4096, 128, True),
@@ -372,14 +431,8 @@ CASES = [
 @pytest.mark.parametrize("n,k,group,sym", CASES, ids=[f"{n}x{k}-g{g}-{'sym' if s else 'asym'}" for n, k, g, s in CASES])
 def test_gemv_equals_float_reference(n, k, group, sym, dtype):
     qm, ms, mz, w = _layer(n, k, group, sym, dtype)
-    # the default (lean) form, the exact first form (4 warps a block) and the tensor-core form (1-8 tokens); with
-    # the group constants prefetched through the ring: a chunk within a group, a chunk of several groups (8 rows)
-    cfgs = (None, (4, 4, 24, 4, 1, 0), CG.MMA_CONFIG, (2, 4, 16, 3, 1, 0, 1))
-    cfgs += ((4, 4, 24, 2, 1, 1, 0, 1), (8, 4, 24, 2, 1, 0, 0, 1), CG.MMA_CONFIG + (1,), (8, 2, 24, 3, 1, 0, 1, 1))
-    # the tensor-core form with 8 warps: its partial sums in the ring's slots (ralias), with and without the prefetch
-    cfgs += ((4, 8, 24, 2, 1, 0, 1), (4, 8, 24, 2, 1, 0, 1, 1))
     plans = []
-    for c in cfgs:
+    for c in (None, *GPU_CONFIGS):
         try:
             plans.append(CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c))
         except ValueError as e:  # K = 528: one-row chunks, whose slots cannot hold 8 warps' 8-token sums

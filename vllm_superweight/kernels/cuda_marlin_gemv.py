@@ -815,6 +815,18 @@ def _compile(src: str, name: str):
     return kernels[name]
 
 
+def kernel_source(plan: GemvPlan, mt: int, readonly: bool = False) -> str:
+    """The CUDA source of ``plan``'s kernel for ``mt`` tokens (what NVRTC compiles and the disk cache is keyed by)."""
+    defs = (
+        f"#define SW_MT {mt}\n#define SW_BF16 {int(plan.bf16)}\n#define SW_GROWS {plan.grows}\n"
+        f"#define SW_ZERO {int(plan.has_zero)}\n#define SW_U {plan.u}\n#define SW_WARPS {plan.warps}\n"
+        f"#define SW_ST {plan.stages}\n#define SW_READONLY {int(readonly)}\n"
+        f"#define SW_MINB {plan.minb}\n#define SW_LEAN {int(plan.lean)}\n#define SW_MMA {int(plan.mma)}\n"
+        f"#define SW_PF {int(plan.pf)}\n#define SW_PDL {int(plan.pdl)}\n#define SW_RALIAS {int(plan.ralias)}\n"
+    )
+    return defs + _SRC
+
+
 def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
     key: tuple = (mt, readonly, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, plan.minb)
     key += (plan.lean, plan.mma, plan.pf, plan.pdl, plan.ralias)
@@ -823,19 +835,31 @@ def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
         ok, why = available()
         if not ok:
             raise RuntimeError(f"cuda GEMV: {why}")
-        defs = (
-            f"#define SW_MT {mt}\n#define SW_BF16 {int(plan.bf16)}\n#define SW_GROWS {plan.grows}\n"
-            f"#define SW_ZERO {int(plan.has_zero)}\n#define SW_U {plan.u}\n#define SW_WARPS {plan.warps}\n"
-            f"#define SW_ST {plan.stages}\n#define SW_READONLY {int(readonly)}\n"
-            f"#define SW_MINB {plan.minb}\n#define SW_LEAN {int(plan.lean)}\n#define SW_MMA {int(plan.mma)}\n"
-            f"#define SW_PF {int(plan.pf)}\n#define SW_PDL {int(plan.pdl)}\n#define SW_RALIAS {int(plan.ralias)}\n"
-        )
         with _lock:
             kern = _kernels.get(key)
             if kern is None:
-                kern = _compile(defs + _SRC, "sw_marlin_gemv")
+                kern = _compile(kernel_source(plan, mt, readonly), "sw_marlin_gemv")
                 _kernels[key] = kern
     return kern
+
+
+def _cache_one(job: tuple[str, str]) -> None:
+    cached_cubin(*job)
+
+
+def precompile(sources: list[str], arch: str, workers: int | None = None) -> int:
+    """Compile ``sources`` for ``sm_<arch>`` into the disk cache (``cached_cubin``) in parallel processes (NVRTC
+    compiles one source on one core; a test run or a new layer kind needs hundreds): the later loads find them there.
+    Returns how many distinct sources were given."""
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = sorted({(src, arch) for src in sources})
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    ctx = multiprocessing.get_context("spawn")  # no CUDA context in the children, none inherited
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        list(pool.map(_cache_one, jobs, chunksize=4))
+    return len(jobs)
 
 
 class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: an enum id, padding to 8 bytes, a 64-byte value union

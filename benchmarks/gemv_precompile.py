@@ -1,0 +1,74 @@
+"""Fill the CUDA GEMV's cubin cache in parallel before its GPU tests and micro-benchmark (``gpu_run.sh prefetch``).
+
+NVRTC compiles one kernel source on one core (~0.5 s); the GPU tests of ``tests/test_cuda_marlin_gemv.py`` and the
+sweeps of ``benchmarks/cuda_gemv_bench.py`` need several hundred distinct kernels (configuration x token count x
+group kind x dtype), which the tests would otherwise compile one after another. This compiles a superset of them
+with one process a core into ``SUPERWEIGHT_CACHE_DIR``; the tests and the benchmark then load them from there.
+
+    python benchmarks/gemv_precompile.py [--workers N] [--arch 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+
+def sources() -> list[str]:
+    import cuda_gemv_bench as B
+    import test_cuda_marlin_gemv as T
+    import torch
+
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
+    bf, fp = torch.bfloat16, torch.float16
+    # the GPU tests: every case, both dtypes, the configurations they run (each base also with the prefetch, as the
+    # bitwise test runs them; the PDL test: the default with the PDL flag)
+    test_cfgs = {CG.DEFAULT_CONFIG, *T.GPU_CONFIGS, CG.DEFAULT_CONFIG + (0, 0, 1)}
+    for base in (CG.DEFAULT_CONFIG, (8, 4, 24, 2, 1, 0), CG.MMA_CONFIG, (8, 2, 24, 3, 1, 0, 1)):
+        test_cfgs |= {tuple(base), B.with_pf(base)}
+    jobs = [(n, k, g, sym, dt, c) for n, k, g, sym in T.CASES for dt in (bf, fp) for c in test_cfgs]
+    # the micro-benchmark: the 7B layers in bf16, every configuration its parts and sweeps run
+    bench_cfgs = {CG.DEFAULT_CONFIG, CG.MMA_CONFIG, *B.SWEEP, *B.MMA_SWEEP} | {cfg for _, cfg in B.PF_SWEEP}
+    bench_cfgs |= {c for _, cfg, _ in B.PF_PAIRS for c in (cfg, B.with_pf(cfg))}
+    bench_cfgs |= {c for _, cfg in B.PDL_CASES for c in (cfg, B.with_pdl(cfg))}
+    jobs += [(n, k, 128, False, bf, c) for n, k in B.SHAPES.values() for c in bench_cfgs]
+    out = []
+    for n, k, g, sym, dtype, c in jobs:
+        try:
+            plan = CG.gemv_plan(n, k, g, sym, dtype, "cpu", config=c)
+        except ValueError:
+            continue
+        out += [CG.kernel_source(plan, mt) for mt in range(1, plan.max_m + 1)]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--arch", default=None, help="sm_<arch> (default: this GPU's)")
+    args = ap.parse_args()
+    import torch
+
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
+    arch = args.arch
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"{major}{minor}"
+    t0 = time.time()
+    srcs = sources()
+    n = CG.precompile(srcs, arch, args.workers)
+    print(f"gemv_precompile: {n} kernels for sm_{arch} in the cache ({time.time() - t0:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
