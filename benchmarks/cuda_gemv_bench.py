@@ -34,6 +34,9 @@ sys.path.insert(0, HERE)
 
 from w4_fused_bench import time_graph  # noqa: E402  (median us of CUDA-graph replays)
 
+from vllm_superweight.kernels.cuda_marlin_gemv import DEFAULT_CONFIG as DEFAULT  # noqa: E402
+from vllm_superweight.kernels.cuda_marlin_gemv import config_with  # noqa: E402
+
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 PEAK_TBS = {"H200": 4.8, "H100": 3.35}
 T0 = time.time()
@@ -68,7 +71,6 @@ MMA_SWEEP += [(4, 2, 48, 4, 8, 0, 1), (2, 4, 48, 3, 4, 0, 1), (4, 4, 96, 2, 8, 0
 MMA_SWEEP += [(4, 8, 24, 2, 1, 0, 1), (4, 8, 16, 2, 1, 0, 1)]
 # --pf: both forms with their group constants prefetched through the ring (8th field 1) against the same configuration
 # without (the defaults, then a few ring shapes the prefetch may favour: more stages, longer chunks)
-DEFAULT = (4, 8, 24, 2, 1, 1)  # cuda_marlin_gemv.DEFAULT_CONFIG
 PF_PAIRS = [
     ("cuda", DEFAULT, (1, 2, 4)),
     ("cuda-fused", DEFAULT, (1,)),
@@ -95,20 +97,11 @@ PF_SWEEP = [
 # --pdl: the GEMV launched as a programmatic dependent (9th field) against a plain launch, each GEMM after a small
 # kernel that writes its x (as vLLM's norms and activations do: kind "-dep"), and back to back
 PDL_CASES = [
-    ("cuda-dep", DEFAULT + (0, 0)),
-    ("cuda-dep", DEFAULT + (0, 1)),
-    ("cuda", DEFAULT + (0, 0)),
-    ("cuda-fused-dep", DEFAULT + (0, 0)),
+    ("cuda-dep", config_with(DEFAULT, pf=0)),
+    ("cuda-dep", config_with(DEFAULT, pf=1)),
+    ("cuda", config_with(DEFAULT, pf=0)),
+    ("cuda-fused-dep", config_with(DEFAULT, pf=0)),
 ]
-
-
-def with_pdl(cfg: tuple) -> tuple:
-    return tuple(cfg) + (0,) * (8 - len(cfg)) + (1,)
-
-
-def with_pf(cfg: tuple) -> tuple:
-    """``cfg`` (6 or 7 fields) with the prefetch flag set (the 7th field, the tensor-core flag, padded with 0)."""
-    return tuple(cfg) + (0,) * (7 - len(cfg)) + (1,)
 
 
 def main() -> None:
@@ -339,7 +332,7 @@ def main() -> None:
                         CG.marlin_gemv_cuda(
                             x, e["qm"], e["sc"], e["zp"], CG.gemv_plan(n_, k_, 128, False, bf, dev, config=c), **sp
                         )
-                        for c in (cfg, with_pf(cfg))
+                        for c in (cfg, config_with(cfg, pf=1))
                     ]
                     same = bool(torch.equal(outs[0], outs[1]))
                     rows.append({"part": "pf-check", "kernel": kind, "m": m, "shape": name, "bitwise_equal": same})
@@ -350,7 +343,7 @@ def main() -> None:
                 continue
             for m in pms:
                 timed(kind, m, cfg, part="pf")
-                timed(kind, m, with_pf(cfg), part="pf")
+                timed(kind, m, config_with(cfg, pf=1), part="pf")
         for kind, cfg in PF_SWEEP:
             for m in (1, 8) if kind == "mma" else (1,):
                 timed(kind, m, cfg, part="pf-sweep")
@@ -359,7 +352,7 @@ def main() -> None:
             e, x = layers[0][name], xs[1][name]
             outs = [
                 CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], CG.gemv_plan(n_, k_, 128, False, bf, dev, config=c))
-                for c in (DEFAULT, with_pdl(DEFAULT))
+                for c in (DEFAULT, config_with(DEFAULT, pdl=1))
             ]
             same = bool(torch.equal(outs[0], outs[1]))
             rows.append({"part": "pdl-check", "kernel": "cuda", "m": 1, "shape": name, "bitwise_equal": same})
@@ -370,7 +363,7 @@ def main() -> None:
             if args.no_vllm and kind.startswith("cuda-fused"):
                 continue
             timed(kind, 1, cfg, part="pdl")
-            timed(kind, 1, with_pdl(cfg), part="pdl")
+            timed(kind, 1, config_with(cfg, pdl=1), part="pdl")
     if args.ceiling:
         timed("cuda-loads", 1, part="ceiling")
         for name in SHAPES:

@@ -31,14 +31,14 @@ def sources() -> list[str]:
     bf, fp = torch.bfloat16, torch.float16
     # the GPU tests: every case, both dtypes, the configurations they run (each base also with the prefetch, as the
     # bitwise test runs them; the PDL test: the default with the PDL flag)
-    test_cfgs = {CG.DEFAULT_CONFIG, *T.GPU_CONFIGS, CG.DEFAULT_CONFIG + (0, 0, 1)}
+    test_cfgs = {CG.DEFAULT_CONFIG, *T.GPU_CONFIGS, CG.config_with(pdl=1)}
     for base in (CG.DEFAULT_CONFIG, (8, 4, 24, 2, 1, 0), CG.MMA_CONFIG, (8, 2, 24, 3, 1, 0, 1)):
-        test_cfgs |= {tuple(base), B.with_pf(base)}
+        test_cfgs |= {tuple(base), CG.config_with(base, pf=1)}
     jobs = [(n, k, g, sym, dt, c) for n, k, g, sym in T.CASES for dt in (bf, fp) for c in test_cfgs]
     # the micro-benchmark: the 7B layers in bf16, every configuration its parts and sweeps run
     bench_cfgs = {CG.DEFAULT_CONFIG, CG.MMA_CONFIG, *B.SWEEP, *B.MMA_SWEEP} | {cfg for _, cfg in B.PF_SWEEP}
-    bench_cfgs |= {c for _, cfg, _ in B.PF_PAIRS for c in (cfg, B.with_pf(cfg))}
-    bench_cfgs |= {c for _, cfg in B.PDL_CASES for c in (cfg, B.with_pdl(cfg))}
+    bench_cfgs |= {c for _, cfg, _ in B.PF_PAIRS for c in (cfg, CG.config_with(cfg, pf=1))}
+    bench_cfgs |= {c for _, cfg in B.PDL_CASES for c in (cfg, CG.config_with(cfg, pdl=1))}
     jobs += [(n, k, 128, False, bf, c) for n, k in B.SHAPES.values() for c in bench_cfgs]
     out = []
     for n, k, g, sym, dtype, c in jobs:

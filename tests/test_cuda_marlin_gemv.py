@@ -95,6 +95,14 @@ def test_prefetch_plans_group_wise_layers_within_shared_memory():
     assert CG.gemv_plan(4096, 4096, 16, True, torch.bfloat16, "cpu", config=(4, 4, 24, 2, 1, 1, 0, 1)).pf
 
 
+def test_config_with_sets_named_fields_and_pads_the_ones_before():
+    assert CG.config_with(CG.MMA_CONFIG, pf=1) == CG.MMA_CONFIG + (1,)
+    assert CG.config_with(pdl=1) == CG.DEFAULT_CONFIG + (0, 0, 1)
+    assert CG.config_with(CG.DEFAULT_CONFIG + (0, 1), pdl=1) == CG.DEFAULT_CONFIG + (0, 1, 1)
+    with pytest.raises(ValueError):
+        CG.config_with(bogus=1)
+
+
 def test_programmatic_dependent_launch_is_a_plan_field():
     assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG + (0, 0, 1)).pdl
     assert not CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG + (0, 1)).pdl
@@ -527,6 +535,16 @@ def _held_out(n, k, dtype, seed):
     return rows, cols, vals, dense
 
 
+def _packed_held_out(n, k, dtype, seed):
+    """``_held_out``'s entries as the epilogue reads them: packed SELL slots on the GPU, their maps, and the dense
+    float64 matrix."""
+    from vllm_superweight.kernels import prepare_sparse
+
+    rows, cols, vals, dense = _held_out(n, k, dtype, seed)
+    sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
+    return sp, CG.sparse_maps(sp, n), dense
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -536,13 +554,11 @@ def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     dequantized weights plus the held-out values (light slices and heavy CSR rows, split-K and not, every group kind
     incl. channel-wise: the one-copy pair's default since session 24; M = 1..8), and the separate correction after
     the plain GEMV within one rounding of y."""
-    from vllm_superweight.kernels import prepare_sparse, sparse_correction
+    from vllm_superweight.kernels import sparse_correction
 
     qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=7)
-    rows, cols, vals, dense = _held_out(n, k, dtype, seed=n + k)
-    sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
+    sp, maps, dense = _packed_held_out(n, k, dtype, seed=n + k)
     assert sp["hcols"].numel() > 0  # the heavy rows went to the CSR part
-    maps = CG.sparse_maps(sp, n)
     cfgs = (None, CG.MMA_CONFIG, CG.DEFAULT_CONFIG + (0, 1), CG.MMA_CONFIG + (1,))  # the last two: prefetch
     if k // 16 % 2 == 0:  # the tensor-core form with 8 warps, its partial sums in the ring's slots
         cfgs += ((4, 8, 24, 2, 1, 0, 1),)
@@ -569,11 +585,7 @@ def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
 def test_gemv_epilogue_is_graph_safe_and_reproducible():
     n, k, dtype = 4096, 11008, torch.bfloat16
     qm, ms, mz, w = _layer(n, k, 128, False, dtype, seed=5)
-    from vllm_superweight.kernels import prepare_sparse
-
-    rows, cols, vals, dense = _held_out(n, k, dtype, seed=9)
-    sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
-    maps = CG.sparse_maps(sp, n)
+    sp, maps, dense = _packed_held_out(n, k, dtype, seed=9)
     plan = CG.gemv_plan(n, k, 128, False, dtype, "cuda")
     assert plan.splits > 1
     x = torch.randn(1, k, device="cuda").to(dtype)
@@ -602,17 +614,14 @@ def test_prefetched_group_constants_change_nothing(n, k, group, sym):
     """The prefetch (8th config field) moves where a group's scales and zero points are read from (shared memory,
     copied with the chunk's rows), not the arithmetic: bitwise the same y as without it, both forms, every M, with
     the held-out terms in the epilogue or not, split-K or not."""
-    from vllm_superweight.kernels import prepare_sparse
 
     dtype = torch.bfloat16
     qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=11)
-    rows, cols, vals, _ = _held_out(n, k, dtype, seed=n + 3)
-    sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
-    maps = CG.sparse_maps(sp, n)
+    sp, maps, _ = _packed_held_out(n, k, dtype, seed=n + 3)
     g = torch.Generator().manual_seed(4)
     for base in (CG.DEFAULT_CONFIG, (8, 4, 24, 2, 1, 0), CG.MMA_CONFIG, (8, 2, 24, 3, 1, 0, 1)):
         off = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=base)
-        on = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=tuple(base) + (0,) * (7 - len(base)) + (1,))
+        on = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=CG.config_with(base, pf=1))
         assert on.pf == (off.grows > 0)  # (these configurations leave room for the prefetch's slots)
         for m in range(1, off.max_m + 1):
             x = torch.randn(m, k, generator=g).to(dtype).cuda()
@@ -629,13 +638,10 @@ def test_programmatic_dependent_launch_reads_what_the_kernels_before_it_wrote():
     its weights before ``griddepcontrol.wait`` and reads x, the split-K workspace and y only after it: inside a CUDA
     graph whose first kernel rewrites x and whose two GEMVs (split-K, one workspace) follow back to back, every replay
     equals the plain launches on the new x, bitwise."""
-    from vllm_superweight.kernels import prepare_sparse
 
     n, k, dtype = 4096, 11008, torch.bfloat16
     qm, ms, mz, w = _layer(n, k, 128, False, dtype, seed=13)
-    rows, cols, vals, _ = _held_out(n, k, dtype, seed=17)
-    sp = prepare_sparse(rows, cols, vals, n, k, "cuda", layout="sell", pack=dtype)
-    maps = CG.sparse_maps(sp, n)
+    sp, maps, _ = _packed_held_out(n, k, dtype, seed=17)
     plain = CG.gemv_plan(n, k, 128, False, dtype, "cuda")
     pdl = CG.gemv_plan(n, k, 128, False, dtype, "cuda", config=CG.DEFAULT_CONFIG + (0, 0, 1))
     assert pdl.pdl and pdl.splits > 1

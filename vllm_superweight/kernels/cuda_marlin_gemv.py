@@ -611,6 +611,21 @@ DEFAULT_CONFIG = (4, 8, 24, 2, 1, 1)
 MMA_CONFIG = (4, 4, 24, 2, 1, 0, 1)
 
 
+# a configuration's fields in order (gemv_plan reads them; trailing ones may be left out, 0 = off)
+CONFIG_FIELDS = ("u", "warps", "per_sm", "stages", "minb", "lean", "mma", "pf", "pdl")
+
+
+def config_with(config: tuple[int, ...] | None = None, **flags: int) -> tuple[int, ...]:
+    """``config`` (default: DEFAULT_CONFIG) with the named trailing fields set, the ones before them padded with 0:
+    ``config_with(MMA_CONFIG, pf=1)``."""
+    cfg = list(config or DEFAULT_CONFIG)
+    for name, value in flags.items():
+        i = CONFIG_FIELDS.index(name)
+        cfg += [0] * (i + 1 - len(cfg))
+        cfg[i] = int(value)
+    return tuple(cfg)
+
+
 def available() -> tuple[bool, str | None]:
     """Whether this torch can compile and load the kernel here (CUDA; torch's NVRTC and module loader)."""
     if not torch.cuda.is_available():
@@ -893,9 +908,12 @@ def _launch(kern, pdl: bool, grid: tuple, block: tuple, args: list) -> None:
     programmatic dependent of the work before it (``cuLaunchKernelEx``; the kernel waits with
     ``griddepcontrol.wait`` before it touches anything that work may write). Captured into CUDA graphs like any
     launch."""
-    stream = torch.cuda.current_stream()
-    if not pdl or not _pdl_device(stream.device.index):
+    if not pdl:
         kern(grid=grid, block=block, args=args)
+        return
+    stream = torch.cuda.current_stream()
+    if not _pdl_device(stream.device.index):
+        kern(grid=grid, block=block, args=args, stream=stream)
         return
     from torch.cuda._utils import _get_gpu_runtime_library
 
