@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -35,6 +36,7 @@ sys.path.insert(0, HERE)
 from w4_fused_bench import time_graph  # noqa: E402  (median us of CUDA-graph replays)
 
 from vllm_superweight.kernels.cuda_marlin_gemv import DEFAULT_CONFIG as DEFAULT  # noqa: E402
+from vllm_superweight.kernels.cuda_marlin_gemv import MMA_CONFIG as MMA_DEFAULT  # noqa: E402
 from vllm_superweight.kernels.cuda_marlin_gemv import config_with  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
@@ -122,6 +124,12 @@ def main() -> None:
         "each GEMM of the layer alone, Marlin and the GEMV",
     )
     ap.add_argument("--budget-s", type=float, default=500)
+    ap.add_argument(
+        "--recommend-env",
+        default="",
+        help="also write SUPERWEIGHT_CUDA_GEMV=MAX_M@one=..,mma=.. (recommend(): what the measurements argue for) "
+        "here, as KEY=VALUE lines (gpu_run.sh's throughput stage sources it)",
+    )
     ap.add_argument(
         "--no-vllm",
         action="store_true",
@@ -379,9 +387,77 @@ def main() -> None:
                 plan = CG.gemv_plan(n_, k_, 128, False, torch.bfloat16, dev, config=cfg)
                 y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan).float()
                 rows[-1]["rel_vs_default"] = float((y - ref).norm() / ref.norm())
+    if args.pf or args.mma_sweep:  # the tensor-core form's fastest configuration at 8 tokens, also at 2 and 4
+        at8 = [r for r in rows if r.get("kernel") == "mma" and r.get("m") == 8 and "us" in r and r.get("config")]
+        if at8:
+            best = tuple(min(at8, key=lambda r: r["us"])["config"])
+            seen = {(r.get("m"), tuple(r.get("config") or ())) for r in rows if r.get("kernel") == "mma"}
+            for m in (2, 4):
+                if (m, best) not in seen:
+                    timed("mma", m, best, part="pf-sweep")
+    meta["recommend"] = recommend(rows)
+    log(f"recommend: {meta['recommend']}")
+    if args.recommend_env:
+        with open(args.recommend_env, "a") as f:
+            f.writelines(f"export {k}={shlex.quote(v)}\n" for k, v in meta["recommend"].items())
     save()
     write_table(out)
     log(f"done -> {out}")
+
+
+def _norm(kind: str, cfg) -> tuple | None:
+    """A configuration as one key: None = the kind's default, trailing off-flags (0) after ``lean`` dropped."""
+    if kind.startswith("marlin"):
+        return None
+    c = list(cfg or (MMA_DEFAULT if kind.startswith("mma") else DEFAULT))
+    while len(c) > 5 and c[-1] == 0:
+        c.pop()
+    return tuple(c)
+
+
+def recommend(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
+    """The knob the measurements argue for: ``SUPERWEIGHT_CUDA_GEMV=MAX_M@one=..[,mma=..]``. Single tokens: the
+    prefetch where it made the GEMV with the held-out terms inside faster (``pf`` pairs of ``cuda-fused``, else
+    ``cuda``), then the fastest CUDA-core ring shape with it, then PDL where it made a GEMM after its x's writer
+    faster; each only when it beats what it would replace by more than ``margin``. 2..8 tokens: the tensor-core
+    form's fastest configuration at 8 tokens, served up to the largest M in (2, 4, 8) where it beat Marlin by the
+    margin at every M up to it. {} where nothing of this was measured."""
+    t: dict[tuple, float] = {}
+    for r in rows:
+        if "us" in r and r.get("part") in ("main", "pf", "pf-sweep", "pdl", "mma-sweep"):
+            key = (r["kernel"], r["m"], _norm(r["kernel"], r.get("config")))
+            t[key] = min(t.get(key, 1e30), r["us"])
+
+    def us(kind: str, m: int, cfg) -> float | None:
+        return t.get((kind, m, _norm(kind, cfg)))
+
+    def better(a: float | None, b: float | None) -> bool:
+        return a is not None and b is not None and a < b * (1 - margin)
+
+    if not any(k[1] == 1 and k[0] != "marlin" for k in t):
+        return {}
+    one = tuple(DEFAULT)
+    base = "cuda-fused" if us("cuda-fused", 1, config_with(one, pf=1)) is not None else "cuda"
+    if better(us(base, 1, config_with(one, pf=1)), us(base, 1, one)):
+        one = config_with(one, pf=1)
+        shapes = [(v, c) for (kind, m, c), v in t.items() if kind == "cuda" and m == 1 and c and c[6:8] == (0, 1)]
+        if shapes and better(min(shapes)[0], us("cuda", 1, one)):
+            one = min(shapes)[1]
+    judge = one if us("cuda-dep", 1, one) is not None else config_with(DEFAULT, pf=int(one[7:8] == (1,)))
+    if better(us("cuda-dep", 1, config_with(judge, pdl=1)), us("cuda-dep", 1, judge)):  # PDL: the pair measured
+        one = config_with(one, pdl=1)
+    mma_best, max_m = None, 1
+    at8 = [(v, c) for (kind, m, c), v in t.items() if kind == "mma" and m == 8]
+    if at8:
+        mma_best = min(at8)[1]
+        for m in (2, 4, 8):
+            if not better(us("mma", m, mma_best), us("marlin", m, None)):
+                break
+            max_m = m
+    value = str(max_m) + "@one=" + ":".join(map(str, _norm("cuda", one) or ()))
+    if max_m > 1 and mma_best is not None:
+        value += ",mma=" + ":".join(map(str, mma_best))
+    return {"SUPERWEIGHT_CUDA_GEMV": value}
 
 
 def write_table(path: str) -> None:

@@ -321,6 +321,19 @@ EOF2
     setup
     timeout 300 $PY benchmarks/kernel_bench.py --quick --out "$OUT/kernel_bench_quick.json" "$@"
     echo "[$(ts)] kernel_bench --quick rc=$?" ;;
+  tuned)
+    # session 25, one call after `prefetch` (its checkpoints built): the micro-benchmark's prefetch / PDL / tensor-core
+    # sweep (~2 min) writes the SUPERWEIGHT_CUDA_GEMV launch configurations it found fastest (recommend() in
+    # cuda_gemv_bench.py; only what beat the default by > 1 %) to recommend.env, then the engines run with them:
+    # the one-copy checkpoints beside AWQ at batch 1 / 8 / 64 (the rest of the call)
+    setup
+    for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
+    rm -f "$SW_BENCH_DIR/recommend.env"
+    timeout 220 $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_prefetch.json" --ms 1,2,4,8 --pf --pdl \
+      --budget-s 170 --recommend-env "$SW_BENCH_DIR/recommend.env" 2>&1 | grep -v "^$" | tail -30
+    cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true
+    BUDGET_S=$((580 - SECONDS)) bash "$0" throughput "${1:-sw-w4-g128-cg1,sw-w4-g128-holdout-qkv,awq}" \
+      --latency-batches 1,8,64 --throughput-lens "" ;;
   throughput)
     setup
     # knobs measured by the kernels stage of this lease (Marlin/Machete threshold, sparse tiles), unless disabled

@@ -221,8 +221,13 @@ METHODS["sw-w4-g128-holdout-qkv-nocg"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "0"}
 )
 METHODS["sw-w4-g128-cg"] = dict(METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_CUDA_GEMV": "1"})
-METHODS["sw-w4-g128-cg1"] = dict(
-    METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_CUDA_GEMV": "1"}
+# the checkpoint without hold-out on the one-copy pair (the held-out default's kernels; SUPERWEIGHT_CUDA_GEMV left to
+# the environment: 1 by default, or what gpu_run.sh's `tuned` stage sourced from the micro-benchmark)
+METHODS["sw-w4-g128-cg1"] = dict(METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"})
+# the held-out default with the CUDA GEMV's launch configuration pinned to the package's (whatever the environment
+# says): the control for a tuned run in the same lease
+METHODS["sw-w4-g128-holdout-qkv-cgdef"] = dict(
+    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "1"}
 )
 # the W8A8 checkpoint with its first outlier channel in CUTLASS's per-token zero-point epilogue (no side product for
 # it; the default since session 12) named explicitly, and without it (every outlier channel a side product)

@@ -103,6 +103,51 @@ def test_config_with_sets_named_fields_and_pads_the_ones_before():
         CG.config_with(bogus=1)
 
 
+def _bench_module():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cuda_gemv_bench.py")
+    spec = importlib.util.spec_from_file_location("cuda_gemv_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_recommends_only_what_beat_the_default_by_the_margin():
+    """cuda_gemv_bench.py --recommend-env: the knob gpu_run.sh's throughput stage sources in the same lease."""
+    B = _bench_module()
+    d, cw = CG.DEFAULT_CONFIG, CG.config_with
+    knob = "SUPERWEIGHT_CUDA_GEMV"
+    rows = [{"part": "main", "kernel": "marlin", "m": m, "us": 66.0} for m in (1, 2, 4, 8)]
+    assert B.recommend(rows) == {}  # nothing of ours measured
+    rows += [{"part": "main", "kernel": k, "m": m, "us": us} for k, m, us in (("cuda", 1, 60.5), ("mma", 8, 90.0))]
+    assert B.recommend(rows) == {knob: "1@one=" + ":".join(map(str, d))}  # the defaults: nothing beat them
+
+    def add(part, kind, m, cfg, us):
+        rows.append({"part": part, "kernel": kind, "m": m, "config": list(cfg), "us": us})
+
+    add("pf", "cuda-fused", 1, d, 66.4)
+    add("pf", "cuda-fused", 1, cw(d, pf=1), 66.0)  # < 1 % faster: not taken
+    assert B.recommend(rows)[knob].startswith("1@one=4:8:24:2:1:1")
+    assert B.recommend(rows, margin=0.0)[knob] == "1@one=4:8:24:2:1:1:0:1"
+    add("pf", "cuda-fused", 1, cw(d, pf=1), 63.0)  # the faster of two measurements of one configuration counts
+    add("pf", "cuda", 1, cw(d, pf=1), 58.0)
+    add("pf-sweep", "cuda", 1, (4, 8, 32, 2, 1, 1, 0, 1), 56.0)  # a faster ring shape with the prefetch
+    add("pdl", "cuda-dep", 1, cw(d, pf=1), 60.0)
+    add("pdl", "cuda-dep", 1, cw(cw(d, pf=1), pdl=1), 57.0)  # PDL judged on the pair measured with the prefetch
+    assert B.recommend(rows) == {knob: "1@one=4:8:32:2:1:1:0:1:1"}
+    mma = (4, 8, 24, 2, 1, 0, 1, 1)
+    for m, us in ((2, 60.0), (4, 62.0), (8, 66.0)):  # beats Marlin at 2 and 4; at 8 within the margin
+        add("pf-sweep", "mma", m, mma, us)
+    assert B.recommend(rows) == {knob: "4@one=4:8:32:2:1:1:0:1:1,mma=4:8:24:2:1:0:1:1"}
+    add("pf-sweep", "mma", 2, mma, 70.0)  # slower than Marlin at 2 (the min of 60 and 70 still counts)
+    assert B.recommend(rows)[knob].startswith("4@")
+    rows = [r for r in rows if not (r["kernel"] == "mma" and r["m"] == 2)]
+    add("pf-sweep", "mma", 2, mma, 70.0)
+    assert B.recommend(rows)[knob] == "1@one=4:8:32:2:1:1:0:1:1"  # never past an M where it lost
+
+
 def test_programmatic_dependent_launch_is_a_plan_field():
     assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG + (0, 0, 1)).pdl
     assert not CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG + (0, 1)).pdl

@@ -553,10 +553,21 @@ def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
     assert envs.cuda_gemv_max_m() == 4
     monkeypatch.setenv(envs.CUDA_GEMV, "8")
     assert envs.cuda_gemv_max_m() == 8
+    assert envs.cuda_gemv_configs() == {}
     for bad in ("9", "-1", "one"):
         monkeypatch.setenv(envs.CUDA_GEMV, bad)
         with pytest.raises(ValueError, match=envs.CUDA_GEMV):
             envs.cuda_gemv_max_m()
+    # launch configurations after '@' (what cuda_gemv_bench.py --recommend-env writes)
+    monkeypatch.setenv(envs.CUDA_GEMV, "4@one=4:8:32:2:1:1:0:1:1, mma=4:8:24:2:1:0:1:1")
+    assert envs.cuda_gemv_max_m() == 4
+    assert envs.cuda_gemv_configs() == {"one": (4, 8, 32, 2, 1, 1, 0, 1, 1), "mma": (4, 8, 24, 2, 1, 0, 1, 1)}
+    monkeypatch.setenv(envs.CUDA_GEMV, "@one=4:4:24:4")
+    assert envs.cuda_gemv_max_m() == 1 and envs.cuda_gemv_configs() == {"one": (4, 4, 24, 4)}
+    for bad in ("1@two=4:8:24:2", "1@one=4:8", "1@one=4:x:24:2", "1@one=4:8:24:2:1:1:0:1:1:1", "1@mma=-4:8:24:2"):
+        monkeypatch.setenv(envs.CUDA_GEMV, bad)
+        with pytest.raises(ValueError, match="after '@'"):
+            envs.cuda_gemv_configs()
 
 
 def _pair_with_marlin_copy(n=128, k=256, device="cpu"):
@@ -771,6 +782,12 @@ def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, c
         assert compiled == [(False, 1, 1), (True, 2, 2)] and kern.cgemv_max_m == 2
         assert kern.cgemv.n == 128 and kern.cgemv.k == 256 and kern.cgemv.grows == 4 and not kern.cgemv.mma
         assert kern.cgemv_mma.mma and kern.cgemv_mma.warps == CG.MMA_CONFIG[1]
+        assert kern.cgemv.warps == CG.DEFAULT_CONFIG[1] and not kern.cgemv.pdl
+        # configurations given with the knob reach both plans
+        monkeypatch.setenv(envs.CUDA_GEMV, "2@one=4:4:24:4:1:1:0:0:1,mma=4:8:24:2:1:0:1")
+        kern._plan_cuda_gemv()
+        assert (kern.cgemv.warps, kern.cgemv.stages, kern.cgemv.pdl, kern.cgemv.mma) == (4, 4, True, False)
+        assert kern.cgemv_mma.mma and kern.cgemv_mma.warps == 8
     else:
         assert kern.cgemv is None and kern.cgemv_max_m == 0
         assert "stays on Marlin for 1-2 tokens: RuntimeError: cuda GEMV: NVRTC failed" in caplog.text

@@ -48,6 +48,9 @@ Only what users need is a knob:
                                     hold-out, one copy: batch 1 0.751 s vs Marlin's 0.807, AWQ 0.981). ``2``-``8``:
                                     also 2..MAX_M tokens, through its tensor-core form (opt-in: correct on the
                                     H200 but 78-90 us a 7B layer at 2-8 tokens vs Marlin's 66). ``0``: Marlin.
+                                    ``MAX_M@one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL],mma=...``: also the
+                                    launch configuration of either form (``kernels.cuda_marlin_gemv.CONFIG_FIELDS``;
+                                    ``cuda_gemv_bench.py --recommend-env`` writes the fastest it measured).
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
@@ -213,11 +216,42 @@ def dequant_min_m() -> int:
     return _int(DEQUANT_MIN_M, DEFAULT_DEQUANT_MIN_M)
 
 
-def cuda_gemv_max_m() -> int:
-    v = _int(CUDA_GEMV, DEFAULT_CUDA_GEMV_MAX_M)
+def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]]]:
+    """``SUPERWEIGHT_CUDA_GEMV=MAX_M[@one=A:B:..,mma=A:B:..]`` -> (MAX_M, launch configurations by form)."""
+    raw = os.environ.get(CUDA_GEMV, "").strip()
+    head, _, tail = raw.partition("@")
+    try:
+        v = int(head) if head.strip() else DEFAULT_CUDA_GEMV_MAX_M
+    except ValueError:
+        raise ValueError(f"{CUDA_GEMV}={raw!r}: MAX_M is not an integer") from None
     if not 0 <= v <= 8:
         raise ValueError(f"{CUDA_GEMV}={v}: 0 (Marlin) to 8 tokens")
-    return v
+    configs: dict[str, tuple[int, ...]] = {}
+    for part in filter(None, (p.strip() for p in tail.split(","))):
+        key, _, val = part.partition("=")
+        key = key.strip()
+        try:
+            cfg = tuple(int(f) for f in val.split(":"))
+        except ValueError:
+            cfg = ()
+        if key not in ("one", "mma") or not 4 <= len(cfg) <= 9 or min(cfg) < 0:
+            raise ValueError(
+                f"{CUDA_GEMV}={raw!r}: after '@', one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL] and/or mma=..."
+                f" (non-negative integers; got {part!r})"
+            )
+        configs[key] = cfg
+    return v, configs
+
+
+def cuda_gemv_max_m() -> int:
+    return _cuda_gemv()[0]
+
+
+def cuda_gemv_configs() -> dict[str, tuple[int, ...]]:
+    """Launch configurations of the CUDA GEMV given after ``@`` in ``SUPERWEIGHT_CUDA_GEMV`` (``one``: single tokens,
+    ``mma``: the tensor-core form), as ``benchmarks/cuda_gemv_bench.py --recommend-env`` finds them; {} = the
+    package's defaults."""
+    return _cuda_gemv()[1]
 
 
 def cache_dir() -> str:

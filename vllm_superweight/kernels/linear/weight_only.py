@@ -606,7 +606,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         """With ``SUPERWEIGHT_CUDA_GEMV=MAX_M``, batches of up to MAX_M tokens that would go to Marlin run our GEMV
         over Marlin's own tensors (``kernels/cuda_marlin_gemv.py``; one token: its CUDA-core form, 2..MAX_M: its
         tensor-core form) where it can read the layer."""
-        max_m = envs.cuda_gemv_max_m()
+        max_m, cfgs = envs.cuda_gemv_max_m(), envs.cuda_gemv_configs()
         if not max_m or self.config.device_type != "cuda" or not isinstance(self.small, MarlinKernel):
             return
         from .. import cuda_marlin_gemv as CG
@@ -620,12 +620,12 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         if ok:
             try:
                 args = (n_p, k_p, c.group_size, c.symmetric, c.act_dtype, qm.device)
-                plan = CG.gemv_plan(*args)  # single tokens: the CUDA-core form
+                plan = CG.gemv_plan(*args, config=cfgs.get("one"))  # single tokens: the CUDA-core form
                 CG.prepare(plan, 1)  # compiled at load: a failure keeps Marlin, never breaks a forward
                 mma = None
                 if max_m > 1:  # 2..max_m tokens: the tensor-core form; if it cannot run, one token still can
                     try:
-                        mma = CG.gemv_plan(*args, config=CG.MMA_CONFIG)
+                        mma = CG.gemv_plan(*args, config=cfgs.get("mma", CG.MMA_CONFIG))
                         CG.prepare(mma, max_m, min_m=2)
                         self._check_mma(CG, plan, mma, max_m)
                     except (ValueError, RuntimeError, OSError) as e:
