@@ -116,6 +116,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="launch configurations at M = 1")
     ap.add_argument("--mma-sweep", action="store_true", help="the tensor-core form's configurations at M = 1, 8")
     ap.add_argument("--pf", action="store_true", help="group constants prefetched through the ring vs not (SW_PF)")
+    ap.add_argument(
+        "--mma-configs", default="", help="more tensor-core configurations at M = 8 (and 1): 'U:W:PS:ST:MB:0:1:PF;...'"
+    )
     ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch vs plain (SW_PDL), M = 1")
     ap.add_argument(
         "--ceiling",
@@ -387,13 +390,16 @@ def main() -> None:
                 plan = CG.gemv_plan(n_, k_, 128, False, torch.bfloat16, dev, config=cfg)
                 y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan).float()
                 rows[-1]["rel_vs_default"] = float((y - ref).norm() / ref.norm())
-    if args.pf or args.mma_sweep:  # the tensor-core form's fastest configuration at 8 tokens, also at 2 and 4
+    for spec in filter(None, args.mma_configs.split(";")):
+        for m in (8, 1):
+            timed("mma", m, tuple(int(f) for f in spec.split(":")), part="mma-sweep")
+    if args.pf or args.mma_sweep or args.mma_configs:  # the tensor-core form's fastest at 8 tokens, also at 2 and 4
         at8 = [r for r in rows if r.get("kernel") == "mma" and r.get("m") == 8 and "us" in r and r.get("config")]
         if at8:
             best = tuple(min(at8, key=lambda r: r["us"])["config"])
             seen = {(r.get("m"), tuple(r.get("config") or ())) for r in rows if r.get("kernel") == "mma"}
             for m in (2, 4):
-                if (m, best) not in seen:
+                if m in xs and (m, best) not in seen:  # (--ms without them: no inputs of that size)
                     timed("mma", m, best, part="pf-sweep")
     meta["recommend"] = recommend(rows)
     log(f"recommend: {meta['recommend']}")

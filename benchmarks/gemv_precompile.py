@@ -32,7 +32,7 @@ def sources() -> list[str]:
     # the GPU tests: every case, both dtypes, the configurations they run (each base also with the prefetch, as the
     # bitwise test runs them; the PDL test: the default with the PDL flag)
     test_cfgs = {CG.DEFAULT_CONFIG, *T.GPU_CONFIGS, CG.config_with(pdl=1)}
-    for base in (CG.DEFAULT_CONFIG, (8, 4, 24, 2, 1, 0), CG.MMA_CONFIG, (8, 2, 24, 3, 1, 0, 1)):
+    for base in T.PF_BASES:
         test_cfgs |= {tuple(base), CG.config_with(base, pf=1)}
     jobs = [(n, k, g, sym, dt, c) for n, k, g, sym in T.CASES for dt in (bf, fp) for c in test_cfgs]
     # the micro-benchmark: the 7B layers in bf16, every configuration its parts and sweeps run

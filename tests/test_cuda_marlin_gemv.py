@@ -19,6 +19,11 @@ import torch
 
 from vllm_superweight.kernels import cuda_marlin_gemv as CG
 
+# the tensor-core form's first default (sessions 23-24; session 25's adds 8-row chunks, fewer split-K blocks, prefetch)
+MMA_FIRST = (4, 4, 24, 2, 1, 0, 1)
+# configurations the prefetch test runs without and with the 8th field (gemv_precompile.py compiles both)
+PF_BASES = (CG.DEFAULT_CONFIG, (8, 4, 24, 2, 1, 0), CG.config_with(CG.MMA_CONFIG, pf=0), (8, 2, 24, 3, 1, 0, 1))
+
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -88,7 +93,7 @@ def test_prefetch_plans_group_wise_layers_within_shared_memory():
     assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=pf).pf
     assert not CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu").pf
     assert not CG.gemv_plan(4096, 4096, -1, False, torch.bfloat16, "cpu", config=pf).pf
-    assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.MMA_CONFIG + (1,)).mma
+    assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.MMA_CONFIG).mma
     assert CG.gemv_plan(4096, 4096, 16, True, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG).grows == 1
     # 8 warps x 2 stages x 4 sets of constants do not fit beside the ring and the 4-token reduction: no prefetch
     assert not CG.gemv_plan(4096, 4096, 16, True, torch.bfloat16, "cpu", config=pf).pf
@@ -96,7 +101,8 @@ def test_prefetch_plans_group_wise_layers_within_shared_memory():
 
 
 def test_config_with_sets_named_fields_and_pads_the_ones_before():
-    assert CG.config_with(CG.MMA_CONFIG, pf=1) == CG.MMA_CONFIG + (1,)
+    assert CG.config_with(MMA_FIRST, pf=1) == MMA_FIRST + (1,)
+    assert CG.config_with(CG.MMA_CONFIG, pf=0)[7] == 0 and CG.config_with(CG.MMA_CONFIG, pf=1) == CG.MMA_CONFIG
     assert CG.config_with(pdl=1) == CG.DEFAULT_CONFIG + (0, 0, 1)
     assert CG.config_with(CG.DEFAULT_CONFIG + (0, 1), pdl=1) == CG.DEFAULT_CONFIG + (0, 1, 1)
     with pytest.raises(ValueError):
@@ -174,7 +180,7 @@ def test_kernel_sources_compile_without_a_gpu(arch):
     lib = _nvrtc_or_skip()
     cases = [
         (None, 128, False, (1, 4)),
-        (CG.MMA_CONFIG + (1, 1), 128, False, (8,)),
+        (CG.config_with(CG.MMA_CONFIG, pf=1, pdl=1), 128, False, (8,)),
         ((4, 8, 24, 2, 1, 0, 1, 1), 128, True, (8,)),
         (CG.DEFAULT_CONFIG + (0, 0, 1), -1, False, (1,)),
         ((8, 4, 24, 2, 1, 0, 0, 1), 32, False, (2,)),
@@ -457,10 +463,12 @@ def _close(y, ref, dtype):
 GPU_CONFIGS = (
     (4, 4, 24, 4, 1, 0),
     CG.MMA_CONFIG,
+    MMA_FIRST,
     (2, 4, 16, 3, 1, 0, 1),
     (4, 4, 24, 2, 1, 1, 0, 1),
     (8, 4, 24, 2, 1, 0, 0, 1),
-    CG.MMA_CONFIG + (1,),
+    (4, 4, 24, 2, 1, 0, 1, 1),
+    CG.config_with(CG.MMA_CONFIG, pdl=1),
     (8, 2, 24, 3, 1, 0, 1, 1),
     (4, 8, 24, 2, 1, 0, 1),
     (4, 8, 24, 2, 1, 0, 1, 1),
@@ -604,7 +612,7 @@ def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=7)
     sp, maps, dense = _packed_held_out(n, k, dtype, seed=n + k)
     assert sp["hcols"].numel() > 0  # the heavy rows went to the CSR part
-    cfgs = (None, CG.MMA_CONFIG, CG.DEFAULT_CONFIG + (0, 1), CG.MMA_CONFIG + (1,))  # the last two: prefetch
+    cfgs = (None, MMA_FIRST, CG.DEFAULT_CONFIG + (0, 1), CG.MMA_CONFIG)  # the last two: prefetch
     if k // 16 % 2 == 0:  # the tensor-core form with 8 warps, its partial sums in the ring's slots
         cfgs += ((4, 8, 24, 2, 1, 0, 1),)
     plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in cfgs]
@@ -664,7 +672,7 @@ def test_prefetched_group_constants_change_nothing(n, k, group, sym):
     qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=11)
     sp, maps, _ = _packed_held_out(n, k, dtype, seed=n + 3)
     g = torch.Generator().manual_seed(4)
-    for base in (CG.DEFAULT_CONFIG, (8, 4, 24, 2, 1, 0), CG.MMA_CONFIG, (8, 2, 24, 3, 1, 0, 1)):
+    for base in PF_BASES:
         off = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=base)
         on = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=CG.config_with(base, pf=1))
         assert on.pf == (off.grows > 0)  # (these configurations leave room for the prefetch's slots)

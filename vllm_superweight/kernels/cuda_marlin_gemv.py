@@ -607,8 +607,11 @@ _ws: dict[torch.device, dict[str, torch.Tensor]] = {}
 # registers are limited for, lean decoding): the best of benchmarks/cuda_gemv_bench.py --sweep on an H200 (one 7B
 # layer at M = 1: 59.7 us against 72.6 for the first form (4, 4, 24, 4, 1, 0); cuda_gemv_s22b.json)
 DEFAULT_CONFIG = (4, 8, 24, 2, 1, 1)
-# the tensor-core form's starting point (not yet swept on a GPU): 4 warps a block (its shared reduction holds 8 tokens)
-MMA_CONFIG = (4, 4, 24, 2, 1, 0, 1)
+# the tensor-core form (opt-in): 8 rows a chunk, 4 warps a block, 12 warps per SM over the grid (half the split-K
+# blocks of 24: at 8 tokens their fp32 partials are ~12 % of the weight bytes), group constants through the ring --
+# the fastest at 8 tokens of session 25's sweeps on an H200 (7B layer: 75.8 / 73.9 us vs 92.3 / 90.2 for the first
+# form (4, 4, 24, 2, 1, 0, 1), Marlin 66.4; cuda_gemv_s25_h200.json, cuda_gemv_s25_mma8_h200.json)
+MMA_CONFIG = (8, 4, 12, 2, 1, 0, 1, 1)
 
 
 # a configuration's fields in order (gemv_plan reads them; trailing ones may be left out, 0 = off)
