@@ -14,6 +14,8 @@
 #                                                          # then (build-bg done) cuda_gemv_bench.py --ms 1,2
 #   bash benchmarks/gpu_run.sh prefetch                    # the GEMV's group constants through its ring: GPU tests
 #   bash benchmarks/gpu_run.sh prefetch-bench              # then (build-bg done) cuda_gemv_bench.py --pf --pdl
+#   bash benchmarks/gpu_run.sh tuned [METHODS]             # after prefetch: the micro-benchmark writes the GEMV knob
+#                                                          # (recommend.env), then the engines at batch 1 / 8 / 64
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
@@ -277,15 +279,10 @@ EOF2
       --ms 1,2,4,8 --mma-sweep --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
     echo "[$(ts)] epilogue done" ;;
   prefetch)
-    # session 24 (written, compiled with NVRTC 12.9 for sm_90, not yet run on a GPU): the GEMV's group constants
-    # through the cp.async ring (8th config field). After the three stash calls: the checkpoints of the engine runs
-    # built in the background and the GEMV's GPU tests (float reference with the prefetch, bitwise equal to without,
-    # the epilogue over every group kind) with the one-copy class tests; the next call, `prefetch-bench`, runs
-    # cuda_gemv_bench.py --pf --pdl (nothing else on the GPU; PDL: the 9th field, the same way). If the prefetch wins: DEFAULT_CONFIG / MMA_CONFIG get the flag, then (the tensor-core form under Marlin's 66 us
-    # at 8 tokens?) BUDGET_S=560 throughput sw-w4-g128-cg1,sw-w4-g128-holdout-qkv,awq --latency-batches 1,8,64
-    # --throughput-lens "" and, for the tensor-core form, the `mma` group.
-    # Two calls: `prefetch` (build-bg, the kernels compiled in parallel into the disk cache, the GPU tests), then
-    # `prefetch-bench` (the micro-benchmark alone on the GPU).
+    # session 24's GEMV options (group constants through the cp.async ring, PDL launch, 8-warp tensor-core form),
+    # run in session 25: the checkpoints of the engine runs built in the background, the kernels compiled in
+    # parallel into the disk cache, then the GEMV's GPU tests with the one-copy class test. Next: `tuned` (the
+    # micro-benchmark writes the knob, the engines run with it) or `prefetch-bench` (the micro-benchmark alone).
     setup
     bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
     # ~1,100 distinct kernels for the tests and the micro-benchmark: compiled one process a core into the disk cache

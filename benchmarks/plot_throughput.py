@@ -68,6 +68,7 @@ KERNEL_SUFFIX = {
     "-cgsell": " → CUDA GEMV at batch 1, correction after it",
     "-cg8": " → one W4 copy, our GEMV up to 8 tokens (tensor cores from 2)",
     "-cg8in": " → our GEMV up to 8 tokens, correction inside it",
+    "-cgdef": " → CUDA GEMV's launch configuration pinned to the package's (control)",
 }
 
 
@@ -205,14 +206,12 @@ def plot(recs, png: str) -> None:
 
     thr = [r for r in recs if r["kind"] == "throughput"]
     lat = [r for r in recs if r["kind"] == "latency"]
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
     gpus = ", ".join(sorted({r.get("gpu", "?") for r in recs}))
     # one colour per method in both panels (a method measured in only one of them keeps its colour)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {v: palette[i % len(palette)] for i, v in enumerate(ordered(r["variant"] for r in recs))}
-    for ax, rs, key, title, ylabel, group in (
+    panels = [
         (
-            axes[0],
             thr,
             "tokens_per_s",
             "Offline throughput",
@@ -220,14 +219,17 @@ def plot(recs, png: str) -> None:
             lambda r: f"in {r['input_len']}/out {r['output_len']}",
         ),
         (
-            axes[1],
             lat,
             "latency_s",
             "Latency (in/out as labelled)",
             "seconds per batch",
             lambda r: f"batch {r['batch']} (in {r['input_len']}/out {r['output_len']})",
         ),
-    ):
+    ]
+    panels = [p for p in panels if p[0]]  # a run of one kind only: one panel, no empty half
+    fig, grid = plt.subplots(1, max(1, len(panels)), figsize=(7.5 * max(1, len(panels)), 5.5), squeeze=False)
+    axes = list(grid[0])
+    for ax, (rs, key, title, ylabel, group) in zip(axes, panels):
         variants = ordered(r["variant"] for r in rs)
         groups = list(
             OrderedDict.fromkeys(
@@ -235,9 +237,6 @@ def plot(recs, png: str) -> None:
                 for r in sorted(rs, key=lambda r: (r["batch"] if r["kind"] == "latency" else 0, -r["input_len"]))
             )
         )
-        if not rs:
-            ax.set_visible(False)
-            continue
         width = 0.8 / max(1, len(variants))
         for i, v in enumerate(variants):
             xs, ys = [], []
@@ -260,8 +259,13 @@ def plot(recs, png: str) -> None:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    # as many legend columns as fit the figure's width (fontsize 8: ~14 characters an inch)
+    ncol = min(5, max(1, len(labels)))
+    while ncol > 1 and max(len(lab) for lab in labels) * ncol > 14 * fig.get_figwidth():
+        ncol -= 1
+    rows = -(-len(labels) // ncol) if labels else 1
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, min(0.45, 0.04 + 0.045 * rows), 1, 1))
     fig.savefig(png, dpi=120)
 
 

@@ -29,9 +29,8 @@ FFMAs: a lane's word of a row is, once decoded, exactly its A fragment of one ``
 words of token c are the B fragment, so y^T = W x^T with the tokens as the MMA's N (zero beyond M). A nibble
 becomes 128 + q (bf16; 1024 + q for fp16) by one LOP3 and q - z by one exact FMA, the tensor cores sum (q - z) x in
 fp32, and the group scale is applied per group in fp32: ~12 instructions a word whatever the token count, where
-the CUDA-core form pays 8 FFMAs a word a token. Compiled for sm_80 and sm_90 with NVRTC 12.9 (63-119 registers,
-no spills); not yet run on a GPU, so opt-in, and checked at load on each layer's own weights against the CUDA-core
-form (a mismatch leaves 2..MAX_M tokens on Marlin, logged).
+the CUDA-core form pays 8 FFMAs a word a token. Opt-in (slower than Marlin from 4 tokens, see below), and checked
+at load on each layer's own weights against the CUDA-core form (a mismatch leaves 2..MAX_M tokens on Marlin, logged).
 
 With ``sparse=`` (packed SELL slots, ``sparse_maps``) the held-out terms are added inside the kernel, into the fp32
 sum before the one rounding into y: no second kernel, no second pass over y (opt-in, see below).
@@ -54,23 +53,25 @@ lane's slots before the main loop and sums them after it, 4 lanes a column, in t
 SELL (H200, session 24, ``cuda_gemv_s24_h200.md``); end to end, batch 1 0.766 s vs 0.771. The first form, one
 thread a column walking its slots after the main loop in the tile's last block, took 96.1 us (session 23).
 
-The tensor-core form (2-8 tokens, ``SUPERWEIGHT_CUDA_GEMV=2..8``) passes its GPU tests but stays opt-in: 73.1 us at
-M = 1, 78.3 / 84.2 / 89.9 at 2 / 4 / 8 against Marlin's flat 66 (every configuration of ``--mma-sweep`` within 3 %
-of the default at M = 8), so 2-8 tokens stay on Marlin.
+The tensor-core form (2-8 tokens, ``SUPERWEIGHT_CUDA_GEMV=2..8``) passes its GPU tests but stays opt-in: its first
+configuration took 78.3 / 84.2 / 89.9 us at 2 / 4 / 8 tokens (session 24); with its group constants through the ring
+and half the split-K blocks (``MMA_CONFIG``, session 25) 66.6 / 69.8 / 73.5 against Marlin's flat 66, so 2-8 tokens
+stay on Marlin.
 
 A configuration's 8th field (``SW_PF``) copies each chunk's group constants (the lane's 8 scales, its zero-point
 word) through the same ``cp.async`` ring as the chunk's rows, issued by lane t = 0 of each column group, so a group's
 scaling reads shared memory instead of waiting on a global load with only ``SW_ST - 1`` chunks in flight (the
 tensor-core form waits twice a group: zero points at its first row, scales at its flush). Same arithmetic, so the
 same bits as without (GPU test); dropped for channel-wise layers and where its slots do not fit beside the ring.
-Opt-in until measured (session 24: compiled for sm_90, no spills; ``benchmarks/cuda_gemv_bench.py --pf``).
+Measured on an H200 (session 25, ``cuda_gemv_s25_h200.md``): the tensor-core form 7-9 % faster with it (part of
+``MMA_CONFIG``), the CUDA-core form not (60.8 vs 60.6 us; with the held-out terms inside 68.6 vs 67.2), so off there.
 
 The 9th field (``SW_PDL``) launches the kernel as a programmatic dependent (``cuLaunchKernelEx`` with programmatic
 stream serialization, sm_90+; a plain launch elsewhere): it requests its first weight chunks, their constants and the
 held-out slots (static tensors) before ``griddepcontrol.wait`` and touches x, the split-K workspace and y only after
-it, so its ramp can overlap the end of the kernel before it (s22's fit: ~6 us of fixed cost a GEMM). Opt-in until
-measured (GPU test: inside a CUDA graph after a kernel that rewrites x, two launches sharing the workspace, bitwise
-equal to plain launches; ``cuda_gemv_bench.py --pdl``).
+it, so its ramp can overlap the end of the kernel before it (s22's fit: ~6 us of fixed cost a GEMM). Bitwise equal to
+plain launches inside a CUDA graph (GPU test), but no faster (H200, session 25: each GEMM after a kernel writing its
+x, 69.4 vs 69.1 us a layer; with the held-out terms inside 74.3 vs 74.5), so off by default.
 
 Where the ring and a separate reduction buffer would not fit in 48 KB (the tensor-core form with 8 warps a block:
 half the split-K blocks of 4 warps, whose fp32 partials at 8 tokens are ~12 % of the weight bytes), each warp's
