@@ -568,6 +568,9 @@ def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
         monkeypatch.setenv(envs.CUDA_GEMV, bad)
         with pytest.raises(ValueError, match="after '@'"):
             envs.cuda_gemv_configs()
+    monkeypatch.setenv(envs.CUDA_GEMV, "8@mma=4:8:24:2:1:1")  # a CUDA-core configuration for the tensor-core form
+    with pytest.raises(ValueError, match="7th field"):
+        envs.cuda_gemv_configs()
 
 
 def _pair_with_marlin_copy(n=128, k=256, device="cpu"):

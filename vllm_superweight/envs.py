@@ -239,6 +239,8 @@ def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]]]:
                 f"{CUDA_GEMV}={raw!r}: after '@', one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL] and/or mma=..."
                 f" (non-negative integers; got {part!r})"
             )
+        if key == "mma" and (len(cfg) < 7 or cfg[6] != 1):
+            raise ValueError(f"{CUDA_GEMV}={raw!r}: the mma= configuration needs its 7th field (tensor cores) = 1")
         configs[key] = cfg
     return v, configs
 
