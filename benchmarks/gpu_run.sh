@@ -110,6 +110,12 @@ eps = [e.value for e in md.entry_points(group="vllm.general_plugins") if e.name 
 print(f"torch {torch.__version__} (cuda {torch.version.cuda}) triton {triton.__version__} vllm {vllm.__version__}")
 print(f"plugin entry point: {eps or 'MISSING'}; kernels ops registered: {K._ops.TRITON_OK}")
 EOF
+  # session 25: on two machines Python read null bytes from source files (freshly staged bundle files, and once torch's
+  # own, during heavy writes); the same files read fine minutes later. Flush, then say whether any staged .py holds
+  # NUL bytes now, so a suite failing that way is known for what it is
+  sync
+  nul=$(grep -rlaP '\x00' --include='*.py' /tmp/vllm-site 2>/dev/null | head -3)
+  if [ -n "$nul" ]; then echo "[$(ts)] WARNING: staged files with NUL bytes (rerun after a while): $nul"; fi
   nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw,temperature.gpu \
     --format=csv 2>/dev/null || true
   df -h /root /tmp 2>/dev/null | sed 's/^/  /'
