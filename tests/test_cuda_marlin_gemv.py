@@ -185,10 +185,17 @@ def test_kernel_sources_compile_without_a_gpu(arch):
         (CG.DEFAULT_CONFIG + (0, 0, 1), -1, False, (1,)),
         ((8, 4, 24, 2, 1, 0, 0, 1), 32, False, (2,)),
     ]
-    for cfg, group, sym, mts in cases:
-        plan = CG.gemv_plan(4096, 4096, group, sym, torch.bfloat16, "cpu", config=cfg)
+    # Humming's layouts (SW_WSWAP / SW_ZLIN): both decodings of the CUDA-core form and the tensor-core form
+    cases += [
+        (CG.DEFAULT_CONFIG, 128, False, (1,), CG.LAYOUT_HUMMING_SM90),
+        ((4, 4, 24, 4, 1, 0), 128, False, (1,), CG.LAYOUT_HUMMING_SM90),
+        (CG.MMA_CONFIG, 128, False, (8,), CG.LAYOUT_HUMMING_SM90),
+        (CG.DEFAULT_CONFIG, 64, False, (1,), CG.LAYOUT_HUMMING),
+    ]
+    for cfg, group, sym, mts, *layout in cases:
+        plan = CG.gemv_plan(4096, 4096, group, sym, torch.bfloat16, "cpu", config=cfg, layout=(layout or [0])[0])
         for mt in mts:
-            assert CG.nvrtc_cubin(CG.kernel_source(plan, mt), arch, lib)[:4] == b"\x7fELF", (cfg, mt)
+            assert CG.nvrtc_cubin(CG.kernel_source(plan, mt), arch, lib)[:4] == b"\x7fELF", (cfg, mt, layout)
     wide = CG.gemv_plan(4096, 4096, 128, True, torch.bfloat16, "cpu", config=(4, 8, 24, 2, 1, 0, 1, 1))
     assert wide.ralias and wide.pf and "#define SW_RALIAS 1" in CG.kernel_source(wide, 8)
 
@@ -266,40 +273,47 @@ def _nib(w: torch.Tensor, b: int) -> torch.Tensor:
     return (w >> (4 * b)) & 15
 
 
-def _codes_cuda_core(words: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def _codes_cuda_core(words: torch.Tensor, n: int, k: int, wswap: bool = False) -> torch.Tensor:
     """The codes [N, K] as the CUDA-core form reads them (``word_fma``: column 16 u + c takes nibbles 0 / 4 / 1 / 5 at
-    k = 2t / 2t + 1 / 2t + 8 / 2t + 9 of its row tile, column 16 u + 8 + c nibbles 2 / 6 / 3 / 7)."""
+    k = 2t / 2t + 1 / 2t + 8 / 2t + 9 of its row tile, column 16 u + 8 + c nibbles 2 / 6 / 3 / 7; with SW_WSWAP
+    (Humming's sm_90 layout) 0 / 4 / 2 / 6 and 1 / 5 / 3 / 7)."""
     q = torch.full((n, k), -1, dtype=torch.int64)
+    bits_a, bits_b = ((0, 4, 2, 6), (1, 5, 3, 7)) if wswap else ((0, 4, 1, 5), (2, 6, 3, 7))
     for lane in range(32):
         c, t = lane >> 2, lane & 3
         for u in range(4):
             w = words[:, :, lane, u]  # [R, tiles]
-            for col, bits in ((16 * u + c, (0, 4, 1, 5)), (16 * u + 8 + c, (2, 6, 3, 7))):
+            for col, bits in ((16 * u + c, bits_a), (16 * u + 8 + c, bits_b)):
                 for kk, b in zip((2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9), bits, strict=True):
                     q[col::64, kk::16] = _nib(w, b).T
     return q
 
 
-def _codes_tensor_core(words: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def _codes_tensor_core(words: torch.Tensor, n: int, k: int, wswap: bool = False) -> torch.Tensor:
     """The codes [N, K] as the tensor-core form feeds them to ``mma.m16n8k16`` (PTX fragment rule for A, 16 x 16,
     row-major: a0 = rows g, cols 2t, 2t + 1; a1 = rows g + 8; a2 = cols + 8; a3 = both; the low half of a register
     is the lower column), with A's row i the output column 16 u + i and A's column the k of the row tile; the
-    kernel makes a0 / a2 / a1 / a3 from the word shifted by 0 / 4 / 8 / 12, nibbles at bits 0-3 and 16-19."""
+    kernel makes a0 / a2 / a1 / a3 from the word shifted by 0 / 4 / 8 / 12, nibbles at bits 0-3 and 16-19 (with
+    SW_WSWAP, Humming's sm_90 layout: a0 / a1 / a2 / a3)."""
     q = torch.full((n, k), -1, dtype=torch.int64)
     for lane in range(32):
         g, t = lane >> 2, lane & 3
+        frags = ((0, g, 2 * t), (4, g, 2 * t + 8), (8, g + 8, 2 * t), (12, g + 8, 2 * t + 8))
+        if wswap:
+            frags = ((0, g, 2 * t), (4, g + 8, 2 * t), (8, g, 2 * t + 8), (12, g + 8, 2 * t + 8))
         for u in range(4):
             w = words[:, :, lane, u]
-            for shift, row, kcol in ((0, g, 2 * t), (4, g, 2 * t + 8), (8, g + 8, 2 * t), (12, g + 8, 2 * t + 8)):
+            for shift, row, kcol in frags:
                 a = w >> shift
                 q[16 * u + row :: 64, kcol::16] = (a & 15).T  # low half: the lower column
                 q[16 * u + row :: 64, kcol + 1 :: 16] = ((a >> 16) & 15).T
     return q
 
 
-def _lane_scales_zeros(ms: torch.Tensor, mz: torch.Tensor | None, n: int, groups: int):
+def _lane_scales_zeros(ms: torch.Tensor, mz: torch.Tensor | None, n: int, groups: int, zlin: bool = False):
     """[G, N] scales and zero points as a lane reads them (``load_scales`` / ``load_zero``: lane c's eight values at
-    8 c .. 8 c + 7 of its tile, i-th for column 16 (i >> 1) + 8 (i & 1) + c)."""
+    8 c .. 8 c + 7 of its tile, i-th for column 16 (i >> 1) + 8 (i & 1) + c; the i-th zero point at nibble
+    (i >> 1) + 4 (i & 1) of Marlin's word, nibble i of Humming's: SW_ZLIN)."""
     s = torch.zeros(groups, n, dtype=torch.float64)
     z = torch.full((groups, n), 8, dtype=torch.int64)
     for tile in range(n // 64):
@@ -309,8 +323,80 @@ def _lane_scales_zeros(ms: torch.Tensor, mz: torch.Tensor | None, n: int, groups
                 s[:, col] = ms[:, tile * 64 + 8 * c + i].double()
                 if mz is not None:
                     zw = mz[:, tile * 8 + c].to(torch.int64) & 0xFFFFFFFF
-                    z[:, col] = (zw >> (4 * ((i >> 1) + 4 * (i & 1)))) & 15
+                    z[:, col] = (zw >> (4 * (i if zlin else (i >> 1) + 4 * (i & 1)))) & 15
     return s, z
+
+
+def _humming_layout(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, sm90: bool):
+    """Humming's tensors (humming-kernels 0.1.10 as vLLM's HummingLinearKernel leaves them) from codes [N, K], scales
+    and zero points [N, G]: an independent transcription of its repack kernel's and torch reorders' index maps
+    (process.cuh / utils/weight.py; emulated on the CPU literally): weight [K/16, 2N] int32, scale [G, N], zero
+    point [G, N/8] int32."""
+    n, k = q.shape
+    nn, kk = torch.arange(n)[:, None], torch.arange(k)[None, :]
+    col = 128 * (nn // 64) + 16 * (nn % 8) + 4 * ((kk % 8) // 2) + (nn % 64) // 16
+    if sm90:
+        p = 4 * (kk % 2) + 2 * ((kk // 8) % 2) + (nn // 8) % 2
+    else:
+        p = 4 * (kk % 2) + 2 * ((nn // 8) % 2) + (kk // 8) % 2
+    w = torch.zeros(k // 16, 2 * n, dtype=torch.int64)
+    w.index_put_((kk.expand(n, k) // 16, col), q.to(torch.int64) << (4 * p), accumulate=True)
+    w = ((w + 2**31) % 2**32 - 2**31).to(torch.int32)
+    pos = (64 * (nn // 64) + 8 * (nn % 8) + (nn % 64) // 8).reshape(-1)
+    hs = torch.empty(scales.shape[1], n, dtype=scales.dtype)
+    hs[:, pos] = scales.T
+    hz = None
+    if zeros is not None:
+        zw = torch.zeros(zeros.shape[1], n // 8, dtype=torch.int64)
+        word = (8 * (nn // 64) + nn % 8).reshape(-1)
+        shift = (4 * ((nn % 64) // 8)).reshape(-1)
+        zw.index_add_(1, word, zeros.T.to(torch.int64) << shift)  # distinct nibbles of a word: add = or
+        hz = ((zw + 2**31) % 2**32 - 2**31).to(torch.int32)
+    return w, hs, hz
+
+
+@pytest.mark.parametrize("sm90", [True, False])
+@pytest.mark.parametrize("n,k,group,sym", [(128, 256, 64, False), (192, 512, 128, True)])
+def test_both_forms_read_hummings_layout(n, k, group, sym, sm90):
+    """Humming's tensors are Marlin's tile for tile: on vLLM's own (python reference) Marlin repack of the same codes,
+    Humming's sm_90 words are Marlin's with each nibble's index bits 0 and 1 swapped (other GPUs: the same words),
+    its scales are Marlin's, its zero points Marlin's without the 0, 2, 4, 6, 1, 3, 5, 7 interleave -- so both
+    forms read them with SW_WSWAP / SW_ZLIN (GemvPlan.layout) and get the layer's codes, scales and zero points."""
+    pytest.importorskip("vllm")
+    from test_triton_marlin_deq import marlin_layout
+
+    g = torch.Generator().manual_seed(n * k)
+    ng = k // group
+    q = torch.randint(0, 16, (n, k), generator=g)
+    scales = (torch.rand(n, ng, generator=g) * 0.01 + 0.002).to(torch.bfloat16)
+    zeros = None if sym else torch.randint(0, 16, (n, ng), generator=g)
+    hw, hs, hz = _humming_layout(q, scales, zeros, sm90)
+    qm, ms, mz = marlin_layout({"q": q, "scales": scales, "zeros": zeros, "sym": sym}, n, k, group)
+    mwords = qm.to(torch.int64) & 0xFFFFFFFF
+    swapped = torch.zeros_like(mwords)
+    for p in range(8):
+        pp = (p & 4) | ((p & 1) << 1) | ((p >> 1) & 1)
+        swapped |= ((mwords >> (4 * p)) & 15) << (4 * (pp if sm90 else p))
+    assert torch.equal(hw.to(torch.int64) & 0xFFFFFFFF, swapped)
+    assert torch.equal(hs, ms)
+    if zeros is not None:
+        mzw, lin = mz.to(torch.int64) & 0xFFFFFFFF, torch.zeros(mz.shape, dtype=torch.int64)
+        for nib, e in enumerate((0, 2, 4, 6, 1, 3, 5, 7)):  # Marlin's nibble p holds element e
+            lin |= ((mzw >> (4 * nib)) & 15) << (4 * e)
+        assert torch.equal(hz.to(torch.int64) & 0xFFFFFFFF, lin)
+    words = _lane_words(hw, n)
+    assert torch.equal(_codes_cuda_core(words, n, k, wswap=sm90), q)
+    assert torch.equal(_codes_tensor_core(words, n, k, wswap=sm90), q)
+    assert not torch.equal(_codes_cuda_core(words, n, k, wswap=not sm90), q)  # the flag matters
+    s_, z_ = _lane_scales_zeros(hs, hz, n, ng, zlin=True)
+    assert torch.equal(s_, scales.T.double())
+    assert torch.equal(z_, zeros.T if not sym else torch.full((ng, n), 8))
+    if zeros is not None:
+        assert not torch.equal(_lane_scales_zeros(hs, hz, n, ng)[1], zeros.T)
+    plan = CG.gemv_plan(n, k, group, sym, torch.bfloat16, "cpu", layout=CG.LAYOUT_HUMMING_SM90 if sm90 else 2)
+    src = CG.kernel_source(plan, 1)
+    assert f"#define SW_WSWAP {int(sm90)}\n#define SW_ZLIN 1\n" in src
+    assert "SW_WSWAP" not in CG.kernel_source(CG.gemv_plan(n, k, group, sym, torch.bfloat16, "cpu"), 1)[:600]
 
 
 @pytest.mark.parametrize("n,k,group,sym", [(128, 256, 64, False), (192, 512, 128, True), (64, 384, 128, False)])

@@ -86,7 +86,7 @@ import ctypes
 import hashlib
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -142,8 +142,13 @@ __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0
 __device__ __forceinline__ void word_fma(u32 w, const float (&xa)[SW_MT], const float (&xb)[SW_MT],
                                          const float (&xc)[SW_MT], const float (&xd)[SW_MT],
                                          float (&ga)[SW_MT][8], int u, u32 km, u32 ke) {
+#if SW_WSWAP  // Humming's sm_90 layout: nibbles 1 / 5 and 2 / 6 trade places
+  const float f0 = nib(w << 16, km, ke), f4 = nib(w, km, ke), f1 = nib(w << 8, km, ke), f5 = nib(w >> 8, km, ke);
+  const float f2 = nib(w << 12, km, ke), f6 = nib(w >> 4, km, ke), f3 = nib(w << 4, km, ke), f7 = nib(w >> 12, km, ke);
+#else
   const float f0 = nib(w << 16, km, ke), f4 = nib(w, km, ke), f1 = nib(w << 12, km, ke), f5 = nib(w >> 4, km, ke);
   const float f2 = nib(w << 8, km, ke), f6 = nib(w >> 8, km, ke), f3 = nib(w << 4, km, ke), f7 = nib(w >> 12, km, ke);
+#endif
 #pragma unroll
   for (int m = 0; m < SW_MT; ++m) {
     ga[m][2 * u] = fmaf(f0, xa[m], fmaf(f4, xb[m], fmaf(f1, xc[m], fmaf(f5, xd[m], ga[m][2 * u]))));
@@ -158,7 +163,11 @@ __device__ __forceinline__ void word_fma(u32 w, const float (&xa)[SW_MT], const 
 __device__ __forceinline__ void word_fma_lean(u32 w, const float (&xa)[SW_MT], const float (&xb)[SW_MT],
                                               const float (&xc)[SW_MT], const float (&xd)[SW_MT],
                                               float (&ga)[SW_MT][8], int u, u32 km, u32 ke) {
+#if SW_WSWAP  // Humming's sm_90 layout: the pairs (1, 5) and (2, 6) trade places
+  const u32 t0 = (w & km) | ke, t1 = ((w >> 8) & km) | ke, t2 = ((w >> 4) & km) | ke, t3 = ((w >> 12) & km) | ke;
+#else
   const u32 t0 = (w & km) | ke, t1 = ((w >> 4) & km) | ke, t2 = ((w >> 8) & km) | ke, t3 = ((w >> 12) & km) | ke;
+#endif
   const float f0 = __uint_as_float(t0 << 16), f4 = __uint_as_float(t0);
   const float f1 = __uint_as_float(t1 << 16), f5 = __uint_as_float(t1);
   const float f2 = __uint_as_float(t2 << 16), f6 = __uint_as_float(t2);
@@ -192,6 +201,21 @@ __device__ __forceinline__ void sp_gather(const u32 s, const u16* __restrict__ x
 
 #ifndef SW_MMA
 #define SW_MMA 0
+#endif
+// the layout read (GemvPlan.layout): Marlin's (both 0); Humming's (humming-kernels, vLLM's HummingLinearKernel) is
+// Marlin's tile for tile with its zero points not interleaved (SW_ZLIN: column i of a lane's 8 at nibble i, not
+// Marlin's 0, 2, 4, 6, 1, 3, 5, 7 order) and, for sm_90 (its wgmma form), the weights' nibble index bits 0 and 1
+// swapped (SW_WSWAP); same scales
+#ifndef SW_WSWAP
+#define SW_WSWAP 0
+#endif
+#ifndef SW_ZLIN
+#define SW_ZLIN 0
+#endif
+#if SW_ZLIN
+#define SW_ZSH(i) (4 * (i))
+#else
+#define SW_ZSH(i) (4 * (((i) >> 1) + 4 * ((i) & 1)))
 #endif
 // SW_PF: a chunk's group constants (the lane's 8 scales, its zero-point word) travel through the ring with the
 // chunk's rows (cp.async, issued by lane t = 0 of each column group), so a group's scaling reads shared memory
@@ -248,8 +272,13 @@ __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, 
 }
 // one word (16 columns x 16 k of the tile's row block u) into its group accumulator
 __device__ __forceinline__ void word_mma(u32 w, const u32 (&nz)[2], u32 b0, u32 b1, float (&d)[4]) {
+#if SW_WSWAP  // Humming's sm_90 layout: the word's pair i is a_i (Marlin's: a0, a2, a1, a3)
+  const u32 a0 = sub_z((w & 0x000F000Fu) | SW_KE, nz[0]), a1 = sub_z(((w >> 4) & 0x000F000Fu) | SW_KE, nz[1]);
+  const u32 a2 = sub_z(((w >> 8) & 0x000F000Fu) | SW_KE, nz[0]), a3 = sub_z(((w >> 12) & 0x000F000Fu) | SW_KE, nz[1]);
+#else
   const u32 a0 = sub_z((w & 0x000F000Fu) | SW_KE, nz[0]), a2 = sub_z(((w >> 4) & 0x000F000Fu) | SW_KE, nz[0]);
   const u32 a1 = sub_z(((w >> 8) & 0x000F000Fu) | SW_KE, nz[1]), a3 = sub_z(((w >> 12) & 0x000F000Fu) | SW_KE, nz[1]);
+#endif
   mma16816(d, a0, a1, a2, a3, b0, b1);
 }
 #endif
@@ -326,7 +355,7 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
 #if SW_ZERO
-      const u32 z = (zw >> (4 * ((i >> 1) + 4 * (i & 1)))) & 15u;
+      const u32 z = (zw >> SW_ZSH(i)) & 15u;
 #else
       const u32 z = 8u;
 #endif
@@ -363,7 +392,7 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 #if SW_ZERO
     const u32 zw = zero_word(g, slot, e);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) z[i] = 128.f + (float)((zw >> (4 * ((i >> 1) + 4 * (i & 1)))) & 15u);
+    for (int i = 0; i < 8; ++i) z[i] = 128.f + (float)((zw >> SW_ZSH(i)) & 15u);
 #else
 #pragma unroll
     for (int i = 0; i < 8; ++i) z[i] = 136.f;
@@ -615,6 +644,13 @@ DEFAULT_CONFIG = (4, 8, 24, 2, 1, 1)
 MMA_CONFIG = (8, 4, 12, 2, 1, 0, 1, 1)
 
 
+# the tensors the kernel reads: vLLM's Marlin repack; Humming's (humming-kernels 0.1.10, vLLM's HummingLinearKernel)
+# for sm_90 (its wgmma form: Marlin's tile with the weights' nibble index bits 0 and 1 swapped, zero points not
+# interleaved) and for other GPUs (Marlin's weights, zero points not interleaved); same shapes, same scales. Derived
+# from both packers on the CPU (tests/test_cuda_marlin_gemv.py), not yet run on a GPU against Humming's repack.
+LAYOUT_MARLIN, LAYOUT_HUMMING_SM90, LAYOUT_HUMMING = 0, 1, 2
+
+
 # a configuration's fields in order (gemv_plan reads them; trailing ones may be left out, 0 = off)
 CONFIG_FIELDS = ("u", "warps", "per_sm", "stages", "minb", "lean", "mma", "pf", "pdl")
 
@@ -664,6 +700,7 @@ class GemvPlan:
     pf: bool = False  # group constants prefetched through the ring (SW_PF; group-wise layers only)
     pdl: bool = False  # launched as a programmatic dependent (SW_PDL; sm_90+, else a plain launch)
     ralias: bool = False  # the warps' partial sums in their own ring slots (SW_RALIAS; where 48 KB needs it)
+    layout: int = 0  # the tensors read: LAYOUT_MARLIN, LAYOUT_HUMMING_SM90 or LAYOUT_HUMMING (see _SRC)
 
     @property
     def max_m(self) -> int:
@@ -688,9 +725,11 @@ def gemv_plan(
     act_dtype: torch.dtype,
     device: torch.device | str,
     config: tuple[int, ...] | None = None,
+    layout: int = 0,
 ) -> GemvPlan:
     """The launch shape of one layer (Marlin's unpadded layout only: N a multiple of 64, K of 16, a group a power
-    of two dividing K); reserves the per-device workspace its split-K needs. Raises ValueError where it cannot run."""
+    of two dividing K); reserves the per-device workspace its split-K needs. Raises ValueError where it cannot run.
+    ``layout``: whose tensors it reads (``LAYOUT_*``; Humming's have Marlin's shapes and scales, see the source)."""
     if act_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"cuda GEMV: activations must be bf16 or fp16, got {act_dtype}")
     if n % TILE_N or k % 16:
@@ -732,7 +771,10 @@ def gemv_plan(
     if dev.type == "cuda" and splits > 1:
         reserve(dev, splits * max_m * n, tiles)
     bf16 = act_dtype == torch.bfloat16
-    return GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl, ralias)
+    if layout not in (LAYOUT_MARLIN, LAYOUT_HUMMING_SM90, LAYOUT_HUMMING):
+        raise ValueError(f"cuda GEMV: unknown layout {layout}")
+    plan = GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl, ralias)
+    return replace(plan, layout=layout) if layout else plan
 
 
 def _dev(device: torch.device | str) -> torch.device:
@@ -843,12 +885,14 @@ def kernel_source(plan: GemvPlan, mt: int, readonly: bool = False) -> str:
         f"#define SW_MINB {plan.minb}\n#define SW_LEAN {int(plan.lean)}\n#define SW_MMA {int(plan.mma)}\n"
         f"#define SW_PF {int(plan.pf)}\n#define SW_PDL {int(plan.pdl)}\n#define SW_RALIAS {int(plan.ralias)}\n"
     )
+    if plan.layout:  # (Marlin's layout: the defines as before)
+        defs += f"#define SW_WSWAP {int(plan.layout == LAYOUT_HUMMING_SM90)}\n#define SW_ZLIN 1\n"
     return defs + _SRC
 
 
 def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
     key: tuple = (mt, readonly, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, plan.minb)
-    key += (plan.lean, plan.mma, plan.pf, plan.pdl, plan.ralias)
+    key += (plan.lean, plan.mma, plan.pf, plan.pdl, plan.ralias, plan.layout)
     kern = _kernels.get(key)
     if kern is None:
         ok, why = available()
