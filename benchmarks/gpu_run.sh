@@ -16,6 +16,8 @@
 #   bash benchmarks/gpu_run.sh prefetch-bench              # then (build-bg done) cuda_gemv_bench.py --pf --pdl
 #   bash benchmarks/gpu_run.sh tuned [METHODS]             # after prefetch: the micro-benchmark writes the GEMV knob
 #                                                          # (recommend.env), then the engines at batch 1 / 8 / 64
+#   bash benchmarks/gpu_run.sh humgemv                     # one Humming copy + our GEMV over it: GPU tests (then the
+#                                                          # throughput call its comment names)
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
@@ -337,6 +339,20 @@ EOF2
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true
     BUDGET_S=$((580 - SECONDS)) bash "$0" throughput "${1:-sw-w4-g128-cg1,sw-w4-g128-holdout-qkv,awq}" \
       --latency-batches 1,8,64 --throughput-lens "" ;;
+  humgemv)
+    # session 25 (written, not yet on a GPU): one Humming copy, single tokens through our CUDA GEMV over Humming's
+    # own tensors (SUPERWEIGHT_W4_KERNEL=humming-gemv). After the three stash calls (+ .gpu-bundle/humming): the
+    # checkpoints built in the background, then the GPU tests of the Humming layout (the GEMV planned over Humming's
+    # repacked tensors, float reference, graph replay; the correction test) -- then, next call:
+    # BUDGET_S=570 throughput sw-w4-g128-humgemv,sw-w4-g128-holdout-qkv-humgemv,sw-w4-g128-humming,awq
+    #   --latency-batches 1,8,64 --throughput-lens ""   (and the saturated shapes in the call after)
+    setup
+    bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
+    timeout $((585 - SECONDS)) $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_humgemv.xml" \
+      "tests/test_gpu_kernels.py::test_humming_gemv_reads_hummings_own_tensors" \
+      "tests/test_gpu_kernels.py::test_kernel_classes_apply_their_sparse_correction" \
+      tests/test_cuda_marlin_gemv.py 2>&1 | grep -v DEBUG | tee "$OUT/pytest_humgemv.log" | tail -15
+    echo "[$(ts)] humgemv tests done" ;;
   throughput)
     setup
     # knobs measured by the kernels stage of this lease (Marlin/Machete threshold, sparse tiles), unless disabled

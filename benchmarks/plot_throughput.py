@@ -58,6 +58,7 @@ KERNEL_SUFFIX = {
     "-gemv": " → GEMV + correction at batch 1",
     "-unroll": " → unrolled SELL correction (session 12's default)",
     "-humming": " → vLLM's Humming backend, one W4 copy",
+    "-humgemv": " → one Humming copy, our CUDA GEMV over it at batch 1",
     "-mhum": " → Marlin/Humming pair, two W4 copies",
     "-marlin": " → vLLM's Marlin alone, one W4 copy",
     "-cg": " → CUDA GEMV at batch 1, correction after it",

@@ -168,6 +168,10 @@ METHODS["sw-w4-g128-mdeq1"] = dict(
 # above Marlin's batches (two copies)
 for _base in ("sw-w4-g128", "sw-w4-g128-holdout-qkv"):
     METHODS[_base + "-humming"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "humming"})
+# one Humming copy with single tokens through our CUDA GEMV over Humming's own tensors (session 25: Humming's repack
+# is Marlin's tile for tile; humming alone trails Marlin only at batch 1), with and without the q/k/v hold-out
+for _base in ("sw-w4-g128", "sw-w4-g128-holdout-qkv"):
+    METHODS[_base + "-humgemv"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "humming-gemv"})
 METHODS["sw-w4-g128-mhum"] = dict(
     METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-humming"}
 )

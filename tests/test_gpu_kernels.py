@@ -407,6 +407,7 @@ def test_humming_is_reproducible_in_vllms_batch_invariant_mode(monkeypatch):
         ("fused", torch.float16),
         ("humming", torch.bfloat16),
         ("marlin-humming", torch.bfloat16),
+        ("humming-gemv", torch.bfloat16),
     ],
 )
 def test_kernel_classes_apply_their_sparse_correction(kernel, dtype):
@@ -504,3 +505,33 @@ def test_w8a8_azp_epilogue_on_cuda(monkeypatch):
         g.replay()
         torch.cuda.synchronize()
         assert _rel(y, x.float() @ w_ref.T) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,k,group,sym", [(4096, 11008, 128, False), (12288, 4096, 128, False), (512, 1024, 64, True)])
+def test_humming_gemv_reads_hummings_own_tensors(monkeypatch, n, k, group, sym):
+    """SUPERWEIGHT_W4_KERNEL=humming-gemv: the CUDA GEMV plans over the tensors Humming's repack left on the layer
+    (its load-time check against Humming's output passed: the layout derived on the CPU holds on the GPU), a single
+    token's y equals the float64 reference of the dequantized weights, bitwise the same when replayed from a CUDA
+    graph, and 2 / 17 tokens (Humming) agree with the same reference."""
+    pytest.importorskip("humming")
+    monkeypatch.setenv("SUPERWEIGHT_CUDA_GEMV", "1")
+    VL = _vl()
+    w = VL.random_w4(n, k, group, sym, "cuda", seed=n + k)
+    layer, kobj = VL.build_mp_layer(w, "humming-gemv")
+    assert kobj.cgemv is not None, "the GEMV was not planned over Humming's tensors (see the warning)"
+    ref_w = VL.dequant_w4(w)
+    for m in (1, 2, 17):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = kobj.apply_weights(layer, x)
+        assert _rel(y, x.float() @ ref_w.T) < 8e-3, m
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    first = kobj.apply_weights(layer, x)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = kobj.apply_weights(layer, x)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)

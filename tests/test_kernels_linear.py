@@ -794,3 +794,100 @@ def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, c
     else:
         assert kern.cgemv is None and kern.cgemv_max_m == 0
         assert "stays on Marlin for 1-2 tokens: RuntimeError: cuda GEMV: NVRTC failed" in caplog.text
+
+
+# ---- one Humming copy, single tokens through the CUDA GEMV over Humming's tensors (humming-gemv) ----------------
+class _FakeCuda(torch.Tensor):
+    """A CPU tensor that says it lives on CUDA (the planning's checks, no GPU)."""
+
+    @property
+    def is_cuda(self):  # type: ignore[override]
+        return True
+
+
+def _humming_gemv_kernel(n=128, k=256, sym=False, bias=False):
+    kern = WO.HummingGemvKernel.__new__(WO.HummingGemvKernel)
+    base.SWLinearKernel.__init__(kern, dataclasses.replace(cfg(n=n, k=k, group=64, sym=sym), device_type="cuda"))
+    large = WO.HummingKernel.__new__(WO.HummingKernel)
+    kern.large = large
+    kern._init_pair(large)
+    kern.max_m = 1
+    layer = torch.nn.Module()
+    layer.weight = torch.zeros(k // 16, 2 * n, dtype=torch.int32).as_subclass(_FakeCuda)
+    layer.weight_scale = torch.ones(k // 64, n, dtype=torch.bfloat16)
+    if not sym:
+        layer.zero_point = torch.zeros(k // 64, n // 8, dtype=torch.int32)
+    layer.bias = torch.nn.Parameter(torch.zeros(n)) if bias else None
+    kern.has_bias = bias
+    kern._layer = __import__("weakref").ref(layer)
+    return kern, layer
+
+
+def test_humming_gemv_mode_is_one_copy_and_opt_in(monkeypatch):
+    from vllm_superweight.kernels import linear as L
+
+    monkeypatch.setenv(envs.W4_KERNEL, "humming-gemv")
+    assert envs.w4_kernel() == "humming-gemv" and L.FORCED["humming-gemv"] is WO.HummingGemvKernel
+    assert WO.HummingGemvKernel not in L.WEIGHT_ONLY_KERNELS  # never chosen unless asked for
+    ok, why = WO.HummingGemvKernel.can_implement(cfg())  # a CPU layer: Humming cannot
+    assert not ok and "HummingKernel" in why
+    kern, _ = _humming_gemv_kernel()
+    assert kern.small is kern.large and kern.max_m == 1  # one kernel object, one copy
+    monkeypatch.setenv(envs.CUDA_GEMV, "1")
+    assert kern.describe() == "CUDA-GEMV(M<=1)/Humming (one copy)"
+    monkeypatch.setenv(envs.CUDA_GEMV, "0")
+    assert kern.describe() == "Humming (one copy)"
+
+
+@pytest.mark.parametrize("case", ["sm90", "sm80", "mismatch", "bias", "padded", "off"])
+def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkeypatch, caplog, case):
+    """Load time: the GEMV's plan reads Humming's own tensors with the layout of the GPU (sm_90: Humming's wgmma form),
+    compiled and checked against Humming's output on the layer's weights; a mismatch, a layer with a bias or a padded
+    weight keep Humming for single tokens (logged). Then one token runs the GEMV over the layer's tensors, two
+    tokens Humming."""
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
+    kern, layer = _humming_gemv_kernel(bias=case == "bias")
+    if case == "padded":
+        layer.weight = torch.zeros(256 // 16, 2 * 256, dtype=torch.int32).as_subclass(_FakeCuda)
+    monkeypatch.setenv(envs.CUDA_GEMV, "0" if case == "off" else "1")
+    monkeypatch.setattr(WO, "_NOT_PLANNED", {})
+    monkeypatch.setattr(CG, "available", lambda: (True, None))
+    monkeypatch.setattr(CG, "prepare", lambda plan, max_m, min_m=1: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 0) if case == "sm80" else (9, 0))
+    calls = []
+
+    def gemv(x, w, scale, zero, plan, bias=None, **kw):
+        calls.append(("gemv", x.shape[0], w is layer.weight, scale is layer.weight_scale, zero is layer.zero_point))
+        return torch.ones(x.shape[0], 128)
+
+    def humming(lay, x, bias):
+        calls.append(("humming", x.shape[0]))
+        return torch.ones(x.shape[0], 128) * (3.0 if case == "mismatch" else 1.0)
+
+    monkeypatch.setattr(CG, "marlin_gemv_cuda", gemv)
+    monkeypatch.setattr(kern.large, "apply_gemm", humming)
+    with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
+        kern._plan_humming_gemv(layer)
+    if case in ("sm90", "sm80"):
+        want = CG.LAYOUT_HUMMING_SM90 if case == "sm90" else CG.LAYOUT_HUMMING
+        assert kern.cgemv is not None and kern.cgemv.layout == want and kern.cgemv_max_m == 1
+        assert calls == [("gemv", 1, True, True, True), ("humming", 1)]  # the load-time check
+        calls.clear()
+        kern.run(torch.zeros(1, 256, dtype=torch.bfloat16), None)
+        kern.run(torch.zeros(2, 256, dtype=torch.bfloat16), None)
+        assert calls == [("gemv", 1, True, True, True), ("humming", 2)]
+        return
+    assert kern.cgemv is None
+    if case == "off":
+        assert not caplog.text and not calls
+        return
+    why = {
+        "mismatch": "differs from Humming's output by 0.667",
+        "bias": "a layer with a bias",
+        "padded": "is not [K/16, 2N] int32",
+    }[case]
+    assert "stays on Humming for 1 token: " in caplog.text and why in caplog.text
+    calls.clear()
+    kern.run(torch.zeros(1, 256, dtype=torch.bfloat16), None)
+    assert calls == [("humming", 1)]

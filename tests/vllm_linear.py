@@ -118,7 +118,8 @@ def build_mp_layer(
     same, dequantizing from Marlin's own copy),
     "torch" (dequantize-once fallback), "cpu-int4" (torch's CPU int4 GEMM), "fused" (our Triton W4 GEMM,
     correction inside), "humming" (vLLM's
-    Humming backend, if installed), "marlin-humming" (Marlin for M <= ``max_m``, Humming above), "auto" (the
+    Humming backend, if installed), "marlin-humming" (Marlin for M <= ``max_m``, Humming above), "humming-gemv"
+    (one Humming copy, single tokens through our CUDA GEMV over its tensors), "auto" (the
     priority list)}. ``sparse`` = (rows, cols, vals) attaches held-out entries (the kernel's own sparse
     correction); ``act_outliers`` hands the kernel the layer's activation-outlier input channels before
     processing, as the plugin does from the sidecar (kernels that take
@@ -157,11 +158,12 @@ def build_mp_layer(
         "fused": WO.FusedTritonW4Kernel,
         "humming": WO.HummingKernel,
         "marlin-humming": WO.DualMarlinHummingKernel,
+        "humming-gemv": WO.HummingGemvKernel,
     }
     classes["marlin-deq"] = WO.MarlinDequantKernel
     classes["marlin-deq1"] = WO.MarlinDequantOneCopyKernel
     KC = choose_kernel(cfg) if kernel == "auto" else classes[kernel]
-    if kernel not in ("dual", "marlin-deq", "marlin-deq1", "marlin-humming"):
+    if kernel not in ("dual", "marlin-deq", "marlin-deq1", "marlin-humming", "humming-gemv"):
         ok, why = KC.can_implement(cfg)
         if not ok:
             raise RuntimeError(f"{KC.__name__} cannot implement {cfg}: {why}")

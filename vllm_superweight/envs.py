@@ -22,8 +22,10 @@ Only what users need is a knob:
                                     opt-in, needs ``pip install vllm-superweight[humming]`` and nvcc at run
                                     time: measurements and limits in
                                     ``kernels.linear.weight_only.HummingKernel``), ``marlin-humming`` (Marlin for
-                                    small batches, Humming above: two copies; opt-in, not measured end to end). A
-                                    forced kernel that cannot run a layer is an error.
+                                    small batches, Humming above: two copies; opt-in, not measured end to end),
+                                    ``humming-gemv`` (ONE Humming copy; single tokens through our CUDA GEMV over
+                                    Humming's own tensors, checked against Humming at load; opt-in, not yet run on
+                                    a GPU). A forced kernel that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48; 32 for
                                     ``marlin-humming``).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a
@@ -125,6 +127,7 @@ W4_KERNEL_MODES = (
     "marlin-deq1",
     "humming",
     "marlin-humming",
+    "humming-gemv",
 )
 # Marlin / Humming crossover (benchmarks/results/kernel_bench_humming_s18_h200.json, 7B layer, us: M = 32 82.1 vs
 # 83.1, M = 48 98.8 vs 89.0)

@@ -14,6 +14,7 @@ from .weight_only import (
     DualMarlinHummingKernel,
     DualMarlinMacheteKernel,
     FusedTritonW4Kernel,
+    HummingGemvKernel,
     HummingKernel,
     MacheteKernel,
     MarlinDequantKernel,
@@ -59,6 +60,7 @@ FORCED = {
     "dual": DualMarlinMacheteKernel,
     "humming": HummingKernel,
     "marlin-humming": DualMarlinHummingKernel,
+    "humming-gemv": HummingGemvKernel,
 }
 
 

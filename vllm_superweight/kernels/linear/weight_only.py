@@ -692,13 +692,13 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         return self.run(x, bias)
 
 
-def _warn_once(why: str, prefix: str, span: str) -> None:
+def _warn_once(why: str, prefix: str, span: str, keeps: str = "Marlin") -> None:
     """Each reason the CUDA GEMV cannot serve a layer's batches of ``span`` once, with the first layer it kept on
-    Marlin for them."""
+    ``keeps`` for them."""
     if why not in _NOT_PLANNED:
         _NOT_PLANNED[why] = prefix
         logging.getLogger("vllm.superweight_rtn").warning(
-            "%s: %s (and any like it) stays on Marlin for %s: %s", envs.CUDA_GEMV, prefix, span, why
+            "%s: %s (and any like it) stays on %s for %s: %s", envs.CUDA_GEMV, prefix, keeps, span, why
         )
 
 
@@ -713,6 +713,109 @@ class DualMarlinHummingKernel(DualMarlinMacheteKernel):
     PARTS = (HummingKernel, MarlinKernel)
     LARGE_NAME = "Humming"
     DEFAULT_MAX_M = envs.DEFAULT_HUMMING_MARLIN_MAX_M
+
+
+class HummingGemvKernel(DualMarlinMacheteKernel):
+    """ONE copy in Humming's layout for every batch (vLLM's ``HummingLinearKernel``), single tokens through our CUDA
+    GEMV over Humming's own tensors (``kernels.cuda_marlin_gemv``, ``LAYOUT_HUMMING_SM90`` on Hopper): humming-kernels'
+    repack is Marlin's tile for tile (derived on the CPU from both packers, tests/test_cuda_marlin_gemv.py), so the
+    GEMV that serves batch 1 at 0.9x Marlin's time reads it with two decoding flags. Humming alone (s20, H200, 7B):
+    1.17x / 1.13x / 1.07x AWQ at batch 1 / 8 / 64, 1.06x / 1.07x saturated, from 0.985x its weights; its batch 1
+    is where it trails Marlin. Checked at load on each layer's own weights against Humming's output (a mismatch, a
+    layer with a bias -- Humming permutes it in place -- or a padded shape keeps Humming for it, logged). The
+    held-out correction stays separate, as in the ``humming`` mode. Opt-in (``SUPERWEIGHT_W4_KERNEL=humming-gemv``;
+    written in session 25, not yet run on a GPU), with Humming's own limits (``HummingKernel``)."""
+
+    wraps = "HummingLinearKernel"
+    MODES = ("humming-gemv",)
+    PARTS = (HummingKernel, HummingKernel)
+    LARGE_NAME = "Humming"
+    DEFAULT_MAX_M = 1
+
+    def __init__(
+        self,
+        config: SWLinearConfig,
+        large: SWLinearKernel | None = None,
+        small: SWLinearKernel | None = None,
+        max_m: int | None = None,
+    ) -> None:
+        large = large if large is not None else HummingKernel(config)
+        super().__init__(config, large=large, small=large, max_m=1)  # one kernel object, one copy
+
+    def describe(self) -> str:
+        return f"{self._cuda_gemv_name()}Humming (one copy)"
+
+    def _cuda_gemv_name(self) -> str:
+        on = envs.cuda_gemv_max_m() and self.config.device_type == "cuda"
+        return "CUDA-GEMV(M<=1)/" if on else ""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.has_bias = getattr(layer, "bias", None) is not None
+        self.large.process_weights_after_loading(layer)
+        self._layer = weakref.ref(layer)
+        _REGISTRY[self.key] = self
+        self._plan_humming_gemv(layer)
+
+    def _humming_tensors(self, layer: torch.nn.Module) -> tuple[Any, Any, Any]:
+        """Humming's weight [K/16, 2N] int32, scales [G, N] and zero points [G, N/8] (None: symmetric) on ``layer``."""
+        zero = None if self.config.symmetric else getattr(layer, "zero_point", None)
+        return getattr(layer, "weight", None), getattr(layer, "weight_scale", None), zero
+
+    def _plan_humming_gemv(self, layer: torch.nn.Module) -> None:
+        if not envs.cuda_gemv_max_m() or self.config.device_type != "cuda":
+            return
+        from .. import cuda_marlin_gemv as CG
+
+        c = self.config
+        k, n = c.partition_shape
+        w, scale, zero = self._humming_tensors(layer)
+        ok, why = CG.available() if isinstance(w, torch.Tensor) and w.is_cuda else (False, "not on CUDA")
+        if ok and (tuple(w.shape) != (k // 16, 2 * n) or w.dtype != torch.int32):
+            ok, why = False, f"Humming's weight {tuple(w.shape)} {w.dtype} is not [K/16, 2N] int32 (padded?)"
+        if ok and (scale is None or (zero is None and not c.symmetric)):
+            ok, why = False, "Humming's weight_scale / zero_point not found on the layer"
+        if ok and self.has_bias:
+            ok, why = False, "a layer with a bias (Humming permutes it in place; not yet checked on a GPU)"
+        if ok:
+            try:
+                sm90 = torch.cuda.get_device_capability(w.device)[0] == 9
+                layout = CG.LAYOUT_HUMMING_SM90 if sm90 else CG.LAYOUT_HUMMING
+                args = (n, k, c.group_size, c.symmetric, c.act_dtype, w.device)
+                plan = CG.gemv_plan(*args, config=envs.cuda_gemv_configs().get("one"), layout=layout)
+                CG.prepare(plan, 1)
+                self._check_against_humming(CG, layer, plan)
+                self.cgemv, self.cgemv_max_m = plan, 1
+                return
+            except (ValueError, RuntimeError, OSError) as e:
+                why = f"{type(e).__name__}: {e}"
+        _warn_once(why or "unknown", c.prefix, "1 token", keeps="Humming")
+
+    def _check_against_humming(self, CG: Any, layer: torch.nn.Module, plan: Any) -> None:
+        """Load time, this layer's own weights: the GEMV on one random token against Humming's own kernel. Humming
+        rounds (q - z) s to the activation dtype before its MMA, the GEMV sums in fp32: they agree to ~1e-3; a wrong
+        layout is off by O(1). RuntimeError where they differ by 1e-2 or more (relative)."""
+        w, scale, zero = self._humming_tensors(layer)
+        gen = torch.Generator(device=w.device).manual_seed(0)
+        x = torch.randn(1, plan.k, generator=gen, device=w.device).to(self.config.act_dtype)
+        ours = CG.marlin_gemv_cuda(x, w, scale, zero, plan).float()
+        ref = self.large.apply_gemm(layer, x, None).float()
+        rel = float((ours - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not rel < 1e-2:  # NaN fails too
+            raise RuntimeError(f"the GEMV over Humming's tensors differs from Humming's output by {rel:.3g} (relative)")
+
+    def _small_gemm(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        sparse: dict[str, torch.Tensor] | None = None,
+        maps: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if self.cgemv is not None and x.shape[0] == 1:
+            from ..cuda_marlin_gemv import marlin_gemv_cuda
+
+            w, scale, zero = self._humming_tensors(self.layer)
+            return marlin_gemv_cuda(x, w, scale, zero, self.cgemv, bias)
+        return self.large.apply_gemm(self.layer, x, bias)
 
 
 class MarlinDequantKernel(DualMarlinMacheteKernel):
