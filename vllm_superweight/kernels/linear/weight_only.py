@@ -122,13 +122,13 @@ class MarlinKernel(_VllmMixedPrecision):
 
 class HummingKernel(_VllmMixedPrecision):
     """vLLM's Humming backend (the optional ``humming-kernels`` package, ``pip install vllm-superweight[humming]``:
-    Hopper wgmma / TMA kernels compiled with nvcc at each layer shape's first batch, cached on disk; ONE repacked
-    copy serves every batch size). Opt-in (``SUPERWEIGHT_W4_KERNEL=humming``), not in the priority list. H200, 7B
-    shape, same lease as AWQ: 1.17x / 1.13x / 1.07x AWQ at batch 1 / 8 / 64 and 1.06x / 1.07x saturated from 0.985x
-    its weights. Not the default because (benchmarks/ISSUE12_LOG.md, sessions 19-20): its output is not bitwise
-    reproducible at M <= 64 (stream-K) unless ``VLLM_BATCH_INVARIANT=1``, which costs 2.1-2.5x in its kernels; a real
-    checkpoint's GPU perplexity under it is not yet measured; vLLM 0.26 ranks it last and does not install it.
-    Channel-wise layers are refused: their first batch never returned on an H200."""
+    Hopper wgmma / TMA kernels compiled at run time -- NVRTC where cuda-python's bindings import, else nvcc -- at
+    each layer shape's first batch, cached on disk; ONE repacked copy serves every batch size). Opt-in
+    (``SUPERWEIGHT_W4_KERNEL=humming``), not in the priority list. H200, 7B shape, same lease as AWQ: 1.17x /
+    1.13x / 1.07x AWQ at batch 1 / 8 / 64 and 1.06x / 1.07x saturated from 0.985x its weights. Not the default
+    because (benchmarks/ISSUE12_LOG.md, sessions 19-20): its output is not bitwise reproducible at M <= 64
+    (stream-K) unless ``VLLM_BATCH_INVARIANT=1``, which costs 2.1-2.5x in its kernels; vLLM 0.26 ranks it last and
+    does not install it. Channel-wise layers are refused: their first batch never returned on an H200."""
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
