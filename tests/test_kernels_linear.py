@@ -839,7 +839,7 @@ def test_humming_gemv_mode_is_one_copy_and_opt_in(monkeypatch):
     assert kern.describe() == "Humming (one copy)"
 
 
-@pytest.mark.parametrize("case", ["sm90", "sm80", "mismatch", "bias", "padded", "off"])
+@pytest.mark.parametrize("case", ["sm90", "sm80", "mismatch", "bias", "padded", "off", "missing"])
 def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkeypatch, caplog, case):
     """Load time: the GEMV's plan reads Humming's own tensors with the layout of the GPU (sm_90: Humming's wgmma form),
     compiled and checked against Humming's output on the layer's weights; a mismatch, a layer with a bias or a padded
@@ -850,6 +850,8 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
     kern, layer = _humming_gemv_kernel(bias=case == "bias")
     if case == "padded":
         layer.weight = torch.zeros(256 // 16, 2 * 256, dtype=torch.int32).as_subclass(_FakeCuda)
+    if case == "missing":
+        del layer.weight
     monkeypatch.setenv(envs.CUDA_GEMV, "0" if case == "off" else "1")
     monkeypatch.setattr(WO, "_NOT_PLANNED", {})
     monkeypatch.setattr(CG, "available", lambda: (True, None))
@@ -886,6 +888,7 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
         "mismatch": "differs from Humming's output by 0.667",
         "bias": "a layer with a bias",
         "padded": "is not [K/16, 2N] int32",
+        "missing": "packed weight (layer.weight) not found",
     }[case]
     assert "stays on Humming for 1 token: " in caplog.text and why in caplog.text
     calls.clear()

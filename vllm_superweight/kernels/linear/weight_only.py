@@ -769,7 +769,11 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
         c = self.config
         k, n = c.partition_shape
         w, scale, zero = self._humming_tensors(layer)
-        ok, why = CG.available() if isinstance(w, torch.Tensor) and w.is_cuda else (False, "not on CUDA")
+        why: str | None
+        if not isinstance(w, torch.Tensor):
+            ok, why = False, "Humming's packed weight (layer.weight) not found after its repack"
+        else:
+            ok, why = CG.available() if w.is_cuda else (False, "not on CUDA")
         if ok and (tuple(w.shape) != (k // 16, 2 * n) or w.dtype != torch.int32):
             ok, why = False, f"Humming's weight {tuple(w.shape)} {w.dtype} is not [K/16, 2N] int32 (padded?)"
         if ok and (scale is None or (zero is None and not c.symmetric)):
