@@ -203,6 +203,39 @@ def test_interp_equals_own_layout_dequant(case):
         assert torch.equal(got[c, r].float(), inputs["vals"].to(dtype).float())
 
 
+# (n, k, group, sym, nnz, dtype): shapes Humming keeps unpadded (N % 64, K % 16; its N padding to 256 aside)
+HUMMING_CASES = [
+    (192, 256, 128, False, 40, torch.bfloat16),
+    (64, 128, 128, True, 0, torch.bfloat16),  # one group spanning K: Humming keeps the grouped scale order
+    (128, 512, 64, False, 30, torch.float16),
+]
+
+
+@interp_only
+@pytest.mark.parametrize("case", range(len(HUMMING_CASES)), ids=[str(c) for c in HUMMING_CASES])
+def test_interp_dequantizes_hummings_tensors(case):
+    """``layout=`` Humming's sm_90 / other-GPU tensors (``test_cuda_marlin_gemv._humming_layout``, the transcription
+    of its repack): bitwise the same weights as our own layout's dequantizer on the same layer (held-out values
+    restored), and the host reference reads them back."""
+    from test_cuda_marlin_gemv import _humming_layout
+
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
+    n, k, group, sym, nnz, dtype = HUMMING_CASES[case]
+    inputs, prep = make_layer(n, k, group, sym, nnz=nnz, heavy=0, sw=False, seed=case, dtype=dtype)
+    lay = MD.marlin_deq_layout(inputs["rows"], inputs["cols"], inputs["vals"], n, k, group, sym, dtype, "cpu")
+    want = T.dequant_into(prep)
+    for layout, sm90 in ((CG.LAYOUT_HUMMING_SM90, True), (CG.LAYOUT_HUMMING, False)):
+        hw, hs, hz = _humming_layout(inputs["q"], inputs["scales"].to(dtype), inputs["zeros"], sm90)
+        got = MD.dequant_marlin_into(hw, hs, hz, lay, layout=layout)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (case, layout)
+        ref = MD.marlin_dequant_reference(hw, hs, hz, n, k, group, sym, layout=layout)
+        assert torch.equal(ref, MD.marlin_dequant_reference(*marlin_layout(inputs, n, k, group), n, k, group, sym))
+        if layout == CG.LAYOUT_HUMMING_SM90:  # the flag matters: Marlin's reading of Humming's words is wrong
+            wrong = MD.dequant_marlin_into(hw, hs, hz, lay)
+            assert not torch.equal(wrong.view(torch.int16), want.view(torch.int16))
+
+
 @interp_only
 @pytest.mark.parametrize("config", MD.DEQ_VARIANTS, ids=str)
 def test_interp_every_dequant_config(config):

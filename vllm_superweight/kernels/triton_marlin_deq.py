@@ -48,18 +48,28 @@ import torch
 
 from .. import envs
 from . import triton_w4 as _w4
+from .cuda_marlin_gemv import LAYOUT_HUMMING, LAYOUT_HUMMING_SM90, LAYOUT_MARLIN
 from .sparse_layout import interpreting
 from .triton_w4 import SP_BLOCK, TRITON_OK, _cdiv, _deq_scratch, need_deq_scratch, sparse_index
-
 
 # ------------------------------------------------------------------------------------------------------------
 # the inverse mapping (host / reference); the kernel computes the same expressions
 # ------------------------------------------------------------------------------------------------------------
-def word_nibble(k: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# the tensors read: ``cuda_marlin_gemv.LAYOUT_*`` (Marlin's repack; Humming's for sm_90: each nibble's index bits
+# 0 and 1 swapped, zero points not interleaved; Humming's for other GPUs: zero points not interleaved); Humming's
+# scales are Marlin's grouped permutation whatever the group count (no single-scale form)
+
+
+def word_nibble(
+    k: torch.Tensor, n: torch.Tensor, layout: int = LAYOUT_MARLIN
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row, word in row, nibble) of weight (k, n) in Marlin's packed W4 layout (broadcasting int64 tensors)."""
     kl = k % 16
     word = 128 * (n // 64) + 16 * (n % 8) + 4 * ((kl % 8) // 2) + (n % 64) // 16
-    nib = 2 * ((n % 16) // 8) + kl // 8 + 4 * (kl % 2)
+    if layout == LAYOUT_HUMMING_SM90:
+        nib = (n % 16) // 8 + 2 * (kl // 8) + 4 * (kl % 2)
+    else:
+        nib = 2 * ((n % 16) // 8) + kl // 8 + 4 * (kl % 2)
     return k // 16, word, nib
 
 
@@ -71,9 +81,11 @@ def scale_col(n: torch.Tensor, single: bool) -> torch.Tensor:
     return 64 * (n // 64) + 8 * (n % 8) + (n % 64) // 8
 
 
-def zero_word_nibble(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(word, nibble) of output n's zero point in a row of Marlin's packed zero points."""
+def zero_word_nibble(n: torch.Tensor, layout: int = LAYOUT_MARLIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """(word, nibble) of output n's zero point in a row of Marlin's (or Humming's) packed zero points."""
     p = scale_col(n, single=False)
+    if layout != LAYOUT_MARLIN:
+        return p // 8, p % 8
     p2 = 8 * (p // 8) + (p % 8) // 2 + 4 * (p % 2)
     return p2 // 8, p2 % 8
 
@@ -84,23 +96,32 @@ def uses_single_scale_perm(group: int, kp: int) -> bool:
 
 
 def marlin_dequant_reference(
-    qm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, n: int, k: int, group: int, sym: bool
+    qm: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    n: int,
+    k: int,
+    group: int,
+    sym: bool,
+    layout: int = LAYOUT_MARLIN,
 ) -> torch.Tensor:
-    """The W4 weight [N, K] (float64, no held-out values) read from Marlin's tensors on the CPU."""
+    """The W4 weight [N, K] (float64, no held-out values) read from Marlin's (``layout``: Humming's) tensors on the
+    CPU."""
     kp = qm.shape[0] * 16
     g = group if group > 0 else 0
     kk = torch.arange(k)[None, :]
     nn = torch.arange(n)[:, None]
-    r, w, b = word_nibble(kk, nn)
+    r, w, b = word_nibble(kk, nn, layout)
     words = qm.cpu().to(torch.int64) & 0xFFFFFFFF
     codes = (words[r, w] >> (4 * b)) & 15
     gi = (kk // g) if g and g < kp else torch.zeros_like(kk)
-    sc = scale.cpu().double()[gi, scale_col(nn, uses_single_scale_perm(g, kp))]
+    single = uses_single_scale_perm(g, kp) and layout == LAYOUT_MARLIN
+    sc = scale.cpu().double()[gi, scale_col(nn, single)]
     if sym:
         z: torch.Tensor | float = 8.0
     else:
         assert zero is not None
-        zw, zb = zero_word_nibble(nn)
+        zw, zb = zero_word_nibble(nn, layout)
         zt = zero.cpu().to(torch.int64) & 0xFFFFFFFF
         z = ((zt[gi, zw] >> (4 * zb)) & 15).double()
     return (codes.double() - z) * sc
@@ -142,14 +163,16 @@ def layout_info(lay: dict) -> dict:
     return {"n": n, "k": k, "group": g, "sym": bool(sym), "nnz": lay["sp_meta"].shape[0], "sp_block": spb}
 
 
-def check_marlin_tensors(qm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, lay: dict) -> dict:
-    """Shapes of Marlin's tensors against the layer (host ints only); returns kp, np, single."""
+def check_marlin_tensors(
+    qm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, lay: dict, layout: int = LAYOUT_MARLIN
+) -> dict:
+    """Shapes of Marlin's (Humming's) tensors against the layer (host ints only); returns kp, np, single."""
     info = layout_info(lay)
     n, k, g = info["n"], info["k"], info["group"]
     kp, np_ = qm.shape[0] * 16, qm.shape[1] // 2
     if qm.dtype != torch.int32 or qm.dim() != 2 or kp < k or np_ < n or np_ % 64:
         raise ValueError(f"Marlin W4 tensor {tuple(qm.shape)} {qm.dtype} does not hold a [{n}, {k}] layer")
-    single = uses_single_scale_perm(g, kp)
+    single = uses_single_scale_perm(g, kp) and layout == LAYOUT_MARLIN
     gp = 1 if (g == 0 or g >= kp) else kp // g
     if tuple(scale.shape) != (gp, np_):
         raise ValueError(f"Marlin scales {tuple(scale.shape)}, expected {(gp, np_)}")
@@ -170,7 +193,9 @@ if TRITON_OK:
     _mma = _w4._mma
 
     @triton.jit
-    def _marlin_scales_zeros(sc_ptr, zp_ptr, grp, NP, nb, ok, SYM: tl.constexpr, SINGLE: tl.constexpr):
+    def _marlin_scales_zeros(
+        sc_ptr, zp_ptr, grp, NP, nb, ok, SYM: tl.constexpr, SINGLE: tl.constexpr, HUM: tl.constexpr = 0
+    ):
         """Scales (fp32) and zero points (fp32; 8 if symmetric) of output columns ``nb`` in Marlin's permuted
         rows ``grp`` (module docstring)."""
         n64 = nb % 64
@@ -184,7 +209,8 @@ if TRITON_OK:
             z = tl.full(nb.shape, 8.0, tl.float32)
         else:
             p = 64 * (nb // 64) + 8 * (nb % 8) + n64 // 8
-            p = 8 * (p // 8) + (p % 8) // 2 + 4 * (p % 2)
+            if HUM == 0:  # Marlin interleaves a word's zero points (Humming does not)
+                p = 8 * (p // 8) + (p % 8) // 2 + 4 * (p % 2)
             zw = tl.load(zp_ptr + grp * (NP // 8) + p // 8, mask=ok, other=0)
             z = ((zw >> (4 * (p % 8))) & 15).to(tl.float32)
         return s, z
@@ -211,6 +237,7 @@ if TRITON_OK:
         F16: tl.constexpr,
         SPB: tl.constexpr,
         I64: tl.constexpr,
+        HUM: tl.constexpr = 0,
     ):
         """wT[k, n] for one 128-row K block x BN outputs per program (stored K-major), read from Marlin's tensors
         (module docstring), then the held-out values of the region written over it.
@@ -227,7 +254,7 @@ if TRITON_OK:
         TA: tl.constexpr = BN // 16
         # a 128-row K block lies in one group (G | 128 rows: reload at group starts; else every 16 rows)
         RELOAD: tl.constexpr = 0 if (G == 0 or G % 128 == 0) else (G // 16 if 128 % G == 0 else 1)
-        _dequant_flat(qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64)
+        _dequant_flat(qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0, G, SYM, SINGLE, TA, RELOAD, I64, HUM)
         if HAS_SP:
             tl.debug_barrier()  # the region's stores before the entries' (same CTA)
             _restore_entries(spp_ptr, spe_ptr, w_ptr, N, K, NS, n0, kb * 128, BN, E, F16, SPB, I64)
@@ -236,7 +263,7 @@ if TRITON_OK:
     def _dequant_flat(
         qm_ptr, sc_ptr, zp_ptr, w_ptr, N, K, NP, hide, kb, n0,
         G: tl.constexpr, SYM: tl.constexpr, SINGLE: tl.constexpr, TA: tl.constexpr, RELOAD: tl.constexpr,
-        I64: tl.constexpr,
+        I64: tl.constexpr, HUM: tl.constexpr = 0,
     ):  # fmt: skip
         """The flat form: every tensor is 1-D over (c, b, a, e), c fastest, so the load, the
         arithmetic and the stores share ONE register layout (no shared-memory reorder, no barrier). A thread
@@ -253,16 +280,19 @@ if TRITON_OK:
         tile_ok = n0 + 64 * (a // 4) < NP
         nb = n0 + 16 * a + 8 * b + c
         ok = nb < N
-        shift = 4 * (2 * b)
-        if G == 0:
-            s, z = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nb, ok, SYM, SINGLE)
+        if HUM == 1:  # Humming's sm_90 layout: nibble b + 2 d + 4 f (Marlin's: 2 b + d + 4 f)
+            shift = 4 * b
         else:
-            s, z = _marlin_scales_zeros(sc_ptr, zp_ptr, (kb * 128) // G, NP, nb, ok, SYM, SINGLE)
+            shift = 4 * (2 * b)
+        if G == 0:
+            s, z = _marlin_scales_zeros(sc_ptr, zp_ptr, 0, NP, nb, ok, SYM, SINGLE, HUM)
+        else:
+            s, z = _marlin_scales_zeros(sc_ptr, zp_ptr, (kb * 128) // G, NP, nb, ok, SYM, SINGLE, HUM)
         for j in tl.static_range(8):
             r = kb * 8 + j
             if RELOAD > 0:
                 if j > 0 and j % RELOAD == 0:
-                    s, z = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb, ok, SYM, SINGLE)
+                    s, z = _marlin_scales_zeros(sc_ptr, zp_ptr, (r * 16) // G, NP, nb, ok, SYM, SINGLE, HUM)
             if I64:
                 rbase = r.to(tl.int64) * (2 * NP)
             else:
@@ -275,7 +305,10 @@ if TRITON_OK:
                         off = kk.to(tl.int64) * N + nb
                     else:
                         off = kk * N + nb
-                    code = ((words >> (shift + 4 * (d + 4 * f))) & 15).to(tl.float32)
+                    if HUM == 1:
+                        code = ((words >> (shift + 4 * (2 * d + 4 * f))) & 15).to(tl.float32)
+                    else:
+                        code = ((words >> (shift + 4 * (d + 4 * f))) & 15).to(tl.float32)
                     tl.store(w_ptr + off, ((code - z) * s).to(w_ptr.dtype.element_ty), mask=ok & (kk < K))
 
     @triton.jit
@@ -477,14 +510,17 @@ def dequant_marlin_into(
     out: torch.Tensor | None = None,
     act: torch.dtype | None = None,
     config: tuple[int, int] | None = None,
+    layout: int = LAYOUT_MARLIN,
 ) -> torch.Tensor:
     """The served weight, TRANSPOSED: wT [K, N] in ``act`` (default: the scales' dtype), read from Marlin's tensors
-    with the held-out values restored, in one kernel. Into ``out`` (a flat scratch of >= N*K elements) or new.
-    ``config``: (tile width, warps), default ``DEQ_CONFIG`` (a third field 2, the flat form's number in session 9's
-    records, is accepted)."""
+    (``layout``: Humming's, ``LAYOUT_*``) with the held-out values restored, in one kernel. Into ``out`` (a flat
+    scratch of >= N*K elements) or new. ``config``: (tile width, warps), default ``DEQ_CONFIG`` (a third field 2,
+    the flat form's number in session 9's records, is accepted)."""
     if not TRITON_OK:
         raise RuntimeError("dequant_marlin_into needs Triton")
-    c = check_marlin_tensors(qm, scale, zero, lay)
+    if layout not in (LAYOUT_MARLIN, LAYOUT_HUMMING_SM90, LAYOUT_HUMMING):
+        raise ValueError(f"dequant_marlin_into: unknown layout {layout}")
+    c = check_marlin_tensors(qm, scale, zero, lay, layout)
     n, k, g, spb = c["n"], c["k"], c["group"], c["sp_block"]
     dtype = act or (out.dtype if out is not None else scale.dtype)
     flat = out if out is not None else torch.empty(n * k, dtype=dtype, device=qm.device)
@@ -521,6 +557,7 @@ def dequant_marlin_into(
         F16=dtype == torch.float16,
         SPB=spb,
         I64=max(n * k, qm.numel()) >= 2**31 - 1,
+        HUM=layout,
         num_warps=warps,
     )
     return wt
@@ -533,13 +570,14 @@ def marlin_deq_mm(
     zero: torch.Tensor | None,
     lay: dict,
     bias: torch.Tensor | None = None,
+    layout: int = LAYOUT_MARLIN,
 ) -> torch.Tensor:
-    """``x2 [M, K] @ W^T (+ bias)`` with W dequantized from Marlin's tensors into the shared scratch (CUDA) or a
-    new tensor, held-out values restored, then one dense GEMM."""
+    """``x2 [M, K] @ W^T (+ bias)`` with W dequantized from Marlin's (``layout``: Humming's) tensors into the shared
+    scratch (CUDA) or a new tensor, held-out values restored, then one dense GEMM."""
     info = layout_info(lay)
     numel = info["n"] * info["k"]
     out = _deq_scratch(x2.device, x2.dtype, numel) if x2.is_cuda else None
-    wt = dequant_marlin_into(qm, scale, zero, lay, out, act=x2.dtype)
+    wt = dequant_marlin_into(qm, scale, zero, lay, out, act=x2.dtype, layout=layout)
     if bias is None:
         return torch.mm(x2, wt)
     return torch.addmm(bias, x2, wt)
