@@ -806,12 +806,8 @@ class _FakeCuda(torch.Tensor):
 
 
 def _humming_gemv_kernel(n=128, k=256, sym=False, bias=False):
-    kern = WO.HummingGemvKernel.__new__(WO.HummingGemvKernel)
-    base.SWLinearKernel.__init__(kern, dataclasses.replace(cfg(n=n, k=k, group=64, sym=sym), device_type="cuda"))
-    large = WO.HummingKernel.__new__(WO.HummingKernel)
-    kern.large = large
-    kern._init_pair(large)
-    kern.max_m = 1
+    large = WO.HummingKernel.__new__(WO.HummingKernel)  # (vLLM's Humming class needs the package: not built)
+    kern = WO.HummingGemvKernel(dataclasses.replace(cfg(n=n, k=k, group=64, sym=sym), device_type="cuda"), large)
     layer = torch.nn.Module()
     layer.weight = torch.zeros(k // 16, 2 * n, dtype=torch.int32).as_subclass(_FakeCuda)
     layer.weight_scale = torch.ones(k // 64, n, dtype=torch.bfloat16)
@@ -894,3 +890,51 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
     calls.clear()
     kern.run(torch.zeros(1, 256, dtype=torch.bfloat16), None)
     assert calls == [("humming", 1)]
+
+
+@pytest.mark.parametrize("case", ["confirmed", "not-confirmed", "bias"])
+def test_humming_gemv_held_out_paths(monkeypatch, case):
+    """Held-out entries on one Humming copy, as on the one-copy Marlin pair: single tokens add them in the GEMV's
+    epilogue, batches below SUPERWEIGHT_DEQUANT_MIN_M run Humming + the packed SELL correction, larger ones
+    dequantize from Humming's tensors (its layout) with the values restored. Where the layout was not confirmed at
+    load (GEMV off or its check failed) or the layer has a bias: the base class's correction after every GEMM."""
+    import vllm_superweight.kernels as K
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+    from vllm_superweight.kernels import triton_marlin_deq as MD
+
+    monkeypatch.setenv(envs.DEQUANT_MIN_M, "96")
+    kern, layer = _humming_gemv_kernel(bias=case == "bias")
+    kern.min_m = envs.dequant_min_m()
+    if case != "not-confirmed":
+        kern.cgemv = CG.gemv_plan(128, 256, 64, False, torch.bfloat16, "cpu", layout=CG.LAYOUT_HUMMING_SM90)
+        kern.cgemv_max_m, kern.layout = 1, CG.LAYOUT_HUMMING_SM90
+    rows, cols = torch.tensor([3, 70, 100]), torch.tensor([5, 200, 17])
+    kern.set_sparse(layer, rows, cols, torch.tensor([0.5, -1.0, 2.0]))
+    calls = []
+    monkeypatch.setattr(
+        CG,
+        "marlin_gemv_cuda",
+        lambda x, w, s, z, plan, bias=None, sparse=None, maps=None: (
+            calls.append(("gemv", x.shape[0], sparse is kern.sp and bool(sparse), maps is kern.cmaps))
+            or torch.zeros(1, 128)
+        ),
+    )
+    monkeypatch.setattr(kern.large, "apply_gemm", lambda lay, x, b: calls.append(("humming", x.shape[0])) or
+                        torch.zeros(x.shape[0], 128))  # fmt: skip
+    monkeypatch.setattr(K, "sparse_correction", lambda y, x, sp: calls.append(("sell", x.shape[0])) or y)
+    monkeypatch.setattr(MD, "marlin_deq_mm", lambda x, w, s, z, lay, bias=None, layout=0: calls.append(
+        ("deq", x.shape[0], lay is kern.deq, layout)) or torch.zeros(x.shape[0], 128))  # fmt: skip
+    for m in (1, 8, 95, 96, 300):
+        kern.run(torch.zeros(m, 256, dtype=torch.bfloat16), None)
+    if case == "confirmed":
+        assert kern.sparse_keys == [] and kern.sp and kern.deq and kern.cmaps is not None and kern.held == 3
+        assert calls == [
+            ("gemv", 1, True, True),
+            ("humming", 8), ("sell", 8),
+            ("humming", 95), ("sell", 95),
+            ("deq", 96, True, CG.LAYOUT_HUMMING_SM90),
+            ("deq", 300, True, CG.LAYOUT_HUMMING_SM90),
+        ]  # fmt: skip
+    else:  # the base class's buffers: corrected after the op (apply_weights), not inside it
+        assert kern.sparse_keys and not kern.sp and not kern.deq
+        assert [c[0] for c in calls] == ["gemv" if case == "bias" else "humming"] + ["humming"] * 4

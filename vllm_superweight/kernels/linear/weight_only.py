@@ -722,9 +722,12 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     GEMV that serves batch 1 at 0.9x Marlin's time reads it with two decoding flags. Humming alone (s20, H200, 7B):
     1.17x / 1.13x / 1.07x AWQ at batch 1 / 8 / 64, 1.06x / 1.07x saturated, from 0.985x its weights; its batch 1
     is where it trails Marlin. Checked at load on each layer's own weights against Humming's output (a mismatch, a
-    layer with a bias -- Humming permutes it in place -- or a padded shape keeps Humming for it, logged). The
-    held-out correction stays separate, as in the ``humming`` mode. Opt-in (``SUPERWEIGHT_W4_KERNEL=humming-gemv``;
-    written in session 25, not yet run on a GPU), with Humming's own limits (``HummingKernel``)."""
+    layer with a bias -- Humming permutes it in place -- or a padded shape keeps Humming for it, logged).
+    Held-out weights, as in the one-copy Marlin pair: single tokens add them in the GEMV's epilogue, batches below
+    ``SUPERWEIGHT_DEQUANT_MIN_M`` tokens run Humming + the packed SELL correction, larger ones dequantize from
+    Humming's own tensors with the held-out values restored (``triton_marlin_deq``, ``layout=``), then cuBLAS -- no
+    correction pass over y where it costs most. Opt-in (``SUPERWEIGHT_W4_KERNEL=humming-gemv``; written in session
+    25, not yet run on a GPU), with Humming's own limits (``HummingKernel``)."""
 
     wraps = "HummingLinearKernel"
     MODES = ("humming-gemv",)
@@ -741,6 +744,12 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     ) -> None:
         large = large if large is not None else HummingKernel(config)
         super().__init__(config, large=large, small=large, max_m=1)  # one kernel object, one copy
+        self.min_m = envs.dequant_min_m()  # from here on (held-out layers): dequantize + cuBLAS
+        self.sp: dict[str, torch.Tensor] = {}  # packed SELL slots (small batches' correction)
+        self.deq: dict[str, torch.Tensor] = {}  # restore index (large batches' dequantizer)
+        # Humming's layout on this GPU (cuda_marlin_gemv.LAYOUT_*), once the GEMV's load-time check confirmed it (0:
+        # not confirmed -- SUPERWEIGHT_CUDA_GEMV=0 or a failed check: held-out terms corrected after every GEMM)
+        self.layout = 0
 
     def describe(self) -> str:
         return f"{self._cuda_gemv_name()}Humming (one copy)"
@@ -788,7 +797,8 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
                 plan = CG.gemv_plan(*args, config=envs.cuda_gemv_configs().get("one"), layout=layout)
                 CG.prepare(plan, 1)
                 self._check_against_humming(CG, layer, plan)
-                self.cgemv, self.cgemv_max_m = plan, 1
+                # the layout is confirmed on this layer's weights: the dequantizer may read it too (set_sparse)
+                self.cgemv, self.cgemv_max_m, self.layout = plan, 1, layout
                 return
             except (ValueError, RuntimeError, OSError) as e:
                 why = f"{type(e).__name__}: {e}"
@@ -807,6 +817,45 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
         if not rel < 1e-2:  # NaN fails too
             raise RuntimeError(f"the GEMV over Humming's tensors differs from Humming's output by {rel:.3g} (relative)")
 
+    def set_sparse(self, layer: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
+        """Held-out entries after Humming's repack: packed SELL slots for the small batches (read in the GEMV's
+        epilogue where it serves the batch) and the restore index of the large batches' dequantizer. Where those
+        cannot apply (no CUDA GEMV layout known, K beyond 16-bit columns, a layer with a bias) the base class's
+        separate correction after every GEMM."""
+        from .. import prepare_sparse
+        from ..sparse_layout import PACK_MAX_K
+
+        c = self.config
+        k_p, n_p = c.partition_shape
+        self.sp, self.deq, self.cmaps, self.held = {}, {}, None, int(rows.numel())
+        if not rows.numel() or not self.layout or k_p > PACK_MAX_K or self.has_bias:
+            return super().set_sparse(layer, rows, cols, vals)
+        from ..triton_marlin_deq import marlin_deq_layout
+
+        self.sparse_keys = []  # the corrections below, inside the op
+        w, _, _ = self._humming_tensors(layer)
+        device = w.device
+        self.sp = prepare_sparse(rows, cols, vals, n_p, k_p, device, layout="sell", pack=c.act_dtype)
+        self.deq = marlin_deq_layout(rows, cols, vals, n_p, k_p, c.group_size, c.symmetric, c.act_dtype, device)
+        if self.cgemv is not None:
+            from ..cuda_marlin_gemv import sparse_maps
+
+            self.cmaps = sparse_maps(self.sp, n_p)
+
+    def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.sp:  # no held-out terms here (or the base class's correction after the op)
+            return self._small_gemm(x, bias) if x.shape[0] == 1 else self.large.apply_gemm(self.layer, x, bias)
+        from .. import sparse_correction
+
+        if self.cgemv is not None and x.shape[0] == 1:
+            return self._small_gemm(x, bias, self.sp, self.cmaps)  # the terms in the GEMV's epilogue
+        if x.shape[0] < self.min_m:
+            return sparse_correction(self.large.apply_gemm(self.layer, x, bias), x, self.sp)
+        from ..triton_marlin_deq import marlin_deq_mm
+
+        w, scale, zero = self._humming_tensors(self.layer)
+        return marlin_deq_mm(x, w, scale, zero, self.deq, bias, layout=self.layout)
+
     def _small_gemm(
         self,
         x: torch.Tensor,
@@ -818,8 +867,13 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
             from ..cuda_marlin_gemv import marlin_gemv_cuda
 
             w, scale, zero = self._humming_tensors(self.layer)
-            return marlin_gemv_cuda(x, w, scale, zero, self.cgemv, bias)
-        return self.large.apply_gemm(self.layer, x, bias)
+            return marlin_gemv_cuda(x, w, scale, zero, self.cgemv, bias, sparse=sparse, maps=maps)
+        y = self.large.apply_gemm(self.layer, x, bias)
+        if sparse:
+            from .. import sparse_correction
+
+            return sparse_correction(y, x, sparse)
+        return y
 
 
 class MarlinDequantKernel(DualMarlinMacheteKernel):
