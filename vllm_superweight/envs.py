@@ -24,8 +24,9 @@ Only what users need is a knob:
                                     ``kernels.linear.weight_only.HummingKernel``), ``marlin-humming`` (Marlin for
                                     small batches, Humming above: two copies; opt-in, not measured end to end),
                                     ``humming-gemv`` (ONE Humming copy; single tokens through our CUDA GEMV over
-                                    Humming's own tensors, checked against Humming at load; opt-in, not yet run on
-                                    a GPU). A forced kernel that cannot run a layer is an error.
+                                    Humming's own tensors, checked against Humming at load; held-out layers: the
+                                    one-copy pair's paths, large batches dequantized from Humming's tensors; opt-in,
+                                    not yet run on a GPU). A forced kernel that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48; 32 for
                                     ``marlin-humming``).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a
