@@ -397,6 +397,8 @@ def test_both_forms_read_hummings_layout(n, k, group, sym, sm90):
     src = CG.kernel_source(plan, 1)
     assert f"#define SW_WSWAP {int(sm90)}\n#define SW_ZLIN 1\n" in src
     assert "SW_WSWAP" not in CG.kernel_source(CG.gemv_plan(n, k, group, sym, torch.bfloat16, "cpu"), 1)[:600]
+    with pytest.raises(ValueError, match="one-group"):  # Humming keeps the grouped scale order there
+        CG.gemv_plan(n, k, k, sym, torch.bfloat16, "cpu", layout=CG.LAYOUT_HUMMING_SM90)
 
 
 @pytest.mark.parametrize("n,k,group,sym", [(128, 256, 64, False), (192, 512, 128, True), (64, 384, 128, False)])

@@ -773,6 +773,8 @@ def gemv_plan(
     bf16 = act_dtype == torch.bfloat16
     if layout not in (LAYOUT_MARLIN, LAYOUT_HUMMING_SM90, LAYOUT_HUMMING):
         raise ValueError(f"cuda GEMV: unknown layout {layout}")
+    if layout and not grows:  # the channel-wise read is Marlin's single-scale permutation, which Humming never uses
+        raise ValueError("cuda GEMV: Humming's tensors of a channel-wise or one-group layer are not read here")
     plan = GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl, ralias)
     return replace(plan, layout=layout) if layout else plan
 
