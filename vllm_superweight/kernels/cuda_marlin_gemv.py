@@ -86,7 +86,7 @@ import ctypes
 import hashlib
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -775,8 +775,7 @@ def gemv_plan(
         raise ValueError(f"cuda GEMV: unknown layout {layout}")
     if layout and not grows:  # the channel-wise read is Marlin's single-scale permutation, which Humming never uses
         raise ValueError("cuda GEMV: Humming's tensors of a channel-wise or one-group layer are not read here")
-    plan = GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl, ralias)
-    return replace(plan, layout=layout) if layout else plan
+    return GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl, ralias, layout)
 
 
 def _dev(device: torch.device | str) -> torch.device:

@@ -90,9 +90,10 @@ def zero_word_nibble(n: torch.Tensor, layout: int = LAYOUT_MARLIN) -> tuple[torc
     return p2 // 8, p2 % 8
 
 
-def uses_single_scale_perm(group: int, kp: int) -> bool:
-    """Marlin permutes scales with ``scale_perm_single`` when channel-wise or one group spans the padded K."""
-    return not (group > 0 and group < kp)
+def uses_single_scale_perm(group: int, kp: int, layout: int = LAYOUT_MARLIN) -> bool:
+    """Marlin permutes scales with ``scale_perm_single`` when channel-wise or one group spans the padded K (Humming
+    never does)."""
+    return layout == LAYOUT_MARLIN and not (group > 0 and group < kp)
 
 
 def marlin_dequant_reference(
@@ -115,7 +116,7 @@ def marlin_dequant_reference(
     words = qm.cpu().to(torch.int64) & 0xFFFFFFFF
     codes = (words[r, w] >> (4 * b)) & 15
     gi = (kk // g) if g and g < kp else torch.zeros_like(kk)
-    single = uses_single_scale_perm(g, kp) and layout == LAYOUT_MARLIN
+    single = uses_single_scale_perm(g, kp, layout)
     sc = scale.cpu().double()[gi, scale_col(nn, single)]
     if sym:
         z: torch.Tensor | float = 8.0
@@ -172,7 +173,7 @@ def check_marlin_tensors(
     kp, np_ = qm.shape[0] * 16, qm.shape[1] // 2
     if qm.dtype != torch.int32 or qm.dim() != 2 or kp < k or np_ < n or np_ % 64:
         raise ValueError(f"Marlin W4 tensor {tuple(qm.shape)} {qm.dtype} does not hold a [{n}, {k}] layer")
-    single = uses_single_scale_perm(g, kp) and layout == LAYOUT_MARLIN
+    single = uses_single_scale_perm(g, kp, layout)
     gp = 1 if (g == 0 or g >= kp) else kp // g
     if tuple(scale.shape) != (gp, np_):
         raise ValueError(f"Marlin scales {tuple(scale.shape)}, expected {(gp, np_)}")

@@ -735,13 +735,7 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     LARGE_NAME = "Humming"
     DEFAULT_MAX_M = 1
 
-    def __init__(
-        self,
-        config: SWLinearConfig,
-        large: SWLinearKernel | None = None,
-        small: SWLinearKernel | None = None,
-        max_m: int | None = None,
-    ) -> None:
+    def __init__(self, config: SWLinearConfig, large: SWLinearKernel | None = None) -> None:
         large = large if large is not None else HummingKernel(config)
         super().__init__(config, large=large, small=large, max_m=1)  # one kernel object, one copy
         self.min_m = envs.dequant_min_m()  # from here on (held-out layers): dequantize + cuBLAS
