@@ -340,18 +340,26 @@ EOF2
     BUDGET_S=$((580 - SECONDS)) bash "$0" throughput "${1:-sw-w4-g128-cg1,sw-w4-g128-holdout-qkv,awq}" \
       --latency-batches 1,8,64 --throughput-lens "" ;;
   humgemv)
-    # session 25 (written, not yet on a GPU): one Humming copy, single tokens through our CUDA GEMV over Humming's
-    # own tensors (SUPERWEIGHT_W4_KERNEL=humming-gemv). After the three stash calls (+ .gpu-bundle/humming): the
-    # checkpoints built in the background, then the GPU tests of the Humming layout (the GEMV planned over Humming's
-    # repacked tensors, float reference, graph replay; the correction test) -- then, next call:
-    # BUDGET_S=570 throughput sw-w4-g128-humgemv,sw-w4-g128-holdout-qkv-humgemv,sw-w4-g128-humming,awq
-    #   --latency-batches 1,8,64 --throughput-lens ""   (and the saturated shapes in the call after)
+    # one Humming copy, single tokens through our CUDA GEMV over Humming's own tensors (SUPERWEIGHT_W4_KERNEL=
+    # humming-gemv). After the three stash calls (+ .gpu-bundle/humming): the checkpoints built in the background,
+    # the GPU tests of the Humming layout first (-v: each name in the log even if the limit ends pytest; session 26's
+    # run of these plus the whole GEMV suite was cut 23 cases short with no summary), then the GEMV suite with what
+    # is left. Session 26: 3/3 + 9/9 passed, then engines (throughput_h200_s26.json). Next, in the same batch of calls:
+    #   BUDGET_S=560 throughput sw-w4-g128-humgemv,awq --latency-batches 1,8,64   (+ the saturated shapes)
     setup
-    bash "$0" build-bg sw-w4-g128,sw-w4-g128-holdout-qkv,awq
-    timeout $((585 - SECONDS)) $PY -u -m pytest -q -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_humgemv.xml" \
+    bash "$0" build-bg "${1:-sw-w4-g128,sw-w4-g128-holdout-qkv,awq}"
+    timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_humgemv.xml" \
       "tests/test_gpu_kernels.py::test_humming_gemv_reads_hummings_own_tensors" \
-      "tests/test_gpu_kernels.py::test_kernel_classes_apply_their_sparse_correction" \
-      tests/test_cuda_marlin_gemv.py 2>&1 | grep -v DEBUG | tee "$OUT/pytest_humgemv.log" | tail -15
+      "tests/test_gpu_kernels.py::test_kernel_classes_apply_their_sparse_correction" 2>&1 | grep -v DEBUG \
+      | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_humgemv.log" | tail -15
+    left=$((560 - SECONDS))
+    if [ "$left" -gt 60 ]; then
+      timeout "$left" $PY -u -m pytest -v -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_cuda_gemv.xml" \
+        tests/test_cuda_marlin_gemv.py 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed" \
+        | tee "$OUT/pytest_cuda_gemv.log" | grep -vE "PASSED" | tail -10
+    fi
+    for _ in $(seq 6); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
+    tail -2 "$STASH_DIR/build.log"
     echo "[$(ts)] humgemv tests done" ;;
   throughput)
     setup

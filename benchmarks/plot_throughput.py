@@ -178,23 +178,32 @@ def table(recs):
     if lat:
         cfgs = sorted({(r["input_len"], r["output_len"], r["batch"]) for r in lat}, key=lambda c: (c[0], c[1], c[2]))
         lines += ["## Latency (s per batch generated to completion; lower is better)", ""]
-        hdr = "| method | " + " | ".join(f"batch {c} (in {a} / out {b})" for a, b, c in cfgs) + " | batch-1 vs AWQ |"
+        # a run without offline-throughput records has no memory table above: its weight memory and KV-cache
+        # tokens (vLLM's log) go here, as does the date of each row (rows of several leases can share a table)
+        mem = not thr and any(r.get("weights_gib") for r in lat)
+        hdr = (
+            "| method | "
+            + ("W4 kernel | weights (GiB) | KV-cache tokens | " if mem else "")
+            + " | ".join(f"batch {c} (in {a} / out {b})" for a, b, c in cfgs)
+            + " | vs AWQ (AWQ's time / this one's, per batch) |"
+            + (" measured |" if mem else "")
+        )
         lines += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
         for v in ordered(r["variant"] for r in lat):
-            cells = []
+            cells, ratios = [], []
             for a, b, c in cfgs:
                 r = by.get((v, a, b, c, "latency"))
                 cells.append(f"{r['latency_s']:.3f} ({1000 * r['latency_s'] / b:.2f} ms/tok)" if r else "–")
-            ratio = "–"
-            a, b, c = cfgs[0]
-            r1, ra = by.get((v, a, b, 1, "latency")), by.get(("awq", a, b, 1, "latency"))
-            if r1 and ra and v != "awq":
-                ratio = (
-                    f"{ra['latency_s'] / r1['latency_s']:.3f}× faster"
-                    if r1["latency_s"] < ra["latency_s"]
-                    else f"{r1['latency_s'] / ra['latency_s']:.3f}× slower"
-                )
-            lines.append(f"| {label(v)} | " + " | ".join(cells) + f" | {ratio} |")
+                ra = by.get(("awq", a, b, c, "latency"))
+                if r and ra and v != "awq":
+                    ratios.append(f"{ra['latency_s'] / r['latency_s']:.3f}×")
+            row = next(r for r in lat if r["variant"] == v)
+            extra = ""
+            if mem:
+                kv = row.get("kv_cache_tokens")
+                extra = f"{kernel_of(row)} | {row.get('weights_gib') or '–'} | " + (f"{kv:,}" if kv else "–") + " | "
+            when = f" {str(row.get('time', '–'))[:16]} |" if mem else ""
+            lines.append(f"| {label(v)} | " + extra + " | ".join(cells) + f" | {' / '.join(ratios) or '–'} |" + when)
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -25,8 +25,9 @@ Only what users need is a knob:
                                     small batches, Humming above: two copies; opt-in, not measured end to end),
                                     ``humming-gemv`` (ONE Humming copy; single tokens through our CUDA GEMV over
                                     Humming's own tensors, checked against Humming at load; held-out layers: the
-                                    one-copy pair's paths, large batches dequantized from Humming's tensors; opt-in,
-                                    not yet run on a GPU). A forced kernel that cannot run a layer is an error.
+                                    one-copy pair's paths, large batches dequantized from Humming's tensors; opt-in:
+                                    H200 s26, 1.35x / 1.10x / 1.06x AWQ at batch 1 / 8 / 64 from one copy). A
+                                    forced kernel that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48; 32 for
                                     ``marlin-humming``).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a

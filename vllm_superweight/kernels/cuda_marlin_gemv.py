@@ -647,7 +647,8 @@ MMA_CONFIG = (8, 4, 12, 2, 1, 0, 1, 1)
 # the tensors the kernel reads: vLLM's Marlin repack; Humming's (humming-kernels 0.1.10, vLLM's HummingLinearKernel)
 # for sm_90 (its wgmma form: Marlin's tile with the weights' nibble index bits 0 and 1 swapped, zero points not
 # interleaved) and for other GPUs (Marlin's weights, zero points not interleaved); same shapes, same scales. Derived
-# from both packers on the CPU (tests/test_cuda_marlin_gemv.py), not yet run on a GPU against Humming's repack.
+# from both packers on the CPU (tests/test_cuda_marlin_gemv.py); confirmed on an H200 (session 26) against Humming's
+# own repack and output (tests/test_gpu_kernels.py::test_humming_gemv_reads_hummings_own_tensors).
 LAYOUT_MARLIN, LAYOUT_HUMMING_SM90, LAYOUT_HUMMING = 0, 1, 2
 
 
