@@ -7,6 +7,10 @@
 #   run 1:    carry [.gpu-ckpt/p1]                 command: bash benchmarks/gpu_eval_ckpt.sh stash
 #   run 2:    carry [.gpu-ckpt/p2, .gpu-ckpt/meta, .gpu-bundle/install.sh]
 #                                                  command: bash benchmarks/gpu_eval_ckpt.sh stash eval NAME
+#   then:     bash benchmarks/gpu_eval_ckpt.sh m1 [RUNS]   single-token decoding of the same checkpoint under each W4
+#             kernel mode (benchmarks/gpu_parallel.py's m1-* runs: greedy tokens and per-step log-probabilities against
+#             Marlin at one token) -> $OUT/gpu_m1.json
+# The W4 kernel mode of `eval` comes from the environment (e.g. SUPERWEIGHT_W4_KERNEL=humming-gemv MODES=on).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -17,8 +21,9 @@ if [ "${1:-}" = stash ]; then
   ls -la "$CK"
   shift
 fi
-if [ "${1:-}" = eval ]; then
-  NAME=${2:-ckpt}
+ready() {
+  [ -n "${READY:-}" ] && return 0
+  READY=1
   # the parts joined once (a second eval in the same lease finds them joined)
   if ls "$CK"/part-* >/dev/null 2>&1; then cat "$CK"/part-* > "$CK/model.safetensors" && rm -f "$CK"/part-*; fi
   bash benchmarks/gpu_run.sh setup > "$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 2; }
@@ -26,8 +31,13 @@ if [ "${1:-}" = eval ]; then
   source .gpu-bundle/install.sh
   export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1
   # vLLM's Humming backend where setup installed it (.gpu-bundle/humming carried once), as on a user's machine
-  # with vllm-superweight[humming]: taken with SUPERWEIGHT_W4_KERNEL=humming
+  # with vllm-superweight[humming]: taken with SUPERWEIGHT_W4_KERNEL=humming / humming-gemv
   [ -d /root/stash/hm-site/humming ] && export PYTHONPATH=$PYTHONPATH:/root/stash/hm-site
+  return 0
+}
+if [ "${1:-}" = eval ]; then
+  NAME=${2:-ckpt}
+  ready
   for mode in ${MODES:-on off}; do
     env $([ $mode = off ] && echo SUPERWEIGHT_DISABLE_CORRECTION=1) python3 -m vllm_superweight.eval "$CK" \
       --window 512 --max-tokens 16384 --data "$CK/wiki.test.raw" --json "$OUT/gpu_eval_${NAME}_correction-$mode.json" \
@@ -35,4 +45,11 @@ if [ "${1:-}" = eval ]; then
     echo "correction $mode: rc=$? $(grep -o '"ppl": [0-9.e+]*' "$OUT/gpu_eval_${NAME}_correction-$mode.json" 2>/dev/null)"
     grep -i "superweight_rtn\|kernel\|Error" "$OUT/gpu_eval_${NAME}_correction-$mode.log" | grep -v "^$" | tail -4
   done
+  shift 2 || true
+fi
+if [ "${1:-}" = m1 ]; then
+  ready
+  python3 benchmarks/gpu_parallel.py --models smollm2 --smollm2 "$CK" --out "$OUT/gpu_m1.json" \
+    --runs "${2:-m1-marlin,m1-gemv,m1-humming,m1-humming-gemv}" --budget-s "${M1_BUDGET_S:-500}" --timeout 200 \
+    2>&1 | grep -E "^\[" | tail -12
 fi

@@ -58,6 +58,19 @@ RUNS = {  # name -> engine spec overrides
     "fp32": dict(tp=1, pp=1, dtype="float32", eager=True),  # no 16-bit kernel: the torch fallback
     "fp32-tp2": dict(tp=2, pp=1, dtype="float32", eager=True),
 }
+# single-token decoding on one GPU (issue 12): each prompt alone, CUDA graphs, the greedy token's log-probability at
+# every step; compared with ``m1-marlin`` (vLLM's Marlin at one token, our GEMV off) instead of TP 1. The W4 kernel
+# modes that serve one token with our CUDA GEMV (over Marlin's tensors by default, over Humming's with
+# ``humming-gemv``) against Marlin and Humming on the same real weights.
+_M1 = dict(tp=1, pp=1, dtype="bfloat16", eager=False, one_by_one=True, decode_logprobs=True)
+RUNS.update(
+    {
+        "m1-marlin": dict(_M1, env={"SUPERWEIGHT_CUDA_GEMV": "0"}),
+        "m1-gemv": dict(_M1, compare="m1-marlin"),
+        "m1-humming": dict(_M1, compare="m1-marlin", env={"SUPERWEIGHT_W4_KERNEL": "humming"}),
+        "m1-humming-gemv": dict(_M1, compare="m1-marlin", env={"SUPERWEIGHT_W4_KERNEL": "humming-gemv"}),
+    }
+)
 
 
 def log(msg: str) -> None:
@@ -143,6 +156,28 @@ def run_engine(spec: dict, log_path: str, timeout: float) -> tuple[list | None, 
     return json.loads(lines[-1][len("RESULT ") :]), time.time() - t, "ok"
 
 
+def compare_runs(res: list[dict], base: list[dict], name: str) -> dict:
+    """Greedy tokens equal to ``base``'s, the largest prompt log-probability difference and, where both runs recorded
+    them, the largest difference of the greedy tokens' log-probabilities over the decode steps both took the same
+    way (a step after the first differing token compares different contexts, so each prompt stops there)."""
+    out: dict = {
+        f"tokens_equal_{name}": all(x["tokens"] == y["tokens"] for x, y in zip(res, base)),
+        f"max_abs_dlogprob_vs_{name}": max(
+            abs(u - v) for x, y in zip(res, base) for u, v in zip(x["prompt_logprobs"], y["prompt_logprobs"])
+        ),
+    }
+    if all("decode_logprobs" in x for x in res + base):
+        d, steps = 0.0, 0
+        for x, y in zip(res, base):
+            for tx, ty, u, v in zip(x["tokens"], y["tokens"], x["decode_logprobs"], y["decode_logprobs"]):
+                d, steps = max(d, abs(u - v)), steps + 1
+                if tx != ty:
+                    break
+        out[f"max_abs_decode_dlogprob_vs_{name}"] = d
+        out["decode_steps_compared"] = steps
+    return out
+
+
 def kernel_lines(log_path: str) -> list[str]:
     with open(log_path, errors="replace") as f:
         return sorted({ln.split("superweight_rtn", 1)[1].strip() for ln in f if "superweight_rtn W" in ln})
@@ -196,7 +231,7 @@ def main() -> int:
             if left < 60:
                 log(f"skip {model}/{run}: budget")
                 continue
-            over = {k: v for k, v in RUNS[run].items() if k != "use_src"}
+            over = {k: v for k, v in RUNS[run].items() if k not in ("use_src", "compare")}
             use_src = RUNS[run].get("use_src", False)
             if use_src and model != "tiny":
                 log(f"skip {model}/{run}: no float source here")
@@ -222,16 +257,21 @@ def main() -> int:
                 err = [abs(a - b) for r, rr in zip(res, ref) for a, b in zip(r["prompt_logprobs"], rr)]
                 rec["mean_abs_err_vs_fp32_reference"] = sum(err) / len(err)
                 rec["max_abs_err_vs_fp32_reference"] = max(err)
-                key = RUNS[run]["dtype"]
-                if key not in base:
-                    base[key] = res
+                # the baseline: the run named by ``compare`` where it ran, else the first run of this dtype (TP 1)
+                named = RUNS[run].get("compare")
+                if named:
+                    if named in base:
+                        rec.update(compare_runs(res, base[named], named))
+                    else:
+                        rec["baseline_missing"] = named  # list it first in --runs
+                elif run.startswith("m1-"):  # a baseline other runs name
+                    base[run] = res
+                    rec["baseline"] = True
+                elif RUNS[run]["dtype"] not in base:
+                    base[RUNS[run]["dtype"]] = res
                     rec["baseline"] = True
                 else:
-                    b = base[key]
-                    rec["tokens_equal_tp1"] = all(x["tokens"] == y["tokens"] for x, y in zip(res, b))
-                    rec["max_abs_dlogprob_vs_tp1"] = max(
-                        abs(u - v) for x, y in zip(res, b) for u, v in zip(x["prompt_logprobs"], y["prompt_logprobs"])
-                    )
+                    rec.update(compare_runs(res, base[RUNS[run]["dtype"]], "tp1"))
                 rec["tokens"] = [r["tokens"] for r in res]
             results.append(rec)
             with open(args.out + ".tmp", "w") as f:

@@ -1,9 +1,10 @@
 """Run one real vLLM engine in a subprocess and dump what the tests compare (JSON on stdout's last line).
 
 Usage: python tests/vllm_runner.py SPEC_JSON   where SPEC = {"model", "dtype", "tp", "pp", "prompts" (token id
-lists), "max_tokens", "prompt_logprobs": bool, "eager": bool, "env": {...}, "engine_kwargs": {...} (more LLM(...)
-arguments), "hang_dump_s": seconds (print every thread's stack if the run is still going then, and again each
-period: finds hangs)}.
+lists), "max_tokens", "prompt_logprobs": bool, "decode_logprobs": bool (the greedy token's log-probability at each
+step), "one_by_one": bool (one generate call per prompt: decode steps of one token), "eager": bool, "env": {...},
+"engine_kwargs": {...} (more LLM(...) arguments), "hang_dump_s": seconds (print every thread's stack if the run is
+still going then, and again each period: finds hangs)}.
 A fresh process per engine keeps tests independent
 (vLLM's distributed state is process-global) and lets a test assert on a failing start-up's message.
 """
@@ -58,13 +59,20 @@ def main() -> None:
         max_tokens=spec.get("max_tokens", 16),
         ignore_eos=True,
         prompt_logprobs=0 if spec.get("prompt_logprobs") else None,
+        logprobs=0 if spec.get("decode_logprobs") else None,
     )
-    outs = llm.generate(prompts, sp, use_tqdm=False)
+    if spec.get("one_by_one"):  # each prompt alone: every decode step is a batch of ONE token (M = 1 kernels)
+        outs = [o for pr in prompts for o in llm.generate([pr], sp, use_tqdm=False)]
+    else:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
     res = []
     for p, o in zip(spec["prompts"], outs):
-        r = {"tokens": list(o.outputs[0].token_ids)}
+        c = o.outputs[0]
+        r = {"tokens": list(c.token_ids)}
         if spec.get("prompt_logprobs"):
             r["prompt_logprobs"] = [o.prompt_logprobs[i][p[i]].logprob for i in range(1, len(p))]
+        if spec.get("decode_logprobs"):  # the greedy token's log-probability at each decode step
+            r["decode_logprobs"] = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]
         res.append(r)
     print("RESULT " + json.dumps(res), flush=True)
 

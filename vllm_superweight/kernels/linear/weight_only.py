@@ -29,6 +29,7 @@ above.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from typing import Any
 
@@ -692,6 +693,20 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         return self.run(x, bias)
 
 
+_SHAPES_LOGGED: set[tuple[int, int]] = set()
+
+
+def _log_first_of_shape(prefix: str, nk: tuple[int, int], plan_s: float, check_s: float) -> None:
+    """Where a humming-gemv engine's load time goes (session 26: 71-77 s against 4 s for Humming alone, unexplained):
+    for the first layer of each shape, the GEMV's plan (NVRTC compile or disk cache) and its check against Humming's
+    output (whose first call may JIT-compile Humming's kernel for that shape)."""
+    if nk not in _SHAPES_LOGGED:
+        _SHAPES_LOGGED.add(nk)
+        logging.getLogger("vllm.superweight_rtn").info(
+            "humming-gemv %s (N=%d, K=%d): GEMV plan %.1f s, check against Humming %.1f s", prefix, *nk, plan_s, check_s
+        )
+
+
 def _warn_once(why: str, prefix: str, span: str, keeps: str = "Marlin") -> None:
     """Each reason the CUDA GEMV cannot serve a layer's batches of ``span`` once, with the first layer it kept on
     ``keeps`` for them."""
@@ -789,9 +804,12 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
                 sm90 = torch.cuda.get_device_capability(w.device)[0] == 9
                 layout = CG.LAYOUT_HUMMING_SM90 if sm90 else CG.LAYOUT_HUMMING
                 args = (n, k, c.group_size, c.symmetric, c.act_dtype, w.device)
+                t0 = time.perf_counter()
                 plan = CG.gemv_plan(*args, config=envs.cuda_gemv_configs().get("one"), layout=layout)
                 CG.prepare(plan, 1)
+                t1 = time.perf_counter()
                 self._check_against_humming(CG, layer, plan)
+                _log_first_of_shape(c.prefix, (n, k), t1 - t0, time.perf_counter() - t1)
                 # the layout is confirmed on this layer's weights: the dequantizer may read it too (set_sparse)
                 self.cgemv, self.cgemv_max_m, self.layout = plan, 1, layout
                 return
