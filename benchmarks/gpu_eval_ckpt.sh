@@ -50,6 +50,6 @@ fi
 if [ "${1:-}" = m1 ]; then
   ready
   python3 benchmarks/gpu_parallel.py --models smollm2 --smollm2 "$CK" --out "$OUT/gpu_m1.json" \
-    --runs "${2:-m1-marlin,m1-gemv,m1-humming,m1-humming-gemv}" --budget-s "${M1_BUDGET_S:-500}" --timeout 200 \
+    --runs "${2:-m1-marlin,m1-gemv,m1-humming,m1-humming-gemv}" --budget-s "${M1_BUDGET_S:-$((575 - SECONDS))}" --timeout 200 \
     2>&1 | grep -E "^\[" | tail -12
 fi
