@@ -208,6 +208,23 @@ def table(recs):
     return "\n".join(lines) + "\n"
 
 
+def lease_times(recs, gap_h: float = 1.0) -> dict[str, str]:
+    """Each variant's first record time (" · MM-DD HH:MM") where the records span more than ``gap_h`` hours (several
+    leases in one plot), else nothing."""
+    import datetime as dt
+
+    first: dict[str, dt.datetime] = {}
+    for r in recs:
+        try:
+            t = dt.datetime.strptime(str(r.get("time", ""))[:16], "%Y-%m-%d %H:%M")
+        except ValueError:
+            continue
+        first[r["variant"]] = min(t, first.get(r["variant"], t))
+    if not first or max(first.values()) - min(first.values()) <= dt.timedelta(hours=gap_h):
+        return {}
+    return {v: t.strftime(" · %m-%d %H:%M") for v, t in first.items()}
+
+
 def plot(recs, png: str) -> None:
     import matplotlib
 
@@ -237,6 +254,8 @@ def plot(recs, png: str) -> None:
         ),
     ]
     panels = [p for p in panels if p[0]]  # a run of one kind only: one panel, no empty half
+    # rows measured in different leases (hours apart) say when, so no one reads them as one lease's comparison
+    when = lease_times(recs)
     fig, grid = plt.subplots(1, max(1, len(panels)), figsize=(7.5 * max(1, len(panels)), 5.5), squeeze=False)
     axes = list(grid[0])
     for ax, (rs, key, title, ylabel, group) in zip(axes, panels):
@@ -255,7 +274,7 @@ def plot(recs, png: str) -> None:
                 if r:
                     xs.append(j + (i - (len(variants) - 1) / 2) * width)
                     ys.append(r[key])
-            ax.bar(xs, ys, width, label=label(v), color=colour[v])
+            ax.bar(xs, ys, width, label=label(v) + when.get(v, ""), color=colour[v])
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, fontsize=8)
         ax.set_title(f"{title} — {gpus}")
