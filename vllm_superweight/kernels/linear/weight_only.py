@@ -667,12 +667,16 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         if self.cgemv is not None and x.shape[0] <= self.cgemv_max_m:
             from ..cuda_marlin_gemv import marlin_gemv_cuda
 
-            zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
-            qm, scale = tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE)
+            qm, scale, zero = self._gemv_tensors()
             plan = self.cgemv if x.shape[0] == 1 else self.cgemv_mma
             return marlin_gemv_cuda(x, qm, scale, zero, plan, bias, sparse=sparse, maps=maps)
         b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
         return self.small.apply_gemm(self.shadow, x, b)
+
+    def _gemv_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The packed weight, scales and zero points (None: symmetric) the CUDA GEMV reads: Marlin's copy."""
+        zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
+        return tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE), zero
 
     @property
     def layer(self) -> torch.nn.Module:
@@ -775,6 +779,9 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
         _REGISTRY[self.key] = self
         self._plan_humming_gemv(layer)
 
+    def _gemv_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self._humming_tensors(self.layer)
+
     def _humming_tensors(self, layer: torch.nn.Module) -> tuple[Any, Any, Any]:
         """Humming's weight [K/16, 2N] int32, scales [G, N] and zero points [G, N/8] (None: symmetric) on ``layer``."""
         zero = None if self.config.symmetric else getattr(layer, "zero_point", None)
@@ -876,11 +883,8 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
         sparse: dict[str, torch.Tensor] | None = None,
         maps: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if self.cgemv is not None and x.shape[0] == 1:
-            from ..cuda_marlin_gemv import marlin_gemv_cuda
-
-            w, scale, zero = self._humming_tensors(self.layer)
-            return marlin_gemv_cuda(x, w, scale, zero, self.cgemv, bias, sparse=sparse, maps=maps)
+        if self.cgemv is not None and x.shape[0] <= self.cgemv_max_m:  # the GEMV over Humming's tensors
+            return super()._small_gemm(x, bias, sparse, maps)
         y = self.large.apply_gemm(self.layer, x, bias)
         if sparse:
             from .. import sparse_correction
