@@ -9,7 +9,7 @@
 #                                                  command: bash benchmarks/gpu_eval_ckpt.sh stash eval NAME
 #   then:     bash benchmarks/gpu_eval_ckpt.sh m1 [RUNS]   single-token decoding of the same checkpoint under each W4
 #             kernel mode (benchmarks/gpu_parallel.py's m1-* runs: greedy tokens and per-step log-probabilities against
-#             Marlin at one token) -> $OUT/gpu_m1.json
+#             Marlin at one token) -> $OUT/gpu_m1.json; M1_END_S (default 575): the call's second by which it ends
 # The W4 kernel mode of `eval` comes from the environment (e.g. SUPERWEIGHT_W4_KERNEL=humming-gemv MODES=on).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,6 +50,6 @@ fi
 if [ "${1:-}" = m1 ]; then
   ready
   python3 benchmarks/gpu_parallel.py --models smollm2 --smollm2 "$CK" --out "$OUT/gpu_m1.json" \
-    --runs "${2:-m1-marlin,m1-gemv,m1-humming,m1-humming-gemv}" --budget-s "${M1_BUDGET_S:-$((575 - SECONDS))}" --timeout 200 \
+    --runs "${2:-m1-marlin,m1-gemv,m1-humming,m1-humming-gemv}" --budget-s "$((${M1_END_S:-575} - SECONDS))" --timeout 200 \
     2>&1 | grep -E "^\[" | tail -12
 fi

@@ -65,8 +65,9 @@ RUNS = {  # name -> engine spec overrides
 _M1 = dict(tp=1, pp=1, dtype="bfloat16", eager=False, one_by_one=True, decode_logprobs=True)
 RUNS.update(
     {
-        "m1-marlin": dict(_M1, env={"SUPERWEIGHT_CUDA_GEMV": "0"}),
-        "m1-gemv": dict(_M1, compare="m1-marlin"),
+        # the mode named in every run: a SUPERWEIGHT_W4_KERNEL in the caller's environment must not leak into them
+        "m1-marlin": dict(_M1, env={"SUPERWEIGHT_CUDA_GEMV": "0", "SUPERWEIGHT_W4_KERNEL": "auto"}),
+        "m1-gemv": dict(_M1, compare="m1-marlin", env={"SUPERWEIGHT_W4_KERNEL": "auto"}),
         "m1-humming": dict(_M1, compare="m1-marlin", env={"SUPERWEIGHT_W4_KERNEL": "humming"}),
         "m1-humming-gemv": dict(_M1, compare="m1-marlin", env={"SUPERWEIGHT_W4_KERNEL": "humming-gemv"}),
     }

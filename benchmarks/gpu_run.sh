@@ -19,6 +19,8 @@
 #   bash benchmarks/gpu_run.sh humgemv                     # one Humming copy + our GEMV over it: GPU tests (then the
 #                                                          # throughput call its comment names)
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
+#   bash benchmarks/gpu_run.sh sparse                      # the q/k/v hold-out's SELL correction at 2-64 tokens:
+#                                                          # one-Humming-copy tests + sparse_bench.py (recommend.env)
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
 #   bash benchmarks/gpu_run.sh coldstart [cold_start args]   # vllm serve time-to-ready, cold and warm caches
@@ -362,6 +364,24 @@ EOF2
     for _ in $(seq 6); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     tail -2 "$STASH_DIR/build.log"
     echo "[$(ts)] humgemv tests done" ;;
+  sparse)
+    # session 27, one call after the stash calls (build-bg of the held-out checkpoint started before): the one-Humming-
+    # copy tests (the single-token GEMV's call site moved in session 26's review), then sparse_bench.py -- the SELL
+    # correction of the default preset's q/k/v hold-out (0.40 % of qkv) after Marlin at 2-64 tokens, launch and
+    # layout variants, each checked against a float64 reference first; its pick (if any variant won by > 2 % and lost
+    # nowhere) goes to recommend.env, which the next `throughput` call sources
+    setup
+    timeout 200 $PY -u -m pytest -v -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_sparse_humgemv.xml" \
+      "tests/test_gpu_kernels.py::test_humming_gemv_reads_hummings_own_tensors" \
+      "tests/test_gpu_kernels.py::test_kernel_classes_apply_their_sparse_correction" -k "humming or auto" 2>&1 \
+      | grep -v DEBUG | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_humgemv.log" | tail -15
+    for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
+    rm -f "$SW_BENCH_DIR/recommend.env"
+    mkdir -p "$SW_BENCH_DIR"
+    timeout $((590 - SECONDS)) $PY -u benchmarks/sparse_bench.py --out "$OUT/sparse_bench.json" \
+      --budget-s $(( 570 - SECONDS < ${SPARSE_BUDGET_S:-200} ? 570 - SECONDS : ${SPARSE_BUDGET_S:-200} )) --recommend-env "$SW_BENCH_DIR/recommend.env" 2>&1 | grep -v "^$" | tail -25
+    cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || echo "[$(ts)] sparse: no variant won"
+    echo "[$(ts)] sparse done" ;;
   throughput)
     setup
     # knobs measured by the kernels stage of this lease (Marlin/Machete threshold, sparse tiles), unless disabled

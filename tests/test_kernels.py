@@ -955,7 +955,10 @@ def test_sparse_tiles_env(monkeypatch):
     assert (TS.env_tiles().unroll, TS.env_tiles().bm_transposed) == (0, 32)
     assert TS.plan(64, 4096, shapes, 1000, TS.env_tiles())["unroll"] == 0  # the looped form
     assert TS.plan(64, 4096, shapes, 1000)["unroll"] == 8  # default: the slice depth in one unrolled pass
-    for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x"):
+    monkeypatch.setenv(envs.SPARSE_TILES, "warps=4")
+    assert TS.plan(64, 4096, shapes, 1000)["num_warps"] == 2  # derived: 16 tokens x 32 lanes / 256
+    assert TS.plan(64, 4096, shapes, 1000, TS.env_tiles())["num_warps"] == 4
+    for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x", "warps=3"):
         monkeypatch.setenv(envs.SPARSE_TILES, bad)
         with pytest.raises(ValueError, match="SUPERWEIGHT_SPARSE_TILES"):
             TS.env_tiles()

@@ -57,6 +57,7 @@ class SparseTiles:
     bm_transposed: int = 16  # tokens per program, transposed path
     bm_direct: int = 2  # tokens per program, direct path
     unroll: int = 1  # 1: light slices as ONE unrolled pass over the slice depth, no cross-slot reductions
+    warps: int = 0  # warps per program; 0: from the tile (<= 8 values a thread)
 
 
 DEFAULT_TILES = SparseTiles()
@@ -244,6 +245,8 @@ def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILE
     if unroll:  # a [BM, C] tile per slot, <= 8 values a thread; heavy rows in [BM, BE] tiles of the same size
         warps = max(1, min(8, bm * lanes // 256))
         be = max(16, min(1024, warps * 256 // bm))
+    if tiles.warps:  # an explicit warp count (the heavy rows' tile keeps its size)
+        warps = tiles.warps
     return {
         "transposed": transposed,
         "BM": bm,

@@ -1,0 +1,344 @@
+#!/usr/bin/env python3
+"""Micro-benchmark: the separate SELL correction of the default preset's hold-out (q/k/v only) at 2-64 tokens.
+
+Why: with the 0.1 % hold-out spent in q/k/v (preset ``default``), a 7B layer's ``qkv_proj`` (12288 x 4096) carries
+~202 k held-out terms (0.40 % of its weights), and between 2 and 95 tokens they are added by the SELL kernel after
+the W4 GEMM (``kernels/triton_sparse.py``). End to end that costs +7.4 % at batch 64 (session 26; issue 12 wants
+<= 5 %), ~18 us a layer. This benchmark times that kernel after vLLM's Marlin on the same shape, for launch
+variants (``SparseTiles``: tokens per program, where the transposed path starts, warps) and layout variants (slice
+depth, lanes: a load-time choice, reported only), checks each variant against a float64 reference first, and can
+write the fastest launch variant as ``SUPERWEIGHT_SPARSE_TILES`` (``--recommend-env``; only where it beat the
+default by > 2 % summed over the batches and lost nowhere by > 3 %).
+
+    python benchmarks/sparse_bench.py --out $OUT/sparse_bench.json [--layers 4] [--ms 2,4,8,16,32,48,64]
+    python benchmarks/sparse_bench.py --dry-run-cpu          # tiny shapes through the Triton interpreter
+
+Layers: ``--layers`` copies (default 4: 4 x 25 MB of W4 codes, beyond the 60 MB L2) of a random g128 asymmetric
+qkv layer with random held-out positions (speed does not depend on values). Timing: median of CUDA-graph replays
+of all copies, per layer (``w4_fused_bench.time_graph``). JSON after every batch size, markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+if "--dry-run-cpu" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+LLAMA7B_LAYER_WEIGHTS = 12288 * 4096 + 4096 * 4096 + 22016 * 4096 + 4096 * 11008  # one layer's W4 weights
+SELL_ORDER = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals", "ucols")
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def tile_variants(default) -> dict:
+    """Launch variants, one knob away from the default each (name -> SparseTiles)."""
+    r = dataclasses.replace
+    return {
+        "default": default,
+        "bmt8": r(default, bm_transposed=8),
+        "bmt32": r(default, bm_transposed=32),
+        "bmt64": r(default, bm_transposed=64),
+        "tmin8": r(default, transpose_min_m=8),
+        "tmin32": r(default, transpose_min_m=32),
+        "bmd1": r(default, bm_direct=1),
+        "bmd4": r(default, bm_direct=4),
+        "w1": r(default, warps=1),
+        "w4": r(default, warps=4),
+        "w8": r(default, warps=8),
+    }
+
+
+def tiles_env(t, default) -> str:
+    """SUPERWEIGHT_SPARSE_TILES for ``t``: the fields that differ from ``default``."""
+    keys = {"bm_direct": "bmd", "transpose_min_m": "tmin", "bm_transposed": "bmt", "tile_elems": "tile"}
+    keys.update(unroll="unroll", warps="warps")
+    return ",".join(f"{k}={getattr(t, f)}" for f, k in keys.items() if getattr(t, f) != getattr(default, f))
+
+
+def recommend(us: dict, ms: list[int], default_name: str = "default", gain: float = 0.02, worst: float = 0.03):
+    """The launch variant the measurements argue for: ``us[name][m]`` (us per layer, GEMM + correction). A variant
+    qualifies if it ran at every M in ``ms``, its sum is more than ``gain`` below the default's and it is nowhere
+    more than ``worst`` slower than the default. Returns (name or None, {name: sum})."""
+    base = us.get(default_name, {})
+    if not all(m in base for m in ms):
+        return None, {}
+    sums = {name: sum(v[m] for m in ms) for name, v in us.items() if all(m in v for m in ms)}
+    ok = {
+        name: s
+        for name, s in sums.items()
+        if name != default_name
+        and s < (1 - gain) * sums[default_name]
+        and all(us[name][m] <= (1 + worst) * base[m] for m in ms)
+    }
+    return (min(ok, key=ok.get) if ok else None), sums
+
+
+def combine(names: list[str], variants: dict, default):
+    """One SparseTiles taking every named variant's changed fields (later names win on a clash)."""
+    out = default
+    for name in names:
+        t = variants[name]
+        changed = {
+            f.name: getattr(t, f.name) for f in dataclasses.fields(t) if getattr(t, f.name) != getattr(default, f.name)
+        }
+        out = dataclasses.replace(out, **changed)
+    return out
+
+
+class Bench:
+    def __init__(self, args):
+        from vllm_superweight.kernels import triton_sparse as TS
+
+        self.TS, self.args = TS, args
+        self.dry = args.dry_run_cpu
+        self.dev = torch.device("cpu" if self.dry else "cuda")
+        self.n, self.k = (192, 256) if self.dry else (12288, 4096)
+        self.nnz = args.nnz or round(args.holdout * (LLAMA7B_LAYER_WEIGHTS if not self.dry else self.n * self.k * 4))
+        self.rows: list[dict] = []
+        self.meta: dict = {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "device": "cpu-dry-run" if self.dry else torch.cuda.get_device_name(),
+            "shape": [self.n, self.k],
+            "nnz": self.nnz,
+            "density": self.nnz / (self.n * self.k),
+            "layers": args.layers,
+            "torch": torch.__version__,
+        }
+        self.marlin = None
+        if not self.dry and not args.no_vllm:
+            try:
+                import vllm
+                import vllm_linear as VL
+
+                self.marlin, self.meta["vllm"] = VL, vllm.__version__
+            except Exception as e:  # noqa: BLE001
+                self.meta["vllm"] = f"unavailable: {type(e).__name__}: {e}"
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.time() - T0)
+
+    def save(self) -> None:
+        out = os.path.abspath(self.args.out)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        self.meta["elapsed_s"] = round(time.time() - T0, 1)
+        with open(out + ".tmp", "w") as f:
+            json.dump({"meta": self.meta, "results": self.rows}, f, indent=1, default=str)
+        os.replace(out + ".tmp", out)
+        with open(os.path.splitext(out)[0] + ".md", "w") as f:
+            f.write(table(self.rows, self.meta))
+
+    def build(self):
+        import vllm_superweight.kernels as K
+
+        n, k = self.n, self.k
+        self.layers = []
+        for li in range(self.args.layers):
+            g = torch.Generator().manual_seed(li)
+            flat = torch.randperm(n * k, generator=g)[: self.nnz]
+            r, c = flat // k, flat % k
+            v = (torch.randn(flat.numel(), generator=g) * 0.05).to(torch.bfloat16).float()
+            lay = {"r": r, "c": c, "v": v, "marlin": None, "sell": {}}
+            if self.marlin is not None:
+                w = self.marlin.random_w4(n, k, 128, False, self.dev, seed=li, holdout=(r, c))
+                lay["marlin"] = self.marlin.build_mp_layer(w, "marlin")
+            for name, kw in self.layout_kwargs().items():
+                lay["sell"][name] = K.prepare_sparse(r, c, v, n, k, self.dev, layout="sell", pack=torch.bfloat16, **kw)
+            self.layers.append(lay)
+        from vllm_superweight.kernels.sparse_layout import layout_stats
+
+        self.meta["layouts"] = {name: layout_stats(sp) for name, sp in self.layers[0]["sell"].items()}
+        log(f"built {len(self.layers)} layers, {self.nnz} entries each; layouts {self.meta['layouts']}")
+
+    def layout_kwargs(self) -> dict:
+        """Layout variants: the load-time default and deeper slices (fewer heavy rows), other lane counts."""
+        from vllm_superweight.kernels.sparse_layout import choose_depth
+
+        g = torch.Generator().manual_seed(0)
+        flat = torch.randperm(self.n * self.k, generator=g)[: self.nnz]
+        counts = torch.bincount(flat // self.k, minlength=self.n)
+        depth = choose_depth(counts)
+        out = {"L": {}, "L+4": {"depth": depth + 4}, "L+8": {"depth": depth + 8}}
+        out["Lmax"] = {"depth": int(counts.max())}
+        out["lanes16"], out["lanes64"] = {"lanes": 16}, {"lanes": 64}
+        return out
+
+    def gemm(self, lay, x):
+        if lay["marlin"] is None:
+            return torch.zeros(x.shape[0], self.n, dtype=x.dtype, device=x.device)
+        layer, kobj = lay["marlin"]
+        return kobj.apply_weights(layer, x)
+
+    def correct(self, y, x, sp, tiles):
+        args = [sp[key] for key in SELL_ORDER]
+        self.TS.sparse_correction_(y, x, *args, int(sp["nnz"].shape[0]), tiles=tiles)
+
+    def check(self, variants: dict, layouts: list[str]) -> dict:
+        """Each variant's correction (on zeros) against a float64 reference, at 8 and 64 tokens: max |error| over
+        the reference's magnitude. Variants failing it are not timed."""
+        lay = self.layers[0]
+        s = torch.zeros(self.n, self.k, dtype=torch.float64, device=self.dev)
+        s.index_put_((lay["r"].to(self.dev), lay["c"].to(self.dev)), lay["v"].double().to(self.dev), accumulate=True)
+        bad = {}
+        for m in (8, 64):
+            x = torch.randn(m, self.k, device=self.dev).to(torch.bfloat16)
+            ref = x.double() @ s.T
+            scale = float(ref.abs().max())
+            for lname in layouts:
+                for tname, t in variants.items():
+                    if lname != "L" and tname != "default":
+                        continue
+                    y = torch.zeros(m, self.n, dtype=torch.bfloat16, device=self.dev)
+                    self.correct(y, x, lay["sell"][lname], t)
+                    err = float((y.double() - ref).abs().max()) / scale
+                    if err > 1e-2:
+                        bad[f"{lname}/{tname}@{m}"] = err
+        del s
+        return bad
+
+    def time(self, fn) -> float | None:
+        from w4_fused_bench import time_graph
+
+        if self.dry:
+            fn()
+            return 1.0
+        try:
+            return time_graph(fn, self.args.iters) / len(self.layers)
+        except Exception as e:  # noqa: BLE001
+            self.rows.append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+            traceback.print_exc()
+            return None
+
+    def run(self):
+        TS = self.TS
+        self.build()
+        variants = tile_variants(TS.DEFAULT_TILES)
+        layouts = list(self.layers[0]["sell"])
+        bad = self.check(variants, layouts)
+        self.meta["check_failures"] = bad
+        log(f"reference check: {'all within 1e-2' if not bad else bad}")
+        us: dict = {}  # "layout/tiles" -> {m: us}
+        for m in self.args.ms:
+            if self.left() < 20:
+                self.rows.append({"m": m, "note": "skipped: time budget"})
+                continue
+            x = torch.randn(m, self.k, device=self.dev).to(torch.bfloat16)
+            ys = [torch.zeros(m, self.n, dtype=torch.bfloat16, device=self.dev) for _ in self.layers]
+            base = self.time(lambda: [self.gemm(lay, x) for lay in self.layers])
+            self.rows.append({"m": m, "kind": "marlin", "us": base})
+            jobs = [("L", t) for t in variants] + [(lname, "default") for lname in layouts if lname != "L"]
+            for lname, tname in jobs:
+                key = f"{lname}/{tname}"
+                if any(b.startswith(key + "@") for b in bad):
+                    continue
+                t = variants[tname]
+
+                def f(lname=lname, t=t):
+                    for lay in self.layers:
+                        self.correct(self.gemm(lay, x), x, lay["sell"][lname], t)
+
+                u = self.time(f)
+                if u is None:
+                    continue
+                us.setdefault(key, {})[m] = u
+                self.rows.append(
+                    {"m": m, "kind": "marlin+sell " + key, "us": u, "over_gemm": u - base if base else None}
+                )
+            alone = self.time(
+                lambda: [self.correct(y, x, lay["sell"]["L"], variants["default"]) for lay, y in zip(self.layers, ys)]
+            )
+            self.rows.append({"m": m, "kind": "sell alone L/default", "us": alone})
+            log(f"M = {m}: marlin {base} us; " + ", ".join(f"{key} {v[m]:.1f}" for key, v in us.items() if m in v))
+            self.save()
+        self.recommend(us, variants)
+        self.save()
+
+    def recommend(self, us: dict, variants: dict):
+        TS = self.TS
+        ms = [m for m in self.args.ms if all(m in v for v in (us.get("L/default", {}),))]
+        tiles_us = {key.split("/", 1)[1]: v for key, v in us.items() if key.startswith("L/")}
+        best, sums = recommend(tiles_us, ms)
+        rec: dict = {"ms": ms, "sums": sums, "pick": best}
+        # the winners of single knobs together (if more than one knob won), timed once more, must beat the best alone
+        winners = [name for name, s in sums.items() if name != "default" and s < 0.98 * sums.get("default", 0)]
+        if len(winners) > 1 and self.left() > 30:
+            both = combine(sorted(winners, key=lambda nm: -sums[nm]), variants, TS.DEFAULT_TILES)
+            comb: dict = {}
+            for m in ms:
+                x = torch.randn(m, self.k, device=self.dev).to(torch.bfloat16)
+
+                def f(x=x):
+                    for lay in self.layers:
+                        self.correct(self.gemm(lay, x), x, lay["sell"]["L"], both)
+
+                u = self.time(f)
+                if u is not None:
+                    comb[m] = u
+                    self.rows.append({"m": m, "kind": "marlin+sell L/combined", "us": u})
+            variants = dict(variants, combined=both)
+            best, sums = recommend(dict(tiles_us, combined=comb), ms)
+            rec.update(pick=best, sums=sums, combined=tiles_env(both, TS.DEFAULT_TILES))
+        if best:
+            rec["env"] = tiles_env(variants[best], TS.DEFAULT_TILES)
+        self.meta["recommend"] = rec
+        log(f"recommend: {rec}")
+        if self.args.recommend_env and rec.get("env"):
+            with open(self.args.recommend_env, "a") as f:
+                f.write(f"export SUPERWEIGHT_SPARSE_TILES={shlex.quote(rec['env'])}\n")
+
+
+def table(rows: list[dict], meta: dict) -> str:
+    """Markdown: us per layer (GEMM + correction) per M and variant, and the correction's part over the GEMM."""
+    ms = sorted({r["m"] for r in rows if r.get("us") is not None})
+    kinds = list(dict.fromkeys(r["kind"] for r in rows if r.get("us") is not None))
+    by = {(r["kind"], r["m"]): r["us"] for r in rows if r.get("us") is not None}
+    head = (
+        f"# SELL correction after Marlin, {meta.get('device')}: qkv {meta['shape'][0]}x{meta['shape'][1]}, "
+        f"{meta['nnz']} held-out terms ({meta['density'] * 100:.2f} %), us per layer\n\n"
+    )
+    lines = ["| variant | " + " | ".join(f"M = {m}" for m in ms) + " |", "|---|" + "---:|" * len(ms)]
+    for kind in kinds:
+        lines.append(f"| {kind} | " + " | ".join(f"{by[(kind, m)]:.1f}" if (kind, m) in by else "" for m in ms) + " |")
+    rec = meta.get("recommend")
+    tail = f"\n\nrecommend: {json.dumps(rec)}\n" if rec else "\n"
+    return head + "\n".join(lines) + tail
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "sparse_bench.json"))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--holdout", type=float, default=1e-3, help="fraction of a 7B layer's weights, all in qkv")
+    ap.add_argument("--nnz", type=int, default=0, help="held-out terms in qkv (default: from --holdout)")
+    ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=[64, 32, 16, 8, 48, 4, 2])
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--recommend-env", help="append SUPERWEIGHT_SPARSE_TILES=... if a variant won")
+    ap.add_argument("--no-vllm", action="store_true", help="no Marlin GEMM before the correction")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
+    args = ap.parse_args(argv)
+    if args.dry_run_cpu:
+        args.layers, args.ms = 1, [2, 16]
+    Bench(args).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
