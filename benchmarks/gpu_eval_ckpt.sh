@@ -3,7 +3,8 @@
 # perplexity through vLLM (superweight eval, eager), with and without the exact corrections, to compare with the
 # CPU numbers in benchmarks/results/quality.json. The checkpoint travels split in parts (64 MiB per run):
 #   locally:  split -b 58000000 -d CKPT/model.safetensors .gpu-ckpt/part-  (parts in .gpu-ckpt/p1, p2; the small
-#             files + wiki.test.raw in .gpu-ckpt/meta)
+#             files + wiki.test.raw in .gpu-ckpt/meta, with parts.sha256: sha256sum of the parts by their bare names;
+#             meta travels on its own call: p2 + meta + the tree is over the 64 MiB a call carries)
 #   run 1:    carry [.gpu-ckpt/p1]                 command: bash benchmarks/gpu_eval_ckpt.sh stash
 #   run 2:    carry [.gpu-ckpt/p2, .gpu-ckpt/meta, .gpu-bundle/install.sh]
 #                                                  command: bash benchmarks/gpu_eval_ckpt.sh stash eval NAME
@@ -24,8 +25,17 @@ fi
 ready() {
   [ -n "${READY:-}" ] && return 0
   READY=1
-  # the parts joined once (a second eval in the same lease finds them joined)
-  if ls "$CK"/part-* >/dev/null 2>&1; then cat "$CK"/part-* > "$CK/model.safetensors" && rm -f "$CK"/part-*; fi
+  # the parts joined once (a second eval in the same lease finds them joined), and only when every part listed in
+  # meta's parts.sha256 is there and whole: session 27 joined one part of two (the other was on a released machine)
+  # and deleted it, which cost a lease two re-carries
+  if ls "$CK"/part-* >/dev/null 2>&1; then
+    if [ -f "$CK/parts.sha256" ] && ! (cd "$CK" && sha256sum --quiet -c parts.sha256); then
+      echo "checkpoint parts missing or incomplete (stash .gpu-ckpt/p1 and p2 first): $(ls "$CK")"; exit 2
+    fi
+    cat "$CK"/part-* > "$CK/model.safetensors.tmp" && mv "$CK/model.safetensors.tmp" "$CK/model.safetensors" \
+      && rm -f "$CK"/part-*
+  fi
+  [ -f "$CK/model.safetensors" ] || { echo "no checkpoint in $CK: stash .gpu-ckpt/p1, p2 and meta first"; exit 2; }
   bash benchmarks/gpu_run.sh setup > "$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 2; }
   # shellcheck disable=SC1091
   source .gpu-bundle/install.sh

@@ -70,6 +70,15 @@ RUNS.update(
         "m1-gemv": dict(_M1, compare="m1-marlin", env={"SUPERWEIGHT_W4_KERNEL": "auto"}),
         "m1-humming": dict(_M1, compare="m1-marlin", env={"SUPERWEIGHT_W4_KERNEL": "humming"}),
         "m1-humming-gemv": dict(_M1, compare="m1-marlin", env={"SUPERWEIGHT_W4_KERNEL": "humming-gemv"}),
+        # session 27: m1-gemv's engine died (illegal memory access) in its profile run, right after loading the
+        # compiled graph m1-marlin had cached. The same with every launch synchronous and no compile cache (the
+        # faulting kernel named in the traceback), and eager (no torch.compile at all)
+        "m1-gemv-blocking": dict(
+            _M1,
+            compare="m1-marlin",
+            env={"SUPERWEIGHT_W4_KERNEL": "auto", "CUDA_LAUNCH_BLOCKING": "1", "VLLM_DISABLE_COMPILE_CACHE": "1"},
+        ),
+        "m1-gemv-eager": dict(_M1, eager=True, compare="m1-marlin", env={"SUPERWEIGHT_W4_KERNEL": "auto"}),
     }
 )
 

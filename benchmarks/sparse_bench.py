@@ -60,16 +60,17 @@ def tile_variants(default) -> dict:
         "tmin32": r(default, transpose_min_m=32),
         "bmd1": r(default, bm_direct=1),
         "bmd4": r(default, bm_direct=4),
-        "w1": r(default, warps=1),
+        "w1": r(default, warps=1),  # direct path (2..15 tokens)
         "w4": r(default, warps=4),
-        "w8": r(default, warps=8),
+        "wt2": r(default, warps_t=2),  # transposed path (16+ tokens); 2 = derived from the tile, the default until s27
+        "wt8": r(default, warps_t=8),
     }
 
 
 def tiles_env(t, default) -> str:
     """SUPERWEIGHT_SPARSE_TILES for ``t``: the fields that differ from ``default``."""
     keys = {"bm_direct": "bmd", "transpose_min_m": "tmin", "bm_transposed": "bmt", "tile_elems": "tile"}
-    keys.update(unroll="unroll", warps="warps")
+    keys.update(unroll="unroll", warps="warps", warps_t="wt")
     return ",".join(f"{k}={getattr(t, f)}" for f, k in keys.items() if getattr(t, f) != getattr(default, f))
 
 

@@ -428,6 +428,42 @@ def test_kernel_classes_apply_their_sparse_correction(kernel, dtype):
         assert e < (1e-5 if dtype == torch.float32 else 8e-3), (kernel, m, e)
 
 
+@pytest.mark.parametrize(
+    "n,k,held",
+    [(960, 576, 0.004), (576, 576, 0.0), (3072, 576, 0.0), (576, 1536, -1.0)],
+    ids=["qkv-N-padded", "o-K-padded", "gate_up", "down-sw-only"],
+)
+def test_smollm2_shapes_on_the_default_one_copy_pair(n, k, held):
+    """SmolLM2-135M's W4 g64 layers through the default one-copy pair with the CUDA GEMV on (session 27: the real
+    checkpoint's engine died with an illegal memory access in its 16,384-token profile run with the GEMV on, not
+    with it off). vLLM 0.26's Marlin pads q/k/v's N (960 -> 1024) and o_proj's K (576 -> 640): those layers stay on
+    Marlin for one token; gate_up and down run the GEMV (down with one super weight in its epilogue). Every batch
+    size the engine runs -- 1 token, the correction kernel's 2-95, the dequantize path up to the profile run's
+    16,384 -- against the float reference, with a synchronize after each (an illegal access fails HERE)."""
+    VL = _vl()
+    dev, g = "cuda", 64
+    if held > 0:
+        r, c, v = _holdout(n, k, held, seed=3)
+    elif held < 0:  # one super weight
+        r, c, v = torch.tensor([n // 3]), torch.tensor([k // 5]), torch.tensor([-2.5])
+    else:
+        r = c = v = None
+    w = VL.random_w4(n, k, g, False, dev, seed=9, holdout=None if r is None else (r, c))
+    # the class the real checkpoint's engine logged for every layer (a checkpoint with a hold-out: one copy)
+    layer, kobj = VL.build_mp_layer(w, "marlin-deq1", sparse=None if r is None else (r, c, v))
+    w_ref = VL.dequant_w4(w)
+    if r is not None:
+        w_ref[r.to(dev), c.to(dev)] = v.to(dev)
+    padded = (n, k) in ((960, 576), (576, 576))
+    assert (kobj.cgemv is None) == padded, (n, k, kobj.describe())
+    for m in (1, 2, 17, 64, 300, 16384):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        y = kobj.apply_weights(layer, x)
+        torch.cuda.synchronize()
+        e = _rel(y, x.float() @ w_ref.T)
+        assert e < 8e-3, (n, k, m, e)
+
+
 def test_w8a8_kernel_classes_on_cuda():
     VL = _vl()
     VL.single_process_tp()

@@ -433,8 +433,9 @@ def test_interp_sparse_kernel_heavy_only_and_sw_only(path):
         random_entries(n, k, 0, gen, heavy_row=7, heavy_len=3000),  # one long row only -> heavy CSR only
         (torch.tensor([33]), torch.tensor([2533]), torch.tensor([-2.5])),
     ]  # a single super weight
-    for r, c, v in cases:
-        sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
+    for (r, c, v), pack in [(case, pack) for case in cases for pack in (None, torch.bfloat16)]:
+        # packed with depth 0: dense slices without slots (every entry heavy) -- no light program runs over them
+        sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=pack, depth=0 if pack else None)
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
         y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
         ref, mag = dense_reference(y, x, r, c, v, n, k)
@@ -442,6 +443,24 @@ def test_interp_sparse_kernel_heavy_only_and_sw_only(path):
         TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path)
         assert_rounded_close(y2, ref, mag, torch.bfloat16)
     assert K.layout_stats(K.prepare_sparse(*cases[0], n, k, "cpu", layout="sell"))["slices"] == 0
+
+
+def test_sparse_plan_runs_no_light_program_over_depth_zero_slices():
+    """Packed slices are dense (one per 32-row block). Built with ``depth=0`` (``choose_depth`` never picks 0, a caller
+    may pass it) every entry sits in a heavy row and the slices hold no slots; a light program reads its slice's first
+    slot unconditionally, past the end of an empty tensor, so the plan gives them no programs: the heavy rows only."""
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    n, k = 576, 1536  # SmolLM2's down_proj
+    r, c, v = torch.tensor([100, 100, 300]), torch.tensor([5, 1400, 7]), torch.tensor([-2.5, 1.25, 0.5])
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=torch.bfloat16, depth=0)
+    s, depth, lanes = sp["ell_cols"].shape
+    assert s == n // 32 and depth == 0 and sp["hrows"].tolist() == [100, 300]  # dense slices, no slots
+    shapes = {key: tuple(sp[key].shape) for key in ("ell_cols", "hrows", "ucols")}
+    for m in (2, 8, 64):
+        p = TS.plan(m, k, shapes, 3)
+        assert p["n_slices"] == 0 and p["grid"][0] == 2, (m, p)
+    assert TS.plan(8, k, {**shapes, "ell_cols": (s, 1, lanes)}, 3)["n_slices"] == s  # depth 1: every slice runs
 
 
 @interp_only
@@ -712,8 +731,10 @@ def test_triton_kernels_compile_for_sm90():
         # as launched: pointers and (transposed) xt's padded row stride divisible by 16
         k_, rep = _aot(TS._sell_spmm_kernel, sig, consts, p["num_warps"], [*range(9), *([15] if trans else [])])
         assert rep is None or "0 bytes spill stores" in rep, rep
-        if unroll and trans:  # the token-mask-free gathers of the padded xt are 16-byte vector loads
-            assert "ld.global.v4.b32" in k_.asm["ptx"] or "ld.global.v4.b16" in k_.asm["ptx"], (m, depth)
+        if unroll and trans:  # the token-mask-free gathers of the padded xt are vector loads (16 tokens over
+            # 4 warps since session 27: 4 a thread, 8 bytes; 2 warps, the earlier default: 8 a thread, 16 bytes)
+            ptx = k_.asm["ptx"]
+            assert any(f"ld.global.{v}" in ptx for v in ("v4.b32", "v2.b32", "v4.b16")), (m, depth)
     tsig = {
         "x_ptr": "*bf16",
         "ucols_ptr": "*i32",
@@ -955,10 +976,13 @@ def test_sparse_tiles_env(monkeypatch):
     assert (TS.env_tiles().unroll, TS.env_tiles().bm_transposed) == (0, 32)
     assert TS.plan(64, 4096, shapes, 1000, TS.env_tiles())["unroll"] == 0  # the looped form
     assert TS.plan(64, 4096, shapes, 1000)["unroll"] == 8  # default: the slice depth in one unrolled pass
-    monkeypatch.setenv(envs.SPARSE_TILES, "warps=4")
-    assert TS.plan(64, 4096, shapes, 1000)["num_warps"] == 2  # derived: 16 tokens x 32 lanes / 256
-    assert TS.plan(64, 4096, shapes, 1000, TS.env_tiles())["num_warps"] == 4
-    for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x", "warps=3"):
+    # warps: the transposed path's default is 4 (H200, session 27), the direct path's derived from the tile
+    assert TS.plan(64, 4096, shapes, 1000)["num_warps"] == 4
+    assert TS.plan(8, 4096, shapes, 1000)["num_warps"] == 1  # direct: 2 tokens x 32 lanes / 256, at least 1
+    monkeypatch.setenv(envs.SPARSE_TILES, "warps=8,wt=2")
+    assert TS.plan(64, 4096, shapes, 1000, TS.env_tiles())["num_warps"] == 2
+    assert TS.plan(8, 4096, shapes, 1000, TS.env_tiles())["num_warps"] == 8
+    for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x", "warps=3", "wt=6"):
         monkeypatch.setenv(envs.SPARSE_TILES, bad)
         with pytest.raises(ValueError, match="SUPERWEIGHT_SPARSE_TILES"):
             TS.env_tiles()

@@ -39,9 +39,9 @@ def test_tiles_env_and_combine_follow_the_changed_fields():
     d = TS.DEFAULT_TILES
     v = sb.tile_variants(d)
     assert sb.tiles_env(v["default"], d) == ""
-    both = sb.combine(["bmt32", "w4"], v, d)
-    assert (both.bm_transposed, both.warps, both.bm_direct) == (32, 4, d.bm_direct)
+    both = sb.combine(["bmt32", "w4", "wt8"], v, d)
+    assert (both.bm_transposed, both.warps, both.warps_t, both.bm_direct) == (32, 4, 8, d.bm_direct)
     env = sb.tiles_env(both, d)
-    assert env == "bmt=32,warps=4"
+    assert env == "bmt=32,warps=4,wt=8"
     # what it writes parses back to the same tiles
-    assert envs._parse_tiles(env) == {"bm_transposed": 32, "warps": 4}
+    assert envs._parse_tiles(env) == {"bm_transposed": 32, "warps": 4, "warps_t": 8}

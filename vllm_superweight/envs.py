@@ -58,12 +58,13 @@ Only what users need is a knob:
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
-                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS,unroll=0|1,warps=W``
+                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS,unroll=0|1,warps=W,wt=W``
                                     (any subset): tokens per program on the direct path, the smallest M of the
                                     transposed path, tokens per program there, gathered elements per step, the
-                                    slice depth as one unrolled pass, warps per program (default: from the
-                                    tile); from ``w4_fused_bench.py --sections onecopy`` (its
-                                    ``sparse_tiles_env``), ``--sections unroll`` and ``sparse_bench.py``.
+                                    slice depth as one unrolled pass, warps per program on the direct path
+                                    (default: from the tile) and on the transposed path (default 4); from
+                                    ``w4_fused_bench.py --sections onecopy`` (its ``sparse_tiles_env``),
+                                    ``--sections unroll`` and ``sparse_bench.py``.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
                                     outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
@@ -117,6 +118,7 @@ _TILE_KEYS = {
     "tile": "tile_elems",
     "unroll": "unroll",
     "warps": "warps",
+    "wt": "warps_t",
 }
 W4_KERNEL_MODES = (
     "auto",
@@ -377,7 +379,7 @@ def _parse_tiles(raw: str) -> dict[str, int]:
             continue
         if key not in _TILE_KEYS or key == "unroll" or not val.isdigit() or int(val) < 1 or int(val) & (int(val) - 1):
             raise ValueError(
-                f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile=,warps= with powers of two, unroll=0|1"
+                f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile=,warps=,wt= with powers of two, unroll=0|1"
             )
         out[_TILE_KEYS[key]] = int(val)
     return out

@@ -57,7 +57,11 @@ class SparseTiles:
     bm_transposed: int = 16  # tokens per program, transposed path
     bm_direct: int = 2  # tokens per program, direct path
     unroll: int = 1  # 1: light slices as ONE unrolled pass over the slice depth, no cross-slot reductions
-    warps: int = 0  # warps per program; 0: from the tile (<= 8 values a thread)
+    warps: int = 0  # warps per program on the direct path; 0: from the tile (<= 8 values a thread)
+    # warps per program on the transposed path (0: from the tile, 2 for 16 tokens x 32 lanes). 4: sparse_bench.py,
+    # H200 session 27, 7B qkv with the default preset's q/k/v hold-out (0.40 %), after Marlin, us per layer: M = 16
+    # 25.5 vs 27.1, 32 31.2 vs 33.2, 48 37.8 vs 40.0, 64 45.2 vs 49.0 (the correction's own part at 64: 14.5 vs 18.3)
+    warps_t: int = 4
 
 
 DEFAULT_TILES = SparseTiles()
@@ -245,16 +249,20 @@ def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILE
     if unroll:  # a [BM, C] tile per slot, <= 8 values a thread; heavy rows in [BM, BE] tiles of the same size
         warps = max(1, min(8, bm * lanes // 256))
         be = max(16, min(1024, warps * 256 // bm))
-    if tiles.warps:  # an explicit warp count (the heavy rows' tile keeps its size)
-        warps = tiles.warps
+    w = tiles.warps_t if transposed else tiles.warps
+    if w:  # an explicit warp count (the heavy rows' tile keeps its size)
+        warps = w
+    # slices of depth 0 (every entry in a heavy row: e.g. a layer holding only its super weights, whose dense packed
+    # slices then have no slots) get no programs: a light program reads its slice's first slot before anything else
+    s_run = s if depth else 0
     return {
         "transposed": transposed,
         "BM": bm,
         "BJ": bj,
         "BE": be,
         "num_warps": warps,
-        "grid": (s + h, triton.cdiv(m, bm)),
-        "n_slices": s,
+        "grid": (s_run + h, triton.cdiv(m, bm)),
+        "n_slices": s_run,
         "depth": depth,
         "lanes": lanes,
         "heavy": h,
@@ -310,6 +318,8 @@ def sparse_correction_(
         p = plan(m, k, {"ell_cols": (s, depth, lanes), "hrows": (h,), "ucols": (ucols.shape[0],)}, nnz, tiles)
     else:
         p = _blocks(m, s, depth, lanes, h, force_path == "transposed" and ucols.numel() > 0, tiles)
+    if p["grid"][0] == 0:
+        return
     assert y.stride(1) == 1, "y must have unit column stride"
     use_pdl = pdl_allowed(pdl, p["transposed"], y)
     # packed slots (one int32: value bits << 16 | column): ell_vals / hvals are empty markers of the value dtype
