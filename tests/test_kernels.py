@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 import torch
-from triton_interp import INTERP, interp_only, run_interp_tests
+from triton_interp import INTERP, BoundsGuard, interp_only, run_interp_tests
 
 import vllm_superweight.kernels as K
 from vllm_superweight.kernels import sparse_layout as SL
@@ -440,7 +440,9 @@ def test_interp_sparse_kernel_heavy_only_and_sw_only(path):
         y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
         ref, mag = dense_reference(y, x, r, c, v, n, k)
         y2 = y.clone()
-        TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path)
+        with BoundsGuard([x, y2, *sp.values()]) as guard:  # (the transposed path's xt is allocated inside)
+            TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path)
+        assert path == "transposed" or not guard.bad, guard.bad
         assert_rounded_close(y2, ref, mag, torch.bfloat16)
     assert K.layout_stats(K.prepare_sparse(*cases[0], n, k, "cpu", layout="sell"))["slices"] == 0
 

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("triton")
 
 from test_triton_w4 import _dense, check_close, make_layer  # noqa: E402
-from triton_interp import interp_only, not_interp, run_interp_tests  # noqa: E402
+from triton_interp import BoundsGuard, interp_only, not_interp, run_interp_tests  # noqa: E402
 
 from vllm_superweight.kernels import triton_marlin_deq as MD  # noqa: E402
 from vllm_superweight.kernels import triton_w4 as T  # noqa: E402
@@ -234,6 +234,36 @@ def test_interp_dequantizes_hummings_tensors(case):
         if layout == CG.LAYOUT_HUMMING_SM90:  # the flag matters: Marlin's reading of Humming's words is wrong
             wrong = MD.dequant_marlin_into(hw, hs, hz, lay)
             assert not torch.equal(wrong.view(torch.int16), want.view(torch.int16))
+
+
+# (n, k, group, sym): K not a multiple of 128 that Marlin keeps unpadded (N % 128 == 0, K % 64 == 0: SmolLM2's
+# gate_up 3072 x 576 and q/k/v 960 -> 1024 x 576), its g32 kin, and K padded by Marlin (576 -> 640) for contrast
+BOUNDS_CASES = [(128, 576, 64, False), (128, 576, 64, True), (256, 320, 32, False), (64, 576, 64, False)]
+
+
+@interp_only
+@pytest.mark.parametrize("case", BOUNDS_CASES, ids=str)
+def test_interp_dequant_reads_nothing_past_its_tensors(case):
+    """Every address the dequantizer (Marlin's and Humming's readings) loads or stores lies inside its tensors.
+    Session 27: in the last 128-row block of K = 576 (g64) it reloaded group 9's scales and zero points -- a row
+    past the end of both (unused: the stores are masked by K) -- and an engine serving the real SmolLM2 checkpoint on
+    the H200 died of an illegal memory access in its 16,384-token profile run with, by where the allocator had put
+    things, exactly such a read. The output stays bitwise our own layout's."""
+    from test_cuda_marlin_gemv import _humming_layout
+
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
+    n, k, group, sym = case
+    inputs, prep = make_layer(n, k, group, sym, nnz=30, heavy=0, sw=True, seed=4, dtype=torch.bfloat16)
+    lay = MD.marlin_deq_layout(inputs["rows"], inputs["cols"], inputs["vals"], n, k, group, sym, torch.bfloat16, "cpu")
+    want = T.dequant_into(prep)
+    hw, hs, hz = _humming_layout(inputs["q"], inputs["scales"].to(torch.bfloat16), inputs["zeros"], True)
+    for tensors, layout in ((marlin_layout(inputs, n, k, group), 0), ((hw, hs, hz), CG.LAYOUT_HUMMING_SM90)):
+        out = torch.empty(n * k, dtype=torch.bfloat16)
+        with BoundsGuard([*tensors, out, *lay.values()]) as guard:
+            got = MD.dequant_marlin_into(*tensors, lay, out, layout=layout)
+        assert not guard.bad, (case, layout, guard.bad)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (case, layout)
 
 
 @interp_only
