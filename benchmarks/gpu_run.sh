@@ -21,6 +21,8 @@
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh sparse                      # the q/k/v hold-out's SELL correction at 2-64 tokens:
 #                                                          # one-Humming-copy tests + sparse_bench.py (recommend.env)
+#   bash benchmarks/gpu_run.sh memcheck                    # SmolLM2's layer shapes, 1..16,384 tokens, under
+#                                                          # compute-sanitizer memcheck where present (session 27)
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
 #   bash benchmarks/gpu_run.sh coldstart [cold_start args]   # vllm serve time-to-ready, cold and warm caches
@@ -382,6 +384,22 @@ EOF2
       --budget-s $(( 570 - SECONDS < ${SPARSE_BUDGET_S:-200} ? 570 - SECONDS : ${SPARSE_BUDGET_S:-200} )) --recommend-env "$SW_BENCH_DIR/recommend.env" 2>&1 | grep -v "^$" | tail -25
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || echo "[$(ts)] sparse: no variant won"
     echo "[$(ts)] sparse done" ;;
+  memcheck)
+    # session 27's crash (an out-of-bounds scale read of the dequantizer at a K tail, found on the CPU and fixed):
+    # SmolLM2's layer shapes through the one-copy pair at 1..16,384 tokens, under compute-sanitizer's memcheck where
+    # the toolkit has it (an out-of-bounds access is then reported whether or not it faults), else plainly
+    setup
+    CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    T="tests/test_gpu_kernels.py::test_smollm2_shapes_on_the_default_one_copy_pair"
+    if [ -n "$CS" ]; then
+      echo "[$(ts)] $CS --tool memcheck"
+      timeout $((580 - SECONDS)) "$CS" --tool memcheck --error-exitcode 97 --print-limit 20 \
+        $PY -m pytest -q -p no:cacheprovider -x "$T" 2>&1 | grep -v DEBUG | tail -30
+    else
+      echo "[$(ts)] no compute-sanitizer: plain run"
+      timeout $((580 - SECONDS)) $PY -m pytest -q -p no:cacheprovider "$T" 2>&1 | tail -8
+    fi
+    echo "[$(ts)] memcheck rc=${PIPESTATUS[0]}" ;;
   throughput)
     setup
     # knobs measured by the kernels stage of this lease (Marlin/Machete threshold, sparse tiles), unless disabled
