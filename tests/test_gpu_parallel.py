@@ -1,18 +1,11 @@
 """benchmarks/gpu_parallel.py's comparison of two engine runs (what its TP / single-token GPU records report)."""
 
-import importlib.util
-import os
-
 import pytest
+from bench_module import load
 
 
 def _gp():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_parallel.py")
-    spec = importlib.util.spec_from_file_location("gpu_parallel", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("gpu_parallel")
 
 
 def _run(tokens, decode, prompt=(-1.0, -2.0)):

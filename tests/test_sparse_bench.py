@@ -1,18 +1,11 @@
 """benchmarks/sparse_bench.py's choice of SELL launch parameters (what it writes as SUPERWEIGHT_SPARSE_TILES)."""
 
-import importlib.util
-import os
-
 import pytest
+from bench_module import load
 
 
 def _sb():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sparse_bench.py")
-    spec = importlib.util.spec_from_file_location("sparse_bench", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("sparse_bench")
 
 
 def test_recommend_needs_a_clear_win_and_no_loss_anywhere():

@@ -294,8 +294,8 @@ if TRITON_OK:
             if RELOAD > 0:
                 if j > 0 and j % RELOAD == 0:
                     # masked past K: the last block of a K that is not a multiple of 128 (SmolLM2's 576, g64) has
-                    # no group there, and its row of scales lies past the tensor's end -- session 27's engine died
-                    # of such a read on the H200 (the stores below are masked by K already)
+                    # no group there, and its row of scales lies past the tensor's end -- the likely cause of session
+                    # 27's illegal memory access on the H200 (the stores below are masked by K already)
                     s, z = _marlin_scales_zeros(
                         sc_ptr, zp_ptr, (r * 16) // G, NP, nb, ok & (r * 16 < K), SYM, SINGLE, HUM
                     )

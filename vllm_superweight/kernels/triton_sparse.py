@@ -252,8 +252,8 @@ def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILE
     w = tiles.warps_t if transposed else tiles.warps
     if w:  # an explicit warp count (the heavy rows' tile keeps its size)
         warps = w
-    # slices of depth 0 (every entry in a heavy row: e.g. a layer holding only its super weights, whose dense packed
-    # slices then have no slots) get no programs: a light program reads its slice's first slot before anything else
+    # slices of depth 0 (every entry in a heavy row; only with an explicit depth=0, choose_depth never picks it: dense
+    # packed slices then have no slots) get no programs: a light program reads its slice's first slot unconditionally
     s_run = s if depth else 0
     return {
         "transposed": transposed,
