@@ -336,7 +336,10 @@ def test_interp_index_correction(n, k, m, dtype, spb, value_dtype, nnz, br):
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(m, k, generator=gen).to(dtype)
     y0 = torch.randn(m, n, generator=gen).to(dtype)
-    y = MD.index_correction_(y0.clone(), x, lay, br=br)
+    y = y0.clone()
+    with BoundsGuard([x, y, *lay.values()]) as guard:  # (K = 576 / 1408: not multiples of 128)
+        MD.index_correction_(y, x, lay, br=br)
+    assert not guard.bad, guard.bad
     s = torch.zeros(n, k, dtype=torch.float64)
     s.index_put_((r, c), v.double(), accumulate=True)
     ref = y0.double() + x.double() @ s.T
