@@ -127,6 +127,16 @@ EOF
   df -h /root /tmp 2>/dev/null | sed 's/^/  /'
 }
 
+# the one-Humming-copy GPU tests (-v: each name in the log even if the limit ends pytest): humming_tests LIMIT TAG [ARGS]
+humming_tests() {
+  local limit=$1 tag=$2
+  shift 2
+  timeout "$limit" $PY -u -m pytest -v -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_$tag.xml" \
+    "tests/test_gpu_kernels.py::test_humming_gemv_reads_hummings_own_tensors" \
+    "tests/test_gpu_kernels.py::test_kernel_classes_apply_their_sparse_correction" "$@" 2>&1 | grep -v DEBUG \
+    | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_humgemv.log" | tail -15
+}
+
 case "$STAGE" in
   setup)
     setup ;;
@@ -353,10 +363,7 @@ EOF2
     #   BUDGET_S=560 throughput sw-w4-g128-humgemv,awq --latency-batches 1,8,64   (+ the saturated shapes)
     setup
     bash "$0" build-bg "${1:-sw-w4-g128,sw-w4-g128-holdout-qkv,awq}"
-    timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_humgemv.xml" \
-      "tests/test_gpu_kernels.py::test_humming_gemv_reads_hummings_own_tensors" \
-      "tests/test_gpu_kernels.py::test_kernel_classes_apply_their_sparse_correction" 2>&1 | grep -v DEBUG \
-      | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_humgemv.log" | tail -15
+    humming_tests 240 humgemv
     left=$((560 - SECONDS))
     if [ -n "${GEMV_SUITE:-}" ] && [ "$left" -gt 60 ]; then  # the whole GEMV suite (72 passed in s25): on request
       timeout "$left" $PY -u -m pytest -v -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_cuda_gemv.xml" \
@@ -373,10 +380,7 @@ EOF2
     # layout variants, each checked against a float64 reference first; its pick (if any variant won by > 2 % and lost
     # nowhere) goes to recommend.env, which the next `throughput` call sources
     setup
-    timeout 200 $PY -u -m pytest -v -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests_sparse_humgemv.xml" \
-      "tests/test_gpu_kernels.py::test_humming_gemv_reads_hummings_own_tensors" \
-      "tests/test_gpu_kernels.py::test_kernel_classes_apply_their_sparse_correction" -k "humming or auto" 2>&1 \
-      | grep -v DEBUG | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_humgemv.log" | tail -15
+    humming_tests 200 sparse_humgemv -k "humming or auto"
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     rm -f "$SW_BENCH_DIR/recommend.env"
     mkdir -p "$SW_BENCH_DIR"

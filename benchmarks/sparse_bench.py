@@ -69,8 +69,9 @@ def tile_variants(default) -> dict:
 
 def tiles_env(t, default) -> str:
     """SUPERWEIGHT_SPARSE_TILES for ``t``: the fields that differ from ``default``."""
-    keys = {"bm_direct": "bmd", "transpose_min_m": "tmin", "bm_transposed": "bmt", "tile_elems": "tile"}
-    keys.update(unroll="unroll", warps="warps", warps_t="wt")
+    from vllm_superweight import envs
+
+    keys = {field: key for key, field in envs._TILE_KEYS.items()}  # the env's own names
     return ",".join(f"{k}={getattr(t, f)}" for f, k in keys.items() if getattr(t, f) != getattr(default, f))
 
 
@@ -151,6 +152,7 @@ class Bench:
 
         n, k = self.n, self.k
         self.layers = []
+        variants: dict = {}
         for li in range(self.args.layers):
             g = torch.Generator().manual_seed(li)
             flat = torch.randperm(n * k, generator=g)[: self.nnz]
@@ -160,7 +162,8 @@ class Bench:
             if self.marlin is not None:
                 w = self.marlin.random_w4(n, k, 128, False, self.dev, seed=li, holdout=(r, c))
                 lay["marlin"] = self.marlin.build_mp_layer(w, "marlin")
-            for name, kw in self.layout_kwargs().items():
+            variants = variants or self.layout_kwargs(r)  # from the first layer's rows, used for all
+            for name, kw in variants.items():
                 lay["sell"][name] = K.prepare_sparse(r, c, v, n, k, self.dev, layout="sell", pack=torch.bfloat16, **kw)
             self.layers.append(lay)
         from vllm_superweight.kernels.sparse_layout import layout_stats
@@ -168,13 +171,12 @@ class Bench:
         self.meta["layouts"] = {name: layout_stats(sp) for name, sp in self.layers[0]["sell"].items()}
         log(f"built {len(self.layers)} layers, {self.nnz} entries each; layouts {self.meta['layouts']}")
 
-    def layout_kwargs(self) -> dict:
-        """Layout variants: the load-time default and deeper slices (fewer heavy rows), other lane counts."""
+    def layout_kwargs(self, rows: torch.Tensor) -> dict:
+        """Layout variants from one layer's held-out rows: the load-time default and deeper slices (fewer heavy
+        rows), other lane counts."""
         from vllm_superweight.kernels.sparse_layout import choose_depth
 
-        g = torch.Generator().manual_seed(0)
-        flat = torch.randperm(self.n * self.k, generator=g)[: self.nnz]
-        counts = torch.bincount(flat // self.k, minlength=self.n)
+        counts = torch.bincount(rows, minlength=self.n)
         depth = choose_depth(counts)
         out = {"L": {}, "L+4": {"depth": depth + 4}, "L+8": {"depth": depth + 8}}
         out["Lmax"] = {"depth": int(counts.max())}
@@ -273,7 +275,7 @@ class Bench:
 
     def recommend(self, us: dict, variants: dict):
         TS = self.TS
-        ms = [m for m in self.args.ms if all(m in v for v in (us.get("L/default", {}),))]
+        ms = [m for m in self.args.ms if m in us.get("L/default", {})]
         tiles_us = {key.split("/", 1)[1]: v for key, v in us.items() if key.startswith("L/")}
         best, sums = recommend(tiles_us, ms)
         rec: dict = {"ms": ms, "sums": sums, "pick": best}

@@ -616,12 +616,10 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         k_p, n_p = c.partition_shape
         qm = tensor(self.shadow, W_PACKED)
         ok, why = CG.available() if qm.is_cuda else (False, "not on CUDA")
-        if ok and qm.shape[1] != 2 * n_p:
-            ok, why = False, f"Marlin padded N {n_p} to {qm.shape[1] // 2}"
-        # the GEMV's contract is Marlin's unpadded layout (gemv_plan); vLLM 0.26 also pads K (e.g. SmolLM2's o_proj,
-        # 576 -> 640), which no GPU test covers: such a layer stays on Marlin (as the Humming form refuses any padding)
-        if ok and qm.shape[0] * 16 != k_p:
-            ok, why = False, f"Marlin padded K {k_p} to {qm.shape[0] * 16}"
+        # the GEMV's contract is Marlin's unpadded layout (gemv_plan); vLLM 0.26 pads N (SmolLM2's q/k/v, 960 -> 1024)
+        # or K (its o_proj, 576 -> 640): such a layer stays on Marlin (as the Humming form refuses any padding)
+        if ok and tuple(qm.shape) != (k_p // 16, 2 * n_p):
+            ok, why = False, f"Marlin padded N x K {n_p} x {k_p} to {qm.shape[1] // 2} x {qm.shape[0] * 16}"
         if ok:
             try:
                 args = (n_p, k_p, c.group_size, c.symmetric, c.act_dtype, qm.device)
