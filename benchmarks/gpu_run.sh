@@ -397,13 +397,22 @@ EOF2
     T="tests/test_gpu_kernels.py::test_smollm2_shapes_on_the_default_one_copy_pair"
     if [ -n "$CS" ]; then
       echo "[$(ts)] $CS --tool memcheck"
-      timeout $((580 - SECONDS)) "$CS" --tool memcheck --error-exitcode 97 --print-limit 20 \
+      timeout "${MEMCHECK_S:-300}" "$CS" --tool memcheck --error-exitcode 97 --print-limit 20 \
         $PY -m pytest -q -p no:cacheprovider -x "$T" 2>&1 | grep -v DEBUG | tail -30
     else
       echo "[$(ts)] no compute-sanitizer: plain run"
-      timeout $((580 - SECONDS)) $PY -m pytest -q -p no:cacheprovider "$T" 2>&1 | tail -8
+      timeout "${MEMCHECK_S:-300}" $PY -m pytest -q -p no:cacheprovider "$T" 2>&1 | tail -8
     fi
-    echo "[$(ts)] memcheck rc=${PIPESTATUS[0]}" ;;
+    echo "[$(ts)] memcheck rc=${PIPESTATUS[0]}"
+    # session 28: then, plainly, the GPU tests of the kernels session 27 changed (the dequantizer's K-tail mask, the
+    # transposed SELL path's 4 warps, the Marlin-copy GEMV's padding refusal), in what is left of the call
+    timeout $((${MEMCHECK_END_S:-585} - SECONDS)) $PY -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_memcheck.xml" \
+      tests/test_kernels.py tests/test_triton_marlin_deq.py \
+      "tests/test_gpu_kernels.py::test_smollm2_shapes_on_the_default_one_copy_pair" \
+      "tests/test_gpu_kernels.py::test_marlin_dequant_pair_restores_held_out_weights_on_both_paths" \
+      "tests/test_gpu_kernels.py::test_kernel_classes_apply_their_sparse_correction" 2>&1 | grep -v DEBUG \
+      | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_memcheck.log" | tail -25
+    echo "[$(ts)] memcheck stage done" ;;
   throughput)
     setup
     # knobs measured by the kernels stage of this lease (Marlin/Machete threshold, sparse tiles), unless disabled
