@@ -2,13 +2,17 @@
 """Time-to-ready of ``vllm serve`` (cold and warm caches), ours beside AWQ, on the GPU machine.
 
     python benchmarks/cold_start.py --out $OUT/cold_start.json --ckpt awq-7b=/root/swbench/awq \
-        --ckpt sw-7b=/root/swbench/sw-w4-g128 [--modes cold,warm] [--timeout 420] [-- extra vllm serve args]
+        --ckpt sw-7b=/root/swbench/sw-w4-g128 [--env sw-7b:SUPERWEIGHT_W4_KERNEL=humming-gemv] \
+        [--modes cold,warm] [--timeout 420] [-- extra vllm serve args]
 
 For each checkpoint and mode one ``vllm serve CKPT --host 127.0.0.1`` is started with its caches (vLLM's compile
 cache, Inductor's, Triton's) in a directory of its own: ``cold`` empties it first (a fresh machine), ``warm``
 reuses what the cold start left (a restart). The per-run cache directory also stands in for ``~/.cache``
 (``XDG_CACHE_HOME``, FlashInfer's ``FLASHINFER_WORKSPACE_BASE``): on a fresh machine vLLM's first engine spends
-~90 s JIT-compiling shared kernels there, and whichever method ran first would otherwise pay it alone. The
+~90 s JIT-compiling shared kernels there, and whichever method ran first would otherwise pay it alone. So do the
+caches kept under the home directory itself: ours (``SUPERWEIGHT_CACHE_DIR``: the CUDA GEMV's cubins) and vLLM's
+Humming backend's (``HUMMING_CACHE_DIR``: its nvcc builds, one per layer shape, ~11 s each on the H200).
+``--env NAME:KEY=VALUE`` gives one checkpoint's runs an environment variable (e.g. the W4 kernel mode). The
 checkpoint's files are read once before every run (``--preread``, default on) so the OS page cache is equally warm
 for every method: a disk that a concurrent job is writing made one load take 137 s instead of 5.
 Measured: seconds from the process start to ``/health`` answering 200 (``ready_s``) and to the first
@@ -78,22 +82,53 @@ def preread(path: str) -> tuple[int, float]:
     return n, time.time() - t
 
 
-def serve_once(
-    name: str, ckpt: str, mode: str, cache: str, timeout: float, extra: list[str], logdir: str, pre: bool = True
-) -> dict:
-    if mode == "cold":
-        shutil.rmtree(cache, ignore_errors=True)
-    os.makedirs(cache, exist_ok=True)
-    env = dict(
-        os.environ,
+def parse_envs(items: list[str], names: list[str]) -> dict[str, dict[str, str]]:
+    """``--env NAME:KEY=VALUE`` items -> {NAME: {KEY: VALUE}}; NAME must be one of the checkpoints' names."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, sep, kv = item.partition(":")
+        key, eq, value = kv.partition("=")
+        if not sep or not eq or not key:
+            raise ValueError(f"--env {item!r}: expected NAME:KEY=VALUE")
+        if name not in names:
+            raise ValueError(f"--env {item!r}: no checkpoint named {name!r} (have {', '.join(names)})")
+        out.setdefault(name, {})[key] = value
+    return out
+
+
+def run_env(cache: str, own: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of one run: every cache the engine fills inside ``cache``, then the checkpoint's own
+    variables (which may not name a cache: a cold start must start from nothing)."""
+    caches = dict(
         VLLM_CACHE_ROOT=os.path.join(cache, "vllm"),
         TRITON_CACHE_DIR=os.path.join(cache, "triton"),
         TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
         XDG_CACHE_HOME=os.path.join(cache, "xdg"),
         FLASHINFER_WORKSPACE_BASE=os.path.join(cache, "home"),
-        VLLM_NO_USAGE_STATS="1",
-        DO_NOT_TRACK="1",
+        SUPERWEIGHT_CACHE_DIR=os.path.join(cache, "superweight"),
+        HUMMING_CACHE_DIR=os.path.join(cache, "humming"),
     )
+    clash = sorted(set(own or {}) & set(caches))
+    if clash:
+        raise ValueError(f"--env may not set a cache directory: {', '.join(clash)}")
+    return dict(os.environ, **caches, VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", **(own or {}))
+
+
+def serve_once(
+    name: str,
+    ckpt: str,
+    mode: str,
+    cache: str,
+    timeout: float,
+    extra: list[str],
+    logdir: str,
+    pre: bool = True,
+    own_env: dict[str, str] | None = None,
+) -> dict:
+    if mode == "cold":
+        shutil.rmtree(cache, ignore_errors=True)
+    os.makedirs(cache, exist_ok=True)
+    env = run_env(cache, own_env)
     port = free_port()
     cmd = [
         sys.executable,
@@ -109,7 +144,7 @@ def serve_once(
         name,
     ] + extra
     lp = os.path.join(logdir, f"cold_start-{name}-{mode}.log")
-    rec: dict = dict(name=name, ckpt=ckpt, mode=mode, cmd=" ".join(cmd[2:]))
+    rec: dict = dict(name=name, ckpt=ckpt, mode=mode, cmd=" ".join(cmd[2:]), env=dict(own_env or {}))
     if pre:
         nbytes, secs = preread(ckpt)
         rec["preread"] = dict(gib=round(nbytes / 2**30, 2), s=round(secs, 1))
@@ -152,6 +187,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "cold_start.json"))
     ap.add_argument("--ckpt", action="append", required=True, help="NAME=PATH (repeatable)")
+    ap.add_argument(
+        "--env", action="append", default=[], help="NAME:KEY=VALUE, an environment variable of one checkpoint's runs"
+    )
     ap.add_argument("--modes", default="cold,warm")
     ap.add_argument("--workdir", default="/root/coldstart")
     ap.add_argument("--timeout", type=float, default=420.0)
@@ -160,6 +198,10 @@ def main() -> int:
         "--no-preread", dest="preread", action="store_false", help="do not read the checkpoint before each run"
     )
     args = ap.parse_args(argv)
+    try:
+        envs = parse_envs(args.env, [c.partition("=")[0] for c in args.ckpt])
+    except ValueError as e:
+        ap.error(str(e))
     logdir = os.path.dirname(os.path.abspath(args.out))
     recs = []
     if os.path.exists(args.out):
@@ -183,6 +225,7 @@ def main() -> int:
                 extra,
                 logdir,
                 args.preread,
+                envs.get(name),
             )
             rec["gpu"] = (
                 subprocess.run(

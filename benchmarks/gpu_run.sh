@@ -25,7 +25,10 @@
 #                                                          # compute-sanitizer memcheck where present (session 27)
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
 #   bash benchmarks/gpu_run.sh parallel [gpu_parallel args] # 2-GPU kind: TP 2 / PP 2 vs TP 1 (+ fp32 fallback)
-#   bash benchmarks/gpu_run.sh coldstart [cold_start args]   # vllm serve time-to-ready, cold and warm caches
+#   bash benchmarks/gpu_run.sh coldstart [cold_start args]   # vllm serve time-to-ready, cold and warm caches; e.g. the
+#                                                          # Humming copy (its nvcc builds cached in the run's dir):
+#       --ckpt awq-7b=/root/swbench/awq --ckpt hg=/root/swbench/sw-w4-g128-holdout-qkv \
+#       --env hg:SUPERWEIGHT_W4_KERNEL=humming-gemv
 #   bash benchmarks/gpu_run.sh pair "CMD0" "CMD1"          # 2-GPU kind: CMD0 on GPU 0 and CMD1 on GPU 1 at once
 #                                                          # (each a shell line; logs $OUT/pair-gpu{0,1}.log)
 #   bash benchmarks/gpu_run.sh stash                       # keep carried parts outside the checkout (no vLLM needed):
