@@ -12,6 +12,9 @@ default by > 2 % summed over the batches and lost nowhere by > 3 %).
 
     python benchmarks/sparse_bench.py --out $OUT/sparse_bench.json [--layers 4] [--ms 2,4,8,16,32,48,64]
     python benchmarks/sparse_bench.py --dry-run-cpu          # tiny shapes through the Triton interpreter
+    ... --profile-ms 8,64    # then each kernel's device time per layer (torch.profiler): s28 measured the held-out
+                             # engine's batch-64 gap at 17.7 us a layer against this bench's 14.5 -- the split
+                             # between kernels and the time between them says which one to attack
 
 Layers: ``--layers`` copies (default 4: 4 x 25 MB of W4 codes, beyond the 60 MB L2) of a random g128 asymmetric
 qkv layer with random held-out positions (speed does not depend on values). Timing: median of CUDA-graph replays
@@ -272,6 +275,41 @@ class Bench:
             self.save()
         self.recommend(us, variants)
         self.save()
+        for m in self.args.profile_ms:
+            if self.left() < 15:
+                break
+            self.profile(m, variants["default"])
+            self.save()
+
+    def profile(self, m: int, tiles) -> None:
+        """Where a layer's time goes at ``m`` tokens: the device time of each kernel (GEMM, gather-transpose, SELL) per
+        layer, eager launches under torch.profiler. Against the CUDA-graph time of the same work (the rows above), what
+        is left is the time between the kernels, which no kernel change removes."""
+        x = torch.randn(m, self.k, device=self.dev).to(torch.bfloat16)
+
+        def f():
+            for lay in self.layers:
+                self.correct(self.gemm(lay, x), x, lay["sell"]["L"], tiles)
+
+        if self.dry:
+            f()
+            self.rows.append({"m": m, "kind": "profile", "kernels": {}})
+            return
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
+
+        for _ in range(3):
+            f()
+        torch.cuda.synchronize()
+        iters = 10
+        with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                f()
+            torch.cuda.synchronize()
+        avgs = [(e.key, float(e.self_device_time_total), int(e.count)) for e in prof.key_averages()]
+        kt = kernel_table(avgs, iters * len(self.layers))
+        self.rows.append({"m": m, "kind": "profile", "kernels": kt})
+        log(f"M = {m} per layer: " + ", ".join(f"{name[:40]} {v['us']:.1f} us" for name, v in list(kt.items())[:6]))
 
     def recommend(self, us: dict, variants: dict):
         TS = self.TS
@@ -307,6 +345,18 @@ class Bench:
                 f.write(f"export SUPERWEIGHT_SPARSE_TILES={shlex.quote(rec['env'])}\n")
 
 
+def kernel_table(avgs: list[tuple[str, float, int]], calls: int) -> dict[str, dict]:
+    """Per-kernel device time of one call from profiler averages ``(name, self device us in total, count)``: the
+    kernels that ran on the device (device time > 0), most expensive first, each ``{"us": per call, "launches": per
+    call}``."""
+    if calls <= 0:
+        raise ValueError("calls must be positive")
+    out = {
+        name: {"us": round(us / calls, 2), "launches": round(n / calls, 2)} for name, us, n in avgs if us > 0 and n > 0
+    }
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["us"]))
+
+
 def table(rows: list[dict], meta: dict) -> str:
     """Markdown: us per layer (GEMM + correction) per M and variant, and the correction's part over the GEMM."""
     ms = sorted({r["m"] for r in rows if r.get("us") is not None})
@@ -321,6 +371,12 @@ def table(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {kind} | " + " | ".join(f"{by[(kind, m)]:.1f}" if (kind, m) in by else "" for m in ms) + " |")
     rec = meta.get("recommend")
     tail = f"\n\nrecommend: {json.dumps(rec)}\n" if rec else "\n"
+    prof = [r for r in rows if r.get("kind") == "profile" and r.get("kernels")]
+    if prof:
+        tail += "\nDevice time per layer and kernel (torch.profiler, eager launches), us:\n\n"
+        for r in prof:
+            kern = ", ".join(f"`{name}` {v['us']:.1f} (x{v['launches']:g})" for name, v in r["kernels"].items())
+            tail += f"* M = {r['m']}: {kern}\n"
     return head + "\n".join(lines) + tail
 
 
@@ -333,12 +389,19 @@ def main(argv=None) -> int:
     ap.add_argument("--nnz", type=int, default=0, help="held-out terms in qkv (default: from --holdout)")
     ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=[64, 32, 16, 8, 48, 4, 2])
     ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument(
+        "--profile-ms",
+        type=lambda s: [int(v) for v in s.split(",") if v],
+        default=[],
+        help="after the timings: each kernel's device time per layer at these token counts (torch.profiler)",
+    )
     ap.add_argument("--recommend-env", help="append SUPERWEIGHT_SPARSE_TILES=... if a variant won")
     ap.add_argument("--no-vllm", action="store_true", help="no Marlin GEMM before the correction")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
     args = ap.parse_args(argv)
     if args.dry_run_cpu:
         args.layers, args.ms = 1, [2, 16]
+        args.profile_ms = args.profile_ms and [16]
     Bench(args).run()
     return 0
 

@@ -3,8 +3,7 @@
 import os
 
 import pytest
-
-from tests.bench_module import load
+from bench_module import load
 
 cs = load("cold_start")
 

@@ -38,3 +38,23 @@ def test_tiles_env_and_combine_follow_the_changed_fields():
     assert env == "bmt=32,warps=4,wt=8"
     # what it writes parses back to the same tiles
     assert envs._parse_tiles(env) == {"bm_transposed": 32, "warps": 4, "warps_t": 8}
+
+
+def test_kernel_table_per_call_most_expensive_first():
+    sb = _sb()
+    avgs = [
+        ("Marlin<...>", 1230.0, 40),
+        ("_sell_spmm_kernel", 400.0, 40),
+        ("_gather_transpose_kernel", 80.0, 40),
+        ("aten::empty", 0.0, 40),  # host-only ops carry no device time
+        ("cudaLaunchKernel", 0.0, 120),
+    ]
+    kt = sb.kernel_table(avgs, 40)
+    assert list(kt) == ["Marlin<...>", "_sell_spmm_kernel", "_gather_transpose_kernel"]
+    assert kt["_sell_spmm_kernel"] == {"us": 10.0, "launches": 1.0}
+    with pytest.raises(ValueError):
+        sb.kernel_table(avgs, 0)
+    meta = {"device": "x", "shape": [8, 8], "nnz": 1, "density": 1 / 64}
+    rows = [{"m": 64, "kind": "marlin", "us": 30.0}, {"m": 64, "kind": "profile", "kernels": kt}]
+    md = sb.table(rows, meta)
+    assert "| marlin | 30.0 |" in md and "* M = 64: `Marlin<...>` 30.8 (x1)" in md
