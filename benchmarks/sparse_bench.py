@@ -267,6 +267,11 @@ class Bench:
                 self.rows.append(
                     {"m": m, "kind": "marlin+sell " + key, "us": u, "over_gemm": u - base if base else None}
                 )
+            ov = self.time_overlapped(x) if self.args.overlap else None
+            if ov is not None:
+                self.rows.append(
+                    {"m": m, "kind": "marlin+sell overlapped", "us": ov, "over_gemm": ov - base if base else None}
+                )
             alone = self.time(
                 lambda: [self.correct(y, x, lay["sell"]["L"], variants["default"]) for lay, y in zip(self.layers, ys)]
             )
@@ -310,6 +315,22 @@ class Bench:
         kt = kernel_table(avgs, iters * len(self.layers))
         self.rows.append({"m": m, "kind": "profile", "kernels": kt})
         log(f"M = {m} per layer: " + ", ".join(f"{name[:40]} {v['us']:.1f} us" for name, v in list(kt.items())[:6]))
+
+    def time_overlapped(self, x) -> float | None:
+        """The GEMM and the default correction with SUPERWEIGHT_SPARSE_OVERLAP's schedule (the correction on a side
+        stream into a float32 buffer, one add after the GEMM), checked first against the in-place result."""
+        import vllm_superweight.kernels as K
+
+        def step(lay, overlap):
+            return K.gemm_then_correction(lambda: self.gemm(lay, x), x, lay["sell"]["L"], self.n, overlap=overlap)
+
+        lay = self.layers[0]
+        a, b = step(lay, True).float(), step(lay, False).float()
+        err = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30)
+        if not err < 1e-2:
+            self.rows.append({"m": x.shape[0], "kind": "overlapped", "error": f"differs from in place by {err:.3g}"})
+            return None
+        return self.time(lambda: [step(lay, True) for lay in self.layers])
 
     def recommend(self, us: dict, variants: dict):
         TS = self.TS
@@ -398,6 +419,12 @@ def main(argv=None) -> int:
     ap.add_argument("--recommend-env", help="append SUPERWEIGHT_SPARSE_TILES=... if a variant won")
     ap.add_argument("--no-vllm", action="store_true", help="no Marlin GEMM before the correction")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
+    ap.add_argument(
+        "--no-overlap",
+        dest="overlap",
+        action="store_false",
+        help="do not time SUPERWEIGHT_SPARSE_OVERLAP's schedule (correction on a side stream beside the GEMM)",
+    )
     args = ap.parse_args(argv)
     if args.dry_run_cpu:
         args.layers, args.ms = 1, [2, 16]

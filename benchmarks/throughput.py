@@ -172,6 +172,16 @@ for _base in ("sw-w4-g128", "sw-w4-g128-holdout-qkv"):
 # is Marlin's tile for tile; humming alone trails Marlin only at batch 1), with and without the q/k/v hold-out
 for _base in ("sw-w4-g128", "sw-w4-g128-holdout-qkv"):
     METHODS[_base + "-humgemv"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "humming-gemv"})
+# session 28: the q/k/v hold-out's correction (2-95 tokens) on a side stream beside the GEMM
+# (SUPERWEIGHT_SPARSE_OVERLAP=1): on the Humming copy + GEMV and on the default's one Marlin copy
+METHODS["sw-w4-g128-holdout-qkv-humgemv-ovl"] = dict(
+    METHODS["sw-w4-g128-holdout-qkv"],
+    ckpt="sw-w4-g128-holdout-qkv",
+    env={"SUPERWEIGHT_W4_KERNEL": "humming-gemv", "SUPERWEIGHT_SPARSE_OVERLAP": "1"},
+)
+METHODS["sw-w4-g128-holdout-qkv-ovl"] = dict(
+    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_SPARSE_OVERLAP": "1"}
+)
 METHODS["sw-w4-g128-mhum"] = dict(
     METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-humming"}
 )

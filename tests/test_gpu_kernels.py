@@ -411,6 +411,18 @@ def test_humming_is_reproducible_in_vllms_batch_invariant_mode(monkeypatch):
     ],
 )
 def test_kernel_classes_apply_their_sparse_correction(kernel, dtype):
+    _kernel_class_correction(kernel, dtype)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "humming-gemv"])
+def test_kernel_classes_overlapped_correction(kernel, monkeypatch):
+    """The same with SUPERWEIGHT_SPARSE_OVERLAP=1: the small batches' correction on a side stream beside the GEMM
+    (the one-copy pair of a held-out checkpoint and the Humming copy at 16 / 17 tokens)."""
+    monkeypatch.setenv("SUPERWEIGHT_SPARSE_OVERLAP", "1")
+    _kernel_class_correction(kernel, torch.bfloat16)
+
+
+def _kernel_class_correction(kernel, dtype):
     VL = _vl()
     if "humming" in kernel:  # the optional humming-kernels package (vLLM's Humming backend)
         pytest.importorskip("humming")
@@ -426,6 +438,48 @@ def test_kernel_classes_apply_their_sparse_correction(kernel, dtype):
         assert y.dtype == dtype
         e = _rel(y, x.float() @ w_ref.T)
         assert e < (1e-5 if dtype == torch.float32 else 8e-3), (kernel, m, e)
+
+
+@pytest.mark.parametrize("m", [2, 8, 16, 64, 95])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 3000)])
+def test_overlapped_correction_equals_in_place(m, n, k):
+    """``gemm_then_correction`` with the correction on a side stream beside the GEMM (float32 buffer, one add) against
+    the in-place kernel after the GEMM and the float64 reference: eagerly, and captured in a CUDA graph then replayed
+    over new inputs (the fork / join must be graph edges: a missing join reads a half-written buffer)."""
+    dev = "cuda"
+    r, c, v = _holdout(n, k, 0.004, seed=11)
+    sp = K.prepare_sparse(r, c, v, n, k, dev, layout="sell", pack=torch.bfloat16)
+    w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
+    s_ref = torch.zeros(n, k, dtype=torch.float64, device=dev)
+    s_ref[r.to(dev), c.to(dev)] = v.to(dev).double()
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+
+    def run(overlap):
+        return K.gemm_then_correction(lambda: x @ w.T, x, sp, n, overlap=overlap)
+
+    def ref():
+        return (x @ w.T).double() + x.double() @ s_ref.T
+
+    def one_step(a, b):  # a and b differ by the roundings only: at most two bf16 steps of the result
+        return bool(((a.float() - b.float()).abs() <= b.float().abs() * 2**-6 + 1e-6).all())
+
+    y_in, y_ov = run(False), run(True)
+    assert _rel(y_ov, ref()) < 8e-3 and _rel(y_in, ref()) < 8e-3
+    assert one_step(y_ov, y_in)
+    g = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run(True)  # warm-up outside the capture (Triton compiles)
+        with torch.cuda.graph(g, stream=stream):
+            y_g = run(True)
+    torch.cuda.current_stream().wait_stream(stream)
+    for seed in (1, 2, 3):
+        x.copy_(torch.randn(m, k, device=dev, generator=torch.Generator(dev).manual_seed(seed)).to(torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        assert one_step(y_g, run(False)), (m, seed)
+        assert _rel(y_g, ref()) < 8e-3
 
 
 @pytest.mark.parametrize(

@@ -262,6 +262,39 @@ def test_int8_split_zero_rows_and_empty_idx():
     assert xo2.shape == (3, 0) and xq2[1, 5] == 127
 
 
+@pytest.mark.parametrize("overlap", [None, False, True])
+def test_gemm_then_correction_off_cuda_is_the_correction_after_the_gemm(overlap, monkeypatch):
+    """Off CUDA (or with the overlap off) the GEMM runs once and the correction follows it, whatever the knob says:
+    the side stream is a CUDA-only schedule (its GPU test: test_overlapped_correction_equals_in_place)."""
+    monkeypatch.setenv("SUPERWEIGHT_SPARSE_OVERLAP", "1")
+    gen = torch.Generator().manual_seed(5)
+    n, k, m = 40, 30, 3
+    r, c, v = random_entries(n, k, 50, gen)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    calls = []
+
+    def gemm():
+        calls.append(1)
+        return x @ w.T
+
+    for layout in ("sell", "coo"):
+        sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout=layout)
+        got = K.gemm_then_correction(gemm, x, sp, n, overlap=overlap)
+        ref, mag = dense_reference(x @ w.T, x, r, c, v, n, k)
+        assert_rounded_close(got, ref, mag, torch.float32)
+    assert len(calls) == 2
+
+
+def test_sparse_overlap_knob(monkeypatch):
+    from vllm_superweight import envs
+
+    monkeypatch.delenv("SUPERWEIGHT_SPARSE_OVERLAP", raising=False)
+    assert envs.sparse_overlap() is False
+    monkeypatch.setenv("SUPERWEIGHT_SPARSE_OVERLAP", "1")
+    assert envs.sparse_overlap() is True
+
+
 def test_side_product_helpers():
     gen = torch.Generator().manual_seed(4)
     m, n, k, s = 7, 50, 40, 3

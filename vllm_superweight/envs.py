@@ -65,6 +65,12 @@ Only what users need is a knob:
                                     (default: from the tile) and on the transposed path (default 4); from
                                     ``w4_fused_bench.py --sections onecopy`` (its ``sparse_tiles_env``),
                                     ``--sections unroll`` and ``sparse_bench.py``.
+``SUPERWEIGHT_SPARSE_OVERLAP``      ``1``: where the separate SELL correction follows a W4 GEMM on CUDA (the small
+                                    batches of the one-copy pairs and of ``humming-gemv``), it runs on a side
+                                    stream while the GEMM runs, into a float32 buffer added to the GEMM's output
+                                    after it (one rounding, as in place): the GEMM's 30 us at 64 tokens could hide
+                                    its 14-18 us (H200, 7B qkv, s27). Opt-in until measured end to end; ``0``
+                                    (default): after the GEMM, in place.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
                                     outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
@@ -108,6 +114,7 @@ W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
 W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
 _INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
+SPARSE_OVERLAP = "SUPERWEIGHT_SPARSE_OVERLAP"
 CUDA_GEMV = "SUPERWEIGHT_CUDA_GEMV"
 DEFAULT_CUDA_GEMV_MAX_M = 1
 CACHE_DIR = "SUPERWEIGHT_CACHE_DIR"
@@ -153,6 +160,11 @@ def disable_correction() -> bool:
 def cpu_w4a8() -> bool:
     """Opt-in: vLLM's CPU W4A8 GEMM (AMX) for W4 layers, the sidecar's outlier channels in 16-bit."""
     return _flag(CPU_W4A8)
+
+
+def sparse_overlap() -> bool:
+    """Opt-in: the separate correction on a side CUDA stream beside the GEMM (``SUPERWEIGHT_SPARSE_OVERLAP``)."""
+    return _flag(SPARSE_OVERLAP)
 
 
 def w8a8_azp() -> bool:

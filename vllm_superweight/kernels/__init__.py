@@ -2,6 +2,7 @@
 
     prepare_sparse(rows, cols, vals, out_features, in_features, device) -> dict[str, Tensor]
     sparse_correction(y, x, sp) -> Tensor                      # y + S x^T (in place on CUDA)
+    gemm_then_correction(gemm, x, sp) -> Tensor                # gemm() + S x^T (optionally beside the GEMM)
     int8_quant_outlier_split(x, outlier_idx, per_token=True)  -> (xq, scales, x_out)
     int8_quant_outlier_split_azp(x, outlier_idx, mask)        -> (xq, scales, x_out, azp)  # per token
 
@@ -17,6 +18,8 @@ only (Triton optional, vLLM not needed).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -35,6 +38,7 @@ from .sparse_layout import (
 __all__ = [
     "prepare_sparse",
     "sparse_correction",
+    "gemm_then_correction",
     "int8_quant_outlier_split",
     "int8_quant_outlier_split_azp",
     "prepare_outliers",
@@ -121,6 +125,54 @@ def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tens
         )
         return y
     return sell_correction_torch(y, x, sp)
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per CUDA device for the overlapped correction (created once, reused by every layer)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+def gemm_then_correction(
+    gemm: Callable[[], torch.Tensor],
+    x: torch.Tensor,
+    sp: dict[str, torch.Tensor],
+    n: int,
+    overlap: bool | None = None,
+) -> torch.Tensor:
+    """``gemm() + S x^T``, where ``gemm()`` returns y [M, n] for these x [M, K]. Default: ``sparse_correction`` on y
+    after the GEMM. ``overlap`` (default: ``SUPERWEIGHT_SPARSE_OVERLAP``), on CUDA with the SELL layout: S x^T into
+    a float32 buffer on a side stream forked from the current one before the GEMM is queued (so it reads x after
+    x's writer) and joined after it, then one add into y: y + (S x^T in float32), rounded once, as the in-place
+    kernel rounds. Legal under CUDA-graph capture (fork and join become graph edges) and inside torch.compile (this
+    runs in opaque custom ops). The buffer is allocated on the current stream BEFORE the fork, so no memory the GEMM
+    may still use is handed to the side stream (the side stream's own scratch comes from its own pool); after the
+    add it returns to the current stream, whose later work waits for the side stream's (the join)."""
+    if overlap is None:
+        from .. import envs
+
+        overlap = envs.sparse_overlap()
+    m = x.shape[0]
+    if not (overlap and x.is_cuda and "rows" not in sp and _ops.TRITON_OK and m > 0):
+        return sparse_correction(gemm(), x, sp)
+    main = torch.cuda.current_stream(x.device)
+    side = _side_stream(x.device)
+    c = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    fork, join = torch.cuda.Event(), torch.cuda.Event()
+    fork.record(main)
+    y = gemm()  # queued first: the GEMM is the long pole, its blocks should not wait behind the correction's
+    with torch.cuda.stream(side):  # the correction's scratch (x transposed) comes from the side stream's pool
+        side.wait_event(fork)
+        c.zero_()
+        sparse_correction(c, x, sp)
+        join.record(side)
+    main.wait_event(join)
+    return y.add_(c)
 
 
 def int8_quant_outlier_split(

@@ -867,12 +867,13 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.sp:  # no held-out terms here (or the base class's correction after the op)
             return self._small_gemm(x, bias) if x.shape[0] == 1 else self.large.apply_gemm(self.layer, x, bias)
-        from .. import sparse_correction
+        from .. import gemm_then_correction
 
         if self.cgemv is not None and x.shape[0] == 1:
             return self._small_gemm(x, bias, self.sp, self.cmaps)  # the terms in the GEMV's epilogue
         if x.shape[0] < self.min_m:
-            return sparse_correction(self.large.apply_gemm(self.layer, x, bias), x, self.sp)
+            n_p = self.config.partition_shape[1]
+            return gemm_then_correction(lambda: self.large.apply_gemm(self.layer, x, bias), x, self.sp, n_p)
         from ..triton_marlin_deq import marlin_deq_mm
 
         w, scale, zero = self._humming_tensors(self.layer)
@@ -887,12 +888,12 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     ) -> torch.Tensor:
         if self.cgemv is not None and x.shape[0] <= self.cgemv_max_m:  # the GEMV over Humming's tensors
             return super()._small_gemm(x, bias, sparse, maps)
-        y = self.large.apply_gemm(self.layer, x, bias)
         if sparse:
-            from .. import sparse_correction
+            from .. import gemm_then_correction
 
-            return sparse_correction(y, x, sparse)
-        return y
+            n_p = self.config.partition_shape[1]
+            return gemm_then_correction(lambda: self.large.apply_gemm(self.layer, x, bias), x, sparse, n_p)
+        return self.large.apply_gemm(self.layer, x, bias)
 
 
 class MarlinDequantKernel(DualMarlinMacheteKernel):
@@ -1049,7 +1050,7 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
             self.cmaps = sparse_maps(self.sp, n_p)
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from .. import sparse_correction
+        from .. import gemm_then_correction
         from ..triton_marlin_deq import index_correction_, marlin_deq_mm
 
         if x.shape[0] <= self.gemv_max_m:  # the correction inside the GEMV's epilogue: one kernel
@@ -1067,11 +1068,11 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
             inside = corr in (None, ("inside",)) and (self.cmaps is not None or not self.held)
             if inside and self.cgemv is not None and x.shape[0] <= self.cgemv_max_m:
                 return self._small_gemm(x, bias, self.sp or None, self.cmaps)  # the terms in its epilogue
-            y = self._small_gemm(x, bias)
             if self.sp and (corr is None or corr[0] in ("sell", "inside")):
-                return sparse_correction(y, x, self.sp)
+                n_p = self.config.partition_shape[1]
+                return gemm_then_correction(lambda: self._small_gemm(x, bias), x, self.sp, n_p)
             kind = corr if corr and corr[0] not in ("sell", "inside") else None
-            return index_correction_(y, x, self.deq, config=kind)
+            return index_correction_(self._small_gemm(x, bias), x, self.deq, config=kind)
 
         zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
         return marlin_deq_mm(x, tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE), zero, self.deq, bias)
