@@ -2,7 +2,7 @@
 
     prepare_sparse(rows, cols, vals, out_features, in_features, device) -> dict[str, Tensor]
     sparse_correction(y, x, sp) -> Tensor                      # y + S x^T (in place on CUDA)
-    gemm_then_correction(gemm, x, sp) -> Tensor                # gemm() + S x^T (optionally beside the GEMM)
+    gemm_then_correction(gemm, x, sp, n) -> Tensor             # gemm() + S x^T (optionally beside the GEMM)
     int8_quant_outlier_split(x, outlier_idx, per_token=True)  -> (xq, scales, x_out)
     int8_quant_outlier_split_azp(x, outlier_idx, mask)        -> (xq, scales, x_out, azp)  # per token
 
