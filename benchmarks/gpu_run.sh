@@ -20,7 +20,8 @@
 #                                                          # throughput call its comment names)
 #   bash benchmarks/gpu_run.sh unroll                      # the unrolled SELL correction: GPU tests + micro-benchmark
 #   bash benchmarks/gpu_run.sh sparse                      # the q/k/v hold-out's SELL correction at 2-64 tokens:
-#                                                          # one-Humming-copy tests + sparse_bench.py (recommend.env)
+#                                                          # one-Humming-copy + overlapped-correction tests, then
+#                                                          # sparse_bench.py (recommend.env; overlap; profile)
 #   bash benchmarks/gpu_run.sh memcheck                    # SmolLM2's layer shapes, 1..16,384 tokens, under
 #                                                          # compute-sanitizer memcheck where present (session 27)
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
@@ -383,7 +384,10 @@ EOF2
     # layout variants, each checked against a float64 reference first; its pick (if any variant won by > 2 % and lost
     # nowhere) goes to recommend.env, which the next `throughput` call sources
     setup
-    humming_tests 200 sparse_humgemv -k "humming or auto"
+    # (session 28: with the overlapped correction's GPU tests, SUPERWEIGHT_SPARSE_OVERLAP, which sparse_bench times)
+    humming_tests 240 sparse_humgemv -k "humming or auto or overlapped" \
+      "tests/test_gpu_kernels.py::test_overlapped_correction_equals_in_place" \
+      "tests/test_gpu_kernels.py::test_kernel_classes_overlapped_correction"
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     rm -f "$SW_BENCH_DIR/recommend.env"
     mkdir -p "$SW_BENCH_DIR"
