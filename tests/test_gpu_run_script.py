@@ -1,0 +1,42 @@
+"""benchmarks/gpu_run.sh (the GPU machine's stages): a typo in it costs a lease, so the tests it names must exist
+and the script must parse."""
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SCRIPTS = [os.path.join(ROOT, "benchmarks", name) for name in ("gpu_run.sh", "gpu_eval_ckpt.sh")]
+
+
+def _named_tests(text: str) -> set[tuple[str, str]]:
+    return set(re.findall(r"(tests/[\w/]+\.py)::(\w+)", text))
+
+
+def test_every_test_the_stages_name_exists():
+    named = set()
+    for path in SCRIPTS:
+        with open(path) as f:
+            named |= _named_tests(f.read())
+    assert named, "no test node ids found: the pattern no longer matches the script"
+    for rel, name in sorted(named):
+        with open(os.path.join(ROOT, rel)) as f:
+            funcs = {n.name for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.FunctionDef)}
+        assert name in funcs, f"{rel}::{name} named by a GPU stage does not exist"
+
+
+def test_named_tests_pattern():
+    assert _named_tests('pytest "tests/test_a.py::test_b" tests/x/y.py::test_c[1]') == {
+        ("tests/test_a.py", "test_b"),
+        ("tests/x/y.py", "test_c"),
+    }
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
+def test_scripts_parse(path):
+    assert subprocess.run(["bash", "-n", path], capture_output=True).returncode == 0
