@@ -353,7 +353,7 @@ EOF2
     for _ in $(seq 60); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     rm -f "$SW_BENCH_DIR/recommend.env"
     timeout 220 $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_prefetch.json" --ms 1,2,4,8 --pf --pdl \
-      --budget-s 170 --recommend-env "$SW_BENCH_DIR/recommend.env" --profile-ms "${SPARSE_PROFILE_MS:-8,64}" 2>&1 | grep -v "^$" | tail -30
+      --budget-s 170 --recommend-env "$SW_BENCH_DIR/recommend.env" 2>&1 | grep -v "^$" | tail -30
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || true
     BUDGET_S=$((580 - SECONDS)) bash "$0" throughput "${1:-sw-w4-g128-cg1,sw-w4-g128-holdout-qkv,awq}" \
       --latency-batches 1,8,64 --throughput-lens "" ;;

@@ -192,6 +192,11 @@ class Bench:
         layer, kobj = lay["marlin"]
         return kobj.apply_weights(layer, x)
 
+    def gemm_correct(self, x, lname: str, tiles) -> None:
+        """Every layer's GEMM, then its correction (layout ``lname``) in place: the work the timings compare."""
+        for lay in self.layers:
+            self.correct(self.gemm(lay, x), x, lay["sell"][lname], tiles)
+
     def correct(self, y, x, sp, tiles):
         args = [sp[key] for key in SELL_ORDER]
         self.TS.sparse_correction_(y, x, *args, int(sp["nnz"].shape[0]), tiles=tiles)
@@ -256,11 +261,7 @@ class Bench:
                     continue
                 t = variants[tname]
 
-                def f(lname=lname, t=t):
-                    for lay in self.layers:
-                        self.correct(self.gemm(lay, x), x, lay["sell"][lname], t)
-
-                u = self.time(f)
+                u = self.time(lambda lname=lname, t=t: self.gemm_correct(x, lname, t))
                 if u is None:
                     continue
                 us.setdefault(key, {})[m] = u
@@ -293,8 +294,7 @@ class Bench:
         x = torch.randn(m, self.k, device=self.dev).to(torch.bfloat16)
 
         def f():
-            for lay in self.layers:
-                self.correct(self.gemm(lay, x), x, lay["sell"]["L"], tiles)
+            self.gemm_correct(x, "L", tiles)
 
         if self.dry:
             f()
@@ -346,11 +346,7 @@ class Bench:
             for m in ms:
                 x = torch.randn(m, self.k, device=self.dev).to(torch.bfloat16)
 
-                def f(x=x):
-                    for lay in self.layers:
-                        self.correct(self.gemm(lay, x), x, lay["sell"]["L"], both)
-
-                u = self.time(f)
+                u = self.time(lambda x=x: self.gemm_correct(x, "L", both))
                 if u is not None:
                     comb[m] = u
                     self.rows.append({"m": m, "kind": "marlin+sell L/combined", "us": u})

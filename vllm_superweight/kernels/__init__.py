@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import envs
 from . import ops as _ops
 from .sparse_layout import (
     build_coo,
@@ -154,8 +155,6 @@ def gemm_then_correction(
     may still use is handed to the side stream (the side stream's own scratch comes from its own pool); after the
     add it returns to the current stream, whose later work waits for the side stream's (the join)."""
     if overlap is None:
-        from .. import envs
-
         overlap = envs.sparse_overlap()
     m = x.shape[0]
     if not (overlap and x.is_cuda and "rows" not in sp and _ops.TRITON_OK and m > 0):
@@ -172,11 +171,6 @@ def gemm_then_correction(
         sparse_correction(c, x, sp)
         join.record(side)
     main.wait_event(join)
-    if y.shape[1] != n:  # a GEMM that returned padded columns: the held-out rows are the first n
-        if y.shape[1] < n:
-            raise ValueError(f"the GEMM returned {y.shape[1]} columns, the correction has {n} rows")
-        y.narrow(1, 0, n).add_(c)
-        return y
     return y.add_(c)
 
 

@@ -867,13 +867,9 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.sp:  # no held-out terms here (or the base class's correction after the op)
             return self._small_gemm(x, bias) if x.shape[0] == 1 else self.large.apply_gemm(self.layer, x, bias)
-        from .. import gemm_then_correction
-
-        if self.cgemv is not None and x.shape[0] == 1:
-            return self._small_gemm(x, bias, self.sp, self.cmaps)  # the terms in the GEMV's epilogue
-        if x.shape[0] < self.min_m:
-            n_p = self.config.partition_shape[1]
-            return gemm_then_correction(lambda: self.large.apply_gemm(self.layer, x, bias), x, self.sp, n_p)
+        if x.shape[0] < self.min_m or (self.cgemv is not None and x.shape[0] == 1):
+            # one token: the terms in the GEMV's epilogue; up to min_m: Humming, then the correction
+            return self._small_gemm(x, bias, self.sp, self.cmaps)
         from ..triton_marlin_deq import marlin_deq_mm
 
         w, scale, zero = self._humming_tensors(self.layer)
