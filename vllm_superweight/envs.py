@@ -68,9 +68,10 @@ Only what users need is a knob:
 ``SUPERWEIGHT_SPARSE_OVERLAP``      ``1``: where the separate SELL correction follows a W4 GEMM on CUDA (the small
                                     batches of the one-copy pairs and of ``humming-gemv``), it runs on a side
                                     stream while the GEMM runs, into a float32 buffer added to the GEMM's output
-                                    after it (one rounding, as in place): the GEMM's 30 us at 64 tokens could hide
-                                    its 14-18 us (H200, 7B qkv, s27). Opt-in until measured end to end; ``0``
-                                    (default): after the GEMM, in place.
+                                    after it (one rounding, as in place). Measured slower on the H200 (s29: 53.3
+                                    vs 45.9 us a 7B qkv layer at 64 tokens, +3.8% at batch 64 end to end: the
+                                    GEMM leaves no SM free); an experiment, kept for other GPUs. ``0`` (default):
+                                    after the GEMM, in place.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
                                     outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
