@@ -1,6 +1,8 @@
 """Micro-benchmark: the CUDA-core GEMV over Marlin's layout (``kernels/cuda_marlin_gemv.py``) against vLLM's Marlin
 on Llama-2-7B-shaped W4 layers (issue 12's M = 1 target: >= 60 % of HBM peak), with and without the 0.1 % hold-out's
-separate SELL correction and with it in the GEMV's epilogue (``cuda-fused``), M = 1..8 (the CUDA-core form ``cuda``
+separate SELL correction and with it in the GEMV's epilogue (``cuda-fused``; the tensor-core form's: ``mma-fused``,
+what ``SUPERWEIGHT_CUDA_GEMV=8`` runs for held-out layers at 2-8 tokens -- against ``marlin+sell`` with
+``--holdout-modules qkv``, the default preset's placement), M = 1..8 (the CUDA-core form ``cuda``
 up to 4 tokens, the tensor-core form ``mma`` / ``mma+sell`` up to 8), plus sweeps of each form's launch
 configurations (``--sweep``: CUDA-core at M = 1; ``--mma-sweep``: tensor-core at M = 1 and 8), the group constants
 through the ring against without (``--pf``) and the programmatic dependent launch against a plain one, each GEMM
@@ -113,6 +115,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--ms", default="1,2,4,8")
     ap.add_argument("--holdout", type=float, default=1e-3)
+    ap.add_argument(
+        "--holdout-modules",
+        choices=("all", "qkv"),
+        default="all",
+        help="where the hold-out sits: every GEMM at --holdout (default), or the whole layer's --holdout in qkv alone "
+        "(the default preset's placement: 0.40%% of qkv at 0.1%%; the other GEMMs one entry each)",
+    )
     ap.add_argument("--sweep", action="store_true", help="launch configurations at M = 1")
     ap.add_argument("--mma-sweep", action="store_true", help="the tensor-core form's configurations at M = 1, 8")
     ap.add_argument("--pf", action="store_true", help="group constants prefetched through the ring vs not (SW_PF)")
@@ -157,6 +166,7 @@ def main() -> None:
         "layers": args.layers,
         "shapes": SHAPES,
         "holdout": args.holdout,
+        "holdout_modules": args.holdout_modules,
         "default_config": CG.DEFAULT_CONFIG,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -183,7 +193,11 @@ def main() -> None:
             s = (torch.rand(n, k // 128, generator=g, device=dev) * 0.01 + 0.002).to(torch.bfloat16)
             z = torch.randint(0, 16, (n, k // 128), generator=g, dtype=torch.int32, device=dev)
             gc = torch.Generator().manual_seed(li * 10 + len(d))
-            nnz = max(1, int(round(n * k * args.holdout)))
+            if args.holdout_modules == "qkv":  # the layer's whole budget in qkv (preset default), one entry elsewhere
+                layer_w = sum(a * b for a, b in SHAPES.values())
+                nnz = max(1, int(round(layer_w * args.holdout))) if name == "qkv" else 1
+            else:
+                nnz = max(1, int(round(n * k * args.holdout)))
             flat = torch.randperm(n * k, generator=gc)[:nnz]
             if name == "down":
                 flat = torch.unique(torch.cat([flat, torch.tensor([(n // 2) * k + k // 3])]))
@@ -253,6 +267,13 @@ def main() -> None:
             rows[-1]["rel_fused_vs_separate"] = relf
             if relf > 1e-2:
                 log(f"  CHECK FAILED (epilogue) {name} M={m}: rel {relf:.3g}")
+            # the same for the tensor-core form (what SUPERWEIGHT_CUDA_GEMV=2..8 runs for held-out layers)
+            yfm = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], e["plan_mma"], sparse=e["k"].sp, maps=e["maps"])
+            ysm = K.sparse_correction(ymm.clone(), x, e["k"].sp)
+            relfm = float((yfm.float() - ysm.float()).norm() / ysm.float().norm())
+            rows[-1]["rel_mma_fused_vs_separate"] = relfm
+            if relfm > 1e-2:
+                log(f"  CHECK FAILED (tensor-core epilogue) {name} M={m}: rel {relfm:.3g}")
     if not args.no_vllm:
         log("check: max rel vs Marlin " + f"{max(r['rel_vs_marlin'] for r in rows if r['part'] == 'check'):.3g}")
     save()
@@ -292,6 +313,11 @@ def main() -> None:
                         y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name])
                         if kind == "mma+sell":
                             K.sparse_correction(y, x, e["k"].sp)
+                    elif kind == "mma-fused":  # the tensor-core form with the held-out terms in its epilogue
+                        plan = plans[name] if plans else e["plan_mma"]
+                        CG.marlin_gemv_cuda(
+                            x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name], sparse=e["k"].sp, maps=e["maps"]
+                        )
                     elif kind in ("cuda", "cuda+sell", "cuda-loads", "cuda-dep"):
                         plan = plans[name] if plans else e["plan"]
                         ro = kind == "cuda-loads"
@@ -323,7 +349,7 @@ def main() -> None:
         return us
 
     kinds = ("cuda", "mma") if args.no_vllm else ("marlin", "cuda", "mma", "marlin+sell", "cuda+sell", "cuda-fused")
-    kinds += ("mma+sell",) if not args.no_vllm else ()
+    kinds += ("mma+sell", "mma-fused") if not args.no_vllm else ()
     for m in ms:
         for kind in kinds:
             if kind.startswith("cuda") and m > CG.MAX_M_FFMA:
@@ -476,8 +502,8 @@ def write_table(path: str) -> None:
         f"% of {d['meta']['peak_tbs']} TB/s)",
         "",
         "| M | Marlin | CUDA GEMV | tensor-core GEMV | ratio (best) | Marlin + SELL | CUDA GEMV + SELL "
-        "| tensor-core + SELL | GEMV, SELL inside |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tensor-core + SELL | GEMV, SELL inside | tensor-core, SELL inside |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(kind, m):
@@ -489,7 +515,8 @@ def write_table(path: str) -> None:
         best = f"{min(ours) / by[('marlin', m)]['us']:.2f}" if ours and ("marlin", m) in by else "—"
         lines.append(
             f"| {m} | {cell('marlin', m)} | {cell('cuda', m)} | {cell('mma', m)} | {best} "
-            f"| {cell('marlin+sell', m)} | {cell('cuda+sell', m)} | {cell('mma+sell', m)} | {cell('cuda-fused', m)} |"
+            f"| {cell('marlin+sell', m)} | {cell('cuda+sell', m)} | {cell('mma+sell', m)} | {cell('cuda-fused', m)} "
+            f"| {cell('mma-fused', m)} |"
         )
     ce = [r for r in d["results"] if r.get("part") == "ceiling" and "us" in r]
     if ce:

@@ -22,6 +22,9 @@
 #   bash benchmarks/gpu_run.sh sparse                      # the q/k/v hold-out's SELL correction at 2-64 tokens:
 #                                                          # one-Humming-copy + overlapped-correction tests, then
 #                                                          # sparse_bench.py (recommend.env; overlap; profile)
+#   bash benchmarks/gpu_run.sh mmahum                      # held-out layers' 2-8 tokens through the tensor-core GEMV
+#                                                          # over Humming's tensors, terms inside: GPU tests, then
+#                                                          # cuda_gemv_bench.py --holdout-modules qkv at 2-8 tokens
 #   bash benchmarks/gpu_run.sh memcheck                    # SmolLM2's layer shapes, 1..16,384 tokens, under
 #                                                          # compute-sanitizer memcheck where present (session 27)
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
@@ -395,6 +398,21 @@ EOF2
       --budget-s $(( 570 - SECONDS < ${SPARSE_BUDGET_S:-200} ? 570 - SECONDS : ${SPARSE_BUDGET_S:-200} )) --recommend-env "$SW_BENCH_DIR/recommend.env" --profile-ms "${SPARSE_PROFILE_MS:-8,64}" 2>&1 | grep -v "^$" | tail -25
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || echo "[$(ts)] sparse: no variant won"
     echo "[$(ts)] sparse done" ;;
+  mmahum)
+    # session 29, after the stash calls (build-bg of the held-out checkpoint started before): held-out layers' 2-8
+    # token batches through our tensor-core GEMV over Humming's tensors with the terms in its epilogue
+    # (SUPERWEIGHT_CUDA_GEMV=8, humming-gemv): its GPU test with the one-Humming-copy tests and both forms' epilogue
+    # tests, then cuda_gemv_bench.py at 2 / 4 / 8 tokens with the default preset's placement (the layer's 0.1 % in
+    # q/k/v): Marlin + SELL against the tensor-core form with the terms inside (column "tensor-core, SELL inside").
+    # Then: throughput sw-w4-g128-holdout-qkv-humgemv-mma8,sw-w4-g128-holdout-qkv-humgemv (+ awq, sw-w4-g128-humgemv)
+    setup
+    humming_tests 300 mmahum -k "humming or gemv_epilogue" \
+      "tests/test_gpu_kernels.py::test_humming_gemv_tensor_core_form_adds_held_out_terms" \
+      "tests/test_cuda_marlin_gemv.py::test_gemv_epilogue_adds_held_out_terms_exactly"
+    for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
+    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_mmafused.json" \
+      --ms 2,4,8 --holdout-modules qkv --budget-s $((565 - SECONDS)) 2>&1 | grep -v "^$" | tail -25
+    echo "[$(ts)] mmahum done" ;;
   memcheck)
     # session 27's crash (an out-of-bounds scale read of the dequantizer at a K tail, found on the CPU and fixed):
     # SmolLM2's layer shapes through the one-copy pair at 1..16,384 tokens, under compute-sanitizer's memcheck where

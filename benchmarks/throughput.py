@@ -182,6 +182,13 @@ METHODS["sw-w4-g128-holdout-qkv-humgemv-ovl"] = dict(
 METHODS["sw-w4-g128-holdout-qkv-ovl"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_SPARSE_OVERLAP": "1"}
 )
+# session 29: held-out layers' 2-8 token batches through our tensor-core GEMV over Humming's tensors with the terms in
+# its epilogue (SUPERWEIGHT_CUDA_GEMV=8; Humming + the SELL correction otherwise) -- the hold-out's batch-8 cost
+METHODS["sw-w4-g128-holdout-qkv-humgemv-mma8"] = dict(
+    METHODS["sw-w4-g128-holdout-qkv"],
+    ckpt="sw-w4-g128-holdout-qkv",
+    env={"SUPERWEIGHT_W4_KERNEL": "humming-gemv", "SUPERWEIGHT_CUDA_GEMV": "8"},
+)
 METHODS["sw-w4-g128-mhum"] = dict(
     METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-humming"}
 )

@@ -154,6 +154,26 @@ def test_benchmark_recommends_only_what_beat_the_default_by_the_margin():
     assert B.recommend(rows)[knob] == "1@one=4:8:32:2:1:1:0:1:1"  # never past an M where it lost
 
 
+def test_benchmark_table_has_the_tensor_core_epilogue_column(tmp_path):
+    """cuda_gemv_bench.py's table: the tensor-core form with the held-out terms inside (``mma-fused``, what
+    SUPERWEIGHT_CUDA_GEMV=8 runs for held-out layers at 2-8 tokens) beside Marlin + SELL, per M."""
+    import json
+
+    B = _bench_module()
+    rows = [
+        {"part": "main", "kernel": kind, "m": m, "us": us, "frac_peak": 0.3}
+        for kind, m, us in (("marlin", 8, 66.4), ("marlin+sell", 8, 72.9), ("mma-fused", 8, 70.1), ("mma", 8, 68.0))
+    ]
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"meta": {"device": "H200", "peak_tbs": 4.8}, "results": rows}))
+    B.write_table(str(path))
+    md = (tmp_path / "b.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| M |"))
+    row = next(line for line in md.splitlines() if line.startswith("| 8 |"))
+    cells = dict(zip([c.strip() for c in head.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["tensor-core, SELL inside"] == "70.1 (30%)" and cells["Marlin + SELL"] == "72.9 (30%)"
+
+
 def test_programmatic_dependent_launch_is_a_plan_field():
     assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG + (0, 0, 1)).pdl
     assert not CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG + (0, 1)).pdl

@@ -422,7 +422,18 @@ def test_kernel_classes_overlapped_correction(kernel, monkeypatch):
     _kernel_class_correction(kernel, torch.bfloat16)
 
 
-def _kernel_class_correction(kernel, dtype):
+def test_humming_gemv_tensor_core_form_adds_held_out_terms(monkeypatch):
+    """SUPERWEIGHT_CUDA_GEMV=8 on one Humming copy: a held-out layer's 2-8 token batches run our tensor-core GEMV
+    over Humming's own tensors with the terms in its epilogue (planned and checked at load -- asserted, so a silent
+    fallback to Humming + correction fails here), against the float reference of the dequantized weights with the
+    held-out values restored; 1 token the CUDA-core form, 9-300 Humming + correction / dequantize."""
+    monkeypatch.setenv("SUPERWEIGHT_CUDA_GEMV", "8")
+    kobj = _kernel_class_correction("humming-gemv", torch.bfloat16, ms=(1, 2, 3, 5, 8, 9, 17, 300))
+    assert kobj.cgemv_mma is not None and kobj.cgemv_mma.mma and kobj.cgemv_max_m == 8
+    assert kobj.cgemv_mma.layout == kobj.layout and kobj.sp and kobj.cmaps is not None
+
+
+def _kernel_class_correction(kernel, dtype, ms=(1, 16, 17, 300)):
     VL = _vl()
     if "humming" in kernel:  # the optional humming-kernels package (vLLM's Humming backend)
         pytest.importorskip("humming")
@@ -432,12 +443,13 @@ def _kernel_class_correction(kernel, dtype):
     layer, kobj = VL.build_mp_layer(w, kernel, act_dtype=dtype, sparse=(r, c, v))
     w_ref = VL.dequant_w4(w)
     w_ref[r.to(dev), c.to(dev)] = v.to(dev)
-    for m in (1, 16, 17, 300):
+    for m in ms:
         x = torch.randn(m, k, device=dev, dtype=dtype)
         y = kobj.apply_weights(layer, x)
         assert y.dtype == dtype
         e = _rel(y, x.float() @ w_ref.T)
         assert e < (1e-5 if dtype == torch.float32 else 8e-3), (kernel, m, e)
+    return kobj
 
 
 @pytest.mark.parametrize("m", [2, 8, 16, 64, 95])

@@ -40,3 +40,32 @@ def test_named_tests_pattern():
 @pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
 def test_scripts_parse(path):
     assert subprocess.run(["bash", "-n", path], capture_output=True).returncode == 0
+
+
+def _script_flags(text: str) -> set[tuple[str, str]]:
+    """(script, --flag) for every ``benchmarks/NAME.py`` call in a shell script, continuation lines joined, up to the
+    end of the command (a pipe, ``;``, ``&&``, a redirection or the line's end)."""
+    text = text.replace("\\\n", " ")
+    out = set()
+    for m in re.finditer(r"benchmarks/(\w+)\.py([^\n|;&>]*)", text):
+        out |= {(m.group(1), flag) for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", m.group(2))}
+    return out
+
+
+def test_script_flags_pattern():
+    text = 'x benchmarks/a.py --out "$OUT/a.json" \\\n  --ms 2,4 --no-x 2>&1 | tail -3 --nope\n'
+    assert _script_flags(text) == {("a", "--out"), ("a", "--ms"), ("a", "--no-x")}
+
+
+def test_every_flag_the_stages_pass_exists():
+    """Each ``--flag`` a GPU stage passes to a benchmarks/ script is one that script's argparse defines (session 28:
+    a flag given to the wrong script would have failed that stage on the GPU)."""
+    found = set()
+    for path in SCRIPTS:
+        with open(path) as f:
+            found |= _script_flags(f.read())
+    assert found, "no benchmark calls found: the pattern no longer matches the script"
+    for script, flag in sorted(found):
+        with open(os.path.join(ROOT, "benchmarks", script + ".py")) as f:
+            src = f.read()
+        assert f'"{flag}"' in src, f"benchmarks/{script}.py has no {flag} (passed by a GPU stage)"

@@ -831,16 +831,20 @@ def test_humming_gemv_mode_is_one_copy_and_opt_in(monkeypatch):
     assert kern.small is kern.large and kern.max_m == 1  # one kernel object, one copy
     monkeypatch.setenv(envs.CUDA_GEMV, "1")
     assert kern.describe() == "CUDA-GEMV(M<=1)/Humming (one copy)"
+    monkeypatch.setenv(envs.CUDA_GEMV, "8")
+    assert kern.describe() == "CUDA-GEMV(M<=1; held-out M<=8)/Humming (one copy)"
     monkeypatch.setenv(envs.CUDA_GEMV, "0")
     assert kern.describe() == "Humming (one copy)"
 
 
-@pytest.mark.parametrize("case", ["sm90", "sm80", "mismatch", "bias", "padded", "off", "missing"])
+@pytest.mark.parametrize("case", ["sm90", "sm80", "mismatch", "bias", "padded", "off", "missing", "mma8", "mma-bad"])
 def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkeypatch, caplog, case):
     """Load time: the GEMV's plan reads Humming's own tensors with the layout of the GPU (sm_90: Humming's wgmma form),
     compiled and checked against Humming's output on the layer's weights; a mismatch, a layer with a bias or a padded
     weight keep Humming for single tokens (logged). Then one token runs the GEMV over the layer's tensors, two
-    tokens Humming."""
+    tokens Humming. With SUPERWEIGHT_CUDA_GEMV=8 the tensor-core form over the same tensors and layout is planned
+    too, checked against the single-token form (8 tokens at once vs one at a time); if it disagrees, one token
+    keeps the GEMV and 2-8 tokens stay on Humming (logged)."""
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
 
     kern, layer = _humming_gemv_kernel(bias=case == "bias")
@@ -848,7 +852,7 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
         layer.weight = torch.zeros(256 // 16, 2 * 256, dtype=torch.int32).as_subclass(_FakeCuda)
     if case == "missing":
         del layer.weight
-    monkeypatch.setenv(envs.CUDA_GEMV, "0" if case == "off" else "1")
+    monkeypatch.setenv(envs.CUDA_GEMV, {"off": "0", "mma8": "8", "mma-bad": "8"}.get(case, "1"))
     monkeypatch.setattr(WO, "_NOT_PLANNED", {})
     monkeypatch.setattr(CG, "available", lambda: (True, None))
     monkeypatch.setattr(CG, "prepare", lambda plan, max_m, min_m=1: None)
@@ -857,7 +861,9 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
 
     def gemv(x, w, scale, zero, plan, bias=None, **kw):
         calls.append(("gemv", x.shape[0], w is layer.weight, scale is layer.weight_scale, zero is layer.zero_point))
-        return torch.ones(x.shape[0], 128)
+        if plan.mma:
+            calls[-1] += ("mma", plan.layout)
+        return torch.ones(x.shape[0], 128) * (2.0 if case == "mma-bad" and plan.mma else 1.0)
 
     def humming(lay, x, bias):
         calls.append(("humming", x.shape[0]))
@@ -867,6 +873,20 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
     monkeypatch.setattr(kern.large, "apply_gemm", humming)
     with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
         kern._plan_humming_gemv(layer)
+    if case in ("mma8", "mma-bad"):
+        one = ("gemv", 1, True, True, True)
+        mma = one[:1] + (8,) + one[2:] + ("mma", CG.LAYOUT_HUMMING_SM90)
+        assert calls == [one, ("humming", 1), mma] + [one] * 8  # Humming checks the one; the one checks the mma
+        assert kern.cgemv is not None and kern.cgemv.layout == CG.LAYOUT_HUMMING_SM90
+        if case == "mma-bad":
+            assert kern.cgemv_mma is None and kern.cgemv_max_m == 1
+            assert "stays on Humming + correction for 2-8 tokens: its tensor-core form: RuntimeError" in caplog.text
+            return
+        assert kern.cgemv_mma is not None and kern.cgemv_mma.mma and kern.cgemv_max_m == 8 and not caplog.text
+        calls.clear()
+        kern.run(torch.zeros(2, 256, dtype=torch.bfloat16), None)  # no held-out terms here: Humming from 2 tokens
+        assert calls == [("humming", 2)]
+        return
     if case in ("sm90", "sm80"):
         want = CG.LAYOUT_HUMMING_SM90 if case == "sm90" else CG.LAYOUT_HUMMING
         assert kern.cgemv is not None and kern.cgemv.layout == want and kern.cgemv_max_m == 1
@@ -892,12 +912,13 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
     assert calls == [("humming", 1)]
 
 
-@pytest.mark.parametrize("case", ["confirmed", "not-confirmed", "bias"])
+@pytest.mark.parametrize("case", ["confirmed", "not-confirmed", "bias", "mma"])
 def test_humming_gemv_held_out_paths(monkeypatch, case):
     """Held-out entries on one Humming copy, as on the one-copy Marlin pair: single tokens add them in the GEMV's
     epilogue, batches below SUPERWEIGHT_DEQUANT_MIN_M run Humming + the packed SELL correction, larger ones
     dequantize from Humming's tensors (its layout) with the values restored. Where the layout was not confirmed at
-    load (GEMV off or its check failed) or the layer has a bias: the base class's correction after every GEMM."""
+    load (GEMV off or its check failed) or the layer has a bias: the base class's correction after every GEMM.
+    With the tensor-core form planned (SUPERWEIGHT_CUDA_GEMV=8), 2-8 tokens run it with the terms in its epilogue."""
     import vllm_superweight.kernels as K
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
     from vllm_superweight.kernels import triton_marlin_deq as MD
@@ -908,6 +929,11 @@ def test_humming_gemv_held_out_paths(monkeypatch, case):
     if case != "not-confirmed":
         kern.cgemv = CG.gemv_plan(128, 256, 64, False, torch.bfloat16, "cpu", layout=CG.LAYOUT_HUMMING_SM90)
         kern.cgemv_max_m, kern.layout = 1, CG.LAYOUT_HUMMING_SM90
+    if case == "mma":
+        kern.cgemv_mma = CG.gemv_plan(
+            128, 256, 64, False, torch.bfloat16, "cpu", config=CG.MMA_CONFIG, layout=CG.LAYOUT_HUMMING_SM90
+        )
+        kern.cgemv_max_m = 8
     rows, cols = torch.tensor([3, 70, 100]), torch.tensor([5, 200, 17])
     kern.set_sparse(layer, rows, cols, torch.tensor([0.5, -1.0, 2.0]))
     calls = []
@@ -915,7 +941,7 @@ def test_humming_gemv_held_out_paths(monkeypatch, case):
         CG,
         "marlin_gemv_cuda",
         lambda x, w, s, z, plan, bias=None, sparse=None, maps=None: (
-            calls.append(("gemv", x.shape[0], sparse is kern.sp and bool(sparse), maps is kern.cmaps))
+            calls.append(("gemv", x.shape[0], sparse is kern.sp and bool(sparse), maps is kern.cmaps, plan.mma))
             or torch.zeros(1, 128)
         ),
     )
@@ -926,11 +952,11 @@ def test_humming_gemv_held_out_paths(monkeypatch, case):
         ("deq", x.shape[0], lay is kern.deq, layout)) or torch.zeros(x.shape[0], 128))  # fmt: skip
     for m in (1, 8, 95, 96, 300):
         kern.run(torch.zeros(m, 256, dtype=torch.bfloat16), None)
-    if case == "confirmed":
+    if case in ("confirmed", "mma"):
         assert kern.sparse_keys == [] and kern.sp and kern.deq and kern.cmaps is not None and kern.held == 3
         assert calls == [
-            ("gemv", 1, True, True),
-            ("humming", 8), ("sell", 8),
+            ("gemv", 1, True, True, False),
+            *([("gemv", 8, True, True, True)] if case == "mma" else [("humming", 8), ("sell", 8)]),
             ("humming", 95), ("sell", 95),
             ("deq", 96, True, CG.LAYOUT_HUMMING_SM90),
             ("deq", 300, True, CG.LAYOUT_HUMMING_SM90),

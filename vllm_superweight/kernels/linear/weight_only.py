@@ -625,29 +625,37 @@ class DualMarlinMacheteKernel(SWLinearKernel):
                 args = (n_p, k_p, c.group_size, c.symmetric, c.act_dtype, qm.device)
                 plan = CG.gemv_plan(*args, config=cfgs.get("one"))  # single tokens: the CUDA-core form
                 CG.prepare(plan, 1)  # compiled at load: a failure keeps Marlin, never breaks a forward
-                mma = None
-                if max_m > 1:  # 2..max_m tokens: the tensor-core form; if it cannot run, one token still can
-                    try:
-                        mma = CG.gemv_plan(*args, config=cfgs.get("mma", CG.MMA_CONFIG))
-                        CG.prepare(mma, max_m, min_m=2)
-                        self._check_mma(CG, plan, mma, max_m)
-                    except (ValueError, RuntimeError, OSError) as e:
-                        span = f"2-{max_m} tokens" if max_m > 2 else "2 tokens"
-                        _warn_once(f"its tensor-core form: {type(e).__name__}: {e}", c.prefix, span)
-                        mma, max_m = None, 1
+                mma, max_m = self._plan_mma(CG, args, plan, max_m)
                 self.cgemv, self.cgemv_mma, self.cgemv_max_m = plan, mma, max_m
                 return
             except (ValueError, RuntimeError, OSError) as e:
                 why = f"{type(e).__name__}: {e}"
         _warn_once(why or "unknown", c.prefix, f"1-{max_m} tokens" if max_m > 1 else "1 token")
 
+    def _plan_mma(
+        self, CG: Any, args: tuple, one: Any, max_m: int, layout: int = 0, keeps: str = "Marlin"
+    ) -> tuple[Any, int]:
+        """2..max_m tokens (``SUPERWEIGHT_CUDA_GEMV`` above 1): the GEMV's tensor-core form over the tensors the
+        CUDA-core form ``one`` reads, compiled and checked at load; (plan, max_m), or (None, 1) where it cannot run
+        (logged once; single tokens still can)."""
+        if max_m <= 1:
+            return None, max_m
+        try:
+            mma = CG.gemv_plan(*args, config=envs.cuda_gemv_configs().get("mma", CG.MMA_CONFIG), layout=layout)
+            CG.prepare(mma, max_m, min_m=2)
+            self._check_mma(CG, one, mma, max_m)
+            return mma, max_m
+        except (ValueError, RuntimeError, OSError) as e:
+            span = f"2-{max_m} tokens" if max_m > 2 else "2 tokens"
+            _warn_once(f"its tensor-core form: {type(e).__name__}: {e}", self.config.prefix, span, keeps=keeps)
+            return None, 1
+
     def _check_mma(self, CG: Any, one: Any, mma: Any, max_m: int) -> None:
         """Load time, this layer's own weights: the tensor-core form on ``max_m`` random tokens against the CUDA-core
         form (measured on the H200 against float64) one token at a time; a mismatch raises RuntimeError, which
-        leaves 2..max_m tokens on Marlin. Both forms sum in fp32 over the same bf16 / fp16 inputs, so they agree to
-        ~1e-3; a wrong fragment mapping is off by O(1)."""
-        qm, scale = tensor(self.shadow, W_PACKED), tensor(self.shadow, W_SCALE)
-        zero = None if self.config.symmetric else tensor(self.shadow, W_ZERO)
+        leaves 2..max_m tokens on Marlin (Humming). Both forms sum in fp32 over the same bf16 / fp16 inputs, so they
+        agree to ~1e-3; a wrong fragment mapping is off by O(1)."""
+        qm, scale, zero = self._gemv_tensors()
         gen = torch.Generator(device=qm.device).manual_seed(0)
         x = torch.randn(max_m, one.k, generator=gen, device=qm.device).to(self.config.act_dtype)
         y = CG.marlin_gemv_cuda(x, qm, scale, zero, mma).float()
@@ -747,9 +755,12 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     Held-out weights, as in the one-copy Marlin pair: single tokens add them in the GEMV's epilogue, batches below
     ``SUPERWEIGHT_DEQUANT_MIN_M`` tokens run Humming + the packed SELL correction, larger ones dequantize from
     Humming's own tensors with the held-out values restored (``triton_marlin_deq``, ``layout=``), then cuBLAS -- no
-    correction pass over y where it costs most. Opt-in (``SUPERWEIGHT_W4_KERNEL=humming-gemv``), with Humming's own
-    limits (``HummingKernel``). H200, 7B (s26): 0.730 / 0.994 / 1.961 s at batch 1 / 8 / 64 (1.35x / 1.10x / 1.06x
-    AWQ's s25 times) from 3.94 GiB; with the 0.1% q/k/v hold-out 0.764 / 1.040 / 2.107 s at 4.01 GiB."""
+    correction pass over y where it costs most. With ``SUPERWEIGHT_CUDA_GEMV=2..8`` held-out layers' 2..8-token
+    batches run the GEMV's tensor-core form over the same tensors with the terms in its epilogue instead of Humming
+    + the correction (checked at load against the single-token form). Opt-in
+    (``SUPERWEIGHT_W4_KERNEL=humming-gemv``), with Humming's own limits (``HummingKernel``). H200, 7B (s26): 0.730 /
+    0.994 / 1.961 s at batch 1 / 8 / 64 (1.35x / 1.10x / 1.06x AWQ's s25 times) from 3.94 GiB; with the 0.1% q/k/v
+    hold-out 0.764 / 1.040 / 2.107 s at 4.01 GiB."""
 
     wraps = "HummingLinearKernel"
     MODES = ("humming-gemv",)
@@ -771,8 +782,8 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
         return f"{self._cuda_gemv_name()}Humming (one copy)"
 
     def _cuda_gemv_name(self) -> str:
-        on = envs.cuda_gemv_max_m() and self.config.device_type == "cuda"
-        return "CUDA-GEMV(M<=1)/" if on else ""
+        m = envs.cuda_gemv_max_m() if self.config.device_type == "cuda" else 0
+        return "" if not m else "CUDA-GEMV(M<=1)/" if m == 1 else f"CUDA-GEMV(M<=1; held-out M<={m})/"
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.has_bias = getattr(layer, "bias", None) is not None
@@ -821,6 +832,12 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
                 _log_first_of_shape(c.prefix, (n, k), t1 - t0, time.perf_counter() - t1)
                 # the layout is confirmed on this layer's weights: the dequantizer may read it too (set_sparse)
                 self.cgemv, self.cgemv_max_m, self.layout = plan, 1, layout
+                # SUPERWEIGHT_CUDA_GEMV=2..8: held-out layers' 2..MAX_M-token batches through the tensor-core form
+                # with the terms in its epilogue (one kernel where Humming + the SELL correction take two); checked
+                # against the single-token form just confirmed
+                self.cgemv_mma, self.cgemv_max_m = self._plan_mma(
+                    CG, args, plan, envs.cuda_gemv_max_m(), layout=layout, keeps="Humming + correction"
+                )
                 return
             except (ValueError, RuntimeError, OSError) as e:
                 why = f"{type(e).__name__}: {e}"
