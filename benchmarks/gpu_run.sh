@@ -401,13 +401,15 @@ EOF2
   mmahum)
     # session 29, after the stash calls (build-bg of the held-out checkpoint started before): held-out layers' 2-8
     # token batches through our tensor-core GEMV over Humming's tensors with the terms in its epilogue
-    # (SUPERWEIGHT_CUDA_GEMV=8, humming-gemv): its GPU test with the one-Humming-copy tests and both forms' epilogue
-    # tests, then cuda_gemv_bench.py at 2 / 4 / 8 tokens with the default preset's placement (the layer's 0.1 % in
-    # q/k/v): Marlin + SELL against the tensor-core form with the terms inside (column "tensor-core, SELL inside").
-    # Then: throughput sw-w4-g128-holdout-qkv-humgemv-mma8,sw-w4-g128-holdout-qkv-humgemv (+ awq, sw-w4-g128-humgemv)
+    # (SUPERWEIGHT_CUDA_GEMV=8, humming-gemv; the same over the default one-copy pair's Marlin copy): its GPU test
+    # with the one-Humming-copy tests and both forms' epilogue tests, then cuda_gemv_bench.py at 2 / 4 / 8 tokens
+    # with the default preset's placement (the layer's 0.1 % in q/k/v): Marlin + SELL against the tensor-core form
+    # with the terms inside (column "tensor-core, SELL inside"). Then the throughput calls
+    #   sw-w4-g128-holdout-qkv-humgemv-mma8,sw-w4-g128-holdout-qkv-humgemv
+    #   sw-w4-g128-holdout-qkv-cg8,sw-w4-g128-holdout-qkv
     setup
-    humming_tests 300 mmahum -k "humming or gemv_epilogue" \
-      "tests/test_gpu_kernels.py::test_humming_gemv_tensor_core_form_adds_held_out_terms" \
+    humming_tests 300 mmahum -k "humming or gemv_epilogue or tensor_core" \
+      "tests/test_gpu_kernels.py::test_one_copy_tensor_core_form_adds_held_out_terms" \
       "tests/test_cuda_marlin_gemv.py::test_gemv_epilogue_adds_held_out_terms_exactly"
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_mmafused.json" \

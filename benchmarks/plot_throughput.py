@@ -70,7 +70,7 @@ KERNEL_SUFFIX = {
     "-nocg": " → Marlin at batch 1",
     "-cgin": " → CUDA GEMV at batch 1, correction in its epilogue",
     "-cgsell": " → CUDA GEMV at batch 1, correction after it",
-    "-cg8": " → one W4 copy, our GEMV up to 8 tokens (tensor cores from 2)",
+    "-cg8": " → one W4 copy, our GEMV up to 8 tokens (tensor cores from 2, held-out layers, terms inside)",
     "-cg8in": " → our GEMV up to 8 tokens, correction inside it",
     "-cgdef": " → CUDA GEMV's launch configuration pinned to the package's (control)",
 }

@@ -224,7 +224,8 @@ METHODS["sw-w4-g128-holdout-qkv-cgsell"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_ONECOPY_CONFIG": "corr=sell"}
 )
 # the GEMV's tensor-core form for 2-8 tokens too (SUPERWEIGHT_CUDA_GEMV=8; session 24, H200, 7B layer: 78-90 us at
-# 2-8 tokens vs Marlin's 66, so opt-in): batch 8's decode steps off Marlin, with and without the hold-out, one copy
+# 2-8 tokens vs Marlin's 66, so opt-in); since session 29 the one-copy pair sends only layers with held-out (or
+# super-weight) terms there, folding them into its epilogue, and keeps Marlin for the others
 METHODS["sw-w4-g128-holdout-qkv-cg8"] = dict(
     METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "8"}
 )

@@ -422,15 +422,18 @@ def test_kernel_classes_overlapped_correction(kernel, monkeypatch):
     _kernel_class_correction(kernel, torch.bfloat16)
 
 
-def test_humming_gemv_tensor_core_form_adds_held_out_terms(monkeypatch):
-    """SUPERWEIGHT_CUDA_GEMV=8 on one Humming copy: a held-out layer's 2-8 token batches run our tensor-core GEMV
-    over Humming's own tensors with the terms in its epilogue (planned and checked at load -- asserted, so a silent
-    fallback to Humming + correction fails here), against the float reference of the dequantized weights with the
-    held-out values restored; 1 token the CUDA-core form, 9-300 Humming + correction / dequantize."""
+@pytest.mark.parametrize("kernel", ["auto", "humming-gemv"])
+def test_one_copy_tensor_core_form_adds_held_out_terms(kernel, monkeypatch):
+    """SUPERWEIGHT_CUDA_GEMV=8 on the one-copy kernels (the held-out default's Marlin copy, one Humming copy): a
+    held-out layer's 2-8 token batches run our tensor-core GEMV over the copy's own tensors with the terms in its
+    epilogue (planned and checked at load -- asserted, so a silent fallback to the GEMM + correction fails here),
+    against the float reference of the dequantized weights with the held-out values restored; 1 token the
+    CUDA-core form, 9-300 the GEMM + correction / dequantize."""
     monkeypatch.setenv("SUPERWEIGHT_CUDA_GEMV", "8")
-    kobj = _kernel_class_correction("humming-gemv", torch.bfloat16, ms=(1, 2, 3, 5, 8, 9, 17, 300))
+    kobj = _kernel_class_correction(kernel, torch.bfloat16, ms=(1, 2, 3, 5, 8, 9, 17, 300))
+    assert kobj.MMA_HELD_ONLY, type(kobj).__name__
     assert kobj.cgemv_mma is not None and kobj.cgemv_mma.mma and kobj.cgemv_max_m == 8
-    assert kobj.cgemv_mma.layout == kobj.layout and kobj.sp and kobj.cmaps is not None
+    assert kobj.cgemv_mma.layout == kobj.cgemv.layout and kobj.sp and kobj.cmaps is not None
 
 
 def _kernel_class_correction(kernel, dtype, ms=(1, 16, 17, 300)):

@@ -609,10 +609,17 @@ def test_cuda_gemv_stays_off_when_turned_off_and_says_why_it_cannot_run(monkeypa
     assert kern.describe().startswith("Marlin(")
 
 
-def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch):
+@pytest.mark.parametrize("pair", ["one-copy", "dual"])
+def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch, pair):
+    """Single tokens: the GEMV's CUDA-core form (with the layer's own bias); 2..MAX_M: its tensor-core form -- on the
+    one-copy pair only where it adds held-out terms in its epilogue (alone it is slower than Marlin there, s25), on
+    the two-copy pair always (its documented opt-in); above MAX_M: Marlin."""
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
 
     kern = _pair_with_marlin_copy()
+    if pair == "dual":  # the same object as the Marlin / Machete pair would route it
+        kern.MMA_HELD_ONLY = False
+    assert WO.MarlinDequantOneCopyKernel.MMA_HELD_ONLY and not WO.DualMarlinMacheteKernel.MMA_HELD_ONLY
     one = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu")
     mma = CG.gemv_plan(128, 256, 64, True, torch.bfloat16, "cpu", config=CG.MMA_CONFIG)
     kern.cgemv, kern.cgemv_mma, kern.cgemv_max_m = one, mma, 6
@@ -620,7 +627,7 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch)
     monkeypatch.setattr(
         CG,
         "marlin_gemv_cuda",
-        lambda x, qm, s, z, p, bias, sparse, maps: calls.append(("gemv", x.shape[0], bias, p.mma)),
+        lambda x, qm, s, z, p, bias, sparse, maps: calls.append(("gemv", x.shape[0], bias, p.mma, sparse is not None)),
     )
 
     class FakeMarlin:
@@ -633,8 +640,16 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch)
         kern._small_gemm(torch.zeros(m, 256), bias if m == 1 else None)
     assert calls[0][:2] == ("gemv", 1) and calls[0][2] is bias  # the layer's own bias, not Marlin's permuted one
     assert calls[0][3] is False  # one token: the CUDA-core form
-    assert calls[1:3] == [("gemv", 2, None, True), ("gemv", 6, None, True)]  # 2..MAX_M: the tensor-core form
+    if pair == "dual":
+        assert calls[1:3] == [("gemv", 2, None, True, False), ("gemv", 6, None, True, False)]  # tensor-core form
+    else:
+        assert calls[1:3] == [("marlin", 2, None), ("marlin", 6, None)]  # nothing to fold in: Marlin
     assert calls[3] == ("marlin", 7, None)
+    calls.clear()
+    sp = {"ell_cols": torch.zeros(1, 1)}
+    for m in (2, 6, 7):
+        kern._small_gemm(torch.zeros(m, 256), None, sp, {})
+    assert calls == [("gemv", 2, None, True, True), ("gemv", 6, None, True, True), ("marlin", 7, None)]
 
 
 @pytest.mark.parametrize(

@@ -51,11 +51,11 @@ Only what users need is a knob:
                                     tokens, its CUDA-core form (H200, 7B layer: 0.89x Marlin's time; end to end, 0.1 %
                                     hold-out, one copy: batch 1 0.751 s vs Marlin's 0.807, AWQ 0.981). ``2``-``8``:
                                     also 2..MAX_M tokens, through its tensor-core form (opt-in: correct on the
-                                    H200 but 67-74 us a 7B layer at 2-8 tokens vs Marlin's 66, s25). Under
-                                    ``SUPERWEIGHT_W4_KERNEL=humming-gemv``, ``2``-``8`` sends only held-out layers'
-                                    2..MAX_M-token batches to that form over Humming's tensors, the terms in its
-                                    epilogue (one kernel for Humming + the SELL correction; built in s29, not yet
-                                    measured on a GPU); other layers keep Humming from 2 tokens. ``0``: Marlin.
+                                    H200 but 67-74 us a 7B layer at 2-8 tokens vs Marlin's 66, s25). The one-copy
+                                    kernels (the held-out default's Marlin copy, ``humming-gemv``) send only layers
+                                    with held-out terms there, the terms in its epilogue (one kernel for the GEMM +
+                                    the SELL correction; since s29, not yet measured on a GPU); their other layers
+                                    keep Marlin / Humming from 2 tokens. ``0``: Marlin.
                                     ``MAX_M@one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL],mma=...``: also the
                                     launch configuration of either form (``kernels.cuda_marlin_gemv.CONFIG_FIELDS``;
                                     ``cuda_gemv_bench.py --recommend-env`` writes the fastest it measured).

@@ -578,7 +578,20 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         """What the layer's single-token batches are meant to run (logged before the weights are loaded: a layer
         whose plan then fails says so in its own warning)."""
         m = envs.cuda_gemv_max_m() if self.config.device_type == "cuda" else 0
+        if m > 1 and self.MMA_HELD_ONLY:
+            return f"CUDA-GEMV(M<=1; held-out M<={m})/"
         return f"CUDA-GEMV(M<={m})/" if m else ""
+
+    #: 2..cgemv_max_m tokens through the GEMV's tensor-core form only where it adds held-out terms in its epilogue
+    #: (the one-copy kernels): alone it is slower than Marlin at 2-8 tokens (H200, s25: 66.6-73.5 vs 66 us a 7B
+    #: layer), so it pays only where it replaces a separate correction kernel
+    MMA_HELD_ONLY = False
+
+    def _gemv_serves(self, m: int, sparse: dict[str, torch.Tensor] | None) -> bool:
+        """Whether our CUDA GEMV serves this ``m``-token batch (``sparse``: held-out terms for its epilogue)."""
+        if self.cgemv is None or m > self.cgemv_max_m:
+            return False
+        return m == 1 or bool(sparse) or not self.MMA_HELD_ONLY
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Marlin's copy is taken from the loaded weights before Machete repacks them in place.
@@ -674,7 +687,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         """The small-batch GEMM over Marlin's copy: the CUDA GEMV where planned and the batch fits it (with
         ``sparse``: the held-out terms added in its epilogue), else Marlin (which reads its own permuted copy of
         the bias)."""
-        if self.cgemv is not None and x.shape[0] <= self.cgemv_max_m:
+        if self._gemv_serves(x.shape[0], sparse):
             from ..cuda_marlin_gemv import marlin_gemv_cuda
 
             qm, scale, zero = self._gemv_tensors()
@@ -764,6 +777,7 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
 
     wraps = "HummingLinearKernel"
     MODES = ("humming-gemv",)
+    MMA_HELD_ONLY = True
     PARTS = (HummingKernel, HummingKernel)
     LARGE_NAME = "Humming"
     DEFAULT_MAX_M = 1
@@ -780,10 +794,6 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
 
     def describe(self) -> str:
         return f"{self._cuda_gemv_name()}Humming (one copy)"
-
-    def _cuda_gemv_name(self) -> str:
-        m = envs.cuda_gemv_max_m() if self.config.device_type == "cuda" else 0
-        return "" if not m else "CUDA-GEMV(M<=1)/" if m == 1 else f"CUDA-GEMV(M<=1; held-out M<={m})/"
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.has_bias = getattr(layer, "bias", None) is not None
@@ -899,7 +909,7 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
         sparse: dict[str, torch.Tensor] | None = None,
         maps: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if self.cgemv is not None and x.shape[0] <= self.cgemv_max_m:  # the GEMV over Humming's tensors
+        if self._gemv_serves(x.shape[0], sparse):  # the GEMV over Humming's tensors
             return super()._small_gemm(x, bias, sparse, maps)
         if sparse:
             from .. import gemm_then_correction
@@ -1001,9 +1011,11 @@ class MarlinDequantOneCopyKernel(MarlinDequantKernel):
     epilogue (``kernels/triton_marlin_gemv.py``; opt-in: H200, M = 1 -1.8 % vs Marlin + SELL, slower from M = 2).
     On CUDA, the batches our CUDA GEMV serves (``SUPERWEIGHT_CUDA_GEMV``, single tokens by default) get the held-out
     terms in that GEMV's epilogue (the default since session 24: 66.4 us a 7B layer vs 71.6 with the SELL kernel
-    after it; ``SUPERWEIGHT_ONECOPY_CONFIG=corr=sell`` keeps the separate kernel)."""
+    after it; ``SUPERWEIGHT_ONECOPY_CONFIG=corr=sell`` keeps the separate kernel). With ``SUPERWEIGHT_CUDA_GEMV=2..8``
+    only layers with held-out terms take its tensor-core form for 2..8 tokens (``MMA_HELD_ONLY``)."""
 
     wraps = "MarlinLinearKernel+dequant(Marlin layout)/cuBLAS"
+    MMA_HELD_ONLY = True
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
