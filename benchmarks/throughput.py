@@ -141,6 +141,14 @@ for _spec in METHODS.values():
         _spec["flags"] = _flags = _flags + ["--grid", "minmax"]
     if _flags and "--preset" not in _flags and _spec["holdout"] > 0:
         _spec["flags"] = _flags + ["--holdout-modules", "all"]
+
+
+def _variant(base: str, **env: str) -> dict:
+    """Method ``base``'s spec served from its own checkpoint with these environment knobs (a kernel forced, a
+    configuration pinned): the same weights, another serving path."""
+    return dict(METHODS[base], ckpt=base, env=env)
+
+
 # the same 0.1 % total spent in q/k/v only (one corrected GEMM per layer, qkv_proj, instead of four): as good as
 # every matrix on SmolLM2 / Gemma-3 (benchmarks/results/grid_study.md, session 14); its own checkpoint
 METHODS["sw-w4-g128-holdout-qkv"] = dict(
@@ -150,113 +158,83 @@ METHODS["sw-w4-g128-holdout-qkv"] = dict(
 # the same checkpoints served by our Triton W4 GEMM (one stored layout, correction inside the GEMM): the base
 # variant's spec, its checkpoint reused, the kernel forced
 for _base in ("sw-w4-g128", "sw-w4-g128-holdout"):
-    METHODS[_base + "-fused"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "fused"})
+    METHODS[_base + "-fused"] = _variant(_base, SUPERWEIGHT_W4_KERNEL="fused")
 # held-out checkpoints: forced onto the Marlin + dequantize pair over two W4 copies (-mdeq; H200: saturated
 # 1.22-1.65x the Marlin / Machete pair's) or onto that earlier pair (-dual), same checkpoint
 for _base in ("sw-w4-g128-holdout", "sw-default"):
-    METHODS[_base + "-mdeq"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq"})
-    METHODS[_base + "-dual"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "dual"})
+    METHODS[_base + "-mdeq"] = _variant(_base, SUPERWEIGHT_W4_KERNEL="marlin-deq")
+    METHODS[_base + "-dual"] = _variant(_base, SUPERWEIGHT_W4_KERNEL="dual")
     # the same pair over one W4 copy (large batches dequantize from Marlin's layout; their default since session 9)
-    METHODS[_base + "-mdeq1"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"})
+    METHODS[_base + "-mdeq1"] = _variant(_base, SUPERWEIGHT_W4_KERNEL="marlin-deq1")
 # the checkpoint without hold-out over one W4 copy too (Marlin below 96 tokens, dequantized from Marlin's layout
 # above): what serving every checkpoint from one copy would cost against the two-copy Marlin / Machete pair
-METHODS["sw-w4-g128-mdeq1"] = dict(
-    METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"}
-)
+METHODS["sw-w4-g128-mdeq1"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-deq1")
 # vLLM's Humming backend (humming-kernels, optional; session 18 kernels: within 10% of Marlin at 1-32 tokens,
 # 0.80-0.91x Machete's time at 64-192): alone over ONE copy (+ the separate correction where a hold-out is), and
 # above Marlin's batches (two copies)
 for _base in ("sw-w4-g128", "sw-w4-g128-holdout-qkv"):
-    METHODS[_base + "-humming"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "humming"})
+    METHODS[_base + "-humming"] = _variant(_base, SUPERWEIGHT_W4_KERNEL="humming")
 # one Humming copy with single tokens through our CUDA GEMV over Humming's own tensors (session 25: Humming's repack
 # is Marlin's tile for tile; humming alone trails Marlin only at batch 1), with and without the q/k/v hold-out
 for _base in ("sw-w4-g128", "sw-w4-g128-holdout-qkv"):
-    METHODS[_base + "-humgemv"] = dict(METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "humming-gemv"})
+    METHODS[_base + "-humgemv"] = _variant(_base, SUPERWEIGHT_W4_KERNEL="humming-gemv")
 # session 28: the q/k/v hold-out's correction (2-95 tokens) on a side stream beside the GEMM
 # (SUPERWEIGHT_SPARSE_OVERLAP=1): on the Humming copy + GEMV and on the default's one Marlin copy
-METHODS["sw-w4-g128-holdout-qkv-humgemv-ovl"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"],
-    ckpt="sw-w4-g128-holdout-qkv",
-    env={"SUPERWEIGHT_W4_KERNEL": "humming-gemv", "SUPERWEIGHT_SPARSE_OVERLAP": "1"},
+METHODS["sw-w4-g128-holdout-qkv-humgemv-ovl"] = _variant(
+    "sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_SPARSE_OVERLAP="1"
 )
-METHODS["sw-w4-g128-holdout-qkv-ovl"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_SPARSE_OVERLAP": "1"}
-)
+METHODS["sw-w4-g128-holdout-qkv-ovl"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_SPARSE_OVERLAP="1")
 # session 29: held-out layers' 2-8 token batches through our tensor-core GEMV over Humming's tensors with the terms in
 # its epilogue (SUPERWEIGHT_CUDA_GEMV=8; Humming + the SELL correction otherwise) -- the hold-out's batch-8 cost
-METHODS["sw-w4-g128-holdout-qkv-humgemv-mma8"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"],
-    ckpt="sw-w4-g128-holdout-qkv",
-    env={"SUPERWEIGHT_W4_KERNEL": "humming-gemv", "SUPERWEIGHT_CUDA_GEMV": "8"},
+METHODS["sw-w4-g128-holdout-qkv-humgemv-mma8"] = _variant(
+    "sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_CUDA_GEMV="8"
 )
-METHODS["sw-w4-g128-mhum"] = dict(
-    METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-humming"}
-)
+METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?
-METHODS["sw-w4-g128-marlin"] = dict(METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin"})
+METHODS["sw-w4-g128-marlin"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin")
 # the one-copy pair with the GEMV over Marlin's layout for batch 1 (the held-out correction in its
 # epilogue: no second kernel at batch 1), with and without hold-out
 for _base in ("sw-w4-g128-holdout", "sw-default"):
-    METHODS[_base + "-gemv"] = dict(
-        METHODS[_base], ckpt=_base, env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "gemv=1"}
-    )
-METHODS["sw-w4-g128-gemv"] = dict(
-    METHODS["sw-w4-g128"],
-    ckpt="sw-w4-g128",
-    env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_ONECOPY_CONFIG": "gemv=1"},
+    METHODS[_base + "-gemv"] = _variant(_base, SUPERWEIGHT_W4_KERNEL="marlin-deq1", SUPERWEIGHT_ONECOPY_CONFIG="gemv=1")
+METHODS["sw-w4-g128-gemv"] = _variant(
+    "sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-deq1", SUPERWEIGHT_ONECOPY_CONFIG="gemv=1"
 )
 # our CUDA-core GEMV over Marlin's tensors for single-token batches (SUPERWEIGHT_CUDA_GEMV=1, session 22: 0.90x
 # Marlin's kernel time at M = 1, slower from 2): the held-out checkpoint's default one-copy pair (-cg), the checkpoint
 # without hold-out on that one copy (-cg1) and on its two-copy default (-cg)
-METHODS["sw-w4-g128-holdout-qkv-cg"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"],
-    ckpt="sw-w4-g128-holdout-qkv",
-    env={"SUPERWEIGHT_CUDA_GEMV": "1", "SUPERWEIGHT_ONECOPY_CONFIG": "corr=sell"},  # as session 23 measured it
+METHODS["sw-w4-g128-holdout-qkv-cg"] = _variant(  # as session 23 measured it
+    "sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="1", SUPERWEIGHT_ONECOPY_CONFIG="corr=sell"
 )
 # the held-out default with its single-token correction in the CUDA GEMV's epilogue, named explicitly (the default
 # since session 24: its second form took 66.4 us a 7B layer vs 71.6 with the SELL kernel after the GEMV; the first
 # form was slower, batch 1 0.873 s vs 0.751, session 23) and with the correction after the GEMV (-cgsell)
-METHODS["sw-w4-g128-holdout-qkv-cgin"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_ONECOPY_CONFIG": "corr=inside"}
-)
-METHODS["sw-w4-g128-holdout-qkv-cgsell"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_ONECOPY_CONFIG": "corr=sell"}
-)
+METHODS["sw-w4-g128-holdout-qkv-cgin"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_ONECOPY_CONFIG="corr=inside")
+METHODS["sw-w4-g128-holdout-qkv-cgsell"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_ONECOPY_CONFIG="corr=sell")
 # the GEMV's tensor-core form for 2-8 tokens too (SUPERWEIGHT_CUDA_GEMV=8; session 24, H200, 7B layer: 78-90 us at
 # 2-8 tokens vs Marlin's 66, so opt-in); since session 29 the one-copy pair sends only layers with held-out (or
 # super-weight) terms there, folding them into its epilogue, and keeps Marlin for the others
-METHODS["sw-w4-g128-holdout-qkv-cg8"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "8"}
-)
+METHODS["sw-w4-g128-holdout-qkv-cg8"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="8")
 # both: 1-8 tokens through our GEMV with the held-out terms read inside it (session 23's two opt-in kernels)
-METHODS["sw-w4-g128-holdout-qkv-cg8in"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"],
-    ckpt="sw-w4-g128-holdout-qkv",
-    env={"SUPERWEIGHT_CUDA_GEMV": "8", "SUPERWEIGHT_ONECOPY_CONFIG": "corr=inside"},
+METHODS["sw-w4-g128-holdout-qkv-cg8in"] = _variant(
+    "sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="8", SUPERWEIGHT_ONECOPY_CONFIG="corr=inside"
 )
-METHODS["sw-w4-g128-cg8"] = dict(
-    METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1", "SUPERWEIGHT_CUDA_GEMV": "8"}
-)
+METHODS["sw-w4-g128-cg8"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-deq1", SUPERWEIGHT_CUDA_GEMV="8")
 # the held-out default with Marlin for single tokens too (the default before session 23)
-METHODS["sw-w4-g128-holdout-qkv-nocg"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "0"}
-)
-METHODS["sw-w4-g128-cg"] = dict(METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_CUDA_GEMV": "1"})
+METHODS["sw-w4-g128-holdout-qkv-nocg"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="0")
+METHODS["sw-w4-g128-cg"] = _variant("sw-w4-g128", SUPERWEIGHT_CUDA_GEMV="1")
 # the checkpoint without hold-out on the one-copy pair (the held-out default's kernels; SUPERWEIGHT_CUDA_GEMV left to
 # the environment: 1 by default, or what gpu_run.sh's `tuned` stage sourced from the micro-benchmark)
-METHODS["sw-w4-g128-cg1"] = dict(METHODS["sw-w4-g128"], ckpt="sw-w4-g128", env={"SUPERWEIGHT_W4_KERNEL": "marlin-deq1"})
+METHODS["sw-w4-g128-cg1"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-deq1")
 # the held-out default with the CUDA GEMV's launch configuration pinned to the package's (whatever the environment
 # says): the control for a tuned run in the same lease
-METHODS["sw-w4-g128-holdout-qkv-cgdef"] = dict(
-    METHODS["sw-w4-g128-holdout-qkv"], ckpt="sw-w4-g128-holdout-qkv", env={"SUPERWEIGHT_CUDA_GEMV": "1"}
-)
+METHODS["sw-w4-g128-holdout-qkv-cgdef"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="1")
 # the W8A8 checkpoint with its first outlier channel in CUTLASS's per-token zero-point epilogue (no side product for
 # it; the default since session 12) named explicitly, and without it (every outlier channel a side product)
-METHODS["sw-w8a8-azp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "1"})
-METHODS["sw-w8a8-noazp"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_AZP": "0"})
+METHODS["sw-w8a8-azp"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_AZP="1")
+METHODS["sw-w8a8-noazp"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_AZP="0")
 # CUTLASS at every batch (no Triton small-batch GEMM, whatever the kernel benchmark recommended)
-METHODS["sw-w8a8-cutlass"] = dict(METHODS["sw-w8a8"], ckpt="sw-w8a8", env={"SUPERWEIGHT_W8A8_TRITON": "0"})
+METHODS["sw-w8a8-cutlass"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_TRITON="0")
 GROUPS = {
     "core": ["awq", "smoothquant", "sw-w4-channel", "sw-w4-channel-nosw", "sw-w4-channel-holdout", "sw-w8a8"],
     "lean": [

@@ -13,15 +13,21 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 SCRIPTS = [os.path.join(ROOT, "benchmarks", name) for name in ("gpu_run.sh", "gpu_eval_ckpt.sh")]
 
 
+def _from_scripts(find) -> set:
+    """The union of ``find(text)`` over the GPU scripts."""
+    found: set = set()
+    for path in SCRIPTS:
+        with open(path) as f:
+            found |= find(f.read())
+    return found
+
+
 def _named_tests(text: str) -> set[tuple[str, str]]:
     return set(re.findall(r"(tests/[\w/]+\.py)::(\w+)", text))
 
 
 def test_every_test_the_stages_name_exists():
-    named = set()
-    for path in SCRIPTS:
-        with open(path) as f:
-            named |= _named_tests(f.read())
+    named = _from_scripts(_named_tests)
     assert named, "no test node ids found: the pattern no longer matches the script"
     for rel, name in sorted(named):
         with open(os.path.join(ROOT, rel)) as f:
@@ -60,10 +66,7 @@ def test_script_flags_pattern():
 def test_every_flag_the_stages_pass_exists():
     """Each ``--flag`` a GPU stage passes to a benchmarks/ script is one that script's argparse defines (session 28:
     a flag given to the wrong script would have failed that stage on the GPU)."""
-    found = set()
-    for path in SCRIPTS:
-        with open(path) as f:
-            found |= _script_flags(f.read())
+    found = _from_scripts(_script_flags)
     assert found, "no benchmark calls found: the pattern no longer matches the script"
     for script, flag in sorted(found):
         with open(os.path.join(ROOT, "benchmarks", script + ".py")) as f:
