@@ -76,6 +76,14 @@ Only what users need is a knob:
                                     vs 45.9 us a 7B qkv layer at 64 tokens, +3.8% at batch 64 end to end: the
                                     GEMM leaves no SM free); an experiment, kept for other GPUs. ``0`` (default):
                                     after the GEMM, in place.
+``SUPERWEIGHT_SPARSE_PANEL``        ``1`` (or ``mb=TOKENS,warps=W,per_sm=B,max_m=M``, any subset): the separate SELL
+                                    correction on CUDA (packed slots, 16-bit x and y, up to ``max_m`` tokens,
+                                    default 96) through ``kernels.cuda_sell``: each block copies x's rows of up to
+                                    ``mb`` tokens (default 16) into shared memory once and its warps read every
+                                    term's tokens there -- no transpose kernel, no gather from global memory per
+                                    term. Opt-in: built in session 30, not yet measured on a GPU; unset or ``0``:
+                                    the Triton kernel (``SUPERWEIGHT_SPARSE_TILES``), which also serves whatever
+                                    this kernel does not take.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
                                     outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
@@ -120,6 +128,7 @@ W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
 _INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 SPARSE_OVERLAP = "SUPERWEIGHT_SPARSE_OVERLAP"
+SPARSE_PANEL = "SUPERWEIGHT_SPARSE_PANEL"
 CUDA_GEMV = "SUPERWEIGHT_CUDA_GEMV"
 DEFAULT_CUDA_GEMV_MAX_M = 1
 CACHE_DIR = "SUPERWEIGHT_CACHE_DIR"
@@ -378,6 +387,41 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
             f"{ONECOPY_CONFIG}={raw!r}: expected deq=BN:WARPS[:SCATTER],"
             "corr=sell|inside|KIND:ROWS:SLOTS:WARPS,gemv=0..4"
         )
+    return out
+
+
+def sparse_panel() -> dict[str, int] | None:
+    """``SUPERWEIGHT_SPARSE_PANEL`` parsed: None where off (unset, ``0``), else ``cuda_sell.PanelConfig`` field
+    overrides (``{}`` for ``1``)."""
+    return _parse_panel(os.environ.get(SPARSE_PANEL, "").strip())
+
+
+_PANEL_KEYS = ("mb", "warps", "per_sm", "max_m")
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_panel(raw: str) -> dict[str, int] | None:
+    if raw in ("", "0"):
+        return None
+    if raw == "1":
+        return {}
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        key, _, val = part.partition("=")
+        ok = key in _PANEL_KEYS and val.isdigit()
+        if ok:
+            v = int(val)
+            ok = {
+                "mb": 1 <= v <= 16 and not v & (v - 1),
+                "warps": 1 <= v <= 32,
+                "per_sm": 0 <= v <= 8,
+                "max_m": v >= 1,
+            }[key]
+        if not ok:
+            raise ValueError(
+                f"{SPARSE_PANEL}={raw!r}: expected 0, 1 or mb=1|2|4|8|16,warps=1..32,per_sm=0..8,max_m=M (any subset)"
+            )
+        out[key] = int(val)
     return out
 
 

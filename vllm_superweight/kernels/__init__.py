@@ -79,7 +79,12 @@ def prepare_sparse(
         from .triton_w4 import _entries  # values the dtype cannot hold -> 2-3 exact terms at the same position
 
         r, c, v = _entries(rows, cols, vals, int(out_features), int(in_features), pack)
-        return build_sell(r, c, v.float(), int(out_features), int(in_features), device, lanes, depth, pack=pack)
+        sp = build_sell(r, c, v.float(), int(out_features), int(in_features), device, lanes, depth, pack=pack)
+        if _is_cuda_device(device) and lanes == 32:  # SUPERWEIGHT_SPARSE_PANEL: its kernels built now, not in a graph
+            from . import cuda_sell
+
+            cuda_sell.prepare(int(in_features), pack, pack, torch.device(device))
+        return sp
     if layout == "sell":
         return build_sell(rows, cols, vals, int(out_features), int(in_features), device, lanes=lanes, depth=depth)
     if layout == "coo":

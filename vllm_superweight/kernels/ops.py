@@ -1,7 +1,8 @@
 """Torch custom ops wrapping the Triton kernels (CUDA), so that they are opaque, graph-safe nodes inside
 ``torch.compile(fullgraph=True)`` and CUDA-graph capture.
 
-* ``torch.ops.superweight.sparse_correction_(y, x, <8 layout tensors>, nnz) -> ()``  mutates ``y``;
+* ``torch.ops.superweight.sparse_correction_(y, x, <8 layout tensors>, nnz) -> ()``  mutates ``y`` (the Triton
+  kernel, or with ``SUPERWEIGHT_SPARSE_PANEL`` the shared-memory CUDA kernel of ``cuda_sell`` where it applies);
 * ``torch.ops.superweight.int8_quant_outlier_split(x, idx?, mask?, per_token) -> (xq, scales, x_out)``;
 * ``torch.ops.superweight.int8_quant_outlier_split_azp(x, idx, mask?) -> (xq, scales, x_out, azp)`` (per token);
 * ``torch.ops.superweight.w8a8_mm(x, bias?, n, key) -> y``: the W8A8 layer registered under ``key``
@@ -42,6 +43,13 @@ def _sparse_impl(
     ucols: torch.Tensor,
     nnz: int,
 ) -> None:
+    from . import cuda_sell
+    from .sparse_layout import marker_dtype
+
+    pack = marker_dtype(ell_vals)
+    if pack is not None and cuda_sell.takes(y, x, ell_cols, pack):  # SUPERWEIGHT_SPARSE_PANEL (opt-in)
+        if cuda_sell.sell_panel_(y, x, ell_cols, ell_rb, hrows, hptr, hcols, pack):
+            return
     triton_sparse.sparse_correction_(y, x, ell_cols, ell_vals, ell_rb, hrows, hptr, hcols, hvals, ucols, nnz)
 
 
