@@ -41,6 +41,7 @@ LANES = 32  # rows a slice: one warp, one lane a row
 DEFAULT_WARPS = 8
 DEFAULT_MAX_M = 96  # the one-copy pairs send 2..95 tokens to the separate correction
 KERNEL = "sw_sell_panel"
+PREFETCH = 16  # slots of a warp's first slice loaded before the panel copy
 
 _SRC = r"""
 typedef unsigned int u32;
@@ -133,6 +134,18 @@ sw_sell_panel(const u16* __restrict__ x, u16* __restrict__ y, const u32* __restr
   const int m0 = blockIdx.y * SP_MB;
   const int mc = min(SP_MB, M - m0);
   const u16* xb = x + (size_t)m0 * xs;
+  const int lane = threadIdx.x & 31;
+  const int it0 = blockIdx.x * SP_WARPS + (threadIdx.x >> 5);  // the warp's first task
+  // the first slots of the warp's first slice requested before the panel copy: their latency hides behind it
+  u32 pre[SP_PF];
+#pragma unroll
+  for (int q = 0; q < SP_PF; ++q) pre[q] = 0u;
+  if (it0 < S) {
+    const u32* sl = ell + (size_t)it0 * L * 32 + lane;
+#pragma unroll
+    for (int q = 0; q < SP_PF; ++q)
+      if (q < L) pre[q] = __ldg(sl + (size_t)q * 32);
+  }
   // the panel: x rows m0 .. m0 + mc transposed, zeros for the rows past M
 #if SP_X2
   // k pairs: a warp reads 128 contiguous bytes of a row per load (x rows 4-byte aligned, K even)
@@ -157,26 +170,33 @@ sw_sell_panel(const u16* __restrict__ x, u16* __restrict__ y, const u32* __restr
 #endif
   __syncthreads();
 
-  const int lane = threadIdx.x & 31;
   const int stride = gridDim.x * SP_WARPS;
-  for (int it = blockIdx.x * SP_WARPS + (threadIdx.x >> 5); it < S + H; it += stride) {  // warp-uniform
+  for (int it = it0; it < S + H; it += stride) {  // warp-uniform
     float acc[SP_MB];
 #pragma unroll
     for (int m = 0; m < SP_MB; ++m) acc[m] = 0.f;
     if (it < S) {
       // light slice: lane = row rb * 32 + lane; its slots fill from 0, so an empty first slot = no entries
       const u32* sl = ell + (size_t)it * L * 32 + lane;
-      const u32 w0 = __ldg(sl);
+      const bool first = it == it0;
+      const u32 w0 = first ? pre[0] : __ldg(sl);
       const int row = __ldg(rb + it) * 32 + lane;
       if (w0 != 0u && row < N) {
-        add_term(acc, panel, w0);
         int j = 1;
-        for (; j + 4 <= L; j += 4) {  // four slots' loads in flight before their terms
-          u32 w[4];
+        if (first) {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) w[q] = __ldg(sl + (size_t)(j + q) * 32);
+          for (int q = 0; q < SP_PF; ++q)
+            if (pre[q] != 0u) add_term(acc, panel, pre[q]);
+          j = SP_PF;
+        } else {
+          add_term(acc, panel, w0);
+        }
+        for (; j + 8 <= L; j += 8) {  // eight slots' loads in flight before their terms
+          u32 w[8];
 #pragma unroll
-          for (int q = 0; q < 4; ++q)
+          for (int q = 0; q < 8; ++q) w[q] = __ldg(sl + (size_t)(j + q) * 32);
+#pragma unroll
+          for (int q = 0; q < 8; ++q)
             if (w[q] != 0u) add_term(acc, panel, w[q]);
         }
         for (; j < L; ++j) {
@@ -283,7 +303,7 @@ def kernel_source(mb: int, warps: int, bf16: bool, pack: int, x2: bool) -> str:
         raise ValueError(f"panel kernel: no variant for mb={mb}, pack={pack}")
     return (
         f"#define SP_MB {mb}\n#define SP_WARPS {warps}\n#define SP_BF16 {int(bf16)}\n#define SP_PACK {pack}\n"
-        f"#define SP_X2 {int(x2)}\n" + _SRC
+        f"#define SP_X2 {int(x2)}\n#define SP_PF {PREFETCH}\n" + _SRC
     )
 
 
