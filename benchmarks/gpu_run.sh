@@ -25,6 +25,8 @@
 #   bash benchmarks/gpu_run.sh mmahum                      # held-out layers' 2-8 tokens through the tensor-core GEMV
 #                                                          # over Humming's tensors, terms inside: GPU tests, then
 #                                                          # cuda_gemv_bench.py --holdout-modules qkv at 2-8 tokens
+#   bash benchmarks/gpu_run.sh panel                       # the shared-memory SELL kernel (SUPERWEIGHT_SPARSE_PANEL): GPU
+#                                                          # tests, then sparse_bench.py beside the Triton kernel
 #   bash benchmarks/gpu_run.sh memcheck                    # SmolLM2's layer shapes, 1..16,384 tokens, under
 #                                                          # compute-sanitizer memcheck where present (session 27)
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
@@ -415,6 +417,23 @@ EOF2
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_mmafused.json" \
       --ms 2,4,8 --holdout-modules qkv --budget-s $((565 - SECONDS)) 2>&1 | grep -v "^$" | tail -25
     echo "[$(ts)] mmahum done" ;;
+  panel)
+    # session 30, after the stash calls (build-bg of the held-out checkpoint started before): the shared-memory SELL
+    # kernel (kernels/cuda_sell.py, opt-in SUPERWEIGHT_SPARSE_PANEL; built on the CPU, its first GPU run): its GPU
+    # tests (float64 reference at every token block, heavy rows, odd K, a CUDA graph, the op's routing), the
+    # one-Humming-copy and default kernel classes' correction tests with the knob on, then sparse_bench.py -- Marlin +
+    # the Triton SELL default against Marlin + the panel kernel's variants at 2-64 tokens, kernels profiled at 8 and
+    # 64. Then the throughput call
+    #   sw-w4-g128-holdout-qkv-humgemv-panel,sw-w4-g128-holdout-qkv-humgemv
+    setup
+    timeout 200 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_panel.xml" \
+      tests/test_cuda_sell.py 2>&1 | grep -v DEBUG | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" \
+      | tee "$OUT/pytest_panel.log" | tail -20
+    SUPERWEIGHT_SPARSE_PANEL=1 humming_tests 150 panel_classes -k "humming or auto"
+    for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
+    timeout $((590 - SECONDS)) $PY -u benchmarks/sparse_bench.py --out "$OUT/sparse_bench_panel.json" \
+      --ms 64,8,16,32,4,2 --no-overlap --triton-variants default --budget-s $((565 - SECONDS)) --profile-ms 8,64 2>&1 | grep -v "^$" | tail -25
+    echo "[$(ts)] panel done" ;;
   memcheck)
     # session 27's crash (an out-of-bounds scale read of the dequantizer at a K tail, found on the CPU and fixed):
     # SmolLM2's layer shapes through the one-copy pair at 1..16,384 tokens, under compute-sanitizer's memcheck where

@@ -16,6 +16,10 @@ default by > 2 % summed over the batches and lost nowhere by > 3 %).
                              # engine's batch-64 gap at 17.7 us a layer against this bench's 14.5 -- the split
                              # between kernels and the time between them says which one to attack
 
+With ``--panel`` (default on) the shared-memory SELL kernel (``kernels/cuda_sell.py``, ``SUPERWEIGHT_SPARSE_PANEL``)
+is timed beside the Triton one on the same layouts: rows ``marlin+panel NAME`` for its launch variants
+(``panel_variants``: token block, warps a block), checked against the same float64 reference first.
+
 Layers: ``--layers`` copies (default 4: 4 x 25 MB of W4 codes, beyond the 60 MB L2) of a random g128 asymmetric
 qkv layer with random held-out positions (speed does not depend on values). Timing: median of CUDA-graph replays
 of all copies, per layer (``w4_fused_bench.time_graph``). JSON after every batch size, markdown table beside it.
@@ -68,6 +72,33 @@ def tile_variants(default) -> dict:
         "wt2": r(default, warps_t=2),  # transposed path (16+ tokens); 2 = derived from the tile, the default until s27
         "wt8": r(default, warps_t=8),
     }
+
+
+def panel_variants() -> dict:
+    """The shared-memory kernel's launch variants (name -> ``cuda_sell.PanelConfig``), one knob away from its default
+    each: token blocks of at most 16 (default) or 8 tokens, 8 (default), 4 or 16 warps a block."""
+    from vllm_superweight.kernels import cuda_sell as CS
+
+    d = CS.PanelConfig()
+    return {
+        "default": d,
+        "mb8": CS.PanelConfig(mb=8),
+        "w4": CS.PanelConfig(warps=4),
+        "w16": CS.PanelConfig(warps=16),
+    }
+
+
+def panel_env(cfg) -> str:
+    """``SUPERWEIGHT_SPARSE_PANEL`` for ``cfg``: the fields that differ from the default, or 1."""
+    from vllm_superweight.kernels import cuda_sell as CS
+
+    d = CS.PanelConfig()
+    parts = [
+        f"{f.name}={getattr(cfg, f.name)}"
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != getattr(d, f.name)
+    ]
+    return ",".join(parts) or "1"
 
 
 def tiles_env(t, default) -> str:
@@ -128,6 +159,7 @@ class Bench:
             "torch": torch.__version__,
         }
         self.marlin = None
+        self.panels: dict = {}  # the shared-memory kernel's variants timed (set by run)
         if not self.dry and not args.no_vllm:
             try:
                 import vllm
@@ -201,6 +233,17 @@ class Bench:
         args = [sp[key] for key in SELL_ORDER]
         self.TS.sparse_correction_(y, x, *args, int(sp["nnz"].shape[0]), tiles=tiles)
 
+    def correct_panel(self, y, x, sp, cfg) -> None:
+        """The shared-memory kernel with launch knobs ``cfg`` (it must take the shape: a refusal is an error here)."""
+        from vllm_superweight.kernels import cuda_sell as CS
+
+        if not CS.sell_panel_(y, x, sp["ell_cols"], sp["ell_rb"], sp["hrows"], sp["hptr"], sp["hcols"], x.dtype, cfg):
+            raise RuntimeError(f"the panel kernel did not take M = {x.shape[0]}")
+
+    def gemm_panel(self, x, cfg) -> None:
+        for lay in self.layers:
+            self.correct_panel(self.gemm(lay, x), x, lay["sell"]["L"], cfg)
+
     def check(self, variants: dict, layouts: list[str]) -> dict:
         """Each variant's correction (on zeros) against a float64 reference, at 8 and 64 tokens: max |error| over
         the reference's magnitude. Variants failing it are not timed."""
@@ -221,6 +264,16 @@ class Bench:
                     err = float((y.double() - ref).abs().max()) / scale
                     if err > 1e-2:
                         bad[f"{lname}/{tname}@{m}"] = err
+            for pname, cfg in self.panels.items():
+                y = torch.zeros(m, self.n, dtype=torch.bfloat16, device=self.dev)
+                try:
+                    self.correct_panel(y, x, lay["sell"]["L"], cfg)
+                except Exception as e:  # noqa: BLE001
+                    bad[f"panel/{pname}@{m}"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    continue
+                err = float((y.double() - ref).abs().max()) / scale
+                if err > 1e-2:
+                    bad[f"panel/{pname}@{m}"] = err
         del s
         return bad
 
@@ -240,8 +293,11 @@ class Bench:
     def run(self):
         TS = self.TS
         self.build()
+        self.panels = panel_variants() if self.args.panel and not self.dry else {}
         variants = tile_variants(TS.DEFAULT_TILES)
         layouts = list(self.layers[0]["sell"])
+        if self.args.triton_variants == "default":  # the Triton kernel's default launch on the default layout only
+            variants, layouts = {"default": variants["default"]}, ["L"]
         bad = self.check(variants, layouts)
         self.meta["check_failures"] = bad
         log(f"reference check: {'all within 1e-2' if not bad else bad}")
@@ -268,6 +324,16 @@ class Bench:
                 self.rows.append(
                     {"m": m, "kind": "marlin+sell " + key, "us": u, "over_gemm": u - base if base else None}
                 )
+            for pname, cfg in self.panels.items():
+                if any(b.startswith(f"panel/{pname}@") for b in bad):
+                    continue
+                u = self.time(lambda cfg=cfg: self.gemm_panel(x, cfg))
+                if u is None:
+                    continue
+                us.setdefault(f"panel/{pname}", {})[m] = u
+                self.rows.append(
+                    {"m": m, "kind": f"marlin+panel {pname}", "us": u, "over_gemm": u - base if base else None}
+                )
             ov = self.time_overlapped(x) if self.args.overlap else None
             if ov is not None:
                 self.rows.append(
@@ -277,6 +343,12 @@ class Bench:
                 lambda: [self.correct(y, x, lay["sell"]["L"], variants["default"]) for lay, y in zip(self.layers, ys)]
             )
             self.rows.append({"m": m, "kind": "sell alone L/default", "us": alone})
+            if "default" in self.panels and "panel/default" in us and m in us["panel/default"]:
+                pd = self.panels["default"]
+                alone = self.time(
+                    lambda: [self.correct_panel(y, x, lay["sell"]["L"], pd) for lay, y in zip(self.layers, ys)]
+                )
+                self.rows.append({"m": m, "kind": "panel alone default", "us": alone})
             log(f"M = {m}: marlin {base} us; " + ", ".join(f"{key} {v[m]:.1f}" for key, v in us.items() if m in v))
             self.save()
         self.recommend(us, variants)
@@ -285,20 +357,27 @@ class Bench:
             if self.left() < 15:
                 break
             self.profile(m, variants["default"])
+            if "default" in self.panels and self.left() > 15:
+                self.profile(m, variants["default"], panel=self.panels["default"])
             self.save()
 
-    def profile(self, m: int, tiles) -> None:
+    def profile(self, m: int, tiles, panel=None) -> None:
         """Where a layer's time goes at ``m`` tokens: the device time of each kernel (GEMM, gather-transpose, SELL) per
         layer, eager launches under torch.profiler. Against the CUDA-graph time of the same work (the rows above), what
-        is left is the time between the kernels, which no kernel change removes."""
+        is left is the time between the kernels, which no kernel change removes. ``panel``: the shared-memory
+        kernel with these knobs instead of the Triton one (row kind ``profile panel``)."""
         x = torch.randn(m, self.k, device=self.dev).to(torch.bfloat16)
+        kind = "profile" if panel is None else "profile panel"
 
         def f():
-            self.gemm_correct(x, "L", tiles)
+            if panel is None:
+                self.gemm_correct(x, "L", tiles)
+            else:
+                self.gemm_panel(x, panel)
 
         if self.dry:
             f()
-            self.rows.append({"m": m, "kind": "profile", "kernels": {}})
+            self.rows.append({"m": m, "kind": kind, "kernels": {}})
             return
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as tprofile
@@ -313,7 +392,7 @@ class Bench:
             torch.cuda.synchronize()
         avgs = [(e.key, float(e.self_device_time_total), int(e.count)) for e in prof.key_averages()]
         kt = kernel_table(avgs, iters * len(self.layers))
-        self.rows.append({"m": m, "kind": "profile", "kernels": kt})
+        self.rows.append({"m": m, "kind": kind, "kernels": kt})
         log(f"M = {m} per layer: " + ", ".join(f"{name[:40]} {v['us']:.1f} us" for name, v in list(kt.items())[:6]))
 
     def time_overlapped(self, x) -> float | None:
@@ -355,6 +434,15 @@ class Bench:
             rec.update(pick=best, sums=sums, combined=tiles_env(both, TS.DEFAULT_TILES))
         if best:
             rec["env"] = tiles_env(variants[best], TS.DEFAULT_TILES)
+        pus = {key.split("/", 1)[1]: v for key, v in us.items() if key.startswith("panel/")}
+        if pus and "L/default" in us:  # the panel kernel's best variant against the Triton default, same rule
+            cand = dict(pus, triton=us["L/default"])
+            cand["default"], cand["panel-default"] = cand.pop("triton"), cand.pop("default", {})
+            pbest, psums = recommend(cand, ms)
+            rec["panel"] = {"sums": psums, "pick": pbest}
+            if pbest:
+                name = "default" if pbest == "panel-default" else pbest
+                rec["panel"]["env"] = panel_env(self.panels[name])
         self.meta["recommend"] = rec
         log(f"recommend: {rec}")
         if self.args.recommend_env and rec.get("env"):
@@ -388,12 +476,13 @@ def table(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {kind} | " + " | ".join(f"{by[(kind, m)]:.1f}" if (kind, m) in by else "" for m in ms) + " |")
     rec = meta.get("recommend")
     tail = f"\n\nrecommend: {json.dumps(rec)}\n" if rec else "\n"
-    prof = [r for r in rows if r.get("kind") == "profile" and r.get("kernels")]
+    prof = [r for r in rows if r.get("kind") in ("profile", "profile panel") and r.get("kernels")]
     if prof:
         tail += "\nDevice time per layer and kernel (torch.profiler, eager launches), us:\n\n"
         for r in prof:
             kern = ", ".join(f"`{name}` {v['us']:.1f} (x{v['launches']:g})" for name, v in r["kernels"].items())
-            tail += f"* M = {r['m']}: {kern}\n"
+            what = " (panel kernel)" if r["kind"] == "profile panel" else ""
+            tail += f"* M = {r['m']}{what}: {kern}\n"
     return head + "\n".join(lines) + tail
 
 
@@ -420,6 +509,18 @@ def main(argv=None) -> int:
         dest="overlap",
         action="store_false",
         help="do not time SUPERWEIGHT_SPARSE_OVERLAP's schedule (correction on a side stream beside the GEMM)",
+    )
+    ap.add_argument(
+        "--triton-variants",
+        choices=("all", "default"),
+        default="all",
+        help="time every launch and layout variant of the Triton SELL kernel (all) or its default only",
+    )
+    ap.add_argument(
+        "--no-panel",
+        dest="panel",
+        action="store_false",
+        help="do not time the shared-memory SELL kernel (kernels/cuda_sell.py) beside the Triton one",
     )
     args = ap.parse_args(argv)
     if args.dry_run_cpu:

@@ -189,6 +189,13 @@ METHODS["sw-w4-g128-holdout-qkv-ovl"] = _variant("sw-w4-g128-holdout-qkv", SUPER
 METHODS["sw-w4-g128-holdout-qkv-humgemv-mma8"] = _variant(
     "sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_CUDA_GEMV="8"
 )
+# session 30: the hold-out's separate correction (2-95 tokens) through the shared-memory SELL kernel
+# (SUPERWEIGHT_SPARSE_PANEL=1: x staged once per block, no transpose kernel) -- on the Humming copy + GEMV and on the
+# default's one Marlin copy
+METHODS["sw-w4-g128-holdout-qkv-humgemv-panel"] = _variant(
+    "sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_SPARSE_PANEL="1"
+)
+METHODS["sw-w4-g128-holdout-qkv-panel"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_SPARSE_PANEL="1")
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?

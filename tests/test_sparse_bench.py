@@ -58,3 +58,29 @@ def test_kernel_table_per_call_most_expensive_first():
     rows = [{"m": 64, "kind": "marlin", "us": 30.0}, {"m": 64, "kind": "profile", "kernels": kt}]
     md = sb.table(rows, meta)
     assert "| marlin | 30.0 |" in md and "* M = 64: `Marlin<...>` 30.8 (x1)" in md
+
+
+def test_panel_variants_and_their_env():
+    """The shared-memory kernel's variants are one knob from its default each, and what the bench would recommend
+    parses back to the same launch knobs."""
+    sb = _sb()
+    from vllm_superweight import envs
+    from vllm_superweight.kernels import cuda_sell as CS
+
+    v = sb.panel_variants()
+    assert v["default"] == CS.PanelConfig() and sb.panel_env(v["default"]) == "1"
+    for name, cfg in v.items():
+        env = sb.panel_env(cfg)
+        assert CS.PanelConfig(**envs._parse_panel(env)) == cfg, name
+    assert sb.panel_env(v["w4"]) == "warps=4" and sb.panel_env(v["mb8"]) == "mb=8"
+
+
+def test_table_marks_the_panel_kernels_profile():
+    sb = _sb()
+    meta = {"device": "x", "shape": [8, 8], "nnz": 1, "density": 1 / 64}
+    rows = [
+        {"m": 8, "kind": "marlin+panel default", "us": 20.0},
+        {"m": 8, "kind": "profile panel", "kernels": {"sw_sell_panel": {"us": 3.0, "launches": 1.0}}},
+    ]
+    md = sb.table(rows, meta)
+    assert "| marlin+panel default | 20.0 |" in md and "* M = 8 (panel kernel): `sw_sell_panel` 3.0 (x1)" in md

@@ -401,10 +401,12 @@ def sell_panel_(
     hptr: torch.Tensor,
     hcols: torch.Tensor,
     pack: torch.dtype,
+    cfg: PanelConfig | None = None,
 ) -> bool:
     """``y += S x^T`` in place (y [M, N], x [M, K]) through the panel kernel. Returns False (nothing done) where the
-    plan refuses the shape or the kernel failed to build: the caller runs the Triton kernel then."""
-    cfg = config()
+    plan refuses the shape or the kernel failed to build: the caller runs the Triton kernel then. ``cfg``: the
+    launch knobs (default: ``SUPERWEIGHT_SPARSE_PANEL``; nothing done where that is off)."""
+    cfg = cfg or config()
     if cfg is None:
         return False
     m, k = x.shape
