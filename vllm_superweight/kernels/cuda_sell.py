@@ -42,6 +42,7 @@ DEFAULT_WARPS = 8
 DEFAULT_MAX_M = 96  # the one-copy pairs send 2..95 tokens to the separate correction
 KERNEL = "sw_sell_panel"
 PREFETCH = 16  # slots of a warp's first slice loaded before the panel copy
+FILL_BATCH = 64  # x words a thread has in flight while it copies the panel (64 / MB k pairs, MB loads each)
 
 _SRC = r"""
 typedef unsigned int u32;
@@ -148,17 +149,32 @@ sw_sell_panel(const u16* __restrict__ x, u16* __restrict__ y, const u32* __restr
   }
   // the panel: x rows m0 .. m0 + mc transposed, zeros for the rows past M
 #if SP_X2
-  // k pairs: a warp reads 128 contiguous bytes of a row per load (x rows 4-byte aligned, K even)
-  for (int k2 = threadIdx.x; 2 * k2 < K; k2 += SP_WARPS * 32) {
-    u16 lo[SP_MB], hi[SP_MB];
+  // k pairs: a warp reads 128 contiguous bytes of a row per load (x rows 4-byte aligned, K even); SP_FB pairs a
+  // thread with all their loads issued before the first store (SP_FB x SP_MB loads in flight a thread)
+  const int K2 = K >> 1;
+  for (int b0 = threadIdx.x; b0 < K2; b0 += SP_FB * SP_WARPS * 32) {
+    u32 t[SP_FB][SP_MB];
 #pragma unroll
-    for (int m = 0; m < SP_MB; ++m) {
-      const u32 t = m < mc ? __ldg(reinterpret_cast<const u32*>(xb + (size_t)m * xs) + k2) : 0u;
-      lo[m] = (u16)(t & 0xFFFFu);
-      hi[m] = (u16)(t >> 16);
+    for (int f = 0; f < SP_FB; ++f) {
+      const int k2 = b0 + f * SP_WARPS * 32;
+#pragma unroll
+      for (int m = 0; m < SP_MB; ++m)
+        t[f][m] = (m < mc && k2 < K2) ? __ldg(reinterpret_cast<const u32*>(xb + (size_t)m * xs) + k2) : 0u;
     }
-    put_col(panel, 2 * k2, lo);
-    put_col(panel, 2 * k2 + 1, hi);
+#pragma unroll
+    for (int f = 0; f < SP_FB; ++f) {
+      const int k2 = b0 + f * SP_WARPS * 32;
+      if (k2 < K2) {
+        u16 lo[SP_MB], hi[SP_MB];
+#pragma unroll
+        for (int m = 0; m < SP_MB; ++m) {
+          lo[m] = (u16)(t[f][m] & 0xFFFFu);
+          hi[m] = (u16)(t[f][m] >> 16);
+        }
+        put_col(panel, 2 * k2, lo);
+        put_col(panel, 2 * k2 + 1, hi);
+      }
+    }
   }
 #else
   for (int k = threadIdx.x; k < K; k += SP_WARPS * 32) {
@@ -303,7 +319,7 @@ def kernel_source(mb: int, warps: int, bf16: bool, pack: int, x2: bool) -> str:
         raise ValueError(f"panel kernel: no variant for mb={mb}, pack={pack}")
     return (
         f"#define SP_MB {mb}\n#define SP_WARPS {warps}\n#define SP_BF16 {int(bf16)}\n#define SP_PACK {pack}\n"
-        f"#define SP_X2 {int(x2)}\n#define SP_PF {PREFETCH}\n" + _SRC
+        f"#define SP_X2 {int(x2)}\n#define SP_PF {PREFETCH}\n#define SP_FB {max(1, FILL_BATCH // mb)}\n" + _SRC
     )
 
 
