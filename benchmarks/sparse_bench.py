@@ -76,7 +76,7 @@ def tile_variants(default) -> dict:
 
 def panel_variants() -> dict:
     """The shared-memory kernel's launch variants (name -> ``cuda_sell.PanelConfig``), one knob away from its default
-    each: token blocks of at most 16 (default) or 8 tokens, 8 (default), 4 or 16 warps a block."""
+    each: token blocks of at most 16 (default) or 8 tokens, 8 (default), 4 or 16 warps a block, 64 blocks in all."""
     from vllm_superweight.kernels import cuda_sell as CS
 
     d = CS.PanelConfig()
@@ -85,6 +85,7 @@ def panel_variants() -> dict:
         "mb8": CS.PanelConfig(mb=8),
         "w4": CS.PanelConfig(warps=4),
         "w16": CS.PanelConfig(warps=16),
+        "b64": CS.PanelConfig(blocks=64),  # half the panel copies at 64 tokens (one block every other SM)
     }
 
 

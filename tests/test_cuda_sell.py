@@ -45,6 +45,7 @@ def test_plan_token_blocks_and_grid():
     assert many.grid == (132 * 3, 1)  # 64 KB panels: 3 an SM
     assert not CS.panel_plan(8, 4097, 384, H200, cfg)[0].x2  # odd K: one column at a time
     assert CS.panel_plan(16, 4096, 384, H200, CS.PanelConfig(mb=4))[0].mb == 4
+    assert CS.panel_plan(64, 4096, 384, H200, CS.PanelConfig(blocks=64))[0].grid == (16, 4)
 
 
 def test_plan_refusals_and_shrinking_panels():
@@ -66,8 +67,8 @@ def test_panel_knob(monkeypatch):
     assert CS.config() is None
     monkeypatch.setenv(envs.SPARSE_PANEL, "1")
     assert CS.config() == CS.PanelConfig()
-    monkeypatch.setenv(envs.SPARSE_PANEL, "mb=8,warps=4,per_sm=2,max_m=64")
-    assert CS.config() == CS.PanelConfig(mb=8, warps=4, per_sm=2, max_m=64)
+    monkeypatch.setenv(envs.SPARSE_PANEL, "mb=8,warps=4,per_sm=2,max_m=64,blocks=40")
+    assert CS.config() == CS.PanelConfig(mb=8, warps=4, per_sm=2, max_m=64, blocks=40)
     for bad in ("mb=3", "warps=0", "warps=33", "per_sm=9", "max_m=0", "bogus=1", "mb=x", "2"):
         monkeypatch.setenv(envs.SPARSE_PANEL, bad)
         with pytest.raises(ValueError, match="SUPERWEIGHT_SPARSE_PANEL"):

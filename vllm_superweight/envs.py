@@ -76,12 +76,12 @@ Only what users need is a knob:
                                     vs 45.9 us a 7B qkv layer at 64 tokens, +3.8% at batch 64 end to end: the
                                     GEMM leaves no SM free); an experiment, kept for other GPUs. ``0`` (default):
                                     after the GEMM, in place.
-``SUPERWEIGHT_SPARSE_PANEL``        ``1`` (or ``mb=TOKENS,warps=W,per_sm=B,max_m=M``, any subset): the separate SELL
-                                    correction on CUDA (packed slots, 16-bit x and y, up to ``max_m`` tokens,
-                                    default 96) through ``kernels.cuda_sell``: each block copies x's rows of up to
-                                    ``mb`` tokens (default 16) into shared memory once and its warps read every
-                                    term's tokens there -- no transpose kernel, no gather from global memory per
-                                    term. Opt-in: built in session 30, not yet measured on a GPU; unset or ``0``:
+``SUPERWEIGHT_SPARSE_PANEL``        ``1`` (or ``mb=TOKENS,warps=W,per_sm=B,max_m=M,blocks=B``, any subset): the
+                                    separate SELL correction on CUDA (packed slots, 16-bit x and y, up to ``max_m``
+                                    tokens, default 96) through ``kernels.cuda_sell``: each block copies x's rows
+                                    of up to ``mb`` tokens (default 16) into shared memory once and its warps read
+                                    every term's tokens there -- no transpose kernel, no gather from global memory
+                                    per term (``blocks``: blocks in all, default SMs x blocks an SM). Opt-in: built in session 30, not yet measured on a GPU; unset or ``0``:
                                     the Triton kernel (``SUPERWEIGHT_SPARSE_TILES``), which also serves whatever
                                     this kernel does not take.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
@@ -396,7 +396,7 @@ def sparse_panel() -> dict[str, int] | None:
     return _parse_panel(os.environ.get(SPARSE_PANEL, "").strip())
 
 
-_PANEL_KEYS = ("mb", "warps", "per_sm", "max_m")
+_PANEL_KEYS = ("mb", "warps", "per_sm", "max_m", "blocks")
 
 
 @functools.lru_cache(maxsize=8)
@@ -416,10 +416,12 @@ def _parse_panel(raw: str) -> dict[str, int] | None:
                 "warps": 1 <= v <= 32,
                 "per_sm": 0 <= v <= 8,
                 "max_m": v >= 1,
+                "blocks": v >= 0,
             }[key]
         if not ok:
             raise ValueError(
-                f"{SPARSE_PANEL}={raw!r}: expected 0, 1 or mb=1|2|4|8|16,warps=1..32,per_sm=0..8,max_m=M (any subset)"
+                f"{SPARSE_PANEL}={raw!r}: expected 0, 1 or mb=1|2|4|8|16,warps=1..32,per_sm=0..8,max_m=M,blocks=B "
+                "(any subset)"
             )
         out[key] = int(val)
     return out

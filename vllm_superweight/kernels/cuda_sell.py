@@ -253,12 +253,15 @@ sw_sell_panel(const u16* __restrict__ x, u16* __restrict__ y, const u32* __restr
 @dataclass(frozen=True)
 class PanelConfig:
     """Launch knobs (``SUPERWEIGHT_SPARSE_PANEL``): the largest token block, warps a block, blocks an SM (0: as many
-    as the shared memory allows, at most 8), the largest batch taken (larger ones: the Triton kernel)."""
+    as the shared memory allows, at most 8), the largest batch taken (larger ones: the Triton kernel), blocks in all
+    (0: SMs x blocks an SM; fewer blocks copy fewer panels -- each copies all K columns of its token block -- and
+    walk more slices each)."""
 
     mb: int = MAX_MB
     warps: int = DEFAULT_WARPS
     per_sm: int = 0
     max_m: int = DEFAULT_MAX_M
+    blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -309,7 +312,8 @@ def panel_plan(
         per_sm = min(per_sm, cfg.per_sm)
     blocks_m = -(-m // mb)
     need = -(-items // cfg.warps)  # one task a warp
-    gx = max(1, min(need, -(-limits.sms * per_sm // blocks_m)))
+    target = cfg.blocks or limits.sms * per_sm
+    gx = max(1, min(need, -(-target // blocks_m)))
     return PanelPlan(mb, cfg.warps, (gx, blocks_m), smem, bool(x2 and k % 2 == 0)), None
 
 
