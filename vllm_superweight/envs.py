@@ -81,9 +81,10 @@ Only what users need is a knob:
                                     tokens, default 96) through ``kernels.cuda_sell``: each block copies x's rows
                                     of up to ``mb`` tokens (default 16) into shared memory once and its warps read
                                     every term's tokens there -- no transpose kernel, no gather from global memory
-                                    per term (``blocks``: blocks in all, default SMs x blocks an SM). Opt-in: built in session 30, not yet measured on a GPU; unset or ``0``:
-                                    the Triton kernel (``SUPERWEIGHT_SPARSE_TILES``), which also serves whatever
-                                    this kernel does not take.
+                                    per term (``blocks``: blocks in all, default SMs x blocks an SM). Opt-in:
+                                    built in session 30, not yet measured on a GPU; unset or ``0``: the Triton
+                                    kernel (``SUPERWEIGHT_SPARSE_TILES``), which also serves whatever this kernel
+                                    does not take.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
                                     outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
