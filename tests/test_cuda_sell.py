@@ -311,6 +311,17 @@ def test_cuda_panel_in_a_cuda_graph_and_through_the_op(monkeypatch):
     assert torch.equal(static_y, eager)
     heavy = _gpu_entries(n, k, True, seed=4)
     sp = _gpu_layout(n, k, dtype, heavy)
+    taken: list[int] = []
+    real = CS.sell_panel_
+
+    def spy(y, x, *a, **kw):
+        done = real(y, x, *a, **kw)
+        if done:
+            taken.append(x.shape[0])
+        return done
+
+    monkeypatch.setattr(CS, "sell_panel_", spy)
     for m in (8, 64, 65, 200):
         x, y, ref, mag = _gpu_inputs(n, k, m, dtype, heavy, seed=m)
         assert_rounded_close(K.sparse_correction(y.clone(), x, sp), ref, mag, dtype)
+    assert taken == [8, 64]
