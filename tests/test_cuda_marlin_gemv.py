@@ -834,3 +834,123 @@ def test_programmatic_dependent_launch_reads_what_the_kernels_before_it_wrote():
         step()  # eagerly too
         torch.cuda.synchronize()
         assert torch.equal(y1, CG.marlin_gemv_cuda(src, qm, ms, mz, plain)), i
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU: the kernel itself under the host emulation (tests/cuda_emu.py)
+# ---------------------------------------------------------------------------------------------------------------
+GEMV_PARAMS = ["const uint4*", "const u16*", "const u16*", "const u32*", "const u16*", "u16*", "float*", "u32*"]
+GEMV_PARAMS += ["int"] * 7 + ["u32", "u32", "const u32*", "int", "const int*", "const int*", "const int*"]
+GEMV_PARAMS += ["const u32*", "int"]
+
+
+def _emu_gemv(plan, x, qm, scale, zero, bias=None, sparse=None, maps=None):
+    """``marlin_gemv_cuda``'s launch, argument for argument, run by the host emulation on CPU tensors."""
+    cuda_emu = pytest.importorskip("cuda_emu")
+    if cuda_emu.compiler() is None:
+        pytest.skip("no host C++ compiler")
+    m = x.shape[0]
+    lib = cuda_emu.build(CG.kernel_source(plan, m), "sw_marlin_gemv", GEMV_PARAMS)
+    y = torch.full((m, plan.n), float("nan"), dtype=x.dtype)
+    ws = torch.full((plan.splits * plan.max_m * plan.n,), float("nan"), dtype=torch.float32)
+    cnt = torch.zeros(plan.tiles, dtype=torch.int32)
+    dummy = qm
+    ell = hr = hp = hc = hg = None
+    if sparse is not None:
+        ell, hr, hp, hc, hg = sparse["ell_cols"], sparse["hrows"], sparse["hptr"], sparse["hcols"], maps["hrng"]
+    args = [qm, x, scale, zero if zero is not None else dummy, bias if bias is not None else dummy, y, ws, cnt]
+    args += [m, plan.n, plan.k // 16, x.stride(0), y.stride(0), plan.rpw, int(bias is not None)]
+    args += [0x000F000F if plan.lean else 0x000F0000, 0x43004300 if plan.lean else 0x43000000]
+    args += [ell if ell is not None else dummy, ell.shape[1] if ell is not None else 0]
+    args += [t if t is not None else dummy for t in (hg, hr, hp, hc)] + [int(ell is not None)]
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    bad = cuda_emu.launch(lib, (plan.tiles, plan.splits), plan.warps * 32, 0, args, check=tensors)
+    assert bad == 0, f"{bad} loads outside the buffers passed"
+    assert torch.equal(cnt, torch.zeros_like(cnt)), "the split-K counters were not re-armed"
+    return y
+
+
+def _codes_layer(n, k, group, sym, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    ng = 1 if group in (-1, 0) or group >= k else k // group
+    q = torch.randint(0, 16, (n, k), generator=g)
+    scales = (torch.rand(n, ng, generator=g) * 0.01 + 0.002).to(dtype)
+    zeros = None if sym else torch.randint(0, 16, (n, ng), generator=g)
+    z = torch.full((n, ng), 8) if sym else zeros
+    gs = k // ng
+    w = (q - z.repeat_interleave(gs, 1)).double() * scales.double().repeat_interleave(gs, 1)
+    return q, scales, zeros, w
+
+
+EMU_CONFIGS = {  # the default (lean CUDA-core), the exact CUDA-core form, the tensor-core form (prefetch), 8 warps
+    "lean": CG.DEFAULT_CONFIG,
+    "exact": (4, 4, 24, 4, 1, 0),
+    "mma": CG.MMA_CONFIG,
+    "mma-w8": (4, 8, 24, 2, 1, 0, 1),
+}
+
+
+@pytest.mark.parametrize("layout", ["marlin", "humming-sm90", "humming"])
+@pytest.mark.parametrize("cfg", list(EMU_CONFIGS))
+@pytest.mark.parametrize("n,k,group,sym", [(128, 512, 64, False), (192, 1024, 128, True)])
+def test_host_emulated_gemv_vs_reference(n, k, group, sym, cfg, layout):
+    """The GEMV's own CUDA source run on the CPU (tests/cuda_emu.py: host threads, warp-exchange MMA with the PTX
+    fragment layout) over Marlin's and Humming's layouts: y = x (W + S)^T + b equals the float64 reference of the
+    dequantized codes plus the held-out terms (light slices and heavy rows, read in the epilogue), with and without
+    split-K (the second shape: 2 blocks a tile with these configurations' planning), and without the held-out terms
+    equals x W^T + b -- every form the GPU runs, including session 29's tensor-core form over Humming's tensors with
+    the terms inside, which no GPU has run yet."""
+    dtype = torch.bfloat16
+    q, scales, zeros, w = _codes_layer(n, k, group, sym, dtype, seed=n + k)
+    if layout == "marlin":
+        pytest.importorskip("vllm")
+        from test_triton_marlin_deq import marlin_layout
+
+        qm, ms, mz = marlin_layout({"q": q, "scales": scales, "zeros": zeros, "sym": sym}, n, k, group)
+        lay = CG.LAYOUT_MARLIN
+    else:
+        qm, ms, mz = _humming_layout(q, scales, zeros, sm90=layout == "humming-sm90")
+        lay = CG.LAYOUT_HUMMING_SM90 if layout == "humming-sm90" else CG.LAYOUT_HUMMING
+    plan = CG.gemv_plan(n, k, group, sym, dtype, "cpu", config=EMU_CONFIGS[cfg], layout=lay)
+    if k == 1024:
+        assert plan.splits > 1
+    from vllm_superweight.kernels import prepare_sparse
+
+    rows, cols, vals, dense = _held_out(n, k, dtype, seed=3)
+    sp = prepare_sparse(rows, cols, vals, n, k, "cpu", layout="sell", pack=dtype)
+    maps = CG.sparse_maps(sp, n)
+    assert sp["hcols"].numel() > 0
+    g = torch.Generator().manual_seed(1)
+    bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
+    # ~20 terms a row, all in slices (depth = the longest row): the slots past the ones a lane keeps in registers
+    flat = torch.randperm(n * k, generator=torch.Generator().manual_seed(4))[: 20 * n]
+    r2, c2 = flat // k, flat % k
+    v2 = (torch.randn(flat.numel(), generator=torch.Generator().manual_seed(5)) * 0.5).to(dtype).float()  # 1 slot each
+    deep = torch.zeros(n, k, dtype=torch.float64)
+    deep.index_put_((r2, c2), v2.double(), accumulate=True)
+    sp2 = prepare_sparse(r2, c2, v2, n, k, "cpu", layout="sell", pack=dtype, depth=int(torch.bincount(r2).max()))
+    assert sp2["ell_cols"].shape[1] > 16 and sp2["hcols"].numel() == 0
+    for i, m in enumerate((1, 3) if not plan.mma else (2, 8)):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        y = _emu_gemv(plan, x, qm, ms, mz, bias, sp, maps)
+        _close(y, x.double() @ (w + dense).T + bias.double(), dtype)
+        y0 = _emu_gemv(plan, x, qm, ms, mz, bias)
+        _close(y0, x.double() @ w.T + bias.double(), dtype)
+        if i == 0:
+            y2 = _emu_gemv(plan, x, qm, ms, mz, None, sp2, CG.sparse_maps(sp2, n))
+            _close(y2, x.double() @ (w + deep).T, dtype)
+
+
+@pytest.mark.parametrize("cfg", ["lean", "mma"])
+def test_host_emulated_gemv_fp16_and_channelwise(cfg):
+    """fp16 activations (the tensor-core form's fp16 MMA and its 1024 + q decoding) on a channel-wise layer over
+    Marlin's layout (Marlin's single-scale permutation)."""
+    pytest.importorskip("vllm")
+    from test_triton_marlin_deq import marlin_layout
+
+    n, k, dtype = 128, 256, torch.float16
+    q, scales, zeros, w = _codes_layer(n, k, -1, False, dtype, seed=5)
+    qm, ms, mz = marlin_layout({"q": q, "scales": scales, "zeros": zeros, "sym": False}, n, k, -1)
+    plan = CG.gemv_plan(n, k, -1, False, dtype, "cpu", config=EMU_CONFIGS[cfg])
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(2)).to(dtype)
+    _close(_emu_gemv(plan, x, qm, ms, mz), x.double() @ w.T, dtype)

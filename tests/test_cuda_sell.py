@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 from test_kernels import assert_rounded_close, dense_reference, random_entries
@@ -116,6 +114,10 @@ def test_sources_compile_without_a_gpu(arch):
 # ------------------------------------------------------------------------------------------------------------
 # the kernel on the CPU (host emulation)
 # ------------------------------------------------------------------------------------------------------------
+PANEL_PARAMS = ["const u16*", "u16*", "const u32*", "const int*", "const int*", "const int*", "const u32*"]
+PANEL_PARAMS += ["int"] * 8
+
+
 def _emu_run(y, x, sp, pack, cfg, limits):
     """The kernel, as planned for these shapes, run by the host emulation on CPU tensors (y in place). Returns the
     plan."""
@@ -132,7 +134,7 @@ def _emu_run(y, x, sp, pack, cfg, limits):
     plan, why = CS.panel_plan(m, k, s_run + h, limits, cfg, x2=x2)
     assert plan is not None, why
     src = CS.kernel_source(plan.mb, plan.warps, x.dtype == torch.bfloat16, CS._pack_code(pack), plan.x2)
-    lib = cuda_emu.build(src[: len(src) - len(CS._SRC)], CS._SRC)
+    lib = cuda_emu.build(src, CS.KERNEL, PANEL_PARAMS)
     # y inside a guarded buffer: 16 rows of -0.0 before and after it and in its row padding, compared bit for bit
     # after the run -- the kernel's read-add-round of y turns -0.0 into +0.0 even where it adds nothing, so any
     # write outside y's M x N elements shows
@@ -142,16 +144,8 @@ def _emu_run(y, x, sp, pack, cfg, limits):
     yv.copy_(y)
     before = buf.clone().view(torch.int16)
     tensors = [x, yv, ell, rb, sp["hrows"], sp["hptr"], sp["hcols"]]
-    ranges: list[int] = []
-    for t in tensors:
-        if t.numel():
-            lo = t.data_ptr()
-            ranges += [lo, lo + t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()]
-    arr = (ctypes.c_long * len(ranges))(*ranges)
-    ptr = [ctypes.c_void_p(t.data_ptr() if t.numel() else 0) for t in tensors]
-    ints = [m, n, k, s_run, depth, h, x.stride(0), ys, plan.grid[0], plan.grid[1], plan.warps * 32]
-    lib.sp_launch.restype = ctypes.c_int
-    bad = lib.sp_launch(*ptr, *[ctypes.c_int(i) for i in ints], ctypes.c_long(plan.smem), arr, len(ranges) // 2)
+    ints = [m, n, k, s_run, depth, h, x.stride(0), ys]
+    bad = cuda_emu.launch(lib, plan.grid, plan.warps * 32, plan.smem, tensors + ints, check=tensors)
     assert bad == 0, f"{bad} loads outside the buffers passed"
     after = buf.view(torch.int16)
     assert torch.equal(after[:g], before[:g]) and torch.equal(after[g + m :], before[g + m :]), "a write past y's rows"

@@ -104,14 +104,21 @@ typedef unsigned short u16;
 #define SW_MT 1
 #endif
 
+// (SW_HOST: the tests' CPU emulation, tests/cuda_emu.py, compiles this source for the host; its emu_* functions
+// stand in for the inline PTX)
 __device__ __forceinline__ float act2f(u16 h) {
-#if SW_BF16
+#ifdef SW_HOST
+  return emu_act2f(h, SW_BF16);
+#elif SW_BF16
   return __uint_as_float(((u32)h) << 16);
 #else
   float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 #endif
 }
 __device__ __forceinline__ u16 f2act(float f) {
+#ifdef SW_HOST
+  return emu_f2act(f, SW_BF16);
+#else
   u16 h;
 #if SW_BF16
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
@@ -119,6 +126,7 @@ __device__ __forceinline__ u16 f2act(float f) {
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
 #endif
   return h;
+#endif
 }
 // the nibble at bits 16..19 of w under the exponent of 128.0: the exact float 128 + q. The mask and the exponent
 // come in as kernel parameters (0x000F0000, 0x43000000): as literals ptxas re-materializes one of the two LOP3
@@ -127,16 +135,29 @@ __device__ __forceinline__ float nib(u32 w, u32 km, u32 ke) { return __uint_as_f
 
 // 16 bytes global -> shared, asynchronously (no registers held while in flight)
 __device__ __forceinline__ void cp16(const void* smem, const void* g) {
+#ifdef SW_HOST
+  emu_copy(smem, g, 16);
+#else
   const u32 sa = (u32)__cvta_generic_to_shared(smem);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(g));
+#endif
 }
 // 4 bytes global -> shared (the prefetched zero-point words, SW_PF)
 __device__ __forceinline__ void cp4(const void* smem, const void* g) {
+#ifdef SW_HOST
+  emu_copy(smem, g, 4);
+#else
   const u32 sa = (u32)__cvta_generic_to_shared(smem);
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(sa), "l"(g));
+#endif
 }
+#ifdef SW_HOST
+__device__ __forceinline__ void cp_commit() {}
+__device__ __forceinline__ void cp_wait() {}
+#else
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(SW_ST - 1)); }
+#endif
 
 // one word u of a lane's load: columns i = 2u (a = 0) and 2u + 1 (a = 1), k = 2t, 2t+1, 8+2t, 9+2t
 __device__ __forceinline__ void word_fma(u32 w, const float (&xa)[SW_MT], const float (&xb)[SW_MT],
@@ -251,6 +272,9 @@ __device__ __forceinline__ void sp_gather(const u32 s, const u16* __restrict__ x
 #define SW_ONE2 0x3C003C00u
 #endif
 __device__ __forceinline__ u32 sub_z(u32 a, u32 nz) {
+#ifdef SW_HOST
+  return emu_fma2(a, SW_ONE2, nz, SW_BF16);
+#else
   u32 d;
 #if SW_BF16
   asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(SW_ONE2), "r"(nz));
@@ -258,9 +282,12 @@ __device__ __forceinline__ u32 sub_z(u32 a, u32 nz) {
   asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(SW_ONE2), "r"(nz));
 #endif
   return d;
+#endif
 }
 __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-#if SW_BF16
+#ifdef SW_HOST
+  emu_mma16816(d, a0, a1, a2, a3, b0, b1, SW_BF16);
+#elif SW_BF16
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));

@@ -48,15 +48,21 @@ _SRC = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-#ifndef SP_HOST  // (SP_HOST: the CPU emulation of the tests supplies these three and the shared memory)
+// (SP_HOST: the tests' CPU emulation, tests/cuda_emu.py, compiles this source for the host; its emu_* functions
+// stand in for the inline PTX)
 __device__ __forceinline__ float act2f(u16 h) {
-#if SP_BF16
+#ifdef SP_HOST
+  return emu_act2f(h, SP_BF16);
+#elif SP_BF16
   return __uint_as_float(((u32)h) << 16);
 #else
   float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 #endif
 }
 __device__ __forceinline__ u16 f2act(float f) {
+#ifdef SP_HOST
+  return emu_f2act(f, SP_BF16);
+#else
   u16 h;
 #if SP_BF16
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
@@ -64,16 +70,18 @@ __device__ __forceinline__ u16 f2act(float f) {
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
 #endif
   return h;
+#endif
 }
 // a packed slot: value bits << 16 | column (0 = empty)
 __device__ __forceinline__ float slot_val(u32 w) {
-#if SP_PACK == 1
+#ifdef SP_HOST
+  return emu_act2f((u16)(w >> 16), SP_PACK == 1);
+#elif SP_PACK == 1
   return __uint_as_float(w & 0xFFFF0000u);
 #else
   float f; u16 h = (u16)(w >> 16); asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 #endif
 }
-#endif
 __device__ __forceinline__ void fma2(float* a, u32 t, float v) {
   a[0] = fmaf(v, act2f((u16)(t & 0xFFFFu)), a[0]);
   a[1] = fmaf(v, act2f((u16)(t >> 16)), a[1]);
@@ -130,7 +138,7 @@ sw_sell_panel(const u16* __restrict__ x, u16* __restrict__ y, const u32* __restr
 #ifndef SP_HOST
   extern __shared__ __align__(16) u16 panel[];
 #else
-  u16* panel = sp_host_panel();
+  u16* panel = static_cast<u16*>(emu_dynamic_smem());
 #endif
   const int m0 = blockIdx.y * SP_MB;
   const int mc = min(SP_MB, M - m0);
