@@ -34,7 +34,7 @@ import torch
 
 from .. import envs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.superweight_rtn")  # vLLM's log shows it
 
 MAX_MB = 16  # tokens a panel holds (the largest load a lane issues per term: 32 bytes)
 LANES = 32  # rows a slice: one warp, one lane a row
@@ -339,6 +339,7 @@ _lock = threading.Lock()
 _kernels: dict[tuple, object] = {}
 _limits: dict[int, DeviceLimits] = {}
 _failed: dict[tuple, str] = {}
+_announced: set[PanelConfig] = set()
 
 
 def device_limits(index: int) -> DeviceLimits:
@@ -418,6 +419,13 @@ def prepare(k: int, act_dtype: torch.dtype, pack: torch.dtype, device: torch.dev
         except Exception as e:  # noqa: BLE001  (a torch without NVRTC, a driver refusing the module, ...)
             _failed[fkey] = f"{type(e).__name__}: {e}"
             log.warning("superweight: the shared-memory SELL kernel is unavailable (%s); the Triton kernel serves", e)
+    if seen and cfg not in _announced and not _failed:
+        _announced.add(cfg)
+        log.info(
+            "superweight_rtn held-out correction: shared-memory CUDA kernel up to %d tokens (%s), Triton above",
+            cfg.max_m,
+            cfg,
+        )
 
 
 def sell_panel_(
