@@ -19,7 +19,8 @@ PATTERNS = {
 
 def parse_text(text: str) -> dict:
     """The fields above found in ``text`` (largest value; the smallest KV cache over TP/PP ranks), plus the
-    ``superweight_rtn W..`` kernel-choice lines our plugin logs."""
+    ``superweight_rtn W..`` kernel-choice lines and the ``superweight_rtn held-out correction`` line our plugin
+    logs."""
     out: dict = {}
     for key, pat in PATTERNS.items():
         m = re.findall(pat, text)
@@ -29,7 +30,11 @@ def parse_text(text: str) -> dict:
     if "kv_cache_tokens" in out:
         out["kv_cache_tokens"] = int(out["kv_cache_tokens"])
     out["superweight_kernels"] = sorted(
-        {ln.split("superweight_rtn", 1)[1].strip()[:120] for ln in text.splitlines() if "superweight_rtn W" in ln}
+        {
+            ln.split("superweight_rtn", 1)[1].strip()[:120]
+            for ln in text.splitlines()
+            if "superweight_rtn W" in ln or "superweight_rtn held-out correction" in ln
+        }
     )
     return out
 
