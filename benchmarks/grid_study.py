@@ -165,6 +165,8 @@ def parse_config(text: str) -> dict:
         "sel": "abs",
         "damp": None,
         "only": None,
+        "layers": None,  # "A-B": the hold-out only in decoder layers A..B (with or without only=)
+        "lspend": None,  # with layers=: "density" keeps the full placement's per-matrix density (less in total)
     }
     if text in ("float",):
         return {"float": True}
@@ -182,6 +184,18 @@ def parse_config(text: str) -> dict:
         else:
             cfg[k] = v
     return cfg
+
+
+def in_layers(name: str, span: str | None) -> bool:
+    """Whether module ``name`` (``...layers.<i>....``) lies in decoder layers ``span`` = "A-B" (inclusive; None:
+    all)."""
+    if not span:
+        return True
+    import re
+
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    lo, hi = (int(v) for v in span.split("-"))
+    return m is not None and lo <= int(m.group(1)) <= hi
 
 
 def config_key(cfg: dict) -> str:
@@ -237,17 +251,20 @@ def quantize_model(model: str, m, cfg: dict, log=print) -> dict:
             scale_dtype=torch.bfloat16,
             col_scales=(act if cfg["sel"] == "act" else None),
         )
-    if cfg["holdout"] > 0 and cfg.get("only"):
+    if cfg["holdout"] > 0 and (cfg.get("only") or cfg.get("layers")):
         # the same total hold-out (a fraction of ALL quantized weights) spent only in the matrices whose names contain
-        # one of the '+'-separated parts, in proportion to their sizes; the others keep just their super weights
+        # one of the '+'-separated parts (and, with layers=A-B, lie in decoder layers A..B), in proportion to their
+        # sizes; the others keep just their super weights. lspend=density: each chosen matrix gets the density the
+        # placement would give it over all layers (the layers left out simply lose theirs)
         if counts is not None:
-            raise SystemExit("only= takes the uniform budget")
-        parts = cfg["only"].split("+")
-        chosen = [n for n in lins if any(p in n for p in parts)]
+            raise SystemExit("only= / layers= take the uniform budget")
+        parts = cfg["only"].split("+") if cfg.get("only") else [""]
+        placed = [n for n in lins if any(p in n for p in parts)]
+        chosen = [n for n in placed if in_layers(n, cfg.get("layers"))]
         if not chosen:
-            raise SystemExit(f"only={cfg['only']}: no matrix matches")
+            raise SystemExit(f"only={cfg['only']} layers={cfg.get('layers')}: no matrix matches")
         total = cfg["holdout"] * sum(w.numel() for w in weights.values())
-        size = sum(weights[n].numel() for n in chosen)
+        size = sum(weights[n].numel() for n in (placed if cfg.get("lspend") == "density" else chosen))
         counts = {n: (round(total * weights[n].numel() / size) if n in chosen else 0) for n in lins}
     t_budget = time.time() - t0
     bits_total = 0
@@ -510,6 +527,10 @@ def describe(cfg: dict) -> str:
             h += ", ranked by abs(w) x prompt RMS"
         if cfg.get("only"):
             h += f", all in {cfg['only'].replace('+', ' + ')}"
+        if cfg.get("layers"):
+            h += f", layers {cfg['layers']} only"
+            if cfg.get("lspend") == "density":
+                h += " (at the all-layer placement's density: less in total)"
         parts.append(h)
     return ", ".join(parts)
 

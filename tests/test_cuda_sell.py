@@ -319,3 +319,25 @@ def test_cuda_panel_in_a_cuda_graph_and_through_the_op(monkeypatch):
         x, y, ref, mag = _gpu_inputs(n, k, m, dtype, heavy, seed=m)
         assert_rounded_close(K.sparse_correction(y.clone(), x, sp), ref, mag, dtype)
     assert taken == [8, 64]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_host_emulated_kernel_random_shapes(seed):
+    """Random small shapes (N not a multiple of 32, K odd or even, 1-40 tokens, 1-8 warps, 1-3 SMs), every held-out
+    row in slices or (depth 0) every one in the heavy CSR part, bf16 or fp16: the reference each time."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    n = int(torch.randint(1, 150, (1,), generator=gen))
+    k = int(torch.randint(2, 300, (1,), generator=gen))
+    m = int(torch.randint(1, 41, (1,), generator=gen))
+    nnz = int(torch.randint(1, max(2, n * k // 8), (1,), generator=gen))
+    dtype = (torch.bfloat16, torch.float16)[seed % 2]
+    depth = 0 if seed in (2, 5) else None
+    r, c, v = random_entries(n, k, min(nnz, n * k), gen)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=dtype, depth=depth)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    y = torch.randn(m, n, generator=gen).to(dtype)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    warps = int(torch.randint(1, 9, (1,), generator=gen))
+    limits = CS.DeviceLimits(sms=int(torch.randint(1, 4, (1,), generator=gen)), smem_block=232448, smem_sm=233472)
+    _emu_run(y, x, sp, dtype, CS.PanelConfig(warps=warps), limits)
+    assert_rounded_close(y, ref, mag, dtype)
