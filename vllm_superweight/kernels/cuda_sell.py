@@ -20,8 +20,12 @@ as many warps as slices. Not yet measured on a GPU: opt-in (``SUPERWEIGHT_SPARSE
 the default and serves what this one does not take (unpacked slots, lanes other than 32, x or y not bf16 / fp16,
 more than ``max_m`` tokens, a panel larger than the GPU's shared memory).
 
-    plan = panel_plan(m, k, items, bf16, props)             # host shapes only: MB, warps, grid, shared memory
-    sell_panel_(y, x, ell_cols, ell_rb, hrows, hptr, hcols, pack)   # in place, on the current stream
+    plan, why = panel_plan(m, k, items, device_limits(i), config())   # shapes only: MB, warps, grid, smem
+    prepare(k, act_dtype, pack, device)                                # load time: its variants compiled
+    sell_panel_(y, x, ell_cols, ell_rb, hrows, hptr, hcols, pack)      # in place, current stream; False: not taken
+
+Checked without a GPU by ``tests/cuda_emu.py``, which compiles this source for the host (``SP_HOST``) and runs
+every thread of a block as a host thread, against the float64 reference (``tests/test_cuda_sell.py``).
 """
 
 from __future__ import annotations
