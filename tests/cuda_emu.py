@@ -188,8 +188,25 @@ extern "C" int emu_launch(void** P, const long* I, int gx, int gy, int threads, 
 """
 
 
+_PROBE: dict[str, bool] = {}
+
+
 def compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++"))
+    """The host C++ compiler if it builds C++20 with ``<barrier>`` and ``_Float16`` (GCC 12+ on x86-64), else None:
+    the emulated tests then skip."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        return None
+    if cxx not in _PROBE:
+        src = "#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); _Float16 h = 1; "
+        src += "return h != 1; }\n"
+        with tempfile.TemporaryDirectory() as d:
+            cc, exe = os.path.join(d, "probe.cc"), os.path.join(d, "probe")
+            with open(cc, "w") as f:
+                f.write(src)
+            res = subprocess.run([cxx, "-std=c++20", "-pthread", "-o", exe, cc], capture_output=True)
+            _PROBE[cxx] = res.returncode == 0
+    return cxx if _PROBE[cxx] else None
 
 
 def build(source: str, name: str, params: list[str]) -> ctypes.CDLL:
