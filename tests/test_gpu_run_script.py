@@ -72,3 +72,31 @@ def test_every_flag_the_stages_pass_exists():
         with open(os.path.join(ROOT, "benchmarks", script + ".py")) as f:
             src = f.read()
         assert f'"{flag}"' in src, f"benchmarks/{script}.py has no {flag} (passed by a GPU stage)"
+
+
+def _named_methods(text: str) -> set[str]:
+    """Throughput method lists the stages' comments name for the calls after them (a comment line holding only
+    comma-separated ``sw-...`` / ``awq`` / ``bf16`` / ``smoothquant`` names, optionally followed by a parenthesis)."""
+    out: set[str] = set()
+    for line in text.splitlines():
+        m = re.match(
+            r"\s*#\s+((?:sw-[\w-]+|awq|bf16|smoothquant)(?:,(?:sw-[\w-]+|awq|bf16|smoothquant))*)\s*(\(.*)?$", line
+        )
+        if m:
+            out |= set(m.group(1).split(","))
+    return out
+
+
+def test_every_throughput_method_the_stages_name_exists():
+    """The throughput calls a stage's comment prescribes name methods benchmarks/throughput.py defines (a lease
+    spent on an unknown method name is lost)."""
+    import importlib.util
+
+    named = _from_scripts(_named_methods)
+    assert "sw-w4-g128-holdout-qkv-humgemv-panel" in named, "the pattern no longer matches the script"
+    spec = importlib.util.spec_from_file_location("throughput", os.path.join(ROOT, "benchmarks", "throughput.py"))
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    unknown = sorted(named - set(mod.METHODS) - set(mod.GROUPS))
+    assert not unknown, f"methods named by GPU stages that throughput.py does not define: {unknown}"
