@@ -27,6 +27,8 @@
 #                                                          # cuda_gemv_bench.py --holdout-modules qkv at 2-8 tokens
 #   bash benchmarks/gpu_run.sh panel                       # the shared-memory SELL kernel (SUPERWEIGHT_SPARSE_PANEL): GPU
 #                                                          # tests, then sparse_bench.py beside the Triton kernel
+#   bash benchmarks/gpu_run.sh humprof                     # where the one-Humming-copy start-up goes: the 7B shapes'
+#                                                          # first Humming calls under cProfile, cold then warm cache
 #   bash benchmarks/gpu_run.sh memcheck                    # SmolLM2's layer shapes, 1..16,384 tokens, under
 #                                                          # compute-sanitizer memcheck where present (session 27)
 #   bash benchmarks/gpu_run.sh throughput [METHODS] [throughput.py args]   # -> $OUT/throughput.json
@@ -435,6 +437,20 @@ EOF2
     timeout $((590 - SECONDS)) $PY -u benchmarks/sparse_bench.py --out "$OUT/sparse_bench_panel.json" \
       --ms 64,8,16,32,4,2 --no-overlap --triton-variants default --budget-s $((565 - SECONDS)) --profile-ms 8,64 2>&1 | grep -v "^$" | tail -25
     echo "[$(ts)] panel done" ;;
+  humprof)
+    # session 30: session 29 saw 12-25 s per layer shape in Humming's first call whatever the disk cache held -- what
+    # keeps humming-gemv (one W4 copy, every W4 speed target but batch 8 in s27) opt-in. benchmarks/diag/
+    # humming_startup.py times each 7B shape's first 2-token call under cProfile (per shape: pack, first / second call,
+    # kernels prepared, the functions that took the time), first with an empty HUMMING_CACHE_DIR (cold), then again in
+    # a new process on the filled cache (warm: an engine restart)
+    setup
+    export HUMMING_CACHE_DIR=$STASH_DIR/humprof-cache
+    rm -rf "$HUMMING_CACHE_DIR"
+    for pass in cold warm; do
+      timeout $(((590 - SECONDS) / 2)) $PY -u benchmarks/diag/humming_startup.py \
+        --out "$OUT/humming_startup_$pass.json" 2>&1 | grep -v "^$" | tail -8
+    done
+    echo "[$(ts)] humprof done" ;;
   memcheck)
     # session 27's crash (an out-of-bounds scale read of the dequantizer at a K tail, found on the CPU and fixed):
     # SmolLM2's layer shapes through the one-copy pair at 1..16,384 tokens, under compute-sanitizer's memcheck where
