@@ -860,7 +860,7 @@ def _emu_gemv(plan, x, qm, scale, zero, bias=None, sparse=None, maps=None):
         ell, hr, hp, hc, hg = sparse["ell_cols"], sparse["hrows"], sparse["hptr"], sparse["hcols"], maps["hrng"]
     args = [qm, x, scale, zero if zero is not None else dummy, bias if bias is not None else dummy, y, ws, cnt]
     args += [m, plan.n, plan.k // 16, x.stride(0), y.stride(0), plan.rpw, int(bias is not None)]
-    args += [0x000F000F if plan.lean else 0x000F0000, 0x43004300 if plan.lean else 0x43000000]
+    args += list(CG.launch_constants(plan))
     args += [ell if ell is not None else dummy, ell.shape[1] if ell is not None else 0]
     args += [t if t is not None else dummy for t in (hg, hr, hp, hc)] + [int(ell is not None)]
     tensors = [a for a in args if isinstance(a, torch.Tensor)]

@@ -297,14 +297,17 @@ __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, 
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif
 }
-// one word (16 columns x 16 k of the tile's row block u) into its group accumulator
-__device__ __forceinline__ void word_mma(u32 w, const u32 (&nz)[2], u32 b0, u32 b1, float (&d)[4]) {
+// one word (16 columns x 16 k of the tile's row block u) into its group accumulator. km / ke: the kernel parameters
+// 0x000F000F / SW_KE (the host passes them for this form, ``launch_constants``): held in registers, each fragment's
+// (w >> s) & km | ke is ONE three-register LOP3; with the two literals ptxas needs two (one immediate an instruction:
+// 128 extra LOP3 a chunk of 8 rows, sm_90 SASS of session 30)
+__device__ __forceinline__ void word_mma(u32 w, const u32 (&nz)[2], u32 b0, u32 b1, float (&d)[4], u32 km, u32 ke) {
 #if SW_WSWAP  // Humming's sm_90 layout: the word's pair i is a_i (Marlin's: a0, a2, a1, a3)
-  const u32 a0 = sub_z((w & 0x000F000Fu) | SW_KE, nz[0]), a1 = sub_z(((w >> 4) & 0x000F000Fu) | SW_KE, nz[1]);
-  const u32 a2 = sub_z(((w >> 8) & 0x000F000Fu) | SW_KE, nz[0]), a3 = sub_z(((w >> 12) & 0x000F000Fu) | SW_KE, nz[1]);
+  const u32 a0 = sub_z((w & km) | ke, nz[0]), a1 = sub_z(((w >> 4) & km) | ke, nz[1]);
+  const u32 a2 = sub_z(((w >> 8) & km) | ke, nz[0]), a3 = sub_z(((w >> 12) & km) | ke, nz[1]);
 #else
-  const u32 a0 = sub_z((w & 0x000F000Fu) | SW_KE, nz[0]), a2 = sub_z(((w >> 4) & 0x000F000Fu) | SW_KE, nz[0]);
-  const u32 a1 = sub_z(((w >> 8) & 0x000F000Fu) | SW_KE, nz[1]), a3 = sub_z(((w >> 12) & 0x000F000Fu) | SW_KE, nz[1]);
+  const u32 a0 = sub_z((w & km) | ke, nz[0]), a2 = sub_z(((w >> 4) & km) | ke, nz[0]);
+  const u32 a1 = sub_z(((w >> 8) & km) | ke, nz[1]), a3 = sub_z(((w >> 12) & km) | ke, nz[1]);
 #endif
   mma16816(d, a0, a1, a2, a3, b0, b1);
 }
@@ -509,10 +512,10 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
           b0 = __ldg(reinterpret_cast<const u32*>(xr));
           b1 = __ldg(reinterpret_cast<const u32*>(xr + 8));
         }
-        word_mma(wv.x, nz[0], b0, b1, gacc[0]);
-        word_mma(wv.y, nz[1], b0, b1, gacc[1]);
-        word_mma(wv.z, nz[2], b0, b1, gacc[2]);
-        word_mma(wv.w, nz[3], b0, b1, gacc[3]);
+        word_mma(wv.x, nz[0], b0, b1, gacc[0], km, ke);
+        word_mma(wv.y, nz[1], b0, b1, gacc[1], km, ke);
+        word_mma(wv.z, nz[2], b0, b1, gacc[2], km, ke);
+        word_mma(wv.w, nz[3], b0, b1, gacc[3], km, ke);
       }
 #else
       float xa[SW_MT], xb[SW_MT], xc[SW_MT], xd[SW_MT];
@@ -1081,8 +1084,7 @@ def marlin_gemv_cuda(
             y.stride(0),
             plan.rpw,
             int(bias is not None),
-            0x000F000F if plan.lean else 0x000F0000,
-            0x43004300 if plan.lean else 0x43000000,
+            *launch_constants(plan),
             ell if ell is not None else dummy,
             ell.shape[1] if ell is not None else 0,
             hg if hg is not None else dummy,
@@ -1093,6 +1095,15 @@ def marlin_gemv_cuda(
         ],
     )
     return y
+
+
+def launch_constants(plan: GemvPlan) -> tuple[int, int]:
+    """The kernel's (km, ke) parameters: the nibble mask and the exponent bits its decoding ORs in -- the lean
+    CUDA-core form's two-nibble pair, the exact form's one nibble under 128.0, the tensor-core form's pair under
+    128.0 (bf16) / 1024.0 (fp16). Passed as parameters so that they sit in registers (see the source)."""
+    if plan.mma:
+        return 0x000F000F, 0x43004300 if plan.bf16 else 0x64006400
+    return (0x000F000F, 0x43004300) if plan.lean else (0x000F0000, 0x43000000)
 
 
 def sparse_maps(sp: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
