@@ -442,12 +442,16 @@ EOF2
     # keeps humming-gemv (one W4 copy, every W4 speed target but batch 8 in s27) opt-in. benchmarks/diag/
     # humming_startup.py times each 7B shape's first 2-token call under cProfile (per shape: pack, first / second call,
     # kernels prepared, the functions that took the time), first with an empty HUMMING_CACHE_DIR (cold), then again in
-    # a new process on the filled cache (warm: an engine restart)
+    # a new process on the filled cache (warm: an engine restart), then with SUPERWEIGHT_HUMMING_RANGES (one kernel a
+    # token range: Humming's table has 28 distinct kernels a 7B shape -- its heuristics run on the CPU, s30)
     setup
     export HUMMING_CACHE_DIR=$STASH_DIR/humprof-cache
     rm -rf "$HUMMING_CACHE_DIR"
-    for pass in cold warm; do
-      timeout $(((590 - SECONDS) / 2)) $PY -u benchmarks/diag/humming_startup.py \
+    for pass in cold warm ranges; do
+      extra=""
+      if [ "$pass" = ranges ]; then extra="--ranges ${HUMMING_RANGES:-8,16,32,64,128,256,1024}"; fi
+      # shellcheck disable=SC2086
+      timeout $(((590 - SECONDS) / 3)) $PY -u benchmarks/diag/humming_startup.py $extra \
         --out "$OUT/humming_startup_$pass.json" 2>&1 | grep -v "^$" | tail -8
     done
     echo "[$(ts)] humprof done" ;;

@@ -59,6 +59,7 @@ KERNEL_SUFFIX = {
     "-unroll": " → unrolled SELL correction (session 12's default)",
     "-humming": " → vLLM's Humming backend, one W4 copy",
     "-humgemv-ovl": " → one Humming copy + CUDA GEMV, correction on a side stream beside the GEMM",
+    "-humgemv-ranges": " → one Humming copy + CUDA GEMV, one Humming kernel a token range",
     "-humgemv-panel": " → one Humming copy + CUDA GEMV, correction with x in shared memory",
     "-humgemv-mma8": " → one Humming copy + CUDA GEMV, held-out layers' 2-8 tokens on its tensor cores, terms inside",
     "-humgemv": " → one Humming copy, our CUDA GEMV over it at batch 1",

@@ -196,6 +196,11 @@ METHODS["sw-w4-g128-holdout-qkv-humgemv-panel"] = _variant(
     "sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_SPARSE_PANEL="1"
 )
 METHODS["sw-w4-g128-holdout-qkv-panel"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_SPARSE_PANEL="1")
+# session 30: the same Humming copy with one Humming kernel a token range (SUPERWEIGHT_HUMMING_RANGES) instead of its
+# table's 28 a 7B shape: start-up (vLLM's log, ready time) and whether the coarser tiles cost speed
+METHODS["sw-w4-g128-humgemv-ranges"] = _variant(
+    "sw-w4-g128", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_HUMMING_RANGES="8,16,32,64,128,256,1024"
+)
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?

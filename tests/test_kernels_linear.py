@@ -979,3 +979,55 @@ def test_humming_gemv_held_out_paths(monkeypatch, case):
     else:  # the base class's buffers: corrected after the op (apply_weights), not inside it
         assert kern.sparse_keys and not kern.sp and not kern.deq
         assert [c[0] for c in calls] == ["gemv" if case == "bias" else "humming"] + ["humming"] * 4
+
+
+def test_humming_ranges_knob_and_tuning_table(monkeypatch):
+    """SUPERWEIGHT_HUMMING_RANGES: one Humming kernel a token range, each with Humming's own heuristic configuration at
+    the range's top (the open last range's at 8192), handed to Humming as its tuning table; unset, Humming's table."""
+    import json
+    import sys
+    import types
+
+    monkeypatch.delenv(envs.HUMMING_RANGES, raising=False)
+    assert envs.humming_ranges() is None
+    monkeypatch.setenv(envs.HUMMING_RANGES, "8, 16,64")
+    assert envs.humming_ranges() == (8, 16, 64)
+    for bad in ("8,8", "16,8", "0,8", "8,x", "8,,16"):
+        monkeypatch.setenv(envs.HUMMING_RANGES, bad)
+        with pytest.raises(ValueError, match="SUPERWEIGHT_HUMMING_RANGES"):
+            envs.humming_ranges()
+    rows = json.loads(WO.humming_tuning((8, 16, 64), lambda m: {"block_shape": [m, 256, 64]}))
+    assert [r[:2] for r in rows] == [[0, 8], [8, 16], [16, 64], [64, 1 << 30]]
+    assert [r[2]["block_shape"][0] for r in rows] == [8, 16, 64, 8192]
+
+    # the kernel: its table built at load from the layer's Humming meta and compute config, then passed to Humming
+    asked: list[tuple] = []
+    fake_tune = types.ModuleType("humming.tune")
+    fake_tune.get_heuristics_config = lambda meta, shape_m, **kw: asked.append((meta, shape_m, kw)) or {"m": shape_m}
+    monkeypatch.setitem(sys.modules, "humming", types.ModuleType("humming"))
+    monkeypatch.setitem(sys.modules, "humming.tune", fake_tune)
+    monkeypatch.setattr(WO._VllmMixedPrecision, "process_weights_after_loading", lambda self, layer: None)
+    kern = WO.HummingKernel.__new__(WO.HummingKernel)
+    kern.tuning = None
+    layer = torch.nn.Module()
+    layer.humming_metas = {"": "META"}
+    layer.compute_config = json.dumps({"use_batch_invariant": False, "use_f16_accum": False, "gemm_type": "dense"})
+    monkeypatch.setenv(envs.HUMMING_RANGES, "16,128")
+    kern.process_weights_after_loading(layer)
+    assert [a[1] for a in asked] == [16, 128, 8192] and all(a[0] == "META" for a in asked)
+    assert asked[0][2] == {"use_batch_invariant": False, "use_f16_accum": False, "gemm_type": "dense"}
+    calls: list[dict] = []
+
+    class FakeMethod:
+        @staticmethod
+        def forward_layer(**kw):
+            calls.append(kw)
+            return torch.zeros(kw["inputs"].shape[0], 6)
+
+    import vllm.utils.humming as VH
+
+    monkeypatch.setitem(VH.__dict__, "HummingMethod", FakeMethod)  # (setattr would import humming through the facade)
+    out = kern.apply_gemm(layer, torch.zeros(2, 3, 5), None)
+    assert out.shape == (2, 3, 6) and calls[0]["inputs"].shape == (6, 5)
+    assert json.loads(calls[0]["tuning_config"])[0] == [0, 16, {"m": 16}]
+    assert calls[0]["compute_config"] == layer.compute_config

@@ -85,6 +85,13 @@ Only what users need is a knob:
                                     built in session 30, not yet measured on a GPU; unset or ``0``: the Triton
                                     kernel (``SUPERWEIGHT_SPARSE_TILES``), which also serves whatever this kernel
                                     does not take.
+``SUPERWEIGHT_HUMMING_RANGES``      ``T1,T2,...,Tn`` (increasing token counts): vLLM's Humming backend (the ``humming``
+                                    kernel modes) gets ONE kernel for each range (0, T1], (T1, T2], ... (Tn, inf)
+                                    -- Humming's own heuristic configuration at the range's top (at 8192 for the
+                                    last) -- instead of its full table (92 ranges, 28 distinct kernels a 7B layer
+                                    shape, each compiled / loaded at the shape's first batch: 12-25 s a shape on the
+                                    H200, s29). Opt-in (session 30, not yet measured): fewer kernels, a start-up
+                                    that much shorter, tiles sized for the range's top. Unset: Humming's table.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
                                     outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
@@ -130,6 +137,7 @@ _INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 SPARSE_OVERLAP = "SUPERWEIGHT_SPARSE_OVERLAP"
 SPARSE_PANEL = "SUPERWEIGHT_SPARSE_PANEL"
+HUMMING_RANGES = "SUPERWEIGHT_HUMMING_RANGES"
 CUDA_GEMV = "SUPERWEIGHT_CUDA_GEMV"
 DEFAULT_CUDA_GEMV_MAX_M = 1
 CACHE_DIR = "SUPERWEIGHT_CACHE_DIR"
@@ -389,6 +397,24 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
             "corr=sell|inside|KIND:ROWS:SLOTS:WARPS,gemv=0..4"
         )
     return out
+
+
+def humming_ranges() -> tuple[int, ...] | None:
+    """``SUPERWEIGHT_HUMMING_RANGES`` parsed: the increasing range tops, or None where unset."""
+    return _parse_ranges(os.environ.get(HUMMING_RANGES, "").strip())
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_ranges(raw: str) -> tuple[int, ...] | None:
+    if not raw:
+        return None
+    parts = [p.strip() for p in raw.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"{HUMMING_RANGES}={raw!r}: expected increasing token counts, e.g. 8,16,32,64,128,256,1024")
+    tops = tuple(int(p) for p in parts)
+    if tops[0] < 1 or any(b <= a for a, b in zip(tops, tops[1:])):
+        raise ValueError(f"{HUMMING_RANGES}={raw!r}: the token counts must be >= 1 and increasing")
+    return tops
 
 
 def sparse_panel() -> dict[str, int] | None:

@@ -7,7 +7,8 @@ engine of a lease (so not the NVRTC / nvcc compile, which Humming caches on disk
 builds the Llama-2-7B layer shapes through vLLM's Humming kernel (``tests/vllm_linear.py``), times each shape's first
 2-token call under cProfile, and writes per shape: the pack time, the first and second call, how many kernels Humming
 prepared, and the functions that took the time (cumulative and own). Run it twice on one machine: the first run
-compiles into ``HUMMING_CACHE_DIR`` (cold), the second finds every cubin there (warm: what an engine restart pays).
+compiles into ``HUMMING_CACHE_DIR`` (cold), the second finds every cubin there (warm: what an engine restart pays);
+``--ranges`` runs it with ``SUPERWEIGHT_HUMMING_RANGES`` (one kernel a token range instead of Humming's table).
 
     python3 -u benchmarks/diag/humming_startup.py --out $OUT/humming_startup_cold.json
     python3 -u benchmarks/diag/humming_startup.py --out $OUT/humming_startup_warm.json
@@ -54,7 +55,14 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES_7B), help="comma list of " + ",".join(SHAPES_7B))
     ap.add_argument("--m", type=int, default=2, help="tokens of the calls (Humming serves 2+ under humming-gemv)")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument(
+        "--ranges",
+        default="",
+        help="SUPERWEIGHT_HUMMING_RANGES for this run (e.g. 8,16,32,64,128,256,1024: one kernel a range)",
+    )
     args = ap.parse_args()
+    if args.ranges:
+        os.environ["SUPERWEIGHT_HUMMING_RANGES"] = args.ranges
 
     import cProfile
 
@@ -64,7 +72,8 @@ def main() -> None:
 
     cache = os.environ.get("HUMMING_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".humming/cache/"))
     n_cached = sum(len(f) for _, _, f in os.walk(cache)) if os.path.isdir(cache) else 0
-    rec: dict = {"cache_dir": cache, "cached_files_at_start": n_cached, "m": args.m, "shapes": []}
+    rec: dict = {"cache_dir": cache, "cached_files_at_start": n_cached, "m": args.m, "ranges": args.ranges}
+    rec["shapes"] = []
 
     def save() -> None:
         with open(args.out + ".tmp", "w") as f:

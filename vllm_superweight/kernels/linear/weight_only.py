@@ -143,6 +143,54 @@ class HummingKernel(_VllmMixedPrecision):
 
         return HummingLinearKernel
 
+    def __init__(self, config: SWLinearConfig) -> None:
+        super().__init__(config)
+        self.tuning: str | None = None  # SUPERWEIGHT_HUMMING_RANGES: Humming's kernels, one a token range
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        tops = envs.humming_ranges()
+        if tops:
+            import json
+
+            from humming.tune import get_heuristics_config
+
+            metas: Any = layer.humming_metas  # set by vLLM's Humming kernel (prepare_humming_layer)
+            meta = metas[""]
+            raw: Any = getattr(layer, "compute_config", None)
+            cc = json.loads(raw) if raw else {}
+            self.tuning = humming_tuning(tops, lambda m: get_heuristics_config(meta, shape_m=m, **cc))
+
+    def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.tuning is None:
+            return super().apply_gemm(layer, x, bias)
+        from vllm.utils.humming import HummingMethod
+
+        flat = x.view(-1, x.size(-1))  # what vLLM's HummingLinearKernel does, with our kernel table
+        out = HummingMethod.forward_layer(
+            layer=layer, inputs=flat, compute_config=layer.compute_config, tuning_config=self.tuning
+        )
+        return out.view(*x.shape[:-1], out.size(-1))
+
+
+HUMMING_LAST_M = 8192  # the token count whose configuration serves the last, open range (Humming's table's end)
+
+
+def humming_tuning(tops: tuple[int, ...], config_at) -> str:
+    """Humming's ``tuning_config`` for ranges (0, t1], (t1, t2], ..., (tn, inf): ``[[lo, hi, config], ...]`` as JSON,
+    each range with ``config_at(top)`` -- Humming's own heuristic configuration for its top token count (the open
+    range's at ``HUMMING_LAST_M``). One kernel a range where Humming's table would have one for every 8-token step of
+    small batches."""
+    import json
+
+    rows: list[list] = []
+    lo = 0
+    for top in (*tops, None):
+        cfg = config_at(top if top is not None else max(HUMMING_LAST_M, tops[-1] * 2))
+        rows.append([lo, top if top is not None else 1 << 30, cfg])
+        lo = top if top is not None else lo
+    return json.dumps(rows)
+
 
 class _EnvsW4A8:
     """``vllm.envs`` as vLLM's CPU int4 kernel reads it while it prepares OUR layers: its W4A8 path set by us."""
