@@ -129,7 +129,11 @@ class HummingKernel(_VllmMixedPrecision):
     1.13x / 1.07x AWQ at batch 1 / 8 / 64 and 1.06x / 1.07x saturated from 0.985x its weights. Not the default
     because (benchmarks/ISSUE12_LOG.md, sessions 19-20): its output is not bitwise reproducible at M <= 64
     (stream-K) unless ``VLLM_BATCH_INVARIANT=1``, which costs 2.1-2.5x in its kernels; vLLM 0.26 ranks it last and
-    does not install it. Channel-wise layers are refused: their first batch never returned on an H200."""
+    does not install it. Channel-wise layers are refused: their first batch never returned on an H200.
+
+    At a layer shape's first batch Humming prepares a kernel for each token-count range of its heuristic table (28
+    distinct kernels a 7B shape on Hopper); ``SUPERWEIGHT_HUMMING_RANGES`` hands it a coarser table instead
+    (``humming_tuning``: one kernel a range, Humming's own configuration at the range's top; opt-in, session 30)."""
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
