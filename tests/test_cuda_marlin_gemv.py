@@ -848,7 +848,7 @@ def _emu_gemv(plan, x, qm, scale, zero, bias=None, sparse=None, maps=None):
     """``marlin_gemv_cuda``'s launch, argument for argument, run by the host emulation on CPU tensors."""
     cuda_emu = pytest.importorskip("cuda_emu")
     if cuda_emu.compiler() is None:
-        pytest.skip("no host C++ compiler")
+        pytest.skip("no host C++20 compiler with <barrier> and _Float16 (tests/cuda_emu.py)")
     m = x.shape[0]
     lib = cuda_emu.build(CG.kernel_source(plan, m), "sw_marlin_gemv", GEMV_PARAMS)
     y = torch.full((m, plan.n), float("nan"), dtype=x.dtype)

@@ -123,7 +123,7 @@ def _emu_run(y, x, sp, pack, cfg, limits):
     plan."""
     cuda_emu = pytest.importorskip("cuda_emu")
     if cuda_emu.compiler() is None:
-        pytest.skip("no host C++ compiler")
+        pytest.skip("no host C++20 compiler with <barrier> and _Float16 (tests/cuda_emu.py)")
     m, k = x.shape
     n = y.shape[1]
     ell, rb = sp["ell_cols"], sp["ell_rb"]
