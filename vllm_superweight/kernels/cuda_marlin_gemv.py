@@ -96,31 +96,31 @@ MAX_M = 8  # tokens a launch: the tensor-core form (``mma``); the CUDA-core form
 MAX_M_FFMA = 4
 TILE_N = 64
 
-_SRC = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
 
-#ifndef SW_MT
-#define SW_MT 1
-#endif
+def act_conversions(prefix: str) -> str:
+    """CUDA source of ``act2f`` / ``f2act`` (16-bit activation <-> fp32, bf16 or fp16 by ``<prefix>_BF16``), shared by
+    our NVRTC kernels; under ``<prefix>_HOST`` the tests' CPU emulation's ``emu_*`` functions stand in for the PTX."""
+    return _ACT_CONVERSIONS.replace("PFX_", prefix + "_")
 
-// (SW_HOST: the tests' CPU emulation, tests/cuda_emu.py, compiles this source for the host; its emu_* functions
+
+_ACT_CONVERSIONS = r"""
+// (PFX_HOST: the tests' CPU emulation, tests/cuda_emu.py, compiles this source for the host; its emu_* functions
 // stand in for the inline PTX)
 __device__ __forceinline__ float act2f(u16 h) {
-#ifdef SW_HOST
-  return emu_act2f(h, SW_BF16);
-#elif SW_BF16
+#ifdef PFX_HOST
+  return emu_act2f(h, PFX_BF16);
+#elif PFX_BF16
   return __uint_as_float(((u32)h) << 16);
 #else
   float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 #endif
 }
 __device__ __forceinline__ u16 f2act(float f) {
-#ifdef SW_HOST
-  return emu_f2act(f, SW_BF16);
+#ifdef PFX_HOST
+  return emu_f2act(f, PFX_BF16);
 #else
   u16 h;
-#if SW_BF16
+#if PFX_BF16
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
 #else
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
@@ -128,6 +128,20 @@ __device__ __forceinline__ u16 f2act(float f) {
   return h;
 #endif
 }
+""".removeprefix("\n")
+
+_SRC = (
+    r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#ifndef SW_MT
+#define SW_MT 1
+#endif
+
+"""
+    + act_conversions("SW")
+    + r"""
 // the nibble at bits 16..19 of w under the exponent of 128.0: the exact float 128 + q. The mask and the exponent
 // come in as kernel parameters (0x000F0000, 0x43000000): as literals ptxas re-materializes one of the two LOP3
 // operands before every use (a MOV per nibble)
@@ -657,7 +671,8 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
   }
   if (threadIdx.x == 0) cnt[tile] = 0u;
 }
-"""
+""".removeprefix("\n")
+)
 
 _lock = threading.Lock()
 _kernels: dict[tuple, object] = {}

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import envs
+from .cuda_marlin_gemv import act_conversions
 
 log = logging.getLogger("vllm.superweight_rtn")  # vLLM's log shows it
 
@@ -48,35 +49,14 @@ KERNEL = "sw_sell_panel"
 PREFETCH = 16  # slots of a warp's first slice loaded before the panel copy
 FILL_BATCH = 64  # x words a thread has in flight while it copies the panel (64 / MB k pairs, MB loads each)
 
-_SRC = r"""
+_SRC = (
+    r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-// (SP_HOST: the tests' CPU emulation, tests/cuda_emu.py, compiles this source for the host; its emu_* functions
-// stand in for the inline PTX)
-__device__ __forceinline__ float act2f(u16 h) {
-#ifdef SP_HOST
-  return emu_act2f(h, SP_BF16);
-#elif SP_BF16
-  return __uint_as_float(((u32)h) << 16);
-#else
-  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-#endif
-}
-__device__ __forceinline__ u16 f2act(float f) {
-#ifdef SP_HOST
-  return emu_f2act(f, SP_BF16);
-#else
-  u16 h;
-#if SP_BF16
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-  return h;
-#endif
-}
-// a packed slot: value bits << 16 | column (0 = empty)
+"""
+    + act_conversions("SP")
+    + r"""// a packed slot: value bits << 16 | column (0 = empty)
 __device__ __forceinline__ float slot_val(u32 w) {
 #ifdef SP_HOST
   return emu_act2f((u16)(w >> 16), SP_PACK == 1);
@@ -260,6 +240,7 @@ sw_sell_panel(const u16* __restrict__ x, u16* __restrict__ y, const u32* __restr
   }
 }
 """
+)
 
 
 @dataclass(frozen=True)
@@ -344,6 +325,7 @@ _kernels: dict[tuple, object] = {}
 _limits: dict[int, DeviceLimits] = {}
 _failed: dict[tuple, str] = {}
 _announced: set[PanelConfig] = set()
+_prepared: set[tuple] = set()  # (device, K, dtypes, config) already prepared
 
 
 def device_limits(index: int) -> DeviceLimits:
@@ -405,6 +387,10 @@ def prepare(k: int, act_dtype: torch.dtype, pack: torch.dtype, device: torch.dev
     if cfg is None or device.type != "cuda" or act_dtype not in (torch.bfloat16, torch.float16):
         return
     index = device.index if device.index is not None else torch.cuda.current_device()
+    done = (index, k, act_dtype, pack, cfg)
+    if done in _prepared:  # every layer of one shape asks: plan and load once
+        return
+    _prepared.add(done)
     lim = device_limits(index)
     seen = set()
     for m in range(1, cfg.max_m + 1):
