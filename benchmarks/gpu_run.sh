@@ -443,15 +443,22 @@ EOF2
     # humming_startup.py times each 7B shape's first 2-token call under cProfile (per shape: pack, first / second call,
     # kernels prepared, the functions that took the time), first with an empty HUMMING_CACHE_DIR (cold), then again in
     # a new process on the filled cache (warm: an engine restart), then with SUPERWEIGHT_HUMMING_RANGES (one kernel a
-    # token range: Humming's table has 28 distinct kernels a 7B shape -- its heuristics run on the CPU, s30)
+    # token range: Humming's table has 28 distinct kernels a 7B shape -- its heuristics run on the CPU, s30).
+    # Session 31's run: ~23 s a shape cold AND warm, ~90 % of it pyelftools walking each cubin's symbols (0.25 s a
+    # kernel, under the GIL); since then kernels/cubin.py reads them with struct (default on): the passes below time
+    # it (PASSES="cold warm slow ranges" adds the warm cache with Humming's own reader, SUPERWEIGHT_HUMMING_FAST_ELF=0)
     setup
     export HUMMING_CACHE_DIR=$STASH_DIR/humprof-cache
     rm -rf "$HUMMING_CACHE_DIR"
-    for pass in cold warm ranges; do
+    passes=${PASSES:-cold warm ranges}
+    # shellcheck disable=SC2086
+    set -- $passes
+    for pass in "$@"; do
       extra=""
       if [ "$pass" = ranges ]; then extra="--ranges ${HUMMING_RANGES:-8,16,32,64,128,256,1024}"; fi
+      if [ "$pass" = slow ]; then extra="--slow-elf"; fi
       # shellcheck disable=SC2086
-      timeout $(((590 - SECONDS) / 3)) $PY -u benchmarks/diag/humming_startup.py $extra \
+      timeout $(((590 - SECONDS) / $#)) $PY -u benchmarks/diag/humming_startup.py $extra \
         --out "$OUT/humming_startup_$pass.json" 2>&1 | grep -v "^$" | tail -8
     done
     echo "[$(ts)] humprof done" ;;

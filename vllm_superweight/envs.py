@@ -92,6 +92,10 @@ Only what users need is a knob:
                                     shape, each compiled / loaded at the shape's first batch: 12-25 s a shape on the
                                     H200, s29). Opt-in (session 30, not yet measured): fewer kernels, a start-up
                                     that much shorter, tiles sized for the range's top. Unset: Humming's table.
+``SUPERWEIGHT_HUMMING_FAST_ELF``     ``1`` (default): Humming's two cubin symbol lookups (a kernel's mangled name, a
+                                    config value) read the ELF with ``struct`` (``kernels.cubin``) instead of
+                                    pyelftools -- ~0.25 s a kernel, 23-26 s a 7B shape's first batch on the H200
+                                    (session 31); the first lookup is checked against Humming's own. ``0``: Humming's.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
                                     outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
@@ -138,6 +142,7 @@ SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 SPARSE_OVERLAP = "SUPERWEIGHT_SPARSE_OVERLAP"
 SPARSE_PANEL = "SUPERWEIGHT_SPARSE_PANEL"
 HUMMING_RANGES = "SUPERWEIGHT_HUMMING_RANGES"
+HUMMING_FAST_ELF = "SUPERWEIGHT_HUMMING_FAST_ELF"
 CUDA_GEMV = "SUPERWEIGHT_CUDA_GEMV"
 DEFAULT_CUDA_GEMV_MAX_M = 1
 CACHE_DIR = "SUPERWEIGHT_CACHE_DIR"
@@ -397,6 +402,11 @@ def _parse_onecopy(raw: str) -> dict[str, tuple]:
             "corr=sell|inside|KIND:ROWS:SLOTS:WARPS,gemv=0..4"
         )
     return out
+
+
+def humming_fast_elf() -> bool:
+    """``SUPERWEIGHT_HUMMING_FAST_ELF`` (default on): Humming's cubin symbol lookups from ``kernels.cubin``."""
+    return _flag(HUMMING_FAST_ELF, "1")
 
 
 def humming_ranges() -> tuple[int, ...] | None:

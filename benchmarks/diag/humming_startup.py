@@ -60,9 +60,16 @@ def main() -> None:
         default="",
         help="SUPERWEIGHT_HUMMING_RANGES for this run (e.g. 8,16,32,64,128,256,1024: one kernel a range)",
     )
+    ap.add_argument(
+        "--slow-elf",
+        action="store_true",
+        help="SUPERWEIGHT_HUMMING_FAST_ELF=0: Humming's own pyelftools symbol lookups (kernels/cubin.py off)",
+    )
     args = ap.parse_args()
     if args.ranges:
         os.environ["SUPERWEIGHT_HUMMING_RANGES"] = args.ranges
+    if args.slow_elf:
+        os.environ["SUPERWEIGHT_HUMMING_FAST_ELF"] = "0"
 
     import cProfile
 
@@ -104,6 +111,10 @@ def main() -> None:
         second_s = time.time() - t0
         new = list(HummingKernel._str2kernel_cache.values())[before:]
         kernels = sum(int(t.numel()) // 4 for t in new)
+        import humming.utils.jit as hjit
+
+        # kernels/cubin.py's reader: "ours" once its first answer matched Humming's, "theirs" if it did not
+        elf = getattr(hjit.find_kernel_name_in_cubin, "state", "humming's own")
         st = pstats.Stats(prof)
         rec["shapes"].append(
             {
@@ -114,11 +125,15 @@ def main() -> None:
                 "first_call_s": round(first_s, 3),
                 "second_call_s": round(second_s, 4),
                 "kernels_prepared": kernels,
+                "symbol_reader": elf,
                 "top_cumulative": top_functions(st, "cumulative", args.top),
                 "top_own_time": top_functions(st, "tottime", args.top),
             }
         )
-        print(f"{name}: pack {pack_s:.2f} s, first call {first_s:.2f} s ({kernels} kernels), second {second_s:.4f} s")
+        print(
+            f"{name}: pack {pack_s:.2f} s, first call {first_s:.2f} s ({kernels} kernels), second {second_s:.4f} s, "
+            f"symbol reader {elf}"
+        )
         save()
 
 

@@ -152,6 +152,9 @@ class HummingKernel(_VllmMixedPrecision):
         self.tuning: str | None = None  # SUPERWEIGHT_HUMMING_RANGES: Humming's kernels, one a token range
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        from ..cubin import install_humming_reader
+
+        install_humming_reader()  # before the shape's first batch: Humming's cubin lookups without pyelftools
         super().process_weights_after_loading(layer)
         tops = envs.humming_ranges()
         if tops:
