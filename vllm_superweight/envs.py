@@ -51,11 +51,12 @@ Only what users need is a knob:
                                     tokens, its CUDA-core form (H200, 7B layer: 0.89x Marlin's time; end to end, 0.1 %
                                     hold-out, one copy: batch 1 0.751 s vs Marlin's 0.807, AWQ 0.981). ``2``-``8``:
                                     also 2..MAX_M tokens, through its tensor-core form (opt-in: correct on the
-                                    H200 but 67-74 us a 7B layer at 2-8 tokens vs Marlin's 66, s25). The one-copy
-                                    kernels (the held-out default's Marlin copy, ``humming-gemv``) send only layers
-                                    with held-out terms there, the terms in its epilogue (one kernel for the GEMM +
-                                    the SELL correction; since s29, not yet measured on a GPU); their other layers
-                                    keep Marlin / Humming from 2 tokens. ``0``: Marlin.
+                                    H200; s31: 61.5 / 65.1 / 68.4 us a 7B layer at 2 / 4 / 8 tokens vs Marlin's
+                                    65.6 / 66.8 / 66.3). The one-copy kernels (the held-out default's Marlin
+                                    copy, ``humming-gemv``) send only layers with held-out terms there, the terms
+                                    in its epilogue (one kernel for the GEMM + the SELL correction; s31: faster than
+                                    Marlin + SELL at 2 tokens only); their other layers keep Marlin / Humming from
+                                    2 tokens. ``0``: Marlin.
                                     ``MAX_M@one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL],mma=...``: also the
                                     launch configuration of either form (``kernels.cuda_marlin_gemv.CONFIG_FIELDS``;
                                     ``cuda_gemv_bench.py --recommend-env`` writes the fastest it measured).
@@ -81,8 +82,9 @@ Only what users need is a knob:
                                     tokens, default 96) through ``kernels.cuda_sell``: each block copies x's rows
                                     of up to ``mb`` tokens (default 16) into shared memory once and its warps read
                                     every term's tokens there -- no transpose kernel, no gather from global memory
-                                    per term (``blocks``: blocks in all, default SMs x blocks an SM). Opt-in:
-                                    built in session 30, not yet measured on a GPU; unset or ``0``: the Triton
+                                    per term (``blocks``: blocks in all, default SMs x blocks an SM). Opt-in and
+                                    SLOWER (H200, s31, 7B q/k/v after Marlin: 10.6 vs 7.1 us at 8 tokens, 32.1 vs
+                                    14.3 at 64; correct, kept for study); unset or ``0``: the Triton
                                     kernel (``SUPERWEIGHT_SPARSE_TILES``), which also serves whatever this kernel
                                     does not take.
 ``SUPERWEIGHT_HUMMING_RANGES``      ``T1,T2,...,Tn`` (increasing token counts): vLLM's Humming backend (the ``humming``

@@ -16,8 +16,10 @@ take one warp each, reduced across its lanes in a fixed order.
 
 The cost it trades: every block of a token block copies the whole ``K x MB`` panel (64 KB for a 4096-column layer
 at 8 tokens) however few of its columns the block's slices use, so there are at most ``per_sm`` blocks an SM and
-as many warps as slices. Not yet measured on a GPU: opt-in (``SUPERWEIGHT_SPARSE_PANEL``); the Triton kernel stays
-the default and serves what this one does not take (unpacked slots, lanes other than 32, x or y not bf16 / fp16,
+as many warps as slices. Measured on the H200 (session 31, 7B q/k/v after Marlin): correct (its GPU tests pass) and
+SLOWER than the Triton path at every token count -- 10.6 vs 7.1 us at 8 tokens, 32.1 vs 11.2 + 3.1 at 64: the panel
+copies cost more than the gathers they replace. Opt-in (``SUPERWEIGHT_SPARSE_PANEL``) for study; the Triton kernel
+stays the default and serves what this one does not take (unpacked slots, lanes other than 32, x or y not bf16 / fp16,
 more than ``max_m`` tokens, a panel larger than the GPU's shared memory).
 
     plan, why = panel_plan(m, k, items, device_limits(i), config())   # shapes only: MB, warps, grid, smem
