@@ -31,9 +31,13 @@ def parse_text(text: str) -> dict:
         out["kv_cache_tokens"] = int(out["kv_cache_tokens"])
     out["superweight_kernels"] = sorted(
         {
-            ln.split("superweight_rtn", 1)[1].strip()[:120]
+            ln.split("superweight_rtn", 1)[1].lstrip(": ").strip()[:120]
             for ln in text.splitlines()
-            if "superweight_rtn W" in ln or "superweight_rtn held-out correction" in ln
+            if "superweight_rtn W" in ln
+            or "superweight_rtn held-out correction" in ln
+            or (
+                "superweight_rtn" in ln and "cubin" in ln
+            )  # kernels/cubin.py: Humming's symbol reader, or its give-back
         }
     )
     return out
