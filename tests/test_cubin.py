@@ -16,7 +16,11 @@ from vllm_superweight.kernels import cubin as C
 SRC = r"""
 extern "C" __device__ int sw_cfg_answer = 1234567;
 extern "C" __device__ int sw_cfg_negative = -42;
-template <int N> __global__ void humming(int* out) { out[threadIdx.x] = N + sw_cfg_answer + sw_cfg_negative; }
+extern "C" __device__ int sw_zero_init;  // zero-initialised: a NOBITS section (.nv.global), no bytes in the file
+template <int N> __global__ void humming(int* out) {
+  out[threadIdx.x] = N + sw_cfg_answer + sw_cfg_negative + sw_zero_init;
+  sw_zero_init = out[0];
+}
 template __global__ void humming<3>(int*);
 __global__ void hummingbird(float* out) { out[0] = 1.f; }
 __global__ void other_kernel(int* out) { out[0] = 2; }
@@ -73,6 +77,11 @@ def test_reader_finds_the_kernel_and_reads_values(tmp_path, arch):
     assert C.read_symbol_value(path, "sw_cfg_answer") == 1234567
     assert C.read_symbol_value(path, "sw_cfg_negative") == -42
     assert C.read_symbol_value(path, "no_such_symbol", default_value=7) == 7
+    # a zero-initialised value lives in a NOBITS section: zeros, as pyelftools (and Humming) read it -- Humming's
+    # cubins hold ~70 such config symbols (found comparing both readers on a real Humming sm_90a cubin, s31)
+    zero = next(s for s in C.CubinELF.from_file(path).symbols() if s.name == "sw_zero_init")
+    assert C.CubinELF.from_file(path).sections[zero.shndx].type == C.SHT_NOBITS
+    assert C.read_symbol_value(path, "sw_zero_init", default_value=7) == 0
     with pytest.raises(AssertionError, match="0 function symbols"):
         C.find_kernel_name(path, "absent_kernel")
     elf = C.CubinELF.from_file(path)
@@ -90,7 +99,7 @@ def test_reader_agrees_with_pyelftools(tmp_path):
         funcs = [s.name[2:].lstrip("0123456789") for s in elf.symbols(lambda t: t == C.STT_FUNC)]
         for kw in [*sorted({f.split("P")[0] for f in funcs if f.startswith(("kern", "other"))})[:40], "hummingI"]:
             assert C.find_kernel_name(path, kw) == _elftools_find(path, kw), kw
-        for name in ["sw_cfg_answer", "sw_cfg_negative", "v0", "v123", "v299", "absent"]:
+        for name in ["sw_cfg_answer", "sw_cfg_negative", "sw_zero_init", "v0", "v123", "v299", "absent"]:
             assert C.read_symbol_value(path, name, -1) == _elftools_value(path, name, -1), name
     assert C.read_symbol_value(path, "v299") == 299 * 7919 - 5
 

@@ -42,3 +42,23 @@ def test_top_functions_ranks_by_cumulative_and_own_time():
     own = hs.top_functions(st, "tottime", 3)
     assert [r["tottime_s"] for r in own] == sorted((r["tottime_s"] for r in own), reverse=True)
     assert set(hs.SHAPES_7B) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+def test_cpu_stand_in_finds_nvrtc_and_the_cuda_headers():
+    """benchmarks/diag/humming_startup_cpu.py compiles Humming's kernels with the venv's CUDA 13 wheels: the
+    directories it hands NVRTC (libnvrtc-builtins, the headers Humming's source includes) exist."""
+    import pytest
+
+    path = os.path.join(HERE, "..", "benchmarks", "diag", "humming_startup_cpu.py")
+    spec = importlib.util.spec_from_file_location("humming_startup_cpu", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        dirs = mod._cuda_wheel_dirs()
+    except SystemExit as e:
+        pytest.skip(str(e))
+    lib = dirs["LD_LIBRARY_PATH"].split(":")[0]
+    assert any(f.startswith("libnvrtc-builtins") for f in os.listdir(lib)), lib
+    assert os.path.isfile(os.path.join(dirs["CUDA_INCLUDE_PATH"], "cuda_runtime.h"))
+    assert set(mod.SHAPES_7B) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}

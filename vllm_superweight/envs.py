@@ -92,12 +92,14 @@ Only what users need is a knob:
                                     -- Humming's own heuristic configuration at the range's top (at 8192 for the
                                     last) -- instead of its full table (92 ranges, 28 distinct kernels a 7B layer
                                     shape, each compiled / loaded at the shape's first batch: 12-25 s a shape on the
-                                    H200, s29). Opt-in (session 30, not yet measured): fewer kernels, a start-up
-                                    that much shorter, tiles sized for the range's top. Unset: Humming's table.
+                                    H200, s29). Opt-in (session 30; s31, H200: 8 kernels, ~2 s a shape with
+                                    pyelftools): fewer kernels, tiles sized for the range's top. Since s31 the
+                                    symbol reader below removes most of the start-up anyway. Unset: Humming's table.
 ``SUPERWEIGHT_HUMMING_FAST_ELF``     ``1`` (default): Humming's two cubin symbol lookups (a kernel's mangled name, a
                                     config value) read the ELF with ``struct`` (``kernels.cubin``) instead of
                                     pyelftools -- ~0.25 s a kernel, 23-26 s a 7B shape's first batch on the H200
-                                    (session 31); the first lookup is checked against Humming's own. ``0``: Humming's.
+                                    (session 31; Humming's table on the CPU, warm cache: 0.4 s a shape vs 10); the
+                                    first lookup is checked against Humming's own. ``0``: Humming's.
 ``SUPERWEIGHT_W8A8_AZP``            ``1`` (default): CUDA W8A8 layers with per-token activations carry their first
                                     outlier channel through vLLM's CUTLASS per-token zero-point epilogue
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay

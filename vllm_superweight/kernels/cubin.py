@@ -98,8 +98,8 @@ class CubinELF:
 
     def section_data(self, index: int) -> bytes:
         s = self.sections[index]
-        if s.type == SHT_NOBITS:
-            return b""
+        if s.type == SHT_NOBITS:  # zero-initialised (.nv.global): no bytes in the file, zeros when loaded
+            return bytes(s.size)
         return self.data[s.offset : s.offset + s.size]
 
     def symtab(self) -> _Section | None:

@@ -133,7 +133,9 @@ class HummingKernel(_VllmMixedPrecision):
 
     At a layer shape's first batch Humming prepares a kernel for each token-count range of its heuristic table (28
     distinct kernels a 7B shape on Hopper); ``SUPERWEIGHT_HUMMING_RANGES`` hands it a coarser table instead
-    (``humming_tuning``: one kernel a range, Humming's own configuration at the range's top; opt-in, session 30)."""
+    (``humming_tuning``: one kernel a range, Humming's own configuration at the range's top; opt-in, session 30).
+    Most of that first call was Humming finding each kernel's name in its cubin with pyelftools (s31, H200: ~90 % of
+    23-26 s a shape); ``kernels.cubin`` serves those lookups, installed here before the first batch."""
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
