@@ -29,15 +29,14 @@ def parse_text(text: str) -> dict:
             out[key] = min(vals) if key == "kv_cache_tokens" else max(vals)
     if "kv_cache_tokens" in out:
         out["kv_cache_tokens"] = int(out["kv_cache_tokens"])
+    # our plugin's kernel-choice lines, and kernels/cubin.py's (Humming's symbol reader in place, or given back)
     out["superweight_kernels"] = sorted(
         {
             ln.split("superweight_rtn", 1)[1].lstrip(": ").strip()[:120]
             for ln in text.splitlines()
             if "superweight_rtn W" in ln
             or "superweight_rtn held-out correction" in ln
-            or (
-                "superweight_rtn" in ln and "cubin" in ln
-            )  # kernels/cubin.py: Humming's symbol reader, or its give-back
+            or ("superweight_rtn" in ln and "cubin" in ln)
         }
     )
     return out
