@@ -62,3 +62,32 @@ def test_cpu_stand_in_finds_nvrtc_and_the_cuda_headers():
     assert any(f.startswith("libnvrtc-builtins") for f in os.listdir(lib)), lib
     assert os.path.isfile(os.path.join(dirs["CUDA_INCLUDE_PATH"], "cuda_runtime.h"))
     assert set(mod.SHAPES_7B) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+def test_plot_reads_both_records(tmp_path):
+    """benchmarks/plot_humming_startup.py: the H200 passes and the CPU stand-in's, per shape, in the shapes' order."""
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_humming_startup", os.path.join(HERE, "..", "benchmarks", "plot_humming_startup.py")
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shapes = [{"shape": s, "first_call_s": v} for s, v in (("qkv_proj", 25.9), ("o_proj", 26.6))]
+    (tmp_path / "h_cold.json").write_text(json.dumps({"shapes": shapes}))
+    passes = [
+        {"shape": s, "reader": r, "cache": c, "seconds": t}
+        for s, r, c, t in (
+            ("o_proj", "fast", "warm", 0.3),
+            ("qkv_proj", "fast", "warm", 0.4),
+            ("qkv_proj", "slow", "cold", 36.0),
+        )
+    ]
+    (tmp_path / "cpu.json").write_text(json.dumps({"passes": passes}))
+    got_shapes, series = mod.bars(str(tmp_path / "h_{}.json"), str(tmp_path / "cpu.json"))
+    assert got_shapes == ["qkv_proj", "o_proj"]
+    assert series["H200, pyelftools, cold"] == [25.9, 26.6]
+    assert series["CPU stand-in, kernels/cubin.py, warm"] == [0.4, 0.3]
+    assert series["CPU stand-in, pyelftools, cold"] == [36.0, 0.0]  # a missing pass plots as 0
+    assert "H200, pyelftools, warm" not in series
