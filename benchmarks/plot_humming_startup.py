@@ -24,11 +24,13 @@ def bars(h200_pattern: str, cpu_path: str) -> tuple[list[str], dict[str, list[fl
         path = h200_pattern.format(tag)
         if not os.path.exists(path):
             continue
-        rows = json.load(open(path))["shapes"]
+        with open(path) as f:
+            rows = json.load(f)["shapes"]
         shapes = shapes or [r["shape"] for r in rows]
         series[label] = [next(r["first_call_s"] for r in rows if r["shape"] == s) for s in shapes]
     if cpu_path and os.path.exists(cpu_path):
-        passes = json.load(open(cpu_path))["passes"]
+        with open(cpu_path) as f:
+            passes = json.load(f)["passes"]
         shapes = shapes or list(dict.fromkeys(p["shape"] for p in passes))
         for reader, name in (("slow", "pyelftools"), ("fast", "kernels/cubin.py")):
             for cache in ("cold", "warm"):

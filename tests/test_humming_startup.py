@@ -1,20 +1,10 @@
 """benchmarks/diag/humming_startup.py (a GPU diagnostic): its profile summary."""
 
 import cProfile
-import importlib.util
 import os
 import pstats
 
-HERE = os.path.dirname(__file__)
-
-
-def _load():
-    path = os.path.join(HERE, "..", "benchmarks", "diag", "humming_startup.py")
-    spec = importlib.util.spec_from_file_location("humming_startup", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_module import load
 
 
 def _slow(n):
@@ -26,7 +16,7 @@ def _outer():
 
 
 def test_top_functions_ranks_by_cumulative_and_own_time():
-    hs = _load()
+    hs = load("diag/humming_startup")
     prof = cProfile.Profile()
     prof.enable()
     _outer()
@@ -49,11 +39,7 @@ def test_cpu_stand_in_finds_nvrtc_and_the_cuda_headers():
     directories it hands NVRTC (libnvrtc-builtins, the headers Humming's source includes) exist."""
     import pytest
 
-    path = os.path.join(HERE, "..", "benchmarks", "diag", "humming_startup_cpu.py")
-    spec = importlib.util.spec_from_file_location("humming_startup_cpu", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load("diag/humming_startup_cpu")
     try:
         dirs = mod._cuda_wheel_dirs()
     except SystemExit as e:
@@ -68,12 +54,7 @@ def test_plot_reads_both_records(tmp_path):
     """benchmarks/plot_humming_startup.py: the H200 passes and the CPU stand-in's, per shape, in the shapes' order."""
     import json
 
-    spec = importlib.util.spec_from_file_location(
-        "plot_humming_startup", os.path.join(HERE, "..", "benchmarks", "plot_humming_startup.py")
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load("plot_humming_startup")
     shapes = [{"shape": s, "first_call_s": v} for s, v in (("qkv_proj", 25.9), ("o_proj", 26.6))]
     (tmp_path / "h_cold.json").write_text(json.dumps({"shapes": shapes}))
     passes = [

@@ -29,12 +29,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-SHAPES_7B = {
-    "qkv_proj": (12288, 4096),
-    "o_proj": (4096, 4096),
-    "gate_up_proj": (22016, 4096),
-    "down_proj": (4096, 11008),
-}
+sys.path.insert(0, HERE)
+from humming_startup import SHAPES_7B  # noqa: E402  (the GPU profile's shapes: one table for both)
 
 
 def _cuda_wheel_dirs() -> dict[str, str]:
