@@ -414,8 +414,23 @@ def main() -> None:
                 y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan).float()
                 rows[-1]["rel_vs_default"] = float((y - ref).norm() / ref.norm())
     for spec in filter(None, args.mma_configs.split(";")):
+        cfg = tuple(int(f) for f in spec.split(":"))
+        for m in [8] if args.no_vllm else [mm for mm in (2, 8) if mm in xs]:  # each against Marlin first
+            for name, (n_, k_) in SHAPES.items():
+                e, x = layers[0][name], xs[m][name]
+                try:
+                    plan = CG.gemv_plan(n_, k_, 128, False, bf, dev, config=cfg)
+                except ValueError as err:
+                    rows.append({"part": "mma-check", "m": m, "shape": name, "config": list(cfg), "note": str(err)})
+                    continue
+                ym = e["k"].small.apply_gemm(e["k"].shadow, x, None).float()
+                yc = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan).float()
+                rel = float((yc - ym).norm() / ym.norm())
+                rows.append({"part": "mma-check", "m": m, "shape": name, "config": list(cfg), "rel_vs_marlin": rel})
+                if rel > 1e-2:
+                    log(f"  CHECK FAILED (mma {cfg}) {name} M={m}: rel {rel:.3g}")
         for m in (8, 1):
-            timed("mma", m, tuple(int(f) for f in spec.split(":")), part="mma-sweep")
+            timed("mma", m, cfg, part="mma-sweep")
     if args.pf or args.mma_sweep or args.mma_configs:  # the tensor-core form's fastest at 8 tokens, also at 2 and 4
         at8 = [r for r in rows if r.get("kernel") == "mma" and r.get("m") == 8 and "us" in r and r.get("config")]
         if at8:

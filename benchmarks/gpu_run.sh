@@ -27,6 +27,8 @@
 #                                                          # cuda_gemv_bench.py --holdout-modules qkv at 2-8 tokens
 #   bash benchmarks/gpu_run.sh panel                       # the shared-memory SELL kernel (SUPERWEIGHT_SPARSE_PANEL): GPU
 #                                                          # tests, then sparse_bench.py beside the Triton kernel
+#   bash benchmarks/gpu_run.sh xr                          # the tensor-core GEMV with x through its ring (SW_XR): GPU
+#                                                          # test, then cuda_gemv_bench.py at 2-8 tokens vs plain
 #   bash benchmarks/gpu_run.sh humprof                     # where the one-Humming-copy start-up goes: the 7B shapes'
 #                                                          # first Humming calls under cProfile, cold then warm cache
 #   bash benchmarks/gpu_run.sh memcheck                    # SmolLM2's layer shapes, 1..16,384 tokens, under
@@ -437,6 +439,22 @@ EOF2
     timeout $((590 - SECONDS)) $PY -u benchmarks/sparse_bench.py --out "$OUT/sparse_bench_panel.json" \
       --ms 64,8,16,32,4,2 --no-overlap --triton-variants default --budget-s $((565 - SECONDS)) --profile-ms 8,64 2>&1 | grep -v "^$" | tail -25
     echo "[$(ts)] panel done" ;;
+  xr)
+    # session 32, after the stash calls (build-bg of the checkpoints started before): the tensor-core GEMV with x
+    # through the cp.async ring (SW_XR, config field 10; the plain form's x loads touch one cache line a token each,
+    # 8 at 8 tokens -- the suspected cause of its 61.5 -> 68.4 us a 7B layer from 2 to 8 tokens, s31): its GPU
+    # test (bitwise equal to the plain form, float reference, CUDA graph), then cuda_gemv_bench.py at 2 / 4 / 8 tokens:
+    # XR configurations and their plain twins, each checked against Marlin first. Then the throughput call
+    #   SW_XR_MMA=<fastest XR config, colons> throughput sw-w4-g128-humgemv-xr,sw-w4-g128-humgemv-all8,sw-w4-g128-humgemv,awq
+    setup
+    timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_xr.xml" \
+      tests/test_cuda_marlin_gemv.py -k "through_the_ring" 2>&1 | grep -v DEBUG \
+      | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_xr.log" | tail -12
+    for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
+    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_xr.json" --ms 2,4,8 \
+      --mma-configs "${XR_SWEEP:-8:2:12:2:1:0:1:1:0:1;4:4:12:2:1:0:1:1:0:1;4:4:12:3:1:0:1:1:0:1;8:2:24:2:1:0:1:1:0:1;4:4:24:2:1:0:1:1:0:1;8:2:12:3:1:0:1:1:0:1;4:2:12:4:1:0:1:1:0:1;8:2:12:2:1:0:1:1;4:4:12:2:1:0:1:1}" \
+      --budget-s $((565 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
+    echo "[$(ts)] xr done" ;;
   humprof)
     # session 30: session 29 saw 12-25 s per layer shape in Humming's first call whatever the disk cache held -- what
     # keeps humming-gemv (one W4 copy, every W4 speed target but batch 8 in s27) opt-in. benchmarks/diag/

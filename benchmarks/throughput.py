@@ -201,6 +201,17 @@ METHODS["sw-w4-g128-holdout-qkv-panel"] = _variant("sw-w4-g128-holdout-qkv", SUP
 METHODS["sw-w4-g128-humgemv-ranges"] = _variant(
     "sw-w4-g128", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_HUMMING_RANGES="8,16,32,64,128,256,1024"
 )
+# session 32: one Humming copy with EVERY layer's 2-8 token batches through our tensor-core GEMV (s31: 61.5 / 65.1 /
+# 68.4 us a 7B layer at 2 / 4 / 8 tokens vs Humming's ~71-72, s18), plain and with x through its ring (SW_XR; the
+# configuration from the same lease's cuda_gemv_bench.py, SW_XR_MMA) -- the batch-8 target on one copy
+METHODS["sw-w4-g128-humgemv-all8"] = _variant(
+    "sw-w4-g128", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_CUDA_GEMV="8@layers=all"
+)
+METHODS["sw-w4-g128-humgemv-xr"] = _variant(
+    "sw-w4-g128",
+    SUPERWEIGHT_W4_KERNEL="humming-gemv",
+    SUPERWEIGHT_CUDA_GEMV=f"8@mma={os.environ.get('SW_XR_MMA', '8:2:12:2:1:0:1:1:0:1')},layers=all",
+)
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?

@@ -52,6 +52,21 @@ def test_plan_refuses_float32_and_oversized_configs():
     assert CG.gemv_plan(4096, 4096, 128, True, torch.bfloat16, "cpu").lean  # the default form
 
 
+def test_x_through_the_ring_is_a_planned_tensor_core_option():
+    """SW_XR: only with the tensor-core form and without PDL (its prologue copies x before the launch's wait would
+    allow); its x slots count against the 48 KB (8-row chunks of 4 warps no longer fit); off, the source is as
+    before."""
+    xr = CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=XR_CONFIGS[0])
+    assert xr.xr and xr.mma and "#define SW_XR 1" in CG.kernel_source(xr, 8)
+    plain = CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.MMA_CONFIG)
+    assert not plain.xr and "SW_XR 1" not in CG.kernel_source(plain, 8)
+    for bad in (CG.config_with(xr=1), CG.config_with(XR_CONFIGS[0], pdl=1)):
+        with pytest.raises(ValueError, match="tensor-core form option"):
+            CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=bad)
+    with pytest.raises(ValueError, match="48 KB"):
+        CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.config_with(CG.MMA_CONFIG, xr=1))
+
+
 @pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (12288, 4096, 128), (4096, 11008, 128), (22016, 4096, 64)])
 def test_plan_covers_every_row_once_and_keeps_groups_whole(n, k, group):
     p = CG.gemv_plan(n, k, group, False, torch.bfloat16, "cpu")
@@ -211,6 +226,8 @@ def test_kernel_sources_compile_without_a_gpu(arch):
         ((4, 4, 24, 4, 1, 0), 128, False, (1,), CG.LAYOUT_HUMMING_SM90),
         (CG.MMA_CONFIG, 128, False, (8,), CG.LAYOUT_HUMMING_SM90),
         (CG.DEFAULT_CONFIG, 64, False, (1,), CG.LAYOUT_HUMMING),
+        (XR_CONFIGS[0], 128, False, (2, 8), CG.LAYOUT_HUMMING_SM90),
+        (XR_CONFIGS[1], -1, True, (5,)),
     ]
     for cfg, group, sym, mts, *layout in cases:
         plan = CG.gemv_plan(4096, 4096, group, sym, torch.bfloat16, "cpu", config=cfg, layout=(layout or [0])[0])
@@ -564,6 +581,9 @@ def _close(y, ref, dtype):
     assert err <= tol, f"max |err| {err:.3g} > {tol:.3g}"
 
 
+# the tensor-core form with x through the ring (SW_XR, session 32): 8-row chunks of 2 warps, 4-row chunks of 4 warps
+XR_CONFIGS = ((8, 2, 12, 2, 1, 0, 1, 1, 0, 1), (4, 4, 12, 2, 1, 0, 1, 1, 0, 1))
+
 # the launch configurations the float-reference GPU test runs besides the default (lean) one: the exact first form
 # (4 warps a block), the tensor-core form (1-8 tokens; also 2-row chunks, 3 stages); with the group constants
 # prefetched through the ring (a chunk within a group, a chunk of several groups: 8 rows); the tensor-core form with
@@ -580,6 +600,7 @@ GPU_CONFIGS = (
     (8, 2, 24, 3, 1, 0, 1, 1),
     (4, 8, 24, 2, 1, 0, 1),
     (4, 8, 24, 2, 1, 0, 1, 1),
+    *XR_CONFIGS,
 )
 
 CASES = [
@@ -592,6 +613,46 @@ CASES = [
     (256, 4096, -1, False),
     (128, 512, 512, True),
 ]
+
+
+XR_CASES = [(4096, 11008, 128, False), (192, 528, 16, True), (256, 4096, -1, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n,k,group,sym", XR_CASES, ids=[f"{n}x{k}-g{g}" for n, k, g, _ in XR_CASES])
+def test_x_through_the_ring_equals_the_plain_tensor_core_form(n, k, group, sym, dtype):
+    """SW_XR moves where the B fragments come from (shared memory, copied with the weights), not the arithmetic: bit
+    for bit the plain tensor-core form of the same launch shape at 2-8 tokens (split-K, an odd K, channel-wise), also
+    from an x view whose rows are not 16-byte aligned, and inside a CUDA graph."""
+    qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=11)
+    g = torch.Generator().manual_seed(2)
+    for cfg in XR_CONFIGS:
+        xr = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=cfg)
+        plain = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=cfg[:9])
+        assert xr.xr and not plain.xr and (xr.u, xr.rpw, xr.splits) == (plain.u, plain.rpw, plain.splits)
+        for m in (2, 5, 8):
+            x = torch.randn(m, k, generator=g).to(dtype).cuda()
+            want = CG.marlin_gemv_cuda(x, qm, ms, mz, plain)
+            assert torch.equal(CG.marlin_gemv_cuda(x, qm, ms, mz, xr), want), (cfg, m)
+            _close(want, x.double().cpu() @ w.T, dtype)
+            wide = torch.zeros(m, k + 3, dtype=dtype, device="cuda")
+            wide[:, 3:] = x  # rows 6 bytes past 16-byte alignment
+            assert torch.equal(CG.marlin_gemv_cuda(wide[:, 3:], qm, ms, mz, xr), want), (cfg, m, "view")
+        out = torch.empty_like(want)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            CG.marlin_gemv_cuda(x, qm, ms, mz, xr, out=out)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            CG.marlin_gemv_cuda(x, qm, ms, mz, xr, out=out)
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want), (cfg, "graph")
 
 
 @pytest.mark.gpu
@@ -887,6 +948,7 @@ EMU_CONFIGS = {  # the default (lean CUDA-core), the exact CUDA-core form, the t
     "exact": (4, 4, 24, 4, 1, 0),
     "mma": CG.MMA_CONFIG,
     "mma-w8": (4, 8, 24, 2, 1, 0, 1),
+    "mma-xr": XR_CONFIGS[0],  # x through the ring (SW_XR): B fragments from shared memory
 }
 
 

@@ -564,7 +564,16 @@ def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
     assert envs.cuda_gemv_configs() == {"one": (4, 8, 32, 2, 1, 1, 0, 1, 1), "mma": (4, 8, 24, 2, 1, 0, 1, 1)}
     monkeypatch.setenv(envs.CUDA_GEMV, "@one=4:4:24:4")
     assert envs.cuda_gemv_max_m() == 1 and envs.cuda_gemv_configs() == {"one": (4, 4, 24, 4)}
-    for bad in ("1@two=4:8:24:2", "1@one=4:8", "1@one=4:x:24:2", "1@one=4:8:24:2:1:1:0:1:1:1", "1@mma=-4:8:24:2"):
+    monkeypatch.setenv(envs.CUDA_GEMV, "8@mma=4:4:12:2:1:0:1:1:0:1,layers=all")  # x through the ring; every layer
+    assert envs.cuda_gemv_configs() == {"mma": (4, 4, 12, 2, 1, 0, 1, 1, 0, 1)} and envs.cuda_gemv_every_layer()
+    monkeypatch.setenv(envs.CUDA_GEMV, "8@layers=held")
+    assert envs.cuda_gemv_configs() == {} and not envs.cuda_gemv_every_layer()
+    monkeypatch.setenv(envs.CUDA_GEMV, "8")
+    assert not envs.cuda_gemv_every_layer()
+    monkeypatch.setenv(envs.CUDA_GEMV, "8@layers=some")
+    with pytest.raises(ValueError, match="layers=held"):
+        envs.cuda_gemv_every_layer()
+    for bad in ("1@two=4:8:24:2", "1@one=4:8", "1@one=4:x:24:2", "1@one=4:8:24:2:1:1:0:1:1:1:1", "1@mma=-4:8:24:2"):
         monkeypatch.setenv(envs.CUDA_GEMV, bad)
         with pytest.raises(ValueError, match="after '@'"):
             envs.cuda_gemv_configs()
@@ -609,13 +618,15 @@ def test_cuda_gemv_stays_off_when_turned_off_and_says_why_it_cannot_run(monkeypa
     assert kern.describe().startswith("Marlin(")
 
 
-@pytest.mark.parametrize("pair", ["one-copy", "dual"])
+@pytest.mark.parametrize("pair", ["one-copy", "dual", "one-copy-every"])
 def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch, pair):
     """Single tokens: the GEMV's CUDA-core form (with the layer's own bias); 2..MAX_M: its tensor-core form -- on the
-    one-copy pair only where it adds held-out terms in its epilogue (alone it is slower than Marlin there, s25), on
-    the two-copy pair always (its documented opt-in); above MAX_M: Marlin."""
+    one-copy pair only where it adds held-out terms in its epilogue (alone it is slower than Marlin there, s25)
+    unless SUPERWEIGHT_CUDA_GEMV says layers=all, on the two-copy pair always (its documented opt-in); above MAX_M:
+    Marlin."""
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
 
+    monkeypatch.setenv(envs.CUDA_GEMV, "6@layers=all" if pair == "one-copy-every" else "6")
     kern = _pair_with_marlin_copy()
     if pair == "dual":  # the same object as the Marlin / Machete pair would route it
         kern.MMA_HELD_ONLY = False
@@ -640,7 +651,7 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch,
         kern._small_gemm(torch.zeros(m, 256), bias if m == 1 else None)
     assert calls[0][:2] == ("gemv", 1) and calls[0][2] is bias  # the layer's own bias, not Marlin's permuted one
     assert calls[0][3] is False  # one token: the CUDA-core form
-    if pair == "dual":
+    if pair != "one-copy":
         assert calls[1:3] == [("gemv", 2, None, True, False), ("gemv", 6, None, True, False)]  # tensor-core form
     else:
         assert calls[1:3] == [("marlin", 2, None), ("marlin", 6, None)]  # nothing to fold in: Marlin
@@ -901,6 +912,12 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
         calls.clear()
         kern.run(torch.zeros(2, 256, dtype=torch.bfloat16), None)  # no held-out terms here: Humming from 2 tokens
         assert calls == [("humming", 2)]
+        monkeypatch.setenv(envs.CUDA_GEMV, "8@layers=all")  # ... unless every layer takes the tensor-core form
+        assert kern.describe() == "CUDA-GEMV(M<=8)/Humming (one copy)"
+        calls.clear()
+        for m in (1, 2, 8, 9):
+            kern.run(torch.zeros(m, 256, dtype=torch.bfloat16), None)
+        assert calls == [one, mma[:1] + (2,) + mma[2:], mma, ("humming", 9)]
         return
     if case in ("sm90", "sm80"):
         want = CG.LAYOUT_HUMMING_SM90 if case == "sm90" else CG.LAYOUT_HUMMING

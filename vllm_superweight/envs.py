@@ -57,9 +57,11 @@ Only what users need is a knob:
                                     in its epilogue (one kernel for the GEMM + the SELL correction; s31: faster than
                                     Marlin + SELL at 2 tokens only); their other layers keep Marlin / Humming from
                                     2 tokens. ``0``: Marlin.
-                                    ``MAX_M@one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL],mma=...``: also the
+                                    ``MAX_M@one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL:XR],mma=...``: also the
                                     launch configuration of either form (``kernels.cuda_marlin_gemv.CONFIG_FIELDS``;
-                                    ``cuda_gemv_bench.py --recommend-env`` writes the fastest it measured).
+                                    ``cuda_gemv_bench.py --recommend-env`` writes the fastest it measured);
+                                    ``,layers=all``: the one-copy kernels send every layer there, not only held-out
+                                    ones (s31: the tensor-core form is faster than Humming at 2-8 tokens).
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
@@ -269,8 +271,9 @@ def dequant_min_m() -> int:
     return _int(DEQUANT_MIN_M, DEFAULT_DEQUANT_MIN_M)
 
 
-def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]]]:
-    """``SUPERWEIGHT_CUDA_GEMV=MAX_M[@one=A:B:..,mma=A:B:..]`` -> (MAX_M, launch configurations by form)."""
+def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]], bool]:
+    """``SUPERWEIGHT_CUDA_GEMV=MAX_M[@one=A:B:..,mma=A:B:..,layers=held|all]`` -> (MAX_M, launch configurations by
+    form, whether the one-copy kernels send every layer's 2..MAX_M-token batches to the tensor-core form)."""
     raw = os.environ.get(CUDA_GEMV, "").strip()
     head, _, tail = raw.partition("@")
     try:
@@ -280,22 +283,28 @@ def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]]]:
     if not 0 <= v <= 8:
         raise ValueError(f"{CUDA_GEMV}={v}: 0 (Marlin) to 8 tokens")
     configs: dict[str, tuple[int, ...]] = {}
+    every = False
     for part in filter(None, (p.strip() for p in tail.split(","))):
         key, _, val = part.partition("=")
         key = key.strip()
+        if key == "layers":
+            if val.strip() not in ("held", "all"):
+                raise ValueError(f"{CUDA_GEMV}={raw!r}: layers=held (the default) or layers=all, got {part!r}")
+            every = val.strip() == "all"
+            continue
         try:
             cfg = tuple(int(f) for f in val.split(":"))
         except ValueError:
             cfg = ()
-        if key not in ("one", "mma") or not 4 <= len(cfg) <= 9 or min(cfg) < 0:
+        if key not in ("one", "mma") or not 4 <= len(cfg) <= 10 or min(cfg) < 0:
             raise ValueError(
-                f"{CUDA_GEMV}={raw!r}: after '@', one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL] and/or mma=..."
-                f" (non-negative integers; got {part!r})"
+                f"{CUDA_GEMV}={raw!r}: after '@', one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL:XR] and/or mma=..."
+                f" and/or layers=held|all (non-negative integers; got {part!r})"
             )
         if key == "mma" and (len(cfg) < 7 or cfg[6] != 1):
             raise ValueError(f"{CUDA_GEMV}={raw!r}: the mma= configuration needs its 7th field (tensor cores) = 1")
         configs[key] = cfg
-    return v, configs
+    return v, configs, every
 
 
 def cuda_gemv_max_m() -> int:
@@ -307,6 +316,13 @@ def cuda_gemv_configs() -> dict[str, tuple[int, ...]]:
     ``mma``: the tensor-core form), as ``benchmarks/cuda_gemv_bench.py --recommend-env`` finds them; {} = the
     package's defaults."""
     return _cuda_gemv()[1]
+
+
+def cuda_gemv_every_layer() -> bool:
+    """``layers=all`` after ``@`` in ``SUPERWEIGHT_CUDA_GEMV``: the one-copy kernels (the held-out default's Marlin
+    copy, ``humming-gemv``) send every layer's 2..MAX_M-token batches to the GEMV's tensor-core form, not only layers
+    with held-out terms (session 31: it is faster than Humming at 2-8 tokens and than Marlin at 2-4)."""
+    return _cuda_gemv()[2]
 
 
 def cache_dir() -> str:

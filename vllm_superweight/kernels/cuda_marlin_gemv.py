@@ -265,12 +265,23 @@ __device__ __forceinline__ void sp_gather(const u32 s, const u16* __restrict__ x
 #ifndef SW_PDL
 #define SW_PDL 0
 #endif
+// SW_XR (tensor-core form): each chunk's x slice (its SW_U rows x SW_MT tokens x 16 k) travels through the ring with
+// the chunk's rows, copied 16 bytes a lane, two tokens' contiguous runs an instruction; the B fragments are then two
+// conflict-free shared loads a row (the halves of token c >= 4 swapped) instead of two global loads that touch one
+// cache line a token each (8 at 8 tokens)
+#ifndef SW_XR
+#define SW_XR 0
+#endif
+#if SW_XR && !SW_MMA
+#error "SW_XR is a tensor-core form option"
+#endif
 #if SW_PF && SW_GROWS > 0
 #define SW_PFG 1
 #define SW_NG ((SW_U + SW_GROWS - 1) / SW_GROWS)
 #else
 #define SW_PFG 0
 #endif
+#define SW_SYNCW (SW_PFG || SW_XR)  // lanes read what other lanes of the warp copied into the ring
 #if SW_MMA
 // The tensor-core form (SW_MMA, 1-8 tokens): a lane's 32-bit word of a row is, decoded, exactly its A fragment of
 // one mma.m16n8k16 over the 16 output columns 16 u + {c, c + 8} and the row's 16 k (a0 / a2: column c at k = 2t,
@@ -458,6 +469,9 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
   // every lane copies its own 16 bytes of each row into its own shared slots (no other lane reads them): a
   // ring of SW_ST chunks of SW_U rows, SW_ST - 1 chunks in flight while one is summed
   __shared__ uint4 buf[SW_WARPS][SW_ST][SW_U][32];
+#if SW_XR
+  __shared__ uint4 xbuf[SW_WARPS][SW_ST][SW_U * SW_MT * 2];
+#endif
   const int nch = (r1 - r0) / SW_U;  // r1 - r0 is a multiple of SW_U (the host picks SW_U dividing K / 16)
   auto issue = [&](int q) {  // chunk q (rows r0 + q U ...) into its ring slot
     const int slot = q % SW_ST;
@@ -473,6 +487,14 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
         cp4(&zbuf[warp][slot][e][c], zp + (size_t)(g0 + e) * (N / 8) + tile * 8 + c);
 #endif
       }
+    }
+#endif
+#if SW_XR
+    // piece p: token p / 2U, row p / 2 % U, half p & 1 (k 0-7 / 8-15); stored at (row MT + token) 2 + (half ^ swz)
+    for (int p = lane; p < SW_U * SW_MT * 2; p += 32) {
+      const int m = p / (2 * SW_U), j = (p >> 1) % SW_U, h = p & 1;
+      cp16(&xbuf[warp][slot][(j * SW_MT + m) * 2 + (h ^ ((m >> 2) & 1))],
+           x + (size_t)m * xs + 16 * (r0 + q * SW_U + j) + 8 * h);
     }
 #endif
   };
@@ -499,14 +521,14 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 #endif
   for (int ci = 0; ci < nch; ++ci) {
     const int nx = ci + SW_ST - 1;
-#if SW_PFG
-    __syncwarp();  // every lane is done with the slot lane t = 0 refills (the group constants are shared)
+#if SW_SYNCW
+    __syncwarp();  // every lane is done with the slot being refilled (its shared parts: constants, x)
 #endif
     if (nx < nch) issue(nx);
     cp_commit();
     cp_wait();
-#if SW_PFG
-    __syncwarp();  // lane t = 0's copies are visible to its column group
+#if SW_SYNCW
+    __syncwarp();  // the other lanes' copies into this chunk's slot are visible
 #endif
     const int r = r0 + ci * SW_U, st = ci % SW_ST;
 #pragma unroll
@@ -522,9 +544,16 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 #endif
         u32 b0 = 0u, b1 = 0u;  // token c's x at k = 2t, 2t + 1 / 8 + 2t, 9 + 2t (zero beyond M)
         if (c < SW_MT) {
+#if SW_XR
+          const u32* xw = reinterpret_cast<const u32*>(&xbuf[warp][st][(j * SW_MT + c) * 2]);
+          const int sw = (c >> 2) & 1;
+          b0 = xw[4 * sw + t];
+          b1 = xw[4 * (sw ^ 1) + t];
+#else
           const u16* xr = x + (size_t)c * xs + 16 * row + 2 * t;
           b0 = __ldg(reinterpret_cast<const u32*>(xr));
           b1 = __ldg(reinterpret_cast<const u32*>(xr + 8));
+#endif
         }
         word_mma(wv.x, nz[0], b0, b1, gacc[0], km, ke);
         word_mma(wv.y, nz[1], b0, b1, gacc[1], km, ke);
@@ -698,7 +727,7 @@ LAYOUT_MARLIN, LAYOUT_HUMMING_SM90, LAYOUT_HUMMING = 0, 1, 2
 
 
 # a configuration's fields in order (gemv_plan reads them; trailing ones may be left out, 0 = off)
-CONFIG_FIELDS = ("u", "warps", "per_sm", "stages", "minb", "lean", "mma", "pf", "pdl")
+CONFIG_FIELDS = ("u", "warps", "per_sm", "stages", "minb", "lean", "mma", "pf", "pdl", "xr")
 
 
 def config_with(config: tuple[int, ...] | None = None, **flags: int) -> tuple[int, ...]:
@@ -747,6 +776,7 @@ class GemvPlan:
     pdl: bool = False  # launched as a programmatic dependent (SW_PDL; sm_90+, else a plain launch)
     ralias: bool = False  # the warps' partial sums in their own ring slots (SW_RALIAS; where 48 KB needs it)
     layout: int = 0  # the tensors read: LAYOUT_MARLIN, LAYOUT_HUMMING_SM90 or LAYOUT_HUMMING (see _SRC)
+    xr: bool = False  # x through the ring with the weights (SW_XR; the tensor-core form)
 
     @property
     def max_m(self) -> int:
@@ -789,12 +819,15 @@ def gemv_plan(
     mma = bool(rest[2]) if len(rest) > 2 else False
     pf = bool(rest[3]) if len(rest) > 3 else False
     pdl = bool(rest[4]) if len(rest) > 4 else False
+    xr = bool(rest[5]) if len(rest) > 5 else False
     if mma and lean:
         raise ValueError(f"cuda GEMV: config {config}: the tensor-core form has no lean decoding")
+    if xr and (not mma or pdl):
+        raise ValueError(f"cuda GEMV: config {config}: x through the ring is a tensor-core form option, without PDL")
     max_m = MAX_M if mma else MAX_M_FFMA
     rows, grows = k // 16, g // 16
     u = _pick_u(rows, grows, u_want)
-    ring = warps * stages * u_want * 512
+    ring = warps * stages * u_want * (512 + (32 * max_m if xr else 0))  # (+ x: 32 bytes a row a token, SW_XR)
     smem = ring + (warps + 1) * max_m * 256  # the ring, the warps' partial sums, the held-out terms' sums
     # where that does not fit, the partial sums can take the ring's place after the main loop (a warp's slots hold
     # its own max_m x 64 floats when stages x u x 512 >= max_m x 256): e.g. the tensor-core form with 8 warps
@@ -821,7 +854,9 @@ def gemv_plan(
         raise ValueError(f"cuda GEMV: unknown layout {layout}")
     if layout and not grows:  # the channel-wise read is Marlin's single-scale permutation, which Humming never uses
         raise ValueError("cuda GEMV: Humming's tensors of a channel-wise or one-group layer are not read here")
-    return GemvPlan(n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl, ralias, layout)
+    return GemvPlan(
+        n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl, ralias, layout, xr
+    )
 
 
 def _dev(device: torch.device | str) -> torch.device:
@@ -932,6 +967,8 @@ def kernel_source(plan: GemvPlan, mt: int, readonly: bool = False) -> str:
         f"#define SW_MINB {plan.minb}\n#define SW_LEAN {int(plan.lean)}\n#define SW_MMA {int(plan.mma)}\n"
         f"#define SW_PF {int(plan.pf)}\n#define SW_PDL {int(plan.pdl)}\n#define SW_RALIAS {int(plan.ralias)}\n"
     )
+    if plan.xr:  # (without it: the defines as before, so cached kernels keep their keys)
+        defs += "#define SW_XR 1\n"
     if plan.layout:  # (Marlin's layout: the defines as before)
         defs += f"#define SW_WSWAP {int(plan.layout == LAYOUT_HUMMING_SM90)}\n#define SW_ZLIN 1\n"
     return defs + _SRC
@@ -939,7 +976,7 @@ def kernel_source(plan: GemvPlan, mt: int, readonly: bool = False) -> str:
 
 def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
     key: tuple = (mt, readonly, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, plan.minb)
-    key += (plan.lean, plan.mma, plan.pf, plan.pdl, plan.ralias, plan.layout)
+    key += (plan.lean, plan.mma, plan.pf, plan.pdl, plan.ralias, plan.layout, plan.xr)
     kern = _kernels.get(key)
     if kern is None:
         ok, why = available()
@@ -1068,6 +1105,8 @@ def marlin_gemv_cuda(
         raise ValueError("cuda GEMV: the loads-only diagnostic is a CUDA-core form")
     if x.shape[1] != plan.k or x.stride(1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:
         x = x.contiguous()
+    if plan.xr and (x.stride(0) % 8 or x.data_ptr() % 16):  # its 16-byte copies of x
+        x = x.clone(memory_format=torch.contiguous_format)
     ell = hr = hp = hc = hg = None
     if sparse is not None and sparse["ell_cols"].numel() + sparse["hcols"].numel():
         if maps is None or sparse["ell_vals"].dtype != x.dtype:

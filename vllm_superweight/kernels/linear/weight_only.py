@@ -635,7 +635,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         """What the layer's single-token batches are meant to run (logged before the weights are loaded: a layer
         whose plan then fails says so in its own warning)."""
         m = envs.cuda_gemv_max_m() if self.config.device_type == "cuda" else 0
-        if m > 1 and self.MMA_HELD_ONLY:
+        if m > 1 and self.MMA_HELD_ONLY and not envs.cuda_gemv_every_layer():
             return f"CUDA-GEMV(M<=1; held-out M<={m})/"
         return f"CUDA-GEMV(M<={m})/" if m else ""
 
@@ -648,7 +648,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         """Whether our CUDA GEMV serves this ``m``-token batch (``sparse``: held-out terms for its epilogue)."""
         if self.cgemv is None or m > self.cgemv_max_m:
             return False
-        return m == 1 or bool(sparse) or not self.MMA_HELD_ONLY
+        return m == 1 or bool(sparse) or not self.MMA_HELD_ONLY or envs.cuda_gemv_every_layer()
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Marlin's copy is taken from the loaded weights before Machete repacks them in place.
@@ -950,7 +950,9 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.sp:  # no held-out terms here (or the base class's correction after the op)
-            return self._small_gemm(x, bias) if x.shape[0] == 1 else self.large.apply_gemm(self.layer, x, bias)
+            if self._gemv_serves(x.shape[0], None):  # one token, or 2..MAX_M with layers=all
+                return self._small_gemm(x, bias)
+            return self.large.apply_gemm(self.layer, x, bias)
         if x.shape[0] < self.min_m or (self.cgemv is not None and x.shape[0] == 1):
             # one token: the terms in the GEMV's epilogue; up to min_m: Humming, then the correction
             return self._small_gemm(x, bias, self.sp, self.cmaps)
