@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument(
         "--mma-configs", default="", help="more tensor-core configurations at M = 8 (and 1): 'U:W:PS:ST:MB:0:1:PF;...'"
     )
+    ap.add_argument(
+        "--one-configs", default="", help="more CUDA-core configurations at M = 1: 'U:W:PS:ST:MB:LEAN:0:PF:PDL:XR;...'"
+    )
     ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch vs plain (SW_PDL), M = 1")
     ap.add_argument(
         "--ceiling",
@@ -413,9 +416,11 @@ def main() -> None:
                 plan = CG.gemv_plan(n_, k_, 128, False, torch.bfloat16, dev, config=cfg)
                 y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan).float()
                 rows[-1]["rel_vs_default"] = float((y - ref).norm() / ref.norm())
-    for spec in filter(None, args.mma_configs.split(";")):
+    specs = [(s_, "mma", (8, 1)) for s_ in filter(None, args.mma_configs.split(";"))]
+    specs += [(s_, "cuda", (1,)) for s_ in filter(None, args.one_configs.split(";"))]
+    for spec, kind, tms in specs:
         cfg = tuple(int(f) for f in spec.split(":"))
-        for m in [8] if args.no_vllm else [mm for mm in (2, 8) if mm in xs]:  # each against Marlin first
+        for m in [] if args.no_vllm else [mm for mm in ((2, 8) if kind == "mma" else (1,)) if mm in xs]:  # vs Marlin
             for name, (n_, k_) in SHAPES.items():
                 e, x = layers[0][name], xs[m][name]
                 try:
@@ -428,9 +433,9 @@ def main() -> None:
                 rel = float((yc - ym).norm() / ym.norm())
                 rows.append({"part": "mma-check", "m": m, "shape": name, "config": list(cfg), "rel_vs_marlin": rel})
                 if rel > 1e-2:
-                    log(f"  CHECK FAILED (mma {cfg}) {name} M={m}: rel {rel:.3g}")
-        for m in (8, 1):
-            timed("mma", m, cfg, part="mma-sweep")
+                    log(f"  CHECK FAILED ({kind} {cfg}) {name} M={m}: rel {rel:.3g}")
+        for m in tms:
+            timed(kind, m, cfg, part="mma-sweep" if kind == "mma" else "sweep")
     if args.pf or args.mma_sweep or args.mma_configs:  # the tensor-core form's fastest at 8 tokens, also at 2 and 4
         at8 = [r for r in rows if r.get("kernel") == "mma" and r.get("m") == 8 and "us" in r and r.get("config")]
         if at8:

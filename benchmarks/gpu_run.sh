@@ -444,14 +444,16 @@ EOF2
     # through the cp.async ring (SW_XR, config field 10; the plain form's x loads touch one cache line a token each,
     # 8 at 8 tokens -- the suspected cause of its 61.5 -> 68.4 us a 7B layer from 2 to 8 tokens, s31): its GPU
     # test (bitwise equal to the plain form, float reference, CUDA graph), then cuda_gemv_bench.py at 2 / 4 / 8 tokens:
-    # XR configurations and their plain twins, each checked against Marlin first. Then the throughput call
+    # XR configurations and their plain twins, each checked against Marlin first (and the CUDA-core form's default
+    # with x through its ring at one token, against the table's plain default). Then the throughput call
     #   SW_XR_MMA=<fastest XR config, colons> throughput sw-w4-g128-humgemv-xr,sw-w4-g128-humgemv-all8,sw-w4-g128-humgemv,awq
     setup
     timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_xr.xml" \
       tests/test_cuda_marlin_gemv.py -k "through_the_ring" 2>&1 | grep -v DEBUG \
       | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_xr.log" | tail -12
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
-    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_xr.json" --ms 2,4,8 \
+    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_xr.json" --ms 1,2,4,8 \
+      --one-configs "${XR_ONE_SWEEP:-4:8:24:2:1:1:0:0:0:1;4:4:24:2:1:1:0:0:0:1;8:4:24:2:1:1:0:0:0:1}" \
       --mma-configs "${XR_SWEEP:-8:2:12:2:1:0:1:1:0:1;4:4:12:2:1:0:1:1:0:1;4:4:12:3:1:0:1:1:0:1;8:2:24:2:1:0:1:1:0:1;4:4:24:2:1:0:1:1:0:1;8:2:12:3:1:0:1:1:0:1;4:2:12:4:1:0:1:1:0:1;8:2:12:2:1:0:1:1;4:4:12:2:1:0:1:1}" \
       --budget-s $((565 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
     echo "[$(ts)] xr done" ;;

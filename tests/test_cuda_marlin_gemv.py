@@ -52,16 +52,16 @@ def test_plan_refuses_float32_and_oversized_configs():
     assert CG.gemv_plan(4096, 4096, 128, True, torch.bfloat16, "cpu").lean  # the default form
 
 
-def test_x_through_the_ring_is_a_planned_tensor_core_option():
-    """SW_XR: only with the tensor-core form and without PDL (its prologue copies x before the launch's wait would
-    allow); its x slots count against the 48 KB (8-row chunks of 4 warps no longer fit); off, the source is as
-    before."""
+def test_x_through_the_ring_is_a_planned_option():
+    """SW_XR: not with PDL (its prologue copies x before the launch's wait would allow); its x slots count against
+    the 48 KB (the tensor-core form's 8-row chunks of 4 warps no longer fit); off, the source is as before."""
     xr = CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=XR_CONFIGS[0])
     assert xr.xr and xr.mma and "#define SW_XR 1" in CG.kernel_source(xr, 8)
     plain = CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.MMA_CONFIG)
     assert not plain.xr and "SW_XR 1" not in CG.kernel_source(plain, 8)
-    for bad in (CG.config_with(xr=1), CG.config_with(XR_CONFIGS[0], pdl=1)):
-        with pytest.raises(ValueError, match="tensor-core form option"):
+    assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.config_with(xr=1)).xr  # CUDA cores
+    for bad in (CG.config_with(XR_CONFIGS[0], pdl=1), CG.config_with(pdl=1, xr=1)):
+        with pytest.raises(ValueError, match="before a PDL launch"):
             CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=bad)
     with pytest.raises(ValueError, match="48 KB"):
         CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.config_with(CG.MMA_CONFIG, xr=1))
@@ -228,6 +228,7 @@ def test_kernel_sources_compile_without_a_gpu(arch):
         (CG.DEFAULT_CONFIG, 64, False, (1,), CG.LAYOUT_HUMMING),
         (XR_CONFIGS[0], 128, False, (2, 8), CG.LAYOUT_HUMMING_SM90),
         (XR_CONFIGS[1], -1, True, (5,)),
+        (XR_ONE, 128, False, (1, 4), CG.LAYOUT_HUMMING_SM90),
     ]
     for cfg, group, sym, mts, *layout in cases:
         plan = CG.gemv_plan(4096, 4096, group, sym, torch.bfloat16, "cpu", config=cfg, layout=(layout or [0])[0])
@@ -581,8 +582,10 @@ def _close(y, ref, dtype):
     assert err <= tol, f"max |err| {err:.3g} > {tol:.3g}"
 
 
-# the tensor-core form with x through the ring (SW_XR, session 32): 8-row chunks of 2 warps, 4-row chunks of 4 warps
+# the tensor-core form with x through the ring (SW_XR, session 32): 8-row chunks of 2 warps, 4-row chunks of 4 warps;
+# the CUDA-core form's default (lean) with it
 XR_CONFIGS = ((8, 2, 12, 2, 1, 0, 1, 1, 0, 1), (4, 4, 12, 2, 1, 0, 1, 1, 0, 1))
+XR_ONE = (*CG.DEFAULT_CONFIG, 0, 0, 0, 1)
 
 # the launch configurations the float-reference GPU test runs besides the default (lean) one: the exact first form
 # (4 warps a block), the tensor-core form (1-8 tokens; also 2-row chunks, 3 stages); with the group constants
@@ -601,6 +604,7 @@ GPU_CONFIGS = (
     (4, 8, 24, 2, 1, 0, 1),
     (4, 8, 24, 2, 1, 0, 1, 1),
     *XR_CONFIGS,
+    XR_ONE,
 )
 
 CASES = [
@@ -623,16 +627,16 @@ XR_CASES = [(4096, 11008, 128, False), (192, 528, 16, True), (256, 4096, -1, Fal
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("n,k,group,sym", XR_CASES, ids=[f"{n}x{k}-g{g}" for n, k, g, _ in XR_CASES])
 def test_x_through_the_ring_equals_the_plain_tensor_core_form(n, k, group, sym, dtype):
-    """SW_XR moves where the B fragments come from (shared memory, copied with the weights), not the arithmetic: bit
-    for bit the plain tensor-core form of the same launch shape at 2-8 tokens (split-K, an odd K, channel-wise), also
-    from an x view whose rows are not 16-byte aligned, and inside a CUDA graph."""
+    """SW_XR moves where x comes from (shared memory, copied with the weights), not the arithmetic: bit for bit the
+    plain form of the same launch shape -- the tensor-core form at 2-8 tokens, the CUDA-core form at 1-4 (split-K, an
+    odd K, channel-wise) -- also from an x view whose rows are not 16-byte aligned, and inside a CUDA graph."""
     qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=11)
     g = torch.Generator().manual_seed(2)
-    for cfg in XR_CONFIGS:
+    for cfg in (*XR_CONFIGS, XR_ONE):
         xr = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=cfg)
         plain = CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=cfg[:9])
         assert xr.xr and not plain.xr and (xr.u, xr.rpw, xr.splits) == (plain.u, plain.rpw, plain.splits)
-        for m in (2, 5, 8):
+        for m in (2, 5, 8) if xr.mma else (1, 3, 4):
             x = torch.randn(m, k, generator=g).to(dtype).cuda()
             want = CG.marlin_gemv_cuda(x, qm, ms, mz, plain)
             assert torch.equal(CG.marlin_gemv_cuda(x, qm, ms, mz, xr), want), (cfg, m)
@@ -949,6 +953,7 @@ EMU_CONFIGS = {  # the default (lean CUDA-core), the exact CUDA-core form, the t
     "mma": CG.MMA_CONFIG,
     "mma-w8": (4, 8, 24, 2, 1, 0, 1),
     "mma-xr": XR_CONFIGS[0],  # x through the ring (SW_XR): B fragments from shared memory
+    "lean-xr": XR_ONE,
 }
 
 

@@ -265,15 +265,12 @@ __device__ __forceinline__ void sp_gather(const u32 s, const u16* __restrict__ x
 #ifndef SW_PDL
 #define SW_PDL 0
 #endif
-// SW_XR (tensor-core form): each chunk's x slice (its SW_U rows x SW_MT tokens x 16 k) travels through the ring with
-// the chunk's rows, copied 16 bytes a lane, two tokens' contiguous runs an instruction; the B fragments are then two
-// conflict-free shared loads a row (the halves of token c >= 4 swapped) instead of two global loads that touch one
-// cache line a token each (8 at 8 tokens)
+// SW_XR: each chunk's x slice (its SW_U rows x SW_MT tokens x 16 k) travels through the ring with the chunk's rows,
+// copied 16 bytes a lane, two tokens' contiguous runs an instruction; a row's x words are then two shared loads (the
+// tensor-core form's B fragments: the halves of token c >= 4 swapped, so conflict-free) instead of two global loads
+// that touch one cache line a token each (8 at 8 tokens)
 #ifndef SW_XR
 #define SW_XR 0
-#endif
-#if SW_XR && !SW_MMA
-#error "SW_XR is a tensor-core form option"
 #endif
 #if SW_PF && SW_GROWS > 0
 #define SW_PFG 1
@@ -564,9 +561,15 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       float xa[SW_MT], xb[SW_MT], xc[SW_MT], xd[SW_MT];
 #pragma unroll
       for (int m = 0; m < SW_MT; ++m) {
+#if SW_XR
+        const u32* xw = reinterpret_cast<const u32*>(&xbuf[warp][st][(j * SW_MT + m) * 2]);
+        const int sw = (m >> 2) & 1;
+        const u32 lo = xw[4 * sw + t], hi = xw[4 * (sw ^ 1) + t];
+#else
         const u16* xr = x + (size_t)m * xs + 16 * (r + j) + 2 * t;
         const u32 lo = __ldg(reinterpret_cast<const u32*>(xr));
         const u32 hi = __ldg(reinterpret_cast<const u32*>(xr + 8));
+#endif
         xa[m] = act2f((u16)(lo & 0xFFFF)); xb[m] = act2f((u16)(lo >> 16));
         xc[m] = act2f((u16)(hi & 0xFFFF)); xd[m] = act2f((u16)(hi >> 16));
         sx[m] += (xa[m] + xb[m]) + (xc[m] + xd[m]);
@@ -822,8 +825,8 @@ def gemv_plan(
     xr = bool(rest[5]) if len(rest) > 5 else False
     if mma and lean:
         raise ValueError(f"cuda GEMV: config {config}: the tensor-core form has no lean decoding")
-    if xr and (not mma or pdl):
-        raise ValueError(f"cuda GEMV: config {config}: x through the ring is a tensor-core form option, without PDL")
+    if xr and pdl:
+        raise ValueError(f"cuda GEMV: config {config}: x through the ring copies x before a PDL launch may read it")
     max_m = MAX_M if mma else MAX_M_FFMA
     rows, grows = k // 16, g // 16
     u = _pick_u(rows, grows, u_want)
