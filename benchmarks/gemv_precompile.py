@@ -21,7 +21,10 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 
-def sources() -> list[str]:
+def sources(configs: list[tuple[int, ...]] | None = None) -> list[str]:
+    """Every kernel the GPU tests and the micro-benchmark's parts need; with ``configs``: only those configurations
+    (and their plain twins, without x through the ring) over the 7B shapes, plus the x-through-the-ring GPU test's
+    (``gpu_run.sh xr``)."""
     import cuda_gemv_bench as B
     import test_cuda_marlin_gemv as T
     import torch
@@ -29,6 +32,17 @@ def sources() -> list[str]:
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
 
     bf, fp = torch.bfloat16, torch.float16
+    if configs is not None:
+        xr_cfgs = {*T.XR_CONFIGS, T.XR_ONE}
+        cfgs = {CG.DEFAULT_CONFIG, CG.MMA_CONFIG, *configs, *(c[:9] for c in configs)}
+        jobs = [
+            (n, k, g, sym, dt, c)
+            for n, k, g, sym in T.XR_CASES
+            for dt in (bf, fp)
+            for c in xr_cfgs | {c[:9] for c in xr_cfgs}
+        ]
+        jobs += [(n, k, 128, False, bf, c) for n, k in B.SHAPES.values() for c in cfgs]
+        return _plan_sources(jobs)
     # the GPU tests: every case, both dtypes, the configurations they run (each base also with the prefetch, as the
     # bitwise test runs them; the PDL test: the default with the PDL flag)
     test_cfgs = {CG.DEFAULT_CONFIG, *T.GPU_CONFIGS, CG.config_with(pdl=1)}
@@ -40,6 +54,12 @@ def sources() -> list[str]:
     bench_cfgs |= {c for _, cfg, _ in B.PF_PAIRS for c in (cfg, CG.config_with(cfg, pf=1))}
     bench_cfgs |= {c for _, cfg in B.PDL_CASES for c in (cfg, CG.config_with(cfg, pdl=1))}
     jobs += [(n, k, 128, False, bf, c) for n, k in B.SHAPES.values() for c in bench_cfgs]
+    return _plan_sources(jobs)
+
+
+def _plan_sources(jobs: list[tuple]) -> list[str]:
+    from vllm_superweight.kernels import cuda_marlin_gemv as CG
+
     out = []
     for n, k, g, sym, dtype, c in jobs:
         try:
@@ -54,6 +74,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--arch", default=None, help="sm_<arch> (default: this GPU's)")
+    ap.add_argument("--configs", default=None, help="only these configurations ('U:W:..;...', see sources())")
     args = ap.parse_args()
     import torch
 
@@ -64,7 +85,8 @@ def main() -> int:
         major, minor = torch.cuda.get_device_capability()
         arch = f"{major}{minor}"
     t0 = time.time()
-    srcs = sources()
+    cfgs = None if args.configs is None else [tuple(int(f) for f in c.split(":")) for c in args.configs.split(";") if c]
+    srcs = sources(cfgs)
     n = CG.precompile(srcs, arch, args.workers)
     print(f"gemv_precompile: {n} kernels for sm_{arch} in the cache ({time.time() - t0:.0f} s)", flush=True)
     return 0

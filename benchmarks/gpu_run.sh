@@ -448,13 +448,15 @@ EOF2
     # with x through its ring at one token, against the table's plain default). Then the throughput call
     #   SW_XR_MMA=<fastest XR config, colons> throughput sw-w4-g128-humgemv-xr,sw-w4-g128-humgemv-all8,sw-w4-g128-humgemv,awq
     setup
+    XRS=${XR_SWEEP:-8:2:12:2:1:0:1:1:0:1;4:4:12:2:1:0:1:1:0:1;4:4:12:3:1:0:1:1:0:1;8:2:24:2:1:0:1:1:0:1;4:4:24:2:1:0:1:1:0:1;8:2:12:3:1:0:1:1:0:1;4:2:12:4:1:0:1:1:0:1;8:2:12:2:1:0:1:1;4:4:12:2:1:0:1:1}
+    ONES=${XR_ONE_SWEEP:-4:8:24:2:1:1:0:0:0:1;4:4:24:2:1:1:0:0:0:1;8:4:24:2:1:1:0:0:0:1}
+    timeout 150 $PY benchmarks/gemv_precompile.py --configs "$XRS;$ONES" || echo "[$(ts)] precompile incomplete"
     timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_xr.xml" \
       tests/test_cuda_marlin_gemv.py -k "through_the_ring" 2>&1 | grep -v DEBUG \
       | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_xr.log" | tail -12
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_xr.json" --ms 1,2,4,8 \
-      --one-configs "${XR_ONE_SWEEP:-4:8:24:2:1:1:0:0:0:1;4:4:24:2:1:1:0:0:0:1;8:4:24:2:1:1:0:0:0:1}" \
-      --mma-configs "${XR_SWEEP:-8:2:12:2:1:0:1:1:0:1;4:4:12:2:1:0:1:1:0:1;4:4:12:3:1:0:1:1:0:1;8:2:24:2:1:0:1:1:0:1;4:4:24:2:1:0:1:1:0:1;8:2:12:3:1:0:1:1:0:1;4:2:12:4:1:0:1:1:0:1;8:2:12:2:1:0:1:1;4:4:12:2:1:0:1:1}" \
+      --one-configs "$ONES" --mma-configs "$XRS" \
       --budget-s $((565 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
     echo "[$(ts)] xr done" ;;
   humprof)
