@@ -184,8 +184,9 @@ METHODS["sw-w4-g128-holdout-qkv-humgemv-ovl"] = _variant(
     "sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_SPARSE_OVERLAP="1"
 )
 METHODS["sw-w4-g128-holdout-qkv-ovl"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_SPARSE_OVERLAP="1")
-# session 29: held-out layers' 2-8 token batches through our tensor-core GEMV over Humming's tensors with the terms in
-# its epilogue (SUPERWEIGHT_CUDA_GEMV=8; Humming + the SELL correction otherwise) -- the hold-out's batch-8 cost
+# session 29: held-out layers' 2-8 token batches through our tensor-core GEMV over Humming's tensors (SUPERWEIGHT_CUDA_GEMV=8;
+# Humming + the SELL correction otherwise) -- the hold-out's batch-8 cost; the terms in its epilogue up to session 32,
+# since session 33 (fold=1, the default) the SELL kernel after it from 2 tokens (s31: faster at 2-8)
 METHODS["sw-w4-g128-holdout-qkv-humgemv-mma8"] = _variant(
     "sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_CUDA_GEMV="8"
 )
@@ -211,6 +212,13 @@ METHODS["sw-w4-g128-humgemv-xr"] = _variant(
     "sw-w4-g128",
     SUPERWEIGHT_W4_KERNEL="humming-gemv",
     SUPERWEIGHT_CUDA_GEMV=f"8@mma={os.environ.get('SW_XR_MMA', '8:2:12:2:1:0:1:1:0:1')},layers=all",
+)
+# session 33: the same with the q/k/v hold-out (its 2-8 token batches: the tensor-core GEMV, then the SELL kernel,
+# fold=1) -- the batch-8 hold-out target beside sw-w4-g128-humgemv-xr
+METHODS["sw-w4-g128-holdout-qkv-humgemv-xr"] = _variant(
+    "sw-w4-g128-holdout-qkv",
+    SUPERWEIGHT_W4_KERNEL="humming-gemv",
+    SUPERWEIGHT_CUDA_GEMV=METHODS["sw-w4-g128-humgemv-xr"]["env"]["SUPERWEIGHT_CUDA_GEMV"],
 )
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8

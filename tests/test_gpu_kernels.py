@@ -423,14 +423,16 @@ def test_kernel_classes_overlapped_correction(kernel, monkeypatch):
 
 
 # "marlin-deq1", not "auto": the test's config has no hold-out fraction, so "auto" picks the two-copy pair (s31 GPU run)
+@pytest.mark.parametrize("fold", ["8", "1"])
 @pytest.mark.parametrize("kernel", ["marlin-deq1", "humming-gemv"])
-def test_one_copy_tensor_core_form_adds_held_out_terms(kernel, monkeypatch):
+def test_one_copy_tensor_core_form_adds_held_out_terms(kernel, fold, monkeypatch):
     """SUPERWEIGHT_CUDA_GEMV=8 on the one-copy kernels (the held-out default's Marlin copy, one Humming copy): a
-    held-out layer's 2-8 token batches run our tensor-core GEMV over the copy's own tensors with the terms in its
-    epilogue (planned and checked at load -- asserted, so a silent fallback to the GEMM + correction fails here),
-    against the float reference of the dequantized weights with the held-out values restored; 1 token the
-    CUDA-core form, 9-300 the GEMM + correction / dequantize."""
-    monkeypatch.setenv("SUPERWEIGHT_CUDA_GEMV", "8")
+    held-out layer's 2-8 token batches run our tensor-core GEMV over the copy's own tensors (planned and checked at
+    load -- asserted, so a silent fallback to the GEMM + correction fails here) with the terms in its epilogue
+    (fold=8) or the separate SELL kernel after it (fold=1, the default), against the float reference of the
+    dequantized weights with the held-out values restored; 1 token the CUDA-core form, 9-300 the GEMM + correction /
+    dequantize."""
+    monkeypatch.setenv("SUPERWEIGHT_CUDA_GEMV", f"8@fold={fold}")
     kobj = _kernel_class_correction(kernel, torch.bfloat16, ms=(1, 2, 3, 5, 8, 9, 17, 300))
     assert kobj.MMA_HELD_ONLY, type(kobj).__name__
     assert kobj.cgemv_mma is not None and kobj.cgemv_mma.mma and kobj.cgemv_max_m == 8

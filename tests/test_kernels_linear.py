@@ -194,13 +194,15 @@ def _entries(n, k, nnz, seed):
 @pytest.mark.parametrize("kernel", ["torch", "cpu", "cpu-int4"])
 @pytest.mark.parametrize("group,sym", [(-1, False), (64, False), (32, True), (96, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_weight_only_kernels_match_the_dequantized_reference(kernel, group, sym, dtype):
+def test_weight_only_kernels_match_the_dequantized_reference(kernel, group, sym, dtype, monkeypatch):
     import vllm_linear as VL
 
     if kernel == "cpu" and (dtype != torch.bfloat16 or not base.has_op("cpu_gemm_wna16")):
         pytest.skip("CPUWNA16 needs bf16 activations here and the AVX-512 build's cpu_gemm_wna16")
     if kernel == "cpu-int4" and dtype == torch.float32:
         pytest.skip("the CPU int4 GEMM serves 16-bit activations")
+    if kernel == "cpu-int4":  # chosen by name, as on CPUs with AMX (where vLLM's CPUWNA16 otherwise comes first)
+        monkeypatch.setenv(envs.W4_KERNEL, "cpu-int4")
     n, k = 96, 192
     r, c, v = _entries(n, k, 20, seed=group + 7)
     w = VL.random_w4(n, k, group, sym, "cpu", dtype=dtype, holdout=(r, c), seed=3)
@@ -568,6 +570,15 @@ def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
     assert envs.cuda_gemv_configs() == {"mma": (4, 4, 12, 2, 1, 0, 1, 1, 0, 1)} and envs.cuda_gemv_every_layer()
     monkeypatch.setenv(envs.CUDA_GEMV, "8@layers=held")
     assert envs.cuda_gemv_configs() == {} and not envs.cuda_gemv_every_layer()
+    assert envs.cuda_gemv_fold_max_m() == envs.DEFAULT_CUDA_GEMV_FOLD == 1  # held-out terms inside for 1 token
+    monkeypatch.setenv(envs.CUDA_GEMV, "8@fold=8,layers=all")
+    assert envs.cuda_gemv_fold_max_m() == 8 and envs.cuda_gemv_every_layer() and envs.cuda_gemv_configs() == {}
+    monkeypatch.setenv(envs.CUDA_GEMV, "4@fold=0")
+    assert envs.cuda_gemv_fold_max_m() == 0 and envs.cuda_gemv_max_m() == 4
+    for bad in ("8@fold=9", "8@fold=-1", "8@fold=", "8@fold=two"):
+        monkeypatch.setenv(envs.CUDA_GEMV, bad)
+        with pytest.raises(ValueError, match="fold=N"):
+            envs.cuda_gemv_fold_max_m()
     monkeypatch.setenv(envs.CUDA_GEMV, "8")
     assert not envs.cuda_gemv_every_layer()
     monkeypatch.setenv(envs.CUDA_GEMV, "8@layers=some")
@@ -626,7 +637,8 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch,
     Marlin."""
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
 
-    monkeypatch.setenv(envs.CUDA_GEMV, "6@layers=all" if pair == "one-copy-every" else "6")
+    every = "@layers=all" if pair == "one-copy-every" else ""
+    monkeypatch.setenv(envs.CUDA_GEMV, "6" + every)
     kern = _pair_with_marlin_copy()
     if pair == "dual":  # the same object as the Marlin / Machete pair would route it
         kern.MMA_HELD_ONLY = False
@@ -638,7 +650,9 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch,
     monkeypatch.setattr(
         CG,
         "marlin_gemv_cuda",
-        lambda x, qm, s, z, p, bias, sparse, maps: calls.append(("gemv", x.shape[0], bias, p.mma, sparse is not None)),
+        lambda x, qm, s, z, p, bias, sparse=None, maps=None: calls.append(
+            ("gemv", x.shape[0], bias, p.mma, sparse is not None)
+        ),
     )
 
     class FakeMarlin:
@@ -656,11 +670,31 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch,
     else:
         assert calls[1:3] == [("marlin", 2, None), ("marlin", 6, None)]  # nothing to fold in: Marlin
     assert calls[3] == ("marlin", 7, None)
-    calls.clear()
+    # held-out terms: inside the GEMV's epilogue up to fold=N tokens (default 1), the separate SELL kernel after the
+    # plain GEMV above it; past MAX_M the caller's GEMM + correction (Marlin here)
+    from vllm_superweight import kernels as K
+
+    def after(gemm, x, sp, n):
+        y = gemm()
+        calls.append(("sell", x.shape[0], n))
+        return y
+
+    monkeypatch.setattr(K, "gemm_then_correction", after)
     sp = {"ell_cols": torch.zeros(1, 1)}
-    for m in (2, 6, 7):
-        kern._small_gemm(torch.zeros(m, 256), None, sp, {})
-    assert calls == [("gemv", 2, None, True, True), ("gemv", 6, None, True, True), ("marlin", 7, None)]
+    sep = "," if every else "@"
+    for fold, inside in ((None, ()), ("6", (2, 6)), ("2", (2,)), ("0", ())):
+        monkeypatch.setenv(envs.CUDA_GEMV, "6" + every + (f"{sep}fold={fold}" if fold else ""))
+        calls.clear()
+        for m in (2, 6, 7):
+            kern._small_gemm(torch.zeros(m, 256), None, sp, {})
+        want: list[tuple] = []
+        for m in (2, 6):
+            folded = m in inside
+            want += [("gemv", m, None, True, True)] if folded else [("gemv", m, None, True, False), ("sell", m, 128)]
+        assert calls == want + [("marlin", 7, None)], fold
+    calls.clear()
+    kern._small_gemm(torch.zeros(1, 256), None, sp, {})  # fold=0: single tokens too
+    assert calls == [("gemv", 1, None, False, False), ("sell", 1, 128)]
 
 
 @pytest.mark.parametrize(
@@ -944,24 +978,26 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
     assert calls == [("humming", 1)]
 
 
-@pytest.mark.parametrize("case", ["confirmed", "not-confirmed", "bias", "mma"])
+@pytest.mark.parametrize("case", ["confirmed", "not-confirmed", "bias", "mma", "mma-fold8"])
 def test_humming_gemv_held_out_paths(monkeypatch, case):
     """Held-out entries on one Humming copy, as on the one-copy Marlin pair: single tokens add them in the GEMV's
     epilogue, batches below SUPERWEIGHT_DEQUANT_MIN_M run Humming + the packed SELL correction, larger ones
     dequantize from Humming's tensors (its layout) with the values restored. Where the layout was not confirmed at
     load (GEMV off or its check failed) or the layer has a bias: the base class's correction after every GEMM.
-    With the tensor-core form planned (SUPERWEIGHT_CUDA_GEMV=8), 2-8 tokens run it with the terms in its epilogue."""
+    With the tensor-core form planned (SUPERWEIGHT_CUDA_GEMV=8), 2-8 tokens run it, then the SELL correction (or,
+    with fold=8, with the terms in its epilogue)."""
     import vllm_superweight.kernels as K
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
     from vllm_superweight.kernels import triton_marlin_deq as MD
 
     monkeypatch.setenv(envs.DEQUANT_MIN_M, "96")
+    monkeypatch.setenv(envs.CUDA_GEMV, "8@fold=8" if case == "mma-fold8" else "8")
     kern, layer = _humming_gemv_kernel(bias=case == "bias")
     kern.min_m = envs.dequant_min_m()
     if case != "not-confirmed":
         kern.cgemv = CG.gemv_plan(128, 256, 64, False, torch.bfloat16, "cpu", layout=CG.LAYOUT_HUMMING_SM90)
         kern.cgemv_max_m, kern.layout = 1, CG.LAYOUT_HUMMING_SM90
-    if case == "mma":
+    if case.startswith("mma"):
         kern.cgemv_mma = CG.gemv_plan(
             128, 256, 64, False, torch.bfloat16, "cpu", config=CG.MMA_CONFIG, layout=CG.LAYOUT_HUMMING_SM90
         )
@@ -984,11 +1020,16 @@ def test_humming_gemv_held_out_paths(monkeypatch, case):
         ("deq", x.shape[0], lay is kern.deq, layout)) or torch.zeros(x.shape[0], 128))  # fmt: skip
     for m in (1, 8, 95, 96, 300):
         kern.run(torch.zeros(m, 256, dtype=torch.bfloat16), None)
-    if case in ("confirmed", "mma"):
+    eight = {
+        "confirmed": [("humming", 8), ("sell", 8)],
+        "mma": [("gemv", 8, False, False, True), ("sell", 8)],  # fold=1 (default): the SELL kernel after it
+        "mma-fold8": [("gemv", 8, True, True, True)],  # the terms in its epilogue
+    }
+    if case in eight:
         assert kern.sparse_keys == [] and kern.sp and kern.deq and kern.cmaps is not None and kern.held == 3
         assert calls == [
             ("gemv", 1, True, True, False),
-            *([("gemv", 8, True, True, True)] if case == "mma" else [("humming", 8), ("sell", 8)]),
+            *eight[case],
             ("humming", 95), ("sell", 95),
             ("deq", 96, True, CG.LAYOUT_HUMMING_SM90),
             ("deq", 300, True, CG.LAYOUT_HUMMING_SM90),

@@ -53,15 +53,18 @@ Only what users need is a knob:
                                     also 2..MAX_M tokens, through its tensor-core form (opt-in: correct on the
                                     H200; s31: 61.5 / 65.1 / 68.4 us a 7B layer at 2 / 4 / 8 tokens vs Marlin's
                                     65.6 / 66.8 / 66.3). The one-copy kernels (the held-out default's Marlin
-                                    copy, ``humming-gemv``) send only layers with held-out terms there, the terms
-                                    in its epilogue (one kernel for the GEMM + the SELL correction; s31: faster than
-                                    Marlin + SELL at 2 tokens only); their other layers keep Marlin / Humming from
-                                    2 tokens. ``0``: Marlin.
+                                    copy, ``humming-gemv``) send only layers with held-out terms there; their
+                                    other layers keep Marlin / Humming from 2 tokens. ``0``: Marlin.
                                     ``MAX_M@one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL:XR],mma=...``: also the
                                     launch configuration of either form (``kernels.cuda_marlin_gemv.CONFIG_FIELDS``;
                                     ``cuda_gemv_bench.py --recommend-env`` writes the fastest it measured);
                                     ``,layers=all``: the one-copy kernels send every layer there, not only held-out
-                                    ones (s31: the tensor-core form is faster than Humming at 2-8 tokens).
+                                    ones (s31: the tensor-core form is faster than Humming at 2-8 tokens);
+                                    ``,fold=N`` (0-8, default 1): held-out layers add their terms inside the
+                                    GEMV's epilogue for batches of up to N tokens; the larger batches it serves
+                                    run it without them, then the separate SELL correction (H200, s31, 7B layer,
+                                    0.1 % everywhere, us at 2 / 4 / 8 tokens: inside 74.4 / 80.4 / 96.2, after it
+                                    71.8 / 76.5 / 83.8; one token, s24: inside 66.4, after 71.6).
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
@@ -151,6 +154,7 @@ HUMMING_RANGES = "SUPERWEIGHT_HUMMING_RANGES"
 HUMMING_FAST_ELF = "SUPERWEIGHT_HUMMING_FAST_ELF"
 CUDA_GEMV = "SUPERWEIGHT_CUDA_GEMV"
 DEFAULT_CUDA_GEMV_MAX_M = 1
+DEFAULT_CUDA_GEMV_FOLD = 1
 CACHE_DIR = "SUPERWEIGHT_CACHE_DIR"
 _TILE_KEYS = {
     "bmd": "bm_direct",
@@ -271,9 +275,10 @@ def dequant_min_m() -> int:
     return _int(DEQUANT_MIN_M, DEFAULT_DEQUANT_MIN_M)
 
 
-def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]], bool]:
-    """``SUPERWEIGHT_CUDA_GEMV=MAX_M[@one=A:B:..,mma=A:B:..,layers=held|all]`` -> (MAX_M, launch configurations by
-    form, whether the one-copy kernels send every layer's 2..MAX_M-token batches to the tensor-core form)."""
+def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]], bool, int]:
+    """``SUPERWEIGHT_CUDA_GEMV=MAX_M[@one=A:B:..,mma=A:B:..,layers=held|all,fold=N]`` -> (MAX_M, launch
+    configurations by form, whether the one-copy kernels send every layer's 2..MAX_M-token batches to the
+    tensor-core form, the largest batch whose held-out terms go inside the GEMV's epilogue)."""
     raw = os.environ.get(CUDA_GEMV, "").strip()
     head, _, tail = raw.partition("@")
     try:
@@ -284,9 +289,15 @@ def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]], bool]:
         raise ValueError(f"{CUDA_GEMV}={v}: 0 (Marlin) to 8 tokens")
     configs: dict[str, tuple[int, ...]] = {}
     every = False
+    fold = DEFAULT_CUDA_GEMV_FOLD
     for part in filter(None, (p.strip() for p in tail.split(","))):
         key, _, val = part.partition("=")
         key = key.strip()
+        if key == "fold":
+            if not val.strip().isdigit() or int(val) > 8:
+                raise ValueError(f"{CUDA_GEMV}={raw!r}: fold=N takes 0 to 8 tokens, got {part!r}")
+            fold = int(val)
+            continue
         if key == "layers":
             if val.strip() not in ("held", "all"):
                 raise ValueError(f"{CUDA_GEMV}={raw!r}: layers=held (the default) or layers=all, got {part!r}")
@@ -299,12 +310,12 @@ def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]], bool]:
         if key not in ("one", "mma") or not 4 <= len(cfg) <= 10 or min(cfg) < 0:
             raise ValueError(
                 f"{CUDA_GEMV}={raw!r}: after '@', one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL:XR] and/or mma=..."
-                f" and/or layers=held|all (non-negative integers; got {part!r})"
+                f" and/or layers=held|all and/or fold=N (non-negative integers; got {part!r})"
             )
         if key == "mma" and (len(cfg) < 7 or cfg[6] != 1):
             raise ValueError(f"{CUDA_GEMV}={raw!r}: the mma= configuration needs its 7th field (tensor cores) = 1")
         configs[key] = cfg
-    return v, configs, every
+    return v, configs, every, fold
 
 
 def cuda_gemv_max_m() -> int:
@@ -323,6 +334,13 @@ def cuda_gemv_every_layer() -> bool:
     copy, ``humming-gemv``) send every layer's 2..MAX_M-token batches to the GEMV's tensor-core form, not only layers
     with held-out terms (session 31: it is faster than Humming at 2-8 tokens and than Marlin at 2-4)."""
     return _cuda_gemv()[2]
+
+
+def cuda_gemv_fold_max_m() -> int:
+    """``fold=N`` after ``@`` in ``SUPERWEIGHT_CUDA_GEMV``: held-out layers' batches of up to N tokens get their terms
+    inside the GEMV's epilogue; larger ones it serves run it plain, then the separate SELL correction. Default 1
+    (measured on the H200: inside wins at one token, s24; after it wins at 2, 4 and 8 tokens, s31)."""
+    return _cuda_gemv()[3]
 
 
 def cache_dir() -> str:

@@ -742,13 +742,20 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         maps: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The small-batch GEMM over Marlin's copy: the CUDA GEMV where planned and the batch fits it (with
-        ``sparse``: the held-out terms added in its epilogue), else Marlin (which reads its own permuted copy of
-        the bias)."""
+        ``sparse``: the held-out terms added in its epilogue up to ``fold=N`` tokens of SUPERWEIGHT_CUDA_GEMV, the
+        separate SELL kernel after it above), else Marlin (which reads its own permuted copy of the bias)."""
         if self._gemv_serves(x.shape[0], sparse):
             from ..cuda_marlin_gemv import marlin_gemv_cuda
 
             qm, scale, zero = self._gemv_tensors()
             plan = self.cgemv if x.shape[0] == 1 else self.cgemv_mma
+            if sparse and x.shape[0] > envs.cuda_gemv_fold_max_m():
+                # SUPERWEIGHT_CUDA_GEMV fold=N: a batch this large runs the GEMV plain, then the separate SELL
+                # correction (H200, s31: faster than the terms inside at 2-8 tokens)
+                from .. import gemm_then_correction
+
+                gemv = lambda: marlin_gemv_cuda(x, qm, scale, zero, plan, bias)  # noqa: E731
+                return gemm_then_correction(gemv, x, sparse, self.n)
             return marlin_gemv_cuda(x, qm, scale, zero, plan, bias, sparse=sparse, maps=maps)
         b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
         return self.small.apply_gemm(self.shadow, x, b)
