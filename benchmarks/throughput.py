@@ -184,9 +184,10 @@ METHODS["sw-w4-g128-holdout-qkv-humgemv-ovl"] = _variant(
     "sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_SPARSE_OVERLAP="1"
 )
 METHODS["sw-w4-g128-holdout-qkv-ovl"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_SPARSE_OVERLAP="1")
-# session 29: held-out layers' 2-8 token batches through our tensor-core GEMV over Humming's tensors (SUPERWEIGHT_CUDA_GEMV=8;
-# Humming + the SELL correction otherwise) -- the hold-out's batch-8 cost; the terms in its epilogue up to session 32,
-# since session 33 (fold=1, the default) the SELL kernel after it from 2 tokens (s31: faster at 2-8)
+# session 29: held-out layers' 2-8 token batches through our tensor-core GEMV over Humming's tensors
+# (SUPERWEIGHT_CUDA_GEMV=8; Humming + the SELL correction otherwise) -- the hold-out's batch-8 cost; the terms in its
+# epilogue up to session 32, since session 33 (fold=1, the default) the SELL kernel after it from 2 tokens (s31:
+# faster at 2-8)
 METHODS["sw-w4-g128-holdout-qkv-humgemv-mma8"] = _variant(
     "sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_CUDA_GEMV="8"
 )
