@@ -468,12 +468,13 @@ def recommend(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
     """The knob the measurements argue for: ``SUPERWEIGHT_CUDA_GEMV=MAX_M@one=..[,mma=..]``. Single tokens: the
     prefetch where it made the GEMV with the held-out terms inside faster (``pf`` pairs of ``cuda-fused``, else
     ``cuda``), then the fastest CUDA-core ring shape with it, then PDL where it made a GEMM after its x's writer
-    faster; each only when it beats what it would replace by more than ``margin``. 2..8 tokens: the tensor-core
+    faster (or x through the ring, SW_XR, where a ``--one-configs`` shape with it won; then no PDL); each only when
+    it beats what it would replace by more than ``margin``. 2..8 tokens: the tensor-core
     form's fastest configuration at 8 tokens, served up to the largest M in (2, 4, 8) where it beat Marlin by the
     margin at every M up to it. {} where nothing of this was measured."""
     t: dict[tuple, float] = {}
     for r in rows:
-        if "us" in r and r.get("part") in ("main", "pf", "pf-sweep", "pdl", "mma-sweep"):
+        if "us" in r and r.get("part") in ("main", "pf", "pf-sweep", "pdl", "mma-sweep", "sweep"):
             key = (r["kernel"], r["m"], _norm(r["kernel"], r.get("config")))
             t[key] = min(t.get(key, 1e30), r["us"])
 
@@ -492,9 +493,14 @@ def recommend(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
         shapes = [(v, c) for (kind, m, c), v in t.items() if kind == "cuda" and m == 1 and c and c[6:8] == (0, 1)]
         if shapes and better(min(shapes)[0], us("cuda", 1, one)):
             one = min(shapes)[1]
+    # x through the ring (SW_XR, 10th field; --one-configs, part "sweep"): taken where it beat the choice so far
+    # (H100, s33: 59.0 vs 64.8 us); it excludes PDL, so no PDL after it
+    xr = [(v, c) for (kind, m, c), v in t.items() if kind == "cuda" and m == 1 and c and c[9:10] == (1,)]
+    if xr and better(min(xr)[0], us("cuda", 1, one)):
+        one = min(xr)[1]
     judge = one if us("cuda-dep", 1, one) is not None else config_with(DEFAULT, pf=int(one[7:8] == (1,)))
-    if better(us("cuda-dep", 1, config_with(judge, pdl=1)), us("cuda-dep", 1, judge)):  # PDL: the pair measured
-        one = config_with(one, pdl=1)
+    if one[9:10] != (1,) and better(us("cuda-dep", 1, config_with(judge, pdl=1)), us("cuda-dep", 1, judge)):
+        one = config_with(one, pdl=1)  # PDL: the pair measured
     mma_best, max_m = None, 1
     at8 = [(v, c) for (kind, m, c), v in t.items() if kind == "mma" and m == 8]
     if at8:

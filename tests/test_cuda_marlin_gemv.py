@@ -167,6 +167,12 @@ def test_benchmark_recommends_only_what_beat_the_default_by_the_margin():
     rows = [r for r in rows if not (r["kernel"] == "mma" and r["m"] == 2)]
     add("pf-sweep", "mma", 2, mma, 70.0)
     assert B.recommend(rows)[knob] == "1@one=4:8:32:2:1:1:0:1:1"  # never past an M where it lost
+    # x through the ring (--one-configs, part "sweep"; H100 s33): taken where it beat the choice, and no PDL with it
+    rows = [r for r in rows if r["kernel"] != "mma"]
+    add("sweep", "cuda", 1, (4, 8, 24, 2, 1, 1, 0, 0, 0, 1), 56.5)  # not 1 % faster than 56.0
+    assert B.recommend(rows)[knob] == "1@one=4:8:32:2:1:1:0:1:1"
+    add("sweep", "cuda", 1, (4, 8, 24, 2, 1, 1, 0, 0, 0, 1), 50.0)
+    assert B.recommend(rows)[knob] == "1@one=4:8:24:2:1:1:0:0:0:1"
 
 
 def test_benchmark_table_has_the_tensor_core_epilogue_column(tmp_path):
