@@ -278,8 +278,13 @@ def dequant_min_m() -> int:
 def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]], bool, int]:
     """``SUPERWEIGHT_CUDA_GEMV=MAX_M[@one=A:B:..,mma=A:B:..,layers=held|all,fold=N]`` -> (MAX_M, launch
     configurations by form, whether the one-copy kernels send every layer's 2..MAX_M-token batches to the
-    tensor-core form, the largest batch whose held-out terms go inside the GEMV's epilogue)."""
-    raw = os.environ.get(CUDA_GEMV, "").strip()
+    tensor-core form, the largest batch whose held-out terms go inside the GEMV's epilogue). Read on every
+    small-batch GEMM's dispatch, so the parse is cached per value of the variable."""
+    return _parse_cuda_gemv(os.environ.get(CUDA_GEMV, "").strip())
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_cuda_gemv(raw: str) -> tuple[int, dict[str, tuple[int, ...]], bool, int]:
     head, _, tail = raw.partition("@")
     try:
         v = int(head) if head.strip() else DEFAULT_CUDA_GEMV_MAX_M

@@ -28,6 +28,7 @@ above.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import weakref
@@ -754,7 +755,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
                 # correction (H200, s31: faster than the terms inside at 2-8 tokens)
                 from .. import gemm_then_correction
 
-                gemv = lambda: marlin_gemv_cuda(x, qm, scale, zero, plan, bias)  # noqa: E731
+                gemv = functools.partial(marlin_gemv_cuda, x, qm, scale, zero, plan, bias)
                 return gemm_then_correction(gemv, x, sparse, self.n)
             return marlin_gemv_cuda(x, qm, scale, zero, plan, bias, sparse=sparse, maps=maps)
         b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
