@@ -209,10 +209,16 @@ METHODS["sw-w4-g128-humgemv-ranges"] = _variant(
 METHODS["sw-w4-g128-humgemv-all8"] = _variant(
     "sw-w4-g128", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_CUDA_GEMV="8@layers=all"
 )
+# session 34: x through the ring at one token too (one=, s33's H100 micro-benchmark: 59.0 vs 64.8 us a 7B layer) --
+# beside sw-w4-g128-humgemv-all8 (the same but both forms plain) batch 1 compares the single-token forms, batch 8 the
+# tensor-core ones
 METHODS["sw-w4-g128-humgemv-xr"] = _variant(
     "sw-w4-g128",
     SUPERWEIGHT_W4_KERNEL="humming-gemv",
-    SUPERWEIGHT_CUDA_GEMV=f"8@mma={os.environ.get('SW_XR_MMA', '8:2:12:2:1:0:1:1:0:1')},layers=all",
+    SUPERWEIGHT_CUDA_GEMV=(
+        f"8@one={os.environ.get('SW_XR_ONE', '4:8:24:2:1:1:0:0:0:1')},"
+        f"mma={os.environ.get('SW_XR_MMA', '4:4:12:2:1:0:1:1:0:1')},layers=all"
+    ),
 )
 # session 33: the same with the q/k/v hold-out (its 2-8 token batches: the tensor-core GEMV, then the SELL kernel,
 # fold=1) -- the batch-8 hold-out target beside sw-w4-g128-humgemv-xr

@@ -784,8 +784,8 @@ def _packed_held_out(n, k, dtype, seed):
 def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     """y = x (W + S)^T + b with S's packed SELL slots read in the epilogue equals the float64 reference of the
     dequantized weights plus the held-out values (light slices and heavy CSR rows, split-K and not, every group kind
-    incl. channel-wise: the one-copy pair's default since session 24; M = 1..8), and the separate correction after
-    the plain GEMV within one rounding of y."""
+    incl. channel-wise: the one-copy pair's default since session 24; M = 1..8; x through the ring or not), and the
+    separate correction after the plain GEMV within one rounding of y."""
     from vllm_superweight.kernels import sparse_correction
 
     qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=7)
@@ -794,6 +794,7 @@ def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     cfgs = (None, MMA_FIRST, CG.DEFAULT_CONFIG + (0, 1), CG.MMA_CONFIG)  # the last two: prefetch
     if k // 16 % 2 == 0:  # the tensor-core form with 8 warps, its partial sums in the ring's slots
         cfgs += ((4, 8, 24, 2, 1, 0, 1),)
+    cfgs += (*XR_CONFIGS, XR_ONE)  # x through the ring (both forms): the held-out twin's engines run them
     plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in cfgs]
     g = torch.Generator().manual_seed(2)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
