@@ -146,6 +146,13 @@ def main() -> None:
         "here, as KEY=VALUE lines (gpu_run.sh's throughput stage sources it)",
     )
     ap.add_argument(
+        "--engine-env",
+        default="",
+        help="also write SW_XR_ONE / SW_XR_MMA (engine_env(): the single-token choice and the tensor-core form's "
+        "fastest at 8 tokens) here, for throughput.py's sw-w4-g128-humgemv-xr (gpu_run.sh's throughput stage sources "
+        "it)",
+    )
+    ap.add_argument(
         "--no-vllm",
         action="store_true",
         help="random words as Marlin's tensors (speed does not depend on values): the GEMV alone, no vLLM needed",
@@ -449,6 +456,11 @@ def main() -> None:
     if args.recommend_env:
         with open(args.recommend_env, "a") as f:
             f.writelines(f"export {k}={shlex.quote(v)}\n" for k, v in meta["recommend"].items())
+    meta["engine_env"] = engine_env(rows)
+    if args.engine_env:
+        log(f"engine configurations: {meta['engine_env']}")
+        with open(args.engine_env, "w") as f:
+            f.writelines(f"export {k}={shlex.quote(v)}\n" for k, v in meta["engine_env"].items())
     save()
     write_table(out)
     log(f"done -> {out}")
@@ -513,6 +525,29 @@ def recommend(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
     if max_m > 1 and mma_best is not None:
         value += ",mma=" + ":".join(map(str, mma_best))
     return {"SUPERWEIGHT_CUDA_GEMV": value}
+
+
+def engine_env(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
+    """The launch configurations throughput.py's ``sw-w4-g128-humgemv-xr`` (and its held-out twin) serve with, as
+    ``SW_XR_ONE`` / ``SW_XR_MMA`` (colon-separated): single tokens what :func:`recommend` chose, 2-8 tokens the
+    tensor-core form's fastest configuration at 8 tokens whether or not it beat Marlin (that method's one copy is
+    Humming's, whose own kernel is the alternative there). {} where nothing was measured."""
+    rec = recommend(rows, margin)
+    if not rec:
+        return {}
+    env = {"SW_XR_ONE": rec["SUPERWEIGHT_CUDA_GEMV"].split("@one=", 1)[1].split(",", 1)[0]}
+    at8 = [
+        (r["us"], tuple(r["config"]))
+        for r in rows
+        if r.get("kernel") == "mma"
+        and r.get("m") == 8
+        and "us" in r
+        and r.get("config")
+        and r.get("part") in ("main", "pf", "pf-sweep", "mma-sweep")
+    ]
+    if at8:
+        env["SW_XR_MMA"] = ":".join(map(str, min(at8)[1]))
+    return env
 
 
 def write_table(path: str) -> None:

@@ -448,15 +448,17 @@ EOF2
     # with x through its ring at one token, against the table's plain default). Then the throughput call
     #   SW_XR_MMA=<fastest XR config, colons> throughput sw-w4-g128-humgemv-xr,sw-w4-g128-humgemv-all8,sw-w4-g128-humgemv,awq
     setup
-    XRS=${XR_SWEEP:-8:2:12:2:1:0:1:1:0:1;4:4:12:2:1:0:1:1:0:1;4:4:12:3:1:0:1:1:0:1;8:2:24:2:1:0:1:1:0:1;4:4:24:2:1:0:1:1:0:1;8:2:12:3:1:0:1:1:0:1;4:2:12:4:1:0:1:1:0:1;8:2:12:2:1:0:1:1;4:4:12:2:1:0:1:1}
-    ONES=${XR_ONE_SWEEP:-4:8:24:2:1:1:0:0:0:1;4:4:24:2:1:1:0:0:0:1;8:4:24:2:1:1:0:0:0:1}
+    # (session 34: s33's H100 sweep had fewer warps wanted a SM win -- 12 over 24 -- and 8-warp blocks at one token;
+    # this sweep goes further down that way: 6-16 warps a SM, 8-warp blocks of 2-row chunks)
+    XRS=${XR_SWEEP:-4:4:12:2:1:0:1:1:0:1;4:4:8:2:1:0:1:1:0:1;4:4:6:2:1:0:1:1:0:1;4:4:10:2:1:0:1:1:0:1;4:4:16:2:1:0:1:1:0:1;4:4:8:3:1:0:1:1:0:1;2:8:12:2:1:0:1:1:0:1;2:8:8:2:1:0:1:1:0:1;4:2:8:2:1:0:1:1:0:1;8:2:8:2:1:0:1:1:0:1;4:4:8:2:1:0:1:0:0:1}
+    ONES=${XR_ONE_SWEEP:-4:8:24:2:1:1:0:0:0:1;4:8:16:2:1:1:0:0:0:1;4:8:32:2:1:1:0:0:0:1;4:8:12:2:1:1:0:0:0:1;2:8:24:3:1:1:0:0:0:1;4:8:24:2:1:1:0:1:0:1}
     timeout 150 $PY benchmarks/gemv_precompile.py --configs "$XRS;$ONES" || echo "[$(ts)] precompile incomplete"
     timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_xr.xml" \
-      tests/test_cuda_marlin_gemv.py -k "through_the_ring" 2>&1 | grep -v DEBUG \
+      tests/test_cuda_marlin_gemv.py -k "${XR_TESTS:-through_the_ring}" 2>&1 | grep -v DEBUG \
       | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_xr.log" | tail -12
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_xr.json" --ms 1,2,4,8 \
-      --one-configs "$ONES" --mma-configs "$XRS" \
+      --one-configs "$ONES" --mma-configs "$XRS" --engine-env "$SW_BENCH_DIR/xr.env" \
       --budget-s $((565 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
     echo "[$(ts)] xr done" ;;
   humprof)
@@ -517,6 +519,14 @@ EOF2
       source "$SW_BENCH_DIR/recommend.env"
       echo "[$(ts)] knobs from the kernel benchmark: $(tr '\n' ' ' < "$SW_BENCH_DIR/recommend.env")"
     fi
+    # the single-token / tensor-core configurations the xr stage measured fastest in this lease, for the -humgemv-xr
+    # methods (unless given)
+    if [ -f "$SW_BENCH_DIR/xr.env" ] && [ -z "${SW_XR_MMA:-}" ] && [ -z "${SW_XR_ONE:-}" ]; then
+      # shellcheck disable=SC1091
+      source "$SW_BENCH_DIR/xr.env"
+      echo "[$(ts)] XR configurations from the xr stage: SW_XR_ONE=${SW_XR_ONE:-} SW_XR_MMA=${SW_XR_MMA:-}"
+    fi
+    export SW_XR_ONE SW_XR_MMA
     METHODS=${1:-lean}
     shift || true
     $PY benchmarks/throughput.py --methods "$METHODS" --workdir "$SW_BENCH_DIR" --out "$OUT/throughput.json" \

@@ -173,6 +173,16 @@ def test_benchmark_recommends_only_what_beat_the_default_by_the_margin():
     assert B.recommend(rows)[knob] == "1@one=4:8:32:2:1:1:0:1:1"
     add("sweep", "cuda", 1, (4, 8, 24, 2, 1, 1, 0, 0, 0, 1), 50.0)
     assert B.recommend(rows)[knob] == "1@one=4:8:24:2:1:1:0:0:0:1"
+    # the throughput method's pair (--engine-env): the single-token choice, the fastest tensor-core shape at 8 tokens
+    # even where Marlin was faster (that method's alternative is Humming)
+    assert B.engine_env(rows) == {"SW_XR_ONE": "4:8:24:2:1:1:0:0:0:1"}
+    add("mma-sweep", "mma", 8, (4, 4, 12, 2, 1, 0, 1, 1, 0, 1), 73.1)
+    add("mma-sweep", "mma", 8, (4, 4, 8, 2, 1, 0, 1, 1, 0, 1), 71.0)
+    add("mma-sweep", "mma", 1, (4, 4, 6, 2, 1, 0, 1, 1, 0, 1), 40.0)  # one token: not the 8-token choice
+    env = B.engine_env(rows)
+    assert env == {"SW_XR_ONE": "4:8:24:2:1:1:0:0:0:1", "SW_XR_MMA": "4:4:8:2:1:0:1:1:0:1"}
+    assert B.recommend(rows)[knob] == "1@one=4:8:24:2:1:1:0:0:0:1"  # (66.0 Marlin at 2 was never beaten)
+    assert B.engine_env([]) == {}
 
 
 def test_benchmark_table_has_the_tensor_core_epilogue_column(tmp_path):
