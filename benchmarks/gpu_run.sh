@@ -459,7 +459,7 @@ EOF2
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_xr.json" --ms 1,2,4,8 \
       --one-configs "$ONES" --mma-configs "$XRS" --engine-env "$SW_BENCH_DIR/xr.env" \
-      --budget-s $((565 - SECONDS)) 2>&1 | grep -v "^$" | tail -40
+      --budget-s $((${XR_BUDGET_S:-565} - SECONDS)) 2>&1 | grep -v "^$" | tail -40
     echo "[$(ts)] xr done" ;;
   humprof)
     # session 30: session 29 saw 12-25 s per layer shape in Humming's first call whatever the disk cache held -- what
