@@ -39,7 +39,7 @@ from w4_fused_bench import time_graph  # noqa: E402  (median us of CUDA-graph re
 
 from vllm_superweight.kernels.cuda_marlin_gemv import DEFAULT_CONFIG as DEFAULT  # noqa: E402
 from vllm_superweight.kernels.cuda_marlin_gemv import MMA_CONFIG as MMA_DEFAULT  # noqa: E402
-from vllm_superweight.kernels.cuda_marlin_gemv import config_with  # noqa: E402
+from vllm_superweight.kernels.cuda_marlin_gemv import SERVE_ONE, config_with  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 PEAK_TBS = {"H200": 4.8, "H100": 3.35}
@@ -443,6 +443,9 @@ def main() -> None:
                     log(f"  CHECK FAILED ({kind} {cfg}) {name} M={m}: rel {rel:.3g}")
         for m in tms:
             timed(kind, m, cfg, part="mma-sweep" if kind == "mma" else "sweep")
+        if kind == "cuda" and not args.no_vllm:  # single tokens of held-out layers: the terms inside vs after it
+            timed("cuda-fused", 1, cfg, part="sweep-held")
+            timed("cuda+sell", 1, cfg, part="sweep-held")
     if args.pf or args.mma_sweep or args.mma_configs:  # the tensor-core form's fastest at 8 tokens, also at 2 and 4
         at8 = [r for r in rows if r.get("kernel") == "mma" and r.get("m") == 8 and "us" in r and r.get("config")]
         if at8:
@@ -477,13 +480,12 @@ def _norm(kind: str, cfg) -> tuple | None:
 
 
 def recommend(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
-    """The knob the measurements argue for: ``SUPERWEIGHT_CUDA_GEMV=MAX_M@one=..[,mma=..]``. Single tokens: the
-    prefetch where it made the GEMV with the held-out terms inside faster (``pf`` pairs of ``cuda-fused``, else
-    ``cuda``), then the fastest CUDA-core ring shape with it, then PDL where it made a GEMM after its x's writer
-    faster (or x through the ring, SW_XR, where a ``--one-configs`` shape with it won; then no PDL); each only when
-    it beats what it would replace by more than ``margin``. 2..8 tokens: the tensor-core
-    form's fastest configuration at 8 tokens, served up to the largest M in (2, 4, 8) where it beat Marlin by the
-    margin at every M up to it. {} where nothing of this was measured."""
+    """The knob the measurements argue for: ``SUPERWEIGHT_CUDA_GEMV=MAX_M@one=..[,mma=..]``. Single tokens: what the
+    layers serve by default (``SERVE_ONE``: x through the ring, session 34) unless a measured CUDA-core configuration
+    beat it by more than ``margin`` (an unmeasured default is kept), then PDL where it made a GEMM after its x's
+    writer faster (never with x through the ring, which copies x before a PDL launch may read it). 2..8 tokens: the
+    tensor-core form's fastest configuration at 8 tokens, served up to the largest M in (2, 4, 8) where it beat
+    Marlin by the margin at every M up to it. {} where nothing of this was measured."""
     t: dict[tuple, float] = {}
     for r in rows:
         if "us" in r and r.get("part") in ("main", "pf", "pf-sweep", "pdl", "mma-sweep", "sweep"):
@@ -498,20 +500,11 @@ def recommend(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
 
     if not any(k[1] == 1 and k[0] != "marlin" for k in t):
         return {}
-    one = tuple(DEFAULT)
-    base = "cuda-fused" if us("cuda-fused", 1, config_with(one, pf=1)) is not None else "cuda"
-    if better(us(base, 1, config_with(one, pf=1)), us(base, 1, one)):
-        one = config_with(one, pf=1)
-        shapes = [(v, c) for (kind, m, c), v in t.items() if kind == "cuda" and m == 1 and c and c[6:8] == (0, 1)]
-        if shapes and better(min(shapes)[0], us("cuda", 1, one)):
-            one = min(shapes)[1]
-    # x through the ring (SW_XR, 10th field; --one-configs, part "sweep"): taken where it beat the choice so far
-    # (H100, s33: 59.0 vs 64.8 us); it excludes PDL, so no PDL after it
-    xr = [(v, c) for (kind, m, c), v in t.items() if kind == "cuda" and m == 1 and c and c[9:10] == (1,)]
-    if xr and better(min(xr)[0], us("cuda", 1, one)):
-        one = min(xr)[1]
-    judge = one if us("cuda-dep", 1, one) is not None else config_with(DEFAULT, pf=int(one[7:8] == (1,)))
-    if one[9:10] != (1,) and better(us("cuda-dep", 1, config_with(judge, pdl=1)), us("cuda-dep", 1, judge)):
+    one = tuple(SERVE_ONE)
+    shapes = [(v, c) for (kind, m, c), v in t.items() if kind == "cuda" and m == 1 and c]
+    if shapes and better(min(shapes)[0], us("cuda", 1, one)):
+        one = min(shapes)[1]
+    if one[9:10] != (1,) and better(us("cuda-dep", 1, config_with(one, pdl=1)), us("cuda-dep", 1, one)):
         one = config_with(one, pdl=1)  # PDL: the pair measured
     mma_best, max_m = None, 1
     at8 = [(v, c) for (kind, m, c), v in t.items() if kind == "mma" and m == 8]
@@ -588,8 +581,18 @@ def write_table(path: str) -> None:
     sw = [r for r in d["results"] if r.get("part") == "sweep" and "us" in r]
     if sw:
         lines += ["", "Sweep at M = 1 (rows a chunk, warps a block, warps per SM wanted, ring stages):", ""]
+        held = {
+            (r["kernel"], tuple(r["config"])): r["us"]
+            for r in d["results"]
+            if r.get("part") == "sweep-held" and "us" in r
+        }
         for r in sorted(sw, key=lambda r: r["us"]):
-            lines.append(f"* {tuple(r['config'])}: {r['us']:.1f} us ({r['frac_peak']:.0%})")
+            cfg = tuple(r["config"])
+            extra = ""
+            if ("cuda-fused", cfg) in held or ("cuda+sell", cfg) in held:  # 0.1 % held out: inside / after
+                fused, after = held.get(("cuda-fused", cfg), float("nan")), held.get(("cuda+sell", cfg), float("nan"))
+                extra = f"; held-out terms inside {fused:.1f} / after {after:.1f} us"
+            lines.append(f"* {cfg}: {r['us']:.1f} us ({r['frac_peak']:.0%}){extra}")
     ms_ = [r for r in d["results"] if r.get("part") == "mma-sweep" and "us" in r]
     if ms_:
         lines += ["", "Tensor-core form's sweep (config: us at M = 1 / 8):", ""]

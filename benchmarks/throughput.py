@@ -227,6 +227,12 @@ METHODS["sw-w4-g128-holdout-qkv-humgemv-xr"] = _variant(
     SUPERWEIGHT_W4_KERNEL="humming-gemv",
     SUPERWEIGHT_CUDA_GEMV=METHODS["sw-w4-g128-humgemv-xr"]["env"]["SUPERWEIGHT_CUDA_GEMV"],
 )
+# session 34: the same with single tokens' held-out terms after the GEMV too (fold=0): is the fold worth it with XR?
+METHODS["sw-w4-g128-holdout-qkv-humgemv-xr-f0"] = _variant(
+    "sw-w4-g128-holdout-qkv",
+    SUPERWEIGHT_W4_KERNEL="humming-gemv",
+    SUPERWEIGHT_CUDA_GEMV=METHODS["sw-w4-g128-humgemv-xr"]["env"]["SUPERWEIGHT_CUDA_GEMV"] + ",fold=0",
+)
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?

@@ -844,13 +844,14 @@ def test_cuda_gemv_is_compiled_at_load_and_a_failure_keeps_marlin(monkeypatch, c
         # the single-token form, then the tensor-core form for 2 tokens, both compiled at load
         assert compiled == [(False, 1, 1), (True, 2, 2)] and kern.cgemv_max_m == 2
         assert kern.cgemv.n == 128 and kern.cgemv.k == 256 and kern.cgemv.grows == 4 and not kern.cgemv.mma
-        assert kern.cgemv_mma.mma and kern.cgemv_mma.warps == CG.MMA_CONFIG[1]
-        assert kern.cgemv.warps == CG.DEFAULT_CONFIG[1] and not kern.cgemv.pdl
+        # what the layers serve without a configuration given: x through the ring in both forms (session 34)
+        assert kern.cgemv_mma.mma and kern.cgemv_mma.xr and kern.cgemv_mma.u == CG.SERVE_MMA[0] == 4
+        assert kern.cgemv.warps == CG.DEFAULT_CONFIG[1] and kern.cgemv.xr and not kern.cgemv.pdl
         # configurations given with the knob reach both plans
         monkeypatch.setenv(envs.CUDA_GEMV, "2@one=4:4:24:4:1:1:0:0:1,mma=4:8:24:2:1:0:1")
         kern._plan_cuda_gemv()
         assert (kern.cgemv.warps, kern.cgemv.stages, kern.cgemv.pdl, kern.cgemv.mma) == (4, 4, True, False)
-        assert kern.cgemv_mma.mma and kern.cgemv_mma.warps == 8
+        assert kern.cgemv_mma.mma and kern.cgemv_mma.warps == 8 and not (kern.cgemv.xr or kern.cgemv_mma.xr)
     else:
         assert kern.cgemv is None and kern.cgemv_max_m == 0
         assert "stays on Marlin for 1-2 tokens: RuntimeError: cuda GEMV: NVRTC failed" in caplog.text

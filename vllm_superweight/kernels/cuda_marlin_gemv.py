@@ -744,6 +744,15 @@ def config_with(config: tuple[int, ...] | None = None, **flags: int) -> tuple[in
     return tuple(cfg)
 
 
+# what the layers serve where SUPERWEIGHT_CUDA_GEMV names no configuration (session 34): x through the ring (SW_XR)
+# in both forms. Single tokens: DEFAULT_CONFIG with x and the group constants through its ring -- 57.4 us a 7B layer
+# vs 65.2 plain on an H100 (s33: 59.0 vs 64.8), end to end at batch 1 0.731 vs 0.820 s (one Humming copy, vLLM,
+# results/throughput_h100_s34.json); 2-8 tokens: the tensor-core form's fastest XR shape, 72.2 / 73.1 us at 8 tokens
+# vs MMA_CONFIG's 74.5 (s34 / s33), batch 8 1.024 vs 1.071 s. Not yet timed on an H200.
+SERVE_ONE = config_with(DEFAULT_CONFIG, pf=1, xr=1)
+SERVE_MMA = config_with((4, 4, 12, 2, 1, 0, 1, 1), xr=1)
+
+
 def available() -> tuple[bool, str | None]:
     """Whether this torch can compile and load the kernel here (CUDA; torch's NVRTC and module loader)."""
     if not torch.cuda.is_available():
