@@ -34,7 +34,7 @@ def sources(configs: list[tuple[int, ...]] | None = None) -> list[str]:
     bf, fp = torch.bfloat16, torch.float16
     if configs is not None:
         xr_cfgs = {*T.XR_CONFIGS, T.XR_ONE}
-        cfgs = {CG.DEFAULT_CONFIG, CG.MMA_CONFIG, *configs, *(c[:9] for c in configs)}
+        cfgs = {CG.DEFAULT_CONFIG, CG.MMA_CONFIG, CG.SERVE_ONE, CG.SERVE_MMA, *configs, *(c[:9] for c in configs)}
         jobs = [
             (n, k, g, sym, dt, c)
             for n, k, g, sym in T.XR_CASES
@@ -50,7 +50,8 @@ def sources(configs: list[tuple[int, ...]] | None = None) -> list[str]:
         test_cfgs |= {tuple(base), CG.config_with(base, pf=1)}
     jobs = [(n, k, g, sym, dt, c) for n, k, g, sym in T.CASES for dt in (bf, fp) for c in test_cfgs]
     # the micro-benchmark: the 7B layers in bf16, every configuration its parts and sweeps run
-    bench_cfgs = {CG.DEFAULT_CONFIG, CG.MMA_CONFIG, *B.SWEEP, *B.MMA_SWEEP} | {cfg for _, cfg in B.PF_SWEEP}
+    bench_cfgs = {CG.DEFAULT_CONFIG, CG.MMA_CONFIG, CG.SERVE_ONE, CG.SERVE_MMA, *B.SWEEP, *B.MMA_SWEEP}
+    bench_cfgs |= {cfg for _, cfg in B.PF_SWEEP}
     bench_cfgs |= {c for _, cfg, _ in B.PF_PAIRS for c in (cfg, CG.config_with(cfg, pf=1))}
     bench_cfgs |= {c for _, cfg in B.PDL_CASES for c in (cfg, CG.config_with(cfg, pdl=1))}
     jobs += [(n, k, 128, False, bf, c) for n, k in B.SHAPES.values() for c in bench_cfgs]
