@@ -487,11 +487,16 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
     }
 #endif
 #if SW_XR
-    // piece p: token p / 2U, row p / 2 % U, half p & 1 (k 0-7 / 8-15); stored at (row MT + token) 2 + (half ^ swz)
-    for (int p = lane; p < SW_U * SW_MT * 2; p += 32) {
-      const int m = p / (2 * SW_U), j = (p >> 1) % SW_U, h = p & 1;
-      cp16(&xbuf[warp][slot][(j * SW_MT + m) * 2 + (h ^ ((m >> 2) & 1))],
-           x + (size_t)m * xs + 16 * (r0 + q * SW_U + j) + 8 * h);
+    // piece p: token p / 2U, row p / 2 % U, half p & 1 (k 0-7 / 8-15); stored at (row MT + token) 2 + (half ^ swz).
+    // A trip count known at compile time (no divergent loop around the copies; s34's SASS had one at 2-4 tokens)
+#pragma unroll
+    for (int i = 0; i < (SW_U * SW_MT * 2 + 31) / 32; ++i) {
+      const int p = lane + 32 * i;
+      if ((SW_U * SW_MT * 2) % 32 == 0 || p < SW_U * SW_MT * 2) {
+        const int m = p / (2 * SW_U), j = (p >> 1) % SW_U, h = p & 1;
+        cp16(&xbuf[warp][slot][(j * SW_MT + m) * 2 + (h ^ ((m >> 2) & 1))],
+             x + (size_t)m * xs + 16 * (r0 + q * SW_U + j) + 8 * h);
+      }
     }
 #endif
   };
@@ -535,23 +540,32 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       {
         const int row = r + j;
 #if SW_GROWS > 0
-        if (row / SW_GROWS != cur_g) { cur_g = row / SW_GROWS; load_zero(cur_g, st, row / SW_GROWS - r / SW_GROWS); }
+        // a chunk starts on a multiple of SW_U (rpw is one), so where SW_U divides a group's rows only its first row
+        // can open a group: the check on the other rows folds away (j is a constant of the unrolled loop)
+        if ((SW_GROWS % SW_U != 0 || j == 0) && row / SW_GROWS != cur_g) {
+          cur_g = row / SW_GROWS;
+          load_zero(cur_g, st, row / SW_GROWS - r / SW_GROWS);
+        }
 #else
         if (cur_g < 0) { cur_g = 0; load_zero(0, 0, 0); }
 #endif
         u32 b0 = 0u, b1 = 0u;  // token c's x at k = 2t, 2t + 1 / 8 + 2t, 9 + 2t (zero beyond M)
-        if (c < SW_MT) {
 #if SW_XR
-          const u32* xw = reinterpret_cast<const u32*>(&xbuf[warp][st][(j * SW_MT + c) * 2]);
-          const int sw = (c >> 2) & 1;
-          b0 = xw[4 * sw + t];
-          b1 = xw[4 * (sw ^ 1) + t];
+        {  // read unconditionally (lanes past M read token 0's slot) and zeroed by a select, not a branch: s34's SASS
+           // had the branch, with the shared window's base re-read (S2R) inside it, on every row at 2-4 tokens
+          const int cx = c < SW_MT ? c : 0, sw = (cx >> 2) & 1;
+          const u32* xw = reinterpret_cast<const u32*>(&xbuf[warp][st][(j * SW_MT + cx) * 2]);
+          const u32 v0 = xw[4 * sw + t], v1 = xw[4 * (sw ^ 1) + t];
+          b0 = c < SW_MT ? v0 : 0u;
+          b1 = c < SW_MT ? v1 : 0u;
+        }
 #else
+        if (c < SW_MT) {
           const u16* xr = x + (size_t)c * xs + 16 * row + 2 * t;
           b0 = __ldg(reinterpret_cast<const u32*>(xr));
           b1 = __ldg(reinterpret_cast<const u32*>(xr + 8));
-#endif
         }
+#endif
         word_mma(wv.x, nz[0], b0, b1, gacc[0], km, ke);
         word_mma(wv.y, nz[1], b0, b1, gacc[1], km, ke);
         word_mma(wv.z, nz[2], b0, b1, gacc[2], km, ke);
