@@ -454,7 +454,7 @@ EOF2
     ONES=${XR_ONE_SWEEP:-4:8:24:2:1:1:0:0:0:1;4:8:16:2:1:1:0:0:0:1;4:8:32:2:1:1:0:0:0:1;4:8:12:2:1:1:0:0:0:1;2:8:24:3:1:1:0:0:0:1;4:8:24:2:1:1:0:1:0:1}
     timeout 150 $PY benchmarks/gemv_precompile.py --configs "$XRS;$ONES" || echo "[$(ts)] precompile incomplete"
     timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_xr.xml" \
-      tests/test_cuda_marlin_gemv.py -k "${XR_TESTS:-through_the_ring}" 2>&1 | grep -v DEBUG \
+      tests/test_cuda_marlin_gemv.py -k "${XR_TESTS:-through_the_ring or epilogue_adds_held_out_terms_exactly and bf16}" 2>&1 | grep -v DEBUG \
       | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_xr.log" | tail -12
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_xr.json" --ms 1,2,4,8 \
