@@ -479,13 +479,9 @@ def _norm(kind: str, cfg) -> tuple | None:
     return tuple(c)
 
 
-def recommend(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
-    """The knob the measurements argue for: ``SUPERWEIGHT_CUDA_GEMV=MAX_M@one=..[,mma=..]``. Single tokens: what the
-    layers serve by default (``SERVE_ONE``: x through the ring, session 34) unless a measured CUDA-core configuration
-    beat it by more than ``margin`` (an unmeasured default is kept), then PDL where it made a GEMM after its x's
-    writer faster (never with x through the ring, which copies x before a PDL launch may read it). 2..8 tokens: the
-    tensor-core form's fastest configuration at 8 tokens, served up to the largest M in (2, 4, 8) where it beat
-    Marlin by the margin at every M up to it. {} where nothing of this was measured."""
+def _choices(rows: list[dict], margin: float) -> tuple[tuple, tuple | None, int] | None:
+    """(single-token configuration, the tensor-core form's fastest at 8 tokens or None, MAX_M) as :func:`recommend`
+    describes them; None where nothing of ours was measured at one token."""
     t: dict[tuple, float] = {}
     for r in rows:
         if "us" in r and r.get("part") in ("main", "pf", "pf-sweep", "pdl", "mma-sweep", "sweep"):
@@ -499,7 +495,7 @@ def recommend(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
         return a is not None and b is not None and a < b * (1 - margin)
 
     if not any(k[1] == 1 and k[0] != "marlin" for k in t):
-        return {}
+        return None
     one = tuple(SERVE_ONE)
     shapes = [(v, c) for (kind, m, c), v in t.items() if kind == "cuda" and m == 1 and c]
     if shapes and better(min(shapes)[0], us("cuda", 1, one)):
@@ -514,7 +510,21 @@ def recommend(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
             if not better(us("mma", m, mma_best), us("marlin", m, None)):
                 break
             max_m = m
-    value = str(max_m) + "@one=" + ":".join(map(str, _norm("cuda", one) or ()))
+    return _norm("cuda", one) or (), mma_best, max_m
+
+
+def recommend(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
+    """The knob the measurements argue for: ``SUPERWEIGHT_CUDA_GEMV=MAX_M@one=..[,mma=..]``. Single tokens: what the
+    layers serve by default (``SERVE_ONE``: x through the ring, session 34) unless a measured CUDA-core configuration
+    beat it by more than ``margin`` (an unmeasured default is kept), then PDL where it made a GEMM after its x's
+    writer faster (never with x through the ring, which copies x before a PDL launch may read it). 2..8 tokens: the
+    tensor-core form's fastest configuration at 8 tokens, served up to the largest M in (2, 4, 8) where it beat
+    Marlin by the margin at every M up to it. {} where nothing of this was measured."""
+    ch = _choices(rows, margin)
+    if ch is None:
+        return {}
+    one, mma_best, max_m = ch
+    value = f"{max_m}@one={':'.join(map(str, one))}"
     if max_m > 1 and mma_best is not None:
         value += ",mma=" + ":".join(map(str, mma_best))
     return {"SUPERWEIGHT_CUDA_GEMV": value}
@@ -525,21 +535,13 @@ def engine_env(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
     ``SW_XR_ONE`` / ``SW_XR_MMA`` (colon-separated): single tokens what :func:`recommend` chose, 2-8 tokens the
     tensor-core form's fastest configuration at 8 tokens whether or not it beat Marlin (that method's one copy is
     Humming's, whose own kernel is the alternative there). {} where nothing was measured."""
-    rec = recommend(rows, margin)
-    if not rec:
+    ch = _choices(rows, margin)
+    if ch is None:
         return {}
-    env = {"SW_XR_ONE": rec["SUPERWEIGHT_CUDA_GEMV"].split("@one=", 1)[1].split(",", 1)[0]}
-    at8 = [
-        (r["us"], tuple(r["config"]))
-        for r in rows
-        if r.get("kernel") == "mma"
-        and r.get("m") == 8
-        and "us" in r
-        and r.get("config")
-        and r.get("part") in ("main", "pf", "pf-sweep", "mma-sweep")
-    ]
-    if at8:
-        env["SW_XR_MMA"] = ":".join(map(str, min(at8)[1]))
+    one, mma_best, _ = ch
+    env = {"SW_XR_ONE": ":".join(map(str, one))}
+    if mma_best is not None:
+        env["SW_XR_MMA"] = ":".join(map(str, mma_best))
     return env
 
 

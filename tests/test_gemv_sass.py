@@ -9,7 +9,7 @@ from bench_module import load
 from vllm_superweight.kernels import cuda_marlin_gemv as CG
 
 
-def _sass(plan, mt):
+def _sass(plan, mt, tmp_path):
     gs = load("diag/gemv_sass")
     nd = gs.nvdisasm()
     if nd is None:
@@ -18,18 +18,18 @@ def _sass(plan, mt):
         cub = CG.cached_cubin(CG.kernel_source(plan, mt), "90")
     except Exception as e:  # noqa: BLE001  (a torch without NVRTC)
         pytest.skip(f"NVRTC unavailable: {e}")
-    path = f"/tmp/gemv_sass_test_{plan.mma}_{mt}.cubin"
+    path = str(tmp_path / f"k{mt}.cubin")
     with open(path, "wb") as f:
         f.write(cub)
     return gs, cub, subprocess.run([nd, "-c", path], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.parametrize("mt", [1, 2, 8])
-def test_tensor_core_chunk_loop_holds_one_mma_a_word(mt):
+def test_tensor_core_chunk_loop_holds_one_mma_a_word(mt, tmp_path):
     """SERVE_MMA's chunk (4 rows x 4 words a lane) is 16 HMMA and its ring copies, whatever the token count; the
     cubin's own attributes give registers (no spills) and the static shared memory, which grows with the x slices."""
     plan = CG.gemv_plan(12288, 4096, 128, False, torch.bfloat16, "cpu", config=CG.SERVE_MMA)
-    gs, cub, sass = _sass(plan, mt)
+    gs, cub, sass = _sass(plan, mt, tmp_path)
     ops = gs.main_loop(sass, "HMMA")
     assert ops["HMMA"] == 16 and ops["LDGSTS"] >= 4 and ops["HADD2"] == 64  # 4 rows x 4 words x 4 pairs
     # session 34: the group check on the chunk's first row only and x's B fragments read without a branch -- the
@@ -42,11 +42,11 @@ def test_tensor_core_chunk_loop_holds_one_mma_a_word(mt):
     assert ring < info["smem_bytes"] < ring + 16 * 1024
 
 
-def test_cuda_core_chunk_loop_is_found_not_the_epilogue():
+def test_cuda_core_chunk_loop_is_found_not_the_epilogue(tmp_path):
     """The CUDA-core form's chunk loop (8 FMAs a nibble word's 8 values, 16 words a chunk) -- not the held-out
     epilogue's gather loops, which hold FFMA too but no ring copies."""
     plan = CG.gemv_plan(4096, 11008, 128, False, torch.bfloat16, "cpu", config=CG.SERVE_ONE)
-    gs, _, sass = _sass(plan, 1)
+    gs, _, sass = _sass(plan, 1, tmp_path)
     ops = gs.main_loop(sass, "FFMA")
     assert ops["FFMA"] >= 128 and ops["LDGSTS"] >= 4 and ops["HMMA"] == 0
     assert not gs.main_loop("no code here", "FFMA")

@@ -767,6 +767,12 @@ SERVE_ONE = config_with(DEFAULT_CONFIG, pf=1, xr=1)
 SERVE_MMA = config_with((4, 4, 12, 2, 1, 0, 1, 1), xr=1)
 
 
+def served_config(form: str) -> tuple[int, ...]:
+    """The launch configuration the layers run for ``form`` ("one": single tokens, "mma": the tensor-core form):
+    the one given in ``SUPERWEIGHT_CUDA_GEMV``, else SERVE_ONE / SERVE_MMA."""
+    return envs.cuda_gemv_configs().get(form, SERVE_ONE if form == "one" else SERVE_MMA)
+
+
 def available() -> tuple[bool, str | None]:
     """Whether this torch can compile and load the kernel here (CUDA; torch's NVRTC and module loader)."""
     if not torch.cuda.is_available():

@@ -678,7 +678,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         """With ``SUPERWEIGHT_CUDA_GEMV=MAX_M``, batches of up to MAX_M tokens that would go to Marlin run our GEMV
         over Marlin's own tensors (``kernels/cuda_marlin_gemv.py``; one token: its CUDA-core form, 2..MAX_M: its
         tensor-core form) where it can read the layer."""
-        max_m, cfgs = envs.cuda_gemv_max_m(), envs.cuda_gemv_configs()
+        max_m = envs.cuda_gemv_max_m()
         if not max_m or self.config.device_type != "cuda" or not isinstance(self.small, MarlinKernel):
             return
         from .. import cuda_marlin_gemv as CG
@@ -694,7 +694,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         if ok:
             try:
                 args = (n_p, k_p, c.group_size, c.symmetric, c.act_dtype, qm.device)
-                plan = CG.gemv_plan(*args, config=cfgs.get("one", CG.SERVE_ONE))  # single tokens: CUDA cores
+                plan = CG.gemv_plan(*args, config=CG.served_config("one"))  # single tokens: CUDA cores
                 CG.prepare(plan, 1)  # compiled at load: a failure keeps Marlin, never breaks a forward
                 mma, max_m = self._plan_mma(CG, args, plan, max_m)
                 self.cgemv, self.cgemv_mma, self.cgemv_max_m = plan, mma, max_m
@@ -712,7 +712,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         if max_m <= 1:
             return None, max_m
         try:
-            mma = CG.gemv_plan(*args, config=envs.cuda_gemv_configs().get("mma", CG.SERVE_MMA), layout=layout)
+            mma = CG.gemv_plan(*args, config=CG.served_config("mma"), layout=layout)
             CG.prepare(mma, max_m, min_m=2)
             self._check_mma(CG, one, mma, max_m)
             return mma, max_m
@@ -900,7 +900,7 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
                 layout = CG.LAYOUT_HUMMING_SM90 if sm90 else CG.LAYOUT_HUMMING
                 args = (n, k, c.group_size, c.symmetric, c.act_dtype, w.device)
                 t0 = time.perf_counter()
-                plan = CG.gemv_plan(*args, config=envs.cuda_gemv_configs().get("one", CG.SERVE_ONE), layout=layout)
+                plan = CG.gemv_plan(*args, config=CG.served_config("one"), layout=layout)
                 CG.prepare(plan, 1)
                 t1 = time.perf_counter()
                 self._check_against_humming(CG, layer, plan)
