@@ -39,7 +39,7 @@ from w4_fused_bench import time_graph  # noqa: E402  (median us of CUDA-graph re
 
 from vllm_superweight.kernels.cuda_marlin_gemv import DEFAULT_CONFIG as DEFAULT  # noqa: E402
 from vllm_superweight.kernels.cuda_marlin_gemv import MMA_CONFIG as MMA_DEFAULT  # noqa: E402
-from vllm_superweight.kernels.cuda_marlin_gemv import SERVE_ONE, config_with  # noqa: E402
+from vllm_superweight.kernels.cuda_marlin_gemv import SERVE_MMA, SERVE_ONE, config_with  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 PEAK_TBS = {"H200": 4.8, "H100": 3.35}
@@ -137,6 +137,19 @@ def main() -> None:
         action="store_true",
         help="what bounds M = 1: a read-only reduction over 1 GiB (torch), the GEMV's loads alone (no decoding) and "
         "each GEMM of the layer alone, Marlin and the GEMV",
+    )
+    ap.add_argument(
+        "--spe",
+        action="store_true",
+        help="where the held-out terms are summed (SW_SPE, config field 11: after / before the main loop, in the "
+        "tile's first split-K block / spread over all of them) at 1-8 tokens on the served configurations, beside "
+        "the plain GEMV and the GEMV + the SELL kernel; checked first (before = after bitwise, spread vs first)",
+    )
+    ap.add_argument(
+        "--held-env",
+        default="",
+        help="also write SW_HELD_ONE / SW_HELD_MMA / SW_HELD_FOLD (held_env(): the --spe part's choice) here, for "
+        "throughput.py's sw-w4-g128-holdout-qkv-humgemv-spe",
     )
     ap.add_argument("--budget-s", type=float, default=500)
     ap.add_argument(
@@ -446,6 +459,28 @@ def main() -> None:
         if kind == "cuda" and not args.no_vllm:  # single tokens of held-out layers: the terms inside vs after it
             timed("cuda-fused", 1, cfg, part="sweep-held")
             timed("cuda+sell", 1, cfg, part="sweep-held")
+    if args.spe and not args.no_vllm:  # the held-out terms' placement (SW_SPE) on the served configurations
+        for m in [mm for mm in (1, 2, 4, 8) if mm in xs]:
+            kind, base = ("cuda", SERVE_ONE) if m == 1 else ("mma", SERVE_MMA)
+            for name, (n_, k_) in SHAPES.items():
+                e, x = layers[0][name], xs[m][name]
+                outs, splits = {}, 0
+                for spe in SPE_VALUES:
+                    plan = CG.gemv_plan(n_, k_, 128, False, bf, dev, config=config_with(base, spe=spe))
+                    splits = plan.splits
+                    y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan, sparse=e["k"].sp, maps=e["maps"])
+                    outs[spe] = y.float()
+                rec = {"part": "spe-check", "m": m, "shape": name, "splits": splits}
+                rec["early_equal"] = bool(torch.equal(outs[1], outs[0]))  # same sums, same order
+                rec["spread_early_equal"] = bool(torch.equal(outs[3], outs[2]))
+                rec["rel_spread"] = float((outs[2] - outs[0]).norm() / outs[0].norm())
+                rows.append(rec)
+                if not (rec["early_equal"] and rec["spread_early_equal"]) or rec["rel_spread"] > 1e-2:
+                    log(f"  CHECK FAILED (SW_SPE) {name} M={m}: {rec}")
+            timed(kind, m, base, part="spe")
+            timed(f"{kind}+sell", m, base, part="spe")
+            for spe in SPE_VALUES:
+                timed(f"{kind}-fused", m, config_with(base, spe=spe), part="spe")
     if args.pf or args.mma_sweep or args.mma_configs:  # the tensor-core form's fastest at 8 tokens, also at 2 and 4
         at8 = [r for r in rows if r.get("kernel") == "mma" and r.get("m") == 8 and "us" in r and r.get("config")]
         if at8:
@@ -464,6 +499,11 @@ def main() -> None:
         log(f"engine configurations: {meta['engine_env']}")
         with open(args.engine_env, "w") as f:
             f.writelines(f"export {k}={shlex.quote(v)}\n" for k, v in meta["engine_env"].items())
+    meta["held_env"] = held_env(rows)
+    if args.held_env:
+        log(f"held-out placement: {meta['held_env']}")
+        with open(args.held_env, "w") as f:
+            f.writelines(f"export {k}={shlex.quote(v)}\n" for k, v in meta["held_env"].items())
     save()
     write_table(out)
     log(f"done -> {out}")
@@ -545,6 +585,53 @@ def engine_env(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
     return env
 
 
+SPE_VALUES = (0, 1, 2, 3)  # SW_SPE: bit 0 before the main loop, bit 1 spread over the tile's split-K blocks
+
+
+def held_env(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
+    """What the ``--spe`` part argues for, as throughput.py's ``sw-w4-g128-holdout-qkv-humgemv-spe`` reads it:
+    ``SW_HELD_ONE`` / ``SW_HELD_MMA`` (SERVE_ONE / SERVE_MMA with the SW_SPE placement fastest at 1 token / summed
+    over 2, 4 and 8 tokens; 0 unless faster than 0 by ``margin``) and ``SW_HELD_FOLD`` (fold=N: the largest N in
+    1, 2, 4, 8 such that at every measured token count up to N the terms inside beat the SELL kernel after the GEMV,
+    by the margin; 0 where they lose at one token). {} where the part did not run."""
+    t = {
+        (r["kernel"], r["m"], tuple(r.get("config") or ())): r["us"]
+        for r in rows
+        if r.get("part") == "spe" and "us" in r
+    }
+    if not t:
+        return {}
+    env: dict[str, str] = {}
+    fused: dict[int, float] = {}
+    for form, kind, base, ms in (("ONE", "cuda", SERVE_ONE, (1,)), ("MMA", "mma", SERVE_MMA, (2, 4, 8))):
+        ms = tuple(m for m in ms if any(k[0] == f"{kind}-fused" and k[1] == m for k in t))
+        total = {}
+        for spe in SPE_VALUES:
+            us = [t.get((f"{kind}-fused", m, config_with(base, spe=spe))) for m in ms]
+            if ms and None not in us:
+                total[spe] = sum(us)  # type: ignore[arg-type]
+        best = 0
+        if total and 0 in total:
+            cand = min(total, key=total.__getitem__)
+            best = cand if total[cand] < total[0] * (1 - margin) else 0
+        env[f"SW_HELD_{form}"] = ":".join(map(str, config_with(base, spe=best) if best else base))
+        for m in ms:
+            v = t.get((f"{kind}-fused", m, config_with(base, spe=best)))
+            if v is not None:
+                fused[m] = v
+    fold = 0
+    for m in (1, 2, 4, 8):
+        kind, base = ("cuda", SERVE_ONE) if m == 1 else ("mma", SERVE_MMA)
+        sell = t.get((f"{kind}+sell", m, tuple(base)))
+        if m not in fused or sell is None:
+            continue
+        if not fused[m] < sell * (1 - margin):
+            break
+        fold = m
+    env["SW_HELD_FOLD"] = str(fold)
+    return env
+
+
 def write_table(path: str) -> None:
     d = json.load(open(path))
     rows = [r for r in d["results"] if r.get("part") == "main" and "us" in r]
@@ -621,6 +708,33 @@ def write_table(path: str) -> None:
         lines += ["| kernel | config | M | us | % of peak |", "|---|---|---|---|---|"]
         for r in pf:
             lines.append(f"| {r['kernel']} | {tuple(r['config'])} | {r['m']} | {r['us']:.1f} | {r['frac_peak']:.0%} |")
+    spe = [r for r in d["results"] if r.get("part") == "spe" and "us" in r]
+    if spe:
+        chk = [r for r in d["results"] if r.get("part") == "spe-check"]
+        ok = sum(r["early_equal"] and r["spread_early_equal"] for r in chk)
+        worst = max((r["rel_spread"] for r in chk), default=float("nan"))
+        lines += [
+            "",
+            "Where the held-out terms are summed (SW_SPE, served configurations; us a layer; spread vs first block "
+            f"rel <= {worst:.2g}, before = after bitwise {ok}/{len(chk)}):",
+            "",
+            "| M | plain | + SELL kernel | inside, after the loop, first block (0) | before (1) | after, spread (2) "
+            "| before, spread (3) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+
+        def fused_us(m: int, v: int) -> float:
+            for r in spe:
+                cfg = r.get("config") or []
+                if r["m"] == m and r["kernel"].endswith("-fused") and (cfg[10] if len(cfg) > 10 else 0) == v:
+                    return r["us"]
+            return float("nan")
+
+        for m in sorted({r["m"] for r in spe}):
+            plain = next((r["us"] for r in spe if r["m"] == m and r["kernel"] in ("cuda", "mma")), float("nan"))
+            sell = next((r["us"] for r in spe if r["m"] == m and r["kernel"].endswith("+sell")), float("nan"))
+            cells = [fused_us(m, v) for v in SPE_VALUES]
+            lines.append(f"| {m} | {plain:.1f} | {sell:.1f} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -42,6 +42,8 @@ def sources(configs: list[tuple[int, ...]] | None = None) -> list[str]:
             for c in xr_cfgs | {c[:9] for c in xr_cfgs}
         ]
         jobs += [(n, k, 128, False, bf, c) for n, k in B.SHAPES.values() for c in cfgs]
+        # configurations placing the held-out terms (SW_SPE, field 11): also the epilogue GPU test's cases (bf16)
+        jobs += [(n, k, g, sym, bf, c) for n, k, g, sym in T.CASES for c in configs if len(c) > 10 and c[10]]
         return _plan_sources(jobs)
     # the GPU tests: every case, both dtypes, the configurations they run (each base also with the prefetch, as the
     # bitwise test runs them; the PDL test: the default with the PDL flag)

@@ -29,6 +29,8 @@
 #                                                          # tests, then sparse_bench.py beside the Triton kernel
 #   bash benchmarks/gpu_run.sh xr                          # the tensor-core GEMV with x through its ring (SW_XR): GPU
 #                                                          # test, then cuda_gemv_bench.py at 2-8 tokens vs plain
+#   bash benchmarks/gpu_run.sh spe                         # where the GEMV sums the held-out terms (SW_SPE): GPU tests,
+#                                                          # then cuda_gemv_bench.py --spe (held.env for -humgemv-spe)
 #   bash benchmarks/gpu_run.sh humprof                     # where the one-Humming-copy start-up goes: the 7B shapes'
 #                                                          # first Humming calls under cProfile, cold then warm cache
 #   bash benchmarks/gpu_run.sh memcheck                    # SmolLM2's layer shapes, 1..16,384 tokens, under
@@ -461,6 +463,24 @@ EOF2
       --one-configs "$ONES" --mma-configs "$XRS" --engine-env "$SW_BENCH_DIR/xr.env" \
       --budget-s $((${XR_BUDGET_S:-565} - SECONDS)) 2>&1 | grep -v "^$" | tail -40
     echo "[$(ts)] xr done" ;;
+  spe)
+    # session 35: where the GEMV sums the held-out terms (SW_SPE, config field 11; s35's H100 kernel benchmark: inside
+    # the tensor-core form at 8 tokens 119.9 us a 7B layer vs 79.0 plain and 98.1 with the SELL kernel after it; one
+    # token 68.4 vs 58.3 plain) -- all in the tile's first split-K block (1 of up to 6) after its main loop, 8 gathers
+    # a slot at 8 tokens. After the stash calls (build-bg started): the epilogue GPU tests with the new placements, then
+    # cuda_gemv_bench.py --spe (bitwise checks first), which writes held.env for the throughput call
+    #   throughput sw-w4-g128-holdout-qkv-humgemv-spe,sw-w4-g128-humgemv-xr,awq
+    setup
+    ONE=4:8:24:2:1:1:0:1:0:1 MMA=4:4:12:2:1:0:1:1:0:1  # SERVE_ONE / SERVE_MMA
+    timeout 200 $PY benchmarks/gemv_precompile.py --configs "$ONE:1;$ONE:2;$ONE:3;$MMA:1;$MMA:2;$MMA:3" \
+      || echo "[$(ts)] precompile incomplete"
+    timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_spe.xml" \
+      tests/test_cuda_marlin_gemv.py -k "${SPE_TESTS:-epilogue_adds_held_out_terms_exactly and bf16 or epilogue_is_graph}" \
+      2>&1 | grep -v DEBUG | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_spe.log" | tail -12
+    for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
+    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_spe.json" --ms 1,2,4,8 \
+      --spe --held-env "$SW_BENCH_DIR/held.env" --budget-s $((${SPE_BUDGET_S:-565} - SECONDS)) 2>&1 | grep -v "^$" | tail -40
+    echo "[$(ts)] spe done" ;;
   humprof)
     # session 30: session 29 saw 12-25 s per layer shape in Humming's first call whatever the disk cache held -- what
     # keeps humming-gemv (one W4 copy, every W4 speed target but batch 8 in s27) opt-in. benchmarks/diag/
@@ -527,6 +547,13 @@ EOF2
       echo "[$(ts)] XR configurations from the xr stage: SW_XR_ONE=${SW_XR_ONE:-} SW_XR_MMA=${SW_XR_MMA:-}"
     fi
     export SW_XR_ONE SW_XR_MMA
+    # the held-out placement / fold the spe stage chose in this lease, for -humgemv-spe (unless given)
+    if [ -f "$SW_BENCH_DIR/held.env" ] && [ -z "${SW_HELD_ONE:-}" ]; then
+      # shellcheck disable=SC1091
+      source "$SW_BENCH_DIR/held.env"
+      echo "[$(ts)] held-out placement from the spe stage: $(tr '\n' ' ' < "$SW_BENCH_DIR/held.env")"
+    fi
+    export SW_HELD_ONE SW_HELD_MMA SW_HELD_FOLD
     METHODS=${1:-lean}
     shift || true
     $PY benchmarks/throughput.py --methods "$METHODS" --workdir "$SW_BENCH_DIR" --out "$OUT/throughput.json" \

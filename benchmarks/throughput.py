@@ -233,6 +233,18 @@ METHODS["sw-w4-g128-holdout-qkv-humgemv-xr-f0"] = _variant(
     SUPERWEIGHT_W4_KERNEL="humming-gemv",
     SUPERWEIGHT_CUDA_GEMV=METHODS["sw-w4-g128-humgemv-xr"]["env"]["SUPERWEIGHT_CUDA_GEMV"] + ",fold=0",
 )
+# session 35: the held-out twin with the terms' placement inside the GEMV (SW_SPE, config field 11) and the fold the
+# same lease's cuda_gemv_bench.py --spe chose (SW_HELD_ONE / SW_HELD_MMA / SW_HELD_FOLD, gpu_run.sh spe -> held.env);
+# without them: the served configurations spread and early (3), fold=1 -- the hold-out-within-5 % target
+METHODS["sw-w4-g128-holdout-qkv-humgemv-spe"] = _variant(
+    "sw-w4-g128-holdout-qkv",
+    SUPERWEIGHT_W4_KERNEL="humming-gemv",
+    SUPERWEIGHT_CUDA_GEMV=(
+        f"8@one={os.environ.get('SW_HELD_ONE', '4:8:24:2:1:1:0:1:0:1:3')},"
+        f"mma={os.environ.get('SW_HELD_MMA', '4:4:12:2:1:0:1:1:0:1:3')},layers=all,"
+        f"fold={os.environ.get('SW_HELD_FOLD', '1')}"
+    ),
+)
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?

@@ -219,6 +219,49 @@ def test_benchmark_table_has_the_tensor_core_epilogue_column(tmp_path):
     ]
 
 
+def test_benchmark_chooses_the_held_out_placement_and_fold(tmp_path):
+    """cuda_gemv_bench.py --spe / --held-env: the SW_SPE placement fastest at one token and over 2-8 tokens (kept at
+    0 unless faster by the margin), and fold=N up to the last token count where the terms inside beat the SELL kernel
+    after the GEMV at every count up to it; the table lists each placement per M."""
+    import json
+
+    B = _bench_module()
+    cw = CG.config_with
+    assert B.held_env([]) == {}
+    rows = []
+
+    def add(kind, m, cfg, us):
+        rows.append({"part": "spe", "kernel": kind, "m": m, "config": list(cfg), "us": us, "frac_peak": 0.4})
+
+    add("cuda", 1, CG.SERVE_ONE, 58.0)
+    add("cuda+sell", 1, CG.SERVE_ONE, 69.0)
+    for spe, us in zip(B.SPE_VALUES, (68.0, 67.9, 62.0, 61.0)):  # spread + early fastest at one token
+        add("cuda-fused", 1, cw(CG.SERVE_ONE, spe=spe), us)
+    for m, plain, sell, fused in ((2, 60.0, 75.0, (80.0, 79.0, 70.0, 71.0)), (4, 64.0, 80.0, (86.0, 85.0, 74.0, 75.0))):
+        add("mma", m, CG.SERVE_MMA, plain)
+        add("mma+sell", m, CG.SERVE_MMA, sell)
+        for spe, us in zip(B.SPE_VALUES, fused):
+            add("mma-fused", m, cw(CG.SERVE_MMA, spe=spe), us)
+    env = B.held_env(rows)
+    one, mma = ":".join(map(str, cw(CG.SERVE_ONE, spe=3))), ":".join(map(str, cw(CG.SERVE_MMA, spe=2)))
+    assert env == {"SW_HELD_ONE": one, "SW_HELD_MMA": mma, "SW_HELD_FOLD": "4"}
+    add("mma", 8, CG.SERVE_MMA, 72.0)
+    add("mma+sell", 8, CG.SERVE_MMA, 90.0)
+    for spe, us in zip(B.SPE_VALUES, (120.0, 118.0, 95.0, 96.0)):  # inside loses at 8 tokens: fold stops at 4
+        add("mma-fused", 8, cw(CG.SERVE_MMA, spe=spe), us)
+    assert B.held_env(rows)["SW_HELD_FOLD"] == "4"
+    rows[2]["us"] = rows[3]["us"] = rows[4]["us"] = rows[5]["us"] = 70.0  # one token: inside loses to after
+    env = B.held_env(rows)
+    assert env["SW_HELD_FOLD"] == "0" and env["SW_HELD_ONE"] == ":".join(map(str, CG.SERVE_ONE))  # no gain: spe 0
+    rows.append({"part": "spe-check", "m": 1, "shape": "o", "early_equal": True, "spread_early_equal": True})
+    rows[-1]["rel_spread"] = 1e-3
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"meta": {"device": "H100", "peak_tbs": 3.35}, "results": rows}))
+    B.write_table(str(path))
+    md = (tmp_path / "s.md").read_text().splitlines()
+    assert "| 8 | 72.0 | 90.0 | 120.0 | 118.0 | 95.0 | 96.0 |" in md and "bitwise 1/1" in "".join(md)
+
+
 def test_programmatic_dependent_launch_is_a_plan_field():
     assert CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG + (0, 0, 1)).pdl
     assert not CG.gemv_plan(4096, 4096, 128, False, torch.bfloat16, "cpu", config=CG.DEFAULT_CONFIG + (0, 1)).pdl
@@ -808,8 +851,9 @@ def _packed_held_out(n, k, dtype, seed):
 def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     """y = x (W + S)^T + b with S's packed SELL slots read in the epilogue equals the float64 reference of the
     dequantized weights plus the held-out values (light slices and heavy CSR rows, split-K and not, every group kind
-    incl. channel-wise: the one-copy pair's default since session 24; M = 1..8; x through the ring or not), and the
-    separate correction after the plain GEMV within one rounding of y."""
+    incl. channel-wise: the one-copy pair's default since session 24; M = 1..8; x through the ring or not; the
+    terms in the first split-K block or spread over all, after or before the main loop), and the separate correction
+    after the plain GEMV within one rounding of y."""
     from vllm_superweight.kernels import sparse_correction
 
     qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=7)
@@ -819,6 +863,8 @@ def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     if k // 16 % 2 == 0:  # the tensor-core form with 8 warps, its partial sums in the ring's slots
         cfgs += ((4, 8, 24, 2, 1, 0, 1),)
     cfgs += (*XR_CONFIGS, XR_ONE)  # x through the ring (both forms): the held-out twin's engines run them
+    # the terms spread over the split-K blocks (SW_SPE 2) and also before the main loop (3), on the served forms
+    cfgs += tuple(CG.config_with(base, spe=spe) for base in (CG.SERVE_ONE, CG.SERVE_MMA) for spe in (2, 3))
     plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in cfgs]
     g = torch.Generator().manual_seed(2)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
@@ -839,11 +885,12 @@ def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_gemv_epilogue_is_graph_safe_and_reproducible():
+@pytest.mark.parametrize("spe", [0, 3], ids=["first-block", "spread-early"])
+def test_gemv_epilogue_is_graph_safe_and_reproducible(spe):
     n, k, dtype = 4096, 11008, torch.bfloat16
     qm, ms, mz, w = _layer(n, k, 128, False, dtype, seed=5)
     sp, maps, dense = _packed_held_out(n, k, dtype, seed=9)
-    plan = CG.gemv_plan(n, k, 128, False, dtype, "cuda")
+    plan = CG.gemv_plan(n, k, 128, False, dtype, "cuda", config=CG.config_with(CG.SERVE_ONE, spe=spe) if spe else None)
     assert plan.splits > 1
     x = torch.randn(1, k, device="cuda").to(dtype)
     first = CG.marlin_gemv_cuda(x, qm, ms, mz, plan, sparse=sp, maps=maps)
@@ -1052,3 +1099,56 @@ def test_host_emulated_gemv_fp16_and_channelwise(cfg):
     plan = CG.gemv_plan(n, k, -1, False, dtype, "cpu", config=EMU_CONFIGS[cfg])
     x = torch.randn(4, k, generator=torch.Generator().manual_seed(2)).to(dtype)
     _close(_emu_gemv(plan, x, qm, ms, mz), x.double() @ w.T, dtype)
+
+
+@pytest.mark.parametrize("cfg", ["lean-xr", "mma-xr", "mma"])
+def test_host_emulated_held_out_placement(cfg):
+    """SW_SPE (the 11th field) moves the held-out terms before the main loop (bit 0) and spreads a lane's slot rounds
+    and heavy-row entries over the tile's split-K blocks (bit 1). Under the host emulation, on a split-K shape with
+    heavy rows and with slices deeper than a lane's registers: before = after bit for bit (same sums, same order),
+    spread early = spread late bit for bit, and spread equals the float64 reference (each term in exactly one
+    block's partial: a term dropped or added twice would show)."""
+    dtype = torch.bfloat16
+    n, k, group, sym = 192, 1024, 128, True
+    q, scales, zeros, w = _codes_layer(n, k, group, sym, dtype, seed=n + k)
+    qm, ms, mz = _humming_layout(q, scales, zeros, sm90=True)
+    from vllm_superweight.kernels import prepare_sparse
+
+    rows, cols, vals, dense = _held_out(n, k, dtype, seed=3)
+    flat = torch.randperm(n * k, generator=torch.Generator().manual_seed(4))[: 68 * n]
+    r2, c2 = flat // k, flat % k
+    v2 = (torch.randn(flat.numel(), generator=torch.Generator().manual_seed(5)) * 0.5).to(dtype).float()
+    rows, cols = torch.cat([rows, r2]), torch.cat([cols, c2])
+    vals = torch.cat([vals.float(), v2])
+    dense = dense.clone()
+    dense.index_put_((r2, c2), v2.double(), accumulate=True)
+    sp = prepare_sparse(rows, cols, vals, n, k, "cpu", layout="sell", pack=dtype, depth=80)
+    assert sp["hcols"].numel() > 0  # heavy rows
+    maps = CG.sparse_maps(sp, n)
+    plans = {
+        spe: CG.gemv_plan(
+            n,
+            k,
+            group,
+            sym,
+            dtype,
+            "cpu",
+            config=CG.config_with(EMU_CONFIGS[cfg], spe=spe),
+            layout=CG.LAYOUT_HUMMING_SM90,
+        )
+        for spe in (0, 1, 2, 3)
+    }
+    # slices deeper than a lane's registers hold even when spread (4 lanes x SW_SPD 4 rounds x S blocks)
+    assert plans[2].splits > 1 and sp["ell_cols"].shape[1] > 16 * plans[2].splits and plans[3].spe == 3
+    g = torch.Generator().manual_seed(1)
+    bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
+    m = 1 if cfg == "lean-xr" else 8
+    x = torch.randn(m, k, generator=g).to(dtype)
+    y = {spe: _emu_gemv(p, x, qm, ms, mz, bias, sp, maps) for spe, p in plans.items()}
+    assert torch.equal(y[1], y[0])
+    assert torch.equal(y[3], y[2])
+    ref = x.double() @ (w + dense).T + bias.double()
+    _close(y[2], ref, dtype)
+    _close(y[0], ref, dtype)
+    with pytest.raises(ValueError, match="spe"):
+        CG.gemv_plan(n, k, group, sym, dtype, "cpu", config=CG.config_with(EMU_CONFIGS[cfg], spe=4))

@@ -584,7 +584,12 @@ def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
     monkeypatch.setenv(envs.CUDA_GEMV, "8@layers=some")
     with pytest.raises(ValueError, match="layers=held"):
         envs.cuda_gemv_every_layer()
-    for bad in ("1@two=4:8:24:2", "1@one=4:8", "1@one=4:x:24:2", "1@one=4:8:24:2:1:1:0:1:1:1:1", "1@mma=-4:8:24:2"):
+    monkeypatch.setenv(envs.CUDA_GEMV, "8@one=4:8:24:2:1:1:0:1:0:1:3,mma=4:4:12:2:1:0:1:1:0:1:2")  # + SW_SPE
+    assert envs.cuda_gemv_configs() == {
+        "one": (4, 8, 24, 2, 1, 1, 0, 1, 0, 1, 3),
+        "mma": (4, 4, 12, 2, 1, 0, 1, 1, 0, 1, 2),
+    }
+    for bad in ("1@two=4:8:24:2", "1@one=4:8", "1@one=4:x:24:2", "1@one=4:8:24:2:1:1:0:1:0:1:1:1", "1@mma=-4:8:24:2"):
         monkeypatch.setenv(envs.CUDA_GEMV, bad)
         with pytest.raises(ValueError, match="after '@'"):
             envs.cuda_gemv_configs()

@@ -55,7 +55,7 @@ Only what users need is a knob:
                                     65.6 / 66.8 / 66.3). The one-copy kernels (the held-out default's Marlin
                                     copy, ``humming-gemv``) send only layers with held-out terms there; their
                                     other layers keep Marlin / Humming from 2 tokens. ``0``: Marlin.
-                                    ``MAX_M@one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL:XR],mma=...``: also the
+                                    ``MAX_M@one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL:XR:SPE],mma=...``: the
                                     launch configuration of either form (``kernels.cuda_marlin_gemv.CONFIG_FIELDS``;
                                     ``cuda_gemv_bench.py --recommend-env`` writes the fastest it measured; default
                                     ``SERVE_ONE`` / ``SERVE_MMA``, x through the ring: H100, s34, batch 1 0.731 s
@@ -314,10 +314,10 @@ def _parse_cuda_gemv(raw: str) -> tuple[int, dict[str, tuple[int, ...]], bool, i
             cfg = tuple(int(f) for f in val.split(":"))
         except ValueError:
             cfg = ()
-        if key not in ("one", "mma") or not 4 <= len(cfg) <= 10 or min(cfg) < 0:
+        if key not in ("one", "mma") or not 4 <= len(cfg) <= 11 or min(cfg) < 0:
             raise ValueError(
-                f"{CUDA_GEMV}={raw!r}: after '@', one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL:XR] and/or mma=..."
-                f" and/or layers=held|all and/or fold=N (non-negative integers; got {part!r})"
+                f"{CUDA_GEMV}={raw!r}: after '@', one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL:XR:SPE] and/or "
+                f"mma=... and/or layers=held|all and/or fold=N (non-negative integers; got {part!r})"
             )
         if key == "mma" and (len(cfg) < 7 or cfg[6] != 1):
             raise ValueError(f"{CUDA_GEMV}={raw!r}: the mma= configuration needs its 7th field (tensor cores) = 1")

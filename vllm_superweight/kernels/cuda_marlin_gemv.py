@@ -224,6 +224,14 @@ __device__ __forceinline__ void word_fma_lean(u32 w, const float (&xa)[SW_MT], c
 #define SW_SPD 4
 #endif
 #define SW_CG ((64 + SW_WARPS * 8 - 1) / (SW_WARPS * 8))
+// SW_SPE (bits; 0 = the form above): bit 0 sums the terms before the main loop instead of after it (once x is
+// readable: the gathers' latency under the ring's first chunks in flight, the slots' registers free for the loop);
+// bit 1 spreads them over the tile's split-K blocks -- block y takes a lane's slot rounds y, y + S, ... (slot
+// t + 4 round; the heavy rows' entries the same way) into its own fp32 partial, so no one block carries them all
+// (at 8 tokens a slot is 8 gathers from 8 rows of x). Deterministic either way (fixed owners, fixed sum order).
+#ifndef SW_SPE
+#define SW_SPE 0
+#endif
 
 __device__ __forceinline__ void sp_gather(const u32 s, const u16* __restrict__ x, int xs, int M, float (&v)[SW_MT]) {
   if (!s) return;
@@ -505,21 +513,59 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
     if (q < nch) issue(q);
     cp_commit();
   }
-  // the held-out slots of this lane's columns, loaded now and used after the main loop
-  const bool do_sp = has_sp && blockIdx.y == 0;
+  // the held-out slots of this lane's columns, loaded now (static tensors) and summed where SW_SPE says
+#if SW_SPE & 2
+  const bool do_sp = has_sp != 0;  // every block of the tile: slot rounds blockIdx.y, + S, ...
+  const int sp0 = blockIdx.y, sps = S;
+#else
+  const bool do_sp = has_sp && blockIdx.y == 0;  // the tile's first block: every round
+  const int sp0 = 0, sps = 1;
+#endif
+  __shared__ float spv[SW_MT * 64];
   u32 pre[SW_CG][SW_SPD];
 #pragma unroll
   for (int g = 0; g < SW_CG; ++g) {
     const int n = tile * 64 + (g * SW_WARPS + warp) * 8 + c;
 #pragma unroll
     for (int d = 0; d < SW_SPD; ++d) {
-      const int dd = t + 4 * d;
+      const int dd = t + 4 * (sp0 + sps * d);
       pre[g][d] = (do_sp && (g * SW_WARPS + warp) * 8 < 64 && dd < L)
                       ? __ldg(ell + ((size_t)(n >> 5) * L + dd) * 32 + (n & 31)) : 0u;
     }
   }
+  // this block's held-out terms of the tile's columns (x gathered from global memory) into spv
+  auto sp_sum = [&]() {
+    if (!do_sp) return;
+#pragma unroll
+    for (int g = 0; g < SW_CG; ++g) {
+      const int cb = (g * SW_WARPS + warp) * 8;
+      if (cb >= 64) break;
+      const int n = tile * 64 + cb + c, blk = n >> 5;
+      float v[SW_MT];
+#pragma unroll
+      for (int m = 0; m < SW_MT; ++m) v[m] = 0.f;
+#pragma unroll
+      for (int d = 0; d < SW_SPD; ++d) sp_gather(pre[g][d], x, xs, M, v);
+      for (int dd = t + 4 * (sp0 + sps * SW_SPD); dd < L; dd += 4 * sps)  // deeper slices than the registers hold
+        sp_gather(__ldg(ell + ((size_t)blk * L + dd) * 32 + (n & 31)), x, xs, M, v);
+      for (int h = __ldg(hrng + blk), h1 = __ldg(hrng + blk + 1); h < h1; ++h) {
+        if (__ldg(hrows + h) != n) continue;
+        for (int j = __ldg(hptr + h) + t + 4 * sp0, j1 = __ldg(hptr + h + 1); j < j1; j += 4 * sps)
+          sp_gather(__ldg(hcols + j), x, xs, M, v);
+      }
+#pragma unroll
+      for (int m = 0; m < SW_MT; ++m) {
+        v[m] += __shfl_xor_sync(0xffffffffu, v[m], 1);
+        v[m] += __shfl_xor_sync(0xffffffffu, v[m], 2);
+        if (t == 0) spv[m * 64 + cb + c] = v[m];
+      }
+    }
+  };
 #if SW_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the kernels before this one are done and visible
+#endif
+#if SW_SPE & 1
+  sp_sum();  // before the main loop (the epilogue's __syncthreads makes spv visible)
 #endif
   for (int ci = 0; ci < nch; ++ci) {
     const int nx = ci + SW_ST - 1;
@@ -624,7 +670,6 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
 #else
   __shared__ float red[SW_WARPS][SW_MT * 64];
 #endif
-  __shared__ float spv[SW_MT * 64];
   __shared__ int last;
 #if SW_MMA
   // every lane holds whole sums (over its rows) of columns 16 u + c, 16 u + 8 + c for tokens 2 t, 2 t + 1
@@ -652,32 +697,9 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       for (int i = 0; i < 8; ++i) red[warp][m * 64 + 16 * (i >> 1) + 8 * (i & 1) + c] = acc[m][i];
   }
 #endif
-  if (do_sp) {
-#pragma unroll
-    for (int g = 0; g < SW_CG; ++g) {
-      const int cb = (g * SW_WARPS + warp) * 8;
-      if (cb >= 64) break;
-      const int n = tile * 64 + cb + c, blk = n >> 5;
-      float v[SW_MT];
-#pragma unroll
-      for (int m = 0; m < SW_MT; ++m) v[m] = 0.f;
-#pragma unroll
-      for (int d = 0; d < SW_SPD; ++d) sp_gather(pre[g][d], x, xs, M, v);
-      for (int dd = t + 4 * SW_SPD; dd < L; dd += 4)  // deeper slices than the registers hold
-        sp_gather(__ldg(ell + ((size_t)blk * L + dd) * 32 + (n & 31)), x, xs, M, v);
-      for (int h = __ldg(hrng + blk), h1 = __ldg(hrng + blk + 1); h < h1; ++h) {
-        if (__ldg(hrows + h) != n) continue;
-        for (int j = __ldg(hptr + h) + t, j1 = __ldg(hptr + h + 1); j < j1; j += 4)
-          sp_gather(__ldg(hcols + j), x, xs, M, v);
-      }
-#pragma unroll
-      for (int m = 0; m < SW_MT; ++m) {
-        v[m] += __shfl_xor_sync(0xffffffffu, v[m], 1);
-        v[m] += __shfl_xor_sync(0xffffffffu, v[m], 2);
-        if (t == 0) spv[m * 64 + cb + c] = v[m];
-      }
-    }
-  }
+#if !(SW_SPE & 1)
+  sp_sum();
+#endif
   __syncthreads();
   const int nb = tile * 64;
   for (int e = threadIdx.x; e < SW_MT * 64; e += SW_WARPS * 32) {
@@ -744,7 +766,7 @@ LAYOUT_MARLIN, LAYOUT_HUMMING_SM90, LAYOUT_HUMMING = 0, 1, 2
 
 
 # a configuration's fields in order (gemv_plan reads them; trailing ones may be left out, 0 = off)
-CONFIG_FIELDS = ("u", "warps", "per_sm", "stages", "minb", "lean", "mma", "pf", "pdl", "xr")
+CONFIG_FIELDS = ("u", "warps", "per_sm", "stages", "minb", "lean", "mma", "pf", "pdl", "xr", "spe")
 
 
 def config_with(config: tuple[int, ...] | None = None, **flags: int) -> tuple[int, ...]:
@@ -809,6 +831,7 @@ class GemvPlan:
     ralias: bool = False  # the warps' partial sums in their own ring slots (SW_RALIAS; where 48 KB needs it)
     layout: int = 0  # the tensors read: LAYOUT_MARLIN, LAYOUT_HUMMING_SM90 or LAYOUT_HUMMING (see _SRC)
     xr: bool = False  # x through the ring with the weights (SW_XR; the tensor-core form)
+    spe: int = 0  # where the held-out terms are summed (SW_SPE bits: 1 before the main loop, 2 over all split-K blocks)
 
     @property
     def max_m(self) -> int:
@@ -852,6 +875,9 @@ def gemv_plan(
     pf = bool(rest[3]) if len(rest) > 3 else False
     pdl = bool(rest[4]) if len(rest) > 4 else False
     xr = bool(rest[5]) if len(rest) > 5 else False
+    spe = int(rest[6]) if len(rest) > 6 else 0
+    if spe not in (0, 1, 2, 3):
+        raise ValueError(f"cuda GEMV: config {config}: the held-out terms' placement (spe) is 0-3, got {spe}")
     if mma and lean:
         raise ValueError(f"cuda GEMV: config {config}: the tensor-core form has no lean decoding")
     if xr and pdl:
@@ -887,7 +913,7 @@ def gemv_plan(
     if layout and not grows:  # the channel-wise read is Marlin's single-scale permutation, which Humming never uses
         raise ValueError("cuda GEMV: Humming's tensors of a channel-wise or one-group layer are not read here")
     return GemvPlan(
-        n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl, ralias, layout, xr
+        n, k, grows, not sym, bf16, u, warps, stages, rpw, splits, minb, lean, mma, pf, pdl, ralias, layout, xr, spe
     )
 
 
@@ -1001,6 +1027,8 @@ def kernel_source(plan: GemvPlan, mt: int, readonly: bool = False) -> str:
     )
     if plan.xr:  # (without it: the defines as before, so cached kernels keep their keys)
         defs += "#define SW_XR 1\n"
+    if plan.spe:  # (0: the defines as before)
+        defs += f"#define SW_SPE {plan.spe}\n"
     if plan.layout:  # (Marlin's layout: the defines as before)
         defs += f"#define SW_WSWAP {int(plan.layout == LAYOUT_HUMMING_SM90)}\n#define SW_ZLIN 1\n"
     return defs + _SRC
@@ -1008,7 +1036,7 @@ def kernel_source(plan: GemvPlan, mt: int, readonly: bool = False) -> str:
 
 def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
     key: tuple = (mt, readonly, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, plan.minb)
-    key += (plan.lean, plan.mma, plan.pf, plan.pdl, plan.ralias, plan.layout, plan.xr)
+    key += (plan.lean, plan.mma, plan.pf, plan.pdl, plan.ralias, plan.layout, plan.xr, plan.spe)
     kern = _kernels.get(key)
     if kern is None:
         ok, why = available()
