@@ -42,8 +42,9 @@ def sources(configs: list[tuple[int, ...]] | None = None) -> list[str]:
             for c in xr_cfgs | {c[:9] for c in xr_cfgs}
         ]
         jobs += [(n, k, 128, False, bf, c) for n, k in B.SHAPES.values() for c in cfgs]
-        # configurations placing the held-out terms (SW_SPE, field 11): also the epilogue GPU test's cases (bf16)
-        jobs += [(n, k, g, sym, bf, c) for n, k, g, sym in T.CASES for c in configs if len(c) > 10 and c[10]]
+        # configurations placing the held-out terms (SW_SPE, field 11): also the held-out epilogue GPU test (bf16)
+        if any(len(c) > 10 and c[10] for c in configs):
+            jobs += [(n, k, g, sym, bf, c) for n, k, g, sym in T.CASES for c in T.epilogue_configs(k)]
         return _plan_sources(jobs)
     # the GPU tests: every case, both dtypes, the configurations they run (each base also with the prefetch, as the
     # bitwise test runs them; the PDL test: the default with the PDL flag)

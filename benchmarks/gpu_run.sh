@@ -556,9 +556,17 @@ EOF2
     export SW_HELD_ONE SW_HELD_MMA SW_HELD_FOLD
     METHODS=${1:-lean}
     shift || true
+    # SW_DMON=1: the GPU's clocks, power and temperature once a second beside the engines ($OUT/dmon.log; s35's
+    # held-out twin went bimodal between repeats -- is it the GPU's clocks?)
+    DMON_PID=""
+    if [ -n "${SW_DMON:-}" ] && command -v nvidia-smi >/dev/null; then
+      nvidia-smi dmon -s pc -d 1 -o T > "$OUT/dmon.log" 2>&1 &
+      DMON_PID=$!
+    fi
     $PY benchmarks/throughput.py --methods "$METHODS" --workdir "$SW_BENCH_DIR" --out "$OUT/throughput.json" \
       --tokenizer-dir "$TOKENIZER_DIR" --budget-s "${BUDGET_S:-570}" "$@"
     echo "[$(ts)] throughput rc=$?"
+    [ -n "$DMON_PID" ] && kill "$DMON_PID" 2>/dev/null
     cp -f "$OUT/throughput.json" "$OUT/throughput.partial.json" 2>/dev/null || true ;;
   pair)
     # two independent single-GPU jobs side by side (one per GPU of a 2-GPU machine), after one shared setup

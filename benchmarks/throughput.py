@@ -732,7 +732,10 @@ def measure(args) -> int:
         for b in [int(v) for v in args.latency_batches.split(",") if v.strip()]:
             ps = prompts(b, in_len)
             gen(ps, out_len)  # warm-up iteration
-            lat = [gen(ps, out_len) for _ in range(args.latency_iters)]
+            lat, starts = [], []
+            for _ in range(args.latency_iters):
+                starts.append(round(time.time(), 2))  # epoch s: lines up with gpu_run.sh's SW_DMON clock log
+                lat.append(gen(ps, out_len))
             # the median (= the mean of two, the default until session 13): one slow iteration moved batch 8 by 4%
             mean = float(np.median(lat))
             rec = dict(
@@ -747,6 +750,7 @@ def measure(args) -> int:
                 latency_s=mean,
                 ms_per_output_token=1000 * mean / out_len,
                 latencies=lat,
+                latency_starts=starts,
                 latency_stat="median",
                 time=time.strftime("%Y-%m-%d %H:%M:%S"),
             )

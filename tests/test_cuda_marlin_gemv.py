@@ -844,6 +844,17 @@ def _packed_held_out(n, k, dtype, seed):
     return sp, CG.sparse_maps(sp, n), dense
 
 
+def epilogue_configs(k: int) -> tuple:
+    """The launch configurations the held-out epilogue test runs on a layer of K ``k`` (gemv_precompile.py compiles
+    them for ``gpu_run.sh spe``)."""
+    cfgs: tuple = (CG.DEFAULT_CONFIG, MMA_FIRST, CG.DEFAULT_CONFIG + (0, 1), CG.MMA_CONFIG)  # the last two: prefetch
+    if k // 16 % 2 == 0:  # the tensor-core form with 8 warps, its partial sums in the ring's slots
+        cfgs += ((4, 8, 24, 2, 1, 0, 1),)
+    cfgs += (*XR_CONFIGS, XR_ONE)  # x through the ring (both forms): the held-out twin's engines run them
+    # the terms spread over the split-K blocks (SW_SPE 2) and also before the main loop (3), on the served forms
+    return cfgs + tuple(CG.config_with(base, spe=spe) for base in (CG.SERVE_ONE, CG.SERVE_MMA) for spe in (2, 3))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -859,12 +870,7 @@ def test_gemv_epilogue_adds_held_out_terms_exactly(n, k, group, sym, dtype):
     qm, ms, mz, w = _layer(n, k, group, sym, dtype, seed=7)
     sp, maps, dense = _packed_held_out(n, k, dtype, seed=n + k)
     assert sp["hcols"].numel() > 0  # the heavy rows went to the CSR part
-    cfgs = (None, MMA_FIRST, CG.DEFAULT_CONFIG + (0, 1), CG.MMA_CONFIG)  # the last two: prefetch
-    if k // 16 % 2 == 0:  # the tensor-core form with 8 warps, its partial sums in the ring's slots
-        cfgs += ((4, 8, 24, 2, 1, 0, 1),)
-    cfgs += (*XR_CONFIGS, XR_ONE)  # x through the ring (both forms): the held-out twin's engines run them
-    # the terms spread over the split-K blocks (SW_SPE 2) and also before the main loop (3), on the served forms
-    cfgs += tuple(CG.config_with(base, spe=spe) for base in (CG.SERVE_ONE, CG.SERVE_MMA) for spe in (2, 3))
+    cfgs = epilogue_configs(k)
     plans = [CG.gemv_plan(n, k, group, sym, dtype, "cuda", config=c) for c in cfgs]
     g = torch.Generator().manual_seed(2)
     bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
