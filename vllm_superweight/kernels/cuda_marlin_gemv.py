@@ -51,7 +51,10 @@ The held-out terms in the epilogue (``sparse=``; the one-copy pair's default sin
 lane's slots before the main loop and sums them after it, 4 lanes a column, in the tile's first split-K block only:
 66.4 us a 7B layer with the 0.1 % hold-out against 71.6 with the SELL kernel after the GEMV and 77.0 with Marlin +
 SELL (H200, session 24, ``cuda_gemv_s24_h200.md``); end to end, batch 1 0.766 s vs 0.771. The first form, one
-thread a column walking its slots after the main loop in the tile's last block, took 96.1 us (session 23).
+thread a column walking its slots after the main loop in the tile's last block, took 96.1 us (session 23). Its cost
+grows with the tokens (H100, s35, tensor-core form: 77.0 / 119.9 us inside vs 62.7 / 79.0 plain at 1 / 8 tokens): the
+11th field (``SW_SPE``, bits) sums them before the main loop (1) and/or spreads a lane's slots over the tile's
+split-K blocks (2); CPU-checked, off until measured (``gpu_run.sh spe``).
 
 The tensor-core form (2-8 tokens, ``SUPERWEIGHT_CUDA_GEMV=2..8``) passes its GPU tests but stays opt-in: its first
 configuration took 78.3 / 84.2 / 89.9 us at 2 / 4 / 8 tokens (session 24); with its group constants through the ring
