@@ -31,6 +31,7 @@
 #                                                          # test, then cuda_gemv_bench.py at 2-8 tokens vs plain
 #   bash benchmarks/gpu_run.sh spe                         # where the GEMV sums the held-out terms (SW_SPE): GPU tests,
 #                                                          # then cuda_gemv_bench.py --spe (held.env for -humgemv-spe)
+#   bash benchmarks/gpu_run.sh ncu                         # Nsight Compute on the GEMV at 1-8 tokens, held-out placements
 #   bash benchmarks/gpu_run.sh humprof                     # where the one-Humming-copy start-up goes: the 7B shapes'
 #                                                          # first Humming calls under cProfile, cold then warm cache
 #   bash benchmarks/gpu_run.sh memcheck                    # SmolLM2's layer shapes, 1..16,384 tokens, under
@@ -481,6 +482,28 @@ EOF2
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_spe.json" --ms 1,2,4,8 \
       --spe --held-env "$SW_BENCH_DIR/held.env" --budget-s $((${SPE_BUDGET_S:-565} - SECONDS)) 2>&1 | grep -v "^$" | tail -40
     echo "[$(ts)] spe done" ;;
+  ncu)
+    # session 35: Nsight Compute on the GEMV (benchmarks/diag/gemv_ncu.py: gate_up / down at 4 and 8 tokens, down at
+    # 8 tokens with the held-out terms in each SW_SPE placement, one token plain / held): why 8 tokens stay at 72 us
+    # a 7B layer (s35) where 2-4 tokens got faster with fewer instructions. Timed with CUDA events first (no ncu),
+    # then one launch a case under ncu (--clock-control none, METHOD.md); $OUT/gemv_ncu.txt is the details page.
+    setup
+    CASES=${NCU_CASES:-default}
+    N=$($PY benchmarks/diag/gemv_ncu.py --plan --cases "$CASES" | grep -c '^launch')
+    timeout 150 $PY -u benchmarks/diag/gemv_ncu.py --cases "$CASES" --json "$OUT/gemv_ncu_times.json" 2>&1 | tail -"$N"
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    if [ -n "$NCU" ]; then
+      timeout $((580 - SECONDS)) "$NCU" --clock-control none -k regex:sw_marlin_gemv --launch-skip "$N" \
+        --launch-count "$N" --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section Occupancy --section LaunchStats -f -o "$OUT/gemv_ncu" \
+        $PY benchmarks/diag/gemv_ncu.py --once --cases "$CASES" 2>&1 | grep -v "^==PROF==" | tail -15
+      "$NCU" --import "$OUT/gemv_ncu.ncu-rep" --page details > "$OUT/gemv_ncu.txt" 2>&1 || true
+      grep -E "sw_marlin_gemv|Duration|Memory Throughput|DRAM Throughput|L2 Cache Throughput|Achieved Occupancy|Warp Cycles Per Issued|No Eligible|Registers Per" \
+        "$OUT/gemv_ncu.txt" | head -120
+    else
+      echo "[$(ts)] no ncu on this machine"
+    fi
+    echo "[$(ts)] ncu done" ;;
   humprof)
     # session 30: session 29 saw 12-25 s per layer shape in Humming's first call whatever the disk cache held -- what
     # keeps humming-gemv (one W4 copy, every W4 speed target but batch 8 in s27) opt-in. benchmarks/diag/
