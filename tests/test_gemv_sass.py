@@ -50,3 +50,23 @@ def test_cuda_core_chunk_loop_is_found_not_the_epilogue(tmp_path):
     ops = gs.main_loop(sass, "FFMA")
     assert ops["FFMA"] >= 128 and ops["LDGSTS"] >= 4 and ops["HMMA"] == 0
     assert not gs.main_loop("no code here", "FFMA")
+
+
+@pytest.mark.parametrize("cfg,mt", [(CG.SERVE_MMA, 8), (CG.SERVE_ONE, 1)], ids=["tensor-core-8", "cuda-core-1"])
+def test_split_k_sum_requests_every_partial_before_adding(cfg, mt, tmp_path):
+    """The tile's last split-K block (after its counter's atomic) requests all of a thread's partials -- its outputs
+    x up to 8 splits -- before the first add (session 35; the loop it replaced waited one L2 round trip per output
+    and per 4 splits: 4 outputs a thread at 8 tokens), and holds no spills for it."""
+    import re
+
+    plan = CG.gemv_plan(4096, 11008, 128, False, torch.bfloat16, "cpu", config=cfg)
+    assert plan.splits > 1
+    gs, cub, sass = _sass(plan, mt, tmp_path)
+    ins = [m.group(1) for line in sass.splitlines() if (m := re.search(r"/\*[0-9a-f]{4}\*/\s+(.*?)\s*;", line))]
+    tail = ins[next(i for i, op in enumerate(ins) if op.startswith("ATOM") or " ATOM" in op) :]
+    loads = [i for i, op in enumerate(tail) if "LDG.E.STRONG" in op]
+    adds = [i for i, op in enumerate(tail) if re.match(r"(@!?U?P\d+ )?FADD", op)]
+    ept = -(-mt * 64 // (plan.warps * 32))
+    assert len(loads) == 8 * ept, len(loads)
+    assert max(loads) < min(a for a in adds if a > loads[0])
+    assert gs.cubin_info(cub).get("frame_bytes", 0) == 0

@@ -227,6 +227,7 @@ __device__ __forceinline__ void word_fma_lean(u32 w, const float (&xa)[SW_MT], c
 #define SW_SPD 4
 #endif
 #define SW_CG ((64 + SW_WARPS * 8 - 1) / (SW_WARPS * 8))
+#define SW_EPT ((SW_MT * 64 + SW_WARPS * 32 - 1) / (SW_WARPS * 32))  // a thread's outputs of the tile in the epilogue
 // SW_SPE (bits; 0 = the form above): bit 0 sums the terms before the main loop instead of after it (once x is
 // readable: the gathers' latency under the ring's first chunks in flight, the slots' registers free for the loop);
 // bit 1 spreads them over the tile's split-K blocks -- block y takes a lane's slot rounds y, y + S, ... (slot
@@ -733,10 +734,33 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
   __syncthreads();
   if (!last) return;
   __threadfence();
-  for (int e = threadIdx.x; e < M * 64; e += SW_WARPS * 32) {
+  // every partial of this thread's outputs requested before the first add, up to 8 splits a batch (a loop over
+  // outputs and splits waited one L2 round trip per output and per 4 splits: 4 outputs a thread at 8 tokens), then
+  // summed in split order -- the same adds in the same order as the loop, so the same bits
+  float sum[SW_EPT];
+#pragma unroll
+  for (int i = 0; i < SW_EPT; ++i) sum[i] = 0.f;
+  for (int s0 = 0; s0 < S; s0 += 8) {
+    float p[SW_EPT][8];
+#pragma unroll
+    for (int i = 0; i < SW_EPT; ++i) {
+      const int e = threadIdx.x + i * SW_WARPS * 32;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        p[i][j] = (e < M * 64 && s0 + j < S) ? __ldcg(ws + ((size_t)(s0 + j) * M + (e >> 6)) * N + nb + (e & 63)) : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < SW_EPT; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (s0 + j < S) sum[i] += p[i][j];
+  }
+#pragma unroll
+  for (int i = 0; i < SW_EPT; ++i) {
+    const int e = threadIdx.x + i * SW_WARPS * 32;
+    if (e >= M * 64) break;
     const int m = e >> 6, n = nb + (e & 63);
-    float v = 0.f;
-    for (int s = 0; s < S; ++s) v += __ldcg(ws + ((size_t)s * M + m) * N + n);
+    float v = sum[i];
     if (has_bias) v += act2f(bias[n]);
     y[(size_t)m * ys + n] = f2act(v);
   }
