@@ -461,7 +461,7 @@ def main() -> None:
             timed("cuda+sell", 1, cfg, part="sweep-held")
     if args.spe and not args.no_vllm:  # the held-out terms' placement (SW_SPE) on the served configurations
         for m in [mm for mm in (1, 2, 4, 8) if mm in xs]:
-            kind, base = ("cuda", SERVE_ONE) if m == 1 else ("mma", SERVE_MMA)
+            kind, base = _served(m)
             for name, (n_, k_) in SHAPES.items():
                 e, x = layers[0][name], xs[m][name]
                 outs, splits = {}, 0
@@ -588,6 +588,11 @@ def engine_env(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
 SPE_VALUES = (0, 1, 2, 3)  # SW_SPE: bit 0 before the main loop, bit 1 spread over the tile's split-K blocks
 
 
+def _served(m: int) -> tuple[str, tuple[int, ...]]:
+    """The form the layers serve ``m`` tokens with: (the benchmark's kernel name, its configuration)."""
+    return ("cuda", SERVE_ONE) if m == 1 else ("mma", SERVE_MMA)
+
+
 def held_env(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
     """What the ``--spe`` part argues for, as throughput.py's ``sw-w4-g128-holdout-qkv-humgemv-spe`` reads it:
     ``SW_HELD_ONE`` / ``SW_HELD_MMA`` (SERVE_ONE / SERVE_MMA with the SW_SPE placement fastest at 1 token / summed
@@ -621,7 +626,7 @@ def held_env(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
                 fused[m] = v
     fold = 0
     for m in (1, 2, 4, 8):
-        kind, base = ("cuda", SERVE_ONE) if m == 1 else ("mma", SERVE_MMA)
+        kind, base = _served(m)
         sell = t.get((f"{kind}+sell", m, tuple(base)))
         if m not in fused or sell is None:
             continue

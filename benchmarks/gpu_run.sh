@@ -472,7 +472,7 @@ EOF2
     # cuda_gemv_bench.py --spe (bitwise checks first), which writes held.env for the throughput call
     #   throughput sw-w4-g128-holdout-qkv-humgemv-spe,sw-w4-g128-humgemv-xr,awq
     setup
-    ONE=4:8:24:2:1:1:0:1:0:1 MMA=4:4:12:2:1:0:1:1:0:1  # SERVE_ONE / SERVE_MMA
+    read -r ONE MMA < <($PY -c "from vllm_superweight.kernels import cuda_marlin_gemv as C; print(*(':'.join(map(str, c)) for c in (C.SERVE_ONE, C.SERVE_MMA)))")
     timeout 200 $PY benchmarks/gemv_precompile.py --configs "$ONE:1;$ONE:2;$ONE:3;$MMA:1;$MMA:2;$MMA:3" \
       || echo "[$(ts)] precompile incomplete"
     timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_spe.xml" \

@@ -22,12 +22,14 @@ import sys
 
 import torch
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from cuda_gemv_bench import SHAPES  # noqa: E402  (the 7B layer's GEMMs)
+from w4_fused_bench import time_graph  # noqa: E402  (median us of CUDA-graph replays)
 
 from vllm_superweight.kernels import cuda_marlin_gemv as CG  # noqa: E402
-
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 
 
 def cases(spec: str) -> list[tuple[str, int, tuple[int, ...], bool]]:
@@ -108,19 +110,7 @@ def main() -> None:
         if profiled:
             f()  # one launch each: ncu profiles it
         else:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(10):
-                    f()
-            times = []
-            for _ in range(args.iters):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 100)  # ms for 10 launches -> us a launch
-            rec["us"] = round(sorted(times)[len(times) // 2], 2)
+            rec["us"] = round(time_graph(f, args.iters), 2)
             print(f"launch {i}: {shape} M={m} held={int(held)} spe={plan.spe} splits={plan.splits} {rec['us']} us")
         results.append(rec)
     torch.cuda.synchronize()
