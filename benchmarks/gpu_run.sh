@@ -200,9 +200,14 @@ case "$STAGE" in
   tests)
     setup
     echo "[$(ts)] GPU tests"
-    timeout 560 $PY -u -m pytest -q -m gpu -p no:cacheprovider -ra --junitxml="$OUT/gpu_tests.xml" \
-      tests/test_kernels.py tests/test_gpu_kernels.py tests/test_triton_marlin_deq.py tests/test_triton_int8_mm.py "$@"
-    echo "[$(ts)] tests rc=$?" ;;
+    # -v into $OUT/pytest_tests.log: each test's name is there even when the limit ends pytest before its junit file
+    # (s36: one F in a 560 s run that never finished, name unknown)
+    timeout "${TESTS_LIMIT_S:-560}" $PY -u -m pytest -v -m gpu -p no:cacheprovider -ra --tb=short \
+      --junitxml="$OUT/gpu_tests.xml" \
+      tests/test_kernels.py tests/test_gpu_kernels.py tests/test_triton_marlin_deq.py tests/test_triton_int8_mm.py "$@" \
+      > "$OUT/pytest_tests.log" 2>&1
+    echo "[$(ts)] tests rc=$?"
+    grep -E "FAILED|ERROR|passed|failed|^E  " "$OUT/pytest_tests.log" | tail -40 ;;
   parallel)
     # needs a 2-GPU kind (nvidia-h200-x2): TP 2 / PP 2 == TP 1 through real engines, SWs on both sides of the split
     setup

@@ -245,6 +245,11 @@ METHODS["sw-w4-g128-holdout-qkv-humgemv-spe"] = _variant(
         f"fold={os.environ.get('SW_HELD_FOLD', '1')}"
     ),
 )
+# session 36: auto takes the one Humming copy + GEMV on Hopper where humming-kernels is installed (the -xr / -spe
+# engines above, now the package's defaults); auto's earlier choices, forced, for comparison in the same lease:
+# two copies (Marlin / Machete) without hold-out, one Marlin copy + dequantize with it
+METHODS["sw-w4-g128-dual"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="dual")
+METHODS["sw-w4-g128-holdout-qkv-mdeq1"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="marlin-deq1")
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?

@@ -357,16 +357,23 @@ def test_choose_kernel_on_cuda(monkeypatch):
     from vllm_superweight.kernels.linear import w8a8 as W8
     from vllm_superweight.kernels.linear import weight_only as WO
 
-    for v in ("SUPERWEIGHT_W4_KERNEL", "VLLM_DISABLED_KERNELS"):
+    for v in ("SUPERWEIGHT_W4_KERNEL", "VLLM_DISABLED_KERNELS", "VLLM_BATCH_INVARIANT"):
         monkeypatch.delenv(v, raising=False)
     sm90 = torch.cuda.get_device_capability()[0] == 9
+    # the one Humming copy first where it was measured (Hopper with humming-kernels installed), session 36
+    from vllm_superweight import envs
+
+    hum = sm90 and envs.humming_installed()
+    held = dataclasses.replace(_cfg(torch.bfloat16), holdout=1e-3)
+    for c in (_cfg(torch.bfloat16), held):
+        assert (choose_kernel(c) is WO.HummingGemvKernel) == hum, (hum, choose_kernel(c))
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "HummingGemvKernel")  # the earlier choices, as without the package
     assert choose_kernel(_cfg(torch.bfloat16)) is (WO.DualMarlinMacheteKernel if sm90 else WO.MarlinKernel)
     assert choose_kernel(_cfg(torch.float32)) is WO.TorchDequantKernel  # Machete/Marlin have no fp32 path
     assert choose_kernel(_cfg(torch.bfloat16, group=96, k=96 * 40)) is WO.TorchDequantKernel
     w8 = dict(acts="int8-token", bits=8, group=-1, sym=True)
     assert choose_kernel(_cfg(torch.bfloat16, **w8)) is W8.CutlassSplitInt8Kernel
     assert choose_kernel(_cfg(torch.float32, **w8)) is W8.TorchInt8Kernel
-    held = dataclasses.replace(_cfg(torch.bfloat16), holdout=1e-3)
     assert choose_kernel(held) is WO.MarlinDequantOneCopyKernel  # bulk hold-out: the one-copy pair first
     monkeypatch.setenv("SUPERWEIGHT_W4_KERNEL", "marlin-deq")  # two copies: opt-in
     assert choose_kernel(held) is WO.MarlinDequantKernel
@@ -400,6 +407,7 @@ def test_humming_is_reproducible_in_vllms_batch_invariant_mode(monkeypatch):
     "kernel,dtype",
     [
         ("auto", torch.bfloat16),
+        ("dual", torch.bfloat16),  # auto's choice before session 36 (and without humming-kernels)
         ("marlin", torch.float16),
         ("torch", torch.bfloat16),
         ("auto", torch.float32),

@@ -486,7 +486,8 @@ def test_marlin_dequant_pair_only_for_bulk_holdout_on_cuda(clean_env, monkeypatc
     reasons say why not, and forcing it where it cannot run is a clear error."""
 
     held = dataclasses.replace(cfg(), holdout=1e-3)
-    assert explain(held)[1][0] == "MarlinDequantKernel"  # after its one-copy form
+    names = [e[0] for e in explain(held)]
+    assert names[1:3] == ["MarlinDequantOneCopyKernel", "MarlinDequantKernel"]  # after the one Humming copy
     ok, why = WO.MarlinDequantKernel.can_implement(held)
     assert not ok and "CUDA" in why  # auto: only this machine (a CPU) rules it out
     assert choose_kernel(held) is not WO.MarlinDequantKernel
@@ -516,14 +517,15 @@ def test_marlin_dequant_pair_only_for_bulk_holdout_on_cuda(clean_env, monkeypatc
 
 
 def test_one_copy_marlin_dequant_pair_is_the_default_for_held_out_checkpoints(clean_env, monkeypatch):
-    """MarlinDequantOneCopyKernel (dequantizing from Marlin's own copy) heads the priority list: auto takes it for
-    checkpoints with a bulk hold-out on CUDA (here, a CPU: its reason says CUDA), not for those without one (the
-    Marlin / Machete pair is faster there); SUPERWEIGHT_W4_KERNEL=marlin-deq1 forces it (any hold-out), other
-    modes rule it out, and forcing it where it cannot run is a clear error."""
+    """MarlinDequantOneCopyKernel (dequantizing from Marlin's own copy) comes right after the one Humming copy (which
+    auto takes only on Hopper with humming-kernels installed): auto takes it for checkpoints with a bulk hold-out on
+    CUDA (here, a CPU: its reason says CUDA), not for those without one (the Marlin / Machete pair is faster there);
+    SUPERWEIGHT_W4_KERNEL=marlin-deq1 forces it (any hold-out), other modes rule it out, and forcing it where it
+    cannot run is a clear error."""
 
     held = dataclasses.replace(cfg(), holdout=1e-3)
-    assert WEIGHT_ONLY_KERNELS[0] is WO.MarlinDequantOneCopyKernel
-    assert explain(held)[0][0] == "MarlinDequantOneCopyKernel"
+    assert WEIGHT_ONLY_KERNELS[:2] == [WO.HummingGemvKernel, WO.MarlinDequantOneCopyKernel]
+    assert explain(held)[1][0] == "MarlinDequantOneCopyKernel"
     ok, why = WO.MarlinDequantOneCopyKernel.can_implement(held)
     assert not ok and "CUDA" in why  # auto: only this machine (a CPU) rules it out
     ok, why = WO.MarlinDequantOneCopyKernel.can_implement(dataclasses.replace(cfg(), device_type="cuda"))
@@ -549,6 +551,12 @@ def test_one_copy_marlin_dequant_pair_is_the_default_for_held_out_checkpoints(cl
 def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
     monkeypatch.delenv(envs.CUDA_GEMV, raising=False)
     assert envs.cuda_gemv_max_m() == envs.DEFAULT_CUDA_GEMV_MAX_M == 1  # single-token batches (measured end to end)
+    # unset parts fall to the kernel class's defaults (the one Humming copy: 8 tokens, every layer, fold 4 spread)
+    assert envs.cuda_gemv_max_m(8) == 8 and envs.cuda_gemv_every_layer(True) and envs.cuda_gemv_fold_max_m(4) == 4
+    monkeypatch.setenv(envs.CUDA_GEMV, "1@fold=2")
+    assert envs.cuda_gemv_max_m(8) == 1 and envs.cuda_gemv_every_layer(True) and envs.cuda_gemv_fold_max_m(4) == 2
+    monkeypatch.setenv(envs.CUDA_GEMV, "@layers=held")
+    assert envs.cuda_gemv_max_m(8) == 8 and not envs.cuda_gemv_every_layer(True)
     monkeypatch.setenv(envs.CUDA_GEMV, "0")
     assert envs.cuda_gemv_max_m() == 0
     monkeypatch.setenv(envs.CUDA_GEMV, "4")
@@ -885,25 +893,65 @@ def _humming_gemv_kernel(n=128, k=256, sym=False, bias=False):
     return kern, layer
 
 
-def test_humming_gemv_mode_is_one_copy_and_opt_in(monkeypatch):
+def test_humming_gemv_is_one_copy_and_auto_takes_it_only_where_measured(monkeypatch):
+    """The one Humming copy heads auto's list but takes a layer only where it was measured end to end (s36: Hopper,
+    humming-kernels installed, unsplit layers, vLLM's batch-invariant mode off); forced (humming-gemv) it runs
+    wherever Humming can. Its GEMV defaults: 1-8 tokens on every layer."""
     from vllm_superweight.kernels import linear as L
 
+    monkeypatch.delenv(envs.CUDA_GEMV, raising=False)
+    monkeypatch.delenv(envs.BATCH_INVARIANT, raising=False)
     monkeypatch.setenv(envs.W4_KERNEL, "humming-gemv")
     assert envs.w4_kernel() == "humming-gemv" and L.FORCED["humming-gemv"] is WO.HummingGemvKernel
-    assert WO.HummingGemvKernel not in L.WEIGHT_ONLY_KERNELS  # never chosen unless asked for
+    assert L.WEIGHT_ONLY_KERNELS[0] is WO.HummingGemvKernel
     ok, why = WO.HummingGemvKernel.can_implement(cfg())  # a CPU layer: Humming cannot
     assert not ok and "HummingKernel" in why
+    # Humming itself able to run (the package and a GPU are not here): what auto adds on top
+    monkeypatch.setattr(WO.HummingKernel, "can_implement", classmethod(lambda cls, c: (True, None)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cap = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: cap[0])
+    gpu = dataclasses.replace(cfg(), device_type="cuda")
+    shard = dataclasses.replace(gpu, full_shape=(gpu.full_shape[0], 2 * gpu.full_shape[1]))
+    assert WO.HummingGemvKernel.can_implement(shard) == (True, None)  # forced: wherever Humming runs
+    monkeypatch.setenv(envs.W4_KERNEL, "auto")
+    assert WO.HummingGemvKernel.can_implement(gpu) == (True, None)
+    assert L.choose_kernel(gpu) is WO.HummingGemvKernel
+    assert L.choose_kernel(dataclasses.replace(gpu, holdout=1e-3)) is WO.HummingGemvKernel
+    refusals = {"tensor-parallel shard": shard, "CUDA only": cfg()}
+    for why_part, c in refusals.items():
+        ok, why = WO.HummingGemvKernel.can_implement(c)
+        assert not ok and why_part in why
+        assert L.choose_kernel(c) is not WO.HummingGemvKernel
+    cap[0] = (8, 0)
+    ok, why = WO.HummingGemvKernel.can_implement(gpu)
+    assert not ok and "sm_8x" in why
+    cap[0] = (9, 0)
+    monkeypatch.setenv(envs.BATCH_INVARIANT, "1")
+    ok, why = WO.HummingGemvKernel.can_implement(gpu)
+    assert not ok and "VLLM_BATCH_INVARIANT=1" in why and envs.graph_knobs()[envs.BATCH_INVARIANT] == "1"
+    monkeypatch.delenv(envs.BATCH_INVARIANT)
+    monkeypatch.setenv(envs.W4_KERNEL, "dual")
+    ok, why = WO.HummingGemvKernel.can_implement(gpu)
+    assert not ok and "SUPERWEIGHT_W4_KERNEL=dual" in why
+    # auto's choice depends on whether the package is installed: vLLM's compile cache must see it
+    assert envs.graph_knobs()["humming"] == ("1" if envs.humming_installed() else "0")
     kern, _ = _humming_gemv_kernel()
     assert kern.small is kern.large and kern.max_m == 1  # one kernel object, one copy
+    assert kern.describe() == "CUDA-GEMV(M<=8)/Humming (one copy)"  # the default: 1-8 tokens, every layer
     monkeypatch.setenv(envs.CUDA_GEMV, "1")
     assert kern.describe() == "CUDA-GEMV(M<=1)/Humming (one copy)"
-    monkeypatch.setenv(envs.CUDA_GEMV, "8")
+    monkeypatch.setenv(envs.CUDA_GEMV, "8@layers=held")
     assert kern.describe() == "CUDA-GEMV(M<=1; held-out M<=8)/Humming (one copy)"
+    monkeypatch.setenv(envs.CUDA_GEMV, "8")
+    assert kern.describe() == "CUDA-GEMV(M<=8)/Humming (one copy)"
     monkeypatch.setenv(envs.CUDA_GEMV, "0")
     assert kern.describe() == "Humming (one copy)"
 
 
-@pytest.mark.parametrize("case", ["sm90", "sm80", "mismatch", "bias", "padded", "off", "missing", "mma8", "mma-bad"])
+@pytest.mark.parametrize(
+    "case", ["sm90", "sm80", "mismatch", "bias", "padded", "off", "missing", "mma8", "mma-bad", "unset"]
+)
 def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkeypatch, caplog, case):
     """Load time: the GEMV's plan reads Humming's own tensors with the layout of the GPU (sm_90: Humming's wgmma form),
     compiled and checked against Humming's output on the layer's weights; a mismatch, a layer with a bias or a padded
@@ -918,7 +966,9 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
         layer.weight = torch.zeros(256 // 16, 2 * 256, dtype=torch.int32).as_subclass(_FakeCuda)
     if case == "missing":
         del layer.weight
-    monkeypatch.setenv(envs.CUDA_GEMV, {"off": "0", "mma8": "8", "mma-bad": "8"}.get(case, "1"))
+    monkeypatch.setenv(envs.CUDA_GEMV, {"off": "0", "mma8": "8@layers=held", "mma-bad": "8"}.get(case, "1"))
+    if case == "unset":  # the kernel's defaults: 1-8 tokens through the GEMV on every layer
+        monkeypatch.delenv(envs.CUDA_GEMV)
     monkeypatch.setattr(WO, "_NOT_PLANNED", {})
     monkeypatch.setattr(CG, "available", lambda: (True, None))
     monkeypatch.setattr(CG, "prepare", lambda plan, max_m, min_m=1: None)
@@ -939,7 +989,7 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
     monkeypatch.setattr(kern.large, "apply_gemm", humming)
     with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
         kern._plan_humming_gemv(layer)
-    if case in ("mma8", "mma-bad"):
+    if case in ("mma8", "mma-bad", "unset"):
         one = ("gemv", 1, True, True, True)
         mma = one[:1] + (8,) + one[2:] + ("mma", CG.LAYOUT_HUMMING_SM90)
         assert calls == [one, ("humming", 1), mma] + [one] * 8  # Humming checks the one; the one checks the mma
@@ -950,9 +1000,10 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
             return
         assert kern.cgemv_mma is not None and kern.cgemv_mma.mma and kern.cgemv_max_m == 8 and not caplog.text
         calls.clear()
-        kern.run(torch.zeros(2, 256, dtype=torch.bfloat16), None)  # no held-out terms here: Humming from 2 tokens
-        assert calls == [("humming", 2)]
-        monkeypatch.setenv(envs.CUDA_GEMV, "8@layers=all")  # ... unless every layer takes the tensor-core form
+        kern.run(torch.zeros(2, 256, dtype=torch.bfloat16), None)
+        if case == "mma8":  # layers=held and no held-out terms here: Humming from 2 tokens
+            assert calls == [("humming", 2)]
+            monkeypatch.setenv(envs.CUDA_GEMV, "8@layers=all")  # ... unless every layer takes the tensor-core form
         assert kern.describe() == "CUDA-GEMV(M<=8)/Humming (one copy)"
         calls.clear()
         for m in (1, 2, 8, 9):
@@ -984,20 +1035,34 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
     assert calls == [("humming", 1)]
 
 
-@pytest.mark.parametrize("case", ["confirmed", "not-confirmed", "bias", "mma", "mma-fold8"])
-def test_humming_gemv_held_out_paths(monkeypatch, case):
+@pytest.mark.parametrize(
+    "case", ["confirmed", "not-confirmed", "bias", "mma", "mma-fold8", "mma-given", "mma-prep-fails"]
+)
+def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     """Held-out entries on one Humming copy, as on the one-copy Marlin pair: single tokens add them in the GEMV's
     epilogue, batches below SUPERWEIGHT_DEQUANT_MIN_M run Humming + the packed SELL correction, larger ones
     dequantize from Humming's tensors (its layout) with the values restored. Where the layout was not confirmed at
     load (GEMV off or its check failed) or the layer has a bias: the base class's correction after every GEMM.
     With the tensor-core form planned (SUPERWEIGHT_CUDA_GEMV=8), 2-8 tokens run it, then the SELL correction (or,
-    with fold=8, with the terms in its epilogue)."""
+    with fold=8, with the terms in its epilogue). Held-out layers re-plan both forms with the terms spread over the
+    split-K blocks (SW_SPE 2) unless SUPERWEIGHT_CUDA_GEMV gives that form's configuration; where every plan spreads,
+    fold defaults to 4 tokens (H100, s36), else to 1; a re-plan that cannot compile keeps the plain plan (logged)."""
     import vllm_superweight.kernels as K
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
     from vllm_superweight.kernels import triton_marlin_deq as MD
 
     monkeypatch.setenv(envs.DEQUANT_MIN_M, "96")
-    monkeypatch.setenv(envs.CUDA_GEMV, "8@fold=8" if case == "mma-fold8" else "8")
+    knob = {"mma-fold8": "8@fold=8", "mma-given": "8@mma=4:4:12:2:1:0:1:1:0:1"}.get(case, "8")
+    monkeypatch.setenv(envs.CUDA_GEMV, knob)
+    monkeypatch.setattr(WO, "_NOT_PLANNED", {})
+    prepared = []
+
+    def prepare(plan, max_m, min_m=1):
+        if case == "mma-prep-fails":
+            raise RuntimeError("cuda GEMV: NVRTC failed: (test)")
+        prepared.append((plan.mma, plan.spe, min_m, max_m))
+
+    monkeypatch.setattr(CG, "prepare", prepare)
     kern, layer = _humming_gemv_kernel(bias=case == "bias")
     kern.min_m = envs.dequant_min_m()
     if case != "not-confirmed":
@@ -1009,7 +1074,16 @@ def test_humming_gemv_held_out_paths(monkeypatch, case):
         )
         kern.cgemv_max_m = 8
     rows, cols = torch.tensor([3, 70, 100]), torch.tensor([5, 200, 17])
-    kern.set_sparse(layer, rows, cols, torch.tensor([0.5, -1.0, 2.0]))
+    with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
+        kern.set_sparse(layer, rows, cols, torch.tensor([0.5, -1.0, 2.0]))
+    spread = {"confirmed": [(False, 2, 1, 1)], "mma": [(False, 2, 1, 1), (True, 2, 2, 8)]}
+    spread["mma-fold8"], spread["mma-given"] = spread["mma"], spread["confirmed"]
+    assert prepared == spread.get(case, [])  # re-planned and compiled at load, the given form left alone
+    if case in spread:
+        assert kern.cgemv.spe == 2 and (kern.cgemv_mma is None or kern.cgemv_mma.spe == (case != "mma-given") * 2)
+    if case == "mma-prep-fails":
+        assert kern.cgemv.spe == 0 and kern.cgemv_mma.spe == 0
+        assert "stays on the first split-K block for its held-out terms: SW_SPE=2: RuntimeError" in caplog.text
     calls = []
     monkeypatch.setattr(
         CG,
@@ -1024,25 +1098,30 @@ def test_humming_gemv_held_out_paths(monkeypatch, case):
     monkeypatch.setattr(K, "sparse_correction", lambda y, x, sp: calls.append(("sell", x.shape[0])) or y)
     monkeypatch.setattr(MD, "marlin_deq_mm", lambda x, w, s, z, lay, bias=None, layout=0: calls.append(
         ("deq", x.shape[0], lay is kern.deq, layout)) or torch.zeros(x.shape[0], 128))  # fmt: skip
-    for m in (1, 8, 95, 96, 300):
+    for m in (1, 4, 8, 95, 96, 300):
         kern.run(torch.zeros(m, 256, dtype=torch.bfloat16), None)
-    eight = {
-        "confirmed": [("humming", 8), ("sell", 8)],
-        "mma": [("gemv", 8, False, False, True), ("sell", 8)],  # fold=1 (default): the SELL kernel after it
-        "mma-fold8": [("gemv", 8, True, True, True)],  # the terms in its epilogue
+    inside, after = [("gemv", 4, True, True, True)], [("gemv", 4, False, False, True), ("sell", 4)]
+    four_eight = {
+        "confirmed": [("humming", 4), ("sell", 4), ("humming", 8), ("sell", 8)],
+        # spread (the default): fold=4, the terms in its epilogue up to 4 tokens, the SELL kernel after it above
+        "mma": inside + [("gemv", 8, False, False, True), ("sell", 8)],
+        "mma-fold8": inside + [("gemv", 8, True, True, True)],  # fold=8 given: the terms in its epilogue
+        # the mma form's configuration given (not spread) or the re-plan failed: fold=1, SELL after it from 2
+        "mma-given": after + [("gemv", 8, False, False, True), ("sell", 8)],
     }
-    if case in eight:
+    four_eight["mma-prep-fails"] = four_eight["mma-given"]
+    if case in four_eight:
         assert kern.sparse_keys == [] and kern.sp and kern.deq and kern.cmaps is not None and kern.held == 3
         assert calls == [
             ("gemv", 1, True, True, False),
-            *eight[case],
+            *four_eight[case],
             ("humming", 95), ("sell", 95),
             ("deq", 96, True, CG.LAYOUT_HUMMING_SM90),
             ("deq", 300, True, CG.LAYOUT_HUMMING_SM90),
         ]  # fmt: skip
     else:  # the base class's buffers: corrected after the op (apply_weights), not inside it
         assert kern.sparse_keys and not kern.sp and not kern.deq
-        assert [c[0] for c in calls] == ["gemv" if case == "bias" else "humming"] + ["humming"] * 4
+        assert [c[0] for c in calls] == ["gemv" if case == "bias" else "humming"] + ["humming"] * 5
 
 
 def test_humming_ranges_knob_and_tuning_table(monkeypatch):

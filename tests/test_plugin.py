@@ -380,3 +380,42 @@ def test_openai_server_completions_chat_concurrency(smollm2_ckpt, tmp_path):
         assert all(o["usage"]["completion_tokens"] == 12 and o["choices"][0]["text"] for o in outs)
     with open(log) as f:
         assert "superweight_rtn" in f.read()
+
+
+def test_hopper_without_humming_is_told_once_what_the_package_buys(monkeypatch, caplog):
+    """auto on a Hopper GPU without humming-kernels serves the Marlin pairs; the plugin says once (not per layer) that
+    the package serves one W4 copy instead -- and says nothing where auto took it, off Hopper, on the CPU or when a
+    kernel was forced."""
+    from vllm_superweight import envs
+    from vllm_superweight.kernels.linear import weight_only as WO
+    from vllm_superweight.vllm_plugin import schemes
+
+    monkeypatch.setattr(schemes, "_LOGGED_KERNELS", set())
+    monkeypatch.setattr(envs, "humming_installed", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cap = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: cap[0])
+    monkeypatch.delenv(envs.W4_KERNEL, raising=False)
+    from vllm_superweight.kernels.linear import SWLinearConfig
+
+    def config(device="cuda"):
+        return SWLinearConfig(
+            prefix="model.layers.0.mlp.down_proj", bits=4, symmetric=False, group_size=128, activations="none",
+            act_dtype=torch.bfloat16, full_shape=(256, 128), partition_shape=(256, 128), device_type=device,
+        )  # fmt: skip
+
+    def said(**kw):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="vllm.superweight_rtn"):
+            schemes._hint_humming_once(kw.get("c", config()), kw.get("chosen", WO.DualMarlinMacheteKernel))
+        return "vllm-superweight[humming]" in caplog.text
+
+    assert not said(c=config("cpu")) and not said(chosen=WO.HummingGemvKernel)
+    cap[0] = (8, 0)
+    assert not said()
+    cap[0] = (9, 0)
+    monkeypatch.setenv(envs.W4_KERNEL, "dual")
+    assert not said()
+    monkeypatch.delenv(envs.W4_KERNEL)
+    assert said() and "DualMarlinMacheteKernel serves model.layers.0.mlp.down_proj" in caplog.text
+    assert not said()  # once a process

@@ -5,28 +5,29 @@ Only what users need is a knob:
 =================================  =========================================================================
 ``SUPERWEIGHT_DISABLE_CORRECTION``  ``1``: serve without the exact sparse correction (super weights and held-out
                                     weights stay 0): an ablation switch, read by the engine's front end.
-``SUPERWEIGHT_W4_KERNEL``           weight-only GEMM choice: ``auto`` (default: the first kernel of the priority
-                                    list in ``kernels/linear`` that this machine can run: on CUDA the
-                                    ``marlin-deq1`` pair for checkpoints with a hold-out >= 1e-4, the ``dual``
-                                    pair for the others), ``vllm`` (vLLM's single kernel, never a per-batch pair:
-                                    one W4 copy), ``dual`` (Marlin for small batches, Machete above, two W4 copies,
-                                    correction separate), ``marlin-deq1`` (Marlin + the packed SELL correction for
-                                    small batches; large ones dequantize from Marlin's own copy with the held-out
-                                    values restored, then cuBLAS: ONE W4 copy), ``marlin-deq`` (the same pair over a
-                                    second W4 copy in our own layout: H200, saturated +3.5-4%, twice the weight
-                                    memory), ``marlin``, ``machete``, ``torch`` (the dequantize-once fallback),
-                                    ``cpu-int4`` (torch's own CPU int4 GEMM; the default where vLLM's build has
-                                    no ``cpu_gemm_wna16``), ``fused`` (our Triton W4 GEMM with the held-out
-                                    correction inside; opt-in: slower than AWQ at 8-256 tokens), ``humming``
-                                    (vLLM's Humming backend, ONE copy for every batch, correction separate;
-                                    opt-in, needs ``pip install vllm-superweight[humming]`` and nvcc at run
-                                    time: measurements and limits in
-                                    ``kernels.linear.weight_only.HummingKernel``), ``marlin-humming`` (Marlin for
-                                    small batches, Humming above: two copies; opt-in, not measured end to end),
-                                    ``humming-gemv`` (ONE Humming copy; single tokens through our CUDA GEMV over
-                                    Humming's own tensors, checked against Humming at load; held-out layers: the
-                                    one-copy pair's paths, large batches dequantized from Humming's tensors; opt-in:
-                                    H200 s26, 1.35x / 1.10x / 1.06x AWQ at batch 1 / 8 / 64 from one copy). A
+``SUPERWEIGHT_W4_KERNEL``           weight-only GEMM choice: ``auto`` (default: the first kernel of the priority list in
+                                    ``kernels/linear`` that this machine can run: on a Hopper GPU with
+                                    ``humming-kernels`` installed, unsplit layers, ``humming-gemv`` (ONE copy, since
+                                    s36: H100 1.39x / 1.27x / 1.06x AWQ at batch 1 / 8 / 64); else on CUDA the
+                                    ``marlin-deq1`` pair for checkpoints with a hold-out >= 1e-4, the ``dual`` pair for
+                                    the others), ``vllm`` (vLLM's single kernel, never a per-batch pair: one W4 copy),
+                                    ``dual`` (Marlin for small batches, Machete above, two W4 copies, correction
+                                    separate), ``marlin-deq1`` (Marlin + the packed SELL correction for small batches;
+                                    large ones dequantize from Marlin's own copy with the held-out values restored, then
+                                    cuBLAS: ONE W4 copy), ``marlin-deq`` (the same pair over a second W4 copy in our own
+                                    layout: H200, saturated +3.5-4%, twice the weight memory), ``marlin``, ``machete``,
+                                    ``torch`` (the dequantize-once fallback), ``cpu-int4`` (torch's own CPU int4 GEMM;
+                                    the default where vLLM's build has no ``cpu_gemm_wna16``), ``fused`` (our Triton W4
+                                    GEMM with the held-out correction inside; opt-in: slower than AWQ at 8-256 tokens),
+                                    ``humming`` (vLLM's Humming backend, ONE copy for every batch, correction separate;
+                                    opt-in, needs ``pip install vllm-superweight[humming]`` and nvcc at run time:
+                                    measurements and limits in ``kernels.linear.weight_only.HummingKernel``),
+                                    ``marlin-humming`` (Marlin for small batches, Humming above: two copies; opt-in, not
+                                    measured end to end), ``humming-gemv`` (ONE Humming copy; single tokens through our
+                                    CUDA GEMV over Humming's own tensors, checked against Humming at load; held-out
+                                    layers: the one-copy pair's paths, large batches dequantized from Humming's tensors;
+                                    its GEMV serves 1-8 tokens on every layer unless ``SUPERWEIGHT_CUDA_GEMV`` says
+                                    otherwise; H100 s36, 1.39x / 1.27x / 1.06x AWQ at batch 1 / 8 / 64 from one copy). A
                                     forced kernel that cannot run a layer is an error.
 ``SUPERWEIGHT_MARLIN_MAX_M``        largest batch (tokens) the per-batch pair sends to Marlin (default 48; 32 for
                                     ``marlin-humming``).
@@ -47,7 +48,10 @@ Only what users need is a knob:
                                     to Marlin run our GEMV over Marlin's own tensors instead
                                     (``kernels.cuda_marlin_gemv``; compiled at load by torch's NVRTC, cached on
                                     disk); the one-copy pair adds its held-out terms in the GEMV's epilogue
-                                    (``SUPERWEIGHT_ONECOPY_CONFIG=corr=sell``: after it). ``1`` (default): single
+                                    (``SUPERWEIGHT_ONECOPY_CONFIG=corr=sell``: after it). ``1`` (default; the one
+                                    Humming copy's: ``8``, ``layers=all``, held-out terms spread over the
+                                    split-K blocks -- SW_SPE 2 -- and ``fold=4``, as measured on the H100 in s36;
+                                    any part given replaces only that part): single
                                     tokens, its CUDA-core form (H200, 7B layer: 0.89x Marlin's time; end to end, 0.1 %
                                     hold-out, one copy: batch 1 0.751 s vs Marlin's 0.807, AWQ 0.981). ``2``-``8``:
                                     also 2..MAX_M tokens, through its tensor-core form (opt-in: correct on the
@@ -62,7 +66,8 @@ Only what users need is a knob:
                                     vs 0.820 without, one Humming copy);
                                     ``,layers=all``: the one-copy kernels send every layer there, not only held-out
                                     ones (s31: the tensor-core form is faster than Humming at 2-8 tokens);
-                                    ``,fold=N`` (0-8, default 1): held-out layers add their terms inside the
+                                    ``,fold=N`` (0-8, default 1; 4 where the plans spread the terms): held-out
+                                    layers add their terms inside the
                                     GEMV's epilogue for batches of up to N tokens; the larger batches it serves
                                     run it without them, then the separate SELL correction (H200, s31, 7B layer,
                                     0.1 % everywhere, us at 2 / 4 / 8 tokens: inside 74.4 / 80.4 / 96.2, after it
@@ -277,26 +282,27 @@ def dequant_min_m() -> int:
     return _int(DEQUANT_MIN_M, DEFAULT_DEQUANT_MIN_M)
 
 
-def _cuda_gemv() -> tuple[int, dict[str, tuple[int, ...]], bool, int]:
+def _cuda_gemv() -> tuple[int | None, dict[str, tuple[int, ...]], bool | None, int | None]:
     """``SUPERWEIGHT_CUDA_GEMV=MAX_M[@one=A:B:..,mma=A:B:..,layers=held|all,fold=N]`` -> (MAX_M, launch
     configurations by form, whether the one-copy kernels send every layer's 2..MAX_M-token batches to the
-    tensor-core form, the largest batch whose held-out terms go inside the GEMV's epilogue). Read on every
-    small-batch GEMM's dispatch, so the parse is cached per value of the variable."""
+    tensor-core form, the largest batch whose held-out terms go inside the GEMV's epilogue); None where the variable
+    does not say (each kernel class has its own defaults). Read on every small-batch GEMM's dispatch, so the parse
+    is cached per value of the variable."""
     return _parse_cuda_gemv(os.environ.get(CUDA_GEMV, "").strip())
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_cuda_gemv(raw: str) -> tuple[int, dict[str, tuple[int, ...]], bool, int]:
+def _parse_cuda_gemv(raw: str) -> tuple[int | None, dict[str, tuple[int, ...]], bool | None, int | None]:
     head, _, tail = raw.partition("@")
     try:
-        v = int(head) if head.strip() else DEFAULT_CUDA_GEMV_MAX_M
+        v = int(head) if head.strip() else None
     except ValueError:
         raise ValueError(f"{CUDA_GEMV}={raw!r}: MAX_M is not an integer") from None
-    if not 0 <= v <= 8:
+    if v is not None and not 0 <= v <= 8:
         raise ValueError(f"{CUDA_GEMV}={v}: 0 (Marlin) to 8 tokens")
     configs: dict[str, tuple[int, ...]] = {}
-    every = False
-    fold = DEFAULT_CUDA_GEMV_FOLD
+    every: bool | None = None
+    fold: int | None = None
     for part in filter(None, (p.strip() for p in tail.split(","))):
         key, _, val = part.partition("=")
         key = key.strip()
@@ -325,8 +331,10 @@ def _parse_cuda_gemv(raw: str) -> tuple[int, dict[str, tuple[int, ...]], bool, i
     return v, configs, every, fold
 
 
-def cuda_gemv_max_m() -> int:
-    return _cuda_gemv()[0]
+def cuda_gemv_max_m(default: int = DEFAULT_CUDA_GEMV_MAX_M) -> int:
+    """MAX_M of ``SUPERWEIGHT_CUDA_GEMV``; ``default`` (the kernel class's) where it gives none."""
+    v = _cuda_gemv()[0]
+    return default if v is None else v
 
 
 def cuda_gemv_configs() -> dict[str, tuple[int, ...]]:
@@ -336,18 +344,23 @@ def cuda_gemv_configs() -> dict[str, tuple[int, ...]]:
     return _cuda_gemv()[1]
 
 
-def cuda_gemv_every_layer() -> bool:
+def cuda_gemv_every_layer(default: bool = False) -> bool:
     """``layers=all`` after ``@`` in ``SUPERWEIGHT_CUDA_GEMV``: the one-copy kernels (the held-out default's Marlin
     copy, ``humming-gemv``) send every layer's 2..MAX_M-token batches to the GEMV's tensor-core form, not only layers
-    with held-out terms (session 31: it is faster than Humming at 2-8 tokens and than Marlin at 2-4)."""
-    return _cuda_gemv()[2]
+    with held-out terms (session 31: it is faster than Humming at 2-8 tokens and than Marlin at 2-4); ``default``
+    (the kernel class's) where the variable does not say."""
+    v = _cuda_gemv()[2]
+    return default if v is None else v
 
 
-def cuda_gemv_fold_max_m() -> int:
+def cuda_gemv_fold_max_m(default: int = DEFAULT_CUDA_GEMV_FOLD) -> int:
     """``fold=N`` after ``@`` in ``SUPERWEIGHT_CUDA_GEMV``: held-out layers' batches of up to N tokens get their terms
-    inside the GEMV's epilogue; larger ones it serves run it plain, then the separate SELL correction. Default 1
-    (measured on the H200: inside wins at one token, s24; after it wins at 2, 4 and 8 tokens, s31)."""
-    return _cuda_gemv()[3]
+    inside the GEMV's epilogue; larger ones it serves run it plain, then the separate SELL correction. Where the
+    variable does not say: ``default``, the kernel's (1 where the terms are summed by the tile's first split-K block
+    -- H200: inside wins at one token, s24, after it at 2, 4 and 8 tokens, s31; 4 where they are spread over its
+    split-K blocks, SW_SPE 2 -- H100, s36: inside wins at 1-4 tokens, ties at 8)."""
+    v = _cuda_gemv()[3]
+    return default if v is None else v
 
 
 def cache_dir() -> str:
@@ -378,7 +391,25 @@ def graph_knobs() -> dict[str, str]:
         CPU_W4A8: "1" if cpu_w4a8() else "0",
         W8A8_TRITON: os.environ.get(W8A8_TRITON, "").strip() or "default",
         "VLLM_DISABLED_KERNELS": ",".join(sorted(disabled_kernels())),
+        # what ``auto`` picks on Hopper depends on these two (HummingGemvKernel.auto_can_implement)
+        "humming": "1" if humming_installed() else "0",
+        BATCH_INVARIANT: "1" if batch_invariant() else "0",
     }
+
+
+def humming_installed() -> bool:
+    """Whether the optional ``humming-kernels`` package (vLLM's Humming backend) is importable here."""
+    import importlib.util
+
+    return importlib.util.find_spec("humming") is not None
+
+
+#: vLLM's batch-invariant mode (deterministic kernels; ``auto`` then keeps the Marlin / Machete pair)
+BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"
+
+
+def batch_invariant() -> bool:
+    return _flag(BATCH_INVARIANT)
 
 
 def disabled_kernels() -> set[str]:

@@ -34,8 +34,10 @@ __all__ = [
     "missing_ops",
 ]
 
-# in priority order (fastest first); the last one of each list can implement every layer
+# in priority order (fastest first); the last one of each list can implement every layer. HummingGemvKernel takes
+# `auto` only where it was measured (Hopper, humming-kernels installed, unsplit layers: auto_can_implement)
 WEIGHT_ONLY_KERNELS: list[type[SWLinearKernel]] = [
+    HummingGemvKernel,
     MarlinDequantOneCopyKernel,
     MarlinDequantKernel,
     DualMarlinMacheteKernel,

@@ -28,6 +28,7 @@ above.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -589,6 +590,14 @@ class DualMarlinMacheteKernel(SWLinearKernel):
     PARTS: tuple[type[SWLinearKernel], type[SWLinearKernel]] = (MacheteKernel, MarlinKernel)
     LARGE_NAME = "Machete"
     DEFAULT_MAX_M = envs.DEFAULT_MARLIN_MAX_M
+    #: what the CUDA GEMV serves where ``SUPERWEIGHT_CUDA_GEMV`` does not say: batches of up to GEMV_MAX_M tokens,
+    #: 2..GEMV_MAX_M on every layer (GEMV_EVERY) or on held-out ones only, held-out layers' terms summed where
+    #: HELD_SPE says (``cuda_marlin_gemv.CONFIG_FIELDS`` "spe"; 0: the tile's first split-K block after its loop) and
+    #: inside the GEMV up to HELD_FOLD tokens (SELL kernel after it above)
+    GEMV_MAX_M = envs.DEFAULT_CUDA_GEMV_MAX_M
+    GEMV_EVERY = False
+    HELD_SPE = 0
+    HELD_FOLD = 4  # where every plan spreads its held-out terms (H100, s36: inside beats the SELL kernel at 1-4)
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
@@ -635,8 +644,8 @@ class DualMarlinMacheteKernel(SWLinearKernel):
     def _cuda_gemv_name(self) -> str:
         """What the layer's single-token batches are meant to run (logged before the weights are loaded: a layer
         whose plan then fails says so in its own warning)."""
-        m = envs.cuda_gemv_max_m() if self.config.device_type == "cuda" else 0
-        if m > 1 and self.MMA_HELD_ONLY and not envs.cuda_gemv_every_layer():
+        m = self._gemv_max_m() if self.config.device_type == "cuda" else 0
+        if m > 1 and self.MMA_HELD_ONLY and not self._gemv_every():
             return f"CUDA-GEMV(M<=1; held-out M<={m})/"
         return f"CUDA-GEMV(M<={m})/" if m else ""
 
@@ -649,7 +658,20 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         """Whether our CUDA GEMV serves this ``m``-token batch (``sparse``: held-out terms for its epilogue)."""
         if self.cgemv is None or m > self.cgemv_max_m:
             return False
-        return m == 1 or bool(sparse) or not self.MMA_HELD_ONLY or envs.cuda_gemv_every_layer()
+        return m == 1 or bool(sparse) or not self.MMA_HELD_ONLY or self._gemv_every()
+
+    def _gemv_max_m(self) -> int:
+        return envs.cuda_gemv_max_m(self.GEMV_MAX_M)
+
+    def _gemv_every(self) -> bool:
+        return envs.cuda_gemv_every_layer(self.GEMV_EVERY)
+
+    def _fold(self) -> int:
+        """The largest batch whose held-out terms the GEMV adds in its epilogue (``fold=N``; the class's default is
+        for spread placements -- SW_SPE bit 1 -- only: with the terms in one block, inside wins at one token only)."""
+        plans = [p for p in (self.cgemv, self.cgemv_mma) if p is not None]
+        spread = bool(plans) and all(p.spe & 2 for p in plans)
+        return envs.cuda_gemv_fold_max_m(self.HELD_FOLD if spread else envs.DEFAULT_CUDA_GEMV_FOLD)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Marlin's copy is taken from the loaded weights before Machete repacks them in place.
@@ -678,7 +700,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         """With ``SUPERWEIGHT_CUDA_GEMV=MAX_M``, batches of up to MAX_M tokens that would go to Marlin run our GEMV
         over Marlin's own tensors (``kernels/cuda_marlin_gemv.py``; one token: its CUDA-core form, 2..MAX_M: its
         tensor-core form) where it can read the layer."""
-        max_m = envs.cuda_gemv_max_m()
+        max_m = self._gemv_max_m()
         if not max_m or self.config.device_type != "cuda" or not isinstance(self.small, MarlinKernel):
             return
         from .. import cuda_marlin_gemv as CG
@@ -750,7 +772,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
 
             qm, scale, zero = self._gemv_tensors()
             plan = self.cgemv if x.shape[0] == 1 else self.cgemv_mma
-            if sparse and x.shape[0] > envs.cuda_gemv_fold_max_m():
+            if sparse and x.shape[0] > self._fold():
                 # SUPERWEIGHT_CUDA_GEMV fold=N: a batch this large runs the GEMV plain, then the separate SELL
                 # correction (H200, s31: faster than the terms inside at 2-8 tokens)
                 from .. import gemm_then_correction
@@ -835,17 +857,47 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     Humming's own tensors with the held-out values restored (``triton_marlin_deq``, ``layout=``), then cuBLAS -- no
     correction pass over y where it costs most. With ``SUPERWEIGHT_CUDA_GEMV=2..8`` held-out layers' 2..8-token
     batches run the GEMV's tensor-core form over the same tensors with the terms in its epilogue instead of Humming
-    + the correction (checked at load against the single-token form). Opt-in
-    (``SUPERWEIGHT_W4_KERNEL=humming-gemv``), with Humming's own limits (``HummingKernel``). H200, 7B (s26): 0.730 /
-    0.994 / 1.961 s at batch 1 / 8 / 64 (1.35x / 1.10x / 1.06x AWQ's s25 times) from 3.94 GiB; with the 0.1% q/k/v
-    hold-out 0.764 / 1.040 / 2.107 s at 4.01 GiB."""
+    + the correction (checked at load against the single-token form).
+
+    First in ``auto``'s priority list since session 36 where it was measured -- a Hopper GPU (sm_90) with the optional
+    ``humming-kernels`` package installed, an unsplit layer (tensor parallel not yet checked on it), vLLM's
+    batch-invariant mode off (Humming's deterministic mode costs 2.1-2.5x) -- and there with the configuration
+    measured end to end: every layer's 1-8 token batches through the GEMV (x through its ring), held-out layers'
+    terms spread over the split-K blocks (SW_SPE 2) and inside the GEMV up to 4 tokens. H100, 7B, same lease as AWQ
+    (s36, ``results/throughput_h100_s36.json``): 1.385x / 1.266x / 1.057x AWQ at batch 1 / 8 / 64, 1.04x / 1.01x
+    saturated, from 3.94 GiB (AWQ 4.0); with the 0.1 % q/k/v hold-out +3.0 / +6.8 / +6.2 % at 4.01 GiB. Elsewhere
+    (``SUPERWEIGHT_W4_KERNEL=humming-gemv``) with Humming's own limits (``HummingKernel``)."""
 
     wraps = "HummingLinearKernel"
-    MODES = ("humming-gemv",)
+    MODES = ("auto", "humming-gemv")
     MMA_HELD_ONLY = True
     PARTS = (HummingKernel, HummingKernel)
     LARGE_NAME = "Humming"
     DEFAULT_MAX_M = 1
+    GEMV_MAX_M = 8
+    GEMV_EVERY = True
+    HELD_SPE = 2
+
+    @classmethod
+    def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        ok, why = super().can_implement(c)
+        if ok and envs.w4_kernel() == "auto":
+            return cls.auto_can_implement(c)
+        return ok, why
+
+    @classmethod
+    def auto_can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
+        """Where ``auto`` takes the one Humming copy: what was measured (see the class docstring)."""
+        if c.device_type != "cuda" or not torch.cuda.is_available():
+            return False, "CUDA only"
+        major = torch.cuda.get_device_capability()[0]
+        if major != 9:
+            return False, f"auto: measured on Hopper (sm_90) only, this GPU is sm_{major}x"
+        if c.full_shape != c.partition_shape:
+            return False, "auto: a tensor-parallel shard (one Humming copy not yet checked under TP)"
+        if envs.batch_invariant():
+            return False, f"auto: {envs.BATCH_INVARIANT}=1 (Humming's batch-invariant mode costs 2.1-2.5x)"
+        return True, None
 
     def __init__(self, config: SWLinearConfig, large: SWLinearKernel | None = None) -> None:
         large = large if large is not None else HummingKernel(config)
@@ -876,7 +928,7 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
         return getattr(layer, "weight", None), getattr(layer, "weight_scale", None), zero
 
     def _plan_humming_gemv(self, layer: torch.nn.Module) -> None:
-        if not envs.cuda_gemv_max_m() or self.config.device_type != "cuda":
+        if not self._gemv_max_m() or self.config.device_type != "cuda":
             return
         from .. import cuda_marlin_gemv as CG
 
@@ -911,7 +963,7 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
                 # with the terms in its epilogue (one kernel where Humming + the SELL correction take two); checked
                 # against the single-token form just confirmed
                 self.cgemv_mma, self.cgemv_max_m = self._plan_mma(
-                    CG, args, plan, envs.cuda_gemv_max_m(), layout=layout, keeps="Humming + correction"
+                    CG, args, plan, self._gemv_max_m(), layout=layout, keeps="Humming + correction"
                 )
                 return
             except (ValueError, RuntimeError, OSError) as e:
@@ -955,6 +1007,29 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
             from ..cuda_marlin_gemv import sparse_maps
 
             self.cmaps = sparse_maps(self.sp, n_p)
+            self._held_placement()
+
+    def _held_placement(self) -> None:
+        """A held-out layer's GEMV plans with the terms summed where HELD_SPE says, for each form whose launch
+        configuration ``SUPERWEIGHT_CUDA_GEMV`` does not give (a given one keeps its own 11th field). Compiled now,
+        like the plain forms; a failure keeps the plain plan (its terms in the first split-K block)."""
+        if not self.HELD_SPE:
+            return
+        from .. import cuda_marlin_gemv as CG
+
+        given = envs.cuda_gemv_configs()
+        for form, attr, lo, hi in (("one", "cgemv", 1, 1), ("mma", "cgemv_mma", 2, self.cgemv_max_m)):
+            plan = getattr(self, attr)
+            if plan is None or form in given or plan.spe == self.HELD_SPE:
+                continue
+            held = dataclasses.replace(plan, spe=self.HELD_SPE)
+            try:
+                CG.prepare(held, hi, min_m=lo)
+            except (ValueError, RuntimeError, OSError) as e:
+                why = f"SW_SPE={self.HELD_SPE}: {type(e).__name__}: {e}"
+                _warn_once(why, self.config.prefix, "its held-out terms", keeps="the first split-K block")
+                continue
+            setattr(self, attr, held)
 
     def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.sp:  # no held-out terms here (or the base class's correction after the op)
