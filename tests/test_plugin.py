@@ -384,8 +384,10 @@ def test_openai_server_completions_chat_concurrency(smollm2_ckpt, tmp_path):
 
 def test_hopper_without_humming_is_told_once_what_the_package_buys(monkeypatch, caplog):
     """auto on a Hopper GPU without humming-kernels serves the Marlin pairs; the plugin says once (not per layer) that
-    the package serves one W4 copy instead -- and says nothing where auto took it, off Hopper, on the CPU or when a
-    kernel was forced."""
+    the package serves one W4 copy instead -- and says nothing where auto took it, off Hopper, on the CPU, for a
+    tensor-parallel shard or when a kernel was forced."""
+    import dataclasses
+
     from vllm_superweight import envs
     from vllm_superweight.kernels.linear import weight_only as WO
     from vllm_superweight.vllm_plugin import schemes
@@ -411,6 +413,7 @@ def test_hopper_without_humming_is_told_once_what_the_package_buys(monkeypatch, 
         return "vllm-superweight[humming]" in caplog.text
 
     assert not said(c=config("cpu")) and not said(chosen=WO.HummingGemvKernel)
+    assert not said(c=dataclasses.replace(config(), full_shape=(256, 256)))  # a TP shard: auto would not take it
     cap[0] = (8, 0)
     assert not said()
     cap[0] = (9, 0)

@@ -43,10 +43,8 @@ def _hint_humming_once(config: SWLinearConfig, chosen: type) -> None:
     what installing it buys. Two W4 copies (the Marlin / Machete pair) or a Marlin copy serve meanwhile."""
     if "humming" in _LOGGED_KERNELS or chosen is WO.HummingGemvKernel or envs.humming_installed():
         return
-    if config.device_type != "cuda" or envs.w4_kernel() != "auto" or not torch.cuda.is_available():
-        return
-    if torch.cuda.get_device_capability()[0] != 9:
-        return
+    if envs.w4_kernel() != "auto" or not WO.HummingGemvKernel.auto_can_implement(config)[0]:
+        return  # (auto's own rule: Hopper, an unsplit layer, batch-invariant mode off)
     _LOGGED_KERNELS.add("humming")
     logging.getLogger("vllm.superweight_rtn").info(
         "superweight_rtn: %s serves %s; `pip install vllm-superweight[humming]` (humming-kernels) serves ONE W4 copy "
