@@ -919,6 +919,10 @@ def test_humming_gemv_is_one_copy_and_auto_takes_it_only_where_measured(monkeypa
     assert L.choose_kernel(gpu) is WO.HummingGemvKernel
     assert L.choose_kernel(dataclasses.replace(gpu, holdout=1e-3)) is WO.HummingGemvKernel
     refusals = {"tensor-parallel shard": shard, "CUDA only": cfg()}
+    refusals["group size 96"] = dataclasses.replace(
+        gpu, group_size=96, full_shape=(96 * 4, 128), partition_shape=(96 * 4, 128)
+    )
+    refusals["group size -1"] = dataclasses.replace(gpu, group_size=-1)
     for why_part, c in refusals.items():
         ok, why = WO.HummingGemvKernel.can_implement(c)
         assert not ok and why_part in why
