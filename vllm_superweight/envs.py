@@ -160,6 +160,8 @@ SPARSE_PANEL = "SUPERWEIGHT_SPARSE_PANEL"
 HUMMING_RANGES = "SUPERWEIGHT_HUMMING_RANGES"
 HUMMING_FAST_ELF = "SUPERWEIGHT_HUMMING_FAST_ELF"
 CUDA_GEMV = "SUPERWEIGHT_CUDA_GEMV"
+#: vLLM's batch-invariant mode (deterministic kernels; ``auto`` then keeps the Marlin / Machete pair)
+BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"
 DEFAULT_CUDA_GEMV_MAX_M = 1
 DEFAULT_CUDA_GEMV_FOLD = 1
 CACHE_DIR = "SUPERWEIGHT_CACHE_DIR"
@@ -398,14 +400,10 @@ def graph_knobs() -> dict[str, str]:
 
 
 def humming_installed() -> bool:
-    """Whether the optional ``humming-kernels`` package (vLLM's Humming backend) is importable here."""
-    import importlib.util
+    """Whether the optional ``humming-kernels`` package is there: vLLM's own check, the one its Humming kernel asks."""
+    from vllm.utils.import_utils import has_humming
 
-    return importlib.util.find_spec("humming") is not None
-
-
-#: vLLM's batch-invariant mode (deterministic kernels; ``auto`` then keeps the Marlin / Machete pair)
-BATCH_INVARIANT = "VLLM_BATCH_INVARIANT"
+    return has_humming()
 
 
 def batch_invariant() -> bool:

@@ -54,7 +54,8 @@ SELL (H200, session 24, ``cuda_gemv_s24_h200.md``); end to end, batch 1 0.766 s 
 thread a column walking its slots after the main loop in the tile's last block, took 96.1 us (session 23). Its cost
 grows with the tokens (H100, s35, tensor-core form: 77.0 / 119.9 us inside vs 62.7 / 79.0 plain at 1 / 8 tokens): the
 11th field (``SW_SPE``, bits) sums them before the main loop (1) and/or spreads a lane's slots over the tile's
-split-K blocks (2); CPU-checked, off until measured (``gpu_run.sh spe``).
+split-K blocks (2). H100, s36: spread beats the first block at 1-8 tokens and the SELL kernel after the GEMV at 1-4
+(``cuda_gemv_s36_spe_h100.md``): the one Humming copy's held-out layers run it (``HummingGemvKernel.HELD_SPE``).
 
 The tensor-core form (2-8 tokens, ``SUPERWEIGHT_CUDA_GEMV=2..8``) passes its GPU tests but stays opt-in: its first
 configuration took 78.3 / 84.2 / 89.9 us at 2 / 4 / 8 tokens (session 24); with its group constants through the ring
