@@ -70,27 +70,3 @@ def test_split_k_sum_requests_every_partial_before_adding(cfg, mt, tmp_path):
     assert len(loads) == 8 * ept, len(loads)
     assert max(loads) < min(a for a in adds if a > loads[0])
     assert gs.cubin_info(cub).get("frame_bytes", 0) == 0
-
-
-@pytest.mark.parametrize(
-    "cfg,mt", [(CG.SERVE_MMA, 8), (CG.SERVE_MMA, 2), (CG.SERVE_ONE, 1)], ids=["mma-8", "mma-2", "one-1"]
-)
-def test_spread_held_out_gathers_are_requested_together(cfg, mt, tmp_path):
-    """Spread placement (SW_SPE 2, the held-out default since s36): a lane's register-held slots gather all their x
-    values (SW_SPD slots x tokens 16-bit loads) before the first FMA -- one L2 round trip, where the first-block form
-    (SW_SPE 0, sp_gather's branch in front of each slot's loads) waits one a slot at 2-8 tokens (s36 SASS: runs of
-    `mt` loads)."""
-    import re
-
-    spd = 4  # SW_SPD, the slots a lane holds in registers
-    runs = {}
-    for spe in (0, 2):
-        plan = CG.gemv_plan(4096, 11008, 128, False, torch.bfloat16, "cpu", config=CG.config_with(cfg, spe=spe))
-        gs, cub, sass = _sass(plan, mt, tmp_path)
-        ins = [m.group(1) for line in sass.splitlines() if (m := re.search(r"/\*[0-9a-f]{4}\*/\s+(.*?)\s*;", line))]
-        seq = "".join("L" if "LDG.E.U16" in op else "F" if re.search(r"\bFFMA\b", op) else "" for op in ins)
-        runs[spe] = max(len(r) for r in re.findall(r"L+", seq))
-        assert gs.cubin_info(cub).get("frame_bytes", 0) == 0
-    assert runs[2] >= spd * mt, runs
-    if mt > 1:  # (at one token the compiler already predicated sp_gather's single load a slot: 4 in a row)
-        assert runs[0] < spd * mt, runs

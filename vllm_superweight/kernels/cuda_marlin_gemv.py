@@ -549,30 +549,8 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
       float v[SW_MT];
 #pragma unroll
       for (int m = 0; m < SW_MT; ++m) v[m] = 0.f;
-#if SW_SPE & 2
-      // the register-held slots' gathers all requested before the first FMA: one L2 round trip for the SW_SPD slots,
-      // where a slot at a time (its empty-slot branch in front of its loads) waited one each (SASS, s36). The same
-      // FMAs in the same slot order as sp_gather: the same bits
-      u16 xg[SW_SPD][SW_MT];
-#pragma unroll
-      for (int d = 0; d < SW_SPD; ++d) {
-        const int col = (int)(pre[g][d] & 0xFFFFu);
-#pragma unroll
-        for (int m = 0; m < SW_MT; ++m)
-          xg[d][m] = (pre[g][d] && m < M) ? __ldg(x + (size_t)m * xs + col) : (u16)0;
-      }
-#pragma unroll
-      for (int d = 0; d < SW_SPD; ++d) {
-        if (!pre[g][d]) continue;
-        const float w = act2f((u16)(pre[g][d] >> 16));
-#pragma unroll
-        for (int m = 0; m < SW_MT; ++m)
-          if (m < M) v[m] = fmaf(w, act2f(xg[d][m]), v[m]);
-      }
-#else
 #pragma unroll
       for (int d = 0; d < SW_SPD; ++d) sp_gather(pre[g][d], x, xs, M, v);
-#endif
       for (int dd = t + 4 * (sp0 + sps * SW_SPD); dd < L; dd += 4 * sps)  // deeper slices than the registers hold
         sp_gather(__ldg(ell + ((size_t)blk * L + dd) * 32 + (n & 31)), x, xs, M, v);
       for (int h = __ldg(hrng + blk), h1 = __ldg(hrng + blk + 1); h < h1; ++h) {
