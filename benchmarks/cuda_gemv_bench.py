@@ -6,7 +6,9 @@ what ``SUPERWEIGHT_CUDA_GEMV=8`` runs for held-out layers at 2-8 tokens -- again
 up to 4 tokens, the tensor-core form ``mma`` / ``mma+sell`` up to 8), plus sweeps of each form's launch
 configurations (``--sweep``: CUDA-core at M = 1; ``--mma-sweep``: tensor-core at M = 1 and 8), the group constants
 through the ring against without (``--pf``) and the programmatic dependent launch against a plain one, each GEMM
-after a small kernel that writes its x as in a decoder layer (``--pdl``).
+after a small kernel that writes its x as in a decoder layer (``--pdl``), and the SELL kernel after the tensor-core
+form launched as its programmatic dependent (``--sellpdl``: ``mma+sell-pdl``, the GEMV with SW_TRIG; ``mma-trig`` the
+GEMV alone with it) against the plain pair, at 2-8 tokens.
 
     python benchmarks/cuda_gemv_bench.py --out $OUT/cuda_gemv.json [--layers 4] [--ms 1,2,4,8] [--sweep] [--mma-sweep]
 
@@ -21,6 +23,7 @@ Writes JSON (results + meta) after every part and a markdown table beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -132,6 +135,13 @@ def main() -> None:
         "--one-configs", default="", help="more CUDA-core configurations at M = 1: 'U:W:PS:ST:MB:LEAN:0:PF:PDL:XR;...'"
     )
     ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch vs plain (SW_PDL), M = 1")
+    ap.add_argument(
+        "--sellpdl",
+        action="store_true",
+        help="the SELL kernel as the tensor-core GEMV's programmatic dependent (the GEMV with SW_TRIG; "
+        "SUPERWEIGHT_CUDA_GEMV sellpdl=1) vs the plain pair, on the served configuration at 2-8 tokens; checked "
+        "first (bitwise)",
+    )
     ap.add_argument(
         "--ceiling",
         action="store_true",
@@ -309,6 +319,11 @@ def main() -> None:
                 name: CG.gemv_plan(n, k, 128, False, torch.bfloat16, dev, config=config)
                 for name, (n, k) in SHAPES.items()
             }
+        if kind in ("mma-trig", "mma+sell-pdl"):  # the tensor-core plans with SW_TRIG, compiled before the capture
+            base_plans = plans or {name: e["plan_mma"] for name, e in layers[0].items()}
+            plans = {name: dataclasses.replace(pl, trig=True) for name, pl in base_plans.items()}
+            for pl in plans.values():
+                CG.prepare(pl, m, min_m=m)
 
         def f():
             for lay in layers:
@@ -328,11 +343,11 @@ def main() -> None:
                         CG.marlin_gemv_cuda(
                             x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name], sparse=e["k"].sp, maps=e["maps"]
                         )
-                    elif kind in ("mma", "mma+sell"):
+                    elif kind in ("mma", "mma+sell", "mma-trig", "mma+sell-pdl"):
                         plan = plans[name] if plans else e["plan_mma"]
                         y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name])
-                        if kind == "mma+sell":
-                            K.sparse_correction(y, x, e["k"].sp)
+                        if kind in ("mma+sell", "mma+sell-pdl"):
+                            K.sparse_correction(y, x, e["k"].sp, pdl=kind.endswith("-pdl"))
                     elif kind == "mma-fused":  # the tensor-core form with the held-out terms in its epilogue
                         plan = plans[name] if plans else e["plan_mma"]
                         CG.marlin_gemv_cuda(
@@ -481,6 +496,22 @@ def main() -> None:
             timed(f"{kind}+sell", m, base, part="spe")
             for spe in SPE_VALUES:
                 timed(f"{kind}-fused", m, config_with(base, spe=spe), part="spe")
+    if args.sellpdl and not args.no_vllm:  # the SELL kernel as the tensor-core GEMV's programmatic dependent
+        for m in [mm for mm in (2, 4, 8) if mm in xs]:
+            for name, (n_, k_) in SHAPES.items():
+                e, x = layers[0][name], xs[m][name]
+                plain = CG.gemv_plan(n_, k_, 128, False, bf, dev, config=SERVE_MMA)
+                trig = dataclasses.replace(plain, trig=True)
+                a = K.sparse_correction(CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plain), x, e["k"].sp)
+                b = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], trig)
+                b = K.sparse_correction(b, x, e["k"].sp, pdl=True)
+                torch.cuda.synchronize()
+                same = bool(torch.equal(a, b))
+                rows.append({"part": "sellpdl-check", "m": m, "shape": name, "bitwise_equal": same})
+                if not same:
+                    log(f"  CHECK FAILED (sellpdl) {name} M={m}: not bitwise equal")
+            for kind in ("mma", "mma-trig", "mma+sell", "mma+sell-pdl"):
+                timed(kind, m, SERVE_MMA, part="sellpdl")
     if args.pf or args.mma_sweep or args.mma_configs:  # the tensor-core form's fastest at 8 tokens, also at 2 and 4
         at8 = [r for r in rows if r.get("kernel") == "mma" and r.get("m") == 8 and "us" in r and r.get("config")]
         if at8:
@@ -740,6 +771,22 @@ def write_table(path: str) -> None:
             sell = next((r["us"] for r in spe if r["m"] == m and r["kernel"].endswith("+sell")), float("nan"))
             cells = [fused_us(m, v) for v in SPE_VALUES]
             lines.append(f"| {m} | {plain:.1f} | {sell:.1f} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    sp_ = [r for r in d["results"] if r.get("part") == "sellpdl" and "us" in r]
+    if sp_:
+        chk = [r for r in d["results"] if r.get("part") == "sellpdl-check"]
+        ok = sum(r["bitwise_equal"] for r in chk)
+        lines += [
+            "",
+            "The SELL kernel as the tensor-core GEMV's programmatic dependent (served configuration, us a layer; "
+            f"bitwise equal to the plain pair: {ok}/{len(chk)}):",
+            "",
+            "| M | GEMV | GEMV with SW_TRIG | GEMV + SELL | GEMV (SW_TRIG) + SELL (PDL) |",
+            "|---|---|---|---|---|",
+        ]
+        at = {(r["kernel"], r["m"]): r["us"] for r in sp_}
+        for m in sorted({r["m"] for r in sp_}):
+            kinds = ("mma", "mma-trig", "mma+sell", "mma+sell-pdl")
+            lines.append(f"| {m} | " + " | ".join(f"{at.get((k, m), float('nan')):.1f}" for k in kinds) + " |")
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

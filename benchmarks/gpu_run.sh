@@ -31,6 +31,8 @@
 #                                                          # test, then cuda_gemv_bench.py at 2-8 tokens vs plain
 #   bash benchmarks/gpu_run.sh spe                         # where the GEMV sums the held-out terms (SW_SPE): GPU tests,
 #                                                          # then cuda_gemv_bench.py --spe (held.env for -humgemv-spe)
+#   bash benchmarks/gpu_run.sh sellpdl                     # the SELL kernel as the tensor-core GEMV's programmatic
+#                                                          # dependent (sellpdl=1): GPU tests, cuda_gemv_bench.py --sellpdl
 #   bash benchmarks/gpu_run.sh ncu                         # Nsight Compute on the GEMV at 1-8 tokens, held-out placements
 #   bash benchmarks/gpu_run.sh humprof                     # where the one-Humming-copy start-up goes: the 7B shapes'
 #                                                          # first Humming calls under cProfile, cold then warm cache
@@ -487,6 +489,24 @@ EOF2
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_spe.json" --ms 1,2,4,8 \
       --spe --held-env "$SW_BENCH_DIR/held.env" --budget-s $((${SPE_BUDGET_S:-565} - SECONDS)) 2>&1 | grep -v "^$" | tail -40
     echo "[$(ts)] spe done" ;;
+  sellpdl)
+    # session 37: the held-out batches past the fold (5-8 tokens) run the tensor-core GEMV, then the SELL kernel (s37,
+    # H100: 84.9 vs 65.9 us a 7B layer at 8 tokens with 0.1 % in all four GEMMs); with sellpdl=1 the GEMV lets its
+    # programmatic dependents launch at once (SW_TRIG) and the SELL kernel, launched as one, gathers and multiplies
+    # beside it, waiting only before it touches y. After the stash calls (build-bg of the held-out checkpoint started):
+    # its GPU tests, then cuda_gemv_bench.py --sellpdl (bitwise checks first) with 0.1 % in every GEMM and with the
+    # default preset's q/k/v placement; then the throughput call
+    #   throughput sw-w4-g128-holdout-qkv,sw-w4-g128-holdout-qkv-sellpdl,sw-w4-g128,awq --latency-batches 1,8,64
+    setup
+    timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_sellpdl.xml" \
+      tests/test_cuda_marlin_gemv.py -k "${SELLPDL_TESTS:-trig_gemvs_programmatic_dependent or epilogue_is_graph}" \
+      2>&1 | grep -v DEBUG | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_sellpdl.log" | tail -8
+    for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
+    timeout $((440 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_sellpdl.json" --ms 2,4,8 \
+      --sellpdl --budget-s $((420 - SECONDS)) 2>&1 | grep -v "^$" | tail -24
+    timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_sellpdl_qkv.json" --ms 8 \
+      --sellpdl --holdout-modules qkv --budget-s $((575 - SECONDS)) 2>&1 | grep -v "^$" | tail -12
+    echo "[$(ts)] sellpdl done" ;;
   ncu)
     # session 35: Nsight Compute on the GEMV (benchmarks/diag/gemv_ncu.py: gate_up / down at 4 and 8 tokens, down at
     # 8 tokens with the held-out terms in each SW_SPE placement, one token plain / held): why 8 tokens stay at 72 us

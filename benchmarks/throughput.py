@@ -250,6 +250,9 @@ METHODS["sw-w4-g128-holdout-qkv-humgemv-spe"] = _variant(
 # two copies (Marlin / Machete) without hold-out, one Marlin copy + dequantize with it
 METHODS["sw-w4-g128-dual"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="dual")
 METHODS["sw-w4-g128-holdout-qkv-mdeq1"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="marlin-deq1")
+# session 37: the held-out default (auto) with its 5-8 token batches' SELL kernel launched as the GEMV's programmatic
+# dependent (the GEMV with SW_TRIG) -- the batch-8 hold-out target, beside sw-w4-g128-holdout-qkv
+METHODS["sw-w4-g128-holdout-qkv-sellpdl"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="@sellpdl=1")
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?

@@ -219,6 +219,25 @@ def test_benchmark_table_has_the_tensor_core_epilogue_column(tmp_path):
     ]
 
 
+def test_benchmark_table_has_the_sell_pdl_section(tmp_path):
+    """cuda_gemv_bench.py --sellpdl: per M the plain GEMV, with SW_TRIG, + SELL and + SELL as its programmatic
+    dependent, and how many bitwise checks passed."""
+    import json
+
+    B = _bench_module()
+    rows = [
+        {"part": "sellpdl", "kernel": kind, "m": 8, "us": us, "frac_peak": 0.4}
+        for kind, us in (("mma", 65.9), ("mma-trig", 66.0), ("mma+sell", 84.9), ("mma+sell-pdl", 77.5))
+    ]
+    rows += [{"part": "sellpdl-check", "m": 8, "shape": s_, "bitwise_equal": s_ != "down"} for s_ in ("qkv", "down")]
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"meta": {"device": "H100", "peak_tbs": 3.35}, "results": rows}))
+    B.write_table(str(path))
+    md = (tmp_path / "b.md").read_text()
+    assert "bitwise equal to the plain pair: 1/2" in md
+    assert "| 8 | 65.9 | 66.0 | 84.9 | 77.5 |" in md.splitlines()
+
+
 def test_benchmark_chooses_the_held_out_placement_and_fold(tmp_path):
     """cuda_gemv_bench.py --spe / --held-env: the SW_SPE placement fastest at one token and over 2-8 tokens (kept at
     0 unless faster by the margin), and fold=N up to the last token count where the terms inside beat the SELL kernel
@@ -983,6 +1002,57 @@ def test_programmatic_dependent_launch_reads_what_the_kernels_before_it_wrote():
         step()  # eagerly too
         torch.cuda.synchronize()
         assert torch.equal(y1, CG.marlin_gemv_cuda(src, qm, ms, mz, plain)), i
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n,k", [(12288, 4096), (4096, 11008)], ids=["qkv", "down"])
+def test_sell_kernel_as_the_trig_gemvs_programmatic_dependent(n, k):
+    """``sellpdl=1``: the tensor-core GEMV with SW_TRIG lets the SELL kernel after it launch at once (programmatic
+    stream serialization); that kernel gathers and multiplies beside the GEMV and reads y only after
+    ``griddepcontrol.wait``. Inside a CUDA graph whose first kernel rewrites x, at 5-8 tokens (past the default fold),
+    every replay equals the GEMV + SELL pair launched plainly, bitwise, and the float reference of the restored
+    weights within the GEMV's tolerance."""
+    import dataclasses
+
+    from vllm_superweight.kernels import sparse_correction
+
+    dtype = torch.bfloat16
+    qm, ms, mz, w = _layer(n, k, 128, False, dtype, seed=23)
+    sp, _, dense = _packed_held_out(n, k, dtype, seed=29)
+    plain = CG.gemv_plan(n, k, 128, False, dtype, "cuda", config=CG.config_with(CG.SERVE_MMA, spe=2))
+    trig = dataclasses.replace(plain, trig=True)
+    for m in (5, 8):
+        src = torch.empty(m, k, device="cuda", dtype=dtype)
+        x = torch.empty_like(src)
+        y = torch.empty(m, n, device="cuda", dtype=dtype)
+
+        def step():
+            x.copy_(src)  # the kernel before: writes x
+            CG.marlin_gemv_cuda(x, qm, ms, mz, trig, out=y)
+            sparse_correction(y, x, sp, pdl=True)
+
+        src.normal_()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for i in range(4):
+            src.copy_(torch.randn(m, k, generator=torch.Generator().manual_seed(i)).to(dtype))
+            y.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            want = sparse_correction(CG.marlin_gemv_cuda(src, qm, ms, mz, plain), src, sp)
+            assert torch.equal(y, want), (m, i)
+            _close(y, src.double().cpu() @ (w + dense).T, dtype)
+            y.zero_()
+            step()  # eagerly too
+            torch.cuda.synchronize()
+            assert torch.equal(y, want), (m, i)
 
 
 # ---------------------------------------------------------------------------------------------------------------

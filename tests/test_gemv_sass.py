@@ -70,3 +70,25 @@ def test_split_k_sum_requests_every_partial_before_adding(cfg, mt, tmp_path):
     assert len(loads) == 8 * ept, len(loads)
     assert max(loads) < min(a for a in adds if a > loads[0])
     assert gs.cubin_info(cub).get("frame_bytes", 0) == 0
+
+
+@pytest.mark.parametrize("mt", [2, 8])
+def test_trig_plan_lets_dependents_launch_and_changes_nothing_else(mt, tmp_path):
+    """SW_TRIG (the tensor-core plan the SELL kernel follows as a programmatic dependent, ``sellpdl=1``): one
+    ``griddepcontrol.launch_dependents`` (SASS ``PREEXIT``) more, the same registers, no spills; the plain plan's
+    source defines nothing new (its cached kernels keep their keys) and holds no such instruction."""
+    import dataclasses
+    import re
+
+    plan = CG.gemv_plan(12288, 4096, 128, False, torch.bfloat16, "cpu", config=CG.config_with(CG.SERVE_MMA, spe=2))
+    trig = dataclasses.replace(plan, trig=True)
+    assert "SW_TRIG 1" in CG.kernel_source(trig, mt) and "#define SW_TRIG 1" not in CG.kernel_source(plan, mt)
+    ops = {}
+    for name, p in (("plain", plan), ("trig", trig)):
+        gs, cub, sass = _sass(p, mt, tmp_path)
+        ops[name] = [
+            m.group(1) for line in sass.splitlines() if (m := re.search(r"/\*[0-9a-f]{4}\*/\s+(.*?)\s*;", line))
+        ]
+        ops[name + "-info"] = gs.cubin_info(cub)
+    assert sum("PREEXIT" in op for op in ops["trig"]) == 1 and not any("PREEXIT" in op for op in ops["plain"])
+    assert ops["trig-info"]["regs"] == ops["plain-info"]["regs"] and ops["trig-info"].get("frame_bytes", 0) == 0

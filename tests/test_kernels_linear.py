@@ -587,6 +587,17 @@ def test_cuda_gemv_knob_parses_and_refuses(monkeypatch):
         monkeypatch.setenv(envs.CUDA_GEMV, bad)
         with pytest.raises(ValueError, match="fold=N"):
             envs.cuda_gemv_fold_max_m()
+    # the SELL kernel as the GEMV's programmatic dependent: off unless given
+    monkeypatch.setenv(envs.CUDA_GEMV, "8")
+    assert not envs.cuda_gemv_sell_pdl()
+    monkeypatch.setenv(envs.CUDA_GEMV, "@sellpdl=1")
+    assert envs.cuda_gemv_sell_pdl() and envs.cuda_gemv_max_m(8) == 8 and envs.cuda_gemv_fold_max_m(4) == 4
+    monkeypatch.setenv(envs.CUDA_GEMV, "8@fold=2,sellpdl=0")
+    assert not envs.cuda_gemv_sell_pdl(True) and envs.cuda_gemv_fold_max_m() == 2
+    for bad in ("8@sellpdl=2", "8@sellpdl=", "8@sellpdl=yes"):
+        monkeypatch.setenv(envs.CUDA_GEMV, bad)
+        with pytest.raises(ValueError, match="sellpdl=0 or sellpdl=1"):
+            envs.cuda_gemv_sell_pdl()
     monkeypatch.setenv(envs.CUDA_GEMV, "8")
     assert not envs.cuda_gemv_every_layer()
     monkeypatch.setenv(envs.CUDA_GEMV, "8@layers=some")
@@ -687,7 +698,8 @@ def test_small_batches_route_to_the_cuda_gemv_up_to_its_token_count(monkeypatch,
     # plain GEMV above it; past MAX_M the caller's GEMM + correction (Marlin here)
     from vllm_superweight import kernels as K
 
-    def after(gemm, x, sp, n):
+    def after(gemm, x, sp, n, pdl=False):
+        assert not pdl  # (no trig plan on the Marlin copies)
         y = gemm()
         calls.append(("sell", x.shape[0], n))
         return y
@@ -755,7 +767,7 @@ def test_one_copy_pair_routes_its_held_out_terms(monkeypatch, corr, packed, want
     import vllm_superweight.kernels as K
     import vllm_superweight.kernels.triton_marlin_deq as TMD
 
-    monkeypatch.setattr(K, "sparse_correction", lambda y, x, sp: calls.append(("sell", x.shape[0])) or y)
+    monkeypatch.setattr(K, "sparse_correction", lambda y, x, sp, pdl=False: calls.append(("sell", x.shape[0])) or y)
     monkeypatch.setattr(
         TMD, "index_correction_", lambda y, x, deq, config=None: calls.append(("index", x.shape[0])) or y
     )
@@ -1040,7 +1052,19 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
 
 
 @pytest.mark.parametrize(
-    "case", ["confirmed", "not-confirmed", "bias", "mma", "mma-fold8", "mma-given", "mma-prep-fails"]
+    "case",
+    [
+        "confirmed",
+        "not-confirmed",
+        "bias",
+        "mma",
+        "mma-fold8",
+        "mma-given",
+        "mma-prep-fails",
+        "mma-sellpdl",
+        "mma-sellpdl-fold8",
+        "mma-sellpdl-fails",
+    ],
 )
 def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     """Held-out entries on one Humming copy, as on the one-copy Marlin pair: single tokens add them in the GEMV's
@@ -1056,15 +1080,18 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     from vllm_superweight.kernels import triton_marlin_deq as MD
 
     monkeypatch.setenv(envs.DEQUANT_MIN_M, "96")
-    knob = {"mma-fold8": "8@fold=8", "mma-given": "8@mma=4:4:12:2:1:0:1:1:0:1"}.get(case, "8")
+    knob = {"mma-fold8": "8@fold=8", "mma-given": "8@mma=4:4:12:2:1:0:1:1:0:1", "mma-sellpdl": "8@sellpdl=1"}
+    knob["mma-sellpdl-fold8"] = "8@fold=8,sellpdl=1"  # nothing past the fold: no trig plan
+    knob["mma-sellpdl-fails"] = "8@sellpdl=1"
+    knob = knob.get(case, "8")
     monkeypatch.setenv(envs.CUDA_GEMV, knob)
     monkeypatch.setattr(WO, "_NOT_PLANNED", {})
     prepared = []
 
     def prepare(plan, max_m, min_m=1):
-        if case == "mma-prep-fails":
+        if case == "mma-prep-fails" or (case == "mma-sellpdl-fails" and plan.trig):
             raise RuntimeError("cuda GEMV: NVRTC failed: (test)")
-        prepared.append((plan.mma, plan.spe, min_m, max_m))
+        prepared.append((plan.mma, plan.spe, min_m, max_m) + (("trig",) if plan.trig else ()))
 
     monkeypatch.setattr(CG, "prepare", prepare)
     kern, layer = _humming_gemv_kernel(bias=case == "bias")
@@ -1082,24 +1109,44 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
         kern.set_sparse(layer, rows, cols, torch.tensor([0.5, -1.0, 2.0]))
     spread = {"confirmed": [(False, 2, 1, 1)], "mma": [(False, 2, 1, 1), (True, 2, 2, 8)]}
     spread["mma-fold8"], spread["mma-given"] = spread["mma"], spread["confirmed"]
+    # sellpdl=1: the spread tensor-core plan again with SW_TRIG, for the batches past the fold (5-8 tokens)
+    spread["mma-sellpdl"] = spread["mma"] + [(True, 2, 5, 8, "trig")]
+    spread["mma-sellpdl-fold8"] = spread["mma-sellpdl-fails"] = spread["mma"]
     assert prepared == spread.get(case, [])  # re-planned and compiled at load, the given form left alone
     if case in spread:
         assert kern.cgemv.spe == 2 and (kern.cgemv_mma is None or kern.cgemv_mma.spe == (case != "mma-given") * 2)
+        # the trig plan only where asked for; the plain plans never trigger
+        assert (kern.cgemv_trig is not None) == (case == "mma-sellpdl") and not kern.cgemv.trig
+        assert kern.cgemv_mma is None or not kern.cgemv_mma.trig
     if case == "mma-prep-fails":
         assert kern.cgemv.spe == 0 and kern.cgemv_mma.spe == 0
         assert "stays on the first split-K block for its held-out terms: SW_SPE=2: RuntimeError" in caplog.text
+    if case == "mma-sellpdl-fails":
+        assert "stays on two plain launches for its SELL correction past 4 tokens: sellpdl: RuntimeError" in caplog.text
     calls = []
     monkeypatch.setattr(
         CG,
         "marlin_gemv_cuda",
         lambda x, w, s, z, plan, bias=None, sparse=None, maps=None: (
-            calls.append(("gemv", x.shape[0], sparse is kern.sp and bool(sparse), maps is kern.cmaps, plan.mma))
+            calls.append(
+                (
+                    "gemv",
+                    x.shape[0],
+                    sparse is kern.sp and bool(sparse),
+                    maps is kern.cmaps,
+                    plan.trig and "trig" or plan.mma,
+                )
+            )
             or torch.zeros(1, 128)
         ),
     )
     monkeypatch.setattr(kern.large, "apply_gemm", lambda lay, x, b: calls.append(("humming", x.shape[0])) or
                         torch.zeros(x.shape[0], 128))  # fmt: skip
-    monkeypatch.setattr(K, "sparse_correction", lambda y, x, sp: calls.append(("sell", x.shape[0])) or y)
+    monkeypatch.setattr(
+        K,
+        "sparse_correction",
+        lambda y, x, sp, pdl=False: calls.append(("sell-pdl" if pdl else "sell", x.shape[0])) or y,
+    )
     monkeypatch.setattr(MD, "marlin_deq_mm", lambda x, w, s, z, lay, bias=None, layout=0: calls.append(
         ("deq", x.shape[0], lay is kern.deq, layout)) or torch.zeros(x.shape[0], 128))  # fmt: skip
     for m in (1, 4, 8, 95, 96, 300):
@@ -1110,6 +1157,11 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
         # spread (the default): fold=4, the terms in its epilogue up to 4 tokens, the SELL kernel after it above
         "mma": inside + [("gemv", 8, False, False, True), ("sell", 8)],
         "mma-fold8": inside + [("gemv", 8, True, True, True)],  # fold=8 given: the terms in its epilogue
+        # sellpdl=1: past the fold the trig plan, then the SELL kernel as its programmatic dependent
+        "mma-sellpdl": inside + [("gemv", 8, False, False, "trig"), ("sell-pdl", 8)],
+        "mma-sellpdl-fold8": inside + [("gemv", 8, True, True, True)],
+        # the trig plan did not compile: the two plain launches (logged)
+        "mma-sellpdl-fails": inside + [("gemv", 8, False, False, True), ("sell", 8)],
         # the mma form's configuration given (not spread) or the re-plan failed: fold=1, SELL after it from 2
         "mma-given": after + [("gemv", 8, False, False, True), ("sell", 8)],
     }

@@ -284,17 +284,18 @@ def dequant_min_m() -> int:
     return _int(DEQUANT_MIN_M, DEFAULT_DEQUANT_MIN_M)
 
 
-def _cuda_gemv() -> tuple[int | None, dict[str, tuple[int, ...]], bool | None, int | None]:
-    """``SUPERWEIGHT_CUDA_GEMV=MAX_M[@one=A:B:..,mma=A:B:..,layers=held|all,fold=N]`` -> (MAX_M, launch
+def _cuda_gemv() -> tuple[int | None, dict[str, tuple[int, ...]], bool | None, int | None, bool | None]:
+    """``SUPERWEIGHT_CUDA_GEMV=MAX_M[@one=A:B:..,mma=A:B:..,layers=held|all,fold=N,sellpdl=0|1]`` -> (MAX_M, launch
     configurations by form, whether the one-copy kernels send every layer's 2..MAX_M-token batches to the
-    tensor-core form, the largest batch whose held-out terms go inside the GEMV's epilogue); None where the variable
-    does not say (each kernel class has its own defaults). Read on every small-batch GEMM's dispatch, so the parse
+    tensor-core form, the largest batch whose held-out terms go inside the GEMV's epilogue, whether the SELL kernel
+    after the GEMV is launched as its programmatic dependent); None where the variable does not say (each kernel
+    class has its own defaults). Read on every small-batch GEMM's dispatch, so the parse
     is cached per value of the variable."""
     return _parse_cuda_gemv(os.environ.get(CUDA_GEMV, "").strip())
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_cuda_gemv(raw: str) -> tuple[int | None, dict[str, tuple[int, ...]], bool | None, int | None]:
+def _parse_cuda_gemv(raw: str) -> tuple[int | None, dict[str, tuple[int, ...]], bool | None, int | None, bool | None]:
     head, _, tail = raw.partition("@")
     try:
         v = int(head) if head.strip() else None
@@ -305,9 +306,15 @@ def _parse_cuda_gemv(raw: str) -> tuple[int | None, dict[str, tuple[int, ...]], 
     configs: dict[str, tuple[int, ...]] = {}
     every: bool | None = None
     fold: int | None = None
+    sell_pdl: bool | None = None
     for part in filter(None, (p.strip() for p in tail.split(","))):
         key, _, val = part.partition("=")
         key = key.strip()
+        if key == "sellpdl":
+            if val.strip() not in ("0", "1"):
+                raise ValueError(f"{CUDA_GEMV}={raw!r}: sellpdl=0 or sellpdl=1, got {part!r}")
+            sell_pdl = val.strip() == "1"
+            continue
         if key == "fold":
             if not val.strip().isdigit() or int(val) > 8:
                 raise ValueError(f"{CUDA_GEMV}={raw!r}: fold=N takes 0 to 8 tokens, got {part!r}")
@@ -325,12 +332,12 @@ def _parse_cuda_gemv(raw: str) -> tuple[int | None, dict[str, tuple[int, ...]], 
         if key not in ("one", "mma") or not 4 <= len(cfg) <= 11 or min(cfg) < 0:
             raise ValueError(
                 f"{CUDA_GEMV}={raw!r}: after '@', one=U:WARPS:PER_SM:STAGES[:MINB:LEAN:MMA:PF:PDL:XR:SPE] and/or "
-                f"mma=... and/or layers=held|all and/or fold=N (non-negative integers; got {part!r})"
+                f"mma=... and/or layers=held|all and/or fold=N and/or sellpdl=0|1 (non-negative integers; got {part!r})"
             )
         if key == "mma" and (len(cfg) < 7 or cfg[6] != 1):
             raise ValueError(f"{CUDA_GEMV}={raw!r}: the mma= configuration needs its 7th field (tensor cores) = 1")
         configs[key] = cfg
-    return v, configs, every, fold
+    return v, configs, every, fold, sell_pdl
 
 
 def cuda_gemv_max_m(default: int = DEFAULT_CUDA_GEMV_MAX_M) -> int:
@@ -362,6 +369,15 @@ def cuda_gemv_fold_max_m(default: int = DEFAULT_CUDA_GEMV_FOLD) -> int:
     -- H200: inside wins at one token, s24, after it at 2, 4 and 8 tokens, s31; 4 where they are spread over its
     split-K blocks, SW_SPE 2 -- H100, s36: inside wins at 1-4 tokens, ties at 8)."""
     v = _cuda_gemv()[3]
+    return default if v is None else v
+
+
+def cuda_gemv_sell_pdl(default: bool = False) -> bool:
+    """``sellpdl=1`` after ``@`` in ``SUPERWEIGHT_CUDA_GEMV``: held-out layers' batches past the fold run the GEMV's
+    tensor-core form with SW_TRIG (dependents may launch as soon as its blocks have started), then the SELL kernel as
+    its programmatic dependent, whose loads and FMAs overlap the GEMV and which waits only before it touches y (one
+    Humming copy + GEMV; Hopper). Off unless given: not yet measured."""
+    v = _cuda_gemv()[4]
     return default if v is None else v
 
 

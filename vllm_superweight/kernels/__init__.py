@@ -92,14 +92,34 @@ def prepare_sparse(
     raise ValueError(f"unknown sparse layout {layout!r}")
 
 
-def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tensor]) -> torch.Tensor:
+def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tensor], pdl: bool = False) -> torch.Tensor:
     """``y + S x^T`` for y [M, N], x [M, K]: fp32 accumulation, one rounding into y's dtype.
 
-    CUDA + SELL layout: in place (returns ``y``). Otherwise returns a new tensor.
+    CUDA + SELL layout: in place (returns ``y``). Otherwise returns a new tensor. ``pdl``: the Triton kernel launched
+    as a programmatic dependent of the kernel just before it on the stream, which must be the one writing y (its
+    loads and FMAs overlap that kernel once it lets dependents launch; it waits before reading y). Called directly,
+    not through the custom op: for callers already inside an opaque op (the kernel classes' dispatch), where the
+    launch must follow their GEMM's.
     """
     if "rows" in sp:
         return coo_correction_torch(y, x, sp)
     nnz = int(sp["nnz"].shape[0])  # a static shape: no device read
+    if pdl and y.is_cuda and _ops.TRITON_OK and y.stride(1) == 1:
+        _ops.triton_sparse.sparse_correction_(
+            y,
+            x,
+            sp["ell_cols"],
+            sp["ell_vals"],
+            sp["ell_rb"],
+            sp["hrows"],
+            sp["hptr"],
+            sp["hcols"],
+            sp["hvals"],
+            sp["ucols"],
+            nnz,
+            pdl=True,
+        )
+        return y
     if y.is_cuda and _ops.TRITON_OK and y.stride(1) == 1:
         torch.ops.superweight.sparse_correction_(
             y,
@@ -150,6 +170,7 @@ def gemm_then_correction(
     sp: dict[str, torch.Tensor],
     n: int,
     overlap: bool | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``gemm() + S x^T``, where ``gemm()`` returns y [M, n] for these x [M, K]. Default: ``sparse_correction`` on y
     after the GEMM. ``overlap`` (default: ``SUPERWEIGHT_SPARSE_OVERLAP``), on CUDA with the SELL layout: S x^T into
@@ -158,12 +179,14 @@ def gemm_then_correction(
     kernel rounds. Legal under CUDA-graph capture (fork and join become graph edges) and inside torch.compile (this
     runs in opaque custom ops). The buffer is allocated on the current stream BEFORE the fork, so no memory the GEMM
     may still use is handed to the side stream (the side stream's own scratch comes from its own pool); after the
-    add it returns to the current stream, whose later work waits for the side stream's (the join)."""
+    add it returns to the current stream, whose later work waits for the side stream's (the join). ``pdl`` (without
+    ``overlap``): the correction launched as a programmatic dependent of the GEMM (``sparse_correction``), for a
+    GEMM that lets dependents launch early (the CUDA GEMV's ``trig`` plans)."""
     if overlap is None:
         overlap = envs.sparse_overlap()
     m = x.shape[0]
     if not (overlap and x.is_cuda and "rows" not in sp and _ops.TRITON_OK and m > 0):
-        return sparse_correction(gemm(), x, sp)
+        return sparse_correction(gemm(), x, sp, pdl=pdl)
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
     c = torch.empty(m, n, dtype=torch.float32, device=x.device)

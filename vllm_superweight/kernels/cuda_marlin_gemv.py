@@ -278,6 +278,14 @@ __device__ __forceinline__ void sp_gather(const u32 s, const u16* __restrict__ x
 #ifndef SW_PDL
 #define SW_PDL 0
 #endif
+// SW_TRIG: the kernel lets its programmatic dependents launch as soon as every block has started
+// (griddepcontrol.launch_dependents first thing, Hopper+): a kernel launched after it with programmatic stream
+// serialization (the SELL correction of the batches past the fold) runs its loads and FMAs beside this one and waits
+// (griddepcontrol.wait: this grid complete and its writes visible) only before it touches y. Nothing else changes:
+// a plain launch after it still waits for it to finish
+#ifndef SW_TRIG
+#define SW_TRIG 0
+#endif
 // SW_XR: each chunk's x slice (its SW_U rows x SW_MT tokens x 16 k) travels through the ring with the chunk's rows,
 // copied 16 bytes a lane, two tokens' contiguous runs an instruction; a row's x words are then two shared loads (the
 // tensor-core form's B fragments: the halves of token c >= 4 swapped, so conflict-free) instead of two global loads
@@ -361,6 +369,9 @@ sw_marlin_gemv(const uint4* __restrict__ qm, const u16* __restrict__ x, const u1
                int M, int N, int R, int xs, int ys, int rpw, int has_bias, u32 km, u32 ke,
                const u32* __restrict__ ell, int L, const int* __restrict__ hrng, const int* __restrict__ hrows,
                const int* __restrict__ hptr, const u32* __restrict__ hcols, int has_sp) {
+#if SW_TRIG && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x, S = gridDim.y;
@@ -860,6 +871,7 @@ class GemvPlan:
     layout: int = 0  # the tensors read: LAYOUT_MARLIN, LAYOUT_HUMMING_SM90 or LAYOUT_HUMMING (see _SRC)
     xr: bool = False  # x through the ring with the weights (SW_XR; the tensor-core form)
     spe: int = 0  # where the held-out terms are summed (SW_SPE bits: 1 before the main loop, 2 over all split-K blocks)
+    trig: bool = False  # lets a programmatic dependent after it launch at once (SW_TRIG; not a config field)
 
     @property
     def max_m(self) -> int:
@@ -1057,6 +1069,8 @@ def kernel_source(plan: GemvPlan, mt: int, readonly: bool = False) -> str:
         defs += "#define SW_XR 1\n"
     if plan.spe:  # (0: the defines as before)
         defs += f"#define SW_SPE {plan.spe}\n"
+    if plan.trig:  # (off: the defines as before)
+        defs += "#define SW_TRIG 1\n"
     if plan.layout:  # (Marlin's layout: the defines as before)
         defs += f"#define SW_WSWAP {int(plan.layout == LAYOUT_HUMMING_SM90)}\n#define SW_ZLIN 1\n"
     return defs + _SRC
@@ -1064,7 +1078,7 @@ def kernel_source(plan: GemvPlan, mt: int, readonly: bool = False) -> str:
 
 def _kernel(plan: GemvPlan, mt: int, readonly: bool = False):
     key: tuple = (mt, readonly, plan.bf16, plan.grows, plan.has_zero, plan.u, plan.warps, plan.stages, plan.minb)
-    key += (plan.lean, plan.mma, plan.pf, plan.pdl, plan.ralias, plan.layout, plan.xr, plan.spe)
+    key += (plan.lean, plan.mma, plan.pf, plan.pdl, plan.ralias, plan.layout, plan.xr, plan.spe, plan.trig)
     kern = _kernels.get(key)
     if kern is None:
         ok, why = available()

@@ -634,6 +634,9 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         self._layer: weakref.ref | None = None
         self.cgemv: Any = None  # launch plan (GemvPlan) of the CUDA GEMV over Marlin's tensors (SUPERWEIGHT_CUDA_GEMV)
         self.cgemv_mma: Any = None  # its tensor-core form's plan, for 2..cgemv_max_m tokens
+        # that plan with SW_TRIG, for held-out batches past the fold (the SELL kernel its programmatic dependent;
+        # SUPERWEIGHT_CUDA_GEMV sellpdl=1, set at load by the kernels that support it)
+        self.cgemv_trig: Any = None
         self.cgemv_max_m = 0
         self.cmaps: dict[str, torch.Tensor] | None = None  # the GEMV epilogue's view of packed held-out slots
         self.held = 0  # held-out entries of the layer (set_sparse)
@@ -774,11 +777,13 @@ class DualMarlinMacheteKernel(SWLinearKernel):
             plan = self.cgemv if x.shape[0] == 1 else self.cgemv_mma
             if sparse and x.shape[0] > self._fold():
                 # SUPERWEIGHT_CUDA_GEMV fold=N: a batch this large runs the GEMV plain, then the separate SELL
-                # correction (H200, s31: faster than the terms inside at 2-8 tokens)
+                # correction (H200, s31: faster than the terms inside at 2-8 tokens); with sellpdl=1 the correction
+                # is the GEMV's programmatic dependent
                 from .. import gemm_then_correction
 
-                gemv = functools.partial(marlin_gemv_cuda, x, qm, scale, zero, plan, bias)
-                return gemm_then_correction(gemv, x, sparse, self.n)
+                trig = self.cgemv_trig if x.shape[0] > 1 else None
+                gemv = functools.partial(marlin_gemv_cuda, x, qm, scale, zero, trig or plan, bias)
+                return gemm_then_correction(gemv, x, sparse, self.n, pdl=trig is not None)
             return marlin_gemv_cuda(x, qm, scale, zero, plan, bias, sparse=sparse, maps=maps)
         b = tensor(self.shadow, "bias") if (bias is not None and self.has_bias) else bias
         return self.small.apply_gemm(self.shadow, x, b)
@@ -1011,6 +1016,25 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
 
             self.cmaps = sparse_maps(self.sp, n_p)
             self._held_placement()
+            self._plan_trig()
+
+    def _plan_trig(self) -> None:
+        """``SUPERWEIGHT_CUDA_GEMV=..,sellpdl=1`` (opt-in until measured): held-out batches past the fold run the
+        tensor-core form with SW_TRIG, then the SELL kernel as its programmatic dependent (``cgemv_trig``). Compiled
+        now, like the other plans; a failure keeps the two plain launches (logged)."""
+        fold = self._fold()
+        if not envs.cuda_gemv_sell_pdl() or self.cgemv_mma is None or fold >= self.cgemv_max_m:
+            return
+        from .. import cuda_marlin_gemv as CG
+
+        trig = dataclasses.replace(self.cgemv_mma, trig=True)
+        try:
+            CG.prepare(trig, self.cgemv_max_m, min_m=max(2, fold + 1))
+        except (ValueError, RuntimeError, OSError) as e:
+            span = f"its SELL correction past {fold} tokens"
+            _warn_once(f"sellpdl: {type(e).__name__}: {e}", self.config.prefix, span, keeps="two plain launches")
+            return
+        self.cgemv_trig = trig
 
     def _held_placement(self) -> None:
         """A held-out layer's GEMV plans with the terms summed where HELD_SPE says, for each form whose launch
