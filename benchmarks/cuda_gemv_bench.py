@@ -162,6 +162,7 @@ def main() -> None:
         "throughput.py's sw-w4-g128-holdout-qkv-humgemv-spe",
     )
     ap.add_argument("--budget-s", type=float, default=500)
+    ap.add_argument("--no-main", action="store_true", help="skip the main table's kernels (only the parts asked for)")
     ap.add_argument(
         "--recommend-env",
         default="",
@@ -385,7 +386,7 @@ def main() -> None:
 
     kinds = ("cuda", "mma") if args.no_vllm else ("marlin", "cuda", "mma", "marlin+sell", "cuda+sell", "cuda-fused")
     kinds += ("mma+sell", "mma-fused") if not args.no_vllm else ()
-    for m in ms:
+    for m in [] if args.no_main else ms:
         for kind in kinds:
             if kind.startswith("cuda") and m > CG.MAX_M_FFMA:
                 continue

@@ -498,14 +498,14 @@ EOF2
     # default preset's q/k/v placement; then the throughput call
     #   throughput sw-w4-g128-holdout-qkv,sw-w4-g128-holdout-qkv-sellpdl,sw-w4-g128,awq --latency-batches 1,8,64
     setup
-    timeout 240 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_sellpdl.xml" \
+    timeout 180 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_sellpdl.xml" \
       tests/test_cuda_marlin_gemv.py -k "${SELLPDL_TESTS:-trig_gemvs_programmatic_dependent or epilogue_is_graph}" \
       2>&1 | grep -v DEBUG | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_sellpdl.log" | tail -8
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     timeout $((440 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_sellpdl.json" --ms 2,4,8 \
       --sellpdl --budget-s $((420 - SECONDS)) 2>&1 | grep -v "^$" | tail -24
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_sellpdl_qkv.json" --ms 8 \
-      --sellpdl --holdout-modules qkv --budget-s $((575 - SECONDS)) 2>&1 | grep -v "^$" | tail -12
+      --sellpdl --no-main --holdout-modules qkv --budget-s $((575 - SECONDS)) 2>&1 | grep -v "^$" | tail -12
     echo "[$(ts)] sellpdl done" ;;
   ncu)
     # session 35: Nsight Compute on the GEMV (benchmarks/diag/gemv_ncu.py: gate_up / down at 4 and 8 tokens, down at
