@@ -495,8 +495,10 @@ EOF2
     # programmatic dependents launch at once (SW_TRIG) and the SELL kernel, launched as one, gathers and multiplies
     # beside it, waiting only before it touches y. After the stash calls (build-bg of the held-out checkpoint started):
     # its GPU tests, then cuda_gemv_bench.py --sellpdl (bitwise checks first) with 0.1 % in every GEMM and with the
-    # default preset's q/k/v placement; then the throughput call
-    #   throughput sw-w4-g128-holdout-qkv,sw-w4-g128-holdout-qkv-sellpdl,sw-w4-g128,awq --latency-batches 1,8,64
+    # default preset's q/k/v placement; then the throughput calls (two engines a call: a fresh machine's first Humming
+    # engine took 330 s in s37)
+    #   throughput sw-w4-g128-holdout-qkv,sw-w4-g128-holdout-qkv-sellpdl --latency-batches 1,8,64 --latency-iters 7
+    #   throughput sw-w4-g128,awq --latency-batches 1,8,64 --latency-iters 7
     setup
     timeout 180 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_sellpdl.xml" \
       tests/test_cuda_marlin_gemv.py -k "${SELLPDL_TESTS:-trig_gemvs_programmatic_dependent or epilogue_is_graph}" \
