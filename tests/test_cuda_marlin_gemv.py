@@ -668,6 +668,20 @@ def _layer(n, k, group, sym, dtype, seed=0):
     return qm, ms, mz, w
 
 
+def _graph_of(fn):
+    """A CUDA graph holding ``fn()``, captured after one warm-up call on a side stream (lazy compiles and allocations
+    outside the capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def _close(y, ref, dtype):
     err = (y.double().cpu() - ref).abs().max().item()
     tol = (4e-3 if dtype == torch.bfloat16 else 1e-3) * ref.abs().max().item() + 1e-3
@@ -737,14 +751,7 @@ def test_x_through_the_ring_equals_the_plain_tensor_core_form(n, k, group, sym, 
             wide[:, 3:] = x  # rows 6 bytes past 16-byte alignment
             assert torch.equal(CG.marlin_gemv_cuda(wide[:, 3:], qm, ms, mz, xr), want), (cfg, m, "view")
         out = torch.empty_like(want)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            CG.marlin_gemv_cuda(x, qm, ms, mz, xr, out=out)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            CG.marlin_gemv_cuda(x, qm, ms, mz, xr, out=out)
+        graph = _graph_of(lambda: CG.marlin_gemv_cuda(x, qm, ms, mz, xr, out=out))
         out.zero_()
         graph.replay()
         torch.cuda.synchronize()
@@ -788,14 +795,7 @@ def test_gemv_reproducible_and_graph_safe(m):
     for _ in range(20):
         assert torch.equal(CG.marlin_gemv_cuda(x, qm, ms, mz, plan), first)
     out = torch.empty_like(first)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        CG.marlin_gemv_cuda(x, qm, ms, mz, plan, out=out)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        CG.marlin_gemv_cuda(x, qm, ms, mz, plan, out=out)
+    graph = _graph_of(lambda: CG.marlin_gemv_cuda(x, qm, ms, mz, plan, out=out))
     out.zero_()
     for _ in range(3):
         graph.replay()
@@ -921,14 +921,7 @@ def test_gemv_epilogue_is_graph_safe_and_reproducible(spe):
     first = CG.marlin_gemv_cuda(x, qm, ms, mz, plan, sparse=sp, maps=maps)
     _close(first, x.double().cpu() @ (w + dense).T, dtype)
     out = torch.empty_like(first)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        CG.marlin_gemv_cuda(x, qm, ms, mz, plan, out=out, sparse=sp, maps=maps)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        CG.marlin_gemv_cuda(x, qm, ms, mz, plan, out=out, sparse=sp, maps=maps)
+    graph = _graph_of(lambda: CG.marlin_gemv_cuda(x, qm, ms, mz, plan, out=out, sparse=sp, maps=maps))
     out.zero_()
     for _ in range(3):
         graph.replay()
@@ -985,14 +978,7 @@ def test_programmatic_dependent_launch_reads_what_the_kernels_before_it_wrote():
         CG.marlin_gemv_cuda(x, qm, ms, mz, pdl, out=y2, sparse=sp, maps=maps)  # right after: the same workspace
 
     src.normal_()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = _graph_of(step)
     for i in range(4):
         src.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(i)).to(dtype))
         graph.replay()
@@ -1033,14 +1019,7 @@ def test_sell_kernel_as_the_trig_gemvs_programmatic_dependent(n, k):
             sparse_correction(y, x, sp, pdl=True)
 
         src.normal_()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph = _graph_of(step)
         for i in range(4):
             src.copy_(torch.randn(m, k, generator=torch.Generator().manual_seed(i)).to(dtype))
             y.zero_()

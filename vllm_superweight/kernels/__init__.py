@@ -20,6 +20,7 @@ only (Triton optional, vLLM not needed).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -92,6 +93,10 @@ def prepare_sparse(
     raise ValueError(f"unknown sparse layout {layout!r}")
 
 
+#: the SELL layout's tensors, in the order the correction kernels take them (after y and x)
+_SELL_KEYS = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals", "ucols")
+
+
 def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tensor], pdl: bool = False) -> torch.Tensor:
     """``y + S x^T`` for y [M, N], x [M, K]: fp32 accumulation, one rounding into y's dtype.
 
@@ -104,51 +109,12 @@ def sparse_correction(y: torch.Tensor, x: torch.Tensor, sp: dict[str, torch.Tens
     if "rows" in sp:
         return coo_correction_torch(y, x, sp)
     nnz = int(sp["nnz"].shape[0])  # a static shape: no device read
-    if pdl and y.is_cuda and _ops.TRITON_OK and y.stride(1) == 1:
-        _ops.triton_sparse.sparse_correction_(
-            y,
-            x,
-            sp["ell_cols"],
-            sp["ell_vals"],
-            sp["ell_rb"],
-            sp["hrows"],
-            sp["hptr"],
-            sp["hcols"],
-            sp["hvals"],
-            sp["ucols"],
-            nnz,
-            pdl=True,
-        )
-        return y
-    if y.is_cuda and _ops.TRITON_OK and y.stride(1) == 1:
-        torch.ops.superweight.sparse_correction_(
-            y,
-            x,
-            sp["ell_cols"],
-            sp["ell_vals"],
-            sp["ell_rb"],
-            sp["hrows"],
-            sp["hptr"],
-            sp["hcols"],
-            sp["hvals"],
-            sp["ucols"],
-            nnz,
-        )
-        return y
-    if interpreting() and _ops.TRITON_OK and y.stride(1) == 1:  # Triton interpreter on CPU tensors (tests)
-        _ops.triton_sparse.sparse_correction_(
-            y,
-            x,
-            sp["ell_cols"],
-            sp["ell_vals"],
-            sp["ell_rb"],
-            sp["hrows"],
-            sp["hptr"],
-            sp["hcols"],
-            sp["hvals"],
-            sp["ucols"],
-            nnz,
-        )
+    if _ops.TRITON_OK and y.stride(1) == 1 and (y.is_cuda or interpreting()):
+        parts: dict[str, Any] = {k: sp[k] for k in _SELL_KEYS}  # (named as the kernels' parameters)
+        if y.is_cuda and not pdl:
+            torch.ops.superweight.sparse_correction_(y, x, *parts.values(), nnz)
+        else:  # PDL (inside an opaque op, right after the GEMM), or the Triton interpreter on CPU tensors (tests)
+            _ops.triton_sparse.sparse_correction_(y, x, **parts, nnz=nnz, pdl=pdl and y.is_cuda)
         return y
     return sell_correction_torch(y, x, sp)
 

@@ -888,6 +888,11 @@ def _pick_u(rows: int, grows: int, u: int) -> int:
     return u
 
 
+def group_readable(group: int, k: int) -> bool:
+    """Whether the GEMV reads groups of ``group`` rows over a K of ``k``: 16 times a power of two dividing K."""
+    return group > 0 and group % 16 == 0 and k % group == 0 and (group // 16) & (group // 16 - 1) == 0
+
+
 def gemv_plan(
     n: int,
     k: int,
@@ -906,7 +911,7 @@ def gemv_plan(
     if n % TILE_N or k % 16:
         raise ValueError(f"cuda GEMV: needs N % 64 == 0 and K % 16 == 0 (Marlin unpadded), got N={n} K={k}")
     g = group if group and 0 < group < k else 0
-    if g and (g % 16 or k % g or (g // 16) & (g // 16 - 1)):
+    if g and not group_readable(g, k):
         raise ValueError(f"cuda GEMV: group {group} must be 16 times a power of two dividing K={k}")
     u_want, warps, per_sm, stages, *rest = config or DEFAULT_CONFIG
     minb = int(rest[0]) if rest else 1

@@ -900,8 +900,10 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
             return False, f"auto: measured on Hopper (sm_90) only, this GPU is sm_{major}x"
         if c.full_shape != c.partition_shape:
             return False, "auto: a tensor-parallel shard (one Humming copy not yet checked under TP)"
+        from ..cuda_marlin_gemv import group_readable
+
         g, k = c.group_size, c.partition_shape[0]
-        if g <= 0 or g % 16 or (g // 16) & (g // 16 - 1) or k % g:
+        if not group_readable(g, k):
             return False, f"auto: group size {g} (measured: groups of 16 x 2^n dividing K, which the GEMV reads)"
         if envs.batch_invariant():
             return False, f"auto: {envs.BATCH_INVARIANT}=1 (Humming's batch-invariant mode costs 2.1-2.5x)"
