@@ -51,6 +51,7 @@ LABEL = {
 
 
 KERNEL_SUFFIX = {
+    "-sellpdl": " → SELL kernel as the tensor-core GEMV's programmatic dependent (5-8 tokens)",
     "-mdeq1": " → Marlin + dequantize pair, one W4 copy",
     "-mdeq": " → Marlin + dequantize pair, two W4 copies",
     "-dual": " → Marlin/Machete pair",

@@ -682,9 +682,13 @@ def _graph_of(fn):
     return graph
 
 
-def _close(y, ref, dtype):
+def _close(y, ref, dtype, roundings=0):
+    """y within the GEMV's tolerance of ``ref``, plus half a unit in the last place of ``ref``'s largest magnitude for
+    each of ``roundings`` extra roundings of an intermediate y (e.g. the GEMV's output before a separate correction
+    adds to it and rounds again)."""
     err = (y.double().cpu() - ref).abs().max().item()
-    tol = (4e-3 if dtype == torch.bfloat16 else 1e-3) * ref.abs().max().item() + 1e-3
+    half_ulp = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    tol = ((4e-3 if dtype == torch.bfloat16 else 1e-3) + roundings * half_ulp) * ref.abs().max().item() + 1e-3
     assert err <= tol, f"max |err| {err:.3g} > {tol:.3g}"
 
 
@@ -1027,7 +1031,9 @@ def test_sell_kernel_as_the_trig_gemvs_programmatic_dependent(n, k):
             torch.cuda.synchronize()
             want = sparse_correction(CG.marlin_gemv_cuda(src, qm, ms, mz, plain), src, sp)
             assert torch.equal(y, want), (m, i)
-            _close(y, src.double().cpu() @ (w + dense).T, dtype)
+            # the pair rounds the GEMV's y to bf16 before the SELL kernel adds to it (s38, H200: 0.121 against the
+            # GEMV-alone tolerance 0.093 at 8 tokens on the qkv shape, bitwise equal to the plain pair)
+            _close(y, src.double().cpu() @ (w + dense).T, dtype, roundings=1)
             y.zero_()
             step()  # eagerly too
             torch.cuda.synchronize()
