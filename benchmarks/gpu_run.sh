@@ -47,7 +47,13 @@
 #   bash benchmarks/gpu_run.sh pair "CMD0" "CMD1"          # 2-GPU kind: CMD0 on GPU 0 and CMD1 on GPU 1 at once
 #                                                          # (each a shell line; logs $OUT/pair-gpu{0,1}.log)
 #   bash benchmarks/gpu_run.sh stash                       # keep carried parts outside the checkout (no vLLM needed):
-#                                                          # bundle parts, .gpu-bundle/tok, .gpu-data/* -> /root/stash
+#                                                          # bundle parts, .gpu-bundle/tok, .gpu-data/* -> /root/stash;
+#                                                          # .gpu-cache*/ (a cache-out's parts, ignored by git) ->
+#                                                          # /root/stash/cache, unpacked once every part is there
+#   bash benchmarks/gpu_run.sh cache-out [kernels|all]     # the last call of a lease: the kernel caches it filled
+#                                                          # (Humming's nvcc builds, our GEMV cubins, Triton's; with
+#                                                          # `all` also vLLM's torch.compile cache) as gzip parts in $OUT
+#                                                          # -> carry them next lease as .gpu-cache (see `stash`)
 #   bash benchmarks/gpu_run.sh build-bg [METHODS]          # 7B-shaped checkpoints built in the background (setsid, so
 #                                                          # it outlives the call; log /root/stash/build.log); after
 #                                                          # all bundle parts are stashed (the converter needs
@@ -89,7 +95,7 @@ ts() { date '+%H:%M:%S'; }
 echo "[$(ts)] gpu_run.sh $STAGE $* (OUT=$OUT)"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
-STASH_DIR=/root/stash
+STASH_DIR=${SW_STASH_DIR:-/root/stash}
 if [ -z "${TOKENIZER_DIR:-}" ]; then
   if [ -d .gpu-bundle/tok ]; then TOKENIZER_DIR=$PWD/.gpu-bundle/tok; else TOKENIZER_DIR=$STASH_DIR/tok; fi
 fi
@@ -127,6 +133,7 @@ EOF
     fi
   fi
   export PYTHONPATH=$PWD:${PYTHONPATH:-}
+  cache_in  # caches a carry brought (a no-op without .gpu-cache* or once unpacked)
   # vLLM's Humming backend (optional; the `humming` kernel modes, kernel_bench section humming): its wheel and
   # pyelftools carried in .gpu-bundle/humming (the image has its other requirements), installed once under the
   # stash, appended to the path (the image's packages first)
@@ -163,6 +170,40 @@ humming_tests() {
     | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_humgemv.log" | tail -15
 }
 
+# what the package's sources are (vLLM's torch.compile cache is restored only over the same ones: its key does not
+# cover our custom ops' Python side)
+src_hash() { find vllm_superweight -name '*.py' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16; }
+
+# session 38: a fresh machine's first Humming engine spent ~190 of its 258 s building kernels (model load 57 s vs 13
+# warm, torch.compile 53 s vs 6, 108 s more before it was ready vs 7): the caches a lease filled, carried into the next.
+# Parts (swcache-<kind>.tar.gz.N + swcache.sha256 naming the sources) land in $STASH_DIR/cache from any carried
+# .gpu-cache* folder; each archive is unpacked once all its parts are there and their sha256 match -- the kernel
+# caches (content-keyed: Humming by its source hash, ours by the kernel source, Triton by its own) always, vLLM's
+# compile cache only where the package's sources are the ones it was made with.
+cache_in() {
+  local d c="$STASH_DIR/cache"
+  for d in .gpu-cache*; do [ -d "$d" ] && mkdir -p "$c" && cp -f "$d"/swcache* "$c/" 2>/dev/null; done
+  [ -f "$c/swcache.sha256" ] || return 0
+  local kind want
+  for kind in k v; do
+    [ -f "$c/.unpacked-$kind" ] && continue
+    ls "$c"/swcache-$kind.tar.gz.* >/dev/null 2>&1 || continue
+    if ! (cd "$c" && grep " swcache-$kind\." swcache.sha256 | sha256sum --quiet -c - 2>/dev/null); then
+      echo "[$(ts)] cache-in: swcache-$kind parts incomplete so far ($(ls "$c" | tr '\n' ' '))"; continue
+    fi
+    want=$(sed -n 's/^src //p' "$c/swcache.sha256")
+    if [ "$kind" = v ] && [ "$want" != "$(src_hash)" ]; then
+      echo "[$(ts)] cache-in: vLLM's compile cache skipped (made with package sources $want, these are $(src_hash))"
+      touch "$c/.unpacked-$kind"; continue
+    fi
+    if cat "$c"/swcache-$kind.tar.gz.* | gzip -dc | tar -C / -xf - ; then
+      touch "$c/.unpacked-$kind"; echo "[$(ts)] cache-in: swcache-$kind unpacked"
+    else
+      echo "[$(ts)] cache-in: swcache-$kind did not unpack (kernels build as on a fresh machine)"
+    fi
+  done
+}
+
 case "$STAGE" in
   setup)
     setup ;;
@@ -172,7 +213,39 @@ case "$STAGE" in
     [ -d .gpu-bundle/tok ] && cp -r .gpu-bundle/tok "$STASH_DIR/"
     [ -d .gpu-data ] && cp -f .gpu-data/* "$STASH_DIR/"
     [ -d .gpu-data2 ] && cp -f .gpu-data2/* "$STASH_DIR/"
+    cache_in
     ls -la "$STASH_DIR" ;;
+  cache-in)
+    # only the caches a carry brought (what `stash` also does), e.g. after a carry of .gpu-cache2
+    cache_in ;;
+  cache-out)
+    # the caches this lease filled, for the next (see cache_in); nothing else may come back in the same call (8 files
+    # of 16 MiB at most, 64 MiB together, this stage's log one of them): at most 6 parts of 15 MB, the kernel caches first
+    WHAT=${1:-kernels}
+    HC=${HUMMING_CACHE_DIR:-$HOME/.humming/cache}
+    SC=${SUPERWEIGHT_CACHE_DIR:-$HOME/.cache/vllm-superweight}
+    kdirs=()
+    for d in "$HC" "$SC/cubin" "$HOME/.triton/cache"; do [ -d "$d" ] && kdirs+=("${d#/}"); done
+    du -sh "${kdirs[@]/#//}" "$HOME/.cache/vllm/torch_compile_cache" 2>/dev/null
+    rm -f "$OUT"/swcache*
+    tar -C / -cf - "${kdirs[@]}" | gzip -6 | split -b 15000000 -d -a 1 - "$OUT/swcache-k.tar.gz."
+    nk=$(ls "$OUT"/swcache-k.tar.gz.* | wc -l)
+    if [ "$WHAT" = all ] && [ -d "$HOME/.cache/vllm/torch_compile_cache" ]; then
+      tar -C / -cf - "${HOME#/}/.cache/vllm/torch_compile_cache" | gzip -6 \
+        | split -b 15000000 -d -a 1 - "$OUT/swcache-v.tar.gz."
+      if [ $((nk + $(ls "$OUT"/swcache-v.tar.gz.* | wc -l))) -gt 6 ]; then
+        echo "[$(ts)] cache-out: vLLM's compile cache does not fit beside the kernel caches; left out"
+        rm -f "$OUT"/swcache-v.tar.gz.*
+      fi
+    fi
+    if [ "$nk" -gt 6 ]; then
+      echo "[$(ts)] cache-out: the kernel caches alone need $nk parts (> 6); none kept"; rm -f "$OUT"/swcache*; exit 2
+    fi
+    H=$(src_hash)
+    (cd "$OUT" && sha256sum swcache-*.tar.gz.* > swcache.sha256 && echo "src $H" >> swcache.sha256)
+    ls -la "$OUT"/swcache*
+    echo "[$(ts)] cache-out: on the dev machine: mkdir -p .gpu-cache && cp FILES_AT/swcache* .gpu-cache/" \
+      "(over ~55 MB: the parts over .gpu-cache and .gpu-cache2, one carry each, each with 'stash')" ;;
   build-bg)
     # the checkpoints of `coldstart`/`throughput` (+ the default preset, whose conversion time on the GPU is the
     # converter's number for a 7B model), built in the background while later stages run; needs the bundle

@@ -253,6 +253,11 @@ METHODS["sw-w4-g128-holdout-qkv-mdeq1"] = _variant("sw-w4-g128-holdout-qkv", SUP
 # session 37: the held-out default (auto) with its 5-8 token batches' SELL kernel launched as the GEMV's programmatic
 # dependent (the GEMV with SW_TRIG) -- the batch-8 hold-out target, beside sw-w4-g128-holdout-qkv
 METHODS["sw-w4-g128-holdout-qkv-sellpdl"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="@sellpdl=1")
+# session 38: the same with the 5-8 token batches' terms inside the tensor-core GEMV too (spread over its split-K
+# blocks, as the defaults do up to 4 tokens): at one token the terms inside cost nothing end to end (s38 H200: -1.4 %)
+# where the kernel benchmark put them at +8 us a layer -- is the benchmark's preference for the SELL kernel after the
+# GEMV at 8 tokens (s37 H100: 84.9 vs 86.9 us) true in the engine?
+METHODS["sw-w4-g128-holdout-qkv-fold8"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="@fold=8")
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?

@@ -100,3 +100,66 @@ def test_every_throughput_method_the_stages_name_exists():
     spec.loader.exec_module(mod)
     unknown = sorted(named - set(mod.METHODS) - set(mod.GROUPS))
     assert not unknown, f"methods named by GPU stages that throughput.py does not define: {unknown}"
+
+
+def _tree(root: str) -> dict[str, bytes]:
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+@pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("bash", "tar", "gzip", "split", "sha256sum")), reason="needs coreutils"
+)
+def test_cache_out_then_cache_in_restores_the_kernel_caches(tmp_path):
+    """``cache-out all`` packs the kernel caches and vLLM's compile cache into parts; ``cache-in`` (also run by `stash`
+    and `setup`) from a carried .gpu-cache folder restores them byte for byte once every part is there, restores the
+    compile cache only over the package sources it was made with, and touches nothing while a part is missing."""
+    repo, home, out = tmp_path / "repo", tmp_path / "home", tmp_path / "out"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "benchmarks", "gpu_run.sh"), repo / "benchmarks")
+    (repo / "vllm_superweight").mkdir()
+    (repo / "vllm_superweight" / "a.py").write_text("x = 1\n")
+    caches = {
+        ".humming/cache/abc/kernel.cubin": os.urandom(3000),
+        ".cache/vllm-superweight/cubin/k.cubin": os.urandom(2000),
+        ".triton/cache/t/k.json": b"{}",
+        ".cache/vllm/torch_compile_cache/h/rank_0/code.py": b"print(1)\n",
+    }
+    for rel, data in caches.items():
+        (home / rel).parent.mkdir(parents=True, exist_ok=True)
+        (home / rel).write_bytes(data)
+
+    def stage(*args):
+        env = dict(os.environ, HOME=str(home), OUT=str(out), SW_STASH_DIR=str(tmp_path / "stash"))
+        env.pop("HUMMING_CACHE_DIR", None)
+        env.pop("SUPERWEIGHT_CACHE_DIR", None)
+        r = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_run.sh"), *args], env=env, capture_output=True)
+        return r.returncode, r.stdout.decode()
+
+    rc, log = stage("cache-out", "all")
+    assert rc == 0, log
+    parts = sorted(p.name for p in out.iterdir() if p.name.startswith("swcache"))
+    assert parts == ["swcache-k.tar.gz.0", "swcache-v.tar.gz.0", "swcache.sha256"], parts
+    shutil.rmtree(home)
+    carried = repo / ".gpu-cache"
+    carried.mkdir()
+    shutil.copy(out / "swcache.sha256", carried)
+    shutil.copy(out / "swcache-v.tar.gz.0", carried)
+    rc, log = stage("cache-in")  # the kernel caches' part not carried yet
+    assert rc == 0 and "swcache-v unpacked" in log and not (home / ".humming").exists(), log
+    shutil.copy(out / "swcache-k.tar.gz.0", carried)
+    rc, log = stage("cache-in")
+    assert rc == 0 and "swcache-k unpacked" in log, log
+    assert _tree(str(home)) == caches
+    # another package source: the kernel caches again, vLLM's compile cache not
+    shutil.rmtree(home)
+    shutil.rmtree(tmp_path / "stash")
+    (repo / "vllm_superweight" / "a.py").write_text("x = 2\n")
+    rc, log = stage("cache-in")
+    assert rc == 0 and "compile cache skipped" in log, log
+    assert _tree(str(home)) == {k: v for k, v in caches.items() if "torch_compile_cache" not in k}
