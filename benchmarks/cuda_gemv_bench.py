@@ -8,7 +8,8 @@ configurations (``--sweep``: CUDA-core at M = 1; ``--mma-sweep``: tensor-core at
 through the ring against without (``--pf``) and the programmatic dependent launch against a plain one, each GEMM
 after a small kernel that writes its x as in a decoder layer (``--pdl``), and the SELL kernel after the tensor-core
 form launched as its programmatic dependent (``--sellpdl``: ``mma+sell-pdl``, the GEMV with SW_TRIG; ``mma-trig`` the
-GEMV alone with it) against the plain pair, at 2-8 tokens.
+GEMV alone with it; at one token the single-token form's ``cuda+sell-pdl`` / ``cuda-trig``, what ``fold=0`` serves)
+against the plain pair and the terms inside the GEMV spread over its split-K blocks, at 1-8 tokens.
 
     python benchmarks/cuda_gemv_bench.py --out $OUT/cuda_gemv.json [--layers 4] [--ms 1,2,4,8] [--sweep] [--mma-sweep]
 
@@ -138,9 +139,9 @@ def main() -> None:
     ap.add_argument(
         "--sellpdl",
         action="store_true",
-        help="the SELL kernel as the tensor-core GEMV's programmatic dependent (the GEMV with SW_TRIG; "
-        "SUPERWEIGHT_CUDA_GEMV sellpdl=1) vs the plain pair, on the served configuration at 2-8 tokens; checked "
-        "first (bitwise)",
+        help="the SELL kernel as the served GEMV's programmatic dependent (the GEMV with SW_TRIG; "
+        "SUPERWEIGHT_CUDA_GEMV sellpdl=1, at one token with fold=0) vs the plain pair and vs the terms inside "
+        "(spread), on the served configurations at 1-8 tokens (--ms); checked first (bitwise)",
     )
     ap.add_argument(
         "--ceiling",
@@ -320,8 +321,9 @@ def main() -> None:
                 name: CG.gemv_plan(n, k, 128, False, torch.bfloat16, dev, config=config)
                 for name, (n, k) in SHAPES.items()
             }
-        if kind in ("mma-trig", "mma+sell-pdl"):  # the tensor-core plans with SW_TRIG, compiled before the capture
-            base_plans = plans or {name: e["plan_mma"] for name, e in layers[0].items()}
+        if kind in TRIG_KINDS:  # the plans with SW_TRIG, compiled before the capture
+            own = "plan_mma" if kind.startswith("mma") else "plan"
+            base_plans = plans or {name: e[own] for name, e in layers[0].items()}
             plans = {name: dataclasses.replace(pl, trig=True) for name, pl in base_plans.items()}
             for pl in plans.values():
                 CG.prepare(pl, m, min_m=m)
@@ -354,12 +356,12 @@ def main() -> None:
                         CG.marlin_gemv_cuda(
                             x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name], sparse=e["k"].sp, maps=e["maps"]
                         )
-                    elif kind in ("cuda", "cuda+sell", "cuda-loads", "cuda-dep"):
+                    elif kind in ("cuda", "cuda+sell", "cuda-loads", "cuda-dep", "cuda-trig", "cuda+sell-pdl"):
                         plan = plans[name] if plans else e["plan"]
                         ro = kind == "cuda-loads"
                         y = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plan, out=ys[m][name], _readonly=ro)
-                        if kind == "cuda+sell":
-                            K.sparse_correction(y, x, e["k"].sp)
+                        if kind in ("cuda+sell", "cuda+sell-pdl"):
+                            K.sparse_correction(y, x, e["k"].sp, pdl=kind.endswith("-pdl"))
 
         return f
 
@@ -497,11 +499,12 @@ def main() -> None:
             timed(f"{kind}+sell", m, base, part="spe")
             for spe in SPE_VALUES:
                 timed(f"{kind}-fused", m, config_with(base, spe=spe), part="spe")
-    if args.sellpdl and not args.no_vllm:  # the SELL kernel as the tensor-core GEMV's programmatic dependent
-        for m in [mm for mm in (2, 4, 8) if mm in xs]:
+    if args.sellpdl and not args.no_vllm:  # the SELL kernel as the served GEMV's programmatic dependent
+        for m in [mm for mm in (1, 2, 4, 8) if mm in xs]:
+            kind, base = _served(m)
             for name, (n_, k_) in SHAPES.items():
                 e, x = layers[0][name], xs[m][name]
-                plain = CG.gemv_plan(n_, k_, 128, False, bf, dev, config=SERVE_MMA)
+                plain = CG.gemv_plan(n_, k_, 128, False, bf, dev, config=base)
                 trig = dataclasses.replace(plain, trig=True)
                 a = K.sparse_correction(CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], plain), x, e["k"].sp)
                 b = CG.marlin_gemv_cuda(x, e["qm"], e["sc"], e["zp"], trig)
@@ -511,8 +514,10 @@ def main() -> None:
                 rows.append({"part": "sellpdl-check", "m": m, "shape": name, "bitwise_equal": same})
                 if not same:
                     log(f"  CHECK FAILED (sellpdl) {name} M={m}: not bitwise equal")
-            for kind in ("mma", "mma-trig", "mma+sell", "mma+sell-pdl"):
-                timed(kind, m, SERVE_MMA, part="sellpdl")
+            for suffix in ("", "-trig", "+sell", "+sell-pdl"):
+                timed(kind + suffix, m, base, part="sellpdl")
+            # the terms inside it, spread over its split-K blocks: what serves held-out layers up to the fold (4)
+            timed(kind + "-fused", m, config_with(base, spe=2), part="sellpdl")
     if args.pf or args.mma_sweep or args.mma_configs:  # the tensor-core form's fastest at 8 tokens, also at 2 and 4
         at8 = [r for r in rows if r.get("kernel") == "mma" and r.get("m") == 8 and "us" in r and r.get("config")]
         if at8:
@@ -618,6 +623,9 @@ def engine_env(rows: list[dict], margin: float = 0.01) -> dict[str, str]:
 
 
 SPE_VALUES = (0, 1, 2, 3)  # SW_SPE: bit 0 before the main loop, bit 1 spread over the tile's split-K blocks
+
+
+TRIG_KINDS = ("mma-trig", "mma+sell-pdl", "cuda-trig", "cuda+sell-pdl")  # the GEMV built with SW_TRIG
 
 
 def _served(m: int) -> tuple[str, tuple[int, ...]]:
@@ -781,12 +789,12 @@ def write_table(path: str) -> None:
             "The SELL kernel as the tensor-core GEMV's programmatic dependent (served configuration, us a layer; "
             f"bitwise equal to the plain pair: {ok}/{len(chk)}):",
             "",
-            "| M | GEMV | GEMV with SW_TRIG | GEMV + SELL | GEMV (SW_TRIG) + SELL (PDL) |",
-            "|---|---|---|---|---|",
+            "| M | GEMV | GEMV with SW_TRIG | GEMV + SELL | GEMV (SW_TRIG) + SELL (PDL) | terms inside (spread) |",
+            "|---|---|---|---|---|---|",
         ]
-        at = {(r["kernel"], r["m"]): r["us"] for r in sp_}
+        at = {(r["kernel"].replace("cuda", "mma", 1), r["m"]): r["us"] for r in sp_}  # one row a size, either form
         for m in sorted({r["m"] for r in sp_}):
-            kinds = ("mma", "mma-trig", "mma+sell", "mma+sell-pdl")
+            kinds = ("mma", "mma-trig", "mma+sell", "mma+sell-pdl", "mma-fused")
             lines.append(f"| {m} | " + " | ".join(f"{at.get((k, m), float('nan')):.1f}" for k in kinds) + " |")
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -584,12 +584,15 @@ EOF2
     # engine took 330 s in s37)
     #   throughput sw-w4-g128-holdout-qkv,sw-w4-g128-holdout-qkv-sellpdl --latency-batches 1,8,64 --latency-iters 7
     #   throughput sw-w4-g128,awq --latency-batches 1,8,64 --latency-iters 7
+    # s38 (H200): bitwise 16/16, the pair 69.7 / 74.2 / 83.8 -> 62.3 / 65.5 / 77.3 us at 2 / 4 / 8 tokens, end to end
+    # -0.6 % at batch 8. Since: single tokens too with fold=0 (the single-token form with SW_TRIG), and the table has
+    # the terms inside (spread) beside it at 1-8 tokens -- which placement wins at each size, in one process
     setup
     timeout 180 $PY -u -m pytest -v -p no:cacheprovider -ra -m gpu --junitxml="$OUT/gpu_tests_sellpdl.xml" \
       tests/test_cuda_marlin_gemv.py -k "${SELLPDL_TESTS:-trig_gemvs_programmatic_dependent or epilogue_is_graph}" \
       2>&1 | grep -v DEBUG | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/pytest_sellpdl.log" | tail -8
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
-    timeout $((440 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_sellpdl.json" --ms 2,4,8 \
+    timeout $((440 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_sellpdl.json" --ms 1,2,4,8 \
       --sellpdl --budget-s $((420 - SECONDS)) 2>&1 | grep -v "^$" | tail -24
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_sellpdl_qkv.json" --ms 8 \
       --sellpdl --no-main --holdout-modules qkv --budget-s $((575 - SECONDS)) 2>&1 | grep -v "^$" | tail -12

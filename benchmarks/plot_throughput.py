@@ -52,6 +52,7 @@ LABEL = {
 
 KERNEL_SUFFIX = {
     "-fold8": " → held-out terms inside the GEMV up to 8 tokens (spread over its split-K blocks)",
+    "-sellpdl0": " → GEMV + SELL kernel as its programmatic dependent at 1-8 tokens (fold=0)",
     "-sellpdl": " → SELL kernel as the tensor-core GEMV's programmatic dependent (5-8 tokens)",
     "-mdeq1": " → Marlin + dequantize pair, one W4 copy",
     "-mdeq": " → Marlin + dequantize pair, two W4 copies",

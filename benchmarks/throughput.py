@@ -258,6 +258,11 @@ METHODS["sw-w4-g128-holdout-qkv-sellpdl"] = _variant("sw-w4-g128-holdout-qkv", S
 # where the kernel benchmark put them at +8 us a layer -- is the benchmark's preference for the SELL kernel after the
 # GEMV at 8 tokens (s37 H100: 84.9 vs 86.9 us) true in the engine?
 METHODS["sw-w4-g128-holdout-qkv-fold8"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="@fold=8")
+# ... and with every held-out batch of 1-8 tokens through the GEMV (SW_TRIG) + the SELL kernel as its programmatic
+# dependent (fold=0: single tokens too, through the single-token form)
+METHODS["sw-w4-g128-holdout-qkv-sellpdl0"] = _variant(
+    "sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="@fold=0,sellpdl=1"
+)
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?

@@ -220,14 +220,18 @@ def test_benchmark_table_has_the_tensor_core_epilogue_column(tmp_path):
 
 
 def test_benchmark_table_has_the_sell_pdl_section(tmp_path):
-    """cuda_gemv_bench.py --sellpdl: per M the plain GEMV, with SW_TRIG, + SELL and + SELL as its programmatic
-    dependent, and how many bitwise checks passed."""
+    """cuda_gemv_bench.py --sellpdl: per M the plain GEMV, with SW_TRIG, + SELL, + SELL as its programmatic
+    dependent and the terms inside (spread), one row a size whichever form serves it (the single-token form at one
+    token: ``cuda*``), a missing time as nan, and how many bitwise checks passed."""
     import json
 
     B = _bench_module()
+    times = {8: (("mma", 65.9), ("mma-trig", 66.0), ("mma+sell", 84.9), ("mma+sell-pdl", 77.5), ("mma-fused", 86.9))}
+    times[1] = (("cuda", 56.6), ("cuda-trig", 56.4), ("cuda+sell", 67.4), ("cuda+sell-pdl", 61.0))
     rows = [
-        {"part": "sellpdl", "kernel": kind, "m": 8, "us": us, "frac_peak": 0.4}
-        for kind, us in (("mma", 65.9), ("mma-trig", 66.0), ("mma+sell", 84.9), ("mma+sell-pdl", 77.5))
+        {"part": "sellpdl", "kernel": kind, "m": m, "us": us, "frac_peak": 0.4}
+        for m, kinds in times.items()
+        for kind, us in kinds
     ]
     rows += [{"part": "sellpdl-check", "m": 8, "shape": s_, "bitwise_equal": s_ != "down"} for s_ in ("qkv", "down")]
     path = tmp_path / "b.json"
@@ -235,7 +239,8 @@ def test_benchmark_table_has_the_sell_pdl_section(tmp_path):
     B.write_table(str(path))
     md = (tmp_path / "b.md").read_text()
     assert "bitwise equal to the plain pair: 1/2" in md
-    assert "| 8 | 65.9 | 66.0 | 84.9 | 77.5 |" in md.splitlines()
+    assert "| 8 | 65.9 | 66.0 | 84.9 | 77.5 | 86.9 |" in md.splitlines()
+    assert "| 1 | 56.6 | 56.4 | 67.4 | 61.0 | nan |" in md.splitlines()
 
 
 def test_benchmark_chooses_the_held_out_placement_and_fold(tmp_path):
@@ -1002,7 +1007,7 @@ def test_sell_kernel_as_the_trig_gemvs_programmatic_dependent(n, k):
     stream serialization); that kernel gathers and multiplies beside the GEMV and reads y only after
     ``griddepcontrol.wait``. Inside a CUDA graph whose first kernel rewrites x, at 5-8 tokens (past the default fold),
     every replay equals the GEMV + SELL pair launched plainly, bitwise, and the float reference of the restored
-    weights within the GEMV's tolerance."""
+    weights within the GEMV's tolerance; with ``fold=0`` single tokens too, through the single-token form."""
     import dataclasses
 
     from vllm_superweight.kernels import sparse_correction
@@ -1010,9 +1015,11 @@ def test_sell_kernel_as_the_trig_gemvs_programmatic_dependent(n, k):
     dtype = torch.bfloat16
     qm, ms, mz, w = _layer(n, k, 128, False, dtype, seed=23)
     sp, _, dense = _packed_held_out(n, k, dtype, seed=29)
-    plain = CG.gemv_plan(n, k, 128, False, dtype, "cuda", config=CG.config_with(CG.SERVE_MMA, spe=2))
-    trig = dataclasses.replace(plain, trig=True)
-    for m in (5, 8):
+    forms = []
+    for base, sizes in ((CG.SERVE_MMA, (5, 8)), (CG.SERVE_ONE, (1,))):
+        plain = CG.gemv_plan(n, k, 128, False, dtype, "cuda", config=CG.config_with(base, spe=2))
+        forms += [(plain, dataclasses.replace(plain, trig=True), m) for m in sizes]
+    for plain, trig, m in forms:
         src = torch.empty(m, k, device="cuda", dtype=dtype)
         x = torch.empty_like(src)
         y = torch.empty(m, n, device="cuda", dtype=dtype)

@@ -72,15 +72,17 @@ def test_split_k_sum_requests_every_partial_before_adding(cfg, mt, tmp_path):
     assert gs.cubin_info(cub).get("frame_bytes", 0) == 0
 
 
-@pytest.mark.parametrize("mt", [2, 8])
+@pytest.mark.parametrize("mt", [1, 2, 8])
 def test_trig_plan_lets_dependents_launch_and_changes_nothing_else(mt, tmp_path):
-    """SW_TRIG (the tensor-core plan the SELL kernel follows as a programmatic dependent, ``sellpdl=1``): one
-    ``griddepcontrol.launch_dependents`` (SASS ``PREEXIT``) more, the same registers, no spills; the plain plan's
-    source defines nothing new (its cached kernels keep their keys) and holds no such instruction."""
+    """SW_TRIG (the plan the SELL kernel follows as a programmatic dependent, ``sellpdl=1``: the tensor-core form,
+    with ``fold=0`` also the single-token form): one ``griddepcontrol.launch_dependents`` (SASS ``PREEXIT``) more, the
+    same registers, no spills; the plain plan's source defines nothing new (its cached kernels keep their keys) and
+    holds no such instruction."""
     import dataclasses
     import re
 
-    plan = CG.gemv_plan(12288, 4096, 128, False, torch.bfloat16, "cpu", config=CG.config_with(CG.SERVE_MMA, spe=2))
+    base = CG.SERVE_ONE if mt == 1 else CG.SERVE_MMA
+    plan = CG.gemv_plan(12288, 4096, 128, False, torch.bfloat16, "cpu", config=CG.config_with(base, spe=2))
     trig = dataclasses.replace(plan, trig=True)
     assert "SW_TRIG 1" in CG.kernel_source(trig, mt) and "#define SW_TRIG 1" not in CG.kernel_source(plan, mt)
     ops = {}

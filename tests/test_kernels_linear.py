@@ -1063,6 +1063,7 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
         "mma-prep-fails",
         "mma-sellpdl",
         "mma-sellpdl-fold8",
+        "mma-sellpdl-fold0",
         "mma-sellpdl-fails",
     ],
 )
@@ -1082,6 +1083,7 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     monkeypatch.setenv(envs.DEQUANT_MIN_M, "96")
     knob = {"mma-fold8": "8@fold=8", "mma-given": "8@mma=4:4:12:2:1:0:1:1:0:1", "mma-sellpdl": "8@sellpdl=1"}
     knob["mma-sellpdl-fold8"] = "8@fold=8,sellpdl=1"  # nothing past the fold: no trig plan
+    knob["mma-sellpdl-fold0"] = "8@fold=0,sellpdl=1"  # single tokens past the fold too: both forms trigger
     knob["mma-sellpdl-fails"] = "8@sellpdl=1"
     knob = knob.get(case, "8")
     monkeypatch.setenv(envs.CUDA_GEMV, knob)
@@ -1111,18 +1113,21 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     spread["mma-fold8"], spread["mma-given"] = spread["mma"], spread["confirmed"]
     # sellpdl=1: the spread tensor-core plan again with SW_TRIG, for the batches past the fold (5-8 tokens)
     spread["mma-sellpdl"] = spread["mma"] + [(True, 2, 5, 8, "trig")]
+    # fold=0: the tensor-core form's trig plan from 2 tokens and the single-token form's for 1
+    spread["mma-sellpdl-fold0"] = spread["mma"] + [(True, 2, 2, 8, "trig"), (False, 2, 1, 1, "trig")]
     spread["mma-sellpdl-fold8"] = spread["mma-sellpdl-fails"] = spread["mma"]
     assert prepared == spread.get(case, [])  # re-planned and compiled at load, the given form left alone
     if case in spread:
         assert kern.cgemv.spe == 2 and (kern.cgemv_mma is None or kern.cgemv_mma.spe == (case != "mma-given") * 2)
         # the trig plan only where asked for; the plain plans never trigger
-        assert (kern.cgemv_trig is not None) == (case == "mma-sellpdl") and not kern.cgemv.trig
+        assert (kern.cgemv_trig is not None) == (case in ("mma-sellpdl", "mma-sellpdl-fold0")) and not kern.cgemv.trig
+        assert (kern.cgemv_trig_one is not None) == (case == "mma-sellpdl-fold0")
         assert kern.cgemv_mma is None or not kern.cgemv_mma.trig
     if case == "mma-prep-fails":
         assert kern.cgemv.spe == 0 and kern.cgemv_mma.spe == 0
         assert "stays on the first split-K block for its held-out terms: SW_SPE=2: RuntimeError" in caplog.text
     if case == "mma-sellpdl-fails":
-        assert "stays on two plain launches for its SELL correction past 4 tokens: sellpdl: RuntimeError" in caplog.text
+        assert "stays on two plain launches for its SELL correction at 5-8 tokens: sellpdl: RuntimeError" in caplog.text
     calls = []
     monkeypatch.setattr(
         CG,
@@ -1160,6 +1165,8 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
         # sellpdl=1: past the fold the trig plan, then the SELL kernel as its programmatic dependent
         "mma-sellpdl": inside + [("gemv", 8, False, False, "trig"), ("sell-pdl", 8)],
         "mma-sellpdl-fold8": inside + [("gemv", 8, True, True, True)],
+        "mma-sellpdl-fold0": [("gemv", 4, False, False, "trig"), ("sell-pdl", 4), ("gemv", 8, False, False, "trig")]
+        + [("sell-pdl", 8)],
         # the trig plan did not compile: the two plain launches (logged)
         "mma-sellpdl-fails": inside + [("gemv", 8, False, False, True), ("sell", 8)],
         # the mma form's configuration given (not spread) or the re-plan failed: fold=1, SELL after it from 2
@@ -1168,8 +1175,10 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     four_eight["mma-prep-fails"] = four_eight["mma-given"]
     if case in four_eight:
         assert kern.sparse_keys == [] and kern.sp and kern.deq and kern.cmaps is not None and kern.held == 3
+        one = [("gemv", 1, False, False, "trig"), ("sell-pdl", 1)] if case.endswith("fold0") else [
+            ("gemv", 1, True, True, False)]  # fmt: skip
         assert calls == [
-            ("gemv", 1, True, True, False),
+            *one,
             *four_eight[case],
             ("humming", 95), ("sell", 95),
             ("deq", 96, True, CG.LAYOUT_HUMMING_SM90),

@@ -72,6 +72,11 @@ Only what users need is a knob:
                                     run it without them, then the separate SELL correction (H200, s31, 7B layer,
                                     0.1 % everywhere, us at 2 / 4 / 8 tokens: inside 74.4 / 80.4 / 96.2, after it
                                     71.8 / 76.5 / 83.8; one token, s24: inside 66.4, after 71.6).
+                                    ``,sellpdl=1`` (opt-in; one Humming copy, Hopper): past the fold the GEMV is
+                                    built to let the SELL kernel after it start at once (programmatic dependent
+                                    launch; same sums, bitwise); with ``fold=0`` single tokens too. H200, s38, 7B
+                                    layer, us at 2 / 4 / 8 tokens: 62.3 / 65.5 / 77.3 vs 69.7 / 74.2 / 83.8; end to
+                                    end at batch 8 -0.6 % (within noise).
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
@@ -373,10 +378,11 @@ def cuda_gemv_fold_max_m(default: int = DEFAULT_CUDA_GEMV_FOLD) -> int:
 
 
 def cuda_gemv_sell_pdl(default: bool = False) -> bool:
-    """``sellpdl=1`` after ``@`` in ``SUPERWEIGHT_CUDA_GEMV``: held-out layers' batches past the fold run the GEMV's
-    tensor-core form with SW_TRIG (dependents may launch as soon as its blocks have started), then the SELL kernel as
-    its programmatic dependent, whose loads and FMAs overlap the GEMV and which waits only before it touches y (one
-    Humming copy + GEMV; Hopper). Off unless given: not yet measured."""
+    """``sellpdl=1`` after ``@`` in ``SUPERWEIGHT_CUDA_GEMV``: held-out layers' batches past the fold run the GEMV
+    (its tensor-core form; with ``fold=0`` single tokens the single-token form) with SW_TRIG (dependents may launch as
+    soon as its blocks have started), then the SELL kernel as its programmatic dependent, whose loads and FMAs overlap
+    the GEMV and which waits only before it touches y (one Humming copy + GEMV; Hopper). Off unless given: 6.5-8.7 us
+    a 7B layer faster in the kernel benchmark (H200, s38), not yet shown end to end (-0.6 % at batch 8)."""
     v = _cuda_gemv()[4]
     return default if v is None else v
 

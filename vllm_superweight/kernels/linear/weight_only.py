@@ -637,6 +637,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         # that plan with SW_TRIG, for held-out batches past the fold (the SELL kernel its programmatic dependent;
         # SUPERWEIGHT_CUDA_GEMV sellpdl=1, set at load by the kernels that support it)
         self.cgemv_trig: Any = None
+        self.cgemv_trig_one: Any = None  # the single-token plan with SW_TRIG, where fold=0 (single tokens past it too)
         self.cgemv_max_m = 0
         self.cmaps: dict[str, torch.Tensor] | None = None  # the GEMV epilogue's view of packed held-out slots
         self.held = 0  # held-out entries of the layer (set_sparse)
@@ -781,7 +782,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
                 # is the GEMV's programmatic dependent
                 from .. import gemm_then_correction
 
-                trig = self.cgemv_trig if x.shape[0] > 1 else None
+                trig = self.cgemv_trig if x.shape[0] > 1 else self.cgemv_trig_one
                 gemv = functools.partial(marlin_gemv_cuda, x, qm, scale, zero, trig or plan, bias)
                 return gemm_then_correction(gemv, x, sparse, self.n, pdl=trig is not None)
             return marlin_gemv_cuda(x, qm, scale, zero, plan, bias, sparse=sparse, maps=maps)
@@ -1021,22 +1022,29 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
             self._plan_trig()
 
     def _plan_trig(self) -> None:
-        """``SUPERWEIGHT_CUDA_GEMV=..,sellpdl=1`` (opt-in until measured): held-out batches past the fold run the
-        tensor-core form with SW_TRIG, then the SELL kernel as its programmatic dependent (``cgemv_trig``). Compiled
-        now, like the other plans; a failure keeps the two plain launches (logged)."""
+        """``SUPERWEIGHT_CUDA_GEMV=..,sellpdl=1`` (opt-in until measured end to end): held-out batches past the fold
+        run the GEMV with SW_TRIG, then the SELL kernel as its programmatic dependent -- the tensor-core form's plan
+        for 2+ tokens (``cgemv_trig``) and, with ``fold=0``, the single-token form's (``cgemv_trig_one``). Compiled
+        now, like the other plans; a failure keeps that form's two plain launches (logged)."""
         fold = self._fold()
-        if not envs.cuda_gemv_sell_pdl() or self.cgemv_mma is None or fold >= self.cgemv_max_m:
+        if not envs.cuda_gemv_sell_pdl() or fold >= self.cgemv_max_m:
             return
         from .. import cuda_marlin_gemv as CG
 
-        trig = dataclasses.replace(self.cgemv_mma, trig=True)
-        try:
-            CG.prepare(trig, self.cgemv_max_m, min_m=max(2, fold + 1))
-        except (ValueError, RuntimeError, OSError) as e:
-            span = f"its SELL correction past {fold} tokens"
-            _warn_once(f"sellpdl: {type(e).__name__}: {e}", self.config.prefix, span, keeps="two plain launches")
-            return
-        self.cgemv_trig = trig
+        forms = [("cgemv_trig", self.cgemv_mma, max(2, fold + 1), self.cgemv_max_m)]
+        if fold == 0:
+            forms.append(("cgemv_trig_one", self.cgemv, 1, 1))
+        for attr, plan, lo, hi in forms:
+            if plan is None or lo > hi:
+                continue
+            trig = dataclasses.replace(plan, trig=True)
+            try:
+                CG.prepare(trig, hi, min_m=lo)
+            except (ValueError, RuntimeError, OSError) as e:
+                span = f"its SELL correction at {lo}-{hi} tokens"
+                _warn_once(f"sellpdl: {type(e).__name__}: {e}", self.config.prefix, span, keeps="two plain launches")
+                continue
+            setattr(self, attr, trig)
 
     def _held_placement(self) -> None:
         """A held-out layer's GEMV plans with the terms summed where HELD_SPE says, for each form whose launch
