@@ -19,6 +19,10 @@ import sys
 from collections import OrderedDict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from engine_profile import profile_table  # noqa: E402
+
 ORDER = [
     "bf16",
     "awq",
@@ -124,7 +128,7 @@ def load(path: str):
     latest: dict = OrderedDict()
     for r in recs:
         kind = r.get("kind") or ("latency" if r.get("latency_s") and r.get("batch", 0) <= 256 else "throughput")
-        key = (variant_of(r), kind, r["input_len"], r["output_len"], r["batch"] if kind == "latency" else 0)
+        key = (variant_of(r), kind, r["input_len"], r["output_len"], r["batch"] if kind != "throughput" else 0)
         latest[key] = dict(r, kind=kind, variant=variant_of(r))
     return list(latest.values())
 
@@ -320,6 +324,9 @@ def main() -> int:
         return 1
     os.makedirs(out_dir, exist_ok=True)
     md = table(recs)
+    prof = profile_table(recs)  # throughput.py --profile-batches: where a decode step's GPU time goes
+    if prof:
+        md += "\n" + prof
     with open(os.path.join(out_dir, f"{args.name}.md"), "w") as f:
         f.write(md)
     plot(recs, os.path.join(out_dir, f"{args.name}.png"))

@@ -11,7 +11,9 @@ Stages (each in its own subprocess; progress lines carry timestamps):
  3. per method: ONE vLLM engine (torch.compile + CUDA graphs, default -O level) that runs all measurements:
     offline throughput (random token prompts, ignore_eos, like ``vllm bench throughput``) for every
     ``--throughput-lens`` pair, and latency (like ``vllm bench latency``: a batch of random prompts generated to
-    completion, mean over iterations) for every ``--latency-batches`` size.
+    completion, mean over iterations) for every ``--latency-batches`` size; with ``--profile-batches``, after them,
+    one generation a batch size under vLLM's torch profiler, its trace summed by kernel family
+    (``engine_profile.py``: where a decode step's GPU time goes).
 Every record is appended to ``--out`` as soon as it is measured (a killed run keeps what finished). The
 ``--budget-s`` guard skips a stage that would not finish in time (rerun with the remaining ``--methods``);
 converted checkpoints are deleted after their measurement (``--keep`` keeps them).
@@ -30,9 +32,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import engine_profile  # noqa: E402
 import vllm_log  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -628,6 +632,8 @@ def orchestrate(args) -> int:
         ]
         if args.capture_sizes:
             cmd += ["--capture-sizes", args.capture_sizes]
+        if args.profile_batches:
+            cmd += ["--profile-batches", args.profile_batches, "--profile-lens", args.profile_lens]
         if args.eager:
             cmd += ["--eager"]
         cmd += ["--tp", str(args.tp)]
@@ -683,6 +689,19 @@ def measure(args) -> int:
         kw["enforce_eager"] = True
     elif args.capture_sizes:
         kw["compilation_config"] = {"cudagraph_capture_sizes": [int(v) for v in args.capture_sizes.split(",")]}
+    prof_dir = ""
+    if args.profile_batches:  # vLLM's torch profiler (GPU kernels only; started and stopped around each generation)
+        # the traces stay on the machine (tens of MB each; $OUT returns few files): the records carry their sums
+        root = os.environ.get("SW_PROFILE_DIR") or os.path.join(tempfile.gettempdir(), "sw-profiles")
+        prof_dir = os.path.join(root, f"{args.variant}-tp{args.tp}")
+        os.makedirs(prof_dir, exist_ok=True)
+        kw["profiler_config"] = {
+            "profiler": "torch",
+            "torch_profiler_dir": prof_dir,
+            "torch_profiler_with_stack": False,
+            "torch_profiler_dump_cuda_time_total": False,
+            "ignore_frontend": True,
+        }
     log(f"[{args.variant}] starting engine: {kw}")
     llm = LLM(**kw)
     start_s = time.time() - t0
@@ -756,6 +775,29 @@ def measure(args) -> int:
                 f"[{args.variant}] latency batch {b} in {in_len} / out {out_len}: {mean:.3f}s "
                 f"({1000 * mean / out_len:.2f} ms/step)"
             )
+    for b in [int(v) for v in args.profile_batches.split(",") if v.strip()]:
+        # after the latency runs (they are timed without the profiler), before the saturated ones
+        for in_len, out_len in parse_pairs(args.profile_lens):
+            ps = prompts(b, in_len)
+            gen(ps, out_len)  # the same shapes once unprofiled
+            since = time.time() - 1.0
+            llm.start_profile(profile_prefix=f"b{b}-{in_len}x{out_len}")
+            gen(ps, out_len)
+            llm.stop_profile()
+            files = engine_profile.trace_files(prof_dir, since)
+            if not files:
+                log(f"[{args.variant}] profile batch {b}: no trace written in {prof_dir}")
+                continue
+            try:
+                summary = engine_profile.summarize(engine_profile.load_kernels(files[-1]), out_len)
+            except (ValueError, KeyError, OSError) as e:  # e.g. the CPU build: CPU activity only
+                log(f"[{args.variant}] profile batch {b}: {files[-1]}: {type(e).__name__}: {e}")
+                continue
+            rec = dict(base, kind="profile", input_len=in_len, output_len=out_len, batch=b, num_prompts=b, **summary)
+            rec["trace"] = files[-1]
+            append_records(args.out, [rec])
+            fams = ", ".join(f"{f} {v:.0f}" for f, v in list(summary["family_us_per_step"].items())[:6])
+            log(f"[{args.variant}] profile batch {b}: {summary['busy_us_per_step']:.0f} us a step busy ({fams})")
     for in_len, out_len in parse_pairs(args.throughput_lens):
         if in_len + out_len > args.max_model_len:
             log(f"skip throughput {in_len}/{out_len}: exceeds max_model_len")
@@ -806,6 +848,13 @@ def main() -> int:
         default="1,2,4,8,16,24,32,48,64,96,128,192,256",
         help="CUDA-graph capture sizes ('' = vLLM's default list)",
     )
+    ap.add_argument(
+        "--profile-batches",
+        default="",
+        help="after the latency runs: one generation a batch size under vLLM's torch profiler, summed by kernel "
+        "family into a 'profile' record (engine_profile.py); e.g. 8,64",
+    )
+    ap.add_argument("--profile-lens", default="128x64", help="input x output of each profiled generation")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every engine")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (smoke tests only, never for numbers)")
     ap.add_argument("--convert-device", default="cuda")

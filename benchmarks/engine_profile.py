@@ -1,0 +1,140 @@
+"""Where a decode step's GPU time goes inside a vLLM engine, by kernel family -- from the torch-profiler traces vLLM
+writes (``throughput.py --profile-batches 8,64``: after an engine's other measurements, one profiled generation a
+batch size, its trace parsed here into one ``kind: "profile"`` record).
+
+Why (session 38): the kernel benchmark put the q/k/v hold-out at 12.8 us a 7B layer at 8 tokens (0.41 ms a step over
+32 layers), the engines paid 0.21 ms (3.77 vs 3.56 ms a step), and a 3.9 us a layer gain in the benchmark moved the
+engine by 0.6 %. The same decode step, profiled inside both engines, says which kernels the hold-out really adds.
+
+    python benchmarks/engine_profile.py throughput.json [--out profile.md]   # the table of a run's profile records
+
+Families are matched on the kernel's name (first match wins); every kernel of the profiled window counts, the prompt's
+prefill included (the same prompts in every engine compared), divided by the tokens generated per sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+
+# (family, substrings of the lower-cased kernel name); first match wins
+FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("GEMV (ours)", ("sw_marlin_gemv",)),
+    ("SELL correction (ours)", ("_sell_spmm", "sw_sell")),
+    ("x transpose for the SELL kernel (ours)", ("_gather_transpose",)),
+    ("dequantize with restore (ours)", ("marlin_deq", "_deq_kernel")),
+    ("Humming GEMM", ("humming",)),
+    ("Marlin", ("marlin",)),
+    ("Machete", ("machete",)),
+    ("attention", ("flash", "attn", "attention", "paged")),
+    ("dense GEMM (cuBLAS / CUTLASS)", ("gemm", "cutlass", "nvjet", "xmma", "cublas")),
+    ("norm / activation / rotary", ("rms", "norm", "silu", "act_and_mul", "rotary", "rope")),
+)
+OTHER = "other"
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return OTHER
+
+
+def trace_files(directory: str, since: float) -> list[str]:
+    """The trace files vLLM's profiler wrote in ``directory`` at or after ``since`` (epoch s), newest last."""
+    found = [
+        p
+        for pat in ("*.pt.trace.json.gz", "*.pt.trace.json")
+        for p in glob.glob(os.path.join(directory, "**", pat), recursive=True)
+        if os.path.getmtime(p) >= since
+    ]
+    return sorted(found, key=os.path.getmtime)
+
+
+def load_kernels(path: str) -> list[dict]:
+    """The GPU kernel events (``cat`` kernel, complete events) of one Chrome trace, as {name, ts, dur} in us."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [
+        {"name": e.get("name", "?"), "ts": float(e["ts"]), "dur": float(e.get("dur", 0.0))}
+        for e in events
+        if e.get("cat") == "kernel" and e.get("ph") == "X" and "ts" in e
+    ]
+
+
+def summarize(kernels: list[dict], steps: int, top: int = 15) -> dict:
+    """Per decode step (``steps`` = tokens generated a sequence): us by family, busy (the kernels' summed time) and
+    span (first start to last end: busy plus the GPU's idle gaps), and the ``top`` kernels by time."""
+    if not kernels:
+        raise ValueError("the trace holds no GPU kernel events (profiler without CUDA activity?)")
+    steps = max(1, steps)
+    by_fam: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
+    for k in kernels:
+        by_fam[family(k["name"])] = by_fam.get(family(k["name"]), 0.0) + k["dur"]
+        acc = by_name.setdefault(k["name"], [0.0, 0.0])
+        acc[0] += k["dur"]
+        acc[1] += 1
+    busy = sum(k["dur"] for k in kernels)
+    span = max(k["ts"] + k["dur"] for k in kernels) - min(k["ts"] for k in kernels)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "steps": steps,
+        "kernels": len(kernels),
+        "busy_us_per_step": round(busy / steps, 2),
+        "span_us_per_step": round(span / steps, 2),
+        "family_us_per_step": {f: round(v / steps, 2) for f, v in sorted(by_fam.items(), key=lambda kv: -kv[1])},
+        "top": [
+            {"name": n[:160], "family": family(n), "us_per_step": round(t / steps, 2), "per_step": round(c / steps, 2)}
+            for n, (t, c) in ranked
+        ],
+    }
+
+
+def profile_table(records: list[dict]) -> str:
+    """Markdown: us a decode step by family (rows) for each profiled engine and batch (columns), then busy and span."""
+    recs = [r for r in records if r.get("kind") == "profile" and r.get("family_us_per_step")]
+    if not recs:
+        return ""
+    cols = [(r.get("variant", r.get("method", "?")), r["batch"]) for r in recs]
+    fams = [f for f, _ in FAMILIES if any(f in r["family_us_per_step"] for r in recs)]
+    fams += [OTHER] if any(OTHER in r["family_us_per_step"] for r in recs) else []
+    lines = [
+        "## Where a decode step's GPU time goes (us a step; torch profiler inside the engine)",
+        "",
+        "| kernel family | " + " | ".join(f"{v} b{b}" for v, b in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for f in fams:
+        lines.append(f"| {f} | " + " | ".join(f"{r['family_us_per_step'].get(f, 0.0):.1f}" for r in recs) + " |")
+    lines.append("| **busy (all kernels)** | " + " | ".join(f"**{r['busy_us_per_step']:.1f}**" for r in recs) + " |")
+    lines.append("| span (busy + idle gaps) | " + " | ".join(f"{r['span_us_per_step']:.1f}" for r in recs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", help="a throughput.py output with profile records")
+    ap.add_argument("--out", help="markdown file to write (default: print)")
+    args = ap.parse_args()
+    with open(args.json) as f:
+        table = profile_table(json.load(f))
+    if not table:
+        print(f"{args.json}: no profile records")
+        return 1
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

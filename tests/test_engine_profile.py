@@ -1,0 +1,102 @@
+"""benchmarks/engine_profile.py: a vLLM torch-profiler trace summed by kernel family per decode step, and the table
+that sets engines side by side (throughput.py --profile-batches writes the records, plot_throughput.py the table)."""
+
+import gzip
+import json
+import os
+import time
+
+import pytest
+from bench_module import load
+
+EP = load("engine_profile")
+
+KERNELS = [  # (name, ts, dur) in us: two decode steps of a held-out layer, and events that are not GPU kernels
+    ("sw_marlin_gemv", 0.0, 60.0),
+    ("_sell_spmm_kernel", 62.0, 10.0),
+    ("void humming<Config<128, 64>, ...>(...)", 80.0, 30.0),
+    ("_gather_transpose_kernel", 112.0, 3.0),
+    ("flash::flash_fwd_splitkv_kernel<...>", 120.0, 20.0),
+    ("void vllm::rms_norm_kernel<c10::BFloat16>(...)", 145.0, 5.0),
+    ("triton_poi_fused_mul_silu_0", 151.0, 4.0),
+    ("sw_marlin_gemv", 200.0, 60.0),
+    ("_sell_spmm_kernel", 262.0, 10.0),
+]
+
+
+def _trace(path, kernels=KERNELS):
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": ts, "dur": d} for n, ts, d in kernels]
+    events += [
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0.0, "dur": 5.0},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 1.0, "dur": 2.0},
+        {"ph": "i", "cat": "kernel", "name": "instant, not a complete event", "ts": 3.0},
+    ]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events, "deviceProperties": []}, f)
+
+
+def test_families_by_kernel_name():
+    assert EP.family("sw_marlin_gemv") == "GEMV (ours)"
+    assert EP.family("_sell_spmm_kernel") == "SELL correction (ours)"
+    assert EP.family("_gather_transpose_kernel") == "x transpose for the SELL kernel (ours)"
+    assert EP.family("void humming<Cfg>(...)") == "Humming GEMM"
+    assert EP.family("Marlin<256, 1, 8>") == "Marlin" and EP.family("machete_mm") == "Machete"
+    assert EP.family("flash::flash_fwd_splitkv_kernel") == "attention"
+    assert EP.family("sm90_xmma_gemm_bf16bf16") == "dense GEMM (cuBLAS / CUTLASS)"
+    assert EP.family("triton_poi_fused_add_0") == EP.OTHER
+
+
+def test_trace_summed_per_step(tmp_path):
+    path = tmp_path / "w.pt.trace.json.gz"
+    _trace(path)
+    kernels = EP.load_kernels(str(path))
+    assert [k["name"] for k in kernels] == [n for n, _, _ in KERNELS]  # kernels only, complete events only
+    s = EP.summarize(kernels, steps=2)
+    fam = s["family_us_per_step"]
+    assert fam["GEMV (ours)"] == 60.0 and fam["SELL correction (ours)"] == 10.0 and fam["Humming GEMM"] == 15.0
+    assert fam["norm / activation / rotary"] == 4.5 and fam["x transpose for the SELL kernel (ours)"] == 1.5
+    assert list(fam)[0] == "GEMV (ours)"  # largest first
+    assert s["busy_us_per_step"] == pytest.approx(sum(d for _, _, d in KERNELS) / 2)
+    assert s["span_us_per_step"] == pytest.approx(272.0 / 2)  # first start to last end, idle gaps included
+    assert s["top"][0] == {"name": "sw_marlin_gemv", "family": "GEMV (ours)", "us_per_step": 60.0, "per_step": 1.0}
+    with pytest.raises(ValueError, match="no GPU kernel events"):
+        EP.summarize([], steps=2)
+
+
+def test_trace_files_written_since(tmp_path):
+    old, new = tmp_path / "a" / "old.pt.trace.json.gz", tmp_path / "a" / "b1.pt.trace.json.gz"
+    old.parent.mkdir()
+    for p in (old, new):
+        _trace(p)
+    t = time.time()
+    os.utime(old, (t - 100, t - 100))
+    (tmp_path / "a" / "notes.txt").write_text("not a trace")
+    assert EP.trace_files(str(tmp_path), t - 10) == [str(new)]
+    assert EP.trace_files(str(tmp_path), t - 1000) == [str(old), str(new)]
+
+
+def test_profile_table_sets_engines_side_by_side(tmp_path):
+    held = dict(kind="profile", variant="held", batch=8, **EP.summarize(EP.load_kernels(_write(tmp_path)), steps=2))
+    plain_k = [k for k in KERNELS if "sell" not in k[0] and "transpose" not in k[0]]
+    plain = dict(
+        kind="profile", variant="plain", batch=8, **EP.summarize(EP.load_kernels(_write(tmp_path, plain_k)), 2)
+    )
+    md = EP.profile_table([{"kind": "latency", "batch": 8}, held, plain])
+    rows = md.splitlines()
+    assert rows[2] == "| kernel family | held b8 | plain b8 |"
+    assert "| SELL correction (ours) | 10.0 | 0.0 |" in rows
+    assert "| x transpose for the SELL kernel (ours) | 1.5 | 0.0 |" in rows
+    assert "| **busy (all kernels)** | **101.0** | **89.5** |" in rows
+    assert EP.profile_table([{"kind": "latency"}]) == ""
+    # plot_throughput keeps one profile record a batch size and appends the table to its markdown
+    PT = load("plot_throughput")
+    recs = [dict(r, input_len=128, output_len=64) for r in (held, dict(held, batch=64))]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(recs))
+    assert sorted(r["batch"] for r in PT.load(str(path))) == [8, 64]
+
+
+def _write(tmp_path, kernels=KERNELS):
+    path = tmp_path / f"t{len(kernels)}.pt.trace.json.gz"
+    _trace(path, kernels)
+    return str(path)
