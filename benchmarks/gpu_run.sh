@@ -140,6 +140,9 @@ EOF
   if [ -d .gpu-bundle/humming ] && [ ! -d "$STASH_DIR/hm-site/humming" ]; then
     $PY -m pip install -q --no-index --no-deps --target "$STASH_DIR/hm-site" .gpu-bundle/humming/*.whl \
       || echo "[$(ts)] humming-kernels: install failed"
+    # Humming keys its kernel cache on its headers' paths and mtimes (Compiler.cuh_last_update_time): one fixed
+    # mtime, so the builds a lease carries in (cache-in) match those of the lease that made them
+    find "$STASH_DIR/hm-site/humming" -name '*.cuh' -exec touch -d '2026-01-01 00:00:00' {} + 2>/dev/null
   fi
   if [ -d "$STASH_DIR/hm-site/humming" ]; then export PYTHONPATH=$PYTHONPATH:$STASH_DIR/hm-site; fi
   $PY - <<'EOF'
