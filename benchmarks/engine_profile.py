@@ -77,7 +77,8 @@ def summarize(kernels: list[dict], steps: int, top: int = 15) -> dict:
     by_fam: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}
     for k in kernels:
-        by_fam[family(k["name"])] = by_fam.get(family(k["name"]), 0.0) + k["dur"]
+        fam = family(k["name"])
+        by_fam[fam] = by_fam.get(fam, 0.0) + k["dur"]
         acc = by_name.setdefault(k["name"], [0.0, 0.0])
         acc[0] += k["dur"]
         acc[1] += 1

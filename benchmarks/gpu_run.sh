@@ -184,20 +184,26 @@ src_hash() { find vllm_superweight -name '*.py' -print0 | sort -z | xargs -0 sha
 # caches (content-keyed: Humming by its source hash, ours by the kernel source, Triton by its own) always, vLLM's
 # compile cache only where the package's sources are the ones it was made with.
 cache_in() {
-  local d c="$STASH_DIR/cache"
-  for d in .gpu-cache*; do [ -d "$d" ] && mkdir -p "$c" && cp -f "$d"/swcache* "$c/" 2>/dev/null; done
+  local f c="$STASH_DIR/cache"
+  # (a part already stashed is kept: every stage's setup runs this, so a carried 90 MB is copied once)
+  for f in .gpu-cache*/swcache*; do
+    [ -f "$f" ] && [ ! -e "$c/${f##*/}" ] && mkdir -p "$c" && cp "$f" "$c/"
+  done
   [ -f "$c/swcache.sha256" ] || return 0
-  local kind want
+  local kind want have
   for kind in k v; do
     [ -f "$c/.unpacked-$kind" ] && continue
     ls "$c"/swcache-$kind.tar.gz.* >/dev/null 2>&1 || continue
     if ! (cd "$c" && grep " swcache-$kind\." swcache.sha256 | sha256sum --quiet -c - 2>/dev/null); then
       echo "[$(ts)] cache-in: swcache-$kind parts incomplete so far ($(ls "$c" | tr '\n' ' '))"; continue
     fi
-    want=$(sed -n 's/^src //p' "$c/swcache.sha256")
-    if [ "$kind" = v ] && [ "$want" != "$(src_hash)" ]; then
-      echo "[$(ts)] cache-in: vLLM's compile cache skipped (made with package sources $want, these are $(src_hash))"
-      touch "$c/.unpacked-$kind"; continue
+    if [ "$kind" = v ]; then
+      want=$(sed -n 's/^src //p' "$c/swcache.sha256")
+      have=$(src_hash)
+      if [ "$want" != "$have" ]; then
+        echo "[$(ts)] cache-in: vLLM's compile cache skipped (made with package sources $want, these are $have)"
+        touch "$c/.unpacked-$kind"; continue
+      fi
     fi
     if cat "$c"/swcache-$kind.tar.gz.* | gzip -dc | tar -C / -xf - ; then
       touch "$c/.unpacked-$kind"; echo "[$(ts)] cache-in: swcache-$kind unpacked"

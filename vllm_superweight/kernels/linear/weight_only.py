@@ -1029,22 +1029,25 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
         fold = self._fold()
         if not envs.cuda_gemv_sell_pdl() or fold >= self.cgemv_max_m:
             return
+        self.cgemv_trig = self._trig_of(self.cgemv_mma, max(2, fold + 1), self.cgemv_max_m)
+        if fold == 0:
+            self.cgemv_trig_one = self._trig_of(self.cgemv, 1, 1)
+
+    def _trig_of(self, plan: Any, lo: int, hi: int) -> Any:
+        """``plan`` with SW_TRIG, compiled for ``lo``-``hi`` tokens; None where there is no plan or it cannot
+        compile (that form keeps its two plain launches, logged)."""
+        if plan is None or lo > hi:
+            return None
         from .. import cuda_marlin_gemv as CG
 
-        forms = [("cgemv_trig", self.cgemv_mma, max(2, fold + 1), self.cgemv_max_m)]
-        if fold == 0:
-            forms.append(("cgemv_trig_one", self.cgemv, 1, 1))
-        for attr, plan, lo, hi in forms:
-            if plan is None or lo > hi:
-                continue
-            trig = dataclasses.replace(plan, trig=True)
-            try:
-                CG.prepare(trig, hi, min_m=lo)
-            except (ValueError, RuntimeError, OSError) as e:
-                span = f"its SELL correction at {lo}-{hi} tokens"
-                _warn_once(f"sellpdl: {type(e).__name__}: {e}", self.config.prefix, span, keeps="two plain launches")
-                continue
-            setattr(self, attr, trig)
+        trig = dataclasses.replace(plan, trig=True)
+        try:
+            CG.prepare(trig, hi, min_m=lo)
+        except (ValueError, RuntimeError, OSError) as e:
+            span = f"its SELL correction at {lo}-{hi} tokens"
+            _warn_once(f"sellpdl: {type(e).__name__}: {e}", self.config.prefix, span, keeps="two plain launches")
+            return None
+        return trig
 
     def _held_placement(self) -> None:
         """A held-out layer's GEMV plans with the terms summed where HELD_SPE says, for each form whose launch
