@@ -256,7 +256,10 @@ METHODS["sw-w4-g128-dual"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="dual"
 METHODS["sw-w4-g128-holdout-qkv-mdeq1"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="marlin-deq1")
 # session 37: the held-out default (auto) with its 5-8 token batches' SELL kernel launched as the GEMV's programmatic
 # dependent (the GEMV with SW_TRIG) -- the batch-8 hold-out target, beside sw-w4-g128-holdout-qkv
-METHODS["sw-w4-g128-holdout-qkv-sellpdl"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="@sellpdl=1")
+# (fold=4 explicit since s39, when sellpdl became the default with fold 0)
+METHODS["sw-w4-g128-holdout-qkv-sellpdl"] = _variant(
+    "sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="@fold=4,sellpdl=1"
+)
 # session 38: the same with the 5-8 token batches' terms inside the tensor-core GEMV too (spread over its split-K
 # blocks, as the defaults do up to 4 tokens): at one token the terms inside cost nothing end to end (s38 H200: -1.4 %)
 # where the kernel benchmark put them at +8 us a layer -- is the benchmark's preference for the SELL kernel after the
@@ -266,6 +269,11 @@ METHODS["sw-w4-g128-holdout-qkv-fold8"] = _variant("sw-w4-g128-holdout-qkv", SUP
 # dependent (fold=0: single tokens too, through the single-token form)
 METHODS["sw-w4-g128-holdout-qkv-sellpdl0"] = _variant(
     "sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="@fold=0,sellpdl=1"
+)
+# session 39: sellpdl0 is the default (H100: batch 1 / 8 0.736 / 0.988 s vs 0.764 / 0.998); the s36-s38 defaults
+# (terms inside the GEMV up to 4 tokens, the SELL kernel launched plainly after it above) for comparison
+METHODS["sw-w4-g128-holdout-qkv-inside4"] = _variant(
+    "sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="@fold=4,sellpdl=0"
 )
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8

@@ -1058,6 +1058,8 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
         "not-confirmed",
         "bias",
         "mma",
+        "mma-not-hopper",
+        "mma-inside4",
         "mma-fold8",
         "mma-given",
         "mma-prep-fails",
@@ -1065,6 +1067,7 @@ def test_humming_gemv_plans_over_hummings_tensors_and_checks_them_at_load(monkey
         "mma-sellpdl-fold8",
         "mma-sellpdl-fold0",
         "mma-sellpdl-fails",
+        "mma-sellpdl-one-fails",
     ],
 )
 def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
@@ -1074,24 +1077,31 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     load (GEMV off or its check failed) or the layer has a bias: the base class's correction after every GEMM.
     With the tensor-core form planned (SUPERWEIGHT_CUDA_GEMV=8), 2-8 tokens run it, then the SELL correction (or,
     with fold=8, with the terms in its epilogue). Held-out layers re-plan both forms with the terms spread over the
-    split-K blocks (SW_SPE 2) unless SUPERWEIGHT_CUDA_GEMV gives that form's configuration; where every plan spreads,
-    fold defaults to 4 tokens (H100, s36), else to 1; a re-plan that cannot compile keeps the plain plan (logged)."""
+    split-K blocks (SW_SPE 2) unless SUPERWEIGHT_CUDA_GEMV gives that form's configuration. On Hopper's layout the
+    default (s39) is sellpdl with fold 0: every held-out batch of 1-8 tokens through the GEMV's SW_TRIG plan, then the
+    SELL kernel as its programmatic dependent; with sellpdl=0 (or off Hopper) where every plan spreads, fold defaults
+    to 4 tokens (H100, s36), else to 1. A re-plan that cannot compile keeps the plain plan (logged); a single-token
+    SW_TRIG plan that cannot compile moves single tokens back inside the GEMV (fold 1), both failing: fold 4."""
     import vllm_superweight.kernels as K
     from vllm_superweight.kernels import cuda_marlin_gemv as CG
     from vllm_superweight.kernels import triton_marlin_deq as MD
 
     monkeypatch.setenv(envs.DEQUANT_MIN_M, "96")
-    knob = {"mma-fold8": "8@fold=8", "mma-given": "8@mma=4:4:12:2:1:0:1:1:0:1", "mma-sellpdl": "8@sellpdl=1"}
+    # the mma form's configuration given (not spread) and the failed re-plan with sellpdl off: fold 1
+    knob = {"mma-fold8": "8@fold=8", "mma-given": "8@mma=4:4:12:2:1:0:1:1:0:1,sellpdl=0", "mma-inside4": "8@sellpdl=0"}
+    knob["mma-prep-fails"] = "8@sellpdl=0"
+    knob["mma-sellpdl"] = "8@fold=4,sellpdl=1"  # the SELL kernel as the dependent past a fold of 4
     knob["mma-sellpdl-fold8"] = "8@fold=8,sellpdl=1"  # nothing past the fold: no trig plan
     knob["mma-sellpdl-fold0"] = "8@fold=0,sellpdl=1"  # single tokens past the fold too: both forms trigger
     knob["mma-sellpdl-fails"] = "8@sellpdl=1"
-    knob = knob.get(case, "8")
+    knob = knob.get(case, "8")  # "mma", "mma-sellpdl-one-fails", "mma-not-hopper": the defaults
     monkeypatch.setenv(envs.CUDA_GEMV, knob)
     monkeypatch.setattr(WO, "_NOT_PLANNED", {})
     prepared = []
 
     def prepare(plan, max_m, min_m=1):
-        if case == "mma-prep-fails" or (case == "mma-sellpdl-fails" and plan.trig):
+        one_fails = case == "mma-sellpdl-one-fails" and plan.trig and not plan.mma
+        if case == "mma-prep-fails" or (case == "mma-sellpdl-fails" and plan.trig) or one_fails:
             raise RuntimeError("cuda GEMV: NVRTC failed: (test)")
         prepared.append((plan.mma, plan.spe, min_m, max_m) + (("trig",) if plan.trig else ()))
 
@@ -1101,6 +1111,8 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     if case != "not-confirmed":
         kern.cgemv = CG.gemv_plan(128, 256, 64, False, torch.bfloat16, "cpu", layout=CG.LAYOUT_HUMMING_SM90)
         kern.cgemv_max_m, kern.layout = 1, CG.LAYOUT_HUMMING_SM90
+    if case == "mma-not-hopper":  # Humming's layout off Hopper: no programmatic dependent launch by default
+        kern.layout = CG.LAYOUT_HUMMING
     if case.startswith("mma"):
         kern.cgemv_mma = CG.gemv_plan(
             128, 256, 64, False, torch.bfloat16, "cpu", config=CG.MMA_CONFIG, layout=CG.LAYOUT_HUMMING_SM90
@@ -1111,23 +1123,36 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
         kern.set_sparse(layer, rows, cols, torch.tensor([0.5, -1.0, 2.0]))
     spread = {"confirmed": [(False, 2, 1, 1)], "mma": [(False, 2, 1, 1), (True, 2, 2, 8)]}
     spread["mma-fold8"], spread["mma-given"] = spread["mma"], spread["confirmed"]
+    plain = spread["mma"]
+    spread["mma-inside4"] = spread["mma-not-hopper"] = spread["mma-fold8"] = plain
     # sellpdl=1: the spread tensor-core plan again with SW_TRIG, for the batches past the fold (5-8 tokens)
-    spread["mma-sellpdl"] = spread["mma"] + [(True, 2, 5, 8, "trig")]
-    # fold=0: the tensor-core form's trig plan from 2 tokens and the single-token form's for 1
-    spread["mma-sellpdl-fold0"] = spread["mma"] + [(True, 2, 2, 8, "trig"), (False, 2, 1, 1, "trig")]
-    spread["mma-sellpdl-fold8"] = spread["mma-sellpdl-fails"] = spread["mma"]
+    spread["mma-sellpdl"] = plain + [(True, 2, 5, 8, "trig")]
+    # fold=0 (the default on Hopper's layout): the tensor-core form's trig plan from 2 tokens and the single-token
+    # form's for 1
+    spread["mma-sellpdl-fold0"] = spread["mma"] = plain + [(True, 2, 2, 8, "trig"), (False, 2, 1, 1, "trig")]
+    spread["mma-sellpdl-one-fails"] = plain + [(True, 2, 2, 8, "trig")]
+    spread["mma-sellpdl-fold8"] = spread["mma-sellpdl-fails"] = plain
+    spread["confirmed"] = spread["confirmed"] + [(False, 2, 1, 1, "trig")]  # the single-token form alone: fold 0 too
     assert prepared == spread.get(case, [])  # re-planned and compiled at load, the given form left alone
     if case in spread:
         assert kern.cgemv.spe == 2 and (kern.cgemv_mma is None or kern.cgemv_mma.spe == (case != "mma-given") * 2)
         # the trig plan only where asked for; the plain plans never trigger
-        assert (kern.cgemv_trig is not None) == (case in ("mma-sellpdl", "mma-sellpdl-fold0")) and not kern.cgemv.trig
-        assert (kern.cgemv_trig_one is not None) == (case == "mma-sellpdl-fold0")
+        mma_trig = ("mma", "mma-sellpdl", "mma-sellpdl-fold0", "mma-sellpdl-one-fails")
+        assert (kern.cgemv_trig is not None) == (case in mma_trig) and not kern.cgemv.trig
+        assert (kern.cgemv_trig_one is not None) == (case in ("confirmed", "mma", "mma-sellpdl-fold0"))
         assert kern.cgemv_mma is None or not kern.cgemv_mma.trig
+        # the fold settled at load: 0 under sellpdl, 1 where only the single-token trig plan failed, 4 where both
+        # did or sellpdl is off (every plan spread), 8 where given
+        fold = {"mma": 0, "mma-sellpdl-fold0": 0, "mma-sellpdl-one-fails": 1, "mma-fold8": 8, "mma-sellpdl-fold8": 8}
+        fold["confirmed"], fold["mma-given"] = 0, 1
+        assert kern._fold() == fold.get(case, 4)
     if case == "mma-prep-fails":
         assert kern.cgemv.spe == 0 and kern.cgemv_mma.spe == 0
         assert "stays on the first split-K block for its held-out terms: SW_SPE=2: RuntimeError" in caplog.text
     if case == "mma-sellpdl-fails":
-        assert "stays on two plain launches for its SELL correction at 5-8 tokens: sellpdl: RuntimeError" in caplog.text
+        assert "stays on two plain launches for its SELL correction at 2-8 tokens: sellpdl: RuntimeError" in caplog.text
+    if case == "mma-sellpdl-one-fails":
+        assert "stays on two plain launches for its SELL correction at 1-1 tokens: sellpdl: RuntimeError" in caplog.text
     calls = []
     monkeypatch.setattr(
         CG,
@@ -1160,29 +1185,32 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     four_eight = {
         "confirmed": [("humming", 4), ("sell", 4), ("humming", 8), ("sell", 8)],
         # spread (the default): fold=4, the terms in its epilogue up to 4 tokens, the SELL kernel after it above
-        "mma": inside + [("gemv", 8, False, False, True), ("sell", 8)],
+        "mma-inside4": inside + [("gemv", 8, False, False, True), ("sell", 8)],
         "mma-fold8": inside + [("gemv", 8, True, True, True)],  # fold=8 given: the terms in its epilogue
         # sellpdl=1: past the fold the trig plan, then the SELL kernel as its programmatic dependent
         "mma-sellpdl": inside + [("gemv", 8, False, False, "trig"), ("sell-pdl", 8)],
         "mma-sellpdl-fold8": inside + [("gemv", 8, True, True, True)],
         "mma-sellpdl-fold0": [("gemv", 4, False, False, "trig"), ("sell-pdl", 4), ("gemv", 8, False, False, "trig")]
         + [("sell-pdl", 8)],
+        # only the single-token trig plan did not compile: fold 1, 2-8 tokens as under the default
         # the trig plan did not compile: the two plain launches (logged)
         "mma-sellpdl-fails": inside + [("gemv", 8, False, False, True), ("sell", 8)],
         # the mma form's configuration given (not spread) or the re-plan failed: fold=1, SELL after it from 2
         "mma-given": after + [("gemv", 8, False, False, True), ("sell", 8)],
     }
     four_eight["mma-prep-fails"] = four_eight["mma-given"]
+    four_eight["mma"] = four_eight["mma-sellpdl-one-fails"] = four_eight["mma-sellpdl-fold0"]
+    four_eight["mma-not-hopper"] = four_eight["mma-inside4"]
     if case in four_eight:
         assert kern.sparse_keys == [] and kern.sp and kern.deq and kern.cmaps is not None and kern.held == 3
-        one = [("gemv", 1, False, False, "trig"), ("sell-pdl", 1)] if case.endswith("fold0") else [
-            ("gemv", 1, True, True, False)]  # fmt: skip
+        pdl_one = case in ("confirmed", "mma", "mma-sellpdl-fold0")
+        one = [("gemv", 1, False, False, "trig"), ("sell-pdl", 1)] if pdl_one else [("gemv", 1, True, True, False)]
         assert calls == [
             *one,
             *four_eight[case],
             ("humming", 95), ("sell", 95),
-            ("deq", 96, True, CG.LAYOUT_HUMMING_SM90),
-            ("deq", 300, True, CG.LAYOUT_HUMMING_SM90),
+            ("deq", 96, True, kern.layout),
+            ("deq", 300, True, kern.layout),
         ]  # fmt: skip
     else:  # the base class's buffers: corrected after the op (apply_weights), not inside it
         assert kern.sparse_keys and not kern.sp and not kern.deq

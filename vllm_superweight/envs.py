@@ -50,8 +50,8 @@ Only what users need is a knob:
                                     disk); the one-copy pair adds its held-out terms in the GEMV's epilogue
                                     (``SUPERWEIGHT_ONECOPY_CONFIG=corr=sell``: after it). ``1`` (default; the one
                                     Humming copy's: ``8``, ``layers=all``, held-out terms spread over the
-                                    split-K blocks -- SW_SPE 2 -- and ``fold=4``, as measured on the H100 in s36;
-                                    any part given replaces only that part): single
+                                    split-K blocks -- SW_SPE 2 -- and ``fold=0,sellpdl=1`` on Hopper, as measured
+                                    on the H100 in s36 and s39; any part given replaces only that part): single
                                     tokens, its CUDA-core form (H200, 7B layer: 0.89x Marlin's time; end to end, 0.1 %
                                     hold-out, one copy: batch 1 0.751 s vs Marlin's 0.807, AWQ 0.981). ``2``-``8``:
                                     also 2..MAX_M tokens, through its tensor-core form (opt-in: correct on the
@@ -66,17 +66,20 @@ Only what users need is a knob:
                                     vs 0.820 without, one Humming copy);
                                     ``,layers=all``: the one-copy kernels send every layer there, not only held-out
                                     ones (s31: the tensor-core form is faster than Humming at 2-8 tokens);
-                                    ``,fold=N`` (0-8, default 1; 4 where the plans spread the terms): held-out
+                                    ``,fold=N`` (0-8, default 1; 4 where the plans spread the terms; 0 with
+                                    ``sellpdl``, the one Humming copy's default on Hopper): held-out
                                     layers add their terms inside the
                                     GEMV's epilogue for batches of up to N tokens; the larger batches it serves
                                     run it without them, then the separate SELL correction (H200, s31, 7B layer,
                                     0.1 % everywhere, us at 2 / 4 / 8 tokens: inside 74.4 / 80.4 / 96.2, after it
                                     71.8 / 76.5 / 83.8; one token, s24: inside 66.4, after 71.6).
-                                    ``,sellpdl=1`` (opt-in; one Humming copy, Hopper): past the fold the GEMV is
-                                    built to let the SELL kernel after it start at once (programmatic dependent
-                                    launch; same sums, bitwise); with ``fold=0`` single tokens too. H200, s38, 7B
-                                    layer, us at 2 / 4 / 8 tokens: 62.3 / 65.5 / 77.3 vs 69.7 / 74.2 / 83.8; end to
-                                    end at batch 8 -0.6 % (within noise).
+                                    ``,sellpdl=1|0`` (one Humming copy on Hopper: on by default since s39, and
+                                    the fold then 0): past the fold the GEMV is built to let the SELL kernel after
+                                    it start at once (programmatic dependent launch; same sums, bitwise); with
+                                    ``fold=0`` single tokens too. H100, s39, 7B layer, us at 1 / 2 / 4 / 8 tokens:
+                                    61.6 / 64.9 / 68.2 / 77.5 vs the terms inside 64.2 / 70.0 / 73.4 / 84.0; end
+                                    to end, 0.1 % q/k/v hold-out: batch 1 / 8 0.736 / 0.988 s vs 0.764 / 0.998
+                                    (``sellpdl=0``: the s36-s38 defaults, terms inside up to 4 tokens).
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
@@ -377,12 +380,19 @@ def cuda_gemv_fold_max_m(default: int = DEFAULT_CUDA_GEMV_FOLD) -> int:
     return default if v is None else v
 
 
+def cuda_gemv_fold_given() -> bool:
+    """Whether ``SUPERWEIGHT_CUDA_GEMV`` gives ``fold=N`` (then no kernel moves it)."""
+    return _cuda_gemv()[3] is not None
+
+
 def cuda_gemv_sell_pdl(default: bool = False) -> bool:
     """``sellpdl=1`` after ``@`` in ``SUPERWEIGHT_CUDA_GEMV``: held-out layers' batches past the fold run the GEMV
     (its tensor-core form; with ``fold=0`` single tokens the single-token form) with SW_TRIG (dependents may launch as
     soon as its blocks have started), then the SELL kernel as its programmatic dependent, whose loads and FMAs overlap
-    the GEMV and which waits only before it touches y (one Humming copy + GEMV; Hopper). Off unless given: 6.5-8.7 us
-    a 7B layer faster in the kernel benchmark (H200, s38), not yet shown end to end (-0.6 % at batch 8)."""
+    the GEMV and which waits only before it touches y (one Humming copy + GEMV; Hopper). Where the variable does not
+    say: ``default``, the kernel's (on for the one Humming copy on Hopper since s39 -- H100, 7B, 0.1 % q/k/v hold-out,
+    with fold 0: batch 1 / 8 0.736 / 0.988 s vs 0.764 / 0.998 with the terms inside up to 4 tokens; kernel, us a
+    layer at 1 / 2 / 4 / 8 tokens: 61.6 / 64.9 / 68.2 / 77.5 vs inside 64.2 / 70.0 / 73.4 / 84.0)."""
     v = _cuda_gemv()[4]
     return default if v is None else v
 

@@ -598,6 +598,10 @@ class DualMarlinMacheteKernel(SWLinearKernel):
     GEMV_EVERY = False
     HELD_SPE = 0
     HELD_FOLD = 4  # where every plan spreads its held-out terms (H100, s36: inside beats the SELL kernel at 1-4)
+    #: held-out batches past the fold through the GEMV with SW_TRIG + the SELL kernel as its programmatic dependent
+    #: (``sellpdl``) where ``SUPERWEIGHT_CUDA_GEMV`` does not say -- on Hopper only (``_pdl_capable``); with it the
+    #: fold defaults to 0 (every held-out batch the GEMV serves, single tokens too)
+    SELL_PDL = False
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
@@ -638,6 +642,7 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         # SUPERWEIGHT_CUDA_GEMV sellpdl=1, set at load by the kernels that support it)
         self.cgemv_trig: Any = None
         self.cgemv_trig_one: Any = None  # the single-token plan with SW_TRIG, where fold=0 (single tokens past it too)
+        self.held_fold: int | None = None  # the fold settled at load (_plan_trig); None: from the plans and the knob
         self.cgemv_max_m = 0
         self.cmaps: dict[str, torch.Tensor] | None = None  # the GEMV epilogue's view of packed held-out slots
         self.held = 0  # held-out entries of the layer (set_sparse)
@@ -671,11 +676,27 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         return envs.cuda_gemv_every_layer(self.GEMV_EVERY)
 
     def _fold(self) -> int:
-        """The largest batch whose held-out terms the GEMV adds in its epilogue (``fold=N``; the class's default is
-        for spread placements -- SW_SPE bit 1 -- only: with the terms in one block, inside wins at one token only)."""
+        """The largest batch whose held-out terms the GEMV adds in its epilogue: settled at load (``held_fold``),
+        else ``fold=N`` of the knob, else 0 where the SELL kernel runs as the GEMV's programmatic dependent
+        (``_sell_pdl``), else the class's default for spread placements -- SW_SPE bit 1 -- (with the terms in one
+        block, inside wins at one token only)."""
+        if self.held_fold is not None:
+            return self.held_fold
+        return envs.cuda_gemv_fold_max_m(0 if self._sell_pdl() else self._inside_fold())
+
+    def _inside_fold(self) -> int:
+        """The default fold where the SELL kernel after the GEMV is launched plainly."""
         plans = [p for p in (self.cgemv, self.cgemv_mma) if p is not None]
         spread = bool(plans) and all(p.spe & 2 for p in plans)
-        return envs.cuda_gemv_fold_max_m(self.HELD_FOLD if spread else envs.DEFAULT_CUDA_GEMV_FOLD)
+        return self.HELD_FOLD if spread else envs.DEFAULT_CUDA_GEMV_FOLD
+
+    def _pdl_capable(self) -> bool:
+        """Whether the GEMV plans are for a GPU with programmatic dependent launch (Hopper's layout)."""
+        return False
+
+    def _sell_pdl(self) -> bool:
+        """``sellpdl`` of the knob, else the class's default (SELL_PDL) where ``_pdl_capable``."""
+        return envs.cuda_gemv_sell_pdl(self.SELL_PDL and self._pdl_capable())
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Marlin's copy is taken from the loaded weights before Machete repacks them in place.
@@ -868,10 +889,12 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     First in ``auto``'s priority list since session 36 where it was measured -- a Hopper GPU (sm_90) with the optional
     ``humming-kernels`` package installed, an unsplit layer (tensor parallel not yet checked on it), vLLM's
     batch-invariant mode off (Humming's deterministic mode costs 2.1-2.5x) -- and there with the configuration
-    measured end to end: every layer's 1-8 token batches through the GEMV (x through its ring), held-out layers'
-    terms spread over the split-K blocks (SW_SPE 2) and inside the GEMV up to 4 tokens. H100, 7B, same lease as AWQ
-    (s36, ``results/throughput_h100_s36.json``): 1.385x / 1.266x / 1.057x AWQ at batch 1 / 8 / 64, 1.04x / 1.01x
-    saturated, from 3.94 GiB (AWQ 4.0); with the 0.1 % q/k/v hold-out +3.0 / +6.8 / +6.2 % at 4.01 GiB. Elsewhere
+    measured end to end: every layer's 1-8 token batches through the GEMV (x through its ring); held-out layers'
+    1-8 token batches through the GEMV with SW_TRIG and the SELL kernel as its programmatic dependent (``sellpdl``,
+    fold 0; s39) -- with ``sellpdl=0`` their terms spread over the split-K blocks (SW_SPE 2) inside the GEMV up to 4
+    tokens (s36-s38). H100, 7B, same lease as AWQ (s39, ``results/throughput_h100_s39.json``): 1.384x / 1.218x /
+    1.039x AWQ at batch 1 / 8 / 64, 1.03x / 1.05x saturated, from 3.94 GiB (AWQ 4.0); with the 0.1 % q/k/v hold-out
+    +0.5 / +4.2 / +5.2 % at 4.01 GiB (terms inside up to 4 tokens: +4.4 / +5.3 / +4.8 %). Elsewhere
     (``SUPERWEIGHT_W4_KERNEL=humming-gemv``) with Humming's own limits (``HummingKernel``)."""
 
     wraps = "HummingLinearKernel"
@@ -883,6 +906,11 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     GEMV_MAX_M = 8
     GEMV_EVERY = True
     HELD_SPE = 2
+    # H100, s39, same lease, 7B, 0.1 % q/k/v hold-out (results/throughput_h100_s39.json): batch 1 / 8 / 64 0.736 /
+    # 0.988 / 2.240 s against 0.764 / 0.998 / 2.231 with the terms inside up to 4 tokens (no hold-out: 0.732 / 0.948 /
+    # 2.129); kernel (cuda_gemv_s39_sellpdl_h100.md, 0.1 % in all four GEMMs), us a layer at 1 / 2 / 4 / 8 tokens:
+    # 61.6 / 64.9 / 68.2 / 77.5 against 64.2 / 70.0 / 73.4 / 84.0
+    SELL_PDL = True
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
@@ -932,6 +960,11 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
 
     def _gemv_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self._humming_tensors(self.layer)
+
+    def _pdl_capable(self) -> bool:
+        from .. import cuda_marlin_gemv as CG
+
+        return self.layout == CG.LAYOUT_HUMMING_SM90  # confirmed at load on a Hopper GPU's Humming tensors
 
     def _humming_tensors(self, layer: torch.nn.Module) -> tuple[Any, Any, Any]:
         """Humming's weight [K/16, 2N] int32, scales [G, N] and zero points [G, N/8] (None: symmetric) on ``layer``."""
@@ -1022,16 +1055,21 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
             self._plan_trig()
 
     def _plan_trig(self) -> None:
-        """``SUPERWEIGHT_CUDA_GEMV=..,sellpdl=1`` (opt-in until measured end to end): held-out batches past the fold
-        run the GEMV with SW_TRIG, then the SELL kernel as its programmatic dependent -- the tensor-core form's plan
-        for 2+ tokens (``cgemv_trig``) and, with ``fold=0``, the single-token form's (``cgemv_trig_one``). Compiled
-        now, like the other plans; a failure keeps that form's two plain launches (logged)."""
+        """``sellpdl`` (SUPERWEIGHT_CUDA_GEMV; this class's default on Hopper, SELL_PDL): held-out batches past the
+        fold run the GEMV with SW_TRIG, then the SELL kernel as its programmatic dependent -- the tensor-core form's
+        plan for 2+ tokens (``cgemv_trig``) and, with fold 0 (its default), the single-token form's
+        (``cgemv_trig_one``). Compiled now, like the other plans; a failure keeps that form's two plain launches
+        (logged), and a failed single-token plan under the default fold moves single tokens back inside the GEMV
+        (the plain pair is slower there: H200, s24, 71.6 vs 66.4 us a 7B layer). Settles ``held_fold``."""
+        self.held_fold = None
         fold = self._fold()
-        if not envs.cuda_gemv_sell_pdl() or fold >= self.cgemv_max_m:
-            return
-        self.cgemv_trig = self._trig_of(self.cgemv_mma, max(2, fold + 1), self.cgemv_max_m)
-        if fold == 0:
-            self.cgemv_trig_one = self._trig_of(self.cgemv, 1, 1)
+        if self._sell_pdl() and fold < self.cgemv_max_m:
+            self.cgemv_trig = self._trig_of(self.cgemv_mma, max(2, fold + 1), self.cgemv_max_m)
+            if fold == 0:
+                self.cgemv_trig_one = self._trig_of(self.cgemv, 1, 1)
+                if self.cgemv_trig_one is None and not envs.cuda_gemv_fold_given():
+                    fold = 1 if self.cgemv_trig is not None else max(1, self._inside_fold())
+        self.held_fold = fold
 
     def _trig_of(self, plan: Any, lo: int, hi: int) -> Any:
         """``plan`` with SW_TRIG, compiled for ``lo``-``hi`` tokens; None where there is no plan or it cannot
