@@ -1094,7 +1094,8 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     knob["mma-sellpdl-fold8"] = "8@fold=8,sellpdl=1"  # nothing past the fold: no trig plan
     knob["mma-sellpdl-fold0"] = "8@fold=0,sellpdl=1"  # single tokens past the fold too: both forms trigger
     knob["mma-sellpdl-fails"] = "8@sellpdl=1"
-    knob = knob.get(case, "8")  # "mma", "mma-sellpdl-one-fails", "mma-not-hopper": the defaults
+    knob["mma-not-hopper"] = "8@sellpdl=1"  # off Hopper's layout the knob is ignored: no trig plan, fold 4
+    knob = knob.get(case, "8")  # "mma", "mma-sellpdl-one-fails": the defaults
     monkeypatch.setenv(envs.CUDA_GEMV, knob)
     monkeypatch.setattr(WO, "_NOT_PLANNED", {})
     prepared = []
@@ -1111,7 +1112,7 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
     if case != "not-confirmed":
         kern.cgemv = CG.gemv_plan(128, 256, 64, False, torch.bfloat16, "cpu", layout=CG.LAYOUT_HUMMING_SM90)
         kern.cgemv_max_m, kern.layout = 1, CG.LAYOUT_HUMMING_SM90
-    if case == "mma-not-hopper":  # Humming's layout off Hopper: no programmatic dependent launch by default
+    if case == "mma-not-hopper":  # Humming's layout off Hopper: no programmatic dependent launch
         kern.layout = CG.LAYOUT_HUMMING
     if case.startswith("mma"):
         kern.cgemv_mma = CG.gemv_plan(

@@ -73,13 +73,14 @@ Only what users need is a knob:
                                     run it without them, then the separate SELL correction (H200, s31, 7B layer,
                                     0.1 % everywhere, us at 2 / 4 / 8 tokens: inside 74.4 / 80.4 / 96.2, after it
                                     71.8 / 76.5 / 83.8; one token, s24: inside 66.4, after 71.6).
-                                    ``,sellpdl=1|0`` (one Humming copy on Hopper: on by default since s39, and
-                                    the fold then 0): past the fold the GEMV is built to let the SELL kernel after
-                                    it start at once (programmatic dependent launch; same sums, bitwise); with
-                                    ``fold=0`` single tokens too. H100, s39, 7B layer, us at 1 / 2 / 4 / 8 tokens:
-                                    61.6 / 64.9 / 68.2 / 77.5 vs the terms inside 64.2 / 70.0 / 73.4 / 84.0; end
-                                    to end, 0.1 % q/k/v hold-out: batch 1 / 8 0.736 / 0.988 s vs 0.764 / 0.998
-                                    (``sellpdl=0``: the s36-s38 defaults, terms inside up to 4 tokens).
+                                    ``,sellpdl=1|0`` (one Humming copy on Hopper, ignored elsewhere: on by
+                                    default since s39, and the fold then 0): past the fold the GEMV is built
+                                    to let the SELL kernel after it start at once (programmatic dependent
+                                    launch; same sums, bitwise); with ``fold=0`` single tokens too. H100, s39,
+                                    7B layer, us at 1 / 2 / 4 / 8 tokens: 61.6 / 64.9 / 68.2 / 77.5 vs the terms
+                                    inside 64.2 / 70.0 / 73.4 / 84.0; end to end, 0.1 % q/k/v hold-out: batch
+                                    1 / 8 0.736 / 0.988 s vs 0.764 / 0.998 (``sellpdl=0``: the s36-s38
+                                    defaults, terms inside up to 4 tokens).
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small

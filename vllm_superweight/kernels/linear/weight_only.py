@@ -691,12 +691,13 @@ class DualMarlinMacheteKernel(SWLinearKernel):
         return self.HELD_FOLD if spread else envs.DEFAULT_CUDA_GEMV_FOLD
 
     def _pdl_capable(self) -> bool:
-        """Whether the GEMV plans are for a GPU with programmatic dependent launch (Hopper's layout)."""
+        """Whether this kernel plans the SW_TRIG GEMVs for a GPU with programmatic dependent launch (the one Humming
+        copy on Hopper's layout); elsewhere ``sellpdl`` is ignored (no trig plan would exist to serve it)."""
         return False
 
     def _sell_pdl(self) -> bool:
-        """``sellpdl`` of the knob, else the class's default (SELL_PDL) where ``_pdl_capable``."""
-        return envs.cuda_gemv_sell_pdl(self.SELL_PDL and self._pdl_capable())
+        """``sellpdl`` of the knob, else the class's default (SELL_PDL) -- only where ``_pdl_capable``."""
+        return self._pdl_capable() and envs.cuda_gemv_sell_pdl(self.SELL_PDL)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Marlin's copy is taken from the loaded weights before Machete repacks them in place.
