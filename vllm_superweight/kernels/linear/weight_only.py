@@ -1062,7 +1062,7 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
         (``cgemv_trig_one``). Compiled now, like the other plans; a failure keeps that form's two plain launches
         (logged), and a failed single-token plan under the default fold moves single tokens back inside the GEMV
         (the plain pair is slower there: H200, s24, 71.6 vs 66.4 us a 7B layer). Settles ``held_fold``."""
-        self.held_fold = None
+        self.held_fold = self.cgemv_trig = self.cgemv_trig_one = None  # a re-load plans afresh
         fold = self._fold()
         if self._sell_pdl() and fold < self.cgemv_max_m:
             self.cgemv_trig = self._trig_of(self.cgemv_mma, max(2, fold + 1), self.cgemv_max_m)
