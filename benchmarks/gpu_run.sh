@@ -33,6 +33,8 @@
 #                                                          # then cuda_gemv_bench.py --spe (held.env for -humgemv-spe)
 #   bash benchmarks/gpu_run.sh sellpdl                     # the SELL kernel as the tensor-core GEMV's programmatic
 #                                                          # dependent (sellpdl=1): GPU tests, cuda_gemv_bench.py --sellpdl
+#   bash benchmarks/gpu_run.sh dqcross                     # held-out layer on one Humming copy: Humming + SELL vs
+#                                                          # dequantize + cuBLAS at 64-2048 tokens (dequant_crossover.py)
 #   bash benchmarks/gpu_run.sh ncu                         # Nsight Compute on the GEMV at 1-8 tokens, held-out placements
 #   bash benchmarks/gpu_run.sh humprof                     # where the one-Humming-copy start-up goes: the 7B shapes'
 #                                                          # first Humming calls under cProfile, cold then warm cache
@@ -608,6 +610,19 @@ EOF2
     timeout $((590 - SECONDS)) $PY -u benchmarks/cuda_gemv_bench.py --out "$OUT/cuda_gemv_sellpdl_qkv.json" --ms 8 \
       --sellpdl --no-main --holdout-modules qkv --budget-s $((575 - SECONDS)) 2>&1 | grep -v "^$" | tail -12
     echo "[$(ts)] sellpdl done" ;;
+  dqcross)
+    # session 39: from how many tokens a held-out layer on the one Humming copy should dequantize (with the values
+    # restored) + cuBLAS instead of Humming + the SELL correction. The switch (SUPERWEIGHT_DEQUANT_MIN_M, 96) dates
+    # from Marlin + the s6 correction; saturated decode batches of ~100-256 tokens dequantize q/k/v every step (held-out
+    # cost -6.0 % / -8.5 % saturated, H100 s39). dequant_crossover.py checks both paths against float64 first, then
+    # times them beside Humming alone at 64-2048 tokens (7B qkv, the default preset's 0.40 %); its pick goes to
+    # $OUT/dequant.env (not sourced by `throughput`: the engines compare by method, -dq256 / -dq1024)
+    setup
+    rm -f "$OUT/dequant.env"
+    timeout $((590 - SECONDS)) $PY -u benchmarks/dequant_crossover.py --out "$OUT/dequant_crossover.json" \
+      ${DQ_MS:+--ms "$DQ_MS"} --budget-s $((570 - SECONDS)) --recommend-env "$OUT/dequant.env" 2>&1 \
+      | grep -v "^$" | tail -20
+    echo "[$(ts)] dqcross done" ;;
   ncu)
     # session 35: Nsight Compute on the GEMV (benchmarks/diag/gemv_ncu.py: gate_up / down at 4 and 8 tokens, down at
     # 8 tokens with the held-out terms in each SW_SPE placement, one token plain / held): why 8 tokens stay at 72 us

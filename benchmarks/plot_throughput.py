@@ -57,6 +57,8 @@ LABEL = {
 KERNEL_SUFFIX = {
     "-fold8": " → held-out terms inside the GEMV up to 8 tokens (spread over its split-K blocks)",
     "-sellpdl0": " → GEMV + SELL kernel as its programmatic dependent at 1-8 tokens (fold=0)",
+    "-dq256": " → Humming + SELL up to 255 tokens, then dequantize + cuBLAS",
+    "-dq1024": " → Humming + SELL up to 1023 tokens, then dequantize + cuBLAS",
     "-inside4": " → terms inside the GEMV up to 4 tokens, SELL kernel plainly after it at 5-8 (s36-s38 defaults)",
     "-sellpdl": " → SELL kernel as the tensor-core GEMV's programmatic dependent (5-8 tokens)",
     "-mdeq1": " → Marlin + dequantize pair, one W4 copy",
