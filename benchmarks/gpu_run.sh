@@ -619,6 +619,7 @@ EOF2
     # $OUT/dequant.env (not sourced by `throughput`: the engines compare by method, -dq256 / -dq1024)
     setup
     rm -f "$OUT/dequant.env"
+    for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     timeout $((590 - SECONDS)) $PY -u benchmarks/dequant_crossover.py --out "$OUT/dequant_crossover.json" \
       ${DQ_MS:+--ms "$DQ_MS"} --budget-s $((570 - SECONDS)) --recommend-env "$OUT/dequant.env" 2>&1 \
       | grep -v "^$" | tail -20
