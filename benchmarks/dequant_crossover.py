@@ -31,13 +31,23 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-LLAMA7B_LAYER_WEIGHTS = 12288 * 4096 + 4096 * 4096 + 22016 * 4096 + 4096 * 11008
+from sparse_bench import LLAMA7B_LAYER_WEIGHTS  # noqa: E402  (the default preset's budget: 0.1 % of a 7B layer)
+
 PATHS = ("humming", "humming+sell", "deq+cublas")
 T0 = time.time()
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def by_m(rows: list[dict]) -> dict[int, dict[str, float]]:
+    """The timed rows as {M: {path: us}} (check rows carry no time)."""
+    us: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if "us" in r:
+            us.setdefault(r["m"], {})[r["path"]] = r["us"]
+    return us
 
 
 def crossover(us: dict[int, dict[str, float]]) -> int | None:
@@ -57,10 +67,7 @@ def crossover(us: dict[int, dict[str, float]]) -> int | None:
 
 def table(rows: list[dict], meta: dict) -> str:
     """Markdown: one row per M, us per layer by path, the held-out path's cost over Humming alone, the faster one."""
-    us: dict[int, dict[str, float]] = {}
-    for r in rows:
-        if "us" in r:
-            us.setdefault(r["m"], {})[r["path"]] = r["us"]
+    us = by_m(rows)
     head = "# Held-out layer on one Humming copy: Humming + SELL vs dequantize + cuBLAS"
     head += f" ({meta.get('device', '?')})\n\n"
     head += (
@@ -188,11 +195,7 @@ def main(argv=None) -> int:
         save()
     for _, kobj, *_ in layers:
         kobj.min_m = envs.dequant_min_m()
-    us: dict[int, dict[str, float]] = {}
-    for row in rows:
-        if "us" in row:
-            us.setdefault(row["m"], {})[row["path"]] = row["us"]
-    pick = crossover(us)
+    pick = crossover(by_m(rows))
     meta["crossover_m"] = pick
     save()
     log(f"dequantize wins from M = {pick}" if pick is not None else "dequantize never wins in the sizes measured")
