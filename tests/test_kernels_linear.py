@@ -1218,6 +1218,29 @@ def test_humming_gemv_held_out_paths(monkeypatch, caplog, case):
         assert [c[0] for c in calls] == ["gemv" if case == "bias" else "humming"] + ["humming"] * 5
 
 
+@pytest.mark.parametrize("given", [None, "96", "1024"])
+def test_humming_gemv_dequantizes_held_out_layers_from_its_own_crossover(monkeypatch, given):
+    """On the one Humming copy, held-out layers keep Humming + the SELL correction up to 383 tokens and dequantize
+    (values restored) + cuBLAS from 384 -- the crossover measured on it (H100, s40), not the 96 set for Marlin in
+    s6 that other kernels keep; SUPERWEIGHT_DEQUANT_MIN_M, where given, wins."""
+    from vllm_superweight.kernels import triton_marlin_deq as MD
+
+    if given is None:
+        monkeypatch.delenv(envs.DEQUANT_MIN_M, raising=False)
+    else:
+        monkeypatch.setenv(envs.DEQUANT_MIN_M, given)
+    kern, _ = _humming_gemv_kernel()
+    want = 384 if given is None else int(given)
+    assert kern.min_m == want and envs.dequant_min_m() == (96 if given is None else want)
+    kern.sp = {"slots": torch.zeros(1)}  # a layer with held-out terms
+    calls = []
+    monkeypatch.setattr(kern, "_small_gemm", lambda x, b, sp=None, maps=None: calls.append(("humming+sell", len(x))))
+    monkeypatch.setattr(MD, "marlin_deq_mm", lambda x, *a, **k: calls.append(("deq", len(x))))
+    for m in (want - 1, want):
+        kern.run(torch.zeros(m, 256, dtype=torch.bfloat16), None)
+    assert calls == [("humming+sell", want - 1), ("deq", want)]
+
+
 def test_humming_ranges_knob_and_tuning_table(monkeypatch):
     """SUPERWEIGHT_HUMMING_RANGES: one Humming kernel a token range, each with Humming's own heuristic configuration at
     the range's top (the open last range's at 8192), handed to Humming as its tuning table; unset, Humming's table."""

@@ -33,7 +33,8 @@ Only what users need is a knob:
                                     ``marlin-humming``).
 ``SUPERWEIGHT_DEQUANT_MIN_M``       smallest batch (tokens) the ``marlin-deq`` pair serves by dequantizing into a
                                     scratch and one cuBLAS GEMM (default 96; the one-copy pair uses 256 for
-                                    layers with a hold-out below 1e-4, where Marlin is faster up to there).
+                                    layers with a hold-out below 1e-4, where Marlin is faster up to there; the one
+                                    Humming copy uses 384, its crossover measured on an H100 in s40).
 ``SUPERWEIGHT_ONECOPY_CONFIG``      launch configurations of the ``marlin-deq1`` kernels, as the micro-benchmark
                                     found them best on this GPU (``w4_fused_bench.py --sections onecopy``):
                                     ``deq=BN:WARPS[:SCATTER],corr=sell|inside|KIND:ROWS:SLOTS:WARPS,gemv=MAX_M``

@@ -881,7 +881,8 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     is where it trails Marlin. Checked at load on each layer's own weights against Humming's output (a mismatch, a
     layer with a bias -- Humming permutes it in place -- or a padded shape keeps Humming for it, logged).
     Held-out weights, as in the one-copy Marlin pair: single tokens add them in the GEMV's epilogue, batches below
-    ``SUPERWEIGHT_DEQUANT_MIN_M`` tokens run Humming + the packed SELL correction, larger ones dequantize from
+    ``DEQUANT_MIN_M`` (384 tokens, s40; ``SUPERWEIGHT_DEQUANT_MIN_M`` where given) run Humming + the packed SELL
+    correction, larger ones dequantize from
     Humming's own tensors with the held-out values restored (``triton_marlin_deq``, ``layout=``), then cuBLAS -- no
     correction pass over y where it costs most. With ``SUPERWEIGHT_CUDA_GEMV=2..8`` held-out layers' 2..8-token
     batches run the GEMV's tensor-core form over the same tensors with the terms in its epilogue instead of Humming
@@ -912,6 +913,12 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     # 2.129); kernel (cuda_gemv_s39_sellpdl_h100.md, 0.1 % in all four GEMMs), us a layer at 1 / 2 / 4 / 8 tokens:
     # 61.6 / 64.9 / 68.2 / 77.5 against 64.2 / 70.0 / 73.4 / 84.0
     SELL_PDL = True
+    # Held-out layers dequantize (values restored) + cuBLAS from this many tokens, not from SUPERWEIGHT_DEQUANT_MIN_M's
+    # 96 (set in s6 for Marlin + the separate correction). H100, s40, 7B qkv with 0.40 % held out, us a layer
+    # (results/dequant_crossover_h100_s40.md): Humming + SELL 48.7 / 54.0 / 87.6 against 100.4 / 100.2 / 102.7 at
+    # 96 / 128 / 256 tokens, dequantizing wins from 384 (120.1 vs 131.2); end to end (throughput_h100_s40.json,
+    # q/k/v hold-out, 400 prompts, two runs each): 13,579 -> 13,989 tok/s at 1024/256, 18,427 -> 18,796 at 128/128
+    DEQUANT_MIN_M = 384
 
     @classmethod
     def can_implement(cls, c: SWLinearConfig) -> tuple[bool, str | None]:
@@ -942,7 +949,8 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     def __init__(self, config: SWLinearConfig, large: SWLinearKernel | None = None) -> None:
         large = large if large is not None else HummingKernel(config)
         super().__init__(config, large=large, small=large, max_m=1)  # one kernel object, one copy
-        self.min_m = envs.dequant_min_m()  # from here on (held-out layers): dequantize + cuBLAS
+        # from here on (held-out layers): dequantize + cuBLAS; SUPERWEIGHT_DEQUANT_MIN_M where given
+        self.min_m = envs.dequant_min_m() if envs.dequant_min_m_given() else self.DEQUANT_MIN_M
         self.sp: dict[str, torch.Tensor] = {}  # packed SELL slots (small batches' correction)
         self.deq: dict[str, torch.Tensor] = {}  # restore index (large batches' dequantizer)
         # Humming's layout on this GPU (cuda_marlin_gemv.LAYOUT_*), once the GEMV's load-time check confirmed it (0:
