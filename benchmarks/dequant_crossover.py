@@ -112,8 +112,6 @@ def main(argv=None) -> int:
     import vllm_linear as VL
     from w4_fused_bench import time_graph
 
-    from vllm_superweight import envs
-
     if not torch.cuda.is_available():
         raise SystemExit("dequant_crossover: needs a CUDA GPU (Humming + vLLM)")
     dev = torch.device("cuda")
@@ -126,7 +124,6 @@ def main(argv=None) -> int:
         "nnz": nnz,
         "density": nnz / (n * k),
         "layers": args.layers,
-        "default_min_m": envs.DEFAULT_DEQUANT_MIN_M,
         "torch": torch.__version__,
     }
     rows: list[dict] = []
@@ -153,6 +150,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"dequant_crossover: the held-out terms did not take the packed path ({kobj.describe()})")
         layers.append((layer, kobj, w, r, c, v))
     meta["kernel"] = layers[0][1].describe()
+    served_min_m = layers[0][1].min_m  # the switch this kernel serves with (its own default or the knob)
+    meta["default_min_m"] = served_min_m
     log(f"built {len(layers)} layers ({meta['kernel']}), {nnz} held-out terms each")
 
     def run(path: str, x: torch.Tensor) -> None:
@@ -194,12 +193,12 @@ def main(argv=None) -> int:
         log(f"M={m:5d}  " + "  ".join(f"{p} {got[p]:7.1f} us" for p in PATHS))
         save()
     for _, kobj, *_ in layers:
-        kobj.min_m = envs.dequant_min_m()
+        kobj.min_m = served_min_m
     pick = crossover(by_m(rows))
     meta["crossover_m"] = pick
     save()
     log(f"dequantize wins from M = {pick}" if pick is not None else "dequantize never wins in the sizes measured")
-    if args.recommend_env and pick is not None and pick != envs.DEFAULT_DEQUANT_MIN_M:
+    if args.recommend_env and pick is not None and pick != served_min_m:
         with open(args.recommend_env, "a") as f:
             f.write(f"SUPERWEIGHT_DEQUANT_MIN_M={pick}\n")
         log(f"recommend: SUPERWEIGHT_DEQUANT_MIN_M={pick} -> {args.recommend_env}")

@@ -59,6 +59,8 @@ KERNEL_SUFFIX = {
     "-sellpdl0": " → GEMV + SELL kernel as its programmatic dependent at 1-8 tokens (fold=0)",
     "-dq256": " → Humming + SELL up to 255 tokens, then dequantize + cuBLAS",
     "-dq1024": " → Humming + SELL up to 1023 tokens, then dequantize + cuBLAS",
+    "-dq384": " → Humming + SELL up to 383 tokens, then dequantize + cuBLAS (s40 default)",
+    "-dq96": " → Humming + SELL up to 95 tokens, then dequantize + cuBLAS (s6-s39 default)",
     "-inside4": " → terms inside the GEMV up to 4 tokens, SELL kernel plainly after it at 5-8 (s36-s38 defaults)",
     "-sellpdl": " → SELL kernel as the tensor-core GEMV's programmatic dependent (5-8 tokens)",
     "-mdeq1": " → Marlin + dequantize pair, one W4 copy",
@@ -295,7 +297,8 @@ def plot(recs, png: str) -> None:
         ax.set_xticklabels(groups, fontsize=8)
         ax.set_title(f"{title} — {gpus}")
         ax.set_ylabel(ylabel)
-        if key == "latency_s":
+        lat = [r[key] for r in rs if key == "latency_s" and r.get(key)]
+        if lat and max(lat) > 2 * min(lat):  # batches 1..64 apart: log; one batch size: linear from 0, not magnified
             ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = [], []

@@ -275,11 +275,14 @@ METHODS["sw-w4-g128-holdout-qkv-sellpdl0"] = _variant(
 METHODS["sw-w4-g128-holdout-qkv-inside4"] = _variant(
     "sw-w4-g128-holdout-qkv", SUPERWEIGHT_CUDA_GEMV="@fold=4,sellpdl=0"
 )
-# ... and with held-out layers on Humming + the SELL correction up to 255 / 1023 tokens before they dequantize (with
-# the values restored) + cuBLAS: saturated decode batches of ~100-256 tokens dequantize q/k/v every step under the
-# default switch at 96 tokens (gpu_run.sh dqcross measures the crossover)
+# ... and with held-out layers on Humming + the SELL correction up to 95 / 255 / 383 / 1023 tokens before they
+# dequantize (with the values restored) + cuBLAS. Until s39 the switch was at 96 and saturated decode batches of
+# ~100-256 tokens dequantized q/k/v every step; s40 (H100) measured the crossover at 384 (gpu_run.sh dqcross) and
+# +3.0 % / +2.0 % saturated end to end, now the one Humming copy's default (-dq96 keeps the old one)
 METHODS["sw-w4-g128-holdout-qkv-dq256"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_DEQUANT_MIN_M="256")
 METHODS["sw-w4-g128-holdout-qkv-dq1024"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_DEQUANT_MIN_M="1024")
+METHODS["sw-w4-g128-holdout-qkv-dq384"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_DEQUANT_MIN_M="384")
+METHODS["sw-w4-g128-holdout-qkv-dq96"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_DEQUANT_MIN_M="96")
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?
