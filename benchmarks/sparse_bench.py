@@ -74,18 +74,20 @@ def tile_variants(default) -> dict:
     }
 
 
-def panel_variants() -> dict:
+def panel_variants(max_m: int = 0) -> dict:
     """The shared-memory kernel's launch variants (name -> ``cuda_sell.PanelConfig``), one knob away from its default
-    each: token blocks of at most 16 (default) or 8 tokens, 8 (default), 4 or 16 warps a block, 64 blocks in all."""
+    each: token blocks of at most 16 (default) or 8 tokens, 8 (default), 4 or 16 warps a block, 64 blocks in all.
+    ``max_m`` above the kernel's own limit (96 tokens) raises every variant's, so batches of up to ``max_m`` tokens
+    (s40's question: 128-256, where a block's panel copy replaces the most gathered bytes) are timed, not refused."""
     from vllm_superweight.kernels import cuda_sell as CS
 
-    d = CS.PanelConfig()
+    top = {"max_m": max_m} if max_m > CS.DEFAULT_MAX_M else {}
     return {
-        "default": d,
-        "mb8": CS.PanelConfig(mb=8),
-        "w4": CS.PanelConfig(warps=4),
-        "w16": CS.PanelConfig(warps=16),
-        "b64": CS.PanelConfig(blocks=64),  # half the panel copies at 64 tokens (one block every other SM)
+        "default": CS.PanelConfig(**top),
+        "mb8": CS.PanelConfig(mb=8, **top),
+        "w4": CS.PanelConfig(warps=4, **top),
+        "w16": CS.PanelConfig(warps=16, **top),
+        "b64": CS.PanelConfig(blocks=64, **top),  # half the panel copies at 64 tokens (one block every other SM)
     }
 
 
@@ -294,7 +296,7 @@ class Bench:
     def run(self):
         TS = self.TS
         self.build()
-        self.panels = panel_variants() if self.args.panel and not self.dry else {}
+        self.panels = panel_variants(max(self.args.ms)) if self.args.panel and not self.dry else {}
         variants = tile_variants(TS.DEFAULT_TILES)
         layouts = list(self.layers[0]["sell"])
         if self.args.triton_variants == "default":  # the Triton kernel's default launch on the default layout only

@@ -73,6 +73,14 @@ def test_panel_variants_and_their_env():
         env = sb.panel_env(cfg)
         assert CS.PanelConfig(**envs._parse_panel(env)) == cfg, name
     assert sb.panel_env(v["w4"]) == "warps=4" and sb.panel_env(v["mb8"]) == "mb=8"
+    assert sb.panel_variants(64) == v  # within the kernel's own limit: unchanged
+    # 128-256 tokens asked for: every variant takes them (the kernel would refuse past its default 96)
+    big = sb.panel_variants(256)
+    assert all(cfg.max_m == 256 for cfg in big.values()) and sb.panel_env(big["w4"]) == "warps=4,max_m=256"
+    for name, cfg in big.items():
+        assert CS.PanelConfig(**envs._parse_panel(sb.panel_env(cfg))) == cfg, name
+        plan, why = CS.panel_plan(256, 4096, 400, CS.DeviceLimits(132, 232448, 233472), cfg)
+        assert plan is not None and why is None, name
 
 
 def test_table_marks_the_panel_kernels_profile():
