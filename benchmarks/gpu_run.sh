@@ -237,9 +237,22 @@ case "$STAGE" in
     SC=${SUPERWEIGHT_CACHE_DIR:-$HOME/.cache/vllm-superweight}
     kdirs=()
     for d in "$HC" "$SC/cubin" "$HOME/.triton/cache"; do [ -d "$d" ] && kdirs+=("${d#/}"); done
-    du -sh "${kdirs[@]/#//}" "$HOME/.cache/vllm/torch_compile_cache" 2>/dev/null
+    # s40: FlashInfer's JIT-built modules (its sampler: a fresh machine's first engine sat ~85 s after its CUDA graphs
+    # were captured, the next engine 9 s) go with the kernel caches where the parts allow
+    FI="$HOME/.cache/flashinfer"
+    du -sh "${kdirs[@]/#//}" "$FI" "$HOME/.cache/vllm/torch_compile_cache" 2>/dev/null
     rm -f "$OUT"/swcache*
-    tar -C / -cf - "${kdirs[@]}" | gzip -6 | split -b 15000000 -d -a 1 - "$OUT/swcache-k.tar.gz."
+    pack_k() { tar -C / -cf - "$@" | gzip -6 | split -b 15000000 -d -a 1 - "$OUT/swcache-k.tar.gz."; }
+    if [ -d "$FI" ]; then
+      pack_k "${kdirs[@]}" "${FI#/}"
+      if [ "$(ls "$OUT"/swcache-k.tar.gz.* | wc -l)" -gt 6 ]; then
+        echo "[$(ts)] cache-out: FlashInfer's JIT cache does not fit beside the kernel caches; left out"
+        rm -f "$OUT"/swcache-k.tar.gz.*
+        pack_k "${kdirs[@]}"
+      fi
+    else
+      pack_k "${kdirs[@]}"
+    fi
     nk=$(ls "$OUT"/swcache-k.tar.gz.* | wc -l)
     if [ "$WHAT" = all ] && [ -d "$HOME/.cache/vllm/torch_compile_cache" ]; then
       tar -C / -cf - "${HOME#/}/.cache/vllm/torch_compile_cache" | gzip -6 \

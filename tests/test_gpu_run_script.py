@@ -116,9 +116,10 @@ def _tree(root: str) -> dict[str, bytes]:
     any(shutil.which(t) is None for t in ("bash", "tar", "gzip", "split", "sha256sum")), reason="needs coreutils"
 )
 def test_cache_out_then_cache_in_restores_the_kernel_caches(tmp_path):
-    """``cache-out all`` packs the kernel caches and vLLM's compile cache into parts; ``cache-in`` (also run by `stash`
-    and `setup`) from a carried .gpu-cache folder restores them byte for byte once every part is there, restores the
-    compile cache only over the package sources it was made with, and touches nothing while a part is missing."""
+    """``cache-out all`` packs the kernel caches (FlashInfer's JIT modules among them) and vLLM's compile cache into
+    parts; ``cache-in`` (also run by `stash` and `setup`) from a carried .gpu-cache folder restores them byte for byte
+    once every part is there, restores the compile cache only over the package sources it was made with, and touches
+    nothing while a part is missing."""
     repo, home, out = tmp_path / "repo", tmp_path / "home", tmp_path / "out"
     (repo / "benchmarks").mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "benchmarks", "gpu_run.sh"), repo / "benchmarks")
@@ -128,6 +129,7 @@ def test_cache_out_then_cache_in_restores_the_kernel_caches(tmp_path):
         ".humming/cache/abc/kernel.cubin": os.urandom(3000),
         ".cache/vllm-superweight/cubin/k.cubin": os.urandom(2000),
         ".triton/cache/t/k.json": b"{}",
+        ".cache/flashinfer/0.6.14/90a/cached_ops/sampling/sampling.so": os.urandom(1500),
         ".cache/vllm/torch_compile_cache/h/rank_0/code.py": b"print(1)\n",
     }
     for rel, data in caches.items():
