@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Micro-benchmark: from how many tokens a held-out layer on the one Humming copy should leave Humming + the SELL
-correction for dequantize-with-restore + cuBLAS (``SUPERWEIGHT_DEQUANT_MIN_M``).
+correction for dequantize-with-restore + cuBLAS (``HummingGemvKernel.DEQUANT_MIN_M``, ``SUPERWEIGHT_DEQUANT_MIN_M``);
+``--kernel marlin-deq1``: the same question for the one-copy Marlin pair (what serves held-out checkpoints without
+``humming-kernels``, off Hopper, or under tensor parallel), whose switch is still s6's 96 tokens.
 
 Why (session 39): the default, 96 tokens, was measured in session 6 for Marlin + the correction of that time against
 the dequantize path; since session 36 the held-out default is the one Humming copy (faster than Marlin from 16
@@ -11,6 +13,9 @@ asymmetric, with the layer's 0.1 % hold-out all in it: 0.40 %), forced down each
 Humming alone (no correction), after checking both paths against a float64 reference of the restored weights.
 
     python benchmarks/dequant_crossover.py --out $OUT/dequant_crossover.json [--ms 64,96,128,...] [--layers 4]
+        [--kernel humming-gemv|marlin-deq1]
+
+Session 40 (H100, Humming): Humming + SELL wins up to 256 tokens, dequantize from 384 (now Humming's default).
 
 Timing: median of CUDA-graph replays over ``--layers`` copies (4 x 25 MB of codes: beyond the L2), per layer.
 Writes the JSON after every batch size and a markdown table beside it; ``--recommend-env FILE`` appends
@@ -33,7 +38,9 @@ sys.path.insert(0, HERE)
 
 from sparse_bench import LLAMA7B_LAYER_WEIGHTS  # noqa: E402  (the default preset's budget: 0.1 % of a 7B layer)
 
-PATHS = ("humming", "humming+sell", "deq+cublas")
+PATHS = ("gemm", "gemm+sell", "deq+cublas")  # the copy's GEMM alone, with the SELL correction, dequantize + cuBLAS
+ALIASES = {"humming": "gemm", "humming+sell": "gemm+sell"}  # the names of s40's records (Humming only then)
+GEMM_NAMES = {"humming-gemv": "Humming", "marlin-deq1": "Marlin"}
 T0 = time.time()
 
 
@@ -42,23 +49,23 @@ def log(msg: str) -> None:
 
 
 def by_m(rows: list[dict]) -> dict[int, dict[str, float]]:
-    """The timed rows as {M: {path: us}} (check rows carry no time)."""
+    """The timed rows as {M: {path: us}} (check rows carry no time; s40's path names read as today's)."""
     us: dict[int, dict[str, float]] = {}
     for r in rows:
         if "us" in r:
-            us.setdefault(r["m"], {})[r["path"]] = r["us"]
+            us.setdefault(r["m"], {})[ALIASES.get(r["path"], r["path"])] = r["us"]
     return us
 
 
 def crossover(us: dict[int, dict[str, float]]) -> int | None:
-    """The smallest measured M from which ``deq+cublas`` is faster than ``humming+sell`` at that M and at every larger
+    """The smallest measured M from which ``deq+cublas`` is faster than ``gemm+sell`` at that M and at every larger
     M measured; None where it never is (or the last size measured is not a win)."""
     pick = None
     for m in sorted(us, reverse=True):
         row = us[m]
-        if "deq+cublas" not in row or "humming+sell" not in row:
+        if "deq+cublas" not in row or "gemm+sell" not in row:
             continue
-        if row["deq+cublas"] < row["humming+sell"]:
+        if row["deq+cublas"] < row["gemm+sell"]:
             pick = m
         else:
             break
@@ -66,16 +73,17 @@ def crossover(us: dict[int, dict[str, float]]) -> int | None:
 
 
 def table(rows: list[dict], meta: dict) -> str:
-    """Markdown: one row per M, us per layer by path, the held-out path's cost over Humming alone, the faster one."""
+    """Markdown: one row per M, us per layer by path, the held-out path's cost over the GEMM alone, the faster one."""
     us = by_m(rows)
-    head = "# Held-out layer on one Humming copy: Humming + SELL vs dequantize + cuBLAS"
+    g = meta.get("gemm", "Humming")
+    head = f"# Held-out layer on one {g} copy: {g} + SELL vs dequantize + cuBLAS"
     head += f" ({meta.get('device', '?')})\n\n"
     head += (
         f"{meta.get('shape')} g128 asym, {meta.get('nnz')} held-out terms ({100 * meta.get('density', 0):.2f} %); us a "
         f"layer, median of CUDA-graph replays over {meta.get('layers')} copies; default switch: "
         f"{meta.get('default_min_m')} tokens.\n\n"
     )
-    out = [head, "| M | Humming alone | Humming + SELL | dequantize + cuBLAS | faster with the hold-out |"]
+    out = [head, f"| M | {g} alone | {g} + SELL | dequantize + cuBLAS | faster with the hold-out |"]
     out.append("|---|---|---|---|---|")
     for m in sorted(us):
         row = us[m]
@@ -85,7 +93,7 @@ def table(rows: list[dict], meta: dict) -> str:
             cells[1] += f" (+{100 * (hs / h - 1):.0f} %)"
         if h is not None and dq is not None:
             cells[2] += f" (+{100 * (dq / h - 1):.0f} %)"
-        best = "–" if hs is None or dq is None else ("dequantize" if dq < hs else "Humming + SELL")
+        best = "–" if hs is None or dq is None else ("dequantize" if dq < hs else f"{g} + SELL")
         out.append(f"| {m} | " + " | ".join(cells) + f" | {best} |")
     pick = crossover(us)
     out.append("")
@@ -106,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", type=float, default=1e-3, help="fraction of a 7B layer's weights, all in qkv")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--recommend-env", help="append SUPERWEIGHT_DEQUANT_MIN_M=M if the crossover moved")
+    ap.add_argument("--kernel", choices=sorted(GEMM_NAMES), default="humming-gemv", help="which one-copy kernel")
     args = ap.parse_args(argv)
 
     import torch
@@ -113,7 +122,7 @@ def main(argv=None) -> int:
     from w4_fused_bench import time_graph
 
     if not torch.cuda.is_available():
-        raise SystemExit("dequant_crossover: needs a CUDA GPU (Humming + vLLM)")
+        raise SystemExit("dequant_crossover: needs a CUDA GPU (vLLM's Marlin, Humming for the default kernel)")
     dev = torch.device("cuda")
     n, k = 12288, 4096
     nnz = round(args.holdout * LLAMA7B_LAYER_WEIGHTS)
@@ -124,6 +133,7 @@ def main(argv=None) -> int:
         "nnz": nnz,
         "density": nnz / (n * k),
         "layers": args.layers,
+        "gemm": GEMM_NAMES[args.kernel],
         "torch": torch.__version__,
     }
     rows: list[dict] = []
@@ -145,7 +155,7 @@ def main(argv=None) -> int:
         r, c = flat // k, flat % k
         v = (torch.randn(nnz, generator=g) * 0.05).to(torch.bfloat16).float()
         w = VL.random_w4(n, k, 128, False, dev, seed=li, holdout=(r, c))
-        layer, kobj = VL.build_mp_layer(w, "humming-gemv", sparse=(r, c, v))
+        layer, kobj = VL.build_mp_layer(w, args.kernel, sparse=(r, c, v))
         if not kobj.sp:
             raise SystemExit(f"dequant_crossover: the held-out terms did not take the packed path ({kobj.describe()})")
         layers.append((layer, kobj, w, r, c, v))
@@ -156,10 +166,12 @@ def main(argv=None) -> int:
 
     def run(path: str, x: torch.Tensor) -> None:
         for layer, kobj, *_ in layers:
-            if path == "humming":
+            if path == "gemm" and args.kernel == "humming-gemv":
                 kobj.large.apply_gemm(layer, x, None)
+            elif path == "gemm":
+                kobj._small_gemm(x, None)  # Marlin (our GEMV only up to its few tokens, never at these sizes)
             else:
-                kobj.min_m = 1 << 30 if path == "humming+sell" else 2
+                kobj.min_m = 1 << 30 if path == "gemm+sell" else 2
                 kobj.run(x, None)
 
     # correctness first: both held-out paths against float64 (dequantized codes, held-out positions restored)
@@ -170,7 +182,7 @@ def main(argv=None) -> int:
         x = torch.randn(m, k, device=dev).to(torch.bfloat16)
         ref = x.double() @ ref_w.T
         for path in PATHS[1:]:
-            kobj.min_m = 1 << 30 if path == "humming+sell" else 2
+            kobj.min_m = 1 << 30 if path == "gemm+sell" else 2
             y = kobj.run(x, None).double()
             rel = float((y - ref).norm() / ref.norm())
             rows.append({"m": m, "path": path, "check_rel": rel})

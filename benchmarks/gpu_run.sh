@@ -34,7 +34,8 @@
 #   bash benchmarks/gpu_run.sh sellpdl                     # the SELL kernel as the tensor-core GEMV's programmatic
 #                                                          # dependent (sellpdl=1): GPU tests, cuda_gemv_bench.py --sellpdl
 #   bash benchmarks/gpu_run.sh dqcross                     # held-out layer on one Humming copy: Humming + SELL vs
-#                                                          # dequantize + cuBLAS at 64-2048 tokens (dequant_crossover.py)
+#                                                          # dequantize + cuBLAS at 64-2048 tokens (dequant_crossover.py;
+#                                                          # DQ_KERNEL=marlin-deq1: the one-copy Marlin pair's)
 #   bash benchmarks/gpu_run.sh ncu                         # Nsight Compute on the GEMV at 1-8 tokens, held-out placements
 #   bash benchmarks/gpu_run.sh humprof                     # where the one-Humming-copy start-up goes: the 7B shapes'
 #                                                          # first Humming calls under cProfile, cold then warm cache
@@ -633,7 +634,9 @@ EOF2
     setup
     rm -f "$OUT/dequant.env"
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
-    timeout $((590 - SECONDS)) $PY -u benchmarks/dequant_crossover.py --out "$OUT/dequant_crossover.json" \
+    # DQ_KERNEL=marlin-deq1: the one-copy Marlin pair's crossover (still s6's 96), into dequant_crossover_marlin.json
+    DQ_OUT="$OUT/dequant_crossover${DQ_KERNEL:+_${DQ_KERNEL%%-*}}.json"
+    timeout $((590 - SECONDS)) $PY -u benchmarks/dequant_crossover.py --out "$DQ_OUT" ${DQ_KERNEL:+--kernel "$DQ_KERNEL"} \
       ${DQ_MS:+--ms "$DQ_MS"} --budget-s $((570 - SECONDS)) --recommend-env "$OUT/dequant.env" 2>&1 \
       | grep -v "^$" | tail -20
     echo "[$(ts)] dqcross done" ;;

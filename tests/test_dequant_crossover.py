@@ -22,7 +22,7 @@ def dc():
 
 
 def _us(pairs):
-    return {m: {"humming+sell": hs, "deq+cublas": dq} for m, (hs, dq) in pairs.items()}
+    return {m: {"gemm+sell": hs, "deq+cublas": dq} for m, (hs, dq) in pairs.items()}
 
 
 def test_crossover_is_where_dequantize_wins_from_on(dc):
@@ -36,7 +36,7 @@ def test_crossover_is_where_dequantize_wins_from_on(dc):
     # every size a win: the smallest
     assert dc.crossover(_us({96: (70, 40), 512: (150, 90)})) == 96
     # sizes missing a path are skipped
-    assert dc.crossover({96: {"humming+sell": 70}, 512: {"humming+sell": 150, "deq+cublas": 90}}) == 512
+    assert dc.crossover({96: {"gemm+sell": 70}, 512: {"gemm+sell": 150, "deq+cublas": 90}}) == 512
 
 
 def test_table_rows_costs_and_pick(dc):
@@ -54,3 +54,30 @@ def test_table_rows_costs_and_pick(dc):
     assert "| 512 | 80.0 | 150.0 (+88 %) | 95.0 (+19 %) | dequantize |" in lines
     assert not any(line.startswith("| 64 |") for line in lines)  # check rows carry no timing
     assert lines[-1] == "Dequantize from: 512 tokens."
+
+
+def test_table_names_the_kernel_and_reads_s40_records(dc):
+    """--kernel marlin-deq1 labels its rows Marlin; s40's records (paths named humming / humming+sell) read the same
+    as today's gemm / gemm+sell, so that lease's JSON still tables and picks alike."""
+    old = [
+        {"m": 256, "path": p, "us": u} for p, u in (("humming", 47.0), ("humming+sell", 87.6), ("deq+cublas", 102.7))
+    ]
+    old += [
+        {"m": 384, "path": p, "us": u} for p, u in (("humming", 69.5), ("humming+sell", 131.2), ("deq+cublas", 120.1))
+    ]
+    new = [dict(r, path=dc.ALIASES.get(r["path"], r["path"])) for r in old]
+    assert (
+        dc.by_m(old)
+        == dc.by_m(new)
+        == {
+            256: {"gemm": 47.0, "gemm+sell": 87.6, "deq+cublas": 102.7},
+            384: {"gemm": 69.5, "gemm+sell": 131.2, "deq+cublas": 120.1},
+        }
+    )
+    assert dc.crossover(dc.by_m(old)) == 384
+    meta = {"device": "X", "shape": [12288, 4096], "nnz": 1, "density": 0.004, "layers": 4, "default_min_m": 96}
+    md = dc.table(new, dict(meta, gemm="Marlin"))
+    assert md.startswith("# Held-out layer on one Marlin copy: Marlin + SELL vs dequantize + cuBLAS")
+    assert "| M | Marlin alone | Marlin + SELL | dequantize + cuBLAS | faster with the hold-out |" in md
+    assert "| 256 | 47.0 | 87.6 (+86 %) | 102.7 (+119 %) | Marlin + SELL |" in md
+    assert dc.table(old, meta) == dc.table(new, dict(meta, gemm="Humming"))  # Humming unless named
