@@ -882,11 +882,11 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
     layer with a bias -- Humming permutes it in place -- or a padded shape keeps Humming for it, logged).
     Held-out weights, as in the one-copy Marlin pair: single tokens add them in the GEMV's epilogue, batches below
     ``DEQUANT_MIN_M`` (384 tokens, s40; ``SUPERWEIGHT_DEQUANT_MIN_M`` where given) run Humming + the packed SELL
-    correction, larger ones dequantize from
-    Humming's own tensors with the held-out values restored (``triton_marlin_deq``, ``layout=``), then cuBLAS -- no
-    correction pass over y where it costs most. With ``SUPERWEIGHT_CUDA_GEMV=2..8`` held-out layers' 2..8-token
-    batches run the GEMV's tensor-core form over the same tensors with the terms in its epilogue instead of Humming
-    + the correction (checked at load against the single-token form).
+    correction, larger ones dequantize from Humming's own tensors with the held-out values restored
+    (``triton_marlin_deq``, ``layout=``), then cuBLAS -- no correction pass over y where it costs most. With
+    ``SUPERWEIGHT_CUDA_GEMV=2..8`` held-out layers' 2..8-token batches run the GEMV's tensor-core form over the same
+    tensors with the terms in its epilogue instead of Humming + the correction (checked at load against the
+    single-token form).
 
     First in ``auto``'s priority list since session 36 where it was measured -- a Hopper GPU (sm_90) with the optional
     ``humming-kernels`` package installed, an unsplit layer (tensor parallel not yet checked on it), vLLM's
