@@ -279,10 +279,8 @@ METHODS["sw-w4-g128-holdout-qkv-inside4"] = _variant(
 # dequantize (with the values restored) + cuBLAS. Until s39 the switch was at 96 and saturated decode batches of
 # ~100-256 tokens dequantized q/k/v every step; s40 (H100) measured the crossover at 384 (gpu_run.sh dqcross) and
 # +3.0 % / +2.0 % saturated end to end, now the one Humming copy's default (-dq96 keeps the old one)
-METHODS["sw-w4-g128-holdout-qkv-dq256"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_DEQUANT_MIN_M="256")
-METHODS["sw-w4-g128-holdout-qkv-dq1024"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_DEQUANT_MIN_M="1024")
-METHODS["sw-w4-g128-holdout-qkv-dq384"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_DEQUANT_MIN_M="384")
-METHODS["sw-w4-g128-holdout-qkv-dq96"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_DEQUANT_MIN_M="96")
+for _m in (96, 256, 384, 1024):
+    METHODS[f"sw-w4-g128-holdout-qkv-dq{_m}"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_DEQUANT_MIN_M=str(_m))
 METHODS["sw-w4-g128-mhum"] = _variant("sw-w4-g128", SUPERWEIGHT_W4_KERNEL="marlin-humming")
 # Marlin alone over the same one copy (no per-batch pair, no dequantize path): is the one-copy pair's batch-8
 # decode gap (session 18: 1.060 vs 0.867 s, its first iteration 0.875) the pair's dispatch or Marlin itself?

@@ -290,8 +290,8 @@ def marlin_max_m(default: int = DEFAULT_MARLIN_MAX_M) -> int:
     return _int(MARLIN_MAX_M, default)
 
 
-def dequant_min_m() -> int:
-    return _int(DEQUANT_MIN_M, DEFAULT_DEQUANT_MIN_M)
+def dequant_min_m(default: int = DEFAULT_DEQUANT_MIN_M) -> int:
+    return _int(DEQUANT_MIN_M, default)
 
 
 def _cuda_gemv() -> tuple[int | None, dict[str, tuple[int, ...]], bool | None, int | None, bool | None]:

@@ -950,7 +950,7 @@ class HummingGemvKernel(DualMarlinMacheteKernel):
         large = large if large is not None else HummingKernel(config)
         super().__init__(config, large=large, small=large, max_m=1)  # one kernel object, one copy
         # from here on (held-out layers): dequantize + cuBLAS; SUPERWEIGHT_DEQUANT_MIN_M where given
-        self.min_m = envs.dequant_min_m() if envs.dequant_min_m_given() else self.DEQUANT_MIN_M
+        self.min_m = envs.dequant_min_m(self.DEQUANT_MIN_M)
         self.sp: dict[str, torch.Tensor] = {}  # packed SELL slots (small batches' correction)
         self.deq: dict[str, torch.Tensor] = {}  # restore index (large batches' dequantizer)
         # Humming's layout on this GPU (cuda_marlin_gemv.LAYOUT_*), once the GEMV's load-time check confirmed it (0:
