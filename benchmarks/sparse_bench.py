@@ -71,6 +71,17 @@ def tile_variants(default) -> dict:
         "w4": r(default, warps=4),
         "wt2": r(default, warps_t=2),  # transposed path (16+ tokens); 2 = derived from the tile, the default until s27
         "wt8": r(default, warps_t=8),
+        # session 41: fewer, looping programs (an SM's L1 may serve the repeated gathers of one M block's x rows)
+        # and several slices a program
+        "p1": r(default, persist=1),
+        "p2": r(default, persist=2),
+        "p4": r(default, persist=4),
+        "g2": r(default, group=2),
+        "g4w8": r(default, group=4, warps_t=8),
+        "p1g4w16": r(default, persist=1, group=4, warps_t=16),
+        "p2g2w8": r(default, persist=2, group=2, warps_t=8),
+        # no transpose: x's own rows, 16 tokens a program (L1 holds a block's 16 rows of x as well as xt's panel)
+        "p1d16": r(default, persist=1, transpose_min_m=512, bm_direct=16, warps=4),
     }
 
 

@@ -85,11 +85,13 @@ Only what users need is a knob:
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
-                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS,unroll=0|1,warps=W,wt=W``
-                                    (any subset): tokens per program on the direct path, the smallest M of the
-                                    transposed path, tokens per program there, gathered elements per step, the
-                                    slice depth as one unrolled pass, warps per program on the direct path
-                                    (default: from the tile) and on the transposed path (default 4); from
+                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS,unroll=0|1,warps=W,wt=W,
+                                    group=G,persist=P`` (any subset): tokens per program on the direct path, the
+                                    smallest M of the transposed path, tokens per program there, gathered elements
+                                    per step, the slice depth as one unrolled pass, warps per program on the direct
+                                    path (default: from the tile) and on the transposed path (default 4), slices
+                                    side by side in a program (default 1), P x SMs light programs looping over
+                                    the slices (default 0: one program per slice group); from
                                     ``w4_fused_bench.py --sections onecopy`` (its ``sparse_tiles_env``),
                                     ``--sections unroll`` and ``sparse_bench.py``.
 ``SUPERWEIGHT_SPARSE_OVERLAP``      ``1``: where the separate SELL correction follows a W4 GEMM on CUDA (the small
@@ -183,6 +185,8 @@ _TILE_KEYS = {
     "unroll": "unroll",
     "warps": "warps",
     "wt": "warps_t",
+    "group": "group",
+    "persist": "persist",
 }
 W4_KERNEL_MODES = (
     "auto",
@@ -587,7 +591,8 @@ def _parse_tiles(raw: str) -> dict[str, int]:
             continue
         if key not in _TILE_KEYS or key == "unroll" or not val.isdigit() or int(val) < 1 or int(val) & (int(val) - 1):
             raise ValueError(
-                f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile=,warps=,wt= with powers of two, unroll=0|1"
+                f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile=,warps=,wt=,group=,persist= with powers of "
+                "two, unroll=0|1"
             )
         out[_TILE_KEYS[key]] = int(val)
     return out
