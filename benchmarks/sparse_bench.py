@@ -141,6 +141,18 @@ def recommend(us: dict, ms: list[int], default_name: str = "default", gain: floa
     return (min(ok, key=ok.get) if ok else None), sums
 
 
+def recommend_from_m(us: dict, ms: list[int], default_name: str = "default"):
+    """Where no variant wins over every M (``recommend``), the smallest measured M from which one does (same rule over
+    the batches from there up): ``(from_m, name)``, or ``(None, None)``. Session 41's looping programs are predicted
+    to win only where a token block's x panel is reused enough (128-256 tokens), so their env gets ``FROM_M:``."""
+    ms = sorted(ms)
+    for i in range(1, len(ms)):
+        best, _ = recommend(us, ms[i:], default_name)
+        if best:
+            return ms[i], best
+    return None, None
+
+
 def combine(names: list[str], variants: dict, default):
     """One SparseTiles taking every named variant's changed fields (later names win on a clash)."""
     out = default
@@ -427,7 +439,7 @@ class Bench:
 
     def recommend(self, us: dict, variants: dict):
         TS = self.TS
-        ms = [m for m in self.args.ms if m in us.get("L/default", {})]
+        ms = sorted(m for m in self.args.ms if m in us.get("L/default", {}))
         tiles_us = {key.split("/", 1)[1]: v for key, v in us.items() if key.startswith("L/")}
         best, sums = recommend(tiles_us, ms)
         rec: dict = {"ms": ms, "sums": sums, "pick": best}
@@ -448,6 +460,10 @@ class Bench:
             rec.update(pick=best, sums=sums, combined=tiles_env(both, TS.DEFAULT_TILES))
         if best:
             rec["env"] = tiles_env(variants[best], TS.DEFAULT_TILES)
+        else:  # a variant that wins only from some batch size up: its overrides from there (FROM_M:...)
+            from_m, name = recommend_from_m(tiles_us, ms)
+            if name:
+                rec.update(pick=name, from_m=from_m, env=f"{from_m}:{tiles_env(variants[name], TS.DEFAULT_TILES)}")
         pus = {key.split("/", 1)[1]: v for key, v in us.items() if key.startswith("panel/")}
         if pus and "L/default" in us:  # the panel kernel's best variant against the Triton default, same rule
             cand = dict(pus, triton=us["L/default"])

@@ -595,6 +595,36 @@ def test_interp_sparse_kernel_grouped_and_persistent(path, group, persist, unrol
         assert torch.equal(y2[:, untouched], y[:, untouched])
 
 
+def test_sparse_correction_launches_the_env_tiles_of_its_batch(monkeypatch):
+    """``SUPERWEIGHT_SPARSE_TILES`` segments reach the launch by the batch's token count (the kernels replaced by
+    recorders: what would be launched, not run)."""
+    from vllm_superweight import envs
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, kw.get("G"), kw.get("PERSIST")))
+
+    class Sink:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: None
+
+    monkeypatch.setattr(TS, "_sell_spmm_kernel", Recorder())
+    monkeypatch.setattr(TS, "_gather_transpose_kernel", Sink())
+    monkeypatch.setenv(envs.SPARSE_TILES, "128:persist=1,group=4")
+    gen = torch.Generator().manual_seed(1)
+    n, k = 300, 257  # 10 slices: 3 groups of 4
+    r, c, v = random_entries(n, k, 1500, gen)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
+    for m in (64, 127, 128, 300):
+        TS.sparse_correction_(torch.zeros(m, n), torch.zeros(m, k), *sp_args(sp))
+    s, h = sp["ell_cols"].shape[0], sp["hrows"].shape[0]
+    assert [x[1:] for x in launches] == [(1, False), (1, False), (4, True), (4, True)]
+    assert launches[0][0] == (s + h, 4) and launches[2][0] == (1 + h, 8)  # 4 stand-in SMs over 8 M blocks: 1
+
+
 @interp_only
 def test_interp_sparse_kernel_noncontiguous_x():
     from vllm_superweight.kernels import triton_sparse as TS
@@ -1107,7 +1137,15 @@ def test_sparse_tiles_env(monkeypatch):
     # 96 slice groups; 2 x 132 light programs over 4 M blocks of 16 tokens: 66 a block, each looping; 5 heavy rows
     assert (p["n_groups"], p["n_light"], p["grid"]) == (96, 66, (71, 4))
     assert TS.plan(64, 4096, {**shapes, "ell_cols": (384, 23, 32)}, 200000, sms=132)["grid"] == (384, 4)
-    for bad in ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x", "warps=3", "wt=6", "group=3", "persist=0"):
+    # segments by batch size: the looping programs from 128 tokens only, over a base for every batch
+    monkeypatch.setenv(envs.SPARSE_TILES, "wt=8;128:persist=1,group=4,wt=16")
+    assert (TS.env_tiles(64).persist, TS.env_tiles(64).group, TS.env_tiles(64).warps_t) == (0, 1, 8)
+    assert (TS.env_tiles(128).persist, TS.env_tiles(128).group, TS.env_tiles(128).warps_t) == (1, 4, 16)
+    assert TS.env_tiles(4096) == TS.env_tiles(128) and TS.env_tiles() == TS.env_tiles(127)
+    monkeypatch.setenv(envs.SPARSE_TILES, "256:persist=2")
+    assert TS.env_tiles(255) == TS.DEFAULT_TILES and TS.env_tiles(256).persist == 2
+    bad_values = ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x", "warps=3", "wt=6", "group=3")
+    for bad in (*bad_values, "persist=0", "x:persist=1", "128:group=3"):
         monkeypatch.setenv(envs.SPARSE_TILES, bad)
         with pytest.raises(ValueError, match="SUPERWEIGHT_SPARSE_TILES"):
             TS.env_tiles()

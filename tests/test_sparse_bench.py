@@ -37,7 +37,22 @@ def test_tiles_env_and_combine_follow_the_changed_fields():
     env = sb.tiles_env(both, d)
     assert env == "bmt=32,warps=4,wt=8"
     # what it writes parses back to the same tiles
-    assert envs._parse_tiles(env) == {"bm_transposed": 32, "warps": 4, "warps_t": 8}
+    assert envs._tiles_for(env, 0) == {"bm_transposed": 32, "warps": 4, "warps_t": 8}
+
+
+def test_recommend_from_m_picks_a_variant_that_wins_only_at_large_batches():
+    """A variant slower at 64 tokens but > 2 % faster from 128 up gets no plain pick, only a FROM_M one; a variant
+    faster everywhere is ``recommend``'s; nothing better: no pick."""
+    sb = _sb()
+    us = {"default": {64: 46.6, 128: 69.5, 256: 125.3}, "p1": {64: 50.0, 128: 60.0, 256: 90.0}, "w4": {64: 46.5}}
+    assert sb.recommend(us, [64, 128, 256])[0] is None
+    assert sb.recommend_from_m(us, [256, 64, 128]) == (128, "p1")
+    us["p1"][128] = 72.0  # > 3 % slower at 128: only from 256
+    assert sb.recommend_from_m(us, [64, 128, 256]) == (256, "p1")
+    us["p1"][256] = 124.0
+    assert sb.recommend_from_m(us, [64, 128, 256]) == (None, None)
+    us["g2"] = {64: 40.0, 128: 60.0, 256: 100.0}
+    assert sb.recommend(us, [64, 128, 256])[0] == "g2"
 
 
 def test_kernel_table_per_call_most_expensive_first():

@@ -91,7 +91,9 @@ Only what users need is a knob:
                                     per step, the slice depth as one unrolled pass, warps per program on the direct
                                     path (default: from the tile) and on the transposed path (default 4), slices
                                     side by side in a program (default 1), P x SMs light programs looping over
-                                    the slices (default 0: one program per slice group); from
+                                    the slices (default 0: one program per slice group). Segments by batch
+                                    size: ``A;128:persist=1,group=4`` = A at every batch, the second part
+                                    added from 128 tokens (``;``-separated, later wins); from
                                     ``w4_fused_bench.py --sections onecopy`` (its ``sparse_tiles_env``),
                                     ``--sections unroll`` and ``sparse_bench.py``.
 ``SUPERWEIGHT_SPARSE_OVERLAP``      ``1``: where the separate SELL correction follows a W4 GEMM on CUDA (the small
@@ -576,15 +578,36 @@ def _parse_panel(raw: str) -> dict[str, int] | None:
     return out
 
 
-def sparse_tiles() -> dict[str, int]:
-    """``SUPERWEIGHT_SPARSE_TILES`` parsed into ``triton_sparse.SparseTiles`` field overrides (the parts given)."""
-    return _parse_tiles(os.environ.get(SPARSE_TILES, "").strip())
+def sparse_tiles(m: int = 0) -> dict[str, int]:
+    """``SUPERWEIGHT_SPARSE_TILES`` parsed into ``triton_sparse.SparseTiles`` field overrides (the parts given) for a
+    batch of ``m`` tokens: the value is one or more segments separated by ``;``, each ``FROM_M:overrides`` (or just
+    ``overrides``: from 0 tokens); every segment whose FROM_M <= m applies, later ones winning on a clash."""
+    return _tiles_for(os.environ.get(SPARSE_TILES, "").strip(), m)
+
+
+@functools.lru_cache(maxsize=512)
+def _tiles_for(raw: str, m: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for from_m, over in _parse_tiles(raw):
+        if m >= from_m:
+            out.update(over)
+    return out
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_tiles(raw: str) -> dict[str, int]:
+def _parse_tiles(raw: str) -> tuple[tuple[int, dict[str, int]], ...]:
+    segments = []
+    for seg in filter(None, (p.strip() for p in raw.split(";"))):
+        head, sep, body = seg.partition(":")
+        if sep and not head.strip().isdigit():
+            raise ValueError(f"{SPARSE_TILES}={raw!r}: a segment's FROM_M (before ':') must be a token count")
+        segments.append((int(head) if sep else 0, _parse_tile_part(raw, body if sep else seg)))
+    return tuple(segments)
+
+
+def _parse_tile_part(raw: str, part_list: str) -> dict[str, int]:
     out: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in raw.split(","))):
+    for part in filter(None, (p.strip() for p in part_list.split(","))):
         key, _, val = part.partition("=")
         if key == "unroll" and val in ("0", "1"):
             out["unroll"] = int(val)
@@ -592,7 +615,7 @@ def _parse_tiles(raw: str) -> dict[str, int]:
         if key not in _TILE_KEYS or key == "unroll" or not val.isdigit() or int(val) < 1 or int(val) & (int(val) - 1):
             raise ValueError(
                 f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile=,warps=,wt=,group=,persist= with powers of "
-                "two, unroll=0|1"
+                "two, unroll=0|1 (segments FROM_M:... separated by ';')"
             )
         out[_TILE_KEYS[key]] = int(val)
     return out

@@ -80,10 +80,16 @@ DEFAULT_TILES = SparseTiles()
 MAX_UNROLL = 64  # deepest slice the unrolled form takes (deeper: the looped form)
 
 
-def env_tiles() -> SparseTiles:
-    """``DEFAULT_TILES`` with the overrides of ``SUPERWEIGHT_SPARSE_TILES`` (parsed once per value)."""
-    over = envs.sparse_tiles()
-    return dataclasses.replace(DEFAULT_TILES, **over) if over else DEFAULT_TILES
+def env_tiles(m: int = 0) -> SparseTiles:
+    """``DEFAULT_TILES`` with the overrides ``SUPERWEIGHT_SPARSE_TILES`` gives a batch of ``m`` tokens (parsed once
+    per value)."""
+    over = envs.sparse_tiles(m)
+    return _tiles_with(tuple(sorted(over.items()))) if over else DEFAULT_TILES
+
+
+@functools.lru_cache(maxsize=64)
+def _tiles_with(over: tuple) -> SparseTiles:
+    return dataclasses.replace(DEFAULT_TILES, **dict(over))
 
 
 @triton.jit
@@ -390,11 +396,11 @@ def sparse_correction_(
     tiles: SparseTiles | None = None,
 ) -> None:
     """In-place ``y += S x^T`` (y [M, N] with unit column stride, x [M, K]). ``nnz`` = number of entries
-    (default: the padded slot count, an over-estimate). ``tiles``: default ``DEFAULT_TILES`` with the overrides of
-    ``SUPERWEIGHT_SPARSE_TILES``."""
-    if tiles is None:
-        tiles = env_tiles()
+    (default: the padded slot count, an over-estimate). ``tiles``: default ``DEFAULT_TILES`` with the overrides
+    ``SUPERWEIGHT_SPARSE_TILES`` gives M tokens."""
     m, k = x.shape
+    if tiles is None:
+        tiles = env_tiles(m)
     n = y.shape[1]
     if nnz is None:
         nnz = ell_cols.numel() + hcols.numel()
