@@ -577,11 +577,13 @@ def test_interp_sparse_kernel_grouped_and_persistent(path, group, persist, unrol
         assert s == 10 and h >= 1
         tiles = TS.SparseTiles(group=group, persist=persist, unroll=unroll)
         p = TS._blocks(m, s, depth, lanes, h, path == "transposed", tiles, TS.sm_count(y))
-        assert p["n_groups"] == -(-s // group) and p["grid"][0] == p["n_light"] + h
-        if persist:  # fewer programs than slice groups: each loops (persist x 4 stand-in SMs over the M blocks)
-            assert p["n_light"] == max(1, persist * 4 // p["grid"][1]) < p["n_groups"], p
+        assert p["n_groups"] == -(-s // group) and p["m_blocks"] == 3
+        if persist:  # fewer programs than slice groups: each loops (persist x 4 stand-in SMs over the M blocks),
+            # the M blocks on the grid's fast axis (every looping program dispatched before the heavy ones)
+            assert p["n_light"] == max(1, persist * 4 // 3) < p["n_groups"] and p["persist"], p
+            assert p["grid"] == (3, p["n_light"] + h)
         else:
-            assert p["n_light"] == p["n_groups"]
+            assert p["n_light"] == p["n_groups"] and p["grid"] == (p["n_light"] + h, 3) and not p["persist"]
         y2 = y.clone()
         with BoundsGuard([x, y2, *sp.values()]) as guard:  # (the transposed path's xt is allocated inside)
             TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path, tiles=tiles)
@@ -622,7 +624,7 @@ def test_sparse_correction_launches_the_env_tiles_of_its_batch(monkeypatch):
         TS.sparse_correction_(torch.zeros(m, n), torch.zeros(m, k), *sp_args(sp))
     s, h = sp["ell_cols"].shape[0], sp["hrows"].shape[0]
     assert [x[1:] for x in launches] == [(1, False), (1, False), (4, True), (4, True)]
-    assert launches[0][0] == (s + h, 4) and launches[2][0] == (1 + h, 8)  # 4 stand-in SMs over 8 M blocks: 1
+    assert launches[0][0] == (s + h, 4) and launches[2][0] == (8, 1 + h)  # 4 stand-in SMs over 8 M blocks: 1
 
 
 @interp_only
@@ -839,7 +841,7 @@ def test_triton_kernels_compile_for_sm90():
         unroll = bool(tiles.unroll)
         p = TS._blocks(m, 384 if knob else 100, depth, 32, 10, trans, tiles, sms=132)
         assert p["unroll"] == (depth if unroll else 0)
-        assert (p["n_light"] < p["n_groups"]) == bool(knob.get("persist"))
+        assert p["persist"] == (p["n_light"] < p["n_groups"]) == bool(knob.get("persist"))
         consts = {
             "C": 32,
             "BM": p["BM"],
@@ -850,7 +852,7 @@ def test_triton_kernels_compile_for_sm90():
             "UNROLL": p["unroll"],
             "EVEN_M": unroll and trans,
             "G": p["group"],
-            "PERSIST": p["n_light"] < p["n_groups"],
+            "PERSIST": p["persist"],
             ("stride_xm" if trans else "stride_xk"): 1,
         }
         # as launched: pointers and (transposed) xt's padded row stride divisible by 16
@@ -1135,7 +1137,9 @@ def test_sparse_tiles_env(monkeypatch):
     assert (t.group, t.persist) == (4, 2)
     p = TS.plan(64, 4096, {**shapes, "ell_cols": (384, 23, 32), "hrows": (5,)}, 200000, t, sms=132)
     # 96 slice groups; 2 x 132 light programs over 4 M blocks of 16 tokens: 66 a block, each looping; 5 heavy rows
-    assert (p["n_groups"], p["n_light"], p["grid"]) == (96, 66, (71, 4))
+    assert (p["n_groups"], p["n_light"], p["grid"]) == (96, 66, (4, 71))  # M blocks on the fast axis
+    many_heavy = {**shapes, "ell_cols": (384, 23, 32), "hrows": (65500,)}  # programs past the y axis' limit: no loop
+    assert not TS.plan(64, 4096, many_heavy, 200000, t, sms=132)["persist"]
     assert TS.plan(64, 4096, {**shapes, "ell_cols": (384, 23, 32)}, 200000, sms=132)["grid"] == (384, 4)
     # segments by batch size: the looping programs from 128 tokens only, over a base for every batch
     monkeypatch.setenv(envs.SPARSE_TILES, "wt=8;128:persist=1,group=4,wt=16")

@@ -12,7 +12,8 @@ One launch (two on the large-M path). Grid = (light programs + heavy rows, M blo
 
 Launch knobs off by default (``SparseTiles.group`` / ``persist``): a light program may own ``group`` consecutive
 slices side by side (a [BM, group * C] tile), and with ``persist`` there are only ``persist`` x SMs light programs,
-each looping over slice groups ``pid, pid + n_light, ...`` of its M block (the heavy programs keep one row each).
+each looping over slice groups ``pid, pid + n_light, ...`` of its M block (the heavy programs keep one row each);
+the grid is then (M blocks, programs), so all looping programs are dispatched before the heavy ones.
 
 No two programs write the same element of y: no atomics, deterministic, exact fp32 sums.
 
@@ -231,8 +232,12 @@ def _sell_spmm_kernel(
     G: tl.constexpr = 1,
     PERSIST: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    pm = tl.program_id(1)
+    if PERSIST:  # grid (M blocks, programs): every M block's looping programs dispatched before any heavy one
+        pid = tl.program_id(1)
+        pm = tl.program_id(0)
+    else:
+        pid = tl.program_id(0)
+        pm = tl.program_id(1)
     offs_m = pm * BM + tl.arange(0, BM)
     m_ok = offs_m < M
     m64 = offs_m.to(tl.int64)
@@ -336,13 +341,21 @@ def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILE
     n_light = n_groups
     if tiles.persist and n_groups:
         n_light = min(n_groups, max(1, tiles.persist * max(1, sms) // m_blocks))
+        if n_light + h > 65535:  # the programs go on the grid's y axis (at most 65,535): no looping then
+            n_light = n_groups
+    # looping programs run long: the grid puts the M blocks on its fast axis, so blocks are dispatched program by
+    # program -- every M block's looping programs first (consecutive ones, of different M blocks, on different
+    # SMs), the heavy rows' short programs after them
+    persist = n_light < n_groups
     return {
         "transposed": transposed,
         "BM": bm,
         "BJ": bj,
         "BE": be,
         "num_warps": warps,
-        "grid": (n_light + h, m_blocks),
+        "grid": (m_blocks, n_light + h) if persist else (n_light + h, m_blocks),
+        "m_blocks": m_blocks,
+        "persist": persist,
         "n_slices": s_run,
         "group": g,
         "n_groups": n_groups,
@@ -470,6 +483,6 @@ def sparse_correction_(
         UNROLL=p["unroll"],
         EVEN_M=even_m,
         G=p["group"],
-        PERSIST=p["n_light"] < p["n_groups"],
+        PERSIST=p["persist"],
         **kw,
     )
