@@ -90,6 +90,14 @@ def tile_variants(default) -> dict:
 LAYOUT_VARIANTS = {"Lmax": ("p1", "p1g4w16")}
 
 
+def layout_jobs(variants: dict, layouts: list[str]) -> list[tuple[str, str]]:
+    """The (layout, launch variant) pairs checked and timed: every variant on "L", the default launch on every other
+    layout, and ``LAYOUT_VARIANTS``."""
+    jobs = [("L", t) for t in variants if "L" in layouts]
+    jobs += [(ln, "default") for ln in layouts if ln != "L" and "default" in variants]
+    return jobs + [(ln, t) for ln, ts in LAYOUT_VARIANTS.items() if ln in layouts for t in ts if t in variants]
+
+
 def panel_variants(max_m: int = 0) -> dict:
     """The shared-memory kernel's launch variants (name -> ``cuda_sell.PanelConfig``), one knob away from its default
     each: token blocks of at most 16 (default) or 8 tokens, 8 (default), 4 or 16 warps a block, 64 blocks in all.
@@ -286,15 +294,12 @@ class Bench:
             x = torch.randn(m, self.k, device=self.dev).to(torch.bfloat16)
             ref = x.double() @ s.T
             scale = float(ref.abs().max())
-            for lname in layouts:
-                for tname, t in variants.items():
-                    if lname != "L" and tname != "default" and tname not in LAYOUT_VARIANTS.get(lname, ()):
-                        continue
-                    y = torch.zeros(m, self.n, dtype=torch.bfloat16, device=self.dev)
-                    self.correct(y, x, lay["sell"][lname], t)
-                    err = float((y.double() - ref).abs().max()) / scale
-                    if err > 1e-2:
-                        bad[f"{lname}/{tname}@{m}"] = err
+            for lname, tname in layout_jobs(variants, layouts):
+                y = torch.zeros(m, self.n, dtype=torch.bfloat16, device=self.dev)
+                self.correct(y, x, lay["sell"][lname], variants[tname])
+                err = float((y.double() - ref).abs().max()) / scale
+                if err > 1e-2:
+                    bad[f"{lname}/{tname}@{m}"] = err
             for pname, cfg in self.panels.items():
                 y = torch.zeros(m, self.n, dtype=torch.bfloat16, device=self.dev)
                 try:
@@ -341,9 +346,7 @@ class Bench:
             ys = [torch.zeros(m, self.n, dtype=torch.bfloat16, device=self.dev) for _ in self.layers]
             base = self.time(lambda: [self.gemm(lay, x) for lay in self.layers])
             self.rows.append({"m": m, "kind": "marlin", "us": base})
-            jobs = [("L", t) for t in variants] + [(lname, "default") for lname in layouts if lname != "L"]
-            jobs += [(ln, t) for ln, ts in LAYOUT_VARIANTS.items() if ln in layouts for t in ts if t in variants]
-            for lname, tname in jobs:
+            for lname, tname in layout_jobs(variants, layouts):
                 key = f"{lname}/{tname}"
                 if any(b.startswith(key + "@") for b in bad):
                     continue

@@ -582,7 +582,8 @@ def sparse_tiles(m: int = 0) -> dict[str, int]:
     """``SUPERWEIGHT_SPARSE_TILES`` parsed into ``triton_sparse.SparseTiles`` field overrides (the parts given) for a
     batch of ``m`` tokens: the value is one or more segments separated by ``;``, each ``FROM_M:overrides`` (or just
     ``overrides``: from 0 tokens); every segment whose FROM_M <= m applies, later ones winning on a clash."""
-    return dict(_tiles_for(os.environ.get(SPARSE_TILES, "").strip(), m))  # a copy: the cached one stays as parsed
+    raw = os.environ.get(SPARSE_TILES, "").strip()
+    return dict(_tiles_for(raw, m)) if raw else {}  # a copy: the cached one stays as parsed
 
 
 @functools.lru_cache(maxsize=512)

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import envs
+from . import sparse_layout
 from .sparse_layout import PACK_DTYPES, interpreting, marker_dtype
 
 try:  # Hopper grid-dependency control (absent from the interpreter)
@@ -372,14 +373,9 @@ def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def sm_count(t: torch.Tensor) -> int:
     """SMs of ``t``'s device (4 off CUDA: the interpreter's stand-in, so its tests loop as a GPU's programs do)."""
-    return _sm_count(t.device.index if t.device.index is not None else 0) if t.is_cuda else 4
+    return sparse_layout.sm_count(t.device, off_cuda=4)
 
 
 def pdl_allowed(pdl: bool, transposed: bool, y: torch.Tensor) -> bool:

@@ -55,7 +55,7 @@ import os
 
 import torch
 
-from .sparse_layout import interpreting
+from .sparse_layout import interpreting, sm_count
 
 try:
     import triton
@@ -1465,16 +1465,7 @@ def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     }
 
 
-_SM_COUNT: dict = {}
-
-
-def _sms(device) -> int:
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+_sms = sm_count  # (its name in this module's importers)
 
 
 def w4_mm(
