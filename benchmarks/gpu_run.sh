@@ -514,10 +514,9 @@ EOF2
     # nowhere) goes to recommend.env, which the next `throughput` call sources
     setup
     # (session 28: with the overlapped correction's GPU tests, SUPERWEIGHT_SPARSE_OVERLAP, which sparse_bench times)
-    humming_tests 360 sparse_humgemv -k "humming or auto or overlapped" \
+    humming_tests 240 sparse_humgemv -k "humming or auto or overlapped" \
       "tests/test_gpu_kernels.py::test_overlapped_correction_equals_in_place" \
-      "tests/test_gpu_kernels.py::test_kernel_classes_overlapped_correction" \
-      "tests/test_kernels.py::test_cuda_sparse_grouped_and_persistent"
+      "tests/test_gpu_kernels.py::test_kernel_classes_overlapped_correction"
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     rm -f "$SW_BENCH_DIR/recommend.env"
     mkdir -p "$SW_BENCH_DIR"

@@ -71,31 +71,14 @@ def tile_variants(default) -> dict:
         "w4": r(default, warps=4),
         "wt2": r(default, warps_t=2),  # transposed path (16+ tokens); 2 = derived from the tile, the default until s27
         "wt8": r(default, warps_t=8),
-        # session 41: fewer, looping programs (an SM's L1 may serve the repeated gathers of one M block's x rows)
-        # and several slices a program
-        "p1": r(default, persist=1),
-        "p2": r(default, persist=2),
-        "p4": r(default, persist=4),
-        "g2": r(default, group=2),
-        "g4w8": r(default, group=4, warps_t=8),
-        "p1g4w16": r(default, persist=1, group=4, warps_t=16),
-        "p2g2w8": r(default, persist=2, group=2, warps_t=8),
-        # no transpose: x's own rows, 16 tokens a program (L1 holds a block's 16 rows of x as well as xt's panel)
-        "p1d16": r(default, persist=1, transpose_min_m=512, bm_direct=16, warps=4),
     }
-
-
-# launch variants also timed on another layout than "L" (the others run their default launch only): the layout
-# without heavy rows, whose short programs share the SMs with the looping ones on "L" (570 a token block at 0.40 %)
-LAYOUT_VARIANTS = {"Lmax": ("p1", "p1g4w16")}
 
 
 def layout_jobs(variants: dict, layouts: list[str]) -> list[tuple[str, str]]:
     """The (layout, launch variant) pairs checked and timed: every variant on "L", the default launch on every other
-    layout, and ``LAYOUT_VARIANTS``."""
+    layout."""
     jobs = [("L", t) for t in variants if "L" in layouts]
-    jobs += [(ln, "default") for ln in layouts if ln != "L" and "default" in variants]
-    return jobs + [(ln, t) for ln, ts in LAYOUT_VARIANTS.items() if ln in layouts for t in ts if t in variants]
+    return jobs + [(ln, "default") for ln in layouts if ln != "L" and "default" in variants]
 
 
 def panel_variants(max_m: int = 0) -> dict:
@@ -156,8 +139,7 @@ def recommend(us: dict, ms: list[int], default_name: str = "default", gain: floa
 
 def recommend_from_m(us: dict, ms: list[int], default_name: str = "default"):
     """Where no variant wins over every M (``recommend``), the smallest measured M from which one does (same rule over
-    the batches from there up): ``(from_m, name)``, or ``(None, None)``. Session 41's looping programs are predicted
-    to win only where a token block's x panel is reused enough (128-256 tokens), so their env gets ``FROM_M:``."""
+    the batches from there up): ``(from_m, name)``, or ``(None, None)``; its env then gets ``FROM_M:``."""
     ms = sorted(ms)
     for i in range(1, len(ms)):
         best, _ = recommend(us, ms[i:], default_name)

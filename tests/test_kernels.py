@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import subprocess
@@ -554,49 +553,6 @@ def test_interp_sparse_kernel_unrolled(path, pack):
     assert torch.equal(y2[:, untouched], y[:, untouched])
 
 
-@interp_only
-@pytest.mark.parametrize("path", ["direct", "transposed"])
-@pytest.mark.parametrize("group,persist,unroll", [(1, 1, 1), (4, 0, 1), (2, 2, 1), (4, 1, 0)])
-def test_interp_sparse_kernel_grouped_and_persistent(path, group, persist, unroll):
-    """``SparseTiles(group=, persist=)``: slices side by side in one program, and P x SMs light programs looping
-    over the slice groups -- the same sums as one program per slice (up to fp32 order), every row once even where
-    the slice count is no multiple of the group, heavy rows unchanged, rows without entries untouched."""
-    from vllm_superweight.kernels import triton_sparse as TS
-
-    gen = torch.Generator().manual_seed(13 + group + persist)
-    # 10 slices of 32 rows (the last partial), no multiple of 4; 3 M blocks on either path (16 / 2 tokens each)
-    n, k, m = 300, 257, 37 if path == "transposed" else 5
-    r, c, v = random_entries(n, k, 1500, gen, heavy_row=5, heavy_len=120)
-    for pack in (None, torch.bfloat16):
-        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-        y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
-        ref, mag = dense_reference(y, x, r, c, v, n, k)
-        sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell", pack=pack)
-        s, depth, lanes = sp["ell_cols"].shape
-        h = sp["hrows"].shape[0]
-        assert s == 10 and h >= 1
-        tiles = TS.SparseTiles(group=group, persist=persist, unroll=unroll)
-        p = TS._blocks(m, s, depth, lanes, h, path == "transposed", tiles, TS.sm_count(y))
-        assert p["n_groups"] == -(-s // group) and p["m_blocks"] == 3
-        if persist:  # fewer programs than slice groups: each loops (persist x 4 stand-in SMs over the M blocks),
-            # the M blocks on the grid's fast axis (every looping program dispatched before the heavy ones)
-            assert p["n_light"] == max(1, persist * 4 // 3) < p["n_groups"] and p["persist"], p
-            assert p["grid"] == (3, p["n_light"] + h)
-        else:
-            assert p["n_light"] == p["n_groups"] and p["grid"] == (p["n_light"] + h, 3) and not p["persist"]
-        y2 = y.clone()
-        with BoundsGuard([x, y2, *sp.values()]) as guard:  # (the transposed path's xt is allocated inside)
-            TS.sparse_correction_(y2, x, *sp_args(sp), force_path=path, tiles=tiles)
-        assert path == "transposed" or not guard.bad, guard.bad  # the last group's missing slices read nothing out
-        assert_rounded_close(y2, ref, mag, torch.bfloat16)
-        y3 = y.clone()
-        TS.sparse_correction_(y3, x, *sp_args(sp), force_path=path, tiles=TS.SparseTiles(unroll=unroll))
-        assert (y2.float() - y3.float()).abs().max() <= 2 * mag.max() * 2.0**-7
-        untouched = torch.ones(n, dtype=torch.bool)
-        untouched[r] = False
-        assert torch.equal(y2[:, untouched], y[:, untouched])
-
-
 def test_sparse_correction_launches_the_env_tiles_of_its_batch(monkeypatch):
     """``SUPERWEIGHT_SPARSE_TILES`` segments reach the launch by the batch's token count (the kernels replaced by
     recorders: what would be launched, not run)."""
@@ -607,7 +563,7 @@ def test_sparse_correction_launches_the_env_tiles_of_its_batch(monkeypatch):
 
     class Recorder:
         def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((grid, kw.get("G"), kw.get("PERSIST")))
+            return lambda *args, **kw: launches.append((grid, kw.get("BM"), kw.get("num_warps")))
 
     class Sink:
         def __getitem__(self, grid):
@@ -615,16 +571,17 @@ def test_sparse_correction_launches_the_env_tiles_of_its_batch(monkeypatch):
 
     monkeypatch.setattr(TS, "_sell_spmm_kernel", Recorder())
     monkeypatch.setattr(TS, "_gather_transpose_kernel", Sink())
-    monkeypatch.setenv(envs.SPARSE_TILES, "128:persist=1,group=4")
+    monkeypatch.setenv(envs.SPARSE_TILES, "128:bmt=32,wt=8")
     gen = torch.Generator().manual_seed(1)
-    n, k = 300, 257  # 10 slices: 3 groups of 4
+    n, k = 300, 257  # 10 slices
     r, c, v = random_entries(n, k, 1500, gen)
     sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
     for m in (64, 127, 128, 300):
         TS.sparse_correction_(torch.zeros(m, n), torch.zeros(m, k), *sp_args(sp))
     s, h = sp["ell_cols"].shape[0], sp["hrows"].shape[0]
-    assert [x[1:] for x in launches] == [(1, False), (1, False), (4, True), (4, True)]
-    assert launches[0][0] == (s + h, 4) and launches[2][0] == (8, 1 + h)  # 4 stand-in SMs over 8 M blocks: 1
+    # the transposed path at every one of these: 16 tokens a program and 4 warps below 128 tokens, 32 and 8 from 128
+    assert [x[1:] for x in launches] == [(16, 4), (16, 4), (32, 8), (32, 8)]
+    assert [x[0] for x in launches] == [(s + h, 4), (s + h, 8), (s + h, 4), (s + h, 10)]
 
 
 @interp_only
@@ -804,14 +761,11 @@ def test_triton_kernels_compile_for_sm90():
         "N": "i32",
         "L": "i32",
         "n_slices": "i32",
-        "n_groups": "i32",
-        "n_light": "i32",
         "stride_ym": "i32",
         "stride_xm": "i32",
         "stride_xk": "i32",
     }
-    r = dataclasses.replace
-    cases = [
+    for m, depth, trans, pdl, pack in [
         (1, 16, False, False, 0),
         (8, 8, False, False, 0),
         (16, 8, False, True, 0),
@@ -823,25 +777,12 @@ def test_triton_kernels_compile_for_sm90():
         (64, 17, True, False, -1),  # unrolled over the slice depth (down_proj's), packed
         (8, 8, False, False, -2),
         (32, 8, True, False, -1),
-    ]
-    # session 41's launch knobs as sparse_bench.py times them (7B q/k/v: 384 slices of depth 23, 64-256 tokens)
-    knobs = [{}] * len(cases) + [
-        {"persist": 1},
-        {"group": 4, "warps_t": 8},
-        {"persist": 1, "group": 4, "warps_t": 16},
-        {"persist": 2, "group": 2, "warps_t": 8},
-        {"persist": 2, "group": 2, "warps_t": 8, "unroll": 0},
-        {"persist": 1},
-    ]
-    cases += [(256, 23, True, False, -1)] * 5 + [(8, 23, False, True, -1)]
-    for (m, depth, trans, pdl, pack), knob in zip(cases, knobs, strict=True):
+    ]:
         unroll = pack < 0
         pack = abs(pack)
-        tiles = r(TS.SparseTiles(unroll=1) if unroll else TS.SparseTiles(unroll=0), **knob)
-        unroll = bool(tiles.unroll)
-        p = TS._blocks(m, 384 if knob else 100, depth, 32, 10, trans, tiles, sms=132)
+        tiles = TS.SparseTiles(unroll=1) if unroll else TS.SparseTiles(unroll=0)
+        p = TS._blocks(m, 100, depth, 32, 10, trans, tiles)
         assert p["unroll"] == (depth if unroll else 0)
-        assert p["persist"] == (p["n_light"] < p["n_groups"]) == bool(knob.get("persist"))
         consts = {
             "C": 32,
             "BM": p["BM"],
@@ -851,17 +792,15 @@ def test_triton_kernels_compile_for_sm90():
             "PACK": pack,
             "UNROLL": p["unroll"],
             "EVEN_M": unroll and trans,
-            "G": p["group"],
-            "PERSIST": p["persist"],
             ("stride_xm" if trans else "stride_xk"): 1,
         }
         # as launched: pointers and (transposed) xt's padded row stride divisible by 16
-        k_, rep = _aot(TS._sell_spmm_kernel, sig, consts, p["num_warps"], [*range(9), *([17] if trans else [])])
-        assert rep is None or "0 bytes spill stores" in rep, (knob, rep)
+        k_, rep = _aot(TS._sell_spmm_kernel, sig, consts, p["num_warps"], [*range(9), *([15] if trans else [])])
+        assert rep is None or "0 bytes spill stores" in rep, rep
         if unroll and trans:  # the token-mask-free gathers of the padded xt are vector loads (16 tokens over
             # 4 warps since session 27: 4 a thread, 8 bytes; 2 warps, the earlier default: 8 a thread, 16 bytes)
             ptx = k_.asm["ptx"]
-            assert any(f"ld.global.{v}" in ptx for v in ("v4.b32", "v2.b32", "v4.b16")), (m, depth, knob)
+            assert any(f"ld.global.{v}" in ptx for v in ("v4.b32", "v2.b32", "v4.b16")), (m, depth)
     tsig = {
         "x_ptr": "*bf16",
         "ucols_ptr": "*i32",
@@ -995,29 +934,6 @@ def test_cuda_sparse_vs_reference(n, k, kind):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("n,k", [(12288, 4096), (1000, 3000)])
-def test_cuda_sparse_grouped_and_persistent(n, k):
-    """Session 41's launch knobs on the GPU (slices side by side in a program; P x SMs light programs looping over
-    the slice groups): float64 reference at the token counts sparse_bench.py times them (64-256) and odd ones, both
-    paths, packed and not, unrolled and looped, a heavy row."""
-    from vllm_superweight.kernels import triton_sparse as TS
-
-    r, c, v = _gpu_entries(n, k, n * k * 4 // 1000, seed=41, heavy=True)
-    variants = (
-        TS.SparseTiles(persist=1),
-        TS.SparseTiles(group=4, warps_t=8),
-        TS.SparseTiles(persist=1, group=4, warps_t=16),
-        TS.SparseTiles(persist=2, group=2, warps_t=8, unroll=0),
-    )
-    for tiles in variants:
-        for m in (3, 17, 64, 128, 256):
-            for path in ("direct", "transposed"):
-                _check_cuda_case(n, k, m, r, c, v, pack=True, path=path, tiles=tiles)
-        _check_cuda_case(n, k, 100, r, c, v, tiles=tiles)
-
-
-@gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_cuda_sparse_dtypes(dtype):
     r, c, v = _gpu_entries(1000, 700, 5000, seed=3, heavy=True)
@@ -1132,24 +1048,16 @@ def test_sparse_tiles_env(monkeypatch):
     monkeypatch.setenv(envs.SPARSE_TILES, "warps=8,wt=2")
     assert TS.plan(64, 4096, shapes, 1000, TS.env_tiles())["num_warps"] == 2
     assert TS.plan(8, 4096, shapes, 1000, TS.env_tiles())["num_warps"] == 8
-    monkeypatch.setenv(envs.SPARSE_TILES, "group=4,persist=2")
-    t = TS.env_tiles()
-    assert (t.group, t.persist) == (4, 2)
-    p = TS.plan(64, 4096, {**shapes, "ell_cols": (384, 23, 32), "hrows": (5,)}, 200000, t, sms=132)
-    # 96 slice groups; 2 x 132 light programs over 4 M blocks of 16 tokens: 66 a block, each looping; 5 heavy rows
-    assert (p["n_groups"], p["n_light"], p["grid"]) == (96, 66, (4, 71))  # M blocks on the fast axis
-    many_heavy = {**shapes, "ell_cols": (384, 23, 32), "hrows": (65500,)}  # programs past the y axis' limit: no loop
-    assert not TS.plan(64, 4096, many_heavy, 200000, t, sms=132)["persist"]
-    assert TS.plan(64, 4096, {**shapes, "ell_cols": (384, 23, 32)}, 200000, sms=132)["grid"] == (384, 4)
-    # segments by batch size: the looping programs from 128 tokens only, over a base for every batch
-    monkeypatch.setenv(envs.SPARSE_TILES, "wt=8;128:persist=1,group=4,wt=16")
-    assert (TS.env_tiles(64).persist, TS.env_tiles(64).group, TS.env_tiles(64).warps_t) == (0, 1, 8)
-    assert (TS.env_tiles(128).persist, TS.env_tiles(128).group, TS.env_tiles(128).warps_t) == (1, 4, 16)
-    assert TS.env_tiles(4096) == TS.env_tiles(128) and TS.env_tiles() == TS.env_tiles(127)
-    monkeypatch.setenv(envs.SPARSE_TILES, "256:persist=2")
-    assert TS.env_tiles(255) == TS.DEFAULT_TILES and TS.env_tiles(256).persist == 2
-    bad_values = ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x", "warps=3", "wt=6", "group=3")
-    for bad in (*bad_values, "persist=0", "x:persist=1", "128:group=3"):
+    # segments by batch size: a base for every batch, more from 128 and 256 tokens (later segments win)
+    monkeypatch.setenv(envs.SPARSE_TILES, "wt=8;128:bmt=32,wt=16;256:bmt=64")
+    assert (TS.env_tiles(64).bm_transposed, TS.env_tiles(64).warps_t) == (16, 8)
+    assert (TS.env_tiles(128).bm_transposed, TS.env_tiles(128).warps_t) == (32, 16)
+    assert (TS.env_tiles(4096).bm_transposed, TS.env_tiles(4096).warps_t) == (64, 16)
+    assert TS.env_tiles() == TS.env_tiles(127) and TS.env_tiles(255) == TS.env_tiles(128)
+    monkeypatch.setenv(envs.SPARSE_TILES, "256:wt=2")
+    assert TS.env_tiles(255) == TS.DEFAULT_TILES and TS.env_tiles(256).warps_t == 2
+    bad_values = ("bmd=3", "bm=4", "tmin=x", "bmd=0", "unroll=2", "unroll=x", "warps=3", "wt=6", "group=2")
+    for bad in (*bad_values, "persist=1", "x:wt=1", "128:wt=3"):
         monkeypatch.setenv(envs.SPARSE_TILES, bad)
         with pytest.raises(ValueError, match="SUPERWEIGHT_SPARSE_TILES"):
             TS.env_tiles()

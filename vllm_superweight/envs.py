@@ -85,15 +85,13 @@ Only what users need is a knob:
 ``SUPERWEIGHT_CACHE_DIR``           where compiled kernels and assembled model files are kept (default
                                     ``~/.cache/vllm-superweight``); unwritable: nothing is cached.
 ``SUPERWEIGHT_SPARSE_TILES``        launch parameters of the separate SELL correction (both pairs' small
-                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS,unroll=0|1,warps=W,wt=W,
-                                    group=G,persist=P`` (any subset): tokens per program on the direct path, the
-                                    smallest M of the transposed path, tokens per program there, gathered elements
-                                    per step, the slice depth as one unrolled pass, warps per program on the direct
-                                    path (default: from the tile) and on the transposed path (default 4), slices
-                                    side by side in a program (default 1), P x SMs light programs looping over
-                                    the slices (default 0: one program per slice group). Segments by batch
-                                    size: ``A;128:persist=1,group=4`` = A at every batch, the second part
-                                    added from 128 tokens (``;``-separated, later wins); from
+                                    batches): ``bmd=TOKENS,tmin=M,bmt=TOKENS,tile=ELEMS,unroll=0|1,warps=W,wt=W``
+                                    (any subset): tokens per program on the direct path, the smallest M of the
+                                    transposed path, tokens per program there, gathered elements per step, the
+                                    slice depth as one unrolled pass, warps per program on the direct path
+                                    (default: from the tile) and on the transposed path (default 4). Segments by
+                                    batch size: ``A;128:wt=8`` = A at every batch, the second part added from 128
+                                    tokens (``;``-separated, later wins); from
                                     ``w4_fused_bench.py --sections onecopy`` (its ``sparse_tiles_env``),
                                     ``--sections unroll`` and ``sparse_bench.py``.
 ``SUPERWEIGHT_SPARSE_OVERLAP``      ``1``: where the separate SELL correction follows a W4 GEMM on CUDA (the small
@@ -187,8 +185,6 @@ _TILE_KEYS = {
     "unroll": "unroll",
     "warps": "warps",
     "wt": "warps_t",
-    "group": "group",
-    "persist": "persist",
 }
 W4_KERNEL_MODES = (
     "auto",
@@ -615,8 +611,8 @@ def _parse_tile_part(raw: str, part_list: str) -> dict[str, int]:
             continue
         if key not in _TILE_KEYS or key == "unroll" or not val.isdigit() or int(val) < 1 or int(val) & (int(val) - 1):
             raise ValueError(
-                f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile=,warps=,wt=,group=,persist= with powers of "
-                "two, unroll=0|1 (segments FROM_M:... separated by ';')"
+                f"{SPARSE_TILES}={raw!r}: expected bmd=,tmin=,bmt=,tile=,warps=,wt= with powers of two, "
+                "unroll=0|1 (segments FROM_M:... separated by ';')"
             )
         out[_TILE_KEYS[key]] = int(val)
     return out

@@ -1,19 +1,14 @@
 """Triton kernels of the sparse correction ``y[:, r] += v * x[:, c]`` over the SELL + heavy-CSR layout.
 
-One launch (two on the large-M path). Grid = (light programs + heavy rows, M blocks); program ``p``:
+One launch (two on the large-M path). Grid = (light slices + heavy rows, M blocks); program ``p``:
 
-* ``p < n_light`` (light): owns the C consecutive rows of one row block. Unrolled form (the default since
+* ``p < n_slices`` (light): owns the C consecutive rows of one row block. Unrolled form (the default since
   session 12, ``SparseTiles.unroll``): one straight-line pass over the slice depth L, per slot a [C] load of the
   slot words (coalesced: slot-major, lane-minor) and a [BM, C] gather of ``x[m, col]``, products summed in fp32
   registers -- every load independent, no reduction across threads. Looped form: [BJ, C] slot tiles and
   [BM, BJ, C] gathers, reduced over BJ per step, until L is covered. Then ``y[m-block, rows] = round(y + acc)``
   (one rounding; the y load is issued before the loop so its latency hides behind the gathers).
-* ``p >= n_light`` (heavy): one long row; [BM, BE] tiles of its CSR entries, reduced to one value per token.
-
-Launch knobs off by default (``SparseTiles.group`` / ``persist``): a light program may own ``group`` consecutive
-slices side by side (a [BM, group * C] tile), and with ``persist`` there are only ``persist`` x SMs light programs,
-each looping over slice groups ``pid, pid + n_light, ...`` of its M block (the heavy programs keep one row each);
-the grid is then (M blocks, programs), so all looping programs are dispatched before the heavy ones.
+* ``p >= n_slices`` (heavy): one long row; [BM, BE] tiles of its CSR entries, reduced to one value per token.
 
 No two programs write the same element of y: no atomics, deterministic, exact fp32 sums.
 
@@ -41,7 +36,6 @@ import triton
 import triton.language as tl
 
 from .. import envs
-from . import sparse_layout
 from .sparse_layout import PACK_DTYPES, interpreting, marker_dtype
 
 try:  # Hopper grid-dependency control (absent from the interpreter)
@@ -68,14 +62,6 @@ class SparseTiles:
     # H200 session 27, 7B qkv with the default preset's q/k/v hold-out (0.40 %), after Marlin, us per layer: M = 16
     # 25.5 vs 27.1, 32 31.2 vs 33.2, 48 37.8 vs 40.0, 64 45.2 vs 49.0 (the correction's own part at 64: 14.5 vs 18.3)
     warps_t: int = 4
-    # slices side by side in one light program: a [BM, group * C] tile per slot (1: one slice, the default)
-    group: int = 1
-    # 0 (default): one light program per slice group and M block. P > 0: P x SMs light programs in all, spread evenly
-    # over the M blocks, each looping over the slice groups pid, pid + n, ... of its M block -- a program's gathers
-    # then read the same M block's x rows over many slices, so an SM's L1 can serve the repeats (session 41's
-    # question: the 64-256 token cost of the correction is its gathers from L2; every variant of the one-program-
-    # per-slice grid measured the same)
-    persist: int = 0
 
 
 DEFAULT_TILES = SparseTiles()
@@ -105,104 +91,7 @@ def _unpack(w, PACK: tl.constexpr):
     return col, val, w != 0
 
 
-@triton.jit
-def _light_pass(
-    y_ptr,
-    x_ptr,
-    ecols_ptr,
-    evals_ptr,
-    erb_ptr,
-    sg,
-    offs_m,
-    m_ok,
-    m64,
-    N,
-    L,
-    n_slices,
-    stride_ym,
-    stride_xm,
-    stride_xk,
-    C: tl.constexpr,
-    G: tl.constexpr,
-    BM: tl.constexpr,
-    BJ: tl.constexpr,
-    PDL: tl.constexpr,
-    PACK: tl.constexpr,
-    UNROLL: tl.constexpr,
-    EVEN_M: tl.constexpr,
-):
-    """One light program's work on slice group ``sg`` (``G`` consecutive slices of C rows side by side: a
-    [BM, G * C] tile); ``y[m-block, rows] = round(y + acc)``."""
-    if G == 1:
-        lanes = tl.arange(0, C)
-        rb = tl.load(erb_ptr + sg)
-        rows = rb * C + lanes
-        base = sg.to(tl.int64) * L * C + lanes
-    else:
-        idx = tl.arange(0, G * C)
-        lanes = idx % C
-        sl = sg * G + idx // C
-        s_ok = sl < n_slices
-        sl = tl.minimum(sl, n_slices - 1)  # past the last slice: the last one again, never stored (rows = N)
-        rb = tl.load(erb_ptr + sl)
-        rows = tl.where(s_ok, rb * C + lanes, N)
-        base = sl.to(tl.int64) * L * C + lanes
-    # a lane holds entries iff its first slot is used (slots fill from 0)
-    c0 = tl.load(ecols_ptr + base)
-    if PACK:
-        used0 = c0 != 0
-    else:
-        used0 = c0 >= 0
-    w_ok = m_ok[:, None] & (used0 & (rows < N))[None, :]
-    y_ptrs = y_ptr + m64[:, None] * stride_ym + rows[None, :]
-    if not PDL:
-        y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
-    acc = tl.zeros((BM, G * C), dtype=tl.float32)
-    if UNROLL > 0:
-        # the whole depth (UNROLL == L) as one straight-line pass: [BM, G * C] per slot, every slot's load and
-        # gather independent of the others (all can be in flight), products summed in registers -- no
-        # reduction across threads per step (the looped form reduces its [BM, BJ, G * C] tile over BJ each step)
-        for j in tl.static_range(UNROLL):
-            e_off = base + j * C
-            if PACK:
-                pw = tl.load(ecols_ptr + e_off)
-                cc, vv, used = _unpack(pw, PACK)
-            else:
-                cc = tl.load(ecols_ptr + e_off)
-                vv = tl.load(evals_ptr + e_off)
-                used = cc >= 0
-            x_ptrs = x_ptr + m64[:, None] * stride_xm + cc.to(tl.int64)[None, :] * stride_xk
-            if EVEN_M:  # x rows padded to the M blocks: a mask constant along m (vector loads)
-                xg = tl.load(x_ptrs, mask=used[None, :], other=0.0)
-            else:
-                xg = tl.load(x_ptrs, mask=m_ok[:, None] & used[None, :], other=0.0)
-            acc += xg.to(tl.float32) * vv[None, :]
-    else:
-        jr = tl.arange(0, BJ)
-        for j0 in range(0, L, BJ):
-            jj = j0 + jr
-            e_off = base[None, :] + jj[:, None] * C
-            e_ok = (jj < L)[:, None]
-            if PACK:
-                pw = tl.load(ecols_ptr + e_off, mask=e_ok, other=0)
-                cc, vv, used = _unpack(pw, PACK)
-            else:
-                cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
-                vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
-                used = cc >= 0
-            x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
-            if EVEN_M:
-                xg = tl.load(x_ptrs, mask=used[None, :, :], other=0.0)
-            else:
-                xg = tl.load(x_ptrs, mask=m_ok[:, None, None] & used[None, :, :], other=0.0)
-            acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
-    if PDL:
-        _gdc_wait()
-        y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
-    tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=w_ok)
-
-
-@triton.jit(do_not_specialize=["M", "L", "n_slices", "n_groups", "n_light"])
+@triton.jit(do_not_specialize=["M", "L", "n_slices"])
 def _sell_spmm_kernel(
     y_ptr,
     x_ptr,
@@ -217,8 +106,6 @@ def _sell_spmm_kernel(
     N,
     L,
     n_slices,
-    n_groups,
-    n_light,
     stride_ym,
     stride_xm,
     stride_xk,
@@ -230,32 +117,72 @@ def _sell_spmm_kernel(
     PACK: tl.constexpr = 0,
     UNROLL: tl.constexpr = 0,
     EVEN_M: tl.constexpr = False,
-    G: tl.constexpr = 1,
-    PERSIST: tl.constexpr = False,
 ):
-    if PERSIST:  # grid (M blocks, programs): every M block's looping programs dispatched before any heavy one
-        pid = tl.program_id(1)
-        pm = tl.program_id(0)
-    else:
-        pid = tl.program_id(0)
-        pm = tl.program_id(1)
+    pid = tl.program_id(0)
+    pm = tl.program_id(1)
     offs_m = pm * BM + tl.arange(0, BM)
     m_ok = offs_m < M
     m64 = offs_m.to(tl.int64)
-    if pid < n_light:
-        if PERSIST:  # n_light programs per M block, each over the slice groups pid, pid + n_light, ...
-            for it in range(0, (n_groups - pid + n_light - 1) // n_light):
-                _light_pass(
-                    y_ptr, x_ptr, ecols_ptr, evals_ptr, erb_ptr, pid + it * n_light, offs_m, m_ok, m64, N, L, n_slices,
-                    stride_ym, stride_xm, stride_xk, C, G, BM, BJ, PDL, PACK, UNROLL, EVEN_M,
-                )  # fmt: skip
-        else:  # one program per slice group
-            _light_pass(
-                y_ptr, x_ptr, ecols_ptr, evals_ptr, erb_ptr, pid, offs_m, m_ok, m64, N, L, n_slices,
-                stride_ym, stride_xm, stride_xk, C, G, BM, BJ, PDL, PACK, UNROLL, EVEN_M,
-            )  # fmt: skip
+    if pid < n_slices:
+        lanes = tl.arange(0, C)
+        rb = tl.load(erb_ptr + pid)
+        rows = rb * C + lanes
+        base = pid.to(tl.int64) * L * C
+        # a lane holds entries iff its first slot is used (slots fill from 0)
+        c0 = tl.load(ecols_ptr + base + lanes)
+        if PACK:
+            used0 = c0 != 0
+        else:
+            used0 = c0 >= 0
+        w_ok = m_ok[:, None] & (used0 & (rows < N))[None, :]
+        y_ptrs = y_ptr + m64[:, None] * stride_ym + rows[None, :]
+        if not PDL:
+            y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
+        acc = tl.zeros((BM, C), dtype=tl.float32)
+        if UNROLL > 0:
+            # the whole depth (UNROLL == L) as one straight-line pass: [BM, C] per slot, every slot's load and
+            # gather independent of the others (all can be in flight), products summed in registers -- no
+            # reduction across threads per step (the looped form reduces its [BM, BJ, C] tile over BJ each step)
+            for j in tl.static_range(UNROLL):
+                e_off = base + j * C + lanes
+                if PACK:
+                    pw = tl.load(ecols_ptr + e_off)
+                    cc, vv, used = _unpack(pw, PACK)
+                else:
+                    cc = tl.load(ecols_ptr + e_off)
+                    vv = tl.load(evals_ptr + e_off)
+                    used = cc >= 0
+                x_ptrs = x_ptr + m64[:, None] * stride_xm + cc.to(tl.int64)[None, :] * stride_xk
+                if EVEN_M:  # x rows padded to the M blocks: a mask constant along m (vector loads)
+                    xg = tl.load(x_ptrs, mask=used[None, :], other=0.0)
+                else:
+                    xg = tl.load(x_ptrs, mask=m_ok[:, None] & used[None, :], other=0.0)
+                acc += xg.to(tl.float32) * vv[None, :]
+        else:
+            jr = tl.arange(0, BJ)
+            for j0 in range(0, L, BJ):
+                jj = j0 + jr
+                e_off = base + jj[:, None] * C + lanes[None, :]
+                e_ok = (jj < L)[:, None]
+                if PACK:
+                    pw = tl.load(ecols_ptr + e_off, mask=e_ok, other=0)
+                    cc, vv, used = _unpack(pw, PACK)
+                else:
+                    cc = tl.load(ecols_ptr + e_off, mask=e_ok, other=-1)
+                    vv = tl.load(evals_ptr + e_off, mask=e_ok, other=0.0)
+                    used = cc >= 0
+                x_ptrs = x_ptr + m64[:, None, None] * stride_xm + cc.to(tl.int64)[None, :, :] * stride_xk
+                if EVEN_M:
+                    xg = tl.load(x_ptrs, mask=used[None, :, :], other=0.0)
+                else:
+                    xg = tl.load(x_ptrs, mask=m_ok[:, None, None] & used[None, :, :], other=0.0)
+                acc += tl.sum(xg.to(tl.float32) * vv[None, :, :], axis=1)
+        if PDL:
+            _gdc_wait()
+            y_old = tl.load(y_ptrs, mask=w_ok, other=0.0)
+        tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=w_ok)
     else:
-        h = pid - n_light
+        h = pid - n_slices
         h_row = tl.load(hrows_ptr + h)
         h_lo = tl.load(hptr_ptr + h)
         h_hi = tl.load(hptr_ptr + h + 1)
@@ -304,32 +231,29 @@ def _gather_transpose_kernel(
     tl.store(xt_ptr + c[None, :] * stride_t + m[:, None], v, mask=ok)
 
 
-def plan(m: int, k: int, sp_shapes: dict, nnz: int, tiles: SparseTiles = DEFAULT_TILES, sms: int = 1) -> dict:
+def plan(m: int, k: int, sp_shapes: dict, nnz: int, tiles: SparseTiles = DEFAULT_TILES) -> dict:
     """Launch plan from shapes only (host ints; no device reads). Exposed for tests and benchmarks.
 
     The transposed path is taken for M >= ``tiles.transpose_min_m`` when the entries reuse columns (nnz >= 2 x
     distinct columns):
-    then one coalesced transpose of those columns replaces M-times-scattered gathers. ``sms``: the device's SM count
-    (sizes the grid of ``tiles.persist``).
+    then one coalesced transpose of those columns replaces M-times-scattered gathers.
     """
     s, depth, lanes = sp_shapes["ell_cols"]
     h = sp_shapes["hrows"][0]
     u = sp_shapes["ucols"][0]
     transposed = m >= tiles.transpose_min_m and u > 0 and nnz >= 2 * u
-    return _blocks(m, s, depth, lanes, h, transposed, tiles, sms)
+    return _blocks(m, s, depth, lanes, h, transposed, tiles)
 
 
-def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILES, sms: int = 1):
+def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILES):
     bm = min(tiles.bm_transposed if transposed else tiles.bm_direct, triton.next_power_of_2(m))
-    g = tiles.group
-    width = lanes * g  # rows of a light program's tile
-    bj = max(1, min(triton.next_power_of_2(max(depth, 1)), tiles.tile_elems // (bm * width)))
+    bj = max(1, min(triton.next_power_of_2(max(depth, 1)), tiles.tile_elems // (bm * lanes)))
     be = max(16, min(1024, tiles.tile_elems // bm))
     tile = max(bm * bj * lanes, bm * be)
     warps = 4 if tile <= 2048 else 8
     unroll = depth if (tiles.unroll and 0 < depth <= MAX_UNROLL) else 0
     if unroll:  # a [BM, C] tile per slot, <= 8 values a thread; heavy rows in [BM, BE] tiles of the same size
-        warps = max(1, min(8, bm * width // 256))
+        warps = max(1, min(8, bm * lanes // 256))
         be = max(16, min(1024, warps * 256 // bm))
     w = tiles.warps_t if transposed else tiles.warps
     if w:  # an explicit warp count (the heavy rows' tile keeps its size)
@@ -337,30 +261,14 @@ def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILE
     # slices of depth 0 (every entry in a heavy row; only with an explicit depth=0, choose_depth never picks it: dense
     # packed slices then have no slots) get no programs: a light program reads its slice's first slot unconditionally
     s_run = s if depth else 0
-    n_groups = triton.cdiv(s_run, g)
-    m_blocks = triton.cdiv(m, bm)
-    n_light = n_groups
-    if tiles.persist and n_groups:
-        n_light = min(n_groups, max(1, tiles.persist * max(1, sms) // m_blocks))
-        if n_light + h > 65535:  # the programs go on the grid's y axis (at most 65,535): no looping then
-            n_light = n_groups
-    # looping programs run long: the grid puts the M blocks on its fast axis, so blocks are dispatched program by
-    # program -- every M block's looping programs first (consecutive ones, of different M blocks, on different
-    # SMs), the heavy rows' short programs after them
-    persist = n_light < n_groups
     return {
         "transposed": transposed,
         "BM": bm,
         "BJ": bj,
         "BE": be,
         "num_warps": warps,
-        "grid": (m_blocks, n_light + h) if persist else (n_light + h, m_blocks),
-        "m_blocks": m_blocks,
-        "persist": persist,
+        "grid": (s_run + h, triton.cdiv(m, bm)),
         "n_slices": s_run,
-        "group": g,
-        "n_groups": n_groups,
-        "n_light": n_light,
         "depth": depth,
         "lanes": lanes,
         "heavy": h,
@@ -371,11 +279,6 @@ def _blocks(m, s, depth, lanes, h, transposed, tiles: SparseTiles = DEFAULT_TILE
 @functools.cache
 def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
-
-
-def sm_count(t: torch.Tensor) -> int:
-    """SMs of ``t``'s device (4 off CUDA: the interpreter's stand-in, so its tests loop as a GPU's programs do)."""
-    return sparse_layout.sm_count(t.device, off_cuda=4)
 
 
 def pdl_allowed(pdl: bool, transposed: bool, y: torch.Tensor) -> bool:
@@ -417,11 +320,10 @@ def sparse_correction_(
     h = hrows.shape[0]
     if m == 0 or s + h == 0:
         return
-    sms = sm_count(y) if tiles.persist else 1
     if force_path is None:
-        p = plan(m, k, {"ell_cols": (s, depth, lanes), "hrows": (h,), "ucols": (ucols.shape[0],)}, nnz, tiles, sms)
+        p = plan(m, k, {"ell_cols": (s, depth, lanes), "hrows": (h,), "ucols": (ucols.shape[0],)}, nnz, tiles)
     else:
-        p = _blocks(m, s, depth, lanes, h, force_path == "transposed" and ucols.numel() > 0, tiles, sms)
+        p = _blocks(m, s, depth, lanes, h, force_path == "transposed" and ucols.numel() > 0, tiles)
     if p["grid"][0] == 0:
         return
     assert y.stride(1) == 1, "y must have unit column stride"
@@ -465,8 +367,6 @@ def sparse_correction_(
         n,
         p["depth"],
         p["n_slices"],
-        p["n_groups"],
-        p["n_light"],
         y.stride(0),
         sxm,
         sxk,
@@ -478,7 +378,5 @@ def sparse_correction_(
         PACK=pack,
         UNROLL=p["unroll"],
         EVEN_M=even_m,
-        G=p["group"],
-        PERSIST=p["persist"],
         **kw,
     )
