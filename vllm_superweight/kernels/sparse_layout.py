@@ -37,20 +37,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def sm_count(device: torch.device, off_cuda: int = 132) -> int:
-    """SMs of a CUDA ``device`` (read once per device); ``off_cuda`` for any other device (a stand-in for planning on
-    the CPU and in the interpreter)."""
-    if device.type != "cuda":
-        return off_cuda
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 COO_KEYS = ("rows", "cols", "vals")
 SELL_KEYS = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals", "ucols", "nnz")
 

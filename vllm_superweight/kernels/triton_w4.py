@@ -55,7 +55,7 @@ import os
 
 import torch
 
-from .sparse_layout import interpreting, sm_count
+from .sparse_layout import interpreting
 
 try:
     import triton
@@ -1465,7 +1465,17 @@ def plan(m: int, info: dict, cfg: dict, n_sm: int = 132) -> dict:
     }
 
 
-_sms = sm_count  # (its name in this module's importers)
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sms(device) -> int:
+    """SMs of a CUDA ``device`` (read once per device); 132 off CUDA (a stand-in for planning on the CPU)."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 def w4_mm(
