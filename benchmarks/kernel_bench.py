@@ -14,6 +14,8 @@ back to back (~400 MB of W4 weights, > L2) inside one CUDA graph, timed with CUD
   machete_sched  Machete with each compiled schedule per shape and M vs Machete's own pick and Marlin (g128)
   gemlite gemlite's A16W4 Triton kernels (one layout, kernel per M) vs Marlin and Machete on the same weights
   humming vLLM's Humming backend (humming-kernels, JIT wgmma kernels, one layout) vs Marlin and Machete, same weights
+  w8big   W8A8 at 33-512 tokens on q/k/v and gate/up (the matrices with outlier channels): SmoothQuant's CUTLASS,
+          ours with the zero-point epilogue, our Triton GEMM's large-batch configurations (recommends the bound)
   w8      W8A8 per layer: SmoothQuant path (scaled_int8_quant + cutlass_scaled_mm) vs ours (split + CUTLASS +
           side product as addmm / folded into the sparse kernel); and the gate_up linear with its consumer
           (SiLU * up) under torch.compile, where the side product is fused into the consumer by Inductor.
@@ -1083,6 +1085,129 @@ def section_w8(B: Bench):
     B.save()
 
 
+W8BIG_SHAPES = ("qkv", "gate_up")  # the matrices that read the residual stream: where the outlier channels are
+
+
+def section_w8big(B: Bench):
+    """W8A8 at 33-512 tokens on the matrices with outlier channels (q/k/v and gate/up read the residual stream the
+    super activation rides; o / down have none and run SmoothQuant's own CUTLASS GEMM there): SmoothQuant's path
+    (vLLM quant + ``cutlass_scaled_mm``), ours above 32 tokens until session 43 (split + the zero-point epilogue,
+    one outlier channel) and our Triton GEMM (split + every outlier channel in its epilogue) over
+    ``triton_int8_mm.SWEEP_BIG``. Each Triton configuration is first checked against a float64 reference on the
+    GPU. Recommends ``SUPERWEIGHT_W8A8_TRITON=32/OUT@...``: OUT the largest measured M up to which (from the first
+    measured M on) the best configuration beats the zero-point path on these matrices."""
+    import vllm_linear as VL  # tests/vllm_linear.py
+
+    import vllm_superweight.kernels as K
+    from vllm_superweight.kernels import triton_int8_mm as TI
+
+    ops = vllm_ops()
+    nl = B.args.layers
+    layers = []
+    for li in range(nl):
+        d = {}
+        for name in W8BIG_SHAPES:
+            n, k = SHAPES[name]
+            w = VL.random_w8(n, k, B.dev, seed=li * 13 + n + k)
+            idx = torch.sort(torch.randperm(k)[:1]).values
+            prep = K.prepare_outliers(idx, k, B.dev)
+            w_out_t = (w["w"][:, prep["idx"].long()].float() * w["scale"]).to(torch.bfloat16).t().contiguous()
+            azp_adj = w["w"][:, prep["idx"].long()].t().to(torch.int32).contiguous()
+            d[name] = (w, prep, w_out_t, azp_adj)
+        layers.append(d)
+    wbytes = sum(SHAPES[nm][0] * SHAPES[nm][1] + SHAPES[nm][0] * 4 for nm in W8BIG_SHAPES)
+    best_by_m: dict[int, dict] = {}
+    azp_by_m: dict[int, float] = {}
+    for m in B.args.w8big_ms:
+        xs = {nm: torch.randn(m, SHAPES[nm][1], device=B.dev, dtype=torch.bfloat16) * 0.5 for nm in W8BIG_SHAPES}
+        for nm in W8BIG_SHAPES:  # a super activation in the outlier channel (the split must keep it out of Q(x))
+            xs[nm][:, layers[0][nm][1]["idx"].long()] = 300.0
+        iobytes = sum(m * SHAPES[nm][1] * 3 + m * SHAPES[nm][0] * 2 for nm in W8BIG_SHAPES)
+
+        def run(mode, cfg=None):
+            def f():
+                for lay in layers:
+                    for nm in W8BIG_SHAPES:
+                        w, prep, w_out_t, azp_adj = lay[nm]
+                        x = xs[nm]
+                        if mode == "smoothquant":
+                            xq, xsc, _ = ops.scaled_int8_quant(x)
+                            ops.cutlass_scaled_mm(xq, w["w_t"], scale_a=xsc, scale_b=w["scale"], out_dtype=x.dtype)
+                        elif mode == "azp":
+                            xq, xsc, _, azp = K.int8_quant_outlier_split_azp(x, prep["idx"], prep["mask"])
+                            ops.cutlass_scaled_mm_azp(xq, w["w_t"], xsc, w["scale"], x.dtype, azp_adj=azp_adj, azp=azp)
+                        else:
+                            xq, xsc, xo = K.int8_quant_outlier_split(x, prep["idx"], True, prep["mask"])
+                            TI.int8_mm_outliers(xq, w["w"], xsc, w["scale"], xo, w_out_t, None, x.dtype, cfg)
+
+            return f
+
+        def record(variant, us, base):
+            rec = dict(section="w8big", config="qkv+gate_up", variant=variant, m=m, us=us, bytes=wbytes + iobytes)
+            if base:
+                rec["ratio_vs_smoothquant"] = base / us
+            B.add(**rec)
+
+        base = None
+        for mode in ("smoothquant", "azp"):
+            try:
+                us = time_graph(run(mode), iters=B.args.iters) / nl
+            except Exception as e:  # noqa: BLE001
+                B.add(section="w8big", config="qkv+gate_up", variant=mode, m=m, note=f"failed: {e}")
+                continue
+            record(mode, us, base)
+            if mode == "smoothquant":
+                base = us
+            else:
+                azp_by_m[m] = us
+        # the float64 reference of the first layer's q/k/v (int8 GEMM x scales + outlier product)
+        w, prep, w_out_t, _ = layers[0]["qkv"]
+        xq, xsc, xo = K.int8_quant_outlier_split(xs["qkv"], prep["idx"], True, prep["mask"])
+        scale = xsc.double().reshape(-1, 1) * w["scale"].double().reshape(1, -1)
+        ref = (xq.double() @ w["w"].double().t()) * scale + xo.double() @ w_out_t.double()
+        mag = (xq.double().abs() @ w["w"].double().abs().t()) * scale + xo.double().abs() @ w_out_t.double().abs()
+        for cfg in TI.SWEEP_BIG:
+            variant = "triton " + cfg.key()
+            try:
+                y = TI.int8_mm_outliers(xq, w["w"], xsc, w["scale"], xo, w_out_t, None, torch.bfloat16, cfg)
+                err = float(((y.double() - ref).abs() - 2.0**-7 * ref.abs() - 1e-5 * mag).max())
+                if not err <= 0:
+                    raise AssertionError(f"off the float64 reference by {err:.3g} beyond one bf16 rounding")
+                us = time_graph(run("triton", cfg), iters=B.args.iters) / nl
+            except Exception as e:  # noqa: BLE001
+                B.add(section="w8big", config="qkv+gate_up", variant=variant, m=m, note=f"failed: {e}")
+                continue
+            record(variant, us, base)
+            if m not in best_by_m or us < best_by_m[m]["us"]:
+                best_by_m[m] = {"config": cfg.key(), "us": us}
+        xs = {}
+    B.meta["w8big_best"] = {str(m): v for m, v in best_by_m.items()}
+    rec = w8big_recommend(best_by_m, azp_by_m)
+    if rec:
+        B.meta.setdefault("recommend", {})["SUPERWEIGHT_W8A8_TRITON"] = rec
+
+
+def w8big_recommend(best_by_m: dict[int, dict], azp_by_m: dict[int, float]) -> str | None:
+    """``SUPERWEIGHT_W8A8_TRITON`` from the w8big section: ``MAX_M/OUT@buckets`` with OUT the largest measured M up
+    to which (from the smallest measured M on, without a gap) the best Triton configuration ({"config", "us"} per
+    M) is faster than the zero-point path; MAX_M and the buckets of 16 and 32 tokens keep their defaults (a bucket
+    covers every M below it, so they are listed). None where Triton loses at the first measured M."""
+    from vllm_superweight import envs
+    from vllm_superweight.kernels import triton_int8_mm as TI
+
+    out_max, parts = 0, []
+    for m in sorted(best_by_m):
+        if m not in azp_by_m or best_by_m[m]["us"] >= azp_by_m[m]:
+            break
+        out_max = m
+        parts.append(f"{m}:{best_by_m[m]['config']}")
+    if not out_max:
+        return None
+    small = [f"{b}:{TI.default_config(b, 4096, 4096).key()}" for b in (16, 32)]
+    plain = envs.DEFAULT_W8A8_TRITON_MAX_M
+    return f"{plain}/{max(out_max, plain)}@{';'.join(small + parts)}"
+
+
 def summary(B: Bench) -> list[str]:
     lines = [f"device {B.name}  peak {B.peak} TB/s  copy {B.meta.get('copy_bw_tbs', float('nan')):.2f} TB/s"]
     by = {}
@@ -1194,6 +1319,7 @@ def main() -> int:
     ap.add_argument(
         "--sweep-ms", default="1,2,4,8,12,16,24,32,48,64,96,128,192,256", help="M values of the w4sweep section"
     )
+    ap.add_argument("--w8big-ms", default="33,48,64,96,128,192,256,384,512", help="M values of the w8big section")
     ap.add_argument("--sched-ms", default="1,2,4,8,16,32,48,64,96,128,192,256", help="M values of machete_sched")
     ap.add_argument("--pairs-ms", default="1,8,16,48,64,128,256,1024", help="M values of the pairs section")
     ap.add_argument("--gemlite-ms", default="1,2,4,8,16,32,48,64,96,128,192,256,1024", help="M of gemlite")
@@ -1215,6 +1341,7 @@ def main() -> int:
     args.ms = [1, 64] if args.quick else [int(v) for v in args.ms.split(",")]
     args.sweep_ms = [int(v) for v in args.sweep_ms.split(",")]
     args.sched_ms = [int(v) for v in args.sched_ms.split(",")]
+    args.w8big_ms = [int(v) for v in args.w8big_ms.split(",")]
     args.pairs_ms = [int(v) for v in args.pairs_ms.split(",")]
     args.gemlite_ms = [int(v) for v in args.gemlite_ms.split(",")]
     args.humming_ms = [int(v) for v in args.humming_ms.split(",")]
@@ -1248,6 +1375,7 @@ def main() -> int:
         "sparse": section_sparse,
         "quant": section_quant,
         "w8": section_w8,
+        "w8big": section_w8big,
         "w4sweep": section_w4sweep,
         "sparsesweep": section_sparsesweep,
         "machete_sched": section_machete_sched,

@@ -68,22 +68,31 @@ def assert_close(y, ref, mag, dtype, tag=""):
 @not_interp
 def test_knob_parsing_and_config_lookup(monkeypatch):
     monkeypatch.delenv(envs.W8A8_TRITON, raising=False)  # unset: on for Hopper (measured there), off elsewhere
-    assert envs.w8a8_triton(hopper=True) == (envs.DEFAULT_W8A8_TRITON_MAX_M, {}) and envs.DEFAULT_W8A8_TRITON_MAX_M
-    assert envs.w8a8_triton(hopper=False) == (0, {}) and envs.graph_knobs()[envs.W8A8_TRITON] == "default"
+    d = envs.DEFAULT_W8A8_TRITON_MAX_M
+    assert envs.w8a8_triton(hopper=True) == (d, {}, d) and d
+    assert envs.w8a8_triton(hopper=False) == (0, {}, 0) and envs.graph_knobs()[envs.W8A8_TRITON] == "default"
     monkeypatch.setenv(envs.W8A8_TRITON, "0")
-    assert envs.w8a8_triton(hopper=True) == (0, {}) and envs.graph_knobs()[envs.W8A8_TRITON] == "0"
+    assert envs.w8a8_triton(hopper=True) == (0, {}, 0) and envs.graph_knobs()[envs.W8A8_TRITON] == "0"
     raw = "32@1:bn=16,bk=512,warps=4,stages=6;16:bn=64,swap=1"
     monkeypatch.setenv(envs.W8A8_TRITON, raw)
-    max_m, table = envs.w8a8_triton()
+    max_m, table, out_max_m = envs.w8a8_triton()
     assert max_m == 32 and table == {1: dict(bn=16, bk=512, warps=4, stages=6), 16: dict(bn=64, swap=1)}
+    assert out_max_m == 32  # no own bound for layers with outlier channels: MAX_M
     assert envs.graph_knobs()[envs.W8A8_TRITON] == raw  # a restart with other tiles recompiles
     assert TI.config_for(1, 4096, 4096, table) == TI.Int8MMConfig(16, 512, 4, 6)
     base = TI.default_config(8, 4096, 4096)
     assert TI.config_for(8, 4096, 4096, table) == TI.Int8MMConfig(64, base.bk, base.warps, base.stages, swap=1)
     assert TI.config_for(17, 4096, 4096, table) == TI.default_config(17, 4096, 4096)  # no bucket covers 17
+    # layers with outlier channels get their own bound; bm (tokens a program) and tma in the table
+    monkeypatch.setenv(envs.W8A8_TRITON, "16/256@16:bn=32;256:bn=64,bk=128,swap=1,bm=128,tma=1")
+    max_m, table, out_max_m = envs.w8a8_triton()
+    assert (max_m, out_max_m) == (16, 256) and table[256] == dict(bn=64, bk=128, swap=1, bm=128, tma=1)
+    assert TI.config_for(200, 12288, 4096, table) == TI.Int8MMConfig(64, 128, 4, 6, swap=1, bm=128, tma=1)
+    assert TI.config_for(200, 12288, 4096, table).key() == "bn=64,bk=128,warps=4,stages=6,swap=1,bm=128,tma=1"
     # the measured defaults grow K per step with M, then narrow it (sweep on an H200)
     assert [TI.default_config(m, 4096, 4096).bk for m in (1, 16, 32, 64)] == [256, 256, 512, 128]
-    for bad in ("x", "16@1:bq=3", "16@1:bk=48", "16@0:bn=16", "-1", "16@1:swap=2", "16@1:bn=0"):
+    bads = ("x", "16@1:bq=3", "16@1:bk=48", "16@0:bn=16", "-1", "16@1:swap=2", "16@1:bn=0", "16/x", "16/-1")
+    for bad in (*bads, "16@1:bm=24", "16@1:bm=8", "16@1:tma=2"):
         monkeypatch.setenv(envs.W8A8_TRITON, bad)
         with pytest.raises(ValueError, match=envs.W8A8_TRITON):
             envs.w8a8_triton()
@@ -117,6 +126,24 @@ def test_compile_sm90_without_spills():
                     assert "wgmma" in ptx, (m, cfg)
 
 
+@not_interp
+def test_compile_sm90_large_batch_sweep():
+    """The 33-512 token configurations (``SWEEP_BIG``): no spills, wgmma; 16-byte copies, or with ``tma`` only the
+    tensor memory accelerator's bulk copies (one per tile per stage) and no per-thread copies."""
+    for cfg in TI.SWEEP_BIG:
+        for s, bias, even in ((1, False, True), (3, True, False)):
+            r = TI.compile_sm90(m=64, config=cfg, s=s, bias=bias, even_k=even)
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (cfg, r["regs"])
+            ptx = str(r["asm"]["ptx"])
+            assert "wgmma" in ptx, cfg
+            bulk = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+            thread_copies = re.findall(r"cp\.async\.\w+\.shared\.global", ptx)
+            if cfg.tma:
+                assert bulk >= 2 and not thread_copies, (cfg, bulk, len(thread_copies))
+            else:
+                assert not bulk and thread_copies, cfg
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Triton interpreter
 # ------------------------------------------------------------------------------------------------------------
@@ -142,7 +169,10 @@ def test_interp_matches_reference(case):
     m, n, k, s, bias, per_token, dtype = INTERP_CASES[case]
     xq, w, sa, sb, xo, wo, b = make_case(m, n, k, s, bias, per_token, dtype, seed=case)
     ref, mag = reference(xq, w, sa, sb, xo, wo, b)
-    for cfg in (TI.Int8MMConfig(16, 32, 4, 1), TI.Int8MMConfig(32, 64, 4, 2), TI.Int8MMConfig(32, 64, 4, 2, 1), None):
+    cfgs = [TI.Int8MMConfig(16, 32, 4, 1), TI.Int8MMConfig(32, 64, 4, 2), TI.Int8MMConfig(32, 64, 4, 2, 1), None]
+    # several M tiles a weight tile (bm 16 < M), and TMA descriptors (K % 16 == 0; else the pointer path)
+    cfgs += [TI.Int8MMConfig(32, 64, 4, 2, 1, bm=16), TI.Int8MMConfig(64, 32, 4, 2, 1, bm=32, tma=1)]
+    for cfg in cfgs:
         y = TI.int8_mm_outliers(xq, w, sa, sb, xo if s else None, wo if s else None, b, dtype, cfg)
         assert y.dtype == dtype and y.shape == (m, n)
         assert_close(y, ref, mag, dtype, tag=(INTERP_CASES[case], cfg))
@@ -156,28 +186,39 @@ def test_interp_matches_reference(case):
 @pytest.mark.parametrize("shape", [(4096, 4096), (12288, 4096), (4096, 11008), (22016, 4096), (1000, 1200)])
 def test_gpu_kernel_vs_reference(shape):
     n, k = shape
-    for m in (1, 2, 7, 16, 33, 64):
+    for m in (1, 2, 7, 16, 33, 64, 300):
         for s, bias in ((0, False), (1, True), (4, False)):
             xq, w, sa, sb, xo, wo, b = make_case(m, n, k, s, bias, True, seed=m + s, device="cuda")
             ref, mag = reference(xq, w, sa, sb, xo, wo, b)
-            for cfg in (None, TI.SWEEP[1], TI.SWEEP[-1]):  # the default, plain and swapped operands (compile time)
+            # the default, plain and swapped operands, and large-batch tiles (two M tiles at 33 / 64; TMA)
+            cfgs = (None, TI.SWEEP[1], TI.SWEEP[-1], TI.Int8MMConfig(64, 128, 8, 4, swap=1, bm=32, tma=1))
+            for cfg in cfgs if m < 200 else (None, *TI.SWEEP_BIG[-6:]):
                 y = TI.int8_mm_outliers(xq, w, sa, sb, xo if s else None, wo if s else None, b, torch.bfloat16, cfg)
                 assert_close(y, ref, mag, torch.bfloat16, tag=(shape, m, s, cfg))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA only")
-def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch):
-    """SUPERWEIGHT_W8A8_TRITON=32: the W8A8 layer (zero point on) runs M <= 32 through the Triton GEMM, larger M
-    through CUTLASS; both match the float reference of the dequantized weights with the outlier channels in 16 bit,
-    eagerly, from a CUDA graph and compiled (fullgraph), with and without a bias, with 0, 1 and 3 outliers."""
+@pytest.mark.parametrize(
+    "knob,out_max",
+    [
+        ("32@1:bn=16,bk=512;32:bn=32,bk=256,stages=3", 32),
+        ("32/256@1:bn=16,bk=512;32:bn=32,bk=256,stages=3;64:bn=64,bk=128,swap=1,tma=1;256:bn=64,swap=1,bm=128", 256),
+    ],
+    ids=["one-bound", "outlier-layers-to-256"],
+)
+def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, out_max):
+    """SUPERWEIGHT_W8A8_TRITON=32[/256]: the W8A8 layer (zero point on) runs M <= 32 through the Triton GEMM --
+    up to 256 where the layer has outlier channels and the knob says so -- larger M through CUTLASS; both match
+    the float reference of the dequantized weights with the outlier channels in 16 bit, eagerly, from a CUDA graph
+    and compiled (fullgraph), with and without a bias, with 0, 1 and 3 outliers."""
     from test_gpu_kernels import _cfg, _rel, _vl
 
     VL = _vl()
     VL.single_process_tp()
     from vllm_superweight.kernels.linear import w8a8 as W8
 
-    monkeypatch.setenv(envs.W8A8_TRITON, "32@1:bn=16,bk=512;32:bn=32,bk=256,stages=3")
+    monkeypatch.setenv(envs.W8A8_TRITON, knob)
     dev, n, k = "cuda", 4096, 4096
     w = VL.random_w8(n, k, dev, seed=5)
     w_ref = VL.dequant_w8(w)
@@ -195,11 +236,13 @@ def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch):
         layer.register_parameter("weight_packed", torch.nn.Parameter(w["w"].clone(), requires_grad=False))
         layer.register_parameter("weight_scale", torch.nn.Parameter(w["scale"].clone(), requires_grad=False))
         kern = W8.CutlassSplitInt8Kernel(c)
-        assert kern.tri_max_m == 32 and "triton int8 GEMM" in kern.describe()
+        assert kern.tri_max_m == 32 and kern.tri_max_m_out == out_max
         kern.set_outliers(layer, outl)
+        bound = out_max if outl.numel() else 32
+        assert kern.tri_bound == bound and f"M<={bound}: triton int8 GEMM" in kern.describe()
         kern.process_weights_after_loading(layer)
         bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
-        for m in (1, 5, 32, 33, 200):
+        for m in (1, 5, 32, 33, 200, 256, 257):
             before = calls["tri"]
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             if outl.numel():
@@ -208,7 +251,7 @@ def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch):
                 ref = x.float() @ w_ref.T + (0 if b is None else b.float())
                 y = kern.apply_weights(layer, x, b)
                 assert y.shape == (m, n) and _rel(y, ref) < 2e-2, (outl.tolist(), m, b is None)
-            assert (calls["tri"] > before) is (m <= 32), m
+            assert (calls["tri"] > before) is (m <= bound), (m, bound)
         x = torch.randn(8, k, device=dev, dtype=torch.bfloat16)
         kern.apply_weights(layer, x)  # compile the kernels outside the capture
         g = torch.cuda.CUDAGraph()
@@ -221,6 +264,6 @@ def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch):
         torch.cuda.synchronize()
         assert _rel(yg, x.float() @ w_ref.T) < 2e-2
         cf = torch.compile(lambda t: kern.apply_weights(layer, t), fullgraph=True, dynamic=True)
-        for m in (3, 40):
+        for m in (3, 40, 130):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             assert _rel(cf(x), x.float() @ w_ref.T) < 2e-2, m

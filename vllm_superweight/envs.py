@@ -129,11 +129,14 @@ Only what users need is a knob:
                                     (``cutlass_scaled_mm_azp``: no side product for it; the others, if any, stay
                                     a side product); ``0``: every outlier channel as a side product. H200, 7B
                                     shape, same lease: +0.8-2.4% at every batch over ``0`` (session 12).
-``SUPERWEIGHT_W8A8_TRITON``         ``MAX_M[@M1:KEY=V,..;M2:...]`` (keys bn, bk, warps, stages, swap): CUDA W8A8
-                                    batches of up to MAX_M tokens run our Triton int8 GEMM with every outlier
-                                    channel in its epilogue (``kernels.triton_int8_mm``), larger ones CUTLASS;
+``SUPERWEIGHT_W8A8_TRITON``         ``MAX_M[/OUT_MAX_M][@M1:KEY=V,..;M2:...]`` (keys bn, bk, warps, stages, swap,
+                                    bm, tma): CUDA W8A8 batches of up to MAX_M tokens run our Triton int8 GEMM
+                                    with every outlier channel in its epilogue (``kernels.triton_int8_mm``), larger
+                                    ones CUTLASS; OUT_MAX_M (default MAX_M) is the same bound for layers that HAVE
+                                    outlier channels (above it they pay CUTLASS's zero-point epilogue, +9 %);
                                     after ``@``, launch configurations per M bucket (bucket = the smallest listed M
-                                    >= the batch; from ``kernel_bench.py --sections w8``); ``0``: CUTLASS only.
+                                    >= the batch; from ``kernel_bench.py --sections w8`` / ``w8big``); ``0``:
+                                    CUTLASS only.
                                     Unset: 32 on Hopper (H200, session 13: 1.05-1.07x SmoothQuant's layer at
                                     M <= 16, batch-1 latency 1.055x), 0 on other GPUs (not measured there).
 ``SUPERWEIGHT_CPU_W4A8``            ``1``: on CPUs with AMX, W4 layers take vLLM's W4A8 GEMM (activations int8 per
@@ -165,7 +168,7 @@ CPU_W4A8 = "SUPERWEIGHT_CPU_W4A8"
 ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
 W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
-_INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap")
+_INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap", "bm", "tma")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 SPARSE_OVERLAP = "SUPERWEIGHT_SPARSE_OVERLAP"
 SPARSE_PANEL = "SUPERWEIGHT_SPARSE_PANEL"
@@ -234,41 +237,50 @@ def w8a8_azp() -> bool:
 DEFAULT_W8A8_TRITON_MAX_M = 32  # Hopper; the H200 micro-benchmark's crossover to CUTLASS (session 13)
 
 
-def w8a8_triton(hopper: bool = True) -> tuple[int, dict[int, dict[str, int]]]:
-    """``SUPERWEIGHT_W8A8_TRITON`` parsed: (MAX_M, {bucket M: {bn, bk, warps, stages} given}); (0, {}) = off.
-    Unset: ``DEFAULT_W8A8_TRITON_MAX_M`` where ``hopper`` (the GPU it was measured on), else off."""
+def w8a8_triton(hopper: bool = True) -> tuple[int, dict[int, dict[str, int]], int]:
+    """``SUPERWEIGHT_W8A8_TRITON`` parsed: (MAX_M, {bucket M: {bn, bk, ...} given}, OUT_MAX_M); (0, {}, 0) = off.
+    Unset: ``DEFAULT_W8A8_TRITON_MAX_M`` (both bounds) where ``hopper`` (the GPU it was measured on), else off."""
     raw = os.environ.get(W8A8_TRITON, "").strip()
     if not raw:
-        return (DEFAULT_W8A8_TRITON_MAX_M if hopper else 0), {}
+        d = DEFAULT_W8A8_TRITON_MAX_M if hopper else 0
+        return d, {}, d
     return _parse_w8a8_triton(raw)
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_w8a8_triton(raw: str) -> tuple[int, dict[int, dict[str, int]]]:
+def _parse_w8a8_triton(raw: str) -> tuple[int, dict[int, dict[str, int]], int]:
     head, _, rest = raw.partition("@")
     table: dict[int, dict[str, int]] = {}
     try:
-        max_m = int(head)
+        plain, _, out = head.partition("/")
+        max_m = int(plain)
+        out_max_m = int(out) if out.strip() else max_m
         for entry in filter(None, (e.strip() for e in rest.split(";"))):
             bucket, _, fields = entry.partition(":")
             cfg = {}
             for part in filter(None, (p.strip() for p in fields.split(","))):
                 key, _, val = part.partition("=")
-                if key not in _INT8_MM_KEYS or int(val) < (0 if key == "swap" else 1):
+                if key not in _INT8_MM_KEYS or int(val) < (0 if key in ("swap", "tma") else 1):
                     raise ValueError(part)
                 cfg[key] = int(val)
             table[int(bucket)] = cfg
     except ValueError:
         raise ValueError(
-            f"{W8A8_TRITON}={raw!r}: expected MAX_M[@M:bn=..,bk=..,warps=..,stages=..,swap=0|1;M:...] (integers)"
+            f"{W8A8_TRITON}={raw!r}: expected MAX_M[/OUT_MAX_M][@M:bn=..,bk=..,warps=..,stages=..,swap=0|1,bm=..,"
+            "tma=0|1;M:...] (integers)"
         ) from None
     if (
         max_m < 0
+        or out_max_m < 0
         or any(b < 1 for b in table)
-        or any(c.get("bk", 32) % 32 or c.get("swap", 1) > 1 for c in table.values())
+        or any(c.get("bk", 32) % 32 or c.get("swap", 1) > 1 or c.get("tma", 1) > 1 for c in table.values())
+        or any(c.get("bm", 16) < 16 or c.get("bm", 16) & (c.get("bm", 16) - 1) for c in table.values())
     ):
-        raise ValueError(f"{W8A8_TRITON}={raw!r}: MAX_M >= 0, buckets >= 1, bk a multiple of 32, swap 0 or 1")
-    return max_m, table
+        raise ValueError(
+            f"{W8A8_TRITON}={raw!r}: MAX_M, OUT_MAX_M >= 0, buckets >= 1, bk a multiple of 32, swap / tma 0 or 1, "
+            "bm a power of two >= 16"
+        )
+    return max_m, table, out_max_m
 
 
 def w4_kernel() -> str:

@@ -34,9 +34,11 @@ class Int8MMConfig:
     warps: int = 4
     stages: int = 4
     swap: int = 0  # 1: the weight tile is the MMA's M side ([BN, BK] x [BK, tokens]; wgmma from BN = 64 on sm_90)
+    bm: int = 0  # tokens per program (a power of two >= 16); 0: by M (``_bm``: 16 / 32 / 64)
+    tma: int = 0  # 1: both tiles through Hopper's tensor memory accelerator (host-side descriptors), sm_90+
 
     def key(self) -> str:
-        tail = ",swap=1" if self.swap else ""
+        tail = (",swap=1" if self.swap else "") + (f",bm={self.bm}" if self.bm else "") + (",tma=1" if self.tma else "")
         return f"bn={self.bn},bk={self.bk},warps={self.warps},stages={self.stages}{tail}"
 
 
@@ -59,6 +61,31 @@ SWEEP = (
     Int8MMConfig(64, 256, 4, 3, swap=1),
     Int8MMConfig(128, 128, 4, 4, swap=1),
     Int8MMConfig(128, 128, 8, 3, swap=1),
+)
+
+# what ``kernel_bench.py --sections w8big`` sweeps at 33-256 tokens (session 43): the weight tile on the MMA's M
+# side (wgmma), 64-128 rows a program so the x tile is re-read from L2 once per 64-128 weight rows rather than per
+# 32 (at 64 tokens the BN = 32 tiles read x twice as many bytes as the weights), and up to 256 tokens a program so
+# the weights stream from HBM once per batch (each fits sm_90's shared memory)
+SWEEP_BIG = (
+    Int8MMConfig(32, 128, 4, 6),  # the current default above 32 tokens (session 13)
+    Int8MMConfig(64, 128, 4, 4, swap=1),
+    Int8MMConfig(64, 256, 4, 3, swap=1),
+    Int8MMConfig(64, 128, 4, 5, swap=1),
+    Int8MMConfig(128, 128, 4, 4, swap=1),
+    Int8MMConfig(128, 128, 8, 3, swap=1),
+    Int8MMConfig(128, 128, 8, 4, swap=1),
+    Int8MMConfig(64, 128, 4, 4, swap=1, bm=128),
+    Int8MMConfig(64, 128, 8, 4, swap=1, bm=128),
+    Int8MMConfig(128, 128, 8, 3, swap=1, bm=128),
+    Int8MMConfig(64, 128, 8, 3, swap=1, bm=256),
+    Int8MMConfig(64, 64, 8, 5, swap=1, bm=256),
+    # the same tiles through TMA (one descriptor copy per tile instead of 16-byte copies by every thread)
+    Int8MMConfig(64, 128, 4, 4, swap=1, tma=1),
+    Int8MMConfig(128, 128, 4, 4, swap=1, tma=1),
+    Int8MMConfig(128, 128, 8, 4, swap=1, tma=1),
+    Int8MMConfig(64, 128, 8, 4, swap=1, bm=128, tma=1),
+    Int8MMConfig(64, 128, 8, 3, swap=1, bm=256, tma=1),
 )
 
 
@@ -110,9 +137,13 @@ def _int8_mm_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     SWAP: tl.constexpr = False,
+    x_desc=None,
+    w_desc=None,
+    TMA: tl.constexpr = False,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # M tiles vary fastest: the programs that share a weight tile run side by side (one HBM read, the rest L2)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -125,7 +156,10 @@ def _int8_mm_kernel(
     else:
         acc_t = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
-        if EVEN_K:
+        if TMA:  # out-of-range rows / K are zero-filled by the copy engine
+            a = x_desc.load([pid_m * BM, k0])
+            b = w_desc.load([pid_n * BN, k0])
+        elif EVEN_K:
             a = tl.load(xp, mask=m_ok[:, None], other=0)
             b = tl.load(wp, mask=n_ok[:, None], other=0)
         else:
@@ -155,7 +189,9 @@ def _int8_mm_kernel(
     tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _bm(m: int) -> int:
+def _bm(m: int, cfg: Int8MMConfig | None = None) -> int:
+    if cfg is not None and cfg.bm:
+        return cfg.bm
     return 16 if m <= 16 else (32 if m <= 32 else 64)
 
 
@@ -184,21 +220,39 @@ def int8_mm_outliers(
     if m == 0:
         return y
     cfg = config or default_config(m, n, k)
-    bm = _bm(m)
+    bm = _bm(m, cfg)
     sa = sa.reshape(-1)
     sb = sb.reshape(-1)
     xo = x_out if (s and x_out is not None) else y  # dummy pointers when unused
     wo = w_out if (s and w_out is not None) else y
-    grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, bm))
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, cfg.bn))
+    descs = _tma_descriptors(xq, w, bm, cfg)
     _int8_mm_kernel[grid](
         xq, w, sa, sb, xo, wo, bias if bias is not None else y, y,
         m, n, k,
         xq.stride(0), w.stride(0), xo.stride(0), wo.stride(0), y.stride(0),
         1 if sa.numel() > 1 else 0,
         S=s, HAS_BIAS=bias is not None, EVEN_K=k % cfg.bk == 0, BM=bm, BN=cfg.bn, BK=cfg.bk, SWAP=bool(cfg.swap),
+        x_desc=descs[0], w_desc=descs[1], TMA=descs[0] is not None,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     return y
+
+
+def _tma_descriptors(xq: torch.Tensor, w: torch.Tensor, bm: int, cfg: Int8MMConfig) -> tuple:
+    """Host-side TMA descriptors of the x and weight tiles where ``cfg.tma`` asks for them and the copy engine can
+    take both tensors (16-byte aligned bases and row strides, sm_90+ or the interpreter); (None, None) otherwise:
+    the pointer path, which takes every tensor."""
+    if not cfg.tma:
+        return None, None
+    on_hopper = xq.is_cuda and torch.cuda.get_device_capability(xq.device)[0] >= 9
+    if not on_hopper and xq.is_cuda:
+        return None, None
+    if any(t.data_ptr() % 16 or t.stride(0) % 16 for t in (xq, w)):
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(xq, [bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bn, cfg.bk])
 
 
 def compile_sm90(m: int = 1, config: Int8MMConfig | None = None, s: int = 1, bias: bool = False, even_k: bool = True):
@@ -213,7 +267,13 @@ def compile_sm90(m: int = 1, config: Int8MMConfig | None = None, s: int = 1, bia
     sig.update({"wo_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16"})
     sig.update({k: "i32" for k in ("M", "N", "K", "stride_xm", "stride_wn", "stride_om", "stride_won")})
     sig.update({k: "i32" for k in ("stride_ym", "stride_sa")})
-    consts = dict(S=s, HAS_BIAS=bias, EVEN_K=even_k, BM=_bm(m), BN=cfg.bn, BK=cfg.bk, SWAP=bool(cfg.swap))
+    bm = _bm(m, cfg)
+    consts: dict[str, object] = dict(S=s, HAS_BIAS=bias, EVEN_K=even_k, BM=bm, BN=cfg.bn, BK=cfg.bk)
+    consts.update(SWAP=bool(cfg.swap), TMA=bool(cfg.tma))
+    if cfg.tma:
+        sig.update({"x_desc": f"tensordesc<i8[{bm}, {cfg.bk}]>", "w_desc": f"tensordesc<i8[{cfg.bn}, {cfg.bk}]>"})
+    else:
+        consts.update(x_desc=None, w_desc=None)
     sig.update({k: "constexpr" for k in consts})
     div16 = list(range(8)) + [9, 10, 11, 12, 14]  # pointers; N, K and the weight / x / y strides of a 7B launch
     attrs = {(i,): [["tt.divisibility", 16]] for i in div16}

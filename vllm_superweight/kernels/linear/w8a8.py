@@ -7,7 +7,8 @@
   outlier channel rides CUTLASS's per-token zero-point epilogue (``cutlass_scaled_mm_azp``): the split also
   writes it as an int32 on the token's step (``azp``), the epilogue subtracts ``azp[m] * W_int8[n, c0]`` from
   the int32 accumulator, so one channel needs no side product (``kernels.sparse_layout.int8_split_azp_torch``).
-  Batches of up to ``SUPERWEIGHT_W8A8_TRITON`` tokens (32 on Hopper by default) run our Triton int8 GEMM instead
+  Batches of up to ``SUPERWEIGHT_W8A8_TRITON`` tokens (32 on Hopper by default; its own bound for layers with
+  outlier channels, which above it pay the zero-point epilogue) run our Triton int8 GEMM instead
   (``kernels.triton_int8_mm``: every outlier channel in its epilogue, no zero point, no side product) behind one
   opaque op (``torch.ops.superweight.w8a8_mm``) that picks the kernel from the token count at run time.
 * ``VllmInt8Kernel`` (per token): vLLM's own int8 kernel for this platform (oneDNN on x86 CPUs), which quantizes
@@ -122,14 +123,20 @@ class CutlassSplitInt8Kernel(_Int8Base):
         )
         cap = platform().get_device_capability() if config.device_type == "cuda" else None
         hopper = cap is not None and cap.major == 9
-        self.tri_max_m, self.tri_table = envs.w8a8_triton(hopper=hopper)
+        self.tri_max_m, self.tri_table, self.tri_max_m_out = envs.w8a8_triton(hopper=hopper)
         self.key = config.prefix  # stable across runs: it is baked into compiled graphs (see weight_only)
         self.n = config.partition_shape[1]
         self._layer: weakref.ref | None = None
 
+    @property
+    def tri_bound(self) -> int:
+        """The largest batch this layer runs on the Triton GEMM: layers with outlier channels have their own bound
+        (``SUPERWEIGHT_W8A8_TRITON``'s OUT_MAX_M), the others MAX_M."""
+        return self.tri_max_m_out if self.n_outliers else self.tri_max_m
+
     def describe(self) -> str:
         gemm = "cutlass_scaled_mm_azp: first outlier channel in the epilogue" if self.azp else "cutlass_scaled_mm"
-        tri = f"; M<={self.tri_max_m}: triton int8 GEMM, outliers in its epilogue" if self.tri_max_m else ""
+        tri = f"; M<={self.tri_bound}: triton int8 GEMM, outliers in its epilogue" if self.tri_bound else ""
         return f"CutlassSplitInt8Kernel(triton split + {gemm}{tri})"
 
     def set_outliers(self, layer: torch.nn.Module, idx: torch.Tensor) -> None:
@@ -148,12 +155,12 @@ class CutlassSplitInt8Kernel(_Int8Base):
         w8 = getattr(layer, W_PACKED).data
         replace_parameter(layer, W_PACKED, None)
         replace_parameter(layer, "weight", w8.t())  # [K, N] column-major view: what CUTLASS takes
-        if self.tri_max_m:
+        if self.tri_bound:
             self._layer = weakref.ref(layer)
             _REGISTRY[self.key] = self
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.tri_max_m and x.is_cuda:
+        if self.tri_bound and x.is_cuda:
             return torch.ops.superweight.w8a8_mm(x, bias, self.n, self.key)
         return self._cutlass(layer, x, bias)
 
@@ -162,7 +169,7 @@ class CutlassSplitInt8Kernel(_Int8Base):
         layer = self._layer() if self._layer is not None else None
         if layer is None:
             raise RuntimeError(f"{self.key}: the layer was freed")
-        if x.shape[0] > self.tri_max_m:
+        if x.shape[0] > self.tri_bound:
             return self._cutlass(layer, x, bias)
         from .. import ops as _ops
 
