@@ -1256,6 +1256,33 @@ def w8_table(paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def w8big_table(path: str) -> str:
+    """Markdown: us per 7B layer's q/k/v + gate/up (activation split included) of the w8big section by M, one row
+    per variant (SmoothQuant, the zero-point path, each Triton configuration), the fastest Triton one of each M in
+    bold, and a last row: the best Triton over SmoothQuant."""
+    with open(path) as f:
+        rows = [r for r in json.load(f)["results"] if r.get("section") == "w8big" and r.get("us")]
+    us: dict[str, dict[int, float]] = {}
+    for r in rows:
+        us.setdefault(r["variant"], {})[int(r["m"])] = r["us"]
+    ms = sorted({m for v in us.values() for m in v})
+    tri = {v: d for v, d in us.items() if v.startswith("triton ")}
+    best = {m: min((d[m] for d in tri.values() if m in d), default=None) for m in ms}
+    lines = ["| us, q/k/v + gate/up of a 7B layer | " + " | ".join(f"M = {m}" for m in ms) + " |"]
+    lines.append("|---|" + "---:|" * len(ms))
+    for v, d in us.items():
+        cells = []
+        for m in ms:
+            x = d.get(m)
+            cells.append("–" if x is None else (f"**{x:.1f}**" if v in tri and x == best[m] else f"{x:.1f}"))
+        name = {"smoothquant": "SmoothQuant (vLLM quant + cutlass_scaled_mm)", "azp": "ours, zero-point epilogue"}
+        lines.append(f"| {name.get(v, v)} | " + " | ".join(cells) + " |")
+    sq = us.get("smoothquant", {})
+    ratio = [f"{sq[m] / best[m]:.3f}" if best[m] and m in sq else "–" for m in ms]
+    lines.append("| best Triton, × SmoothQuant | " + " | ".join(ratio) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def layer_us(rows: list[dict], section: str) -> dict[str, dict[int, float]]:
     """{config: {M: us per 7B layer}} of one per-layer section's timed rows (gemlite, humming)."""
     us: dict[str, dict[int, float]] = {}
@@ -1304,6 +1331,9 @@ def main() -> int:
     if "--layer-table" in sys.argv:  # kernel_bench.py --layer-table SECTION RESULT.json [PLOT.png]: print the table
         a = sys.argv[sys.argv.index("--layer-table") + 1 :]
         print(layer_table(a[1], a[0], a[2] if len(a) > 2 else None), end="")
+        return 0
+    if "--w8big-table" in sys.argv:  # python benchmarks/kernel_bench.py --w8big-table A.json: print the table
+        print(w8big_table([a for a in sys.argv[1:] if a != "--w8big-table"][0]), end="")
         return 0
     if "--w8-table" in sys.argv:  # python benchmarks/kernel_bench.py --w8-table A.json [B.json ...]: print the table
         print(w8_table([a for a in sys.argv[1:] if a != "--w8-table"]), end="")

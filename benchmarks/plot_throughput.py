@@ -7,7 +7,9 @@
 Writes ``<name>.png`` (left: offline throughput per method for each input/output pair; right: latency per
 method at each batch size) and ``<name>.md`` (tables naming the GPU and vLLM version, ratios vs bf16 / AWQ /
 SmoothQuant, the W4 kernel and the weight memory / KV-cache tokens read from vLLM's log). When a (variant, config)
-was measured more than once, the latest record wins.
+was measured more than once, the latest record wins in those tables; where the records carry ``lease_call`` (several
+engines of one method in one lease, merged from the calls' JSONs), a last table lists every engine and the means
+that the ratios of a repeated comparison should use.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ LABEL = {
     "sw-w8a8-azp": "SW-RTN W8A8 + outlier ch., first in the zero-point epilogue",
     "sw-w8a8-noazp": "SW-RTN W8A8 + outlier ch., all as a side product",
     "sw-w8a8-cutlass": "SW-RTN W8A8 + outlier ch., CUTLASS at every batch",
+    "sw-w8a8-t32": "SW-RTN W8A8 + outlier ch., Triton up to 32 tokens in every layer (s13-s42 routing)",
 }
 
 
@@ -136,6 +139,64 @@ def load(path: str):
         key = (variant_of(r), kind, r["input_len"], r["output_len"], r["batch"] if kind != "throughput" else 0)
         latest[key] = dict(r, kind=kind, variant=variant_of(r))
     return list(latest.values())
+
+
+def engines_table(path: str) -> str:
+    """Markdown: every engine of a merged lease (records with ``lease_call``) -- latency per batch and saturated
+    throughput per (in, out) -- then each method's mean and the ratio to SmoothQuant's (or AWQ's) mean (latency:
+    baseline / this; throughput: this / baseline). "" when no record has ``lease_call``."""
+    with open(path) as f:
+        recs = [dict(r, variant=variant_of(r)) for r in json.load(f)]
+    recs = [r for r in recs if "lease_call" in r]
+    if not recs:
+        return ""
+    cols: list[tuple] = []
+    for r in recs:
+        kind = r.get("kind", "")
+        col = ("latency", r["batch"]) if kind == "latency" else ("throughput", r["input_len"], r["output_len"])
+        if col not in cols:
+            cols.append(col)
+    cols.sort(key=lambda c: (c[0] != "latency", c[1:]))
+    engines: dict = OrderedDict()
+    for r in recs:
+        kind = r.get("kind", "")
+        col = ("latency", r["batch"]) if kind == "latency" else ("throughput", r["input_len"], r["output_len"])
+        val = r.get("latency_s") if kind == "latency" else r.get("tokens_per_s")
+        engines.setdefault((r["variant"], r["lease_call"]), {})[col] = val
+    head = [f"batch {c[1]} (s)" if c[0] == "latency" else f"{c[1]} / {c[2]} (tok/s)" for c in cols]
+    lines = [
+        "## Every engine of the lease (call order), means and ratios",
+        "",
+        "| method | call | " + " | ".join(head) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    fmt = lambda c, v: "–" if v is None else (f"{v:.3f}" if c[0] == "latency" else f"{v:,.0f}")  # noqa: E731
+    for (v, call), vals in engines.items():
+        lines.append(f"| {label(v)} | {call} | " + " | ".join(fmt(c, vals.get(c)) for c in cols) + " |")
+    means: dict = OrderedDict()
+    for v in ordered(v for v, _ in engines):
+        per = [vals for (vv, _), vals in engines.items() if vv == v]
+        means[v] = {}
+        for c in cols:
+            xs = [p[c] for p in per if p.get(c) is not None]
+            means[v][c] = sum(xs) / len(xs) if xs else None
+    base = next((b for b in ("smoothquant", "awq") if b in means), None)
+    lines += ["", "| method (engines) | " + " | ".join(head) + (f" | × {label(base)} (mean)" if base else "") + " |"]
+    lines.append("|---|" + "---|" * (len(cols) + (1 if base else 0)))
+    for v, mv in means.items():
+        n = sum(1 for vv, _ in engines if vv == v)
+        row = f"| {label(v)} ({n}) | " + " | ".join(fmt(c, mv[c]) for c in cols)
+        if base:
+            ratios = []
+            for c in cols:
+                a, b = mv[c], means[base][c]
+                if a is None or b is None:
+                    ratios.append("–")
+                else:
+                    ratios.append(f"{(b / a) if c[0] == 'latency' else (a / b):.3f}")
+            row += " | " + " / ".join(ratios)
+        lines.append(row + " |")
+    return "\n".join(lines) + "\n"
 
 
 def ordered(variants):
@@ -339,6 +400,9 @@ def main() -> int:
     prof = profile_table(recs)  # throughput.py --profile-batches: where a decode step's GPU time goes
     if prof:
         md += "\n" + prof
+    every = engines_table(args.json)
+    if every:
+        md += "\n" + every
     with open(os.path.join(out_dir, f"{args.name}.md"), "w") as f:
         f.write(md)
     plot(recs, os.path.join(out_dir, f"{args.name}.png"))

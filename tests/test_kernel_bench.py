@@ -55,3 +55,21 @@ def test_w8big_section_dry_run(tmp_path):
     assert not failed, failed
     assert {"smoothquant", "azp"} <= timed
     assert {"triton " + c.key() for c in TI.SWEEP_BIG} <= timed  # each passed its float64 check first
+
+
+def test_w8big_table(tmp_path):
+    rows = [
+        {"section": "w8big", "variant": "smoothquant", "m": 64, "us": 64.0},
+        {"section": "w8big", "variant": "azp", "m": 64, "us": 68.0},
+        {"section": "w8big", "variant": "triton a", "m": 64, "us": 66.0},
+        {"section": "w8big", "variant": "triton b", "m": 64, "us": 80.0},
+        {"section": "w8big", "variant": "triton b", "m": 96, "note": "failed: x"},
+        {"section": "w8", "variant": "triton a", "m": 64, "us": 1.0},
+    ]
+    path = tmp_path / "kb.json"
+    path.write_text(json.dumps({"meta": {}, "results": rows}))
+    md = KB.w8big_table(str(path))
+    assert "M = 96" not in md  # only timed rows
+    assert "| triton a | **66.0** |" in md and "| triton b | 80.0 |" in md
+    assert "| ours, zero-point epilogue | 68.0 |" in md
+    assert "| best Triton, × SmoothQuant | 0.970 |" in md  # 64 / 66

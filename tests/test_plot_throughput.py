@@ -37,3 +37,27 @@ def test_plot_draws_one_batch_size_on_a_linear_axis(tmp_path, batches, scale):
     fig = PT.plot(PT.load(str(path)), str(tmp_path / "t.png"))
     (ax,) = [a for a in fig.axes if a.get_ylabel() == "seconds per batch"]
     assert ax.get_yscale() == scale and (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_engines_table_lists_every_engine_and_the_means(tmp_path):
+    """A merged lease (``lease_call`` on each record): one row per engine, then each method's mean and its ratio to
+    SmoothQuant's mean -- latency as baseline / this, throughput as this / baseline; nothing without lease_call."""
+
+    def rec(variant, call, kind, value, batch=64):
+        r = {"method": variant, "variant": variant, "kind": kind, "gpu": "G", "vllm": "0.26.0", "lease_call": call}
+        if kind == "latency":
+            return dict(r, input_len=128, output_len=256, batch=batch, num_prompts=batch, latency_s=value)
+        return dict(r, input_len=128, output_len=128, batch=400, num_prompts=400, tokens_per_s=value)
+
+    recs = [rec("smoothquant", 1, "latency", 2.0), rec("smoothquant", 1, "throughput", 100.0)]
+    recs += [rec("sw-w8a8", 1, "latency", 1.9), rec("sw-w8a8", 1, "throughput", 90.0)]
+    recs += [rec("sw-w8a8", 2, "latency", 2.1), rec("sw-w8a8", 2, "throughput", 100.0)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(recs))
+    md = PT.engines_table(str(path))
+    rows = [ln for ln in md.splitlines() if ln.startswith("| SW-RTN W8A8")]
+    assert len(rows) == 3  # two engines, one mean
+    assert "| SW-RTN W8A8 + outlier ch. (2) | 2.000 | 95 | 1.000 / 0.950 |" in md  # 2.0 / 2.0, 95 / 100
+    assert "| SmoothQuant W8A8 (1) | 2.000 | 100 | 1.000 / 1.000 |" in md
+    path.write_text(json.dumps([{k: v for k, v in r.items() if k != "lease_call"} for r in recs]))
+    assert PT.engines_table(str(path)) == ""

@@ -68,8 +68,8 @@ def assert_close(y, ref, mag, dtype, tag=""):
 @not_interp
 def test_knob_parsing_and_config_lookup(monkeypatch):
     monkeypatch.delenv(envs.W8A8_TRITON, raising=False)  # unset: on for Hopper (measured there), off elsewhere
-    d = envs.DEFAULT_W8A8_TRITON_MAX_M
-    assert envs.w8a8_triton(hopper=True) == (d, {}, d) and d
+    d, d_out = envs.DEFAULT_W8A8_TRITON_MAX_M, envs.DEFAULT_W8A8_TRITON_OUT_MAX_M
+    assert envs.w8a8_triton(hopper=True) == (d, {}, d_out) and 0 < d < d_out
     assert envs.w8a8_triton(hopper=False) == (0, {}, 0) and envs.graph_knobs()[envs.W8A8_TRITON] == "default"
     monkeypatch.setenv(envs.W8A8_TRITON, "0")
     assert envs.w8a8_triton(hopper=True) == (0, {}, 0) and envs.graph_knobs()[envs.W8A8_TRITON] == "0"
@@ -87,8 +87,10 @@ def test_knob_parsing_and_config_lookup(monkeypatch):
     monkeypatch.setenv(envs.W8A8_TRITON, "16/256@16:bn=32;256:bn=64,bk=128,swap=1,bm=128,tma=1")
     max_m, table, out_max_m = envs.w8a8_triton()
     assert (max_m, out_max_m) == (16, 256) and table[256] == dict(bn=64, bk=128, swap=1, bm=128, tma=1)
-    assert TI.config_for(200, 12288, 4096, table) == TI.Int8MMConfig(64, 128, 4, 6, swap=1, bm=128, tma=1)
-    assert TI.config_for(200, 12288, 4096, table).key() == "bn=64,bk=128,warps=4,stages=6,swap=1,bm=128,tma=1"
+    assert TI.config_for(200, 12288, 4096, table) == TI.Int8MMConfig(64, 128, 4, 4, swap=1, bm=128, tma=1)
+    assert TI.config_for(200, 12288, 4096, table).key() == "bn=64,bk=128,warps=4,stages=4,swap=1,bm=128,tma=1"
+    # above 32 tokens the default puts 64 weight rows on the MMA's M side (session 43's H100 sweep)
+    assert TI.default_config(64, 12288, 4096) == TI.Int8MMConfig(64, 128, 4, 4, swap=1)
     # the measured defaults grow K per step with M, then narrow it (sweep on an H200)
     assert [TI.default_config(m, 4096, 4096).bk for m in (1, 16, 32, 64)] == [256, 256, 512, 128]
     bads = ("x", "16@1:bq=3", "16@1:bk=48", "16@0:bn=16", "-1", "16@1:swap=2", "16@1:bn=0", "16/x", "16/-1")

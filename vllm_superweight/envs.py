@@ -136,9 +136,10 @@ Only what users need is a knob:
                                     outlier channels (above it they pay CUTLASS's zero-point epilogue, +9 %);
                                     after ``@``, launch configurations per M bucket (bucket = the smallest listed M
                                     >= the batch; from ``kernel_bench.py --sections w8`` / ``w8big``); ``0``:
-                                    CUTLASS only.
-                                    Unset: 32 on Hopper (H200, session 13: 1.05-1.07x SmoothQuant's layer at
-                                    M <= 16, batch-1 latency 1.055x), 0 on other GPUs (not measured there).
+                                    CUTLASS only. Unset on Hopper: ``32/64`` (MAX_M 32: H200, session 13,
+                                    1.05-1.07x SmoothQuant's layer at M <= 16, batch-1 latency 1.055x; OUT_MAX_M
+                                    64: H100, session 43, batch 64 1.004x SmoothQuant vs 0.974x with 32); 0 on
+                                    other GPUs (not measured there).
 ``SUPERWEIGHT_CPU_W4A8``            ``1``: on CPUs with AMX, W4 layers take vLLM's W4A8 GEMM (activations int8 per
                                     token; ~6x faster at one token than the 16-bit path) with the checkpoint's
                                     activation-outlier channels (the sidecar's list) kept out of the int8
@@ -235,15 +236,20 @@ def w8a8_azp() -> bool:
 
 
 DEFAULT_W8A8_TRITON_MAX_M = 32  # Hopper; the H200 micro-benchmark's crossover to CUTLASS (session 13)
+# Hopper, layers with outlier channels: the H100 w8big sweep's crossover to the zero-point epilogue (session 43:
+# q/k/v + gate/up 65.3-66.2 us at 33-64 tokens vs 68.7-72.2 for the zero-point path, 71.6 vs 69.9 at 96)
+DEFAULT_W8A8_TRITON_OUT_MAX_M = 64
 
 
 def w8a8_triton(hopper: bool = True) -> tuple[int, dict[int, dict[str, int]], int]:
     """``SUPERWEIGHT_W8A8_TRITON`` parsed: (MAX_M, {bucket M: {bn, bk, ...} given}, OUT_MAX_M); (0, {}, 0) = off.
-    Unset: ``DEFAULT_W8A8_TRITON_MAX_M`` (both bounds) where ``hopper`` (the GPU it was measured on), else off."""
+    Unset: ``DEFAULT_W8A8_TRITON_MAX_M`` / ``DEFAULT_W8A8_TRITON_OUT_MAX_M`` where ``hopper`` (the GPU they were
+    measured on), else off."""
     raw = os.environ.get(W8A8_TRITON, "").strip()
     if not raw:
-        d = DEFAULT_W8A8_TRITON_MAX_M if hopper else 0
-        return d, {}, d
+        if not hopper:
+            return 0, {}, 0
+        return DEFAULT_W8A8_TRITON_MAX_M, {}, DEFAULT_W8A8_TRITON_OUT_MAX_M
     return _parse_w8a8_triton(raw)
 
 

@@ -92,13 +92,15 @@ SWEEP_BIG = (
 def default_config(m: int, n: int, k: int) -> Int8MMConfig:
     """The best of ``SWEEP`` per M bucket on an H200 (Llama-2-7B layer, one outlier channel per matrix, session 13,
     ``benchmarks/results/kernel_bench_w8_triton_s13_h200.json``): 32 rows x 256 (M <= 16: 79-83 us per layer vs
-    SmoothQuant's 84-86), 32 x 512 at 3 stages (M <= 32: 88 vs 87), 32 x 128 at 6 stages above (M = 64: 92 vs 85,
-    so CUTLASS serves those by default)."""
+    SmoothQuant's 84-86), 32 x 512 at 3 stages (M <= 32: 88 vs 87); above 32 tokens 64 weight rows a program on
+    the MMA's M side (``SWEEP_BIG`` on an H100, q/k/v + gate/up, session 43,
+    ``benchmarks/results/kernel_bench_w8big_s43_h100.json``: 65.3 / 66.2 / 65.5 us at 33 / 48 / 64 tokens, within
+    0.7 us of each M's best, vs 65.7-67.2 for session 13's 32 x 128 tiles and 86.1 vs 71.6 at 96)."""
     if m <= 16:
         return Int8MMConfig(32, 256, 4, 4)
     if m <= 32:
         return Int8MMConfig(32, 512, 4, 3)
-    return Int8MMConfig(32, 128, 4, 6)
+    return Int8MMConfig(64, 128, 4, 4, swap=1)
 
 
 def config_for(m: int, n: int, k: int, table: dict[int, dict[str, int]] | None = None) -> Int8MMConfig:
