@@ -133,7 +133,7 @@ Only what users need is a knob:
                                     bm, tma): CUDA W8A8 batches of up to MAX_M tokens run our Triton int8 GEMM
                                     with every outlier channel in its epilogue (``kernels.triton_int8_mm``), larger
                                     ones CUTLASS; OUT_MAX_M (default MAX_M) is the same bound for layers that HAVE
-                                    outlier channels (above it they pay CUTLASS's zero-point epilogue, +9 %);
+                                    outlier channels (above it they pay CUTLASS's zero-point epilogue, +1-9 %);
                                     after ``@``, launch configurations per M bucket (bucket = the smallest listed M
                                     >= the batch; from ``kernel_bench.py --sections w8`` / ``w8big``); ``0``:
                                     CUTLASS only. Unset on Hopper: ``32/64`` (MAX_M 32: H200, session 13,

@@ -1,4 +1,5 @@
-"""W8A8 GEMM for small batches with the 16-bit outlier channels in its epilogue (Triton, CUDA).
+"""W8A8 GEMM for small batches (up to 32 tokens; 64 in layers with outlier channels, session 43) with the 16-bit
+outlier channels in its epilogue (Triton, CUDA).
 
     y[m, n] = sa[m] * sb[n] * sum_k xq[m, k] * w[n, k]  +  sum_s x_out[m, s] * w_out[s, n]  (+ bias[n])
 
