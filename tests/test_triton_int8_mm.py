@@ -94,7 +94,7 @@ def test_knob_parsing_and_config_lookup(monkeypatch):
     # the measured defaults grow K per step with M, then narrow it (sweep on an H200)
     assert [TI.default_config(m, 4096, 4096).bk for m in (1, 16, 32, 64)] == [256, 256, 512, 128]
     bads = ("x", "16@1:bq=3", "16@1:bk=48", "16@0:bn=16", "-1", "16@1:swap=2", "16@1:bn=0", "16/x", "16/-1")
-    for bad in (*bads, "16@1:bm=24", "16@1:bm=8", "16@1:tma=2"):
+    for bad in (*bads, "16@1:bm=24", "16@1:bm=8", "16@1:tma=2", "16@1:ws=2"):
         monkeypatch.setenv(envs.W8A8_TRITON, bad)
         with pytest.raises(ValueError, match=envs.W8A8_TRITON):
             envs.w8a8_triton()
@@ -144,6 +144,8 @@ def test_compile_sm90_large_batch_sweep():
                 assert bulk >= 2 and not thread_copies, (cfg, bulk, len(thread_copies))
             else:
                 assert not bulk and thread_copies, cfg
+            # warp specialization: producer and consumer warps trade registers (setmaxnreg) where it splits 4 warps
+            assert ("warp_specialize" in str(r["asm"]["ttgir"])) is bool(cfg.ws), cfg
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -174,6 +176,7 @@ def test_interp_matches_reference(case):
     cfgs = [TI.Int8MMConfig(16, 32, 4, 1), TI.Int8MMConfig(32, 64, 4, 2), TI.Int8MMConfig(32, 64, 4, 2, 1), None]
     # several M tiles a weight tile (bm 16 < M), and TMA descriptors (K % 16 == 0; else the pointer path)
     cfgs += [TI.Int8MMConfig(32, 64, 4, 2, 1, bm=16), TI.Int8MMConfig(64, 32, 4, 2, 1, bm=32, tma=1)]
+    cfgs += [TI.Int8MMConfig(64, 32, 4, 2, 1, bm=32, tma=1, ws=1)]
     for cfg in cfgs:
         y = TI.int8_mm_outliers(xq, w, sa, sb, xo if s else None, wo if s else None, b, dtype, cfg)
         assert y.dtype == dtype and y.shape == (m, n)

@@ -130,7 +130,7 @@ Only what users need is a knob:
                                     a side product); ``0``: every outlier channel as a side product. H200, 7B
                                     shape, same lease: +0.8-2.4% at every batch over ``0`` (session 12).
 ``SUPERWEIGHT_W8A8_TRITON``         ``MAX_M[/OUT_MAX_M][@M1:KEY=V,..;M2:...]`` (keys bn, bk, warps, stages, swap,
-                                    bm, tma): CUDA W8A8 batches of up to MAX_M tokens run our Triton int8 GEMM
+                                    bm, tma, ws): CUDA W8A8 batches of up to MAX_M tokens run our Triton int8 GEMM
                                     with every outlier channel in its epilogue (``kernels.triton_int8_mm``), larger
                                     ones CUTLASS; OUT_MAX_M (default MAX_M) is the same bound for layers that HAVE
                                     outlier channels (above it they pay CUTLASS's zero-point epilogue, +1-9 %);
@@ -169,7 +169,7 @@ CPU_W4A8 = "SUPERWEIGHT_CPU_W4A8"
 ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
 W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
-_INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap", "bm", "tma")
+_INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap", "bm", "tma", "ws")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 SPARSE_OVERLAP = "SUPERWEIGHT_SPARSE_OVERLAP"
 SPARSE_PANEL = "SUPERWEIGHT_SPARSE_PANEL"
@@ -266,24 +266,24 @@ def _parse_w8a8_triton(raw: str) -> tuple[int, dict[int, dict[str, int]], int]:
             cfg = {}
             for part in filter(None, (p.strip() for p in fields.split(","))):
                 key, _, val = part.partition("=")
-                if key not in _INT8_MM_KEYS or int(val) < (0 if key in ("swap", "tma") else 1):
+                if key not in _INT8_MM_KEYS or int(val) < (0 if key in ("swap", "tma", "ws") else 1):
                     raise ValueError(part)
                 cfg[key] = int(val)
             table[int(bucket)] = cfg
     except ValueError:
         raise ValueError(
             f"{W8A8_TRITON}={raw!r}: expected MAX_M[/OUT_MAX_M][@M:bn=..,bk=..,warps=..,stages=..,swap=0|1,bm=..,"
-            "tma=0|1;M:...] (integers)"
+            "tma=0|1,ws=0|1;M:...] (integers)"
         ) from None
     if (
         max_m < 0
         or out_max_m < 0
         or any(b < 1 for b in table)
-        or any(c.get("bk", 32) % 32 or c.get("swap", 1) > 1 or c.get("tma", 1) > 1 for c in table.values())
+        or any(c.get("bk", 32) % 32 or max(c.get(f, 1) for f in ("swap", "tma", "ws")) > 1 for c in table.values())
         or any(c.get("bm", 16) < 16 or c.get("bm", 16) & (c.get("bm", 16) - 1) for c in table.values())
     ):
         raise ValueError(
-            f"{W8A8_TRITON}={raw!r}: MAX_M, OUT_MAX_M >= 0, buckets >= 1, bk a multiple of 32, swap / tma 0 or 1, "
+            f"{W8A8_TRITON}={raw!r}: MAX_M, OUT_MAX_M >= 0, buckets >= 1, bk a multiple of 32, swap / tma / ws 0 or 1, "
             "bm a power of two >= 16"
         )
     return max_m, table, out_max_m

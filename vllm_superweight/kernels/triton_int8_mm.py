@@ -37,9 +37,11 @@ class Int8MMConfig:
     swap: int = 0  # 1: the weight tile is the MMA's M side ([BN, BK] x [BK, tokens]; wgmma from BN = 64 on sm_90)
     bm: int = 0  # tokens per program (a power of two >= 16); 0: by M (``_bm``: 16 / 32 / 64)
     tma: int = 0  # 1: both tiles through Hopper's tensor memory accelerator (host-side descriptors), sm_90+
+    ws: int = 0  # 1 (with tma): warp-specialized main loop (a producer warp issues the copies), sm_90+
 
     def key(self) -> str:
         tail = (",swap=1" if self.swap else "") + (f",bm={self.bm}" if self.bm else "") + (",tma=1" if self.tma else "")
+        tail += ",ws=1" if self.ws else ""
         return f"bn={self.bn},bk={self.bk},warps={self.warps},stages={self.stages}{tail}"
 
 
@@ -87,6 +89,10 @@ SWEEP_BIG = (
     Int8MMConfig(128, 128, 8, 4, swap=1, tma=1),
     Int8MMConfig(64, 128, 8, 4, swap=1, bm=128, tma=1),
     Int8MMConfig(64, 128, 8, 3, swap=1, bm=256, tma=1),
+    # warp-specialized main loop (not yet timed, session 43): copies issued by a producer warp, the MMA warps only wait
+    Int8MMConfig(64, 128, 4, 4, swap=1, tma=1, ws=1),
+    Int8MMConfig(128, 128, 8, 4, swap=1, tma=1, ws=1),
+    Int8MMConfig(64, 128, 8, 4, swap=1, bm=128, tma=1, ws=1),
 )
 
 
@@ -143,6 +149,7 @@ def _int8_mm_kernel(
     x_desc=None,
     w_desc=None,
     TMA: tl.constexpr = False,
+    WS: tl.constexpr = False,
 ):
     # M tiles vary fastest: the programs that share a weight tile run side by side (one HBM read, the rest L2)
     pid_m = tl.program_id(0)
@@ -158,7 +165,7 @@ def _int8_mm_kernel(
         acc_t = tl.zeros((BN, BM), dtype=tl.int32)
     else:
         acc_t = tl.zeros((BM, BN), dtype=tl.int32)
-    for k0 in range(0, K, BK):
+    for k0 in tl.range(0, K, BK, warp_specialize=WS):
         if TMA:  # out-of-range rows / K are zero-filled by the copy engine
             a = x_desc.load([pid_m * BM, k0])
             b = w_desc.load([pid_n * BN, k0])
@@ -236,7 +243,7 @@ def int8_mm_outliers(
         xq.stride(0), w.stride(0), xo.stride(0), wo.stride(0), y.stride(0),
         1 if sa.numel() > 1 else 0,
         S=s, HAS_BIAS=bias is not None, EVEN_K=k % cfg.bk == 0, BM=bm, BN=cfg.bn, BK=cfg.bk, SWAP=bool(cfg.swap),
-        x_desc=descs[0], w_desc=descs[1], TMA=descs[0] is not None,
+        x_desc=descs[0], w_desc=descs[1], TMA=descs[0] is not None, WS=descs[0] is not None and bool(cfg.ws),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     return y
@@ -272,7 +279,7 @@ def compile_sm90(m: int = 1, config: Int8MMConfig | None = None, s: int = 1, bia
     sig.update({k: "i32" for k in ("stride_ym", "stride_sa")})
     bm = _bm(m, cfg)
     consts: dict[str, object] = dict(S=s, HAS_BIAS=bias, EVEN_K=even_k, BM=bm, BN=cfg.bn, BK=cfg.bk)
-    consts.update(SWAP=bool(cfg.swap), TMA=bool(cfg.tma))
+    consts.update(SWAP=bool(cfg.swap), TMA=bool(cfg.tma), WS=bool(cfg.tma and cfg.ws))
     if cfg.tma:
         sig.update({"x_desc": f"tensordesc<i8[{bm}, {cfg.bk}]>", "w_desc": f"tensordesc<i8[{cfg.bn}, {cfg.bk}]>"})
     else:
