@@ -21,6 +21,7 @@ largest M routed here and may override the configuration (``kernel_bench.py --se
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -249,14 +250,18 @@ def int8_mm_outliers(
     return y
 
 
+@functools.cache
+def _capability_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _tma_descriptors(xq: torch.Tensor, w: torch.Tensor, bm: int, cfg: Int8MMConfig) -> tuple:
     """Host-side TMA descriptors of the x and weight tiles where ``cfg.tma`` asks for them and the copy engine can
     take both tensors (16-byte aligned bases and row strides, sm_90+ or the interpreter); (None, None) otherwise:
     the pointer path, which takes every tensor."""
     if not cfg.tma:
         return None, None
-    on_hopper = xq.is_cuda and torch.cuda.get_device_capability(xq.device)[0] >= 9
-    if not on_hopper and xq.is_cuda:
+    if xq.is_cuda and _capability_major(xq.device.index) < 9:
         return None, None
     if any(t.data_ptr() % 16 or t.stride(0) % 16 for t in (xq, w)):
         return None, None
