@@ -61,3 +61,19 @@ def test_engines_table_lists_every_engine_and_the_means(tmp_path):
     assert "| SmoothQuant W8A8 (1) | 2.000 | 100 | 1.000 / 1.000 |" in md
     path.write_text(json.dumps([{k: v for k, v in r.items() if k != "lease_call"} for r in recs]))
     assert PT.engines_table(str(path)) == ""
+
+
+def test_throughput_median_of_repeats():
+    """benchmarks/throughput.py's saturated repeats: the median of every timed run, all kept in order; at least one."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "throughput.py")
+    spec = importlib.util.spec_from_file_location("throughput_bench_median", path)
+    assert spec is not None and spec.loader is not None
+    tb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tb)
+    times = iter([4.4, 4.2, 4.3])
+    assert tb.median_of(lambda: next(times), 3) == (4.3, [4.4, 4.2, 4.3])
+    calls = []
+    assert tb.median_of(lambda: calls.append(1) or 2.0, 0) == (2.0, [2.0]) and len(calls) == 1
