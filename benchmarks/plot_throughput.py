@@ -130,9 +130,14 @@ def variant_of(r: dict) -> str:
     return m
 
 
-def load(path: str):
+def read_records(path: str) -> list[dict]:
     with open(path) as f:
-        recs = json.load(f)
+        return json.load(f)
+
+
+def load(path: str, recs: list[dict] | None = None):
+    """The records of ``path`` (or ``recs``, already read from it), the latest per (variant, config)."""
+    recs = read_records(path) if recs is None else recs
     latest: dict = OrderedDict()
     for r in recs:
         kind = r.get("kind") or ("latency" if r.get("latency_s") and r.get("batch", 0) <= 256 else "throughput")
@@ -141,28 +146,20 @@ def load(path: str):
     return list(latest.values())
 
 
-def engines_table(path: str) -> str:
-    """Markdown: every engine of a merged lease (records with ``lease_call``) -- latency per batch and saturated
-    throughput per (in, out) -- then each method's mean and the ratio to SmoothQuant's (or AWQ's) mean (latency:
-    baseline / this; throughput: this / baseline). "" when no record has ``lease_call``."""
-    with open(path) as f:
-        recs = [dict(r, variant=variant_of(r)) for r in json.load(f)]
-    recs = [r for r in recs if "lease_call" in r]
+def engines_table(raw: list[dict]) -> str:
+    """Markdown: every engine of a merged lease (records with ``lease_call``; ``raw`` = the file's records, not
+    deduplicated) -- latency per batch and saturated throughput per (in, out) -- then each method's mean and the
+    ratio to SmoothQuant's (or AWQ's) mean (latency: baseline / this; throughput: this / baseline). "" when no record
+    has ``lease_call``."""
+    recs = [dict(r, variant=variant_of(r)) for r in raw if "lease_call" in r]
     if not recs:
         return ""
-    cols: list[tuple] = []
-    for r in recs:
-        kind = r.get("kind", "")
-        col = ("latency", r["batch"]) if kind == "latency" else ("throughput", r["input_len"], r["output_len"])
-        if col not in cols:
-            cols.append(col)
-    cols.sort(key=lambda c: (c[0] != "latency", c[1:]))
     engines: dict = OrderedDict()
     for r in recs:
-        kind = r.get("kind", "")
-        col = ("latency", r["batch"]) if kind == "latency" else ("throughput", r["input_len"], r["output_len"])
-        val = r.get("latency_s") if kind == "latency" else r.get("tokens_per_s")
-        engines.setdefault((r["variant"], r["lease_call"]), {})[col] = val
+        lat = r.get("kind") == "latency"
+        col = ("latency", r["batch"]) if lat else ("throughput", r["input_len"], r["output_len"])
+        engines.setdefault((r["variant"], r["lease_call"]), {})[col] = r.get("latency_s" if lat else "tokens_per_s")
+    cols = sorted({c for vals in engines.values() for c in vals}, key=lambda c: (c[0] != "latency", c[1:]))
     head = [f"batch {c[1]} (s)" if c[0] == "latency" else f"{c[1]} / {c[2]} (tok/s)" for c in cols]
     lines = [
         "## Every engine of the lease (call order), means and ratios",
@@ -391,7 +388,8 @@ def main() -> int:
     ap.add_argument("--name", default="throughput", help="file stem of the table and plot")
     args = ap.parse_args()
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.json))
-    recs = load(args.json)
+    raw = read_records(args.json)
+    recs = load(args.json, raw)
     if not recs:
         print("no records", file=sys.stderr)
         return 1
@@ -400,7 +398,7 @@ def main() -> int:
     prof = profile_table(recs)  # throughput.py --profile-batches: where a decode step's GPU time goes
     if prof:
         md += "\n" + prof
-    every = engines_table(args.json)
+    every = engines_table(raw)
     if every:
         md += "\n" + every
     with open(os.path.join(out_dir, f"{args.name}.md"), "w") as f:

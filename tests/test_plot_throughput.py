@@ -39,7 +39,7 @@ def test_plot_draws_one_batch_size_on_a_linear_axis(tmp_path, batches, scale):
     assert ax.get_yscale() == scale and (tmp_path / "t.png").stat().st_size > 0
 
 
-def test_engines_table_lists_every_engine_and_the_means(tmp_path):
+def test_engines_table_lists_every_engine_and_the_means():
     """A merged lease (``lease_call`` on each record): one row per engine, then each method's mean and its ratio to
     SmoothQuant's mean -- latency as baseline / this, throughput as this / baseline; nothing without lease_call."""
 
@@ -52,27 +52,17 @@ def test_engines_table_lists_every_engine_and_the_means(tmp_path):
     recs = [rec("smoothquant", 1, "latency", 2.0), rec("smoothquant", 1, "throughput", 100.0)]
     recs += [rec("sw-w8a8", 1, "latency", 1.9), rec("sw-w8a8", 1, "throughput", 90.0)]
     recs += [rec("sw-w8a8", 2, "latency", 2.1), rec("sw-w8a8", 2, "throughput", 100.0)]
-    path = tmp_path / "t.json"
-    path.write_text(json.dumps(recs))
-    md = PT.engines_table(str(path))
+    md = PT.engines_table(recs)
     rows = [ln for ln in md.splitlines() if ln.startswith("| SW-RTN W8A8")]
     assert len(rows) == 3  # two engines, one mean
     assert "| SW-RTN W8A8 + outlier ch. (2) | 2.000 | 95 | 1.000 / 0.950 |" in md  # 2.0 / 2.0, 95 / 100
     assert "| SmoothQuant W8A8 (1) | 2.000 | 100 | 1.000 / 1.000 |" in md
-    path.write_text(json.dumps([{k: v for k, v in r.items() if k != "lease_call"} for r in recs]))
-    assert PT.engines_table(str(path)) == ""
+    assert PT.engines_table([{k: v for k, v in r.items() if k != "lease_call"} for r in recs]) == ""
 
 
 def test_throughput_median_of_repeats():
     """benchmarks/throughput.py's saturated repeats: the median of every timed run, all kept in order; at least one."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "throughput.py")
-    spec = importlib.util.spec_from_file_location("throughput_bench_median", path)
-    assert spec is not None and spec.loader is not None
-    tb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tb)
+    tb = load("throughput")
     times = iter([4.4, 4.2, 4.3])
     assert tb.median_of(lambda: next(times), 3) == (4.3, [4.4, 4.2, 4.3])
     calls = []
