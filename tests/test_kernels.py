@@ -553,6 +553,73 @@ def test_interp_sparse_kernel_unrolled(path, pack):
     assert torch.equal(y2[:, untouched], y[:, untouched])
 
 
+@interp_only
+@pytest.mark.parametrize("m,unroll", [(21, 1), (33, 1), (40, 0)])
+def test_interp_sparse_kernel_with_xt_written_first(m, unroll):
+    """``SUPERWEIGHT_SPARSE_XT``'s building blocks: ``xt_shape`` (the plan's padded xt, from shapes) and
+    ``transpose_into`` written before the call, then ``sparse_correction_(xt=...)`` -- bitwise the sums of the call
+    that writes xt itself (same kernel, same order), the rows without entries untouched; a wrong-shaped xt is
+    refused; the direct path (below the transposed path's token count) has no xt and ignores one."""
+    from vllm_superweight.kernels import triton_sparse as TS
+
+    gen = torch.Generator().manual_seed(m)
+    n, k = 97, 300
+    r, c, v = random_entries(n, k, 500, gen, heavy_row=5, heavy_len=120)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+    ref, mag = dense_reference(y, x, r, c, v, n, k)
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
+    tiles = TS.SparseTiles(unroll=unroll)
+    nnz = int(sp["nnz"].shape[0])
+    shape = TS.xt_shape(m, k, sp["ell_cols"], sp["hrows"], sp["ucols"], nnz, tiles)
+    bm = TS.plan(m, k, {key: tuple(sp[key].shape) for key in ("ell_cols", "hrows", "ucols")}, nnz, tiles)["BM"]
+    assert shape == (k, -(-m // bm) * bm if unroll else m)
+    xt = torch.full(shape, float("nan"), dtype=x.dtype)  # the padding is never read into a stored row
+    TS.transpose_into(x, sp["ucols"], xt)
+    u = sp["ucols"].long()
+    assert torch.equal(xt[u, :m], x[:, u].T)
+    y_own, y_pre = y.clone(), y.clone()
+    TS.sparse_correction_(y_own, x, *sp_args(sp), tiles=tiles)
+    TS.sparse_correction_(y_pre, x, *sp_args(sp), tiles=tiles, xt=xt)
+    assert torch.equal(y_pre, y_own)
+    assert_rounded_close(y_pre, ref, mag, torch.bfloat16)
+    with pytest.raises(ValueError, match="this plan reads"):
+        TS.sparse_correction_(y.clone(), x, *sp_args(sp), tiles=tiles, xt=xt[:, : shape[1] - 1])
+    small = TS.SparseTiles(unroll=unroll, transpose_min_m=m + 1)
+    assert TS.xt_shape(m, k, sp["ell_cols"], sp["hrows"], sp["ucols"], nnz, small) is None
+    y_dir = y.clone()
+    TS.sparse_correction_(y_dir, x, *sp_args(sp), tiles=small, xt=xt[:, :1])  # direct path: xt not read
+    assert_rounded_close(y_dir, ref, mag, torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["after", "before", "beside"])
+def test_gemm_then_correction_xt_modes_off_cuda(mode, monkeypatch):
+    """``SUPERWEIGHT_SPARSE_XT`` is a CUDA schedule: off CUDA every mode is the GEMM once, then the correction (its
+    GPU test: test_xt_modes_equal_after_in_cuda_graph); a mode outside the three is an error naming them."""
+    from vllm_superweight import envs
+
+    monkeypatch.setenv("SUPERWEIGHT_SPARSE_XT", mode)
+    assert envs.sparse_xt() == mode
+    gen = torch.Generator().manual_seed(6)
+    n, k, m = 40, 30, 20
+    r, c, v = random_entries(n, k, 200, gen)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    calls = []
+
+    def gemm():
+        calls.append(1)
+        return x @ w.T
+
+    sp = K.prepare_sparse(r, c, v, n, k, "cpu", layout="sell")
+    got = K.gemm_then_correction(gemm, x, sp, n)
+    ref, mag = dense_reference(x @ w.T, x, r, c, v, n, k)
+    assert_rounded_close(got, ref, mag, torch.float32)
+    assert len(calls) == 1
+    monkeypatch.setenv("SUPERWEIGHT_SPARSE_XT", "sideways")
+    with pytest.raises(ValueError, match="after, before, beside"):
+        envs.sparse_xt()
+
+
 def test_sparse_correction_launches_the_env_tiles_of_its_batch(monkeypatch):
     """``SUPERWEIGHT_SPARSE_TILES`` segments reach the launch by the batch's token count (the kernels replaced by
     recorders: what would be launched, not run)."""

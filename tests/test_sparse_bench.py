@@ -107,3 +107,41 @@ def test_table_marks_the_panel_kernels_profile():
     ]
     md = sb.table(rows, meta)
     assert "| marlin+panel default | 20.0 |" in md and "* M = 8 (panel kernel): `sw_sell_panel` 3.0 (x1)" in md
+
+
+def test_xt_schedule_recommended_only_on_a_clear_win(tmp_path):
+    """``SUPERWEIGHT_SPARSE_XT``'s schedules (timed as ``xt/<mode>``) are weighed against the default schedule (the
+    default tiles' ``L/default``) with a 1 % bar and no loss over 3 % at any M; a winner is appended to
+    recommend.env as an export the next throughput call sources, beside (not instead of) a tiles winner."""
+    sb = _sb()
+    env = tmp_path / "recommend.env"
+    bench = sb.Bench(_dry_args(env))
+    default = {64: 46.0, 128: 70.0, 256: 125.0}
+    us = {
+        "L/default": default,
+        "xt/before": {64: 43.0, 128: 67.5, 256: 122.0},  # 3.8 % below in sum, nowhere slower
+        "xt/beside": {64: 40.0, 128: 69.0, 256: 131.0},  # 4.6 % below in sum, but 4.8 % slower at 256: refused
+    }
+    bench.recommend(us, {"default": bench.TS.DEFAULT_TILES})
+    rec = bench.meta["recommend"]
+    assert rec["xt"]["pick"] == "before" and rec["xt"]["sums"]["after"] == pytest.approx(241.0)
+    assert env.read_text() == "export SUPERWEIGHT_SPARSE_XT=before\n"
+    env.unlink()
+    bench.recommend({"L/default": default, "xt/before": {64: 45.9, 128: 69.9, 256: 124.9}}, {"default": None})
+    assert bench.meta["recommend"]["xt"]["pick"] is None and not env.exists()  # 0.1 % below: under the bar
+
+
+def _dry_args(env):
+    import argparse
+
+    return argparse.Namespace(
+        dry_run_cpu=True,
+        nnz=0,
+        holdout=1e-3,
+        layers=1,
+        gemm="marlin",
+        no_vllm=True,
+        ms=[64, 128, 256],
+        recommend_env=str(env),
+        budget_s=100.0,
+    )
