@@ -22,8 +22,6 @@
 #   bash benchmarks/gpu_run.sh sparse                      # the q/k/v hold-out's SELL correction at 2-64 tokens:
 #                                                          # one-Humming-copy + overlapped-correction tests, then
 #                                                          # sparse_bench.py (recommend.env; overlap; profile)
-#   bash benchmarks/gpu_run.sh xt                          # no bundle needed (one call): SUPERWEIGHT_SPARSE_XT's GPU
-#                                                          # tests, then sparse_bench.py --gemm cublas at 16-256 tokens
 #   bash benchmarks/gpu_run.sh mmahum                      # held-out layers' 2-8 tokens through the tensor-core GEMV
 #                                                          # over Humming's tensors, terms inside: GPU tests, then
 #                                                          # cuda_gemv_bench.py --holdout-modules qkv at 2-8 tokens
@@ -508,18 +506,6 @@ EOF2
     for _ in $(seq 6); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done
     tail -2 "$STASH_DIR/build.log"
     echo "[$(ts)] humgemv tests done" ;;
-  xt)
-    # session 44, the whole lease in one call when the bundle cannot be afforded: torch + Triton of the machine's own
-    # image, this checkout on PYTHONPATH (no vLLM: the GEMM before the correction is a dense bf16 cuBLAS GEMM of the
-    # 7B q/k/v shape, which fills every SM as Humming does); SUPERWEIGHT_SPARSE_XT's GPU tests, then the timings
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-    nvidia-smi --query-gpu=name --format=csv,noheader
-    timeout "${XT_TESTS_S:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py --junitxml="$OUT/gpu_tests_xt.xml" \
-      -k "xt_modes_equal or pdl_after_gemm or overlapped_correction_equals" 2>&1 | tail -8
-    timeout $((590 - SECONDS)) $PY -u benchmarks/sparse_bench.py --gemm cublas --triton-variants default --no-panel \
-      --no-overlap --ms "${SPARSE_MS:-16,64,128,256}" --budget-s $((560 - SECONDS)) --profile-ms "${SPARSE_PROFILE_MS:-64,256}" \
-      --out "$OUT/sparse_bench_xt.json" 2>&1 | grep -v "^$" | tail -14
-    echo "[$(ts)] xt done" ;;
   sparse)
     # session 27, one call after the stash calls (build-bg of the held-out checkpoint started before): the one-Humming-
     # copy tests (the single-token GEMV's call site moved in session 26's review), then sparse_bench.py -- the SELL
