@@ -182,7 +182,7 @@ class Bench:
         self.marlin = None
         self.meta["gemm"] = args.gemm
         self.panels: dict = {}  # the shared-memory kernel's variants timed (set by run)
-        if not self.dry and not args.no_vllm and args.gemm != "cublas":
+        if not self.dry and not args.no_vllm:
             try:
                 import vllm
                 import vllm_linear as VL
@@ -216,8 +216,6 @@ class Bench:
             r, c = flat // k, flat % k
             v = (torch.randn(flat.numel(), generator=g) * 0.05).to(torch.bfloat16).float()
             lay = {"r": r, "c": c, "v": v, "marlin": None, "sell": {}}
-            if self.args.gemm == "cublas" and not self.dry:  # a dense bf16 stand-in (no vLLM): cuBLAS fills the SMs
-                lay["dense"] = (torch.randn(n, k, generator=g) * 0.02).to(self.dev, torch.bfloat16)
             if self.marlin is not None:
                 w = self.marlin.random_w4(n, k, 128, False, self.dev, seed=li, holdout=(r, c))
                 lay["marlin"] = self.marlin.build_mp_layer(w, self.args.gemm)
@@ -243,8 +241,6 @@ class Bench:
         return out
 
     def gemm(self, lay, x):
-        if "dense" in lay:
-            return x @ lay["dense"].T
         if lay["marlin"] is None:
             return torch.zeros(x.shape[0], self.n, dtype=x.dtype, device=x.device)
         layer, kobj = lay["marlin"]
@@ -564,9 +560,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--gemm",
         default="marlin",
-        choices=("marlin", "humming", "cublas"),
+        choices=("marlin", "humming"),
         help="the W4 GEMM before the correction (vLLM's kernel class of that name; held-out layers on Hopper "
-        "serve 16-383 tokens on the one Humming copy), or cublas: a dense bf16 GEMM of the same shape (no vLLM)",
+        "serve 16-383 tokens on the one Humming copy)",
     )
     ap.add_argument(
         "--xt-modes",
