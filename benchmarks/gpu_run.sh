@@ -514,19 +514,15 @@ EOF2
     # nowhere) goes to recommend.env, which the next `throughput` call sources
     setup
     # (session 28: with the overlapped correction's GPU tests, SUPERWEIGHT_SPARSE_OVERLAP, which sparse_bench times)
-    # (session 44: with SUPERWEIGHT_SPARSE_XT's GPU tests; SPARSE_ARGS, e.g. "--gemm humming --triton-variants default
-    # --no-panel", goes to sparse_bench.py, which times the xt schedules and recommends one that wins)
-    humming_tests 270 sparse_humgemv -k "humming or auto or overlapped or xt" \
+    humming_tests 240 sparse_humgemv -k "humming or auto or overlapped" \
       "tests/test_gpu_kernels.py::test_overlapped_correction_equals_in_place" \
-      "tests/test_gpu_kernels.py::test_kernel_classes_overlapped_correction" \
-      "tests/test_gpu_kernels.py::test_xt_modes_equal_after_in_cuda_graph" \
-      "tests/test_gpu_kernels.py::test_kernel_classes_xt_modes"
+      "tests/test_gpu_kernels.py::test_kernel_classes_overlapped_correction"
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     rm -f "$SW_BENCH_DIR/recommend.env"
     mkdir -p "$SW_BENCH_DIR"
     # SPARSE_MS: the token counts (default the bench's 64,32,16,8,48,4,2; s39's plan: 64,128,256,16,32 -- the
     # batch-64 and saturated hold-out cost is this kernel after Humming from 9 tokens)
-    timeout $((590 - SECONDS)) $PY -u benchmarks/sparse_bench.py --out "$OUT/sparse_bench.json" ${SPARSE_ARGS:-} \
+    timeout $((590 - SECONDS)) $PY -u benchmarks/sparse_bench.py --out "$OUT/sparse_bench.json" \
       ${SPARSE_MS:+--ms "$SPARSE_MS"} --budget-s $(( 570 - SECONDS < ${SPARSE_BUDGET_S:-200} ? 570 - SECONDS : ${SPARSE_BUDGET_S:-200} )) --recommend-env "$SW_BENCH_DIR/recommend.env" --profile-ms "${SPARSE_PROFILE_MS:-8,64}" 2>&1 | grep -v "^$" | tail -25
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || echo "[$(ts)] sparse: no variant won"
     echo "[$(ts)] sparse done" ;;

@@ -180,7 +180,6 @@ class Bench:
             "torch": torch.__version__,
         }
         self.marlin = None
-        self.meta["gemm"] = args.gemm
         self.panels: dict = {}  # the shared-memory kernel's variants timed (set by run)
         if not self.dry and not args.no_vllm:
             try:
@@ -218,7 +217,7 @@ class Bench:
             lay = {"r": r, "c": c, "v": v, "marlin": None, "sell": {}}
             if self.marlin is not None:
                 w = self.marlin.random_w4(n, k, 128, False, self.dev, seed=li, holdout=(r, c))
-                lay["marlin"] = self.marlin.build_mp_layer(w, self.args.gemm)
+                lay["marlin"] = self.marlin.build_mp_layer(w, "marlin")
             variants = variants or self.layout_kwargs(r)  # from the first layer's rows, used for all
             for name, kw in variants.items():
                 lay["sell"][name] = K.prepare_sparse(r, c, v, n, k, self.dev, layout="sell", pack=torch.bfloat16, **kw)
@@ -352,13 +351,6 @@ class Bench:
                 self.rows.append(
                     {"m": m, "kind": f"marlin+panel {pname}", "us": u, "over_gemm": u - base if base else None}
                 )
-            for mode in self.args.xt_modes:
-                u = self.time_xt(x, mode)
-                if u is not None:
-                    us.setdefault(f"xt/{mode}", {})[m] = u
-                    self.rows.append(
-                        {"m": m, "kind": f"marlin+sell xt-{mode}", "us": u, "over_gemm": u - base if base else None}
-                    )
             ov = self.time_overlapped(x) if self.args.overlap else None
             if ov is not None:
                 self.rows.append(
@@ -420,23 +412,6 @@ class Bench:
         self.rows.append({"m": m, "kind": kind, "kernels": kt})
         log(f"M = {m} per layer: " + ", ".join(f"{name[:40]} {v['us']:.1f} us" for name, v in list(kt.items())[:6]))
 
-    def time_xt(self, x, mode: str) -> float | None:
-        """The GEMM and the default correction with ``SUPERWEIGHT_SPARSE_XT=mode`` (x transposed before the GEMM, the
-        SELL kernel its programmatic dependent; or beside it on the side stream), checked first: bitwise the
-        default's sums (same kernels) on every layer."""
-        import vllm_superweight.kernels as K
-
-        def step(lay, xt_mode):
-            return K.gemm_then_correction(lambda: self.gemm(lay, x), x, lay["sell"]["L"], self.n, xt_mode=xt_mode)
-
-        for lay in self.layers:
-            a, b = step(lay, mode), step(lay, "after")
-            if not torch.equal(a, b):
-                err = float((a.float() - b.float()).abs().max())
-                self.rows.append({"m": x.shape[0], "kind": f"xt-{mode}", "error": f"differs from after by {err:.3g}"})
-                return None
-        return self.time(lambda: [step(lay, mode) for lay in self.layers])
-
     def time_overlapped(self, x) -> float | None:
         """The GEMM and the default correction with SUPERWEIGHT_SPARSE_OVERLAP's schedule (the correction on a side
         stream into a float32 buffer, one add after the GEMM), checked first against the in-place result."""
@@ -489,18 +464,11 @@ class Bench:
             if pbest:
                 name = "default" if pbest == "panel-default" else pbest
                 rec["panel"]["env"] = panel_env(self.panels[name])
-        xus = {key.split("/", 1)[1]: v for key, v in us.items() if key.startswith("xt/")}
-        if xus and "L/default" in us:  # SUPERWEIGHT_SPARSE_XT's schedules against the default's (same kernels)
-            xbest, xsums = recommend(dict(xus, after=us["L/default"]), ms, default_name="after", gain=0.01)
-            rec["xt"] = {"sums": xsums, "pick": xbest}
         self.meta["recommend"] = rec
         log(f"recommend: {rec}")
-        if self.args.recommend_env and (rec.get("env") or rec.get("xt", {}).get("pick")):
+        if self.args.recommend_env and rec.get("env"):
             with open(self.args.recommend_env, "a") as f:
-                if rec.get("env"):
-                    f.write(f"export SUPERWEIGHT_SPARSE_TILES={shlex.quote(rec['env'])}\n")
-                if rec.get("xt", {}).get("pick"):
-                    f.write(f"export SUPERWEIGHT_SPARSE_XT={rec['xt']['pick']}\n")
+                f.write(f"export SUPERWEIGHT_SPARSE_TILES={shlex.quote(rec['env'])}\n")
 
 
 def kernel_table(avgs: list[tuple[str, float, int]], calls: int) -> dict[str, dict]:
@@ -521,8 +489,7 @@ def table(rows: list[dict], meta: dict) -> str:
     kinds = list(dict.fromkeys(r["kind"] for r in rows if r.get("us") is not None))
     by = {(r["kind"], r["m"]): r["us"] for r in rows if r.get("us") is not None}
     head = (
-        f"# SELL correction after {meta.get('gemm', 'marlin').capitalize()}, {meta.get('device')}: "
-        f"qkv {meta['shape'][0]}x{meta['shape'][1]}, "
+        f"# SELL correction after Marlin, {meta.get('device')}: qkv {meta['shape'][0]}x{meta['shape'][1]}, "
         f"{meta['nnz']} held-out terms ({meta['density'] * 100:.2f} %), us per layer\n\n"
     )
     lines = ["| variant | " + " | ".join(f"M = {m}" for m in ms) + " |", "|---|" + "---:|" * len(ms)]
@@ -557,19 +524,6 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--recommend-env", help="append SUPERWEIGHT_SPARSE_TILES=... if a variant won")
     ap.add_argument("--no-vllm", action="store_true", help="no Marlin GEMM before the correction")
-    ap.add_argument(
-        "--gemm",
-        default="marlin",
-        choices=("marlin", "humming"),
-        help="the W4 GEMM before the correction (vLLM's kernel class of that name; held-out layers on Hopper "
-        "serve 16-383 tokens on the one Humming copy)",
-    )
-    ap.add_argument(
-        "--xt-modes",
-        type=lambda s: [v for v in s.split(",") if v],
-        default=["before", "beside"],
-        help="also time SUPERWEIGHT_SPARSE_XT's schedules (comma list of before, beside; empty: none)",
-    )
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
     ap.add_argument(
         "--no-overlap",

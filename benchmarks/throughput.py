@@ -188,11 +188,6 @@ METHODS["sw-w4-g128-holdout-qkv-humgemv-ovl"] = _variant(
     "sw-w4-g128-holdout-qkv", SUPERWEIGHT_W4_KERNEL="humming-gemv", SUPERWEIGHT_SPARSE_OVERLAP="1"
 )
 METHODS["sw-w4-g128-holdout-qkv-ovl"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_SPARSE_OVERLAP="1")
-# session 44: the transposed SELL path's copy of x (16+ tokens of the held-out q/k/v: batch 64, saturated decode) off
-# the point between the GEMM and the SELL kernel -- before the GEMM (the SELL kernel its programmatic dependent) or
-# beside it on a side stream (SUPERWEIGHT_SPARSE_XT)
-for _mode in ("after", "before", "beside"):  # (after: the default, explicit against a recommend.env that sets one)
-    METHODS[f"sw-w4-g128-holdout-qkv-xt{_mode}"] = _variant("sw-w4-g128-holdout-qkv", SUPERWEIGHT_SPARSE_XT=_mode)
 # session 29: held-out layers' 2-8 token batches through our tensor-core GEMV over Humming's tensors
 # (SUPERWEIGHT_CUDA_GEMV=8; Humming + the SELL correction otherwise) -- the hold-out's batch-8 cost; the terms in its
 # epilogue up to session 32, since session 33 (fold=1, the default) the SELL kernel after it from 2 tokens (s31:

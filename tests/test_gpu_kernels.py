@@ -433,58 +433,6 @@ def test_kernel_classes_overlapped_correction(kernel, monkeypatch):
     _kernel_class_correction(kernel, torch.bfloat16)
 
 
-@pytest.mark.parametrize("mode", ["before", "beside"])
-@pytest.mark.parametrize("kernel", ["auto", "humming-gemv"])
-def test_kernel_classes_xt_modes(kernel, mode, monkeypatch):
-    """The same with SUPERWEIGHT_SPARSE_XT: the transposed path's copy of x written before the GEMM (the SELL
-    kernel its programmatic dependent) or beside it on the side stream (16 / 17 tokens take that path)."""
-    monkeypatch.setenv("SUPERWEIGHT_SPARSE_XT", mode)
-    _kernel_class_correction(kernel, torch.bfloat16)
-
-
-@pytest.mark.parametrize("mode", ["before", "beside"])
-@pytest.mark.parametrize("m", [16, 64, 95, 256])
-def test_xt_modes_equal_after_in_cuda_graph(m, mode):
-    """``SUPERWEIGHT_SPARSE_XT=before|beside`` (x transposed before the GEMM, the SELL kernel as its programmatic
-    dependent reading xt before its griddepcontrol.wait; or x transposed on the side stream beside the GEMM, joined
-    before the SELL kernel): bitwise the default's result (same kernels, same sums), eagerly and captured in a CUDA
-    graph replayed over new inputs -- a read of xt racing its writer, or a missing join, gives other sums."""
-    dev, n, k = "cuda", 12288, 4096
-    r, c, v = _holdout(n, k, 0.004, seed=13)
-    sp = K.prepare_sparse(r, c, v, n, k, dev, layout="sell", pack=torch.bfloat16)
-    w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    from vllm_superweight.kernels import triton_sparse as TS
-
-    assert TS.xt_shape(m, k, sp["ell_cols"], sp["hrows"], sp["ucols"], int(sp["nnz"].shape[0])) is not None
-
-    def run(xt_mode):
-        return K.gemm_then_correction(lambda: x @ w.T, x, sp, n, xt_mode=xt_mode)
-
-    s_ref = torch.zeros(n, k, dtype=torch.float64, device=dev)
-    s_ref[r.to(dev), c.to(dev)] = v.to(dev).double()
-    y_after, y_mode = run("after"), run(mode)
-    assert torch.equal(y_mode, y_after)
-    assert _rel(y_mode, (x @ w.T).double() + x.double() @ s_ref.T) < 8e-3
-    graphs, outs = {}, {}
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for name in ("after", mode):  # both captured: cuBLAS picks its algorithm under capture alike
-            run(name)  # warm-up outside the capture
-            graphs[name] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[name], stream=stream):
-                outs[name] = run(name)
-    torch.cuda.current_stream().wait_stream(stream)
-    for seed in (1, 2, 3, 4, 5):
-        x.copy_(torch.randn(m, k, device=dev, generator=torch.Generator(dev).manual_seed(seed)).to(torch.bfloat16))
-        graphs[mode].replay()
-        graphs["after"].replay()
-        torch.cuda.synchronize()
-        assert torch.equal(outs[mode], outs["after"]), (m, mode, seed)
-        assert _rel(outs[mode], (x @ w.T).double() + x.double() @ s_ref.T) < 8e-3
-
-
 # "marlin-deq1", not "auto": the test's config has no hold-out fraction, so "auto" picks the two-copy pair (s31 GPU run)
 @pytest.mark.parametrize("fold", ["8", "1"])
 @pytest.mark.parametrize("kernel", ["marlin-deq1", "humming-gemv"])

@@ -101,13 +101,6 @@ Only what users need is a knob:
                                     vs 45.9 us a 7B qkv layer at 64 tokens, +3.8% at batch 64 end to end: the
                                     GEMM leaves no SM free); an experiment, kept for other GPUs. ``0`` (default):
                                     after the GEMM, in place.
-``SUPERWEIGHT_SPARSE_XT``           Where the transposed path's copy of x (``xt``, 16 or more tokens) is written,
-                                    for the separate SELL correction after a W4 GEMM on CUDA: ``after`` (default:
-                                    between the GEMM and the SELL kernel), ``before`` (before the GEMM; the SELL
-                                    kernel then launched as the GEMM's programmatic dependent, Hopper+, its
-                                    gathers overlapping the GEMM's tail), ``beside`` (on a side stream while the
-                                    GEMM runs; the SELL kernel after both). Session 44's experiment on the batch-64
-                                    hold-out cost (the transpose: ~3 us a layer on the critical path, s39).
 ``SUPERWEIGHT_SPARSE_PANEL``        ``1`` (or ``mb=TOKENS,warps=W,per_sm=B,max_m=M,blocks=B``, any subset): the
                                     separate SELL correction on CUDA (packed slots, 16-bit x and y, up to ``max_m``
                                     tokens, default 96) through ``kernels.cuda_sell``: each block copies x's rows
@@ -179,8 +172,6 @@ W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
 _INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap", "bm", "tma", "ws")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 SPARSE_OVERLAP = "SUPERWEIGHT_SPARSE_OVERLAP"
-SPARSE_XT = "SUPERWEIGHT_SPARSE_XT"
-SPARSE_XT_MODES = ("after", "before", "beside")
 SPARSE_PANEL = "SUPERWEIGHT_SPARSE_PANEL"
 HUMMING_RANGES = "SUPERWEIGHT_HUMMING_RANGES"
 HUMMING_FAST_ELF = "SUPERWEIGHT_HUMMING_FAST_ELF"
@@ -237,14 +228,6 @@ def cpu_w4a8() -> bool:
 def sparse_overlap() -> bool:
     """Opt-in: the separate correction on a side CUDA stream beside the GEMM (``SUPERWEIGHT_SPARSE_OVERLAP``)."""
     return _flag(SPARSE_OVERLAP)
-
-
-def sparse_xt() -> str:
-    """Where the transposed SELL path writes its copy of x (``SUPERWEIGHT_SPARSE_XT``): after / before / beside."""
-    mode = os.environ.get(SPARSE_XT, "after").strip().lower() or "after"
-    if mode not in SPARSE_XT_MODES:
-        raise ValueError(f"{SPARSE_XT}={mode!r}: choose one of {', '.join(SPARSE_XT_MODES)}")
-    return mode
 
 
 def w8a8_azp() -> bool:

@@ -137,7 +137,6 @@ def gemm_then_correction(
     n: int,
     overlap: bool | None = None,
     pdl: bool = False,
-    xt_mode: str | None = None,
 ) -> torch.Tensor:
     """``gemm() + S x^T``, where ``gemm()`` returns y [M, n] for these x [M, K]. Default: ``sparse_correction`` on y
     after the GEMM. ``overlap`` (default: ``SUPERWEIGHT_SPARSE_OVERLAP``), on CUDA with the SELL layout: S x^T into
@@ -148,22 +147,11 @@ def gemm_then_correction(
     may still use is handed to the side stream (the side stream's own scratch comes from its own pool); after the
     add it returns to the current stream, whose later work waits for the side stream's (the join). ``pdl`` (without
     ``overlap``): the correction launched as a programmatic dependent of the GEMM (``sparse_correction``), for a
-    GEMM that lets dependents launch early (the CUDA GEMV's ``trig`` plans).
-
-    Neither: ``SUPERWEIGHT_SPARSE_XT`` (``xt_mode``) moves the transposed path's copy of x (16 or more tokens) off
-    the point between the GEMM and the SELL kernel -- ``before`` the GEMM (the SELL kernel then the GEMM's
-    programmatic dependent: its gathers of the finished ``xt`` may run before the GEMM completes; it waits before
-    touching y) or ``beside`` it on the side stream (fork before the GEMM, join before the SELL kernel; ``xt`` is
-    allocated on the current stream before the fork and used there after the join). The GEMM must be a plain
-    launch (not a programmatic dependent itself), which every caller's GEMM at 16+ tokens is."""
+    GEMM that lets dependents launch early (the CUDA GEMV's ``trig`` plans)."""
     if overlap is None:
         overlap = envs.sparse_overlap()
     m = x.shape[0]
     if not (overlap and x.is_cuda and "rows" not in sp and _ops.TRITON_OK and m > 0):
-        if not pdl and x.is_cuda and "rows" not in sp and _ops.TRITON_OK and m > 0:
-            y = _gemm_then_sell_xt(gemm, x, sp, envs.sparse_xt() if xt_mode is None else xt_mode)
-            if y is not None:
-                return y
         return sparse_correction(gemm(), x, sp, pdl=pdl)
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
@@ -178,39 +166,6 @@ def gemm_then_correction(
         join.record(side)
     main.wait_event(join)
     return y.add_(c)
-
-
-def _gemm_then_sell_xt(
-    gemm: Callable[[], torch.Tensor], x: torch.Tensor, sp: dict[str, torch.Tensor], mode: str
-) -> torch.Tensor | None:
-    """``gemm() + S x^T`` with the transposed x written ``before`` or ``beside`` the GEMM (see
-    ``gemm_then_correction``); None (nothing launched) for ``after`` or where the plan takes the direct path."""
-    if mode == "after" or envs.sparse_panel() is not None:  # (the opt-in panel kernel reads x itself)
-        return None
-    ts = _ops.triton_sparse
-    nnz = int(sp["nnz"].shape[0])
-    shape = ts.xt_shape(x.shape[0], x.shape[1], sp["ell_cols"], sp["hrows"], sp["ucols"], nnz)
-    if shape is None:
-        return None
-    xt = torch.empty(shape, dtype=x.dtype, device=x.device)
-    parts: dict[str, Any] = {k: sp[k] for k in _SELL_KEYS}
-    if mode == "before":
-        ts.transpose_into(x, sp["ucols"], xt)
-        y = gemm()
-        ts.sparse_correction_(y, x, **parts, nnz=nnz, pdl=True, xt=xt)
-        return y
-    main = torch.cuda.current_stream(x.device)
-    side = _side_stream(x.device)
-    fork, join = torch.cuda.Event(), torch.cuda.Event()
-    fork.record(main)
-    y = gemm()
-    with torch.cuda.stream(side):
-        side.wait_event(fork)
-        ts.transpose_into(x, sp["ucols"], xt)
-        join.record(side)
-    main.wait_event(join)
-    ts.sparse_correction_(y, x, **parts, nnz=nnz, xt=xt)
-    return y
 
 
 def int8_quant_outlier_split(

@@ -281,56 +281,14 @@ def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def pdl_allowed(pdl: bool, transposed: bool, y: torch.Tensor, xt_ready: bool = False) -> bool:
-    """Whether the main kernel may be launched with PDL. Not on the transposed path when this call writes ``xt``:
-    the kernel right before it in the stream is then the gather-transpose, and the main kernel reads its x operand
+def pdl_allowed(pdl: bool, transposed: bool, y: torch.Tensor) -> bool:
+    """Whether the main kernel may be launched with PDL. Never on the transposed path: there the kernel right
+    before it in the stream is the gather-transpose that writes ``xt``, and the main kernel reads its x operand
     before ``griddepcontrol.wait`` - a read of ``xt`` racing its writer (the H200 GPU test
-    ``test_pdl_after_gemm_in_cuda_graph`` saw different sums at M = 64). ``xt_ready``: the caller wrote ``xt``
-    before the GEMM this kernel follows (``transpose_into``), so it is complete before that GEMM starts."""
-    if not pdl or (transposed and not xt_ready) or interpreting() or _gdc_wait is None or not y.is_cuda:
+    ``test_pdl_after_gemm_in_cuda_graph`` saw different sums at M = 64)."""
+    if not pdl or transposed or interpreting() or _gdc_wait is None or not y.is_cuda:
         return False
     return _major(y.device.index if y.device.index is not None else 0) >= 9
-
-
-def xt_shape(
-    m: int,
-    k: int,
-    ell_cols: torch.Tensor,
-    hrows: torch.Tensor,
-    ucols: torch.Tensor,
-    nnz: int,
-    tiles: SparseTiles | None = None,
-) -> tuple[int, int] | None:
-    """The shape of the transposed x (``xt``) that ``sparse_correction_`` reads for M = ``m`` tokens, or None where
-    it takes the direct path (host ints only). For callers that write ``xt`` themselves (``transpose_into``) at
-    another point of the stream than right before the SELL kernel (``SUPERWEIGHT_SPARSE_XT``)."""
-    if tiles is None:
-        tiles = env_tiles(m)
-    s, depth, lanes = ell_cols.shape
-    h = hrows.shape[0]
-    if m == 0 or s + h == 0:
-        return None
-    p = plan(m, k, {"ell_cols": (s, depth, lanes), "hrows": (h,), "ucols": (ucols.shape[0],)}, nnz, tiles)
-    if not p["transposed"] or p["grid"][0] == 0:
-        return None
-    return k, _xt_cols(m, p)
-
-
-def _xt_cols(m: int, p: dict) -> int:
-    """xt's row length: the unrolled form pads it to whole M blocks (the padding is never written; the rows it feeds
-    are never stored), so the gathers need no token mask and load 16-byte vectors."""
-    return triton.cdiv(m, p["BM"]) * p["BM"] if p["unroll"] else m
-
-
-def transpose_into(x: torch.Tensor, ucols: torch.Tensor, xt: torch.Tensor) -> None:
-    """``xt[c, :m] = x[:, c]`` for the distinct columns ``ucols`` (one launch; the rest of xt stays unwritten)."""
-    m = x.shape[0]
-    u = ucols.numel()
-    if m == 0 or u == 0:
-        return
-    _gather_transpose_kernel[(triton.cdiv(u, 64), triton.cdiv(m, 64))](
-        x, ucols, xt, m, u, x.stride(0), x.stride(1), xt.shape[1], BU=64, BMT=64, num_warps=4
-    )
 
 
 def sparse_correction_(
@@ -348,13 +306,10 @@ def sparse_correction_(
     force_path: str | None = None,
     pdl: bool = False,
     tiles: SparseTiles | None = None,
-    xt: torch.Tensor | None = None,
 ) -> None:
     """In-place ``y += S x^T`` (y [M, N] with unit column stride, x [M, K]). ``nnz`` = number of entries
     (default: the padded slot count, an over-estimate). ``tiles``: default ``DEFAULT_TILES`` with the overrides
-    ``SUPERWEIGHT_SPARSE_TILES`` gives M tokens. ``xt``: on the transposed path, x transposed already
-    (``xt_shape``, ``transpose_into``; written before the GEMM this call follows, so PDL stays allowed there);
-    ignored on the direct path."""
+    ``SUPERWEIGHT_SPARSE_TILES`` gives M tokens."""
     m, k = x.shape
     if tiles is None:
         tiles = env_tiles(m)
@@ -372,8 +327,7 @@ def sparse_correction_(
     if p["grid"][0] == 0:
         return
     assert y.stride(1) == 1, "y must have unit column stride"
-    ready = xt is not None and p["transposed"]
-    use_pdl = pdl_allowed(pdl, p["transposed"], y, xt_ready=ready)
+    use_pdl = pdl_allowed(pdl, p["transposed"], y)
     # packed slots (one int32: value bits << 16 | column): ell_vals / hvals are empty markers of the value dtype
     pk = marker_dtype(ell_vals)
     pack = 0 if pk is None else PACK_DTYPES.index(pk) + 1  # the kernel's PACK: 1 bf16, 2 fp16
@@ -387,12 +341,12 @@ def sparse_correction_(
         # unrolled form: xt's rows padded to whole M blocks (the padding is never written; the rows it feeds are
         # never stored), so the gathers need no token mask and load 16-byte vectors
         even_m = bool(p["unroll"])
-        mp = _xt_cols(m, p)
-        if xt is None:
-            xt = torch.empty((k, mp), dtype=x.dtype, device=x.device)
-            transpose_into(x, ucols, xt)
-        elif tuple(xt.shape) != (k, mp) or xt.stride(1) != 1:
-            raise ValueError(f"xt {tuple(xt.shape)} (strides {xt.stride()}): this plan reads a contiguous ({k}, {mp})")
+        mp = triton.cdiv(m, p["BM"]) * p["BM"] if even_m else m
+        xt = torch.empty((k, mp), dtype=x.dtype, device=x.device)
+        u = ucols.numel()
+        _gather_transpose_kernel[(triton.cdiv(u, 64), triton.cdiv(m, 64))](
+            x, ucols, xt, m, u, x.stride(0), x.stride(1), mp, BU=64, BMT=64, num_warps=4
+        )
         xs, sxm, sxk = xt, 1, mp
     else:
         xs, sxm, sxk = x, x.stride(0), x.stride(1)
