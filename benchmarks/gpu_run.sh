@@ -522,7 +522,8 @@ EOF2
     mkdir -p "$SW_BENCH_DIR"
     # SPARSE_MS: the token counts (default the bench's 64,32,16,8,48,4,2; s39's plan: 64,128,256,16,32 -- the
     # batch-64 and saturated hold-out cost is this kernel after Humming from 9 tokens)
-    timeout $((590 - SECONDS)) $PY -u benchmarks/sparse_bench.py --out "$OUT/sparse_bench.json" \
+    # SPARSE_ARGS: more sparse_bench.py options, e.g. "--gemm humming" (the GEMM held-out layers serve 16-383 tokens on)
+    timeout $((590 - SECONDS)) $PY -u benchmarks/sparse_bench.py --out "$OUT/sparse_bench.json" ${SPARSE_ARGS:-} \
       ${SPARSE_MS:+--ms "$SPARSE_MS"} --budget-s $(( 570 - SECONDS < ${SPARSE_BUDGET_S:-200} ? 570 - SECONDS : ${SPARSE_BUDGET_S:-200} )) --recommend-env "$SW_BENCH_DIR/recommend.env" --profile-ms "${SPARSE_PROFILE_MS:-8,64}" 2>&1 | grep -v "^$" | tail -25
     cp -f "$SW_BENCH_DIR/recommend.env" "$OUT/recommend.env" 2>/dev/null || echo "[$(ts)] sparse: no variant won"
     echo "[$(ts)] sparse done" ;;

@@ -180,6 +180,7 @@ class Bench:
             "torch": torch.__version__,
         }
         self.marlin = None
+        self.meta["gemm"] = args.gemm
         self.panels: dict = {}  # the shared-memory kernel's variants timed (set by run)
         if not self.dry and not args.no_vllm:
             try:
@@ -217,7 +218,7 @@ class Bench:
             lay = {"r": r, "c": c, "v": v, "marlin": None, "sell": {}}
             if self.marlin is not None:
                 w = self.marlin.random_w4(n, k, 128, False, self.dev, seed=li, holdout=(r, c))
-                lay["marlin"] = self.marlin.build_mp_layer(w, "marlin")
+                lay["marlin"] = self.marlin.build_mp_layer(w, self.args.gemm)
             variants = variants or self.layout_kwargs(r)  # from the first layer's rows, used for all
             for name, kw in variants.items():
                 lay["sell"][name] = K.prepare_sparse(r, c, v, n, k, self.dev, layout="sell", pack=torch.bfloat16, **kw)
@@ -489,7 +490,8 @@ def table(rows: list[dict], meta: dict) -> str:
     kinds = list(dict.fromkeys(r["kind"] for r in rows if r.get("us") is not None))
     by = {(r["kind"], r["m"]): r["us"] for r in rows if r.get("us") is not None}
     head = (
-        f"# SELL correction after Marlin, {meta.get('device')}: qkv {meta['shape'][0]}x{meta['shape'][1]}, "
+        f"# SELL correction after {meta.get('gemm', 'marlin').capitalize()}, {meta.get('device')}: "
+        f"qkv {meta['shape'][0]}x{meta['shape'][1]}, "
         f"{meta['nnz']} held-out terms ({meta['density'] * 100:.2f} %), us per layer\n\n"
     )
     lines = ["| variant | " + " | ".join(f"M = {m}" for m in ms) + " |", "|---|" + "---:|" * len(ms)]
@@ -524,6 +526,14 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--recommend-env", help="append SUPERWEIGHT_SPARSE_TILES=... if a variant won")
     ap.add_argument("--no-vllm", action="store_true", help="no Marlin GEMM before the correction")
+    ap.add_argument(
+        "--gemm",
+        default="marlin",
+        choices=("marlin", "humming"),
+        help="vLLM's W4 kernel class before the correction; held-out layers on Hopper serve 16-383 tokens on the one "
+        "Humming copy, whose blocks fill every SM (s44: a schedule that won after a GEMM leaving SMs free lost end to "
+        "end after Humming)",
+    )
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes through the Triton interpreter")
     ap.add_argument(
         "--no-overlap",

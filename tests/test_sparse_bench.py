@@ -107,3 +107,13 @@ def test_table_marks_the_panel_kernels_profile():
     ]
     md = sb.table(rows, meta)
     assert "| marlin+panel default | 20.0 |" in md and "* M = 8 (panel kernel): `sw_sell_panel` 3.0 (x1)" in md
+
+
+def test_table_names_the_gemm_before_the_correction():
+    """``--gemm humming`` (the kernel held-out layers serve 16-383 tokens on, on Hopper) is recorded in the meta and
+    named in the table's title; records without it (before session 44) read as Marlin."""
+    sb = _sb()
+    meta = {"device": "x", "shape": [8, 8], "nnz": 1, "density": 1 / 64}
+    rows = [{"m": 8, "kind": "marlin", "us": 20.0}]
+    assert sb.table(rows, meta).startswith("# SELL correction after Marlin, x:")
+    assert sb.table(rows, dict(meta, gemm="humming")).startswith("# SELL correction after Humming, x:")
