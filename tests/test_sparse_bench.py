@@ -110,8 +110,9 @@ def test_table_marks_the_panel_kernels_profile():
 
 
 def test_table_names_the_gemm_before_the_correction():
-    """``--gemm humming`` (the kernel held-out layers serve 16-383 tokens on, on Hopper) is recorded in the meta and
-    named in the table's title; records without it (before session 44) read as Marlin."""
+    """The GEMM before the correction (``meta["gemm"]``, from ``--gemm``; ``humming``: the kernel held-out layers
+    serve 16-383 tokens on, on Hopper) is named in the table's title; records without it (before session 44) read
+    as Marlin."""
     sb = _sb()
     meta = {"device": "x", "shape": [8, 8], "nnz": 1, "density": 1 / 64}
     rows = [{"m": 8, "kind": "marlin", "us": 20.0}]
