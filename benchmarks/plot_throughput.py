@@ -135,9 +135,13 @@ def read_records(path: str) -> list[dict]:
         return json.load(f)
 
 
-def load(path: str, recs: list[dict] | None = None):
-    """The records of ``path`` (or ``recs``, already read from it), the latest per (variant, config)."""
-    recs = read_records(path) if recs is None else recs
+def load(path: str) -> list[dict]:
+    """The records of ``path``, the latest per (variant, config)."""
+    return latest_records(read_records(path))
+
+
+def latest_records(recs: list[dict]) -> list[dict]:
+    """The latest record per (variant, config) of a records file's list."""
     latest: dict = OrderedDict()
     for r in recs:
         kind = r.get("kind") or ("latency" if r.get("latency_s") and r.get("batch", 0) <= 256 else "throughput")
@@ -389,7 +393,7 @@ def main() -> int:
     args = ap.parse_args()
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.json))
     raw = read_records(args.json)
-    recs = load(args.json, raw)
+    recs = latest_records(raw)
     if not recs:
         print("no records", file=sys.stderr)
         return 1

@@ -178,9 +178,9 @@ class Bench:
             "density": self.nnz / (self.n * self.k),
             "layers": args.layers,
             "torch": torch.__version__,
+            "gemm": args.gemm,
         }
         self.marlin = None
-        self.meta["gemm"] = args.gemm
         self.panels: dict = {}  # the shared-memory kernel's variants timed (set by run)
         if not self.dry and not args.no_vllm:
             try:

@@ -822,11 +822,11 @@ def measure(args) -> int:
             log(f"skip throughput {in_len}/{out_len}: exceeds max_model_len")
             continue
         n = args.num_prompts
-        load = round(os.getloadavg()[0], 2)  # the host's 1-minute load as the run starts (s43's order effect)
+        host_load = round(os.getloadavg()[0], 2)  # the host's 1-minute load as the run starts (s43's order effect)
         dt, dts = median_of(lambda: gen(prompts(n, in_len), out_len), args.throughput_repeats)
         rec = dict(
             base,
-            host_load_1m=load,
+            host_load_1m=host_load,
             kind="throughput",
             input_len=in_len,
             output_len=out_len,
@@ -845,7 +845,7 @@ def measure(args) -> int:
             f"[{args.variant}] throughput in {in_len} / out {out_len} x {n}: {rec['tokens_per_s']:.0f} tok/s "
             f"({rec['output_tokens_per_s']:.0f} out tok/s, {rec['requests_per_s']:.2f} req/s) in {dt:.1f}s"
             + (f" (median of {len(dts)}: {', '.join(f'{d:.2f}' for d in dts)} s)" if len(dts) > 1 else "")
-            + f"; host load {load}"
+            + f"; host load {host_load}"
         )
     return 0
 
