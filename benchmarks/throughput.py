@@ -408,6 +408,45 @@ def gpu_name() -> str:
     return "unknown"
 
 
+GPU_STATE_FIELDS = ("clocks.sm", "clocks.mem", "temperature.gpu", "power.draw", "clocks_throttle_reasons.active")
+
+
+def parse_gpu_state(text: str) -> dict:
+    """One ``nvidia-smi --query-gpu=<GPU_STATE_FIELDS> --format=csv,noheader,nounits`` line (first GPU) as
+    {"sm_mhz", "mem_mhz", "temp_c", "power_w", "throttle"}; {} when it does not parse."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return {}
+    parts = [p.strip() for p in lines[0].split(",")]
+    if len(parts) != len(GPU_STATE_FIELDS):
+        return {}
+    try:
+        return dict(
+            sm_mhz=int(float(parts[0])),
+            mem_mhz=int(float(parts[1])),
+            temp_c=int(float(parts[2])),
+            power_w=round(float(parts[3]), 1),
+            throttle=parts[4],
+        )
+    except ValueError:
+        return {}
+
+
+def gpu_state() -> dict:
+    """The GPU's clocks, temperature, power and active throttle reasons now (s43's order effect: is the second
+    engine of a call running on a hotter, slower-clocked GPU?); {} without nvidia-smi."""
+    try:
+        r = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(GPU_STATE_FIELDS)}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return parse_gpu_state(r.stdout)
+
+
 def append_records(path: str, recs: list[dict]) -> None:
     data = []
     if os.path.exists(path):
@@ -823,10 +862,13 @@ def measure(args) -> int:
             continue
         n = args.num_prompts
         host_load = round(os.getloadavg()[0], 2)  # the host's 1-minute load as the run starts (s43's order effect)
+        state_before = gpu_state()
         dt, dts = median_of(lambda: gen(prompts(n, in_len), out_len), args.throughput_repeats)
         rec = dict(
             base,
             host_load_1m=host_load,
+            gpu_state_before=state_before,
+            gpu_state_after=gpu_state(),
             kind="throughput",
             input_len=in_len,
             output_len=out_len,
@@ -845,7 +887,7 @@ def measure(args) -> int:
             f"[{args.variant}] throughput in {in_len} / out {out_len} x {n}: {rec['tokens_per_s']:.0f} tok/s "
             f"({rec['output_tokens_per_s']:.0f} out tok/s, {rec['requests_per_s']:.2f} req/s) in {dt:.1f}s"
             + (f" (median of {len(dts)}: {', '.join(f'{d:.2f}' for d in dts)} s)" if len(dts) > 1 else "")
-            + f"; host load {host_load}"
+            + f"; host load {host_load}; GPU before {state_before}, after {rec['gpu_state_after']}"
         )
     return 0
 

@@ -67,3 +67,16 @@ def test_throughput_median_of_repeats():
     assert tb.median_of(lambda: next(times), 3) == (4.3, [4.4, 4.2, 4.3])
     calls = []
     assert tb.median_of(lambda: calls.append(1) or 2.0, 0) == (2.0, [2.0]) and len(calls) == 1
+
+
+def test_throughput_parse_gpu_state():
+    """benchmarks/throughput.py's GPU sample around a saturated run: nvidia-smi's csv (no units) as typed fields,
+    the first GPU's line only; anything that does not parse gives {} (never a crash mid-lease)."""
+    tb = load("throughput")
+    line = "1980, 2619, 47, 312.55, 0x0000000000000000\n1755, 2619, 52, 500.00, 0x0000000000000004\n"
+    assert tb.parse_gpu_state(line) == dict(
+        sm_mhz=1980, mem_mhz=2619, temp_c=47, power_w=312.6, throttle="0x0000000000000000"
+    )
+    assert tb.parse_gpu_state("") == {}
+    assert tb.parse_gpu_state("[N/A], 2619, 47, 312.55, 0x0") == {}  # a field nvidia-smi could not read
+    assert tb.parse_gpu_state("1980, 2619, 47") == {}  # a field missing
