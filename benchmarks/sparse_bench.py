@@ -489,14 +489,17 @@ def table(rows: list[dict], meta: dict) -> str:
     ms = sorted({r["m"] for r in rows if r.get("us") is not None})
     kinds = list(dict.fromkeys(r["kind"] for r in rows if r.get("us") is not None))
     by = {(r["kind"], r["m"]): r["us"] for r in rows if r.get("us") is not None}
+    gemm = meta.get("gemm", "marlin")
     head = (
-        f"# SELL correction after {meta.get('gemm', 'marlin').capitalize()}, {meta.get('device')}: "
+        f"# SELL correction after {gemm.capitalize()}, {meta.get('device')}: "
         f"qkv {meta['shape'][0]}x{meta['shape'][1]}, "
         f"{meta['nnz']} held-out terms ({meta['density'] * 100:.2f} %), us per layer\n\n"
     )
     lines = ["| variant | " + " | ".join(f"M = {m}" for m in ms) + " |", "|---|" + "---:|" * len(ms)]
     for kind in kinds:
-        lines.append(f"| {kind} | " + " | ".join(f"{by[(kind, m)]:.1f}" if (kind, m) in by else "" for m in ms) + " |")
+        # the records keep the kind "marlin..." whatever ran first (one name across sessions); the table says which
+        label = gemm + kind[len("marlin") :] if kind.startswith("marlin") else kind
+        lines.append(f"| {label} | " + " | ".join(f"{by[(kind, m)]:.1f}" if (kind, m) in by else "" for m in ms) + " |")
     rec = meta.get("recommend")
     tail = f"\n\nrecommend: {json.dumps(rec)}\n" if rec else "\n"
     prof = [r for r in rows if r.get("kind") in ("profile", "profile panel") and r.get("kernels")]

@@ -111,10 +111,16 @@ def test_table_marks_the_panel_kernels_profile():
 
 def test_table_names_the_gemm_before_the_correction():
     """The GEMM before the correction (``meta["gemm"]``, from ``--gemm``; ``humming``: the kernel held-out layers
-    serve 16-383 tokens on, on Hopper) is named in the table's title; records without it (before session 44) read
-    as Marlin."""
+    serve 16-383 tokens on, on Hopper) is named in the table's title and in its rows (the records' kinds stay
+    ``marlin...``); records without it (before session 44) read as Marlin."""
     sb = _sb()
     meta = {"device": "x", "shape": [8, 8], "nnz": 1, "density": 1 / 64}
-    rows = [{"m": 8, "kind": "marlin", "us": 20.0}]
-    assert sb.table(rows, meta).startswith("# SELL correction after Marlin, x:")
-    assert sb.table(rows, dict(meta, gemm="humming")).startswith("# SELL correction after Humming, x:")
+    rows = [{"m": 8, "kind": "marlin", "us": 20.0}, {"m": 8, "kind": "marlin+sell L/default", "us": 30.0}]
+    rows += [{"m": 8, "kind": "sell alone L/default", "us": 10.0}]
+    md = sb.table(rows, meta)
+    assert md.startswith("# SELL correction after Marlin, x:")
+    assert "| marlin | 20.0 |" in md and "| marlin+sell L/default | 30.0 |" in md
+    md = sb.table(rows, dict(meta, gemm="humming"))
+    assert md.startswith("# SELL correction after Humming, x:")
+    assert "| humming | 20.0 |" in md and "| humming+sell L/default | 30.0 |" in md and "marlin" not in md
+    assert "| sell alone L/default | 10.0 |" in md
