@@ -167,6 +167,7 @@ def parse_config(text: str) -> dict:
         "only": None,
         "layers": None,  # "A-B": the hold-out only in decoder layers A..B (with or without only=)
         "lspend": None,  # with layers=: "density" keeps the full placement's per-matrix density (less in total)
+        "struct": None,  # "colsR[max|l2]": slice-column hold-out (whole columns of R-row slices; see slice_columns)
     }
     if text in ("float",):
         return {"float": True}
@@ -196,6 +197,39 @@ def in_layers(name: str, span: str | None) -> bool:
     m = re.search(r"\.layers\.(\d+)\.", name)
     lo, hi = (int(v) for v in span.split("-"))
     return m is not None and lo <= int(m.group(1)) <= hi
+
+
+def slice_columns(w: torch.Tensor, count: int, rows: int, score: str, extra=()) -> torch.Tensor:
+    """A structured hold-out (experiment, s45): the same ``count`` of weights as whole columns of ``rows``-row
+    slices, so a kernel gathers each chosen x column once per slice instead of once per term. The (slice, column)
+    pairs are ranked by the slice's largest |w| in that column (``max``) or the column's sum of squares over the
+    slice (``l2``); the top ``round(count / rows)`` pairs are held out, every row of the slice in that column, plus
+    the ``extra`` coordinates (the super weights) as single entries."""
+    n, k = w.shape
+    if n % rows:
+        raise SystemExit(f"slice_columns: {n} rows are not a multiple of {rows}")
+    a = w.abs().float().reshape(n // rows, rows, k)
+    sc = a.amax(1) if score == "max" else a.pow(2).sum(1)  # [slices, k]
+    pairs = min(sc.numel(), max(0, round(count / rows)))
+    mask = torch.zeros(n // rows, rows, k, dtype=torch.bool)
+    if pairs:
+        top = torch.topk(sc.reshape(-1), pairs).indices
+        sl, col = top // k, top % k
+        mask[sl, :, col] = True
+    mask = mask.reshape(n, k)
+    for r, c in extra:
+        mask[r, c] = True
+    return mask
+
+
+def parse_struct(text: str) -> tuple[int, str]:
+    """``colsR`` / ``colsRmax`` / ``colsRl2`` -> (R, score); default score ``max``."""
+    import re
+
+    m = re.fullmatch(r"cols(\d+)(max|l2)?", text)
+    if not m:
+        raise SystemExit(f"struct={text!r}: expected colsR, colsRmax or colsRl2")
+    return int(m.group(1)), m.group(2) or "max"
 
 
 def config_key(cfg: dict) -> str:
@@ -275,7 +309,13 @@ def quantize_model(model: str, m, cfg: dict, log=print) -> dict:
     for n, mod in lins.items():
         w = weights[n]
         cs = act[n] if cfg["sel"] == "act" else None
-        if counts is not None:
+        if cfg.get("struct") and cfg["holdout"] > 0:
+            if cs is not None:
+                raise SystemExit("struct= ranks by |w| only (sel=abs)")
+            cnt = counts[n] if counts is not None else math.ceil(cfg["holdout"] * w.numel())
+            r_, sc_ = parse_struct(cfg["struct"])
+            mask = slice_columns(w, cnt, r_, sc_, extras[n]) if cnt else select_holdout(w, 0.0, extras[n], count=0)
+        elif counts is not None:
             mask = select_holdout(w, 0.0, extras[n], count=counts[n], col_scale=cs)
         else:
             mask = select_holdout(w, cfg["holdout"], extras[n], col_scale=cs)
@@ -527,6 +567,9 @@ def describe(cfg: dict) -> str:
             h += ", ranked by abs(w) x prompt RMS"
         if cfg.get("only"):
             h += f", all in {cfg['only'].replace('+', ' + ')}"
+        if cfg.get("struct"):
+            r_, sc_ = parse_struct(cfg["struct"])
+            h += f", as whole columns of {r_}-row slices (ranked by the slice's {sc_} abs(w))"
         if cfg.get("layers"):
             h += f", layers {cfg['layers']} only"
             if cfg.get("lspend") == "density":
