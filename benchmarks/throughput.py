@@ -20,7 +20,9 @@ converted checkpoints are deleted after their measurement (``--keep`` keeps them
 
 Record: {"method", "bits", "block", "input_len", "output_len", "batch", "tokens_per_s", "output_tokens_per_s",
 "latency_s", "holdout", "gpu", "vllm"} plus "variant", "kind" (throughput|latency), "num_prompts",
-"requests_per_s", "activations", "engine_start_s", "time".
+"requests_per_s", "activations", "engine_start_s", "time"; saturated records also "host_load_1m" (the host's load as
+the first repeat starts) and "gpu_state_before" / "gpu_state_after" (``gpu_state()`` before the first repeat and after
+the last).
 """
 
 from __future__ import annotations
