@@ -8,6 +8,9 @@ engine by 0.6 %. The same decode step, profiled inside both engines, says which 
 
     python benchmarks/engine_profile.py throughput.json [--out profile.md]   # the table of a run's profile records
 
+Since s45 a record also carries ``cpu_ops``: the host-side operators of the same window (ours, vLLM's, the torch
+matmuls our wrappers call) by inclusive time a step -- whether an engine's eager steps are bound by its dispatch.
+
 Families are matched on the kernel's name (first match wins); every kernel of the profiled window counts, the prompt's
 prefill included (the same prompts in every engine compared), divided by the tokens generated per sequence.
 """
@@ -55,16 +58,44 @@ def trace_files(directory: str, since: float) -> list[str]:
     return sorted(found, key=os.path.getmtime)
 
 
-def load_kernels(path: str) -> list[dict]:
-    """The GPU kernel events (``cat`` kernel, complete events) of one Chrome trace, as {name, ts, dur} in us."""
+def load_events(path: str, cats: tuple[str, ...] = ("kernel",)) -> dict[str, list[dict]]:
+    """The complete events of each category in ``cats`` (``kernel``: GPU kernels; ``cpu_op``: host-side torch
+    operators, nested ones included) of one Chrome trace, read once, as {cat: [{name, ts, dur} in us]}."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    out: dict[str, list[dict]] = {c: [] for c in cats}
+    for e in events:
+        c = e.get("cat")
+        if c in out and e.get("ph") == "X" and "ts" in e:
+            out[c].append({"name": e.get("name", "?"), "ts": float(e["ts"]), "dur": float(e.get("dur", 0.0))})
+    return out
+
+
+def load_kernels(path: str) -> list[dict]:
+    """The GPU kernel events (``cat`` kernel, complete events) of one Chrome trace, as {name, ts, dur} in us."""
+    return load_events(path)["kernel"]
+
+
+# host operators worth comparing between engines (s45: is our eager path's dispatch what the saturated W8A8 runs
+# lose?): our ops, vLLM's compiled ops, and the torch ops our Python wrappers call
+CPU_OP_KEYS: tuple[str, ...] = ("superweight::", "_c::", "vllm::", "aten::addmm", "aten::mm")
+
+
+def cpu_summary(ops: list[dict], steps: int, top: int = 12) -> list[dict]:
+    """The ``top`` host operators matching ``CPU_OP_KEYS`` by inclusive time (an op's time includes the ops it
+    calls), per decode step: [{name, us_per_step, per_step}], largest first; [] when the trace holds none."""
+    steps = max(1, steps)
+    acc: dict[str, list[float]] = {}
+    for o in ops:
+        if any(k in o["name"].lower() for k in CPU_OP_KEYS):
+            a = acc.setdefault(o["name"], [0.0, 0.0])
+            a[0] += o["dur"]
+            a[1] += 1
+    ranked = sorted(acc.items(), key=lambda kv: -kv[1][0])[:top]
     return [
-        {"name": e.get("name", "?"), "ts": float(e["ts"]), "dur": float(e.get("dur", 0.0))}
-        for e in events
-        if e.get("cat") == "kernel" and e.get("ph") == "X" and "ts" in e
+        {"name": n[:120], "us_per_step": round(t / steps, 2), "per_step": round(c / steps, 2)} for n, (t, c) in ranked
     ]
 
 
@@ -116,6 +147,11 @@ def profile_table(records: list[dict]) -> str:
         lines.append(f"| {f} | " + " | ".join(f"{r['family_us_per_step'].get(f, 0.0):.1f}" for r in recs) + " |")
     lines.append("| **busy (all kernels)** | " + " | ".join(f"**{r['busy_us_per_step']:.1f}**" for r in recs) + " |")
     lines.append("| span (busy + idle gaps) | " + " | ".join(f"{r['span_us_per_step']:.1f}" for r in recs) + " |")
+    # host operators (records since s45): the union of each record's six largest, inclusive us a step
+    names = list(dict.fromkeys(o["name"] for r in recs for o in r.get("cpu_ops", [])[:6]))
+    for n in names:
+        vals = [{o["name"]: o["us_per_step"] for o in r.get("cpu_ops", [])}.get(n) for r in recs]
+        lines.append(f"| host op `{n}` | " + " | ".join("" if v is None else f"{v:.1f}" for v in vals) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -849,7 +849,9 @@ def measure(args) -> int:
                 log(f"[{args.variant}] profile batch {b}: no trace written in {prof_dir}")
                 continue
             try:
-                summary = engine_profile.summarize(engine_profile.load_kernels(files[-1]), out_len)
+                ev = engine_profile.load_events(files[-1], ("kernel", "cpu_op"))
+                summary = engine_profile.summarize(ev["kernel"], out_len)
+                summary["cpu_ops"] = engine_profile.cpu_summary(ev["cpu_op"], out_len)
             except (ValueError, KeyError, OSError) as e:  # e.g. the CPU build: CPU activity only
                 log(f"[{args.variant}] profile batch {b}: {files[-1]}: {type(e).__name__}: {e}")
                 continue
@@ -858,6 +860,8 @@ def measure(args) -> int:
             append_records(args.out, [rec])
             fams = ", ".join(f"{f} {v:.0f}" for f, v in list(summary["family_us_per_step"].items())[:6])
             log(f"[{args.variant}] profile batch {b}: {summary['busy_us_per_step']:.0f} us a step busy ({fams})")
+            ops = ", ".join(f"{o['name']} {o['us_per_step']:.0f}" for o in summary["cpu_ops"][:6])
+            log(f"[{args.variant}] profile batch {b}: host ops, us a step: {ops or 'none in the trace'}")
     for in_len, out_len in parse_pairs(args.throughput_lens):
         if in_len + out_len > args.max_model_len:
             log(f"skip throughput {in_len}/{out_len}: exceeds max_model_len")

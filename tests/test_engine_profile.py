@@ -100,3 +100,37 @@ def _write(tmp_path, kernels=KERNELS):
     path = tmp_path / f"t{len(kernels)}.pt.trace.json.gz"
     _trace(path, kernels)
     return str(path)
+
+
+def test_cpu_ops_summed_per_step(tmp_path):
+    """Host-side operators (``cpu_op`` events) matching ``CPU_OP_KEYS``, inclusive time per step, largest first;
+    other categories and unmatched operators are left out."""
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "superweight::w8a8_mm", "ts": 0.0, "dur": 40.0},
+        {"ph": "X", "cat": "cpu_op", "name": "superweight::int8_quant_outlier_split_azp", "ts": 2.0, "dur": 12.0},
+        {"ph": "X", "cat": "cpu_op", "name": "_C::cutlass_scaled_mm_azp", "ts": 20.0, "dur": 8.0},
+        {"ph": "X", "cat": "cpu_op", "name": "superweight::w8a8_mm", "ts": 100.0, "dur": 36.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::empty", "ts": 3.0, "dur": 1.0},
+        {"ph": "X", "cat": "kernel", "name": "superweight_not_a_cpu_op", "ts": 3.0, "dur": 100.0},
+    ]
+    path = tmp_path / "h.pt.trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    ev = EP.load_events(str(path), ("kernel", "cpu_op"))
+    ops = ev["cpu_op"]
+    assert len(ops) == 5 and [k["name"] for k in ev["kernel"]] == ["superweight_not_a_cpu_op"]
+    s = EP.cpu_summary(ops, steps=2)
+    assert s[0] == {"name": "superweight::w8a8_mm", "us_per_step": 38.0, "per_step": 1.0}
+    assert [o["name"] for o in s] == [
+        "superweight::w8a8_mm",
+        "superweight::int8_quant_outlier_split_azp",
+        "_C::cutlass_scaled_mm_azp",
+    ]
+    assert EP.cpu_summary([], steps=2) == []
+    rec = dict(kind="profile", variant="w8", batch=8, **EP.summarize(ev["kernel"], 2), cpu_ops=s)
+    old = dict(kind="profile", variant="sq", batch=8, **EP.summarize(ev["kernel"], 2))  # before s45: no cpu_ops
+    md = EP.profile_table([rec, old]).splitlines()
+    assert (
+        "| host op `superweight::w8a8_mm` | 38.0 |  |" in md
+        and "| host op `_C::cutlass_scaled_mm_azp` | 4.0 |  |" in md
+    )
+    assert [k["name"] for k in EP.load_kernels(str(path))] == ["superweight_not_a_cpu_op"]
