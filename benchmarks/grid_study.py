@@ -45,7 +45,13 @@ from vllm_superweight import eval as sw_eval  # noqa: E402
 from vllm_superweight import grid as sw_grid  # noqa: E402
 from vllm_superweight.convert import quantized_module  # noqa: E402
 from vllm_superweight.format import DEFAULT_IGNORE, BlockLayout  # noqa: E402
-from vllm_superweight.quantize import dequantize, quantize_weight, select_holdout, to_tensors  # noqa: E402
+from vllm_superweight.quantize import (  # noqa: E402
+    dequantize,
+    holdout_count,
+    quantize_weight,
+    select_holdout,
+    to_tensors,
+)
 
 CACHE = os.path.join(ROOT, "runs", "grid_study")
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "grid_study.json")
@@ -312,7 +318,7 @@ def quantize_model(model: str, m, cfg: dict, log=print) -> dict:
         if cfg.get("struct") and cfg["holdout"] > 0:
             if cs is not None:
                 raise SystemExit("struct= ranks by |w| only (sel=abs)")
-            cnt = counts[n] if counts is not None else math.ceil(cfg["holdout"] * w.numel())
+            cnt = counts[n] if counts is not None else holdout_count(cfg["holdout"], w.numel())
             r_, sc_ = parse_struct(cfg["struct"])
             mask = slice_columns(w, cnt, r_, sc_, extras[n]) if cnt else select_holdout(w, 0.0, extras[n], count=0)
         elif counts is not None:

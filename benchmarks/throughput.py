@@ -397,16 +397,23 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def gpu_name() -> str:
+def smi_query(fields: str, units: bool = True) -> str:
+    """``nvidia-smi --query-gpu=FIELDS --format=csv,noheader[,nounits]``'s output, one line a GPU; "" without
+    nvidia-smi or when it fails (the callers' fallbacks)."""
+    fmt = "csv,noheader" + ("" if units else ",nounits")
     try:
         r = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            ["nvidia-smi", f"--query-gpu={fields}", f"--format={fmt}"], capture_output=True, text=True, timeout=30
         )
-        names = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
-        if names:
-            return names[0] + (f" x{len(names)}" if len(names) > 1 else "")
-    except Exception:  # noqa: BLE001
-        pass
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return r.stdout
+
+
+def gpu_name() -> str:
+    names = [ln.strip() for ln in smi_query("name").splitlines() if ln.strip()]
+    if names:
+        return names[0] + (f" x{len(names)}" if len(names) > 1 else "")
     return "unknown"
 
 
@@ -437,16 +444,7 @@ def parse_gpu_state(text: str) -> dict:
 def gpu_state() -> dict:
     """The GPU's clocks, temperature, power and active throttle reasons now (s43's order effect: is the second
     engine of a call running on a hotter, slower-clocked GPU?); {} without nvidia-smi."""
-    try:
-        r = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={','.join(GPU_STATE_FIELDS)}", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return parse_gpu_state(r.stdout)
+    return parse_gpu_state(smi_query(",".join(GPU_STATE_FIELDS), units=False))
 
 
 def append_records(path: str, recs: list[dict]) -> None:
@@ -529,11 +527,8 @@ def wait_gpu_free(limit_mib: int = 3000, timeout: float = 30.0) -> None:
         return
     t = time.time()
     while time.time() - t < timeout:
-        r = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True
-        )
         try:
-            if max(int(v) for v in r.stdout.split()) < limit_mib:
+            if max(int(v) for v in smi_query("memory.used", units=False).split()) < limit_mib:
                 return
         except ValueError:
             return

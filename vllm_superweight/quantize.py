@@ -151,6 +151,12 @@ def _deq(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tens
     return (q - z[..., None]) * s[..., None]
 
 
+def holdout_count(fraction: float, numel: int) -> int:
+    """The per-matrix hold-out budget of ``select_holdout``: ``ceil(fraction * numel)``, at least one weight where
+    ``fraction`` > 0."""
+    return max(1, int(math.ceil(fraction * numel))) if fraction > 0 else 0
+
+
 def select_holdout(
     w: torch.Tensor,
     fraction: float,
@@ -165,7 +171,7 @@ def select_holdout(
     """
     n, k = w.shape
     mask = torch.zeros(n, k, dtype=torch.bool, device=w.device)
-    cnt = int(count) if count is not None else (max(1, int(math.ceil(fraction * n * k))) if fraction > 0 else 0)
+    cnt = int(count) if count is not None else holdout_count(fraction, n * k)
     cnt = min(cnt, n * k)
     if cnt > 0:
         a = w.abs().float()
