@@ -113,7 +113,7 @@ setup() {
   # shellcheck disable=SC1091
   source .gpu-bundle/install.sh || { echo "bundle install failed"; exit 2; }
   if ! $PY -c "import vllm" 2>/dev/null; then
-    echo "vLLM does not import: stash the three bundle parts first (../shared/gpu/README.md)"; exit 2
+    echo "vLLM does not import: stash all bundle parts first (../shared/gpu/README.md)"; exit 2
   fi
   if ! $PY - <<'EOF' 2>/dev/null
 import sys
@@ -750,6 +750,12 @@ EOF2
     echo "[$(ts)] throughput rc=$?"
     [ -n "$DMON_PID" ] && kill "$DMON_PID" 2>/dev/null
     cp -f "$OUT/throughput.json" "$OUT/throughput.partial.json" 2>/dev/null || true ;;
+  normxt)
+    # session 46: can the compiled input RMSNorm write the transposed x the SELL correction reads (norm_xt_bench.py;
+    # Inductor's generated code beside the JSON)?
+    setup
+    timeout "${NX_TIMEOUT:-240}" $PY benchmarks/norm_xt_bench.py --out "$OUT/norm_xt.json" --code-dir "$OUT/norm_xt_code" "$@"
+    echo "[$(ts)] norm_xt_bench rc=$?" ;;
   pair)
     # two independent single-GPU jobs side by side (one per GPU of a 2-GPU machine), after one shared setup
     setup
