@@ -200,6 +200,62 @@ def engines_table(raw: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_dmon(path: str, day_of: float) -> list[tuple[float, float, float]]:
+    """``nvidia-smi dmon -s pc -o T`` lines (gpu_run.sh's SW_DMON log) as (epoch s, power W, SM clock MHz). dmon
+    prints the time of day only: the date is the UTC day of ``day_of`` (an epoch second of the same lease; the GPU
+    machine runs in UTC), a day added where the clock wraps past midnight."""
+    import datetime as dt
+
+    base = dt.datetime.fromtimestamp(day_of, dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    rows: list[tuple[float, float, float]] = []
+    prev, extra = -1.0, 0.0
+    with open(path) as f:
+        for ln in f:
+            parts = ln.split()
+            if ln.startswith("#") or len(parts) < 7 or parts[2] == "-" or parts[6] == "-":
+                continue
+            h, m, sec = (int(v) for v in parts[0].split(":"))
+            t = h * 3600 + m * 60 + sec
+            if t < prev:
+                extra += 86400.0
+            prev = t
+            rows.append((base.timestamp() + extra + t, float(parts[2]), float(parts[6])))
+    return rows
+
+
+def power_table(raw: list[dict], dmon: dict) -> str:
+    """Markdown: every latency repeat of each engine with the GPU's mean power over it and the lowest SM clock
+    (``dmon``: lease call -> rows of ``read_dmon``, or None -> rows for records without ``lease_call``). A repeat
+    that draws less power at the same clocks left the GPU idle longer (host-side time), where a throttled one runs
+    at lower clocks. "" without matching records."""
+    lines = []
+    for r in raw:
+        rows = dmon.get(r.get("lease_call"))
+        starts = r.get("latency_starts") or []
+        if rows is None or r.get("kind") != "latency" or not starts:
+            continue
+        cells, clocks = [], []
+        for start, dur in zip(starts, r.get("latencies") or []):
+            w = [(p, c) for t, p, c in rows if start - 0.5 < t <= start + dur]  # 1 s samples: 1-2 a repeat
+            if w:
+                cells.append(f"{dur:.3f} ({sum(p for p, _ in w) / len(w):.0f})")
+                clocks.append(min(c for _, c in w))
+            else:
+                cells.append(f"{dur:.3f} (–)")
+        lo = f"{min(clocks):.0f}" if clocks else "–"
+        call = r.get("lease_call", "–")
+        lines.append(f"| {label(variant_of(r))} | {call} | {r['batch']} | {' · '.join(cells)} | {lo} |")
+    if not lines:
+        return ""
+    head = [
+        "## GPU power and clock during each latency repeat (nvidia-smi dmon, 1 s samples)",
+        "",
+        "| method | call | batch | repeats: s (mean W) | lowest SM MHz |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines) + "\n"
+
+
 def ordered(variants):
     return sorted(set(variants), key=lambda v: (ORDER.index(v) if v in ORDER else len(ORDER), v))
 
@@ -390,6 +446,13 @@ def main() -> int:
     ap.add_argument("json", nargs="?", default=os.path.join(HERE, "results", "throughput.json"))
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default="throughput", help="file stem of the table and plot")
+    ap.add_argument(
+        "--dmon",
+        action="append",
+        default=[],
+        metavar="[CALL=]PATH",
+        help="gpu_run.sh's SW_DMON log (of lease call CALL of a merged file): power and clock per latency repeat",
+    )
     args = ap.parse_args()
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.json))
     raw = read_records(args.json)
@@ -405,6 +468,15 @@ def main() -> int:
     every = engines_table(raw)
     if every:
         md += "\n" + every
+    if args.dmon:
+        day = next((r["latency_starts"][0] for r in raw if r.get("latency_starts")), None)
+        dmon: dict = {}
+        for spec in args.dmon:
+            call, _, path = spec.rpartition("=")
+            dmon[int(call) if call else None] = read_dmon(path, day) if day is not None else []
+        power = power_table(raw, dmon)
+        if power:
+            md += "\n" + power
     with open(os.path.join(out_dir, f"{args.name}.md"), "w") as f:
         f.write(md)
     plot(recs, os.path.join(out_dir, f"{args.name}.png"))

@@ -80,3 +80,32 @@ def test_throughput_parse_gpu_state():
     assert tb.parse_gpu_state("") == {}
     assert tb.parse_gpu_state("[N/A], 2619, 47, 312.55, 0x0") == {}  # a field nvidia-smi could not read
     assert tb.parse_gpu_state("1980, 2619, 47") == {}  # a field missing
+
+
+def test_dmon_power_per_latency_repeat(tmp_path):
+    """SW_DMON's log lined up with each latency repeat: the samples inside a repeat give its mean power and lowest
+    SM clock, the date comes from the records' epoch (UTC), a wrap past midnight adds a day, '-' samples are
+    skipped, and records of calls without a log are left out."""
+    import datetime as dt
+
+    day = dt.datetime(2026, 12, 7, 23, 59, 58, tzinfo=dt.timezone.utc).timestamp()
+    log = tmp_path / "dmon.log"
+    log.write_text(
+        "#Time  gpu pwr gtemp mtemp mclk pclk\n#HH:MM:SS Idx W C C MHz MHz\n"
+        " 23:59:58 0 400 40 40 2619 1980\n 23:59:59 0 300 40 40 2619 1500\n"
+        " 00:00:00 0 - 40 40 2619 -\n 00:00:01 0 500 40 40 2619 1980\n 00:00:02 0 100 40 40 2619 345\n"
+    )
+    rows = PT.read_dmon(str(log), day)
+    assert [(t - day, p, c) for t, p, c in rows] == [
+        (0.0, 400.0, 1980.0),
+        (1.0, 300.0, 1500.0),
+        (3.0, 500.0, 1980.0),
+        (4.0, 100.0, 345.0),
+    ]
+    rec = {"method": "smoothquant", "variant": "smoothquant", "kind": "latency", "batch": 8, "lease_call": 2,
+           "latency_starts": [day - 0.2, day + 2.9], "latencies": [1.5, 0.5]}  # fmt: skip
+    other = dict(rec, lease_call=3)
+    md = PT.power_table([rec, other], {2: rows})
+    assert "| 2 | 8 | 1.500 (350) · 0.500 (500) | 1500 |" in md
+    assert md.count("| 8 |") == 1  # call 3 has no log
+    assert PT.power_table([other], {2: rows}) == ""
