@@ -276,7 +276,7 @@ case "$STAGE" in
     # converter's number for a 7B model), built in the background while later stages run; needs the bundle
     METHODS=${1:-awq,sw-w4-g128,sw-default}
     mkdir -p "$STASH_DIR"
-    # the converter packs with compressed-tensors, which comes with the bundle: stash all three parts first
+    # the converter packs with compressed-tensors, which comes with the bundle: stash all bundle parts first (four of 40 MB since s46)
     # (session 11: started after the first part, every superweight conversion failed in the background)
     # shellcheck disable=SC1091
     [ -f .gpu-bundle/install.sh ] && source .gpu-bundle/install.sh >/dev/null 2>&1
