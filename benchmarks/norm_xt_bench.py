@@ -15,11 +15,15 @@ Timed per token count (CUDA-graph replays, ``triton.testing.do_bench_cudagraph``
   columns are nearly all of K);
 * ``norm_xt``: one compiled function returning the norm's output and its transposed copy.
 
-``norm+gather - norm`` is what the engine pays now, ``norm_xt - norm`` what the fused form would. Each compiled
+``norm+gather - norm`` is what the engine pays now, ``norm_xt - norm`` what the graph-written form would. Each compiled
 variant's Inductor code is written beside the JSON (``--code-dir``), with its Triton kernel count, so "fused" is
 read off the generated code, not inferred from a time. Correctness: the transposed output equals ``y.t()`` bitwise.
 
     python benchmarks/norm_xt_bench.py --out $OUT/norm_xt.json --code-dir $OUT/norm_xt_code [--ms 16,32,64,...]
+
+Outcome (H100, session 46, ``results/norm_xt_s46_h100.md``): two Inductor kernels -- the transposed copy is a kernel
+of its own, +1.9-2.3 us at 16-192 tokens against the gather-transpose's 2.1-3.0 at 16-64 and 3.4-6.1 at 96-256; as a
+graph node it would also run at 1-8 tokens, which never read xt. Not pursued (benchmarks/KERNEL_NOTES.md, s46).
 """
 
 from __future__ import annotations
