@@ -329,6 +329,9 @@ METHODS["sw-w8a8-azp"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_AZP="1")
 METHODS["sw-w8a8-noazp"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_AZP="0")
 # CUTLASS at every batch (no Triton small-batch GEMM, whatever the kernel benchmark recommended)
 METHODS["sw-w8a8-cutlass"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_TRITON="0")
+# the activation split traced into the compiled graph (Inductor fuses it into the RMSNorm / SiLU * up that produce
+# x: one pass over x and one kernel a layer fewer; session 47)
+METHODS["sw-w8a8-gsplit"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_GRAPH_SPLIT="1")
 # the session 13-42 routing (Triton up to 32 tokens in every layer, the zero-point epilogue above), whatever the
 # kernel benchmark recommended: the control for session 43's own bound for the layers with outlier channels
 METHODS["sw-w8a8-t32"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_TRITON="32")

@@ -272,3 +272,80 @@ def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, o
         for m in (3, 40, 130):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             assert _rel(cf(x), x.float() @ w_ref.T) < 2e-2, m
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA only")
+def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch):
+    """SUPERWEIGHT_W8A8_GRAPH_SPLIT=1: compiled, the W8A8 layer's activation split is traced as torch ops (no
+    ``int8_quant_outlier_split`` kernel of ours; the int8 operands go to ``w8a8_mm_q``), Inductor builds the
+    residual-add RMSNorm and the split as one kernel, and y matches the float reference of the dequantized weights
+    with the outlier channels in 16 bit -- Triton (M <= bound) and CUTLASS (zero point) sides, 0 / 1 / 3 outlier
+    channels, replayed from a CUDA graph too; eagerly the layer still runs our Triton split."""
+    from test_gpu_kernels import _cfg, _rel, _vl
+    from torch._inductor.utils import run_and_get_code
+
+    VL = _vl()
+    VL.single_process_tp()
+    from vllm_superweight.kernels.linear import w8a8 as W8
+
+    monkeypatch.setenv(envs.W8A8_GRAPH_SPLIT, "1")
+    monkeypatch.delenv(envs.W8A8_TRITON, raising=False)
+    monkeypatch.delenv(envs.W8A8_AZP, raising=False)
+    dev, n, k = "cuda", 4096, 4096
+    w = VL.random_w8(n, k, dev, seed=7)
+    w_ref = VL.dequant_w8(w)
+    c = _cfg(torch.bfloat16, acts="int8-token", bits=8, group=-1, sym=True, k=k, n=n)
+    norm_w = (torch.rand(k, device=dev) + 0.5).to(torch.bfloat16)
+
+    def norm(h, r):
+        s = (h.float() + r.float()).to(torch.bfloat16)
+        v = s.float()
+        return (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16) * norm_w
+
+    for outl in (torch.tensor([], dtype=torch.long), torch.tensor([1000]), torch.tensor([5, 1000, 3001])):
+        layer = torch.nn.Module()
+        layer.register_parameter("weight_packed", torch.nn.Parameter(w["w"].clone(), requires_grad=False))
+        layer.register_parameter("weight_scale", torch.nn.Parameter(w["scale"].clone(), requires_grad=False))
+        kern = W8.CutlassSplitInt8Kernel(c)
+        assert kern.graph_split and "split fused into x's producer" in kern.describe()
+        kern.set_outliers(layer, outl)
+        kern.process_weights_after_loading(layer)
+        bound = kern.tri_bound
+        assert bound > 0
+
+        def f(h, r):
+            return kern.apply_weights(layer, norm(h, r))
+
+        torch._dynamo.reset()
+        cf = torch.compile(f, fullgraph=True, dynamic=True)
+        codes: list[str] = []
+        for m in (1, 8, bound, bound + 1, 300):
+            h = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            r = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            if outl.numel():
+                r[:, 1000] *= 3000.0  # a super activation riding the residual stream
+            x = norm(h, r)
+            ref = x.float() @ w_ref.T
+            if not codes:
+                y, codes = run_and_get_code(cf, h, r)
+            else:
+                y = cf(h, r)
+            assert y.shape == (m, n) and _rel(y, ref) < 2e-2, (outl.tolist(), m)
+            assert _rel(y, f(h, r)) < 2e-2, (outl.tolist(), m)  # the eager layer (our Triton split)
+        code = "\n".join(codes)
+        assert "w8a8_mm_q" in code and "int8_quant_outlier_split" not in code
+        kernels = re.findall(r"^def (triton_\w+)\(", code, flags=re.M)
+        print(f"outliers {outl.tolist()}: Inductor kernels {kernels}")
+        assert len([kn for kn in kernels if kn.startswith("triton_red")]) == 1, kernels
+        h = torch.randn(8, k, device=dev, dtype=torch.bfloat16)
+        r = torch.randn(8, k, device=dev, dtype=torch.bfloat16)
+        cf(h, r)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = cf(h, r)
+        h.copy_(torch.randn_like(h))
+        g.replay()
+        torch.cuda.synchronize()
+        assert _rel(yg, norm(h, r).float() @ w_ref.T) < 2e-2
+    torch._dynamo.reset()

@@ -140,6 +140,11 @@ Only what users need is a knob:
                                     1.05-1.07x SmoothQuant's layer at M <= 16, batch-1 latency 1.055x; OUT_MAX_M
                                     64: H100, session 43, batch 64 1.004x SmoothQuant vs 0.974x with 32); 0 on
                                     other GPUs (not measured there).
+``SUPERWEIGHT_W8A8_GRAPH_SPLIT``    ``1``: CUDA W8A8 layers with per-token activations trace their activation split
+                                    (int8 quantization without the outlier channels) into the compiled graph as
+                                    torch ops, so Inductor fuses it into the kernel that produces x (RMSNorm,
+                                    SiLU * up) -- one pass over x and one graph node a layer fewer; ``0``
+                                    (default, until measured end to end): our Triton split kernel.
 ``SUPERWEIGHT_CPU_W4A8``            ``1``: on CPUs with AMX, W4 layers take vLLM's W4A8 GEMM (activations int8 per
                                     token; ~6x faster at one token than the 16-bit path) with the checkpoint's
                                     activation-outlier channels (the sidecar's list) kept out of the int8
@@ -169,6 +174,7 @@ CPU_W4A8 = "SUPERWEIGHT_CPU_W4A8"
 ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
 W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
+W8A8_GRAPH_SPLIT = "SUPERWEIGHT_W8A8_GRAPH_SPLIT"
 _INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap", "bm", "tma", "ws")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 SPARSE_OVERLAP = "SUPERWEIGHT_SPARSE_OVERLAP"
@@ -233,6 +239,11 @@ def sparse_overlap() -> bool:
 def w8a8_azp() -> bool:
     """On by default (H200, session 12: +0.8-2.4% over the plain split at every batch, same lease); ``0`` off."""
     return _flag(W8A8_AZP, default="1")
+
+
+def w8a8_graph_split() -> bool:
+    """Off by default (session 47: built, not yet measured end to end); ``1`` on."""
+    return _flag(W8A8_GRAPH_SPLIT)
 
 
 DEFAULT_W8A8_TRITON_MAX_M = 32  # Hopper; the H200 micro-benchmark's crossover to CUTLASS (session 13)
@@ -446,6 +457,7 @@ def graph_knobs() -> dict[str, str]:
         W8A8_AZP: "1" if w8a8_azp() else "0",
         CPU_W4A8: "1" if cpu_w4a8() else "0",
         W8A8_TRITON: os.environ.get(W8A8_TRITON, "").strip() or "default",
+        W8A8_GRAPH_SPLIT: "1" if w8a8_graph_split() else "0",
         "VLLM_DISABLED_KERNELS": ",".join(sorted(disabled_kernels())),
         # what ``auto`` picks on Hopper depends on these two (HummingGemvKernel.auto_can_implement)
         "humming": "1" if humming_installed() else "0",

@@ -7,6 +7,8 @@
 * ``torch.ops.superweight.int8_quant_outlier_split_azp(x, idx, mask?) -> (xq, scales, x_out, azp)`` (per token);
 * ``torch.ops.superweight.w8a8_mm(x, bias?, n, key) -> y``: the W8A8 layer registered under ``key``
   (``kernels.linear.w8a8.CutlassSplitInt8Kernel``), our Triton GEMM or CUTLASS chosen from x's token count;
+* ``torch.ops.superweight.w8a8_mm_q(xq, scales, x_out?, azp?, bias?, n, out_dtype, key) -> y``: the same layer and
+  dispatch on operands the compiled graph already split (``SUPERWEIGHT_W8A8_GRAPH_SPLIT``);
 * ``torch.ops.superweight.w4_dual_mm(x, bias?, n, key) -> y``: the W4A16 GEMM of the layer registered under
   ``key`` (``kernels.linear.weight_only.DualMarlinMacheteKernel``), Marlin or Machete chosen from x's token count
   at run time.
@@ -120,6 +122,34 @@ def _w8a8_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> 
     return w8a8.w8a8_mm_impl(x, bias, n, key)
 
 
+def _w8a8_q_impl(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    xo: torch.Tensor | None,
+    azp: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    n: int,
+    out_dtype: torch.dtype,
+    key: str,
+) -> torch.Tensor:
+    from .linear import w8a8
+
+    return w8a8.w8a8_mm_q_impl(xq, xs, xo, azp, bias, n, out_dtype, key)
+
+
+def _w8a8_q_fake(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    xo: torch.Tensor | None,
+    azp: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    n: int,
+    out_dtype: torch.dtype,
+    key: str,
+) -> torch.Tensor:
+    return xq.new_empty((xq.shape[0], n), dtype=out_dtype)
+
+
 def _register_one(lib, name, fn, mutates, fake) -> None:
     if "vllm" in sys.modules:
         try:
@@ -156,6 +186,7 @@ def register() -> bool:
     _register_one(lib, "int8_quant_outlier_split_azp", _split_azp_impl, [], _split_azp_fake)
     _register_one(lib, "w4_dual_mm", _dual_impl, [], _mm_fake)
     _register_one(lib, "w8a8_mm", _w8a8_impl, [], _mm_fake)
+    _register_one(lib, "w8a8_mm_q", _w8a8_q_impl, [], _w8a8_q_fake)
     _LIB = lib
     return True
 

@@ -318,3 +318,33 @@ def int8_split_azp_torch(x: torch.Tensor, outlier_idx: torch.Tensor):
     xq, scales, inv = _quantize_by_absmax(xf, amax)
     a = torch.floor(x0 * inv + 0.5).clamp(-float(AZP_MAX), float(AZP_MAX))
     return xq, scales, x.index_select(1, idx), (-a).reshape(-1).to(torch.int32)
+
+
+def int8_split_fusable(
+    x: torch.Tensor, outlier_idx: torch.Tensor | None, keep: torch.Tensor | None, azp: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The per-token split written for torch.compile: the same arithmetic as ``int8_split_torch`` (``azp``:
+    ``int8_split_azp_torch``), with the outlier channels removed by a multiply with ``keep`` ([K], 0 on them, 1
+    elsewhere) instead of ``index_fill`` -- only pointwise ops, one row reduction and a gather, so Inductor fuses
+    it into the kernel that produces x (the residual-add RMSNorm before q/k/v and gate/up, SiLU * up before
+    down_proj) instead of running it as its own pass over x. Returns (xq, scales [M, 1], x[:, outlier_idx] or
+    None, azp int32 [M] or None); bitwise equal to the references wherever x is finite (``x * 0`` is a signed
+    zero, which quantizes to 0 like the filled one)."""
+    xf = x.float()
+    xo = None
+    if outlier_idx is not None and outlier_idx.numel():
+        if keep is None:
+            raise ValueError("outlier channels need their keep mask")
+        xo = x.index_select(1, outlier_idx.long())
+        xf = xf * keep.float()
+    amax = xf.abs().amax(dim=1, keepdim=True)
+    if not azp:
+        xq, scales, _ = _quantize_by_absmax(xf, amax)
+        return xq, scales, xo, None
+    if xo is None:
+        raise ValueError("azp needs at least one outlier channel")
+    x0 = xo[:, :1].float()
+    amax = torch.maximum(amax, x0.abs() * (127.0 / AZP_MAX))
+    xq, scales, inv = _quantize_by_absmax(xf, amax)
+    a = torch.floor(x0 * inv + 0.5).clamp(-float(AZP_MAX), float(AZP_MAX))
+    return xq, scales, xo, (-a).reshape(-1).to(torch.int32)

@@ -11,6 +11,10 @@
   outlier channels, which above it pay the zero-point epilogue) run our Triton int8 GEMM instead
   (``kernels.triton_int8_mm``: every outlier channel in its epilogue, no zero point, no side product) behind one
   opaque op (``torch.ops.superweight.w8a8_mm``) that picks the kernel from the token count at run time.
+  With ``SUPERWEIGHT_W8A8_GRAPH_SPLIT=1`` (per token, under torch.compile) the split is traced into the graph
+  as torch ops (``sparse_layout.int8_split_fusable``), so Inductor fuses it into the kernel that produces x
+  (the RMSNorm, SiLU * up) instead of running it as its own pass; the opaque op then takes the int8 operands
+  (``torch.ops.superweight.w8a8_mm_q``).
 * ``VllmInt8Kernel`` (per token): vLLM's own int8 kernel for this platform (oneDNN on x86 CPUs), which quantizes
   the activations itself: it is handed x with the outlier channels zeroed. Used only if its ops exist.
 * ``TorchInt8Kernel``: every platform and dtype: our split + ``torch._int_mm`` (CPU) or an exact-enough float
@@ -124,6 +128,7 @@ class CutlassSplitInt8Kernel(_Int8Base):
         cap = platform().get_device_capability() if config.device_type == "cuda" else None
         hopper = cap is not None and cap.major == 9
         self.tri_max_m, self.tri_table, self.tri_max_m_out = envs.w8a8_triton(hopper=hopper)
+        self.graph_split = self.per_token and envs.w8a8_graph_split()
         self.key = config.prefix  # stable across runs: it is baked into compiled graphs (see weight_only)
         self.n = config.partition_shape[1]
         self._layer: weakref.ref | None = None
@@ -137,7 +142,8 @@ class CutlassSplitInt8Kernel(_Int8Base):
     def describe(self) -> str:
         gemm = "cutlass_scaled_mm_azp: first outlier channel in the epilogue" if self.azp else "cutlass_scaled_mm"
         tri = f"; M<={self.tri_bound}: triton int8 GEMM, outliers in its epilogue" if self.tri_bound else ""
-        return f"CutlassSplitInt8Kernel(triton split + {gemm}{tri})"
+        split = "split fused into x's producer when compiled" if self.graph_split else "triton split"
+        return f"CutlassSplitInt8Kernel({split} + {gemm}{tri})"
 
     def set_outliers(self, layer: torch.nn.Module, idx: torch.Tensor) -> None:
         super().set_outliers(layer, idx)
@@ -160,63 +166,147 @@ class CutlassSplitInt8Kernel(_Int8Base):
             _REGISTRY[self.key] = self
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.graph_split and x.is_cuda and torch.compiler.is_compiling():
+            xq, xs, xo, azp = self.split_fusable(layer, x)
+            if self.tri_bound:
+                return torch.ops.superweight.w8a8_mm_q(xq, xs, xo, azp, bias, self.n, x.dtype, self.key)
+            return self._cutlass_q(layer, xq, xs, xo, azp, bias, x.dtype)
         if self.tri_bound and x.is_cuda:
             return torch.ops.superweight.w8a8_mm(x, bias, self.n, self.key)
         return self._cutlass(layer, x, bias)
 
-    def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Eager dispatch on the token count (the body of ``torch.ops.superweight.w8a8_mm``)."""
+    def split_fusable(self, layer: torch.nn.Module, x: torch.Tensor):
+        """(xq, scales, x_out or None, azp or None) as torch ops (``sparse_layout.int8_split_fusable``): what the
+        compiled graph computes in x's producer. With the zero point on, the token's absmax is raised as
+        ``int8_split_azp_torch`` raises it at every batch size (the Triton GEMM then reads the same operands;
+        only tokens whose outlier exceeds 2^22 steps of the rest are affected)."""
+        from ..sparse_layout import int8_split_fusable
+
+        if not self.n_outliers:
+            return int8_split_fusable(x, None, None)
+        idx, keep = tensor(layer, "sw_outlier_idx"), tensor(layer, "sw_outlier_keep")
+        return int8_split_fusable(x, idx, keep, azp=self.azp)
+
+    def _live(self) -> torch.nn.Module:
         layer = self._layer() if self._layer is not None else None
         if layer is None:
             raise RuntimeError(f"{self.key}: the layer was freed")
+        return layer
+
+    def run(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Eager dispatch on the token count (the body of ``torch.ops.superweight.w8a8_mm``)."""
+        layer = self._live()
         if x.shape[0] > self.tri_bound:
             return self._cutlass(layer, x, bias)
+        xq, xs, xo = self._split(layer, x)
+        return self._triton(layer, xq, xs, xo, bias, x.dtype)
+
+    def run_q(
+        self,
+        xq: torch.Tensor,
+        xs: torch.Tensor,
+        xo: torch.Tensor | None,
+        azp: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The same dispatch on operands already split (the body of ``torch.ops.superweight.w8a8_mm_q``)."""
+        layer = self._live()
+        if xo is not None and xo.stride(-1) != 1:
+            xo = xo.contiguous()
+        if xq.shape[0] > self.tri_bound:
+            return self._cutlass_q(layer, xq.contiguous(), xs, xo, azp, bias, out_dtype)
+        return self._triton(layer, xq.contiguous(), xs, xo, bias, out_dtype)
+
+    def _triton(
+        self,
+        layer: torch.nn.Module,
+        xq: torch.Tensor,
+        xs: torch.Tensor,
+        xo: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
         from .. import ops as _ops
 
-        xq, xs, xo = self._split(layer, x)
         w_out = tensor(layer, "sw_outlier_w") if self.n_outliers else None
         w_nk = tensor(layer, "weight").t()  # the checkpoint's [N, K] row-major int8
-        cfg = _ops.triton_int8_mm.config_for(x.shape[0], self.n, w_nk.shape[1], self.tri_table)
+        cfg = _ops.triton_int8_mm.config_for(xq.shape[0], self.n, w_nk.shape[1], self.tri_table)
         return _ops.triton_int8_mm.int8_mm_outliers(
-            xq, w_nk, xs, tensor(layer, "weight_scale"), xo, w_out, bias, x.dtype, cfg
+            xq, w_nk, xs, tensor(layer, "weight_scale"), xo if w_out is not None else None, w_out, bias, out_dtype, cfg
         )
 
     def _cutlass(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from vllm import _custom_ops as ops
-
         if self.azp and self.n_outliers:
-            from .. import add_outlier_side_product, int8_quant_outlier_split_azp
+            from .. import int8_quant_outlier_split_azp
 
             xq, xs, xo, azp = int8_quant_outlier_split_azp(
                 x, tensor(layer, "sw_outlier_idx"), tensor(layer, "sw_outlier_mask")
             )
+            return self._cutlass_q(layer, xq, xs, xo, azp, bias, x.dtype)
+        xq, xs, xo = self._split(layer, x)
+        return self._cutlass_q(layer, xq, xs, xo, None, bias, x.dtype)
+
+    def _cutlass_q(
+        self,
+        layer: torch.nn.Module,
+        xq: torch.Tensor,
+        xs: torch.Tensor,
+        xo: torch.Tensor | None,
+        azp: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        from vllm import _custom_ops as ops
+
+        if self.azp and self.n_outliers:
+            from .. import add_outlier_side_product
+
+            if azp is None or xo is None:
+                raise RuntimeError(f"{self.key}: the zero-point path needs azp and x_out from the split")
             y = ops.cutlass_scaled_mm_azp(
                 xq,
                 tensor(layer, "weight"),
                 scale_a=xs,
                 scale_b=tensor(layer, "weight_scale"),
-                out_dtype=x.dtype,
+                out_dtype=out_dtype,
                 azp_adj=tensor(layer, "sw_outlier_azp_adj"),
                 azp=azp,
                 bias=bias,
             )
             return add_outlier_side_product(y, xo[:, 1:], tensor(layer, "sw_outlier_w")[1:])
-        xq, xs, xo = self._split(layer, x)
-        y = ops.cutlass_scaled_mm(
-            xq, tensor(layer, "weight"), scale_a=xs, scale_b=tensor(layer, "weight_scale"), out_dtype=x.dtype, bias=bias
-        )
-        return self._add_outliers(layer, y, xo)
+        w, ws = tensor(layer, "weight"), tensor(layer, "weight_scale")
+        y = ops.cutlass_scaled_mm(xq, w, scale_a=xs, scale_b=ws, out_dtype=out_dtype, bias=bias)
+        return self._add_outliers(layer, y, xo) if xo is not None else y
 
 
 _REGISTRY: weakref.WeakValueDictionary[str, CutlassSplitInt8Kernel] = weakref.WeakValueDictionary()
 
 
-def w8a8_mm_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
-    """Body of ``torch.ops.superweight.w8a8_mm`` (registered with its fake by ``kernels.ops``)."""
+def _registered(op: str, key: str) -> CutlassSplitInt8Kernel:
     kern = _REGISTRY.get(key)
     if kern is None:
-        raise RuntimeError(f"superweight.w8a8_mm: no layer registered under {key!r}")
-    return kern.run(x, bias)
+        raise RuntimeError(f"superweight.{op}: no layer registered under {key!r}")
+    return kern
+
+
+def w8a8_mm_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
+    """Body of ``torch.ops.superweight.w8a8_mm`` (registered with its fake by ``kernels.ops``)."""
+    return _registered("w8a8_mm", key).run(x, bias)
+
+
+def w8a8_mm_q_impl(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    xo: torch.Tensor | None,
+    azp: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    n: int,
+    out_dtype: torch.dtype,
+    key: str,
+) -> torch.Tensor:
+    """Body of ``torch.ops.superweight.w8a8_mm_q`` (registered with its fake by ``kernels.ops``)."""
+    return _registered("w8a8_mm_q", key).run_q(xq, xs, xo, azp, bias, out_dtype)
 
 
 class VllmInt8Kernel(_Int8Base):
