@@ -129,6 +129,57 @@ def summarize(kernels: list[dict], steps: int, top: int = 15) -> dict:
     }
 
 
+#: a kernel every engine launches once a step, at its end: the sampler (``_gumbel_sample_kernel`` in vLLM 0.26)
+STEP_MARKERS: tuple[str, ...] = ("sample",)
+
+
+def _median(v: list[float]) -> float:
+    o = sorted(v)
+    h = len(o) // 2
+    return o[h] if len(o) % 2 else (o[h - 1] + o[h]) / 2
+
+
+def step_summary(kernels: list[dict], markers: tuple[str, ...] = STEP_MARKERS) -> dict:
+    """The window cut into engine steps at the sampler's kernels (a step ends with its last marker kernel): the first
+    step (the prompts' prefill) and the median of the later (decode) steps -- busy, span and ``lead_gap`` (the GPU's
+    idle time from the previous step's end to this step's first kernel: host work between steps) -- so that a gap
+    between two engines can be placed in the prefill or in the decode steps. {} when no marker kernel is found."""
+    ks = sorted(kernels, key=lambda k: k["ts"])
+    steps: list[list[dict]] = []
+    cur: list[dict] = []
+    for k in ks:
+        is_marker = any(m in k["name"].lower() for m in markers)
+        if is_marker and steps and not [c for c in cur if not any(m in c["name"].lower() for m in markers)]:
+            steps[-1].append(k)  # a second marker kernel of the same step
+            cur = []
+            continue
+        cur.append(k)
+        if is_marker:
+            steps.append(cur)
+            cur = []
+    if not steps:
+        return {}
+    rows = []
+    prev_end: float | None = None
+    for st in steps:
+        start = st[0]["ts"]
+        end = max(k["ts"] + k["dur"] for k in st)
+        rows.append(
+            {
+                "busy_us": sum(k["dur"] for k in st),
+                "span_us": end - start,
+                "lead_gap_us": 0.0 if prev_end is None else max(0.0, start - prev_end),
+                "kernels": len(st),
+            }
+        )
+        prev_end = end
+    first, rest = rows[0], rows[1:]
+    out = {"steps_found": len(rows), "first": {key: round(v, 1) for key, v in first.items()}}
+    if rest:
+        out["later_median"] = {key: round(_median([r[key] for r in rest]), 1) for key in first}
+    return out
+
+
 def profile_table(records: list[dict]) -> str:
     """Markdown: us a decode step by family (rows) for each profiled engine and batch (columns), then busy and span."""
     recs = [r for r in records if r.get("kind") == "profile" and r.get("family_us_per_step")]
@@ -147,6 +198,12 @@ def profile_table(records: list[dict]) -> str:
         lines.append(f"| {f} | " + " | ".join(f"{r['family_us_per_step'].get(f, 0.0):.1f}" for r in recs) + " |")
     lines.append("| **busy (all kernels)** | " + " | ".join(f"**{r['busy_us_per_step']:.1f}**" for r in recs) + " |")
     lines.append("| span (busy + idle gaps) | " + " | ".join(f"{r['span_us_per_step']:.1f}" for r in recs) + " |")
+    if any(r.get("step_profile") for r in recs):  # records since s47: the prefill step apart from the decode steps
+        for part, label in (("first", "first step (prefill)"), ("later_median", "later steps, median")):
+            for key in ("busy_us", "span_us", "lead_gap_us"):
+                vals = [(r.get("step_profile") or {}).get(part, {}).get(key) for r in recs]
+                cells = " | ".join("" if v is None else f"{v:.1f}" for v in vals)
+                lines.append(f"| {label}: {key[:-3].replace('_', ' ')} (us) | {cells} |")
     # host operators (records since s45): the union of each record's six largest, inclusive us a step
     names = list(dict.fromkeys(o["name"] for r in recs for o in r.get("cpu_ops", [])[:6]))
     for n in names:

@@ -850,6 +850,7 @@ def measure(args) -> int:
                 ev = engine_profile.load_events(files[-1], ("kernel", "cpu_op"))
                 summary = engine_profile.summarize(ev["kernel"], out_len)
                 summary["cpu_ops"] = engine_profile.cpu_summary(ev["cpu_op"], out_len)
+                summary["step_profile"] = engine_profile.step_summary(ev["kernel"])
             except (ValueError, KeyError, OSError) as e:  # e.g. the CPU build: CPU activity only
                 log(f"[{args.variant}] profile batch {b}: {files[-1]}: {type(e).__name__}: {e}")
                 continue

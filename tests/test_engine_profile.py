@@ -134,3 +134,39 @@ def test_cpu_ops_summed_per_step(tmp_path):
         and "| host op `_C::cutlass_scaled_mm_azp` | 4.0 |  |" in md
     )
     assert [k["name"] for k in EP.load_kernels(str(path))] == ["superweight_not_a_cpu_op"]
+
+
+def test_steps_cut_at_the_sampler():
+    """``step_summary`` cuts the window at the sampler's kernel: the first (prefill) step apart, the later steps'
+    median busy / span / lead gap (idle GPU between the previous step's end and the step's first kernel); a second
+    sampler kernel right after the first stays in its step; no sampler -> {}."""
+
+    def k(name, ts, dur):
+        return {"name": name, "ts": float(ts), "dur": float(dur)}
+
+    kernels = [
+        # prefill: 100 us busy over 150 us, then two sampler kernels
+        k("gemm", 0, 60),
+        k("norm", 100, 40),
+        k("_gumbel_sample_kernel", 140, 10),
+        k("argmax_sample", 150, 0),
+        # decode 1: 30 us after the prefill's end, 20 busy in 25
+        k("gemm", 180, 15),
+        k("_gumbel_sample_kernel", 200, 5),
+        # decode 2: 10 us gap, 20 busy in 20
+        k("gemm", 215, 15),
+        k("_gumbel_sample_kernel", 230, 5),
+        # decode 3: 50 us gap, 30 busy in 40
+        k("gemm", 285, 20),
+        k("_gumbel_sample_kernel", 315, 10),
+    ]
+    s = EP.step_summary(list(reversed(kernels)))  # any order in: sorted by start
+    assert s["steps_found"] == 4
+    assert s["first"] == {"busy_us": 110.0, "span_us": 150.0, "lead_gap_us": 0.0, "kernels": 4}
+    assert s["later_median"] == {"busy_us": 20.0, "span_us": 25.0, "lead_gap_us": 30.0, "kernels": 2}
+    assert EP.step_summary([k("gemm", 0, 5)]) == {}
+    rec = dict(kind="profile", variant="a", batch=8, **EP.summarize(kernels, 3), step_profile=s)
+    old = dict(kind="profile", variant="b", batch=8, **EP.summarize(kernels, 3))  # before s47: no step_profile
+    md = EP.profile_table([rec, old]).splitlines()
+    assert "| first step (prefill): busy (us) | 110.0 |  |" in md
+    assert "| later steps, median: lead gap (us) | 30.0 |  |" in md

@@ -279,9 +279,10 @@ def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, o
 def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch):
     """SUPERWEIGHT_W8A8_GRAPH_SPLIT=1: compiled, the W8A8 layer's activation split is traced as torch ops (no
     ``int8_quant_outlier_split`` kernel of ours; the int8 operands go to ``w8a8_mm_q``), Inductor builds the
-    residual-add RMSNorm and the split as one kernel, and y matches the float reference of the dequantized weights
-    with the outlier channels in 16 bit -- Triton (M <= bound) and CUTLASS (zero point) sides, 0 / 1 / 3 outlier
-    channels, replayed from a CUDA graph too; eagerly the layer still runs our Triton split."""
+    residual-add RMSNorm and the split as one kernel (one outlier channel or none), and y matches the float
+    reference of the dequantized weights with the outlier channels in 16 bit -- Triton (M <= bound) and CUTLASS
+    (zero point) sides, 0 / 1 / 3 outlier channels, replayed from a CUDA graph too; eagerly the layer still runs
+    our Triton split."""
     from test_gpu_kernels import _cfg, _rel, _vl
     from torch._inductor.utils import run_and_get_code
 
@@ -337,7 +338,10 @@ def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch):
         assert "w8a8_mm_q" in code and "int8_quant_outlier_split" not in code
         kernels = re.findall(r"^def (triton_\w+)\(", code, flags=re.M)
         print(f"outliers {outl.tolist()}: Inductor kernels {kernels}")
-        assert len([kn for kn in kernels if kn.startswith("triton_red")]) == 1, kernels
+        # one outlier channel (the planted 7B model's layers): the norm, the split, the gather and the zero point in
+        # one kernel (H100, s47); with three, Inductor gathers them from the norm in a kernel of their own
+        reductions = [kn for kn in kernels if kn.startswith("triton_red")]
+        assert len(reductions) == (1 if outl.numel() <= 1 else 2), kernels
         h = torch.randn(8, k, device=dev, dtype=torch.bfloat16)
         r = torch.randn(8, k, device=dev, dtype=torch.bfloat16)
         cf(h, r)
