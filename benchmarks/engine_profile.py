@@ -29,6 +29,8 @@ FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("SELL correction (ours)", ("_sell_spmm", "sw_sell")),
     ("x transpose for the SELL kernel (ours)", ("_gather_transpose",)),
     ("dequantize with restore (ours)", ("marlin_deq", "_deq_kernel")),
+    ("int8 GEMM (ours, Triton)", ("_int8_mm_kernel",)),
+    ("activation int8 quantization, own kernel", ("_act_quant_split_kernel", "dynamic_scaled_int8_quant_kernel")),
     ("Humming GEMM", ("humming",)),
     ("Marlin", ("marlin",)),
     ("Machete", ("machete",)),

@@ -44,6 +44,12 @@ def test_families_by_kernel_name():
     assert EP.family("flash::flash_fwd_splitkv_kernel") == "attention"
     assert EP.family("sm90_xmma_gemm_bf16bf16") == "dense GEMM (cuBLAS / CUTLASS)"
     assert EP.family("triton_poi_fused_add_0") == EP.OTHER
+    assert EP.family("_int8_mm_kernel") == "int8 GEMM (ours, Triton)"
+    q = "activation int8 quantization, own kernel"
+    assert EP.family("void vllm::dynamic_scaled_int8_quant_kernel<c10::BFloat16, float>(...)") == q
+    assert EP.family("_act_quant_split_kernel") == q
+    # the split Inductor fused into the norm (SUPERWEIGHT_W8A8_GRAPH_SPLIT) counts with the norm
+    assert EP.family("triton_red_fused_abs_amax_fused_add_rms_norm_w8a8_mm_q_0") == "norm / activation / rotary"
 
 
 def test_trace_summed_per_step(tmp_path):
