@@ -412,11 +412,14 @@ def test_w8a8_kernels_keep_outlier_channels_in_16_bit(kernel_cls, acts):
 
 
 @pytest.mark.parametrize("outl", [[], [3], [3, 77]])
-def test_w8a8_eager_cutlass_path_hands_the_right_operands(monkeypatch, outl):
-    """The opaque ops' eager CUTLASS path (``_cutlass_eager``: vLLM's ops called directly on tensors looked up once)
-    passes the split's operands where vLLM's ``cutlass_scaled_mm[_azp]`` take them -- checked here with torch
-    stand-ins of the two ops (their real kernels run in the GPU tests) against the float reference of the int8
-    weights with the outlier channels in 16 bit, through both op bodies (``run`` on x, ``run_q`` on the split)."""
+def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl):
+    """The opaque ops' bodies above the Triton bound -- ``run`` on x (``w8a8_mm``) and ``run_q`` on the operands the
+    compiled graph split (``w8a8_mm_q``, SUPERWEIGHT_W8A8_GRAPH_SPLIT) -- pass the split's operands where vLLM's
+    ``cutlass_scaled_mm[_azp]`` take them and add the outlier channels the zero point does not carry: checked with
+    torch stand-ins of the two vLLM functions (their real kernels run in the GPU tests) against the float reference
+    of the int8 weights with the outlier channels in 16 bit; both bodies give the same bits."""
+    import vllm._custom_ops as vops
+
     from vllm_superweight.kernels import sparse_layout as SL
 
     monkeypatch.setenv(envs.W8A8_TRITON, "8/16")
@@ -426,41 +429,43 @@ def test_w8a8_eager_cutlass_path_hands_the_right_operands(monkeypatch, outl):
     g = torch.Generator().manual_seed(len(outl))
     w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, 1, generator=g) * 1e-2 + 1e-3
-    c = SWLinearConfig("eager.test", 8, True, -1, "int8-token", torch.bfloat16, (k, n), (k, n), "cuda")
+    c = SWLinearConfig("ops.body.test", 8, True, -1, "int8-token", torch.bfloat16, (k, n), (k, n), "cuda")
     layer = torch.nn.Module()
     layer.register_parameter("weight_packed", torch.nn.Parameter(w8.clone(), requires_grad=False))
     layer.register_parameter("weight_scale", torch.nn.Parameter(scale.clone(), requires_grad=False))
     kern = W8.CutlassSplitInt8Kernel(c)
-    assert kern.azp and kern.tri_bound == 8
+    assert kern.azp and kern.tri_max_m == 8 and kern.tri_max_m_out == 16
     kern.set_outliers(layer, torch.tensor(outl, dtype=torch.long))
     kern.process_weights_after_loading(layer)
     calls = []
 
-    def mm(out, a, b, sa, sb, bias):  # vLLM's cutlass_scaled_mm: out = (sa * a) @ (b * sb^T) + bias
+    def mm(a, b, scale_a, scale_b, out_dtype, bias=None):  # (scale_a * a) @ (b * scale_b^T) + bias
         calls.append("mm")
-        acc = (a.long() @ b.long()).double() * sa.double() * sb.double().reshape(1, -1)
-        out.copy_((acc + (0 if bias is None else bias.double())).to(out.dtype))
+        acc = (a.long() @ b.long()).double() * scale_a.double() * scale_b.double().reshape(1, -1)
+        return (acc + (0 if bias is None else bias.double())).to(out_dtype)
 
-    def mm_azp(out, a, b, sa, sb, azp_adj, azp, bias):  # ... minus azp[m] * azp_adj[n] in int32 first
+    def mm_azp(a, b, scale_a, scale_b, out_dtype, azp_adj, azp=None, bias=None):  # minus azp[m] * azp_adj[n] first
         calls.append("azp")
         acc = a.long() @ b.long() - azp.long().reshape(-1, 1) * azp_adj.long().reshape(1, -1)
-        acc = acc.double() * sa.double() * sb.double().reshape(1, -1)
-        out.copy_((acc + (0 if bias is None else bias.double())).to(out.dtype))
+        acc = acc.double() * scale_a.double() * scale_b.double().reshape(1, -1)
+        return (acc + (0 if bias is None else bias.double())).to(out_dtype)
 
-    assert kern._eager is not None
-    kern._eager = kern._eager._replace(mm=mm, mm_azp=mm_azp if outl else None)
-    split = SL.int8_split_azp_torch if outl else (lambda t, i: (*SL.int8_split_torch(t, None), None))
+    monkeypatch.setattr(vops, "cutlass_scaled_mm", mm)
+    monkeypatch.setattr(vops, "cutlass_scaled_mm_azp", mm_azp)
     monkeypatch.setattr(W8.CutlassSplitInt8Kernel, "_split", lambda self, lay, t: SL.int8_split_torch(t, None))
     import vllm_superweight.kernels as K
 
     monkeypatch.setattr(K, "int8_quant_outlier_split_azp", lambda t, i, m=None: SL.int8_split_azp_torch(t, i))
-    x = torch.randn(20, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(20, k, generator=g).to(torch.bfloat16)  # above both bounds: CUTLASS
     for ch in outl:
         x[:, ch] *= 300.0
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
     ref = x.float() @ (w8.float() * scale).T + bias.float()
-    xq, xs, xo, azp = split(x, torch.tensor(outl, dtype=torch.int32))
-    y_q = kern.run_q(xq, xs, xo if outl else None, azp, bias, torch.bfloat16)
+    if outl:
+        xq, xs, xo, azp = SL.int8_split_azp_torch(x, torch.tensor(outl, dtype=torch.int32))
+    else:
+        xq, xs, xo, azp = (*SL.int8_split_torch(x, None)[:2], None, None)
+    y_q = kern.run_q(xq, xs, xo, azp, bias, torch.bfloat16)
     y_x = kern.run(x, bias)
     assert calls == (["azp", "azp"] if outl else ["mm", "mm"])
     for y in (y_q, y_x):

@@ -27,7 +27,6 @@ The scheme registers ``weight_packed`` as int8 ``[N, K]`` (unpacked at load) and
 from __future__ import annotations
 
 import weakref
-from typing import Any, NamedTuple
 
 import torch
 
@@ -133,7 +132,6 @@ class CutlassSplitInt8Kernel(_Int8Base):
         self.key = config.prefix  # stable across runs: it is baked into compiled graphs (see weight_only)
         self.n = config.partition_shape[1]
         self._layer: weakref.ref | None = None
-        self._eager: _EagerTensors | None = None
 
     @property
     def tri_bound(self) -> int:
@@ -166,7 +164,6 @@ class CutlassSplitInt8Kernel(_Int8Base):
         if self.tri_bound:
             self._layer = weakref.ref(layer)
             _REGISTRY[self.key] = self
-            self._eager = _EagerTensors.of(layer, self.n_outliers, self.azp and self.n_outliers > 0)
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.graph_split and x.is_cuda and torch.compiler.is_compiling():
@@ -200,15 +197,7 @@ class CutlassSplitInt8Kernel(_Int8Base):
         """Eager dispatch on the token count (the body of ``torch.ops.superweight.w8a8_mm``)."""
         layer = self._live()
         if x.shape[0] > self.tri_bound:
-            if self.azp and self.n_outliers:
-                from .. import int8_quant_outlier_split_azp
-
-                xq, xs, xo, azp = int8_quant_outlier_split_azp(
-                    x, tensor(layer, "sw_outlier_idx"), tensor(layer, "sw_outlier_mask")
-                )
-                return self._cutlass_eager(xq, xs, xo, azp, bias, x.dtype)
-            xq, xs, xo = self._split(layer, x)
-            return self._cutlass_eager(xq, xs, xo, None, bias, x.dtype)
+            return self._cutlass(layer, x, bias)
         xq, xs, xo = self._split(layer, x)
         return self._triton(layer, xq, xs, xo, bias, x.dtype)
 
@@ -226,40 +215,8 @@ class CutlassSplitInt8Kernel(_Int8Base):
         if xo is not None and xo.stride(-1) != 1:
             xo = xo.contiguous()
         if xq.shape[0] > self.tri_bound:
-            return self._cutlass_eager(xq.contiguous(), xs, xo, azp, bias, out_dtype)
+            return self._cutlass_q(layer, xq.contiguous(), xs, xo, azp, bias, out_dtype)
         return self._triton(layer, xq.contiguous(), xs, xo, bias, out_dtype)
-
-    def _cutlass_eager(
-        self,
-        xq: torch.Tensor,
-        xs: torch.Tensor,
-        xo: torch.Tensor | None,
-        azp: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """``_cutlass_q`` for the opaque ops' bodies, which run eagerly in every step no CUDA graph covers (prefill
-        chunks): vLLM's CUTLASS ops called directly on tensors looked up once (``_EagerTensors``), without the
-        Python wrappers' checks (``can_implement`` made them) -- the same kernels, less host time a layer."""
-        t = self._eager
-        if t is None:
-            raise RuntimeError(f"{self.key}: the weights were not processed")
-        y = torch.empty((xq.shape[0], self.n), dtype=out_dtype, device=xq.device)
-        if t.azp_adj is not None:
-            if azp is None or xo is None:
-                raise RuntimeError(f"{self.key}: the zero-point path needs azp and x_out from the split")
-            t.mm_azp(y, xq, t.w, xs, t.ws, t.azp_adj, azp, bias)
-            if t.w_out_rest is None:
-                return y
-            from .. import add_outlier_side_product
-
-            return add_outlier_side_product(y, xo[:, 1:], t.w_out_rest)
-        t.mm(y, xq, t.w, xs, t.ws, bias)
-        if t.w_out is None or xo is None:
-            return y
-        from .. import add_outlier_side_product
-
-        return add_outlier_side_product(y, xo, t.w_out)
 
     def _triton(
         self,
@@ -324,33 +281,6 @@ class CutlassSplitInt8Kernel(_Int8Base):
 
 
 _REGISTRY: weakref.WeakValueDictionary[str, CutlassSplitInt8Kernel] = weakref.WeakValueDictionary()
-
-
-class _EagerTensors(NamedTuple):
-    """What the opaque ops' eager CUTLASS path reads, looked up once after the weights are processed (a module
-    attribute lookup and a ``torch.ops`` lookup cost microseconds, paid per layer in every uncaptured step)."""
-
-    w: torch.Tensor  # [K, N] int8, column-major
-    ws: torch.Tensor
-    w_out: torch.Tensor | None  # [S, N], every outlier channel
-    w_out_rest: torch.Tensor | None  # rows 1.. where the zero point carries row 0 and S > 1
-    azp_adj: torch.Tensor | None
-    mm: Any
-    mm_azp: Any
-
-    @classmethod
-    def of(cls, layer: torch.nn.Module, n_outliers: int, azp: bool) -> _EagerTensors:
-        w_out = tensor(layer, "sw_outlier_w") if n_outliers else None
-        ops = torch.ops._C
-        return cls(
-            w=tensor(layer, "weight"),
-            ws=tensor(layer, "weight_scale"),
-            w_out=w_out,
-            w_out_rest=w_out[1:] if (azp and w_out is not None and n_outliers > 1) else None,
-            azp_adj=tensor(layer, "sw_outlier_azp_adj") if azp else None,
-            mm=getattr(getattr(ops, "cutlass_scaled_mm", None), "default", None),
-            mm_azp=getattr(getattr(ops, "cutlass_scaled_mm_azp", None), "default", None) if azp else None,
-        )
 
 
 def _registered(op: str, key: str) -> CutlassSplitInt8Kernel:
