@@ -411,19 +411,22 @@ def test_w8a8_kernels_keep_outlier_channels_in_16_bit(kernel_cls, acts):
     assert err < 2e-2, err
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["wrappers", "direct"])
 @pytest.mark.parametrize("outl", [[], [3], [3, 77]])
-def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl):
+def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl, direct):
     """The opaque ops' bodies above the Triton bound -- ``run`` on x (``w8a8_mm``) and ``run_q`` on the operands the
     compiled graph split (``w8a8_mm_q``, SUPERWEIGHT_W8A8_GRAPH_SPLIT) -- pass the split's operands where vLLM's
-    ``cutlass_scaled_mm[_azp]`` take them and add the outlier channels the zero point does not carry: checked with
-    torch stand-ins of the two vLLM functions (their real kernels run in the GPU tests) against the float reference
-    of the int8 weights with the outlier channels in 16 bit; both bodies give the same bits."""
+    ``cutlass_scaled_mm[_azp]`` take them (its Python wrappers, or with SUPERWEIGHT_W8A8_DIRECT_CUTLASS the ops
+    themselves, output first) and add the outlier channels the zero point does not carry: checked with torch
+    stand-ins of vLLM's functions (their real kernels run in the GPU tests) against the float reference of the int8
+    weights with the outlier channels in 16 bit; both bodies give the same bits."""
     import vllm._custom_ops as vops
 
     from vllm_superweight.kernels import sparse_layout as SL
 
     monkeypatch.setenv(envs.W8A8_TRITON, "8/16")
     monkeypatch.setenv(envs.W8A8_AZP, "1")
+    monkeypatch.setenv(envs.W8A8_DIRECT_CUTLASS, "1" if direct else "0")
     monkeypatch.setattr(W8, "missing_ops", lambda *names: [])
     n, k = 64, 128
     g = torch.Generator().manual_seed(len(outl))
@@ -435,8 +438,10 @@ def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl):
     layer.register_parameter("weight_scale", torch.nn.Parameter(scale.clone(), requires_grad=False))
     kern = W8.CutlassSplitInt8Kernel(c)
     assert kern.azp and kern.tri_max_m == 8 and kern.tri_max_m_out == 16
+    assert kern.direct is direct and ("calls direct" in kern.describe()) is direct
     kern.set_outliers(layer, torch.tensor(outl, dtype=torch.long))
     kern.process_weights_after_loading(layer)
+    assert (kern._eager is not None) is direct
     calls = []
 
     def mm(a, b, scale_a, scale_b, out_dtype, bias=None):  # (scale_a * a) @ (b * scale_b^T) + bias
@@ -450,8 +455,19 @@ def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl):
         acc = acc.double() * scale_a.double() * scale_b.double().reshape(1, -1)
         return (acc + (0 if bias is None else bias.double())).to(out_dtype)
 
-    monkeypatch.setattr(vops, "cutlass_scaled_mm", mm)
-    monkeypatch.setattr(vops, "cutlass_scaled_mm_azp", mm_azp)
+    if direct:  # the ops: (out, a, b, scale_a, scale_b, [azp_adj, azp,] bias), writing out
+
+        def op(out, a, b, sa, sb, bias):
+            out.copy_(mm(a, b, sa, sb, out.dtype, bias))
+
+        def op_azp(out, a, b, sa, sb, azp_adj, azp, bias):
+            out.copy_(mm_azp(a, b, sa, sb, out.dtype, azp_adj, azp, bias))
+
+        assert kern._eager is not None
+        kern._eager = kern._eager._replace(mm=op, mm_azp=op_azp if outl else None)
+    else:
+        monkeypatch.setattr(vops, "cutlass_scaled_mm", mm)
+        monkeypatch.setattr(vops, "cutlass_scaled_mm_azp", mm_azp)
     monkeypatch.setattr(W8.CutlassSplitInt8Kernel, "_split", lambda self, lay, t: SL.int8_split_torch(t, None))
     import vllm_superweight.kernels as K
 

@@ -212,11 +212,13 @@ def test_gpu_kernel_vs_reference(shape):
     ],
     ids=["one-bound", "outlier-layers-to-256"],
 )
-def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, out_max):
+@pytest.mark.parametrize("direct", [False, True], ids=["wrappers", "direct"])
+def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, out_max, direct):
     """SUPERWEIGHT_W8A8_TRITON=32[/256]: the W8A8 layer (zero point on) runs M <= 32 through the Triton GEMM --
     up to 256 where the layer has outlier channels and the knob says so -- larger M through CUTLASS; both match
     the float reference of the dequantized weights with the outlier channels in 16 bit, eagerly, from a CUDA graph
-    and compiled (fullgraph), with and without a bias, with 0, 1 and 3 outliers."""
+    and compiled (fullgraph), with and without a bias, with 0, 1 and 3 outliers; above the bound through vLLM's
+    Python wrappers or (SUPERWEIGHT_W8A8_DIRECT_CUTLASS) its ops called directly."""
     from test_gpu_kernels import _cfg, _rel, _vl
 
     VL = _vl()
@@ -224,6 +226,7 @@ def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, o
     from vllm_superweight.kernels.linear import w8a8 as W8
 
     monkeypatch.setenv(envs.W8A8_TRITON, knob)
+    monkeypatch.setenv(envs.W8A8_DIRECT_CUTLASS, "1" if direct else "0")  # vLLM's ops called directly above the bound
     dev, n, k = "cuda", 4096, 4096
     w = VL.random_w8(n, k, dev, seed=5)
     w_ref = VL.dequant_w8(w)

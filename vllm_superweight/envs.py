@@ -145,6 +145,10 @@ Only what users need is a knob:
                                     torch ops, so Inductor fuses it into the kernel that produces x (RMSNorm,
                                     SiLU * up) -- one pass over x and one graph node a layer fewer; ``0``
                                     (default, until measured end to end): our Triton split kernel.
+``SUPERWEIGHT_W8A8_DIRECT_CUTLASS`` ``1``: the W8A8 ops' eager bodies (every step no CUDA graph covers: prefill chunks)
+                                    call vLLM's CUTLASS ops directly on tensors looked up once at load, not
+                                    through vLLM's Python wrappers -- less host time a layer (session 47: ~18 -> ~2
+                                    us of Python a call on a 2-core CPU); ``0`` (default, not yet GPU-tested).
 ``SUPERWEIGHT_CPU_W4A8``            ``1``: on CPUs with AMX, W4 layers take vLLM's W4A8 GEMM (activations int8 per
                                     token; ~6x faster at one token than the 16-bit path) with the checkpoint's
                                     activation-outlier channels (the sidecar's list) kept out of the int8
@@ -175,6 +179,7 @@ ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
 W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
 W8A8_GRAPH_SPLIT = "SUPERWEIGHT_W8A8_GRAPH_SPLIT"
+W8A8_DIRECT_CUTLASS = "SUPERWEIGHT_W8A8_DIRECT_CUTLASS"
 _INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap", "bm", "tma", "ws")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 SPARSE_OVERLAP = "SUPERWEIGHT_SPARSE_OVERLAP"
@@ -244,6 +249,11 @@ def w8a8_azp() -> bool:
 def w8a8_graph_split() -> bool:
     """Off by default (session 47: built, not yet measured end to end); ``1`` on."""
     return _flag(W8A8_GRAPH_SPLIT)
+
+
+def w8a8_direct_cutlass() -> bool:
+    """Off by default (session 47: built and CPU-tested with stand-ins of vLLM's ops, not yet on a GPU); ``1`` on."""
+    return _flag(W8A8_DIRECT_CUTLASS)
 
 
 DEFAULT_W8A8_TRITON_MAX_M = 32  # Hopper; the H200 micro-benchmark's crossover to CUTLASS (session 13)

@@ -27,6 +27,7 @@ The scheme registers ``weight_packed`` as int8 ``[N, K]`` (unpacked at load) and
 from __future__ import annotations
 
 import weakref
+from typing import Any, NamedTuple
 
 import torch
 
@@ -129,9 +130,11 @@ class CutlassSplitInt8Kernel(_Int8Base):
         hopper = cap is not None and cap.major == 9
         self.tri_max_m, self.tri_table, self.tri_max_m_out = envs.w8a8_triton(hopper=hopper)
         self.graph_split = self.per_token and envs.w8a8_graph_split()
+        self.direct = envs.w8a8_direct_cutlass()
         self.key = config.prefix  # stable across runs: it is baked into compiled graphs (see weight_only)
         self.n = config.partition_shape[1]
         self._layer: weakref.ref | None = None
+        self._eager: _EagerTensors | None = None
 
     @property
     def tri_bound(self) -> int:
@@ -143,7 +146,8 @@ class CutlassSplitInt8Kernel(_Int8Base):
         gemm = "cutlass_scaled_mm_azp: first outlier channel in the epilogue" if self.azp else "cutlass_scaled_mm"
         tri = f"; M<={self.tri_bound}: triton int8 GEMM, outliers in its epilogue" if self.tri_bound else ""
         split = "split fused into x's producer when compiled" if self.graph_split else "triton split"
-        return f"CutlassSplitInt8Kernel({split} + {gemm}{tri})"
+        direct = "; eager CUTLASS calls direct" if self.direct and self.tri_bound else ""
+        return f"CutlassSplitInt8Kernel({split} + {gemm}{tri}{direct})"
 
     def set_outliers(self, layer: torch.nn.Module, idx: torch.Tensor) -> None:
         super().set_outliers(layer, idx)
@@ -164,6 +168,8 @@ class CutlassSplitInt8Kernel(_Int8Base):
         if self.tri_bound:
             self._layer = weakref.ref(layer)
             _REGISTRY[self.key] = self
+            if self.direct:
+                self._eager = _EagerTensors.of(layer, self.n_outliers, self.azp and self.n_outliers > 0)
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.graph_split and x.is_cuda and torch.compiler.is_compiling():
@@ -197,7 +203,17 @@ class CutlassSplitInt8Kernel(_Int8Base):
         """Eager dispatch on the token count (the body of ``torch.ops.superweight.w8a8_mm``)."""
         layer = self._live()
         if x.shape[0] > self.tri_bound:
-            return self._cutlass(layer, x, bias)
+            if self._eager is None:
+                return self._cutlass(layer, x, bias)
+            if self.azp and self.n_outliers:
+                from .. import int8_quant_outlier_split_azp
+
+                xq, xs, xo, azp = int8_quant_outlier_split_azp(
+                    x, tensor(layer, "sw_outlier_idx"), tensor(layer, "sw_outlier_mask")
+                )
+                return self._cutlass_eager(xq, xs, xo, azp, bias, x.dtype)
+            xq, xs, xo = self._split(layer, x)
+            return self._cutlass_eager(xq, xs, xo, None, bias, x.dtype)
         xq, xs, xo = self._split(layer, x)
         return self._triton(layer, xq, xs, xo, bias, x.dtype)
 
@@ -215,8 +231,43 @@ class CutlassSplitInt8Kernel(_Int8Base):
         if xo is not None and xo.stride(-1) != 1:
             xo = xo.contiguous()
         if xq.shape[0] > self.tri_bound:
-            return self._cutlass_q(layer, xq.contiguous(), xs, xo, azp, bias, out_dtype)
+            if self._eager is None:
+                return self._cutlass_q(layer, xq.contiguous(), xs, xo, azp, bias, out_dtype)
+            return self._cutlass_eager(xq.contiguous(), xs, xo, azp, bias, out_dtype)
         return self._triton(layer, xq.contiguous(), xs, xo, bias, out_dtype)
+
+    def _cutlass_eager(
+        self,
+        xq: torch.Tensor,
+        xs: torch.Tensor,
+        xo: torch.Tensor | None,
+        azp: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``_cutlass_q`` for the opaque ops' bodies, which run eagerly in every step no CUDA graph covers (prefill
+        chunks): vLLM's CUTLASS ops called directly on tensors looked up once (``_EagerTensors``), without the
+        Python wrappers' checks (``can_implement`` made them) -- the same kernels, less host time a layer
+        (``SUPERWEIGHT_W8A8_DIRECT_CUTLASS=1``, opt-in until GPU-tested and measured; session 47)."""
+        t = self._eager
+        if t is None:
+            raise RuntimeError(f"{self.key}: SUPERWEIGHT_W8A8_DIRECT_CUTLASS is off")
+        y = torch.empty((xq.shape[0], self.n), dtype=out_dtype, device=xq.device)
+        if t.azp_adj is not None:
+            if azp is None or xo is None:
+                raise RuntimeError(f"{self.key}: the zero-point path needs azp and x_out from the split")
+            t.mm_azp(y, xq, t.w, xs, t.ws, t.azp_adj, azp, bias)
+            if t.w_out_rest is None:
+                return y
+            from .. import add_outlier_side_product
+
+            return add_outlier_side_product(y, xo[:, 1:], t.w_out_rest)
+        t.mm(y, xq, t.w, xs, t.ws, bias)
+        if t.w_out is None or xo is None:
+            return y
+        from .. import add_outlier_side_product
+
+        return add_outlier_side_product(y, xo, t.w_out)
 
     def _triton(
         self,
@@ -281,6 +332,33 @@ class CutlassSplitInt8Kernel(_Int8Base):
 
 
 _REGISTRY: weakref.WeakValueDictionary[str, CutlassSplitInt8Kernel] = weakref.WeakValueDictionary()
+
+
+class _EagerTensors(NamedTuple):
+    """What the opaque ops' eager CUTLASS path reads, looked up once after the weights are processed (a module
+    attribute lookup and a ``torch.ops`` lookup cost microseconds, paid per layer in every uncaptured step)."""
+
+    w: torch.Tensor  # [K, N] int8, column-major
+    ws: torch.Tensor
+    w_out: torch.Tensor | None  # [S, N], every outlier channel
+    w_out_rest: torch.Tensor | None  # rows 1.. where the zero point carries row 0 and S > 1
+    azp_adj: torch.Tensor | None
+    mm: Any
+    mm_azp: Any
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module, n_outliers: int, azp: bool) -> _EagerTensors:
+        w_out = tensor(layer, "sw_outlier_w") if n_outliers else None
+        ops = torch.ops._C
+        return cls(
+            w=tensor(layer, "weight"),
+            ws=tensor(layer, "weight_scale"),
+            w_out=w_out,
+            w_out_rest=w_out[1:] if (azp and w_out is not None and n_outliers > 1) else None,
+            azp_adj=tensor(layer, "sw_outlier_azp_adj") if azp else None,
+            mm=getattr(getattr(ops, "cutlass_scaled_mm", None), "default", None),
+            mm_azp=getattr(getattr(ops, "cutlass_scaled_mm_azp", None), "default", None) if azp else None,
+        )
 
 
 def _registered(op: str, key: str) -> CutlassSplitInt8Kernel:
