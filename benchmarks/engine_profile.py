@@ -22,6 +22,7 @@ import glob
 import gzip
 import json
 import os
+import statistics
 
 # (family, substrings of the lower-cased kernel name); first match wins
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -135,12 +136,6 @@ def summarize(kernels: list[dict], steps: int, top: int = 15) -> dict:
 STEP_MARKERS: tuple[str, ...] = ("sample",)
 
 
-def _median(v: list[float]) -> float:
-    o = sorted(v)
-    h = len(o) // 2
-    return o[h] if len(o) % 2 else (o[h - 1] + o[h]) / 2
-
-
 def step_summary(kernels: list[dict], markers: tuple[str, ...] = STEP_MARKERS) -> dict:
     """The window cut into engine steps at the sampler's kernels (a step ends with its last marker kernel): the first
     step (the prompts' prefill) and the median of the later (decode) steps -- busy, span and ``lead_gap`` (the GPU's
@@ -178,7 +173,7 @@ def step_summary(kernels: list[dict], markers: tuple[str, ...] = STEP_MARKERS) -
     first, rest = rows[0], rows[1:]
     out = {"steps_found": len(rows), "first": {key: round(v, 1) for key, v in first.items()}}
     if rest:
-        out["later_median"] = {key: round(_median([r[key] for r in rest]), 1) for key in first}
+        out["later_median"] = {key: round(statistics.median([r[key] for r in rest]), 1) for key in first}
     return out
 
 

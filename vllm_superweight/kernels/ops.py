@@ -119,7 +119,7 @@ def _mm_fake(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> to
 def _w8a8_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
     from .linear import w8a8
 
-    return w8a8.w8a8_mm_impl(x, bias, n, key)
+    return w8a8.registered("w8a8_mm", key).run(x, bias)
 
 
 def _w8a8_q_impl(
@@ -134,7 +134,7 @@ def _w8a8_q_impl(
 ) -> torch.Tensor:
     from .linear import w8a8
 
-    return w8a8.w8a8_mm_q_impl(xq, xs, xo, azp, bias, n, out_dtype, key)
+    return w8a8.registered("w8a8_mm_q", key).run_q(xq, xs, xo, azp, bias, out_dtype)
 
 
 def _w8a8_q_fake(

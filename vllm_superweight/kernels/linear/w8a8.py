@@ -359,30 +359,13 @@ class _EagerTensors(NamedTuple):
         )
 
 
-def _registered(op: str, key: str) -> CutlassSplitInt8Kernel:
+def registered(op: str, key: str) -> CutlassSplitInt8Kernel:
+    """The layer registered under ``key``: the bodies of ``torch.ops.superweight.w8a8_mm`` / ``w8a8_mm_q``
+    (registered with their fakes by ``kernels.ops``) call its ``run`` / ``run_q``."""
     kern = _REGISTRY.get(key)
     if kern is None:
         raise RuntimeError(f"superweight.{op}: no layer registered under {key!r}")
     return kern
-
-
-def w8a8_mm_impl(x: torch.Tensor, bias: torch.Tensor | None, n: int, key: str) -> torch.Tensor:
-    """Body of ``torch.ops.superweight.w8a8_mm`` (registered with its fake by ``kernels.ops``)."""
-    return _registered("w8a8_mm", key).run(x, bias)
-
-
-def w8a8_mm_q_impl(
-    xq: torch.Tensor,
-    xs: torch.Tensor,
-    xo: torch.Tensor | None,
-    azp: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    n: int,
-    out_dtype: torch.dtype,
-    key: str,
-) -> torch.Tensor:
-    """Body of ``torch.ops.superweight.w8a8_mm_q`` (registered with its fake by ``kernels.ops``)."""
-    return _registered("w8a8_mm_q", key).run_q(xq, xs, xo, azp, bias, out_dtype)
 
 
 class VllmInt8Kernel(_Int8Base):
