@@ -8,6 +8,7 @@ by hiding the op, so CI covers both paths on either kind of CPU.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -488,6 +489,165 @@ def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl, direc
         assert y.shape == (20, n) and y.dtype == torch.bfloat16
         assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
     assert torch.equal(y_q, y_x)
+
+
+class _DispatchLayer:
+    """A W8A8 layer with SUPERWEIGHT_W8A8_GRAPH_DISPATCH on (Triton bound 8, 16 with outlier channels; the zero point
+    on) whose GEMMs run on the CPU: our Triton GEMM and vLLM's ``cutlass_scaled_mm[_azp]`` replaced by torch
+    stand-ins of their arithmetic (their real kernels run in the GPU tests), the opaque ``w8a8_mm_q`` given a CPU
+    kernel (its body, unchanged) for as long as the context is open. ``tri_calls``: the token counts the Triton
+    side ran (at run time, through the opaque op)."""
+
+    def __init__(self, monkeypatch, outl: list[int], name: str) -> None:
+        import vllm._custom_ops as vops
+
+        monkeypatch.setenv(envs.W8A8_TRITON, "8/16")
+        monkeypatch.setenv(envs.W8A8_AZP, "1")
+        monkeypatch.setenv(envs.W8A8_GRAPH_SPLIT, "1")
+        monkeypatch.setenv(envs.W8A8_GRAPH_DISPATCH, "1")
+        monkeypatch.setattr(W8, "missing_ops", lambda *names: [])
+        self.n, self.k = n, k = 64, 128
+        self.g = g = torch.Generator().manual_seed(10 + len(outl))
+        self.w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        self.scale = torch.rand(n, 1, generator=g) * 1e-2 + 1e-3
+        c = SWLinearConfig(name, 8, True, -1, "int8-token", torch.bfloat16, (k, n), (k, n), "cuda")
+        self.layer = layer = torch.nn.Module()
+        layer.register_parameter("weight_packed", torch.nn.Parameter(self.w8.clone(), requires_grad=False))
+        layer.register_parameter("weight_scale", torch.nn.Parameter(self.scale.clone(), requires_grad=False))
+        self.kern = kern = W8.CutlassSplitInt8Kernel(c)
+        assert kern.graph_dispatch and "GEMM chosen in the graph" in kern.describe()
+        kern.set_outliers(layer, torch.tensor(outl, dtype=torch.long))
+        kern.process_weights_after_loading(layer)
+        self.outl, self.bound = outl, kern.tri_bound
+        assert self.bound == (16 if outl else 8)
+        self.tri_calls: list[int] = []
+        tri_calls = self.tri_calls
+
+        def triton(self_, lay, xq, xs, xo, bias, out_dtype):  # our Triton GEMM's arithmetic: outliers in 16 bit
+            tri_calls.append(xq.shape[0])
+            y = (xq.double() @ lay.weight.double()) * xs.double() * lay.weight_scale.double().t()
+            if xo is not None:
+                y = y + xo.double() @ W8.tensor(lay, "sw_outlier_w").double()
+            return y.to(out_dtype)
+
+        def mm(a, b, scale_a, scale_b, out_dtype, bias=None):
+            return ((a.double() @ b.double()) * scale_a.double() * scale_b.double().reshape(1, -1)).to(out_dtype)
+
+        def mm_azp(a, b, scale_a, scale_b, out_dtype, azp_adj, azp=None, bias=None):
+            acc = a.double() @ b.double() - azp.double().reshape(-1, 1) * azp_adj.double().reshape(1, -1)
+            return (acc * scale_a.double() * scale_b.double().reshape(1, -1)).to(out_dtype)
+
+        monkeypatch.setattr(W8.CutlassSplitInt8Kernel, "_triton", triton)
+        monkeypatch.setattr(vops, "cutlass_scaled_mm", mm)
+        monkeypatch.setattr(vops, "cutlass_scaled_mm_azp", mm_azp)
+
+    def __enter__(self) -> _DispatchLayer:
+        import vllm_superweight.kernels.ops as OPS
+
+        self._lib = torch.library.Library(OPS.NAMESPACE, "IMPL")  # the op is registered for CUDA
+        self._lib.impl("w8a8_mm_q", OPS._w8a8_q_impl, "CPU")
+        torch._dynamo.reset()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lib._destroy()
+        torch._dynamo.reset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs, xo, azp = self.kern.split_fusable(self.layer, x)
+        return self.kern.dispatch_in_graph(self.layer, xq, xs, xo, azp, None, x.dtype)
+
+    def x(self, m: int) -> torch.Tensor:
+        x = torch.randn(m, self.k, generator=self.g).to(torch.bfloat16)
+        for ch in self.outl:
+            x[:, ch] *= 300.0
+        return x
+
+    def check(self, m: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y: float reference within 1 %, the opaque op's own routing (``run_q``) within 0.4 %, and the Triton side
+        ran exactly when m <= bound."""
+        assert self.tri_calls == ([m] if m <= self.bound else []), (m, self.bound, self.tri_calls)
+        ref = x.float() @ (self.w8.float() * self.scale).T
+        assert y.shape == (m, self.n) and float((y.float() - ref).norm() / ref.norm()) < 1e-2, m
+        del self.tri_calls[:]
+        y_op = self.kern.run_q(*self.kern.split_fusable(self.layer, x), None, x.dtype)
+        assert float((y.float() - y_op.float()).norm() / y_op.float().norm()) < 4e-3, m
+        del self.tri_calls[:]
+
+
+@pytest.mark.parametrize("outl", [[], [3], [3, 77]])
+def test_w8a8_graph_dispatch_picks_the_gemm_in_the_compiled_graph(monkeypatch, outl):
+    """SUPERWEIGHT_W8A8_GRAPH_DISPATCH=1 (with the graph split): compiled, the layer's choice between our Triton GEMM
+    and CUTLASS is an ``if`` on the token count in Inductor's own host code (``torch.cond``), not in the opaque
+    op's Python body: above the bound vLLM's ``cutlass_scaled_mm[_azp]`` are traced into the graph and the opaque op
+    is not called; up to it the op runs its Triton side. Checked through Inductor on the CPU at M = bound, 1,
+    bound + 1, 40 with 0 / 1 / 2 outlier channels (``_DispatchLayer``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    with _DispatchLayer(monkeypatch, outl, f"graph.dispatch.{len(outl)}") as d:
+        cf = torch.compile(d.forward, fullgraph=True)  # the token dimension marked dynamic, as vLLM marks it
+        code = ""
+        for m in (d.bound, 1, d.bound + 1, 40):
+            x = d.x(m)
+            torch._dynamo.mark_dynamic(x, 0)
+            if not code:
+                y, codes = run_and_get_code(cf, x)
+                code = "\n".join(codes)
+            else:
+                y = cf(x)
+            d.check(m, x, y)
+    assert re.search(rf"^\s+if \w+ <= {d.bound}:$", code, flags=re.M), "no branch on the token count in the graph"
+    sub = dict(re.findall(r"^def ((?:true|false)_graph_\d+)\(args\):\n(.*?)^\S", code, re.M | re.S))
+    assert len(sub) == 2, list(sub)
+    (tri_body,) = [b for name, b in sub.items() if name.startswith("true")]
+    (cut_body,) = [b for name, b in sub.items() if name.startswith("false")]
+    assert "w8a8_mm_q" in tri_body and "w8a8_mm_q" not in cut_body
+
+
+def test_w8a8_graph_dispatch_through_vllms_compile_backend(monkeypatch, tmp_path):
+    """The same layer inside a module compiled the way vLLM compiles models (``@support_torch_compile``, VLLM_COMPILE
+    mode: Dynamo, the graph split at a splitting op as at attention, each piece through Inductor, the AOT artifact
+    saved): vLLM's backend takes the ``torch.cond``, Inductor's code for the piece holds the branch, and both
+    branches run at their token counts."""
+    from vllm.compilation.decorators import support_torch_compile
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
+    from vllm.config.compilation import CUDAGraphMode
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    lib = torch.library.Library("swtest_dispatch", "FRAGMENT")  # stands in for attention: where vLLM splits
+    lib.define("mix(Tensor x) -> Tensor")
+    lib.impl("mix", lambda x: x * 0.5, "CPU")
+    lib._register_fake("mix", lambda x: torch.empty_like(x))
+    with _DispatchLayer(monkeypatch, [3], "graph.dispatch.vllm") as d:
+
+        @support_torch_compile(dynamic_arg_dims={"x": 0})
+        class Block(torch.nn.Module):
+            def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+                super().__init__()
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return d.forward(torch.ops.swtest_dispatch.mix(x))
+
+        cc = CompilationConfig(
+            mode=CompilationMode.VLLM_COMPILE,
+            backend="inductor",
+            splitting_ops=["swtest_dispatch::mix"],
+            cudagraph_mode=CUDAGraphMode.NONE,
+            cache_dir=str(tmp_path / "compile"),
+        )
+        vc = VllmConfig(compilation_config=cc)
+        try:
+            with set_current_vllm_config(vc):
+                block = Block(vllm_config=vc)
+                for m in (40, 1, d.bound, d.bound + 1):  # traced at the first call's size, above the bound
+                    x = d.x(m)
+                    y = block(x)
+                    d.check(m, x * 0.5, y)
+        finally:
+            lib._destroy()
+    # what Inductor wrote for the piece under vLLM's cache: the branch on the token count is in it
+    codes = [p.read_text() for p in tmp_path.rglob("*.py")]
+    assert any(re.search(rf"^\s+if \w+ <= {d.bound}:$", c, flags=re.M) for c in codes), len(codes)
 
 
 # ---- the per-batch pair (logic only; the real Marlin/Machete pair runs in tests/test_gpu_kernels.py) -------------

@@ -279,13 +279,16 @@ def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, o
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA only")
-def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch):
+@pytest.mark.parametrize("dispatch", [False, True], ids=["op-dispatch", "graph-dispatch"])
+def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch, dispatch):
     """SUPERWEIGHT_W8A8_GRAPH_SPLIT=1: compiled, the W8A8 layer's activation split is traced as torch ops (no
     ``int8_quant_outlier_split`` kernel of ours; the int8 operands go to ``w8a8_mm_q``), Inductor builds the
     residual-add RMSNorm and the split as one kernel (one outlier channel or none), and y matches the float
     reference of the dequantized weights with the outlier channels in 16 bit -- Triton (M <= bound) and CUTLASS
     (zero point) sides, 0 / 1 / 3 outlier channels, replayed from a CUDA graph too; eagerly the layer still runs
-    our Triton split."""
+    our Triton split. With SUPERWEIGHT_W8A8_GRAPH_DISPATCH=1 the graph branches on the token count itself
+    (``torch.cond``: an ``if`` in Inductor's host code) and calls vLLM's CUTLASS op above the bound; both sides
+    replayed from CUDA graphs."""
     from test_gpu_kernels import _cfg, _rel, _vl
     from torch._inductor.utils import run_and_get_code
 
@@ -294,6 +297,7 @@ def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch):
     from vllm_superweight.kernels.linear import w8a8 as W8
 
     monkeypatch.setenv(envs.W8A8_GRAPH_SPLIT, "1")
+    monkeypatch.setenv(envs.W8A8_GRAPH_DISPATCH, "1" if dispatch else "0")
     monkeypatch.delenv(envs.W8A8_TRITON, raising=False)
     monkeypatch.delenv(envs.W8A8_AZP, raising=False)
     dev, n, k = "cuda", 4096, 4096
@@ -339,20 +343,25 @@ def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch):
             assert _rel(y, f(h, r)) < 2e-2, (outl.tolist(), m)  # the eager layer (our Triton split)
         code = "\n".join(codes)
         assert "w8a8_mm_q" in code and "int8_quant_outlier_split" not in code
+        assert kern.graph_dispatch is dispatch
+        if dispatch:  # the choice is Inductor's `if` on the token count; CUTLASS's op is called from the graph
+            assert re.search(rf"^\s+if \w+ <= {bound}:$", code, flags=re.M), "no branch on the token count"
+            assert "cutlass_scaled_mm" in code
         kernels = re.findall(r"^def (triton_\w+)\(", code, flags=re.M)
         print(f"outliers {outl.tolist()}: Inductor kernels {kernels}")
         # one outlier channel (the planted 7B model's layers): the norm, the split, the gather and the zero point in
         # one kernel (H100, s47); with three, Inductor gathers them from the norm in a kernel of their own
         reductions = [kn for kn in kernels if kn.startswith("triton_red")]
         assert len(reductions) == (1 if outl.numel() <= 1 else 2), kernels
-        h = torch.randn(8, k, device=dev, dtype=torch.bfloat16)
-        r = torch.randn(8, k, device=dev, dtype=torch.bfloat16)
-        cf(h, r)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            yg = cf(h, r)
-        h.copy_(torch.randn_like(h))
-        g.replay()
-        torch.cuda.synchronize()
-        assert _rel(yg, norm(h, r).float() @ w_ref.T) < 2e-2
+        for m in (8, bound + 1) if dispatch else (8,):  # both sides of the graph's branch, captured
+            h = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            r = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            cf(h, r)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                yg = cf(h, r)
+            h.copy_(torch.randn_like(h))
+            g.replay()
+            torch.cuda.synchronize()
+            assert _rel(yg, norm(h, r).float() @ w_ref.T) < 2e-2, m
     torch._dynamo.reset()

@@ -14,7 +14,9 @@
   With ``SUPERWEIGHT_W8A8_GRAPH_SPLIT=1`` (per token, under torch.compile) the split is traced into the graph
   as torch ops (``sparse_layout.int8_split_fusable``), so Inductor fuses it into the kernel that produces x
   (the RMSNorm, SiLU * up) instead of running it as its own pass; the opaque op then takes the int8 operands
-  (``torch.ops.superweight.w8a8_mm_q``).
+  (``torch.ops.superweight.w8a8_mm_q``). With ``SUPERWEIGHT_W8A8_GRAPH_DISPATCH=1`` as well, the graph makes that
+  choice itself (``torch.cond`` on the token count): above the bound it calls vLLM's CUTLASS op directly, so the
+  steps no CUDA graph covers run no Python of ours; the opaque op serves only the Triton side.
 * ``VllmInt8Kernel`` (per token): vLLM's own int8 kernel for this platform (oneDNN on x86 CPUs), which quantizes
   the activations itself: it is handed x with the outlier channels zeroed. Used only if its ops exist.
 * ``TorchInt8Kernel``: every platform and dtype: our split + ``torch._int_mm`` (CPU) or an exact-enough float
@@ -130,6 +132,7 @@ class CutlassSplitInt8Kernel(_Int8Base):
         hopper = cap is not None and cap.major == 9
         self.tri_max_m, self.tri_table, self.tri_max_m_out = envs.w8a8_triton(hopper=hopper)
         self.graph_split = self.per_token and envs.w8a8_graph_split()
+        self.graph_dispatch = self.graph_split and envs.w8a8_graph_dispatch()
         self.direct = envs.w8a8_direct_cutlass()
         self.key = config.prefix  # stable across runs: it is baked into compiled graphs (see weight_only)
         self.n = config.partition_shape[1]
@@ -146,6 +149,8 @@ class CutlassSplitInt8Kernel(_Int8Base):
         gemm = "cutlass_scaled_mm_azp: first outlier channel in the epilogue" if self.azp else "cutlass_scaled_mm"
         tri = f"; M<={self.tri_bound}: triton int8 GEMM, outliers in its epilogue" if self.tri_bound else ""
         split = "split fused into x's producer when compiled" if self.graph_split else "triton split"
+        if self.graph_dispatch and self.tri_bound:
+            split += ", GEMM chosen in the graph"
         direct = "; eager CUTLASS calls direct" if self.direct and self.tri_bound else ""
         return f"CutlassSplitInt8Kernel({split} + {gemm}{tri}{direct})"
 
@@ -174,9 +179,11 @@ class CutlassSplitInt8Kernel(_Int8Base):
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.graph_split and x.is_cuda and torch.compiler.is_compiling():
             xq, xs, xo, azp = self.split_fusable(layer, x)
-            if self.tri_bound:
-                return torch.ops.superweight.w8a8_mm_q(xq, xs, xo, azp, bias, self.n, x.dtype, self.key)
-            return self._cutlass_q(layer, xq, xs, xo, azp, bias, x.dtype)
+            if not self.tri_bound:
+                return self._cutlass_q(layer, xq, xs, xo, azp, bias, x.dtype)
+            if self.graph_dispatch:
+                return self.dispatch_in_graph(layer, xq, xs, xo, azp, bias, x.dtype)
+            return torch.ops.superweight.w8a8_mm_q(xq, xs, xo, azp, bias, self.n, x.dtype, self.key)
         if self.tri_bound and x.is_cuda:
             return torch.ops.superweight.w8a8_mm(x, bias, self.n, self.key)
         return self._cutlass(layer, x, bias)
@@ -192,6 +199,41 @@ class CutlassSplitInt8Kernel(_Int8Base):
             return int8_split_fusable(x, None, None)
         idx, keep = tensor(layer, "sw_outlier_idx"), tensor(layer, "sw_outlier_keep")
         return int8_split_fusable(x, idx, keep, azp=self.azp)
+
+    def dispatch_in_graph(
+        self,
+        layer: torch.nn.Module,
+        xq: torch.Tensor,
+        xs: torch.Tensor,
+        xo: torch.Tensor | None,
+        azp: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``run_q``'s choice made by the compiled graph: ``torch.cond`` on the token count, which Inductor emits as
+        an ``if`` in its host code (captured per size in CUDA graphs, a branch on an integer in eager steps). Up
+        to the bound the opaque op (our Triton GEMM); above it ``_cutlass_q`` traced into the graph, i.e. vLLM's
+        ``cutlass_scaled_mm[_azp]`` called from the graph as SmoothQuant's layers call it. ``torch.cond`` takes
+        tensors only, so the absent operands (no outlier channel, no zero point) are restored inside the
+        branches."""
+        present = tuple(t is not None for t in (xo, azp))
+        operands = tuple(t for t in (xq, xs, xo, azp) if t is not None)
+
+        def unpack(ts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            rest = list(ts[2:])
+            xo_ = rest.pop(0) if present[0] else None
+            azp_ = rest.pop(0) if present[1] else None
+            return xo_, azp_
+
+        def triton(*ts: torch.Tensor) -> torch.Tensor:
+            xo_, azp_ = unpack(ts)
+            return torch.ops.superweight.w8a8_mm_q(ts[0], ts[1], xo_, azp_, bias, self.n, out_dtype, self.key)
+
+        def cutlass(*ts: torch.Tensor) -> torch.Tensor:
+            xo_, azp_ = unpack(ts)
+            return self._cutlass_q(layer, ts[0], ts[1], xo_, azp_, bias, out_dtype)
+
+        return torch.cond(xq.shape[0] <= self.tri_bound, triton, cutlass, operands)
 
     def _live(self) -> torch.nn.Module:
         layer = self._layer() if self._layer is not None else None
