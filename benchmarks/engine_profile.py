@@ -136,26 +136,30 @@ def summarize(kernels: list[dict], steps: int, top: int = 15) -> dict:
 STEP_MARKERS: tuple[str, ...] = ("sample",)
 
 
-def step_summary(kernels: list[dict], markers: tuple[str, ...] = STEP_MARKERS) -> dict:
-    """The window cut into engine steps at the sampler's kernels (a step ends with its last marker kernel): the first
-    step (the prompts' prefill) and the median of the later (decode) steps -- busy, span and ``lead_gap`` (the GPU's
-    idle time from the previous step's end to this step's first kernel: host work between steps) -- so that a gap
-    between two engines can be placed in the prefill or in the decode steps. {} when no marker kernel is found."""
+def step_summary(kernels: list[dict], markers: tuple[str, ...] = STEP_MARKERS, min_step_kernels: int = 8) -> dict:
+    """The window cut into engine steps at the sampler's kernels: the first step (the prompts' prefill) and the
+    median of the later (decode) steps -- busy, span and ``lead_gap`` (the GPU's idle time from the previous step's
+    end to this step's first kernel: host work between steps) -- so that a gap between two engines can be placed in
+    the prefill or in the decode steps. A step ends with its sampler's last marker kernel: marker kernels with fewer
+    than ``min_step_kernels`` other kernels between them are one sampler (vLLM 0.26's sampler launches several
+    matching kernels with a few others between them: cut at every marker, the H100 s47 profile of 128 steps gave
+    387 "steps"); a forward pass has more kernels than that. {} when no marker kernel is found."""
     ks = sorted(kernels, key=lambda k: k["ts"])
-    steps: list[list[dict]] = []
-    cur: list[dict] = []
-    for k in ks:
-        is_marker = any(m in k["name"].lower() for m in markers)
-        if is_marker and steps and not [c for c in cur if not any(m in c["name"].lower() for m in markers)]:
-            steps[-1].append(k)  # a second marker kernel of the same step
-            cur = []
+    is_marker = [any(m in k["name"].lower() for m in markers) for k in ks]
+    ends: list[int] = []  # index of each step's last marker kernel
+    others = 0  # non-marker kernels since the last marker
+    for i, mk in enumerate(is_marker):
+        if not mk:
+            others += 1
             continue
-        cur.append(k)
-        if is_marker:
-            steps.append(cur)
-            cur = []
-    if not steps:
+        if ends and others < min_step_kernels:
+            ends[-1] = i  # the same sampler
+        else:
+            ends.append(i)
+        others = 0
+    if not ends:
         return {}
+    steps = [ks[a + 1 : b + 1] for a, b in zip([-1, *ends[:-1]], ends)]
     rows = []
     prev_end: float | None = None
     for st in steps:

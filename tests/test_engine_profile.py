@@ -143,36 +143,44 @@ def test_cpu_ops_summed_per_step(tmp_path):
 
 
 def test_steps_cut_at_the_sampler():
-    """``step_summary`` cuts the window at the sampler's kernel: the first (prefill) step apart, the later steps'
-    median busy / span / lead gap (idle GPU between the previous step's end and the step's first kernel); a second
-    sampler kernel right after the first stays in its step; no sampler -> {}."""
+    """``step_summary`` cuts the window at the sampler's kernels: the first (prefill) step apart, the later steps'
+    median busy / span / lead gap (idle GPU between the previous step's end and the step's first kernel); sampler
+    kernels with fewer than ``min_step_kernels`` others between them (vLLM's sampler launches several) stay in one
+    step; no sampler -> {}."""
 
     def k(name, ts, dur):
         return {"name": name, "ts": float(ts), "dur": float(dur)}
 
+    def fwd(t0, n, dur):  # a forward pass: n kernels of dur us back to back
+        return [k("gemm", t0 + i * dur, dur) for i in range(n)]
+
     kernels = [
-        # prefill: 100 us busy over 150 us, then two sampler kernels
-        k("gemm", 0, 60),
-        k("norm", 100, 40),
-        k("_gumbel_sample_kernel", 140, 10),
-        k("argmax_sample", 150, 0),
+        # prefill: 100 us busy over 150 us (a 40 us hole), then the sampler: two marker kernels, a softmax between
+        *fwd(0, 10, 6),
+        k("norm", 100, 30),
+        k("_gumbel_sample_kernel", 130, 5),
+        k("softmax", 135, 2),
+        k("argmax_sample", 137, 3),
         # decode 1: 30 us after the prefill's end, 20 busy in 25
-        k("gemm", 180, 15),
-        k("_gumbel_sample_kernel", 200, 5),
+        *fwd(170, 9, 1.5),
+        k("gemm_tail", 183.5, 1.5),
+        k("_gumbel_sample_kernel", 190, 5),
         # decode 2: 10 us gap, 20 busy in 20
-        k("gemm", 215, 15),
-        k("_gumbel_sample_kernel", 230, 5),
+        *fwd(205, 10, 1.5),
+        k("_gumbel_sample_kernel", 220, 5),
         # decode 3: 50 us gap, 30 busy in 40
-        k("gemm", 285, 20),
-        k("_gumbel_sample_kernel", 315, 10),
+        *fwd(275, 10, 2.0),
+        k("_gumbel_sample_kernel", 305, 10),
     ]
     s = EP.step_summary(list(reversed(kernels)))  # any order in: sorted by start
     assert s["steps_found"] == 4
-    assert s["first"] == {"busy_us": 110.0, "span_us": 150.0, "lead_gap_us": 0.0, "kernels": 4}
-    assert s["later_median"] == {"busy_us": 20.0, "span_us": 25.0, "lead_gap_us": 30.0, "kernels": 2}
+    assert s["first"] == {"busy_us": 100.0, "span_us": 140.0, "lead_gap_us": 0.0, "kernels": 14}
+    assert s["later_median"] == {"busy_us": 20.0, "span_us": 25.0, "lead_gap_us": 30.0, "kernels": 11}
+    cut_at_every_marker = EP.step_summary(kernels, min_step_kernels=1)
+    assert cut_at_every_marker["steps_found"] == 5  # the prefill's sampler split in two
     assert EP.step_summary([k("gemm", 0, 5)]) == {}
     rec = dict(kind="profile", variant="a", batch=8, **EP.summarize(kernels, 3), step_profile=s)
     old = dict(kind="profile", variant="b", batch=8, **EP.summarize(kernels, 3))  # before s47: no step_profile
     md = EP.profile_table([rec, old]).splitlines()
-    assert "| first step (prefill): busy (us) | 110.0 |  |" in md
+    assert "| first step (prefill): busy (us) | 100.0 |  |" in md
     assert "| later steps, median: lead gap (us) | 30.0 |  |" in md
