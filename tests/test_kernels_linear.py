@@ -498,7 +498,7 @@ class _DispatchLayer:
     kernel (its body, unchanged) for as long as the context is open. ``tri_calls``: the token counts the Triton
     side ran (at run time, through the opaque op)."""
 
-    def __init__(self, monkeypatch, outl: list[int], name: str) -> None:
+    def __init__(self, monkeypatch, outl: list[int], name: str, bias: bool = False) -> None:
         import vllm._custom_ops as vops
 
         monkeypatch.setenv(envs.W8A8_TRITON, "8/16")
@@ -514,6 +514,7 @@ class _DispatchLayer:
         self.layer = layer = torch.nn.Module()
         layer.register_parameter("weight_packed", torch.nn.Parameter(self.w8.clone(), requires_grad=False))
         layer.register_parameter("weight_scale", torch.nn.Parameter(self.scale.clone(), requires_grad=False))
+        self.bias = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
         self.kern = kern = W8.CutlassSplitInt8Kernel(c)
         assert kern.graph_dispatch and "GEMM chosen in the graph" in kern.describe()
         kern.set_outliers(layer, torch.tensor(outl, dtype=torch.long))
@@ -528,14 +529,16 @@ class _DispatchLayer:
             y = (xq.double() @ lay.weight.double()) * xs.double() * lay.weight_scale.double().t()
             if xo is not None:
                 y = y + xo.double() @ W8.tensor(lay, "sw_outlier_w").double()
-            return y.to(out_dtype)
+            return (y + (0 if bias is None else bias.double())).to(out_dtype)
 
         def mm(a, b, scale_a, scale_b, out_dtype, bias=None):
-            return ((a.double() @ b.double()) * scale_a.double() * scale_b.double().reshape(1, -1)).to(out_dtype)
+            y = (a.double() @ b.double()) * scale_a.double() * scale_b.double().reshape(1, -1)
+            return (y + (0 if bias is None else bias.double())).to(out_dtype)
 
         def mm_azp(a, b, scale_a, scale_b, out_dtype, azp_adj, azp=None, bias=None):
             acc = a.double() @ b.double() - azp.double().reshape(-1, 1) * azp_adj.double().reshape(1, -1)
-            return (acc * scale_a.double() * scale_b.double().reshape(1, -1)).to(out_dtype)
+            y = acc * scale_a.double() * scale_b.double().reshape(1, -1)
+            return (y + (0 if bias is None else bias.double())).to(out_dtype)
 
         monkeypatch.setattr(W8.CutlassSplitInt8Kernel, "_triton", triton)
         monkeypatch.setattr(vops, "cutlass_scaled_mm", mm)
@@ -555,7 +558,7 @@ class _DispatchLayer:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq, xs, xo, azp = self.kern.split_fusable(self.layer, x)
-        return self.kern.dispatch_in_graph(self.layer, xq, xs, xo, azp, None, x.dtype)
+        return self.kern.dispatch_in_graph(self.layer, xq, xs, xo, azp, self.bias, x.dtype)
 
     def x(self, m: int) -> torch.Tensor:
         x = torch.randn(m, self.k, generator=self.g).to(torch.bfloat16)
@@ -567,10 +570,10 @@ class _DispatchLayer:
         """y: float reference within 1 %, the opaque op's own routing (``run_q``) within 0.4 %, and the Triton side
         ran exactly when m <= bound."""
         assert self.tri_calls == ([m] if m <= self.bound else []), (m, self.bound, self.tri_calls)
-        ref = x.float() @ (self.w8.float() * self.scale).T
+        ref = x.float() @ (self.w8.float() * self.scale).T + (0 if self.bias is None else self.bias.float())
         assert y.shape == (m, self.n) and float((y.float() - ref).norm() / ref.norm()) < 1e-2, m
         del self.tri_calls[:]
-        y_op = self.kern.run_q(*self.kern.split_fusable(self.layer, x), None, x.dtype)
+        y_op = self.kern.run_q(*self.kern.split_fusable(self.layer, x), self.bias, x.dtype)
         assert float((y.float() - y_op.float()).norm() / y_op.float().norm()) < 4e-3, m
         del self.tri_calls[:]
 
@@ -581,10 +584,10 @@ def test_w8a8_graph_dispatch_picks_the_gemm_in_the_compiled_graph(monkeypatch, o
     and CUTLASS is an ``if`` on the token count in Inductor's own host code (``torch.cond``), not in the opaque
     op's Python body: above the bound vLLM's ``cutlass_scaled_mm[_azp]`` are traced into the graph and the opaque op
     is not called; up to it the op runs its Triton side. Checked through Inductor on the CPU at M = bound, 1,
-    bound + 1, 40 with 0 / 1 / 2 outlier channels (``_DispatchLayer``)."""
+    bound + 1, 40 with 0 / 1 / 2 outlier channels, a bias with two (``_DispatchLayer``)."""
     from torch._inductor.utils import run_and_get_code
 
-    with _DispatchLayer(monkeypatch, outl, f"graph.dispatch.{len(outl)}") as d:
+    with _DispatchLayer(monkeypatch, outl, f"graph.dispatch.{len(outl)}", bias=len(outl) == 2) as d:
         cf = torch.compile(d.forward, fullgraph=True)  # the token dimension marked dynamic, as vLLM marks it
         code = ""
         for m in (d.bound, 1, d.bound + 1, 40):
