@@ -213,27 +213,16 @@ class CutlassSplitInt8Kernel(_Int8Base):
         """``run_q``'s choice made by the compiled graph: ``torch.cond`` on the token count, which Inductor emits as
         an ``if`` in its host code (captured per size in CUDA graphs, a branch on an integer in eager steps). Up
         to the bound the opaque op (our Triton GEMM); above it ``_cutlass_q`` traced into the graph, i.e. vLLM's
-        ``cutlass_scaled_mm[_azp]`` called from the graph as SmoothQuant's layers call it. ``torch.cond`` takes
-        tensors only, so the absent operands (no outlier channel, no zero point) are restored inside the
-        branches."""
-        present = tuple(t is not None for t in (xo, azp))
-        operands = tuple(t for t in (xq, xs, xo, azp) if t is not None)
+        ``cutlass_scaled_mm[_azp]`` called from the graph as SmoothQuant's layers call it. The branches close over
+        the other operands (Dynamo lifts them into the branch graphs; some may be None)."""
 
-        def unpack(ts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            rest = list(ts[2:])
-            xo_ = rest.pop(0) if present[0] else None
-            azp_ = rest.pop(0) if present[1] else None
-            return xo_, azp_
+        def triton(q: torch.Tensor) -> torch.Tensor:
+            return torch.ops.superweight.w8a8_mm_q(q, xs, xo, azp, bias, self.n, out_dtype, self.key)
 
-        def triton(*ts: torch.Tensor) -> torch.Tensor:
-            xo_, azp_ = unpack(ts)
-            return torch.ops.superweight.w8a8_mm_q(ts[0], ts[1], xo_, azp_, bias, self.n, out_dtype, self.key)
+        def cutlass(q: torch.Tensor) -> torch.Tensor:
+            return self._cutlass_q(layer, q, xs, xo, azp, bias, out_dtype)
 
-        def cutlass(*ts: torch.Tensor) -> torch.Tensor:
-            xo_, azp_ = unpack(ts)
-            return self._cutlass_q(layer, ts[0], ts[1], xo_, azp_, bias, out_dtype)
-
-        return torch.cond(xq.shape[0] <= self.tri_bound, triton, cutlass, operands)
+        return torch.cond(xq.shape[0] <= self.tri_bound, triton, cutlass, (xq,))
 
     def _live(self) -> torch.nn.Module:
         layer = self._layer() if self._layer is not None else None
