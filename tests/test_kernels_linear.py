@@ -556,9 +556,10 @@ class _DispatchLayer:
         self._lib._destroy()
         torch._dynamo.reset()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, xs, xo, azp = self.kern.split_fusable(self.layer, x)
-        return self.kern.dispatch_in_graph(self.layer, xq, xs, xo, azp, self.bias, x.dtype)
+    def forward(self, x: torch.Tensor, layer: torch.nn.Module | None = None) -> torch.Tensor:
+        layer = self.layer if layer is None else layer
+        xq, xs, xo, azp = self.kern.split_fusable(layer, x)
+        return self.kern.dispatch_in_graph(layer, xq, xs, xo, azp, self.bias, x.dtype)
 
     def x(self, m: int) -> torch.Tensor:
         x = torch.randn(m, self.k, generator=self.g).to(torch.bfloat16)
@@ -599,6 +600,13 @@ def test_w8a8_graph_dispatch_picks_the_gemm_in_the_compiled_graph(monkeypatch, o
             else:
                 y = cf(x)
             d.check(m, x, y)
+        # traced with every int symbolic (``dynamic=True``, as the GPU test compiles): the kernel's own ints too, and
+        # both branches must still return the same [M, N] (session 49: N came from the kernel, a symbol)
+        torch._dynamo.reset()
+        cfd = torch.compile(d.forward, fullgraph=True, dynamic=True)
+        for m in (1, d.bound + 1):
+            x = d.x(m)
+            d.check(m, x, cfd(x))
     assert re.search(rf"^\s+if \w+ <= {d.bound}:$", code, flags=re.M), "no branch on the token count in the graph"
     sub = dict(re.findall(r"^def ((?:true|false)_graph_\d+)\(args\):\n(.*?)^\S", code, re.M | re.S))
     assert len(sub) == 2, list(sub)
@@ -609,27 +617,39 @@ def test_w8a8_graph_dispatch_picks_the_gemm_in_the_compiled_graph(monkeypatch, o
 
 def test_w8a8_graph_dispatch_through_vllms_compile_backend(monkeypatch, tmp_path):
     """The same layer inside a module compiled the way vLLM compiles models (``@support_torch_compile``, VLLM_COMPILE
-    mode: Dynamo, the graph split at a splitting op as at attention, each piece through Inductor, the AOT artifact
-    saved): vLLM's backend takes the ``torch.cond``, Inductor's code for the piece holds the branch, and both
-    branches run at their token counts."""
+    mode: Dynamo with the layer's parameters as graph inputs, vLLM's piecewise split at a splitting op as at
+    attention, each piece compiled up front per token range by Inductor): vLLM's backend takes the ``torch.cond``,
+    Inductor's code for the piece holds the branch, and both branches run at their token counts. Without
+    ``compile_fix`` the piece's placeholders sit behind the cond's ``get_attr`` nodes and vLLM passes too few example
+    inputs (the H100 engine's start-up error, session 49); torch 2.11's compile caches refuse the cond, so the
+    engine runs with VLLM_DISABLE_COMPILE_CACHE=1 (without it vLLM cannot save its artifact and stops)."""
     from vllm.compilation.decorators import support_torch_compile
     from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
     from vllm.config.compilation import CUDAGraphMode
 
+    from vllm_superweight.vllm_plugin import compile_fix
+
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # where Inductor writes the code
+    import vllm.compilation.backends as VB
+
+    monkeypatch.setattr(VB, "split_graph", VB.split_graph)  # the kernel wraps it (compile_fix): undone afterwards
     lib = torch.library.Library("swtest_dispatch", "FRAGMENT")  # stands in for attention: where vLLM splits
     lib.define("mix(Tensor x) -> Tensor")
     lib.impl("mix", lambda x: x * 0.5, "CPU")
     lib._register_fake("mix", lambda x: torch.empty_like(x))
     with _DispatchLayer(monkeypatch, [3], "graph.dispatch.vllm") as d:
+        assert getattr(VB.split_graph, compile_fix._MARK, False)  # installed by the kernel at load
 
         @support_torch_compile(dynamic_arg_dims={"x": 0})
         class Block(torch.nn.Module):
             def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
                 super().__init__()
+                self.lin = d.layer  # a submodule, as in a model: Dynamo lifts its parameters as graph inputs
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return d.forward(torch.ops.swtest_dispatch.mix(x))
+                return d.forward(torch.ops.swtest_dispatch.mix(x), self.lin)
 
         cc = CompilationConfig(
             mode=CompilationMode.VLLM_COMPILE,
@@ -637,8 +657,14 @@ def test_w8a8_graph_dispatch_through_vllms_compile_backend(monkeypatch, tmp_path
             splitting_ops=["swtest_dispatch::mix"],
             cudagraph_mode=CUDAGraphMode.NONE,
             cache_dir=str(tmp_path / "compile"),
+            compile_ranges_endpoints=[64],  # compiled up front, as an engine's start-up compiles (tokens 1..64)
         )
         vc = VllmConfig(compilation_config=cc)
+        # vLLM's CPU platform turns VLLM_COMPILE into DYNAMO_TRACE_ONCE (plain Inductor, no split); put it back so
+        # the graph goes through VllmBackend: the piecewise split, each piece compiled up front per token range
+        vc.compilation_config.mode = CompilationMode.VLLM_COMPILE
+        vc.compilation_config.compile_sizes = []  # as an engine sets it (no single-size compiles; the ranges only)
+        vc.compilation_config.pass_config.fuse_rope_kvcache_cat_mla = False  # a CUDA-only fusion pass
         try:
             with set_current_vllm_config(vc):
                 block = Block(vllm_config=vc)
@@ -648,7 +674,7 @@ def test_w8a8_graph_dispatch_through_vllms_compile_backend(monkeypatch, tmp_path
                     d.check(m, x * 0.5, y)
         finally:
             lib._destroy()
-    # what Inductor wrote for the piece under vLLM's cache: the branch on the token count is in it
+    # what Inductor wrote for the piece: the branch on the token count is in it
     codes = [p.read_text() for p in tmp_path.rglob("*.py")]
     assert any(re.search(rf"^\s+if \w+ <= {d.bound}:$", c, flags=re.M) for c in codes), len(codes)
 

@@ -175,6 +175,12 @@ class CutlassSplitInt8Kernel(_Int8Base):
             _REGISTRY[self.key] = self
             if self.direct:
                 self._eager = _EagerTensors.of(layer, self.n_outliers, self.azp and self.n_outliers > 0)
+            if self.graph_dispatch:
+                # the torch.cond's branch subgraphs would break vLLM 0.26's piecewise compile (compile_fix)
+                from ...vllm_plugin.compile_fix import install, warn_if_compile_cache
+
+                install()
+                warn_if_compile_cache()
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.graph_split and x.is_cuda and torch.compiler.is_compiling():
@@ -216,8 +222,12 @@ class CutlassSplitInt8Kernel(_Int8Base):
         ``cutlass_scaled_mm[_azp]`` called from the graph as SmoothQuant's layers call it. The branches close over
         the other operands (Dynamo lifts them into the branch graphs; some may be None)."""
 
+        # N from the weight's (static) shape, not ``self.n``: where Dynamo makes the kernel's ints symbolic
+        # (``dynamic=True``) both branches must still return the same [M, N]
+        n = tensor(layer, "weight").shape[1]
+
         def triton(q: torch.Tensor) -> torch.Tensor:
-            return torch.ops.superweight.w8a8_mm_q(q, xs, xo, azp, bias, self.n, out_dtype, self.key)
+            return torch.ops.superweight.w8a8_mm_q(q, xs, xo, azp, bias, n, out_dtype, self.key)
 
         def cutlass(q: torch.Tensor) -> torch.Tensor:
             return self._cutlass_q(layer, q, xs, xo, azp, bias, out_dtype)
