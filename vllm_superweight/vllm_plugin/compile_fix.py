@@ -8,10 +8,15 @@ inputs in the order the piece first uses them: every input the cond brings after
 and scales) becomes a placeholder *after* two ``get_attr`` nodes, vLLM hands Inductor too few example inputs, and the
 engine stops at start-up ("Expected positional argument for parameter ..._weight_", session 49 on the H100).
 
-``install()`` wraps vLLM's ``split_graph`` so that each piece's placeholders come first again: placeholders read
-nothing, so moving them ahead of the ``get_attr`` nodes (keeping their own order, i.e. the piece's signature)
-changes no computation. Installed by the W8A8 kernel only where the graph dispatch is on; graphs without a
-``torch.cond`` have their placeholders first already and are left as they are.
+Second, Dynamo computes the token-count test (``s72 <= 32``) once and every layer's cond reads that one node, so the
+split passes it from piece to piece as a SymBool, which Inductor refuses as a graph input ("Unsupported inductor
+graph input type: LessThan", session 49).
+
+``install()`` wraps vLLM's ``split_graph``: before the split, each SymBool node gets a copy beside each of its users
+(its inputs are SymInts, which pieces take fine); after it, each piece's placeholders come first again
+(placeholders read nothing, so moving them ahead of the ``get_attr`` nodes, in their own order, i.e. the piece's
+signature, changes no computation). Installed by the W8A8 kernel only where the graph dispatch is on; graphs
+without a ``torch.cond`` have no such nodes and are left as they are.
 """
 
 from __future__ import annotations
@@ -21,10 +26,33 @@ import logging
 import os
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 _MARK = "_superweight_placeholders_first"
 _warned = False
+
+
+def sym_bools_per_user(gm: fx.GraphModule) -> int:
+    """Give every user of a SymBool-valued node its own copy of it, placed just before that user, and drop the
+    shared node. Returns how many copies were made."""
+    made = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not isinstance(node.meta.get("example_value"), torch.SymBool):
+            continue
+        users = list(node.users)
+        if len(users) < 2:
+            continue
+        for user in users:
+            with gm.graph.inserting_before(user):
+                copy = gm.graph.node_copy(node)
+            user.replace_input_with(node, copy)
+            made += 1
+        gm.graph.erase_node(node)
+    if made:
+        gm.graph.lint()
+        gm.recompile()
+    return made
 
 
 def placeholders_first(gm: fx.GraphModule) -> int:
@@ -79,6 +107,7 @@ def install() -> bool:
 
     @functools.wraps(orig)
     def split_graph(graph: fx.GraphModule, *args: Any, **kwargs: Any):
+        sym_bools_per_user(graph)
         split_gm, items = orig(graph, *args, **kwargs)
         placeholders_first(split_gm)
         return split_gm, items
