@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-_MARK = "_superweight_placeholders_first"
+_MARK = "_superweight_split_fix"
 _warned = False
 
 
