@@ -338,10 +338,8 @@ METHODS["sw-w8a8-gsplit-direct"] = _variant(
 )
 # ... and the choice between our Triton GEMM and CUTLASS made by the compiled graph (torch.cond on the token count):
 # above the bound vLLM's CUTLASS op is called from the graph, no Python of ours in uncaptured steps (session 48)
-# torch 2.11's compile caches refuse a graph with torch.cond ("Can't cache HigherOrderOperator: cond"), and vLLM
-# stops at start-up when its artifact cannot be saved: this variant compiles without vLLM's cache (session 49)
 METHODS["sw-w8a8-gdispatch"] = _variant(
-    "sw-w8a8", SUPERWEIGHT_W8A8_GRAPH_SPLIT="1", SUPERWEIGHT_W8A8_GRAPH_DISPATCH="1", VLLM_DISABLE_COMPILE_CACHE="1"
+    "sw-w8a8", SUPERWEIGHT_W8A8_GRAPH_SPLIT="1", SUPERWEIGHT_W8A8_GRAPH_DISPATCH="1"
 )
 # the session 13-42 routing (Triton up to 32 tokens in every layer, the zero-point epilogue above), whatever the
 # kernel benchmark recommended: the control for session 43's own bound for the layers with outlier channels

@@ -38,21 +38,44 @@ def test_placeholders_first_keeps_signature_and_result():
     assert compile_fix.placeholders_first(top) == 0  # already in order: untouched
 
 
-def test_install_wraps_vllms_split_once(monkeypatch):
+def test_install_wraps_vllm_once(monkeypatch):
     import vllm.compilation.backends as VB
 
-    orig = VB.split_graph
+    # vLLM's own functions (another test's kernel may have wrapped them in this process)
+    orig = getattr(VB.split_graph, "__wrapped__", VB.split_graph)
+    orig_compile = getattr(VB.CompilerManager.compile, "__wrapped__", VB.CompilerManager.compile)
     monkeypatch.setattr(VB, "split_graph", orig)
-    assert compile_fix.install() and VB.split_graph is not orig
-    wrapped = VB.split_graph
-    assert compile_fix.install() and VB.split_graph is wrapped  # idempotent
+    monkeypatch.setattr(VB.CompilerManager, "compile", orig_compile)
+    assert compile_fix.install() and VB.split_graph is not orig and VB.CompilerManager.compile is not orig_compile
+    wrapped = VB.split_graph, VB.CompilerManager.compile
+    assert compile_fix.install() and (VB.split_graph, VB.CompilerManager.compile) == wrapped  # idempotent
 
 
-def test_warns_once_unless_the_compile_cache_is_off(monkeypatch, caplog):
-    monkeypatch.setattr(compile_fix, "_warned", False)
-    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")
-    assert not compile_fix.warn_if_compile_cache() and not caplog.records
-    monkeypatch.delenv("VLLM_DISABLE_COMPILE_CACHE")
-    with caplog.at_level("WARNING", logger="vllm.superweight_rtn"):
-        assert compile_fix.warn_if_compile_cache() and compile_fix.warn_if_compile_cache()
-    assert sum("VLLM_DISABLE_COMPILE_CACHE=1" in r.getMessage() for r in caplog.records) == 1
+def test_resolve_conds_inlines_the_branch_the_range_decides():
+    """A cond on ``M <= 4`` traced by Dynamo: resolved for ranges from 1 and from 5, the copies hold no cond, keep the
+    signature and compute the branch each range needs (the original keeps its cond)."""
+    graphs: list[fx.GraphModule] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def f(x):
+        return torch.cond(x.shape[0] <= 4, lambda t: t + 1.0, lambda t: t * 2.0, (x,))
+
+    x = torch.randn(6, 3)
+    torch._dynamo.mark_dynamic(x, 0)
+    torch.compile(f, backend=backend, fullgraph=True)(x)
+    (gm,) = graphs
+    ph_nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    phs = [n.name for n in ph_nodes]
+    low, high = compile_fix.resolve_conds(gm, 1), compile_fix.resolve_conds(gm, 5)
+    assert low is not None and high is not None
+    for g in (low, high):
+        assert not any(n.target is torch.ops.higher_order.cond for n in g.graph.nodes)
+        assert [n.name for n in g.graph.nodes if n.op == "placeholder"] == phs
+    assert any(n.target is torch.ops.higher_order.cond for n in gm.graph.nodes)
+    args = [6 if isinstance(n.meta.get("example_value"), torch.SymInt) else x for n in ph_nodes]  # M, x
+    torch.testing.assert_close(high(*args)[0], x * 2.0)
+    torch.testing.assert_close(low(*args)[0], x + 1.0)  # the true branch: right wherever the range starts at or below
+    assert compile_fix.resolve_conds(high, 5) is None  # nothing left to resolve

@@ -506,6 +506,11 @@ class _DispatchLayer:
         monkeypatch.setenv(envs.W8A8_GRAPH_SPLIT, "1")
         monkeypatch.setenv(envs.W8A8_GRAPH_DISPATCH, "1")
         monkeypatch.setattr(W8, "missing_ops", lambda *names: [])
+        import vllm.compilation.backends as VB
+
+        # the kernel's load wraps these (compile_fix): undone after the test
+        monkeypatch.setattr(VB, "split_graph", VB.split_graph)
+        monkeypatch.setattr(VB.CompilerManager, "compile", VB.CompilerManager.compile)
         self.n, self.k = n, k = 64, 128
         self.g = g = torch.Generator().manual_seed(10 + len(outl))
         self.w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -616,13 +621,13 @@ def test_w8a8_graph_dispatch_picks_the_gemm_in_the_compiled_graph(monkeypatch, o
 
 
 def test_w8a8_graph_dispatch_through_vllms_compile_backend(monkeypatch, tmp_path):
-    """The same layer inside a module compiled the way vLLM compiles models (``@support_torch_compile``, VLLM_COMPILE
-    mode: Dynamo with the layer's parameters as graph inputs, vLLM's piecewise split at a splitting op as at
-    attention, each piece compiled up front per token range by Inductor): vLLM's backend takes the ``torch.cond``,
-    Inductor's code for the piece holds the branch, and both branches run at their token counts. Without
-    ``compile_fix`` the piece's placeholders sit behind the cond's ``get_attr`` nodes and vLLM passes too few example
-    inputs (the H100 engine's start-up error, session 49); torch 2.11's compile caches refuse the cond, so the
-    engine runs with VLLM_DISABLE_COMPILE_CACHE=1 (without it vLLM cannot save its artifact and stops)."""
+    """The layer inside a module compiled the way vLLM compiles models (``@support_torch_compile``, VLLM_COMPILE mode:
+    Dynamo with the layer's parameters as graph inputs, vLLM's piecewise split at a splitting op as at attention,
+    two layers in two pieces, each piece compiled up front per token range, vLLM's compile cache on). The kernel's
+    load adds a range starting just above its bound (``compile_fix.add_range_endpoint``); each range's piece gets
+    one branch of the ``torch.cond`` (``compile_fix.resolve_conds``): the opaque op up to the bound, CUTLASS (here
+    its stand-in) above, so no cond reaches Inductor and the artifacts are saved. Without ``compile_fix`` the
+    H100 engine stopped at start-up three ways (session 49; see the module): reproduced here before each fix."""
     from vllm.compilation.decorators import support_torch_compile
     from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
     from vllm.config.compilation import CUDAGraphMode
@@ -630,62 +635,63 @@ def test_w8a8_graph_dispatch_through_vllms_compile_backend(monkeypatch, tmp_path
     from vllm_superweight.vllm_plugin import compile_fix
 
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
-    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # where Inductor writes the code
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # Inductor's code where we read it
     import vllm.compilation.backends as VB
 
-    monkeypatch.setattr(VB, "split_graph", VB.split_graph)  # the kernel wraps it (compile_fix): undone afterwards
+    monkeypatch.setattr(compile_fix, "_endpoints_added", [])
     lib = torch.library.Library("swtest_dispatch", "FRAGMENT")  # stands in for attention: where vLLM splits
     lib.define("mix(Tensor x) -> Tensor")
     lib.impl("mix", lambda x: x * 0.5, "CPU")
     lib._register_fake("mix", lambda x: torch.empty_like(x))
-    with _DispatchLayer(monkeypatch, [3], "graph.dispatch.vllm") as d:
-        assert getattr(VB.split_graph, compile_fix._MARK, False)  # installed by the kernel at load
+    cc = CompilationConfig(
+        mode=CompilationMode.VLLM_COMPILE,
+        backend="inductor",
+        splitting_ops=["swtest_dispatch::mix"],
+        cudagraph_mode=CUDAGraphMode.NONE,
+        cache_dir=str(tmp_path / "compile"),
+        compile_ranges_endpoints=[64],
+    )
+    vc = VllmConfig(compilation_config=cc)
+    # vLLM's CPU platform turns VLLM_COMPILE into DYNAMO_TRACE_ONCE (plain Inductor, no split); put it back so the
+    # graph goes through VllmBackend: the piecewise split, each piece compiled up front per token range
+    vc.compilation_config.mode = CompilationMode.VLLM_COMPILE
+    vc.compilation_config.compile_sizes = []  # as an engine sets it (no single-size compiles; the ranges only)
+    vc.compilation_config.pass_config.fuse_rope_kvcache_cat_mla = False  # a CUDA-only fusion pass
+    assert vc.compilation_config.compile_ranges_endpoints == [64, 2048]
+    try:
+        with set_current_vllm_config(vc), _DispatchLayer(monkeypatch, [3], "graph.dispatch.vllm") as d:
+            assert getattr(VB.split_graph, compile_fix._MARK, False)  # installed by the kernel at load
+            assert vc.compilation_config.compile_ranges_endpoints == [d.bound, 64, 2048]  # one range above the bound
 
-        @support_torch_compile(dynamic_arg_dims={"x": 0})
-        class Block(torch.nn.Module):
-            def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-                super().__init__()
-                self.lin = d.layer  # a submodule, as in a model: Dynamo lifts its parameters as graph inputs
+            @support_torch_compile(dynamic_arg_dims={"x": 0})
+            class Block(torch.nn.Module):
+                def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+                    super().__init__()
+                    self.lin = d.layer  # a submodule, as in a model: Dynamo lifts its parameters as graph inputs
 
-            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                # two layers in two pieces, as in a model: Dynamo computes the token-count test once and both
-                # conds read it (vLLM would pass it between pieces as a SymBool, which Inductor refuses)
-                y = d.forward(torch.ops.swtest_dispatch.mix(x), self.lin)
-                x2 = torch.ops.swtest_dispatch.mix(torch.cat([y, y], dim=1))
-                return y, d.forward(x2, self.lin)
+                def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    # two layers in two pieces: Dynamo computes the token-count test once for both conds
+                    y = d.forward(torch.ops.swtest_dispatch.mix(x), self.lin)
+                    x2 = torch.ops.swtest_dispatch.mix(torch.cat([y, y], dim=1))
+                    return y, d.forward(x2, self.lin)
 
-        cc = CompilationConfig(
-            mode=CompilationMode.VLLM_COMPILE,
-            backend="inductor",
-            splitting_ops=["swtest_dispatch::mix"],
-            cudagraph_mode=CUDAGraphMode.NONE,
-            cache_dir=str(tmp_path / "compile"),
-            compile_ranges_endpoints=[64],  # compiled up front, as an engine's start-up compiles (tokens 1..64)
-        )
-        vc = VllmConfig(compilation_config=cc)
-        # vLLM's CPU platform turns VLLM_COMPILE into DYNAMO_TRACE_ONCE (plain Inductor, no split); put it back so
-        # the graph goes through VllmBackend: the piecewise split, each piece compiled up front per token range
-        vc.compilation_config.mode = CompilationMode.VLLM_COMPILE
-        vc.compilation_config.compile_sizes = []  # as an engine sets it (no single-size compiles; the ranges only)
-        vc.compilation_config.pass_config.fuse_rope_kvcache_cat_mla = False  # a CUDA-only fusion pass
-        try:
-            with set_current_vllm_config(vc):
-                block = Block(vllm_config=vc)
-                for m in (40, 1, d.bound, d.bound + 1):  # traced at the first call's size, above the bound
-                    x = d.x(m)
-                    y, y2 = block(x)
-                    assert d.tri_calls == ([m, m] if m <= d.bound else []), (m, d.tri_calls)
-                    del d.tri_calls[1:]
-                    d.check(m, x * 0.5, y)
-                    x2 = torch.cat([y, y], dim=1) * 0.5
-                    ref2 = x2.float() @ (d.w8.float() * d.scale).T
-                    assert float((y2.float() - ref2).norm() / ref2.norm()) < 2e-2, m
-        finally:
-            lib._destroy()
-    # what Inductor wrote for the piece: the branch on the token count is in it
-    codes = [p.read_text() for p in tmp_path.rglob("*.py")]
-    assert any(re.search(rf"^\s+if \w+ <= {d.bound}:$", c, flags=re.M) for c in codes), len(codes)
+            block = Block(vllm_config=vc)
+            for m in (40, 1, d.bound, d.bound + 1, 100):  # traced at the first call's size, above the bound
+                x = d.x(m)
+                y, y2 = block(x)
+                assert d.tri_calls == ([m, m] if m <= d.bound else []), (m, d.tri_calls)
+                del d.tri_calls[1:]
+                d.check(m, x * 0.5, y)
+                x2 = torch.cat([y, y], dim=1) * 0.5
+                ref2 = x2.float() @ (d.w8.float() * d.scale).T
+                assert float((y2.float() - ref2).norm() / ref2.norm()) < 2e-2, m
+    finally:
+        lib._destroy()
+    codes = [t for p in tmp_path.rglob("*.py") if "from torch._inductor" in (t := p.read_text())]  # Inductor's code
+    assert codes and not any(re.search(r"^\s+if \w+ <= \w+:$", c, flags=re.M) for c in codes)  # no cond left
+    assert any("w8a8_mm_q" in c for c in codes)  # the opaque op in the pieces up to the bound
+    saved = {p.name for p in (tmp_path / "compile").rglob("*") if "compile_range" in p.name}
+    assert any(f"range_{d.bound + 1}_64" in n for n in saved), sorted(saved)  # vLLM's cache took the pieces
 
 
 # ---- the per-batch pair (logic only; the real Marlin/Machete pair runs in tests/test_gpu_kernels.py) -------------

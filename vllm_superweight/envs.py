@@ -151,9 +151,10 @@ Only what users need is a knob:
                                     covers -- call vLLM's CUTLASS op straight from the graph, as SmoothQuant's
                                     layers do, with no Python of ours in the step; ``0`` (default, until measured on
                                     a GPU): the opaque op's Python body picks (session 48: 57-70 vs 47 ms for a
-                                    1,024-token prefill on the H100, GPU busy 17-21 vs 22 ms). Needs
-                                    ``VLLM_DISABLE_COMPILE_CACHE=1``: torch 2.11's compile caches refuse the cond
-                                    (session 49; vLLM's split is fixed up by ``vllm_plugin.compile_fix``).
+                                    1,024-token prefill on the H100, GPU busy 17-21 vs 22 ms). vLLM's piecewise
+                                    compile takes the cond through ``vllm_plugin.compile_fix`` (session 49): a
+                                    compile range starts above the bound, each range gets one branch, so vLLM's
+                                    compile cache works.
 ``SUPERWEIGHT_W8A8_DIRECT_CUTLASS`` ``1``: the W8A8 ops' eager bodies (every step no CUDA graph covers: prefill chunks)
                                     call vLLM's CUTLASS ops directly on tensors looked up once at load, not
                                     through vLLM's Python wrappers -- less host time a layer (session 47: ~18 -> ~2
@@ -262,8 +263,8 @@ def w8a8_graph_split() -> bool:
 
 
 def w8a8_graph_dispatch() -> bool:
-    """Off by default (session 49: through vLLM's piecewise compile on the CPU, not yet timed on a GPU; needs
-    ``VLLM_DISABLE_COMPILE_CACHE=1``); ``1`` on (acts only with ``SUPERWEIGHT_W8A8_GRAPH_SPLIT=1``)."""
+    """Off by default (session 49: through vLLM's piecewise compile and cache on the CPU, not yet timed on a GPU);
+    ``1`` on (acts only with ``SUPERWEIGHT_W8A8_GRAPH_SPLIT=1``)."""
     return _flag(W8A8_GRAPH_DISPATCH)
 
 

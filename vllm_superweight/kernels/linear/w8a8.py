@@ -176,11 +176,12 @@ class CutlassSplitInt8Kernel(_Int8Base):
             if self.direct:
                 self._eager = _EagerTensors.of(layer, self.n_outliers, self.azp and self.n_outliers > 0)
             if self.graph_dispatch:
-                # the torch.cond's branch subgraphs would break vLLM 0.26's piecewise compile (compile_fix)
-                from ...vllm_plugin.compile_fix import install, warn_if_compile_cache
+                # vLLM 0.26's piecewise compile takes the torch.cond only with compile_fix; a compile range starting
+                # above the bound is where the graph calls CUTLASS itself
+                from ...vllm_plugin.compile_fix import add_range_endpoint, install
 
                 install()
-                warn_if_compile_cache()
+                add_range_endpoint(self.tri_bound)
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.graph_split and x.is_cuda and torch.compiler.is_compiling():
