@@ -28,12 +28,9 @@ import time
 
 import torch
 
-SHAPES = {
-    "llama2-7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32),
-    # the same layers, 8 of them: engines start in a third of the time (host-overhead A/B within one short lease)
-    "llama2-7b-8l": dict(hidden=4096, inter=11008, layers=8, heads=32, kv_heads=32),
-    "tiny": dict(hidden=512, inter=1408, layers=4, heads=8, kv_heads=8),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_shapes import SHAPES  # noqa: E402
+
 LINEARS = (
     "self_attn.q_proj",
     "self_attn.k_proj",

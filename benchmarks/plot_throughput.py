@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 from engine_profile import profile_table  # noqa: E402
+from model_shapes import DEFAULT_SHAPE, SHAPES  # noqa: E402
 
 ORDER = [
     "bf16",
@@ -266,8 +267,7 @@ def ordered(variants):
 def table(recs):
     gpus = sorted({r.get("gpu", "?") for r in recs})
     vllms = sorted({r.get("vllm", "?") for r in recs})
-    # make_random_llama's shapes: llama2-7b (records before session 49 carry none) or its 8-layer cut
-    layers = sorted({8 if r.get("shape") == "llama2-7b-8l" else 32 for r in recs})
+    layers = sorted({SHAPES[r.get("shape", DEFAULT_SHAPE)]["layers"] for r in recs})
     lines = [
         "# Throughput and latency",
         "",

@@ -791,11 +791,7 @@ def measure(args) -> int:
         tp=args.tp,
         max_model_len=args.max_model_len,
         shape=args.shape,
-        knobs={
-            k: v
-            for k, v in sorted(os.environ.items())
-            if k.startswith("SUPERWEIGHT_") or k == "VLLM_DISABLE_COMPILE_CACHE"
-        },
+        knobs={k: v for k, v in sorted(os.environ.items()) if k.startswith("SUPERWEIGHT_")},
     )
 
     def prompts(n, length):
