@@ -181,6 +181,13 @@ def test_interp_matches_reference(case):
         y = TI.int8_mm_outliers(xq, w, sa, sb, xo if s else None, wo if s else None, b, dtype, cfg)
         assert y.dtype == dtype and y.shape == (m, n)
         assert_close(y, ref, mag, dtype, tag=(INTERP_CASES[case], cfg))
+    if s == 1 and m > 1:
+        # one outlier column keeps whatever stride its size-1 dim had (torch's contiguity ignores it; H100 s50: a
+        # cond's branch was handed stride M there): taken as it is, the same y
+        xo_t = xo.as_strided((m, 1), (1, m))
+        assert xo_t.stride(1) != 1 and xo_t.is_contiguous()
+        y = TI.int8_mm_outliers(xq, w, sa, sb, xo_t, wo, b, dtype)
+        assert_close(y, ref, mag, dtype, tag=(INTERP_CASES[case], "stride"))
 
 
 # ------------------------------------------------------------------------------------------------------------
