@@ -332,15 +332,6 @@ METHODS["sw-w8a8-cutlass"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_TRITON="0")
 # the activation split traced into the compiled graph (Inductor fuses it into the RMSNorm / SiLU * up that produce
 # x: one pass over x and one kernel a layer fewer; session 47)
 METHODS["sw-w8a8-gsplit"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_GRAPH_SPLIT="1")
-# ... and the op bodies' CUTLASS path calling vLLM's ops directly (less host time in uncaptured steps; session 47)
-METHODS["sw-w8a8-gsplit-direct"] = _variant(
-    "sw-w8a8", SUPERWEIGHT_W8A8_GRAPH_SPLIT="1", SUPERWEIGHT_W8A8_DIRECT_CUTLASS="1"
-)
-# ... and the choice between our Triton GEMM and CUTLASS made by the compiled graph (torch.cond on the token count):
-# above the bound vLLM's CUTLASS op is called from the graph, no Python of ours in uncaptured steps (session 48)
-METHODS["sw-w8a8-gdispatch"] = _variant(
-    "sw-w8a8", SUPERWEIGHT_W8A8_GRAPH_SPLIT="1", SUPERWEIGHT_W8A8_GRAPH_DISPATCH="1"
-)
 # the session 13-42 routing (Triton up to 32 tokens in every layer, the zero-point epilogue above), whatever the
 # kernel benchmark recommended: the control for session 43's own bound for the layers with outlier channels
 METHODS["sw-w8a8-t32"] = _variant("sw-w8a8", SUPERWEIGHT_W8A8_TRITON="32")

@@ -8,7 +8,6 @@ by hiding the op, so CI covers both paths on either kind of CPU.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import pytest
 import torch
@@ -412,22 +411,19 @@ def test_w8a8_kernels_keep_outlier_channels_in_16_bit(kernel_cls, acts):
     assert err < 2e-2, err
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["wrappers", "direct"])
 @pytest.mark.parametrize("outl", [[], [3], [3, 77]])
-def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl, direct):
+def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl):
     """The opaque ops' bodies above the Triton bound -- ``run`` on x (``w8a8_mm``) and ``run_q`` on the operands the
     compiled graph split (``w8a8_mm_q``, SUPERWEIGHT_W8A8_GRAPH_SPLIT) -- pass the split's operands where vLLM's
-    ``cutlass_scaled_mm[_azp]`` take them (its Python wrappers, or with SUPERWEIGHT_W8A8_DIRECT_CUTLASS the ops
-    themselves, output first) and add the outlier channels the zero point does not carry: checked with torch
-    stand-ins of vLLM's functions (their real kernels run in the GPU tests) against the float reference of the int8
-    weights with the outlier channels in 16 bit; both bodies give the same bits."""
+    ``cutlass_scaled_mm[_azp]`` take them and add the outlier channels the zero point does not carry: checked with
+    torch stand-ins of vLLM's functions (their real kernels run in the GPU tests) against the float reference of the
+    int8 weights with the outlier channels in 16 bit; both bodies give the same bits."""
     import vllm._custom_ops as vops
 
     from vllm_superweight.kernels import sparse_layout as SL
 
     monkeypatch.setenv(envs.W8A8_TRITON, "8/16")
     monkeypatch.setenv(envs.W8A8_AZP, "1")
-    monkeypatch.setenv(envs.W8A8_DIRECT_CUTLASS, "1" if direct else "0")
     monkeypatch.setattr(W8, "missing_ops", lambda *names: [])
     n, k = 64, 128
     g = torch.Generator().manual_seed(len(outl))
@@ -439,10 +435,8 @@ def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl, direc
     layer.register_parameter("weight_scale", torch.nn.Parameter(scale.clone(), requires_grad=False))
     kern = W8.CutlassSplitInt8Kernel(c)
     assert kern.azp and kern.tri_max_m == 8 and kern.tri_max_m_out == 16
-    assert kern.direct is direct and ("calls direct" in kern.describe()) is direct
     kern.set_outliers(layer, torch.tensor(outl, dtype=torch.long))
     kern.process_weights_after_loading(layer)
-    assert (kern._eager is not None) is direct
     calls = []
 
     def mm(a, b, scale_a, scale_b, out_dtype, bias=None):  # (scale_a * a) @ (b * scale_b^T) + bias
@@ -456,19 +450,8 @@ def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl, direc
         acc = acc.double() * scale_a.double() * scale_b.double().reshape(1, -1)
         return (acc + (0 if bias is None else bias.double())).to(out_dtype)
 
-    if direct:  # the ops: (out, a, b, scale_a, scale_b, [azp_adj, azp,] bias), writing out
-
-        def op(out, a, b, sa, sb, bias):
-            out.copy_(mm(a, b, sa, sb, out.dtype, bias))
-
-        def op_azp(out, a, b, sa, sb, azp_adj, azp, bias):
-            out.copy_(mm_azp(a, b, sa, sb, out.dtype, azp_adj, azp, bias))
-
-        assert kern._eager is not None
-        kern._eager = kern._eager._replace(mm=op, mm_azp=op_azp if outl else None)
-    else:
-        monkeypatch.setattr(vops, "cutlass_scaled_mm", mm)
-        monkeypatch.setattr(vops, "cutlass_scaled_mm_azp", mm_azp)
+    monkeypatch.setattr(vops, "cutlass_scaled_mm", mm)
+    monkeypatch.setattr(vops, "cutlass_scaled_mm_azp", mm_azp)
     monkeypatch.setattr(W8.CutlassSplitInt8Kernel, "_split", lambda self, lay, t: SL.int8_split_torch(t, None))
     import vllm_superweight.kernels as K
 
@@ -489,209 +472,6 @@ def test_w8a8_op_bodies_hand_cutlass_the_right_operands(monkeypatch, outl, direc
         assert y.shape == (20, n) and y.dtype == torch.bfloat16
         assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
     assert torch.equal(y_q, y_x)
-
-
-class _DispatchLayer:
-    """A W8A8 layer with SUPERWEIGHT_W8A8_GRAPH_DISPATCH on (Triton bound 8, 16 with outlier channels; the zero point
-    on) whose GEMMs run on the CPU: our Triton GEMM and vLLM's ``cutlass_scaled_mm[_azp]`` replaced by torch
-    stand-ins of their arithmetic (their real kernels run in the GPU tests), the opaque ``w8a8_mm_q`` given a CPU
-    kernel (its body, unchanged) for as long as the context is open. ``tri_calls``: the token counts the Triton
-    side ran (at run time, through the opaque op)."""
-
-    def __init__(self, monkeypatch, outl: list[int], name: str, bias: bool = False) -> None:
-        import vllm._custom_ops as vops
-
-        monkeypatch.setenv(envs.W8A8_TRITON, "8/16")
-        monkeypatch.setenv(envs.W8A8_AZP, "1")
-        monkeypatch.setenv(envs.W8A8_GRAPH_SPLIT, "1")
-        monkeypatch.setenv(envs.W8A8_GRAPH_DISPATCH, "1")
-        monkeypatch.setattr(W8, "missing_ops", lambda *names: [])
-        import vllm.compilation.backends as VB
-
-        # the kernel's load wraps these (compile_fix): undone after the test
-        monkeypatch.setattr(VB, "split_graph", VB.split_graph)
-        monkeypatch.setattr(VB.CompilerManager, "compile", VB.CompilerManager.compile)
-        self.n, self.k = n, k = 64, 128
-        self.g = g = torch.Generator().manual_seed(10 + len(outl))
-        self.w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-        self.scale = torch.rand(n, 1, generator=g) * 1e-2 + 1e-3
-        c = SWLinearConfig(name, 8, True, -1, "int8-token", torch.bfloat16, (k, n), (k, n), "cuda")
-        self.layer = layer = torch.nn.Module()
-        layer.register_parameter("weight_packed", torch.nn.Parameter(self.w8.clone(), requires_grad=False))
-        layer.register_parameter("weight_scale", torch.nn.Parameter(self.scale.clone(), requires_grad=False))
-        self.bias = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
-        self.kern = kern = W8.CutlassSplitInt8Kernel(c)
-        assert kern.graph_dispatch and "GEMM chosen in the graph" in kern.describe()
-        kern.set_outliers(layer, torch.tensor(outl, dtype=torch.long))
-        kern.process_weights_after_loading(layer)
-        self.outl, self.bound = outl, kern.tri_bound
-        assert self.bound == (16 if outl else 8)
-        self.tri_calls: list[int] = []
-        tri_calls = self.tri_calls
-
-        def triton(self_, lay, xq, xs, xo, bias, out_dtype):  # our Triton GEMM's arithmetic: outliers in 16 bit
-            tri_calls.append(xq.shape[0])
-            y = (xq.double() @ lay.weight.double()) * xs.double() * lay.weight_scale.double().t()
-            if xo is not None:
-                y = y + xo.double() @ W8.tensor(lay, "sw_outlier_w").double()
-            return (y + (0 if bias is None else bias.double())).to(out_dtype)
-
-        def mm(a, b, scale_a, scale_b, out_dtype, bias=None):
-            y = (a.double() @ b.double()) * scale_a.double() * scale_b.double().reshape(1, -1)
-            return (y + (0 if bias is None else bias.double())).to(out_dtype)
-
-        def mm_azp(a, b, scale_a, scale_b, out_dtype, azp_adj, azp=None, bias=None):
-            acc = a.double() @ b.double() - azp.double().reshape(-1, 1) * azp_adj.double().reshape(1, -1)
-            y = acc * scale_a.double() * scale_b.double().reshape(1, -1)
-            return (y + (0 if bias is None else bias.double())).to(out_dtype)
-
-        monkeypatch.setattr(W8.CutlassSplitInt8Kernel, "_triton", triton)
-        monkeypatch.setattr(vops, "cutlass_scaled_mm", mm)
-        monkeypatch.setattr(vops, "cutlass_scaled_mm_azp", mm_azp)
-
-    def __enter__(self) -> _DispatchLayer:
-        import vllm_superweight.kernels.ops as OPS
-
-        self._lib = torch.library.Library(OPS.NAMESPACE, "IMPL")  # the op is registered for CUDA
-        self._lib.impl("w8a8_mm_q", OPS._w8a8_q_impl, "CPU")
-        torch._dynamo.reset()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._lib._destroy()
-        torch._dynamo.reset()
-
-    def forward(self, x: torch.Tensor, layer: torch.nn.Module | None = None) -> torch.Tensor:
-        layer = self.layer if layer is None else layer
-        xq, xs, xo, azp = self.kern.split_fusable(layer, x)
-        return self.kern.dispatch_in_graph(layer, xq, xs, xo, azp, self.bias, x.dtype)
-
-    def x(self, m: int) -> torch.Tensor:
-        x = torch.randn(m, self.k, generator=self.g).to(torch.bfloat16)
-        for ch in self.outl:
-            x[:, ch] *= 300.0
-        return x
-
-    def check(self, m: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y: float reference within 1 %, the opaque op's own routing (``run_q``) within 0.4 %, and the Triton side
-        ran exactly when m <= bound."""
-        assert self.tri_calls == ([m] if m <= self.bound else []), (m, self.bound, self.tri_calls)
-        ref = x.float() @ (self.w8.float() * self.scale).T + (0 if self.bias is None else self.bias.float())
-        assert y.shape == (m, self.n) and float((y.float() - ref).norm() / ref.norm()) < 1e-2, m
-        del self.tri_calls[:]
-        y_op = self.kern.run_q(*self.kern.split_fusable(self.layer, x), self.bias, x.dtype)
-        assert float((y.float() - y_op.float()).norm() / y_op.float().norm()) < 4e-3, m
-        del self.tri_calls[:]
-
-
-@pytest.mark.parametrize("outl", [[], [3], [3, 77]])
-def test_w8a8_graph_dispatch_picks_the_gemm_in_the_compiled_graph(monkeypatch, outl):
-    """SUPERWEIGHT_W8A8_GRAPH_DISPATCH=1 (with the graph split): compiled, the layer's choice between our Triton GEMM
-    and CUTLASS is an ``if`` on the token count in Inductor's own host code (``torch.cond``), not in the opaque
-    op's Python body: above the bound vLLM's ``cutlass_scaled_mm[_azp]`` are traced into the graph and the opaque op
-    is not called; up to it the op runs its Triton side. Checked through Inductor on the CPU at M = bound, 1,
-    bound + 1, 40 with 0 / 1 / 2 outlier channels, a bias with two (``_DispatchLayer``)."""
-    from torch._inductor.utils import run_and_get_code
-
-    with _DispatchLayer(monkeypatch, outl, f"graph.dispatch.{len(outl)}", bias=len(outl) == 2) as d:
-        cf = torch.compile(d.forward, fullgraph=True)  # the token dimension marked dynamic, as vLLM marks it
-        code = ""
-        for m in (d.bound, 1, d.bound + 1, 40):
-            x = d.x(m)
-            torch._dynamo.mark_dynamic(x, 0)
-            if not code:
-                y, codes = run_and_get_code(cf, x)
-                code = "\n".join(codes)
-            else:
-                y = cf(x)
-            d.check(m, x, y)
-        # traced with every int symbolic (``dynamic=True``, as the GPU test compiles): the kernel's own ints too, and
-        # both branches must still return the same [M, N] (session 49: N came from the kernel, a symbol)
-        torch._dynamo.reset()
-        cfd = torch.compile(d.forward, fullgraph=True, dynamic=True)
-        for m in (1, d.bound + 1):
-            x = d.x(m)
-            d.check(m, x, cfd(x))
-    assert re.search(rf"^\s+if \w+ <= {d.bound}:$", code, flags=re.M), "no branch on the token count in the graph"
-    sub = dict(re.findall(r"^def ((?:true|false)_graph_\d+)\(args\):\n(.*?)^\S", code, re.M | re.S))
-    assert len(sub) == 2, list(sub)
-    (tri_body,) = [b for name, b in sub.items() if name.startswith("true")]
-    (cut_body,) = [b for name, b in sub.items() if name.startswith("false")]
-    assert "w8a8_mm_q" in tri_body and "w8a8_mm_q" not in cut_body
-
-
-def test_w8a8_graph_dispatch_through_vllms_compile_backend(monkeypatch, tmp_path):
-    """The layer inside a module compiled the way vLLM compiles models (``@support_torch_compile``, VLLM_COMPILE mode:
-    Dynamo with the layer's parameters as graph inputs, vLLM's piecewise split at a splitting op as at attention,
-    two layers in two pieces, each piece compiled up front per token range, vLLM's compile cache on). The kernel's
-    load adds a range starting just above its bound (``compile_fix.add_range_endpoint``); each range's piece gets
-    one branch of the ``torch.cond`` (``compile_fix.resolve_conds``): the opaque op up to the bound, CUTLASS (here
-    its stand-in) above, so no cond reaches Inductor and the artifacts are saved. Without ``compile_fix`` the
-    H100 engine stopped at start-up three ways (session 49; see the module): reproduced here before each fix."""
-    from vllm.compilation.decorators import support_torch_compile
-    from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
-    from vllm.config.compilation import CUDAGraphMode
-
-    from vllm_superweight.vllm_plugin import compile_fix
-
-    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # Inductor's code where we read it
-    import vllm.compilation.backends as VB
-
-    monkeypatch.setattr(compile_fix, "_endpoints_added", [])
-    lib = torch.library.Library("swtest_dispatch", "FRAGMENT")  # stands in for attention: where vLLM splits
-    lib.define("mix(Tensor x) -> Tensor")
-    lib.impl("mix", lambda x: x * 0.5, "CPU")
-    lib._register_fake("mix", lambda x: torch.empty_like(x))
-    cc = CompilationConfig(
-        mode=CompilationMode.VLLM_COMPILE,
-        backend="inductor",
-        splitting_ops=["swtest_dispatch::mix"],
-        cudagraph_mode=CUDAGraphMode.NONE,
-        cache_dir=str(tmp_path / "compile"),
-        compile_ranges_endpoints=[64],
-    )
-    vc = VllmConfig(compilation_config=cc)
-    # vLLM's CPU platform turns VLLM_COMPILE into DYNAMO_TRACE_ONCE (plain Inductor, no split); put it back so the
-    # graph goes through VllmBackend: the piecewise split, each piece compiled up front per token range
-    vc.compilation_config.mode = CompilationMode.VLLM_COMPILE
-    vc.compilation_config.compile_sizes = []  # as an engine sets it (no single-size compiles; the ranges only)
-    vc.compilation_config.pass_config.fuse_rope_kvcache_cat_mla = False  # a CUDA-only fusion pass
-    assert vc.compilation_config.compile_ranges_endpoints == [64, 2048]
-    try:
-        with set_current_vllm_config(vc), _DispatchLayer(monkeypatch, [3], "graph.dispatch.vllm") as d:
-            assert getattr(VB.split_graph, compile_fix._MARK, False)  # installed by the kernel at load
-            assert vc.compilation_config.compile_ranges_endpoints == [d.bound, 64, 2048]  # one range above the bound
-
-            @support_torch_compile(dynamic_arg_dims={"x": 0})
-            class Block(torch.nn.Module):
-                def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-                    super().__init__()
-                    self.lin = d.layer  # a submodule, as in a model: Dynamo lifts its parameters as graph inputs
-
-                def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                    # two layers in two pieces: Dynamo computes the token-count test once for both conds
-                    y = d.forward(torch.ops.swtest_dispatch.mix(x), self.lin)
-                    x2 = torch.ops.swtest_dispatch.mix(torch.cat([y, y], dim=1))
-                    return y, d.forward(x2, self.lin)
-
-            block = Block(vllm_config=vc)
-            for m in (40, 1, d.bound, d.bound + 1, 100):  # traced at the first call's size, above the bound
-                x = d.x(m)
-                y, y2 = block(x)
-                assert d.tri_calls == ([m, m] if m <= d.bound else []), (m, d.tri_calls)
-                del d.tri_calls[1:]
-                d.check(m, x * 0.5, y)
-                x2 = torch.cat([y, y], dim=1) * 0.5
-                ref2 = x2.float() @ (d.w8.float() * d.scale).T
-                assert float((y2.float() - ref2).norm() / ref2.norm()) < 2e-2, m
-    finally:
-        lib._destroy()
-    codes = [t for p in tmp_path.rglob("*.py") if "from torch._inductor" in (t := p.read_text())]  # Inductor's code
-    assert codes and not any(re.search(r"^\s+if \w+ <= \w+:$", c, flags=re.M) for c in codes)  # no cond left
-    assert any("w8a8_mm_q" in c for c in codes)  # the opaque op in the pieces up to the bound
-    saved = {p.name for p in (tmp_path / "compile").rglob("*") if "compile_range" in p.name}
-    assert any(f"range_{d.bound + 1}_64" in n for n in saved), sorted(saved)  # vLLM's cache took the pieces
 
 
 # ---- the per-batch pair (logic only; the real Marlin/Machete pair runs in tests/test_gpu_kernels.py) -------------

@@ -219,13 +219,11 @@ def test_gpu_kernel_vs_reference(shape):
     ],
     ids=["one-bound", "outlier-layers-to-256"],
 )
-@pytest.mark.parametrize("direct", [False, True], ids=["wrappers", "direct"])
-def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, out_max, direct):
+def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, out_max):
     """SUPERWEIGHT_W8A8_TRITON=32[/256]: the W8A8 layer (zero point on) runs M <= 32 through the Triton GEMM --
     up to 256 where the layer has outlier channels and the knob says so -- larger M through CUTLASS; both match
     the float reference of the dequantized weights with the outlier channels in 16 bit, eagerly, from a CUDA graph
-    and compiled (fullgraph), with and without a bias, with 0, 1 and 3 outliers; above the bound through vLLM's
-    Python wrappers or (SUPERWEIGHT_W8A8_DIRECT_CUTLASS) its ops called directly."""
+    and compiled (fullgraph), with and without a bias, with 0, 1 and 3 outliers."""
     from test_gpu_kernels import _cfg, _rel, _vl
 
     VL = _vl()
@@ -233,7 +231,6 @@ def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, o
     from vllm_superweight.kernels.linear import w8a8 as W8
 
     monkeypatch.setenv(envs.W8A8_TRITON, knob)
-    monkeypatch.setenv(envs.W8A8_DIRECT_CUTLASS, "1" if direct else "0")  # vLLM's ops called directly above the bound
     dev, n, k = "cuda", 4096, 4096
     w = VL.random_w8(n, k, dev, seed=5)
     w_ref = VL.dequant_w8(w)
@@ -286,16 +283,13 @@ def test_gpu_w8a8_layer_routes_small_batches_through_triton(monkeypatch, knob, o
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA only")
-@pytest.mark.parametrize("dispatch", [False, True], ids=["op-dispatch", "graph-dispatch"])
-def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch, dispatch):
+def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch):
     """SUPERWEIGHT_W8A8_GRAPH_SPLIT=1: compiled, the W8A8 layer's activation split is traced as torch ops (no
     ``int8_quant_outlier_split`` kernel of ours; the int8 operands go to ``w8a8_mm_q``), Inductor builds the
     residual-add RMSNorm and the split as one kernel (one outlier channel or none), and y matches the float
     reference of the dequantized weights with the outlier channels in 16 bit -- Triton (M <= bound) and CUTLASS
     (zero point) sides, 0 / 1 / 3 outlier channels, replayed from a CUDA graph too; eagerly the layer still runs
-    our Triton split. With SUPERWEIGHT_W8A8_GRAPH_DISPATCH=1 the graph branches on the token count itself
-    (``torch.cond``: an ``if`` in Inductor's host code) and calls vLLM's CUTLASS op above the bound; both sides
-    replayed from CUDA graphs."""
+    our Triton split."""
     from test_gpu_kernels import _cfg, _rel, _vl
     from torch._inductor.utils import run_and_get_code
 
@@ -304,7 +298,6 @@ def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch, dispatch):
     from vllm_superweight.kernels.linear import w8a8 as W8
 
     monkeypatch.setenv(envs.W8A8_GRAPH_SPLIT, "1")
-    monkeypatch.setenv(envs.W8A8_GRAPH_DISPATCH, "1" if dispatch else "0")
     monkeypatch.delenv(envs.W8A8_TRITON, raising=False)
     monkeypatch.delenv(envs.W8A8_AZP, raising=False)
     dev, n, k = "cuda", 4096, 4096
@@ -350,21 +343,13 @@ def test_gpu_w8a8_graph_split_fuses_into_the_norm(monkeypatch, dispatch):
             assert _rel(y, f(h, r)) < 2e-2, (outl.tolist(), m)  # the eager layer (our Triton split)
         code = "\n".join(codes)
         assert "w8a8_mm_q" in code and "int8_quant_outlier_split" not in code
-        assert kern.graph_dispatch is dispatch
-        if dispatch:  # the choice is Inductor's `if` on the token count; CUTLASS's op is called from the graph
-            # compiled with dynamic=True the bound is a graph input too (32 / 64 in its get_args), so the test
-            # reads as Inductor names it: any indented `if` of the wrapper (it has none other)
-            ifs = re.findall(r"^\s+if .+:$", code, flags=re.M)
-            assert ifs, "no branch on the token count"
-            print("branch:", ifs)
-            assert "cutlass_scaled_mm" in code
         kernels = re.findall(r"^def (triton_\w+)\(", code, flags=re.M)
         print(f"outliers {outl.tolist()}: Inductor kernels {kernels}")
         # one outlier channel (the planted 7B model's layers): the norm, the split, the gather and the zero point in
         # one kernel (H100, s47); with three, Inductor gathers them from the norm in a kernel of their own
         reductions = [kn for kn in kernels if kn.startswith("triton_red")]
         assert len(reductions) == (1 if outl.numel() <= 1 else 2), kernels
-        for m in (8, bound + 1) if dispatch else (8,):  # both sides of the graph's branch, captured
+        for m in (8,):
             h = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             r = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             cf(h, r)

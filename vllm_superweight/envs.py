@@ -144,21 +144,9 @@ Only what users need is a knob:
                                     (int8 quantization without the outlier channels) into the compiled graph as
                                     torch ops, so Inductor fuses it into the kernel that produces x (RMSNorm,
                                     SiLU * up) -- one pass over x and one graph node a layer fewer; ``0``
-                                    (default, until measured end to end): our Triton split kernel.
-``SUPERWEIGHT_W8A8_GRAPH_DISPATCH`` ``1`` (with ``SUPERWEIGHT_W8A8_GRAPH_SPLIT=1``): the compiled graph itself picks the
-                                    W8A8 GEMM by token count (``torch.cond``: Inductor writes an ``if`` on the
-                                    batch size), so steps above the Triton bound -- the prefill chunks no CUDA graph
-                                    covers -- call vLLM's CUTLASS op straight from the graph, as SmoothQuant's
-                                    layers do, with no Python of ours in the step; ``0`` (default, until measured on
-                                    a GPU): the opaque op's Python body picks (session 48: 57-70 vs 47 ms for a
-                                    1,024-token prefill on the H100, GPU busy 17-21 vs 22 ms). vLLM's piecewise
-                                    compile takes the cond through ``vllm_plugin.compile_fix`` (session 49): a
-                                    compile range starts above the bound, each range gets one branch, so vLLM's
-                                    compile cache works.
-``SUPERWEIGHT_W8A8_DIRECT_CUTLASS`` ``1``: the W8A8 ops' eager bodies (every step no CUDA graph covers: prefill chunks)
-                                    call vLLM's CUTLASS ops directly on tensors looked up once at load, not
-                                    through vLLM's Python wrappers -- less host time a layer (session 47: ~18 -> ~2
-                                    us of Python a call on a 2-core CPU); ``0`` (default, not yet GPU-tested).
+                                    (default): our Triton split kernel. Measured on the H100 (sessions 47-50)
+                                    within a few % of SmoothQuant at every batch, as the default is; no same-lease
+                                    A/B against the default yet.
 ``SUPERWEIGHT_CPU_W4A8``            ``1``: on CPUs with AMX, W4 layers take vLLM's W4A8 GEMM (activations int8 per
                                     token; ~6x faster at one token than the 16-bit path) with the checkpoint's
                                     activation-outlier channels (the sidecar's list) kept out of the int8
@@ -189,8 +177,6 @@ ONECOPY_CONFIG = "SUPERWEIGHT_ONECOPY_CONFIG"
 W8A8_AZP = "SUPERWEIGHT_W8A8_AZP"
 W8A8_TRITON = "SUPERWEIGHT_W8A8_TRITON"
 W8A8_GRAPH_SPLIT = "SUPERWEIGHT_W8A8_GRAPH_SPLIT"
-W8A8_DIRECT_CUTLASS = "SUPERWEIGHT_W8A8_DIRECT_CUTLASS"
-W8A8_GRAPH_DISPATCH = "SUPERWEIGHT_W8A8_GRAPH_DISPATCH"
 _INT8_MM_KEYS = ("bn", "bk", "warps", "stages", "swap", "bm", "tma", "ws")
 SPARSE_TILES = "SUPERWEIGHT_SPARSE_TILES"
 SPARSE_OVERLAP = "SUPERWEIGHT_SPARSE_OVERLAP"
@@ -258,19 +244,9 @@ def w8a8_azp() -> bool:
 
 
 def w8a8_graph_split() -> bool:
-    """Off by default (session 47: built, not yet measured end to end); ``1`` on."""
+    """Off by default (sessions 47-50 on the H100: within a few % of the default and of SmoothQuant either way, no
+    same-lease A/B against the default yet); ``1`` on."""
     return _flag(W8A8_GRAPH_SPLIT)
-
-
-def w8a8_graph_dispatch() -> bool:
-    """Off by default (session 49: through vLLM's piecewise compile and cache on the CPU, not yet timed on a GPU);
-    ``1`` on (acts only with ``SUPERWEIGHT_W8A8_GRAPH_SPLIT=1``)."""
-    return _flag(W8A8_GRAPH_DISPATCH)
-
-
-def w8a8_direct_cutlass() -> bool:
-    """Off by default (session 47: built and CPU-tested with stand-ins of vLLM's ops, not yet on a GPU); ``1`` on."""
-    return _flag(W8A8_DIRECT_CUTLASS)
 
 
 DEFAULT_W8A8_TRITON_MAX_M = 32  # Hopper; the H200 micro-benchmark's crossover to CUTLASS (session 13)
@@ -485,7 +461,6 @@ def graph_knobs() -> dict[str, str]:
         CPU_W4A8: "1" if cpu_w4a8() else "0",
         W8A8_TRITON: os.environ.get(W8A8_TRITON, "").strip() or "default",
         W8A8_GRAPH_SPLIT: "1" if w8a8_graph_split() else "0",
-        W8A8_GRAPH_DISPATCH: "1" if w8a8_graph_dispatch() else "0",
         "VLLM_DISABLED_KERNELS": ",".join(sorted(disabled_kernels())),
         # what ``auto`` picks on Hopper depends on these two (HummingGemvKernel.auto_can_implement)
         "humming": "1" if humming_installed() else "0",

@@ -14,9 +14,9 @@
   With ``SUPERWEIGHT_W8A8_GRAPH_SPLIT=1`` (per token, under torch.compile) the split is traced into the graph
   as torch ops (``sparse_layout.int8_split_fusable``), so Inductor fuses it into the kernel that produces x
   (the RMSNorm, SiLU * up) instead of running it as its own pass; the opaque op then takes the int8 operands
-  (``torch.ops.superweight.w8a8_mm_q``). With ``SUPERWEIGHT_W8A8_GRAPH_DISPATCH=1`` as well, the graph makes that
-  choice itself (``torch.cond`` on the token count): above the bound it calls vLLM's CUTLASS op directly, so the
-  steps no CUDA graph covers run no Python of ours; the opaque op serves only the Triton side.
+  (``torch.ops.superweight.w8a8_mm_q``). (Sessions 47-50 also tried, opt-in, calling vLLM's CUTLASS ops directly
+  from the op's body and a ``torch.cond`` on the token count in the graph: neither measured faster end to end on
+  the H100, both removed; see ``benchmarks/ISSUE12_LOG.md``.)
 * ``VllmInt8Kernel`` (per token): vLLM's own int8 kernel for this platform (oneDNN on x86 CPUs), which quantizes
   the activations itself: it is handed x with the outlier channels zeroed. Used only if its ops exist.
 * ``TorchInt8Kernel``: every platform and dtype: our split + ``torch._int_mm`` (CPU) or an exact-enough float
@@ -29,7 +29,6 @@ The scheme registers ``weight_packed`` as int8 ``[N, K]`` (unpacked at load) and
 from __future__ import annotations
 
 import weakref
-from typing import Any, NamedTuple
 
 import torch
 
@@ -132,12 +131,9 @@ class CutlassSplitInt8Kernel(_Int8Base):
         hopper = cap is not None and cap.major == 9
         self.tri_max_m, self.tri_table, self.tri_max_m_out = envs.w8a8_triton(hopper=hopper)
         self.graph_split = self.per_token and envs.w8a8_graph_split()
-        self.graph_dispatch = self.graph_split and envs.w8a8_graph_dispatch()
-        self.direct = envs.w8a8_direct_cutlass()
         self.key = config.prefix  # stable across runs: it is baked into compiled graphs (see weight_only)
         self.n = config.partition_shape[1]
         self._layer: weakref.ref | None = None
-        self._eager: _EagerTensors | None = None
 
     @property
     def tri_bound(self) -> int:
@@ -149,10 +145,7 @@ class CutlassSplitInt8Kernel(_Int8Base):
         gemm = "cutlass_scaled_mm_azp: first outlier channel in the epilogue" if self.azp else "cutlass_scaled_mm"
         tri = f"; M<={self.tri_bound}: triton int8 GEMM, outliers in its epilogue" if self.tri_bound else ""
         split = "split fused into x's producer when compiled" if self.graph_split else "triton split"
-        if self.graph_dispatch and self.tri_bound:
-            split += ", GEMM chosen in the graph"
-        direct = "; eager CUTLASS calls direct" if self.direct and self.tri_bound else ""
-        return f"CutlassSplitInt8Kernel({split} + {gemm}{tri}{direct})"
+        return f"CutlassSplitInt8Kernel({split} + {gemm}{tri})"
 
     def set_outliers(self, layer: torch.nn.Module, idx: torch.Tensor) -> None:
         super().set_outliers(layer, idx)
@@ -173,23 +166,12 @@ class CutlassSplitInt8Kernel(_Int8Base):
         if self.tri_bound:
             self._layer = weakref.ref(layer)
             _REGISTRY[self.key] = self
-            if self.direct:
-                self._eager = _EagerTensors.of(layer, self.n_outliers, self.azp and self.n_outliers > 0)
-            if self.graph_dispatch:
-                # vLLM 0.26's piecewise compile takes the torch.cond only with compile_fix; a compile range starting
-                # above the bound is where the graph calls CUTLASS itself
-                from ...vllm_plugin.compile_fix import add_range_endpoint, install
-
-                install()
-                add_range_endpoint(self.tri_bound)
 
     def apply_gemm(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.graph_split and x.is_cuda and torch.compiler.is_compiling():
             xq, xs, xo, azp = self.split_fusable(layer, x)
             if not self.tri_bound:
                 return self._cutlass_q(layer, xq, xs, xo, azp, bias, x.dtype)
-            if self.graph_dispatch:
-                return self.dispatch_in_graph(layer, xq, xs, xo, azp, bias, x.dtype)
             return torch.ops.superweight.w8a8_mm_q(xq, xs, xo, azp, bias, self.n, x.dtype, self.key)
         if self.tri_bound and x.is_cuda:
             return torch.ops.superweight.w8a8_mm(x, bias, self.n, self.key)
@@ -207,34 +189,6 @@ class CutlassSplitInt8Kernel(_Int8Base):
         idx, keep = tensor(layer, "sw_outlier_idx"), tensor(layer, "sw_outlier_keep")
         return int8_split_fusable(x, idx, keep, azp=self.azp)
 
-    def dispatch_in_graph(
-        self,
-        layer: torch.nn.Module,
-        xq: torch.Tensor,
-        xs: torch.Tensor,
-        xo: torch.Tensor | None,
-        azp: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """``run_q``'s choice made by the compiled graph: ``torch.cond`` on the token count, which Inductor emits as
-        an ``if`` in its host code (captured per size in CUDA graphs, a branch on an integer in eager steps). Up
-        to the bound the opaque op (our Triton GEMM); above it ``_cutlass_q`` traced into the graph, i.e. vLLM's
-        ``cutlass_scaled_mm[_azp]`` called from the graph as SmoothQuant's layers call it. The branches close over
-        the other operands (Dynamo lifts them into the branch graphs; some may be None)."""
-
-        # N from the weight's (static) shape, not ``self.n``: where Dynamo makes the kernel's ints symbolic
-        # (``dynamic=True``) both branches must still return the same [M, N]
-        n = tensor(layer, "weight").shape[1]
-
-        def triton(q: torch.Tensor) -> torch.Tensor:
-            return torch.ops.superweight.w8a8_mm_q(q, xs, xo, azp, bias, n, out_dtype, self.key)
-
-        def cutlass(q: torch.Tensor) -> torch.Tensor:
-            return self._cutlass_q(layer, q, xs, xo, azp, bias, out_dtype)
-
-        return torch.cond(xq.shape[0] <= self.tri_bound, triton, cutlass, (xq,))
-
     def _live(self) -> torch.nn.Module:
         layer = self._layer() if self._layer is not None else None
         if layer is None:
@@ -245,9 +199,7 @@ class CutlassSplitInt8Kernel(_Int8Base):
         """Eager dispatch on the token count (the body of ``torch.ops.superweight.w8a8_mm``)."""
         layer = self._live()
         if x.shape[0] > self.tri_bound:
-            if self._eager is None:
-                return self._cutlass(layer, x, bias)
-            return self._cutlass_eager(*self._split_for_cutlass(layer, x), bias, x.dtype)
+            return self._cutlass(layer, x, bias)
         xq, xs, xo = self._split(layer, x)
         return self._triton(layer, xq, xs, xo, bias, x.dtype)
 
@@ -265,43 +217,8 @@ class CutlassSplitInt8Kernel(_Int8Base):
         if xo is not None and xo.stride(-1) != 1:
             xo = xo.contiguous()
         if xq.shape[0] > self.tri_bound:
-            if self._eager is None:
-                return self._cutlass_q(layer, xq.contiguous(), xs, xo, azp, bias, out_dtype)
-            return self._cutlass_eager(xq.contiguous(), xs, xo, azp, bias, out_dtype)
+            return self._cutlass_q(layer, xq.contiguous(), xs, xo, azp, bias, out_dtype)
         return self._triton(layer, xq.contiguous(), xs, xo, bias, out_dtype)
-
-    def _cutlass_eager(
-        self,
-        xq: torch.Tensor,
-        xs: torch.Tensor,
-        xo: torch.Tensor | None,
-        azp: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """``_cutlass_q`` for the opaque ops' bodies, which run eagerly in every step no CUDA graph covers (prefill
-        chunks): vLLM's CUTLASS ops called directly on tensors looked up once (``_EagerTensors``), without the
-        Python wrappers' checks (``can_implement`` made them) -- the same kernels, less host time a layer
-        (``SUPERWEIGHT_W8A8_DIRECT_CUTLASS=1``, opt-in until GPU-tested and measured; session 47)."""
-        t = self._eager
-        if t is None:
-            raise RuntimeError(f"{self.key}: SUPERWEIGHT_W8A8_DIRECT_CUTLASS is off")
-        y = torch.empty((xq.shape[0], self.n), dtype=out_dtype, device=xq.device)
-        if t.azp_adj is not None:
-            if azp is None or xo is None:
-                raise RuntimeError(f"{self.key}: the zero-point path needs azp and x_out from the split")
-            t.mm_azp(y, xq, t.w, xs, t.ws, t.azp_adj, azp, bias)
-            if t.w_out_rest is None:
-                return y
-            from .. import add_outlier_side_product
-
-            return add_outlier_side_product(y, xo[:, 1:], t.w_out_rest)
-        t.mm(y, xq, t.w, xs, t.ws, bias)
-        if t.w_out is None or xo is None:
-            return y
-        from .. import add_outlier_side_product
-
-        return add_outlier_side_product(y, xo, t.w_out)
 
     def _triton(
         self,
@@ -372,33 +289,6 @@ class CutlassSplitInt8Kernel(_Int8Base):
 
 
 _REGISTRY: weakref.WeakValueDictionary[str, CutlassSplitInt8Kernel] = weakref.WeakValueDictionary()
-
-
-class _EagerTensors(NamedTuple):
-    """What the opaque ops' eager CUTLASS path reads, looked up once after the weights are processed (a module
-    attribute lookup and a ``torch.ops`` lookup cost microseconds, paid per layer in every uncaptured step)."""
-
-    w: torch.Tensor  # [K, N] int8, column-major
-    ws: torch.Tensor
-    w_out: torch.Tensor | None  # [S, N], every outlier channel
-    w_out_rest: torch.Tensor | None  # rows 1.. where the zero point carries row 0 and S > 1
-    azp_adj: torch.Tensor | None
-    mm: Any
-    mm_azp: Any
-
-    @classmethod
-    def of(cls, layer: torch.nn.Module, n_outliers: int, azp: bool) -> _EagerTensors:
-        w_out = tensor(layer, "sw_outlier_w") if n_outliers else None
-        ops = torch.ops._C
-        return cls(
-            w=tensor(layer, "weight"),
-            ws=tensor(layer, "weight_scale"),
-            w_out=w_out,
-            w_out_rest=w_out[1:] if (azp and w_out is not None and n_outliers > 1) else None,
-            azp_adj=tensor(layer, "sw_outlier_azp_adj") if azp else None,
-            mm=getattr(getattr(ops, "cutlass_scaled_mm", None), "default", None),
-            mm_azp=getattr(getattr(ops, "cutlass_scaled_mm_azp", None), "default", None) if azp else None,
-        )
 
 
 def registered(op: str, key: str) -> CutlassSplitInt8Kernel:
