@@ -143,7 +143,11 @@ def step_summary(kernels: list[dict], markers: tuple[str, ...] = STEP_MARKERS, m
     the prefill or in the decode steps. A step ends with its sampler's last marker kernel: marker kernels with fewer
     than ``min_step_kernels`` other kernels between them are one sampler (vLLM 0.26's sampler launches several
     matching kernels with a few others between them: cut at every marker, the H100 s47 profile of 128 steps gave
-    387 "steps"); a forward pass has more kernels than that. {} when no marker kernel is found."""
+    387 "steps"); a forward pass has more kernels than that. A piece with fewer than a quarter of the median piece's
+    kernels is no forward pass but a fragment (H100 s50: the window opened on 9 kernels and a marker, which stood
+    as the "prefill": 23 us busy): it joins the step before it (the window's leading ones: the first step), counted
+    in ``fragments``.
+    {} when no marker kernel is found."""
     ks = sorted(kernels, key=lambda k: k["ts"])
     is_marker = [any(m in k["name"].lower() for m in markers) for k in ks]
     ends: list[int] = []  # index of each step's last marker kernel
@@ -160,6 +164,20 @@ def step_summary(kernels: list[dict], markers: tuple[str, ...] = STEP_MARKERS, m
     if not ends:
         return {}
     steps = [ks[a + 1 : b + 1] for a, b in zip([-1, *ends[:-1]], ends)]
+    floor = max(min_step_kernels, statistics.median(len(st) for st in steps) / 4)
+    merged: list[list[dict]] = []
+    fragments, lead = 0, []
+    for st in steps:
+        if len(st) >= floor:
+            merged.append(lead + st)
+            lead = []
+            continue
+        fragments += 1
+        if merged:
+            merged[-1] += st
+        else:
+            lead += st
+    steps = merged or [lead]
     rows = []
     prev_end: float | None = None
     for st in steps:
@@ -176,6 +194,8 @@ def step_summary(kernels: list[dict], markers: tuple[str, ...] = STEP_MARKERS, m
         prev_end = end
     first, rest = rows[0], rows[1:]
     out = {"steps_found": len(rows), "first": {key: round(v, 1) for key, v in first.items()}}
+    if fragments:
+        out["fragments"] = fragments
     if rest:
         out["later_median"] = {key: round(statistics.median([r[key] for r in rest]), 1) for key in first}
     return out

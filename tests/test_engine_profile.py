@@ -177,7 +177,24 @@ def test_steps_cut_at_the_sampler():
     assert s["first"] == {"busy_us": 100.0, "span_us": 140.0, "lead_gap_us": 0.0, "kernels": 14}
     assert s["later_median"] == {"busy_us": 20.0, "span_us": 25.0, "lead_gap_us": 30.0, "kernels": 11}
     cut_at_every_marker = EP.step_summary(kernels, min_step_kernels=1)
-    assert cut_at_every_marker["steps_found"] == 5  # the prefill's sampler split in two
+    # the prefill's sampler split in two: its tail is a fragment, joined to the prefill again
+    assert cut_at_every_marker["steps_found"] == 4 and cut_at_every_marker["fragments"] == 1
+    assert cut_at_every_marker["first"] == s["first"]
+    assert "fragments" not in s
+    # steps of 40 kernels; the window opening on 9 kernels and a marker (H100 s50: it stood as the prefill) and
+    # closing on as many: fragments (under a quarter of the median piece), joined to the next / the last step
+    big = [x for t0 in (0, 50, 100) for x in (*fwd(t0, 40, 1.0), k("_gumbel_sample_kernel", t0 + 40, 1))]
+    lead = [*fwd(-30, 9, 1.0), k("prepare_sample", -20, 1)]
+    tail = [*fwd(150, 9, 1.0), k("_gumbel_sample_kernel", 160, 1)]
+    s2 = EP.step_summary(lead + big + tail)
+    assert s2["steps_found"] == 3 and s2["fragments"] == 2
+    assert s2["first"] == {"busy_us": 51.0, "span_us": 71.0, "lead_gap_us": 0.0, "kernels": 51}  # lead + step 1
+    assert s2["later_median"] == {"busy_us": 46.0, "span_us": 51.0, "lead_gap_us": 9.0, "kernels": 46}  # 41, 41+10
+    assert EP.step_summary(big) == {
+        "steps_found": 3,
+        "first": {"busy_us": 41.0, "span_us": 41.0, "lead_gap_us": 0.0, "kernels": 41},
+        "later_median": {"busy_us": 41.0, "span_us": 41.0, "lead_gap_us": 9.0, "kernels": 41},
+    }
     assert EP.step_summary([k("gemm", 0, 5)]) == {}
     rec = dict(kind="profile", variant="a", batch=8, **EP.summarize(kernels, 3), step_profile=s)
     old = dict(kind="profile", variant="b", batch=8, **EP.summarize(kernels, 3))  # before s47: no step_profile
