@@ -238,22 +238,17 @@ class CutlassSplitInt8Kernel(_Int8Base):
             xq, w_nk, xs, tensor(layer, "weight_scale"), xo if w_out is not None else None, w_out, bias, out_dtype, cfg
         )
 
-    def _split_for_cutlass(
-        self, layer: torch.nn.Module, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(xq, scales, x_out, azp or None): the split CUTLASS's path reads (with the zero point where it is on)."""
+    def _cutlass(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Split x as CUTLASS's path reads it (with the zero point where it is on), then ``_cutlass_q``."""
         if self.azp and self.n_outliers:
             from .. import int8_quant_outlier_split_azp
 
             xq, xs, xo, azp = int8_quant_outlier_split_azp(
                 x, tensor(layer, "sw_outlier_idx"), tensor(layer, "sw_outlier_mask")
             )
-            return xq, xs, xo, azp
+            return self._cutlass_q(layer, xq, xs, xo, azp, bias, x.dtype)
         xq, xs, xo = self._split(layer, x)
-        return xq, xs, xo, None
-
-    def _cutlass(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self._cutlass_q(layer, *self._split_for_cutlass(layer, x), bias, x.dtype)
+        return self._cutlass_q(layer, xq, xs, xo, None, bias, x.dtype)
 
     def _cutlass_q(
         self,
