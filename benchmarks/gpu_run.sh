@@ -77,6 +77,9 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #     -d .gpu-bundle/humming humming-kernels==0.1.10 pyelftools
 # -- vLLM 0.26 pins 0.1.10); the setup of any stage installs it under the stash.
+# The bundle (../shared/gpu/make-vllm-bundle .gpu-bundle) comes in 56 MiB parts, too large to carry beside this tree:
+#   python benchmarks/gpu_bundle_fit.py      # re-splits them to fit a call (the last with .gpu-bundle/tok) and prints
+#                                            # each bundle call's carry list
 # Every stage first sources .gpu-bundle/install.sh (vLLM 0.26 on PYTHONPATH; the bundle parts must have been
 # stashed, see ../shared/gpu/README.md) and makes sure this package and its vllm.general_plugins entry point
 # are installed (editable pip install, or a metadata shim when pip cannot build). Carry with every call:
