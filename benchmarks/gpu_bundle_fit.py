@@ -2,7 +2,7 @@
 
 A device call carries the working tree (files git tracks, plus untracked ones it does not ignore) and the paths named
 in ``carry``, 64 MiB in all. ``../shared/gpu/make-vllm-bundle`` cuts the bundle into 56 MiB parts, which no longer fit
-beside this repository's tree (9.8 MiB at session 51); the last part also travels with ``.gpu-bundle/tok`` (the
+beside this repository's tree (8.8 MiB at session 51); the last part also travels with ``.gpu-bundle/tok`` (the
 tokenizer, 3.4 MiB). This script measures the tree, picks the fewest parts that fit (the last one with ``--last-extra``
 beside it), rewrites ``part-NN.d/part-NN`` in place, checks that the parts still concatenate to the same bytes, and
 prints each call's carry list::
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         f"tree {tree / MIB:.1f} MiB, bundle {total / MIB:.1f} MiB, room a call {room / MIB:.1f} MiB, "
         f"with the last part {extra / MIB:.1f} MiB: {len(sizes)} parts of " + ", ".join(f"{s / MIB:.1f}" for s in sizes)
     )
-    if [os.path.getsize(p) for p in old] == sizes:
+    in_folders = all(os.path.basename(os.path.dirname(p)) == os.path.basename(p) + ".d" for p in old)
+    if in_folders and [os.path.getsize(p) for p in old] == sizes:
         print("the parts already have these sizes: nothing to do")
     elif args.dry_run:
         print("dry run: nothing written")

@@ -103,6 +103,13 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     repo, data = _repo(tmp_path, 10 * KIB, [300 * KIB, 300 * KIB], 10 * KIB)
     assert fit.main(["--repo", str(repo), "--limit-mib", "0.25", "--margin-mib", "0", "--dry-run"]) == 0
     assert "dry run" in capsys.readouterr().out
+    # bare parts that already have the planned sizes are still moved into the part-NN.d folders the carry names
+    (tmp_path / "b").mkdir()
+    repo2, _ = _repo(tmp_path / "b", 10 * KIB, [100 * KIB], 1 * KIB)
+    assert fit.main(["--repo", str(repo2), "--limit-mib", "1", "--margin-mib", "0"]) == 0
+    assert [os.path.relpath(p, repo2) for p in fit.parts_of(str(repo2 / ".gpu-bundle"))] == [
+        os.path.join(".gpu-bundle", "part-00.d", "part-00")
+    ]
     assert sorted(os.listdir(repo / ".gpu-bundle")) == ["install.sh", "part-00", "part-01", "tok"]
 
 
