@@ -91,7 +91,6 @@ def resplit(bundle: str, sizes: list[int]) -> list[str]:
     """Rewrite the parts with ``sizes``; returns the new part paths. The new parts are written and verified beside
     the old ones first; the swap moves the old ones aside and puts them back if it fails."""
     old = parts_of(bundle)
-    before = _md5_of(old)
     stage = tempfile.mkdtemp(prefix=".resplit-", dir=bundle)
     try:
         new_dir, old_dir = os.path.join(stage, "new"), os.path.join(stage, "old")
@@ -116,7 +115,7 @@ def resplit(bundle: str, sizes: list[int]) -> list[str]:
                 raise RuntimeError("the plan does not cover the whole bundle")
         finally:
             src.close()
-        if _md5_of(written) != before:
+        if _md5_of(written) != src.md5.hexdigest():  # the old bytes, hashed as they were copied
             raise RuntimeError("the new parts do not concatenate to the old bytes")
         # what to move aside: each old part's folder (part-NN.d) or the bare part file
         movable = sorted({p if os.path.dirname(p) == bundle else os.path.dirname(p) for p in old})
@@ -143,8 +142,11 @@ def resplit(bundle: str, sizes: list[int]) -> list[str]:
 
 
 class _Concat:
+    """The parts read as one stream, hashed (md5) as they are read."""
+
     def __init__(self, paths: list[str]) -> None:
         self.paths = list(paths)
+        self.md5 = hashlib.md5()
         self.f: BinaryIO | None = None
 
     def read(self, n: int) -> bytes:
@@ -155,6 +157,7 @@ class _Concat:
                 self.f = open(self.paths.pop(0), "rb")
             data = self.f.read(n)
             if data:
+                self.md5.update(data)
                 return data
             self.f.close()
             self.f = None
