@@ -3,7 +3,8 @@
 # to $OUT/gpu_run-<stage>.log and results land in $OUT.
 #
 #   bash benchmarks/gpu_run.sh setup                       # ~20 s: plugin install check + environment report
-#   bash benchmarks/gpu_run.sh tests [pytest args]         # every GPU test (pytest -m gpu tests), ~5-8 min
+#   bash benchmarks/gpu_run.sh tests [pytest args]         # every GPU test (pytest -m gpu tests; 236, not yet timed whole:
+#                                                          # 143 of them took 328 s on the H100 in s41)
 #   bash benchmarks/gpu_run.sh kernels [kernel_bench args] # one-layer micro-benchmark -> $OUT/kernel_bench.json
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
 #   bash benchmarks/gpu_run.sh owed                        # checkpoints + GPU tests for a lease (see the stage), then
@@ -316,9 +317,8 @@ case "$STAGE" in
     setup
     echo "[$(ts)] GPU tests"
     # -v into $OUT/pytest_tests.log: each test's name is there even when the limit ends pytest before its junit file
-    # (s36: one F in a 560 s run that never finished, name unknown). Every gpu-marked test under tests/ (236 at s52);
-    # until s52 this stage named four files and left out the CUDA GEMV, SELL, Triton W4 and Triton GEMV files (93
-    # tests, run by their own stages). TESTS_PATHS narrows it to files.
+    # (s36: one F in a 560 s run that never finished, name unknown). Every gpu-marked test under tests/;
+    # TESTS_PATHS narrows it to files (listed in the order to run).
     timeout "${TESTS_LIMIT_S:-560}" $PY -u -m pytest -v -m gpu -p no:cacheprovider -ra --tb=short \
       --junitxml="$OUT/gpu_tests.xml" \
       ${TESTS_PATHS:-tests} "$@" \
