@@ -5,6 +5,10 @@
 #   bash benchmarks/gpu_run.sh setup                       # ~20 s: plugin install check + environment report
 #   bash benchmarks/gpu_run.sh tests [pytest args]         # every GPU test (pytest -m gpu tests; 236, not yet timed whole:
 #                                                          # 143 of them took 328 s on the H100 in s41)
+#   bash benchmarks/gpu_run.sh kernel-tests [pytest args]  # no bundle, one call (carry [".gpu-bundle/humming"] if
+#                                                          # built): the GPU tests on the image's torch + triton; those
+#                                                          # that compare with vLLM skip. For a lease too short for
+#                                                          # the bundle's three calls. KTESTS_LIMIT_S (default 480)
 #   bash benchmarks/gpu_run.sh kernels [kernel_bench args] # one-layer micro-benchmark -> $OUT/kernel_bench.json
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
 #   bash benchmarks/gpu_run.sh owed                        # checkpoints + GPU tests for a lease (see the stage), then
@@ -325,6 +329,23 @@ case "$STAGE" in
       > "$OUT/pytest_tests.log" 2>&1
     echo "[$(ts)] tests rc=$?"
     grep -E "FAILED|ERROR|passed|failed|^E  " "$OUT/pytest_tests.log" | tail -40 ;;
+  kernel-tests)
+    # no setup(): vLLM is not there. The package and tests/ helpers from the checkout; humming-kernels if carried.
+    export PYTHONPATH=$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
+    if [ -d .gpu-bundle/humming ]; then
+      $PY -m pip install -q --no-index --no-deps --target /tmp/hm-site .gpu-bundle/humming/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/hm-site
+    fi
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null || true
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    # the files that never ran all together first, then those of s41's 141
+    timeout "${KTESTS_LIMIT_S:-480}" $PY -u -m pytest -v -m gpu -p no:cacheprovider -ra --tb=short \
+      --junitxml="$OUT/gpu_kernel_tests.xml" \
+      ${TESTS_PATHS:-tests/test_cuda_marlin_gemv.py tests/test_cuda_sell.py tests/test_triton_w4.py \
+        tests/test_triton_marlin_gemv.py tests/test_triton_int8_mm.py tests/test_triton_marlin_deq.py \
+        tests/test_kernels.py tests/test_gpu_kernels.py} "$@" > "$OUT/pytest_kernel_tests.log" 2>&1
+    echo "[$(ts)] kernel-tests rc=$?"
+    grep -E "FAILED|ERROR|passed|failed|^E  " "$OUT/pytest_kernel_tests.log" | tail -40 ;;
   parallel)
     # needs a 2-GPU kind (nvidia-h200-x2): TP 2 / PP 2 == TP 1 through real engines, SWs on both sides of the split
     setup
