@@ -5,10 +5,10 @@
 #   bash benchmarks/gpu_run.sh setup                       # ~20 s: plugin install check + environment report
 #   bash benchmarks/gpu_run.sh tests [pytest args]         # every GPU test (pytest -m gpu tests; 236, not yet timed whole:
 #                                                          # 143 of them took 328 s on the H100 in s41)
-#   bash benchmarks/gpu_run.sh kernel-tests [pytest args]  # no bundle, one call (carry [".gpu-bundle/humming"] if
-#                                                          # built): the GPU tests on the image's torch + triton; those
-#                                                          # that compare with vLLM skip. For a lease too short for
-#                                                          # the bundle's three calls. KTESTS_LIMIT_S (default 480)
+#   bash benchmarks/gpu_run.sh kernel-tests [pytest args]  # no bundle, one call, no carry: the GPU tests on the
+#                                                          # image's torch + triton; those that build through vLLM
+#                                                          # (Humming's too) skip. For a lease too short for the
+#                                                          # bundle's three calls. KTESTS_LIMIT_S (default 480)
 #   bash benchmarks/gpu_run.sh kernels [kernel_bench args] # one-layer micro-benchmark -> $OUT/kernel_bench.json
 #   bash benchmarks/gpu_run.sh kernels-quick               # 1-2 min smoke of the micro-benchmark
 #   bash benchmarks/gpu_run.sh owed                        # checkpoints + GPU tests for a lease (see the stage), then
@@ -330,12 +330,9 @@ case "$STAGE" in
     echo "[$(ts)] tests rc=$?"
     grep -E "FAILED|ERROR|passed|failed|^E  " "$OUT/pytest_tests.log" | tail -40 ;;
   kernel-tests)
-    # no setup(): vLLM is not there. The package and tests/ helpers from the checkout; humming-kernels if carried.
+    # no setup(): vLLM is not there. The package and tests/ helpers from the checkout. (humming-kernels would buy
+    # nothing: every Humming test builds its layer through vLLM's backend.)
     export PYTHONPATH=$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
-    if [ -d .gpu-bundle/humming ]; then
-      $PY -m pip install -q --no-index --no-deps --target /tmp/hm-site .gpu-bundle/humming/*.whl \
-        && export PYTHONPATH=$PYTHONPATH:/tmp/hm-site
-    fi
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null || true
     $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     # the files that never ran all together first, then every other file with gpu-marked tests (pytest would put
