@@ -174,6 +174,18 @@ EOF
   df -h /root /tmp 2>/dev/null | sed 's/^/  /'
 }
 
+# the gpu-marked tests of the paths given, -v into $OUT/LOG.log: each test's name is there even when the limit ends
+# pytest before its junit file $OUT/JUNIT.xml (s36: one F in a 560 s run that never finished, name unknown):
+#   gpu_pytest LIMIT JUNIT LOG PATHS... [pytest args]
+gpu_pytest() {
+  local limit=$1 junit=$2 log=$3
+  shift 3
+  timeout "$limit" $PY -u -m pytest -v -m gpu -p no:cacheprovider -ra --tb=short --junitxml="$OUT/$junit.xml" "$@" \
+    > "$OUT/$log.log" 2>&1
+  echo "[$(ts)] $STAGE rc=$?"
+  grep -E "FAILED|ERROR|passed|failed|^E  " "$OUT/$log.log" | tail -40
+}
+
 # the one-Humming-copy GPU tests (-v: each name in the log even if the limit ends pytest): humming_tests LIMIT TAG [ARGS]
 humming_tests() {
   local limit=$1 tag=$2
@@ -320,15 +332,9 @@ case "$STAGE" in
   tests)
     setup
     echo "[$(ts)] GPU tests"
-    # -v into $OUT/pytest_tests.log: each test's name is there even when the limit ends pytest before its junit file
-    # (s36: one F in a 560 s run that never finished, name unknown). Every gpu-marked test under tests/;
-    # TESTS_PATHS narrows it to files (listed in the order to run).
-    timeout "${TESTS_LIMIT_S:-560}" $PY -u -m pytest -v -m gpu -p no:cacheprovider -ra --tb=short \
-      --junitxml="$OUT/gpu_tests.xml" \
-      ${TESTS_PATHS:-tests} "$@" \
-      > "$OUT/pytest_tests.log" 2>&1
-    echo "[$(ts)] tests rc=$?"
-    grep -E "FAILED|ERROR|passed|failed|^E  " "$OUT/pytest_tests.log" | tail -40 ;;
+    # Every gpu-marked test under tests/; TESTS_PATHS narrows it to files (listed in the order to run)
+    # shellcheck disable=SC2086
+    gpu_pytest "${TESTS_LIMIT_S:-560}" gpu_tests pytest_tests ${TESTS_PATHS:-tests} "$@" ;;
   kernel-tests)
     # no setup(): vLLM is not there. The package and tests/ helpers from the checkout. (humming-kernels would buy
     # nothing: every Humming test builds its layer through vLLM's backend.)
@@ -339,10 +345,8 @@ case "$STAGE" in
     # a directory's files back in name order, so they are listed)
     first="tests/test_cuda_marlin_gemv.py tests/test_cuda_sell.py tests/test_triton_w4.py tests/test_triton_marlin_gemv.py"
     rest=$(grep -l 'mark\.gpu' tests/test_*.py | grep -vxF -e "${first// /$'\n'}" | tr '\n' ' ')
-    timeout "${KTESTS_LIMIT_S:-480}" $PY -u -m pytest -v -m gpu -p no:cacheprovider -ra --tb=short \
-      --junitxml="$OUT/gpu_kernel_tests.xml" ${TESTS_PATHS:-$first $rest} "$@" > "$OUT/pytest_kernel_tests.log" 2>&1
-    echo "[$(ts)] kernel-tests rc=$?"
-    grep -E "FAILED|ERROR|passed|failed|^E  " "$OUT/pytest_kernel_tests.log" | tail -40 ;;
+    # shellcheck disable=SC2086
+    gpu_pytest "${KTESTS_LIMIT_S:-480}" gpu_kernel_tests pytest_kernel_tests ${TESTS_PATHS:-$first $rest} "$@" ;;
   parallel)
     # needs a 2-GPU kind (nvidia-h200-x2): TP 2 / PP 2 == TP 1 through real engines, SWs on both sides of the split
     setup
