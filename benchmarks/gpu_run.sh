@@ -41,6 +41,9 @@
 #   bash benchmarks/gpu_run.sh dqcross                     # held-out layer on one Humming copy: Humming + SELL vs
 #                                                          # dequantize + cuBLAS at 64-2048 tokens (dequant_crossover.py;
 #                                                          # DQ_KERNEL=marlin-deq1: the one-copy Marlin pair's)
+#   bash benchmarks/gpu_run.sh served                      # issue 12's kernel table: a 7B layer at M = 1..256, AWQ's
+#                                                          # Machete vs ours (auto) vs ours + q/k/v hold-out, checked
+#                                                          # against float64 first (served_sweep.py)
 #   bash benchmarks/gpu_run.sh ncu                         # Nsight Compute on the GEMV at 1-8 tokens, held-out placements
 #   bash benchmarks/gpu_run.sh humprof                     # where the one-Humming-copy start-up goes: the 7B shapes'
 #                                                          # first Humming calls under cProfile, cold then warm cache
@@ -668,6 +671,16 @@ EOF2
       ${DQ_MS:+--ms "$DQ_MS"} --budget-s $((570 - SECONDS)) --recommend-env "$OUT/dequant.env" 2>&1 \
       | grep -v "^$" | tail -20
     echo "[$(ts)] dqcross done" ;;
+  served)
+    # session 54: issue 12's kernel table -- one 7B layer's four GEMMs at M = 1..256 through the kernel classes an
+    # engine builds: AWQ's Machete, ours (auto), ours with the default preset's q/k/v hold-out; float64 check first,
+    # then us a layer, x AWQ, the hold-out's cost, the HBM share at M = 1 (target 60 %). After the throughput calls
+    # where possible (Humming's nvcc builds of the 7B shapes are then on disk). SERVED_MS overrides the sizes.
+    setup
+    for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
+    timeout $((590 - SECONDS)) $PY -u benchmarks/served_sweep.py --out "$OUT/served_sweep.json" \
+      ${SERVED_MS:+--ms "$SERVED_MS"} --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -25
+    echo "[$(ts)] served done" ;;
   ncu)
     # session 35: Nsight Compute on the GEMV (benchmarks/diag/gemv_ncu.py: gate_up / down at 4 and 8 tokens, down at
     # 8 tokens with the held-out terms in each SW_SPE placement, one token plain / held): why 8 tokens stay at 72 us

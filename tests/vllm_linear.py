@@ -111,6 +111,7 @@ def build_mp_layer(
     bias: torch.Tensor | None = None,
     sparse: tuple | None = None,
     act_outliers: list[int] | None = None,
+    holdout: float = 0.0,
 ):
     """(layer, kernel) with the plugin's parameters and one of OUR kernel classes (kernels/linear):
     ``kernel`` in {"machete", "marlin", "cpu" (CPUWNA16), "dual" (Marlin for M <= ``max_m``, Machete above),
@@ -123,7 +124,8 @@ def build_mp_layer(
     priority list)}. ``sparse`` = (rows, cols, vals) attaches held-out entries (the kernel's own sparse
     correction); ``act_outliers`` hands the kernel the layer's activation-outlier input channels before
     processing, as the plugin does from the sidecar (kernels that take
-    them). ``kernel.apply_weights(layer, x, bias)`` runs it."""
+    them); ``holdout`` is the checkpoint's hold-out fraction as the scheme hands it to every layer's config (the
+    ``auto`` choice reads it). ``kernel.apply_weights(layer, x, bias)`` runs it."""
     single_process_tp()
     from vllm.model_executor.parameter import (
         ChannelQuantScaleParameter,
@@ -147,6 +149,7 @@ def build_mp_layer(
         full_shape=(k, n),
         partition_shape=(k, n),
         device_type=dev.type,
+        holdout=holdout,
     )
     classes = {
         "machete": WO.MacheteKernel,
