@@ -675,11 +675,12 @@ EOF2
     # session 54: issue 12's kernel table -- one 7B layer's four GEMMs at M = 1..256 through the kernel classes an
     # engine builds: AWQ's Machete, ours (auto), ours with the default preset's q/k/v hold-out; float64 check first,
     # then us a layer, x AWQ, the hold-out's cost, the HBM share at M = 1 (target 60 %). After the throughput calls
-    # where possible (Humming's nvcc builds of the 7B shapes are then on disk). SERVED_MS overrides the sizes.
+    # where possible (Humming's nvcc builds of the 7B shapes are then on disk). SERVED_MS overrides the sizes,
+    # SERVED_ENGINES the engines (e.g. awq,ours,ours+holdout,marlin: vLLM's Marlin beside them).
     setup
     for _ in $(seq 24); do pgrep -f '[b]uild-only' >/dev/null || break; sleep 5; done  # no converter on the GPU
     timeout $((590 - SECONDS)) $PY -u benchmarks/served_sweep.py --out "$OUT/served_sweep.json" \
-      ${SERVED_MS:+--ms "$SERVED_MS"} --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -25
+      ${SERVED_MS:+--ms "$SERVED_MS"} ${SERVED_ENGINES:+--engines "$SERVED_ENGINES"} --budget-s $((560 - SECONDS)) 2>&1 | grep -v "^$" | tail -25
     echo "[$(ts)] served done" ;;
   ncu)
     # session 35: Nsight Compute on the GEMV (benchmarks/diag/gemv_ncu.py: gate_up / down at 4 and 8 tokens, down at

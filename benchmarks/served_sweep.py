@@ -44,8 +44,19 @@ DRY_SHAPES = {"qkv": (384, 256), "o": (256, 256), "gate_up": (512, 256), "down":
 GROUP = 128
 DRY_GROUP = 64
 #: engine -> (kernel name for tests/vllm_linear.build_mp_layer, hold-out in qkv)
-ENGINES = {"awq": ("machete", False), "ours": ("auto", False), "ours+holdout": ("auto", True)}
-LABELS = {"awq": "AWQ (vLLM's Machete)", "ours": "ours, no hold-out", "ours+holdout": "ours + 0.1 % hold-out in q/k/v"}
+ENGINES = {
+    "awq": ("machete", False),
+    "ours": ("auto", False),
+    "ours+holdout": ("auto", True),
+    "marlin": ("marlin", False),  # not timed unless --engines names it: vLLM's Marlin, the M = 1 reference
+}
+DEFAULT_ENGINES = ("awq", "ours", "ours+holdout")
+LABELS = {
+    "awq": "AWQ (vLLM's Machete)",
+    "ours": "ours, no hold-out",
+    "ours+holdout": "ours + 0.1 % hold-out in q/k/v",
+    "marlin": "vLLM's Marlin",
+}
 PEAK_TBS = {"H200": 4.8, "H100": 3.35}
 DEFAULT_MS = [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256]
 CHECK_MS = (1, 8, 64)
@@ -87,6 +98,7 @@ def by_m(rows: list[dict]) -> dict[int, dict[str, float]]:
 def table(rows: list[dict], meta: dict) -> str:
     """Markdown: a row per M -- us a layer per engine, x AWQ, the hold-out's cost, HBM share of ours."""
     us = by_m(rows)
+    marlin = any("marlin" in row for row in us.values())
     peak = meta.get("peak_tbs", float("nan"))
     shapes = meta.get("shapes", SHAPES)
     group = meta.get("group", GROUP)
@@ -103,8 +115,9 @@ def table(rows: list[dict], meta: dict) -> str:
         + f". Hold-out: {meta.get('nnz')} terms in qkv ({100 * meta.get('density', 0):.2f} % of it, "
         f"0.1 % of the layer). HBM share: the engine without hold-out, {peak} TB/s peak.",
         "",
-        "| M | AWQ (µs) | ours (µs) | × AWQ | ours, % of HBM peak | ours + hold-out (µs) | × AWQ | vs no hold-out |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| M | AWQ (µs) | ours (µs) | × AWQ | ours, % of HBM peak | ours + hold-out (µs) | × AWQ | vs no hold-out |"
+        + (" Marlin (µs) |" if marlin else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if marlin else ""),
     ]
     out = list(head)
     for m in sorted(us):
@@ -121,7 +134,10 @@ def table(rows: list[dict], meta: dict) -> str:
         if o is not None and peak == peak:
             hbm = f"{100 * layer_bytes(shapes, group, m) / (o * 1e-6) / 1e12 / peak:.1f} %"
         cost = "–" if o is None or h is None else f"{100 * (h / o - 1):+.1f} %"
-        out.append(f"| {m} | {f(a)} | {f(o)} | {x(a, o)} | {hbm} | {f(h)} | {x(a, h)} | {cost} |")
+        out.append(
+            f"| {m} | {f(a)} | {f(o)} | {x(a, o)} | {hbm} | {f(h)} | {x(a, h)} | {cost} |"
+            + (f" {f(row.get('marlin'))} |" if marlin else "")
+        )
     checks = [r for r in rows if "check_rel" in r]
     if checks:
         worst = max(checks, key=lambda r: r["check_rel"])
@@ -146,7 +162,8 @@ def plot(rows: list[dict], meta: dict, png: str) -> bool:
     us = by_m(rows)
     ms = sorted(us)
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    for eng, style, color in (("awq", "s-", "C0"), ("ours", "o-", "C1"), ("ours+holdout", "^--", "C2")):
+    lines = (("awq", "s-", "C0"), ("ours", "o-", "C1"), ("ours+holdout", "^--", "C2"), ("marlin", "x:", "C3"))
+    for eng, style, color in lines:
         pts = [(m, us[m][eng]) for m in ms if eng in us[m]]
         if pts:
             ax.plot(*zip(*pts), style, color=color, label=LABELS[eng])
@@ -268,7 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--holdout", type=float, default=1e-3, help="fraction of the layer's weights, all in qkv")
-    ap.add_argument("--engines", default=",".join(ENGINES), help=",".join(ENGINES))
+    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"any of {','.join(ENGINES)}")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop timing new batch sizes after this")
     ap.add_argument("--peak-bw", type=float, default=None, help="TB/s (default: from the device name)")
     ap.add_argument("--dry-run-cpu", action="store_true", help="small shapes on the CPU: checks the script only")

@@ -59,6 +59,9 @@ def test_table_ratios_costs_and_hbm_share(ss):
     assert "| 64 | 120.0 | 100.0 | 1.200 |" in md and "| – | – | – |" in md
     assert round(share, 1) == 57.1  # s36's H100 number: 55.0 us a layer = 57.1 %, from cuda_gemv_bench's own bytes
     assert "worst relative error 3.00e-03 (ours, qkv, M = 1)" in md
+    assert "Marlin" not in md.splitlines()[4]  # the Marlin column only where Marlin was timed
+    md = ss.table(rows + [{"engine": "marlin", "m": 1, "us": 70.0}], meta)
+    assert md.splitlines()[4].endswith("| Marlin (µs) |") and "| +4.0 % | 70.0 |" in md and "| – | – |\n" in md
 
 
 def test_dry_run_end_to_end_and_replot(tmp_path):
