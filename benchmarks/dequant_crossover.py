@@ -150,10 +150,7 @@ def main(argv=None) -> int:
 
     layers = []
     for li in range(args.layers):
-        g = torch.Generator().manual_seed(li)
-        flat = torch.randperm(n * k, generator=g)[:nnz]
-        r, c = flat // k, flat % k
-        v = (torch.randn(nnz, generator=g) * 0.05).to(torch.bfloat16).float()
+        r, c, v = VL.random_holdout(n, k, nnz, seed=li)
         w = VL.random_w4(n, k, 128, False, dev, seed=li, holdout=(r, c))
         layer, kobj = VL.build_mp_layer(w, args.kernel, sparse=(r, c, v))
         if not kobj.sp:

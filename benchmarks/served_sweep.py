@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+from kernel_bench import SHAPES, peak_bw  # noqa: E402  (one 7B layer's four GEMMs; HBM peak by device name)
+
 DRY_SHAPES = {"qkv": (384, 256), "o": (256, 256), "gate_up": (512, 256), "down": (256, 384)}
 GROUP = 128
 DRY_GROUP = 64
@@ -57,7 +58,6 @@ LABELS = {
     "ours+holdout": "ours + 0.1 % hold-out in q/k/v",
     "marlin": "vLLM's Marlin",
 }
-PEAK_TBS = {"H200": 4.8, "H100": 3.35}
 DEFAULT_MS = [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256]
 CHECK_MS = (1, 8, 64)
 CHECK_TOL = 2e-2
@@ -69,12 +69,7 @@ def log(msg: str) -> None:
 
 
 def peak_tbs(device_name: str, override: float | None = None) -> float:
-    if override:
-        return override
-    for key, v in PEAK_TBS.items():
-        if key.lower() in device_name.lower():
-            return v
-    return float("nan")
+    return peak_bw(device_name, override)
 
 
 def weight_bytes(shapes: dict, group: int) -> int:
@@ -85,6 +80,11 @@ def weight_bytes(shapes: dict, group: int) -> int:
 def layer_bytes(shapes: dict, group: int, m: int) -> int:
     """What one pass over a layer must move at M tokens: the weights once, x and y in bf16."""
     return weight_bytes(shapes, group) + sum(m * (n + k) * 2 for n, k in shapes.values())
+
+
+def hbm_share(shapes: dict, group: int, m: int, us: float, peak: float) -> float:
+    """The fraction of the HBM peak (TB/s) a pass over the layer in ``us`` microseconds reaches."""
+    return layer_bytes(shapes, group, m) / (us * 1e-6) / 1e12 / peak
 
 
 def by_m(rows: list[dict]) -> dict[int, dict[str, float]]:
@@ -132,7 +132,7 @@ def table(rows: list[dict], meta: dict) -> str:
 
         hbm = "–"
         if o is not None and peak == peak:
-            hbm = f"{100 * layer_bytes(shapes, group, m) / (o * 1e-6) / 1e12 / peak:.1f} %"
+            hbm = f"{100 * hbm_share(shapes, group, m, o, peak):.1f} %"
         cost = "–" if o is None or h is None else f"{100 * (h / o - 1):+.1f} %"
         out.append(
             f"| {m} | {f(a)} | {f(o)} | {x(a, o)} | {hbm} | {f(h)} | {x(a, h)} | {cost} |"
@@ -204,15 +204,6 @@ def write(out: str, rows: list[dict], meta: dict, with_plot: bool = False) -> No
         os.replace(base + ".png.tmp.png", base + ".png")
 
 
-def holdout_positions(n: int, k: int, nnz: int, seed: int):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(n * k, generator=g)[:nnz]
-    vals = (torch.randn(nnz, generator=g) * 0.05).to(torch.bfloat16).float()
-    return flat // k, flat % k, vals
-
-
 def build(engines: list[str], layers: int, shapes: dict, group: int, nnz: int, holdout: float, dev, dry: bool):
     """engine -> [ {shape: (layer, kernel, weights, sparse)} per layer copy ]; the same codes for every engine. A
     held-out engine's every GEMM gets the checkpoint's hold-out fraction in its config, as the scheme hands it (the
@@ -228,7 +219,7 @@ def build(engines: list[str], layers: int, shapes: dict, group: int, nnz: int, h
         for li in range(layers):
             lay = {}
             for name, (n, k) in shapes.items():
-                sp = holdout_positions(n, k, nnz, seed=li) if held and name == "qkv" else None
+                sp = VL.random_holdout(n, k, nnz, seed=li) if held and name == "qkv" else None
                 w = VL.random_w4(n, k, group, False, dev, seed=li * 7 + n + k, holdout=None if sp is None else sp[:2])
                 layer, kobj = VL.build_mp_layer(w, kname, sparse=sp, holdout=holdout if held else 0.0)
                 if sp is not None and not (getattr(kobj, "sp", None) or getattr(kobj, "sparse_keys", None)):
@@ -369,15 +360,14 @@ def main(argv=None) -> int:
             got[eng] = us
         log(f"M={m:4d}  " + "  ".join(f"{e} {v:8.1f} us" for e, v in got.items()))
         write(args.out, rows, meta)
-    write(args.out, rows, meta, with_plot=True)
     o1 = by_m(rows).get(1, {}).get("ours")
-    if o1 and meta["peak_tbs"] == meta["peak_tbs"]:
-        share = layer_bytes(shapes, group, 1) / (o1 * 1e-6) / 1e12 / meta["peak_tbs"]
+    if o1 and not math.isnan(meta["peak_tbs"]):
+        share = hbm_share(shapes, group, 1, o1, meta["peak_tbs"])
         meta["ours_m1_hbm_share"] = round(share, 4)
-        write(args.out, rows, meta, with_plot=True)
         log(f"M = 1: ours {o1:.1f} us a layer = {100 * share:.1f} % of the HBM peak (target 60 %)")
-    if math.isnan(meta["peak_tbs"]):
+    elif math.isnan(meta["peak_tbs"]):
         log("peak bandwidth unknown for this device: no HBM share (--peak-bw)")
+    write(args.out, rows, meta, with_plot=True)
     return 0
 
 

@@ -45,6 +45,7 @@ if "--dry-run-cpu" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+from vllm_linear import random_holdout  # noqa: E402  (tests/: the same hold-out as the other benchmarks)
 
 LLAMA7B_LAYER_WEIGHTS = 12288 * 4096 + 4096 * 4096 + 22016 * 4096 + 4096 * 11008  # one layer's W4 weights
 SELL_ORDER = ("ell_cols", "ell_vals", "ell_rb", "hrows", "hptr", "hcols", "hvals", "ucols")
@@ -211,10 +212,7 @@ class Bench:
         self.layers = []
         variants: dict = {}
         for li in range(self.args.layers):
-            g = torch.Generator().manual_seed(li)
-            flat = torch.randperm(n * k, generator=g)[: self.nnz]
-            r, c = flat // k, flat % k
-            v = (torch.randn(flat.numel(), generator=g) * 0.05).to(torch.bfloat16).float()
+            r, c, v = random_holdout(n, k, self.nnz, seed=li)
             lay = {"r": r, "c": c, "v": v, "marlin": None, "sell": {}}
             if self.marlin is not None:
                 w = self.marlin.random_w4(n, k, 128, False, self.dev, seed=li, holdout=(r, c))

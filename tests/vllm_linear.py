@@ -79,6 +79,16 @@ def random_w4(
     return {"q": q, "scales": scales, "zeros": zeros, "group": group, "symmetric": symmetric, "n": n, "k": k}
 
 
+def random_holdout(n: int, k: int, nnz: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``nnz`` distinct held-out positions of an [n, k] weight drawn uniformly (a random-weight model has no
+    structure to place them by) and their values, bf16-exact: (rows, cols, vals), CPU tensors. The benchmarks'
+    stand-in for a layer's hold-out; ``random_w4(..., holdout=(rows, cols))`` makes the codes there dequantize to 0."""
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(n * k, generator=g)[:nnz]
+    vals = (torch.randn(flat.numel(), generator=g) * 0.05).to(torch.bfloat16).float()
+    return flat // k, flat % k, vals
+
+
 def dequant_w4(w: dict) -> torch.Tensor:
     """float32 [N, K] dequantized weight ((q - z) * s; z = 8 when symmetric)."""
     n, k, group = w["n"], w["k"], w["group"]
